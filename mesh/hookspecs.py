@@ -1,0 +1,111 @@
+"""The extension API of txmesh: every hook, and its contract.
+
+Each function below is a pluggy hook specification.  Built-in behaviour lives
+in :mod:`mesh.builtin` and is registered exactly like a third-party plugin; a
+package adds or replaces behaviour by exposing a module (or object) under the
+``mesh.plugins`` entry-point group and implementing any of these hooks with
+``@mesh.hookimpl``.
+
+Hot-path hooks run for every request.  Their implementations must do only
+table lookups and arithmetic: no I/O, no YAML or dict walking, no log string
+formatting unless the log is enabled.
+
+Hooks marked *firstresult* stop at the first implementation that returns
+something other than None.  Implementations registered later run first, so a
+third-party plugin loaded from an entry point overrides a built-in one; it can
+return None to defer to the next implementation.
+"""
+
+import pluggy
+
+hookspec = pluggy.HookspecMarker("mesh")
+
+
+@hookspec(firstresult=True)
+def mesh_route(ctx, table):
+    """Choose the route for an outbound request.  *Hot path, firstresult.*
+
+    :param ctx: the :class:`mesh.proxy.context.RequestContext`; ``ctx.host``,
+        ``ctx.method``, ``ctx.path``, ``ctx.uri_path`` and ``ctx.headers`` are set.
+    :param table: the :class:`mesh.config.tables.RouteTable` in force.
+    :return: a :class:`mesh.config.tables.RouteAction`, or None when no route
+        matches (the proxy answers 404 with flag ``NR``).
+    """
+
+
+@hookspec(firstresult=True)
+def mesh_pick_endpoint(ctx, cluster, endpoints):
+    """Choose the upstream endpoint for one try.  *Hot path, firstresult.*
+
+    :param ctx: the request context (``ctx.attempts`` tells which try this is).
+    :param cluster: the :class:`mesh.proxy.clusters.Cluster` (its ``spec`` is
+        the :class:`mesh.config.tables.ClusterSpec` with ``lb_policy`` and
+        ``hash_on``; its ``state`` dict is free for balancers to keep state).
+    :param endpoints: a non-empty sequence of healthy
+        :class:`mesh.proxy.clusters.Endpoint` (``active_requests``,
+        ``spec.weight``, ``spec.labels`` are available).
+    :return: one element of ``endpoints``, or None to defer.
+    """
+
+
+@hookspec(firstresult=True)
+def mesh_retry_decision(ctx, attempt, outcome, policy):
+    """Decide whether a failed try is retried.  *firstresult.*
+
+    Called only when a try failed and the request can still be replayed.
+
+    :param attempt: the number of tries made so far (1 after the first try).
+    :param outcome: a :class:`mesh.proxy.outcome.TryOutcome` describing the
+        failure (``kind`` is ``"status"``, ``"connect-failure"``, ``"reset"``
+        or ``"timeout"``; ``status`` holds the upstream status, if any).
+    :param policy: the :class:`mesh.config.tables.RetryPolicy` of the route,
+        or None when the route has none.
+    :return: the delay in seconds before the next try (``0.0`` for at once),
+        ``False`` to give up, or None to defer to the next implementation.
+    """
+
+
+@hookspec
+def mesh_authorize(ctx, peer):
+    """Authorize an inbound request.  *Hot path, all results; any DENY wins.*
+
+    :param ctx: the inbound request context.
+    :param peer: the caller's verified SPIFFE id, or None for plaintext.
+    :return: None (no opinion), or a tuple ``(allowed: bool, policy_name: str)``.
+        The request is denied with 403 if any implementation returns
+        ``(False, name)``.
+    """
+
+
+@hookspec
+def mesh_request_complete(ctx, outcome):
+    """Observe a finished request.  *Runs exactly once per request.*
+
+    Used for metrics, access logs and tracing.  An implementation must never
+    raise into or block the data path: exceptions are caught and logged.
+
+    :param ctx: the request context, with ``response_code``,
+        ``response_flags``, byte counts and timings filled in.
+    :param outcome: a :class:`mesh.proxy.outcome.RequestOutcome`.
+    """
+
+
+@hookspec(firstresult=True)
+def mesh_sign_csr(csr, identity, ttl):
+    """Sign a workload CSR.  *Control plane, firstresult.*
+
+    :param csr: a ``cryptography.x509.CertificateSigningRequest``.
+    :param identity: the SPIFFE id the caller proved.
+    :param ttl: the certificate lifetime in seconds, already capped by policy.
+    :return: a Deferred or value of ``(cert_pem: bytes, chain_pem: bytes)``.
+    """
+
+
+@hookspec
+def mesh_config_sources(options):
+    """Name the places resources come from.  *Control plane, all results.*
+
+    :param options: the control plane's parsed options (a dict).
+    :return: an object providing :class:`mesh.control.sources.IConfigSource`,
+        or None.
+    """

@@ -1,0 +1,132 @@
+"""The per-request state that flows through the hooks.
+
+One :class:`RequestContext` is created when a request head has been parsed,
+and the same object is handed to every hook for that request.  It is a plain
+``__slots__`` object: cheap to create, no dict per request.
+"""
+
+from __future__ import annotations
+
+
+class RequestContext:
+    """State of one HTTP request passing through a sidecar.
+
+    Request fields (set by the codec before any hook runs):
+
+    - ``direction``: ``"outbound"`` (app -> mesh) or ``"inbound"`` (mesh -> app)
+    - ``method``: e.g. ``"GET"``; ``path``: the full request target (``/a?b=1``);
+      ``uri_path``: the path without the query string
+    - ``host``: the Host header, lower-case, port stripped
+    - ``authority``: the Host header as received (bytes)
+    - ``headers``: ``dict`` lower-case name -> value (``str``; repeated headers
+      joined with ``", "``), for matching
+    - ``raw_headers``: list of ``(name, value)`` bytes pairs as received, minus
+      hop-by-hop headers; this is what is forwarded
+    - ``http_version``: ``"1.1"``, ``"1.0"`` or ``"2"``
+    - ``request_id``: the ``x-request-id`` (str)
+    - ``source_address``: the client's IP (str)
+    - ``peer``: the caller's verified SPIFFE id on an mTLS inbound connection,
+      else None
+    - ``start``: ``time.monotonic()`` when the head was parsed; ``start_wall``:
+      ``time.time()`` at the same moment
+
+    Fields filled in as the request proceeds:
+
+    - ``route``: the :class:`mesh.config.tables.RouteAction` chosen
+    - ``cluster``: name of the cluster chosen; ``upstream_host``: ``"ip:port"``
+    - ``attempts``: tries made so far
+    - ``response_code``: status sent downstream (0 until a response starts)
+    - ``response_flags``: Envoy-style flags, e.g. ``"UF,URX"`` (``""`` if none)
+    - ``error``: a short human-readable reason when the proxy generated the
+      response
+    - ``bytes_received`` / ``bytes_sent``: body bytes from / to the downstream
+    - ``upstream_start``: monotonic time the first try was sent;
+      ``upstream_time``: seconds until the response head arrived
+    - ``authz_policy``: name of the AuthorizationPolicy that decided, if any
+    - ``extra``: a dict for plugins to share per-request data (created lazily)
+    """
+
+    __slots__ = (
+        "direction",
+        "method",
+        "path",
+        "uri_path",
+        "host",
+        "authority",
+        "headers",
+        "raw_headers",
+        "http_version",
+        "request_id",
+        "source_address",
+        "peer",
+        "start",
+        "start_wall",
+        "route",
+        "cluster",
+        "upstream_host",
+        "attempts",
+        "response_code",
+        "response_flags",
+        "error",
+        "bytes_received",
+        "bytes_sent",
+        "upstream_start",
+        "upstream_time",
+        "authz_policy",
+        "_extra",
+    )
+
+    def __init__(self, direction, method, path, host, authority, headers, raw_headers,
+                 http_version, request_id, source_address, start, start_wall, peer=None):
+        self.direction = direction
+        self.method = method
+        self.path = path
+        self.uri_path = path.partition("?")[0]
+        self.host = host
+        self.authority = authority
+        self.headers = headers
+        self.raw_headers = raw_headers
+        self.http_version = http_version
+        self.request_id = request_id
+        self.source_address = source_address
+        self.peer = peer
+        self.start = start
+        self.start_wall = start_wall
+        self.route = None
+        self.cluster = None
+        self.upstream_host = None
+        self.attempts = 0
+        self.response_code = 0
+        self.response_flags = ""
+        self.error = None
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.upstream_start = None
+        self.upstream_time = None
+        self.authz_policy = None
+        self._extra = None
+
+    @property
+    def extra(self) -> dict:
+        """Per-request scratch space for plugins."""
+        if self._extra is None:
+            self._extra = {}
+        return self._extra
+
+    def add_flag(self, flag: str) -> None:
+        """Record an Envoy-style response flag (UF, UH, UT, URX, NR, ...)."""
+        if not self.response_flags:
+            self.response_flags = flag
+        elif flag not in self.response_flags.split(","):
+            self.response_flags += "," + flag
+
+    @classmethod
+    def for_test(cls, method="GET", path="/", host="example", headers=None, **kw):
+        """A context for unit tests of matchers and plugins."""
+        headers = dict(headers or {})
+        ctx = cls("outbound", method, path, host, host.encode(), headers,
+                  [(k.encode(), v.encode()) for k, v in headers.items()],
+                  "1.1", "test", "127.0.0.1", 0.0, 0.0)
+        for name, value in kw.items():
+            setattr(ctx, name, value)
+        return ctx
