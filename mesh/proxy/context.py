@@ -27,8 +27,8 @@ class RequestContext:
     - ``source_address``: the client's IP (str)
     - ``peer``: the caller's verified SPIFFE id on an mTLS inbound connection,
       else None
-    - ``start``: ``time.monotonic()`` when the head was parsed; ``start_wall``:
-      ``time.time()`` at the same moment
+    - ``start``: ``reactor.seconds()`` (wall-clock epoch seconds) when the head
+      was parsed
 
     Fields filled in as the request proceeds:
 
@@ -40,7 +40,7 @@ class RequestContext:
     - ``error``: a short human-readable reason when the proxy generated the
       response
     - ``bytes_received`` / ``bytes_sent``: body bytes from / to the downstream
-    - ``upstream_start``: monotonic time the first try was sent;
+    - ``upstream_start``: time the first try was sent;
       ``upstream_time``: seconds until the response head arrived
     - ``authz_policy``: name of the AuthorizationPolicy that decided, if any
     - ``extra``: a dict for plugins to share per-request data (created lazily)
@@ -60,7 +60,6 @@ class RequestContext:
         "source_address",
         "peer",
         "start",
-        "start_wall",
         "route",
         "cluster",
         "upstream_host",
@@ -77,7 +76,7 @@ class RequestContext:
     )
 
     def __init__(self, direction, method, path, host, authority, headers, raw_headers,
-                 http_version, request_id, source_address, start, start_wall, peer=None):
+                 http_version, request_id, source_address, start, peer=None):
         self.direction = direction
         self.method = method
         self.path = path
@@ -91,7 +90,6 @@ class RequestContext:
         self.source_address = source_address
         self.peer = peer
         self.start = start
-        self.start_wall = start_wall
         self.route = None
         self.cluster = None
         self.upstream_host = None
@@ -126,7 +124,7 @@ class RequestContext:
         headers = dict(headers or {})
         ctx = cls("outbound", method, path, host, host.encode(), headers,
                   [(k.encode(), v.encode()) for k, v in headers.items()],
-                  "1.1", "test", "127.0.0.1", 0.0, 0.0)
+                  "1.1", "test", "127.0.0.1", 0.0)
         for name, value in kw.items():
             setattr(ctx, name, value)
         return ctx

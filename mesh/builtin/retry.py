@@ -1,0 +1,40 @@
+"""Built-in retry policy: Istio's ``retries`` with Envoy's retry conditions.
+
+A try is retried while ``attempt <= policy.attempts`` (Istio's ``attempts``
+counts retries, not tries) and the failure is one the policy's ``retryOn``
+names.  Backoff is Envoy's fully jittered exponential: a random delay in
+``[0, base * 2**(attempt-1)]``, capped at ten times the base.
+"""
+
+import random
+
+from mesh import hookimpl
+
+#: retryOn names that cover each kind of non-status failure.
+_COVERS = {
+    "connect-failure": frozenset({"connect-failure", "5xx", "gateway-error"}),
+    "reset": frozenset({"reset", "5xx"}),
+    "timeout": frozenset({"reset", "5xx", "gateway-error"}),
+}
+
+
+def should_retry(outcome, policy) -> bool:
+    """Does ``policy.retry_on`` cover this failed try?"""
+    retry_on = policy.retry_on
+    if outcome.kind != "status":
+        return not retry_on.isdisjoint(_COVERS[outcome.kind])
+    status = outcome.status
+    if status in policy.retry_status_codes:
+        return True
+    if status >= 500:
+        return "5xx" in retry_on or (status in (502, 503, 504) and "gateway-error" in retry_on)
+    return status == 409 and "retriable-4xx" in retry_on
+
+
+@hookimpl
+def mesh_retry_decision(ctx, attempt, outcome, policy):
+    """Retry with jittered backoff while the policy allows it."""
+    if policy is None or attempt > policy.attempts or not should_retry(outcome, policy):
+        return False
+    base = policy.backoff_base
+    return random.uniform(0.0, min(base * (2 ** (attempt - 1)), base * 10))

@@ -1,0 +1,166 @@
+"""Live upstream state: endpoints with health, load and connection pools.
+
+:class:`mesh.config.tables.ClusterSpec` is the immutable description of a
+cluster; :class:`Cluster` and :class:`Endpoint` here carry what changes while
+traffic flows.  :class:`ClusterManager` rebuilds clusters on every config swap
+but keeps each endpoint's state (pool, active requests, ejection) keyed by
+address and port, so a reload does not drop warm connections or forget that an
+endpoint is down.
+"""
+
+from __future__ import annotations
+
+from mesh.proxy.pool import ConnectionPool
+
+
+class Endpoint:
+    """One upstream address, shared by every cluster that contains it.
+
+    ``active_requests`` counts tries in flight; ``ejected_until`` is the
+    monotonic time until which outlier detection keeps the endpoint out of
+    rotation; ``pool`` holds its idle keep-alive connections.
+    """
+
+    __slots__ = ("spec", "address", "port", "host_port", "pool", "active_requests",
+                 "ejected_until", "ejections", "consecutive_5xx", "consecutive_gateway",
+                 "consecutive_connect_failures", "total_requests", "total_failures", "state")
+
+    #: bumped whenever any endpoint is ejected, so clusters refresh their
+    #: cached healthy sets (an endpoint can belong to several clusters)
+    health_epoch = 0
+
+    def __init__(self, spec, pool: ConnectionPool):
+        self.spec = spec
+        self.address = spec.address
+        self.port = spec.port
+        self.host_port = f"{spec.address}:{spec.port}"
+        self.pool = pool
+        self.active_requests = 0
+        self.ejected_until = 0.0
+        self.ejections = 0
+        self.consecutive_5xx = 0
+        self.consecutive_gateway = 0
+        self.consecutive_connect_failures = 0
+        self.total_requests = 0
+        self.total_failures = 0
+        #: free for balancer plugins (e.g. a latency average)
+        self.state = {}
+
+    def eject(self, until: float) -> None:
+        """Keep this endpoint out of rotation until monotonic time ``until``."""
+        self.ejections += 1
+        self.ejected_until = until
+        Endpoint.health_epoch += 1
+
+    def update_spec(self, spec) -> None:
+        """Adopt a changed spec (labels, weight, identity) keeping live state.
+
+        Idle connections are closed when the expected identity changes, so
+        that no connection verified against the old identity is reused.
+        """
+        if spec.identity != self.spec.identity:
+            self.pool.close_idle()
+            self.pool.identity = spec.identity
+        self.spec = spec
+
+    def describe(self, now: float) -> dict:
+        """A JSON-ready view for the admin ``/clusters`` page."""
+        return {
+            "address": self.host_port,
+            "healthy": self.ejected_until <= now,
+            "ejected_for_s": round(max(0.0, self.ejected_until - now), 3),
+            "active_requests": self.active_requests,
+            "total_requests": self.total_requests,
+            "total_failures": self.total_failures,
+            "idle_connections": self.pool.idle_count(),
+            "open_connections": self.pool.open_count(),
+            "identity": self.spec.identity,
+            "labels": dict(self.spec.labels),
+            "weight": self.spec.weight,
+        }
+
+
+class Cluster:
+    """A set of endpoints plus the policy for choosing among them.
+
+    ``spec`` is the :class:`mesh.config.tables.ClusterSpec`; ``endpoints`` the
+    live :class:`Endpoint` objects.  ``state`` is free for balancer plugins
+    (the round-robin cursor lives there).
+    """
+
+    __slots__ = ("spec", "name", "endpoints", "state", "_healthy", "_healthy_until", "_epoch")
+
+    def __init__(self, spec, endpoints):
+        self.spec = spec
+        self.name = spec.name
+        self.endpoints = tuple(endpoints)
+        self.state = {}
+        self._healthy = self.endpoints
+        self._healthy_until = 0.0
+        self._epoch = -1
+
+    def healthy_endpoints(self, now: float):
+        """Endpoints not ejected at ``now``; all of them if every one is ejected.
+
+        Like Envoy's panic threshold: when nothing is healthy, trying an
+        ejected endpoint beats failing every request.  The answer is cached
+        until the next ejection starts or ends.
+        """
+        if now < self._healthy_until and self._epoch == Endpoint.health_epoch:
+            return self._healthy
+        self._epoch = Endpoint.health_epoch
+        healthy = []
+        next_change = float("inf")
+        for endpoint in self.endpoints:
+            until = endpoint.ejected_until
+            if until <= now:
+                healthy.append(endpoint)
+            elif until < next_change:
+                next_change = until
+        self._healthy = tuple(healthy) if healthy else self.endpoints
+        self._healthy_until = next_change
+        return self._healthy
+
+
+class ClusterManager:
+    """Builds live clusters from a config, reusing endpoint state by address.
+
+    ``pool_factory(spec, cluster_spec)`` makes the :class:`ConnectionPool` for a
+    new endpoint.
+    """
+
+    def __init__(self, pool_factory):
+        self._pool_factory = pool_factory
+        self._endpoints = {}
+        self.clusters = {}
+
+    def update(self, cluster_specs: dict) -> dict:
+        """Build clusters for ``cluster_specs`` and return them (name -> Cluster).
+
+        Endpoints that no cluster uses any more have their idle connections
+        closed.
+        """
+        endpoints = {}
+        clusters = {}
+        for name, spec in cluster_specs.items():
+            live = []
+            for endpoint_spec in spec.endpoints:
+                key = endpoint_spec.key
+                endpoint = endpoints.get(key) or self._endpoints.get(key)
+                if endpoint is None:
+                    endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
+                elif endpoint.spec != endpoint_spec:
+                    endpoint.update_spec(endpoint_spec)
+                endpoints[key] = endpoint
+                live.append(endpoint)
+            clusters[name] = Cluster(spec, live)
+        for key, endpoint in self._endpoints.items():
+            if key not in endpoints:
+                endpoint.pool.close_idle()
+        self._endpoints = endpoints
+        self.clusters = clusters
+        return clusters
+
+    def all_endpoints(self):
+        return self._endpoints.values()
+

@@ -1,0 +1,491 @@
+"""One request through the proxy: route, pick, forward, retry, respond.
+
+An :class:`Exchange` is created by the downstream codec
+(:mod:`mesh.proxy.http1`) for each request head.  It asks the listener's
+router for a route and cluster, then makes one or more :class:`Try` objects,
+each of which owns one upstream connection for as long as it lasts.  The
+response streams back with backpressure in both directions.
+
+Failure rules (see docs/configuration.md and ARCHITECTURE.md):
+
+- no route -> 404 ``NR``; unknown cluster -> 503 ``NC``; no endpoint -> 503 ``UH``
+- connect failure -> 503 ``UF``; reset before a response -> 503 ``UC``
+- timeout -> 504 ``UT``; gave up after retries -> flag ``URX`` as well
+- a request body is buffered for replay up to a limit; past it, no retry.
+"""
+
+from __future__ import annotations
+
+from zope.interface import implementer
+from twisted.internet.interfaces import IPushProducer
+
+from mesh.proxy import outlier
+from mesh.proxy.outcome import LocalReply, RequestOutcome, TryOutcome
+from mesh.proxy.heads import local_response, response_head
+
+_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+
+@implementer(IPushProducer)
+class Backpressure:
+    """Registered on a consumer transport; pauses and resumes a source.
+
+    ``release()`` undoes a pause that is still in force, so a source is never
+    left paused after the exchange that linked it has ended.
+    """
+
+    __slots__ = ("_pause", "_resume", "paused")
+
+    def __init__(self, pause, resume):
+        self._pause = pause
+        self._resume = resume
+        self.paused = False
+
+    def pauseProducing(self):
+        if not self.paused:
+            self.paused = True
+            self._pause()
+
+    def resumeProducing(self):
+        if self.paused:
+            self.paused = False
+            self._resume()
+
+    def stopProducing(self):
+        """The consumer is gone; the exchange notices that on its own."""
+
+    def release(self):
+        self.resumeProducing()
+
+
+class Try:
+    """One attempt at an upstream endpoint; the listener of its connection."""
+
+    __slots__ = ("exchange", "endpoint", "connection", "timer", "started", "reused",
+                 "got_head", "keep_alive", "body_link", "done")
+
+    def __init__(self, exchange, endpoint, started):
+        self.exchange = exchange
+        self.endpoint = endpoint
+        self.connection = None
+        self.timer = None
+        self.started = started
+        self.reused = False
+        self.got_head = False
+        self.keep_alive = False
+        self.body_link = None
+        self.done = False
+
+    # -- connection set-up -------------------------------------------------
+    def connected(self, connection):
+        if self.done:  # abandoned while connecting: keep the connection warm
+            self.endpoint.pool.release(connection)
+            return
+        self.connection = connection
+        self.exchange.send_request(self)
+
+    def connect_failed(self, failure):
+        if not self.done:
+            self.exchange.try_failed(self, TryOutcome("connect-failure", None, failure.getErrorMessage()))
+
+    def per_try_timeout(self):
+        self.timer = None
+        if not self.done:
+            self.exchange.try_failed(self, TryOutcome("timeout", None, "per-try timeout"))
+
+    def finish(self, reusable: bool) -> None:
+        """End this try: drop timers and links, pool or close the connection."""
+        if self.done:
+            return
+        self.done = True
+        self.endpoint.active_requests -= 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        connection = self.connection
+        if connection is None:
+            return
+        self.unlink_body()
+        if reusable:
+            self.endpoint.pool.release(connection)
+        elif connection.listener is self or connection.listener is None:
+            connection.detach()
+
+    def unlink_body(self):
+        link = self.body_link
+        if link is not None:
+            self.body_link = None
+            self.connection.transport.unregisterProducer()
+            link.release()
+
+    # -- UpstreamConnection listener interface ------------------------------
+    def upstream_head(self, status, reason, headers, keep_alive):
+        self.keep_alive = keep_alive
+        self.exchange.response_head(self, status, reason, headers)
+
+    def upstream_body(self, data):
+        self.exchange.response_body(self, data)
+
+    def upstream_end(self):
+        self.exchange.response_end(self)
+
+    def upstream_upgraded(self, rest):
+        self.exchange.upgraded(self, rest)
+
+    def upstream_lost(self, reason_text):
+        if not self.done:
+            self.exchange.try_failed(self, TryOutcome("reset", None, reason_text))
+
+
+class Exchange:
+    """A request and its response, across every try.
+
+    ``conn`` is the downstream :class:`mesh.proxy.http1.DownstreamConnection`,
+    ``ctx`` the :class:`mesh.proxy.context.RequestContext`.  ``framing`` is
+    how the request body arrives: ``None`` (no body), ``"length"`` or
+    ``"chunked"``.
+    """
+
+    __slots__ = ("conn", "ctx", "listener", "framing", "content_length", "expect_continue",
+                 "upgrade", "head_only", "keep_alive", "action", "cluster", "head",
+                 "body_chunks", "body_size", "replayable", "body_done", "current",
+                 "deadline", "response_started", "response_chunked", "response_link",
+                 "finished", "free_retry_used", "response_close")
+
+    def __init__(self, conn, ctx, framing, content_length, expect_continue, upgrade, keep_alive):
+        self.conn = conn
+        self.ctx = ctx
+        self.listener = conn.listener
+        self.framing = framing
+        self.content_length = content_length
+        self.expect_continue = expect_continue
+        self.upgrade = upgrade
+        self.head_only = ctx.method == "HEAD"
+        self.keep_alive = keep_alive
+        self.action = None
+        self.cluster = None
+        self.head = None
+        self.body_chunks = []
+        self.body_size = 0
+        self.replayable = True
+        self.body_done = framing is None
+        self.current = None
+        self.deadline = None
+        self.response_started = False
+        self.response_chunked = False
+        self.response_link = None
+        self.finished = False
+        self.free_retry_used = False
+        self.response_close = False
+
+    # -- start ---------------------------------------------------------------
+    def start(self):
+        """Route the request and make the first try (the exchange is active)."""
+        ctx = self.ctx
+        listener = self.listener
+        try:
+            action, cluster = listener.router.route(ctx)
+        except LocalReply as reply:
+            self.local_reply(reply.status, reply.flag, reply.message)
+            return
+        self.action = action
+        self.cluster = cluster
+        ctx.route = action
+        ctx.cluster = cluster.name
+        self.head = listener.request_head(ctx, action, self.framing, self.content_length, self.upgrade)
+        if action.timeout:
+            self.deadline = listener.reactor.callLater(action.timeout, self._overall_timeout)
+        if self.expect_continue and not self.body_done:
+            self.conn.write(_CONTINUE)
+        self._new_try()
+
+    def _new_try(self):
+        if self.finished:
+            return
+        cluster = self.cluster
+        listener = self.listener
+        now = listener.reactor.seconds()
+        endpoints = cluster.healthy_endpoints(now)
+        if not endpoints:
+            self.local_reply(503, "UH", f"no healthy upstream: cluster {cluster.name} has no endpoints; "
+                             "check the ServiceEntry endpoints and DestinationRule subset labels")
+            return
+        ctx = self.ctx
+        endpoint = listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        ctx.attempts += 1
+        ctx.upstream_host = endpoint.host_port
+        if ctx.upstream_start is None:
+            ctx.upstream_start = now
+        endpoint.active_requests += 1
+        endpoint.total_requests += 1
+        attempt = Try(self, endpoint, now)
+        self.current = attempt
+        retry = self.action.retry
+        if retry is not None and retry.per_try_timeout:
+            attempt.timer = listener.reactor.callLater(retry.per_try_timeout, attempt.per_try_timeout)
+        connection = endpoint.pool.acquire()
+        if connection is not None:
+            attempt.reused = True
+            attempt.connected(connection)
+        else:
+            endpoint.pool.connect().addCallbacks(attempt.connected, attempt.connect_failed)
+
+    def send_request(self, attempt):
+        """The try has a connection: write the head and whatever body we have."""
+        connection = attempt.connection
+        connection.start_request(attempt, self.head, self.head_only)
+        for chunk in self.body_chunks:
+            connection.send(self._frame(chunk))
+        if self.body_done:
+            if self.framing == "chunked":
+                connection.send(_CHUNK_END)
+        else:
+            down = self.conn
+            attempt.body_link = link = Backpressure(down.pause_for_upstream, down.resume_for_upstream)
+            connection.transport.registerProducer(link, True)
+            if self.body_size > self.listener.limits.retry_buffer:
+                self._stop_buffering()
+
+    def _frame(self, chunk):
+        if self.framing == "chunked":
+            return b"%x\r\n%s\r\n" % (len(chunk), chunk)
+        return chunk
+
+    # -- downstream events -----------------------------------------------------
+    def request_body(self, data):
+        """A piece of the request body arrived from downstream."""
+        ctx = self.ctx
+        ctx.bytes_received += len(data)
+        limit = self.listener.limits.max_request_body
+        if limit and ctx.bytes_received > limit:
+            self.local_reply(413, "", f"request body larger than {limit} bytes; "
+                             "send a smaller body or raise --max-request-body")
+            return
+        if self.finished:
+            return
+        attempt = self.current
+        sending = attempt is not None and attempt.connection is not None and not attempt.done
+        if sending:
+            attempt.connection.send(self._frame(data))
+        if self.replayable or not sending:
+            self.body_chunks.append(data)
+            self.body_size += len(data)
+            if self.body_size > self.listener.limits.retry_buffer:
+                if sending:
+                    self._stop_buffering()
+                else:
+                    self.conn.pause_for_upstream()
+
+    def _stop_buffering(self):
+        """Too big to replay: stream from here on, and never retry."""
+        self.replayable = False
+        self.body_chunks = []
+        self.body_size = 0
+        self.conn.resume_for_upstream()
+
+    def request_end(self):
+        """The request body is complete."""
+        self.body_done = True
+        attempt = self.current
+        if self.finished or attempt is None or attempt.connection is None or attempt.done:
+            return
+        attempt.unlink_body()
+        if self.framing == "chunked":
+            attempt.connection.send(_CHUNK_END)
+
+    def downstream_lost(self):
+        """The client went away before the exchange finished."""
+        if self.finished:
+            return
+        self.ctx.add_flag("DC")
+        if self.current is not None:
+            self.current.finish(reusable=False)
+        self._complete(local=False, detail="downstream connection closed")
+
+    # -- upstream events -------------------------------------------------------
+    def response_head(self, attempt, status, reason, headers):
+        if attempt is not self.current or self.finished:
+            return
+        attempt.got_head = True
+        ctx = self.ctx
+        now = self.listener.reactor.seconds()
+        ctx.upstream_time = now - attempt.started
+        if attempt.timer is not None:
+            attempt.timer.cancel()
+            attempt.timer = None
+        if status >= 500:
+            outlier.record_failure(attempt.endpoint, self.cluster, now, status=status)
+            if self._retry(attempt, TryOutcome("status", status)):
+                return
+        else:
+            outlier.record_success(attempt.endpoint)
+            if 400 <= status < 500 and self._retry(attempt, TryOutcome("status", status)):
+                return
+        self.response_started = True
+        ctx.response_code = status
+        if status == 101 and self.upgrade:
+            self.conn.write(response_head(status, reason, headers, self, upgrade=True))
+            return
+        if self.upgrade:
+            self.response_close = True  # the client asked to switch; the upstream declined
+        self.conn.write(response_head(status, reason, headers, self))
+        upstream = attempt.connection.transport
+        self.response_link = link = Backpressure(upstream.pauseProducing, upstream.resumeProducing)
+        self.conn.transport.registerProducer(link, True)
+
+    def response_body(self, attempt, data):
+        if attempt is not self.current or self.finished:
+            return
+        self.ctx.bytes_sent += len(data)
+        if self.response_chunked:
+            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
+        else:
+            self.conn.write(data)
+
+    def response_end(self, attempt):
+        if attempt is not self.current or self.finished:
+            return
+        if self.response_chunked:
+            self.conn.write(_CHUNK_END)
+        attempt.finish(reusable=attempt.keep_alive and self.body_done)
+        self._complete(local=False)
+
+    def upgraded(self, attempt, rest):
+        """The upstream switched protocols: splice the two connections."""
+        if attempt is not self.current or self.finished:
+            return
+        connection = attempt.connection
+        connection.listener = None
+        attempt.connection = None  # the tunnel owns it now; finish() must not pool it
+        attempt.finish(reusable=False)
+        self._cancel_deadline()
+        self.conn.start_tunnel(connection, rest)
+        self._complete(local=False, tunnel=True)
+
+    # -- failures and retries ------------------------------------------------
+    def try_failed(self, attempt, outcome):
+        if attempt is not self.current or self.finished:
+            return
+        endpoint = attempt.endpoint
+        now = self.listener.reactor.seconds()
+        if outcome.kind == "connect-failure":
+            outlier.record_failure(endpoint, self.cluster, now, connect_failure=True)
+        elif outcome.kind == "timeout":
+            outlier.record_failure(endpoint, self.cluster, now, status=504)
+        if self.response_started:
+            # Too late to answer anything else: cut the client off.
+            attempt.finish(reusable=False)
+            self.ctx.add_flag("UC")
+            self.conn.abort()
+            self._complete(local=False, detail=outcome.detail)
+            return
+        stale_reuse = (outcome.kind == "reset" and attempt.reused and not attempt.got_head
+                       and not self.free_retry_used and self._replayable())
+        if stale_reuse:
+            # A pooled connection the upstream had already closed: try again on
+            # a fresh one without spending a retry, as browsers and Envoy do.
+            self.free_retry_used = True
+            attempt.finish(reusable=False)
+            self.ctx.attempts -= 1
+            self._new_try()
+            return
+        if self._retry(attempt, outcome):
+            return
+        status, flag, message = _failure_reply(outcome, endpoint.host_port)
+        if self.ctx.attempts > 1:
+            self.ctx.add_flag("URX")
+        self.local_reply(status, flag, message)
+
+    def _replayable(self):
+        return self.replayable and not self.upgrade
+
+    def _retry(self, attempt, outcome) -> bool:
+        """Ask ``mesh_retry_decision``; if it says so, schedule another try."""
+        if not self._replayable():
+            return False
+        ctx = self.ctx
+        delay = self.listener.retry_decision(ctx=ctx, attempt=ctx.attempts, outcome=outcome,
+                                             policy=self.action.retry)
+        if delay is None or delay is False:
+            return False
+        attempt.finish(reusable=False)
+        if delay > 0:
+            self.current = None
+            self.listener.reactor.callLater(delay, self._new_try)
+        else:
+            self._new_try()
+        return True
+
+    def _overall_timeout(self):
+        self.deadline = None
+        if self.finished:
+            return
+        if self.current is not None:
+            if not self.current.got_head:
+                outlier.record_failure(self.current.endpoint, self.cluster,
+                                       self.listener.reactor.seconds(), status=504)
+            self.current.finish(reusable=False)
+        if self.response_started:
+            self.ctx.add_flag("UT")
+            self.conn.abort()
+            self._complete(local=False, detail="request timeout while streaming the response")
+        else:
+            self.local_reply(504, "UT", f"upstream request timeout after {self.action.timeout:g}s "
+                             "(the route's timeout); raise the VirtualService timeout if this is expected")
+
+    # -- ending ----------------------------------------------------------------
+    def local_reply(self, status, flag, message):
+        """Answer with a proxy-generated response and finish."""
+        if self.finished:
+            return
+        if self.current is not None:
+            self.current.finish(reusable=False)
+        ctx = self.ctx
+        if flag:
+            ctx.add_flag(flag)
+        ctx.error = message
+        if self.response_started:
+            self.conn.abort()
+            self._complete(local=True, detail=message)
+            return
+        if not self.body_done:
+            self.response_close = True  # unread body left on the wire
+        ctx.response_code = status
+        body = message.encode("utf-8", "replace") + b"\n"
+        self.response_started = True
+        self.conn.write(local_response(status, ctx.response_flags, body, self))
+        ctx.bytes_sent += len(body)
+        self._complete(local=True, detail=message)
+
+    def _cancel_deadline(self):
+        if self.deadline is not None:
+            self.deadline.cancel()
+            self.deadline = None
+
+    def _complete(self, local, detail="", tunnel=False):
+        """Finish exactly once: report, unlink, and hand the connection back."""
+        self.finished = True
+        self._cancel_deadline()
+        self.body_chunks = []
+        link = self.response_link
+        if link is not None:
+            self.response_link = None
+            self.conn.transport.unregisterProducer()
+            link.release()
+        ctx = self.ctx
+        outcome = RequestOutcome(ctx.response_code, ctx.response_flags, local,
+                                 self.listener.reactor.seconds() - ctx.start, detail)
+        self.listener.request_complete(ctx, outcome)
+        if not tunnel:
+            self.conn.exchange_finished(self, self.keep_alive and not self.response_close and self.body_done)
+
+
+def _failure_reply(outcome, host_port):
+    if outcome.kind == "connect-failure":
+        return 503, "UF", (f"upstream connect error: {outcome.detail} ({host_port}); "
+                           "the endpoint is down or not listening")
+    if outcome.kind == "timeout":
+        return 504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected"
+    return 503, "UC", (f"upstream connection reset before response headers ({host_port}): "
+                       f"{outcome.detail}")

@@ -1,0 +1,337 @@
+"""The downstream side of HTTP/1.1: parse requests, hand them to exchanges.
+
+A :class:`DownstreamConnection` is a Twisted protocol around an httptools
+(llhttp) request parser.  llhttp is strict: it rejects Content-Length together
+with Transfer-Encoding, duplicate Content-Length, obs-fold and bad tokens, and
+each of those ends the connection with a 400.  This module adds the limits on
+head size and header count (431), the HTTP version check (505), and the
+timers for slow and idle clients.
+
+Requests are answered in order.  A pipelined request waits, body buffered, for
+the one before it; reading pauses when too many are queued.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import deque
+
+import httptools
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+
+from mesh.proxy.context import RequestContext
+from mesh.proxy.exchange import Exchange
+from mesh.proxy.heads import HOP_BY_HOP, connection_tokens, simple_response
+from mesh.proxy.sockets import set_nodelay
+
+log = Logger()
+
+#: Request headers the codec handles itself and never forwards as they are.
+_CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
+
+
+class _Reject(Exception):
+    """Raised inside a parser callback to answer with an error and close."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+def normalise_host(authority: bytes) -> str:
+    """``"Foo.Example:8080"`` -> ``"foo.example"``; ``"[::1]:80"`` -> ``"::1"``."""
+    host = authority.decode("latin-1").strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    name, _, port = host.rpartition(":")
+    if name and port.isdigit():
+        return name
+    return host
+
+
+class DownstreamConnection(Protocol):
+    """One client connection to a listener (inbound or outbound)."""
+
+    def __init__(self, listener):
+        self.listener = listener
+        self.limits = listener.limits
+        self.parser = httptools.HttpRequestParser(self)
+        self.queue = deque()
+        self.reading = None
+        self.closing = False
+        self.tunnel = None
+        self.upgrade_buffer = None
+        self.source_address = ""
+        self.peer = None
+        self.last_activity = 0.0
+        self.head_started = None
+        self._pauses = set()
+        self._url = b""
+        self._headers = []
+        self._head_bytes = 0
+
+    # -- Twisted Protocol ---------------------------------------------------
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self.source_address = self.transport.getPeer().host
+        self.peer = self.listener.peer_identity(self.transport)
+        self.last_activity = self.listener.reactor.seconds()
+        self.listener.connection_opened(self)
+
+    def dataReceived(self, data):
+        self.last_activity = self.listener.reactor.seconds()
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        if self.upgrade_buffer is not None:
+            self.upgrade_buffer.append(data)
+            return
+        if self.closing:
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.upgrade_buffer = [data[upgrade.args[0]:]]
+            self._pause("upgrade")
+        except httptools.HttpParserCallbackError as error:
+            reject = error.__context__
+            if isinstance(reject, _Reject):
+                self.reject(reject.status, reject.message)
+            else:
+                log.failure("request handling failed")
+                self.reject(500, "internal proxy error; see the proxy log")
+        except httptools.HttpParserError as error:
+            self.reject(400, f"malformed HTTP request: {error}")
+
+    def connectionLost(self, reason=None):
+        self.closing = True
+        self.listener.connection_closed(self)
+        if self.tunnel is not None:
+            self.tunnel.loseConnection()
+            self.tunnel = None
+        for exchange in self.queue:
+            exchange.downstream_lost()
+        self.queue.clear()
+
+    # -- httptools callbacks ----------------------------------------------------
+    def on_message_begin(self):
+        self.head_started = self.last_activity
+        self._head_bytes = 0
+        self._headers = []
+        self._url = b""
+
+    def on_url(self, url):
+        self._url += url
+        self._count(len(url))
+
+    def on_header(self, name, value):
+        headers = self._headers
+        headers.append((name, value))
+        self._count(len(name) + len(value) + 4)
+        if len(headers) > self.limits.max_headers:
+            raise _Reject(431, f"too many request headers (limit {self.limits.max_headers})")
+
+    def _count(self, size):
+        self._head_bytes += size
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise _Reject(431, f"request head larger than {self.limits.max_header_bytes} bytes")
+
+    def on_headers_complete(self):
+        self.head_started = None
+        if self.closing:
+            return
+        parser = self.parser
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0"):
+            raise _Reject(505, f"HTTP/{version} is not supported on this port; use HTTP/1.1")
+        exchange = self._exchange(parser, version)
+        self.reading = exchange
+        queue = self.queue
+        queue.append(exchange)
+        if len(queue) == 1:
+            exchange.start()
+        elif len(queue) > self.limits.max_pipeline:
+            self._pause("pipeline")
+
+    def on_body(self, body):
+        exchange = self.reading
+        if exchange is not None:
+            exchange.request_body(body)
+
+    def on_message_complete(self):
+        exchange = self.reading
+        if exchange is not None:
+            self.reading = None
+            exchange.request_end()
+
+    # -- building the context -------------------------------------------------
+    def _exchange(self, parser, version):
+        headers = {}
+        raw = []
+        authority = None
+        expect_continue = False
+        framing = None
+        content_length = 0
+        consumed = _CONSUMED
+        for name, value in self._headers:
+            lname = name.lower()
+            if lname == b"connection":
+                consumed = consumed | connection_tokens(value)
+        for name, value in self._headers:
+            lname = name.lower()
+            key = lname.decode("latin-1")
+            text = value.decode("latin-1")
+            previous = headers.get(key)
+            headers[key] = text if previous is None else previous + ", " + text
+            if lname in consumed:
+                if lname == b"host":
+                    if authority is not None:
+                        raise _Reject(400, "more than one Host header")
+                    authority = value
+                elif lname == b"expect":
+                    if value.lower() != b"100-continue":
+                        raise _Reject(417, "only 'Expect: 100-continue' is supported")
+                    expect_continue = True
+                elif lname == b"transfer-encoding":
+                    framing = "chunked"
+                continue
+            if lname == b"content-length":
+                if framing is None:
+                    content_length = int(value)
+                    framing = "length" if content_length else None
+                continue
+            raw.append((name, value))
+        method = parser.get_method().decode("latin-1")
+        if method == "CONNECT":
+            raise _Reject(405, "CONNECT is not supported; send plain HTTP requests to the sidecar")
+        target = self._url
+        if not target.startswith(b"/"):
+            target, authority = _origin_form(target, authority)
+        if authority is None:
+            if version == "1.1":
+                raise _Reject(400, "missing Host header (required by HTTP/1.1)")
+            authority = b""
+        if framing == "length" and self.limits.max_request_body and content_length > self.limits.max_request_body:
+            raise _Reject(413, f"request body larger than {self.limits.max_request_body} bytes")
+        upgrade = "upgrade" in headers and parser.should_upgrade()
+        listener = self.listener
+        ctx = RequestContext(
+            listener.direction, method, target.decode("latin-1"), listener.host_of(authority),
+            authority, headers, raw, version, headers.get("x-request-id") or str(uuid.uuid4()),
+            self.source_address, self.last_activity, self.peer)
+        return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
+                        parser.should_keep_alive())
+
+    # -- used by exchanges ----------------------------------------------------------
+    def write(self, data):
+        self.transport.write(data)
+
+    def abort(self):
+        self.closing = True
+        self.transport.abortConnection()
+
+    def exchange_finished(self, exchange, keep_alive):
+        """The active exchange has sent its whole response."""
+        queue = self.queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
+        if not keep_alive:
+            self.closing = True
+            for waiting in queue:
+                waiting.downstream_lost()
+            queue.clear()
+            self.transport.loseConnection()
+            return
+        self.last_activity = self.listener.reactor.seconds()
+        if len(queue) <= self.limits.max_pipeline:
+            self._resume("pipeline")
+        if queue:
+            queue[0].start()
+
+    def pause_for_upstream(self):
+        self._pause("upstream")
+
+    def resume_for_upstream(self):
+        self._resume("upstream")
+
+    def start_tunnel(self, upstream, rest):
+        """Splice this connection to an upgraded upstream connection."""
+        self.queue.clear()
+        self.tunnel = upstream.transport
+        upstream.tunnel = self.transport
+        if rest:
+            self.transport.write(rest)
+        for data in self.upgrade_buffer or ():
+            if data:
+                upstream.transport.write(data)
+        self.upgrade_buffer = None
+        self.transport.registerProducer(upstream.transport, True)
+        upstream.transport.registerProducer(self.transport, True)
+        self._pauses.clear()
+        self.transport.resumeProducing()
+
+    # -- errors and timers ----------------------------------------------------------
+    def reject(self, status, message):
+        """Answer a request we could not parse or accept, then close."""
+        if self.closing:
+            return
+        self.closing = True
+        if not self.queue:
+            self.write(simple_response(status, "", message.encode() + b"\n"))
+        else:
+            for exchange in list(self.queue):
+                exchange.downstream_lost()
+            self.queue.clear()
+        self.transport.loseConnection()
+
+    def check_timers(self, now):
+        """Called about once a second: enforce the head and idle timeouts."""
+        limits = self.limits
+        if self.head_started is not None and now - self.head_started > limits.header_timeout:
+            self.reject(408, f"request head not received within {limits.header_timeout:g}s")
+        elif now - self.last_activity > limits.idle_timeout:
+            if self.queue or self.tunnel is not None:
+                self.abort()
+            else:
+                self.closing = True
+                self.transport.loseConnection()
+
+    def _pause(self, reason):
+        if not self._pauses:
+            self.transport.pauseProducing()
+        self._pauses.add(reason)
+
+    def _resume(self, reason):
+        if reason in self._pauses:
+            self._pauses.discard(reason)
+            if not self._pauses:
+                self.transport.resumeProducing()
+
+
+def _origin_form(target: bytes, authority):
+    """Absolute-form ``http://host/path`` -> (``/path``, ``host``)."""
+    try:
+        url = httptools.parse_url(target)
+    except httptools.HttpParserInvalidURLError:
+        raise _Reject(400, "invalid request target") from None
+    if url.host is None:
+        raise _Reject(400, "invalid request target")
+    host = url.host + (b":%d" % url.port if url.port else b"")
+    path = (url.path or b"/") + (b"?" + url.query if url.query else b"")
+    return path, host if authority is None else authority
+
+
+class DownstreamFactory(ServerFactory):
+    """Builds a :class:`DownstreamConnection` per accepted socket, up to a limit."""
+
+    noisy = False
+
+    def __init__(self, listener):
+        self.listener = listener
+
+    def buildProtocol(self, addr):
+        if len(self.listener.connections) >= self.listener.limits.max_connections:
+            return None  # Twisted closes the socket
+        return DownstreamConnection(self.listener)

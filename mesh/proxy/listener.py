@@ -1,0 +1,101 @@
+"""What every connection of one listening port shares.
+
+A :class:`Listener` bundles the direction (inbound or outbound), the router,
+the limits, the bound hook callers and the set of open connections, and runs
+the once-a-second timer sweep over those connections.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mesh.proxy.heads import request_head
+from mesh.proxy.http1 import normalise_host
+
+log = Logger()
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Per-listener limits and timers (seconds, bytes).
+
+    ``max_request_body`` 0 means no limit (bodies stream; only the retry
+    buffer is held in memory, up to ``retry_buffer`` bytes).
+    """
+
+    max_header_bytes: int = 60 * 1024
+    max_headers: int = 100
+    max_request_body: int = 0
+    max_connections: int = 4096
+    max_pipeline: int = 16
+    header_timeout: float = 10.0
+    idle_timeout: float = 300.0
+    retry_buffer: int = 1024 * 1024
+
+
+class Listener:
+    """Shared state of one port.
+
+    :param direction: ``"outbound"`` or ``"inbound"``.
+    :param router: an object with ``route(ctx) -> (RouteAction, Cluster)`` that
+        raises :class:`mesh.proxy.outcome.LocalReply` to refuse.
+    :param hooks: the plugin manager's ``hook`` relay.
+    :param identity_of: ``transport -> SPIFFE id or None`` (mTLS listeners).
+    """
+
+    def __init__(self, reactor, direction, router, limits, hooks, identity_of=None):
+        self.reactor = reactor
+        self.direction = direction
+        self.router = router
+        self.limits = limits
+        self.pick_endpoint = hooks.mesh_pick_endpoint
+        self.retry_decision = hooks.mesh_retry_decision
+        self._complete_hook = hooks.mesh_request_complete
+        self._identity_of = identity_of
+        self.connections = set()
+        self._hosts = {}
+        self._sweeper = LoopingCall(self._sweep)
+        self._sweeper.clock = reactor
+
+    def start(self):
+        self._sweeper.start(1.0, now=False)
+
+    def stop(self):
+        if self._sweeper.running:
+            self._sweeper.stop()
+
+    def host_of(self, authority: bytes) -> str:
+        """Normalised host for an authority, cached (bounded)."""
+        host = self._hosts.get(authority)
+        if host is None:
+            if len(self._hosts) > 4096:
+                self._hosts.clear()
+            host = self._hosts[authority] = normalise_host(authority)
+        return host
+
+    def peer_identity(self, transport):
+        return self._identity_of(transport) if self._identity_of is not None else None
+
+    def request_head(self, ctx, action, framing, content_length, upgrade) -> bytes:
+        return request_head(ctx, action, framing, content_length, upgrade)
+
+    def request_complete(self, ctx, outcome) -> None:
+        """Run ``mesh_request_complete``; a failing plugin never breaks the data path."""
+        try:
+            self._complete_hook(ctx=ctx, outcome=outcome)
+        except Exception:
+            log.failure("a mesh_request_complete plugin failed")
+
+    def connection_opened(self, connection):
+        self.connections.add(connection)
+
+    def connection_closed(self, connection):
+        self.connections.discard(connection)
+
+    def _sweep(self):
+        now = self.reactor.seconds()
+        for connection in list(self.connections):
+            connection.check_timers(now)

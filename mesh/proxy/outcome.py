@@ -1,0 +1,51 @@
+"""Small value objects describing how a try or a request ended."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+
+@dataclass(frozen=True, slots=True)
+class TryOutcome:
+    """How one try failed, as seen by ``mesh_retry_decision``.
+
+    ``kind`` is ``"status"`` (the upstream answered ``status``),
+    ``"connect-failure"``, ``"reset"`` (the connection broke before a
+    response) or ``"timeout"`` (the per-try timeout fired).
+    """
+
+    kind: str
+    status: Optional[int] = None
+    detail: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RequestOutcome:
+    """How a whole request ended, as seen by ``mesh_request_complete``.
+
+    ``status`` is what the downstream got (0 if the connection was cut before
+    any response), ``local`` is True when the proxy generated the response,
+    ``duration`` is seconds from the parsed head to the last byte sent.
+    """
+
+    status: int
+    flags: str
+    local: bool
+    duration: float
+    detail: str = ""
+
+
+class LocalReply(Exception):
+    """Raised on the request path to answer with a proxy-generated response.
+
+    ``status`` is the HTTP status, ``flag`` an Envoy-style response flag
+    (``NR``, ``UH``, ``NC``, ...) and ``message`` tells the user what was
+    wrong and what to do.
+    """
+
+    def __init__(self, status: int, flag: str, message: str):
+        super().__init__(message)
+        self.status = status
+        self.flag = flag
+        self.message = message

@@ -1,0 +1,52 @@
+"""Passive health checking: eject endpoints that keep failing.
+
+Follows Envoy/Istio outlier detection: consecutive 5xx, consecutive gateway
+errors (502/503/504 and connect failures) and consecutive connect failures each
+eject an endpoint for ``base_ejection_time x times ejected``, never more than
+``max_ejection_percent`` of a cluster (but always at least one endpoint).
+"""
+
+from __future__ import annotations
+
+
+def record_success(endpoint) -> None:
+    """A try got a non-5xx response."""
+    endpoint.consecutive_5xx = 0
+    endpoint.consecutive_gateway = 0
+    endpoint.consecutive_connect_failures = 0
+
+
+def record_failure(endpoint, cluster, now: float, status: int = 0, connect_failure: bool = False) -> bool:
+    """Count a failed try; eject the endpoint if a threshold is hit.
+
+    ``status`` is the upstream's 5xx status (0 when there was none).  Returns
+    True if the endpoint was ejected.
+    """
+    policy = cluster.spec.outlier
+    endpoint.total_failures += 1
+    tripped = False
+    if connect_failure:
+        endpoint.consecutive_connect_failures += 1
+        limit = policy.consecutive_connect_failures
+        tripped = limit > 0 and endpoint.consecutive_connect_failures >= limit
+    if status >= 500 or connect_failure:
+        endpoint.consecutive_5xx += 1
+        limit = policy.consecutive_5xx
+        tripped = tripped or (limit > 0 and endpoint.consecutive_5xx >= limit)
+    if connect_failure or status in (502, 503, 504):
+        endpoint.consecutive_gateway += 1
+        limit = policy.consecutive_gateway_errors
+        tripped = tripped or (limit > 0 and endpoint.consecutive_gateway >= limit)
+    if tripped and endpoint.ejected_until <= now and _may_eject(cluster, now):
+        endpoint.eject(now + policy.base_ejection_time * (endpoint.ejections + 1))
+        endpoint.consecutive_5xx = endpoint.consecutive_gateway = 0
+        endpoint.consecutive_connect_failures = 0
+        return True
+    return False
+
+
+def _may_eject(cluster, now: float) -> bool:
+    endpoints = cluster.endpoints
+    ejected = sum(1 for endpoint in endpoints if endpoint.ejected_until > now)
+    allowed = max(1, len(endpoints) * cluster.spec.outlier.max_ejection_percent // 100)
+    return ejected < allowed

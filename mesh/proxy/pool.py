@@ -1,0 +1,116 @@
+"""Per-endpoint pools of idle keep-alive upstream connections."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, error
+from twisted.internet.protocol import ClientFactory
+
+from mesh.proxy.upstream import UpstreamConnection
+
+
+class ConnectError(Exception):
+    """Connecting to an upstream failed (refused, timed out, TLS rejected)."""
+
+
+class _PoolFactory(ClientFactory):
+    """Makes one :class:`UpstreamConnection` and fires a Deferred when it is up."""
+
+    protocol = UpstreamConnection
+    noisy = False
+
+    def __init__(self, pool, deferred):
+        self.pool = pool
+        self.deferred = deferred
+
+    def buildProtocol(self, addr):
+        connection = UpstreamConnection(self.pool)
+        connection.factory = self
+        return connection
+
+    def clientConnectionFailed(self, connector, reason):
+        if not self.deferred.called:
+            self.deferred.errback(ConnectError(_describe_connect_failure(reason)))
+
+
+def _describe_connect_failure(reason) -> str:
+    if reason.check(error.ConnectionRefusedError):
+        return "connection refused"
+    if reason.check(error.TimeoutError, error.UserError):
+        return "connect timeout"
+    return reason.getErrorMessage()
+
+
+class ConnectionPool:
+    """Idle connections to one endpoint, most recently used first.
+
+    ``connect_tcp`` is ``reactor.connectTCP`` (or a TLS-wrapping equivalent
+    with the same signature); ``identity`` is the SPIFFE id the endpoint must
+    present, used by TLS-capable connectors.
+    """
+
+    def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
+                 connect=None, identity=None):
+        self.reactor = reactor
+        self.address = address
+        self.port = port
+        self.connect_timeout = connect_timeout
+        self.max_idle = max_idle
+        self.identity = identity
+        self._connect = connect
+        self._idle = []
+        self._open = set()
+
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+    def open_count(self) -> int:
+        return len(self._open)
+
+    def acquire(self):
+        """An idle connected connection, or None."""
+        idle = self._idle
+        while idle:
+            connection = idle.pop()
+            if connection.connected_ok:
+                return connection
+        return None
+
+    def connect(self) -> defer.Deferred:
+        """Open a new connection; fires with it, or fails with :class:`ConnectError`."""
+        deferred = defer.Deferred()
+        factory = _PoolFactory(self, deferred)
+        if self._connect is not None:
+            self._connect(self, factory)
+        else:
+            self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout)
+        return deferred
+
+    def release(self, connection) -> None:
+        """Return a connection whose response is complete and reusable."""
+        if connection.connected_ok and len(self._idle) < self.max_idle:
+            connection.last_used = self.reactor.seconds()
+            self._idle.append(connection)
+        else:
+            connection.transport.loseConnection()
+
+    def close_idle(self, older_than=None) -> None:
+        """Close idle connections (all, or those idle since before ``older_than``)."""
+        keep = []
+        for connection in self._idle:
+            if older_than is not None and connection.last_used >= older_than:
+                keep.append(connection)
+            elif connection.connected_ok:
+                connection.transport.loseConnection()
+        self._idle = keep
+
+    # -- called by UpstreamConnection ---------------------------------------
+    def connection_made(self, connection) -> None:
+        self._open.add(connection)
+        deferred = connection.factory.deferred
+        if not deferred.called:
+            deferred.callback(connection)
+
+    def connection_lost(self, connection) -> None:
+        self._open.discard(connection)
+        if connection in self._idle:
+            self._idle.remove(connection)

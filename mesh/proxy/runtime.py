@@ -1,0 +1,89 @@
+"""The config in force, and the routers that read it per request.
+
+:class:`ProxyRuntime` holds one :class:`Snapshot` (compiled config plus live
+clusters).  Applying a new config builds the next snapshot completely and then
+swaps it in with one assignment, so a request sees either the old config or
+the new one, never a mix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
+from mesh.proxy.clusters import ClusterManager
+from mesh.proxy.outcome import LocalReply
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A compiled :class:`mesh.config.tables.ProxyConfig` and its live clusters."""
+
+    config: object
+    clusters: dict
+
+
+class ProxyRuntime:
+    """Owns the current :class:`Snapshot` and the cluster manager behind it.
+
+    ``local_clusters`` are clusters the proxy always has whatever the config
+    says, such as the inbound cluster of the local app.
+    """
+
+    def __init__(self, pool_factory, local_clusters=()):
+        self.manager = ClusterManager(pool_factory)
+        self.local_clusters = {spec.name: spec for spec in local_clusters}
+        self.snapshot = None
+
+    def apply(self, config) -> Snapshot:
+        specs = dict(config.clusters)
+        specs.update(self.local_clusters)
+        snapshot = Snapshot(config, self.manager.update(specs))
+        self.snapshot = snapshot
+        return snapshot
+
+
+class OutboundRouter:
+    """Routes app -> mesh requests with ``mesh_route`` and the route table."""
+
+    def __init__(self, runtime, hooks):
+        self.runtime = runtime
+        self._route = hooks.mesh_route
+
+    def route(self, ctx):
+        snapshot = self.runtime.snapshot
+        action = self._route(ctx=ctx, table=snapshot.config.routes)
+        if action is None:
+            raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
+                             "VirtualService matches this Host header and request; "
+                             "check the Host header and run `meshctl validate` on the config")
+        name = action.pick_cluster()
+        cluster = snapshot.clusters.get(name)
+        if cluster is None:
+            raise LocalReply(503, "NC", f"cluster {name} not found: {action.name} routes to a host "
+                             "or subset that no ServiceEntry/DestinationRule defines")
+        return action, cluster
+
+
+def inbound_cluster(app_address: str, app_port: int) -> ClusterSpec:
+    """The cluster of the local app, which the inbound listener forwards to."""
+    return ClusterSpec(name=f"inbound|{app_port}||", service="inbound", port=app_port,
+                       endpoints=(EndpointSpec(app_address, app_port),))
+
+
+class InboundRouter:
+    """Routes mesh -> app requests: authorize, then the local app's cluster."""
+
+    def __init__(self, runtime, hooks, cluster_spec):
+        self.runtime = runtime
+        self._authorize = hooks.mesh_authorize
+        self._cluster_name = cluster_spec.name
+        self._action = RouteAction(name="inbound", clusters=(cluster_spec.name,), cumulative_weights=(1,))
+
+    def route(self, ctx):
+        for verdict in self._authorize(ctx=ctx, peer=ctx.peer):
+            allowed, policy = verdict
+            if not allowed:
+                ctx.authz_policy = policy
+                raise LocalReply(403, f"RBAC:{policy}", "RBAC: access denied")
+        return self._action, self.runtime.snapshot.clusters[self._cluster_name]

@@ -1,0 +1,136 @@
+"""The sidecar as a Twisted service: listeners, admin, config reloads.
+
+:class:`ProxyService` is what ``twistd mesh-proxy`` runs.  In standalone mode
+it loads its resources from ``--config-dir``; SIGHUP reloads them, and an
+invalid new config is reported and ignored (the old one stays in force).
+"""
+
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass, field
+
+from twisted.application import internet, service
+from twisted.logger import Logger
+
+from mesh.config.compile import Workload, load_and_compile
+from mesh.config.errors import ConfigErrors
+from mesh.proxy.admin import AdminSite
+from mesh.proxy.http1 import DownstreamFactory
+from mesh.proxy.listener import Limits, Listener
+from mesh.proxy.pool import ConnectionPool
+from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
+
+log = Logger()
+
+
+@dataclass
+class ProxySettings:
+    """Everything ``twistd mesh-proxy`` was told on its command line."""
+
+    config_dir: str
+    workload: Workload
+    outbound_address: str = "127.0.0.1"
+    outbound_port: int = 15001
+    inbound_address: str = "0.0.0.0"
+    inbound_port: int = 15006
+    app_address: str = "127.0.0.1"
+    app_port: int = 0
+    admin_port: int = 15000
+    limits: Limits = field(default_factory=Limits)
+
+
+class ProxyService(service.MultiService):
+    """One sidecar: outbound and inbound listeners plus the admin port."""
+
+    def __init__(self, settings: ProxySettings, plugin_manager, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.plugins = plugin_manager
+        hooks = plugin_manager.hook
+        local = (inbound_cluster(settings.app_address, settings.app_port),) if settings.app_port else ()
+        self.runtime = ProxyRuntime(self._make_pool, local)
+        self.ready = False
+        self.warnings = ()
+        self.listeners = []
+        outbound = Listener(reactor, "outbound", OutboundRouter(self.runtime, hooks), settings.limits, hooks)
+        self._listen(outbound, settings.outbound_port, settings.outbound_address)
+        if local:
+            inbound = Listener(reactor, "inbound", InboundRouter(self.runtime, hooks, local[0]),
+                               settings.limits, hooks)
+            self._listen(inbound, settings.inbound_port, settings.inbound_address)
+        admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
+        admin.setServiceParent(self)
+
+    def _listen(self, listener, port, address):
+        self.listeners.append(listener)
+        internet.TCPServer(port, DownstreamFactory(listener), interface=address, backlog=1024).setServiceParent(self)
+
+    def _make_pool(self, endpoint_spec, cluster_spec):
+        return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
+                              connect_timeout=cluster_spec.connect_timeout, identity=endpoint_spec.identity)
+
+    # -- config -------------------------------------------------------------------
+    def load(self):
+        """Load and apply the config dir; raises ConfigErrors when it is invalid."""
+        config, warnings = load_and_compile(self.settings.config_dir, self.settings.workload)
+        self.runtime.apply(config)
+        self.warnings = tuple(warnings)
+        for warning in warnings:
+            log.warn("config warning: {warning}", warning=str(warning))
+        log.info("config {version} applied from {dir}", version=config.version, dir=self.settings.config_dir)
+
+    def reload(self):
+        """SIGHUP: apply the new config, or keep the old one if it is invalid."""
+        try:
+            self.load()
+        except ConfigErrors as errors:
+            for error in errors.errors:
+                log.error("config rejected, previous config stays in force: {error}", error=str(error))
+
+    # -- service lifecycle ----------------------------------------------------------
+    def startService(self):
+        super().startService()
+        for listener in self.listeners:
+            listener.start()
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+        self.ready = True
+
+    def stopService(self):
+        self.ready = False
+        for listener in self.listeners:
+            listener.stop()
+        return super().stopService()
+
+    # -- admin views ----------------------------------------------------------------
+    def readiness(self):
+        if self.ready and self.runtime.snapshot is not None:
+            return 200, {"ready": True, "version": self.runtime.snapshot.config.version}
+        return 503, {"ready": False}
+
+    def config_dump(self) -> dict:
+        snapshot = self.runtime.snapshot
+        settings = self.settings
+        return {
+            "version": snapshot.config.version if snapshot else None,
+            "workload": {"name": settings.workload.name, "namespace": settings.workload.namespace,
+                         "labels": dict(settings.workload.labels)},
+            "listeners": {"outbound": f"{settings.outbound_address}:{settings.outbound_port}",
+                          "inbound": f"{settings.inbound_address}:{settings.inbound_port}"
+                          if settings.app_port else None,
+                          "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
+            "config": snapshot.config.dump if snapshot else None,
+            "warnings": [str(warning) for warning in self.warnings],
+            "plugins": [name for name, _ in self.plugins.list_name_plugin()],
+        }
+
+    def clusters_dump(self) -> dict:
+        snapshot = self.runtime.snapshot
+        now = self.reactor.seconds()
+        clusters = snapshot.clusters if snapshot else {}
+        return {name: {"lb_policy": cluster.spec.lb_policy,
+                       "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints]}
+                for name, cluster in sorted(clusters.items())}

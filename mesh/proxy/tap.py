@@ -1,0 +1,103 @@
+"""``twistd mesh-proxy``: command-line options and service construction."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from mesh.config.compile import Workload
+from mesh.config.errors import ConfigErrors
+from mesh.plugins import make_plugin_manager
+from mesh.proxy.listener import Limits
+from mesh.proxy.service import ProxyService, ProxySettings
+
+
+def _size(text: str) -> int:
+    """``"64k"``, ``"10M"``, ``"1G"`` or plain bytes."""
+    text = text.strip().lower()
+    scale = {"k": 1024, "m": 1024 ** 2, "g": 1024 ** 3}.get(text[-1:], 1)
+    return int(float(text[:-1] if scale > 1 else text) * scale)
+
+
+class Options(usage.Options):
+    """Options of ``twistd mesh-proxy``."""
+
+    synopsis = "[options]"
+    longdesc = ("Run a txmesh sidecar proxy.  Standalone: --config-dir DIR holds Istio YAML "
+                "(ServiceEntry, DestinationRule, VirtualService, ...); SIGHUP reloads it.")
+
+    optParameters = [
+        ["config-dir", "c", None, "Directory of Istio YAML resources (standalone mode)."],
+        ["workload", "w", None, "Name of this workload (required)."],
+        ["namespace", "n", "default", "Namespace of this workload."],
+        ["service-account", None, "default", "Service account of this workload."],
+        ["outbound-address", None, "127.0.0.1", "Address of the outbound listener."],
+        ["outbound-port", None, 15001, "Port of the outbound listener (app -> mesh).", int],
+        ["inbound-address", None, "0.0.0.0", "Address of the inbound listener."],
+        ["inbound-port", None, 15006, "Port of the inbound listener (mesh -> app).", int],
+        ["app-address", None, "127.0.0.1", "Address of the local app."],
+        ["app-port", None, 0, "Port of the local app; 0 disables the inbound listener.", int],
+        ["admin-port", None, 15000, "Admin port, bound to 127.0.0.1.", int],
+        ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
+        ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
+        ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
+        ["max-connections", None, 4096, "Connections per listener.", int],
+        ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
+        ["idle-timeout", None, 300.0, "Seconds a connection may stay idle.", float],
+        ["retry-buffer", None, "1M", "Request body bytes held for retries (larger: no retry)."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["labels"] = {}
+        self["disabled-plugins"] = []
+
+    def opt_label(self, value):
+        """KEY=VALUE label of this workload (repeatable); selectors match them."""
+        key, sep, val = value.partition("=")
+        if not sep or not key:
+            raise usage.UsageError(f"--label wants KEY=VALUE, got {value!r}")
+        self["labels"][key] = val
+
+    def opt_disable_plugin(self, name):
+        """Do not load the plugin NAME (repeatable); see `meshctl plugins`."""
+        self["disabled-plugins"].append(name)
+
+    def postOptions(self):
+        if not self["workload"]:
+            raise usage.UsageError("--workload is required")
+        if not self["config-dir"]:
+            raise usage.UsageError("--config-dir is required (the directory of Istio YAML files)")
+        try:
+            for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
+                self[name] = _size(self[name])
+        except ValueError as error:
+            raise usage.UsageError(f"bad size: {error}") from None
+
+
+def makeService(options):
+    """Build the :class:`ProxyService`; exit with the errors if the config is invalid."""
+    workload = Workload(name=options["workload"], namespace=options["namespace"],
+                        labels=dict(options["labels"]), service_account=options["service-account"])
+    limits = Limits(
+        max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
+        max_request_body=options["max-request-body"], max_connections=options["max-connections"],
+        header_timeout=options["header-timeout"], idle_timeout=options["idle-timeout"],
+        retry_buffer=options["retry-buffer"])
+    settings = ProxySettings(
+        config_dir=options["config-dir"], workload=workload,
+        outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],
+        inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
+        app_address=options["app-address"], app_port=options["app-port"],
+        admin_port=options["admin-port"], limits=limits)
+    proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
+    try:
+        proxy.load()
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            sys.stderr.write(f"{error}\n")
+        sys.stderr.write(f"mesh-proxy: {len(errors.errors)} config error(s) in {settings.config_dir}; "
+                         "fix them (see `meshctl validate`) and start again\n")
+        raise SystemExit(1)
+    return proxy

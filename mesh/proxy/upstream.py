@@ -1,0 +1,128 @@
+"""The client side of HTTP/1.1: one keep-alive connection to an upstream.
+
+An :class:`UpstreamConnection` parses responses with httptools and hands every
+event to its current *listener* (the try that owns the connection, see
+:mod:`mesh.proxy.exchange`).  Between tries the connection sits idle in its
+:class:`mesh.proxy.pool.ConnectionPool`.
+"""
+
+from __future__ import annotations
+
+import httptools
+from twisted.internet.protocol import Protocol
+
+from mesh.proxy.sockets import set_nodelay
+
+
+class UpstreamConnection(Protocol):
+    """A pooled HTTP/1.1 connection to one endpoint.
+
+    The listener must implement ``upstream_head(status, reason, headers,
+    keep_alive)``, ``upstream_body(data)``, ``upstream_end()``,
+    ``upstream_upgraded(rest)`` and ``upstream_lost(reason_text)``.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.listener = None
+        self.connected_ok = False
+        self.requests_sent = 0
+        self.last_used = 0.0
+        self.peer_identity = None
+        self.head_only = False
+        self.tunnel = None
+        self._headers = []
+        self._reason = b""
+        self._parser = httptools.HttpResponseParser(self)
+
+    # -- Twisted Protocol -------------------------------------------------
+    def connectionMade(self):
+        self.connected_ok = True
+        set_nodelay(self.transport)
+        self.pool.connection_made(self)
+
+    def dataReceived(self, data):
+        if self.tunnel is not None:
+            self.tunnel.write(data)
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            listener = self.listener
+            if listener is not None:
+                listener.upstream_upgraded(data[upgrade.args[0]:])
+        except httptools.HttpParserError as error:
+            self._fail(f"upstream sent malformed HTTP: {error}")
+
+    def connectionLost(self, reason=None):
+        self.connected_ok = False
+        self.pool.connection_lost(self)
+        if self.tunnel is not None:
+            self.tunnel.loseConnection()
+            self.tunnel = None
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener.upstream_lost("upstream connection closed")
+
+    # -- used by the try that owns the connection --------------------------
+    def send(self, data: bytes) -> None:
+        self.transport.write(data)
+
+    def start_request(self, listener, head: bytes, head_only: bool) -> None:
+        """Take ownership for one request and write its head."""
+        self.listener = listener
+        self.head_only = head_only
+        self.requests_sent += 1
+        self.transport.write(head)
+
+    def detach(self) -> None:
+        """The owning try is gone (failed, timed out): never reuse this connection."""
+        self.listener = None
+        self.transport.abortConnection()
+
+    def _fail(self, message: str) -> None:
+        listener = self.listener
+        self.listener = None
+        self.transport.abortConnection()
+        if listener is not None:
+            listener.upstream_lost(message)
+
+    # -- httptools callbacks ----------------------------------------------
+    def on_status(self, reason):
+        self._reason = reason
+
+    def on_header(self, name, value):
+        self._headers.append((name, value))
+
+    def on_headers_complete(self):
+        headers = self._headers
+        self._headers = []
+        status = self._parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            return  # interim response (100 Continue, 103): swallowed
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_head(status, self._reason, headers, self._parser.should_keep_alive())
+            if self.head_only and self.listener is listener:
+                # A response to HEAD has no body whatever its headers say;
+                # httptools cannot be told, so start a fresh parser.
+                self._parser = httptools.HttpResponseParser(self)
+                self._message_done()
+
+    def on_body(self, body):
+        listener = self.listener
+        if listener is not None:
+            listener.upstream_body(body)
+
+    def on_message_complete(self):
+        if self._parser.get_status_code() < 200 or self.head_only:
+            return
+        self._message_done()
+
+    def _message_done(self):
+        listener = self.listener
+        if listener is None:
+            return
+        self.listener = None
+        listener.upstream_end()

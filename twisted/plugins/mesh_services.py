@@ -1,0 +1,14 @@
+"""twistd dropins: ``twistd mesh-proxy`` and ``twistd mesh-control``.
+
+This directory must not contain an ``__init__.py`` (Twisted's plugin rules).
+The real work lives in :mod:`mesh.proxy.tap` and :mod:`mesh.control.tap`,
+imported lazily so that ``twistd --help`` stays fast.
+"""
+
+from twisted.application.service import ServiceMaker
+
+meshProxy = ServiceMaker(
+    "txmesh sidecar proxy", "mesh.proxy.tap", "Run a txmesh sidecar proxy (data plane).", "mesh-proxy")
+
+meshControl = ServiceMaker(
+    "txmesh control plane", "mesh.control.tap", "Run the txmesh control plane (CA, config).", "mesh-control")
