@@ -17,6 +17,8 @@ import uuid
 from collections import deque
 
 import httptools
+from zope.interface import implementer
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
@@ -51,6 +53,7 @@ def normalise_host(authority: bytes) -> str:
     return host
 
 
+@implementer(IHalfCloseableProtocol)
 class DownstreamConnection(Protocol):
     """One client connection to a listener (inbound or outbound)."""
 
@@ -61,6 +64,7 @@ class DownstreamConnection(Protocol):
         self.queue = deque()
         self.reading = None
         self.closing = False
+        self.read_closed = False
         self.tunnel = None
         self.upgrade_buffer = None
         self.source_address = ""
@@ -111,9 +115,28 @@ class DownstreamConnection(Protocol):
         if self.tunnel is not None:
             self.tunnel.loseConnection()
             self.tunnel = None
-        for exchange in self.queue:
-            exchange.downstream_lost()
+        self._drop_queue()
+
+    def readConnectionLost(self):
+        """The client half-closed: answer what it sent, then close."""
+        self.read_closed = True
+        if self.tunnel is not None:
+            self.tunnel.loseConnection()
+            return
+        if self.reading is not None:
+            self._drop_queue()  # a request body was cut short
+        if not self.queue:
+            self.closing = True
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        self.transport.loseConnection()
+
+    def _drop_queue(self):
+        queue = list(self.queue)
         self.queue.clear()
+        for exchange in queue:
+            exchange.downstream_lost()
 
     # -- httptools callbacks ----------------------------------------------------
     def on_message_begin(self):
@@ -237,11 +260,9 @@ class DownstreamConnection(Protocol):
         queue = self.queue
         if queue and queue[0] is exchange:
             queue.popleft()
-        if not keep_alive:
+        if not keep_alive or (self.read_closed and not queue):
             self.closing = True
-            for waiting in queue:
-                waiting.downstream_lost()
-            queue.clear()
+            self._drop_queue()
             self.transport.loseConnection()
             return
         self.last_activity = self.listener.reactor.seconds()
@@ -281,9 +302,7 @@ class DownstreamConnection(Protocol):
         if not self.queue:
             self.write(simple_response(status, "", message.encode() + b"\n"))
         else:
-            for exchange in list(self.queue):
-                exchange.downstream_lost()
-            self.queue.clear()
+            self._drop_queue()
         self.transport.loseConnection()
 
     def check_timers(self, now):
