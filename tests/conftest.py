@@ -1,0 +1,67 @@
+"""Fixtures shared by all tests: factories of real processes, cleaned up at teardown, logs shown on failure."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import Backend, ManagedProcess, Proxy, stop_all
+
+
+class ProcessFactory:
+    """Calls ``cls(*args, log_dir=..., **kwargs).start()`` and remembers the process, to stop it at teardown."""
+
+    def __init__(self, cls, log_dir):
+        self._cls = cls
+        self._log_dir = log_dir
+        self._started: list[ManagedProcess] = []
+
+    def __call__(self, *args, **kwargs):
+        process = self._cls(*args, log_dir=self._log_dir, **kwargs)
+        self._started.append(process)
+        return process.start()
+
+    def stop_all(self) -> None:
+        for process in reversed(self._started):
+            process.stop()
+
+
+@pytest.fixture(scope="module")
+def process_log_dir(tmp_path_factory, request):
+    """One directory per test module for the logs of the processes it starts."""
+    return tmp_path_factory.mktemp(request.module.__name__.rpartition(".")[2])
+
+
+@pytest.fixture(scope="module")
+def backend_factory(process_log_dir):
+    """``backend_factory(name, port=None, address="127.0.0.1")`` -> a started :class:`~tests.harness.Backend`.
+
+    Module-scoped: processes live until the module's last test (call ``.stop()`` to end one sooner).
+    """
+    factory = ProcessFactory(Backend, process_log_dir)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.fixture(scope="module")
+def proxy_factory(process_log_dir):
+    """``proxy_factory(config_dir, workload, namespace=..., app_port=..., labels=..., extra_args=...)``
+    -> a started :class:`~tests.harness.Proxy` (ready: admin /ready answered 200). Module-scoped, like
+    :func:`backend_factory`."""
+    factory = ProcessFactory(Proxy, process_log_dir)
+    yield factory
+    factory.stop_all()
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """On failure, append the log tail of every process still managed, so the report shows what they said."""
+    report = yield
+    if report.failed:
+        for process in ManagedProcess.live():
+            report.sections.append((f"log tail: {process}", process.log_tail()))
+    return report
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Safety net: nothing started by the harness outlives the test run."""
+    stop_all()

@@ -1,0 +1,23 @@
+"""Integration-test harness: real processes on loopback, real clients, deadlines instead of sleeps.
+
+- :func:`free_port`, :func:`wait_for`, :func:`http_request`
+- :class:`ManagedProcess` and its kinds :class:`Backend` (the demo app) and :class:`Proxy` (``twistd mesh-proxy``)
+- :func:`curl` and :class:`CurlResult`, the real curl binary
+- :class:`RawConnection`: exact bytes over a socket (malformed HTTP, pipelining, WebSocket frames)
+- :func:`venv_dir` / :func:`venv_bin`: where programs run from ($MESH_VENV, else <repo>/.venv, else sys.prefix)
+
+The pytest fixtures ``backend_factory`` and ``proxy_factory`` in tests/conftest.py build on these.
+"""
+
+from .backend import Backend
+from .curl import CurlResult, curl
+from .net import free_port, http_request
+from .processes import REPO_ROOT, ManagedProcess, ProcessExitedError, stop_all, venv_bin, venv_dir
+from .proxy import Proxy
+from .rawhttp import RawConnection, RawResponse
+from .waiting import wait_for
+
+__all__ = [
+    "REPO_ROOT", "Backend", "CurlResult", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
+    "http_request", "stop_all", "venv_bin", "venv_dir", "wait_for",
+]
