@@ -72,9 +72,10 @@ $(VENV)/.stamp-deps: $(PACKAGING) $(VENV)/.plugin-dirs | $(VPY) .stamp-apt
 	touch $@
 
 # Run from / so that only the installed paths, not the working directory, can make the dropins visible.
+# (grep without -q: under pipefail, -q would kill twistd with SIGPIPE and fail the pipeline.)
 $(VENV)/.stamp-dropins: $(VENV)/.stamp-deps $(wildcard twisted/plugins/*.py)
 	cd / && $(abspath $(VPY)) -c 'from twisted.plugin import IPlugin, getPlugins; list(getPlugins(IPlugin))'
-	@cd / && $(abspath $(VENV))/bin/twistd --help | grep -q 'mesh-proxy' || { \
+	@cd / && $(abspath $(VENV))/bin/twistd --help | grep 'mesh-proxy' >/dev/null || { \
 	  echo "error: 'twistd --help' does not list mesh-proxy: is $(CURDIR) on the venv's sys.path" \
 	       "(editable compat install) and does twisted/plugins/mesh_services.py import?" >&2; exit 1; }
 	touch $@
