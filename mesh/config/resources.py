@@ -1,0 +1,246 @@
+"""Validated Istio resources: frozen dataclasses, one per kind.
+
+:func:`mesh.config.validate.validate` builds these from raw
+:class:`mesh.config.loader.Resource` objects.  Hosts are already fully
+qualified (see :mod:`mesh.config.hosts`), durations are float seconds, maps
+are sorted tuples of pairs, and defaults are filled in, so the compiler
+(:mod:`mesh.config.compile`) never looks at YAML.  Each object keeps its
+``source`` resource for line numbers and the config version hash.
+
+Where a validated value is exactly a runtime type (a retry policy, header
+operations, an outlier policy), the type from :mod:`mesh.config.tables` is
+used directly.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mesh.config.loader import Resource
+from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
+
+#: Istio's retry policy for routes without ``retries``: 2 retries on
+#: connect-failure, refused-stream, unavailable, cancelled and
+#: retriable-status-codes (503).  ``unavailable``/``cancelled`` are gRPC status
+#: conditions, which the built-in retry plugin does not evaluate.
+DEFAULT_RETRY = RetryPolicy(
+    attempts=2,
+    retry_on=frozenset({"connect-failure", "refused-stream", "retriable-status-codes"}),
+    retry_status_codes=frozenset({503}),
+)
+
+
+def _source():
+    return field(compare=False, repr=False)
+
+
+# -- registry: ServiceEntry, WorkloadEntry ------------------------------------------
+
+@dataclass(frozen=True)
+class ServicePort:
+    """A port of a ServiceEntry; ``target_port`` None means "same as number"."""
+
+    number: int
+    name: str
+    protocol: str = "HTTP"
+    target_port: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class WorkloadEndpoint:
+    """An address that serves a service: a ServiceEntry endpoint or a WorkloadEntry.
+
+    ``ports`` maps service port names to the port on this address, as sorted
+    ``(name, number)`` pairs; ``labels`` is sorted ``(key, value)`` pairs.
+    """
+
+    address: str
+    ports: tuple = ()
+    labels: tuple = ()
+    weight: int = 1
+    service_account: Optional[str] = None
+
+
+@dataclass(frozen=True)
+class ServiceEntry:
+    """A service in the registry.
+
+    ``workload_selector`` (sorted label pairs, or None) selects the
+    WorkloadEntries of the same namespace as further endpoints.
+    ``export_to`` empty means visible to every namespace.
+    """
+
+    name: str
+    namespace: str
+    hosts: tuple
+    addresses: tuple
+    ports: tuple
+    location: str
+    resolution: str
+    endpoints: tuple
+    subject_alt_names: tuple
+    export_to: tuple
+    workload_selector: Optional[tuple]
+    source: Resource = _source()
+
+
+@dataclass(frozen=True)
+class WorkloadEntry:
+    """A workload outside the ServiceEntry's own ``endpoints`` list (a VM, a process)."""
+
+    name: str
+    namespace: str
+    endpoint: WorkloadEndpoint
+    source: Resource = _source()
+
+
+# -- DestinationRule --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class LoadBalancer:
+    """``policy`` is ROUND_ROBIN, LEAST_REQUEST, RANDOM or CONSISTENT_HASH.
+
+    ``hash_on`` (CONSISTENT_HASH only) is ``("header", name)``,
+    ``("cookie", name)``, ``("source_ip", None)`` or ``("query", name)``.
+    """
+
+    policy: str
+    hash_on: Optional[tuple] = None
+
+
+#: Istio's choice when a DestinationRule sets no load balancer (since Istio 1.14).
+DEFAULT_LOAD_BALANCER = LoadBalancer("LEAST_REQUEST")
+
+
+@dataclass(frozen=True)
+class ConnectionPool:
+    """The supported part of ``connectionPool``, with Istio's defaults filled in."""
+
+    connect_timeout: float = 10.0
+    max_requests_per_connection: int = 0
+    idle_timeout: float = 3600.0
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """A ``trafficPolicy``.  None fields are not set here (a less specific policy applies).
+
+    ``tls_mode`` is ISTIO_MUTUAL or DISABLE.  ``port_level`` holds
+    ``(port_number, TrafficPolicy)`` pairs that replace all four settings for
+    that port, as Istio's ``portLevelSettings`` do.
+    """
+
+    load_balancer: Optional[LoadBalancer] = None
+    connection_pool: Optional[ConnectionPool] = None
+    outlier_detection: Optional[OutlierPolicy] = None
+    tls_mode: Optional[str] = None
+    port_level: tuple = ()
+
+
+@dataclass(frozen=True)
+class Subset:
+    """A named group of a service's endpoints, selected by labels."""
+
+    name: str
+    labels: tuple
+    traffic_policy: Optional[TrafficPolicy] = None
+
+
+@dataclass(frozen=True)
+class DestinationRule:
+    """Policies for traffic to ``host`` (which may be a ``*.`` wildcard)."""
+
+    name: str
+    namespace: str
+    host: str
+    traffic_policy: Optional[TrafficPolicy]
+    subsets: tuple
+    export_to: tuple
+    source: Resource = _source()
+
+
+# -- VirtualService ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class StringMatch:
+    """Istio's StringMatch; ``kind`` is exact, prefix, regex or present (header exists)."""
+
+    kind: str
+    value: str = ""
+
+
+@dataclass(frozen=True)
+class HTTPMatch:
+    """One entry of ``match``: all its conditions must hold.
+
+    ``headers``, ``without_headers`` and ``query_params`` are sorted
+    ``(name, StringMatch)`` pairs; header names are lower-case.
+    """
+
+    name: Optional[str] = None
+    uri: Optional[StringMatch] = None
+    ignore_uri_case: bool = False
+    method: Optional[StringMatch] = None
+    authority: Optional[StringMatch] = None
+    headers: tuple = ()
+    without_headers: tuple = ()
+    query_params: tuple = ()
+
+
+@dataclass(frozen=True)
+class RouteDestination:
+    """A weighted destination; ``weight`` is already resolved (100 for a lone destination)."""
+
+    host: str
+    subset: Optional[str]
+    port: Optional[int]
+    weight: int
+
+
+@dataclass(frozen=True)
+class HTTPRoute:
+    """One ``http`` entry of a VirtualService.
+
+    ``retry`` is None when retries are disabled (``attempts: 0``) and
+    :data:`DEFAULT_RETRY` when the route has no ``retries``.  A request
+    ``host``/``:authority`` header set through ``headers`` is folded into
+    ``rewrite_authority``.
+    """
+
+    index: int
+    name: Optional[str]
+    match: tuple
+    route: tuple
+    rewrite_uri: Optional[str] = None
+    rewrite_authority: Optional[str] = None
+    timeout: Optional[float] = None
+    retry: Optional[RetryPolicy] = DEFAULT_RETRY
+    request_headers: Optional[HeaderOps] = None
+    response_headers: Optional[HeaderOps] = None
+
+
+@dataclass(frozen=True)
+class VirtualService:
+    """Routing rules for ``hosts`` (fully qualified names, wildcards or IP literals)."""
+
+    name: str
+    namespace: str
+    hosts: tuple
+    http: tuple
+    export_to: tuple
+    source: Resource = _source()
+
+
+@dataclass(frozen=True)
+class SecurityPolicy:
+    """An AuthorizationPolicy or PeerAuthentication, kept as written.
+
+    Their specs are not validated or compiled yet: only their metadata is.
+    """
+
+    kind: str
+    name: str
+    namespace: str
+    spec: dict = field(compare=False)
+    source: Resource = _source()

@@ -1,0 +1,654 @@
+"""Validation of raw resources into the frozen dataclasses of :mod:`mesh.config.resources`.
+
+:func:`validate` checks each resource on its own and reports every problem it
+finds, each naming its field.  Fields that Istio defines but txmesh does not
+implement are errors that say so and what to do; they are never ignored.
+Cross-references (a route to a host or subset nobody defines) are not checked
+here: they are warnings of :mod:`mesh.config.compile`.
+"""
+
+from __future__ import annotations
+
+import re
+
+from mesh.config import hosts as hostnames
+from mesh.config.fields import Fields, Report
+from mesh.config.resources import (
+    DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, HTTPMatch, HTTPRoute, LoadBalancer,
+    RouteDestination, SecurityPolicy, ServiceEntry, ServicePort, StringMatch, Subset, TrafficPolicy,
+    VirtualService, WorkloadEndpoint, WorkloadEntry,
+)
+from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy
+
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
+_HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-z]+\Z")
+_BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
+#: constructs that Python's ``re`` accepts but RE2 (Istio's regex syntax) does not
+_NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\(\?\(|\(\?P=|\\[1-9]")
+
+_REMOVE_IT = "remove it"
+_HTTP_ONLY = "txmesh proxies HTTP only; remove them (or route that traffic outside the mesh)"
+_CIRCUIT_BREAKING = "circuit-breaking limits are not implemented yet; remove it"
+_MIRRORING = "traffic mirroring is not implemented yet; remove it"
+_LEGACY_HEADERS = "it is deprecated in Istio; use headers.request / headers.response"
+
+# -- ServiceEntry / WorkloadEntry ------------------------------------------------------
+
+_SERVICE_ENTRY = {"hosts", "addresses", "ports", "location", "resolution", "endpoints",
+                  "workloadSelector", "exportTo", "subjectAltNames"}
+_PORT = {"number", "name", "protocol", "targetPort"}
+_HTTP_PROTOCOLS = {"HTTP", "HTTP2", "GRPC"}
+_ENDPOINT = {"address", "ports", "labels", "weight", "serviceAccount"}
+_ENDPOINT_UNSUPPORTED = {
+    "network": "multi-network meshes are not supported; remove it",
+    "locality": "locality-aware load balancing is not supported; remove it",
+}
+_RESOLUTION_REJECTED = {
+    "NONE": ("it forwards to the caller's original destination address, which the txmesh proxy cannot "
+             "do yet (NONE is also the default when resolution is omitted); set resolution: STATIC and "
+             "list endpoints or a workloadSelector"),
+    "DNS": "DNS resolution of endpoints is not implemented; use resolution: STATIC with IP endpoints",
+    "DNS_ROUND_ROBIN": "DNS resolution of endpoints is not implemented; use resolution: STATIC with IP "
+                       "endpoints",
+}
+
+# -- DestinationRule ------------------------------------------------------------------
+
+_DESTINATION_RULE = {"host", "trafficPolicy", "subsets", "exportTo"}
+_DESTINATION_RULE_UNSUPPORTED = {"workloadSelector": "per-workload DestinationRules are not supported yet; "
+                                                     "remove it (the rule then applies to every client)"}
+_POLICY = {"loadBalancer", "connectionPool", "outlierDetection", "tls"}
+_POLICY_UNSUPPORTED = {"tunnel": "tunneling applies to TCP routes, which txmesh does not proxy; remove it",
+                       "proxyProtocol": "the PROXY protocol is not implemented; remove it"}
+_SIMPLE_LB = {"ROUND_ROBIN": "ROUND_ROBIN", "LEAST_REQUEST": "LEAST_REQUEST", "RANDOM": "RANDOM",
+              "LEAST_CONN": "LEAST_REQUEST", "UNSPECIFIED": DEFAULT_LOAD_BALANCER.policy}
+_SIMPLE_LB_REJECTED = {"PASSTHROUGH": "it forwards to the caller's original destination address, which "
+                                      "the txmesh proxy cannot do; use LEAST_REQUEST, ROUND_ROBIN or RANDOM"}
+_LB_UNSUPPORTED = {"localityLbSetting": "locality-aware load balancing is not supported; remove it",
+                   "warmupDurationSecs": "slow start (warmup) is not supported; remove it",
+                   "warmup": "slow start (warmup) is not supported; remove it"}
+_HASH_KEYS = ("httpHeaderName", "httpCookie", "useSourceIp", "httpQueryParameterName")
+_HASH_UNSUPPORTED = {
+    "ringHash": "the hash ring is not tunable in txmesh; remove it",
+    "maglev": "Maglev hashing is not supported (txmesh uses a hash ring); remove it",
+    "minimumRingSize": "the hash ring is not tunable in txmesh; remove it",
+    "httpHeaderRegexRewrite": "rewriting the hash key is not supported; remove it",
+}
+_COOKIE_GENERATION = ("txmesh hashes on an existing cookie and never generates one; remove it "
+                      "(keep httpCookie.name)")
+_TCP_POOL_UNSUPPORTED = {
+    "maxConnections": _CIRCUIT_BREAKING,
+    "tcpKeepalive": "TCP keepalive settings are not supported; remove it",
+    "maxConnectionDuration": "a maximum connection duration is not supported; remove it",
+    "idleTimeout": "use connectionPool.http.idleTimeout, the idle timeout of pooled connections",
+}
+_HTTP_POOL_UNSUPPORTED = {
+    "http1MaxPendingRequests": _CIRCUIT_BREAKING, "http2MaxRequests": _CIRCUIT_BREAKING,
+    "maxRetries": _CIRCUIT_BREAKING, "maxConcurrentStreams": _CIRCUIT_BREAKING,
+    "h2UpgradePolicy": "txmesh speaks HTTP/1.1 to upstreams; remove it",
+    "useClientProtocol": "txmesh speaks HTTP/1.1 to upstreams; remove it",
+}
+_OUTLIER = {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval", "baseEjectionTime",
+            "maxEjectionPercent"}
+_OUTLIER_UNSUPPORTED = {
+    "consecutiveErrors": "it is deprecated in Istio; use consecutive5xxErrors",
+    "splitExternalLocalOriginErrors": "local-origin failures always count (and eject after one connect "
+                                      "failure); remove it",
+    "consecutiveLocalOriginFailures": "local-origin failures always count (and eject after one connect "
+                                      "failure); remove it",
+    "minHealthPercent": "outlier detection is never switched off by low health; remove it",
+}
+_TLS_ONLY_MODE = "only tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"
+_TLS_UNSUPPORTED = {key: _TLS_ONLY_MODE for key in (
+    "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
+    "insecureSkipVerify", "caCrl")}
+_TLS_MODE_REJECTED = {
+    "SIMPLE": "TLS origination is not implemented; let the app speak TLS itself, or use ISTIO_MUTUAL "
+              "inside the mesh",
+    "MUTUAL": "TLS origination with your own certificates is not implemented; use ISTIO_MUTUAL inside "
+              "the mesh",
+}
+
+# -- VirtualService -------------------------------------------------------------------
+
+_VIRTUAL_SERVICE = {"hosts", "gateways", "http", "exportTo"}
+_VIRTUAL_SERVICE_UNSUPPORTED = {"tcp": _HTTP_ONLY, "tls": _HTTP_ONLY}
+_HTTP_ROUTE = {"name", "match", "route", "rewrite", "timeout", "retries", "headers"}
+_HTTP_ROUTE_UNSUPPORTED = {
+    "redirect": "redirects are not implemented yet; let a service answer with the redirect",
+    "directResponse": "direct responses are not implemented yet; let a service answer instead",
+    "delegate": "VirtualService delegation is not supported; put the routes in this VirtualService",
+    "fault": "fault injection is not implemented yet; remove it",
+    "mirror": _MIRRORING, "mirrors": _MIRRORING, "mirrorPercent": _MIRRORING,
+    "mirrorPercentage": _MIRRORING, "mirror_percent": _MIRRORING,
+    "corsPolicy": "CORS handling is not implemented yet; let the app answer CORS requests",
+    "appendHeaders": _LEGACY_HEADERS, "appendRequestHeaders": _LEGACY_HEADERS,
+    "appendResponseHeaders": _LEGACY_HEADERS, "removeRequestHeaders": _LEGACY_HEADERS,
+    "removeResponseHeaders": _LEGACY_HEADERS,
+}
+_MATCH = {"name", "uri", "method", "authority", "headers", "withoutHeaders", "queryParams",
+          "ignoreUriCase", "gateways"}
+_MATCH_UNSUPPORTED = {
+    "scheme": "the scheme is always http between an app and its sidecar; remove it",
+    "port": "matching on the destination port is not supported (txmesh routes by Host header); remove it",
+    "sourceLabels": "matching on the caller's labels is not supported yet; remove it",
+    "sourceNamespace": "matching on the caller's namespace is not supported yet; remove it",
+    "statPrefix": _REMOVE_IT,
+}
+_MATCH_KEYS_IN_HEADERS = {"uri": "match.uri", "method": "match.method", "authority": "match.authority",
+                          ":path": "match.uri", ":method": "match.method", ":authority": "match.authority",
+                          "host": "match.authority"}
+_RETRIES_UNSUPPORTED = {"retryRemoteLocalities": "locality-aware retries are not supported; remove it",
+                        "retryIgnorePreviousHosts": "retries already prefer other endpoints; remove it",
+                        "backoff": "the retry backoff is fixed (25 ms base, jittered); remove it"}
+#: retryOn conditions that Istio accepts but the built-in retry plugin does not evaluate.
+_RETRY_ON_UNSUPPORTED = {"envoy-ratelimited", "retriable-headers", "reset-before-request",
+                         "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal",
+                         "resource-exhausted", "unavailable"}
+
+
+def validate(resources, domain: str = hostnames.DEFAULT_DOMAIN) -> tuple:
+    """Validate resources one by one; return ``(valid_objects, errors)``.
+
+    A resource with any problem is left out of ``valid_objects``; ``errors``
+    holds a :class:`mesh.config.errors.ConfigError` for every problem of every
+    resource.  ``domain`` is the cluster DNS domain used to qualify short names.
+    """
+    objects, errors = [], []
+    for resource in resources:
+        report = Report()
+        obj = _VALIDATORS[resource.kind](resource, report, domain)
+        if report.problems:
+            problems = [resource.error(path, reason) for path, reason in report.problems]
+            errors.extend(sorted(problems, key=lambda error: error.line))
+        else:
+            objects.append(obj)
+    return objects, errors
+
+
+# -- shared pieces ----------------------------------------------------------------------
+
+def _hosts(f: Fields, key, namespace, domain, required, allow_ip=False) -> tuple:
+    """The list of hosts under ``key``, fully qualified, each checked."""
+    out = []
+    for path, value in f.strings(key, required):
+        problem = hostnames.check(value, allow_ip=allow_ip)
+        name = None if problem else hostnames.fqdn(value, namespace, domain)
+        if name in out:
+            problem = f"duplicate host '{value}' ({name})"
+        if problem:
+            f.report.add(path, problem)
+        else:
+            out.append(name)
+    return tuple(out)
+
+
+def _export_to(f: Fields) -> tuple:
+    values = []
+    for path, value in f.strings("exportTo"):
+        if value in ("*", ".", "~") or _DNS_LABEL.match(value):
+            values.append(value)
+        else:
+            f.report.add(path, f"invalid exportTo entry '{value}'; use '*', '.', '~' or a namespace name")
+    if len(values) > 1 and ("*" in values or "~" in values):
+        f.error("exportTo", "'*' and '~' cannot be combined with other entries")
+    return tuple(values)
+
+
+def _gateways(f: Fields) -> None:
+    for path, value in f.strings("gateways"):
+        if value != "mesh":
+            f.report.add(path, f"gateway '{value}' is not supported by txmesh: only the sidecars' 'mesh' "
+                               "gateway exists; remove it (ingress/egress gateways are not implemented)")
+
+
+def _dns_name(f: Fields, key, pattern, what, required=False) -> str:
+    value = f.string(key, required)
+    if value and not pattern.match(value):
+        f.error(key, f"invalid {what} '{value}': use lower-case letters, digits and '-'")
+    return value
+
+
+# -- ServiceEntry / WorkloadEntry ------------------------------------------------------
+
+def _service_entry(resource, report, domain) -> ServiceEntry:
+    f = Fields(report, ("spec",), resource.spec, _SERVICE_ENTRY)
+    ports = _service_ports(f)
+    port_names = {port.name for port in ports}
+    endpoints = tuple(_endpoint(Fields(report, path, item, _ENDPOINT, _ENDPOINT_UNSUPPORTED), port_names)
+                      for path, item in f.items("endpoints"))
+    selector = f.sub("workloadSelector", {"labels"}).labels("labels") if "workloadSelector" in f else None
+    if endpoints and selector is not None:
+        f.error("workloadSelector", "set only one of endpoints or workloadSelector")
+    resolution = f.enum("resolution", ("STATIC",), _RESOLUTION_REJECTED)
+    if "resolution" not in f:
+        f.error("resolution", f"resolution NONE is not supported by txmesh; {_RESOLUTION_REJECTED['NONE']}")
+    addresses = []
+    for path, address in f.strings("addresses"):
+        if hostnames.is_ip(address):
+            addresses.append(address.lower())
+        else:
+            report.add(path, f"'{address}' is not an IP address (CIDR ranges are not supported); "
+                             "list single IP addresses")
+    return ServiceEntry(
+        name=resource.name, namespace=resource.namespace,
+        hosts=_hosts(f, "hosts", resource.namespace, domain, required=True),
+        addresses=tuple(addresses), ports=ports,
+        location=f.enum("location", ("MESH_EXTERNAL", "MESH_INTERNAL"), default="MESH_EXTERNAL"),
+        resolution=resolution, endpoints=endpoints, subject_alt_names=_subject_alt_names(f),
+        export_to=_export_to(f), workload_selector=selector, source=resource)
+
+
+def _service_ports(f: Fields) -> tuple:
+    ports, names, numbers = [], set(), set()
+    for path, item in f.items("ports", required=True):
+        pf = Fields(f.report, path, item, _PORT)
+        number = pf.port("number", required=True)
+        name = _dns_name(pf, "name", _DNS_LABEL, "port name", required=True)
+        protocol = (pf.string("protocol") or "HTTP").upper()
+        if protocol not in _HTTP_PROTOCOLS:
+            pf.error("protocol", f"protocol {protocol} is not supported by txmesh, which proxies HTTP only; "
+                                 "use HTTP, HTTP2 or GRPC")
+        if name and name in names:
+            pf.error("name", f"duplicate port name '{name}'")
+        if number and number in numbers:
+            pf.error("number", f"duplicate port number {number}")
+        names.add(name)
+        numbers.add(number)
+        ports.append(ServicePort(number=number or 0, name=name or "", protocol=protocol,
+                                 target_port=pf.port("targetPort")))
+    return tuple(ports)
+
+
+def _endpoint(f: Fields, port_names=None) -> WorkloadEndpoint:
+    """A ServiceEntry endpoint or a WorkloadEntry spec (the same message in Istio)."""
+    address = f.string("address", required=True)
+    if address and not hostnames.is_ip(address):
+        f.error("address", f"'{address}' is not an IP address; txmesh supports resolution STATIC only, "
+                           "so endpoints need IP addresses")
+    ports = []
+    for name, number in f.mapping("ports").items():
+        path = f.path + ("ports", name)
+        if port_names is not None and name not in port_names:
+            f.report.add(path, f"'{name}' is not a port name of this ServiceEntry; use one of: "
+                               f"{', '.join(sorted(port_names))}")
+        elif isinstance(number, bool) or not isinstance(number, int) or not 1 <= number <= 65535:
+            f.report.add(path, f"must be a port number from 1 to 65535, not {number!r}")
+        else:
+            ports.append((name, number))
+    account = _dns_name(f, "serviceAccount", _DNS_SUBDOMAIN, "service account")
+    return WorkloadEndpoint(address=address or "", ports=tuple(sorted(ports)), labels=f.labels("labels"),
+                            weight=f.integer("weight", minimum=0, maximum=2 ** 32 - 1) or 1,
+                            service_account=account or None)
+
+
+def _subject_alt_names(f: Fields) -> tuple:
+    names = f.strings("subjectAltNames")
+    for path, name in names:
+        if not name.startswith("spiffe://"):
+            f.report.add(path, f"'{name}' is not a SPIFFE id; txmesh verifies mesh identities "
+                               "(spiffe://<trust-domain>/ns/<ns>/sa/<sa>)")
+    if len(names) > 1:
+        f.error("subjectAltNames", "txmesh verifies one identity per endpoint: list one SPIFFE id, or set "
+                                   "serviceAccount on each endpoint")
+    return tuple(name for _, name in names)
+
+
+def _workload_entry(resource, report, domain) -> WorkloadEntry:
+    f = Fields(report, ("spec",), resource.spec, _ENDPOINT, _ENDPOINT_UNSUPPORTED)
+    return WorkloadEntry(name=resource.name, namespace=resource.namespace, endpoint=_endpoint(f),
+                         source=resource)
+
+
+# -- DestinationRule ------------------------------------------------------------------
+
+def _destination_rule(resource, report, domain) -> DestinationRule:
+    f = Fields(report, ("spec",), resource.spec, _DESTINATION_RULE, _DESTINATION_RULE_UNSUPPORTED)
+    host = f.string("host", required=True)
+    problem = hostnames.check(host) if host else None
+    if problem:
+        f.error("host", problem)
+    subsets, names = [], set()
+    for path, item in f.items("subsets"):
+        sf = Fields(report, path, item, {"name", "labels", "trafficPolicy"})
+        name = _dns_name(sf, "name", _DNS_LABEL, "subset name", required=True)
+        if name and name in names:
+            sf.error("name", f"duplicate subset name '{name}'")
+        names.add(name)
+        subsets.append(Subset(name=name or "", labels=sf.labels("labels"),
+                              traffic_policy=_traffic_policy(sf)))
+    return DestinationRule(
+        name=resource.name, namespace=resource.namespace,
+        host=hostnames.fqdn(host, resource.namespace, domain) if host and not problem else "",
+        traffic_policy=_traffic_policy(f), subsets=tuple(subsets), export_to=_export_to(f),
+        source=resource)
+
+
+def _traffic_policy(parent: Fields):
+    """The ``trafficPolicy`` under ``parent`` (None if absent), with its portLevelSettings."""
+    if "trafficPolicy" not in parent:
+        return None
+    f = parent.sub("trafficPolicy", _POLICY | {"portLevelSettings"}, _POLICY_UNSUPPORTED)
+    port_level, seen = [], set()
+    for path, item in f.items("portLevelSettings"):
+        pf = Fields(f.report, path, item, _POLICY | {"port"}, _POLICY_UNSUPPORTED)
+        number = pf.sub("port", {"number"}).port("number", required=True)
+        if "port" not in pf:
+            pf.error("port", "'port' is required")
+        elif number in seen:
+            pf.error("port", f"duplicate port {number}")
+        seen.add(number)
+        port_level.append((number, _policy_settings(pf)))
+    return _policy_settings(f, tuple(port_level))
+
+
+def _policy_settings(f: Fields, port_level=()) -> TrafficPolicy:
+    return TrafficPolicy(
+        load_balancer=_load_balancer(f) if "loadBalancer" in f else None,
+        connection_pool=_connection_pool(f) if "connectionPool" in f else None,
+        outlier_detection=_outlier_detection(f) if "outlierDetection" in f else None,
+        tls_mode=_tls_mode(f) if "tls" in f else None,
+        port_level=port_level)
+
+
+def _tls_mode(parent: Fields) -> str:
+    f = parent.sub("tls", {"mode"}, _TLS_UNSUPPORTED)
+    return f.enum("mode", ("DISABLE", "ISTIO_MUTUAL"), _TLS_MODE_REJECTED, default="DISABLE")
+
+
+def _load_balancer(parent: Fields) -> LoadBalancer:
+    f = parent.sub("loadBalancer", {"simple", "consistentHash"}, _LB_UNSUPPORTED)
+    if "consistentHash" not in f:
+        return LoadBalancer(f.enum("simple", _SIMPLE_LB, _SIMPLE_LB_REJECTED,
+                                   default=DEFAULT_LOAD_BALANCER.policy))
+    if "simple" in f:
+        f.error(None, "set only one of simple or consistentHash")
+    h = f.sub("consistentHash", set(_HASH_KEYS), _HASH_UNSUPPORTED)
+    keys = [key for key in _HASH_KEYS if key in h]
+    if len(keys) != 1:
+        h.error(None, f"set exactly one of {', '.join(_HASH_KEYS)}")
+        return LoadBalancer("CONSISTENT_HASH")
+    key = keys[0]
+    if key == "useSourceIp":
+        if not h.boolean(key):
+            h.error(key, "set useSourceIp: true, or choose another hash key")
+        return LoadBalancer("CONSISTENT_HASH", ("source_ip", None))
+    if key == "httpCookie":
+        name = h.sub(key, {"name"}, {"path": _COOKIE_GENERATION, "ttl": _COOKIE_GENERATION}).string(
+            "name", required=True)
+        return LoadBalancer("CONSISTENT_HASH", ("cookie", name))
+    name = h.string(key, required=True)
+    if key == "httpHeaderName":
+        return LoadBalancer("CONSISTENT_HASH", ("header", _header_name(h, key, name)))
+    return LoadBalancer("CONSISTENT_HASH", ("query", name))
+
+
+def _connection_pool(parent: Fields) -> ConnectionPool:
+    f = parent.sub("connectionPool", {"tcp", "http"})
+    tcp = f.sub("tcp", {"connectTimeout"}, _TCP_POOL_UNSUPPORTED)
+    http = f.sub("http", {"maxRequestsPerConnection", "idleTimeout"}, _HTTP_POOL_UNSUPPORTED)
+    values = {"connect_timeout": tcp.duration("connectTimeout"),
+              "max_requests_per_connection": http.integer("maxRequestsPerConnection", minimum=0),
+              "idle_timeout": http.duration("idleTimeout")}
+    return ConnectionPool(**{name: value for name, value in values.items() if value is not None})
+
+
+def _outlier_detection(parent: Fields) -> OutlierPolicy:
+    f = parent.sub("outlierDetection", _OUTLIER, _OUTLIER_UNSUPPORTED)
+    values = {"consecutive_5xx": f.integer("consecutive5xxErrors", minimum=0),
+              "consecutive_gateway_errors": f.integer("consecutiveGatewayErrors", minimum=0),
+              "interval": f.duration("interval"),
+              "base_ejection_time": f.duration("baseEjectionTime"),
+              "max_ejection_percent": f.integer("maxEjectionPercent", minimum=0, maximum=100)}
+    return OutlierPolicy(**{name: value for name, value in values.items() if value is not None})
+
+
+# -- VirtualService -------------------------------------------------------------------
+
+def _virtual_service(resource, report, domain) -> VirtualService:
+    f = Fields(report, ("spec",), resource.spec, _VIRTUAL_SERVICE, _VIRTUAL_SERVICE_UNSUPPORTED)
+    if "hosts" not in f:
+        f.error("hosts", "'hosts' is required (delegate VirtualServices without hosts are not supported)")
+    _gateways(f)
+    http = tuple(_http_route(Fields(report, path, item, _HTTP_ROUTE, _HTTP_ROUTE_UNSUPPORTED), index,
+                             resource.namespace, domain)
+                 for index, (path, item) in enumerate(f.items("http", required=True)))
+    return VirtualService(
+        name=resource.name, namespace=resource.namespace,
+        hosts=_hosts(f, "hosts", resource.namespace, domain, required="hosts" in f, allow_ip=True),
+        http=http, export_to=_export_to(f), source=resource)
+
+
+def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
+    matches = tuple(_match(Fields(f.report, path, item, _MATCH, _MATCH_UNSUPPORTED))
+                    for path, item in f.items("match"))
+    rewrite_uri = rewrite_authority = None
+    if "rewrite" in f:
+        rf = f.sub("rewrite", {"uri", "authority"}, {
+            "uriRegexRewrite": "regex rewrites are not implemented yet; use a prefix match and rewrite.uri"})
+        rewrite_uri, rewrite_authority = rf.string("uri") or None, rf.string("authority")
+        if rewrite_authority:
+            rewrite_authority = _header_value(f.report, rf.path + ("authority",), rewrite_authority)
+        if not rewrite_uri and not rewrite_authority:
+            rf.error(None, "rewrite must set uri, authority or both")
+        if rewrite_uri and any(match.uri is not None and match.uri.kind == "regex" for match in matches):
+            rf.error("uri", "rewrite.uri with a regex uri match is not supported by txmesh (Istio would "
+                            "replace the whole path); use exact or prefix uri matches")
+    request, header_authority = _header_ops(f, "request")
+    if header_authority is not None:
+        if rewrite_authority:
+            f.error("headers", "the authority is set both by rewrite.authority and by a host header; "
+                               "keep one of them")
+        rewrite_authority = header_authority
+    return HTTPRoute(
+        index=index, name=f.string("name"), match=matches, route=_destinations(f, namespace, domain),
+        rewrite_uri=rewrite_uri, rewrite_authority=rewrite_authority, timeout=f.duration("timeout"),
+        retry=_retries(f) if "retries" in f else DEFAULT_RETRY, request_headers=request,
+        response_headers=_header_ops(f, "response")[0])
+
+
+def _destinations(f: Fields, namespace, domain) -> tuple:
+    items = f.items("route", required=True)
+    out = []
+    for path, item in items:
+        rf = Fields(f.report, path, item, {"destination", "weight"}, {
+            "headers": "per-destination header changes are not supported; move them to the route's headers"})
+        if "destination" not in rf:
+            rf.error("destination", "'destination' is required")
+        df = rf.sub("destination", {"host", "subset", "port"})
+        host = df.string("host", required=True)
+        problem = hostnames.check(host, allow_wildcard=False) if host else None
+        if problem:
+            df.error("host", problem)
+        port = df.sub("port", {"number"}).port("number", required=True) if "port" in df else None
+        out.append(RouteDestination(
+            host=hostnames.fqdn(host, namespace, domain) if host and not problem else "",
+            subset=_dns_name(df, "subset", _DNS_LABEL, "subset name") or None, port=port,
+            weight=rf.integer("weight", minimum=0, maximum=100) or 0))
+    if len(out) == 1:
+        out[0] = RouteDestination(out[0].host, out[0].subset, out[0].port, 100)
+    elif out and sum(destination.weight for destination in out) != 100:
+        total = sum(destination.weight for destination in out)
+        f.error("route", f"weights must sum to 100 (they sum to {total}); give every destination a weight")
+    return tuple(out)
+
+
+def _match(f: Fields) -> HTTPMatch:
+    _gateways(f)
+    report = f.report
+
+    def one(key, present_ok=False):
+        return _string_match(report, f.path + (key,), f.data[key], present_ok) if key in f else None
+
+    def named(key, query=False):
+        out = []
+        for name, value in f.mapping(key).items():
+            path = f.path + (key, name)
+            if not query:
+                lower = name.lower()
+                if lower in _MATCH_KEYS_IN_HEADERS:
+                    report.add(path, f"match on '{name}' with {_MATCH_KEYS_IN_HEADERS[lower]}, not {key}")
+                    continue
+                name = _header_name(f, key, name, path)
+            match = _string_match(report, path, value, present_ok=True, prefix_ok=not query)
+            if match is not None and name:
+                out.append((name, match))
+        return tuple(sorted(out, key=lambda pair: pair[0]))
+
+    return HTTPMatch(name=f.string("name"), uri=one("uri"), ignore_uri_case=f.boolean("ignoreUriCase"),
+                     method=one("method"), authority=one("authority"), headers=named("headers"),
+                     without_headers=named("withoutHeaders"), query_params=named("queryParams", query=True))
+
+
+def _string_match(report, path, value, present_ok, prefix_ok=True):
+    """Istio's StringMatch at ``path``; ``{}`` means "present" where ``present_ok``."""
+    if value is not None and not isinstance(value, dict):
+        report.add(path, f"must be a mapping with one of exact, prefix or regex (like {{prefix: {value!r}}})")
+        return None
+    f = Fields(report, path, value, {"exact", "prefix", "regex"})
+    kinds = [kind for kind in ("exact", "prefix", "regex") if kind in f]
+    if not kinds and present_ok:
+        return StringMatch("present")
+    if len(kinds) != 1:
+        f.error(None, "set exactly one of exact, prefix or regex")
+        return None
+    kind = kinds[0]
+    text = f.string(kind)
+    if text is None:
+        return None
+    if kind == "prefix" and not prefix_ok:
+        f.error(kind, "prefix matching of query parameters is not supported (by Istio either); use exact "
+                      "or regex")
+        return None
+    if present_ok and ((kind == "prefix" and text == "") or (kind == "regex" and text == "*")):
+        return StringMatch("present")  # Istio's own reading of these two values
+    if kind == "regex":
+        problem = regex_problem(text)
+        if problem:
+            f.error(kind, problem)
+            return None
+    return StringMatch(kind, text)
+
+
+def regex_problem(pattern: str):
+    """Why ``pattern`` is not a usable RE2 regex, or None."""
+    if not pattern:
+        return "regex must not be empty"
+    if len(pattern) > 1024:
+        return "regex is too large (at most 1024 characters)"
+    if _NOT_RE2.search(pattern):
+        return ("RE2, Istio's regex syntax, has no lookaround, backreferences, atomic groups or "
+                "conditionals; rewrite the regex without them")
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return f"invalid regex: {error}; Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"
+    return None
+
+
+def _retries(f: Fields):
+    """The route's RetryPolicy, or None when ``attempts`` is 0 (retries disabled)."""
+    rf = f.sub("retries", {"attempts", "perTryTimeout", "retryOn"}, _RETRIES_UNSUPPORTED)
+    attempts = rf.integer("attempts", minimum=0) or 0
+    per_try_timeout = rf.duration("perTryTimeout")
+    if attempts == 0:
+        if "perTryTimeout" in rf or "retryOn" in rf:
+            rf.error("attempts", "retries are disabled (attempts is 0 or missing) but perTryTimeout or "
+                                 "retryOn is set; set attempts >= 1 or remove them")
+        return None
+    retry_on, codes = DEFAULT_RETRY.retry_on, DEFAULT_RETRY.retry_status_codes
+    text = rf.string("retryOn")
+    if text is not None:
+        retry_on, codes = _retry_on(rf, text)
+    return RetryPolicy(attempts=attempts, per_try_timeout=per_try_timeout, retry_on=retry_on,
+                       retry_status_codes=codes)
+
+
+def _retry_on(f: Fields, text: str) -> tuple:
+    names, codes = set(), set()
+    supported = ", ".join(sorted(RETRY_ON_NAMES))
+    for entry in (part.strip() for part in text.split(",")):
+        if entry.isdigit() and 100 <= int(entry) <= 599:
+            codes.add(int(entry))
+        elif entry in RETRY_ON_NAMES:
+            names.add(entry)
+        elif entry in _RETRY_ON_UNSUPPORTED:
+            f.error("retryOn", f"retryOn condition '{entry}' is not supported by txmesh; use {supported} "
+                               "or HTTP status codes")
+        else:
+            f.error("retryOn", f"unknown retryOn condition '{entry}'; use {supported} or HTTP status codes "
+                               "(100-599), separated by commas")
+    if codes:
+        names.add("retriable-status-codes")
+    return frozenset(names), frozenset(codes)
+
+
+def _header_name(f: Fields, key, name, path=None) -> str:
+    """``name`` lower-cased, or "" after reporting an invalid header name."""
+    lower = name.lower() if isinstance(name, str) else ""
+    if not _HEADER_NAME.match(lower):
+        f.report.add(path or f.path + (key,), f"invalid header name {name!r}")
+        return ""
+    return lower
+
+
+def _header_value(report, path, value):
+    """``value`` if it may be sent in a header, else None after reporting why."""
+    if not isinstance(value, str):
+        report.add(path, f"header values must be strings, not {value!r}; quote it")
+        return None
+    if _BAD_HEADER_VALUE.search(value) or not value.isascii():
+        report.add(path, "header values must be ASCII without line breaks")
+        return None
+    return value
+
+
+def _header_ops(parent: Fields, key) -> tuple:
+    """``(HeaderOps or None, authority or None)`` of ``headers.<key>``.
+
+    Setting ``host``/``:authority`` in ``headers.request`` is Istio's other
+    spelling of ``rewrite.authority``; it is returned separately.
+    """
+    if "headers" not in parent:
+        return None, None
+    f = parent.sub("headers", {"request", "response"}).sub(key, {"set", "add", "remove"})
+    authority = None
+    ops = {"set": [], "add": [], "remove": []}
+    for op in ("set", "add"):
+        for name, value in f.mapping(op).items():
+            path = f.path + (op, name)
+            value = _header_value(f.report, path, value)
+            if name.lower() in ("host", ":authority") and key == "request":
+                authority = value
+            elif name.lower() == "host" or name.startswith(":"):
+                f.report.add(path, "the Host header and pseudo-headers cannot be changed here")
+            else:
+                lower = _header_name(f, op, name, path)
+                if lower and value is not None:
+                    ops[op].append((lower.encode(), value.encode()))
+    for path, name in f.strings("remove"):
+        if name.lower() == "host" or name.startswith(":"):
+            f.report.add(path, "the Host header and pseudo-headers cannot be removed")
+        else:
+            lower = _header_name(f, "remove", name, path)
+            if lower:
+                ops["remove"].append(lower.encode())
+    if not any(ops.values()):
+        return None, authority
+    return HeaderOps(set=tuple(ops["set"]), add=tuple(ops["add"]), remove=tuple(ops["remove"])), authority
+
+
+def _security_policy(resource, report, domain) -> SecurityPolicy:
+    return SecurityPolicy(kind=resource.kind, name=resource.name, namespace=resource.namespace,
+                          spec=resource.spec, source=resource)
+
+
+_VALIDATORS = {
+    "ServiceEntry": _service_entry,
+    "WorkloadEntry": _workload_entry,
+    "DestinationRule": _destination_rule,
+    "VirtualService": _virtual_service,
+    "AuthorizationPolicy": _security_policy,
+    "PeerAuthentication": _security_policy,
+}

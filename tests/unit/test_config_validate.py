@@ -1,0 +1,630 @@
+"""Validation of each kind: supported fields, defaults, and every rejection naming its line."""
+
+import textwrap
+
+import pytest
+
+from mesh.config.fields import parse_duration
+from mesh.config.loader import load_files
+from mesh.config.resources import (
+    DEFAULT_RETRY, ConnectionPool, HTTPMatch, LoadBalancer, RouteDestination, SecurityPolicy, ServicePort,
+    StringMatch, WorkloadEndpoint,
+)
+from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
+from mesh.config.validate import validate
+
+
+def _validate(tmp_path, text):
+    """Validate the YAML ``text``; ``(objects, error strings, file path)``."""
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    loaded = load_files([path])
+    assert loaded.errors == []
+    objects, errors = validate(loaded.resources)
+    return objects, [str(error) for error in errors], str(path)
+
+
+def _valid(tmp_path, text):
+    objects, errors, _ = _validate(tmp_path, text)
+    assert errors == []
+    return objects
+
+
+def _expected(prefix, pairs):
+    """Error strings for ``(line, message)`` pairs, in line order (as validate reports them)."""
+    return [prefix.format(line) + message for line, message in sorted(pairs, key=lambda pair: pair[0])]
+
+
+def _vs(http):
+    """A VirtualService document (namespace shop) whose spec.http is ``http``, indented to fit."""
+    body = textwrap.indent(textwrap.dedent(http).strip("\n"), "  ")
+    return ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: vs, namespace: shop}\n"
+            f"spec:\n  hosts: [web]\n  http:\n{body}\n")
+
+
+# -- ServiceEntry / WorkloadEntry ------------------------------------------------------
+
+def test_service_entry_fields(tmp_path):
+    [entry] = _valid(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: web, namespace: shop}
+        spec:
+          hosts: [web, Web.Example.COM]
+          addresses: [10.96.0.1]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports:
+          - {number: 80, name: http, protocol: http, targetPort: 8080}
+          - {number: 81, name: grpc, protocol: GRPC}
+          endpoints:
+          - address: 10.0.0.1
+            ports: {grpc: 9091}
+            labels: {app: web, version: v1}
+            weight: 5
+            serviceAccount: web-sa
+          subjectAltNames: ["spiffe://cluster.local/ns/shop/sa/web"]
+          exportTo: [".", other]
+        """)
+    assert entry.hosts == ("web.shop.svc.cluster.local", "web.example.com")
+    assert entry.addresses == ("10.96.0.1",)
+    assert entry.ports == (ServicePort(80, "http", "HTTP", 8080), ServicePort(81, "grpc", "GRPC", None))
+    assert entry.endpoints == (WorkloadEndpoint("10.0.0.1", (("grpc", 9091),), (("app", "web"), ("version", "v1")),
+                                                5, "web-sa"),)
+    assert (entry.location, entry.resolution, entry.export_to) == ("MESH_INTERNAL", "STATIC", (".", "other"))
+    assert entry.subject_alt_names == ("spiffe://cluster.local/ns/shop/sa/web",)
+    assert entry.workload_selector is None and entry.source.name == "web"
+
+
+def test_service_entry_rejections(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: se, namespace: shop}
+        spec:
+          hosts: ["*", "a:80"]
+          addresses: [10.0.0.0/24]
+          ports:
+          - {number: 80, name: http, protocol: TCP}
+          - {number: 80, name: http}
+          endpoints:
+          - {address: db.example.com, network: n1, ports: {https: 443}}
+          workloadSelector: {labels: {app: db}}
+          subjectAltNames: [web.example.com]
+        """)
+    prefix = f"{path}:{{}}: ServiceEntry/shop/se: "
+    assert errors == _expected(prefix, [
+        (5, "spec.hosts[0]: the catch-all host '*' is not allowed here; name the hosts (wildcards like "
+            "'*.example.com' are)"),
+        (5, "spec.hosts[1]: hosts must not include a port; txmesh matches the Host header without its port"),
+        (6, "spec.addresses[0]: '10.0.0.0/24' is not an IP address (CIDR ranges are not supported); list "
+            "single IP addresses"),
+        (8, "spec.ports[0].protocol: protocol TCP is not supported by txmesh, which proxies HTTP only; use "
+            "HTTP, HTTP2 or GRPC"),
+        (9, "spec.ports[1].name: duplicate port name 'http'"),
+        (9, "spec.ports[1].number: duplicate port number 80"),
+        (11, "spec.endpoints[0].network: 'network' is not supported by txmesh; multi-network meshes are not "
+             "supported; remove it"),
+        (11, "spec.endpoints[0].address: 'db.example.com' is not an IP address; txmesh supports resolution "
+             "STATIC only, so endpoints need IP addresses"),
+        (11, "spec.endpoints[0].ports.https: 'https' is not a port name of this ServiceEntry; use one of: http"),
+        (12, "spec.workloadSelector: set only one of endpoints or workloadSelector"),
+        (4, "spec.resolution: resolution NONE is not supported by txmesh; it forwards to the caller's original "
+            "destination address, which the txmesh proxy cannot do yet (NONE is also the default when "
+            "resolution is omitted); set resolution: STATIC and list endpoints or a workloadSelector"),
+        (13, "spec.subjectAltNames[0]: 'web.example.com' is not a SPIFFE id; txmesh verifies mesh identities "
+             "(spiffe://<trust-domain>/ns/<ns>/sa/<sa>)"),
+    ])
+
+
+@pytest.mark.parametrize("resolution", ["DNS", "DNS_ROUND_ROBIN", "NONE"])
+def test_unimplemented_resolutions_are_rejected(tmp_path, resolution):
+    _, errors, _ = _validate(tmp_path, f"""
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {{name: se}}
+        spec:
+          hosts: [a.example.com]
+          ports: [{{number: 80, name: http}}]
+          resolution: {resolution}
+        """)
+    [error] = errors
+    assert f":7: ServiceEntry/default/se: spec.resolution: resolution {resolution} is not supported by txmesh" \
+        in error
+
+
+def test_workload_entry(tmp_path):
+    [entry] = _valid(tmp_path, """
+        apiVersion: networking.istio.io/v1beta1
+        kind: WorkloadEntry
+        metadata: {name: vm1, namespace: shop}
+        spec:
+          address: 2001:db8::5
+          ports: {http: 8080}
+          labels: {app: web}
+          serviceAccount: web
+          weight: 0
+        """)
+    assert entry.endpoint == WorkloadEndpoint("2001:db8::5", (("http", 8080),), (("app", "web"),), 1, "web")
+
+
+def test_labels_must_be_strings(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: WorkloadEntry
+        metadata: {name: vm1}
+        spec:
+          address: 10.0.0.1
+          labels: {version: 1.0, "bad key!": x}
+          locality: us-east
+        """)
+    assert errors == [
+        f"{path}:6: WorkloadEntry/default/vm1: spec.labels.version: label values must be strings; quote 1.0",
+        f'{path}:6: WorkloadEntry/default/vm1: spec.labels["bad key!"]: invalid label name \'bad key!\': use '
+        "[prefix/]name with letters, digits, '-', '_' and '.'",
+        f"{path}:7: WorkloadEntry/default/vm1: spec.locality: 'locality' is not supported by txmesh; "
+        "locality-aware load balancing is not supported; remove it",
+    ]
+
+
+# -- DestinationRule ------------------------------------------------------------------
+
+def test_destination_rule_fields_and_defaults(tmp_path):
+    [rule] = _valid(tmp_path, """
+        apiVersion: networking.istio.io/v1alpha3
+        kind: DestinationRule
+        metadata: {name: web, namespace: shop}
+        spec:
+          host: web
+          trafficPolicy:
+            connectionPool:
+              http: {idleTimeout: 90s}
+            outlierDetection:
+              consecutive5xxErrors: 2
+              consecutiveGatewayErrors: 1
+            tls: {mode: ISTIO_MUTUAL}
+            portLevelSettings:
+            - port: {number: 81}
+              loadBalancer: {simple: LEAST_CONN}
+          subsets:
+          - name: v1
+            labels: {version: v1}
+            trafficPolicy:
+              loadBalancer:
+                consistentHash: {httpCookie: {name: session}}
+          - name: v2
+            labels: {version: v2}
+          exportTo: ["*"]
+        """)
+    assert rule.host == "web.shop.svc.cluster.local"
+    policy = rule.traffic_policy
+    assert policy.load_balancer is None
+    assert policy.connection_pool == ConnectionPool(connect_timeout=10.0, max_requests_per_connection=0,
+                                                    idle_timeout=90.0)
+    assert policy.outlier_detection == OutlierPolicy(consecutive_5xx=2, consecutive_gateway_errors=1,
+                                                     interval=10.0, base_ejection_time=30.0,
+                                                     max_ejection_percent=10)
+    assert policy.tls_mode == "ISTIO_MUTUAL"
+    [(port, port_policy)] = policy.port_level
+    assert (port, port_policy.load_balancer, port_policy.tls_mode) == (81, LoadBalancer("LEAST_REQUEST"), None)
+    assert [subset.name for subset in rule.subsets] == ["v1", "v2"]
+    assert rule.subsets[0].traffic_policy.load_balancer == LoadBalancer("CONSISTENT_HASH", ("cookie", "session"))
+    assert rule.subsets[1].traffic_policy is None
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("simple: UNSPECIFIED", LoadBalancer("LEAST_REQUEST")),
+    ("simple: RANDOM", LoadBalancer("RANDOM")),
+    ("consistentHash: {httpHeaderName: X-User}", LoadBalancer("CONSISTENT_HASH", ("header", "x-user"))),
+    ("consistentHash: {useSourceIp: true}", LoadBalancer("CONSISTENT_HASH", ("source_ip", None))),
+    ("consistentHash: {httpQueryParameterName: user}", LoadBalancer("CONSISTENT_HASH", ("query", "user"))),
+])
+def test_load_balancers(tmp_path, yaml_text, expected):
+    [rule] = _valid(tmp_path, f"""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: r}}
+        spec:
+          host: a.example.com
+          trafficPolicy:
+            loadBalancer: {{{yaml_text}}}
+        """)
+    assert rule.traffic_policy.load_balancer == expected
+
+
+def test_destination_rule_rejections(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r, namespace: shop}
+        spec:
+          host: web
+          workloadSelector: {matchLabels: {app: a}}
+          trafficPolicy:
+            loadBalancer:
+              simple: PASSTHROUGH
+            connectionPool:
+              tcp: {maxConnections: 10, connectTimeout: 1.5}
+              http: {http1MaxPendingRequests: 1}
+            outlierDetection: {consecutiveErrors: 5, maxEjectionPercent: 101}
+            tls: {mode: MUTUAL, clientCertificate: /c.pem}
+          subsets:
+          - name: v1
+            trafficPolicy:
+              loadBalancer:
+                consistentHash: {httpCookie: {name: s, ttl: 0s}, useSourceIp: true}
+          - {name: v1}
+        """)
+    prefix = f"{path}:{{}}: DestinationRule/shop/r: "
+    assert errors == _expected(prefix, [
+        (6, "spec.workloadSelector: 'workloadSelector' is not supported by txmesh; per-workload "
+            "DestinationRules are not supported yet; remove it (the rule then applies to every client)"),
+        (19, "spec.subsets[0].trafficPolicy.loadBalancer.consistentHash: set exactly one of httpHeaderName, "
+             "httpCookie, useSourceIp, httpQueryParameterName"),
+        (20, "spec.subsets[1].name: duplicate subset name 'v1'"),
+        (9, "spec.trafficPolicy.loadBalancer.simple: simple PASSTHROUGH is not supported by txmesh; it "
+            "forwards to the caller's original destination address, which the txmesh proxy cannot do; use "
+            "LEAST_REQUEST, ROUND_ROBIN or RANDOM"),
+        (11, "spec.trafficPolicy.connectionPool.tcp.maxConnections: 'maxConnections' is not supported by "
+             "txmesh; circuit-breaking limits are not implemented yet; remove it"),
+        (12, "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: 'http1MaxPendingRequests' is "
+             "not supported by txmesh; circuit-breaking limits are not implemented yet; remove it"),
+        (11, "spec.trafficPolicy.connectionPool.tcp.connectTimeout: invalid duration 1.5 (a number without a "
+             'unit); use a number and a unit, like "1s", "0.5s", "100ms", "1m" or "1h"'),
+        (13, "spec.trafficPolicy.outlierDetection.consecutiveErrors: 'consecutiveErrors' is not supported by "
+             "txmesh; it is deprecated in Istio; use consecutive5xxErrors"),
+        (13, "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be >= 0 and <= 100, not 101"),
+        (14, "spec.trafficPolicy.tls.clientCertificate: 'clientCertificate' is not supported by txmesh; only "
+             "tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"),
+        (14, "spec.trafficPolicy.tls.mode: mode MUTUAL is not supported by txmesh; TLS origination with your "
+             "own certificates is not implemented; use ISTIO_MUTUAL inside the mesh"),
+    ])
+
+
+def test_cookie_generation_is_rejected(tmp_path):
+    _, errors, _ = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r}
+        spec:
+          host: a.example.com
+          trafficPolicy:
+            loadBalancer:
+              consistentHash:
+                httpCookie: {name: user, ttl: 0s}
+        """)
+    [error] = errors
+    assert error.endswith(":9: DestinationRule/default/r: spec.trafficPolicy.loadBalancer.consistentHash."
+                          "httpCookie.ttl: 'ttl' is not supported by txmesh; txmesh hashes on an existing "
+                          "cookie and never generates one; remove it (keep httpCookie.name)")
+
+
+# -- durations --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("text,seconds", [
+    ("1s", 1.0), ("0.5s", 0.5), ("100ms", 0.1), ("1m", 60.0), ("1h", 3600.0), ("2.5s", 2.5),
+    ("1h30m", 5400.0), ("2000us", 0.002), (".25s", 0.25), ("1ms", 0.001),
+])
+def test_parse_duration(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("value,reason", [
+    ("10", "invalid duration '10'"), (10, "invalid duration 10 (a number without a unit)"),
+    ("1 s", "invalid duration '1 s'"), ("-1s", "invalid duration '-1s'"), ("1d", "invalid duration '1d'"),
+    ("s", "invalid duration 's'"), ("", "invalid duration ''"), ("0s", "is too short"),
+    ("100us", "is too short"), ("1.0005s", "only millisecond precision"),
+])
+def test_bad_durations(value, reason):
+    with pytest.raises(ValueError, match=reason.replace("(", r"\(").replace(")", r"\)")):
+        parse_duration(value)
+
+
+# -- VirtualService -------------------------------------------------------------------
+
+def test_virtual_service_fields(tmp_path):
+    [vs] = _valid(tmp_path, """
+        apiVersion: networking.istio.io/v1beta1
+        kind: VirtualService
+        metadata: {name: web, namespace: shop}
+        spec:
+          hosts: [web, "*.web.example.com", 10.96.0.7]
+          gateways: [mesh]
+          exportTo: ["."]
+          http:
+          - name: canary
+            match:
+            - name: beta-users
+              uri: {prefix: /api}
+              ignoreUriCase: true
+              method: {regex: "GET|HEAD"}
+              authority: {exact: web}
+              headers:
+                X-User: {exact: bob}
+                x-trace: {}
+                x-any: {prefix: ""}
+              withoutHeaders: {x-debug: {regex: "*"}}
+              queryParams: {beta: {exact: "1"}}
+            rewrite: {uri: /v2, authority: web-v2}
+            timeout: 1.5s
+            retries: {attempts: 3, perTryTimeout: 500ms, retryOn: "gateway-error, 409"}
+            headers:
+              request:
+                set: {X-Canary: "true"}
+                add: {x-via: txmesh}
+                remove: [X-Secret]
+              response:
+                remove: [server]
+            route:
+            - destination: {host: web, subset: v2, port: {number: 8080}}
+              weight: 90
+            - destination: {host: web.other.svc.cluster.local}
+              weight: 10
+          - route:
+            - destination: {host: web}
+              weight: 30
+        """)
+    assert vs.hosts == ("web.shop.svc.cluster.local", "*.web.example.com", "10.96.0.7")
+    assert vs.export_to == (".",)
+    first, second = vs.http
+    assert (first.index, first.name, second.index, second.name) == (0, "canary", 1, None)
+    assert first.match == (HTTPMatch(
+        name="beta-users", uri=StringMatch("prefix", "/api"), ignore_uri_case=True,
+        method=StringMatch("regex", "GET|HEAD"), authority=StringMatch("exact", "web"),
+        headers=(("x-any", StringMatch("present")), ("x-trace", StringMatch("present")),
+                 ("x-user", StringMatch("exact", "bob"))),
+        without_headers=(("x-debug", StringMatch("present")),),
+        query_params=(("beta", StringMatch("exact", "1")),)),)
+    assert first.route == (RouteDestination("web.shop.svc.cluster.local", "v2", 8080, 90),
+                           RouteDestination("web.other.svc.cluster.local", None, None, 10))
+    assert (first.rewrite_uri, first.rewrite_authority, first.timeout) == ("/v2", "web-v2", 1.5)
+    assert first.retry == RetryPolicy(attempts=3, per_try_timeout=0.5,
+                                      retry_on=frozenset({"gateway-error", "retriable-status-codes"}),
+                                      retry_status_codes=frozenset({409}))
+    assert first.request_headers == HeaderOps(set=((b"x-canary", b"true"),), add=((b"x-via", b"txmesh"),),
+                                              remove=(b"x-secret",))
+    assert first.response_headers == HeaderOps(remove=(b"server",))
+    # a lone destination gets all the traffic whatever its weight; no retries field: Istio's default
+    assert second.route == (RouteDestination("web.shop.svc.cluster.local", None, None, 100),)
+    assert second.retry == DEFAULT_RETRY and second.timeout is None
+
+
+def test_retries_disabled_and_host_header_as_authority_rewrite(tmp_path):
+    [vs] = _valid(tmp_path, _vs("""
+        - retries: {attempts: 0}
+          headers:
+            request:
+              set: {host: web.internal}
+          route:
+          - destination: {host: web}
+        """))
+    [route] = vs.http
+    assert route.retry is None
+    assert route.rewrite_authority == "web.internal" and route.request_headers is None
+
+
+def test_weights_must_sum_to_100(tmp_path):
+    _, errors, path = _validate(tmp_path, _vs("""
+        - route:
+          - destination: {host: web, subset: v1}
+            weight: 60
+          - destination: {host: web, subset: v2}
+        """))
+    assert errors == [f"{path}:7: VirtualService/shop/vs: spec.http[0].route: weights must sum to 100 "
+                      "(they sum to 60); give every destination a weight"]
+
+
+def test_zero_weights_are_allowed(tmp_path):
+    [vs] = _valid(tmp_path, _vs("""
+        - route:
+          - destination: {host: web, subset: v1}
+            weight: 100
+          - destination: {host: web, subset: v2}
+            weight: 0
+        """))
+    assert [destination.weight for destination in vs.http[0].route] == [100, 0]
+
+
+def test_unknown_and_unsupported_fields(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: vs, namespace: shop}
+        spec:
+          hostz: [web]
+          gateways: [istio-system/ingress]
+          tcp: [{route: [{destination: {host: db}}]}]
+          http:
+          - match:
+            - uri: /exact-path
+              sourceLabels: {app: a}
+            route:
+            - destination: {host: web}
+              headers: {request: {set: {a: b}}}
+            fault: {abort: {httpStatus: 500}}
+            mirror: {host: web}
+            corsPolicy: {}
+            redirect: {uri: /x}
+            rewrite: {uriRegexRewrite: {match: a, rewrite: b}}
+        """)
+    prefix = f"{path}:{{}}: VirtualService/shop/vs: "
+    assert errors == _expected(prefix, [
+        (5, "spec.hostz: unknown field 'hostz' (did you mean 'hosts'?); supported: exportTo, gateways, hosts, "
+            "http"),
+        (7, "spec.tcp: 'tcp' is not supported by txmesh; txmesh proxies HTTP only; remove them (or route that "
+            "traffic outside the mesh)"),
+        (4, "spec.hosts: 'hosts' is required (delegate VirtualServices without hosts are not supported)"),
+        (6, "spec.gateways[0]: gateway 'istio-system/ingress' is not supported by txmesh: only the sidecars' "
+            "'mesh' gateway exists; remove it (ingress/egress gateways are not implemented)"),
+        (15, "spec.http[0].fault: 'fault' is not supported by txmesh; fault injection is not implemented yet; "
+             "remove it"),
+        (16, "spec.http[0].mirror: 'mirror' is not supported by txmesh; traffic mirroring is not implemented "
+             "yet; remove it"),
+        (17, "spec.http[0].corsPolicy: 'corsPolicy' is not supported by txmesh; CORS handling is not "
+             "implemented yet; let the app answer CORS requests"),
+        (18, "spec.http[0].redirect: 'redirect' is not supported by txmesh; redirects are not implemented yet; "
+             "let a service answer with the redirect"),
+        (11, "spec.http[0].match[0].sourceLabels: 'sourceLabels' is not supported by txmesh; matching on the "
+             "caller's labels is not supported yet; remove it"),
+        (10, "spec.http[0].match[0].uri: must be a mapping with one of exact, prefix or regex (like "
+             "{prefix: '/exact-path'})"),
+        (19, "spec.http[0].rewrite.uriRegexRewrite: 'uriRegexRewrite' is not supported by txmesh; regex "
+             "rewrites are not implemented yet; use a prefix match and rewrite.uri"),
+        (19, "spec.http[0].rewrite: rewrite must set uri, authority or both"),
+        (14, "spec.http[0].route[0].headers: 'headers' is not supported by txmesh; per-destination header "
+             "changes are not supported; move them to the route's headers"),
+    ])
+
+
+@pytest.mark.parametrize("regex,reason", [
+    ("(?=/api)/.*", "RE2, Istio's regex syntax, has no lookaround, backreferences, atomic groups or "
+                    "conditionals; rewrite the regex without them"),
+    (r"(a)\1", "RE2, Istio's regex syntax, has no lookaround"),
+    ("/api/[", "invalid regex: unterminated character set at position 5; Istio uses RE2 syntax"),
+    ("", "regex must not be empty"),
+])
+def test_bad_regex(tmp_path, regex, reason):
+    _, errors, path = _validate(tmp_path, _vs(f"""
+        - match:
+          - uri: {{regex: '{regex}'}}
+          route:
+          - destination: {{host: web}}
+        """))
+    assert len(errors) == 1
+    assert errors[0].startswith(f"{path}:8: VirtualService/shop/vs: spec.http[0].match[0].uri.regex: {reason}")
+
+
+def test_match_rejections(tmp_path):
+    _, errors, path = _validate(tmp_path, _vs("""
+        - match:
+          - headers:
+              ":authority": {exact: a}
+              bad header: {exact: a}
+              x-a: {exact: a, prefix: b}
+            queryParams: {q: {prefix: a}}
+            method: {}
+          rewrite: {uri: /new}
+          route:
+          - destination: {host: "*.web"}
+        - match:
+          - uri: {regex: "/a/.*"}
+          rewrite: {uri: /b}
+          route:
+          - destination: {host: web}
+        """))
+    prefix = f"{path}:{{}}: VirtualService/shop/vs: "
+    assert errors == _expected(prefix, [
+        (9, "spec.http[0].match[0].headers[\":authority\"]: match on ':authority' with match.authority, not "
+            "headers"),
+        (10, "spec.http[0].match[0].headers[\"bad header\"]: invalid header name 'bad header'"),
+        (11, "spec.http[0].match[0].headers.x-a: set exactly one of exact, prefix or regex"),
+        (13, "spec.http[0].match[0].method: set exactly one of exact, prefix or regex"),
+        (12, "spec.http[0].match[0].queryParams.q.prefix: prefix matching of query parameters is not "
+             "supported (by Istio either); use exact or regex"),
+        (16, "spec.http[0].route[0].destination.host: wildcard hosts are not allowed here"),
+        (19, "spec.http[1].rewrite.uri: rewrite.uri with a regex uri match is not supported by txmesh (Istio "
+             "would replace the whole path); use exact or prefix uri matches"),
+    ])
+
+
+@pytest.mark.parametrize("retries,reason", [
+    ("{attempts: 2, retryOn: '5xx,unavailable'}",
+     "spec.http[0].retries.retryOn: retryOn condition 'unavailable' is not supported by txmesh; use 5xx, "
+     "connect-failure, gateway-error, refused-stream, reset, retriable-4xx, retriable-status-codes or HTTP "
+     "status codes"),
+    ("{attempts: 2, retryOn: '5xx,bogus'}",
+     "spec.http[0].retries.retryOn: unknown retryOn condition 'bogus'; use 5xx, connect-failure, "
+     "gateway-error, refused-stream, reset, retriable-4xx, retriable-status-codes or HTTP status codes "
+     "(100-599), separated by commas"),
+    ("{retryOn: 5xx}",
+     "spec.http[0].retries.attempts: retries are disabled (attempts is 0 or missing) but perTryTimeout or "
+     "retryOn is set; set attempts >= 1 or remove them"),
+    ("{attempts: -1}", "spec.http[0].retries.attempts: must be >= 0, not -1"),
+    ("{attempts: 2, perTryTimeout: 2}",
+     'spec.http[0].retries.perTryTimeout: invalid duration 2 (a number without a unit); use a number and a '
+     'unit, like "1s", "0.5s", "100ms", "1m" or "1h"'),
+])
+def test_bad_retries(tmp_path, retries, reason):
+    _, errors, path = _validate(tmp_path, _vs(f"""
+        - retries: {retries}
+          route:
+          - destination: {{host: web}}
+        """))
+    assert errors == [f"{path}:7: VirtualService/shop/vs: {reason}"]
+
+
+def test_header_operation_rejections(tmp_path):
+    _, errors, path = _validate(tmp_path, _vs("""
+        - rewrite: {authority: a}
+          headers:
+            request:
+              set: {":path": /x, x-n: 5, host: b, x-crlf: "a\\r\\nb"}
+            response:
+              remove: [host]
+          route:
+          - destination: {host: web}
+        """))
+    prefix = f"{path}:{{}}: VirtualService/shop/vs: "
+    assert errors == _expected(prefix, [
+        (10, 'spec.http[0].headers.request.set[":path"]: the Host header and pseudo-headers cannot be changed '
+             'here'),
+        (10, "spec.http[0].headers.request.set.x-n: header values must be strings, not 5; quote it"),
+        (10, "spec.http[0].headers.request.set.x-crlf: header values must be ASCII without line breaks"),
+        (8, "spec.http[0].headers: the authority is set both by rewrite.authority and by a host header; keep "
+            "one of them"),
+        (12, "spec.http[0].headers.response.remove[0]: the Host header and pseudo-headers cannot be removed"),
+    ])
+
+
+def test_security_kinds_are_kept_as_written(tmp_path):
+    [policy] = _valid(tmp_path, """
+        apiVersion: security.istio.io/v1
+        kind: AuthorizationPolicy
+        metadata: {name: allow-get, namespace: shop}
+        spec:
+          action: ALLOW
+          rules: [{to: [{operation: {methods: [GET]}}]}]
+        """)
+    assert isinstance(policy, SecurityPolicy)
+    assert (policy.kind, policy.namespace, policy.name) == ("AuthorizationPolicy", "shop", "allow-get")
+    assert policy.spec["rules"][0]["to"][0]["operation"]["methods"] == ["GET"]
+
+
+def test_every_resource_is_validated_independently(tmp_path):
+    objects, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: bad}
+        spec: {host: a.example.com, trafficPolicy: {loadBalancer: {simple: FASTEST}}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: good}
+        spec: {host: a.example.com}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: also-bad}
+        spec: {}
+        """)
+    assert [obj.name for obj in objects] == ["good"]
+    assert errors == [
+        f"{path}:4: DestinationRule/default/bad: spec.trafficPolicy.loadBalancer.simple: invalid simple "
+        "'FASTEST'; use one of: ROUND_ROBIN, LEAST_REQUEST, RANDOM, LEAST_CONN, UNSPECIFIED",
+        f"{path}:14: DestinationRule/default/also-bad: spec.host: 'host' is required",
+    ]
+
+
+def test_export_to_values(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r}
+        spec:
+          host: a.example.com
+          exportTo: ["*", "Bad_NS"]
+        """)
+    assert errors == [
+        f"{path}:6: DestinationRule/default/r: spec.exportTo[1]: invalid exportTo entry 'Bad_NS'; use '*', "
+        "'.', '~' or a namespace name",
+    ]
