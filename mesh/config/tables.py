@@ -199,6 +199,9 @@ class ProxyConfig:
     the outbound route table and ``clusters`` maps cluster name ->
     :class:`ClusterSpec`.  ``sources`` lists the files it came from.
     ``dump`` is a JSON-ready description for the admin ``/config_dump``.
+    ``warnings`` holds :class:`mesh.config.errors.ConfigWarning` objects:
+    problems that do not invalidate the config, such as a route to a host no
+    ServiceEntry defines.
     """
 
     version: str
@@ -206,3 +209,4 @@ class ProxyConfig:
     clusters: dict
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
+    warnings: tuple = ()

@@ -1,0 +1,399 @@
+"""Compiling validated resources into one proxy's :class:`~mesh.config.tables.ProxyConfig`.
+
+The compiler takes the point of view of one :class:`Workload`: it sees only
+what ``exportTo`` lets the workload's namespace see, it gives short host
+aliases only for its own namespace, and it prefers resources of its own
+namespace when several claim the same host.
+
+- **Clusters**: ``outbound|PORT||HOST`` for every ServiceEntry host and port,
+  and ``outbound|PORT|SUBSET|HOST`` for every DestinationRule subset.
+- **Routes**: a VirtualService's ``http`` list becomes one virtual host; a
+  ServiceEntry host without one gets a default route to its first port.
+- **Cross-references** that do not resolve (a route to a host, port or subset
+  nobody defines) still compile, as routes to clusters that do not exist (the
+  proxy answers 503 ``NC``); each is recorded as a
+  :class:`~mesh.config.errors.ConfigWarning` in ``ProxyConfig.warnings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Optional
+
+from mesh.config import hosts as hostnames
+from mesh.config.dump import describe_action, describe_cluster
+from mesh.config.errors import ConfigErrors, ConfigWarning
+from mesh.config.loader import load_dir
+from mesh.config.predicates import compile_match, compile_matches
+from mesh.config.resources import (
+    DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, ServiceEntry, VirtualService,
+    WorkloadEntry,
+)
+from mesh.config.tables import (
+    ClusterSpec, CompiledRoute, EndpointSpec, OutlierPolicy, ProxyConfig, RouteAction, RouteTable,
+    VirtualHost,
+)
+from mesh.config.validate import validate
+
+_TLS_MODE_LABEL = ("security.istio.io/tlsMode", "istio")
+_POLICY_SETTINGS = ("load_balancer", "connection_pool", "outlier_detection", "tls_mode")
+
+
+@dataclass(frozen=True)
+class Workload:
+    """The workload a proxy serves: the point of view of its compiled config."""
+
+    name: str
+    namespace: str
+    labels: dict = field(default_factory=dict)
+    service_account: Optional[str] = None
+
+
+def load_and_compile(config_dir, workload: Workload) -> tuple:
+    """Load, validate and compile a config directory: ``(ProxyConfig, warnings)``.
+
+    Raises :class:`~mesh.config.errors.ConfigErrors` listing every problem of
+    every file when anything is invalid (nothing is compiled then).
+    """
+    loaded = load_dir(config_dir)
+    objects, errors = validate(loaded.resources)
+    if loaded.errors or errors:
+        raise ConfigErrors(loaded.errors + errors)
+    config = compile_proxy_config(objects, workload)
+    return config, list(config.warnings)
+
+
+def compile_proxy_config(objects, workload: Workload, domain: str = hostnames.DEFAULT_DOMAIN,
+                         trust_domain: str = "cluster.local") -> ProxyConfig:
+    """Compile validated objects (from :func:`mesh.config.validate.validate`) for ``workload``."""
+    return _Compiler(objects, workload, domain, trust_domain).build()
+
+
+def cluster_name(port: int, subset: str, host: str) -> str:
+    """Istio's cluster name ``outbound|PORT|SUBSET|HOST``."""
+    return f"outbound|{port}|{subset}|{host}"
+
+
+def config_version(objects) -> str:
+    """A short hash of the sources of ``objects`` (independent of their order and files)."""
+    sources = sorted([obj.source.kind, obj.source.namespace, obj.source.name, obj.source.spec]
+                     for obj in objects)
+    canonical = json.dumps(sources, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:12]
+
+
+@dataclass
+class _Service:
+    """One host of a visible ServiceEntry, with its endpoints and DestinationRule."""
+
+    host: str
+    entry: ServiceEntry
+    members: list
+    rule: Optional[DestinationRule]
+
+
+class _Compiler:
+    """One compilation; holds the warnings and the tables being built."""
+
+    def __init__(self, objects, workload, domain, trust_domain):
+        self.objects = list(objects)
+        self.workload = workload
+        self.domain = domain
+        self.trust_domain = trust_domain
+        self.warnings = []
+        self.clusters = {}
+        self.route_dumps = {}
+
+    def build(self) -> ProxyConfig:
+        entries = self._visible(ServiceEntry)
+        rules = self._visible(DestinationRule)
+        self.services = self._services(entries, rules)
+        for service in self.services.values():
+            self._add_clusters(service)
+        routes = self._route_table(self._visible(VirtualService))
+        dump = {
+            "routes": self._dump_routes(routes),
+            "clusters": [describe_cluster(spec) for _, spec in sorted(self.clusters.items())],
+        }
+        return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
+                           sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
+                           warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
+
+    def _warn(self, obj, path: tuple, reason: str) -> None:
+        self.warnings.append(obj.source.error(path, reason, cls=ConfigWarning))
+
+    def _visible(self, cls) -> list:
+        """Objects of ``cls`` exported to the workload's namespace, own namespace first."""
+        namespace = self.workload.namespace
+        found = [obj for obj in self.objects if isinstance(obj, cls)
+                 and _exported(obj.export_to, obj.namespace, namespace)]
+        return sorted(found, key=lambda obj: (obj.namespace != namespace, obj.namespace, obj.name))
+
+    # -- registry --------------------------------------------------------------------------
+
+    def _services(self, entries, rules) -> dict:
+        workload_entries = [obj for obj in self.objects if isinstance(obj, WorkloadEntry)]
+        services = {}
+        for entry in entries:
+            members = list(entry.endpoints)
+            if entry.workload_selector is not None:
+                wanted = set(entry.workload_selector)
+                members += [we.endpoint for we in sorted(workload_entries, key=lambda we: we.name)
+                            if we.namespace == entry.namespace and wanted <= set(we.endpoint.labels)]
+            for index, host in enumerate(entry.hosts):
+                first = services.get(host)
+                if first is not None:
+                    self._warn(entry, ("spec", "hosts", index),
+                               f"host '{host}' is already defined by ServiceEntry {first.entry.namespace}/"
+                               f"{first.entry.name}, which takes precedence; this definition is ignored")
+                    continue
+                services[host] = _Service(host, entry, members, self._rule_for(host, entry.namespace, rules))
+        return services
+
+    def _rule_for(self, host, service_namespace, rules) -> Optional[DestinationRule]:
+        """The DestinationRule for ``host``: client namespace, then service namespace, then others;
+        within one namespace the most specific host wins."""
+        namespace = self.workload.namespace
+
+        def rank(rule):
+            scope = 0 if rule.namespace == namespace else 1 if rule.namespace == service_namespace else 2
+            return (scope, rule.host != host, -len(rule.host), rule.namespace, rule.name)
+
+        candidates = sorted((rule for rule in rules if hostnames.covers(rule.host, host)), key=rank)
+        for other in candidates[1:]:
+            if rank(other)[:3] == rank(candidates[0])[:3]:
+                self._warn(other, ("spec", "host"), f"DestinationRule {candidates[0].namespace}/"
+                                                    f"{candidates[0].name} also applies to '{host}' and "
+                                                    "takes precedence; this rule is ignored for it")
+        return candidates[0] if candidates else None
+
+    def _add_clusters(self, service: _Service) -> None:
+        rule = service.rule
+        subsets = [None] + list(rule.subsets if rule else ())
+        for port in service.entry.ports:
+            for subset in subsets:
+                spec = self._cluster(service, port, subset)
+                self.clusters[spec.name] = spec
+
+    def _cluster(self, service: _Service, port, subset) -> ClusterSpec:
+        settings = _merged_policy(service.rule, subset, port.number)
+        balancer = settings["load_balancer"] or DEFAULT_LOAD_BALANCER
+        pool = settings["connection_pool"] or ConnectionPool()
+        members = service.members
+        if subset is not None:
+            members = [member for member in members if set(subset.labels) <= set(member.labels)]
+        endpoints = tuple(
+            EndpointSpec(address=member.address,
+                         port=dict(member.ports).get(port.name) or port.target_port or port.number,
+                         labels=member.labels, weight=member.weight,
+                         identity=self._identity(member, service.entry, settings["tls_mode"]))
+            for member in members)
+        subset_name = subset.name if subset is not None else ""
+        return ClusterSpec(
+            name=cluster_name(port.number, subset_name, service.host), service=service.host,
+            port=port.number, subset=subset_name, lb_policy=balancer.policy, hash_on=balancer.hash_on,
+            endpoints=endpoints, connect_timeout=pool.connect_timeout,
+            max_requests_per_connection=pool.max_requests_per_connection, idle_timeout=pool.idle_timeout,
+            outlier=settings["outlier_detection"] or OutlierPolicy())
+
+    def _identity(self, member, entry: ServiceEntry, tls_mode) -> Optional[str]:
+        """The SPIFFE id an endpoint must present, or None for plaintext.
+
+        ``tls.mode`` ISTIO_MUTUAL/DISABLE decides; without it (Istio's auto
+        mTLS) endpoints labelled ``security.istio.io/tlsMode: istio`` get mTLS.
+        """
+        if tls_mode == "DISABLE" or (tls_mode is None and _TLS_MODE_LABEL not in member.labels):
+            return None
+        if member.service_account is None and entry.subject_alt_names:
+            return entry.subject_alt_names[0]
+        account = member.service_account or "default"
+        return f"spiffe://{self.trust_domain}/ns/{entry.namespace}/sa/{account}"
+
+    def _service_for(self, host) -> Optional[_Service]:
+        service = self.services.get(host)
+        if service is not None:
+            return service
+        covering = [candidate for name, candidate in self.services.items()
+                    if name.startswith("*") and hostnames.covers(name, host)]
+        return max(covering, key=lambda candidate: len(candidate.host), default=None)
+
+    # -- routes ----------------------------------------------------------------------------
+
+    def _route_table(self, virtual_services) -> RouteTable:
+        claimed, patterns = {}, []
+        for vs in virtual_services:
+            vhost = None
+            for index, host in enumerate(vs.hosts):
+                owner = claimed.get(host) or next((v for p, v in patterns if p == host), None)
+                if owner is not None:
+                    self._warn(vs, ("spec", "hosts", index),
+                               f"host '{host}' is already routed by {owner.name}, which takes precedence; "
+                               "this VirtualService is ignored for it")
+                    continue
+                vhost = vhost or self._virtual_host(vs)
+                if host.startswith("*"):
+                    patterns.append((host, vhost))
+                else:
+                    claimed[host] = vhost
+                    self._check_route_host(vs, index, host)
+        primary, short, wildcards = dict(claimed), {}, {}
+        for host, service in self.services.items():
+            vhost = claimed.get(host) or _most_specific(patterns, host) or self._default_host(service)
+            if host.startswith("*"):
+                wildcards.setdefault(host[1:], vhost)
+                continue
+            primary[host] = vhost
+            for index, address in enumerate(service.entry.addresses):
+                if primary.setdefault(address, vhost) is not vhost:
+                    self._warn(service.entry, ("spec", "addresses", index),
+                               f"address {address} is already a host of {primary[address].name}; "
+                               "requests to it are routed there")
+        for host, vhost in primary.items():
+            for alias in hostnames.aliases(host, self.workload.namespace, self.domain)[1:]:
+                short.setdefault(alias, vhost)
+        for pattern, vhost in patterns:
+            wildcards.setdefault(pattern[1:], vhost)
+        return RouteTable(exact={**short, **primary},
+                          wildcards=tuple(sorted(wildcards.items(), key=lambda item: -len(item[0]))))
+
+    def _check_route_host(self, vs, index, host) -> None:
+        if hostnames.is_ip(host) or self._service_for(host) is not None:
+            return
+        hint = f"{host}.svc.{self.domain}"
+        close = f"; did you mean '{hint}'?" if hint in self.services else ""
+        self._warn(vs, ("spec", "hosts", index), f"no ServiceEntry visible to namespace "
+                                                 f"{self.workload.namespace} defines host '{host}'{close}")
+
+    def _default_host(self, service: _Service) -> VirtualHost:
+        entry = service.entry
+        action = RouteAction(name=f"ServiceEntry/{entry.namespace}/{entry.name}",
+                             clusters=(cluster_name(entry.ports[0].number, "", service.host),),
+                             cumulative_weights=(100,), retry=DEFAULT_RETRY)
+        self.route_dumps[service.host] = [{"match": "*", "action": describe_action(action)}]
+        return VirtualHost(name=service.host, routes=(CompiledRoute(None, action),))
+
+    def _virtual_host(self, vs: VirtualService) -> VirtualHost:
+        name = f"VirtualService/{vs.namespace}/{vs.name}"
+        routes, dumps = [], []
+        for http in vs.http:
+            action = self._action(vs, http)
+            for predicate, text, strip in _match_groups(http):
+                if action.rewrite_prefix is not None:
+                    action = dataclasses.replace(action, rewrite_strip=strip)
+                routes.append(CompiledRoute(predicate, action))
+                dumps.append({"match": text, "action": describe_action(action)})
+        self.route_dumps[name] = dumps
+        return VirtualHost(name=name, routes=tuple(routes))
+
+    def _action(self, vs: VirtualService, http) -> RouteAction:
+        clusters, cumulative, total = [], [], 0
+        for index, destination in enumerate(http.route):
+            name = self._destination_cluster(vs, http.index, index, destination)
+            if destination.weight:
+                total += destination.weight
+                clusters.append(name)
+                cumulative.append(total)
+        return RouteAction(
+            name=f"VirtualService/{vs.namespace}/{vs.name}/{http.name or f'http[{http.index}]'}",
+            clusters=tuple(clusters), cumulative_weights=tuple(cumulative), timeout=http.timeout,
+            retry=http.retry,
+            rewrite_prefix=http.rewrite_uri.encode() if http.rewrite_uri is not None else None,
+            rewrite_authority=http.rewrite_authority.encode() if http.rewrite_authority else None,
+            request_headers=http.request_headers, response_headers=http.response_headers)
+
+    def _destination_cluster(self, vs, route_index, index, destination) -> str:
+        """The cluster name of a route destination; warns when it does not resolve."""
+        path = ("spec", "http", route_index, "route", index, "destination")
+        subset = destination.subset or ""
+        service = self._service_for(destination.host)
+        if service is None:
+            self._warn(vs, path + ("host",), f"no ServiceEntry visible to namespace {self.workload.namespace} "
+                                             f"defines host '{destination.host}'; requests routed here get "
+                                             "503 (NC) until one does")
+            return cluster_name(destination.port or 80, subset, destination.host)
+        ports = service.entry.ports
+        if destination.port is None:
+            port = ports[0].number
+            if len(ports) > 1:
+                self._warn(vs, path, f"no destination port, and '{service.host}' has several ports; using "
+                                     f"the first ({port}); set destination.port.number")
+        else:
+            port = destination.port
+            if port not in {service_port.number for service_port in ports}:
+                self._warn(vs, path + ("port", "number"), f"'{service.host}' has no port {port}; its ports "
+                           f"are {', '.join(str(p.number) for p in ports)}")
+        if subset and subset not in {s.name for s in (service.rule.subsets if service.rule else ())}:
+            self._warn(vs, path + ("subset",), f"no DestinationRule visible to namespace "
+                                               f"{self.workload.namespace} defines subset '{subset}' of "
+                                               f"'{service.host}'; requests routed here get 503 (NC)")
+        return cluster_name(port, subset, service.host)
+
+    def _dump_routes(self, table: RouteTable) -> list:
+        domains = {}
+        for name, vhost in table.exact.items():
+            domains.setdefault(vhost.name, []).append(name)
+        for suffix, vhost in table.wildcards:
+            domains.setdefault(vhost.name, []).append("*" + suffix)
+        return [{"name": name, "domains": sorted(domains.get(name, ())), "routes": routes}
+                for name, routes in sorted(self.route_dumps.items())]
+
+
+def _exported(export_to, owner_namespace, client_namespace) -> bool:
+    """Istio ``exportTo``: empty or ``*`` everywhere, ``.`` own namespace, ``~`` nowhere."""
+    if not export_to:
+        return True
+    return any(entry == "*" or entry == client_namespace or (entry == "." and owner_namespace == client_namespace)
+               for entry in export_to)
+
+
+def _most_specific(patterns, host) -> Optional[VirtualHost]:
+    matching = [(pattern, vhost) for pattern, vhost in patterns if hostnames.covers(pattern, host)]
+    return max(matching, key=lambda item: len(item[0]))[1] if matching else None
+
+
+def _merged_policy(rule, subset, port: int) -> dict:
+    """The four traffic settings for one port of one subset, merged as Istio does.
+
+    Top-level policy, then its portLevelSettings for the port, then the
+    subset's policy, then the subset's portLevelSettings; a more specific
+    policy overrides a setting it sets, and a matching port-level entry
+    replaces all four settings (unset ones return to their defaults).
+    """
+    settings = dict.fromkeys(_POLICY_SETTINGS)
+    policies = (rule.traffic_policy if rule else None, subset.traffic_policy if subset else None)
+    for policy in policies:
+        if policy is None:
+            continue
+        for name in _POLICY_SETTINGS:
+            value = getattr(policy, name)
+            if value is not None:
+                settings[name] = value
+        for number, port_policy in policy.port_level:
+            if number == port:
+                settings = {name: getattr(port_policy, name) for name in _POLICY_SETTINGS}
+    return settings
+
+
+def _match_groups(http) -> list:
+    """``[(predicate, text, rewrite_strip)]`` for one http route.
+
+    One predicate for the whole match list, unless ``rewrite.uri`` must strip
+    a different length for different matches (prefix ``/a`` vs ``/abc``): then
+    one per match, in order, so each carries its own strip.
+    """
+    strips = [_rewrite_strip(match) for match in http.match] or [1]
+    if http.rewrite_uri is None or len(set(strips)) == 1:
+        predicate, text = compile_matches(http.match)
+        return [(predicate, text, strips[0])]
+    return [(*compile_match(match), strip) for match, strip in zip(http.match, strips)]
+
+
+def _rewrite_strip(match) -> int:
+    """How much of the path ``rewrite.uri`` replaces: the matched prefix or exact path.
+
+    Without a uri match, Envoy's implicit match is the prefix ``/``.
+    """
+    return len(match.uri.value) if match.uri is not None else 1

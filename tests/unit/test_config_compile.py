@@ -1,0 +1,420 @@
+"""Compiling resources into clusters, route tables and predicates for one workload."""
+
+import json
+import random
+import shutil
+import textwrap
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from mesh.config.compile import Workload, compile_proxy_config, load_and_compile
+from mesh.config.errors import ConfigErrors, ConfigWarning
+from mesh.config.loader import load_files
+from mesh.config.validate import validate
+from mesh.proxy.context import RequestContext
+
+BOOKINFO = Path(__file__).parent.parent / "data" / "config" / "bookinfo"
+PRODUCTPAGE = Workload("productpage", "bookinfo", {"app": "productpage"}, "bookinfo-productpage")
+REVIEWS = "reviews.bookinfo.svc.cluster.local"
+RATINGS = "ratings.bookinfo.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def bookinfo():
+    config, warnings = load_and_compile(BOOKINFO, PRODUCTPAGE)
+    assert warnings == []
+    return config
+
+
+def _compile(tmp_path, text, workload=PRODUCTPAGE):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(text).lstrip("\n"))
+    loaded = load_files([path])
+    objects, errors = validate(loaded.resources)
+    assert loaded.errors == [] and errors == []
+    return compile_proxy_config(objects, workload)
+
+
+def _route(config, host, path="/", method="GET", headers=None):
+    """The RouteAction the proxy would choose (first matching route of the host's virtual host)."""
+    ctx = RequestContext.for_test(method=method, path=path, host=host, headers=headers)
+    vhost = config.routes.lookup(host)
+    if vhost is None:
+        return None
+    return next((route.action for route in vhost.routes if route.match is None or route.match(ctx)), None)
+
+
+def _endpoints(config, name):
+    return [(e.address, e.port, e.weight, e.identity) for e in config.clusters[name].endpoints]
+
+
+# -- clusters ----------------------------------------------------------------------------
+
+def test_one_cluster_per_host_and_port_plus_one_per_subset(bookinfo):
+    assert sorted(bookinfo.clusters) == sorted([
+        "outbound|80||api.example.com", "outbound|80||*.cdn.example.com",
+        f"outbound|9080||{REVIEWS}", f"outbound|9080|v1|{REVIEWS}", f"outbound|9080|v2|{REVIEWS}",
+        f"outbound|9080|v3|{REVIEWS}",
+        f"outbound|9080||{RATINGS}", f"outbound|9080|v1|{RATINGS}", f"outbound|9080|v2|{RATINGS}",
+        f"outbound|9443||{RATINGS}", f"outbound|9443|v1|{RATINGS}", f"outbound|9443|v2|{RATINGS}",
+    ])
+    spec = bookinfo.clusters[f"outbound|9080|v2|{REVIEWS}"]
+    assert (spec.service, spec.port, spec.subset) == (REVIEWS, 9080, "v2")
+
+
+def test_endpoint_ports_identities_and_subset_selection(bookinfo):
+    assert _endpoints(bookinfo, f"outbound|9080||{REVIEWS}") == [
+        ("10.0.0.1", 9080, 1, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"),  # tlsMode: istio
+        ("10.0.0.2", 9080, 1, None),  # no tlsMode label: plaintext
+        ("10.0.0.3", 19080, 3, None),  # endpoint port map wins over the service port
+    ]
+    assert _endpoints(bookinfo, f"outbound|9080|v1|{REVIEWS}") == [
+        ("10.0.0.1", 9080, 1, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews")]
+    # subset v3 sets tls ISTIO_MUTUAL: mTLS even without the label, as the "default" service account
+    assert _endpoints(bookinfo, f"outbound|9080|v3|{REVIEWS}") == [
+        ("10.0.0.3", 19080, 3, "spiffe://cluster.local/ns/bookinfo/sa/default")]
+    assert bookinfo.clusters[f"outbound|9080|v1|{REVIEWS}"].endpoints[0].labels == (
+        ("app", "reviews"), ("security.istio.io/tlsMode", "istio"), ("version", "v1"))
+
+
+def test_workload_entries_selected_by_labels(bookinfo):
+    # targetPort 8080 unless the WorkloadEntry maps the port name; app=details is not selected
+    assert _endpoints(bookinfo, f"outbound|9080||{RATINGS}") == [
+        ("10.0.1.1", 8080, 1, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"),
+        ("10.0.1.2", 18080, 2, None)]
+    assert _endpoints(bookinfo, f"outbound|9443||{RATINGS}") == [
+        ("10.0.1.1", 9443, 1, "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-ratings"),
+        ("10.0.1.2", 9443, 2, None)]
+    # subset v2 sets tls DISABLE: plaintext whatever the labels say
+    assert _endpoints(bookinfo, f"outbound|9080|v2|{RATINGS}") == [("10.0.1.2", 18080, 2, None)]
+
+
+def test_traffic_policy_subset_overrides_and_port_level_replaces(bookinfo):
+    top = bookinfo.clusters[f"outbound|9080||{REVIEWS}"]
+    assert (top.lb_policy, top.hash_on, top.connect_timeout, top.max_requests_per_connection,
+            top.idle_timeout) == ("ROUND_ROBIN", None, 0.25, 100, 30.0)
+    assert (top.outlier.consecutive_5xx, top.outlier.interval, top.outlier.base_ejection_time,
+            top.outlier.max_ejection_percent) == (3, 5.0, 60.0, 50)
+    v2 = bookinfo.clusters[f"outbound|9080|v2|{REVIEWS}"]
+    # the subset replaces the load balancer and inherits the rest
+    assert (v2.lb_policy, v2.hash_on, v2.connect_timeout, v2.outlier) == (
+        "CONSISTENT_HASH", ("header", "x-user"), 0.25, top.outlier)
+    ratings = bookinfo.clusters[f"outbound|9080||{RATINGS}"]
+    admin = bookinfo.clusters[f"outbound|9443||{RATINGS}"]
+    assert (ratings.lb_policy, ratings.connect_timeout) == ("RANDOM", 10.0)
+    # the port-level entry replaces every setting: RANDOM is not inherited on port 9443
+    assert (admin.lb_policy, admin.connect_timeout) == ("LEAST_REQUEST", 2.0)
+    default = bookinfo.clusters["outbound|80||api.example.com"]
+    assert (default.lb_policy, default.connect_timeout, default.idle_timeout, default.outlier.consecutive_5xx) == (
+        "LEAST_REQUEST", 10.0, 3600.0, 5)
+
+
+def test_destination_rule_of_the_client_namespace_wins(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: api, namespace: shop}
+        spec:
+          hosts: [api]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 10.0.0.1}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api, namespace: shop}
+        spec:
+          host: api.shop.svc.cluster.local
+          trafficPolicy: {loadBalancer: {simple: RANDOM}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api-from-web, namespace: web}
+        spec:
+          host: "*.shop.svc.cluster.local"
+          trafficPolicy: {loadBalancer: {simple: ROUND_ROBIN}}
+        """, Workload("frontend", "web"))
+    assert config.clusters["outbound|80||api.shop.svc.cluster.local"].lb_policy == "ROUND_ROBIN"
+
+
+def test_subject_alt_name_is_the_identity_of_endpoints_without_service_account(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: vm, namespace: shop}
+        spec:
+          hosts: [vm.example.com]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          subjectAltNames: ["spiffe://cluster.local/ns/legacy/sa/vm"]
+          endpoints:
+          - {address: 10.0.0.1, labels: {security.istio.io/tlsMode: istio}}
+          - {address: 10.0.0.2, labels: {security.istio.io/tlsMode: istio}, serviceAccount: api}
+        """)
+    assert [e.identity for e in config.clusters["outbound|80||vm.example.com"].endpoints] == [
+        "spiffe://cluster.local/ns/legacy/sa/vm", "spiffe://cluster.local/ns/shop/sa/api"]
+
+
+# -- host lookup ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("host,vhost", [
+    (REVIEWS, "VirtualService/bookinfo/reviews"),
+    ("reviews.bookinfo.svc", "VirtualService/bookinfo/reviews"),
+    ("reviews.bookinfo", "VirtualService/bookinfo/reviews"),
+    ("reviews", "VirtualService/bookinfo/reviews"),
+    ("10.96.0.20", "VirtualService/bookinfo/reviews"),  # the ServiceEntry's address
+    ("ratings", "VirtualService/bookinfo/ratings"),
+    ("api.example.com", "api.example.com"),  # no VirtualService: the default virtual host
+    ("img.cdn.example.com", "*.cdn.example.com"),
+    ("a.b.cdn.example.com", "*.cdn.example.com"),
+    ("cdn.example.com", None),
+    ("details", None),
+])
+def test_lookup_from_the_same_namespace(bookinfo, host, vhost):
+    found = bookinfo.routes.lookup(host)
+    assert (found.name if found else None) == vhost
+
+
+def test_short_names_only_resolve_in_the_clients_namespace():
+    config, _ = load_and_compile(BOOKINFO, Workload("web", "frontend"))
+    assert config.routes.lookup("reviews") is None
+    assert config.routes.lookup("reviews.bookinfo").name == "VirtualService/bookinfo/reviews"
+    assert config.routes.lookup(REVIEWS).name == "VirtualService/bookinfo/reviews"
+
+
+def test_wildcards_longest_suffix_first_and_virtual_service_wildcards_bind_services(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: ext, namespace: bookinfo}
+        spec:
+          hosts: ["*.example.com", "*.eu.example.com", "pay.example.com"]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 192.0.2.1}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: eu, namespace: bookinfo}
+        spec:
+          hosts: ["*.eu.example.com"]
+          http: [{route: [{destination: {host: pay.example.com}}], timeout: 3s}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: all, namespace: bookinfo}
+        spec:
+          hosts: ["*.example.com"]
+          http: [{route: [{destination: {host: pay.example.com}}], timeout: 7s}]
+        """)
+    assert [suffix for suffix, _ in config.routes.wildcards] == [".eu.example.com", ".example.com"]
+    assert config.routes.lookup("a.eu.example.com").name == "VirtualService/bookinfo/eu"
+    assert config.routes.lookup("a.example.com").name == "VirtualService/bookinfo/all"
+    # the exact ServiceEntry host is routed by the VirtualService whose wildcard covers it
+    assert _route(config, "pay.example.com").timeout == 7.0
+
+
+# -- routes -------------------------------------------------------------------------------
+
+def test_routes_in_order_with_their_matches(bookinfo):
+    assert _route(bookinfo, "reviews", headers={"end-user": "jason"}).clusters == (f"outbound|9080|v2|{REVIEWS}",)
+    v3 = _route(bookinfo, "reviews", "/api/v3/books")
+    assert v3.name == "VirtualService/bookinfo/reviews/api-v3"
+    assert (v3.clusters, v3.timeout, v3.retry.attempts, v3.retry.per_try_timeout) == (
+        (f"outbound|9080|v3|{REVIEWS}",), 2.5, 3, 0.5)
+    assert _route(bookinfo, "reviews", "/api/v3/books", method="POST").name.endswith("http[2]")
+    assert _route(bookinfo, "reviews", "/v3/42?full=1").name.endswith("api-v3")
+    fallback = _route(bookinfo, "reviews", "/")
+    assert fallback.name == "VirtualService/bookinfo/reviews/http[2]"
+    assert fallback.request_headers.set == ((b"x-mesh", b"txmesh"),)
+    assert fallback.response_headers.add == ((b"x-served-by", b"reviews"),)
+
+
+def test_weights_are_cumulative_and_zero_weights_are_never_picked(bookinfo):
+    action = _route(bookinfo, "reviews", "/")
+    assert action.clusters == (f"outbound|9080|v1|{REVIEWS}", f"outbound|9080|v2|{REVIEWS}")
+    assert action.cumulative_weights == (75, 100)
+    rng = random.Random(7)
+    picks = Counter(action.pick_cluster(_random=rng.random) for _ in range(20000))
+    assert set(picks) == set(action.clusters)
+    assert picks[f"outbound|9080|v1|{REVIEWS}"] / 20000 == pytest.approx(0.75, abs=0.02)
+
+
+def test_default_routes_and_retry_policies(bookinfo):
+    action = _route(bookinfo, "api.example.com", "/anything")
+    assert action.name == "ServiceEntry/bookinfo/external-api"
+    assert action.clusters == ("outbound|80||api.example.com",) and action.timeout is None
+    assert (action.retry.attempts, action.retry.retry_on, action.retry.retry_status_codes) == (
+        2, frozenset({"connect-failure", "refused-stream", "retriable-status-codes"}), frozenset({503}))
+    assert _route(bookinfo, "ratings", "/other").retry is None  # attempts: 0
+
+
+def test_prefix_rewrites_strip_each_matched_prefix(bookinfo):
+    short = _route(bookinfo, "ratings", "/v1/5")
+    long = _route(bookinfo, "ratings", "/legacy/ratings/5?x=1")
+    assert (short.rewrite_prefix, short.rewrite_strip) == (b"/api/", 4)
+    assert (long.rewrite_prefix, long.rewrite_strip) == (b"/api/", 16)
+    assert long.rewrite_authority == b"ratings.internal"
+    path = b"/legacy/ratings/5?x=1"
+    assert long.rewrite_prefix + path[long.rewrite_strip:] == b"/api/5?x=1"
+
+
+def test_exact_and_match_all_rewrites(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: bookinfo}
+        spec:
+          hosts: [web.example.com]
+          http:
+          - match: [{uri: {exact: /old}}]
+            rewrite: {uri: /new}
+            route: [{destination: {host: web.example.com}}]
+          - rewrite: {uri: /v2}
+            route: [{destination: {host: web.example.com}}]
+        """)
+    exact = _route(config, "web.example.com", "/old?q")
+    assert exact.rewrite_prefix + b"/old?q"[exact.rewrite_strip:] == b"/new?q"
+    # without a uri match Envoy matches the prefix "/", so only "/" is replaced
+    other = _route(config, "web.example.com", "/page")
+    assert other.rewrite_prefix + b"/page"[other.rewrite_strip:] == b"/v2page"
+
+
+# -- visibility, conflicts and warnings ----------------------------------------------------------
+
+def test_export_to_hides_resources_from_other_namespaces(tmp_path):
+    text = """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: private, namespace: team}
+        spec:
+          hosts: [private]
+          exportTo: ["."]
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 10.0.0.9}]
+        """
+    inside = _compile(tmp_path, text, Workload("a", "team"))
+    outside = _compile(tmp_path, text, Workload("b", "elsewhere"))
+    assert "outbound|80||private.team.svc.cluster.local" in inside.clusters
+    assert outside.clusters == {} and outside.routes.lookup("private.team") is None
+
+
+def test_broken_references_compile_with_warnings(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: web, namespace: bookinfo}
+        spec:
+          hosts: [web]
+          resolution: STATIC
+          ports: [{number: 80, name: http}, {number: 81, name: http-alt}]
+          endpoints: [{address: 10.0.0.1}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: bookinfo}
+        spec:
+          hosts: [web, web.bookinfo]
+          http:
+          - route:
+            - destination: {host: web, subset: canary}
+              weight: 50
+            - destination: {host: missing}
+              weight: 50
+          - route:
+            - destination: {host: web, port: {number: 90}}
+          - route:
+            - destination: {host: web}
+        """)
+    path = str(tmp_path / "config.yaml")
+    assert all(isinstance(warning, ConfigWarning) for warning in config.warnings)
+    assert [str(warning) for warning in config.warnings] == [
+        f"{path}:14: VirtualService/bookinfo/web: spec.hosts[1]: no ServiceEntry visible to namespace bookinfo "
+        "defines host 'web.bookinfo'; did you mean 'web.bookinfo.svc.cluster.local'?",
+        f"{path}:17: VirtualService/bookinfo/web: spec.http[0].route[0].destination: no destination port, and "
+        "'web.bookinfo.svc.cluster.local' has several ports; using the first (80); set destination.port.number",
+        f"{path}:17: VirtualService/bookinfo/web: spec.http[0].route[0].destination.subset: no DestinationRule "
+        "visible to namespace bookinfo defines subset 'canary' of 'web.bookinfo.svc.cluster.local'; requests "
+        "routed here get 503 (NC)",
+        f"{path}:19: VirtualService/bookinfo/web: spec.http[0].route[1].destination.host: no ServiceEntry "
+        "visible to namespace bookinfo defines host 'missing.bookinfo.svc.cluster.local'; requests routed here "
+        "get 503 (NC) until one does",
+        f"{path}:22: VirtualService/bookinfo/web: spec.http[1].route[0].destination.port.number: "
+        "'web.bookinfo.svc.cluster.local' has no port 90; its ports are 80, 81",
+        f"{path}:24: VirtualService/bookinfo/web: spec.http[2].route[0].destination: no destination port, and "
+        "'web.bookinfo.svc.cluster.local' has several ports; using the first (80); set destination.port.number",
+    ]
+    # the routes still exist; their clusters do not, so the proxy answers 503 NC for them
+    action = _route(config, "web", "/")
+    assert action.clusters == ("outbound|80|canary|web.bookinfo.svc.cluster.local",
+                               "outbound|80||missing.bookinfo.svc.cluster.local")
+    assert not set(action.clusters) & set(config.clusters)
+
+
+def test_first_virtual_service_of_a_host_wins_own_namespace_first(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: a-other, namespace: aaa}
+        spec:
+          hosts: [web.example.com]
+          http: [{route: [{destination: {host: web.example.com}}], timeout: 1s}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: mine, namespace: bookinfo}
+        spec:
+          hosts: [web.example.com]
+          http: [{route: [{destination: {host: web.example.com}}], timeout: 2s}]
+        """)
+    assert _route(config, "web.example.com").timeout == 2.0
+    assert any("VirtualService/aaa/a-other: spec.hosts[0]: host 'web.example.com' is already routed by "
+               "VirtualService/bookinfo/mine" in str(warning) for warning in config.warnings)
+
+
+# -- version, dump, errors -----------------------------------------------------------------------
+
+def test_version_depends_on_content_only(tmp_path, bookinfo):
+    copy = tmp_path / "copy"
+    shutil.copytree(BOOKINFO, copy)
+    (copy / "00-services.yaml").rename(copy / "99-services.yaml")
+    again, _ = load_and_compile(copy, PRODUCTPAGE)
+    assert again.version == bookinfo.version and len(bookinfo.version) == 12
+    text = (copy / "03-virtualservices.yaml").read_text().replace("timeout: 2.5s", "timeout: 3s")
+    (copy / "03-virtualservices.yaml").write_text(text)
+    changed, _ = load_and_compile(copy, PRODUCTPAGE)
+    assert changed.version != bookinfo.version
+
+
+def test_dump_is_json_with_matches_as_text(bookinfo):
+    dump = json.loads(json.dumps(bookinfo.dump))
+    reviews = next(vhost for vhost in dump["routes"] if vhost["name"] == "VirtualService/bookinfo/reviews")
+    assert reviews["domains"] == ["10.96.0.20", "reviews", "reviews.bookinfo", "reviews.bookinfo.svc", REVIEWS]
+    assert [route["match"] for route in reviews["routes"]] == [
+        "header end-user exact 'jason'",
+        "(uri prefix '/api/v3/' && method exact 'GET') || (uri regex '/v3/[0-9]+')",
+        "*"]
+    assert reviews["routes"][2]["action"]["clusters"] == [
+        {"name": f"outbound|9080|v1|{REVIEWS}", "weight": 75},
+        {"name": f"outbound|9080|v2|{REVIEWS}", "weight": 25}]
+    cluster = next(c for c in dump["clusters"] if c["name"] == f"outbound|9080|v2|{REVIEWS}")
+    assert cluster["hash_on"] == ["header", "x-user"]
+    assert cluster["endpoints"] == [{"address": "10.0.0.2", "port": 9080, "weight": 1,
+                                     "labels": {"app": "reviews", "version": "v2"}, "identity": None}]
+    assert bookinfo.sources == tuple(sorted(str(path) for path in BOOKINFO.glob("*.yaml")))
+
+
+def test_load_and_compile_reports_all_errors_of_all_files(tmp_path):
+    (tmp_path / "a.yaml").write_text("apiVersion: networking.istio.io/v1\nkind: VirtualService\n"
+                                     "metadata: {name: a}\nspec:\n  hosts: [a]\n  http: [{route: []}]\n")
+    (tmp_path / "b.yaml").write_text("kind: [\n")
+    with pytest.raises(ConfigErrors) as raised:
+        load_and_compile(tmp_path, PRODUCTPAGE)
+    assert [str(error) for error in raised.value.errors] == [
+        f"{tmp_path}/a.yaml:6: VirtualService/default/a: spec.http[0].route: 'route' must not be empty",
+        f"{tmp_path}/b.yaml:2: yaml: while parsing a flow node did not find expected node content",
+    ]
