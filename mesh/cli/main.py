@@ -1,0 +1,37 @@
+"""``meshctl``: the txmesh command line.
+
+Each sub-command lives in its own module under :mod:`mesh.cli` and exposes
+``add_parser(subparsers)``; the parser's ``func(args) -> int`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from mesh import __version__
+from mesh.cli import demo, plugins, validate
+
+COMMANDS = (plugins, validate, demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="meshctl", description="Operate a txmesh service mesh.")
+    parser.add_argument("--version", action="version", version=f"txmesh {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(subparsers)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""Peak-EWMA load balancing for txmesh.
+
+Each endpoint keeps ``cost``: an exponentially weighted moving average of its
+try latency (seconds) that takes a slower observation at once (peak) and
+decays towards faster ones with time constant ``DECAY`` seconds.  The pick is
+the power of two choices on ``cost x (active requests + 1)``.  Endpoints never
+measured start at the cluster's lowest known cost, so they are tried soon.
+"""
+
+import math
+import os
+import random
+import time
+
+from mesh import hookimpl
+
+DECAY = float(os.environ.get("MESH_PEAK_EWMA_DECAY", "10"))
+_KEY = "peak_ewma"
+
+
+def _score(endpoint, default):
+    state = endpoint.state.get(_KEY)
+    cost = state[0] if state is not None else default
+    return cost * (endpoint.active_requests + 1)
+
+
+@hookimpl
+def mesh_pick_endpoint(ctx, cluster, endpoints):
+    """Power of two choices on peak-EWMA latency times load."""
+    if cluster.spec.lb_policy == "CONSISTENT_HASH":
+        return None
+    if len(endpoints) == 1:
+        chosen = endpoints[0]
+    else:
+        known = [ep.state[_KEY][0] for ep in endpoints if _KEY in ep.state]
+        default = min(known) if known else 0.001
+        first, second = random.sample(endpoints, 2)
+        chosen = first if _score(first, default) <= _score(second, default) else second
+    ctx.extra[_KEY] = chosen
+    return chosen
+
+
+def observe(endpoint, rtt, now):
+    """Fold one latency observation into the endpoint's peak EWMA."""
+    state = endpoint.state.get(_KEY)
+    if state is None or rtt > state[0]:
+        endpoint.state[_KEY] = (rtt, now)
+        return
+    cost, stamp = state
+    weight = math.exp(-max(0.0, now - stamp) / DECAY)
+    endpoint.state[_KEY] = (cost * weight + rtt * (1.0 - weight), now)
+
+
+@hookimpl
+def mesh_request_complete(ctx, outcome):
+    """Record how long the chosen endpoint took to answer."""
+    endpoint = ctx.extra.get(_KEY)
+    if endpoint is not None and ctx.upstream_time is not None:
+        observe(endpoint, ctx.upstream_time, time.monotonic())
