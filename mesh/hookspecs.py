@@ -66,11 +66,15 @@ def mesh_retry_decision(ctx, attempt, outcome, policy):
 
 
 @hookspec
-def mesh_authorize(ctx, peer):
-    """Authorize an inbound request.  *Hot path, all results; any DENY wins.*
+def mesh_authorize(ctx, peer, policies):
+    """Authorize an inbound request.  *Hot path, all results; any deny wins.*
 
-    :param ctx: the inbound request context.
-    :param peer: the caller's verified SPIFFE id, or None for plaintext.
+    :param ctx: the inbound request context (``ctx.host``, ``ctx.method``,
+        ``ctx.uri_path``, ``ctx.headers``, ``ctx.source_address`` are set).
+    :param peer: the caller's verified SPIFFE id
+        (``spiffe://cluster.local/ns/NS/sa/SA``), or None for plaintext.
+    :param policies: the compiled AuthorizationPolicies that apply to this
+        workload (:attr:`mesh.config.tables.ProxyConfig.authz`).
     :return: None (no opinion), or a tuple ``(allowed: bool, policy_name: str)``.
         The request is denied with 403 if any implementation returns
         ``(False, name)``.

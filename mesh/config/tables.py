@@ -199,6 +199,9 @@ class ProxyConfig:
     the outbound route table and ``clusters`` maps cluster name ->
     :class:`ClusterSpec`.  ``sources`` lists the files it came from.
     ``dump`` is a JSON-ready description for the admin ``/config_dump``.
+    ``authz`` is the compiled AuthorizationPolicy set for this workload (read by
+    ``mesh_authorize``); ``peer_authentication`` the compiled PeerAuthentication
+    (inbound mTLS mode, per port).
     ``warnings`` holds :class:`mesh.config.errors.ConfigWarning` objects:
     problems that do not invalidate the config, such as a route to a host no
     ServiceEntry defines.
@@ -207,6 +210,8 @@ class ProxyConfig:
     version: str
     routes: RouteTable
     clusters: dict
+    authz: object = None
+    peer_authentication: object = None
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
     warnings: tuple = ()

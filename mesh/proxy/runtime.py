@@ -81,9 +81,10 @@ class InboundRouter:
         self._action = RouteAction(name="inbound", clusters=(cluster_spec.name,), cumulative_weights=(1,))
 
     def route(self, ctx):
-        for verdict in self._authorize(ctx=ctx, peer=ctx.peer):
+        snapshot = self.runtime.snapshot
+        for verdict in self._authorize(ctx=ctx, peer=ctx.peer, policies=snapshot.config.authz):
             allowed, policy = verdict
             if not allowed:
                 ctx.authz_policy = policy
                 raise LocalReply(403, f"RBAC:{policy}", "RBAC: access denied")
-        return self._action, self.runtime.snapshot.clusters[self._cluster_name]
+        return self._action, snapshot.clusters[self._cluster_name]
