@@ -124,7 +124,8 @@ class ProxyService(service.MultiService):
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
-            "plugins": [name for name, _ in self.plugins.list_name_plugin()],
+            # a disabled plugin stays in the manager as a blocked name, with None for the plugin
+            "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],
         }
 
     def clusters_dump(self) -> dict:
