@@ -81,26 +81,33 @@ def write_config(directory: Path, *documents, name: str = "mesh.yaml") -> Path:
     return directory
 
 
-def curl_many(url: str, count: int, *, host: str, headers=None, write_out: str = "%{http_code} %header{x-demo-service}",
-              parallel: int = 0, timeout: float = 30.0, urls=None) -> list[str]:
-    """Send ``count`` GETs of ``url`` (or the given ``urls``) with one curl process; return one
-    ``write_out`` line per request, in request order.
+def curl_many(url: str, count: int = 0, *, host: str, headers=None,
+              write_out: str = "%{http_code} %header{x-demo-service}", parallel: int = 0, timeout: float = 30.0,
+              requests=None) -> list[str]:
+    """Send ``count`` GETs of ``url`` with one curl process; return one ``write_out`` line per request.
 
-    Sequential requests share one keep-alive connection (curl reuses it); ``parallel=N`` sends up to N at
-    once (``--parallel``; lines then come in completion order).
+    ``requests`` instead gives ``[(url, {header: value})]``, one entry per request (``headers`` apply to all).
+    Sequential requests share one keep-alive connection (curl reuses it), in order; ``parallel=N`` sends
+    up to N at once (``--parallel``; lines then come in completion order).
     """
-    urls = list(urls) if urls is not None else [url] * count
+    requests = list(requests) if requests is not None else [(url, {})] * count
+    common = {"Host": host, **(headers or {})}
+    blocks = []
+    for one_url, own in requests:
+        lines = [f'url = "{one_url}"', 'output = "/dev/null"', f'write-out = "{write_out}\\n"',
+                 f"max-time = {timeout}"]
+        lines += [f'header = "{name}: {value}"' for name, value in {**common, **own}.items()]
+        blocks.append("\n".join(lines) + "\n")
     with tempfile.TemporaryDirectory(prefix="txmesh-curl-many-") as tmp:
         config = Path(tmp, "curl.config")
-        config.write_text("".join(f'url = "{one}"\noutput = "/dev/null"\n' for one in urls))
-        argv = ["curl", "-sS", "--max-time", str(timeout), "-H", f"Host: {host}", "-w", write_out + "\\n", "-K", str(config)]
-        for name, value in (headers or {}).items():
-            argv += ["-H", f"{name}: {value}"]
+        config.write_text("next\n".join(blocks))
+        argv = ["curl", "-sS", "-K", str(config)]
         if parallel:
             argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
         proc = subprocess.run(argv, capture_output=True, timeout=timeout + 10, stdin=subprocess.DEVNULL)
     lines = proc.stdout.decode().splitlines()
-    assert len(lines) == len(urls), f"curl gave {len(lines)} results for {len(urls)} requests: {proc.stderr.decode()[-2000:]}"
+    assert len(lines) == len(requests), \
+        f"curl gave {len(lines)} results for {len(requests)} requests: {proc.stderr.decode()[-2000:]}"
     return lines
 
 

@@ -1,0 +1,1 @@
+"""txmesh benchmark harness: direct nginx vs txmesh vs Envoy; run with ``python -m bench.run``."""

