@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from mesh import __version__
-from mesh.cli import demo, plugins, validate
+from mesh.cli import demo, plugins, token, validate
 
-COMMANDS = (plugins, validate, demo)
+COMMANDS = (plugins, validate, token, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -165,7 +165,8 @@ class EndpointSpec:
 
     @property
     def key(self) -> tuple:
-        return (self.address, self.port)
+        """Live endpoint state is shared by address, port and expected identity."""
+        return (self.address, self.port, self.identity)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,36 +7,17 @@
 
 from __future__ import annotations
 
-import json
+from twisted.web import resource
 
-from twisted.web import resource, server
-
-
-class _JSONPage(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, produce):
-        super().__init__()
-        self._produce = produce
-
-    def render_GET(self, request):
-        status, body = self._produce()
-        request.setResponseCode(status)
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps(body, indent=2, sort_keys=True).encode() + b"\n"
+from mesh.webpages import JSONPage, QuietSite
 
 
-class AdminSite(server.Site):
+class AdminSite(QuietSite):
     """twisted.web site for the admin port of one proxy service."""
 
     def __init__(self, proxy):
         root = resource.Resource()
-        root.putChild(b"ready", _JSONPage(proxy.readiness))
-        root.putChild(b"config_dump", _JSONPage(lambda: (200, proxy.config_dump())))
-        root.putChild(b"clusters", _JSONPage(lambda: (200, proxy.clusters_dump())))
-        super().__init__(root)
-        self.noisy = False
-        self.displayTracebacks = False
-
-    def log(self, request):
-        """No access log for the admin port."""
+        root.putChild(b"ready", JSONPage(proxy.readiness))
+        root.putChild(b"config_dump", JSONPage(lambda: (200, proxy.config_dump())))
+        root.putChild(b"clusters", JSONPage(lambda: (200, proxy.clusters_dump())))
+        super().__init__(root, timeout=30)

@@ -4,7 +4,7 @@
 cluster; :class:`Cluster` and :class:`Endpoint` here carry what changes while
 traffic flows.  :class:`ClusterManager` rebuilds clusters on every config swap
 but keeps each endpoint's state (pool, active requests, ejection) keyed by
-address and port, so a reload does not drop warm connections or forget that an
+address, port and expected identity, so a reload does not drop warm connections or forget that an
 endpoint is down.
 """
 
@@ -53,14 +53,11 @@ class Endpoint:
         Endpoint.health_epoch += 1
 
     def update_spec(self, spec) -> None:
-        """Adopt a changed spec (labels, weight, identity) keeping live state.
+        """Adopt a changed spec (labels, weight) keeping live state.
 
-        Idle connections are closed when the expected identity changes, so
-        that no connection verified against the old identity is reused.
+        The expected identity is part of :attr:`EndpointSpec.key`, so it never
+        changes under a live endpoint and its pooled, verified connections.
         """
-        if spec.identity != self.spec.identity:
-            self.pool.close_idle()
-            self.pool.identity = spec.identity
         self.spec = spec
 
     def describe(self, now: float) -> dict:

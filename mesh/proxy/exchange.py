@@ -21,7 +21,7 @@ from twisted.internet.interfaces import IPushProducer
 
 from mesh.proxy import outlier
 from mesh.proxy.outcome import LocalReply, RequestOutcome, TryOutcome
-from mesh.proxy.heads import local_response, response_head
+from mesh.proxy.heads import local_response, request_head, response_head
 
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
@@ -193,7 +193,8 @@ class Exchange:
         self.cluster = cluster
         ctx.route = action
         ctx.cluster = cluster.name
-        self.head = listener.request_head(ctx, action, self.framing, self.content_length, self.upgrade)
+        self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade,
+                                 self.conn.forward_headers)
         if action.timeout:
             self.deadline = listener.reactor.callLater(action.timeout, self._overall_timeout)
         if self.expect_continue and not self.body_done:
@@ -483,8 +484,7 @@ class Exchange:
 
 def _failure_reply(outcome, host_port):
     if outcome.kind == "connect-failure":
-        return 503, "UF", (f"upstream connect error: {outcome.detail} ({host_port}); "
-                           "the endpoint is down or not listening")
+        return 503, "UF", f"upstream connect error ({host_port}): {outcome.detail}"
     if outcome.kind == "timeout":
         return 504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected"
     return 503, "UC", (f"upstream connection reset before response headers ({host_port}): "

@@ -18,7 +18,7 @@ from collections import deque
 
 import httptools
 from zope.interface import implementer
-from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
@@ -30,7 +30,7 @@ from mesh.proxy.sockets import set_nodelay
 log = Logger()
 
 #: Request headers the codec handles itself and never forwards as they are.
-_CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for"}
+_CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-client-cert"}
 
 
 class _Reject(Exception):
@@ -53,9 +53,13 @@ def normalise_host(authority: bytes) -> str:
     return host
 
 
-@implementer(IHalfCloseableProtocol)
+@implementer(IHalfCloseableProtocol, IHandshakeListener)
 class DownstreamConnection(Protocol):
-    """One client connection to a listener (inbound or outbound)."""
+    """One client connection to a listener (inbound or outbound).
+
+    Over mTLS, ``peer`` is the caller's verified SPIFFE id and
+    ``forward_headers`` carries the x-forwarded-client-cert sent to the app.
+    """
 
     def __init__(self, listener):
         self.listener = listener
@@ -69,6 +73,7 @@ class DownstreamConnection(Protocol):
         self.upgrade_buffer = None
         self.source_address = ""
         self.peer = None
+        self.forward_headers = ()
         self.last_activity = 0.0
         self.head_started = None
         self._pauses = set()
@@ -80,9 +85,12 @@ class DownstreamConnection(Protocol):
     def connectionMade(self):
         set_nodelay(self.transport)
         self.source_address = self.transport.getPeer().host
-        self.peer = self.listener.peer_identity(self.transport)
         self.last_activity = self.listener.reactor.seconds()
         self.listener.connection_opened(self)
+
+    def handshakeCompleted(self):
+        """mTLS is up (chain verified by OpenSSL): learn who the caller is."""
+        self.peer, self.forward_headers = self.listener.tls_peer(self.transport)
 
     def dataReceived(self, data):
         self.last_activity = self.listener.reactor.seconds()

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mesh.proxy.heads import request_head
+from mesh.identity.tls import peer_identity
 from mesh.proxy.http1 import normalise_host
+from mesh.proxy.mtls import client_cert_header
 
 log = Logger()
 
@@ -43,10 +44,11 @@ class Listener:
     :param router: an object with ``route(ctx) -> (RouteAction, Cluster)`` that
         raises :class:`mesh.proxy.outcome.LocalReply` to refuse.
     :param hooks: the plugin manager's ``hook`` relay.
-    :param identity_of: ``transport -> SPIFFE id or None`` (mTLS listeners).
+    :param own_identity: ``() -> SPIFFE id or None`` of this workload, for
+        the ``By=`` part of x-forwarded-client-cert.
     """
 
-    def __init__(self, reactor, direction, router, limits, hooks, identity_of=None):
+    def __init__(self, reactor, direction, router, limits, hooks, own_identity=None):
         self.reactor = reactor
         self.direction = direction
         self.router = router
@@ -54,7 +56,7 @@ class Listener:
         self.pick_endpoint = hooks.mesh_pick_endpoint
         self.retry_decision = hooks.mesh_retry_decision
         self._complete_hook = hooks.mesh_request_complete
-        self._identity_of = identity_of
+        self._own_identity = own_identity
         self.connections = set()
         self._hosts = {}
         self._sweeper = LoopingCall(self._sweep)
@@ -76,11 +78,11 @@ class Listener:
             host = self._hosts[authority] = normalise_host(authority)
         return host
 
-    def peer_identity(self, transport):
-        return self._identity_of(transport) if self._identity_of is not None else None
-
-    def request_head(self, ctx, action, framing, content_length, upgrade) -> bytes:
-        return request_head(ctx, action, framing, content_length, upgrade)
+    def tls_peer(self, transport):
+        """``(peer SPIFFE id, headers to forward)`` for a verified mTLS connection."""
+        own = self._own_identity() if self._own_identity is not None else None
+        xfcc = client_cert_header(own, transport)
+        return peer_identity(transport), (((b"x-forwarded-client-cert", xfcc),) if xfcc else ())
 
     def request_complete(self, ctx, outcome) -> None:
         """Run ``mesh_request_complete``; a failing plugin never breaks the data path."""

@@ -23,7 +23,7 @@ class _PoolFactory(ClientFactory):
         self.deferred = deferred
 
     def buildProtocol(self, addr):
-        connection = UpstreamConnection(self.pool)
+        connection = UpstreamConnection(self.pool, self.pool.identity if self.pool.tls else None)
         connection.factory = self
         return connection
 
@@ -34,29 +34,29 @@ class _PoolFactory(ClientFactory):
 
 def _describe_connect_failure(reason) -> str:
     if reason.check(error.ConnectionRefusedError):
-        return "connection refused"
+        return "connection refused: the endpoint is down or not listening"
     if reason.check(error.TimeoutError, error.UserError):
-        return "connect timeout"
+        return "connect timeout: the endpoint did not answer"
     return reason.getErrorMessage()
 
 
 class ConnectionPool:
     """Idle connections to one endpoint, most recently used first.
 
-    ``connect_tcp`` is ``reactor.connectTCP`` (or a TLS-wrapping equivalent
-    with the same signature); ``identity`` is the SPIFFE id the endpoint must
-    present, used by TLS-capable connectors.
+    ``identity`` is the SPIFFE id the endpoint must present; when it is set
+    connections are mTLS through ``tls`` (a
+    :class:`mesh.proxy.mtls.UpstreamTLS`), which may refuse with a reason.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 connect=None, identity=None):
+                 tls=None, identity=None):
         self.reactor = reactor
         self.address = address
         self.port = port
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.identity = identity
-        self._connect = connect
+        self.tls = tls if identity is not None else None
         self._idle = []
         self._open = set()
 
@@ -79,10 +79,12 @@ class ConnectionPool:
         """Open a new connection; fires with it, or fails with :class:`ConnectError`."""
         deferred = defer.Deferred()
         factory = _PoolFactory(self, deferred)
-        if self._connect is not None:
-            self._connect(self, factory)
-        else:
-            self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout)
+        if self.tls is not None:
+            refusal = self.tls.refusal()
+            if refusal is not None:
+                return defer.fail(ConnectError(refusal))
+            factory = self.tls.wrap(factory)
+        self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout)
         return deferred
 
     def release(self, connection) -> None:
@@ -109,6 +111,12 @@ class ConnectionPool:
         deferred = connection.factory.deferred
         if not deferred.called:
             deferred.callback(connection)
+
+    def connection_failed(self, connection, reason: str) -> None:
+        """The connection died or was refused before it became usable."""
+        deferred = connection.factory.deferred
+        if not deferred.called:
+            deferred.errback(ConnectError(reason))
 
     def connection_lost(self, connection) -> None:
         self._open.discard(connection)

@@ -15,13 +15,37 @@ from twisted.logger import Logger
 
 from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigErrors
+from mesh.identity.agent import WorkloadAgent
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.proxy.admin import AdminSite
 from mesh.proxy.http1 import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
+from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 
 log = Logger()
+
+
+@dataclass
+class IdentitySettings:
+    """Where the workload certificate comes from.
+
+    Either ``control`` (``(host, port)`` of mesh-control, with ``ca_bundle``
+    and ``token_file``) or static ``cert_file``/``key_file`` with
+    ``ca_bundle``; neither means plaintext only.
+    """
+
+    trust_domain: str = "cluster.local"
+    service_account: str = "default"
+    control: tuple = None
+    control_identity: str = None
+    ca_bundle: str = None
+    token_file: str = None
+    cert_file: str = None
+    key_file: str = None
+    cert_ttl: float = None
 
 
 @dataclass
@@ -38,6 +62,8 @@ class ProxySettings:
     app_port: int = 0
     admin_port: int = 15000
     limits: Limits = field(default_factory=Limits)
+    identity: IdentitySettings = field(default_factory=IdentitySettings)
+
 
 
 class ProxyService(service.MultiService):
@@ -52,26 +78,57 @@ class ProxyService(service.MultiService):
         self.plugins = plugin_manager
         hooks = plugin_manager.hook
         local = (inbound_cluster(settings.app_address, settings.app_port),) if settings.app_port else ()
+        self.credentials = CredentialStore()
+        self.agent = self._identity_source(settings.identity)
+        self.upstream_tls = UpstreamTLS(self.credentials)
         self.runtime = ProxyRuntime(self._make_pool, local)
         self.ready = False
         self.warnings = ()
         self.listeners = []
         outbound = Listener(reactor, "outbound", OutboundRouter(self.runtime, hooks), settings.limits, hooks)
-        self._listen(outbound, settings.outbound_port, settings.outbound_address)
+        self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
         if local:
             inbound = Listener(reactor, "inbound", InboundRouter(self.runtime, hooks, local[0]),
-                               settings.limits, hooks)
-            self._listen(inbound, settings.inbound_port, settings.inbound_address)
+                               settings.limits, hooks, own_identity=self.own_identity)
+            factory = InboundFactory(DownstreamFactory(inbound), self.credentials, self.inbound_mode)
+            self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
         admin.setServiceParent(self)
 
-    def _listen(self, listener, port, address):
+    def _identity_source(self, identity):
+        """Static certificate files, a workload agent, or nothing (plaintext only)."""
+        if identity.cert_file:
+            self.credentials.swap(WorkloadCredentials.from_pem(
+                _read(identity.key_file), _read(identity.cert_file), _read(identity.ca_bundle)))
+            return None
+        if identity.control is None:
+            return None
+        workload = self.settings.workload
+        agent = WorkloadAgent(self.reactor, identity.control, _read(identity.ca_bundle), identity.token_file,
+                              SpiffeId(identity.trust_domain, workload.namespace, identity.service_account),
+                              identity.control_identity, self.credentials, ttl=identity.cert_ttl)
+        agent.setServiceParent(self)
+        return agent
+
+    def own_identity(self):
+        current = self.credentials.current
+        return current.identity if current is not None else None
+
+    def inbound_mode(self) -> str:
+        """PeerAuthentication mode of the app port (PERMISSIVE when unset, as in Istio)."""
+        policy = self.runtime.snapshot.config.peer_authentication
+        if policy is None:
+            return PERMISSIVE
+        return policy.mode_for_port(self.settings.app_port)
+
+    def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)
-        internet.TCPServer(port, DownstreamFactory(listener), interface=address, backlog=1024).setServiceParent(self)
+        internet.TCPServer(port, factory, interface=address, backlog=1024).setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, identity=endpoint_spec.identity)
+                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
+                              identity=endpoint_spec.identity)
 
     # -- config -------------------------------------------------------------------
     def load(self):
@@ -107,6 +164,9 @@ class ProxyService(service.MultiService):
 
     # -- admin views ----------------------------------------------------------------
     def readiness(self):
+        if self.agent is not None and self.credentials.current is None:
+            return 503, {"ready": False, "waiting_for": "workload certificate",
+                         "last_error": self.agent.last_error}
         if self.ready and self.runtime.snapshot is not None:
             return 200, {"ready": True, "version": self.runtime.snapshot.config.version}
         return 503, {"ready": False}
@@ -135,3 +195,8 @@ class ProxyService(service.MultiService):
         return {name: {"lb_policy": cluster.spec.lb_policy,
                        "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints]}
                 for name, cluster in sorted(clusters.items())}
+
+
+def _read(path) -> bytes:
+    with open(path, "rb") as handle:
+        return handle.read()

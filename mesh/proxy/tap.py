@@ -10,7 +10,8 @@ from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.listener import Limits
-from mesh.proxy.service import ProxyService, ProxySettings
+from mesh.durations import duration_option
+from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
 
 
 def _size(text: str) -> int:
@@ -46,6 +47,16 @@ class Options(usage.Options):
         ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
         ["idle-timeout", None, 300.0, "Seconds a connection may stay idle.", float],
         ["retry-buffer", None, "1M", "Request body bytes held for retries (larger: no retry)."],
+        ["trust-domain", None, "cluster.local", "SPIFFE trust domain of the mesh."],
+        ["control", None, None, "HOST:PORT of mesh-control: get and rotate the workload certificate there."],
+        ["control-identity", None, None,
+         "SPIFFE id mesh-control must present (default spiffe://TD/ns/mesh-system/sa/mesh-control)."],
+        ["ca-bundle", None, None, "Trust bundle (PEM roots), e.g. mesh-control's STATE/root-cert.pem."],
+        ["token-file", None, None, "File with the join token (`meshctl token create`) for --control."],
+        ["cert", None, None, "Static workload certificate chain (PEM), instead of --control."],
+        ["key", None, None, "Private key of --cert (PEM)."],
+        ["cert-ttl", None, None, "Certificate lifetime to ask for (capped by the control plane).",
+         duration_option],
     ]
 
     def __init__(self):
@@ -69,11 +80,30 @@ class Options(usage.Options):
             raise usage.UsageError("--workload is required")
         if not self["config-dir"]:
             raise usage.UsageError("--config-dir is required (the directory of Istio YAML files)")
+        self._check_identity_options()
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
         except ValueError as error:
             raise usage.UsageError(f"bad size: {error}") from None
+
+
+    def _check_identity_options(self):
+        if self["control"] and (self["cert"] or self["key"]):
+            raise usage.UsageError("--control and --cert/--key are alternatives; give one")
+        if bool(self["cert"]) != bool(self["key"]):
+            raise usage.UsageError("--cert and --key go together")
+        if (self["control"] or self["cert"]) and not self["ca-bundle"]:
+            raise usage.UsageError("--ca-bundle is required with --control or --cert (the mesh's root-cert.pem)")
+        if self["control"]:
+            if not self["token-file"]:
+                raise usage.UsageError("--token-file is required with --control (see `meshctl token create`)")
+            host, sep, port = self["control"].rpartition(":")
+            if not sep or not port.isdigit():
+                raise usage.UsageError(f"--control wants HOST:PORT, got {self['control']!r}")
+            self["control"] = (host.strip("[]"), int(port))
+        if not self["control-identity"]:
+            self["control-identity"] = f"spiffe://{self['trust-domain']}/ns/mesh-system/sa/mesh-control"
 
 
 def makeService(options):
@@ -90,7 +120,12 @@ def makeService(options):
         outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],
         inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
         app_address=options["app-address"], app_port=options["app-port"],
-        admin_port=options["admin-port"], limits=limits)
+        admin_port=options["admin-port"], limits=limits,
+        identity=IdentitySettings(
+            trust_domain=options["trust-domain"], service_account=options["service-account"],
+            control=options["control"], control_identity=options["control-identity"],
+            ca_bundle=options["ca-bundle"], token_file=options["token-file"], cert_file=options["cert"],
+            key_file=options["key"], cert_ttl=options["cert-ttl"]))
     proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
     try:
         proxy.load()

@@ -9,21 +9,29 @@ event to its current *listener* (the try that owns the connection, see
 from __future__ import annotations
 
 import httptools
+from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
+from zope.interface import implementer
 
+from mesh.identity.tls import peer_identity
 from mesh.proxy.sockets import set_nodelay
 
 
+@implementer(IHandshakeListener)
 class UpstreamConnection(Protocol):
     """A pooled HTTP/1.1 connection to one endpoint.
+
+    Over mTLS (``expected_identity`` set) the connection becomes usable only
+    after the handshake, once the peer's SPIFFE id equals the expected one.
 
     The listener must implement ``upstream_head(status, reason, headers,
     keep_alive)``, ``upstream_body(data)``, ``upstream_end()``,
     ``upstream_upgraded(rest)`` and ``upstream_lost(reason_text)``.
     """
 
-    def __init__(self, pool):
+    def __init__(self, pool, expected_identity=None):
         self.pool = pool
+        self.expected_identity = expected_identity
         self.listener = None
         self.connected_ok = False
         self.requests_sent = 0
@@ -37,8 +45,20 @@ class UpstreamConnection(Protocol):
 
     # -- Twisted Protocol -------------------------------------------------
     def connectionMade(self):
-        self.connected_ok = True
         set_nodelay(self.transport)
+        if self.expected_identity is None:
+            self.connected_ok = True
+            self.pool.connection_made(self)
+
+    def handshakeCompleted(self):
+        """TLS is up and the chain verified; now check who the peer is."""
+        actual = peer_identity(self.transport)
+        if actual != self.expected_identity:
+            self.pool.connection_failed(self, f"peer identity mismatch: expected {self.expected_identity}, "
+                                              f"the endpoint presented {actual or 'no SPIFFE id'}")
+            self.transport.abortConnection()
+            return
+        self.connected_ok = True
         self.pool.connection_made(self)
 
     def dataReceived(self, data):
@@ -55,6 +75,8 @@ class UpstreamConnection(Protocol):
             self._fail(f"upstream sent malformed HTTP: {error}")
 
     def connectionLost(self, reason=None):
+        if not self.connected_ok:
+            self.pool.connection_failed(self, _lost_reason(reason))
         self.connected_ok = False
         self.pool.connection_lost(self)
         if self.tunnel is not None:
@@ -126,3 +148,14 @@ class UpstreamConnection(Protocol):
             return
         self.listener = None
         listener.upstream_end()
+
+
+def _lost_reason(reason) -> str:
+    """Why a connection died before it was usable (TLS errors spelled out)."""
+    if reason is None:
+        return "connection closed during set-up"
+    from OpenSSL.SSL import Error as TLSError
+
+    if reason.check(TLSError):
+        return f"TLS handshake failed: {reason.value}"
+    return f"connection closed during set-up: {reason.getErrorMessage()}"

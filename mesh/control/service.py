@@ -1,0 +1,129 @@
+"""The control plane as a Twisted service: the CA on :15012, admin on :15014.
+
+:class:`ControlService` owns the certificate authority, the token key and the
+plugin manager (``mesh_sign_csr`` picks the signer: the built-in CA unless an
+external-CA plugin is installed).  It serves its own TLS certificate, issued
+by its CA for ``spiffe://<td>/ns/<namespace>/sa/mesh-control`` and renewed at
+half its life, so sidecars verify it against the trust bundle like any peer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography import x509
+from twisted.application import internet, service
+from twisted.logger import Logger
+from twisted.web import resource, server
+
+from mesh.builtin.ca import BuiltinSigner
+from mesh.config.loader import load_dir
+from mesh.config.validate import validate
+from mesh.control.csr_api import CSRResource
+from mesh.identity.agent import make_csr
+from mesh.identity.ca import CertificateAuthority
+from mesh.identity.credentials import JoinTokenVerifier
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
+from mesh.identity.tokens import load_or_create_key
+from mesh.webpages import BytesPage, JSONPage, QuietSite
+
+log = Logger()
+
+
+@dataclass
+class ControlSettings:
+    """Everything ``twistd mesh-control`` was told on its command line."""
+
+    state_dir: str
+    config_dir: str = None
+    trust_domain: str = "cluster.local"
+    namespace: str = "mesh-system"
+    address: str = "0.0.0.0"
+    port: int = 15012
+    admin_port: int = 15014
+    workload_cert_ttl: float = 24 * 3600.0
+    ca_cert: str = None
+    ca_key: str = None
+    ca_chain: str = None
+
+
+class CSRStats:
+    """Counters of signed and rejected CSRs (exported as metrics later)."""
+
+    def __init__(self):
+        self.signed_total = 0
+        self.rejected_total = {}
+
+    def signed(self):
+        self.signed_total += 1
+
+    def rejected(self, reason):
+        self.rejected_total[reason] = self.rejected_total.get(reason, 0) + 1
+
+
+class ControlService(service.MultiService):
+    """CA, CSR endpoint and admin port of the control plane."""
+
+    def __init__(self, settings: ControlSettings, plugin_manager, reactor=None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor
+        self.reactor = reactor
+        self.settings = settings
+        self.plugins = plugin_manager
+        self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
+                                                      settings.ca_key, settings.ca_chain)
+        plugin_manager.register(BuiltinSigner(self.ca), name="builtin.ca")
+        self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
+        self.credentials = CredentialStore()
+        self.stats = CSRStats()
+        self.config_errors = []
+        self._renew_own_certificate()
+        verifier = JoinTokenVerifier(load_or_create_key(settings.state_dir), settings.trust_domain)
+        root = resource.Resource()
+        v1 = resource.Resource()
+        root.putChild(b"v1", v1)
+        v1.putChild(b"csr", CSRResource(verifier, self._sign, self.ca.bundle_pem, settings.workload_cert_ttl,
+                                        settings.workload_cert_ttl, self.stats))
+        site = server.Site(root, timeout=30)
+        site.displayTracebacks = False
+        internet.SSLServer(settings.port, site, ServerTLS(self.credentials),
+                           interface=settings.address).setServiceParent(self)
+        admin_root = resource.Resource()
+        admin_root.putChild(b"ready", JSONPage(self.readiness))
+        ca_pages = resource.Resource()
+        admin_root.putChild(b"ca", ca_pages)
+        ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))
+        admin = QuietSite(admin_root, timeout=30)
+        internet.TCPServer(settings.admin_port, admin, interface="127.0.0.1").setServiceParent(self)
+
+    def _sign(self, csr, identity, ttl):
+        return self.plugins.hook.mesh_sign_csr(csr=csr, identity=identity, ttl=ttl)
+
+    def _renew_own_certificate(self):
+        """Issue the control plane's serving certificate; renew at half life."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        csr = x509.load_pem_x509_csr(make_csr(key, self.identity.uri))
+        cert_pem, chain_pem = self.ca.sign(csr, self.identity.uri, self.settings.workload_cert_ttl)
+        chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
+        self.credentials.swap(WorkloadCredentials.build(key, chain, self.ca.bundle, require_client_cert=False))
+        self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
+
+    def load_config(self):
+        """Validate the config directory (distribution comes with the control-plane issue)."""
+        if not self.settings.config_dir:
+            return
+        result = load_dir(self.settings.config_dir)
+        _, problems = validate(result.resources)
+        self.config_errors = [str(error) for error in result.errors + problems]
+        for error in self.config_errors:
+            log.error("config rejected: {error}", error=error)
+        log.info("{count} resource(s) loaded from {dir}", count=len(result.resources), dir=self.settings.config_dir)
+
+    def readiness(self):
+        return 200, {"ready": bool(self.running), "trust_domain": self.settings.trust_domain,
+                     "identity": self.identity.uri, "ca_expires_in_s": round(self.ca.expires_in()),
+                     "csr_signed": self.stats.signed_total, "csr_rejected": self.stats.rejected_total,
+                     "config_errors": self.config_errors}

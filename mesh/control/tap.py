@@ -1,0 +1,64 @@
+"""``twistd mesh-control``: command-line options and service construction."""
+
+from __future__ import annotations
+
+import sys
+
+from twisted.python import usage
+
+from mesh.control.service import ControlService, ControlSettings
+from mesh.durations import duration_option
+from mesh.identity.ca import CAError
+from mesh.plugins import make_plugin_manager
+
+
+class Options(usage.Options):
+    """Options of ``twistd mesh-control``."""
+
+    synopsis = "--state-dir DIR [options]"
+    longdesc = ("Run the txmesh control plane: the mesh CA (CSR endpoint on --port, TLS) and the "
+                "admin port (loopback).  The state dir holds the CA key (0600), the trust bundle "
+                "root-cert.pem and the join-token key.")
+
+    optParameters = [
+        ["state-dir", "s", None, "Directory for the CA and token keys (created 0700)."],
+        ["config-dir", "c", None, "Directory of Istio YAML resources (validated and reported)."],
+        ["trust-domain", None, "cluster.local", "SPIFFE trust domain."],
+        ["namespace", None, "mesh-system", "Namespace of the control plane's own identity."],
+        ["address", None, "0.0.0.0", "Address of the CSR/config port."],
+        ["port", "p", 15012, "CSR/config port (TLS).", int],
+        ["admin-port", None, 15014, "Admin port on 127.0.0.1 (/ready, /ca/root-cert.pem).", int],
+        ["workload-cert-ttl", None, "24h", "Lifetime of workload certificates (and the cap on requests).",
+         duration_option],
+        ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
+        ["ca-key", None, None, "Private key of --ca-cert (PEM, unencrypted, mode 0600)."],
+        ["ca-chain", None, None, "Chain from --ca-cert's issuer up to the root (PEM), for an intermediate."],
+    ]
+
+    def __init__(self):
+        super().__init__()
+        self["disabled-plugins"] = []
+
+    def opt_disable_plugin(self, name):
+        """Do not load the plugin NAME (repeatable)."""
+        self["disabled-plugins"].append(name)
+
+    def postOptions(self):
+        if not self["state-dir"]:
+            raise usage.UsageError("--state-dir is required (where the CA key and trust bundle live)")
+
+
+def makeService(options):
+    """Build the :class:`ControlService`; exit with a clear message if the CA cannot load."""
+    settings = ControlSettings(
+        state_dir=options["state-dir"], config_dir=options["config-dir"],
+        trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],
+        port=options["port"], admin_port=options["admin-port"], workload_cert_ttl=options["workload-cert-ttl"],
+        ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"])
+    try:
+        control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
+    except CAError as error:
+        sys.stderr.write(f"mesh-control: {error}\n")
+        raise SystemExit(1)
+    control.load_config()
+    return control

@@ -1,0 +1,193 @@
+"""The workload agent inside mesh-proxy: get a certificate, keep it fresh.
+
+At start the agent generates an ECDSA P-256 key in memory (it is never
+written anywhere), sends a CSR with its SPIFFE id and its bootstrap credential
+to the control plane's CSR endpoint, and installs the certificate.  It renews
+at about half the certificate's lifetime (with jitter), each time with a new
+key; while the CA is unreachable it retries with capped exponential backoff and
+keeps serving with the certificate it has.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from io import BytesIO
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from OpenSSL import SSL, crypto
+from twisted.application import service
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.http_headers import Headers
+from twisted.web.iweb import IPolicyForHTTPS
+from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
+from zope.interface import implementer
+
+from mesh.identity.tls import WorkloadCredentials, spiffe_id_of
+
+log = Logger()
+
+RETRY_MIN = 1.0
+RETRY_MAX = 60.0
+
+
+class RenewError(Exception):
+    """The control plane refused or could not be reached."""
+
+
+def make_csr(key, spiffe_uri: str) -> bytes:
+    csr = (x509.CertificateSigningRequestBuilder()
+           .subject_name(x509.Name([]))
+           .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri)]), critical=True)
+           .sign(key, hashes.SHA256()))
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+@implementer(IOpenSSLClientConnectionCreator)
+class _VerifyControlPlane:
+    """TLS to the control plane: chain against the bundle, exact SPIFFE id."""
+
+    def __init__(self, bundle, expected_uri, hostname):
+        self.expected_uri = expected_uri
+        self.hostname = hostname
+        self.context = SSL.Context(SSL.TLS_METHOD)
+        self.context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        store = self.context.get_cert_store()
+        for root in bundle:
+            store.add_cert(crypto.X509.from_cryptography(root))
+        self.context.set_verify(SSL.VERIFY_PEER, self._verify)
+
+    def _verify(self, connection, cert, errno, depth, ok):
+        if not ok:
+            return False
+        if depth == 0:
+            return spiffe_id_of(cert.to_cryptography()) == self.expected_uri
+        return True
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = SSL.Connection(self.context, None)
+        connection.set_connect_state()
+        if self.hostname and not self.hostname[0].isdigit():
+            connection.set_tlsext_host_name(self.hostname.encode())
+        return connection
+
+
+@implementer(IPolicyForHTTPS)
+class _ControlPolicy:
+    def __init__(self, bundle, expected_uri):
+        self.bundle = bundle
+        self.expected_uri = expected_uri
+
+    def creatorForNetloc(self, hostname, port):
+        return _VerifyControlPlane(self.bundle, self.expected_uri, hostname.decode())
+
+
+class WorkloadAgent(service.Service):
+    """Obtains and rotates the workload certificate into a CredentialStore.
+
+    :param control: ``(host, port)`` of the control plane's CSR endpoint.
+    :param bundle_pem: the trust bundle the sidecar was given (verifies the
+        control plane; replaced by the bundle each answer carries).
+    :param token_path: file holding the bootstrap credential (re-read on
+        every request, so an operator can replace it).
+    :param identity: this workload's :class:`mesh.identity.spiffe.SpiffeId`.
+    :param control_identity: the SPIFFE id the control plane must present.
+    """
+
+    def __init__(self, reactor, control, bundle_pem, token_path, identity, control_identity, store,
+                 ttl=None, rotate_at=0.5):
+        self.reactor = reactor
+        self.url = f"https://{control[0]}:{control[1]}/v1/csr".encode()
+        self.bundle = x509.load_pem_x509_certificates(bundle_pem)
+        self.token_path = token_path
+        self.identity = identity
+        self.control_identity = control_identity
+        self.store = store
+        self.ttl = ttl
+        self.rotate_at = rotate_at
+        self.renewals = 0
+        self.failures = 0
+        self.last_error = None
+        self.first_certificate = defer.Deferred()
+        self._timer = None
+        self._retry_delay = RETRY_MIN
+
+    def startService(self):
+        super().startService()
+        self._schedule(0)
+
+    def stopService(self):
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        return super().stopService()
+
+    def _schedule(self, delay):
+        self._timer = self.reactor.callLater(delay, self._renew_now)
+
+    def _renew_now(self):
+        self._timer = None
+        defer.ensureDeferred(self.renew()).addCallbacks(self._renewed, self._failed)
+
+    async def renew(self) -> WorkloadCredentials:
+        """One CSR round trip; returns the new credentials (not yet installed)."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        try:
+            with open(self.token_path, encoding="utf-8") as handle:
+                credential = handle.read().strip()
+        except OSError as error:
+            raise RenewError(f"cannot read the token file {self.token_path}: {error.strerror}") from None
+        body = {"credential": credential, "csr": make_csr(key, self.identity.uri).decode()}
+        if self.ttl:
+            body["ttl"] = self.ttl
+        agent = Agent(self.reactor, contextFactory=_ControlPolicy(self.bundle, self.control_identity),
+                      connectTimeout=10)
+        try:
+            response = await agent.request(b"POST", self.url, Headers({b"content-type": [b"application/json"]}),
+                                           FileBodyProducer(BytesIO(json.dumps(body).encode())))
+            data = await readBody(response)
+        except Exception as error:  # connection refused, TLS failure, timeout: all retried
+            raise RenewError(f"control plane unreachable at {self.url.decode()}: {error}") from None
+        try:
+            answer = json.loads(data)
+        except ValueError:
+            raise RenewError(f"control plane answered {response.code} with a non-JSON body") from None
+        if response.code != 200:
+            raise RenewError(f"control plane refused the CSR ({response.code}): {answer.get('error')}")
+        chain = x509.load_pem_x509_certificates((answer["certificate"] + answer["chain"]).encode())
+        bundle = x509.load_pem_x509_certificates(answer["trust_bundle"].encode())
+        return WorkloadCredentials.build(key, chain, bundle)
+
+    def _renewed(self, credentials):
+        self.store.swap(credentials)
+        self.bundle = list(credentials.bundle)
+        self.renewals += 1
+        self.last_error = None
+        self._retry_delay = RETRY_MIN
+        remaining = credentials.expires_in()
+        delay = max(1.0, remaining * self.rotate_at * random.uniform(0.9, 1.1))
+        log.info("workload certificate for {identity} installed (valid {life:.0f}s); next rotation in {delay:.1f}s",
+                 identity=self.identity.uri, life=remaining, delay=delay)
+        if not self.first_certificate.called:
+            self.first_certificate.callback(credentials)
+        if self.running:
+            self._schedule(delay)
+
+    def _failed(self, failure):
+        self.failures += 1
+        self.last_error = failure.getErrorMessage()
+        delay = self._retry_delay * random.uniform(0.8, 1.2)
+        current = self.store.current
+        if current is not None:
+            delay = min(delay, max(1.0, current.expires_in() / 2))
+        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+        log.warn("certificate renewal failed ({error}); retrying in {delay:.1f}s, serving with the current "
+                 "certificate meanwhile", error=self.last_error, delay=delay)
+        if not failure.check(RenewError):
+            log.failure("unexpected renewal error", failure)
+        if self.running:
+            self._schedule(delay)

@@ -1,0 +1,194 @@
+"""The mesh certificate authority: a root (or intermediate) that signs workloads.
+
+On first start the control plane generates a self-signed ECDSA P-256 root valid
+for ten years in its state directory: ``ca-key.pem`` (mode 0600) and
+``ca-cert.pem``.  Operators may instead provide a root, or an intermediate plus
+its chain up to a root (``--ca-cert/--ca-key/--ca-chain``).
+
+``root-cert.pem`` is the trust bundle that sidecars are given: the root of the
+signing chain plus every root in ``extra-roots.pem``, so that a root can be
+rotated by adding the new one first.
+
+Workload certificates carry exactly one URI SAN, the SPIFFE id, key usage for
+digital signature and key encipherment, and EKU for both TLS server and client.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from mesh.identity.files import write_private, write_public
+
+CA_KEY = "ca-key.pem"
+CA_CERT = "ca-cert.pem"
+CA_CHAIN = "cert-chain.pem"
+TRUST_BUNDLE = "root-cert.pem"
+EXTRA_ROOTS = "extra-roots.pem"
+
+ROOT_LIFETIME = datetime.timedelta(days=3650)
+CLOCK_SKEW = datetime.timedelta(minutes=5)
+
+
+class CAError(Exception):
+    """The CA's key material is missing, unreadable or inconsistent."""
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(datetime.timezone.utc)
+
+
+def pem_certs(data: bytes) -> list:
+    """Every certificate in a PEM blob (in order)."""
+    return x509.load_pem_x509_certificates(data) if data.strip() else []
+
+
+def to_pem(certs) -> bytes:
+    return b"".join(cert.public_bytes(serialization.Encoding.PEM) for cert in certs)
+
+
+def generate_root(trust_domain: str):
+    """A new self-signed ECDSA P-256 root: ``(key, cert)``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, trust_domain),
+                      x509.NameAttribute(NameOID.COMMON_NAME, f"txmesh root CA {trust_domain}")])
+    now = _now()
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + ROOT_LIFETIME)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
+                                     data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                                     crl_sign=True, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    return key, cert
+
+
+@dataclass
+class CertificateAuthority:
+    """Signing key and certificate, the chain above it, and the trust bundle.
+
+    ``chain`` lists the certificates from the signing cert (excluded) up to the
+    root (included) -- empty when the signing cert is itself the root.
+    """
+
+    key: object
+    cert: x509.Certificate
+    chain: list
+    bundle: list
+    trust_domain: str
+
+    @classmethod
+    def load_or_create(cls, state_dir: str, trust_domain: str, ca_cert=None, ca_key=None, ca_chain=None):
+        """Open the CA of ``state_dir``, creating a root on first start.
+
+        With ``ca_cert``/``ca_key`` (and ``ca_chain`` for an intermediate),
+        those files are used instead and nothing is generated.
+        """
+        os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        if ca_cert or ca_key:
+            if not (ca_cert and ca_key):
+                raise CAError("--ca-cert and --ca-key go together; give both or neither")
+            key, cert = _read_key(ca_key), _read_cert(ca_cert)
+            chain = pem_certs(_read(ca_chain)) if ca_chain else []
+        else:
+            key_path = os.path.join(state_dir, CA_KEY)
+            cert_path = os.path.join(state_dir, CA_CERT)
+            if not os.path.exists(key_path):
+                key, cert = generate_root(trust_domain)
+                write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                          serialization.PrivateFormat.PKCS8,
+                                                          serialization.NoEncryption()))
+                write_public(cert_path, to_pem([cert]))
+            _check_private_mode(key_path)
+            key, cert = _read_key(key_path), _read_cert(cert_path)
+            chain = []
+        if key.public_key().public_numbers() != cert.public_key().public_numbers():
+            raise CAError("the CA key does not belong to the CA certificate")
+        root = chain[-1] if chain else cert
+        extra = pem_certs(_read(os.path.join(state_dir, EXTRA_ROOTS)))
+        bundle = [root] + [c for c in extra if c != root]
+        write_public(os.path.join(state_dir, TRUST_BUNDLE), to_pem(bundle))
+        if chain:
+            write_public(os.path.join(state_dir, CA_CHAIN), to_pem([cert] + chain))
+        return cls(key=key, cert=cert, chain=chain, bundle=bundle, trust_domain=trust_domain)
+
+    def bundle_pem(self) -> bytes:
+        return to_pem(self.bundle)
+
+    def expires_in(self) -> float:
+        """Seconds until the signing certificate expires."""
+        return (self.cert.not_valid_after_utc - _now()).total_seconds()
+
+    def sign(self, csr: x509.CertificateSigningRequest, spiffe_uri: str, ttl: float) -> tuple:
+        """Issue a workload certificate; returns ``(cert_pem, chain_pem)``.
+
+        ``chain_pem`` is the signing certificate and everything above it, so a
+        peer can build the path to a root of the bundle.
+        """
+        now = _now()
+        not_after = min(now + datetime.timedelta(seconds=ttl), self.cert.not_valid_after_utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain)]))
+            .issuer_name(self.cert.subject)
+            .public_key(csr.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - CLOCK_SKEW)
+            .not_valid_after(not_after)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
+                                         data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                         crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
+                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri)]),
+                           critical=True)
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                           critical=False)
+            .sign(self.key, hashes.SHA256())
+        )
+        chain = [self.cert] + self.chain if self.chain else [self.cert]
+        return to_pem([cert]), to_pem(chain)
+
+
+def _read(path) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except FileNotFoundError:
+        return b""
+
+
+def _read_cert(path) -> x509.Certificate:
+    data = _read(path)
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as error:
+        raise CAError(f"{path}: not a PEM certificate ({error})") from None
+
+
+def _read_key(path):
+    data = _read(path)
+    try:
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as error:
+        raise CAError(f"{path}: not an unencrypted PEM private key ({type(error).__name__})") from None
+
+
+def _check_private_mode(path: str) -> None:
+    mode = os.stat(path).st_mode & 0o777
+    if mode & 0o077:
+        raise CAError(f"{path} has mode {mode:o}; a CA key must be 0600 (chmod 600 {path})")

@@ -1,0 +1,45 @@
+"""Bootstrap credentials: how a caller proves which workload it is.
+
+The CSR endpoint asks an :class:`ICredentialVerifier` who the bearer of a
+credential is.  Outside Kubernetes that is a join token
+(:class:`JoinTokenVerifier`); in Kubernetes a projected service-account token
+checked with a TokenReview plugs in behind the same interface.
+"""
+
+from __future__ import annotations
+
+from zope.interface import Interface, implementer
+
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.tokens import TokenError, verify_token
+
+
+class CredentialRejected(Exception):
+    """The credential does not prove an identity; the message says why."""
+
+
+class ICredentialVerifier(Interface):
+    """Turns a bootstrap credential into the identity it proves."""
+
+    def verify(credential):
+        """Return a :class:`mesh.identity.spiffe.SpiffeId` (or a Deferred of one).
+
+        Raise (or fail with) :class:`CredentialRejected` when the credential
+        proves nothing.
+        """
+
+
+@implementer(ICredentialVerifier)
+class JoinTokenVerifier:
+    """Verifies join tokens from ``meshctl token create``."""
+
+    def __init__(self, key: bytes, trust_domain: str):
+        self._key = key
+        self._trust_domain = trust_domain
+
+    def verify(self, credential):
+        try:
+            claims = verify_token(self._key, credential, self._trust_domain)
+        except TokenError as error:
+            raise CredentialRejected(str(error)) from None
+        return SpiffeId(self._trust_domain, claims.namespace, claims.service_account)

@@ -1,0 +1,127 @@
+"""Mesh mTLS on the sidecar's connections.
+
+- :class:`UpstreamTLS` wraps upstream connections to mesh endpoints in TLS with
+  the workload certificate (the peer's identity is checked by
+  :class:`mesh.proxy.upstream.UpstreamConnection` after the handshake).
+- :class:`InboundFactory` accepts the inbound port according to
+  PeerAuthentication: STRICT (TLS only), PERMISSIVE (TLS or plaintext, told
+  apart by the first byte: 0x16 starts a TLS handshake) or DISABLE.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from cryptography.hazmat.primitives import serialization
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Protocol, ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from mesh.identity.tls import ClientTLS, ServerTLS, peer_certificate, spiffe_id_of
+
+log = Logger()
+
+TLS_HANDSHAKE_RECORD = 0x16
+STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
+
+
+class UpstreamTLS:
+    """Wraps pool factories in client TLS from a credential store."""
+
+    def __init__(self, store):
+        self.store = store
+        self._creator = ClientTLS(store)
+
+    def refusal(self):
+        """Why mTLS cannot be attempted now, or None."""
+        if self.store.current is None:
+            return ("the endpoint requires mTLS but this sidecar has no workload certificate yet; start it "
+                    "with --control (or --cert/--key/--ca-bundle), or set the DestinationRule tls.mode DISABLE")
+        return None
+
+    def wrap(self, factory):
+        return TLSMemoryBIOFactory(self._creator, True, factory)
+
+
+def client_cert_header(own_identity, transport):
+    """Envoy's ``x-forwarded-client-cert`` value for a verified TLS peer."""
+    cert = peer_certificate(transport)
+    if cert is None:
+        return None
+    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+    parts = [f"By={own_identity}"] if own_identity else []
+    parts += [f"Hash={digest}", 'Subject=""', f"URI={spiffe_id_of(cert) or ''}"]
+    return ";".join(parts).encode()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Sniffer(Protocol):
+    """Waits for the first byte, then hands the connection to TLS or plaintext."""
+
+    def __init__(self, factory, addr):
+        self.factory = factory
+        self.addr = addr
+        self.inner = None
+
+    def dataReceived(self, data):
+        if self.inner is None:
+            self.inner = self.factory.choose(data[0], self.addr)
+            if self.inner is None:
+                self.transport.abortConnection()
+                return
+            self.inner.makeConnection(self.transport)
+        self.inner.dataReceived(data)
+
+    def connectionLost(self, reason=None):
+        if self.inner is not None:
+            self.inner.connectionLost(reason)
+
+    def readConnectionLost(self):
+        if self.inner is None:
+            self.transport.loseConnection()
+        elif IHalfCloseableProtocol.providedBy(self.inner):
+            self.inner.readConnectionLost()
+        else:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        self.transport.loseConnection()
+
+
+class InboundFactory(ServerFactory):
+    """The inbound port: plaintext and/or mTLS by the PeerAuthentication mode.
+
+    :param plain_factory: builds the HTTP protocol (a DownstreamFactory).
+    :param store: the workload's :class:`mesh.identity.tls.CredentialStore`.
+    :param mode_of: ``() -> "STRICT" | "PERMISSIVE" | "DISABLE"``, read per
+        connection so that a config change applies to new connections.
+    """
+
+    noisy = False
+
+    def __init__(self, plain_factory, store, mode_of):
+        self.plain = plain_factory
+        self.store = store
+        self.mode_of = mode_of
+        self.tls = TLSMemoryBIOFactory(ServerTLS(store), False, plain_factory)
+        self.refused = 0
+
+    def buildProtocol(self, addr):
+        if len(self.plain.listener.connections) >= self.plain.listener.limits.max_connections:
+            return None
+        return _Sniffer(self, addr)
+
+    def choose(self, first_byte, addr):
+        """The protocol for a connection whose first byte is ``first_byte``, or None to refuse."""
+        mode = self.mode_of()
+        is_tls = first_byte == TLS_HANDSHAKE_RECORD
+        if is_tls and mode != DISABLE and self.store.current is not None:
+            return self.tls.buildProtocol(addr)
+        if not is_tls and mode != STRICT:
+            return self.plain.buildProtocol(addr)
+        self.refused += 1
+        log.info("inbound connection from {peer} refused: {why}", peer=getattr(addr, "host", addr),
+                 why="plaintext on a STRICT mTLS port" if not is_tls else "TLS but mTLS is disabled here")
+        return None
