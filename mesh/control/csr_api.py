@@ -68,6 +68,8 @@ class CSRResource(resource.Resource):
             body = json.loads(request.content.read(MAX_BODY + 1))
             credential, csr_pem = body["credential"], body["csr"].encode()
             requested = float(body.get("ttl") or self._default_ttl)
+            if not requested > 0:
+                raise ValueError("ttl")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _Reject(400, "malformed request: expected JSON {credential, csr, ttl?}") from None
         try:
@@ -78,7 +80,7 @@ class CSRResource(resource.Resource):
             csr = check_csr(csr_pem, identity.uri)
         except CSRRejected as error:
             raise _Reject(403 if "credential proves" in str(error) else 400, f"CSR rejected: {error}") from None
-        ttl = max(60.0, min(requested, self._max_ttl))
+        ttl = min(requested, self._max_ttl)
         cert_pem, chain_pem = await defer.maybeDeferred(self._sign, csr, identity.uri, ttl)
         not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
         log.info("signed a {ttl:.0f}s certificate for {identity} ({peer})", ttl=ttl,

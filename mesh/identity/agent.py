@@ -21,7 +21,7 @@ from OpenSSL import SSL, crypto
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
@@ -33,6 +33,10 @@ log = Logger()
 
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
+
+
+class _QuietClientFactory(_HTTP11ClientFactory):
+    noisy = False  # one CSR per rotation: no "Starting factory" log lines
 
 
 class RenewError(Exception):
@@ -144,8 +148,10 @@ class WorkloadAgent(service.Service):
         body = {"credential": credential, "csr": make_csr(key, self.identity.uri).decode()}
         if self.ttl:
             body["ttl"] = self.ttl
+        pool = HTTPConnectionPool(self.reactor, persistent=False)
+        pool._factory = _QuietClientFactory
         agent = Agent(self.reactor, contextFactory=_ControlPolicy(self.bundle, self.control_identity),
-                      connectTimeout=10)
+                      connectTimeout=10, pool=pool)
         try:
             response = await agent.request(b"POST", self.url, Headers({b"content-type": [b"application/json"]}),
                                            FileBodyProducer(BytesIO(json.dumps(body).encode())))
