@@ -46,6 +46,9 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required (where the CA key and trust bundle live)")
+        # usage.Options coerces only the values given on the command line, not the defaults
+        if isinstance(self["workload-cert-ttl"], str):
+            self["workload-cert-ttl"] = duration_option(self["workload-cert-ttl"])
 
 
 def makeService(options):
