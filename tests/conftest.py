@@ -65,3 +65,15 @@ def pytest_runtest_makereport(item, call):
 def pytest_sessionfinish(session, exitstatus):
     """Safety net: nothing started by the harness outlives the test run."""
     stop_all()
+
+
+@pytest.fixture(scope="module")
+def control_factory(process_log_dir):
+    """``control_factory(state_dir=None, workload_cert_ttl=None, extra_args=...)`` -> a started
+    :class:`~tests.harness.Control` (``twistd mesh-control``; ready: admin /ready answered 200).
+    Module-scoped, like :func:`backend_factory`."""
+    from tests.harness import Control
+
+    factory = ProcessFactory(Control, process_log_dir)
+    yield factory
+    factory.stop_all()

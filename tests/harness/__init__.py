@@ -10,6 +10,7 @@ The pytest fixtures ``backend_factory`` and ``proxy_factory`` in tests/conftest.
 """
 
 from .backend import Backend
+from .control import Control
 from .curl import CurlResult, curl
 from .net import free_port, http_request
 from .processes import REPO_ROOT, ManagedProcess, ProcessExitedError, stop_all, venv_bin, venv_dir
@@ -18,6 +19,6 @@ from .rawhttp import RawConnection, RawResponse
 from .waiting import wait_for
 
 __all__ = [
-    "REPO_ROOT", "Backend", "CurlResult", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
+    "REPO_ROOT", "Backend", "Control", "CurlResult", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
     "http_request", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]
