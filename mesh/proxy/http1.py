@@ -306,6 +306,13 @@ class DownstreamConnection(Protocol):
         """Answer a request we could not parse or accept, then close."""
         if self.closing:
             return
+        exchange = self.reading
+        if (exchange is not None and self.queue and self.queue[0] is exchange
+                and not exchange.response_started):
+            # The body of the request being answered is malformed (a bad chunk): that
+            # request gets the error; the exchange closes, as its body was not read.
+            exchange.local_reply(status, "", message)
+            return
         self.closing = True
         if not self.queue:
             self.write(simple_response(status, "", message.encode() + b"\n"))
