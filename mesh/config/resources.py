@@ -1,5 +1,7 @@
 """Validated Istio resources: frozen dataclasses, one per kind.
 
+(AuthorizationPolicy and PeerAuthentication live in :mod:`mesh.config.security`.)
+
 :func:`mesh.config.validate.validate` builds these from raw
 :class:`mesh.config.loader.Resource` objects.  Hosts are already fully
 qualified (see :mod:`mesh.config.hosts`), durations are float seconds, maps
@@ -229,18 +231,4 @@ class VirtualService:
     hosts: tuple
     http: tuple
     export_to: tuple
-    source: Resource = _source()
-
-
-@dataclass(frozen=True)
-class SecurityPolicy:
-    """An AuthorizationPolicy or PeerAuthentication, kept as written.
-
-    Their specs are not validated or compiled yet: only their metadata is.
-    """
-
-    kind: str
-    name: str
-    namespace: str
-    spec: dict = field(compare=False)
     source: Resource = _source()

@@ -1,5 +1,7 @@
 """Validation of raw resources into the frozen dataclasses of :mod:`mesh.config.resources`.
 
+The security kinds are validated by :mod:`mesh.config.security`.
+
 :func:`validate` checks each resource on its own and reports every problem it
 finds, each naming its field.  Fields that Istio defines but txmesh does not
 implement are errors that say so and what to do; they are never ignored.
@@ -15,9 +17,10 @@ from mesh.config import hosts as hostnames
 from mesh.config.fields import Fields, Report
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, HTTPMatch, HTTPRoute, LoadBalancer,
-    RouteDestination, SecurityPolicy, ServiceEntry, ServicePort, StringMatch, Subset, TrafficPolicy,
+    RouteDestination, ServiceEntry, ServicePort, StringMatch, Subset, TrafficPolicy,
     VirtualService, WorkloadEndpoint, WorkloadEntry,
 )
+from mesh.config.security import authorization_policy, peer_authentication
 from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
@@ -639,16 +642,11 @@ def _header_ops(parent: Fields, key) -> tuple:
     return HeaderOps(set=tuple(ops["set"]), add=tuple(ops["add"]), remove=tuple(ops["remove"])), authority
 
 
-def _security_policy(resource, report, domain) -> SecurityPolicy:
-    return SecurityPolicy(kind=resource.kind, name=resource.name, namespace=resource.namespace,
-                          spec=resource.spec, source=resource)
-
-
 _VALIDATORS = {
     "ServiceEntry": _service_entry,
     "WorkloadEntry": _workload_entry,
     "DestinationRule": _destination_rule,
     "VirtualService": _virtual_service,
-    "AuthorizationPolicy": _security_policy,
-    "PeerAuthentication": _security_policy,
+    "AuthorizationPolicy": authorization_policy,
+    "PeerAuthentication": peer_authentication,
 }

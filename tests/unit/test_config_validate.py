@@ -7,7 +7,7 @@ import pytest
 from mesh.config.fields import parse_duration
 from mesh.config.loader import load_files
 from mesh.config.resources import (
-    DEFAULT_RETRY, ConnectionPool, HTTPMatch, LoadBalancer, RouteDestination, SecurityPolicy, ServicePort,
+    DEFAULT_RETRY, ConnectionPool, HTTPMatch, LoadBalancer, RouteDestination, ServicePort,
     StringMatch, WorkloadEndpoint,
 )
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
@@ -574,20 +574,6 @@ def test_header_operation_rejections(tmp_path):
             "one of them"),
         (12, "spec.http[0].headers.response.remove[0]: the Host header and pseudo-headers cannot be removed"),
     ])
-
-
-def test_security_kinds_are_kept_as_written(tmp_path):
-    [policy] = _valid(tmp_path, """
-        apiVersion: security.istio.io/v1
-        kind: AuthorizationPolicy
-        metadata: {name: allow-get, namespace: shop}
-        spec:
-          action: ALLOW
-          rules: [{to: [{operation: {methods: [GET]}}]}]
-        """)
-    assert isinstance(policy, SecurityPolicy)
-    assert (policy.kind, policy.namespace, policy.name) == ("AuthorizationPolicy", "shop", "allow-get")
-    assert policy.spec["rules"][0]["to"][0]["operation"]["methods"] == ["GET"]
 
 
 def test_every_resource_is_validated_independently(tmp_path):
