@@ -14,7 +14,7 @@ from mesh.proxy.pool import ConnectionPool
 
 
 class Endpoint:
-    """One upstream address, shared by every cluster that contains it.
+    """One upstream address, shared by every cluster that contains it with the same spec.
 
     ``active_requests`` counts tries in flight; ``ejected_until`` is the
     monotonic time until which outlier detection keeps the endpoint out of
@@ -134,25 +134,39 @@ class ClusterManager:
     def update(self, cluster_specs: dict) -> dict:
         """Build clusters for ``cluster_specs`` and return them (name -> Cluster).
 
-        Endpoints that no cluster uses any more have their idle connections
-        closed.
+        Clusters in which an address has the same :class:`EndpointSpec` (a
+        service and its subsets) share one :class:`Endpoint`.  The same address
+        with another weight or labels in another cluster gets an Endpoint of
+        its own: a weight belongs to one spec, and sharing the object gave
+        every cluster the weight of the last one built.  Across updates an
+        endpoint is kept by spec or, if its weight or labels changed, by
+        :attr:`EndpointSpec.key`, so its pool and health survive.  Endpoints
+        that no cluster uses any more have their idle connections closed.
         """
+        previous = self._endpoints
+        wanted = {endpoint_spec for spec in cluster_specs.values() for endpoint_spec in spec.endpoints}
+        changed = {}  # key -> previous endpoints whose spec is gone, to adopt a changed spec
+        for endpoint in previous.values():
+            if endpoint.spec not in wanted:
+                changed.setdefault(endpoint.spec.key, []).append(endpoint)
         endpoints = {}
         clusters = {}
         for name, spec in cluster_specs.items():
             live = []
             for endpoint_spec in spec.endpoints:
-                key = endpoint_spec.key
-                endpoint = endpoints.get(key) or self._endpoints.get(key)
+                endpoint = endpoints.get(endpoint_spec) or previous.get(endpoint_spec)
                 if endpoint is None:
-                    endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
-                elif endpoint.spec != endpoint_spec:
-                    endpoint.update_spec(endpoint_spec)
-                endpoints[key] = endpoint
+                    candidates = changed.get(endpoint_spec.key)
+                    if candidates:
+                        endpoint = candidates.pop()
+                        endpoint.update_spec(endpoint_spec)
+                    else:
+                        endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
+                endpoints[endpoint_spec] = endpoint
                 live.append(endpoint)
             clusters[name] = Cluster(spec, live)
-        for key, endpoint in self._endpoints.items():
-            if key not in endpoints:
+        for candidates in changed.values():
+            for endpoint in candidates:
                 endpoint.pool.close_idle()
         self._endpoints = endpoints
         self.clusters = clusters

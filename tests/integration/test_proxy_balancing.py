@@ -68,12 +68,9 @@ def test_round_robin_honours_endpoint_weights(mesh):
     assert "".join("a" if name == A + "-w" else "b" for name in order).find("aaaa") == -1, order
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "bug: mesh.proxy.clusters shares one Endpoint per address:port across clusters and gives it the spec "
-    "(weight, labels, identity) of the last cluster compiled, so rr-shared inherits wrr's 3:1 weights; "
-    "not fixed here because mesh/proxy/clusters.py has another engineer's uncommitted changes"))
 def test_endpoint_weight_is_per_service(mesh):
-    """rr-shared has the endpoints of wrr with the default weight 1: it must alternate strictly."""
+    """rr-shared has the endpoints of wrr with the default weight 1: it must alternate strictly (an endpoint
+    shared by two services once took the weight of the service compiled last)."""
     proxy, _, _ = mesh
     order = names(curl_many(proxy.outbound_url + "/", 20, host="rr-shared"))
     assert Counter(order) == {A + "-w": 10, B + "-w": 10}, order
