@@ -102,6 +102,7 @@ class CertificateAuthority:
             if not (ca_cert and ca_key):
                 raise CAError("--ca-cert and --ca-key go together; give both or neither")
             key, cert = _read_key(ca_key), _read_cert(ca_cert)
+            _check_private_mode(ca_key)
             chain = pem_certs(_read(ca_chain)) if ca_chain else []
         else:
             key_path = os.path.join(state_dir, CA_KEY)
