@@ -9,6 +9,8 @@ namespace when several claim the same host.
   and ``outbound|PORT|SUBSET|HOST`` for every DestinationRule subset.
 - **Routes**: a VirtualService's ``http`` list becomes one virtual host; a
   ServiceEntry host without one gets a default route to its first port.
+- **Security**: the AuthorizationPolicies and PeerAuthentications that apply
+  to the workload (see :mod:`mesh.config.security_compile`).
 - **Cross-references** that do not resolve (a route to a host, port or subset
   nobody defines) still compile, as routes to clusters that do not exist (the
   proxy answers 503 ``NC``); each is recorded as a
@@ -32,6 +34,7 @@ from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, ServiceEntry, VirtualService,
     WorkloadEntry,
 )
+from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_authz, compile_peer_authn
 from mesh.config.tables import (
     ClusterSpec, CompiledRoute, EndpointSpec, OutlierPolicy, ProxyConfig, RouteAction, RouteTable,
     VirtualHost,
@@ -44,15 +47,21 @@ _POLICY_SETTINGS = ("load_balancer", "connection_pool", "outlier_detection", "tl
 
 @dataclass(frozen=True)
 class Workload:
-    """The workload a proxy serves: the point of view of its compiled config."""
+    """The workload a proxy serves: the point of view of its compiled config.
+
+    ``app_port`` is the port its inbound listener forwards to: the destination
+    port AuthorizationPolicy ``ports`` and ``destination.port`` test (None:
+    unknown, see :mod:`mesh.config.authz_predicates`).
+    """
 
     name: str
     namespace: str
     labels: dict = field(default_factory=dict)
     service_account: Optional[str] = None
+    app_port: Optional[int] = None
 
 
-def load_and_compile(config_dir, workload: Workload) -> tuple:
+def load_and_compile(config_dir, workload: Workload, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple:
     """Load, validate and compile a config directory: ``(ProxyConfig, warnings)``.
 
     Raises :class:`~mesh.config.errors.ConfigErrors` listing every problem of
@@ -62,14 +71,18 @@ def load_and_compile(config_dir, workload: Workload) -> tuple:
     objects, errors = validate(loaded.resources)
     if loaded.errors or errors:
         raise ConfigErrors(loaded.errors + errors)
-    config = compile_proxy_config(objects, workload)
+    config = compile_proxy_config(objects, workload, root_namespace=root_namespace)
     return config, list(config.warnings)
 
 
 def compile_proxy_config(objects, workload: Workload, domain: str = hostnames.DEFAULT_DOMAIN,
-                         trust_domain: str = "cluster.local") -> ProxyConfig:
-    """Compile validated objects (from :func:`mesh.config.validate.validate`) for ``workload``."""
-    return _Compiler(objects, workload, domain, trust_domain).build()
+                         trust_domain: str = "cluster.local",
+                         root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> ProxyConfig:
+    """Compile validated objects (from :func:`mesh.config.validate.validate`) for ``workload``.
+
+    ``root_namespace`` holds Istio's mesh-wide security policies.
+    """
+    return _Compiler(objects, workload, domain, trust_domain, root_namespace).build()
 
 
 def cluster_name(port: int, subset: str, host: str) -> str:
@@ -98,11 +111,12 @@ class _Service:
 class _Compiler:
     """One compilation; holds the warnings and the tables being built."""
 
-    def __init__(self, objects, workload, domain, trust_domain):
+    def __init__(self, objects, workload, domain, trust_domain, root_namespace):
         self.objects = list(objects)
         self.workload = workload
         self.domain = domain
         self.trust_domain = trust_domain
+        self.root_namespace = root_namespace
         self.warnings = []
         self.clusters = {}
         self.route_dumps = {}
@@ -114,11 +128,17 @@ class _Compiler:
         for service in self.services.values():
             self._add_clusters(service)
         routes = self._route_table(self._visible(VirtualService))
+        authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
+        peer_authn, peer_authn_dump = compile_peer_authn(self.objects, self.workload, self.root_namespace,
+                                                         self._warn)
         dump = {
             "routes": self._dump_routes(routes),
             "clusters": [describe_cluster(spec) for _, spec in sorted(self.clusters.items())],
+            "authz": authz_dump,
+            "peer_authentication": peer_authn_dump,
         }
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
+                           authz=authz, peer_authentication=peer_authn,
                            sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 

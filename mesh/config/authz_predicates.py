@@ -1,0 +1,185 @@
+"""Compiling AuthorizationPolicy rules into per-request predicates ``(ctx, peer) -> bool``.
+
+``ctx`` is the inbound :class:`mesh.proxy.context.RequestContext`, ``peer`` the
+caller's verified SPIFFE id (None for plaintext).  Everything is decided when
+the config is compiled: exact values become a frozenset, prefixes and
+suffixes tuples for one ``startswith``/``endswith`` call, IP blocks
+:mod:`ipaddress` networks.  Conditions on the destination port are decided
+then too, since it is the workload's app port; they fold to True or False,
+and so can whole rules.
+
+Request attributes, as Istio reads them:
+
+- **principal**: ``peer`` without ``spiffe://``; **namespace**: the ``/ns/NS/``
+  part of it.  Both are absent for plaintext, so ``principals``/``namespaces``
+  never match plaintext and ``notPrincipals``/``notNamespaces`` always do
+  (``notPrincipals: ["*"]`` is Istio's "deny plaintext").
+- **ip**: ``ctx.source_address``, the peer address of the connection.
+- **host**: the Host header as received (with its port, if any), compared
+  case-insensitively: ``example.com`` does not match ``example.com:8080``; write
+  ``example.com:*`` as well, as Istio advises.
+- **method**: ``ctx.method``; **path**: ``ctx.uri_path`` (no query) normalized as
+  Istio's default ``BASE`` normalization does (:func:`normalize_path`).
+- **header**: ``ctx.headers[name]`` (repeated headers joined with ``", "``).
+- **port**: the workload's app port.  When it is unknown, a port condition
+  fails closed as Istio does with attributes it cannot evaluate: it matches in
+  a DENY rule and does not in an ALLOW rule.
+
+Patterns: ``abc`` exact, ``abc*`` prefix, ``*abc`` suffix, ``*`` any non-empty
+value (for a header: present, even if empty).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Callable, Optional
+
+_SPIFFE = "spiffe://"
+#: %-escapes of unreserved characters, which BASE normalization decodes
+_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|4[1-9a-fA-F]|5[0-9aA]|5[fF]|6[1-9a-fA-F]|7[0-9aA]|7[eE])")
+
+
+def compile_rule(rule, app_port: Optional[int], deny: bool):
+    """The predicate of an :class:`~mesh.config.security.AuthzRule`, or True/False when decided.
+
+    ``deny`` tells whether the rule belongs to a DENY policy (how an unknown
+    port is decided).
+    """
+    def clause(matches):
+        return _combine([_condition(match, app_port, deny) for match in matches], any_of=False)
+
+    sources = _combine([clause(c) for c in rule.sources], any_of=True) if rule.sources else True
+    operations = _combine([clause(c) for c in rule.operations], any_of=True) if rule.operations else True
+    return _combine([sources, operations, clause(rule.conditions)], any_of=False)
+
+
+def normalize_path(path: str) -> str:
+    """Istio's ``BASE`` path normalization: decode %-escaped unreserved characters,
+    turn ``\\`` into ``/`` and resolve ``.``/``..`` segments (RFC 3986)."""
+    if "%" not in path and "\\" not in path and "/." not in path:
+        return path
+    path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path).replace("\\", "/")
+    if not path.startswith("/"):
+        return path
+    segments = path.split("/")[1:]
+    out = []
+    for segment in segments:
+        if segment == "..":
+            if out:
+                out.pop()
+        elif segment != ".":
+            out.append(segment)
+    if segments[-1] in (".", ".."):
+        out.append("")
+    return "/" + "/".join(out)
+
+
+def string_test(patterns, empty_is_present: bool = False) -> Callable[[Optional[str]], bool]:
+    """``value -> bool``: does ``value`` match any Istio pattern?  None (absent) never does.
+
+    ``*`` requires a non-empty value, or only a present one with ``empty_is_present``.
+    """
+    if "*" in patterns:
+        if empty_is_present:
+            return lambda value: value is not None
+        return bool
+    exact = frozenset(p for p in patterns if "*" not in p)
+    prefixes = tuple(p[:-1] for p in patterns if p.endswith("*"))
+    suffixes = tuple(p[1:] for p in patterns if p.startswith("*"))
+    if not prefixes and not suffixes:
+        return exact.__contains__
+    return lambda value: value is not None and (value in exact or value.startswith(prefixes)
+                                                or value.endswith(suffixes))
+
+
+def _combine(tests, any_of: bool):
+    """OR (``any_of``) or AND of conditions, folding the ones decided at compile time.
+
+    Like :func:`mesh.config.predicates._combine`, for two-argument predicates.
+    """
+    decisive = any_of  # True decides an OR, False decides an AND
+    if any(test is decisive for test in tests):
+        return decisive
+    tests = tuple(test for test in tests if test is not (not decisive))
+    if not tests:
+        return not decisive
+    if len(tests) == 1:
+        return tests[0]
+    if any_of:
+        def any_matches(ctx, peer) -> bool:
+            for test in tests:
+                if test(ctx, peer):
+                    return True
+            return False
+        return any_matches
+
+    def all_match(ctx, peer) -> bool:
+        for test in tests:
+            if not test(ctx, peer):
+                return False
+        return True
+    return all_match
+
+
+def _condition(match, app_port, deny):
+    """The predicate of one :class:`~mesh.config.security.AuthzMatch` (or True/False)."""
+    if match.attribute == "port":
+        if app_port is None:
+            return deny
+        return (app_port in match.values) is not match.negated
+    if match.attribute == "ip":
+        test = _ip_test(match.values)
+    else:
+        test = string_test(match.values, empty_is_present=match.attribute == "header")
+    read = _header_reader(match.header) if match.attribute == "header" else _READERS[match.attribute]
+    if match.negated:
+        return lambda ctx, peer: not test(read(ctx, peer))
+    return lambda ctx, peer: test(read(ctx, peer))
+
+
+def _ip_test(networks) -> Callable:
+    networks = tuple(networks)
+
+    def test(address) -> bool:
+        if address is not None:
+            for network in networks:
+                if address in network:
+                    return True
+        return False
+    return test
+
+
+def _principal(ctx, peer) -> Optional[str]:
+    return peer[len(_SPIFFE):] if peer is not None and peer.startswith(_SPIFFE) else None
+
+
+def _namespace(ctx, peer) -> Optional[str]:
+    principal = _principal(ctx, peer)
+    if principal is None:
+        return None
+    _, found, rest = principal.partition("/ns/")
+    namespace, slash, _ = rest.partition("/")
+    return namespace if found and slash else None
+
+
+def _source_ip(ctx, peer):
+    try:
+        address = ipaddress.ip_address(ctx.source_address)
+    except ValueError:
+        return None
+    return (address.ipv4_mapped or address) if address.version == 6 else address
+
+
+def _header_reader(name: str) -> Callable:
+    return lambda ctx, peer: ctx.headers.get(name)
+
+
+_READERS = {
+    "principal": _principal,
+    "namespace": _namespace,
+    "ip": _source_ip,
+    "host": lambda ctx, peer: ctx.authority.decode("latin-1").lower(),
+    "method": lambda ctx, peer: ctx.method,
+    "path": lambda ctx, peer: normalize_path(ctx.uri_path),
+}

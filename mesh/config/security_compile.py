@@ -1,0 +1,115 @@
+"""Compiling AuthorizationPolicies and PeerAuthentications for one workload.
+
+**Which policies apply** (Istio): those of the workload's namespace whose
+selector matches the workload's labels (no selector: the whole namespace), and
+those of the root namespace (``istio-system`` by default) likewise: without a
+selector they apply to the whole mesh, with one to the matching workloads of
+every namespace.  PeerAuthentications with a selector in the root namespace
+are the exception: Istio ignores them, and so does txmesh (with a warning).
+
+**PeerAuthentication precedence** (Istio): the workload's own policy (with a
+selector) over its namespace's policy over the mesh-wide policy over the
+default, PERMISSIVE.  UNSET (or no ``mtls``) inherits from the next level;
+``portLevelMtls`` of the workload policy overrides the result for its ports
+(UNSET there inherits the workload's mode).  Where Istio picks the oldest of
+several policies of one level, txmesh, which may not know creation times,
+picks the first by name and warns about the others.
+"""
+
+from __future__ import annotations
+
+from mesh.config.authz_predicates import compile_rule
+from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.security_tables import AuthzPolicies, AuthzPolicy, PeerAuthn
+
+DEFAULT_ROOT_NAMESPACE = "istio-system"
+
+
+def applicable(objects, cls, workload, root_namespace) -> list:
+    """The policies of type ``cls`` that apply to ``workload``: its namespace's, then the root's."""
+    labels = set(workload.labels.items())
+    found = [obj for obj in objects if isinstance(obj, cls)
+             and obj.namespace in (workload.namespace, root_namespace)
+             and (obj.selector is None or set(obj.selector) <= labels)]
+    return sorted(found, key=lambda obj: (obj.namespace != workload.namespace, obj.namespace, obj.name))
+
+
+def compile_authz(objects, workload, root_namespace, warn) -> tuple:
+    """``(AuthzPolicies or None, dump)``: the workload's compiled AuthorizationPolicies.
+
+    None when no policy applies (every request is allowed).  ``warn(obj,
+    path, reason)`` records a :class:`~mesh.config.errors.ConfigWarning`.
+    """
+    compiled = {"ALLOW": [], "DENY": []}
+    dump = {"ALLOW": [], "DENY": []}
+    for policy in applicable(objects, AuthorizationPolicy, workload, root_namespace):
+        deny = policy.action == "DENY"
+        rules = []
+        for index, rule in enumerate(policy.rules):
+            if workload.app_port is None and _tests_port(rule):
+                warn(policy, ("spec", "rules", index), "the workload's app port is unknown, so this rule's port "
+                     f"conditions cannot be evaluated: {'they count as matching' if deny else 'it never matches'}")
+            predicate = compile_rule(rule, workload.app_port, deny)
+            if predicate is True:
+                rules.append(_always)
+            elif predicate is not False:
+                rules.append(predicate)
+        name = f"{policy.namespace}/{policy.name}"
+        compiled[policy.action].append(AuthzPolicy(name, tuple(rules)))
+        dump[policy.action].append({"name": name, "rules": [describe_rule(rule) for rule in policy.rules]})
+    if not compiled["ALLOW"] and not compiled["DENY"]:
+        return None, None
+    return (AuthzPolicies(deny=tuple(compiled["DENY"]), allow=tuple(compiled["ALLOW"])),
+            {"deny": dump["DENY"], "allow": dump["ALLOW"]})
+
+
+def compile_peer_authn(objects, workload, root_namespace, warn) -> tuple:
+    """``(PeerAuthn, dump)``: the workload's effective PeerAuthentication."""
+    levels = {"mesh": [], "namespace": [], "workload": []}
+    for policy in applicable(objects, PeerAuthentication, workload, root_namespace):
+        if policy.selector is None:
+            levels["mesh" if policy.namespace == root_namespace else "namespace"].append(policy)
+        elif policy.namespace != root_namespace:
+            levels["workload"].append(policy)
+        else:
+            warn(policy, ("spec", "selector"), f"a PeerAuthentication with a selector in the root namespace "
+                 f"({root_namespace}) is ignored, as in Istio; put it in the workload's namespace")
+    mode, port_modes, chosen = "PERMISSIVE", (), {}
+    for level, policies in levels.items():
+        if not policies:
+            continue
+        policy = min(policies, key=lambda p: p.name)
+        for other in policies:
+            if other is not policy:
+                warn(other, ("metadata", "name"), f"PeerAuthentication {policy.namespace}/{policy.name} also "
+                     f"applies to workload {workload.namespace}/{workload.name} at the {level} level and "
+                     "takes precedence (first by name); this one is ignored for it")
+        chosen[level] = f"{policy.namespace}/{policy.name}"
+        if policy.mode != "UNSET":
+            mode = policy.mode
+        port_modes = tuple((port, mode if port_mode == "UNSET" else port_mode)
+                           for port, port_mode in policy.port_modes)
+    result = PeerAuthn(mode=mode, port_modes=port_modes)
+    return result, {"mode": mode, "port_modes": {str(port): value for port, value in port_modes},
+                    "policies": chosen}
+
+
+def describe_rule(rule) -> dict:
+    """A rule as JSON values for ``/config_dump``: its conditions as text."""
+    return {"from": [[_describe(match) for match in clause] for clause in rule.sources],
+            "to": [[_describe(match) for match in clause] for clause in rule.operations],
+            "when": [_describe(match) for match in rule.conditions]}
+
+
+def _describe(match) -> str:
+    return f"{match.field}: {', '.join(str(value) for value in match.values)}"
+
+
+def _tests_port(rule) -> bool:
+    clauses = rule.sources + rule.operations + (rule.conditions,)
+    return any(match.attribute == "port" for clause in clauses for match in clause)
+
+
+def _always(ctx, peer) -> bool:
+    """The predicate of a rule that matches every request."""
+    return True
