@@ -25,6 +25,7 @@ BUILTIN_PLUGINS = (
     ("builtin.routing", "mesh.builtin.routing"),
     ("builtin.balancing", "mesh.builtin.balancing"),
     ("builtin.retry", "mesh.builtin.retry"),
+    ("builtin.authz", "mesh.builtin.authz"),
 )
 
 def disabled_from_env() -> set:
