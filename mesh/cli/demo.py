@@ -1,0 +1,99 @@
+"""``meshctl demo``: run the demo mesh on loopback and take a guided tour of it.
+
+Starts four workloads on loopback, each a demo app plus its sidecar, prints
+where everything is, then sends real traffic through the mesh and checks what
+happens.  Afterwards the mesh stays up for you to explore until Ctrl-C (or
+SIGTERM); with --exit-after-tour it stops right away.  Either way every child
+process is stopped before meshctl exits.
+
+The mesh is :mod:`mesh.demo.runner`, the tour :mod:`mesh.demo.tour`.
+
+Exit status: 0 when every expectation of the tour held; 1 when one did not or
+a process of the mesh died; 2 when the mesh could not start; 130 when
+interrupted before the tour finished.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import tempfile
+from pathlib import Path
+
+from mesh.demo.runner import ADMIN_ADDRESS, OUTBOUND_PORT, STOP_SIGNALS, DemoError, DemoMesh
+from mesh.demo.tour import CLIENT, run_tour
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("demo", help="run a demo mesh on loopback and tour it with real traffic",
+                                   description=__doc__.split("\n\n")[1])
+    parser.add_argument("--exit-after-tour", action="store_true",
+                        help="stop the mesh after the tour; exit 0 only if every expectation held")
+    parser.add_argument("--state-dir", type=Path, metavar="DIR",
+                        help="where to write the logs (default: a new temporary directory)")
+    parser.set_defaults(func=run)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def run(args) -> int:
+    state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="txmesh-demo-"))
+    previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
+    try:
+        with DemoMesh(state_dir) as mesh:
+            print(f"Starting the demo mesh (logs in {mesh.log_dir}) ...", flush=True)
+            mesh.start()
+            print(mesh.describe(), flush=True)
+            passed = run_tour(mesh)
+            if not args.exit_after_tour:
+                passed = _stay_up(mesh) and passed
+            print("Stopping the demo mesh ...", flush=True)
+    except DemoError as error:
+        print(f"meshctl demo: {error}", file=sys.stderr, flush=True)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\nmeshctl demo: interrupted; the demo mesh is stopped (logs in {state_dir})", file=sys.stderr)
+        return 130
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(f"Stopped. The logs stay in {state_dir}", flush=True)
+    return 0 if passed else 1
+
+
+def _print_try_it(mesh: DemoMesh) -> None:
+    client = mesh.workload(CLIENT)
+    outbound = f"http://{client.address}:{OUTBOUND_PORT}"
+    print("\n".join([
+        "",
+        "The mesh stays up until you press Ctrl-C. Try it yourself:",
+        f"  curl -H 'Host: user-service' {outbound}/",
+        f"  curl -H 'Host: user-service' -H 'x-user-group: beta' {outbound}/",
+        f"  curl -H 'Host: payment-service' {outbound}/status/503",
+        f"  curl http://{ADMIN_ADDRESS}:{client.admin_port}/config_dump",
+    ]), flush=True)
+
+
+def _stay_up(mesh: DemoMesh) -> bool:
+    """Say how to explore the mesh, then block until a stop signal (True) or until a process of the
+    mesh exits (False, with its log tail).
+
+    The signals are held from before the message on, so a Ctrl-C right after it is a normal stop.
+    """
+    wake = {*STOP_SIGNALS, signal.SIGCHLD}  # SIGCHLD: a child exited
+    previous_mask = signal.pthread_sigmask(signal.SIG_BLOCK, wake)
+    try:
+        _print_try_it(mesh)
+        while not (exited := mesh.exited()):
+            signum = signal.sigwait(wake)
+            if signum != signal.SIGCHLD:
+                print(f"\n{signal.Signals(signum).name} received", flush=True)
+                return True
+        for child in exited:
+            print(child.failure(f"meshctl demo: {child.label} exited unexpectedly with status "
+                                f"{child.exit_code()}"), file=sys.stderr, flush=True)
+        return False
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous_mask)

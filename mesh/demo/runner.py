@@ -1,0 +1,335 @@
+"""Start and stop the demo mesh: four demo apps and their four sidecars, as real processes.
+
+The layout matches the config in ``mesh/demo/mesh-config`` (namespace ``demo``):
+each workload has a loopback address of its own, its app listens on port 8080
+there and its sidecar on Istio's ports 15001 (outbound) and 15006 (inbound,
+the ServiceEntry endpoint).  Admin ports are on 127.0.0.1, one per sidecar.
+
+:class:`DemoMesh` starts the apps, waits until each answers, starts the
+sidecars, and waits until each reports ``/ready``; every wait has a deadline
+and fails with the child's log tail.  :meth:`DemoMesh.stop` ends every child
+(SIGTERM, then SIGKILL of its process group if it lingers).  Children run in sessions of
+their own, so a Ctrl-C in the terminal reaches only ``meshctl``, which then
+stops them in order; on Linux they also get SIGTERM should ``meshctl`` die.
+
+Use it from the main thread, as a context manager::
+
+    with DemoMesh(state_dir) as mesh:
+        mesh.start()
+        ...
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NAMESPACE = "demo"
+CONFIG_DIR = Path(__file__).with_name("mesh-config")
+APP_PORT = 8080
+OUTBOUND_PORT = 15001
+INBOUND_PORT = 15006
+ADMIN_ADDRESS = "127.0.0.1"
+
+#: Seconds allowed for all apps, then all sidecars, to become ready.
+START_TIMEOUT = 30.0
+#: Seconds a child gets to exit after SIGTERM before it is killed.
+STOP_TIMEOUT = 10.0
+#: Seconds between two readiness probes while waiting.
+PROBE_INTERVAL = 0.05
+#: Signals that end the demo (Ctrl-C, kill, a closed terminal).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+_PR_SET_PDEATHSIG = 1
+
+
+@dataclass(frozen=True)
+class Workload:
+    """One workload of the demo: an app and its sidecar on one loopback address.
+
+    ``name`` is both the workload name given to the sidecar and the name the
+    app reports (``x-demo-service``), so a response tells which version served it.
+    """
+
+    name: str
+    service: str
+    version: str
+    address: str
+    admin_port: int
+
+    @property
+    def labels(self) -> dict[str, str]:
+        return {"app": self.service, "version": self.version}
+
+    @property
+    def ports(self) -> tuple[tuple[str, int, str], ...]:
+        """Every (address, port, role) this workload listens on."""
+        return (
+            (self.address, APP_PORT, "app"),
+            (self.address, OUTBOUND_PORT, "sidecar outbound"),
+            (self.address, INBOUND_PORT, "sidecar inbound"),
+            (ADMIN_ADDRESS, self.admin_port, "sidecar admin"),
+        )
+
+
+WORKLOADS = (
+    Workload("frontend", "frontend", "v1", "127.0.10.1", 15101),
+    Workload("user-service-v1", "user-service", "v1", "127.0.10.2", 15102),
+    Workload("user-service-v2", "user-service", "v2", "127.0.10.3", 15103),
+    Workload("payment-service", "payment-service", "v1", "127.0.10.4", 15104),
+)
+
+
+class DemoError(Exception):
+    """The demo mesh cannot start or keep running; the message says why and what to do."""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP response: ``headers`` has lower-case names."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self):
+        return json.loads(self.body)
+
+
+def http_get(address: str, port: int, path: str = "/", headers: dict | None = None,
+             source_address: str | None = None, timeout: float = 10.0) -> Reply:
+    """One GET on a fresh connection (from *source_address*, if given); raises OSError or HTTPException."""
+    source = (source_address, 0) if source_address else None
+    conn = http.client.HTTPConnection(address, port, timeout=timeout, source_address=source)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+    finally:
+        conn.close()
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
+    ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class Child:
+    """A child process with its output in *log_path*, and a probe that says when it serves."""
+
+    def __init__(self, label: str, argv: list[str], log_path: Path, probe):
+        self.label = label
+        self.argv = [str(arg) for arg in argv]
+        self.log_path = log_path
+        self._probe = probe
+        self._popen: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._popen.pid if self._popen else None
+
+    def exit_code(self) -> int | None:
+        """None while it runs (or before it started), else its exit status."""
+        return self._popen.poll() if self._popen else None
+
+    def spawn(self) -> None:
+        with open(self.log_path, "ab") as log:
+            log.write(f"$ {subprocess.list2cmdline(self.argv)}\n".encode())
+            log.flush()
+            try:
+                self._popen = subprocess.Popen(
+                    self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                    env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+            except OSError as exc:
+                raise DemoError(f"cannot run the {self.label}: {self.argv[0]}: {exc.strerror}; "
+                                "is txmesh installed in this environment (`make bootstrap`)?") from None
+
+    def ready(self) -> bool:
+        """Whether the probe succeeds; raises :class:`DemoError` if the process has exited."""
+        if self.exit_code() is not None:
+            raise DemoError(self.failure(f"{self.label} exited with status {self.exit_code()} while starting"))
+        try:
+            return self._probe()
+        except (OSError, http.client.HTTPException, ValueError):
+            return False
+
+    def terminate(self) -> None:
+        if self._popen is not None and self._popen.poll() is None:
+            self._popen.terminate()
+
+    def reap(self, deadline: float) -> None:
+        """Wait for the exit until *deadline* (monotonic), then kill the process group."""
+        if self._popen is None:
+            return
+        try:
+            self._popen.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(self._popen.pid, signal.SIGKILL)
+            self._popen.wait()
+
+    def failure(self, message: str, lines: int = 20) -> str:
+        """*message*, then the last lines of the log and where the whole log is."""
+        try:
+            tail = self.log_path.read_text(errors="replace").splitlines()[-lines:]
+        except OSError:
+            tail = ["(no log)"]
+        return "\n".join([message, f"--- last lines of {self.log_path} ---", *tail])
+
+
+def _bind_problem(address: str, port: int) -> str | None:
+    """Why a server could not listen on address:port now, or None if it could."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                return "in use"
+            if exc.errno == errno.EADDRNOTAVAIL:
+                return "address not available on this host"
+            return exc.strerror or str(exc)
+    return None
+
+
+def check_ports(workloads=WORKLOADS) -> None:
+    """Raise :class:`DemoError` listing every address:port the demo needs that is taken."""
+    problems = [(address, port, f"{workload.name} {role}", problem)
+                for workload in workloads for address, port, role in workload.ports
+                if (problem := _bind_problem(address, port))]
+    if not problems:
+        return
+    lines = ["cannot start the demo mesh: it needs these addresses and ports, which are not free:"]
+    lines += [f"  {address}:{port}  ({what}): {problem}" for address, port, what, problem in problems]
+    if any(problem == "in use" for *_, problem in problems):
+        port = next(port for _, port, _, problem in problems if problem == "in use")
+        lines.append("Another `meshctl demo` may still be running: stop it with Ctrl-C in its terminal. "
+                     f"Otherwise find the process holding a port with `ss -ltnp 'sport = :{port}'` and stop it.")
+    if any(problem.startswith("address not available") for *_, problem in problems):
+        lines.append("The demo gives each workload an address in 127.0.10.0/24, which Linux routes to the "
+                     "loopback interface by default; elsewhere add them first, e.g. "
+                     "`sudo ifconfig lo0 alias 127.0.10.1` (and .2, .3, .4).")
+    raise DemoError("\n".join(lines))
+
+
+class DemoMesh:
+    """The four demo workloads, each an app process and a ``twistd mesh-proxy`` process.
+
+    Logs go to ``state_dir/logs``.  Programs come from this interpreter's
+    environment: ``sys.executable -m mesh.demo.app`` and the ``twistd`` next to it.
+    """
+
+    def __init__(self, state_dir: Path, workloads=WORKLOADS):
+        self.state_dir = Path(state_dir)
+        self.log_dir = self.state_dir / "logs"
+        self.workloads = tuple(workloads)
+        self.apps = {w.name: self._app(w) for w in self.workloads}
+        self.sidecars = {w.name: self._sidecar(w) for w in self.workloads}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.stop()
+
+    @property
+    def children(self) -> list[Child]:
+        return [*self.apps.values(), *self.sidecars.values()]
+
+    def workload(self, name: str) -> Workload:
+        return next(w for w in self.workloads if w.name == name)
+
+    def _app(self, workload: Workload) -> Child:
+        argv = [sys.executable, "-m", "mesh.demo.app", "--name", workload.name,
+                "--address", workload.address, "--port", APP_PORT]
+
+        def probe():
+            return http_get(workload.address, APP_PORT, timeout=2.0).json()["service"] == workload.name
+
+        return Child(f"{workload.name} app", argv, self.log_dir / f"{workload.name}-app.log", probe)
+
+    def _sidecar(self, workload: Workload) -> Child:
+        twistd = Path(sys.executable).with_name("twistd")
+        argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--config-dir", CONFIG_DIR,
+                "--workload", workload.name, "--namespace", NAMESPACE,
+                "--outbound-address", workload.address, "--outbound-port", OUTBOUND_PORT,
+                "--inbound-address", workload.address, "--inbound-port", INBOUND_PORT,
+                "--app-address", workload.address, "--app-port", APP_PORT,
+                "--admin-port", workload.admin_port]
+        for key, value in workload.labels.items():
+            argv += ["--label", f"{key}={value}"]
+
+        def probe():
+            return self.admin(workload, "/ready").status == 200
+
+        return Child(f"{workload.name} sidecar", argv, self.log_dir / f"{workload.name}-sidecar.log", probe)
+
+    def admin(self, workload: Workload, path: str) -> Reply:
+        """GET *path* on the admin port of *workload*'s sidecar."""
+        return http_get(ADMIN_ADDRESS, workload.admin_port, path, timeout=2.0)
+
+    def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the apps, then the sidecars, each group within *timeout* seconds; raise :class:`DemoError`."""
+        check_ports(self.workloads)
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for group in (self.apps.values(), self.sidecars.values()):
+            for child in group:
+                child.spawn()
+            self._wait_ready(list(group), timeout)
+
+    @staticmethod
+    def _wait_ready(children: list[Child], timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        pending = children
+        while pending := [child for child in pending if not child.ready()]:
+            if time.monotonic() >= deadline:
+                raise DemoError(pending[0].failure(
+                    f"{', '.join(child.label for child in pending)} not ready after {timeout:g}s"))
+            time.sleep(PROBE_INTERVAL)
+
+    def exited(self) -> list[Child]:
+        """Children that have stopped running."""
+        return [child for child in self.children if child.exit_code() is not None]
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> None:
+        """End every child: sidecars first, then apps; SIGTERM, then SIGKILL after *timeout* seconds.
+
+        :data:`STOP_SIGNALS` are ignored meanwhile, so a second Ctrl-C cannot
+        cut the clean-up short.
+        """
+        previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
+        try:
+            children = [*self.sidecars.values(), *self.apps.values()]
+            for child in children:
+                child.terminate()
+            deadline = time.monotonic() + timeout
+            for child in children:
+                child.reap(deadline)
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def describe(self) -> str:
+        """Where everything is: addresses, admin ports, processes and log files."""
+        rows = [("workload", "app", "sidecar outbound", "sidecar inbound", "sidecar admin")]
+        rows += [(w.name, f"{w.address}:{APP_PORT}", f"{w.address}:{OUTBOUND_PORT}",
+                  f"{w.address}:{INBOUND_PORT}", f"http://{ADMIN_ADDRESS}:{w.admin_port}/")
+                 for w in self.workloads]
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+        lines = [f"The demo mesh is up: namespace {NAMESPACE}, config from {CONFIG_DIR}", ""]
+        lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines += ["", "Processes and their logs:"]
+        label_width = max(len(child.label) for child in self.children)
+        lines += [f"  {child.label:<{label_width}}  pid {child.pid:<7}  {child.log_path}" for child in self.children]
+        lines += ["", "Admin endpoints of each sidecar: /ready, /config_dump, /clusters"]
+        return "\n".join(lines)
