@@ -35,20 +35,17 @@ _REMOTE_IP = ("remote IPs come from X-Forwarded-For, which txmesh does not read;
 
 # -- validated resources ---------------------------------------------------------------
 
-#: the request attributes a match can test
-ATTRIBUTES = ("principal", "namespace", "ip", "host", "method", "path", "port", "header")
-
-
 @dataclass(frozen=True)
 class AuthzMatch:
     """One condition on a request attribute, from a source, operation or ``when`` field.
 
     It holds when the attribute matches any of ``values`` (``negated``: none of
-    them).  ``attribute`` is one of :data:`ATTRIBUTES`; ``header`` names the
-    header (lower-case) of attribute ``"header"``.  ``values`` are Istio string
-    patterns (exact, ``abc*``, ``*abc``, ``*``), except for ``ip``
-    (:mod:`ipaddress` networks) and ``port`` (ints).  ``field`` is where it was
-    written (``principals``, ``notPaths``, ``when[request.headers[x-user]].values``).
+    them).  ``attribute`` is principal, namespace, ip, host, method, path,
+    port or header; ``header`` names the header (lower-case) of attribute
+    ``"header"``.  ``values`` are Istio string patterns (exact, ``abc*``,
+    ``*abc``, ``*``), except for ``ip`` (:mod:`ipaddress` networks) and
+    ``port`` (ints).  ``field`` is where it was written (``principals``,
+    ``notPaths``, ``when[request.headers[x-user]].values``).
     """
 
     attribute: str
