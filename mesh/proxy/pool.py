@@ -46,10 +46,11 @@ class ConnectionPool:
     ``identity`` is the SPIFFE id the endpoint must present; when it is set
     connections are mTLS through ``tls`` (a
     :class:`mesh.proxy.mtls.UpstreamTLS`), which may refuse with a reason.
+    ``bind`` is the local source address of new connections (None: any).
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 tls=None, identity=None):
+                 tls=None, identity=None, bind=None):
         self.reactor = reactor
         self.address = address
         self.port = port
@@ -57,6 +58,7 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.identity = identity
         self.tls = tls if identity is not None else None
+        self.bind = (bind, 0) if bind else None
         self._idle = []
         self._open = set()
 
@@ -84,7 +86,8 @@ class ConnectionPool:
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
             factory = self.tls.wrap(factory)
-        self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout)
+        self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout,
+                                bindAddress=self.bind)
         return deferred
 
     def release(self, connection) -> None:

@@ -128,7 +128,12 @@ class ProxyService(service.MultiService):
     def _make_pool(self, endpoint_spec, cluster_spec):
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
                               connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
-                              identity=endpoint_spec.identity)
+                              identity=endpoint_spec.identity, bind=self._source_address())
+
+    def _source_address(self):
+        """Upstream connections leave from the workload's own address when it has one."""
+        address = self.settings.outbound_address
+        return None if address in ("0.0.0.0", "::", "127.0.0.1") else address
 
     # -- config -------------------------------------------------------------------
     def load(self):
