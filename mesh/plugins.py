@@ -16,7 +16,7 @@ import os
 
 import pluggy
 
-from mesh import hookimpl, hookspecs  # noqa: F401  (hookimpl re-exported)
+from mesh import hookspecs
 
 ENTRY_POINT_GROUP = "mesh.plugins"
 

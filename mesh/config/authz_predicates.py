@@ -18,8 +18,9 @@ Request attributes, as Istio reads them:
 - **host**: the Host header as received (with its port, if any), compared
   case-insensitively: ``example.com`` does not match ``example.com:8080``; write
   ``example.com:*`` as well, as Istio advises.
-- **method**: ``ctx.method``; **path**: ``ctx.uri_path`` (no query) normalized as
-  Istio's default ``BASE`` normalization does (:func:`normalize_path`).
+- **method**: ``ctx.method``; **path**: ``ctx.uri_path`` (no query), which the
+  codec has normalized as Istio's default ``BASE`` normalization does
+  (:func:`mesh.proxy.paths.normalize_path`).
 - **header**: ``ctx.headers[name]`` (repeated headers joined with ``", "``).
 - **port**: the workload's app port.  When it is unknown, a port condition
   fails closed as Istio does with attributes it cannot evaluate: it matches in
@@ -32,12 +33,9 @@ value (for a header: present, even if empty).
 from __future__ import annotations
 
 import ipaddress
-import re
 from typing import Callable, Optional
 
 _SPIFFE = "spiffe://"
-#: %-escapes of unreserved characters, which BASE normalization decodes
-_UNRESERVED_ESCAPE = re.compile(r"%(2[dDeE]|3[0-9]|4[1-9a-fA-F]|5[0-9aA]|5[fF]|6[1-9a-fA-F]|7[0-9aA]|7[eE])")
 
 
 def compile_rule(rule, app_port: Optional[int], deny: bool):
@@ -52,27 +50,6 @@ def compile_rule(rule, app_port: Optional[int], deny: bool):
     sources = _combine([clause(c) for c in rule.sources], any_of=True) if rule.sources else True
     operations = _combine([clause(c) for c in rule.operations], any_of=True) if rule.operations else True
     return _combine([sources, operations, clause(rule.conditions)], any_of=False)
-
-
-def normalize_path(path: str) -> str:
-    """Istio's ``BASE`` path normalization: decode %-escaped unreserved characters,
-    turn ``\\`` into ``/`` and resolve ``.``/``..`` segments (RFC 3986)."""
-    if "%" not in path and "\\" not in path and "/." not in path:
-        return path
-    path = _UNRESERVED_ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), path).replace("\\", "/")
-    if not path.startswith("/"):
-        return path
-    segments = path.split("/")[1:]
-    out = []
-    for segment in segments:
-        if segment == "..":
-            if out:
-                out.pop()
-        elif segment != ".":
-            out.append(segment)
-    if segments[-1] in (".", ".."):
-        out.append("")
-    return "/" + "/".join(out)
 
 
 def string_test(patterns, empty_is_present: bool = False) -> Callable[[Optional[str]], bool]:
@@ -181,5 +158,5 @@ _READERS = {
     "ip": _source_ip,
     "host": lambda ctx, peer: ctx.authority.decode("latin-1").lower(),
     "method": lambda ctx, peer: ctx.method,
-    "path": lambda ctx, peer: normalize_path(ctx.uri_path),
+    "path": lambda ctx, peer: ctx.uri_path,
 }

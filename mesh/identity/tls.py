@@ -106,10 +106,10 @@ def _context(key, chain, bundle, server: bool, require: bool = True) -> SSL.Cont
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
     ctx.set_options(SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION | SSL.OP_CIPHER_SERVER_PREFERENCE)
     ctx.set_cipher_list(_CIPHERS_TLS12)
-    ctx.use_certificate(crypto.X509.from_cryptography(chain[0]))
+    ctx.use_certificate(chain[0])
     for cert in chain[1:]:
-        ctx.add_extra_chain_cert(crypto.X509.from_cryptography(cert))
-    ctx.use_privatekey(crypto.PKey.from_cryptography_key(key))
+        ctx.add_extra_chain_cert(cert)
+    ctx.use_privatekey(key)
     ctx.check_privatekey()
     store = ctx.get_cert_store()
     for root in bundle:

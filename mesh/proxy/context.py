@@ -7,6 +7,8 @@ and the same object is handed to every hook for that request.  It is a plain
 
 from __future__ import annotations
 
+from mesh.proxy.paths import normalize_path
+
 
 class RequestContext:
     """State of one HTTP request passing through a sidecar.
@@ -14,8 +16,9 @@ class RequestContext:
     Request fields (set by the codec before any hook runs):
 
     - ``direction``: ``"outbound"`` (app -> mesh) or ``"inbound"`` (mesh -> app)
-    - ``method``: e.g. ``"GET"``; ``path``: the full request target (``/a?b=1``);
-      ``uri_path``: the path without the query string
+    - ``method``: e.g. ``"GET"``; ``path``: the request target (``/a?b=1``)
+      after Istio's ``BASE`` path normalization (:mod:`mesh.proxy.paths`);
+      ``uri_path``: that path without the query string
     - ``host``: the Host header, lower-case, port stripped
     - ``authority``: the Host header as received (bytes)
     - ``headers``: ``dict`` lower-case name -> value (``str``; repeated headers
@@ -79,8 +82,10 @@ class RequestContext:
                  http_version, request_id, source_address, start, peer=None):
         self.direction = direction
         self.method = method
-        self.path = path
-        self.uri_path = path.partition("?")[0]
+        uri_path, mark, query = path.partition("?")
+        normalized = normalize_path(uri_path)
+        self.uri_path = normalized
+        self.path = path if normalized is uri_path else normalized + mark + query
         self.host = host
         self.authority = authority
         self.headers = headers

@@ -109,7 +109,8 @@ class Options(usage.Options):
 def makeService(options):
     """Build the :class:`ProxyService`; exit with the errors if the config is invalid."""
     workload = Workload(name=options["workload"], namespace=options["namespace"],
-                        labels=dict(options["labels"]), service_account=options["service-account"])
+                        labels=dict(options["labels"]), service_account=options["service-account"],
+                        app_port=options["app-port"] or None)
     limits = Limits(
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
         max_request_body=options["max-request-body"], max_connections=options["max-connections"],

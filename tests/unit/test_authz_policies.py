@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.config.authz_predicates import normalize_path
+from mesh.proxy.paths import normalize_path
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_files
 from mesh.config.security_tables import NO_ALLOW_MATCHED
