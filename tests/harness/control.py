@@ -37,6 +37,7 @@ class Control(ManagedProcess):
         self.trust_domain = trust_domain or "cluster.local"
         self.port = port or free_port()
         self.admin_port = admin_port or free_port()
+        self.tokens: list[str] = []  # every token :meth:`token` printed, e.g. to check that no log shows one
         argv = [
             venv_bin("twistd"), "-n", "--pidfile=", "mesh-control", "--state-dir", self.state_dir,
             "--address", "127.0.0.1", "--port", self.port, "--admin-port", self.admin_port,
@@ -78,7 +79,9 @@ class Control(ManagedProcess):
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL)
         if proc.returncode != 0:
             raise AssertionError(f"{' '.join(argv)} exited {proc.returncode}: {proc.stderr}")
-        return proc.stdout.strip()
+        token = proc.stdout.strip()
+        self.tokens.append(token)
+        return token
 
     def token_file(self, namespace: str, service_account: str, ttl: str = "1h", directory: Path | None = None) -> Path:
         """:meth:`token` written to a file (mode 0600) for ``mesh-proxy --token-file``."""
