@@ -79,6 +79,7 @@ class Request:
         self.version = "1.1"
         self.headers: dict[str, str] = {}
         self.keep_alive = True
+        self.error: str | None = None  # set for a request that could not be parsed
         self.body_bytes = 0
         self.body_hash = hashlib.sha256()
 
@@ -270,8 +271,7 @@ class DemoHTTPProtocol(protocol.Protocol):
         except httptools.HttpParserError as exc:
             self._stop_parsing()
             bad = Request()
-            bad.method, bad.keep_alive = "?", False
-            bad.target = f"malformed request: {exc}".encode()
+            bad.error, bad.keep_alive = f"malformed request: {exc}", False
             self._queue.append(bad)
         self._dispatch()
 
@@ -323,8 +323,8 @@ class DemoHTTPProtocol(protocol.Protocol):
     )
 
     def _handle(self, req: Request) -> None:
-        if req.method == "?":
-            self._respond(req, 400, {"error": req.target.decode(), "hint": "send valid HTTP/1.1"})
+        if req.error:
+            self._respond(req, 400, {"error": req.error, "hint": "send valid HTTP/1.1"})
             return
         try:
             url = httptools.parse_url(req.target)
@@ -396,7 +396,8 @@ class DemoHTTPProtocol(protocol.Protocol):
         if not req.keep_alive:
             lines.append("Connection: close")
         self.transport.write(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
-        print(f"{self.state.name} {req.method} {req.target.decode('latin-1')} -> {status}", flush=True)
+        what = req.error or f"{req.method} {req.target.decode('latin-1')}"
+        print(f"{self.state.name} {what} -> {status}", flush=True)
 
     def _respond(self, req: Request, status: int, document: dict) -> None:
         """Send a complete JSON response (no body for HEAD, 204 and 304), then finish."""
