@@ -1,16 +1,29 @@
-"""Start and stop the demo mesh: four demo apps and their four sidecars, as real processes.
+"""Start and stop the demo mesh: the control plane, four demo apps and their four sidecars, as real processes.
 
-The layout matches the config in ``mesh/demo/mesh-config`` (namespace ``demo``):
-each workload has a loopback address of its own, its app listens on port 8080
-there and its sidecar on Istio's ports 15001 (outbound) and 15006 (inbound,
-the ServiceEntry endpoint).  Admin ports are on 127.0.0.1, one per sidecar.
+The layout matches the config in ``mesh/demo/mesh-config``: the frontend runs
+in namespace ``frontend`` (service account ``frontend-service-account``),
+user-service v1 and v2 and payment-service in namespace ``demo`` (service
+accounts ``user-service`` and ``payment-service``).  Each workload has a
+loopback address of its own, its app listens on port 8080 there and its
+sidecar on Istio's ports 15001 (outbound) and 15006 (inbound, the ServiceEntry
+endpoint).  Admin ports are on 127.0.0.1, one per sidecar.
 
-:class:`DemoMesh` starts the apps, waits until each answers, starts the
-sidecars, and waits until each reports ``/ready``; every wait has a deadline
-and fails with the child's log tail.  :meth:`DemoMesh.stop` ends every child
-(SIGTERM, then SIGKILL of its process group if it lingers).  Children run in sessions of
-their own, so a Ctrl-C in the terminal reaches only ``meshctl``, which then
-stops them in order; on Linux they also get SIGTERM should ``meshctl`` die.
+``twistd mesh-control`` is the mesh's CA, on 127.0.0.1:15012 (CSR endpoint,
+TLS) with its admin port on 127.0.0.1:15014; its state (CA key, trust bundle
+``root-cert.pem``, join-token key) goes to ``STATE/control``.  Each sidecar
+gets a join token of its own (``meshctl token create``, written to
+``STATE/tokens/<workload>.token``, mode 0600), asks the control plane for its
+workload certificate and reports ``/ready`` only once it has one.  The config
+(routes, registry, PeerAuthentication, AuthorizationPolicies) still comes from
+the same YAML directory for every sidecar.
+
+:class:`DemoMesh` starts the control plane and the apps, waits until each
+answers, creates the tokens, starts the sidecars, and waits until each reports
+``/ready``; every wait has a deadline and fails with the child's log tail.
+:meth:`DemoMesh.stop` ends every child (SIGTERM, then SIGKILL of its process
+group if it lingers).  Children run in sessions of their own, so a Ctrl-C in
+the terminal reaches only ``meshctl``, which then stops them in order; on
+Linux they also get SIGTERM should ``meshctl`` die.
 
 Use it from the main thread, as a context manager::
 
@@ -34,12 +47,22 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-NAMESPACE = "demo"
 CONFIG_DIR = Path(__file__).with_name("mesh-config")
+TRUST_DOMAIN = "cluster.local"
 APP_PORT = 8080
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
 ADMIN_ADDRESS = "127.0.0.1"
+#: The control plane: CSR endpoint (TLS) and admin port, both on loopback.
+CONTROL_ADDRESS = "127.0.0.1"
+CONTROL_PORT = 15012
+CONTROL_ADMIN_PORT = 15014
+CONTROL_PORTS = (
+    (CONTROL_ADDRESS, CONTROL_PORT, "control plane CA"),
+    (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, "control plane admin"),
+)
+#: Lifetime of the join tokens (``meshctl token create --ttl``).
+TOKEN_TTL = "1h"
 
 #: Seconds allowed for all apps, then all sidecars, to become ready.
 START_TIMEOUT = 30.0
@@ -64,12 +87,24 @@ class Workload:
     name: str
     service: str
     version: str
+    namespace: str
+    service_account: str
     address: str
     admin_port: int
 
     @property
     def labels(self) -> dict[str, str]:
         return {"app": self.service, "version": self.version}
+
+    @property
+    def spiffe_id(self) -> str:
+        """The identity in this workload's certificate (and in the callee's x-forwarded-client-cert URI=)."""
+        return f"spiffe://{TRUST_DOMAIN}/ns/{self.namespace}/sa/{self.service_account}"
+
+    @property
+    def principal(self) -> str:
+        """The identity as AuthorizationPolicy principals write it (no ``spiffe://``)."""
+        return self.spiffe_id[len("spiffe://"):]
 
     @property
     def ports(self) -> tuple[tuple[str, int, str], ...]:
@@ -83,10 +118,10 @@ class Workload:
 
 
 WORKLOADS = (
-    Workload("frontend", "frontend", "v1", "127.0.10.1", 15101),
-    Workload("user-service-v1", "user-service", "v1", "127.0.10.2", 15102),
-    Workload("user-service-v2", "user-service", "v2", "127.0.10.3", 15103),
-    Workload("payment-service", "payment-service", "v1", "127.0.10.4", 15104),
+    Workload("frontend", "frontend", "v1", "frontend", "frontend-service-account", "127.0.10.1", 15101),
+    Workload("user-service-v1", "user-service", "v1", "demo", "user-service", "127.0.10.2", 15102),
+    Workload("user-service-v2", "user-service", "v2", "demo", "user-service", "127.0.10.3", 15103),
+    Workload("payment-service", "payment-service", "v1", "demo", "payment-service", "127.0.10.4", 15104),
 )
 
 
@@ -202,10 +237,16 @@ def _bind_problem(address: str, port: int) -> str | None:
     return None
 
 
+def demo_ports(workloads=WORKLOADS) -> list[tuple[str, int, str]]:
+    """Every (address, port, what) the demo listens on: the control plane's, then each workload's."""
+    return [*CONTROL_PORTS,
+            *((address, port, f"{workload.name} {role}") for workload in workloads
+              for address, port, role in workload.ports)]
+
+
 def check_ports(workloads=WORKLOADS) -> None:
     """Raise :class:`DemoError` listing every address:port the demo needs that is taken."""
-    problems = [(address, port, f"{workload.name} {role}", problem)
-                for workload in workloads for address, port, role in workload.ports
+    problems = [(address, port, what, problem) for address, port, what in demo_ports(workloads)
                 if (problem := _bind_problem(address, port))]
     if not problems:
         return
@@ -213,7 +254,8 @@ def check_ports(workloads=WORKLOADS) -> None:
     lines += [f"  {address}:{port}  ({what}): {problem}" for address, port, what, problem in problems]
     if any(problem == "in use" for *_, problem in problems):
         port = next(port for _, port, _, problem in problems if problem == "in use")
-        lines.append("Another `meshctl demo` may still be running: stop it with Ctrl-C in its terminal. "
+        lines.append("Another `meshctl demo` (or a mesh-control on its default ports) may still be running: "
+                     "stop it with Ctrl-C in its terminal. "
                      f"Otherwise find the process holding a port with `ss -ltnp 'sport = :{port}'` and stop it.")
     if any(problem.startswith("address not available") for *_, problem in problems):
         lines.append("The demo gives each workload an address in 127.0.10.0/24, which Linux routes to the "
@@ -223,18 +265,25 @@ def check_ports(workloads=WORKLOADS) -> None:
 
 
 class DemoMesh:
-    """The four demo workloads, each an app process and a ``twistd mesh-proxy`` process.
+    """The demo mesh: ``twistd mesh-control``, and four workloads, each an app process and a
+    ``twistd mesh-proxy`` process.
 
-    Logs go to ``state_dir/logs``.  Programs come from this interpreter's
-    environment: ``sys.executable -m mesh.demo.app`` and the ``twistd`` next to it.
+    Logs go to ``state_dir/logs``, the control plane's state to ``state_dir/control``, the join
+    tokens to ``state_dir/tokens``.  Programs come from this interpreter's environment:
+    ``sys.executable -m mesh.demo.app`` and the ``twistd`` and ``meshctl`` next to it.
     """
 
     def __init__(self, state_dir: Path, workloads=WORKLOADS):
         self.state_dir = Path(state_dir)
         self.log_dir = self.state_dir / "logs"
+        self.control_dir = self.state_dir / "control"
+        self.token_dir = self.state_dir / "tokens"
         self.workloads = tuple(workloads)
+        self.control = self._control()
         self.apps = {w.name: self._app(w) for w in self.workloads}
         self.sidecars = {w.name: self._sidecar(w) for w in self.workloads}
+        #: The ``meshctl token create`` command lines run by :meth:`start`, for :meth:`describe`.
+        self.token_commands: list[str] = []
 
     def __enter__(self):
         return self
@@ -244,10 +293,30 @@ class DemoMesh:
 
     @property
     def children(self) -> list[Child]:
-        return [*self.apps.values(), *self.sidecars.values()]
+        return [self.control, *self.apps.values(), *self.sidecars.values()]
+
+    @property
+    def ca_bundle(self) -> Path:
+        """The trust bundle the control plane writes, which every sidecar is given."""
+        return self.control_dir / "root-cert.pem"
 
     def workload(self, name: str) -> Workload:
         return next(w for w in self.workloads if w.name == name)
+
+    def token_file(self, workload: Workload) -> Path:
+        return self.token_dir / f"{workload.name}.token"
+
+    def _control(self) -> Child:
+        twistd = Path(sys.executable).with_name("twistd")
+        argv = [twistd, "-n", "--pidfile=", "mesh-control", "--state-dir", self.control_dir,
+                "--config-dir", CONFIG_DIR, "--address", CONTROL_ADDRESS, "--port", CONTROL_PORT,
+                "--admin-port", CONTROL_ADMIN_PORT]
+
+        def probe():
+            reply = http_get(ADMIN_ADDRESS, CONTROL_ADMIN_PORT, "/ready", timeout=2.0)
+            return reply.status == 200 and reply.json().get("ready") is True
+
+        return Child("control plane", argv, self.log_dir / "control-plane.log", probe)
 
     def _app(self, workload: Workload) -> Child:
         argv = [sys.executable, "-m", "mesh.demo.app", "--name", workload.name,
@@ -261,7 +330,10 @@ class DemoMesh:
     def _sidecar(self, workload: Workload) -> Child:
         twistd = Path(sys.executable).with_name("twistd")
         argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--config-dir", CONFIG_DIR,
-                "--workload", workload.name, "--namespace", NAMESPACE,
+                "--workload", workload.name, "--namespace", workload.namespace,
+                "--service-account", workload.service_account,
+                "--control", f"{CONTROL_ADDRESS}:{CONTROL_PORT}", "--ca-bundle", self.ca_bundle,
+                "--token-file", self.token_file(workload),
                 "--outbound-address", workload.address, "--outbound-port", OUTBOUND_PORT,
                 "--inbound-address", workload.address, "--inbound-port", INBOUND_PORT,
                 "--app-address", workload.address, "--app-port", APP_PORT,
@@ -279,13 +351,46 @@ class DemoMesh:
         return http_get(ADMIN_ADDRESS, workload.admin_port, path, timeout=2.0)
 
     def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the apps, then the sidecars, each group within *timeout* seconds; raise :class:`DemoError`."""
+        """Start the control plane and the apps, create the join tokens, then start the sidecars;
+        each group must be ready within *timeout* seconds; raise :class:`DemoError`."""
         check_ports(self.workloads)
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        for group in (self.apps.values(), self.sidecars.values()):
-            for child in group:
-                child.spawn()
-            self._wait_ready(list(group), timeout)
+        first = [self.control, *self.apps.values()]
+        for child in first:
+            child.spawn()
+        self._wait_ready(first, timeout)
+        self._create_tokens()
+        sidecars = list(self.sidecars.values())
+        for child in sidecars:
+            child.spawn()
+        self._wait_ready(sidecars, timeout)
+
+    def _create_tokens(self) -> None:
+        """One join token per workload, from ``meshctl token create``, in a 0600 file."""
+        meshctl = Path(sys.executable).with_name("meshctl")
+        self.token_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.token_commands = []
+        for workload in self.workloads:
+            argv = [str(meshctl), "token", "create", "--state-dir", str(self.control_dir),
+                    "--namespace", workload.namespace, "--service-account", workload.service_account,
+                    "--ttl", TOKEN_TTL]
+            try:
+                result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                                        timeout=START_TIMEOUT)
+            except OSError as exc:
+                raise DemoError(f"cannot run {meshctl}: {exc.strerror}; is txmesh installed in this "
+                                "environment (`make bootstrap`)?") from None
+            except subprocess.TimeoutExpired:
+                raise DemoError(f"`{subprocess.list2cmdline(argv)}` did not finish in {START_TIMEOUT:g}s") from None
+            token = result.stdout.strip()
+            if result.returncode != 0 or not token:
+                raise DemoError(f"`{subprocess.list2cmdline(argv)}` failed with status {result.returncode}:\n"
+                                f"{result.stderr.strip()}")
+            path = self.token_file(workload)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(token + "\n")
+            self.token_commands.append(f"{subprocess.list2cmdline(argv)} > {path}")
 
     @staticmethod
     def _wait_ready(children: list[Child], timeout: float) -> None:
@@ -302,14 +407,15 @@ class DemoMesh:
         return [child for child in self.children if child.exit_code() is not None]
 
     def stop(self, timeout: float = STOP_TIMEOUT) -> None:
-        """End every child: sidecars first, then apps; SIGTERM, then SIGKILL after *timeout* seconds.
+        """End every child: sidecars, apps, then the control plane; SIGTERM, then SIGKILL after
+        *timeout* seconds.
 
         :data:`STOP_SIGNALS` are ignored meanwhile, so a second Ctrl-C cannot
         cut the clean-up short.
         """
         previous = {sig: signal.signal(sig, signal.SIG_IGN) for sig in STOP_SIGNALS}
         try:
-            children = [*self.sidecars.values(), *self.apps.values()]
+            children = [*self.sidecars.values(), *self.apps.values(), self.control]
             for child in children:
                 child.terminate()
             deadline = time.monotonic() + timeout
@@ -320,14 +426,18 @@ class DemoMesh:
                 signal.signal(sig, handler)
 
     def describe(self) -> str:
-        """Where everything is: addresses, admin ports, processes and log files."""
-        rows = [("workload", "app", "sidecar outbound", "sidecar inbound", "sidecar admin")]
-        rows += [(w.name, f"{w.address}:{APP_PORT}", f"{w.address}:{OUTBOUND_PORT}",
+        """Where everything is: the control plane, addresses, identities, admin ports, processes and logs."""
+        rows = [("workload", "identity", "app", "sidecar outbound", "sidecar inbound", "sidecar admin")]
+        rows += [(w.name, w.spiffe_id, f"{w.address}:{APP_PORT}", f"{w.address}:{OUTBOUND_PORT}",
                   f"{w.address}:{INBOUND_PORT}", f"http://{ADMIN_ADDRESS}:{w.admin_port}/")
                  for w in self.workloads]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"The demo mesh is up: namespace {NAMESPACE}, config from {CONFIG_DIR}", ""]
+        lines = [f"The demo mesh is up: config from {CONFIG_DIR}",
+                 f"Control plane (CA): {CONTROL_ADDRESS}:{CONTROL_PORT}, admin "
+                 f"http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/ready, trust bundle {self.ca_bundle}", ""]
         lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+        lines += ["", "Join tokens (one per sidecar, valid " + TOKEN_TTL + "):"]
+        lines += [f"  {command}" for command in self.token_commands]
         lines += ["", "Processes and their logs:"]
         label_width = max(len(child.label) for child in self.children)
         lines += [f"  {child.label:<{label_width}}  pid {child.pid:<7}  {child.log_path}" for child in self.children]
