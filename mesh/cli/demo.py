@@ -1,10 +1,12 @@
 """``meshctl demo``: run the demo mesh on loopback and take a guided tour of it.
 
-Starts four workloads on loopback, each a demo app plus its sidecar, prints
-where everything is, then sends real traffic through the mesh and checks what
-happens.  Afterwards the mesh stays up for you to explore until Ctrl-C (or
-SIGTERM); with --exit-after-tour it stops right away.  Either way every child
-process is stopped before meshctl exits.
+Starts the control plane (the mesh's CA) and four workloads on loopback, each
+a demo app plus its sidecar with a workload certificate, prints where
+everything is, then sends real traffic through the mesh and checks what
+happens: routing, retries, mTLS identities and authorization.  Afterwards
+the mesh stays up for you to explore until Ctrl-C (or SIGTERM); with
+--exit-after-tour it stops right away.  Either way every child process is
+stopped before meshctl exits.
 
 The mesh is :mod:`mesh.demo.runner`, the tour :mod:`mesh.demo.tour`.
 
@@ -20,8 +22,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mesh.demo.runner import ADMIN_ADDRESS, OUTBOUND_PORT, STOP_SIGNALS, DemoError, DemoMesh
-from mesh.demo.tour import CLIENT, run_tour
+from mesh.demo.runner import (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, STOP_SIGNALS,
+                              DemoError, DemoMesh)
+from mesh.demo.tour import CLIENT, PAYMENT_SERVICE, USER_SERVICE, run_tour
 
 
 def add_parser(subparsers):
@@ -30,7 +33,8 @@ def add_parser(subparsers):
     parser.add_argument("--exit-after-tour", action="store_true",
                         help="stop the mesh after the tour; exit 0 only if every expectation held")
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
-                        help="where to write the logs (default: a new temporary directory)")
+                        help="where to write the logs, the control plane's state and the join tokens "
+                             "(default: a new temporary directory)")
     parser.set_defaults(func=run)
 
 
@@ -65,14 +69,20 @@ def run(args) -> int:
 
 def _print_try_it(mesh: DemoMesh) -> None:
     client = mesh.workload(CLIENT)
+    user = mesh.workload("user-service-v1")
+    payment = mesh.workload("payment-service")
     outbound = f"http://{client.address}:{OUTBOUND_PORT}"
     print("\n".join([
         "",
         "The mesh stays up until you press Ctrl-C. Try it yourself:",
-        f"  curl -H 'Host: user-service' {outbound}/",
-        f"  curl -H 'Host: user-service' -H 'x-user-group: beta' {outbound}/",
-        f"  curl -H 'Host: payment-service' {outbound}/status/503",
+        f"  curl -H 'Host: {USER_SERVICE}' {outbound}/",
+        f"  curl -H 'Host: {USER_SERVICE}' -H 'x-user-group: beta' {outbound}/",
+        f"  curl -i -H 'Host: {PAYMENT_SERVICE}' {outbound}/        # 403: only user-service may call it",
+        f"  curl --interface {user.address} -H 'Host: payment-service' http://{user.address}:{OUTBOUND_PORT}/"
+        "   # as user-service",
+        f"  curl http://{payment.address}:{INBOUND_PORT}/      # plaintext into the mesh: refused (STRICT mTLS)",
         f"  curl http://{ADMIN_ADDRESS}:{client.admin_port}/config_dump",
+        f"  curl http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/ca/root-cert.pem",
     ]), flush=True)
 
 
