@@ -1,7 +1,8 @@
 """``meshctl demo``: the whole demo mesh as real processes, its tour, and a clean stop every way it can end.
 
 These tests use the demo's fixed addresses (127.0.10.1-4, ports 8080, 15001,
-15006 and admin ports 15101-15104), so nothing else may hold them meanwhile.
+15006, admin ports 15101-15104, and the control plane's 127.0.0.1:15012 and
+15014), so nothing else may hold them meanwhile.
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ import time
 
 import pytest
 
-from mesh.demo.runner import APP_PORT, WORKLOADS
+from mesh.demo.runner import APP_PORT, CONTROL_ADDRESS, CONTROL_PORT, WORKLOADS, demo_ports
 from tests.harness import venv_bin
 
 #: Seconds one demo run may take: start-up, a 500-request tour, shutdown.
 DEMO_TIMEOUT = 90.0
-DEMO_PORTS = [(address, port) for workload in WORKLOADS for address, port, _role in workload.ports]
+DEMO_PORTS = [(address, port) for address, port, _what in demo_ports()]
+#: The control plane, then an app and a sidecar per workload.
+CHILDREN = 1 + 2 * len(WORKLOADS)
 
 
 def listening(ports) -> list[str]:
@@ -54,7 +57,7 @@ def alive(pids) -> list[int]:
 
 def assert_nothing_left(output: str) -> None:
     pids = child_pids(output)
-    assert len(pids) == 2 * len(WORKLOADS), output
+    assert len(pids) == CHILDREN, output
     assert alive(pids) == [], f"children still running after meshctl exited\n{output}"
     assert listening(DEMO_PORTS) == [], f"ports still served after meshctl exited\n{output}"
 
@@ -73,32 +76,71 @@ def run_demo(*args: str) -> subprocess.CompletedProcess:
                           stdin=subprocess.DEVNULL, timeout=DEMO_TIMEOUT)
 
 
+def workload(name):
+    return next(workload for workload in WORKLOADS if workload.name == name)
+
+
 def test_tour_passes_and_stops_every_child(tmp_path):
+    started = time.monotonic()
     result = run_demo("--exit-after-tour", "--state-dir", str(tmp_path))
+    elapsed = time.monotonic() - started
     output = result.stdout + result.stderr
     assert result.returncode == 0, output
-    split = re.search(r"500 x GET /profile, Host: user-service -> v1: (\d+), v2: (\d+)", result.stdout)
+    split = re.search(r"500 x GET /profile, Host: user-service.demo -> v1: (\d+), v2: (\d+)", result.stdout)
     assert split, output
     v1, v2 = map(int, split.groups())
     assert v1 + v2 == 500 and v1 > v2, output
-    assert "7 of 7 steps passed" in result.stdout
+    summary = re.search(r"(\d+) of (\d+) steps passed", result.stdout)
+    assert summary and summary[1] == summary[2] and int(summary[1]) >= 9, output
     assert "HTTP 404, x-mesh-flags: NR" in result.stdout
+    assert "user-service-v1 served attempt 2" in result.stdout, output
+
+    # who is calling: each app sees its caller's SPIFFE id
+    frontend, user = workload("frontend").spiffe_id, workload("user-service-v1").spiffe_id
+    assert frontend == "spiffe://cluster.local/ns/frontend/sa/frontend-service-account"
+    assert user == "spiffe://cluster.local/ns/demo/sa/user-service"
+    assert f"user-service-v1 app sees URI={frontend}" in result.stdout, output
+    assert f"user-service-v2 app sees URI={frontend}" in result.stdout, output
+    assert f"payment-service app sees URI={user}" in result.stdout, output
+
+    # authorization: frontend -> user-service 200, frontend -> payment-service 403, user-service -> payment-service 200
+    assert "frontend -> GET /account, Host: user-service.demo -> HTTP 200 from user-service-v" in result.stdout, output
+    denied = re.search(r"frontend -> GET /account, Host: payment-service.demo -> HTTP 403, x-mesh-flags: (RBAC:\S+)\n"
+                       r"\s+the sidecar says: RBAC: access denied\n", result.stdout)
+    assert denied, output
+    assert "user-service-v1 -> GET /account, Host: payment-service -> HTTP 200 from payment-service" in result.stdout
+
+    # STRICT mTLS: plaintext to an inbound port gets no HTTP answer
+    assert "reports peer authentication mode STRICT" in result.stdout, output
+    assert "the connection was closed without an HTTP answer" in result.stdout, output
+    assert "\u2718" not in result.stdout and "[FAIL]" not in result.stdout, output
+
     assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == sorted(
-        f"{workload.name}-{kind}.log" for workload in WORKLOADS for kind in ("app", "sidecar"))
+        ["control-plane.log"] + [f"{workload.name}-{kind}.log" for workload in WORKLOADS for kind in ("app", "sidecar")])
+    tokens = {path.name: path for path in (tmp_path / "tokens").iterdir()}
+    assert sorted(tokens) == sorted(f"{workload.name}.token" for workload in WORKLOADS)
+    for path in tokens.values():
+        assert path.stat().st_mode & 0o777 == 0o600, path
+        assert path.read_text().strip() not in output, "a join token was printed"
+    assert (tmp_path / "control" / "root-cert.pem").is_file()
     assert_nothing_left(output)
+    assert elapsed < 45, f"the demo took {elapsed:.1f}s\n{output}"
 
 
-def test_a_taken_port_is_named_and_nothing_starts(tmp_path):
-    payment = next(workload for workload in WORKLOADS if workload.name == "payment-service")
+@pytest.mark.parametrize("address, port, what", [
+    (workload("payment-service").address, APP_PORT, "payment-service app"),
+    (CONTROL_ADDRESS, CONTROL_PORT, "control plane CA"),
+], ids=["app-port", "control-plane-port"])
+def test_a_taken_port_is_named_and_nothing_starts(tmp_path, address, port, what):
     with socket.socket() as squatter:
         squatter.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # the previous test's TIME_WAITs
-        squatter.bind((payment.address, APP_PORT))
+        squatter.bind((address, port))
         squatter.listen()
         result = run_demo("--exit-after-tour", "--state-dir", str(tmp_path))
-        others = [pair for pair in DEMO_PORTS if pair != (payment.address, APP_PORT)]
+        others = [pair for pair in DEMO_PORTS if pair != (address, port)]
         assert listening(others) == [], result.stdout + result.stderr
     assert result.returncode == 2, result.stdout + result.stderr
-    assert f"{payment.address}:{APP_PORT}  (payment-service app): in use" in result.stderr
+    assert f"{address}:{port}  ({what}): in use" in result.stderr
     assert "ss -ltnp" in result.stderr
     assert "Traceback" not in result.stderr
     assert child_pids(result.stdout) == []
