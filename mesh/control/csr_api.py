@@ -1,6 +1,10 @@
 """The CSR endpoint of the control plane: ``POST /v1/csr`` on :15012.
 
 Request (JSON): ``{"credential": "<join token>", "csr": "<PEM>", "ttl": seconds?}``.
+A sidecar renewing a certificate it still holds may instead present that
+certificate as its TLS client certificate and omit ``credential``: the verified
+SPIFFE id of the client certificate is then the proven identity (join tokens
+are short-lived; renewals must keep working after they expire).
 Response 200: ``{"certificate", "chain", "trust_bundle", "not_after"}`` (PEM
 strings, ISO time); 400/401/403/413 with ``{"error": "..."}`` otherwise.
 
@@ -20,6 +24,8 @@ from twisted.web import resource, server
 
 from mesh.identity.credentials import CredentialRejected
 from mesh.identity.csr import MAX_CSR_BYTES, CSRRejected, check_csr
+from mesh.identity.spiffe import SpiffeId
+from mesh.identity.tls import peer_identity
 
 log = Logger()
 MAX_BODY = MAX_CSR_BYTES + 8192
@@ -29,6 +35,12 @@ class _Reject(Exception):
     def __init__(self, status, message):
         super().__init__(message)
         self.status = status
+
+
+def _client_certificate_identity(request):
+    """The SPIFFE id of a TLS client certificate OpenSSL verified against the bundle, or None."""
+    uri = peer_identity(request.channel.transport)
+    return SpiffeId.parse(uri) if uri is not None else None
 
 
 class CSRResource(resource.Resource):
@@ -66,16 +78,20 @@ class CSRResource(resource.Resource):
             raise _Reject(413, f"send a JSON body with Content-Length of at most {MAX_BODY} bytes")
         try:
             body = json.loads(request.content.read(MAX_BODY + 1))
-            credential, csr_pem = body["credential"], body["csr"].encode()
+            credential, csr_pem = body.get("credential"), body["csr"].encode()
             requested = float(body.get("ttl") or self._default_ttl)
             if not requested > 0:
                 raise ValueError("ttl")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _Reject(400, "malformed request: expected JSON {credential, csr, ttl?}") from None
-        try:
-            identity = await defer.maybeDeferred(self._verifier.verify, credential)
-        except CredentialRejected as error:
-            raise _Reject(401, f"credential rejected: {error}") from None
+        identity = _client_certificate_identity(request)
+        if identity is None:
+            if credential is None:
+                raise _Reject(401, "no credential: send a join token, or renew with a valid mesh certificate")
+            try:
+                identity = await defer.maybeDeferred(self._verifier.verify, credential)
+            except CredentialRejected as error:
+                raise _Reject(401, f"credential rejected: {error}") from None
         try:
             csr = check_csr(csr_pem, identity.uri)
         except CSRRejected as error:

@@ -2,7 +2,9 @@
 
 At start the agent generates an ECDSA P-256 key in memory (it is never
 written anywhere), sends a CSR with its SPIFFE id and its bootstrap credential
-to the control plane's CSR endpoint, and installs the certificate.  It renews
+(the join token) to the control plane's CSR endpoint, and installs the
+certificate.  Renewals prove the identity with the current certificate (as the
+TLS client certificate), so they keep working after the token expires.  It renews
 at about half the certificate's lifetime (with jitter), each time with a new
 key; while the CA is unreachable it retries with capped exponential backoff and
 keeps serving with the certificate it has.
@@ -33,6 +35,8 @@ log = Logger()
 
 RETRY_MIN = 1.0
 RETRY_MAX = 60.0
+#: renew with the current certificate as proof while it has this long to live
+RENEW_WITH_CERT_MARGIN = 2.0
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -55,11 +59,16 @@ def make_csr(key, spiffe_uri: str) -> bytes:
 class _VerifyControlPlane:
     """TLS to the control plane: chain against the bundle, exact SPIFFE id."""
 
-    def __init__(self, bundle, expected_uri, hostname):
+    def __init__(self, bundle, expected_uri, hostname, client_credentials=None):
         self.expected_uri = expected_uri
         self.hostname = hostname
         self.context = SSL.Context(SSL.TLS_METHOD)
         self.context.set_min_proto_version(SSL.TLS1_2_VERSION)
+        if client_credentials is not None:
+            self.context.use_certificate(client_credentials.chain[0])
+            for cert in client_credentials.chain[1:]:
+                self.context.add_extra_chain_cert(cert)
+            self.context.use_privatekey(client_credentials.key)
         store = self.context.get_cert_store()
         for root in bundle:
             store.add_cert(crypto.X509.from_cryptography(root))
@@ -82,12 +91,13 @@ class _VerifyControlPlane:
 
 @implementer(IPolicyForHTTPS)
 class _ControlPolicy:
-    def __init__(self, bundle, expected_uri):
+    def __init__(self, bundle, expected_uri, client_credentials=None):
         self.bundle = bundle
         self.expected_uri = expected_uri
+        self.client_credentials = client_credentials
 
     def creatorForNetloc(self, hostname, port):
-        return _VerifyControlPlane(self.bundle, self.expected_uri, hostname.decode())
+        return _VerifyControlPlane(self.bundle, self.expected_uri, hostname.decode(), self.client_credentials)
 
 
 class WorkloadAgent(service.Service):
@@ -138,19 +148,22 @@ class WorkloadAgent(service.Service):
         defer.ensureDeferred(self.renew()).addCallbacks(self._renewed, self._failed)
 
     async def renew(self) -> WorkloadCredentials:
-        """One CSR round trip; returns the new credentials (not yet installed)."""
+        """One CSR round trip; returns the new credentials (not yet installed).
+
+        While the current certificate is comfortably valid it is the proof of
+        identity (TLS client certificate); otherwise the join token is.
+        """
         key = ec.generate_private_key(ec.SECP256R1())
-        try:
-            with open(self.token_path, encoding="utf-8") as handle:
-                credential = handle.read().strip()
-        except OSError as error:
-            raise RenewError(f"cannot read the token file {self.token_path}: {error.strerror}") from None
-        body = {"credential": credential, "csr": make_csr(key, self.identity.uri).decode()}
+        current = self.store.current
+        proof = current if current is not None and current.expires_in() > RENEW_WITH_CERT_MARGIN else None
+        body = {"csr": make_csr(key, self.identity.uri).decode()}
+        if proof is None:
+            body["credential"] = self._read_token()
         if self.ttl:
             body["ttl"] = self.ttl
         pool = HTTPConnectionPool(self.reactor, persistent=False)
         pool._factory = _QuietClientFactory
-        agent = Agent(self.reactor, contextFactory=_ControlPolicy(self.bundle, self.control_identity),
+        agent = Agent(self.reactor, contextFactory=_ControlPolicy(self.bundle, self.control_identity, proof),
                       connectTimeout=10, pool=pool)
         try:
             response = await agent.request(b"POST", self.url, Headers({b"content-type": [b"application/json"]}),
@@ -167,6 +180,13 @@ class WorkloadAgent(service.Service):
         chain = x509.load_pem_x509_certificates((answer["certificate"] + answer["chain"]).encode())
         bundle = x509.load_pem_x509_certificates(answer["trust_bundle"].encode())
         return WorkloadCredentials.build(key, chain, bundle)
+
+    def _read_token(self) -> str:
+        try:
+            with open(self.token_path, encoding="utf-8") as handle:
+                return handle.read().strip()
+        except OSError as error:
+            raise RenewError(f"cannot read the token file {self.token_path}: {error.strerror}") from None
 
     def _renewed(self, credentials):
         self.store.swap(credentials)
@@ -188,8 +208,8 @@ class WorkloadAgent(service.Service):
         self.last_error = failure.getErrorMessage()
         delay = self._retry_delay * random.uniform(0.8, 1.2)
         current = self.store.current
-        if current is not None:
-            delay = min(delay, max(1.0, current.expires_in() / 2))
+        if current is not None and current.expires_in() > 2 * RETRY_MIN:
+            delay = min(delay, current.expires_in() / 2)
         self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
         log.warn("certificate renewal failed ({error}); retrying in {delay:.1f}s, serving with the current "
                  "certificate meanwhile", error=self.last_error, delay=delay)

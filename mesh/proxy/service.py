@@ -24,6 +24,7 @@ from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
+from mesh.telemetry import tracing
 
 log = Logger()
 
@@ -63,6 +64,7 @@ class ProxySettings:
     admin_port: int = 15000
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
 
 
 
@@ -85,6 +87,9 @@ class ProxyService(service.MultiService):
         self.ready = False
         self.warnings = ()
         self.listeners = []
+        # builtin.tracing is registered here, not in BUILTIN_PLUGINS: it needs the settings (docs/tracing.md).
+        self.tracing = tracing.install(self, plugin_manager, settings.tracing, settings.workload,
+                                       self._source_address() or settings.app_address)
         outbound = Listener(reactor, "outbound", OutboundRouter(self.runtime, hooks), settings.limits, hooks)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
         if local:
@@ -123,12 +128,14 @@ class ProxyService(service.MultiService):
 
     def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)
+        listener.request_headers = self.plugins.hook.mesh_request_headers  # called by Exchange.start()
         internet.TCPServer(port, factory, interface=address, backlog=1024).setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
                               connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
-                              identity=endpoint_spec.identity, bind=self._source_address())
+                              identity=endpoint_spec.identity, bind=self._source_address(),
+                              max_requests_per_connection=cluster_spec.max_requests_per_connection)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""
@@ -169,9 +176,13 @@ class ProxyService(service.MultiService):
 
     # -- admin views ----------------------------------------------------------------
     def readiness(self):
-        if self.agent is not None and self.credentials.current is None:
+        current = self.credentials.current
+        if self.agent is not None and current is None:
             return 503, {"ready": False, "waiting_for": "workload certificate",
                          "last_error": self.agent.last_error}
+        if current is not None and current.expires_in() <= 0:
+            return 503, {"ready": False, "reason": "the workload certificate has expired",
+                         "last_error": self.agent.last_error if self.agent is not None else None}
         if self.ready and self.runtime.snapshot is not None:
             return 200, {"ready": True, "version": self.runtime.snapshot.config.version}
         return 503, {"ready": False}
@@ -189,9 +200,26 @@ class ProxyService(service.MultiService):
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
+            "certificate": self.certificate_dump(),
             # a disabled plugin stays in the manager as a blocked name, with None for the plugin
             "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],
+            "tracing": self.tracing.describe() if self.tracing is not None else None,
         }
+
+    def certificate_dump(self):
+        """The workload certificate in use (never the key), or None."""
+        current = self.credentials.current
+        if current is None:
+            return None
+        leaf = current.leaf
+        return {"identity": current.identity, "serial": format(leaf.serial_number, "x"),
+                "not_before": leaf.not_valid_before_utc.isoformat(),
+                "not_after": leaf.not_valid_after_utc.isoformat(),
+                "expires_in_s": round(current.expires_in(), 1),
+                "issuer": leaf.issuer.rfc4514_string(), "trust_bundle_roots": len(current.bundle),
+                "source": "control plane" if self.agent is not None else "files",
+                "renewals": self.agent.renewals if self.agent is not None else 0,
+                "last_renewal_error": self.agent.last_error if self.agent is not None else None}
 
     def clusters_dump(self) -> dict:
         snapshot = self.runtime.snapshot
