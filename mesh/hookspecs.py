@@ -82,6 +82,27 @@ def mesh_authorize(ctx, peer, policies):
 
 
 @hookspec
+def mesh_request_headers(ctx):
+    """Rewrite the headers of the forwarded request.  *Hot path, all results.*
+
+    Called on both listeners, once per request, after routing (and, inbound,
+    after authorization) and before the upstream request head is built.  The
+    head is built once per request, so every retry sends the same headers.
+    Built-in use: ``builtin.tracing`` forwards the trace context
+    (``traceparent``, ``b3``, ``x-b3-*``) with its own span as the parent.
+
+    Keep it to lookups and arithmetic, as for every hot-path hook: it runs for
+    every request.
+
+    :param ctx: the request context (``ctx.route``, ``ctx.cluster`` and
+        ``ctx.headers`` are set; ``ctx.headers`` keeps the values as received).
+    :return: None, or a list of ``(name, value)`` pairs, ``name`` lower-case
+        bytes and ``value`` bytes, to set: each replaces every forwarded header
+        of that name.  A ``value`` of None removes the header.
+    """
+
+
+@hookspec
 def mesh_request_complete(ctx, outcome):
     """Observe a finished request.  *Runs exactly once per request.*
 

@@ -193,8 +193,10 @@ class Exchange:
         self.cluster = cluster
         ctx.route = action
         ctx.cluster = cluster.name
-        self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade,
-                                 self.conn.forward_headers)
+        # mesh_request_headers (tracing and other header rewrites): asked once, here; the head is
+        # built once per exchange, so retries resend the same rewritten headers.
+        extra = _set_headers(ctx, listener.request_headers(ctx=ctx), self.conn.forward_headers)
+        self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade, extra)
         if action.timeout:
             self.deadline = listener.reactor.callLater(action.timeout, self._overall_timeout)
         if self.expect_continue and not self.body_done:
@@ -489,3 +491,17 @@ def _failure_reply(outcome, host_port):
         return 504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected"
     return 503, "UC", (f"upstream connection reset before response headers ({host_port}): "
                        f"{outcome.detail}")
+
+
+def _set_headers(ctx, results, extra):
+    """Apply ``mesh_request_headers`` results: each pair replaces the forwarded headers of its name.
+
+    Same-named headers leave ``ctx.raw_headers``; pairs with a value are added to ``extra``
+    (the listener's own headers, such as x-forwarded-client-cert); a None value only removes.
+    """
+    if not results:
+        return extra
+    pairs = [pair for result in results for pair in result]
+    names = {name for name, _ in pairs}
+    ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() not in names]
+    return (*extra, *(pair for pair in pairs if pair[1] is not None))

@@ -12,6 +12,7 @@ from mesh.plugins import make_plugin_manager
 from mesh.proxy.listener import Limits
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
+from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
 
 
 def _size(text: str) -> int:
@@ -57,6 +58,10 @@ class Options(usage.Options):
         ["key", None, None, "Private key of --cert (PEM)."],
         ["cert-ttl", None, None, "Certificate lifetime to ask for (capped by the control plane).",
          duration_option],
+        ["zipkin-url", None, None, "Export spans to Zipkin (v2 JSON), e.g. http://zipkin:9411/api/v2/spans."],
+        ["trace-sampling", None, DEFAULT_SAMPLING,
+         "Percent of requests to trace when the caller did not decide (0-100; Istio's default: 1).", float],
+        ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
     ]
 
     def __init__(self):
@@ -81,6 +86,10 @@ class Options(usage.Options):
         if not self["config-dir"]:
             raise usage.UsageError("--config-dir is required (the directory of Istio YAML files)")
         self._check_identity_options()
+        if not 0.0 <= self["trace-sampling"] <= 100.0:
+            raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
+        if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
+            raise usage.UsageError(f"--zipkin-url wants http://HOST:PORT/api/v2/spans, got {self['zipkin-url']!r}")
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
@@ -126,7 +135,9 @@ def makeService(options):
             trust_domain=options["trust-domain"], service_account=options["service-account"],
             control=options["control"], control_identity=options["control-identity"],
             ca_bundle=options["ca-bundle"], token_file=options["token-file"], cert_file=options["cert"],
-            key_file=options["key"], cert_ttl=options["cert-ttl"]))
+            key_file=options["key"], cert_ttl=options["cert-ttl"]),
+        tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
+                                zipkin_max_queue=options["zipkin-max-queue"]))
     proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
     try:
         proxy.load()
