@@ -76,6 +76,7 @@ class DownstreamConnection(Protocol):
         self.forward_headers = ()
         self.last_activity = 0.0
         self.head_started = None
+        self._progress_seen = None
         self._pauses = set()
         self._url = b""
         self._headers = []
@@ -326,7 +327,17 @@ class DownstreamConnection(Protocol):
         if self.head_started is not None and now - self.head_started > limits.header_timeout:
             self.reject(408, f"request head not received within {limits.header_timeout:g}s")
         elif now - self.last_activity > limits.idle_timeout:
-            if self.queue or self.tunnel is not None:
+            if self.queue:
+                # Only bytes from the client refresh last_activity; a response that
+                # streams for longer than the idle timeout is progress, not idleness.
+                exchange = self.queue[0]
+                moved = exchange.ctx.bytes_sent + exchange.ctx.bytes_received
+                if moved and (exchange, moved) != self._progress_seen:
+                    self._progress_seen = (exchange, moved)
+                    self.last_activity = now
+                    return
+                self.abort()
+            elif self.tunnel is not None:
                 self.abort()
             else:
                 self.closing = True
