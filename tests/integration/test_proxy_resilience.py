@@ -53,6 +53,9 @@ def mesh(backend_factory, proxy_factory, tmp_path_factory, black_holes):
         destination_rule("pair", "pair", traffic_policy=lb("ROUND_ROBIN")),
         _vs("pair", retries={"attempts": 2, "retryOn": "connect-failure,reset"}),
         service_entry("dead", [endpoint(("127.0.0.1", free_port()))]),
+        service_entry("half-dead", [endpoint(("127.0.0.1", free_port())), endpoint(b["good"])]),
+        destination_rule("half-dead", "half-dead", traffic_policy=lb("ROUND_ROBIN")),
+        _vs("half-dead", retries={"attempts": 2, "retryOn": "connect-failure"}),
         service_entry("outlier", [endpoint(b["o1"]), endpoint(b["o2"])]),
         destination_rule("outlier", "outlier", traffic_policy={
             "loadBalancer": {"simple": "ROUND_ROBIN"},
@@ -116,6 +119,17 @@ def test_dead_only_cluster_is_503_uf(mesh):
     flags = result.headers["x-mesh-flags"].split(",")
     assert "UF" in flags and "URX" in flags, flags   # the default policy retried the connect failures
     assert "connect" in result.body.decode() and "refused" in result.body.decode(), result.body
+
+
+def test_connect_failure_is_retried_on_the_other_endpoint(mesh):
+    """Round robin starts with the dead endpoint: the first request's connect failure is retried on the good
+    one, and the dead endpoint is ejected after that one failure, so no other request even tries it."""
+    proxy, b = mesh
+    cluster = cluster_name("half-dead")
+    assert served_by(curl_many(proxy.outbound_url + "/", 10, host="half-dead")) == {"good": 10}
+    dead = next(row for row in cluster_endpoints(proxy, cluster).values()
+                if row["address"] != f"127.0.0.1:{b['good'].port}")
+    assert (dead["healthy"], dead["total_requests"], dead["total_failures"]) == (False, 1, 1), dead
 
 
 def test_outlier_ejection_after_consecutive_5xx(mesh):
