@@ -47,10 +47,13 @@ class ConnectionPool:
     connections are mTLS through ``tls`` (a
     :class:`mesh.proxy.mtls.UpstreamTLS`), which may refuse with a reason.
     ``bind`` is the local source address of new connections (None: any).
+    ``max_requests_per_connection`` (DestinationRule
+    ``connectionPool.http.maxRequestsPerConnection``; 0: unlimited) closes a
+    connection instead of pooling it once it has carried that many requests.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 tls=None, identity=None, bind=None):
+                 tls=None, identity=None, bind=None, max_requests_per_connection=0):
         self.reactor = reactor
         self.address = address
         self.port = port
@@ -59,6 +62,7 @@ class ConnectionPool:
         self.identity = identity
         self.tls = tls if identity is not None else None
         self.bind = (bind, 0) if bind else None
+        self.max_requests_per_connection = max_requests_per_connection
         self._idle = []
         self._open = set()
 
@@ -92,7 +96,9 @@ class ConnectionPool:
 
     def release(self, connection) -> None:
         """Return a connection whose response is complete and reusable."""
-        if connection.connected_ok and len(self._idle) < self.max_idle:
+        limit = self.max_requests_per_connection
+        if connection.connected_ok and len(self._idle) < self.max_idle and not (
+                limit and connection.requests_sent >= limit):
             connection.last_used = self.reactor.seconds()
             self._idle.append(connection)
         else:
