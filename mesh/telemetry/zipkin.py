@@ -21,10 +21,16 @@ from twisted.application import service
 from twisted.internet.defer import DeferredList
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
-from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, readBody
+from twisted.web.client import Agent, FileBodyProducer, HTTPConnectionPool, _HTTP11ClientFactory, readBody
 from twisted.web.http_headers import Headers
 
 log = Logger()
+
+class _QuietFactory(_HTTP11ClientFactory):
+    """No "Starting factory" / "Stopping factory" log lines for every connection to the collector."""
+
+    noisy = False
+
 
 _HEADERS = Headers({b"content-type": [b"application/json"], b"user-agent": [b"txmesh-proxy"]})
 
@@ -67,6 +73,7 @@ class ZipkinExporter(service.Service):
         pool = HTTPConnectionPool(reactor, persistent=True)
         pool.maxPersistentPerHost = max_in_flight
         pool.retryAutomatically = False
+        pool._factory = _QuietFactory
         self._pool = pool
         self._agent = Agent(reactor, connectTimeout=timeout, pool=pool)
         self._loop = LoopingCall(self.flush)

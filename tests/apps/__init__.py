@@ -1,0 +1,1 @@
+"""Small apps that stand behind sidecars in integration tests (run as scripts, by path)."""
