@@ -24,7 +24,7 @@ from twisted.web import resource, server
 
 from mesh.identity.credentials import CredentialRejected
 from mesh.identity.csr import MAX_CSR_BYTES, CSRRejected, check_csr
-from mesh.identity.spiffe import SpiffeId
+from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.identity.tls import peer_identity
 
 log = Logger()
@@ -37,10 +37,24 @@ class _Reject(Exception):
         self.status = status
 
 
-def _client_certificate_identity(request):
-    """The SPIFFE id of a TLS client certificate OpenSSL verified against the bundle, or None."""
+def _client_certificate_identity(request, trust_domain=None):
+    """The SPIFFE id of a TLS client certificate OpenSSL verified against the bundle, or None.
+
+    A verified certificate whose id is not ``spiffe://<trust_domain>/ns/<ns>/sa/<sa>`` proves
+    nothing here (the bundle may hold roots shared with other meshes): it is rejected (401).
+    """
     uri = peer_identity(request.channel.transport)
-    return SpiffeId.parse(uri) if uri is not None else None
+    if uri is None:
+        return None
+    try:
+        identity = SpiffeId.parse(uri)
+    except InvalidSpiffeId:
+        raise _Reject(401, f"client certificate identity {uri} is not spiffe://<trust-domain>/ns/<namespace>/"
+                           "sa/<service-account>") from None
+    if trust_domain is not None and identity.trust_domain != trust_domain:
+        raise _Reject(401, f"client certificate is for trust domain {identity.trust_domain!r}, "
+                           f"not {trust_domain!r}")
+    return identity
 
 
 class CSRResource(resource.Resource):
@@ -52,12 +66,14 @@ class CSRResource(resource.Resource):
     :param bundle: ``() -> bytes``, the current trust bundle.
     :param default_ttl, max_ttl: certificate lifetimes in seconds.
     :param stats: an object with ``signed()`` and ``rejected(reason)`` counters.
+    :param trust_domain: the only trust domain a renewing client certificate may prove.
     """
 
     isLeaf = True
 
-    def __init__(self, verifier, sign, bundle, default_ttl, max_ttl, stats=None):
+    def __init__(self, verifier, sign, bundle, default_ttl, max_ttl, stats=None, trust_domain=None):
         super().__init__()
+        self._trust_domain = trust_domain
         self._verifier = verifier
         self._sign = sign
         self._bundle = bundle
@@ -84,7 +100,7 @@ class CSRResource(resource.Resource):
                 raise ValueError("ttl")
         except (ValueError, KeyError, TypeError, AttributeError):
             raise _Reject(400, "malformed request: expected JSON {credential, csr, ttl?}") from None
-        identity = _client_certificate_identity(request)
+        identity = _client_certificate_identity(request, self._trust_domain)
         if identity is None:
             if credential is None:
                 raise _Reject(401, "no credential: send a join token, or renew with a valid mesh certificate")

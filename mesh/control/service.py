@@ -86,7 +86,8 @@ class ControlService(service.MultiService):
         v1 = resource.Resource()
         root.putChild(b"v1", v1)
         v1.putChild(b"csr", CSRResource(verifier, self._sign, self.ca.bundle_pem, settings.workload_cert_ttl,
-                                        settings.workload_cert_ttl, self.stats))
+                                        settings.workload_cert_ttl, self.stats,
+                                        trust_domain=settings.trust_domain))
         site = server.Site(root, timeout=30)
         site.displayTracebacks = False
         internet.SSLServer(settings.port, site, ServerTLS(self.credentials),
