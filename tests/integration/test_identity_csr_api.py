@@ -19,7 +19,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.harness import Proxy, wait_for
-from tests.integration.test_identity_support import assert_no_secrets_in_logs, spiffe
+from tests.integration.test_identity_support import (
+    assert_no_secrets_in_logs, issue_cert, make_ca, mesh_ca, spiffe,
+)
 from tests.integration.test_proxy_support import service_entry, write_config
 from tests.unit.test_identity_csr import build_csr
 
@@ -51,8 +53,12 @@ class Answer:
         return f"Answer({self.status}, {self.body[:500]!r})"
 
 
-def post(control, body, *, headers=None, path="/v1/csr", chunked=False) -> Answer:
-    conn = http.client.HTTPSConnection("127.0.0.1", control.port, context=tls_context(control), timeout=20)
+def post(control, body, *, headers=None, path="/v1/csr", chunked=False, client_cert=None) -> Answer:
+    """POST to the CSR endpoint; ``client_cert=(cert, key)`` presents a TLS client certificate."""
+    context = tls_context(control)
+    if client_cert is not None:
+        context.load_cert_chain(*map(str, client_cert))
+    conn = http.client.HTTPSConnection("127.0.0.1", control.port, context=context, timeout=20)
     try:
         data = body if isinstance(body, bytes) else json.dumps(body).encode()
         if chunked:
@@ -164,7 +170,7 @@ CASES = [
     ("json-string", lambda c, t: b'"credential"', 400, "malformed request", "expected JSON"),
     ("empty-object", lambda c, t: {}, 400, "malformed request", "expected JSON"),
     ("no-csr", lambda c, t: {"credential": t["good"]}, 400, "malformed request", "expected JSON"),
-    ("no-credential", lambda c, t: {"csr": csr_for("teller")}, 400, "malformed request", "expected JSON"),
+    ("no-credential", lambda c, t: {"csr": csr_for("teller")}, 401, None, "no credential"),
     ("csr-not-a-string", lambda c, t: {"credential": t["good"], "csr": 42}, 400, "malformed request", "JSON"),
     ("negative-ttl", lambda c, t: {"credential": t["good"], "csr": csr_for("teller"), "ttl": -5},
      400, "malformed request", "JSON"),
@@ -284,6 +290,66 @@ def test_control_plane_log_is_clean(control, tokens):
     assert "signing failed" not in text
     assert_no_secrets_in_logs([control], tokens=control.tokens + [tokens["foreign"]],
                               key_files=[control.state_dir / "ca-key.pem"])
+
+
+# -- renewal with the current certificate instead of a token ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def client_certs(control, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("csr-client-certs")
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca = mesh_ca(control.state_dir)
+    return {
+        "teller": issue_cert(directory, "teller", ca, spiffe(NS, "teller")),
+        "expired": issue_cert(directory, "expired", ca, spiffe(NS, "teller"),
+                              not_before=now - datetime.timedelta(hours=2), not_after=now - datetime.timedelta(hours=1)),
+        "other-ca": issue_cert(directory, "other-ca", make_ca("another mesh"), spiffe(NS, "teller")),
+        "other-trust-domain": issue_cert(directory, "other-td", ca, spiffe(NS, "teller", "evil.example")),
+        "not-k8s-spiffe": issue_cert(directory, "not-k8s", ca, "spiffe://cluster.local/teller"),
+    }
+
+
+def test_renewal_with_the_current_certificate(control, client_certs):
+    answer = post(control, {"csr": csr_for("teller")}, client_cert=client_certs["teller"])
+    assert answer.status == 200, answer
+    cert = x509.load_pem_x509_certificate(answer.json()["certificate"].encode())
+    assert cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \
+        .get_values_for_type(x509.UniformResourceIdentifier) == [spiffe(NS, "teller")]
+
+
+def test_renewal_certificate_proves_only_its_own_identity(control, client_certs):
+    answer = post(control, {"csr": csr_for("vault")}, client_cert=client_certs["teller"])
+    assert answer.status == 403 and "credential proves " + spiffe(NS, "teller") in answer.json()["error"], answer
+
+
+def test_renewal_certificate_wins_over_a_token_for_another_identity(control, client_certs):
+    """With both, the certificate is the proof: a token for vault does not let teller's sidecar become vault."""
+    answer = post(control, {"credential": control.token(NS, "vault"), "csr": csr_for("vault")},
+                  client_cert=client_certs["teller"])
+    assert answer.status == 403, answer
+
+
+@pytest.mark.parametrize("case", ["expired", "other-ca"])
+def test_renewal_certificate_that_does_not_verify_gets_no_answer(control, client_certs, case):
+    before = control.admin()
+    with pytest.raises((ssl.SSLError, ConnectionError, http.client.HTTPException)):
+        post(control, {"csr": csr_for("teller")}, client_cert=client_certs[case])
+    after = control.admin()
+    assert after["csr_signed"] == before["csr_signed"]
+    assert after["ready"] is True
+
+
+@pytest.mark.parametrize("case", ["other-trust-domain", "not-k8s-spiffe"])
+def test_renewal_certificate_with_a_foreign_identity_is_refused(control, client_certs, case):
+    """Chained to the mesh root (as a root shared with another mesh, or added to extra-roots.pem, would be)
+    but not an identity of this trust domain: a clean 401 or 403, never a certificate, never a 500."""
+    cert_path, _ = client_certs[case]
+    uri = x509.load_pem_x509_certificate(cert_path.read_bytes()).extensions.get_extension_for_class(
+        x509.SubjectAlternativeName).value.get_values_for_type(x509.UniformResourceIdentifier)[0]
+    key = ec.generate_private_key(ec.SECP256R1())
+    answer = post(control, {"csr": build_csr(key, sans=(uri,)).decode()}, client_cert=client_certs[case])
+    assert answer.status in (401, 403), answer
+    assert set(answer.json()) == {"error"}, answer
 
 
 # -- a sidecar whose credential is refused ------------------------------------------------------------------

@@ -217,15 +217,19 @@ class H2LoadResult:
     output: str
 
 
-def h2load(url: str, *, args=(), timeout: float = 120.0) -> H2LoadResult:
-    """Run ``h2load url args`` and parse its ``requests:`` and ``status codes:`` lines."""
-    proc = subprocess.run(["h2load", *map(str, args), url], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
-    output = proc.stdout + proc.stderr
+def parse_h2load(output: str) -> H2LoadResult:
+    """The ``requests:`` and ``status codes:`` lines of h2load's summary."""
     requests = re.search(r"requests: (\d+) total, (\d+) started, (\d+) done, (\d+) succeeded, (\d+) failed, "
                          r"(\d+) errored, (\d+) timeout", output)
     statuses = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", output)
-    assert requests and statuses, f"h2load output not understood (exit {proc.returncode}):\n{output}"
+    assert requests and statuses, f"h2load output not understood:\n{output}"
     return H2LoadResult(*map(int, requests.groups()),
                         status=dict(zip(("2xx", "3xx", "4xx", "5xx"), map(int, statuses.groups()))),
                         output=output)
+
+
+def h2load(url: str, *, args=(), timeout: float = 120.0) -> H2LoadResult:
+    """Run ``h2load args url`` to the end and parse its summary."""
+    proc = subprocess.run(["h2load", *map(str, args), url], capture_output=True, text=True, timeout=timeout,
+                          stdin=subprocess.DEVNULL)
+    return parse_h2load(proc.stdout + proc.stderr)
