@@ -2,8 +2,11 @@
 installed in the venv through its ``mesh.plugins`` entry point) really changes where a sidecar sends traffic.
 
 The service ``mixed`` has two endpoints: a demo backend, and a tiny HTTP server in this test process that
-answers every request after 200 ms.  Two proxies share the config: one with every plugin, one with
-``--disable-plugin peak_ewma`` (the DestinationRule's ROUND_ROBIN then applies).
+answers every request after 200 ms.  Its DestinationRule asks for LEAST_REQUEST (Istio's default), the
+policy peak EWMA refines.  Two proxies share the config: one with every plugin, one with
+``--disable-plugin peak_ewma`` (the built-in LEAST_REQUEST then applies: with one request at a time every
+endpoint has 0 active requests, so its picks are coin flips).  The service ``pinned`` has the same
+endpoints with an explicit ROUND_ROBIN, which the plugin must leave alone.
 """
 
 from __future__ import annotations
@@ -65,7 +68,9 @@ def proxies(backend_factory, proxy_factory, tmp_path_factory, slow_server):
     config = write_config(
         tmp_path_factory.mktemp("plugins-config"),
         service_entry("mixed", [endpoint(fast), endpoint(slow_server.server_address)]),
-        destination_rule("mixed", "mixed", traffic_policy=lb("ROUND_ROBIN")),
+        destination_rule("mixed", "mixed", traffic_policy=lb("LEAST_REQUEST")),
+        service_entry("pinned", [endpoint(fast), endpoint(slow_server.server_address)]),
+        destination_rule("pinned", "pinned", traffic_policy=lb("ROUND_ROBIN")),
     )
     with_plugin = proxy_factory(config, "client")
     without = proxy_factory(config, "client", extra_args=["--disable-plugin", "peak_ewma"])
@@ -108,9 +113,16 @@ def test_proxies_report_their_plugins(proxies):
     assert "peak_ewma" not in without.admin("/config_dump")["plugins"]
 
 
-def test_round_robin_without_the_plugin_sends_half_to_the_slow_endpoint(proxies):
+def test_least_request_without_the_plugin_keeps_using_the_slow_endpoint(proxies):
     _, without = proxies
     counts = served_by(curl_many(without.outbound_url + "/", REQUESTS, host="mixed", timeout=10))
+    # coin flips: P(the slow endpoint gets fewer than 3 of 20) is about 2e-4
+    assert counts.get("slow", 0) >= 3 and counts.get("fast", 0) >= 3, counts
+
+
+def test_peak_ewma_leaves_an_explicit_round_robin_alone(proxies):
+    with_plugin, _ = proxies
+    counts = served_by(curl_many(with_plugin.outbound_url + "/", REQUESTS, host="pinned", timeout=10))
     assert counts == {"fast": REQUESTS // 2, "slow": REQUESTS // 2}
 
 

@@ -5,6 +5,10 @@ try latency (seconds) that takes a slower observation at once (peak) and
 decays towards faster ones with time constant ``DECAY`` seconds.  The pick is
 the power of two choices on ``cost x (active requests + 1)``.  Endpoints never
 measured start at the cluster's lowest known cost, so they are tried soon.
+
+It refines LEAST_REQUEST, Istio's default policy: clusters whose
+DestinationRule asks for another policy (ROUND_ROBIN, RANDOM, consistentHash)
+keep it.
 """
 
 import math
@@ -26,8 +30,8 @@ def _score(endpoint, default):
 
 @hookimpl
 def mesh_pick_endpoint(ctx, cluster, endpoints):
-    """Power of two choices on peak-EWMA latency times load."""
-    if cluster.spec.lb_policy == "CONSISTENT_HASH":
+    """Power of two choices on peak-EWMA latency times load (LEAST_REQUEST clusters)."""
+    if cluster.spec.lb_policy != "LEAST_REQUEST":
         return None
     if len(endpoints) == 1:
         chosen = endpoints[0]
