@@ -336,6 +336,10 @@ class DownstreamConnection(Protocol):
                     self._progress_seen = (exchange, moved)
                     self.last_activity = now
                     return
+                if not exchange.response_started:
+                    exchange.local_reply(504, "UT", f"no response from upstream within the idle timeout "
+                                         f"({limits.idle_timeout:g}s); set a route timeout or raise --idle-timeout")
+                    return
                 self.abort()
             elif self.tunnel is not None:
                 self.abort()

@@ -276,6 +276,19 @@ def test_a_response_streaming_longer_than_the_idle_timeout_is_not_cut(strict):
         assert time.monotonic() - started > 2.5, "too fast to span two idle sweeps"
 
 
+
+def test_an_upstream_silent_past_the_idle_timeout_gets_504(strict):
+    """No route timeout, an upstream that answers after 3 s, --idle-timeout 1: the client gets a 504 UT
+    saying what to change, not a reset."""
+    with raw(strict) as conn:
+        started = time.monotonic()
+        conn.send(b"GET /delay/3000 HTTP/1.1\r\nHost: echo\r\n\r\n")
+        response = conn.read_response()
+        assert response.status == 504
+        assert response.headers.get("x-mesh-flags") == "UT"
+        assert b"idle timeout" in response.body
+        assert 1.0 <= time.monotonic() - started < 3.0
+
 # -- keep-alive and pipelining -------------------------------------------------------------------------------
 
 
