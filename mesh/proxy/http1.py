@@ -290,7 +290,7 @@ class DownstreamConnection(Protocol):
         """Splice this connection to an upgraded upstream connection."""
         self.queue.clear()
         self.tunnel = upstream.transport
-        upstream.tunnel = self.transport
+        upstream.tunnel = _TunnelWriter(self)
         if rest:
             self.transport.write(rest)
         for data in self.upgrade_buffer or ():
@@ -357,6 +357,24 @@ class DownstreamConnection(Protocol):
             self._pauses.discard(reason)
             if not self._pauses:
                 self.transport.resumeProducing()
+
+
+class _TunnelWriter:
+    """The client side of a tunnel as the upstream writes to it: bytes the
+    server pushes count as activity, so a push-only WebSocket is not idle."""
+
+    __slots__ = ("_conn",)
+
+    def __init__(self, conn):
+        self._conn = conn
+
+    def write(self, data):
+        conn = self._conn
+        conn.last_activity = conn.listener.reactor.seconds()
+        conn.transport.write(data)
+
+    def loseConnection(self):
+        self._conn.transport.loseConnection()
 
 
 def _origin_form(target: bytes, authority):
