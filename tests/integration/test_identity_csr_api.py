@@ -364,7 +364,7 @@ class StartingProxy(Proxy):
 @pytest.mark.parametrize("bad, reason", [
     ("expired", "(401): credential rejected: token expired"),
     ("other-account", "(403): CSR rejected: CSR asks for"),
-])
+], ids=["expired-token", "token-for-another-account"])
 def test_sidecar_with_a_refused_token_waits_and_recovers(control, tokens, tmp_path, process_log_dir, bad, reason):
     config = write_config(tmp_path / "config", service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
     token_file = tmp_path / "token"

@@ -303,3 +303,13 @@ def test_keys_are_private_and_no_secret_is_logged(mesh):
     checked = assert_no_secrets_in_logs([control, *proxies.values(), *apps.values()], tokens=control.tokens,
                                         key_files=[control.state_dir / "ca-key.pem"])
     assert checked > 1000
+    # nor in what the admin ports show (the certificate in /config_dump, never its key)
+    pages = [control.admin_request(path)[1] for path in ("/ready", "/ca/root-cert.pem")]
+    for proxy in proxies.values():
+        pages += [proxy.admin_request(path)[1] for path in ("/ready", "/config_dump", "/clusters")]
+    for page in pages:
+        text = page.decode("utf-8", "replace")
+        assert "PRIVATE KEY" not in text
+        assert not any(token in text or token.rpartition(".")[2] in text for token in control.tokens)
+    dump = proxies["frontend"].admin("/config_dump")["certificate"]
+    assert dump["identity"] == FRONTEND_ID and dump["source"] == "control plane", dump

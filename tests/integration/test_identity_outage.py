@@ -16,7 +16,9 @@ import time
 import pytest
 
 from tests.harness import free_port, wait_for
-from tests.integration.test_identity_support import mesh_endpoint, parse_h2load, spiffe, xfcc
+from tests.integration.test_identity_support import (
+    assert_no_secrets_in_logs, mesh_endpoint, parse_h2load, spiffe, xfcc,
+)
 from tests.integration.test_proxy_support import assert_clean_log, destination_rule, service_entry, write_config
 
 NS = "shop"
@@ -122,3 +124,5 @@ def test_control_plane_outage(mesh, control_factory):
     assert (after.succeeded, after.status["2xx"]) == (200, 200), after.output
     for process in (*proxies, restarted):
         assert_clean_log(process)
+    assert_no_secrets_in_logs([control, restarted, *proxies, app], tokens=control.tokens,
+                              key_files=[control.state_dir / "ca-key.pem"])

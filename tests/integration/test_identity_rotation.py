@@ -21,7 +21,9 @@ import pytest
 from cryptography import x509
 
 from tests.harness import free_port
-from tests.integration.test_identity_support import issue_cert, mesh_ca, mesh_endpoint, parse_h2load, spiffe, xfcc
+from tests.integration.test_identity_support import (
+    assert_no_secrets_in_logs, issue_cert, mesh_ca, mesh_endpoint, parse_h2load, spiffe, xfcc,
+)
 from tests.integration.test_proxy_support import assert_clean_log, destination_rule, service_entry, write_config
 
 NS = "shop"
@@ -113,8 +115,13 @@ def test_rotation_under_load_fails_no_request(pair, tmp_path):
     assert min(rotations) >= 4, report
     assert control.admin()["csr_signed"] >= signed_before + sum(rotations)
     assert len(server_serials) >= 4 and len(client_hashes) >= 4, report
-    for proxy in (client, server):
+    for proxy, identity in ((client, frontend_id), (server, user_id)):
         assert "certificate renewal failed" not in proxy.log_path.read_text(), proxy.describe("a renewal failed")
         assert_clean_log(proxy)
+        dump = proxy.admin("/config_dump")["certificate"]
+        assert dump["identity"] == identity and dump["renewals"] >= min(rotations), dump
     assert_clean_log(control)
+    # many keys were generated and many certificates signed: none of it leaks into a log
+    assert_no_secrets_in_logs([control, client, server, app], tokens=control.tokens,
+                              key_files=[control.state_dir / "ca-key.pem"])
     assert app.log_path.read_text().count("GET /load") >= result.succeeded
