@@ -278,6 +278,8 @@ def test_old_tls_versions_are_refused(mesh, certs, version):
                                    or "unsupported protocol" in result.diagnostics):
         result = s_client(port, cafile=certs["bundle"], cert=cert, key=key,
                           args=[version, "-cipher", "DEFAULT:@SECLEVEL=0"], path=REFUSED_PATH)
+        if result.alert() is None and not result.established and "no protocols available" in result.diagnostics:
+            pytest.skip(f"the local openssl cannot send a {version} ClientHello at all (compiled out): {result}")
     assert result.alert() == "protocol version", result
     assert not result.established and not result.http_response and result.exit_code != 0, result
 
