@@ -116,7 +116,9 @@ class LoadGenerator:
         achieved, errors = parse_h2load_summary(out)
         durations = parse_h2load_log(log_file.read_text())
         if not durations:
-            raise BenchError(f"h2load got no 2xx response from {url} (see {log_file})")
+            summary = next((line for line in out.splitlines() if line.startswith("requests:")), "")
+            raise BenchError(f"h2load got no 2xx response from {url} in {seconds}s ({summary}); "
+                             f"see {self.log_dir / tag}.h2load.out and the proxy's log")
         return Latency(
             p50=percentile(durations, 50),
             p90=percentile(durations, 90),

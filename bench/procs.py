@@ -136,15 +136,21 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def http_ok(url: str, host: Optional[str] = None) -> bool:
-    """True if a GET of ``url`` (with an optional Host header) answers 200."""
+def http_get(url: str, host: Optional[str] = None) -> tuple[int, bytes]:
+    """GET ``url`` (with an optional Host header); return (status, body), or (0, b"") if unreachable."""
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
         with urllib.request.urlopen(request, timeout=2.0) as response:
-            response.read()
-            return response.status == 200
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
     except (OSError, urllib.error.URLError):
-        return False
+        return 0, b""
+
+
+def http_ok(url: str, host: Optional[str] = None) -> bool:
+    """True if a GET of ``url`` (with an optional Host header) answers 200."""
+    return http_get(url, host)[0] == 200
 
 
 def run_tool(argv: Sequence[str], timeout: float, log_path: Path) -> str:

@@ -31,7 +31,7 @@ from typing import Optional
 from bench import callgrind, report
 from bench.loadgen import LoadGenerator
 from bench.procs import BenchError, tree_cpu_seconds, tree_memory_kib
-from bench.topologies import BENCH_DIR, CASES, Target, Workspace, find_venv_bin, start_backend
+from bench.topologies import BENCH_DIR, CASES, Target, Workspace, check_target, find_venv_bin, start_backend
 
 DEFAULT_CASES = "direct,txmesh,envoy"
 
@@ -99,6 +99,16 @@ def tool_versions(venv_bin: Path) -> dict:
     return versions
 
 
+def git_revision() -> str:
+    """The checkout's commit, with "-dirty" if the working tree differs (the proxy runs from it)."""
+    try:
+        out = subprocess.run(["git", "-C", str(BENCH_DIR), "describe", "--always", "--dirty"],
+                             capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    return out.stdout.strip() or "unknown"
+
+
 def proxy_cpu(target: Target) -> float:
     """CPU seconds used so far by the case's proxies (and any processes they forked)."""
     return sum(tree_cpu_seconds(proxy.pid) for proxy in target.proxies)
@@ -143,7 +153,8 @@ def run(args) -> int:
         backend_port = start_backend(ws)
         targets = {name: CASES[name](ws, backend_port) for name in args.cases}
         for name, target in targets.items():
-            runs[name].idle_rss_kib = proxy_memory(target, "VmRSS")
+            runs[name].idle_rss_kib = proxy_memory(target, "VmRSS")  # before any request
+            check_target(name, target)
             if args.warmup_seconds:
                 load.throughput(target.url, target.host, f"warmup-{name}", args.connections[0], args.warmup_seconds)
         for index in range(1, args.rounds + 1):
@@ -164,6 +175,7 @@ def run(args) -> int:
     meta = {
         "started": started,
         "command": shlex.join(sys.orig_argv),
+        "revision": git_revision(),
         "rounds": args.rounds,
         "latency": f"h2load --h1 -c {args.clients} --rps {args.rps_per_client} -D {args.latency_seconds}",
         "throughput": " then ".join(f"wrk -t1 -c{c} -d{args.throughput_seconds}s" for c in args.connections),

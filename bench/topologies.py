@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from bench.procs import BenchError, ManagedProcess, find_process, free_port, run_tool
+from bench.procs import BenchError, ManagedProcess, find_process, free_port, http_get, run_tool
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -33,6 +33,8 @@ MESH_HOST = "nginx.bench.svc.cluster.local"
 ROUTE_TIMEOUT = "5s"
 RETRY_ATTEMPTS = 2
 READY_TIMEOUT = 30.0  # seconds a proxy may take to become ready
+#: What nginx serves for every path: 1 KiB.
+BODY = b"x" * 1023 + b"\n"
 
 
 def find_venv_bin(explicit: Optional[str]) -> Path:
@@ -64,6 +66,14 @@ class Target:
     url: str
     host: Optional[str] = None
     proxies: list[Proxy] = field(default_factory=list)
+
+
+def check_target(name: str, target: Target) -> None:
+    """Fail unless one GET through ``target`` returns nginx's body with status 200."""
+    status, body = http_get(target.url, target.host)
+    if status != 200 or body != BODY:
+        raise BenchError(f"case {name}: GET {target.url} (Host: {target.host or 'default'}) answered "
+                         f"{status} with {len(body)} bytes {body[:200]!r}; expected 200 and nginx's 1 KiB body")
 
 
 @dataclass
@@ -142,7 +152,7 @@ def start_backend(ws: Workspace) -> int:
     prefix = ws.root / "nginx"
     (prefix / "run").mkdir(parents=True)
     (prefix / "www").mkdir()
-    (prefix / "www" / "body1k").write_bytes(b"x" * 1023 + b"\n")
+    (prefix / "www" / "body1k").write_bytes(BODY)
     conf = (BENCH_DIR / "nginx.conf").read_text().replace("@PORT@", str(port))
     (prefix / "nginx.conf").write_text(conf)
     proc = ws.start("nginx", [_nginx(), "-p", str(prefix), "-c", "nginx.conf", "-e", "run/nginx-error.log"])
