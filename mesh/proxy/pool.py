@@ -50,10 +50,12 @@ class ConnectionPool:
     ``max_requests_per_connection`` (DestinationRule
     ``connectionPool.http.maxRequestsPerConnection``; 0: unlimited) closes a
     connection instead of pooling it once it has carried that many requests.
+    ``idle_timeout`` (``connectionPool.http.idleTimeout``) closes pooled
+    connections idle for longer; they are found when the pool is next used.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 tls=None, identity=None, bind=None, max_requests_per_connection=0):
+                 tls=None, identity=None, bind=None, max_requests_per_connection=0, idle_timeout=3600.0):
         self.reactor = reactor
         self.address = address
         self.port = port
@@ -63,6 +65,7 @@ class ConnectionPool:
         self.tls = tls if identity is not None else None
         self.bind = (bind, 0) if bind else None
         self.max_requests_per_connection = max_requests_per_connection
+        self.idle_timeout = idle_timeout
         self._idle = []
         self._open = set()
 
@@ -73,12 +76,21 @@ class ConnectionPool:
         return len(self._open)
 
     def acquire(self):
-        """An idle connected connection, or None."""
+        """An idle connected connection, or None.
+
+        The most recently used comes first; if it has been idle too long, so
+        have all the others, and they are all closed.
+        """
         idle = self._idle
         while idle:
             connection = idle.pop()
-            if connection.connected_ok:
+            if not connection.connected_ok:
+                continue
+            if connection.last_used >= self.reactor.seconds() - self.idle_timeout:
                 return connection
+            connection.transport.loseConnection()
+            self.close_idle()
+            return None
         return None
 
     def connect(self) -> defer.Deferred:
@@ -99,7 +111,10 @@ class ConnectionPool:
         limit = self.max_requests_per_connection
         if connection.connected_ok and len(self._idle) < self.max_idle and not (
                 limit and connection.requests_sent >= limit):
-            connection.last_used = self.reactor.seconds()
+            now = connection.last_used = self.reactor.seconds()
+            idle = self._idle
+            if idle and idle[0].last_used < now - self.idle_timeout:
+                self.close_idle(older_than=now - self.idle_timeout)
             self._idle.append(connection)
         else:
             connection.transport.loseConnection()

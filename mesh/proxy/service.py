@@ -135,7 +135,8 @@ class ProxyService(service.MultiService):
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
                               connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
                               identity=endpoint_spec.identity, bind=self._source_address(),
-                              max_requests_per_connection=cluster_spec.max_requests_per_connection)
+                              max_requests_per_connection=cluster_spec.max_requests_per_connection,
+                              idle_timeout=cluster_spec.idle_timeout)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""
