@@ -13,6 +13,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mesh.identity.tls import peer_identity
+from mesh.plugins import fast_caller
 from mesh.proxy.http1 import normalise_host
 from mesh.proxy.mtls import client_cert_header
 
@@ -53,8 +54,10 @@ class Listener:
         self.direction = direction
         self.router = router
         self.limits = limits
+        self._hooks = hooks
         self.pick_endpoint = hooks.mesh_pick_endpoint
         self.retry_decision = hooks.mesh_retry_decision
+        self.request_headers = hooks.mesh_request_headers
         self._complete_hook = hooks.mesh_request_complete
         self._own_identity = own_identity
         self.connections = set()
@@ -63,7 +66,18 @@ class Listener:
         self._sweeper.clock = reactor
 
     def start(self):
+        """Bind the hooks (every plugin is registered by now) and start the timer sweep."""
+        self.bind_hooks()
         self._sweeper.start(1.0, now=False)
+
+    def bind_hooks(self):
+        """Call the hooks' implementations directly from now on (see :func:`fast_caller`)."""
+        hooks = self._hooks
+        self.pick_endpoint = fast_caller(hooks.mesh_pick_endpoint)
+        self.retry_decision = fast_caller(hooks.mesh_retry_decision)
+        self.request_headers = fast_caller(hooks.mesh_request_headers)
+        self._complete_hook = fast_caller(hooks.mesh_request_complete)
+        self.router.bind_hooks(hooks)
 
     def stop(self):
         if self._sweeper.running:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
+from mesh.plugins import fast_caller
 from mesh.proxy.clusters import ClusterManager
 from mesh.proxy.outcome import LocalReply
 
@@ -50,6 +51,9 @@ class OutboundRouter:
         self.runtime = runtime
         self._route = hooks.mesh_route
 
+    def bind_hooks(self, hooks):
+        self._route = fast_caller(hooks.mesh_route)
+
     def route(self, ctx):
         snapshot = self.runtime.snapshot
         action = self._route(ctx=ctx, table=snapshot.config.routes)
@@ -79,6 +83,9 @@ class InboundRouter:
         self._authorize = hooks.mesh_authorize
         self._cluster_name = cluster_spec.name
         self._action = RouteAction(name="inbound", clusters=(cluster_spec.name,), cumulative_weights=(1,))
+
+    def bind_hooks(self, hooks):
+        self._authorize = fast_caller(hooks.mesh_authorize)
 
     def route(self, ctx):
         snapshot = self.runtime.snapshot

@@ -128,7 +128,6 @@ class ProxyService(service.MultiService):
 
     def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)
-        listener.request_headers = self.plugins.hook.mesh_request_headers  # called by Exchange.start()
         internet.TCPServer(port, factory, interface=address, backlog=1024).setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
