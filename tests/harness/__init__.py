@@ -9,7 +9,7 @@
 The pytest fixtures ``backend_factory`` and ``proxy_factory`` in tests/conftest.py build on these.
 """
 
-from .backend import Backend
+from .backend import Backend, pattern_sha256
 from .control import Control
 from .curl import CurlResult, curl
 from .net import free_port, http_request
@@ -20,5 +20,5 @@ from .waiting import wait_for
 
 __all__ = [
     "REPO_ROOT", "Backend", "Control", "CurlResult", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
-    "http_request", "stop_all", "venv_bin", "venv_dir", "wait_for",
+    "http_request", "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import tempfile
 from pathlib import Path
+
+from mesh.demo.app import iter_pattern
 
 from .net import free_port, http_request
 from .processes import ManagedProcess, venv_bin
@@ -35,3 +39,12 @@ class Backend(ManagedProcess):
     def is_ready(self) -> bool:
         status, body = http_request(self.address, self.port, "/", timeout=2.0)
         return status == 200 and json.loads(body)["service"] == self.name
+
+
+@functools.lru_cache(maxsize=None)
+def pattern_sha256(size: int) -> str:
+    """sha256 of the first ``size`` bytes the demo app's ``/bytes/<size>`` serves."""
+    digest = hashlib.sha256()
+    for chunk in iter_pattern(size):
+        digest.update(chunk)
+    return digest.hexdigest()

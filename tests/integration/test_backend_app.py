@@ -9,19 +9,11 @@ import time
 
 import pytest
 
-from mesh.demo.app import iter_pattern
-from tests.harness import RawConnection, curl
+from tests.harness import RawConnection, curl, pattern_sha256
 
 MiB = 1024 * 1024
 #: Peak RSS growth allowed while 100 MiB stream through the app: it must not buffer bodies.
 RSS_GROWTH_LIMIT_KIB = 32 * 1024
-
-
-def pattern_sha256(size: int) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter_pattern(size):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")

@@ -15,11 +15,9 @@ import time
 
 import pytest
 
-from tests.harness import free_port, wait_for
-from tests.integration.test_identity_support import (
-    assert_no_secrets_in_logs, mesh_endpoint, parse_h2load, spiffe, xfcc,
-)
-from tests.integration.test_proxy_support import assert_clean_log, destination_rule, service_entry, write_config
+from tests.harness import wait_for
+from tests.integration.test_identity_support import assert_no_secrets_in_logs, mtls_pair, parse_h2load, spiffe, xfcc
+from tests.integration.test_proxy_support import assert_clean_log
 
 NS = "shop"
 LOAD_SECONDS = 40
@@ -29,19 +27,8 @@ TOKEN_TTL = "15s"
 @pytest.fixture(scope="module")
 def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     control = control_factory(workload_cert_ttl="60s")
-    app = backend_factory("user-service")
-    inbound = free_port()
-    config = write_config(
-        tmp_path_factory.mktemp("outage-config"),
-        service_entry("user-service", [mesh_endpoint(inbound, "user-service")], namespace=NS),
-        destination_rule("user-service", "user-service", namespace=NS,
-                         traffic_policy={"connectionPool": {"http": {"maxRequestsPerConnection": 10}}}),
-    )
-    # join tokens that expire long before the control plane comes back: renewals must use the certificate
-    server = proxy_factory(config, "user-service", namespace=NS, app_port=app.port, inbound_port=inbound,
-                           extra_args=control.proxy_args(NS, "user-service", token_ttl=TOKEN_TTL))
-    client = proxy_factory(config, "frontend", namespace=NS,
-                           extra_args=control.proxy_args(NS, "frontend", token_ttl=TOKEN_TTL))
+    app, server, client = mtls_pair(control, backend_factory, proxy_factory,
+                                    tmp_path_factory.mktemp("outage-config"), NS, token_ttl=TOKEN_TTL)
     return control, app, server, client
 
 

@@ -20,11 +20,10 @@ import time
 import pytest
 from cryptography import x509
 
-from tests.harness import free_port
 from tests.integration.test_identity_support import (
-    assert_no_secrets_in_logs, issue_cert, mesh_ca, mesh_endpoint, parse_h2load, spiffe, xfcc,
+    assert_no_secrets_in_logs, issue_cert, mesh_ca, mtls_pair, parse_h2load, spiffe, xfcc,
 )
-from tests.integration.test_proxy_support import assert_clean_log, destination_rule, service_entry, write_config
+from tests.integration.test_proxy_support import assert_clean_log
 
 NS = "shop"
 DURATION = 60
@@ -34,17 +33,8 @@ INSTALLED = "workload certificate for {} installed"
 @pytest.fixture(scope="module")
 def pair(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     control = control_factory(workload_cert_ttl="20s")
-    app = backend_factory("user-service")
-    inbound = free_port()
-    config = write_config(
-        tmp_path_factory.mktemp("rotation-config"),
-        service_entry("user-service", [mesh_endpoint(inbound, "user-service")], namespace=NS),
-        destination_rule("user-service", "user-service", namespace=NS,
-                         traffic_policy={"connectionPool": {"http": {"maxRequestsPerConnection": 10}}}),
-    )
-    server = proxy_factory(config, "user-service", namespace=NS, app_port=app.port, inbound_port=inbound,
-                           extra_args=control.proxy_args(NS, "user-service"))
-    client = proxy_factory(config, "frontend", namespace=NS, extra_args=control.proxy_args(NS, "frontend"))
+    app, server, client = mtls_pair(control, backend_factory, proxy_factory,
+                                    tmp_path_factory.mktemp("rotation-config"), NS)
     return control, app, server, client
 
 

@@ -233,3 +233,26 @@ def h2load(url: str, *, args=(), timeout: float = 120.0) -> H2LoadResult:
     proc = subprocess.run(["h2load", *map(str, args), url], capture_output=True, text=True, timeout=timeout,
                           stdin=subprocess.DEVNULL)
     return parse_h2load(proc.stdout + proc.stderr)
+
+
+def mtls_pair(control, backend_factory, proxy_factory, config_root: Path, namespace: str, *, token_ttl="1h"):
+    """An app behind a server sidecar (user-service) and a client sidecar (frontend), both getting their
+    certificates from ``control``; upstream connections carry at most 10 requests, so new mTLS handshakes
+    keep happening.  Returns ``(app, server, client)``."""
+    from tests.harness import free_port
+    from tests.integration.test_proxy_support import destination_rule, service_entry, write_config
+
+    app = backend_factory("user-service")
+    inbound = free_port()
+    config = write_config(
+        config_root,
+        service_entry("user-service", [mesh_endpoint(inbound, "user-service")], namespace=namespace),
+        destination_rule("user-service", "user-service", namespace=namespace,
+                         traffic_policy={"connectionPool": {"http": {"maxRequestsPerConnection": 10}}}),
+    )
+    server = proxy_factory(config, "user-service", namespace=namespace, app_port=app.port, inbound_port=inbound,
+                           extra_args=control.proxy_args(namespace, "user-service", token_ttl=token_ttl))
+    client = proxy_factory(config, "frontend", namespace=namespace,
+                           extra_args=control.proxy_args(namespace, "frontend", token_ttl=token_ttl))
+    return app, server, client
+

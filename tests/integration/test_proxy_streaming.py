@@ -8,7 +8,6 @@ below the body size.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import select
@@ -19,21 +18,13 @@ import time
 import pytest
 
 from mesh.demo.app import iter_pattern
-from tests.harness import RawConnection, wait_for
+from tests.harness import RawConnection, pattern_sha256, wait_for
 from tests.integration.test_proxy_support import assert_clean_log, endpoint, service_entry, write_config
 
 GiB = 1 << 30
 MiB = 1 << 20
 #: The proxy's peak RSS while a body of any size streams through it.
 RSS_LIMIT_KIB = 150 * 1024
-
-
-@functools.lru_cache(maxsize=None)
-def pattern_sha256(size: int) -> str:
-    digest = hashlib.sha256()
-    for chunk in iter_pattern(size):
-        digest.update(chunk)
-    return digest.hexdigest()
 
 
 @pytest.fixture(scope="module")
