@@ -9,6 +9,8 @@ half its life, so sidecars verify it against the trust bundle like any peer.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 
 from cryptography.hazmat.primitives.asymmetric import ec
@@ -18,9 +20,8 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mesh.builtin.ca import BuiltinSigner
-from mesh.config.loader import load_dir
-from mesh.config.validate import validate
 from mesh.control.csr_api import CSRResource
+from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import CertificateAuthority
 from mesh.identity.credentials import JoinTokenVerifier
@@ -113,18 +114,21 @@ class ControlService(service.MultiService):
         self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
 
     def load_config(self):
-        """Validate the config directory (distribution comes with the control-plane issue)."""
-        if not self.settings.config_dir:
-            return
-        result = load_dir(self.settings.config_dir)
-        _, problems = validate(result.resources)
-        self.config_errors = [str(error) for error in result.errors + problems]
-        for error in self.config_errors:
-            log.error("config rejected: {error}", error=error)
-        log.info("{count} resource(s) loaded from {dir}", count=len(result.resources), dir=self.settings.config_dir)
+        """Load the config sources (``--config-dir``, plugins) into the per-resource store, and watch them.
+
+        See :mod:`mesh.control.sources` and :mod:`mesh.control.store`: each
+        resource is validated alone; an invalid one is rejected (logged, kept
+        in ``config_errors``) and its last good version stays in force.
+        """
+        if self.settings.config_dir and not os.path.isdir(self.settings.config_dir):
+            sys.stderr.write(f"mesh-control: --config-dir {self.settings.config_dir} is not a directory; "
+                             "create it or pass the directory that holds the YAML files\n")
+            raise SystemExit(1)
+        attach_config(self)
 
     def readiness(self):
         return 200, {"ready": bool(self.running), "trust_domain": self.settings.trust_domain,
                      "identity": self.identity.uri, "ca_expires_in_s": round(self.ca.expires_in()),
                      "csr_signed": self.stats.signed_total, "csr_rejected": self.stats.rejected_total,
-                     "config_errors": self.config_errors}
+                     "config_errors": [str(error) for error in self.config_errors],
+                     "config": self.config_store.summary() if getattr(self, "config_store", None) else None}
