@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from mesh import __version__
-from mesh.cli import demo, plugins, token, validate
+from mesh.cli import analyze, demo, plugins, token, validate
 
-COMMANDS = (plugins, validate, token, demo)
+COMMANDS = (plugins, validate, analyze, token, demo)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,265 @@
+"""Cross-resource checks for ``meshctl analyze``: problems no single resource shows.
+
+:func:`validate` checks each resource alone; :func:`analyze` looks at the
+valid resources together, mesh-wide (not from one proxy's point of view, as
+the compiler's warnings do), and returns a
+:class:`~mesh.config.errors.ConfigWarning` per finding, printed
+``FILE:LINE: Kind/namespace/name: field: reason`` like validation errors:
+
+- **unknown host**: a VirtualService destination host that no ServiceEntry
+  defines (or none exported to the VirtualService's namespace);
+- **unknown subset**: a destination subset that no DestinationRule for that
+  host defines;
+- **empty subset**: a DestinationRule subset whose labels match no endpoint
+  of the host (ServiceEntry endpoints and selected WorkloadEntries);
+- **DestinationRule for an unknown host**;
+- **conflicting VirtualServices**: two VirtualServices for one host (only one
+  applies to a client; which one depends on the client's namespace);
+- **AuthorizationPolicy selector that matches nothing**: no workload known
+  from the files (WorkloadEntries, and ServiceEntry endpoints, which belong to
+  the ServiceEntry's namespace) in the policy's namespace -- or, for the root
+  namespace, anywhere -- has all the selector's labels;
+- **STRICT mTLS towards a workload without a sidecar**, see below.
+
+What "has no sidecar" means with files only
+-------------------------------------------
+A workload (a ServiceEntry endpoint or a WorkloadEntry) *has a sidecar* when
+it is labelled ``security.istio.io/tlsMode: istio``: that is the label the
+mesh's auto-mTLS reads (Istio's injector sets it on every injected pod), and
+clients send mTLS to an endpoint only when it has it (or a DestinationRule
+sets ``tls.mode: ISTIO_MUTUAL``).  A PeerAuthentication whose effective mode
+is STRICT (after workload > namespace > mesh precedence) for a workload
+without a sidecar is reported, because
+
+- as a *server*, its clients do not originate mTLS to it, so every call is
+  refused -- unless a DestinationRule forces ``ISTIO_MUTUAL`` for it;
+- as a *client* (a plain process of the same namespace), it cannot present a
+  certificate to the STRICT workloads of the policy.
+
+A DestinationRule ``tls.mode: DISABLE`` for a host whose endpoints are STRICT
+is reported too: its clients send plaintext, which STRICT refuses.
+
+Workloads that join by announcing themselves to the control plane (HELLO)
+are not in the files; label them in a WorkloadEntry, or expect "matches
+nothing" findings for selectors that only they match.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+from mesh.config import hosts as hostnames
+from mesh.config.compile import Workload, _exported
+from mesh.config.errors import ConfigWarning
+from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
+from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_peer_authn
+
+SIDECAR_LABEL = ("security.istio.io/tlsMode", "istio")
+
+
+@dataclass(frozen=True)
+class _Workload:
+    """An endpoint known from the files, with the resource (and field) that declares it."""
+
+    namespace: str
+    labels: frozenset
+    owner: object
+    path: tuple
+    description: str
+
+    @property
+    def has_sidecar(self) -> bool:
+        return SIDECAR_LABEL in self.labels
+
+
+def analyze(objects, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> list:
+    """Cross-resource findings about validated objects, sorted by file and line."""
+    return _Analysis(list(objects), root_namespace).run()
+
+
+def _warning(obj, path: tuple, reason: str) -> ConfigWarning:
+    return obj.source.error(path, reason, cls=ConfigWarning)
+
+
+def _where(obj) -> str:
+    return f"{type(obj).__name__} {obj.namespace}/{obj.name} ({obj.source.file}:{obj.source.line})"
+
+
+class _Analysis:
+    def __init__(self, objects, root_namespace):
+        self.objects = objects
+        self.root_namespace = root_namespace
+        self.entries = self._of(ServiceEntry)
+        self.rules = self._of(DestinationRule)
+        self.virtual_services = self._of(VirtualService)
+        self.workload_entries = self._of(WorkloadEntry)
+        self.findings = []
+        self.workloads = self._workloads()
+
+    def _of(self, cls) -> list:
+        return sorted((obj for obj in self.objects if isinstance(obj, cls)),
+                      key=lambda obj: (obj.namespace, obj.name))
+
+    def warn(self, obj, path, reason):
+        self.findings.append(_warning(obj, path, reason))
+
+    def run(self) -> list:
+        self._virtual_service_destinations()
+        self._conflicting_virtual_services()
+        self._destination_rules()
+        self._authorization_selectors()
+        self._strict_without_sidecar()
+        unique = {(str(f)): f for f in self.findings}
+        return sorted(unique.values(), key=lambda f: (f.file, f.line, str(f)))
+
+    # -- the registry as the files describe it ------------------------------------------------
+    def _workloads(self) -> list:
+        found = []
+        for entry in self.entries:
+            for index, endpoint in enumerate(entry.endpoints):
+                found.append(_Workload(entry.namespace, frozenset(endpoint.labels), entry,
+                                       ("spec", "endpoints", index),
+                                       f"endpoint {endpoint.address} of ServiceEntry {entry.namespace}/{entry.name}"))
+        for we in self.workload_entries:
+            found.append(_Workload(we.namespace, frozenset(we.endpoint.labels), we, ("spec",),
+                                   f"WorkloadEntry {we.namespace}/{we.name} ({we.endpoint.address})"))
+        return found
+
+    def _members(self, entry: ServiceEntry) -> list:
+        """Label sets of the endpoints of a ServiceEntry (its own and the WorkloadEntries it selects)."""
+        members = [frozenset(endpoint.labels) for endpoint in entry.endpoints]
+        if entry.workload_selector is not None:
+            wanted = set(entry.workload_selector)
+            members += [frozenset(we.endpoint.labels) for we in self.workload_entries
+                        if we.namespace == entry.namespace and wanted <= set(we.endpoint.labels)]
+        return members
+
+    def _entries_for(self, host: str, namespace: Optional[str] = None) -> list:
+        """ServiceEntries defining ``host`` (exactly or by wildcard), visible to ``namespace`` if given."""
+        return [entry for entry in self.entries
+                if any(hostnames.covers(pattern, host) or pattern == host for pattern in entry.hosts)
+                and (namespace is None or _exported(entry.export_to, entry.namespace, namespace))]
+
+    def _rules_for(self, host: str) -> list:
+        return [rule for rule in self.rules if hostnames.covers(rule.host, host) or rule.host == host]
+
+    # -- checks -------------------------------------------------------------------------------
+    def _virtual_service_destinations(self):
+        for vs in self.virtual_services:
+            for http in vs.http:
+                for index, destination in enumerate(http.route):
+                    path = ("spec", "http", http.index, "route", index, "destination")
+                    host = destination.host
+                    if hostnames.is_ip(host):
+                        continue
+                    if not self._entries_for(host):
+                        self.warn(vs, path + ("host",), f"routes to unknown host '{host}': no ServiceEntry "
+                                  "defines it; requests routed here get 503 (NC). Add a ServiceEntry or fix "
+                                  "the host")
+                        continue
+                    if not self._entries_for(host, vs.namespace):
+                        self.warn(vs, path + ("host",), f"routes to host '{host}', whose ServiceEntry is not "
+                                  f"exported to namespace {vs.namespace} (exportTo); requests get 503 (NC)")
+                        continue
+                    subset = destination.subset
+                    if subset and not any(subset in {s.name for s in rule.subsets}
+                                          for rule in self._rules_for(host)):
+                        defined = sorted({s.name for rule in self._rules_for(host) for s in rule.subsets})
+                        known = f"; defined subsets: {', '.join(defined)}" if defined else \
+                            "; no DestinationRule defines subsets for it"
+                        self.warn(vs, path + ("subset",), f"routes to unknown subset '{subset}' of '{host}'"
+                                  f"{known}; requests routed here get 503 (NC)")
+
+    def _conflicting_virtual_services(self):
+        owners = {}
+        for vs in self.virtual_services:
+            for index, host in enumerate(vs.hosts):
+                first = owners.setdefault(host, vs)
+                if first is not vs:
+                    self.warn(vs, ("spec", "hosts", index), f"host '{host}' is also routed by {_where(first)}; "
+                              "only one VirtualService applies per host (which one depends on the client's "
+                              "namespace): merge their http routes into one")
+
+    def _destination_rules(self):
+        for rule in self.rules:
+            entries = [entry for entry in self.entries
+                       if any(hostnames.covers(rule.host, host) or host == rule.host
+                              or hostnames.covers(host, rule.host) for host in entry.hosts)]
+            if not entries:
+                self.warn(rule, ("spec", "host"), f"no ServiceEntry defines host '{rule.host}'; this "
+                          "DestinationRule applies to nothing")
+                continue
+            members = [labels for entry in entries for labels in self._members(entry)]
+            for index, subset in enumerate(rule.subsets):
+                wanted = set(subset.labels)
+                if not any(wanted <= labels for labels in members):
+                    labels = ", ".join(f"{k}={v}" for k, v in subset.labels) or "(none)"
+                    self.warn(rule, ("spec", "subsets", index, "labels"),
+                              f"subset '{subset.name}' ({labels}) matches no endpoint of '{rule.host}' "
+                              f"({len(members)} endpoint(s) known); requests routed to it get 503 (UH)")
+            mode = rule.traffic_policy.tls_mode if rule.traffic_policy is not None else None
+            if mode == "DISABLE":
+                self._plaintext_to_strict(rule, entries)
+
+    def _authorization_selectors(self):
+        for policy in self._of(AuthorizationPolicy):
+            if policy.selector is None:
+                continue
+            wanted = set(policy.selector)
+            scope = [w for w in self.workloads
+                     if policy.namespace == self.root_namespace or w.namespace == policy.namespace]
+            if not any(wanted <= w.labels for w in scope):
+                labels = ", ".join(f"{k}={v}" for k, v in policy.selector)
+                where = "any namespace" if policy.namespace == self.root_namespace else \
+                    f"namespace {policy.namespace}"
+                self.warn(policy, ("spec", "selector"), f"selector ({labels}) matches no workload of {where} "
+                          f"known from the files ({len(scope)} workload(s): ServiceEntry endpoints and "
+                          "WorkloadEntries); the policy applies to nothing")
+
+    def _effective_strict(self, workload: _Workload):
+        """The PeerAuthentication that makes ``workload`` STRICT (on any port), or None."""
+        view = Workload(name="analyze", namespace=workload.namespace, labels=dict(workload.labels))
+        result, dump = compile_peer_authn(self.objects, view, self.root_namespace, lambda *args: None)
+        if result.mode != "STRICT" and "STRICT" not in dict(result.port_modes).values():
+            return None
+        chosen = dump["policies"]
+        name = chosen.get("workload") or chosen.get("namespace") or chosen.get("mesh")
+        return next((p for p in self._of(PeerAuthentication) if f"{p.namespace}/{p.name}" == name), None)
+
+    def _forced_mutual(self, workload: _Workload) -> bool:
+        """Whether a DestinationRule makes clients send mTLS to this workload's services anyway."""
+        if not isinstance(workload.owner, ServiceEntry):
+            return False
+        for host in workload.owner.hosts:
+            for rule in self._rules_for(host):
+                if rule.traffic_policy is not None and rule.traffic_policy.tls_mode == "ISTIO_MUTUAL":
+                    return True
+        return False
+
+    def _strict_without_sidecar(self):
+        for workload in self.workloads:
+            if workload.has_sidecar:
+                continue
+            policy = self._effective_strict(workload)
+            if policy is None or self._forced_mutual(workload):
+                continue
+            self.warn(policy, ("spec", "mtls", "mode") if policy.mode == "STRICT" else ("spec", "portLevelMtls"),
+                      f"STRICT mTLS applies to {workload.description}, which has no sidecar (no label "
+                      f"{SIDECAR_LABEL[0]}: {SIDECAR_LABEL[1]}): clients send it plaintext, which STRICT "
+                      "refuses, and it cannot call STRICT workloads itself. Label it if it runs a sidecar, "
+                      "or use PERMISSIVE for it")
+
+    def _plaintext_to_strict(self, rule, entries):
+        for entry in entries:
+            for index, endpoint in enumerate(entry.endpoints):
+                workload = _Workload(entry.namespace, frozenset(endpoint.labels), entry,
+                                     ("spec", "endpoints", index), "")
+                policy = self._effective_strict(workload)
+                if policy is not None:
+                    self.warn(rule, ("spec", "trafficPolicy", "tls", "mode"),
+                              f"tls.mode DISABLE makes clients send plaintext to endpoint {endpoint.address} "
+                              f"of '{entry.hosts[0]}', where {_where(policy)} requires STRICT mTLS: every "
+                              "request is refused. Remove tls.mode DISABLE or relax the PeerAuthentication")
+                    return
