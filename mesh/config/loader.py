@@ -263,3 +263,52 @@ def _walk(node, path, lines, duplicates, loader, stack, walked=None) -> bool:
             ok = ok and _walk(value_node, child, lines, duplicates, loader, stack, walked)
     stack.discard(id(node))
     return ok
+
+
+def load_documents(documents: Iterable, origin: str) -> LoadResult:
+    """Resources from already-parsed documents (dicts), e.g. a snapshot received from the control plane.
+
+    The same checks as for files apply (header, metadata, duplicates); there are
+    no line numbers, so every problem names ``origin`` and the document's
+    position (``ORIGIN[i]``) instead of ``FILE:LINE``.
+    """
+    result = LoadResult(files=(origin,))
+    first_seen = {}
+    for index, value in enumerate(documents):
+        where = f"{origin}[{index}]"
+        if not isinstance(value, dict):
+            result.errors.append(ConfigError(file=where, line=0, reason=(
+                "a document must be a mapping with apiVersion, kind, metadata and spec")))
+            continue
+        kind = value.get("kind")
+        meta = value.get("metadata")
+        meta = meta if isinstance(meta, dict) else {}
+        name = meta.get("name") if isinstance(meta.get("name"), str) else "<unnamed>"
+        namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) else "default"
+        problems = [((key,), unknown_field(key, _TOP_LEVEL)) for key in value if key not in _TOP_LEVEL]
+        problems += _check_header(kind, value.get("apiVersion"), value.get("metadata"), value.get("spec"))
+        spec = value.get("spec")
+        resource = Resource(kind=str(kind), api_version=str(value.get("apiVersion")), name=name,
+                            namespace=namespace, spec=spec if spec is not None else {}, file=where,
+                            line=0, lines=LineMap({}, 0), metadata=meta)
+        if problems:
+            result.errors.extend(resource.error(path_, reason) for path_, reason in problems)
+            continue
+        previous = first_seen.setdefault(resource.key, resource)
+        if previous is resource:
+            result.resources.append(resource)
+        else:
+            result.errors.append(resource.error(
+                ("metadata", "name"), f"duplicate {resource.kind} {resource.namespace}/{resource.name}: "
+                                      f"also at {previous.file}"))
+    return result
+
+
+def resource_document(resource: Resource) -> dict:
+    """A Resource as a plain document again (what a snapshot carries): apiVersion, kind, metadata, spec."""
+    metadata = {"name": resource.name, "namespace": resource.namespace}
+    for key in ("labels", "annotations"):
+        if resource.metadata.get(key):
+            metadata[key] = dict(resource.metadata[key])
+    return {"apiVersion": resource.api_version, "kind": resource.kind, "metadata": metadata,
+            "spec": resource.spec}

@@ -21,6 +21,8 @@ from twisted.web import resource, server
 
 from mesh.builtin.ca import BuiltinSigner
 from mesh.control.csr_api import CSRResource
+from mesh.control.distribution import Distributor
+from mesh.control.portmux import PortMux
 from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import CertificateAuthority
@@ -48,6 +50,8 @@ class ControlSettings:
     ca_cert: str = None
     ca_key: str = None
     ca_chain: str = None
+    push_debounce: float = 0.1
+    registry_grace: float = 5.0
 
 
 class CSRStats:
@@ -91,10 +95,14 @@ class ControlService(service.MultiService):
                                         trust_domain=settings.trust_domain))
         site = server.Site(root, timeout=30)
         site.displayTracebacks = False
-        internet.SSLServer(settings.port, site, ServerTLS(self.credentials),
-                           interface=settings.address).setServiceParent(self)
+        # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
+        self.distributor = Distributor(reactor, self.ca.bundle_pem, getattr(self, "metrics", None),
+                                       debounce=settings.push_debounce, grace=settings.registry_grace)
+        internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
+                           ServerTLS(self.credentials), interface=settings.address).setServiceParent(self)
         admin_root = resource.Resource()
         admin_root.putChild(b"ready", JSONPage(self.readiness))
+        admin_root.putChild(b"proxies", JSONPage(lambda: (200, self.distributor.proxy_status())))
         ca_pages = resource.Resource()
         admin_root.putChild(b"ca", ca_pages)
         ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))
@@ -113,6 +121,14 @@ class ControlService(service.MultiService):
         self.credentials.swap(WorkloadCredentials.build(key, chain, self.ca.bundle, require_client_cert=False))
         self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
 
+    def set_resources(self, resources) -> list:
+        """The config resources to distribute (Resource objects, validated objects or documents).
+
+        Invalid ones are left out and their errors returned; proxies whose
+        snapshot changes get a push after the debounce delay.
+        """
+        return self.distributor.set_resources(resources)
+
     def load_config(self):
         """Load the config sources (``--config-dir``, plugins) into the per-resource store, and watch them.
 
@@ -125,6 +141,10 @@ class ControlService(service.MultiService):
                              "create it or pass the directory that holds the YAML files\n")
             raise SystemExit(1)
         attach_config(self)
+
+    def stopService(self):
+        self.distributor.stop()
+        return super().stopService()
 
     def readiness(self):
         return 200, {"ready": bool(self.running), "trust_domain": self.settings.trust_domain,

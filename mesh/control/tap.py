@@ -33,6 +33,9 @@ class Options(usage.Options):
         ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
         ["ca-key", None, None, "Private key of --ca-cert (PEM, unencrypted, mode 0600)."],
         ["ca-chain", None, None, "Chain from --ca-cert's issuer up to the root (PEM), for an intermediate."],
+        ["push-debounce", None, 0.1, "Seconds to wait for more config changes before pushing snapshots.", float],
+        ["registry-grace", None, 5.0, "Seconds a disconnected proxy stays an endpoint (DRAIN removes at once).",
+         float],
     ]
 
     def __init__(self):
@@ -57,7 +60,8 @@ def makeService(options):
         state_dir=options["state-dir"], config_dir=options["config-dir"],
         trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],
         port=options["port"], admin_port=options["admin-port"], workload_cert_ttl=options["workload-cert-ttl"],
-        ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"])
+        ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"],
+        push_debounce=options["push-debounce"], registry_grace=options["registry-grace"])
     try:
         control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
     except CAError as error:

@@ -13,12 +13,13 @@ from dataclasses import dataclass, field
 from twisted.application import internet, service
 from twisted.logger import Logger
 
-from mesh.config.compile import Workload, load_and_compile
+from mesh.config.compile import Workload, compile_proxy_config, load_and_compile
 from mesh.config.errors import ConfigErrors
 from mesh.identity.agent import WorkloadAgent
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.proxy.admin import AdminSite
+from mesh.proxy.control_client import ControlClient
 from mesh.proxy.http1 import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
@@ -53,7 +54,7 @@ class IdentitySettings:
 class ProxySettings:
     """Everything ``twistd mesh-proxy`` was told on its command line."""
 
-    config_dir: str
+    config_dir: str  # None: config from the control plane (identity.control)
     workload: Workload
     outbound_address: str = "127.0.0.1"
     outbound_port: int = 15001
@@ -62,6 +63,7 @@ class ProxySettings:
     app_address: str = "127.0.0.1"
     app_port: int = 0
     admin_port: int = 15000
+    state_dir: str = None  # last-known-good snapshot of the control plane's config
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
@@ -82,6 +84,10 @@ class ProxyService(service.MultiService):
         local = (inbound_cluster(settings.app_address, settings.app_port),) if settings.app_port else ()
         self.credentials = CredentialStore()
         self.agent = self._identity_source(settings.identity)
+        self.control_client = None
+        if settings.identity.control is not None and not settings.config_dir:
+            self.control_client = ControlClient(reactor, self, settings.identity.control,
+                                                settings.identity.control_identity, settings.state_dir)
         self.upstream_tls = UpstreamTLS(self.credentials)
         self.runtime = ProxyRuntime(self._make_pool, local)
         self.ready = False
@@ -99,6 +105,8 @@ class ProxyService(service.MultiService):
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
         admin.setServiceParent(self)
+        if self.control_client is not None:
+            self.control_client.setServiceParent(self)
 
     def _identity_source(self, identity):
         """Static certificate files, a workload agent, or nothing (plaintext only)."""
@@ -144,7 +152,15 @@ class ProxyService(service.MultiService):
 
     # -- config -------------------------------------------------------------------
     def load(self):
-        """Load and apply the config dir; raises ConfigErrors when it is invalid."""
+        """Load and apply the config dir; raises ConfigErrors when it is invalid.
+
+        Without a config dir the config comes from the control plane: only the
+        last-known-good snapshot (if any) is applied now.
+        """
+        if self.control_client is not None:
+            if not self.control_client.load_last_known_good():
+                self.runtime.apply(compile_proxy_config([], self.settings.workload))  # empty until the first push
+            return
         config, warnings = load_and_compile(self.settings.config_dir, self.settings.workload)
         self.runtime.apply(config)
         self.warnings = tuple(warnings)
@@ -154,6 +170,9 @@ class ProxyService(service.MultiService):
 
     def reload(self):
         """SIGHUP: apply the new config, or keep the old one if it is invalid."""
+        if self.control_client is not None:
+            log.info("SIGHUP ignored: the config comes from the control plane")
+            return
         try:
             self.load()
         except ConfigErrors as errors:
@@ -183,6 +202,12 @@ class ProxyService(service.MultiService):
         if current is not None and current.expires_in() <= 0:
             return 503, {"ready": False, "reason": "the workload certificate has expired",
                          "last_error": self.agent.last_error if self.agent is not None else None}
+        if self.control_client is not None:
+            stale = self.control_client.stale
+            if self.ready and self.control_client.applied_version is not None:
+                return 200, {"ready": True, "version": self.runtime.snapshot.config.version, "stale": stale}
+            return 503, {"ready": False, "waiting_for": "config from the control plane", "stale": stale,
+                         "last_error": self.control_client.last_error}
         if self.ready and self.runtime.snapshot is not None:
             return 200, {"ready": True, "version": self.runtime.snapshot.config.version}
         return 503, {"ready": False}
@@ -204,6 +229,7 @@ class ProxyService(service.MultiService):
             # a disabled plugin stays in the manager as a blocked name, with None for the plugin
             "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],
             "tracing": self.tracing.describe() if self.tracing is not None else None,
+            "control": self.control_client.describe() if self.control_client is not None else None,
         }
 
     def certificate_dump(self):

@@ -30,7 +30,10 @@ class Options(usage.Options):
                 "(ServiceEntry, DestinationRule, VirtualService, ...); SIGHUP reloads it.")
 
     optParameters = [
-        ["config-dir", "c", None, "Directory of Istio YAML resources (standalone mode)."],
+        ["config-dir", "c", None, "Directory of Istio YAML resources (standalone mode; without it and with "
+                                  "--control, the config comes from the control plane)."],
+        ["state-dir", None, None, "Directory for the last-known-good config snapshot (with --control and no "
+                                  "--config-dir)."],
         ["workload", "w", None, "Name of this workload (required)."],
         ["namespace", "n", "default", "Namespace of this workload."],
         ["service-account", None, "default", "Service account of this workload."],
@@ -83,8 +86,9 @@ class Options(usage.Options):
     def postOptions(self):
         if not self["workload"]:
             raise usage.UsageError("--workload is required")
-        if not self["config-dir"]:
-            raise usage.UsageError("--config-dir is required (the directory of Istio YAML files)")
+        if not self["config-dir"] and not self["control"]:
+            raise usage.UsageError("--config-dir (the directory of Istio YAML files) or --control (config from "
+                                   "the control plane) is required")
         self._check_identity_options()
         if not 0.0 <= self["trace-sampling"] <= 100.0:
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
@@ -130,7 +134,7 @@ def makeService(options):
         outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],
         inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
         app_address=options["app-address"], app_port=options["app-port"],
-        admin_port=options["admin-port"], limits=limits,
+        admin_port=options["admin-port"], state_dir=options["state-dir"], limits=limits,
         identity=IdentitySettings(
             trust_domain=options["trust-domain"], service_account=options["service-account"],
             control=options["control"], control_identity=options["control-identity"],

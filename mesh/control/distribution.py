@@ -1,0 +1,397 @@
+"""Config distribution: per-proxy snapshots, debounced pushes, ACK/NACK and sync status.
+
+:class:`Distributor` holds the config resources in force (set with
+:meth:`Distributor.set_resources`, validated here so that an invalid resource
+never reaches a proxy) and the :class:`~mesh.control.registry.Registry`.
+Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
+
+- ServiceEntry, DestinationRule and VirtualService exported to its namespace;
+- the WorkloadEntries (files and registry) of namespaces whose visible
+  ServiceEntries select workloads;
+- the AuthorizationPolicies and PeerAuthentications that apply to it (its
+  namespace or the root namespace, selector matching its labels);
+- the trust bundle.
+
+The version of a snapshot is a hash of exactly that content, so a change that
+does not affect a proxy leaves its version alone and it gets no push.  Changes
+are debounced (``debounce`` seconds, 100 ms by default) and coalesced.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+from twisted.internet import protocol
+from twisted.logger import Logger
+
+from mesh.config.compile import Workload, _exported
+from mesh.config.loader import Resource, load_documents, resource_document
+from mesh.config.resources import ServiceEntry, WorkloadEntry
+from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
+from mesh.config.resources import DestinationRule, VirtualService
+from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.validate import validate
+from mesh.control import protocol as proto
+from mesh.control.registry import Registration, Registry
+from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
+from mesh.identity.tls import peer_identity
+
+log = Logger()
+
+_EXPORTED_KINDS = (ServiceEntry, DestinationRule, VirtualService)
+
+
+@dataclass(frozen=True)
+class _Item:
+    """One validated resource: its object (for scoping), document and content hash."""
+
+    obj: object
+    document: dict
+    digest: str
+
+
+def _digest(document) -> str:
+    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _validated(resources) -> tuple:
+    """``(objects, errors)`` from Resource objects, validated objects (with ``.source``) or dicts."""
+    raw, problems = [], []
+    dicts = [item for item in resources if isinstance(item, dict)]
+    if dicts:
+        loaded = load_documents(dicts, "set_resources")
+        raw += loaded.resources
+        problems += loaded.errors
+    raw += [item if isinstance(item, Resource) else item.source for item in resources if not isinstance(item, dict)]
+    objects, errors = validate(raw)
+    return objects, problems + errors
+
+
+class ProxyStatus:
+    """What the control plane knows about one proxy's sync state (a row of ``meshctl proxy-status``)."""
+
+    def __init__(self, node, identity, address, now):
+        self.node = node
+        self.identity = identity
+        self.workload = None
+        self.namespace = None
+        self.address = address
+        self.connected = True
+        self.connected_since = now
+        self.version_sent = None
+        self.sent_at = None
+        self.version_acked = None
+        self.last_nack = None
+        self.last_nack_version = None
+        self.last_seen = now
+
+    def describe(self) -> dict:
+        return {"node": self.node, "workload": self.workload, "namespace": self.namespace,
+                "identity": self.identity, "address": self.address, "connected": self.connected,
+                "connected_since": self.connected_since, "version_sent": self.version_sent,
+                "version_acked": self.version_acked, "last_nack": self.last_nack,
+                "last_nack_version": self.last_nack_version, "last_seen": self.last_seen,
+                "stale": (not self.connected) or self.version_sent is None
+                or self.version_acked != self.version_sent}
+
+
+class ProxyStream(proto.MessageStream):
+    """The control plane's end of one proxy's config stream."""
+
+    receives = (proto.HELLO, proto.ACK, proto.NACK, proto.PING, proto.PONG, proto.DRAIN)
+    peer_name = "proxy"
+
+    def __init__(self, distributor):
+        super().__init__(distributor.reactor)
+        self.heartbeat = distributor.heartbeat
+        self.distributor = distributor
+        self.identity = None
+        self.hello = None
+        self.workload = None
+        self.status = None
+        self.registration = None
+        self._sent = None  # version of the last snapshot sent
+
+    def describe_peer(self):
+        node = self.hello["node"] if self.hello else "?"
+        return f"proxy {node} ({self.identity or 'no identity'})"
+
+    def connectionMade(self):
+        super().connectionMade()
+        uri = peer_identity(self.transport)
+        if uri is None:
+            self.close("no verified client certificate: the config stream needs the workload certificate")
+            return
+        try:
+            self.identity = SpiffeId.parse(uri)
+        except InvalidSpiffeId as error:
+            self.close(str(error))
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        super().connectionLost(reason)
+        self.distributor.stream_closed(self)
+
+    def msg_HELLO(self, msg):
+        if self.hello is not None:
+            raise proto.ProtocolError("HELLO sent twice")
+        if msg["namespace"] != self.identity.namespace:
+            raise proto.ProtocolError(f"HELLO names namespace {msg['namespace']!r} but the certificate is "
+                                      f"{self.identity.uri}")
+        labels = msg["labels"]
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
+            raise proto.ProtocolError("HELLO labels must map strings to strings")
+        self.hello = msg
+        self.workload = Workload(name=msg["workload"], namespace=self.identity.namespace, labels=dict(labels),
+                                 service_account=self.identity.service_account,
+                                 app_port=msg.get("app_port") or None)
+        address = msg.get("address")
+        if not isinstance(address, str) or address in ("", "0.0.0.0", "::"):
+            address = self.transport.getPeer().host
+        inbound_port = msg.get("inbound_port")
+        if msg.get("app_port") and isinstance(inbound_port, int) and 0 < inbound_port < 65536:
+            self.registration = Registration(
+                node=msg["node"], workload=msg["workload"], namespace=self.identity.namespace,
+                service_account=self.identity.service_account, address=address, inbound_port=inbound_port,
+                labels=dict(labels))
+        self.distributor.hello(self, address)
+
+    def msg_ACK(self, msg):
+        self._require_hello()
+        self.distributor.acked(self, msg["version"])
+
+    def msg_NACK(self, msg):
+        self._require_hello()
+        self.distributor.nacked(self, msg["version"], msg["reason"])
+
+    def msg_DRAIN(self, msg):
+        self._require_hello()
+        self.distributor.drained(self)
+
+    def stringReceived(self, body):
+        super().stringReceived(body)
+        if self.status is not None:
+            self.status.last_seen = self.last_seen
+
+    def _require_hello(self):
+        if self.hello is None:
+            raise proto.ProtocolError("the first message must be HELLO")
+
+    def push(self, version, documents, bundle_pem):
+        self._sent = version
+        self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem)
+
+
+class StreamFactory(protocol.Factory):
+    noisy = False
+
+    def __init__(self, distributor):
+        self.distributor = distributor
+
+    def buildProtocol(self, addr):
+        stream = ProxyStream(self.distributor)
+        stream.factory = self
+        return stream
+
+
+class Distributor:
+    """Resources + registry -> per-proxy snapshots; sync status; metrics.
+
+    :param bundle_pem: ``() -> bytes``, the trust bundle to distribute.
+    :param metrics: an object with ``connected_proxies``, ``pushes``,
+        ``push_duration`` and ``nacks`` (prometheus instruments), or None.
+    """
+
+    def __init__(self, reactor, bundle_pem, metrics=None, debounce: float = 0.1, grace: float = 5.0,
+                 heartbeat: float = proto.HEARTBEAT, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
+                 status_ttl: float = 300.0):
+        self.reactor = reactor
+        self.bundle_pem = bundle_pem
+        self.metrics = metrics
+        self.debounce = debounce
+        self.heartbeat = heartbeat
+        self.root_namespace = root_namespace
+        self.status_ttl = status_ttl
+        self.registry = Registry(reactor, self.changed, grace)
+        self.items = []
+        self.rejected = []
+        self.streams = set()
+        self.statuses = {}  # node -> ProxyStatus (disconnected ones kept for status_ttl)
+        self._pending = None
+        self._changed_at = None
+        self._file_entries = []
+        self.pushes = 0
+        self.factory = StreamFactory(self)
+
+    # -- config ----------------------------------------------------------------------------
+    def set_resources(self, resources) -> list:
+        """Replace the config resources; returns the errors of those that are invalid (left out).
+
+        ``resources``: :class:`~mesh.config.loader.Resource` objects, validated
+        objects (with ``.source``) or plain documents.  Pushes follow after the
+        debounce delay, to the proxies whose snapshot changed.
+        """
+        objects, errors = _validated(resources)
+        for error in errors:
+            log.error("resource not distributed: {error}", error=str(error))
+        items = []
+        for obj in objects:
+            document = resource_document(obj.source)
+            items.append(_Item(obj, document, _digest(document)))
+        self.items = sorted(items, key=lambda item: (item.document["kind"], item.document["metadata"]["namespace"],
+                                                     item.document["metadata"]["name"]))
+        self.rejected = errors
+        self.changed()
+        return errors
+
+    def changed(self) -> None:
+        """Something changed: push (once) after the debounce delay."""
+        if self._changed_at is None:
+            self._changed_at = self.reactor.seconds()
+        if self._pending is None or not self._pending.active():
+            self._pending = self.reactor.callLater(self.debounce, self.push_all)
+
+    def push_all(self) -> None:
+        self._pending = None
+        registry_items = self._registry_items()
+        for stream in list(self.streams):
+            if stream.hello is not None:
+                self._push(stream, registry_items)
+        self._changed_at = None
+        self._prune_statuses()
+
+    def _registry_items(self) -> list:
+        entries = [item for item in self.items if isinstance(item.obj, ServiceEntry)]
+
+        def port_names(registration):
+            labels = set({**registration.labels, "security.istio.io/tlsMode": "istio"}.items())
+            return {port.name for item in entries if item.obj.namespace == registration.namespace
+                    and item.obj.workload_selector is not None and set(item.obj.workload_selector) <= labels
+                    for port in item.obj.ports}
+
+        documents = self.registry.documents(port_names)
+        return [(doc["metadata"]["namespace"], doc, _digest(doc)) for doc in documents]
+
+    def snapshot_for(self, workload: Workload, registry_items=None) -> tuple:
+        """``(version, documents)`` of the snapshot for ``workload``."""
+        if registry_items is None:
+            registry_items = self._registry_items()
+        namespace = workload.namespace
+        chosen = [item for item in self.items if isinstance(item.obj, _EXPORTED_KINDS)
+                  and _exported(item.obj.export_to, item.obj.namespace, namespace)]
+        selecting = {item.obj.namespace for item in chosen
+                     if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
+        chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)
+                   and item.obj.namespace in selecting]
+        policies = applicable([item.obj for item in self.items], (AuthorizationPolicy, PeerAuthentication), workload, self.root_namespace)
+        wanted = {id(obj) for obj in policies}
+        chosen += [item for item in self.items if id(item.obj) in wanted]
+        documents = [item.document for item in chosen]
+        digests = [item.digest for item in chosen]
+        for entry_namespace, document, digest in registry_items:
+            if entry_namespace in selecting:
+                documents.append(document)
+                digests.append(digest)
+        bundle = self.bundle_pem()
+        digests.append(hashlib.sha256(bundle).hexdigest())
+        version = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
+        return version, documents
+
+    def _push(self, stream, registry_items=None):
+        version, documents = self.snapshot_for(stream.workload, registry_items)
+        if version == stream._sent:
+            return
+        stream.push(version, documents, self.bundle_pem().decode())
+        stream.status.version_sent = version
+        stream.status.sent_at = self._changed_at if self._changed_at is not None else self.reactor.seconds()
+        self.pushes += 1
+        if self.metrics is not None:
+            self.metrics.pushes.inc()
+        log.debug("pushed {version} ({count} resources) to {node}", version=version, count=len(documents),
+                  node=stream.hello["node"])
+
+    # -- streams ---------------------------------------------------------------------------
+    def hello(self, stream, address) -> None:
+        node = stream.hello["node"]
+        now = self.reactor.seconds()
+        for other in list(self.streams):
+            if other is not stream and other.hello is not None and other.hello["node"] == node:
+                other.close(f"replaced by a new stream of the same node {node}")
+        status = ProxyStatus(node, stream.identity.uri, address, now)
+        status.workload = stream.workload.name
+        status.namespace = stream.workload.namespace
+        previous = self.statuses.get(node)
+        last_applied = stream.hello.get("version")
+        if isinstance(last_applied, str) and last_applied:
+            status.version_acked = last_applied
+            if previous is not None and previous.last_nack_version == last_applied:
+                status.last_nack = previous.last_nack
+        self.statuses[node] = status
+        stream.status = status
+        self.streams.add(stream)
+        self._update_connected()
+        log.info("proxy {node} connected: {identity} at {address}, last applied version {version}",
+                 node=node, identity=stream.identity.uri, address=address, version=last_applied or "none")
+        if stream.registration is not None:
+            self.registry.register(stream.registration)  # other proxies get the new endpoint after the debounce
+        self._push(stream)
+
+    def acked(self, stream, version) -> None:
+        status = stream.status
+        if status.version_acked != version and version == status.version_sent and status.sent_at is not None:
+            if self.metrics is not None:
+                self.metrics.push_duration.observe(max(0.0, self.reactor.seconds() - status.sent_at))
+        status.version_acked = version
+        if version == status.version_sent:
+            status.last_nack = None
+            status.last_nack_version = None
+
+    def nacked(self, stream, version, reason) -> None:
+        stream.status.last_nack = reason
+        stream.status.last_nack_version = version
+        if self.metrics is not None:
+            self.metrics.nacks.inc()
+        log.error("proxy {node} rejected config {version}: {reason}", node=stream.hello["node"], version=version,
+                  reason=reason)
+
+    def drained(self, stream) -> None:
+        log.info("proxy {node} is draining: removed from endpoints", node=stream.hello["node"])
+        self.registry.drain(stream.hello["node"])
+
+    def stream_closed(self, stream) -> None:
+        self.streams.discard(stream)
+        self._update_connected()
+        if stream.hello is None:
+            return
+        node = stream.hello["node"]
+        if stream.status is not None and self.statuses.get(node) is stream.status:
+            stream.status.connected = False
+            stream.status.last_seen = self.reactor.seconds()
+        if stream.registration is not None:
+            self.registry.disconnected(node, stream.registration)
+        log.info("proxy {node} disconnected", node=node)
+
+    def _update_connected(self):
+        if self.metrics is not None:
+            self.metrics.connected_proxies.set(len(self.streams))
+
+    def _prune_statuses(self):
+        now = self.reactor.seconds()
+        for node, status in list(self.statuses.items()):
+            if not status.connected and now - status.last_seen > self.status_ttl:
+                del self.statuses[node]
+
+    # -- admin -----------------------------------------------------------------------------
+    def proxy_status(self) -> list:
+        """The rows of ``GET /proxies`` (admin port), sorted by node."""
+        self._prune_statuses()
+        return [status.describe() for _, status in sorted(self.statuses.items())]
+
+    def stop(self) -> None:
+        if self._pending is not None and self._pending.active():
+            self._pending.cancel()
+        self._pending = None
+        for stream in list(self.streams):
+            stream.transport.loseConnection()

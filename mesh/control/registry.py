@@ -1,0 +1,118 @@
+"""Proxies that announced themselves, as WorkloadEntry-equivalents.
+
+Every connected proxy with an inbound listener (HELLO ``app_port`` set) is a
+workload: its address is the address it announced (or, for a wildcard, the
+address it connects from), its labels are the ones it announced plus
+``security.istio.io/tlsMode: istio`` (it speaks mesh mTLS), and its namespace
+and service account come from its *certificate*, never from the message.
+A ServiceEntry whose ``workloadSelector`` matches the labels gets it as an
+endpoint, through the same compile step as file WorkloadEntries.
+
+A proxy that disconnects stays for ``grace`` seconds (a quick reconnect
+does not flap the endpoint); one that sends DRAIN is removed at once.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+log = Logger()
+
+TLS_MODE_LABEL = "security.istio.io/tlsMode"
+REGISTRY_LABEL = "mesh.txmesh.io/registered"
+_NAME_UNSAFE = re.compile(r"[^a-z0-9-]+")
+
+
+@dataclass
+class Registration:
+    """One announced workload."""
+
+    node: str
+    workload: str
+    namespace: str
+    service_account: str
+    address: str
+    inbound_port: int
+    labels: dict = field(default_factory=dict)
+    draining: bool = False
+
+    @property
+    def entry_name(self) -> str:
+        """A DNS-subdomain name for the generated WorkloadEntry, unique per node."""
+        node = _NAME_UNSAFE.sub("-", self.node.lower()).strip("-")[:200] or "node"
+        return f"registry-{node}"
+
+    def document(self, port_names=()) -> dict:
+        """The WorkloadEntry document: every service port name maps to the sidecar's inbound port."""
+        labels = {**self.labels, TLS_MODE_LABEL: "istio"}
+        spec = {"address": self.address, "labels": labels, "serviceAccount": self.service_account}
+        ports = {name: self.inbound_port for name in sorted(port_names) if name}
+        if ports:
+            spec["ports"] = ports
+        return {"apiVersion": "networking.istio.io/v1", "kind": "WorkloadEntry",
+                "metadata": {"name": self.entry_name, "namespace": self.namespace,
+                             "labels": {REGISTRY_LABEL: "true"}},
+                "spec": spec}
+
+
+class Registry:
+    """The announced workloads, keyed by node id.  ``on_change()`` runs after every change."""
+
+    def __init__(self, reactor, on_change=lambda: None, grace: float = 5.0):
+        self.reactor = reactor
+        self.on_change = on_change
+        self.grace = grace
+        self.entries = {}
+        self._expiry = {}
+
+    def register(self, registration: Registration) -> None:
+        timer = self._expiry.pop(registration.node, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        previous = self.entries.get(registration.node)
+        self.entries[registration.node] = registration  # the newest stream owns the entry
+        if previous != registration:
+            log.info("registry: {node} ({namespace}/{sa}) at {address}:{port} added",
+                     node=registration.node, namespace=registration.namespace, sa=registration.service_account,
+                     address=registration.address, port=registration.inbound_port)
+            self.on_change()
+
+    def drain(self, node: str) -> None:
+        """DRAIN: remove the node now (clients stop picking it before it stops serving)."""
+        if node in self.entries:
+            self.entries[node].draining = True
+            self.remove(node, "draining")
+
+    def disconnected(self, node: str, registration=None) -> None:
+        """The node's stream closed: remove it after the grace period, unless it comes back.
+
+        ``registration`` is the one of the closed stream; a newer stream of the
+        same node (reconnected already) is left alone.
+        """
+        if node not in self.entries or (registration is not None and self.entries[node] is not registration):
+            return
+        if self.grace <= 0:
+            self.remove(node, "disconnected")
+            return
+        old = self._expiry.pop(node, None)
+        if old is not None and old.active():
+            old.cancel()
+        self._expiry[node] = self.reactor.callLater(self.grace, self.remove, node,
+                                                    f"disconnected for {self.grace:g}s")
+
+    def remove(self, node: str, why: str) -> None:
+        timer = self._expiry.pop(node, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        registration = self.entries.pop(node, None)
+        if registration is not None:
+            log.info("registry: {node} removed ({why})", node=node, why=why)
+            self.on_change()
+
+    def documents(self, port_names_of) -> list:
+        """WorkloadEntry documents of every entry; ``port_names_of(registration)`` gives the port names."""
+        return [registration.document(port_names_of(registration))
+                for _, registration in sorted(self.entries.items())]
