@@ -1,0 +1,166 @@
+"""``meshctl proxy-config routes|clusters|endpoints|authz|cert --admin HOST:PORT [-o json]``.
+
+Shows one sidecar's effective config, read from its admin port
+(``/config_dump`` and ``/clusters``), as human-readable tables by default or
+as JSON with ``-o json``.  The admin port listens on loopback only: run
+meshctl on the sidecar's host (or through ``kubectl port-forward``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import urllib.error
+import urllib.request
+
+SECTIONS = ("routes", "clusters", "endpoints", "authz", "cert")
+
+
+class AdminError(Exception):
+    """An admin port could not be read; the message says what to do."""
+
+
+def parse_address(text: str, default_port: int) -> tuple:
+    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``HOST`` -> ``(host, port)``."""
+    host, _, port = text.rpartition(":") if ":" in text else ("", "", text)
+    if not port.isdigit():
+        host, port = text, str(default_port)
+    return (host.strip("[]") or "127.0.0.1"), int(port)
+
+
+def fetch_json(host: str, port: int, path: str, what: str, hint: str, timeout: float = 5.0):
+    """GET ``http://host:port/path`` and parse JSON; :class:`AdminError` with ``hint`` on failure."""
+    url = f"http://{host}:{port}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            body = response.read()
+    except urllib.error.HTTPError as error:
+        raise AdminError(f"{what} at {url} answered {error.code} {error.reason}; {hint}") from None
+    except (urllib.error.URLError, OSError) as error:
+        reason = getattr(error, "reason", error)
+        raise AdminError(f"cannot reach {what} at {url}: {reason}; {hint}") from None
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise AdminError(f"{what} at {url} did not answer JSON; is that the right port? {hint}") from None
+
+
+def table(headers, rows) -> str:
+    """A plain-text table: columns as wide as their widest cell, two spaces apart."""
+    rows = [[("-" if cell is None or cell == "" else str(cell)) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
+             for row in [list(headers)] + rows]
+    return "\n".join(lines)
+
+
+def add_parser(subparsers):
+    parser = subparsers.add_parser("proxy-config", help="show a sidecar's effective config (from its admin port)")
+    parser.add_argument("section", choices=SECTIONS, help="what to show")
+    parser.add_argument("--admin", default="127.0.0.1:15000", metavar="HOST:PORT",
+                        help="the sidecar's admin port (default: %(default)s)")
+    parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
+    parser.set_defaults(func=run)
+
+
+def run(args) -> int:
+    host, port = parse_address(args.admin, 15000)
+    hint = (f"is mesh-proxy running with --admin-port {port}? The admin port listens on 127.0.0.1 only: "
+            "run meshctl on the sidecar's host, and check with: curl http://127.0.0.1:%d/ready" % port)
+    try:
+        if args.section == "endpoints":
+            data = fetch_json(host, port, "/clusters", "the sidecar's admin port", hint)
+        else:
+            dump = fetch_json(host, port, "/config_dump", "the sidecar's admin port", hint)
+            data = section_of(dump, args.section)
+    except AdminError as error:
+        print(f"meshctl proxy-config: {error}", file=sys.stderr)
+        return 1
+    if args.output == "json":
+        print(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        print(RENDER[args.section](data))
+    return 0
+
+
+def section_of(dump: dict, section: str):
+    config = dump.get("config") or {}
+    if section == "routes":
+        return config.get("routes", [])
+    if section == "clusters":
+        return config.get("clusters", [])
+    if section == "authz":
+        return {"authz": config.get("authz"), "peer_authentication": config.get("peer_authentication")}
+    return dump.get("certificate")
+
+
+def _routes(routes) -> str:
+    rows = []
+    for vhost in routes:
+        domains = vhost.get("domains") or []
+        shown = ", ".join(domains[:3]) + (f" (+{len(domains) - 3})" if len(domains) > 3 else "")
+        for route in vhost.get("routes", []):
+            action = route.get("action", {})
+            clusters = ", ".join(f"{c['name']} {c['weight']}%" if len(action.get("clusters", [])) > 1
+                                 else c["name"] for c in action.get("clusters", []))
+            retry = action.get("retry")
+            rows.append([vhost.get("name"), shown, route.get("match"), clusters or "(none)",
+                         action.get("timeout") and f"{action['timeout']}s",
+                         retry and f"{retry['attempts']}x {','.join(retry['retry_on'])}"])
+    return table(("NAME", "DOMAINS", "MATCH", "CLUSTERS", "TIMEOUT", "RETRY"), rows) if rows else "no routes"
+
+
+def _clusters(clusters) -> str:
+    rows = [[c["name"], c.get("service"), c.get("port"), c.get("subset"), c.get("lb_policy"),
+             len(c.get("endpoints", [])),
+             "mTLS" if any(e.get("identity") for e in c.get("endpoints", [])) else "plaintext"]
+            for c in clusters]
+    return table(("CLUSTER", "SERVICE", "PORT", "SUBSET", "LB", "ENDPOINTS", "TLS"), rows) if rows \
+        else "no clusters"
+
+
+def _endpoints(clusters) -> str:
+    rows = []
+    for name, cluster in sorted(clusters.items()):
+        for e in cluster.get("endpoints", []):
+            health = "HEALTHY" if e.get("healthy") else f"EJECTED {e.get('ejected_for_s')}s"
+            rows.append([e.get("address"), health, name, e.get("active_requests"), e.get("total_requests"),
+                         e.get("total_failures"), e.get("identity")])
+    return table(("ENDPOINT", "STATUS", "CLUSTER", "ACTIVE", "REQUESTS", "FAILURES", "IDENTITY"), rows) if rows \
+        else "no endpoints"
+
+
+def _authz(data) -> str:
+    out = []
+    peer = data.get("peer_authentication") or {}
+    ports = ", ".join(f"{port}={mode}" for port, mode in sorted((peer.get("port_modes") or {}).items()))
+    policies = ", ".join(f"{level}: {name}" for level, name in sorted((peer.get("policies") or {}).items()))
+    out.append(table(("MTLS MODE", "PORT MODES", "FROM"), [[peer.get("mode", "PERMISSIVE"), ports, policies]]))
+    out.append("")
+    authz = data.get("authz")
+    if not authz:
+        out.append("no AuthorizationPolicy applies: every request is allowed")
+        return "\n".join(out)
+    rows = []
+    for action in ("deny", "allow"):
+        for policy in authz.get(action, []):
+            for index, rule in enumerate(policy.get("rules", [])):
+                def clauses(key, rule=rule):
+                    return " OR ".join(" AND ".join(clause) for clause in rule.get(key, [])) or "*"
+                rows.append([action.upper(), policy["name"], index, clauses("from"), clauses("to"),
+                             " AND ".join(rule.get("when", [])) if isinstance(rule.get("when"), list) else None])
+            if not policy.get("rules"):
+                rows.append([action.upper(), policy["name"], "-", "(no rules: matches nothing)", "", ""])
+    out.append(table(("ACTION", "POLICY", "RULE", "FROM", "TO", "WHEN"), rows))
+    return "\n".join(out)
+
+
+def _cert(cert) -> str:
+    if not cert:
+        return "no workload certificate (the sidecar runs plaintext only)"
+    keys = ("identity", "serial", "issuer", "not_before", "not_after", "expires_in_s", "trust_bundle_roots",
+            "source", "renewals", "last_renewal_error")
+    return table(("FIELD", "VALUE"), [[key, cert.get(key)] for key in keys])
+
+
+RENDER = {"routes": _routes, "clusters": _clusters, "endpoints": _endpoints, "authz": _authz, "cert": _cert}
