@@ -13,7 +13,7 @@ the one before it; reading pauses when too many are queued.
 
 from __future__ import annotations
 
-import uuid
+import os
 from collections import deque
 
 import httptools
@@ -40,6 +40,18 @@ class _Reject(Exception):
         super().__init__(message)
         self.status = status
         self.message = message
+
+
+def new_request_id(_urandom=os.urandom) -> str:
+    """A random RFC 4122 version 4 UUID string, as ``str(uuid.uuid4())`` gives.
+
+    Built from the same 16 random bytes as :func:`uuid.uuid4`, without the
+    :class:`uuid.UUID` object (a third of the cost): the version nibble (13th
+    hex digit) is set to 4, and the variant (17th digit) to 8, 9, a or b
+    using two of the random bits it replaces.
+    """
+    h = _urandom(16).hex()
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
 
 
 def normalise_host(authority: bytes) -> str:
@@ -251,7 +263,7 @@ class DownstreamConnection(Protocol):
         listener = self.listener
         ctx = RequestContext(
             listener.direction, method, target.decode("latin-1"), listener.host_of(authority),
-            authority, headers, raw, version, headers.get("x-request-id") or str(uuid.uuid4()),
+            authority, headers, raw, version, headers.get("x-request-id") or new_request_id(),
             self.source_address, self.last_activity, self.peer)
         return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
                         parser.should_keep_alive())
