@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 
 from twisted.internet import protocol
@@ -206,7 +207,7 @@ class Distributor:
 
     def __init__(self, reactor, bundle_pem, metrics=None, debounce: float = 0.1, grace: float = 5.0,
                  heartbeat: float = proto.HEARTBEAT, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 status_ttl: float = 300.0):
+                 status_ttl: float = 300.0, state_dir=None):
         self.reactor = reactor
         self.bundle_pem = bundle_pem
         self.metrics = metrics
@@ -214,7 +215,8 @@ class Distributor:
         self.heartbeat = heartbeat
         self.root_namespace = root_namespace
         self.status_ttl = status_ttl
-        self.registry = Registry(reactor, self.changed, grace)
+        registry_path = os.path.join(state_dir, "registry.json") if state_dir else None
+        self.registry = Registry(reactor, self.changed, grace, registry_path)
         self.items = []
         self.rejected = []
         self.streams = set()
@@ -261,6 +263,7 @@ class Distributor:
                 self._push(stream, registry_items)
         self._changed_at = None
         self._prune_statuses()
+        self.registry.save()
 
     def _registry_items(self) -> list:
         entries = [item for item in self.items if isinstance(item.obj, ServiceEntry)]
@@ -393,5 +396,6 @@ class Distributor:
         if self._pending is not None and self._pending.active():
             self._pending.cancel()
         self._pending = None
+        self.registry.save()
         for stream in list(self.streams):
             stream.transport.loseConnection()

@@ -10,10 +10,20 @@ endpoint, through the same compile step as file WorkloadEntries.
 
 A proxy that disconnects stays for ``grace`` seconds (a quick reconnect
 does not flap the endpoint); one that sends DRAIN is removed at once.
+
+The entries are saved in the control plane's state directory
+(``registry.json``).  A restarted control plane restores them as if their
+proxies had just disconnected, with ``restore_grace`` (60 s by default:
+longer than the proxies' capped reconnect backoff) to come back; otherwise
+the first proxies to reconnect would get snapshots without the endpoints of
+the proxies that have not reconnected yet.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field
 
@@ -61,12 +71,47 @@ class Registration:
 class Registry:
     """The announced workloads, keyed by node id.  ``on_change()`` runs after every change."""
 
-    def __init__(self, reactor, on_change=lambda: None, grace: float = 5.0):
+    def __init__(self, reactor, on_change=lambda: None, grace: float = 5.0, path=None, restore_grace: float = 60.0):
         self.reactor = reactor
         self.on_change = on_change
         self.grace = grace
+        self.path = path
         self.entries = {}
         self._expiry = {}
+        self.dirty = False
+        if path:
+            self._restore(restore_grace)
+
+    def _restore(self, grace):
+        try:
+            with open(self.path, encoding="utf-8") as handle:
+                rows = json.load(handle)
+            restored = [Registration(**row) for row in rows]
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError, TypeError) as error:
+            log.warn("registry: ignoring {path}: {error}", path=self.path, error=str(error))
+            return
+        for registration in restored:
+            self.entries[registration.node] = registration
+            self._expiry[registration.node] = self.reactor.callLater(
+                grace, self.remove, registration.node, f"not back within {grace:g}s of a control plane restart")
+        if restored:
+            log.info("registry: {count} entries restored from {path}; each stays {grace:g}s unless its proxy "
+                     "reconnects", count=len(restored), path=self.path, grace=grace)
+
+    def save(self) -> None:
+        """Write the entries to ``path`` (atomically) if they changed since the last save."""
+        if not self.path or not self.dirty:
+            return
+        self.dirty = False
+        temporary = f"{self.path}.tmp"
+        try:
+            with open(temporary, "w", encoding="utf-8") as handle:
+                json.dump([dataclasses.asdict(entry) for _, entry in sorted(self.entries.items())], handle)
+            os.replace(temporary, self.path)
+        except OSError as error:
+            log.warn("registry: cannot save {path}: {error}", path=self.path, error=str(error))
 
     def register(self, registration: Registration) -> None:
         timer = self._expiry.pop(registration.node, None)
@@ -75,6 +120,7 @@ class Registry:
         previous = self.entries.get(registration.node)
         self.entries[registration.node] = registration  # the newest stream owns the entry
         if previous != registration:
+            self.dirty = True
             log.info("registry: {node} ({namespace}/{sa}) at {address}:{port} added",
                      node=registration.node, namespace=registration.namespace, sa=registration.service_account,
                      address=registration.address, port=registration.inbound_port)
@@ -109,6 +155,7 @@ class Registry:
             timer.cancel()
         registration = self.entries.pop(node, None)
         if registration is not None:
+            self.dirty = True
             log.info("registry: {node} removed ({why})", node=node, why=why)
             self.on_change()
 

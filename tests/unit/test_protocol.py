@@ -256,3 +256,18 @@ def test_invalid_resources_are_left_out_and_nacks_recorded():
     dist.nacked(stream, stream.pushed[0][0], "no good")
     row = dist.proxy_status()[0]
     assert row["last_nack"] == "no good" and row["stale"] is True
+
+
+def test_registry_survives_a_control_plane_restart(tmp_path):
+    path = str(tmp_path / "registry.json")
+    clock = Clock()
+    registry = Registry(clock, grace=5, path=path)
+    registry.register(registration("n1"))
+    registry.register(registration("n2", address="10.0.0.6"))
+    registry.save()
+    restarted, changes = Clock(), []
+    again = Registry(restarted, lambda: changes.append(1), grace=5, path=path, restore_grace=60)
+    assert sorted(again.entries) == ["n1", "n2"] and again.entries["n2"].address == "10.0.0.6"
+    again.register(registration("n1"))  # n1 reconnects; n2 never does
+    restarted.advance(60)
+    assert sorted(again.entries) == ["n1"] and changes == [1]
