@@ -97,7 +97,8 @@ class ControlService(service.MultiService):
         site.displayTracebacks = False
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
         self.distributor = Distributor(reactor, self.ca.bundle_pem, getattr(self, "metrics", None),
-                                       debounce=settings.push_debounce, grace=settings.registry_grace)
+                                       debounce=settings.push_debounce, grace=settings.registry_grace,
+                                       state_dir=settings.state_dir)
         internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
                            ServerTLS(self.credentials), interface=settings.address).setServiceParent(self)
         admin_root = resource.Resource()
