@@ -11,6 +11,8 @@ import signal
 from dataclasses import dataclass, field
 
 from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mesh.config.compile import Workload, compile_proxy_config, load_and_compile
@@ -67,6 +69,7 @@ class ProxySettings:
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
     tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
+    drain_time: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
 
 
 
@@ -136,7 +139,8 @@ class ProxyService(service.MultiService):
 
     def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)
-        internet.TCPServer(port, factory, interface=address, backlog=1024).setServiceParent(self)
+        listener.server = internet.TCPServer(port, factory, interface=address, backlog=1024)
+        listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
@@ -188,13 +192,65 @@ class ProxyService(service.MultiService):
         self.ready = True
 
     def stopService(self):
+        """SIGTERM: drain, then stop (docs/operations.md, "Draining a sidecar").
+
+        The control plane is told first (DRAIN: it removes this proxy from
+        every endpoint list), then the listeners stop accepting: new
+        connections are refused.  Idle keep-alive connections are closed;
+        each busy one is closed as soon as its in-flight requests are
+        answered.  Whatever is still open after ``--drain-time`` is cut.
+        The admin port answers until the end (/ready: 503, draining).
+        """
         self.ready = False
+        self.draining = True
+        client = getattr(self, "control_client", None)
+        if client is not None and hasattr(client, "drain"):
+            client.drain()
+        servers = [listener.server for listener in self.listeners if getattr(listener, "server", None)]
+        stopped = defer.gatherResults([defer.maybeDeferred(server.stopService) for server in servers])
+        stopped.addCallback(lambda _: self._drain_connections())
+        stopped.addErrback(lambda failure: log.failure("draining failed", failure))
+        stopped.addCallback(lambda _: self._stop_after_drain())
+        return stopped
+
+    def _drain_connections(self):
+        """A Deferred that fires when every downstream connection is closed, or at the drain deadline."""
+        deadline = self.reactor.seconds() + self.settings.drain_time
+        done = defer.Deferred()
+        log.info("draining: no new connections; waiting up to {seconds}s for in-flight requests",
+                 seconds=self.settings.drain_time)
+
+        def check():
+            connections = [conn for listener in self.listeners for conn in list(listener.connections)]
+            if not connections:
+                loop.stop()
+                return
+            if self.reactor.seconds() >= deadline:
+                log.warn("drain time over: closing {count} connection(s) still busy", count=len(connections))
+                for conn in connections:
+                    conn.abort()
+                loop.stop()
+                return
+            for conn in connections:
+                if not (conn.queue or conn.tunnel is not None or conn.head_started is not None or conn.closing):
+                    conn.closing = True  # idle keep-alive connection: close it (FIN, after any pending bytes)
+                    conn.transport.loseConnection()
+
+        loop = LoopingCall(check)
+        loop.clock = self.reactor
+        loop.start(0.02, now=True).addCallbacks(done.callback, done.errback)
+        return done
+
+    def _stop_after_drain(self):
+        log.info("drained; stopping")
         for listener in self.listeners:
             listener.stop()
         return super().stopService()
 
     # -- admin views ----------------------------------------------------------------
     def readiness(self):
+        if getattr(self, "draining", False):
+            return 503, {"ready": False, "draining": True}
         current = self.credentials.current
         if self.agent is not None and current is None:
             return 503, {"ready": False, "waiting_for": "workload certificate",

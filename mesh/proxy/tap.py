@@ -48,6 +48,8 @@ class Options(usage.Options):
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
         ["max-connections", None, 4096, "Connections per listener.", int],
+        ["drain-time", None, "5s", "On SIGTERM: how long in-flight requests get to finish (new connections "
+                                   "are refused at once).", duration_option],
         ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
         ["idle-timeout", None, 300.0, "Seconds a connection may stay idle.", float],
         ["retry-buffer", None, "1M", "Request body bytes held for retries (larger: no retry)."],
@@ -119,6 +121,11 @@ class Options(usage.Options):
             self["control-identity"] = f"spiffe://{self['trust-domain']}/ns/mesh-system/sa/mesh-control"
 
 
+def _seconds(value) -> float:
+    """usage.Options coerces only the values given on the command line, not the defaults."""
+    return duration_option(value) if isinstance(value, str) else float(value)
+
+
 def makeService(options):
     """Build the :class:`ProxyService`; exit with the errors if the config is invalid."""
     workload = Workload(name=options["workload"], namespace=options["namespace"],
@@ -135,6 +142,7 @@ def makeService(options):
         inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
         app_address=options["app-address"], app_port=options["app-port"],
         admin_port=options["admin-port"], state_dir=options["state-dir"], limits=limits,
+        drain_time=_seconds(options["drain-time"]),
         identity=IdentitySettings(
             trust_domain=options["trust-domain"], service_account=options["service-account"],
             control=options["control"], control_identity=options["control-identity"],
