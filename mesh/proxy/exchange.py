@@ -4,7 +4,8 @@ An :class:`Exchange` is created by the downstream codec
 (:mod:`mesh.proxy.http1`) for each request head.  It asks the listener's
 router for a route and cluster, then makes one or more :class:`Try` objects,
 each of which owns one upstream connection for as long as it lasts.  The
-response streams back with backpressure in both directions.
+response streams back with backpressure in both directions (for a response,
+once it is larger than the downstream transport's write buffer).
 
 Failure rules (see docs/configuration.md and ARCHITECTURE.md):
 
@@ -25,6 +26,15 @@ from mesh.proxy.heads import local_response, request_head, response_head
 
 _CHUNK_END = b"0\r\n\r\n"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+
+#: Body bytes of one response sent downstream before its upstream connection is
+#: registered as a producer on the downstream transport.  A Twisted transport asks
+#: its producer to pause only when a write leaves more than ``bufferSize`` (64 KiB)
+#: buffered, so for the usual small response the link would never be used, and
+#: registering it costs more than the rest of the response's relaying.  A response
+#: adds at most this much to what the downstream buffer holds before backpressure
+#: starts.
+_LINK_RESPONSE_AFTER = 64 * 1024
 
 
 @implementer(IPushProducer)
@@ -333,14 +343,17 @@ class Exchange:
         if self.upgrade:
             self.response_close = True  # the client asked to switch; the upstream declined
         self.conn.write(response_head(status, reason, headers, self))
-        upstream = attempt.connection.transport
-        self.response_link = link = Backpressure(upstream.pauseProducing, upstream.resumeProducing)
-        self.conn.transport.registerProducer(link, True)
 
     def response_body(self, attempt, data):
         if attempt is not self.current or self.finished:
             return
-        self.ctx.bytes_sent += len(data)
+        ctx = self.ctx
+        ctx.bytes_sent += len(data)
+        if ctx.bytes_sent > _LINK_RESPONSE_AFTER and self.response_link is None:
+            # A large response: from now on a full downstream buffer pauses the upstream.
+            upstream = attempt.connection.transport
+            self.response_link = link = Backpressure(upstream.pauseProducing, upstream.resumeProducing)
+            self.conn.transport.registerProducer(link, True)
         if self.response_chunked:
             self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
         else:
