@@ -84,3 +84,22 @@ def test_drain_time_bounds_the_wait(config, proxy_factory):
     assert "drain time over: closing 3 connection(s) still busy" in proxy.log_path.read_text()
     assert results == ["000"] * 3  # cut: the requests outlived the drain time
     proxy.stop()
+
+
+def test_sigterm_tells_the_control_plane_first(tmp_path, process_log_dir, control_factory):
+    from tests.conftest import ProcessFactory
+    from tests.integration.test_distribution_support import ControlledProxy
+
+    config = write_config(tmp_path / "config", service_entry("slow", [("127.0.0.1", 9)]))
+    control = control_factory(extra_args=["--config-dir", str(config)])
+    factory = ProcessFactory(ControlledProxy, process_log_dir)
+    try:
+        proxy = factory(control, "leaving")
+        proxy.send_signal(15)
+        wait_for(lambda: not proxy.running, timeout=8, what="the proxy to exit")
+        log = control.log_path.read_text()
+        wait_for(lambda: "is draining: removed from endpoints" in control.log_path.read_text(), timeout=2,
+                 what="the control plane to log the DRAIN")
+        assert "Traceback" not in log
+    finally:
+        factory.stop_all()
