@@ -19,6 +19,9 @@ REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
 _NO_BODY_STATUS = frozenset({204, 304})
 
+#: Lower-case ``Connection`` values that name no header beyond :data:`HOP_BY_HOP`.
+_PLAIN_CONNECTION = frozenset({b"keep-alive", b"close", b"upgrade"})
+
 
 def connection_tokens(value: bytes) -> frozenset:
     """Header names listed in a ``Connection`` header, lower-case."""
@@ -73,23 +76,31 @@ def response_head(status, reason, headers, exchange, upgrade=False) -> bytes:
     Decides the downstream framing and records it on the exchange
     (``response_chunked``; ``response_close`` for close-delimited bodies).
     """
-    strip = HOP_BY_HOP
-    for name, value in headers:
-        if name.lower() == b"connection":
-            strip = HOP_BY_HOP | connection_tokens(value)
     kept = []
     has_length = False
-    for name, value in headers:
-        lname = name.lower()
-        if lname in strip and not (upgrade and lname in (b"upgrade", b"connection")):
-            continue
-        has_length = has_length or lname == b"content-length"
-        kept.append((name, value))
+    connection = None
+    for pair in headers:
+        lname = pair[0].lower()
+        if lname in HOP_BY_HOP:
+            if lname == b"connection":
+                connection = pair[1]  # as before, only the last Connection header is read
+            if not (upgrade and (lname == b"upgrade" or lname == b"connection")):
+                continue
+        elif lname == b"content-length":
+            has_length = True
+        kept.append(pair)
+    if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
+        # Rare: the Connection header names more hop-by-hop headers; strip them too.
+        listed = connection_tokens(connection) - HOP_BY_HOP
+        if listed:
+            kept = [pair for pair in kept if pair[0].lower() not in listed]
+            has_length = any(pair[0].lower() == b"content-length" for pair in kept)
     action = exchange.action
     if action is not None and action.response_headers is not None:
         kept = _apply_ops(kept, action.response_headers)
     out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
-    out.extend(b"%s: %s\r\n" % pair for pair in kept)
+    for pair in kept:
+        out.append(b"%s: %s\r\n" % pair)
     if not upgrade:
         body_allowed = not (exchange.head_only or status in _NO_BODY_STATUS)
         if body_allowed and not has_length:
