@@ -32,6 +32,9 @@ log = Logger()
 #: Request headers the codec handles itself and never forwards as they are.
 _CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-client-cert"}
 
+#: Lower-case ``Connection`` values that name no header beyond :data:`_CONSUMED`.
+_PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
+
 
 class _Reject(Exception):
     """Raised inside a parser callback to answer with an error and close."""
@@ -212,41 +215,15 @@ class DownstreamConnection(Protocol):
 
     # -- building the context -------------------------------------------------
     def _exchange(self, parser, version):
-        headers = {}
-        raw = []
-        authority = None
-        expect_continue = False
-        framing = None
-        content_length = 0
-        consumed = _CONSUMED
-        for name, value in self._headers:
-            lname = name.lower()
-            if lname == b"connection":
-                consumed = consumed | connection_tokens(value)
-        for name, value in self._headers:
-            lname = name.lower()
-            key = lname.decode("latin-1")
-            text = value.decode("latin-1")
-            previous = headers.get(key)
-            headers[key] = text if previous is None else previous + ", " + text
-            if lname in consumed:
-                if lname == b"host":
-                    if authority is not None:
-                        raise _Reject(400, "more than one Host header")
-                    authority = value
-                elif lname == b"expect":
-                    if value.lower() != b"100-continue":
-                        raise _Reject(417, "only 'Expect: 100-continue' is supported")
-                    expect_continue = True
-                elif lname == b"transfer-encoding":
-                    framing = "chunked"
-                continue
-            if lname == b"content-length":
-                if framing is None:
-                    content_length = int(value)
-                    framing = "length" if content_length else None
-                continue
-            raw.append((name, value))
+        fields = self._fields(_CONSUMED)
+        connection = fields[0].get("connection")
+        if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
+            # Rare: the Connection header names more headers not to forward
+            # (RFC 9110 7.6.1); read the fields again without them.
+            listed = connection_tokens(connection.encode("latin-1"))
+            if not listed <= _CONSUMED:
+                fields = self._fields(_CONSUMED | listed)
+        headers, raw, authority, expect_continue, framing, content_length = fields
         method = parser.get_method().decode("latin-1")
         if method == "CONNECT":
             raise _Reject(405, "CONNECT is not supported; send plain HTTP requests to the sidecar")
@@ -267,6 +244,49 @@ class DownstreamConnection(Protocol):
             self.source_address, self.last_activity, self.peer)
         return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
                         parser.should_keep_alive())
+
+    def _fields(self, consumed):
+        """Read the received header fields once, for the context and the forwarded head.
+
+        Returns ``(headers, raw, authority, expect_continue, framing,
+        content_length)``: ``headers`` maps lower-case names to values (``str``,
+        repeats joined with ``", "``), ``raw`` holds the ``(name, value)`` pairs
+        to forward, i.e. all but those named in ``consumed`` and Content-Length.
+        """
+        headers = {}
+        raw = []
+        authority = None
+        expect_continue = False
+        framing = None
+        content_length = 0
+        for pair in self._headers:
+            name, value = pair
+            lname = name.lower()
+            key = lname.decode("latin-1")
+            text = value.decode("latin-1")
+            if key in headers:
+                headers[key] += ", " + text
+            else:
+                headers[key] = text
+            if lname in consumed:
+                if lname == b"host":
+                    if authority is not None:
+                        raise _Reject(400, "more than one Host header")
+                    authority = value
+                elif lname == b"expect":
+                    if value.lower() != b"100-continue":
+                        raise _Reject(417, "only 'Expect: 100-continue' is supported")
+                    expect_continue = True
+                elif lname == b"transfer-encoding":
+                    framing = "chunked"
+                continue
+            if lname == b"content-length":
+                if framing is None:
+                    content_length = int(value)
+                    framing = "length" if content_length else None
+                continue
+            raw.append(pair)
+        return headers, raw, authority, expect_continue, framing, content_length
 
     # -- used by exchanges ----------------------------------------------------------
     def write(self, data):
