@@ -25,6 +25,7 @@ from twisted.logger import Logger
 from mesh.proxy.context import RequestContext
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.heads import HOP_BY_HOP, connection_tokens, simple_response
+from mesh.proxy.original_dst import original_dst
 from mesh.proxy.sockets import set_nodelay
 
 log = Logger()
@@ -87,6 +88,7 @@ class DownstreamConnection(Protocol):
         self.tunnel = None
         self.upgrade_buffer = None
         self.source_address = ""
+        self.original_dst = None  # (ip, port) before an iptables REDIRECT (mesh.proxy.original_dst)
         self.peer = None
         self.forward_headers = ()
         self.last_activity = 0.0
@@ -101,6 +103,7 @@ class DownstreamConnection(Protocol):
     def connectionMade(self):
         set_nodelay(self.transport)
         self.source_address = self.transport.getPeer().host
+        self.original_dst = original_dst(self.transport)  # transparent capture: once per connection
         self.last_activity = self.listener.reactor.seconds()
         self.listener.connection_opened(self)
 
@@ -242,6 +245,8 @@ class DownstreamConnection(Protocol):
             listener.direction, method, target.decode("latin-1"), listener.host_of(authority),
             authority, headers, raw, version, headers.get("x-request-id") or new_request_id(),
             self.source_address, self.last_activity, self.peer)
+        if self.original_dst is not None:  # transparent capture (mesh.proxy.original_dst)
+            ctx.extra["original_dst"] = self.original_dst
         return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
                         parser.should_keep_alive())
 

@@ -57,6 +57,8 @@ class OutboundRouter:
     def route(self, ctx):
         snapshot = self.runtime.snapshot
         action = self._route(ctx=ctx, table=snapshot.config.routes)
+        if action is None and ctx._extra and "original_dst" in ctx._extra:
+            action = self._route_original_dst(ctx, snapshot)
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
@@ -67,6 +69,41 @@ class OutboundRouter:
             raise LocalReply(503, "NC", f"cluster {name} not found: {action.name} routes to a host "
                              "or subset that no ServiceEntry/DestinationRule defines")
         return action, cluster
+
+    # -- transparent capture: the Host matched nothing, try the original destination --
+    _dst_index = (None, {})
+
+    def _route_original_dst(self, ctx, snapshot):
+        """Route a captured request by the address the app dialled (docs/operations.md,
+        "Transparent capture"): first as if its Host were the destination IP (a
+        ServiceEntry ``addresses`` entry is a host of the route table), then as a
+        request to the service that has that IP:port among its endpoints."""
+        ip, port = ctx.extra["original_dst"]
+        table = snapshot.config.routes
+        host = ctx.host
+        try:
+            ctx.host = ip
+            action = self._route(ctx=ctx, table=table)
+            if action is None:
+                service = self._endpoint_services(snapshot.config).get((ip, port))
+                if service is not None:
+                    ctx.host = service
+                    action = self._route(ctx=ctx, table=table)
+        finally:
+            ctx.host = host
+        return action
+
+    def _endpoint_services(self, config):
+        """``(endpoint ip, port) -> service host``, built once per config, on the first miss."""
+        built_for, index = self._dst_index
+        if built_for is not config:
+            index = {}
+            for spec in sorted(config.clusters.values(), key=lambda spec: spec.name):
+                if not spec.subset:
+                    for endpoint in spec.endpoints:
+                        index.setdefault((endpoint.address, endpoint.port), spec.service)
+            self._dst_index = (config, index)
+        return index
 
 
 def inbound_cluster(app_address: str, app_port: int) -> ClusterSpec:

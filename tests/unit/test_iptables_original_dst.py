@@ -1,0 +1,142 @@
+"""Transparent capture in the proxy: SO_ORIGINAL_DST reading and routing by original destination."""
+
+import socket
+import struct
+import textwrap
+
+import pytest
+
+from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.loader import load_files
+from mesh.config.validate import validate
+from mesh.proxy import original_dst as od
+from mesh.proxy.context import RequestContext
+from mesh.proxy.outcome import LocalReply
+from mesh.proxy.runtime import OutboundRouter
+
+
+class _Sock(socket.socket):
+    """A real socket whose SO_ORIGINAL_DST answer the test chooses."""
+
+    answer = None
+    local = ("127.0.0.1", 15001)
+
+    def getsockopt(self, level, name, size=0):
+        if name == od.SO_ORIGINAL_DST and size:
+            if self.answer is None:
+                raise OSError(2, "No such file or directory")
+            ip, port = self.answer
+            return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(ip))
+        return super().getsockopt(level, name, size)
+
+    def getsockname(self):
+        return self.local
+
+
+class _Transport:
+    def __init__(self, sock=None, inner=None):
+        if sock is not None:
+            self.socket = sock
+        self.transport = inner
+
+
+@pytest.fixture
+def sock():
+    s = _Sock(socket.AF_INET, socket.SOCK_STREAM)
+    yield s
+    s.close()
+
+
+def test_socket_is_found_under_tls_wrappers(sock):
+    assert od.socket_of(_Transport(sock)) is sock
+    assert od.socket_of(_Transport(inner=_Transport(inner=_Transport(sock)))) is sock
+    assert od.socket_of(_Transport()) is None
+    assert od.socket_of(None) is None
+
+
+def test_redirected_connection_gives_the_dialled_address(sock):
+    sock.answer = ("10.99.0.2", 8080)
+    assert od.original_dst(_Transport(sock)) == ("10.99.0.2", 8080)
+
+
+def test_not_redirected_gives_none(sock):
+    sock.answer = ("127.0.0.1", 15001)  # conntrack entry without NAT: the listener itself
+    assert od.original_dst(_Transport(sock)) is None
+    sock.answer = None  # no conntrack entry at all
+    assert od.original_dst(_Transport(sock)) is None
+
+
+def test_real_loopback_connection_is_not_redirected():
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(1)
+    client = socket.create_connection(server.getsockname())
+    accepted, _ = server.accept()
+    try:
+        assert od.original_dst(_Transport(accepted)) is None
+    finally:
+        for s in (client, accepted, server):
+            s.close()
+
+
+CONFIG = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: server, namespace: default}
+spec:
+  hosts: [server.default.svc.cluster.local]
+  addresses: [10.96.0.10]
+  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
+  resolution: STATIC
+  endpoints:
+  - {address: 10.99.0.2}
+  - {address: 10.99.0.3}
+"""
+
+
+@pytest.fixture(scope="module")
+def router(tmp_path_factory):
+    path = tmp_path_factory.mktemp("od") / "config.yaml"
+    path.write_text(textwrap.dedent(CONFIG).lstrip("\n"))
+    loaded = load_files([path])
+    objects, errors = validate(loaded.resources)
+    assert loaded.errors == [] and errors == []
+    config = compile_proxy_config(objects, Workload("client", "default", {}, "client"))
+
+    class Runtime:
+        snapshot = type("Snapshot", (), {"config": config, "clusters": {name: name for name in config.clusters}})
+
+    class Hooks:
+        @staticmethod
+        def mesh_route(ctx, table):
+            from mesh.builtin.routing import mesh_route
+            return mesh_route(ctx, table)
+
+    return OutboundRouter(Runtime(), Hooks())
+
+
+def _ctx(host, dst=None):
+    ctx = RequestContext.for_test(host=host)
+    if dst is not None:
+        ctx.extra["original_dst"] = dst
+    return ctx
+
+
+def test_host_header_wins(router):
+    action, cluster = router.route(_ctx("server", ("10.5.5.5", 80)))
+    assert cluster == "outbound|80||server.default.svc.cluster.local"
+
+
+@pytest.mark.parametrize("dst", [("10.96.0.10", 80), ("10.99.0.2", 8080), ("10.99.0.3", 8080)])
+def test_unknown_host_routes_by_original_destination(router, dst):
+    ctx = _ctx("some-name-the-mesh-does-not-know", dst)
+    action, cluster = router.route(ctx)
+    assert cluster == "outbound|80||server.default.svc.cluster.local"
+    assert ctx.host == "some-name-the-mesh-does-not-know"  # restored, for logs
+
+
+@pytest.mark.parametrize("dst", [None, ("10.5.5.5", 80), ("10.99.0.2", 9999)])
+def test_no_match_is_still_404_nr(router, dst):
+    with pytest.raises(LocalReply) as raised:
+        router.route(_ctx("unknown", dst))
+    assert raised.value.status == 404
