@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from mesh import __version__
-from mesh.cli import analyze, demo, iptables, plugins, proxy_config, proxy_status, token, validate
+from mesh.cli import analyze, demo, inject, iptables, plugins, proxy_config, proxy_status, token, validate
 
-COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, token, demo, iptables)
+COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, token, demo, iptables, inject)
 
 
 def build_parser() -> argparse.ArgumentParser:
