@@ -163,7 +163,10 @@ class WorkloadAgent(service.Service):
             body["ttl"] = self.ttl
         pool = HTTPConnectionPool(self.reactor, persistent=False)
         pool._factory = _QuietClientFactory
-        agent = Agent(self.reactor, contextFactory=_ControlPolicy(self.bundle, self.control_identity, proof),
+        # Trust what the credentials in use trust: the config stream keeps that bundle current (root
+        # rotation); before the first certificate, the bundle the sidecar was started with.
+        bundle = list(current.bundle) if current is not None else self.bundle
+        agent = Agent(self.reactor, contextFactory=_ControlPolicy(bundle, self.control_identity, proof),
                       connectTimeout=10, pool=pool)
         try:
             response = await agent.request(b"POST", self.url, Headers({b"content-type": [b"application/json"]}),
@@ -190,7 +193,6 @@ class WorkloadAgent(service.Service):
 
     def _renewed(self, credentials):
         self.store.swap(credentials)
-        self.bundle = list(credentials.bundle)
         self.renewals += 1
         self.last_error = None
         self._retry_delay = RETRY_MIN
