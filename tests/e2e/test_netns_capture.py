@@ -155,6 +155,9 @@ def test_unmodified_curl_goes_through_both_sidecars_over_mtls(mesh):
     fields = dict(part.split("=", 1) for part in xfcc.split(";"))
     assert fields["URI"] == CLIENT_ID, xfcc  # the caller's identity, proven by mTLS
     assert fields["By"] == SERVER_ID, xfcc  # terminated by the server's sidecar
+    # the Host "10.99.0.2:8080" is no domain of the client's routes: the original destination routed it
+    domains = [d for route in client.admin("/config_dump")["config"]["routes"] for d in route["domains"]]
+    assert "server.default.svc.cluster.local" in domains and SERVER_IP not in domains
     # the client sidecar sent it to the endpoint over mTLS, expecting the server's identity
     outbound = client.admin("/clusters")[SERVER_CLUSTER]["endpoints"]
     assert outbound[0]["address"] == f"{SERVER_IP}:{APP_PORT}" and outbound[0]["identity"] == SERVER_ID
