@@ -259,3 +259,21 @@ def test_dockerfile_user_matches_the_injected_proxy_uid():
     assert "iptables" in text, "the init container runs meshctl iptables from this image"
     for path in ("setup.cfg", "pyproject.toml", "README.md", "mesh", "twisted"):
         assert (DEPLOY.parent / path).exists(), f"the Dockerfile copies {path}"
+
+
+@pytest.mark.parametrize("overlay", ["base", "samples/seed"])
+def test_kubectl_kustomize_builds(overlay):
+    """With kubectl on PATH (its built-in kustomize), each kustomization builds and its output loads."""
+    import shutil
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / overlay)], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    assert len(built) == sum(len(documents(p)) for p in manifest_files()
+                             if (DEPLOY / overlay) in p.parents)
+    for doc in built:
+        if model_name(doc):
+            assert check_model(doc)[1] == [], doc["metadata"]["name"]
