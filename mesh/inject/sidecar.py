@@ -241,8 +241,7 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> 
                "--state-dir", STATE_DIR,
                "--outbound-port", str(OUTBOUND_PORT),
                "--inbound-port", str(INBOUND_PORT),
-               "--admin-port", str(ADMIN_PORT),
-               "--metrics-port", str(METRICS_PORT)]
+               "--admin-port", str(ADMIN_PORT)]  # metrics: mesh-proxy's default port, 15090
     port = app_port(spec)
     if port:
         command += ["--app-port", str(port)]
