@@ -154,7 +154,9 @@ class Exchange:
     ``conn`` is the downstream :class:`mesh.proxy.http1.DownstreamConnection`,
     ``ctx`` the :class:`mesh.proxy.context.RequestContext`.  ``framing`` is
     how the request body arrives: ``None`` (no body), ``"length"`` or
-    ``"chunked"``.
+    ``"chunked"``.  ``deadline`` is true while the route's timeout is armed:
+    the connection (``conn.set_deadline``) calls :meth:`deadline_passed` when
+    it expires, unless ``conn.clear_deadline`` was called first.
     """
 
     __slots__ = ("conn", "ctx", "listener", "framing", "content_length", "expect_continue",
@@ -181,7 +183,7 @@ class Exchange:
         self.replayable = True
         self.body_done = framing is None
         self.current = None
-        self.deadline = None
+        self.deadline = False
         self.response_started = False
         self.response_chunked = False
         self.response_link = None
@@ -208,7 +210,8 @@ class Exchange:
         extra = _set_headers(ctx, listener.request_headers(ctx=ctx), self.conn.forward_headers)
         self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade, extra)
         if action.timeout:
-            self.deadline = listener.reactor.callLater(action.timeout, self._overall_timeout)
+            self.deadline = True
+            self.conn.set_deadline(self, action.timeout)
         if self.expect_continue and not self.body_done:
             self.conn.write(_CONTINUE)
         self._new_try()
@@ -433,8 +436,9 @@ class Exchange:
             self._new_try()
         return True
 
-    def _overall_timeout(self):
-        self.deadline = None
+    def deadline_passed(self):
+        """The route's timeout has passed since :meth:`start` (called by the connection)."""
+        self.deadline = False
         if self.finished:
             return
         if self.current is not None:
@@ -475,9 +479,9 @@ class Exchange:
         self._complete(local=True, detail=message)
 
     def _cancel_deadline(self):
-        if self.deadline is not None:
-            self.deadline.cancel()
-            self.deadline = None
+        if self.deadline:
+            self.deadline = False
+            self.conn.clear_deadline(self)
 
     def _complete(self, local, detail="", tunnel=False):
         """Finish exactly once: report, unlink, and hand the connection back."""
