@@ -11,26 +11,32 @@ keep-alive requests over one connection (pool, caches and Python's
 specialising interpreter warm up), then for each of ``--samples`` samples:
 ``callgrind_control -i on``, ``-z`` (zero the counters), ``--requests``
 requests one at a time, ``-d`` (dump the counters to a file), ``-i off``.
-Each sample is the dump's total divided by the request count; the tool
-prints every sample and their median.  Samples within one proxy differ by
-about 0.1-0.5 % (garbage collections, the once-a-second timer sweep), so
-compare medians and treat differences below about 1 % as noise.
+A sample is the dump's total divided by the request count; a proxy's figure
+is the median of its samples, which differ by about 0.1 % (garbage
+collections, the once-a-second timer sweep).
 
-The client sends the same head every time (``Host`` plus a few headers a real
-client sends; ``--extra-headers`` adds more), checks that each answer is a 200
-with nginx's 1 KiB body, and is not counted itself.
-
-``--tree DIR`` runs the proxy from another checkout (``mesh`` is imported
-from ``DIR`` through PYTHONPATH): compare an unchanged tree with a changed one
-without disturbing the working tree, e.g.::
+Python's string hashing is randomised per process, and the layout of dicts
+and sets it gives moves the count by up to about 0.7 % from one process to
+the next.  So each proxy runs with a fixed ``PYTHONHASHSEED``, one proxy per
+seed of ``--hash-seeds`` (each seed's figure is then reproducible to about
+0.05 %), and the result is the mean over the seeds.  Given several
+``--tree`` options, the trees are measured in turn under each seed and the
+differences to the first tree are reported per seed and on average: the way
+to compare an unchanged tree with a changed one, e.g.::
 
     git archive HEAD | tar -x -C /tmp/before
-    .venv/bin/python -m bench.hotpath --tree /tmp/before
-    .venv/bin/python -m bench.hotpath
+    .venv/bin/python -m bench.hotpath --tree /tmp/before --tree .
 
-``--cprofile FILE`` runs the proxy without valgrind under twistd's cProfile
-instead, sends the requests, and writes the profile to FILE (for orientation:
-cProfile's own overhead distorts the split between small functions).
+``--tree DIR`` runs the proxy with ``mesh`` imported from ``DIR`` (through
+PYTHONPATH); the default is this checkout.  The client sends the same head
+every time (``Host`` plus a few headers a real client sends;
+``--extra-headers`` adds more), checks that each answer is a 200 with nginx's
+1 KiB body, and is not counted itself.
+
+``--cprofile FILE`` runs the (first) tree's proxy without valgrind under
+twistd's cProfile instead, sends the requests, and writes the profile to FILE
+(for orientation: cProfile's own overhead distorts the split between small
+functions).
 """
 
 from __future__ import annotations
@@ -99,8 +105,11 @@ class KeepAliveClient:
         self.sock.close()
 
 
-def _proxy_env(tree: Path) -> dict:
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+def _proxy_env(tree: Path, hash_seed=None) -> dict:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
+    if hash_seed is not None:
+        env["PYTHONHASHSEED"] = str(hash_seed)
+    return env
 
 
 def _telemetry_off(twistd: str, tree: Path) -> list[str]:
@@ -109,7 +118,7 @@ def _telemetry_off(twistd: str, tree: Path) -> list[str]:
     return [part for option, value in _TELEMETRY_OFF if option in out.stdout for part in (option, value)]
 
 
-def _start_proxy(ws: Workspace, tree: Path, backend_port: int, twistd_options: list[str]):
+def _start_proxy(ws: Workspace, tree: Path, backend_port: int, twistd_options: list[str], hash_seed=None):
     """Start one standalone mesh-proxy from ``tree`` routing MESH_HOST to nginx; return (process, port)."""
     config_dir = ws.root / "config"
     config_dir.mkdir()
@@ -120,7 +129,7 @@ def _start_proxy(ws: Workspace, tree: Path, backend_port: int, twistd_options: l
     argv = [twistd, "-n", "--pidfile=", *twistd_options, "mesh-proxy", "--config-dir", str(config_dir),
             "--workload", "bench", "--outbound-port", str(outbound), "--inbound-port", str(inbound),
             "--admin-port", str(admin), *_telemetry_off(twistd, tree)]
-    proxy = ws.start_proxy("txmesh", argv, admin, "python", cwd=ws.root, env=_proxy_env(tree))
+    proxy = ws.start_proxy("txmesh", argv, admin, "python", cwd=ws.root, env=_proxy_env(tree, hash_seed))
     return proxy, outbound
 
 
@@ -128,9 +137,9 @@ def _callgrind(pid: int, log_dir: Path, *command: str) -> None:
     run_tool(["callgrind_control", *command, str(pid)], 120, log_dir / "callgrind_control.log")
 
 
-def measure(args, ws: Workspace, backend_port: int) -> list[float]:
-    """Instructions per request, one figure per sample."""
-    proxy, port = _start_proxy(ws, args.tree, backend_port, [])
+def measure(args, ws: Workspace, tree: Path, backend_port: int, hash_seed: int) -> float:
+    """Median instructions per request of a proxy running from ``tree`` with ``PYTHONHASHSEED=hash_seed``."""
+    proxy, port = _start_proxy(ws, tree, backend_port, [], hash_seed)
     client = KeepAliveClient(port, MESH_HOST, args.extra_headers)
     for _ in range(args.warmup):
         client.get()
@@ -148,15 +157,14 @@ def measure(args, ws: Workspace, backend_port: int) -> list[float]:
         if not total:
             raise BenchError(f"no totals in {dumps[-1]}")
         samples.append(int(total.group(1)) / args.requests)
-        print(f"  sample {sample}: {samples[-1]:,.0f} instructions/request", flush=True)
     client.close()
-    return samples
+    return statistics.median(samples)
 
 
 def profile(args, ws: Workspace, backend_port: int) -> None:
     """Run the requests against a proxy under cProfile and print its top functions."""
     stats_file = Path(args.cprofile).resolve()
-    proxy, port = _start_proxy(ws, args.tree, backend_port,
+    proxy, port = _start_proxy(ws, args.tree[0], backend_port,
                                [f"--profile={stats_file}", "--profiler=cprofile", "--savestats"])
     client = KeepAliveClient(port, MESH_HOST, args.extra_headers)
     for _ in range(args.warmup + args.requests * args.samples):
@@ -169,40 +177,64 @@ def profile(args, ws: Workspace, backend_port: int) -> None:
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(prog="python -m bench.hotpath", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=2000, help="requests per sample (default: %(default)s)")
-    parser.add_argument("--samples", type=int, default=3, help="samples, median reported (default: %(default)s)")
+    parser.add_argument("--samples", type=int, default=3, help="samples per proxy, median taken (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=300, help="requests before counting (default: %(default)s)")
+    parser.add_argument("--hash-seeds", default="0,1,2", metavar="LIST",
+                        help="PYTHONHASHSEED values, one proxy per seed and tree (default: %(default)s)")
     parser.add_argument("--extra-headers", type=int, default=0, metavar="N",
                         help="add N more request headers (default: %(default)s)")
-    parser.add_argument("--tree", type=Path, default=REPO_DIR,
-                        help="checkout the proxy imports mesh from (default: this one)")
+    parser.add_argument("--tree", type=Path, action="append",
+                        help="checkout the proxy imports mesh from (default: this one); repeat to compare")
     parser.add_argument("--venv", help="virtualenv holding twistd (default: as bench.run)")
     parser.add_argument("--cprofile", metavar="FILE", help="profile with cProfile instead of counting")
     args = parser.parse_args(argv)
-    args.tree = args.tree.resolve()
-    if not (args.tree / "mesh" / "proxy").is_dir():
-        parser.error(f"--tree {args.tree}: no mesh/proxy there")
+    args.tree = [tree.resolve() for tree in args.tree or [REPO_DIR]]
+    for tree in args.tree:
+        if not (tree / "mesh" / "proxy").is_dir():
+            parser.error(f"--tree {tree}: no mesh/proxy there")
+    try:
+        args.hash_seeds = [int(seed) for seed in args.hash_seeds.split(",")]
+    except ValueError:
+        parser.error(f"--hash-seeds wants comma-separated integers, got {args.hash_seeds!r}")
     return args
+
+
+def _delta(value: float, reference: float) -> str:
+    return f"{value - reference:+,.0f} ({100 * (value - reference) / reference:+.2f}%)"
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     work = BENCH_DIR / "work" / ("hotpath-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     work.mkdir(parents=True)
+    venv_bin = find_venv_bin(args.venv)
+    figures = {tree: [] for tree in args.tree}
     try:
         with ExitStack() as stack:
-            ws = Workspace(work, stack, find_venv_bin(args.venv), callgrind=not args.cprofile)
-            backend_port = start_backend(ws)
+            backend_port = start_backend(Workspace(work, stack, venv_bin))
             if args.cprofile:
-                profile(args, ws, backend_port)
+                profile(args, Workspace(work, stack, venv_bin), backend_port)
                 return 0
-            print(f"hotpath: tree {args.tree}, {args.samples} x {args.requests} requests "
-                  f"after {args.warmup} warm-up; work dir {work}", flush=True)
-            samples = measure(args, ws, backend_port)
+            print(f"hotpath: {args.samples} x {args.requests} requests after {args.warmup} warm-up per proxy, "
+                  f"hash seeds {args.hash_seeds}; work dir {work}", flush=True)
+            for seed in args.hash_seeds:
+                for index, tree in enumerate(args.tree):
+                    root = work / f"tree{index}-seed{seed}"
+                    root.mkdir()
+                    with ExitStack() as proxy_stack:  # one proxy at a time
+                        ws = Workspace(root, proxy_stack, venv_bin, callgrind=True)
+                        figures[tree].append(measure(args, ws, tree, backend_port, seed))
+                    line = f"  seed {seed}  {tree}: {figures[tree][-1]:,.0f} instructions/request"
+                    if index:
+                        line += "  " + _delta(figures[tree][-1], figures[args.tree[0]][-1])
+                    print(line, flush=True)
     except BenchError as exc:
         print(f"hotpath: error: {exc}", file=sys.stderr)
         return 1
-    print(f"median: {statistics.median(samples):,.0f} instructions/request "
-          f"(min {min(samples):,.0f}, max {max(samples):,.0f})")
+    reference = statistics.mean(figures[args.tree[0]])
+    for index, tree in enumerate(args.tree):
+        mean = statistics.mean(figures[tree])
+        print(f"mean {tree}: {mean:,.0f} instructions/request" + (f"  {_delta(mean, reference)}" if index else ""))
     return 0
 
 
