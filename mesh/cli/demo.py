@@ -1,9 +1,11 @@
 """``meshctl demo``: run the demo mesh on loopback and take a guided tour of it.
 
-Starts the control plane (the mesh's CA) and four workloads on loopback, each
-a demo app plus its sidecar with a workload certificate, prints where
-everything is, then sends real traffic through the mesh and checks what
-happens: routing, retries, mTLS identities and authorization.  Afterwards
+Starts the control plane (the mesh's CA and config server, watching a copy of
+the demo's config) and four workloads on loopback, each a demo app plus its
+sidecar with a workload certificate and its config from the control plane,
+prints where everything is, then sends real traffic through the mesh and
+checks what happens: routing, a live change of the canary weights, retries,
+mTLS identities and authorization.  Afterwards
 the mesh stays up for you to explore until Ctrl-C (or SIGTERM); with
 --exit-after-tour it stops right away.  Either way every child process is
 stopped before meshctl exits.
@@ -82,6 +84,9 @@ def _print_try_it(mesh: DemoMesh) -> None:
         "   # as user-service",
         f"  curl http://{payment.address}:{INBOUND_PORT}/      # plaintext into the mesh: refused (STRICT mTLS)",
         f"  curl http://{ADMIN_ADDRESS}:{client.admin_port}/config_dump",
+        f"  $EDITOR {mesh.config_dir / 'user-service.yaml'}   # change the canary weights; "
+        "the sidecars get it at once",
+        f"  meshctl proxy-status --control-admin {ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}   # who has which config",
         f"  curl http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/ca/root-cert.pem",
     ]), flush=True)
 

@@ -8,14 +8,17 @@ loopback address of its own, its app listens on port 8080 there and its
 sidecar on Istio's ports 15001 (outbound) and 15006 (inbound, the ServiceEntry
 endpoint).  Admin ports are on 127.0.0.1, one per sidecar.
 
-``twistd mesh-control`` is the mesh's CA, on 127.0.0.1:15012 (CSR endpoint,
-TLS) with its admin port on 127.0.0.1:15014; its state (CA key, trust bundle
-``root-cert.pem``, join-token key) goes to ``STATE/control``.  Each sidecar
-gets a join token of its own (``meshctl token create``, written to
+``twistd mesh-control`` is the mesh's CA and config server, on
+127.0.0.1:15012 (TLS) with its admin port on 127.0.0.1:15014; its state (CA
+key, trust bundle ``root-cert.pem``, join-token key) goes to
+``STATE/control``.  It watches ``STATE/mesh-config``, a copy of
+``mesh/demo/mesh-config`` made at start (so it can be edited while the demo
+runs, as the tour does), and pushes each sidecar its snapshot of it.  Each
+sidecar gets a join token of its own (``meshctl token create``, written to
 ``STATE/tokens/<workload>.token``, mode 0600), asks the control plane for its
-workload certificate and reports ``/ready`` only once it has one.  The config
-(routes, registry, PeerAuthentication, AuthorizationPolicies) still comes from
-the same YAML directory for every sidecar.
+workload certificate and its config (``--control``, no ``--config-dir``; the
+last-known-good snapshot goes to ``STATE/sidecars/<workload>``) and reports
+``/ready`` only once it has both.
 
 :class:`DemoMesh` starts the control plane and the apps, waits until each
 answers, creates the tokens, starts the sidecars, and waits until each reports
@@ -39,6 +42,7 @@ import errno
 import http.client
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -278,6 +282,9 @@ class DemoMesh:
         self.log_dir = self.state_dir / "logs"
         self.control_dir = self.state_dir / "control"
         self.token_dir = self.state_dir / "tokens"
+        #: The copy of :data:`CONFIG_DIR` the control plane watches and the tour edits.
+        self.config_dir = self.state_dir / "mesh-config"
+        self.sidecar_state_dir = self.state_dir / "sidecars"
         self.workloads = tuple(workloads)
         self.control = self._control()
         self.apps = {w.name: self._app(w) for w in self.workloads}
@@ -309,7 +316,7 @@ class DemoMesh:
     def _control(self) -> Child:
         twistd = Path(sys.executable).with_name("twistd")
         argv = [twistd, "-n", "--pidfile=", "mesh-control", "--state-dir", self.control_dir,
-                "--config-dir", CONFIG_DIR, "--address", CONTROL_ADDRESS, "--port", CONTROL_PORT,
+                "--config-dir", self.config_dir, "--address", CONTROL_ADDRESS, "--port", CONTROL_PORT,
                 "--admin-port", CONTROL_ADMIN_PORT]
 
         def probe():
@@ -329,7 +336,7 @@ class DemoMesh:
 
     def _sidecar(self, workload: Workload) -> Child:
         twistd = Path(sys.executable).with_name("twistd")
-        argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--config-dir", CONFIG_DIR,
+        argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--state-dir", self.sidecar_state_dir / workload.name,
                 "--workload", workload.name, "--namespace", workload.namespace,
                 "--service-account", workload.service_account,
                 "--control", f"{CONTROL_ADDRESS}:{CONTROL_PORT}", "--ca-bundle", self.ca_bundle,
@@ -350,11 +357,18 @@ class DemoMesh:
         """GET *path* on the admin port of *workload*'s sidecar."""
         return http_get(ADMIN_ADDRESS, workload.admin_port, path, timeout=2.0)
 
+    def control_admin(self, path: str) -> Reply:
+        """GET *path* on the control plane's admin port (e.g. ``/proxies``)."""
+        return http_get(ADMIN_ADDRESS, CONTROL_ADMIN_PORT, path, timeout=2.0)
+
     def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the control plane and the apps, create the join tokens, then start the sidecars;
         each group must be ready within *timeout* seconds; raise :class:`DemoError`."""
         check_ports(self.workloads)
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(CONFIG_DIR, self.config_dir, dirs_exist_ok=True)
+        for workload in self.workloads:
+            (self.sidecar_state_dir / workload.name).mkdir(mode=0o700, parents=True, exist_ok=True)
         first = [self.control, *self.apps.values()]
         for child in first:
             child.spawn()
@@ -432,9 +446,10 @@ class DemoMesh:
                   f"{w.address}:{INBOUND_PORT}", f"http://{ADMIN_ADDRESS}:{w.admin_port}/")
                  for w in self.workloads]
         widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-        lines = [f"The demo mesh is up: config from {CONFIG_DIR}",
-                 f"Control plane (CA): {CONTROL_ADDRESS}:{CONTROL_PORT}, admin "
-                 f"http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/ready, trust bundle {self.ca_bundle}", ""]
+        lines = [f"The demo mesh is up: the control plane serves the config in {self.config_dir}",
+                 f"  (a copy of {CONFIG_DIR}; edit it and the sidecars get the change)",
+                 f"Control plane (CA and config): {CONTROL_ADDRESS}:{CONTROL_PORT}, admin "
+                 f"http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/proxies, trust bundle {self.ca_bundle}", ""]
         lines += ["  " + "  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
         lines += ["", "Join tokens (one per sidecar, valid " + TOKEN_TTL + "):"]
         lines += [f"  {command}" for command in self.token_commands]

@@ -25,12 +25,16 @@ from __future__ import annotations
 
 import collections
 import http.client
+import os
+import re
+import subprocess
 import sys
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Callable, Optional
 
-from mesh.demo.runner import ADMIN_ADDRESS, APP_PORT, INBOUND_PORT, OUTBOUND_PORT, DemoMesh, Reply, Workload, http_get
+from mesh.demo.runner import ADMIN_ADDRESS, APP_PORT, CONTROL_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, DemoMesh, Reply, Workload, http_get
 
 #: The workload the tour speaks for.
 CLIENT = "frontend"
@@ -43,6 +47,14 @@ CANARY_REQUESTS = 500
 #: Accepted share of v2 for the 10% canary weight.  Over 500 requests, v2 expects 50 (standard
 #: deviation 6.7); a correct split falls outside 25..80 about 3 times in 100,000 runs.
 CANARY_V2_SHARE = (0.05, 0.16)
+#: The live config change: the canary weights (v1, v2) written in turn, then 90/10 again.
+LIVE_WEIGHTS = ((50, 50), (0, 100))
+LIVE_REQUESTS = 200
+#: Accepted share of v2 for a 50/50 split: over 200 requests (standard deviation 7.1), 60..140 is
+#: more than 5.6 standard deviations either side, so a correct split practically never misses.
+LIVE_V2_TOLERANCE = 0.2
+#: Seconds every proxy gets to ACK a config change (file watch, debounce, push, compile).
+SYNC_TIMEOUT = 15.0
 
 
 def _marks(stream) -> tuple[str, str]:
@@ -324,6 +336,115 @@ def cluster_health(tour: Tour) -> bool:
     return all(results)
 
 
+_CANARY_WEIGHT = re.compile(r"(subset: (v1|v2)\}\s*\n\s*weight: )\d+")
+
+
+def _with_weights(text: str, v1: int, v2: int) -> str:
+    """The user-service YAML *text* with the canary rule's weights set to *v1* and *v2*."""
+    new, count = _CANARY_WEIGHT.subn(lambda m: m[1] + str(v1 if m[2] == "v1" else v2), text)
+    if count != 2:
+        raise ValueError(f"expected 2 canary weights in the user-service config, found {count}")
+    return new
+
+
+def _write_atomically(path, text: str) -> None:
+    """Replace *path* in one rename, so the control plane never reads half a file."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    temporary.write_text(text)
+    os.replace(temporary, path)
+
+
+def _synced(tour: Tour, before: str) -> Optional[str]:
+    """The frontend sidecar's new config version once it differs from *before* and every proxy has
+    ACKed what it was sent, else None."""
+    rows = tour.mesh.control_admin("/proxies").json()
+    if isinstance(rows, dict):
+        rows = rows.get("proxies", [])
+    by_workload = {row.get("workload"): row for row in rows}
+    if set(by_workload) != {w.name for w in tour.mesh.workloads} or any(
+            not row.get("connected") or row.get("stale") for row in rows):
+        return None
+    version = by_workload[CLIENT].get("version_acked")
+    if not version or version == before:
+        return None
+    dumped = tour.mesh.admin(tour.client, "/config_dump").json().get("version")
+    return version if dumped == version else None
+
+
+def _client_version(tour: Tour) -> str:
+    return tour.mesh.admin(tour.client, "/config_dump").json().get("version") or ""
+
+
+def _change_weights(tour: Tour, path, original: str, v1: int, v2: int) -> tuple[Optional[str], float]:
+    """Write weights *v1*/*v2* into *path*; wait until every proxy ACKed the new version.
+    Return (the frontend's new version or None on timeout, seconds waited)."""
+    before = _client_version(tour)
+    started = time.monotonic()
+    _write_atomically(path, _with_weights(original, v1, v2))
+    deadline = started + SYNC_TIMEOUT
+    while (version := _synced(tour, before)) is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return version, time.monotonic() - started
+
+
+def _proxy_status(tour: Tour) -> None:
+    """Print ``meshctl proxy-status`` (the control plane's /proxies as a table)."""
+    meshctl = os.path.join(os.path.dirname(sys.executable), "meshctl")
+    argv = [meshctl, "proxy-status", "--control-admin", f"{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}"]
+    try:
+        result = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=10)
+        lines = (result.stdout + result.stderr).rstrip().splitlines()
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        lines = [f"(could not run meshctl proxy-status: {exc})"]
+    tour.say("$ meshctl proxy-status")
+    for line in lines:
+        if line.strip():
+            tour.say(f"  {line}")
+
+
+def live_config_change(tour: Tour) -> bool:
+    path = tour.mesh.config_dir / "user-service.yaml"
+    tour.say("The control plane watches the demo's config directory and pushes every change to the sidecars;")
+    tour.say(f"this step rewrites the canary weights in {path}")
+    tour.say("and sends traffic after every proxy has ACKed the new config (control plane admin /proxies).")
+    original = path.read_text()
+    _with_weights(original, 90, 10)  # the canary rule is where the step expects it
+    results = []
+    try:
+        for v1_weight, v2_weight in LIVE_WEIGHTS:
+            version, waited = _change_weights(tour, path, original, v1_weight, v2_weight)
+            if not tour.expect(version is not None,
+                               f"canary set to {v1_weight}/{v2_weight}: every proxy ACKed the new config"
+                               + (f" in {waited:.2f}s (frontend now at version {version})" if version
+                                  else f": not within {SYNC_TIMEOUT:g}s")):
+                results.append(False)
+                break
+            served = tour.count_services(USER_SERVICE, "/profile", LIVE_REQUESTS)
+            v1, v2 = served["user-service-v1"], served["user-service-v2"]
+            others = {name: n for name, n in served.items() if name not in ("user-service-v1", "user-service-v2")}
+            tour.say(f"weights {v1_weight}/{v2_weight}: {LIVE_REQUESTS} x GET /profile, Host: {USER_SERVICE} "
+                     f"-> v1: {v1}, v2: {v2}" + (f" (and {_counts(others)})" if others else ""))
+            share = v2_weight / (v1_weight + v2_weight)
+            if share in (0.0, 1.0):
+                results.append(tour.expect(v2 == share * LIVE_REQUESTS and v1 + v2 == LIVE_REQUESTS,
+                                           f"exactly {v2_weight}% to v2: all {LIVE_REQUESTS} went to "
+                                           f"{'v2' if share else 'v1'}"))
+            else:
+                low, high = share - LIVE_V2_TOLERANCE, share + LIVE_V2_TOLERANCE
+                results.append(tour.expect(v1 + v2 == LIVE_REQUESTS and low <= v2 / LIVE_REQUESTS <= high,
+                                           f"v2 got {v2 / LIVE_REQUESTS:.1%}: a {v2_weight}% weight gives "
+                                           f"{low:.0%}-{high:.0%} over {LIVE_REQUESTS} requests"))
+        _proxy_status(tour)
+    finally:
+        if path.read_text() == original:  # nothing was changed (the step failed before its first write)
+            return all(results)
+        version, waited = _change_weights(tour, path, original, 90, 10)
+    results.append(tour.expect(version is not None and path.read_text() == original,
+                               "canary restored to 90/10: every proxy ACKed it"
+                               + (f" in {waited:.2f}s (frontend at version {version})" if version else "")))
+    return all(results)
+
+
 @dataclass(frozen=True)
 class Step:
     """One stop of the tour: *run* prints its own lines and returns whether every expectation held,
@@ -337,6 +458,7 @@ STEPS = (
     Step("Path-based routing: /v1/ is pinned to v1", pinned_v1),
     Step("Header-based routing: beta testers get v2", beta_to_v2),
     Step("Weighted routing: the 90/10 canary split", canary_split),
+    Step("Live config change: shift the canary by editing a file", live_config_change),
     Step("A route miss", route_miss),
     Step("Retries hide a flaky upstream", retry_flaky),
     Step("Who is calling: mTLS identities", who_is_calling),

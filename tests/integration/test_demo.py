@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from mesh.demo.runner import APP_PORT, CONTROL_ADDRESS, CONTROL_PORT, WORKLOADS, demo_ports
+from mesh.demo.runner import APP_PORT, CONFIG_DIR, CONTROL_ADDRESS, CONTROL_PORT, WORKLOADS, demo_ports
 from tests.harness import venv_bin
 
 #: Seconds one demo run may take: start-up, a 500-request tour, shutdown.
@@ -91,7 +91,29 @@ def test_tour_passes_and_stops_every_child(tmp_path):
     v1, v2 = map(int, split.groups())
     assert v1 + v2 == 500 and v1 > v2, output
     summary = re.search(r"(\d+) of (\d+) steps passed", result.stdout)
-    assert summary and summary[1] == summary[2] and int(summary[1]) >= 9, output
+    assert summary and summary[1] == summary[2] and int(summary[1]) >= 10, output
+
+    # live config change: the tour edits the copied config, the control plane pushes it, the split follows
+    assert "Live config change" in result.stdout, output
+    splits = {}
+    for weights, v1, v2 in re.findall(r"weights (\d+/\d+): 200 x GET /profile, Host: user-service.demo "
+                                      r"-> v1: (\d+), v2: (\d+)", result.stdout):
+        splits[weights] = (int(v1), int(v2))
+    assert sorted(splits) == ["0/100", "50/50"], output
+    assert sum(splits["50/50"]) == 200 and 60 <= splits["50/50"][1] <= 140, output
+    assert splits["0/100"] == (0, 200), output
+    assert re.search(r"canary set to 50/50: every proxy ACKed the new config in [\d.]+s", result.stdout), output
+    assert "canary restored to 90/10: every proxy ACKed it" in result.stdout, output
+    assert re.search(r"frontend/frontend .* SYNCED", result.stdout), output
+    copied = tmp_path / "mesh-config" / "user-service.yaml"
+    assert copied.read_text() == (CONFIG_DIR / "user-service.yaml").read_text(), "90/10 not restored"
+
+    # the sidecars get their config from the control plane only; it watches the copy
+    control_argv = (tmp_path / "logs" / "control-plane.log").read_text().splitlines()[0]
+    assert f"--config-dir {tmp_path / 'mesh-config'}" in control_argv, control_argv
+    for name in (w.name for w in WORKLOADS):
+        argv = (tmp_path / "logs" / f"{name}-sidecar.log").read_text().splitlines()[0]
+        assert "mesh-proxy" in argv and "--control 127.0.0.1:15012" in argv and "--config-dir" not in argv, argv
     assert "HTTP 404, x-mesh-flags: NR" in result.stdout
     assert "user-service-v1 served attempt 2" in result.stdout, output
 
