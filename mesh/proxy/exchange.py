@@ -143,6 +143,9 @@ class Try:
     def upstream_upgraded(self, rest):
         self.exchange.upgraded(self, rest)
 
+    def upstream_flush(self):
+        self.exchange.flush_head()
+
     def upstream_lost(self, reason_text):
         if not self.done:
             self.exchange.try_failed(self, TryOutcome("reset", None, reason_text))
@@ -163,7 +166,7 @@ class Exchange:
                  "upgrade", "head_only", "keep_alive", "action", "cluster", "head",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
                  "deadline", "response_started", "response_chunked", "response_link",
-                 "finished", "free_retry_used", "response_close")
+                 "finished", "free_retry_used", "response_close", "pending_head")
 
     def __init__(self, conn, ctx, framing, content_length, expect_continue, upgrade, keep_alive):
         self.conn = conn
@@ -190,6 +193,7 @@ class Exchange:
         self.finished = False
         self.free_retry_used = False
         self.response_close = False
+        self.pending_head = None
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -345,7 +349,16 @@ class Exchange:
             return
         if self.upgrade:
             self.response_close = True  # the client asked to switch; the upstream declined
-        self.conn.write(response_head(status, reason, headers, self))
+        # Held back until the first body bytes, so that a small response takes one downstream
+        # write instead of two, or until the upstream data at hand is parsed (flush_head).
+        self.pending_head = response_head(status, reason, headers, self)
+
+    def flush_head(self):
+        """Write a response head held back by :meth:`response_head`, if any."""
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            self.conn.write(head)
 
     def response_body(self, attempt, data):
         if attempt is not self.current or self.finished:
@@ -358,13 +371,17 @@ class Exchange:
             self.response_link = link = Backpressure(upstream.pauseProducing, upstream.resumeProducing)
             self.conn.transport.registerProducer(link, True)
         if self.response_chunked:
-            self.conn.write(b"%x\r\n%s\r\n" % (len(data), data))
-        else:
-            self.conn.write(data)
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        head = self.pending_head
+        if head is not None:
+            self.pending_head = None
+            data = head + data
+        self.conn.write(data)
 
     def response_end(self, attempt):
         if attempt is not self.current or self.finished:
             return
+        self.flush_head()
         if self.response_chunked:
             self.conn.write(_CHUNK_END)
         attempt.finish(reusable=attempt.keep_alive and self.body_done)

@@ -26,7 +26,11 @@ class UpstreamConnection(Protocol):
 
     The listener must implement ``upstream_head(status, reason, headers,
     keep_alive)``, ``upstream_body(data)``, ``upstream_end()``,
-    ``upstream_upgraded(rest)`` and ``upstream_lost(reason_text)``.
+    ``upstream_upgraded(rest)``, ``upstream_lost(reason_text)`` and
+    ``upstream_flush()``.  The last is called after each piece of data from
+    the upstream has been parsed, while the listener still owns the
+    connection: a listener that holds back output (a response head, so as to
+    send it with the first body bytes) writes it then.
     """
 
     def __init__(self, pool, expected_identity=None):
@@ -73,6 +77,10 @@ class UpstreamConnection(Protocol):
                 listener.upstream_upgraded(data[upgrade.args[0]:])
         except httptools.HttpParserError as error:
             self._fail(f"upstream sent malformed HTTP: {error}")
+        else:
+            listener = self.listener
+            if listener is not None:
+                listener.upstream_flush()
 
     def connectionLost(self, reason=None):
         if not self.connected_ok:
