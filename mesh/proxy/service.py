@@ -25,8 +25,9 @@ from mesh.proxy.control_client import ControlClient
 from mesh.proxy.http1 import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
-from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
+from mesh.telemetry import sidecar as telemetry
+from mesh.telemetry.health import CountingPool
 from mesh.telemetry import tracing
 
 log = Logger()
@@ -68,6 +69,7 @@ class ProxySettings:
     state_dir: str = None  # last-known-good snapshot of the control plane's config
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
+    telemetry: telemetry.TelemetrySettings = field(default_factory=telemetry.TelemetrySettings)
     tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
     drain_time: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
 
@@ -95,6 +97,7 @@ class ProxyService(service.MultiService):
         self.runtime = ProxyRuntime(self._make_pool, local)
         self.ready = False
         self.warnings = ()
+        self.config_applied_at = None
         self.listeners = []
         # builtin.tracing is registered here, not in BUILTIN_PLUGINS: it needs the settings (docs/tracing.md).
         self.tracing = tracing.install(self, plugin_manager, settings.tracing, settings.workload,
@@ -110,6 +113,7 @@ class ProxyService(service.MultiService):
         admin.setServiceParent(self)
         if self.control_client is not None:
             self.control_client.setServiceParent(self)
+        telemetry.install(self)
 
     def _identity_source(self, identity):
         """Static certificate files, a workload agent, or nothing (plaintext only)."""
@@ -143,11 +147,11 @@ class ProxyService(service.MultiService):
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
-        return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
-                              identity=endpoint_spec.identity, bind=self._source_address(),
-                              max_requests_per_connection=cluster_spec.max_requests_per_connection,
-                              idle_timeout=cluster_spec.idle_timeout)
+        return CountingPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
+                            connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
+                            identity=endpoint_spec.identity, bind=self._source_address(),
+                            max_requests_per_connection=cluster_spec.max_requests_per_connection,
+                            idle_timeout=cluster_spec.idle_timeout)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""
@@ -167,6 +171,7 @@ class ProxyService(service.MultiService):
             return
         config, warnings = load_and_compile(self.settings.config_dir, self.settings.workload)
         self.runtime.apply(config)
+        self.config_applied_at = self.reactor.seconds()
         self.warnings = tuple(warnings)
         for warning in warnings:
             log.warn("config warning: {warning}", warning=str(warning))

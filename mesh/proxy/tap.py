@@ -12,6 +12,7 @@ from mesh.plugins import make_plugin_manager
 from mesh.proxy.listener import Limits
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
+from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
 
 
@@ -67,6 +68,8 @@ class Options(usage.Options):
         ["trace-sampling", None, DEFAULT_SAMPLING,
          "Percent of requests to trace when the caller did not decide (0-100; Istio's default: 1).", float],
         ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
+        ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
+        ["access-log", None, "stdout", "Access log (a JSON line per request): stdout, off, or a file to append to."],
     ]
 
     def __init__(self):
@@ -96,6 +99,11 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
         if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--zipkin-url wants http://HOST:PORT/api/v2/spans, got {self['zipkin-url']!r}")
+        if self["access-log"] not in ("stdout", "off"):
+            try:
+                open(self["access-log"], "ab").close()
+            except OSError as error:
+                raise usage.UsageError(f"--access-log: cannot append to {self['access-log']}: {error.strerror}")
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
@@ -149,7 +157,8 @@ def makeService(options):
             ca_bundle=options["ca-bundle"], token_file=options["token-file"], cert_file=options["cert"],
             key_file=options["key"], cert_ttl=options["cert-ttl"]),
         tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
-                                zipkin_max_queue=options["zipkin-max-queue"]))
+                                zipkin_max_queue=options["zipkin-max-queue"]),
+        telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=options["access-log"]))
     proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
     try:
         proxy.load()

@@ -1,0 +1,170 @@
+"""``builtin.accesslog``: one JSON line per request, in the spirit of Envoy's access log.
+
+Lines are kept in memory and written by a one-second ``LoopingCall`` (and
+whenever :data:`MAX_PENDING` lines are waiting), always as whole lines, so the
+data path never waits for a disk and the log never holds half a line.
+docs/telemetry.md describes every field.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from json.encoder import encode_basestring_ascii as escape
+
+from twisted.application import service
+from twisted.internet.task import LoopingCall
+from twisted.logger import Logger
+
+from mesh import hookimpl
+from mesh.telemetry.guard import FailureLog
+from mesh.telemetry.peers import ConfigCache
+
+log = Logger()
+
+#: Lines held before a write even if the second is not over.
+MAX_PENDING = 4096
+
+
+def open_destination(destination: str):
+    """A binary file for ``--access-log``: ``stdout`` (the process's fd 1) or a path, appended to."""
+    if destination == "stdout":
+        return open(os.dup(1), "ab")
+    return open(destination, "ab")
+
+
+class AccessLog(service.Service):
+    """The ``mesh_request_complete`` implementation behind the access log, and its writer.
+
+    :param stream: a binary file (see :func:`open_destination`), closed when the service stops.
+    :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
+    """
+
+    def __init__(self, reactor, stream, peers, interval: float = 1.0):
+        self._stream = stream
+        self._format = LineFormatter(peers).format
+        self._failed = FailureLog("builtin.accesslog")
+        self._pending = []
+        self._interval = interval
+        self._flusher = LoopingCall(self.flush)
+        self._flusher.clock = reactor
+
+    @hookimpl
+    def mesh_request_complete(self, ctx, outcome):
+        try:
+            pending = self._pending
+            pending.append(self._format(ctx, outcome))
+            if len(pending) >= MAX_PENDING:
+                self.flush()
+        except Exception:
+            self._failed()
+
+    def flush(self) -> None:
+        """Write the pending lines."""
+        if not self._pending:
+            return
+        lines, self._pending = self._pending, []
+        lines.append("")
+        try:
+            self._stream.write("\n".join(lines).encode())
+            self._stream.flush()
+        except OSError as error:
+            log.error("access log: {count} line(s) lost: {error}", count=len(lines) - 1, error=error)
+
+    def startService(self):
+        super().startService()
+        self._flusher.start(self._interval, now=False)
+
+    def stopService(self):
+        super().stopService()
+        if self._flusher.running:
+            self._flusher.stop()
+        self.flush()
+        self._stream.close()
+
+
+#: The fields that repeat from request to request (who called whom, how): formatted once per
+#: distinct combination and cached.  The line is ``start_time``, these, then :func:`LineFormatter.format`'s own.
+REPEATED_FIELDS = (
+    '"direction":"%s","method":%s,"protocol":"HTTP/%s","authority":%s,"user_agent":%s,'
+    '"response_flags":%s,"upstream_host":%s,"upstream_cluster":%s,"route_name":%s,"authz_policy":%s,'
+    '"downstream_remote_address":%s,"source_principal":%s,"destination_principal":%s'
+)
+
+
+#: ``.000Z`` ... ``.999Z``: the end of a timestamp, by millisecond (cheaper than formatting it).
+_MILLIS = tuple(f".{millisecond:03d}Z" for millisecond in range(1000))
+
+
+class LineFormatter:
+    """Formats access-log lines: JSON objects written with f-strings, no dict and no encoder.
+
+    Strings from the request are escaped with the json module's C escaper.
+    The :data:`REPEATED_FIELDS` are formatted once per distinct combination
+    (per config, since principals come from it) and the timestamp once per
+    second.
+
+    :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
+    """
+
+    def __init__(self, peers):
+        self._peers = peers
+        self._repeated = ConfigCache(peers, self._format_repeated)
+        self._second = None
+        self._second_text = ""
+
+    def format(self, ctx, outcome) -> str:
+        """The access-log line of one finished request (without its newline)."""
+        headers = ctx.headers
+        route = ctx.route
+        repeated = self._repeated.get((
+            ctx.direction, ctx.method, ctx.http_version, ctx.authority, headers.get("user-agent"),
+            ctx.response_flags, ctx.upstream_host, ctx.cluster, route.name if route is not None else None,
+            ctx.authz_policy, ctx.source_address, ctx.peer))
+        trace = ctx.extra.get("trace_id") or trace_id(headers)
+        upstream_time = ctx.upstream_time
+        start = ctx.start
+        second = int(start)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return (
+            f'{{"start_time":"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}",{repeated},'
+            f'"path":{escape(ctx.path)},"x_request_id":{escape(ctx.request_id)},'
+            f'"trace_id":{"null" if trace is None else escape(trace)},'
+            f'"response_code":{ctx.response_code},"bytes_received":{ctx.bytes_received},'
+            f'"bytes_sent":{ctx.bytes_sent},"duration":{outcome.duration * 1000.0:.3f},'
+            f'"upstream_service_time":{"null" if upstream_time is None else f"{upstream_time * 1000.0:.3f}"}}}'
+        )
+
+    def _format_repeated(self, key, index) -> str:
+        (direction, method, http_version, authority, user_agent, flags, upstream_host, cluster, route_name,
+         authz_policy, source_address, peer) = key
+        if direction == "outbound":
+            endpoint = index.endpoint(cluster, upstream_host)
+            destination = endpoint.identity if endpoint is not None else None
+            source = self._peers.own_identity() if destination else None
+        else:
+            source = peer
+            destination = self._peers.own_identity() if source else None
+        return REPEATED_FIELDS % (
+            direction, _json(method), http_version, _json(authority.decode("latin-1") if authority else None),
+            _json(user_agent), _json(flags or "-"), _json(upstream_host), _json(cluster), _json(route_name),
+            _json(authz_policy), _json(source_address), _json(source), _json(destination))
+
+
+def _json(text) -> str:
+    """A JSON string (ASCII, every other character escaped), or ``null``."""
+    return "null" if text is None else escape(text)
+
+
+def trace_id(headers):
+    """The trace id of W3C ``traceparent`` or B3 ``x-b3-traceid``, or None.
+
+    Used when ``builtin.tracing`` (which sets ``ctx.extra["trace_id"]``) is disabled.
+    """
+    traceparent = headers.get("traceparent")
+    if traceparent:
+        parts = traceparent.split("-")
+        if len(parts) == 4 and len(parts[1]) == 32:
+            return parts[1]
+    return headers.get("x-b3-traceid")

@@ -1,0 +1,78 @@
+"""The sidecar's own health metrics (``mesh_*``), read from live state at scrape time.
+
+Nothing here runs per request: :class:`ProxyHealth` walks the clusters,
+listeners, config and certificate of the proxy when Prometheus scrapes.
+(Retries are the exception: they are counted as requests complete, by
+:mod:`mesh.telemetry.istio`, because no live state remembers them.)
+"""
+
+from __future__ import annotations
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
+from prometheus_client.registry import Collector
+
+from mesh.proxy.pool import ConnectionPool
+
+
+class CountingPool(ConnectionPool):
+    """A :class:`ConnectionPool` that counts the connections it opened (``mesh_upstream_cx_opened_total``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.opened_total = 0
+
+    def connection_made(self, connection) -> None:
+        self.opened_total += 1
+        super().connection_made(connection)
+
+
+class ProxyHealth(Collector):
+    """Collector of a :class:`mesh.proxy.service.ProxyService`'s health.
+
+    Reads ``proxy.runtime.snapshot`` (clusters and their endpoints' pools,
+    loads and ejections), ``proxy.listeners``, ``proxy.config_applied_at`` and
+    ``proxy.credentials``.  Per-cluster figures sum the cluster's endpoints; an
+    endpoint shared by a service's cluster and a subset's cluster counts in both.
+    """
+
+    def __init__(self, proxy):
+        self._proxy = proxy
+
+    def collect(self):
+        proxy = self._proxy
+        now = proxy.reactor.seconds()
+        snapshot = proxy.runtime.snapshot
+        yield from _cluster_families(snapshot.clusters if snapshot is not None else {}, now)
+        downstream = GaugeMetricFamily("mesh_downstream_cx_active", "Open client connections, per listener.",
+                                       labels=("listener",))
+        for listener in proxy.listeners:
+            downstream.add_metric((listener.direction,), len(listener.connections))
+        yield downstream
+        if snapshot is not None:
+            yield InfoMetricFamily("mesh_config", "The config in force.", value={"version": snapshot.config.version})
+            yield GaugeMetricFamily("mesh_config_age_seconds", "Seconds since the config in force was applied.",
+                                    value=now - proxy.config_applied_at)
+        credentials = proxy.credentials.current
+        if credentials is not None:
+            yield GaugeMetricFamily("mesh_workload_cert_expiry_seconds",
+                                    "Seconds until the workload certificate expires.", value=credentials.expires_in())
+
+
+def _cluster_families(clusters, now):
+    """Per-cluster connection, load and outlier-detection families."""
+    active = GaugeMetricFamily("mesh_upstream_cx_active", "Open upstream connections.", labels=("cluster",))
+    opened = CounterMetricFamily("mesh_upstream_cx_opened", "Upstream connections opened.", labels=("cluster",))
+    in_flight = GaugeMetricFamily("mesh_upstream_rq_active", "Tries in flight to the cluster's endpoints.",
+                                  labels=("cluster",))
+    ejections = CounterMetricFamily("mesh_outlier_ejections", "Outlier-detection ejections of the cluster's endpoints.",
+                                    labels=("cluster",))
+    ejected = GaugeMetricFamily("mesh_outlier_ejected_endpoints", "Endpoints ejected now.", labels=("cluster",))
+    for name in sorted(clusters):
+        endpoints = clusters[name].endpoints
+        label = (name,)
+        active.add_metric(label, sum(endpoint.pool.open_count() for endpoint in endpoints))
+        opened.add_metric(label, sum(endpoint.pool.opened_total for endpoint in endpoints))
+        in_flight.add_metric(label, sum(endpoint.active_requests for endpoint in endpoints))
+        ejections.add_metric(label, sum(endpoint.ejections for endpoint in endpoints))
+        ejected.add_metric(label, sum(1 for endpoint in endpoints if endpoint.ejected_until > now))
+    return active, opened, in_flight, ejections, ejected

@@ -1,0 +1,189 @@
+"""``builtin.metrics``: Istio's standard request metrics, reported by each sidecar.
+
+The names, labels and histogram buckets are Istio's, so that Istio's
+dashboards and alerts work unchanged.  The outbound listener reports as
+``reporter="source"``, the inbound one as ``reporter="destination"``; each
+side fills in what it knows (docs/telemetry.md says where every label comes
+from and when it is ``unknown``).
+
+Hot path: a request costs one tuple key and one dict lookup to find its
+:class:`Series` (bound when that key was first seen; label values are worked
+out only then), one counter increment and three bucket searches in C
+(``bisect``).  prometheus-client's own ``Counter``/``Histogram`` children
+cost four times as much per request (a lock per value, a Python loop over the
+buckets): more than the sidecar's whole budget for telemetry (docs/telemetry.md,
+"Cost").  The sidecar is one reactor thread and metrics are rendered on that
+thread, so plain integers need no lock; prometheus-client still does the
+exposition, from :meth:`IstioMetrics.collect`.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily
+from prometheus_client.registry import Collector
+
+from mesh import hookimpl
+from mesh.telemetry.guard import FailureLog
+from mesh.telemetry.peers import UNKNOWN, ConfigCache, namespace_of, service_labels
+
+#: Envoy's default histogram buckets, which Istio uses for all three of its histograms
+#: (its bootstrap sets no ``histogram_bucket_settings`` unless a pod asks for them).
+ISTIO_BUCKETS = (0.5, 1, 5, 10, 25, 50, 100, 250, 500, 1000, 2500, 5000, 10000, 30000, 60000, 300000,
+                 600000, 1800000, 3600000)
+#: ``le`` label values written as Envoy writes them (``1``, ``0.5``, ``1.8e+06``).
+_BUCKET_NAMES = tuple(f"{bound:g}" for bound in ISTIO_BUCKETS) + ("+Inf",)
+
+#: The peer labels, in the order the two reporters compute them.
+PEER_LABELS = (
+    "reporter",
+    "source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "destination_workload", "destination_workload_namespace", "destination_principal",
+    "destination_service", "destination_service_name", "destination_service_namespace",
+    "destination_app", "destination_version",
+    "connection_security_policy",
+)
+REQUEST_LABELS = PEER_LABELS + ("request_protocol", "response_code", "response_flags", "grpc_response_status")
+TCP_LABELS = PEER_LABELS + ("request_protocol", "response_flags")
+
+#: Istio's TCP metrics.  txmesh proxies HTTP only, and Istio does not count HTTP traffic in
+#: them, so they are declared (for dashboards) and stay empty until a TCP proxy reports them.
+TCP_METRICS = (
+    ("istio_tcp_connections_opened", "TCP connections opened (TCP-proxied traffic only)."),
+    ("istio_tcp_connections_closed", "TCP connections closed (TCP-proxied traffic only)."),
+    ("istio_tcp_sent_bytes", "Bytes sent during the response of a TCP connection (TCP-proxied traffic only)."),
+    ("istio_tcp_received_bytes", "Bytes received during the request of a TCP connection (TCP-proxied traffic only)."),
+)
+
+class Distribution:
+    """Bucket counts (not cumulative; the last one is +Inf) and sum of one histogram series."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(ISTIO_BUCKETS) + 1)
+        self.sum = 0.0
+
+    def cumulative(self) -> list:
+        """``[(le, count)]`` as Prometheus histograms want them."""
+        total = 0
+        buckets = []
+        for name, count in zip(_BUCKET_NAMES, self.counts):
+            total += count
+            buckets.append((name, total))
+        return buckets
+
+
+class Series:
+    """Everything counted for one Istio label set."""
+
+    __slots__ = ("requests", "duration", "request_bytes", "response_bytes")
+
+    def __init__(self):
+        self.requests = 0
+        self.duration = Distribution()
+        self.request_bytes = Distribution()
+        self.response_bytes = Distribution()
+
+    def observe(self, milliseconds, received, sent) -> None:
+        """Count one request (one method call: this is the per-request work)."""
+        self.requests += 1
+        duration, request_bytes, response_bytes = self.duration, self.request_bytes, self.response_bytes
+        duration.counts[bisect_left(ISTIO_BUCKETS, milliseconds)] += 1
+        duration.sum += milliseconds
+        request_bytes.counts[bisect_left(ISTIO_BUCKETS, received)] += 1
+        request_bytes.sum += received
+        response_bytes.counts[bisect_left(ISTIO_BUCKETS, sent)] += 1
+        response_bytes.sum += sent
+
+
+class IstioMetrics(Collector):
+    """The ``mesh_request_complete`` implementation behind ``istio_*``, and their collector.
+
+    Also counts retries per cluster (``mesh_upstream_rq_retry_total``): no
+    live state remembers them.
+
+    :param workload: the :class:`mesh.config.compile.Workload` this sidecar serves.
+    :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
+    """
+
+    def __init__(self, workload, peers):
+        labels = workload.labels
+        self._own = (workload.name, workload.namespace, labels.get("app", UNKNOWN), labels.get("version", UNKNOWN))
+        self._peers = peers
+        self._series = {}  # label values -> Series, for as long as the process lives
+        self._by_key = ConfigCache(peers, self._bind)  # request key -> Series
+        self._retries = {}  # cluster -> retries
+        self._failed = FailureLog("builtin.metrics")
+
+    @hookimpl
+    def mesh_request_complete(self, ctx, outcome):
+        try:
+            series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.host,
+                                       ctx.response_code, ctx.response_flags))
+            series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
+            if ctx.attempts > 1:
+                self._retries[ctx.cluster] = self._retries.get(ctx.cluster, 0) + ctx.attempts - 1
+        except Exception:
+            self._failed()
+
+    def collect(self):
+        requests = CounterMetricFamily("istio_requests", "Requests handled by the sidecar.", labels=REQUEST_LABELS)
+        duration = HistogramMetricFamily("istio_request_duration_milliseconds",
+                                         "Request duration, from the parsed head to the last byte sent.",
+                                         labels=REQUEST_LABELS)
+        request_bytes = HistogramMetricFamily("istio_request_bytes", "Request body sizes.", labels=REQUEST_LABELS)
+        response_bytes = HistogramMetricFamily("istio_response_bytes", "Response body sizes.", labels=REQUEST_LABELS)
+        for labels, series in self._series.items():
+            requests.add_metric(labels, series.requests)
+            for family, distribution in ((duration, series.duration), (request_bytes, series.request_bytes),
+                                         (response_bytes, series.response_bytes)):
+                family.add_metric(labels, distribution.cumulative(), distribution.sum)
+        yield from (requests, duration, request_bytes, response_bytes)
+        for name, text in TCP_METRICS:
+            yield CounterMetricFamily(name, text, labels=TCP_LABELS)
+        retries = CounterMetricFamily("mesh_upstream_rq_retry", "Retries (tries after the first), per cluster.",
+                                      labels=("cluster",))
+        for cluster, count in sorted(self._retries.items()):
+            retries.add_metric((cluster,), count)
+        yield retries
+
+    def _bind(self, key, index) -> Series:
+        """Work out the labels of a new key and find (or start) its series."""
+        direction, cluster, upstream_host, peer, host, code, flags = key
+        if direction == "outbound":
+            values = self._source_labels(index, cluster, upstream_host)
+        else:
+            values = self._destination_labels(index, peer, host)
+        values += ("http", str(code), flags or "-", "")
+        series = self._series.get(values)
+        if series is None:
+            series = self._series[values] = Series()
+        return series
+
+    def _source_labels(self, index, cluster, upstream_host) -> tuple:
+        """Peer labels on the outbound side: this workload calls the endpoint of ``cluster``."""
+        workload, namespace, app, version = self._own
+        endpoint = index.endpoint(cluster, upstream_host)
+        peer_identity = endpoint.identity if endpoint is not None else None
+        own_identity = self._peers.own_identity() if peer_identity else None
+        service, service_name, service_namespace = service_labels(index.services.get(cluster))
+        endpoint_labels = dict(endpoint.labels) if endpoint is not None else {}
+        return ("source",
+                workload, namespace, own_identity or UNKNOWN, app, version,
+                UNKNOWN, namespace_of(peer_identity) or service_namespace, peer_identity or UNKNOWN,
+                service, service_name, service_namespace,
+                endpoint_labels.get("app", UNKNOWN), endpoint_labels.get("version", UNKNOWN),
+                UNKNOWN)
+
+    def _destination_labels(self, index, peer, host) -> tuple:
+        """Peer labels on the inbound side: ``peer`` (a SPIFFE id, or None for plaintext) calls this workload."""
+        workload, namespace, app, version = self._own
+        own_identity = self._peers.own_identity() if peer else None
+        service, service_name, service_namespace = service_labels(index.resolve_host(host, namespace))
+        return ("destination",
+                UNKNOWN, namespace_of(peer) or UNKNOWN, peer or UNKNOWN, UNKNOWN, UNKNOWN,
+                workload, namespace, own_identity or UNKNOWN,
+                service, service_name, service_namespace, app, version,
+                "mutual_tls" if peer else "none")

@@ -1,0 +1,135 @@
+"""What a sidecar knows about the other side of a request.
+
+Telemetry labels and log fields name the peer of each request: the endpoint's
+identity and labels on outbound, the caller's SPIFFE id on inbound, the mesh
+service either way.  :class:`PeerDirectory` answers from indexes built once
+per applied config snapshot, so a request costs an identity check and a dict
+lookup, never a walk over the config.
+"""
+
+from __future__ import annotations
+
+from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
+
+UNKNOWN = "unknown"
+
+
+class PeerDirectory:
+    """Peer information for the config in force and this workload's own identity.
+
+    :param runtime: the :class:`mesh.proxy.runtime.ProxyRuntime` (its
+        ``snapshot`` is swapped atomically on every config change).
+    :param credentials: the :class:`mesh.identity.tls.CredentialStore` of the
+        workload certificate.
+    """
+
+    def __init__(self, runtime, credentials):
+        self.runtime = runtime
+        self._credentials = credentials
+        self._snapshot = None
+        self._index = SnapshotIndex(None)
+        self._own_credentials = None
+        self._own_identity = None
+
+    def index(self) -> "SnapshotIndex":
+        """The index of the snapshot in force (rebuilt after a config swap)."""
+        snapshot = self.runtime.snapshot
+        if snapshot is not self._snapshot:
+            self._index = SnapshotIndex(snapshot)
+            self._snapshot = snapshot
+        return self._index
+
+    def own_identity(self):
+        """This workload's SPIFFE id, or None before it has a certificate (cached per certificate)."""
+        current = self._credentials.current
+        if current is not self._own_credentials:
+            self._own_identity = current.identity if current is not None else None
+            self._own_credentials = current
+        return self._own_identity
+
+
+class SnapshotIndex:
+    """Lookups over one config snapshot: endpoints by address, services by cluster and by Host."""
+
+    def __init__(self, snapshot):
+        clusters = snapshot.clusters if snapshot is not None else {}
+        self.endpoints = {(name, endpoint.host_port): endpoint.spec
+                          for name, cluster in clusters.items() for endpoint in cluster.endpoints}
+        self.services = {name: cluster.spec.service for name, cluster in clusters.items()
+                         if name.startswith("outbound|")}
+        self._hosts = frozenset(self.services.values())
+
+    def endpoint(self, cluster, host_port):
+        """The :class:`mesh.config.tables.EndpointSpec` a request went to, or None."""
+        return self.endpoints.get((cluster, host_port))
+
+    def resolve_host(self, host, namespace):
+        """The mesh service a Host header names, or None.
+
+        Exact service hosts match, and so do Kubernetes short forms (``reviews``,
+        ``reviews.ns``) when they name one service, preferring ``namespace``.
+        """
+        if not host:
+            return None
+        if host in self._hosts:
+            return host
+        prefix = host + "."
+        candidates = [service for service in self._hosts if service.startswith(prefix)]
+        if len(candidates) > 1:
+            candidates = [service for service in candidates if service_labels(service)[2] == namespace]
+        return candidates[0] if len(candidates) == 1 else None
+
+
+def service_labels(host) -> tuple:
+    """``(destination_service, destination_service_name, destination_service_namespace)`` of a host.
+
+    ``name.namespace.svc.<domain>`` gives its name and namespace, as in Istio;
+    any other host (a ServiceEntry's ``api.example.com``) is its own name, in
+    an unknown namespace.  None (no route, no service) is unknown throughout.
+    """
+    if not host:
+        return UNKNOWN, UNKNOWN, UNKNOWN
+    name, _, rest = host.partition(".")
+    namespace, _, domain = rest.partition(".")
+    if namespace and domain.startswith("svc."):
+        return host, name, namespace
+    return host, host, UNKNOWN
+
+
+def namespace_of(principal):
+    """The namespace in a SPIFFE id, or None."""
+    if not principal:
+        return None
+    try:
+        return SpiffeId.parse(principal).namespace
+    except InvalidSpiffeId:
+        return None
+
+
+class ConfigCache:
+    """A bounded cache of values worked out from the config in force, keyed by a small tuple.
+
+    ``build(key, index)`` makes the value of a new key from the
+    :class:`SnapshotIndex`; the cache starts over when the config changes
+    (labels and identities may have changed) and when it holds ``size`` keys.
+    """
+
+    def __init__(self, peers: PeerDirectory, build, size: int = 4096):
+        self._peers = peers
+        self._runtime = peers.runtime
+        self._build = build
+        self._size = size
+        self._values = {}
+        self._snapshot = None
+
+    def get(self, key):
+        snapshot = self._runtime.snapshot
+        if snapshot is not self._snapshot:
+            self._values.clear()
+            self._snapshot = snapshot
+        value = self._values.get(key)
+        if value is None:
+            if len(self._values) >= self._size:
+                self._values.clear()
+            value = self._values[key] = self._build(key, self._peers.index())
+        return value
