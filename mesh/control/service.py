@@ -30,6 +30,8 @@ from mesh.identity.credentials import JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
 from mesh.identity.tokens import load_or_create_key
+from mesh.telemetry.control import ControlPlaneMetrics
+from mesh.telemetry.exposition import metrics_page
 from mesh.webpages import BytesPage, JSONPage, QuietSite
 
 log = Logger()
@@ -55,7 +57,7 @@ class ControlSettings:
 
 
 class CSRStats:
-    """Counters of signed and rejected CSRs (exported as metrics later)."""
+    """Counters of signed and rejected CSRs (exported as ``mesh_control_csr_*``)."""
 
     def __init__(self):
         self.signed_total = 0
@@ -84,7 +86,8 @@ class ControlService(service.MultiService):
         self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
         self.credentials = CredentialStore()
         self.stats = CSRStats()
-        self.config_errors = []
+        self.config_errors = []  # ConfigError objects of the last load_config
+        self.metrics = ControlPlaneMetrics(self)
         self._renew_own_certificate()
         verifier = JoinTokenVerifier(load_or_create_key(settings.state_dir), settings.trust_domain)
         root = resource.Resource()
@@ -104,6 +107,7 @@ class ControlService(service.MultiService):
         admin_root = resource.Resource()
         admin_root.putChild(b"ready", JSONPage(self.readiness))
         admin_root.putChild(b"proxies", JSONPage(lambda: (200, self.distributor.proxy_status())))
+        admin_root.putChild(b"metrics", metrics_page(self.metrics.registry))
         ca_pages = resource.Resource()
         admin_root.putChild(b"ca", ca_pages)
         ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))

@@ -27,7 +27,7 @@ class Options(usage.Options):
         ["namespace", None, "mesh-system", "Namespace of the control plane's own identity."],
         ["address", None, "0.0.0.0", "Address of the CSR/config port."],
         ["port", "p", 15012, "CSR/config port (TLS).", int],
-        ["admin-port", None, 15014, "Admin port on 127.0.0.1 (/ready, /ca/root-cert.pem).", int],
+        ["admin-port", None, 15014, "Admin port on 127.0.0.1 (/ready, /metrics, /ca/root-cert.pem).", int],
         ["workload-cert-ttl", None, "24h", "Lifetime of workload certificates (and the cap on requests).",
          duration_option],
         ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
