@@ -30,8 +30,9 @@ class ProxyHealth(Collector):
     """Collector of a :class:`mesh.proxy.service.ProxyService`'s health.
 
     Reads ``proxy.runtime.snapshot`` (clusters and their endpoints' pools,
-    loads and ejections), ``proxy.listeners``, ``proxy.config_applied_at`` and
-    ``proxy.credentials``.  Per-cluster figures sum the cluster's endpoints; an
+    loads and ejections), ``proxy.listeners``, ``proxy.config_applied_at``
+    (``reactor.seconds()`` when a config was last applied, from the config
+    dir or a control-plane push) and ``proxy.credentials``.  Per-cluster figures sum the cluster's endpoints; an
     endpoint shared by a service's cluster and a subset's cluster counts in both.
     """
 
@@ -50,6 +51,7 @@ class ProxyHealth(Collector):
         yield downstream
         if snapshot is not None:
             yield InfoMetricFamily("mesh_config", "The config in force.", value={"version": snapshot.config.version})
+        if proxy.config_applied_at is not None:  # None: waiting for the control plane's first push
             yield GaugeMetricFamily("mesh_config_age_seconds", "Seconds since the config in force was applied.",
                                     value=now - proxy.config_applied_at)
         credentials = proxy.credentials.current
