@@ -1,0 +1,154 @@
+"""builtin.accesslog: the JSON line of a request, and the buffered, once-a-second writer."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+from twisted.internet.task import Clock
+
+from mesh.config.tables import RouteAction
+from mesh.telemetry import accesslog
+from mesh.telemetry.accesslog import AccessLog, LineFormatter
+from tests.unit.test_telemetry_support import (
+    CALLER_ID, INBOUND_CLUSTER, OWN_ID, REVIEWS_CLUSTER, REVIEWS_ID, REVIEWS_V1, REVIEWS_V2, done, inbound, outbound,
+    peers,
+)
+
+FIELDS = {"start_time", "direction", "method", "path", "protocol", "authority", "user_agent", "x_request_id",
+          "trace_id", "response_code", "response_flags", "bytes_received", "bytes_sent", "duration",
+          "upstream_service_time", "upstream_host", "upstream_cluster", "route_name", "authz_policy",
+          "downstream_remote_address", "source_principal", "destination_principal"}
+
+
+@pytest.fixture
+def line():
+    formatter = LineFormatter(peers())
+    return lambda ctx, duration=0.0042: json.loads(formatter.format(ctx, done(ctx, duration)))
+
+
+def test_an_outbound_line(line):
+    ctx = outbound(200, path="/reviews/1?x=1", headers={"user-agent": "curl/8"}, bytes_sent=1234,
+                   bytes_received=5, upstream_time=0.0031,
+                   route=RouteAction(name="VirtualService/bookinfo/reviews", clusters=(REVIEWS_CLUSTER,),
+                                     cumulative_weights=(1,)))
+    entry = line(ctx)
+    assert set(entry) == FIELDS
+    assert entry == {
+        "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "method": "GET",
+        "path": "/reviews/1?x=1", "protocol": "HTTP/1.1", "authority": "reviews", "user_agent": "curl/8",
+        "x_request_id": "test", "trace_id": None, "response_code": 200, "response_flags": "-",
+        "bytes_received": 5, "bytes_sent": 1234, "duration": 4.2, "upstream_service_time": 3.1,
+        "upstream_host": REVIEWS_V1, "upstream_cluster": REVIEWS_CLUSTER,
+        "route_name": "VirtualService/bookinfo/reviews", "authz_policy": None, "downstream_remote_address": "127.0.0.1",
+        "source_principal": OWN_ID, "destination_principal": REVIEWS_ID,
+    }
+
+
+def test_plaintext_and_local_replies_have_nulls(line):
+    entry = line(outbound(503, upstream_host=REVIEWS_V2, flags="UF,URX"))
+    assert (entry["source_principal"], entry["destination_principal"]) == (None, None)
+    assert (entry["response_flags"], entry["upstream_service_time"]) == ("UF,URX", None)
+    entry = line(outbound(404, upstream_host=None, cluster=None, flags="NR"))
+    assert (entry["upstream_host"], entry["upstream_cluster"], entry["route_name"]) == (None, None, None)
+
+
+def test_an_inbound_line_names_the_caller(line):
+    entry = line(inbound(403, flags="RBAC:deny-admin", authz_policy="deny-admin"))
+    assert (entry["direction"], entry["upstream_cluster"], entry["authz_policy"]) == \
+        ("inbound", INBOUND_CLUSTER, "deny-admin")
+    assert (entry["source_principal"], entry["destination_principal"]) == (CALLER_ID, OWN_ID)
+    assert line(inbound(200, peer=None))["destination_principal"] is None
+
+
+def test_hostile_strings_stay_one_line_of_ascii_json():
+    formatter = LineFormatter(peers())
+    nasty = 'a"b\\c\nd\x00é\U0001F600\udcff'
+    ctx = outbound(200)
+    ctx.path = ctx.request_id = ctx.headers["user-agent"] = nasty
+    ctx.authority = b'h"\xff'
+    text = formatter.format(ctx, done(ctx))
+    assert "\n" not in text and text.isascii()
+    entry = json.loads(text)
+    assert (entry["path"], entry["user_agent"], entry["x_request_id"], entry["authority"]) == \
+        (nasty, nasty, nasty, 'h"\xff')
+
+
+@pytest.mark.parametrize("headers, extra, expected", [
+    ({}, {"trace_id": "a" * 32}, "a" * 32),  # builtin.tracing's id wins
+    ({"traceparent": f"00-{'b' * 32}-{'c' * 16}-01"}, {}, "b" * 32),
+    ({"x-b3-traceid": "d" * 16}, {}, "d" * 16),
+    ({"traceparent": "garbage"}, {}, None),
+    ({}, {}, None),
+])
+def test_trace_id(line, headers, extra, expected):
+    ctx = outbound(200, headers=headers)
+    ctx.extra.update(extra)
+    assert line(ctx)["trace_id"] == expected
+
+
+def test_timestamps_follow_the_clock(line):
+    ctx = outbound(200)
+    for start, text in ((1795637387.0, "2026-11-25T20:09:47.000Z"), (1795637387.9999, "2026-11-25T20:09:47.999Z"),
+                        (1795637388.75, "2026-11-25T20:09:48.750Z")):
+        ctx.start = start
+        assert line(ctx)["start_time"] == text
+
+
+class Stream(io.BytesIO):
+    """A BytesIO that remembers each write and survives close()."""
+
+    def __init__(self):
+        super().__init__()
+        self.writes = []
+        self.closed_by_log = False
+
+    def write(self, data):
+        self.writes.append(bytes(data))
+        return len(data)
+
+    def close(self):
+        self.closed_by_log = True
+
+
+def test_lines_wait_for_the_one_second_flush_and_are_written_whole():
+    clock, stream = Clock(), Stream()
+    log = AccessLog(clock, stream, peers())
+    log.startService()
+    for code in (200, 503):
+        log.mesh_request_complete(outbound(code), done(outbound(code)))
+    assert stream.writes == []
+    clock.advance(1.0)
+    [data] = stream.writes
+    assert data.endswith(b"\n") and [json.loads(text)["response_code"] for text in data.splitlines()] == [200, 503]
+    clock.advance(1.0)
+    assert len(stream.writes) == 1  # nothing new, nothing written
+    log.mesh_request_complete(outbound(204), done(outbound(204)))
+    log.stopService()
+    assert json.loads(stream.writes[-1])["response_code"] == 204 and stream.closed_by_log
+
+
+def test_a_full_buffer_is_written_before_the_second_is_over(monkeypatch):
+    monkeypatch.setattr(accesslog, "MAX_PENDING", 3)
+    stream = Stream()
+    log = AccessLog(Clock(), stream, peers())
+    for _ in range(7):
+        log.mesh_request_complete(outbound(200), done(outbound(200)))
+    assert [data.count(b"\n") for data in stream.writes] == [3, 3]
+
+
+def test_a_broken_request_or_disk_never_raises():
+    log = AccessLog(Clock(), Stream(), peers())
+    ctx = outbound(200)
+    ctx.start = None
+    log.mesh_request_complete(ctx, done(ctx))
+    assert log._failed.failures == 1
+
+    class Full(Stream):
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+
+    log = AccessLog(Clock(), Full(), peers())
+    log.mesh_request_complete(outbound(200), done(outbound(200)))
+    log.flush()  # logged, not raised

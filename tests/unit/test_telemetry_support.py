@@ -1,0 +1,76 @@
+"""Shared helpers of the telemetry unit tests (tests/unit/test_telemetry_*.py); no tests here.
+
+A real :class:`ProxyRuntime` with the bookinfo config compiled for productpage (no sockets: pools
+connect only when asked), a credential store whose certificate names productpage, and finished
+requests built the way the exchange leaves them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from twisted.internet.task import Clock
+
+from mesh.config.compile import Workload, load_and_compile
+from mesh.identity.tls import CredentialStore
+from mesh.proxy.context import RequestContext
+from mesh.proxy.outcome import RequestOutcome
+from mesh.proxy.runtime import ProxyRuntime, inbound_cluster
+from mesh.telemetry.health import CountingPool
+from mesh.telemetry.peers import PeerDirectory
+
+BOOKINFO = Path(__file__).parent.parent / "data" / "config" / "bookinfo"
+PRODUCTPAGE = Workload("productpage", "bookinfo", {"app": "productpage", "version": "v1"}, "bookinfo-productpage",
+                       app_port=9080)
+OWN_ID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-productpage"
+REVIEWS = "reviews.bookinfo.svc.cluster.local"
+REVIEWS_CLUSTER = f"outbound|9080||{REVIEWS}"
+REVIEWS_V1 = "10.0.0.1:9080"  # labels app=reviews version=v1, mTLS as sa bookinfo-reviews
+REVIEWS_V2 = "10.0.0.2:9080"  # labels app=reviews version=v2, plaintext
+REVIEWS_ID = "spiffe://cluster.local/ns/bookinfo/sa/bookinfo-reviews"
+INBOUND_CLUSTER = "inbound|9080||"
+CALLER_ID = "spiffe://cluster.local/ns/shop/sa/frontend"
+
+
+class Certificate:
+    """What telemetry reads of the workload certificate: its identity and its remaining life."""
+
+    def __init__(self, identity=OWN_ID, expires_in=3600.0):
+        self.identity = identity
+        self._expires_in = expires_in
+
+    def expires_in(self):
+        return self._expires_in
+
+
+def bookinfo_runtime(clock=None) -> ProxyRuntime:
+    """productpage's runtime: the bookinfo clusters plus its inbound cluster, config applied."""
+    clock = clock or Clock()
+    runtime = ProxyRuntime(lambda endpoint, cluster: CountingPool(clock, endpoint.address, endpoint.port),
+                           (inbound_cluster("127.0.0.1", 9080),))
+    runtime.apply(load_and_compile(BOOKINFO, PRODUCTPAGE)[0])
+    return runtime
+
+
+def peers(runtime=None, certificate=None) -> PeerDirectory:
+    return PeerDirectory(runtime or bookinfo_runtime(), CredentialStore(certificate or Certificate()))
+
+
+def outbound(code=200, upstream_host=REVIEWS_V1, cluster=REVIEWS_CLUSTER, flags="", **fields) -> RequestContext:
+    """A finished outbound request (productpage's app -> reviews)."""
+    fields = {"host": "reviews", "attempts": 1, **fields}
+    ctx = RequestContext.for_test(cluster=cluster, upstream_host=upstream_host, response_code=code,
+                                  response_flags=flags, **fields)
+    ctx.start = 1795637387.25
+    return ctx
+
+
+def inbound(code=200, peer=CALLER_ID, host="productpage", **fields) -> RequestContext:
+    """A finished inbound request (a caller -> productpage's app)."""
+    ctx = outbound(code, upstream_host="127.0.0.1:9080", cluster=INBOUND_CLUSTER, host=host, peer=peer, **fields)
+    ctx.direction = "inbound"
+    return ctx
+
+
+def done(ctx, duration=0.0042) -> RequestOutcome:
+    return RequestOutcome(ctx.response_code, ctx.response_flags, False, duration)
