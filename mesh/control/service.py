@@ -99,7 +99,7 @@ class ControlService(service.MultiService):
         site = server.Site(root, timeout=30)
         site.displayTracebacks = False
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
-        self.distributor = Distributor(reactor, self.ca.bundle_pem, getattr(self, "metrics", None),
+        self.distributor = Distributor(reactor, self.ca.bundle_pem, self.metrics,
                                        debounce=settings.push_debounce, grace=settings.registry_grace,
                                        state_dir=settings.state_dir)
         internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
