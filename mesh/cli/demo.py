@@ -5,7 +5,7 @@ the demo's config) and four workloads on loopback, each a demo app plus its
 sidecar with a workload certificate and its config from the control plane,
 prints where everything is, then sends real traffic through the mesh and
 checks what happens: routing, a live change of the canary weights, retries,
-mTLS identities and authorization.  Afterwards
+mTLS identities and authorization, then what the metrics say.  Afterwards
 the mesh stays up for you to explore until Ctrl-C (or SIGTERM); with
 --exit-after-tour it stops right away.  Either way every child process is
 stopped before meshctl exits.
@@ -24,8 +24,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mesh.demo.runner import (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, STOP_SIGNALS,
-                              DemoError, DemoMesh)
+from mesh.demo.runner import (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, INBOUND_PORT, METRICS_PATH, METRICS_PORT,
+                              OUTBOUND_PORT, STOP_SIGNALS, DemoError, DemoMesh)
 from mesh.demo.tour import CLIENT, PAYMENT_SERVICE, USER_SERVICE, run_tour
 
 
@@ -88,6 +88,9 @@ def _print_try_it(mesh: DemoMesh) -> None:
         "the sidecars get it at once",
         f"  meshctl proxy-status --control-admin {ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}   # who has which config",
         f"  curl http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/ca/root-cert.pem",
+        f"  curl -s http://{payment.address}:{METRICS_PORT}{METRICS_PATH} | grep '^istio_requests_total'"
+        "   # Istio's metrics",
+        f"  curl http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/metrics   # the control plane's",
     ]), flush=True)
 
 

@@ -6,7 +6,10 @@ user-service v1 and v2 and payment-service in namespace ``demo`` (service
 accounts ``user-service`` and ``payment-service``).  Each workload has a
 loopback address of its own, its app listens on port 8080 there and its
 sidecar on Istio's ports 15001 (outbound) and 15006 (inbound, the ServiceEntry
-endpoint).  Admin ports are on 127.0.0.1, one per sidecar.
+endpoint).  Admin ports are on 127.0.0.1, one per sidecar.  Each sidecar
+serves Istio's Prometheus metrics on its own address, port 15090
+(``/stats/prometheus``), as in a pod; the control plane serves ``/metrics`` on
+its admin port.
 
 ``twistd mesh-control`` is the mesh's CA and config server, on
 127.0.0.1:15012 (TLS) with its admin port on 127.0.0.1:15014; its state (CA
@@ -56,6 +59,9 @@ TRUST_DOMAIN = "cluster.local"
 APP_PORT = 8080
 OUTBOUND_PORT = 15001
 INBOUND_PORT = 15006
+#: Each sidecar's ``--metrics-port``: ``/stats/prometheus`` on its inbound address (Istio's 15090).
+METRICS_PORT = 15090
+METRICS_PATH = "/stats/prometheus"
 ADMIN_ADDRESS = "127.0.0.1"
 #: The control plane: CSR endpoint (TLS) and admin port, both on loopback.
 CONTROL_ADDRESS = "127.0.0.1"
@@ -117,6 +123,7 @@ class Workload:
             (self.address, APP_PORT, "app"),
             (self.address, OUTBOUND_PORT, "sidecar outbound"),
             (self.address, INBOUND_PORT, "sidecar inbound"),
+            (self.address, METRICS_PORT, "sidecar metrics"),
             (ADMIN_ADDRESS, self.admin_port, "sidecar admin"),
         )
 
@@ -344,7 +351,7 @@ class DemoMesh:
                 "--outbound-address", workload.address, "--outbound-port", OUTBOUND_PORT,
                 "--inbound-address", workload.address, "--inbound-port", INBOUND_PORT,
                 "--app-address", workload.address, "--app-port", APP_PORT,
-                "--admin-port", workload.admin_port]
+                "--metrics-port", METRICS_PORT, "--admin-port", workload.admin_port]
         for key, value in workload.labels.items():
             argv += ["--label", f"{key}={value}"]
 
@@ -456,5 +463,7 @@ class DemoMesh:
         lines += ["", "Processes and their logs:"]
         label_width = max(len(child.label) for child in self.children)
         lines += [f"  {child.label:<{label_width}}  pid {child.pid:<7}  {child.log_path}" for child in self.children]
-        lines += ["", "Admin endpoints of each sidecar: /ready, /config_dump, /clusters"]
+        lines += ["", "Admin endpoints of each sidecar: /ready, /config_dump, /clusters",
+                  f"Metrics: each sidecar at http://<its address>:{METRICS_PORT}{METRICS_PATH}, the control plane "
+                  f"at http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/metrics"]
         return "\n".join(lines)

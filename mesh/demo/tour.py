@@ -31,10 +31,14 @@ import subprocess
 import sys
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
-from mesh.demo.runner import ADMIN_ADDRESS, APP_PORT, CONTROL_ADMIN_PORT, INBOUND_PORT, OUTBOUND_PORT, DemoMesh, Reply, Workload, http_get
+from prometheus_client.parser import text_string_to_metric_families
+
+from mesh.demo.runner import (ADMIN_ADDRESS, APP_PORT, CONTROL_ADMIN_PORT, INBOUND_PORT, METRICS_PATH, METRICS_PORT,
+                              OUTBOUND_PORT, DemoMesh, Reply, Workload, http_get)
 
 #: The workload the tour speaks for.
 CLIENT = "frontend"
@@ -55,6 +59,10 @@ LIVE_REQUESTS = 200
 LIVE_V2_TOLERANCE = 0.2
 #: Seconds every proxy gets to ACK a config change (file watch, debounce, push, compile).
 SYNC_TIMEOUT = 15.0
+#: The services the tour calls, by ``destination_service_name``: each must show requests in the metrics.
+CALLED_SERVICES = ("user-service", "payment-service")
+#: Where Grafana dashboards would ship, relative to the source tree.
+GRAFANA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 
 
 def _marks(stream) -> tuple[str, str]:
@@ -74,6 +82,8 @@ class Tour:
         self.client = mesh.workload(CLIENT)
         self.out = out or sys.stdout
         self.passed_mark, self.failed_mark = _marks(self.out)
+        #: When the tour began (monotonic seconds), for request rates over the tour.
+        self.started = time.monotonic()
 
     def heading(self, text: str = "") -> None:
         """Print *text* unindented (step titles, summaries) or an empty line."""
@@ -445,6 +455,152 @@ def live_config_change(tour: Tour) -> bool:
     return all(results)
 
 
+def histogram_quantile(q: float, buckets: list[tuple[float, float]]) -> float:
+    """The *q* quantile of a histogram given as cumulative ``[(le, count)]``, as Prometheus's
+    ``histogram_quantile`` estimates it: linear interpolation within the bucket that holds rank
+    ``q * count`` (from 0 for the first bucket); the highest finite bound if that bucket is +Inf.
+    NaN for an empty histogram."""
+    buckets = sorted(buckets)
+    if not buckets or buckets[-1][1] <= 0:
+        return float("nan")
+    rank = q * buckets[-1][1]
+    lower_bound = lower_count = 0.0
+    for index, (bound, count) in enumerate(buckets):
+        if count >= rank:
+            if bound == float("inf"):
+                return buckets[index - 1][0] if index else float("nan")
+            if index == 0 and bound <= 0:
+                return bound
+            in_bucket = count - lower_count
+            return lower_bound + (bound - lower_bound) * ((rank - lower_count) / in_bucket if in_bucket else 1.0)
+        lower_bound, lower_count = bound, count
+    return buckets[-1][0]
+
+
+@dataclass
+class ServiceStats:
+    """What the ``reporter="destination"`` side counted for one service, summed over its sidecars."""
+
+    codes: collections.Counter = field(default_factory=collections.Counter)
+    buckets: collections.Counter = field(default_factory=collections.Counter)  # le -> cumulative count
+    workloads: set = field(default_factory=set)
+
+    @property
+    def requests(self) -> int:
+        return sum(self.codes.values())
+
+    @property
+    def successes(self) -> int:
+        """Requests not answered with a 5xx: Istio's dashboards count every non-5xx as a success."""
+        return sum(count for code, count in self.codes.items() if not code.startswith("5"))
+
+    def p99(self) -> float:
+        return histogram_quantile(0.99, list(self.buckets.items()))
+
+
+def scrape(workload: Workload) -> list:
+    """The metric families *workload*'s sidecar serves on its metrics port."""
+    reply = http_get(workload.address, METRICS_PORT, METRICS_PATH, timeout=5.0)
+    if reply.status != 200:
+        raise ValueError(f"{workload.address}:{METRICS_PORT}{METRICS_PATH} answered HTTP {reply.status}")
+    return list(text_string_to_metric_families(reply.body.decode("utf-8")))
+
+
+def _by_service(families_by_workload: dict[str, list]) -> tuple[dict[str, ServiceStats], collections.Counter]:
+    """Destination-side stats per ``destination_service_name``, and the requests each sidecar reported
+    as ``reporter="source"`` (what its app sent)."""
+    services = collections.defaultdict(ServiceStats)
+    sent = collections.Counter()
+    for workload, families in families_by_workload.items():
+        for family in families:
+            for sample in family.samples:
+                labels = sample.labels
+                if sample.name == "istio_requests_total":
+                    if labels.get("reporter") == "source":
+                        sent[workload] += int(sample.value)
+                    elif labels.get("reporter") == "destination":
+                        stats = services[labels.get("destination_service_name", "unknown")]
+                        stats.codes[labels.get("response_code", "?")] += int(sample.value)
+                        stats.workloads.add(labels.get("destination_workload", workload))
+                elif (sample.name == "istio_request_duration_milliseconds_bucket"
+                      and labels.get("reporter") == "destination"):
+                    stats = services[labels.get("destination_service_name", "unknown")]
+                    stats.buckets[float(labels["le"])] += sample.value
+    return dict(services), sent
+
+
+def _milliseconds(value: float) -> str:
+    return "-" if value != value else f"{value:g} ms" if value >= 10 else f"{value:.2f} ms"
+
+
+def _prometheus_config(tour: Tour) -> list[str]:
+    targets = ", ".join(f"'{w.address}:{METRICS_PORT}'" for w in tour.mesh.workloads)
+    return [
+        "scrape_configs:",
+        "  - job_name: txmesh-sidecars",
+        f"    metrics_path: {METRICS_PATH}",
+        "    static_configs:",
+        f"      - targets: [{targets}]",
+        "  - job_name: txmesh-control-plane",
+        "    metrics_path: /metrics",
+        "    static_configs:",
+        f"      - targets: ['{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}']",
+    ]
+
+
+def metrics_summary(tour: Tour) -> bool:
+    tour.say(f"Each sidecar serves Istio's standard metrics at http://<its address>:{METRICS_PORT}{METRICS_PATH};")
+    tour.say("this step scrapes all four and sums what the receiving side counted (reporter=\"destination\").")
+    seconds = max(time.monotonic() - tour.started, 1e-6)
+    families = {}
+    for workload in tour.mesh.workloads:
+        families[workload.name] = scrape(workload)
+    services, sent = _by_service(families)
+    tour.say(f"Over the tour so far ({seconds:.1f}s). Success = not 5xx, as Istio's dashboards count it (so a 403")
+    tour.say("is a success); p99 is interpolated in the duration buckets, as Prometheus's histogram_quantile does:")
+    rows = [("service", "requests", "rate", "success", "p99", "response codes")]
+    for name in sorted(services):
+        stats = services[name]
+        total = stats.requests
+        rows.append((name, str(total), f"{total / seconds:.2f}/s",
+                     f"{stats.successes / total:.1%}" if total else "-", _milliseconds(stats.p99()),
+                     ", ".join(f"{code}: {count}" for code, count in sorted(stats.codes.items()))))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [cell.rjust(width) for cell, width in zip(row[1:5], widths[1:5])]
+        tour.say(f"  {'  '.join(cells)}  {row[5]}".rstrip())
+    callers = [w.name for w in tour.mesh.workloads if w.service not in services]
+    for name in callers:
+        tour.say(f"({name} only calls others: nothing reached its inbound side; its sidecar reported "
+                 f"{sent[name]} requests sent, as reporter=\"source\")")
+    results = [tour.expect(services.get(name) is not None and services[name].requests > 0,
+                           f"{name}: {services[name].requests if name in services else 0} requests counted "
+                           "by its sidecars") for name in CALLED_SERVICES]
+    payment = services.get("payment-service")
+    denied = payment.codes.get("403", 0) if payment else 0
+    results.append(tour.expect(denied > 0, f"payment-service counted {denied} x 403: the frontend refused "
+                                           "by its AuthorizationPolicy"))
+    control = tour.mesh.control_admin("/metrics")
+    connected = next((sample.value for family in text_string_to_metric_families(control.body.decode("utf-8"))
+                      for sample in family.samples if sample.name == "mesh_control_connected_proxies"), None)
+    results.append(tour.expect(control.status == 200 and connected == len(tour.mesh.workloads),
+                               f"the control plane's http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/metrics: "
+                               f"mesh_control_connected_proxies {connected:g}" if connected is not None else
+                               f"the control plane's /metrics (HTTP {control.status}) has "
+                               "mesh_control_connected_proxies"))
+    tour.say("Point Prometheus at them with this prometheus.yml:")
+    for line in _prometheus_config(tour):
+        tour.say(f"  {line}")
+    dashboards = sorted(GRAFANA_DIR.glob("*.json")) if GRAFANA_DIR.is_dir() else []
+    if dashboards:
+        for dashboard in dashboards:
+            tour.say(f"Grafana: import {dashboard} (with that Prometheus as its data source).")
+    else:
+        tour.say(f"Grafana: txmesh ships no dashboards ({GRAFANA_DIR} is absent); the metric names and labels are")
+        tour.say("Istio's, so Istio's own Grafana dashboards read them once that Prometheus is a data source.")
+    return all(results)
+
+
 @dataclass(frozen=True)
 class Step:
     """One stop of the tour: *run* prints its own lines and returns whether every expectation held,
@@ -466,6 +622,7 @@ STEPS = (
     Step("mTLS everywhere: plaintext is refused", plaintext_refused),
     Step("A sidecar's certificate", certificate_facts),
     Step("What the sidecars saw", cluster_health),
+    Step("What the metrics say", metrics_summary),
 )
 
 

@@ -1,7 +1,7 @@
 """``meshctl demo``: the whole demo mesh as real processes, its tour, and a clean stop every way it can end.
 
 These tests use the demo's fixed addresses (127.0.10.1-4, ports 8080, 15001,
-15006, admin ports 15101-15104, and the control plane's 127.0.0.1:15012 and
+15006, 15090, admin ports 15101-15104, and the control plane's 127.0.0.1:15012 and
 15014), so nothing else may hold them meanwhile.
 """
 
@@ -136,6 +136,20 @@ def test_tour_passes_and_stops_every_child(tmp_path):
     assert "reports peer authentication mode STRICT" in result.stdout, output
     assert "the connection was closed without an HTTP answer" in result.stdout, output
     assert "\u2718" not in result.stdout and "[FAIL]" not in result.stdout, output
+
+    # what the metrics say: a table from the sidecars' /stats/prometheus, destination side
+    metrics = result.stdout[result.stdout.index("What the metrics say"):]
+    assert re.search(r"service +requests +rate +success +p99 +response codes", metrics), output
+    rows = {name: (int(requests), codes) for name, requests, codes in re.findall(
+        r"^\s+(\S+-service) +(\d+) +[\d.]+/s +[\d.]+% +[\d.]+ ms +(.*)$", metrics, re.MULTILINE)}
+    assert sorted(rows) == ["payment-service", "user-service"], output
+    assert all(requests > 0 for requests, _codes in rows.values()), output
+    assert rows["user-service"][0] >= 500 + 2 * 200 + 20 + 10, output
+    assert re.search(r"\b403: [1-9]", rows["payment-service"][1]), output
+    assert "job_name: txmesh-sidecars" in metrics and "metrics_path: /stats/prometheus" in metrics, output
+    targets = ", ".join(f"'{w.address}:15090'" for w in WORKLOADS)
+    assert f"targets: [{targets}]" in metrics and "targets: ['127.0.0.1:15014']" in metrics, output
+    assert "Grafana:" in metrics, output
 
     assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == sorted(
         ["control-plane.log"] + [f"{workload.name}-{kind}.log" for workload in WORKLOADS for kind in ("app", "sidecar")])
