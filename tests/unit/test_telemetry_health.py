@@ -8,16 +8,14 @@ from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.defer import Deferred
 from twisted.internet.error import CannotListenError
-from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor
 
-from mesh.config.errors import ConfigError
 from mesh.identity.tls import CredentialStore
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import MetricsServer, new_registry
 from mesh.telemetry.health import ProxyHealth
 from tests.unit.test_telemetry_support import (
-    INBOUND_CLUSTER, REVIEWS, REVIEWS_CLUSTER, REVIEWS_V1, Certificate, bookinfo_runtime,
+    INBOUND_CLUSTER, REVIEWS, REVIEWS_CLUSTER, REVIEWS_V1, control_like, proxy_like,
 )
 
 
@@ -35,16 +33,6 @@ def scrape(registry) -> dict:
         for sample in family.samples:
             samples.setdefault(sample.name, {})[frozenset(sample.labels.items())] = sample.value
     return samples
-
-
-def proxy_like():
-    clock = Clock()
-    clock.advance(1000.0)
-    runtime = bookinfo_runtime(clock)
-    listeners = [SimpleNamespace(direction="outbound", connections={1, 2}),
-                 SimpleNamespace(direction="inbound", connections=set())]
-    return SimpleNamespace(reactor=clock, runtime=runtime, listeners=listeners, config_applied_at=990.0,
-                           credentials=CredentialStore(Certificate(expires_in=7200.0)))
 
 
 def health(proxy) -> dict:
@@ -96,12 +84,7 @@ def test_no_certificate_and_no_config_yet_are_absent_not_zero():
 
 
 def test_control_plane_metrics():
-    control = SimpleNamespace(
-        stats=SimpleNamespace(signed_total=5, rejected_total={"credential rejected": 2, "CSR rejected": 1}),
-        config_errors=[ConfigError("a.yaml", 3, "bad", kind="VirtualService"),
-                       ConfigError("a.yaml", 9, "bad", kind="VirtualService"), ConfigError("b.yaml", 1, "syntax")],
-        ca=SimpleNamespace(expires_in=lambda: 86400.0))
-    metrics = ControlPlaneMetrics(control)
+    metrics = ControlPlaneMetrics(control_like())
     metrics.connected_proxies.set(4)
     metrics.pushes.inc()
     metrics.push_duration.observe(0.2)

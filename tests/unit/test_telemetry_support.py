@@ -8,10 +8,12 @@ requests built the way the exchange leaves them.
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 from twisted.internet.task import Clock
 
 from mesh.config.compile import Workload, load_and_compile
+from mesh.config.errors import ConfigError
 from mesh.identity.tls import CredentialStore
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import RequestOutcome
@@ -50,6 +52,26 @@ def bookinfo_runtime(clock=None) -> ProxyRuntime:
                            (inbound_cluster("127.0.0.1", 9080),))
     runtime.apply(load_and_compile(BOOKINFO, PRODUCTPAGE)[0])
     return runtime
+
+
+def proxy_like():
+    """What telemetry reads of a ProxyService: productpage's runtime at t=1000 s, config applied at
+    t=990 s, two client connections on the outbound listener, a certificate valid for two hours."""
+    clock = Clock()
+    clock.advance(1000.0)
+    listeners = [SimpleNamespace(direction="outbound", connections={1, 2}),
+                 SimpleNamespace(direction="inbound", connections=set())]
+    return SimpleNamespace(reactor=clock, runtime=bookinfo_runtime(clock), listeners=listeners,
+                           config_applied_at=990.0, credentials=CredentialStore(Certificate(expires_in=7200.0)))
+
+
+def control_like():
+    """What telemetry reads of a ControlService: 5 CSRs signed, 3 rejected, 3 config errors, a CA for a day."""
+    return SimpleNamespace(
+        stats=SimpleNamespace(signed_total=5, rejected_total={"credential rejected": 2, "CSR rejected": 1}),
+        config_errors=[ConfigError("a.yaml", 3, "bad", kind="VirtualService"),
+                       ConfigError("a.yaml", 9, "bad", kind="VirtualService"), ConfigError("b.yaml", 1, "syntax")],
+        ca=SimpleNamespace(expires_in=lambda: 86400.0))
 
 
 def peers(runtime=None, certificate=None) -> PeerDirectory:
