@@ -19,10 +19,16 @@ Python's string hashing is randomised per process, and the layout of dicts
 and sets it gives moves the count by up to about 0.7 % from one process to
 the next.  So each proxy runs with a fixed ``PYTHONHASHSEED``, one proxy per
 seed of ``--hash-seeds`` (each seed's figure is then reproducible to about
-0.05 %), and the result is the mean over the seeds.  Given several
-``--tree`` options, the trees are measured in turn under each seed and the
-differences to the first tree are reported per seed and on average: the way
-to compare an unchanged tree with a changed one, e.g.::
+0.05 %), and the result is the mean over the seeds.  Any change to the code
+still moves object addresses, allocations and garbage collections a little
+(the cost of dicts and sets keyed by identity, of the allocator, of the
+collector), by up to about 0.5 % per seed: use six seeds or more
+(``--samples 1`` is enough then), and take a mean difference below about
+1 % as noise unless it grows where it should (``--extra-headers``).
+
+Given several ``--tree`` options, the trees are measured in turn under each
+seed and the differences to the first tree are reported per seed and on
+average: the way to compare an unchanged tree with a changed one, e.g.::
 
     git archive HEAD | tar -x -C /tmp/before
     .venv/bin/python -m bench.hotpath --tree /tmp/before --tree .
@@ -208,7 +214,7 @@ def main(argv=None) -> int:
     work = BENCH_DIR / "work" / ("hotpath-" + datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f"))
     work.mkdir(parents=True)
     venv_bin = find_venv_bin(args.venv)
-    figures = {tree: [] for tree in args.tree}
+    figures = [[] for _ in args.tree]  # per tree (the same tree may be given twice), per seed
     try:
         with ExitStack() as stack:
             backend_port = start_backend(Workspace(work, stack, venv_bin))
@@ -223,17 +229,17 @@ def main(argv=None) -> int:
                     root.mkdir()
                     with ExitStack() as proxy_stack:  # one proxy at a time
                         ws = Workspace(root, proxy_stack, venv_bin, callgrind=True)
-                        figures[tree].append(measure(args, ws, tree, backend_port, seed))
-                    line = f"  seed {seed}  {tree}: {figures[tree][-1]:,.0f} instructions/request"
+                        figures[index].append(measure(args, ws, tree, backend_port, seed))
+                    line = f"  seed {seed}  {tree}: {figures[index][-1]:,.0f} instructions/request"
                     if index:
-                        line += "  " + _delta(figures[tree][-1], figures[args.tree[0]][-1])
+                        line += "  " + _delta(figures[index][-1], figures[0][-1])
                     print(line, flush=True)
     except BenchError as exc:
         print(f"hotpath: error: {exc}", file=sys.stderr)
         return 1
-    reference = statistics.mean(figures[args.tree[0]])
+    reference = statistics.mean(figures[0])
     for index, tree in enumerate(args.tree):
-        mean = statistics.mean(figures[tree])
+        mean = statistics.mean(figures[index])
         print(f"mean {tree}: {mean:,.0f} instructions/request" + (f"  {_delta(mean, reference)}" if index else ""))
     return 0
 
