@@ -18,7 +18,8 @@ class Proxy(ManagedProcess):
     Runs::
 
         twistd -n --pidfile= mesh-proxy --config-dir DIR --workload NAME --namespace NS
-            --outbound-port P1 --inbound-port P2 --admin-port P3 [--app-port N] [--label K=V ...] [extra_args]
+            --outbound-port P1 --inbound-port P2 --admin-port P3 [--app-port N] [--label K=V ...]
+            [--metrics-port P4, unless extra_args give one] [extra_args]
 
     Ports not given are picked free. :meth:`start` returns once
     ``GET http://127.0.0.1:P3/ready`` answers 200. The log (twistd's stdout and
@@ -48,6 +49,11 @@ class Proxy(ManagedProcess):
             argv += ["--app-port", app_port]
         for key, value in (labels or {}).items():
             argv += ["--label", f"{key}={value}"]
+        # never the shared default 15090 (unless the test asks): a test proxy must not hold a port that
+        # another process (the demo, another proxy) needs
+        self.metrics_port = None if "--metrics-port" in extra_args else free_port()
+        if self.metrics_port is not None:
+            argv += ["--metrics-port", self.metrics_port]
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="txmesh-proxy-"))
         super().__init__(workload, [*argv, *extra_args], log_dir / f"proxy-{workload}-{self.outbound_port}.log")
 
