@@ -11,13 +11,11 @@ reason`` per finding; exits 1 on any finding or error, 0 when clean.
 
 from __future__ import annotations
 
-import os
 import sys
 
+from mesh.cli.validate import PathError, load_and_validate
 from mesh.config.analyze import analyze
-from mesh.config.loader import load_dir, load_files
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE
-from mesh.config.validate import validate
 
 
 def add_parser(subparsers):
@@ -29,20 +27,11 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    resources, errors, files = [], [], 0
-    for path in args.paths:
-        if os.path.isdir(path):
-            result = load_dir(path)
-        elif os.path.exists(path):
-            result = load_files([path])
-        else:
-            print(f"{path}: no such file or directory", file=sys.stderr)
-            return 1
-        resources.extend(result.resources)
-        errors.extend(result.errors)
-        files += len(result.files)
-    objects, problems = validate(resources)
-    errors.extend(problems)
+    try:
+        objects, _, errors, files = load_and_validate(args.paths)
+    except PathError as error:
+        print(error, file=sys.stderr)
+        return 1
     findings = analyze(objects, root_namespace=args.root_namespace)
     for error in errors:
         print(error)

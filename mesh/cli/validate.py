@@ -20,21 +20,37 @@ def add_parser(subparsers):
     parser.set_defaults(func=run)
 
 
-def run(args) -> int:
+class PathError(Exception):
+    """A path given on the command line does not exist."""
+
+
+def load_and_validate(paths):
+    """Load files and directories, validate every resource.
+
+    Returns ``(valid_objects, resources, errors, file_count)``; raises
+    :class:`PathError` for a path that does not exist.
+    """
     resources, errors, files = [], [], 0
-    for path in args.paths:
+    for path in paths:
         if os.path.isdir(path):
             result = load_dir(path)
         elif os.path.exists(path):
             result = load_files([path])
         else:
-            print(f"{path}: no such file or directory", file=sys.stderr)
-            return 1
+            raise PathError(f"{path}: no such file or directory")
         resources.extend(result.resources)
         errors.extend(result.errors)
         files += len(result.files)
-    _, problems = validate(resources)
-    errors.extend(problems)
+    objects, problems = validate(resources)
+    return objects, resources, errors + problems, files
+
+
+def run(args) -> int:
+    try:
+        _, resources, errors, files = load_and_validate(args.paths)
+    except PathError as error:
+        print(error, file=sys.stderr)
+        return 1
     for error in errors:
         print(error)
     if errors:
