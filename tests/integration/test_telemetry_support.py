@@ -68,8 +68,11 @@ class Prometheus(ManagedProcess):
         return [(sample["metric"], float(sample["value"][1])) for sample in answer["data"]["result"]]
 
     def by(self, promql: str, label: str) -> dict:
-        """``{label value: value}`` of an instant vector aggregated ``by (label)``."""
-        return {labels.get(label): value for labels, value in self.query(promql)}
+        """``{label value: value}`` of an instant vector aggregated ``by (label)`` (one series per value)."""
+        result = self.query(promql)
+        values = {labels.get(label): value for labels, value in result}
+        assert len(values) == len(result), f"{promql!r} has several series per {label}: aggregate it by ({label})"
+        return values
 
 
 def scrape(port: int, path: str) -> bytes:

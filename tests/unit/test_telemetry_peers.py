@@ -31,8 +31,8 @@ def test_namespace_of(principal, namespace):
 
 def test_resolve_host_prefers_the_own_namespace_when_a_short_name_is_ambiguous():
     services = ("cart.a.svc.cluster.local", "cart.b.svc.cluster.local")
-    index = SnapshotIndex(SimpleNamespace(clusters={
-        f"outbound|80||{host}": SimpleNamespace(spec=SimpleNamespace(service=host), endpoints=()) for host in services}))
+    index = SnapshotIndex(SimpleNamespace(clusters={f"outbound|80||{host}": SimpleNamespace(
+        spec=SimpleNamespace(service=host), endpoints=()) for host in services}))
     assert index.resolve_host("cart", "b") == "cart.b.svc.cluster.local"
     assert index.resolve_host("cart", "c") is None
     assert index.resolve_host("cart.a", "b") == "cart.a.svc.cluster.local"
