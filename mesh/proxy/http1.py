@@ -36,6 +36,10 @@ _CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-
 #: Lower-case ``Connection`` values that name no header beyond :data:`_CONSUMED`.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
 
+#: Header name as received -> ``(lower-case bytes, lower-case str)``: see :func:`_header_name`.
+_HEADER_NAMES = {}
+_HEADER_NAMES_MAX = 4096
+
 
 class _Reject(Exception):
     """Raised inside a parser callback to answer with an error and close."""
@@ -56,6 +60,23 @@ def new_request_id(_urandom=os.urandom) -> str:
     """
     h = _urandom(16).hex()
     return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+
+
+def _header_name(name: bytes) -> tuple:
+    """``(lower-case bytes, lower-case str)`` of a request header name, remembered.
+
+    The same few names come with every request, and a dict lookup costs less
+    than lowering and decoding them each time.  The hot loop inlines the
+    lookup as ``_HEADER_NAMES.get(name) or _header_name(name)``.  Names
+    beyond the first 4096 distinct ones are not remembered.
+    """
+    entry = _HEADER_NAMES.get(name)
+    if entry is None:
+        lname = name.lower()
+        entry = (lname, lname.decode("latin-1"))
+        if len(_HEADER_NAMES) < _HEADER_NAMES_MAX:
+            _HEADER_NAMES[name] = entry
+    return entry
 
 
 def normalise_host(authority: bytes) -> str:
@@ -271,10 +292,10 @@ class DownstreamConnection(Protocol):
         expect_continue = False
         framing = None
         content_length = 0
+        names = _HEADER_NAMES
         for pair in self._headers:
             name, value = pair
-            lname = name.lower()
-            key = lname.decode("latin-1")
+            lname, key = names.get(name) or _header_name(name)
             text = value.decode("latin-1")
             if key in headers:
                 headers[key] += ", " + text
