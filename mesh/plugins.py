@@ -12,6 +12,7 @@ line, or the ``MESH_DISABLE_PLUGINS`` environment variable, comma-separated).
 from __future__ import annotations
 
 import importlib
+import operator
 import os
 
 import pluggy
@@ -80,15 +81,15 @@ def fast_caller(caller):
     impls = caller.get_hookimpls()
     if any(impl.hookwrapper or impl.wrapper for impl in impls):
         return caller
-    calls = tuple((impl.function, tuple(impl.argnames)) for impl in reversed(impls))
+    calls = tuple((impl.function, _positional(impl.argnames)) for impl in reversed(impls))
     if caller.spec.opts.get("firstresult"):
         if len(calls) == 1:
-            (function, names), = calls
-            return lambda **kwargs: function(*[kwargs[name] for name in names])
+            (function, arguments), = calls
+            return lambda **kwargs: function(*arguments(kwargs))
 
         def first_result(**kwargs):
-            for function, names in calls:
-                result = function(*[kwargs[name] for name in names])
+            for function, arguments in calls:
+                result = function(*arguments(kwargs))
                 if result is not None:
                     return result
             return None
@@ -97,10 +98,18 @@ def fast_caller(caller):
 
     def all_results(**kwargs):
         results = []
-        for function, names in calls:
-            result = function(*[kwargs[name] for name in names])
+        for function, arguments in calls:
+            result = function(*arguments(kwargs))
             if result is not None:
                 results.append(result)
         return results
 
     return all_results
+
+
+def _positional(names):
+    """``kwargs -> tuple`` of the values of ``names``, in order (itemgetter is C)."""
+    if len(names) == 1:
+        name, = names
+        return lambda kwargs: (kwargs[name],)
+    return operator.itemgetter(*names)
