@@ -54,6 +54,11 @@ class ControlSettings:
     ca_chain: str = None
     push_debounce: float = 0.1
     registry_grace: float = 5.0
+    kubernetes: bool = False  # registry, CRDs and TokenReview from the Kubernetes API (mesh.kube)
+    kubeconfig: str = None  # None: in-cluster credentials
+    istio_crds: bool = False  # also read Istio's own API groups
+    ca_secret: str = None  # Kubernetes Secret (in ``namespace``) holding the CA root and key, for HA
+    webhook_port: int = 0  # the sidecar-injection webhook (0: off)
 
 
 class CSRStats:

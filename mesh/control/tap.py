@@ -36,6 +36,16 @@ class Options(usage.Options):
         ["push-debounce", None, 0.1, "Seconds to wait for more config changes before pushing snapshots.", float],
         ["registry-grace", None, 5.0, "Seconds a disconnected proxy stays an endpoint (DRAIN removes at once).",
          float],
+        ["kubeconfig", None, None, "With --kubernetes: kubeconfig file (default: in-cluster credentials)."],
+        ["ca-secret", None, None, "With --kubernetes: Secret in --namespace holding the CA root and key "
+         "(created on first start; shared by all replicas)."],
+        ["webhook-port", None, 0, "Sidecar-injection webhook port (TLS, mesh-CA certificate); 0 = off.", int],
+    ]
+    optFlags = [
+        ["kubernetes", None, "Read Services, EndpointSlices, Pods and txmesh CRDs from the Kubernetes API, "
+         "and verify projected service-account tokens with TokenReview."],
+        ["istio-crds", None, "With --kubernetes: also read Istio's own API groups (networking.istio.io, "
+         "security.istio.io)."],
     ]
 
     def __init__(self):
@@ -52,6 +62,9 @@ class Options(usage.Options):
         # usage.Options coerces only the values given on the command line, not the defaults
         if isinstance(self["workload-cert-ttl"], str):
             self["workload-cert-ttl"] = duration_option(self["workload-cert-ttl"])
+        for needs_kubernetes in ("kubeconfig", "ca-secret", "istio-crds"):
+            if self[needs_kubernetes] and not self["kubernetes"]:
+                raise usage.UsageError(f"--{needs_kubernetes} needs --kubernetes")
 
 
 def makeService(options):
@@ -61,7 +74,10 @@ def makeService(options):
         trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],
         port=options["port"], admin_port=options["admin-port"], workload_cert_ttl=options["workload-cert-ttl"],
         ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"],
-        push_debounce=options["push-debounce"], registry_grace=options["registry-grace"])
+        push_debounce=options["push-debounce"], registry_grace=options["registry-grace"],
+        kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],
+        istio_crds=bool(options["istio-crds"]), ca_secret=options["ca-secret"],
+        webhook_port=options["webhook-port"])
     try:
         control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
     except CAError as error:
