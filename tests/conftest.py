@@ -77,3 +77,12 @@ def control_factory(process_log_dir):
     factory = ProcessFactory(Control, process_log_dir)
     yield factory
     factory.stop_all()
+
+
+@pytest.fixture
+def kube_api(process_log_dir):
+    """A started :class:`~tests.harness.kube.KubeAPI` (the test Kubernetes API server), stopped after the test."""
+    from tests.harness.kube import KubeAPI
+
+    with KubeAPI(log_dir=process_log_dir) as kube:
+        yield kube

@@ -3,6 +3,7 @@
 - :func:`free_port`, :func:`wait_for`, :func:`http_request`
 - :class:`ManagedProcess` and its kinds :class:`Backend` (the demo app) and :class:`Proxy` (``twistd mesh-proxy``)
 - :func:`curl` and :class:`CurlResult`, the real curl binary
+- :class:`KubeAPI`: the faithful test Kubernetes API server (:mod:`tests.harness.kubeapi`) as a process
 - :class:`RawConnection`: exact bytes over a socket (malformed HTTP, pipelining, WebSocket frames)
 - :func:`venv_dir` / :func:`venv_bin`: where programs run from ($MESH_VENV, else <repo>/.venv, else sys.prefix)
 
@@ -12,6 +13,7 @@ The pytest fixtures ``backend_factory`` and ``proxy_factory`` in tests/conftest.
 from .backend import Backend, pattern_sha256
 from .control import Control
 from .curl import CurlResult, curl
+from .kube import KubeAPI
 from .net import free_port, http_request
 from .processes import REPO_ROOT, ManagedProcess, ProcessExitedError, stop_all, venv_bin, venv_dir
 from .proxy import Proxy
@@ -19,6 +21,6 @@ from .rawhttp import RawConnection, RawResponse
 from .waiting import wait_for
 
 __all__ = [
-    "REPO_ROOT", "Backend", "Control", "CurlResult", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
+    "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
     "http_request", "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]
