@@ -173,6 +173,7 @@ def measure_round(load: LoadGenerator, args, name: str, target: Target, tag: str
 
 def run(args) -> int:
     started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    revision = git_revision()  # read before the processes start: that is the code they run
     work = BENCH_DIR / "work" / started
     work.mkdir(parents=True)
     venv_bin = find_venv_bin(args.venv)
@@ -213,7 +214,7 @@ def run(args) -> int:
     meta = {
         "started": started,
         "command": shlex.join(sys.orig_argv),
-        "revision": git_revision(),
+        "revision": revision,
         "rounds": args.rounds,
         "latency": f"h2load --h1 -c {args.clients} --rps {args.rps_per_client} -D {args.latency_seconds}",
         "throughput": " then ".join(f"wrk -t1 -c{c} -d{args.throughput_seconds}s" for c in args.connections),
