@@ -110,9 +110,8 @@ class WatchStream:
 
     def send_bookmark(self, revision: int) -> None:
         """Write a BOOKMARK event: only kind, apiVersion and ``metadata.resourceVersion``."""
-        if self.bookmarks:
-            self._write({"type": "BOOKMARK", "object": self.rtype.view({"metadata": {"resourceVersion":
-                                                                                       str(revision)}}, self.version)})
+        self._write({"type": "BOOKMARK",
+                     "object": self.rtype.view({"metadata": {"resourceVersion": str(revision)}}, self.version)})
 
     def _write(self, event: dict) -> None:
         if self.open:
@@ -215,15 +214,18 @@ class KubeApiServer(resource.Resource):
         if method == "GET":
             if query.get("watch", "").lower() in _TRUE:
                 return self._watch(request, rtype, version, namespace, query)
+            limit = query.get("limit") or "0"
+            if not limit.isdigit():
+                raise ApiError(400, "BadRequest", f"limit {limit!r} is not a non-negative integer")
             try:
-                items, revision = self.resources.list(rtype, namespace, query.get("labelSelector"),
-                                                      query.get("fieldSelector"))
+                items, revision, token = self.resources.list(rtype, namespace, query.get("labelSelector"),
+                                                             query.get("fieldSelector"), int(limit), query.get("continue"))
             except SelectorError as error:
                 raise ApiError(400, "BadRequest", str(error)) from None
             with_kind = "crd" in rtype.extra  # custom resources keep kind/apiVersion on items; built-ins do not
             return self._respond(request, 200, {
                 "kind": rtype.list_kind, "apiVersion": rtype.api_version(version),
-                "metadata": {"resourceVersion": str(revision)},
+                "metadata": {"resourceVersion": str(revision), **({"continue": token} if token else {})},
                 "items": [rtype.view(obj, version, with_kind=with_kind) for obj in items]})
         if method == "POST" and (namespace is not None or not rtype.namespaced):
             stored = self.resources.create(rtype, namespace, self._body(request))
@@ -245,6 +247,10 @@ class KubeApiServer(resource.Resource):
             return self._respond(request, 200, rtype.view(stored, version))
         if method == "DELETE" and subresource is None:
             gone = self.resources.delete(rtype, namespace, name)
+            if rtype.plural == "customresourcedefinitions":  # its watches end, as its storage is torn down
+                storage = self.resources.custom_type(gone).storage
+                for stream in [stream for stream in self.watches if stream.rtype.storage == storage]:
+                    stream.close()
             if rtype.returns_deleted:
                 return self._respond(request, 200, rtype.view(gone, version))
             return self._respond(request, 200, {

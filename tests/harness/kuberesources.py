@@ -21,13 +21,14 @@ from __future__ import annotations
 import base64
 import copy
 import ipaddress
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
 
 from .kubepatch import PatchError, UnsupportedMediaType, apply_patch
 from .kubeselectors import selector
-from .kubestore import Store
+from .kubestore import Expired, Store
 
 
 class ApiError(Exception):
@@ -201,6 +202,23 @@ BUILTIN_TYPES = (
 )
 
 
+def _list_key(obj: dict) -> list[str]:
+    return [obj["metadata"].get("namespace", ""), obj["metadata"]["name"]]
+
+
+def _encode_continue(revision: int, last: list[str]) -> str:
+    return base64.urlsafe_b64encode(json.dumps({"rv": revision, "start": last}).encode()).decode()
+
+
+def _decode_continue(token: str) -> tuple[int, list[str]]:
+    try:
+        decoded = json.loads(base64.urlsafe_b64decode(token.encode()))
+        return int(decoded["rv"]), [str(part) for part in decoded["start"]]
+    except (ValueError, KeyError, TypeError):
+        raise ApiError(400, "BadRequest", f"continue key is not valid: {token!r}; pass the metadata.continue "
+                       "of the previous page unchanged, or list again without it") from None
+
+
 def _without(obj: dict, *keys: str) -> dict:
     return {key: value for key, value in obj.items() if key not in keys}
 
@@ -249,10 +267,28 @@ class Resources:
             raise not_found(rtype.plural, name, rtype.group)
         return obj
 
-    def list(self, rtype: ResourceType, namespace: str | None, label_selector=None, field_selector=None):
-        """(objects in storage form, the current revision) matching the selectors."""
+    def list(self, rtype: ResourceType, namespace: str | None, label_selector=None, field_selector=None,
+             limit: int = 0, continue_token: str | None = None) -> tuple[list[dict], int, str | None]:
+        """(objects in storage form, the list's revision, the continue token or None) matching the selectors.
+
+        With *limit*, at most that many objects come back with a token for the rest; the pages after the
+        first are read at the first page's revision, like a real server reads them from etcd, and a token
+        older than the compacted history is 410 Expired.
+        """
         matches = selector(label_selector, field_selector)
-        return [obj for obj in self.store.items(rtype.storage, namespace) if matches(obj)], self.store.revision
+        revision, after = self.store.revision, None
+        if continue_token:
+            revision, after = _decode_continue(continue_token)
+        try:
+            objects = self.store.items_at(rtype.storage, revision, namespace)
+        except Expired:
+            raise ApiError(410, "Expired", "The provided continue parameter is too old to display a consistent "
+                           "list result. You can start a new list without the continue parameter.") from None
+        items = [obj for obj in objects if matches(obj) and (after is None or _list_key(obj) > after)]
+        if limit and len(items) > limit:
+            items = items[:limit]
+            return items, revision, _encode_continue(revision, _list_key(items[-1]))
+        return items, revision, None
 
     def create(self, rtype: ResourceType, namespace: str | None, body: dict) -> dict:
         """Create *body* (this type's representation); return the stored object."""
@@ -279,7 +315,7 @@ class Resources:
             rtype.defaults(obj, None, self)
         stored = self.store.put(rtype.storage, obj)
         if rtype.plural == "customresourcedefinitions":
-            self._serve(self._custom_type(stored))
+            self._serve(self.custom_type(stored))
         return stored
 
     def replace(self, rtype: ResourceType, namespace: str | None, name: str, body: dict,
@@ -310,8 +346,8 @@ class Resources:
             return old  # a no-op write does not bump the resourceVersion, as on a real server
         stored = self.store.put(rtype.storage, new)
         if rtype.plural == "customresourcedefinitions":
-            self._unserve(self._custom_type(old).storage)
-            self._serve(self._custom_type(stored))
+            self._unserve(self.custom_type(old).storage)
+            self._serve(self.custom_type(stored))
         return stored
 
     def patch(self, rtype: ResourceType, namespace: str | None, name: str, content_type: str, patch,
@@ -338,7 +374,7 @@ class Resources:
                 for obj in self.store.items(storage, name):
                     self.store.remove(storage, name, obj["metadata"]["name"])
         if rtype.plural == "customresourcedefinitions":
-            custom = self._custom_type(self.get(rtype, namespace, name))
+            custom = self.custom_type(self.get(rtype, namespace, name))
             for obj in self.store.items(custom.storage):
                 self.store.remove(custom.storage, obj["metadata"].get("namespace", ""), obj["metadata"]["name"])
             self._unserve(custom.storage)
@@ -386,7 +422,8 @@ class Resources:
             metadata.pop("namespace", None)
         return obj
 
-    def _custom_type(self, crd: dict) -> ResourceType:
+    def custom_type(self, crd: dict) -> ResourceType:
+        """The resource type a CustomResourceDefinition serves."""
         spec = crd["spec"]
         versions = spec["versions"]
         return ResourceType(

@@ -64,6 +64,22 @@ class Store:
         return [copy.deepcopy(objects[key]) for key in sorted(objects)
                 if namespace is None or key[0] == namespace]
 
+    def items_at(self, storage: str, revision: int, namespace: str | None = None) -> list[dict]:
+        """As :meth:`items`, but as they were at *revision* (an MVCC read, as etcd serves the later pages of
+        a paginated list); :class:`Expired` if the history back to it was compacted."""
+        if revision < self.compacted:
+            raise Expired(revision, self.compacted)
+        objects = dict(self._objects[storage])
+        for change in reversed(self._history):
+            if change.revision <= revision:
+                break
+            if change.storage == storage:
+                if change.old is None:
+                    objects.pop(_key(change.new), None)
+                else:
+                    objects[_key(change.old)] = change.old
+        return [copy.deepcopy(objects[key]) for key in sorted(objects) if namespace is None or key[0] == namespace]
+
     def put(self, storage: str, obj: dict) -> dict:
         """Create or replace *obj* at the next revision; return the stored copy."""
         self.revision += 1

@@ -135,6 +135,28 @@ def test_selectors_filter_lists_and_watches_and_labels_move_objects_in_and_out(c
     assert summary(moved) == [("DELETED", "a"), ("ADDED", "b")]
 
 
+def test_paginated_lists_are_consistent_at_the_first_pages_version(core, kube_api):
+    for name in ("p1", "p2", "p3", "p4", "p5"):
+        core.create_namespaced_pod(NS, pod(name))
+    first = core.list_pod_for_all_namespaces(limit=2)
+    assert [p.metadata.name for p in first.items] == ["p1", "p2"] and first.metadata._continue
+    core.delete_namespaced_pod("p3", NS)  # changes after the first page do not show in the later ones
+    core.create_namespaced_pod(NS, pod("p6"))
+    second = core.list_pod_for_all_namespaces(limit=2, _continue=first.metadata._continue)
+    third = core.list_pod_for_all_namespaces(limit=2, _continue=second.metadata._continue)
+    assert [p.metadata.name for p in second.items + third.items] == ["p3", "p4", "p5"]
+    assert third.metadata._continue is None
+    assert first.metadata.resource_version == second.metadata.resource_version == third.metadata.resource_version
+    assert [p.metadata.name for p in core.list_pod_for_all_namespaces(limit=10).items] == ["p1", "p2", "p4", "p5", "p6"]
+    kube_api.compact()
+    with pytest.raises(ApiException) as expired:
+        core.list_pod_for_all_namespaces(limit=2, _continue=first.metadata._continue)
+    assert expired.value.status == 410 and "continue parameter is too old" in expired.value.body
+    with pytest.raises(ApiException) as garbage:
+        core.list_pod_for_all_namespaces(limit=2, _continue="not-a-token")
+    assert garbage.value.status == 400 and "continue key is not valid" in garbage.value.body
+
+
 def test_bad_selectors_are_400_with_what_to_write_instead(core):
     with pytest.raises(ApiException) as bad_field:
         core.list_namespaced_pod(NS, field_selector="spec.nodeName=n1")
@@ -189,14 +211,17 @@ def test_bookmarks_carry_a_resource_version_that_the_clients_watch_stores(core, 
         core.create_namespaced_secret(NS, {"metadata": {"name": "elsewhere"}})  # moves the global revision on
         assert kube_api.bookmark() == 1  # only the watch that allowed bookmarks
         bookmark = collector.take(1)[0]
+        stored_version = collector.watch.resource_version  # set by the client before it yielded the event
+        core.create_namespaced_pod(NS, pod("q"))
+        plain_events = plain.take(2)  # no BOOKMARK between the two pods for a watch that did not allow them
     finally:
         collector.stop()
         plain.stop()
     assert bookmark["type"] == "BOOKMARK"
     assert bookmark["raw_object"] == {"kind": "Pod", "apiVersion": "v1",
                                       "metadata": {"resourceVersion": str(int(created.metadata.resource_version) + 1)}}
-    assert collector.watch.resource_version == bookmark["raw_object"]["metadata"]["resourceVersion"]
-    assert summary(plain.take(1)) == [("ADDED", "p")] and plain.events.empty()
+    assert stored_version == bookmark["raw_object"]["metadata"]["resourceVersion"]
+    assert summary(plain_events) == [("ADDED", "p"), ("ADDED", "q")]
 
 
 def test_bookmarks_also_arrive_periodically(tmp_path):
@@ -424,6 +449,7 @@ def test_deleting_a_crd_deletes_its_objects_and_stops_serving_them(api):
         assert summary(collector.take(1)) == [("ADDED", "reviews")]
         extensions.delete_custom_resource_definition(CRD["metadata"]["name"])
         assert summary(collector.take(1)) == [("DELETED", "reviews")]
+        assert collector.ended(10) and collector.error is None  # its watches end cleanly
     finally:
         collector.stop()
     with pytest.raises(ApiException) as gone:
