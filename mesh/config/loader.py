@@ -24,8 +24,10 @@ try:
 except AttributeError:  # PyYAML built without libyaml
     _Loader = yaml.SafeLoader
 
-_NETWORKING = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3")
-_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1")
+# txmesh's own API groups (deploy/base/crds) carry Istio's kinds with Istio's schemas
+_NETWORKING = ("networking.istio.io/v1", "networking.istio.io/v1beta1", "networking.istio.io/v1alpha3",
+               "networking.txmesh.io/v1")
+_SECURITY = ("security.istio.io/v1", "security.istio.io/v1beta1", "security.txmesh.io/v1")
 
 #: Kind -> the apiVersions accepted for it.
 API_VERSIONS = {
@@ -265,17 +267,18 @@ def _walk(node, path, lines, duplicates, loader, stack, walked=None) -> bool:
     return ok
 
 
-def load_documents(documents: Iterable, origin: str) -> LoadResult:
+def load_documents(documents: Iterable, origin: str, names=None) -> LoadResult:
     """Resources from already-parsed documents (dicts), e.g. a snapshot received from the control plane.
 
     The same checks as for files apply (header, metadata, duplicates); there are
     no line numbers, so every problem names ``origin`` and the document's
-    position (``ORIGIN[i]``) instead of ``FILE:LINE``.
+    position (``ORIGIN[i]``) instead of ``FILE:LINE`` -- or ``names[i]`` when
+    given (e.g. the Kubernetes object a document was read from).
     """
     result = LoadResult(files=(origin,))
     first_seen = {}
     for index, value in enumerate(documents):
-        where = f"{origin}[{index}]"
+        where = names[index] if names is not None else f"{origin}[{index}]"
         if not isinstance(value, dict):
             result.errors.append(ConfigError(file=where, line=0, reason=(
                 "a document must be a mapping with apiVersion, kind, metadata and spec")))

@@ -17,6 +17,9 @@ def make_api_client(kubeconfig: str = None):
     from kubernetes import client, config
 
     configuration = client.Configuration()
+    # one connection per watch thread (mesh.kube.watch) plus Events and TokenReviews, without
+    # urllib3 discarding connections beyond its default pool size (5 per CPU)
+    configuration.connection_pool_maxsize = 32
     try:
         if kubeconfig:
             config.load_kube_config(config_file=kubeconfig, client_configuration=configuration)

@@ -9,7 +9,8 @@ from mesh.config.errors import ConfigError, format_path
 from mesh.config.loader import load_dir, load_files
 
 DATA = Path(__file__).parent.parent / "data" / "config"
-NETWORKING = "networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3"
+NETWORKING = ("networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3, "
+              "networking.txmesh.io/v1")
 
 
 def _write(directory, name, text):
@@ -100,6 +101,7 @@ def test_yaml_syntax_error_names_file_and_line(tmp_path):
     ("networking.istio.io/v1", "ServiceEntry"), ("networking.istio.io/v1beta1", "DestinationRule"),
     ("networking.istio.io/v1alpha3", "VirtualService"), ("networking.istio.io/v1beta1", "WorkloadEntry"),
     ("security.istio.io/v1", "AuthorizationPolicy"), ("security.istio.io/v1beta1", "PeerAuthentication"),
+    ("networking.txmesh.io/v1", "VirtualService"), ("security.txmesh.io/v1", "AuthorizationPolicy"),
 ])
 def test_accepted_api_versions(tmp_path, api_version, kind):
     path = _write(tmp_path, "r.yaml", f"apiVersion: {api_version}\nkind: {kind}\nmetadata: {{name: x}}\n")

@@ -1,0 +1,63 @@
+"""The built-in plugins that make Kubernetes a config source of ``mesh-control --kubernetes``.
+
+Two plugins, so either can be switched off with ``--disable-plugin``:
+
+- ``builtin.kubernetes_registry``: :class:`mesh.kube.registry.RegistrySource`
+  (Services, EndpointSlices, Pods -> ServiceEntries);
+- ``builtin.kubernetes_crds``: :class:`mesh.kube.crds.CRDSource` (txmesh's
+  CRDs, and Istio's with ``--istio-crds``).
+
+Both implement ``mesh_config_sources(options)`` and return None unless
+``options["kubernetes"]`` is set.  They use the control plane's API client
+(``ControlService.kube_client``); registered without one, they build it from
+``options["kubeconfig"]`` or the in-cluster service account
+(:func:`mesh.kube.client.make_api_client`, which raises
+:class:`~mesh.kube.client.KubeConfigError` with what to do when neither
+works).  Nothing imports the ``kubernetes`` package before that.
+"""
+
+from __future__ import annotations
+
+import mesh
+from mesh.kube.client import make_api_client
+
+REGISTRY_PLUGIN = "builtin.kubernetes_registry"
+CRDS_PLUGIN = "builtin.kubernetes_crds"
+
+
+class KubernetesSourcePlugin:
+    """One built-in plugin: ``make(reactor, api_client, options)`` builds its source in Kubernetes mode.
+
+    ``api_client`` is the control plane's client; without one, the first
+    call makes one from ``options["kubeconfig"]`` (or in-cluster).
+    """
+
+    def __init__(self, reactor, make, api_client=None):
+        self.reactor = reactor
+        self.make = make
+        self.api_client = api_client
+
+    @mesh.hookimpl
+    def mesh_config_sources(self, options):
+        if not options.get("kubernetes"):
+            return None
+        if self.api_client is None:
+            self.api_client = make_api_client(options.get("kubeconfig"))
+        return self.make(self.reactor, self.api_client, options)
+
+
+def _registry_source(reactor, api_client, options):
+    from mesh.kube.registry import RegistrySource
+    return RegistrySource(reactor, api_client)
+
+
+def _crd_source(reactor, api_client, options):
+    from mesh.kube.crds import CRDSource
+    return CRDSource(reactor, api_client, istio=bool(options.get("istio_crds")))
+
+
+def register(plugin_manager, reactor, api_client=None) -> None:
+    """Register both plugins (unless registered already or disabled with ``--disable-plugin``)."""
+    for name, make in ((REGISTRY_PLUGIN, _registry_source), (CRDS_PLUGIN, _crd_source)):
+        if plugin_manager.get_plugin(name) is None and not plugin_manager.is_blocked(name):
+            plugin_manager.register(KubernetesSourcePlugin(reactor, make, api_client), name=name)

@@ -1,0 +1,130 @@
+"""The common part of the Kubernetes config sources: reflectors, caches and coalesced updates.
+
+A :class:`WatchedSource` is an :class:`~mesh.control.sources.IConfigSource`
+and a Twisted service.  It owns one :class:`~mesh.kube.watch.Reflector`
+(and its :class:`~mesh.kube.watch.ObjectCache`) per watched kind.  Every
+cache change schedules one publication ``coalesce`` seconds later (50 ms
+by default; changes meanwhile join it, so a burst of events becomes one
+update); the publication translates the caches into a
+:class:`~mesh.config.loader.LoadResult` (:meth:`WatchedSource.translate`,
+per subclass) and calls ``on_update`` with it.  Nothing is published before
+every kind has been listed once, so a half-read cluster (Services without
+their Pods yet) never reaches the proxies.
+
+:meth:`WatchedSource.load`, called once when the control plane starts
+(before the reactor runs), lists every kind synchronously, so the first
+snapshots already hold the cluster's state; if the API server cannot be
+reached then, the source starts empty and its threads keep trying.
+"""
+
+from __future__ import annotations
+
+from twisted.application import service
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mesh.config.loader import LoadResult
+from mesh.control.sources import IConfigSource
+from mesh.kube.watch import ObjectCache, Reflector
+
+log = Logger()
+
+
+@implementer(IConfigSource)
+class WatchedSource(service.Service):
+    """An IConfigSource fed by list-and-watch of some Kubernetes kinds; see the module docstring.
+
+    ``listers`` maps a kind's name (e.g. ``services``) to its list method.
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05, watch_factory=None,
+                 watch_timeout: int = None):
+        self.reactor = reactor
+        self.coalesce = coalesce
+        self.caches = {}
+        self.reflectors = []
+        self.updates = 0
+        self._on_update = None
+        self._timer = None
+        self._loaded = False
+        extra = {"watch_timeout": watch_timeout} if watch_timeout else {}
+        for kind, lister in listers.items():
+            cache = ObjectCache(kind, self._changed)
+            self.caches[kind] = cache
+            self.reflectors.append(Reflector(reactor, kind, lister, cache, watch_factory, **extra))
+
+    # -- to be provided by subclasses --------------------------------------------------------
+    def translate(self) -> LoadResult:
+        """The whole current content, from ``self.caches``."""
+        raise NotImplementedError
+
+    # -- IConfigSource ----------------------------------------------------------------------
+    def load(self) -> LoadResult:
+        if not self._loaded:
+            self._loaded = True
+            for reflector in self.reflectors:
+                if not reflector.prime():
+                    break  # the API server is unreachable: the threads keep trying
+        return self.translate() if self.synced else LoadResult()
+
+    def watch(self, on_update) -> None:
+        self._on_update = on_update
+
+    @property
+    def synced(self) -> bool:
+        """Whether every kind has been listed at least once."""
+        return all(cache.synced for cache in self.caches.values())
+
+    def stats(self) -> dict:
+        """Per kind: objects, lists done, watches restarted after an error, the last error."""
+        return {reflector.kind: {"objects": len(reflector.cache.objects), "lists": reflector.lists,
+                                 "restarts": reflector.restarts, "error": reflector.last_error}
+                for reflector in self.reflectors}
+
+    # -- service --------------------------------------------------------------------------------
+    def startService(self):
+        super().startService()
+        for reflector in self.reflectors:
+            reflector.start()
+        log.info("{name}: watching {kinds}", name=self.name, kinds=", ".join(self.caches))
+
+    def stopService(self):
+        """Stop every watch thread; the Deferred fires once they ended (at most ~2 s)."""
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        deadline = self.reactor.seconds() + 2.0
+        done = defer.Deferred()
+
+        def check():
+            alive = [reflector for reflector in self.reflectors if reflector.alive]
+            for reflector in alive:
+                reflector.stop()  # again: a watch may have opened since the last call
+            if not alive or self.reactor.seconds() >= deadline:
+                if alive:
+                    log.warn("{name}: watch threads still running at shutdown: {kinds}", name=self.name,
+                             kinds=", ".join(reflector.kind for reflector in alive))
+                poller.stop()
+                done.callback(None)
+
+        poller = task.LoopingCall(check)
+        poller.clock = self.reactor
+        poller.start(0.02)
+        return done
+
+    # -- coalesced publication ------------------------------------------------------------------
+    def _changed(self, _cache) -> None:
+        if self._timer is None or not self._timer.active():
+            self._timer = self.reactor.callLater(self.coalesce, self._publish)
+
+    def _publish(self) -> None:
+        if not self.synced or self._on_update is None:
+            return
+        self.updates += 1
+        try:
+            self._on_update(self.translate())
+        except Exception:
+            log.failure("{name}: applying the update failed", name=self.name)
