@@ -144,6 +144,20 @@ def _namespace_defaults(new: dict, old: dict | None, resources: "Resources") -> 
     new["status"] = {"phase": "Active"}
 
 
+def _event_check(field_path: str):
+    """The real server's rule: an Event lives in its object's namespace (or ``default``, for a cluster-scoped
+    object); *field_path* names the reference as the representation calls it."""
+
+    def check(new: dict, old: dict | None, resources: "Resources") -> None:
+        namespace = new["metadata"].get("namespace", "")
+        referenced = (new.get("involvedObject") or {}).get("namespace", "")
+        if (referenced and referenced != namespace) or (not referenced and namespace not in ("", "default")):
+            raise invalid("Event", new["metadata"]["name"], "", f"{field_path}.namespace",
+                          f'Invalid value: "{referenced}": does not match event.namespace')
+
+    return check
+
+
 #: core v1 Event field -> events.k8s.io/v1 Event field (the rest have the same name in both).
 _EVENT_FIELDS = {"involvedObject": "regarding", "message": "note", "source": "deprecatedSource",
                  "firstTimestamp": "deprecatedFirstTimestamp", "lastTimestamp": "deprecatedLastTimestamp",
@@ -192,8 +206,8 @@ BUILTIN_TYPES = (
                  defaults=_service_defaults),
     ResourceType("", ("v1",), "secrets", "Secret", defaults=_secret_defaults),
     ResourceType("", ("v1",), "configmaps", "ConfigMap"),
-    ResourceType("", ("v1",), "events", "Event"),
-    ResourceType("events.k8s.io", ("v1",), "events", "Event", storage="/events",
+    ResourceType("", ("v1",), "events", "Event", defaults=_event_check("involvedObject")),
+    ResourceType("events.k8s.io", ("v1",), "events", "Event", storage="/events", defaults=_event_check("regarding"),
                  to_view=lambda obj: _rename(obj, _EVENT_FIELDS), from_view=lambda obj: _rename(obj, _EVENT_FIELDS_BACK)),
     ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice", generation=True),
     ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",

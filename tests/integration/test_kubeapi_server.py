@@ -388,6 +388,11 @@ def test_events_are_recorded_in_both_api_groups(api, kube_api):
     as_core = {e.metadata.name: e for e in core.list_namespaced_event(NS).items}
     assert as_core["dr-bad.1"].message == "unknown subset" and as_core["dr-bad.1"].involved_object.kind == "DestinationRule"
     assert [e["note"] for e in kube_api.events("events.k8s.io/v1")] == ["route weights sum to 90", "unknown subset"]
+    with pytest.raises(ApiException) as elsewhere:  # an Event lives in its object's namespace
+        core.create_namespaced_event("default", {"metadata": {"name": "x.1"}, "message": "m",
+                                                 "involvedObject": {"kind": "Pod", "name": "p", "namespace": NS}})
+    assert elsewhere.value.status == 422 and "involvedObject.namespace" in elsewhere.value.body
+    assert len(kube_api.events()) == 2
 
 
 # -- CRDs and custom objects -------------------------------------------------------------------------------------
