@@ -106,6 +106,7 @@ class DownstreamConnection(Protocol):
         self.reading = None
         self.closing = False
         self.read_closed = False
+        self.draining = False  # see drain()
         self.tunnel = None
         self.upgrade_buffer = None
         self.source_address = ""
@@ -276,7 +277,7 @@ class DownstreamConnection(Protocol):
         if self.original_dst is not None:  # transparent capture (mesh.proxy.original_dst)
             ctx.extra["original_dst"] = self.original_dst
         return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
-                        parser.should_keep_alive())
+                        parser.should_keep_alive() and not self.draining)
 
     def _fields(self, consumed):
         """Read the received header fields once, for the context and the forwarded head.
@@ -328,6 +329,23 @@ class DownstreamConnection(Protocol):
     def abort(self):
         self.closing = True
         self.transport.abortConnection()
+
+    def drain(self):
+        """The proxy is shutting down: end this connection as soon as nothing is in flight.
+
+        Idle: closed now.  Busy: the last request received so far (and any
+        that still arrives) is answered with ``connection: close``, and the
+        connection closes after that response, so a keep-alive client learns
+        not to reuse it instead of racing the close.
+        """
+        self.draining = True
+        if self.closing:
+            return
+        if not (self.queue or self.tunnel is not None or self.head_started is not None):
+            self.closing = True
+            self.transport.loseConnection()  # FIN, after any pending bytes
+        elif self.queue:
+            self.queue[-1].keep_alive = False
 
     def exchange_finished(self, exchange, keep_alive):
         """The active exchange has sent its whole response."""

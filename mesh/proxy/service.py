@@ -22,6 +22,7 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.proxy.admin import AdminSite
 from mesh.proxy.control_client import ControlClient
+from mesh.proxy.health import HealthServer
 from mesh.proxy.http1 import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
@@ -66,6 +67,7 @@ class ProxySettings:
     app_address: str = "127.0.0.1"
     app_port: int = 0
     admin_port: int = 15000
+    health_port: int = 15021  # /healthz/ready on inbound_address, for the kubelet; 0: off
     state_dir: str = None  # last-known-good snapshot of the control plane's config
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
@@ -111,6 +113,9 @@ class ProxyService(service.MultiService):
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
         admin.setServiceParent(self)
+        if settings.health_port:
+            HealthServer(reactor, self, settings.health_port, settings.inbound_address,
+                         settings.limits.header_timeout).setServiceParent(self)
         if self.control_client is not None:
             self.control_client.setServiceParent(self)
         telemetry.install(self)
@@ -202,8 +207,9 @@ class ProxyService(service.MultiService):
         The control plane is told first (DRAIN: it removes this proxy from
         every endpoint list), then the listeners stop accepting: new
         connections are refused.  Idle keep-alive connections are closed;
-        each busy one is closed as soon as its in-flight requests are
-        answered.  Whatever is still open after ``--drain-time`` is cut.
+        each busy one answers its last request with ``connection: close``
+        and closes after it (``Connection.drain``).  Whatever is still open
+        after ``--drain-time`` is cut.
         The admin port answers until the end (/ready: 503, draining).
         """
         self.ready = False
@@ -237,9 +243,7 @@ class ProxyService(service.MultiService):
                 loop.stop()
                 return
             for conn in connections:
-                if not (conn.queue or conn.tunnel is not None or conn.head_started is not None or conn.closing):
-                    conn.closing = True  # idle keep-alive connection: close it (FIN, after any pending bytes)
-                    conn.transport.loseConnection()
+                conn.drain()
 
         loop = LoopingCall(check)
         loop.clock = self.reactor
@@ -254,11 +258,13 @@ class ProxyService(service.MultiService):
 
     # -- admin views ----------------------------------------------------------------
     def readiness(self):
+        """``(status, body)`` of /ready (admin port) and /healthz/ready (health port); a 503 body has a ``reason``."""
         if getattr(self, "draining", False):
-            return 503, {"ready": False, "draining": True}
+            return 503, {"ready": False, "draining": True, "reason": "draining (the proxy is shutting down)"}
         current = self.credentials.current
         if self.agent is not None and current is None:
             return 503, {"ready": False, "waiting_for": "workload certificate",
+                         "reason": "waiting for the workload certificate from the control plane",
                          "last_error": self.agent.last_error}
         if current is not None and current.expires_in() <= 0:
             return 503, {"ready": False, "reason": "the workload certificate has expired",
@@ -268,10 +274,11 @@ class ProxyService(service.MultiService):
             if self.ready and self.control_client.applied_version is not None:
                 return 200, {"ready": True, "version": self.runtime.snapshot.config.version, "stale": stale}
             return 503, {"ready": False, "waiting_for": "config from the control plane", "stale": stale,
+                         "reason": "waiting for the first config from the control plane",
                          "last_error": self.control_client.last_error}
         if self.ready and self.runtime.snapshot is not None:
             return 200, {"ready": True, "version": self.runtime.snapshot.config.version}
-        return 503, {"ready": False}
+        return 503, {"ready": False, "reason": "starting (listeners not up yet)"}
 
     def config_dump(self) -> dict:
         snapshot = self.runtime.snapshot

@@ -9,6 +9,7 @@ import time
 import pytest
 
 from tests.harness import wait_for
+from tests.harness.rawhttp import RawConnection
 from tests.integration.test_proxy_support import curl_many, endpoint, service_entry, write_config
 
 
@@ -67,6 +68,24 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_connections(config,
     log = proxy.log_path.read_text()
     assert "draining: no new connections" in log and "drained; stopping" in log
     assert "Traceback" not in log
+    proxy.stop()
+
+
+def test_busy_keep_alive_connection_is_told_to_close(config, proxy_factory):
+    """The response in flight when the drain starts says ``connection: close``, and the connection then closes."""
+    proxy = proxy_factory(config, "busy", extra_args=["--drain-time", "5s"])
+    with RawConnection("127.0.0.1", proxy.outbound_port) as connection:
+        connection.send(b"GET /delay/0 HTTP/1.1\r\nHost: slow\r\n\r\n")
+        first = connection.read_response()
+        assert first.status == 200 and "close" not in first.headers.get("connection", "")
+        connection.send(b"GET /delay/800 HTTP/1.1\r\nHost: slow\r\n\r\n")
+        wait_for(lambda: active_requests(proxy) == 1, timeout=5, what="the request in flight")
+        proxy.send_signal(15)
+        second = connection.read_response()
+        assert second.status == 200
+        assert second.headers.get("connection") == "close", second.headers
+        wait_for(connection.at_eof, timeout=2, what="the proxy to close the connection after the response")
+    wait_for(lambda: not proxy.running, timeout=6, what="the proxy to exit")
     proxy.stop()
 
 
