@@ -160,7 +160,10 @@ class DownstreamConnection(Protocol):
                 log.failure("request handling failed")
                 self.reject(500, "internal proxy error; see the proxy log")
         except httptools.HttpParserError as error:
-            self.reject(400, f"malformed HTTP request: {error}")
+            if str(error) == "Invalid HTTP version":  # llhttp knows only 0.9, 1.0, 1.1 and 2.0
+                self.reject(505, "this HTTP version is not supported on this port; use HTTP/1.1")
+            else:
+                self.reject(400, f"malformed HTTP request: {error}")
 
     def connectionLost(self, reason=None):
         self.closing = True

@@ -159,6 +159,8 @@ MALFORMED = {
         b"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", 400),
     "obs-fold": (b"GET / HTTP/1.1\r\nHost: echo\r\nX-Folded: a\r\n b\r\n\r\n", 400),
     "http-2.0-request-line": (b"GET / HTTP/2.0\r\nHost: echo\r\n\r\n", 505),
+    "http-3.0-request-line": (b"GET / HTTP/3.0\r\nHost: echo\r\n\r\n", 505),
+    "http-1.2-request-line": (b"GET / HTTP/1.2\r\nHost: echo\r\n\r\n", 505),
     "too-many-headers": (b"GET / HTTP/1.1\r\nHost: echo\r\n"
                          + b"".join(b"X-H%d: v\r\n" % i for i in range(101)) + b"\r\n", 431),
     "too-large-head": (b"GET / HTTP/1.1\r\nHost: echo\r\nX-Big: " + b"a" * (MAX_HEADER_BYTES + 10) + b"\r\n\r\n", 431),
