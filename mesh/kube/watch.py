@@ -116,6 +116,21 @@ class WatchExpired(Exception):
     """The watch's resourceVersion is too old (410 Gone): relist."""
 
 
+class NotReadable(Exception):
+    """The list answered 404 (the kind is not served: its CRD is not installed) or 401/403 (no RBAC).
+
+    The kind counts as empty -- after a 404 always, after a 401/403 only if
+    it was never listed (a revoked right does not delete what was read) --
+    so the other kinds of its source are not held back; it is listed again
+    after a backoff.
+    """
+
+    @property
+    def empties(self) -> bool:
+        """Whether the kind's state becomes empty (see the class docstring)."""
+        return getattr(self.__cause__, "status", None) == 404
+
+
 class Reflector:
     """List-then-watch of one kind on a daemon thread, feeding an :class:`ObjectCache` on the reactor.
 
@@ -141,6 +156,7 @@ class Reflector:
         self._stop = threading.Event()
         self._watch = None
         self._thread = None
+        self._emptied = False  # the cache was emptied because the kind is not readable
 
     # -- control (reactor thread) --------------------------------------------------------
     def prime(self) -> bool:
@@ -150,6 +166,11 @@ class Reflector:
         """
         try:
             items, version = self._list()
+        except NotReadable as error:
+            self._failed(error.__cause__)
+            self._emptied = True
+            self.cache.replace([])  # never listed before
+            return True
         except Exception as error:
             self._failed(error)
             return False
@@ -187,6 +208,13 @@ class Reflector:
                     self.resource_version = version
                 self._watch_once()
                 self.backoff.reset()
+            except NotReadable as error:
+                self._failed(error.__cause__)
+                self.restarts += 1
+                if (error.empties or self.lists == 0) and not self._emptied:
+                    self._emptied = True
+                    self.reactor.callFromThread(self.cache.replace, [])
+                self._stop.wait(self.backoff.next())
             except WatchExpired as error:
                 log.info("kubernetes: {kind} watch from resourceVersion {version} expired ({error}); relisting",
                          kind=self.kind, version=self.resource_version, error=str(error))
@@ -218,7 +246,12 @@ class Reflector:
             kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": LIST_TIMEOUT}
             if token:
                 kwargs["_continue"] = token
-            response = self.lister(**kwargs)
+            try:
+                response = self.lister(**kwargs)
+            except Exception as error:
+                if getattr(error, "status", None) in (401, 403, 404):
+                    raise NotReadable() from error
+                raise
             try:
                 page = json.loads(response.data)
             finally:
@@ -229,6 +262,7 @@ class Reflector:
             if not token:
                 break
         self.lists += 1
+        self._emptied = False
         if self.last_error is not None:
             log.info("kubernetes: {kind} listed again ({count} objects); watching resumes",
                      kind=self.kind, count=len(items))
