@@ -38,7 +38,7 @@ from .kubestore import Change, Expired, Store
 
 log = Logger(namespace="kubeapi")
 
-_TRUE = {"true", "1", "t", "yes"}
+_TRUE = {"true", "1", "t"}  # what Go's strconv.ParseBool takes as true (compared in lower case)
 
 
 def _not_found() -> ApiError:
@@ -60,8 +60,8 @@ class WatchStream:
         self._unsubscribe = None
         self._timer = None
 
-    def start(self, store: Store, resource_version: str | None, current: list[dict], timeout: float | None):
-        """Send the initial events (or the 410 ERROR), then follow the store."""
+    def start(self, store: Store, resource_version: str | None, current: list[dict], timeout: int):
+        """Send the initial events (or the 410 ERROR), then follow the store (for *timeout* seconds if not 0)."""
         if resource_version in (None, "", "0"):
             for obj in current:
                 self.send("ADDED", obj)
@@ -135,11 +135,11 @@ class KubeApiServer(resource.Resource):
 
     isLeaf = True
 
-    def __init__(self, store: Store | None = None, tokens: Tokens | None = None):
+    def __init__(self):
         super().__init__()
-        self.store = store or Store()
+        self.store = Store()
         self.resources = Resources(self.store)
-        self.tokens = tokens or Tokens()
+        self.tokens = Tokens()
         self.watches: set[WatchStream] = set()
         self.seen: list[dict] = []
         self.down: str | None = None  # None, "reset" or "503"
@@ -166,6 +166,11 @@ class KubeApiServer(resource.Resource):
             log.info("{method} {path}: {code} {reason}: {message}", method=method, path=path, code=error.code,
                      reason=error.reason, message=error.message)
             return self._respond(request, error.code, error.status())
+        except Exception as error:  # a bug of this fake: say so, as a Status the client can show
+            log.failure("{method} {path} failed inside the test API server", method=method, path=path)
+            return self._respond(request, 500, ApiError(
+                500, "InternalError", f"Internal error occurred: the test API server (tests/harness/kubeapi.py) "
+                f"failed on {method} {path}: {error!r}; its log has the traceback").status())
 
     def _respond(self, request, code: int, body) -> bytes:
         request.setResponseCode(code)
@@ -267,7 +272,9 @@ class KubeApiServer(resource.Resource):
         if resource_version not in (None, "") and not resource_version.isdigit():
             raise ApiError(400, "BadRequest", f'invalid resource version "{resource_version}": use a '
                            "resourceVersion from a list or an earlier event")
-        timeout = query.get("timeoutSeconds")
+        timeout = query.get("timeoutSeconds") or "0"
+        if not timeout.isdigit():
+            raise ApiError(400, "BadRequest", f"timeoutSeconds {timeout!r} is not a non-negative integer")
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/json")
         stream = WatchStream(request, rtype, version, namespace, matches,
@@ -275,7 +282,7 @@ class KubeApiServer(resource.Resource):
         self.watches.add(stream)
         request.notifyFinish().addBoth(lambda _: (stream.stopped(), self.watches.discard(stream)))
         current = [obj for obj in self.store.items(rtype.storage, namespace) if matches(obj)]
-        stream.start(self.store, resource_version, current, float(timeout) if timeout else None)
+        stream.start(self.store, resource_version, current, int(timeout))
         return server.NOT_DONE_YET
 
     # -- test controls ------------------------------------------------------------------------------------------

@@ -420,8 +420,9 @@ class Resources:
                            f"kind ({rtype.kind}) of {self._resource(rtype)}")
         obj = copy.deepcopy(_without(body, "kind", "apiVersion"))
         obj = rtype.from_view(obj) if rtype.from_view else obj
-        metadata = obj.setdefault("metadata", {}) or {}
-        obj["metadata"] = metadata
+        metadata = obj["metadata"] = obj.get("metadata") or {}
+        if not isinstance(metadata, dict):
+            raise ApiError(400, "BadRequest", f"metadata must be a JSON object, not {type(metadata).__name__}")
         if name is not None and metadata.get("name", name) != name:
             raise ApiError(400, "BadRequest", f"the name of the object ({metadata['name']}) does not match the "
                            f"name on the URL ({name})")
