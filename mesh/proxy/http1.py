@@ -107,6 +107,7 @@ class DownstreamConnection(Protocol):
         self.closing = False
         self.read_closed = False
         self.draining = False  # see drain()
+        self._final_words = None  # an error response owed after the queued requests (see reject)
         self.tunnel = None
         self.upgrade_buffer = None
         self.source_address = ""
@@ -358,6 +359,8 @@ class DownstreamConnection(Protocol):
         if not keep_alive or (self.read_closed and not queue):
             self.closing = True
             self._drop_queue()
+            if self._final_words is not None and keep_alive:
+                self.write(self._final_words)
             self.transport.loseConnection()
             return
         self.last_activity = self.listener.reactor.seconds()
@@ -427,9 +430,16 @@ class DownstreamConnection(Protocol):
     # -- errors and timers ----------------------------------------------------------
     def reject(self, status, message):
         """Answer a request we could not parse or accept, then close."""
-        if self.closing:
+        if self.closing or self._final_words is not None:
             return
         exchange = self.reading
+        if exchange is None and self.queue:
+            # The pipelined requests before the bad one arrived whole: answer them first,
+            # in order, then the error, then close (RFC 9112, section 9.3.2).
+            self._final_words = simple_response(status, "", message.encode() + b"\n")
+            self.read_closed = True
+            self._pause("rejected")
+            return
         if (exchange is not None and self.queue and self.queue[0] is exchange
                 and not exchange.response_started):
             # The body of the request being answered is malformed (a bad chunk): that

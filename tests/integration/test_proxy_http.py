@@ -194,6 +194,14 @@ def test_malformed_request_after_a_good_one_on_the_same_connection(proxy):
         assert conn.at_eof()
 
 
+def test_malformed_request_pipelined_behind_good_ones_is_answered_in_order(proxy):
+    with raw(proxy) as conn:
+        conn.send(b"GET /first HTTP/1.1\r\nHost: echo\r\n\r\n" b"GET /second HTTP/1.1\r\nHost: echo\r\n\r\n"
+                  b"GET / HTTP/1.1\r\nHost: echo\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab")
+        assert [conn.read_response().status for _ in range(3)] == [200, 200, 400]
+        assert conn.at_eof()
+
+
 def test_declared_body_over_the_limit_is_413(strict):
     with raw(strict) as conn:
         conn.send(b"POST / HTTP/1.1\r\nHost: echo\r\nContent-Length: 2000\r\n\r\n" + b"x" * 2000)
