@@ -78,12 +78,6 @@ class WatchedSource(service.Service):
         """Whether every kind has been listed at least once."""
         return all(cache.synced for cache in self.caches.values())
 
-    def stats(self) -> dict:
-        """Per kind: objects, lists done, watches restarted after an error, the last error."""
-        return {reflector.kind: {"objects": len(reflector.cache.objects), "lists": reflector.lists,
-                                 "restarts": reflector.restarts, "error": reflector.last_error}
-                for reflector in self.reflectors}
-
     # -- service --------------------------------------------------------------------------------
     def startService(self):
         super().startService()
