@@ -1,12 +1,14 @@
 """The CSR endpoint of the control plane: ``POST /v1/csr`` on :15012.
 
-Request (JSON): ``{"credential": "<join token>", "csr": "<PEM>", "ttl": seconds?}``.
+Request (JSON): ``{"credential": "<join token or service-account token>", "csr": "<PEM>", "ttl": seconds?}``.
 A sidecar renewing a certificate it still holds may instead present that
 certificate as its TLS client certificate and omit ``credential``: the verified
 SPIFFE id of the client certificate is then the proven identity (join tokens
 are short-lived; renewals must keep working after they expire).
 Response 200: ``{"certificate", "chain", "trust_bundle", "not_after"}`` (PEM
-strings, ISO time); 400/401/403/413 with ``{"error": "..."}`` otherwise.
+strings, ISO time); 400/401/403/413 with ``{"error": "..."}`` otherwise, and 503
+when the credential could not be checked now (the Kubernetes API server is
+unreachable: retry with the same credential).
 
 The port is server-authenticated TLS: a new sidecar has no certificate yet and
 proves itself with its credential.  Every rejection is logged with the reason
@@ -22,7 +24,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
-from mesh.identity.credentials import CredentialRejected
+from mesh.identity.credentials import CredentialRejected, VerifierUnavailable
 from mesh.identity.csr import MAX_CSR_BYTES, CSRRejected, check_csr
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.identity.tls import peer_identity
@@ -106,6 +108,8 @@ class CSRResource(resource.Resource):
                 raise _Reject(401, "no credential: send a join token, or renew with a valid mesh certificate")
             try:
                 identity = await defer.maybeDeferred(self._verifier.verify, credential)
+            except VerifierUnavailable as error:
+                raise _Reject(503, f"credential not verified: {error}") from None
             except CredentialRejected as error:
                 raise _Reject(401, f"credential rejected: {error}") from None
         try:

@@ -11,11 +11,19 @@ from __future__ import annotations
 from zope.interface import Interface, implementer
 
 from mesh.identity.spiffe import SpiffeId
-from mesh.identity.tokens import TokenError, verify_token
+from mesh.identity.tokens import TokenError, is_join_token, verify_token
 
 
 class CredentialRejected(Exception):
     """The credential does not prove an identity; the message says why."""
+
+
+class VerifierUnavailable(CredentialRejected):
+    """The credential could not be checked now (its verifier, e.g. the Kubernetes API, is unreachable).
+
+    Nothing is wrong with the credential as far as anyone knows: the caller
+    should retry with the same one (the CSR endpoint answers 503).
+    """
 
 
 class ICredentialVerifier(Interface):
@@ -25,7 +33,7 @@ class ICredentialVerifier(Interface):
         """Return a :class:`mesh.identity.spiffe.SpiffeId` (or a Deferred of one).
 
         Raise (or fail with) :class:`CredentialRejected` when the credential
-        proves nothing.
+        proves nothing, :class:`VerifierUnavailable` when it cannot be checked now.
         """
 
 
@@ -43,3 +51,20 @@ class JoinTokenVerifier:
         except TokenError as error:
             raise CredentialRejected(str(error)) from None
         return SpiffeId(self._trust_domain, claims.namespace, claims.service_account)
+
+
+@implementer(ICredentialVerifier)
+class DispatchingVerifier:
+    """Join tokens (``txm1.`` prefix) go to one verifier, every other credential to another.
+
+    ``mesh-control --kubernetes`` accepts both: join tokens for workloads
+    outside the cluster, projected service-account tokens (TokenReview) for pods.
+    """
+
+    def __init__(self, join_tokens, other):
+        self._join_tokens = join_tokens
+        self._other = other
+
+    def verify(self, credential):
+        verifier = self._join_tokens if is_join_token(credential) else self._other
+        return verifier.verify(credential)

@@ -57,6 +57,11 @@ def load_or_create_key(state_dir: str) -> bytes:
         return handle.read()
 
 
+def is_join_token(credential) -> bool:
+    """Whether ``credential`` claims to be a join token (``txm1.`` prefix), valid or not."""
+    return isinstance(credential, str) and credential.strip().startswith(_PREFIX + ".")
+
+
 def create_token(key: bytes, namespace: str, service_account: str, trust_domain: str, ttl: float,
                  now=None) -> str:
     now = time.time() if now is None else now
