@@ -8,7 +8,8 @@ loopback address of its own, its app listens on port 8080 there and its
 sidecar on Istio's ports 15001 (outbound) and 15006 (inbound, the ServiceEntry
 endpoint).  Admin ports are on 127.0.0.1, one per sidecar.  Each sidecar
 serves Istio's Prometheus metrics on its own address, port 15090
-(``/stats/prometheus``), as in a pod; the control plane serves ``/metrics`` on
+(``/stats/prometheus``) and its health port 15021 (``/healthz/ready``), as in
+a pod; the control plane serves ``/metrics`` on
 its admin port.
 
 ``twistd mesh-control`` is the mesh's CA and config server, on
@@ -62,6 +63,8 @@ INBOUND_PORT = 15006
 #: Each sidecar's ``--metrics-port``: ``/stats/prometheus`` on its inbound address (Istio's 15090).
 METRICS_PORT = 15090
 METRICS_PATH = "/stats/prometheus"
+#: Each sidecar's ``--health-port``: ``/healthz/ready`` on its inbound address (Istio's 15021).
+HEALTH_PORT = 15021
 ADMIN_ADDRESS = "127.0.0.1"
 #: The control plane: CSR endpoint (TLS) and admin port, both on loopback.
 CONTROL_ADDRESS = "127.0.0.1"
@@ -124,6 +127,7 @@ class Workload:
             (self.address, OUTBOUND_PORT, "sidecar outbound"),
             (self.address, INBOUND_PORT, "sidecar inbound"),
             (self.address, METRICS_PORT, "sidecar metrics"),
+            (self.address, HEALTH_PORT, "sidecar health"),
             (ADMIN_ADDRESS, self.admin_port, "sidecar admin"),
         )
 
@@ -351,7 +355,7 @@ class DemoMesh:
                 "--outbound-address", workload.address, "--outbound-port", OUTBOUND_PORT,
                 "--inbound-address", workload.address, "--inbound-port", INBOUND_PORT,
                 "--app-address", workload.address, "--app-port", APP_PORT,
-                "--metrics-port", METRICS_PORT, "--admin-port", workload.admin_port]
+                "--metrics-port", METRICS_PORT, "--health-port", HEALTH_PORT, "--admin-port", workload.admin_port]
         for key, value in workload.labels.items():
             argv += ["--label", f"{key}={value}"]
 

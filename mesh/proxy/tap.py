@@ -45,6 +45,8 @@ class Options(usage.Options):
         ["app-address", None, "127.0.0.1", "Address of the local app."],
         ["app-port", None, 0, "Port of the local app; 0 disables the inbound listener.", int],
         ["admin-port", None, 15000, "Admin port, bound to 127.0.0.1.", int],
+        ["health-port", None, 15021, "Port of /healthz/ready (the kubelet's probes), on the inbound address; "
+                                     "0 turns it off.", int],
         ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
@@ -149,7 +151,7 @@ def makeService(options):
         outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],
         inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
         app_address=options["app-address"], app_port=options["app-port"],
-        admin_port=options["admin-port"], state_dir=options["state-dir"], limits=limits,
+        admin_port=options["admin-port"], health_port=options["health-port"], state_dir=options["state-dir"], limits=limits,
         drain_time=_seconds(options["drain-time"]),
         identity=IdentitySettings(
             trust_domain=options["trust-domain"], service_account=options["service-account"],

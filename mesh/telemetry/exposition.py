@@ -9,14 +9,9 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
-from twisted.application import service
-from twisted.internet.error import CannotListenError
-from twisted.logger import Logger
 from twisted.web import resource
 
-from mesh.webpages import BytesPage, QuietSite
-
-log = Logger()
+from mesh.webpages import BytesPage, OptionalServer, QuietSite
 
 
 def new_registry() -> CollectorRegistry:
@@ -36,7 +31,7 @@ def metrics_page(registry) -> resource.Resource:
     return BytesPage(lambda: generate_latest(registry), CONTENT_TYPE_LATEST.encode())
 
 
-class MetricsServer(service.Service):
+class MetricsServer(OptionalServer):
     """Serves ``registry`` at ``/stats/prometheus`` on ``interface:port`` (the sidecar's 15090).
 
     A port that is already taken is logged as an error and the sidecar keeps
@@ -48,24 +43,4 @@ class MetricsServer(service.Service):
         stats = resource.Resource()
         root.putChild(b"stats", stats)
         stats.putChild(b"prometheus", metrics_page(registry))
-        self._site = QuietSite(root, timeout=30)
-        self._reactor = reactor
-        self._address = (port, interface)
-        self._listening = None
-
-    def startService(self):
-        super().startService()
-        port, interface = self._address
-        try:
-            self._listening = self._reactor.listenTCP(port, self._site, interface=interface)
-        except CannotListenError as error:
-            log.error("metrics are not served: cannot listen on {interface}:{port} ({reason}); "
-                      "give each sidecar on this host its own --metrics-port (0 turns metrics off)",
-                      interface=interface, port=port, reason=error.socketError)
-
-    def stopService(self):
-        super().stopService()
-        if self._listening is not None:
-            listening, self._listening = self._listening, None
-            return listening.stopListening()
-        return None
+        super().__init__(reactor, QuietSite(root, timeout=30), port, interface, "metrics", "--metrics-port")

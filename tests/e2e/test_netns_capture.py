@@ -109,7 +109,8 @@ def _start_pod(pods, netns, name, ca, workdir: Path, config):
          "--workload", name, "--namespace", "default", "--service-account", name, "--label", f"app={name}",
          "--app-port", APP_PORT, "--cert", workdir / "cert.pem", "--key", key_path, "--ca-bundle", workdir / "ca.pem"],
         workdir / "proxy.log", uid=PROXY_UID,
-        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15000/ready"], cwd=workdir, env=env))
+        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],  # the startup probe
+        cwd=workdir, env=env))
     return Pod(pods, netns, name, workdir)
 
 
@@ -185,6 +186,16 @@ def test_a_denied_principal_gets_403(mesh):
                                      "--key", str(files / "key.pem"), uid=PROXY_UID)
     assert status == 403, (head, body)
     assert b"RBAC: access denied" in body
+
+
+def test_the_kubelet_probe_reaches_the_health_port_past_capture(mesh):
+    """Inbound capture leaves 15021 alone: a probe of the pod IP gets the proxy's /healthz/ready, not :15006.
+
+    The probe comes from the other pod as UID 1337, so that the prober's own outbound capture stays out of
+    the way, as the kubelet's traffic from the node is never captured.
+    """
+    status, head, body = mesh["client"].curl(f"http://{SERVER_IP}:15021/healthz/ready", uid=PROXY_UID)
+    assert (status, body) == (200, b"ready\n"), head
 
 
 def test_clean_removes_everything(mesh):

@@ -19,7 +19,9 @@ class Proxy(ManagedProcess):
 
         twistd -n --pidfile= mesh-proxy --config-dir DIR --workload NAME --namespace NS
             --outbound-port P1 --inbound-port P2 --admin-port P3 [--app-port N] [--label K=V ...]
-            [--metrics-port P4, unless extra_args give one] [extra_args]
+            [--metrics-port P4] [--health-port P5] [extra_args]
+
+    ``--metrics-port`` and ``--health-port`` are free ports unless ``extra_args`` give them.
 
     Ports not given are picked free. :meth:`start` returns once
     ``GET http://127.0.0.1:P3/ready`` answers 200. The log (twistd's stdout and
@@ -54,6 +56,9 @@ class Proxy(ManagedProcess):
         self.metrics_port = None if "--metrics-port" in extra_args else free_port()
         if self.metrics_port is not None:
             argv += ["--metrics-port", self.metrics_port]
+        self.health_port = None if "--health-port" in extra_args else free_port()
+        if self.health_port is not None:
+            argv += ["--health-port", self.health_port]
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="txmesh-proxy-"))
         super().__init__(workload, [*argv, *extra_args], log_dir / f"proxy-{workload}-{self.outbound_port}.log")
 
@@ -71,6 +76,10 @@ class Proxy(ManagedProcess):
     def admin_request(self, path: str, method: str = "GET", body: bytes | None = None) -> tuple[int, bytes]:
         """One request to the admin listener; returns (status, body)."""
         return http_request("127.0.0.1", self.admin_port, path, method=method, body=body)
+
+    def health_request(self, path: str = "/healthz/ready", address: str = "127.0.0.1") -> tuple[int, bytes]:
+        """One request to the health port (``/healthz/ready``, the kubelet's probe); returns (status, body)."""
+        return http_request(address, self.health_port, path)
 
     def admin(self, path: str):
         """GET an admin endpoint that must answer 200 with JSON, and return the parsed document."""

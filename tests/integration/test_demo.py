@@ -1,7 +1,7 @@
 """``meshctl demo``: the whole demo mesh as real processes, its tour, and a clean stop every way it can end.
 
 These tests use the demo's fixed addresses (127.0.10.1-4, ports 8080, 15001,
-15006, 15090, admin ports 15101-15104, and the control plane's 127.0.0.1:15012 and
+15006, 15021, 15090, admin ports 15101-15104, and the control plane's 127.0.0.1:15012 and
 15014), so nothing else may hold them meanwhile.
 """
 
