@@ -40,8 +40,7 @@ class WatchedSource(service.Service):
 
     name = "kubernetes"
 
-    def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05, watch_factory=None,
-                 watch_timeout: int = None):
+    def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05):
         self.reactor = reactor
         self.coalesce = coalesce
         self.caches = {}
@@ -50,11 +49,10 @@ class WatchedSource(service.Service):
         self._on_update = None
         self._timer = None
         self._loaded = False
-        extra = {"watch_timeout": watch_timeout} if watch_timeout else {}
         for kind, lister in listers.items():
             cache = ObjectCache(kind, self._changed)
             self.caches[kind] = cache
-            self.reflectors.append(Reflector(reactor, kind, lister, cache, watch_factory, **extra))
+            self.reflectors.append(Reflector(reactor, kind, lister, cache))
 
     # -- to be provided by subclasses --------------------------------------------------------
     def translate(self) -> LoadResult:

@@ -137,21 +137,19 @@ class Reflector:
     ``lister(**kwargs)`` is a ``kubernetes`` client list method for all
     namespaces, e.g. ``CoreV1Api(api).list_service_for_all_namespaces`` or a
     ``functools.partial`` of ``CustomObjectsApi.list_cluster_custom_object``.
-    ``watch_factory()`` makes a ``kubernetes.watch.Watch`` (default: :func:`raw_watch`).
     """
 
-    def __init__(self, reactor, kind: str, lister, cache: ObjectCache, watch_factory=None, *,
-                 watch_timeout: int = WATCH_TIMEOUT, backoff: Backoff = None):
+    def __init__(self, reactor, kind: str, lister, cache: ObjectCache, *, watch_timeout: int = WATCH_TIMEOUT,
+                 backoff: Backoff = None):
         self.reactor = reactor
         self.kind = kind
         self.lister = lister
         self.cache = cache
-        self.watch_factory = watch_factory or raw_watch
         self.watch_timeout = watch_timeout
         self.backoff = backoff or Backoff()
         self.resource_version = None  # None: (re)list first
         self.lists = 0       # lists done (the first one and every relist)
-        self.restarts = 0    # watches that ended by an error (not by their timeout)
+        self.restarts = 0    # lists and watches that failed (a watch ended by its timeout is no failure)
         self.last_error = None
         self._stop = threading.Event()
         self._watch = None
@@ -273,7 +271,7 @@ class Reflector:
         """One watch from ``resource_version`` until the server ends it (or an error, or stop)."""
         from kubernetes.client.rest import ApiException
 
-        watch = self.watch_factory()
+        watch = raw_watch()
         self._watch = watch
         try:
             if self._stop.is_set():
@@ -295,15 +293,14 @@ class Reflector:
             watch.stop()
 
     def _event(self, event: dict) -> None:
+        """ADDED/MODIFIED/DELETED go to the cache; every event, BOOKMARKs too, advances the version.
+
+        (The client turns ERROR events into an ``ApiException``.)
+        """
         kind, obj = event.get("type"), event.get("raw_object") or {}
-        if kind == "ERROR":  # the client raises for these; a server could still send one we must read
-            code = obj.get("code")
-            if code == 410:
-                raise WatchExpired(obj.get("message"))
-            raise RuntimeError(f"watch error {code}: {obj.get('message')}")
-        version = (obj.get("metadata") or {}).get("resourceVersion")
         if kind in ("ADDED", "MODIFIED", "DELETED"):
             self.reactor.callFromThread(self.cache.apply, kind, obj)
+        version = (obj.get("metadata") or {}).get("resourceVersion")
         if version:
             self.resource_version = version
 
