@@ -35,10 +35,6 @@ def add_parser(subparsers):
     parser.add_argument("--trust-domain", default=_DEFAULTS.trust_domain)
     parser.add_argument("--proxy-uid", type=int, default=PROXY_UID,
                         help=f"UID of the proxy, exempt from capture (default {PROXY_UID}, the image's user)")
-    parser.add_argument("--probe", choices=("exec", "http"), default=_DEFAULTS.probe,
-                        help="exec: probes run `python3 -m mesh.inject.probe` against the admin /ready "
-                             "(default; works today); http: httpGet :15021/healthz/ready (needs a proxy "
-                             "health port)")
     parser.set_defaults(func=run)
 
 
@@ -51,7 +47,7 @@ def _read(name: str) -> str:
 
 def run(args) -> int:
     settings = InjectSettings(image=args.image, image_pull_policy=args.image_pull_policy, control=args.control,
-                              trust_domain=args.trust_domain, proxy_uid=args.proxy_uid, probe=args.probe)
+                              trust_domain=args.trust_domain, proxy_uid=args.proxy_uid)
     out, errors = [], []
     for name in args.filename:
         try:

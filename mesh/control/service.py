@@ -5,6 +5,9 @@ plugin manager (``mesh_sign_csr`` picks the signer: the built-in CA unless an
 external-CA plugin is installed).  It serves its own TLS certificate, issued
 by its CA for ``spiffe://<td>/ns/<namespace>/sa/mesh-control`` and renewed at
 half its life, so sidecars verify it against the trust bundle like any peer.
+With ``--kubernetes`` the CSR endpoint also accepts projected service-account
+tokens (:mod:`mesh.kube.tokenreview`); with ``--ca-secret`` the CA and the
+token key come from a Secret shared by every replica (:mod:`mesh.kube.ca_secret`).
 """
 
 from __future__ import annotations
@@ -22,14 +25,17 @@ from twisted.web import resource, server
 from mesh.builtin.ca import BuiltinSigner
 from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
+from mesh.control.injector import InjectorService
 from mesh.control.portmux import PortMux
 from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import CertificateAuthority
-from mesh.identity.credentials import JoinTokenVerifier
+from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
 from mesh.identity.tokens import load_or_create_key
+from mesh.inject.sidecar import DEFAULT_IMAGE
+from mesh.kube.client import make_api_client
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
 from mesh.webpages import BytesPage, JSONPage, QuietSite
@@ -59,6 +65,8 @@ class ControlSettings:
     istio_crds: bool = False  # also read Istio's own API groups
     ca_secret: str = None  # Kubernetes Secret (in ``namespace``) holding the CA root and key, for HA
     webhook_port: int = 0  # the sidecar-injection webhook (0: off)
+    webhook_dns_names: tuple = ()  # its certificate's names; () means mesh-control.<namespace>.svc
+    proxy_image: str = DEFAULT_IMAGE  # the image the webhook injects
 
 
 class CSRStats:
@@ -85,6 +93,11 @@ class ControlService(service.MultiService):
         self.reactor = reactor
         self.settings = settings
         self.plugins = plugin_manager
+        self.kube_client = make_api_client(settings.kubeconfig) if settings.kubernetes else None
+        if settings.ca_secret:
+            from mesh.kube.ca_secret import install_ca_secret
+            install_ca_secret(self.kube_client, settings.namespace, settings.ca_secret, settings.state_dir,
+                              settings.trust_domain)
         self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
                                                       settings.ca_key, settings.ca_chain)
         plugin_manager.register(BuiltinSigner(self.ca), name="builtin.ca")
@@ -94,7 +107,7 @@ class ControlService(service.MultiService):
         self.config_errors = []  # ConfigError objects of the last load_config
         self.metrics = ControlPlaneMetrics(self)
         self._renew_own_certificate()
-        verifier = JoinTokenVerifier(load_or_create_key(settings.state_dir), settings.trust_domain)
+        verifier = self._credential_verifier()
         root = resource.Resource()
         v1 = resource.Resource()
         root.putChild(b"v1", v1)
@@ -118,6 +131,17 @@ class ControlService(service.MultiService):
         ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))
         admin = QuietSite(admin_root, timeout=30)
         internet.TCPServer(settings.admin_port, admin, interface="127.0.0.1").setServiceParent(self)
+        if settings.webhook_port:
+            InjectorService.for_control_plane(self).setServiceParent(self)
+
+    def _credential_verifier(self):
+        """Join tokens; with ``--kubernetes`` also projected service-account tokens (TokenReview)."""
+        join_tokens = JoinTokenVerifier(load_or_create_key(self.settings.state_dir), self.settings.trust_domain)
+        if self.kube_client is None:
+            return join_tokens
+        from mesh.kube.tokenreview import TokenReviewVerifier
+        return DispatchingVerifier(join_tokens, TokenReviewVerifier(self.kube_client, self.settings.trust_domain,
+                                                                    self.reactor))
 
     def _sign(self, csr, identity, ttl):
         return self.plugins.hook.mesh_sign_csr(csr=csr, identity=identity, ttl=ttl)
@@ -150,7 +174,11 @@ class ControlService(service.MultiService):
             sys.stderr.write(f"mesh-control: --config-dir {self.settings.config_dir} is not a directory; "
                              "create it or pass the directory that holds the YAML files\n")
             raise SystemExit(1)
+        from mesh.kube import plugin as kube_plugin
+        from mesh.kube.metrics import WatchCollector
+        kube_plugin.register(self.plugins, self.reactor, self.kube_client)  # sources only with --kubernetes
         attach_config(self)
+        self.metrics.registry.register(WatchCollector(self.config_sources))
 
     def stopService(self):
         self.distributor.stop()

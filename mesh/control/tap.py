@@ -9,6 +9,8 @@ from twisted.python import usage
 from mesh.control.service import ControlService, ControlSettings
 from mesh.durations import duration_option
 from mesh.identity.ca import CAError
+from mesh.inject.sidecar import DEFAULT_IMAGE
+from mesh.kube.client import KubeConfigError
 from mesh.plugins import make_plugin_manager
 
 
@@ -39,7 +41,12 @@ class Options(usage.Options):
         ["kubeconfig", None, None, "With --kubernetes: kubeconfig file (default: in-cluster credentials)."],
         ["ca-secret", None, None, "With --kubernetes: Secret in --namespace holding the CA root and key "
          "(created on first start; shared by all replicas)."],
-        ["webhook-port", None, 0, "Sidecar-injection webhook port (TLS, mesh-CA certificate); 0 = off.", int],
+        ["webhook-port", None, 0, "Sidecar-injection webhook port (TLS, mesh-CA certificate; Istio's is 15017); "
+         "0 = off.", int],
+        ["webhook-dns-names", None, None, "Comma-separated DNS names of the webhook's certificate, the first "
+         "being the Service the API server calls (default mesh-control.NAMESPACE.svc); injected sidecars "
+         "reach the control plane at FIRST:--port."],
+        ["proxy-image", None, DEFAULT_IMAGE, "Image of the sidecars the webhook injects."],
     ]
     optFlags = [
         ["kubernetes", None, "Read Services, EndpointSlices, Pods and txmesh CRDs from the Kubernetes API, "
@@ -62,9 +69,15 @@ class Options(usage.Options):
         # usage.Options coerces only the values given on the command line, not the defaults
         if isinstance(self["workload-cert-ttl"], str):
             self["workload-cert-ttl"] = duration_option(self["workload-cert-ttl"])
+        names = [name.strip() for name in (self["webhook-dns-names"] or "").split(",") if name.strip()]
+        if self["webhook-dns-names"] is not None and not names:
+            raise usage.UsageError("--webhook-dns-names wants names such as mesh-control.mesh-system.svc")
+        self["webhook-dns-names"] = tuple(names)
         for needs_kubernetes in ("kubeconfig", "ca-secret", "istio-crds"):
             if self[needs_kubernetes] and not self["kubernetes"]:
                 raise usage.UsageError(f"--{needs_kubernetes} needs --kubernetes")
+        if self["ca-secret"] and (self["ca-cert"] or self["ca-key"]):
+            raise usage.UsageError("--ca-secret and --ca-cert/--ca-key are two sources of the CA; give one")
 
 
 def makeService(options):
@@ -77,10 +90,11 @@ def makeService(options):
         push_debounce=options["push-debounce"], registry_grace=options["registry-grace"],
         kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],
         istio_crds=bool(options["istio-crds"]), ca_secret=options["ca-secret"],
-        webhook_port=options["webhook-port"])
+        webhook_port=options["webhook-port"], webhook_dns_names=options["webhook-dns-names"],
+        proxy_image=options["proxy-image"])
     try:
         control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
-    except CAError as error:
+    except (CAError, KubeConfigError) as error:
         sys.stderr.write(f"mesh-control: {error}\n")
         raise SystemExit(1)
     control.load_config()

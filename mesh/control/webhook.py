@@ -9,29 +9,29 @@ of it (:mod:`mesh.inject`).  Pods that opt out (``sidecar.istio.io/inject:
 other operations get no patch.  A pod with a malformed
 ``traffic.sidecar.istio.io/*`` annotation is admitted without a sidecar and
 with a warning that says what to fix.  A body that is not an AdmissionReview
-gets ``400`` with the reason.
+gets ``400`` with the reason; one larger than :data:`MAX_BODY`, ``413``.
 
-Not wired into ``twistd mesh-control`` yet: run it on its own with
-``python -m mesh.control.webhook --tls-cert CERT --tls-key KEY`` (port 15017),
-as deploy/base/control-plane does.  See docs/kubernetes.md.
+``twistd mesh-control --webhook-port 15017`` serves it over TLS
+(:mod:`mesh.control.injector`).  See docs/kubernetes.md.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import json
-import os
-import sys
 
 from twisted.web import resource
 
 from mesh.inject.jsonpatch import diff
 from mesh.inject.sidecar import InjectError, InjectSettings, inject_pod, skip_reason
-from mesh.webpages import QuietSite
+from mesh.webpages import LimitedSite, SiteLimits
 
 API_VERSION = "admission.k8s.io/v1"
 MAX_BODY = 8 * 1024 * 1024  # the API server sends at most ~3 MiB objects
+#: The API server keeps connections to webhooks open (Go's default: 90 s idle) and calls them with a
+#: timeout of at most 30 s (``timeoutSeconds``); a request must arrive well within that.
+LIMITS = SiteLimits(max_connections=256, max_request_bytes=MAX_BODY + 64 * 1024, request_timeout=30.0,
+                    idle_timeout=90.0)
 
 
 class MalformedReview(ValueError):
@@ -74,6 +74,13 @@ def review_response(review, settings: InjectSettings = InjectSettings()) -> dict
     return answer
 
 
+def _parse_json(body: bytes):
+    try:
+        return json.loads(body)
+    except ValueError as error:
+        raise MalformedReview(f"the body is not JSON: {error}") from None
+
+
 class InjectionWebhook(resource.Resource):
     """``POST`` an AdmissionReview, get one back (see the module docstring)."""
 
@@ -84,15 +91,9 @@ class InjectionWebhook(resource.Resource):
         self.settings = settings
 
     def render_POST(self, request):
-        body = request.content.read(MAX_BODY + 1)
+        body = request.content.read()  # at most LIMITS.max_request_bytes: the site cuts larger requests (413)
         try:
-            if len(body) > MAX_BODY:
-                raise MalformedReview(f"the body is larger than {MAX_BODY} bytes")
-            try:
-                review = json.loads(body)
-            except ValueError as error:
-                raise MalformedReview(f"the body is not JSON: {error}") from None
-            answer = review_response(review, self.settings)
+            answer = review_response(_parse_json(body), self.settings)
         except MalformedReview as error:
             request.setResponseCode(400)
             request.setHeader(b"content-type", b"application/json")
@@ -101,65 +102,12 @@ class InjectionWebhook(resource.Resource):
         return json.dumps(answer).encode()
 
 
-def webhook_site(settings: InjectSettings = InjectSettings()) -> QuietSite:
-    """A Site serving the webhook at ``/inject`` (and ``/healthz``, 200 ``ok``, for probes)."""
+def webhook_site(settings: InjectSettings = InjectSettings(), reactor=None) -> LimitedSite:
+    """A Site serving the webhook at ``/inject`` (and ``/healthz``, 200 ``ok``, for the kubelet's probes)."""
     root = resource.Resource()
     root.putChild(b"inject", InjectionWebhook(settings))
     health = resource.Resource()
     health.isLeaf = True
     health.render_GET = lambda request: b"ok\n"
     root.putChild(b"healthz", health)
-    return QuietSite(root, timeout=30)
-
-
-def main(argv=None) -> int:
-    """``python -m mesh.control.webhook``: serve the webhook on its own (TLS, or plain HTTP for tests)."""
-    from twisted.internet import endpoints, reactor
-    from twisted.python import log
-
-    defaults = InjectSettings()
-    parser = argparse.ArgumentParser(prog="python -m mesh.control.webhook",
-                                     description="Serve txmesh's sidecar-injection admission webhook.")
-    parser.add_argument("--port", type=int, default=15017)
-    parser.add_argument("--address", default="0.0.0.0")
-    parser.add_argument("--tls-cert", help="PEM certificate (chain) of the webhook's Service name")
-    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
-    parser.add_argument("--plaintext", action="store_true", help="serve HTTP without TLS (tests only: the "
-                                                                 "API server calls webhooks over HTTPS)")
-    parser.add_argument("--port-file", help="write the bound port here once listening")
-    parser.add_argument("--image", default=defaults.image)
-    parser.add_argument("--control", default=defaults.control)
-    parser.add_argument("--trust-domain", default=defaults.trust_domain)
-    parser.add_argument("--probe", choices=("exec", "http"), default=defaults.probe)
-    args = parser.parse_args(argv)
-    if not args.plaintext and not (args.tls_cert and args.tls_key):
-        parser.error("--tls-cert and --tls-key are required (or --plaintext, for tests)")
-    settings = InjectSettings(image=args.image, control=args.control, trust_domain=args.trust_domain,
-                              probe=args.probe)
-    interface = args.address.replace(":", "\\:")
-    if args.plaintext:
-        description = f"tcp:{args.port}:interface={interface}"
-    else:
-        description = (f"ssl:{args.port}:interface={interface}:privateKey={args.tls_key}"
-                       f":certKey={args.tls_cert}")
-    log.startLogging(sys.stdout)
-
-    def listening(port):
-        bound = port.getHost().port
-        if args.port_file:
-            with open(args.port_file + ".tmp", "w") as handle:
-                handle.write(f"{bound}\n")
-            os.replace(args.port_file + ".tmp", args.port_file)
-        log.msg(f"txmesh injection webhook on {args.address}:{bound} ({'http' if args.plaintext else 'https'})")
-
-    def failed(failure):
-        log.err(failure, "cannot listen")
-        reactor.stop()
-
-    endpoints.serverFromString(reactor, description).listen(webhook_site(settings)).addCallbacks(listening, failed)
-    reactor.run()
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    return LimitedSite(root, LIMITS, reactor=reactor)

@@ -11,6 +11,8 @@ rotated by adding the new one first.
 
 Workload certificates carry exactly one URI SAN, the SPIFFE id, key usage for
 digital signature and key encipherment, and EKU for both TLS server and client.
+Serving certificates (:meth:`CertificateAuthority.sign_serving`, for the
+injection webhook) carry DNS SANs instead, and EKU for TLS server only.
 """
 
 from __future__ import annotations
@@ -139,13 +141,27 @@ class CertificateAuthority:
         ``chain_pem`` is the signing certificate and everything above it, so a
         peer can build the path to a root of the bundle.
         """
+        return self._issue(csr.public_key(), [x509.UniformResourceIdentifier(spiffe_uri)], ttl,
+                           [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH])
+
+    def sign_serving(self, public_key, dns_names, ttl: float) -> tuple:
+        """Issue a TLS server certificate for ``dns_names`` (no SPIFFE id); returns ``(cert_pem, chain_pem)``.
+
+        For the control plane's HTTPS endpoints that Kubernetes calls by
+        Service name, such as the injection webhook
+        (``mesh-control.mesh-system.svc``); clients trust the mesh root.
+        """
+        return self._issue(public_key, [x509.DNSName(name) for name in dns_names], ttl,
+                           [ExtendedKeyUsageOID.SERVER_AUTH])
+
+    def _issue(self, public_key, names: list, ttl: float, usages: list) -> tuple:
         now = _now()
         not_after = min(now + datetime.timedelta(seconds=ttl), self.cert.not_valid_after_utc)
         cert = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, self.trust_domain)]))
             .issuer_name(self.cert.subject)
-            .public_key(csr.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - CLOCK_SKEW)
             .not_valid_after(not_after)
@@ -153,10 +169,8 @@ class CertificateAuthority:
             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=True,
                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                                  ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(spiffe_uri)]),
-                           critical=True)
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            .add_extension(x509.SubjectAlternativeName(names), critical=True)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
                            critical=False)
             .sign(self.key, hashes.SHA256())

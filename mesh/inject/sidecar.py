@@ -12,7 +12,8 @@ What an injected pod gets (docs/kubernetes.md):
   its flags.
 - ``initContainers[1]``: ``txmesh-proxy``, the sidecar as a *native sidecar*
   (``restartPolicy: Always``, Kubernetes >= 1.29): it starts before the app
-  containers, which start only once its startup probe passes, and it does not
+  containers, which start only once its startup probe (``httpGet
+  :15021/healthz/ready``, the proxy's health port) passes, and it does not
   keep a Job from completing.  It runs ``twistd -n mesh-proxy --control ...``
   as UID 1337 (the UID ``meshctl iptables --proxy-uid`` exempts from capture).
 - the volumes: the projected service-account token (audience ``txmesh``,
@@ -48,6 +49,8 @@ CA_DIR = "/var/run/secrets/txmesh"
 STATE_VOLUME = "txmesh-state"
 STATE_DIR = "/var/lib/txmesh"
 
+#: The image of the sidecar and its init container (deploy/Dockerfile builds it).
+DEFAULT_IMAGE = f"txmesh/txmesh:{__version__}"
 #: The UID the proxy runs as; ``meshctl iptables --proxy-uid`` exempts its traffic (Istio's 1337).
 PROXY_UID = 1337
 OUTBOUND_PORT = 15001
@@ -90,14 +93,11 @@ class InjectError(ValueError):
 class InjectSettings:
     """What the injector writes into pods; the defaults match deploy/base."""
 
-    image: str = f"txmesh/txmesh:{__version__}"
+    image: str = DEFAULT_IMAGE
     image_pull_policy: str = "IfNotPresent"
     control: str = "mesh-control.mesh-system.svc:15012"
     trust_domain: str = "cluster.local"
     proxy_uid: int = PROXY_UID
-    #: ``exec``: probes run ``python3 -m mesh.inject.probe`` against the admin port's /ready (the
-    #: proxy has no :15021 health port yet); ``http``: httpGet :15021/healthz/ready (Istio's).
-    probe: str = "exec"
     proxy_requests: dict = field(default_factory=lambda: {"cpu": "100m", "memory": "128Mi"})
     init_requests: dict = field(default_factory=lambda: {"cpu": "10m", "memory": "32Mi"})
 
@@ -186,17 +186,22 @@ def app_port(spec: dict):
     return None
 
 
-def _probes(settings: InjectSettings) -> dict:
-    """Startup (the app starts after it passes), readiness and liveness probes of the sidecar."""
-    def check(kind):  # a fresh dict per probe: no shared objects (YAML anchors) in the output
-        if settings.probe == "http":
-            return {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
-        return {"exec": {"command": ["python3", "-m", "mesh.inject.probe", "--port", str(ADMIN_PORT), kind]}}
+def _probes() -> dict:
+    """Startup (the app starts after it passes), readiness and liveness probes: Istio's httpGet :15021/healthz/ready.
+
+    The liveness probe starts only once the startup probe has passed, so a
+    proxy still waiting for its first certificate and config is not
+    restarted; afterwards it fails only while draining (shorter than its 30 s
+    of failures) or once the certificate has expired (a restart then asks
+    for a new one).
+    """
+    def check():  # a fresh dict per probe: no shared objects (YAML anchors) in the output
+        return {"httpGet": {"path": "/healthz/ready", "port": HEALTH_PORT}}
 
     return {
-        "startupProbe": {**check("ready"), "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600},
-        "readinessProbe": {**check("ready"), "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
-        "livenessProbe": {**check("live"), "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
+        "startupProbe": {**check(), "periodSeconds": 1, "timeoutSeconds": 3, "failureThreshold": 600},
+        "readinessProbe": {**check(), "periodSeconds": 5, "timeoutSeconds": 3, "failureThreshold": 3},
+        "livenessProbe": {**check(), "periodSeconds": 10, "timeoutSeconds": 3, "failureThreshold": 3},
     }
 
 
@@ -241,7 +246,8 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> 
                "--state-dir", STATE_DIR,
                "--outbound-port", str(OUTBOUND_PORT),
                "--inbound-port", str(INBOUND_PORT),
-               "--admin-port", str(ADMIN_PORT)]  # metrics: mesh-proxy's default port, 15090
+               "--admin-port", str(ADMIN_PORT),
+               "--health-port", str(HEALTH_PORT)]  # metrics: mesh-proxy's default port, 15090
     port = app_port(spec)
     if port:
         command += ["--app-port", str(port)]
@@ -249,9 +255,8 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> 
     for key in sorted(labels):
         if key not in _CONTROLLER_LABELS and key != TLS_MODE_LABEL:
             command += ["--label", f"{key}={labels[key]}"]
-    ports = [{"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"}]
-    if settings.probe == "http":
-        ports.append({"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"})
+    ports = [{"name": "http-metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+             {"name": "http-health", "containerPort": HEALTH_PORT, "protocol": "TCP"}]
     env = [
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
         {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
@@ -266,7 +271,7 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> 
         "command": command,
         "env": env,
         "ports": ports,
-        **_probes(settings),
+        **_probes(),
         "resources": {"requests": dict(settings.proxy_requests)},
         "securityContext": {
             "runAsUser": settings.proxy_uid, "runAsGroup": settings.proxy_uid, "runAsNonRoot": True,

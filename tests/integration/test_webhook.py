@@ -1,22 +1,25 @@
-"""The injection webhook over real HTTP(S) on loopback: AdmissionReview v1 round trips whose JSONPatch,
-applied to a real Deployment's pod, gives exactly what ``meshctl inject`` gives; and the sidecar's exec
-probe (``python -m mesh.inject.probe``) against a real proxy's admin port."""
+"""The injection webhook inside a real ``twistd mesh-control --webhook-port`` over TLS: its certificate
+chains to the mesh root (STATE/root-cert.pem) and carries the Service's DNS name; AdmissionReview v1 round
+trips whose JSONPatch, applied to a real Deployment's pod, gives exactly what ``meshctl inject`` gives;
+its limits; and the certificate's renewal at half life."""
 
 from __future__ import annotations
 
 import base64
 import copy
-import datetime
 import http.client
 import json
+import socket
 import ssl
 import subprocess
 import uuid
 
 import pytest
 import yaml
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tests.harness import ManagedProcess, venv_bin
+from tests.harness import venv_bin, wait_for
 from tests.harness.net import free_port
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
@@ -55,40 +58,46 @@ spec:
 """
 
 
-class Webhook(ManagedProcess):
-    kind = "webhook"
-
-    def __init__(self, log_dir, *extra):
-        self.port_file = log_dir / f"webhook-{uuid.uuid4().hex[:8]}.port"
-        super().__init__("webhook", [venv_bin("python"), "-m", "mesh.control.webhook", "--address", "127.0.0.1",
-                                     "--port", "0", "--port-file", self.port_file, *extra],
-                         log_dir / "webhook.log")
-
-    def is_ready(self):
-        return self.port_file.exists()
-
-    @property
-    def port(self) -> int:
-        return int(self.port_file.read_text())
+DNS_NAME = "mesh-control.mesh-system.svc"  # the webhook Service, as the API server calls it
 
 
 @pytest.fixture(scope="module")
-def webhook(process_log_dir):
-    with Webhook(process_log_dir, "--plaintext").start() as process:
-        yield process
+def control(control_factory):
+    """``twistd mesh-control --webhook-port P`` (namespace mesh-system: the default DNS name)."""
+    control = control_factory(extra_args=["--webhook-port", str(free_port()), "--proxy-image", "reg/txmesh:test"])
+    control.webhook_port = int(control.argv[control.argv.index("--webhook-port") + 1])
+    return control
 
 
-def post(port, body: bytes, path="/inject", method="POST", context=None, host="127.0.0.1"):
-    if context is None:
-        connection = http.client.HTTPConnection(host, port, timeout=10)
-    else:
-        connection = http.client.HTTPSConnection(host, port, timeout=10, context=context)
+def tls_context(control) -> ssl.SSLContext:
+    """What the API server does with the webhook's caBundle: trust the mesh root (STATE/root-cert.pem)."""
+    return ssl.create_default_context(cafile=str(control.root_cert))
+
+
+class _ServiceConnection(http.client.HTTPSConnection):
+    """HTTPS to 127.0.0.1, with the Service's DNS name as SNI and as the name to verify."""
+
+    def connect(self):
+        sock = socket.create_connection(("127.0.0.1", self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)
+
+
+def post(control, body, path="/inject", method="POST", context=None, hostname=DNS_NAME):
+    connection = _ServiceConnection(hostname, control.webhook_port, timeout=10,
+                                    context=context or tls_context(control))
     try:
         connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
         response = connection.getresponse()
         return response.status, response.getheader("content-type"), response.read()
     finally:
         connection.close()
+
+
+def server_certificate(control, hostname=DNS_NAME) -> x509.Certificate:
+    """The webhook's certificate, after python's ssl verified it against the root and ``hostname``."""
+    with socket.create_connection(("127.0.0.1", control.webhook_port), timeout=10) as sock:
+        with tls_context(control).wrap_socket(sock, server_hostname=hostname) as tls:
+            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
 
 
 def admission_review(pod, operation="CREATE"):
@@ -102,9 +111,9 @@ def admission_review(pod, operation="CREATE"):
                         "options": {"apiVersion": "meta.k8s.io/v1", "kind": "CreateOptions"}}}
 
 
-def review(port, pod, **kwargs):
+def review(control, pod, **kwargs):
     sent = admission_review(pod)
-    status, content_type, body = post(port, json.dumps(sent).encode(), **kwargs)
+    status, content_type, body = post(control, json.dumps(sent).encode(), **kwargs)
     assert status == 200, body
     assert content_type == "application/json"
     answer = json.loads(body)
@@ -119,24 +128,53 @@ def patch_of(response):
     return json.loads(base64.b64decode(response["patch"], validate=True))
 
 
-def meshctl_inject(text: str, *args) -> list:
-    result = subprocess.run([venv_bin("meshctl"), "inject", "-f", "-", *args], input=text, capture_output=True,
-                            text=True, timeout=30, check=True)
+def meshctl_inject(control, text: str) -> list:
+    """``meshctl inject`` as mesh-control's webhook is set up (its image, its CA/config port)."""
+    result = subprocess.run([venv_bin("meshctl"), "inject", "-f", "-", "--image", "reg/txmesh:test",
+                             "--control", f"{DNS_NAME}:{control.port}"],
+                            input=text, capture_output=True, text=True, timeout=30, check=True)
     return list(yaml.safe_load_all(result.stdout))
 
 
-def test_patch_of_the_deployments_pod_template_equals_meshctl_inject(webhook):
+def test_the_certificate_chains_to_the_mesh_root_and_names_the_service(control):
+    cert = server_certificate(control)  # python's ssl verified the chain and the name
+    names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert names.get_values_for_type(x509.DNSName) == [DNS_NAME]
+    assert names.get_values_for_type(x509.UniformResourceIdentifier) == [], "no workload identity"
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(usage) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    root = x509.load_pem_x509_certificate(control.root_cert.read_bytes())
+    assert cert.issuer == root.subject
+    with pytest.raises(ssl.SSLCertVerificationError, match="Hostname mismatch"):
+        server_certificate(control, hostname="mesh-control.default.svc")
+    with pytest.raises(ssl.SSLCertVerificationError):  # a client that does not trust the mesh root
+        post(control, b"{}", context=ssl.create_default_context())
+
+
+def test_patch_of_the_deployments_pod_template_equals_meshctl_inject(control):
     deployment = yaml.safe_load(DEPLOYMENT)
     template = deployment["spec"]["template"]
-    response = review(webhook.port, template)
-    patched = apply_patch(template, patch_of(response))
-    (expected,) = meshctl_inject(DEPLOYMENT)
+    patched = apply_patch(template, patch_of(review(control, template)))
+    (expected,) = meshctl_inject(control, DEPLOYMENT)
     assert patched == expected["spec"]["template"]
     _, problems = check_model({"apiVersion": "v1", "kind": "Pod", **patched})
     assert problems == []
+    # what the pod now runs: iptables first, then the native sidecar, with the projected token
+    init, sidecar = patched["spec"]["initContainers"]
+    assert init["command"][:2] == ["meshctl", "iptables"] and init["image"] == "reg/txmesh:test"
+    assert "--exclude-outbound-ports" in init["command"] and "5432" in init["command"]
+    assert sidecar["name"] == "txmesh-proxy" and sidecar["restartPolicy"] == "Always"
+    command = sidecar["command"]
+    assert command[command.index("--control") + 1] == f"{DNS_NAME}:{control.port}"
+    assert command[command.index("--health-port") + 1] == "15021"
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert sidecar[probe]["httpGet"] == {"path": "/healthz/ready", "port": 15021}, probe
+    (token,) = [v for v in patched["spec"]["volumes"] if v["name"] == "txmesh-token"]
+    assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "txmesh"
+    assert patched["spec"]["containers"] == template["spec"]["containers"], "the app container is untouched"
 
 
-def test_patch_of_a_pod_as_the_replicaset_creates_it(webhook):
+def test_patch_of_a_pod_as_the_replicaset_creates_it(control):
     """The pod the API server sees: generateName, pod-template-hash, ownerReferences, defaults filled in."""
     deployment = yaml.safe_load(DEPLOYMENT)
     pod = copy.deepcopy(deployment["spec"]["template"])
@@ -149,10 +187,10 @@ def test_patch_of_a_pod_as_the_replicaset_creates_it(webhook):
                         "schedulerName": "default-scheduler", "securityContext": {}})
     pod["spec"]["containers"][0].update({"terminationMessagePath": "/dev/termination-log",
                                          "imagePullPolicy": "IfNotPresent"})
-    patch = patch_of(review(webhook.port, pod))
+    patch = patch_of(review(control, pod))
     assert not any(op["path"].startswith("/spec/containers") for op in patch), "the app container is untouched"
     patched = apply_patch(pod, patch)
-    (expected,) = meshctl_inject(DEPLOYMENT)
+    (expected,) = meshctl_inject(control, DEPLOYMENT)
     template = expected["spec"]["template"]
     assert patched["spec"]["initContainers"] == template["spec"]["initContainers"]
     assert patched["spec"]["volumes"] == template["spec"]["volumes"]
@@ -161,16 +199,16 @@ def test_patch_of_a_pod_as_the_replicaset_creates_it(webhook):
     _, problems = check_model({"apiVersion": "v1", "kind": "Pod", **patched})
     assert problems == []
     # admitting the injected pod again (e.g. a re-invocation) adds nothing
-    assert "patch" not in review(webhook.port, patched)
+    assert "patch" not in review(control, patched)
 
 
-def test_opt_out_and_other_requests_get_no_patch(webhook):
+def test_opt_out_and_other_requests_get_no_patch(control):
     template = yaml.safe_load(DEPLOYMENT)["spec"]["template"]
     template["metadata"]["annotations"]["sidecar.istio.io/inject"] = "false"
-    assert "patch" not in review(webhook.port, template)
+    assert "patch" not in review(control, template)
     template["metadata"]["annotations"]["sidecar.istio.io/inject"] = "true"
     template["metadata"]["annotations"]["traffic.sidecar.istio.io/excludeOutboundPorts"] = "postgres"
-    response = review(webhook.port, template)
+    response = review(control, template)
     assert "patch" not in response and "'postgres' is not a port" in response["warnings"][0]
 
 
@@ -181,66 +219,36 @@ def test_opt_out_and_other_requests_get_no_patch(webhook):
                  "request": {"uid": "x"}}).encode(), b"admissionReviewVersions"),
     (json.dumps({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview"}).encode(), b"request.uid"),
 ])
-def test_malformed_reviews_are_400_with_the_reason(webhook, body, words):
-    status, content_type, answer = post(webhook.port, body)
+def test_malformed_reviews_are_400_with_the_reason(control, body, words):
+    status, content_type, answer = post(control, body)
     assert status == 400 and words in answer, answer
     assert json.loads(answer)["error"]
 
 
-def test_methods_and_health(webhook):
-    assert post(webhook.port, None, method="GET")[0] == 405
-    assert post(webhook.port, None, path="/healthz", method="GET")[:1] == (200,)
+def test_methods_health_and_size_limit(control):
+    assert post(control, None, method="GET")[0] == 405
+    assert post(control, None, path="/healthz", method="GET")[:1] == (200,)
+    huge = b'{"pad": "' + b"x" * (9 * 1024 * 1024) + b'"}'  # beyond the 8 MiB an AdmissionReview may have
+    try:
+        status, _, answer = post(control, huge)
+    except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError):
+        pytest.fail("the webhook cut the connection without answering 413")
+    assert status == 413 and b"larger than" in answer, answer
+    assert post(control, None, path="/healthz", method="GET")[0] == 200, "and it still serves"
 
 
-def _self_signed(tmp_path):
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes, serialization
-    from cryptography.hazmat.primitives.asymmetric import ec
-    from cryptography.x509.oid import NameOID
-    import ipaddress
-
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mesh-webhook.mesh-system.svc")])
-    now = datetime.datetime.now(datetime.timezone.utc)
-    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=1))
-            .not_valid_after(now + datetime.timedelta(hours=1))
-            .add_extension(x509.SubjectAlternativeName([x509.DNSName("mesh-webhook.mesh-system.svc"),
-                                                        x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-                           critical=False)
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
-    cert_path, key_path = tmp_path / "tls.crt", tmp_path / "tls.key"
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    return cert_path, key_path
-
-
-def test_https_as_the_api_server_calls_it(process_log_dir, tmp_path):
-    cert, key = _self_signed(tmp_path)
-    with Webhook(process_log_dir, "--tls-cert", str(cert), "--tls-key", str(key)).start() as tls_webhook:
-        context = ssl.create_default_context(cafile=str(cert))  # the webhook's caBundle
-        template = yaml.safe_load(DEPLOYMENT)["spec"]["template"]
-        response = review(tls_webhook.port, template, context=context)
-        (expected,) = meshctl_inject(DEPLOYMENT)
-        assert apply_patch(template, patch_of(response)) == expected["spec"]["template"]
-        with pytest.raises(ssl.SSLError):  # and it is really TLS: an unverified peer is refused by the client
-            post(tls_webhook.port, b"{}", context=ssl.create_default_context())
-
-
-def test_exec_probe_against_a_real_proxy(proxy_factory, tmp_path):
-    config = tmp_path / "config"
-    config.mkdir()
-    proxy = proxy_factory(config, "w")
-
-    def probe(kind, port):
-        return subprocess.run([venv_bin("python"), "-m", "mesh.inject.probe", "--port", str(port), kind],
-                              capture_output=True, text=True, timeout=30)
-
-    ready = probe("ready", proxy.admin_port)
-    assert ready.returncode == 0 and '"ready": true' in ready.stdout, ready
-    assert probe("live", proxy.admin_port).returncode == 0
-    closed = free_port("127.0.0.1")
-    down = probe("live", closed)
-    assert down.returncode == 1 and "does not answer" in down.stderr
+def test_the_certificate_is_renewed_at_half_life(control_factory):
+    names = "injector.mesh.example.svc,injector.mesh.example"
+    control = control_factory(workload_cert_ttl="4s", extra_args=["--webhook-port", str(free_port()),
+                                                                  "--webhook-dns-names", names])
+    control.webhook_port = int(control.argv[control.argv.index("--webhook-port") + 1])
+    first = server_certificate(control, "injector.mesh.example.svc")
+    listed = first.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert listed.get_values_for_type(x509.DNSName) == names.split(",")
+    assert (first.not_valid_after_utc - first.not_valid_before_utc).total_seconds() <= 4 + 5 * 60  # + clock skew
+    renewed = wait_for(lambda: (cert := server_certificate(control, "injector.mesh.example"))
+                       .serial_number != first.serial_number and cert, timeout=10,
+                       what="a new webhook certificate (renewal at 2 s)")
+    assert renewed.not_valid_after_utc > first.not_valid_after_utc
+    assert "injection webhook certificate for injector.mesh.example.svc,injector.mesh.example" in \
+        control.log_path.read_text()

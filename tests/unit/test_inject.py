@@ -129,8 +129,10 @@ def test_the_sidecar_spec():
     assert env["POD_NAMESPACE"] == "metadata.namespace" and env["SERVICE_ACCOUNT"] == "spec.serviceAccountName"
     assert sidecar["securityContext"]["runAsUser"] == 1337 and sidecar["securityContext"]["runAsNonRoot"]
     assert init["command"][init["command"].index("--proxy-uid") + 1] == "1337"
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert sidecar[probe]["exec"]["command"][:3] == ["python3", "-m", "mesh.inject.probe"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):  # Istio's, on the proxy's health port
+        assert sidecar[probe]["httpGet"] == {"path": "/healthz/ready", "port": 15021}, probe
+    assert flags["--health-port"] == "15021"
+    assert {"name": "http-health", "containerPort": 15021, "protocol": "TCP"} in sidecar["ports"]
     assert sidecar["resources"]["requests"] == {"cpu": "100m", "memory": "128Mi"}
     assert init["resources"]["requests"]
     token = next(v for v in pod["spec"]["volumes"] if v["name"] == "txmesh-token")
@@ -139,15 +141,6 @@ def test_the_sidecar_spec():
     mounts = {m["name"]: m["mountPath"] for m in sidecar["volumeMounts"]}
     assert mounts["txmesh-token"] == "/var/run/secrets/tokens"
     assert [v["name"] for v in pod["spec"]["volumes"]][0] == "data", "the user's volumes stay first"
-
-
-def test_http_probes_on_the_health_port():
-    pod = pod_template_of(inject_object(WORKLOADS["Deployment"], InjectSettings(probe="http")))
-    sidecar = containers(pod)[SIDECAR_NAME]
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz/ready", "port": 15021}
-    assert sidecar["livenessProbe"]["httpGet"]["port"] == 15021
-    assert_model_clean(pod_template_of(inject_object(WORKLOADS["Pod"], InjectSettings(probe="http"))) | {
-        "apiVersion": "v1", "kind": "Pod"})
 
 
 def test_the_sidecar_command_parses_with_mesh_proxy_options():
@@ -161,6 +154,8 @@ def test_the_sidecar_command_parses_with_mesh_proxy_options():
     assert options["control"] == ("mesh-control.mesh-system.svc", 15012)
     assert options["labels"] == {"app": "user-service", "version": "v1"}
     assert options["namespace"] == "demo" and options["app-port"] == 8080
+    # the probes reach the port the proxy serves /healthz/ready on
+    assert options["health-port"] == containers(pod)[SIDECAR_NAME]["readinessProbe"]["httpGet"]["port"]
 
 
 def test_the_init_command_parses_with_meshctl_iptables():
