@@ -97,7 +97,7 @@ def schema_problems(value, schema, path="") -> list[str]:
 def test_there_are_manifests():
     kinds = {doc["kind"] for _, doc in all_documents()}
     assert {"Namespace", "CustomResourceDefinition", "Deployment", "Service", "ServiceAccount", "ClusterRole",
-            "ClusterRoleBinding", "Role", "RoleBinding", "MutatingWebhookConfiguration", "ConfigMap",
+            "ClusterRoleBinding", "Role", "RoleBinding", "MutatingWebhookConfiguration",
             "AuthorizationPolicy", "PeerAuthentication", "VirtualService", "DestinationRule"} <= kinds
 
 
@@ -212,13 +212,53 @@ def test_control_plane_service_webhook_and_rbac_agree():
             assert rule["resources"] in (["tokenreviews"], ["events"]), rule
         assert "secrets" not in rule["resources"]
     crd_groups = {group for group, _ in crds()}
-    assert crd_groups <= {g for rule in cluster_role["rules"] for g in rule["apiGroups"]}
+    granted = {g for rule in cluster_role["rules"] for g in rule["apiGroups"]}
+    assert crd_groups <= granted
+    assert not {"networking.istio.io", "security.istio.io"} & granted, "only --istio-crds needs Istio's groups"
     (role,) = _by_kind("Role", "mesh-control")
+    assert role["metadata"]["namespace"] == "mesh-system"
     assert role["rules"] == [{"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["txmesh-ca"],
-                              "verbs": ["get"]}]
+                              "verbs": ["get"]},
+                             {"apiGroups": [""], "resources": ["secrets"], "verbs": ["create"]}]
     for binding in _by_kind("ClusterRoleBinding", "mesh-control") + _by_kind("RoleBinding", "mesh-control"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mesh-control",
                                         "namespace": "mesh-system"}]
+
+
+def test_mesh_control_serves_the_webhook_the_configuration_calls():
+    """One container: mesh-control serves the webhook itself, with a certificate for the Service's name."""
+    from mesh.control.injector import default_dns_names
+    from mesh.control.tap import Options
+    (deployment,) = _by_kind("Deployment", "mesh-control")
+    (hook,) = _by_kind("MutatingWebhookConfiguration")[0]["webhooks"]
+    pod = deployment["spec"]["template"]["spec"]
+    (control,) = pod["containers"]
+    command = control["command"]
+    options = Options()
+    options.parseOptions(command[command.index("mesh-control") + 1:])
+    service = hook["clientConfig"]["service"]
+    assert options["webhook-port"] == service["port"] == 15017
+    names = options["webhook-dns-names"] or default_dns_names(options["namespace"])
+    assert names[0] == f"{service['name']}.{service['namespace']}.svc", "the name the API server verifies"
+    assert options["proxy-image"] == control["image"]
+    for probe in ("readinessProbe", "livenessProbe"):  # the admin port is loopback-only
+        assert control[probe]["httpGet"] == {"path": "/healthz", "port": 15017, "scheme": "HTTPS"}, probe
+    assert not any("secret" in volume and volume["secret"]["secretName"] == "mesh-webhook-tls"
+                   for volume in pod["volumes"]), "no hand-made webhook certificate"
+
+
+def test_every_python_module_a_manifest_runs_exists():
+    import importlib.util
+    for path, doc in all_documents():
+        template = pod_template_of(doc)
+        spec = (template or {}).get("spec") or {}
+        for container in spec.get("containers", []) + spec.get("initContainers", []):
+            probes = [container.get(p, {}).get("exec", {}).get("command", []) for p in
+                      ("readinessProbe", "livenessProbe", "startupProbe")]
+            for argv in [container.get("command", []), *probes]:
+                if "-m" in argv:
+                    module = argv[argv.index("-m") + 1]
+                    assert importlib.util.find_spec(module), f"{path.name}: {container['name']} runs {module}"
 
 
 def test_the_control_plane_command_parses():
@@ -229,6 +269,17 @@ def test_the_control_plane_command_parses():
     options = Options()
     options.parseOptions(command[command.index("mesh-control") + 1:])
     assert options["port"] == 15012 and options["namespace"] == "mesh-system"
+    # config from the CRs and the registry from the API: no config directory to mount
+    assert options["kubernetes"] and options["config-dir"] is None and not options["istio-crds"]
+    # the CA and token key come from the Secret the Role may get (and create), kept in a memory-backed state dir
+    (role,) = _by_kind("Role", "mesh-control")
+    assert options["ca-secret"] == role["rules"][0]["resourceNames"][0] == "txmesh-ca"
+    assert options["ca-cert"] is None and options["ca-key"] is None
+    pod = deployment["spec"]["template"]["spec"]
+    (state,) = [m for m in control["volumeMounts"] if m["mountPath"] == options["state-dir"]]
+    assert {v["name"]: v for v in pod["volumes"]}[state["name"]]["emptyDir"]["medium"] == "Memory"
+    assert all(volume.get("secret", {}).get("secretName") != "txmesh-ca" for volume in pod["volumes"]), \
+        "the CA Secret is read through the API, not mounted"
 
 
 def test_the_seed_sample_injects_cleanly_and_its_crs_pass_txmesh_validation():
@@ -243,9 +294,9 @@ def test_the_seed_sample_injects_cleanly_and_its_crs_pass_txmesh_validation():
             assert container["securityContext"]["runAsUser"] != PROXY_UID, "the app's traffic would not be captured"
     namespaces = {d["metadata"]["name"]: d for d in documents(sample / "namespaces.yaml")}
     assert all(ns["metadata"]["labels"]["txmesh-injection"] == "enabled" for ns in namespaces.values())
-    # the CRs are txmesh config: the same validation as the config dir, with Istio's apiVersions
-    istio = {"networking.txmesh.io/v1": "networking.istio.io/v1", "security.txmesh.io/v1": "security.istio.io/v1"}
-    crs = [{**d, "apiVersion": istio[d["apiVersion"]]} for d in documents(sample / "mesh-config.yaml")]
+    # the CRs are txmesh config: the same loader and validation as the config dir (mesh-control --kubernetes)
+    crs = list(documents(sample / "mesh-config.yaml"))
+    assert {d["apiVersion"] for d in crs} == {"networking.txmesh.io/v1", "security.txmesh.io/v1"}
     loaded = load_documents(crs, "deploy/samples/seed/mesh-config.yaml")
     assert loaded.errors == []
     objects, errors = validate(loaded.resources)
