@@ -67,9 +67,9 @@ from bench.topologies import BENCH_DIR, BODY, MESH_HOST, REPO_DIR, Workspace, fi
 
 _TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 
-#: Options that switch off an access log and a metrics port, passed only if the
+#: Options that switch off an access log, a metrics port and a health port, passed only if the
 #: tree's ``mesh-proxy`` has them (the Envoy cases have neither).
-_TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"))
+_TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"), ("--health-port", "0"))
 
 
 class KeepAliveClient:

@@ -256,8 +256,8 @@ def _txmesh_env() -> dict:
 
 
 #: Options that turn off what the Envoy cases do not have either (an access log, a
-#: metrics port), passed only if this checkout's ``mesh-proxy`` has them.
-_TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"))
+#: metrics port, a health port), passed only if this checkout's ``mesh-proxy`` has them.
+_TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"), ("--health-port", "0"))
 
 
 @functools.lru_cache(maxsize=None)
