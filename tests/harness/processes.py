@@ -95,6 +95,17 @@ class ManagedProcess:
 
     def start(self, timeout: float | None = None):
         """Start the process and wait until :meth:`is_ready`; return self."""
+        self.spawn()
+        try:
+            self.wait_ready(self.ready_timeout if timeout is None else timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def spawn(self):
+        """Start the process without waiting for it (e.g. to start several at once; then
+        :meth:`wait_ready` each); return self."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
             log.write(f"$ {shlex.join(self.argv)}\n".encode())
@@ -104,11 +115,6 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )
         _live[self] = None
-        try:
-            self.wait_ready(self.ready_timeout if timeout is None else timeout)
-        except BaseException:
-            self.stop()
-            raise
         return self
 
     def is_ready(self) -> bool:
