@@ -45,6 +45,9 @@ log = Logger()
 WATCH_TIMEOUT = 300
 #: ``(connect, read)`` timeouts of list requests.
 LIST_TIMEOUT = (5.0, 30.0)
+#: Shorter timeouts for the first list, made before the control plane serves: an API server that
+#: accepts connections but does not answer delays readiness by at most this much per source.
+PRIME_TIMEOUT = (3.0, 10.0)
 #: Page size of lists (``limit``/``continue``).
 PAGE_SIZE = 500
 
@@ -163,7 +166,7 @@ class Reflector:
         The control plane's first snapshots then already hold this kind.
         """
         try:
-            items, version = self._list()
+            items, version = self._list(PRIME_TIMEOUT)
         except NotReadable as error:
             self._failed(error.__cause__)
             self._emptied = True
@@ -237,11 +240,11 @@ class Reflector:
                      version=self.resource_version)
             self.last_error = None
 
-    def _list(self) -> tuple:
+    def _list(self, timeout=LIST_TIMEOUT) -> tuple:
         """Every object of the kind (all pages) and the list's resourceVersion."""
         items, token = [], None
         while True:
-            kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": LIST_TIMEOUT}
+            kwargs = {"limit": PAGE_SIZE, "_preload_content": False, "_request_timeout": timeout}
             if token:
                 kwargs["_continue"] = token
             try:

@@ -292,7 +292,7 @@ def test_an_api_server_that_does_not_answer_times_out(kube, control_factory, pro
         kubeconfig = process_log_dir / "kubeconfig-black-hole"
         kube.write_kubeconfig(kubeconfig)
         kubeconfig.write_text(kubeconfig.read_text().replace(kube.url, f"http://127.0.0.1:{hole.getsockname()[1]}"))
-        # without the Kubernetes config sources: they would wait for the black hole before serving
+        # without the Kubernetes config sources: their first lists would wait for the black hole (PRIME_TIMEOUT)
         control = control_factory(extra_args=[*kube_args(kubeconfig, secret=None),
                                               "--disable-plugin", "builtin.kubernetes_registry",
                                               "--disable-plugin", "builtin.kubernetes_crds"])
