@@ -277,6 +277,7 @@ class KubeApiServer(resource.Resource):
             raise ApiError(400, "BadRequest", f"timeoutSeconds {timeout!r} is not a non-negative integer")
         request.setResponseCode(200)
         request.setHeader(b"content-type", b"application/json")
+        request.write(b"")  # the status line and headers go out now, before any event, as a real API server does
         stream = WatchStream(request, rtype, version, namespace, matches,
                              query.get("allowWatchBookmarks", "").lower() in _TRUE)
         self.watches.add(stream)
