@@ -38,7 +38,7 @@ from mesh.inject.sidecar import DEFAULT_IMAGE
 from mesh.kube.client import make_api_client
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
-from mesh.webpages import BytesPage, JSONPage, QuietSite
+from mesh.webpages import BytesPage, JSONPage, LimitedSite, SiteLimits
 
 log = Logger()
 
@@ -54,6 +54,7 @@ class ControlSettings:
     address: str = "0.0.0.0"
     port: int = 15012
     admin_port: int = 15014
+    admin_address: str = "127.0.0.1"  # 0.0.0.0 lets Prometheus in a cluster scrape /metrics
     workload_cert_ttl: float = 24 * 3600.0
     ca_cert: str = None
     ca_key: str = None
@@ -129,8 +130,9 @@ class ControlService(service.MultiService):
         ca_pages = resource.Resource()
         admin_root.putChild(b"ca", ca_pages)
         ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))
-        admin = QuietSite(admin_root, timeout=30)
-        internet.TCPServer(settings.admin_port, admin, interface="127.0.0.1").setServiceParent(self)
+        # loopback unless --admin-address says otherwise (Prometheus in a cluster): limits as for any such port
+        admin = LimitedSite(admin_root, SiteLimits(), reactor)
+        internet.TCPServer(settings.admin_port, admin, interface=settings.admin_address).setServiceParent(self)
         if settings.webhook_port:
             InjectorService.for_control_plane(self).setServiceParent(self)
 
@@ -153,7 +155,7 @@ class ControlService(service.MultiService):
         cert_pem, chain_pem = self.ca.sign(csr, self.identity.uri, self.settings.workload_cert_ttl)
         chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
         self.credentials.swap(WorkloadCredentials.build(key, chain, self.ca.bundle, require_client_cert=False))
-        self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
+        self._own_renewal = self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
 
     def set_resources(self, resources) -> list:
         """The config resources to distribute (Resource objects, validated objects or documents).
@@ -182,6 +184,8 @@ class ControlService(service.MultiService):
 
     def stopService(self):
         self.distributor.stop()
+        if self._own_renewal.active():
+            self._own_renewal.cancel()
         return super().stopService()
 
     def readiness(self):

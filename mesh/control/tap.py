@@ -29,7 +29,9 @@ class Options(usage.Options):
         ["namespace", None, "mesh-system", "Namespace of the control plane's own identity."],
         ["address", None, "0.0.0.0", "Address of the CSR/config port."],
         ["port", "p", 15012, "CSR/config port (TLS).", int],
-        ["admin-port", None, 15014, "Admin port on 127.0.0.1 (/ready, /metrics, /ca/root-cert.pem).", int],
+        ["admin-port", None, 15014, "Admin port (/ready, /metrics, /proxies, /ca/root-cert.pem).", int],
+        ["admin-address", None, "127.0.0.1", "Address of the admin port; 0.0.0.0 lets Prometheus scrape it "
+         "from other hosts (nothing secret is served there)."],
         ["workload-cert-ttl", None, "24h", "Lifetime of workload certificates (and the cap on requests).",
          duration_option],
         ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
@@ -85,7 +87,8 @@ def makeService(options):
     settings = ControlSettings(
         state_dir=options["state-dir"], config_dir=options["config-dir"],
         trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],
-        port=options["port"], admin_port=options["admin-port"], workload_cert_ttl=options["workload-cert-ttl"],
+        port=options["port"], admin_port=options["admin-port"], admin_address=options["admin-address"],
+        workload_cert_ttl=options["workload-cert-ttl"],
         ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"],
         push_debounce=options["push-debounce"], registry_grace=options["registry-grace"],
         kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],

@@ -241,8 +241,9 @@ def test_mesh_control_serves_the_webhook_the_configuration_calls():
     names = options["webhook-dns-names"] or default_dns_names(options["namespace"])
     assert names[0] == f"{service['name']}.{service['namespace']}.svc", "the name the API server verifies"
     assert options["proxy-image"] == control["image"]
-    for probe in ("readinessProbe", "livenessProbe"):  # the admin port is loopback-only
+    for probe in ("readinessProbe", "livenessProbe"):  # ready = serving webhook calls
         assert control[probe]["httpGet"] == {"path": "/healthz", "port": 15017, "scheme": "HTTPS"}, probe
+    assert options["admin-address"] == "0.0.0.0", "the Service's monitoring port reaches /metrics"
     assert not any("secret" in volume and volume["secret"]["secretName"] == "mesh-webhook-tls"
                    for volume in pod["volumes"]), "no hand-made webhook certificate"
 
