@@ -19,6 +19,9 @@ What an injected pod gets (docs/kubernetes.md):
 - the volumes: the projected service-account token (audience ``txmesh``,
   1 h), the mesh's root certificate (ConfigMap ``txmesh-ca-root-cert``) and an
   emptyDir for the last-known-good config.
+- the app containers' ``httpGet`` and ``tcpSocket`` probes go to the sidecar's
+  health port, which probes the app on localhost (``mesh.inject.probes``;
+  Istio's ``sidecar.istio.io/rewriteAppHTTPProbers: "false"`` opts out).
 - the label ``security.istio.io/tlsMode: istio`` and the annotation
   ``sidecar.istio.io/status``, which marks the pod as injected: injecting it
   again changes nothing.
@@ -35,6 +38,7 @@ import json
 from dataclasses import dataclass, field
 
 from mesh import __version__
+from mesh.inject.probes import APP_PROBERS_ENV, REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
 
 SIDECAR_NAME = "txmesh-proxy"
 INIT_NAME = "txmesh-init"
@@ -124,13 +128,18 @@ def skip_reason(pod: dict) -> str | None:
     metadata = pod.get("metadata") or {}
     for where in ("annotations", "labels"):
         value = (metadata.get(where) or {}).get(INJECT_ANNOTATION)
-        if value is not None and str(value).strip().lower() in ("false", "no", "n", "0", "off"):
+        if _is_false(value):
             return f"{INJECT_ANNOTATION}: {value!r} ({where[:-1]})"
     if (pod.get("spec") or {}).get("hostNetwork"):
         return "hostNetwork: true (the pod shares the node's network namespace)"
     if is_injected(pod):
         return "already injected"
     return None
+
+
+def _is_false(value) -> bool:
+    """An annotation or label that says no (``"false"``, ``"no"``, ``"0"``, ``"off"``, ...)."""
+    return value is not None and str(value).strip().lower() in ("false", "no", "n", "0", "off")
 
 
 def _port_list(annotations: dict, key: str) -> list[str]:
@@ -232,7 +241,7 @@ def _init_container(annotations: dict, settings: InjectSettings) -> dict:
     }
 
 
-def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> dict:
+def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None, app_probers: dict = None) -> dict:
     metadata = pod.get("metadata") or {}
     spec = pod.get("spec") or {}
     command = ["twistd", "-n", "--pidfile=", "mesh-proxy",
@@ -263,6 +272,8 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None) -> 
         {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
         {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
+    if app_probers:  # what /app-health/... on the health port sends to the app (mesh.inject.probes)
+        env.append({"name": APP_PROBERS_ENV, "value": json.dumps(app_probers, sort_keys=True, separators=(",", ":"))})
     return {
         "name": SIDECAR_NAME,
         "image": settings.image,
@@ -299,7 +310,8 @@ def inject_pod(pod: dict, settings: InjectSettings = InjectSettings(), fallback_
     """Return an injected deep copy of ``pod`` (a Pod or a pod template: ``{metadata, spec}``).
 
     Returns an unchanged copy when :func:`skip_reason` says so.  Raises
-    :class:`InjectError` for a malformed ``traffic.sidecar.istio.io/*`` annotation.
+    :class:`InjectError` for a malformed ``traffic.sidecar.istio.io/*`` annotation
+    or an app probe whose named port the container does not declare.
     ``fallback_name`` names the workload when the pod has no ``app`` label.
     """
     pod = copy.deepcopy(pod)
@@ -311,7 +323,13 @@ def inject_pod(pod: dict, settings: InjectSettings = InjectSettings(), fallback_
     annotations = metadata["annotations"]
     spec = pod.setdefault("spec", {})
     init = _init_container(annotations, settings)
-    sidecar = _sidecar(pod, settings, fallback_name)
+    probers = {}
+    if not _is_false(annotations.get(REWRITE_ANNOTATION)):
+        try:
+            probers = rewrite_app_probes(spec, HEALTH_PORT)
+        except ProbeError as error:
+            raise InjectError(str(error)) from None
+    sidecar = _sidecar(pod, settings, fallback_name, probers)
     spec["initContainers"] = [init, sidecar] + list(spec.get("initContainers") or [])
     volumes = _volumes()
     spec["volumes"] = list(spec.get("volumes") or []) + volumes

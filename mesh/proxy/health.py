@@ -1,4 +1,4 @@
-"""The sidecar's health port (Istio's 15021): ``GET /healthz/ready`` for the kubelet's probes.
+"""The sidecar's health port (Istio's 15021): ``GET /healthz/ready`` and the app's probes, for the kubelet.
 
 The admin port (15000) stays on 127.0.0.1, which the kubelet's httpGet probes
 (sent to the pod address) cannot reach; this port answers on the inbound
@@ -8,6 +8,11 @@ The admin port (15000) stays on 127.0.0.1, which the kubelet's httpGet probes
   config in force, not draining);
 - ``503`` with the reason as one line of text otherwise, e.g. ``not ready:
   waiting for the workload certificate (last error: ...)``.
+
+It also answers ``/app-health/<container>/<livez|readyz|startupz>``, the app
+probes the injector rewrote (:mod:`mesh.proxy.app_prober`): the sidecar runs
+the recorded probe against the app and answers with its outcome.  Those do
+not depend on the sidecar's own readiness, nor change it.
 
 It is reachable from other hosts, so it has tight :class:`~mesh.webpages.SiteLimits`:
 32 connections, 8 KiB per request, ``--header-timeout`` for a request to
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 from twisted.web import resource
 
+from mesh.proxy.app_prober import AppHealthPage, AppProber
 from mesh.webpages import LimitedSite, OptionalServer, SiteLimits
 
 HEALTH_PATH = (b"healthz", b"ready")
@@ -51,12 +57,18 @@ class ReadyPage(resource.Resource):
 
 
 class HealthServer(OptionalServer):
-    """Serves ``/healthz/ready`` for ``proxy`` on ``interface:port``."""
+    """Serves ``/healthz/ready`` for ``proxy`` on ``interface:port``, and ``app_probes`` against ``app_address``.
 
-    def __init__(self, reactor, proxy, port: int, interface: str, request_timeout: float):
+    ``app_probes`` maps ``/app-health/...`` paths to
+    :class:`~mesh.proxy.app_probes.AppProbe` (``--app-probers``).
+    """
+
+    def __init__(self, reactor, proxy, port: int, interface: str, request_timeout: float,
+                 app_probes: dict, app_address: str):
         root = resource.Resource()
         healthz = resource.Resource()
         root.putChild(HEALTH_PATH[0], healthz)
         healthz.putChild(HEALTH_PATH[1], ReadyPage(proxy.readiness))
+        root.putChild(b"app-health", AppHealthPage(AppProber(reactor, app_address), app_probes))
         site = LimitedSite(root, SiteLimits(request_timeout=request_timeout), reactor=reactor)
         super().__init__(reactor, site, port, interface, "health checks", "--health-port")

@@ -68,6 +68,7 @@ class ProxySettings:
     app_port: int = 0
     admin_port: int = 15000
     health_port: int = 15021  # /healthz/ready on inbound_address, for the kubelet; 0: off
+    app_probes: dict = field(default_factory=dict)  # /app-health/... path -> AppProbe (--app-probers)
     state_dir: str = None  # last-known-good snapshot of the control plane's config
     limits: Limits = field(default_factory=Limits)
     identity: IdentitySettings = field(default_factory=IdentitySettings)
@@ -115,7 +116,8 @@ class ProxyService(service.MultiService):
         admin.setServiceParent(self)
         if settings.health_port:
             HealthServer(reactor, self, settings.health_port, settings.inbound_address,
-                         settings.limits.header_timeout).setServiceParent(self)
+                         settings.limits.header_timeout, settings.app_probes,
+                         settings.app_address).setServiceParent(self)
         if self.control_client is not None:
             self.control_client.setServiceParent(self)
         telemetry.install(self)

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 from twisted.python import usage
 
 from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
+from mesh.inject.probes import APP_PROBERS_ENV
 from mesh.plugins import make_plugin_manager
+from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
@@ -47,6 +50,9 @@ class Options(usage.Options):
         ["admin-port", None, 15000, "Admin port, bound to 127.0.0.1.", int],
         ["health-port", None, 15021, "Port of /healthz/ready (the kubelet's probes), on the inbound address; "
                                      "0 turns it off.", int],
+        ["app-probers", None, None, "The app's probes the health port runs for the kubelet at /app-health/..., "
+                                    f"as JSON (Istio's ISTIO_KUBE_APP_PROBERS format); default: ${APP_PROBERS_ENV}, "
+                                    "which the injector sets."],
         ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
@@ -97,6 +103,7 @@ class Options(usage.Options):
             raise usage.UsageError("--config-dir (the directory of Istio YAML files) or --control (config from "
                                    "the control plane) is required")
         self._check_identity_options()
+        self._parse_app_probers()
         if not 0.0 <= self["trace-sampling"] <= 100.0:
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
         if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
@@ -112,6 +119,16 @@ class Options(usage.Options):
         except ValueError as error:
             raise usage.UsageError(f"bad size: {error}") from None
 
+
+    def _parse_app_probers(self):
+        given = self["app-probers"] is not None
+        source = "--app-probers" if given else f"${APP_PROBERS_ENV}"
+        try:
+            self["app-probers"] = parse_app_probers(self["app-probers"] if given else os.environ.get(APP_PROBERS_ENV))
+        except ValueError as error:
+            raise usage.UsageError(f"{source}: {error}") from None
+        if self["app-probers"] and not self["health-port"]:
+            raise usage.UsageError(f"{source} needs the health port the kubelet probes: give --health-port")
 
     def _check_identity_options(self):
         if self["control"] and (self["cert"] or self["key"]):
@@ -151,7 +168,8 @@ def makeService(options):
         outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],
         inbound_address=options["inbound-address"], inbound_port=options["inbound-port"],
         app_address=options["app-address"], app_port=options["app-port"],
-        admin_port=options["admin-port"], health_port=options["health-port"], state_dir=options["state-dir"], limits=limits,
+        admin_port=options["admin-port"], health_port=options["health-port"],
+        app_probes=options["app-probers"], state_dir=options["state-dir"], limits=limits,
         drain_time=_seconds(options["drain-time"]),
         identity=IdentitySettings(
             trust_domain=options["trust-domain"], service_account=options["service-account"],

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import NetnsProcess, Pods, TestCA, require_netns
-from tests.harness import venv_bin
+from tests.harness import venv_bin, wait_for
 
 PROXY_UID = 1337
 CLIENT_IP, SERVER_IP = "10.99.0.1", "10.99.0.2"
@@ -36,6 +37,9 @@ TD = "cluster.local"
 CLIENT_ID = f"spiffe://{TD}/ns/default/sa/client"
 SERVER_ID = f"spiffe://{TD}/ns/default/sa/server"
 SERVER_CLUSTER = "outbound|8080||server.default.svc.cluster.local"
+#: The server app's probes, as the injector records them for the sidecar (``--app-probers``).
+SERVER_PROBERS = {"/app-health/server/readyz": {"httpGet": {"path": "/status/200", "port": APP_PORT}},
+                  "/app-health/server/livez": {"httpGet": {"path": "/status/503", "port": APP_PORT}}}
 
 
 def _client_config():
@@ -86,7 +90,7 @@ class Pod:
         return self.exec("iptables-save", "-t", "nat", check=True).stdout
 
 
-def _start_pod(pods, netns, name, ca, workdir: Path, config):
+def _start_pod(pods, netns, name, ca, workdir: Path, config, extra_args=()):
     workdir.mkdir(mode=0o755)
     os.chown(workdir, PROXY_UID, PROXY_UID)
     key, chain, _ = ca.issue("default", name)
@@ -103,15 +107,18 @@ def _start_pod(pods, netns, name, ca, workdir: Path, config):
         f"{name}-app", netns, [venv_bin("python"), "-m", "mesh.demo.app", "--name", name, "--port", APP_PORT],
         workdir / "app.log", ready_argv=["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{APP_PORT}/"],
         cwd=workdir, env=env))
-    pods.start(NetnsProcess(
+    proxy = pods.start(NetnsProcess(
         f"{name}-proxy", netns,
         [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
          "--workload", name, "--namespace", "default", "--service-account", name, "--label", f"app={name}",
-         "--app-port", APP_PORT, "--cert", workdir / "cert.pem", "--key", key_path, "--ca-bundle", workdir / "ca.pem"],
+         "--app-port", APP_PORT, "--cert", workdir / "cert.pem", "--key", key_path, "--ca-bundle", workdir / "ca.pem",
+         *extra_args],
         workdir / "proxy.log", uid=PROXY_UID,
         ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],  # the startup probe
         cwd=workdir, env=env))
-    return Pod(pods, netns, name, workdir)
+    pod = Pod(pods, netns, name, workdir)
+    pod.proxy = proxy
+    return pod
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +133,8 @@ def mesh():
         pods.link(client_ns, f"{CLIENT_IP}/24", server_ns, f"{SERVER_IP}/24")
         ca = TestCA(TD)
         client = _start_pod(pods, client_ns, "client", ca, workdir / "client", _client_config())
-        server = _start_pod(pods, server_ns, "server", ca, workdir / "server", _server_config())
+        server = _start_pod(pods, server_ns, "server", ca, workdir / "server", _server_config(),
+                            extra_args=["--app-probers", json.dumps(SERVER_PROBERS)])
         meshctl = str(venv_bin("meshctl"))
         for pod in (client, server):
             result = pod.exec(meshctl, "iptables", "--proxy-uid", str(PROXY_UID))
@@ -196,6 +204,31 @@ def test_the_kubelet_probe_reaches_the_health_port_past_capture(mesh):
     """
     status, head, body = mesh["client"].curl(f"http://{SERVER_IP}:15021/healthz/ready", uid=PROXY_UID)
     assert (status, body) == (200, b"ready\n"), head
+
+
+def test_app_probes_reach_the_app_through_the_health_port_under_strict_mtls(mesh):
+    """With STRICT mTLS, a plaintext probe of the app port (captured to :15006) fails; the rewritten probe of
+    the pod IP's :15021/app-health/... reaches the app, and answers with its status."""
+    client, server = mesh["client"], mesh["server"]
+    config = server.dir / "config" / "mesh.yaml"
+    plain = config.read_text()
+    strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+              "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
+    before = server.admin("/config_dump")["version"]
+    config.write_text(yaml.safe_dump_all([*_server_config(), strict]))
+    try:
+        server.proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.admin("/config_dump")["version"] != before, timeout=5, what="STRICT in force")
+        status, error, _ = client.curl(f"http://{SERVER_IP}:{APP_PORT}/healthz", uid=PROXY_UID)
+        assert status is None, "a plaintext probe of the app port does not get through STRICT"
+        status, head, body = client.curl(f"http://{SERVER_IP}:15021/app-health/server/readyz", uid=PROXY_UID)
+        assert (status, body) == (200, f"the app answered 200 to GET /status/200 on port {APP_PORT}\n".encode()), head
+        status, head, body = client.curl(f"http://{SERVER_IP}:15021/app-health/server/livez", uid=PROXY_UID)
+        assert status == 503 and body.startswith(b"the app answered 503"), (head, body)
+    finally:
+        config.write_text(plain)
+        server.proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: server.admin("/config_dump")["version"] == before, timeout=5, what="the config back")
 
 
 def test_clean_removes_everything(mesh):

@@ -171,7 +171,14 @@ def test_patch_of_the_deployments_pod_template_equals_meshctl_inject(control):
         assert sidecar[probe]["httpGet"] == {"path": "/healthz/ready", "port": 15021}, probe
     (token,) = [v for v in patched["spec"]["volumes"] if v["name"] == "txmesh-token"]
     assert token["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "txmesh"
-    assert patched["spec"]["containers"] == template["spec"]["containers"], "the app container is untouched"
+    # the app container: only its probe changes, to the sidecar's health port (named port resolved)
+    (app,), (original,) = patched["spec"]["containers"], template["spec"]["containers"]
+    assert app["readinessProbe"] == {"httpGet": {"path": "/app-health/user-service/readyz", "port": 15021,
+                                                 "scheme": "HTTP"}}
+    assert {**app, "readinessProbe": None} == {**original, "readinessProbe": None}
+    env = {e["name"]: e.get("value") for e in sidecar["env"]}
+    assert json.loads(env["TXMESH_APP_PROBERS"]) == {"/app-health/user-service/readyz": {
+        "httpGet": {"path": "/healthz", "port": 8080, "scheme": "HTTP"}, "timeoutSeconds": 1}}
 
 
 def test_patch_of_a_pod_as_the_replicaset_creates_it(control):
@@ -188,7 +195,8 @@ def test_patch_of_a_pod_as_the_replicaset_creates_it(control):
     pod["spec"]["containers"][0].update({"terminationMessagePath": "/dev/termination-log",
                                          "imagePullPolicy": "IfNotPresent"})
     patch = patch_of(review(control, pod))
-    assert not any(op["path"].startswith("/spec/containers") for op in patch), "the app container is untouched"
+    assert all(op["path"].startswith("/spec/containers/0/readinessProbe/") for op in patch
+               if op["path"].startswith("/spec/containers")), "of the app container, only the probe changes"
     patched = apply_patch(pod, patch)
     (expected,) = meshctl_inject(control, DEPLOYMENT)
     template = expected["spec"]["template"]

@@ -125,7 +125,7 @@ def test_the_sidecar_spec():
     assert flags["--namespace"] == "$(POD_NAMESPACE)" and flags["--service-account"] == "$(SERVICE_ACCOUNT)"
     assert flags["--workload"] == "user-service" and flags["--app-port"] == "8080"
     assert "app=user-service" in command and "version=v1" in command
-    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"]}
+    env = {e["name"]: e["valueFrom"]["fieldRef"]["fieldPath"] for e in sidecar["env"] if "valueFrom" in e}
     assert env["POD_NAMESPACE"] == "metadata.namespace" and env["SERVICE_ACCOUNT"] == "spec.serviceAccountName"
     assert sidecar["securityContext"]["runAsUser"] == 1337 and sidecar["securityContext"]["runAsNonRoot"]
     assert init["command"][init["command"].index("--proxy-uid") + 1] == "1337"
@@ -143,10 +143,14 @@ def test_the_sidecar_spec():
     assert [v["name"] for v in pod["spec"]["volumes"]][0] == "data", "the user's volumes stay first"
 
 
-def test_the_sidecar_command_parses_with_mesh_proxy_options():
+def test_the_sidecar_command_parses_with_mesh_proxy_options(monkeypatch):
+    from mesh.proxy.app_probes import AppProbe
     from mesh.proxy.tap import Options
     pod = pod_template_of(inject_object(WORKLOADS["Deployment"]))
     command = containers(pod)[SIDECAR_NAME]["command"]
+    for env in containers(pod)[SIDECAR_NAME]["env"]:  # mesh-proxy reads $TXMESH_APP_PROBERS
+        if "value" in env:
+            monkeypatch.setenv(env["name"], env["value"])
     argv = [a.replace("$(POD_NAMESPACE)", "demo").replace("$(SERVICE_ACCOUNT)", "user-service")
             for a in command[command.index("mesh-proxy") + 1:]]
     options = Options()
@@ -156,6 +160,8 @@ def test_the_sidecar_command_parses_with_mesh_proxy_options():
     assert options["namespace"] == "demo" and options["app-port"] == 8080
     # the probes reach the port the proxy serves /healthz/ready on
     assert options["health-port"] == containers(pod)[SIDECAR_NAME]["readinessProbe"]["httpGet"]["port"]
+    # and the app's rewritten probe is one the health port runs
+    assert options["app-probers"] == {"/app-health/app/readyz": AppProbe(port=8080, timeout=1.0, path="/healthz")}
 
 
 def test_the_init_command_parses_with_meshctl_iptables():
@@ -347,7 +353,7 @@ def test_diff_applies_back(before, after):
     assert diff(after, after) == []
 
 
-def test_pod_patch_adds_containers_without_rewriting_the_users_own():
+def test_pod_patch_adds_containers_and_rewrites_only_the_users_probes():
     pod = copy.deepcopy(WORKLOADS["Pod"])
     injected = inject_object(pod)
     patch = diff(pod, injected)
@@ -356,8 +362,9 @@ def test_pod_patch_adds_containers_without_rewriting_the_users_own():
     assert ("add", "/spec/initContainers/0") in paths and ("add", "/spec/initContainers/1") in paths
     assert ("add", "/metadata/annotations") in paths
     assert ("add", "/metadata/labels/security.istio.io~1tlsMode") in paths
-    assert not any(op["path"].startswith("/spec/containers") for op in patch)
-    assert {op["op"] for op in patch} == {"add"}
+    assert {op["path"] for op in patch if op["path"].startswith("/spec/containers")} == {
+        "/spec/containers/0/readinessProbe/httpGet/path", "/spec/containers/0/readinessProbe/httpGet/port",
+        "/spec/containers/0/readinessProbe/httpGet/scheme"}
 
 
 def _review(obj, uid="705ab4f5-6393-11e8-b7cc-42010a800002", **request):
@@ -398,3 +405,94 @@ def test_shlex_friendly_commands():
     pod = pod_template_of(inject_object(WORKLOADS["Deployment"]))
     for container in pod["spec"]["initContainers"][:2]:
         assert all(isinstance(a, str) for a in container["command"]), shlex.join(map(str, container["command"]))
+
+
+# -- app probes (mesh.inject.probes): through the sidecar's health port, as Istio rewrites them ------------
+
+PROBED_POD = {
+    "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "web"}},
+    "spec": {"containers": [
+        {"name": "web", "image": "web:1", "ports": [{"name": "http", "containerPort": 8080},
+                                                      {"name": "admin", "containerPort": 9090}],
+         "livenessProbe": {"httpGet": {"path": "/live", "port": "http", "scheme": "HTTPS",
+                                       "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                           "periodSeconds": 7, "timeoutSeconds": 4, "failureThreshold": 5},
+         "readinessProbe": {"tcpSocket": {"port": "admin"}, "initialDelaySeconds": 2},
+         "startupProbe": {"exec": {"command": ["cat", "/tmp/started"]}}},
+        {"name": "worker", "image": "worker:1",
+         "livenessProbe": {"grpc": {"port": 7070}},
+         "readinessProbe": {"httpGet": {"path": "/ready", "port": 80, "host": "10.0.0.9"}},
+         "startupProbe": {"httpGet": {"port": 8081}}},
+    ]},
+}
+
+
+def app_probers(pod) -> dict:
+    env = {e["name"]: e.get("value") for e in containers(pod)[SIDECAR_NAME]["env"]}
+    return json.loads(env["TXMESH_APP_PROBERS"]) if "TXMESH_APP_PROBERS" in env else None
+
+
+def to_health_port(container: str, kind: str) -> dict:
+    return {"path": f"/app-health/{container}/{kind}", "port": 15021, "scheme": "HTTP"}
+
+
+def test_http_and_tcp_probes_go_through_the_health_port():
+    injected = inject_object(PROBED_POD)
+    assert_model_clean(injected)
+    web, worker = injected["spec"]["containers"]
+    # rewritten: the kubelet asks the sidecar; everything but the check itself stays
+    assert web["livenessProbe"] == {"httpGet": to_health_port("web", "livez"), "periodSeconds": 7,
+                                    "timeoutSeconds": 4, "failureThreshold": 5}
+    assert web["readinessProbe"] == {"httpGet": to_health_port("web", "readyz"), "initialDelaySeconds": 2}
+    assert worker["startupProbe"] == {"httpGet": to_health_port("worker", "startupz")}
+    # left alone: exec (runs in the container), grpc (not spoken by the sidecar), a probe of another host
+    original_web, original_worker = PROBED_POD["spec"]["containers"]
+    assert web["startupProbe"] == original_web["startupProbe"]
+    assert worker["livenessProbe"] == original_worker["livenessProbe"]
+    assert worker["readinessProbe"] == original_worker["readinessProbe"]
+    # the originals, for the sidecar: named ports resolved, defaults (path /, scheme, timeout 1) made explicit
+    assert app_probers(injected) == {
+        "/app-health/web/livez": {"httpGet": {"path": "/live", "port": 8080, "scheme": "HTTPS",
+                                              "httpHeaders": [{"name": "X-Probe", "value": "1"}]},
+                                  "timeoutSeconds": 4},
+        "/app-health/web/readyz": {"tcpSocket": {"port": 9090}, "timeoutSeconds": 1},
+        "/app-health/worker/startupz": {"httpGet": {"path": "/", "port": 8081, "scheme": "HTTP"},
+                                        "timeoutSeconds": 1},
+    }
+    # the sidecar takes them as they are
+    from mesh.proxy.app_probes import parse_app_probers
+    assert set(parse_app_probers(json.dumps(app_probers(injected)))) == set(app_probers(injected))
+    assert inject_object(injected) == injected, "injecting again does not rewrite twice"
+
+
+@pytest.mark.parametrize("value", ["false", "False", "0"])
+def test_rewrite_app_http_probers_false_leaves_the_probes(value):
+    pod = copy.deepcopy(PROBED_POD)
+    pod["metadata"]["annotations"] = {"sidecar.istio.io/rewriteAppHTTPProbers": value}
+    injected = inject_object(pod)
+    assert injected["spec"]["containers"] == PROBED_POD["spec"]["containers"]
+    assert app_probers(injected) is None
+    assert SIDECAR_NAME in containers(injected), "the sidecar itself is injected"
+
+
+def test_a_pod_without_probes_gets_no_probers():
+    pod = copy.deepcopy(WORKLOADS["Pod"])
+    del pod["spec"]["containers"][0]["readinessProbe"]
+    assert app_probers(inject_object(pod)) is None
+
+
+def test_an_unknown_named_probe_port_is_an_error_naming_the_object_and_container():
+    obj = copy.deepcopy(WORKLOADS["Deployment"])
+    pod_template_of(obj)["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"] = "metrics"
+    with pytest.raises(InjectError) as raised:
+        inject_object(obj)
+    assert str(raised.value) == ("Deployment/user-service-v1: container 'app': the readinessProbe's port 'metrics' "
+                                 "is neither a port number nor the name of one of the container's ports (it names "
+                                 "none); give the number or name the containerPort")
+    code, out, err = run_inject(yaml.safe_dump(obj))
+    assert code == 1 and out == "" and "'metrics'" in err and "nothing written" in err
+    # the webhook admits such a pod without a sidecar and says why
+    pod = {"metadata": {"name": "p"}, "spec": copy.deepcopy(pod_template_of(obj)["spec"])}
+    response = review_response(_review(pod))["response"]
+    assert response["allowed"] is True and "patch" not in response
+    assert "the readinessProbe's port 'metrics'" in response["warnings"][0]
