@@ -1,7 +1,9 @@
 """PATCH bodies of the test Kubernetes API server: JSON merge patch (RFC 7386) and JSON patch (RFC 6902).
 
-Strategic merge patch is applied as a JSON merge patch: for the objects txmesh patches (no keyed lists
-are patched) the result is the same. Custom resources refuse strategic merge patch, as on a real server.
+Strategic merge patch is applied as a JSON merge patch, except that the top-level lists a type names
+in its merge keys (a MutatingWebhookConfiguration's ``webhooks``, by ``name``) merge element by element,
+as on a real server (``$patch: delete`` in an element removes it); for the objects txmesh patches the result
+is the same. Custom resources refuse strategic merge patch, as on a real server.
 """
 
 from __future__ import annotations
@@ -125,9 +127,28 @@ def json_patch(target, operations):
     return document
 
 
-def apply_patch(content_type: str, target: dict, patch, *, strategic_allowed: bool):
+def _merge_keyed(target: list, patch: list, key: str, path: str) -> list:
+    """Strategic merge of a list of objects keyed by *key*: same key merges, a new key is appended."""
+    result = copy.deepcopy(target if isinstance(target, list) else [])
+    for element in patch:
+        if not isinstance(element, dict) or key not in element:
+            raise PatchError(f"{path}: every element of a strategic merge patch of this list needs its merge key "
+                             f"{key!r}")
+        index = next((i for i, item in enumerate(result) if isinstance(item, dict) and item.get(key) == element[key]),
+                     None)
+        if element.get("$patch") == "delete":
+            if index is not None:
+                result.pop(index)
+        elif index is None:
+            result.append(copy.deepcopy(element))
+        else:
+            result[index] = merge_patch(result[index], element)
+    return result
+
+
+def apply_patch(content_type: str, target: dict, patch, *, strategic_allowed: bool, merge_keys: dict | None = None):
     """Apply a PATCH body of *content_type* to *target*; raise :class:`PatchError` or
-    :class:`UnsupportedMediaType`."""
+    :class:`UnsupportedMediaType`. *merge_keys* (top-level list field -> key) is used by strategic merge."""
     media = content_type.split(";")[0].strip().lower()
     accepted = [JSON_PATCH, MERGE] + ([STRATEGIC] if strategic_allowed else [])
     if media not in accepted:
@@ -137,4 +158,9 @@ def apply_patch(content_type: str, target: dict, patch, *, strategic_allowed: bo
         return json_patch(target, patch)
     if not isinstance(patch, dict):
         raise PatchError("a merge patch must be a JSON object")
-    return merge_patch(target, patch)
+    keyed = {field: key for field, key in (merge_keys or {}).items()
+             if media == STRATEGIC and isinstance(patch.get(field), list)}
+    merged = merge_patch(target, {field: value for field, value in patch.items() if field not in keyed})
+    for field, key in keyed.items():
+        merged[field] = _merge_keyed(target.get(field), patch[field], key, field)
+    return merged

@@ -9,7 +9,9 @@
 - for resources with a ``status`` subresource (pods, services, custom resources that declare it), writes
   to the main resource keep the stored status and ``/status`` writes change only the status;
 - defaults a real server fills in: a Service's clusterIP, a Secret's ``stringData`` folded into ``data``,
-  a Pod's ``Pending`` phase and service account, a namespace's ``Active`` phase;
+  a Pod's ``Pending`` phase and service account, a namespace's ``Active`` phase, a
+  MutatingWebhookConfiguration's v1 webhook defaults (failurePolicy, matchPolicy, selectors, timeoutSeconds,
+  reinvocationPolicy, rule scope, service port 443) after the checks a real server makes of its fields;
 - core v1 Events and events.k8s.io/v1 Events are one storage in two representations;
 - creating a CustomResourceDefinition serves its group/versions/plural; deleting it deletes its objects.
 
@@ -198,6 +200,49 @@ def _crd_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
     }
 
 
+def _webhook_configuration_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+    """admissionregistration.k8s.io/v1 MutatingWebhookConfiguration: the real server's v1 defaults and the
+    validation txmesh can run into (required fields, unique names, one of url/service, base64 caBundle)."""
+    name, group = new["metadata"]["name"], "admissionregistration.k8s.io"
+    webhooks = new.get("webhooks") or []
+    seen = set()
+    for index, webhook in enumerate(webhooks):
+        where = f"webhooks[{index}]"
+        if not webhook.get("name"):
+            raise invalid("MutatingWebhookConfiguration", name, group, f"{where}.name", "Required value")
+        if webhook["name"] in seen:
+            raise invalid("MutatingWebhookConfiguration", name, group, f"{where}.name",
+                          f'Duplicate value: "{webhook["name"]}"')
+        seen.add(webhook["name"])
+        if webhook.get("sideEffects") not in ("None", "NoneOnDryRun"):
+            raise invalid("MutatingWebhookConfiguration", name, group, f"{where}.sideEffects",
+                          'Unsupported value: supported values: "None", "NoneOnDryRun"')
+        if not webhook.get("admissionReviewVersions"):
+            raise invalid("MutatingWebhookConfiguration", name, group, f"{where}.admissionReviewVersions",
+                          "Required value: must specify one of v1, v1beta1")
+        client = webhook.get("clientConfig") or {}
+        if ("url" in client) == ("service" in client):
+            raise invalid("MutatingWebhookConfiguration", name, group, f"{where}.clientConfig",
+                          "Required value: exactly one of url or service is required")
+        if "caBundle" in client:
+            try:
+                base64.b64decode(client["caBundle"], validate=True)
+            except (ValueError, TypeError):
+                raise ApiError(400, "BadRequest", f"MutatingWebhookConfiguration in version \"v1\" cannot be handled "
+                               f"as a MutatingWebhookConfiguration: illegal base64 data in {where}.clientConfig."
+                               "caBundle") from None
+        if "service" in client:
+            client["service"].setdefault("port", 443)
+        webhook.setdefault("failurePolicy", "Fail")
+        webhook.setdefault("matchPolicy", "Equivalent")
+        webhook.setdefault("namespaceSelector", {})
+        webhook.setdefault("objectSelector", {})
+        webhook.setdefault("timeoutSeconds", 10)
+        webhook.setdefault("reinvocationPolicy", "Never")
+        for rule in webhook.get("rules") or []:
+            rule.setdefault("scope", "*")
+
+
 BUILTIN_TYPES = (
     ResourceType("", ("v1",), "namespaces", "Namespace", namespaced=False, returns_deleted=True,
                  defaults=_namespace_defaults),
@@ -210,6 +255,9 @@ BUILTIN_TYPES = (
     ResourceType("events.k8s.io", ("v1",), "events", "Event", storage="/events", defaults=_event_check("regarding"),
                  to_view=lambda obj: _rename(obj, _EVENT_FIELDS), from_view=lambda obj: _rename(obj, _EVENT_FIELDS_BACK)),
     ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice", generation=True),
+    ResourceType("admissionregistration.k8s.io", ("v1",), "mutatingwebhookconfigurations",
+                 "MutatingWebhookConfiguration", namespaced=False, generation=True,
+                 defaults=_webhook_configuration_defaults, extra={"merge_keys": {"webhooks": "name"}}),
     ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",
                  namespaced=False, status_subresource=True, generation=True, returns_deleted=True,
                  defaults=_crd_defaults),
@@ -369,7 +417,8 @@ class Resources:
         """PATCH with a merge, strategic-merge (as merge) or JSON patch; then as :meth:`replace`."""
         current = rtype.view(self.get(rtype, namespace, name), rtype.versions[0])
         try:
-            patched = apply_patch(content_type, current, patch, strategic_allowed="crd" not in rtype.extra)
+            patched = apply_patch(content_type, current, patch, strategic_allowed="crd" not in rtype.extra,
+                                  merge_keys=rtype.extra.get("merge_keys"))
         except UnsupportedMediaType as error:
             raise ApiError(415, "UnsupportedMediaType", str(error)) from None
         except PatchError as error:

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import http_request, wait_for
 from tests.harness.kube import KubeAPI
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
@@ -483,3 +483,79 @@ def test_invalid_crds_and_patches_are_rejected_with_the_reason(api):
                                               [{"op": "remove", "path": "/spec/missing"}],
                                               _content_type="application/json-patch+json")
     assert bad_op.value.status == 422 and "/spec/missing" in bad_op.value.body
+
+
+# -- admissionregistration.k8s.io/v1 mutatingwebhookconfigurations ------------------------------------------------
+
+def webhook_configuration(name: str = "injector", **webhook) -> dict:
+    return {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "MutatingWebhookConfiguration",
+            "metadata": {"name": name},
+            "webhooks": [{"name": "sidecar.txmesh.io", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+                          "clientConfig": {"service": {"name": "mesh-control", "namespace": "mesh-system",
+                                                       "path": "/inject"}},
+                          "rules": [{"apiGroups": [""], "apiVersions": ["v1"], "operations": ["CREATE"],
+                                     "resources": ["pods"]}], **webhook}]}
+
+
+def test_mutating_webhook_configurations_are_cluster_scoped_with_the_real_defaults(api, kube_api):
+    admission = client.AdmissionregistrationV1Api(api)
+    created = admission.create_mutating_webhook_configuration(webhook_configuration())
+    assert created.metadata.generation == 1 and created.metadata.namespace is None
+    (hook,) = created.webhooks
+    assert (hook.failure_policy, hook.match_policy, hook.timeout_seconds, hook.reinvocation_policy) == (
+        "Fail", "Equivalent", 10, "Never")
+    assert hook.client_config.service.port == 443 and hook.rules[0].scope == "*"
+    assert hook.namespace_selector.to_dict() == hook.object_selector.to_dict() == {
+        "match_expressions": None, "match_labels": None}
+    # list and watch with a metadata.name field selector (what mesh-control watches, and RBAC can name)
+    admission.create_mutating_webhook_configuration(webhook_configuration("other"))
+    listed = admission.list_mutating_webhook_configuration(field_selector="metadata.name=injector")
+    assert [item.metadata.name for item in listed.items] == ["injector"]
+    collector = Collector(admission.list_mutating_webhook_configuration, field_selector="metadata.name=injector",
+                          resource_version=listed.metadata.resource_version, timeout_seconds=30)
+    try:
+        admission.patch_mutating_webhook_configuration("other", {"metadata": {"labels": {"a": "b"}}})
+        ca_bundle = "Q0EgYnVuZGxl"  # base64 of "CA bundle"
+        # a strategic merge patch merges webhooks by name, as on a real server
+        patched = admission.patch_mutating_webhook_configuration("injector", {"webhooks": [
+            {"name": "sidecar.txmesh.io", "clientConfig": {"caBundle": ca_bundle}}]})
+        assert patched.webhooks[0].client_config.ca_bundle == ca_bundle
+        assert patched.webhooks[0].client_config.service.path == "/inject", "the rest of the webhook stays"
+        assert patched.metadata.generation == 2
+        (event,) = collector.take(1)
+        assert event["type"] == "MODIFIED" and event["raw_object"]["metadata"]["name"] == "injector"
+    finally:
+        collector.stop()
+    # replace with the read resourceVersion; a stale one is 409 Conflict
+    current = admission.read_mutating_webhook_configuration("injector")
+    current.webhooks[0].timeout_seconds = 5
+    admission.replace_mutating_webhook_configuration("injector", current)
+    with pytest.raises(ApiException) as stale:
+        admission.replace_mutating_webhook_configuration("injector", current)
+    assert stale.value.status == 409 and "the object has been modified" in stale.value.body
+    status, _ = http_request("127.0.0.1", kube_api.port,
+                             "/apis/admissionregistration.k8s.io/v1/namespaces/demo/mutatingwebhookconfigurations")
+    assert status == 404, "cluster-scoped: not served in a namespace"
+
+
+@pytest.mark.parametrize("webhook, status, message", [
+    ({"sideEffects": "Some"}, 422, 'webhooks[0].sideEffects: Unsupported value'),
+    ({"admissionReviewVersions": []}, 422, "webhooks[0].admissionReviewVersions: Required value"),
+    ({"clientConfig": {"url": "https://x/inject", "service": {"name": "s", "namespace": "n"}}}, 422,
+     "exactly one of url or service"),
+])
+def test_invalid_mutating_webhook_configurations_are_rejected_with_the_reason(api, webhook, status, message):
+    admission = client.AdmissionregistrationV1Api(api)
+    with pytest.raises(ApiException) as rejected:
+        admission.create_mutating_webhook_configuration(webhook_configuration(**webhook))
+    assert rejected.value.status == status and message in rejected.value.body
+
+
+def test_a_ca_bundle_that_is_not_base64_is_400(kube_api):
+    """(The client checks that itself, so the request is sent raw, as another client could.)"""
+    body = webhook_configuration(clientConfig={"url": "https://x/inject", "caBundle": "not base64!"})
+    status, answer = http_request("127.0.0.1", kube_api.port,
+                                  "/apis/admissionregistration.k8s.io/v1/mutatingwebhookconfigurations",
+                                  method="POST", body=json.dumps(body).encode(),
+                                  headers={"content-type": "application/json"})
+    assert status == 400 and b"illegal base64 data" in answer

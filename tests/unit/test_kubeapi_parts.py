@@ -45,6 +45,26 @@ def test_merge_patch_merges_objects_removes_nulls_and_replaces_lists():
     assert target["metadata"]["labels"] == {"a": "1", "b": "2"}  # the target is not changed
 
 
+def test_strategic_merge_patch_merges_keyed_lists_by_their_key():
+    target = {"metadata": {"name": "x"}, "webhooks": [{"name": "a", "timeoutSeconds": 10, "clientConfig": {"url": "u"}},
+                                                     {"name": "b"}]}
+    patch = {"webhooks": [{"name": "a", "clientConfig": {"caBundle": "Q0E="}}, {"name": "b", "$patch": "delete"},
+                          {"name": "c"}], "metadata": {"labels": {"l": "v"}}}
+    strategic = "application/strategic-merge-patch+json"
+    merged = apply_patch(strategic, target, patch, strategic_allowed=True, merge_keys={"webhooks": "name"})
+    assert merged["webhooks"] == [{"name": "a", "timeoutSeconds": 10, "clientConfig": {"url": "u", "caBundle": "Q0E="}},
+                                  {"name": "c"}]
+    assert merged["metadata"] == {"name": "x", "labels": {"l": "v"}}
+    assert target["webhooks"][1] == {"name": "b"}, "the target is not modified"
+    # a JSON merge patch replaces the list, as on a real server
+    plain = apply_patch("application/merge-patch+json", target, patch, strategic_allowed=True,
+                        merge_keys={"webhooks": "name"})
+    assert plain["webhooks"] == patch["webhooks"]
+    with pytest.raises(PatchError, match="merge key 'name'"):
+        apply_patch(strategic, target, {"webhooks": [{"timeoutSeconds": 5}]}, strategic_allowed=True,
+                    merge_keys={"webhooks": "name"})
+
+
 def test_json_patch_operations_and_their_errors():
     target = {"spec": {"hosts": ["a"], "port": 1}}
     patched = json_patch(target, [{"op": "add", "path": "/spec/hosts/-", "value": "b"},
