@@ -36,6 +36,7 @@ from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
 from mesh.identity.tokens import load_or_create_key
 from mesh.inject.sidecar import DEFAULT_IMAGE
 from mesh.kube.client import make_api_client
+from mesh.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
 from mesh.webpages import BytesPage, JSONPage, LimitedSite, SiteLimits
@@ -68,6 +69,7 @@ class ControlSettings:
     webhook_port: int = 0  # the sidecar-injection webhook (0: off)
     webhook_dns_names: tuple = ()  # its certificate's names; () means mesh-control.<namespace>.svc
     proxy_image: str = DEFAULT_IMAGE  # the image the webhook injects
+    webhook_config_name: str = DEFAULT_WEBHOOK_CONFIG  # MutatingWebhookConfiguration whose caBundle is kept
 
 
 class CSRStats:
@@ -180,7 +182,10 @@ class ControlService(service.MultiService):
         from mesh.kube.metrics import WatchCollector
         kube_plugin.register(self.plugins, self.reactor, self.kube_client)  # sources only with --kubernetes
         attach_config(self)
-        self.metrics.registry.register(WatchCollector(self.config_sources))
+        writers = kube_plugin.control_services(self)  # the trust-bundle ConfigMaps, the webhook's caBundle
+        for writer in writers:
+            writer.setServiceParent(self)
+        self.metrics.registry.register(WatchCollector(self.config_sources + writers))
 
     def stopService(self):
         self.distributor.stop()

@@ -11,6 +11,7 @@ from mesh.durations import duration_option
 from mesh.identity.ca import CAError
 from mesh.inject.sidecar import DEFAULT_IMAGE
 from mesh.kube.client import KubeConfigError
+from mesh.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.plugins import make_plugin_manager
 
 
@@ -49,6 +50,8 @@ class Options(usage.Options):
          "being the Service the API server calls (default mesh-control.NAMESPACE.svc); injected sidecars "
          "reach the control plane at FIRST:--port."],
         ["proxy-image", None, DEFAULT_IMAGE, "Image of the sidecars the webhook injects."],
+        ["webhook-config-name", None, DEFAULT_WEBHOOK_CONFIG, "With --kubernetes and --webhook-port: the "
+         "MutatingWebhookConfiguration whose caBundle mesh-control keeps equal to the mesh root."],
     ]
     optFlags = [
         ["kubernetes", None, "Read Services, EndpointSlices, Pods and txmesh CRDs from the Kubernetes API, "
@@ -94,7 +97,7 @@ def makeService(options):
         kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],
         istio_crds=bool(options["istio-crds"]), ca_secret=options["ca-secret"],
         webhook_port=options["webhook-port"], webhook_dns_names=options["webhook-dns-names"],
-        proxy_image=options["proxy-image"])
+        proxy_image=options["proxy-image"], webhook_config_name=options["webhook-config-name"])
     try:
         control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
     except (CAError, KubeConfigError) as error:

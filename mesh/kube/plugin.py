@@ -14,6 +14,16 @@ Both implement ``mesh_config_sources(options)`` and return None unless
 (:func:`mesh.kube.client.make_api_client`, which raises
 :class:`~mesh.kube.client.KubeConfigError` with what to do when neither
 works).  Nothing imports the ``kubernetes`` package before that.
+
+Two more built-ins write to the API instead of reading config from it.  They
+hook into no plugin call: they are child services of the control plane
+(:func:`control_services`), and ``--disable-plugin NAME`` switches them off
+like the others:
+
+- ``builtin.kubernetes_root_cert``: :class:`mesh.kube.root_cert.RootCertPublisher`
+  (the trust-bundle ConfigMap in every namespace);
+- ``builtin.kubernetes_webhook_ca``: :class:`mesh.kube.webhook_ca.WebhookCABundle`
+  (the webhook configuration's caBundle; only with ``--webhook-port``).
 """
 
 from __future__ import annotations
@@ -23,6 +33,8 @@ from mesh.kube.client import make_api_client
 
 REGISTRY_PLUGIN = "builtin.kubernetes_registry"
 CRDS_PLUGIN = "builtin.kubernetes_crds"
+ROOT_CERT_PLUGIN = "builtin.kubernetes_root_cert"
+WEBHOOK_CA_PLUGIN = "builtin.kubernetes_webhook_ca"
 
 
 class KubernetesSourcePlugin:
@@ -61,3 +73,22 @@ def register(plugin_manager, reactor, api_client=None) -> None:
     for name, make in ((REGISTRY_PLUGIN, _registry_source), (CRDS_PLUGIN, _crd_source)):
         if plugin_manager.get_plugin(name) is None and not plugin_manager.is_blocked(name):
             plugin_manager.register(KubernetesSourcePlugin(reactor, make, api_client), name=name)
+
+
+def control_services(control) -> list:
+    """The writing services of a ``--kubernetes`` :class:`~mesh.control.service.ControlService` not disabled.
+
+    None without ``--kubernetes``; the webhook's caBundle only with ``--webhook-port``.
+    """
+    settings = control.settings
+    if control.kube_client is None:
+        return []
+    services = []
+    if not control.plugins.is_blocked(ROOT_CERT_PLUGIN):
+        from mesh.kube.root_cert import RootCertPublisher
+        services.append(RootCertPublisher(control.reactor, control.kube_client, control.ca.bundle_pem))
+    if settings.webhook_port and not control.plugins.is_blocked(WEBHOOK_CA_PLUGIN):
+        from mesh.kube.webhook_ca import WebhookCABundle
+        services.append(WebhookCABundle(control.reactor, control.kube_client, control.ca.bundle_pem,
+                                        settings.webhook_config_name))
+    return services

@@ -20,13 +20,12 @@ reached then, the source starts empty and its threads keep trying.
 from __future__ import annotations
 
 from twisted.application import service
-from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mesh.config.loader import LoadResult
 from mesh.control.sources import IConfigSource
-from mesh.kube.watch import ObjectCache, Reflector
+from mesh.kube.watch import ObjectCache, Reflector, stop_reflectors
 
 log = Logger()
 
@@ -88,24 +87,7 @@ class WatchedSource(service.Service):
         super().stopService()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        deadline = self.reactor.seconds() + 2.0
-        done = defer.Deferred()
-
-        def check():
-            alive = [reflector for reflector in self.reflectors if reflector.alive]
-            for reflector in alive:
-                reflector.stop()  # again: a watch may have opened since the last call
-            if not alive or self.reactor.seconds() >= deadline:
-                if alive:
-                    log.warn("{name}: watch threads still running at shutdown: {kinds}", name=self.name,
-                             kinds=", ".join(reflector.kind for reflector in alive))
-                poller.stop()
-                done.callback(None)
-
-        poller = task.LoopingCall(check)
-        poller.clock = self.reactor
-        poller.start(0.02)
-        return done
+        return stop_reflectors(self.reactor, self.reflectors, self.name)
 
     # -- coalesced publication ------------------------------------------------------------------
     def _changed(self, _cache) -> None:

@@ -37,6 +37,7 @@ import json
 import random
 import threading
 
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 log = Logger()
@@ -228,7 +229,7 @@ class Reflector:
                 self._stop.wait(self.backoff.next())
 
     def _failed(self, error) -> None:
-        text = _describe(error)
+        text = describe_error(error)
         if text != self.last_error:
             log.warn("kubernetes: {kind} list/watch failed: {error}; retrying with backoff, the last known "
                      "state keeps serving", kind=self.kind, error=text)
@@ -308,6 +309,32 @@ class Reflector:
             self.resource_version = version
 
 
+def stop_reflectors(reactor, reflectors, name: str, grace: float = 2.0):
+    """Stop every reflector's thread; a Deferred that fires once all ended, or after ``grace`` seconds.
+
+    Threads still running then are logged (they are daemon threads: they do
+    not hold the process).  ``name`` says whose reflectors they are, for that log.
+    """
+    deadline = reactor.seconds() + grace
+    done = defer.Deferred()
+
+    def check():
+        alive = [reflector for reflector in reflectors if reflector.alive]
+        for reflector in alive:
+            reflector.stop()  # again: a watch may have opened since the last call
+        if not alive or reactor.seconds() >= deadline:
+            if alive:
+                log.warn("{name}: watch threads still running at shutdown: {kinds}", name=name,
+                         kinds=", ".join(reflector.kind for reflector in alive))
+            poller.stop()
+            done.callback(None)
+
+    poller = task.LoopingCall(check)
+    poller.clock = reactor
+    poller.start(0.02)
+    return done
+
+
 @functools.lru_cache(maxsize=None)
 def _raw_watch_class():
     from kubernetes import watch
@@ -330,7 +357,7 @@ def raw_watch():
     return _raw_watch_class()()
 
 
-def _describe(error) -> str:
+def describe_error(error) -> str:
     """A one-line description of a list/watch failure."""
     status = getattr(error, "status", None)
     if status is not None and getattr(error, "reason", None) is not None:

@@ -203,12 +203,20 @@ def test_control_plane_service_webhook_and_rbac_agree():
     assert hook["namespaceSelector"] == {"matchLabels": {"txmesh-injection": "enabled"}}
     assert hook["admissionReviewVersions"] == ["v1"] and hook["sideEffects"] == "None"
     assert hook["rules"][0]["resources"] == ["pods"] and hook["rules"][0]["operations"] == ["CREATE"]
-    # least privilege: no wildcards, read-only except tokenreviews/events, one named secret
+    # least privilege: no wildcards; read-only except tokenreviews/events, the trust-bundle ConfigMaps and the
+    # webhook configuration, which only their own names may be read or updated (create cannot be named)
     (cluster_role,) = _by_kind("ClusterRole", "mesh-control")
+    named = {"configmaps": "txmesh-ca-root-cert", "mutatingwebhookconfigurations": webhook["metadata"]["name"]}
     for rule in cluster_role["rules"]:
         assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"]
+        assert not {"delete", "deletecollection", "patch"} & set(rule["verbs"]) or rule["resources"] == ["events"]
         writes = set(rule["verbs"]) - {"get", "list", "watch"}
-        if writes:
+        if rule["resources"] == ["configmaps"] and "resourceNames" not in rule:
+            assert rule["verbs"] == ["create"], rule
+        elif set(rule["resources"]) & set(named):
+            (resource,) = rule["resources"]
+            assert rule["resourceNames"] == [named[resource]] and writes == {"update"}, rule
+        elif writes:
             assert rule["resources"] in (["tokenreviews"], ["events"]), rule
         assert "secrets" not in rule["resources"]
     crd_groups = {group for group, _ in crds()}
@@ -223,6 +231,34 @@ def test_control_plane_service_webhook_and_rbac_agree():
     for binding in _by_kind("ClusterRoleBinding", "mesh-control") + _by_kind("RoleBinding", "mesh-control"):
         assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mesh-control",
                                         "namespace": "mesh-system"}]
+
+
+def test_the_names_rbac_allows_are_the_ones_mesh_control_watches_and_writes():
+    """list/watch restricted by resourceNames work only with a metadata.name field selector naming the object."""
+    from kubernetes import client
+
+    from mesh.control.tap import Options
+    from mesh.kube.root_cert import NAME, RootCertPublisher
+    from mesh.kube.webhook_ca import WebhookCABundle
+    (deployment,) = _by_kind("Deployment", "mesh-control")
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    options = Options()
+    options.parseOptions(command[command.index("mesh-control") + 1:])
+    (webhook,) = _by_kind("MutatingWebhookConfiguration")
+    assert options["webhook-config-name"] == webhook["metadata"]["name"]
+    (cluster_role,) = _by_kind("ClusterRole", "mesh-control")
+    names = {rule["resources"][0]: rule["resourceNames"] for rule in cluster_role["rules"] if "resourceNames" in rule}
+    assert names == {"configmaps": [NAME], "mutatingwebhookconfigurations": [options["webhook-config-name"]]}
+    api_client = client.ApiClient()
+    writers = [RootCertPublisher(None, api_client, bytes), WebhookCABundle(None, api_client, bytes,
+                                                                         options["webhook-config-name"])]
+    selectors = {reflector.kind: getattr(reflector.lister, "keywords", {}).get("field_selector")
+                 for writer in writers for reflector in writer.reflectors}
+    assert selectors == {"namespaces": None, "configmaps": f"metadata.name={NAME}",
+                         "mutatingwebhookconfigurations": f"metadata.name={webhook['metadata']['name']}"}
+    granted = {(resource, verb) for rule in cluster_role["rules"] for resource in rule["resources"]
+               for verb in rule["verbs"]}
+    assert {("namespaces", "list"), ("namespaces", "watch"), ("configmaps", "create")} <= granted
 
 
 def test_mesh_control_serves_the_webhook_the_configuration_calls():
