@@ -188,7 +188,8 @@ class Reconciler(service.Service):
             self._busy.discard(key)
             return
         in_sync, current = self.state(key)
-        if in_sync:
+        if in_sync:  # e.g. another replica wrote it
+            self._recovered(key)
             self._done(key)
             return
         if self._pace[key].streak == CONTESTED and key not in self._errors:
@@ -203,9 +204,12 @@ class Reconciler(service.Service):
         if result:
             self.writes[result] = self.writes.get(result, 0) + 1
             log.info("{name}: {result} {what}", name=self.name, result=result, what=self.what.format(key=key))
+        self._recovered(key)
+        self._done(key)
+
+    def _recovered(self, key) -> None:
         if self._errors.pop(key, None) is not None:
             log.info("{name}: {what} is in sync again", name=self.name, what=self.what.format(key=key))
-        self._done(key)
 
     def _failed(self, failure, key) -> None:
         self.writes["failed"] += 1

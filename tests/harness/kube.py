@@ -108,6 +108,11 @@ class KubeAPI(ManagedProcess):
         """Every API request seen so far: ``{"method", "path", "query"}`` (query: name -> value)."""
         return self._control("GET", "requests")
 
+    def forbid(self, resource: str, verbs=("create", "update", "patch"), forbidden: bool = True) -> None:
+        """Answer *verbs* on *resource* (a plural, e.g. ``configmaps``) 403 Forbidden, as a missing RBAC grant
+        does, or (``forbidden=False``) allow them again."""
+        self._control("POST", "forbid", {"resource": resource, "verbs": list(verbs), "forbidden": forbidden})
+
     def set_down(self, down: bool, how: str = "reset") -> None:
         """Simulate an API-server outage (open watches break; every API request gets a connection reset,
         or ``how="503"``: 503 ServiceUnavailable), or end it."""

@@ -10,7 +10,9 @@ port written to F once it listens. Tests drive it with the real ``kubernetes`` c
 - ``POST /_test/bookmark``: a BOOKMARK event to every watch that allowed bookmarks;
 - ``POST /_test/tokens`` ``{"token", "namespace", "serviceAccount", "audiences", "expiresIn"}``;
 - ``GET /_test/events[?apiVersion=v1|events.k8s.io/v1]``, ``GET /_test/requests``;
-- ``POST /_test/down`` ``{"down": true|false, "how": "reset"|"503"}``: an API-server outage.
+- ``POST /_test/down`` ``{"down": true|false, "how": "reset"|"503"}``: an API-server outage;
+- ``POST /_test/forbid`` ``{"verbs": ["create", "update", ...], "resource": PLURAL, "forbidden": true|false}``:
+  answer those writes 403 Forbidden as RBAC would (this server has no RBAC otherwise).
 
 Watches follow the real server: ``resourceVersion`` absent or ``"0"`` starts with synthetic ADDED events
 for the current state; a version streams the changes after it; a version older than the compacted
@@ -143,6 +145,7 @@ class KubeApiServer(resource.Resource):
         self.watches: set[WatchStream] = set()
         self.seen: list[dict] = []
         self.down: str | None = None  # None, "reset" or "503"
+        self.forbidden: set[tuple[str, str]] = set()  # (verb, plural) answered 403, as a missing RBAC grant
         self._event_origins: dict[str, str] = {}  # uid -> apiVersion it was created with, in creation order
 
     # -- dispatch -----------------------------------------------------------------------------------------------
@@ -233,6 +236,7 @@ class KubeApiServer(resource.Resource):
                 "metadata": {"resourceVersion": str(revision), **({"continue": token} if token else {})},
                 "items": [rtype.view(obj, version, with_kind=with_kind) for obj in items]})
         if method == "POST" and (namespace is not None or not rtype.namespaced):
+            self._authorize("create", rtype, namespace, None)
             stored = self.resources.create(rtype, namespace, self._body(request))
             if rtype.storage == "/events":
                 self._event_origins[stored["metadata"]["uid"]] = rtype.api_version(version)
@@ -240,6 +244,8 @@ class KubeApiServer(resource.Resource):
         raise _not_allowed()
 
     def _item(self, request, method, rtype: ResourceType, version, namespace, name, subresource):
+        self._authorize({"PUT": "update", "PATCH": "patch", "DELETE": "delete"}.get(method, "get"), rtype, namespace,
+                        name)
         if method == "GET":
             self.resources.check_subresource(rtype, subresource)
             return self._respond(request, 200, rtype.view(self.resources.get(rtype, namespace, name), version))
@@ -285,6 +291,15 @@ class KubeApiServer(resource.Resource):
         current = [obj for obj in self.store.items(rtype.storage, namespace) if matches(obj)]
         stream.start(self.store, resource_version, current, int(timeout))
         return server.NOT_DONE_YET
+
+    def _authorize(self, verb: str, rtype: ResourceType, namespace: str | None, name: str | None) -> None:
+        """403 Forbidden, worded as RBAC's denial, for a (verb, resource) the test forbade."""
+        if (verb, rtype.plural) in self.forbidden:
+            scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
+            subject = f'{rtype.plural} "{name}"' if name else rtype.plural
+            raise ApiError(403, "Forbidden", f'{subject} is forbidden: User "txmesh-test" cannot {verb} resource '
+                           f'"{rtype.plural}" in API group "{rtype.group}" {scope}',
+                           {"name": name or "", "group": rtype.group, "kind": rtype.plural})
 
     # -- test controls ------------------------------------------------------------------------------------------
 
@@ -335,6 +350,11 @@ class KubeApiServer(resource.Resource):
             return self.events(query.get("apiVersion"))
         if (method, name) == ("GET", "requests"):
             return self.seen
+        if (method, name) == ("POST", "forbid"):
+            spec = json.loads(request.content.read())
+            pairs = {(verb, spec["resource"]) for verb in spec["verbs"]}
+            self.forbidden = self.forbidden | pairs if spec.get("forbidden", True) else self.forbidden - pairs
+            return {"forbidden": sorted(f"{verb} {plural}" for verb, plural in self.forbidden)}
         if (method, name) == ("POST", "down"):
             spec = json.loads(request.content.read())
             self.down = (spec.get("how") or "reset") if spec["down"] else None

@@ -248,3 +248,34 @@ def test_a_missing_webhook_configuration_is_logged_and_set_once_it_appears(repli
         assert objects_seen(control, "configmaps") == -1
     finally:
         control.stop()
+
+
+def failed_writes(replica) -> int:
+    text = replica.admin_request("/metrics")[1].decode()
+    match = re.search(r'^mesh_control_kube_writes_total{result="failed",writer="kubernetes:root-cert"} (\S+)$', text,
+                      re.M)
+    return int(float(match[1])) if match else 0
+
+
+def test_a_write_mesh_control_may_not_make_is_logged_once_retried_and_done_once_allowed(replicas, kube, api):
+    """Runs last: it leaves 'cannot write' lines in the replicas' logs (RBAC without update on configmaps)."""
+    bundle = replicas[0].root_cert.read_text()
+    api["core"].create_namespace({"metadata": {"name": "vault"}})  # its backoff starts small (bank's grew)
+    wait_published(api, {"vault"}, bundle, "the ConfigMap before the change")
+    kube.forbid("configmaps", ["update"])
+    try:
+        api["core"].patch_namespaced_config_map(NAME, "vault", {"data": {KEY: "stale\n"}})
+        wait_for(lambda: all(failed_writes(replica) >= 2 for replica in replicas), 10,
+                 what="each replica to try the write twice")
+        assert not published(config_maps(api)["vault"], bundle)
+        for replica in replicas:
+            lines = [line for line in replica.log_path.read_text().splitlines() if "cannot write" in line]
+            assert len(lines) == 1, replica.describe("logged once, however often it is retried")
+            assert (f"cannot write ConfigMap vault/{NAME}: 403 Forbidden: mesh-control's service account may not "
+                    "write it; apply deploy/base/control-plane/rbac.yaml; retrying with backoff") in lines[0]
+            assert replica.running
+    finally:
+        kube.forbid("configmaps", ["update"], forbidden=False)
+    wait_published(api, {"vault"}, bundle, "the ConfigMap written once allowed")
+    wait_for(lambda: all(f"ConfigMap vault/{NAME} is in sync again" in replica.log_path.read_text()
+                         for replica in replicas), 10, what="each replica to log the recovery")

@@ -559,3 +559,21 @@ def test_a_ca_bundle_that_is_not_base64_is_400(kube_api):
                                   method="POST", body=json.dumps(body).encode(),
                                   headers={"content-type": "application/json"})
     assert status == 400 and b"illegal base64 data" in answer
+
+
+def test_forbidden_writes_are_403_as_rbac_words_them_until_allowed_again(core, kube_api):
+    core.create_namespaced_config_map(NS, {"metadata": {"name": "c"}, "data": {"k": "1"}})
+    kube_api.forbid("configmaps", ["update", "create"])
+    with pytest.raises(ApiException) as update:
+        core.replace_namespaced_config_map("c", NS, {"metadata": {"name": "c"}, "data": {"k": "2"}})
+    assert update.value.status == 403 and '"reason": "Forbidden"' in update.value.body
+    assert ('configmaps \\"c\\" is forbidden: User \\"txmesh-test\\" cannot update resource \\"configmaps\\" in API '
+            'group \\"\\" in the namespace \\"demo\\"') in update.value.body
+    with pytest.raises(ApiException) as create:
+        core.create_namespaced_config_map(NS, {"metadata": {"name": "d"}})
+    assert create.value.status == 403 and "cannot create resource" in create.value.body
+    assert core.read_namespaced_config_map("c", NS).data == {"k": "1"}, "reads stay allowed"
+    core.patch_namespaced_config_map("c", NS, {"data": {"k": "3"}})  # patch was not forbidden
+    kube_api.forbid("configmaps", ["update", "create"], forbidden=False)
+    core.replace_namespaced_config_map("c", NS, {"metadata": {"name": "c"}, "data": {"k": "2"}})
+    assert core.read_namespaced_config_map("c", NS).data == {"k": "2"}
