@@ -30,6 +30,8 @@ run on a thread of the reactor's pool, never on the reactor).
 
 from __future__ import annotations
 
+import json
+
 from twisted.application import service
 from twisted.internet import threads
 from twisted.logger import Logger
@@ -84,8 +86,6 @@ def api_status(error):
 
 def read_object(call, *args):
     """``call(*args)`` (a ``read_*`` method of the client) as a plain dict, or None on 404 Not Found."""
-    import json
-
     try:
         response = call(*args, _preload_content=False, _request_timeout=API_TIMEOUT)
     except Exception as error:
