@@ -133,6 +133,8 @@ class DownstreamConnection(Protocol):
         self.original_dst = original_dst(self.transport)  # transparent capture: once per connection
         self.last_activity = self.listener.reactor.seconds()
         self.listener.connection_opened(self)
+        if self.original_dst is not None and self.listener.passthrough is not None:
+            self.listener.passthrough.sniff(self)  # HTTP or another protocol? (mesh.proxy.passthrough)
 
     def handshakeCompleted(self):
         """mTLS is up (chain verified by OpenSSL): learn who the caller is."""
@@ -190,7 +192,9 @@ class DownstreamConnection(Protocol):
             self.transport.loseConnection()
 
     def writeConnectionLost(self):
-        self.transport.loseConnection()
+        if self.tunnel is None or self.read_closed:
+            self.transport.loseConnection()
+        # else: a TCP tunnel passed on the destination's FIN; the client may still send
 
     def _drop_queue(self):
         queue = list(self.queue)
@@ -411,10 +415,15 @@ class DownstreamConnection(Protocol):
     def resume_for_upstream(self):
         self._resume("upstream")
 
-    def start_tunnel(self, upstream, rest):
-        """Splice this connection to an upgraded upstream connection."""
+    def start_tunnel(self, upstream, rest, via=None):
+        """Splice this connection to an upgraded upstream connection.
+
+        Client bytes go to ``via`` (default: the upstream transport); a TCP
+        passthrough tunnel (:class:`mesh.proxy.passthrough.TcpUpstream`) passes
+        itself, to count bytes and pass on half-closes.
+        """
         self.queue.clear()
-        self.tunnel = upstream.transport
+        self.tunnel = upstream.transport if via is None else via
         upstream.tunnel = _TunnelWriter(self)
         if rest:
             self.transport.write(rest)

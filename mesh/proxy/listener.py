@@ -47,10 +47,13 @@ class Listener:
     :param hooks: the plugin manager's ``hook`` relay.
     :param own_identity: ``() -> SPIFFE id or None`` of this workload, for
         the ``By=`` part of x-forwarded-client-cert.
+    :param passthrough: a :class:`mesh.proxy.passthrough.Passthrough` that
+        sniffs captured connections, or None (HTTP only).
     """
 
-    def __init__(self, reactor, direction, router, limits, hooks, own_identity=None):
+    def __init__(self, reactor, direction, router, limits, hooks, own_identity=None, passthrough=None):
         self.reactor = reactor
+        self.passthrough = passthrough
         self.direction = direction
         self.router = router
         self.limits = limits

@@ -87,7 +87,10 @@ class _Sniffer(Protocol):
             self.transport.loseConnection()
 
     def writeConnectionLost(self):
-        self.transport.loseConnection()
+        if self.inner is not None and IHalfCloseableProtocol.providedBy(self.inner):
+            self.inner.writeConnectionLost()  # a plaintext TCP passthrough may go on reading
+        else:
+            self.transport.loseConnection()
 
 
 class InboundFactory(ServerFactory):

@@ -29,10 +29,11 @@ class _PoolFactory(ClientFactory):
 
     def clientConnectionFailed(self, connector, reason):
         if not self.deferred.called:
-            self.deferred.errback(ConnectError(_describe_connect_failure(reason)))
+            self.deferred.errback(ConnectError(describe_connect_failure(reason)))
 
 
-def _describe_connect_failure(reason) -> str:
+def describe_connect_failure(reason) -> str:
+    """Why a connection attempt failed, in words a user can act on."""
     if reason.check(error.ConnectionRefusedError):
         return "connection refused: the endpoint is down or not listening"
     if reason.check(error.TimeoutError, error.UserError):

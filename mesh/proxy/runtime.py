@@ -45,10 +45,16 @@ class ProxyRuntime:
 
 
 class OutboundRouter:
-    """Routes app -> mesh requests with ``mesh_route`` and the route table."""
+    """Routes app -> mesh requests with ``mesh_route`` and the route table.
 
-    def __init__(self, runtime, hooks):
+    ``passthrough`` (a :class:`mesh.proxy.passthrough.PassthroughClusters`)
+    takes captured requests that match nothing, by the outbound traffic
+    policy; without it they get 404 NR.
+    """
+
+    def __init__(self, runtime, hooks, passthrough=None):
         self.runtime = runtime
+        self.passthrough = passthrough
         self._route = hooks.mesh_route
 
     def bind_hooks(self, hooks):
@@ -59,6 +65,8 @@ class OutboundRouter:
         action = self._route(ctx=ctx, table=snapshot.config.routes)
         if action is None and ctx._extra and "original_dst" in ctx._extra:
             action = self._route_original_dst(ctx, snapshot)
+            if action is None and self.passthrough is not None:
+                return self.passthrough.route(ctx, ctx._extra["original_dst"])
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
@@ -92,6 +100,12 @@ class OutboundRouter:
         finally:
             ctx.host = host
         return action
+
+    def knows(self, dst) -> bool:
+        """Whether the registry has the original destination ``(ip, port)``: a ServiceEntry
+        address or a service endpoint (REGISTRY_ONLY lets TCP to those through)."""
+        config = self.runtime.snapshot.config
+        return dst[0] in config.routes.exact or dst in self._endpoint_services(config)
 
     def _endpoint_services(self, config):
         """``(endpoint ip, port) -> service host``, built once per config, on the first miss."""

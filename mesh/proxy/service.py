@@ -26,6 +26,8 @@ from mesh.proxy.health import HealthServer
 from mesh.proxy.http1 import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
+from mesh.proxy.passthrough import (PassthroughClusters, PassthroughSettings, inbound_passthrough,
+                                    outbound_passthrough)
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry.health import CountingPool
@@ -75,6 +77,7 @@ class ProxySettings:
     telemetry: telemetry.TelemetrySettings = field(default_factory=telemetry.TelemetrySettings)
     tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
     drain_time: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
+    passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)  # captured unknown traffic
 
 
 
@@ -105,11 +108,17 @@ class ProxyService(service.MultiService):
         # builtin.tracing is registered here, not in BUILTIN_PLUGINS: it needs the settings (docs/tracing.md).
         self.tracing = tracing.install(self, plugin_manager, settings.tracing, settings.workload,
                                        self._source_address() or settings.app_address)
-        outbound = Listener(reactor, "outbound", OutboundRouter(self.runtime, hooks), settings.limits, hooks)
+        passthrough = settings.passthrough
+        router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
+            passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
+        outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
+            reactor, passthrough, router, self._source_address()))
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
         if local:
             inbound = Listener(reactor, "inbound", InboundRouter(self.runtime, hooks, local[0]),
-                               settings.limits, hooks, own_identity=self.own_identity)
+                               settings.limits, hooks, own_identity=self.own_identity,
+                               passthrough=inbound_passthrough(reactor, passthrough, self.runtime,
+                                                               settings.app_address))
             factory = InboundFactory(DownstreamFactory(inbound), self.credentials, self.inbound_mode)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
@@ -295,6 +304,9 @@ class ProxyService(service.MultiService):
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
+            "passthrough": {"outbound_traffic_policy": settings.passthrough.outbound_traffic_policy,
+                            **{listener.direction: listener.passthrough.describe() for listener in self.listeners
+                               if listener.passthrough is not None}},
             "certificate": self.certificate_dump(),
             # a disabled plugin stays in the manager as a blocked name, with None for the plugin
             "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],

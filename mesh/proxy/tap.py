@@ -13,6 +13,7 @@ from mesh.inject.probes import APP_PROBERS_ENV
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
+from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
 from mesh.telemetry.sidecar import TelemetrySettings
@@ -62,6 +63,15 @@ class Options(usage.Options):
         ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
         ["idle-timeout", None, 300.0, "Seconds a connection may stay idle.", float],
         ["retry-buffer", None, "1M", "Request body bytes held for retries (larger: no retry)."],
+        ["outbound-traffic-policy", None, ALLOW_ANY,
+         "Captured traffic to destinations the mesh does not know: ALLOW_ANY passes it through (Istio's default), "
+         "REGISTRY_ONLY blocks it (HTTP: 502; other TCP: connection closed)."],
+        ["protocol-detection-timeout", None, "500ms", "How long a captured connection may stay silent before it is "
+                                                      "taken for a server-first protocol (TCP).",
+         duration_option],
+        ["passthrough-connect-timeout", None, "10s", "Connect timeout of TCP passthrough connections.",
+         duration_option],
+        ["max-passthrough-connections", None, 1024, "Open TCP passthrough connections per listener.", int],
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain of the mesh."],
         ["control", None, None, "HOST:PORT of mesh-control: get and rotate the workload certificate there."],
         ["control-identity", None, None,
@@ -104,6 +114,9 @@ class Options(usage.Options):
                                    "the control plane) is required")
         self._check_identity_options()
         self._parse_app_probers()
+        if self["outbound-traffic-policy"] not in OUTBOUND_TRAFFIC_POLICIES:
+            raise usage.UsageError(f"--outbound-traffic-policy is ALLOW_ANY or REGISTRY_ONLY, "
+                                   f"got {self['outbound-traffic-policy']!r}")
         if not 0.0 <= self["trace-sampling"] <= 100.0:
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
         if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
@@ -171,6 +184,11 @@ def makeService(options):
         admin_port=options["admin-port"], health_port=options["health-port"],
         app_probes=options["app-probers"], state_dir=options["state-dir"], limits=limits,
         drain_time=_seconds(options["drain-time"]),
+        passthrough=PassthroughSettings(
+            outbound_traffic_policy=options["outbound-traffic-policy"],
+            detection_timeout=_seconds(options["protocol-detection-timeout"]),
+            connect_timeout=_seconds(options["passthrough-connect-timeout"]),
+            max_connections=options["max-passthrough-connections"]),
         identity=IdentitySettings(
             trust_domain=options["trust-domain"], service_account=options["service-account"],
             control=options["control"], control_identity=options["control-identity"],

@@ -48,8 +48,8 @@ PEER_LABELS = (
 REQUEST_LABELS = PEER_LABELS + ("request_protocol", "response_code", "response_flags", "grpc_response_status")
 TCP_LABELS = PEER_LABELS + ("request_protocol", "response_flags")
 
-#: Istio's TCP metrics.  txmesh proxies HTTP only, and Istio does not count HTTP traffic in
-#: them, so they are declared (for dashboards) and stay empty until a TCP proxy reports them.
+#: Istio's TCP metrics.  Istio does not count HTTP traffic in them; txmesh reports the TCP
+#: passthrough connections of captured traffic (:mod:`mesh.proxy.passthrough`), in this order.
 TCP_METRICS = (
     ("istio_tcp_connections_opened", "TCP connections opened (TCP-proxied traffic only)."),
     ("istio_tcp_connections_closed", "TCP connections closed (TCP-proxied traffic only)."),
@@ -116,6 +116,7 @@ class IstioMetrics(Collector):
         self._series = {}  # label values -> Series, for as long as the process lives
         self._by_key = ConfigCache(peers, self._bind)  # request key -> Series
         self._retries = {}  # cluster -> retries
+        self._tcp = {}  # (direction, cluster, flags) -> [opened, closed, sent bytes, received bytes]
         self._failed = FailureLog("builtin.metrics")
 
     @hookimpl
@@ -142,13 +143,38 @@ class IstioMetrics(Collector):
                                          (response_bytes, series.response_bytes)):
                 family.add_metric(labels, distribution.cumulative(), distribution.sum)
         yield from (requests, duration, request_bytes, response_bytes)
-        for name, text in TCP_METRICS:
-            yield CounterMetricFamily(name, text, labels=TCP_LABELS)
+        tcp = [CounterMetricFamily(name, text, labels=TCP_LABELS) for name, text in TCP_METRICS]
+        index = self._peers.index()
+        for key, counts in self._tcp.items():
+            labels = self._tcp_labels(index, *key)
+            for family, count in zip(tcp, counts):
+                family.add_metric(labels, count)
+        yield from tcp
         retries = CounterMetricFamily("mesh_upstream_rq_retry", "Retries (tries after the first), per cluster.",
                                       labels=("cluster",))
         for cluster, count in sorted(self._retries.items()):
             retries.add_metric((cluster,), count)
         yield retries
+
+    def tcp_connection(self, opened, closed, direction, cluster, flags, sent, received) -> None:
+        """A :class:`mesh.proxy.passthrough.Passthrough` observer: count a TCP connection's events and bytes."""
+        counts = self._tcp.get((direction, cluster, flags))
+        if counts is None:
+            counts = self._tcp[(direction, cluster, flags)] = [0, 0, 0, 0]
+        counts[0] += opened
+        counts[1] += closed
+        counts[2] += sent
+        counts[3] += received
+
+    def _tcp_labels(self, index, direction, cluster, flags) -> tuple:
+        """Labels of passthrough connections: the pseudo-cluster is the destination service (as in Istio)."""
+        if direction == "outbound":
+            values = self._source_labels(index, cluster, None)
+        else:
+            workload, namespace, app, version = self._own
+            values = ("destination", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, workload, namespace, UNKNOWN,
+                      *service_labels(cluster), app, version, "none")
+        return values + ("tcp", flags or "-")
 
     def _bind(self, key, index) -> Series:
         """Work out the labels of a new key and find (or start) its series."""

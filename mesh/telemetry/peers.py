@@ -10,8 +10,13 @@ lookup, never a walk over the config.
 from __future__ import annotations
 
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
+from mesh.proxy.passthrough import BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER
 
 UNKNOWN = "unknown"
+
+#: Istio's clusters for traffic outside the registry: each is its own ``destination_service``
+#: and ``destination_service_name``.
+PSEUDO_CLUSTERS = {name: name for name in (PASSTHROUGH_CLUSTER, BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER)}
 
 
 class PeerDirectory:
@@ -57,6 +62,7 @@ class SnapshotIndex:
                           for name, cluster in clusters.items() for endpoint in cluster.endpoints}
         self.services = {name: cluster.spec.service for name, cluster in clusters.items()
                          if name.startswith("outbound|")}
+        self.services.update(PSEUDO_CLUSTERS)
         self._hosts = frozenset(self.services.values())
 
     def endpoint(self, cluster, host_port):

@@ -45,6 +45,9 @@ def install(proxy) -> None:
             metrics = IstioMetrics(proxy.settings.workload, peers)
             plugins.register(metrics, name=METRICS_PLUGIN)
             registry.register(metrics)
+            for listener in proxy.listeners:
+                if listener.passthrough is not None:
+                    listener.passthrough.observers.append(metrics.tcp_connection)
         MetricsServer(proxy.reactor, registry, settings.metrics_port,
                       proxy.settings.inbound_address).setServiceParent(proxy)
     if settings.access_log != "off" and not plugins.is_blocked(ACCESS_LOG_PLUGIN):

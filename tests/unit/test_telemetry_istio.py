@@ -151,3 +151,24 @@ def test_a_failing_request_is_logged_not_raised(metrics):
     ctx.bytes_sent = "not a number"
     metrics.mesh_request_complete(ctx, done(ctx))  # must not raise
     assert metrics._failed.failures == 1
+
+
+def test_tcp_passthrough_connections_are_counted_under_istio_pseudo_clusters(metrics):
+    metrics.tcp_connection(1, 0, "outbound", "PassthroughCluster", "", 0, 0)
+    metrics.tcp_connection(0, 1, "outbound", "PassthroughCluster", "", 2048, 17)
+    metrics.tcp_connection(1, 1, "outbound", "BlackHoleCluster", "UH", 0, 0)
+    metrics.tcp_connection(1, 1, "inbound", "InboundPassthroughClusterIpv4", "", 5, 7)
+    families = scrape(metrics)
+    sent = {(labels["reporter"], labels["destination_service_name"], labels["response_flags"]): value
+            for _, labels, value in families["istio_tcp_sent_bytes"]}
+    assert sent == {("source", "PassthroughCluster", "-"): 2048, ("source", "BlackHoleCluster", "UH"): 0,
+                    ("destination", "InboundPassthroughClusterIpv4", "-"): 5}
+    opened = {labels["destination_service_name"]: value for _, labels, value in families["istio_tcp_connections_opened"]}
+    assert opened == {"PassthroughCluster": 1, "BlackHoleCluster": 1, "InboundPassthroughClusterIpv4": 1}
+    [(_, source, _)] = [s for s in families["istio_tcp_received_bytes"]
+                        if s[1]["destination_service_name"] == "PassthroughCluster"]
+    assert source["request_protocol"] == "tcp" and source["destination_service"] == "PassthroughCluster"
+    assert source["source_workload"] == "productpage" and source["destination_principal"] == "unknown"
+    [(_, inbound_labels, _)] = [s for s in families["istio_tcp_received_bytes"] if s[1]["reporter"] == "destination"]
+    assert inbound_labels["destination_workload"] == "productpage"
+    assert inbound_labels["connection_security_policy"] == "none" and inbound_labels["source_principal"] == "unknown"

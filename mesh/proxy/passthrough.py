@@ -1,0 +1,427 @@
+"""Traffic the mesh does not know: Istio's PassthroughCluster and BlackHoleCluster.
+
+With transparent capture every outbound TCP connection of a pod reaches the
+sidecar, not only HTTP to mesh services.  As Istio's ``outboundTrafficPolicy``
+(docs/operations.md, "Transparent capture"):
+
+- ``ALLOW_ANY`` (the default): a captured connection that is not HTTP (a TLS
+  ClientHello to an external API, a database protocol) is spliced as a raw TCP
+  tunnel to its original destination; plain HTTP whose Host and original
+  destination match nothing in the registry goes to the original destination
+  through a plaintext cluster named ``PassthroughCluster``.
+- ``REGISTRY_ONLY``: such HTTP gets 502 (cluster ``BlackHoleCluster``, flag
+  ``UH``) and such TCP connections are closed, with a log line.
+
+Only connections that iptables redirected are sniffed (:mod:`mesh.proxy.sniff`);
+an app that calls the sidecar itself never pays for any of this.  The inbound
+listener passes captured plaintext that is not HTTP to the app's port that was
+dialled (Istio's inbound passthrough), when PeerAuthentication allows
+plaintext and no AuthorizationPolicy applies (those are evaluated for HTTP only).
+
+The tunnel reuses the codec's WebSocket splice
+(:meth:`mesh.proxy.http1.DownstreamConnection.start_tunnel`: producers
+registered both ways, idle timeout) and adds TCP half-close.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.protocol import ClientFactory, Protocol
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
+from mesh.proxy.clusters import Cluster, Endpoint
+from mesh.proxy.outcome import LocalReply
+from mesh.proxy.pool import describe_connect_failure
+from mesh.proxy.sniff import HTTP, classify, classify_at_timeout
+from mesh.proxy.sockets import set_nodelay
+
+log = Logger()
+
+ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
+OUTBOUND_TRAFFIC_POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughClusterIpv4"
+
+#: Client bytes held while the tunnel connects; beyond, reading from the client pauses.
+_CONNECT_BUFFER = 64 * 1024
+
+
+@dataclass(frozen=True)
+class PassthroughSettings:
+    """``--outbound-traffic-policy``, ``--protocol-detection-timeout``,
+    ``--passthrough-connect-timeout`` and ``--max-passthrough-connections``
+    (open TCP tunnels per listener); seconds."""
+
+    outbound_traffic_policy: str = ALLOW_ANY
+    detection_timeout: float = 0.5
+    connect_timeout: float = 10.0
+    max_connections: int = 1024
+
+
+class PassthroughClusters:
+    """HTTP to an original destination the registry does not know: a plaintext cluster per ``ip:port``.
+
+    Clusters are made on first use and kept (up to ``size``; the oldest goes,
+    its idle connections closed), so keep-alive connections are reused.
+    ``pool_factory(endpoint_spec, cluster_spec)`` is the proxy's own.
+    """
+
+    ALLOW = RouteAction(name="allow_any", clusters=(PASSTHROUGH_CLUSTER,), cumulative_weights=(1,))
+    BLOCK = RouteAction(name="block_all", clusters=(BLACKHOLE_CLUSTER,), cumulative_weights=(1,))
+
+    def __init__(self, policy, pool_factory, connect_timeout=10.0, size=256):
+        self.policy = policy
+        self._pool_factory = pool_factory
+        self._connect_timeout = connect_timeout
+        self._size = size
+        self._clusters = {}
+
+    def route(self, ctx, dst):
+        """``(RouteAction, Cluster)`` for a request to ``dst``; :class:`LocalReply` 502 under REGISTRY_ONLY."""
+        if self.policy == REGISTRY_ONLY:
+            ctx.route, ctx.cluster = self.BLOCK, BLACKHOLE_CLUSTER
+            raise LocalReply(502, "UH", f"{dst[0]}:{dst[1]} (Host '{ctx.host}') is not in the mesh registry and "
+                             "this sidecar's outbound traffic policy is REGISTRY_ONLY; add a ServiceEntry for it, "
+                             "or run the sidecar with --outbound-traffic-policy ALLOW_ANY")
+        cluster = self._clusters.get(dst)
+        if cluster is None:
+            cluster = self._clusters[dst] = self._new(dst)
+        return self.ALLOW, cluster
+
+    def _new(self, dst):
+        if len(self._clusters) >= self._size:
+            oldest = next(iter(self._clusters))
+            for endpoint in self._clusters.pop(oldest).endpoints:
+                endpoint.pool.close_idle()
+        endpoint_spec = EndpointSpec(dst[0], dst[1])
+        spec = ClusterSpec(name=PASSTHROUGH_CLUSTER, service=PASSTHROUGH_CLUSTER, port=dst[1],
+                           endpoints=(endpoint_spec,), connect_timeout=self._connect_timeout)
+        return Cluster(spec, [Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))])
+
+
+class Passthrough:
+    """Protocol detection and TCP tunnels for the captured connections of one listener.
+
+    :param cluster: the cluster name the tunnels report (``PassthroughCluster``
+        or ``InboundPassthroughClusterIpv4``).
+    :param target: ``(original ip, port) -> (ip, port)`` to connect to.
+    :param refusal: ``(original ip, port) -> (cluster, message)`` when the
+        tunnel must not be opened (REGISTRY_ONLY, authorization), else None.
+    :param bind: source address of the tunnels' connections (None: any).
+
+    ``observers`` are called as ``observer(opened, closed, direction,
+    cluster, flags, sent, received)`` when a tunnel opens (1, 0, ...), ends
+    (0, 1, ...) or is refused or fails to connect (1, 1, ...): Istio's TCP
+    metrics (:mod:`mesh.telemetry.istio`).
+    """
+
+    def __init__(self, reactor, settings, direction, cluster, target, refusal, bind=None):
+        self.reactor = reactor
+        self.settings = settings
+        self.direction = direction
+        self.cluster = cluster
+        self._target = target
+        self._refusal = refusal
+        self._bind = (bind, 0) if bind else None
+        self.observers = []
+        self.open = 0
+        self.opened_total = 0
+        self.refused_total = 0
+        self.failed_total = 0
+        self._detecting = {}  # client (host, port) -> _Detector, until its tunnel is up
+        self._local_ends = {}  # local (host, port) of each open tunnel's upstream socket -> TcpUpstream
+
+    def sniff(self, conn):
+        """Called once by a captured connection, in ``connectionMade``: detect its protocol first."""
+        if ISSLTransport.providedBy(conn.transport):
+            return  # mesh mTLS: HTTP only
+        peer = conn.transport.getPeer()
+        client = (peer.host, peer.port)
+        looped = self._local_ends.get(client)
+        if looped is not None:
+            self._loop(looped, conn)
+            return
+        conn.tunnel = detector = _Detector(self, conn, client)
+        self._detecting[client] = detector
+
+    def describe(self) -> dict:
+        """Counters for the admin's /config_dump."""
+        return {"cluster": self.cluster, "open": self.open, "opened_total": self.opened_total,
+                "refused_total": self.refused_total, "failed_total": self.failed_total}
+
+    # -- tunnels ---------------------------------------------------------------------------
+    def open_tunnel(self, detector):
+        """The client does not speak HTTP: connect to its destination (or refuse)."""
+        conn = detector.conn
+        dst = conn.original_dst
+        refusal, flag = self._refusal(dst), "UH"
+        if refusal is None and self.open >= self.settings.max_connections:
+            refusal = (self.cluster, f"{self.open} passthrough connections are open (the limit); "
+                                     "raise --max-passthrough-connections if this is expected")
+            flag = "UO"
+        if refusal is not None:
+            cluster, why = refusal
+            self.refused_total += 1
+            log.warn("{direction} TCP connection from {client} to {dst} closed: {why}", direction=self.direction,
+                     client=conn.source_address, dst=_host_port(dst), why=why)
+            self._forget(detector)
+            self._report(1, 1, cluster, flag, 0, 0)
+            conn.abort()
+            return
+        host, port = self._target(dst)
+        self.open += 1
+        detector.connector = self.reactor.connectTCP(host, port, _TunnelFactory(self, detector),
+                                                     timeout=self.settings.connect_timeout, bindAddress=self._bind)
+
+    def connect_failed(self, detector, reason):
+        self.open -= 1
+        self._forget(detector)
+        conn = detector.conn
+        if conn.closing:  # the client left while connecting (Detector.loseConnection cancelled it)
+            self._report(1, 1, self.cluster, "DC", 0, 0)
+            return
+        self.failed_total += 1
+        log.warn("{direction} TCP passthrough from {client} to {dst} failed: {why}; the client's connection "
+                 "is closed", direction=self.direction, client=conn.source_address,
+                 dst=_host_port(self._target(conn.original_dst)), why=describe_connect_failure(reason))
+        conn.abort()
+        self._report(1, 1, self.cluster, "UF", 0, 0)
+
+    def connected(self, upstream):
+        """The tunnel's connection is up: splice it to the client, or stop a capture loop."""
+        local = upstream.transport.getHost()
+        looped = self._detecting.get((local.host, local.port))
+        if looped is not None:
+            self._loop(upstream, looped.conn)
+            return False
+        self._local_ends[(local.host, local.port)] = upstream
+        self.opened_total += 1
+        self._forget(upstream.detector)
+        self._report(1, 0, self.cluster, "", 0, 0)
+        return True
+
+    def closed(self, upstream, flags):
+        local = upstream.local
+        if local is not None and self._local_ends.get(local) is upstream:
+            del self._local_ends[local]
+        self.open -= 1
+        self._report(1 if upstream.local is None else 0, 1, self.cluster, flags, upstream.sent, upstream.received)
+
+    def _loop(self, upstream, conn):
+        log.error("the sidecar's own passthrough connection to {dst} was captured and came back to it; the proxy "
+                  "must run as the UID that `meshctl iptables --proxy-uid` exempts (connection closed)",
+                  dst=_host_port(conn.original_dst))
+        conn.abort()
+        upstream.transport.abortConnection()
+
+    def _forget(self, detector):
+        if self._detecting.get(detector.client) is detector:
+            del self._detecting[detector.client]
+
+    def _report(self, opened, closed, cluster, flags, sent, received):
+        for observer in self.observers:
+            try:
+                observer(opened, closed, self.direction, cluster, flags, sent, received)
+            except Exception:
+                log.failure("a passthrough observer failed")
+
+
+class _Detector:
+    """Sits in the codec's ``tunnel`` slot, so that it gets every byte, until the protocol is known.
+
+    Then it hands the bytes to the HTTP codec, or asks for a tunnel and holds
+    them until the tunnel is up.  ``loseConnection`` is the codec telling it
+    that the client half-closed (``conn.read_closed``) or went away
+    (``conn.closing``).
+    """
+
+    __slots__ = ("passthrough", "conn", "client", "buffer", "decided", "timer", "connector")
+
+    def __init__(self, passthrough, conn, client):
+        self.passthrough = passthrough
+        self.conn = conn
+        self.client = client
+        self.buffer = b""
+        self.decided = False
+        self.connector = None
+        self.timer = passthrough.reactor.callLater(passthrough.settings.detection_timeout, self._timed_out)
+
+    def write(self, data):
+        self.buffer += data
+        if not self.decided:
+            kind = classify(self.buffer)
+            if kind is not None:
+                self._decide(kind)
+        elif len(self.buffer) > _CONNECT_BUFFER:
+            self.conn.pause_for_upstream()  # start_tunnel resumes it
+
+    def loseConnection(self):
+        conn = self.conn
+        if conn.closing:
+            self._cancel_timer()
+            self.passthrough._forget(self)
+            if self.connector is not None:
+                self.connector.disconnect()
+        elif not self.decided:
+            self._decide(classify(self.buffer) or classify_at_timeout(self.buffer))
+
+    def _timed_out(self):
+        self.timer = None
+        if not self.decided:
+            self._decide(classify_at_timeout(self.buffer))
+
+    def _cancel_timer(self):
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+    def _decide(self, kind):
+        self.decided = True
+        self._cancel_timer()
+        if kind != HTTP:
+            self.passthrough.open_tunnel(self)
+            return
+        self.passthrough._forget(self)
+        conn = self.conn
+        conn.tunnel = None
+        data, self.buffer = self.buffer, b""
+        if data:
+            conn.dataReceived(data)
+        if conn.read_closed:
+            conn.readConnectionLost()
+
+
+class _TunnelFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, passthrough, detector):
+        self.passthrough = passthrough
+        self.detector = detector
+
+    def buildProtocol(self, addr):
+        return TcpUpstream(self.passthrough, self.detector)
+
+    def clientConnectionFailed(self, connector, reason):
+        self.passthrough.connect_failed(self.detector, reason)
+
+
+@implementer(IHalfCloseableProtocol)
+class TcpUpstream(Protocol):
+    """The tunnel's connection to the destination, spliced to the client's connection.
+
+    Once spliced it is the codec's ``tunnel``: ``write`` carries the client's
+    bytes, ``loseConnection`` means the client half-closed (a FIN, passed on)
+    or went away (the tunnel closes).  The destination's FIN is passed on to
+    the client the same way.
+    """
+
+    def __init__(self, passthrough, detector):
+        self.passthrough = passthrough
+        self.detector = detector
+        self.conn = detector.conn
+        self.local = None
+        self.tunnel = None  # set by start_tunnel: writes to the client
+        self.sent = 0  # destination -> client
+        self.received = 0  # client -> destination
+        self._read_closed = False
+        self._write_closed = False
+        self._half_closed = False
+        self._spliced = False
+
+    def connectionMade(self):
+        conn = self.conn
+        if conn.closing:
+            self.transport.loseConnection()
+            return
+        if not self.passthrough.connected(self):
+            return
+        local = self.transport.getHost()
+        self.local = (local.host, local.port)
+        self._spliced = True
+        set_nodelay(self.transport)
+        self.received = len(self.detector.buffer)
+        conn.upgrade_buffer = [self.detector.buffer]
+        self.detector.buffer = b""
+        conn.start_tunnel(self, b"", via=self)
+        if conn.read_closed:
+            self.loseConnection()
+
+    # -- the client side (the codec calls these) ----------------------------------------------
+    def write(self, data):
+        self.received += len(data)
+        self.transport.write(data)
+
+    def loseConnection(self):
+        if self.conn.closing:
+            self.transport.loseConnection()
+        elif not self._half_closed:  # the codec may report the client's FIN twice (start_tunnel reads again)
+            self._half_closed = True
+            self.transport.loseWriteConnection()
+
+    # -- the destination side ---------------------------------------------------------------------
+    def dataReceived(self, data):
+        self.sent += len(data)
+        self.tunnel.write(data)
+
+    def readConnectionLost(self):
+        self._read_closed = True
+        self.conn.transport.loseWriteConnection()
+        if self._write_closed:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self):
+        self._write_closed = True
+        if self._read_closed:
+            self.transport.loseConnection()
+
+    def connectionLost(self, reason=None):
+        if not self._spliced:
+            gone = self.conn.closing
+            if not gone:
+                self.conn.abort()
+            self.passthrough.closed(self, "DC" if gone else "UC")
+            return
+        if not self.conn.closing:
+            self.conn.transport.loseConnection()
+        self.passthrough.closed(self, "")
+
+
+def _host_port(dst) -> str:
+    return f"{dst[0]}:{dst[1]}" if dst else "?"
+
+
+def outbound_passthrough(reactor, settings, router, bind=None) -> Passthrough:
+    """The outbound listener's :class:`Passthrough`: tunnels to the original destination, by the
+    outbound traffic policy (``router`` is the :class:`mesh.proxy.runtime.OutboundRouter`)."""
+
+    def refusal(dst):
+        if settings.outbound_traffic_policy == REGISTRY_ONLY and not router.knows(dst):
+            return BLACKHOLE_CLUSTER, ("the destination is not in the mesh registry and the outbound traffic policy "
+                                       "is REGISTRY_ONLY; add a ServiceEntry for it, or run the sidecar with "
+                                       "--outbound-traffic-policy ALLOW_ANY")
+        return None
+
+    return Passthrough(reactor, settings, "outbound", PASSTHROUGH_CLUSTER, _same, refusal, bind)
+
+
+def _same(dst):
+    return dst
+
+
+def inbound_passthrough(reactor, settings, runtime, app_address) -> Passthrough:
+    """The inbound listener's :class:`Passthrough`: tunnels to the app at the port the client dialled."""
+
+    def refusal(dst):
+        if runtime.snapshot.config.authz is not None:
+            return INBOUND_PASSTHROUGH_CLUSTER, (
+                "AuthorizationPolicies apply to this workload and txmesh evaluates them for HTTP only; send HTTP, "
+                "or exclude the port from capture (traffic.sidecar.istio.io/excludeInboundPorts)")
+        return None
+
+    return Passthrough(reactor, settings, "inbound", INBOUND_PASSTHROUGH_CLUSTER,
+                       lambda dst: (app_address, dst[1]), refusal)

@@ -1,0 +1,275 @@
+"""Traffic the mesh does not know, through captured sidecars (Istio's outboundTrafficPolicy), for real.
+
+::
+
+    "client" pod (10.98.0.1)                        "ext" netns (10.98.0.2, 10.98.1.2): no sidecar,
+      sidecar ALLOW_ANY (UID 1337), capture on       unknown to the mesh
+      echo app 127.0.0.1:9000 (inbound passthrough)    :7000 TCP echo   :2525 server-first banner
+            eth0 ------------------------------------  :8443 TLS (HTTP)  :8080 demo app (HTTP)
+    "fenced" pod (10.98.1.1)                                 |
+      sidecar REGISTRY_ONLY, PeerAuthentication STRICT       |
+      echo app 127.0.0.1:9000 ----------------------- eth1 --+
+
+Unmodified clients (curl, a plain socket) in the pods dial the ext addresses; iptables sends every
+connection to the pod's sidecar, which sniffs it: HTTP is routed (PassthroughCluster / 502 with
+BlackHoleCluster), anything else is spliced to the original destination or closed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.e2e.conftest import NetnsProcess, Pods, TestCA, require_netns
+from tests.harness import venv_bin
+from tests.harness.waiting import wait_for
+
+PROXY_UID = 1337
+CLIENT_IP, EXT_IP = "10.98.0.1", "10.98.0.2"
+FENCED_IP, EXT_IP_2 = "10.98.1.1", "10.98.1.2"
+ECHO, BANNER, TLS, HTTP, POD_ECHO, LOOP = 7000, 2525, 8443, 8080, 9000, 7777
+PEERS = Path(__file__).resolve().parents[1] / "apps" / "tcp_peers.py"
+DETECTION_TIMEOUT = 0.3
+MAX_TUNNELS = 2
+
+
+class Pod:
+    def __init__(self, pods, netns, name, workdir):
+        self.pods, self.netns, self.name, self.dir = pods, netns, name, workdir
+
+    def exec(self, *argv, uid=None, check=False, timeout=15.0):
+        return self.pods.exec(self.netns, *argv, uid=uid, check=check, timeout=timeout)
+
+    def call(self, host, port, send="", shut=False, timeout=5.0) -> dict:
+        """:mod:`tests.apps.tcp_peers` ``call`` from this namespace: an unmodified TCP client."""
+        argv = [venv_bin("python"), PEERS, "call", host, port, "--timeout", timeout]
+        if send:
+            argv += ["--send", send]
+        if shut:
+            argv.append("--shut")
+        result = self.exec(*argv, check=True, timeout=timeout + 10)
+        return json.loads(result.stdout)
+
+    def curl(self, url, *args):
+        """``(status or None, stderr, body)`` of a plain curl in this namespace."""
+        result = self.exec("curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", *args, url, timeout=15)
+        body, _, status = result.stdout.rpartition("\n")
+        return (int(status) if status.strip("0") else None), result.stderr.strip(), body
+
+    def admin(self, path):
+        result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
+        return json.loads(result.stdout)
+
+    def metrics(self) -> str:
+        return self.exec("curl", "-sS", "-m", "5", "http://127.0.0.1:15090/stats/prometheus", check=True).stdout
+
+    def log(self) -> str:
+        return (self.dir / "proxy.log").read_text(errors="replace")
+
+
+def _metric(text, name, **labels):
+    """The sum of the samples of ``name`` whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
+    workdir.mkdir(mode=0o755)
+    os.chown(workdir, PROXY_UID, PROXY_UID)
+    (workdir / "config").mkdir()
+    (workdir / "config" / "mesh.yaml").write_text(yaml.safe_dump_all(config))
+    env = {"HOME": str(workdir)}
+    pods.start(NetnsProcess(
+        f"{name}-echo", netns, [venv_bin("python"), PEERS, "serve", "--address", "127.0.0.1", "--echo", POD_ECHO],
+        workdir / "echo.log", ready_argv=[venv_bin("python"), PEERS, "call", "127.0.0.1", POD_ECHO, "--shut"],
+        cwd=workdir, env=env))
+    pods.start(NetnsProcess(
+        f"{name}-proxy", netns,
+        [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
+         "--workload", name, "--namespace", "default", "--app-port", HTTP,
+         "--protocol-detection-timeout", f"{DETECTION_TIMEOUT}s", *proxy_args],
+        workdir / "proxy.log", uid=PROXY_UID,
+        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],
+        cwd=workdir, env=env))
+    return Pod(pods, netns, name, workdir)
+
+
+@pytest.fixture(scope="module")
+def mesh():
+    require_netns()
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    pods = Pods()
+    workdir = Path(tempfile.mkdtemp(prefix="txm-passthrough-"))
+    workdir.chmod(0o755)
+    try:
+        client_ns, fenced_ns, ext_ns = pods.add("client"), pods.add("fenced"), pods.add("ext")
+        pods.link(client_ns, f"{CLIENT_IP}/24", ext_ns, f"{EXT_IP}/24")
+        pods.link(fenced_ns, f"{FENCED_IP}/24", ext_ns, f"{EXT_IP_2}/24", ifname="eth1")
+        ext = Pod(pods, ext_ns, "ext", workdir / "ext")
+        ext.dir.mkdir()
+        key, chain, _ = TestCA().issue("ext", "tls")
+        (ext.dir / "key.pem").write_bytes(key)
+        (ext.dir / "cert.pem").write_bytes(chain)
+        pods.start(NetnsProcess(
+            "ext-peers", ext_ns, [venv_bin("python"), PEERS, "serve", "--echo", ECHO, "--banner", BANNER,
+                                  "--tls", TLS, "--cert", ext.dir / "cert.pem", "--key", ext.dir / "key.pem"],
+            ext.dir / "peers.log", ready_argv=[venv_bin("python"), PEERS, "call", "127.0.0.1", ECHO, "--shut"]))
+        pods.start(NetnsProcess(
+            "ext-http", ext_ns, [venv_bin("python"), "-m", "mesh.demo.app", "--name", "ext", "--port", HTTP,
+                                 "--address", "0.0.0.0"],
+            ext.dir / "http.log", ready_argv=["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{HTTP}/"]))
+        client = _start_pod(pods, client_ns, "client", workdir / "client", [],
+                            "--max-passthrough-connections", MAX_TUNNELS)
+        strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                  "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
+        fenced = _start_pod(pods, fenced_ns, "fenced", workdir / "fenced", [strict],
+                            "--outbound-traffic-policy", "REGISTRY_ONLY")
+        meshctl = str(venv_bin("meshctl"))
+        for pod in (client, fenced):
+            result = pod.exec(meshctl, "iptables", "--proxy-uid", str(PROXY_UID))
+            assert result.returncode == 0, result.stderr
+        yield {"client": client, "fenced": fenced, "ext": ext}
+    finally:
+        pods.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):
+    client = mesh["client"]
+    reply = client.call(EXT_IP, ECHO, send="hello over raw tcp\n", shut=True)
+    # the echo server saw our FIN (it answers [eof] only then) and its close came back
+    assert reply == {**reply, "received": "hello over raw tcp\n[eof]", "eof": True, "error": None}, reply
+    passthrough = client.admin("/config_dump")["passthrough"]
+    assert passthrough["outbound_traffic_policy"] == "ALLOW_ANY"
+    assert passthrough["outbound"]["opened_total"] >= 1
+    wait_for(lambda: client.admin("/config_dump")["passthrough"]["outbound"]["open"] == 0, timeout=5,
+             what="the tunnel to close")
+    metrics = client.metrics()
+    labels = {"destination_service_name": "PassthroughCluster", "reporter": "source", "request_protocol": "tcp"}
+    assert _metric(metrics, "istio_tcp_connections_opened_total", **labels) >= 1, metrics
+    assert _metric(metrics, "istio_tcp_connections_closed_total", **labels) >= 1
+    assert _metric(metrics, "istio_tcp_received_bytes_total", **labels) >= len("hello over raw tcp\n")
+
+
+def test_https_to_an_unknown_destination_passes_through(mesh):
+    status, error, body = mesh["client"].curl(f"https://{EXT_IP}:{TLS}/", "-k")
+    assert (status, body) == (200, "tls ok\n"), error
+    result = mesh["client"].exec("openssl", "s_client", "-connect", f"{EXT_IP}:{TLS}", "-brief", timeout=15,
+                                 check=False)
+    assert "CONNECTION ESTABLISHED" in result.stderr, result.stderr
+
+
+def test_a_server_first_protocol_works_after_the_detection_timeout(mesh):
+    reply = mesh["client"].call(EXT_IP, BANNER, timeout=3)  # the client sends nothing: it waits for the banner
+    assert reply["received"].startswith("220 ready\r\n"), reply
+    assert DETECTION_TIMEOUT * 0.9 <= reply["first_byte_s"] < DETECTION_TIMEOUT + 2.0, reply
+
+
+def test_plain_http_to_an_unknown_destination_goes_to_the_passthrough_cluster(mesh):
+    client = mesh["client"]
+    status, error, body = client.curl(f"http://{EXT_IP}:{HTTP}/hello")
+    assert status == 200, (error, body)
+    echo = json.loads(body)
+    assert echo["service"] == "ext" and echo["path"] == "/hello"
+    assert "x-request-id" in echo["headers"]  # routed as HTTP by the sidecar, not spliced
+    metrics = client.metrics()
+    assert _metric(metrics, "istio_requests_total", destination_service_name="PassthroughCluster",
+                   destination_service="PassthroughCluster", response_code="200") >= 1, metrics
+
+
+def test_the_destination_refusing_closes_the_client_quickly_and_is_logged(mesh):
+    client = mesh["client"]
+    reply = client.call(EXT_IP, 6999, send="anyone there?\n")  # nothing listens on 6999
+    assert reply["received"] == "" and (reply["eof"] or reply["error"]), reply
+    assert reply["seconds"] < 2.0, reply
+    # 10.98.7.0/24 is routed for the app (so its connection is captured) but unreachable for the proxy's UID
+    setup = [("ip", "route", "add", "10.98.7.0/24", "dev", "eth0"),
+             ("ip", "route", "add", "unreachable", "10.98.7.0/24", "table", "77"),
+             ("ip", "rule", "add", "uidrange", f"{PROXY_UID}-{PROXY_UID}", "lookup", "77")]
+    for argv in setup:
+        client.exec(*argv, check=True)
+    try:
+        unreachable = client.call("10.98.7.7", 5432, send="*1\r\n$4\r\nPING\r\n")
+    finally:
+        client.exec("ip", "rule", "del", "uidrange", f"{PROXY_UID}-{PROXY_UID}", "lookup", "77", check=True)
+    assert unreachable["received"] == "" and unreachable["seconds"] < 2.0, unreachable
+    wait_for(lambda: "10.98.7.7:5432 failed" in client.log(), timeout=5, what="the failure in the proxy log")
+    assert f"{EXT_IP}:6999 failed: connection refused" in client.log()
+
+
+def test_tunnels_beyond_the_limit_are_closed(mesh):
+    client = mesh["client"]
+    holders = [subprocess.Popen(["ip", "netns", "exec", client.netns, venv_bin("python"), PEERS, "call", EXT_IP,
+                                 str(ECHO), "--send", "hold\n", "--timeout", "4"], stdout=subprocess.PIPE, text=True)
+               for _ in range(MAX_TUNNELS)]
+    try:
+        wait_for(lambda: client.admin("/config_dump")["passthrough"]["outbound"]["open"] == MAX_TUNNELS, timeout=5,
+                 what="the tunnels to be open")
+        reply = client.call(EXT_IP, ECHO, send="one too many\n")
+        assert reply["received"] == "" and reply["seconds"] < 2.0, reply
+        assert f"{MAX_TUNNELS} passthrough connections are open (the limit)" in client.log()
+        assert _metric(client.metrics(), "istio_tcp_connections_closed_total", response_flags="UO") == 1
+    finally:
+        for holder in holders:
+            holder.kill()
+            holder.communicate()
+
+
+def test_registry_only_blocks_http_with_502_and_tcp_by_closing(mesh):
+    fenced = mesh["fenced"]
+    status, error, body = fenced.curl(f"http://{EXT_IP_2}:{HTTP}/")
+    assert status == 502, (error, body)
+    assert "REGISTRY_ONLY" in body and "ServiceEntry" in body, body
+    reply = fenced.call(EXT_IP_2, ECHO, send="let me out\n", shut=True)
+    assert reply["received"] == "" and reply["seconds"] < 2.0, reply
+    status, error, _ = fenced.curl(f"https://{EXT_IP_2}:{TLS}/", "-k")
+    assert status is None and "curl: (35)" in error, error  # the TLS handshake never reached the server
+    wait_for(lambda: "closed: the destination is not in the mesh registry" in fenced.log(), timeout=5,
+             what="the blocked connection in the proxy log")
+    metrics = fenced.metrics()
+    assert _metric(metrics, "istio_requests_total", destination_service_name="BlackHoleCluster",
+                   response_code="502", response_flags="UH") >= 1, metrics
+    assert _metric(metrics, "istio_tcp_connections_closed_total", destination_service_name="BlackHoleCluster",
+                   response_flags="UH") >= 2, metrics
+
+
+def test_inbound_plaintext_tcp_passes_to_the_app_port_unless_strict(mesh):
+    ext = mesh["ext"]
+    reply = ext.call(CLIENT_IP, POD_ECHO, send="inbound\n", shut=True)  # PERMISSIVE (no PeerAuthentication)
+    assert reply["received"] == "inbound\n[eof]", reply
+    refused = ext.call(FENCED_IP, POD_ECHO, send="inbound\n", shut=True)  # STRICT: plaintext refused
+    assert refused["received"] == "", refused
+    assert "plaintext on a STRICT mTLS port" in mesh["fenced"].log()
+
+
+def test_a_sidecar_whose_own_traffic_is_captured_stops_the_loop(mesh):
+    """Misconfigured capture: a rule sends the proxy's own connections to port 7777 back to it."""
+    client = mesh["client"]
+    rule = ["-t", "nat", "-I", "MESH_OUTPUT", "1", "-p", "tcp", "--dport", str(LOOP), "-j", "MESH_REDIRECT"]
+    client.exec("iptables", "-w", *rule, check=True)
+    try:
+        started = time.monotonic()
+        reply = client.call(EXT_IP, LOOP, send="loop?\n")
+        assert reply["received"] == "" and time.monotonic() - started < 5, reply
+        wait_for(lambda: "was captured and came back" in client.log(), timeout=5, what="the loop in the log")
+        wait_for(lambda: client.admin("/config_dump")["passthrough"]["outbound"]["open"] == 0, timeout=5,
+                 what="no tunnel left open")
+    finally:
+        client.exec("iptables", "-w", "-t", "nat", "-D", "MESH_OUTPUT", "-p", "tcp", "--dport", str(LOOP),
+                    "-j", "MESH_REDIRECT", check=True)
