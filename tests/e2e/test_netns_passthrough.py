@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -98,7 +99,7 @@ def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
         f"{name}-echo", netns, [venv_bin("python"), PEERS, "serve", "--address", "127.0.0.1", "--echo", POD_ECHO],
         workdir / "echo.log", ready_argv=[venv_bin("python"), PEERS, "call", "127.0.0.1", POD_ECHO, "--shut"],
         cwd=workdir, env=env))
-    pods.start(NetnsProcess(
+    proxy = pods.start(NetnsProcess(
         f"{name}-proxy", netns,
         [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
          "--workload", name, "--namespace", "default", "--app-port", HTTP,
@@ -106,7 +107,9 @@ def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
         workdir / "proxy.log", uid=PROXY_UID,
         ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],
         cwd=workdir, env=env))
-    return Pod(pods, netns, name, workdir)
+    pod = Pod(pods, netns, name, workdir)
+    pod.proxy = proxy
+    return pod
 
 
 @pytest.fixture(scope="module")
@@ -256,6 +259,33 @@ def test_inbound_plaintext_tcp_passes_to_the_app_port_unless_strict(mesh):
     refused = ext.call(FENCED_IP, POD_ECHO, send="inbound\n", shut=True)  # STRICT: plaintext refused
     assert refused["received"] == "", refused
     assert "plaintext on a STRICT mTLS port" in mesh["fenced"].log()
+
+
+def test_inbound_tcp_is_refused_when_an_authorization_policy_applies(mesh):
+    """Policies are evaluated for HTTP only, so TCP must not get past them."""
+    client, ext = mesh["client"], mesh["ext"]
+    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+              "metadata": {"name": "only-frontend", "namespace": "default"},
+              "spec": {"action": "ALLOW",
+                       "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/frontend"]}}]}]}}
+    path = client.dir / "config" / "authz.yaml"
+
+    def apply():
+        version = client.admin("/config_dump")["version"]
+        client.proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: client.admin("/config_dump")["version"] != version, timeout=5, what="the config reload")
+
+    path.write_text(yaml.safe_dump(policy))
+    try:
+        apply()
+        refused = ext.call(CLIENT_IP, POD_ECHO, send="inbound\n", shut=True)
+        assert refused["received"] == "", refused
+        wait_for(lambda: "AuthorizationPolicies apply to this workload" in client.log(), timeout=5,
+                 what="the refusal in the proxy log")
+    finally:
+        path.unlink()
+        apply()
+    assert ext.call(CLIENT_IP, POD_ECHO, send="again\n", shut=True)["received"] == "again\n[eof]"
 
 
 def test_a_sidecar_whose_own_traffic_is_captured_stops_the_loop(mesh):

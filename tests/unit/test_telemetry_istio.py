@@ -163,7 +163,8 @@ def test_tcp_passthrough_connections_are_counted_under_istio_pseudo_clusters(met
             for _, labels, value in families["istio_tcp_sent_bytes"]}
     assert sent == {("source", "PassthroughCluster", "-"): 2048, ("source", "BlackHoleCluster", "UH"): 0,
                     ("destination", "InboundPassthroughClusterIpv4", "-"): 5}
-    opened = {labels["destination_service_name"]: value for _, labels, value in families["istio_tcp_connections_opened"]}
+    opened = {labels["destination_service_name"]: value
+              for _, labels, value in families["istio_tcp_connections_opened"]}
     assert opened == {"PassthroughCluster": 1, "BlackHoleCluster": 1, "InboundPassthroughClusterIpv4": 1}
     [(_, source, _)] = [s for s in families["istio_tcp_received_bytes"]
                         if s[1]["destination_service_name"] == "PassthroughCluster"]
