@@ -32,11 +32,10 @@ from __future__ import annotations
 
 import json
 
-from twisted.application import service
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from mesh.kube.watch import Backoff, ObjectCache, Reflector, describe_error, stop_reflectors
+from mesh.kube.watch import Backoff, WatchingService, describe_error
 
 log = Logger()
 
@@ -98,32 +97,23 @@ def read_object(call, *args):
         response.release_conn()
 
 
-class Reconciler(service.Service):
+class Reconciler(WatchingService):
     """Watches some kinds and keeps keys in sync by writing from threads; see the module docstring.
 
     ``listers`` maps a kind's name to its list method (as for
     :class:`~mesh.kube.watch.Reflector`); ``self.caches[kind]`` holds its objects.
     """
 
-    name = "kubernetes"
     #: What one key names, for logs (e.g. ``ConfigMap {key}/txmesh-ca-root-cert``).
     what = "{key}"
 
     def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05):
-        self.reactor = reactor
-        self.coalesce = coalesce
-        self.caches = {}
-        self.reflectors = []
+        super().__init__(reactor, listers, coalesce=coalesce)
         self.writes = {"failed": 0}  # result -> count
-        self._timer = None
         self._busy = set()  # keys with a write scheduled or running
         self._again = set()  # busy keys that changed meanwhile
         self._pace = {}
         self._errors = {}  # key -> the last failure logged
-        for kind, lister in listers.items():
-            cache = ObjectCache(kind, self.cache_changed)
-            self.caches[kind] = cache
-            self.reflectors.append(Reflector(reactor, kind, lister, cache))
 
     # -- to be provided by subclasses --------------------------------------------------------
     def keys(self):
@@ -142,36 +132,9 @@ class Reconciler(service.Service):
         """
         raise NotImplementedError
 
-    # -- service --------------------------------------------------------------------------------
-    def startService(self):
-        super().startService()
-        for reflector in self.reflectors:
-            reflector.start()
-        log.info("{name}: watching {kinds}", name=self.name, kinds=", ".join(self.caches))
-
-    def stopService(self):
-        """Stop the watch threads (a write already on its thread finishes on its own)."""
-        super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        return stop_reflectors(self.reactor, self.reflectors, self.name)
-
-    @property
-    def synced(self) -> bool:
-        """Whether every kind has been listed at least once."""
-        return all(cache.synced for cache in self.caches.values())
-
     # -- passes ---------------------------------------------------------------------------------
-    def cache_changed(self, _cache) -> None:
-        """A watched kind changed: schedule a pass (coalesced)."""
-        self.schedule()
-
-    def schedule(self, delay: float = None) -> None:
-        """Run a pass after ``delay`` (default: ``coalesce``) unless one is scheduled already."""
-        if self.running and (self._timer is None or not self._timer.active()):
-            self._timer = self.reactor.callLater(self.coalesce if delay is None else delay, self._pass)
-
-    def _pass(self) -> None:
+    def settled(self) -> None:
+        """One pass: start a write for every key out of sync (see the module docstring)."""
         if not self.synced:
             return
         for key in self.keys():

@@ -19,39 +19,28 @@ reached then, the source starts empty and its threads keep trying.
 
 from __future__ import annotations
 
-from twisted.application import service
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mesh.config.loader import LoadResult
 from mesh.control.sources import IConfigSource
-from mesh.kube.watch import ObjectCache, Reflector, stop_reflectors
+from mesh.kube.watch import WatchingService
 
 log = Logger()
 
 
 @implementer(IConfigSource)
-class WatchedSource(service.Service):
+class WatchedSource(WatchingService):
     """An IConfigSource fed by list-and-watch of some Kubernetes kinds; see the module docstring.
 
     ``listers`` maps a kind's name (e.g. ``services``) to its list method.
     """
 
-    name = "kubernetes"
-
     def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05):
-        self.reactor = reactor
-        self.coalesce = coalesce
-        self.caches = {}
-        self.reflectors = []
+        super().__init__(reactor, listers, coalesce=coalesce)
         self.updates = 0
         self._on_update = None
-        self._timer = None
         self._loaded = False
-        for kind, lister in listers.items():
-            cache = ObjectCache(kind, self._changed)
-            self.caches[kind] = cache
-            self.reflectors.append(Reflector(reactor, kind, lister, cache))
 
     # -- to be provided by subclasses --------------------------------------------------------
     def translate(self) -> LoadResult:
@@ -70,31 +59,8 @@ class WatchedSource(service.Service):
     def watch(self, on_update) -> None:
         self._on_update = on_update
 
-    @property
-    def synced(self) -> bool:
-        """Whether every kind has been listed at least once."""
-        return all(cache.synced for cache in self.caches.values())
-
-    # -- service --------------------------------------------------------------------------------
-    def startService(self):
-        super().startService()
-        for reflector in self.reflectors:
-            reflector.start()
-        log.info("{name}: watching {kinds}", name=self.name, kinds=", ".join(self.caches))
-
-    def stopService(self):
-        """Stop every watch thread; the Deferred fires once they ended (at most ~2 s)."""
-        super().stopService()
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        return stop_reflectors(self.reactor, self.reflectors, self.name)
-
-    # -- coalesced publication ------------------------------------------------------------------
-    def _changed(self, _cache) -> None:
-        if self._timer is None or not self._timer.active():
-            self._timer = self.reactor.callLater(self.coalesce, self._publish)
-
-    def _publish(self) -> None:
+    def settled(self) -> None:
+        """Publish the whole translated content (once every kind was listed)."""
         if not self.synced or self._on_update is None:
             return
         self.updates += 1

@@ -37,6 +37,7 @@ import json
 import random
 import threading
 
+from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
@@ -333,6 +334,62 @@ def stop_reflectors(reactor, reflectors, name: str, grace: float = 2.0):
     poller.clock = reactor
     poller.start(0.02)
     return done
+
+
+class WatchingService(service.Service):
+    """A Twisted service that list-watches some kinds and reacts to their changes, coalesced.
+
+    It owns one :class:`Reflector` and :class:`ObjectCache` per kind (``listers``
+    maps a kind's name to its list method; ``self.caches[kind]`` holds its
+    objects); the watch threads run while the service does.  A change of any
+    cache, while running, schedules one call of :meth:`settled` ``coalesce``
+    seconds later (changes meanwhile join it).  Base of the config sources
+    (:mod:`mesh.kube.source`) and of the writers (:mod:`mesh.kube.reconcile`).
+    """
+
+    name = "kubernetes"
+
+    def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05):
+        self.reactor = reactor
+        self.coalesce = coalesce
+        self.caches = {}
+        self.reflectors = []
+        self._timer = None
+        for kind, lister in listers.items():
+            cache = ObjectCache(kind, self.cache_changed)
+            self.caches[kind] = cache
+            self.reflectors.append(Reflector(reactor, kind, lister, cache))
+
+    def settled(self) -> None:
+        """The caches changed (``coalesce`` seconds ago, or as :meth:`schedule` asked): act on them."""
+        raise NotImplementedError
+
+    @property
+    def synced(self) -> bool:
+        """Whether every kind has been listed at least once."""
+        return all(cache.synced for cache in self.caches.values())
+
+    def schedule(self, delay: float = None) -> None:
+        """Call :meth:`settled` after ``delay`` (default: ``coalesce``) unless a call is scheduled already."""
+        if self.running and (self._timer is None or not self._timer.active()):
+            self._timer = self.reactor.callLater(self.coalesce if delay is None else delay, self.settled)
+
+    def cache_changed(self, cache) -> None:
+        """``cache`` changed: schedule :meth:`settled` (subclasses may extend this)."""
+        self.schedule()
+
+    def startService(self):
+        super().startService()
+        for reflector in self.reflectors:
+            reflector.start()
+        log.info("{name}: watching {kinds}", name=self.name, kinds=", ".join(self.caches))
+
+    def stopService(self):
+        """Stop every watch thread; the Deferred fires once they ended (at most ~2 s)."""
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        return stop_reflectors(self.reactor, self.reflectors, self.name)
 
 
 @functools.lru_cache(maxsize=None)
