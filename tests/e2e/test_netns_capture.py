@@ -180,8 +180,8 @@ def test_a_denied_principal_gets_403(mesh):
     """A workload with another identity calls the server pod over mTLS: RBAC denies it.
 
     The call is made as the proxy's UID, which the client pod's rules leave alone
-    (were it captured, the client sidecar would pass its TLS through as plain TCP,
-    and the intruder's own certificate would not be the one presented).
+    (were it captured, the client sidecar would pass its TLS through unchanged, as
+    TCP to an address the registry knows; this test is about the server side).
     """
     client, ca = mesh["client"], mesh["ca"]
     key, chain, _ = ca.issue("default", "intruder")
