@@ -365,3 +365,33 @@ def test_kubectl_kustomize_builds(overlay):
     for doc in built:
         if model_name(doc):
             assert check_model(doc)[1] == [], doc["metadata"]["name"]
+
+
+def test_istio_crds_overlay_adds_the_flag_and_read_access():
+    """deploy/overlays/istio-crds: mesh-control gets --istio-crds and read access to exactly the kinds it watches."""
+    import shutil
+    from mesh.control.tap import Options
+    from mesh.kube.crds import ISTIO_GROUPS, resources
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / "istio-crds")], capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    built = [d for d in yaml.safe_load_all(result.stdout) if d]
+    for doc in built:
+        if model_name(doc):
+            assert check_model(doc)[1] == [], doc["metadata"]["name"]
+    (deployment,) = [d for d in built if d["kind"] == "Deployment" and d["metadata"]["name"] == "mesh-control"]
+    command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
+    options = Options()
+    options.parseOptions(command[command.index("mesh-control") + 1:])
+    assert options["istio-crds"] and options["kubernetes"]
+    (role,) = [d for d in built if d["kind"] == "ClusterRole" and d["metadata"]["name"] == "mesh-control-istio-crds"]
+    granted = {(group, plural) for rule in role["rules"] for group in rule["apiGroups"] for plural in rule["resources"]
+               if rule["verbs"] == ["get", "list", "watch"]}
+    istio_groups = {group for group, _ in ISTIO_GROUPS}
+    assert granted == {(group, plural) for group, _, plural in resources(istio=True) if group in istio_groups}
+    (binding,) = [d for d in built if d["kind"] == "ClusterRoleBinding"
+                  and d["roleRef"]["name"] == "mesh-control-istio-crds"]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "mesh-control", "namespace": "mesh-system"}]
