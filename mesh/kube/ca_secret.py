@@ -1,11 +1,15 @@
 """The mesh CA kept in a Kubernetes Secret, shared by every replica (``--kubernetes --ca-secret NAME``).
 
-The Secret ``NAME`` in ``--namespace`` (type Opaque) holds three keys:
+The Secret ``NAME`` in ``--namespace`` (type Opaque) holds three keys, and
+one optional key:
 
 - ``ca-cert.pem``: the self-signed root (PEM),
 - ``ca-key.pem``: its private key (PEM, PKCS#8, unencrypted),
 - ``token-key``: the join-token HMAC secret (32 random bytes), so a join token
-  from ``meshctl token create`` verifies on every replica.
+  from ``meshctl token create`` verifies on every replica,
+- ``extra-roots.pem`` (optional): more root certificates for the trust bundle,
+  the ``STATE/extra-roots.pem`` of a root rotation (docs/kubernetes.md, "Rotating
+  the root with --ca-secret").
 
 At start, :func:`install_ca_secret` reads the Secret; if there is none, it
 generates a root (:func:`mesh.identity.ca.generate_root`) and a token key and
@@ -34,7 +38,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from twisted.logger import Logger
 
-from mesh.identity.ca import CA_CERT, CA_KEY, CAError, generate_root, to_pem
+from mesh.identity.ca import CA_CERT, CA_KEY, EXTRA_ROOTS, CAError, generate_root, to_pem
 from mesh.identity.files import write_private, write_public
 from mesh.identity.tokens import TOKEN_KEY
 
@@ -51,11 +55,12 @@ class CASecretError(CAError):
 
 @dataclass(frozen=True)
 class CAMaterial:
-    """What the Secret holds: the root certificate and key (PEM) and the token key (raw bytes)."""
+    """What the Secret holds: the root certificate and key (PEM), the token key (raw bytes) and extra roots (PEM)."""
 
     cert_pem: bytes
     key_pem: bytes
     token_key: bytes
+    extra_roots_pem: bytes = b""
 
     @classmethod
     def generate(cls, trust_domain: str) -> "CAMaterial":
@@ -78,7 +83,11 @@ class CAMaterial:
                 raw[name] = base64.b64decode(value, validate=True)
             except (binascii.Error, ValueError):
                 raise CASecretError(f"{where}: key {name!r} is not base64") from None
-        material = cls(raw[CA_CERT], raw[CA_KEY], raw[TOKEN_KEY])
+        try:
+            extra = base64.b64decode((data or {}).get(EXTRA_ROOTS) or "", validate=True)
+        except (binascii.Error, ValueError):
+            raise CASecretError(f"{where}: key {EXTRA_ROOTS!r} is not base64") from None
+        material = cls(raw[CA_CERT], raw[CA_KEY], raw[TOKEN_KEY], extra)
         material.check(where)
         return material
 
@@ -92,23 +101,33 @@ class CAMaterial:
             key = serialization.load_pem_private_key(self.key_pem, password=None)
         except (ValueError, TypeError):
             raise CASecretError(f"{where}: key {CA_KEY!r} is not an unencrypted PEM private key") from None
-        try:
-            is_ca = cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
-        except x509.ExtensionNotFound:
-            is_ca = False
-        if not is_ca:
+        if not _is_ca(cert):
             raise CASecretError(f"{where}: key {CA_CERT!r} is not a CA certificate (basicConstraints CA:TRUE)")
         if key.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo) \
                 != cert.public_key().public_bytes(serialization.Encoding.DER,
                                                   serialization.PublicFormat.SubjectPublicKeyInfo):
             raise CASecretError(f"{where}: key {CA_KEY!r} does not belong to the certificate in {CA_CERT!r}")
+        try:
+            extra = self.extra_roots()
+        except ValueError:
+            raise CASecretError(f"{where}: key {EXTRA_ROOTS!r} is not a list of PEM certificates") from None
+        for root in extra:
+            if not _is_ca(root):
+                raise CASecretError(f"{where}: key {EXTRA_ROOTS!r} holds {root.subject.rfc4514_string()}, "
+                                    "which is not a CA certificate (basicConstraints CA:TRUE)")
         if len(self.token_key) < MIN_TOKEN_KEY_BYTES:
             raise CASecretError(f"{where}: key {TOKEN_KEY!r} has {len(self.token_key)} bytes; it needs at least "
                                 f"{MIN_TOKEN_KEY_BYTES} random bytes")
 
+    def extra_roots(self) -> list:
+        """The extra trusted roots (certificates); ValueError if they are not PEM certificates."""
+        return x509.load_pem_x509_certificates(self.extra_roots_pem) if self.extra_roots_pem.strip() else []
+
     def secret_data(self) -> dict:
         """The Secret's ``data``: every key base64-encoded."""
         values = {CA_CERT: self.cert_pem, CA_KEY: self.key_pem, TOKEN_KEY: self.token_key}
+        if self.extra_roots_pem.strip():
+            values[EXTRA_ROOTS] = self.extra_roots_pem
         return {name: base64.b64encode(value).decode() for name, value in values.items()}
 
     def fingerprint(self) -> str:
@@ -121,6 +140,18 @@ class CAMaterial:
         write_private(os.path.join(state_dir, CA_KEY), self.key_pem)
         write_public(os.path.join(state_dir, CA_CERT), self.cert_pem)
         write_private(os.path.join(state_dir, TOKEN_KEY), self.token_key)
+        extra_path = os.path.join(state_dir, EXTRA_ROOTS)
+        if self.extra_roots_pem.strip():
+            write_public(extra_path, self.extra_roots_pem)
+        elif os.path.exists(extra_path):
+            os.unlink(extra_path)  # the Secret has none: a root rotation's last step
+
+
+def _is_ca(cert) -> bool:
+    try:
+        return cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+    except x509.ExtensionNotFound:
+        return False
 
 
 class CASecret:
@@ -140,8 +171,8 @@ class CASecret:
         data = self._read()
         if data is not None:
             material = CAMaterial.from_secret_data(data, self.where)
-            log.info("CA root loaded from {secret} (SHA-256 {fingerprint})", secret=self.where,
-                     fingerprint=material.fingerprint())
+            log.info("CA root loaded from {secret} (SHA-256 {fingerprint}; {extra} extra trusted root(s))",
+                     secret=self.where, fingerprint=material.fingerprint(), extra=len(material.extra_roots()))
             return material
         material = CAMaterial.generate(trust_domain)
         if self._create(material):

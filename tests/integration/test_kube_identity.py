@@ -344,6 +344,28 @@ def other_root_pem() -> bytes:
     return to_pem([generate_root("cluster.local")[1]])
 
 
+def test_extra_roots_in_the_secret_join_the_trust_bundle(kube, kubeconfig, replicas, process_log_dir):
+    """Step 1 of a root rotation with --ca-secret: the Secret's extra-roots.pem is trusted, the signer unchanged."""
+    from kubernetes import client
+
+    data = {key: base64.b64encode(value).decode() for key, value in read_secret(kube).items()}
+    new_root = other_root_pem()
+    data["extra-roots.pem"] = base64.b64encode(new_root).decode()
+    client.CoreV1Api(kube.api_client()).create_namespaced_secret(
+        CONTROL_NS, {"metadata": {"name": "rotating-ca"}, "data": data})
+    control = Control(extra_args=kube_args(kubeconfig, "rotating-ca"), log_dir=process_log_dir)
+    try:
+        control.start()
+        status, bundle = control.admin_request("/ca/root-cert.pem")
+        assert status == 200 and bundle == read_secret(kube)["ca-cert.pem"] + new_root
+        assert control.root_cert.read_bytes() == bundle
+        signing_root = x509.load_pem_x509_certificate(read_secret(kube)["ca-cert.pem"])
+        server_certificate_of(control).verify_directly_issued_by(signing_root)  # raises if the new root signed it
+        assert "1 extra trusted root(s)" in control.log_path.read_text()
+    finally:
+        control.stop()
+
+
 def test_an_unreachable_api_server_at_start_stops_mesh_control(kube, tmp_path):
     kubeconfig = kube.write_kubeconfig(tmp_path / "kubeconfig")
     kubeconfig.write_text(kubeconfig.read_text().replace(kube.url, f"http://127.0.0.1:{free_port()}"))

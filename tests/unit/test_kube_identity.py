@@ -156,6 +156,9 @@ def _leaf_cert_and_key():
     ("foreign-key", {"ca_key_pem": _pkcs8(generate_root(TD)[0])},
      f"{WHERE}: key 'ca-key.pem' does not belong to the certificate in 'ca-cert.pem'"),
     ("short-token-key", {"token_key": b"0123456789"}, f"{WHERE}: key 'token-key' has 10 bytes; it needs at least 32"),
+    ("extra-not-base64", {"extra_roots_pem": "%%%"}, f"{WHERE}: key 'extra-roots.pem' is not base64"),
+    ("extra-not-pem", {"extra_roots_pem": b"-----BEGIN CERTIFICATE-----\nnope\n-----END CERTIFICATE-----\n"},
+     f"{WHERE}: key 'extra-roots.pem' is not a list of PEM certificates"),
 ], ids=lambda value: value if isinstance(value, str) and " " not in value else None)
 def test_a_bad_secret_is_refused_naming_the_secret_and_the_key(material, case, replace, message):
     with pytest.raises(CASecretError) as caught:
@@ -183,3 +186,23 @@ def test_installed_material_is_what_the_ca_and_token_key_load(material, tmp_path
     assert to_pem([ca.cert]) == material.cert_pem
     assert (state / "root-cert.pem").read_bytes() == material.cert_pem
     assert load_or_create_key(str(state)) == material.token_key
+
+
+def test_a_leaf_certificate_is_no_extra_root(material):
+    cert_pem, _ = _leaf_cert_and_key()
+    with pytest.raises(CASecretError, match="'extra-roots.pem' holds .* which is not a CA certificate"):
+        CAMaterial.from_secret_data(_data(material, extra_roots_pem=cert_pem), WHERE)
+
+
+def test_extra_roots_join_the_trust_bundle_and_leave_it_with_the_secret(material, tmp_path):
+    """A root rotation with --ca-secret: the Secret's extra-roots.pem is the state dir's, added and removed."""
+    _, new_root = generate_root(TD)
+    rotating = CAMaterial.from_secret_data(_data(material, extra_roots_pem=to_pem([new_root])), WHERE)
+    assert set(rotating.secret_data()) == {"ca-cert.pem", "ca-key.pem", "token-key", "extra-roots.pem"}
+    state = tmp_path / "state"
+    rotating.install(str(state))
+    ca = CertificateAuthority.load_or_create(str(state), TD)
+    assert to_pem(ca.bundle) == material.cert_pem + to_pem([new_root])
+    material.install(str(state))  # the last step: the Secret has no extra roots any more
+    assert not (state / "extra-roots.pem").exists()
+    assert to_pem(CertificateAuthority.load_or_create(str(state), TD).bundle) == material.cert_pem
