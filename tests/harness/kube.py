@@ -113,6 +113,10 @@ class KubeAPI(ManagedProcess):
         does, or (``forbidden=False``) allow them again."""
         self._control("POST", "forbid", {"resource": resource, "verbs": list(verbs), "forbidden": forbidden})
 
+    def fail(self, resource: str, verbs=("create",), times: int = 1) -> None:
+        """Answer the next ``times`` *verbs* on *resource* 503 ServiceUnavailable (an overloaded API server)."""
+        self._control("POST", "fail", {"resource": resource, "verbs": list(verbs), "times": times})
+
     def set_down(self, down: bool, how: str = "reset") -> None:
         """Simulate an API-server outage (open watches break; every API request gets a connection reset,
         or ``how="503"``: 503 ServiceUnavailable), or end it."""

@@ -13,6 +13,8 @@ port written to F once it listens. Tests drive it with the real ``kubernetes`` c
 - ``POST /_test/down`` ``{"down": true|false, "how": "reset"|"503"}``: an API-server outage;
 - ``POST /_test/forbid`` ``{"verbs": ["create", "update", ...], "resource": PLURAL, "forbidden": true|false}``:
   answer those writes 403 Forbidden as RBAC would (this server has no RBAC otherwise).
+- ``POST /_test/fail`` ``{"verbs": [...], "resource": PLURAL, "times": N}``: answer the next N such requests
+  503 ServiceUnavailable, as an overloaded API server (or an etcd timeout) does.
 
 Watches follow the real server: ``resourceVersion`` absent or ``"0"`` starts with synthetic ADDED events
 for the current state; a version streams the changes after it; a version older than the compacted
@@ -146,6 +148,7 @@ class KubeApiServer(resource.Resource):
         self.seen: list[dict] = []
         self.down: str | None = None  # None, "reset" or "503"
         self.forbidden: set[tuple[str, str]] = set()  # (verb, plural) answered 403, as a missing RBAC grant
+        self.failing: dict[tuple[str, str], int] = {}  # (verb, plural) -> how many more get 503
         self._event_origins: dict[str, str] = {}  # uid -> apiVersion it was created with, in creation order
 
     # -- dispatch -----------------------------------------------------------------------------------------------
@@ -293,7 +296,11 @@ class KubeApiServer(resource.Resource):
         return server.NOT_DONE_YET
 
     def _authorize(self, verb: str, rtype: ResourceType, namespace: str | None, name: str | None) -> None:
-        """403 Forbidden, worded as RBAC's denial, for a (verb, resource) the test forbade."""
+        """403 Forbidden, worded as RBAC's denial, for a (verb, resource) the test forbade; 503 while it fails."""
+        if self.failing.get((verb, rtype.plural)):
+            self.failing[(verb, rtype.plural)] -= 1
+            raise ApiError(503, "ServiceUnavailable", "the server is currently unable to handle the request "
+                           "(a failure the test asked for)")
         if (verb, rtype.plural) in self.forbidden:
             scope = f'in the namespace "{namespace}"' if namespace else "at the cluster scope"
             subject = f'{rtype.plural} "{name}"' if name else rtype.plural
@@ -355,6 +362,11 @@ class KubeApiServer(resource.Resource):
             pairs = {(verb, spec["resource"]) for verb in spec["verbs"]}
             self.forbidden = self.forbidden | pairs if spec.get("forbidden", True) else self.forbidden - pairs
             return {"forbidden": sorted(f"{verb} {plural}" for verb, plural in self.forbidden)}
+        if (method, name) == ("POST", "fail"):
+            spec = json.loads(request.content.read())
+            for verb in spec["verbs"]:
+                self.failing[(verb, spec["resource"])] = int(spec["times"])
+            return {"failing": {f"{verb} {plural}": times for (verb, plural), times in self.failing.items()}}
         if (method, name) == ("POST", "down"):
             spec = json.loads(request.content.read())
             self.down = (spec.get("how") or "reset") if spec["down"] else None

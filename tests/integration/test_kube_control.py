@@ -201,6 +201,23 @@ def test_an_invalid_cr_is_reported_as_an_event_and_its_previous_version_stays(cl
     assert len(invalid_events(kube, "reviews-vs")) == 1
 
 
+def test_two_replicas_post_one_event_and_retry_an_overloaded_api_server(cluster, control_factory):
+    """Both replicas see the invalid version; their first posts get 503; the retries leave exactly one Event."""
+    kube, custom = cluster["kube"], cluster["custom"]
+    kubeconfig = kube.write_kubeconfig(cluster["log_dir"] / "kubeconfig-second")
+    second = control_factory(extra_args=["--kubernetes", "--kubeconfig", str(kubeconfig)])
+    kube.fail("events", verbs=("create",), times=2)
+    bad = virtual_service("twice-seen", ["twice-seen"], "reviews", retries={"attempts": 2, "retryOn": "bogus"})
+    custom.create_namespaced_custom_object("networking.txmesh.io", "v1", NS, "virtualservices", bad)
+    (event,) = wait_for(lambda: invalid_events(kube, "twice-seen"), 10, what="the InvalidConfig Event")
+    posts = [seen for seen in kube.requests() if seen["method"] == "POST" and seen["path"].endswith("/events")]
+    assert len(posts) >= 3, posts  # two refused, then at least one retry
+    for log in (control_log(cluster), second.log_path.read_text()):
+        assert "cannot post the Kubernetes Event" not in log and "bogus" in log, log[-2000:]
+    second.stop()
+    assert invalid_events(kube, "twice-seen") == [event]
+
+
 def test_istio_groups_are_read_only_with_istio_crds(cluster, control_factory):
     custom, client_proxy = cluster["custom"], cluster["client"]
     custom.create_namespaced_custom_object("networking.istio.io", "v1", NS, "virtualservices", virtual_service(

@@ -1,5 +1,7 @@
 """Kubernetes Event bodies (mesh.kube.events) and the "file" names of custom objects (mesh.kube.crds)."""
 
+import re
+
 from mesh.kube.crds import origin, resources
 from mesh.kube.events import MAX_MESSAGE, event_body
 
@@ -8,11 +10,19 @@ CR = {"apiVersion": "networking.txmesh.io/v1", "kind": "VirtualService",
                    "labels": {"a": "b"}}, "spec": {}}
 
 
-def test_an_event_names_the_object_and_is_named_like_client_go_names_them():
+def test_an_event_names_the_object_and_is_named_by_what_it_reports():
     body = event_body(CR, "Warning", "InvalidConfig", "bad", "host-1", 1795645932.5)
     assert body["involvedObject"] == {"apiVersion": "networking.txmesh.io/v1", "kind": "VirtualService",
                                       "name": "reviews", "namespace": "shop", "uid": "u-1", "resourceVersion": "42"}
-    assert body["metadata"] == {"name": f"reviews.{int(1795645932.5 * 1e9):x}", "namespace": "shop"}
+    assert body["metadata"]["namespace"] == "shop"
+    name = body["metadata"]["name"]
+    assert re.fullmatch(r"reviews\.[0-9a-f]{16}", name), name
+    # the same report from another replica, later, has the same name (so the API server keeps one Event) ...
+    assert event_body(CR, "Warning", "InvalidConfig", "bad", "host-2", 1795645999.0)["metadata"]["name"] == name
+    # ... a new version of the object, or another reason, another name
+    newer = {**CR, "metadata": {**CR["metadata"], "resourceVersion": "43"}}
+    assert event_body(newer, "Warning", "InvalidConfig", "bad", "host-1", 0.0)["metadata"]["name"] != name
+    assert event_body(CR, "Warning", "Other", "bad", "host-1", 0.0)["metadata"]["name"] != name
     assert (body["type"], body["reason"], body["message"], body["count"]) == ("Warning", "InvalidConfig", "bad", 1)
     assert body["firstTimestamp"] == body["lastTimestamp"] == "2026-11-25T22:32:12Z"
     assert body["source"] == {"component": "mesh-control"} and body["reportingInstance"] == "host-1"
