@@ -76,7 +76,7 @@ class KeepAliveClient:
     """One HTTP/1.1 keep-alive connection sending the same GET again and again."""
 
     def __init__(self, port: int, host: str, extra_headers: int = 0):
-        lines = [f"GET /hotpath?n=1 HTTP/1.1", f"Host: {host}", "User-Agent: txmesh-hotpath/1",
+        lines = ["GET /hotpath?n=1 HTTP/1.1", f"Host: {host}", "User-Agent: txmesh-hotpath/1",
                  "Accept: */*", "Accept-Encoding: gzip, deflate"]
         lines += [f"X-Extra-{index}: value-{index}" for index in range(extra_headers)]
         self.request = ("\r\n".join(lines) + "\r\n\r\n").encode()

@@ -8,24 +8,32 @@ Helpers (no tests here):
   :meth:`Pods.destroy`, which also stops every process started in them
 - :class:`NetnsProcess`: a :class:`tests.harness.ManagedProcess` run with
   ``ip netns exec`` (and optionally as another UID, via ``setpriv``)
+- :class:`Pod`: one namespace as a pod (run commands in it, read its sidecar's admin port)
+- :func:`pod_workdir` and :func:`start_sidecar`: a pod's directory and its ``twistd mesh-proxy``,
+  run as the proxy UID :data:`PROXY_UID`, ready once its health port says so
 - :func:`issue_workload_cert`: a static workload certificate signed by a test CA (mesh.identity.ca)
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+import yaml
+
 from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
-from tests.harness import ManagedProcess
+from tests.harness import ManagedProcess, venv_bin
 
 NETNS_PREFIX = "txm-e2e"
+PROXY_UID = 1337  # the sidecar's UID, which ``meshctl iptables --proxy-uid`` leaves uncaptured
 
 
 def run(*argv, check=True, timeout=15.0) -> subprocess.CompletedProcess:
@@ -150,3 +158,39 @@ class TestCA:
 
 
 __all__ = ["NetnsProcess", "Pods", "TestCA", "require_netns", "run", "to_pem"]
+
+
+class Pod:
+    """One network namespace of :class:`Pods` as a pod: ``exec`` in it, its sidecar's admin port."""
+
+    def __init__(self, pods, netns, name, workdir):
+        self.pods, self.netns, self.name, self.dir = pods, netns, name, workdir
+        self.proxy = None
+
+    def exec(self, *argv, uid=None, check=False, timeout=15.0):
+        return self.pods.exec(self.netns, *argv, uid=uid, check=check, timeout=timeout)
+
+    def admin(self, path):
+        result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
+        return json.loads(result.stdout)
+
+
+def pod_workdir(workdir: Path, config) -> Path:
+    """Create a pod's directory (owned by the proxy UID) with its sidecar's config (``config/mesh.yaml``)."""
+    workdir.mkdir(mode=0o755)
+    os.chown(workdir, PROXY_UID, PROXY_UID)
+    (workdir / "config").mkdir()
+    (workdir / "config" / "mesh.yaml").write_text(yaml.safe_dump_all(config))
+    return workdir
+
+
+def start_sidecar(pods, netns, name: str, workdir: Path, *args):
+    """``twistd mesh-proxy`` of pod ``name`` (standalone, from ``workdir/config``) as :data:`PROXY_UID`;
+    ``args`` are its other options.  Ready when ``/healthz/ready`` on :15021 answers 200 (the startup probe)."""
+    return pods.start(NetnsProcess(
+        f"{name}-proxy", netns,
+        [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
+         "--workload", name, "--namespace", "default", *args],
+        workdir / "proxy.log", uid=PROXY_UID,
+        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],
+        cwd=workdir, env={"HOME": str(workdir)}))

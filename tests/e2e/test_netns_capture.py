@@ -27,10 +27,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import NetnsProcess, Pods, TestCA, require_netns
+from tests.e2e.conftest import (
+    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, pod_workdir, require_netns, start_sidecar,
+)
 from tests.harness import venv_bin, wait_for
 
-PROXY_UID = 1337
 CLIENT_IP, SERVER_IP = "10.99.0.1", "10.99.0.2"
 APP_PORT = 8080
 TD = "cluster.local"
@@ -63,13 +64,7 @@ def _server_config():
     }]
 
 
-class Pod:
-    def __init__(self, pods, netns, name, workdir):
-        self.pods, self.netns, self.name, self.dir = pods, netns, name, workdir
-
-    def exec(self, *argv, uid=None, check=False, timeout=15.0):
-        return self.pods.exec(self.netns, *argv, uid=uid, check=check, timeout=timeout)
-
+class CapturePod(Pod):
     def curl(self, url, *args, uid=None):
         """``(status, headers text, body)`` of a plain curl in this pod (-m 10)."""
         body_path = self.dir / f"body-{uid or 0}"  # writable by the UID curl runs as
@@ -82,42 +77,27 @@ class Pod:
         body = body_path.read_bytes()
         return status, head, body
 
-    def admin(self, path):
-        result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
-        return json.loads(result.stdout)
-
     def nat_rules(self):
         return self.exec("iptables-save", "-t", "nat", check=True).stdout
 
 
 def _start_pod(pods, netns, name, ca, workdir: Path, config, extra_args=()):
-    workdir.mkdir(mode=0o755)
-    os.chown(workdir, PROXY_UID, PROXY_UID)
+    pod_workdir(workdir, config)
     key, chain, _ = ca.issue("default", name)
-    (workdir / "config").mkdir()
-    (workdir / "config" / "mesh.yaml").write_text(yaml.safe_dump_all(config))
     (workdir / "cert.pem").write_bytes(chain)
     (workdir / "ca.pem").write_bytes(ca.bundle_pem())
     key_path = workdir / "key.pem"
     key_path.write_bytes(key)
     os.chown(key_path, PROXY_UID, PROXY_UID)
     key_path.chmod(0o600)
-    env = {"HOME": str(workdir)}
     pods.start(NetnsProcess(
         f"{name}-app", netns, [venv_bin("python"), "-m", "mesh.demo.app", "--name", name, "--port", APP_PORT],
         workdir / "app.log", ready_argv=["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{APP_PORT}/"],
-        cwd=workdir, env=env))
-    proxy = pods.start(NetnsProcess(
-        f"{name}-proxy", netns,
-        [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
-         "--workload", name, "--namespace", "default", "--service-account", name, "--label", f"app={name}",
-         "--app-port", APP_PORT, "--cert", workdir / "cert.pem", "--key", key_path, "--ca-bundle", workdir / "ca.pem",
-         *extra_args],
-        workdir / "proxy.log", uid=PROXY_UID,
-        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],  # the startup probe
-        cwd=workdir, env=env))
-    pod = Pod(pods, netns, name, workdir)
-    pod.proxy = proxy
+        cwd=workdir, env={"HOME": str(workdir)}))
+    pod = CapturePod(pods, netns, name, workdir)
+    pod.proxy = start_sidecar(
+        pods, netns, name, workdir, "--service-account", name, "--label", f"app={name}", "--app-port", APP_PORT,
+        "--cert", workdir / "cert.pem", "--key", key_path, "--ca-bundle", workdir / "ca.pem", *extra_args)
     return pod
 
 

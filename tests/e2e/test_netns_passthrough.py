@@ -18,7 +18,6 @@ BlackHoleCluster), anything else is spliced to the original destination or close
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -30,11 +29,12 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import NetnsProcess, Pods, TestCA, require_netns
+from tests.e2e.conftest import (
+    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, pod_workdir, require_netns, start_sidecar,
+)
 from tests.harness import venv_bin
 from tests.harness.waiting import wait_for
 
-PROXY_UID = 1337
 CLIENT_IP, EXT_IP = "10.98.0.1", "10.98.0.2"
 FENCED_IP, EXT_IP_2 = "10.98.1.1", "10.98.1.2"
 ECHO, BANNER, TLS, HTTP, POD_ECHO, LOOP = 7000, 2525, 8443, 8080, 9000, 7777
@@ -43,13 +43,7 @@ DETECTION_TIMEOUT = 0.3
 MAX_TUNNELS = 2
 
 
-class Pod:
-    def __init__(self, pods, netns, name, workdir):
-        self.pods, self.netns, self.name, self.dir = pods, netns, name, workdir
-
-    def exec(self, *argv, uid=None, check=False, timeout=15.0):
-        return self.pods.exec(self.netns, *argv, uid=uid, check=check, timeout=timeout)
-
+class PassthroughPod(Pod):
     def call(self, host, port, send="", shut=False, timeout=5.0) -> dict:
         """:mod:`tests.apps.tcp_peers` ``call`` from this namespace: an unmodified TCP client."""
         argv = [venv_bin("python"), PEERS, "call", host, port, "--timeout", timeout]
@@ -65,10 +59,6 @@ class Pod:
         result = self.exec("curl", "-sS", "-m", "10", "-o", "-", "-w", "\n%{http_code}", *args, url, timeout=15)
         body, _, status = result.stdout.rpartition("\n")
         return (int(status) if status.strip("0") else None), result.stderr.strip(), body
-
-    def admin(self, path):
-        result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
-        return json.loads(result.stdout)
 
     def metrics(self) -> str:
         return self.exec("curl", "-sS", "-m", "5", "http://127.0.0.1:15090/stats/prometheus", check=True).stdout
@@ -90,25 +80,14 @@ def _metric(text, name, **labels):
 
 
 def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
-    workdir.mkdir(mode=0o755)
-    os.chown(workdir, PROXY_UID, PROXY_UID)
-    (workdir / "config").mkdir()
-    (workdir / "config" / "mesh.yaml").write_text(yaml.safe_dump_all(config))
-    env = {"HOME": str(workdir)}
+    pod_workdir(workdir, config)
     pods.start(NetnsProcess(
         f"{name}-echo", netns, [venv_bin("python"), PEERS, "serve", "--address", "127.0.0.1", "--echo", POD_ECHO],
         workdir / "echo.log", ready_argv=[venv_bin("python"), PEERS, "call", "127.0.0.1", POD_ECHO, "--shut"],
-        cwd=workdir, env=env))
-    proxy = pods.start(NetnsProcess(
-        f"{name}-proxy", netns,
-        [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
-         "--workload", name, "--namespace", "default", "--app-port", HTTP,
-         "--protocol-detection-timeout", f"{DETECTION_TIMEOUT}s", *proxy_args],
-        workdir / "proxy.log", uid=PROXY_UID,
-        ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],
-        cwd=workdir, env=env))
-    pod = Pod(pods, netns, name, workdir)
-    pod.proxy = proxy
+        cwd=workdir, env={"HOME": str(workdir)}))
+    pod = PassthroughPod(pods, netns, name, workdir)
+    pod.proxy = start_sidecar(pods, netns, name, workdir, "--app-port", HTTP,
+                              "--protocol-detection-timeout", f"{DETECTION_TIMEOUT}s", *proxy_args)
     return pod
 
 
@@ -124,7 +103,7 @@ def mesh():
         client_ns, fenced_ns, ext_ns = pods.add("client"), pods.add("fenced"), pods.add("ext")
         pods.link(client_ns, f"{CLIENT_IP}/24", ext_ns, f"{EXT_IP}/24")
         pods.link(fenced_ns, f"{FENCED_IP}/24", ext_ns, f"{EXT_IP_2}/24", ifname="eth1")
-        ext = Pod(pods, ext_ns, "ext", workdir / "ext")
+        ext = PassthroughPod(pods, ext_ns, "ext", workdir / "ext")
         ext.dir.mkdir()
         key, chain, _ = TestCA().issue("ext", "tls")
         (ext.dir / "key.pem").write_bytes(key)

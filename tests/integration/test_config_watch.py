@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from tests.harness import wait_for
-from tests.integration.test_proxy_support import route_to, service_entry, virtual_service
+from tests.integration.test_proxy_support import service_entry, virtual_service
 
 def write(directory, name, *documents):
     path = directory / name

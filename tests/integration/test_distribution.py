@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from tests.harness import Backend, wait_for
+from tests.harness import wait_for
 from tests.integration.test_distribution_support import ControlledProxy, proxies, selector_service
 from tests.integration.test_identity_support import parse_h2load, spiffe, xfcc
 from tests.integration.test_proxy_support import route_to, virtual_service, write_config
