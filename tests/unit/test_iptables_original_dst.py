@@ -2,17 +2,12 @@
 
 import socket
 import struct
-import textwrap
 
 import pytest
 
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
 from mesh.proxy import original_dst as od
-from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import LocalReply
-from mesh.proxy.runtime import OutboundRouter
+from tests.unit.routing_support import captured_request, compile_yaml, outbound_router
 
 
 class _Sock(socket.socket):
@@ -79,57 +74,21 @@ def test_real_loopback_connection_is_not_redirected():
             s.close()
 
 
-CONFIG = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: server, namespace: default}
-spec:
-  hosts: [server.default.svc.cluster.local]
-  addresses: [10.96.0.10]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
-  resolution: STATIC
-  endpoints:
-  - {address: 10.99.0.2}
-  - {address: 10.99.0.3}
-"""
 
 
 @pytest.fixture(scope="module")
 def router(tmp_path_factory):
-    path = tmp_path_factory.mktemp("od") / "config.yaml"
-    path.write_text(textwrap.dedent(CONFIG).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == [] and errors == []
-    config = compile_proxy_config(objects, Workload("client", "default", {}, "client"))
-
-    class Runtime:
-        snapshot = type("Snapshot", (), {"config": config, "clusters": {name: name for name in config.clusters}})
-
-    class Hooks:
-        @staticmethod
-        def mesh_route(ctx, table):
-            from mesh.builtin.routing import mesh_route
-            return mesh_route(ctx, table)
-
-    return OutboundRouter(Runtime(), Hooks())
-
-
-def _ctx(host, dst=None):
-    ctx = RequestContext.for_test(host=host)
-    if dst is not None:
-        ctx.extra["original_dst"] = dst
-    return ctx
+    return outbound_router(compile_yaml(tmp_path_factory.mktemp("od")))
 
 
 def test_host_header_wins(router):
-    action, cluster = router.route(_ctx("server", ("10.5.5.5", 80)))
+    action, cluster = router.route(captured_request("server", ("10.5.5.5", 80)))
     assert cluster == "outbound|80||server.default.svc.cluster.local"
 
 
 @pytest.mark.parametrize("dst", [("10.96.0.10", 80), ("10.99.0.2", 8080), ("10.99.0.3", 8080)])
 def test_unknown_host_routes_by_original_destination(router, dst):
-    ctx = _ctx("some-name-the-mesh-does-not-know", dst)
+    ctx = captured_request("some-name-the-mesh-does-not-know", dst)
     action, cluster = router.route(ctx)
     assert cluster == "outbound|80||server.default.svc.cluster.local"
     assert ctx.host == "some-name-the-mesh-does-not-know"  # restored, for logs
@@ -138,5 +97,5 @@ def test_unknown_host_routes_by_original_destination(router, dst):
 @pytest.mark.parametrize("dst", [None, ("10.5.5.5", 80), ("10.99.0.2", 9999)])
 def test_no_match_is_still_404_nr(router, dst):
     with pytest.raises(LocalReply) as raised:
-        router.route(_ctx("unknown", dst))
+        router.route(captured_request("unknown", dst))
     assert raised.value.status == 404

@@ -3,31 +3,15 @@
 The tunnels themselves run in tests/e2e/test_netns_passthrough.py, with real capture.
 """
 
-import textwrap
 
 import pytest
 from twisted.python import usage
 
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
-from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.passthrough import ALLOW_ANY, REGISTRY_ONLY, PassthroughClusters
-from mesh.proxy.runtime import OutboundRouter
 from mesh.proxy.tap import Options, makeService
+from tests.unit.routing_support import captured_request, compile_yaml, outbound_router
 
-CONFIG = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: server, namespace: default}
-spec:
-  hosts: [server.default.svc.cluster.local]
-  addresses: [10.96.0.10]
-  ports: [{number: 80, name: http, protocol: HTTP, targetPort: 8080}]
-  resolution: STATIC
-  endpoints: [{address: 10.99.0.2}]
-"""
 
 
 class Pool:
@@ -47,51 +31,30 @@ def _pool(endpoint_spec, cluster_spec):
 
 @pytest.fixture(scope="module")
 def config(tmp_path_factory):
-    path = tmp_path_factory.mktemp("pt") / "config.yaml"
-    path.write_text(textwrap.dedent(CONFIG).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == [] and errors == []
-    return compile_proxy_config(objects, Workload("client", "default", {}, "client"))
+    return compile_yaml(tmp_path_factory.mktemp("pt"))
 
 
 def _router(config, policy):
-    class Runtime:
-        snapshot = type("Snapshot", (), {"config": config, "clusters": {name: name for name in config.clusters}})
-
-    class Hooks:
-        @staticmethod
-        def mesh_route(ctx, table):
-            from mesh.builtin.routing import mesh_route
-            return mesh_route(ctx, table)
-
-    return OutboundRouter(Runtime(), Hooks(), PassthroughClusters(policy, _pool))
-
-
-def _ctx(host, dst=None):
-    ctx = RequestContext.for_test(host=host)
-    if dst is not None:
-        ctx.extra["original_dst"] = dst
-    return ctx
+    return outbound_router(config, PassthroughClusters(policy, _pool))
 
 
 def test_allow_any_sends_unknown_captured_http_to_a_passthrough_cluster_per_destination(config):
     router = _router(config, ALLOW_ANY)
-    action, cluster = router.route(_ctx("api.example.com", ("93.184.216.34", 80)))
+    action, cluster = router.route(captured_request("api.example.com", ("93.184.216.34", 80)))
     assert action.name == "allow_any" and cluster.name == "PassthroughCluster"
     [endpoint] = cluster.endpoints
     assert (endpoint.host_port, endpoint.spec.identity) == ("93.184.216.34:80", None)  # plaintext
-    assert router.route(_ctx("other", ("93.184.216.34", 80)))[1] is cluster  # reused: keep-alive connections
-    assert router.route(_ctx("other", ("93.184.216.34", 8080)))[1] is not cluster
+    assert router.route(captured_request("other", ("93.184.216.34", 80)))[1] is cluster  # reused: keep-alive connections
+    assert router.route(captured_request("other", ("93.184.216.34", 8080)))[1] is not cluster
     # a known destination still routes to its service, and an explicit call (no capture) still gets 404
-    assert router.route(_ctx("x", ("10.99.0.2", 8080)))[1] == "outbound|80||server.default.svc.cluster.local"
+    assert router.route(captured_request("x", ("10.99.0.2", 8080)))[1] == "outbound|80||server.default.svc.cluster.local"
     with pytest.raises(LocalReply) as raised:
-        router.route(_ctx("api.example.com"))
+        router.route(captured_request("api.example.com"))
     assert (raised.value.status, raised.value.flag) == (404, "NR")
 
 
 def test_registry_only_answers_502_naming_the_fix(config):
-    ctx = _ctx("api.example.com", ("93.184.216.34", 443))
+    ctx = captured_request("api.example.com", ("93.184.216.34", 443))
     with pytest.raises(LocalReply) as raised:
         _router(config, REGISTRY_ONLY).route(ctx)
     assert (raised.value.status, raised.value.flag) == (502, "UH")
@@ -102,11 +65,11 @@ def test_registry_only_answers_502_naming_the_fix(config):
 
 def test_the_oldest_passthrough_cluster_goes_with_its_idle_connections():
     clusters = PassthroughClusters(ALLOW_ANY, _pool, size=2)
-    first = clusters.route(_ctx("a"), ("10.0.0.1", 80))[1]
-    clusters.route(_ctx("b"), ("10.0.0.2", 80))
-    clusters.route(_ctx("c"), ("10.0.0.3", 80))
+    first = clusters.route(captured_request("a"), ("10.0.0.1", 80))[1]
+    clusters.route(captured_request("b"), ("10.0.0.2", 80))
+    clusters.route(captured_request("c"), ("10.0.0.3", 80))
     assert first.endpoints[0].pool.closed
-    assert clusters.route(_ctx("a"), ("10.0.0.1", 80))[1] is not first
+    assert clusters.route(captured_request("a"), ("10.0.0.1", 80))[1] is not first
 
 
 def test_the_registry_knows_service_addresses_and_endpoints(config):
