@@ -8,7 +8,8 @@ Helpers (no tests here):
   :meth:`Pods.destroy`, which also stops every process started in them
 - :class:`NetnsProcess`: a :class:`tests.harness.ManagedProcess` run with
   ``ip netns exec`` (and optionally as another UID, via ``setpriv``)
-- :class:`Pod`: one namespace as a pod (run commands in it, read its sidecar's admin port)
+- :class:`Pod`: one namespace as a pod (run commands in it, read its sidecar's admin and metrics ports);
+  :func:`metric_sum` reads a metric from a Prometheus page
 - :func:`pod_workdir` and :func:`start_sidecar`: a pod's directory and its ``twistd mesh-proxy``,
   run as the proxy UID :data:`PROXY_UID`, ready once its health port says so
 - :func:`issue_workload_cert`: a static workload certificate signed by a test CA (mesh.identity.ca)
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -173,6 +175,22 @@ class Pod:
     def admin(self, path):
         result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
         return json.loads(result.stdout)
+
+    def metrics(self) -> str:
+        """The sidecar's Prometheus page (:15090)."""
+        return self.exec("curl", "-sS", "-m", "5", "http://127.0.0.1:15090/stats/prometheus", check=True).stdout
+
+
+def metric_sum(text: str, name: str, **labels) -> float:
+    """The sum of the samples of ``name`` in a Prometheus page whose labels include ``labels``."""
+    total = 0.0
+    for line in text.splitlines():
+        if not line.startswith(name + "{"):
+            continue
+        found = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
+        if all(found.get(key) == value for key, value in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
 
 
 def pod_workdir(workdir: Path, config) -> Path:

@@ -28,7 +28,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import (
-    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, pod_workdir, require_netns, start_sidecar,
+    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, metric_sum, pod_workdir, require_netns, start_sidecar,
 )
 from tests.harness import venv_bin, wait_for
 
@@ -154,6 +154,12 @@ def test_unmodified_curl_goes_through_both_sidecars_over_mtls(mesh):
     # the server sidecar forwarded it to its app
     inbound = server.admin("/clusters")[f"inbound|{APP_PORT}||"]["endpoints"]
     assert inbound[0]["address"] == f"127.0.0.1:{APP_PORT}" and inbound[0]["total_requests"] >= 1
+    # and both sidecars' metrics say so: an mTLS request from the client's identity to the server's
+    mtls = {"response_code": "200", "connection_security_policy": "mutual_tls",
+            "source_principal": CLIENT_ID, "destination_principal": SERVER_ID}
+    assert metric_sum(server.metrics(), "istio_requests_total", reporter="destination", **mtls) >= 1
+    assert metric_sum(client.metrics(), "istio_requests_total", reporter="source",
+                      **{**mtls, "connection_security_policy": "unknown"}) >= 1
 
 
 def test_a_denied_principal_gets_403(mesh):

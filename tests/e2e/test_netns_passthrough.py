@@ -18,7 +18,6 @@ BlackHoleCluster), anything else is spliced to the original destination or close
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import subprocess
@@ -30,7 +29,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import (
-    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, pod_workdir, require_netns, start_sidecar,
+    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, metric_sum, pod_workdir, require_netns, start_sidecar,
 )
 from tests.harness import venv_bin
 from tests.harness.waiting import wait_for
@@ -60,23 +59,8 @@ class PassthroughPod(Pod):
         body, _, status = result.stdout.rpartition("\n")
         return (int(status) if status.strip("0") else None), result.stderr.strip(), body
 
-    def metrics(self) -> str:
-        return self.exec("curl", "-sS", "-m", "5", "http://127.0.0.1:15090/stats/prometheus", check=True).stdout
-
     def log(self) -> str:
         return (self.dir / "proxy.log").read_text(errors="replace")
-
-
-def _metric(text, name, **labels):
-    """The sum of the samples of ``name`` whose labels include ``labels``."""
-    total = 0.0
-    for line in text.splitlines():
-        if not line.startswith(name + "{"):
-            continue
-        found = dict(re.findall(r'(\w+)="([^"]*)"', line[:line.rindex("}")]))
-        if all(found.get(key) == value for key, value in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
@@ -144,9 +128,9 @@ def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):
              what="the tunnel to close")
     metrics = client.metrics()
     labels = {"destination_service_name": "PassthroughCluster", "reporter": "source", "request_protocol": "tcp"}
-    assert _metric(metrics, "istio_tcp_connections_opened_total", **labels) >= 1, metrics
-    assert _metric(metrics, "istio_tcp_connections_closed_total", **labels) >= 1
-    assert _metric(metrics, "istio_tcp_received_bytes_total", **labels) >= len("hello over raw tcp\n")
+    assert metric_sum(metrics, "istio_tcp_connections_opened_total", **labels) >= 1, metrics
+    assert metric_sum(metrics, "istio_tcp_connections_closed_total", **labels) >= 1
+    assert metric_sum(metrics, "istio_tcp_received_bytes_total", **labels) >= len("hello over raw tcp\n")
 
 
 def test_https_to_an_unknown_destination_passes_through(mesh):
@@ -171,7 +155,7 @@ def test_plain_http_to_an_unknown_destination_goes_to_the_passthrough_cluster(me
     assert echo["service"] == "ext" and echo["path"] == "/hello"
     assert "x-request-id" in echo["headers"]  # routed as HTTP by the sidecar, not spliced
     metrics = client.metrics()
-    assert _metric(metrics, "istio_requests_total", destination_service_name="PassthroughCluster",
+    assert metric_sum(metrics, "istio_requests_total", destination_service_name="PassthroughCluster",
                    destination_service="PassthroughCluster", response_code="200") >= 1, metrics
 
 
@@ -206,7 +190,7 @@ def test_tunnels_beyond_the_limit_are_closed(mesh):
         reply = client.call(EXT_IP, ECHO, send="one too many\n")
         assert reply["received"] == "" and reply["seconds"] < 2.0, reply
         assert f"{MAX_TUNNELS} passthrough connections are open (the limit)" in client.log()
-        assert _metric(client.metrics(), "istio_tcp_connections_closed_total", response_flags="UO") == 1
+        assert metric_sum(client.metrics(), "istio_tcp_connections_closed_total", response_flags="UO") == 1
     finally:
         for holder in holders:
             holder.kill()
@@ -225,9 +209,9 @@ def test_registry_only_blocks_http_with_502_and_tcp_by_closing(mesh):
     wait_for(lambda: "closed: the destination is not in the mesh registry" in fenced.log(), timeout=5,
              what="the blocked connection in the proxy log")
     metrics = fenced.metrics()
-    assert _metric(metrics, "istio_requests_total", destination_service_name="BlackHoleCluster",
+    assert metric_sum(metrics, "istio_requests_total", destination_service_name="BlackHoleCluster",
                    response_code="502", response_flags="UH") >= 1, metrics
-    assert _metric(metrics, "istio_tcp_connections_closed_total", destination_service_name="BlackHoleCluster",
+    assert metric_sum(metrics, "istio_tcp_connections_closed_total", destination_service_name="BlackHoleCluster",
                    response_flags="UH") >= 2, metrics
 
 
