@@ -63,6 +63,34 @@ class PassthroughSettings:
     max_connections: int = 1024
 
 
+@dataclass(frozen=True, slots=True)
+class TcpConnectionEvent:
+    """What :class:`Passthrough` observers get when a tunnel opens, ends, or is refused or fails to connect.
+
+    ``opened``/``closed`` are 1 or 0: (1, 0) it opened, (0, 1) it ended,
+    (1, 1) it ended without ever being spliced (refused, failed to connect,
+    or the client left while it connected).  ``sent`` is destination ->
+    client bytes, ``received`` client -> destination.  Addresses are
+    ``(host, port)``: ``client`` the connecting client, ``destination`` the
+    original destination it dialled, ``upstream`` the address the tunnel
+    connected to (None if it never connected).  ``start`` is when the client
+    connected (``reactor.seconds()``) and ``duration`` the seconds since.
+    """
+
+    opened: int
+    closed: int
+    direction: str
+    cluster: str
+    flags: str
+    sent: int
+    received: int
+    client: tuple
+    destination: tuple | None
+    upstream: tuple | None
+    start: float
+    duration: float
+
+
 class PassthroughClusters:
     """HTTP to an original destination the registry does not know: a plaintext cluster per ``ip:port``.
 
@@ -114,10 +142,9 @@ class Passthrough:
         tunnel must not be opened (REGISTRY_ONLY, authorization), else None.
     :param bind: source address of the tunnels' connections (None: any).
 
-    ``observers`` are called as ``observer(opened, closed, direction,
-    cluster, flags, sent, received)`` when a tunnel opens (1, 0, ...), ends
-    (0, 1, ...) or is refused or fails to connect (1, 1, ...): Istio's TCP
-    metrics (:mod:`mesh.telemetry.istio`).
+    ``observers`` are called with a :class:`TcpConnectionEvent` when a tunnel
+    opens, ends, or is refused or fails to connect: Istio's TCP metrics
+    (:mod:`mesh.telemetry.istio`) and the access log (:mod:`mesh.telemetry.accesslog`).
     """
 
     def __init__(self, reactor, settings, direction, cluster, target, refusal, bind=None):
@@ -170,7 +197,7 @@ class Passthrough:
             log.warn("{direction} TCP connection from {client} to {dst} closed: {why}", direction=self.direction,
                      client=conn.source_address, dst=_host_port(dst), why=why)
             self._forget(detector)
-            self._report(1, 1, cluster, flag, 0, 0)
+            self._report(detector, 1, 1, cluster, flag)
             conn.abort()
             return
         host, port = self._target(dst)
@@ -183,14 +210,14 @@ class Passthrough:
         self._forget(detector)
         conn = detector.conn
         if conn.closing:  # the client left while connecting (Detector.loseConnection cancelled it)
-            self._report(1, 1, self.cluster, "DC", 0, 0)
+            self._report(detector, 1, 1, self.cluster, "DC")
             return
         self.failed_total += 1
         log.warn("{direction} TCP passthrough from {client} to {dst} failed: {why}; the client's connection "
                  "is closed", direction=self.direction, client=conn.source_address,
                  dst=_host_port(self._target(conn.original_dst)), why=describe_connect_failure(reason))
         conn.abort()
-        self._report(1, 1, self.cluster, "UF", 0, 0)
+        self._report(detector, 1, 1, self.cluster, "UF")
 
     def connected(self, upstream):
         """The tunnel's connection is up: splice it to the client, or stop a capture loop."""
@@ -202,7 +229,7 @@ class Passthrough:
         self._local_ends[(local.host, local.port)] = upstream
         self.opened_total += 1
         self._forget(upstream.detector)
-        self._report(1, 0, self.cluster, "", 0, 0)
+        self._report(upstream.detector, 1, 0, self.cluster, "", upstream=upstream.address)
         return True
 
     def closed(self, upstream, flags):
@@ -210,7 +237,8 @@ class Passthrough:
         if local is not None and self._local_ends.get(local) is upstream:
             del self._local_ends[local]
         self.open -= 1
-        self._report(1 if upstream.local is None else 0, 1, self.cluster, flags, upstream.sent, upstream.received)
+        self._report(upstream.detector, 1 if upstream.local is None else 0, 1, self.cluster, flags,
+                     upstream.sent, upstream.received, upstream.address)
 
     def _loop(self, upstream, conn):
         log.error("the sidecar's own passthrough connection to {dst} was captured and came back to it; the proxy "
@@ -223,10 +251,15 @@ class Passthrough:
         if self._detecting.get(detector.client) is detector:
             del self._detecting[detector.client]
 
-    def _report(self, opened, closed, cluster, flags, sent, received):
+    def _report(self, detector, opened, closed, cluster, flags, sent=0, received=0, upstream=None):
+        if not self.observers:
+            return
+        event = TcpConnectionEvent(opened, closed, self.direction, cluster, flags, sent, received, detector.client,
+                                   detector.conn.original_dst, upstream, detector.start,
+                                   self.reactor.seconds() - detector.start)
         for observer in self.observers:
             try:
-                observer(opened, closed, self.direction, cluster, flags, sent, received)
+                observer(event)
             except Exception:
                 log.failure("a passthrough observer failed")
 
@@ -240,12 +273,13 @@ class _Detector:
     (``conn.closing``).
     """
 
-    __slots__ = ("passthrough", "conn", "client", "buffer", "decided", "timer", "connector")
+    __slots__ = ("passthrough", "conn", "client", "start", "buffer", "decided", "timer", "connector")
 
     def __init__(self, passthrough, conn, client):
         self.passthrough = passthrough
         self.conn = conn
         self.client = client
+        self.start = passthrough.reactor.seconds()
         self.buffer = b""
         self.decided = False
         self.connector = None
@@ -325,6 +359,7 @@ class TcpUpstream(Protocol):
         self.detector = detector
         self.conn = detector.conn
         self.local = None
+        self.address = None  # (host, port) connected to
         self.tunnel = None  # set by start_tunnel: writes to the client
         self.sent = 0  # destination -> client
         self.received = 0  # client -> destination
@@ -334,6 +369,8 @@ class TcpUpstream(Protocol):
         self._spliced = False
 
     def connectionMade(self):
+        peer = self.transport.getPeer()
+        self.address = (peer.host, peer.port)
         conn = self.conn
         if conn.closing:
             self.transport.loseConnection()

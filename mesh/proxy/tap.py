@@ -87,7 +87,8 @@ class Options(usage.Options):
          "Percent of requests to trace when the caller did not decide (0-100; Istio's default: 1).", float],
         ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
         ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
-        ["access-log", None, "stdout", "Access log (a JSON line per request): stdout, off, or a file to append to."],
+        ["access-log", None, "stdout",
+         "Access log (a JSON line per request and per TCP passthrough connection): stdout, off, or a file."],
     ]
 
     def __init__(self):

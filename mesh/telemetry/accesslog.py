@@ -1,5 +1,9 @@
 """``builtin.accesslog``: one JSON line per request, in the spirit of Envoy's access log.
 
+And one per TCP passthrough connection, when it ends (``"protocol":"tcp"``):
+:meth:`AccessLog.tcp_connection` is a :class:`mesh.proxy.passthrough.Passthrough`
+observer.
+
 Lines are kept in memory and written by a one-second ``LoopingCall`` (and
 whenever :data:`MAX_PENDING` lines are waiting), always as whole lines, so the
 data path never waits for a disk and the log never holds half a line.
@@ -42,7 +46,9 @@ class AccessLog(service.Service):
 
     def __init__(self, reactor, stream, peers, interval: float = 1.0):
         self._stream = stream
-        self._format = LineFormatter(peers).format
+        formatter = LineFormatter(peers)
+        self._format = formatter.format
+        self._format_tcp = formatter.format_tcp
         self._failed = FailureLog("builtin.accesslog")
         self._pending = []
         self._interval = interval
@@ -58,6 +64,21 @@ class AccessLog(service.Service):
                 self.flush()
         except Exception:
             self._failed()
+
+    def tcp_connection(self, event) -> None:
+        """A :class:`mesh.proxy.passthrough.Passthrough` observer: a line for each TCP connection that ended
+        (``event`` is a :class:`mesh.proxy.passthrough.TcpConnectionEvent`)."""
+        if not event.closed:
+            return
+        try:
+            line = self._format_tcp(event)
+        except Exception:
+            self._failed()
+            return
+        pending = self._pending
+        pending.append(line)
+        if len(pending) >= MAX_PENDING:
+            self.flush()
 
     def flush(self) -> None:
         """Write the pending lines."""
@@ -124,7 +145,7 @@ class LineFormatter:
         trace = ctx.extra.get("trace_id") or trace_id(headers)
         upstream_time = ctx.upstream_time
         start = ctx.start
-        second = int(start)
+        second = int(start)  # _start_time, inlined on the hot path (a method call is ~3 % of this line)
         if second != self._second:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return (
@@ -135,6 +156,25 @@ class LineFormatter:
             f'"bytes_sent":{ctx.bytes_sent},"duration":{outcome.duration * 1000.0:.3f},'
             f'"upstream_service_time":{"null" if upstream_time is None else f"{upstream_time * 1000.0:.3f}"}}}'
         )
+
+    def format_tcp(self, event) -> str:
+        """The access-log line of one ended TCP passthrough connection (a
+        :class:`mesh.proxy.passthrough.TcpConnectionEvent`; without its newline)."""
+        return (
+            f'{{"start_time":"{self._start_time(event.start)}","direction":"{event.direction}","protocol":"tcp",'
+            f'"response_flags":{_json(event.flags or "-")},'
+            f'"upstream_host":{_json(_host_port(event.upstream))},'
+            f'"upstream_cluster":{_json(event.cluster)},"downstream_remote_address":{_json(event.client[0])},'
+            f'"downstream_local_address":{_json(_host_port(event.destination))},'
+            f'"bytes_received":{event.received},"bytes_sent":{event.sent},"duration":{event.duration * 1000.0:.3f}}}'
+        )
+
+    def _start_time(self, start) -> str:
+        """``start`` (epoch seconds) as ISO 8601 UTC with milliseconds; the seconds are formatted once each."""
+        second = int(start)
+        if second != self._second:
+            self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
+        return f"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}"
 
     def _format_repeated(self, key, index) -> str:
         (direction, method, http_version, authority, user_agent, flags, upstream_host, cluster, route_name,
@@ -155,6 +195,11 @@ class LineFormatter:
 def _json(text) -> str:
     """A JSON string (ASCII, every other character escaped), or ``null``."""
     return "null" if text is None else escape(text)
+
+
+def _host_port(address) -> str | None:
+    """``ip:port`` of a ``(host, port)`` address, or None."""
+    return None if address is None else f"{address[0]}:{address[1]}"
 
 
 def trace_id(headers):

@@ -156,15 +156,17 @@ class IstioMetrics(Collector):
             retries.add_metric((cluster,), count)
         yield retries
 
-    def tcp_connection(self, opened, closed, direction, cluster, flags, sent, received) -> None:
-        """A :class:`mesh.proxy.passthrough.Passthrough` observer: count a TCP connection's events and bytes."""
-        counts = self._tcp.get((direction, cluster, flags))
+    def tcp_connection(self, event) -> None:
+        """A :class:`mesh.proxy.passthrough.Passthrough` observer: count a TCP connection's events and bytes
+        (``event`` is a :class:`mesh.proxy.passthrough.TcpConnectionEvent`)."""
+        key = (event.direction, event.cluster, event.flags)
+        counts = self._tcp.get(key)
         if counts is None:
-            counts = self._tcp[(direction, cluster, flags)] = [0, 0, 0, 0]
-        counts[0] += opened
-        counts[1] += closed
-        counts[2] += sent
-        counts[3] += received
+            counts = self._tcp[key] = [0, 0, 0, 0]
+        counts[0] += event.opened
+        counts[1] += event.closed
+        counts[2] += event.sent
+        counts[3] += event.received
 
     def _tcp_labels(self, index, direction, cluster, flags) -> tuple:
         """Labels of passthrough connections: the pseudo-cluster is the destination service (as in Istio)."""

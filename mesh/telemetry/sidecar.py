@@ -2,9 +2,11 @@
 
 The request-level parts are plugins registered by name, so that
 ``--disable-plugin builtin.metrics`` or ``builtin.accesslog`` leaves them out
-like any other plugin.  Each sidecar process has its own
-``CollectorRegistry`` (not prometheus-client's global one); one process is one
-sidecar, so prometheus-client's multiprocess mode is not needed.
+like any other plugin; both also observe the TCP passthrough connections
+(:class:`mesh.proxy.passthrough.Passthrough`), only when enabled.  Each sidecar
+process has its own ``CollectorRegistry`` (not prometheus-client's global
+one); one process is one sidecar, so prometheus-client's multiprocess mode is
+not needed.
 """
 
 from __future__ import annotations
@@ -45,12 +47,18 @@ def install(proxy) -> None:
             metrics = IstioMetrics(proxy.settings.workload, peers)
             plugins.register(metrics, name=METRICS_PLUGIN)
             registry.register(metrics)
-            for listener in proxy.listeners:
-                if listener.passthrough is not None:
-                    listener.passthrough.observers.append(metrics.tcp_connection)
+            _observe_tcp(proxy, metrics.tcp_connection)
         MetricsServer(proxy.reactor, registry, settings.metrics_port,
                       proxy.settings.inbound_address).setServiceParent(proxy)
     if settings.access_log != "off" and not plugins.is_blocked(ACCESS_LOG_PLUGIN):
         access_log = AccessLog(proxy.reactor, open_destination(settings.access_log), peers)
         plugins.register(access_log, name=ACCESS_LOG_PLUGIN)
         access_log.setServiceParent(proxy)
+        _observe_tcp(proxy, access_log.tcp_connection)
+
+
+def _observe_tcp(proxy, observer) -> None:
+    """Give ``observer`` the TCP passthrough connections of every listener that has them."""
+    for listener in proxy.listeners:
+        if listener.passthrough is not None:
+            listener.passthrough.observers.append(observer)

@@ -62,6 +62,17 @@ class PassthroughPod(Pod):
     def log(self) -> str:
         return (self.dir / "proxy.log").read_text(errors="replace")
 
+    def tcp_access_log(self, **fields) -> list[dict]:
+        """The TCP lines of the sidecar's access log (JSON objects on its stdout, in proxy.log) that have
+        ``fields``; waits, with a deadline, for at least one (lines are written once a second)."""
+
+        def matching():
+            entries = [json.loads(line) for line in self.log().splitlines() if line.startswith('{"start_time"')]
+            return [entry for entry in entries
+                    if entry["protocol"] == "tcp" and fields.items() <= entry.items()]
+
+        return wait_for(matching, timeout=5, what=f"a TCP access-log line with {fields}")
+
 
 def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
     pod_workdir(workdir, config)
@@ -131,6 +142,11 @@ def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):
     assert metric_sum(metrics, "istio_tcp_connections_opened_total", **labels) >= 1, metrics
     assert metric_sum(metrics, "istio_tcp_connections_closed_total", **labels) >= 1
     assert metric_sum(metrics, "istio_tcp_received_bytes_total", **labels) >= len("hello over raw tcp\n")
+    [entry] = client.tcp_access_log(downstream_local_address=f"{EXT_IP}:{ECHO}", bytes_received=19, bytes_sent=24)
+    assert entry == {**entry, "direction": "outbound", "upstream_cluster": "PassthroughCluster",
+                     "upstream_host": f"{EXT_IP}:{ECHO}", "downstream_remote_address": CLIENT_IP,
+                     "response_flags": "-"}, entry
+    assert 0 < entry["duration"] < 5000, entry
 
 
 def test_https_to_an_unknown_destination_passes_through(mesh):
@@ -177,6 +193,10 @@ def test_the_destination_refusing_closes_the_client_quickly_and_is_logged(mesh):
     assert unreachable["received"] == "" and unreachable["seconds"] < 2.0, unreachable
     wait_for(lambda: "10.98.7.7:5432 failed" in client.log(), timeout=5, what="the failure in the proxy log")
     assert f"{EXT_IP}:6999 failed: connection refused" in client.log()
+    for destination in (f"{EXT_IP}:6999", "10.98.7.7:5432"):
+        [entry] = client.tcp_access_log(downstream_local_address=destination)
+        assert entry == {**entry, "response_flags": "UF", "upstream_cluster": "PassthroughCluster",
+                         "upstream_host": None, "bytes_sent": 0, "bytes_received": 0}, entry
 
 
 def test_tunnels_beyond_the_limit_are_closed(mesh):
@@ -213,12 +233,19 @@ def test_registry_only_blocks_http_with_502_and_tcp_by_closing(mesh):
                    response_code="502", response_flags="UH") >= 1, metrics
     assert metric_sum(metrics, "istio_tcp_connections_closed_total", destination_service_name="BlackHoleCluster",
                    response_flags="UH") >= 2, metrics
+    [entry] = fenced.tcp_access_log(downstream_local_address=f"{EXT_IP_2}:{ECHO}")
+    assert entry == {**entry, "response_flags": "UH", "upstream_cluster": "BlackHoleCluster", "upstream_host": None,
+                     "downstream_remote_address": FENCED_IP}, entry
 
 
 def test_inbound_plaintext_tcp_passes_to_the_app_port_unless_strict(mesh):
     ext = mesh["ext"]
     reply = ext.call(CLIENT_IP, POD_ECHO, send="inbound\n", shut=True)  # PERMISSIVE (no PeerAuthentication)
     assert reply["received"] == "inbound\n[eof]", reply
+    [entry] = mesh["client"].tcp_access_log(direction="inbound", downstream_local_address=f"{CLIENT_IP}:{POD_ECHO}")
+    assert entry == {**entry, "upstream_cluster": "InboundPassthroughClusterIpv4", "response_flags": "-",
+                     "upstream_host": f"127.0.0.1:{POD_ECHO}", "downstream_remote_address": EXT_IP,
+                     "bytes_received": 8, "bytes_sent": 13}, entry
     refused = ext.call(FENCED_IP, POD_ECHO, send="inbound\n", shut=True)  # STRICT: plaintext refused
     assert refused["received"] == "", refused
     assert "plaintext on a STRICT mTLS port" in mesh["fenced"].log()

@@ -1,7 +1,8 @@
-"""builtin.accesslog: the JSON line of a request, and the buffered, once-a-second writer."""
+"""builtin.accesslog: the JSON line of a request or a TCP passthrough connection, and the buffered writer."""
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 
@@ -9,11 +10,12 @@ import pytest
 from twisted.internet.task import Clock
 
 from mesh.config.tables import RouteAction
+from mesh.proxy.tap import Options, makeService
 from mesh.telemetry import accesslog
 from mesh.telemetry.accesslog import AccessLog, LineFormatter
 from tests.unit.test_telemetry_support import (
     CALLER_ID, INBOUND_CLUSTER, OWN_ID, REVIEWS_CLUSTER, REVIEWS_ID, REVIEWS_V1, REVIEWS_V2, done, inbound, outbound,
-    peers,
+    peers, tcp_event,
 )
 
 FIELDS = {"start_time", "direction", "method", "path", "protocol", "authority", "user_agent", "x_request_id",
@@ -152,3 +154,68 @@ def test_a_broken_request_or_disk_never_raises():
     log = AccessLog(Clock(), Full(), peers())
     log.mesh_request_complete(outbound(200), done(outbound(200)))
     log.flush()  # logged, not raised
+
+
+TCP_FIELDS = {"start_time", "direction", "protocol", "response_flags", "upstream_host", "upstream_cluster",
+              "downstream_remote_address", "downstream_local_address", "bytes_received", "bytes_sent", "duration"}
+
+
+def test_a_tcp_passthrough_line_shares_the_http_lines_field_names():
+    formatter = LineFormatter(peers())
+    ended = tcp_event(0, 1, sent=24, received=19, upstream=("93.184.216.34", 5432), duration=1.5)
+    entry = json.loads(formatter.format_tcp(ended))
+    assert entry == {
+        "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "protocol": "tcp", "response_flags": "-",
+        "upstream_host": "93.184.216.34:5432", "upstream_cluster": "PassthroughCluster",
+        "downstream_remote_address": "10.0.0.9", "downstream_local_address": "93.184.216.34:5432",
+        "bytes_received": 19, "bytes_sent": 24, "duration": 1500.0,
+    }
+    assert set(entry) - FIELDS == {"downstream_local_address"}  # the rest mean what they mean in HTTP lines
+    http = json.loads(formatter.format(outbound(200), done(outbound(200))))
+    assert http["protocol"] == "HTTP/1.1"  # how the two kinds of line are told apart
+
+
+def test_a_refused_or_failed_tcp_connection_has_its_flag_and_no_upstream_host():
+    formatter = LineFormatter(peers())
+    entry = json.loads(formatter.format_tcp(tcp_event(1, 1, cluster="BlackHoleCluster", flags="UH", duration=0.0)))
+    assert set(entry) == TCP_FIELDS
+    assert (entry["upstream_cluster"], entry["response_flags"], entry["upstream_host"], entry["bytes_sent"],
+            entry["duration"]) == ("BlackHoleCluster", "UH", None, 0, 0.0)
+    entry = json.loads(formatter.format_tcp(tcp_event(1, 1, flags="UF", destination=("10.98.0.2", 6999))))
+    assert (entry["response_flags"], entry["downstream_local_address"], entry["upstream_host"]) == \
+        ("UF", "10.98.0.2:6999", None)
+
+
+def test_the_log_has_a_line_per_ended_tcp_connection_only():
+    clock, stream = Clock(), Stream()
+    log = AccessLog(clock, stream, peers())
+    log.startService()
+    log.tcp_connection(tcp_event(1, 0))  # opened: no line yet
+    log.tcp_connection(tcp_event(0, 1, sent=3, received=4))
+    log.tcp_connection(tcp_event(1, 1, flags="UO"))
+    clock.advance(1.0)
+    [data] = stream.writes
+    assert [(entry["protocol"], entry["response_flags"], entry["bytes_sent"])
+            for entry in map(json.loads, data.splitlines())] == [("tcp", "-", 3), ("tcp", "UO", 0)]
+    broken = dataclasses.replace(tcp_event(0, 1), start=None)
+    log.tcp_connection(broken)  # counted and logged, never raised into the tunnel's code
+    assert log._failed.failures == 1
+    log.stopService()
+
+
+@pytest.mark.parametrize("args, observers", [
+    ([], ["IstioMetrics", "AccessLog"]),
+    (["--access-log", "off"], ["IstioMetrics"]),
+    (["--disable-plugin", "builtin.accesslog"], ["IstioMetrics"]),
+    (["--metrics-port", "0"], ["AccessLog"]),
+])
+def test_tcp_observers_follow_the_telemetry_options(tmp_path, args, observers):
+    options = Options()
+    options.parseOptions(["--config-dir", str(tmp_path), "--workload", "w", "--access-log", str(tmp_path / "a.log"),
+                          *args])
+    proxy = makeService(options)
+    for listener in proxy.listeners:
+        assert [type(observer.__self__).__name__ for observer in listener.passthrough.observers] == observers
+    for service in proxy:
+        if isinstance(service, AccessLog):
+            service.stopService()  # closes its file

@@ -13,7 +13,7 @@ from mesh.telemetry.exposition import new_registry
 from mesh.telemetry.istio import ISTIO_BUCKETS, REQUEST_LABELS, IstioMetrics
 from tests.unit.test_telemetry_support import (
     BOOKINFO, CALLER_ID, OWN_ID, PRODUCTPAGE, REVIEWS, REVIEWS_CLUSTER, REVIEWS_ID, REVIEWS_V2, bookinfo_runtime, done,
-    inbound, outbound, peers,
+    inbound, outbound, peers, tcp_event,
 )
 
 
@@ -154,10 +154,10 @@ def test_a_failing_request_is_logged_not_raised(metrics):
 
 
 def test_tcp_passthrough_connections_are_counted_under_istio_pseudo_clusters(metrics):
-    metrics.tcp_connection(1, 0, "outbound", "PassthroughCluster", "", 0, 0)
-    metrics.tcp_connection(0, 1, "outbound", "PassthroughCluster", "", 2048, 17)
-    metrics.tcp_connection(1, 1, "outbound", "BlackHoleCluster", "UH", 0, 0)
-    metrics.tcp_connection(1, 1, "inbound", "InboundPassthroughClusterIpv4", "", 5, 7)
+    metrics.tcp_connection(tcp_event(1, 0))
+    metrics.tcp_connection(tcp_event(0, 1, sent=2048, received=17))
+    metrics.tcp_connection(tcp_event(1, 1, cluster="BlackHoleCluster", flags="UH"))
+    metrics.tcp_connection(tcp_event(1, 1, "inbound", "InboundPassthroughClusterIpv4", sent=5, received=7))
     families = scrape(metrics)
     sent = {(labels["reporter"], labels["destination_service_name"], labels["response_flags"]): value
             for _, labels, value in families["istio_tcp_sent_bytes"]}

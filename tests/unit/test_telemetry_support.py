@@ -17,6 +17,7 @@ from mesh.config.errors import ConfigError
 from mesh.identity.tls import CredentialStore
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import RequestOutcome
+from mesh.proxy.passthrough import TcpConnectionEvent
 from mesh.proxy.runtime import ProxyRuntime, inbound_cluster
 from mesh.telemetry.health import CountingPool
 from mesh.telemetry.peers import PeerDirectory
@@ -96,3 +97,10 @@ def inbound(code=200, peer=CALLER_ID, host="productpage", **fields) -> RequestCo
 
 def done(ctx, duration=0.0042) -> RequestOutcome:
     return RequestOutcome(ctx.response_code, ctx.response_flags, False, duration)
+
+
+def tcp_event(opened, closed, direction="outbound", cluster="PassthroughCluster", flags="", sent=0, received=0,
+              destination=("93.184.216.34", 5432), upstream=None, duration=1.5) -> TcpConnectionEvent:
+    """A passthrough observer's event: productpage's app (10.0.0.9:41000) -> ``destination``."""
+    return TcpConnectionEvent(opened, closed, direction, cluster, flags, sent, received, ("10.0.0.9", 41000),
+                              destination, upstream, 1795637387.25, duration)
