@@ -40,6 +40,8 @@ API_VERSIONS = {
 }
 
 _TOP_LEVEL = {"apiVersion", "kind", "metadata", "spec", "status"}
+_NOT_A_MAPPING = "a document must be a mapping with apiVersion, kind, metadata and spec"
+
 #: Kubernetes ObjectMeta fields that may appear (e.g. in ``kubectl get -o yaml``
 #: output); only name and namespace mean something to txmesh.
 _METADATA = {"name", "namespace", "labels", "annotations", "uid", "resourceVersion", "generation",
@@ -164,10 +166,21 @@ def _document(path, loader, node, errors):
     if value is None:
         return None
     if not isinstance(value, dict):
-        errors.append(ConfigError(file=path, line=line, reason=(
-            "a document must be a mapping with apiVersion, kind, metadata and spec")))
+        errors.append(ConfigError(file=path, line=line, reason=_NOT_A_MAPPING))
         return None
-    line_map = LineMap(lines, line)
+    resource, problems = _resource(value, path, line, LineMap(lines, line), duplicates)
+    if problems:
+        errors.extend(resource.error(path_, reason) for path_, reason in problems)
+        return None
+    return resource
+
+
+def _resource(value: dict, file: str, line: int, line_map: LineMap, duplicates=()) -> tuple:
+    """The Resource of one document mapping, and its problems as ``(path, reason)`` pairs.
+
+    The problems: unknown top-level fields, the ``duplicates`` key paths found
+    while parsing, and those of the header (:func:`_check_header`).
+    """
     kind = value.get("kind")
     meta = value.get("metadata")
     meta = meta if isinstance(meta, dict) else {}
@@ -178,12 +191,9 @@ def _document(path, loader, node, errors):
     problems += _check_header(kind, value.get("apiVersion"), value.get("metadata"), value.get("spec"))
     spec = value.get("spec")
     resource = Resource(kind=str(kind), api_version=str(value.get("apiVersion")), name=name,
-                        namespace=namespace, spec=spec if spec is not None else {}, file=path,
+                        namespace=namespace, spec=spec if spec is not None else {}, file=file,
                         line=line, lines=line_map, metadata=meta)
-    if problems:
-        errors.extend(resource.error(path_, reason) for path_, reason in problems)
-        return None
-    return resource
+    return resource, problems
 
 
 def _check_header(kind, api_version, metadata, spec) -> list:
@@ -280,20 +290,9 @@ def load_documents(documents: Iterable, origin: str, names=None) -> LoadResult:
     for index, value in enumerate(documents):
         where = names[index] if names is not None else f"{origin}[{index}]"
         if not isinstance(value, dict):
-            result.errors.append(ConfigError(file=where, line=0, reason=(
-                "a document must be a mapping with apiVersion, kind, metadata and spec")))
+            result.errors.append(ConfigError(file=where, line=0, reason=_NOT_A_MAPPING))
             continue
-        kind = value.get("kind")
-        meta = value.get("metadata")
-        meta = meta if isinstance(meta, dict) else {}
-        name = meta.get("name") if isinstance(meta.get("name"), str) else "<unnamed>"
-        namespace = meta.get("namespace") if isinstance(meta.get("namespace"), str) else "default"
-        problems = [((key,), unknown_field(key, _TOP_LEVEL)) for key in value if key not in _TOP_LEVEL]
-        problems += _check_header(kind, value.get("apiVersion"), value.get("metadata"), value.get("spec"))
-        spec = value.get("spec")
-        resource = Resource(kind=str(kind), api_version=str(value.get("apiVersion")), name=name,
-                            namespace=namespace, spec=spec if spec is not None else {}, file=where,
-                            line=0, lines=LineMap({}, 0), metadata=meta)
+        resource, problems = _resource(value, where, 0, LineMap({}, 0))
         if problems:
             result.errors.extend(resource.error(path_, reason) for path_, reason in problems)
             continue
