@@ -25,8 +25,8 @@ def add_parser(subparsers):
 
 def run(args) -> int:
     host, port = parse_address(args.control_admin, 15014)
-    hint = (f"is mesh-control running with --admin-port {port}? Its admin port listens on 127.0.0.1 only: run "
-            f"meshctl on the control plane's host, or point --control-admin at it "
+    hint = (f"is mesh-control running with --admin-port {port}? Its admin port listens on 127.0.0.1 unless "
+            f"--admin-address opens it: run meshctl on the control plane's host, or point --control-admin at it "
             f"(check with: curl http://127.0.0.1:{port}/ready)")
     try:
         proxies = fetch_json(host, port, "/proxies", "the control plane's admin port", hint)
