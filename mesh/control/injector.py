@@ -18,16 +18,12 @@ trust domain and ``--proxy-image``.
 
 from __future__ import annotations
 
-from cryptography import x509
-from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application import internet, service
-from twisted.logger import Logger
 
+from mesh.control.serving_cert import ServingCertificate
 from mesh.control.webhook import webhook_site
-from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
+from mesh.identity.tls import ServerTLS
 from mesh.inject.sidecar import InjectSettings
-
-log = Logger()
 
 
 def default_dns_names(namespace: str) -> tuple:
@@ -40,13 +36,13 @@ class InjectorService(service.MultiService):
 
     def __init__(self, reactor, ca, port: int, interface: str, dns_names, ttl: float, inject: InjectSettings):
         super().__init__()
-        self._reactor = reactor
-        self._ca = ca
         self.dns_names = tuple(dns_names)
-        self._ttl = ttl
-        self._renewal = None
-        self.credentials = CredentialStore()
-        self._issue()  # before the port opens: every connection gets a certificate
+        # issued now, before the port opens: every connection gets a certificate
+        certificate = ServingCertificate(
+            reactor, lambda key: ca.sign_serving(key.public_key(), self.dns_names, ttl), ca.bundle, ttl,
+            f"injection webhook certificate for {','.join(self.dns_names)}")
+        certificate.setServiceParent(self)
+        self.credentials = certificate.credentials
         internet.SSLServer(port, webhook_site(inject, reactor), ServerTLS(self.credentials),
                            interface=interface).setServiceParent(self)
 
@@ -59,29 +55,3 @@ class InjectorService(service.MultiService):
                                 trust_domain=settings.trust_domain)
         return cls(control.reactor, control.ca, settings.webhook_port, settings.address, names,
                    settings.workload_cert_ttl, inject)
-
-    def _issue(self):
-        key = ec.generate_private_key(ec.SECP256R1())
-        cert_pem, chain_pem = self._ca.sign_serving(key.public_key(), self.dns_names, self._ttl)
-        chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
-        self.credentials.swap(WorkloadCredentials.build(key, chain, self._ca.bundle, require_client_cert=False))
-        log.info("injection webhook certificate for {names} issued by the mesh CA, serial {serial:x}, "
-                 "valid until {not_after}", names=",".join(self.dns_names), serial=chain[0].serial_number,
-                 not_after=chain[0].not_valid_after_utc.isoformat())
-
-    def _renew(self):
-        self._issue()
-        self._schedule()
-
-    def _schedule(self):
-        self._renewal = self._reactor.callLater(self._ttl / 2, self._renew)
-
-    def startService(self):
-        super().startService()
-        self._schedule()
-
-    def stopService(self):
-        if self._renewal is not None and self._renewal.active():
-            self._renewal.cancel()
-        self._renewal = None
-        return super().stopService()

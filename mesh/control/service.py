@@ -16,7 +16,6 @@ import os
 import sys
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography import x509
 from twisted.application import internet, service
 from twisted.logger import Logger
@@ -27,12 +26,13 @@ from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
 from mesh.control.injector import InjectorService
 from mesh.control.portmux import PortMux
+from mesh.control.serving_cert import ServingCertificate
 from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import CertificateAuthority
 from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
-from mesh.identity.tls import CredentialStore, ServerTLS, WorkloadCredentials
+from mesh.identity.tls import ServerTLS
 from mesh.identity.tokens import load_or_create_key
 from mesh.inject.sidecar import DEFAULT_IMAGE
 from mesh.kube.client import make_api_client
@@ -105,11 +105,17 @@ class ControlService(service.MultiService):
                                                       settings.ca_key, settings.ca_chain)
         plugin_manager.register(BuiltinSigner(self.ca), name="builtin.ca")
         self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
-        self.credentials = CredentialStore()
+        uri, ttl = self.identity.uri, settings.workload_cert_ttl
+
+        def sign(key):
+            return self.ca.sign(x509.load_pem_x509_csr(make_csr(key, uri)), uri, ttl)
+
+        own = ServingCertificate(self.reactor, sign, self.ca.bundle, ttl, f"control plane certificate for {uri}")
+        own.setServiceParent(self)
+        self.credentials = own.credentials
         self.stats = CSRStats()
         self.config_errors = []  # ConfigError objects of the last load_config
         self.metrics = ControlPlaneMetrics(self)
-        self._renew_own_certificate()
         verifier = self._credential_verifier()
         root = resource.Resource()
         v1 = resource.Resource()
@@ -150,15 +156,6 @@ class ControlService(service.MultiService):
     def _sign(self, csr, identity, ttl):
         return self.plugins.hook.mesh_sign_csr(csr=csr, identity=identity, ttl=ttl)
 
-    def _renew_own_certificate(self):
-        """Issue the control plane's serving certificate; renew at half life."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        csr = x509.load_pem_x509_csr(make_csr(key, self.identity.uri))
-        cert_pem, chain_pem = self.ca.sign(csr, self.identity.uri, self.settings.workload_cert_ttl)
-        chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
-        self.credentials.swap(WorkloadCredentials.build(key, chain, self.ca.bundle, require_client_cert=False))
-        self._own_renewal = self.reactor.callLater(self.settings.workload_cert_ttl / 2, self._renew_own_certificate)
-
     def set_resources(self, resources) -> list:
         """The config resources to distribute (Resource objects, validated objects or documents).
 
@@ -189,8 +186,6 @@ class ControlService(service.MultiService):
 
     def stopService(self):
         self.distributor.stop()
-        if self._own_renewal.active():
-            self._own_renewal.cancel()
         return super().stopService()
 
     def readiness(self):
