@@ -74,7 +74,11 @@ def mesh_authorize(ctx, peer, policies):
     :param peer: the caller's verified SPIFFE id
         (``spiffe://cluster.local/ns/NS/sa/SA``), or None for plaintext.
     :param policies: the compiled AuthorizationPolicies that apply to this
-        workload (:attr:`mesh.config.tables.ProxyConfig.authz`).
+        workload (:attr:`mesh.config.tables.ProxyConfig.authz`), or None.
+        Dry-run policies (``istio.io/dry-run``) are in its ``shadow_deny`` and
+        ``shadow_allow``, apart from the enforced ``deny`` and ``allow``: an
+        implementation must never enforce them (the built-in one records
+        their results in ``ctx.authz_dry_run``).
     :return: None (no opinion), or a tuple ``(allowed: bool, policy_name: str)``.
         The request is denied with 403 if any implementation returns
         ``(False, name)``.

@@ -1,4 +1,4 @@
-"""Built-in authorization: Istio's AuthorizationPolicy evaluation, DENY before ALLOW."""
+"""Built-in authorization: Istio's AuthorizationPolicy evaluation, DENY before ALLOW, and dry runs."""
 
 from mesh import hookimpl
 from mesh.config.security_tables import NO_ALLOW_MATCHED
@@ -12,13 +12,25 @@ def mesh_authorize(ctx, peer, policies):
     no ALLOW policy applies (``(True, None)``) or one matches (``(True, name)``),
     and deny with :data:`~mesh.config.security_tables.NO_ALLOW_MATCHED` when
     ALLOW policies apply and none matches.  None when no policy applies.
+
+    Dry-run policies never change that answer.  As in Envoy, where Istio puts
+    them in the ``shadow_rules`` of the RBAC filter of their action (the DENY
+    filter first), the DENY shadow engine runs before the enforced DENY
+    policies, and the ALLOW one only for a request they let through.  Their
+    results go to ``ctx.authz_dry_run`` for the access log and the metrics.
     """
-    if not policies:
+    if policies is None:
         return None
+    shadow = policies.shadow_deny
+    if shadow is not None:
+        ctx.authz_dry_run = (shadow.evaluate(ctx, peer),)
     for policy in policies.deny:
         for rule in policy.rules:
             if rule(ctx, peer):
                 return False, policy.name
+    shadow = policies.shadow_allow
+    if shadow is not None:
+        ctx.authz_dry_run = (ctx.authz_dry_run or ()) + (shadow.evaluate(ctx, peer),)
     allow = policies.allow
     if not allow:
         return True, None

@@ -142,16 +142,20 @@ def _authz(data) -> str:
         out.append("no AuthorizationPolicy applies: every request is allowed")
         return "\n".join(out)
     rows = []
-    for action in ("deny", "allow"):
-        for policy in authz.get(action, []):
+    dry_run = authz.get("dry_run") or {}
+    for shown, policies in (("DENY", authz.get("deny", [])), ("DENY (dry run)", dry_run.get("deny", [])),
+                            ("ALLOW", authz.get("allow", [])), ("ALLOW (dry run)", dry_run.get("allow", []))):
+        for policy in policies:
             for index, rule in enumerate(policy.get("rules", [])):
                 def clauses(key, rule=rule):
                     return " OR ".join(" AND ".join(clause) for clause in rule.get(key, [])) or "*"
-                rows.append([action.upper(), policy["name"], index, clauses("from"), clauses("to"),
+                rows.append([shown, policy["name"], index, clauses("from"), clauses("to"),
                              " AND ".join(rule.get("when", [])) if isinstance(rule.get("when"), list) else None])
             if not policy.get("rules"):
-                rows.append([action.upper(), policy["name"], "-", "(no rules: matches nothing)", "", ""])
+                rows.append([shown, policy["name"], "-", "(no rules: matches nothing)", "", ""])
     out.append(table(("ACTION", "POLICY", "RULE", "FROM", "TO", "WHEN"), rows))
+    if dry_run:
+        out.append("dry-run policies are evaluated, logged and counted, never enforced")
     return "\n".join(out)
 
 

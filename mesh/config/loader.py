@@ -237,7 +237,8 @@ def _check_metadata(metadata: dict) -> list:
         value = metadata.get(key)
         if value is not None and not (isinstance(value, dict)
                                       and all(isinstance(v, str) for v in value.values())):
-            problems.append((("metadata", key), f"metadata.{key} must map names to strings (quote numbers)"))
+            problems.append((("metadata", key), f"metadata.{key} must map names to strings (quote numbers "
+                                                 'and booleans: "true")'))
     return problems
 
 

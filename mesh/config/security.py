@@ -75,6 +75,8 @@ class AuthorizationPolicy:
     """An AuthorizationPolicy.  ``selector`` is sorted label pairs, or None for every workload.
 
     ``action`` is ALLOW or DENY.  No ``rules`` matches no request.
+    ``dry_run`` (annotation ``istio.io/dry-run: "true"``): the policy is
+    evaluated and its result logged and counted, never enforced.
     """
 
     name: str
@@ -83,6 +85,7 @@ class AuthorizationPolicy:
     action: str
     rules: tuple
     source: Resource = field(compare=False, repr=False)
+    dry_run: bool = False
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,8 @@ class PeerAuthentication:
 
 # -- AuthorizationPolicy ------------------------------------------------------------------
 
+#: Istio's annotation that stages an AuthorizationPolicy: evaluated, logged and counted, not enforced.
+DRY_RUN_ANNOTATION = "istio.io/dry-run"
 _POLICY = {"selector", "action", "rules"}
 _POLICY_UNSUPPORTED = {
     "targetRef": "policies attached to Gateway API resources are not supported; use selector",
@@ -146,7 +151,23 @@ def authorization_policy(resource, report, domain) -> AuthorizationPolicy:
         f.error("rules", "a DENY policy without rules denies nothing (Istio rejects it too); add rules, or "
                          "delete the policy")
     return AuthorizationPolicy(name=resource.name, namespace=resource.namespace, selector=_selector(f),
-                               action=action, rules=rules, source=resource)
+                               action=action, rules=rules, source=resource, dry_run=_dry_run(resource, report))
+
+
+def _dry_run(resource, report) -> bool:
+    """The ``istio.io/dry-run`` annotation: ``"true"`` or ``"false"`` (absent: false).
+
+    Any other value is an error rather than a guess: a staged policy read as
+    enforced is an outage, an enforced one read as staged an open door.
+    """
+    annotations = resource.metadata.get("annotations") or {}
+    value = annotations.get(DRY_RUN_ANNOTATION, "false")
+    if value in ("true", "false"):
+        return value == "true"
+    report.add(("metadata", "annotations", DRY_RUN_ANNOTATION),
+               f"invalid value {value!r}: write \"true\" to evaluate and log the policy without enforcing it "
+               f"(dry run), or \"false\" (or remove the annotation) to enforce it")
+    return False
 
 
 def _selector(f: Fields) -> Optional[tuple]:

@@ -20,47 +20,61 @@ from __future__ import annotations
 
 from mesh.config.authz_predicates import compile_rule
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
-from mesh.config.security_tables import AuthzPolicies, AuthzPolicy, PeerAuthn
+from mesh.config.security_tables import AuthzPolicies, AuthzPolicy, PeerAuthn, ShadowEngine
+from mesh.config.selection import selects
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 
 
 def applicable(objects, cls, workload, root_namespace) -> list:
     """The policies of type ``cls`` that apply to ``workload``: its namespace's, then the root's."""
-    labels = set(workload.labels.items())
     found = [obj for obj in objects if isinstance(obj, cls)
-             and obj.namespace in (workload.namespace, root_namespace)
-             and (obj.selector is None or set(obj.selector) <= labels)]
+             and obj.namespace in (workload.namespace, root_namespace) and selects(obj.selector, workload.labels)]
     return sorted(found, key=lambda obj: (obj.namespace != workload.namespace, obj.namespace, obj.name))
 
 
 def compile_authz(objects, workload, root_namespace, warn) -> tuple:
     """``(AuthzPolicies or None, dump)``: the workload's compiled AuthorizationPolicies.
 
-    None when no policy applies (every request is allowed).  ``warn(obj,
-    path, reason)`` records a :class:`~mesh.config.errors.ConfigWarning`.
+    None when no policy applies (every request is allowed).  Dry-run policies
+    go to the shadow engines (:class:`~mesh.config.security_tables.ShadowEngine`),
+    and to the dump's ``dry_run`` key, present only when there are some.
+    ``warn(obj, path, reason)`` records a
+    :class:`~mesh.config.errors.ConfigWarning`.
     """
-    compiled = {"ALLOW": [], "DENY": []}
-    dump = {"ALLOW": [], "DENY": []}
+    compiled = {(dry_run, action): [] for dry_run in (False, True) for action in ("ALLOW", "DENY")}
+    dump = {key: [] for key in compiled}
     for policy in applicable(objects, AuthorizationPolicy, workload, root_namespace):
-        deny = policy.action == "DENY"
-        rules = []
-        for index, rule in enumerate(policy.rules):
-            if workload.app_port is None and _tests_port(rule):
-                warn(policy, ("spec", "rules", index), "the workload's app port is unknown, so this rule's port "
-                     f"conditions cannot be evaluated: {'they count as matching' if deny else 'it never matches'}")
-            predicate = compile_rule(rule, workload.app_port, deny)
-            if predicate is True:
-                rules.append(_always)
-            elif predicate is not False:
-                rules.append(predicate)
         name = f"{policy.namespace}/{policy.name}"
-        compiled[policy.action].append(AuthzPolicy(name, tuple(rules)))
-        dump[policy.action].append({"name": name, "rules": [describe_rule(rule) for rule in policy.rules]})
-    if not compiled["ALLOW"] and not compiled["DENY"]:
+        key = (policy.dry_run, policy.action)
+        compiled[key].append(AuthzPolicy(name, _compile_rules(policy, workload, warn)))
+        dump[key].append({"name": name, "rules": [describe_rule(rule) for rule in policy.rules]})
+    if not any(compiled.values()):
         return None, None
-    return (AuthzPolicies(deny=tuple(compiled["DENY"]), allow=tuple(compiled["ALLOW"])),
-            {"deny": dump["DENY"], "allow": dump["ALLOW"]})
+    shadow = {action: ShadowEngine.build(action, tuple(compiled[True, action])) if compiled[True, action] else None
+              for action in ("ALLOW", "DENY")}
+    policies = AuthzPolicies(deny=tuple(compiled[False, "DENY"]), allow=tuple(compiled[False, "ALLOW"]),
+                             shadow_deny=shadow["DENY"], shadow_allow=shadow["ALLOW"])
+    described = {"deny": dump[False, "DENY"], "allow": dump[False, "ALLOW"]}
+    if dump[True, "DENY"] or dump[True, "ALLOW"]:
+        described["dry_run"] = {"deny": dump[True, "DENY"], "allow": dump[True, "ALLOW"]}
+    return policies, described
+
+
+def _compile_rules(policy, workload, warn) -> tuple:
+    """The predicates of a policy's rules that can match (rules decided False are left out)."""
+    deny = policy.action == "DENY"
+    rules = []
+    for index, rule in enumerate(policy.rules):
+        if workload.app_port is None and _tests_port(rule):
+            warn(policy, ("spec", "rules", index), "the workload's app port is unknown, so this rule's port "
+                 f"conditions cannot be evaluated: {'they count as matching' if deny else 'it never matches'}")
+        predicate = compile_rule(rule, workload.app_port, deny)
+        if predicate is True:
+            rules.append(_always)
+        elif predicate is not False:
+            rules.append(predicate)
+    return tuple(rules)
 
 
 def compile_peer_authn(objects, workload, root_namespace, warn) -> tuple:

@@ -46,6 +46,10 @@ class RequestContext:
     - ``upstream_start``: time the first try was sent;
       ``upstream_time``: seconds until the response head arrived
     - ``authz_policy``: name of the AuthorizationPolicy that decided, if any
+    - ``authz_dry_run``: the results of the dry-run AuthorizationPolicies
+      (``istio.io/dry-run``), never enforced: None when none apply, else a
+      tuple of ``(action, result, policy)`` per shadow engine evaluated, as
+      :meth:`mesh.config.security_tables.ShadowEngine.evaluate` returns them
     - ``extra``: a dict for plugins to share per-request data (created lazily)
     """
 
@@ -75,6 +79,7 @@ class RequestContext:
         "upstream_start",
         "upstream_time",
         "authz_policy",
+        "authz_dry_run",
         "_extra",
     )
 
@@ -107,6 +112,7 @@ class RequestContext:
         self.upstream_start = None
         self.upstream_time = None
         self.authz_policy = None
+        self.authz_dry_run = None
         self._extra = None
 
     @property

@@ -454,7 +454,8 @@ def inbound_passthrough(reactor, settings, runtime, app_address) -> Passthrough:
     """The inbound listener's :class:`Passthrough`: tunnels to the app at the port the client dialled."""
 
     def refusal(dst):
-        if runtime.snapshot.config.authz is not None:
+        authz = runtime.snapshot.config.authz
+        if authz is not None and authz.enforced:  # dry-run policies alone are never enforced
             return INBOUND_PASSTHROUGH_CLUSTER, (
                 "AuthorizationPolicies apply to this workload and txmesh evaluates them for HTTP only; send HTTP, "
                 "or exclude the port from capture (traffic.sidecar.istio.io/excludeInboundPorts)")

@@ -2,7 +2,8 @@
 
 And one per TCP passthrough connection, when it ends (``"protocol":"tcp"``):
 :meth:`AccessLog.tcp_connection` is a :class:`mesh.proxy.passthrough.Passthrough`
-observer.
+observer.  A request that dry-run AuthorizationPolicies (``istio.io/dry-run``)
+evaluated carries their results too (:func:`dry_run_fields`).
 
 Lines are kept in memory and written by a one-second ``LoopingCall`` (and
 whenever :data:`MAX_PENDING` lines are waiting), always as whole lines, so the
@@ -144,6 +145,7 @@ class LineFormatter:
             ctx.authz_policy, ctx.source_address, ctx.peer))
         trace = ctx.extra.get("trace_id") or trace_id(headers)
         upstream_time = ctx.upstream_time
+        dry_run = ctx.authz_dry_run
         start = ctx.start
         second = int(start)  # _start_time, inlined on the hot path (a method call is ~3 % of this line)
         if second != self._second:
@@ -154,7 +156,8 @@ class LineFormatter:
             f'"trace_id":{"null" if trace is None else escape(trace)},'
             f'"response_code":{ctx.response_code},"bytes_received":{ctx.bytes_received},'
             f'"bytes_sent":{ctx.bytes_sent},"duration":{outcome.duration * 1000.0:.3f},'
-            f'"upstream_service_time":{"null" if upstream_time is None else f"{upstream_time * 1000.0:.3f}"}}}'
+            f'"upstream_service_time":{"null" if upstream_time is None else f"{upstream_time * 1000.0:.3f}"}'
+            f'{"" if dry_run is None else dry_run_fields(dry_run)}}}'
         )
 
     def format_tcp(self, event) -> str:
@@ -190,6 +193,19 @@ class LineFormatter:
             direction, _json(method), http_version, _json(authority.decode("latin-1") if authority else None),
             _json(user_agent), _json(flags or "-"), _json(upstream_host), _json(cluster), _json(route_name),
             _json(authz_policy), _json(source_address), _json(source), _json(destination))
+
+
+def dry_run_fields(results) -> str:
+    """The fields of the dry-run results of a request (``ctx.authz_dry_run``), each after a comma.
+
+    Named as the dynamic metadata Istio's dry-run policies leave in Envoy's
+    RBAC filter: ``istio_dry_run_deny_shadow_engine_result`` (``allowed`` or
+    ``denied``) and ``istio_dry_run_deny_shadow_effective_policy_id`` (the
+    matching policy, ``namespace/name``, or null), and the same with ``allow``.
+    """
+    return "".join(f',"istio_dry_run_{action}_shadow_engine_result":"{result}",'
+                   f'"istio_dry_run_{action}_shadow_effective_policy_id":{_json(policy)}'
+                   for action, result, policy in results)
 
 
 def _json(text) -> str:

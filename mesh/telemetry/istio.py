@@ -45,6 +45,8 @@ PEER_LABELS = (
     "destination_app", "destination_version",
     "connection_security_policy",
 )
+#: Istio's tag names for the dry-run results of its RBAC stats (``allow``/``deny``, ``allowed``/``denied``).
+DRY_RUN_LABELS = ("authz_dry_run_action", "authz_dry_run_result")
 REQUEST_LABELS = PEER_LABELS + ("request_protocol", "response_code", "response_flags", "grpc_response_status")
 TCP_LABELS = PEER_LABELS + ("request_protocol", "response_flags")
 
@@ -103,7 +105,8 @@ class IstioMetrics(Collector):
     """The ``mesh_request_complete`` implementation behind ``istio_*``, and their collector.
 
     Also counts retries per cluster (``mesh_upstream_rq_retry_total``): no
-    live state remembers them.
+    live state remembers them; and the results of dry-run AuthorizationPolicies
+    (``mesh_authz_dry_run_total``).
 
     :param workload: the :class:`mesh.config.compile.Workload` this sidecar serves.
     :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
@@ -116,6 +119,7 @@ class IstioMetrics(Collector):
         self._series = {}  # label values -> Series, for as long as the process lives
         self._by_key = ConfigCache(peers, self._bind)  # request key -> Series
         self._retries = {}  # cluster -> retries
+        self._dry_run = {}  # (authz_dry_run_action, authz_dry_run_result) -> requests
         self._tcp = {}  # (direction, cluster, flags) -> [opened, closed, sent bytes, received bytes]
         self._failed = FailureLog("builtin.metrics")
 
@@ -127,6 +131,8 @@ class IstioMetrics(Collector):
             series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
             if ctx.attempts > 1:
                 self._retries[ctx.cluster] = self._retries.get(ctx.cluster, 0) + ctx.attempts - 1
+            if ctx.authz_dry_run is not None:
+                self._count_dry_run(ctx.authz_dry_run)
         except Exception:
             self._failed()
 
@@ -155,6 +161,20 @@ class IstioMetrics(Collector):
         for cluster, count in sorted(self._retries.items()):
             retries.add_metric((cluster,), count)
         yield retries
+        dry_run = CounterMetricFamily(
+            "mesh_authz_dry_run", "Results of dry-run AuthorizationPolicies (istio.io/dry-run), never enforced: "
+            "per shadow engine (the dry-run policies of one action), as Envoy's rbac shadow_allowed/shadow_denied.",
+            labels=DRY_RUN_LABELS)
+        for labels, count in sorted(self._dry_run.items()):
+            dry_run.add_metric(labels, count)
+        yield dry_run
+
+    def _count_dry_run(self, results) -> None:
+        """Count the shadow results of one request (``ctx.authz_dry_run``): at most 4 label sets."""
+        counts = self._dry_run
+        for action, result, _ in results:
+            key = (action, result)
+            counts[key] = counts.get(key, 0) + 1
 
     def tcp_connection(self, event) -> None:
         """A :class:`mesh.proxy.passthrough.Passthrough` observer: count a TCP connection's events and bytes

@@ -219,3 +219,17 @@ def test_tcp_observers_follow_the_telemetry_options(tmp_path, args, observers):
     for service in proxy:
         if isinstance(service, AccessLog):
             service.stopService()  # closes its file
+
+
+def test_dry_run_results_add_istios_dynamic_metadata_fields(line):
+    """Only to lines of requests that dry-run AuthorizationPolicies evaluated (ctx.authz_dry_run)."""
+    ctx = inbound(200, authz_dry_run=(("deny", "denied", "bookinfo/staged"), ("allow", "denied", None)))
+    entry = line(ctx)
+    assert set(entry) == FIELDS | {
+        "istio_dry_run_deny_shadow_engine_result", "istio_dry_run_deny_shadow_effective_policy_id",
+        "istio_dry_run_allow_shadow_engine_result", "istio_dry_run_allow_shadow_effective_policy_id"}
+    assert (entry["istio_dry_run_deny_shadow_engine_result"],
+            entry["istio_dry_run_deny_shadow_effective_policy_id"]) == ("denied", "bookinfo/staged")
+    assert (entry["istio_dry_run_allow_shadow_engine_result"],
+            entry["istio_dry_run_allow_shadow_effective_policy_id"]) == ("denied", None)
+    assert set(line(inbound(200))) == FIELDS

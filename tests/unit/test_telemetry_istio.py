@@ -173,3 +173,15 @@ def test_tcp_passthrough_connections_are_counted_under_istio_pseudo_clusters(met
     [(_, inbound_labels, _)] = [s for s in families["istio_tcp_received_bytes"] if s[1]["reporter"] == "destination"]
     assert inbound_labels["destination_workload"] == "productpage"
     assert inbound_labels["connection_security_policy"] == "none" and inbound_labels["source_principal"] == "unknown"
+
+
+def test_dry_run_results_are_counted_with_istios_labels(metrics):
+    for results in ((("deny", "denied", "bookinfo/staged"),), (("deny", "allowed", None),),
+                    (("deny", "denied", "bookinfo/staged"), ("allow", "denied", None))):
+        ctx = inbound(200, authz_dry_run=results)
+        metrics.mesh_request_complete(ctx, done(ctx))
+    metrics.mesh_request_complete(inbound(200), done(inbound(200)))
+    assert sorted((labels["authz_dry_run_action"], labels["authz_dry_run_result"], value)
+                  for name, labels, value in scrape(metrics)["mesh_authz_dry_run"]
+                  if name == "mesh_authz_dry_run_total") == [
+        ("allow", "denied", 1), ("deny", "allowed", 1), ("deny", "denied", 2)]
