@@ -19,8 +19,8 @@ Request attributes, as Istio reads them:
   case-insensitively: ``example.com`` does not match ``example.com:8080``; write
   ``example.com:*`` as well, as Istio advises.
 - **method**: ``ctx.method``; **path**: ``ctx.uri_path`` (no query), which the
-  codec has normalized as Istio's default ``BASE`` normalization does
-  (:func:`mesh.proxy.paths.normalize_path`).
+  codec has normalized as the sidecar's ``--path-normalization`` says
+  (:mod:`mesh.proxy.paths`; Istio's ``BASE`` by default).
 - **header**: ``ctx.headers[name]`` (repeated headers joined with ``", "``).
 - **port**: the workload's app port.  When it is unknown, a port condition
   fails closed as Istio does with attributes it cannot evaluate: it matches in

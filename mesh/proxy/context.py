@@ -7,7 +7,7 @@ and the same object is handed to every hook for that request.  It is a plain
 
 from __future__ import annotations
 
-from mesh.proxy.paths import normalize_path
+from mesh.proxy.paths import normalize_base
 
 
 class RequestContext:
@@ -17,7 +17,9 @@ class RequestContext:
 
     - ``direction``: ``"outbound"`` (app -> mesh) or ``"inbound"`` (mesh -> app)
     - ``method``: e.g. ``"GET"``; ``path``: the request target (``/a?b=1``)
-      after Istio's ``BASE`` path normalization (:mod:`mesh.proxy.paths`);
+      after path normalization (``normalize``, one of the functions of
+      :mod:`mesh.proxy.paths`; Istio's ``BASE`` by default, which raises
+      :class:`mesh.proxy.outcome.LocalReply` for a path it refuses);
       ``uri_path``: that path without the query string
     - ``host``: the Host header, lower-case, port stripped
     - ``authority``: the Host header as received (bytes)
@@ -84,11 +86,11 @@ class RequestContext:
     )
 
     def __init__(self, direction, method, path, host, authority, headers, raw_headers,
-                 http_version, request_id, source_address, start, peer=None):
+                 http_version, request_id, source_address, start, peer=None, normalize=normalize_base):
         self.direction = direction
         self.method = method
         uri_path, mark, query = path.partition("?")
-        normalized = normalize_path(uri_path)
+        normalized = normalize(uri_path)
         self.uri_path = normalized
         self.path = path if normalized is uri_path else normalized + mark + query
         self.host = host

@@ -6,7 +6,7 @@ import textwrap
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.proxy.paths import normalize_path
+from mesh.proxy.paths import normalize_base
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_files
 from mesh.config.security_tables import NO_ALLOW_MATCHED
@@ -238,7 +238,7 @@ def test_paths_ignore_the_query_and_are_normalized(tmp_path):
     ("/a//b", "/a//b"), ("/.well-known/x", "/.well-known/x"), ("*", "*"),
 ])
 def test_base_path_normalization(path, normalized):
-    assert normalize_path(path) == normalized
+    assert normalize_base(path) == normalized
 
 
 def test_ports_test_the_workload_app_port(tmp_path):
