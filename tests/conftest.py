@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.harness import Backend, ManagedProcess, Proxy, stop_all
+from tests.harness import Backend, ManagedProcess, Proxy, log_alarms_since_last_check, stop_all
 
 
 class ProcessFactory:
@@ -60,6 +60,33 @@ def pytest_runtest_makereport(item, call):
         for process in ManagedProcess.live():
             report.sections.append((f"log tail: {process}", process.log_tail()))
     return report
+
+
+def _fail_on_log_alarms(when: str) -> None:
+    alarms = log_alarms_since_last_check()
+    if alarms:
+        shown = "\n".join(alarms[:20])
+        pytest.fail(f"a process logged a traceback or an unhandled error {when}:\n{shown}", pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def no_traceback_in_process_logs():
+    """Every test that starts processes: none of them may log a traceback or an unhandled error.
+
+    Checked after each test, for what the processes logged during it (the log lines are named).
+    """
+    yield
+    _fail_on_log_alarms("during this test")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def no_traceback_at_module_teardown():
+    """The same check for what module-scoped processes log while they stop, after the module's last test.
+
+    Autouse fixtures are set up first and torn down last, so the factories have stopped their processes.
+    """
+    yield
+    _fail_on_log_alarms("while stopping at the end of the module")
 
 
 def pytest_sessionfinish(session, exitstatus):

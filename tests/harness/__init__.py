@@ -15,12 +15,14 @@ from .control import Control
 from .curl import CurlResult, curl
 from .kube import KubeAPI
 from .net import free_port, http_request
-from .processes import REPO_ROOT, ManagedProcess, ProcessExitedError, stop_all, venv_bin, venv_dir
+from .processes import (
+    REPO_ROOT, ManagedProcess, ProcessExitedError, log_alarms_since_last_check, stop_all, venv_bin, venv_dir,
+)
 from .proxy import Proxy
 from .rawhttp import RawConnection, RawResponse
 from .waiting import wait_for
 
 __all__ = [
     "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
-    "http_request", "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
+    "http_request", "log_alarms_since_last_check", "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]

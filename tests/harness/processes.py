@@ -15,6 +15,10 @@ from .waiting import wait_for
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
 _live: dict["ManagedProcess", None] = {}  # insertion-ordered set of running processes
+_unchecked: dict["ManagedProcess", None] = {}  # started, with log lines not yet checked for tracebacks
+
+#: What must never appear in a process log: a Python traceback, or Twisted's "Unhandled Error".
+LOG_ALARMS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error")
 
 
 def venv_dir() -> Path:
@@ -66,6 +70,7 @@ class ManagedProcess:
         self.cwd = Path(cwd) if cwd else self.log_path.parent
         self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
         self._popen: subprocess.Popen | None = None
+        self._log_checked = 0  # bytes of the log already checked by :meth:`new_log_alarms`
 
     def __str__(self) -> str:
         return f"{self.kind} {self.name!r} (pid {self.pid})"
@@ -115,6 +120,7 @@ class ManagedProcess:
                 stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent,
             )
         _live[self] = None
+        _unchecked[self] = None
         return self
 
     def is_ready(self) -> bool:
@@ -172,6 +178,21 @@ class ManagedProcess:
             return "(no log file)"
         return "\n".join(text.splitlines()[-lines:])
 
+    def new_log_alarms(self) -> list[str]:
+        """The :data:`LOG_ALARMS` in log lines written since the last call (each line once)."""
+        try:
+            with open(self.log_path, "rb") as log:
+                log.seek(self._log_checked)
+                text = log.read()
+        except FileNotFoundError:
+            return []
+        cut = text.rfind(b"\n") + 1  # a line still being written is checked next time
+        if not self.running:
+            cut = len(text)
+        self._log_checked += cut
+        lines = text[:cut].decode("utf-8", "replace").splitlines()
+        return [line for line in lines if any(alarm in line for alarm in LOG_ALARMS)]
+
     def describe(self, message: str) -> str:
         """*message* followed by the tail of this process's log, for assertion and error messages."""
         return f"{message}\n--- last lines of {self.log_path} ---\n{self.log_tail()}"
@@ -188,6 +209,19 @@ class ManagedProcess:
                 if line.startswith(field + ":"):
                     return int(line.split()[1])
         raise KeyError(f"{field} not in /proc/{self.pid}/status")
+
+
+def log_alarms_since_last_check() -> list[str]:
+    """``"<process>: <line>"`` for every :data:`LOG_ALARMS` line any process logged since the last call.
+
+    A stopped process is checked one last time (its shutdown included), then forgotten.
+    """
+    found = []
+    for process in list(_unchecked):
+        found += [f"{process}: {line}" for line in process.new_log_alarms()]
+        if not process.running:
+            _unchecked.pop(process, None)
+    return found
 
 
 def stop_all() -> None:

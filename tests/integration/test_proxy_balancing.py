@@ -18,7 +18,7 @@ import pytest
 
 from tests.harness import RawConnection, wait_for
 from tests.integration.test_proxy_support import (
-    assert_clean_log, cluster_name, curl_many, destination_rule, endpoint, endpoint_stats, lb, served_by,
+    cluster_name, curl_many, destination_rule, endpoint, endpoint_stats, lb, served_by,
     service_entry, write_config,
 )
 
@@ -144,7 +144,3 @@ def test_consistent_hash_without_the_header_falls_back_to_round_robin(mesh):
     proxy, _, _ = mesh
     order = names(curl_many(proxy.outbound_url + "/", 10, host="hash"))
     assert all(first != second for first, second in zip(order, order[1:])), order
-
-
-def test_proxy_log_has_no_traceback(mesh):
-    assert_clean_log(mesh[0])

@@ -15,7 +15,7 @@ import yaml
 
 from tests.harness import free_port, venv_bin, wait_for
 from tests.integration.test_proxy_support import (
-    assert_clean_log, curl_many, destination_rule, endpoint, route_to, served_by, service_entry, virtual_service,
+    curl_many, destination_rule, endpoint, route_to, served_by, service_entry, virtual_service,
 )
 
 INVALID_VS = """\
@@ -172,7 +172,3 @@ def test_reloads_under_load_fail_no_request(mesh):
         thread.join(60)
     counts = served_by(results)   # asserts every request was 200
     assert set(counts) == {"v1", "v2"} and sum(counts.values()) >= 400, counts
-
-
-def test_proxy_log_has_no_traceback(mesh):
-    assert_clean_log(mesh[0])

@@ -14,7 +14,7 @@ import pytest
 
 from tests.harness import RawConnection, wait_for
 from tests.integration.test_proxy_support import (
-    assert_clean_log, cluster_endpoints, cluster_name, curl_many, destination_rule, endpoint, route_to, served_by, service_entry,
+    cluster_endpoints, cluster_name, curl_many, destination_rule, endpoint, route_to, served_by, service_entry,
     virtual_service, write_config,
 )
 
@@ -202,7 +202,3 @@ def test_admin_clusters_shows_active_requests(mesh):
         held.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     wait_for(lambda: cluster_endpoints(proxy, cluster)[address]["active_requests"] == 0, 2,
              what="the reset request to stop counting as active")
-
-
-def test_proxy_log_has_no_traceback(mesh):
-    assert_clean_log(mesh[0])

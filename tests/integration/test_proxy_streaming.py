@@ -19,7 +19,7 @@ import pytest
 
 from mesh.demo.app import iter_pattern
 from tests.harness import RawConnection, pattern_sha256, wait_for
-from tests.integration.test_proxy_support import assert_clean_log, endpoint, service_entry, write_config
+from tests.integration.test_proxy_support import endpoint, service_entry, write_config
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -167,7 +167,3 @@ def test_slow_upstream_backpressure(proxy):
                 sent += conn.sock.send(block)
         assert sent < 32 * MiB, f"{sent / MiB:.0f} MiB accepted by a proxy whose upstream reads nothing"
         assert proxy.status_kib("VmHWM") < RSS_LIMIT_KIB, f"peak RSS {_peak_rss_mib(proxy):.0f} MiB"
-
-
-def test_proxy_log_has_no_traceback(proxy):
-    assert_clean_log(proxy)
