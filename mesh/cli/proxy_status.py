@@ -3,8 +3,11 @@
 Every proxy the control plane knows (admin ``/proxies``): its identity, the
 config version sent and the version it applied (ACKed), its last NACK with
 the error, and whether it is stale (disconnected, or not running the latest
-version sent).  Below the table: the control plane's own config version and
-the resources it rejected (admin ``/ready``), with FILE:LINE.
+version sent).  Below the table: which policies select each proxy by the
+labels it announced, a warning for each proxy that none of its namespace's
+policy selectors matches (:mod:`mesh.config.selection`), the control plane's
+own config version and the resources it rejected (admin ``/ready``), with
+FILE:LINE.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import json
 import sys
 
 from mesh.cli.proxy_config import AdminError, fetch_json, parse_address, table
+from mesh.config.selection import format_labels
 
 
 def add_parser(subparsers):
@@ -45,6 +49,31 @@ def run(args) -> int:
     return 0
 
 
+def render_selection(proxies) -> list:
+    """Lines: the resources selecting each proxy (``selected_by`` of ``/proxies``), then the warnings.
+
+    Nothing for rows without ``selected_by`` (a control plane that does not report it).
+    """
+    known = [proxy for proxy in proxies if "selected_by" in proxy]
+    if not known:
+        return []
+    rows = [[proxy.get("node"), format_labels(proxy.get("labels") or {}),
+             ", ".join(describe_selector(row) for row in proxy["selected_by"]) or "nothing"] for proxy in known]
+    lines = ["", table(("NODE", "LABELS", "SELECTED BY"), rows)]
+    warned = [proxy for proxy in known if proxy.get("selection_warning")]
+    if warned:
+        lines += ["", f"{len(warned)} proxy(ies) match no selector of their namespace's policies (restart the sidecar "
+                      "with the right --label if a policy is meant for it):"]
+        lines += [f"  {proxy.get('node')}: {proxy['selection_warning']}" for proxy in warned]
+    return lines
+
+
+def describe_selector(row) -> str:
+    """``AuthorizationPolicy shop/deny-admin (app=api)``, or ``(namespace-wide)``/``(mesh-wide)``."""
+    how = row.get("selector") or f"{row.get('scope')}-wide"
+    return f"{row.get('kind')} {row.get('namespace')}/{row.get('name')} ({how})"
+
+
 def _short(version):
     return version[:12] if isinstance(version, str) else version
 
@@ -72,6 +101,7 @@ def render(proxies, config, config_errors) -> str:
                      _short(acked), _short(sent), state, last])
     lines = [table(("NODE", "WORKLOAD", "IDENTITY", "ADDRESS", "APPLIED", "SENT", "STATUS", "LAST ACK/NACK"),
                    rows) if rows else "no proxies connected"]
+    lines += render_selection(proxies)
     if config:
         lines.append("")
         lines.append(f"control plane config {config.get('version')} (generation {config.get('generation')}, "

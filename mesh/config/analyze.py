@@ -19,7 +19,12 @@ the compiler's warnings do), and returns a
   from the files (WorkloadEntries, and ServiceEntry endpoints, which belong to
   the ServiceEntry's namespace) in the policy's namespace -- or, for the root
   namespace, anywhere -- has all the selector's labels;
-- **STRICT mTLS towards a workload without a sidecar**, see below.
+- **STRICT mTLS towards a workload without a sidecar**, see below;
+- with the proxies connected to the control plane (``meshctl analyze
+  --control-admin``): each **proxy that no selector of its namespace's
+  policies matches** (:func:`mesh.config.selection.unselected_warning`), and
+  proxies count as workloads for "matches nothing".  :func:`selection`
+  tells which resource selects which proxy.
 
 What "has no sidecar" means with files only
 -------------------------------------------
@@ -40,8 +45,9 @@ A DestinationRule ``tls.mode: DISABLE`` for a host whose endpoints are STRICT
 is reported too: its clients send plaintext, which STRICT refuses.
 
 Workloads that join by announcing themselves to the control plane (HELLO)
-are not in the files; label them in a WorkloadEntry, or expect "matches
-nothing" findings for selectors that only they match.
+are not in the files: pass the control plane's admin port (``--control-admin``)
+so that their labels count, or expect "matches nothing" findings for
+selectors that only they match.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ from mesh.config.errors import ConfigWarning
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_peer_authn
+from mesh.config.selection import (
+    POLICY_KINDS, format_labels, selected_by, selector_of, selects, unselected_warning,
+)
 
 SIDECAR_LABEL = ("security.istio.io/tlsMode", "istio")
 
@@ -74,9 +83,40 @@ class _Workload:
         return SIDECAR_LABEL in self.labels
 
 
-def analyze(objects, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> list:
-    """Cross-resource findings about validated objects, sorted by file and line."""
-    return _Analysis(list(objects), root_namespace).run()
+def analyze(objects, root_namespace: str = DEFAULT_ROOT_NAMESPACE, proxies=()) -> list:
+    """Cross-resource findings about validated objects, sorted by file and line.
+
+    ``proxies``: ``(node, Workload)`` pairs of the proxies connected to the
+    control plane, with the labels they announced.
+    """
+    return _Analysis(list(objects), root_namespace, list(proxies)).run()
+
+
+def selection(objects, proxies, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> list:
+    """Which proxy each resource selects: ``[(kind, namespace/name, selector text, [nodes])]``.
+
+    Every AuthorizationPolicy and PeerAuthentication (selector text
+    ``namespace-wide``/``mesh-wide`` without a selector) and every
+    ServiceEntry with a ``workloadSelector``, sorted by kind and name;
+    ``proxies`` as for :func:`analyze`.
+    """
+    selecting = {}
+    for node, workload in proxies:
+        for row in selected_by(objects, workload, root_namespace):
+            selecting.setdefault((row["kind"], row["namespace"], row["name"]), []).append(node)
+    rows = []
+    for obj in objects:
+        selector = selector_of(obj)
+        if not isinstance(obj, POLICY_KINDS) and selector is None:
+            continue
+        if selector is not None:
+            shown = format_labels(selector)
+        else:
+            shown = "mesh-wide" if obj.namespace == root_namespace else "namespace-wide"
+        kind = type(obj).__name__
+        rows.append((kind, f"{obj.namespace}/{obj.name}", shown,
+                     sorted(selecting.get((kind, obj.namespace, obj.name), []))))
+    return sorted(rows)
 
 
 def _warning(obj, path: tuple, reason: str) -> ConfigWarning:
@@ -88,9 +128,10 @@ def _where(obj) -> str:
 
 
 class _Analysis:
-    def __init__(self, objects, root_namespace):
+    def __init__(self, objects, root_namespace, proxies):
         self.objects = objects
         self.root_namespace = root_namespace
+        self.proxies = proxies
         self.entries = self._of(ServiceEntry)
         self.rules = self._of(DestinationRule)
         self.virtual_services = self._of(VirtualService)
@@ -111,6 +152,7 @@ class _Analysis:
         self._destination_rules()
         self._authorization_selectors()
         self._strict_without_sidecar()
+        self._unselected_proxies()
         unique = {(str(f)): f for f in self.findings}
         return sorted(unique.values(), key=lambda f: (f.file, f.line, str(f)))
 
@@ -207,16 +249,27 @@ class _Analysis:
         for policy in self._of(AuthorizationPolicy):
             if policy.selector is None:
                 continue
-            wanted = set(policy.selector)
-            scope = [w for w in self.workloads
-                     if policy.namespace == self.root_namespace or w.namespace == policy.namespace]
-            if not any(wanted <= w.labels for w in scope):
-                labels = ", ".join(f"{k}={v}" for k, v in policy.selector)
+
+            def in_scope(namespace, policy=policy):
+                return policy.namespace == self.root_namespace or namespace == policy.namespace
+
+            scope = [dict(w.labels) for w in self.workloads if in_scope(w.namespace)]
+            proxies = [workload.labels for _, workload in self.proxies if in_scope(workload.namespace)]
+            if not any(selects(policy.selector, labels) for labels in scope + proxies):
                 where = "any namespace" if policy.namespace == self.root_namespace else \
                     f"namespace {policy.namespace}"
-                self.warn(policy, ("spec", "selector"), f"selector ({labels}) matches no workload of {where} "
-                          f"known from the files ({len(scope)} workload(s): ServiceEntry endpoints and "
-                          "WorkloadEntries); the policy applies to nothing")
+                known = f"known from the files ({len(scope)} workload(s): ServiceEntry endpoints and WorkloadEntries"
+                if self.proxies:
+                    known += f"; and {len(proxies)} proxy(ies) connected to the control plane"
+                self.warn(policy, ("spec", "selector"), f"selector ({format_labels(policy.selector)}) matches no "
+                          f"workload of {where} {known}); the policy applies to nothing")
+
+    def _unselected_proxies(self):
+        for node, workload in self.proxies:
+            warning = unselected_warning(self.objects, workload, describe=f"proxy {node} (workload "
+                                                                          f"{workload.namespace}/{workload.name})")
+            if warning is not None:
+                self.findings.append(warning)
 
     def _effective_strict(self, workload: _Workload):
         """The PeerAuthentication that makes ``workload`` STRICT (on any port), or None."""

@@ -10,7 +10,9 @@ namespace when several claim the same host.
 - **Routes**: a VirtualService's ``http`` list becomes one virtual host; a
   ServiceEntry host without one gets a default route to its first port.
 - **Security**: the AuthorizationPolicies and PeerAuthentications that apply
-  to the workload (see :mod:`mesh.config.security_compile`).
+  to the workload (see :mod:`mesh.config.security_compile`), and a warning
+  when its namespace's policies use selectors and none selects it
+  (:func:`mesh.config.selection.unselected_warning`).
 - **Cross-references** that do not resolve (a route to a host, port or subset
   nobody defines) still compile, as routes to clusters that do not exist (the
   proxy answers 503 ``NC``); each is recorded as a
@@ -35,6 +37,7 @@ from mesh.config.resources import (
     WorkloadEntry,
 )
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_authz, compile_peer_authn
+from mesh.config.selection import unselected_warning
 from mesh.config.tables import (
     ClusterSpec, CompiledRoute, EndpointSpec, OutlierPolicy, ProxyConfig, RouteAction, RouteTable,
     VirtualHost,
@@ -131,6 +134,9 @@ class _Compiler:
         authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
         peer_authn, peer_authn_dump = compile_peer_authn(self.objects, self.workload, self.root_namespace,
                                                          self._warn)
+        unselected = unselected_warning(self.objects, self.workload)
+        if unselected is not None:
+            self.warnings.append(unselected)
         dump = {
             "routes": self._dump_routes(routes),
             "clusters": [describe_cluster(spec) for _, spec in sorted(self.clusters.items())],

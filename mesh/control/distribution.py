@@ -10,7 +10,10 @@ Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
   ServiceEntries select workloads;
 - the AuthorizationPolicies and PeerAuthentications that apply to it (its
   namespace or the root namespace, selector matching its labels);
-- the trust bundle.
+- the trust bundle;
+- warnings for the proxy's log about what those scoped resources cannot show
+  it: that its namespace's policies use selectors and none selects it
+  (:func:`mesh.config.selection.unselected_warning`).
 
 The version of a snapshot is a hash of exactly that content, so a change that
 does not affect a proxy leaves its version alone and it gets no push.  Changes
@@ -33,6 +36,7 @@ from mesh.config.resources import ServiceEntry, WorkloadEntry
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
 from mesh.config.resources import DestinationRule, VirtualService
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.selection import describe_selection, unselected_warning
 from mesh.config.validate import validate
 from mesh.control import protocol as proto
 from mesh.control.registry import Registration, Registry
@@ -79,6 +83,7 @@ class ProxyStatus:
         self.identity = identity
         self.workload = None
         self.namespace = None
+        self.labels = {}
         self.address = address
         self.connected = True
         self.connected_since = now
@@ -91,7 +96,8 @@ class ProxyStatus:
 
     def describe(self) -> dict:
         return {"node": self.node, "workload": self.workload, "namespace": self.namespace,
-                "identity": self.identity, "address": self.address, "connected": self.connected,
+                "labels": dict(self.labels), "identity": self.identity, "address": self.address,
+                "connected": self.connected,
                 "connected_since": self.connected_since, "version_sent": self.version_sent,
                 "version_acked": self.version_acked, "last_nack": self.last_nack,
                 "last_nack_version": self.last_nack_version, "last_seen": self.last_seen,
@@ -180,9 +186,10 @@ class ProxyStream(proto.MessageStream):
         if self.hello is None:
             raise proto.ProtocolError("the first message must be HELLO")
 
-    def push(self, version, documents, bundle_pem):
+    def push(self, version, documents, bundle_pem, warnings=()):
         self._sent = version
-        self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem)
+        self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem,
+                  warnings=list(warnings))
 
 
 class StreamFactory(protocol.Factory):
@@ -278,7 +285,12 @@ class Distributor:
         return [(doc["metadata"]["namespace"], doc, _digest(doc)) for doc in documents]
 
     def snapshot_for(self, workload: Workload, registry_items=None) -> tuple:
-        """``(version, documents)`` of the snapshot for ``workload``."""
+        """``(version, documents, warnings)`` of the snapshot for ``workload``.
+
+        ``warnings``: texts the proxy logs, about what its scoped documents
+        cannot tell it (:func:`mesh.config.selection.unselected_warning`: its
+        namespace's policies use selectors and none selects it).
+        """
         if registry_items is None:
             registry_items = self._registry_items()
         namespace = workload.namespace
@@ -297,16 +309,19 @@ class Distributor:
             if entry_namespace in selecting:
                 documents.append(document)
                 digests.append(digest)
+        unselected = unselected_warning([item.obj for item in self.items], workload)
+        warnings = [] if unselected is None else [str(unselected)]
+        digests += [hashlib.sha256(text.encode()).hexdigest() for text in warnings]
         bundle = self.bundle_pem()
         digests.append(hashlib.sha256(bundle).hexdigest())
         version = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
-        return version, documents
+        return version, documents, warnings
 
     def _push(self, stream, registry_items=None):
-        version, documents = self.snapshot_for(stream.workload, registry_items)
+        version, documents, warnings = self.snapshot_for(stream.workload, registry_items)
         if version == stream._sent:
             return
-        stream.push(version, documents, self.bundle_pem().decode())
+        stream.push(version, documents, self.bundle_pem().decode(), warnings)
         stream.status.version_sent = version
         stream.status.sent_at = self._changed_at if self._changed_at is not None else self.reactor.seconds()
         self.pushes += 1
@@ -325,6 +340,7 @@ class Distributor:
         status = ProxyStatus(node, stream.identity.uri, address, now)
         status.workload = stream.workload.name
         status.namespace = stream.workload.namespace
+        status.labels = stream.workload.labels
         previous = self.statuses.get(node)
         last_applied = stream.hello.get("version")
         if isinstance(last_applied, str) and last_applied:
@@ -388,9 +404,21 @@ class Distributor:
 
     # -- admin -----------------------------------------------------------------------------
     def proxy_status(self) -> list:
-        """The rows of ``GET /proxies`` (admin port), sorted by node."""
+        """The rows of ``GET /proxies`` (admin port), sorted by node.
+
+        Each row also says which resources select the proxy by its HELLO
+        labels, and warns when none of its namespace's policy selectors does
+        (:func:`mesh.config.selection.describe_selection`).
+        """
         self._prune_statuses()
-        return [status.describe() for _, status in sorted(self.statuses.items())]
+        objects = [item.obj for item in self.items]
+        rows = []
+        for _, status in sorted(self.statuses.items()):
+            row = status.describe()
+            workload = Workload(name=status.workload, namespace=status.namespace, labels=status.labels)
+            row.update(describe_selection(objects, workload, self.root_namespace))
+            rows.append(row)
+        return rows
 
     def stop(self) -> None:
         if self._pending is not None and self._pending.active():

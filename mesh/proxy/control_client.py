@@ -45,7 +45,12 @@ class SnapshotRejected(Exception):
 
 
 def compile_snapshot(snapshot: dict, workload, trust_domain: str = "cluster.local"):
-    """Validate and compile a SNAPSHOT's resources: ``(ProxyConfig, warnings)``; raises SnapshotRejected."""
+    """Validate and compile a SNAPSHOT's resources: ``(ProxyConfig, warnings)``; raises SnapshotRejected.
+
+    ``warnings``: the compiler's, then the texts of the snapshot's optional
+    ``warnings`` field (what the control plane knows and the scoped resources
+    do not show, such as policies whose selectors all miss this workload).
+    """
     origin = f"snapshot {snapshot.get('version')}"
     loaded = load_documents(snapshot.get("resources") or [], origin)
     objects, errors = validate(loaded.resources)
@@ -57,7 +62,9 @@ def compile_snapshot(snapshot: dict, workload, trust_domain: str = "cluster.loca
     except Exception as error:  # a compiler bug must not take the proxy down: NACK it
         raise SnapshotRejected(f"compile failed: {type(error).__name__}: {error}") from None
     config = dataclasses.replace(config, version=snapshot["version"])
-    return config, list(config.warnings)
+    sent = snapshot.get("warnings")
+    sent = [text for text in sent if isinstance(text, str)] if isinstance(sent, list) else []
+    return config, list(config.warnings) + sent
 
 
 class ControlStream(proto.MessageStream):

@@ -204,10 +204,12 @@ class FakeStream:
         self.status = None
         self._sent = None
         self.pushed = []
+        self.warnings = []
 
-    def push(self, version, documents, bundle):
+    def push(self, version, documents, bundle, warnings=()):
         self._sent = version
         self.pushed.append((version, documents))
+        self.warnings = list(warnings)
 
 
 def distributor(clock):
