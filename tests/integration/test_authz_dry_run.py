@@ -13,6 +13,7 @@ import pytest
 
 from tests.harness import curl, free_port, wait_for
 from tests.integration.test_identity_support import authorization_policy
+from tests.integration.test_meshctl_ops import meshctl
 from tests.integration.test_proxy_support import write_config
 from tests.integration.test_telemetry_support import access_log, scrape
 
@@ -92,3 +93,8 @@ def test_proxy_config_authz_shows_the_staged_policy_as_dry_run(sidecar):
     authz = sidecar["proxy"].admin("/config_dump")["config"]["authz"]
     assert [policy["name"] for policy in authz["deny"]] == [f"{NS}/no-secret"]
     assert [policy["name"] for policy in authz["dry_run"]["deny"]] == [f"{NS}/staged-admin"]
+    code, out, err = meshctl("proxy-config", "authz", "--admin", f"127.0.0.1:{sidecar['proxy'].admin_port}")
+    assert code == 0, err
+    rows = {line.split("  ")[0]: line for line in out.splitlines() if f"{NS}/" in line}
+    assert f"{NS}/staged-admin" in rows["DENY (dry run)"] and f"{NS}/no-secret" in rows["DENY"]
+    assert "dry-run policies are evaluated, logged and counted, never enforced" in out
