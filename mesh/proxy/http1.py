@@ -349,11 +349,15 @@ class DownstreamConnection(Protocol):
         self.draining = True
         if self.closing:
             return
-        if not (self.queue or self.tunnel is not None or self.head_started is not None):
+        if self.is_idle():
             self.closing = True
             self.transport.loseConnection()  # FIN, after any pending bytes
         elif self.queue:
             self.queue[-1].keep_alive = False
+
+    def is_idle(self) -> bool:
+        """Nothing in flight: no request queued or arriving, no tunnel (and not closing already)."""
+        return not (self.closing or self.queue or self.tunnel is not None or self.head_started is not None)
 
     def exchange_finished(self, exchange, keep_alive):
         """The active exchange has sent its whole response."""
@@ -532,7 +536,7 @@ def _origin_form(target: bytes, authority):
 
 
 class DownstreamFactory(ServerFactory):
-    """Builds a :class:`DownstreamConnection` per accepted socket, up to a limit."""
+    """Builds a :class:`DownstreamConnection` per accepted socket the listener admits (:meth:`Listener.admit`)."""
 
     noisy = False
 
@@ -540,6 +544,6 @@ class DownstreamFactory(ServerFactory):
         self.listener = listener
 
     def buildProtocol(self, addr):
-        if len(self.listener.connections) >= self.listener.limits.max_connections:
+        if not self.listener.admit():
             return None  # Twisted closes the socket
         return DownstreamConnection(self.listener)

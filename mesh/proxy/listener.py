@@ -2,7 +2,12 @@
 
 A :class:`Listener` bundles the direction (inbound or outbound), the router,
 the limits, the bound hook callers and the set of open connections, and runs
-the once-a-second timer sweep over those connections.
+the once-a-second timer sweep over those connections.  Near its connection
+limit it closes the connections idle the longest to admit new ones
+(:mod:`mesh.proxy.overload`).
+
+A connection in the set provides ``last_activity`` (reactor seconds),
+``check_timers(now)``, ``is_idle()``, ``drain()`` and ``abort()``.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from mesh.identity.tls import peer_identity
 from mesh.plugins import fast_caller
 from mesh.proxy.http1 import normalise_host
 from mesh.proxy.mtls import client_cert_header
+from mesh.proxy.overload import ConnectionOverload
 
 log = Logger()
 
@@ -64,6 +70,7 @@ class Listener:
         self._complete_hook = hooks.mesh_request_complete
         self._own_identity = own_identity
         self.connections = set()
+        self.overload = ConnectionOverload(direction, limits.max_connections)
         self._hosts = {}
         self._sweeper = LoopingCall(self._sweep)
         self._sweeper.clock = reactor
@@ -108,6 +115,11 @@ class Listener:
         except Exception:
             log.failure("a mesh_request_complete plugin failed")
 
+    def admit(self) -> bool:
+        """Whether a new connection may be accepted; near the limit, idle ones make room first."""
+        connections = self.connections
+        return len(connections) < self.overload.high_water or self.overload.make_room(connections)
+
     def connection_opened(self, connection):
         self.connections.add(connection)
 
@@ -118,3 +130,4 @@ class Listener:
         now = self.reactor.seconds()
         for connection in list(self.connections):
             connection.check_timers(now)
+        self.overload.tick(len(self.connections))

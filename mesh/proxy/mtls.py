@@ -58,15 +58,30 @@ def client_cert_header(own_identity, transport):
 
 @implementer(IHalfCloseableProtocol)
 class _Sniffer(Protocol):
-    """Waits for the first byte, then hands the connection to TLS or plaintext."""
+    """Waits for the first byte, then hands the connection to TLS or plaintext.
+
+    Until then it is one of the listener's connections (:mod:`mesh.proxy.listener`):
+    it counts against ``--max-connections``, is idle (closed first under
+    overload) and is closed when no byte comes within ``--header-timeout``.
+    """
 
     def __init__(self, factory, addr):
         self.factory = factory
         self.addr = addr
         self.inner = None
+        self.listener = factory.plain.listener
+        self.last_activity = 0.0
+        self.closing = False
+
+    def connectionMade(self):
+        self.last_activity = self.listener.reactor.seconds()
+        self.listener.connection_opened(self)
 
     def dataReceived(self, data):
         if self.inner is None:
+            if self.closing:
+                return
+            self.listener.connection_closed(self)  # from now on the chosen protocol is the connection
             self.inner = self.factory.choose(data[0], self.addr)
             if self.inner is None:
                 self.transport.abortConnection()
@@ -77,6 +92,25 @@ class _Sniffer(Protocol):
     def connectionLost(self, reason=None):
         if self.inner is not None:
             self.inner.connectionLost(reason)
+        else:
+            self.listener.connection_closed(self)
+
+    # -- as one of the listener's connections, until the first byte --------------------------
+    def is_idle(self) -> bool:
+        return not self.closing
+
+    def check_timers(self, now):
+        if not self.closing and now - self.last_activity > self.listener.limits.header_timeout:
+            self.drain()
+
+    def drain(self):
+        self.closing = True
+        self.transport.loseConnection()
+
+    def abort(self):
+        self.closing = True
+        self.transport.abortConnection()
+
 
     def readConnectionLost(self):
         if self.inner is None:
@@ -112,7 +146,7 @@ class InboundFactory(ServerFactory):
         self.refused = 0
 
     def buildProtocol(self, addr):
-        if len(self.plain.listener.connections) >= self.plain.listener.limits.max_connections:
+        if not self.plain.listener.admit():
             return None
         return _Sniffer(self, addr)
 

@@ -302,6 +302,8 @@ class ProxyService(service.MultiService):
                           "inbound": f"{settings.inbound_address}:{settings.inbound_port}"
                           if settings.app_port else None,
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
+            "connections": {listener.direction: listener.overload.describe(len(listener.connections))
+                            for listener in self.listeners},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
             "passthrough": {"outbound_traffic_policy": settings.passthrough.outbound_traffic_policy,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
 from mesh.config.compile import Workload
@@ -13,11 +14,15 @@ from mesh.inject.probes import APP_PROBERS_ENV
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
+from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
+from mesh.startup import raise_fd_limit
 from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
+
+log = Logger()
 
 
 def _size(text: str) -> int:
@@ -57,7 +62,8 @@ class Options(usage.Options):
         ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
-        ["max-connections", None, 4096, "Connections per listener.", int],
+        ["max-connections", None, 4096, "Connections per listener (lowered at start if the file-descriptor "
+                                          "limit cannot hold them; near it, the longest idle are closed).", int],
         ["drain-time", None, "5s", "On SIGTERM: how long in-flight requests get to finish (new connections "
                                    "are refused at once).", duration_option],
         ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
@@ -167,6 +173,26 @@ def _seconds(value) -> float:
     return duration_option(value) if isinstance(value, str) else float(value)
 
 
+def _connection_limit(options) -> int:
+    """Raise the file-descriptor limit, and fit ``--max-connections`` per listener into it (logged)."""
+    fds = raise_fd_limit()
+    listeners = 2 if options["app-port"] else 1
+    requested = options["max-connections"]
+    limit = connection_limit(requested, listeners, fds.soft)
+    if limit < MIN_CONNECTIONS:
+        sys.stderr.write(f"mesh-proxy: error: the file-descriptor limit ({fds.describe()}) leaves room for "
+                         f"{limit} connections per listener; raise the hard limit (ulimit -Hn, systemd "
+                         "LimitNOFILE=, the container runtime's nofile) and start again\n")
+        raise SystemExit(1)
+    if limit < requested:
+        log.warn("--max-connections {requested} does not fit in the file-descriptor limit ({fds}): {limit} "
+                 "connections per listener instead; raise the hard limit (ulimit -Hn, systemd LimitNOFILE=, the "
+                 "container runtime's nofile) to allow more", requested=requested, fds=fds.describe(), limit=limit)
+    log.info("file descriptors: {fds}; {limit} connections per listener ({listeners} listener(s), up to {per} "
+             "descriptors each)", fds=fds.describe(), limit=limit, listeners=listeners, per=FDS_PER_CONNECTION)
+    return limit
+
+
 def makeService(options):
     """Build the :class:`ProxyService`; exit with the errors if the config is invalid."""
     workload = Workload(name=options["workload"], namespace=options["namespace"],
@@ -174,7 +200,7 @@ def makeService(options):
                         app_port=options["app-port"] or None)
     limits = Limits(
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
-        max_request_body=options["max-request-body"], max_connections=options["max-connections"],
+        max_request_body=options["max-request-body"], max_connections=_connection_limit(options),
         header_timeout=options["header-timeout"], idle_timeout=options["idle-timeout"],
         retry_buffer=options["retry-buffer"])
     settings = ProxySettings(

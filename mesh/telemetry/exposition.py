@@ -11,7 +11,7 @@ from prometheus_client import CollectorRegistry, disable_created_metrics
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from twisted.web import resource
 
-from mesh.webpages import BytesPage, OptionalServer, QuietSite
+from mesh.webpages import BytesPage, LimitedSite, OptionalServer, SiteLimits
 
 
 def new_registry() -> CollectorRegistry:
@@ -35,7 +35,9 @@ class MetricsServer(OptionalServer):
     """Serves ``registry`` at ``/stats/prometheus`` on ``interface:port`` (the sidecar's 15090).
 
     A port that is already taken is logged as an error and the sidecar keeps
-    serving traffic: metrics are not the data path.
+    serving traffic: metrics are not the data path.  Other hosts reach it, so
+    it has the health port's :class:`~mesh.webpages.SiteLimits` (32
+    connections, 8 KiB per request, 10 s for a request to arrive, 30 s idle).
     """
 
     def __init__(self, reactor, registry, port: int, interface: str):
@@ -43,4 +45,5 @@ class MetricsServer(OptionalServer):
         stats = resource.Resource()
         root.putChild(b"stats", stats)
         stats.putChild(b"prometheus", metrics_page(registry))
-        super().__init__(reactor, QuietSite(root, timeout=30), port, interface, "metrics", "--metrics-port")
+        super().__init__(reactor, LimitedSite(root, SiteLimits(), reactor=reactor), port, interface, "metrics",
+                         "--metrics-port")

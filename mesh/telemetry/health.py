@@ -44,11 +44,7 @@ class ProxyHealth(Collector):
         now = proxy.reactor.seconds()
         snapshot = proxy.runtime.snapshot
         yield from _cluster_families(snapshot.clusters if snapshot is not None else {}, now)
-        downstream = GaugeMetricFamily("mesh_downstream_cx_active", "Open client connections, per listener.",
-                                       labels=("listener",))
-        for listener in proxy.listeners:
-            downstream.add_metric((listener.direction,), len(listener.connections))
-        yield downstream
+        yield from _listener_families(proxy.listeners)
         if snapshot is not None:
             yield InfoMetricFamily("mesh_config", "The config in force.", value={"version": snapshot.config.version})
         if proxy.config_applied_at is not None:  # None: waiting for the control plane's first push
@@ -58,6 +54,28 @@ class ProxyHealth(Collector):
         if credentials is not None:
             yield GaugeMetricFamily("mesh_workload_cert_expiry_seconds",
                                     "Seconds until the workload certificate expires.", value=credentials.expires_in())
+
+
+def _listener_families(listeners):
+    """Per-listener connections, limit and overload (:mod:`mesh.proxy.overload`)."""
+    label = ("listener",)
+    active = GaugeMetricFamily("mesh_downstream_cx_active", "Open client connections, per listener.", labels=label)
+    limit = GaugeMetricFamily("mesh_downstream_cx_limit", "The connection limit of the listener (--max-connections, "
+                              "fitted to the file-descriptor limit).", labels=label)
+    overloaded = GaugeMetricFamily("mesh_downstream_cx_overloaded", "1 while the listener is overloaded (from 90 % "
+                                   "of its limit until below 80 %).", labels=label)
+    closed = CounterMetricFamily("mesh_downstream_cx_overload_closed", "Idle client connections closed to admit "
+                                 "new ones near the limit.", labels=label)
+    overflow = CounterMetricFamily("mesh_downstream_cx_overflow", "Client connections refused at the limit, "
+                                   "nothing idle being left to close.", labels=label)
+    for listener in listeners:
+        name, overload = (listener.direction,), listener.overload
+        active.add_metric(name, len(listener.connections))
+        limit.add_metric(name, overload.limit)
+        overloaded.add_metric(name, int(overload.active))
+        closed.add_metric(name, overload.closed_idle)
+        overflow.add_metric(name, overload.refused)
+    return active, limit, overloaded, closed, overflow
 
 
 def _cluster_families(clusters, now):

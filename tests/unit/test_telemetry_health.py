@@ -67,6 +67,11 @@ def test_live_state_of_clusters_config_and_certificate():
     assert by_cluster(samples, "mesh_upstream_cx_opened_total", f"outbound|9080|v1|{REVIEWS}") == 2
     assert samples["mesh_downstream_cx_active"] == {frozenset({("listener", "outbound")}): 2,
                                                     frozenset({("listener", "inbound")}): 0}
+    outbound = frozenset({("listener", "outbound")})
+    assert samples["mesh_downstream_cx_limit"][outbound] == 4096
+    assert samples["mesh_downstream_cx_overloaded"][outbound] == 0
+    assert samples["mesh_downstream_cx_overload_closed_total"][outbound] == 0
+    assert samples["mesh_downstream_cx_overflow_total"][outbound] == 0
     [(labels, value)] = samples["mesh_config_info"].items()
     assert dict(labels) == {"version": proxy.runtime.snapshot.config.version} and value == 1
     assert samples["mesh_config_age_seconds"] == {frozenset(): 10.0}

@@ -17,6 +17,7 @@ from mesh.config.errors import ConfigError
 from mesh.identity.tls import CredentialStore
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import RequestOutcome
+from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.passthrough import TcpConnectionEvent
 from mesh.proxy.runtime import ProxyRuntime, inbound_cluster
 from mesh.telemetry.health import CountingPool
@@ -60,8 +61,9 @@ def proxy_like():
     t=990 s, two client connections on the outbound listener, a certificate valid for two hours."""
     clock = Clock()
     clock.advance(1000.0)
-    listeners = [SimpleNamespace(direction="outbound", connections={1, 2}),
-                 SimpleNamespace(direction="inbound", connections=set())]
+    listeners = [SimpleNamespace(direction=direction, connections=connections,
+                                 overload=ConnectionOverload(direction, 4096))
+                 for direction, connections in (("outbound", {1, 2}), ("inbound", set()))]
     return SimpleNamespace(reactor=clock, runtime=bookinfo_runtime(clock), listeners=listeners,
                            config_applied_at=990.0, credentials=CredentialStore(Certificate(expires_in=7200.0)))
 
