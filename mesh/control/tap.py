@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import sys
 
+from twisted.logger import Logger
 from twisted.python import usage
 
+from mesh import logging as mesh_logging
 from mesh.control.service import ControlService, ControlSettings
 from mesh.durations import duration_option
 from mesh.identity.ca import CAError
@@ -13,6 +15,9 @@ from mesh.inject.sidecar import DEFAULT_IMAGE
 from mesh.kube.client import KubeConfigError
 from mesh.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.plugins import make_plugin_manager
+from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
+
+log = Logger()
 
 
 class Options(usage.Options):
@@ -24,12 +29,12 @@ class Options(usage.Options):
                 "root-cert.pem and the join-token key.")
 
     optParameters = [
-        ["state-dir", "s", None, "Directory for the CA and token keys (created 0700)."],
+        ["state-dir", None, None, "Directory for the CA and token keys (created 0700)."],
         ["config-dir", "c", None, "Directory of Istio YAML resources (validated and reported)."],
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain."],
         ["namespace", None, "mesh-system", "Namespace of the control plane's own identity."],
         ["address", None, "0.0.0.0", "Address of the CSR/config port."],
-        ["port", "p", 15012, "CSR/config port (TLS).", int],
+        ["port", None, 15012, "CSR/config port (TLS).", int],
         ["admin-port", None, 15014, "Admin port (/ready, /metrics, /proxies, /ca/root-cert.pem).", int],
         ["admin-address", None, "127.0.0.1", "Address of the admin port; 0.0.0.0 lets Prometheus scrape it "
          "from other hosts (nothing secret is served there)."],
@@ -85,8 +90,22 @@ class Options(usage.Options):
             raise usage.UsageError("--ca-secret and --ca-cert/--ca-key are two sources of the CA; give one")
 
 
+def _listen_ports(options) -> list:
+    """Every port mesh-control listens on (the webhook's only with --webhook-port)."""
+    return [ListenPort("--port", options["address"], options["port"], "--address"),
+            ListenPort("--admin-port", options["admin-address"], options["admin-port"], "--admin-address"),
+            ListenPort("--webhook-port", options["address"], options["webhook-port"], "--address")]
+
+
 def makeService(options):
-    """Build the :class:`ControlService`; exit with a clear message if the CA cannot load."""
+    """Build the :class:`ControlService`; exit with one line if a port is taken or the CA cannot load.
+
+    twistd calls this before it daemonizes and binds the ports, so the
+    line reaches the terminal that started it.
+    """
+    exit_on_port_problems("mesh-control", _listen_ports(options))
+    mesh_logging.follow_twistd(options.parent)
+    log.info("file descriptors: {fds} (one per connected sidecar)", fds=raise_fd_limit().describe())
     settings = ControlSettings(
         state_dir=options["state-dir"], config_dir=options["config-dir"],
         trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],

@@ -8,6 +8,7 @@ import sys
 from twisted.logger import Logger
 from twisted.python import usage
 
+from mesh import logging as mesh_logging
 from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
 from mesh.inject.probes import APP_PROBERS_ENV
@@ -18,7 +19,7 @@ from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
-from mesh.startup import raise_fd_limit
+from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
 
@@ -45,7 +46,7 @@ class Options(usage.Options):
         ["state-dir", None, None, "Directory for the last-known-good config snapshot (with --control and no "
                                   "--config-dir)."],
         ["workload", "w", None, "Name of this workload (required)."],
-        ["namespace", "n", "default", "Namespace of this workload."],
+        ["namespace", None, "default", "Namespace of this workload."],
         ["service-account", None, "default", "Service account of this workload."],
         ["outbound-address", None, "127.0.0.1", "Address of the outbound listener."],
         ["outbound-port", None, 15001, "Port of the outbound listener (app -> mesh).", int],
@@ -94,7 +95,8 @@ class Options(usage.Options):
         ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
         ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
         ["access-log", None, "stdout",
-         "Access log (a JSON line per request and per TCP passthrough connection): stdout, off, or a file."],
+         "Access log (a JSON line per request and per TCP passthrough connection): stdout (a daemon has none: "
+         "then log), log (twistd's log: its --logfile, --syslog or --logger), off, or a file."],
     ]
 
     def __init__(self):
@@ -128,7 +130,7 @@ class Options(usage.Options):
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
         if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
             raise usage.UsageError(f"--zipkin-url wants http://HOST:PORT/api/v2/spans, got {self['zipkin-url']!r}")
-        if self["access-log"] not in ("stdout", "off"):
+        if self["access-log"] not in ("stdout", "log", "off"):
             try:
                 open(self["access-log"], "ab").close()
             except OSError as error:
@@ -173,6 +175,16 @@ def _seconds(value) -> float:
     return duration_option(value) if isinstance(value, str) else float(value)
 
 
+def _listen_ports(options) -> list:
+    """The ports mesh-proxy cannot run without (the health and metrics ports are optional: see OptionalServer)."""
+    ports = [ListenPort("--outbound-port", options["outbound-address"], options["outbound-port"], "--outbound-address"),
+             ListenPort("--admin-port", "127.0.0.1", options["admin-port"])]
+    if options["app-port"]:
+        ports.append(ListenPort("--inbound-port", options["inbound-address"], options["inbound-port"],
+                                "--inbound-address"))
+    return ports
+
+
 def _connection_limit(options) -> int:
     """Raise the file-descriptor limit, and fit ``--max-connections`` per listener into it (logged)."""
     fds = raise_fd_limit()
@@ -193,8 +205,24 @@ def _connection_limit(options) -> int:
     return limit
 
 
+def _access_log(options) -> str:
+    """``--access-log``; a daemon has no stdout, so ``stdout`` becomes ``log`` (twistd's log file) then."""
+    server = options.parent  # twistd's own options, or None when built without twistd
+    if options["access-log"] == "stdout" and server is not None and not server["nodaemon"]:
+        log.info("access log: twistd runs as a daemon (no -n), so its lines go to twistd's log "
+                 "(--logfile); give --access-log FILE for a file of their own")
+        return "log"
+    return options["access-log"]
+
+
 def makeService(options):
-    """Build the :class:`ProxyService`; exit with the errors if the config is invalid."""
+    """Build the :class:`ProxyService`; exit with one line per problem if a port is taken or the config is invalid.
+
+    twistd calls this before it daemonizes and binds the ports, so the
+    lines reach the terminal that started it.
+    """
+    exit_on_port_problems("mesh-proxy", _listen_ports(options))
+    mesh_logging.follow_twistd(options.parent)
     workload = Workload(name=options["workload"], namespace=options["namespace"],
                         labels=dict(options["labels"]), service_account=options["service-account"],
                         app_port=options["app-port"] or None)
@@ -223,7 +251,7 @@ def makeService(options):
             key_file=options["key"], cert_ttl=options["cert-ttl"]),
         tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
                                 zipkin_max_queue=options["zipkin-max-queue"]),
-        telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=options["access-log"]))
+        telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=_access_log(options)))
     proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
     try:
         proxy.load()

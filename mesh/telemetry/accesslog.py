@@ -32,10 +32,36 @@ MAX_PENDING = 4096
 
 
 def open_destination(destination: str):
-    """A binary file for ``--access-log``: ``stdout`` (the process's fd 1) or a path, appended to."""
+    """A binary file for ``--access-log``: ``stdout`` (the process's fd 1), ``log`` (:class:`LogLines`) or a
+    path, appended to."""
     if destination == "stdout":
         return open(os.dup(1), "ab")
+    if destination == "log":
+        return LogLines()
     return open(destination, "ab")
+
+
+class LogLines:
+    """``--access-log log``, and ``stdout`` in a daemon: each line is a log event of namespace ``mesh.accesslog``.
+
+    So the lines go where twistd's log goes (``--logfile``, ``--syslog`` or
+    ``--logger``), after its timestamp and ``[mesh.accesslog#info]``, and are
+    rotated with it.  A daemon's stdout is /dev/null, and a copy of the
+    launching shell's stdout would keep ``x=$(twistd ...)`` waiting forever.
+    """
+
+    _log = Logger(namespace="mesh.accesslog")
+
+    def write(self, data: bytes) -> None:
+        for line in data.decode().splitlines():
+            if line:
+                self._log.info("{line}", line=line)
+
+    def flush(self) -> None:
+        """Nothing is buffered here."""
+
+    def close(self) -> None:
+        """Nothing to close."""
 
 
 class AccessLog(service.Service):

@@ -25,7 +25,8 @@ ACCESS_LOG_PLUGIN = "builtin.accesslog"
 
 @dataclass(frozen=True)
 class TelemetrySettings:
-    """``--metrics-port`` (0: no metrics at all) and ``--access-log`` (``stdout``, ``off`` or a file path)."""
+    """``--metrics-port`` (0: no metrics at all) and ``--access-log`` (``stdout``, ``log``, ``off`` or a file path;
+    see :func:`mesh.telemetry.accesslog.open_destination`)."""
 
     metrics_port: int = 15090
     access_log: str = "stdout"
