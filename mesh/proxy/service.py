@@ -121,8 +121,8 @@ class ProxyService(service.MultiService):
                                                                settings.app_address))
             factory = InboundFactory(DownstreamFactory(inbound), self.credentials, self.inbound_mode)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
-        admin = internet.TCPServer(settings.admin_port, AdminSite(self), interface="127.0.0.1")
-        admin.setServiceParent(self)
+        self.admin_site = AdminSite(self)
+        internet.TCPServer(settings.admin_port, self.admin_site, interface="127.0.0.1").setServiceParent(self)
         if settings.health_port:
             HealthServer(reactor, self, settings.health_port, settings.inbound_address,
                          settings.limits.header_timeout, settings.app_probes,

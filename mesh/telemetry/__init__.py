@@ -4,6 +4,7 @@
 - :mod:`.health`: the sidecar's own health (``mesh_*``), read from live state at scrape time
 - :mod:`.control`: the control plane's metrics (``mesh_control_*``)
 - :mod:`.accesslog`: ``builtin.accesslog``, one JSON line per request
+- :mod:`.tap_stream`: ``builtin.tap``, live requests on the admin port's ``/tap`` (``meshctl tap``)
 - :mod:`.peers`: what a sidecar knows about the other side of a request
 - :mod:`.guard`: telemetry hooks log their bugs and never raise into the data path
 - :mod:`.exposition`: the HTTP endpoints Prometheus scrapes

@@ -1,8 +1,9 @@
 """The sidecar's telemetry, wired into a :class:`mesh.proxy.service.ProxyService`.
 
 The request-level parts are plugins registered by name, so that
-``--disable-plugin builtin.metrics`` or ``builtin.accesslog`` leaves them out
-like any other plugin; both also observe the TCP passthrough connections
+``--disable-plugin builtin.metrics``, ``builtin.accesslog`` or ``builtin.tap``
+(the admin port's ``/tap``) leaves them out like any other plugin; the first
+two also observe the TCP passthrough connections
 (:class:`mesh.proxy.passthrough.Passthrough`), only when enabled.  Each sidecar
 process has its own ``CollectorRegistry`` (not prometheus-client's global
 one); one process is one sidecar, so prometheus-client's multiprocess mode is
@@ -18,9 +19,11 @@ from mesh.telemetry.exposition import MetricsServer, new_registry
 from mesh.telemetry.health import ProxyHealth
 from mesh.telemetry.istio import IstioMetrics
 from mesh.telemetry.peers import PeerDirectory
+from mesh.telemetry.tap_stream import TapHub, TapPage
 
 METRICS_PLUGIN = "builtin.metrics"
 ACCESS_LOG_PLUGIN = "builtin.accesslog"
+TAP_PLUGIN = "builtin.tap"
 
 
 @dataclass(frozen=True)
@@ -56,6 +59,10 @@ def install(proxy) -> None:
         plugins.register(access_log, name=ACCESS_LOG_PLUGIN)
         access_log.setServiceParent(proxy)
         _observe_tcp(proxy, access_log.tcp_connection)
+    if not plugins.is_blocked(TAP_PLUGIN):
+        tap = TapHub(proxy.reactor)
+        plugins.register(tap, name=TAP_PLUGIN)
+        proxy.admin_site.add_page(b"tap", TapPage(tap))
 
 
 def _observe_tcp(proxy, observer) -> None:
