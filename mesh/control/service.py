@@ -21,7 +21,9 @@ from twisted.application import internet, service
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from mesh import __version__
 from mesh.builtin.ca import BuiltinSigner
+from mesh.control.admin_views import ResourcesPage, proxy_rows
 from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
 from mesh.control.injector import InjectorService
@@ -133,7 +135,8 @@ class ControlService(service.MultiService):
                            ServerTLS(self.credentials), interface=settings.address).setServiceParent(self)
         admin_root = resource.Resource()
         admin_root.putChild(b"ready", JSONPage(self.readiness))
-        admin_root.putChild(b"proxies", JSONPage(lambda: (200, self.distributor.proxy_status())))
+        admin_root.putChild(b"proxies", JSONPage(lambda: (200, proxy_rows(self.distributor))))
+        admin_root.putChild(b"resources", ResourcesPage(self))
         admin_root.putChild(b"metrics", metrics_page(self.metrics.registry))
         ca_pages = resource.Resource()
         admin_root.putChild(b"ca", ca_pages)
@@ -189,7 +192,8 @@ class ControlService(service.MultiService):
         return super().stopService()
 
     def readiness(self):
-        return 200, {"ready": bool(self.running), "trust_domain": self.settings.trust_domain,
+        return 200, {"ready": bool(self.running), "control_plane_version": __version__,
+                     "trust_domain": self.settings.trust_domain,
                      "identity": self.identity.uri, "ca_expires_in_s": round(self.ca.expires_in()),
                      "csr_signed": self.stats.signed_total, "csr_rejected": self.stats.rejected_total,
                      "config_errors": [str(error) for error in self.config_errors],

@@ -24,6 +24,7 @@ from twisted.internet import protocol
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
+from mesh import __version__
 from mesh.config.compile import compile_proxy_config
 from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_documents
@@ -221,7 +222,10 @@ class ControlClient(service.Service):
         return {"node": self.node, "workload": workload.name, "namespace": workload.namespace,
                 "service_account": settings.identity.service_account, "labels": dict(workload.labels),
                 "address": address, "inbound_port": settings.inbound_port if settings.app_port else None,
-                "app_port": settings.app_port or None, "version": self.applied_version or ""}
+                "app_port": settings.app_port or None, "version": self.applied_version or "",
+                # informational, for meshctl (version, proxy-config/tap/stat by name)
+                "proxy_version": __version__, "admin_port": settings.admin_port,
+                "metrics_port": settings.telemetry.metrics_port or None}
 
     # -- snapshots -------------------------------------------------------------------------
     def apply(self, snapshot: dict, persist: bool = True):

@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
+from mesh import __version__
 from mesh.config.compile import Workload, compile_proxy_config, load_and_compile
 from mesh.config.errors import ConfigErrors
 from mesh.identity.agent import WorkloadAgent
@@ -296,6 +297,7 @@ class ProxyService(service.MultiService):
         settings = self.settings
         return {
             "version": snapshot.config.version if snapshot else None,
+            "proxy_version": __version__,
             "workload": {"name": settings.workload.name, "namespace": settings.workload.namespace,
                          "labels": dict(settings.workload.labels)},
             "listeners": {"outbound": f"{settings.outbound_address}:{settings.outbound_port}",
