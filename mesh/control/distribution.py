@@ -23,8 +23,10 @@ are debounced (``debounce`` seconds, 100 ms by default) and coalesced.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 
 from twisted.internet import protocol
@@ -46,6 +48,9 @@ from mesh.identity.tls import peer_identity
 log = Logger()
 
 _EXPORTED_KINDS = (ServiceEntry, DestinationRule, VirtualService)
+#: a node id or version in HELLO: printable ASCII without spaces (they are logged), at most 253 characters
+_TOKEN = re.compile(r"[!-~]{1,253}")
+_WILDCARDS = ("", "0.0.0.0", "::")
 
 
 @dataclass(frozen=True)
@@ -108,11 +113,11 @@ class ProxyStatus:
 class ProxyStream(proto.MessageStream):
     """The control plane's end of one proxy's config stream."""
 
-    receives = (proto.HELLO, proto.ACK, proto.NACK, proto.PING, proto.PONG, proto.DRAIN)
+    receives = (proto.HELLO, proto.ACK, proto.NACK, proto.PING, proto.PONG, proto.DRAIN, proto.ERROR)
     peer_name = "proxy"
 
     def __init__(self, distributor):
-        super().__init__(distributor.reactor)
+        super().__init__(distributor.reactor, distributor.pending_bytes)
         self.heartbeat = distributor.heartbeat
         self.distributor = distributor
         self.identity = None
@@ -124,46 +129,82 @@ class ProxyStream(proto.MessageStream):
 
     def describe_peer(self):
         node = self.hello["node"] if self.hello else "?"
-        return f"proxy {node} ({self.identity or 'no identity'})"
+        address = self.transport.getPeer().host if self.transport is not None else "?"
+        return f"proxy {node} ({self.identity or 'no identity'}, from {address})"
 
     def connectionMade(self):
         super().connectionMade()
         uri = peer_identity(self.transport)
         if uri is None:
-            self.close("no verified client certificate: the config stream needs the workload certificate")
+            self.refuse("no verified client certificate: the config stream needs the workload certificate")
             return
         try:
-            self.identity = SpiffeId.parse(uri)
+            identity = SpiffeId.parse(uri)
         except InvalidSpiffeId as error:
-            self.close(str(error))
+            self.refuse(str(error))
+            return
+        if identity.trust_domain != self.distributor.trust_domain:
+            self.refuse(f"certificate {uri} is of trust domain {identity.trust_domain!r}; this control plane "
+                        f"serves {self.distributor.trust_domain!r}: use a certificate it issued")
+            return
+        self.identity = identity
 
     def connectionLost(self, reason=protocol.connectionDone):
         super().connectionLost(reason)
         self.distributor.stream_closed(self)
 
     def msg_HELLO(self, msg):
+        """Check what HELLO claims against the certificate and the node's owner, then register the proxy."""
         if self.hello is not None:
             raise proto.ProtocolError("HELLO sent twice")
-        if msg["namespace"] != self.identity.namespace:
-            raise proto.ProtocolError(f"HELLO names namespace {msg['namespace']!r} but the certificate is "
-                                      f"{self.identity.uri}")
-        labels = msg["labels"]
-        if not all(isinstance(k, str) and isinstance(v, str) for k, v in labels.items()):
-            raise proto.ProtocolError("HELLO labels must map strings to strings")
-        self.hello = msg
-        self.workload = Workload(name=msg["workload"], namespace=self.identity.namespace, labels=dict(labels),
-                                 service_account=self.identity.service_account,
-                                 app_port=msg.get("app_port") or None)
+        self._check_claims(msg)
+        self.distributor.check_owner(msg["node"], self.identity)
+        labels = dict(msg["labels"])
         address = msg.get("address")
-        if not isinstance(address, str) or address in ("", "0.0.0.0", "::"):
+        if not isinstance(address, str) or address in _WILDCARDS:
             address = self.transport.getPeer().host
         inbound_port = msg.get("inbound_port")
         if msg.get("app_port") and isinstance(inbound_port, int) and 0 < inbound_port < 65536:
-            self.registration = Registration(
+            registration = Registration(
                 node=msg["node"], workload=msg["workload"], namespace=self.identity.namespace,
                 service_account=self.identity.service_account, address=address, inbound_port=inbound_port,
-                labels=dict(labels))
+                labels=labels)
+            _, errors = _validated([registration.document()])
+            if errors:
+                raise proto.ProtocolError("HELLO announces a workload that clients could not use ("
+                                          + "; ".join(f"{error.field}: {error.reason}" for error in errors)
+                                          + "): fix the proxy's --label or --inbound-address")
+            self.registration = registration
+        self.hello = msg
+        self.workload = Workload(name=msg["workload"], namespace=self.identity.namespace, labels=labels,
+                                 service_account=self.identity.service_account,
+                                 app_port=msg.get("app_port") or None)
         self.distributor.hello(self, address)
+
+    def _check_claims(self, msg) -> None:
+        """HELLO's namespace and service account must be the certificate's; node, version, address sane."""
+        if msg["namespace"] != self.identity.namespace:
+            raise proto.ProtocolError(f"HELLO names namespace {msg['namespace']!r} but the certificate is "
+                                      f"{self.identity.uri}")
+        account = msg.get("service_account")
+        if account is not None and account != self.identity.service_account:
+            raise proto.ProtocolError(f"HELLO names service account {account!r} but the certificate is "
+                                      f"{self.identity.uri}: start the proxy with that certificate's "
+                                      "--service-account")
+        if not _TOKEN.fullmatch(msg["node"]):
+            raise proto.ProtocolError("HELLO node must be 1 to 253 printable ASCII characters without spaces")
+        version = msg.get("version")
+        if version not in (None, "") and not (isinstance(version, str) and _TOKEN.fullmatch(version)):
+            raise proto.ProtocolError("HELLO version must be a snapshot version or \"\"")
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in msg["labels"].items()):
+            raise proto.ProtocolError("HELLO labels must map strings to strings")
+        address = msg.get("address")
+        if isinstance(address, str) and address not in _WILDCARDS:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise proto.ProtocolError(f"HELLO address {address[:64]!r} is not an IP address: set the "
+                                          "proxy's --inbound-address to an address of its host") from None
 
     def msg_ACK(self, msg):
         self._require_hello()
@@ -186,10 +227,18 @@ class ProxyStream(proto.MessageStream):
         if self.hello is None:
             raise proto.ProtocolError("the first message must be HELLO")
 
-    def push(self, version, documents, bundle_pem, warnings=()):
+    def push(self, version, documents, bundle_pem, warnings=()) -> bool:
+        """Send a SNAPSHOT; False (logged) if it exceeds the SNAPSHOT frame limit."""
         self._sent = version
-        self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem,
-                  warnings=list(warnings))
+        try:
+            self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem,
+                      warnings=list(warnings))
+        except proto.ProtocolError as error:
+            log.error("snapshot {version} for proxy {node} not sent: {error}; export fewer resources to its "
+                      "namespace (exportTo) or split the config", version=version, node=self.hello["node"],
+                      error=str(error))
+            return False
+        return True
 
 
 class StreamFactory(protocol.Factory):
@@ -214,8 +263,11 @@ class Distributor:
 
     def __init__(self, reactor, bundle_pem, metrics=None, debounce: float = 0.1, grace: float = 5.0,
                  heartbeat: float = proto.HEARTBEAT, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
-                 status_ttl: float = 300.0, state_dir=None):
+                 status_ttl: float = 300.0, state_dir=None, trust_domain: str = "cluster.local",
+                 max_pending_bytes: int = proto.MAX_PENDING_TOTAL):
         self.reactor = reactor
+        self.trust_domain = trust_domain  # the only one whose certificates may open a stream
+        self.pending_bytes = proto.PendingBudget(max_pending_bytes)  # unfinished frames of all streams
         self.bundle_pem = bundle_pem
         self.metrics = metrics
         self.debounce = debounce
@@ -227,6 +279,7 @@ class Distributor:
         self.items = []
         self.rejected = []
         self.streams = set()
+        self.nodes = {}  # node -> the stream whose HELLO was accepted for it
         self.statuses = {}  # node -> ProxyStatus (disconnected ones kept for status_ttl)
         self._pending = None
         self._changed_at = None
@@ -321,7 +374,8 @@ class Distributor:
         version, documents, warnings = self.snapshot_for(stream.workload, registry_items)
         if version == stream._sent:
             return
-        stream.push(version, documents, self.bundle_pem().decode(), warnings)
+        if not stream.push(version, documents, self.bundle_pem().decode(), warnings):
+            return
         stream.status.version_sent = version
         stream.status.sent_at = self._changed_at if self._changed_at is not None else self.reactor.seconds()
         self.pushes += 1
@@ -331,12 +385,33 @@ class Distributor:
                   node=stream.hello["node"])
 
     # -- streams ---------------------------------------------------------------------------
+    def owner_of(self, node: str):
+        """The SPIFFE id ``node`` is bound to: its open stream's, else its registry entry's, else None."""
+        stream = self.nodes.get(node)
+        if stream is not None:
+            return stream.identity.uri
+        entry = self.registry.entries.get(node)
+        if entry is not None:
+            return SpiffeId(self.trust_domain, entry.namespace, entry.service_account).uri
+        return None
+
+    def check_owner(self, node: str, identity: SpiffeId) -> None:
+        """Raise ProtocolError if ``node`` is bound to another identity than ``identity`` (docs/protocol.md)."""
+        owner = self.owner_of(node)
+        if owner is not None and owner != identity.uri:
+            raise proto.ProtocolError(
+                f"refused HELLO for node {node!r}: that node name belongs to {owner} (connected or registered), "
+                f"and this certificate is {identity.uri}; give each proxy its own node name (by default "
+                "WORKLOAD.NAMESPACE~HOSTNAME~ADMINPORT), or stop the other proxy and wait for its registry "
+                "entry to expire", node=node, identity=identity.uri, owner=owner)
+
     def hello(self, stream, address) -> None:
         node = stream.hello["node"]
         now = self.reactor.seconds()
-        for other in list(self.streams):
-            if other is not stream and other.hello is not None and other.hello["node"] == node:
-                other.close(f"replaced by a new stream of the same node {node}")
+        other = self.nodes.get(node)
+        if other is not None and other is not stream:
+            other.close(f"replaced by a new stream of the same node {node} and identity")
+        self.nodes[node] = stream
         status = ProxyStatus(node, stream.identity.uri, address, now)
         status.workload = stream.workload.name
         status.namespace = stream.workload.namespace
@@ -368,14 +443,17 @@ class Distributor:
             status.last_nack_version = None
 
     def nacked(self, stream, version, reason) -> None:
+        """Record a NACK; the reason is kept (and logged) truncated to REASON_LIMIT bytes."""
+        reason = proto.truncate(reason)
         stream.status.last_nack = reason
         stream.status.last_nack_version = version
         if self.metrics is not None:
             self.metrics.nacks.inc()
-        log.error("proxy {node} rejected config {version}: {reason}", node=stream.hello["node"], version=version,
-                  reason=reason)
+        log.error("proxy {node} rejected config {version!r}: {reason!r}", node=stream.hello["node"],
+                  version=version, reason=reason)
 
     def drained(self, stream) -> None:
+        """DRAIN: remove the stream's own node (bound to its identity at HELLO) from the registry now."""
         log.info("proxy {node} is draining: removed from endpoints", node=stream.hello["node"])
         self.registry.drain(stream.hello["node"])
 
@@ -385,6 +463,8 @@ class Distributor:
         if stream.hello is None:
             return
         node = stream.hello["node"]
+        if self.nodes.get(node) is stream:
+            del self.nodes[node]
         if stream.status is not None and self.statuses.get(node) is stream.status:
             stream.status.connected = False
             stream.status.last_seen = self.reactor.seconds()

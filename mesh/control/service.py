@@ -130,7 +130,7 @@ class ControlService(service.MultiService):
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
         self.distributor = Distributor(reactor, self.ca.bundle_pem, self.metrics,
                                        debounce=settings.push_debounce, grace=settings.registry_grace,
-                                       state_dir=settings.state_dir)
+                                       state_dir=settings.state_dir, trust_domain=settings.trust_domain)
         internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
                            ServerTLS(self.credentials), interface=settings.address).setServiceParent(self)
         admin_root = resource.Resource()

@@ -71,7 +71,7 @@ def compile_snapshot(snapshot: dict, workload, trust_domain: str = "cluster.loca
 class ControlStream(proto.MessageStream):
     """The proxy's end of one config stream."""
 
-    receives = (proto.SNAPSHOT, proto.PING, proto.PONG)
+    receives = (proto.SNAPSHOT, proto.PING, proto.PONG, proto.ERROR)
     peer_name = "control plane"
 
     def __init__(self, client):
@@ -94,7 +94,7 @@ class ControlStream(proto.MessageStream):
         if error is None:
             self.send(proto.ACK, version=msg["version"])
         else:
-            self.send(proto.NACK, version=msg["version"], reason=error)
+            self.send(proto.NACK, version=msg["version"], reason=proto.truncate(error))  # in full in our log
 
     def drain(self):
         self.send(proto.DRAIN)

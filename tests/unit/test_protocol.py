@@ -210,6 +210,7 @@ class FakeStream:
         self._sent = version
         self.pushed.append((version, documents))
         self.warnings = list(warnings)
+        return True
 
 
 def distributor(clock):
