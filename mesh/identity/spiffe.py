@@ -23,7 +23,7 @@ class SpiffeId:
 
     @classmethod
     def parse(cls, uri: str) -> "SpiffeId":
-        match = _ID.match(uri)
+        match = _ID.fullmatch(uri)
         if match is None:
             raise InvalidSpiffeId(f"{uri!r} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")
         return cls(match["td"], match["ns"], match["sa"])
