@@ -7,12 +7,15 @@ Each sub-command lives in its own module under :mod:`mesh.cli` and exposes
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from mesh import __version__
-from mesh.cli import analyze, demo, inject, iptables, plugins, proxy_config, proxy_status, token, validate
+from mesh.cli import (
+    analyze, demo, inject, iptables, plugins, proxy_config, proxy_status, tap, token, top, validate, version,
+)
 
-COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, token, demo, iptables, inject)
+COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, top, tap, version, token, demo, iptables, inject)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,7 +33,13 @@ def main(argv=None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 2
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:
+        # the reader of our output left (meshctl tap | head): stop quietly; stdout now goes to /dev/null so
+        # that the flush at exit cannot fail again
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":

@@ -1,77 +1,39 @@
-"""``meshctl proxy-config routes|clusters|endpoints|authz|cert --admin HOST:PORT [-o json]``.
+"""``meshctl proxy-config routes|clusters|endpoints|authz|cert [NAME | --admin HOST:PORT] [-o json]``.
 
 Shows one sidecar's effective config, read from its admin port
 (``/config_dump`` and ``/clusters``), as human-readable tables by default or
-as JSON with ``-o json``.  The admin port listens on loopback only: run
-meshctl on the sidecar's host (or through ``kubectl port-forward``).
+as JSON with ``-o json``.  The sidecar is named as ``meshctl proxy-status``
+lists it (found through the control plane, :mod:`mesh.cli.proxies`) or by its
+admin port.  The admin port listens on loopback only: run meshctl on the
+sidecar's host (or through ``kubectl port-forward``).
 """
 
 from __future__ import annotations
 
 import json
 import sys
-import urllib.error
-import urllib.request
+
+# AdminError, fetch_json, parse_address and table are also imported from here by mesh.cli.proxy_status
+from mesh.cli.admin_client import AdminError, fetch_json, parse_address, table  # noqa: F401
+from mesh.cli.proxies import SIDECAR, add_proxy_arguments, resolve_admin, sidecar_hint
 
 SECTIONS = ("routes", "clusters", "endpoints", "authz", "cert")
-
-
-class AdminError(Exception):
-    """An admin port could not be read; the message says what to do."""
-
-
-def parse_address(text: str, default_port: int) -> tuple:
-    """``HOST:PORT``, ``:PORT``, ``PORT`` or ``HOST`` -> ``(host, port)``."""
-    host, _, port = text.rpartition(":") if ":" in text else ("", "", text)
-    if not port.isdigit():
-        host, port = text, str(default_port)
-    return (host.strip("[]") or "127.0.0.1"), int(port)
-
-
-def fetch_json(host: str, port: int, path: str, what: str, hint: str, timeout: float = 5.0):
-    """GET ``http://host:port/path`` and parse JSON; :class:`AdminError` with ``hint`` on failure."""
-    url = f"http://{host}:{port}{path}"
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:
-            body = response.read()
-    except urllib.error.HTTPError as error:
-        raise AdminError(f"{what} at {url} answered {error.code} {error.reason}; {hint}") from None
-    except (urllib.error.URLError, OSError) as error:
-        reason = getattr(error, "reason", error)
-        raise AdminError(f"cannot reach {what} at {url}: {reason}; {hint}") from None
-    try:
-        return json.loads(body)
-    except ValueError:
-        raise AdminError(f"{what} at {url} did not answer JSON; is that the right port? {hint}") from None
-
-
-def table(headers, rows) -> str:
-    """A plain-text table: columns as wide as their widest cell, two spaces apart."""
-    rows = [[("-" if cell is None or cell == "" else str(cell)) for cell in row] for row in rows]
-    widths = [max([len(h)] + [len(row[i]) for row in rows]) for i, h in enumerate(headers)]
-    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip()
-             for row in [list(headers)] + rows]
-    return "\n".join(lines)
 
 
 def add_parser(subparsers):
     parser = subparsers.add_parser("proxy-config", help="show a sidecar's effective config (from its admin port)")
     parser.add_argument("section", choices=SECTIONS, help="what to show")
-    parser.add_argument("--admin", default="127.0.0.1:15000", metavar="HOST:PORT",
-                        help="the sidecar's admin port (default: %(default)s)")
+    add_proxy_arguments(parser, "to show")
     parser.add_argument("-o", "--output", choices=("table", "json"), default="table", help="output format")
     parser.set_defaults(func=run)
 
 
 def run(args) -> int:
-    host, port = parse_address(args.admin, 15000)
-    hint = (f"is mesh-proxy running with --admin-port {port}? The admin port listens on 127.0.0.1 only: "
-            "run meshctl on the sidecar's host, and check with: curl http://127.0.0.1:%d/ready" % port)
     try:
+        host, port, dump = resolve_admin(args)
         if args.section == "endpoints":
-            data = fetch_json(host, port, "/clusters", "the sidecar's admin port", hint)
+            data = fetch_json(host, port, "/clusters", SIDECAR, sidecar_hint(port))
         else:
-            dump = fetch_json(host, port, "/config_dump", "the sidecar's admin port", hint)
             data = section_of(dump, args.section)
     except AdminError as error:
         print(f"meshctl proxy-config: {error}", file=sys.stderr)
