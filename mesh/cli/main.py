@@ -12,10 +12,11 @@ import sys
 
 from mesh import __version__
 from mesh.cli import (
-    analyze, demo, inject, iptables, plugins, proxy_config, proxy_status, tap, token, top, validate, version,
+    analyze, demo, inject, iptables, plugins, proxy_config, proxy_status, stat, tap, token, top, validate, version,
 )
 
-COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, top, tap, version, token, demo, iptables, inject)
+COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, stat, top, tap, version, token, demo, iptables,
+            inject)
 
 
 def build_parser() -> argparse.ArgumentParser:
