@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from twisted.internet.task import Clock
 from twisted.test import iosim
 
+from mesh import __version__
 from mesh.config.compile import Workload
 from mesh.control import protocol as proto
 from mesh.identity.tls import CredentialStore
@@ -42,7 +43,8 @@ def fake_proxy(clock):
     settings = SimpleNamespace(
         workload=Workload(name="frontend", namespace="shop", labels={"app": "frontend"}),
         identity=SimpleNamespace(trust_domain="cluster.local", service_account="frontend"),
-        admin_port=15000, inbound_address="10.0.0.7", inbound_port=15006, app_port=8080)
+        admin_port=15000, inbound_address="10.0.0.7", inbound_port=15006, app_port=8080,
+        telemetry=SimpleNamespace(metrics_port=15090))
     return SimpleNamespace(settings=settings, runtime=FakeRuntime(), credentials=CredentialStore(), reactor=clock,
                            config_applied_at=None, warnings=())
 
@@ -85,6 +87,7 @@ def test_hello_ack_nack_and_last_known_good(tmp_path):
     hello = server.got[0]
     assert hello["type"] == "HELLO" and hello["node"] == "frontend-1" and hello["labels"] == {"app": "frontend"}
     assert hello["address"] == "10.0.0.7" and hello["inbound_port"] == 15006 and hello["version"] == ""
+    assert hello["proxy_version"] == __version__ and hello["admin_port"] == 15000 and hello["metrics_port"] == 15090
     assert client.stale  # connected, nothing applied yet
 
     server.send(proto.SNAPSHOT, version="v1", resources=[service_entry("payment")], trust_bundle="")
