@@ -8,7 +8,9 @@ checks what happens: routing, a live change of the canary weights, retries,
 mTLS identities and authorization, then what the metrics say.  Afterwards
 the mesh stays up for you to explore until Ctrl-C (or SIGTERM); with
 --exit-after-tour it stops right away.  Either way every child process is
-stopped before meshctl exits.
+stopped before meshctl exits.  The mesh runs the built-in plugins only (so
+the tour shows the default load balancer, say), unless --plugin names
+installed ones to load.
 
 The mesh is :mod:`mesh.demo.runner`, the tour :mod:`mesh.demo.tour`.
 
@@ -37,6 +39,9 @@ def add_parser(subparsers):
     parser.add_argument("--state-dir", type=Path, metavar="DIR",
                         help="where to write the logs, the control plane's state and the join tokens "
                              "(default: a new temporary directory)")
+    parser.add_argument("--plugin", action="append", default=[], metavar="NAME",
+                        help="load this installed plugin (repeatable; `meshctl plugins` lists them); without it "
+                             "the demo runs the built-in plugins only, e.g. the default load balancer")
     parser.set_defaults(func=run)
 
 
@@ -48,7 +53,7 @@ def run(args) -> int:
     state_dir = args.state_dir or Path(tempfile.mkdtemp(prefix="txmesh-demo-"))
     previous = {sig: signal.signal(sig, _interrupt) for sig in STOP_SIGNALS}
     try:
-        with DemoMesh(state_dir) as mesh:
+        with DemoMesh(state_dir, plugins=args.plugin) as mesh:
             print(f"Starting the demo mesh (logs in {mesh.log_dir}) ...", flush=True)
             mesh.start()
             print(mesh.describe(), flush=True)

@@ -55,6 +55,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.plugins import describe_plugins, make_plugin_manager
+
 CONFIG_DIR = Path(__file__).with_name("mesh-config")
 TRUST_DOMAIN = "cluster.local"
 APP_PORT = 8080
@@ -144,6 +146,12 @@ class DemoError(Exception):
     """The demo mesh cannot start or keep running; the message says why and what to do."""
 
 
+def installed_plugins() -> dict:
+    """``{name: "distribution version"}`` of the plugins installed through entry points (not built in)."""
+    return {name: origin for name, origin, _hooks in describe_plugins(make_plugin_manager())
+            if origin != "builtin"}
+
+
 @dataclass(frozen=True)
 class Reply:
     """One HTTP response: ``headers`` has lower-case names."""
@@ -169,7 +177,7 @@ def http_get(address: str, port: int, path: str = "/", headers: dict | None = No
         conn.close()
 
 
-def _die_with_parent() -> None:
+def die_with_parent() -> None:
     """In the child, before exec: get SIGTERM when the parent dies (Linux)."""
     ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
@@ -200,7 +208,7 @@ class Child:
                 self._popen = subprocess.Popen(
                     self.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                     env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-                    preexec_fn=_die_with_parent if sys.platform == "linux" else None)
+                    preexec_fn=die_with_parent if sys.platform == "linux" else None)
             except OSError as exc:
                 raise DemoError(f"cannot run the {self.label}: {self.argv[0]}: {exc.strerror}; "
                                 "is txmesh installed in this environment (`make bootstrap`)?") from None
@@ -237,7 +245,7 @@ class Child:
         return "\n".join([message, f"--- last lines of {self.log_path} ---", *tail])
 
 
-def _bind_problem(address: str, port: int) -> str | None:
+def bind_problem(address: str, port: int) -> str | None:
     """Why a server could not listen on address:port now, or None if it could."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -262,7 +270,7 @@ def demo_ports(workloads=WORKLOADS) -> list[tuple[str, int, str]]:
 def check_ports(workloads=WORKLOADS) -> None:
     """Raise :class:`DemoError` listing every address:port the demo needs that is taken."""
     problems = [(address, port, what, problem) for address, port, what in demo_ports(workloads)
-                if (problem := _bind_problem(address, port))]
+                if (problem := bind_problem(address, port))]
     if not problems:
         return
     lines = ["cannot start the demo mesh: it needs these addresses and ports, which are not free:"]
@@ -288,8 +296,20 @@ class DemoMesh:
     ``sys.executable -m mesh.demo.app`` and the ``twistd`` and ``meshctl`` next to it.
     """
 
-    def __init__(self, state_dir: Path, workloads=WORKLOADS):
+    def __init__(self, state_dir: Path, workloads=WORKLOADS, plugins=()):
         self.state_dir = Path(state_dir)
+        #: The installed plugins that are not built in, as ``{name: "distribution version"}``; only the
+        #: ones in ``plugins`` are loaded, so the demo shows the built-in behaviour unless asked.
+        self.installed_plugins = installed_plugins()
+        unknown = sorted(set(plugins) - set(self.installed_plugins))
+        if unknown:
+            known = ", ".join(sorted(self.installed_plugins)) or "none"
+            raise DemoError(f"no plugin named {', '.join(unknown)} is installed (installed plugins: {known}); "
+                            "`meshctl plugins` lists them, `pip install ./plugins/NAME` adds one")
+        self.plugins = tuple(plugins)
+        #: ``--disable-plugin NAME`` for every installed plugin not asked for, given to every process.
+        self.plugin_args = [arg for name in sorted(self.installed_plugins) if name not in self.plugins
+                            for arg in ("--disable-plugin", name)]
         self.log_dir = self.state_dir / "logs"
         self.control_dir = self.state_dir / "control"
         self.token_dir = self.state_dir / "tokens"
@@ -328,7 +348,7 @@ class DemoMesh:
         twistd = Path(sys.executable).with_name("twistd")
         argv = [twistd, "-n", "--pidfile=", "mesh-control", "--state-dir", self.control_dir,
                 "--config-dir", self.config_dir, "--address", CONTROL_ADDRESS, "--port", CONTROL_PORT,
-                "--admin-port", CONTROL_ADMIN_PORT]
+                "--admin-port", CONTROL_ADMIN_PORT, *self.plugin_args]
 
         def probe():
             reply = http_get(ADMIN_ADDRESS, CONTROL_ADMIN_PORT, "/ready", timeout=2.0)
@@ -355,7 +375,8 @@ class DemoMesh:
                 "--outbound-address", workload.address, "--outbound-port", OUTBOUND_PORT,
                 "--inbound-address", workload.address, "--inbound-port", INBOUND_PORT,
                 "--app-address", workload.address, "--app-port", APP_PORT,
-                "--metrics-port", METRICS_PORT, "--health-port", HEALTH_PORT, "--admin-port", workload.admin_port]
+                "--metrics-port", METRICS_PORT, "--health-port", HEALTH_PORT, "--admin-port", workload.admin_port,
+                *self.plugin_args]
         for key, value in workload.labels.items():
             argv += ["--label", f"{key}={value}"]
 
@@ -450,6 +471,21 @@ class DemoMesh:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
 
+    def describe_plugins(self) -> list:
+        """Which plugins the mesh runs: the built-ins (the default load balancer among them), the ones asked for,
+        and the installed ones left out with how to try them."""
+        loaded = [f"{name} ({self.installed_plugins[name]})" for name in self.plugins]
+        lines = ["Plugins: the built-in ones (routing, retries, authorization, and load balancing by each "
+                 "DestinationRule's policy, LEAST_REQUEST when it names none)"
+                 + (f", plus {', '.join(loaded)}, as asked" if loaded else "")]
+        left_out = [f"{name} ({origin})" for name, origin in sorted(self.installed_plugins.items())
+                    if name not in self.plugins]
+        if left_out:
+            example = next(name for name in sorted(self.installed_plugins) if name not in self.plugins)
+            lines.append(f"  installed but left out: {', '.join(left_out)}; try one with "
+                         f"`meshctl demo --plugin {example}` (or make demo DEMO_ARGS='--plugin {example}')")
+        return lines
+
     def describe(self) -> str:
         """Where everything is: the control plane, addresses, identities, admin ports, processes and logs."""
         rows = [("workload", "identity", "app", "sidecar outbound", "sidecar inbound", "sidecar admin")]
@@ -467,6 +503,7 @@ class DemoMesh:
         lines += ["", "Processes and their logs:"]
         label_width = max(len(child.label) for child in self.children)
         lines += [f"  {child.label:<{label_width}}  pid {child.pid:<7}  {child.log_path}" for child in self.children]
+        lines += ["", *self.describe_plugins()]
         lines += ["", "Admin endpoints of each sidecar: /ready, /config_dump, /clusters",
                   f"Metrics: each sidecar at http://<its address>:{METRICS_PORT}{METRICS_PATH}, the control plane "
                   f"at http://{ADMIN_ADDRESS}:{CONTROL_ADMIN_PORT}/metrics"]
