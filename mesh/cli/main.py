@@ -12,12 +12,12 @@ import sys
 
 from mesh import __version__
 from mesh.cli import (
-    analyze, demo, describe, inject, iptables, plugins, proxy_config, proxy_status, run, stat, tap,
+    analyze, bug_report, check, demo, describe, inject, iptables, plugins, proxy_config, proxy_status, run, stat, tap,
     token, top, up, validate, version, why,
 )
 
 COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, describe, stat, top, tap, why, version, token,
-            demo, up, run, iptables, inject)
+            demo, up, run, check, bug_report, iptables, inject)
 
 
 def build_parser() -> argparse.ArgumentParser:
