@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh import __version__
 from mesh.config.errors import format_path
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
@@ -94,7 +95,16 @@ def test_the_image_installs_pinned_versions_the_tests_ran_with():
     assert result.returncode == 0, result.stderr
 
 
-# -- a release: wheel and sdist -------------------------------------------------------------
+# -- a release: one version, wheel and sdist ------------------------------------------------
+
+def test_the_version_is_written_once_and_the_manifests_use_its_image():
+    """docs/release.md: bump mesh.__version__; setup.cfg reads it, and deploy/ names the image of that version."""
+    assert re.search(r"^version = attr: mesh\.__version__$", (ROOT / "setup.cfg").read_text(), re.M)
+    tags = {(path.relative_to(ROOT), tag) for path in DEPLOY.rglob("*.yaml")
+            for tag in re.findall(r"txmesh/txmesh:(\S+)", path.read_text())}
+    assert tags and {tag for _, tag in tags} == {__version__}, tags
+    assert re.search(rf"^## {re.escape(__version__)}\b", (ROOT / "CHANGELOG.md").read_text(), re.M)
+
 
 def test_the_wheel_and_the_sdist_hold_the_dropin_the_demo_config_and_the_license(tmp_path):
     """Built as docs/release.md says (from a copy of the tree, so the checkout stays clean)."""
@@ -120,6 +130,7 @@ def test_the_wheel_and_the_sdist_hold_the_dropin_the_demo_config_and_the_license
     assert not any(name.startswith(("twisted/__init__", "twisted/plugins/__init__", "tests/")) for name in names)
     assert any(name.endswith(".dist-info/LICENSE") for name in names)
     assert "License: Apache-2.0" in metadata and "meshctl = mesh.cli.main:main" in entry_points
+    assert f"\nVersion: {__version__}\n" in metadata and wheel.name == f"txmesh-{__version__}-py3-none-any.whl"
     with tarfile.open(sdist) as archive:
         members = {name.split("/", 1)[1] for name in archive.getnames() if "/" in name}
     assert {"LICENSE", "setup.cfg", "pyproject.toml", "twisted/plugins/mesh_services.py",
