@@ -212,6 +212,16 @@ def test_bug_report_refuses_to_overwrite(local, tmp_path):
     assert archive.read_text() == "keep me"
 
 
+def test_bug_report_says_when_it_cannot_write(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    result = meshctl("bug-report", "--state-dir", tmp_path / "none", "--control-admin", f"127.0.0.1:{free_port()}",
+                     "-o", blocker / "report.tar.gz")
+    assert result.returncode == 1
+    assert f"meshctl bug-report: cannot write {blocker / 'report.tar.gz'}: " in result.stderr
+    assert "give a writable -o FILE" in result.stderr and "Traceback" not in result.stderr
+
+
 def test_bug_report_without_a_mesh_still_writes_what_it_can(tmp_path):
     archive = tmp_path / "lonely.tar.gz"
     result = meshctl("bug-report", "--state-dir", tmp_path / "none", "--control-admin",

@@ -265,3 +265,22 @@ def test_down_stops_workloads_and_the_control_plane(tmp_path):
     finally:
         mesh.clean_up()
     assert mesh.log_alarms() == []
+
+
+def test_run_detached_reports_a_failed_start_with_the_log(local):
+    port = free_port()
+    result = local.meshctl("run", "-d", "--service", "crash", "--port", port, "--", sys.executable, "-c",
+                           "print('cannot open my database'); raise SystemExit(4)")
+    assert result.returncode == 1
+    assert f"meshctl run crash: the process exited\n--- last lines of {local.state_dir / 'logs' / 'crash.log'} ---" \
+        in result.stderr
+    assert "cannot open my database" in result.stderr
+    assert "meshctl run: the app of crash (listening on 127.0.0.1:" in result.stderr
+    assert not local.mesh.run_path("crash").exists()
+
+
+def test_up_refuses_one_port_for_both(tmp_path):
+    port = free_port()
+    result = meshctl("up", "--state-dir", tmp_path, "--port", port, "--admin-port", port)
+    assert result.returncode == 1
+    assert "meshctl up: cannot start the control plane:\n  --port and --admin-port must differ" in result.stderr
