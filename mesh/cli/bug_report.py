@@ -1,12 +1,13 @@
 """``meshctl bug-report [--log PATH ...] [-o FILE]``: one archive with what a bug report needs.
 
 Writes a ``.tar.gz`` (mode 0600) holding: ``meshctl check``'s output; the
-versions of meshctl, Python, the plugins, the control plane and every proxy;
-the control plane's ``/ready``, ``/proxies`` and ``/metrics``; the
-``/ready``, ``/config_dump`` and ``/clusters`` of every sidecar this host can
-reach (those of ``meshctl run``, those announcing an admin port, ``--admin``);
-the local mesh's records, config directory and logs; and the files given
-with ``--log`` (a directory adds its files).
+versions of meshctl, Python, the plugins and every proxy; the control
+plane's ``/ready``, ``/proxies``, ``/resources`` (its config dump: every
+resource in force) and ``/metrics``; the ``/ready``, ``/config_dump`` and
+``/clusters`` of every sidecar this host can reach (those of ``meshctl run``,
+those announcing an admin port, ``--admin``); the local mesh's records,
+config directory and logs; and the files given with ``--log`` (a directory
+adds its files).
 
 Secrets are redacted from every file before it is archived: PEM private
 keys, join tokens and JWTs (service-account tokens), and the values of
@@ -165,7 +166,7 @@ def _control_plane(archive: Archive, target: check.Target) -> list:
     """The control plane's admin pages; returns its ``/proxies`` rows."""
     host, port = target.control_admin
     proxies = []
-    for page in ("ready", "proxies"):
+    for page in ("ready", "proxies", "resources"):
         try:
             document = fetch_json(host, port, f"/{page}", "the control plane's admin port", "")
         except AdminError as error:

@@ -177,6 +177,7 @@ def test_bug_report_has_dumps_logs_versions_and_checks_and_no_secret(local, tmp_
 
     # what a report needs
     assert {"README.txt", "check.txt", "versions.json", "control/ready.json", "control/proxies.json",
+            "control/resources.json",
             "control/metrics.txt", "local/up.json", "local/config/mesh.yaml", "logs/local/control-plane.log",
             "logs/given/given/app.log"} <= set(members), sorted(members)
     for proxy in ("hello-v1", "frontend"):
@@ -184,6 +185,8 @@ def test_bug_report_has_dumps_logs_versions_and_checks_and_no_secret(local, tmp_
         assert dump["workload"]["name"] == proxy and dump["certificate"]["identity"]
         assert f"logs/local/{proxy}-sidecar.log" in members
     assert "PASS  proxy hello-v1: ready" in members["check.txt"]
+    sources = {r["document"]["kind"]: r["source"] for r in json.loads(members["control/resources.json"])["resources"]}
+    assert sources["VirtualService"].startswith(str(local.config_dir / "mesh.yaml"))
     versions = json.loads(members["versions.json"])
     assert versions["meshctl"] and {"builtin.balancing"} <= {p["name"] for p in versions["plugins"]}
     assert sorted(versions["proxies"].values()) == [versions["meshctl"]] * 2
