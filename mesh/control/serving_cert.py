@@ -8,7 +8,9 @@ the injection webhook (DNS names the Kubernetes API server calls it by).
 and never written, the first certificate is issued at construction (before
 any port opens), and while the service runs a new key and certificate
 replace it at half the lifetime.  New connections get the new certificate;
-open ones keep theirs.
+open ones keep theirs.  These ports issue no resumable TLS session: their
+connections are few and long-lived, and every one is then a full handshake
+that verifies the client's chain (see :func:`mesh.identity.tls.make_context`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,8 @@ class ServingCertificate(service.Service):
         key = ec.generate_private_key(ec.SECP256R1())
         cert_pem, chain_pem = self._sign(key)
         chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
-        self.credentials.swap(WorkloadCredentials.build(key, chain, self._bundle, require_client_cert=False))
+        self.credentials.swap(WorkloadCredentials.build(key, chain, self._bundle, require_client_cert=False,
+                                                        resumption=False))
         log.info("{what} issued by the mesh CA, serial {serial:x}, valid until {not_after}",
                  what=self._what, serial=chain[0].serial_number,
                  not_after=chain[0].not_valid_after_utc.isoformat())

@@ -19,7 +19,7 @@ from io import BytesIO
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from OpenSSL import SSL, crypto
+from OpenSSL import SSL
 from twisted.application import service
 from twisted.internet import defer
 from twisted.logger import Logger
@@ -29,7 +29,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator
 from zope.interface import implementer
 
-from mesh.identity.tls import WorkloadCredentials, spiffe_id_of
+from mesh.identity.tls import WorkloadCredentials, make_context, spiffe_id_of
 
 log = Logger()
 
@@ -62,17 +62,8 @@ class _VerifyControlPlane:
     def __init__(self, bundle, expected_uri, hostname, client_credentials=None):
         self.expected_uri = expected_uri
         self.hostname = hostname
-        self.context = SSL.Context(SSL.TLS_METHOD)
-        self.context.set_min_proto_version(SSL.TLS1_2_VERSION)
-        if client_credentials is not None:
-            self.context.use_certificate(client_credentials.chain[0])
-            for cert in client_credentials.chain[1:]:
-                self.context.add_extra_chain_cert(cert)
-            self.context.use_privatekey(client_credentials.key)
-        store = self.context.get_cert_store()
-        for root in bundle:
-            store.add_cert(crypto.X509.from_cryptography(root))
-        self.context.set_verify(SSL.VERIFY_PEER, self._verify)
+        own = (client_credentials.key, client_credentials.chain) if client_credentials is not None else (None, ())
+        self.context = make_context(bundle, *own, server=False, verify_callback=self._verify)
 
     def _verify(self, connection, cert, errno, depth, ok):
         if not ok:

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from mesh.identity.tls import peer_identity
 from mesh.plugins import fast_caller
 from mesh.proxy.http1 import normalise_host
-from mesh.proxy.mtls import client_cert_header
+from mesh.proxy.mtls import inbound_peer
 from mesh.proxy.overload import ConnectionOverload
 
 log = Logger()
@@ -105,8 +104,8 @@ class Listener:
     def tls_peer(self, transport):
         """``(peer SPIFFE id, headers to forward)`` for a verified mTLS connection."""
         own = self._own_identity() if self._own_identity is not None else None
-        xfcc = client_cert_header(own, transport)
-        return peer_identity(transport), (((b"x-forwarded-client-cert", xfcc),) if xfcc else ())
+        peer, xfcc = inbound_peer(own, transport)
+        return peer, (((b"x-forwarded-client-cert", xfcc),) if xfcc else ())
 
     def request_complete(self, ctx, outcome) -> None:
         """Run ``mesh_request_complete``; a failing plugin never breaks the data path."""

@@ -2,7 +2,10 @@
 
 - :class:`UpstreamTLS` wraps upstream connections to mesh endpoints in TLS with
   the workload certificate (the peer's identity is checked by
-  :class:`mesh.proxy.upstream.UpstreamConnection` after the handshake).
+  :class:`mesh.proxy.upstream.UpstreamConnection` after the handshake), and
+  resumes sessions kept per peer (:class:`mesh.identity.tls.SessionCache`).
+- :func:`inbound_peer` reads who the caller of a verified inbound mTLS
+  connection is, and refuses a resumed session whose certificate has expired.
 - :class:`InboundFactory` accepts the inbound port according to
   PeerAuthentication: STRICT (TLS only), PERMISSIVE (TLS or plaintext, told
   apart by the first byte: 0x16 starts a TLS handshake) or DISABLE.
@@ -10,16 +13,15 @@
 
 from __future__ import annotations
 
-import hashlib
+import time
 
-from cryptography.hazmat.primitives import serialization
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from mesh.identity.tls import ClientTLS, ServerTLS, peer_certificate, spiffe_id_of
+from mesh.identity.tls import ClientTLS, ServerTLS, keep_session, peer_certificate_facts
 
 log = Logger()
 
@@ -28,11 +30,14 @@ STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
 
 
 class UpstreamTLS:
-    """Wraps pool factories in client TLS from a credential store."""
+    """Wraps pool factories in client TLS from a credential store.
+
+    A *peer* is ``(address, port, expected SPIFFE id)`` of one endpoint's pool:
+    sessions are kept and resumed per peer.
+    """
 
     def __init__(self, store):
         self.store = store
-        self._creator = ClientTLS(store)
 
     def refusal(self):
         """Why mTLS cannot be attempted now, or None."""
@@ -41,19 +46,36 @@ class UpstreamTLS:
                     "with --control (or --cert/--key/--ca-bundle), or set the DestinationRule tls.mode DISABLE")
         return None
 
-    def wrap(self, factory):
-        return TLSMemoryBIOFactory(self._creator, True, factory)
+    def wrap(self, factory, peer):
+        """``factory`` behind TLS to ``peer``, offering a session kept for it if there is one."""
+        return TLSMemoryBIOFactory(ClientTLS(self.store, peer), True, factory)
+
+    def keep_session(self, peer, transport):
+        """``transport`` (to ``peer``) passed the identity check and carried a response: keep its session."""
+        keep_session(self.store, peer, transport.getHandle())
 
 
-def client_cert_header(own_identity, transport):
-    """Envoy's ``x-forwarded-client-cert`` value for a verified TLS peer."""
-    cert = peer_certificate(transport)
-    if cert is None:
-        return None
-    digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()
+def inbound_peer(own_identity, transport):
+    """``(caller's SPIFFE id, x-forwarded-client-cert value or None)`` of a verified mTLS connection.
+
+    The client's chain must be valid now (:class:`mesh.identity.tls.ClientChains`):
+    a resumed session carries the certificate verified when it was made, which
+    may have expired since.  If not, the connection is aborted (nothing it sent
+    reaches the app) and ``(None, None)`` is returned.
+    """
+    facts = peer_certificate_facts(transport)
+    if facts is None:
+        return None, None
+    connection = transport.getHandle()
+    if not connection.get_context().get_app_data().valid(connection, facts.sha256, time.time()):
+        log.info("inbound mTLS connection refused: the certificate chain of {identity} is not valid now "
+                 "(its resumed session outlived it); the client must renew its certificate",
+                 identity=facts.identity)
+        transport.abortConnection()
+        return None, None
     parts = [f"By={own_identity}"] if own_identity else []
-    parts += [f"Hash={digest}", 'Subject=""', f"URI={spiffe_id_of(cert) or ''}"]
-    return ";".join(parts).encode()
+    parts += [f"Hash={facts.sha256}", 'Subject=""', f"URI={facts.identity or ''}"]
+    return facts.identity, ";".join(parts).encode()
 
 
 @implementer(IHalfCloseableProtocol)
@@ -110,7 +132,6 @@ class _Sniffer(Protocol):
     def abort(self):
         self.closing = True
         self.transport.abortConnection()
-
 
     def readConnectionLost(self):
         if self.inner is None:

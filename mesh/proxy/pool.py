@@ -53,6 +53,8 @@ class ConnectionPool:
     connection instead of pooling it once it has carried that many requests.
     ``idle_timeout`` (``connectionPool.http.idleTimeout``) closes pooled
     connections idle for longer; they are found when the pool is next used.
+    Over mTLS, the TLS session of each new connection is kept after its first
+    response, so that the next new connection resumes it (``tls.keep_session``).
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
@@ -64,6 +66,7 @@ class ConnectionPool:
         self.max_idle = max_idle
         self.identity = identity
         self.tls = tls if identity is not None else None
+        self.peer = (address, port, identity)  # whom the TLS sessions are kept for
         self.bind = (bind, 0) if bind else None
         self.max_requests_per_connection = max_requests_per_connection
         self.idle_timeout = idle_timeout
@@ -102,13 +105,15 @@ class ConnectionPool:
             refusal = self.tls.refusal()
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
-            factory = self.tls.wrap(factory)
+            factory = self.tls.wrap(factory, self.peer)
         self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout,
                                 bindAddress=self.bind)
         return deferred
 
     def release(self, connection) -> None:
         """Return a connection whose response is complete and reusable."""
+        if connection.requests_sent == 1 and self.tls is not None:
+            self.tls.keep_session(self.peer, connection.transport)
         limit = self.max_requests_per_connection
         if connection.connected_ok and len(self._idle) < self.max_idle and not (
                 limit and connection.requests_sent >= limit):
