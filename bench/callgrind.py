@@ -33,7 +33,7 @@ def read_totals(path: Path) -> int:
     return int(match.group(1))
 
 
-def _instrument(proxies, switch: str, log_dir: Path) -> None:
+def instrument(proxies, switch: str, log_dir: Path) -> None:
     """Turn callgrind's instrumentation ``on`` or ``off`` in every proxy."""
     for proxy in proxies:
         run_tool(["callgrind_control", "-i", switch, str(proxy.pid)], 60,
@@ -57,8 +57,8 @@ def instructions_per_request(template: Workspace, case: str, backend_port: int, 
         if not target.proxies:
             raise BenchError(f"case {case} has no proxy to count instructions of")
         load.fixed_count(target.url, target.host, f"callgrind-{case}-warmup", warmup)
-        _instrument(target.proxies, "on", root)
+        instrument(target.proxies, "on", root)
         load.fixed_count(target.url, target.host, f"callgrind-{case}", requests)
-        _instrument(target.proxies, "off", root)
+        instrument(target.proxies, "off", root)
     per_proxy = [(proxy.role, read_totals(ws.callgrind_file(proxy.name)) / requests) for proxy in target.proxies]
     return sum(value for _, value in per_proxy), {role: value for role, value in per_proxy if role}

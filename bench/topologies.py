@@ -250,9 +250,9 @@ def write_config_dir(ws: Workspace, name: str, resources: list[dict]) -> Path:
     return config_dir
 
 
-def _txmesh_env() -> dict:
-    """The proxy imports ``mesh`` from this checkout, so the bench measures this tree."""
-    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_DIR), os.environ.get("PYTHONPATH")])))
+def _txmesh_env(repo: Path = REPO_DIR) -> dict:
+    """The proxy imports ``mesh`` from ``repo`` (this checkout by default), so the bench measures that tree."""
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(repo), os.environ.get("PYTHONPATH")])))
 
 
 #: Options that turn off what the Envoy cases do not have either (an access log, a
@@ -271,12 +271,14 @@ def _telemetry_off_options(twistd: str) -> tuple:
 
 
 def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = "bench",
-                 options: tuple = (), role: str = "", inbound_port: Optional[int] = None) -> tuple[Proxy, int]:
+                 options: tuple = (), role: str = "", inbound_port: Optional[int] = None,
+                 repo: Path = REPO_DIR) -> tuple[Proxy, int]:
     """Start ``twistd mesh-proxy`` standalone from ``config_dir``; return it and its outbound port.
 
     ``options`` are extra command-line options (identity, app port, ...).  The
-    proxy imports ``mesh`` from this checkout (PYTHONPATH), so the bench
-    measures the working tree.  Readiness is the admin ``/ready`` answering 200.
+    proxy imports ``mesh`` from ``repo`` (PYTHONPATH): this checkout, so the bench
+    measures the working tree, unless a case compares with another checkout.
+    Readiness is the admin ``/ready`` answering 200.
     """
     outbound, admin = free_port(), free_port()
     inbound = inbound_port or free_port()
@@ -285,7 +287,7 @@ def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = 
             "--workload", workload, "--outbound-port", str(outbound), "--inbound-port", str(inbound),
             "--admin-port", str(admin), *_telemetry_off_options(twistd), *options]
     try:
-        proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=_txmesh_env(), role=role,
+        proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=_txmesh_env(repo), role=role,
                                ports=(outbound, inbound))
     except BenchError as exc:
         raise BenchError(
@@ -310,18 +312,28 @@ def _identity_options(certs: Path, account: str) -> tuple:
             "--key", str(certs / f"{account}.key"), "--ca-bundle", str(certs / "ca.crt"))
 
 
+def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "txmesh-server",
+                                repo: Path = REPO_DIR) -> tuple[Proxy, int, Path]:
+    """The pair's server-side sidecar: a STRICT mTLS inbound listener (sa ``server``) in front of nginx.
+
+    Returns the proxy, its inbound port and the config dir (the client sidecar of
+    the pair reads the same one).  ``repo``: see :func:`start_txmesh`.
+    """
+    inbound = free_port()
+    config_dir = write_config_dir(ws, f"{name}-config", txmesh_pair_resources(MESH_HOST, inbound))
+    server, _ = start_txmesh(
+        ws, name, config_dir, workload="server", role="server", inbound_port=inbound, repo=repo,
+        options=(*_identity_options(ws.certs(), "server"), "--app-port", str(backend_port),
+                 "--inbound-address", "127.0.0.1"))
+    return server, inbound, config_dir
+
+
 def txmesh_pair(ws: Workspace, backend_port: int) -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
     server-side txmesh sidecar (STRICT) -> nginx."""
-    certs = ws.certs()
-    inbound = free_port()
-    config_dir = write_config_dir(ws, "txmesh-pair-config", txmesh_pair_resources(MESH_HOST, inbound))
-    server, _ = start_txmesh(
-        ws, "txmesh-server", config_dir, workload="server", role="server", inbound_port=inbound,
-        options=(*_identity_options(certs, "server"), "--app-port", str(backend_port),
-                 "--inbound-address", "127.0.0.1"))
+    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port)
     client, port = start_txmesh(ws, "txmesh-client", config_dir, workload="client", role="client",
-                                options=_identity_options(certs, "client"))
+                                options=_identity_options(ws.certs(), "client"))
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server])
 
 
@@ -447,14 +459,23 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
     return Target(f"http://127.0.0.1:{port}/", None, [proxy])
 
 
+def start_envoy_server_sidecar(ws: Workspace, backend_port: int) -> tuple[Proxy, int]:
+    """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
+    listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
+
+    Returns the proxy and its listener's port.
+    """
+    return start_envoy(
+        ws, "envoy-server", backend_port, role="server",
+        downstream_tls=_tls_socket("DownstreamTlsContext", {
+            "require_client_certificate": True, "common_tls_context": _common_tls(ws.certs(), "server", "client")}),
+    )
+
+
 def envoy_pair(ws: Workspace, backend_port: int) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
     certs = ws.certs()
-    server, server_port = start_envoy(
-        ws, "envoy-server", backend_port, role="server",
-        downstream_tls=_tls_socket("DownstreamTlsContext", {
-            "require_client_certificate": True, "common_tls_context": _common_tls(certs, "server", "client")}),
-    )
+    server, server_port = start_envoy_server_sidecar(ws, backend_port)
     client, client_port = start_envoy(
         ws, "envoy-client", server_port, role="client",
         upstream_tls=_tls_socket("UpstreamTlsContext", {
