@@ -26,6 +26,7 @@ from mesh.proxy.context import RequestContext
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.heads import HOP_BY_HOP, connection_tokens, simple_response
 from mesh.proxy.original_dst import original_dst
+from mesh.proxy.outcome import LocalReply
 from mesh.proxy.sockets import set_nodelay
 
 log = Logger()
@@ -157,7 +158,7 @@ class DownstreamConnection(Protocol):
             self._pause("upgrade")
         except httptools.HttpParserCallbackError as error:
             reject = error.__context__
-            if isinstance(reject, _Reject):
+            if isinstance(reject, (_Reject, LocalReply)):  # LocalReply: a path refused (mesh.proxy.paths)
                 self.reject(reject.status, reject.message)
             else:
                 log.failure("request handling failed")
@@ -281,7 +282,7 @@ class DownstreamConnection(Protocol):
         ctx = RequestContext(
             listener.direction, method, target.decode("latin-1"), listener.host_of(authority),
             authority, headers, raw, version, headers.get("x-request-id") or new_request_id(),
-            self.source_address, self.last_activity, self.peer)
+            self.source_address, self.last_activity, self.peer, listener.normalize_path)
         if self.original_dst is not None:  # transparent capture (mesh.proxy.original_dst)
             ctx.extra["original_dst"] = self.original_dst
         return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,

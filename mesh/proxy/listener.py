@@ -21,6 +21,7 @@ from mesh.plugins import fast_caller
 from mesh.proxy.http1 import normalise_host
 from mesh.proxy.mtls import inbound_peer
 from mesh.proxy.overload import ConnectionOverload
+from mesh.proxy.paths import normalize_base
 
 log = Logger()
 
@@ -54,10 +55,14 @@ class Listener:
         the ``By=`` part of x-forwarded-client-cert.
     :param passthrough: a :class:`mesh.proxy.passthrough.Passthrough` that
         sniffs captured connections, or None (HTTP only).
+    :param normalize_path: the path normalization of ``--path-normalization``
+        (a function of :mod:`mesh.proxy.paths`), applied to every request.
     """
 
-    def __init__(self, reactor, direction, router, limits, hooks, own_identity=None, passthrough=None):
+    def __init__(self, reactor, direction, router, limits, hooks, own_identity=None, passthrough=None,
+                 normalize_path=normalize_base):
         self.reactor = reactor
+        self.normalize_path = normalize_path
         self.passthrough = passthrough
         self.direction = direction
         self.router = router

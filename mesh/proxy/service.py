@@ -29,6 +29,7 @@ from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.passthrough import (PassthroughClusters, PassthroughSettings, inbound_passthrough,
                                     outbound_passthrough)
+from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry.health import CountingPool
@@ -79,6 +80,7 @@ class ProxySettings:
     tracing: tracing.TracingSettings = field(default_factory=tracing.TracingSettings)
     drain_time: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
     passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)  # captured unknown traffic
+    path_normalization: str = BASE  # --path-normalization, Istio's meshConfig.pathNormalization (mesh.proxy.paths)
 
 
 
@@ -110,16 +112,18 @@ class ProxyService(service.MultiService):
         self.tracing = tracing.install(self, plugin_manager, settings.tracing, settings.workload,
                                        self._source_address() or settings.app_address)
         passthrough = settings.passthrough
+        normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
             passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
         outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
-            reactor, passthrough, router, self._source_address()))
+            reactor, passthrough, router, self._source_address()), normalize_path=normalize_path)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
         if local:
             inbound = Listener(reactor, "inbound", InboundRouter(self.runtime, hooks, local[0]),
                                settings.limits, hooks, own_identity=self.own_identity,
                                passthrough=inbound_passthrough(reactor, passthrough, self.runtime,
-                                                               settings.app_address))
+                                                               settings.app_address),
+                               normalize_path=normalize_path)
             factory = InboundFactory(DownstreamFactory(inbound), self.credentials, self.inbound_mode)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         self.admin_site = AdminSite(self)
@@ -308,6 +312,7 @@ class ProxyService(service.MultiService):
                             for listener in self.listeners},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
+            "path_normalization": settings.path_normalization,
             "passthrough": {"outbound_traffic_policy": settings.passthrough.outbound_traffic_policy,
                             **{listener.direction: listener.passthrough.describe() for listener in self.listeners
                                if listener.passthrough is not None}},

@@ -17,6 +17,7 @@ from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
 from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
+from mesh.proxy.paths import BASE, NORMALIZATIONS, normalization_option
 from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
@@ -79,6 +80,8 @@ class Options(usage.Options):
         ["passthrough-connect-timeout", None, "10s", "Connect timeout of TCP passthrough connections.",
          duration_option],
         ["max-passthrough-connections", None, 1024, "Open TCP passthrough connections per listener.", int],
+        ["path-normalization", None, BASE, "How request paths are normalized before routing, authorization and "
+         "forwarding (Istio's meshConfig.pathNormalization): " + ", ".join(NORMALIZATIONS) + "."],
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain of the mesh."],
         ["control", None, None, "HOST:PORT of mesh-control: get and rotate the workload certificate there."],
         ["control-identity", None, None,
@@ -126,6 +129,10 @@ class Options(usage.Options):
         if self["outbound-traffic-policy"] not in OUTBOUND_TRAFFIC_POLICIES:
             raise usage.UsageError(f"--outbound-traffic-policy is ALLOW_ANY or REGISTRY_ONLY, "
                                    f"got {self['outbound-traffic-policy']!r}")
+        try:
+            self["path-normalization"] = normalization_option(self["path-normalization"])
+        except ValueError as error:
+            raise usage.UsageError(f"--path-normalization: {error}") from None
         if not 0.0 <= self["trace-sampling"] <= 100.0:
             raise usage.UsageError(f"--trace-sampling is a percentage (0-100), got {self['trace-sampling']}")
         if self["zipkin-url"] and not self["zipkin-url"].startswith(("http://", "https://")):
@@ -238,7 +245,7 @@ def makeService(options):
         app_address=options["app-address"], app_port=options["app-port"],
         admin_port=options["admin-port"], health_port=options["health-port"],
         app_probes=options["app-probers"], state_dir=options["state-dir"], limits=limits,
-        drain_time=_seconds(options["drain-time"]),
+        drain_time=_seconds(options["drain-time"]), path_normalization=options["path-normalization"],
         passthrough=PassthroughSettings(
             outbound_traffic_policy=options["outbound-traffic-policy"],
             detection_timeout=_seconds(options["protocol-detection-timeout"]),
