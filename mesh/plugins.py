@@ -16,8 +16,12 @@ import operator
 import os
 
 import pluggy
+from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from mesh import hookspecs
+
+log = Logger()
 
 ENTRY_POINT_GROUP = "mesh.plugins"
 
@@ -68,6 +72,88 @@ def describe_plugins(pm: pluggy.PluginManager) -> list:
     return rows
 
 
+class PluginError(Exception):
+    """A plugin's implementation of a hook raised; what it raised is the ``__cause__``.
+
+    Raised by the callers :func:`fast_caller` makes, once :data:`failures` has
+    seen the exception.  ``plugin`` is the plugin's registered name (as
+    ``meshctl plugins`` lists it) and ``hook`` the hook's name.
+    """
+
+    def __init__(self, plugin: str, hook: str):
+        super().__init__(f"plugin {plugin!r} failed in {hook}")
+        self.plugin = plugin
+        self.hook = hook
+
+
+class PluginFailures:
+    """Logs each distinct plugin failure once, with its traceback, and counts the repeats.
+
+    Two failures are the same when the plugin, the hook, the exception's type
+    and the line that raised it are: a message often holds per-request values,
+    so it is left out.  A repeat is logged as one line at its 10th, 100th,
+    1000th... occurrence.  At most ``limit`` distinct failures are remembered;
+    past that, new ones are only counted (``unlogged``), so a plugin that fails
+    differently on every request cannot flood the log either.
+    """
+
+    def __init__(self, limit: int = 256):
+        self.limit = limit
+        self.counts = {}  # (plugin, hook, exception type, "file:line") -> occurrences
+        self.unlogged = 0
+
+    def report(self, plugin: str, hook: str, error: BaseException) -> None:
+        """Count ``error``, raised by ``plugin`` in ``hook``; log it if it is new."""
+        key = (plugin, hook, type(error).__qualname__, _raised_at(error))
+        count = self.counts.get(key)
+        if count is not None:
+            self.counts[key] = count = count + 1
+            if _is_power_of_ten(count):
+                log.warn("plugin {plugin!r} still fails in {hook} ({error_type} at {where}): {count} times",
+                         plugin=plugin, hook=hook, error_type=key[2], where=key[3], count=count)
+        elif len(self.counts) < self.limit:
+            self.counts[key] = 1
+            log.failure("plugin {plugin!r} failed in {hook}: {error_type}: {error} (logged once; repeats are "
+                        "counted)", failure=Failure(error), level=LogLevel.error, plugin=plugin, hook=hook,
+                        error_type=key[2], error=error)
+        else:
+            self.unlogged += 1
+            if self.unlogged == 1:
+                log.error("more than {limit} distinct plugin failures: new ones are counted but no longer logged",
+                          limit=self.limit)
+
+    def describe(self) -> list:
+        """``[{plugin, hook, error, where, count}]``, for ``/config_dump``."""
+        return [{"plugin": plugin, "hook": hook, "error": error, "where": where, "count": count}
+                for (plugin, hook, error, where), count in self.counts.items()]
+
+
+#: The plugin failures of this process (one process is one sidecar).
+failures = PluginFailures()
+
+
+def _raised_at(error: BaseException) -> str:
+    """``file:line`` of the innermost frame of ``error``'s traceback."""
+    tb = error.__traceback__
+    if tb is None:
+        return "?"
+    while tb.tb_next is not None:
+        tb = tb.tb_next
+    return f"{tb.tb_frame.f_code.co_filename}:{tb.tb_lineno}"
+
+
+def _is_power_of_ten(count: int) -> bool:
+    while count % 10 == 0:
+        count //= 10
+    return count == 1
+
+
+def _failed(plugin: str, hook: str, error: BaseException) -> PluginError:
+    """Report ``error`` to :data:`failures`; the :class:`PluginError` to raise from it."""
+    failures.report(plugin, hook, error)
+    return PluginError(plugin, hook)
+
+
 def fast_caller(caller):
     """A callable equivalent to the pluggy hook caller ``caller``, for the hot path.
 
@@ -76,20 +162,37 @@ def fast_caller(caller):
     registered, the implementations of a hook are fixed, so they can be
     called in pluggy's order directly: the result is the same for
     *firstresult* hooks (first non-None) and for collecting hooks (the list of
-    non-None results).  A hook with wrappers keeps pluggy's own caller.
+    non-None results).  A hook with wrappers keeps pluggy's own caller,
+    wrapped.
+
+    Unlike pluggy's, the callable raises :class:`PluginError` (naming the
+    plugin and the hook) when an implementation raises, after
+    :data:`failures` has logged it.  A ``try`` costs nothing until something
+    is raised (Python 3.11).
     """
     impls = caller.get_hookimpls()
+    hook = caller.name
     if any(impl.hookwrapper or impl.wrapper for impl in impls):
-        return caller
-    calls = tuple((impl.function, _positional(impl.argnames)) for impl in reversed(impls))
+        return _guarded(caller, hook, impls)
+    calls = tuple((impl.function, _positional(impl.argnames), impl.plugin_name) for impl in reversed(impls))
     if caller.spec.opts.get("firstresult"):
         if len(calls) == 1:
-            (function, arguments), = calls
-            return lambda **kwargs: function(*arguments(kwargs))
+            (function, arguments, plugin), = calls
+
+            def only_one(**kwargs):
+                try:
+                    return function(*arguments(kwargs))
+                except Exception as error:
+                    raise _failed(plugin, hook, error) from error
+
+            return only_one
 
         def first_result(**kwargs):
-            for function, arguments in calls:
-                result = function(*arguments(kwargs))
+            for function, arguments, plugin in calls:
+                try:
+                    result = function(*arguments(kwargs))
+                except Exception as error:
+                    raise _failed(plugin, hook, error) from error
                 if result is not None:
                     return result
             return None
@@ -98,13 +201,40 @@ def fast_caller(caller):
 
     def all_results(**kwargs):
         results = []
-        for function, arguments in calls:
-            result = function(*arguments(kwargs))
+        for function, arguments, plugin in calls:
+            try:
+                result = function(*arguments(kwargs))
+            except Exception as error:
+                raise _failed(plugin, hook, error) from error
             if result is not None:
                 results.append(result)
         return results
 
     return all_results
+
+
+def _guarded(caller, hook, impls):
+    """pluggy's ``caller`` (a hook with wrappers), raising :class:`PluginError` as :func:`fast_caller`'s do."""
+
+    def call(**kwargs):
+        try:
+            return caller(**kwargs)
+        except Exception as error:
+            raise _failed(_plugin_of(error, impls), hook, error) from error
+
+    return call
+
+
+def _plugin_of(error: BaseException, impls) -> str:
+    """The plugin in whose implementation ``error`` was raised: the innermost of their frames in its
+    traceback (a wrapper that lets the exception through is further out)."""
+    plugins = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in impls}
+    found = None
+    tb = error.__traceback__
+    while tb is not None:
+        found = plugins.get(tb.tb_frame.f_code, found)
+        tb = tb.tb_next
+    return found or " or ".join(impl.plugin_name for impl in impls)
 
 
 def _positional(names):

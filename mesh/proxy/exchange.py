@@ -13,6 +13,12 @@ Failure rules (see docs/configuration.md and ARCHITECTURE.md):
 - connect failure -> 503 ``UF``; reset before a response -> 503 ``UC``
 - timeout -> 504 ``UT``; gave up after retries -> flag ``URX`` as well
 - a request body is buffered for replay up to a limit; past it, no retry.
+- a plugin that raises in a hook -> 500 ``PE`` for this request only (the
+  connection's other requests go on); :mod:`mesh.plugins` logs it once.
+
+The caller gets the status, the flags and a message; the access log also gets
+Envoy's response code details (``RequestOutcome.detail``), such as the policy
+that denied a request.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 from zope.interface import implementer
 from twisted.internet.interfaces import IPushProducer
 
+from mesh.plugins import PluginError
 from mesh.proxy import outlier
 from mesh.proxy.outcome import LocalReply, RequestOutcome, TryOutcome
 from mesh.proxy.heads import local_response, request_head, response_head
@@ -202,16 +209,20 @@ class Exchange:
         listener = self.listener
         try:
             action, cluster = listener.router.route(ctx)
+            self.action = action
+            self.cluster = cluster
+            ctx.route = action
+            ctx.cluster = cluster.name
+            # mesh_request_headers (tracing and other header rewrites): asked once, here; the head is
+            # built once per exchange, so retries resend the same rewritten headers.
+            rewrites = listener.request_headers(ctx=ctx)
         except LocalReply as reply:
-            self.local_reply(reply.status, reply.flag, reply.message)
+            self.local_reply(reply.status, reply.flag, reply.message, reply.details)
             return
-        self.action = action
-        self.cluster = cluster
-        ctx.route = action
-        ctx.cluster = cluster.name
-        # mesh_request_headers (tracing and other header rewrites): asked once, here; the head is
-        # built once per exchange, so retries resend the same rewritten headers.
-        extra = _set_headers(ctx, listener.request_headers(ctx=ctx), self.conn.forward_headers)
+        except PluginError as error:
+            self.plugin_failed(error)
+            return
+        extra = _set_headers(ctx, rewrites, self.conn.forward_headers)
         self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade, extra)
         if action.timeout:
             self.deadline = True
@@ -229,10 +240,15 @@ class Exchange:
         endpoints = cluster.healthy_endpoints(now)
         if not endpoints:
             self.local_reply(503, "UH", f"no healthy upstream: cluster {cluster.name} has no endpoints; "
-                             "check the ServiceEntry endpoints and DestinationRule subset labels")
+                             "check the ServiceEntry endpoints and DestinationRule subset labels",
+                             "no_healthy_upstream")
             return
         ctx = self.ctx
-        endpoint = listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        try:
+            endpoint = listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        except PluginError as error:
+            self.plugin_failed(error)
+            return
         ctx.attempts += 1
         ctx.upstream_host = endpoint.host_port
         if ctx.upstream_start is None:
@@ -280,7 +296,7 @@ class Exchange:
         limit = self.listener.limits.max_request_body
         if limit and ctx.bytes_received > limit:
             self.local_reply(413, "", f"request body larger than {limit} bytes; "
-                             "send a smaller body or raise --max-request-body")
+                             "send a smaller body or raise --max-request-body", "request_payload_too_large")
             return
         if self.finished:
             return
@@ -321,7 +337,7 @@ class Exchange:
         self.ctx.add_flag("DC")
         if self.current is not None:
             self.current.finish(reusable=False)
-        self._complete(local=False, detail="downstream connection closed")
+        self._complete(local=False, detail="downstream_remote_disconnect")
 
     # -- upstream events -------------------------------------------------------
     def response_head(self, attempt, status, reason, headers):
@@ -414,7 +430,8 @@ class Exchange:
             attempt.finish(reusable=False)
             self.ctx.add_flag("UC")
             self.conn.abort()
-            self._complete(local=False, detail=outcome.detail)
+            self._complete(local=False, detail="upstream_per_try_timeout" if outcome.kind == "timeout"
+                           else "upstream_reset_after_response_started{connection_termination}")
             return
         stale_reuse = (outcome.kind == "reset" and attempt.reused and not attempt.got_head
                        and not self.free_retry_used and self._replayable())
@@ -428,21 +445,29 @@ class Exchange:
             return
         if self._retry(attempt, outcome):
             return
-        status, flag, message = _failure_reply(outcome, endpoint.host_port)
+        status, flag, message, details = _failure_reply(outcome, endpoint.host_port)
         if self.ctx.attempts > 1:
             self.ctx.add_flag("URX")
-        self.local_reply(status, flag, message)
+        self.local_reply(status, flag, message, details)
 
     def _replayable(self):
         return self.replayable and not self.upgrade
 
     def _retry(self, attempt, outcome) -> bool:
-        """Ask ``mesh_retry_decision``; if it says so, schedule another try."""
+        """Ask ``mesh_retry_decision``; if it says so, schedule another try.
+
+        True when the try's outcome is dealt with: another try is on its way,
+        or the retry plugin failed and the request got its 500.
+        """
         if not self._replayable():
             return False
         ctx = self.ctx
-        delay = self.listener.retry_decision(ctx=ctx, attempt=ctx.attempts, outcome=outcome,
-                                             policy=self.action.retry)
+        try:
+            delay = self.listener.retry_decision(ctx=ctx, attempt=ctx.attempts, outcome=outcome,
+                                                 policy=self.action.retry)
+        except PluginError as error:
+            self.plugin_failed(error)
+            return True
         if delay is None or delay is False:
             return False
         attempt.finish(reusable=False)
@@ -466,14 +491,19 @@ class Exchange:
         if self.response_started:
             self.ctx.add_flag("UT")
             self.conn.abort()
-            self._complete(local=False, detail="request timeout while streaming the response")
+            self._complete(local=False, detail="upstream_response_timeout")
         else:
             self.local_reply(504, "UT", f"upstream request timeout after {self.action.timeout:g}s "
-                             "(the route's timeout); raise the VirtualService timeout if this is expected")
+                             "(the route's timeout); raise the VirtualService timeout if this is expected",
+                             "upstream_response_timeout")
 
     # -- ending ----------------------------------------------------------------
-    def local_reply(self, status, flag, message):
-        """Answer with a proxy-generated response and finish."""
+    def local_reply(self, status, flag, message, details=""):
+        """Answer with a proxy-generated response and finish.
+
+        The caller gets ``status``, the flags and ``message``; ``details``
+        (Envoy's response code details) go to ``mesh_request_complete`` only.
+        """
         if self.finished:
             return
         if self.current is not None:
@@ -484,7 +514,7 @@ class Exchange:
         ctx.error = message
         if self.response_started:
             self.conn.abort()
-            self._complete(local=True, detail=message)
+            self._complete(local=True, detail=details)
             return
         if not self.body_done:
             self.response_close = True  # unread body left on the wire
@@ -493,14 +523,26 @@ class Exchange:
         self.response_started = True
         self.conn.write(local_response(status, ctx.response_flags, body, self))
         ctx.bytes_sent += len(body)
-        self._complete(local=True, detail=message)
+        self._complete(local=True, detail=details)
+
+    def plugin_failed(self, error):
+        """A plugin raised in a hook (:class:`mesh.plugins.PluginError`, already logged): 500 ``PE``.
+
+        Envoy has no flag for a failing extension; ``PE`` (PluginError) names it,
+        and the details name the plugin and the hook for the access log.  The
+        caller is not told which plugin failed, and the connection stays open
+        for its other requests.
+        """
+        self.local_reply(500, "PE", "internal proxy error: a plugin failed on this request; the sidecar's log "
+                         f"names it (x-request-id {self.ctx.request_id})",
+                         f"plugin_error{{{error.plugin},{error.hook}}}")
 
     def _cancel_deadline(self):
         if self.deadline:
             self.deadline = False
             self.conn.clear_deadline(self)
 
-    def _complete(self, local, detail="", tunnel=False):
+    def _complete(self, local, detail="via_upstream", tunnel=False):
         """Finish exactly once: report, unlink, and hand the connection back."""
         self.finished = True
         self._cancel_deadline()
@@ -519,12 +561,15 @@ class Exchange:
 
 
 def _failure_reply(outcome, host_port):
+    """``(status, flag, message, details)`` of the local reply to a failed last try."""
     if outcome.kind == "connect-failure":
-        return 503, "UF", f"upstream connect error ({host_port}): {outcome.detail}"
+        return (503, "UF", f"upstream connect error ({host_port}): {outcome.detail}",
+                "upstream_reset_before_response_started{connection_failure}")
     if outcome.kind == "timeout":
-        return 504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected"
-    return 503, "UC", (f"upstream connection reset before response headers ({host_port}): "
-                       f"{outcome.detail}")
+        return (504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected",
+                "upstream_per_try_timeout")
+    return (503, "UC", f"upstream connection reset before response headers ({host_port}): {outcome.detail}",
+            "upstream_reset_before_response_started{connection_termination}")
 
 
 def _set_headers(ctx, results, extra):

@@ -15,15 +15,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
 
-from mesh.plugins import fast_caller
+from mesh.plugins import PluginError, fast_caller
 from mesh.proxy.http1 import normalise_host
 from mesh.proxy.mtls import inbound_peer
 from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.paths import normalize_base
-
-log = Logger()
 
 
 @dataclass(frozen=True)
@@ -116,8 +113,8 @@ class Listener:
         """Run ``mesh_request_complete``; a failing plugin never breaks the data path."""
         try:
             self._complete_hook(ctx=ctx, outcome=outcome)
-        except Exception:
-            log.failure("a mesh_request_complete plugin failed")
+        except PluginError:
+            pass  # mesh.plugins.failures has logged it; the response has gone already
 
     def admit(self) -> bool:
         """Whether a new connection may be accepted; near the limit, idle ones make room first."""

@@ -29,6 +29,11 @@ class RequestOutcome(NamedTuple):
     ``status`` is what the downstream got (0 if the connection was cut before
     any response), ``local`` is True when the proxy generated the response,
     ``duration`` is seconds from the parsed head to the last byte sent.
+    ``detail`` is Envoy's ``%RESPONSE_CODE_DETAILS%``: why the response is what
+    it is, for operators only (the caller gets just the flags): ``via_upstream``
+    when the upstream answered, else e.g. ``route_not_found``,
+    ``rbac_access_denied_matched_policy[shop/deny-batch]`` or
+    ``plugin_error{NAME,HOOK}``.
     """
 
     status: int
@@ -43,11 +48,15 @@ class LocalReply(Exception):
 
     ``status`` is the HTTP status, ``flag`` an Envoy-style response flag
     (``NR``, ``UH``, ``NC``, ...) and ``message`` tells the user what was
-    wrong and what to do.
+    wrong and what to do: both go to the caller.  ``details`` is Envoy's
+    response code details (:attr:`RequestOutcome.detail`), which may name
+    what the caller must not learn, such as the deciding policy: it goes to
+    the access log only.
     """
 
-    def __init__(self, status: int, flag: str, message: str):
+    def __init__(self, status: int, flag: str, message: str, details: str = ""):
         super().__init__(message)
         self.status = status
         self.flag = flag
         self.message = message
+        self.details = details

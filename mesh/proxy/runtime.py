@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mesh.config.security_tables import NO_ALLOW_MATCHED
 from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
 from mesh.plugins import fast_caller
 from mesh.proxy.clusters import ClusterManager
@@ -70,12 +71,12 @@ class OutboundRouter:
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
-                             "check the Host header and run `meshctl validate` on the config")
+                             "check the Host header and run `meshctl validate` on the config", "route_not_found")
         name = action.pick_cluster()
         cluster = snapshot.clusters.get(name)
         if cluster is None:
             raise LocalReply(503, "NC", f"cluster {name} not found: {action.name} routes to a host "
-                             "or subset that no ServiceEntry/DestinationRule defines")
+                             "or subset that no ServiceEntry/DestinationRule defines", "cluster_not_found")
         return action, cluster
 
     # -- transparent capture: the Host matched nothing, try the original destination --
@@ -126,6 +127,16 @@ def inbound_cluster(app_address: str, app_port: int) -> ClusterSpec:
                        endpoints=(EndpointSpec(app_address, app_port),))
 
 
+def rbac_details(policy) -> str:
+    """Envoy's response code details of a denial: ``rbac_access_denied_matched_policy[NS/NAME]``.
+
+    ``[none]`` when ALLOW policies apply and none matched.  The caller gets
+    only the flag ``RBAC`` and ``RBAC: access denied``, as from Envoy: the
+    policy's name is for the access log.
+    """
+    return f"rbac_access_denied_matched_policy[{'none' if policy == NO_ALLOW_MATCHED else policy}]"
+
+
 class InboundRouter:
     """Routes mesh -> app requests: authorize, then the local app's cluster."""
 
@@ -144,5 +155,5 @@ class InboundRouter:
             allowed, policy = verdict
             if not allowed:
                 ctx.authz_policy = policy
-                raise LocalReply(403, f"RBAC:{policy}", "RBAC: access denied")
+                raise LocalReply(403, "RBAC", "RBAC: access denied", rbac_details(policy))
         return self._action, snapshot.clusters[self._cluster_name]

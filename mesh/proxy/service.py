@@ -21,6 +21,7 @@ from mesh.config.errors import ConfigErrors
 from mesh.identity.agent import WorkloadAgent
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
+from mesh.plugins import failures as plugin_failures
 from mesh.proxy.admin import AdminSite
 from mesh.proxy.control_client import ControlClient
 from mesh.proxy.health import HealthServer
@@ -319,6 +320,7 @@ class ProxyService(service.MultiService):
             "certificate": self.certificate_dump(),
             # a disabled plugin stays in the manager as a blocked name, with None for the plugin
             "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],
+            "plugin_failures": plugin_failures.describe(),  # each distinct failure, counted (mesh.plugins)
             "tracing": self.tracing.describe() if self.tracing is not None else None,
             "control": self.control_client.describe() if self.control_client is not None else None,
         }

@@ -135,7 +135,8 @@ class AccessLog(service.Service):
 #: distinct combination and cached.  The line is ``start_time``, these, then :func:`LineFormatter.format`'s own.
 REPEATED_FIELDS = (
     '"direction":"%s","method":%s,"protocol":"HTTP/%s","authority":%s,"user_agent":%s,'
-    '"response_flags":%s,"upstream_host":%s,"upstream_cluster":%s,"route_name":%s,"authz_policy":%s,'
+    '"response_flags":%s,"response_code_details":%s,"upstream_host":%s,"upstream_cluster":%s,"route_name":%s,'
+    '"authz_policy":%s,'
     '"downstream_remote_address":%s,"source_principal":%s,"destination_principal":%s'
 )
 
@@ -167,8 +168,8 @@ class LineFormatter:
         route = ctx.route
         repeated = self._repeated.get((
             ctx.direction, ctx.method, ctx.http_version, ctx.authority, headers.get("user-agent"),
-            ctx.response_flags, ctx.upstream_host, ctx.cluster, route.name if route is not None else None,
-            ctx.authz_policy, ctx.source_address, ctx.peer))
+            ctx.response_flags, outcome.detail, ctx.upstream_host, ctx.cluster,
+            route.name if route is not None else None, ctx.authz_policy, ctx.source_address, ctx.peer))
         trace = ctx.extra.get("trace_id") or trace_id(headers)
         upstream_time = ctx.upstream_time
         dry_run = ctx.authz_dry_run
@@ -206,8 +207,8 @@ class LineFormatter:
         return f"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}"
 
     def _format_repeated(self, key, index) -> str:
-        (direction, method, http_version, authority, user_agent, flags, upstream_host, cluster, route_name,
-         authz_policy, source_address, peer) = key
+        (direction, method, http_version, authority, user_agent, flags, details, upstream_host, cluster,
+         route_name, authz_policy, source_address, peer) = key
         if direction == "outbound":
             endpoint = index.endpoint(cluster, upstream_host)
             destination = endpoint.identity if endpoint is not None else None
@@ -217,8 +218,8 @@ class LineFormatter:
             destination = self._peers.own_identity() if source else None
         return REPEATED_FIELDS % (
             direction, _json(method), http_version, _json(authority.decode("latin-1") if authority else None),
-            _json(user_agent), _json(flags or "-"), _json(upstream_host), _json(cluster), _json(route_name),
-            _json(authz_policy), _json(source_address), _json(source), _json(destination))
+            _json(user_agent), _json(flags or "-"), _json(details or None), _json(upstream_host), _json(cluster),
+            _json(route_name), _json(authz_policy), _json(source_address), _json(source), _json(destination))
 
 
 def dry_run_fields(results) -> str:

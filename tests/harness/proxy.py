@@ -21,7 +21,8 @@ class Proxy(ManagedProcess):
             --outbound-port P1 --inbound-port P2 --admin-port P3 [--app-port N] [--label K=V ...]
             [--metrics-port P4] [--health-port P5] [extra_args]
 
-    ``--metrics-port`` and ``--health-port`` are free ports unless ``extra_args`` give them.
+    ``--metrics-port`` and ``--health-port`` are free ports unless ``extra_args`` give them; ``env``
+    adds environment variables (e.g. ``PYTHONPATH`` to a plugin only this proxy loads).
 
     Ports not given are picked free. :meth:`start` returns once
     ``GET http://127.0.0.1:P3/ready`` answers 200. The log (twistd's stdout and
@@ -33,7 +34,8 @@ class Proxy(ManagedProcess):
 
     def __init__(self, config_dir: Path, workload: str, *, namespace: str = "default", app_port: int | None = None,
                  labels: dict[str, str] | None = None, extra_args=(), outbound_port: int | None = None,
-                 inbound_port: int | None = None, admin_port: int | None = None, log_dir: Path | None = None):
+                 inbound_port: int | None = None, admin_port: int | None = None, log_dir: Path | None = None,
+                 env: dict | None = None):
         self.config_dir = Path(config_dir)
         self.workload = workload
         self.namespace = namespace
@@ -60,7 +62,8 @@ class Proxy(ManagedProcess):
         if self.health_port is not None:
             argv += ["--health-port", self.health_port]
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="txmesh-proxy-"))
-        super().__init__(workload, [*argv, *extra_args], log_dir / f"proxy-{workload}-{self.outbound_port}.log")
+        super().__init__(workload, [*argv, *extra_args], log_dir / f"proxy-{workload}-{self.outbound_port}.log",
+                         env=env)
 
     @property
     def outbound_url(self) -> str:

@@ -19,7 +19,7 @@ from tests.unit.test_telemetry_support import (
 )
 
 FIELDS = {"start_time", "direction", "method", "path", "protocol", "authority", "user_agent", "x_request_id",
-          "trace_id", "response_code", "response_flags", "bytes_received", "bytes_sent", "duration",
+          "trace_id", "response_code", "response_flags", "response_code_details", "bytes_received", "bytes_sent", "duration",
           "upstream_service_time", "upstream_host", "upstream_cluster", "route_name", "authz_policy",
           "downstream_remote_address", "source_principal", "destination_principal"}
 
@@ -41,6 +41,7 @@ def test_an_outbound_line(line):
         "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "method": "GET",
         "path": "/reviews/1?x=1", "protocol": "HTTP/1.1", "authority": "reviews", "user_agent": "curl/8",
         "x_request_id": "test", "trace_id": None, "response_code": 200, "response_flags": "-",
+        "response_code_details": None,
         "bytes_received": 5, "bytes_sent": 1234, "duration": 4.2, "upstream_service_time": 3.1,
         "upstream_host": REVIEWS_V1, "upstream_cluster": REVIEWS_CLUSTER,
         "route_name": "VirtualService/bookinfo/reviews", "authz_policy": None, "downstream_remote_address": "127.0.0.1",
@@ -57,9 +58,13 @@ def test_plaintext_and_local_replies_have_nulls(line):
 
 
 def test_an_inbound_line_names_the_caller(line):
-    entry = line(inbound(403, flags="RBAC:deny-admin", authz_policy="deny-admin"))
+    formatter = LineFormatter(peers())
+    ctx = inbound(403, flags="RBAC", authz_policy="shop/deny-admin")
+    entry = json.loads(formatter.format(ctx, done(ctx, detail="rbac_access_denied_matched_policy[shop/deny-admin]")))
     assert (entry["direction"], entry["upstream_cluster"], entry["authz_policy"]) == \
-        ("inbound", INBOUND_CLUSTER, "deny-admin")
+        ("inbound", INBOUND_CLUSTER, "shop/deny-admin")
+    assert (entry["response_flags"], entry["response_code_details"]) == \
+        ("RBAC", "rbac_access_denied_matched_policy[shop/deny-admin]")
     assert (entry["source_principal"], entry["destination_principal"]) == (CALLER_ID, OWN_ID)
     assert line(inbound(200, peer=None))["destination_principal"] is None
 

@@ -71,7 +71,7 @@ def test_no_route_is_unknown_throughout(metrics):
 
 
 def test_destination_labels_of_an_mtls_caller(metrics):
-    ctx = inbound(403, flags="RBAC:deny-all", host="reviews.bookinfo")  # bookinfo's registry has no productpage
+    ctx = inbound(403, flags="RBAC", host="reviews.bookinfo")  # bookinfo's registry has no productpage
     metrics.mesh_request_complete(ctx, done(ctx))
     [(labels, _)] = requests_total(metrics)
     assert labels["reporter"] == "destination"

@@ -97,8 +97,8 @@ def inbound(code=200, peer=CALLER_ID, host="productpage", **fields) -> RequestCo
     return ctx
 
 
-def done(ctx, duration=0.0042) -> RequestOutcome:
-    return RequestOutcome(ctx.response_code, ctx.response_flags, False, duration)
+def done(ctx, duration=0.0042, detail="") -> RequestOutcome:
+    return RequestOutcome(ctx.response_code, ctx.response_flags, False, duration, detail)
 
 
 def tcp_event(opened, closed, direction="outbound", cluster="PassthroughCluster", flags="", sent=0, received=0,
