@@ -199,7 +199,9 @@ class Exchange:
         self.response_link = None
         self.finished = False
         self.free_retry_used = False
-        self.response_close = False
+        # After an upgrade request the codec reads no more HTTP: unless the upstream
+        # switches protocols, the connection closes after the response (local ones too).
+        self.response_close = upgrade
         self.pending_head = None
 
     # -- start ---------------------------------------------------------------
@@ -358,13 +360,17 @@ class Exchange:
             outlier.record_success(attempt.endpoint)
             if 400 <= status < 500 and self._retry(attempt, TryOutcome("status", status)):
                 return
-        self.response_started = True
-        ctx.response_code = status
-        if status == 101 and self.upgrade:
+        if status == 101:
+            if not self.upgrade:  # never a tunnel the client did not ask for and the proxy did not pass
+                self.try_failed(attempt, TryOutcome("reset", None, "the upstream switched protocols (101) "
+                                                    "on a request that asked for no upgrade"))
+                return
+            self.response_started = True
+            ctx.response_code = status
             self.conn.write(response_head(status, reason, headers, self, upgrade=True))
             return
-        if self.upgrade:
-            self.response_close = True  # the client asked to switch; the upstream declined
+        self.response_started = True
+        ctx.response_code = status
         # Held back until the first body bytes, so that a small response takes one downstream
         # write instead of two, or until the upstream data at hand is parsed (flush_head).
         self.pending_head = response_head(status, reason, headers, self)

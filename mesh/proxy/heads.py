@@ -1,8 +1,8 @@
 """Serialising HTTP/1.1 heads: requests to upstreams, responses to clients.
 
 Hop-by-hop headers (RFC 9110 section 7.6.1) are never forwarded: the fixed
-set below plus every header named in a ``Connection`` header.  Body framing is
-re-decided at each hop.
+set below plus every header named in a ``Connection`` header, except the
+:data:`FRAMING` ones.  Body framing is re-decided at each hop.
 """
 
 from __future__ import annotations
@@ -14,6 +14,12 @@ HOP_BY_HOP = frozenset({
     b"connection", b"keep-alive", b"proxy-connection", b"proxy-authenticate",
     b"proxy-authorization", b"te", b"trailer", b"transfer-encoding", b"upgrade",
 })
+
+#: Lower-case names of the headers that frame a message.  A ``Connection``
+#: header naming them does not remove them: dropping Content-Length would leave
+#: a body unframed, which the next hop would read as another request.  (Envoy,
+#: too, frames what it forwards from what it parsed, whatever Connection says.)
+FRAMING = frozenset({b"content-length", b"transfer-encoding", b"host"})
 
 REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -91,10 +97,9 @@ def response_head(status, reason, headers, exchange, upgrade=False) -> bytes:
         kept.append(pair)
     if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
         # Rare: the Connection header names more hop-by-hop headers; strip them too.
-        listed = connection_tokens(connection) - HOP_BY_HOP
+        listed = connection_tokens(connection) - HOP_BY_HOP - FRAMING
         if listed:
             kept = [pair for pair in kept if pair[0].lower() not in listed]
-            has_length = any(pair[0].lower() == b"content-length" for pair in kept)
     action = exchange.action
     if action is not None and action.response_headers is not None:
         kept = _apply_ops(kept, action.response_headers)

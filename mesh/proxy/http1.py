@@ -7,6 +7,14 @@ each of those ends the connection with a 400.  This module adds the limits on
 head size and header count (431), the HTTP version check (505), and the
 timers for slow and idle clients.
 
+What a request is framed and matched by is exactly what is forwarded (see
+docs/security.md): header values lose their trailing whitespace, a
+``Connection`` header cannot take Content-Length, Transfer-Encoding or Host
+out of framing, a Transfer-Encoding other than ``chunked`` is refused (501),
+the Host must be a valid authority and the target carry no fragment (400),
+and only a WebSocket upgrade is forwarded as one: any other (``h2c``) goes to
+the app as a plain request.
+
 Requests are answered in order.  A pipelined request waits, body buffered, for
 the one before it; reading pauses when too many are queued.
 """
@@ -14,6 +22,7 @@ the one before it; reading pauses when too many are queued.
 from __future__ import annotations
 
 import os
+import re
 from collections import deque
 
 import httptools
@@ -24,15 +33,26 @@ from twisted.logger import Logger
 
 from mesh.proxy.context import RequestContext
 from mesh.proxy.exchange import Exchange
-from mesh.proxy.heads import HOP_BY_HOP, connection_tokens, simple_response
+from mesh.proxy.heads import FRAMING, HOP_BY_HOP, connection_tokens, simple_response
 from mesh.proxy.original_dst import original_dst
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.sockets import set_nodelay
 
 log = Logger()
 
-#: Request headers the codec handles itself and never forwards as they are.
-_CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-client-cert"}
+#: Request headers the codec handles itself and never forwards as they are
+#: (HTTP2-Settings belongs to an h2c upgrade, which is never forwarded).
+_CONSUMED = HOP_BY_HOP | {b"host", b"expect", b"x-forwarded-for", b"x-forwarded-client-cert", b"http2-settings"}
+
+#: A valid Host value (RFC 9110 section 7.2, RFC 3986 section 3.2.2): an IP
+#: literal or a reg-name (which covers IPv4), then an optional port.  Stricter
+#: than RFC 3986 in one point: no comma, which only a list of hosts has.
+_AUTHORITY = re.compile(rb"(?:\[[0-9A-Fa-f:.]+\]|(?:[A-Za-z0-9._~!$&'()*+;=-]|%[0-9A-Fa-f]{2})+)(?::([0-9]{1,5}))?")
+
+#: Heads fed to a fresh parser so that it reads the body of a request whose
+#: upgrade was declined (see ``DownstreamConnection._continue_http``).
+_LENGTH_PRIMER = b"PUT / HTTP/1.1\r\ncontent-length: %d\r\n\r\n"
+_CHUNKED_PRIMER = b"PUT / HTTP/1.1\r\ntransfer-encoding: chunked\r\n\r\n"
 
 #: Lower-case ``Connection`` values that name no header beyond :data:`_CONSUMED`.
 _PLAIN_CONNECTION = frozenset({"keep-alive", "close", "upgrade"})
@@ -81,13 +101,26 @@ def _header_name(name: bytes) -> tuple:
 
 
 def normalise_host(authority: bytes) -> str:
-    """``"Foo.Example:8080"`` -> ``"foo.example"``; ``"[::1]:80"`` -> ``"::1"``."""
-    host = authority.decode("latin-1").strip().lower()
+    """``"Foo.Example:8080"`` -> ``"foo.example"``; ``"[::1]:80"`` -> ``"::1"``.
+
+    An empty authority gives ``""``.  Raises ``_Reject`` (400) for a value
+    that is no valid authority (``a, b``, ``a b``, ``a@b``, port 99999), which
+    the caller answers, and :class:`_RootDot` for ``a.local.`` (``a.local.:80``).
+    """
+    if authority:
+        valid = _AUTHORITY.fullmatch(authority)
+        if valid is None or (valid.group(1) is not None and int(valid.group(1)) > 65535):
+            raise _Reject(400, f"invalid Host {authority.decode('latin-1')!r}: expected a host name or "
+                               "IP address and an optional port, such as example.com:8080")
+    host = authority.decode("latin-1").lower()
     if host.startswith("["):
         return host[1:host.find("]")] if "]" in host else host
     name, _, port = host.rpartition(":")
     if name and port.isdigit():
-        return name
+        host = name
+    if host.endswith("."):  # a name, not an IP literal: one ":" at most
+        name, colon, port = authority.partition(b":")
+        raise _RootDot(name[:-1] + colon + port, host[:-1])
     return host
 
 
@@ -151,23 +184,29 @@ class DownstreamConnection(Protocol):
             return
         if self.closing:
             return
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserUpgrade as upgrade:
-            self.upgrade_buffer = [data[upgrade.args[0]:]]
-            self._pause("upgrade")
-        except httptools.HttpParserCallbackError as error:
-            reject = error.__context__
-            if isinstance(reject, (_Reject, LocalReply)):  # LocalReply: a path refused (mesh.proxy.paths)
-                self.reject(reject.status, reject.message)
-            else:
-                log.failure("request handling failed")
-                self.reject(500, "internal proxy error; see the proxy log")
-        except httptools.HttpParserError as error:
-            if str(error) == "Invalid HTTP version":  # llhttp knows only 0.9, 1.0, 1.1 and 2.0
-                self.reject(505, "this HTTP version is not supported on this port; use HTTP/1.1")
-            else:
-                self.reject(400, f"malformed HTTP request: {error}")
+        while True:  # more than once only after a declined upgrade
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserUpgrade as upgrade:
+                data = data[upgrade.args[0]:]
+                if self.queue and self.queue[-1].upgrade:  # a WebSocket handshake, forwarded as one
+                    self.upgrade_buffer = [data]
+                    self._pause("upgrade")
+                elif self._continue_http() and data:
+                    continue  # an upgrade the proxy declined: what follows goes to the fresh parser
+            except httptools.HttpParserCallbackError as error:
+                reject = error.__context__
+                if isinstance(reject, (_Reject, LocalReply)):  # LocalReply: a path refused (mesh.proxy.paths)
+                    self.reject(reject.status, reject.message)
+                else:
+                    log.failure("request handling failed")
+                    self.reject(500, "internal proxy error; see the proxy log")
+            except httptools.HttpParserError as error:
+                if str(error) == "Invalid HTTP version":  # llhttp knows only 0.9, 1.0, 1.1 and 2.0
+                    self.reject(505, "this HTTP version is not supported on this port; use HTTP/1.1")
+                else:
+                    self.reject(400, f"malformed HTTP request: {error}")
+            return
 
     def connectionLost(self, reason=None):
         self.closing = True
@@ -215,6 +254,8 @@ class DownstreamConnection(Protocol):
         self._count(len(url))
 
     def on_header(self, name, value):
+        if value and value[-1] <= 32:  # rare: trailing SP/HTAB (RFC 9110 5.5; llhttp drops only leading ones)
+            value = value.rstrip(b" \t")  # so that policies match what the app reads (Host: "a.local ")
         headers = self._headers
         headers.append((name, value))
         self._count(len(name) + len(value) + 4)
@@ -235,7 +276,6 @@ class DownstreamConnection(Protocol):
         if version not in ("1.1", "1.0"):
             raise _Reject(505, f"HTTP/{version} is not supported on this port; use HTTP/1.1")
         exchange = self._exchange(parser, version)
-        self.reading = exchange
         queue = self.queue
         queue.append(exchange)
         if len(queue) == 1:
@@ -256,12 +296,14 @@ class DownstreamConnection(Protocol):
 
     # -- building the context -------------------------------------------------
     def _exchange(self, parser, version):
+        """The :class:`Exchange` of a parsed head; it becomes ``self.reading``, which gets the body."""
         fields = self._fields(_CONSUMED)
         connection = fields[0].get("connection")
         if connection is not None and connection.lower() not in _PLAIN_CONNECTION:
             # Rare: the Connection header names more headers not to forward
             # (RFC 9110 7.6.1); read the fields again without them.
-            listed = connection_tokens(connection.encode("latin-1"))
+            # Never the framing headers: the body must stay framed as it was parsed.
+            listed = connection_tokens(connection.encode("latin-1")) - FRAMING
             if not listed <= _CONSUMED:
                 fields = self._fields(_CONSUMED | listed)
         headers, raw, authority, expect_continue, framing, content_length = fields
@@ -269,24 +311,65 @@ class DownstreamConnection(Protocol):
         if method == "CONNECT":
             raise _Reject(405, "CONNECT is not supported; send plain HTTP requests to the sidecar")
         target = self._url
+        if 0x23 in target:  # "#" (an int test: a tenth of the cost of b"#" in target)
+            raise _Reject(400, "a fragment ('#...') is not allowed in the request target; "
+                               "send the path and query only")
         if not target.startswith(b"/"):
-            target, authority = _origin_form(target, authority)
+            target, authority = _origin_form(target)
         if authority is None:
             if version == "1.1":
                 raise _Reject(400, "missing Host header (required by HTTP/1.1)")
             authority = b""
         if framing == "length" and self.limits.max_request_body and content_length > self.limits.max_request_body:
             raise _Reject(413, f"request body larger than {self.limits.max_request_body} bytes")
-        upgrade = "upgrade" in headers and parser.should_upgrade()
         listener = self.listener
+        try:
+            host = listener.host_of(authority)
+        except _RootDot as dotted:  # rare: "a.local." is matched, routed and forwarded as "a.local"
+            authority, host = dotted.authority, dotted.host
+        upgrade = body_later = False
+        if "upgrade" in headers and parser.should_upgrade():  # rare; llhttp leaves this request's body unread
+            upgrade = headers["upgrade"].lower() == "websocket" and framing is None
+            body_later = framing is not None and not upgrade  # see _continue_http
         ctx = RequestContext(
-            listener.direction, method, target.decode("latin-1"), listener.host_of(authority),
+            listener.direction, method, target.decode("latin-1"), host,
             authority, headers, raw, version, headers.get("x-request-id") or new_request_id(),
             self.source_address, self.last_activity, self.peer, listener.normalize_path)
         if self.original_dst is not None:  # transparent capture (mesh.proxy.original_dst)
             ctx.extra["original_dst"] = self.original_dst
-        return Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
-                        parser.should_keep_alive() and not self.draining)
+        exchange = Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
+                            parser.should_keep_alive() and not self.draining)
+        self.reading = None if body_later else exchange
+        return exchange
+
+    def _continue_http(self) -> bool:
+        """After an upgrade the proxy declined: a fresh parser for what follows.
+
+        Only a WebSocket handshake without a body is forwarded as an upgrade
+        (see :meth:`_exchange`).  Any other (``h2c``, unknown protocols, one
+        with a body) went on as a plain request without Upgrade, Connection
+        and HTTP2-Settings, as Envoy forwards h2c, so the app can never switch
+        this connection to a protocol the proxy does not read.  llhttp takes
+        all bytes after such a request's head for the new protocol, its body
+        too: if the body is still to come, the fresh parser is first fed a
+        head of our own with the request's framing, so that it frames the
+        body exactly as declared and gives it to that request.  False if the
+        connection is closing (the request was refused): nothing to read.
+        """
+        if self.closing:
+            return False
+        self.parser = parser = httptools.HttpRequestParser(self)
+        exchange = self.queue[-1] if self.queue else None  # the declined request, if not yet answered
+        if exchange is not None and not exchange.body_done:
+            self.reading = exchange
+            primer = (_LENGTH_PRIMER % exchange.content_length if exchange.framing == "length"
+                      else _CHUNKED_PRIMER)
+            self.closing = True  # the primer's head is ours: on_headers_complete ignores heads while closing
+            try:
+                parser.feed_data(primer)
+            finally:
+                self.closing = False
+        return True
 
     def _fields(self, consumed):
         """Read the received header fields once, for the context and the forwarded head.
@@ -321,6 +404,9 @@ class DownstreamConnection(Protocol):
                         raise _Reject(417, "only 'Expect: 100-continue' is supported")
                     expect_continue = True
                 elif lname == b"transfer-encoding":
+                    if value.lower() != b"chunked":  # llhttp takes "gzip, chunked" as chunked
+                        raise _Reject(501, f"Transfer-Encoding {value.decode('latin-1')!r} is not supported; "
+                                           "send 'chunked' or a Content-Length")
                     framing = "chunked"
                 continue
             if lname == b"content-length":
@@ -523,17 +609,38 @@ class _TunnelWriter:
         self._conn.transport.loseConnection()
 
 
-def _origin_form(target: bytes, authority):
-    """Absolute-form ``http://host/path`` -> (``/path``, ``host``)."""
+def _origin_form(target: bytes):
+    """Absolute-form ``http://host/path`` -> (``/path``, ``host``).
+
+    The target's host replaces any Host header (RFC 9112 section 3.2.2, and
+    Envoy), so the host a policy matches is the one the app is sent.
+    """
     try:
         url = httptools.parse_url(target)
     except httptools.HttpParserInvalidURLError:
         raise _Reject(400, "invalid request target") from None
     if url.host is None:
         raise _Reject(400, "invalid request target")
-    host = url.host + (b":%d" % url.port if url.port else b"")
+    host = b"[%s]" % url.host if b":" in url.host else url.host
+    if url.port:
+        host += b":%d" % url.port
     path = (url.path or b"/") + (b"?" + url.query if url.query else b"")
-    return path, host if authority is None else authority
+    return path, host
+
+
+class _RootDot(Exception):
+    """Raised by :func:`normalise_host` for a host with a trailing dot: the request is for
+    ``authority`` and ``host``, without it (never cached, so the usual host costs nothing more).
+
+    One trailing dot (the DNS root) is dropped from what is matched, routed
+    and forwarded, as Envoy's ``strip_trailing_host_dot`` and nginx do, so
+    ``a.local.`` cannot pass a policy on ``a.local`` and still reach its app.
+    """
+
+    def __init__(self, authority: bytes, host: str):
+        super().__init__(authority)
+        self.authority = authority
+        self.host = host
 
 
 class DownstreamFactory(ServerFactory):
