@@ -29,7 +29,6 @@ import argparse
 import datetime
 import json
 import shlex
-import signal
 import statistics
 import sys
 from contextlib import ExitStack
@@ -37,7 +36,7 @@ from pathlib import Path
 
 from bench import callgrind
 from bench.handshake_client import client_context, one_request
-from bench.procs import BenchError, run_tool, tree_cpu_seconds
+from bench.procs import BenchError, run_main, run_tool, tree_cpu_seconds
 from bench.run import git_revision, tool_versions
 from bench.topologies import (
     BENCH_DIR, REPO_DIR, Proxy, Workspace, find_venv_bin, start_backend, start_envoy_server_sidecar,
@@ -232,16 +231,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"bench.handshakes: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench.handshakes: interrupted; all processes stopped", file=sys.stderr)
-        return 130
+    return run_main("bench.handshakes", run, parse_args(argv))
 
 
 if __name__ == "__main__":

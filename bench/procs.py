@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +29,20 @@ POLL_INTERVAL = 0.05  # seconds between readiness probes
 
 class BenchError(RuntimeError):
     """A failure the harness reports to the user as one clear message."""
+
+
+def run_main(name: str, run, args) -> int:
+    """Run a benchmark's ``run(args)`` as a command: SIGTERM unwinds like Ctrl-C (every started
+    process is stopped), a :class:`BenchError` is one line on stderr (exit 1), Ctrl-C exits 130."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        return run(args)
+    except BenchError as exc:
+        print(f"{name}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{name}: interrupted; all processes stopped", file=sys.stderr)
+        return 130
 
 
 def free_port() -> int:

@@ -21,7 +21,6 @@ import datetime
 import os
 import platform
 import shlex
-import signal
 import subprocess
 import sys
 from contextlib import ExitStack
@@ -30,7 +29,7 @@ from typing import Optional
 
 from bench import callgrind, diagnostics, report
 from bench.loadgen import LoadGenerator
-from bench.procs import BenchError, tree_cpu_seconds, tree_memory_kib
+from bench.procs import BenchError, run_main, tree_cpu_seconds, tree_memory_kib
 from bench.topologies import BENCH_DIR, CASES, Target, Workspace, check_target, find_venv_bin, start_backend
 
 DEFAULT_CASES = "direct,txmesh,envoy"
@@ -232,17 +231,7 @@ def run(args) -> int:
 
 
 def main(argv=None) -> int:
-    args = parse_args(argv)
-    # SIGTERM unwinds like Ctrl-C, so every started process is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        return run(args)
-    except BenchError as exc:
-        print(f"bench: error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("bench: interrupted; all processes stopped", file=sys.stderr)
-        return 130
+    return run_main("bench", run, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from mesh import __version__
 from tests.harness import free_port, wait_for
+from tests.harness.jsonpages import JsonPages
 from tests.integration.test_meshctl_observe_support import (
     meshctl, observed_mesh, start_meshctl, wait_for_stderr_line,
 )
@@ -88,42 +87,23 @@ def test_proxy_config_by_name_without_a_control_plane_says_what_to_do():
     assert "--control-admin" in err
 
 
-class _Rows(BaseHTTPRequestHandler):
-    """A control plane's /proxies with fixed rows (cases a real one cannot easily show: remote, ambiguous)."""
-
-    rows = []
-
-    def do_GET(self):
-        body = json.dumps(self.rows).encode()
-        self.send_response(200)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def fixed_rows():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rows)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    """A control plane's /proxies with fixed rows (cases a real one cannot easily show: remote, ambiguous)."""
+    with JsonPages() as pages:
+        yield pages
 
 
 def test_a_proxy_on_another_host_is_not_confused_with_a_local_one(mesh, fixed_rows):
     """The announced admin port belongs to another proxy here: meshctl says so instead of showing its config."""
     local = mesh["productpage"]
-    _Rows.rows = [{"node": "reviews.default~other-host~15000", "workload": "reviews", "namespace": "default",
+    fixed_rows.pages["/proxies"] = [{"node": "reviews.default~other-host~15000", "workload": "reviews", "namespace": "default",
                    "address": "10.1.2.3", "connected": True, "admin_port": local.admin_port},
                   {"node": "ratings-a", "workload": "ratings", "namespace": "default", "connected": True,
                    "admin_port": 1},
                   {"node": "ratings-b", "workload": "ratings", "namespace": "default", "connected": True,
                    "admin_port": 2}]
-    control_admin = f"127.0.0.1:{fixed_rows.server_address[1]}"
+    control_admin = fixed_rows.address
     code, out, err = meshctl("proxy-config", "routes", "reviews", "--control-admin", control_admin)
     assert code == 1 and out == ""
     assert f"127.0.0.1:{local.admin_port} is not proxy reviews.default~other-host~15000 but productpage" in err

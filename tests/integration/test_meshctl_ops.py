@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import json
 import subprocess
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
 from tests.harness import free_port, venv_bin
+from tests.harness.jsonpages import JsonPages
 from tests.integration.test_proxy_support import (
     destination_rule, endpoint, route_to, service_entry, virtual_service, write_config,
 )
@@ -82,35 +81,15 @@ def test_proxy_config_unreachable_says_what_to_do():
     assert "--admin-port" in err and "curl" in err
 
 
-class _FakeControlAdmin(BaseHTTPRequestHandler):
-    """/proxies and /ready as the control plane serves them (fixed rows)."""
-
-    pages = {}
-
-    def do_GET(self):
-        body = json.dumps(self.pages.get(self.path, {"error": "not found"})).encode()
-        self.send_response(200 if self.path in self.pages else 404)
-        self.send_header("content-type", "application/json")
-        self.send_header("content-length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def fake_control():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _FakeControlAdmin)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+    """/proxies and /ready as the control plane serves them (fixed rows)."""
+    with JsonPages() as pages:
+        yield pages
 
 
 def test_proxy_status_table_and_json(fake_control):
-    _FakeControlAdmin.pages = {
+    fake_control.pages = {
         "/proxies": [
             {"node": "productpage-1", "workload": "productpage", "namespace": "shop",
              "identity": "spiffe://cluster.local/ns/shop/sa/productpage", "address": "10.0.0.1:15006",
@@ -130,7 +109,7 @@ def test_proxy_status_table_and_json(fake_control):
                                                      "spec.http[0].route: weights must sum to 100",
                                             "kept": "/etc/mesh/vs.yaml:1"}]}},
     }
-    address = f"127.0.0.1:{fake_control.server_address[1]}"
+    address = fake_control.address
     code, out, err = meshctl("proxy-status", "--control-admin", address)
     assert code == 0, err
     lines = out.splitlines()
