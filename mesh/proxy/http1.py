@@ -251,21 +251,26 @@ class DownstreamConnection(Protocol):
 
     def on_url(self, url):
         self._url += url
-        self._count(len(url))
+        self._head_bytes += len(url)
+        if self._head_bytes > self.limits.max_header_bytes:
+            raise self._head_too_large()
 
     def on_header(self, name, value):
         if value and value[-1] <= 32:  # rare: trailing SP/HTAB (RFC 9110 5.5; llhttp drops only leading ones)
             value = value.rstrip(b" \t")  # so that policies match what the app reads (Host: "a.local ")
         headers = self._headers
         headers.append((name, value))
-        self._count(len(name) + len(value) + 4)
-        if len(headers) > self.limits.max_headers:
-            raise _Reject(431, f"too many request headers (limit {self.limits.max_headers})")
+        self._head_bytes += len(name) + len(value) + 4
+        limits = self.limits
+        if self._head_bytes > limits.max_header_bytes or len(headers) > limits.max_headers:
+            raise self._head_too_large()
 
-    def _count(self, size):
-        self._head_bytes += size
-        if self._head_bytes > self.limits.max_header_bytes:
-            raise _Reject(431, f"request head larger than {self.limits.max_header_bytes} bytes")
+    def _head_too_large(self) -> _Reject:
+        """The 431 for a head over ``--max-header-bytes`` or ``--max-headers`` (checked inline: hot path)."""
+        limits = self.limits
+        if self._head_bytes > limits.max_header_bytes:
+            return _Reject(431, f"request head larger than {limits.max_header_bytes} bytes")
+        return _Reject(431, f"too many request headers (limit {limits.max_headers})")
 
     def on_headers_complete(self):
         self.head_started = None
