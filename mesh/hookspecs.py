@@ -18,7 +18,43 @@ return None to defer to the next implementation.
 
 import pluggy
 
+#: The version of the plugin API: these hooks and :mod:`mesh.api`.
+API_VERSION = 1
+
 hookspec = pluggy.HookspecMarker("mesh")
+
+
+@hookspec
+def mesh_addoption(parser):
+    """Add command-line options.  *Lifecycle, all results.*
+
+    Called once, before the command line of ``twistd mesh-proxy`` or
+    ``twistd mesh-control`` is parsed.
+
+    :param parser: a :class:`mesh.api.OptionParser`; call
+        ``parser.addoption(name, default=None, help="", coerce=str, role="proxy")``
+        (``role`` is ``"proxy"``, ``"control"`` or ``"both"``).
+    """
+
+
+@hookspec
+def mesh_configure(config):
+    """Start using the parsed configuration.  *Lifecycle, all results.*
+
+    Called once per process after the options are parsed and every plugin is
+    registered, before any listener opens.
+
+    :param config: a :class:`mesh.api.Config` (``config.role``,
+        ``config.option(name)``, ``config.reactor``).
+    """
+
+
+@hookspec
+def mesh_unconfigure(config):
+    """Release what :func:`mesh_configure` acquired.  *Lifecycle, all results.*
+
+    Called once when the service stops (after draining).
+    """
 
 
 @hookspec(firstresult=True)
@@ -103,6 +139,47 @@ def mesh_request_headers(ctx):
     :return: None, or a list of ``(name, value)`` pairs, ``name`` lower-case
         bytes and ``value`` bytes, to set: each replaces every forwarded header
         of that name.  A ``value`` of None removes the header.
+    """
+
+
+@hookspec
+def mesh_response_headers(ctx, status, headers):
+    """Rewrite the headers of the response sent downstream.  *Hot path, all results.*
+
+    Called on both listeners, once per response the proxy sends to its
+    client: the upstream's final response (after any retries) and a local
+    reply (then ``headers`` is empty).  Not called for ``100 Continue``.
+
+    :param ctx: the request context.
+    :param status: the response status code.
+    :param headers: the response's header pairs as received from the upstream
+        (``(name, value)`` bytes, read-only), or ``()`` for a local reply.
+    :return: None, or a list of ``(name, value)`` pairs, ``name`` lower-case
+        bytes and ``value`` bytes, to set: each replaces every header of that
+        name.  A ``value`` of None removes the header.
+    """
+
+
+@hookspec
+def mesh_connection_open(connection):
+    """Observe a downstream connection the proxy accepted.  *All results.*
+
+    Called once per connection on both listeners, HTTP and TCP
+    (passthrough) alike, when it is accepted (for TCP, when the tunnel is
+    decided).  Must never raise into or block the data path.
+
+    :param connection: a :class:`mesh.api.ConnectionView`.
+    """
+
+
+@hookspec
+def mesh_connection_complete(connection):
+    """Observe a downstream connection that ended.  *All results.*
+
+    Called exactly once per connection for which :func:`mesh_connection_open`
+    was called, with its byte counts and duration filled in.
+
+    :param connection: a :class:`mesh.api.ConnectionView`.
     """
 
 
