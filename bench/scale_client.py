@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
-from mesh.control import protocol as proto
+from mesh import protocol as proto
 from mesh.identity.agent import _VerifyControlPlane, make_csr
 from mesh.identity.ca import CertificateAuthority
 

@@ -40,7 +40,7 @@ from mesh.config.resources import DestinationRule, VirtualService
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.selection import describe_selection, unselected_warning
 from mesh.config.validate import validate
-from mesh.control import protocol as proto
+from mesh import protocol as proto
 from mesh.control.registry import Registration, Registry
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.identity.tls import peer_identity

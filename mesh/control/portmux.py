@@ -1,7 +1,7 @@
 """One TLS port, two protocols: the config stream and the CSR HTTP API (:15012).
 
 After the TLS handshake the first four bytes decide: the magic ``TXM1`` starts
-the config stream (:mod:`mesh.control.protocol`), anything else is handed,
+the config stream (:mod:`mesh.protocol`), anything else is handed,
 bytes included, to the HTTP site.  A connection that sends nothing for
 ``first_bytes_timeout`` seconds is closed.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.internet import protocol
 from twisted.logger import Logger
 
-from mesh.control.protocol import MAGIC
+from mesh.protocol import MAGIC
 
 log = Logger()
 

@@ -21,7 +21,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mesh.control import protocol as proto
+from mesh import protocol as proto
 from mesh.control.distribution import Distributor
 from mesh.control.registry import Registration
 from mesh.proxy.control_client import ControlStream

@@ -14,7 +14,7 @@ from twisted.test import iosim
 
 from mesh import __version__
 from mesh.config.compile import Workload
-from mesh.control import protocol as proto
+from mesh import protocol as proto
 from mesh.identity.tls import CredentialStore
 from mesh.proxy import lkg
 from mesh.proxy.control_client import ControlClient, ControlStream

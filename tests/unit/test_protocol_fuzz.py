@@ -1,4 +1,4 @@
-"""Fuzz target of the config stream's frame decoder (mesh/control/protocol.py), as hypothesis properties.
+"""Fuzz target of the config stream's frame decoder (mesh/protocol.py), as hypothesis properties.
 
 - valid frames of every message type, concatenated and cut into arbitrary chunks, decode to exactly the
   messages sent, and the decoder never holds more than one unfinished frame;
@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mesh.control import protocol as proto
+from mesh import protocol as proto
 
 EXAMPLES = int(os.environ.get("MESH_FUZZ_EXAMPLES", "150"))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, derandomize="MESH_FUZZ_EXAMPLES" not in os.environ,
