@@ -6,8 +6,8 @@ external-CA plugin is installed).  It serves its own TLS certificate, issued
 by its CA for ``spiffe://<td>/ns/<namespace>/sa/mesh-control`` and renewed at
 half its life, so sidecars verify it against the trust bundle like any peer.
 With ``--kubernetes`` the CSR endpoint also accepts projected service-account
-tokens (:mod:`mesh.kube.tokenreview`); with ``--ca-secret`` the CA and the
-token key come from a Secret shared by every replica (:mod:`mesh.kube.ca_secret`).
+tokens (:mod:`mesh.control.kube.tokenreview`); with ``--ca-secret`` the CA and the
+token key come from a Secret shared by every replica (:mod:`mesh.control.kube.ca_secret`).
 """
 
 from __future__ import annotations
@@ -37,8 +37,8 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import ServerTLS
 from mesh.identity.tokens import load_or_create_key
 from mesh.inject.sidecar import DEFAULT_IMAGE
-from mesh.kube.client import make_api_client
-from mesh.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
+from mesh.control.kube.client import make_api_client
+from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
 from mesh.webpages import BytesPage, JSONPage, LimitedSite, SiteLimits
@@ -64,7 +64,7 @@ class ControlSettings:
     ca_chain: str = None
     push_debounce: float = 0.1
     registry_grace: float = 5.0
-    kubernetes: bool = False  # registry, CRDs and TokenReview from the Kubernetes API (mesh.kube)
+    kubernetes: bool = False  # registry, CRDs and TokenReview from the Kubernetes API (mesh.control.kube)
     kubeconfig: str = None  # None: in-cluster credentials
     istio_crds: bool = False  # also read Istio's own API groups
     ca_secret: str = None  # Kubernetes Secret (in ``namespace``) holding the CA root and key, for HA
@@ -100,7 +100,7 @@ class ControlService(service.MultiService):
         self.plugins = plugin_manager
         self.kube_client = make_api_client(settings.kubeconfig) if settings.kubernetes else None
         if settings.ca_secret:
-            from mesh.kube.ca_secret import install_ca_secret
+            from mesh.control.kube.ca_secret import install_ca_secret
             install_ca_secret(self.kube_client, settings.namespace, settings.ca_secret, settings.state_dir,
                               settings.trust_domain)
         self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
@@ -152,7 +152,7 @@ class ControlService(service.MultiService):
         join_tokens = JoinTokenVerifier(load_or_create_key(self.settings.state_dir), self.settings.trust_domain)
         if self.kube_client is None:
             return join_tokens
-        from mesh.kube.tokenreview import TokenReviewVerifier
+        from mesh.control.kube.tokenreview import TokenReviewVerifier
         return DispatchingVerifier(join_tokens, TokenReviewVerifier(self.kube_client, self.settings.trust_domain,
                                                                     self.reactor))
 
@@ -178,8 +178,8 @@ class ControlService(service.MultiService):
             sys.stderr.write(f"mesh-control: --config-dir {self.settings.config_dir} is not a directory; "
                              "create it or pass the directory that holds the YAML files\n")
             raise SystemExit(1)
-        from mesh.kube import plugin as kube_plugin
-        from mesh.kube.metrics import WatchCollector
+        from mesh.control.kube import plugin as kube_plugin
+        from mesh.control.kube.metrics import WatchCollector
         kube_plugin.register(self.plugins, self.reactor, self.kube_client)  # sources only with --kubernetes
         attach_config(self)
         writers = kube_plugin.control_services(self)  # the trust-bundle ConfigMaps, the webhook's caBundle

@@ -166,8 +166,8 @@ def test_join_tokens_verify_on_every_replica(replicas):
 
 def test_a_replica_that_loses_the_create_race_uses_the_winners_secret(kube):
     """It read "no Secret", generated a CA, and then its create got 409: the Secret keeps the winner's CA."""
-    from mesh.kube.ca_secret import CASecret
-    from mesh.kube.client import make_api_client
+    from mesh.control.kube.ca_secret import CASecret
+    from mesh.control.kube.client import make_api_client
 
     api = make_api_client(str(kube.write_kubeconfig(kube.log_path.parent / "kubeconfig-race")))
     winner = CASecret(api, CONTROL_NS, "race-ca")

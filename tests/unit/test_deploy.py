@@ -239,8 +239,8 @@ def test_the_names_rbac_allows_are_the_ones_mesh_control_watches_and_writes():
     from kubernetes import client
 
     from mesh.control.tap import Options
-    from mesh.kube.root_cert import NAME, RootCertPublisher
-    from mesh.kube.webhook_ca import WebhookCABundle
+    from mesh.control.kube.root_cert import NAME, RootCertPublisher
+    from mesh.control.kube.webhook_ca import WebhookCABundle
     (deployment,) = _by_kind("Deployment", "mesh-control")
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     options = Options()
@@ -399,7 +399,7 @@ def test_kubectl_kustomize_builds(overlay):
 def test_istio_crds_overlay_adds_the_flag_and_read_access():
     """deploy/overlays/istio-crds: mesh-control gets --istio-crds and read access to exactly the kinds it watches."""
     from mesh.control.tap import Options
-    from mesh.kube.crds import ISTIO_GROUPS, resources
+    from mesh.control.kube.crds import ISTIO_GROUPS, resources
     kubectl = kubectl_with_kustomize()
     result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / "istio-crds")], capture_output=True,
                             text=True, timeout=60)

@@ -1,9 +1,10 @@
-"""Kubernetes Event bodies (mesh.kube.events) and the "file" names of custom objects (mesh.kube.crds)."""
+"""Kubernetes Event bodies (mesh.control.kube.events) and the "file" names of custom objects
+(mesh.control.kube.crds)."""
 
 import re
 
-from mesh.kube.crds import origin, resources
-from mesh.kube.events import MAX_MESSAGE, event_body
+from mesh.control.kube.crds import origin, resources
+from mesh.control.kube.events import MAX_MESSAGE, event_body
 
 CR = {"apiVersion": "networking.txmesh.io/v1", "kind": "VirtualService",
       "metadata": {"name": "reviews", "namespace": "shop", "uid": "u-1", "resourceVersion": "42",

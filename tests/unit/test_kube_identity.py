@@ -1,10 +1,10 @@
 """Unit tests of the Kubernetes identity pieces of mesh-control that need no API server.
 
-- :func:`mesh.kube.tokenreview.identity_of`: what a TokenReview answer proves (the identity comes from the
+- :func:`mesh.control.kube.tokenreview.identity_of`: what a TokenReview answer proves (the identity comes from the
   review's username; unauthenticated, wrong-audience and non-service-account answers are refused, each
   with what to do)
 - :class:`mesh.identity.credentials.DispatchingVerifier`: join tokens to one verifier, the rest to another
-- :class:`mesh.kube.ca_secret.CAMaterial`: a Secret's data checked key by key, errors naming the Secret and
+- :class:`mesh.control.kube.ca_secret.CAMaterial`: a Secret's data checked key by key, errors naming the Secret and
   the key; installed into the state dir with 0600 keys
 
 The TokenReview and Secret round trips against the test API server are in
@@ -27,8 +27,8 @@ from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
 from mesh.identity.credentials import CredentialRejected, DispatchingVerifier, VerifierUnavailable
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tokens import is_join_token, load_or_create_key
-from mesh.kube.ca_secret import CAMaterial, CASecretError
-from mesh.kube.tokenreview import ReviewOutcome, identity_of
+from mesh.control.kube.ca_secret import CAMaterial, CASecretError
+from mesh.control.kube.tokenreview import ReviewOutcome, identity_of
 
 TD = "cluster.local"
 WHERE = "Secret mesh-system/txmesh-ca"

@@ -1,4 +1,4 @@
-"""Kubernetes Services, EndpointSlices and Pods -> ServiceEntry documents (mesh.kube.translate), and
+"""Kubernetes Services, EndpointSlices and Pods -> ServiceEntry documents (mesh.control.kube.translate), and
 the pure parts of the watch engine (backoff, object cache)."""
 
 import pytest
@@ -6,8 +6,8 @@ import pytest
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
-from mesh.kube.translate import port_protocol, service_entries
-from mesh.kube.watch import Backoff, ObjectCache
+from mesh.control.kube.translate import port_protocol, service_entries
+from mesh.control.kube.watch import Backoff, ObjectCache
 
 
 def svc(name, ports, namespace="shop", cluster_ip="10.96.0.10", **spec):

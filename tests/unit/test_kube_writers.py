@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import base64
 
-from mesh.kube.reconcile import QUIET, _Pace
-from mesh.kube.root_cert import KEY, LABELS, NAME, in_sync, wanted
-from mesh.kube.webhook_ca import with_ca_bundle
+from mesh.control.kube.reconcile import QUIET, _Pace
+from mesh.control.kube.root_cert import KEY, LABELS, NAME, in_sync, wanted
+from mesh.control.kube.webhook_ca import with_ca_bundle
 
 BUNDLE = "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n"
 

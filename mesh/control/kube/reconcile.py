@@ -1,7 +1,7 @@
 """Keeping objects in the Kubernetes API as mesh-control wants them: watch, compare, write on a thread.
 
 A :class:`Reconciler` is a Twisted service that owns list-then-watch
-:class:`~mesh.kube.watch.Reflector` objects (the kinds it reads) and keeps a
+:class:`~mesh.control.kube.watch.Reflector` objects (the kinds it reads) and keeps a
 set of *keys* (e.g. one namespace per ConfigMap) in sync.  Subclasses say
 which keys there are (:meth:`Reconciler.keys`), whether one is in sync
 (:meth:`Reconciler.state`) and how to write it (:meth:`Reconciler.write`,
@@ -25,7 +25,7 @@ run on a thread of the reactor's pool, never on the reactor).
   with the same pacing; the log says when the key is in sync again.
 
 ``writes`` counts the writes done, per result (``created``, ``updated``,
-``failed``), for the metrics (:mod:`mesh.kube.metrics`).
+``failed``), for the metrics (:mod:`mesh.control.kube.metrics`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import json
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from mesh.kube.watch import Backoff, WatchingService, describe_error
+from mesh.control.kube.watch import Backoff, WatchingService, describe_error
 
 log = Logger()
 
@@ -101,7 +101,7 @@ class Reconciler(WatchingService):
     """Watches some kinds and keeps keys in sync by writing from threads; see the module docstring.
 
     ``listers`` maps a kind's name to its list method (as for
-    :class:`~mesh.kube.watch.Reflector`); ``self.caches[kind]`` holds its objects.
+    :class:`~mesh.control.kube.watch.Reflector`); ``self.caches[kind]`` holds its objects.
     """
 
     #: What one key names, for logs (e.g. ``ConfigMap {key}/txmesh-ca-root-cert``).

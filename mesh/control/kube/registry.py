@@ -1,8 +1,8 @@
 """The Kubernetes service registry as a config source (``kubernetes:registry``).
 
 Watches Services, EndpointSlices (discovery.k8s.io/v1) and Pods in every
-namespace (:mod:`mesh.kube.watch`) and publishes, after every change
-(coalesced), the ServiceEntry documents :mod:`mesh.kube.translate` makes of
+namespace (:mod:`mesh.control.kube.watch`) and publishes, after every change
+(coalesced), the ServiceEntry documents :mod:`mesh.control.kube.translate` makes of
 them.  Each document's "file" in errors is the Service it came from
 (``kubernetes:services/NS/NAME``).
 """
@@ -10,8 +10,8 @@ them.  Each document's "file" in errors is the Service it came from
 from __future__ import annotations
 
 from mesh.config.loader import LoadResult, load_documents
-from mesh.kube.source import WatchedSource
-from mesh.kube.translate import service_entries
+from mesh.control.kube.source import WatchedSource
+from mesh.control.kube.translate import service_entries
 
 
 class RegistrySource(WatchedSource):

@@ -17,7 +17,7 @@ def make_api_client(kubeconfig: str = None):
     from kubernetes import client, config
 
     configuration = client.Configuration()
-    # one connection per watch thread (mesh.kube.watch) plus Events and TokenReviews, without
+    # one connection per watch thread (mesh.control.kube.watch) plus Events and TokenReviews, without
     # urllib3 discarding connections beyond its default pool size (5 per CPU)
     configuration.connection_pool_maxsize = 32
     try:

@@ -14,7 +14,7 @@ Each object's "file" in errors names it:
 object is not applied (the store keeps its last good version, see
 :mod:`mesh.control.store`, which also logs the rejection); it is reported
 once per resourceVersion as a Warning Event with reason ``InvalidConfig``
-on the object itself (:mod:`mesh.kube.events`), saying what is wrong and
+on the object itself (:mod:`mesh.control.kube.events`), saying what is wrong and
 which version stays in force.
 """
 
@@ -26,8 +26,8 @@ from twisted.logger import Logger
 
 from mesh.config.loader import LoadResult, load_documents
 from mesh.config.validate import validate
-from mesh.kube.events import EventRecorder
-from mesh.kube.source import WatchedSource
+from mesh.control.kube.events import EventRecorder
+from mesh.control.kube.source import WatchedSource
 
 log = Logger()
 

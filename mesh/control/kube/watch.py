@@ -344,7 +344,7 @@ class WatchingService(service.Service):
     objects); the watch threads run while the service does.  A change of any
     cache, while running, schedules one call of :meth:`settled` ``coalesce``
     seconds later (changes meanwhile join it).  Base of the config sources
-    (:mod:`mesh.kube.source`) and of the writers (:mod:`mesh.kube.reconcile`).
+    (:mod:`mesh.control.kube.source`) and of the writers (:mod:`mesh.control.kube.reconcile`).
     """
 
     name = "kubernetes"

@@ -6,7 +6,7 @@
   backoff);
 - ``mesh_control_kube_objects{kind}``: objects of the kind known now;
 - ``mesh_control_kube_writes_total{writer, result}``: objects written by mesh-control's writers
-  (:mod:`mesh.kube.reconcile`: ``kubernetes:root-cert``, ``kubernetes:webhook-ca``), per result
+  (:mod:`mesh.control.kube.reconcile`: ``kubernetes:root-cert``, ``kubernetes:webhook-ca``), per result
   ``created``, ``updated`` or ``failed``.
 """
 
@@ -19,8 +19,8 @@ from prometheus_client.registry import Collector
 class WatchCollector(Collector):
     """The ``mesh_control_kube_*`` families of the watching services among ``services``.
 
-    Those with ``reflectors`` (:class:`~mesh.kube.source.WatchedSource`,
-    :class:`~mesh.kube.reconcile.Reconciler`) count; those with ``writes``
+    Those with ``reflectors`` (:class:`~mesh.control.kube.source.WatchedSource`,
+    :class:`~mesh.control.kube.reconcile.Reconciler`) count; those with ``writes``
     (a Reconciler) also report their writes.
     """
 

@@ -2,17 +2,17 @@
 
 Two plugins, so either can be switched off with ``--disable-plugin``:
 
-- ``builtin.kubernetes_registry``: :class:`mesh.kube.registry.RegistrySource`
+- ``builtin.kubernetes_registry``: :class:`mesh.control.kube.registry.RegistrySource`
   (Services, EndpointSlices, Pods -> ServiceEntries);
-- ``builtin.kubernetes_crds``: :class:`mesh.kube.crds.CRDSource` (txmesh's
+- ``builtin.kubernetes_crds``: :class:`mesh.control.kube.crds.CRDSource` (txmesh's
   CRDs, and Istio's with ``--istio-crds``).
 
 Both implement ``mesh_config_sources(options)`` and return None unless
 ``options["kubernetes"]`` is set.  They use the control plane's API client
 (``ControlService.kube_client``); registered without one, they build it from
 ``options["kubeconfig"]`` or the in-cluster service account
-(:func:`mesh.kube.client.make_api_client`, which raises
-:class:`~mesh.kube.client.KubeConfigError` with what to do when neither
+(:func:`mesh.control.kube.client.make_api_client`, which raises
+:class:`~mesh.control.kube.client.KubeConfigError` with what to do when neither
 works).  Nothing imports the ``kubernetes`` package before that.
 
 Two more built-ins write to the API instead of reading config from it.  They
@@ -20,16 +20,16 @@ hook into no plugin call: they are child services of the control plane
 (:func:`control_services`), and ``--disable-plugin NAME`` switches them off
 like the others:
 
-- ``builtin.kubernetes_root_cert``: :class:`mesh.kube.root_cert.RootCertPublisher`
+- ``builtin.kubernetes_root_cert``: :class:`mesh.control.kube.root_cert.RootCertPublisher`
   (the trust-bundle ConfigMap in every namespace);
-- ``builtin.kubernetes_webhook_ca``: :class:`mesh.kube.webhook_ca.WebhookCABundle`
+- ``builtin.kubernetes_webhook_ca``: :class:`mesh.control.kube.webhook_ca.WebhookCABundle`
   (the webhook configuration's caBundle; only with ``--webhook-port``).
 """
 
 from __future__ import annotations
 
 import mesh
-from mesh.kube.client import make_api_client
+from mesh.control.kube.client import make_api_client
 
 REGISTRY_PLUGIN = "builtin.kubernetes_registry"
 CRDS_PLUGIN = "builtin.kubernetes_crds"
@@ -59,12 +59,12 @@ class KubernetesSourcePlugin:
 
 
 def _registry_source(reactor, api_client, options):
-    from mesh.kube.registry import RegistrySource
+    from mesh.control.kube.registry import RegistrySource
     return RegistrySource(reactor, api_client)
 
 
 def _crd_source(reactor, api_client, options):
-    from mesh.kube.crds import CRDSource
+    from mesh.control.kube.crds import CRDSource
     return CRDSource(reactor, api_client, istio=bool(options.get("istio_crds")))
 
 
@@ -85,10 +85,10 @@ def control_services(control) -> list:
         return []
     services = []
     if not control.plugins.is_blocked(ROOT_CERT_PLUGIN):
-        from mesh.kube.root_cert import RootCertPublisher
+        from mesh.control.kube.root_cert import RootCertPublisher
         services.append(RootCertPublisher(control.reactor, control.kube_client, control.ca.bundle_pem))
     if settings.webhook_port and not control.plugins.is_blocked(WEBHOOK_CA_PLUGIN):
-        from mesh.kube.webhook_ca import WebhookCABundle
+        from mesh.control.kube.webhook_ca import WebhookCABundle
         services.append(WebhookCABundle(control.reactor, control.kube_client, control.ca.bundle_pem,
                                         settings.webhook_config_name))
     return services

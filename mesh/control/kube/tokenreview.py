@@ -92,7 +92,7 @@ def _unauthenticated(error: str) -> str:
 class TokenReviewVerifier:
     """Verifies projected service-account tokens with TokenReview (see the module docstring).
 
-    :param api_client: a ``kubernetes.client.ApiClient`` (:func:`mesh.kube.client.make_api_client`).
+    :param api_client: a ``kubernetes.client.ApiClient`` (:func:`mesh.control.kube.client.make_api_client`).
     :param timeout: seconds for one review, after which the credential counts as unverifiable.
     """
 

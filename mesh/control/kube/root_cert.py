@@ -17,7 +17,7 @@ Istio's istiod keeps ``istio-ca-root-cert``:
   mesh-control started with another bundle (a root rotation) brings every
   ConfigMap to it.
 
-Writes go through :class:`~mesh.kube.reconcile.Reconciler` (threads, pacing,
+Writes go through :class:`~mesh.control.kube.reconcile.Reconciler` (threads, pacing,
 idempotent): create, and on 409 AlreadyExists read the object and replace it
 only if it is not right yet; a replace with the object's resourceVersion
 that gets 409 Conflict reads it again.  Replicas with the same bundle
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 
-from mesh.kube.reconcile import ATTEMPTS, API_TIMEOUT, Reconciler, TooManyConflicts, api_status, read_object
+from mesh.control.kube.reconcile import ATTEMPTS, API_TIMEOUT, Reconciler, TooManyConflicts, api_status, read_object
 
 NAME = "txmesh-ca-root-cert"
 KEY = "root-cert.pem"

@@ -1,8 +1,8 @@
 """The common part of the Kubernetes config sources: reflectors, caches and coalesced updates.
 
 A :class:`WatchedSource` is an :class:`~mesh.control.sources.IConfigSource`
-and a Twisted service.  It owns one :class:`~mesh.kube.watch.Reflector`
-(and its :class:`~mesh.kube.watch.ObjectCache`) per watched kind.  Every
+and a Twisted service.  It owns one :class:`~mesh.control.kube.watch.Reflector`
+(and its :class:`~mesh.control.kube.watch.ObjectCache`) per watched kind.  Every
 cache change schedules one publication ``coalesce`` seconds later (50 ms
 by default; changes meanwhile join it, so a burst of events becomes one
 update); the publication translates the caches into a
@@ -24,7 +24,7 @@ from zope.interface import implementer
 
 from mesh.config.loader import LoadResult
 from mesh.control.sources import IConfigSource
-from mesh.kube.watch import WatchingService
+from mesh.control.kube.watch import WatchingService
 
 log = Logger()
 
