@@ -22,7 +22,6 @@ import os
 import subprocess
 import time
 from pathlib import Path
-from typing import Optional
 
 from bench.procs import http_get
 
@@ -42,7 +41,7 @@ def socket_table(ports) -> str:
     return (out.stdout + out.stderr).rstrip() or "(no sockets)"
 
 
-def target_ports(target, backend_port: Optional[int]) -> list[int]:
+def target_ports(target, backend_port: int | None) -> list[int]:
     """Every port of the case: its URL's, its proxies', the backend's."""
     ports = [int(target.url.rsplit(":", 1)[1].split("/", 1)[0])]
     for proxy in target.proxies:
@@ -82,7 +81,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> str:
         return f"(cannot read {path}: {exc.strerror})"
 
 
-def capture(work: Path, tag: str, name: str, target, backend_port: Optional[int], before: str,
+def capture(work: Path, tag: str, name: str, target, backend_port: int | None, before: str,
             error: str) -> Path:
     """Write ``<work>/<tag>.diagnostics.txt`` for a failed latency run; return its path."""
     ports = target_ports(target, backend_port)

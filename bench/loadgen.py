@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
 
 from bench.procs import BenchError, run_tool
 
@@ -97,12 +97,12 @@ class LoadGenerator:
     ``log_dir`` receives the raw output of every run.
     """
 
-    def __init__(self, log_dir: Path, cpus: Optional[str] = None):
+    def __init__(self, log_dir: Path, cpus: str | None = None):
         self.log_dir = log_dir
         self.prefix = ["taskset", "-c", cpus] if cpus else []
 
     def latency(
-        self, url: str, host: Optional[str], tag: str, clients: int, rps_per_client: int, seconds: int
+        self, url: str, host: str | None, tag: str, clients: int, rps_per_client: int, seconds: int
     ) -> Latency:
         """Offer ``clients * rps_per_client`` req/s for ``seconds`` with h2load over HTTP/1.1."""
         log_file = self.log_dir / f"{tag}.h2load.tsv"
@@ -129,7 +129,7 @@ class LoadGenerator:
             errors=errors,
         )
 
-    def fixed_count(self, url: str, host: Optional[str], tag: str, requests: int) -> None:
+    def fixed_count(self, url: str, host: str | None, tag: str, requests: int) -> None:
         """Send exactly ``requests`` requests, one at a time, over one connection; all must get a 2xx."""
         argv = [*self.prefix, "h2load", "--h1", "-c", "1", "-n", str(requests)]
         if host:
@@ -139,7 +139,7 @@ class LoadGenerator:
         if errors:
             raise BenchError(f"{errors} of {requests} requests to {url} got no 2xx response")
 
-    def throughput(self, url: str, host: Optional[str], tag: str, connections: int, seconds: int) -> Throughput:
+    def throughput(self, url: str, host: str | None, tag: str, connections: int, seconds: int) -> Throughput:
         """Closed-loop maximum throughput with one wrk thread and ``connections`` connections."""
         argv = [*self.prefix, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
         if host:

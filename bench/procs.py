@@ -20,8 +20,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 POLL_INTERVAL = 0.05  # seconds between readiness probes
@@ -73,8 +73,8 @@ class ManagedProcess:
         name: str,
         argv: Sequence[str],
         log_path: Path,
-        cwd: Optional[Path] = None,
-        env: Optional[dict] = None,
+        cwd: Path | None = None,
+        env: dict | None = None,
         grace: float = 5.0,
     ):
         self.name = name
@@ -99,7 +99,7 @@ class ManagedProcess:
     def pid(self) -> int:
         return self.popen.pid
 
-    def __enter__(self) -> "ManagedProcess":
+    def __enter__(self) -> ManagedProcess:
         return self
 
     def __exit__(self, *exc_info) -> None:
@@ -140,7 +140,7 @@ class ManagedProcess:
                 )
             time.sleep(POLL_INTERVAL)
 
-    def wait_for_http(self, url: str, timeout: float = 20.0, host: Optional[str] = None) -> None:
+    def wait_for_http(self, url: str, timeout: float = 20.0, host: str | None = None) -> None:
         self.wait_until(lambda: http_ok(url, host), f"200 from {url}", timeout)
 
 
@@ -151,7 +151,7 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def http_get(url: str, host: Optional[str] = None) -> tuple[int, bytes]:
+def http_get(url: str, host: str | None = None) -> tuple[int, bytes]:
     """GET ``url`` (with an optional Host header); return (status, body), or (0, b"") if unreachable."""
     request = urllib.request.Request(url, headers={"Host": host} if host else {})
     try:
@@ -163,7 +163,7 @@ def http_get(url: str, host: Optional[str] = None) -> tuple[int, bytes]:
         return 0, b""
 
 
-def http_ok(url: str, host: Optional[str] = None) -> bool:
+def http_ok(url: str, host: str | None = None) -> bool:
     """True if a GET of ``url`` (with an optional Host header) answers 200."""
     return http_get(url, host)[0] == 200
 

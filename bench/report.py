@@ -12,7 +12,6 @@ import json
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from bench.loadgen import Latency, Throughput
 
@@ -31,24 +30,24 @@ class RoundResult:
     left out of the latency medians, never repeated.
     """
 
-    latency: Optional[Latency]
+    latency: Latency | None
     throughput: dict[int, Throughput]  # wrk connections -> result
-    cpu_seconds: Optional[float]  # proxy CPU over the wrk runs; None for no proxy
+    cpu_seconds: float | None  # proxy CPU over the wrk runs; None for no proxy
     cpu_by_role: dict[str, float] = field(default_factory=dict)  # "client"/"server" -> CPU s (pairs)
-    latency_failure: Optional[str] = None
+    latency_failure: str | None = None
 
     @property
     def requests(self) -> int:
         return sum(t.requests for t in self.throughput.values())
 
     @property
-    def cpu_per_1k(self) -> Optional[float]:
+    def cpu_per_1k(self) -> float | None:
         """Proxy CPU seconds per 1000 requests completed by wrk (all the case's proxies)."""
         if self.cpu_seconds is None:
             return None
         return 1000.0 * self.cpu_seconds / self.requests if self.requests else None
 
-    def role_cpu_per_1k(self, role: str) -> Optional[float]:
+    def role_cpu_per_1k(self, role: str) -> float | None:
         """CPU seconds per 1000 wrk requests of the proxy with ``role`` alone."""
         cpu = self.cpu_by_role.get(role)
         return 1000.0 * cpu / self.requests if cpu is not None and self.requests else None
@@ -63,15 +62,15 @@ class CaseRun:
     description: str
     rounds: list[RoundResult] = field(default_factory=list)
     proxy_count: int = 0
-    idle_rss_kib: Optional[int] = None
-    peak_rss_kib: Optional[int] = None
+    idle_rss_kib: int | None = None
+    peak_rss_kib: int | None = None
     idle_rss_kib_by_role: dict[str, int] = field(default_factory=dict)
     peak_rss_kib_by_role: dict[str, int] = field(default_factory=dict)
-    instructions_per_request: Optional[float] = None  # from --callgrind, summed over its proxies
+    instructions_per_request: float | None = None  # from --callgrind, summed over its proxies
     instructions_by_role: dict[str, float] = field(default_factory=dict)
 
 
-def _median(values) -> Optional[float]:
+def _median(values) -> float | None:
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
 
@@ -80,11 +79,11 @@ def _median(values) -> Optional[float]:
 ROLES = ("client", "server")
 
 
-def _per_proxy(value, count) -> Optional[float]:
+def _per_proxy(value, count) -> float | None:
     return value / count if value is not None and count else None
 
 
-def summarize(runs: dict[str, CaseRun]) -> dict[str, dict[str, Optional[float]]]:
+def summarize(runs: dict[str, CaseRun]) -> dict[str, dict[str, float | None]]:
     """Case name -> metric name -> median over rounds (None where not applicable).
 
     Besides the totals over a case's proxies, ``*_per_proxy`` figures divide
@@ -95,7 +94,7 @@ def summarize(runs: dict[str, CaseRun]) -> dict[str, dict[str, Optional[float]]]
     baseline = runs.get(BASELINE)
     summary = {}
     for name, run in runs.items():
-        row: dict[str, Optional[float]] = {}
+        row: dict[str, float | None] = {}
         measured = [r.latency for r in run.rounds if r.latency is not None]
         for p in PERCENTILES:
             row[f"{p}_ms"] = _median(getattr(latency, p) for latency in measured)
@@ -156,7 +155,7 @@ RATIO_METRICS = (
 )
 
 
-def ratios(summary: dict) -> dict[str, dict[str, Optional[float]]]:
+def ratios(summary: dict) -> dict[str, dict[str, float | None]]:
     """"a/b" -> metric -> summary[a][metric] / summary[b][metric], for each ran pair of RATIO_PAIRS."""
     out = {}
     for a, b in RATIO_PAIRS:

@@ -25,7 +25,6 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Optional
 
 from bench import callgrind, diagnostics, report
 from bench.loadgen import LoadGenerator
@@ -113,7 +112,7 @@ def proxy_cpu(target: Target) -> list[float]:
     return [tree_cpu_seconds(proxy.pid) for proxy in target.proxies]
 
 
-def proxy_memory(target: Target, field: str) -> Optional[int]:
+def proxy_memory(target: Target, field: str) -> int | None:
     """A /proc ``Vm*`` field in KiB, summed over the case's proxies; None for no proxy."""
     return sum(tree_memory_kib(proxy.pid, field) for proxy in target.proxies) if target.proxies else None
 
@@ -124,7 +123,7 @@ def proxy_memory_by_role(target: Target, field: str) -> dict[str, int]:
 
 
 def measure_latency(load: LoadGenerator, args, name: str, target: Target, tag: str,
-                    backend_port: int) -> tuple[Optional[report.Latency], Optional[str]]:
+                    backend_port: int) -> tuple[report.Latency | None, str | None]:
     """h2load at the fixed rate: ``(latency, None)``, or ``(None, why)`` if it got no 2xx response.
 
     A failure is not retried: the socket table taken just before h2load, the

@@ -17,10 +17,10 @@ import os
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 import yaml
 
@@ -39,7 +39,7 @@ READY_TIMEOUT = 30.0  # seconds a proxy may take to become ready
 BODY = b"x" * 1023 + b"\n"
 
 
-def find_venv_bin(explicit: Optional[str]) -> Path:
+def find_venv_bin(explicit: str | None) -> Path:
     """The bin/ directory holding twistd and envoy.
 
     In order: ``--venv``, ``$TXMESH_VENV``, the repo's ``.venv``, and the
@@ -65,7 +65,7 @@ class Proxy:
     name: str
     pid: int
     role: str = ""
-    admin_port: Optional[int] = None
+    admin_port: int | None = None
     ports: tuple = ()
 
 
@@ -74,7 +74,7 @@ class Target:
     """Where the load generators send requests, and what the case costs."""
 
     url: str
-    host: Optional[str] = None
+    host: str | None = None
     proxies: list[Proxy] = field(default_factory=list)
 
 
@@ -99,7 +99,7 @@ class Workspace:
     root: Path
     stack: ExitStack
     venv_bin: Path
-    server_cpus: Optional[str] = None
+    server_cpus: str | None = None
     callgrind: bool = False
 
     def venv_tool(self, name: str) -> str:
@@ -108,7 +108,7 @@ class Workspace:
             raise BenchError(f"{path} not found; install the project's venv (make venv) or pass --venv")
         return str(path)
 
-    def start(self, name: str, argv: list[str], cwd: Optional[Path] = None, env: Optional[dict] = None,
+    def start(self, name: str, argv: list[str], cwd: Path | None = None, env: dict | None = None,
               grace: float = 5.0) -> ManagedProcess:
         """Start a server process that lives until the workspace's stack unwinds."""
         prefix = ["taskset", "-c", self.server_cpus] if self.server_cpus else []
@@ -116,7 +116,7 @@ class Workspace:
         return self.stack.enter_context(proc)
 
     def start_proxy(self, name: str, argv: list[str], admin_port: int, exe_prefix: str,
-                    cwd: Optional[Path] = None, env: Optional[dict] = None, role: str = "",
+                    cwd: Path | None = None, env: dict | None = None, role: str = "",
                     ports: tuple = ()) -> Proxy:
         """Start a proxy, wait for its admin ``/ready`` to answer 200, and find its pid.
 
@@ -176,7 +176,7 @@ def start_backend(ws: Workspace) -> int:
 
 
 def txmesh_resources(host: str, endpoint_port: int, namespace: str = "bench",
-                     endpoint: Optional[dict] = None) -> list[dict]:
+                     endpoint: dict | None = None) -> list[dict]:
     """Istio resources routing ``host`` (port 80) to 127.0.0.1:``endpoint_port``.
 
     The same policy as the Envoy route: 5 s timeout, 2 retries on 5xx, round
@@ -260,7 +260,7 @@ def _txmesh_env(repo: Path = REPO_DIR) -> dict:
 _TELEMETRY_OFF = (("--access-log", "off"), ("--metrics-port", "0"), ("--health-port", "0"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _telemetry_off_options(twistd: str) -> tuple:
     try:
         out = subprocess.run([twistd, "mesh-proxy", "--help"], capture_output=True, text=True, timeout=60,
@@ -271,7 +271,7 @@ def _telemetry_off_options(twistd: str) -> tuple:
 
 
 def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = "bench",
-                 options: tuple = (), role: str = "", inbound_port: Optional[int] = None,
+                 options: tuple = (), role: str = "", inbound_port: int | None = None,
                  repo: Path = REPO_DIR) -> tuple[Proxy, int]:
     """Start ``twistd mesh-proxy`` standalone from ``config_dir``; return it and its outbound port.
 
@@ -370,8 +370,8 @@ def envoy_bootstrap(
     admin_port: int,
     listen_port: int,
     upstream_port: int,
-    downstream_tls: Optional[dict] = None,
-    upstream_tls: Optional[dict] = None,
+    downstream_tls: dict | None = None,
+    upstream_tls: dict | None = None,
 ) -> dict:
     """A static Envoy bootstrap: one HTTP/1.1 listener, one route, one STATIC cluster.
 

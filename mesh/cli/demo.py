@@ -26,8 +26,17 @@ import sys
 import tempfile
 from pathlib import Path
 
-from mesh.demo.runner import (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, INBOUND_PORT, METRICS_PATH, METRICS_PORT,
-                              OUTBOUND_PORT, STOP_SIGNALS, DemoError, DemoMesh)
+from mesh.demo.runner import (
+    ADMIN_ADDRESS,
+    CONTROL_ADMIN_PORT,
+    INBOUND_PORT,
+    METRICS_PATH,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    STOP_SIGNALS,
+    DemoError,
+    DemoMesh,
+)
 from mesh.demo.tour import CLIENT, PAYMENT_SERVICE, USER_SERVICE, run_tour
 
 

@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from mesh.inject.sidecar import InjectError, InjectSettings, PROXY_UID, inject_object
+from mesh.control.inject.sidecar import InjectError, InjectSettings, PROXY_UID, inject_object
 
 _DEFAULTS = InjectSettings()
 

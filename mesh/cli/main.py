@@ -12,8 +12,25 @@ import sys
 
 from mesh import __version__
 from mesh.cli import (
-    analyze, bug_report, check, demo, describe, inject, iptables, plugins, proxy_config, proxy_status, run, stat, tap,
-    token, top, up, validate, version, why,
+    analyze,
+    bug_report,
+    check,
+    demo,
+    describe,
+    inject,
+    iptables,
+    plugins,
+    proxy_config,
+    proxy_status,
+    run,
+    stat,
+    tap,
+    token,
+    top,
+    up,
+    validate,
+    version,
+    why,
 )
 
 COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, describe, stat, top, tap, why, version, token,

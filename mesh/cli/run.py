@@ -23,8 +23,20 @@ import subprocess
 import sys
 import time
 
-from mesh.cli.local import (LOOPBACK, START_TIMEOUT, STOP_TIMEOUT, LocalError, LocalMesh, add_state_dir_option,
-                            log_tail, port_problem, process_ref, spawn_detached, venv_program, wait_until)
+from mesh.cli.local import (
+    LOOPBACK,
+    START_TIMEOUT,
+    STOP_TIMEOUT,
+    LocalError,
+    LocalMesh,
+    add_state_dir_option,
+    log_tail,
+    port_problem,
+    process_ref,
+    spawn_detached,
+    venv_program,
+    wait_until,
+)
 from mesh.demo.runner import die_with_parent, http_get
 from mesh.identity.files import write_private
 from mesh.identity.tokens import create_token, load_or_create_key

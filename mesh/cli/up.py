@@ -15,9 +15,22 @@ import sys
 import time
 from pathlib import Path
 
-from mesh.cli.local import (CONTROL_ADMIN_PORT, CONTROL_PORT, LOOPBACK, START_TIMEOUT, LocalError, LocalMesh,
-                            add_state_dir_option, port_problem, process_ref, running, spawn_detached,
-                            stop_processes, venv_program, wait_until)
+from mesh.cli.local import (
+    CONTROL_ADMIN_PORT,
+    CONTROL_PORT,
+    LOOPBACK,
+    START_TIMEOUT,
+    LocalError,
+    LocalMesh,
+    add_state_dir_option,
+    port_problem,
+    process_ref,
+    running,
+    spawn_detached,
+    stop_processes,
+    venv_program,
+    wait_until,
+)
 from mesh.demo.runner import http_get
 
 

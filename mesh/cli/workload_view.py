@@ -13,7 +13,6 @@ compiled clusters and routes.  Security comes from the same code: the PeerAuthen
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from mesh.config import hosts as hostnames
 from mesh.config.compile import Workload, compile_proxy_config
@@ -42,13 +41,13 @@ class Pod:
     namespace: str
     labels: dict = field(default_factory=dict)
     service_account: str = "default"
-    address: Optional[str] = None
-    inbound_port: Optional[int] = None  # None: no inbound listener, so an endpoint of nothing
-    node: Optional[str] = None
-    identity: Optional[str] = None
+    address: str | None = None
+    inbound_port: int | None = None  # None: no inbound listener, so an endpoint of nothing
+    node: str | None = None
+    identity: str | None = None
 
     @classmethod
-    def from_row(cls, row: dict) -> "Pod":
+    def from_row(cls, row: dict) -> Pod:
         identity = row.get("identity") or ""
         account = row.get("service_account") or identity.rpartition("/sa/")[2] or "default"
         return cls(name=row["workload"], namespace=row["namespace"], labels=dict(row.get("labels") or {}),

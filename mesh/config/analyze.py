@@ -53,7 +53,6 @@ selectors that only they match.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 from mesh.config import hosts as hostnames
 from mesh.config.compile import Workload, _exported
@@ -62,7 +61,12 @@ from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService,
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_peer_authn
 from mesh.config.selection import (
-    POLICY_KINDS, format_labels, selected_by, selector_of, selects, unselected_warning,
+    POLICY_KINDS,
+    format_labels,
+    selected_by,
+    selector_of,
+    selects,
+    unselected_warning,
 )
 
 SIDECAR_LABEL = ("security.istio.io/tlsMode", "istio")
@@ -178,7 +182,7 @@ class _Analysis:
                         if we.namespace == entry.namespace and wanted <= set(we.endpoint.labels)]
         return members
 
-    def _entries_for(self, host: str, namespace: Optional[str] = None) -> list:
+    def _entries_for(self, host: str, namespace: str | None = None) -> list:
         """ServiceEntries defining ``host`` (exactly or by wildcard), visible to ``namespace`` if given."""
         return [entry for entry in self.entries
                 if any(hostnames.covers(pattern, host) or pattern == host for pattern in entry.hosts)

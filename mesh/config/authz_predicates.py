@@ -33,12 +33,12 @@ value (for a header: present, even if empty).
 from __future__ import annotations
 
 import ipaddress
-from typing import Callable, Optional
+from collections.abc import Callable
 
 _SPIFFE = "spiffe://"
 
 
-def compile_rule(rule, app_port: Optional[int], deny: bool):
+def compile_rule(rule, app_port: int | None, deny: bool):
     """The predicate of an :class:`~mesh.config.security.AuthzRule`, or True/False when decided.
 
     ``deny`` tells whether the rule belongs to a DENY policy (how an unknown
@@ -52,7 +52,7 @@ def compile_rule(rule, app_port: Optional[int], deny: bool):
     return _combine([sources, operations, clause(rule.conditions)], any_of=False)
 
 
-def string_test(patterns, empty_is_present: bool = False) -> Callable[[Optional[str]], bool]:
+def string_test(patterns, empty_is_present: bool = False) -> Callable[[str | None], bool]:
     """``value -> bool``: does ``value`` match any Istio pattern?  None (absent) never does.
 
     ``*`` requires a non-empty value, or only a present one with ``empty_is_present``.
@@ -127,11 +127,11 @@ def _ip_test(networks) -> Callable:
     return test
 
 
-def _principal(ctx, peer) -> Optional[str]:
+def _principal(ctx, peer) -> str | None:
     return peer[len(_SPIFFE):] if peer is not None and peer.startswith(_SPIFFE) else None
 
 
-def _namespace(ctx, peer) -> Optional[str]:
+def _namespace(ctx, peer) -> str | None:
     principal = _principal(ctx, peer)
     if principal is None:
         return None

@@ -25,7 +25,6 @@ import dataclasses
 import hashlib
 import json
 from dataclasses import dataclass, field
-from typing import Optional
 
 from mesh.config import hosts as hostnames
 from mesh.config.dump import describe_action, describe_cluster
@@ -33,13 +32,24 @@ from mesh.config.errors import ConfigErrors, ConfigWarning
 from mesh.config.loader import load_dir
 from mesh.config.predicates import compile_match, compile_matches
 from mesh.config.resources import (
-    DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, ServiceEntry, VirtualService,
+    DEFAULT_LOAD_BALANCER,
+    DEFAULT_RETRY,
+    ConnectionPool,
+    DestinationRule,
+    ServiceEntry,
+    VirtualService,
     WorkloadEntry,
 )
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_authz, compile_peer_authn
 from mesh.config.selection import unselected_warning
 from mesh.config.tables import (
-    ClusterSpec, CompiledRoute, EndpointSpec, OutlierPolicy, ProxyConfig, RouteAction, RouteTable,
+    ClusterSpec,
+    CompiledRoute,
+    EndpointSpec,
+    OutlierPolicy,
+    ProxyConfig,
+    RouteAction,
+    RouteTable,
     VirtualHost,
 )
 from mesh.config.validate import validate
@@ -60,8 +70,8 @@ class Workload:
     name: str
     namespace: str
     labels: dict = field(default_factory=dict)
-    service_account: Optional[str] = None
-    app_port: Optional[int] = None
+    service_account: str | None = None
+    app_port: int | None = None
 
 
 def load_and_compile(config_dir, workload: Workload, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple:
@@ -108,7 +118,7 @@ class _Service:
     host: str
     entry: ServiceEntry
     members: list
-    rule: Optional[DestinationRule]
+    rule: DestinationRule | None
 
 
 class _Compiler:
@@ -179,7 +189,7 @@ class _Compiler:
                 services[host] = _Service(host, entry, members, self._rule_for(host, entry.namespace, rules))
         return services
 
-    def _rule_for(self, host, service_namespace, rules) -> Optional[DestinationRule]:
+    def _rule_for(self, host, service_namespace, rules) -> DestinationRule | None:
         """The DestinationRule for ``host``: client namespace, then service namespace, then others;
         within one namespace the most specific host wins."""
         namespace = self.workload.namespace
@@ -225,7 +235,7 @@ class _Compiler:
             max_requests_per_connection=pool.max_requests_per_connection, idle_timeout=pool.idle_timeout,
             outlier=settings["outlier_detection"] or OutlierPolicy())
 
-    def _identity(self, member, entry: ServiceEntry, tls_mode) -> Optional[str]:
+    def _identity(self, member, entry: ServiceEntry, tls_mode) -> str | None:
         """The SPIFFE id an endpoint must present, or None for plaintext.
 
         ``tls.mode`` ISTIO_MUTUAL/DISABLE decides; without it (Istio's auto
@@ -238,7 +248,7 @@ class _Compiler:
         account = member.service_account or "default"
         return f"spiffe://{self.trust_domain}/ns/{entry.namespace}/sa/{account}"
 
-    def _service_for(self, host) -> Optional[_Service]:
+    def _service_for(self, host) -> _Service | None:
         service = self.services.get(host)
         if service is not None:
             return service
@@ -375,7 +385,7 @@ def _exported(export_to, owner_namespace, client_namespace) -> bool:
                for entry in export_to)
 
 
-def _most_specific(patterns, host) -> Optional[VirtualHost]:
+def _most_specific(patterns, host) -> VirtualHost | None:
     matching = [(pattern, vhost) for pattern, vhost in patterns if hostnames.covers(pattern, host)]
     return max(matching, key=lambda item: len(item[0]))[1] if matching else None
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import Optional
 
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*\Z")
 
@@ -54,9 +53,9 @@ class ConfigError:
     file: str
     line: int
     reason: str
-    kind: Optional[str] = None
-    namespace: Optional[str] = None
-    name: Optional[str] = None
+    kind: str | None = None
+    namespace: str | None = None
+    name: str | None = None
     field: str = ""
 
     def __str__(self) -> str:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import re
 from decimal import Decimal
-from typing import Optional
 
 from mesh.config.errors import unknown_field
 
@@ -44,7 +43,7 @@ def parse_duration(value) -> float:
     return float(nanos / 10 ** 9)
 
 
-def label_problem(key, value) -> Optional[str]:
+def label_problem(key, value) -> str | None:
     """Why ``key: value`` is not a valid Kubernetes label, or None."""
     if not isinstance(key, str) or len(key) > 316 or not _LABEL_NAME.match(key):
         return f"invalid label name {key!r}: use [prefix/]name with letters, digits, '-', '_' and '.'"
@@ -107,7 +106,7 @@ class Fields:
         """Report a problem with field ``key`` (None: with this mapping itself)."""
         self.report.add(self.path if key is None else self.path + (key,), reason)
 
-    def sub(self, key, supported, unsupported=None) -> "Fields":
+    def sub(self, key, supported, unsupported=None) -> Fields:
         """The mapping under ``key`` (empty if absent)."""
         return Fields(self.report, self.path + (key,), self.data.get(key), supported, unsupported)
 
@@ -123,7 +122,7 @@ class Fields:
             return None
         return value
 
-    def string(self, key, required=False) -> Optional[str]:
+    def string(self, key, required=False) -> str | None:
         """A string; an empty string counts as missing when ``required``."""
         value = self._typed(key, (str,), "a string", required)
         if value == "" and required:
@@ -134,7 +133,7 @@ class Fields:
     def boolean(self, key) -> bool:
         return bool(self._typed(key, (bool,), "true or false", False))
 
-    def integer(self, key, minimum=None, maximum=None, required=False) -> Optional[int]:
+    def integer(self, key, minimum=None, maximum=None, required=False) -> int | None:
         value = self._typed(key, (int,), "an integer", required)
         if value is not None and ((minimum is not None and value < minimum)
                                   or (maximum is not None and value > maximum)):
@@ -144,10 +143,10 @@ class Fields:
             return None
         return value
 
-    def port(self, key, required=False) -> Optional[int]:
+    def port(self, key, required=False) -> int | None:
         return self.integer(key, minimum=1, maximum=65535, required=required)
 
-    def duration(self, key) -> Optional[float]:
+    def duration(self, key) -> float | None:
         """A duration in seconds (see :func:`parse_duration`)."""
         value = self.data.get(key)
         if value is None:
@@ -158,7 +157,7 @@ class Fields:
             self.error(key, str(error))
             return None
 
-    def enum(self, key, allowed, rejected=None, default=None) -> Optional[str]:
+    def enum(self, key, allowed, rejected=None, default=None) -> str | None:
         """One of ``allowed`` (a dict maps spellings to results); ``rejected`` maps values to advice."""
         value = self._typed(key, (str,), "a string", False)
         if value is None:

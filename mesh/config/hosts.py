@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from typing import Optional
 
 DEFAULT_DOMAIN = "cluster.local"
 
@@ -48,7 +47,7 @@ def fqdn(host: str, namespace: str, domain: str = DEFAULT_DOMAIN) -> str:
     return f"{host}.{namespace}.svc.{domain}"
 
 
-def aliases(name: str, client_namespace: Optional[str] = None, domain: str = DEFAULT_DOMAIN) -> tuple:
+def aliases(name: str, client_namespace: str | None = None, domain: str = DEFAULT_DOMAIN) -> tuple:
     """Every Host header a client may use for ``name``, longest first.
 
     For ``svc.ns.svc.<domain>``: the full name, ``svc.ns.svc`` and ``svc.ns``,
@@ -81,7 +80,7 @@ def covers(pattern: str, host: str) -> bool:
     return False
 
 
-def check(host, allow_ip: bool = False, allow_wildcard: bool = True) -> Optional[str]:
+def check(host, allow_ip: bool = False, allow_wildcard: bool = True) -> str | None:
     """Why ``host`` is not a valid host of a resource, or None if it is."""
     if not isinstance(host, str) or not host:
         return "must be a non-empty host name"

@@ -21,7 +21,7 @@ Semantics follow Istio (and Envoy under it):
 from __future__ import annotations
 
 import re
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 def compile_match(match) -> tuple:
@@ -84,7 +84,7 @@ def _describe(what: str, string_match) -> str:
     return f"{what} {string_match.kind} {string_match.value!r}"
 
 
-def _value_test(string_match) -> Callable[[Optional[str]], bool]:
+def _value_test(string_match) -> Callable[[str | None], bool]:
     """``value -> bool`` for a StringMatch; None (absent) never matches."""
     kind, expected = string_match.kind, string_match.value
     if kind == "present":

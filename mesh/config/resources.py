@@ -17,7 +17,6 @@ used directly.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 from mesh.config.loader import Resource
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
@@ -46,7 +45,7 @@ class ServicePort:
     number: int
     name: str
     protocol: str = "HTTP"
-    target_port: Optional[int] = None
+    target_port: int | None = None
 
 
 @dataclass(frozen=True)
@@ -61,7 +60,7 @@ class WorkloadEndpoint:
     ports: tuple = ()
     labels: tuple = ()
     weight: int = 1
-    service_account: Optional[str] = None
+    service_account: str | None = None
 
 
 @dataclass(frozen=True)
@@ -83,7 +82,7 @@ class ServiceEntry:
     endpoints: tuple
     subject_alt_names: tuple
     export_to: tuple
-    workload_selector: Optional[tuple]
+    workload_selector: tuple | None
     source: Resource = _source()
 
 
@@ -108,7 +107,7 @@ class LoadBalancer:
     """
 
     policy: str
-    hash_on: Optional[tuple] = None
+    hash_on: tuple | None = None
 
 
 #: Istio's choice when a DestinationRule sets no load balancer (since Istio 1.14).
@@ -133,10 +132,10 @@ class TrafficPolicy:
     that port, as Istio's ``portLevelSettings`` do.
     """
 
-    load_balancer: Optional[LoadBalancer] = None
-    connection_pool: Optional[ConnectionPool] = None
-    outlier_detection: Optional[OutlierPolicy] = None
-    tls_mode: Optional[str] = None
+    load_balancer: LoadBalancer | None = None
+    connection_pool: ConnectionPool | None = None
+    outlier_detection: OutlierPolicy | None = None
+    tls_mode: str | None = None
     port_level: tuple = ()
 
 
@@ -146,7 +145,7 @@ class Subset:
 
     name: str
     labels: tuple
-    traffic_policy: Optional[TrafficPolicy] = None
+    traffic_policy: TrafficPolicy | None = None
 
 
 @dataclass(frozen=True)
@@ -156,7 +155,7 @@ class DestinationRule:
     name: str
     namespace: str
     host: str
-    traffic_policy: Optional[TrafficPolicy]
+    traffic_policy: TrafficPolicy | None
     subsets: tuple
     export_to: tuple
     source: Resource = _source()
@@ -180,11 +179,11 @@ class HTTPMatch:
     ``(name, StringMatch)`` pairs; header names are lower-case.
     """
 
-    name: Optional[str] = None
-    uri: Optional[StringMatch] = None
+    name: str | None = None
+    uri: StringMatch | None = None
     ignore_uri_case: bool = False
-    method: Optional[StringMatch] = None
-    authority: Optional[StringMatch] = None
+    method: StringMatch | None = None
+    authority: StringMatch | None = None
     headers: tuple = ()
     without_headers: tuple = ()
     query_params: tuple = ()
@@ -195,8 +194,8 @@ class RouteDestination:
     """A weighted destination; ``weight`` is already resolved (100 for a lone destination)."""
 
     host: str
-    subset: Optional[str]
-    port: Optional[int]
+    subset: str | None
+    port: int | None
     weight: int
 
 
@@ -211,15 +210,15 @@ class HTTPRoute:
     """
 
     index: int
-    name: Optional[str]
+    name: str | None
     match: tuple
     route: tuple
-    rewrite_uri: Optional[str] = None
-    rewrite_authority: Optional[str] = None
-    timeout: Optional[float] = None
-    retry: Optional[RetryPolicy] = DEFAULT_RETRY
-    request_headers: Optional[HeaderOps] = None
-    response_headers: Optional[HeaderOps] = None
+    rewrite_uri: str | None = None
+    rewrite_authority: str | None = None
+    timeout: float | None = None
+    retry: RetryPolicy | None = DEFAULT_RETRY
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
 
 
 @dataclass(frozen=True)

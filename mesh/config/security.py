@@ -17,7 +17,6 @@ from __future__ import annotations
 import ipaddress
 import re
 from dataclasses import dataclass, field
-from typing import Optional
 
 from mesh.config.fields import Fields
 from mesh.config.loader import Resource
@@ -51,7 +50,7 @@ class AuthzMatch:
     attribute: str
     values: tuple
     negated: bool = False
-    header: Optional[str] = None
+    header: str | None = None
     field: str = ""
 
 
@@ -81,7 +80,7 @@ class AuthorizationPolicy:
 
     name: str
     namespace: str
-    selector: Optional[tuple]
+    selector: tuple | None
     action: str
     rules: tuple
     source: Resource = field(compare=False, repr=False)
@@ -95,7 +94,7 @@ class PeerAuthentication:
 
     name: str
     namespace: str
-    selector: Optional[tuple]
+    selector: tuple | None
     mode: str
     port_modes: tuple
     source: Resource = field(compare=False, repr=False)
@@ -170,7 +169,7 @@ def _dry_run(resource, report) -> bool:
     return False
 
 
-def _selector(f: Fields) -> Optional[tuple]:
+def _selector(f: Fields) -> tuple | None:
     """``selector.matchLabels`` as sorted pairs; None when absent or empty (every workload)."""
     if "selector" not in f:
         return None
@@ -207,7 +206,7 @@ def _clauses(f: Fields, key, inner, fields, unsupported) -> tuple:
     return tuple(clauses)
 
 
-def _match(f: Fields, key, attribute, negated, header=None, label=None) -> Optional[AuthzMatch]:
+def _match(f: Fields, key, attribute, negated, header=None, label=None) -> AuthzMatch | None:
     """The values of list ``key`` checked for ``attribute``; None when there are none."""
     values = []
     for path, text in f.strings(key):

@@ -8,7 +8,6 @@ the ``authz`` and ``peer_authentication`` fields of
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 #: The policy name of a denial because ALLOW policies apply and none matched.
 NO_ALLOW_MATCHED = "allow-nothing-matched"
@@ -43,8 +42,8 @@ class AuthzPolicies:
 
     deny: tuple = ()
     allow: tuple = ()
-    shadow_deny: Optional[ShadowEngine] = None
-    shadow_allow: Optional[ShadowEngine] = None
+    shadow_deny: ShadowEngine | None = None
+    shadow_allow: ShadowEngine | None = None
 
     @property
     def enforced(self) -> bool:

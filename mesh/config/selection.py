@@ -21,8 +21,6 @@ Three readers share :func:`selects`:
 
 from __future__ import annotations
 
-from typing import Optional
-
 from mesh.config.errors import ConfigWarning
 from mesh.config.resources import ServiceEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
@@ -31,7 +29,7 @@ from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 POLICY_KINDS = (AuthorizationPolicy, PeerAuthentication)
 
 
-def selects(selector: Optional[tuple], labels: dict) -> bool:
+def selects(selector: tuple | None, labels: dict) -> bool:
     """Whether ``selector`` (sorted label pairs, or None for "every workload") selects ``labels``."""
     if selector is None:
         return True
@@ -47,7 +45,7 @@ def format_labels(pairs) -> str:
     return ", ".join(f"{name}={value}" for name, value in items) or "no labels"
 
 
-def selector_of(obj) -> Optional[tuple]:
+def selector_of(obj) -> tuple | None:
     """The workload selector of a policy or ServiceEntry (None: none, or not a selecting kind)."""
     if isinstance(obj, ServiceEntry):
         return obj.workload_selector
@@ -84,7 +82,7 @@ def selected_by(objects, workload, root_namespace: str) -> list:
     return sorted(rows, key=lambda row: (row["kind"], row["namespace"], row["name"]))
 
 
-def unselected_warning(objects, workload, describe: str = "") -> Optional[ConfigWarning]:
+def unselected_warning(objects, workload, describe: str = "") -> ConfigWarning | None:
     """A warning when policies of ``workload``'s namespace use selectors and none of them selects it.
 
     None when the namespace's AuthorizationPolicies and PeerAuthentications

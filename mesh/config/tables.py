@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import bisect
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 #: Retry conditions understood by the built-in retry plugin (Istio/Envoy names).
 RETRY_ON_NAMES = frozenset(
@@ -43,7 +43,7 @@ class RetryPolicy:
     """
 
     attempts: int
-    per_try_timeout: Optional[float] = None
+    per_try_timeout: float | None = None
     retry_on: frozenset = frozenset({"connect-failure", "refused-stream", "gateway-error"})
     retry_status_codes: frozenset = frozenset()
     backoff_base: float = 0.025  # seconds, Envoy's default base interval
@@ -76,13 +76,13 @@ class RouteAction:
     name: str
     clusters: tuple
     cumulative_weights: tuple
-    timeout: Optional[float] = None
-    retry: Optional[RetryPolicy] = None
-    rewrite_prefix: Optional[bytes] = None
+    timeout: float | None = None
+    retry: RetryPolicy | None = None
+    rewrite_prefix: bytes | None = None
     rewrite_strip: int = 0
-    rewrite_authority: Optional[bytes] = None
-    request_headers: Optional[HeaderOps] = None
-    response_headers: Optional[HeaderOps] = None
+    rewrite_authority: bytes | None = None
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
 
     def pick_cluster(self, _random=random.random, _bisect=bisect.bisect_right) -> str:
         """Choose one cluster name according to the weights."""
@@ -101,7 +101,7 @@ class CompiledRoute:
     :class:`mesh.proxy.context.RequestContext` (None matches everything).
     """
 
-    match: Optional[Callable]
+    match: Callable | None
     action: RouteAction
 
 
@@ -126,9 +126,9 @@ class RouteTable:
 
     exact: dict = field(default_factory=dict)
     wildcards: tuple = ()
-    catch_all: Optional[VirtualHost] = None
+    catch_all: VirtualHost | None = None
 
-    def lookup(self, host: str) -> Optional[VirtualHost]:
+    def lookup(self, host: str) -> VirtualHost | None:
         vhost = self.exact.get(host)
         if vhost is not None:
             return vhost
@@ -161,7 +161,7 @@ class EndpointSpec:
     port: int
     labels: tuple = ()  # sorted ((key, value), ...)
     weight: int = 1
-    identity: Optional[str] = None
+    identity: str | None = None
 
     @property
     def key(self) -> tuple:
@@ -184,7 +184,7 @@ class ClusterSpec:
     port: int
     subset: str = ""
     lb_policy: str = "ROUND_ROBIN"
-    hash_on: Optional[tuple] = None
+    hash_on: tuple | None = None
     endpoints: tuple = ()
     connect_timeout: float = 10.0
     max_requests_per_connection: int = 0  # 0: unlimited

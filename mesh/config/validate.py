@@ -16,9 +16,22 @@ import re
 from mesh.config import hosts as hostnames
 from mesh.config.fields import Fields, Report
 from mesh.config.resources import (
-    DEFAULT_LOAD_BALANCER, DEFAULT_RETRY, ConnectionPool, DestinationRule, HTTPMatch, HTTPRoute, LoadBalancer,
-    RouteDestination, ServiceEntry, ServicePort, StringMatch, Subset, TrafficPolicy,
-    VirtualService, WorkloadEndpoint, WorkloadEntry,
+    DEFAULT_LOAD_BALANCER,
+    DEFAULT_RETRY,
+    ConnectionPool,
+    DestinationRule,
+    HTTPMatch,
+    HTTPRoute,
+    LoadBalancer,
+    RouteDestination,
+    ServiceEntry,
+    ServicePort,
+    StringMatch,
+    Subset,
+    TrafficPolicy,
+    VirtualService,
+    WorkloadEndpoint,
+    WorkloadEntry,
 )
 from mesh.config.security import authorization_policy, peer_authentication
 from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy

@@ -36,7 +36,7 @@ from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import ServerTLS
 from mesh.identity.tokens import load_or_create_key
-from mesh.inject.sidecar import DEFAULT_IMAGE
+from mesh.control.inject.sidecar import DEFAULT_IMAGE
 from mesh.control.kube.client import make_api_client
 from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.telemetry.control import ControlPlaneMetrics

@@ -4,7 +4,7 @@
 is a Pod CREATE answers with the same review carrying a response:
 ``allowed: true`` always (injection never blocks a pod), plus a base64
 ``JSONPatch`` (RFC 6902) that turns the pod into what ``meshctl inject`` makes
-of it (:mod:`mesh.inject`).  Pods that opt out (``sidecar.istio.io/inject:
+of it (:mod:`mesh.control.inject`).  Pods that opt out (``sidecar.istio.io/inject:
 "false"``), pods already injected, ``hostNetwork`` pods, other resources and
 other operations get no patch.  A pod with a malformed
 ``traffic.sidecar.istio.io/*`` annotation is admitted without a sidecar and
@@ -22,8 +22,8 @@ import json
 
 from twisted.web import resource
 
-from mesh.inject.jsonpatch import diff
-from mesh.inject.sidecar import InjectError, InjectSettings, inject_pod, skip_reason
+from mesh.control.inject.jsonpatch import diff
+from mesh.control.inject.sidecar import InjectError, InjectSettings, inject_pod, skip_reason
 from mesh.webpages import LimitedSite, SiteLimits
 
 API_VERSION = "admission.k8s.io/v1"

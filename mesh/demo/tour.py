@@ -31,14 +31,25 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from mesh.demo.runner import (ADMIN_ADDRESS, APP_PORT, CONTROL_ADMIN_PORT, INBOUND_PORT, METRICS_PATH, METRICS_PORT,
-                              OUTBOUND_PORT, DemoMesh, Reply, Workload, http_get)
+from mesh.demo.runner import (
+    ADMIN_ADDRESS,
+    APP_PORT,
+    CONTROL_ADMIN_PORT,
+    INBOUND_PORT,
+    METRICS_PATH,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    DemoMesh,
+    Reply,
+    Workload,
+    http_get,
+)
 
 #: The workload the tour speaks for.
 CLIENT = "frontend"
@@ -304,7 +315,7 @@ def plaintext_refused(tour: Tour) -> bool:
 CERTIFICATE_KEYS = ("certificate", "certificates", "workload_certificate", "identity")
 
 
-def certificate_facts(tour: Tour) -> Optional[bool]:
+def certificate_facts(tour: Tour) -> bool | None:
     client = tour.client
     url = f"http://{ADMIN_ADDRESS}:{client.admin_port}/config_dump"
     dump = tour.mesh.admin(client, "/config_dump").json()
@@ -364,7 +375,7 @@ def _write_atomically(path, text: str) -> None:
     os.replace(temporary, path)
 
 
-def _synced(tour: Tour, before: str) -> Optional[str]:
+def _synced(tour: Tour, before: str) -> str | None:
     """The frontend sidecar's new config version once it differs from *before* and every proxy has
     ACKed what it was sent, else None."""
     rows = tour.mesh.control_admin("/proxies").json()
@@ -385,7 +396,7 @@ def _client_version(tour: Tour) -> str:
     return tour.mesh.admin(tour.client, "/config_dump").json().get("version") or ""
 
 
-def _change_weights(tour: Tour, path, original: str, v1: int, v2: int) -> tuple[Optional[str], float]:
+def _change_weights(tour: Tour, path, original: str, v1: int, v2: int) -> tuple[str | None, float]:
     """Write weights *v1*/*v2* into *path*; wait until every proxy ACKed the new version.
     Return (the frontend's new version or None on timeout, seconds waited)."""
     before = _client_version(tour)
@@ -607,7 +618,7 @@ class Step:
     or None if it was skipped (it had nothing to show)."""
 
     title: str
-    run: Callable[[Tour], Optional[bool]]
+    run: Callable[[Tour], bool | None]
 
 
 STEPS = (

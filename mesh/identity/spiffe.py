@@ -22,7 +22,7 @@ class SpiffeId:
     service_account: str
 
     @classmethod
-    def parse(cls, uri: str) -> "SpiffeId":
+    def parse(cls, uri: str) -> SpiffeId:
         match = _ID.fullmatch(uri)
         if match is None:
             raise InvalidSpiffeId(f"{uri!r} is not spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")

@@ -49,7 +49,6 @@ import hashlib
 import time
 import weakref
 from dataclasses import dataclass, field
-from typing import Optional
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -92,14 +91,14 @@ def spiffe_id_of(cert: x509.Certificate):
 class PeerCertificate:
     """What the mesh reads from a peer's (verified) leaf certificate."""
 
-    identity: Optional[str]  # the SPIFFE id, or None
+    identity: str | None  # the SPIFFE id, or None
     sha256: str  # of the DER, hex (x-forwarded-client-cert ``Hash=``)
 
 
 _known_certificates: dict = {}
 
 
-def peer_certificate_facts(transport) -> Optional[PeerCertificate]:
+def peer_certificate_facts(transport) -> PeerCertificate | None:
     """The :class:`PeerCertificate` of a TLS transport's peer, or None (plaintext / no certificate).
 
     On a resumed session the certificate is the one verified when the session
@@ -309,7 +308,7 @@ class WorkloadCredentials:
     sessions: SessionCache = field(repr=False, compare=False, default=None)
 
     @classmethod
-    def build(cls, key, chain, bundle, require_client_cert=True, resumption=True) -> "WorkloadCredentials":
+    def build(cls, key, chain, bundle, require_client_cert=True, resumption=True) -> WorkloadCredentials:
         """Credentials with ready contexts.
 
         ``require_client_cert=False`` makes the server side ask for, but not
@@ -324,7 +323,7 @@ class WorkloadCredentials:
                    SessionCache(chain[0].not_valid_after_utc.timestamp()))
 
     @classmethod
-    def from_pem(cls, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> "WorkloadCredentials":
+    def from_pem(cls, key_pem: bytes, chain_pem: bytes, bundle_pem: bytes) -> WorkloadCredentials:
         key = serialization.load_pem_private_key(key_pem, password=None)
         return cls.build(key, x509.load_pem_x509_certificates(chain_pem),
                          x509.load_pem_x509_certificates(bundle_pem))

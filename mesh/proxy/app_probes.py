@@ -1,6 +1,6 @@
 """The app probes a sidecar runs for the kubelet: ``--app-probers`` (or ``$TXMESH_APP_PROBERS``) parsed.
 
-The injector (``mesh.inject.probes``) rewrites an app container's probe to
+The injector (``mesh.control.inject.probes``) rewrites an app container's probe to
 ``httpGet :15021/app-health/<container>/<livez|readyz|startupz>`` and records
 the original as JSON, in Istio's ``ISTIO_KUBE_APP_PROBERS`` format: an object
 from that path to ``{"httpGet": {"path", "port", "scheme", "httpHeaders"},
@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from mesh.inject.probes import APP_HEALTH_PREFIX, DEFAULT_TIMEOUT_SECONDS, PROBE_KINDS
+from mesh.control.inject.probes import APP_HEALTH_PREFIX, DEFAULT_TIMEOUT_SECONDS, PROBE_KINDS
 
 _PATH = re.compile(r"/app-health/[a-z0-9]([-a-z0-9]*[a-z0-9])?/(" + "|".join(PROBE_KINDS.values()) + ")")
 _TARGET = re.compile(r"/[\x21-\x7e]*")  # printable ASCII, no spaces: a request target as the kubelet sends it

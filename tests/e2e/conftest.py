@@ -25,11 +25,10 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-
-import yaml
 
 from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
 from tests.harness import ManagedProcess, venv_bin

@@ -29,7 +29,15 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import (
-    PROXY_UID, NetnsProcess, Pod, Pods, TestCA, metric_sum, pod_workdir, require_netns, start_sidecar,
+    PROXY_UID,
+    NetnsProcess,
+    Pod,
+    Pods,
+    TestCA,
+    metric_sum,
+    pod_workdir,
+    require_netns,
+    start_sidecar,
 )
 from tests.harness import venv_bin
 from tests.harness.waiting import wait_for

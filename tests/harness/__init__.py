@@ -16,7 +16,13 @@ from .curl import CurlResult, curl
 from .kube import KubeAPI
 from .net import free_port, http_request
 from .processes import (
-    REPO_ROOT, ManagedProcess, ProcessExitedError, log_alarms_since_last_check, stop_all, venv_bin, venv_dir,
+    REPO_ROOT,
+    ManagedProcess,
+    ProcessExitedError,
+    log_alarms_since_last_check,
+    stop_all,
+    venv_bin,
+    venv_dir,
 )
 from .proxy import Proxy
 from .rawhttp import RawConnection, RawResponse

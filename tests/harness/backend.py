@@ -41,7 +41,7 @@ class Backend(ManagedProcess):
         return status == 200 and json.loads(body)["service"] == self.name
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def pattern_sha256(size: int) -> str:
     """sha256 of the first ``size`` bytes the demo app's ``/bytes/<size>`` serves."""
     digest = hashlib.sha256()

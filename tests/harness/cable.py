@@ -27,7 +27,7 @@ class Cable:
         self._lock = threading.Lock()
         self._listener = None
 
-    def start(self) -> "Cable":
+    def start(self) -> Cable:
         """Listen and forward (returns self)."""
         self._listener = socket.create_server(("127.0.0.1", self.port))
         threading.Thread(target=self._accept, name=f"cable-{self.port}", daemon=True).start()

@@ -36,7 +36,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web import resource, server
 
 from .kubeauth import Tokens
-from .kuberesources import ApiError, ResourceType, Resources
+from .kuberesources import ApiError, Resources, ResourceType
 from .kubeselectors import SelectorError, selector
 from .kubestore import Change, Expired, Store
 

@@ -102,7 +102,7 @@ class ResourceType:
 
 # -- defaults of the built-in resources -------------------------------------------------------------------------
 
-def _pod_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _pod_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     spec = new.setdefault("spec", {})
     spec.setdefault("serviceAccountName", spec.get("serviceAccount", "default"))
     spec.setdefault("serviceAccount", spec["serviceAccountName"])
@@ -111,7 +111,7 @@ def _pod_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
         new["status"] = {"phase": "Pending"}
 
 
-def _service_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _service_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     spec = new.setdefault("spec", {})
     spec.setdefault("type", "ClusterIP")
     spec.setdefault("sessionAffinity", "None")
@@ -127,7 +127,7 @@ def _service_defaults(new: dict, old: dict | None, resources: "Resources") -> No
         new["status"] = {"loadBalancer": {}}
 
 
-def _secret_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _secret_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     new.setdefault("type", "Opaque")
     string_data = new.pop("stringData", None) or {}
     data = new.setdefault("data", {})
@@ -141,7 +141,7 @@ def _secret_defaults(new: dict, old: dict | None, resources: "Resources") -> Non
                           "Invalid value: the value must be base64-encoded (or use stringData)") from None
 
 
-def _namespace_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _namespace_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     new.setdefault("spec", {"finalizers": ["kubernetes"]})
     new["status"] = {"phase": "Active"}
 
@@ -150,7 +150,7 @@ def _event_check(field_path: str):
     """The real server's rule: an Event lives in its object's namespace (or ``default``, for a cluster-scoped
     object); *field_path* names the reference as the representation calls it."""
 
-    def check(new: dict, old: dict | None, resources: "Resources") -> None:
+    def check(new: dict, old: dict | None, resources: Resources) -> None:
         namespace = new["metadata"].get("namespace", "")
         referenced = (new.get("involvedObject") or {}).get("namespace", "")
         if (referenced and referenced != namespace) or (not referenced and namespace not in ("", "default")):
@@ -171,7 +171,7 @@ def _rename(obj: dict, names: dict) -> dict:
     return {names.get(key, key): value for key, value in obj.items()}
 
 
-def _crd_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _crd_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     spec, name = new.get("spec", {}), new["metadata"]["name"]
     names, group = spec.get("names", {}), spec.get("group", "")
     if not group or not names.get("plural") or not names.get("kind"):
@@ -200,7 +200,7 @@ def _crd_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
     }
 
 
-def _webhook_configuration_defaults(new: dict, old: dict | None, resources: "Resources") -> None:
+def _webhook_configuration_defaults(new: dict, old: dict | None, resources: Resources) -> None:
     """admissionregistration.k8s.io/v1 MutatingWebhookConfiguration: the real server's v1 defaults and the
     validation txmesh can run into (required fields, unique names, one of url/service, base64 caBundle)."""
     name, group = new["metadata"]["name"], "admissionregistration.k8s.io"

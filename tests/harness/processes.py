@@ -14,8 +14,8 @@ from .waiting import wait_for
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 _PR_SET_PDEATHSIG = 1
-_live: dict["ManagedProcess", None] = {}  # insertion-ordered set of running processes
-_unchecked: dict["ManagedProcess", None] = {}  # started, with log lines not yet checked for tracebacks
+_live: dict[ManagedProcess, None] = {}  # insertion-ordered set of running processes
+_unchecked: dict[ManagedProcess, None] = {}  # started, with log lines not yet checked for tracebacks
 
 #: What must never appear in a process log: a Python traceback, or Twisted's "Unhandled Error".
 LOG_ALARMS = ("Traceback (most recent call last)", "Unhandled Error", "Unhandled error")
@@ -82,7 +82,7 @@ class ManagedProcess:
         self.stop()
 
     @classmethod
-    def live(cls) -> list["ManagedProcess"]:
+    def live(cls) -> list[ManagedProcess]:
         """The processes started and not yet stopped, oldest first."""
         return list(_live)
 

@@ -15,6 +15,7 @@ import yaml
 from tests.harness import wait_for
 from tests.integration.test_proxy_support import service_entry, virtual_service
 
+
 def write(directory, name, *documents):
     path = directory / name
     tmp = directory / f".{name}.tmp"

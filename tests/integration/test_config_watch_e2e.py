@@ -13,7 +13,12 @@ from tests.conftest import ProcessFactory
 from tests.harness import venv_bin, wait_for
 from tests.integration.test_distribution_support import ControlledProxy
 from tests.integration.test_proxy_support import (
-    curl_many, destination_rule, endpoint, served_by, service_entry, virtual_service,
+    curl_many,
+    destination_rule,
+    endpoint,
+    served_by,
+    service_entry,
+    virtual_service,
 )
 
 

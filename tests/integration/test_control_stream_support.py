@@ -118,7 +118,7 @@ class RawStream:
             self.sock.settimeout(max(0.05, deadline - time.monotonic()))
             try:
                 frame = self.read_frame()
-            except (TimeoutError, socket.timeout):
+            except TimeoutError:
                 break
             if frame is None:
                 return frames, True

@@ -20,7 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from tests.harness import Proxy, wait_for
 from tests.integration.test_identity_support import (
-    assert_no_secrets_in_logs, issue_cert, make_ca, mesh_ca, spiffe,
+    assert_no_secrets_in_logs,
+    issue_cert,
+    make_ca,
+    mesh_ca,
+    spiffe,
 )
 from tests.integration.test_proxy_support import service_entry, write_config
 from tests.unit.test_identity_csr import build_csr

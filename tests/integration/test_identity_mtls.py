@@ -22,8 +22,17 @@ from cryptography.x509.oid import NameOID
 
 from tests.harness import curl, free_port
 from tests.integration.test_identity_support import (
-    assert_no_secrets_in_logs, authorization_policy, cert_sha256, issue_cert, make_ca, mesh_ca, mesh_endpoint,
-    peer_authentication, s_client, spiffe, xfcc,
+    assert_no_secrets_in_logs,
+    authorization_policy,
+    cert_sha256,
+    issue_cert,
+    make_ca,
+    mesh_ca,
+    mesh_endpoint,
+    peer_authentication,
+    s_client,
+    spiffe,
+    xfcc,
 )
 from tests.integration.test_proxy_support import assert_clean_log, service_entry, write_config
 

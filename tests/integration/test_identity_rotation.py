@@ -21,7 +21,13 @@ import pytest
 from cryptography import x509
 
 from tests.integration.test_identity_support import (
-    assert_no_secrets_in_logs, issue_cert, mesh_ca, mtls_pair, parse_h2load, spiffe, xfcc,
+    assert_no_secrets_in_logs,
+    issue_cert,
+    mesh_ca,
+    mtls_pair,
+    parse_h2load,
+    spiffe,
+    xfcc,
 )
 from tests.integration.test_proxy_support import assert_clean_log
 

@@ -24,10 +24,18 @@ from tests.harness import KubeAPI, free_port, venv_bin, wait_for
 from tests.harness.cable import Cable
 from tests.integration.test_distribution_support import ControlledProxy
 from tests.integration.test_kube_support import (
-    answering, cluster_endpoints, endpoint_list, endpoint_slice, install_crds, kubeconfig_via, pod, service,
+    answering,
+    cluster_endpoints,
+    endpoint_list,
+    endpoint_slice,
+    install_crds,
+    kubeconfig_via,
+    pod,
+    service,
     virtual_service,
 )
-from tests.integration.test_proxy_support import route_to, virtual_service as file_virtual_service, write_config
+from tests.integration.test_proxy_support import route_to, write_config
+from tests.integration.test_proxy_support import virtual_service as file_virtual_service
 
 NS = "shop"
 HOST = "reviews.shop.svc.cluster.local"

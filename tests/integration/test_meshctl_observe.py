@@ -15,7 +15,10 @@ from mesh import __version__
 from tests.harness import free_port, wait_for
 from tests.harness.jsonpages import JsonPages
 from tests.integration.test_meshctl_observe_support import (
-    meshctl, observed_mesh, start_meshctl, wait_for_stderr_line,
+    meshctl,
+    observed_mesh,
+    start_meshctl,
+    wait_for_stderr_line,
 )
 from tests.integration.test_proxy_support import curl_many
 
@@ -197,7 +200,7 @@ def read_until_quiet(sock: socket.socket) -> bytes:
     while True:
         try:
             chunk = sock.recv(1 << 20)
-        except socket.timeout:
+        except TimeoutError:
             return data
         if not chunk:
             return data

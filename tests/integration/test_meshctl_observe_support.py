@@ -22,7 +22,11 @@ from tests.harness import free_port, venv_bin, wait_for
 from tests.integration.test_distribution_support import ControlledProxy, selector_service
 from tests.integration.test_identity_support import authorization_policy, peer_authentication
 from tests.integration.test_proxy_support import (
-    destination_rule, endpoint, service_entry, virtual_service, write_config,
+    destination_rule,
+    endpoint,
+    service_entry,
+    virtual_service,
+    write_config,
 )
 
 CONFIG = (

@@ -10,7 +10,12 @@ import pytest
 from tests.harness import free_port, venv_bin
 from tests.harness.jsonpages import JsonPages
 from tests.integration.test_proxy_support import (
-    destination_rule, endpoint, route_to, service_entry, virtual_service, write_config,
+    destination_rule,
+    endpoint,
+    route_to,
+    service_entry,
+    virtual_service,
+    write_config,
 )
 
 

@@ -13,7 +13,10 @@ import pytest
 from mesh.cli import stat_sources
 from tests.harness import free_port, wait_for
 from tests.integration.test_meshctl_observe_support import (
-    meshctl, observed_mesh, start_meshctl, wait_for_stderr_line,
+    meshctl,
+    observed_mesh,
+    start_meshctl,
+    wait_for_stderr_line,
 )
 from tests.integration.test_proxy_support import curl_many
 from tests.integration.test_telemetry_support import Prometheus

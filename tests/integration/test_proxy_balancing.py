@@ -18,8 +18,15 @@ import pytest
 
 from tests.harness import RawConnection, wait_for
 from tests.integration.test_proxy_support import (
-    cluster_name, curl_many, destination_rule, endpoint, endpoint_stats, lb, served_by,
-    service_entry, write_config,
+    cluster_name,
+    curl_many,
+    destination_rule,
+    endpoint,
+    endpoint_stats,
+    lb,
+    served_by,
+    service_entry,
+    write_config,
 )
 
 A, B = "lb-a", "lb-b"

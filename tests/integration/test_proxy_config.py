@@ -15,7 +15,13 @@ import yaml
 
 from tests.harness import free_port, venv_bin, wait_for
 from tests.integration.test_proxy_support import (
-    curl_many, destination_rule, endpoint, route_to, served_by, service_entry, virtual_service,
+    curl_many,
+    destination_rule,
+    endpoint,
+    route_to,
+    served_by,
+    service_entry,
+    virtual_service,
 )
 
 INVALID_VS = """\

@@ -19,7 +19,12 @@ import pytest
 
 from tests.harness import RawConnection
 from tests.integration.test_proxy_support import (
-    cluster_name, curl_many, endpoint, endpoint_stats, service_entry, write_config,
+    cluster_name,
+    curl_many,
+    endpoint,
+    endpoint_stats,
+    service_entry,
+    write_config,
 )
 
 MAX_HEADER_BYTES = 60 * 1024

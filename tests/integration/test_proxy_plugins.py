@@ -22,7 +22,13 @@ import pytest
 
 from tests.harness import venv_bin
 from tests.integration.test_proxy_support import (
-    curl_many, destination_rule, endpoint, lb, served_by, service_entry, write_config,
+    curl_many,
+    destination_rule,
+    endpoint,
+    lb,
+    served_by,
+    service_entry,
+    write_config,
 )
 
 SLOW_SECONDS = 0.2

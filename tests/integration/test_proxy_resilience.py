@@ -15,8 +15,18 @@ import pytest
 
 from tests.harness import free_port, wait_for
 from tests.integration.test_proxy_support import (
-    cluster_endpoints, cluster_name, curl_many, destination_rule, endpoint, endpoint_stats, lb,
-    route_to, served_by, service_entry, virtual_service, write_config,
+    cluster_endpoints,
+    cluster_name,
+    curl_many,
+    destination_rule,
+    endpoint,
+    endpoint_stats,
+    lb,
+    route_to,
+    served_by,
+    service_entry,
+    virtual_service,
+    write_config,
 )
 
 

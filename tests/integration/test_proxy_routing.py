@@ -14,8 +14,16 @@ import pytest
 
 from tests.harness import RawConnection, wait_for
 from tests.integration.test_proxy_support import (
-    cluster_endpoints, cluster_name, curl_many, destination_rule, endpoint, route_to, served_by, service_entry,
-    virtual_service, write_config,
+    cluster_endpoints,
+    cluster_name,
+    curl_many,
+    destination_rule,
+    endpoint,
+    route_to,
+    served_by,
+    service_entry,
+    virtual_service,
+    write_config,
 )
 
 V1, V2 = "reviews-v1", "reviews-v2"

@@ -28,7 +28,11 @@ from tests.harness import free_port, wait_for
 from tests.integration.test_identity_support import authorization_policy, mesh_endpoint
 from tests.integration.test_proxy_support import curl_many, endpoint, service_entry, virtual_service, write_config
 from tests.integration.test_telemetry_support import (
-    ISTIO_MILLISECONDS_LINT, Prometheus, access_log, promtool_check, scrape,
+    ISTIO_MILLISECONDS_LINT,
+    Prometheus,
+    access_log,
+    promtool_check,
+    scrape,
 )
 
 NS = "shop"

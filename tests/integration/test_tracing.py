@@ -17,7 +17,11 @@ import pytest
 
 from tests.harness import free_port, wait_for
 from tests.integration.test_proxy_support import (
-    assert_clean_log, curl_many, endpoint, service_entry, write_config,
+    assert_clean_log,
+    curl_many,
+    endpoint,
+    service_entry,
+    write_config,
 )
 from tests.integration.test_tracing_support import Collector, ForwarderApp, HangingServer
 

@@ -23,7 +23,7 @@ from tests.harness import venv_bin, wait_for
 from tests.harness.net import free_port
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
-from mesh.inject.models import check_model  # noqa: E402
+from mesh.control.inject.models import check_model  # noqa: E402
 from tests.unit.test_inject import apply_patch  # noqa: E402 -- the independent RFC 6902 applier
 
 DEPLOYMENT = """\

@@ -12,7 +12,6 @@ from mesh.config.validate import validate
 from mesh.proxy.context import RequestContext
 from mesh.proxy.runtime import OutboundRouter
 
-
 #: A ServiceEntry ``server``: VIP 10.96.0.10 port 80, endpoints 10.99.0.2 and 10.99.0.3 on 8080.
 SERVER_ENTRY = """
 apiVersion: networking.istio.io/v1

@@ -6,13 +6,13 @@ import textwrap
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.proxy.paths import normalize_base
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_files
 from mesh.config.security_tables import NO_ALLOW_MATCHED
 from mesh.config.validate import validate
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.context import RequestContext
+from mesh.proxy.paths import normalize_base
 
 USER_SERVICE = Workload("user-service", "demo", {"app": "user-service", "version": "v1"}, "user-service",
                         app_port=8080)

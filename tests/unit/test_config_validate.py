@@ -7,8 +7,14 @@ import pytest
 from mesh.config.fields import parse_duration
 from mesh.config.loader import load_files
 from mesh.config.resources import (
-    DEFAULT_RETRY, ConnectionPool, HTTPMatch, LoadBalancer, RouteDestination, ServicePort,
-    StringMatch, WorkloadEndpoint,
+    DEFAULT_RETRY,
+    ConnectionPool,
+    HTTPMatch,
+    LoadBalancer,
+    RouteDestination,
+    ServicePort,
+    StringMatch,
+    WorkloadEndpoint,
 )
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
 from mesh.config.validate import validate

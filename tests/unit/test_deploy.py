@@ -15,11 +15,11 @@ import yaml
 
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
-from mesh.inject import inject_object
-from mesh.inject.sidecar import PROXY_UID, pod_template_of
+from mesh.control.inject import inject_object
+from mesh.control.inject.sidecar import PROXY_UID, pod_template_of
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
-from mesh.inject.models import check_model, model_name  # noqa: E402
+from mesh.control.inject.models import check_model, model_name  # noqa: E402
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 OTHERS = {"grafana"}  # deploy/ subtrees that are not Kubernetes manifests of this layout

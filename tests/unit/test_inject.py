@@ -1,4 +1,4 @@
-"""``meshctl inject`` and mesh.inject: every workload kind, opt-outs, idempotence, and the real client's models."""
+"""``meshctl inject`` and mesh.control.inject: every workload kind, opt-outs, idempotence, the client's models."""
 
 from __future__ import annotations
 
@@ -15,13 +15,13 @@ import yaml
 
 from mesh.cli.main import main as meshctl
 from mesh.control.webhook import MalformedReview, review_response
-from mesh.inject import InjectError, InjectSettings, inject_object
-from mesh.inject.jsonpatch import diff
-from mesh.inject.sidecar import (INIT_NAME, POD_TEMPLATE_PATHS, SIDECAR_NAME, STATUS_ANNOTATION, TLS_MODE_LABEL,
-                                 pod_template_of)
+from mesh.control.inject import InjectError, InjectSettings, inject_object
+from mesh.control.inject.jsonpatch import diff
+from mesh.control.inject.sidecar import (INIT_NAME, POD_TEMPLATE_PATHS, SIDECAR_NAME, STATUS_ANNOTATION,
+                                         TLS_MODE_LABEL, pod_template_of)
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
-from mesh.inject.models import check_model  # noqa: E402
+from mesh.control.inject.models import check_model  # noqa: E402
 
 POD_SPEC = {
     "serviceAccountName": "user-service",
@@ -407,7 +407,7 @@ def test_shlex_friendly_commands():
         assert all(isinstance(a, str) for a in container["command"]), shlex.join(map(str, container["command"]))
 
 
-# -- app probes (mesh.inject.probes): through the sidecar's health port, as Istio rewrites them ------------
+# -- app probes (mesh.control.inject.probes): through the sidecar's health port, as Istio rewrites them ------------
 
 PROBED_POD = {
     "apiVersion": "v1", "kind": "Pod", "metadata": {"name": "web", "labels": {"app": "web"}},

@@ -13,7 +13,6 @@ from mesh.proxy.tap import Options, makeService
 from tests.unit.routing_support import captured_request, compile_yaml, outbound_router
 
 
-
 class Pool:
     """Stands in for a connection pool: only ``close_idle`` is used here."""
 

@@ -14,8 +14,18 @@ from mesh.proxy.tap import Options, makeService
 from mesh.telemetry import accesslog
 from mesh.telemetry.accesslog import AccessLog, LineFormatter
 from tests.unit.test_telemetry_support import (
-    CALLER_ID, INBOUND_CLUSTER, OWN_ID, REVIEWS_CLUSTER, REVIEWS_ID, REVIEWS_V1, REVIEWS_V2, done, inbound, outbound,
-    peers, tcp_event,
+    CALLER_ID,
+    INBOUND_CLUSTER,
+    OWN_ID,
+    REVIEWS_CLUSTER,
+    REVIEWS_ID,
+    REVIEWS_V1,
+    REVIEWS_V2,
+    done,
+    inbound,
+    outbound,
+    peers,
+    tcp_event,
 )
 
 FIELDS = {"start_time", "direction", "method", "path", "protocol", "authority", "user_agent", "x_request_id",

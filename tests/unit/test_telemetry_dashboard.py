@@ -15,7 +15,13 @@ from mesh.telemetry.exposition import new_registry
 from mesh.telemetry.health import ProxyHealth
 from mesh.telemetry.istio import IstioMetrics
 from tests.unit.test_telemetry_support import (
-    PRODUCTPAGE, control_like, done, inbound, outbound, peers, proxy_like,
+    PRODUCTPAGE,
+    control_like,
+    done,
+    inbound,
+    outbound,
+    peers,
+    proxy_like,
 )
 
 DASHBOARD = Path(__file__).parents[2] / "deploy" / "grafana" / "txmesh-overview.json"

@@ -15,7 +15,12 @@ from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import MetricsServer, new_registry
 from mesh.telemetry.health import ProxyHealth
 from tests.unit.test_telemetry_support import (
-    INBOUND_CLUSTER, REVIEWS, REVIEWS_CLUSTER, REVIEWS_V1, control_like, proxy_like,
+    INBOUND_CLUSTER,
+    REVIEWS,
+    REVIEWS_CLUSTER,
+    REVIEWS_V1,
+    control_like,
+    proxy_like,
 )
 
 

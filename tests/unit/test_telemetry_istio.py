@@ -12,8 +12,20 @@ from mesh.config.compile import load_and_compile
 from mesh.telemetry.exposition import new_registry
 from mesh.telemetry.istio import ISTIO_BUCKETS, REQUEST_LABELS, IstioMetrics
 from tests.unit.test_telemetry_support import (
-    BOOKINFO, CALLER_ID, OWN_ID, PRODUCTPAGE, REVIEWS, REVIEWS_CLUSTER, REVIEWS_ID, REVIEWS_V2, bookinfo_runtime, done,
-    inbound, outbound, peers, tcp_event,
+    BOOKINFO,
+    CALLER_ID,
+    OWN_ID,
+    PRODUCTPAGE,
+    REVIEWS,
+    REVIEWS_CLUSTER,
+    REVIEWS_ID,
+    REVIEWS_V2,
+    bookinfo_runtime,
+    done,
+    inbound,
+    outbound,
+    peers,
+    tcp_event,
 )
 
 

@@ -7,8 +7,18 @@ import re
 import pytest
 
 from mesh.telemetry.tracing_context import (
-    B3_MULTI, B3_SINGLE, W3C, extract, format_b3_single, format_traceparent, inject, new_span_id, new_trace_id,
-    parse_b3_multi, parse_b3_single, parse_traceparent,
+    B3_MULTI,
+    B3_SINGLE,
+    W3C,
+    extract,
+    format_b3_single,
+    format_traceparent,
+    inject,
+    new_span_id,
+    new_trace_id,
+    parse_b3_multi,
+    parse_b3_single,
+    parse_traceparent,
 )
 
 TRACE = "4bf92f3577b34da6a3ce929d0e0e4736"

@@ -2,7 +2,7 @@
 
 Injected sidecars mount ConfigMap ``txmesh-ca-root-cert`` (key
 ``root-cert.pem``) of their namespace as their ``--ca-bundle``
-(:mod:`mesh.inject.sidecar`).  :class:`RootCertPublisher` keeps it there, as
+(:mod:`mesh.control.inject.sidecar`).  :class:`RootCertPublisher` keeps it there, as
 Istio's istiod keeps ``istio-ca-root-cert``:
 
 - it watches Namespaces and the ConfigMaps named ``txmesh-ca-root-cert``

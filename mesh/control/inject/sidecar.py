@@ -20,7 +20,7 @@ What an injected pod gets (docs/kubernetes.md):
   1 h), the mesh's root certificate (ConfigMap ``txmesh-ca-root-cert``) and an
   emptyDir for the last-known-good config.
 - the app containers' ``httpGet`` and ``tcpSocket`` probes go to the sidecar's
-  health port, which probes the app on localhost (``mesh.inject.probes``;
+  health port, which probes the app on localhost (``mesh.control.inject.probes``;
   Istio's ``sidecar.istio.io/rewriteAppHTTPProbers: "false"`` opts out).
 - the label ``security.istio.io/tlsMode: istio`` and the annotation
   ``sidecar.istio.io/status``, which marks the pod as injected: injecting it
@@ -38,7 +38,7 @@ import json
 from dataclasses import dataclass, field
 
 from mesh import __version__
-from mesh.inject.probes import APP_PROBERS_ENV, REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
+from mesh.control.inject.probes import APP_PROBERS_ENV, REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
 
 SIDECAR_NAME = "txmesh-proxy"
 INIT_NAME = "txmesh-init"
@@ -272,7 +272,7 @@ def _sidecar(pod: dict, settings: InjectSettings, fallback_name: str = None, app
         {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
         {"name": "INSTANCE_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
     ]
-    if app_probers:  # what /app-health/... on the health port sends to the app (mesh.inject.probes)
+    if app_probers:  # what /app-health/... on the health port sends to the app (mesh.control.inject.probes)
         env.append({"name": APP_PROBERS_ENV, "value": json.dumps(app_probers, sort_keys=True, separators=(",", ":"))})
     return {
         "name": SIDECAR_NAME,
