@@ -29,9 +29,10 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
+from mesh.sidecar_contract import TLS_MODE_LABEL
+
 log = Logger()
 
-TLS_MODE_LABEL = "security.istio.io/tlsMode"
 REGISTRY_LABEL = "mesh.txmesh.io/registered"
 _NAME_UNSAFE = re.compile(r"[^a-z0-9-]+")
 

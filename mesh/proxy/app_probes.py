@@ -16,7 +16,7 @@ import json
 import re
 from dataclasses import dataclass
 
-from mesh.control.inject.probes import APP_HEALTH_PREFIX, DEFAULT_TIMEOUT_SECONDS, PROBE_KINDS
+from mesh.sidecar_contract import APP_HEALTH_PREFIX, DEFAULT_TIMEOUT_SECONDS, PROBE_KINDS
 
 _PATH = re.compile(r"/app-health/[a-z0-9]([-a-z0-9]*[a-z0-9])?/(" + "|".join(PROBE_KINDS.values()) + ")")
 _TARGET = re.compile(r"/[\x21-\x7e]*")  # printable ASCII, no spaces: a request target as the kubelet sends it

@@ -11,7 +11,7 @@ from twisted.python import usage
 from mesh import logging as mesh_logging
 from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
-from mesh.control.inject.probes import APP_PROBERS_ENV
+from mesh.sidecar_contract import APP_PROBERS_ENV
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits

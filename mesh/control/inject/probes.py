@@ -26,15 +26,10 @@ the timeout) stays on the rewritten probe.
 
 from __future__ import annotations
 
-#: The sidecar's environment variable that carries the original probes (JSON).
-APP_PROBERS_ENV = "TXMESH_APP_PROBERS"
+from mesh.sidecar_contract import APP_HEALTH_PREFIX, DEFAULT_TIMEOUT_SECONDS, PROBE_KINDS
+
 #: Istio's opt-out annotation: ``"false"`` leaves the app's probes as they are.
 REWRITE_ANNOTATION = "sidecar.istio.io/rewriteAppHTTPProbers"
-#: Probe field of a container -> the last segment of its ``/app-health/`` path (Istio's names).
-PROBE_KINDS = {"livenessProbe": "livez", "readinessProbe": "readyz", "startupProbe": "startupz"}
-APP_HEALTH_PREFIX = "/app-health/"
-#: The kubelet's default ``timeoutSeconds``.
-DEFAULT_TIMEOUT_SECONDS = 1
 
 
 class ProbeError(ValueError):

@@ -38,14 +38,13 @@ import json
 from dataclasses import dataclass, field
 
 from mesh import __version__
-from mesh.control.inject.probes import APP_PROBERS_ENV, REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
+from mesh.control.inject.probes import REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
+from mesh.sidecar_contract import APP_PROBERS_ENV, TLS_MODE_LABEL, TOKEN_AUDIENCE, TOKEN_VOLUME
 
 SIDECAR_NAME = "txmesh-proxy"
 INIT_NAME = "txmesh-init"
-TOKEN_VOLUME = "txmesh-token"
 TOKEN_DIR = "/var/run/secrets/tokens"
 TOKEN_FILE = f"{TOKEN_DIR}/txmesh-token"
-TOKEN_AUDIENCE = "txmesh"
 TOKEN_TTL_SECONDS = 3600
 CA_VOLUME = "txmesh-ca-root-cert"
 CA_CONFIGMAP = "txmesh-ca-root-cert"
@@ -65,7 +64,6 @@ METRICS_PORT = 15090
 
 INJECT_ANNOTATION = "sidecar.istio.io/inject"
 STATUS_ANNOTATION = "sidecar.istio.io/status"
-TLS_MODE_LABEL = "security.istio.io/tlsMode"
 EXCLUDE_OUTBOUND_PORTS = "traffic.sidecar.istio.io/excludeOutboundPorts"
 EXCLUDE_INBOUND_PORTS = "traffic.sidecar.istio.io/excludeInboundPorts"
 EXCLUDE_OUTBOUND_RANGES = "traffic.sidecar.istio.io/excludeOutboundIPRanges"

@@ -29,7 +29,7 @@ from zope.interface import implementer
 
 from mesh.identity.credentials import CredentialRejected, ICredentialVerifier, VerifierUnavailable
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
-from mesh.control.inject.sidecar import TOKEN_AUDIENCE, TOKEN_VOLUME
+from mesh.sidecar_contract import TOKEN_AUDIENCE, TOKEN_VOLUME
 
 REVIEW_TIMEOUT = 5.0
 MAX_TOKEN_BYTES = 16384  # projected tokens are JWTs of about 1 KiB
