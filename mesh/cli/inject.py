@@ -12,7 +12,7 @@ import sys
 
 import yaml
 
-from mesh.control.inject.sidecar import InjectError, InjectSettings, PROXY_UID, inject_object
+from mesh.control.inject.sidecar import PROXY_UID, InjectError, InjectSettings, inject_object
 
 _DEFAULTS = InjectSettings()
 

@@ -32,15 +32,14 @@ from dataclasses import dataclass
 from twisted.internet import protocol
 from twisted.logger import Logger
 
+from mesh import protocol as proto
 from mesh.config.compile import Workload, _exported
 from mesh.config.loader import Resource, load_documents, resource_document
-from mesh.config.resources import ServiceEntry, WorkloadEntry
-from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
-from mesh.config.resources import DestinationRule, VirtualService
+from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
 from mesh.config.selection import describe_selection, unselected_warning
 from mesh.config.validate import validate
-from mesh import protocol as proto
 from mesh.control.registry import Registration, Registry
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.identity.tls import peer_identity

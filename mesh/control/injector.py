@@ -20,10 +20,10 @@ from __future__ import annotations
 
 from twisted.application import internet, service
 
+from mesh.control.inject.sidecar import InjectSettings
 from mesh.control.serving_cert import ServingCertificate
 from mesh.control.webhook import webhook_site
 from mesh.identity.tls import ServerTLS
-from mesh.control.inject.sidecar import InjectSettings
 
 
 def default_dns_names(namespace: str) -> tuple:

@@ -26,7 +26,10 @@ from mesh.builtin.ca import BuiltinSigner
 from mesh.control.admin_views import ResourcesPage, proxy_rows
 from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
+from mesh.control.inject.sidecar import DEFAULT_IMAGE
 from mesh.control.injector import InjectorService
+from mesh.control.kube.client import make_api_client
+from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.control.portmux import PortMux
 from mesh.control.serving_cert import ServingCertificate
 from mesh.control.sources import attach_config
@@ -36,9 +39,6 @@ from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import ServerTLS
 from mesh.identity.tokens import load_or_create_key
-from mesh.control.inject.sidecar import DEFAULT_IMAGE
-from mesh.control.kube.client import make_api_client
-from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
 from mesh.webpages import BytesPage, JSONPage, LimitedSite, SiteLimits

@@ -8,12 +8,12 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mesh import logging as mesh_logging
-from mesh.control.service import ControlService, ControlSettings
-from mesh.durations import duration_option
-from mesh.identity.ca import CAError
 from mesh.control.inject.sidecar import DEFAULT_IMAGE
 from mesh.control.kube.client import KubeConfigError
 from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
+from mesh.control.service import ControlService, ControlSettings
+from mesh.durations import duration_option
+from mesh.identity.ca import CAError
 from mesh.plugins import make_plugin_manager
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 

@@ -25,11 +25,11 @@ from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.logger import Logger
 
 from mesh import __version__
+from mesh import protocol as proto
 from mesh.config.compile import compile_proxy_config
 from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
-from mesh import protocol as proto
 from mesh.identity.agent import _VerifyControlPlane
 from mesh.identity.tls import WorkloadCredentials
 from mesh.proxy import lkg

@@ -11,15 +11,15 @@ from twisted.python import usage
 from mesh import logging as mesh_logging
 from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
-from mesh.sidecar_contract import APP_PROBERS_ENV
+from mesh.durations import duration_option
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
 from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
 from mesh.proxy.paths import BASE, NORMALIZATIONS, normalization_option
-from mesh.durations import duration_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
+from mesh.sidecar_contract import APP_PROBERS_ENV
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings

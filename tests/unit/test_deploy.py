@@ -238,9 +238,9 @@ def test_the_names_rbac_allows_are_the_ones_mesh_control_watches_and_writes():
     """list/watch restricted by resourceNames work only with a metadata.name field selector naming the object."""
     from kubernetes import client
 
-    from mesh.control.tap import Options
     from mesh.control.kube.root_cert import NAME, RootCertPublisher
     from mesh.control.kube.webhook_ca import WebhookCABundle
+    from mesh.control.tap import Options
     (deployment,) = _by_kind("Deployment", "mesh-control")
     command = deployment["spec"]["template"]["spec"]["containers"][0]["command"]
     options = Options()
@@ -398,8 +398,8 @@ def test_kubectl_kustomize_builds(overlay):
 
 def test_istio_crds_overlay_adds_the_flag_and_read_access():
     """deploy/overlays/istio-crds: mesh-control gets --istio-crds and read access to exactly the kinds it watches."""
-    from mesh.control.tap import Options
     from mesh.control.kube.crds import ISTIO_GROUPS, resources
+    from mesh.control.tap import Options
     kubectl = kubectl_with_kustomize()
     result = subprocess.run([kubectl, "kustomize", str(DEPLOY / "overlays" / "istio-crds")], capture_output=True,
                             text=True, timeout=60)

@@ -14,11 +14,17 @@ import pytest
 import yaml
 
 from mesh.cli.main import main as meshctl
-from mesh.control.webhook import MalformedReview, review_response
 from mesh.control.inject import InjectError, InjectSettings, inject_object
 from mesh.control.inject.jsonpatch import diff
-from mesh.control.inject.sidecar import (INIT_NAME, POD_TEMPLATE_PATHS, SIDECAR_NAME, STATUS_ANNOTATION,
-                                         TLS_MODE_LABEL, pod_template_of)
+from mesh.control.inject.sidecar import (
+    INIT_NAME,
+    POD_TEMPLATE_PATHS,
+    SIDECAR_NAME,
+    STATUS_ANNOTATION,
+    TLS_MODE_LABEL,
+    pod_template_of,
+)
+from mesh.control.webhook import MalformedReview, review_response
 
 kubernetes = pytest.importorskip("kubernetes", reason="the kubernetes client (pip install txmesh[kubernetes])")
 from mesh.control.inject.models import check_model  # noqa: E402

@@ -22,13 +22,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from mesh.control.kube.ca_secret import CAMaterial, CASecretError
+from mesh.control.kube.tokenreview import ReviewOutcome, identity_of
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
 from mesh.identity.credentials import CredentialRejected, DispatchingVerifier, VerifierUnavailable
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tokens import is_join_token, load_or_create_key
-from mesh.control.kube.ca_secret import CAMaterial, CASecretError
-from mesh.control.kube.tokenreview import ReviewOutcome, identity_of
 
 TD = "cluster.local"
 WHERE = "Secret mesh-system/txmesh-ca"

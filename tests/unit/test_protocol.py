@@ -9,8 +9,8 @@ from twisted.internet import protocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
-from mesh.config.compile import Workload
 from mesh import protocol as proto
+from mesh.config.compile import Workload
 from mesh.control.distribution import Distributor
 from mesh.control.portmux import PortMux
 from mesh.control.registry import Registration, Registry

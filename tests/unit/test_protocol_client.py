@@ -13,8 +13,8 @@ from twisted.internet.task import Clock
 from twisted.test import iosim
 
 from mesh import __version__
-from mesh.config.compile import Workload
 from mesh import protocol as proto
+from mesh.config.compile import Workload
 from mesh.identity.tls import CredentialStore
 from mesh.proxy import lkg
 from mesh.proxy.control_client import ControlClient, ControlStream

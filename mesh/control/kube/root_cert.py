@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import functools
 
-from mesh.control.kube.reconcile import ATTEMPTS, API_TIMEOUT, Reconciler, TooManyConflicts, api_status, read_object
+from mesh.control.kube.reconcile import API_TIMEOUT, ATTEMPTS, Reconciler, TooManyConflicts, api_status, read_object
 
 NAME = "txmesh-ca-root-cert"
 KEY = "root-cert.pem"

@@ -23,8 +23,8 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mesh.config.loader import LoadResult
-from mesh.control.sources import IConfigSource
 from mesh.control.kube.watch import WatchingService
+from mesh.control.sources import IConfigSource
 
 log = Logger()
 

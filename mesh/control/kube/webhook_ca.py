@@ -25,7 +25,7 @@ import functools
 
 from twisted.logger import Logger
 
-from mesh.control.kube.reconcile import ATTEMPTS, API_TIMEOUT, Reconciler, TooManyConflicts, api_status, read_object
+from mesh.control.kube.reconcile import API_TIMEOUT, ATTEMPTS, Reconciler, TooManyConflicts, api_status, read_object
 
 log = Logger()
 
