@@ -163,7 +163,7 @@ def summarize(rounds: dict, instructions: dict) -> dict:
                                  "resumed_share": median(r["resumed"] / r["completed"] if r["completed"] else None
                                                          for r in runs),
                                  "instructions": instructions.get((case, mode))}
-    for (case, mode), figures in summary.items():
+    for (_case, mode), figures in summary.items():
         reference = summary.get((REFERENCE, mode), {})
         for key in ("rate", "cpu_ms", "instructions"):
             figures[f"{key}_ratio"] = ratio(figures[key], reference.get(key))

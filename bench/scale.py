@@ -165,7 +165,7 @@ def main(argv=None):
                 break
             except OSError:
                 if control.poll() is not None or time.time() > deadline:
-                    raise SystemExit(f"mesh-control did not start; see {work / 'control.log'}")
+                    raise SystemExit(f"mesh-control did not start; see {work / 'control.log'}") from None
                 time.sleep(0.05)
         rss_idle = status_kib(control.pid, "VmRSS")
         result = run_client(f"127.0.0.1:{port}", state, config, options.sessions, options.changes,

@@ -387,7 +387,8 @@ def envoy_bootstrap(
     hcm = {
         "name": "envoy.filters.network.http_connection_manager",
         "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
+                     ".HttpConnectionManager",
             "stat_prefix": node,
             "codec_type": "HTTP1",
             "route_config": {

@@ -68,8 +68,9 @@ class TapStream:
             self._connection.request("GET", "/tap?" + urllib.parse.urlencode(query))
             self._response = self._connection.getresponse()
         except OSError as error:
-            raise AdminError(f"cannot reach the sidecar's admin port at {url}: {error}; is mesh-proxy running "
-                             f"with --admin-port {port}? It listens on 127.0.0.1 only: run meshctl on its host")
+            raise AdminError(
+                f"cannot reach the sidecar's admin port at {url}: {error}; is mesh-proxy running "
+                f"with --admin-port {port}? It listens on 127.0.0.1 only: run meshctl on its host") from None
         if self._response.status != 200:
             reason = self._response.read().decode("utf-8", "replace").strip()
             if self._response.status == 404:

@@ -374,11 +374,13 @@ class DemoHTTPProtocol(protocol.Protocol):
     def _handle_websocket(self, req: Request, query) -> None:
         key = req.headers.get("sec-websocket-key")
         if self._parser is not None or req.headers.get("upgrade", "").lower() != "websocket" or not key:
-            self._respond(req, 400, {"error": "/ws expects a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Key)"})
+            self._respond(req, 400,
+                          {"error": "/ws expects a WebSocket upgrade (Upgrade: websocket, Sec-WebSocket-Key)"})
             return
         accept = base64.b64encode(hashlib.sha1(key.encode("latin-1") + _WS_GUID).digest()).decode()
         req.keep_alive = True
-        self._write_head(req, 101, [("Upgrade", "websocket"), ("Connection", "Upgrade"), ("Sec-WebSocket-Accept", accept)])
+        self._write_head(req, 101, [("Upgrade", "websocket"), ("Connection", "Upgrade"),
+                                    ("Sec-WebSocket-Accept", accept)])
         self._websocket = _WebSocketEcho(self.transport)
         held, self._held = self._held, b""
         self._reading_paused = False

@@ -337,7 +337,8 @@ def certificate_facts(tour: Tour) -> bool | None:
 
 def cluster_health(tour: Tour) -> bool:
     tour.say("Each sidecar's admin /clusters lists its upstream endpoints with health and request counts.")
-    tour.say("An endpoint is shared by every cluster that contains it (the service, its subsets); idle ones are left out:")
+    tour.say("An endpoint is shared by every cluster that contains it (the service, its subsets); "
+             "idle ones are left out:")
     results = []
     for workload in tour.mesh.workloads:
         endpoints, member_of = {}, collections.defaultdict(list)
@@ -457,12 +458,14 @@ def live_config_change(tour: Tour) -> bool:
                                            f"{low:.0%}-{high:.0%} over {LIVE_REQUESTS} requests"))
         _proxy_status(tour)
     finally:
-        if path.read_text() == original:  # nothing was changed (the step failed before its first write)
-            return all(results)
-        version, waited = _change_weights(tour, path, original, 90, 10)
-    results.append(tour.expect(version is not None and path.read_text() == original,
-                               "canary restored to 90/10: every proxy ACKed it"
-                               + (f" in {waited:.2f}s (frontend at version {version})" if version else "")))
+        # Put the 90/10 canary back, unless the step failed before its first write. (An error still
+        # propagates to run_tour, which fails the step with it.)
+        restored = None if path.read_text() == original else _change_weights(tour, path, original, 90, 10)
+    if restored is not None:
+        version, waited = restored
+        results.append(tour.expect(version is not None and path.read_text() == original,
+                                   "canary restored to 90/10: every proxy ACKed it"
+                                   + (f" in {waited:.2f}s (frontend at version {version})" if version else "")))
     return all(results)
 
 

@@ -187,7 +187,8 @@ class KubeApiServer(resource.Resource):
         try:
             return json.loads(request.content.read() or b"null")
         except ValueError as error:
-            raise ApiError(400, "BadRequest", f"the request body is not JSON ({error}); send application/json") from None
+            raise ApiError(400, "BadRequest",
+                           f"the request body is not JSON ({error}); send application/json") from None
 
     def _api(self, request, method: str, path: str, query: dict):
         parts = [part for part in path.split("/") if part]
@@ -229,8 +230,9 @@ class KubeApiServer(resource.Resource):
             if not limit.isdigit():
                 raise ApiError(400, "BadRequest", f"limit {limit!r} is not a non-negative integer")
             try:
-                items, revision, token = self.resources.list(rtype, namespace, query.get("labelSelector"),
-                                                             query.get("fieldSelector"), int(limit), query.get("continue"))
+                items, revision, token = self.resources.list(
+                    rtype, namespace, query.get("labelSelector"), query.get("fieldSelector"), int(limit),
+                    query.get("continue"))
             except SelectorError as error:
                 raise ApiError(400, "BadRequest", str(error)) from None
             with_kind = "crd" in rtype.extra  # custom resources keep kind/apiVersion on items; built-ins do not

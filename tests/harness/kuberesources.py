@@ -253,7 +253,8 @@ BUILTIN_TYPES = (
     ResourceType("", ("v1",), "configmaps", "ConfigMap"),
     ResourceType("", ("v1",), "events", "Event", defaults=_event_check("involvedObject")),
     ResourceType("events.k8s.io", ("v1",), "events", "Event", storage="/events", defaults=_event_check("regarding"),
-                 to_view=lambda obj: _rename(obj, _EVENT_FIELDS), from_view=lambda obj: _rename(obj, _EVENT_FIELDS_BACK)),
+                 to_view=lambda obj: _rename(obj, _EVENT_FIELDS),
+                 from_view=lambda obj: _rename(obj, _EVENT_FIELDS_BACK)),
     ResourceType("discovery.k8s.io", ("v1",), "endpointslices", "EndpointSlice", generation=True),
     ResourceType("admissionregistration.k8s.io", ("v1",), "mutatingwebhookconfigurations",
                  "MutatingWebhookConfiguration", namespaced=False, generation=True,
@@ -459,7 +460,8 @@ class Resources:
     def _incoming(self, rtype: ResourceType, namespace: str | None, body, name: str | None) -> dict:
         """A request body checked against the URL and converted to storage form."""
         if not isinstance(body, dict):
-            raise ApiError(400, "BadRequest", f"the body must be a JSON object ({rtype.kind}), not {type(body).__name__}")
+            raise ApiError(400, "BadRequest",
+                           f"the body must be a JSON object ({rtype.kind}), not {type(body).__name__}")
         api_version = body.get("apiVersion")
         if api_version and api_version not in {rtype.api_version(version) for version in rtype.versions}:
             raise ApiError(400, "BadRequest", f"the API version in the data ({api_version}) does not match the "

@@ -132,7 +132,8 @@ class ManagedProcess:
 
         def ready():
             if self._popen.poll() is not None:
-                raise ProcessExitedError(self.describe(f"{self} exited with {self._popen.returncode} before it was ready"))
+                raise ProcessExitedError(
+                    self.describe(f"{self} exited with {self._popen.returncode} before it was ready"))
             return self.is_ready()
 
         try:

@@ -94,7 +94,8 @@ class RawConnection:
         response = self.read_response()
         expected = base64.b64encode(hashlib.sha1(key + WS_GUID).digest()).decode()
         if response.status == 101 and response.headers.get("sec-websocket-accept") != expected:
-            raise AssertionError(f"Sec-WebSocket-Accept {response.headers.get('sec-websocket-accept')!r} != {expected!r}")
+            got = response.headers.get("sec-websocket-accept")
+            raise AssertionError(f"Sec-WebSocket-Accept {got!r} != {expected!r}")
         return response
 
     def send_frame(self, opcode: int, payload: bytes, fin: bool = True) -> None:

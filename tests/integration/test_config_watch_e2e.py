@@ -62,7 +62,8 @@ def test_canary_shift_by_editing_files(tmp_path, backend_factory, control_factor
         if weight:
             write(config, "reviews-vs.yaml", canary(weight))
             started = time.monotonic()
-            wait_for(lambda: version() != before, timeout=2.0, what=f"the proxy to apply the {weight}% canary")
+            wait_for(lambda before=before: version() != before, timeout=2.0,
+                     what=f"the proxy to apply the {weight}% canary")
             timings.append(time.monotonic() - started)
         counts = served_by(curl_many(f"{proxy.outbound_url}/", 200, host="reviews"))  # asserts all 200
         share = counts["reviews-v2"] / 200

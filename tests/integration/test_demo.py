@@ -152,7 +152,8 @@ def test_tour_passes_and_stops_every_child(tmp_path):
     assert "Grafana:" in metrics, output
 
     assert sorted(path.name for path in (tmp_path / "logs").iterdir()) == sorted(
-        ["control-plane.log"] + [f"{workload.name}-{kind}.log" for workload in WORKLOADS for kind in ("app", "sidecar")])
+        ["control-plane.log"]
+        + [f"{workload.name}-{kind}.log" for workload in WORKLOADS for kind in ("app", "sidecar")])
     tokens = {path.name: path for path in (tmp_path / "tokens").iterdir()}
     assert sorted(tokens) == sorted(f"{workload.name}.token" for workload in WORKLOADS)
     for path in tokens.values():

@@ -306,7 +306,8 @@ def client_certs(control, tmp_path_factory):
     return {
         "teller": issue_cert(directory, "teller", ca, spiffe(NS, "teller")),
         "expired": issue_cert(directory, "expired", ca, spiffe(NS, "teller"),
-                              not_before=now - datetime.timedelta(hours=2), not_after=now - datetime.timedelta(hours=1)),
+                              not_before=now - datetime.timedelta(hours=2),
+                              not_after=now - datetime.timedelta(hours=1)),
         "other-ca": issue_cert(directory, "other-ca", make_ca("another mesh"), spiffe(NS, "teller")),
         "other-trust-domain": issue_cert(directory, "other-td", ca, spiffe(NS, "teller", "evil.example")),
         "not-k8s-spiffe": issue_cert(directory, "not-k8s", ca, "spiffe://cluster.local/teller"),
@@ -370,7 +371,8 @@ class StartingProxy(Proxy):
     ("other-account", "(403): CSR rejected: CSR asks for"),
 ], ids=["expired-token", "token-for-another-account"])
 def test_sidecar_with_a_refused_token_waits_and_recovers(control, tokens, tmp_path, process_log_dir, bad, reason):
-    config = write_config(tmp_path / "config", service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
+    config = write_config(tmp_path / "config",
+                          service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
     token_file = tmp_path / "token"
     token_file.write_text(tokens["expired"] if bad == "expired" else control.token(NS, "vault"))
     args = ["--control", control.address, "--ca-bundle", str(control.root_cert), "--token-file", str(token_file),

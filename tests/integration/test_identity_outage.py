@@ -97,8 +97,12 @@ def test_control_plane_outage(mesh, control_factory):
     restarted = control_factory(control.state_dir, workload_cert_ttl="60s", port=control.port,
                                 admin_port=control.admin_port)
     for proxy in proxies:
-        renewed = wait_for(lambda: (lambda c: c["serial"] != before[proxy]["serial"] and c)(certificate(proxy)),
-                           25, what=f"{proxy} to renew after the control plane came back")
+        def renewed_certificate(proxy=proxy):
+            """The proxy's certificate once it is another than before the outage, else False."""
+            current = certificate(proxy)
+            return current["serial"] != before[proxy]["serial"] and current
+
+        renewed = wait_for(renewed_certificate, 25, what=f"{proxy} to renew after the control plane came back")
         assert renewed["last_renewal_error"] is None and renewed["expires_in_s"] > 50, renewed
         assert proxy.admin_request("/ready")[0] == 200
     # renewed with the certificate as proof: the join tokens have expired, and none was tried

@@ -170,7 +170,8 @@ def test_services_endpointslices_and_secrets_get_the_real_servers_defaults(api, 
     service = core.create_namespaced_service(NS, {"metadata": {"name": "web"},
                                                   "spec": {"selector": {"app": "web"}, "ports": [{"port": 80}]}})
     assert service.spec.cluster_ip.startswith("10.") and service.spec.cluster_ips == [service.spec.cluster_ip]
-    assert (service.spec.type, service.spec.ports[0].protocol, service.spec.ports[0].target_port) == ("ClusterIP", "TCP", 80)
+    ports = service.spec.ports[0]
+    assert (service.spec.type, ports.protocol, ports.target_port) == ("ClusterIP", "TCP", 80)
     replaced = core.replace_namespaced_service("web", NS, {"metadata": {"name": "web"},
                                                            "spec": {"ports": [{"port": 81}]}})
     assert replaced.spec.cluster_ip == service.spec.cluster_ip  # clusterIP is kept, like on a real server
@@ -194,7 +195,8 @@ def test_pod_status_is_written_through_the_status_subresource_only(core):
     assert ignored.metadata.resource_version == created.metadata.resource_version  # a no-op write
     ready = core.patch_namespaced_pod_status("p", NS, {"status": {"podIP": "10.1.0.9", "phase": "Running",
                                                                   "conditions": [{"type": "Ready", "status": "True"}]}})
-    assert (ready.status.pod_ip, ready.status.phase, ready.status.conditions[0].status) == ("10.1.0.9", "Running", "True")
+    status = ready.status
+    assert (status.pod_ip, status.phase, status.conditions[0].status) == ("10.1.0.9", "Running", "True")
     assert int(ready.metadata.resource_version) > int(created.metadata.resource_version)
 
 
@@ -288,11 +290,10 @@ def test_conflicts_and_missing_objects_are_the_clients_api_exceptions(core):
         core.create_namespaced_config_map(NS, {"metadata": {"name": "c"}})
     assert (exists.value.status, exists.value.reason) == (409, "Conflict")
     assert '"reason": "AlreadyExists"' in exists.value.body and 'configmaps \\"c\\" already exists' in exists.value.body
-    core.replace_namespaced_config_map("c", NS, {"metadata": {"name": "c", "resourceVersion": first.metadata.resource_version},
-                                                 "data": {"k": "2"}})
+    first_version = {"name": "c", "resourceVersion": first.metadata.resource_version}
+    core.replace_namespaced_config_map("c", NS, {"metadata": first_version, "data": {"k": "2"}})
     with pytest.raises(ApiException) as stale:
-        core.replace_namespaced_config_map("c", NS, {"metadata": {"name": "c", "resourceVersion": first.metadata.resource_version},
-                                                     "data": {"k": "3"}})
+        core.replace_namespaced_config_map("c", NS, {"metadata": first_version, "data": {"k": "3"}})
     assert stale.value.status == 409 and '"reason": "Conflict"' in stale.value.body
     assert "the object has been modified" in stale.value.body
     assert core.read_namespaced_config_map("c", NS).data == {"k": "2"}
@@ -360,7 +361,8 @@ def test_token_review_rejects_unknown_expired_and_wrong_audience_tokens(api, kub
     kube_api.add_token("txmesh-only", NS, "frontend")
     cases = {"unknown": (_review(api, "never-registered"), "invalid bearer token"),
              "expired": (_review(api, "expired"), "expired"),
-             "audience": (_review(api, "for-vault"), 'token audiences ["vault"] is invalid for the target audiences ["txmesh"]'),
+             "audience": (_review(api, "for-vault"),
+                          'token audiences ["vault"] is invalid for the target audiences ["txmesh"]'),
              "api-audience": (_review(api, "txmesh-only", audiences=()), "https://kubernetes.default.svc.cluster.local")}
     for case, (status, message) in cases.items():
         assert not status.authenticated, case
@@ -381,12 +383,14 @@ def test_events_are_recorded_in_both_api_groups(api, kube_api):
         "eventTime": "2026-11-25T10:00:00.000000Z", "reportingController": "txmesh.io/mesh-control",
         "reportingInstance": "mesh-control-0"})
     recorded = kube_api.events()
-    assert [(e["apiVersion"], e["reason"]) for e in recorded] == [("v1", "InvalidConfig"), ("events.k8s.io/v1", "InvalidConfig")]
+    assert [(e["apiVersion"], e["reason"]) for e in recorded] == [("v1", "InvalidConfig"),
+                                                                  ("events.k8s.io/v1", "InvalidConfig")]
     assert recorded[0]["metadata"]["name"].startswith("vs-bad.") and recorded[0]["message"] == "route weights sum to 90"
     assert recorded[1]["note"] == "unknown subset" and recorded[1]["regarding"]["name"] == "dr"
     # one storage, two representations, as on a real server
     as_core = {e.metadata.name: e for e in core.list_namespaced_event(NS).items}
-    assert as_core["dr-bad.1"].message == "unknown subset" and as_core["dr-bad.1"].involved_object.kind == "DestinationRule"
+    assert as_core["dr-bad.1"].message == "unknown subset"
+    assert as_core["dr-bad.1"].involved_object.kind == "DestinationRule"
     assert [e["note"] for e in kube_api.events("events.k8s.io/v1")] == ["route weights sum to 90", "unknown subset"]
     with pytest.raises(ApiException) as elsewhere:  # an Event lives in its object's namespace
         core.create_namespaced_event("default", {"metadata": {"name": "x.1"}, "message": "m",
@@ -402,7 +406,8 @@ CRD = {
     "spec": {"group": "networking.txmesh.io", "scope": "Namespaced",
              "names": {"plural": "virtualservices", "singular": "virtualservice", "kind": "VirtualService"},
              "versions": [{"name": "v1", "served": True, "storage": True, "subresources": {"status": {}},
-                           "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": True}}}]},
+                           "schema": {"openAPIV3Schema": {"type": "object",
+                                                          "x-kubernetes-preserve-unknown-fields": True}}}]},
 }
 GROUP, VERSION, PLURAL = "networking.txmesh.io", "v1", "virtualservices"
 
@@ -431,7 +436,8 @@ def test_creating_a_crd_serves_its_custom_objects(api, kube_api):
         assert status["metadata"]["generation"] == 2 and status["status"] == {"validationMessages": ["ok"]}
         listed = custom.list_namespaced_custom_object(GROUP, VERSION, NS, PLURAL)
         assert listed["kind"] == "VirtualServiceList" and [i["kind"] for i in listed["items"]] == ["VirtualService"]
-        assert custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "reviews")["spec"]["hosts"][1] == "ratings"
+        fetched = custom.get_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "reviews")
+        assert fetched["spec"]["hosts"][1] == "ratings"
         custom.delete_namespaced_custom_object(GROUP, VERSION, NS, PLURAL, "reviews")
         events = collector.take(4)
     finally:

@@ -100,8 +100,9 @@ def fixed_rows():
 def test_a_proxy_on_another_host_is_not_confused_with_a_local_one(mesh, fixed_rows):
     """The announced admin port belongs to another proxy here: meshctl says so instead of showing its config."""
     local = mesh["productpage"]
-    fixed_rows.pages["/proxies"] = [{"node": "reviews.default~other-host~15000", "workload": "reviews", "namespace": "default",
-                   "address": "10.1.2.3", "connected": True, "admin_port": local.admin_port},
+    fixed_rows.pages["/proxies"] = [{"node": "reviews.default~other-host~15000", "workload": "reviews",
+                                     "namespace": "default", "address": "10.1.2.3", "connected": True,
+                                     "admin_port": local.admin_port},
                   {"node": "ratings-a", "workload": "ratings", "namespace": "default", "connected": True,
                    "admin_port": 1},
                   {"node": "ratings-b", "workload": "ratings", "namespace": "default", "connected": True,

@@ -48,7 +48,8 @@ def mesh(backend_factory, proxy_factory, tmp_path_factory):
         service_entry("lr", both), destination_rule("lr", "lr", traffic_policy=lb("LEAST_REQUEST")),
         service_entry("rand", both), destination_rule("rand", "rand", traffic_policy=lb("RANDOM")),
         service_entry("hash", both),
-        destination_rule("hash", "hash", traffic_policy={"loadBalancer": {"consistentHash": {"httpHeaderName": "X-User"}}}),
+        destination_rule("hash", "hash",
+                         traffic_policy={"loadBalancer": {"consistentHash": {"httpHeaderName": "X-User"}}}),
         service_entry("busy", [endpoint(b)]),
     )
     proxy = proxy_factory(config, "client", extra_args=["--disable-plugin", "peak_ewma"])

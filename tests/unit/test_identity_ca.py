@@ -50,7 +50,8 @@ def openssl_verify(tmp_path: Path, leaf_pem: bytes, roots_pem: bytes, untrusted_
                    purpose: str = "sslclient") -> subprocess.CompletedProcess:
     """``openssl verify -x509_strict -purpose P -CAfile roots [-untrusted intermediates] leaf``."""
     leaf = _write(tmp_path / "verify-leaf.pem", leaf_pem)
-    argv = ["openssl", "verify", "-x509_strict", "-purpose", purpose, "-CAfile", _write(tmp_path / "verify-roots.pem", roots_pem)]
+    argv = ["openssl", "verify", "-x509_strict", "-purpose", purpose,
+            "-CAfile", _write(tmp_path / "verify-roots.pem", roots_pem)]
     if untrusted_pem:
         argv += ["-untrusted", _write(tmp_path / "verify-untrusted.pem", untrusted_pem)]
     return subprocess.run([*argv, leaf], capture_output=True, text=True, timeout=30)

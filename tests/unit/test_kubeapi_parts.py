@@ -115,4 +115,5 @@ def test_a_failure_inside_the_fake_is_a_500_status_that_says_so(monkeypatch):
     request.content = io.BytesIO()
     status = json.loads(api.render(request))
     assert request.responseCode == 500
-    assert status["reason"] == "InternalError" and "test API server" in status["message"] and "boom" in status["message"]
+    assert status["reason"] == "InternalError"
+    assert "test API server" in status["message"] and "boom" in status["message"]

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-peak_ewma = pytest.importorskip("txmesh_peak_ewma", reason="the example plugin (pip install -e plugins/txmesh-peak-ewma)")
+peak_ewma = pytest.importorskip("txmesh_peak_ewma",
+                                reason="the example plugin (pip install -e plugins/txmesh-peak-ewma)")
 
 
 def endpoint(active=0):

@@ -64,8 +64,8 @@ def exported_names() -> set:
     registry.register(metrics)
     registry.register(ProxyHealth(proxy_like()))
     names = set()
-    for registry in (registry, ControlPlaneMetrics(control_like()).registry):
-        for family in text_string_to_metric_families(generate_latest(registry).decode()):
+    for source in (registry, ControlPlaneMetrics(control_like()).registry):
+        for family in text_string_to_metric_families(generate_latest(source).decode()):
             names.update(sample.name for sample in family.samples)
     return names
 
