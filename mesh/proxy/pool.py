@@ -72,6 +72,7 @@ class ConnectionPool:
         self.idle_timeout = idle_timeout
         self._idle = []
         self._open = set()
+        self.opened_total = 0  # connections made, ever (mesh_upstream_cx_opened_total)
 
     def idle_count(self) -> int:
         return len(self._idle)
@@ -137,6 +138,7 @@ class ConnectionPool:
 
     # -- called by UpstreamConnection ---------------------------------------
     def connection_made(self, connection) -> None:
+        self.opened_total += 1
         self._open.add(connection)
         deferred = connection.factory.deferred
         if not deferred.called:

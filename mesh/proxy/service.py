@@ -31,9 +31,9 @@ from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.passthrough import (PassthroughClusters, PassthroughSettings, inbound_passthrough,
                                     outbound_passthrough)
 from mesh.proxy.paths import BASE, normalizer
+from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.telemetry import sidecar as telemetry
-from mesh.telemetry.health import CountingPool
 from mesh.telemetry import tracing
 
 log = Logger()
@@ -169,11 +169,11 @@ class ProxyService(service.MultiService):
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
-        return CountingPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                            connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
-                            identity=endpoint_spec.identity, bind=self._source_address(),
-                            max_requests_per_connection=cluster_spec.max_requests_per_connection,
-                            idle_timeout=cluster_spec.idle_timeout)
+        return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
+                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
+                              identity=endpoint_spec.identity, bind=self._source_address(),
+                              max_requests_per_connection=cluster_spec.max_requests_per_connection,
+                              idle_timeout=cluster_spec.idle_timeout)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""

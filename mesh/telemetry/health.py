@@ -11,26 +11,14 @@ from __future__ import annotations
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily
 from prometheus_client.registry import Collector
 
-from mesh.proxy.pool import ConnectionPool
-
-
-class CountingPool(ConnectionPool):
-    """A :class:`ConnectionPool` that counts the connections it opened (``mesh_upstream_cx_opened_total``)."""
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.opened_total = 0
-
-    def connection_made(self, connection) -> None:
-        self.opened_total += 1
-        super().connection_made(connection)
 
 
 class ProxyHealth(Collector):
     """Collector of a :class:`mesh.proxy.service.ProxyService`'s health.
 
     Reads ``proxy.runtime.snapshot`` (clusters and their endpoints' pools,
-    loads and ejections), ``proxy.listeners``, ``proxy.config_applied_at``
+    loads and ejections; each endpoint's ``pool`` is read through ``open_count()`` and
+    ``opened_total``, so any pool with those works), ``proxy.listeners``, ``proxy.config_applied_at``
     (``reactor.seconds()`` when a config was last applied, from the config
     dir or a control-plane push) and ``proxy.credentials``.  Per-cluster figures sum the cluster's endpoints; an
     endpoint shared by a service's cluster and a subset's cluster counts in both.

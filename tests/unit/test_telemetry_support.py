@@ -19,8 +19,8 @@ from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import RequestOutcome
 from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.passthrough import TcpConnectionEvent
+from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import ProxyRuntime, inbound_cluster
-from mesh.telemetry.health import CountingPool
 from mesh.telemetry.peers import PeerDirectory
 
 BOOKINFO = Path(__file__).parent.parent / "data" / "config" / "bookinfo"
@@ -50,7 +50,7 @@ class Certificate:
 def bookinfo_runtime(clock=None) -> ProxyRuntime:
     """productpage's runtime: the bookinfo clusters plus its inbound cluster, config applied."""
     clock = clock or Clock()
-    runtime = ProxyRuntime(lambda endpoint, cluster: CountingPool(clock, endpoint.address, endpoint.port),
+    runtime = ProxyRuntime(lambda endpoint, cluster: ConnectionPool(clock, endpoint.address, endpoint.port),
                            (inbound_cluster("127.0.0.1", 9080),))
     runtime.apply(load_and_compile(BOOKINFO, PRODUCTPAGE)[0])
     return runtime
