@@ -169,6 +169,13 @@ class EndpointSpec:
         return (self.address, self.port, self.identity)
 
 
+#: Istio's clusters for traffic outside the registry (outboundTrafficPolicy ALLOW_ANY / REGISTRY_ONLY, and
+#: inbound traffic to a port no listener of the config serves): the proxy builds them, the telemetry names them.
+PASSTHROUGH_CLUSTER = "PassthroughCluster"
+BLACKHOLE_CLUSTER = "BlackHoleCluster"
+INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughClusterIpv4"
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """An upstream cluster: a service port, optionally narrowed to a subset.

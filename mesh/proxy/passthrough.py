@@ -32,7 +32,8 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
+from mesh.config.tables import (BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, ClusterSpec,
+                                EndpointSpec, RouteAction)
 from mesh.proxy.clusters import Cluster, Endpoint
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.pool import describe_connect_failure
@@ -43,9 +44,6 @@ log = Logger()
 
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 OUTBOUND_TRAFFIC_POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
-PASSTHROUGH_CLUSTER = "PassthroughCluster"
-BLACKHOLE_CLUSTER = "BlackHoleCluster"
-INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughClusterIpv4"
 
 #: Client bytes held while the tunnel connects; beyond, reading from the client pauses.
 _CONNECT_BUFFER = 64 * 1024

@@ -12,7 +12,6 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoM
 from prometheus_client.registry import Collector
 
 
-
 class ProxyHealth(Collector):
     """Collector of a :class:`mesh.proxy.service.ProxyService`'s health.
 

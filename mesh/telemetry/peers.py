@@ -10,7 +10,7 @@ lookup, never a walk over the config.
 from __future__ import annotations
 
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
-from mesh.proxy.passthrough import BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER
+from mesh.config.tables import BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER
 
 UNKNOWN = "unknown"
 
