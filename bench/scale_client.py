@@ -28,7 +28,7 @@ from twisted.internet import defer, protocol, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 
 from mesh import protocol as proto
-from mesh.identity.agent import _VerifyControlPlane, make_csr
+from mesh.identity.agent import VerifyControlPlane, make_csr
 from mesh.identity.ca import CertificateAuthority
 
 CHANGED_FILE = "zz-scale-change.yaml"
@@ -124,7 +124,7 @@ async def connect_all(reactor, specs, host, port, bundle, control_identity, conc
     semaphore = defer.DeferredSemaphore(concurrency)
 
     async def one(spec):
-        creator = _VerifyControlPlane(bundle, control_identity, host, client_credentials=spec.credentials)
+        creator = VerifyControlPlane(bundle, control_identity, host, client_credentials=spec.credentials)
         endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, host, port, timeout=30))
         try:
             await endpoint.connect(_Factory(reactor, spec))

@@ -55,7 +55,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from mesh.config import hosts as hostnames
-from mesh.config.compile import Workload, _exported
+from mesh.config.compile import Workload, is_exported
 from mesh.config.errors import ConfigWarning
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
@@ -186,7 +186,7 @@ class _Analysis:
         """ServiceEntries defining ``host`` (exactly or by wildcard), visible to ``namespace`` if given."""
         return [entry for entry in self.entries
                 if any(hostnames.covers(pattern, host) or pattern == host for pattern in entry.hosts)
-                and (namespace is None or _exported(entry.export_to, entry.namespace, namespace))]
+                and (namespace is None or is_exported(entry.export_to, entry.namespace, namespace))]
 
     def _rules_for(self, host: str) -> list:
         return [rule for rule in self.rules if hostnames.covers(rule.host, host) or rule.host == host]

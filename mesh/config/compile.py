@@ -165,7 +165,7 @@ class _Compiler:
         """Objects of ``cls`` exported to the workload's namespace, own namespace first."""
         namespace = self.workload.namespace
         found = [obj for obj in self.objects if isinstance(obj, cls)
-                 and _exported(obj.export_to, obj.namespace, namespace)]
+                 and is_exported(obj.export_to, obj.namespace, namespace)]
         return sorted(found, key=lambda obj: (obj.namespace != namespace, obj.namespace, obj.name))
 
     # -- registry --------------------------------------------------------------------------
@@ -377,8 +377,11 @@ class _Compiler:
                 for name, routes in sorted(self.route_dumps.items())]
 
 
-def _exported(export_to, owner_namespace, client_namespace) -> bool:
-    """Istio ``exportTo``: empty or ``*`` everywhere, ``.`` own namespace, ``~`` nowhere."""
+def is_exported(export_to, owner_namespace, client_namespace) -> bool:
+    """Whether a resource of ``owner_namespace`` with Istio's ``exportTo`` is visible in ``client_namespace``.
+
+    Empty or ``*``: everywhere; ``.``: its own namespace; a name: that namespace; ``~``: nowhere.
+    """
     if not export_to:
         return True
     return any(entry == "*" or entry == client_namespace or (entry == "." and owner_namespace == client_namespace)

@@ -33,7 +33,7 @@ from twisted.internet import protocol
 from twisted.logger import Logger
 
 from mesh import protocol as proto
-from mesh.config.compile import Workload, _exported
+from mesh.config.compile import Workload, is_exported
 from mesh.config.loader import Resource, load_documents, resource_document
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
@@ -347,7 +347,7 @@ class Distributor:
             registry_items = self._registry_items()
         namespace = workload.namespace
         chosen = [item for item in self.items if isinstance(item.obj, _EXPORTED_KINDS)
-                  and _exported(item.obj.export_to, item.obj.namespace, namespace)]
+                  and is_exported(item.obj.export_to, item.obj.namespace, namespace)]
         selecting = {item.obj.namespace for item in chosen
                      if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)

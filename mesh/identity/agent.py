@@ -56,7 +56,7 @@ def make_csr(key, spiffe_uri: str) -> bytes:
 
 
 @implementer(IOpenSSLClientConnectionCreator)
-class _VerifyControlPlane:
+class VerifyControlPlane:
     """TLS to the control plane: chain against the bundle, exact SPIFFE id."""
 
     def __init__(self, bundle, expected_uri, hostname, client_credentials=None):
@@ -88,7 +88,7 @@ class _ControlPolicy:
         self.client_credentials = client_credentials
 
     def creatorForNetloc(self, hostname, port):
-        return _VerifyControlPlane(self.bundle, self.expected_uri, hostname.decode(), self.client_credentials)
+        return VerifyControlPlane(self.bundle, self.expected_uri, hostname.decode(), self.client_credentials)
 
 
 class WorkloadAgent(service.Service):

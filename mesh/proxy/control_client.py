@@ -30,7 +30,7 @@ from mesh.config.compile import compile_proxy_config
 from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
-from mesh.identity.agent import _VerifyControlPlane
+from mesh.identity.agent import VerifyControlPlane
 from mesh.identity.tls import WorkloadCredentials
 from mesh.proxy import lkg
 
@@ -178,7 +178,7 @@ class ControlClient(service.Service):
         if current is None or not self.running:
             return
         host, port = self.control
-        creator = _VerifyControlPlane(list(current.bundle), self.control_identity, host, client_credentials=current)
+        creator = VerifyControlPlane(list(current.bundle), self.control_identity, host, client_credentials=current)
         endpoint = wrapClientTLS(creator, HostnameEndpoint(self.reactor, host, port, timeout=CONNECT_TIMEOUT))
         self._connecting = endpoint.connect(_Factory(self))
         self._connecting.addCallbacks(self._connected, self._connect_failed)
