@@ -29,6 +29,7 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
+from mesh.backoff import Backoff
 from mesh.identity.tls import WorkloadCredentials, make_context, spiffe_id_of
 
 log = Logger()
@@ -119,7 +120,7 @@ class WorkloadAgent(service.Service):
         self.last_error = None
         self.first_certificate = defer.Deferred()
         self._timer = None
-        self._retry_delay = RETRY_MIN
+        self._backoff = Backoff(RETRY_MIN, RETRY_MAX, jitter=(0.8, 1.2))
 
     def startService(self):
         super().startService()
@@ -186,7 +187,7 @@ class WorkloadAgent(service.Service):
         self.store.swap(credentials)
         self.renewals += 1
         self.last_error = None
-        self._retry_delay = RETRY_MIN
+        self._backoff.reset()
         remaining = credentials.expires_in()
         delay = max(1.0, remaining * self.rotate_at * random.uniform(0.9, 1.1))
         log.info("workload certificate for {identity} installed (valid {life:.0f}s); next rotation in {delay:.1f}s",
@@ -199,11 +200,10 @@ class WorkloadAgent(service.Service):
     def _failed(self, failure):
         self.failures += 1
         self.last_error = failure.getErrorMessage()
-        delay = self._retry_delay * random.uniform(0.8, 1.2)
+        delay = self._backoff.next()
         current = self.store.current
         if current is not None and current.expires_in() > 2 * RETRY_MIN:
             delay = min(delay, current.expires_in() / 2)
-        self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
         log.warn("certificate renewal failed ({error}); retrying in {delay:.1f}s, serving with the current "
                  "certificate meanwhile", error=self.last_error, delay=delay)
         if not failure.check(RenewError):

@@ -15,7 +15,6 @@ itself stale.  See docs/protocol.md.
 from __future__ import annotations
 
 import dataclasses
-import random
 import socket
 
 from cryptography import x509
@@ -26,6 +25,7 @@ from twisted.logger import Logger
 
 from mesh import __version__
 from mesh import protocol as proto
+from mesh.backoff import Backoff
 from mesh.config.compile import compile_proxy_config
 from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_documents
@@ -136,7 +136,7 @@ class ControlClient(service.Service):
         self.last_nack = None
         self.connects = 0
         self.snapshots_applied = 0
-        self._delay = BACKOFF_MIN
+        self._backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX, jitter=(0.5, 1.5))
         self._timer = None
         self._connecting = None
 
@@ -194,8 +194,7 @@ class ControlClient(service.Service):
 
     def _retry(self, why):
         self.last_error = why
-        delay = min(self._delay, BACKOFF_MAX) * random.uniform(0.5, 1.5)
-        self._delay = min(self._delay * 2, BACKOFF_MAX)
+        delay = self._backoff.next()
         log.warn("config stream: {why}; reconnecting in {delay:.1f}s, serving the last config meanwhile",
                  why=why, delay=delay)
         self._timer = self.reactor.callLater(delay, self._connect)
@@ -238,7 +237,7 @@ class ControlClient(service.Service):
             log.error("config snapshot {version} rejected, previous config stays in force: {reason}",
                       version=snapshot.get("version"), reason=str(error))
             return str(error)
-        self._delay = BACKOFF_MIN  # a working stream resets the backoff
+        self._backoff.reset()  # a working stream resets the backoff
         self.synced = True
         self.last_error = None
         if persist and self.state_dir:

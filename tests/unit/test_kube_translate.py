@@ -7,7 +7,7 @@ from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
 from mesh.control.kube.translate import port_protocol, service_entries
-from mesh.control.kube.watch import Backoff, ObjectCache
+from mesh.control.kube.watch import ObjectCache
 
 
 def svc(name, ports, namespace="shop", cluster_ip="10.96.0.10", **spec):
@@ -131,13 +131,6 @@ def test_export_to_annotation():
     service = svc("r", HTTP)
     service["metadata"]["annotations"] = {"networking.istio.io/exportTo": ". , team-a"}
     assert entries([service])["kubernetes:services/shop/r"]["spec"]["exportTo"] == [".", "team-a"]
-
-
-def test_backoff_is_capped_and_jittered_and_resets():
-    backoff = Backoff(initial=0.2, maximum=1.0, jitter=0.5, rng=lambda: 1.0)
-    assert [round(backoff.next(), 3) for _ in range(5)] == [0.1, 0.2, 0.4, 0.5, 0.5]
-    backoff.reset()
-    assert Backoff(rng=lambda: 0.0).next() == 0.2 and round(backoff.next(), 3) == 0.1
 
 
 def test_object_cache_replace_drops_what_a_relist_no_longer_has():

@@ -35,7 +35,8 @@ import json
 from twisted.internet import threads
 from twisted.logger import Logger
 
-from mesh.control.kube.watch import Backoff, WatchingService, describe_error
+from mesh.backoff import Backoff
+from mesh.control.kube.watch import WATCH_BACKOFF_JITTER, WatchingService, describe_error
 
 log = Logger()
 
@@ -59,7 +60,7 @@ class _Pace:
     """When the next write of one key may start: at once after a quiet period, else after a backoff."""
 
     def __init__(self):
-        self.backoff = Backoff(initial=0.2, maximum=30.0)
+        self.backoff = Backoff(initial=0.2, maximum=30.0, jitter=WATCH_BACKOFF_JITTER)
         self.last = None  # reactor time at which the last attempt started (after its delay)
         self.streak = 0  # attempts in a row, each within QUIET seconds of the one before
 

@@ -34,12 +34,13 @@ from __future__ import annotations
 
 import functools
 import json
-import random
 import threading
 
 from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
+
+from mesh.backoff import Backoff
 
 log = Logger()
 
@@ -52,29 +53,8 @@ LIST_TIMEOUT = (5.0, 30.0)
 PRIME_TIMEOUT = (3.0, 10.0)
 #: Page size of lists (``limit``/``continue``).
 PAGE_SIZE = 500
-
-
-class Backoff:
-    """Capped, jittered exponential backoff: ``next()`` is the delay before the next try."""
-
-    def __init__(self, initial: float = 0.2, maximum: float = 10.0, factor: float = 2.0, jitter: float = 0.5,
-                 rng=random.random):
-        self.initial = initial
-        self.maximum = maximum
-        self.factor = factor
-        self.jitter = jitter
-        self._rng = rng
-        self._delay = initial
-
-    def next(self) -> float:
-        """The delay to wait now (between ``(1 - jitter)`` and 1 times the current step); grows the step."""
-        delay = self._delay * (1.0 - self.jitter * self._rng())
-        self._delay = min(self.maximum, self._delay * self.factor)
-        return delay
-
-    def reset(self) -> None:
-        """Back to the initial delay (after a success)."""
-        self._delay = self.initial
+#: The backoff after a failed list or watch: 0.2 s doubling to 10 s, each delay 0.5 to 1 times the step.
+WATCH_BACKOFF_MIN, WATCH_BACKOFF_MAX, WATCH_BACKOFF_JITTER = 0.2, 10.0, (0.5, 1.0)
 
 
 def object_key(obj: dict) -> tuple:
@@ -151,7 +131,7 @@ class Reflector:
         self.lister = lister
         self.cache = cache
         self.watch_timeout = watch_timeout
-        self.backoff = backoff or Backoff()
+        self.backoff = backoff or Backoff(WATCH_BACKOFF_MIN, WATCH_BACKOFF_MAX, jitter=WATCH_BACKOFF_JITTER)
         self.resource_version = None  # None: (re)list first
         self.lists = 0       # lists done (the first one and every relist)
         self.restarts = 0    # lists and watches that failed (a watch ended by its timeout is no failure)
