@@ -9,8 +9,8 @@ lookup, never a walk over the config.
 
 from __future__ import annotations
 
-from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.config.tables import BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER
+from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 
 UNKNOWN = "unknown"
 
