@@ -27,7 +27,14 @@ from prometheus_client.registry import Collector
 
 from mesh import hookimpl
 from mesh.telemetry.guard import FailureLog
-from mesh.telemetry.peers import UNKNOWN, ConfigCache, namespace_of, service_labels
+from mesh.telemetry.peers import (
+    PEER_METADATA,
+    UNKNOWN,
+    ConfigCache,
+    namespace_of,
+    service_labels,
+    workload_metadata,
+)
 
 #: Envoy's default histogram buckets, which Istio uses for all three of its histograms
 #: (its bootstrap sets no ``histogram_bucket_settings`` unless a pod asks for them).
@@ -40,9 +47,10 @@ _BUCKET_NAMES = tuple(f"{bound:g}" for bound in ISTIO_BUCKETS) + ("+Inf",)
 PEER_LABELS = (
     "reporter",
     "source_workload", "source_workload_namespace", "source_principal", "source_app", "source_version",
+    "source_canonical_service", "source_canonical_revision",
     "destination_workload", "destination_workload_namespace", "destination_principal",
     "destination_service", "destination_service_name", "destination_service_namespace",
-    "destination_app", "destination_version",
+    "destination_app", "destination_version", "destination_canonical_service", "destination_canonical_revision",
     "connection_security_policy",
 )
 #: Istio's tag names for the dry-run results of its RBAC stats (``allow``/``deny``, ``allowed``/``denied``).
@@ -113,8 +121,7 @@ class IstioMetrics(Collector):
     """
 
     def __init__(self, workload, peers):
-        labels = workload.labels
-        self._own = (workload.name, workload.namespace, labels.get("app", UNKNOWN), labels.get("version", UNKNOWN))
+        self._own = workload_metadata(workload)
         self._peers = peers
         self._series = {}  # label values -> Series, for as long as the process lives
         self._by_key = ConfigCache(peers, self._bind)  # request key -> Series
@@ -127,7 +134,7 @@ class IstioMetrics(Collector):
     def mesh_request_complete(self, ctx, outcome):
         try:
             series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.host,
-                                       ctx.response_code, ctx.response_flags))
+                                       ctx.response_code, ctx.response_flags, ctx.extra.get(PEER_METADATA)))
             series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
             if ctx.attempts > 1:
                 self._retries[ctx.cluster] = self._retries.get(ctx.cluster, 0) + ctx.attempts - 1
@@ -191,48 +198,62 @@ class IstioMetrics(Collector):
     def _tcp_labels(self, index, direction, cluster, flags) -> tuple:
         """Labels of passthrough connections: the pseudo-cluster is the destination service (as in Istio)."""
         if direction == "outbound":
-            values = self._source_labels(index, cluster, None)
+            values = self._source_labels(index, cluster, None, None)
         else:
-            workload, namespace, app, version = self._own
-            values = ("destination", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, workload, namespace, UNKNOWN,
-                      *service_labels(cluster), app, version, "none")
+            own = self._own
+            values = ("destination", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN,
+                      own.workload, own.namespace, UNKNOWN, *service_labels(cluster), own.app, own.version,
+                      own.canonical_service, own.canonical_revision, "none")
         return values + ("tcp", flags or "-")
 
     def _bind(self, key, index) -> Series:
         """Work out the labels of a new key and find (or start) its series."""
-        direction, cluster, upstream_host, peer, host, code, flags = key
+        direction, cluster, upstream_host, peer, host, code, flags, metadata = key
         if direction == "outbound":
-            values = self._source_labels(index, cluster, upstream_host)
+            values = self._source_labels(index, cluster, upstream_host, metadata)
         else:
-            values = self._destination_labels(index, peer, host)
+            values = self._destination_labels(index, peer, host, metadata)
         values += ("http", str(code), flags or "-", "")
         series = self._series.get(values)
         if series is None:
             series = self._series[values] = Series()
         return series
 
-    def _source_labels(self, index, cluster, upstream_host) -> tuple:
-        """Peer labels on the outbound side: this workload calls the endpoint of ``cluster``."""
-        workload, namespace, app, version = self._own
+    def _source_labels(self, index, cluster, upstream_host, metadata) -> tuple:
+        """Peer labels on the outbound side: this workload calls the endpoint of ``cluster``, which
+        announced ``metadata`` (a :class:`mesh.telemetry.peers.PeerMetadata`, or None)."""
+        own = self._own
         endpoint = index.endpoint(cluster, upstream_host)
         peer_identity = endpoint.identity if endpoint is not None else None
         own_identity = self._peers.own_identity() if peer_identity else None
         service, service_name, service_namespace = service_labels(index.services.get(cluster))
-        endpoint_labels = dict(endpoint.labels) if endpoint is not None else {}
+        if metadata is not None:
+            destination = metadata
+        else:
+            endpoint_labels = dict(endpoint.labels) if endpoint is not None else {}
+            destination = (UNKNOWN, namespace_of(peer_identity) or service_namespace,
+                           endpoint_labels.get("app", UNKNOWN), endpoint_labels.get("version", UNKNOWN),
+                           UNKNOWN, UNKNOWN)
+        workload, namespace, app, version, canonical_service, canonical_revision = destination
         return ("source",
-                workload, namespace, own_identity or UNKNOWN, app, version,
-                UNKNOWN, namespace_of(peer_identity) or service_namespace, peer_identity or UNKNOWN,
+                own.workload, own.namespace, own_identity or UNKNOWN, own.app, own.version,
+                own.canonical_service, own.canonical_revision,
+                workload, namespace, peer_identity or UNKNOWN,
                 service, service_name, service_namespace,
-                endpoint_labels.get("app", UNKNOWN), endpoint_labels.get("version", UNKNOWN),
+                app, version, canonical_service, canonical_revision,
                 UNKNOWN)
 
-    def _destination_labels(self, index, peer, host) -> tuple:
-        """Peer labels on the inbound side: ``peer`` (a SPIFFE id, or None for plaintext) calls this workload."""
-        workload, namespace, app, version = self._own
+    def _destination_labels(self, index, peer, host, metadata) -> tuple:
+        """Peer labels on the inbound side: ``peer`` (a SPIFFE id, or None for plaintext) calls this
+        workload, and announced ``metadata`` (a :class:`mesh.telemetry.peers.PeerMetadata`, or None)."""
+        own = self._own
         own_identity = self._peers.own_identity() if peer else None
-        service, service_name, service_namespace = service_labels(index.resolve_host(host, namespace))
+        service, service_name, service_namespace = service_labels(index.resolve_host(host, own.namespace))
+        source = metadata or (UNKNOWN, namespace_of(peer) or UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN)
+        workload, namespace, app, version, canonical_service, canonical_revision = source
         return ("destination",
-                UNKNOWN, namespace_of(peer) or UNKNOWN, peer or UNKNOWN, UNKNOWN, UNKNOWN,
-                workload, namespace, own_identity or UNKNOWN,
-                service, service_name, service_namespace, app, version,
+                workload, namespace, peer or UNKNOWN, app, version, canonical_service, canonical_revision,
+                own.workload, own.namespace, own_identity or UNKNOWN,
+                service, service_name, service_namespace, own.app, own.version,
+                own.canonical_service, own.canonical_revision,
                 "mutual_tls" if peer else "none")

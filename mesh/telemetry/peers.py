@@ -9,14 +9,30 @@ lookup, never a walk over the config.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 from mesh.config.tables import BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 
 UNKNOWN = "unknown"
+#: The key of the peer's :class:`PeerMetadata` in ``ctx.extra``, set by ``builtin.metadata_exchange``
+#: (:mod:`mesh.telemetry.metadata_exchange`) only when the peer's identity was verified.
+PEER_METADATA = "peer_metadata"
 
 #: Istio's clusters for traffic outside the registry: each is its own ``destination_service``
 #: and ``destination_service_name``.
 PSEUDO_CLUSTERS = {name: name for name in (PASSTHROUGH_CLUSTER, BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER)}
+
+
+class PeerMetadata(NamedTuple):
+    """A sidecar's workload, as it announces itself to its peers (``unknown`` where it has no such label)."""
+
+    workload: str
+    namespace: str
+    app: str
+    version: str
+    canonical_service: str
+    canonical_revision: str
 
 
 class PeerDirectory:
@@ -36,7 +52,7 @@ class PeerDirectory:
         self._own_credentials = None
         self._own_identity = None
 
-    def index(self) -> "SnapshotIndex":
+    def index(self) -> SnapshotIndex:
         """The index of the snapshot in force (rebuilt after a config swap)."""
         snapshot = self.runtime.snapshot
         if snapshot is not self._snapshot:
@@ -64,6 +80,10 @@ class SnapshotIndex:
                          if name.startswith("outbound|")}
         self.services.update(PSEUDO_CLUSTERS)
         self._hosts = frozenset(self.services.values())
+        #: Clusters whose every endpoint is a sidecar reached over mTLS (each has an expected identity).
+        self.mtls_clusters = frozenset(
+            name for name, cluster in clusters.items()
+            if cluster.endpoints and all(endpoint.spec.identity for endpoint in cluster.endpoints))
 
     def endpoint(self, cluster, host_port):
         """The :class:`mesh.config.tables.EndpointSpec` a request went to, or None."""
@@ -100,6 +120,27 @@ def service_labels(host) -> tuple:
     if namespace and domain.startswith("svc."):
         return host, name, namespace
     return host, host, UNKNOWN
+
+
+def canonical_names(labels, workload) -> tuple:
+    """``(canonical service, canonical revision)`` of a workload with ``labels``, as Istio derives them.
+
+    The service is ``service.istio.io/canonical-name``, else ``app.kubernetes.io/name``, else ``app``,
+    else ``workload``; the revision ``service.istio.io/canonical-revision``, else
+    ``app.kubernetes.io/version``, else ``version``, else ``latest``.
+    """
+    return ((labels.get("service.istio.io/canonical-name") or labels.get("app.kubernetes.io/name")
+             or labels.get("app") or workload),
+            (labels.get("service.istio.io/canonical-revision") or labels.get("app.kubernetes.io/version")
+             or labels.get("version") or "latest"))
+
+
+def workload_metadata(workload) -> PeerMetadata:
+    """The metadata of ``workload`` (a :class:`mesh.config.compile.Workload`): what it tells its peers."""
+    labels = workload.labels or {}
+    service, revision = canonical_names(labels, workload.name)
+    return PeerMetadata(workload.name, workload.namespace, labels.get("app", UNKNOWN), labels.get("version", UNKNOWN),
+                        service, revision)
 
 
 def namespace_of(principal):

@@ -11,6 +11,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mesh.config.compile import load_and_compile
 from mesh.telemetry.exposition import new_registry
 from mesh.telemetry.istio import ISTIO_BUCKETS, REQUEST_LABELS, IstioMetrics
+from mesh.telemetry.peers import PEER_METADATA, PeerMetadata
 from tests.unit.test_telemetry_support import (
     BOOKINFO,
     CALLER_ID,
@@ -55,14 +56,34 @@ def test_source_labels_of_an_mtls_endpoint(metrics):
         "reporter": "source",
         "source_workload": "productpage", "source_workload_namespace": "bookinfo", "source_principal": OWN_ID,
         "source_app": "productpage", "source_version": "v1",
+        "source_canonical_service": "productpage", "source_canonical_revision": "v1",
         "destination_workload": "unknown", "destination_workload_namespace": "bookinfo",
         "destination_principal": REVIEWS_ID, "destination_service": REVIEWS,
         "destination_service_name": "reviews", "destination_service_namespace": "bookinfo",
         "destination_app": "reviews", "destination_version": "v1",
+        "destination_canonical_service": "unknown", "destination_canonical_revision": "unknown",
         "connection_security_policy": "unknown", "request_protocol": "http", "response_code": "200",
         "response_flags": "-", "grpc_response_status": "",
     }
     assert set(labels) == set(REQUEST_LABELS)
+
+
+def test_the_metadata_exchange_names_the_peer_workload_on_both_sides(metrics):
+    """builtin.metadata_exchange leaves the verified peer's workload in ctx.extra: both reporters name it."""
+    ctx = outbound(200)
+    ctx.extra[PEER_METADATA] = PeerMetadata("reviews-v1", "bookinfo", "reviews", "v1", "reviews", "v1")
+    metrics.mesh_request_complete(ctx, done(ctx))
+    ctx = inbound(200)
+    ctx.extra[PEER_METADATA] = PeerMetadata("frontend", "shop", "frontend", "v2", "front", "2.0")
+    metrics.mesh_request_complete(ctx, done(ctx))
+    rows = {labels["reporter"]: labels for labels, _ in requests_total(metrics)}
+    names = ("workload", "workload_namespace", "app", "version", "canonical_service", "canonical_revision")
+    assert [rows["source"]["destination_" + name] for name in names] == \
+        ["reviews-v1", "bookinfo", "reviews", "v1", "reviews", "v1"]
+    assert [rows["destination"]["source_" + name] for name in names] == \
+        ["frontend", "shop", "frontend", "v2", "front", "2.0"]
+    assert [rows["destination"]["destination_" + name] for name in names] == \
+        ["productpage", "bookinfo", "productpage", "v1", "productpage", "v1"]
 
 
 def test_a_plaintext_endpoint_has_no_principals(metrics):
