@@ -102,7 +102,7 @@ def explain(entry: dict, live=None) -> list:
 def _summary(entry) -> str:
     if "method" not in entry and "path" not in entry:
         return f"flags {entry.get('response_flags')}"
-    request_id = entry.get("request_id") or entry.get("x_request_id")
+    request_id = entry.get("request_id")
     return (f"request:  {entry.get('method')} {entry.get('authority')}{entry.get('path')} "
             f"({entry.get('direction', 'unknown direction')}, x-request-id {request_id}) at "
             f"{entry.get('start_time')}: {entry.get('response_code')} after {entry.get('duration')} ms")

@@ -1,4 +1,8 @@
-"""``builtin.accesslog``: one JSON line per request, in the spirit of Envoy's access log.
+"""``builtin.accesslog``: one JSON line per request, with the fields of Istio's default JSON access log.
+
+Istio's fields come first, named and typed as Istio's ``accessLogEncoding: JSON``
+writes them; txmesh's own follow (``direction``, the deciding AuthorizationPolicy,
+both ends' principals and workloads, the trace id).
 
 And one per TCP passthrough connection, when it ends (``"protocol":"tcp"``):
 :meth:`AccessLog.tcp_connection` is a :class:`mesh.proxy.passthrough.Passthrough`
@@ -23,7 +27,7 @@ from twisted.logger import Logger
 
 from mesh import hookimpl
 from mesh.telemetry.guard import FailureLog
-from mesh.telemetry.peers import ConfigCache
+from mesh.telemetry.peers import PEER_METADATA, ConfigCache
 
 log = Logger()
 
@@ -69,11 +73,12 @@ class AccessLog(service.Service):
 
     :param stream: a binary file (see :func:`open_destination`), closed when the service stops.
     :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
+    :param workload: the :class:`mesh.config.compile.Workload` this sidecar serves.
     """
 
-    def __init__(self, reactor, stream, peers, interval: float = 1.0):
+    def __init__(self, reactor, stream, peers, workload, interval: float = 1.0):
         self._stream = stream
-        formatter = LineFormatter(peers)
+        formatter = LineFormatter(peers, workload)
         self._format = formatter.format
         self._format_tcp = formatter.format_tcp
         self._failed = FailureLog("builtin.accesslog")
@@ -131,13 +136,19 @@ class AccessLog(service.Service):
         self._stream.close()
 
 
-#: The fields that repeat from request to request (who called whom, how): formatted once per
-#: distinct combination and cached.  The line is ``start_time``, these, then :func:`LineFormatter.format`'s own.
-REPEATED_FIELDS = (
-    '"direction":"%s","method":%s,"protocol":"HTTP/%s","authority":%s,"user_agent":%s,'
-    '"response_flags":%s,"response_code_details":%s,"upstream_host":%s,"upstream_cluster":%s,"route_name":%s,'
-    '"authz_policy":%s,'
-    '"downstream_remote_address":%s,"source_principal":%s,"destination_principal":%s'
+#: The fields that repeat from request to request (who called whom, how): formatted once per distinct
+#: combination and cached, as two parts: Istio's fields, then txmesh's own (:data:`TXMESH_FIELDS`).
+#: Istio's fields txmesh cannot know are ``null``, as in Istio's JSON when Envoy has no value.
+ISTIO_REPEATED_FIELDS = (
+    '"method":%s,"protocol":"HTTP/%s","response_flags":%s,"response_code_details":%s,'
+    '"connection_termination_details":null,"upstream_transport_failure_reason":null,"user_agent":%s,'
+    '"authority":%s,"upstream_host":%s,"upstream_cluster":%s,"upstream_local_address":null,'
+    '"downstream_local_address":null,"downstream_remote_address":%s,"requested_server_name":null,"route_name":%s'
+)
+#: txmesh's fields, after Istio's: named as Istio's metric labels where Istio has the notion.
+TXMESH_FIELDS = (
+    '"direction":"%s","authz_policy":%s,"source_principal":%s,"destination_principal":%s,'
+    '"source_workload":%s,"source_workload_namespace":%s,"destination_workload":%s,"destination_workload_namespace":%s'
 )
 
 
@@ -148,16 +159,20 @@ _MILLIS = tuple(f".{millisecond:03d}Z" for millisecond in range(1000))
 class LineFormatter:
     """Formats access-log lines: JSON objects written with f-strings, no dict and no encoder.
 
-    Strings from the request are escaped with the json module's C escaper.
-    The :data:`REPEATED_FIELDS` are formatted once per distinct combination
-    (per config, since principals come from it) and the timestamp once per
-    second.
+    The fields are those of Istio's default JSON access log (``meshConfig.accessLogEncoding: JSON``,
+    Envoy's ``%...%`` operators), with Envoy's value types (numbers, ``"-"`` for no flags, ``null``
+    when there is no value), then txmesh's own fields (docs/telemetry.md lists them all).
+    Strings from the request are escaped with the json module's C escaper.  The repeated fields
+    are formatted once per distinct combination (per config, since principals come from it) and
+    the timestamp once per second.
 
     :param peers: a :class:`mesh.telemetry.peers.PeerDirectory`.
+    :param workload: the :class:`mesh.config.compile.Workload` this sidecar serves.
     """
 
-    def __init__(self, peers):
+    def __init__(self, peers, workload):
         self._peers = peers
+        self._own = (_json(workload.name), _json(workload.namespace))
         self._repeated = ConfigCache(peers, self._format_repeated)
         self._second = None
         self._second_text = ""
@@ -166,37 +181,48 @@ class LineFormatter:
         """The access-log line of one finished request (without its newline)."""
         headers = ctx.headers
         route = ctx.route
-        repeated = self._repeated.get((
+        extra = ctx.extra
+        istio, own = self._repeated.get((
             ctx.direction, ctx.method, ctx.http_version, ctx.authority, headers.get("user-agent"),
             ctx.response_flags, outcome.detail, ctx.upstream_host, ctx.cluster,
-            route.name if route is not None else None, ctx.authz_policy, ctx.source_address, ctx.peer))
-        trace = ctx.extra.get("trace_id") or trace_id(headers)
-        upstream_time = ctx.upstream_time
+            route.name if route is not None else None, ctx.authz_policy, ctx.source_address, ctx.peer,
+            extra.get(PEER_METADATA)))
+        trace = extra.get("trace_id") or trace_id(headers)
+        forwarded_for = headers.get("x-forwarded-for")
+        upstream_time = ctx.upstream_time  # Envoy's x-envoy-upstream-service-time: a string of whole ms
+        service_time = "null" if upstream_time is None else f'"{int(upstream_time * 1000.0)}"'
         dry_run = ctx.authz_dry_run
         start = ctx.start
         second = int(start)  # _start_time, inlined on the hot path (a method call is ~3 % of this line)
         if second != self._second:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return (
-            f'{{"start_time":"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}",{repeated},'
-            f'"path":{escape(ctx.path)},"x_request_id":{escape(ctx.request_id)},'
-            f'"trace_id":{"null" if trace is None else escape(trace)},'
-            f'"response_code":{ctx.response_code},"bytes_received":{ctx.bytes_received},'
-            f'"bytes_sent":{ctx.bytes_sent},"duration":{outcome.duration * 1000.0:.3f},'
-            f'"upstream_service_time":{"null" if upstream_time is None else f"{upstream_time * 1000.0:.3f}"}'
+            f'{{"start_time":"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}",'
+            f'"path":{escape(ctx.path)},"response_code":{ctx.response_code},'
+            f'"bytes_received":{ctx.bytes_received},"bytes_sent":{ctx.bytes_sent},'
+            f'"duration":{int(outcome.duration * 1000.0)},'
+            f'"upstream_service_time":{service_time},'
+            f'"x_forwarded_for":{"null" if forwarded_for is None else escape(forwarded_for)},'
+            f'"request_id":{escape(ctx.request_id)},{istio},{own},'
+            f'"trace_id":{"null" if trace is None else escape(trace)}'
             f'{"" if dry_run is None else dry_run_fields(dry_run)}}}'
         )
 
     def format_tcp(self, event) -> str:
         """The access-log line of one ended TCP passthrough connection (a
-        :class:`mesh.proxy.passthrough.TcpConnectionEvent`; without its newline)."""
+        :class:`mesh.proxy.passthrough.TcpConnectionEvent`; without its newline): Istio's fields, the
+        request-level ones ``null`` (``response_code`` 0), as Envoy's TCP proxy logs them."""
         return (
-            f'{{"start_time":"{self._start_time(event.start)}","direction":"{event.direction}","protocol":"tcp",'
-            f'"response_flags":{_json(event.flags or "-")},'
-            f'"upstream_host":{_json(_host_port(event.upstream))},'
-            f'"upstream_cluster":{_json(event.cluster)},"downstream_remote_address":{_json(event.client[0])},'
+            f'{{"start_time":"{self._start_time(event.start)}","method":null,"path":null,"protocol":"tcp",'
+            f'"response_code":0,"response_flags":{_json(event.flags or "-")},"response_code_details":null,'
+            f'"connection_termination_details":null,"upstream_transport_failure_reason":null,'
+            f'"bytes_received":{event.received},"bytes_sent":{event.sent},"duration":{int(event.duration * 1000.0)},'
+            f'"upstream_service_time":null,"x_forwarded_for":null,"user_agent":null,"request_id":null,'
+            f'"authority":null,"upstream_host":{_json(_host_port(event.upstream))},'
+            f'"upstream_cluster":{_json(event.cluster)},"upstream_local_address":null,'
             f'"downstream_local_address":{_json(_host_port(event.destination))},'
-            f'"bytes_received":{event.received},"bytes_sent":{event.sent},"duration":{event.duration * 1000.0:.3f}}}'
+            f'"downstream_remote_address":{_json(event.client[0])},"requested_server_name":null,"route_name":null,'
+            f'"direction":"{event.direction}"}}'
         )
 
     def _start_time(self, start) -> str:
@@ -206,20 +232,27 @@ class LineFormatter:
             self._second, self._second_text = second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
         return f"{self._second_text}{_MILLIS[int((start - second) * 1000.0)]}"
 
-    def _format_repeated(self, key, index) -> str:
+    def _format_repeated(self, key, index) -> tuple:
         (direction, method, http_version, authority, user_agent, flags, details, upstream_host, cluster,
-         route_name, authz_policy, source_address, peer) = key
+         route_name, authz_policy, source_address, peer, metadata) = key
+        own_workload, own_namespace = self._own
+        peer_workload, peer_namespace = ("null", "null") if metadata is None else (
+            _json(metadata.workload), _json(metadata.namespace))
         if direction == "outbound":
             endpoint = index.endpoint(cluster, upstream_host)
             destination = endpoint.identity if endpoint is not None else None
             source = self._peers.own_identity() if destination else None
+            workloads = (own_workload, own_namespace, peer_workload, peer_namespace)
         else:
             source = peer
             destination = self._peers.own_identity() if source else None
-        return REPEATED_FIELDS % (
-            direction, _json(method), http_version, _json(authority.decode("latin-1") if authority else None),
-            _json(user_agent), _json(flags or "-"), _json(details or None), _json(upstream_host), _json(cluster),
-            _json(route_name), _json(authz_policy), _json(source_address), _json(source), _json(destination))
+            workloads = (peer_workload, peer_namespace, own_workload, own_namespace)
+        istio = ISTIO_REPEATED_FIELDS % (
+            _json(method), http_version, _json(flags or "-"), _json(details or None), _json(user_agent),
+            _json(authority.decode("latin-1") if authority else None), _json(upstream_host), _json(cluster),
+            _json(source_address), _json(route_name))
+        own = TXMESH_FIELDS % (direction, _json(authz_policy), _json(source), _json(destination), *workloads)
+        return istio, own
 
 
 def dry_run_fields(results) -> str:

@@ -88,7 +88,7 @@ def test_daemon_returns_serves_and_logs_access_lines_to_its_log_file(daemon):
 
     def access_line():
         for line in daemon["logfile"].read_text(errors="replace").splitlines():
-            if '"x_request_id":"daemon-mode-1"' in line:
+            if '"request_id":"daemon-mode-1"' in line:
                 return line
         return None
 

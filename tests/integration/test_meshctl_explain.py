@@ -110,7 +110,7 @@ def test_why_a_connect_failure(mesh):
     assert client.curl("ghost", "/why-uf").status == 503
     [entry] = access_log_lines(mesh["logs"] / "productpage.log", "/why-uf")
     out = why("productpage", "--control-admin", mesh["control_admin"], "--log-line", json.dumps(entry))
-    assert f"request:  GET ghost/why-uf (outbound, x-request-id {entry['x_request_id']})" in out
+    assert f"request:  GET ghost/why-uf (outbound, x-request-id {entry['request_id']})" in out
     assert "verdict:  the proxy ended it" in out
     assert "route:    ServiceEntry/default/ghost (match *; no timeout; retries 2x on connect-failure" in out
     assert "cluster:  outbound|80||ghost.default.svc.cluster.local (127.0.0.1:" in out

@@ -102,8 +102,8 @@ def test_outbound_hook_failure_is_500_pe_for_that_request_only(app, sidecar, hoo
     assert after.status == 200 and after.headers.get("x-demo-service") == "plugin-app"
     assert_logged_once(proxy, hook)
     request_ids = {response.headers["x-request-id"] for response in failed}
-    entries = wait_for(lambda: [entry for entry in access_log(log) if entry["x_request_id"] in request_ids]
-                       if len(request_ids & {entry["x_request_id"] for entry in access_log(log)}) == REPEATS
+    entries = wait_for(lambda: [entry for entry in access_log(log) if entry["request_id"] in request_ids]
+                       if len(request_ids & {entry["request_id"] for entry in access_log(log)}) == REPEATS
                        else None, 10, what="the access-log lines of the failed requests")
     assert {(entry["response_code"], entry["response_flags"], entry["response_code_details"])
             for entry in entries} == {(500, "PE", f"plugin_error{{raising,{hook}}}")}

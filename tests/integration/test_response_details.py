@@ -58,7 +58,7 @@ def logged(logs, name: str, request_id: str) -> dict:
     path = logs / f"{name}.log"
 
     def entry():
-        return next((line for line in access_log(path) if line["x_request_id"] == request_id), None)
+        return next((line for line in access_log(path) if line["request_id"] == request_id), None)
 
     return wait_for(entry, 10, what=f"the access-log line of {request_id} in {path}")
 

@@ -167,7 +167,7 @@ def test_labels_name_both_sides_of_the_call(mesh):
         "destination_service": USER_SERVICE, "destination_app": "user-service", "destination_version": "v1",
         "destination_principal": spiffe + "user-service", "connection_security_policy": "unknown"}
     assert rows["destination"] == {
-        "reporter": "destination", "source_workload": "unknown", "source_principal": spiffe + "frontend",
+        "reporter": "destination", "source_workload": "frontend", "source_principal": spiffe + "frontend",
         "destination_service": USER_SERVICE, "destination_app": "user-service", "destination_version": "v1",
         "destination_principal": spiffe + "user-service", "connection_security_policy": "mutual_tls"}
     flags = mesh["prometheus"].by('sum(istio_requests_total{reporter="destination"}) by (response_flags)',
@@ -258,4 +258,4 @@ def test_client_access_log_has_one_line_per_request(mesh):
     assert ok["response_code_details"] == "via_upstream"
     assert ok["upstream_cluster"] == f"outbound|80||{USER_SERVICE}" and ok["destination_principal"].endswith(
         "/sa/user-service")
-    assert ok["duration"] >= ok["upstream_service_time"] > 0 and ok["trace_id"]
+    assert ok["duration"] >= int(ok["upstream_service_time"]) >= 0 and ok["trace_id"]  # whole ms, as Envoy's

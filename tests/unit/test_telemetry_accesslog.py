@@ -13,10 +13,12 @@ from mesh.config.tables import RouteAction
 from mesh.proxy.tap import Options, makeService
 from mesh.telemetry import accesslog
 from mesh.telemetry.accesslog import AccessLog, LineFormatter
+from mesh.telemetry.peers import PEER_METADATA, PeerMetadata
 from tests.unit.test_telemetry_support import (
     CALLER_ID,
     INBOUND_CLUSTER,
     OWN_ID,
+    PRODUCTPAGE,
     REVIEWS_CLUSTER,
     REVIEWS_ID,
     REVIEWS_V1,
@@ -28,15 +30,20 @@ from tests.unit.test_telemetry_support import (
     tcp_event,
 )
 
-FIELDS = {"start_time", "direction", "method", "path", "protocol", "authority", "user_agent", "x_request_id",
-          "trace_id", "response_code", "response_flags", "response_code_details", "bytes_received", "bytes_sent", "duration",
-          "upstream_service_time", "upstream_host", "upstream_cluster", "route_name", "authz_policy",
-          "downstream_remote_address", "source_principal", "destination_principal"}
+#: Istio's default JSON access log (its EnvoyJSONLogFormatIstio), every field of it.
+ISTIO_FIELDS = {"start_time", "route_name", "method", "path", "protocol", "response_code", "response_flags",
+                "response_code_details", "connection_termination_details", "bytes_received", "bytes_sent", "duration",
+                "upstream_service_time", "x_forwarded_for", "user_agent", "request_id", "authority", "upstream_host",
+                "upstream_cluster", "upstream_local_address", "downstream_local_address", "downstream_remote_address",
+                "requested_server_name", "upstream_transport_failure_reason"}
+TXMESH_FIELDS = {"direction", "authz_policy", "source_principal", "destination_principal", "source_workload",
+                 "source_workload_namespace", "destination_workload", "destination_workload_namespace", "trace_id"}
+FIELDS = ISTIO_FIELDS | TXMESH_FIELDS
 
 
 @pytest.fixture
 def line():
-    formatter = LineFormatter(peers())
+    formatter = LineFormatter(peers(), PRODUCTPAGE)
     return lambda ctx, duration=0.0042: json.loads(formatter.format(ctx, done(ctx, duration)))
 
 
@@ -45,18 +52,38 @@ def test_an_outbound_line(line):
                    bytes_received=5, upstream_time=0.0031,
                    route=RouteAction(name="VirtualService/bookinfo/reviews", clusters=(REVIEWS_CLUSTER,),
                                      cumulative_weights=(1,)))
+    ctx.headers["x-forwarded-for"] = "10.1.2.3"
     entry = line(ctx)
     assert set(entry) == FIELDS
     assert entry == {
-        "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "method": "GET",
-        "path": "/reviews/1?x=1", "protocol": "HTTP/1.1", "authority": "reviews", "user_agent": "curl/8",
-        "x_request_id": "test", "trace_id": None, "response_code": 200, "response_flags": "-",
-        "response_code_details": None,
-        "bytes_received": 5, "bytes_sent": 1234, "duration": 4.2, "upstream_service_time": 3.1,
-        "upstream_host": REVIEWS_V1, "upstream_cluster": REVIEWS_CLUSTER,
-        "route_name": "VirtualService/bookinfo/reviews", "authz_policy": None, "downstream_remote_address": "127.0.0.1",
-        "source_principal": OWN_ID, "destination_principal": REVIEWS_ID,
+        # Istio's fields, with Envoy's types: numbers, whole milliseconds, upstream_service_time a string
+        "start_time": "2026-11-25T20:09:47.250Z", "method": "GET", "path": "/reviews/1?x=1", "protocol": "HTTP/1.1",
+        "response_code": 200, "response_flags": "-", "response_code_details": None,
+        "connection_termination_details": None, "upstream_transport_failure_reason": None,
+        "bytes_received": 5, "bytes_sent": 1234, "duration": 4, "upstream_service_time": "3",
+        "x_forwarded_for": "10.1.2.3", "user_agent": "curl/8", "request_id": "test", "authority": "reviews",
+        "upstream_host": REVIEWS_V1, "upstream_cluster": REVIEWS_CLUSTER, "upstream_local_address": None,
+        "downstream_local_address": None, "downstream_remote_address": "127.0.0.1", "requested_server_name": None,
+        "route_name": "VirtualService/bookinfo/reviews",
+        # txmesh's own (no metadata exchange here: the destination's workload is not known)
+        "direction": "outbound", "authz_policy": None, "source_principal": OWN_ID, "destination_principal": REVIEWS_ID,
+        "source_workload": "productpage", "source_workload_namespace": "bookinfo",
+        "destination_workload": None, "destination_workload_namespace": None, "trace_id": None,
     }
+
+
+def test_the_peers_workload_comes_from_the_metadata_exchange(line):
+    ctx = outbound(200)
+    ctx.extra[PEER_METADATA] = PeerMetadata("reviews-v1", "bookinfo", "reviews", "v1", "reviews", "v1")
+    entry = line(ctx)
+    assert (entry["source_workload"], entry["destination_workload"], entry["destination_workload_namespace"]) == \
+        ("productpage", "reviews-v1", "bookinfo")
+    ctx = inbound(200)
+    ctx.extra[PEER_METADATA] = PeerMetadata("frontend", "shop", "frontend", "v2", "frontend", "v2")
+    entry = line(ctx)
+    assert (entry["source_workload"], entry["source_workload_namespace"], entry["destination_workload"]) == \
+        ("frontend", "shop", "productpage")
+    assert line(inbound(200))["source_workload"] is None
 
 
 def test_plaintext_and_local_replies_have_nulls(line):
@@ -68,7 +95,7 @@ def test_plaintext_and_local_replies_have_nulls(line):
 
 
 def test_an_inbound_line_names_the_caller(line):
-    formatter = LineFormatter(peers())
+    formatter = LineFormatter(peers(), PRODUCTPAGE)
     ctx = inbound(403, flags="RBAC", authz_policy="shop/deny-admin")
     entry = json.loads(formatter.format(ctx, done(ctx, detail="rbac_access_denied_matched_policy[shop/deny-admin]")))
     assert (entry["direction"], entry["upstream_cluster"], entry["authz_policy"]) == \
@@ -80,7 +107,7 @@ def test_an_inbound_line_names_the_caller(line):
 
 
 def test_hostile_strings_stay_one_line_of_ascii_json():
-    formatter = LineFormatter(peers())
+    formatter = LineFormatter(peers(), PRODUCTPAGE)
     nasty = 'a"b\\c\nd\x00é\U0001F600\udcff'
     ctx = outbound(200)
     ctx.path = ctx.request_id = ctx.headers["user-agent"] = nasty
@@ -88,7 +115,7 @@ def test_hostile_strings_stay_one_line_of_ascii_json():
     text = formatter.format(ctx, done(ctx))
     assert "\n" not in text and text.isascii()
     entry = json.loads(text)
-    assert (entry["path"], entry["user_agent"], entry["x_request_id"], entry["authority"]) == \
+    assert (entry["path"], entry["user_agent"], entry["request_id"], entry["authority"]) == \
         (nasty, nasty, nasty, 'h"\xff')
 
 
@@ -131,7 +158,7 @@ class Stream(io.BytesIO):
 
 def test_lines_wait_for_the_one_second_flush_and_are_written_whole():
     clock, stream = Clock(), Stream()
-    log = AccessLog(clock, stream, peers())
+    log = AccessLog(clock, stream, peers(), PRODUCTPAGE)
     log.startService()
     for code in (200, 503):
         log.mesh_request_complete(outbound(code), done(outbound(code)))
@@ -149,14 +176,14 @@ def test_lines_wait_for_the_one_second_flush_and_are_written_whole():
 def test_a_full_buffer_is_written_before_the_second_is_over(monkeypatch):
     monkeypatch.setattr(accesslog, "MAX_PENDING", 3)
     stream = Stream()
-    log = AccessLog(Clock(), stream, peers())
+    log = AccessLog(Clock(), stream, peers(), PRODUCTPAGE)
     for _ in range(7):
         log.mesh_request_complete(outbound(200), done(outbound(200)))
     assert [data.count(b"\n") for data in stream.writes] == [3, 3]
 
 
 def test_a_broken_request_or_disk_never_raises():
-    log = AccessLog(Clock(), Stream(), peers())
+    log = AccessLog(Clock(), Stream(), peers(), PRODUCTPAGE)
     ctx = outbound(200)
     ctx.start = None
     log.mesh_request_complete(ctx, done(ctx))
@@ -166,36 +193,31 @@ def test_a_broken_request_or_disk_never_raises():
         def write(self, data):
             raise OSError(28, "No space left on device")
 
-    log = AccessLog(Clock(), Full(), peers())
+    log = AccessLog(Clock(), Full(), peers(), PRODUCTPAGE)
     log.mesh_request_complete(outbound(200), done(outbound(200)))
     log.flush()  # logged, not raised
 
 
-TCP_FIELDS = {"start_time", "direction", "protocol", "response_flags", "upstream_host", "upstream_cluster",
-              "downstream_remote_address", "downstream_local_address", "bytes_received", "bytes_sent", "duration"}
-
-
-def test_a_tcp_passthrough_line_shares_the_http_lines_field_names():
-    formatter = LineFormatter(peers())
+def test_a_tcp_passthrough_line_has_istios_fields_too():
+    formatter = LineFormatter(peers(), PRODUCTPAGE)
     ended = tcp_event(0, 1, sent=24, received=19, upstream=("93.184.216.34", 5432), duration=1.5)
     entry = json.loads(formatter.format_tcp(ended))
-    assert entry == {
-        "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "protocol": "tcp", "response_flags": "-",
-        "upstream_host": "93.184.216.34:5432", "upstream_cluster": "PassthroughCluster",
+    assert set(entry) == ISTIO_FIELDS | {"direction"}
+    assert {name: value for name, value in entry.items() if value is not None} == {
+        "start_time": "2026-11-25T20:09:47.250Z", "direction": "outbound", "protocol": "tcp", "response_code": 0,
+        "response_flags": "-", "upstream_host": "93.184.216.34:5432", "upstream_cluster": "PassthroughCluster",
         "downstream_remote_address": "10.0.0.9", "downstream_local_address": "93.184.216.34:5432",
-        "bytes_received": 19, "bytes_sent": 24, "duration": 1500.0,
+        "bytes_received": 19, "bytes_sent": 24, "duration": 1500,
     }
-    assert set(entry) - FIELDS == {"downstream_local_address"}  # the rest mean what they mean in HTTP lines
     http = json.loads(formatter.format(outbound(200), done(outbound(200))))
     assert http["protocol"] == "HTTP/1.1"  # how the two kinds of line are told apart
 
 
 def test_a_refused_or_failed_tcp_connection_has_its_flag_and_no_upstream_host():
-    formatter = LineFormatter(peers())
+    formatter = LineFormatter(peers(), PRODUCTPAGE)
     entry = json.loads(formatter.format_tcp(tcp_event(1, 1, cluster="BlackHoleCluster", flags="UH", duration=0.0)))
-    assert set(entry) == TCP_FIELDS
     assert (entry["upstream_cluster"], entry["response_flags"], entry["upstream_host"], entry["bytes_sent"],
-            entry["duration"]) == ("BlackHoleCluster", "UH", None, 0, 0.0)
+            entry["duration"]) == ("BlackHoleCluster", "UH", None, 0, 0)
     entry = json.loads(formatter.format_tcp(tcp_event(1, 1, flags="UF", destination=("10.98.0.2", 6999))))
     assert (entry["response_flags"], entry["downstream_local_address"], entry["upstream_host"]) == \
         ("UF", "10.98.0.2:6999", None)
@@ -203,7 +225,7 @@ def test_a_refused_or_failed_tcp_connection_has_its_flag_and_no_upstream_host():
 
 def test_the_log_has_a_line_per_ended_tcp_connection_only():
     clock, stream = Clock(), Stream()
-    log = AccessLog(clock, stream, peers())
+    log = AccessLog(clock, stream, peers(), PRODUCTPAGE)
     log.startService()
     log.tcp_connection(tcp_event(1, 0))  # opened: no line yet
     log.tcp_connection(tcp_event(0, 1, sent=3, received=4))
