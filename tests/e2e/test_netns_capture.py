@@ -27,7 +27,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import (
+from tests.harness import venv_bin, wait_for
+from tests.harness.netns import (
     PROXY_UID,
     NetnsProcess,
     Pod,
@@ -38,7 +39,6 @@ from tests.e2e.conftest import (
     require_netns,
     start_sidecar,
 )
-from tests.harness import venv_bin, wait_for
 
 CLIENT_IP, SERVER_IP = "10.99.0.1", "10.99.0.2"
 APP_PORT = 8080

@@ -28,7 +28,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.e2e.conftest import (
+from tests.harness import venv_bin
+from tests.harness.netns import (
     PROXY_UID,
     NetnsProcess,
     Pod,
@@ -39,7 +40,6 @@ from tests.e2e.conftest import (
     require_netns,
     start_sidecar,
 )
-from tests.harness import venv_bin
 from tests.harness.waiting import wait_for
 
 CLIENT_IP, EXT_IP = "10.98.0.1", "10.98.0.2"

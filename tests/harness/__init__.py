@@ -7,7 +7,9 @@
 - :class:`RawConnection`: exact bytes over a socket (malformed HTTP, pipelining, WebSocket frames)
 - :func:`venv_dir` / :func:`venv_bin`: where programs run from ($MESH_VENV, else <repo>/.venv, else sys.prefix)
 
-The pytest fixtures ``backend_factory`` and ``proxy_factory`` in tests/conftest.py build on these.
+The pytest plugin :mod:`tests.harness.plugin` (loaded by tests/conftest.py for every test) builds its
+fixtures (``backend_factory``, ``proxy_factory``, ``control_factory``, ``kube_api``) and its checks on these;
+:mod:`tests.harness.netns` holds the helpers of the end-to-end tests in network namespaces.
 """
 
 from .backend import Backend, pattern_sha256
@@ -29,6 +31,7 @@ from .rawhttp import RawConnection, RawResponse
 from .waiting import wait_for
 
 __all__ = [
-    "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy", "RawConnection", "RawResponse", "curl", "free_port",
-    "http_request", "log_alarms_since_last_check", "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
+    "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy",
+    "RawConnection", "RawResponse", "curl", "free_port", "http_request", "log_alarms_since_last_check",
+    "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]

@@ -9,8 +9,8 @@ import time
 import pytest
 import yaml
 
-from tests.conftest import ProcessFactory
 from tests.harness import venv_bin, wait_for
+from tests.harness.plugin import ProcessFactory
 from tests.integration.test_distribution_support import ControlledProxy
 from tests.integration.test_proxy_support import (
     curl_many,

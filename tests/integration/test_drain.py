@@ -106,7 +106,7 @@ def test_drain_time_bounds_the_wait(config, proxy_factory):
 
 
 def test_sigterm_tells_the_control_plane_first(tmp_path, process_log_dir, control_factory):
-    from tests.conftest import ProcessFactory
+    from tests.harness.plugin import ProcessFactory
     from tests.integration.test_distribution_support import ControlledProxy
 
     config = write_config(tmp_path / "config", service_entry("slow", [("127.0.0.1", 9)]))

@@ -1,6 +1,4 @@
-"""End-to-end tests in network namespaces ("pods"), as root.
-
-Helpers (no tests here):
+"""Helpers of the end-to-end tests (tests/e2e/) in network namespaces ("pods"), as root.
 
 - :func:`require_netns`: skip unless root with working ``ip netns`` and iptables nat
 - :class:`Pods`: network namespaces joined by veth pairs, created directly inside
@@ -12,7 +10,7 @@ Helpers (no tests here):
   :func:`metric_sum` reads a metric from a Prometheus page
 - :func:`pod_workdir` and :func:`start_sidecar`: a pod's directory and its ``twistd mesh-proxy``,
   run as the proxy UID :data:`PROXY_UID`, ready once its health port says so
-- :func:`issue_workload_cert`: a static workload certificate signed by a test CA (mesh.identity.ca)
+- :class:`TestCA`: a test mesh root (mesh.identity.ca) that issues static workload certificates
 """
 
 from __future__ import annotations
@@ -31,7 +29,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
-from tests.harness import ManagedProcess, venv_bin
+
+from .processes import ManagedProcess, venv_bin
 
 NETNS_PREFIX = "txm-e2e"
 PROXY_UID = 1337  # the sidecar's UID, which ``meshctl iptables --proxy-uid`` leaves uncaptured
