@@ -21,9 +21,7 @@ import yaml
 
 from mesh.cli.local import LocalMesh, running
 from tests.harness import free_port, venv_bin
-
-#: What no log of the local mesh may contain.
-LOG_ALARMS = ("Traceback (most recent call last)", "Unhandled Error")
+from tests.harness.processes import LOG_ALARMS
 
 
 def meshctl(*args, timeout: float = 90.0, env=None, cwd=None) -> subprocess.CompletedProcess:

@@ -21,7 +21,7 @@ import pytest
 from tests.harness import RawConnection, free_port
 from tests.integration.test_hostile_http1_support import RecordingApp, send_and_close
 from tests.integration.test_identity_support import authorization_policy
-from tests.integration.test_proxy_support import assert_clean_log, service_entry, write_config
+from tests.integration.test_proxy_support import service_entry, write_config
 
 SELECTOR = {"app": "target"}
 H2C = b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n"
@@ -392,8 +392,3 @@ def test_h2c_through_two_sidecars_is_a_plain_request(app, sidecars):
     assert statuses(responses) == [200, 200]
     requests, tunnelled, _ = app.snapshot()
     assert [r.target for r in requests] == ["/h2c-chain", "/after"] and tunnelled == []
-
-
-def test_proxy_logs_have_no_traceback(sidecars):
-    for proxy in sidecars:
-        assert_clean_log(proxy)

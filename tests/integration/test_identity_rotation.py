@@ -29,7 +29,6 @@ from tests.integration.test_identity_support import (
     spiffe,
     xfcc,
 )
-from tests.integration.test_proxy_support import assert_clean_log
 
 NS = "shop"
 DURATION = 60
@@ -113,10 +112,8 @@ def test_rotation_under_load_fails_no_request(pair, tmp_path):
     assert len(server_serials) >= 4 and len(client_hashes) >= 4, report
     for proxy, identity in ((client, frontend_id), (server, user_id)):
         assert "certificate renewal failed" not in proxy.log_path.read_text(), proxy.describe("a renewal failed")
-        assert_clean_log(proxy)
         dump = proxy.admin("/config_dump")["certificate"]
         assert dump["identity"] == identity and dump["renewals"] >= min(rotations), dump
-    assert_clean_log(control)
     # many keys were generated and many certificates signed: none of it leaks into a log
     assert_no_secrets_in_logs([control, client, server, app], tokens=control.tokens,
                               key_files=[control.state_dir / "ca-key.pem"])

