@@ -46,6 +46,15 @@ class Endpoint:
         #: free for balancer plugins (e.g. a latency average)
         self.state = {}
 
+    def try_started(self) -> None:
+        """A try is sent to this endpoint: the only place its request counters go up."""
+        self.active_requests += 1
+        self.total_requests += 1
+
+    def try_ended(self) -> None:
+        """A try started with :meth:`try_started` has ended (whatever the outcome)."""
+        self.active_requests -= 1
+
     def eject(self, until: float) -> None:
         """Keep this endpoint out of rotation until monotonic time ``until``."""
         self.ejections += 1

@@ -124,6 +124,11 @@ class RequestContext:
             self._extra = {}
         return self._extra
 
+    def get_extra(self, key, default=None):
+        """``extra[key]`` if set, else ``default``; reading does not create :attr:`extra`."""
+        extra = self._extra
+        return default if extra is None else extra.get(key, default)
+
     def add_flag(self, flag: str) -> None:
         """Record an Envoy-style response flag (UF, UH, UT, URX, NR, ...)."""
         if not self.response_flags:

@@ -1,11 +1,30 @@
-"""One request through the proxy: route, pick, forward, retry, respond.
+"""The exchange stage: one request and its response, across every try.
 
-An :class:`Exchange` is created by the downstream codec
-(:mod:`mesh.proxy.http1`) for each request head.  It asks the listener's
-router for a route and cluster, then makes one or more :class:`Try` objects,
-each of which owns one upstream connection for as long as it lasts.  The
-response streams back with backpressure in both directions (for a response,
-once it is larger than the downstream transport's write buffer).
+An :class:`Exchange` is created by a server codec (today
+:mod:`mesh.proxy.codec.http1_server`) for each request head.  It knows no
+protocol: it talks to the client through the codec's
+:class:`mesh.proxy.streams.IDownstreamStream` and to each upstream connection
+through its :class:`mesh.proxy.streams.IUpstreamStream`.  It asks the
+listener's router for a route and cluster (the route and balance stages:
+``mesh_route``, ``mesh_pick_endpoint``), then makes one or more :class:`Try`
+objects, each of which owns one upstream connection for as long as it lasts.
+Around the tries it uses the retry (:mod:`mesh.proxy.retry`), deadline
+(:mod:`mesh.proxy.deadline`) and outlier (:mod:`mesh.proxy.outlier`) stages;
+it ends with ``mesh_request_complete``, exactly once.
+
+The exchange is a state machine (``Exchange.state``)::
+
+    QUEUED --start--> FORWARDING --final head--> RESPONDING --end, abort, 101--> DONE
+                       |      ^     \
+            retry later|      |      `--local reply, client gone, deadline--> DONE
+                       v      |
+                       BACKOFF
+
+- ``QUEUED``: parsed, waiting for the requests before it on its connection.
+- ``FORWARDING``: routed; a try is connecting or waiting for its response head.
+- ``BACKOFF``: a try failed and the retry stage asked for a delay.
+- ``RESPONDING``: a response head went downstream; the body streams.
+- ``DONE``: finished; nothing reaches it any more.
 
 Failure rules (see docs/configuration.md and ARCHITECTURE.md):
 
@@ -23,64 +42,29 @@ that denied a request.
 
 from __future__ import annotations
 
-from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
-
 from mesh.plugins import PluginError
-from mesh.proxy import outlier
+from mesh.proxy import outlier, retry
 from mesh.proxy.outcome import LocalReply, RequestOutcome, TryOutcome
-from mesh.proxy.heads import local_response, request_head, response_head
 
-_CHUNK_END = b"0\r\n\r\n"
-_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
+#: The states of an :class:`Exchange` (see the module docstring).
+QUEUED, FORWARDING, BACKOFF, RESPONDING, DONE = "queued", "forwarding", "backoff", "responding", "done"
 
 #: Body bytes of one response sent downstream before its upstream connection is
-#: registered as a producer on the downstream transport.  A Twisted transport asks
-#: its producer to pause only when a write leaves more than ``bufferSize`` (64 KiB)
-#: buffered, so for the usual small response the link would never be used, while
-#: making, registering and unregistering it cost about 1.6 % of the instructions of
-#: a small request.  A response adds at most this much to what the downstream
-#: buffer holds before backpressure starts.
+#: linked to the downstream for backpressure (:meth:`IDownstreamStream.link_response`).
+#: A Twisted transport asks its producer to pause only when a write leaves more than
+#: ``bufferSize`` (64 KiB) buffered, so for the usual small response the link would never
+#: be used, while making, registering and unregistering it cost about 1.6 % of the
+#: instructions of a small request.  A response adds at most this much to what the
+#: downstream buffer holds before backpressure starts.
 _LINK_RESPONSE_AFTER = 64 * 1024
 
 
-@implementer(IPushProducer)
-class Backpressure:
-    """Registered on a consumer transport; pauses and resumes a source.
-
-    ``release()`` undoes a pause that is still in force, so a source is never
-    left paused after the exchange that linked it has ended.
-    """
-
-    __slots__ = ("_pause", "_resume", "paused")
-
-    def __init__(self, pause, resume):
-        self._pause = pause
-        self._resume = resume
-        self.paused = False
-
-    def pauseProducing(self):
-        if not self.paused:
-            self.paused = True
-            self._pause()
-
-    def resumeProducing(self):
-        if self.paused:
-            self.paused = False
-            self._resume()
-
-    def stopProducing(self):
-        """The consumer is gone; the exchange notices that on its own."""
-
-    def release(self):
-        self.resumeProducing()
-
-
 class Try:
-    """One attempt at an upstream endpoint; the listener of its connection."""
+    """One attempt at an upstream endpoint; the owner of its connection (an
+    :class:`mesh.proxy.streams.IUpstreamStream`) while it lasts."""
 
     __slots__ = ("exchange", "endpoint", "connection", "timer", "started", "reused",
-                 "got_head", "keep_alive", "body_link", "done")
+                 "got_head", "keep_alive", "linked", "done")
 
     def __init__(self, exchange, endpoint, started):
         self.exchange = exchange
@@ -91,13 +75,13 @@ class Try:
         self.reused = False
         self.got_head = False
         self.keep_alive = False
-        self.body_link = None
+        self.linked = False  # the request body is linked for backpressure (IUpstreamStream.link_body)
         self.done = False
 
     # -- connection set-up -------------------------------------------------
     def connected(self, connection):
         if self.done:  # abandoned while connecting: keep the connection warm
-            self.endpoint.pool.release(connection)
+            connection.release()
             return
         self.connection = connection
         self.exchange.send_request(self)
@@ -116,27 +100,22 @@ class Try:
         if self.done:
             return
         self.done = True
-        self.endpoint.active_requests -= 1
+        self.endpoint.try_ended()
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
         connection = self.connection
         if connection is None:
             return
-        self.unlink_body()
+        if self.linked:
+            self.linked = False
+            connection.unlink_body()
         if reusable:
-            self.endpoint.pool.release(connection)
+            connection.release()
         elif connection.listener is self or connection.listener is None:
             connection.detach()
 
-    def unlink_body(self):
-        link = self.body_link
-        if link is not None:
-            self.body_link = None
-            self.connection.transport.unregisterProducer()
-            link.release()
-
-    # -- UpstreamConnection listener interface ------------------------------
+    # -- what the upstream stream reports ----------------------------------------
     def upstream_head(self, status, reason, headers, keep_alive):
         self.keep_alive = keep_alive
         self.exchange.response_head(self, status, reason, headers)
@@ -151,7 +130,7 @@ class Try:
         self.exchange.upgraded(self, rest)
 
     def upstream_flush(self):
-        self.exchange.flush_head()
+        self.exchange.down.flush()
 
     def upstream_lost(self, reason_text):
         if not self.done:
@@ -161,48 +140,49 @@ class Try:
 class Exchange:
     """A request and its response, across every try.
 
-    ``conn`` is the downstream :class:`mesh.proxy.http1.DownstreamConnection`,
-    ``ctx`` the :class:`mesh.proxy.context.RequestContext`.  ``framing`` is
-    how the request body arrives: ``None`` (no body), ``"length"`` or
-    ``"chunked"``.  ``deadline`` is true while the route's timeout is armed:
-    the connection (``conn.set_deadline``) calls :meth:`deadline_passed` when
-    it expires, unless ``conn.clear_deadline`` was called first.
+    ``down`` is the :class:`mesh.proxy.streams.IDownstreamStream` of the
+    request, ``listener`` the :class:`mesh.proxy.listener.Listener` it came
+    through, ``ctx`` the :class:`mesh.proxy.context.RequestContext`.
+    ``framing`` is how the request body arrives: ``None`` (no body),
+    ``"length"`` (``content_length`` bytes) or ``"chunked"`` (a stream of
+    unknown length).  ``expect_continue``: the client waits for permission to
+    send the body; ``upgrade``: a protocol switch (WebSocket) is asked for.
+    ``extra_headers`` are the pairs the forwarded head adds (after routing),
+    ``prepared`` the upstream codec's cache of that head, for retries.
     """
 
-    __slots__ = ("conn", "ctx", "listener", "framing", "content_length", "expect_continue",
-                 "upgrade", "head_only", "keep_alive", "action", "cluster", "head",
+    __slots__ = ("down", "ctx", "listener", "framing", "content_length", "expect_continue",
+                 "upgrade", "head_only", "action", "cluster", "extra_headers", "prepared",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
-                 "deadline", "response_started", "response_chunked", "response_link",
-                 "finished", "free_retry_used", "response_close", "pending_head")
+                 "deadline", "state", "response_linked", "free_retry_used")
 
-    def __init__(self, conn, ctx, framing, content_length, expect_continue, upgrade, keep_alive):
-        self.conn = conn
+    def __init__(self, down, listener, ctx, framing, content_length, expect_continue, upgrade):
+        self.down = down
         self.ctx = ctx
-        self.listener = conn.listener
+        self.listener = listener
         self.framing = framing
         self.content_length = content_length
         self.expect_continue = expect_continue
         self.upgrade = upgrade
         self.head_only = ctx.method == "HEAD"
-        self.keep_alive = keep_alive
         self.action = None
         self.cluster = None
-        self.head = None
+        self.extra_headers = ()
+        self.prepared = None
         self.body_chunks = []
         self.body_size = 0
         self.replayable = True
         self.body_done = framing is None
         self.current = None
         self.deadline = False
-        self.response_started = False
-        self.response_chunked = False
-        self.response_link = None
-        self.finished = False
+        self.state = QUEUED
+        self.response_linked = False
         self.free_retry_used = False
-        # After an upgrade request the codec reads no more HTTP: unless the upstream
-        # switches protocols, the connection closes after the response (local ones too).
-        self.response_close = upgrade
-        self.pending_head = None
+
+    @property
+    def response_started(self) -> bool:
+        """Whether a response (or part of one) has gone to the client."""
+        return self.state is RESPONDING or (self.state is DONE and self.ctx.response_code != 0)
 
     # -- start ---------------------------------------------------------------
     def start(self):
@@ -224,18 +204,19 @@ class Exchange:
         except PluginError as error:
             self.plugin_failed(error)
             return
-        extra = _set_headers(ctx, rewrites, self.conn.forward_headers)
-        self.head = request_head(ctx, action, self.framing, self.content_length, self.upgrade, extra)
+        down = self.down
+        self.extra_headers = _set_headers(ctx, rewrites, down.forward_headers)
         if action.timeout:
             self.deadline = True
-            self.conn.set_deadline(self, action.timeout)
+            down.deadlines.set(self, action.timeout)
         if self.expect_continue and not self.body_done:
-            self.conn.write(_CONTINUE)
+            down.send_continue()
         self._new_try()
 
     def _new_try(self):
-        if self.finished:
+        if self.state is DONE:
             return
+        self.state = FORWARDING
         cluster = self.cluster
         listener = self.listener
         now = listener.reactor.seconds()
@@ -255,13 +236,12 @@ class Exchange:
         ctx.upstream_host = endpoint.host_port
         if ctx.upstream_start is None:
             ctx.upstream_start = now
-        endpoint.active_requests += 1
-        endpoint.total_requests += 1
+        endpoint.try_started()
         attempt = Try(self, endpoint, now)
         self.current = attempt
-        retry = self.action.retry
-        if retry is not None and retry.per_try_timeout:
-            attempt.timer = listener.reactor.callLater(retry.per_try_timeout, attempt.per_try_timeout)
+        policy = self.action.retry
+        if policy is not None and policy.per_try_timeout:
+            attempt.timer = listener.reactor.callLater(policy.per_try_timeout, attempt.per_try_timeout)
         connection = endpoint.pool.acquire()
         if connection is not None:
             attempt.reused = True
@@ -270,25 +250,19 @@ class Exchange:
             endpoint.pool.connect().addCallbacks(attempt.connected, attempt.connect_failed)
 
     def send_request(self, attempt):
-        """The try has a connection: write the head and whatever body we have."""
+        """The try has a connection: send the head and whatever body we have."""
         connection = attempt.connection
-        connection.start_request(attempt, self.head, self.head_only)
+        connection.send_request(attempt, self)
         for chunk in self.body_chunks:
-            connection.send(self._frame(chunk))
+            connection.send_body(chunk)
         if self.body_done:
-            if self.framing == "chunked":
-                connection.send(_CHUNK_END)
+            if self.framing is not None:
+                connection.send_end()
         else:
-            down = self.conn
-            attempt.body_link = link = Backpressure(down.pause_for_upstream, down.resume_for_upstream)
-            connection.transport.registerProducer(link, True)
+            attempt.linked = True
+            connection.link_body(self.down)
             if self.body_size > self.listener.limits.retry_buffer:
                 self._stop_buffering()
-
-    def _frame(self, chunk):
-        if self.framing == "chunked":
-            return b"%x\r\n%s\r\n" % (len(chunk), chunk)
-        return chunk
 
     # -- downstream events -----------------------------------------------------
     def request_body(self, data):
@@ -300,12 +274,12 @@ class Exchange:
             self.local_reply(413, "", f"request body larger than {limit} bytes; "
                              "send a smaller body or raise --max-request-body", "request_payload_too_large")
             return
-        if self.finished:
+        if self.state is DONE:
             return
         attempt = self.current
         sending = attempt is not None and attempt.connection is not None and not attempt.done
         if sending:
-            attempt.connection.send(self._frame(data))
+            attempt.connection.send_body(data)
         if self.replayable or not sending:
             self.body_chunks.append(data)
             self.body_size += len(data)
@@ -313,28 +287,30 @@ class Exchange:
                 if sending:
                     self._stop_buffering()
                 else:
-                    self.conn.pause_for_upstream()
+                    self.down.pause_reading()
 
     def _stop_buffering(self):
         """Too big to replay: stream from here on, and never retry."""
         self.replayable = False
         self.body_chunks = []
         self.body_size = 0
-        self.conn.resume_for_upstream()
+        self.down.resume_reading()
 
     def request_end(self):
         """The request body is complete."""
         self.body_done = True
         attempt = self.current
-        if self.finished or attempt is None or attempt.connection is None or attempt.done:
+        if self.state is DONE or attempt is None or attempt.connection is None or attempt.done:
             return
-        attempt.unlink_body()
-        if self.framing == "chunked":
-            attempt.connection.send(_CHUNK_END)
+        if attempt.linked:
+            attempt.linked = False
+            attempt.connection.unlink_body()
+        if self.framing is not None:
+            attempt.connection.send_end()
 
     def downstream_lost(self):
         """The client went away before the exchange finished."""
-        if self.finished:
+        if self.state is DONE:
             return
         self.ctx.add_flag("DC")
         if self.current is not None:
@@ -343,7 +319,7 @@ class Exchange:
 
     # -- upstream events -------------------------------------------------------
     def response_head(self, attempt, status, reason, headers):
-        if attempt is not self.current or self.finished:
+        if attempt is not self.current or self.state is DONE:
             return
         attempt.got_head = True
         ctx = self.ctx
@@ -352,98 +328,71 @@ class Exchange:
         if attempt.timer is not None:
             attempt.timer.cancel()
             attempt.timer = None
-        if status >= 500:
-            outlier.record_failure(attempt.endpoint, self.cluster, now, status=status)
-            if self._retry(attempt, TryOutcome("status", status)):
-                return
-        else:
-            outlier.record_success(attempt.endpoint)
-            if 400 <= status < 500 and self._retry(attempt, TryOutcome("status", status)):
-                return
-        if status == 101:
-            if not self.upgrade:  # never a tunnel the client did not ask for and the proxy did not pass
-                self.try_failed(attempt, TryOutcome("reset", None, "the upstream switched protocols (101) "
-                                                    "on a request that asked for no upgrade"))
-                return
-            self.response_started = True
-            ctx.response_code = status
-            self.conn.write(response_head(status, reason, headers, self, upgrade=True))
+        outlier.response(attempt.endpoint, self.cluster, now, status)
+        if status >= 400 and self._retry(attempt, TryOutcome("status", status)):
             return
-        self.response_started = True
+        if status == 101 and not self.upgrade:
+            # never a tunnel the client did not ask for and the proxy did not pass
+            self.try_failed(attempt, TryOutcome("reset", None, "the upstream switched protocols (101) "
+                                                "on a request that asked for no upgrade"))
+            return
+        rewrite = self.listener.response_headers
+        if rewrite is not None:  # mesh_response_headers, only when a plugin implements it
+            try:
+                headers = _rewritten(headers, rewrite(ctx=ctx, status=status, headers=headers))
+            except PluginError as error:
+                self.plugin_failed(error)
+                return
+        self.state = RESPONDING
         ctx.response_code = status
-        # Held back until the first body bytes, so that a small response takes one downstream
-        # write instead of two, or until the upstream data at hand is parsed (flush_head).
-        self.pending_head = response_head(status, reason, headers, self)
-
-    def flush_head(self):
-        """Write a response head held back by :meth:`response_head`, if any."""
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            self.conn.write(head)
+        self.down.send_head(self, status, reason, headers)
 
     def response_body(self, attempt, data):
-        if attempt is not self.current or self.finished:
+        if attempt is not self.current or self.state is DONE:
             return
         ctx = self.ctx
         ctx.bytes_sent += len(data)
-        if ctx.bytes_sent > _LINK_RESPONSE_AFTER and self.response_link is None:
+        if ctx.bytes_sent > _LINK_RESPONSE_AFTER and not self.response_linked:
             # A large response: from now on a full downstream buffer pauses the upstream.
-            upstream = attempt.connection.transport
-            self.response_link = link = Backpressure(upstream.pauseProducing, upstream.resumeProducing)
-            self.conn.transport.registerProducer(link, True)
-        if self.response_chunked:
-            data = b"%x\r\n%s\r\n" % (len(data), data)
-        head = self.pending_head
-        if head is not None:
-            self.pending_head = None
-            data = head + data
-        self.conn.write(data)
+            self.response_linked = True
+            self.down.link_response(attempt.connection)
+        self.down.send_body(data)
 
     def response_end(self, attempt):
-        if attempt is not self.current or self.finished:
+        if attempt is not self.current or self.state is DONE:
             return
-        self.flush_head()
-        if self.response_chunked:
-            self.conn.write(_CHUNK_END)
+        self.down.send_end()
         attempt.finish(reusable=attempt.keep_alive and self.body_done)
         self._complete(local=False)
 
     def upgraded(self, attempt, rest):
         """The upstream switched protocols: splice the two connections."""
-        if attempt is not self.current or self.finished:
+        if attempt is not self.current or self.state is DONE:
             return
         connection = attempt.connection
-        connection.listener = None
+        connection.hand_over()
         attempt.connection = None  # the tunnel owns it now; finish() must not pool it
         attempt.finish(reusable=False)
         self._cancel_deadline()
-        self.conn.start_tunnel(connection, rest)
+        self.down.start_tunnel(connection, rest)
         self._complete(local=False, tunnel=True)
 
     # -- failures and retries ------------------------------------------------
     def try_failed(self, attempt, outcome):
-        if attempt is not self.current or self.finished:
+        if attempt is not self.current or self.state is DONE:
             return
         endpoint = attempt.endpoint
-        now = self.listener.reactor.seconds()
-        if outcome.kind == "connect-failure":
-            outlier.record_failure(endpoint, self.cluster, now, connect_failure=True)
-        elif outcome.kind == "timeout":
-            outlier.record_failure(endpoint, self.cluster, now, status=504)
-        if self.response_started:
+        outlier.try_failed(endpoint, self.cluster, self.listener.reactor.seconds(), outcome.kind)
+        if self.state is RESPONDING:
             # Too late to answer anything else: cut the client off.
             attempt.finish(reusable=False)
             self.ctx.add_flag("UC")
-            self.conn.abort()
+            self.down.abort()
             self._complete(local=False, detail="upstream_per_try_timeout" if outcome.kind == "timeout"
                            else "upstream_reset_after_response_started{connection_termination}")
             return
-        stale_reuse = (outcome.kind == "reset" and attempt.reused and not attempt.got_head
-                       and not self.free_retry_used and self._replayable())
-        if stale_reuse:
-            # A pooled connection the upstream had already closed: try again on
-            # a fresh one without spending a retry, as browsers and Envoy do.
+        if (not self.free_retry_used and self._replayable()
+                and retry.free_retry(outcome, attempt.reused, attempt.got_head)):
             self.free_retry_used = True
             attempt.finish(reusable=False)
             self.ctx.attempts -= 1
@@ -451,7 +400,7 @@ class Exchange:
             return
         if self._retry(attempt, outcome):
             return
-        status, flag, message, details = _failure_reply(outcome, endpoint.host_port)
+        status, flag, message, details = retry.failure_reply(outcome, endpoint.host_port)
         if self.ctx.attempts > 1:
             self.ctx.add_flag("URX")
         self.local_reply(status, flag, message, details)
@@ -460,43 +409,42 @@ class Exchange:
         return self.replayable and not self.upgrade
 
     def _retry(self, attempt, outcome) -> bool:
-        """Ask ``mesh_retry_decision``; if it says so, schedule another try.
+        """Ask the retry stage; if it says so, schedule another try.
 
         True when the try's outcome is dealt with: another try is on its way,
         or the retry plugin failed and the request got its 500.
         """
         if not self._replayable():
             return False
-        ctx = self.ctx
         try:
-            delay = self.listener.retry_decision(ctx=ctx, attempt=ctx.attempts, outcome=outcome,
-                                                 policy=self.action.retry)
+            delay = retry.retry_delay(self.listener, self.ctx, self.action.retry, outcome)
         except PluginError as error:
             self.plugin_failed(error)
             return True
-        if delay is None or delay is False:
+        if delay is None:
             return False
         attempt.finish(reusable=False)
         if delay > 0:
             self.current = None
+            self.state = BACKOFF
             self.listener.reactor.callLater(delay, self._new_try)
         else:
             self._new_try()
         return True
 
     def deadline_passed(self):
-        """The route's timeout has passed since :meth:`start` (called by the connection)."""
+        """The route's timeout has passed since :meth:`start` (called by the deadline stage)."""
         self.deadline = False
-        if self.finished:
+        if self.state is DONE:
             return
-        if self.current is not None:
-            if not self.current.got_head:
-                outlier.record_failure(self.current.endpoint, self.cluster,
-                                       self.listener.reactor.seconds(), status=504)
-            self.current.finish(reusable=False)
-        if self.response_started:
+        current = self.current
+        if current is not None:
+            if not current.got_head:
+                outlier.try_failed(current.endpoint, self.cluster, self.listener.reactor.seconds(), "timeout")
+            current.finish(reusable=False)
+        if self.state is RESPONDING:
             self.ctx.add_flag("UT")
-            self.conn.abort()
+            self.down.abort()
             self._complete(local=False, detail="upstream_response_timeout")
         else:
             self.local_reply(504, "UT", f"upstream request timeout after {self.action.timeout:g}s "
@@ -510,7 +458,7 @@ class Exchange:
         The caller gets ``status``, the flags and ``message``; ``details``
         (Envoy's response code details) go to ``mesh_request_complete`` only.
         """
-        if self.finished:
+        if self.state is DONE:
             return
         if self.current is not None:
             self.current.finish(reusable=False)
@@ -518,18 +466,25 @@ class Exchange:
         if flag:
             ctx.add_flag(flag)
         ctx.error = message
-        if self.response_started:
-            self.conn.abort()
+        if self.state is RESPONDING:
+            self.down.abort()
             self._complete(local=True, detail=details)
             return
-        if not self.body_done:
-            self.response_close = True  # unread body left on the wire
         ctx.response_code = status
         body = message.encode("utf-8", "replace") + b"\n"
-        self.response_started = True
-        self.conn.write(local_response(status, ctx.response_flags, body, self))
+        self.down.send_local(self, status, body, self._local_headers(status))
         ctx.bytes_sent += len(body)
         self._complete(local=True, detail=details)
+
+    def _local_headers(self, status):
+        """What ``mesh_response_headers`` sets on a local reply (nothing if it fails: the reply must go out)."""
+        rewrite = self.listener.response_headers
+        if rewrite is None:
+            return ()
+        try:
+            return _rewritten((), rewrite(ctx=self.ctx, status=status, headers=()))
+        except PluginError:
+            return ()  # mesh.plugins.failures has logged it
 
     def plugin_failed(self, error):
         """A plugin raised in a hook (:class:`mesh.plugins.PluginError`, already logged): 500 ``PE``.
@@ -546,36 +501,22 @@ class Exchange:
     def _cancel_deadline(self):
         if self.deadline:
             self.deadline = False
-            self.conn.clear_deadline(self)
+            self.down.deadlines.clear(self)
 
     def _complete(self, local, detail="via_upstream", tunnel=False):
         """Finish exactly once: report, unlink, and hand the connection back."""
-        self.finished = True
+        self.state = DONE
         self._cancel_deadline()
         self.body_chunks = []
-        link = self.response_link
-        if link is not None:
-            self.response_link = None
-            self.conn.transport.unregisterProducer()
-            link.release()
+        if self.response_linked:
+            self.response_linked = False
+            self.down.unlink_response()
         ctx = self.ctx
         outcome = RequestOutcome(ctx.response_code, ctx.response_flags, local,
                                  self.listener.reactor.seconds() - ctx.start, detail)
         self.listener.request_complete(ctx, outcome)
         if not tunnel:
-            self.conn.exchange_finished(self, self.keep_alive and not self.response_close and self.body_done)
-
-
-def _failure_reply(outcome, host_port):
-    """``(status, flag, message, details)`` of the local reply to a failed last try."""
-    if outcome.kind == "connect-failure":
-        return (503, "UF", f"upstream connect error ({host_port}): {outcome.detail}",
-                "upstream_reset_before_response_started{connection_failure}")
-    if outcome.kind == "timeout":
-        return (504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected",
-                "upstream_per_try_timeout")
-    return (503, "UC", f"upstream connection reset before response headers ({host_port}): {outcome.detail}",
-            "upstream_reset_before_response_started{connection_termination}")
+            self.down.finished(self)
 
 
 def _set_headers(ctx, results, extra):
@@ -590,3 +531,14 @@ def _set_headers(ctx, results, extra):
     names = {name for name, _ in pairs}
     ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() not in names]
     return (*extra, *(pair for pair in pairs if pair[1] is not None))
+
+
+def _rewritten(headers, results):
+    """``headers`` with the ``mesh_response_headers`` ``results`` applied: each pair replaces the headers
+    of its name; a None value only removes them."""
+    if not results:
+        return headers
+    pairs = [pair for result in results for pair in result]
+    names = {name for name, _ in pairs}
+    return [pair for pair in headers if pair[0].lower() not in names] + [pair for pair in pairs
+                                                                         if pair[1] is not None]

@@ -1,6 +1,6 @@
-"""What every connection of one listening port shares.
+"""The listener stage: what every connection of one listening port shares.
 
-A :class:`Listener` bundles the direction (inbound or outbound), the router,
+A :class:`Listener` admits connections and bundles the direction (inbound or outbound), the router,
 the limits, the bound hook callers and the set of open connections, and runs
 the once-a-second timer sweep over those connections.  Near its connection
 limit it closes the connections idle the longest to admit new ones
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from twisted.internet.task import LoopingCall
 
 from mesh.plugins import PluginError, fast_caller
-from mesh.proxy.http1 import normalise_host
+from mesh.proxy.codec.http1_server import normalise_host
 from mesh.proxy.mtls import inbound_peer
 from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.paths import normalize_base
@@ -68,7 +68,11 @@ class Listener:
         self.pick_endpoint = hooks.mesh_pick_endpoint
         self.retry_decision = hooks.mesh_retry_decision
         self.request_headers = hooks.mesh_request_headers
+        #: mesh_response_headers, or None while no plugin implements it (the exchange tests that first)
+        self.response_headers = None
         self._complete_hook = hooks.mesh_request_complete
+        self._open_hook = None  # mesh_connection_open / _complete, or None when no plugin implements them
+        self._closed_hook = None
         self._own_identity = own_identity
         self.connections = set()
         self.overload = ConnectionOverload(direction, limits.max_connections)
@@ -87,7 +91,10 @@ class Listener:
         self.pick_endpoint = fast_caller(hooks.mesh_pick_endpoint)
         self.retry_decision = fast_caller(hooks.mesh_retry_decision)
         self.request_headers = fast_caller(hooks.mesh_request_headers)
+        self.response_headers = _implemented(hooks.mesh_response_headers)
         self._complete_hook = fast_caller(hooks.mesh_request_complete)
+        self._open_hook = _implemented(hooks.mesh_connection_open)
+        self._closed_hook = _implemented(hooks.mesh_connection_complete)
         self.router.bind_hooks(hooks)
 
     def stop(self):
@@ -116,6 +123,35 @@ class Listener:
         except PluginError:
             pass  # mesh.plugins.failures has logged it; the response has gone already
 
+    def report_open(self, connection) -> None:
+        """Run ``mesh_connection_open`` for a connection whose protocol is known (once per connection).
+
+        ``connection`` provides :class:`mesh.api.ConnectionView`.  An HTTP
+        connection is reported when it is accepted (a captured one when the
+        detect stage has decided), a TCP tunnel when it is spliced, or refused
+        or failed (then :meth:`report_complete` follows at once).
+        """
+        connection.reported = True
+        hook = self._open_hook
+        if hook is not None:
+            try:
+                hook(connection=connection)
+            except PluginError:
+                pass  # mesh.plugins.failures has logged it; the connection goes on
+
+    def report_complete(self, connection) -> None:
+        """Run ``mesh_connection_complete`` once for a connection :meth:`report_open` reported."""
+        if not connection.reported:
+            return
+        connection.reported = False
+        connection.duration = self.reactor.seconds() - connection.start
+        hook = self._closed_hook
+        if hook is not None:
+            try:
+                hook(connection=connection)
+            except PluginError:
+                pass
+
     def admit(self) -> bool:
         """Whether a new connection may be accepted; near the limit, idle ones make room first."""
         connections = self.connections
@@ -132,3 +168,9 @@ class Listener:
         for connection in list(self.connections):
             connection.check_timers(now)
         self.overload.tick(len(self.connections))
+
+
+def _implemented(caller):
+    """A :func:`fast_caller` of ``caller``, or None when no plugin implements the hook: the hot path
+    then pays one ``is not None`` test instead of a call."""
+    return fast_caller(caller) if caller.get_hookimpls() else None

@@ -2,7 +2,7 @@
 
 - :class:`UpstreamTLS` wraps upstream connections to mesh endpoints in TLS with
   the workload certificate (the peer's identity is checked by
-  :class:`mesh.proxy.upstream.UpstreamConnection` after the handshake), and
+  :class:`mesh.proxy.codec.http1_client.UpstreamConnection` after the handshake), and
   resumes sessions kept per peer (:class:`mesh.identity.tls.SessionCache`).
 - :func:`inbound_peer` reads who the caller of a verified inbound mTLS
   connection is, and refuses a resumed session whose certificate has expired.

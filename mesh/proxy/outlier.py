@@ -1,19 +1,37 @@
-"""Passive health checking: eject endpoints that keep failing.
+"""The outlier stage: passive health checking, eject endpoints that keep failing.
 
 Follows Envoy/Istio outlier detection: consecutive 5xx, consecutive gateway
 errors (502/503/504 and connect failures) and consecutive connect failures each
 eject an endpoint for ``base_ejection_time x times ejected``, never more than
 ``max_ejection_percent`` of a cluster (but always at least one endpoint).
+
+The exchange reports each try here: :func:`response` when the response head
+arrives, :func:`try_failed` when a try fails without one (or its deadline
+passes first).
 """
 
 from __future__ import annotations
 
 
-def record_success(endpoint) -> None:
-    """A try got a non-5xx response."""
-    endpoint.consecutive_5xx = 0
-    endpoint.consecutive_gateway = 0
-    endpoint.consecutive_connect_failures = 0
+def response(endpoint, cluster, now: float, status: int) -> None:
+    """A try got a response head with ``status``: a 5xx counts as a failure, anything else resets."""
+    if status >= 500:
+        record_failure(endpoint, cluster, now, status=status)
+    else:
+        endpoint.consecutive_5xx = 0
+        endpoint.consecutive_gateway = 0
+        endpoint.consecutive_connect_failures = 0
+
+
+def try_failed(endpoint, cluster, now: float, kind: str) -> None:
+    """A try failed before a response head: ``kind`` is a :class:`mesh.proxy.outcome.TryOutcome` kind.
+
+    A connect failure and a timeout (the per-try or the route's, as a 504) count; a reset does not.
+    """
+    if kind == "connect-failure":
+        record_failure(endpoint, cluster, now, connect_failure=True)
+    elif kind == "timeout":
+        record_failure(endpoint, cluster, now, status=504)
 
 
 def record_failure(endpoint, cluster, now: float, status: int = 0, connect_failure: bool = False) -> bool:

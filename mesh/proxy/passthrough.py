@@ -12,22 +12,23 @@ sidecar, not only HTTP to mesh services.  As Istio's ``outboundTrafficPolicy``
 - ``REGISTRY_ONLY``: such HTTP gets 502 (cluster ``BlackHoleCluster``, flag
   ``UH``) and such TCP connections are closed, with a log line.
 
-Only connections that iptables redirected are sniffed (:mod:`mesh.proxy.sniff`);
+Only connections that iptables redirected meet the detect stage (:mod:`mesh.proxy.detect`);
 an app that calls the sidecar itself never pays for any of this.  The inbound
 listener passes captured plaintext that is not HTTP to the app's port that was
 dialled (Istio's inbound passthrough), when PeerAuthentication allows
 plaintext and no AuthorizationPolicy applies (those are evaluated for HTTP only).
 
-The tunnel reuses the codec's WebSocket splice
-(:meth:`mesh.proxy.http1.DownstreamConnection.start_tunnel`: producers
-registered both ways, idle timeout) and adds TCP half-close.
+The tunnel takes the client connection over through the server codec's
+public splice (:meth:`mesh.proxy.codec.http1_server.DownstreamConnection.splice`,
+which the WebSocket tunnel uses too: producers registered both ways, idle
+timeout) and adds TCP half-close.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, ISSLTransport
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -37,16 +38,12 @@ from mesh.config.tables import (BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, 
 from mesh.proxy.clusters import Cluster, Endpoint
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.pool import describe_connect_failure
-from mesh.proxy.sniff import HTTP, classify, classify_at_timeout
 from mesh.proxy.sockets import set_nodelay
 
 log = Logger()
 
 ALLOW_ANY, REGISTRY_ONLY = "ALLOW_ANY", "REGISTRY_ONLY"
 OUTBOUND_TRAFFIC_POLICIES = (ALLOW_ANY, REGISTRY_ONLY)
-
-#: Client bytes held while the tunnel connects; beyond, reading from the client pauses.
-_CONNECT_BUFFER = 64 * 1024
 
 
 @dataclass(frozen=True)
@@ -161,18 +158,18 @@ class Passthrough:
         self._detecting = {}  # client (host, port) -> _Detector, until its tunnel is up
         self._local_ends = {}  # local (host, port) of each open tunnel's upstream socket -> TcpUpstream
 
-    def sniff(self, conn):
-        """Called once by a captured connection, in ``connectionMade``: detect its protocol first."""
-        if ISSLTransport.providedBy(conn.transport):
-            return  # mesh mTLS: HTTP only
-        peer = conn.transport.getPeer()
-        client = (peer.host, peer.port)
-        looped = self._local_ends.get(client)
+    def detecting(self, detector) -> bool:
+        """The detect stage starts on a captured connection from ``detector.client``.
+
+        False when that client is this sidecar's own tunnel, captured and
+        come back (a capture loop): both connections are closed.
+        """
+        looped = self._local_ends.get(detector.client)
         if looped is not None:
-            self._loop(looped, conn)
-            return
-        conn.tunnel = detector = _Detector(self, conn, client)
-        self._detecting[client] = detector
+            self._loop(looped, detector.conn)
+            return False
+        self._detecting[detector.client] = detector
+        return True
 
     def describe(self) -> dict:
         """Counters for the admin's /config_dump."""
@@ -245,6 +242,10 @@ class Passthrough:
         conn.abort()
         upstream.transport.abortConnection()
 
+    def forget(self, detector):
+        """``detector`` has decided (or its client left): it is no longer detecting."""
+        self._forget(detector)
+
     def _forget(self, detector):
         if self._detecting.get(detector.client) is detector:
             del self._detecting[detector.client]
@@ -260,72 +261,6 @@ class Passthrough:
                 observer(event)
             except Exception:
                 log.failure("a passthrough observer failed")
-
-
-class _Detector:
-    """Sits in the codec's ``tunnel`` slot, so that it gets every byte, until the protocol is known.
-
-    Then it hands the bytes to the HTTP codec, or asks for a tunnel and holds
-    them until the tunnel is up.  ``loseConnection`` is the codec telling it
-    that the client half-closed (``conn.read_closed``) or went away
-    (``conn.closing``).
-    """
-
-    __slots__ = ("passthrough", "conn", "client", "start", "buffer", "decided", "timer", "connector")
-
-    def __init__(self, passthrough, conn, client):
-        self.passthrough = passthrough
-        self.conn = conn
-        self.client = client
-        self.start = passthrough.reactor.seconds()
-        self.buffer = b""
-        self.decided = False
-        self.connector = None
-        self.timer = passthrough.reactor.callLater(passthrough.settings.detection_timeout, self._timed_out)
-
-    def write(self, data):
-        self.buffer += data
-        if not self.decided:
-            kind = classify(self.buffer)
-            if kind is not None:
-                self._decide(kind)
-        elif len(self.buffer) > _CONNECT_BUFFER:
-            self.conn.pause_for_upstream()  # start_tunnel resumes it
-
-    def loseConnection(self):
-        conn = self.conn
-        if conn.closing:
-            self._cancel_timer()
-            self.passthrough._forget(self)
-            if self.connector is not None:
-                self.connector.disconnect()
-        elif not self.decided:
-            self._decide(classify(self.buffer) or classify_at_timeout(self.buffer))
-
-    def _timed_out(self):
-        self.timer = None
-        if not self.decided:
-            self._decide(classify_at_timeout(self.buffer))
-
-    def _cancel_timer(self):
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-
-    def _decide(self, kind):
-        self.decided = True
-        self._cancel_timer()
-        if kind != HTTP:
-            self.passthrough.open_tunnel(self)
-            return
-        self.passthrough._forget(self)
-        conn = self.conn
-        conn.tunnel = None
-        data, self.buffer = self.buffer, b""
-        if data:
-            conn.dataReceived(data)
-        if conn.read_closed:
-            conn.readConnectionLost()
 
 
 class _TunnelFactory(ClientFactory):
@@ -358,7 +293,7 @@ class TcpUpstream(Protocol):
         self.conn = detector.conn
         self.local = None
         self.address = None  # (host, port) connected to
-        self.tunnel = None  # set by start_tunnel: writes to the client
+        self.tunnel = None  # set by splice: writes to the client
         self.sent = 0  # destination -> client
         self.received = 0  # client -> destination
         self._read_closed = False
@@ -379,10 +314,9 @@ class TcpUpstream(Protocol):
         self.local = (local.host, local.port)
         self._spliced = True
         set_nodelay(self.transport)
-        self.received = len(self.detector.buffer)
-        conn.upgrade_buffer = [self.detector.buffer]
-        self.detector.buffer = b""
-        conn.start_tunnel(self, b"", via=self)
+        pending = self.detector.take_buffer()
+        self.received = len(pending)
+        conn.splice(self, self, b"", (pending,))
         if conn.read_closed:
             self.loseConnection()
 
@@ -394,7 +328,7 @@ class TcpUpstream(Protocol):
     def loseConnection(self):
         if self.conn.closing:
             self.transport.loseConnection()
-        elif not self._half_closed:  # the codec may report the client's FIN twice (start_tunnel reads again)
+        elif not self._half_closed:  # the codec may report the client's FIN twice (splice reads again)
             self._half_closed = True
             self.transport.loseWriteConnection()
 
@@ -405,7 +339,7 @@ class TcpUpstream(Protocol):
 
     def readConnectionLost(self):
         self._read_closed = True
-        self.conn.transport.loseWriteConnection()
+        self.conn.close_write()
         if self._write_closed:
             self.transport.loseConnection()
 
@@ -422,7 +356,7 @@ class TcpUpstream(Protocol):
             self.passthrough.closed(self, "DC" if gone else "UC")
             return
         if not self.conn.closing:
-            self.conn.transport.loseConnection()
+            self.conn.close()
         self.passthrough.closed(self, "")
 
 

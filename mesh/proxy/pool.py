@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
 
-from mesh.proxy.upstream import UpstreamConnection
+from mesh.proxy.codec.http1_client import UpstreamConnection
 
 
 class ConnectError(Exception):

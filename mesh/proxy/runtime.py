@@ -64,10 +64,12 @@ class OutboundRouter:
     def route(self, ctx):
         snapshot = self.runtime.snapshot
         action = self._route(ctx=ctx, table=snapshot.config.routes)
-        if action is None and ctx._extra and "original_dst" in ctx._extra:
-            action = self._route_original_dst(ctx, snapshot)
-            if action is None and self.passthrough is not None:
-                return self.passthrough.route(ctx, ctx._extra["original_dst"])
+        if action is None:
+            dst = ctx.get_extra("original_dst")
+            if dst is not None:
+                action = self._route_original_dst(ctx, snapshot, dst)
+                if action is None and self.passthrough is not None:
+                    return self.passthrough.route(ctx, dst)
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
@@ -82,12 +84,12 @@ class OutboundRouter:
     # -- transparent capture: the Host matched nothing, try the original destination --
     _dst_index = (None, {})
 
-    def _route_original_dst(self, ctx, snapshot):
+    def _route_original_dst(self, ctx, snapshot, dst):
         """Route a captured request by the address the app dialled (docs/operations.md,
         "Transparent capture"): first as if its Host were the destination IP (a
         ServiceEntry ``addresses`` entry is a host of the route table), then as a
         request to the service that has that IP:port among its endpoints."""
-        ip, port = ctx.extra["original_dst"]
+        ip, port = dst
         table = snapshot.config.routes
         host = ctx.host
         try:

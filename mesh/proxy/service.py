@@ -25,7 +25,7 @@ from mesh.plugins import failures as plugin_failures
 from mesh.proxy.admin import AdminSite
 from mesh.proxy.control_client import ControlClient
 from mesh.proxy.health import HealthServer
-from mesh.proxy.http1 import DownstreamFactory
+from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.passthrough import (PassthroughClusters, PassthroughSettings, inbound_passthrough,

@@ -1,7 +1,9 @@
-"""The downstream side of HTTP/1.1: parse requests, hand them to exchanges.
+"""The HTTP/1.1 server codec: parse requests, hand them to exchanges, frame their responses.
 
 A :class:`DownstreamConnection` is a Twisted protocol around an httptools
-(llhttp) request parser.  llhttp is strict: it rejects Content-Length together
+(llhttp) request parser, and the :class:`mesh.proxy.streams.IDownstreamStream`
+of each of its exchanges: every HTTP/1 byte sent to the client (response
+heads, chunk framing, ``100 Continue``, keep-alive) is written here.  llhttp is strict: it rejects Content-Length together
 with Transfer-Encoding, duplicate Content-Length, obs-fold and bad tokens, and
 each of those ends the connection with a 400.  This module adds the limits on
 head size and header count (431), the HTTP version check (505), and the
@@ -17,6 +19,12 @@ the app as a plain request.
 
 Requests are answered in order.  A pipelined request waits, body buffered, for
 the one before it; reading pauses when too many are queued.
+
+A transparently captured connection first meets the detect stage
+(:mod:`mesh.proxy.detect`): until it has decided, the connection's bytes are
+diverted to it (:meth:`DownstreamConnection.divert`); then it gives them back
+(:meth:`DownstreamConnection.resume_http`) or a TCP tunnel takes the
+connection over (:meth:`DownstreamConnection.splice`).
 """
 
 from __future__ import annotations
@@ -31,14 +39,21 @@ from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListen
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
+from mesh.proxy.codec.heads import (CHUNKED, CLOSE, FRAMING, HOP_BY_HOP, connection_tokens, local_response,
+                                    response_head, simple_response)
 from mesh.proxy.context import RequestContext
+from mesh.proxy.deadline import Deadlines
+from mesh.proxy.detect import detect
 from mesh.proxy.exchange import Exchange
-from mesh.proxy.heads import FRAMING, HOP_BY_HOP, connection_tokens, simple_response
 from mesh.proxy.original_dst import original_dst
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.streams import Backpressure, IDownstreamStream
 
 log = Logger()
+
+_CHUNK_END = b"0\r\n\r\n"
+_CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: Request headers the codec handles itself and never forwards as they are
 #: (HTTP2-Settings belongs to an h2c upgrade, which is never forwarded).
@@ -124,12 +139,19 @@ def normalise_host(authority: bytes) -> str:
     return host
 
 
-@implementer(IHalfCloseableProtocol, IHandshakeListener)
+@implementer(IHalfCloseableProtocol, IHandshakeListener, IDownstreamStream)
 class DownstreamConnection(Protocol):
-    """One client connection to a listener (inbound or outbound).
+    """One client connection to a listener (inbound or outbound), and the downstream stream of its exchanges.
 
     Over mTLS, ``peer`` is the caller's verified SPIFFE id and
     ``forward_headers`` carries the x-forwarded-client-cert sent to the app.
+
+    It is also the :class:`mesh.api.ConnectionView` the connection hooks
+    get (``direction``, ``protocol``, ``source_address``, ``destination``,
+    ``upstream``, ``peer``, ``start``, ``duration``, ``bytes_received``,
+    ``bytes_sent``, ``requests``), with ``cluster`` and ``response_flags``
+    for a TCP tunnel.  ``closing`` (the connection is ending) and
+    ``read_closed`` (the client half-closed) are read-only outside.
     """
 
     def __init__(self, listener):
@@ -142,7 +164,8 @@ class DownstreamConnection(Protocol):
         self.read_closed = False
         self.draining = False  # see drain()
         self._final_words = None  # an error response owed after the queued requests (see reject)
-        self.tunnel = None
+        self._close_after = None  # the exchange after whose response the connection closes (see finished)
+        self.tunnel = None  # where client bytes go instead of the parser: see divert() and splice()
         self.upgrade_buffer = None
         self.source_address = ""
         self.original_dst = None  # (ip, port) before an iptables REDIRECT (mesh.proxy.original_dst)
@@ -150,25 +173,44 @@ class DownstreamConnection(Protocol):
         self.forward_headers = ()
         self.last_activity = 0.0
         self.head_started = None
+        self.deadlines = Deadlines(listener.reactor)
         self._progress_seen = None
         self._pauses = set()
-        self._deadline_timer = None  # see set_deadline
-        self._deadline_timer_due = 0.0
-        self._deadline_owner = None
-        self._deadline_due = 0.0
+        self._pending_head = None  # a response head held back until the first body bytes (see send_head)
+        self._chunked = False  # the current response is sent chunked
+        self._response_close = False  # the current response ends the connection
+        self._response_link = None  # see link_response
         self._url = b""
         self._headers = []
         self._head_bytes = 0
+        # -- the mesh.api.ConnectionView the connection hooks see
+        self.direction = listener.direction
+        self.protocol = "http/1.1"
+        self.upstream = None
+        self.cluster = None
+        self.response_flags = ""
+        self.start = 0.0
+        self.duration = 0.0
+        self.bytes_received = 0
+        self.bytes_sent = 0
+        self.requests = 0
+        self.reported = False  # mesh_connection_open was called (see Listener.report_open)
+
+    @property
+    def destination(self):
+        """The original destination ``(ip, port)`` of a captured connection, else None."""
+        return self.original_dst
 
     # -- Twisted Protocol ---------------------------------------------------
     def connectionMade(self):
         set_nodelay(self.transport)
         self.source_address = self.transport.getPeer().host
         self.original_dst = original_dst(self.transport)  # transparent capture: once per connection
-        self.last_activity = self.listener.reactor.seconds()
-        self.listener.connection_opened(self)
-        if self.original_dst is not None and self.listener.passthrough is not None:
-            self.listener.passthrough.sniff(self)  # HTTP or another protocol? (mesh.proxy.passthrough)
+        listener = self.listener
+        self.start = self.last_activity = listener.reactor.seconds()
+        listener.connection_opened(self)
+        if self.original_dst is None or listener.passthrough is None or not detect(self, listener.passthrough):
+            listener.report_open(self)
 
     def handshakeCompleted(self):
         """mTLS is up (chain verified by OpenSSL): learn who the caller is."""
@@ -176,6 +218,7 @@ class DownstreamConnection(Protocol):
 
     def dataReceived(self, data):
         self.last_activity = self.listener.reactor.seconds()
+        self.bytes_received += len(data)
         if self.tunnel is not None:
             self.tunnel.write(data)
             return
@@ -210,14 +253,15 @@ class DownstreamConnection(Protocol):
 
     def connectionLost(self, reason=None):
         self.closing = True
-        self.listener.connection_closed(self)
-        if self._deadline_timer is not None:
-            self._deadline_timer.cancel()
-            self._deadline_timer = None
+        listener = self.listener
+        listener.connection_closed(self)
+        self.deadlines.stop()
         if self.tunnel is not None:
             self.tunnel.loseConnection()
             self.tunnel = None
         self._drop_queue()
+        if self.protocol != "tcp":  # a TCP tunnel reports when it ends (mesh.proxy.passthrough)
+            listener.report_complete(self)
 
     def readConnectionLost(self):
         """The client half-closed: answer what it sent, then close."""
@@ -281,6 +325,7 @@ class DownstreamConnection(Protocol):
         if version not in ("1.1", "1.0"):
             raise _Reject(505, f"HTTP/{version} is not supported on this port; use HTTP/1.1")
         exchange = self._exchange(parser, version)
+        self.requests += 1
         queue = self.queue
         queue.append(exchange)
         if len(queue) == 1:
@@ -342,8 +387,9 @@ class DownstreamConnection(Protocol):
             self.source_address, self.last_activity, self.peer, listener.normalize_path)
         if self.original_dst is not None:  # transparent capture (mesh.proxy.original_dst)
             ctx.extra["original_dst"] = self.original_dst
-        exchange = Exchange(self, ctx, framing, content_length, expect_continue, upgrade,
-                            parser.should_keep_alive() and not self.draining)
+        exchange = Exchange(self, listener, ctx, framing, content_length, expect_continue, upgrade)
+        if self._close_after is None and not (parser.should_keep_alive() and not self.draining):
+            self._close_after = exchange
         self.reading = None if body_later else exchange
         return exchange
 
@@ -422,14 +468,124 @@ class DownstreamConnection(Protocol):
             raw.append(pair)
         return headers, raw, authority, expect_continue, framing, content_length
 
-    # -- used by exchanges ----------------------------------------------------------
-    def write(self, data):
+    # -- the downstream stream of the active exchange (mesh.proxy.streams.IDownstreamStream) --------
+    def send_continue(self):
+        """``100 Continue``: the client may send the body it holds back."""
+        self.bytes_sent += len(_CONTINUE)
+        self.transport.write(_CONTINUE)
+
+    def send_head(self, exchange, status, reason, headers):
+        """Serialize the response head and decide the response's framing.
+
+        The head is held back until the first body bytes, so that a small
+        response takes one write instead of two, or until the upstream data
+        at hand is parsed (:meth:`flush`).  A 101 is written at once.
+        """
+        head, framing = response_head(status, reason, headers, exchange.action.response_headers,
+                                      exchange.head_only, exchange.ctx.http_version,
+                                      exchange is not self._close_after and not exchange.upgrade, status == 101)
+        if status == 101:
+            self.bytes_sent += len(head)
+            self.transport.write(head)
+            return
+        self._chunked = framing is CHUNKED
+        self._response_close = framing is CLOSE
+        self._pending_head = head
+
+    def flush(self):
+        """Write a response head held back by :meth:`send_head`, if any."""
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            self.bytes_sent += len(head)
+            self.transport.write(head)
+
+    def send_body(self, data):
+        """Response body bytes, chunk-framed if the response is chunked, after any held-back head."""
+        if self._chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
+        head = self._pending_head
+        if head is not None:
+            self._pending_head = None
+            data = head + data
+        self.bytes_sent += len(data)
+        self.transport.write(data)
+
+    def send_end(self):
+        """The response is complete: any held-back head, and the last chunk of a chunked body."""
+        self.flush()
+        if self._chunked:
+            self.bytes_sent += len(_CHUNK_END)
+            self.transport.write(_CHUNK_END)
+
+    def send_local(self, exchange, status, body, headers):
+        """A proxy-generated response; the connection closes after it if the request body was not read."""
+        if not exchange.body_done:
+            self._response_close = True  # unread body left on the wire
+        ctx = exchange.ctx
+        data = local_response(status, ctx.response_flags, body, exchange.head_only, ctx.request_id, headers,
+                              self._response_close or exchange is self._close_after or exchange.upgrade)
+        self.bytes_sent += len(data)
         self.transport.write(data)
 
     def abort(self):
+        """Cut the client off at once (no FIN after pending bytes: a reset)."""
         self.closing = True
         self.transport.abortConnection()
 
+    def pause_reading(self):
+        """Stop reading from the client until :meth:`resume_reading` (the upstream is behind)."""
+        self._pause("upstream")
+
+    def resume_reading(self):
+        self._resume("upstream")
+
+    def link_response(self, upstream):
+        """From now on a full client buffer pauses reading from ``upstream``.
+
+        An exchange links only a response larger than 64 KiB: a Twisted
+        transport asks its producer to pause only when a write leaves more
+        than that buffered, so for a small response the link would never be
+        used.
+        """
+        self._response_link = link = Backpressure(upstream.pause_reading, upstream.resume_reading)
+        self.transport.registerProducer(link, True)
+
+    def unlink_response(self):
+        """Undo :meth:`link_response`; the upstream is never left paused."""
+        link = self._response_link
+        if link is not None:
+            self._response_link = None
+            self.transport.unregisterProducer()
+            link.release()
+
+    def finished(self, exchange):
+        """The active exchange has sent its whole response: answer the next request, or close."""
+        keep_alive = (exchange is not self._close_after and not exchange.upgrade and not self._response_close
+                      and exchange.body_done)
+        self._response_close = False
+        queue = self.queue
+        if queue and queue[0] is exchange:
+            queue.popleft()
+        if not keep_alive or (self.read_closed and not queue):
+            self.closing = True
+            self._drop_queue()
+            if self._final_words is not None and keep_alive:
+                self.bytes_sent += len(self._final_words)
+                self.transport.write(self._final_words)
+            self.transport.loseConnection()
+            return
+        self.last_activity = self.listener.reactor.seconds()
+        if len(queue) <= self.limits.max_pipeline:
+            self._resume("pipeline")
+        if queue:
+            queue[0].start()
+
+    def start_tunnel(self, upstream, rest):
+        """Splice this connection to an upgraded (101) upstream connection: a WebSocket."""
+        self.splice(upstream, upstream.transport, rest, self.upgrade_buffer or ())
+
+    # -- the connection as a whole ---------------------------------------------------------
     def drain(self):
         """The proxy is shutting down: end this connection as soon as nothing is in flight.
 
@@ -444,86 +600,61 @@ class DownstreamConnection(Protocol):
         if self.is_idle():
             self.closing = True
             self.transport.loseConnection()  # FIN, after any pending bytes
-        elif self.queue:
-            self.queue[-1].keep_alive = False
+        elif self.queue and self._close_after is None:
+            self._close_after = self.queue[-1]
 
     def is_idle(self) -> bool:
         """Nothing in flight: no request queued or arriving, no tunnel (and not closing already)."""
         return not (self.closing or self.queue or self.tunnel is not None or self.head_started is not None)
 
-    def exchange_finished(self, exchange, keep_alive):
-        """The active exchange has sent its whole response."""
-        queue = self.queue
-        if queue and queue[0] is exchange:
-            queue.popleft()
-        if not keep_alive or (self.read_closed and not queue):
-            self.closing = True
-            self._drop_queue()
-            if self._final_words is not None and keep_alive:
-                self.write(self._final_words)
-            self.transport.loseConnection()
-            return
-        self.last_activity = self.listener.reactor.seconds()
-        if len(queue) <= self.limits.max_pipeline:
-            self._resume("pipeline")
-        if queue:
-            queue[0].start()
+    def close(self):
+        """Close after the pending bytes (FIN)."""
+        self.transport.loseConnection()
 
-    def set_deadline(self, exchange, seconds):
-        """Call ``exchange.deadline_passed()`` in ``seconds`` unless :meth:`clear_deadline` comes first.
+    def close_write(self):
+        """Half-close: no more bytes to the client (a FIN); it may still send."""
+        self.transport.loseWriteConnection()
 
-        One DelayedCall per connection serves its exchanges in turn (only one
-        is active at a time); a callLater and a cancel per request cost about
-        3 % of the instructions of a small request.  A pending call that comes
-        no later than this deadline is kept: when it fires, it re-arms itself
-        for what is left of the current exchange's deadline.
+    def divert(self, receiver):
+        """Until :meth:`resume_http` or :meth:`splice`, client bytes go to ``receiver`` instead of the parser.
+
+        The detect stage (:mod:`mesh.proxy.detect`) uses it: ``receiver.write(data)``
+        gets the bytes, ``receiver.loseConnection()`` is called when the client
+        half-closes (``read_closed``) or goes away (``closing``).
         """
-        due = self.listener.reactor.seconds() + seconds
-        self._deadline_owner = exchange
-        self._deadline_due = due
-        if self._deadline_timer is None or self._deadline_timer_due > due:
-            if self._deadline_timer is not None:
-                self._deadline_timer.cancel()
-            self._deadline_timer = self.listener.reactor.callLater(seconds, self._deadline_passed)
-            self._deadline_timer_due = due
+        self.tunnel = receiver
 
-    def clear_deadline(self, exchange):
-        """``exchange`` has finished: the pending call must not reach it."""
-        if self._deadline_owner is exchange:
-            self._deadline_owner = None
+    def resume_http(self, data):
+        """The detect stage decided HTTP: parse ``data`` (the bytes it held), then what follows."""
+        self.tunnel = None
+        self.listener.report_open(self)
+        if data:
+            self.bytes_received -= len(data)  # counted once already, when they arrived
+            self.dataReceived(data)
+        if self.read_closed:
+            self.readConnectionLost()
 
-    def _deadline_passed(self):
-        self._deadline_timer = None
-        exchange = self._deadline_owner
-        if exchange is None:
-            return
-        remaining = self._deadline_due - self.listener.reactor.seconds()
-        if remaining > 0:  # the call was set for an earlier exchange's deadline
-            self._deadline_timer = self.listener.reactor.callLater(remaining, self._deadline_passed)
-            self._deadline_timer_due = self._deadline_due
-            return
-        self._deadline_owner = None
-        exchange.deadline_passed()
-
-    def pause_for_upstream(self):
+    def pause_detection(self):
+        """The detect stage holds too many bytes: stop reading until :meth:`splice`."""
         self._pause("upstream")
 
-    def resume_for_upstream(self):
-        self._resume("upstream")
+    def splice(self, upstream, receiver, rest=b"", pending=()):
+        """From now on this connection is a tunnel to ``upstream`` (a protocol with a ``tunnel`` slot).
 
-    def start_tunnel(self, upstream, rest, via=None):
-        """Splice this connection to an upgraded upstream connection.
-
-        Client bytes go to ``via`` (default: the upstream transport); a TCP
-        passthrough tunnel (:class:`mesh.proxy.passthrough.TcpUpstream`) passes
-        itself, to count bytes and pass on half-closes.
+        Client bytes go to ``receiver.write`` (the upstream's transport, or a
+        TCP tunnel that counts them), ``pending`` client bytes already read
+        go to the upstream's transport first, and ``rest`` (upstream bytes
+        already read) to the client.  Producers are registered both ways,
+        so each side's full buffer pauses the other; the idle timeout still
+        applies (:meth:`check_timers`).
         """
         self.queue.clear()
-        self.tunnel = upstream.transport if via is None else via
+        self.tunnel = receiver
         upstream.tunnel = _TunnelWriter(self)
         if rest:
+            self.bytes_sent += len(rest)
             self.transport.write(rest)
-        for data in self.upgrade_buffer or ():
+        for data in pending:
             if data:
                 upstream.transport.write(data)
         self.upgrade_buffer = None
@@ -553,7 +684,9 @@ class DownstreamConnection(Protocol):
             return
         self.closing = True
         if not self.queue:
-            self.write(simple_response(status, "", message.encode() + b"\n"))
+            data = simple_response(status, "", message.encode() + b"\n")
+            self.bytes_sent += len(data)
+            self.transport.write(data)
         else:
             self._drop_queue()
         self.transport.loseConnection()
@@ -608,6 +741,7 @@ class _TunnelWriter:
     def write(self, data):
         conn = self._conn
         conn.last_activity = conn.listener.reactor.seconds()
+        conn.bytes_sent += len(data)
         conn.transport.write(data)
 
     def loseConnection(self):

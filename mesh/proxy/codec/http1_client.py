@@ -1,9 +1,10 @@
-"""The client side of HTTP/1.1: one keep-alive connection to an upstream.
+"""The HTTP/1.1 client codec: one keep-alive connection to an upstream.
 
-An :class:`UpstreamConnection` parses responses with httptools and hands every
-event to its current *listener* (the try that owns the connection, see
-:mod:`mesh.proxy.exchange`).  Between tries the connection sits idle in its
-:class:`mesh.proxy.pool.ConnectionPool`.
+An :class:`UpstreamConnection` is the :class:`mesh.proxy.streams.IUpstreamStream`
+of the try that owns it: it serializes the request (head, chunk framing),
+parses responses with httptools and hands every event to its current
+*listener* (that try, see :mod:`mesh.proxy.exchange`).  Between tries the
+connection sits idle in its :class:`mesh.proxy.pool.ConnectionPool`.
 """
 
 from __future__ import annotations
@@ -14,10 +15,14 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from mesh.identity.tls import peer_identity
+from mesh.proxy.codec.heads import request_head
 from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.streams import Backpressure, IUpstreamStream
+
+_CHUNK_END = b"0\r\n\r\n"
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IUpstreamStream)
 class UpstreamConnection(Protocol):
     """A pooled HTTP/1.1 connection to one endpoint.
 
@@ -42,7 +47,9 @@ class UpstreamConnection(Protocol):
         self.last_used = 0.0
         self.peer_identity = None
         self.head_only = False
+        self.chunked = False  # the request body being sent is chunk-framed
         self.tunnel = None
+        self._body_link = None
         self._headers = []
         self._reason = b""
         self._parser = httptools.HttpResponseParser(self)
@@ -95,16 +102,62 @@ class UpstreamConnection(Protocol):
             self.listener = None
             listener.upstream_lost("upstream connection closed")
 
-    # -- used by the try that owns the connection --------------------------
-    def send(self, data: bytes) -> None:
+    # -- the upstream stream of the try that owns the connection (IUpstreamStream) ------------
+    def send_request(self, listener, exchange) -> None:
+        """Take ownership for one request and write its head.
+
+        The head is built once per exchange (``exchange.prepared``), so that
+        every try sends the same bytes.
+        """
+        self.listener = listener
+        self.head_only = exchange.head_only
+        self.chunked = exchange.framing == "chunked"
+        self.requests_sent += 1
+        head = exchange.prepared
+        if head is None:
+            head = exchange.prepared = request_head(exchange.ctx, exchange.action, exchange.framing,
+                                                    exchange.content_length, exchange.upgrade,
+                                                    exchange.extra_headers)
+        self.transport.write(head)
+
+    def send_body(self, data: bytes) -> None:
+        """Request body bytes (chunk-framed when the request is)."""
+        if self.chunked:
+            data = b"%x\r\n%s\r\n" % (len(data), data)
         self.transport.write(data)
 
-    def start_request(self, listener, head: bytes, head_only: bool) -> None:
-        """Take ownership for one request and write its head."""
-        self.listener = listener
-        self.head_only = head_only
-        self.requests_sent += 1
-        self.transport.write(head)
+    def send_end(self) -> None:
+        """The request body is complete (the last chunk, if chunked)."""
+        if self.chunked:
+            self.transport.write(_CHUNK_END)
+
+    def link_body(self, downstream) -> None:
+        """From now on a full upstream buffer pauses reading the request body from ``downstream``."""
+        self._body_link = link = Backpressure(downstream.pause_reading, downstream.resume_reading)
+        self.transport.registerProducer(link, True)
+
+    def unlink_body(self) -> None:
+        """Undo :meth:`link_body`; the downstream is never left paused."""
+        link = self._body_link
+        if link is not None:
+            self._body_link = None
+            self.transport.unregisterProducer()
+            link.release()
+
+    def pause_reading(self) -> None:
+        """Stop reading the response (the client's buffer is full)."""
+        self.transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.transport.resumeProducing()
+
+    def release(self) -> None:
+        """The response is complete and the connection reusable: back to its pool."""
+        self.pool.release(self)
+
+    def hand_over(self) -> None:
+        """The connection becomes one side of a tunnel (a WebSocket): no try owns it any more."""
+        self.listener = None
 
     def detach(self) -> None:
         """The owning try is gone (failed, timed out): never reuse this connection."""

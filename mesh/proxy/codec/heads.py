@@ -1,4 +1,6 @@
-"""Serialising HTTP/1.1 heads: requests to upstreams, responses to clients.
+"""Serializing HTTP/1.1 heads: requests to upstreams, responses to clients.
+
+Pure functions: each returns bytes (and a framing decision) and changes nothing.
 
 Hop-by-hop headers (RFC 9110 section 7.6.1) are never forwarded: the fixed
 set below plus every header named in a ``Connection`` header, except the
@@ -76,11 +78,19 @@ def request_head(ctx, action, framing, content_length, upgrade, extra=()) -> byt
     return b"".join(out)
 
 
-def response_head(status, reason, headers, exchange, upgrade=False) -> bytes:
-    """The head sent downstream for an upstream response.
+#: How :func:`response_head` frames a response body: chunked, or delimited by closing the connection.
+CHUNKED, CLOSE = "chunked", "close"
 
-    Decides the downstream framing and records it on the exchange
-    (``response_chunked``; ``response_close`` for close-delimited bodies).
+
+def response_head(status, reason, headers, ops, head_only, http_version, keep_alive, upgrade=False):
+    """The head sent downstream for an upstream response, and its body framing; mutates nothing.
+
+    ``headers`` are the upstream's pairs; hop-by-hop ones are dropped (but
+    Upgrade and Connection of a 101, ``upgrade``) and the route's ``ops``
+    (Istio ``headers.response``, or None) applied.  ``keep_alive`` is false
+    when the connection closes after this response.  Returns ``(head,
+    framing)``: ``framing`` is :data:`CHUNKED`, :data:`CLOSE` (an HTTP/1.0
+    client and no Content-Length: the body ends with the connection) or None.
     """
     kept = []
     has_length = False
@@ -100,42 +110,40 @@ def response_head(status, reason, headers, exchange, upgrade=False) -> bytes:
         listed = connection_tokens(connection) - HOP_BY_HOP - FRAMING
         if listed:
             kept = [pair for pair in kept if pair[0].lower() not in listed]
-    action = exchange.action
-    if action is not None and action.response_headers is not None:
-        kept = _apply_ops(kept, action.response_headers)
+    if ops is not None:
+        kept = _apply_ops(kept, ops)
     out = [b"HTTP/1.1 %d %s\r\n" % (status, reason or REASONS.get(status, b"Unknown"))]
     for pair in kept:
         out.append(b"%s: %s\r\n" % pair)
+    framing = None
     if not upgrade:
-        body_allowed = not (exchange.head_only or status in _NO_BODY_STATUS)
-        if body_allowed and not has_length:
-            if exchange.ctx.http_version == "1.1":
+        if not (head_only or status in _NO_BODY_STATUS or has_length):
+            framing = CHUNKED if http_version == "1.1" else CLOSE
+            if framing is CHUNKED:
                 out.append(b"transfer-encoding: chunked\r\n")
-                exchange.response_chunked = True
-            else:
-                exchange.response_close = True
-        out.append(_connection_header(exchange))
+        if framing is CLOSE or not keep_alive:
+            out.append(b"connection: close\r\n")
+        elif http_version == "1.0":
+            out.append(b"connection: keep-alive\r\n")
     out.append(b"\r\n")
-    return b"".join(out)
+    return b"".join(out), framing
 
 
-def _connection_header(exchange) -> bytes:
-    if exchange.response_close or not exchange.keep_alive:
-        return b"connection: close\r\n"
-    if exchange.ctx.http_version == "1.0":
-        return b"connection: keep-alive\r\n"
-    return b""
+def local_response(status, flags, body, head_only, request_id, headers, close) -> bytes:
+    """A complete proxy-generated response (error page) with its body.
+
+    ``headers`` are ``(name, value)`` pairs from ``mesh_response_headers``:
+    each replaces the generated header of its name (but Content-Length and
+    Connection, which frame the response); a None value only removes it.
+    """
+    return simple_response(status, flags, body, head_only, close, request_id, headers)
 
 
-def local_response(status, flags, body, exchange) -> bytes:
-    """A complete proxy-generated response (error page) with its body."""
-    return simple_response(status, flags, body, exchange.head_only,
-                           close=exchange.response_close or not exchange.keep_alive,
-                           request_id=exchange.ctx.request_id)
+def simple_response(status, flags, body, head_only=False, close=True, request_id=None, headers=()) -> bytes:
+    """A complete plain-text response; used before and during exchanges.
 
-
-def simple_response(status, flags, body, head_only=False, close=True, request_id=None) -> bytes:
-    """A complete plain-text response; used before and during exchanges."""
+    ``headers``: extra pairs, as for :func:`local_response`.
+    """
     out = [b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
            % (status, REASONS.get(status, b"Unknown"), len(body))]
     if flags:
@@ -144,7 +152,24 @@ def simple_response(status, flags, body, head_only=False, close=True, request_id
         out.append(b"x-request-id: %s\r\n" % request_id.encode())
     if close:
         out.append(b"connection: close\r\n")
+    if headers:
+        out = _replace_lines(out, headers)
     out.append(b"\r\n")
     if not head_only:
         out.append(body)
     return b"".join(out)
+
+
+def _replace_lines(out, headers) -> list:
+    """``out`` (a status line, then header lines) with ``headers`` replacing the lines of their names."""
+    names = {name for name, _ in headers} - _LOCAL_FRAMING
+    kept = [out[0]]
+    for line in b"".join(out[1:]).split(b"\r\n")[:-1]:
+        if line.split(b":", 1)[0].lower() not in names:
+            kept.append(line + b"\r\n")
+    kept.extend(b"%s: %s\r\n" % pair for pair in headers if pair[1] is not None and pair[0] not in _LOCAL_FRAMING)
+    return kept
+
+
+#: Headers of a local response that ``mesh_response_headers`` cannot change: they frame it.
+_LOCAL_FRAMING = frozenset({b"content-length", b"connection", b"transfer-encoding"})

@@ -1,8 +1,8 @@
-"""Protocol detection of captured connections (mesh.proxy.sniff): HTTP/1.x request lines or TCP."""
+"""Protocol detection of captured connections (mesh.proxy.detect): HTTP/1.x request lines or TCP."""
 
 import pytest
 
-from mesh.proxy.sniff import HTTP, MAX_SNIFF_BYTES, TCP, classify, classify_at_timeout
+from mesh.proxy.detect import HTTP, MAX_SNIFF_BYTES, TCP, classify, classify_at_timeout
 
 
 @pytest.mark.parametrize("data", [

@@ -1,0 +1,44 @@
+"""The retry stage: whether a failed try is tried again, and what the client gets when not.
+
+The exchange asks here after every failed try (a connect failure, a reset,
+a per-try timeout, a 4xx/5xx head):
+
+- :func:`free_retry`: a pooled connection the upstream had already closed is
+  tried again on a fresh one without spending a retry, as browsers and Envoy do.
+- :func:`retry_delay`: ``mesh_retry_decision`` (the route's retry policy,
+  :mod:`mesh.builtin.retry` by default) says whether and after how long.
+- :func:`failure_reply`: the local reply to a last try that failed.
+
+Only a replayable request is retried: no upgrade, and a body that fitted in
+the exchange's replay buffer (``--retry-buffer``).
+"""
+
+from __future__ import annotations
+
+
+def free_retry(outcome, reused: bool, got_head: bool) -> bool:
+    """Whether a failed try on a pooled connection is a stale connection, retried for free."""
+    return outcome.kind == "reset" and reused and not got_head
+
+
+def retry_delay(listener, ctx, policy, outcome):
+    """Seconds before the next try (``0`` or more), or None to give up.
+
+    Raises :class:`mesh.plugins.PluginError` when the retry plugin failed.
+    """
+    delay = listener.retry_decision(ctx=ctx, attempt=ctx.attempts, outcome=outcome, policy=policy)
+    if delay is None or delay is False:
+        return None
+    return delay
+
+
+def failure_reply(outcome, host_port):
+    """``(status, flag, message, details)`` of the local reply to a failed last try."""
+    if outcome.kind == "connect-failure":
+        return (503, "UF", f"upstream connect error ({host_port}): {outcome.detail}",
+                "upstream_reset_before_response_started{connection_failure}")
+    if outcome.kind == "timeout":
+        return (504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected",
+                "upstream_per_try_timeout")
+    return (503, "UC", f"upstream connection reset before response headers ({host_port}): {outcome.detail}",
+            "upstream_reset_before_response_started{connection_termination}")
