@@ -30,11 +30,13 @@ APT_NEEDS := nginx:nginx-light curl:curl wrk:wrk h2load:nghttp2-client openssl:o
 PLUGIN_DIRS := $(patsubst %/setup.cfg,%,$(wildcard plugins/*/setup.cfg))
 PACKAGING := setup.cfg pyproject.toml deploy/constraints.txt $(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
 
-.PHONY: help bootstrap test demo bench clean FORCE
+.PHONY: help bootstrap test unit lint demo bench clean FORCE
 
 help:
 	@echo "make demo    run the demo mesh (.venv/bin/meshctl demo \$$DEMO_ARGS)"
 	@echo "make test    run the whole test suite"
+	@echo "make unit    run the unit tests only (tests/unit), a loop of under a minute"
+	@echo "make lint    check the code with ruff (the rules are in pyproject.toml, [tool.ruff])"
 	@echo "make bench   run the benchmark (direct vs txmesh vs Envoy)"
 	@echo "make clean   remove the virtualenv, stamps and caches"
 
@@ -42,6 +44,13 @@ bootstrap: $(VENV)/.stamp-dropins
 
 test: bootstrap
 	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+
+# The quick loop while editing: pure functions and in-process tests, no real sidecars.
+unit: bootstrap
+	$(VPY) -m pytest tests/unit -q $(PYTEST_ARGS)
+
+lint: bootstrap
+	$(VENV)/bin/ruff check .
 
 demo: bootstrap
 	$(VENV)/bin/meshctl demo $(DEMO_ARGS)
@@ -86,5 +95,6 @@ $(VENV)/.stamp-dropins: $(VENV)/.stamp-deps $(wildcard twisted/plugins/*.py)
 	touch $@
 
 clean:
-	rm -rf $(VENV) .stamp-apt build dist *.egg-info plugins/*/*.egg-info .pytest_cache twisted/plugins/dropin.cache
+	rm -rf $(VENV) .stamp-apt build dist *.egg-info plugins/*/*.egg-info .pytest_cache .ruff_cache \
+		twisted/plugins/dropin.cache
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
