@@ -366,3 +366,11 @@ def test_package_cycles_are_found_with_every_edge(tmp_path):
     assert [(o.path, o.line, o.rule) for o in offences] == [("mesh/builtin/sources.py", 2, "no-package-cycles")]
     assert "mesh.builtin.sources (mesh/builtin/sources.py:2) -> mesh.control.service (mesh/control/service.py:1)" \
         in offences[0].what
+
+
+if __name__ == "__main__":  # python tests/unit/test_layering.py [PATH/TO/mesh]: the offences of any tree
+    import sys
+
+    found = check(Path(sys.argv[1]).resolve() if len(sys.argv) > 1 else MESH)
+    print("\n".join(map(str, found)) or "no offence")
+    sys.exit(1 if found else 0)
