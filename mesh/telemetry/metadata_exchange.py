@@ -45,6 +45,7 @@ from mesh.telemetry.peers import PEER_METADATA, UNKNOWN, PeerMetadata, namespace
 #: The header carrying a sidecar's workload metadata, on requests and on responses.
 HEADER = b"x-txmesh-peer-metadata"
 _HEADER_TEXT = HEADER.decode()
+_HEADER_LENGTH = len(HEADER)
 #: A longer value is not parsed (ours are about 150 bytes).
 MAX_VALUE = 2048
 #: Distinct (identity, value) pairs remembered; the cache starts over past that.
@@ -134,7 +135,7 @@ class MetadataExchange:
         if ctx.cluster not in index.mtls_clusters:
             return None
         for name, value in headers:
-            if len(name) == len(HEADER) and name.lower() == HEADER:
+            if len(name) == _HEADER_LENGTH and name.lower() == HEADER:
                 endpoint = index.endpoint(ctx.cluster, ctx.upstream_host)
                 if endpoint is not None and endpoint.identity:
                     self._believe(ctx, endpoint.identity, value)
