@@ -34,7 +34,8 @@ class _HopByHopServer:
     """An upstream whose every response carries hop-by-hop headers, to see what the proxy forwards."""
 
     RESPONSE = (b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Hop\r\nX-Resp-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
-                b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nX-Resp-End: kept\r\nContent-Length: 3\r\n\r\nok\n")
+                b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nX-Resp-End: kept\r\n"
+                b"Content-Length: 3\r\n\r\nok\n")
 
     def __init__(self):
         self.sock = socket.socket()
@@ -174,7 +175,8 @@ MALFORMED = {
     "two-hosts": (b"GET / HTTP/1.1\r\nHost: echo\r\nHost: other\r\n\r\n", 400),
     "garbage": (b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03 not http at all\r\n\r\n", 400),
     "space-in-header-name": (b"GET / HTTP/1.1\r\nHost: echo\r\nBad Header: x\r\n\r\n", 400),
-    "bad-chunk-size": (b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n", 400),
+    "bad-chunk-size": (b"POST / HTTP/1.1\r\nHost: echo\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       b"zz\r\nhello\r\n0\r\n\r\n", 400),
 }
 
 
