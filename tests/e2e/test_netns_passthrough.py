@@ -154,7 +154,7 @@ def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):
     assert entry == {**entry, "direction": "outbound", "upstream_cluster": "PassthroughCluster",
                      "upstream_host": f"{EXT_IP}:{ECHO}", "downstream_remote_address": CLIENT_IP,
                      "response_flags": "-"}, entry
-    assert 0 < entry["duration"] < 5000, entry
+    assert 0 <= entry["duration"] < 5000, entry  # whole ms, as Envoy's
 
 
 def test_https_to_an_unknown_destination_passes_through(mesh):
