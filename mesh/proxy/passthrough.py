@@ -33,8 +33,14 @@ from twisted.internet.protocol import ClientFactory, Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mesh.config.tables import (BLACKHOLE_CLUSTER, INBOUND_PASSTHROUGH_CLUSTER, PASSTHROUGH_CLUSTER, ClusterSpec,
-                                EndpointSpec, RouteAction)
+from mesh.config.tables import (
+    BLACKHOLE_CLUSTER,
+    INBOUND_PASSTHROUGH_CLUSTER,
+    PASSTHROUGH_CLUSTER,
+    ClusterSpec,
+    EndpointSpec,
+    RouteAction,
+)
 from mesh.proxy.clusters import Cluster, Endpoint
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.pool import describe_connect_failure
