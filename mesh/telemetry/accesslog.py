@@ -181,13 +181,12 @@ class LineFormatter:
         """The access-log line of one finished request (without its newline)."""
         headers = ctx.headers
         route = ctx.route
-        extra = ctx.extra
         istio, own = self._repeated.get((
             ctx.direction, ctx.method, ctx.http_version, ctx.authority, headers.get("user-agent"),
             ctx.response_flags, outcome.detail, ctx.upstream_host, ctx.cluster,
             route.name if route is not None else None, ctx.authz_policy, ctx.source_address, ctx.peer,
-            extra.get(PEER_METADATA)))
-        trace = extra.get("trace_id") or trace_id(headers)
+            ctx.get_extra(PEER_METADATA)))
+        trace = ctx.get_extra("trace_id") or trace_id(headers)
         forwarded_for = headers.get("x-forwarded-for")
         upstream_time = ctx.upstream_time  # Envoy's x-envoy-upstream-service-time: a string of whole ms
         service_time = "null" if upstream_time is None else f'"{int(upstream_time * 1000.0)}"'

@@ -134,7 +134,7 @@ class IstioMetrics(Collector):
     def mesh_request_complete(self, ctx, outcome):
         try:
             series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.host,
-                                       ctx.response_code, ctx.response_flags, ctx.extra.get(PEER_METADATA)))
+                                       ctx.response_code, ctx.response_flags, ctx.get_extra(PEER_METADATA)))
             series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
             if ctx.attempts > 1:
                 self._retries[ctx.cluster] = self._retries.get(ctx.cluster, 0) + ctx.attempts - 1
