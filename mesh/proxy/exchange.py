@@ -477,12 +477,13 @@ class Exchange:
         self._complete(local=True, detail=details)
 
     def _local_headers(self, status):
-        """What ``mesh_response_headers`` sets on a local reply (nothing if it fails: the reply must go out)."""
+        """The pairs ``mesh_response_headers`` sets on a local reply (none if it fails: the reply must go out)."""
         rewrite = self.listener.response_headers
         if rewrite is None:
             return ()
         try:
-            return _rewritten((), rewrite(ctx=self.ctx, status=status, headers=()))
+            results = rewrite(ctx=self.ctx, status=status, headers=())
+            return [pair for result in results for pair in result]  # None values remove generated headers
         except PluginError:
             return ()  # mesh.plugins.failures has logged it
 

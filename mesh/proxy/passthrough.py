@@ -186,6 +186,7 @@ class Passthrough:
     def open_tunnel(self, detector):
         """The client does not speak HTTP: connect to its destination (or refuse)."""
         conn = detector.conn
+        conn.protocol = "tcp"  # from now on the tunnel, not the codec, reports the connection
         dst = conn.original_dst
         refusal, flag = self._refusal(dst), "UH"
         if refusal is None and self.open >= self.settings.max_connections:
@@ -257,6 +258,17 @@ class Passthrough:
             del self._detecting[detector.client]
 
     def _report(self, detector, opened, closed, cluster, flags, sent=0, received=0, upstream=None):
+        """Tell the connection hooks (``mesh_connection_open``/``_complete`` of the listener) and the observers."""
+        conn = detector.conn
+        conn.cluster = cluster
+        conn.response_flags = flags
+        conn.upstream = upstream
+        if opened:
+            conn.listener.report_open(conn)
+        if closed:
+            conn.bytes_sent = sent  # what went through the tunnel (nothing if it never opened)
+            conn.bytes_received = received
+            conn.listener.report_complete(conn)
         if not self.observers:
             return
         event = TcpConnectionEvent(opened, closed, self.direction, cluster, flags, sent, received, detector.client,

@@ -163,8 +163,9 @@ def simple_response(status, flags, body, head_only=False, close=True, request_id
 def _replace_lines(out, headers) -> list:
     """``out`` (a status line, then header lines) with ``headers`` replacing the lines of their names."""
     names = {name for name, _ in headers} - _LOCAL_FRAMING
-    kept = [out[0]]
-    for line in b"".join(out[1:]).split(b"\r\n")[:-1]:
+    status, *lines = b"".join(out).split(b"\r\n")[:-1]
+    kept = [status + b"\r\n"]
+    for line in lines:
         if line.split(b":", 1)[0].lower() not in names:
             kept.append(line + b"\r\n")
     kept.extend(b"%s: %s\r\n" % pair for pair in headers if pair[1] is not None and pair[0] not in _LOCAL_FRAMING)
