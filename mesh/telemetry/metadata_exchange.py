@@ -22,9 +22,9 @@ What was believed is ``ctx.extra["peer_metadata"]``
 ``builtin.accesslog``.
 
 The header has txmesh's own name: Istio's ``x-envoy-peer-metadata`` carries a
-serialised protobuf Struct (FlatBuffers in newer Envoys), and an Envoy
-sidecar would reject or misread anything else under that name.  Its value is
-the URL-safe base64 of a small JSON object (short keys, about 150 bytes),
+base64-encoded protobuf Struct, and an Envoy sidecar would misread anything
+else under that name.  Its value is the URL-safe base64 of a small JSON
+object (short keys, about 120 bytes),
 like Istio's: opaque, ASCII, free of commas, so it survives header joining.
 
 Hot path: the value sent is encoded once, at start; a value received is
