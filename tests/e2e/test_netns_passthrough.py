@@ -82,16 +82,29 @@ class PassthroughPod(Pod):
         return wait_for(matching, timeout=5, what=f"a TCP access-log line with {fields}")
 
 
-def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args):
+def _start_pod(pods, netns, name, workdir: Path, config, *proxy_args, hooks=False):
+    """A pod: its echo app and its sidecar; with ``hooks``, the sidecar loads tests/plugins/txmesh_hooks.py,
+    which logs the connection hooks to ``workdir/hooks.jsonl``."""
     pod_workdir(workdir, config)
+    env = _hooks_plugin_env(workdir) if hooks else None
     pods.start(NetnsProcess(
         f"{name}-echo", netns, [venv_bin("python"), PEERS, "serve", "--address", "127.0.0.1", "--echo", POD_ECHO],
         workdir / "echo.log", ready_argv=[venv_bin("python"), PEERS, "call", "127.0.0.1", POD_ECHO, "--shut"],
         cwd=workdir, env={"HOME": str(workdir)}))
     pod = PassthroughPod(pods, netns, name, workdir)
     pod.proxy = start_sidecar(pods, netns, name, workdir, "--app-port", HTTP,
-                              "--protocol-detection-timeout", f"{DETECTION_TIMEOUT}s", *proxy_args)
+                              "--protocol-detection-timeout", f"{DETECTION_TIMEOUT}s", *proxy_args, env=env)
     return pod
+
+
+def _hooks_plugin_env(workdir: Path) -> dict:
+    """The environment that makes a sidecar load the test plugin tests/plugins/txmesh_hooks.py."""
+    info = workdir / "hooks-dist" / "txmesh_hooks-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: txmesh-hooks\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mesh.plugins]\nhooks = txmesh_hooks\n")
+    plugins = Path(__file__).resolve().parents[1] / "plugins"
+    return {"PYTHONPATH": f"{plugins}:{workdir / 'hooks-dist'}", "TXMESH_HOOKS_LOG": str(workdir / "hooks.jsonl")}
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +133,7 @@ def mesh():
                                  "--address", "0.0.0.0"],
             ext.dir / "http.log", ready_argv=["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{HTTP}/"]))
         client = _start_pod(pods, client_ns, "client", workdir / "client", [],
-                            "--max-passthrough-connections", MAX_TUNNELS)
+                            "--max-passthrough-connections", MAX_TUNNELS, hooks=True)
         strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
                   "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
         fenced = _start_pod(pods, fenced_ns, "fenced", workdir / "fenced", [strict],
@@ -155,6 +168,28 @@ def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):
                      "upstream_host": f"{EXT_IP}:{ECHO}", "downstream_remote_address": CLIENT_IP,
                      "response_flags": "-"}, entry
     assert 0 <= entry["duration"] < 5000, entry  # whole ms, as Envoy's
+
+
+def test_a_tcp_tunnel_is_reported_open_and_complete_once_to_the_connection_hooks(mesh):
+    client = mesh["client"]
+    log = client.dir / "hooks.jsonl"
+
+    def tcp_events():
+        lines = log.read_text().splitlines() if log.exists() else []
+        return [event for event in map(json.loads, lines) if event["protocol"] == "tcp"]
+
+    before = len(tcp_events())
+    reply = client.call(EXT_IP, ECHO, send="hooks over tcp\n", shut=True)
+    assert reply["received"] == "hooks over tcp\n[eof]", reply
+    wait_for(lambda: any(event["event"] == "complete" for event in tcp_events()[before:]), timeout=5,
+             what="mesh_connection_complete for the tunnel")
+    opened, complete = tcp_events()[before:]
+    assert (opened["event"], complete["event"], opened["id"]) == ("open", "complete", complete["id"])
+    assert complete == {**complete, "direction": "outbound", "source_address": CLIENT_IP,
+                        "destination": [EXT_IP, ECHO], "upstream": [EXT_IP, ECHO], "peer": None,
+                        "bytes_received": len("hooks over tcp\n"), "bytes_sent": len("hooks over tcp\n[eof]"),
+                        "requests": 0}, complete
+    assert complete["duration"] > 0 and complete["start"] == opened["start"]
 
 
 def test_https_to_an_unknown_destination_passes_through(mesh):

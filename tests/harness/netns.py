@@ -200,13 +200,14 @@ def pod_workdir(workdir: Path, config) -> Path:
     return workdir
 
 
-def start_sidecar(pods, netns, name: str, workdir: Path, *args):
+def start_sidecar(pods, netns, name: str, workdir: Path, *args, env=None):
     """``twistd mesh-proxy`` of pod ``name`` (standalone, from ``workdir/config``) as :data:`PROXY_UID`;
-    ``args`` are its other options.  Ready when ``/healthz/ready`` on :15021 answers 200 (the startup probe)."""
+    ``args`` are its other options, ``env`` more environment variables.  Ready when ``/healthz/ready`` on
+    :15021 answers 200 (the startup probe)."""
     return pods.start(NetnsProcess(
         f"{name}-proxy", netns,
         [venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", workdir / "config",
          "--workload", name, "--namespace", "default", *args],
         workdir / "proxy.log", uid=PROXY_UID,
         ready_argv=["curl", "-sf", "-o", "/dev/null", "http://127.0.0.1:15021/healthz/ready"],
-        cwd=workdir, env={"HOME": str(workdir)}))
+        cwd=workdir, env={"HOME": str(workdir), **(env or {})}))
