@@ -2,15 +2,218 @@
 
 Everything here is part of plugin API :data:`mesh.hookspecs.API_VERSION`.
 A plugin imports only :mod:`mesh.api` and :mod:`mesh.hookspecs` (and
-``mesh.hookimpl``); the classes behind these views are internal and change
+:data:`hookimpl`); the classes behind these views are internal and change
 without notice.
+
+The *views* (:class:`RequestView`, :class:`EndpointView`, :class:`ClusterView`,
+:class:`ConnectionView`) are :class:`typing.Protocol` classes: they describe
+what the objects a hook receives provide, they are not wrappers.  The proxy
+hands its own objects (``RequestContext``, ``Endpoint``, ...) to the hooks, so
+a view costs nothing per request; tests/unit/test_plugin_api.py checks that
+those objects satisfy the views.  Attributes declared as properties are
+read-only for plugins; the rest (``extra``, ``state``) are theirs to write.
+
+The *result types* (:class:`AuthzDecision`, :class:`SignedCertificate`,
+:data:`GIVE_UP`) name what a hook returns; they are tuples (or ``False``), so
+the plain forms of earlier releases still work.
+
+The *lifecycle types* (:class:`OptionParser`, :class:`Config`) are what
+``mesh_addoption`` and ``mesh_configure``/``mesh_unconfigure`` receive.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Protocol, Tuple
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+from mesh import hookimpl
+from mesh.hookspecs import API_VERSION
+from mesh.response_flags import FLAGS, Flag
+
+__all__ = [
+    "API_VERSION", "hookimpl",
+    "RequestView", "EndpointView", "EndpointSpecView", "ClusterView", "ClusterSpecView", "ConnectionView",
+    "TryOutcome", "RequestOutcome", "AuthzDecision", "SignedCertificate", "GIVE_UP",
+    "ResponseFlag", "RESPONSE_FLAGS", "ConfigSource",
+    "OptionParser", "PluginOption", "Config", "ROLES",
+]
+
+#: The processes a plugin runs in: ``twistd mesh-proxy`` and ``twistd mesh-control``.
+ROLES = ("proxy", "control")
+
+# -- response flags: one table (mesh/response_flags.py), re-exported ---------------------
+#: One response flag: ``code`` (``"UF"``), Envoy's ``name``, ``meaning``, ``what_to_do``.
+ResponseFlag = Flag
+#: Every response flag by code, as Envoy's ``%RESPONSE_FLAGS%``.
+RESPONSE_FLAGS: Mapping[str, Flag] = FLAGS
 
 
+# -- read-only views --------------------------------------------------------------------
+@runtime_checkable
+class RequestView(Protocol):
+    """One HTTP request passing through a sidecar, as every data-plane hook's ``ctx`` sees it.
+
+    Set before any hook runs: ``direction`` (``"outbound"``: app -> mesh, or
+    ``"inbound"``), ``method``, ``path`` (the request target after path
+    normalization), ``uri_path`` (``path`` without the query), ``host`` (the
+    Host header, lower-case, no port), ``authority`` (the Host header as
+    received, bytes), ``headers`` (lower-case name -> value, repeated headers
+    joined with ``", "``), ``raw_headers`` (the ``(name, value)`` bytes pairs
+    forwarded), ``http_version``, ``request_id``, ``source_address`` (the
+    client's IP), ``peer`` (the caller's verified SPIFFE id over mTLS, else
+    None), ``start`` (epoch seconds when the head was parsed).
+
+    Filled in as the request proceeds: ``route`` (the route action chosen),
+    ``cluster`` (its name) and ``upstream_host`` (``"ip:port"``), ``attempts``,
+    ``response_code`` (0 until a response starts), ``response_flags``
+    (``"UF,URX"``, see :data:`RESPONSE_FLAGS`), ``error``, ``bytes_received``
+    / ``bytes_sent`` (body bytes from / to the downstream), ``upstream_start``,
+    ``upstream_time``, ``authz_policy`` (the AuthorizationPolicy that decided),
+    ``authz_dry_run``.
+
+    ``extra`` is a dict plugins share per-request data in (created on first
+    use); it is the one attribute a plugin may write.
+    """
+
+    @property
+    def direction(self) -> str: ...
+    @property
+    def method(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def uri_path(self) -> str: ...
+    @property
+    def host(self) -> str: ...
+    @property
+    def authority(self) -> bytes: ...
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+    @property
+    def raw_headers(self) -> Sequence[tuple[bytes, bytes]]: ...
+    @property
+    def http_version(self) -> str: ...
+    @property
+    def request_id(self) -> str: ...
+    @property
+    def source_address(self) -> str: ...
+    @property
+    def peer(self) -> str | None: ...
+    @property
+    def start(self) -> float: ...
+    @property
+    def route(self) -> Any: ...
+    @property
+    def cluster(self) -> str | None: ...
+    @property
+    def upstream_host(self) -> str | None: ...
+    @property
+    def attempts(self) -> int: ...
+    @property
+    def response_code(self) -> int: ...
+    @property
+    def response_flags(self) -> str: ...
+    @property
+    def error(self) -> str | None: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def upstream_start(self) -> float | None: ...
+    @property
+    def upstream_time(self) -> float | None: ...
+    @property
+    def authz_policy(self) -> str | None: ...
+    @property
+    def authz_dry_run(self) -> tuple | None: ...
+    @property
+    def extra(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class EndpointSpecView(Protocol):
+    """An endpoint as configured: ``address``, ``port``, ``labels`` (sorted ``(key, value)`` pairs),
+    ``weight``, ``identity`` (the SPIFFE id it must present, None for plaintext)."""
+
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def labels(self) -> tuple[tuple[str, str], ...]: ...
+    @property
+    def weight(self) -> int: ...
+    @property
+    def identity(self) -> str | None: ...
+
+
+@runtime_checkable
+class EndpointView(Protocol):
+    """A live upstream endpoint, as ``mesh_pick_endpoint`` sees it.
+
+    ``spec`` is its :class:`EndpointSpecView`; ``host_port`` is ``"ip:port"``;
+    ``active_requests`` the tries in flight to it; ``total_requests`` and
+    ``total_failures`` count its tries.  ``state`` is a dict balancers may keep
+    per-endpoint state in (e.g. a latency average).
+    """
+
+    @property
+    def spec(self) -> EndpointSpecView: ...
+    @property
+    def address(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def host_port(self) -> str: ...
+    @property
+    def active_requests(self) -> int: ...
+    @property
+    def total_requests(self) -> int: ...
+    @property
+    def total_failures(self) -> int: ...
+    @property
+    def state(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
+class ClusterSpecView(Protocol):
+    """A cluster as configured: ``name`` (Istio's ``outbound|PORT|SUBSET|HOST``), ``service``, ``port``,
+    ``subset``, ``lb_policy`` (ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH) and ``hash_on``
+    (``("header", name)``, ``("cookie", name)``, ``("source_ip", None)``, ``("query", name)`` or None)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def service(self) -> str: ...
+    @property
+    def port(self) -> int: ...
+    @property
+    def subset(self) -> str: ...
+    @property
+    def lb_policy(self) -> str: ...
+    @property
+    def hash_on(self) -> tuple[str, str | None] | None: ...
+
+
+@runtime_checkable
+class ClusterView(Protocol):
+    """An upstream cluster, as ``mesh_pick_endpoint`` sees it: ``name``, ``spec`` (a
+    :class:`ClusterSpecView`), ``endpoints`` (all of them, healthy or not) and ``state``, a dict
+    balancers may keep per-cluster state in (it lives as long as the cluster's config does not change)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def spec(self) -> ClusterSpecView: ...
+    @property
+    def endpoints(self) -> Sequence[EndpointView]: ...
+    @property
+    def state(self) -> dict[str, Any]: ...
+
+
+@runtime_checkable
 class ConnectionView(Protocol):
     """One downstream connection, as :func:`mesh.hookspecs.mesh_connection_open` and
     :func:`mesh.hookspecs.mesh_connection_complete` see it.  Read-only.
@@ -27,14 +230,206 @@ class ConnectionView(Protocol):
     the HTTP requests it carried.
     """
 
-    direction: str
-    protocol: str
-    source_address: str
-    destination: Optional[Tuple[str, int]]
-    upstream: Optional[Tuple[str, int]]
-    peer: Optional[str]
-    start: float
+    @property
+    def direction(self) -> str: ...
+    @property
+    def protocol(self) -> str: ...
+    @property
+    def source_address(self) -> str: ...
+    @property
+    def destination(self) -> tuple[str, int] | None: ...
+    @property
+    def upstream(self) -> tuple[str, int] | None: ...
+    @property
+    def peer(self) -> str | None: ...
+    @property
+    def start(self) -> float: ...
+    @property
+    def duration(self) -> float: ...
+    @property
+    def bytes_received(self) -> int: ...
+    @property
+    def bytes_sent(self) -> int: ...
+    @property
+    def requests(self) -> int: ...
+
+
+class ConfigSource(Protocol):
+    """What ``mesh_config_sources`` returns: a place Istio-style resources come from.
+
+    ``name`` is short, for logs (``files:/etc/mesh``).  ``load()`` reads the
+    whole current content now; ``watch(on_update)`` calls ``on_update`` with
+    the whole content after every change, once started.  A source that is also
+    a Twisted ``IService`` becomes a child service of the control plane (it
+    watches while it runs).  The control plane's ``IConfigSource`` (a
+    zope.interface) says the same.
+    """
+
+    @property
+    def name(self) -> str: ...
+    def load(self) -> Any: ...
+    def watch(self, on_update: Callable[[Any], None]) -> None: ...
+
+
+# -- outcomes ---------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TryOutcome:
+    """How one try failed, as seen by ``mesh_retry_decision``.
+
+    ``kind`` is ``"status"`` (the upstream answered ``status``),
+    ``"connect-failure"``, ``"reset"`` (the connection broke before a
+    response) or ``"timeout"`` (the per-try timeout fired).
+    """
+
+    kind: str
+    status: int | None = None
+    detail: str = ""
+
+
+class RequestOutcome(NamedTuple):
+    """How a whole request ended, as seen by ``mesh_request_complete``.
+
+    Made once per request, so it is a NamedTuple: as immutable as a frozen
+    dataclass, and cheaper to build (about 1.4% of a small request).
+
+    ``status`` is what the downstream got (0 if the connection was cut before
+    any response), ``local`` is True when the proxy generated the response,
+    ``duration`` is seconds from the parsed head to the last byte sent.
+    ``detail`` is Envoy's ``%RESPONSE_CODE_DETAILS%``: why the response is what
+    it is, for operators only (the caller gets just the flags): ``via_upstream``
+    when the upstream answered, else e.g. ``route_not_found``,
+    ``rbac_access_denied_matched_policy[shop/deny-batch]`` or
+    ``plugin_error{NAME,HOOK}``.
+    """
+
+    status: int
+    flags: str
+    local: bool
     duration: float
-    bytes_received: int
-    bytes_sent: int
-    requests: int
+    detail: str = ""
+
+
+# -- results ------------------------------------------------------------------------------
+class AuthzDecision(NamedTuple):
+    """What ``mesh_authorize`` returns when it has an opinion: ``allowed``, and the ``policy`` that decided.
+
+    A plain ``(allowed, policy)`` tuple means the same (it is what releases
+    before plugin API 1 returned).
+    """
+
+    allowed: bool
+    policy: str | None
+
+
+class SignedCertificate(NamedTuple):
+    """What ``mesh_sign_csr`` returns (or a Deferred fires with): PEM bytes of the workload certificate
+    and of the chain above it (the signing certificate up to, not including, the root).  A plain
+    ``(cert_pem, chain_pem)`` tuple means the same."""
+
+    cert_pem: bytes
+    chain_pem: bytes
+
+
+#: What ``mesh_retry_decision`` returns to give up (a float is the delay before the next try,
+#: None defers to the next implementation).
+GIVE_UP = False
+
+
+# -- lifecycle ----------------------------------------------------------------------------
+class PluginOption(NamedTuple):
+    """One command-line option a plugin added (see :meth:`OptionParser.addoption`)."""
+
+    name: str
+    default: Any
+    help: str
+    coerce: Callable[[str], Any] | None
+    role: str
+    plugin: str
+
+
+class OptionParser:
+    """What ``mesh_addoption(parser)`` gets: collects the options plugins add to ``twistd mesh-proxy``
+    and ``twistd mesh-control``.
+
+    The options become ``--NAME VALUE`` options of the role's command line
+    (Twisted ``usage.Options`` parameters) and show in its ``--help``; after
+    parsing, ``config.option(NAME)`` holds the value (the default when not
+    given: defaults are not coerced, so give them in the final type).
+    """
+
+    def __init__(self, existing: Mapping[str, Iterable[str]] | None = None):
+        #: role -> the option names the role has already (built-in options), to refuse a clash.
+        self._existing = {role: set(names) for role, names in (existing or {}).items()}
+        self.options: list[PluginOption] = []
+        #: the name of the plugin whose ``mesh_addoption`` runs (set by the plugin manager), for errors.
+        self.current_plugin = "?"
+
+    def addoption(self, name: str, default: Any = None, help: str = "",
+                  coerce: Callable[[str], Any] | None = None, role: str = "proxy") -> None:
+        """Add ``--NAME``: ``default`` when not given, ``coerce`` turns the given string into the value.
+
+        :param role: ``"proxy"``, ``"control"`` or ``"both"``: which command lines get it.
+        :raises ValueError: when the name is not ``lower-case-with-dashes``, the role is unknown, or the
+            option exists already (a built-in option or another plugin's).
+        """
+        if role not in ROLES + ("both",):
+            raise ValueError(f"plugin {self.current_plugin!r}: addoption({name!r}): role is 'proxy', "
+                             f"'control' or 'both', not {role!r}")
+        if not name or name.startswith("-") or name != name.lower() or " " in name:
+            raise ValueError(f"plugin {self.current_plugin!r}: addoption({name!r}): give the long name "
+                             "without dashes in front, lower-case, e.g. 'example-header-value'")
+        for role_name in (ROLES if role == "both" else (role,)):
+            taken = self._existing.setdefault(role_name, set())
+            if name in taken:
+                raise ValueError(f"plugin {self.current_plugin!r}: option --{name} exists already in "
+                                 f"mesh-{role_name}; choose another name (prefix it with the plugin's)")
+            taken.add(name)
+        self.options.append(PluginOption(name, default, help, coerce, role, self.current_plugin))
+
+    def for_role(self, role: str) -> list[PluginOption]:
+        """The options of ``role``'s command line."""
+        return [option for option in self.options if option.role in (role, "both")]
+
+
+class Config:
+    """What ``mesh_configure(config)`` and ``mesh_unconfigure(config)`` get: one per process.
+
+    :ivar role: ``"proxy"`` or ``"control"``.
+    :ivar options: the parsed command line (a mapping from long option name, e.g. ``"workload"``).
+    :ivar reactor: the Twisted reactor.
+    :ivar service: the process's top Twisted service (a ``MultiService``): a plugin may add child
+        services to it (they start and stop with the process).  Its other attributes are internal,
+        for built-in plugins only.
+    :ivar pluginmanager: the plugin manager (``pluggy.PluginManager``).
+    :ivar stash: a dict plugins may share objects in for the life of the process.
+    """
+
+    def __init__(self, role: str, options: Mapping[str, Any], reactor: Any, service: Any, pluginmanager: Any):
+        if role not in ROLES:
+            raise ValueError(f"role is one of {ROLES}, not {role!r}")
+        self.role = role
+        self.options = options
+        self.reactor = reactor
+        self.service = service
+        self.pluginmanager = pluginmanager
+        self.stash: dict[str, Any] = {}
+        #: plugin name -> why it stays idle in this process (see :meth:`set_idle`).
+        self.idle: dict[str, str] = {}
+
+    def option(self, name: str, default: Any = None) -> Any:
+        """The value of ``--NAME`` (``default`` when this role has no such option)."""
+        return self.options.get(name, default)
+
+    def set_idle(self, plugin: object, reason: str) -> None:
+        """Say, from ``mesh_configure``, that ``plugin`` does nothing in this process (``reason``, e.g.
+        ``"control plane only"`` or ``"--access-log off"``).
+
+        Once every ``mesh_configure`` has run, an idle plugin is unregistered:
+        none of its hooks is called again (so it costs nothing per request),
+        nor its ``mesh_unconfigure``.  It is still listed, as idle, by
+        ``/config_dump``.
+        """
+        name = self.pluginmanager.get_name(plugin)
+        if name is None:
+            raise ValueError(f"set_idle: {plugin!r} is not a registered plugin")
+        self.idle[name] = reason

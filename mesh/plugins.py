@@ -1,12 +1,23 @@
-"""The plugin manager: built-in plugins first, then entry points.
+"""The plugin manager: every built-in plugin first, then entry points.
 
-Built-in behaviour (routing, balancing, retries, ...) lives in
-:mod:`mesh.builtin` and is registered here exactly like a third-party plugin.
-Third-party plugins are found under the ``mesh.plugins`` entry-point group;
-since pluggy calls later registrations first, they can override built-ins.
+Built-in behaviour (routing, balancing, retries, authorization, tracing,
+metrics, the access log, ``/tap``, the CA signer, the config sources) is a set
+of plugins listed in :data:`DEFAULT_PLUGINS` and registered here, in one place,
+exactly like a third-party plugin.  Third-party plugins are found under the
+``mesh.plugins`` entry-point group and registered after the built-ins; since
+pluggy calls later registrations first, an installed plugin runs before the
+built-in one and can override it.
 
 Any plugin can be disabled by name (``--disable-plugin NAME`` on the command
 line, or the ``MESH_DISABLE_PLUGINS`` environment variable, comma-separated).
+
+A process's plugins go through the lifecycle of docs/hooks.md:
+:func:`plugin_options` calls ``mesh_addoption`` before the command line is
+parsed; :meth:`MeshPluginManager.configure` calls ``mesh_configure`` before
+any listener opens and then closes registration (the hot path's
+:func:`fast_caller` callers are built after it); :meth:`MeshPluginManager.unconfigure`
+calls ``mesh_unconfigure`` when the service stops.  ``MESH_TRACE_HOOKS=1``
+logs every hook call through pluggy's tracing (slow: for debugging a plugin).
 """
 
 from __future__ import annotations
@@ -14,52 +25,173 @@ from __future__ import annotations
 import importlib
 import operator
 import os
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import pluggy
 from twisted.logger import Logger, LogLevel
+from twisted.python import usage
 from twisted.python.failure import Failure
 
 from mesh import hookspecs
+from mesh.api import Config, OptionParser
 
 log = Logger()
 
 ENTRY_POINT_GROUP = "mesh.plugins"
 
-#: name -> module path of the built-in plugins, in registration order.
-BUILTIN_PLUGINS = (
+#: Every built-in plugin, in registration order: ``(name, "module")`` registers the module,
+#: ``(name, "module:Class")`` one instance of the class (made without arguments; it gets its
+#: settings and collaborators in ``mesh_configure``).  A plugin that does not apply to a process
+#: (the CA signer in a sidecar, the Kubernetes sources without ``--kubernetes``) stays idle there.
+DEFAULT_PLUGINS: tuple[tuple[str, str], ...] = (
     ("builtin.routing", "mesh.builtin.routing"),
     ("builtin.balancing", "mesh.builtin.balancing"),
     ("builtin.retry", "mesh.builtin.retry"),
     ("builtin.authz", "mesh.builtin.authz"),
+    ("builtin.tracing", "mesh.builtin.telemetry:TracingPlugin"),
+    ("builtin.metadata_exchange", "mesh.builtin.telemetry:MetadataExchangePlugin"),
+    ("builtin.metrics", "mesh.builtin.telemetry:MetricsPlugin"),
+    ("builtin.accesslog", "mesh.builtin.telemetry:AccessLogPlugin"),
+    ("builtin.tap", "mesh.builtin.telemetry:TapPlugin"),
+    ("builtin.ca", "mesh.builtin.ca:BuiltinSigner"),
+    ("builtin.config_sources", "mesh.control.sources:BuiltinConfigSources"),
+    ("builtin.kubernetes_registry", "mesh.control.kube.plugin:RegistryPlugin"),
+    ("builtin.kubernetes_crds", "mesh.control.kube.plugin:CRDsPlugin"),
+    ("builtin.kubernetes_root_cert", "mesh.control.kube.plugin:RootCertPlugin"),
+    ("builtin.kubernetes_webhook_ca", "mesh.control.kube.plugin:WebhookCAPlugin"),
 )
 
+#: ``MESH_TRACE_HOOKS=1``: log every hook call (see :meth:`MeshPluginManager.trace_hooks`).
+TRACE_HOOKS_ENV = "MESH_TRACE_HOOKS"
+
+
+class PluginRegistrationError(Exception):
+    """A plugin cannot be registered: registration is closed, or it needs a newer plugin API.
+
+    The message names the plugin and says what to do.
+    """
+
+
 def disabled_from_env() -> set:
+    """The plugin names of ``MESH_DISABLE_PLUGINS`` (comma-separated)."""
     value = os.environ.get("MESH_DISABLE_PLUGINS", "")
     return {name.strip() for name in value.split(",") if name.strip()}
 
 
-def make_plugin_manager(disabled=(), load_entry_points=True) -> pluggy.PluginManager:
-    """Build the plugin manager with every enabled plugin registered.
+def hook_tracing_requested() -> bool:
+    """Whether ``MESH_TRACE_HOOKS`` asks for every hook call to be logged."""
+    return os.environ.get(TRACE_HOOKS_ENV, "") not in ("", "0")
+
+
+class MeshPluginManager(pluggy.PluginManager):
+    """pluggy's plugin manager with txmesh's lifecycle: registration closes at :meth:`configure`.
+
+    ``idle`` maps the name of each plugin that said, in ``mesh_configure``,
+    that it does nothing in this process to ``(plugin, reason)``; those
+    plugins are unregistered then (see :meth:`mesh.api.Config.set_idle`).
+    """
+
+    def __init__(self) -> None:
+        super().__init__("mesh")
+        self.add_hookspecs(hookspecs)
+        self.config: Config | None = None
+        self.idle: dict[str, tuple[object, str]] = {}
+        self._names: list[str] = []
+
+    def register(self, plugin: object, name: str | None = None) -> str | None:
+        """Register ``plugin`` like pluggy does; refused after :meth:`configure`, or when the plugin's
+        ``MESH_API_VERSION`` is newer than :data:`mesh.hookspecs.API_VERSION`."""
+        label = name or self.get_canonical_name(plugin)
+        if self.config is not None:
+            raise PluginRegistrationError(
+                f"plugin {label!r} registered after mesh_configure: the hook callers are built by then, so it "
+                "would never be called; register it before (install it under the mesh.plugins entry point "
+                "group, or add it to mesh.plugins.DEFAULT_PLUGINS)")
+        wanted = getattr(plugin, "MESH_API_VERSION", None)
+        if wanted is not None and (not isinstance(wanted, int) or wanted > hookspecs.API_VERSION):
+            raise PluginRegistrationError(
+                f"plugin {label!r} needs txmesh plugin API {wanted!r}, and this txmesh has plugin API "
+                f"{hookspecs.API_VERSION}: upgrade txmesh, install a version of the plugin written for API "
+                f"{hookspecs.API_VERSION}, or leave it out with --disable-plugin {label}")
+        registered = super().register(plugin, name)
+        if registered is not None:
+            self._names.append(registered)
+        return registered
+
+    def plugin_names(self) -> list[str]:
+        """The names of every plugin of this process, in registration order, idle ones included."""
+        return [name for name in self._names if name in self.idle or self.get_plugin(name) is not None]
+
+    def configure(self, config: Config) -> None:
+        """Call ``mesh_configure(config)``, set idle plugins aside and close registration.
+
+        :raises PluginError: naming the plugin whose ``mesh_configure`` raised.
+        """
+        fast_caller(self.hook.mesh_configure)(config=config)
+        for name, reason in config.idle.items():
+            plugin = self.get_plugin(name)
+            if plugin is not None:
+                self.idle[name] = (plugin, reason)
+                self.unregister(plugin)  # still in plugin_names(), as idle
+        self.config = config
+
+    def unconfigure(self) -> None:
+        """Call ``mesh_unconfigure`` once (the plugins configured, idle ones left out); a failure is logged."""
+        config, self.config = self.config, None
+        if config is None:
+            return
+        try:
+            fast_caller(self.hook.mesh_unconfigure)(config=config)
+        except PluginError:
+            pass  # failures has logged it, with the traceback; the other plugins have been called
+
+    def trace_hooks(self) -> None:
+        """Log every hook call, its arguments and its result with twisted.logger (pluggy's tracing).
+
+        :func:`fast_caller` then keeps pluggy's own callers, so that the hot
+        path's calls are traced too.
+        """
+        def write(text: str) -> None:
+            log.info("hook trace: {trace}", trace=text.rstrip("\n"))
+
+        self.trace.root.setwriter(write)
+        self.enable_tracing()
+
+
+def _load(spec: str) -> object:
+    """The plugin a :data:`DEFAULT_PLUGINS` entry names: the module, or a new instance of ``module:Class``."""
+    module_path, _, attribute = spec.partition(":")
+    module = importlib.import_module(module_path)
+    return getattr(module, attribute)() if attribute else module
+
+
+def make_plugin_manager(disabled: Iterable[str] = (), load_entry_points: bool = True) -> MeshPluginManager:
+    """Build the plugin manager with every enabled plugin registered: :data:`DEFAULT_PLUGINS`, then the
+    ``mesh.plugins`` entry points.
 
     :param disabled: names of plugins not to register (built-in names such as
-        ``builtin.balancing``, or entry-point names).
+        ``builtin.balancing``, or entry-point names), on top of ``MESH_DISABLE_PLUGINS``.
     :param load_entry_points: load the ``mesh.plugins`` entry points.
+    :raises PluginRegistrationError: when a plugin cannot be registered.
     """
     disabled = set(disabled) | disabled_from_env()
-    pm = pluggy.PluginManager("mesh")
-    pm.add_hookspecs(hookspecs)
-    for name, module_path in BUILTIN_PLUGINS:
+    pm = MeshPluginManager()
+    if hook_tracing_requested():
+        pm.trace_hooks()
+    for name in disabled:
+        pm.set_blocked(name)
+    for name, spec in DEFAULT_PLUGINS:
         if name not in disabled:
-            pm.register(importlib.import_module(module_path), name=name)
+            pm.register(_load(spec), name=name)
     if load_entry_points:
-        for name in disabled:
-            pm.set_blocked(name)
         pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
     return pm
 
 
 def describe_plugins(pm: pluggy.PluginManager) -> list:
-    """``[(name, distribution or "builtin", [hook names])]`` for ``meshctl plugins``."""
+    """``[(name, distribution or "builtin", [hook names])]`` for ``meshctl plugins``, in registration order."""
     dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
     rows = []
     for name, plugin in pm.list_name_plugin():
@@ -70,6 +202,95 @@ def describe_plugins(pm: pluggy.PluginManager) -> list:
         origin = f"{dist.project_name} {dist.version}" if dist is not None else "builtin"
         rows.append((name, origin, hooks))
     return rows
+
+
+# -- lifecycle: the plugins' command-line options -------------------------------------------
+def disabled_in_argv(argv: Sequence[str]) -> set:
+    """The names ``--disable-plugin NAME`` (or ``--disable-plugin=NAME``) gives in ``argv``.
+
+    The plugins' options must be known before the command line is parsed, so
+    the disabled plugins are picked out of it first (as pytest does for
+    ``-p no:NAME``).
+    """
+    names = set()
+    for index, arg in enumerate(argv):
+        if arg == "--disable-plugin" and index + 1 < len(argv):
+            names.add(argv[index + 1])
+        elif arg.startswith("--disable-plugin="):
+            names.add(arg.partition("=")[2])
+    return names
+
+
+def plugin_options(base: type, role: str, argv: Sequence[str] | None = None) -> usage.Options:
+    """An instance of ``base`` (a twisted ``usage.Options`` class) extended with the options the plugins
+    add in ``mesh_addoption``; its ``pluginmanager`` attribute is the process's plugin manager.
+
+    ``base`` is subclassed with the plugins' ``optParameters``, since
+    ``usage.Options`` gathers them from the class hierarchy.  A plugin that
+    cannot be registered or whose ``mesh_addoption`` fails is a usage error
+    naming it (twistd prints it under the usage, with no traceback).
+
+    :param argv: the command line, to leave out the plugins it disables
+        (default: ``sys.argv``).
+    """
+    disabled = disabled_in_argv(sys.argv if argv is None else argv)
+    try:
+        pm = make_plugin_manager(disabled)
+    except PluginRegistrationError as error:
+        raise usage.UsageError(str(error)) from None
+    existing = {role: _option_names(base)}
+    parser = OptionParser(existing)
+    for impl in reversed(pm.hook.mesh_addoption.get_hookimpls()):
+        parser.current_plugin = impl.plugin_name
+        try:
+            impl.function(*[{"parser": parser}[name] for name in impl.argnames])
+        except ValueError as error:
+            raise usage.UsageError(str(error)) from None
+        except Exception as error:
+            raise usage.UsageError(f"plugin {impl.plugin_name!r} failed in mesh_addoption: "
+                                   f"{type(error).__name__}: {error}; fix it or leave it out with "
+                                   f"--disable-plugin {impl.plugin_name}") from None
+    extra = [[option.name, None, option.default, f"{option.help} (plugin {option.plugin})", option.coerce]
+             for option in parser.for_role(role)]
+    options_class = type(base.__name__, (base,), {"optParameters": extra, "__module__": base.__module__,
+                                                  "__doc__": base.__doc__})
+    options = options_class()
+    options.pluginmanager = pm
+    return options
+
+
+def _option_names(options_class: type) -> set:
+    """Every long option name of a ``usage.Options`` class (its parameters, flags and ``opt_`` methods)."""
+    names: set = set()
+    for attribute in ("optParameters", "optFlags"):
+        collected: list = []
+        for klass in reversed(options_class.__mro__):
+            collected.extend(klass.__dict__.get(attribute, ()))
+        names.update(entry[0] for entry in collected)
+    names.update(name[4:].replace("_", "-") for name in dir(options_class) if name.startswith("opt_"))
+    return names
+
+
+def configure_or_exit(program: str, config: Config) -> None:
+    """``mesh_configure`` every plugin of ``config.pluginmanager``; when one raises, exit with one line
+    naming it (its traceback is in the log) and what to do."""
+    try:
+        config.pluginmanager.configure(config)
+    except PluginError as error:
+        cause = error.__cause__
+        sys.stderr.write(f"{program}: {error}: {type(cause).__name__}: {cause} (the log has the traceback); "
+                         f"fix the plugin or leave it out with --disable-plugin {error.plugin}\n")
+        raise SystemExit(1) from None
+
+
+def disable_after_parse(pm: MeshPluginManager, names: Iterable[str]) -> None:
+    """Unregister and block ``names`` (``--disable-plugin`` values) the command-line pre-scan missed,
+    e.g. when the options were parsed from a list in a test."""
+    for name in names:
+        plugin = pm.get_plugin(name)
+        if plugin is not None:
+            pm.unregister(plugin)
+        pm.set_blocked(name)
 
 
 class PluginError(Exception):
@@ -99,7 +320,7 @@ class PluginFailures:
 
     def __init__(self, limit: int = 256):
         self.limit = limit
-        self.counts = {}  # (plugin, hook, exception type, "file:line") -> occurrences
+        self.counts: dict[tuple[str, str, str, str], int] = {}  # (plugin, hook, error type, "file:line") -> count
         self.unlogged = 0
 
     def report(self, plugin: str, hook: str, error: BaseException) -> None:
@@ -154,7 +375,7 @@ def _failed(plugin: str, hook: str, error: BaseException) -> PluginError:
     return PluginError(plugin, hook)
 
 
-def fast_caller(caller):
+def fast_caller(caller: pluggy.HookCaller) -> Callable[..., Any]:
     """A callable equivalent to the pluggy hook caller ``caller``, for the hot path.
 
     pluggy's call machinery (argument lists, result collection, wrapper
@@ -163,7 +384,8 @@ def fast_caller(caller):
     called in pluggy's order directly: the result is the same for
     *firstresult* hooks (first non-None) and for collecting hooks (the list of
     non-None results).  A hook with wrappers keeps pluggy's own caller,
-    wrapped.
+    wrapped, and so does every hook when ``MESH_TRACE_HOOKS`` asks for
+    pluggy's tracing.
 
     Unlike pluggy's, the callable raises :class:`PluginError` (naming the
     plugin and the hook) when an implementation raises, after
@@ -172,14 +394,14 @@ def fast_caller(caller):
     """
     impls = caller.get_hookimpls()
     hook = caller.name
-    if any(impl.hookwrapper or impl.wrapper for impl in impls):
+    if hook_tracing_requested() or any(impl.hookwrapper or impl.wrapper for impl in impls):
         return _guarded(caller, hook, impls)
     calls = tuple((impl.function, _positional(impl.argnames), impl.plugin_name) for impl in reversed(impls))
-    if caller.spec.opts.get("firstresult"):
+    if caller.spec is not None and caller.spec.opts.get("firstresult"):  # every mesh hook has a spec
         if len(calls) == 1:
             (function, arguments, plugin), = calls
 
-            def only_one(**kwargs):
+            def only_one(**kwargs: Any) -> Any:
                 try:
                     return function(*arguments(kwargs))
                 except Exception as error:
@@ -187,7 +409,7 @@ def fast_caller(caller):
 
             return only_one
 
-        def first_result(**kwargs):
+        def first_result(**kwargs: Any) -> Any:
             for function, arguments, plugin in calls:
                 try:
                     result = function(*arguments(kwargs))
@@ -199,7 +421,7 @@ def fast_caller(caller):
 
         return first_result
 
-    def all_results(**kwargs):
+    def all_results(**kwargs: Any) -> list:
         results = []
         for function, arguments, plugin in calls:
             try:
@@ -213,10 +435,10 @@ def fast_caller(caller):
     return all_results
 
 
-def _guarded(caller, hook, impls):
+def _guarded(caller: pluggy.HookCaller, hook: str, impls: Sequence[pluggy.HookImpl]) -> Callable[..., Any]:
     """pluggy's ``caller`` (a hook with wrappers), raising :class:`PluginError` as :func:`fast_caller`'s do."""
 
-    def call(**kwargs):
+    def call(**kwargs: Any) -> Any:
         try:
             return caller(**kwargs)
         except Exception as error:
@@ -225,7 +447,7 @@ def _guarded(caller, hook, impls):
     return call
 
 
-def _plugin_of(error: BaseException, impls) -> str:
+def _plugin_of(error: BaseException, impls: Sequence[pluggy.HookImpl]) -> str:
     """The plugin in whose implementation ``error`` was raised: the innermost of their frames in its
     traceback (a wrapper that lets the exception through is further out)."""
     plugins = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in impls}
@@ -237,7 +459,7 @@ def _plugin_of(error: BaseException, impls) -> str:
     return found or " or ".join(impl.plugin_name for impl in impls)
 
 
-def _positional(names):
+def _positional(names: Sequence[str]) -> Callable[[dict], tuple]:
     """``kwargs -> tuple`` of the values of ``names``, in order (itemgetter is C)."""
     if len(names) == 1:
         name, = names

@@ -1,15 +1,22 @@
 """Built-in authorization: Istio's AuthorizationPolicy evaluation, DENY before ALLOW, and dry runs."""
 
 from mesh import hookimpl
+from mesh.api import AuthzDecision
 from mesh.config.security_tables import NO_ALLOW_MATCHED
+
+#: No ALLOW policy applies and no DENY policy matched: allowed, by no policy.
+ALLOWED_BY_DEFAULT = AuthzDecision(True, None)
+#: ALLOW policies apply and none matched.
+NO_ALLOW_MATCHED_DENIED = AuthzDecision(False, NO_ALLOW_MATCHED)
 
 
 @hookimpl
 def mesh_authorize(ctx, peer, policies):
     """Evaluate the workload's compiled :class:`~mesh.config.security_tables.AuthzPolicies`.
 
-    Deny (``(False, name)``) when a DENY policy matches.  Otherwise allow when
-    no ALLOW policy applies (``(True, None)``) or one matches (``(True, name)``),
+    Deny (``AuthzDecision(False, name)``) when a DENY policy matches.  Otherwise
+    allow when no ALLOW policy applies (:data:`ALLOWED_BY_DEFAULT`) or one
+    matches (``AuthzDecision(True, name)``),
     and deny with :data:`~mesh.config.security_tables.NO_ALLOW_MATCHED` when
     ALLOW policies apply and none matches.  None when no policy applies.
 
@@ -27,15 +34,15 @@ def mesh_authorize(ctx, peer, policies):
     for policy in policies.deny:
         for rule in policy.rules:
             if rule(ctx, peer):
-                return False, policy.name
+                return AuthzDecision(False, policy.name)
     shadow = policies.shadow_allow
     if shadow is not None:
         ctx.authz_dry_run = (ctx.authz_dry_run or ()) + (shadow.evaluate(ctx, peer),)
     allow = policies.allow
     if not allow:
-        return True, None
+        return ALLOWED_BY_DEFAULT
     for policy in allow:
         for rule in policy.rules:
             if rule(ctx, peer):
-                return True, policy.name
-    return False, NO_ALLOW_MATCHED
+                return AuthzDecision(True, policy.name)
+    return NO_ALLOW_MATCHED_DENIED

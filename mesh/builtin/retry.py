@@ -9,6 +9,7 @@ names.  Backoff is Envoy's fully jittered exponential: a random delay in
 import random
 
 from mesh import hookimpl
+from mesh.api import GIVE_UP
 
 #: retryOn names that cover each kind of non-status failure.
 _COVERS = {
@@ -35,6 +36,6 @@ def should_retry(outcome, policy) -> bool:
 def mesh_retry_decision(ctx, attempt, outcome, policy):
     """Retry with jittered backoff while the policy allows it."""
     if policy is None or attempt > policy.attempts or not should_retry(outcome, policy):
-        return False
+        return GIVE_UP
     base = policy.backoff_base
     return random.uniform(0.0, min(base * (2 ** (attempt - 1)), base * 10))

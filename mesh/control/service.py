@@ -22,7 +22,6 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from mesh import __version__
-from mesh.builtin.ca import BuiltinSigner
 from mesh.control.admin_views import ResourcesPage, proxy_rows
 from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
@@ -105,7 +104,6 @@ class ControlService(service.MultiService):
                               settings.trust_domain)
         self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
                                                       settings.ca_key, settings.ca_chain)
-        plugin_manager.register(BuiltinSigner(self.ca), name="builtin.ca")
         self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
         uri, ttl = self.identity.uri, settings.workload_cert_ttl
 
@@ -178,18 +176,18 @@ class ControlService(service.MultiService):
             sys.stderr.write(f"mesh-control: --config-dir {self.settings.config_dir} is not a directory; "
                              "create it or pass the directory that holds the YAML files\n")
             raise SystemExit(1)
-        from mesh.control.kube import plugin as kube_plugin
         from mesh.control.kube.metrics import WatchCollector
-        kube_plugin.register(self.plugins, self.reactor, self.kube_client)  # sources only with --kubernetes
         attach_config(self)
-        writers = kube_plugin.control_services(self)  # the trust-bundle ConfigMaps, the webhook's caBundle
-        for writer in writers:
-            writer.setServiceParent(self)
-        self.metrics.registry.register(WatchCollector(self.config_sources + writers))
+        # the Kubernetes sources, and the writers the Kubernetes plugins added as child services
+        watching = self.config_sources + [child for child in self if child not in self.config_sources]
+        self.metrics.registry.register(WatchCollector(watching))
 
     def stopService(self):
+        """Stop the distributor and the child services, then ``mesh_unconfigure`` the plugins."""
         self.distributor.stop()
-        return super().stopService()
+        stopped = super().stopService()
+        stopped.addCallback(lambda _: self.plugins.unconfigure())
+        return stopped
 
     def readiness(self):
         return 200, {"ready": bool(self.running), "control_plane_version": __version__,

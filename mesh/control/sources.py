@@ -7,8 +7,8 @@ content of its scope, at start and after every change; the
 what changed, what is invalid and what was deleted.
 
 Sources come from the ``mesh_config_sources(options)`` hook.  The built-in
-implementation (:class:`BuiltinConfigSources`, registered by the control
-plane as ``builtin.config_sources``) returns a :class:`DirectorySource` for
+implementation (:class:`BuiltinConfigSources`, ``builtin.config_sources`` in
+:data:`mesh.plugins.DEFAULT_PLUGINS`) returns a :class:`DirectorySource` for
 ``--config-dir``.  A plugin can add a source (Kubernetes, a git checkout, an
 HTTP endpoint) the same way, or disable the built-in one
 (``--disable-plugin builtin.config_sources``).
@@ -55,10 +55,17 @@ class IConfigSource(Interface):
 
 
 class BuiltinConfigSources:
-    """``builtin.config_sources``: the ``--config-dir`` directory source."""
+    """``builtin.config_sources``: the ``--config-dir`` directory source (idle in a sidecar)."""
 
-    def __init__(self, reactor):
-        self.reactor = reactor
+    def __init__(self):
+        self.reactor = None
+
+    @mesh.hookimpl
+    def mesh_configure(self, config):
+        if config.role != "control":
+            config.set_idle(self, "control plane only")
+            return
+        self.reactor = config.reactor
 
     @mesh.hookimpl
     def mesh_config_sources(self, options):
@@ -206,8 +213,7 @@ class DirectorySource(service.Service):
 def attach_config(control) -> list:
     """Give ``control`` (a ControlService) its resource store, fed by every config source.
 
-    Registers :class:`BuiltinConfigSources` (unless disabled), asks the
-    ``mesh_config_sources`` hook for the sources, loads each once now (so
+    Asks the ``mesh_config_sources`` hook for the sources, loads each once now (so
     problems are logged before the control plane serves) and makes each a
     child service of ``control`` that keeps watching while it runs.  After
     every change, ``control.config_errors`` is the store's current error list
@@ -227,8 +233,6 @@ def attach_config(control) -> list:
             set_resources(store.resources)
 
     store.subscribe(changed)
-    if control.plugins.get_plugin("builtin.config_sources") is None:
-        control.plugins.register(BuiltinConfigSources(control.reactor), name="builtin.config_sources")
     options = dataclasses.asdict(control.settings)
     sources = [source for source in control.plugins.hook.mesh_config_sources(options=options)
                if source is not None]

@@ -8,20 +8,21 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mesh import logging as mesh_logging
+from mesh.api import Config
 from mesh.control.inject.sidecar import DEFAULT_IMAGE
 from mesh.control.kube.client import KubeConfigError
 from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
 from mesh.control.service import ControlService, ControlSettings
 from mesh.durations import duration_option
 from mesh.identity.ca import CAError
-from mesh.plugins import make_plugin_manager
+from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 
 log = Logger()
 
 
-class Options(usage.Options):
-    """Options of ``twistd mesh-control``."""
+class ControlOptions(usage.Options):
+    """The built-in options of ``twistd mesh-control`` (:func:`Options` adds the plugins')."""
 
     synopsis = "--state-dir DIR [options]"
     longdesc = ("Run the txmesh control plane: the mesh CA (CSR endpoint on --port, TLS) and the "
@@ -90,6 +91,12 @@ class Options(usage.Options):
             raise usage.UsageError("--ca-secret and --ca-cert/--ca-key are two sources of the CA; give one")
 
 
+def Options() -> ControlOptions:
+    """The options of ``twistd mesh-control``: :class:`ControlOptions` and those the plugins add in
+    ``mesh_addoption``; ``options.pluginmanager`` has every plugin not disabled."""
+    return plugin_options(ControlOptions, "control")
+
+
 def _listen_ports(options) -> list:
     """Every port mesh-control listens on (the webhook's only with --webhook-port)."""
     return [ListenPort("--port", options["address"], options["port"], "--address"),
@@ -117,10 +124,13 @@ def makeService(options):
         istio_crds=bool(options["istio-crds"]), ca_secret=options["ca-secret"],
         webhook_port=options["webhook-port"], webhook_dns_names=options["webhook-dns-names"],
         proxy_image=options["proxy-image"], webhook_config_name=options["webhook-config-name"])
+    plugins = options.pluginmanager
+    disable_after_parse(plugins, options["disabled-plugins"])
     try:
-        control = ControlService(settings, make_plugin_manager(options["disabled-plugins"]))
+        control = ControlService(settings, plugins)
     except (CAError, KubeConfigError) as error:
         sys.stderr.write(f"mesh-control: {error}\n")
         raise SystemExit(1)
+    configure_or_exit("mesh-control", Config("control", options, control.reactor, control, plugins))
     control.load_config()
     return control

@@ -23,13 +23,12 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.plugins import failures as plugin_failures
 from mesh.proxy.admin import AdminSite
+from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.control_client import ControlClient
 from mesh.proxy.health import HealthServer
-from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
-from mesh.proxy.passthrough import (PassthroughClusters, PassthroughSettings, inbound_passthrough,
-                                    outbound_passthrough)
+from mesh.proxy.passthrough import PassthroughClusters, PassthroughSettings, inbound_passthrough, outbound_passthrough
 from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
@@ -109,9 +108,6 @@ class ProxyService(service.MultiService):
         self.warnings = ()
         self.config_applied_at = None
         self.listeners = []
-        # builtin.tracing is registered here, not in BUILTIN_PLUGINS: it needs the settings (docs/tracing.md).
-        self.tracing = tracing.install(self, plugin_manager, settings.tracing, settings.workload,
-                                       self._source_address() or settings.app_address)
         passthrough = settings.passthrough
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
@@ -135,7 +131,8 @@ class ProxyService(service.MultiService):
                          settings.app_address).setServiceParent(self)
         if self.control_client is not None:
             self.control_client.setServiceParent(self)
-        telemetry.install(self)
+        # /stats/prometheus; builtin.metrics adds to this registry (mesh.builtin.telemetry)
+        self.metrics_registry = telemetry.serve_metrics(self)
 
     def _identity_source(self, identity):
         """Static certificate files, a workload agent, or nothing (plaintext only)."""
@@ -151,6 +148,10 @@ class ProxyService(service.MultiService):
                               identity.control_identity, self.credentials, ttl=identity.cert_ttl)
         agent.setServiceParent(self)
         return agent
+
+    def workload_address(self) -> str:
+        """This workload's IP: the address upstream connections leave from, else the app's."""
+        return self._source_address() or self.settings.app_address
 
     def own_identity(self):
         current = self.credentials.current
@@ -271,7 +272,9 @@ class ProxyService(service.MultiService):
         log.info("drained; stopping")
         for listener in self.listeners:
             listener.stop()
-        return super().stopService()
+        stopped = super().stopService()
+        stopped.addCallback(lambda _: self.plugins.unconfigure())  # after the child services stopped
+        return stopped
 
     # -- admin views ----------------------------------------------------------------
     def readiness(self):
@@ -318,12 +321,17 @@ class ProxyService(service.MultiService):
                             **{listener.direction: listener.passthrough.describe() for listener in self.listeners
                                if listener.passthrough is not None}},
             "certificate": self.certificate_dump(),
-            # a disabled plugin stays in the manager as a blocked name, with None for the plugin
-            "plugins": [name for name, plugin in self.plugins.list_name_plugin() if plugin is not None],
+            "plugins": self.plugins.plugin_names(),  # as `meshctl plugins` lists them, idle ones included
+            "plugins_idle": {name: reason for name, (_plugin, reason) in self.plugins.idle.items()},
             "plugin_failures": plugin_failures.describe(),  # each distinct failure, counted (mesh.plugins)
-            "tracing": self.tracing.describe() if self.tracing is not None else None,
+            "tracing": self._tracing_dump(),
             "control": self.control_client.describe() if self.control_client is not None else None,
         }
+
+    def _tracing_dump(self):
+        """``builtin.tracing``'s sampling and exporter, or None when it is disabled or idle."""
+        tracer = self.plugins.get_plugin("builtin.tracing")
+        return tracer.describe() if tracer is not None else None
 
     def certificate_dump(self):
         """The workload certificate in use (never the key), or None."""

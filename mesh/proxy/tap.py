@@ -9,10 +9,11 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mesh import logging as mesh_logging
+from mesh.api import Config
 from mesh.config.compile import Workload
 from mesh.config.errors import ConfigErrors
 from mesh.durations import duration_option
-from mesh.plugins import make_plugin_manager
+from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.proxy.app_probes import parse_app_probers
 from mesh.proxy.listener import Limits
 from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
@@ -34,8 +35,8 @@ def _size(text: str) -> int:
     return int(float(text[:-1] if scale > 1 else text) * scale)
 
 
-class Options(usage.Options):
-    """Options of ``twistd mesh-proxy``."""
+class ProxyOptions(usage.Options):
+    """The built-in options of ``twistd mesh-proxy`` (:func:`Options` adds the plugins')."""
 
     synopsis = "[options]"
     longdesc = ("Run a txmesh sidecar proxy.  Standalone: --config-dir DIR holds Istio YAML "
@@ -177,6 +178,12 @@ class Options(usage.Options):
             self["control-identity"] = f"spiffe://{self['trust-domain']}/ns/mesh-system/sa/mesh-control"
 
 
+def Options() -> ProxyOptions:
+    """The options of ``twistd mesh-proxy``: :class:`ProxyOptions` and those the plugins add in
+    ``mesh_addoption``; ``options.pluginmanager`` has every plugin not disabled."""
+    return plugin_options(ProxyOptions, "proxy")
+
+
 def _seconds(value) -> float:
     """usage.Options coerces only the values given on the command line, not the defaults."""
     return duration_option(value) if isinstance(value, str) else float(value)
@@ -259,7 +266,10 @@ def makeService(options):
         tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
                                 zipkin_max_queue=options["zipkin-max-queue"]),
         telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=_access_log(options)))
-    proxy = ProxyService(settings, make_plugin_manager(options["disabled-plugins"]))
+    plugins = options.pluginmanager
+    disable_after_parse(plugins, options["disabled-plugins"])
+    proxy = ProxyService(settings, plugins)
+    configure_or_exit("mesh-proxy", Config("proxy", options, proxy.reactor, proxy, plugins))
     try:
         proxy.load()
     except ConfigErrors as errors:

@@ -1,29 +1,24 @@
-"""The sidecar's telemetry, wired into a :class:`mesh.proxy.service.ProxyService`.
+"""The sidecar's metrics port, and the telemetry settings of its command line.
 
-The request-level parts are plugins registered by name, so that
-``--disable-plugin builtin.metrics``, ``builtin.accesslog`` or ``builtin.tap``
-(the admin port's ``/tap``) leaves them out like any other plugin; the first
-two also observe the TCP passthrough connections
-(:class:`mesh.proxy.passthrough.Passthrough`), only when enabled.  Each sidecar
-process has its own ``CollectorRegistry`` (not prometheus-client's global
-one); one process is one sidecar, so prometheus-client's multiprocess mode is
-not needed.
+The request-level telemetry is made of plugins of :data:`mesh.plugins.DEFAULT_PLUGINS`
+(:mod:`mesh.builtin.telemetry`): ``builtin.tracing``, ``builtin.metadata_exchange``
+(the workload metadata sidecars exchange, :mod:`mesh.telemetry.metadata_exchange`),
+``builtin.metrics``, ``builtin.accesslog`` and ``builtin.tap`` (the admin
+port's ``/tap``), so ``--disable-plugin NAME`` leaves any of them out like
+any other plugin.  Metrics and the access log also observe the TCP
+passthrough connections (:class:`mesh.proxy.passthrough.Passthrough`).
+
+Each sidecar process has its own ``CollectorRegistry`` (not
+prometheus-client's global one), served by :func:`serve_metrics`; one process
+is one sidecar, so prometheus-client's multiprocess mode is not needed.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.telemetry.accesslog import AccessLog, open_destination
 from mesh.telemetry.exposition import MetricsServer, new_registry
 from mesh.telemetry.health import ProxyHealth
-from mesh.telemetry.istio import IstioMetrics
-from mesh.telemetry.peers import PeerDirectory
-from mesh.telemetry.tap_stream import TapHub, TapPage
-
-METRICS_PLUGIN = "builtin.metrics"
-ACCESS_LOG_PLUGIN = "builtin.accesslog"
-TAP_PLUGIN = "builtin.tap"
 
 
 @dataclass(frozen=True)
@@ -35,38 +30,18 @@ class TelemetrySettings:
     access_log: str = "stdout"
 
 
-def install(proxy) -> None:
-    """Register the telemetry plugins and add their services to ``proxy``.
+def serve_metrics(proxy):
+    """Serve ``/stats/prometheus`` for ``proxy`` (a child service) and return its registry; None with
+    ``--metrics-port 0``.
 
-    Metrics are served on the inbound listener's address, as Istio serves
-    15090 on every address of the pod.
+    The registry holds the sidecar's health metrics; ``builtin.metrics`` adds
+    Istio's.  Metrics are served on the inbound listener's address, as Istio
+    serves 15090 on every address of the pod.
     """
-    settings = proxy.settings.telemetry
-    plugins = proxy.plugins
-    peers = PeerDirectory(proxy.runtime, proxy.credentials)
-    if settings.metrics_port:
-        registry = new_registry()
-        registry.register(ProxyHealth(proxy))
-        if not plugins.is_blocked(METRICS_PLUGIN):
-            metrics = IstioMetrics(proxy.settings.workload, peers)
-            plugins.register(metrics, name=METRICS_PLUGIN)
-            registry.register(metrics)
-            _observe_tcp(proxy, metrics.tcp_connection)
-        MetricsServer(proxy.reactor, registry, settings.metrics_port,
-                      proxy.settings.inbound_address).setServiceParent(proxy)
-    if settings.access_log != "off" and not plugins.is_blocked(ACCESS_LOG_PLUGIN):
-        access_log = AccessLog(proxy.reactor, open_destination(settings.access_log), peers)
-        plugins.register(access_log, name=ACCESS_LOG_PLUGIN)
-        access_log.setServiceParent(proxy)
-        _observe_tcp(proxy, access_log.tcp_connection)
-    if not plugins.is_blocked(TAP_PLUGIN):
-        tap = TapHub(proxy.reactor)
-        plugins.register(tap, name=TAP_PLUGIN)
-        proxy.admin_site.add_page(b"tap", TapPage(tap))
-
-
-def _observe_tcp(proxy, observer) -> None:
-    """Give ``observer`` the TCP passthrough connections of every listener that has them."""
-    for listener in proxy.listeners:
-        if listener.passthrough is not None:
-            listener.passthrough.observers.append(observer)
+    port = proxy.settings.telemetry.metrics_port
+    if not port:
+        return None
+    registry = new_registry()
+    registry.register(ProxyHealth(proxy))
+    MetricsServer(proxy.reactor, registry, port, proxy.settings.inbound_address).setServiceParent(proxy)
+    return registry

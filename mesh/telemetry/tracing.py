@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from random import random
 
 from mesh import hookimpl
+from mesh.telemetry.peers import canonical_names
 from mesh.telemetry.tracing_context import extract, inject, new_span_id, new_trace_id
 
 #: Istio's default sampling rate (meshConfig.defaultConfig.tracing.sampling), in percent.
 DEFAULT_SAMPLING = 1.0
-PLUGIN_NAME = "builtin.tracing"
 
 
 @dataclass(frozen=True)
@@ -115,16 +115,13 @@ class Tracer:
         self.exporter = exporter
         namespace = workload.namespace
         self.service = f"{workload.name}.{namespace}"
-        labels = workload.labels or {}
-        canonical = (labels.get("service.istio.io/canonical-name") or labels.get("app.kubernetes.io/name")
-                     or labels.get("app") or workload.name)
+        canonical, revision = canonical_names(workload.labels or {}, workload.name)
         self.node_id = f"sidecar~{address}~{workload.name}.{namespace}~{namespace}.svc.cluster.local"
         self._static_tags = {
             "component": "proxy",
             "node_id": self.node_id,
             "istio.canonical_service": canonical,
-            "istio.canonical_revision": (labels.get("service.istio.io/canonical-revision")
-                                         or labels.get("version") or "latest"),
+            "istio.canonical_revision": revision,
             "istio.namespace": namespace,
             "workload": workload.name,
         }
@@ -224,22 +221,3 @@ def _span_name(cluster, host, authority) -> str:
     if not sep or not port.isdigit():
         port = "80"
     return f"{host}:{port}/*"
-
-
-def install(proxy, plugin_manager, settings: TracingSettings, workload, address):
-    """Register ``builtin.tracing`` on ``plugin_manager`` (unless disabled) and return the Tracer.
-
-    With a Zipkin URL, the exporter becomes a child service of ``proxy``
-    (flushes while it runs, and once more when it stops).
-    """
-    if plugin_manager.is_blocked(PLUGIN_NAME):
-        return None
-    exporter = None
-    if settings.zipkin_url:
-        from mesh.telemetry.zipkin import ZipkinExporter
-
-        exporter = ZipkinExporter(proxy.reactor, settings.zipkin_url, max_queue=settings.zipkin_max_queue)
-        exporter.setServiceParent(proxy)
-    tracer = Tracer(workload, address, settings.sampling, exporter)
-    plugin_manager.register(tracer, name=PLUGIN_NAME)
-    return tracer

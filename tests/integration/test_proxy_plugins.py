@@ -113,6 +113,19 @@ def test_meshctl_plugins_leaves_out_a_disabled_plugin():
     assert "peak_ewma" not in _meshctl_plugins("--disable-plugin", "peak_ewma")
 
 
+def test_meshctl_plugins_and_config_dump_list_the_same_plugins(proxies):
+    """Every built-in (DEFAULT_PLUGINS) and every installed plugin, in registration order, in both."""
+    with_plugin, without = proxies
+    listed = list(_meshctl_plugins())
+    dump = with_plugin.admin("/config_dump")
+    assert dump["plugins"] == listed
+    assert {"builtin.tracing", "builtin.metrics", "builtin.accesslog", "builtin.tap", "builtin.ca",
+            "builtin.config_sources", "builtin.kubernetes_registry", "peak_ewma"} <= set(listed)
+    # the control plane's plugins do nothing in a sidecar: listed, and idle
+    assert dump["plugins_idle"]["builtin.ca"] == "control plane only"
+    assert without.admin("/config_dump")["plugins"] == list(_meshctl_plugins("--disable-plugin", "peak_ewma"))
+
+
 def test_proxies_report_their_plugins(proxies):
     with_plugin, without = proxies
     assert "peak_ewma" in with_plugin.admin("/config_dump")["plugins"]

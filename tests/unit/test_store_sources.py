@@ -2,9 +2,10 @@
 
 from twisted.internet.task import Clock
 
+from mesh.api import Config
 from mesh.control.sources import BuiltinConfigSources, DirectorySource, IConfigSource
 from mesh.control.store import ResourceStore
-from mesh.plugins import make_plugin_manager
+from mesh.plugins import MeshPluginManager
 
 SE = """apiVersion: networking.istio.io/v1
 kind: ServiceEntry
@@ -86,8 +87,9 @@ def test_inotify_source_starts_on_linux(tmp_path):
 
 
 def test_builtin_plugin_gives_a_directory_source_for_config_dir(tmp_path):
-    pm = make_plugin_manager(load_entry_points=False)
-    pm.register(BuiltinConfigSources(Clock()), name="builtin.config_sources")
+    pm = MeshPluginManager()
+    pm.register(BuiltinConfigSources(), name="builtin.config_sources")
+    pm.configure(Config("control", {}, Clock(), None, pm))
     [source] = [s for s in pm.hook.mesh_config_sources(options={"config_dir": str(tmp_path)}) if s]
     assert source.path == str(tmp_path)
     assert pm.hook.mesh_config_sources(options={"config_dir": None}) == []

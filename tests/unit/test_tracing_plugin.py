@@ -7,7 +7,7 @@ import re
 import pytest
 
 from mesh.config.compile import Workload
-from mesh.plugins import make_plugin_manager
+from mesh.plugins import MeshPluginManager
 from mesh.proxy.context import RequestContext
 from mesh.proxy.exchange import _set_headers
 from mesh.proxy.outcome import RequestOutcome
@@ -104,7 +104,7 @@ def test_set_headers_replaces_same_named_headers_and_removes_none():
 
 
 def test_hook_is_declared_and_collects_results():
-    pm = make_plugin_manager(load_entry_points=False)
+    pm = MeshPluginManager()
     pm.register(Tracer(WORKLOAD, "10.0.0.5", sampling=100), name="builtin.tracing")
     results = pm.hook.mesh_request_headers(ctx=_ctx())
     assert len(results) == 1 and results[0][0][0] == b"traceparent"

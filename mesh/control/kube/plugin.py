@@ -1,35 +1,32 @@
-"""The built-in plugins that make Kubernetes a config source of ``mesh-control --kubernetes``.
+"""The built-in plugins of ``mesh-control --kubernetes``, one per job so each can be switched off.
 
-Two plugins, so either can be switched off with ``--disable-plugin``:
+All four are in :data:`mesh.plugins.DEFAULT_PLUGINS`.  In ``mesh_configure``
+each takes the control plane (``config.service``: its ``kube_client``,
+``reactor``, ``ca`` and ``settings``); without ``--kubernetes``, and in a
+sidecar, each stays idle.  ``--disable-plugin NAME`` leaves one out.
+
+Two are config sources (``mesh_config_sources``):
 
 - ``builtin.kubernetes_registry``: :class:`mesh.control.kube.registry.RegistrySource`
   (Services, EndpointSlices, Pods -> ServiceEntries);
 - ``builtin.kubernetes_crds``: :class:`mesh.control.kube.crds.CRDSource` (txmesh's
   CRDs, and Istio's with ``--istio-crds``).
 
-Both implement ``mesh_config_sources(options)`` and return None unless
-``options["kubernetes"]`` is set.  They use the control plane's API client
-(``ControlService.kube_client``); registered without one, they build it from
-``options["kubeconfig"]`` or the in-cluster service account
-(:func:`mesh.control.kube.client.make_api_client`, which raises
-:class:`~mesh.control.kube.client.KubeConfigError` with what to do when neither
-works).  Nothing imports the ``kubernetes`` package before that.
-
-Two more built-ins write to the API instead of reading config from it.  They
-hook into no plugin call: they are child services of the control plane
-(:func:`control_services`), and ``--disable-plugin NAME`` switches them off
-like the others:
+Two write to the API instead: in ``mesh_configure`` they add a child service
+to the control plane (it starts and stops with it):
 
 - ``builtin.kubernetes_root_cert``: :class:`mesh.control.kube.root_cert.RootCertPublisher`
   (the trust-bundle ConfigMap in every namespace);
 - ``builtin.kubernetes_webhook_ca``: :class:`mesh.control.kube.webhook_ca.WebhookCABundle`
-  (the webhook configuration's caBundle; only with ``--webhook-port``).
+  (the webhook configuration's caBundle; idle without ``--webhook-port``).
+
+Nothing here imports the ``kubernetes`` package: the control plane made its
+client (:func:`mesh.control.kube.client.make_api_client`) before.
 """
 
 from __future__ import annotations
 
 import mesh
-from mesh.control.kube.client import make_api_client
 
 REGISTRY_PLUGIN = "builtin.kubernetes_registry"
 CRDS_PLUGIN = "builtin.kubernetes_crds"
@@ -37,58 +34,67 @@ ROOT_CERT_PLUGIN = "builtin.kubernetes_root_cert"
 WEBHOOK_CA_PLUGIN = "builtin.kubernetes_webhook_ca"
 
 
-class KubernetesSourcePlugin:
-    """One built-in plugin: ``make(reactor, api_client, options)`` builds its source in Kubernetes mode.
+class KubernetesPlugin:
+    """What the four plugins share: idle unless the process is ``mesh-control --kubernetes``.
 
-    ``api_client`` is the control plane's client; without one, the first
-    call makes one from ``options["kubeconfig"]`` (or in-cluster).
+    ``control`` is the :class:`~mesh.control.service.ControlService` once
+    configured; a subclass does its own setup in :meth:`start`.
     """
 
-    def __init__(self, reactor, make, api_client=None):
-        self.reactor = reactor
-        self.make = make
-        self.api_client = api_client
+    def __init__(self):
+        self.control = None
+
+    @mesh.hookimpl
+    def mesh_configure(self, config):
+        control = config.service if config.role == "control" else None
+        if control is None or control.kube_client is None:
+            config.set_idle(self, "mesh-control --kubernetes only")
+            return
+        self.control = control
+        self.start(config, control)
+
+    @mesh.hookimpl
+    def mesh_unconfigure(self, config):
+        self.control = None
+
+    def start(self, config, control) -> None:
+        """Set up for ``control`` (nothing by default)."""
+
+
+class RegistryPlugin(KubernetesPlugin):
+    """``builtin.kubernetes_registry``: Services, EndpointSlices and Pods as ServiceEntries."""
 
     @mesh.hookimpl
     def mesh_config_sources(self, options):
-        if not options.get("kubernetes"):
-            return None
-        if self.api_client is None:
-            self.api_client = make_api_client(options.get("kubeconfig"))
-        return self.make(self.reactor, self.api_client, options)
+        from mesh.control.kube.registry import RegistrySource
+        return RegistrySource(self.control.reactor, self.control.kube_client)
 
 
-def _registry_source(reactor, api_client, options):
-    from mesh.control.kube.registry import RegistrySource
-    return RegistrySource(reactor, api_client)
+class CRDsPlugin(KubernetesPlugin):
+    """``builtin.kubernetes_crds``: txmesh's CRDs (and Istio's with ``--istio-crds``)."""
+
+    @mesh.hookimpl
+    def mesh_config_sources(self, options):
+        from mesh.control.kube.crds import CRDSource
+        return CRDSource(self.control.reactor, self.control.kube_client, istio=bool(options.get("istio_crds")))
 
 
-def _crd_source(reactor, api_client, options):
-    from mesh.control.kube.crds import CRDSource
-    return CRDSource(reactor, api_client, istio=bool(options.get("istio_crds")))
+class RootCertPlugin(KubernetesPlugin):
+    """``builtin.kubernetes_root_cert``: the trust-bundle ConfigMap in every namespace."""
 
-
-def register(plugin_manager, reactor, api_client=None) -> None:
-    """Register both plugins (unless registered already or disabled with ``--disable-plugin``)."""
-    for name, make in ((REGISTRY_PLUGIN, _registry_source), (CRDS_PLUGIN, _crd_source)):
-        if plugin_manager.get_plugin(name) is None and not plugin_manager.is_blocked(name):
-            plugin_manager.register(KubernetesSourcePlugin(reactor, make, api_client), name=name)
-
-
-def control_services(control) -> list:
-    """The writing services of a ``--kubernetes`` :class:`~mesh.control.service.ControlService` not disabled.
-
-    None without ``--kubernetes``; the webhook's caBundle only with ``--webhook-port``.
-    """
-    settings = control.settings
-    if control.kube_client is None:
-        return []
-    services = []
-    if not control.plugins.is_blocked(ROOT_CERT_PLUGIN):
+    def start(self, config, control) -> None:
         from mesh.control.kube.root_cert import RootCertPublisher
-        services.append(RootCertPublisher(control.reactor, control.kube_client, control.ca.bundle_pem))
-    if settings.webhook_port and not control.plugins.is_blocked(WEBHOOK_CA_PLUGIN):
+        RootCertPublisher(control.reactor, control.kube_client, control.ca.bundle_pem).setServiceParent(control)
+
+
+class WebhookCAPlugin(KubernetesPlugin):
+    """``builtin.kubernetes_webhook_ca``: the injection webhook configuration's caBundle (with ``--webhook-port``)."""
+
+    def start(self, config, control) -> None:
+        settings = control.settings
+        if not settings.webhook_port:
+            config.set_idle(self, "needs --webhook-port")
+            return
         from mesh.control.kube.webhook_ca import WebhookCABundle
-        services.append(WebhookCABundle(control.reactor, control.kube_client, control.ca.bundle_pem,
-                                        settings.webhook_config_name))
-    return services
+        WebhookCABundle(control.reactor, control.kube_client, control.ca.bundle_pem,
+                        settings.webhook_config_name).setServiceParent(control)
