@@ -2,18 +2,20 @@
 
 The receiver accepts ``POST /v1/traces`` and keeps the protobuf bodies; the test decodes them with
 ``opentelemetry-proto`` (a dependency of the plugin) to check that they hold the same spans
-``builtin.tracing`` records.  The plugin is configured by environment (``MESH_OTLP_ENDPOINT``), and the
-SDK's batch delay is cut to 200 ms (``OTEL_BSP_SCHEDULE_DELAY``) so the test need not wait 5 s.
+``builtin.tracing`` records.  The plugin is configured by its option (``--otlp-endpoint``) or by
+environment (``MESH_OTLP_ENDPOINT``), and the SDK's batch delay is cut to 200 ms
+(``OTEL_BSP_SCHEDULE_DELAY``) so the test need not wait 5 s.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
+import subprocess
 import time
 
 import pytest
 
-from tests.harness import Proxy, free_port, wait_for
+from tests.harness import Proxy, free_port, venv_bin, wait_for
 from tests.integration.test_proxy_support import curl_many, endpoint, service_entry, write_config
 from tests.integration.test_tracing_support import Collector
 
@@ -23,7 +25,7 @@ PARENT = "00f067aa0ba902b7"
 
 def test_otlp_plugin_is_installed_through_its_entry_point():
     names = {entry.name: entry.value for entry in importlib.metadata.entry_points(group="mesh.plugins")}
-    assert names.get("otlp") == "txmesh_otlp", (
+    assert names.get("otlp") == "txmesh_otlp:plugin", (
         f"mesh.plugins entry points: {names}; run `make bootstrap` to install plugins/txmesh-otlp")
 
 
@@ -90,6 +92,28 @@ def test_spans_are_exported_over_otlp_http(receiver, config, started):
     assert len({s.span_id for _, s in spans}) == len(spans)  # one span per request
 
 
+def test_the_endpoint_can_be_given_as_an_option(config, started):
+    """``--otlp-endpoint`` (the plugin's own option, from ``mesh_addoption``) with no environment variable."""
+    collector = Collector(status=200).start()
+    try:
+        proxy = started(config, {}, "--otlp-endpoint", collector.url(""))
+        assert "otlp" not in proxy.admin("/config_dump")["plugins_idle"]
+        assert set(curl_many(proxy.outbound_url + "/", 5, host="orders")) == {"200 orders"}
+        wait_for(lambda: sum(len(s.spans) for r in _export_requests(collector) for rs in r.resource_spans
+                             for s in rs.scope_spans) >= 5, 10.0, interval=0.1, what="5 spans over OTLP")
+    finally:
+        collector.stop()
+
+
+def test_a_bad_otlp_endpoint_is_a_usage_error(config, tmp_path):
+    proc = subprocess.run([venv_bin("twistd"), "-n", "--pidfile=", "mesh-proxy", "--config-dir", str(config),
+                           "--workload", "client", "--otlp-endpoint", "collector:4318"],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert proc.returncode == 1
+    assert "--otlp-endpoint wants the collector's base URL, http://HOST:4318, not 'collector:4318'" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+
+
 def test_a_dead_otlp_endpoint_does_not_affect_requests_or_shutdown(config, started):
     dead = f"http://127.0.0.1:{free_port('127.0.0.1')}"
     proxy = started(config, {"MESH_OTLP_ENDPOINT": dead, "OTEL_EXPORTER_OTLP_TIMEOUT": "1"})  # seconds
@@ -111,6 +135,8 @@ def test_the_plugin_is_idle_without_an_endpoint(receiver, config, started):
     before = len(receiver.posts)
     proxy = started(config, {})
     assert set(curl_many(proxy.outbound_url + "/", 5, host="orders")) == {"200 orders"}
-    assert "otlp" in proxy.admin("/config_dump")["plugins"]
+    dump = proxy.admin("/config_dump")
+    assert "otlp" in dump["plugins"]
+    assert dump["plugins_idle"]["otlp"] == "no --otlp-endpoint (nor $MESH_OTLP_ENDPOINT)"
     time.sleep(0.5)
     assert len(receiver.posts) == before

@@ -10,8 +10,9 @@ an ``OTLPSpanExporter``.
 Nothing here blocks the reactor: ``BatchSpanProcessor.on_end`` appends to a
 bounded ``deque`` and at most sets a ``threading.Event``; the SDK's worker
 thread does the batching and the HTTP POSTs.  The processor (and its thread)
-is created at the first span, only when an endpoint is configured; see
-README.md for the environment variables.
+is created at the first span, only when an endpoint is configured:
+``twistd mesh-proxy --otlp-endpoint URL``, or the environment variables of
+README.md.  Without one the plugin stays idle (none of its hooks is called).
 """
 
 from __future__ import annotations
@@ -191,24 +192,58 @@ class _sdk_types:
         self.scope = InstrumentationScope("txmesh", __version__)
 
 
-_ENDPOINT = endpoint_from_env()
-_sink = None
+OPTION = "otlp-endpoint"
 
 
-def _get_sink():
-    global _sink
-    if _sink is None:
-        from twisted.internet import reactor
-
-        _sink = OtlpSink(_ENDPOINT, reactor)
-    return _sink
+def traces_url(base):
+    """``BASE/v1/traces`` for ``--otlp-endpoint BASE``; ValueError (a usage error) unless it is http(s)."""
+    if not base.startswith(("http://", "https://")):
+        raise ValueError(f"--{OPTION} wants the collector's base URL, http://HOST:4318, not {base!r}")
+    return base.rstrip("/") + "/v1/traces"
 
 
-@hookimpl
-def mesh_request_complete(ctx, outcome):
-    """Export the span ``builtin.tracing`` recorded for this request, if any."""
-    if _ENDPOINT is None:
-        return
-    span = ctx.extra.get("span")
-    if span is not None:
-        _get_sink().add(span)
+class OtlpPlugin:
+    """The ``otlp`` plugin of one sidecar: idle unless an endpoint is configured.
+
+    ``endpoint`` is the traces URL, from ``--otlp-endpoint`` or else the
+    environment (:func:`endpoint_from_env`); the :class:`OtlpSink` (and the
+    SDK's worker thread) is made at the first span.
+    """
+
+    MESH_API_VERSION = 1
+
+    def __init__(self):
+        self.endpoint = None
+        self.reactor = None
+        self._sink = None
+
+    @hookimpl
+    def mesh_addoption(self, parser):
+        parser.addoption(OPTION, default=None, coerce=traces_url, role="proxy",
+                         help="Export the sidecar's spans over OTLP/HTTP to this collector (base URL, e.g. "
+                              "http://otel-collector:4318; spans go to URL/v1/traces); default: "
+                              "$MESH_OTLP_ENDPOINT, then the OpenTelemetry variables")
+
+    @hookimpl
+    def mesh_configure(self, config):
+        if config.role != "proxy":
+            config.set_idle(self, "sidecars only")
+            return
+        self.endpoint = config.option(OPTION) or endpoint_from_env()
+        if self.endpoint is None:
+            config.set_idle(self, f"no --{OPTION} (nor $MESH_OTLP_ENDPOINT)")
+            return
+        self.reactor = config.reactor
+
+    @hookimpl
+    def mesh_request_complete(self, ctx, outcome):
+        """Export the span ``builtin.tracing`` recorded for this request, if any."""
+        span = ctx.extra.get("span")
+        if span is not None:
+            if self._sink is None:
+                self._sink = OtlpSink(self.endpoint, self.reactor)
+            self._sink.add(span)
+
+
+#: What the ``otlp`` entry point registers.
+plugin = OtlpPlugin()
