@@ -23,6 +23,7 @@ logs every hook call through pluggy's tracing (slow: for debugging a plugin).
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import operator
 import os
 import sys
@@ -120,6 +121,30 @@ class MeshPluginManager(pluggy.PluginManager):
             self._names.append(registered)
         return registered
 
+    def load_entry_points(self) -> None:
+        """Register the plugins of the ``mesh.plugins`` entry points not registered or blocked yet.
+
+        :raises PluginRegistrationError: naming the first plugin that cannot be imported or registered.
+        """
+        try:
+            self.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except PluginRegistrationError:
+            raise
+        except Exception as error:
+            name = self._first_unloaded_entry_point()
+            raise PluginRegistrationError(
+                f"plugin {name!r} cannot be loaded ({type(error).__name__}: {error}): fix or reinstall it, or leave "
+                f"it out with --disable-plugin {name}") from error
+
+    def _first_unloaded_entry_point(self) -> str:
+        """The entry point pluggy stopped at: the first of the group, in its order, neither registered nor blocked."""
+        for dist in importlib.metadata.distributions():
+            for entry in dist.entry_points:
+                if entry.group == ENTRY_POINT_GROUP and not self.has_plugin(entry.name) \
+                        and not self.is_blocked(entry.name):
+                    return entry.name
+        return "?"
+
     def plugin_names(self) -> list[str]:
         """The names of every plugin of this process, in registration order, idle ones included."""
         return [name for name in self._names if name in self.idle or self.get_plugin(name) is not None]
@@ -186,7 +211,7 @@ def make_plugin_manager(disabled: Iterable[str] = (), load_entry_points: bool = 
         if name not in disabled:
             pm.register(_load(spec), name=name)
     if load_entry_points:
-        pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        pm.load_entry_points()
     return pm
 
 

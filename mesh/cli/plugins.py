@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from mesh.plugins import describe_plugins, make_plugin_manager
+import sys
+
+from mesh.plugins import PluginRegistrationError, describe_plugins, make_plugin_manager
 
 
 def add_parser(subparsers):
@@ -13,7 +15,12 @@ def add_parser(subparsers):
 
 
 def run(args) -> int:
-    rows = describe_plugins(make_plugin_manager(args.disable_plugin))
+    """Print one line per plugin: name, origin, hooks; exit 1 with the reason when a plugin cannot load."""
+    try:
+        rows = describe_plugins(make_plugin_manager(args.disable_plugin))
+    except PluginRegistrationError as error:
+        print(f"meshctl plugins: {error}", file=sys.stderr)
+        return 1
     width = max(len(name) for name, _, _ in rows)
     origin_width = max(len(origin) for _, origin, _ in rows)
     for name, origin, hooks in rows:

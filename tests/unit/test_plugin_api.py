@@ -195,6 +195,29 @@ def test_a_plugin_for_a_newer_api_is_refused_with_what_to_do():
     assert pm.register(current, name="current") == "current"
 
 
+@pytest.fixture
+def broken_dist(tmp_path, monkeypatch):
+    """An installed distribution whose ``mesh.plugins`` entry point ``broken`` fails to import."""
+    (tmp_path / "txmesh_broken_plugin.py").write_text("raise ImportError('libfoo.so.1: cannot open shared object')\n")
+    info = tmp_path / "txmesh_broken-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: txmesh-broken\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[mesh.plugins]\nbroken = txmesh_broken_plugin\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return tmp_path
+
+
+def test_a_plugin_that_cannot_be_imported_is_named_with_what_to_do(broken_dist):
+    with pytest.raises(PluginRegistrationError) as error:
+        make_plugin_manager()
+    assert str(error.value) == ("plugin 'broken' cannot be loaded (ImportError: libfoo.so.1: cannot open shared "
+                                "object): fix or reinstall it, or leave it out with --disable-plugin broken")
+    with pytest.raises(usage.UsageError, match="plugin 'broken' cannot be loaded"):
+        plugin_options(BuiltinProxyOptions, "proxy", argv=[])  # twistd prints it under the usage, no traceback
+    options = plugin_options(BuiltinProxyOptions, "proxy", argv=["mesh-proxy", "--disable-plugin", "broken"])
+    assert "broken" not in options.pluginmanager.plugin_names()
+
+
 def test_api_version_is_one_number():
     assert api.API_VERSION == hookspecs.API_VERSION == 1
 
