@@ -69,7 +69,8 @@ TRACE_HOOKS_ENV = "MESH_TRACE_HOOKS"
 
 
 class PluginRegistrationError(Exception):
-    """A plugin cannot be registered: registration is closed, or it needs a newer plugin API.
+    """A plugin cannot be registered: it cannot be imported, it needs a newer plugin API, or registration
+    is closed (after :meth:`MeshPluginManager.configure`).
 
     The message names the plugin and says what to do.
     """
@@ -97,7 +98,8 @@ class MeshPluginManager(pluggy.PluginManager):
     def __init__(self) -> None:
         super().__init__("mesh")
         self.add_hookspecs(hookspecs)
-        self.config: Config | None = None
+        self.config: Config | None = None  # between configure and unconfigure
+        self.closed = False  # registration, from configure on
         self.idle: dict[str, tuple[object, str]] = {}
         self._names: list[str] = []
 
@@ -105,7 +107,7 @@ class MeshPluginManager(pluggy.PluginManager):
         """Register ``plugin`` like pluggy does; refused after :meth:`configure`, or when the plugin's
         ``MESH_API_VERSION`` is newer than :data:`mesh.hookspecs.API_VERSION`."""
         label = name or self.get_canonical_name(plugin)
-        if self.config is not None:
+        if self.closed:
             raise PluginRegistrationError(
                 f"plugin {label!r} registered after mesh_configure: the hook callers are built by then, so it "
                 "would never be called; register it before (install it under the mesh.plugins entry point "
@@ -161,16 +163,19 @@ class MeshPluginManager(pluggy.PluginManager):
                 self.idle[name] = (plugin, reason)
                 self.unregister(plugin)  # still in plugin_names(), as idle
         self.config = config
+        self.closed = True
 
     def unconfigure(self) -> None:
-        """Call ``mesh_unconfigure`` once (the plugins configured, idle ones left out); a failure is logged."""
+        """Call ``mesh_unconfigure`` once, for every plugin configured (idle ones left out): one that raises
+        is logged (:data:`failures`) and the others are still called."""
         config, self.config = self.config, None
         if config is None:
             return
-        try:
-            fast_caller(self.hook.mesh_unconfigure)(config=config)
-        except PluginError:
-            pass  # failures has logged it, with the traceback; the other plugins have been called
+        for impl in reversed(self.hook.mesh_unconfigure.get_hookimpls()):
+            try:
+                _call_one(impl, config=config)
+            except Exception as error:
+                failures.report(impl.plugin_name, "mesh_unconfigure", error)
 
     def trace_hooks(self) -> None:
         """Log every hook call, its arguments and its result with twisted.logger (pluggy's tracing).
@@ -183,6 +188,11 @@ class MeshPluginManager(pluggy.PluginManager):
 
         self.trace.root.setwriter(write)
         self.enable_tracing()
+
+
+def _call_one(impl: pluggy.HookImpl, **kwargs: Any) -> Any:
+    """Call one hook implementation with the arguments it names (a lifecycle hook, called plugin by plugin)."""
+    return impl.function(*[kwargs[name] for name in impl.argnames])
 
 
 def _load(spec: str) -> object:
@@ -268,7 +278,7 @@ def plugin_options(base: type, role: str, argv: Sequence[str] | None = None) -> 
     for impl in reversed(pm.hook.mesh_addoption.get_hookimpls()):
         parser.current_plugin = impl.plugin_name
         try:
-            impl.function(*[{"parser": parser}[name] for name in impl.argnames])
+            _call_one(impl, parser=parser)
         except ValueError as error:
             raise usage.UsageError(str(error)) from None
         except Exception as error:

@@ -26,6 +26,7 @@ from mesh.plugins import (
     PluginRegistrationError,
     configure_or_exit,
     disabled_in_argv,
+    failures,
     fast_caller,
     make_plugin_manager,
     plugin_options,
@@ -113,6 +114,22 @@ def test_configure_then_registration_is_closed():
     pm.unconfigure()
     pm.unconfigure()  # once only
     assert recorder.calls == [("configure", "proxy"), ("unconfigure", "proxy")]
+
+
+def test_a_failing_unconfigure_is_logged_and_the_others_still_run():
+    class Failing(Recorder):
+        @hookimpl
+        def mesh_unconfigure(self, config):
+            raise RuntimeError("cannot flush")
+
+    pm = make_plugin_manager(load_entry_points=False, disabled=BUILTIN_NAMES)
+    first = Recorder()
+    pm.register(first, name="first")
+    pm.register(Failing(), name="failing")  # called first: registered last
+    pm.configure(_config(pm))
+    pm.unconfigure()
+    assert first.calls[-1] == ("unconfigure", "proxy")
+    assert [entry["plugin"] for entry in failures.describe()].count("failing") == 1
 
 
 def test_an_idle_plugin_is_listed_but_never_called():
