@@ -8,7 +8,8 @@
 - :mod:`.peers`: what a sidecar knows about the other side of a request
 - :mod:`.guard`: telemetry hooks log their bugs and never raise into the data path
 - :mod:`.exposition`: the HTTP endpoints Prometheus scrapes
-- :mod:`.sidecar`: wires all of it into a :class:`mesh.proxy.service.ProxyService`
+- :mod:`.sidecar`: the sidecar's metrics port and telemetry settings (the plugins themselves are
+  registered from :data:`mesh.plugins.DEFAULT_PLUGINS`, :mod:`mesh.builtin.telemetry`)
 
 docs/telemetry.md lists every metric, label and log field.  Tracing lives in
 :mod:`.tracing` (docs/tracing.md).

@@ -2,7 +2,9 @@
 
 This directory must not contain an ``__init__.py`` (Twisted's plugin rules).
 The real work lives in :mod:`mesh.proxy.tap` and :mod:`mesh.control.tap`,
-imported lazily so that ``twistd --help`` stays fast.
+imported lazily so that ``twistd --help`` stays fast.  Each has ``Options``
+(called when the subcommand is parsed: it loads the plugins and adds the
+options they declare in ``mesh_addoption``) and ``makeService``.
 """
 
 from twisted.application.service import ServiceMaker
