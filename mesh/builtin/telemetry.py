@@ -49,11 +49,6 @@ def _peers(config) -> PeerDirectory:
     return peers
 
 
-def _tcp_observers(proxy) -> list:
-    """The observer lists of the sidecar's TCP passthrough connections (one per listener that has them)."""
-    return [listener.passthrough.observers for listener in proxy.listeners if listener.passthrough is not None]
-
-
 class TracingPlugin(Tracer):
     """``builtin.tracing``: one span per hop (:mod:`mesh.telemetry.tracing`); with ``--zipkin-url``, its
     exporter is a child service of the sidecar (it flushes while it runs, and once more when it stops)."""
@@ -95,14 +90,10 @@ class MetricsPlugin(IstioMetrics):
         super().__init__(proxy.settings.workload, _peers(config))
         self._registry = proxy.metrics_registry
         self._registry.register(self)
-        for observers in _tcp_observers(proxy):
-            observers.append(self.tcp_connection)
 
     @hookimpl
     def mesh_unconfigure(self, config):
         self._registry.unregister(self)
-        for observers in _tcp_observers(config.service):
-            observers.remove(self.tcp_connection)
 
 
 class AccessLogPlugin(AccessLog):
@@ -124,13 +115,6 @@ class AccessLogPlugin(AccessLog):
             return
         super().__init__(config.reactor, open_destination(destination), _peers(config), proxy.settings.workload)
         self.setServiceParent(proxy)
-        for observers in _tcp_observers(proxy):
-            observers.append(self.tcp_connection)
-
-    @hookimpl
-    def mesh_unconfigure(self, config):
-        for observers in _tcp_observers(config.service):
-            observers.remove(self.tcp_connection)
 
 
 class TapPlugin(TapHub):

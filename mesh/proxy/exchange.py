@@ -81,7 +81,7 @@ class Try:
     # -- connection set-up -------------------------------------------------
     def connected(self, connection):
         if self.done:  # abandoned while connecting: keep the connection warm
-            connection.release()
+            self.endpoint.pool.release(connection)
             return
         self.connection = connection
         self.exchange.send_request(self)
@@ -111,7 +111,7 @@ class Try:
             self.linked = False
             connection.unlink_body()
         if reusable:
-            connection.release()
+            self.endpoint.pool.release(connection)
         elif connection.listener is self or connection.listener is None:
             connection.detach()
 

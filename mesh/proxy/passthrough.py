@@ -64,34 +64,6 @@ class PassthroughSettings:
     max_connections: int = 1024
 
 
-@dataclass(frozen=True, slots=True)
-class TcpConnectionEvent:
-    """What :class:`Passthrough` observers get when a tunnel opens, ends, or is refused or fails to connect.
-
-    ``opened``/``closed`` are 1 or 0: (1, 0) it opened, (0, 1) it ended,
-    (1, 1) it ended without ever being spliced (refused, failed to connect,
-    or the client left while it connected).  ``sent`` is destination ->
-    client bytes, ``received`` client -> destination.  Addresses are
-    ``(host, port)``: ``client`` the connecting client, ``destination`` the
-    original destination it dialled, ``upstream`` the address the tunnel
-    connected to (None if it never connected).  ``start`` is when the client
-    connected (``reactor.seconds()``) and ``duration`` the seconds since.
-    """
-
-    opened: int
-    closed: int
-    direction: str
-    cluster: str
-    flags: str
-    sent: int
-    received: int
-    client: tuple
-    destination: tuple | None
-    upstream: tuple | None
-    start: float
-    duration: float
-
-
 class PassthroughClusters:
     """HTTP to an original destination the registry does not know: a plaintext cluster per ``ip:port``.
 
@@ -134,7 +106,7 @@ class PassthroughClusters:
 
 
 class Passthrough:
-    """Protocol detection and TCP tunnels for the captured connections of one listener.
+    """TCP tunnels for the captured connections of one listener that the detect stage found not HTTP.
 
     :param cluster: the cluster name the tunnels report (``PassthroughCluster``
         or ``InboundPassthroughClusterIpv4``).
@@ -143,9 +115,12 @@ class Passthrough:
         tunnel must not be opened (REGISTRY_ONLY, authorization), else None.
     :param bind: source address of the tunnels' connections (None: any).
 
-    ``observers`` are called with a :class:`TcpConnectionEvent` when a tunnel
-    opens, ends, or is refused or fails to connect: Istio's TCP metrics
-    (:mod:`mesh.telemetry.istio`) and the access log (:mod:`mesh.telemetry.accesslog`).
+    Each tunnel is reported to ``mesh_connection_open`` and
+    ``mesh_connection_complete`` (protocol ``"tcp"``, with its ``cluster`` and
+    ``response_flags``) when it is spliced and when it ends, or both at once
+    when it is refused or fails to connect: Istio's TCP metrics
+    (:mod:`mesh.telemetry.istio`) and the access log (:mod:`mesh.telemetry.accesslog`)
+    are such hook implementations.
     """
 
     def __init__(self, reactor, settings, direction, cluster, target, refusal, bind=None):
@@ -156,7 +131,6 @@ class Passthrough:
         self._target = target
         self._refusal = refusal
         self._bind = (bind, 0) if bind else None
-        self.observers = []
         self.open = 0
         self.opened_total = 0
         self.refused_total = 0
@@ -258,7 +232,13 @@ class Passthrough:
             del self._detecting[detector.client]
 
     def _report(self, detector, opened, closed, cluster, flags, sent=0, received=0, upstream=None):
-        """Tell the connection hooks (``mesh_connection_open``/``_complete`` of the listener) and the observers."""
+        """Tell the connection hooks (``mesh_connection_open``/``_complete``, through the listener).
+
+        ``opened``/``closed`` are 1 or 0: (1, 0) the tunnel is spliced, (0, 1)
+        it ended, (1, 1) it ended without ever being spliced (refused, failed
+        to connect, or the client left while it connected).  ``sent`` is
+        destination -> client bytes, ``received`` client -> destination.
+        """
         conn = detector.conn
         conn.cluster = cluster
         conn.response_flags = flags
@@ -269,16 +249,6 @@ class Passthrough:
             conn.bytes_sent = sent  # what went through the tunnel (nothing if it never opened)
             conn.bytes_received = received
             conn.listener.report_complete(conn)
-        if not self.observers:
-            return
-        event = TcpConnectionEvent(opened, closed, self.direction, cluster, flags, sent, received, detector.client,
-                                   detector.conn.original_dst, upstream, detector.start,
-                                   self.reactor.seconds() - detector.start)
-        for observer in self.observers:
-            try:
-                observer(event)
-            except Exception:
-                log.failure("a passthrough observer failed")
 
 
 class _TunnelFactory(ClientFactory):

@@ -80,7 +80,8 @@ class IUpstreamStream(Interface):
     The owner (a :class:`mesh.proxy.exchange.Try`) gets the response as calls
     of ``upstream_head(status, reason, headers, keep_alive)``,
     ``upstream_body(data)``, ``upstream_end()``, ``upstream_upgraded(rest)``,
-    ``upstream_flush()`` and ``upstream_lost(reason_text)``.
+    ``upstream_flush()`` and ``upstream_lost(reason_text)``.  A connection whose
+    response is complete and that may be reused goes back to its endpoint's pool.
     """
 
     def send_request(owner, exchange):
@@ -103,9 +104,6 @@ class IUpstreamStream(Interface):
 
     def resume_reading():
         """Undo :meth:`pause_reading`."""
-
-    def release():
-        """The response is complete and the connection reusable: back to its pool."""
 
     def detach():
         """The owner is gone (failed, timed out): never reuse this connection."""

@@ -5,8 +5,7 @@ writes them; txmesh's own follow (``direction``, the deciding AuthorizationPolic
 both ends' principals and workloads, the trace id).
 
 And one per TCP passthrough connection, when it ends (``"protocol":"tcp"``):
-:meth:`AccessLog.tcp_connection` is a :class:`mesh.proxy.passthrough.Passthrough`
-observer.  A request that dry-run AuthorizationPolicies (``istio.io/dry-run``)
+:meth:`AccessLog.mesh_connection_complete`.  A request that dry-run AuthorizationPolicies (``istio.io/dry-run``)
 evaluated carries their results too (:func:`dry_run_fields`).
 
 Lines are kept in memory and written by a one-second ``LoopingCall`` (and
@@ -97,13 +96,14 @@ class AccessLog(service.Service):
         except Exception:
             self._failed()
 
-    def tcp_connection(self, event) -> None:
-        """A :class:`mesh.proxy.passthrough.Passthrough` observer: a line for each TCP connection that ended
-        (``event`` is a :class:`mesh.proxy.passthrough.TcpConnectionEvent`)."""
-        if not event.closed:
+    @hookimpl
+    def mesh_connection_complete(self, connection):
+        """A line for each TCP passthrough connection that ended (``connection`` is a
+        :class:`mesh.api.ConnectionView` with the tunnel's ``cluster`` and ``response_flags``)."""
+        if connection.protocol != "tcp":
             return
         try:
-            line = self._format_tcp(event)
+            line = self._format_tcp(connection)
         except Exception:
             self._failed()
             return
@@ -207,21 +207,22 @@ class LineFormatter:
             f'{"" if dry_run is None else dry_run_fields(dry_run)}}}'
         )
 
-    def format_tcp(self, event) -> str:
-        """The access-log line of one ended TCP passthrough connection (a
-        :class:`mesh.proxy.passthrough.TcpConnectionEvent`; without its newline): Istio's fields, the
+    def format_tcp(self, conn) -> str:
+        """The access-log line of one ended TCP passthrough connection (``conn``, as
+        ``mesh_connection_complete`` gets it; without its newline): Istio's fields, the
         request-level ones ``null`` (``response_code`` 0), as Envoy's TCP proxy logs them."""
         return (
-            f'{{"start_time":"{self._start_time(event.start)}","method":null,"path":null,"protocol":"tcp",'
-            f'"response_code":0,"response_flags":{_json(event.flags or "-")},"response_code_details":null,'
+            f'{{"start_time":"{self._start_time(conn.start)}","method":null,"path":null,"protocol":"tcp",'
+            f'"response_code":0,"response_flags":{_json(conn.response_flags or "-")},"response_code_details":null,'
             f'"connection_termination_details":null,"upstream_transport_failure_reason":null,'
-            f'"bytes_received":{event.received},"bytes_sent":{event.sent},"duration":{int(event.duration * 1000.0)},'
+            f'"bytes_received":{conn.bytes_received},"bytes_sent":{conn.bytes_sent},'
+            f'"duration":{int(conn.duration * 1000.0)},'
             f'"upstream_service_time":null,"x_forwarded_for":null,"user_agent":null,"request_id":null,'
-            f'"authority":null,"upstream_host":{_json(_host_port(event.upstream))},'
-            f'"upstream_cluster":{_json(event.cluster)},"upstream_local_address":null,'
-            f'"downstream_local_address":{_json(_host_port(event.destination))},'
-            f'"downstream_remote_address":{_json(event.client[0])},"requested_server_name":null,"route_name":null,'
-            f'"direction":"{event.direction}"}}'
+            f'"authority":null,"upstream_host":{_json(_host_port(conn.upstream))},'
+            f'"upstream_cluster":{_json(conn.cluster)},"upstream_local_address":null,'
+            f'"downstream_local_address":{_json(_host_port(conn.destination))},'
+            f'"downstream_remote_address":{_json(conn.source_address)},"requested_server_name":null,'
+            f'"route_name":null,"direction":"{conn.direction}"}}'
         )
 
     def _start_time(self, start) -> str:

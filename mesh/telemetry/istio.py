@@ -183,17 +183,29 @@ class IstioMetrics(Collector):
             key = (action, result)
             counts[key] = counts.get(key, 0) + 1
 
-    def tcp_connection(self, event) -> None:
-        """A :class:`mesh.proxy.passthrough.Passthrough` observer: count a TCP connection's events and bytes
-        (``event`` is a :class:`mesh.proxy.passthrough.TcpConnectionEvent`)."""
-        key = (event.direction, event.cluster, event.flags)
+    @hookimpl
+    def mesh_connection_open(self, connection):
+        """Count a TCP passthrough connection opened (``connection`` is a :class:`mesh.api.ConnectionView`
+        with the tunnel's ``cluster`` and ``response_flags``); HTTP connections are counted per request."""
+        if connection.protocol == "tcp":
+            self._tcp_counts(connection)[0] += 1
+
+    @hookimpl
+    def mesh_connection_complete(self, connection):
+        """Count a TCP passthrough connection closed, and its bytes."""
+        if connection.protocol == "tcp":
+            counts = self._tcp_counts(connection)
+            counts[1] += 1
+            counts[2] += connection.bytes_sent
+            counts[3] += connection.bytes_received
+
+    def _tcp_counts(self, connection) -> list:
+        """``[opened, closed, sent, received]`` of the connection's labels."""
+        key = (connection.direction, connection.cluster, connection.response_flags)
         counts = self._tcp.get(key)
         if counts is None:
             counts = self._tcp[key] = [0, 0, 0, 0]
-        counts[0] += event.opened
-        counts[1] += event.closed
-        counts[2] += event.sent
-        counts[3] += event.received
+        return counts
 
     def _tcp_labels(self, index, direction, cluster, flags) -> tuple:
         """Labels of passthrough connections: the pseudo-cluster is the destination service (as in Istio)."""

@@ -5,8 +5,8 @@ The request-level telemetry is made of plugins of :data:`mesh.plugins.DEFAULT_PL
 (the workload metadata sidecars exchange, :mod:`mesh.telemetry.metadata_exchange`),
 ``builtin.metrics``, ``builtin.accesslog`` and ``builtin.tap`` (the admin
 port's ``/tap``), so ``--disable-plugin NAME`` leaves any of them out like
-any other plugin.  Metrics and the access log also observe the TCP
-passthrough connections (:class:`mesh.proxy.passthrough.Passthrough`).
+any other plugin.  Metrics and the access log also count and log the TCP
+passthrough connections, through ``mesh_connection_open``/``_complete``.
 
 Each sidecar process has its own ``CollectorRegistry`` (not
 prometheus-client's global one), served by :func:`serve_metrics`; one process

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import io
 import json
 
@@ -13,7 +12,6 @@ from mesh.config.tables import RouteAction
 from mesh.proxy.tap import Options, makeService
 from mesh.telemetry import accesslog
 from mesh.telemetry.accesslog import AccessLog, LineFormatter
-from mesh.telemetry.istio import IstioMetrics
 from mesh.telemetry.peers import PEER_METADATA, PeerMetadata
 from tests.unit.test_telemetry_support import (
     CALLER_ID,
@@ -28,7 +26,8 @@ from tests.unit.test_telemetry_support import (
     inbound,
     outbound,
     peers,
-    tcp_event,
+    report_tcp,
+    tcp_connection,
 )
 
 #: Istio's default JSON access log (its EnvoyJSONLogFormatIstio), every field of it.
@@ -201,7 +200,7 @@ def test_a_broken_request_or_disk_never_raises():
 
 def test_a_tcp_passthrough_line_has_istios_fields_too():
     formatter = LineFormatter(peers(), PRODUCTPAGE)
-    ended = tcp_event(0, 1, sent=24, received=19, upstream=("93.184.216.34", 5432), duration=1.5)
+    ended = tcp_connection(sent=24, received=19, upstream=("93.184.216.34", 5432), duration=1.5)
     entry = json.loads(formatter.format_tcp(ended))
     assert set(entry) == ISTIO_FIELDS | {"direction"}
     assert {name: value for name, value in entry.items() if value is not None} == {
@@ -216,10 +215,10 @@ def test_a_tcp_passthrough_line_has_istios_fields_too():
 
 def test_a_refused_or_failed_tcp_connection_has_its_flag_and_no_upstream_host():
     formatter = LineFormatter(peers(), PRODUCTPAGE)
-    entry = json.loads(formatter.format_tcp(tcp_event(1, 1, cluster="BlackHoleCluster", flags="UH", duration=0.0)))
+    entry = json.loads(formatter.format_tcp(tcp_connection(cluster="BlackHoleCluster", flags="UH", duration=0.0)))
     assert (entry["upstream_cluster"], entry["response_flags"], entry["upstream_host"], entry["bytes_sent"],
             entry["duration"]) == ("BlackHoleCluster", "UH", None, 0, 0)
-    entry = json.loads(formatter.format_tcp(tcp_event(1, 1, flags="UF", destination=("10.98.0.2", 6999))))
+    entry = json.loads(formatter.format_tcp(tcp_connection(flags="UF", destination=("10.98.0.2", 6999))))
     assert (entry["response_flags"], entry["downstream_local_address"], entry["upstream_host"]) == \
         ("UF", "10.98.0.2:6999", None)
 
@@ -228,33 +227,33 @@ def test_the_log_has_a_line_per_ended_tcp_connection_only():
     clock, stream = Clock(), Stream()
     log = AccessLog(clock, stream, peers(), PRODUCTPAGE)
     log.startService()
-    log.tcp_connection(tcp_event(1, 0))  # opened: no line yet
-    log.tcp_connection(tcp_event(0, 1, sent=3, received=4))
-    log.tcp_connection(tcp_event(1, 1, flags="UO"))
+    report_tcp(log, 1, 0)  # opened: no line yet
+    report_tcp(log, 0, 1, sent=3, received=4)
+    report_tcp(log, 1, 1, flags="UO")
     clock.advance(1.0)
     [data] = stream.writes
     assert [(entry["protocol"], entry["response_flags"], entry["bytes_sent"])
             for entry in map(json.loads, data.splitlines())] == [("tcp", "-", 3), ("tcp", "UO", 0)]
-    broken = dataclasses.replace(tcp_event(0, 1), start=None)
-    log.tcp_connection(broken)  # counted and logged, never raised into the tunnel's code
+    broken = tcp_connection()
+    broken.start = None
+    log.mesh_connection_complete(broken)  # counted and logged, never raised into the tunnel's code
     assert log._failed.failures == 1
     log.stopService()
 
 
 @pytest.mark.parametrize("args, observers", [
-    ([], ["IstioMetrics", "AccessLog"]),
-    (["--access-log", "off"], ["IstioMetrics"]),
-    (["--disable-plugin", "builtin.accesslog"], ["IstioMetrics"]),
-    (["--metrics-port", "0"], ["AccessLog"]),
+    ([], ["builtin.accesslog", "builtin.metrics"]),
+    (["--access-log", "off"], ["builtin.metrics"]),
+    (["--disable-plugin", "builtin.accesslog"], ["builtin.metrics"]),
+    (["--metrics-port", "0"], ["builtin.accesslog"]),
 ])
-def test_tcp_observers_follow_the_telemetry_options(tmp_path, args, observers):
+def test_tcp_connections_reach_the_telemetry_plugins_the_options_keep(tmp_path, args, observers):
     options = Options()
     options.parseOptions(["--config-dir", str(tmp_path), "--workload", "w", "--access-log", str(tmp_path / "a.log"),
                           *args])
     proxy = makeService(options)
-    for listener in proxy.listeners:  # the plugins subclass these (mesh.builtin.telemetry)
-        assert sorted(kind.__name__ for observer in listener.passthrough.observers
-                      for kind in (IstioMetrics, AccessLog) if isinstance(observer.__self__, kind)) == sorted(observers)
+    implementations = proxy.plugins.hook.mesh_connection_complete.get_hookimpls()
+    assert sorted(impl.plugin_name for impl in implementations if impl.plugin_name.startswith("builtin.")) == observers
     for service in proxy:
         if isinstance(service, AccessLog):
             service.stopService()  # closes its file

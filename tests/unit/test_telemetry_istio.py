@@ -26,7 +26,7 @@ from tests.unit.test_telemetry_support import (
     inbound,
     outbound,
     peers,
-    tcp_event,
+    report_tcp,
 )
 
 
@@ -187,10 +187,10 @@ def test_a_failing_request_is_logged_not_raised(metrics):
 
 
 def test_tcp_passthrough_connections_are_counted_under_istio_pseudo_clusters(metrics):
-    metrics.tcp_connection(tcp_event(1, 0))
-    metrics.tcp_connection(tcp_event(0, 1, sent=2048, received=17))
-    metrics.tcp_connection(tcp_event(1, 1, cluster="BlackHoleCluster", flags="UH"))
-    metrics.tcp_connection(tcp_event(1, 1, "inbound", "InboundPassthroughClusterIpv4", sent=5, received=7))
+    report_tcp(metrics, 1, 0)
+    report_tcp(metrics, 0, 1, sent=2048, received=17)
+    report_tcp(metrics, 1, 1, cluster="BlackHoleCluster", flags="UH")
+    report_tcp(metrics, 1, 1, "inbound", "InboundPassthroughClusterIpv4", sent=5, received=7)
     families = scrape(metrics)
     sent = {(labels["reporter"], labels["destination_service_name"], labels["response_flags"]): value
             for _, labels, value in families["istio_tcp_sent_bytes"]}

@@ -18,7 +18,6 @@ from mesh.identity.tls import CredentialStore
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import RequestOutcome
 from mesh.proxy.overload import ConnectionOverload
-from mesh.proxy.passthrough import TcpConnectionEvent
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import ProxyRuntime, inbound_cluster
 from mesh.telemetry.peers import PeerDirectory
@@ -101,8 +100,20 @@ def done(ctx, duration=0.0042, detail="") -> RequestOutcome:
     return RequestOutcome(ctx.response_code, ctx.response_flags, False, duration, detail)
 
 
-def tcp_event(opened, closed, direction="outbound", cluster="PassthroughCluster", flags="", sent=0, received=0,
-              destination=("93.184.216.34", 5432), upstream=None, duration=1.5) -> TcpConnectionEvent:
-    """A passthrough observer's event: productpage's app (10.0.0.9:41000) -> ``destination``."""
-    return TcpConnectionEvent(opened, closed, direction, cluster, flags, sent, received, ("10.0.0.9", 41000),
-                              destination, upstream, 1795637387.25, duration)
+def tcp_connection(direction="outbound", cluster="PassthroughCluster", flags="", sent=0, received=0,
+                   destination=("93.184.216.34", 5432), upstream=None, duration=1.5) -> SimpleNamespace:
+    """A TCP passthrough connection as the connection hooks see it: productpage's app (10.0.0.9) -> ``destination``
+    (a :class:`mesh.api.ConnectionView` with the tunnel's ``cluster`` and ``response_flags``)."""
+    return SimpleNamespace(direction=direction, protocol="tcp", source_address="10.0.0.9", destination=destination,
+                           upstream=upstream, peer=None, start=1795637387.25, duration=duration,
+                           bytes_received=received, bytes_sent=sent, requests=0, cluster=cluster, response_flags=flags)
+
+
+def report_tcp(plugin, opened, closed, *args, **fields) -> None:
+    """Call ``plugin``'s connection hooks as a tunnel does: ``(opened, closed)`` is (1, 0) when it is spliced,
+    (0, 1) when it ends, (1, 1) when it is refused or fails to connect."""
+    connection = tcp_connection(*args, **fields)
+    if opened and hasattr(plugin, "mesh_connection_open"):
+        plugin.mesh_connection_open(connection)
+    if closed:
+        plugin.mesh_connection_complete(connection)

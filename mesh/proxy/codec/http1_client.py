@@ -151,10 +151,6 @@ class UpstreamConnection(Protocol):
     def resume_reading(self) -> None:
         self.transport.resumeProducing()
 
-    def release(self) -> None:
-        """The response is complete and the connection reusable: back to its pool."""
-        self.pool.release(self)
-
     def hand_over(self) -> None:
         """The connection becomes one side of a tunnel (a WebSocket): no try owns it any more."""
         self.listener = None

@@ -3,9 +3,11 @@
 A :class:`DownstreamConnection` is a Twisted protocol around an httptools
 (llhttp) request parser, and the :class:`mesh.proxy.streams.IDownstreamStream`
 of each of its exchanges: every HTTP/1 byte sent to the client (response
-heads, chunk framing, ``100 Continue``, keep-alive) is written here.  llhttp is strict: it rejects Content-Length together
-with Transfer-Encoding, duplicate Content-Length, obs-fold and bad tokens, and
-each of those ends the connection with a 400.  This module adds the limits on
+heads, chunk framing, ``100 Continue``, keep-alive) is written here.
+
+llhttp is strict: it rejects Content-Length together with Transfer-Encoding,
+duplicate Content-Length, obs-fold and bad tokens, and each of those ends the
+connection with a 400.  This module adds the limits on
 head size and header count (431), the HTTP version check (505), and the
 timers for slow and idle clients.
 
@@ -34,13 +36,21 @@ import re
 from collections import deque
 
 import httptools
-from zope.interface import implementer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
-from mesh.proxy.codec.heads import (CHUNKED, CLOSE, FRAMING, HOP_BY_HOP, connection_tokens, local_response,
-                                    response_head, simple_response)
+from mesh.proxy.codec.heads import (
+    CHUNKED,
+    CLOSE,
+    FRAMING,
+    HOP_BY_HOP,
+    connection_tokens,
+    local_response,
+    response_head,
+    simple_response,
+)
 from mesh.proxy.context import RequestContext
 from mesh.proxy.deadline import Deadlines
 from mesh.proxy.detect import detect
@@ -513,7 +523,11 @@ class DownstreamConnection(Protocol):
 
     def send_end(self):
         """The response is complete: any held-back head, and the last chunk of a chunked body."""
-        self.flush()
+        head = self._pending_head  # flush(), inlined: once per request
+        if head is not None:
+            self._pending_head = None
+            self.bytes_sent += len(head)
+            self.transport.write(head)
         if self._chunked:
             self.bytes_sent += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
