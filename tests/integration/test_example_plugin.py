@@ -5,7 +5,8 @@ its ``mesh.plugins`` entry point.  With ``--example-header-value`` (its own opti
 ``mesh_addoption``) every response carries ``x-example`` and ``x-example-connections`` (the
 connections the sidecar accepted so far, from ``mesh_connection_open``), and the sidecar logs one line
 per connection that ended (``mesh_connection_complete``) and the totals when it stops
-(``mesh_unconfigure``).  Without the option the plugin is idle.
+(``mesh_unconfigure``).  Without the option the plugin is idle.  With ``MESH_TRACE_HOOKS=1`` the sidecar
+logs every hook call, the example's included.
 """
 
 from __future__ import annotations
@@ -55,3 +56,17 @@ def test_without_the_option_the_plugin_is_idle(config, proxy_factory):
     assert dump["plugins_idle"]["example"] == "needs mesh-proxy --example-header-value"
     response = curl(f"http://127.0.0.1:{proxy.outbound_port}/", host="example-app")
     assert response.status == 200 and "x-example" not in response.headers
+
+
+def test_mesh_trace_hooks_logs_the_plugins_calls(config, proxy_factory):
+    """pluggy's hook-call monitoring, asked for with MESH_TRACE_HOOKS=1: the hot path's calls are logged too."""
+    proxy = proxy_factory(config, "example-traced", extra_args=["--example-header-value", "traced"],
+                          env={"MESH_TRACE_HOOKS": "1"})
+    assert curl(f"http://127.0.0.1:{proxy.outbound_port}/", host="example-app").status == 200
+    wait_for(lambda: "finish mesh_connection_complete" in proxy.log_path.read_text(), 10.0, interval=0.05,
+             what="the connection's hook calls in the log")
+    traced = [line for line in proxy.log_path.read_text().splitlines() if "hook trace:" in line]
+    for hook in ("mesh_configure", "mesh_route", "mesh_response_headers", "mesh_request_complete",
+                 "mesh_connection_open"):
+        assert any(f"{hook} [hook]" in line for line in traced), hook
+    assert any("finish mesh_response_headers --> [[(b'x-example', b'traced')" in line for line in traced)
