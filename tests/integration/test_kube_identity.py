@@ -206,7 +206,8 @@ def test_a_sidecar_bootstraps_with_its_projected_token(replicas, kube, tokens, t
     token_file = tmp_path / "token"
     token_file.write_text(tokens.add("teller") + "\n")
     reviews_before = len(token_reviews(kube))
-    config = write_config(tmp_path / "config", service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
+    config = write_config(tmp_path / "config",
+                          service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
     # the trust bundle from one replica, the certificate from the other
     with Proxy(config, "teller", namespace=NS, app_port=free_port(),
                extra_args=sidecar_args(second, first, token_file, "teller"),
@@ -231,7 +232,8 @@ def test_a_sidecar_claiming_another_service_account_is_refused(replicas, tokens,
     first, _ = replicas
     token_file = tmp_path / "token"
     token_file.write_text(tokens.add("teller"))
-    config = write_config(tmp_path / "config", service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
+    config = write_config(tmp_path / "config",
+                          service_entry("nothing", [{"address": "127.0.0.1", "ports": {"http": 9}}]))
     with StartingProxy(config, "vault", namespace=NS, extra_args=sidecar_args(first, first, token_file, "vault"),
                        log_dir=process_log_dir).start() as proxy:
         waiting = wait_for(lambda: (lambda s, b: s == 503 and json.loads(b).get("last_error") and json.loads(b))(

@@ -225,7 +225,10 @@ def test_snapshots_are_scoped_and_only_changed_ones_are_pushed():
     shop, other = FakeStream("a", "shop"), FakeStream("b", "other")
     dist.hello(shop, "10.0.0.1")
     dist.hello(other, "10.0.0.2")
-    names = lambda stream: sorted(d["metadata"]["name"] for d in stream.pushed[-1][1])
+
+    def names(stream):
+        return sorted(d["metadata"]["name"] for d in stream.pushed[-1][1])
+
     assert names(shop) == ["private", "user-service"] and names(other) == ["user-service"]
     # a change only the shop namespace sees: one push, after the debounce
     dist.set_resources([service_entry("user-service", selector={"app": "user-service"}),
