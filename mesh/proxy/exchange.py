@@ -14,11 +14,13 @@ it ends with ``mesh_request_complete``, exactly once.
 
 The exchange is a state machine (``Exchange.state``)::
 
-    QUEUED --start--> FORWARDING --final head--> RESPONDING --end, abort, 101--> DONE
-                       |      ^     \
-            retry later|      |      `--local reply, client gone, deadline--> DONE
-                       v      |
+    QUEUED --start--> FORWARDING --final head--> RESPONDING --end, 101, abort--> DONE
+                        |      ^
+            retry later |      | next try
+                        v      |
                        BACKOFF
+
+    QUEUED, FORWARDING, BACKOFF --local reply (refused, failed, deadline), client gone--> DONE
 
 - ``QUEUED``: parsed, waiting for the requests before it on its connection.
 - ``FORWARDING``: routed; a try is connecting or waiting for its response head.
