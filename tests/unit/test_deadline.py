@@ -1,0 +1,62 @@
+"""The deadline stage (mesh.proxy.deadline): one timer per connection serves its exchanges in turn."""
+
+from twisted.internet.task import Clock
+
+from mesh.proxy.deadline import Deadlines
+
+
+class Exchange:
+    """Records when its deadline passed."""
+
+    def __init__(self, clock):
+        self.clock = clock
+        self.passed_at = None
+
+    def deadline_passed(self):
+        self.passed_at = self.clock.seconds()
+
+
+def test_a_deadline_passes_once_at_its_time_unless_cleared():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    first = Exchange(clock)
+    deadlines.set(first, 5.0)
+    clock.advance(4.9)
+    assert first.passed_at is None
+    clock.advance(0.1)
+    assert first.passed_at == 5.0 and not clock.getDelayedCalls()
+    cleared = Exchange(clock)
+    deadlines.set(cleared, 1.0)
+    deadlines.clear(cleared)
+    clock.advance(2.0)
+    assert cleared.passed_at is None and not clock.getDelayedCalls()
+
+
+def test_one_pending_call_is_reused_and_rearms_for_the_current_exchange():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    first, second = Exchange(clock), Exchange(clock)
+    deadlines.set(first, 2.0)
+    clock.advance(1.0)
+    deadlines.clear(first)
+    deadlines.set(second, 3.0)  # due at 4.0: the call due at 2.0 is kept, not replaced
+    assert len(clock.getDelayedCalls()) == 1
+    clock.advance(1.0)  # 2.0: the old call fires and re-arms itself for what is left
+    assert second.passed_at is None and len(clock.getDelayedCalls()) == 1
+    clock.advance(2.0)
+    assert (first.passed_at, second.passed_at) == (None, 4.0)
+
+
+def test_an_earlier_deadline_replaces_the_pending_call_and_stop_cancels_it():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    late, soon = Exchange(clock), Exchange(clock)
+    deadlines.set(late, 10.0)
+    deadlines.clear(late)
+    deadlines.set(soon, 1.0)
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [1.0]
+    clock.advance(1.0)
+    assert soon.passed_at == 1.0
+    deadlines.set(late, 5.0)
+    deadlines.stop()
+    assert not clock.getDelayedCalls()
