@@ -160,7 +160,7 @@ class Passthrough:
     def open_tunnel(self, detector):
         """The client does not speak HTTP: connect to its destination (or refuse)."""
         conn = detector.conn
-        conn.protocol = "tcp"  # from now on the tunnel, not the codec, reports the connection
+        conn.become_tunnel()
         dst = conn.original_dst
         refusal, flag = self._refusal(dst), "UH"
         if refusal is None and self.open >= self.settings.max_connections:
@@ -240,14 +240,11 @@ class Passthrough:
         destination -> client bytes, ``received`` client -> destination.
         """
         conn = detector.conn
-        conn.cluster = cluster
-        conn.response_flags = flags
-        conn.upstream = upstream
+        conn.tunnel_state(cluster, flags, upstream)
         if opened:
             conn.listener.report_open(conn)
         if closed:
-            conn.bytes_sent = sent  # what went through the tunnel (nothing if it never opened)
-            conn.bytes_received = received
+            conn.tunnel_state(cluster, flags, upstream, sent, received)
             conn.listener.report_complete(conn)
 
 

@@ -652,6 +652,22 @@ class DownstreamConnection(Protocol):
         """The detect stage holds too many bytes: stop reading until :meth:`splice`."""
         self._pause("upstream")
 
+    def become_tunnel(self):
+        """The detect stage decided TCP: from now on the tunnel (:mod:`mesh.proxy.passthrough`), not this
+        codec, reports the connection to the connection hooks."""
+        self.protocol = "tcp"
+
+    def tunnel_state(self, cluster, flags, upstream, sent=None, received=None):
+        """What the connection hooks see of a TCP tunnel: its ``cluster``, response ``flags``, the
+        ``upstream`` it connected to and, when it ends, the bytes that went through it (``sent``:
+        destination -> client, ``received``: client -> destination; none if it never opened)."""
+        self.cluster = cluster
+        self.response_flags = flags
+        self.upstream = upstream
+        if sent is not None:
+            self.bytes_sent = sent
+            self.bytes_received = received
+
     def splice(self, upstream, receiver, rest=b"", pending=()):
         """From now on this connection is a tunnel to ``upstream`` (a protocol with a ``tunnel`` slot).
 
