@@ -35,6 +35,7 @@ __all__ = [
     "API_VERSION", "hookimpl",
     "RequestView", "EndpointView", "EndpointSpecView", "ClusterView", "ClusterSpecView", "ConnectionView",
     "TryOutcome", "RequestOutcome", "AuthzDecision", "SignedCertificate", "GIVE_UP",
+    "CAUnavailable", "CAStatus",
     "ResponseFlag", "RESPONSE_FLAGS", "ConfigSource",
     "OptionParser", "PluginOption", "Config", "ROLES",
 ]
@@ -227,7 +228,10 @@ class ConnectionView(Protocol):
     was accepted (``reactor.seconds()``) and ``duration`` the seconds it
     lasted (0.0 until it ends).  ``bytes_received`` counts client -> proxy
     bytes and ``bytes_sent`` proxy -> client bytes (after TLS), ``requests``
-    the HTTP requests it carried.
+    the HTTP requests it carried.  ``cluster`` is the cluster a TCP tunnel
+    went to (``PassthroughCluster``, ``BlackHoleCluster``, or a registry
+    cluster), None for HTTP; ``response_flags`` the tunnel's flags
+    (``UF`` connect failure, ``UH`` refused by policy, ...), ``""`` if none.
     """
 
     @property
@@ -252,6 +256,10 @@ class ConnectionView(Protocol):
     def bytes_sent(self) -> int: ...
     @property
     def requests(self) -> int: ...
+    @property
+    def cluster(self) -> str | None: ...
+    @property
+    def response_flags(self) -> str: ...
 
 
 class ConfigSource(Protocol):
@@ -328,6 +336,42 @@ class SignedCertificate(NamedTuple):
 
     cert_pem: bytes
     chain_pem: bytes
+
+
+class CAUnavailable(Exception):
+    """Raised by ``mesh_sign_csr`` (or the failure of its Deferred) when the CA cannot sign now:
+    an external CA that is sealed, down, slow or throttling.
+
+    The control plane answers the CSR ``503`` with ``reason`` and a ``Retry-After`` of
+    ``retry_after`` seconds; the workload's agent retries with backoff and keeps serving on its
+    current certificate.  Any other exception is a ``500`` (a bug, logged with its traceback).
+    ``reason`` says what is wrong and what to do (``"vault at https://... is sealed: unseal it"``);
+    it must never contain a secret.
+    """
+
+    def __init__(self, reason: str, retry_after: float = 5.0):
+        super().__init__(reason)
+        self.reason = reason
+        self.retry_after = retry_after
+
+
+class CAStatus(NamedTuple):
+    """What ``mesh_ca_status`` returns for the CA a plugin provides.
+
+    ``name`` is the CA's name as ``mesh-control --ca NAME`` selects it (``builtin``, ``vault``,
+    ``awspca``); ``selected`` whether it is the one selected; ``ready`` whether it can sign now;
+    ``reason`` why not (empty when ready); ``roots_pem`` the PEM root certificates workloads must
+    trust for it (during a rotation, old and new roots together; empty if not known yet);
+    ``issuer`` a one-line description of who signs (``"vault https://127.0.0.1:8200 pki/sign/mesh"``),
+    shown by ``meshctl proxy-config cert``.
+    """
+
+    name: str
+    selected: bool
+    ready: bool
+    reason: str
+    roots_pem: bytes
+    issuer: str
 
 
 #: What ``mesh_retry_decision`` returns to give up (a float is the delay before the next try,

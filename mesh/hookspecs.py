@@ -111,8 +111,11 @@ def mesh_connection_open(connection):
     """Observe a downstream connection the proxy accepted.  *All results.*
 
     Called once per connection on both listeners, HTTP and TCP
-    (passthrough) alike, when it is accepted (for TCP, when the tunnel is
-    decided).  Must never raise into or block the data path.
+    (passthrough) alike.  An HTTP connection is reported when it is
+    accepted; a TCP tunnel when it is spliced to its upstream, or, when it
+    is refused by policy or its upstream cannot be reached, together with
+    :func:`mesh_connection_complete` as it closes.  Must never raise into
+    or block the data path.
 
     :param connection: a :class:`mesh.api.ConnectionView`.
     """
@@ -263,7 +266,30 @@ def mesh_sign_csr(csr, identity, ttl):
     :param identity: the SPIFFE id the caller proved.
     :param ttl: the certificate lifetime in seconds, already capped by policy.
     :return: a :class:`mesh.api.SignedCertificate` ``(cert_pem, chain_pem)``,
-        or a Deferred firing with one.
+        or a Deferred firing with one; None when this plugin's CA is not the
+        one ``--ca`` selected.  Raise (or fail the Deferred with)
+        :class:`mesh.api.CAUnavailable` when the CA cannot sign now: the
+        caller gets a 503 with its reason.  Never block the reactor: a
+        blocking client library runs in a thread (``deferToThread``).
+    """
+
+
+@hookspec
+def mesh_ca_status():
+    """Report on the certificate authority this plugin provides.  *Control plane, all results.*
+
+    Each CA plugin (the built-in ``builtin.ca``, Vault, AWS PCA) returns a
+    :class:`mesh.api.CAStatus` for its CA, whether or not ``--ca`` selected
+    it; a plugin that provides no CA returns None.  The control plane calls
+    it at start (``--ca NAME`` must name a reported CA, or mesh-control
+    refuses to start), then every few seconds: the selected CA's
+    ``roots_pem`` is the trust bundle distributed to every sidecar (a change
+    is pushed without restarts), and ``ready``/``reason`` feed ``/ready``
+    and the ``mesh_ca_ready`` metric.  Must return at once: a CA that talks
+    to a server refreshes its status in the background.
+
+    Only the selected CA may answer :func:`mesh_sign_csr`; the others return
+    None there.
     """
 
 

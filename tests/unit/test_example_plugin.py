@@ -37,6 +37,8 @@ class Connection:
     bytes_received: int = 80
     bytes_sent: int = 200
     requests: int = 1
+    cluster: str | None = None
+    response_flags: str = ""
 
 
 def test_the_option_is_on_mesh_proxys_command_line():
