@@ -49,6 +49,13 @@ class IDownstreamStream(Interface):
     def send_end():
         """The response is complete."""
 
+    def send_trailers(headers):
+        """Response trailers (``(name, value)`` byte pairs); :meth:`send_end` follows at once.
+
+        HTTP/2 sends them as a HEADERS frame ending the stream; HTTP/1.1 sends them in the
+        last chunk of a chunked response and drops them otherwise (the client did not ask).
+        """
+
     def send_local(exchange, status, body, headers):
         """A whole proxy-generated response: ``body`` bytes, extra header pairs ``headers``."""
 
@@ -79,7 +86,8 @@ class IUpstreamStream(Interface):
 
     The owner (a :class:`mesh.proxy.exchange.Try`) gets the response as calls
     of ``upstream_head(status, reason, headers, keep_alive)``,
-    ``upstream_body(data)``, ``upstream_end()``, ``upstream_upgraded(rest)``,
+    ``upstream_body(data)``, ``upstream_trailers(headers)`` (only just before
+    ``upstream_end()``, when the response has trailers), ``upstream_end()``, ``upstream_upgraded(rest)``,
     ``upstream_flush()`` and ``upstream_lost(reason_text)``.  A connection whose
     response is complete and that may be reused goes back to its endpoint's pool.
     """
@@ -92,6 +100,9 @@ class IUpstreamStream(Interface):
 
     def send_end():
         """The request body is complete."""
+
+    def send_trailers(headers):
+        """Request trailers (``(name, value)`` byte pairs); :meth:`send_end` follows at once."""
 
     def link_body(downstream):
         """From now on a full upstream buffer pauses reading from ``downstream`` (an :class:`IDownstreamStream`)."""
