@@ -36,7 +36,7 @@ help:
 	@echo "make demo    run the demo mesh (.venv/bin/meshctl demo \$$DEMO_ARGS)"
 	@echo "make test    run the whole test suite"
 	@echo "make unit    run the unit tests only (tests/unit), a loop of under a minute"
-	@echo "make lint    check the code with ruff (the rules are in pyproject.toml, [tool.ruff])"
+	@echo "make lint    check the code with ruff (pyproject.toml, [tool.ruff]) and the plugin API with mypy"
 	@echo "make bench   run the benchmark (direct vs txmesh vs Envoy)"
 	@echo "make clean   remove the virtualenv, stamps and caches"
 
@@ -51,6 +51,7 @@ unit: bootstrap
 
 lint: bootstrap
 	$(VENV)/bin/ruff check .
+	$(VPY) -m mypy mesh/hookspecs.py mesh/api.py mesh/plugins.py
 
 demo: bootstrap
 	$(VENV)/bin/meshctl demo $(DEMO_ARGS)

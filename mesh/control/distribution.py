@@ -352,7 +352,8 @@ class Distributor:
                      if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)
                    and item.obj.namespace in selecting]
-        policies = applicable([item.obj for item in self.items], (AuthorizationPolicy, PeerAuthentication), workload, self.root_namespace)
+        policies = applicable([item.obj for item in self.items], (AuthorizationPolicy, PeerAuthentication),
+                              workload, self.root_namespace)
         wanted = {id(obj) for obj in policies}
         chosen += [item for item in self.items if id(item.obj) in wanted]
         documents = [item.document for item in chosen]

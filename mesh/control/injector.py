@@ -47,7 +47,7 @@ class InjectorService(service.MultiService):
                            interface=interface).setServiceParent(self)
 
     @classmethod
-    def for_control_plane(cls, control) -> "InjectorService":
+    def for_control_plane(cls, control) -> InjectorService:
         """The injector of a :class:`~mesh.control.service.ControlService`, from its settings and CA."""
         settings = control.settings
         names = settings.webhook_dns_names or default_dns_names(settings.namespace)

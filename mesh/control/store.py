@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Optional
 
 from twisted.logger import Logger
 
@@ -57,7 +56,7 @@ class Rejection:
     """
 
     error: object
-    kept: Optional[str]
+    kept: str | None
     source: str
 
     def describe(self) -> dict:
@@ -88,7 +87,7 @@ def _same(a: Resource, b: Resource) -> bool:
             and a.metadata.get("labels") == b.metadata.get("labels"))
 
 
-def _key(error) -> Optional[tuple]:
+def _key(error) -> tuple | None:
     return (error.kind, error.namespace, error.name) if error.kind is not None else None
 
 
@@ -109,7 +108,7 @@ class ResourceStore:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def get(self, key: tuple) -> Optional[Entry]:
+    def get(self, key: tuple) -> Entry | None:
         return self._entries.get(key)
 
     def keys(self) -> list:

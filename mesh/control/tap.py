@@ -130,7 +130,7 @@ def makeService(options):
         control = ControlService(settings, plugins)
     except (CAError, KubeConfigError) as error:
         sys.stderr.write(f"mesh-control: {error}\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     configure_or_exit("mesh-control", Config("control", options, control.reactor, control, plugins))
     control.load_config()
     return control

@@ -142,7 +142,8 @@ class ProxyOptions(usage.Options):
             try:
                 open(self["access-log"], "ab").close()
             except OSError as error:
-                raise usage.UsageError(f"--access-log: cannot append to {self['access-log']}: {error.strerror}")
+                message = f"--access-log: cannot append to {self['access-log']}: {error.strerror}"
+                raise usage.UsageError(message) from None
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
@@ -277,5 +278,5 @@ def makeService(options):
             sys.stderr.write(f"{error}\n")
         sys.stderr.write(f"mesh-proxy: {len(errors.errors)} config error(s) in {settings.config_dir}; "
                          "fix them (see `meshctl validate`) and start again\n")
-        raise SystemExit(1)
+        raise SystemExit(1) from None
     return proxy

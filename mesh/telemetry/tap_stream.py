@@ -25,11 +25,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass
-from typing import Optional
 
+from twisted.internet.interfaces import IPushProducer
 from twisted.web import resource, server
 from zope.interface import implementer
-from twisted.internet.interfaces import IPushProducer
 
 from mesh import hookimpl
 from mesh.telemetry.guard import FailureLog
@@ -55,14 +54,14 @@ class TapFilter:
     compared with the Host header, lower-case, without its port.
     """
 
-    method: Optional[str] = None
-    path: Optional[str] = None
-    authority: Optional[str] = None
-    status: Optional[str] = None
-    direction: Optional[str] = None
+    method: str | None = None
+    path: str | None = None
+    authority: str | None = None
+    status: str | None = None
+    direction: str | None = None
 
     @classmethod
-    def from_query(cls, query: dict) -> "TapFilter":
+    def from_query(cls, query: dict) -> TapFilter:
         """Build from ``{name: value}`` (str); raises :class:`TapRequestError`."""
         status = query.get("status") or None
         if status is not None and not (len(status) == 3 and status[0] in "12345"

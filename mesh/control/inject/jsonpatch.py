@@ -18,7 +18,7 @@ def pointer(parts) -> str:
 
 
 def diff(before, after, path=()) -> list[dict]:
-    if type(before) is not type(after):  # noqa: E721 -- 1 == True, but not in JSON
+    if type(before) is not type(after):
         return [{"op": "replace", "path": pointer(path), "value": after}]
     if isinstance(before, dict):
         ops = []

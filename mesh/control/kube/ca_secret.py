@@ -63,7 +63,7 @@ class CAMaterial:
     extra_roots_pem: bytes = b""
 
     @classmethod
-    def generate(cls, trust_domain: str) -> "CAMaterial":
+    def generate(cls, trust_domain: str) -> CAMaterial:
         """A new root for ``trust_domain`` and a new token key."""
         key, cert = generate_root(trust_domain)
         key_pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -71,7 +71,7 @@ class CAMaterial:
         return cls(to_pem([cert]), key_pem, secrets.token_bytes(MIN_TOKEN_KEY_BYTES))
 
     @classmethod
-    def from_secret_data(cls, data: dict, where: str) -> "CAMaterial":
+    def from_secret_data(cls, data: dict, where: str) -> CAMaterial:
         """From a Secret's ``data`` (base64 values); checks every key. ``where``: ``Secret NS/NAME``."""
         raw = {}
         for name in SECRET_KEYS:

@@ -48,7 +48,7 @@ class ReviewOutcome:
         self.error = error
 
     @classmethod
-    def of(cls, review) -> "ReviewOutcome":
+    def of(cls, review) -> ReviewOutcome:
         """From a ``kubernetes.client.V1TokenReview`` answer."""
         status = review.status
         if status is None:

@@ -372,7 +372,7 @@ class WatchingService(service.Service):
         return stop_reflectors(self.reactor, self.reflectors, self.name)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _raw_watch_class():
     from kubernetes import watch
 
