@@ -23,7 +23,9 @@ class Control(ManagedProcess):
     The CA lives in ``state_dir`` (generated on first start unless
     ``extra_args`` gives ``--ca-cert/--ca-key``); ``root_cert`` is the trust
     bundle to hand to sidecars. Stopping and starting again reuses the state
-    directory, so the CA and the token key survive a restart.
+    directory, so the CA and the token key survive a restart. ``env`` adds
+    environment variables (e.g. ``PYTHONPATH`` to a CA plugin only this
+    control plane loads, or an external CA's address).
     """
 
     kind = "control"
@@ -31,7 +33,7 @@ class Control(ManagedProcess):
 
     def __init__(self, state_dir: Path | None = None, *, workload_cert_ttl: str | None = None,
                  trust_domain: str | None = None, port: int | None = None, admin_port: int | None = None,
-                 extra_args=(), log_dir: Path | None = None):
+                 extra_args=(), log_dir: Path | None = None, env: dict | None = None):
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="txmesh-control-"))
         self.state_dir = Path(state_dir or tempfile.mkdtemp(prefix="state-", dir=log_dir))
         self.trust_domain = trust_domain or "cluster.local"
@@ -46,7 +48,7 @@ class Control(ManagedProcess):
             argv += ["--workload-cert-ttl", workload_cert_ttl]
         if trust_domain:
             argv += ["--trust-domain", trust_domain]
-        super().__init__("mesh-control", [*argv, *extra_args], log_dir / f"control-{self.port}.log")
+        super().__init__("mesh-control", [*argv, *extra_args], log_dir / f"control-{self.port}.log", env=env)
 
     @property
     def address(self) -> str:
