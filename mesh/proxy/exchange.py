@@ -149,6 +149,7 @@ class Exchange:
     ``"length"`` (``content_length`` bytes) or ``"chunked"`` (a stream of
     unknown length).  ``expect_continue``: the client waits for permission to
     send the body; ``upgrade``: a protocol switch (WebSocket) is asked for.
+    ``trailers`` are the request's trailers once they arrived (:meth:`request_trailers`).
     ``extra_headers`` are the pairs the forwarded head adds (after routing),
     ``prepared`` the upstream codec's cache of that head, for retries.
     """
@@ -156,7 +157,7 @@ class Exchange:
     __slots__ = ("down", "ctx", "listener", "framing", "content_length", "expect_continue",
                  "upgrade", "head_only", "action", "cluster", "extra_headers", "prepared",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
-                 "deadline", "state", "response_linked", "free_retry_used")
+                 "deadline", "state", "response_linked", "free_retry_used", "trailers")
 
     def __init__(self, down, listener, ctx, framing, content_length, expect_continue, upgrade):
         self.down = down
@@ -180,6 +181,7 @@ class Exchange:
         self.state = QUEUED
         self.response_linked = False
         self.free_retry_used = False
+        self.trailers = None
 
     @property
     def response_started(self) -> bool:
@@ -258,6 +260,8 @@ class Exchange:
         for chunk in self.body_chunks:
             connection.send_body(chunk)
         if self.body_done:
+            if self.trailers is not None:
+                connection.send_trailers(self.trailers)
             if self.framing is not None:
                 connection.send_end()
         else:
@@ -297,6 +301,16 @@ class Exchange:
         self.body_chunks = []
         self.body_size = 0
         self.down.resume_reading()
+
+    def request_trailers(self, headers):
+        """Trailers (``(name, value)`` byte pairs) ended the request body; :meth:`request_end` follows at once.
+
+        They go to the current try's upstream stream and are kept, with the body, for a retry.
+        """
+        self.trailers = headers
+        attempt = self.current
+        if self.state is not DONE and attempt is not None and attempt.connection is not None and not attempt.done:
+            attempt.connection.send_trailers(headers)
 
     def request_end(self):
         """The request body is complete."""
