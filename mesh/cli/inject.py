@@ -35,6 +35,10 @@ def add_parser(subparsers):
     parser.add_argument("--trust-domain", default=_DEFAULTS.trust_domain)
     parser.add_argument("--proxy-uid", type=int, default=PROXY_UID,
                         help=f"UID of the proxy, exempt from capture (default {PROXY_UID}, the image's user)")
+    parser.add_argument("--datadog", action="store_true",
+                        help="add Datadog's Autodiscovery annotations: the agent scrapes the sidecar's metrics "
+                             "(OpenMetrics check) and tails its access log (a pod's mesh.txmesh.io/datadog "
+                             "annotation decides first)")
     parser.set_defaults(func=run)
 
 
@@ -47,7 +51,7 @@ def _read(name: str) -> str:
 
 def run(args) -> int:
     settings = InjectSettings(image=args.image, image_pull_policy=args.image_pull_policy, control=args.control,
-                              trust_domain=args.trust_domain, proxy_uid=args.proxy_uid)
+                              trust_domain=args.trust_domain, proxy_uid=args.proxy_uid, datadog=args.datadog)
     out, errors = [], []
     for name in args.filename:
         try:

@@ -25,6 +25,9 @@ What an injected pod gets (docs/kubernetes.md):
 - the label ``security.istio.io/tlsMode: istio`` and the annotation
   ``sidecar.istio.io/status``, which marks the pod as injected: injecting it
   again changes nothing.
+- with ``InjectSettings.datadog`` (``meshctl inject --datadog``) or the pod's
+  ``mesh.txmesh.io/datadog: "true"``: Datadog's Autodiscovery annotations
+  (``mesh.control.inject.datadog``).
 
 User init containers come after the two, so they run inside the mesh, as in
 Istio with native sidecars.
@@ -38,6 +41,7 @@ import json
 from dataclasses import dataclass, field
 
 from mesh import __version__
+from mesh.control.inject import datadog
 from mesh.control.inject.probes import REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
 from mesh.sidecar_contract import APP_PROBERS_ENV, TLS_MODE_LABEL, TOKEN_AUDIENCE, TOKEN_VOLUME
 
@@ -102,6 +106,7 @@ class InjectSettings:
     proxy_uid: int = PROXY_UID
     proxy_requests: dict = field(default_factory=lambda: {"cpu": "100m", "memory": "128Mi"})
     init_requests: dict = field(default_factory=lambda: {"cpu": "10m", "memory": "32Mi"})
+    datadog: bool = False  # Datadog's Autodiscovery annotations on every pod (a pod's annotation decides first)
 
 
 def pod_template_of(obj: dict):
@@ -338,6 +343,10 @@ def inject_pod(pod: dict, settings: InjectSettings = InjectSettings(), fallback_
         "initContainers": [INIT_NAME, SIDECAR_NAME], "containers": [],
         "volumes": [v["name"] for v in volumes], "imagePullSecrets": None,
         "revision": f"txmesh-{__version__}"}, sort_keys=True, separators=(",", ":"))
+    if datadog.wanted(annotations, settings.datadog):
+        for key, value in datadog.autodiscovery_annotations(SIDECAR_NAME, METRICS_PORT,
+                                                            workload_name(pod, fallback_name)).items():
+            annotations.setdefault(key, value)
     return pod
 
 
