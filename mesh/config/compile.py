@@ -41,8 +41,9 @@ from mesh.config.resources import (
     WorkloadEntry,
 )
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_authz, compile_peer_authn
-from mesh.config.selection import unselected_warning
+from mesh.config.selection import selects, unselected_warning
 from mesh.config.tables import (
+    H2_PROTOCOLS,
     ClusterSpec,
     CompiledRoute,
     EndpointSpec,
@@ -51,6 +52,7 @@ from mesh.config.tables import (
     RouteAction,
     RouteTable,
     VirtualHost,
+    upstream_protocol,
 )
 from mesh.config.validate import validate
 
@@ -64,7 +66,9 @@ class Workload:
 
     ``app_port`` is the port its inbound listener forwards to: the destination
     port AuthorizationPolicy ``ports`` and ``destination.port`` test (None:
-    unknown, see :mod:`mesh.config.authz_predicates`).
+    unknown, see :mod:`mesh.config.authz_predicates`).  ``inbound`` holds the
+    ``(address, port)`` pairs at which peers reach its inbound listener: a
+    ServiceEntry endpoint there is this workload (see ``_app_protocol``).
     """
 
     name: str
@@ -72,6 +76,7 @@ class Workload:
     labels: dict = field(default_factory=dict)
     service_account: str | None = None
     app_port: int | None = None
+    inbound: tuple = ()
 
 
 def load_and_compile(config_dir, workload: Workload, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple:
@@ -153,8 +158,10 @@ class _Compiler:
             "authz": authz_dump,
             "peer_authentication": peer_authn_dump,
         }
+        app_protocol = self._app_protocol()
+        dump["app_protocol"] = app_protocol
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
-                           authz=authz, peer_authentication=peer_authn,
+                           authz=authz, peer_authentication=peer_authn, app_protocol=app_protocol,
                            sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 
@@ -233,7 +240,9 @@ class _Compiler:
             port=port.number, subset=subset_name, lb_policy=balancer.policy, hash_on=balancer.hash_on,
             endpoints=endpoints, connect_timeout=pool.connect_timeout,
             max_requests_per_connection=pool.max_requests_per_connection, idle_timeout=pool.idle_timeout,
-            outlier=settings["outlier_detection"] or OutlierPolicy())
+            outlier=settings["outlier_detection"] or OutlierPolicy(), protocol=port.protocol,
+            upstream_protocol=upstream_protocol(port.protocol, pool.use_client_protocol, pool.h2_upgrade_policy),
+            max_concurrent_streams=pool.max_concurrent_streams)
 
     def _identity(self, member, entry: ServiceEntry, tls_mode) -> str | None:
         """The SPIFFE id an endpoint must present, or None for plaintext.
@@ -247,6 +256,59 @@ class _Compiler:
             return entry.subject_alt_names[0]
         account = member.service_account or "default"
         return f"spiffe://{self.trust_domain}/ns/{entry.namespace}/sa/{account}"
+
+    def _app_protocol(self) -> str | None:
+        """The protocol of the workload's app port (see :attr:`ProxyConfig.app_protocol`).
+
+        As Istio reads it from the Service ports that select a pod: the ports of the
+        ServiceEntries of the workload's namespace that lead to it (:meth:`_ports_to_workload`).
+        HTTP2 and GRPC are one protocol on the wire; when the ports disagree otherwise,
+        the protocol is unknown (None) and a warning says so.
+        """
+        workload = self.workload
+        if not workload.app_port:
+            return None
+        found = {}  # protocol -> the first entry that gave it
+        entries = {id(service.entry): service for service in self.services.values()}  # one per entry
+        for service in entries.values():
+            if service.entry.namespace == workload.namespace:
+                for port in self._ports_to_workload(service):
+                    found.setdefault(port.protocol, service.entry)
+        if len(found) > 1 and not set(found) <= H2_PROTOCOLS:
+            first = next(iter(found.values()))
+            self._warn(first, ("spec", "ports"), f"the ServiceEntries that lead to workload {workload.namespace}/"
+                       f"{workload.name} give its app port {workload.app_port} different protocols "
+                       f"({', '.join(sorted(found))}); its sidecar forwards each request with the protocol it came "
+                       "in; give the ports one protocol (or name the app port with targetPort)")
+            return None
+        return next(iter(found), None) if len(found) < 2 else "HTTP2"
+
+    def _ports_to_workload(self, service: _Service) -> list:
+        """The ports of ``service``'s ServiceEntry that lead to this workload.
+
+        Those with an endpoint at the workload's inbound listener (:attr:`Workload.inbound`);
+        else, when an endpoint's labels include all of the workload's labels or the entry's
+        ``workloadSelector`` selects them, the ports whose endpoint port (or ``targetPort``)
+        is the app port, or all of them when none is.
+        """
+        workload, entry, members = self.workload, service.entry, service.members
+
+        def target(member, port):
+            return dict(member.ports).get(port.name) or port.target_port or port.number
+
+        exact = [port for port in entry.ports
+                 if any((member.address, target(member, port)) in workload.inbound for member in members)]
+        if exact:
+            return exact
+        labels = set(workload.labels.items())
+        if not labels:
+            return []
+        mine = [member for member in members if labels <= set(member.labels)]
+        if not mine and not (entry.workload_selector and selects(entry.workload_selector, workload.labels)):
+            return []
+        at_app_port = [port for port in entry.ports
+                       if workload.app_port in {port.target_port, *(target(member, port) for member in mine)}]
+        return at_app_port or list(entry.ports)
 
     def _service_for(self, host) -> _Service | None:
         service = self.services.get(host)

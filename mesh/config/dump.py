@@ -47,6 +47,8 @@ def describe_cluster(spec) -> dict:
         "connect_timeout": spec.connect_timeout,
         "max_requests_per_connection": spec.max_requests_per_connection,
         "idle_timeout": spec.idle_timeout, "outlier": dataclasses.asdict(spec.outlier),
+        "protocol": spec.protocol, "upstream_protocol": spec.upstream_protocol,
+        "max_concurrent_streams": spec.max_concurrent_streams,
         "endpoints": [{"address": endpoint.address, "port": endpoint.port, "weight": endpoint.weight,
                        "labels": dict(endpoint.labels), "identity": endpoint.identity}
                       for endpoint in spec.endpoints],

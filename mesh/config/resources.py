@@ -116,11 +116,20 @@ DEFAULT_LOAD_BALANCER = LoadBalancer("LEAST_REQUEST")
 
 @dataclass(frozen=True)
 class ConnectionPool:
-    """The supported part of ``connectionPool``, with Istio's defaults filled in."""
+    """The supported part of ``connectionPool``, with Istio's defaults filled in.
+
+    ``h2_upgrade_policy`` is Istio's ``http.h2UpgradePolicy`` (DEFAULT, DO_NOT_UPGRADE or
+    UPGRADE; DEFAULT is the mesh default, DO_NOT_UPGRADE as in Istio), ``use_client_protocol``
+    its ``http.useClientProtocol`` and ``max_concurrent_streams`` its
+    ``http.maxConcurrentStreams`` (0: as many as the peer allows).
+    """
 
     connect_timeout: float = 10.0
     max_requests_per_connection: int = 0
     idle_timeout: float = 3600.0
+    h2_upgrade_policy: str = "DEFAULT"
+    use_client_protocol: bool = False
+    max_concurrent_streams: int = 0
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,34 @@ BLACKHOLE_CLUSTER = "BlackHoleCluster"
 INBOUND_PASSTHROUGH_CLUSTER = "InboundPassthroughClusterIpv4"
 
 
+#: ServiceEntry port protocols that are HTTP/2 on the wire (Istio's ``IsHTTP2``).
+H2_PROTOCOLS = frozenset({"HTTP2", "GRPC"})
+
+#: How a cluster chooses the protocol of each try (:attr:`ClusterSpec.upstream_protocol`):
+#:
+#: - ``UPSTREAM_HTTP1``: HTTP/1.1, except that an HTTP/2 request to a sidecar (mTLS) offers
+#:   ALPN ``h2`` and goes HTTP/2 if the peer selects it;
+#: - ``UPSTREAM_H2``: always HTTP/2 (ALPN ``h2`` over mTLS, prior knowledge ``h2c`` in plaintext);
+#: - ``UPSTREAM_CLIENT``: the downstream request's protocol, to every endpoint.
+UPSTREAM_HTTP1, UPSTREAM_H2, UPSTREAM_CLIENT = "http1", "h2", "client"
+
+
+def upstream_protocol(port_protocol, use_client_protocol=False, h2_upgrade_policy="DEFAULT") -> str:
+    """The :attr:`ClusterSpec.upstream_protocol` of a port, as Istio chooses it.
+
+    An HTTP2/GRPC port is HTTP/2; otherwise DestinationRule ``useClientProtocol: true`` keeps
+    the client's protocol, ``h2UpgradePolicy: UPGRADE`` upgrades, and DEFAULT is the mesh
+    default, DO_NOT_UPGRADE (Istio's ``meshConfig.h2UpgradePolicy`` default).  A port of
+    unknown protocol (None: only the app port of a workload no ServiceEntry describes) keeps
+    the client's protocol, as Istio does for a sniffed port.
+    """
+    if port_protocol in H2_PROTOCOLS:
+        return UPSTREAM_H2
+    if use_client_protocol or port_protocol is None:
+        return UPSTREAM_CLIENT
+    return UPSTREAM_H2 if h2_upgrade_policy == "UPGRADE" else UPSTREAM_HTTP1
+
+
 @dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """An upstream cluster: a service port, optionally narrowed to a subset.
@@ -184,6 +212,9 @@ class ClusterSpec:
     ``lb_policy`` is one of ROUND_ROBIN, LEAST_REQUEST, RANDOM, CONSISTENT_HASH.
     ``hash_on`` (for CONSISTENT_HASH) is ``("header", name)``,
     ``("cookie", name)``, ``("source_ip", None)`` or ``("query", name)``.
+    ``protocol`` is the port's (HTTP, HTTP2, GRPC; None: unknown), ``upstream_protocol``
+    how tries choose theirs (see :func:`upstream_protocol`), ``max_concurrent_streams``
+    the cap on streams per HTTP/2 connection (0: the peer's SETTINGS_MAX_CONCURRENT_STREAMS).
     """
 
     name: str
@@ -197,6 +228,9 @@ class ClusterSpec:
     max_requests_per_connection: int = 0  # 0: unlimited
     idle_timeout: float = 3600.0
     outlier: OutlierPolicy = OutlierPolicy()
+    protocol: str | None = "HTTP"
+    upstream_protocol: str = UPSTREAM_HTTP1
+    max_concurrent_streams: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +247,9 @@ class ProxyConfig:
     ``warnings`` holds :class:`mesh.config.errors.ConfigWarning` objects:
     problems that do not invalidate the config, such as a route to a host no
     ServiceEntry defines.
+    ``app_protocol`` is the protocol of the workload's app port (HTTP, HTTP2 or GRPC) from
+    the ServiceEntry ports that lead to the workload, or None when none does (see
+    :mod:`mesh.config.compile`); the inbound sidecar speaks it to the app.
     """
 
     version: str
@@ -220,6 +257,7 @@ class ProxyConfig:
     clusters: dict
     authz: object = None
     peer_authentication: object = None
+    app_protocol: str | None = None
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
     warnings: tuple = ()

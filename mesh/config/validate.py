@@ -101,10 +101,11 @@ _TCP_POOL_UNSUPPORTED = {
 }
 _HTTP_POOL_UNSUPPORTED = {
     "http1MaxPendingRequests": _CIRCUIT_BREAKING, "http2MaxRequests": _CIRCUIT_BREAKING,
-    "maxRetries": _CIRCUIT_BREAKING, "maxConcurrentStreams": _CIRCUIT_BREAKING,
-    "h2UpgradePolicy": "txmesh speaks HTTP/1.1 to upstreams; remove it",
-    "useClientProtocol": "txmesh speaks HTTP/1.1 to upstreams; remove it",
+    "maxRetries": _CIRCUIT_BREAKING,
 }
+_HTTP_POOL = {"maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
+              "maxConcurrentStreams"}
+_H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 _OUTLIER = {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval", "baseEjectionTime",
             "maxEjectionPercent"}
 _OUTLIER_UNSUPPORTED = {
@@ -403,10 +404,16 @@ def _load_balancer(parent: Fields) -> LoadBalancer:
 def _connection_pool(parent: Fields) -> ConnectionPool:
     f = parent.sub("connectionPool", {"tcp", "http"})
     tcp = f.sub("tcp", {"connectTimeout"}, _TCP_POOL_UNSUPPORTED)
-    http = f.sub("http", {"maxRequestsPerConnection", "idleTimeout"}, _HTTP_POOL_UNSUPPORTED)
+    http = f.sub("http", _HTTP_POOL, _HTTP_POOL_UNSUPPORTED)
     values = {"connect_timeout": tcp.duration("connectTimeout"),
               "max_requests_per_connection": http.integer("maxRequestsPerConnection", minimum=0),
-              "idle_timeout": http.duration("idleTimeout")}
+              "idle_timeout": http.duration("idleTimeout"),
+              "h2_upgrade_policy": http.enum("h2UpgradePolicy", _H2_UPGRADE_POLICIES),
+              "use_client_protocol": http.boolean("useClientProtocol"),
+              "max_concurrent_streams": http.integer("maxConcurrentStreams", minimum=0)}
+    if values["use_client_protocol"] and values["h2_upgrade_policy"] == "UPGRADE":
+        http.error("h2UpgradePolicy", "useClientProtocol: true keeps the client's protocol, so Istio ignores "
+                                      "h2UpgradePolicy UPGRADE; remove one of the two")
     return ConnectionPool(**{name: value for name, value in values.items() if value is not None})
 
 

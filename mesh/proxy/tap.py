@@ -200,6 +200,17 @@ def _listen_ports(options) -> list:
     return ports
 
 
+def _inbound_addresses(options) -> tuple:
+    """``(address, port)`` pairs where peers reach the inbound listener (a wildcard address: loopback,
+    the app's and the outbound address); none without an app port."""
+    if not options["app-port"]:
+        return ()
+    address = options["inbound-address"]
+    addresses = {address} if address not in ("0.0.0.0", "::") else {
+        "127.0.0.1", options["app-address"], options["outbound-address"]}
+    return tuple(sorted((address, options["inbound-port"]) for address in addresses))
+
+
 def _connection_limit(options) -> int:
     """Raise the file-descriptor limit, and fit ``--max-connections`` per listener into it (logged)."""
     fds = raise_fd_limit()
@@ -240,7 +251,7 @@ def makeService(options):
     mesh_logging.follow_twistd(options.parent)
     workload = Workload(name=options["workload"], namespace=options["namespace"],
                         labels=dict(options["labels"]), service_account=options["service-account"],
-                        app_port=options["app-port"] or None)
+                        app_port=options["app-port"] or None, inbound=_inbound_addresses(options))
     limits = Limits(
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
         max_request_body=options["max-request-body"], max_connections=_connection_limit(options),
