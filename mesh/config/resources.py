@@ -38,14 +38,29 @@ def _source():
 
 # -- registry: ServiceEntry, WorkloadEntry ------------------------------------------
 
+#: ServiceEntry port protocols proxied as opaque TCP, never parsed as HTTP (Istio's ``IsTCP``).
+TCP_PROTOCOLS = frozenset({"TCP", "TLS", "HTTPS"})
+#: Of those, the ones routed by the SNI of the client's TLS ClientHello (Istio's ``IsTLS``).
+TLS_PROTOCOLS = frozenset({"TLS", "HTTPS"})
+
+
 @dataclass(frozen=True)
 class ServicePort:
-    """A port of a ServiceEntry; ``target_port`` None means "same as number"."""
+    """A port of a ServiceEntry; ``target_port`` None means "same as number".
+
+    ``protocol`` is HTTP, HTTP2, GRPC (HTTP traffic) or one of
+    :data:`TCP_PROTOCOLS` (TCP, TLS, HTTPS: proxied as TCP).
+    """
 
     number: int
     name: str
     protocol: str = "HTTP"
     target_port: int | None = None
+
+    @property
+    def is_tcp(self) -> bool:
+        """Whether the port carries opaque TCP (TCP, TLS, HTTPS) rather than HTTP."""
+        return self.protocol in TCP_PROTOCOLS
 
 
 @dataclass(frozen=True)
@@ -231,8 +246,41 @@ class HTTPRoute:
 
 
 @dataclass(frozen=True)
+class L4Match:
+    """One entry of the ``match`` of a ``tcp`` route (Istio's L4MatchAttributes) or of a ``tls``
+    route (TLSMatchAttributes, which adds ``sniHosts``): all its conditions must hold.
+
+    ``sni_hosts`` are lower-case names or ``*.`` wildcards (``tls`` routes only; never empty
+    there); ``destination_subnets`` are :mod:`ipaddress` networks (empty: any destination);
+    ``port`` None matches any port; ``source_labels`` are sorted ``(key, value)`` pairs and
+    ``source_namespace`` None any namespace.  The source conditions and the port are decided
+    when the config is compiled for one proxy, as Istio does; SNI and subnets per connection.
+    """
+
+    sni_hosts: tuple = ()
+    destination_subnets: tuple = ()
+    port: int | None = None
+    source_labels: tuple = ()
+    source_namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class L4Route:
+    """One ``tcp`` or ``tls`` entry of a VirtualService: ``match`` (:class:`L4Match`, empty: any
+    connection; a ``tls`` route has at least one) and its weighted ``route`` destinations."""
+
+    index: int
+    match: tuple
+    route: tuple
+
+
+@dataclass(frozen=True)
 class VirtualService:
-    """Routing rules for ``hosts`` (fully qualified names, wildcards or IP literals)."""
+    """Routing rules for ``hosts`` (fully qualified names, wildcards or IP literals).
+
+    ``http`` routes HTTP requests; ``tcp`` (:class:`L4Route`) routes connections to TCP ports
+    and ``tls`` connections to TLS and HTTPS ports, by SNI.
+    """
 
     name: str
     namespace: str
@@ -240,3 +288,5 @@ class VirtualService:
     http: tuple
     export_to: tuple
     source: Resource = _source()
+    tcp: tuple = ()
+    tls: tuple = ()

@@ -11,6 +11,7 @@ here: they are warnings of :mod:`mesh.config.compile`.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from mesh.config import hosts as hostnames
@@ -22,6 +23,8 @@ from mesh.config.resources import (
     DestinationRule,
     HTTPMatch,
     HTTPRoute,
+    L4Match,
+    L4Route,
     LoadBalancer,
     RouteDestination,
     ServiceEntry,
@@ -44,7 +47,6 @@ _BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 _NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\(\?\(|\(\?P=|\\[1-9]")
 
 _REMOVE_IT = "remove it"
-_HTTP_ONLY = "txmesh proxies HTTP only; remove them (or route that traffic outside the mesh)"
 _CIRCUIT_BREAKING = "circuit-breaking limits are not implemented yet; remove it"
 _MIRRORING = "traffic mirroring is not implemented yet; remove it"
 _LEGACY_HEADERS = "it is deprecated in Istio; use headers.request / headers.response"
@@ -54,7 +56,20 @@ _LEGACY_HEADERS = "it is deprecated in Istio; use headers.request / headers.resp
 _SERVICE_ENTRY = {"hosts", "addresses", "ports", "location", "resolution", "endpoints",
                   "workloadSelector", "exportTo", "subjectAltNames"}
 _PORT = {"number", "name", "protocol", "targetPort"}
-_HTTP_PROTOCOLS = {"HTTP", "HTTP2", "GRPC"}
+#: The port protocols txmesh proxies: HTTP ones, and TCP ones (TCP, TLS and HTTPS are opaque TCP; TLS and
+#: HTTPS are routed by SNI, never terminated).
+_PORT_PROTOCOLS = ("HTTP", "HTTP2", "GRPC", "TCP", "TLS", "HTTPS")
+_NO_FILTER = ("txmesh has no {} protocol filter; use protocol TCP, which is how Istio proxies it unless its {} "
+              "filter is on")
+#: Protocols Istio knows (pkg/config/protocol) that txmesh does not proxy, with what to do instead.
+_PORT_PROTOCOLS_REJECTED = {
+    "MONGO": _NO_FILTER.format("MongoDB", "Mongo"),
+    "REDIS": _NO_FILTER.format("Redis", "Redis"),
+    "MYSQL": _NO_FILTER.format("MySQL", "MySQL"),
+    "UDP": "txmesh proxies TCP only (UDP is never captured); remove the port",
+    "GRPC-WEB": "gRPC-Web is proxied as HTTP; use protocol HTTP",
+    "HTTP_PROXY": "outbound HTTP proxy listeners are not implemented; use HTTP",
+}
 _ENDPOINT = {"address", "ports", "labels", "weight", "serviceAccount"}
 _ENDPOINT_UNSUPPORTED = {
     "network": "multi-network meshes are not supported; remove it",
@@ -75,7 +90,7 @@ _DESTINATION_RULE = {"host", "trafficPolicy", "subsets", "exportTo"}
 _DESTINATION_RULE_UNSUPPORTED = {"workloadSelector": "per-workload DestinationRules are not supported yet; "
                                                      "remove it (the rule then applies to every client)"}
 _POLICY = {"loadBalancer", "connectionPool", "outlierDetection", "tls"}
-_POLICY_UNSUPPORTED = {"tunnel": "tunneling applies to TCP routes, which txmesh does not proxy; remove it",
+_POLICY_UNSUPPORTED = {"tunnel": "tunneling TCP through an HTTP CONNECT proxy is not implemented; remove it",
                        "proxyProtocol": "the PROXY protocol is not implemented; remove it"}
 _SIMPLE_LB = {"ROUND_ROBIN": "ROUND_ROBIN", "LEAST_REQUEST": "LEAST_REQUEST", "RANDOM": "RANDOM",
               "LEAST_CONN": "LEAST_REQUEST", "UNSPECIFIED": DEFAULT_LOAD_BALANCER.policy}
@@ -129,8 +144,12 @@ _TLS_MODE_REJECTED = {
 
 # -- VirtualService -------------------------------------------------------------------
 
-_VIRTUAL_SERVICE = {"hosts", "gateways", "http", "exportTo"}
-_VIRTUAL_SERVICE_UNSUPPORTED = {"tcp": _HTTP_ONLY, "tls": _HTTP_ONLY}
+_VIRTUAL_SERVICE = {"hosts", "gateways", "http", "tcp", "tls", "exportTo"}
+_L4_ROUTE = {"match", "route"}
+_L4_MATCH = {"destinationSubnets", "port", "sourceLabels", "sourceNamespace", "gateways"}
+_TLS_MATCH = _L4_MATCH | {"sniHosts"}
+_L4_MATCH_UNSUPPORTED = {"sourceSubnet": "it is deprecated in Istio, which ignores it; remove it (restrict callers "
+                                         "with an AuthorizationPolicy's ipBlocks)"}
 _HTTP_ROUTE = {"name", "match", "route", "rewrite", "timeout", "retries", "headers"}
 _HTTP_ROUTE_UNSUPPORTED = {
     "redirect": "redirects are not implemented yet; let a service answer with the redirect",
@@ -263,10 +282,7 @@ def _service_ports(f: Fields) -> tuple:
         pf = Fields(f.report, path, item, _PORT)
         number = pf.port("number", required=True)
         name = _dns_name(pf, "name", _DNS_LABEL, "port name", required=True)
-        protocol = (pf.string("protocol") or "HTTP").upper()
-        if protocol not in _HTTP_PROTOCOLS:
-            pf.error("protocol", f"protocol {protocol} is not supported by txmesh, which proxies HTTP only; "
-                                 "use HTTP, HTTP2 or GRPC")
+        protocol = _port_protocol(pf)
         if name and name in names:
             pf.error("name", f"duplicate port name '{name}'")
         if number and number in numbers:
@@ -276,6 +292,21 @@ def _service_ports(f: Fields) -> tuple:
         ports.append(ServicePort(number=number or 0, name=name or "", protocol=protocol,
                                  target_port=pf.port("targetPort")))
     return tuple(ports)
+
+
+def _port_protocol(f: Fields) -> str:
+    """The ``protocol`` of a ServiceEntry port, upper-case (Istio reads it case-insensitively).
+
+    Without one, HTTP: where Istio would sniff the protocol, txmesh takes HTTP, as before.
+    """
+    protocol = (f.string("protocol") or "HTTP").upper()
+    if protocol in _PORT_PROTOCOLS:
+        return protocol
+    if protocol in _PORT_PROTOCOLS_REJECTED:
+        f.error("protocol", f"protocol {protocol} is not supported by txmesh; {_PORT_PROTOCOLS_REJECTED[protocol]}")
+    else:
+        f.error("protocol", f"unknown protocol '{protocol}'; use one of: {', '.join(_PORT_PROTOCOLS)}")
+    return "HTTP"
 
 
 def _endpoint(f: Fields, port_names=None) -> WorkloadEndpoint:
@@ -430,17 +461,64 @@ def _outlier_detection(parent: Fields) -> OutlierPolicy:
 # -- VirtualService -------------------------------------------------------------------
 
 def _virtual_service(resource, report, domain) -> VirtualService:
-    f = Fields(report, ("spec",), resource.spec, _VIRTUAL_SERVICE, _VIRTUAL_SERVICE_UNSUPPORTED)
+    f = Fields(report, ("spec",), resource.spec, _VIRTUAL_SERVICE)
     if "hosts" not in f:
         f.error("hosts", "'hosts' is required (delegate VirtualServices without hosts are not supported)")
     _gateways(f)
+    namespace = resource.namespace
+    routes_given = [key for key in ("http", "tcp", "tls") if key in f]
+    if not routes_given:
+        f.error(None, "set at least one of http, tcp or tls (the routes of HTTP, TCP and TLS traffic)")
     http = tuple(_http_route(Fields(report, path, item, _HTTP_ROUTE, _HTTP_ROUTE_UNSUPPORTED), index,
-                             resource.namespace, domain)
-                 for index, (path, item) in enumerate(f.items("http", required=True)))
-    return VirtualService(
-        name=resource.name, namespace=resource.namespace,
-        hosts=_hosts(f, "hosts", resource.namespace, domain, required="hosts" in f, allow_ip=True),
-        http=http, export_to=_export_to(f), source=resource)
+                             namespace, domain)
+                 for index, (path, item) in enumerate(f.items("http", required="http" in routes_given)))
+    hosts = _hosts(f, "hosts", namespace, domain, required="hosts" in f, allow_ip=True)
+    written = {value.lower() for value in f.data.get("hosts") or () if isinstance(value, str)} if isinstance(
+        f.data.get("hosts"), list) else set()
+    tcp = tuple(_l4_route(Fields(report, path, item, _L4_ROUTE), index, namespace, domain)
+                for index, (path, item) in enumerate(f.items("tcp", required="tcp" in routes_given)))
+    tls = tuple(_l4_route(Fields(report, path, item, _L4_ROUTE), index, namespace, domain, hosts + tuple(written))
+                for index, (path, item) in enumerate(f.items("tls", required="tls" in routes_given)))
+    return VirtualService(name=resource.name, namespace=namespace, hosts=hosts, http=http,
+                          export_to=_export_to(f), tcp=tcp, tls=tls, source=resource)
+
+
+def _l4_route(f: Fields, index, namespace, domain, vs_hosts=None) -> L4Route:
+    """A ``tcp`` route, or a ``tls`` route when ``vs_hosts`` (the hosts its ``sniHosts`` must be among) is given.
+
+    A ``tls`` route needs at least one match, each with ``sniHosts``, as in Istio.
+    """
+    tls = vs_hosts is not None
+    matches = tuple(_l4_match(Fields(f.report, path, item, _TLS_MATCH if tls else _L4_MATCH, _L4_MATCH_UNSUPPORTED),
+                              vs_hosts)
+                    for path, item in f.items("match", required=tls))
+    return L4Route(index=index, match=matches, route=_destinations(f, namespace, domain, http=False))
+
+
+def _l4_match(f: Fields, vs_hosts=None) -> L4Match:
+    """Istio's L4MatchAttributes, or its TLSMatchAttributes when ``vs_hosts`` is given (see :func:`_l4_route`)."""
+    _gateways(f)
+    subnets = []
+    for path, text in f.strings("destinationSubnets"):
+        try:
+            subnets.append(ipaddress.ip_network(text, strict=False))
+        except ValueError:
+            f.report.add(path, f"invalid IP address or CIDR range '{text}' (like 10.0.0.1 or 10.0.0.0/16)")
+    sni_hosts = []
+    for path, name in (f.strings("sniHosts", required=True) if vs_hosts is not None else ()):
+        problem = hostnames.check(name)
+        name = name.lower()
+        if problem is None and not any(hostnames.covers(host, name) for host in vs_hosts):
+            problem = (f"SNI host '{name}' is not one of the VirtualService's hosts (nor under one of its wildcard "
+                       f"hosts): {', '.join(sorted(set(vs_hosts)))}; a tls route only sees the connections to "
+                       "its VirtualService's hosts")
+        if problem:
+            f.report.add(path, problem)
+        elif name not in sni_hosts:
+            sni_hosts.append(name)
+    return L4Match(sni_hosts=tuple(sni_hosts), destination_subnets=tuple(subnets), port=f.port("port"),
+                   source_labels=f.labels("sourceLabels"),
+                   source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None)
 
 
 def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
@@ -471,12 +549,14 @@ def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
         response_headers=_header_ops(f, "response")[0])
 
 
-def _destinations(f: Fields, namespace, domain) -> tuple:
+def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
+    """The weighted ``route`` destinations of an http route, or of a tcp/tls one (no ``headers`` there)."""
     items = f.items("route", required=True)
     out = []
     for path, item in items:
         rf = Fields(f.report, path, item, {"destination", "weight"}, {
-            "headers": "per-destination header changes are not supported; move them to the route's headers"})
+            "headers": "per-destination header changes are not supported; move them to the route's headers"}
+            if http else None)
         if "destination" not in rf:
             rf.error("destination", "'destination' is required")
         df = rf.sub("destination", {"host", "subset", "port"})

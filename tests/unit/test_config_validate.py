@@ -91,7 +91,7 @@ def test_service_entry_rejections(tmp_path):
           hosts: ["*", "a:80"]
           addresses: [10.0.0.0/24]
           ports:
-          - {number: 80, name: http, protocol: TCP}
+          - {number: 80, name: http, protocol: Mongo}
           - {number: 80, name: http}
           endpoints:
           - {address: db.example.com, network: n1, ports: {https: 443}}
@@ -105,8 +105,8 @@ def test_service_entry_rejections(tmp_path):
         (5, "spec.hosts[1]: hosts must not include a port; txmesh matches the Host header without its port"),
         (6, "spec.addresses[0]: '10.0.0.0/24' is not an IP address (CIDR ranges are not supported); list "
             "single IP addresses"),
-        (8, "spec.ports[0].protocol: protocol TCP is not supported by txmesh, which proxies HTTP only; use "
-            "HTTP, HTTP2 or GRPC"),
+        (8, "spec.ports[0].protocol: protocol MONGO is not supported by txmesh; txmesh has no MongoDB protocol "
+            "filter; use protocol TCP, which is how Istio proxies it unless its Mongo filter is on"),
         (9, "spec.ports[1].name: duplicate port name 'http'"),
         (9, "spec.ports[1].number: duplicate port number 80"),
         (11, "spec.endpoints[0].network: 'network' is not supported by txmesh; multi-network meshes are not "
@@ -439,7 +439,7 @@ def test_unknown_and_unsupported_fields(tmp_path):
         spec:
           hostz: [web]
           gateways: [istio-system/ingress]
-          tcp: [{route: [{destination: {host: db}}]}]
+          tcp: [{route: [{destination: {host: db}}], retries: {attempts: 1}}]
           http:
           - match:
             - uri: /exact-path
@@ -456,9 +456,8 @@ def test_unknown_and_unsupported_fields(tmp_path):
     prefix = f"{path}:{{}}: VirtualService/shop/vs: "
     assert errors == _expected(prefix, [
         (5, "spec.hostz: unknown field 'hostz' (did you mean 'hosts'?); supported: exportTo, gateways, hosts, "
-            "http"),
-        (7, "spec.tcp: 'tcp' is not supported by txmesh; txmesh proxies HTTP only; remove them (or route that "
-            "traffic outside the mesh)"),
+            "http, tcp, tls"),
+        (7, "spec.tcp[0].retries: unknown field 'retries'; supported: match, route"),
         (4, "spec.hosts: 'hosts' is required (delegate VirtualServices without hosts are not supported)"),
         (6, "spec.gateways[0]: gateway 'istio-system/ingress' is not supported by txmesh: only the sidecars' "
             "'mesh' gateway exists; remove it (ingress/egress gateways are not implemented)"),

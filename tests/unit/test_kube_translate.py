@@ -73,10 +73,11 @@ def test_a_service_becomes_a_mesh_internal_static_service_entry_that_validates_a
 
 @pytest.mark.parametrize("port,protocol", [
     ({"name": "http"}, "HTTP"), ({"name": "http-web"}, "HTTP"), ({"name": "HTTP2-x"}, "HTTP2"),
-    ({"name": "grpc"}, "GRPC"), ({"name": "grpc-web"}, "HTTP"), ({"name": "tcp-db"}, None),
-    ({"name": "https"}, None), ({"name": "mysql"}, None), ({"name": "redis-x"}, None), ({"name": "tls"}, None),
+    ({"name": "grpc"}, "GRPC"), ({"name": "grpc-web"}, "HTTP"), ({"name": "tcp-db"}, "TCP"),
+    ({"name": "https"}, "HTTPS"), ({"name": "mysql"}, "TCP"), ({"name": "redis-x"}, "TCP"), ({"name": "tls"}, "TLS"),
+    ({"name": "udp-dns"}, None), ({"appProtocol": "kubernetes.io/wss"}, "HTTPS"),
     ({"name": "web"}, "HTTP"), ({}, "HTTP"), ({"name": "tcp", "appProtocol": "http"}, "HTTP"),
-    ({"name": "http", "appProtocol": "grpc"}, "GRPC"), ({"name": "http", "appProtocol": "tcp"}, None),
+    ({"name": "http", "appProtocol": "grpc"}, "GRPC"), ({"name": "http", "appProtocol": "tcp"}, "TCP"),
     ({"appProtocol": "kubernetes.io/h2c"}, "HTTP2"), ({"name": "http", "appProtocol": "custom.io/x"}, "HTTP"),
     ({"name": "http", "protocol": "UDP"}, None), ({"name": "dns", "protocol": "SCTP"}, None),
 ])
@@ -84,13 +85,15 @@ def test_protocol_selection_follows_istio(port, protocol):
     assert port_protocol({"port": 80, **port}) == protocol
 
 
-def test_non_http_ports_are_left_out_and_a_service_without_http_ports_or_external_name_has_no_entry():
-    ports = [{"name": "tcp-db", "port": 5432}, {"name": "http-api", "port": 80, "targetPort": "web"}]
-    found = entries([svc("mixed", ports), svc("db", [{"name": "tcp", "port": 5432}]),
+def test_udp_ports_are_left_out_and_a_service_without_tcp_ports_or_external_name_has_no_entry():
+    ports = [{"name": "tcp-db", "port": 5432}, {"name": "udp-dns", "port": 53},
+             {"name": "http-api", "port": 80, "targetPort": "web"}]
+    found = entries([svc("mixed", ports), svc("dns", [{"name": "dns", "port": 53, "protocol": "UDP"}]),
                      {"metadata": {"name": "ext", "namespace": "shop"},
                       "spec": {"type": "ExternalName", "externalName": "example.com", "ports": HTTP}}])
     assert list(found) == ["kubernetes:services/shop/mixed"]
     assert found["kubernetes:services/shop/mixed"]["spec"]["ports"] == [
+        {"number": 5432, "name": "tcp-db", "protocol": "TCP"},
         {"number": 80, "name": "http-api", "protocol": "HTTP"}]  # a named targetPort is resolved per endpoint
 
 

@@ -10,13 +10,14 @@ ServiceEntry, as Istio's Kubernetes registry sees it:
 - ``ports``: the Service ports with Istio's protocol selection --
   ``appProtocol`` if set, else the port name's prefix before ``-``
   (``http``, ``http2``, ``grpc``, ``grpc-web``, ``tcp``, ``tls``, ...).
-  txmesh proxies HTTP only: HTTP, HTTP2 and gRPC ports are kept; ports of
-  other protocols (tcp, tls, https, mongo, redis, mysql, udp; UDP/SCTP
-  ports) are left out, and a Service with no port left gets no
-  ServiceEntry.  A port whose protocol cannot be told (no appProtocol, no
-  known prefix) is one Istio would sniff: txmesh takes it as HTTP.  An
-  unnamed port is named ``port-<number>``; an integer ``targetPort`` is
-  kept;
+  HTTP, HTTP2 and gRPC ports are HTTP; tcp, tls and https ports are TCP,
+  TLS and HTTPS (proxied as TCP, TLS ones routed by SNI); mongo, redis and
+  mysql ports are TCP, as Istio proxies them without its protocol filters.
+  UDP and SCTP ports (and ``udp-`` names) are left out, and a Service with
+  no port left gets no ServiceEntry.  A port whose protocol cannot be told
+  (no appProtocol, no known prefix) is one Istio would sniff: txmesh takes
+  it as HTTP.  An unnamed port is named ``port-<number>``; an integer
+  ``targetPort`` is kept;
 - ``location: MESH_INTERNAL``, ``resolution: STATIC``; the annotation
   ``networking.istio.io/exportTo`` becomes ``exportTo``;
 - ``endpoints``: the first address of every *ready* endpoint of the
@@ -40,18 +41,17 @@ EXPORT_TO_ANNOTATION = "networking.istio.io/exportTo"
 NETWORKING = "networking.istio.io/v1"
 
 #: Istio protocol names (appProtocol or port-name prefix) -> the ServiceEntry protocol txmesh proxies.
-_HTTP_PROTOCOLS = {"http": "HTTP", "http_proxy": "HTTP", "http2": "HTTP2", "grpc": "GRPC", "grpc-web": "HTTP",
-                   "kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP"}
-#: Protocols Istio knows that are not HTTP: such ports are left out.
-_OTHER_PROTOCOLS = {"tcp", "udp", "tls", "https", "mongo", "redis", "mysql", "kubernetes.io/wss"}
+_PROTOCOLS = {"http": "HTTP", "http_proxy": "HTTP", "http2": "HTTP2", "grpc": "GRPC", "grpc-web": "HTTP",
+              "kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP", "kubernetes.io/wss": "HTTPS",
+              "tcp": "TCP", "tls": "TLS", "https": "HTTPS", "mongo": "TCP", "redis": "TCP", "mysql": "TCP"}
 
 
 def port_protocol(port: dict):
-    """The ServiceEntry protocol of a Service port, or None when txmesh does not proxy it.
+    """The ServiceEntry protocol of a Service port, or None when txmesh does not proxy it (UDP).
 
     As Istio's ``ConvertProtocol``: ``appProtocol`` if set, else the port
     name; ``grpc-web...`` is gRPC-Web, otherwise the part before the first
-    ``-`` names the protocol (``http-web`` -> HTTP, ``tcp-db`` -> None).
+    ``-`` names the protocol (``http-web`` -> HTTP, ``tcp-db`` -> TCP).
     What Istio does not recognise it sniffs: HTTP here.
     """
     if (port.get("protocol") or "TCP").upper() != "TCP":
@@ -61,9 +61,9 @@ def port_protocol(port: dict):
         name = "grpc-web"
     elif not name.startswith("kubernetes.io/"):
         name = name.partition("-")[0]
-    if name in _OTHER_PROTOCOLS:
+    if name == "udp":
         return None
-    return _HTTP_PROTOCOLS.get(name, "HTTP")
+    return _PROTOCOLS.get(name, "HTTP")
 
 
 def port_name(port: dict) -> str:
@@ -116,7 +116,7 @@ def _endpoints(service: dict, slices: list, pods: dict, ports: list) -> list:
 
 
 def service_entry(service: dict, slices: list, pods: dict, domain: str = hostnames.DEFAULT_DOMAIN):
-    """The ServiceEntry document of one Service, or None when it has none (ExternalName, no HTTP port).
+    """The ServiceEntry document of one Service, or None when it has none (ExternalName, no TCP port).
 
     ``slices`` are the EndpointSlices of that Service; ``pods`` maps
     ``(namespace, name)`` to Pod objects.
