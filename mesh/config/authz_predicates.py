@@ -24,7 +24,9 @@ Request attributes, as Istio reads them:
 - **header**: ``ctx.headers[name]`` (repeated headers joined with ``", "``).
 - **port**: the workload's app port.  When it is unknown, a port condition
   fails closed as Istio does with attributes it cannot evaluate: it matches in
-  a DENY rule and does not in an ALLOW rule.
+  a DENY rule and does not in an ALLOW rule.  Rules compiled for TCP
+  connections (``app_port`` :data:`CONNECTION_PORT`) read ``ctx.port``, the
+  port the connection came to, instead.
 
 Patterns: ``abc`` exact, ``abc*`` prefix, ``*abc`` suffix, ``*`` any non-empty
 value (for a header: present, even if empty).
@@ -36,11 +38,14 @@ import ipaddress
 from collections.abc import Callable
 
 _SPIFFE = "spiffe://"
+#: ``app_port`` of :func:`compile_rule` for TCP connections: port conditions read ``ctx.port``.
+CONNECTION_PORT = "connection"
 
 
-def compile_rule(rule, app_port: int | None, deny: bool):
+def compile_rule(rule, app_port, deny: bool):
     """The predicate of an :class:`~mesh.config.security.AuthzRule`, or True/False when decided.
 
+    ``app_port`` is the workload's app port (None: unknown), or :data:`CONNECTION_PORT`.
     ``deny`` tells whether the rule belongs to a DENY policy (how an unknown
     port is decided).
     """
@@ -102,6 +107,9 @@ def _combine(tests, any_of: bool):
 def _condition(match, app_port, deny):
     """The predicate of one :class:`~mesh.config.security.AuthzMatch` (or True/False)."""
     if match.attribute == "port":
+        if app_port is CONNECTION_PORT:
+            ports, negated = frozenset(match.values), match.negated
+            return lambda ctx, peer: (ctx.port in ports) is not negated
         if app_port is None:
             return deny
         return (app_port in match.values) is not match.negated

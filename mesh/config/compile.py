@@ -9,6 +9,9 @@ namespace when several claim the same host.
   and ``outbound|PORT|SUBSET|HOST`` for every DestinationRule subset.
 - **Routes**: a VirtualService's ``http`` list becomes one virtual host; a
   ServiceEntry host without one gets a default route to its first port.
+- **TCP routes**: the TCP, TLS and HTTPS ports and the VirtualServices'
+  ``tcp``/``tls`` lists become the outbound TCP listeners
+  (:mod:`mesh.config.compile_l4`).
 - **Security**: the AuthorizationPolicies and PeerAuthentications that apply
   to the workload (see :mod:`mesh.config.security_compile`), and a warning
   when its namespace's policies use selectors and none selects it
@@ -27,6 +30,7 @@ import json
 from dataclasses import dataclass, field
 
 from mesh.config import hosts as hostnames
+from mesh.config.compile_l4 import compile_l4
 from mesh.config.dump import describe_action, describe_cluster
 from mesh.config.errors import ConfigErrors, ConfigWarning
 from mesh.config.loader import load_dir
@@ -34,13 +38,19 @@ from mesh.config.predicates import compile_match, compile_matches
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
+    TCP_PROTOCOLS,
     ConnectionPool,
     DestinationRule,
     ServiceEntry,
     VirtualService,
     WorkloadEntry,
 )
-from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_authz, compile_peer_authn
+from mesh.config.security_compile import (
+    DEFAULT_ROOT_NAMESPACE,
+    compile_authz,
+    compile_peer_authn,
+    compile_tcp_authz,
+)
 from mesh.config.selection import selects, unselected_warning
 from mesh.config.tables import (
     H2_PROTOCOLS,
@@ -52,6 +62,7 @@ from mesh.config.tables import (
     RouteAction,
     RouteTable,
     VirtualHost,
+    cluster_name,
     upstream_protocol,
 )
 from mesh.config.validate import validate
@@ -103,11 +114,6 @@ def compile_proxy_config(objects, workload: Workload, domain: str = hostnames.DE
     return _Compiler(objects, workload, domain, trust_domain, root_namespace).build()
 
 
-def cluster_name(port: int, subset: str, host: str) -> str:
-    """Istio's cluster name ``outbound|PORT|SUBSET|HOST``."""
-    return f"outbound|{port}|{subset}|{host}"
-
-
 def config_version(objects) -> str:
     """A short hash of the sources of ``objects`` (independent of their order and files)."""
     sources = sorted([obj.source.kind, obj.source.namespace, obj.source.name, obj.source.spec]
@@ -145,7 +151,9 @@ class _Compiler:
         self.services = self._services(entries, rules)
         for service in self.services.values():
             self._add_clusters(service)
-        routes = self._route_table(self._visible(VirtualService))
+        virtual_services = self._visible(VirtualService)
+        routes = self._route_table(virtual_services)
+        l4, l4_dump = compile_l4(self, virtual_services)
         authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
         peer_authn, peer_authn_dump = compile_peer_authn(self.objects, self.workload, self.root_namespace,
                                                          self._warn)
@@ -157,11 +165,16 @@ class _Compiler:
             "clusters": [describe_cluster(spec) for _, spec in sorted(self.clusters.items())],
             "authz": authz_dump,
             "peer_authentication": peer_authn_dump,
+            "tcp_listeners": l4_dump,
         }
         app_protocol = self._app_protocol()
         dump["app_protocol"] = app_protocol
+        tcp_authz = compile_tcp_authz(self.objects, self.workload, self.root_namespace,
+                                      self._warn if app_protocol in TCP_PROTOCOLS else None)
+        app_service = self._app_service()
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
                            authz=authz, peer_authentication=peer_authn, app_protocol=app_protocol,
+                           l4=l4, tcp_authz=tcp_authz, app_service=app_service,
                            sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 
@@ -283,6 +296,14 @@ class _Compiler:
             return None
         return next(iter(found), None) if len(found) < 2 else "HTTP2"
 
+    def _app_service(self) -> str | None:
+        """The host of the first ServiceEntry of the workload's namespace that leads to it (the
+        ``destination_service`` of its inbound TCP connections), or None."""
+        for host, service in self.services.items():
+            if service.entry.namespace == self.workload.namespace and self._ports_to_workload(service):
+                return host
+        return None
+
     def _ports_to_workload(self, service: _Service) -> list:
         """The ports of ``service``'s ServiceEntry that lead to this workload.
 
@@ -323,6 +344,8 @@ class _Compiler:
     def _route_table(self, virtual_services) -> RouteTable:
         claimed, patterns = {}, []
         for vs in virtual_services:
+            if not vs.http:
+                continue  # only tcp/tls routes: HTTP to its hosts takes the services' default routes
             vhost = None
             for index, host in enumerate(vs.hosts):
                 owner = claimed.get(host) or next((v for p, v in patterns if p == host), None)
@@ -402,18 +425,26 @@ class _Compiler:
             rewrite_authority=http.rewrite_authority.encode() if http.rewrite_authority else None,
             request_headers=http.request_headers, response_headers=http.response_headers)
 
-    def _destination_cluster(self, vs, route_index, index, destination) -> str:
-        """The cluster name of a route destination; warns when it does not resolve."""
-        path = ("spec", "http", route_index, "route", index, "destination")
+    def _destination_cluster(self, vs, route_index, index, destination, section="http", listener_port=None) -> str:
+        """The cluster name of a route destination; warns when it does not resolve.
+
+        ``section`` is the route's list (``http``, ``tcp`` or ``tls``); a ``tcp``/``tls`` destination
+        without a port goes to ``listener_port`` (the port the connection came to) when the service
+        has it, as in Istio.
+        """
+        path = ("spec", section, route_index, "route", index, "destination")
+        what = "requests" if section == "http" else "connections"
         subset = destination.subset or ""
         service = self._service_for(destination.host)
         if service is None:
             self._warn(vs, path + ("host",), f"no ServiceEntry visible to namespace {self.workload.namespace} "
-                                             f"defines host '{destination.host}'; requests routed here get "
-                                             "503 (NC) until one does")
-            return cluster_name(destination.port or 80, subset, destination.host)
+                                             f"defines host '{destination.host}'; {what} routed here get "
+                                             f"{'503 ' if section == 'http' else ''}(NC) until one does")
+            return cluster_name(destination.port or listener_port or 80, subset, destination.host)
         ports = service.entry.ports
-        if destination.port is None:
+        if destination.port is None and listener_port in {service_port.number for service_port in ports}:
+            port = listener_port
+        elif destination.port is None:
             port = ports[0].number
             if len(ports) > 1:
                 self._warn(vs, path, f"no destination port, and '{service.host}' has several ports; using "
@@ -426,7 +457,8 @@ class _Compiler:
         if subset and subset not in {s.name for s in (service.rule.subsets if service.rule else ())}:
             self._warn(vs, path + ("subset",), f"no DestinationRule visible to namespace "
                                                f"{self.workload.namespace} defines subset '{subset}' of "
-                                               f"'{service.host}'; requests routed here get 503 (NC)")
+                                               f"'{service.host}'; {what} routed here get "
+                                               f"{'503 ' if section == 'http' else ''}(NC)")
         return cluster_name(port, subset, service.host)
 
     def _dump_routes(self, table: RouteTable) -> list:

@@ -18,12 +18,15 @@ picks the first by name and warns about the others.
 
 from __future__ import annotations
 
-from mesh.config.authz_predicates import compile_rule
-from mesh.config.security import AuthorizationPolicy, PeerAuthentication
+from mesh.config.authz_predicates import CONNECTION_PORT, compile_rule
+from mesh.config.security import AuthorizationPolicy, AuthzRule, PeerAuthentication
 from mesh.config.security_tables import AuthzPolicies, AuthzPolicy, PeerAuthn, ShadowEngine
 from mesh.config.selection import selects
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
+#: The request attributes a TCP connection does not have (Istio's HTTP-only fields: hosts, methods,
+#: paths and their not-forms, ``request.headers[...]`` conditions).
+HTTP_ONLY_ATTRIBUTES = frozenset({"host", "method", "path", "header"})
 
 
 def applicable(objects, cls, workload, root_namespace) -> list:
@@ -42,12 +45,30 @@ def compile_authz(objects, workload, root_namespace, warn) -> tuple:
     ``warn(obj, path, reason)`` records a
     :class:`~mesh.config.errors.ConfigWarning`.
     """
+    return _compile_policies(objects, workload, root_namespace, lambda policy: _compile_rules(policy, workload, warn))
+
+
+def compile_tcp_authz(objects, workload, root_namespace, warn=None):
+    """The workload's AuthorizationPolicies compiled for TCP connections (None when none applies).
+
+    As Istio does for TCP (its authz-tcp task): an ALLOW rule that uses an HTTP-only field
+    (:data:`HTTP_ONLY_ATTRIBUTES`) never matches a connection, and a DENY rule is applied
+    without its HTTP-only conditions (so one that has only those denies every connection).
+    Port conditions test the port each connection came to (``ctx.port``).  ``warn`` (None:
+    silent) is told about each such rule; the compiler passes it when the app port is TCP.
+    """
+    policies, _ = _compile_policies(objects, workload, root_namespace, lambda policy: _tcp_rules(policy, warn))
+    return policies
+
+
+def _compile_policies(objects, workload, root_namespace, rules_of) -> tuple:
+    """``(AuthzPolicies or None, dump)`` with ``rules_of(policy)`` giving each policy's predicates."""
     compiled = {(dry_run, action): [] for dry_run in (False, True) for action in ("ALLOW", "DENY")}
     dump = {key: [] for key in compiled}
     for policy in applicable(objects, AuthorizationPolicy, workload, root_namespace):
         name = f"{policy.namespace}/{policy.name}"
         key = (policy.dry_run, policy.action)
-        compiled[key].append(AuthzPolicy(name, _compile_rules(policy, workload, warn)))
+        compiled[key].append(AuthzPolicy(name, rules_of(policy)))
         dump[key].append({"name": name, "rules": [describe_rule(rule) for rule in policy.rules]})
     if not any(compiled.values()):
         return None, None
@@ -75,6 +96,45 @@ def _compile_rules(policy, workload, warn) -> tuple:
         elif predicate is not False:
             rules.append(predicate)
     return tuple(rules)
+
+
+def _tcp_rules(policy, warn) -> tuple:
+    """The predicates of a policy's rules for TCP connections (see :func:`compile_tcp_authz`)."""
+    deny = policy.action == "DENY"
+    rules = []
+    for index, rule in enumerate(policy.rules):
+        http_only = sorted({match.field for match in _all_matches(rule) if match.attribute in HTTP_ONLY_ATTRIBUTES})
+        if http_only:
+            if warn is not None:
+                effect = ("Istio applies the rule without them, so it denies the connections its other conditions "
+                          "match (every connection, if it has no other)") if deny else (
+                          "Istio ignores the whole rule for TCP, so it never allows a connection")
+                warn(policy, ("spec", "rules", index), f"this rule uses HTTP-only fields ({', '.join(http_only)}) and "
+                     f"the workload's app port is TCP: {effect}; keep to principals, namespaces, ipBlocks and ports "
+                     "for TCP workloads")
+            if not deny:
+                continue
+            rule = _without_http(rule)
+        predicate = compile_rule(rule, CONNECTION_PORT, deny)
+        if predicate is True:
+            rules.append(_always)
+        elif predicate is not False:
+            rules.append(predicate)
+    return tuple(rules)
+
+
+def _all_matches(rule):
+    return [match for clause in rule.sources + rule.operations + (rule.conditions,) for match in clause]
+
+
+def _without_http(rule) -> AuthzRule:
+    """``rule`` without its HTTP-only conditions (an operation left empty matches every connection)."""
+    def keep(matches):
+        return tuple(match for match in matches if match.attribute not in HTTP_ONLY_ATTRIBUTES)
+
+    return AuthzRule(sources=tuple(keep(clause) for clause in rule.sources),
+                     operations=tuple(keep(clause) for clause in rule.operations),
+                     conditions=keep(rule.conditions))
 
 
 def compile_peer_authn(objects, workload, root_namespace, warn) -> tuple:

@@ -169,6 +169,107 @@ class EndpointSpec:
         return (self.address, self.port, self.identity)
 
 
+@dataclass(frozen=True, slots=True)
+class L4Chain:
+    """One way a TCP connection to a service port may be routed: a filter chain of Envoy's outbound listener.
+
+    ``subnets`` are the :mod:`ipaddress` networks the destination address must be in (empty:
+    any); ``sni`` is None when the chain does not look at the TLS server name, else
+    ``(exact names, wildcard suffixes)`` (a suffix keeps its dot: ``.example.com``).
+    """
+
+    action: RouteAction
+    subnets: tuple = ()
+    sni: tuple | None = None
+
+    def prefix_rank(self, address) -> int:
+        """How specifically the destination ``address`` matches: the longest matching prefix length,
+        -1 for a chain without subnets, None when no subnet contains it."""
+        if not self.subnets:
+            return -1
+        best = None
+        for network in self.subnets:
+            if address is not None and address.version == network.version and address in network:
+                if best is None or network.prefixlen > best:
+                    best = network.prefixlen
+        return best
+
+    def sni_rank(self, server_name) -> int:
+        """How specifically ``server_name`` matches: 1 << 16 for an exact name, the suffix length for a
+        wildcard, -1 for a chain without SNI, None when it does not match (or no SNI was sent)."""
+        names = self.sni
+        if names is None:
+            return -1
+        if server_name is None:
+            return None
+        exact, suffixes = names
+        if server_name in exact:
+            return 1 << 16
+        best = None
+        for suffix in suffixes:
+            if server_name.endswith(suffix) and (best is None or len(suffix) > best):
+                best = len(suffix)
+        return best
+
+
+@dataclass(frozen=True, slots=True)
+class L4Listener:
+    """The TCP routes of one destination: Envoy's outbound listener for a TCP, TLS or HTTPS service port.
+
+    ``name`` is Istio's listener name (``10.96.0.5_9000`` for a service address, ``0.0.0.0_9000``
+    for the port of services without one).  ``tls``: read the server name (SNI) of the
+    client's TLS ClientHello before routing.  ``chains`` are :class:`L4Chain`.
+    """
+
+    name: str
+    tls: bool
+    chains: tuple
+
+    def route(self, address, server_name) -> RouteAction | None:
+        """The action of the chain that matches a connection, as Envoy picks a filter chain: the most
+        specific destination prefix first, then, among those chains only, the most specific server
+        name.  None when no chain matches (Envoy closes such a connection, flag ``NR``).
+
+        ``address`` is the destination as an :mod:`ipaddress` address (or None), ``server_name``
+        the lower-case SNI (or None).
+        """
+        chains = self.chains
+        if len(chains) == 1:
+            chain = chains[0]
+            if chain.prefix_rank(address) is None or chain.sni_rank(server_name) is None:
+                return None
+            return chain.action
+        ranked = [(rank, chain) for chain in chains if (rank := chain.prefix_rank(address)) is not None]
+        if not ranked:
+            return None
+        top = max(rank for rank, _ in ranked)
+        best, best_rank = None, None
+        for rank, chain in ranked:
+            if rank == top:
+                sni = chain.sni_rank(server_name)
+                if sni is not None and (best_rank is None or sni > best_rank):
+                    best, best_rank = chain, sni
+        return best.action if best is not None else None
+
+
+@dataclass(frozen=True, slots=True)
+class L4Table:
+    """Where a TCP connection through the outbound side goes, by its destination ``(ip, port)``.
+
+    ``by_destination`` holds the listeners of the ServiceEntry ``addresses`` (a service's VIP
+    and port); ``by_port`` those of the ports of services without an address, which take
+    every destination address on that port (as Istio's ``0.0.0.0_PORT`` listeners do).
+    """
+
+    by_destination: dict = field(default_factory=dict)
+    by_port: dict = field(default_factory=dict)
+
+    def lookup(self, ip: str, port: int) -> L4Listener | None:
+        """The listener of destination ``ip:port``, or None when it is no TCP service port."""
+        listener = self.by_destination.get((ip, port))
+        return listener if listener is not None else self.by_port.get(port)
+
+
 #: Istio's clusters for traffic outside the registry (outboundTrafficPolicy ALLOW_ANY / REGISTRY_ONLY, and
 #: inbound traffic to a port no listener of the config serves): the proxy builds them, the telemetry names them.
 PASSTHROUGH_CLUSTER = "PassthroughCluster"
@@ -202,6 +303,11 @@ def upstream_protocol(port_protocol, use_client_protocol=False, h2_upgrade_polic
     if use_client_protocol or port_protocol is None:
         return UPSTREAM_CLIENT
     return UPSTREAM_H2 if h2_upgrade_policy == "UPGRADE" else UPSTREAM_HTTP1
+
+
+def cluster_name(port: int, subset: str, host: str) -> str:
+    """Istio's cluster name ``outbound|PORT|SUBSET|HOST``."""
+    return f"outbound|{port}|{subset}|{host}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -247,6 +353,12 @@ class ProxyConfig:
     ``warnings`` holds :class:`mesh.config.errors.ConfigWarning` objects:
     problems that do not invalidate the config, such as a route to a host no
     ServiceEntry defines.
+    ``l4`` routes the TCP connections of the outbound side (TCP, TLS and HTTPS ports,
+    VirtualService ``tcp`` and ``tls`` routes); ``tcp_authz`` is the AuthorizationPolicy set
+    compiled for TCP connections (HTTP-only conditions dropped as Istio does, see
+    :mod:`mesh.config.security_compile`); ``app_service`` the host of the service the
+    workload serves (the first ServiceEntry that leads to it: the ``destination_service`` of
+    its inbound TCP connections), or None.
     ``app_protocol`` is the protocol of the workload's app port (HTTP, HTTP2 or GRPC) from
     the ServiceEntry ports that lead to the workload, or None when none does (see
     :mod:`mesh.config.compile`); the inbound sidecar speaks it to the app.
@@ -258,6 +370,9 @@ class ProxyConfig:
     authz: object = None
     peer_authentication: object = None
     app_protocol: str | None = None
+    l4: L4Table = field(default_factory=L4Table)
+    tcp_authz: object = None
+    app_service: str | None = None
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
     warnings: tuple = ()
