@@ -126,7 +126,23 @@ def peer_identity(transport):
 
 
 def _select_alpn(connection, offered):
-    return ALPN_HTTP1 if ALPN_HTTP1 in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    """The first protocol of the connection's preference (:class:`ServerTLS` ``alpn``; by default
+    ``http/1.1`` only) that the client offered."""
+    for protocol in getattr(connection, "alpn", _HTTP1_ONLY):
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+_HTTP1_ONLY = (ALPN_HTTP1,)
+
+
+class _ChoosingConnection(SSL.Connection):
+    """A server connection that selects ALPN by its own ``alpn`` preference (see :class:`ServerTLS`)."""
+
+    def __init__(self, context, alpn):
+        super().__init__(context, None)
+        self.alpn = alpn
 
 
 def _self_signed(cert: x509.Certificate) -> bool:
@@ -360,12 +376,19 @@ class CredentialStore:
 
 @implementer(IOpenSSLServerConnectionCreator)
 class ServerTLS:
-    """Server-side connections with the store's current credentials."""
+    """Server-side connections with the store's current credentials.
 
-    def __init__(self, store: CredentialStore):
+    ``alpn``: the ALPN protocols the port speaks, preferred first (``(b"h2", b"http/1.1")`` on
+    the sidecar's inbound port); by default ``http/1.1`` only.
+    """
+
+    def __init__(self, store: CredentialStore, alpn=None):
         self.store = store
+        self.alpn = alpn
 
     def serverConnectionForTLS(self, tlsProtocol):
+        if self.alpn is not None:
+            return _ChoosingConnection(self.store.current.server_context, self.alpn)
         return SSL.Connection(self.store.current.server_context, None)
 
 

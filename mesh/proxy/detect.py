@@ -6,10 +6,11 @@ txmesh does the same, once per connection and only for connections that
 iptables redirected (the app did not call the sidecar itself):
 
 - :func:`classify` looks at the bytes received so far.  A complete first
-  line ``TOKEN SP TARGET SP HTTP/1.d`` is HTTP; bytes that cannot start such
-  a line (``0x16`` of a TLS handshake, ``*3\\r\\n`` of Redis, a binary
-  packet, the HTTP/2 preface ``PRI * HTTP/2.0``) are TCP at once; a prefix
-  that still could be a request line needs more bytes.
+  line ``TOKEN SP TARGET SP HTTP/1.d`` is HTTP, and so is the whole HTTP/2
+  connection preface (:data:`H2_PREFACE`: h2c with prior knowledge, which the
+  HTTP codec hands to :mod:`mesh.proxy.codec.h2_server`); bytes that cannot
+  start either (``0x16`` of a TLS handshake, ``*3\\r\\n`` of Redis, a binary
+  packet) are TCP at once; a prefix that still could be one needs more bytes.
 - :func:`classify_at_timeout` decides when the detection timeout passes first:
   a client that sent nothing speaks a server-first protocol (MySQL, SMTP:
   the server talks first), which is TCP; a client that has sent a method and
@@ -31,6 +32,9 @@ from twisted.internet.interfaces import ISSLTransport
 
 HTTP, TCP = "http", "tcp"
 
+#: What a client that knows the server speaks HTTP/2 sends first (RFC 9113 section 3.4).
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
 #: A request line this long without its end is left to the HTTP codec (and its head limits).
 MAX_SNIFF_BYTES = 16 * 1024
 
@@ -48,6 +52,8 @@ def classify(data: bytes):
     """:data:`HTTP`, :data:`TCP`, or None when ``data`` (the first bytes of a connection) cannot tell yet."""
     if not data:
         return None
+    if H2_PREFACE.startswith(data[:24]):
+        return HTTP if len(data) >= 24 else None
     end = data.find(b"\n")
     if end >= 0:
         return HTTP if _REQUEST_LINE.fullmatch(data, 0, end + 1) else TCP

@@ -28,7 +28,10 @@ class Limits:
     """Per-listener limits and timers (seconds, bytes).
 
     ``max_request_body`` 0 means no limit (bodies stream; only the retry
-    buffer is held in memory, up to ``retry_buffer`` bytes).
+    buffer is held in memory, up to ``retry_buffer`` bytes).  The ``http2_``
+    fields are the SETTINGS of an HTTP/2 connection (:mod:`mesh.proxy.codec.h2_server`):
+    streams in flight at once, and the flow-control windows of a stream and of the
+    whole connection (Envoy's recommendations for untrusted clients).
     """
 
     max_header_bytes: int = 60 * 1024
@@ -39,6 +42,9 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 300.0
     retry_buffer: int = 1024 * 1024
+    http2_max_concurrent_streams: int = 100
+    http2_initial_stream_window: int = 64 * 1024
+    http2_initial_connection_window: int = 1024 * 1024
 
 
 class Listener:

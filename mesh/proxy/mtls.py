@@ -148,6 +148,11 @@ class _Sniffer(Protocol):
             self.transport.loseConnection()
 
 
+#: ALPN of the inbound port, preferred first: the server codec speaks what the client chose
+#: (:mod:`mesh.proxy.codec.h2_server` takes a connection that negotiated ``h2`` over).
+INBOUND_ALPN = (b"h2", b"http/1.1")
+
+
 class InboundFactory(ServerFactory):
     """The inbound port: plaintext and/or mTLS by the PeerAuthentication mode.
 
@@ -163,7 +168,7 @@ class InboundFactory(ServerFactory):
         self.plain = plain_factory
         self.store = store
         self.mode_of = mode_of
-        self.tls = TLSMemoryBIOFactory(ServerTLS(store), False, plain_factory)
+        self.tls = TLSMemoryBIOFactory(ServerTLS(store, INBOUND_ALPN), False, plain_factory)
         self.refused = 0
 
     def buildProtocol(self, addr):

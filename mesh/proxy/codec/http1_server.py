@@ -53,7 +53,7 @@ from mesh.proxy.codec.heads import (
 )
 from mesh.proxy.context import RequestContext
 from mesh.proxy.deadline import Deadlines
-from mesh.proxy.detect import detect
+from mesh.proxy.detect import H2_PREFACE, detect
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.original_dst import original_dst
 from mesh.proxy.outcome import LocalReply
@@ -63,6 +63,8 @@ from mesh.proxy.streams import Backpressure, IDownstreamStream
 log = Logger()
 
 _CHUNK_END = b"0\r\n\r\n"
+#: llhttp's error once it has read the whole HTTP/2 preface (h2c with prior knowledge).
+_H2_PREFACE_READ = "Pause on PRI/Upgrade"
 _CONTINUE = b"HTTP/1.1 100 Continue\r\n\r\n"
 
 #: Request headers the codec handles itself and never forwards as they are
@@ -223,8 +225,10 @@ class DownstreamConnection(Protocol):
             listener.report_open(self)
 
     def handshakeCompleted(self):
-        """mTLS is up (chain verified by OpenSSL): learn who the caller is."""
+        """mTLS is up (chain verified by OpenSSL): learn who the caller is, and speak what ALPN chose."""
         self.peer, self.forward_headers = self.listener.tls_peer(self.transport)
+        if self.transport.negotiatedProtocol == b"h2":
+            self._speak_h2(b"")
 
     def dataReceived(self, data):
         self.last_activity = self.listener.reactor.seconds()
@@ -255,8 +259,11 @@ class DownstreamConnection(Protocol):
                     log.failure("request handling failed")
                     self.reject(500, "internal proxy error; see the proxy log")
             except httptools.HttpParserError as error:
-                if str(error) == "Invalid HTTP version":  # llhttp knows only 0.9, 1.0, 1.1 and 2.0
+                message = str(error)
+                if message == "Invalid HTTP version":  # llhttp knows only 0.9, 1.0, 1.1 and 2.0
                     self.reject(505, "this HTTP version is not supported on this port; use HTTP/1.1")
+                elif message == _H2_PREFACE_READ and not self.requests:
+                    self._speak_h2(data)
                 else:
                     self.reject(400, f"malformed HTTP request: {error}")
             return
@@ -289,6 +296,16 @@ class DownstreamConnection(Protocol):
         if self.tunnel is None or self.read_closed:
             self.transport.loseConnection()
         # else: a TCP tunnel passed on the destination's FIN; the client may still send
+
+    def _speak_h2(self, data):
+        """The client speaks HTTP/2: the HTTP/2 codec takes the connection over (docs/protocols.md).
+
+        ``data`` is the read that completed the preface (prior knowledge, the connection's first
+        24 bytes); the frames after it in ``data`` go to the HTTP/2 codec with the preface.
+        """
+        from mesh.proxy.codec.h2_server import take_over  # imported here: h2_server imports this module
+
+        take_over(self, H2_PREFACE + data[len(data) - (self.bytes_received - len(H2_PREFACE)):] if data else b"")
 
     def _drop_queue(self):
         queue = list(self.queue)
@@ -531,6 +548,13 @@ class DownstreamConnection(Protocol):
         if self._chunked:
             self.bytes_sent += len(_CHUNK_END)
             self.transport.write(_CHUNK_END)
+
+    def send_trailers(self, headers):
+        """Response trailers, in the last chunk of a chunked response (:meth:`send_end`, which follows,
+        then adds nothing); a response framed otherwise has no place for them: they are dropped."""
+        if self._chunked:
+            self._chunked = False
+            self.send_body(b"0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % pair for pair in headers))
 
     def send_local(self, exchange, status, body, headers):
         """A proxy-generated response; the connection closes after it if the request body was not read."""
