@@ -7,7 +7,8 @@ eject an endpoint for ``base_ejection_time x times ejected``, never more than
 
 The exchange reports each try here: :func:`response` when the response head
 arrives, :func:`try_failed` when a try fails without one (or its deadline
-passes first).
+passes first).  A routed TCP connection (:mod:`mesh.proxy.tcp_proxy`) reports
+:func:`connected` or a connect failure (:func:`record_failure`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,15 @@ def response(endpoint, cluster, now: float, status: int) -> None:
     if status >= 500:
         record_failure(endpoint, cluster, now, status=status)
     else:
-        endpoint.consecutive_5xx = 0
-        endpoint.consecutive_gateway = 0
-        endpoint.consecutive_connect_failures = 0
+        connected(endpoint)
+
+
+def connected(endpoint) -> None:
+    """A success: a response that is no 5xx, or a routed TCP connection made (Envoy's local-origin
+    success).  The endpoint's failure streaks end."""
+    endpoint.consecutive_5xx = 0
+    endpoint.consecutive_gateway = 0
+    endpoint.consecutive_connect_failures = 0
 
 
 def try_failed(endpoint, cluster, now: float, kind: str) -> None:

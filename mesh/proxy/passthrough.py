@@ -12,11 +12,16 @@ sidecar, not only HTTP to mesh services.  As Istio's ``outboundTrafficPolicy``
 - ``REGISTRY_ONLY``: such HTTP gets 502 (cluster ``BlackHoleCluster``, flag
   ``UH``) and such TCP connections are closed, with a log line.
 
+A captured connection to a TCP, TLS or HTTPS port of a mesh service is not passed
+through: :mod:`mesh.proxy.tcp_proxy` routes it (VirtualService ``tcp``/``tls``
+routes, mTLS to the peer sidecar).
+
 Only connections that iptables redirected meet the detect stage (:mod:`mesh.proxy.detect`);
 an app that calls the sidecar itself never pays for any of this.  The inbound
 listener passes captured plaintext that is not HTTP to the app's port that was
 dialled (Istio's inbound passthrough), when PeerAuthentication allows
-plaintext and no AuthorizationPolicy applies (those are evaluated for HTTP only).
+plaintext and the AuthorizationPolicies, evaluated for TCP, allow the
+connection (a denied one is closed, flag ``RBAC``).
 
 The tunnel takes the client connection over through the server codec's
 public splice (:meth:`mesh.proxy.codec.http1_server.DownstreamConnection.splice`,
@@ -27,6 +32,7 @@ timeout) and adds TCP half-close.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol
@@ -44,6 +50,7 @@ from mesh.config.tables import (
 from mesh.proxy.clusters import Cluster, Endpoint
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.pool import describe_connect_failure
+from mesh.proxy.runtime import rbac_details
 from mesh.proxy.sockets import set_nodelay
 
 log = Logger()
@@ -62,6 +69,14 @@ class PassthroughSettings:
     detection_timeout: float = 0.5
     connect_timeout: float = 10.0
     max_connections: int = 1024
+
+
+class Refusal(NamedTuple):
+    """Why a passthrough tunnel is not opened: the ``cluster`` and response ``flag`` reported, and the log's words."""
+
+    cluster: str
+    why: str
+    flag: str
 
 
 class PassthroughClusters:
@@ -111,9 +126,11 @@ class Passthrough:
     :param cluster: the cluster name the tunnels report (``PassthroughCluster``
         or ``InboundPassthroughClusterIpv4``).
     :param target: ``(original ip, port) -> (ip, port)`` to connect to.
-    :param refusal: ``(original ip, port) -> (cluster, message)`` when the
-        tunnel must not be opened (REGISTRY_ONLY, authorization), else None.
+    :param refusal: ``(original ip, port), connection -> Refusal`` when the tunnel
+        must not be opened (REGISTRY_ONLY, authorization), else None.
     :param bind: source address of the tunnels' connections (None: any).
+    :param routes: a :class:`mesh.proxy.tcp_proxy.OutboundTcp` that takes the
+        connections to a TCP service port (routed, not detected nor passed through), or None.
 
     Each tunnel is reported to ``mesh_connection_open`` and
     ``mesh_connection_complete`` (protocol ``"tcp"``, with its ``cluster`` and
@@ -123,7 +140,7 @@ class Passthrough:
     are such hook implementations.
     """
 
-    def __init__(self, reactor, settings, direction, cluster, target, refusal, bind=None):
+    def __init__(self, reactor, settings, direction, cluster, target, refusal, bind=None, routes=None):
         self.reactor = reactor
         self.settings = settings
         self.direction = direction
@@ -131,6 +148,7 @@ class Passthrough:
         self._target = target
         self._refusal = refusal
         self._bind = (bind, 0) if bind else None
+        self._routes = routes
         self.open = 0
         self.opened_total = 0
         self.refused_total = 0
@@ -141,12 +159,18 @@ class Passthrough:
     def detecting(self, detector) -> bool:
         """The detect stage starts on a captured connection from ``detector.client``.
 
-        False when that client is this sidecar's own tunnel, captured and
-        come back (a capture loop): both connections are closed.
+        False when there is nothing to detect: the client is this sidecar's
+        own tunnel, captured and come back (a capture loop: both connections
+        are closed), or the destination is a TCP, TLS or HTTPS service port,
+        which is routed at once (a declared protocol is never sniffed, as in
+        Istio: a server-first protocol does not wait for the detection timeout).
         """
         looped = self._local_ends.get(detector.client)
         if looped is not None:
             self._loop(looped, detector.conn)
+            return False
+        conn = detector.conn
+        if self._routes is not None and self._routes.take(conn, conn.original_dst, detector.take_buffer):
             return False
         self._detecting[detector.client] = detector
         return True
@@ -162,13 +186,12 @@ class Passthrough:
         conn = detector.conn
         conn.become_tunnel()
         dst = conn.original_dst
-        refusal, flag = self._refusal(dst), "UH"
+        refusal = self._refusal(dst, conn)
         if refusal is None and self.open >= self.settings.max_connections:
-            refusal = (self.cluster, f"{self.open} passthrough connections are open (the limit); "
-                                     "raise --max-passthrough-connections if this is expected")
-            flag = "UO"
+            refusal = Refusal(self.cluster, f"{self.open} passthrough connections are open (the limit); raise "
+                                            "--max-passthrough-connections if this is expected", flag="UO")
         if refusal is not None:
-            cluster, why = refusal
+            cluster, why, flag = refusal
             self.refused_total += 1
             log.warn("{direction} TCP connection from {client} to {dst} closed: {why}", direction=self.direction,
                      client=conn.source_address, dst=_host_port(dst), why=why)
@@ -232,20 +255,23 @@ class Passthrough:
             del self._detecting[detector.client]
 
     def _report(self, detector, opened, closed, cluster, flags, sent=0, received=0, upstream=None):
-        """Tell the connection hooks (``mesh_connection_open``/``_complete``, through the listener).
+        report(detector.conn, opened, closed, cluster, flags, sent, received, upstream)
 
-        ``opened``/``closed`` are 1 or 0: (1, 0) the tunnel is spliced, (0, 1)
-        it ended, (1, 1) it ended without ever being spliced (refused, failed
-        to connect, or the client left while it connected).  ``sent`` is
-        destination -> client bytes, ``received`` client -> destination.
-        """
-        conn = detector.conn
-        conn.tunnel_state(cluster, flags, upstream)
-        if opened:
-            conn.listener.report_open(conn)
-        if closed:
-            conn.tunnel_state(cluster, flags, upstream, sent, received)
-            conn.listener.report_complete(conn)
+
+def report(conn, opened, closed, cluster, flags, sent=0, received=0, upstream=None):
+    """Tell the connection hooks about a TCP tunnel (``mesh_connection_open``/``_complete``, through the listener).
+
+    ``opened``/``closed`` are 1 or 0: (1, 0) the tunnel is spliced, (0, 1)
+    it ended, (1, 1) it ended without ever being spliced (refused, failed
+    to connect, or the client left while it connected).  ``sent`` is
+    destination -> client bytes, ``received`` client -> destination.
+    """
+    conn.tunnel_state(cluster, flags, upstream)
+    if opened:
+        conn.listener.report_open(conn)
+    if closed:
+        conn.tunnel_state(cluster, flags, upstream, sent, received)
+        conn.listener.report_complete(conn)
 
 
 class _TunnelFactory(ClientFactory):
@@ -269,11 +295,18 @@ class TcpUpstream(Protocol):
     Once spliced it is the codec's ``tunnel``: ``write`` carries the client's
     bytes, ``loseConnection`` means the client half-closed (a FIN, passed on)
     or went away (the tunnel closes).  The destination's FIN is passed on to
-    the client the same way.
+    the client the same way.  Over TLS, which Twisted cannot half-close, a FIN
+    becomes a TLS close (after the pending bytes).
+
+    :param owner: told ``connected(upstream) -> bool`` (False: do not splice)
+        and ``closed(upstream, flags)``: a :class:`Passthrough`, or a routed
+        tunnel of :mod:`mesh.proxy.tcp_proxy`.
+    :param detector: holds the client connection (``conn``) and the bytes it
+        sent so far (``take_buffer()``).
     """
 
-    def __init__(self, passthrough, detector):
-        self.passthrough = passthrough
+    def __init__(self, owner, detector):
+        self.passthrough = owner
         self.detector = detector
         self.conn = detector.conn
         self.local = None
@@ -315,7 +348,8 @@ class TcpUpstream(Protocol):
             self.transport.loseConnection()
         elif not self._half_closed:  # the codec may report the client's FIN twice (splice reads again)
             self._half_closed = True
-            self.transport.loseWriteConnection()
+            half_close = getattr(self.transport, "loseWriteConnection", None)
+            (half_close or self.transport.loseConnection)()
 
     # -- the destination side ---------------------------------------------------------------------
     def dataReceived(self, data):
@@ -349,33 +383,38 @@ def _host_port(dst) -> str:
     return f"{dst[0]}:{dst[1]}" if dst else "?"
 
 
-def outbound_passthrough(reactor, settings, router, bind=None) -> Passthrough:
+def outbound_passthrough(reactor, settings, router, bind=None, routes=None) -> Passthrough:
     """The outbound listener's :class:`Passthrough`: tunnels to the original destination, by the
-    outbound traffic policy (``router`` is the :class:`mesh.proxy.runtime.OutboundRouter`)."""
+    outbound traffic policy (``router`` is the :class:`mesh.proxy.runtime.OutboundRouter`), after
+    ``routes`` (a :class:`mesh.proxy.tcp_proxy.OutboundTcp`) took those to TCP service ports."""
 
-    def refusal(dst):
+    def refusal(dst, conn):
         if settings.outbound_traffic_policy == REGISTRY_ONLY and not router.knows(dst):
-            return BLACKHOLE_CLUSTER, ("the destination is not in the mesh registry and the outbound traffic policy "
-                                       "is REGISTRY_ONLY; add a ServiceEntry for it, or run the sidecar with "
-                                       "--outbound-traffic-policy ALLOW_ANY")
+            return Refusal(BLACKHOLE_CLUSTER, "the destination is not in the mesh registry and the outbound traffic "
+                           "policy is REGISTRY_ONLY; add a ServiceEntry for it, or run the sidecar with "
+                           "--outbound-traffic-policy ALLOW_ANY", flag="UH")
         return None
 
-    return Passthrough(reactor, settings, "outbound", PASSTHROUGH_CLUSTER, _same, refusal, bind)
+    return Passthrough(reactor, settings, "outbound", PASSTHROUGH_CLUSTER, _same, refusal, bind, routes)
 
 
 def _same(dst):
     return dst
 
 
-def inbound_passthrough(reactor, settings, runtime, app_address) -> Passthrough:
-    """The inbound listener's :class:`Passthrough`: tunnels to the app at the port the client dialled."""
+def inbound_passthrough(reactor, settings, app_address, authorize) -> Passthrough:
+    """The inbound listener's :class:`Passthrough`: tunnels to the app at the port the client dialled.
 
-    def refusal(dst):
-        authz = runtime.snapshot.config.authz
-        if authz is not None and authz.enforced:  # dry-run policies alone are never enforced
-            return INBOUND_PASSTHROUGH_CLUSTER, (
-                "AuthorizationPolicies apply to this workload and txmesh evaluates them for HTTP only; send HTTP, "
-                "or exclude the port from capture (traffic.sidecar.istio.io/excludeInboundPorts)")
+    ``authorize(conn, port)`` (:meth:`mesh.proxy.tcp_proxy.InboundTcp.authorize`) decides each
+    tunnel with the workload's AuthorizationPolicies for TCP, as Istio's RBAC filter of its
+    inbound passthrough chain does: the name of the denying policy, or None.
+    """
+
+    def refusal(dst, conn):
+        policy = authorize(conn, dst[1])
+        if policy is not None:
+            return Refusal(INBOUND_PASSTHROUGH_CLUSTER, f"denied by AuthorizationPolicy ({rbac_details(policy)})",
+                           flag="RBAC")
         return None
 
     return Passthrough(reactor, settings, "inbound", INBOUND_PASSTHROUGH_CLUSTER,

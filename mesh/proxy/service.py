@@ -32,6 +32,7 @@ from mesh.proxy.passthrough import PassthroughClusters, PassthroughSettings, inb
 from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
+from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
 
@@ -81,6 +82,7 @@ class ProxySettings:
     drain_time: float = 5.0  # seconds in-flight requests get to finish on SIGTERM
     passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)  # captured unknown traffic
     path_normalization: str = BASE  # --path-normalization, Istio's meshConfig.pathNormalization (mesh.proxy.paths)
+    outbound_tcp_ports: tuple = ()  # --outbound-tcp-port: explicit TCP listeners (mesh.proxy.tcp_proxy)
 
 
 
@@ -112,16 +114,24 @@ class ProxyService(service.MultiService):
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
             passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
+        tcp = OutboundTcp(reactor, self.runtime, self.upstream_tls, self._source_address())
         outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
-            reactor, passthrough, router, self._source_address()), normalize_path=normalize_path)
+            reactor, passthrough, router, self._source_address(), tcp), normalize_path=normalize_path)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
+        for port in settings.outbound_tcp_ports:
+            explicit = Listener(reactor, "outbound", router, settings.limits, hooks)
+            explicit.label = f"outbound-tcp:{port}"
+            self._listen(explicit, TcpFactory(explicit, tcp), port, settings.outbound_address)
         if local:
+            inbound_tcp = InboundTcp(reactor, self.runtime, hooks, settings.app_address, settings.app_port,
+                                     passthrough.connect_timeout)
             inbound = Listener(reactor, "inbound", InboundRouter(self.runtime, hooks, local[0]),
                                settings.limits, hooks, own_identity=self.own_identity,
-                               passthrough=inbound_passthrough(reactor, passthrough, self.runtime,
-                                                               settings.app_address),
+                               passthrough=inbound_passthrough(reactor, passthrough, settings.app_address,
+                                                               inbound_tcp.authorize),
                                normalize_path=normalize_path)
-            factory = InboundFactory(DownstreamFactory(inbound), self.credentials, self.inbound_mode)
+            protocols = InboundProtocols(DownstreamFactory(inbound), TcpFactory(inbound, inbound_tcp), self.runtime)
+            factory = InboundFactory(protocols, self.credentials, self.inbound_mode)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         self.admin_site = AdminSite(self)
         internet.TCPServer(settings.admin_port, self.admin_site, interface="127.0.0.1").setServiceParent(self)
@@ -312,8 +322,8 @@ class ProxyService(service.MultiService):
                           "inbound": f"{settings.inbound_address}:{settings.inbound_port}"
                           if settings.app_port else None,
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},
-            "connections": {listener.direction: listener.overload.describe(len(listener.connections))
-                            for listener in self.listeners},
+            "connections": {getattr(listener, "label", listener.direction):
+                            listener.overload.describe(len(listener.connections)) for listener in self.listeners},
             "config": snapshot.config.dump if snapshot else None,
             "warnings": [str(warning) for warning in self.warnings],
             "path_normalization": settings.path_normalization,

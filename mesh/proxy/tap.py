@@ -107,6 +107,7 @@ class ProxyOptions(usage.Options):
         super().__init__()
         self["labels"] = {}
         self["disabled-plugins"] = []
+        self["outbound-tcp-ports"] = []
 
     def opt_label(self, value):
         """KEY=VALUE label of this workload (repeatable); selectors match them."""
@@ -114,6 +115,13 @@ class ProxyOptions(usage.Options):
         if not sep or not key:
             raise usage.UsageError(f"--label wants KEY=VALUE, got {value!r}")
         self["labels"][key] = val
+
+    def opt_outbound_tcp_port(self, value):
+        """PORT of an explicit TCP listener on --outbound-address (repeatable): a connection to it goes to the
+        TCP, TLS or HTTPS service port PORT (Istio's Sidecar egress listener without capture)."""
+        if not value.isdigit() or not 1 <= int(value) <= 65535:
+            raise usage.UsageError(f"--outbound-tcp-port wants a port number, got {value!r}")
+        self["outbound-tcp-ports"].append(int(value))
 
     def opt_disable_plugin(self, name):
         """Do not load the plugin NAME (repeatable); see `meshctl plugins`."""
@@ -197,6 +205,8 @@ def _listen_ports(options) -> list:
     if options["app-port"]:
         ports.append(ListenPort("--inbound-port", options["inbound-address"], options["inbound-port"],
                                 "--inbound-address"))
+    ports += [ListenPort("--outbound-tcp-port", options["outbound-address"], port, "--outbound-address")
+              for port in options["outbound-tcp-ports"]]
     return ports
 
 
@@ -214,7 +224,7 @@ def _inbound_addresses(options) -> tuple:
 def _connection_limit(options) -> int:
     """Raise the file-descriptor limit, and fit ``--max-connections`` per listener into it (logged)."""
     fds = raise_fd_limit()
-    listeners = 2 if options["app-port"] else 1
+    listeners = (2 if options["app-port"] else 1) + len(options["outbound-tcp-ports"])
     requested = options["max-connections"]
     limit = connection_limit(requested, listeners, fds.soft)
     if limit < MIN_CONNECTIONS:
@@ -265,6 +275,7 @@ def makeService(options):
         admin_port=options["admin-port"], health_port=options["health-port"],
         app_probes=options["app-probers"], state_dir=options["state-dir"], limits=limits,
         drain_time=_seconds(options["drain-time"]), path_normalization=options["path-normalization"],
+        outbound_tcp_ports=tuple(options["outbound-tcp-ports"]),
         passthrough=PassthroughSettings(
             outbound_traffic_policy=options["outbound-traffic-policy"],
             detection_timeout=_seconds(options["protocol-detection-timeout"]),

@@ -58,8 +58,9 @@ DRY_RUN_LABELS = ("authz_dry_run_action", "authz_dry_run_result")
 REQUEST_LABELS = PEER_LABELS + ("request_protocol", "response_code", "response_flags", "grpc_response_status")
 TCP_LABELS = PEER_LABELS + ("request_protocol", "response_flags")
 
-#: Istio's TCP metrics.  Istio does not count HTTP traffic in them; txmesh reports the TCP
-#: passthrough connections of captured traffic (:mod:`mesh.proxy.passthrough`), in this order.
+#: Istio's TCP metrics.  Istio does not count HTTP traffic in them; txmesh reports the routed TCP
+#: connections (:mod:`mesh.proxy.tcp_proxy`) and the TCP passthrough connections of captured traffic
+#: (:mod:`mesh.proxy.passthrough`), in this order.
 TCP_METRICS = (
     ("istio_tcp_connections_opened", "TCP connections opened (TCP-proxied traffic only)."),
     ("istio_tcp_connections_closed", "TCP connections closed (TCP-proxied traffic only)."),
@@ -127,7 +128,7 @@ class IstioMetrics(Collector):
         self._by_key = ConfigCache(peers, self._bind)  # request key -> Series
         self._retries = {}  # cluster -> retries
         self._dry_run = {}  # (authz_dry_run_action, authz_dry_run_result) -> requests
-        self._tcp = {}  # (direction, cluster, flags) -> [opened, closed, sent bytes, received bytes]
+        self._tcp = {}  # (direction, cluster, flags, upstream, peer) -> [opened, closed, sent bytes, received bytes]
         self._failed = FailureLog("builtin.metrics")
 
     @hookimpl
@@ -185,14 +186,14 @@ class IstioMetrics(Collector):
 
     @hookimpl
     def mesh_connection_open(self, connection):
-        """Count a TCP passthrough connection opened (``connection`` is a :class:`mesh.api.ConnectionView`
-        with the tunnel's ``cluster`` and ``response_flags``); HTTP connections are counted per request."""
+        """Count a TCP connection opened (``connection`` is a :class:`mesh.api.ConnectionView` with the
+        tunnel's ``cluster`` and ``response_flags``); HTTP connections are counted per request."""
         if connection.protocol == "tcp":
             self._tcp_counts(connection)[0] += 1
 
     @hookimpl
     def mesh_connection_complete(self, connection):
-        """Count a TCP passthrough connection closed, and its bytes."""
+        """Count a TCP connection closed, and its bytes."""
         if connection.protocol == "tcp":
             counts = self._tcp_counts(connection)
             counts[1] += 1
@@ -201,21 +202,23 @@ class IstioMetrics(Collector):
 
     def _tcp_counts(self, connection) -> list:
         """``[opened, closed, sent, received]`` of the connection's labels."""
-        key = (connection.direction, connection.cluster, connection.response_flags)
+        upstream = connection.upstream
+        key = (connection.direction, connection.cluster, connection.response_flags,
+               f"{upstream[0]}:{upstream[1]}" if upstream else None, connection.peer)
         counts = self._tcp.get(key)
         if counts is None:
             counts = self._tcp[key] = [0, 0, 0, 0]
         return counts
 
-    def _tcp_labels(self, index, direction, cluster, flags) -> tuple:
-        """Labels of passthrough connections: the pseudo-cluster is the destination service (as in Istio)."""
+    def _tcp_labels(self, index, direction, cluster, flags, upstream_host, peer) -> tuple:
+        """Labels of TCP connections: as a request's on the outbound side (the endpoint connected to tells
+        the destination principal); inbound, the caller's identity and the service the app serves.  A
+        passthrough pseudo-cluster is the destination service (as in Istio).  The peer's workload labels
+        stay ``unknown``: no metadata is exchanged on TCP connections."""
         if direction == "outbound":
-            values = self._source_labels(index, cluster, None, None)
+            values = self._source_labels(index, cluster, upstream_host, None)
         else:
-            own = self._own
-            values = ("destination", UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN,
-                      own.workload, own.namespace, UNKNOWN, *service_labels(cluster), own.app, own.version,
-                      own.canonical_service, own.canonical_revision, "none")
+            values = self._destination_labels(index, peer, index.inbound_service(cluster), None)
         return values + ("tcp", flags or "-")
 
     def _bind(self, key, index) -> Series:

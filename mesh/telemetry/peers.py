@@ -80,6 +80,8 @@ class SnapshotIndex:
                          if name.startswith("outbound|")}
         self.services.update(PSEUDO_CLUSTERS)
         self._hosts = frozenset(self.services.values())
+        #: the host of the service the workload serves (``ProxyConfig.app_service``), or None
+        self.app_service = getattr(getattr(snapshot, "config", None), "app_service", None)
         #: Clusters whose every endpoint is a sidecar reached over mTLS (each has an expected identity).
         self.mtls_clusters = frozenset(
             name for name, cluster in clusters.items()
@@ -88,6 +90,11 @@ class SnapshotIndex:
     def endpoint(self, cluster, host_port):
         """The :class:`mesh.config.tables.EndpointSpec` a request went to, or None."""
         return self.endpoints.get((cluster, host_port))
+
+    def inbound_service(self, cluster):
+        """The destination service of an inbound TCP connection to ``cluster``: a passthrough pseudo-cluster
+        is its own, a connection to the app port the service the app serves (None: unknown)."""
+        return PSEUDO_CLUSTERS.get(cluster, self.app_service)
 
     def resolve_host(self, host, namespace):
         """The mesh service a Host header names, or None.

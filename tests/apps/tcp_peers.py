@@ -2,7 +2,7 @@
 
 ::
 
-    python tests/apps/tcp_peers.py serve [--address A] [--echo PORT] [--banner PORT]
+    python tests/apps/tcp_peers.py serve [--address A] [--echo PORT] [--banner PORT] [--name NAME]
                                          [--tls PORT --cert PEM --key PEM]
     python tests/apps/tcp_peers.py call HOST PORT [--send TEXT] [--shut] [--timeout S]
 
@@ -10,8 +10,8 @@
 
 - ``--echo``: echoes what it reads; when the client half-closes, answers ``[eof]`` and closes
   (so a client that sees ``[eof]`` knows its FIN went through);
-- ``--banner``: a server-first protocol (as SMTP, MySQL): sends ``220 ready\\r\\n`` at once,
-  then echoes as ``--echo``;
+- ``--banner``: a server-first protocol (as SMTP, MySQL): sends ``220 ready\\r\\n`` at once
+  (``220 NAME ready`` with ``--name``, to tell servers apart), then echoes as ``--echo``;
 - ``--tls``: TLS with the given certificate, answering any HTTP request with ``200 tls ok``.
 
 ``call`` connects (no proxy settings: an unmodified client), sends ``--send``, half-closes
@@ -65,7 +65,8 @@ async def serve(args) -> None:
     if args.echo:
         servers.append(await asyncio.start_server(_echo, args.address, args.echo))
     if args.banner:
-        servers.append(await asyncio.start_server(lambda r, w: _echo(r, w, b"220 ready\r\n"),
+        banner = f"220 {args.name} ready\r\n" if args.name else "220 ready\r\n"
+        servers.append(await asyncio.start_server(lambda r, w: _echo(r, w, banner.encode()),
                                                   args.address, args.banner))
     if args.tls:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
@@ -107,6 +108,7 @@ def main(argv=None) -> int:
     server.add_argument("--address", default="0.0.0.0")
     server.add_argument("--echo", type=int)
     server.add_argument("--banner", type=int)
+    server.add_argument("--name")
     server.add_argument("--tls", type=int)
     server.add_argument("--cert")
     server.add_argument("--key")

@@ -200,6 +200,34 @@ def test_https_to_an_unknown_destination_passes_through(mesh):
     assert "CONNECTION ESTABLISHED" in result.stderr, result.stderr
 
 
+def test_a_declared_tcp_port_is_routed_at_once_not_sniffed(mesh):
+    """A ServiceEntry TCP port at the destination: the captured connection is routed to its cluster without
+    the detection timeout (Istio never sniffs a declared protocol), so the banner comes at once."""
+    client = mesh["client"]
+    entry = {"apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
+             "metadata": {"name": "banner", "namespace": "default"},
+             "spec": {"hosts": ["banner.ext"], "addresses": [EXT_IP], "location": "MESH_EXTERNAL",
+                      "resolution": "STATIC", "ports": [{"number": BANNER, "name": "tcp-banner", "protocol": "TCP"}],
+                      "endpoints": [{"address": EXT_IP}]}}
+    path = client.dir / "config" / "banner.yaml"
+
+    def reload():
+        version = client.admin("/config_dump")["version"]
+        client.proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: client.admin("/config_dump")["version"] != version, timeout=5, what="the config reload")
+
+    path.write_text(yaml.safe_dump(entry))
+    try:
+        reload()
+        reply = client.call(EXT_IP, BANNER, timeout=3)
+        assert reply["received"].startswith("220 ready") and reply["first_byte_s"] < DETECTION_TIMEOUT, reply
+        [entry] = client.tcp_access_log(upstream_cluster=f"outbound|{BANNER}||banner.ext")
+        assert entry == {**entry, "upstream_host": f"{EXT_IP}:{BANNER}", "response_flags": "-"}, entry
+    finally:
+        path.unlink()
+        reload()
+
+
 def test_a_server_first_protocol_works_after_the_detection_timeout(mesh):
     reply = mesh["client"].call(EXT_IP, BANNER, timeout=3)  # the client sends nothing: it waits for the banner
     assert reply["received"].startswith("220 ready\r\n"), reply
@@ -294,29 +322,36 @@ def test_inbound_plaintext_tcp_passes_to_the_app_port_unless_strict(mesh):
     assert "plaintext on a STRICT mTLS port" in mesh["fenced"].log()
 
 
-def test_inbound_tcp_is_refused_when_an_authorization_policy_applies(mesh):
-    """Policies are evaluated for HTTP only, so TCP must not get past them."""
+def test_inbound_tcp_is_authorized_by_the_policies_for_tcp(mesh):
+    """The inbound passthrough evaluates the AuthorizationPolicies for TCP, as Istio's passthrough chain does:
+    plaintext has no principal, so an ALLOW by principal refuses it, and one by IP block lets it through."""
     client, ext = mesh["client"], mesh["ext"]
-    policy = {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
-              "metadata": {"name": "only-frontend", "namespace": "default"},
-              "spec": {"action": "ALLOW",
-                       "rules": [{"from": [{"source": {"principals": ["cluster.local/ns/default/sa/frontend"]}}]}]}}
+
+    def policy(source):
+        return {"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+                "metadata": {"name": "callers", "namespace": "default"},
+                "spec": {"action": "ALLOW", "rules": [{"from": [{"source": source}]}]}}
+
     path = client.dir / "config" / "authz.yaml"
 
-    def apply():
+    def apply(*documents):
         version = client.admin("/config_dump")["version"]
+        if documents:
+            path.write_text(yaml.safe_dump_all(documents))
+        else:
+            path.unlink()
         client.proxy.send_signal(signal.SIGHUP)
         wait_for(lambda: client.admin("/config_dump")["version"] != version, timeout=5, what="the config reload")
 
-    path.write_text(yaml.safe_dump(policy))
     try:
-        apply()
+        apply(policy({"principals": ["cluster.local/ns/default/sa/frontend"]}))
         refused = ext.call(CLIENT_IP, POD_ECHO, send="inbound\n", shut=True)
         assert refused["received"] == "", refused
-        wait_for(lambda: "AuthorizationPolicies apply to this workload" in client.log(), timeout=5,
-                 what="the refusal in the proxy log")
+        wait_for(lambda: "denied by AuthorizationPolicy (rbac_access_denied_matched_policy[none])" in client.log(),
+                 timeout=5, what="the refusal in the proxy log")
+        apply(policy({"ipBlocks": [f"{EXT_IP}/32"]}))
+        assert ext.call(CLIENT_IP, POD_ECHO, send="allowed\n", shut=True)["received"] == "allowed\n[eof]"
     finally:
-        path.unlink()
         apply()
     assert ext.call(CLIENT_IP, POD_ECHO, send="again\n", shut=True)["received"] == "again\n[eof]"
 

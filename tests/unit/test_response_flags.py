@@ -9,8 +9,10 @@ from mesh import response_flags
 
 PROXY = Path(__file__).parents[2] / "mesh" / "proxy"
 #: Where the proxy sets a flag: add_flag("X"), local_reply(NNN, "X", ...), LocalReply(NNN, "X", ...),
-#: LocalReply(NNN, f"X:..."), flag = "X", and passthrough's _report(..., "X").
-EMITTED = re.compile(r'(?:add_flag\(|local_reply\(\w+, |LocalReply\(\d+, f?|flag = |self\.cluster, )"([A-Z]+)[:"]')
+#: LocalReply(NNN, f"X:..."), flag = "X", flag="X" (a passthrough Refusal), passthrough's _report(..., "X")
+#: and a routed TCP connection's refuse("X", ...).
+EMITTED = re.compile(r'(?:add_flag\(|local_reply\(\w+, |LocalReply\(\d+, f?|flag ?= ?|self\.cluster, |refuse\()'
+                     r'"([A-Z]+)[:"]')
 
 
 def emitted_flags() -> set:

@@ -1,0 +1,489 @@
+"""Routed TCP: connections to the TCP, TLS and HTTPS ports of mesh services, through both sidecars.
+
+Outbound (:class:`OutboundTcp`), a connection reaches the routing by its destination ``(ip, port)``:
+captured by iptables (:mod:`mesh.proxy.passthrough` hands it over when the destination is a TCP
+service port), or accepted on an explicit TCP listener
+(``--outbound-tcp-port``, Istio's Sidecar egress listener with ``captureMode: NONE``), whose own
+address is the destination.  A captured connection to a TCP service port is routed at once,
+never sniffed (:meth:`mesh.proxy.passthrough.Passthrough.detecting`).  Then, as Envoy's
+``tcp_proxy`` behind Istio's filter chains:
+
+1. the listener of the destination in the compiled :class:`mesh.config.tables.L4Table`; for a
+   TLS or HTTPS port the server name is read from the ClientHello first
+   (:mod:`mesh.proxy.tcp_sni`), within ``--header-timeout``, without terminating TLS;
+2. the chain that matches (destination subnet, SNI): none closes the connection (``NR``);
+3. a cluster by the route's weights (``NC`` if it does not exist), an endpoint among its healthy
+   ones by ``mesh_pick_endpoint`` (``UH`` if none), with the DestinationRule's load balancer
+   (a connection counts as a request: LEAST_REQUEST is least connections; a consistent hash
+   can only use the source IP);
+4. a connection to it within the cluster's ``connectTimeout``, over mesh mTLS when the endpoint
+   has an identity (the peer's SPIFFE id is checked before any client byte is sent); a
+   failure closes the client's connection (``UF``) and counts for outlier detection, as a
+   connect failure does for HTTP; a success ends the endpoint's failure streak;
+5. the two connections are spliced (:class:`mesh.proxy.passthrough.TcpUpstream`).
+
+Inbound (:class:`InboundTcp`), when the app port is a TCP port (``ProxyConfig.app_protocol`` is
+TCP, TLS or HTTPS), the inbound listener carries every connection as TCP, plaintext or mTLS by
+PeerAuthentication: ``mesh_authorize`` decides it with the AuthorizationPolicies compiled for
+TCP (``ProxyConfig.tcp_authz``) -- a denied connection is closed at once (``RBAC``), as Envoy's
+RBAC network filter does -- and an allowed one is spliced to the app.
+
+Every connection is reported to ``mesh_connection_open``/``_complete`` with its cluster and
+flags (:func:`mesh.proxy.passthrough.report`), which is where Istio's TCP metrics and the access
+log come from.  The hooks that take a request (``mesh_pick_endpoint``, ``mesh_authorize``) get a
+:class:`TcpContext`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from types import MappingProxyType
+
+from twisted.internet.interfaces import IHandshakeListener, INegotiated
+from twisted.internet.protocol import ClientFactory, ServerFactory
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mesh.config.resources import TCP_PROTOCOLS
+from mesh.config.security_tables import NO_ALLOW_MATCHED
+from mesh.identity.tls import peer_identity
+from mesh.plugins import fast_caller
+from mesh.proxy import outlier
+from mesh.proxy.codec.http1_server import DownstreamConnection
+from mesh.proxy.passthrough import TcpUpstream, report
+from mesh.proxy.pool import describe_connect_failure
+from mesh.proxy.runtime import rbac_details
+from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.tcp_sni import read_server_name
+
+log = Logger()
+
+#: Client bytes held while a route is chosen and its upstream connects; beyond, reading pauses.
+_HOLD_LIMIT = 64 * 1024
+_NO_HEADERS = MappingProxyType({})
+
+
+class TcpContext:
+    """One TCP connection as the request hooks see it (a :class:`mesh.api.RequestView`).
+
+    Its HTTP fields are empty (``method``, ``path``, ``uri_path``, ``host`` are ``""``,
+    ``headers`` is empty); ``protocol`` is ``"tcp"``.  ``port`` is the destination port of the
+    connection (what AuthorizationPolicy ``ports`` test) and ``server_name`` the SNI of a TLS
+    ClientHello (None if none was read).
+    """
+
+    __slots__ = ("direction", "source_address", "peer", "start", "port", "server_name", "route", "cluster",
+                 "upstream_host", "attempts", "response_flags", "error", "bytes_received", "bytes_sent",
+                 "upstream_start", "upstream_time", "authz_policy", "authz_dry_run", "_extra")
+
+    protocol = "tcp"
+    method = path = uri_path = host = http_version = request_id = ""
+    authority = b""
+    headers = _NO_HEADERS
+    raw_headers = ()
+    response_code = 0
+
+    def __init__(self, direction, source_address, peer, start, port, server_name=None):
+        self.direction = direction
+        self.source_address = source_address
+        self.peer = peer
+        self.start = start
+        self.port = port
+        self.server_name = server_name
+        self.route = self.cluster = self.upstream_host = self.error = None
+        self.attempts = 0
+        self.response_flags = ""
+        self.bytes_received = self.bytes_sent = 0
+        self.upstream_start = self.upstream_time = None
+        self.authz_policy = self.authz_dry_run = None
+        self._extra = None
+
+    @property
+    def extra(self) -> dict:
+        """Per-connection scratch space for plugins."""
+        if self._extra is None:
+            self._extra = {}
+        return self._extra
+
+    def get_extra(self, key, default=None):
+        """``extra[key]`` if set, else ``default``; reading does not create :attr:`extra`."""
+        extra = self._extra
+        return default if extra is None else extra.get(key, default)
+
+
+class TcpDownstreamConnection(DownstreamConnection):
+    """A downstream connection that carries TCP from its first byte (an explicit TCP listener, or the
+    inbound listener of a TCP app port): the HTTP codec's connection, diverted and made a tunnel at once.
+
+    Its bytes wait in a :class:`HeldBytes` until ``handler.accept(conn)`` (an :class:`OutboundTcp` or
+    :class:`InboundTcp`) has routed it: at once in plaintext, after the handshake over mTLS (which
+    tells who the peer is).
+    """
+
+    def __init__(self, listener, handler):
+        super().__init__(listener)
+        self.handler = handler
+        self.held = None
+
+    def connectionMade(self):
+        set_nodelay(self.transport)
+        self.source_address = self.transport.getPeer().host
+        listener = self.listener
+        self.start = self.last_activity = listener.reactor.seconds()
+        listener.connection_opened(self)
+        self.become_tunnel()
+        self.held = HeldBytes(self)
+        self.divert(self.held)
+        if not INegotiated.providedBy(self.transport):  # over TLS: once the handshake tells who the peer is
+            self.handler.accept(self)
+
+    def handshakeCompleted(self):
+        super().handshakeCompleted()
+        if not (self.closing or self.transport.disconnecting):  # inbound_peer aborts an expired chain
+            self.handler.accept(self)
+
+    def close_write(self):
+        """Half-close towards the client; over TLS, which Twisted cannot half-close, a TLS close."""
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        (half_close or self.transport.loseConnection)()
+
+
+class TcpFactory(ServerFactory):
+    """Builds a :class:`TcpDownstreamConnection` per accepted socket that ``listener`` admits."""
+
+    noisy = False
+
+    def __init__(self, listener, handler):
+        self.listener = listener
+        self.handler = handler
+
+    def buildProtocol(self, addr):
+        if not self.listener.admit():
+            return None
+        return TcpDownstreamConnection(self.listener, self.handler)
+
+
+class InboundProtocols(ServerFactory):
+    """The inbound port's protocol, per connection: TCP when the app port is a TCP port (its
+    ServiceEntry protocol is TCP, TLS or HTTPS: ``ProxyConfig.app_protocol``), else HTTP."""
+
+    noisy = False
+
+    def __init__(self, http_factory, tcp_factory, runtime):
+        self.http = http_factory
+        self.tcp = tcp_factory
+        self.runtime = runtime
+        self.listener = http_factory.listener
+
+    def buildProtocol(self, addr):
+        if self.runtime.snapshot.config.app_protocol in TCP_PROTOCOLS:
+            return self.tcp.buildProtocol(addr)
+        return self.http.buildProtocol(addr)
+
+
+class HeldBytes:
+    """Where a TCP connection's bytes wait while its route is chosen and its upstream connects.
+
+    It is the connection's receiver (``DownstreamConnection.divert``): ``write`` gets the client's
+    bytes, ``loseConnection`` tells that the client half-closed or went away.  ``on_data`` (set
+    while the server name is awaited) is called after each of those.  It is also the ``detector``
+    of the :class:`~mesh.proxy.passthrough.TcpUpstream`: ``conn`` and ``take_buffer()``.
+    """
+
+    __slots__ = ("conn", "buffer", "on_data", "connector")
+
+    def __init__(self, conn, data=b""):
+        self.conn = conn
+        self.buffer = data
+        self.on_data = None
+        self.connector = None  # the upstream connector while it connects
+
+    def write(self, data):
+        self.buffer += data
+        if self.on_data is not None:
+            self.on_data()
+        elif len(self.buffer) > _HOLD_LIMIT:
+            self.conn.pause_detection()  # the splice resumes reading
+
+    def loseConnection(self):
+        if self.conn.closing:
+            self.on_data = None
+            if self.connector is not None:
+                self.connector.disconnect()
+        elif self.on_data is not None:
+            self.on_data()
+
+    def take_buffer(self) -> bytes:
+        data, self.buffer = self.buffer, b""
+        return data
+
+
+class _Tunnel:
+    """One routed TCP connection, from the decision to connect until it ends.
+
+    The owner of its :class:`~mesh.proxy.passthrough.TcpUpstream` (``connected``, ``closed``);
+    reports the connection with ``cluster`` and its flags.  Subclasses add what a success or a
+    failure means to them (``_established``, ``_ended``, ``_connect_failed``).
+    """
+
+    def __init__(self, reactor, conn, held, cluster, bind=None):
+        self.reactor = reactor
+        self.conn = conn
+        self.held = held
+        self.cluster = cluster
+        self.bind = bind
+
+    def connect(self, host, port, timeout, tls=None, identity=None):
+        """Connect to ``host:port``; over mTLS (``tls``, a :class:`mesh.proxy.mtls.UpstreamTLS`) when
+        ``identity`` (the SPIFFE id the peer must present) is set."""
+        factory = _UpstreamFactory(self, identity)
+        if identity is not None:
+            refusal = tls.refusal()
+            if refusal is not None:
+                self.fail(refusal)
+                return
+            factory = tls.wrap(factory, (host, port, identity))
+        self.held.connector = self.reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=self.bind)
+
+    def refuse(self, flag, why):
+        """Close the client's connection without an upstream (never spliced), reporting ``flag``.
+
+        A plain close (FIN; over TLS a close_notify), as Envoy's ``NoFlush`` close of a refused connection.
+        """
+        report(self.conn, 1, 1, self.cluster, flag)
+        self.conn.close()
+        log.info("{direction} TCP connection from {client} closed ({flag}): {why}", direction=self.conn.direction,
+                 client=self.conn.source_address, flag=flag, why=why)
+
+    def fail(self, why):
+        """Connecting failed (refused, timed out, TLS or identity rejected): ``UF``, or ``DC`` if the client left."""
+        self.held.connector = None
+        if self.conn.closing:
+            report(self.conn, 1, 1, self.cluster, "DC")
+            return
+        self._connect_failed()
+        self.refuse("UF", f"connecting to {self.cluster} failed: {why}")
+
+    # -- TcpUpstream's owner -------------------------------------------------------------
+    def connected(self, upstream) -> bool:
+        self.held.connector = None
+        self._established(upstream)
+        report(self.conn, 1, 0, self.cluster, "", upstream=upstream.address)
+        return True
+
+    def closed(self, upstream, flags):
+        if upstream.local is None and flags == "UC":  # died before the splice: TLS or identity rejected
+            self.fail(getattr(upstream, "failure", None) or "the connection closed during set-up")
+            return
+        if upstream.local is not None:
+            self._ended()
+        report(self.conn, 1 if upstream.local is None else 0, 1, self.cluster, flags,
+               upstream.sent, upstream.received, upstream.address)
+
+    def _established(self, upstream):
+        """The upstream connection is up (and verified)."""
+
+    def _ended(self):
+        """A spliced connection ended."""
+
+    def _connect_failed(self):
+        """Connecting failed while the client was still there."""
+
+
+class _UpstreamFactory(ClientFactory):
+    noisy = False
+
+    def __init__(self, tunnel, identity):
+        self.tunnel = tunnel
+        self.identity = identity
+
+    def buildProtocol(self, addr):
+        return MeshTcpUpstream(self.tunnel, self.tunnel.held, self.identity)
+
+    def clientConnectionFailed(self, connector, reason):
+        self.tunnel.fail(describe_connect_failure(reason))
+
+
+@implementer(IHandshakeListener)
+class MeshTcpUpstream(TcpUpstream):
+    """A :class:`~mesh.proxy.passthrough.TcpUpstream` that, over mesh mTLS, is spliced only once the
+    handshake is done and the peer presented ``identity``; otherwise it closes with ``failure`` set."""
+
+    def __init__(self, owner, held, identity=None):
+        super().__init__(owner, held)
+        self.identity = identity
+        self.failure = None
+
+    def connectionMade(self):
+        if self.identity is None:
+            super().connectionMade()
+
+    def handshakeCompleted(self):
+        presented = peer_identity(self.transport)
+        if presented != self.identity:
+            self.failure = (f"peer identity mismatch: expected {self.identity}, the endpoint presented "
+                            f"{presented or 'no SPIFFE id'}")
+            self.transport.abortConnection()
+            return
+        super().connectionMade()
+
+    def connectionLost(self, reason=None):
+        if self.identity is not None and self.local is None and self.failure is None:
+            why = reason.getErrorMessage() if reason is not None else "closed"
+            self.failure = f"the mTLS handshake did not complete ({why})"
+        super().connectionLost(reason)
+
+
+class _OutboundTunnel(_Tunnel):
+    """A routed outbound connection: the endpoint's load and outlier state follow it."""
+
+    def __init__(self, reactor, conn, held, cluster, endpoint, live_cluster, bind):
+        super().__init__(reactor, conn, held, cluster.name, bind)
+        self.endpoint = endpoint
+        self.live_cluster = live_cluster
+
+    def _established(self, upstream):
+        self.endpoint.try_started()
+        outlier.connected(self.endpoint)
+
+    def _ended(self):
+        self.endpoint.try_ended()
+
+    def _connect_failed(self):
+        outlier.record_failure(self.endpoint, self.live_cluster, self.reactor.seconds(), connect_failure=True)
+
+
+class OutboundTcp:
+    """Routes the outbound side's TCP connections to TCP service ports (see the module docstring).
+
+    :param runtime: the :class:`mesh.proxy.runtime.ProxyRuntime` (config and live clusters).
+    :param tls: the :class:`mesh.proxy.mtls.UpstreamTLS` of mesh connections.
+    :param bind: source address of upstream connections (None: any).
+    """
+
+    def __init__(self, reactor, runtime, tls, bind=None):
+        self.reactor = reactor
+        self.runtime = runtime
+        self.tls = tls
+        self.bind = (bind, 0) if bind else None
+
+    def take(self, conn, dst, take_buffer) -> bool:
+        """Route a captured connection (its bytes so far from ``take_buffer()``) if ``dst`` is a TCP
+        service port; False when it is not (the caller passes it through)."""
+        listener = self.runtime.snapshot.config.l4.lookup(*dst)
+        if listener is None:
+            return False
+        conn.become_tunnel()
+        held = HeldBytes(conn, take_buffer())
+        conn.divert(held)
+        self._start(conn, held, listener, dst)
+        return True
+
+    def accept(self, conn):
+        """A connection to an explicit TCP listener: its destination is the listener's own address."""
+        host = conn.transport.getHost()
+        dst = conn.original_dst = (host.host, host.port)
+        listener = self.runtime.snapshot.config.l4.lookup(*dst)
+        if listener is None:
+            _Tunnel(self.reactor, conn, conn.held, None).refuse(
+                "NR", f"no ServiceEntry has a TCP, TLS or HTTPS port {dst[1]} (at {dst[0]} or without addresses)")
+            return
+        self._start(conn, conn.held, listener, dst)
+
+    def _start(self, conn, held, listener, dst):
+        if not listener.tls:
+            self._route(conn, held, listener, dst, None)
+            return
+        timer = self.reactor.callLater(conn.limits.header_timeout, lambda: decide(None))
+
+        def decide(server_name):
+            held.on_data = None
+            if timer.active():
+                timer.cancel()
+            self._route(conn, held, listener, dst, server_name)
+
+        def arrived():
+            done, server_name = read_server_name(held.buffer)
+            if conn.closing:
+                timer.cancel()
+                held.on_data = None
+            elif done or conn.read_closed:
+                decide(server_name)
+
+        held.on_data = arrived
+        arrived()
+
+    def _route(self, conn, held, listener, dst, server_name):
+        """Steps 2 to 4 of the module docstring for one connection."""
+        if conn.closing:
+            return
+        snapshot = self.runtime.snapshot
+        action = listener.route(_address(dst[0]), server_name)
+        if action is None:
+            sni = f"server name {server_name!r}" if server_name else "no server name (SNI)"
+            _Tunnel(self.reactor, conn, held, None).refuse("NR", f"{listener.name}: no TCP route matches {dst[0]} "
+                                                                 f"with {sni}")
+            return
+        name = action.pick_cluster()
+        cluster = snapshot.clusters.get(name)
+        if cluster is None:
+            _Tunnel(self.reactor, conn, held, name).refuse(
+                "NC", f"cluster {name} not found: {action.name} routes to a host or subset that no "
+                      "ServiceEntry/DestinationRule defines")
+            return
+        endpoints = cluster.healthy_endpoints(self.reactor.seconds())
+        if not endpoints:
+            _Tunnel(self.reactor, conn, held, name).refuse("UH", f"cluster {name} has no endpoints")
+            return
+        ctx = TcpContext("outbound", conn.source_address, None, conn.start, dst[1], server_name)
+        ctx.route, ctx.cluster = action, name
+        endpoint = conn.listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster, self.bind)
+        tunnel.connect(endpoint.address, endpoint.port, cluster.spec.connect_timeout, self.tls, endpoint.spec.identity)
+
+
+class InboundTcp:
+    """The inbound side of a TCP app port, and the TCP authorization of the inbound listener.
+
+    :param hooks: the plugin manager's ``hook`` relay (``mesh_authorize`` is bound on first use,
+        when every plugin is registered).
+    :param connect_timeout: seconds to connect to the app.
+    """
+
+    def __init__(self, reactor, runtime, hooks, app_address, app_port, connect_timeout=10.0):
+        self.reactor = reactor
+        self.runtime = runtime
+        self._hooks = hooks
+        self._authorize = None
+        self.app_address = app_address
+        self.app_port = app_port
+        self.cluster = f"inbound|{app_port}||"
+        self.connect_timeout = connect_timeout
+
+    def accept(self, conn):
+        """Authorize a connection to the app port, then splice it to the app (or close it: ``RBAC``)."""
+        tunnel = _Tunnel(self.reactor, conn, conn.held, self.cluster)
+        policy = self.authorize(conn, self.app_port)
+        if policy is not None:
+            tunnel.refuse("RBAC", f"denied by AuthorizationPolicy ({rbac_details(policy)})")
+            return
+        tunnel.connect(self.app_address, self.app_port, self.connect_timeout)
+
+    def authorize(self, conn, port) -> str | None:
+        """``mesh_authorize`` for a TCP connection to ``port``: the denying policy's name, or None if allowed."""
+        authorize = self._authorize
+        if authorize is None:
+            authorize = self._authorize = fast_caller(self._hooks.mesh_authorize)
+        ctx = TcpContext("inbound", conn.source_address, conn.peer, conn.start, port)
+        for allowed, policy in authorize(ctx=ctx, peer=ctx.peer, policies=self.runtime.snapshot.config.tcp_authz):
+            if not allowed:
+                return policy or NO_ALLOW_MATCHED
+        return None
+
+
+def _address(ip: str):
+    """``ip`` as an :mod:`ipaddress` address (None if it is none), for subnet matches."""
+    try:
+        return ipaddress.ip_address(ip)
+    except ValueError:
+        return None

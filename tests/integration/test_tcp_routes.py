@@ -1,0 +1,374 @@
+"""TCP and TLS routes through two sidecars with mTLS (issue #12, "TCP and TLS routes"), for real.
+
+::
+
+    this test (the app) ---> client sidecar, explicit TCP listeners (--outbound-tcp-port), one per service port
+      ECHO (TCP)    VirtualService tcp: 20 % subset v1, 80 % v2 -> echo-v1 / echo-v2 sidecars (mTLS) -> banner servers
+      TLS  (TLS)    by SNI: a.example.com -> tls-a sidecar (mTLS) -> TLS server (certificate for a.example.com)
+                            b.example.com -> a TLS server outside the mesh (plaintext TCP to it: TLS end to end)
+                            old.example.com -> VirtualService tls route to a.example.com; other names: closed (NR)
+      VAULT (TCP)   vault sidecar -> echo server; its AuthorizationPolicies change per test (SIGHUP)
+      DEAD (TCP)    an endpoint nobody listens on (UF)
+      FLAKY (TCP)   round robin over a dead endpoint and a live one (the v1 banner server, no sidecar):
+                    outlier detection ejects the dead one after its connect failure
+
+The echo-v2 sidecar also has an explicit VAULT listener: a second caller, with identity sa/echo.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import ssl
+import time
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import ManagedProcess, free_port, venv_bin, wait_for
+from tests.integration.test_identity_support import (
+    TLS_MODE_ISTIO,
+    authorization_policy,
+    issue_cert,
+    make_ca,
+    spiffe,
+)
+from tests.integration.test_proxy_support import write_config
+from tests.integration.test_telemetry_support import scrape
+
+NS = "shop"
+NETWORKING = "networking.istio.io/v1"
+PEERS = Path(__file__).resolve().parents[1] / "apps" / "tcp_peers.py"
+# the service port numbers, which are also the client sidecar's explicit TCP listeners
+ECHO, TLS, VAULT, DEAD, FLAKY = (free_port() for _ in range(5))
+WEIGHTS = {"v1": 20, "v2": 80}
+SECOND_CALLER = "127.0.0.2"  # the echo-v2 sidecar's outbound address: its explicit VAULT listener
+
+
+class TcpPeers(ManagedProcess):
+    """``tests/apps/tcp_peers.py serve ...``: ready once it printed ``serving``."""
+
+    kind = "tcp-peers"
+
+    def __init__(self, name, *args, log_dir):
+        super().__init__(name, [venv_bin("python"), PEERS, "serve", "--address", "127.0.0.1", *args],
+                         Path(log_dir) / f"tcp-peers-{name}.log")
+
+    def is_ready(self) -> bool:
+        return self.log_path.exists() and "serving" in self.log_path.read_text()
+
+
+def dns_cert(directory: Path, name: str, issuer, dns_name: str) -> tuple[Path, Path]:
+    """A server certificate for ``dns_name`` signed by ``issuer`` = ``(key, cert)``; returns (cert, key) paths."""
+    issuer_key, issuer_cert = issuer
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+            .issuer_name(issuer_cert.subject).public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.DNSName(dns_name)]), critical=False)
+            .sign(issuer_key, hashes.SHA256()))
+    cert_path, key_path = directory / f"{name}.pem", directory / f"{name}-key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def service_entry(name, hosts, port, protocol, endpoints, location="MESH_INTERNAL") -> dict:
+    return {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": {"name": name, "namespace": NS},
+            "spec": {"hosts": hosts, "location": location, "resolution": "STATIC",
+                     "ports": [{"number": port, "name": f"{protocol.lower()}-main", "protocol": protocol}],
+                     "endpoints": endpoints}}
+
+
+def sidecar_endpoint(proxy_port: int, account: str, protocol: str, **labels) -> dict:
+    """An endpoint behind a sidecar: its inbound port, mTLS, the service account it must prove."""
+    return {"address": "127.0.0.1", "ports": {f"{protocol.lower()}-main": proxy_port},
+            "labels": {**TLS_MODE_ISTIO, **labels}, "serviceAccount": account}
+
+
+def plain_endpoint(port: int, protocol: str) -> dict:
+    """An endpoint without a sidecar (no tlsMode label: plaintext TCP to it)."""
+    return {"address": "127.0.0.1", "ports": {f"{protocol.lower()}-main": port}}
+
+
+def resource(kind: str, name: str, spec: dict) -> dict:
+    return {"apiVersion": NETWORKING, "kind": kind, "metadata": {"name": name, "namespace": NS}, "spec": spec}
+
+
+@pytest.fixture(scope="module")
+def mesh(proxy_factory, tmp_path_factory, process_log_dir):
+    work = tmp_path_factory.mktemp("tcp-mesh")
+    ca = make_ca("tcp test mesh")
+    bundle = work / "ca.pem"
+    bundle.write_bytes(ca[1].public_bytes(serialization.Encoding.PEM))
+    apps = {name: free_port() for name in ("v1", "v2", "vault", "tls-a", "tls-b")}
+    a_cert, a_key = dns_cert(work, "a", ca, "a.example.com")
+    b_cert, b_key = dns_cert(work, "b", ca, "b.example.com")
+    peers = [TcpPeers("one", "--banner", apps["v1"], "--name", "v1", "--echo", apps["vault"], "--tls", apps["tls-a"],
+                      "--cert", a_cert, "--key", a_key, log_dir=process_log_dir),
+             TcpPeers("two", "--banner", apps["v2"], "--name", "v2", "--tls", apps["tls-b"], "--cert", b_cert,
+                      "--key", b_key, log_dir=process_log_dir)]
+    for peer in peers:
+        peer.start()
+    inbound = {name: free_port() for name in ("echo-v1", "echo-v2", "tls-a", "vault")}
+    dead = free_port()  # nobody listens here
+    config = write_config(
+        work / "config",
+        service_entry("echo", ["echo"], ECHO, "TCP", [
+            sidecar_endpoint(inbound["echo-v1"], "echo", "TCP", app="echo", version="v1"),
+            sidecar_endpoint(inbound["echo-v2"], "echo", "TCP", app="echo", version="v2")]),
+        resource("DestinationRule", "echo", {"host": "echo", "subsets": [
+            {"name": "v1", "labels": {"version": "v1"}}, {"name": "v2", "labels": {"version": "v2"}}]}),
+        resource("VirtualService", "echo", {"hosts": ["echo"], "tcp": [
+            {"match": [{"sourceLabels": {"app": "nobody"}}],  # never this proxy: left out for it
+             "route": [{"destination": {"host": "echo", "subset": "v1"}}]},
+            {"route": [{"destination": {"host": "echo", "subset": subset}, "weight": weight}
+                       for subset, weight in WEIGHTS.items()]}]}),
+        service_entry("tls-a", ["a.example.com"], TLS, "TLS", [sidecar_endpoint(inbound["tls-a"], "tls-a", "TLS",
+                                                                                app="tls-a")]),
+        service_entry("tls-b", ["b.example.com"], TLS, "TLS", [plain_endpoint(apps["tls-b"], "TLS")],
+                      location="MESH_EXTERNAL"),
+        service_entry("tls-old", ["old.example.com"], TLS, "TLS", [plain_endpoint(dead, "TLS")],
+                      location="MESH_EXTERNAL"),
+        resource("VirtualService", "tls-old", {"hosts": ["old.example.com"], "tls": [
+            {"match": [{"sniHosts": ["old.example.com"]}], "route": [{"destination": {"host": "a.example.com"}}]}]}),
+        service_entry("vault", ["vault"], VAULT, "TCP", [sidecar_endpoint(inbound["vault"], "vault", "TCP",
+                                                                           app="vault")]),
+        service_entry("dead", ["dead"], DEAD, "TCP", [plain_endpoint(dead, "TCP")]),
+        service_entry("flaky", ["flaky"], FLAKY, "TCP", [plain_endpoint(port, "TCP") for port in (dead, apps["v1"])]),
+        resource("DestinationRule", "flaky", {"host": "flaky", "trafficPolicy": {
+            "loadBalancer": {"simple": "ROUND_ROBIN"}, "connectionPool": {"tcp": {"connectTimeout": "2s"}},
+            "outlierDetection": {"baseEjectionTime": "60s", "maxEjectionPercent": 50}}}),
+    )
+    certs = {name: issue_cert(work, name, ca, spiffe(NS, name)) for name in ("client", "echo", "tls-a", "vault")}
+
+    def sidecar(workload, account, app_port=None, inbound_port=None, tcp_ports=(), outbound="127.0.0.1", **labels):
+        cert, key = certs[account]
+        args = ["--cert", cert, "--key", key, "--ca-bundle", bundle, "--service-account", account,
+                "--outbound-address", outbound]
+        for port in tcp_ports:
+            args += ["--outbound-tcp-port", port]
+        return proxy_factory(config, workload, namespace=NS, app_port=app_port, inbound_port=inbound_port,
+                             labels=labels, extra_args=args)
+
+    proxies = {
+        "client": sidecar("client", "client", tcp_ports=(ECHO, TLS, VAULT, DEAD, FLAKY), app="client"),
+        "echo-v1": sidecar("echo-v1", "echo", apps["v1"], inbound["echo-v1"], app="echo", version="v1"),
+        "echo-v2": sidecar("echo-v2", "echo", apps["v2"], inbound["echo-v2"], (VAULT,), SECOND_CALLER, app="echo",
+                           version="v2"),
+        "tls-a": sidecar("tls-a", "tls-a", apps["tls-a"], inbound["tls-a"], app="tls-a"),
+        "vault": sidecar("vault", "vault", apps["vault"], inbound["vault"], app="vault"),
+    }
+    return {"proxies": proxies, "config": config, "ca": bundle, "work": work}
+
+
+# -- helpers --------------------------------------------------------------------------------------------------
+
+def exchange(port: int, send: bytes = b"", until: bytes = b"\n", timeout: float = 5.0, host="127.0.0.1") -> bytes:
+    """Connect to ``host:port``, send ``send``, read until ``until`` is seen or the peer closes."""
+    received = b""
+    with socket.create_connection((host, port), timeout=timeout) as sock:
+        if send:
+            sock.sendall(send)
+        while until not in received:
+            data = sock.recv(65536)
+            if not data:
+                break
+            received += data
+    return received
+
+
+def tls_get(port: int, server_name: str, ca: Path, check_hostname: bool = True):
+    """An HTTPS request with SNI ``server_name`` through the client sidecar: ``(certificate DNS names, response)``."""
+    context = ssl.create_default_context(cafile=str(ca))
+    context.check_hostname = check_hostname
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with context.wrap_socket(raw, server_hostname=server_name) as sock:
+            names = [value for kind, value in sock.getpeercert()["subjectAltName"] if kind == "DNS"]
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            response = b""
+            while data := sock.recv(65536):
+                response += data
+    return names, response
+
+
+def series(proxy, name: str) -> list[tuple[dict, float]]:
+    """``[(labels, value)]`` of one sample name of a sidecar's ``/stats/prometheus``."""
+    text = scrape(proxy.metrics_port, "/stats/prometheus").decode()
+    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+def total(proxy, name: str, **labels) -> float:
+    return sum(value for found, value in series(proxy, name) if labels.items() <= found.items())
+
+
+def apply_policies(mesh, *policies):
+    """Replace the vault sidecar's policies (a config file of their own) and wait until it applied them."""
+    proxy = mesh["proxies"]["vault"]
+    before = proxy.admin("/ready")["version"]
+    write_config(mesh["config"], *policies, name="policies.yaml")
+    proxy.reload()
+    wait_for(lambda: proxy.admin("/ready")["version"] != before, timeout=10, what="the vault sidecar's new config")
+
+
+# -- TCP routes -----------------------------------------------------------------------------------------------
+
+def test_weighted_tcp_route_splits_connections_by_subset(mesh):
+    """VirtualService tcp weights 20/80 over subsets: count where N connections land (each a banner)."""
+    counts = {"v1": 0, "v2": 0}
+    deadline = time.monotonic() + 20
+    while sum(counts.values()) < 100 and time.monotonic() < deadline:
+        banner = exchange(ECHO)
+        assert banner.startswith(b"220 v") and banner.endswith(b" ready\r\n"), banner
+        counts[banner.split()[1].decode()] += 1
+    n = sum(counts.values())
+    assert n >= 60, f"only {n} connections in 20 s"
+    # five standard deviations of a binomial(n, 0.2) either side of its mean: a wrong split (50/50) is far out
+    mean, sd = n * 0.2, (n * 0.2 * 0.8) ** 0.5
+    assert mean - 5 * sd <= counts["v1"] <= mean + 5 * sd, counts
+
+
+def test_tcp_bytes_go_both_ways_through_mtls(mesh):
+    payload = b"x" * 300_000 + b"\n"
+    received = exchange(VAULT, payload, until=payload)
+    assert received == payload
+    server = mesh["proxies"]["vault"]
+    wait_for(lambda: total(server, "istio_tcp_received_bytes_total", reporter="destination") >= len(payload),
+             timeout=5, what="the vault sidecar's received bytes")
+
+
+def test_server_first_protocol_needs_no_client_byte(mesh):
+    """An explicit TCP listener never waits to sniff: the banner arrives although the client sends nothing."""
+    started = time.monotonic()
+    assert exchange(ECHO).startswith(b"220 ")
+    assert time.monotonic() - started < 2
+
+
+# -- TLS routes by SNI ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("server_name", ["a.example.com", "b.example.com"])
+def test_tls_is_routed_by_sni_without_termination(mesh, server_name):
+    """The client verifies the server's certificate for the name it sent: the sidecars never terminated TLS."""
+    names, response = tls_get(TLS, server_name, mesh["ca"])
+    assert names == [server_name]
+    assert response.endswith(b"tls ok\n"), response
+
+
+def test_tls_route_of_a_virtual_service(mesh):
+    names, response = tls_get(TLS, "old.example.com", mesh["ca"], check_hostname=False)
+    assert names == ["a.example.com"] and response.endswith(b"tls ok\n")
+
+
+def test_unknown_server_name_is_closed_with_nr(mesh):
+    client = mesh["proxies"]["client"]
+    before = total(client, "istio_tcp_connections_closed_total", response_flags="NR")
+    with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+        tls_get(TLS, "c.example.com", mesh["ca"], check_hostname=False)
+    wait_for(lambda: total(client, "istio_tcp_connections_closed_total", response_flags="NR") == before + 1,
+             timeout=5, what="a connection closed with NR")
+
+
+# -- authorization ---------------------------------------------------------------------------------------------
+
+def _vault_policy(action="ALLOW", **rule):
+    return authorization_policy("vault-tcp", NS, selector={"app": "vault"}, action=action, rules=[rule])
+
+
+def _reaches_vault(via: str = "127.0.0.1") -> bool:
+    """Whether an echo through the explicit VAULT listener at ``via`` comes back (127.0.0.2: echo-v2's)."""
+    return exchange(VAULT, b"ping\n", host=via) == b"ping\n"
+
+
+def test_tcp_authorization_by_principal(mesh):
+    vault = mesh["proxies"]["vault"]
+    before = total(vault, "istio_tcp_connections_closed_total", response_flags="RBAC",
+                   source_principal=spiffe(NS, "echo"))
+    apply_policies(mesh, _vault_policy(**{"from": [{"source": {"principals": [f"cluster.local/ns/{NS}/sa/client"]}}]}))
+    assert _reaches_vault()
+    assert not _reaches_vault(SECOND_CALLER)
+    wait_for(lambda: total(vault, "istio_tcp_connections_closed_total", response_flags="RBAC",
+                           source_principal=spiffe(NS, "echo")) == before + 1, timeout=5,
+             what="the denied connection, counted with flag RBAC")
+    apply_policies(mesh, _vault_policy(**{"from": [{"source": {"namespaces": [NS]}}]}))
+    assert _reaches_vault(SECOND_CALLER)
+
+
+def test_tcp_authorization_by_port_and_http_only_fields(mesh):
+    vault = mesh["proxies"]["vault"]
+    app_port = vault.app_port
+    apply_policies(mesh, _vault_policy(to=[{"operation": {"ports": [str(app_port)]}}]))
+    assert _reaches_vault()
+    apply_policies(mesh, _vault_policy(to=[{"operation": {"ports": [str(app_port + 1)]}}]))
+    assert not _reaches_vault()
+    # Istio's authz-tcp task: an ALLOW rule with an HTTP-only field never matches a TCP connection
+    apply_policies(mesh, _vault_policy(to=[{"operation": {"methods": ["GET"], "ports": [str(app_port)]}}]))
+    assert not _reaches_vault()
+    # ... and a DENY rule is applied without its HTTP-only fields
+    apply_policies(mesh, _vault_policy("DENY", to=[{"operation": {"methods": ["GET"], "ports": [str(app_port + 1)]}}]))
+    assert _reaches_vault()
+    apply_policies(mesh, _vault_policy("DENY", to=[{"operation": {"methods": ["GET"]}}]))
+    assert not _reaches_vault()
+    assert "HTTP-only fields (methods)" in vault.log_path.read_text()
+    apply_policies(mesh)
+
+
+def test_dead_upstream_closes_with_uf(mesh):
+    client = mesh["proxies"]["client"]
+    assert exchange(DEAD, b"hello\n") == b""
+    wait_for(lambda: total(client, "istio_tcp_connections_closed_total", response_flags="UF",
+                           destination_service_name="dead") >= 1, timeout=5, what="a connection closed with UF")
+
+
+def test_outlier_detection_ejects_an_endpoint_that_refuses_connections(mesh):
+    """Round robin over a dead and a live endpoint: one connection fails (UF), then the dead one is ejected."""
+    banners = [exchange(FLAKY) for _ in range(8)]
+    assert banners.count(b"") <= 1 and banners.count(b"220 v1 ready\r\n") >= 7, banners
+    clusters = mesh["proxies"]["client"].admin("/clusters")
+    ejected = [e for e in clusters[f"outbound|{FLAKY}||flaky.{NS}.svc.cluster.local"]["endpoints"] if not e["healthy"]]
+    assert len(ejected) == 1 and ejected[0]["total_failures"] == 1
+
+
+def test_tcp_metrics_carry_istios_labels_on_both_sidecars(mesh):
+    exchange(ECHO)
+    client, server = mesh["proxies"]["client"], mesh["proxies"]["echo-v1"]
+    source = {"reporter": "source", "source_workload": "client", "source_workload_namespace": NS,
+              "source_principal": spiffe(NS, "client"), "destination_service": f"echo.{NS}.svc.cluster.local",
+              "destination_service_name": "echo", "destination_service_namespace": NS,
+              "destination_workload_namespace": NS, "destination_principal": spiffe(NS, "echo"),
+              "request_protocol": "tcp", "response_flags": "-", "connection_security_policy": "unknown"}
+    destination = {**source, "reporter": "destination", "destination_workload": "echo-v1",
+                   "destination_app": "echo", "destination_version": "v1", "connection_security_policy": "mutual_tls"}
+    del destination["source_workload"]  # no metadata exchange on TCP: unknown
+    for proxy, labels in ((client, source), (server, destination)):
+        def counted(proxy=proxy, labels=labels):
+            return all(total(proxy, name, **labels) > 0 for name in (
+                "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
+                "istio_tcp_sent_bytes_total"))
+        wait_for(counted, timeout=5, what=f"the TCP metrics of {proxy.workload} with {labels}")
+    # the banner (sent to the client) is 14 bytes a connection: both sides count the same bytes
+    assert total(client, "istio_tcp_sent_bytes_total", **source) % 14 == 0
+
+
+def test_an_invalid_tcp_route_is_rejected_naming_its_field_and_the_config_stays(mesh):
+    proxy = mesh["proxies"]["vault"]
+    bad = mesh["config"] / "bad.yaml"
+    write_config(mesh["config"], resource("VirtualService", "bad", {"hosts": ["vault"], "tcp": [
+        {"match": [{"sourceSubnet": "10.0.0.0/8"}], "route": [{"destination": {"host": "vault"}}]}]}), name="bad.yaml")
+    try:
+        proxy.reload()
+        wait_for(lambda: "config rejected" in proxy.log_path.read_text(), timeout=10, what="the rejection")
+        logged = next(line for line in proxy.log_path.read_text().splitlines() if "config rejected" in line)
+        number = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "sourceSubnet" in text)
+        assert (f"{bad}:{number}: VirtualService/{NS}/bad: spec.tcp[0].match[0].sourceSubnet: 'sourceSubnet' is not "
+                "supported by txmesh") in logged
+        assert _reaches_vault()
+    finally:
+        bad.unlink()
