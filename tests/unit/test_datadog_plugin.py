@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import ast
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import txmesh_datadog
 from twisted.internet.task import Clock
-from txmesh_datadog import aggregate, labels, parse_interval, parse_max_contexts, wire
+from twisted.logger import formatEvent, globalLogPublisher
+from txmesh_datadog import aggregate, labels, parse_interval, parse_max_contexts, statsd, wire
 from txmesh_datadog.addresses import (
     StatsdTarget,
     TraceTarget,
@@ -61,7 +63,8 @@ def test_constant_tags():
 
 def test_distribution_values_are_packed_into_lines_that_fit():
     values = [f"{n}.125" for n in range(1000)]
-    lines = wire.distribution_lines("txmesh.request.duration", values, 0.25, "env:test,reporter:source", 300)
+    lines = wire.distribution_lines("txmesh.request.duration", ":".join(values), 0.25, "env:test,reporter:source",
+                                    300)
     assert len(lines) > 1 and all(len(line) <= 300 for line in lines)
     parsed = [parse_line(line) for line in lines]
     assert [v for m in parsed for v in m.values] == [float(v) for v in values]
@@ -71,7 +74,13 @@ def test_distribution_values_are_packed_into_lines_that_fit():
 def test_rates_are_written_without_exponents():
     assert wire.format_rate(0.5) == "0.5"
     assert wire.format_rate(128 / 20_000_000) == "0.0000064"
-    assert parse_line(wire.distribution_lines("m", ["1"], 128 / 20_000_000, "", 100)[0]).rate == 0.0000064
+    assert parse_line(wire.distribution_lines("m", "1", 128 / 20_000_000, "", 100)[0]).rate == 0.0000064
+
+
+def test_a_value_longer_than_a_line_goes_alone():
+    assert wire.distribution_lines("m", "1:" + "2" * 50 + ":3", 1.0, "", 20) == ["m:1|d", "m:" + "2" * 50 + "|d",
+                                                                                  "m:3|d"]
+    assert wire.distribution_lines("m", "9" * 50, 1.0, "", 20) == ["m:" + "9" * 50 + "|d"]
 
 
 def test_datagrams_hold_whole_lines_up_to_the_size():
@@ -148,6 +157,10 @@ def test_tcp_tags_name_the_pseudo_cluster():
 
 # -- aggregate --------------------------------------------------------------------------------------------
 
+def _drained(aggregator) -> list[str]:
+    return [line for lines in aggregator.drain(wire.UDP_MAX_BYTES) for line in lines]
+
+
 def test_a_series_keeps_a_bounded_sample_that_stands_for_every_request():
     series = aggregate.RequestSeries("reporter:source")
     for n in range(1000):
@@ -168,7 +181,7 @@ def test_past_the_cap_new_tag_sets_are_counted_as_other():
     for key in keys:
         (aggregator.requests.get(key) or aggregator.request_series(key)).observe(1.0, 0, 10)
     assert aggregator.request_series(keys[0]) is aggregator.requests[keys[0]]  # the same context again
-    metrics = [parse_line(line) for line in aggregator.lines(wire.UDP_MAX_BYTES)]
+    metrics = [parse_line(line) for line in _drained(aggregator)]
     counts = {m.tag_dict()["response_code"]: m.values[0] for m in metrics if m.name == aggregate.REQUEST_COUNT}
     assert counts == {"200": 1, "404": 1, "other": 2}
     assert [m.values for m in metrics if m.name == aggregate.OVERFLOW] == [(2,)]
@@ -181,9 +194,9 @@ def test_tcp_series_send_their_nonzero_counters():
     series = aggregator.tcp_series(("outbound", "PassthroughCluster", ""))
     series.counts[0] += 1
     series.counts[2] += 300
-    metrics = [parse_line(line) for line in aggregator.lines(wire.UDP_MAX_BYTES)]
+    metrics = [parse_line(line) for line in _drained(aggregator)]
     assert {(m.name, m.values) for m in metrics} == {(aggregate.TCP_OPENED, (1,)), (aggregate.TCP_SENT, (300,))}
-    assert aggregator.lines(wire.UDP_MAX_BYTES) == []
+    assert _drained(aggregator) == []
 
 
 # -- addresses and options --------------------------------------------------------------------------------
@@ -288,13 +301,13 @@ class Connection:
     response_flags: str = ""
 
 
-def _configured(options: dict, role="proxy"):
+def _configured(options: dict, role="proxy", clock=None):
     plugin = txmesh_datadog.DatadogPlugin()
     pm = make_plugin_manager([name for name, _ in DEFAULT_PLUGINS], load_entry_points=False)
     pm.register(plugin, name="datadog")
     options = {"workload": "frontend", "namespace": "shop", "labels": {"app": "frontend"}, "datadog-tags": (),
                "datadog-max-contexts": 10, "datadog-flush-interval": 1.0, **options}
-    pm.configure(Config(role, options, Clock(), _Parent(), pm))
+    pm.configure(Config(role, options, clock or Clock(), _Parent(), pm))
     return plugin, pm
 
 
@@ -320,7 +333,8 @@ def test_the_hooks_count_requests_and_tunnels_and_the_flush_sends_them():
     receiver = DogStatsDReceiver().start()
     try:
         host, port = receiver.address.split(":")
-        plugin, pm = _configured({"datadog-statsd": StatsdTarget("udp", host, int(port))})
+        clock = Clock()
+        plugin, pm = _configured({"datadog-statsd": StatsdTarget("udp", host, int(port))}, clock=clock)
         assert pm.get_plugin("datadog") is plugin and plugin.flusher.parent.children == [plugin.flusher]
         complete = fast_caller(pm.hook.mesh_request_complete)
         for code in (200, 200, 503):
@@ -331,7 +345,7 @@ def test_the_hooks_count_requests_and_tunnels_and_the_flush_sends_them():
         assert isinstance(connection, api.ConnectionView)
         fast_caller(pm.hook.mesh_connection_open)(connection=connection)
         fast_caller(pm.hook.mesh_connection_complete)(connection=connection)
-        plugin.flusher.flush()
+        _finish(plugin.flusher.flush(), clock, receiver, plugin.flusher)
         wait_for(lambda: receiver.datagrams == plugin.flusher.sent, 5, what="the flushed datagrams")
         assert receiver.errors == []
         assert receiver.counts_by(aggregate.REQUEST_COUNT, "response_code", "destination_workload") == {
@@ -341,6 +355,55 @@ def test_the_hooks_count_requests_and_tunnels_and_the_flush_sends_them():
         assert plugin.flusher.sent >= 1 and plugin.flusher.lost == 0
     finally:
         receiver.stop()
+
+
+def _finish(done, clock, receiver, flusher) -> None:
+    """Run a flush (or stop) to its end on ``clock``: when it waits for room in the receiver's queue, let
+    the receiver read what was sent, then let the flush's few milliseconds pass."""
+    finished = []
+    done.addBoth(finished.append)  # (``done.called`` is true already while it waits on a chained Deferred)
+    clock.advance(0)
+    while not finished:
+        wait_for(lambda: receiver.datagrams == flusher.sent, 5, what="the receiver to read what was sent")
+        clock.advance(statsd.RETRY_DELAY)
+
+
+def test_a_flush_yields_to_the_reactor_and_waits_for_room_in_a_unix_socket():
+    receiver = DogStatsDReceiver(tempfile.mkdtemp(prefix="dd-", dir="/tmp") + "/dsd.socket").start()
+    try:
+        clock = Clock()
+        aggregator = aggregate.Aggregator(OWN)
+        flusher = statsd.DogStatsDFlusher(clock, StatsdTarget("unix", path=receiver.path), aggregator, 1.0)
+        flusher.startService()
+        for code in range(200, 300):  # 100 series, about 50 datagrams: more than the socket's queue holds
+            aggregator.request_series(("outbound", CLUSTER, None, "x", code, "", None)).observe(2.5, 1, 2)
+        flushed = flusher.flush()
+        assert not flushed.called  # the work is scheduled on the reactor, not done in the LoopingCall's call
+        _finish(flushed, clock, receiver, flusher)
+        assert flusher.lost == 0 and flusher.sent > 10
+        for code in range(200, 210):
+            aggregator.request_series(("outbound", CLUSTER, None, "x", code, "", None)).observe(2.5, 1, 2)
+        _finish(flusher.stopService(), clock, receiver, flusher)  # the last flush, then the socket closes
+        wait_for(lambda: receiver.count(aggregate.REQUEST_COUNT) == 110, 5, what="every request counted")
+        assert receiver.errors == [] and flusher.lost == 0 and flusher.sent > 10
+    finally:
+        receiver.stop()
+
+
+def test_a_missing_socket_loses_the_datagrams_and_says_why(tmp_path):
+    clock, aggregator = Clock(), aggregate.Aggregator(OWN)
+    flusher = statsd.DogStatsDFlusher(clock, StatsdTarget("unix", path=str(tmp_path / "absent")), aggregator, 1.0)
+    aggregator.request_series(("outbound", CLUSTER, None, "x", 200, "", None)).observe(2.5, 1, 2)
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        flusher.flush()
+        clock.advance(0)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert flusher.lost == 1 and flusher.sent == 0
+    (text,) = [formatEvent(event) for event in events if event.get("log_namespace") == "txmesh_datadog"]
+    assert "DogStatsD to unix://" in text and "no such socket: is the agent running" in text
 
 
 def test_it_imports_only_the_plugin_api():

@@ -5,8 +5,8 @@ Per request, the hot path finds the request's :class:`RequestSeries` with one
 tuple key and one dict lookup (the tags of a new key are worked out once, by
 :mod:`txmesh_datadog.labels`) and calls :meth:`RequestSeries.observe`: a
 counter increment and three list appends.  No formatting, no I/O.  Each
-flush turns what the series gathered since the last one into DogStatsD lines
-and starts them over.
+flush turns what the series gathered since the last one into DogStatsD lines,
+series by series (:meth:`Aggregator.drain`), and starts them over.
 
 Distributions keep at most :data:`MAX_SAMPLES` values per series and flush
 (a uniform reservoir sample when there were more requests); the lines then
@@ -86,12 +86,10 @@ class RequestSeries:
         tags = self.tags
         rate = len(self.durations) / count
         lines = [count_line(REQUEST_COUNT, count, tags)]
-        lines += distribution_lines(REQUEST_DURATION, ["%.3f" % value for value in self.durations], rate, tags,
+        lines += distribution_lines(REQUEST_DURATION, ":".join(map("%.3f".__mod__, self.durations)), rate, tags,
                                     max_bytes)
-        lines += distribution_lines(REQUEST_SIZE, [str(value) for value in self.request_sizes], rate, tags,
-                                    max_bytes)
-        lines += distribution_lines(RESPONSE_SIZE, [str(value) for value in self.response_sizes], rate, tags,
-                                    max_bytes)
+        lines += distribution_lines(REQUEST_SIZE, ":".join(map(str, self.request_sizes)), rate, tags, max_bytes)
+        lines += distribution_lines(RESPONSE_SIZE, ":".join(map(str, self.response_sizes)), rate, tags, max_bytes)
         self.count = 0
         self.durations, self.request_sizes, self.response_sizes = [], [], []
         return lines
@@ -109,8 +107,9 @@ class TcpSeries:
         self.tags = tags
         self.counts = [0, 0, 0, 0]
 
-    def lines(self) -> list[str]:
-        """COUNT lines of the non-zero counters, and start over."""
+    def lines(self, max_bytes: int) -> list[str]:
+        """COUNT lines of the non-zero counters, and start over (each line is short: ``max_bytes`` is not
+        needed)."""
         lines = [count_line(name, value, self.tags) for name, value in zip(self.NAMES, self.counts) if value]
         self.counts = [0, 0, 0, 0]
         return lines
@@ -181,19 +180,17 @@ class Aggregator:
         return series
 
     # -- flushing ----------------------------------------------------------------------------------
-    def lines(self, max_bytes: int) -> list[str]:
-        """Every DogStatsD line of what was gathered since the last call; the series start over."""
-        out, overflowed = [], 0
-        for series in self.contexts.values():
-            out += series.lines(max_bytes) if isinstance(series, RequestSeries) else series.lines()
-        for series in self._overflow_contexts.values():
-            if isinstance(series, RequestSeries):
-                overflowed += series.count
-                out += series.lines(max_bytes)
-            else:
-                overflowed += series.counts[0]  # connections opened
-                out += series.lines()
+    def drain(self, max_bytes: int):
+        """Yield the DogStatsD lines of each series in turn (a list per series) and start it over, then
+        the overflow count.  A generator, so that a flush can yield to the reactor between series;
+        contexts that appear meanwhile wait for the next flush."""
+        overflowed = 0
+        for series in list(self.contexts.values()):
+            yield series.lines(max_bytes)
+        for series in list(self._overflow_contexts.values()):
+            # requests, or connections opened
+            overflowed += series.count if isinstance(series, RequestSeries) else series.counts[0]
+            yield series.lines(max_bytes)
         if overflowed:
-            out.append(count_line(OVERFLOW, overflowed, self.constant_text))
             self.overflowed += overflowed
-        return out
+            yield [count_line(OVERFLOW, overflowed, self.constant_text)]

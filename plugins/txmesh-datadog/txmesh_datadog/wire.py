@@ -51,9 +51,9 @@ def count_line(name: str, value: int, tags: str) -> str:
     return f"{name}:{value}|c|#{tags}" if tags else f"{name}:{value}|c"
 
 
-def distribution_lines(name: str, values: list[str], rate: float, tags: str, max_bytes: int) -> list[str]:
-    """DISTRIBUTION lines carrying ``values`` (formatted numbers), packed several to a line, each line at
-    most ``max_bytes`` long (but at least one value per line).
+def distribution_lines(name: str, values: str, rate: float, tags: str, max_bytes: int) -> list[str]:
+    """DISTRIBUTION lines carrying ``values`` (formatted numbers joined with ``:``), packed several to a
+    line, each line at most ``max_bytes`` long (but at least one value per line).
 
     ``rate`` below 1 is the sample rate the values were kept at (``|@RATE``):
     the agent counts each value ``1/RATE`` times.
@@ -63,17 +63,17 @@ def distribution_lines(name: str, values: list[str], rate: float, tags: str, max
         suffix += "|@" + format_rate(rate)
     if tags:
         suffix += "|#" + tags
-    budget = max_bytes - len(name) - len(suffix)
-    lines, chunk, used = [], [], 0
-    for value in values:
-        size = len(value) + 1  # the ':' before it
-        if chunk and used + size > budget:
-            lines.append(f"{name}:{':'.join(chunk)}{suffix}")
-            chunk, used = [], 0
-        chunk.append(value)
-        used += size
-    if chunk:
-        lines.append(f"{name}:{':'.join(chunk)}{suffix}")
+    budget = max(1, max_bytes - len(name) - 1 - len(suffix))
+    lines = []
+    while len(values) > budget:
+        cut = values.rfind(":", 0, budget + 1)
+        if cut <= 0:  # one value longer than the budget: alone on its line
+            cut = values.find(":")
+            if cut < 0:
+                break
+        lines.append(f"{name}:{values[:cut]}{suffix}")
+        values = values[cut + 1:]
+    lines.append(f"{name}:{values}{suffix}")
     return lines
 
 
