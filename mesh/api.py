@@ -220,7 +220,8 @@ class ConnectionView(Protocol):
     :func:`mesh.hookspecs.mesh_connection_complete` see it.  Read-only.
 
     ``direction`` is ``"inbound"`` or ``"outbound"``; ``protocol`` is
-    ``"http/1.1"`` or ``"tcp"`` (a passthrough tunnel).  ``source_address`` is
+    ``"http/1.1"``, ``"h2"`` (HTTP/2: the connection was opened as ``"http/1.1"`` and is
+    completed as ``"h2"``, a view of its own) or ``"tcp"`` (a passthrough tunnel).  ``source_address`` is
     the client's IP; ``destination`` the original destination ``(ip, port)``
     of a transparently captured connection, else None; ``upstream`` the
     ``(host, port)`` a TCP tunnel connected to, else None.  ``peer`` is the

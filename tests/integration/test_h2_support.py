@@ -242,4 +242,3 @@ def client_tls(ca, directory: Path, namespace: str, account: str) -> ssl.SSLCont
     context.load_cert_chain(cert, key)
     context.set_alpn_protocols(["h2"])
     return context
-
