@@ -221,8 +221,8 @@ class ConnectionView(Protocol):
 
     ``direction`` is ``"inbound"`` or ``"outbound"``; ``protocol`` is
     ``"http/1.1"``, ``"h2"`` (HTTP/2: the connection was opened as ``"http/1.1"`` and is
-    completed as ``"h2"``, a view of its own) or ``"tcp"`` (a passthrough tunnel).  ``source_address`` is
-    the client's IP; ``destination`` the original destination ``(ip, port)``
+    completed as ``"h2"``, a view of its own) or ``"tcp"`` (a routed TCP connection or a
+    passthrough tunnel).  ``source_address`` is the client's IP; ``destination`` the original destination ``(ip, port)``
     of a transparently captured connection, else None; ``upstream`` the
     ``(host, port)`` a TCP tunnel connected to, else None.  ``peer`` is the
     client's verified SPIFFE id over mTLS, else None.  ``start`` is when it
@@ -230,9 +230,10 @@ class ConnectionView(Protocol):
     lasted (0.0 until it ends).  ``bytes_received`` counts client -> proxy
     bytes and ``bytes_sent`` proxy -> client bytes (after TLS), ``requests``
     the HTTP requests it carried.  ``cluster`` is the cluster a TCP tunnel
-    went to (``PassthroughCluster``, ``BlackHoleCluster``, or a registry
-    cluster), None for HTTP; ``response_flags`` the tunnel's flags
-    (``UF`` connect failure, ``UH`` refused by policy, ...), ``""`` if none.
+    went to (``PassthroughCluster``, ``BlackHoleCluster``, a registry
+    cluster, ``inbound|PORT||``), None for HTTP; ``response_flags`` the tunnel's flags
+    (``UF`` connect failure, ``UH`` refused by policy, ``RBAC`` denied, ``NR`` no
+    TCP route, ...), ``""`` if none.
     """
 
     @property

@@ -138,7 +138,9 @@ def mesh_route(ctx, table):
 def mesh_pick_endpoint(ctx, cluster, endpoints):
     """Choose the upstream endpoint for one try.  *Hot path, firstresult.*
 
-    :param ctx: the :class:`mesh.api.RequestView` (``ctx.attempts`` tells which try this is).
+    :param ctx: the :class:`mesh.api.RequestView` (``ctx.attempts`` tells which try this is);
+        for a TCP connection, once per connection, one whose HTTP fields are empty
+        (``ctx.protocol == "tcp"``, ``ctx.source_address`` set).
     :param cluster: a :class:`mesh.api.ClusterView` (``cluster.spec.lb_policy``,
         ``cluster.spec.hash_on``; ``cluster.state`` is free for balancers to keep state).
     :param endpoints: a non-empty sequence of healthy :class:`mesh.api.EndpointView`
@@ -185,6 +187,12 @@ def mesh_authorize(ctx, peer, policies):
     :return: None (no opinion), or a :class:`mesh.api.AuthzDecision`
         ``(allowed, policy)``.  The request is denied with 403 if any
         implementation returns ``allowed`` False.
+
+    Also called once per inbound TCP connection (a TCP, TLS or HTTPS app
+    port, or captured plaintext that is not HTTP), with ``policies``
+    compiled for TCP and a ``ctx`` whose HTTP fields are empty, with
+    ``ctx.protocol == "tcp"`` and ``ctx.port`` the destination port; a
+    denial closes the connection.
     """
 
 
