@@ -18,13 +18,15 @@ import time
 from types import SimpleNamespace
 
 import pytest
+from h2.errors import ErrorCodes
+from h2.settings import SettingCodes
 
 from tests.harness import free_port, wait_for
 from tests.harness.backend import pattern_sha256
 from tests.harness.curl import curl
 from tests.integration.test_h2_support import H2Client, client_tls, mesh_certs
 from tests.integration.test_identity_support import h2load, mesh_endpoint, spiffe
-from tests.integration.test_proxy_support import endpoint, service_entry, write_config
+from tests.integration.test_proxy_support import endpoint, route_to, service_entry, virtual_service, write_config
 
 NS = "default"
 H2C = ["--http2-prior-knowledge"]
@@ -39,7 +41,8 @@ def mesh(tmp_path_factory, backend_factory, proxy_factory):
     app = backend_factory("echo")
     inbound = free_port()
     config = write_config(work / "config", service_entry("echo", [mesh_endpoint(inbound, "echo")]),
-                          service_entry("plain", [endpoint(app)]))
+                          service_entry("plain", [endpoint(app)]), service_entry("timed", [endpoint(app)]),
+                          virtual_service("timed", ["timed"], [route_to("timed", timeout="1s")]))
     server = proxy_factory(config, "echo", app_port=app.port, inbound_port=inbound, extra_args=options["echo"])
     client = proxy_factory(config, "frontend", extra_args=options["frontend"])
     return SimpleNamespace(app=app, server=server, client=client, ca=ca, certs=work / "certs", config=config)
@@ -142,6 +145,23 @@ def test_a_reset_stream_leaves_the_others_working(mesh):
     wait_for(lambda: '"path":"/delay/600?stream=1"' in log.read_text(), timeout=5, what="its access log line")
     line = next(line for line in log.read_text().splitlines() if '"path":"/delay/600?stream=1"' in line)
     assert '"response_flags":"DC"' in line, line
+
+
+def test_a_failed_stream_is_reset_and_the_connection_goes_on(mesh):
+    """A response cut short (its route's 1 s timeout passes while the client's window is closed) resets
+    its stream only; a stream beside it, with an open window, gets its whole response."""
+    client = H2Client(mesh.client.outbound_port, settings={SettingCodes.INITIAL_WINDOW_SIZE: 0})
+    try:
+        cut = client.request("/bytes/1000000", "timed")
+        whole = client.request("/delay/1500", "plain")
+        client.conn.increment_flow_control_window(65535, stream_id=whole)
+        client.flush()
+        client.wait(lambda: client.done(cut, whole), what="both streams")
+        assert (client.responses[cut].status, client.responses[cut].reset) == (200, ErrorCodes.INTERNAL_ERROR)
+        assert client.responses[whole].status == 200 and client.responses[whole].ended
+        assert client.terminated is None
+    finally:
+        client.close()
 
 
 def test_drain_sends_goaway_and_finishes_streams_in_flight(mesh, proxy_factory):

@@ -27,8 +27,8 @@ over it is refused, REFUSED_STREAM), the initial windows, SETTINGS_MAX_HEADER_LI
 (``--max-header-bytes``: 431 beyond it, the connection ends beyond twice it, where an HPACK bomb
 is stopped while it is decoded), ``--max-headers`` (431), SETTINGS_MAX_FRAME_SIZE.  What h2 does
 not bound, :class:`FrameGuard` does from the frame headers before h2 parses a byte: the header
-block across CONTINUATION frames, PING and SETTINGS floods (acknowledgements owed while the
-client does not read), empty frames, PRIORITY and WINDOW_UPDATE floods.  Rapid reset is
+block across CONTINUATION frames, the frame size before the frame is buffered, floods of PING and
+SETTINGS (more than 1000 a second), of empty frames, of PRIORITY and of WINDOW_UPDATE frames.  Rapid reset is
 Envoy's premature-reset rule (:data:`PREMATURE_RESET_MIN_STREAMS`).  Each ends the connection
 with GOAWAY ENHANCE_YOUR_CALM.
 
@@ -103,8 +103,11 @@ _END_STREAM, _ACK, _END_HEADERS = 0x1, 0x1, 0x4
 _LAST_STREAM_ID = 2**31 - 1
 _DRAIN_PING = b"txdrain!"
 
-#: h2's settings for every server connection: validate and normalize what comes and goes.
-_CONFIG = H2Configuration(client_side=False, header_encoding=None)
+#: h2's settings for every server connection.  What comes in is validated; what goes out is only
+#: normalized (names lower-cased, connection-specific headers dropped): it is the codec's own, or an
+#: upstream's headers its parser has validated already (validating them again is several percent
+#: of the CPU time of a small request).
+_CONFIG = H2Configuration(client_side=False, header_encoding=None, validate_outbound_headers=False)
 
 #: Headers a local reply cannot lose or change: they frame it.
 _LOCAL_FRAMING = frozenset({b"content-length", b"connection", b"transfer-encoding"})
