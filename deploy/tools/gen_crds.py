@@ -106,6 +106,10 @@ DESTINATION_RULE = obj({
 }, required=("host",))
 
 HEADER_OPS = obj({"set": strmap(), "add": strmap(), "remove": STRINGS})
+ROUTE_DESTINATIONS = array(obj({
+    "destination": obj({"host": STR, "subset": STR, "port": obj({"number": PORT})}, required=("host",)),
+    "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+}, required=("destination",)), minItems=1)
 HTTP_ROUTE = obj({
     "name": STR,
     "match": array(obj({
@@ -113,22 +117,28 @@ HTTP_ROUTE = obj({
         "authority": STRING_MATCH, "headers": strmap(STRING_MATCH), "withoutHeaders": strmap(STRING_MATCH),
         "queryParams": strmap(obj({"exact": STR, "regex": STR}, maxProperties=1)), "gateways": STRINGS,
     })),
-    "route": array(obj({
-        "destination": obj({"host": STR, "subset": STR, "port": obj({"number": PORT})}, required=("host",)),
-        "weight": {"type": "integer", "minimum": 0, "maximum": 100},
-    }, required=("destination",)), minItems=1),
+    "route": ROUTE_DESTINATIONS,
     "rewrite": obj({"uri": STR, "authority": STR}),
     "timeout": DURATION,
     "retries": obj({"attempts": {"type": "integer", "minimum": 0}, "perTryTimeout": DURATION, "retryOn": STR}),
     "headers": obj({"request": HEADER_OPS, "response": HEADER_OPS}),
 }, required=("route",))
 
+L4_MATCH = {"destinationSubnets": STRINGS, "port": PORT, "sourceLabels": strmap(), "sourceNamespace": STR,
+            "gateways": STRINGS}
+TCP_ROUTE = obj({"match": array(obj(L4_MATCH)), "route": ROUTE_DESTINATIONS}, required=("route",))
+TLS_ROUTE = obj({"match": array(obj({**L4_MATCH, "sniHosts": array(STR, minItems=1)}, required=("sniHosts",)),
+                                minItems=1),
+                 "route": ROUTE_DESTINATIONS}, required=("match", "route"))
+
 VIRTUAL_SERVICE = obj({
     "hosts": array(STR, minItems=1),
     "gateways": STRINGS,
     "http": array(HTTP_ROUTE, minItems=1),
+    "tcp": array(TCP_ROUTE, minItems=1),
+    "tls": array(TLS_ROUTE, minItems=1),
     "exportTo": EXPORT_TO,
-}, required=("hosts", "http"))
+}, required=("hosts",), description="At least one of http, tcp and tls.")
 
 AUTHORIZATION_POLICY = obj({
     "selector": SELECTOR,
