@@ -10,6 +10,7 @@ endpoint is down.
 
 from __future__ import annotations
 
+from mesh.config.tables import UPSTREAM_CLIENT, UPSTREAM_H2
 from mesh.proxy.pool import ConnectionPool
 
 
@@ -78,7 +79,7 @@ class Endpoint:
             "active_requests": self.active_requests,
             "total_requests": self.total_requests,
             "total_failures": self.total_failures,
-            "idle_connections": self.pool.idle_count(),
+            "idle_connections": self.pool.idle_count(),  # HTTP/2 ones: connections without streams
             "open_connections": self.pool.open_count(),
             "identity": self.spec.identity,
             "labels": dict(self.spec.labels),
@@ -91,14 +92,21 @@ class Cluster:
 
     ``spec`` is the :class:`mesh.config.tables.ClusterSpec`; ``endpoints`` the
     live :class:`Endpoint` objects.  ``state`` is free for balancer plugins
-    (the round-robin cursor lives there).
+    (the round-robin cursor lives there).  The spec's ``upstream_protocol``
+    becomes two flags the exchange tests per try: ``h2_always`` (every try
+    speaks HTTP/2: the endpoint's ``pool.h2``) and ``h2_follows_client`` (an
+    HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
+    endpoints, the sidecars, which may still choose HTTP/1.1 by ALPN).
     """
 
-    __slots__ = ("spec", "name", "endpoints", "state", "_healthy", "_healthy_until", "_epoch")
+    __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client",
+                 "_healthy", "_healthy_until", "_epoch")
 
     def __init__(self, spec, endpoints):
         self.spec = spec
         self.name = spec.name
+        self.h2_always = spec.upstream_protocol == UPSTREAM_H2
+        self.h2_follows_client = spec.upstream_protocol == UPSTREAM_CLIENT
         self.endpoints = tuple(endpoints)
         self.state = {}
         self._healthy = self.endpoints

@@ -65,7 +65,7 @@ class Try:
     """One attempt at an upstream endpoint; the owner of its connection (an
     :class:`mesh.proxy.streams.IUpstreamStream`) while it lasts."""
 
-    __slots__ = ("exchange", "endpoint", "connection", "timer", "started", "reused",
+    __slots__ = ("exchange", "endpoint", "connection", "timer", "started", "reused", "refused",
                  "got_head", "keep_alive", "linked", "done")
 
     def __init__(self, exchange, endpoint, started):
@@ -75,6 +75,7 @@ class Try:
         self.timer = None
         self.started = started
         self.reused = False
+        self.refused = None  # HTTP/2 says whether the upstream processed a failed try (see upstream_lost)
         self.got_head = False
         self.keep_alive = False
         self.linked = False  # the request body is linked for backpressure (IUpstreamStream.link_body)
@@ -83,7 +84,7 @@ class Try:
     # -- connection set-up -------------------------------------------------
     def connected(self, connection):
         if self.done:  # abandoned while connecting: keep the connection warm
-            self.endpoint.pool.release(connection)
+            connection.pool.release(connection)
             return
         self.connection = connection
         self.exchange.send_request(self)
@@ -113,7 +114,7 @@ class Try:
             self.linked = False
             connection.unlink_body()
         if reusable:
-            self.endpoint.pool.release(connection)
+            connection.pool.release(connection)
         elif connection.listener is self or connection.listener is None:
             connection.detach()
 
@@ -125,6 +126,9 @@ class Try:
     def upstream_body(self, data):
         self.exchange.response_body(self, data)
 
+    def upstream_trailers(self, headers):
+        self.exchange.response_trailers(self, headers)
+
     def upstream_end(self):
         self.exchange.response_end(self)
 
@@ -134,8 +138,15 @@ class Try:
     def upstream_flush(self):
         self.exchange.down.flush()
 
-    def upstream_lost(self, reason_text):
+    def upstream_lost(self, reason_text, refused=None):
+        """The connection or stream broke before the response ended.
+
+        ``refused`` (HTTP/2 knows it): True when the upstream never processed
+        the request (REFUSED_STREAM, or above a GOAWAY's last stream id), so it
+        is replayed at once; False when it may have.  None (HTTP/1.1): unknown.
+        """
         if not self.done:
+            self.refused = refused
             self.exchange.try_failed(self, TryOutcome("reset", None, reason_text))
 
 
@@ -246,12 +257,16 @@ class Exchange:
         policy = self.action.retry
         if policy is not None and policy.per_try_timeout:
             attempt.timer = listener.reactor.callLater(policy.per_try_timeout, attempt.per_try_timeout)
-        connection = endpoint.pool.acquire()
+        pool = endpoint.pool
+        if (cluster.h2_always or (ctx.http_version == "2" and (cluster.h2_follows_client or pool.tls is not None))) \
+                and not self.upgrade:
+            pool = pool.h2  # this try speaks HTTP/2 (see Cluster; an upgrade stays HTTP/1.1)
+        connection = pool.acquire()
         if connection is not None:
             attempt.reused = True
             attempt.connected(connection)
         else:
-            endpoint.pool.connect().addCallbacks(attempt.connected, attempt.connect_failed)
+            pool.connect().addCallbacks(attempt.connected, attempt.connect_failed)
 
     def send_request(self, attempt):
         """The try has a connection: send the head and whatever body we have."""
@@ -374,6 +389,12 @@ class Exchange:
             self.down.link_response(attempt.connection)
         self.down.send_body(data)
 
+    def response_trailers(self, attempt, headers):
+        """The response ends with trailers (``(name, value)`` byte pairs); :meth:`response_end` follows."""
+        if attempt is not self.current or self.state is DONE:
+            return
+        self.down.send_trailers(headers)
+
     def response_end(self, attempt):
         if attempt is not self.current or self.state is DONE:
             return
@@ -408,7 +429,7 @@ class Exchange:
                            else "upstream_reset_after_response_started{connection_termination}")
             return
         if (not self.free_retry_used and self._replayable()
-                and retry.free_retry(outcome, attempt.reused, attempt.got_head)):
+                and retry.free_retry(outcome, attempt.reused, attempt.got_head, attempt.refused)):
             self.free_retry_used = True
             attempt.finish(reusable=False)
             self.ctx.attempts -= 1

@@ -1,9 +1,10 @@
 """Mesh mTLS on the sidecar's connections.
 
 - :class:`UpstreamTLS` wraps upstream connections to mesh endpoints in TLS with
-  the workload certificate (the peer's identity is checked by
-  :class:`mesh.proxy.codec.http1_client.UpstreamConnection` after the handshake), and
-  resumes sessions kept per peer (:class:`mesh.identity.tls.SessionCache`).
+  the workload certificate (the upstream codecs check the peer's identity with
+  :func:`peer_problem` after the handshake), offers ALPN ``h2`` first for
+  connections that would rather speak HTTP/2, and resumes sessions kept per
+  peer (:class:`mesh.identity.tls.SessionCache`).
 - :func:`inbound_peer` reads who the caller of a verified inbound mTLS
   connection is, and refuses a resumed session whose certificate has expired.
 - :class:`InboundFactory` accepts the inbound port according to
@@ -21,12 +22,14 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from mesh.identity.tls import ClientTLS, ServerTLS, keep_session, peer_certificate_facts
+from mesh.identity.tls import ALPN_HTTP1, ClientTLS, ServerTLS, keep_session, peer_certificate_facts, peer_identity
 
 log = Logger()
 
 TLS_HANDSHAKE_RECORD = 0x16
 STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
+#: ALPN offered by an upstream connection that would rather speak HTTP/2: the peer chooses.
+ALPN_H2_FIRST = [b"h2", ALPN_HTTP1]
 
 
 class UpstreamTLS:
@@ -46,13 +49,46 @@ class UpstreamTLS:
                     "with --control (or --cert/--key/--ca-bundle), or set the DestinationRule tls.mode DISABLE")
         return None
 
-    def wrap(self, factory, peer):
-        """``factory`` behind TLS to ``peer``, offering a session kept for it if there is one."""
-        return TLSMemoryBIOFactory(ClientTLS(self.store, peer), True, factory)
+    def wrap(self, factory, peer, offer_h2=False):
+        """``factory`` behind TLS to ``peer``, offering a session kept for it if there is one.
+
+        ``offer_h2``: offer ALPN ``h2`` before ``http/1.1`` (the connection reads the
+        peer's choice, ``negotiatedProtocol``, after the handshake).
+        """
+        creator = _OfferH2(self.store, peer) if offer_h2 else ClientTLS(self.store, peer)
+        return TLSMemoryBIOFactory(creator, True, factory)
 
     def keep_session(self, peer, transport):
         """``transport`` (to ``peer``) passed the identity check and carried a response: keep its session."""
         keep_session(self.store, peer, transport.getHandle())
+
+
+class _OfferH2(ClientTLS):
+    """:class:`ClientTLS` whose connections offer ALPN ``h2`` first."""
+
+    def clientConnectionForTLS(self, tlsProtocol):
+        connection = super().clientConnectionForTLS(tlsProtocol)
+        connection.set_alpn_protos(ALPN_H2_FIRST)
+        return connection
+
+
+def peer_problem(transport, expected):
+    """Why the peer of a verified upstream TLS ``transport`` is not ``expected`` (a SPIFFE id), or None."""
+    actual = peer_identity(transport)
+    if actual == expected:
+        return None
+    return f"peer identity mismatch: expected {expected}, the endpoint presented {actual or 'no SPIFFE id'}"
+
+
+def setup_failure(reason) -> str:
+    """Why an upstream connection died before it was usable (TLS errors spelled out)."""
+    if reason is None:
+        return "connection closed during set-up"
+    from OpenSSL.SSL import Error as TLSError
+
+    if reason.check(TLSError):
+        return f"TLS handshake failed: {reason.value}"
+    return f"connection closed during set-up: {reason.getErrorMessage()}"
 
 
 def inbound_peer(own_identity, transport):

@@ -1,11 +1,23 @@
-"""Per-endpoint pools of idle keep-alive upstream connections."""
+"""Per-endpoint pools of upstream connections.
+
+An endpoint's :class:`ConnectionPool` keeps its idle keep-alive HTTP/1.1
+connections; its :class:`H2Pool` (``pool.h2``) hands out streams on a few
+HTTP/2 connections.  A try takes its connection or stream from the one its
+cluster and request call for (``Exchange._new_try``; :attr:`mesh.proxy.clusters.Cluster.h2_always`)
+and gives it back with ``connection.pool.release(connection)``.
+"""
 
 from __future__ import annotations
 
 from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
 
+from mesh.proxy.codec.h2_client import H2UpstreamConnection
 from mesh.proxy.codec.http1_client import UpstreamConnection
+
+#: Seconds an endpoint that declined ALPN ``h2`` (an HTTP/1.1-only peer) is spoken to in
+#: HTTP/1.1 before HTTP/2 is offered again.
+ALPN_RECHECK = 60.0
 
 
 class ConnectError(Exception):
@@ -55,10 +67,13 @@ class ConnectionPool:
     connections idle for longer; they are found when the pool is next used.
     Over mTLS, the TLS session of each new connection is kept after its first
     response, so that the next new connection resumes it (``tls.keep_session``).
+    ``max_concurrent_streams`` (``connectionPool.http.maxConcurrentStreams``; 0:
+    as the peer allows) caps the streams of each HTTP/2 connection of ``h2``.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 tls=None, identity=None, bind=None, max_requests_per_connection=0, idle_timeout=3600.0):
+                 tls=None, identity=None, bind=None, max_requests_per_connection=0, idle_timeout=3600.0,
+                 max_concurrent_streams=0):
         self.reactor = reactor
         self.address = address
         self.port = port
@@ -70,12 +85,14 @@ class ConnectionPool:
         self.bind = (bind, 0) if bind else None
         self.max_requests_per_connection = max_requests_per_connection
         self.idle_timeout = idle_timeout
+        self.max_concurrent_streams = max_concurrent_streams
         self._idle = []
-        self._open = set()
+        self._open = set()  # HTTP/1.1 and HTTP/2 connections
         self.opened_total = 0  # connections made, ever (mesh_upstream_cx_opened_total)
+        self.h2 = H2Pool(self)
 
     def idle_count(self) -> int:
-        return len(self._idle)
+        return len(self._idle) + self.h2.idle_count()
 
     def open_count(self) -> int:
         return len(self._open)
@@ -126,8 +143,25 @@ class ConnectionPool:
         else:
             connection.transport.loseConnection()
 
+    def take_over(self, transport) -> UpstreamConnection:
+        """An HTTP/1.1 connection on ``transport``, a TLS connection whose peer is verified
+        and declined ALPN ``h2`` (see :meth:`H2Pool.alpn_declined`)."""
+        connection = UpstreamConnection(self, self.identity)
+        transport.wrappedProtocol = connection
+        connection.makeConnection(transport)
+        connection.connected_ok = True
+        self.counted(connection)
+        return connection
+
+    def counted(self, connection) -> None:
+        """A new connection (either protocol) is up: count it as open."""
+        self.opened_total += 1
+        self._open.add(connection)
+
     def close_idle(self, older_than=None) -> None:
         """Close idle connections (all, or those idle since before ``older_than``)."""
+        if older_than is None:
+            self.h2.close_idle()
         keep = []
         for connection in self._idle:
             if older_than is not None and connection.last_used >= older_than:
@@ -138,8 +172,7 @@ class ConnectionPool:
 
     # -- called by UpstreamConnection ---------------------------------------
     def connection_made(self, connection) -> None:
-        self.opened_total += 1
-        self._open.add(connection)
+        self.counted(connection)
         deferred = connection.factory.deferred
         if not deferred.called:
             deferred.callback(connection)
@@ -154,3 +187,155 @@ class ConnectionPool:
         self._open.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
+
+
+class _H2Factory(ClientFactory):
+    """Connects one :class:`H2UpstreamConnection`, made beforehand with the tries waiting for it."""
+
+    noisy = False
+
+    def __init__(self, connection):
+        self.connection = connection
+
+    def buildProtocol(self, addr):
+        return self.connection
+
+    def clientConnectionFailed(self, connector, reason):
+        self.connection.pool.connection_failed(self.connection, describe_connect_failure(reason))
+
+
+class H2Pool:
+    """The HTTP/2 connections to one endpoint: streams for many tries on few connections.
+
+    ``pool`` is the endpoint's :class:`ConnectionPool`, whose address, TLS,
+    limits and connection counters it shares.  A try gets a stream on the
+    oldest connection with room (:meth:`acquire`); when none has room, it
+    waits for a connection being set up that will have room, or a new one is
+    opened (:meth:`connect`).  A connection has room for the peer's
+    SETTINGS_MAX_CONCURRENT_STREAMS (capped by ``maxConcurrentStreams``).
+    Over mTLS the connections offer ALPN ``h2`` and ``http/1.1``: a peer that
+    chooses HTTP/1.1 gets HTTP/1.1 connections from ``pool`` for
+    :data:`ALPN_RECHECK` seconds.  Connections without streams for longer than
+    ``pool.idle_timeout`` are closed when the pool is next used.
+    """
+
+    def __init__(self, pool):
+        self.pool = pool
+        self.reactor = pool.reactor
+        self._ready = []  # connections up and taking streams, oldest first
+        self._connecting = []  # connections being set up, each with its ``waiters``
+        self.http1_until = 0.0  # the peer declined h2: HTTP/1.1 until then
+
+    def idle_count(self) -> int:
+        return sum(1 for connection in self._ready if connection.active == 0)
+
+    def acquire(self):
+        """A stream on a connection with room, or None (an HTTP/1.1 connection while the peer declines h2)."""
+        if self.http1_until:
+            if self.reactor.seconds() < self.http1_until:
+                return self.pool.acquire()
+            self.http1_until = 0.0
+        for connection in self._ready:
+            if connection.active < connection.capacity:
+                if connection.active == 0 and connection.last_used < self.reactor.seconds() - self.pool.idle_timeout:
+                    connection.retire()  # idle too long: closed (and off this list)
+                    return self.acquire()
+                return connection.open_stream()
+        return None
+
+    def connect(self) -> defer.Deferred:
+        """A stream on a connection being set up; fires with it, or fails with :class:`ConnectError`."""
+        if self.http1_until:
+            return self.pool.connect()
+        deferred = defer.Deferred()
+        for connection in self._connecting:
+            if len(connection.waiters) < connection.capacity:
+                connection.waiters.append(deferred)
+                return deferred
+        pool = self.pool
+        if pool.tls is not None:
+            refusal = pool.tls.refusal()
+            if refusal is not None:
+                return defer.fail(ConnectError(refusal))
+        connection = H2UpstreamConnection(self, pool.identity, pool.max_concurrent_streams,
+                                          pool.max_requests_per_connection)
+        connection.waiters.append(deferred)
+        self._connecting.append(connection)
+        factory = _H2Factory(connection)
+        if pool.tls is not None:
+            factory = pool.tls.wrap(factory, pool.peer, offer_h2=True)
+        self.reactor.connectTCP(pool.address, pool.port, factory, timeout=pool.connect_timeout,
+                                bindAddress=pool.bind)
+        return deferred
+
+    def release(self, stream) -> None:
+        """A stream whose response is complete (or that was never used): its place is free."""
+        connection = stream.connection
+        if connection is None:
+            return
+        pool = self.pool
+        if not connection.session_kept and pool.tls is not None and stream.stream_id is not None:
+            connection.session_kept = True
+            pool.tls.keep_session(pool.peer, connection.transport)
+        connection.stream_done(stream)
+
+    def close_idle(self) -> None:
+        """Close the connections that carry no stream."""
+        for connection in list(self._ready):
+            if connection.active == 0:
+                connection.retire()
+
+    # -- called by H2UpstreamConnection ---------------------------------------
+    def connection_made(self, connection) -> None:
+        """``connection`` is up: it serves the tries waiting for it."""
+        self._connecting.remove(connection)
+        self._ready.append(connection)
+        self.pool.counted(connection)
+        connection.last_used = self.reactor.seconds()
+        self._serve(connection.waiters, connection)
+
+    def connection_failed(self, connection, reason: str) -> None:
+        """``connection`` died or was refused before it became usable."""
+        if connection in self._connecting:
+            self._connecting.remove(connection)
+        waiters, connection.waiters = connection.waiters, []
+        for deferred in waiters:
+            deferred.errback(ConnectError(reason))
+
+    def connection_retired(self, connection) -> None:
+        """``connection`` takes no new streams."""
+        if connection in self._ready:
+            self._ready.remove(connection)
+
+    def connection_lost(self, connection) -> None:
+        self.connection_retired(connection)
+        self.pool.connection_lost(connection)
+
+    def alpn_declined(self, connection) -> None:
+        """The peer of ``connection`` chose HTTP/1.1: the connection becomes an HTTP/1.1 one, and so do the
+        connections to this endpoint for :data:`ALPN_RECHECK` seconds."""
+        self.http1_until = self.reactor.seconds() + ALPN_RECHECK
+        self._connecting.remove(connection)
+        waiters, connection.waiters = connection.waiters, []
+        http1 = self.pool.take_over(connection.transport)
+        for deferred in waiters[1:]:
+            self.pool.connect().chainDeferred(deferred)
+        if waiters:
+            waiters[0].callback(http1)
+        else:
+            self.pool.release(http1)
+
+    def _serve(self, waiters, connection) -> None:
+        """Give each of ``waiters`` a stream on ``connection``, or on another connection when it is full."""
+        connection.waiters = []
+        if connection.capacity == 0:  # the peer takes no stream at all: another connection would not either
+            connection.retire()
+            for deferred in waiters:
+                deferred.errback(ConnectError("the endpoint takes no HTTP/2 stream (SETTINGS_MAX_CONCURRENT_STREAMS "
+                                              "0); it may be shutting down"))
+            return
+        for deferred in waiters:
+            if connection.has_room():
+                deferred.callback(connection.open_stream())
+            else:
+                self.connect().chainDeferred(deferred)

@@ -4,7 +4,8 @@ The exchange asks here after every failed try (a connect failure, a reset,
 a per-try timeout, a 4xx/5xx head):
 
 - :func:`free_retry`: a pooled connection the upstream had already closed is
-  tried again on a fresh one without spending a retry, as browsers and Envoy do.
+  tried again on a fresh one without spending a retry, as browsers and Envoy do;
+  so is an HTTP/2 stream the upstream refused (REFUSED_STREAM, GOAWAY).
 - :func:`retry_delay`: ``mesh_retry_decision`` (the route's retry policy,
   :mod:`mesh.builtin.retry` by default) says whether and after how long.
 - :func:`failure_reply`: the local reply to a last try that failed.
@@ -16,8 +17,12 @@ the exchange's replay buffer (``--retry-buffer``).
 from __future__ import annotations
 
 
-def free_retry(outcome, reused: bool, got_head: bool) -> bool:
-    """Whether a failed try on a pooled connection is a stale connection, retried for free."""
+def free_retry(outcome, reused: bool, got_head: bool, refused=None) -> bool:
+    """Whether a failed try is retried for free: a pooled connection the upstream had
+    already closed, or an HTTP/2 stream it refused (``refused`` True: never processed).
+    ``refused`` False (an HTTP/2 stream the upstream may have processed) never is."""
+    if refused is not None:
+        return refused and outcome.kind == "reset"
     return outcome.kind == "reset" and reused and not got_head
 
 

@@ -8,10 +8,10 @@ the new one, never a mix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from mesh.config.security_tables import NO_ALLOW_MATCHED
-from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction
+from mesh.config.tables import ClusterSpec, EndpointSpec, RouteAction, upstream_protocol
 from mesh.plugins import fast_caller
 from mesh.proxy.clusters import ClusterManager
 from mesh.proxy.outcome import LocalReply
@@ -29,7 +29,9 @@ class ProxyRuntime:
     """Owns the current :class:`Snapshot` and the cluster manager behind it.
 
     ``local_clusters`` are clusters the proxy always has whatever the config
-    says, such as the inbound cluster of the local app.
+    says: the inbound cluster of the local app, which speaks the app port's
+    protocol (:attr:`mesh.config.tables.ProxyConfig.app_protocol`; unknown:
+    the protocol of each request).
     """
 
     def __init__(self, pool_factory, local_clusters=()):
@@ -39,7 +41,9 @@ class ProxyRuntime:
 
     def apply(self, config) -> Snapshot:
         specs = dict(config.clusters)
-        specs.update(self.local_clusters)
+        protocol = config.app_protocol
+        specs.update((name, replace(spec, protocol=protocol, upstream_protocol=upstream_protocol(protocol)))
+                     for name, spec in self.local_clusters.items())
         snapshot = Snapshot(config, self.manager.update(specs))
         self.snapshot = snapshot
         return snapshot

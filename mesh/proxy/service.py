@@ -184,7 +184,8 @@ class ProxyService(service.MultiService):
                               connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
                               identity=endpoint_spec.identity, bind=self._source_address(),
                               max_requests_per_connection=cluster_spec.max_requests_per_connection,
-                              idle_timeout=cluster_spec.idle_timeout)
+                              idle_timeout=cluster_spec.idle_timeout,
+                              max_concurrent_streams=cluster_spec.max_concurrent_streams)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""

@@ -88,8 +88,11 @@ class IUpstreamStream(Interface):
     of ``upstream_head(status, reason, headers, keep_alive)``,
     ``upstream_body(data)``, ``upstream_trailers(headers)`` (only just before
     ``upstream_end()``, when the response has trailers), ``upstream_end()``, ``upstream_upgraded(rest)``,
-    ``upstream_flush()`` and ``upstream_lost(reason_text)``.  A connection whose
-    response is complete and that may be reused goes back to its endpoint's pool.
+    ``upstream_flush()`` and ``upstream_lost(reason_text, refused=None)``
+    (``refused``: True when the upstream never processed the request, False
+    when it may have, None when the codec cannot tell).  A connection whose
+    response is complete and that may be reused goes back to its pool
+    (``connection.pool.release(connection)``).
     """
 
     def send_request(owner, exchange):

@@ -43,6 +43,22 @@ def _apply_ops(lines: list, ops) -> list:
     return kept + list(ops.set) + list(ops.add)
 
 
+def forwarded(ctx, action) -> tuple:
+    """``(path, authority, headers, x-forwarded-for)`` of a forwarded request, whatever its
+    protocol: the route's rewrites and header operations applied to what the client sent,
+    and the client's address added to the x-forwarded-for it sent."""
+    path = ctx.path.encode("latin-1")
+    if action.rewrite_prefix is not None:
+        path = action.rewrite_prefix + path[action.rewrite_strip:]
+    headers = ctx.raw_headers
+    if action.request_headers is not None:
+        headers = _apply_ops(headers, action.request_headers)
+    xff = ctx.headers.get("x-forwarded-for")
+    client = ctx.source_address.encode()
+    return (path, action.rewrite_authority or ctx.authority, headers,
+            xff.encode("latin-1") + b", " + client if xff else client)
+
+
 def request_head(ctx, action, framing, content_length, upgrade, extra=()) -> bytes:
     """The head sent upstream for one request (built once, reused by retries).
 
@@ -50,22 +66,13 @@ def request_head(ctx, action, framing, content_length, upgrade, extra=()) -> byt
     x-forwarded-for (the codec strips them); ``extra`` are listener-specific
     ``(name, value)`` pairs such as x-forwarded-client-cert.
     """
-    path = ctx.path.encode("latin-1")
-    strip = action.rewrite_strip
-    if action.rewrite_prefix is not None:
-        path = action.rewrite_prefix + path[strip:]
-    authority = action.rewrite_authority or ctx.authority
-    headers = ctx.raw_headers
-    if action.request_headers is not None:
-        headers = _apply_ops(headers, action.request_headers)
-    xff = ctx.headers.get("x-forwarded-for")
-    client = ctx.source_address.encode()
+    path, authority, headers, xff = forwarded(ctx, action)
     out = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (ctx.method.encode(), path, authority)]
     for name, value in headers:
         out.append(b"%s: %s\r\n" % (name, value))
     for name, value in extra:
         out.append(b"%s: %s\r\n" % (name, value))
-    out.append(b"x-forwarded-for: %s\r\n" % (xff.encode("latin-1") + b", " + client if xff else client))
+    out.append(b"x-forwarded-for: %s\r\n" % xff)
     if "x-request-id" not in ctx.headers:
         out.append(b"x-request-id: %s\r\n" % ctx.request_id.encode())
     if framing == "length":

@@ -14,8 +14,8 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from mesh.identity.tls import peer_identity
 from mesh.proxy.codec.heads import request_head
+from mesh.proxy.mtls import peer_problem, setup_failure
 from mesh.proxy.sockets import set_nodelay
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
@@ -63,10 +63,9 @@ class UpstreamConnection(Protocol):
 
     def handshakeCompleted(self):
         """TLS is up and the chain verified; now check who the peer is."""
-        actual = peer_identity(self.transport)
-        if actual != self.expected_identity:
-            self.pool.connection_failed(self, f"peer identity mismatch: expected {self.expected_identity}, "
-                                              f"the endpoint presented {actual or 'no SPIFFE id'}")
+        problem = peer_problem(self.transport, self.expected_identity)
+        if problem is not None:
+            self.pool.connection_failed(self, problem)
             self.transport.abortConnection()
             return
         self.connected_ok = True
@@ -91,7 +90,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason=None):
         if not self.connected_ok:
-            self.pool.connection_failed(self, _lost_reason(reason))
+            self.pool.connection_failed(self, setup_failure(reason))
         self.connected_ok = False
         self.pool.connection_lost(self)
         if self.tunnel is not None:
@@ -130,6 +129,12 @@ class UpstreamConnection(Protocol):
         """The request body is complete (the last chunk, if chunked)."""
         if self.chunked:
             self.transport.write(_CHUNK_END)
+
+    def send_trailers(self, headers) -> None:
+        """Request trailers: in the last chunk of a chunked body; HTTP/1.1 has no place for them otherwise."""
+        if self.chunked:
+            self.chunked = False  # the last chunk is written here: send_end, which follows, adds nothing
+            self.transport.write(b"0\r\n%s\r\n" % b"".join(b"%s: %s\r\n" % pair for pair in headers))
 
     def link_body(self, downstream) -> None:
         """From now on a full upstream buffer pauses reading the request body from ``downstream``."""
@@ -206,13 +211,3 @@ class UpstreamConnection(Protocol):
         self.listener = None
         listener.upstream_end()
 
-
-def _lost_reason(reason) -> str:
-    """Why a connection died before it was usable (TLS errors spelled out)."""
-    if reason is None:
-        return "connection closed during set-up"
-    from OpenSSL.SSL import Error as TLSError
-
-    if reason.check(TLSError):
-        return f"TLS handshake failed: {reason.value}"
-    return f"connection closed during set-up: {reason.getErrorMessage()}"
