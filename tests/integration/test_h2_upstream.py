@@ -1,0 +1,241 @@
+"""HTTP/2 to upstreams: real sidecars in front of real HTTP/2 apps (tests/apps/h2_app.py, h2c).
+
+One module-scoped set of processes:
+
+- ``client``: a sidecar whose outbound listener the tests call (with HTTP/1.1 clients: curl, h2load
+  ``--h1``); its ServiceEntries send ``grpc-app``, ``goaway-app`` and ``narrow-app`` straight to
+  three h2c apps (ports of protocol HTTP2/GRPC: prior knowledge), and ``grpc-behind`` and
+  ``web-behind`` over mTLS to two server sidecars;
+- ``grpc-server``: a sidecar in front of an h2c app, whose own ServiceEntry port is GRPC, so it
+  speaks h2c to its app;
+- ``web-server``: a sidecar in front of the HTTP/1.1 demo app; the client reaches it with
+  DestinationRule ``h2UpgradePolicy: UPGRADE`` (ALPN h2 between the sidecars), and it speaks
+  HTTP/1.1 to its app (port protocol HTTP).
+
+The apps count their connections (``/stats``), which is how the tests see multiplexing.
+"""
+
+from __future__ import annotations
+
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from tests.harness import free_port
+from tests.harness.processes import ManagedProcess
+from tests.harness.waiting import wait_for
+from tests.integration.test_identity_support import h2load, issue_cert, make_ca, mesh_endpoint, spiffe
+from tests.integration.test_proxy_support import destination_rule, virtual_service, write_config
+
+NS = "shop"
+H2_APP = Path(__file__).resolve().parents[1] / "apps" / "h2_app.py"
+NETWORKING = "networking.istio.io/v1"
+
+
+class H2App(ManagedProcess):
+    """``python tests/apps/h2_app.py``: an h2c app that counts its connections."""
+
+    kind = "h2-app"
+
+    def __init__(self, name: str, *args, log_dir: Path):
+        self.port = free_port("127.0.0.1")
+        super().__init__(name, [sys.executable, H2_APP, "--port", self.port, *args],
+                         Path(log_dir) / f"h2-app-{name}-{self.port}.log")
+
+    def is_ready(self) -> bool:
+        return "listening" in self.log_path.read_text()
+
+
+def entry(name: str, protocol: str, endpoint: dict) -> dict:
+    """A ServiceEntry ``name`` with one port 80 of ``protocol`` and one endpoint."""
+    return {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": {"name": name, "namespace": NS},
+            "spec": {"hosts": [name], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                     "ports": [{"number": 80, "name": "http", "protocol": protocol}], "endpoints": [endpoint]}}
+
+
+def plain(port: int) -> dict:
+    return {"address": "127.0.0.1", "ports": {"http": port}}
+
+
+@pytest.fixture(scope="module")
+def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
+    work = tmp_path_factory.mktemp("h2-upstream")
+    apps = {name: H2App(name, *args, log_dir=process_log_dir).start() for name, args in {
+        "grpc-app": (), "goaway-app": ("--goaway-after", 25, "--goaway-refuse", 4),
+        "narrow-app": ("--max-streams", 3), "grpc-server-app": ()}.items()}
+    web_app = backend_factory("web-server")
+    ca = make_ca("h2-upstream test CA")
+    bundle = work / "ca.pem"
+    bundle.write_bytes(ca[1].public_bytes(Encoding.PEM))
+    inbound = {"grpc-server": free_port(), "web-server": free_port()}
+    config = write_config(
+        work / "config",
+        entry("grpc-app", "HTTP2", plain(apps["grpc-app"].port)),
+        entry("goaway-app", "GRPC", plain(apps["goaway-app"].port)),
+        entry("narrow-app", "HTTP2", plain(apps["narrow-app"].port)),
+        entry("grpc-behind", "GRPC", mesh_endpoint(inbound["grpc-server"], "grpc-server", app="grpc-server")),
+        entry("web-behind", "HTTP", mesh_endpoint(inbound["web-server"], "web-server", app="web-server")),
+        entry("web-plain", "HTTP", mesh_endpoint(inbound["web-server"], "web-server")),
+        destination_rule("web-behind", "web-behind", namespace=NS,
+                         traffic_policy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
+        virtual_service("goaway-app", ["goaway-app"], [{"route": [{"destination": {"host": "goaway-app"}}],
+                                                         "retries": {"attempts": 0}}], namespace=NS),
+        virtual_service("grpc-app", ["grpc-app"], [
+            {"match": [{"uri": {"prefix": "/drop/retried"}}],
+             "route": [{"destination": {"host": "grpc-app"}}], "retries": {"attempts": 2, "retryOn": "reset"}},
+            {"route": [{"destination": {"host": "grpc-app"}}]}], namespace=NS),
+    )
+
+    def sidecar(name, **kwargs):
+        cert, key = issue_cert(work / "certs", name, ca, spiffe(NS, name))
+        return proxy_factory(config, name, namespace=NS, labels={"app": name},
+                             extra_args=["--cert", cert, "--key", key, "--ca-bundle", bundle], **kwargs)
+
+    servers = {"grpc-server": sidecar("grpc-server", app_port=apps["grpc-server-app"].port,
+                                      inbound_port=inbound["grpc-server"]),
+               "web-server": sidecar("web-server", app_port=web_app.port, inbound_port=inbound["web-server"])}
+    return {"client": sidecar("client"), "apps": apps, "servers": servers}
+
+
+def app_stats(mesh, name: str) -> dict:
+    return mesh["client"].curl(name, "/stats").json()
+
+
+def call(mesh, host: str, path: str = "/", **kwargs):
+    return mesh["client"].curl(host, path, **kwargs)
+
+
+# -- multiplexing -------------------------------------------------------------------------------------
+
+def test_many_client_connections_share_few_upstream_connections(mesh):
+    before = app_stats(mesh, "grpc-app")
+    result = h2load(f"{mesh['client'].outbound_url}/many", args=[
+        "--h1", "-c", 24, "-n", 480, "-H", ":authority: grpc-app", "-H", "x-delay-ms: 30"])
+    assert result.succeeded == 480 and result.status["2xx"] == 480, result.output
+    after = app_stats(mesh, "grpc-app")
+    assert after["connections"] - before["connections"] <= 1, after  # 24 client connections, one HTTP/2 connection
+    assert after["max_concurrent"] >= 12, f"the streams were not concurrent on one connection: {after}"
+
+
+def test_request_reaches_the_app_as_http2_with_the_forwarded_headers(mesh):
+    result = call(mesh, "grpc-app", "/echo?x=1", headers={"TE": "trailers", "X-Custom": "yes",
+                                                            "Connection": "keep-alive"})
+    assert result.status == 200, result
+    seen = result.json()["headers"]
+    assert seen[":authority"] == "grpc-app" and seen[":path"] == "/echo?x=1" and seen[":scheme"] == "http"
+    assert seen["x-custom"] == "yes" and seen["te"] == "trailers"
+    assert "x-request-id" in seen and seen["x-forwarded-for"] == "127.0.0.1"
+    assert "connection" not in seen and "keep-alive" not in seen  # RFC 9113 section 8.2.2
+
+
+def test_a_peer_that_allows_few_streams_gets_more_connections(mesh):
+    result = h2load(f"{mesh['client'].outbound_url}/narrow", args=[
+        "--h1", "-c", 9, "-n", 90, "-H", ":authority: narrow-app", "-H", "x-delay-ms: 30"])
+    assert result.succeeded == 90, result.output
+    stats = app_stats(mesh, "narrow-app")
+    assert stats["max_concurrent"] <= 3 and stats["open"] >= 3, stats  # 9 at once, 3 per connection
+
+
+# -- bodies, flow control, trailers --------------------------------------------------------------------
+
+def test_large_request_and_response_bodies_cross_the_flow_control_windows(mesh, tmp_path):
+    upload = tmp_path / "upload.bin"
+    upload.write_bytes(bytes(range(256)) * 12_000)  # ~3 MB: many times the app's 64 KiB window
+    for framing in ({}, {"Transfer-Encoding": "chunked"}):
+        result = call(mesh, "grpc-app", "/upload", data=upload, headers=framing, timeout=30)
+        assert result.status == 200 and result.json()["body_bytes"] == upload.stat().st_size, result
+    download = tmp_path / "download.bin"
+    result = call(mesh, "grpc-app", "/bytes/4000000", output=download, timeout=30,
+                  extra_args=["--limit-rate", "2M"])  # a slow client: the stream pauses, nothing is lost
+    assert result.status == 200 and download.stat().st_size == 4_000_000, result
+
+
+def test_response_trailers_reach_an_http1_client_in_the_last_chunk(mesh):
+    result = call(mesh, "grpc-app", "/trailers", headers={"TE": "trailers"}, extra_args=["--raw"])
+    assert result.status == 200, result
+    assert result.body.endswith(b"\r\n0\r\ngrpc-status: 0\r\nx-body-bytes: 0\r\n\r\n"), result.body[-200:]
+
+
+# -- failures -----------------------------------------------------------------------------------------
+
+def test_a_reset_stream_fails_alone(mesh):
+    slow = {"x-delay-ms": "400"}
+    with ThreadPoolExecutor(8) as pool:
+        others = [pool.submit(call, mesh, "grpc-app", f"/slow/{n}", headers=slow) for n in range(6)]
+        wait_for(lambda: app_stats(mesh, "grpc-app")["open"] >= 1)
+        reset = call(mesh, "grpc-app", "/reset", headers={"x-delay-ms": "100"})
+        results = [future.result() for future in others]
+    assert reset.status == 503 and reset.headers["x-mesh-flags"] == "UC", reset
+    assert "reset the stream (INTERNAL_ERROR)" in reset.body.decode()
+    assert [result.status for result in results] == [200] * 6, results
+    assert len({result.json()["connection"] for result in results}) == 1  # all on the connection of the reset
+
+
+def test_goaway_under_load_loses_nothing(mesh):
+    """The app says GOAWAY every 25 requests with 4 streams above its last stream id; those are
+    replayed on a new connection (the route allows no retries: replaying them costs none)."""
+    before = app_stats(mesh, "goaway-app")
+    result = h2load(f"{mesh['client'].outbound_url}/goaway", args=[
+        "--h1", "-c", 10, "-n", 400, "-H", ":authority: goaway-app", "-H", "x-delay-ms: 5"])
+    assert result.succeeded == 400 and result.status["2xx"] == 400, result.output
+    after = app_stats(mesh, "goaway-app")
+    assert after["connections"] - before["connections"] >= 400 // 25 - 1, after
+
+
+def test_a_lost_connection_follows_the_retry_rules_of_http1(mesh):
+    """Each request below makes the app cut its pooled connection twice: the first loss is replayed for
+    free (as a stale HTTP/1.1 connection), the second only where the route retries on reset."""
+    call(mesh, "grpc-app", "/warm")  # a pooled connection
+    assert call(mesh, "grpc-app", "/drop/retried/2").status == 200
+    lost = call(mesh, "grpc-app", "/drop/not-retried/2")
+    assert lost.status == 503 and lost.headers["x-mesh-flags"] == "UC", lost
+    assert "upstream connection closed" in lost.body.decode()
+    assert call(mesh, "grpc-app", "/after-the-loss").status == 200  # a new connection
+
+
+# -- between sidecars ---------------------------------------------------------------------------------
+
+def test_a_grpc_port_reaches_its_app_over_h2c_through_two_sidecars(mesh):
+    echoed = call(mesh, "grpc-behind", "/hello")
+    assert echoed.status == 200, echoed
+    assert echoed.json()["headers"]["x-forwarded-client-cert"].endswith(f"URI={spiffe(NS, 'client')}")
+    result = call(mesh, "grpc-behind", "/trailers", headers={"TE": "trailers"}, extra_args=["--raw"])
+    assert result.status == 200, result
+    assert result.body.endswith(b"\r\n0\r\ngrpc-status: 0\r\nx-body-bytes: 0\r\n\r\n"), result.body[-200:]
+
+
+def test_h2_upgrade_policy_multiplexes_http1_clients_between_sidecars(mesh):
+    """HTTP/1.1 clients, an HTTP/1.1 app, and one HTTP/2 connection between the two sidecars."""
+    result = h2load(f"{mesh['client'].outbound_url}/delay/20", args=[
+        "--h1", "-c", 8, "-n", 160, "-H", ":authority: web-behind"])
+    assert result.succeeded == 160, result.output
+    assert call(mesh, "web-behind", "/who").json()["service"] == "web-server"  # the app spoke HTTP/1.1
+    endpoint, = mesh["client"].admin("/clusters")["outbound|80||web-behind.shop.svc.cluster.local"]["endpoints"]
+    assert endpoint["open_connections"] == 1, endpoint
+    inbound = mesh["servers"]["web-server"].admin("/config_dump")["connections"]["inbound"]
+    assert inbound["open"] == 1, inbound
+
+
+# -- HTTP/2 clients (the server codec, mesh.proxy.codec.h2_server) ------------------------------------
+
+def test_an_http2_client_reaches_an_h2c_app_through_two_sidecars_with_trailers(mesh, tmp_path):
+    headers = tmp_path / "headers"
+    result = call(mesh, "grpc-behind", "/trailers", headers={"TE": "trailers"},
+                  extra_args=["--http2-prior-knowledge", "-D", headers])
+    assert result.status == 200 and result.info["http_version"] == "2", result
+    assert result.json()["headers"][":method"] == "GET"
+    assert "grpc-status: 0" in headers.read_text(), headers.read_text()  # the trailers, after the body
+
+
+def test_http2_clients_share_one_connection_between_sidecars_and_reach_an_http1_app(mesh):
+    """No DestinationRule: HTTP/2 requests offer ALPN h2 to the peer sidecar, which speaks HTTP/1.1 to its app."""
+    result = h2load(f"{mesh['client'].outbound_url}/delay/20", args=[
+        "-c", 6, "-m", 8, "-n", 240, "-H", ":authority: web-plain"])
+    assert result.succeeded == 240, result.output
+    endpoint, = mesh["client"].admin("/clusters")["outbound|80||web-plain.shop.svc.cluster.local"]["endpoints"]
+    assert endpoint["open_connections"] == 1, endpoint
+    echoed = call(mesh, "web-plain", "/who", extra_args=["--http2-prior-knowledge"])
+    assert echoed.status == 200 and echoed.json()["service"] == "web-server", echoed
