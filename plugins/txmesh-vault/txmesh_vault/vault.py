@@ -58,7 +58,8 @@ def unavailable(error: Exception, addr: str, action: str, hint: str) -> CAUnavai
     if isinstance(error, hvac_errors.VaultNotInitialized):
         return CAUnavailable(f"{where} is not initialized: initialize and unseal it", RETRY_LATER)
     if isinstance(error, (hvac_errors.Forbidden, hvac_errors.Unauthorized)):
-        return PermissionDenied(f"{where} refused to {action}: {_message(error)}: {hint}", RETRY_LATER)
+        # soon: a new login (or a new token in the file) may cure it at once
+        return PermissionDenied(f"{where} refused to {action}: {_message(error)}: {hint}", RETRY_SOON)
     if isinstance(error, hvac_errors.RateLimitExceeded):
         return CAUnavailable(f"{where} is throttling requests (429) and cannot {action} now", RETRY_SOON)
     if isinstance(error, (hvac_errors.InvalidRequest, hvac_errors.InvalidPath)):
