@@ -242,6 +242,10 @@ class H2UpstreamConnection(Protocol):
         self.active -= 1
         if stream.stream_id is not None:
             self.streams.pop(stream.stream_id, None)
+            if stream.unacknowledged:  # held back while the client was paused: the connection's window wants it
+                self.h2.acknowledge_received_data(stream.unacknowledged, stream.stream_id)
+                stream.unacknowledged = 0
+                self.flush()
         self.last_used = self.pool.reactor.seconds()
         if self.draining and self.active == 0:
             self.close()
