@@ -46,10 +46,10 @@ from zope.interface import implementer
 
 from mesh.config.resources import TCP_PROTOCOLS
 from mesh.config.security_tables import NO_ALLOW_MATCHED
-from mesh.identity.tls import peer_identity
 from mesh.plugins import fast_caller
 from mesh.proxy import outlier
 from mesh.proxy.codec.http1_server import DownstreamConnection
+from mesh.proxy.mtls import peer_problem, setup_failure
 from mesh.proxy.passthrough import TcpUpstream, report
 from mesh.proxy.pool import describe_connect_failure
 from mesh.proxy.runtime import rbac_details
@@ -307,7 +307,9 @@ class _UpstreamFactory(ClientFactory):
 @implementer(IHandshakeListener)
 class MeshTcpUpstream(TcpUpstream):
     """A :class:`~mesh.proxy.passthrough.TcpUpstream` that, over mesh mTLS, is spliced only once the
-    handshake is done and the peer presented ``identity``; otherwise it closes with ``failure`` set."""
+    handshake is done and the peer presented ``identity``; otherwise it closes with ``failure`` set.
+    Lost before the splice, it leaves closing the client's connection to its owner (a FIN, not the
+    passthrough's reset)."""
 
     def __init__(self, owner, held, identity=None):
         super().__init__(owner, held)
@@ -319,18 +321,18 @@ class MeshTcpUpstream(TcpUpstream):
             super().connectionMade()
 
     def handshakeCompleted(self):
-        presented = peer_identity(self.transport)
-        if presented != self.identity:
-            self.failure = (f"peer identity mismatch: expected {self.identity}, the endpoint presented "
-                            f"{presented or 'no SPIFFE id'}")
+        self.failure = peer_problem(self.transport, self.identity)
+        if self.failure is not None:
             self.transport.abortConnection()
             return
         super().connectionMade()
 
     def connectionLost(self, reason=None):
-        if self.identity is not None and self.local is None and self.failure is None:
-            why = reason.getErrorMessage() if reason is not None else "closed"
-            self.failure = f"the mTLS handshake did not complete ({why})"
+        if self.local is None and not self.conn.closing:  # never spliced: the owner closes the client (FIN)
+            if self.failure is None:
+                self.failure = setup_failure(reason)
+            self.passthrough.closed(self, "UC")
+            return
         super().connectionLost(reason)
 
 

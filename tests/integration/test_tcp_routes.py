@@ -11,6 +11,7 @@
       DEAD (TCP)    an endpoint nobody listens on (UF)
       FLAKY (TCP)   round robin over a dead endpoint and a live one (the v1 banner server, no sidecar):
                     outlier detection ejects the dead one after its connect failure
+      IMPOSTOR (TCP) the vault sidecar, but expected to be sa/echo: the identity check fails (UF)
 
 The echo-v2 sidecar also has an explicit VAULT listener: a second caller, with identity sa/echo.
 """
@@ -45,7 +46,7 @@ NS = "shop"
 NETWORKING = "networking.istio.io/v1"
 PEERS = Path(__file__).resolve().parents[1] / "apps" / "tcp_peers.py"
 # the service port numbers, which are also the client sidecar's explicit TCP listeners
-ECHO, TLS, VAULT, DEAD, FLAKY = (free_port() for _ in range(5))
+ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR = (free_port() for _ in range(6))
 WEIGHTS = {"v1": 20, "v2": 80}
 SECOND_CALLER = "127.0.0.2"  # the echo-v2 sidecar's outbound address: its explicit VAULT listener
 
@@ -143,6 +144,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
                                                                            app="vault")]),
         service_entry("dead", ["dead"], DEAD, "TCP", [plain_endpoint(dead, "TCP")]),
         service_entry("flaky", ["flaky"], FLAKY, "TCP", [plain_endpoint(port, "TCP") for port in (dead, apps["v1"])]),
+        service_entry("impostor", ["impostor"], IMPOSTOR, "TCP", [sidecar_endpoint(inbound["vault"], "echo", "TCP")]),
         resource("DestinationRule", "flaky", {"host": "flaky", "trafficPolicy": {
             "loadBalancer": {"simple": "ROUND_ROBIN"}, "connectionPool": {"tcp": {"connectTimeout": "2s"}},
             "outlierDetection": {"baseEjectionTime": "60s", "maxEjectionPercent": 50}}}),
@@ -159,7 +161,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
                              labels=labels, extra_args=args)
 
     proxies = {
-        "client": sidecar("client", "client", tcp_ports=(ECHO, TLS, VAULT, DEAD, FLAKY), app="client"),
+        "client": sidecar("client", "client", tcp_ports=(ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR), app="client"),
         "echo-v1": sidecar("echo-v1", "echo", apps["v1"], inbound["echo-v1"], app="echo", version="v1"),
         "echo-v2": sidecar("echo-v2", "echo", apps["v2"], inbound["echo-v2"], (VAULT,), SECOND_CALLER, app="echo",
                            version="v2"),
@@ -325,6 +327,15 @@ def test_dead_upstream_closes_with_uf(mesh):
     assert exchange(DEAD, b"hello\n") == b""
     wait_for(lambda: total(client, "istio_tcp_connections_closed_total", response_flags="UF",
                            destination_service_name="dead") >= 1, timeout=5, what="a connection closed with UF")
+
+
+def test_the_peer_identity_is_checked_before_any_byte_goes_out(mesh):
+    client = mesh["proxies"]["client"]
+    assert exchange(IMPOSTOR, b"secret\n") == b""  # the vault app echoes: nothing came back, nothing went
+    wait_for(lambda: f"peer identity mismatch: expected {spiffe(NS, 'echo')}, the endpoint presented "
+                     f"{spiffe(NS, 'vault')}" in client.log_path.read_text(), timeout=5, what="the mismatch logged")
+    assert total(client, "istio_tcp_connections_closed_total", response_flags="UF",
+                 destination_service_name="impostor") == 1
 
 
 def test_outlier_detection_ejects_an_endpoint_that_refuses_connections(mesh):
