@@ -83,9 +83,9 @@ def test_a_certificate_naming_itself_as_issuer_but_signed_by_another_key_is_no_r
 def test_the_chain_given_to_the_workload_stops_below_the_root():
     root = certificate("root")
     intermediate = certificate("intermediate", root)
-    assert pki.chain_without_roots([text(intermediate[1]), text(root[1])]) == pki.pem([intermediate[1]])
-    assert pki.chain_without_roots([text(root[1])], text(root[1])) == b""
-    assert pki.chain_without_roots([], text(intermediate[1])) == pki.pem([intermediate[1]])
+    assert pki.chain_without_roots((text(intermediate[1]), text(root[1]))) == pki.pem([intermediate[1]])
+    assert pki.chain_without_roots((text(root[1]),), text(root[1])) == b""
+    assert pki.chain_without_roots((), text(intermediate[1])) == pki.pem([intermediate[1]])
 
 
 # -- what Vault issued --------------------------------------------------------------------------------------

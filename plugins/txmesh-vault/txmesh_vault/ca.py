@@ -107,7 +107,7 @@ class VaultCA(service.Service):
             cert = pki.check_issued(data["certificate"], identity)
         except pki.IssuedCertificateRejected as error:
             raise CAUnavailable(f"{error} ({self.settings.sign_path})", RETRY_LATER) from None
-        return SignedCertificate(pki.pem([cert]), pki.chain_without_roots(data.get("ca_chain") or (),
+        return SignedCertificate(pki.pem([cert]), pki.chain_without_roots(tuple(data.get("ca_chain") or ()),
                                                                            data.get("issuing_ca") or ""))
 
     def _sign_failed(self, failure):

@@ -5,6 +5,7 @@ Nothing here talks to Vault; :mod:`txmesh_vault.vault` does, and hands the answe
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from fnmatch import fnmatchcase
 
@@ -63,11 +64,13 @@ def roots_of_issuers(issuers: Mapping[str, Mapping]) -> tuple[list[x509.Certific
     return ordered, problems
 
 
-def chain_without_roots(ca_chain: Iterable[str], issuing_ca: str = "") -> bytes:
+@functools.lru_cache(maxsize=32)
+def chain_without_roots(ca_chain: tuple[str, ...], issuing_ca: str = "") -> bytes:
     """The chain above a workload certificate, up to (not including) the root, as PEM.
 
     Vault's ``ca_chain`` holds the issuing CA and its parents, root included; a root-issued certificate
-    has an empty chain (the root is in every sidecar's trust bundle).
+    has an empty chain (the root is in every sidecar's trust bundle).  Cached: every certificate of an
+    issuer comes with the same chain, and checking which one is a root costs a signature check.
     """
     chain = load_pems(ca_chain) or load_pems([issuing_ca])
     return pem(cert for cert in chain if not is_self_signed(cert))
