@@ -273,7 +273,7 @@ class _Tunnel:
 
     def closed(self, upstream, flags):
         if upstream.local is None and flags == "UC":  # died before the splice: TLS or identity rejected
-            self.fail(getattr(upstream, "failure", None) or "the connection closed during set-up")
+            self.fail(upstream.failure or "the connection closed during set-up")
             return
         if upstream.local is not None:
             self._ended()
