@@ -3,9 +3,10 @@
 Every Vault call runs in the service's own thread pool (``--vault-concurrency`` threads), so a slow
 Vault cannot starve the reactor's pool (name resolution) either; a CSR that waits longer than
 ``--vault-timeout`` (plus a grace second) is answered with :class:`mesh.api.CAUnavailable` while its
-call finishes in the background.
+call finishes in the background.  A CSR that comes before the first status refresh ended (the
+control plane's own, at start) waits for it, as long.
 
-The status (:meth:`VaultCA.status`, what ``mesh_ca_status`` returns at once) is refreshed every
+The status (:attr:`VaultCA.status`, what ``mesh_ca_status`` returns at once) is refreshed every
 ``--vault-refresh-interval`` seconds, and sooner when the token is due for renewal or Vault refused it:
 the token is checked (login, renewal), the token's right to sign, every issuer of the mount (the
 trust bundle: all their roots, so old and new during a rotation), and the role's settings when the
@@ -97,7 +98,7 @@ class VaultCA(service.Service):
             return defer.succeed(None)
         d = defer.Deferred()
         self._waiting.append(d)
-        return d
+        return self._bounded(d)
 
     def _sign_blocking(self, csr_pem: str, identity: str, ttl: float) -> SignedCertificate:
         if self.client.token is None:
@@ -117,7 +118,10 @@ class VaultCA(service.Service):
         return failure
 
     def _in_thread(self, function, *args):
-        d = threads.deferToThreadPool(self.reactor, self.pool, function, *args)
+        return self._bounded(threads.deferToThreadPool(self.reactor, self.pool, function, *args))
+
+    def _bounded(self, d):
+        """``d``, failed with :class:`CAUnavailable` unless it fires within ``--vault-timeout`` plus grace."""
         wait = self.settings.timeout + GRACE
         return d.addTimeout(wait, self.reactor, onTimeoutCancel=lambda result, timeout: self._too_slow(wait))
 
