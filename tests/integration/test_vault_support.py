@@ -114,9 +114,10 @@ cluster_addr = "https://127.0.0.1:{self.port + 1}"
     def addr(self) -> str:
         return f"{'http' if self.ca_cert is None else 'https'}://127.0.0.1:{self.port}"
 
-    def client(self, token: str | None = None) -> hvac.Client:
-        """An ``hvac.Client`` for this server, with ``token`` (default: the root token)."""
-        return hvac.Client(self.addr, token=token or self.root_token, verify=str(self.ca_cert or True), timeout=10)
+    def client(self, token: str | None = None, namespace: str | None = None) -> hvac.Client:
+        """An ``hvac.Client`` for this server, with ``token`` (default: the root token), in ``namespace``."""
+        return hvac.Client(self.addr, token=token or self.root_token, verify=str(self.ca_cert or True), timeout=10,
+                           namespace=namespace)
 
     def health(self) -> dict:
         """``sys/health`` as it is (200 active, 503 sealed, 501 not initialized: always a JSON body)."""
