@@ -12,7 +12,8 @@ problem, and each test asserts there was none.
   request and their sizes sum to Prometheus's; each trace holds the client's and the server's span.
 - Alone: a sidecar whose agent is absent (UDP to a closed port, a trace agent that refuses) serves as
   fast as ever and stops promptly; a sidecar whose Unix socket appears late delivers from then on,
-  and past ``--datadog-max-contexts`` counts new tag sets under ``other``.
+  and past ``--datadog-max-contexts`` counts new tag sets under ``other``; its spans go over the trace
+  agent's Unix socket.
 """
 
 from __future__ import annotations
@@ -204,9 +205,12 @@ def test_an_absent_agent_never_touches_the_traffic(orders_config, proxy_factory)
 
 
 def test_a_late_unix_socket_and_the_cardinality_cap(orders_config, proxy_factory):
-    path = Path(tempfile.mkdtemp(prefix="dd-", dir="/tmp")) / "dsd.socket"
+    directory = Path(tempfile.mkdtemp(prefix="dd-", dir="/tmp"))
+    path = directory / "dsd.socket"
+    intake = TraceIntake(str(directory / "apm.socket")).start()  # spans over the agent's Unix socket too
     proxy = proxy_factory(orders_config, "capped", extra_args=[
-        "--datadog-statsd", f"unix://{path}", "--datadog-flush-interval", "100ms", "--datadog-max-contexts", "2"])
+        "--datadog-statsd", f"unix://{path}", "--datadog-flush-interval", "100ms", "--datadog-max-contexts", "2",
+        "--datadog-trace-agent", intake.url, "--trace-sampling", "100"])
     assert set(curl_many(proxy.outbound_url + "/", 20, host="orders", write_out="%{http_code}")) == {"200"}
     wait_for(lambda: f"DogStatsD to unix://{path} failed" in proxy.log_path.read_text(), 10, interval=0.1,
              what="the missing socket to be logged")
@@ -233,8 +237,11 @@ def test_a_late_unix_socket_and_the_cardinality_cap(orders_config, proxy_factory
                 "response_code", "response_flags"))}
         assert statsd.weighted_count("txmesh.request.duration", response_code="other") == 3
         assert "datadog: 2 distinct tag sets reached (--datadog-max-contexts)" in proxy.log_path.read_text()
+        wait_for(lambda: len(intake.spans()) == 27, 10, interval=0.1, what="a span for each of the 27 requests")
+        assert intake.errors == []
     finally:
         statsd.stop()
+        intake.stop()
 
 
 def test_a_bad_address_is_a_usage_error(orders_config, tmp_path):

@@ -12,10 +12,11 @@ Both check what they get as strictly as the agent documents it and keep every pr
   ``c g ms h s d``; a rate in (0, 1] and only for ``c h d ms``; tags that start with a letter and
   hold only letters, digits and ``_ - : . /``, at most 200 characters each.  Anything else (an empty
   line, a trailing newline, an unknown field) is an error.
-- :class:`TraceIntake`: the trace agent's ``PUT /v0.4/traces`` with a JSON body: an array of traces,
-  each a non-empty array of spans sharing one ``trace_id``; every span has the agent's fields with
-  their types (unsigned 64-bit ids, nanosecond ``start`` near now, ``error`` 0 or 1, string ``meta``,
-  numeric ``metrics``) and no others; ``X-Datadog-Trace-Count`` equals the number of traces.
+- :class:`TraceIntake`: the trace agent's ``PUT /v0.4/traces`` (TCP or a Unix socket) with a JSON body:
+  an array of traces, each a non-empty array of spans sharing one ``trace_id``; every span has the
+  agent's fields with their types (unsigned 64-bit ids, nanosecond ``start`` near now, ``error`` 0 or
+  1, string ``meta``, numeric ``metrics``) and no others; ``X-Datadog-Trace-Count`` equals the number
+  of traces.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import threading
 import time
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from socketserver import ThreadingMixIn, UnixStreamServer
 from typing import NamedTuple
 
 UDP_MAX_BYTES = 1432
@@ -269,21 +271,34 @@ class _IntakeHandler(BaseHTTPRequestHandler):
         pass
 
 
-class TraceIntake:
-    """The trace agent's ``/v0.4/traces`` on ``127.0.0.1``: ``traces`` accepted, ``errors`` found."""
+class _UnixHTTPServer(ThreadingMixIn, UnixStreamServer):
+    daemon_threads = True
 
-    def __init__(self):
+    def get_request(self):
+        request, _ = super().get_request()
+        return request, ("unix", 0)  # what BaseHTTPRequestHandler expects of a client address
+
+
+class TraceIntake:
+    """The trace agent's ``/v0.4/traces`` on ``127.0.0.1`` (or on the Unix socket ``path``): ``traces``
+    accepted, ``errors`` found.  ``url`` is what ``--datadog-trace-agent`` takes."""
+
+    def __init__(self, path: str | None = None):
+        self.path = path
         self.traces: list[list[Span]] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _IntakeHandler)
+        if path:
+            self._server = _UnixHTTPServer(path, _IntakeHandler)
+        else:
+            self._server = ThreadingHTTPServer(("127.0.0.1", 0), _IntakeHandler)
         self._server.daemon_threads = True
         self._server.intake = self
         self._thread = threading.Thread(target=self._server.serve_forever, name="trace-intake", daemon=True)
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self._server.server_address[1]}"
+        return f"unix://{self.path}" if self.path else f"http://127.0.0.1:{self._server.server_address[1]}"
 
     def start(self):
         self._thread.start()
@@ -292,6 +307,8 @@ class TraceIntake:
     def stop(self) -> None:
         self._server.shutdown()
         self._server.server_close()
+        if self.path and os.path.exists(self.path):
+            os.unlink(self.path)
 
     def record(self, traces) -> None:
         with self._lock:
