@@ -288,7 +288,8 @@ def test_throttling_beyond_the_attempts_is_ca_unavailable_with_a_jittered_retry_
                            "--awspca-max-attempts", "2", "--awspca-retry-mode", mode)
     with pytest.raises(CAUnavailable) as error:
         client.check()
-    assert error.value.reason == (f"AWS Private CA {ARN} throttled DescribeCertificateAuthority (ThrottlingException: no) "
+    assert error.value.reason == (f"AWS Private CA {ARN} throttled DescribeCertificateAuthority "
+                                  "(ThrottlingException: no) "
                                   f"after 2 attempts with backoff ({mode} retry mode): lower the CSR rate or ask AWS "
                                   "for a higher quota")
     assert 2.0 <= error.value.retry_after <= 8.0
