@@ -209,7 +209,7 @@ class TokenKeeper:
 
     A renewable token is renewed (``renew-self``) once two thirds of its time to live have passed; a
     token that cannot be renewed (any more: its max TTL is near) is replaced by a new login, or, with
-    ``token`` auth, reported while it runs out.
+    ``token`` auth, used until it expires (Vault then refuses it, which the status says).
     """
 
     def __init__(self, client: VaultClient, clock=time.monotonic):
@@ -239,14 +239,6 @@ class TokenKeeper:
             notes.append(self._renew())
         return notes
 
-    def problems(self) -> list[str]:
-        """Why the token will not do for long (``token`` auth only: a login method logs in again)."""
-        if self.settings.auth != "token" or self.expires is None or self.renewable:
-            return []
-        left = self.expires - self.clock()
-        return [f"the Vault token in {self.settings.token_file} cannot be renewed and "
-                f"{'expired' if left <= 0 else f'expires in {left:.0f}s'}: write a new token into the file"]
-
     def seconds_until_due(self) -> float | None:
         """Seconds until the token must be renewed or replaced (None: never)."""
         return None if self.due is None else self.due - self.clock()
@@ -268,8 +260,10 @@ class TokenKeeper:
         if not self.renewable:
             if can_login:
                 return self._login()
-            self.due = None  # nothing to do but report it (problems()) until the file holds a new token
-            return f"the token in {self.settings.token_file} is not renewable; it expires at its TTL"
+            self.due = None  # nothing to do until the file holds a new token (then ensure() adopts it)
+            left = (self.expires or self.clock()) - self.clock()
+            return (f"the token in {self.settings.token_file} cannot be renewed and expires in {left:.0f}s: write a "
+                    "new token into the file before then")
         wanted = self.ttl
         try:
             auth = self.client.renew_self()
