@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import http.client
+import os
 import random
 import socket
 
@@ -12,11 +13,25 @@ _PORT_RANGE = (20000, 32767)
 _handed_out: set[int] = set()
 
 
+def _worker_range() -> tuple[int, int]:
+    """This test process's share of :data:`_PORT_RANGE`: under pytest-xdist each worker (gw0, gw1, ...)
+    gets its own slice, so two workers never hand out the same port; otherwise the whole range."""
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+    count = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if count <= 1 or not worker.startswith("gw"):
+        return _PORT_RANGE
+    low, high = _PORT_RANGE
+    size = (high - low + 1) // count
+    index = int(worker[2:])
+    return low + index * size, low + (index + 1) * size - 1
+
+
 def free_port(host: str = "0.0.0.0") -> int:
     """Return a TCP port that nothing listens on now (on *host*; the default covers every IPv4 address)
     and that this process has not handed out before."""
+    ports = _worker_range()
     for _ in range(1000):
-        port = random.randint(*_PORT_RANGE)
+        port = random.randint(*ports)
         if port in _handed_out:
             continue
         with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
@@ -27,7 +42,7 @@ def free_port(host: str = "0.0.0.0") -> int:
                 continue
         _handed_out.add(port)
         return port
-    raise RuntimeError(f"no free TCP port on {host} in {_PORT_RANGE}")
+    raise RuntimeError(f"no free TCP port on {host} in {ports}")
 
 
 def http_request(host: str, port: int, path: str, method: str = "GET", body: bytes | None = None,

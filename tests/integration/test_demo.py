@@ -20,6 +20,10 @@ import pytest
 from mesh.demo.runner import APP_PORT, CONFIG_DIR, CONTROL_ADDRESS, CONTROL_PORT, WORKLOADS, demo_ports
 from tests.harness import venv_bin
 
+#: The demo binds fixed loopback addresses: under pytest-xdist (``--dist loadgroup``) every demo test
+#: runs on the same worker, one at a time.
+pytestmark = pytest.mark.xdist_group("demo-loopback-addresses")
+
 #: Seconds one demo run may take: start-up, a 500-request tour, shutdown.
 DEMO_TIMEOUT = 90.0
 DEMO_PORTS = [(address, port) for address, port, _what in demo_ports()]

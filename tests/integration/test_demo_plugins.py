@@ -17,6 +17,10 @@ import pytest
 from mesh.demo.runner import WORKLOADS, DemoError, DemoMesh, demo_ports, installed_plugins
 from tests.harness import venv_bin
 
+#: The demo binds fixed loopback addresses: under pytest-xdist (``--dist loadgroup``) every demo test
+#: runs on the same worker, one at a time.
+pytestmark = pytest.mark.xdist_group("demo-loopback-addresses")
+
 FRONTEND = WORKLOADS[:1]
 
 
