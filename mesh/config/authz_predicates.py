@@ -22,6 +22,14 @@ Request attributes, as Istio reads them:
   codec has normalized as the sidecar's ``--path-normalization`` says
   (:mod:`mesh.proxy.paths`; Istio's ``BASE`` by default).
 - **header**: ``ctx.headers[name]`` (repeated headers joined with ``", "``).
+- **request_principal**, **audience**, **presenter**, **claim** (the end-user
+  attributes: ``requestPrincipals``, ``request.auth.principal``,
+  ``.audiences``, ``.presenter``, ``.claims[...]``): read from
+  ``ctx.request_auth``, the :class:`mesh.proxy.authn.RequestAuth` of the
+  request's verified JWT (None without one, so they never match and their
+  not-forms always do).  The principal is ``iss/sub``; audiences (``aud``)
+  and a claim may be lists, which match when any string in them does; a claim
+  that is neither a string nor a list of strings never matches.
 - **port**: the workload's app port.  When it is unknown, a port condition
   fails closed as Istio does with attributes it cannot evaluate: it matches in
   a DENY rule and does not in an ALLOW rule.  Rules compiled for TCP
@@ -115,12 +123,31 @@ def _condition(match, app_port, deny):
         return (app_port in match.values) is not match.negated
     if match.attribute == "ip":
         test = _ip_test(match.values)
+    elif match.attribute in _LISTS:
+        test = _any_of(string_test(match.values))
     else:
         test = string_test(match.values, empty_is_present=match.attribute == "header")
-    read = _header_reader(match.header) if match.attribute == "header" else _READERS[match.attribute]
+    if match.attribute == "header":
+        read = _header_reader(match.header)
+    elif match.attribute == "claim":
+        read = _claim_reader(match.claim)
+    else:
+        read = _READERS[match.attribute]
     if match.negated:
         return lambda ctx, peer: not test(read(ctx, peer))
     return lambda ctx, peer: test(read(ctx, peer))
+
+
+def _any_of(test) -> Callable:
+    """A test of a JWT value: a string, or a list that matches when any of its strings does."""
+    def any_string(value) -> bool:
+        if isinstance(value, list):
+            for item in value:
+                if isinstance(item, str) and test(item):
+                    return True
+            return False
+        return isinstance(value, str) and test(value)
+    return any_string
 
 
 def _ip_test(networks) -> Callable:
@@ -160,6 +187,31 @@ def _header_reader(name: str) -> Callable:
     return lambda ctx, peer: ctx.headers.get(name)
 
 
+def _claim_reader(path: tuple) -> Callable:
+    """The value of claim ``path`` (nested names) of the request's verified JWT, or None."""
+    def read(ctx, peer):
+        auth = ctx.request_auth
+        value = None if auth is None else auth.claims
+        for name in path:
+            if not isinstance(value, dict):
+                return None
+            value = value.get(name)
+        return value
+    return read
+
+
+def _auth_reader(name: str) -> Callable:
+    """An attribute of the request's :class:`~mesh.proxy.authn.RequestAuth` (None without a verified JWT)."""
+    def read(ctx, peer):
+        auth = ctx.request_auth
+        return None if auth is None else getattr(auth, name)
+    return read
+
+
+#: The attributes whose value may be a list (JWT ``aud`` and claims).
+_LISTS = frozenset({"audience", "claim"})
+
+
 _READERS = {
     "principal": _principal,
     "namespace": _namespace,
@@ -167,4 +219,7 @@ _READERS = {
     "host": lambda ctx, peer: ctx.authority.decode("latin-1").lower(),
     "method": lambda ctx, peer: ctx.method,
     "path": lambda ctx, peer: ctx.uri_path,
+    "request_principal": _auth_reader("principal"),
+    "audience": _auth_reader("audiences"),
+    "presenter": _auth_reader("presenter"),
 }

@@ -12,8 +12,9 @@ namespace when several claim the same host.
 - **TCP routes**: the TCP, TLS and HTTPS ports and the VirtualServices'
   ``tcp``/``tls`` lists become the outbound TCP listeners
   (:mod:`mesh.config.compile_l4`).
-- **Security**: the AuthorizationPolicies and PeerAuthentications that apply
-  to the workload (see :mod:`mesh.config.security_compile`), and a warning
+- **Security**: the AuthorizationPolicies, PeerAuthentications and
+  RequestAuthentications that apply to the workload (see
+  :mod:`mesh.config.security_compile`, :mod:`mesh.config.request_authn`), and a warning
   when its namespace's policies use selectors and none selects it
   (:func:`mesh.config.selection.unselected_warning`).
 - **Cross-references** that do not resolve (a route to a host, port or subset
@@ -35,6 +36,7 @@ from mesh.config.dump import describe_action, describe_cluster
 from mesh.config.errors import ConfigErrors, ConfigWarning
 from mesh.config.loader import load_dir
 from mesh.config.predicates import compile_match, compile_matches
+from mesh.config.request_authn import RequestAuthentication, compile_request_authn
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
@@ -47,6 +49,7 @@ from mesh.config.resources import (
 )
 from mesh.config.security_compile import (
     DEFAULT_ROOT_NAMESPACE,
+    applicable,
     compile_authz,
     compile_peer_authn,
     compile_tcp_authz,
@@ -157,6 +160,8 @@ class _Compiler:
         authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
         peer_authn, peer_authn_dump = compile_peer_authn(self.objects, self.workload, self.root_namespace,
                                                          self._warn)
+        request_authn, request_authn_dump = compile_request_authn(
+            applicable(self.objects, RequestAuthentication, self.workload, self.root_namespace))
         unselected = unselected_warning(self.objects, self.workload)
         if unselected is not None:
             self.warnings.append(unselected)
@@ -165,6 +170,7 @@ class _Compiler:
             "clusters": [describe_cluster(spec) for _, spec in sorted(self.clusters.items())],
             "authz": authz_dump,
             "peer_authentication": peer_authn_dump,
+            "request_authn": request_authn_dump,
             "tcp_listeners": l4_dump,
         }
         app_protocol = self._app_protocol()
@@ -174,7 +180,7 @@ class _Compiler:
         app_service = self._app_service()
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
                            authz=authz, peer_authentication=peer_authn, app_protocol=app_protocol,
-                           l4=l4, tcp_authz=tcp_authz, app_service=app_service,
+                           l4=l4, tcp_authz=tcp_authz, app_service=app_service, request_authn=request_authn,
                            sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 

@@ -37,6 +37,7 @@ API_VERSIONS = {
     "VirtualService": _NETWORKING,
     "AuthorizationPolicy": _SECURITY,
     "PeerAuthentication": _SECURITY,
+    "RequestAuthentication": _SECURITY,
 }
 
 _TOP_LEVEL = {"apiVersion", "kind", "metadata", "spec", "status"}

@@ -24,11 +24,10 @@ from mesh.config.loader import Resource
 #: an RFC 7230 header name token, lower-case
 _HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-z]+\Z")
 _HEADER_KEY = re.compile(r"request\.headers\[(.*)\]\Z")
+_CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)\Z")
 _SPIFFE = "spiffe://"
 _PATTERNS = ("Istio matches exact values, prefixes ('abc*'), suffixes ('*abc') and any non-empty value "
              "('*')")
-_JWT = ("request authentication (JWT) is not implemented by txmesh; remove it, or match the caller's "
-        "mTLS identity with principals")
 _REMOTE_IP = ("remote IPs come from X-Forwarded-For, which txmesh does not read; use ipBlocks (the peer "
               "address of the connection)")
 
@@ -40,8 +39,11 @@ class AuthzMatch:
 
     It holds when the attribute matches any of ``values`` (``negated``: none of
     them).  ``attribute`` is principal, namespace, ip, host, method, path,
-    port or header; ``header`` names the header (lower-case) of attribute
-    ``"header"``.  ``values`` are Istio string patterns (exact, ``abc*``,
+    port, header, or one of the end-user (JWT) attributes a RequestAuthentication
+    sets: request_principal (``iss/sub``), audience, presenter, claim;
+    ``header`` names the header (lower-case) of attribute ``"header"``,
+    ``claim`` the claim path (``("a", "b")`` for ``request.auth.claims[a][b]``)
+    of attribute ``"claim"``.  ``values`` are Istio string patterns (exact, ``abc*``,
     ``*abc``, ``*``), except for ``ip`` (:mod:`ipaddress` networks) and
     ``port`` (ints).  ``field`` is where it was written (``principals``,
     ``notPaths``, ``when[request.headers[x-user]].values``).
@@ -52,6 +54,7 @@ class AuthzMatch:
     negated: bool = False
     header: str | None = None
     field: str = ""
+    claim: tuple | None = None
 
 
 @dataclass(frozen=True)
@@ -117,11 +120,11 @@ _ACTION_REJECTED = {
 #: field -> (attribute, negated), in the order they are evaluated and shown
 _SOURCE_FIELDS = {
     "principals": ("principal", False), "notPrincipals": ("principal", True),
+    "requestPrincipals": ("request_principal", False), "notRequestPrincipals": ("request_principal", True),
     "namespaces": ("namespace", False), "notNamespaces": ("namespace", True),
     "ipBlocks": ("ip", False), "notIpBlocks": ("ip", True),
 }
-_SOURCE_UNSUPPORTED = {"requestPrincipals": _JWT, "notRequestPrincipals": _JWT,
-                       "remoteIpBlocks": _REMOTE_IP, "notRemoteIpBlocks": _REMOTE_IP}
+_SOURCE_UNSUPPORTED = {"remoteIpBlocks": _REMOTE_IP, "notRemoteIpBlocks": _REMOTE_IP}
 _OPERATION_FIELDS = {
     "hosts": ("host", False), "notHosts": ("host", True),
     "methods": ("method", False), "notMethods": ("method", True),
@@ -129,11 +132,10 @@ _OPERATION_FIELDS = {
     "ports": ("port", False), "notPorts": ("port", True),
 }
 _CONDITION_KEYS = {"source.principal": "principal", "source.namespace": "namespace", "source.ip": "ip",
-                   "destination.port": "port"}
+                   "destination.port": "port", "request.auth.principal": "request_principal",
+                   "request.auth.audiences": "audience", "request.auth.presenter": "presenter"}
 _CONDITION_KEYS_UNSUPPORTED = {
     "remote.ip": _REMOTE_IP,
-    "request.auth.principal": _JWT, "request.auth.audiences": _JWT, "request.auth.presenter": _JWT,
-    "request.auth.claims": _JWT,
     "source.serviceAccount": "use source.principal (cluster.local/ns/NS/sa/SA)",
     "destination.ip": "the workload has one address; remove it",
     "connection.sni": "remove it; the SNI of mesh traffic is not meaningful to policies",
@@ -206,7 +208,7 @@ def _clauses(f: Fields, key, inner, fields, unsupported) -> tuple:
     return tuple(clauses)
 
 
-def _match(f: Fields, key, attribute, negated, header=None, label=None) -> AuthzMatch | None:
+def _match(f: Fields, key, attribute, negated, header=None, label=None, claim=None) -> AuthzMatch | None:
     """The values of list ``key`` checked for ``attribute``; None when there are none."""
     values = []
     for path, text in f.strings(key):
@@ -217,7 +219,7 @@ def _match(f: Fields, key, attribute, negated, header=None, label=None) -> Authz
             values.append(value)
     if not values:
         return None
-    return AuthzMatch(attribute, tuple(values), negated, header, label or key)
+    return AuthzMatch(attribute, tuple(values), negated, header, label or key, claim)
 
 
 def _parse(attribute, text) -> tuple:
@@ -249,21 +251,25 @@ def _condition(f: Fields) -> tuple:
     key = f.string("key", required=True)
     if key is None:
         return ()
-    attribute, header = _condition_key(f, key)
+    attribute, detail = _condition_key(f, key)
     if attribute is None:
         return ()
     label = f"when[{key}]"
-    matches = (_match(f, "values", attribute, False, header, f"{label}.values"),
-               _match(f, "notValues", attribute, True, header, f"{label}.notValues"))
+    header, claim = (detail, None) if attribute == "header" else (None, detail)
+    matches = (_match(f, "values", attribute, False, header, f"{label}.values", claim),
+               _match(f, "notValues", attribute, True, header, f"{label}.notValues", claim))
     if "values" not in f and "notValues" not in f:
         f.error(None, f"set values, notValues or both for '{key}'")
     return tuple(match for match in matches if match is not None)
 
 
 def _condition_key(f: Fields, key) -> tuple:
-    """``(attribute, header name or None)`` of a ``when`` key; ``(None, None)`` after reporting."""
+    """``(attribute, header name, claim path or None)`` of a ``when`` key; ``(None, None)`` after reporting."""
     if key in _CONDITION_KEYS:
         return _CONDITION_KEYS[key], None
+    claim = _CLAIM_KEY.match(key)
+    if claim:
+        return "claim", tuple(claim.group(1)[1:-1].split("]["))
     header = _HEADER_KEY.match(key)
     if header:
         name = header.group(1).lower()
@@ -271,13 +277,17 @@ def _condition_key(f: Fields, key) -> tuple:
             return "header", name
         f.error("key", f"invalid header name '{header.group(1)}' in '{key}'")
         return None, None
+    if key.startswith("request.auth.claims"):
+        f.error("key", f"invalid claim key '{key}': write request.auth.claims[NAME], and a nested claim as "
+                       "request.auth.claims[OUTER][INNER]")
+        return None, None
     family = next((name for name in _CONDITION_KEYS_UNSUPPORTED if key == name or key.startswith(name + "[")
                    or key.startswith(name + ".")), None)
     if family is not None:
         f.error("key", f"condition key '{key}' is not supported by txmesh; {_CONDITION_KEYS_UNSUPPORTED[family]}")
     else:
         f.error("key", f"unknown condition key '{key}'; supported: request.headers[NAME], "
-                       f"{', '.join(_CONDITION_KEYS)}")
+                       f"request.auth.claims[NAME] (nested: [OUTER][INNER]), {', '.join(_CONDITION_KEYS)}")
     return None, None
 
 

@@ -25,8 +25,9 @@ from mesh.config.selection import selects
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 #: The request attributes a TCP connection does not have (Istio's HTTP-only fields: hosts, methods,
-#: paths and their not-forms, ``request.headers[...]`` conditions).
-HTTP_ONLY_ATTRIBUTES = frozenset({"host", "method", "path", "header"})
+#: paths, requestPrincipals and their not-forms, ``request.headers[...]`` and ``request.auth.*`` conditions).
+HTTP_ONLY_ATTRIBUTES = frozenset({"host", "method", "path", "header", "request_principal", "audience", "presenter",
+                                  "claim"})
 
 
 def applicable(objects, cls, workload, root_namespace) -> list:

@@ -22,11 +22,12 @@ Three readers share :func:`selects`:
 from __future__ import annotations
 
 from mesh.config.errors import ConfigWarning
+from mesh.config.request_authn import RequestAuthentication
 from mesh.config.resources import ServiceEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 
 #: The kinds whose selector decides whether a security policy applies to a workload.
-POLICY_KINDS = (AuthorizationPolicy, PeerAuthentication)
+POLICY_KINDS = (AuthorizationPolicy, PeerAuthentication, RequestAuthentication)
 
 
 def selects(selector: tuple | None, labels: dict) -> bool:
@@ -55,7 +56,7 @@ def selector_of(obj) -> tuple | None:
 def selected_by(objects, workload, root_namespace: str) -> list:
     """What selects ``workload`` (a :class:`mesh.config.compile.Workload`), as JSON-ready rows.
 
-    Security policies (AuthorizationPolicy, PeerAuthentication) of its
+    Security policies (AuthorizationPolicy, PeerAuthentication, RequestAuthentication) of its
     namespace and of the root namespace, by selector or namespace-/mesh-wide,
     and ServiceEntries of its namespace whose ``workloadSelector`` makes it an
     endpoint.  Each row: ``kind``, ``namespace``, ``name``, ``scope``
@@ -85,7 +86,7 @@ def selected_by(objects, workload, root_namespace: str) -> list:
 def unselected_warning(objects, workload, describe: str = "") -> ConfigWarning | None:
     """A warning when policies of ``workload``'s namespace use selectors and none of them selects it.
 
-    None when the namespace's AuthorizationPolicies and PeerAuthentications
+    None when the namespace's AuthorizationPolicies, PeerAuthentications and RequestAuthentications
     have no selector, or when one of those selectors matches the workload's
     labels.  The warning is attached to the first such policy (by kind and
     name) and names all of them, the workload's labels and the fix.

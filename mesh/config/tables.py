@@ -362,6 +362,8 @@ class ProxyConfig:
     ``app_protocol`` is the protocol of the workload's app port (HTTP, HTTP2 or GRPC) from
     the ServiceEntry ports that lead to the workload, or None when none does (see
     :mod:`mesh.config.compile`); the inbound sidecar speaks it to the app.
+    ``request_authn`` is the workload's merged RequestAuthentications
+    (:class:`mesh.config.request_authn.RequestAuthn`, read by :mod:`mesh.proxy.authn`), or None.
     """
 
     version: str
@@ -373,6 +375,7 @@ class ProxyConfig:
     l4: L4Table = field(default_factory=L4Table)
     tcp_authz: object = None
     app_service: str | None = None
+    request_authn: object = None
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
     warnings: tuple = ()

@@ -1,6 +1,7 @@
 """Validation of raw resources into the frozen dataclasses of :mod:`mesh.config.resources`.
 
-The security kinds are validated by :mod:`mesh.config.security`.
+The security kinds are validated by :mod:`mesh.config.security` (RequestAuthentication by
+:mod:`mesh.config.request_authn`).
 
 :func:`validate` checks each resource on its own and reports every problem it
 finds, each naming its field.  Fields that Istio defines but txmesh does not
@@ -16,6 +17,7 @@ import re
 
 from mesh.config import hosts as hostnames
 from mesh.config.fields import Fields, Report
+from mesh.config.request_authn import request_authentication
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
@@ -749,4 +751,5 @@ _VALIDATORS = {
     "VirtualService": _virtual_service,
     "AuthorizationPolicy": authorization_policy,
     "PeerAuthentication": peer_authentication,
+    "RequestAuthentication": request_authentication,
 }

@@ -8,7 +8,7 @@ Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
 - ServiceEntry, DestinationRule and VirtualService exported to its namespace;
 - the WorkloadEntries (files and registry) of namespaces whose visible
   ServiceEntries select workloads;
-- the AuthorizationPolicies and PeerAuthentications that apply to it (its
+- the AuthorizationPolicies, PeerAuthentications and RequestAuthentications that apply to it (its
   namespace or the root namespace, selector matching its labels);
 - the trust bundle;
 - warnings for the proxy's log about what those scoped resources cannot show
@@ -36,9 +36,8 @@ from mesh import protocol as proto
 from mesh.config.compile import Workload, is_exported
 from mesh.config.loader import Resource, load_documents, resource_document
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
-from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
-from mesh.config.selection import describe_selection, unselected_warning
+from mesh.config.selection import POLICY_KINDS, describe_selection, unselected_warning
 from mesh.config.validate import validate
 from mesh.control.registry import Registration, Registry
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
@@ -352,8 +351,7 @@ class Distributor:
                      if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)
                    and item.obj.namespace in selecting]
-        policies = applicable([item.obj for item in self.items], (AuthorizationPolicy, PeerAuthentication),
-                              workload, self.root_namespace)
+        policies = applicable([item.obj for item in self.items], POLICY_KINDS, workload, self.root_namespace)
         wanted = {id(obj) for obj in policies}
         chosen += [item for item in self.items if id(item.obj) in wanted]
         documents = [item.document for item in chosen]

@@ -116,8 +116,6 @@ def test_defaults_and_empty_forms(tmp_path):
 
 
 def test_unsupported_fields_are_rejected(tmp_path):
-    jwt = ("is not supported by txmesh; request authentication (JWT) is not implemented by txmesh; remove it, "
-           "or match the caller's mTLS identity with principals")
     remote = ("is not supported by txmesh; remote IPs come from X-Forwarded-For, which txmesh does not read; "
               "use ipBlocks (the peer address of the connection)")
     _errors(tmp_path, """
@@ -130,12 +128,12 @@ def test_unsupported_fields_are_rejected(tmp_path):
           - from:
             - source:
                 requestPrincipals: ["*"]
-                notRequestPrincipals: [a/b]
+                notRequestPrincipals: [a*b]
                 remoteIpBlocks: [1.2.3.4]
                 notRemoteIpBlocks: [1.2.3.5]
                 principals: [cluster.local/ns/a/sa/b]
             when:
-            - {key: "request.auth.claims[iss]", values: [x]}
+            - {key: "request.auth.claims[]", values: [x]}
             - {key: remote.ip, values: [1.2.3.4]}
             - {key: source.serviceAccount, values: [a]}
             - {key: destination.ip, values: [1.2.3.4]}
@@ -151,13 +149,12 @@ def test_unsupported_fields_are_rejected(tmp_path):
             "not supported; remove it"),
         (8, "spec.action: action CUSTOM is not supported by txmesh; external authorization is not implemented; "
             "use ALLOW or DENY"),
-        (12, f"spec.rules[0].from[0].source.requestPrincipals: 'requestPrincipals' {jwt}"),
-        (13, f"spec.rules[0].from[0].source.notRequestPrincipals: 'notRequestPrincipals' {jwt}"),
+        (13, f"spec.rules[0].from[0].source.notRequestPrincipals[0]: '*' can only start or end a value, not "
+             f"'a*b': {_PATTERNS}"),
         (14, f"spec.rules[0].from[0].source.remoteIpBlocks: 'remoteIpBlocks' {remote}"),
         (15, f"spec.rules[0].from[0].source.notRemoteIpBlocks: 'notRemoteIpBlocks' {remote}"),
-        (18, "spec.rules[0].when[0].key: condition key 'request.auth.claims[iss]' is not supported by txmesh; "
-             "request authentication (JWT) is not implemented by txmesh; remove it, or match the caller's mTLS "
-             "identity with principals"),
+        (18, "spec.rules[0].when[0].key: invalid claim key 'request.auth.claims[]': write "
+             "request.auth.claims[NAME], and a nested claim as request.auth.claims[OUTER][INNER]"),
         (19, "spec.rules[0].when[1].key: condition key 'remote.ip' is not supported by txmesh; remote IPs come "
              "from X-Forwarded-For, which txmesh does not read; use ipBlocks (the peer address of the "
              "connection)"),
@@ -170,7 +167,9 @@ def test_unsupported_fields_are_rejected(tmp_path):
         (23, "spec.rules[0].when[5].key: condition key 'experimental.envoy.filters.a.b[c]' is not supported by "
              "txmesh; Envoy filter metadata does not exist in txmesh; remove it"),
         (24, "spec.rules[0].when[6].key: unknown condition key 'request.method'; supported: "
-             "request.headers[NAME], source.principal, source.namespace, source.ip, destination.port"),
+             "request.headers[NAME], request.auth.claims[NAME] (nested: [OUTER][INNER]), source.principal, "
+             "source.namespace, source.ip, destination.port, request.auth.principal, request.auth.audiences, "
+             "request.auth.presenter"),
     ])
 
 
@@ -186,7 +185,8 @@ def test_audit_action_and_unknown_fields(tmp_path):
         (5, "spec.action: action AUDIT is not supported by txmesh; audit logging policies are not implemented; "
             "remove the policy"),
         (7, "spec.rules[0].from[0].source.principal: unknown field 'principal' (did you mean 'principals'?); "
-            "supported: ipBlocks, namespaces, notIpBlocks, notNamespaces, notPrincipals, principals"),
+            "supported: ipBlocks, namespaces, notIpBlocks, notNamespaces, notPrincipals, notRequestPrincipals, "
+            "principals, requestPrincipals"),
         (8, "spec.rules[0].to[0].operation.method: unknown field 'method' (did you mean 'methods'?); supported: "
             "hosts, methods, notHosts, notMethods, notPaths, notPorts, paths, ports"),
         (9, "spec.rules[0].unless: unknown field 'unless'; supported: from, to, when"),
@@ -215,9 +215,9 @@ def test_structure_problems(tmp_path):
             "notPaths, ports, notPorts; Istio rejects an empty operation (remove the to entry to match any "
             "operation)"),
         (7, "spec.rules[0].to[1].operation: 'operation' is required"),
-        (8, "spec.rules[1].from[0].source: set at least one of: principals, notPrincipals, namespaces, "
-            "notNamespaces, ipBlocks, notIpBlocks; Istio rejects an empty source (remove the from entry to match "
-            "any source)"),
+        (8, "spec.rules[1].from[0].source: set at least one of: principals, notPrincipals, requestPrincipals, "
+            "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks; Istio rejects an empty source "
+            "(remove the from entry to match any source)"),
         (10, "spec.rules[1].when[0].key: 'key' is required"),
         (11, "spec.rules[1].when[1]: set values, notValues or both for 'request.headers[x-a]'"),
         (12, "spec.rules[1].when[2].key: invalid header name 'bad name' in 'request.headers[bad name]'"),

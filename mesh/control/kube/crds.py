@@ -3,7 +3,7 @@
 Watches, in every namespace, the kinds deploy/base/crds defines:
 ``networking.txmesh.io/v1`` VirtualService, DestinationRule, ServiceEntry,
 WorkloadEntry and ``security.txmesh.io/v1`` AuthorizationPolicy,
-PeerAuthentication -- read with Istio's schemas, by the same loader and
+PeerAuthentication, RequestAuthentication -- read with Istio's schemas, by the same loader and
 validator as YAML files.  With ``--istio-crds`` it also watches the same
 kinds of ``networking.istio.io/v1`` and ``security.istio.io/v1``, so a
 cluster migrating from Istio keeps its config; an object defined in both
@@ -39,7 +39,8 @@ ISTIO_GROUPS = (("networking.istio.io", "v1"), ("security.istio.io", "v1"))
 PLURALS = {"networking": {"virtualservices": "VirtualService", "destinationrules": "DestinationRule",
                           "serviceentries": "ServiceEntry", "workloadentries": "WorkloadEntry"},
            "security": {"authorizationpolicies": "AuthorizationPolicy",
-                        "peerauthentications": "PeerAuthentication"}}
+                        "peerauthentications": "PeerAuthentication",
+                        "requestauthentications": "RequestAuthentication"}}
 
 
 def resources(istio: bool = False) -> list:
