@@ -52,6 +52,8 @@ class RequestContext:
       (``istio.io/dry-run``), never enforced: None when none apply, else a
       tuple of ``(action, result, policy)`` per shadow engine evaluated, as
       :meth:`mesh.config.security_tables.ShadowEngine.evaluate` returns them
+    - ``request_auth``: inbound, the :class:`mesh.proxy.authn.RequestAuth` of the
+      request's verified JWT (RequestAuthentication), else None
     - ``extra``: a dict for plugins to share per-request data (created lazily)
     """
 
@@ -82,6 +84,7 @@ class RequestContext:
         "upstream_time",
         "authz_policy",
         "authz_dry_run",
+        "request_auth",
         "_extra",
     )
 
@@ -115,6 +118,7 @@ class RequestContext:
         self.upstream_time = None
         self.authz_policy = None
         self.authz_dry_run = None
+        self.request_auth = None
         self._extra = None
 
     @property

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 from mesh.plugins import PluginError
 from mesh.proxy import outlier, retry
-from mesh.proxy.outcome import LocalReply, RequestOutcome, TryOutcome
+from mesh.proxy.outcome import LocalReply, Pending, RequestOutcome, TryOutcome
 
 #: The states of an :class:`Exchange` (see the module docstring).
 QUEUED, FORWARDING, BACKOFF, RESPONDING, DONE = "queued", "forwarding", "backoff", "responding", "done"
@@ -214,7 +214,10 @@ class Exchange:
             # built once per exchange, so retries resend the same rewritten headers.
             rewrites = listener.request_headers(ctx=ctx)
         except LocalReply as reply:
-            self.local_reply(reply.status, reply.flag, reply.message, reply.details)
+            self.local_reply(reply.status, reply.flag, reply.message, reply.details, reply.headers)
+            return
+        except Pending as pending:  # a bounded wait (mesh.proxy.authn: a JWT issuer's keys being fetched)
+            pending.deferred.addCallback(self._resume)
             return
         except PluginError as error:
             self.plugin_failed(error)
@@ -227,6 +230,11 @@ class Exchange:
         if self.expect_continue and not self.body_done:
             down.send_continue()
         self._new_try()
+
+    def _resume(self, _):
+        """A :class:`~mesh.proxy.outcome.Pending` wait is over: route again, unless the exchange ended."""
+        if self.state is QUEUED:
+            self.start()
 
     def _new_try(self):
         if self.state is DONE:
@@ -489,11 +497,12 @@ class Exchange:
                              "upstream_response_timeout")
 
     # -- ending ----------------------------------------------------------------
-    def local_reply(self, status, flag, message, details=""):
+    def local_reply(self, status, flag, message, details="", headers=()):
         """Answer with a proxy-generated response and finish.
 
-        The caller gets ``status``, the flags and ``message``; ``details``
-        (Envoy's response code details) go to ``mesh_request_complete`` only.
+        The caller gets ``status``, the flags, ``message`` and ``headers``
+        (``(name, value)`` bytes pairs); ``details`` (Envoy's response code
+        details) go to ``mesh_request_complete`` only.
         """
         if self.state is DONE:
             return
@@ -509,7 +518,7 @@ class Exchange:
             return
         ctx.response_code = status
         body = message.encode("utf-8", "replace") + b"\n"
-        self.down.send_local(self, status, body, self._local_headers(status))
+        self.down.send_local(self, status, body, (*headers, *self._local_headers(status)))
         ctx.bytes_sent += len(body)
         self._complete(local=True, detail=details)
 

@@ -31,12 +31,15 @@ class ProxyRuntime:
     ``local_clusters`` are clusters the proxy always has whatever the config
     says: the inbound cluster of the local app, which speaks the app port's
     protocol (:attr:`mesh.config.tables.ProxyConfig.app_protocol`; unknown:
-    the protocol of each request).
+    the protocol of each request).  ``authenticator`` (a
+    :class:`mesh.proxy.authn.Authenticator`, or None) is told of each config,
+    to fetch the key sets its RequestAuthentications name.
     """
 
-    def __init__(self, pool_factory, local_clusters=()):
+    def __init__(self, pool_factory, local_clusters=(), authenticator=None):
         self.manager = ClusterManager(pool_factory)
         self.local_clusters = {spec.name: spec for spec in local_clusters}
+        self.authenticator = authenticator
         self.snapshot = None
 
     def apply(self, config) -> Snapshot:
@@ -46,6 +49,8 @@ class ProxyRuntime:
                      for name, spec in self.local_clusters.items())
         snapshot = Snapshot(config, self.manager.update(specs))
         self.snapshot = snapshot
+        if self.authenticator is not None:
+            self.authenticator.update(config.request_authn)
         return snapshot
 
 
@@ -144,7 +149,8 @@ def rbac_details(policy) -> str:
 
 
 class InboundRouter:
-    """Routes mesh -> app requests: authorize, then the local app's cluster."""
+    """Routes mesh -> app requests: authenticate (RequestAuthentication, :mod:`mesh.proxy.authn`),
+    authorize, then the local app's cluster."""
 
     def __init__(self, runtime, hooks, cluster_spec):
         self.runtime = runtime
@@ -157,6 +163,9 @@ class InboundRouter:
 
     def route(self, ctx):
         snapshot = self.runtime.snapshot
+        authn = snapshot.config.request_authn
+        if authn is not None:
+            self.runtime.authenticator.authenticate(ctx, authn)
         for verdict in self._authorize(ctx=ctx, peer=ctx.peer, policies=snapshot.config.authz):
             allowed, policy = verdict
             if not allowed:

@@ -23,6 +23,7 @@ from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.plugins import failures as plugin_failures
 from mesh.proxy.admin import AdminSite
+from mesh.proxy.authn import Authenticator
 from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.control_client import ControlClient
 from mesh.proxy.health import HealthServer
@@ -105,7 +106,8 @@ class ProxyService(service.MultiService):
             self.control_client = ControlClient(reactor, self, settings.identity.control,
                                                 settings.identity.control_identity, settings.state_dir)
         self.upstream_tls = UpstreamTLS(self.credentials)
-        self.runtime = ProxyRuntime(self._make_pool, local)
+        self.authenticator = Authenticator(reactor)  # RequestAuthentication's JWTs (inbound)
+        self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator)
         self.ready = False
         self.warnings = ()
         self.config_applied_at = None
@@ -243,6 +245,7 @@ class ProxyService(service.MultiService):
         """
         self.ready = False
         self.draining = True
+        self.authenticator.stop()
         client = getattr(self, "control_client", None)
         if client is not None and hasattr(client, "drain"):
             client.drain()
@@ -337,6 +340,7 @@ class ProxyService(service.MultiService):
             "plugin_failures": plugin_failures.describe(),  # each distinct failure, counted (mesh.plugins)
             "tracing": self._tracing_dump(),
             "control": self.control_client.describe() if self.control_client is not None else None,
+            "jwks": self.authenticator.status(),  # the key sets of RequestAuthentication's jwksUri
         }
 
     def _tracing_dump(self):

@@ -1,0 +1,304 @@
+"""RequestAuthentication: validation (every rejection naming its line and field), merging, the
+AuthorizationPolicy request-principal fields, and token verification with inline keys (no fetch)."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+import time
+
+import jwt
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+
+from mesh.config.authz_predicates import compile_rule
+from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.loader import load_documents, load_files
+from mesh.config.request_authn import JwtRule, RequestAuthentication
+from mesh.config.security_compile import compile_tcp_authz
+from mesh.config.validate import validate
+from mesh.proxy.authn import Authenticator, RequestAuth
+from mesh.proxy.context import RequestContext
+from mesh.proxy.outcome import LocalReply
+
+_HEAD = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: shop}\n"
+RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+EC_KEY = ec.generate_private_key(ec.SECP256R1())
+
+
+def public_jwk(key, kid: str, **extra) -> dict:
+    """The public JWK of a private key, with ``kid``."""
+    algorithm = RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else ECAlgorithm
+    return {**json.loads(algorithm.to_jwk(key.public_key())), "kid": kid, **extra}
+
+
+JWKS = json.dumps({"keys": [public_jwk(RSA_KEY, "r1"), public_jwk(EC_KEY, "e1")]})
+
+
+def token(claims=None, key=RSA_KEY, kid="r1", alg="RS256", **more) -> str:
+    body = {"iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": int(time.time()) + 300}
+    body.update(claims or {}, **more)
+    return jwt.encode(body, key, alg, headers={"kid": kid} if kid else None)
+
+
+def _validate(tmp_path, spec):
+    path = tmp_path / "ra.yaml"
+    path.write_text(_HEAD + textwrap.dedent(spec).lstrip("\n"))
+    loaded = load_files([path])
+    assert loaded.errors == []
+    objects, errors = validate(loaded.resources)
+    return objects, [str(error) for error in errors], str(path)
+
+
+def _errors(tmp_path, spec, expected):
+    """Assert the errors of ``spec``, given as ``(line, "field: reason")`` pairs."""
+    _, errors, path = _validate(tmp_path, spec)
+    assert errors == [f"{path}:{line}: RequestAuthentication/shop/ra: {text}" for line, text in expected]
+
+
+# -- validation ---------------------------------------------------------------------------------
+
+def test_every_field(tmp_path):
+    objects, errors, _ = _validate(tmp_path, f"""
+        spec:
+          selector: {{matchLabels: {{app: api}}}}
+          jwtRules:
+          - issuer: https://issuer.example
+            audiences: [shop, shop]
+            jwksUri: https://issuer.example/.well-known/jwks.json
+            fromHeaders: [{{name: X-Jwt, prefix: "Token "}}, {{name: x-other}}]
+            fromParams: [jwt]
+            fromCookies: [session]
+            outputPayloadToHeader: X-Jwt-Payload
+            outputClaimToHeaders: [{{header: x-group, claim: org.group}}]
+            forwardOriginalToken: true
+            timeout: 2s
+          - issuer: other
+            jwks: '{JWKS}'
+        """)
+    assert errors == []
+    [policy] = objects
+    assert policy == RequestAuthentication("ra", "shop", (("app", "api"),), (
+        JwtRule(issuer="https://issuer.example", audiences=("shop",),
+                jwks_uri="https://issuer.example/.well-known/jwks.json",
+                from_headers=(("x-jwt", "Token "), ("x-other", "")), from_params=("jwt",), from_cookies=("session",),
+                output_payload_to_header="x-jwt-payload", output_claim_to_headers=(("x-group", ("org", "group")),),
+                forward_original_token=True, timeout=2.0),
+        JwtRule(issuer="other", jwks=JWKS)), source=None)
+
+
+def test_rejections_name_their_line_and_field(tmp_path):
+    oct_key = json.dumps({"keys": [{"kty": "oct", "k": "c2VjcmV0", "kid": "h"}]})
+    private = json.dumps({"keys": [json.loads(RSAAlgorithm.to_jwk(RSA_KEY))]})
+    _errors(tmp_path, f"""
+        spec:
+          targetRef: {{kind: Gateway, name: gw}}
+          jwtRules:
+          - audiences: [a]
+            jwks: '{JWKS}'
+          - issuer: no-keys
+          - issuer: both
+            jwksUri: https://a.example/jwks
+            jwks: '{JWKS}'
+          - issuer: bad-uri
+            jwksUri: ftp://a.example/jwks
+          - issuer: bad-json
+            jwks: '{{"keys": ['
+          - issuer: symmetric
+            jwks: '{oct_key}'
+          - issuer: private
+            jwks: '{private}'
+          - issuer: headers
+            jwksUri: http://a.example/jwks
+            fromHeaders: [{{prefix: "Bearer "}}, {{name: "bad header"}}, {{name: Host}}]
+            outputClaimToHeaders: [{{header: x-a, claim: a}}, {{header: x-a, claim: b}}, {{header: x-b, claim: a..b}}]
+            timeout: 5
+            forward: true
+        """, [
+        (5, "spec.targetRef: 'targetRef' is not supported by txmesh; policies attached to Gateway API resources "
+            "are not supported; use selector"),
+        (7, "spec.jwtRules[0].issuer: 'issuer' is required"),
+        (9, "spec.jwtRules[1]: set jwksUri (the URL of the issuer's JSON Web Key Set) or jwks (the key set "
+            "itself): txmesh does not discover keys from the issuer (OpenID Connect discovery)"),
+        (12, "spec.jwtRules[2].jwks: set only one of jwksUri and jwks (Istio ignores jwksUri when both are set); "
+             "remove one"),
+        (14, "spec.jwtRules[3].jwksUri: invalid jwksUri 'ftp://a.example/jwks': use an http:// or https:// URL "
+             "with a host, like https://issuer.example.com/.well-known/jwks.json"),
+        (16, "spec.jwtRules[4].jwks: not a JSON Web Key Set: invalid JSON (Expecting value: line 1 column 11 "
+             "(char 10))"),
+        (18, "spec.jwtRules[5].jwks: keys[0]: symmetric keys (kty oct, HS256/384/512) are not supported: whoever "
+             "reads the key can sign tokens; use an asymmetric key (RSA, EC or Ed25519)"),
+        (20, "spec.jwtRules[6].jwks: keys[0]: the key has its private part ('d'): publish only the public key, "
+             "and replace this one"),
+        (23, "spec.jwtRules[7].fromHeaders[0].name: 'name' is required"),
+        (23, "spec.jwtRules[7].fromHeaders[1].name: invalid header name 'bad header'"),
+        (23, "spec.jwtRules[7].fromHeaders[2].name: 'Host' cannot carry a token or a claim; use another header"),
+        (24, "spec.jwtRules[7].outputClaimToHeaders[1].header: header 'x-a' is listed twice; each header takes "
+             "one claim"),
+        (24, "spec.jwtRules[7].outputClaimToHeaders[2].claim: invalid claim 'a..b': name a claim, or a nested one "
+             "as outer.inner"),
+        (25, 'spec.jwtRules[7].timeout: invalid duration 5 (a number without a unit); use a number and a unit, '
+             'like "1s", "0.5s", "100ms", "1m" or "1h"'),
+        (26, "spec.jwtRules[7].forward: unknown field 'forward'; supported: audiences, forwardOriginalToken, "
+             "fromCookies, fromHeaders, fromParams, issuer, jwks, jwksUri, outputClaimToHeaders, "
+             "outputPayloadToHeader, timeout"),
+    ])
+
+
+# -- merging, and the AuthorizationPolicy side ------------------------------------------------------
+
+def _compiled(*documents, labels=None):
+    loaded = load_documents(list(documents), "test")
+    assert loaded.errors == []
+    objects, errors = validate(loaded.resources)
+    assert errors == []
+    return compile_proxy_config(objects, Workload("api", "shop", labels=labels or {"app": "api"}, app_port=8080))
+
+
+def _document(kind, name, namespace, spec):
+    return {"apiVersion": "security.istio.io/v1", "kind": kind, "metadata": {"name": name, "namespace": namespace},
+            "spec": spec}
+
+
+def test_the_rules_of_every_applicable_policy_are_merged():
+    config = _compiled(
+        _document("RequestAuthentication", "mesh", "istio-system", {"jwtRules": [{"issuer": "root", "jwks": JWKS}]}),
+        _document("RequestAuthentication", "api", "shop", {"selector": {"matchLabels": {"app": "api"}},
+                                                            "jwtRules": [{"issuer": "a", "jwksUri": "http://k/a",
+                                                                          "fromHeaders": [{"name": "x-jwt"}]}]}),
+        _document("RequestAuthentication", "web", "shop", {"selector": {"matchLabels": {"app": "web"}},
+                                                            "jwtRules": [{"issuer": "w", "jwks": JWKS}]}),
+        _document("RequestAuthentication", "other", "other-ns", {"jwtRules": [{"issuer": "o", "jwks": JWKS}]}))
+    table = config.request_authn
+    assert [(name, prefix, [p.issuer for p in providers]) for name, prefix, providers in table.headers] == [
+        ("x-jwt", "", ["a"]), ("authorization", "Bearer ", ["root"])]
+    assert [(name, [p.issuer for p in providers]) for name, providers in table.params] == [("access_token", ["root"])]
+    assert table.jwks_uris == (("http://k/a", 5.0, ("a",)),)
+    assert [rule["name"] for rule in config.dump["request_authn"]] == ["shop/api[0]", "istio-system/mesh[0]"]
+    assert _compiled().request_authn is None
+
+
+def _rule(when=None, source=None):
+    spec = {"rules": [{**({"from": [{"source": source}]} if source else {}), **({"when": when} if when else {})}]}
+    config = _compiled(_document("AuthorizationPolicy", "ap", "shop", spec))
+    [policy] = config.authz.allow
+    [rule] = policy.rules
+    return rule
+
+
+def _ctx(claims=None):
+    ctx = RequestContext.for_test()
+    ctx.request_auth = None if claims is None else RequestAuth(claims)
+    return ctx
+
+
+CLAIMS = {"iss": "https://issuer.example", "sub": "alice", "aud": ["shop", "web"], "azp": "cli",
+          "groups": ["dev", "admins"], "org": {"team": "payments", "level": 3}}
+
+
+@pytest.mark.parametrize("source, when, matches, without_token", [
+    ({"requestPrincipals": ["*"]}, None, True, False),
+    ({"requestPrincipals": ["https://issuer.example/*"]}, None, True, False),
+    ({"requestPrincipals": ["*/bob"]}, None, False, False),
+    ({"notRequestPrincipals": ["*"]}, None, False, True),
+    (None, [{"key": "request.auth.principal", "values": ["https://issuer.example/alice"]}], True, False),
+    (None, [{"key": "request.auth.audiences", "values": ["web"]}], True, False),
+    (None, [{"key": "request.auth.audiences", "notValues": ["web"]}], False, True),
+    (None, [{"key": "request.auth.presenter", "values": ["cl*"]}], True, False),
+    (None, [{"key": "request.auth.claims[groups]", "values": ["admin*"]}], True, False),
+    (None, [{"key": "request.auth.claims[org][team]", "values": ["payments"]}], True, False),
+    (None, [{"key": "request.auth.claims[org][level]", "values": ["3"]}], False, False),  # not a string
+    (None, [{"key": "request.auth.claims[missing][x]", "values": ["*"]}], False, False),
+])
+def test_request_principal_fields_and_claim_conditions(source, when, matches, without_token):
+    rule = _rule(when, source)
+    assert rule(_ctx(CLAIMS), None) is matches
+    assert rule(_ctx(), None) is without_token
+
+
+def test_request_principals_are_http_only_for_tcp():
+    loaded = load_documents([_document("AuthorizationPolicy", "ap", "shop",
+                                       {"rules": [{"from": [{"source": {"requestPrincipals": ["*"]}}]}]})], "t")
+    objects, _ = validate(loaded.resources)
+    policies = compile_tcp_authz(objects, Workload("api", "shop", app_port=8080), "istio-system")
+    assert policies.allow[0].rules == ()  # Istio ignores the ALLOW rule for TCP: it never matches
+    assert compile_rule(objects[0].rules[0], 8080, False) is not True
+
+
+# -- verification with inline keys ------------------------------------------------------------------
+
+TABLE_SPEC = {"jwtRules": [
+    {"issuer": "https://issuer.example", "jwks": JWKS, "audiences": ["shop"],
+     "outputPayloadToHeader": "x-jwt-payload", "outputClaimToHeaders": [{"header": "x-team", "claim": "org.team"}]},
+    {"issuer": "cookie-issuer", "jwks": JWKS, "fromCookies": ["session"], "fromParams": ["t"],
+     "fromHeaders": [{"name": "x-token", "prefix": "Token "}], "forwardOriginalToken": True},
+]}
+
+
+@pytest.fixture(scope="module")
+def table():
+    return _compiled(_document("RequestAuthentication", "ra", "shop", TABLE_SPEC)).request_authn
+
+
+def authenticate(table, headers=None, path="/orders"):
+    """``(ctx, None)`` after authentication, or ``(ctx, LocalReply)``."""
+    ctx = RequestContext.for_test(path=path, headers=headers, host="api.shop")
+    try:
+        Authenticator(reactor=None, agent=object()).authenticate(ctx, table)
+    except LocalReply as reply:
+        return ctx, reply
+    return ctx, None
+
+
+@pytest.mark.parametrize("bad, message", [
+    (token(exp=int(time.time()) - 61), "Jwt is expired"),
+    (token(nbf=int(time.time()) + 120), "Jwt not yet valid"),
+    (token(iss="https://other.example"), "Jwt issuer is not configured"),
+    (token(aud="web"), "Audiences in Jwt are not allowed"),
+    (token(kid="unknown"), "Jwks doesn't have key to match kid or alg from Jwt"),
+    (token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)), "Jwt verification fails"),
+    (token(key=EC_KEY, alg="ES256", kid="r1"), "Jwks doesn't have key to match kid or alg from Jwt"),
+    (jwt.encode({"iss": "https://issuer.example", "aud": "shop"}, "k" * 32, "HS256"),
+     "Jwks doesn't have key to match kid or alg from Jwt"),
+    ("not-a-jwt", "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
+])
+def test_a_token_that_fails_gets_envoys_401(table, bad, message):
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {bad}"})
+    assert (reply.status, reply.message, reply.flag) == (401, message, "")
+    assert reply.headers == ((b"www-authenticate", b'Bearer realm="http://api.shop/orders", error="invalid_token"'),)
+    assert reply.details == "jwt_authn_access_denied{" + message.replace(" ", "_") + "}"
+    assert ctx.request_auth is None
+
+
+def test_a_valid_token_sets_the_principal_and_the_headers(table):
+    good = token(org={"team": "payments"}, exp=int(time.time()) - 30)  # expired, within the 60 s clock skew
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {good}", "x-jwt-payload": "forged", "x-keep": "1"})
+    assert reply is None
+    assert (ctx.request_auth.principal, ctx.request_auth.audiences) == ("https://issuer.example/alice", ["shop"])
+    assert ctx.headers == {"x-keep": "1", "x-jwt-payload": good.split(".")[1], "x-team": "payments"}
+    assert sorted(ctx.raw_headers) == sorted((name.encode(), value.encode()) for name, value in ctx.headers.items())
+
+
+def test_no_token_passes_without_a_principal_and_forged_outputs_are_removed(table):
+    ctx, reply = authenticate(table, {"x-jwt-payload": "forged", "authorization": "Basic dXNlcjpwdw=="})
+    assert (reply, ctx.request_auth) == (None, None)
+    assert ctx.headers == {"authorization": "Basic dXNlcjpwdw=="}  # not a Bearer token: not a token at all
+
+
+@pytest.mark.parametrize("headers, path", [
+    ({"cookie": "a=1; session=TOKEN"}, "/"),
+    ({}, "/x?t=TOKEN&b=2"),
+    ({"x-token": 'Token "TOKEN"'}, "/"),
+])
+def test_tokens_in_cookies_params_and_custom_headers_are_kept_when_forwarded(table, headers, path):
+    good = token(iss="cookie-issuer", aud="anything")
+    headers = {name: value.replace("TOKEN", good) for name, value in headers.items()}
+    ctx, reply = authenticate(table, headers, path.replace("TOKEN", good))
+    assert reply is None and ctx.request_auth.principal == "cookie-issuer/alice"
+    assert ctx.headers == headers  # forwardOriginalToken: true
+
+
+def test_every_token_must_be_valid(table):
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {token()}"}, f"/?access_token={token(aud='x')}")
+    assert reply.message == "Audiences in Jwt are not allowed"
