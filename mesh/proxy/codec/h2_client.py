@@ -148,8 +148,11 @@ class H2UpstreamConnection(Protocol):
         self.max_requests = max_requests
         self.h2 = H2Connection(config=_CONFIG)
         self.h2.state_machine = _GracefulGoaway()
+        # No MAX_CONCURRENT_STREAMS of 0 (ENABLE_PUSH 0 already forbids server streams): h2 checks it
+        # before it sees that a HEADERS frame is for a stream this side reset (a late response), and
+        # would end the whole connection for it.
         self.h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0, SettingCodes.MAX_CONCURRENT_STREAMS: 0,
+            SettingCodes.ENABLE_PUSH: 0,
             SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
             SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE})
         self.streams = {}  # stream id -> H2Stream
@@ -277,7 +280,7 @@ class H2UpstreamConnection(Protocol):
 
     def _fail(self, message):
         """The connection is broken: close it, every stream fails with ``message``."""
-        self.draining = True
+        self._stop_new_streams()  # off the pool's list before a failed stream is replayed
         streams = list(self.streams.values())
         self.streams.clear()
         try:
