@@ -71,7 +71,9 @@ class RequestView(Protocol):
     (``"UF,URX"``, see :data:`RESPONSE_FLAGS`), ``error``, ``bytes_received``
     / ``bytes_sent`` (body bytes from / to the downstream), ``upstream_start``,
     ``upstream_time``, ``authz_policy`` (the AuthorizationPolicy that decided),
-    ``authz_dry_run``.
+    ``authz_dry_run``, ``grpc`` (None unless the request is gRPC; then its
+    ``status``, the gRPC status once known, and ``request_messages`` /
+    ``response_messages``, the messages counted each way).
 
     ``extra`` is a dict plugins share per-request data in (created on first
     use); it is the one attribute a plugin may write.
@@ -129,6 +131,8 @@ class RequestView(Protocol):
     def authz_policy(self) -> str | None: ...
     @property
     def authz_dry_run(self) -> tuple | None: ...
+    @property
+    def grpc(self) -> Any: ...
     @property
     def extra(self) -> dict[str, Any]: ...
 
@@ -288,12 +292,16 @@ class TryOutcome:
 
     ``kind`` is ``"status"`` (the upstream answered ``status``),
     ``"connect-failure"``, ``"reset"`` (the connection broke before a
-    response) or ``"timeout"`` (the per-try timeout fired).
+    response) or ``"timeout"`` (the per-try timeout fired).  For a gRPC
+    request, ``grpc_status`` is the gRPC status of a Trailers-Only response
+    (``grpc-status`` in the response headers; the HTTP ``status`` is then
+    usually 200), else None.
     """
 
     kind: str
     status: int | None = None
     detail: str = ""
+    grpc_status: int | None = None
 
 
 class RequestOutcome(NamedTuple):

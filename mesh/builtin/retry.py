@@ -4,6 +4,11 @@ A try is retried while ``attempt <= policy.attempts`` (Istio's ``attempts``
 counts retries, not tries) and the failure is one the policy's ``retryOn``
 names.  Backoff is Envoy's fully jittered exponential: a random delay in
 ``[0, base * 2**(attempt-1)]``, capped at ten times the base.
+
+The gRPC conditions (``cancelled``, ``deadline-exceeded``, ``internal``,
+``resource-exhausted``, ``unavailable``) are met by the ``grpc-status`` of a
+Trailers-Only response (``outcome.grpc_status``), as Envoy's: a status that
+comes in trailers, after the response started, is never retried.
 """
 
 import random
@@ -19,11 +24,18 @@ _COVERS = {
 }
 
 
+#: The retryOn name of each gRPC status it covers.
+_GRPC_CONDITIONS = {1: "cancelled", 4: "deadline-exceeded", 8: "resource-exhausted", 13: "internal",
+                    14: "unavailable"}
+
+
 def should_retry(outcome, policy) -> bool:
     """Does ``policy.retry_on`` cover this failed try?"""
     retry_on = policy.retry_on
     if outcome.kind != "status":
         return not retry_on.isdisjoint(_COVERS[outcome.kind])
+    if outcome.grpc_status is not None and _GRPC_CONDITIONS.get(outcome.grpc_status) in retry_on:
+        return True
     status = outcome.status
     if status in policy.retry_status_codes:
         return True

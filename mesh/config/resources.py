@@ -23,11 +23,11 @@ from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
 
 #: Istio's retry policy for routes without ``retries``: 2 retries on
 #: connect-failure, refused-stream, unavailable, cancelled and
-#: retriable-status-codes (503).  ``unavailable``/``cancelled`` are gRPC status
-#: conditions, which the built-in retry plugin does not evaluate.
+#: retriable-status-codes (503).  ``unavailable``/``cancelled`` are gRPC
+#: statuses (of a Trailers-Only gRPC response).
 DEFAULT_RETRY = RetryPolicy(
     attempts=2,
-    retry_on=frozenset({"connect-failure", "refused-stream", "retriable-status-codes"}),
+    retry_on=frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}),
     retry_status_codes=frozenset({503}),
 )
 

@@ -18,7 +18,8 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-#: Retry conditions understood by the built-in retry plugin (Istio/Envoy names).
+#: Retry conditions understood by the built-in retry plugin (Istio/Envoy names); the last five
+#: are gRPC statuses (Envoy's ``x-envoy-retry-grpc-on``), met by a Trailers-Only gRPC response.
 RETRY_ON_NAMES = frozenset(
     {
         "5xx",
@@ -28,6 +29,11 @@ RETRY_ON_NAMES = frozenset(
         "retriable-4xx",
         "refused-stream",
         "retriable-status-codes",
+        "cancelled",
+        "deadline-exceeded",
+        "internal",
+        "resource-exhausted",
+        "unavailable",
     }
 )
 

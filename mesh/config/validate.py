@@ -182,8 +182,7 @@ _RETRIES_UNSUPPORTED = {"retryRemoteLocalities": "locality-aware retries are not
                         "backoff": "the retry backoff is fixed (25 ms base, jittered); remove it"}
 #: retryOn conditions that Istio accepts but the built-in retry plugin does not evaluate.
 _RETRY_ON_UNSUPPORTED = {"envoy-ratelimited", "retriable-headers", "reset-before-request",
-                         "http3-post-connect-failure", "cancelled", "deadline-exceeded", "internal",
-                         "resource-exhausted", "unavailable"}
+                         "http3-post-connect-failure"}
 
 
 def validate(resources, domain: str = hostnames.DEFAULT_DOMAIN) -> tuple:

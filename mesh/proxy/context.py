@@ -54,6 +54,9 @@ class RequestContext:
       :meth:`mesh.config.security_tables.ShadowEngine.evaluate` returns them
     - ``request_auth``: inbound, the :class:`mesh.proxy.authn.RequestAuth` of the
       request's verified JWT (RequestAuthentication), else None
+    - ``grpc``: None, or for a gRPC request (``content-type: application/grpc``)
+      its :class:`mesh.proxy.grpc.GrpcCall`: the gRPC status and message counts
+      (set by the exchange)
     - ``extra``: a dict for plugins to share per-request data (created lazily)
     """
 
@@ -85,6 +88,7 @@ class RequestContext:
         "authz_policy",
         "authz_dry_run",
         "request_auth",
+        "grpc",
         "_extra",
     )
 
@@ -119,6 +123,7 @@ class RequestContext:
         self.authz_policy = None
         self.authz_dry_run = None
         self.request_auth = None
+        self.grpc = None
         self._extra = None
 
     @property

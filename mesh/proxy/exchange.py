@@ -36,6 +36,9 @@ Failure rules (see docs/configuration.md and ARCHITECTURE.md):
 - a request body is buffered for replay up to a limit; past it, no retry.
 - a plugin that raises in a hook -> 500 ``PE`` for this request only (the
   connection's other requests go on); :mod:`mesh.plugins` logs it once.
+- a gRPC request (``ctx.grpc``, :mod:`mesh.proxy.grpc`): its ``grpc-timeout``
+  bounds the deadline, a Trailers-Only ``grpc-status`` may be retried, and
+  local replies are gRPC statuses.
 
 The caller gets the status, the flags and a message; the access log also gets
 Envoy's response code details (``RequestOutcome.detail``), such as the policy
@@ -45,7 +48,7 @@ that denied a request.
 from __future__ import annotations
 
 from mesh.plugins import PluginError
-from mesh.proxy import outlier, retry
+from mesh.proxy import grpc, outlier, retry
 from mesh.proxy.outcome import LocalReply, Pending, RequestOutcome, TryOutcome
 
 #: The states of an :class:`Exchange` (see the module docstring).
@@ -193,6 +196,9 @@ class Exchange:
         self.response_linked = False
         self.free_retry_used = False
         self.trailers = None
+        content_type = ctx.headers.get("content-type")
+        if content_type is not None and content_type.startswith("application/grpc"):
+            ctx.grpc = grpc.call_for(content_type)
 
     @property
     def response_started(self) -> bool:
@@ -224,9 +230,12 @@ class Exchange:
             return
         down = self.down
         self.extra_headers = _set_headers(ctx, rewrites, down.forward_headers)
-        if action.timeout:
+        timeout = action.timeout
+        if ctx.grpc is not None:
+            timeout = ctx.grpc.deadline(ctx, timeout, listener.reactor.seconds(), self.extra_headers)
+        if timeout:
             self.deadline = True
-            down.deadlines.set(self, action.timeout)
+            down.deadlines.set(self, timeout)
         if self.expect_continue and not self.body_done:
             down.send_continue()
         self._new_try()
@@ -265,6 +274,9 @@ class Exchange:
         policy = self.action.retry
         if policy is not None and policy.per_try_timeout:
             attempt.timer = listener.reactor.callLater(policy.per_try_timeout, attempt.per_try_timeout)
+        if ctx.grpc is not None and ctx.grpc.due is not None:  # this try's grpc-timeout: what is left
+            self.extra_headers = ctx.grpc.forwarded_headers(now, policy.per_try_timeout if policy else None)
+            self.prepared = None
         pool = endpoint.pool
         if (cluster.h2_always or (ctx.http_version == "2" and (cluster.h2_follows_client or pool.tls is not None))) \
                 and not self.upgrade:
@@ -298,6 +310,8 @@ class Exchange:
         """A piece of the request body arrived from downstream."""
         ctx = self.ctx
         ctx.bytes_received += len(data)
+        if ctx.grpc is not None:
+            ctx.grpc.requests.feed(data)
         limit = self.listener.limits.max_request_body
         if limit and ctx.bytes_received > limit:
             self.local_reply(413, "", f"request body larger than {limit} bytes; "
@@ -368,7 +382,9 @@ class Exchange:
             attempt.timer.cancel()
             attempt.timer = None
         outlier.response(attempt.endpoint, self.cluster, now, status)
-        if status >= 400 and self._retry(attempt, TryOutcome("status", status)):
+        grpc_status = None if ctx.grpc is None else ctx.grpc.head_status(headers)
+        if (status >= 400 or grpc_status) and self._retry(attempt, TryOutcome("status", status,
+                                                                               grpc_status=grpc_status)):
             return
         if status == 101 and not self.upgrade:
             # never a tunnel the client did not ask for and the proxy did not pass
@@ -391,6 +407,8 @@ class Exchange:
             return
         ctx = self.ctx
         ctx.bytes_sent += len(data)
+        if ctx.grpc is not None:
+            ctx.grpc.responses.feed(data)
         if ctx.bytes_sent > _LINK_RESPONSE_AFTER and not self.response_linked:
             # A large response: from now on a full downstream buffer pauses the upstream.
             self.response_linked = True
@@ -401,6 +419,8 @@ class Exchange:
         """The response ends with trailers (``(name, value)`` byte pairs); :meth:`response_end` follows."""
         if attempt is not self.current or self.state is DONE:
             return
+        if self.ctx.grpc is not None:
+            self.ctx.grpc.trailers(headers)
         self.down.send_trailers(headers)
 
     def response_end(self, attempt):
@@ -491,6 +511,8 @@ class Exchange:
             self.ctx.add_flag("UT")
             self.down.abort()
             self._complete(local=False, detail="upstream_response_timeout")
+        elif self.ctx.grpc is not None and self.ctx.grpc.client_timeout is not None:
+            self.local_reply(504, "UT", self.ctx.grpc.deadline_message(), "upstream_response_timeout")
         else:
             self.local_reply(504, "UT", f"upstream request timeout after {self.action.timeout:g}s "
                              "(the route's timeout); raise the VirtualService timeout if this is expected",
@@ -503,6 +525,8 @@ class Exchange:
         The caller gets ``status``, the flags, ``message`` and ``headers``
         (``(name, value)`` bytes pairs); ``details`` (Envoy's response code
         details) go to ``mesh_request_complete`` only.
+        A gRPC request gets them as a gRPC status instead: HTTP 200 with
+        ``grpc-status`` and ``grpc-message`` (:func:`mesh.proxy.grpc.local_reply_headers`).
         """
         if self.state is DONE:
             return
@@ -516,10 +540,22 @@ class Exchange:
             self.down.abort()
             self._complete(local=True, detail=details)
             return
+        if ctx.grpc is not None:
+            self._grpc_local_reply(status, flag, message, details)
+            return
         ctx.response_code = status
         body = message.encode("utf-8", "replace") + b"\n"
         self.down.send_local(self, status, body, (*headers, *self._local_headers(status)))
         ctx.bytes_sent += len(body)
+        self._complete(local=True, detail=details)
+
+    def _grpc_local_reply(self, status, flag, message, details):
+        """:meth:`local_reply` to a gRPC request: a Trailers-Only response, HTTP 200."""
+        ctx = self.ctx
+        headers = grpc.local_reply_headers(status, flag == "UT", message)
+        ctx.grpc.head_status(headers)
+        ctx.response_code = 200
+        self.down.send_local(self, 200, b"", (*headers, *self._local_headers(200)))
         self._complete(local=True, detail=details)
 
     def _local_headers(self, status):
@@ -559,6 +595,8 @@ class Exchange:
             self.response_linked = False
             self.down.unlink_response()
         ctx = self.ctx
+        if ctx.grpc is not None:
+            ctx.grpc.complete(ctx.response_code)
         outcome = RequestOutcome(ctx.response_code, ctx.response_flags, local,
                                  self.listener.reactor.seconds() - ctx.start, detail)
         self.listener.request_complete(ctx, outcome)

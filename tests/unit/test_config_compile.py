@@ -248,7 +248,8 @@ def test_default_routes_and_retry_policies(bookinfo):
     assert action.name == "ServiceEntry/bookinfo/external-api"
     assert action.clusters == ("outbound|80||api.example.com",) and action.timeout is None
     assert (action.retry.attempts, action.retry.retry_on, action.retry.retry_status_codes) == (
-        2, frozenset({"connect-failure", "refused-stream", "retriable-status-codes"}), frozenset({503}))
+        2, frozenset({"connect-failure", "refused-stream", "unavailable", "cancelled", "retriable-status-codes"}),
+        frozenset({503}))
     assert _route(bookinfo, "ratings", "/other").retry is None  # attempts: 0
 
 

@@ -533,14 +533,14 @@ def test_match_rejections(tmp_path):
 
 
 @pytest.mark.parametrize("retries,reason", [
-    ("{attempts: 2, retryOn: '5xx,unavailable'}",
-     "spec.http[0].retries.retryOn: retryOn condition 'unavailable' is not supported by txmesh; use 5xx, "
-     "connect-failure, gateway-error, refused-stream, reset, retriable-4xx, retriable-status-codes or HTTP "
-     "status codes"),
+    ("{attempts: 2, retryOn: '5xx,envoy-ratelimited'}",
+     "spec.http[0].retries.retryOn: retryOn condition 'envoy-ratelimited' is not supported by txmesh; use 5xx, "
+     "cancelled, connect-failure, deadline-exceeded, gateway-error, internal, refused-stream, reset, "
+     "resource-exhausted, retriable-4xx, retriable-status-codes, unavailable or HTTP status codes"),
     ("{attempts: 2, retryOn: '5xx,bogus'}",
-     "spec.http[0].retries.retryOn: unknown retryOn condition 'bogus'; use 5xx, connect-failure, "
-     "gateway-error, refused-stream, reset, retriable-4xx, retriable-status-codes or HTTP status codes "
-     "(100-599), separated by commas"),
+     "spec.http[0].retries.retryOn: unknown retryOn condition 'bogus'; use 5xx, cancelled, connect-failure, "
+     "deadline-exceeded, gateway-error, internal, refused-stream, reset, resource-exhausted, retriable-4xx, "
+     "retriable-status-codes, unavailable or HTTP status codes (100-599), separated by commas"),
     ("{retryOn: 5xx}",
      "spec.http[0].retries.attempts: retries are disabled (attempts is 0 or missing) but perTryTimeout or "
      "retryOn is set; set attempts >= 1 or remove them"),
