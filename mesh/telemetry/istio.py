@@ -6,6 +6,11 @@ dashboards and alerts work unchanged.  The outbound listener reports as
 side fills in what it knows (docs/telemetry.md says where every label comes
 from and when it is ``unknown``).
 
+A gRPC request (``ctx.grpc`` set) reports ``request_protocol="grpc"``, its
+gRPC status in ``grpc_response_status`` (empty for other requests, as
+Istio's), and its messages each way in ``istio_request_messages_total`` /
+``istio_response_messages_total``, which only gRPC series have.
+
 Hot path: a request costs one tuple key and one dict lookup to find its
 :class:`Series` (bound when that key was first seen; label values are worked
 out only then), one counter increment and three bucket searches in C
@@ -56,6 +61,7 @@ PEER_LABELS = (
 #: Istio's tag names for the dry-run results of its RBAC stats (``allow``/``deny``, ``allowed``/``denied``).
 DRY_RUN_LABELS = ("authz_dry_run_action", "authz_dry_run_result")
 REQUEST_LABELS = PEER_LABELS + ("request_protocol", "response_code", "response_flags", "grpc_response_status")
+_PROTOCOL = REQUEST_LABELS.index("request_protocol")
 TCP_LABELS = PEER_LABELS + ("request_protocol", "response_flags")
 
 #: Istio's TCP metrics.  Istio does not count HTTP traffic in them; txmesh reports the routed TCP
@@ -88,15 +94,18 @@ class Distribution:
 
 
 class Series:
-    """Everything counted for one Istio label set."""
+    """Everything counted for one Istio label set (the message counts: gRPC series only)."""
 
-    __slots__ = ("requests", "duration", "request_bytes", "response_bytes")
+    __slots__ = ("requests", "duration", "request_bytes", "response_bytes", "request_messages",
+                 "response_messages")
 
     def __init__(self):
         self.requests = 0
         self.duration = Distribution()
         self.request_bytes = Distribution()
         self.response_bytes = Distribution()
+        self.request_messages = 0
+        self.response_messages = 0
 
     def observe(self, milliseconds, received, sent) -> None:
         """Count one request (one method call: this is the per-request work)."""
@@ -134,9 +143,16 @@ class IstioMetrics(Collector):
     @hookimpl
     def mesh_request_complete(self, ctx, outcome):
         try:
+            grpc = ctx.grpc
+            # the grpc_response_status of the key: None for HTTP, "" for gRPC without a status, else the status
+            grpc_status = None if grpc is None else ("" if grpc.status is None else grpc.status)
             series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.host,
-                                       ctx.response_code, ctx.response_flags, ctx.get_extra(PEER_METADATA)))
+                                       ctx.response_code, ctx.response_flags, ctx.get_extra(PEER_METADATA),
+                                       grpc_status))
             series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
+            if grpc is not None:
+                series.request_messages += grpc.request_messages
+                series.response_messages += grpc.response_messages
             if ctx.attempts > 1:
                 self._retries[ctx.cluster] = self._retries.get(ctx.cluster, 0) + ctx.attempts - 1
             if ctx.authz_dry_run is not None:
@@ -151,12 +167,19 @@ class IstioMetrics(Collector):
                                          labels=REQUEST_LABELS)
         request_bytes = HistogramMetricFamily("istio_request_bytes", "Request body sizes.", labels=REQUEST_LABELS)
         response_bytes = HistogramMetricFamily("istio_response_bytes", "Response body sizes.", labels=REQUEST_LABELS)
+        request_messages = CounterMetricFamily("istio_request_messages", "gRPC messages sent by clients.",
+                                               labels=REQUEST_LABELS)
+        response_messages = CounterMetricFamily("istio_response_messages", "gRPC messages sent by servers.",
+                                                labels=REQUEST_LABELS)
         for labels, series in self._series.items():
             requests.add_metric(labels, series.requests)
             for family, distribution in ((duration, series.duration), (request_bytes, series.request_bytes),
                                          (response_bytes, series.response_bytes)):
                 family.add_metric(labels, distribution.cumulative(), distribution.sum)
-        yield from (requests, duration, request_bytes, response_bytes)
+            if labels[_PROTOCOL] == "grpc":
+                request_messages.add_metric(labels, series.request_messages)
+                response_messages.add_metric(labels, series.response_messages)
+        yield from (requests, duration, request_bytes, response_bytes, request_messages, response_messages)
         tcp = [CounterMetricFamily(name, text, labels=TCP_LABELS) for name, text in TCP_METRICS]
         index = self._peers.index()
         for key, counts in self._tcp.items():
@@ -223,12 +246,13 @@ class IstioMetrics(Collector):
 
     def _bind(self, key, index) -> Series:
         """Work out the labels of a new key and find (or start) its series."""
-        direction, cluster, upstream_host, peer, host, code, flags, metadata = key
+        direction, cluster, upstream_host, peer, host, code, flags, metadata, grpc_status = key
         if direction == "outbound":
             values = self._source_labels(index, cluster, upstream_host, metadata)
         else:
             values = self._destination_labels(index, peer, host, metadata)
-        values += ("http", str(code), flags or "-", "")
+        values += ("http" if grpc_status is None else "grpc", str(code), flags or "-",
+                   "" if grpc_status is None else str(grpc_status))
         series = self._series.get(values)
         if series is None:
             series = self._series[values] = Series()

@@ -218,3 +218,23 @@ def test_dry_run_results_are_counted_with_istios_labels(metrics):
                   for name, labels, value in scrape(metrics)["mesh_authz_dry_run"]
                   if name == "mesh_authz_dry_run_total") == [
         ("allow", "denied", 1), ("deny", "allowed", 1), ("deny", "denied", 2)]
+
+
+def test_grpc_requests_report_their_status_and_messages_and_only_they_do(metrics):
+    from mesh.proxy.grpc import call_for
+
+    for status, messages in ((0, 3), (0, 2), (14, 0), (None, 1)):
+        ctx = outbound(200)
+        ctx.grpc = call_for("application/grpc")
+        ctx.grpc.status = status
+        ctx.grpc.requests.count, ctx.grpc.responses.count = 1, messages
+        metrics.mesh_request_complete(ctx, done(ctx))
+    metrics.mesh_request_complete(outbound(200), done(outbound(200)))
+    requests = {(labels["request_protocol"], labels["grpc_response_status"]): value
+                for labels, value in requests_total(metrics)}
+    assert requests == {("grpc", "0"): 2, ("grpc", "14"): 1, ("grpc", ""): 1, ("http", ""): 1}
+    families = scrape(metrics)
+    responses = {labels["grpc_response_status"]: value for _, labels, value in families["istio_response_messages"]}
+    assert responses == {"0": 5, "14": 0, "": 1}
+    sent = {labels["grpc_response_status"]: value for _, labels, value in families["istio_request_messages"]}
+    assert sent == {"0": 2, "14": 1, "": 1}
