@@ -145,7 +145,8 @@ AUTHORIZATION_POLICY = obj({
     "action": enum("ALLOW", "DENY"),
     "rules": array(obj({
         "from": array(obj({"source": obj({name: STRINGS for name in (
-            "principals", "notPrincipals", "namespaces", "notNamespaces", "ipBlocks", "notIpBlocks")})},
+            "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
+            "ipBlocks", "notIpBlocks")})},
             required=("source",))),
         "to": array(obj({"operation": obj({name: STRINGS for name in (
             "hosts", "notHosts", "methods", "notMethods", "paths", "notPaths", "ports", "notPorts")})},
@@ -161,6 +162,23 @@ PEER_AUTHENTICATION = obj({
     "portLevelMtls": strmap(MTLS),
 })
 
+REQUEST_AUTHENTICATION = obj({
+    "selector": SELECTOR,
+    "jwtRules": array(obj({
+        "issuer": STR,
+        "audiences": STRINGS,
+        "jwksUri": STR,
+        "jwks": STR,
+        "fromHeaders": array(obj({"name": STR, "prefix": STR}, required=("name",))),
+        "fromParams": STRINGS,
+        "fromCookies": STRINGS,
+        "outputPayloadToHeader": STR,
+        "outputClaimToHeaders": array(obj({"header": STR, "claim": STR}, required=("header", "claim"))),
+        "forwardOriginalToken": BOOL,
+        "timeout": DURATION,
+    }, required=("issuer",), description="jwksUri or jwks (txmesh does not discover keys from the issuer).")),
+})
+
 #: (group, kind, plural, spec schema, printer columns)
 KINDS = [
     ("networking.txmesh.io", "ServiceEntry", "serviceentries", SERVICE_ENTRY,
@@ -172,6 +190,8 @@ KINDS = [
      [("Action", ".spec.action")]),
     ("security.txmesh.io", "PeerAuthentication", "peerauthentications", PEER_AUTHENTICATION,
      [("Mode", ".spec.mtls.mode")]),
+    ("security.txmesh.io", "RequestAuthentication", "requestauthentications", REQUEST_AUTHENTICATION,
+     [("Selector", ".spec.selector.matchLabels")]),
 ]
 
 
