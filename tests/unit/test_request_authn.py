@@ -10,7 +10,7 @@ import time
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jwt.algorithms import ECAlgorithm, RSAAlgorithm
+from jwt.algorithms import RSAAlgorithm
 
 from mesh.config.authz_predicates import compile_rule
 from mesh.config.compile import Workload, compile_proxy_config
@@ -21,25 +21,18 @@ from mesh.config.validate import validate
 from mesh.proxy.authn import Authenticator, RequestAuth
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import LocalReply
+from tests.harness.jwks import key_set, public_jwk, sign
 
 _HEAD = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: shop}\n"
 RSA_KEY = rsa.generate_private_key(public_exponent=65537, key_size=2048)
 EC_KEY = ec.generate_private_key(ec.SECP256R1())
 
 
-def public_jwk(key, kid: str, **extra) -> dict:
-    """The public JWK of a private key, with ``kid``."""
-    algorithm = RSAAlgorithm if isinstance(key, rsa.RSAPrivateKey) else ECAlgorithm
-    return {**json.loads(algorithm.to_jwk(key.public_key())), "kid": kid, **extra}
+JWKS = key_set(public_jwk(RSA_KEY, "k1"), public_jwk(EC_KEY, "e1"))
 
 
-JWKS = json.dumps({"keys": [public_jwk(RSA_KEY, "r1"), public_jwk(EC_KEY, "e1")]})
-
-
-def token(claims=None, key=RSA_KEY, kid="r1", alg="RS256", **more) -> str:
-    body = {"iss": "https://issuer.example", "sub": "alice", "aud": "shop", "exp": int(time.time()) + 300}
-    body.update(claims or {}, **more)
-    return jwt.encode(body, key, alg, headers={"kid": kid} if kid else None)
+def token(key=RSA_KEY, **claims) -> str:
+    return sign(key, **claims)
 
 
 def _validate(tmp_path, spec):
@@ -258,7 +251,7 @@ def authenticate(table, headers=None, path="/orders"):
     (token(aud="web"), "Audiences in Jwt are not allowed"),
     (token(kid="unknown"), "Jwks doesn't have key to match kid or alg from Jwt"),
     (token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)), "Jwt verification fails"),
-    (token(key=EC_KEY, alg="ES256", kid="r1"), "Jwks doesn't have key to match kid or alg from Jwt"),
+    (token(key=EC_KEY, alg="ES256", kid="k1"), "Jwks doesn't have key to match kid or alg from Jwt"),
     (jwt.encode({"iss": "https://issuer.example", "aud": "shop"}, "k" * 32, "HS256"),
      "Jwks doesn't have key to match kid or alg from Jwt"),
     ("not-a-jwt", "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
