@@ -71,7 +71,9 @@ class RequestView(Protocol):
     (``"UF,URX"``, see :data:`RESPONSE_FLAGS`), ``error``, ``bytes_received``
     / ``bytes_sent`` (body bytes from / to the downstream), ``upstream_start``,
     ``upstream_time``, ``authz_policy`` (the AuthorizationPolicy that decided),
-    ``authz_dry_run``, ``grpc`` (None unless the request is gRPC; then its
+    ``authz_dry_run``, ``request_auth`` (inbound, set before ``mesh_authorize``: None, or
+    the request's verified JWT (RequestAuthentication) with ``principal`` (``iss/sub``),
+    ``audiences``, ``presenter`` and ``claims``), ``grpc`` (None unless the request is gRPC; then its
     ``status``, the gRPC status once known, and ``request_messages`` /
     ``response_messages``, the messages counted each way).
 
@@ -131,6 +133,8 @@ class RequestView(Protocol):
     def authz_policy(self) -> str | None: ...
     @property
     def authz_dry_run(self) -> tuple | None: ...
+    @property
+    def request_auth(self) -> Any: ...
     @property
     def grpc(self) -> Any: ...
     @property
