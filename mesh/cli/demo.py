@@ -1,11 +1,11 @@
 """``meshctl demo``: run the demo mesh on loopback and take a guided tour of it.
 
 Starts the control plane (the mesh's CA and config server, watching a copy of
-the demo's config) and four workloads on loopback, each a demo app plus its
+the demo's config) and five workloads on loopback, each a demo app plus its
 sidecar with a workload certificate and its config from the control plane,
 prints where everything is, then sends real traffic through the mesh and
 checks what happens: routing, a live change of the canary weights, retries,
-mTLS identities and authorization, then what the metrics say.  Afterwards
+mTLS identities and authorization, a gRPC call, then what the metrics say.  Afterwards
 the mesh stays up for you to explore until Ctrl-C (or SIGTERM); with
 --exit-after-tour it stops right away.  Either way every child process is
 stopped before meshctl exits.  The mesh runs the built-in plugins only (so

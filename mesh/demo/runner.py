@@ -1,9 +1,11 @@
-"""Start and stop the demo mesh: the control plane, four demo apps and their four sidecars, as real processes.
+"""Start and stop the demo mesh: the control plane, five demo apps and their five sidecars, as real processes.
 
 The layout matches the config in ``mesh/demo/mesh-config``: the frontend runs
 in namespace ``frontend`` (service account ``frontend-service-account``),
-user-service v1 and v2 and payment-service in namespace ``demo`` (service
-accounts ``user-service`` and ``payment-service``).  Each workload has a
+user-service v1 and v2, payment-service and greeter in namespace ``demo``
+(service accounts ``user-service``, ``payment-service`` and ``greeter``).
+greeter is a gRPC service (:mod:`mesh.demo.grpc_app`, left out when grpcio is
+not installed); the others are the HTTP app :mod:`mesh.demo.app`.  Each workload has a
 loopback address of its own, its app listens on port 8080 there and its
 sidecar on Istio's ports 15001 (outbound) and 15006 (inbound, the ServiceEntry
 endpoint).  Admin ports are on 127.0.0.1, one per sidecar.  Each sidecar
@@ -55,6 +57,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from mesh.demo import grpc_app
 from mesh.plugins import describe_plugins, make_plugin_manager
 
 CONFIG_DIR = Path(__file__).with_name("mesh-config")
@@ -97,6 +100,7 @@ class Workload:
 
     ``name`` is both the workload name given to the sidecar and the name the
     app reports (``x-demo-service``), so a response tells which version served it.
+    ``grpc``: the app is the gRPC greeter (:mod:`mesh.demo.grpc_app`), not the HTTP app.
     """
 
     name: str
@@ -106,6 +110,7 @@ class Workload:
     service_account: str
     address: str
     admin_port: int
+    grpc: bool = False
 
     @property
     def labels(self) -> dict[str, str]:
@@ -139,6 +144,8 @@ WORKLOADS = (
     Workload("user-service-v1", "user-service", "v1", "demo", "user-service", "127.0.10.2", 15102),
     Workload("user-service-v2", "user-service", "v2", "demo", "user-service", "127.0.10.3", 15103),
     Workload("payment-service", "payment-service", "v1", "demo", "payment-service", "127.0.10.4", 15104),
+    *((Workload("greeter", "greeter", "v1", "demo", "greeter", "127.0.10.5", 15105, grpc=True),)
+      if grpc_app.available() else ()),
 )
 
 
@@ -283,12 +290,12 @@ def check_ports(workloads=WORKLOADS) -> None:
     if any(problem.startswith("address not available") for *_, problem in problems):
         lines.append("The demo gives each workload an address in 127.0.10.0/24, which Linux routes to the "
                      "loopback interface by default; elsewhere add them first, e.g. "
-                     "`sudo ifconfig lo0 alias 127.0.10.1` (and .2, .3, .4).")
+                     "`sudo ifconfig lo0 alias 127.0.10.1` (and .2 to .5).")
     raise DemoError("\n".join(lines))
 
 
 class DemoMesh:
-    """The demo mesh: ``twistd mesh-control``, and four workloads, each an app process and a
+    """The demo mesh: ``twistd mesh-control``, and its workloads, each an app process and a
     ``twistd mesh-proxy`` process.
 
     Logs go to ``state_dir/logs``, the control plane's state to ``state_dir/control``, the join
@@ -357,10 +364,13 @@ class DemoMesh:
         return Child("control plane", argv, self.log_dir / "control-plane.log", probe)
 
     def _app(self, workload: Workload) -> Child:
-        argv = [sys.executable, "-m", "mesh.demo.app", "--name", workload.name,
-                "--address", workload.address, "--port", APP_PORT]
+        argv = [sys.executable, "-m", "mesh.demo.grpc_app" if workload.grpc else "mesh.demo.app",
+                "--name", workload.name, "--address", workload.address, "--port", APP_PORT]
 
         def probe():
+            if workload.grpc:  # listening is enough: the tour's gRPC step checks its answers
+                with socket.create_connection((workload.address, APP_PORT), timeout=2.0):
+                    return True
             return http_get(workload.address, APP_PORT, timeout=2.0).json()["service"] == workload.name
 
         return Child(f"{workload.name} app", argv, self.log_dir / f"{workload.name}-app.log", probe)

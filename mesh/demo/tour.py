@@ -37,6 +37,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from mesh.demo import grpc_app
 from mesh.demo.runner import (
     ADMIN_ADDRESS,
     APP_PORT,
@@ -56,6 +57,7 @@ CLIENT = "frontend"
 #: How the frontend (namespace frontend) names the services of namespace demo.
 USER_SERVICE = "user-service.demo"
 PAYMENT_SERVICE = "payment-service.demo"
+GREETER = "greeter.demo"
 PINNED_REQUESTS = 20
 BETA_REQUESTS = 10
 CANARY_REQUESTS = 500
@@ -71,7 +73,7 @@ LIVE_V2_TOLERANCE = 0.2
 #: Seconds every proxy gets to ACK a config change (file watch, debounce, push, compile).
 SYNC_TIMEOUT = 15.0
 #: The services the tour calls, by ``destination_service_name``: each must show requests in the metrics.
-CALLED_SERVICES = ("user-service", "payment-service")
+CALLED_SERVICES = ("user-service", "payment-service", "greeter")
 #: Where Grafana dashboards would ship, relative to the source tree.
 GRAFANA_DIR = Path(__file__).resolve().parents[2] / "deploy" / "grafana"
 
@@ -286,6 +288,56 @@ def authorization(tour: Tour) -> bool:
             and served_by is None,
             f"{caller} may not call {service}: 403 \"RBAC: access denied\" from {service}'s sidecar, "
             "which never passed it to the app"))
+    return all(results)
+
+
+def grpc_call(tour: Tour, caller: str, method: str, name: str = "tour") -> tuple[str, str, dict]:
+    """One unary gRPC call of ``GREETER`` as the *caller* app would make it: HTTP/2 without TLS to its
+    sidecar's outbound listener, ``:authority`` naming the service.  Returns (status name, answer or
+    error details, response metadata)."""
+    import grpc
+
+    address = tour.workload(caller).address
+    options = [("grpc.default_authority", GREETER), ("grpc.enable_retries", 0)]
+    with grpc.insecure_channel(f"{address}:{OUTBOUND_PORT}", options=options) as channel:
+        try:
+            answer, call = channel.unary_unary(method).with_call(name.encode(), timeout=10.0)
+        except grpc.RpcError as error:
+            metadata = {**dict(error.initial_metadata() or ()), **dict(error.trailing_metadata() or ())}
+            return error.code().name, error.details() or "", metadata
+    return "OK", answer.decode("utf-8", "replace"), dict(call.initial_metadata() or ())
+
+
+def grpc_through_the_mesh(tour: Tour) -> bool | None:
+    if not any(workload.grpc for workload in tour.mesh.workloads):
+        tour.say("skipped: grpcio is not installed, so the demo runs no gRPC workload (pip install 'txmesh[demo]')")
+        return None
+    tour.say("greeter is a gRPC service (port protocol GRPC): the apps speak plaintext HTTP/2 to their sidecars,")
+    tour.say("the sidecars mTLS to each other. Its VirtualService routes the gRPC service /demo.Greeter/, and only")
+    tour.say("the frontend may call it; the errors a sidecar makes reach gRPC clients as gRPC statuses.")
+    calls = [
+        (CLIENT, grpc_app.SAY_HELLO, "OK"),
+        ("user-service-v1", grpc_app.SAY_HELLO, "PERMISSION_DENIED"),
+        (CLIENT, "/demo.Unknown/Call", "UNIMPLEMENTED"),
+    ]
+    results = []
+    for caller, method, expected in calls:
+        status, text, metadata = grpc_call(tour, caller, method)
+        flags = metadata.get("x-mesh-flags")
+        tour.say(f"{caller} -> gRPC {method}, :authority {GREETER} -> {status}: {text}"
+                 + (f" (x-mesh-flags: {flags})" if flags else ""))
+        if expected == "OK":
+            results.append(tour.expect(
+                status == "OK" and text.endswith(f"you are {tour.workload(caller).spiffe_id}"),
+                "the greeter answered and knows the caller's verified identity"))
+        elif expected == "PERMISSION_DENIED":
+            results.append(tour.expect(status == expected and flags == "RBAC",
+                                       "user-service may not call greeter: its AuthorizationPolicy, as gRPC status "
+                                       "PERMISSION_DENIED from greeter's sidecar"))
+        else:
+            results.append(tour.expect(status == expected and flags == "NR",
+                                       "no route for that gRPC service: UNIMPLEMENTED from the frontend's sidecar "
+                                       "(the HTTP answer would be 404)"))
     return all(results)
 
 
@@ -564,7 +616,7 @@ def _prometheus_config(tour: Tour) -> list[str]:
 
 def metrics_summary(tour: Tour) -> bool:
     tour.say(f"Each sidecar serves Istio's standard metrics at http://<its address>:{METRICS_PORT}{METRICS_PATH};")
-    tour.say("this step scrapes all four and sums what the receiving side counted (reporter=\"destination\").")
+    tour.say("this step scrapes them all and sums what the receiving side counted (reporter=\"destination\").")
     seconds = max(time.monotonic() - tour.started, 1e-6)
     families = {}
     for workload in tour.mesh.workloads:
@@ -589,7 +641,8 @@ def metrics_summary(tour: Tour) -> bool:
                  f"{sent[name]} requests sent, as reporter=\"source\")")
     results = [tour.expect(services.get(name) is not None and services[name].requests > 0,
                            f"{name}: {services[name].requests if name in services else 0} requests counted "
-                           "by its sidecars") for name in CALLED_SERVICES]
+                           "by its sidecars") for name in CALLED_SERVICES
+               if any(workload.service == name for workload in tour.mesh.workloads)]
     payment = services.get("payment-service")
     denied = payment.codes.get("403", 0) if payment else 0
     results.append(tour.expect(denied > 0, f"payment-service counted {denied} x 403: the frontend refused "
@@ -633,6 +686,7 @@ STEPS = (
     Step("Retries hide a flaky upstream", retry_flaky),
     Step("Who is calling: mTLS identities", who_is_calling),
     Step("Authorization: who may call whom", authorization),
+    Step("gRPC through the mesh", grpc_through_the_mesh),
     Step("mTLS everywhere: plaintext is refused", plaintext_refused),
     Step("A sidecar's certificate", certificate_facts),
     Step("What the sidecars saw", cluster_health),

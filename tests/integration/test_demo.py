@@ -137,6 +137,14 @@ def test_tour_passes_and_stops_every_child(tmp_path):
     assert "user-service-v1 -> GET /account, Host: payment-service -> HTTP 200 from payment-service" in result.stdout
 
     # STRICT mTLS: plaintext to an inbound port gets no HTTP answer
+    # gRPC: a call through two sidecars, a denial and a route miss as gRPC statuses
+    frontend_id = "spiffe://cluster.local/ns/frontend/sa/frontend-service-account"
+    assert (f"frontend -> gRPC /demo.Greeter/SayHello, :authority greeter.demo -> OK: hello tour, from greeter; "
+            f"you are {frontend_id}") in result.stdout, output
+    assert ("user-service-v1 -> gRPC /demo.Greeter/SayHello, :authority greeter.demo -> PERMISSION_DENIED: "
+            "RBAC: access denied (x-mesh-flags: RBAC)") in result.stdout, output
+    assert re.search(r"frontend -> gRPC /demo.Unknown/Call, :authority greeter.demo -> UNIMPLEMENTED: .*"
+                     r"\(x-mesh-flags: NR\)", result.stdout), output
     assert "reports peer authentication mode STRICT" in result.stdout, output
     assert "the connection was closed without an HTTP answer" in result.stdout, output
     assert "\u2718" not in result.stdout and "[FAIL]" not in result.stdout, output
