@@ -1,21 +1,30 @@
-"""Built-in CA backend: ``builtin.ca`` signs with the control plane's own CA key."""
+"""Built-in CA backend: ``builtin.ca`` signs with the control plane's own CA key (``--ca builtin``, the default).
+
+Like every CA plugin it reports its CA in ``mesh_ca_status`` (name ``builtin``, always ready: the
+key is in memory) and answers ``mesh_sign_csr`` only when ``--ca`` selected it; with another CA
+selected (``--ca vault``) it signs nothing and returns None.
+"""
 
 from mesh import hookimpl
-from mesh.api import SignedCertificate
+from mesh.api import CAStatus, SignedCertificate
+
+NAME = "builtin"
 
 
 class BuiltinSigner:
-    """``mesh_sign_csr`` with the control plane's :class:`mesh.identity.ca.CertificateAuthority`.
+    """``mesh_sign_csr`` and ``mesh_ca_status`` for the control plane's :class:`mesh.identity.ca.CertificateAuthority`.
 
     Registered from :data:`mesh.plugins.DEFAULT_PLUGINS`; ``mesh_configure``
-    takes the CA of the control plane (``config.service.ca``), and in a
-    sidecar the plugin stays idle.  Its ``mesh_sign_csr`` is ``trylast``, so
-    that an external CA plugin (Vault, AWS PCA) installed through an entry
-    point takes precedence.
+    takes the CA of the control plane (``config.service.ca``) and whether
+    ``--ca`` selected it; in a sidecar the plugin stays idle.  Its
+    ``mesh_sign_csr`` is ``trylast``, so an external CA plugin answers first
+    when it is the one selected.
     """
 
     def __init__(self):
         self.ca = None
+        self.selected = False
+        self._status = None
 
     @hookimpl
     def mesh_configure(self, config):
@@ -23,12 +32,25 @@ class BuiltinSigner:
             config.set_idle(self, "control plane only")
             return
         self.ca = config.service.ca
+        self.selected = config.option("ca", NAME) == NAME
+        # the CA's key and certificates do not change while the process runs: the status neither
+        self._status = CAStatus(name=NAME, selected=self.selected, ready=True, reason="",
+                                roots_pem=self.ca.bundle_pem(),
+                                issuer=f"builtin CA {self.ca.cert.subject.rfc4514_string()}")
 
     @hookimpl
     def mesh_unconfigure(self, config):
         self.ca = None
+        self._status = None
+
+    @hookimpl
+    def mesh_ca_status(self):
+        """The built-in CA: always ready; its roots are the state directory's bundle (root-cert.pem)."""
+        return self._status
 
     @hookimpl(trylast=True)
     def mesh_sign_csr(self, csr, identity, ttl):
-        """Sign locally."""
+        """Sign locally, when ``--ca builtin`` (the default) selected this CA."""
+        if not self.selected:
+            return None
         return SignedCertificate(*self.ca.sign(csr, identity, ttl))

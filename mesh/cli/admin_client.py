@@ -19,14 +19,21 @@ def parse_address(text: str, default_port: int) -> tuple:
     return (host.strip("[]") or "127.0.0.1"), int(port)
 
 
-def fetch_json(host: str, port: int, path: str, what: str, hint: str, timeout: float = 5.0):
-    """GET ``http://host:port/path`` and parse JSON; :class:`AdminError` with ``hint`` on failure."""
+def fetch_json(host: str, port: int, path: str, what: str, hint: str, timeout: float = 5.0,
+               statuses: tuple = (200,)):
+    """GET ``http://host:port/path`` and parse JSON; :class:`AdminError` with ``hint`` on failure.
+
+    ``statuses``: the statuses whose JSON body is the answer (``/ready`` of a control plane that is not
+    ready answers 503 with the same document).
+    """
     url = f"http://{host}:{port}{path}"
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             body = response.read()
     except urllib.error.HTTPError as error:
-        raise AdminError(f"{what} at {url} answered {error.code} {error.reason}; {hint}") from None
+        if error.code not in statuses:
+            raise AdminError(f"{what} at {url} answered {error.code} {error.reason}; {hint}") from None
+        body = error.read()
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
         raise AdminError(f"cannot reach {what} at {url}: {reason}; {hint}") from None

@@ -46,9 +46,13 @@ def sidecar_hint(port: int) -> str:
 
 
 def fetch_control(control_admin: str, path: str):
-    """GET a JSON page of the control plane's admin port; :class:`AdminError` saying what to do."""
+    """GET a JSON page of the control plane's admin port; :class:`AdminError` saying what to do.
+
+    ``/ready`` is read whether the control plane is ready (200) or not (503, e.g. its CA is not).
+    """
     host, port = parse_address(control_admin, 15014)
-    return fetch_json(host, port, path, "the control plane's admin port", control_hint(port))
+    return fetch_json(host, port, path, "the control plane's admin port", control_hint(port),
+                      statuses=(200, 503) if path == "/ready" else (200,))
 
 
 def list_proxies(control_admin: str) -> list:

@@ -34,7 +34,7 @@ def run(args) -> int:
             f"(check with: curl http://127.0.0.1:{port}/ready)")
     try:
         proxies = fetch_json(host, port, "/proxies", "the control plane's admin port", hint)
-        ready = fetch_json(host, port, "/ready", "the control plane's admin port", hint)
+        ready = fetch_json(host, port, "/ready", "the control plane's admin port", hint, statuses=(200, 503))
     except AdminError as error:
         print(f"meshctl proxy-status: {error}", file=sys.stderr)
         return 1

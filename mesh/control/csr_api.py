@@ -5,10 +5,15 @@ A sidecar renewing a certificate it still holds may instead present that
 certificate as its TLS client certificate and omit ``credential``: the verified
 SPIFFE id of the client certificate is then the proven identity (join tokens
 are short-lived; renewals must keep working after they expire).
-Response 200: ``{"certificate", "chain", "trust_bundle", "not_after"}`` (PEM
-strings, ISO time); 400/401/403/413 with ``{"error": "..."}`` otherwise, and 503
-when the credential could not be checked now (the Kubernetes API server is
-unreachable: retry with the same credential).
+Response 200: ``{"certificate", "chain", "trust_bundle", "not_after", "issuer"}``
+(PEM strings, ISO time, and a one-line description of the CA that signed, for
+``meshctl proxy-config cert``); 400/401/403/413 with ``{"error": "..."}``
+otherwise, and 503 with ``{"error": "..."}`` and ``Retry-After`` (seconds) when
+the credential could not be checked now (the Kubernetes API server is
+unreachable) or the CA cannot sign now (:class:`mesh.api.CAUnavailable`: an
+external CA sealed, down or throttling): retry later, with the same
+credential.  Any other failure of the CA is a 500 whose body says only to read
+the control plane's log (where the traceback is).
 
 The port is server-authenticated TLS: a new sidecar has no certificate yet and
 proves itself with its credential.  Every rejection is logged with the reason
@@ -18,12 +23,15 @@ and the caller's address -- never with the credential itself.
 from __future__ import annotations
 
 import json
+import math
+from time import perf_counter
 
 from cryptography import x509
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.web import resource, server
 
+from mesh.api import CAUnavailable
 from mesh.identity.credentials import CredentialRejected, VerifierUnavailable
 from mesh.identity.csr import MAX_CSR_BYTES, CSRRejected, check_csr
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
@@ -31,12 +39,31 @@ from mesh.identity.tls import peer_identity
 
 log = Logger()
 MAX_BODY = MAX_CSR_BYTES + 8192
+#: Retry-After (seconds) of a 503 for a credential that could not be checked now.
+VERIFIER_RETRY_AFTER = 5
+
+
+#: The longest Retry-After sent, whatever a CA plugin asks (an agent then retries at least this often).
+MAX_RETRY_AFTER = 300
+
+
+def retry_after_seconds(value) -> int:
+    """``Retry-After`` for a delay of ``value`` seconds: whole seconds (RFC 9110), 1 to :data:`MAX_RETRY_AFTER`;
+    a value that is not a number (a plugin's mistake) is 1."""
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError):
+        return 1
+    if math.isnan(seconds) or seconds <= 1:
+        return 1
+    return MAX_RETRY_AFTER if seconds >= MAX_RETRY_AFTER else math.ceil(seconds)
 
 
 class _Reject(Exception):
-    def __init__(self, status, message):
+    def __init__(self, status, message, retry_after=None):
         super().__init__(message)
         self.status = status
+        self.retry_after = retry_after
 
 
 def _client_certificate_identity(request, trust_domain=None):
@@ -67,14 +94,18 @@ class CSRResource(resource.Resource):
         Deferred of it (the ``mesh_sign_csr`` hook).
     :param bundle: ``() -> bytes``, the current trust bundle.
     :param default_ttl, max_ttl: certificate lifetimes in seconds.
-    :param stats: an object with ``signed()`` and ``rejected(reason)`` counters.
+    :param stats: a :class:`mesh.control.service.CSRStats` (``signed()``, ``rejected(reason, status)``,
+        ``unavailable()``, ``error()``, ``signing_took(seconds)``), or None.
     :param trust_domain: the only trust domain a renewing client certificate may prove.
+    :param ca_issuer: ``() -> str``, the selected CA's description (``issuer`` of the answer).
     """
 
     isLeaf = True
 
-    def __init__(self, verifier, sign, bundle, default_ttl, max_ttl, stats=None, trust_domain=None):
+    def __init__(self, verifier, sign, bundle, default_ttl, max_ttl, stats=None, trust_domain=None,
+                 ca_issuer=lambda: ""):
         super().__init__()
+        self._ca_issuer = ca_issuer
         self._trust_domain = trust_domain
         self._verifier = verifier
         self._sign = sign
@@ -109,7 +140,7 @@ class CSRResource(resource.Resource):
             try:
                 identity = await defer.maybeDeferred(self._verifier.verify, credential)
             except VerifierUnavailable as error:
-                raise _Reject(503, f"credential not verified: {error}") from None
+                raise _Reject(503, f"credential not verified: {error}", VERIFIER_RETRY_AFTER) from None
             except CredentialRejected as error:
                 raise _Reject(401, f"credential rejected: {error}") from None
         try:
@@ -117,31 +148,56 @@ class CSRResource(resource.Resource):
         except CSRRejected as error:
             raise _Reject(403 if "credential proves" in str(error) else 400, f"CSR rejected: {error}") from None
         ttl = min(requested, self._max_ttl)
-        cert_pem, chain_pem = await defer.maybeDeferred(self._sign, csr, identity.uri, ttl)
+        cert_pem, chain_pem = await self._signed(csr, identity.uri, ttl)
         not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
         log.info("signed a {ttl:.0f}s certificate for {identity} ({peer})", ttl=ttl,
                  identity=identity.uri, peer=request.getClientAddress().host)
         if self._stats is not None:
             self._stats.signed()
         return {"certificate": cert_pem.decode(), "chain": chain_pem.decode(),
-                "trust_bundle": self._bundle().decode(), "not_after": not_after.isoformat()}
+                "trust_bundle": self._bundle().decode(), "not_after": not_after.isoformat(),
+                "issuer": self._ca_issuer()}
+
+    async def _signed(self, csr, identity: str, ttl: float) -> tuple:
+        """``(cert_pem, chain_pem)`` from the selected CA (``mesh_sign_csr``), timed; CAUnavailable passes."""
+        started = perf_counter()
+        try:
+            signed = await defer.maybeDeferred(self._sign, csr, identity, ttl)
+        finally:
+            if self._stats is not None:
+                self._stats.signing_took(perf_counter() - started)
+        if signed is None:
+            raise RuntimeError("no CA signed the CSR: mesh_sign_csr returned None (is the plugin of the CA --ca "
+                               "selected installed and enabled?)")
+        return signed
 
     def _failed(self, request, failure):
+        peer = request.getClientAddress().host
         if failure.check(_Reject):
             reason = failure.value.args[0]
-            log.warn("CSR from {peer} rejected: {reason}", peer=request.getClientAddress().host, reason=reason)
+            log.warn("CSR from {peer} rejected: {reason}", peer=peer, reason=reason)
             if self._stats is not None:
-                self._stats.rejected(reason.split(":")[0])
-            self._finish(request, failure.value.status, {"error": reason})
+                self._stats.rejected(reason.split(":")[0], failure.value.status)
+            self._finish(request, failure.value.status, {"error": reason}, failure.value.retry_after)
+        elif failure.check(CAUnavailable):
+            reason = f"CA unavailable: {failure.value.reason}"
+            log.warn("CSR from {peer} not signed: {reason}", peer=peer, reason=reason)
+            if self._stats is not None:
+                self._stats.unavailable()
+            self._finish(request, 503, {"error": reason}, failure.value.retry_after)
         else:
             log.failure("signing failed", failure)
+            if self._stats is not None:
+                self._stats.error()
             self._finish(request, 500, {"error": "signing failed; see the control plane log"})
 
     @staticmethod
-    def _finish(request, status, body):
+    def _finish(request, status, body, retry_after=None):
         if request.gone:
             return
         request.setResponseCode(status)
         request.setHeader(b"content-type", b"application/json")
+        if retry_after is not None:
+            request.setHeader(b"retry-after", b"%d" % retry_after_seconds(retry_after))
         request.write(json.dumps(body).encode())
         request.finish()

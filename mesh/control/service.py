@@ -1,10 +1,16 @@
 """The control plane as a Twisted service: the CA on :15012, admin on :15014.
 
-:class:`ControlService` owns the certificate authority, the token key and the
-plugin manager (``mesh_sign_csr`` picks the signer: the built-in CA unless an
-external-CA plugin is installed).  It serves its own TLS certificate, issued
-by its CA for ``spiffe://<td>/ns/<namespace>/sa/mesh-control`` and renewed at
-half its life, so sidecars verify it against the trust bundle like any peer.
+:class:`ControlService` owns the built-in certificate authority, the token key
+and the plugin manager.  ``--ca NAME`` selects the CA that signs workloads
+(:mod:`mesh.control.ca_select`): the built-in one (the default) or an external
+CA a plugin provides (Vault, AWS PCA); ``mesh_sign_csr`` reaches it, and its
+roots are the trust bundle every sidecar gets.  The control plane serves its
+own TLS certificate, issued by that same CA for
+``spiffe://<td>/ns/<namespace>/sa/mesh-control`` and renewed at half its life,
+so sidecars verify it against the trust bundle like any peer; the CSR/config
+port opens once it is issued.  (The injection webhook's certificate comes from
+the built-in CA whatever ``--ca`` says: the Kubernetes API server trusts it
+through the webhook's caBundle, sidecars never do.)
 With ``--kubernetes`` the CSR endpoint also accepts projected service-account
 tokens (:mod:`mesh.control.kube.tokenreview`); with ``--ca-secret`` the CA and the
 token key come from a Secret shared by every replica (:mod:`mesh.control.kube.ca_secret`).
@@ -19,10 +25,11 @@ from dataclasses import dataclass
 from cryptography import x509
 from twisted.application import internet, service
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource
 
 from mesh import __version__
 from mesh.control.admin_views import ResourcesPage, proxy_rows
+from mesh.control.ca_select import CAMonitor, ask_plugins
 from mesh.control.csr_api import CSRResource
 from mesh.control.distribution import Distributor
 from mesh.control.inject.sidecar import DEFAULT_IMAGE
@@ -33,14 +40,15 @@ from mesh.control.portmux import PortMux
 from mesh.control.serving_cert import ServingCertificate
 from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
-from mesh.identity.ca import CertificateAuthority
+from mesh.identity.ca import TRUST_BUNDLE, CertificateAuthority
 from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
+from mesh.identity.files import write_public
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import ServerTLS
 from mesh.identity.tokens import load_or_create_key
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import metrics_page
-from mesh.webpages import BytesPage, JSONPage, LimitedSite, SiteLimits
+from mesh.webpages import BytesPage, JSONPage, LimitedSite, QuietSite, SiteLimits
 
 log = Logger()
 
@@ -58,6 +66,8 @@ class ControlSettings:
     admin_port: int = 15014
     admin_address: str = "127.0.0.1"  # 0.0.0.0 lets Prometheus in a cluster scrape /metrics
     workload_cert_ttl: float = 24 * 3600.0
+    ca: str = "builtin"  # the CA that signs workloads: builtin, or one a plugin provides (vault, awspca)
+    ca_status_interval: float = 5.0  # seconds between two mesh_ca_status polls
     ca_cert: str = None
     ca_key: str = None
     ca_chain: str = None
@@ -73,18 +83,53 @@ class ControlSettings:
     webhook_config_name: str = DEFAULT_WEBHOOK_CONFIG  # MutatingWebhookConfiguration whose caBundle is kept
 
 
-class CSRStats:
-    """Counters of signed and rejected CSRs (exported as ``mesh_control_csr_*``)."""
+#: The results of ``mesh_ca_csr_total{ca,result}``.
+CSR_RESULTS = ("signed", "unavailable", "rejected", "error")
 
-    def __init__(self):
+
+class CSRStats:
+    """What the CSR endpoint counts: signed and rejected CSRs (``mesh_control_csr_*``, read at scrape time),
+    every result and the signing latency by CA (``mesh_ca_csr_total``, ``mesh_ca_csr_duration_seconds``).
+
+    :param metrics: the :class:`~mesh.telemetry.control.ControlPlaneMetrics` (None: counters only).
+    :param ca: the CA ``--ca`` selected, the ``ca`` label.
+    """
+
+    def __init__(self, metrics=None, ca: str = "builtin"):
         self.signed_total = 0
         self.rejected_total = {}
+        self._results = {}
+        self._latency = None
+        if metrics is not None:  # children bound once: nothing is looked up per CSR
+            self._results = {result: metrics.ca_csr.labels(ca, result) for result in CSR_RESULTS}
+            self._latency = metrics.ca_csr_duration.labels(ca)
 
     def signed(self):
         self.signed_total += 1
+        self._count("signed")
 
-    def rejected(self, reason):
+    def rejected(self, reason, status: int = 400):
+        """A CSR refused before it reached the CA: 4xx (``rejected``) or 503 (credential not verified now)."""
         self.rejected_total[reason] = self.rejected_total.get(reason, 0) + 1
+        self._count("unavailable" if status == 503 else "rejected")
+
+    def unavailable(self):
+        """The CA could not sign now (``CAUnavailable``): 503."""
+        self._count("unavailable")
+
+    def error(self):
+        """Signing failed with an unexpected error: 500."""
+        self._count("error")
+
+    def signing_took(self, seconds: float):
+        """The CA answered (or failed) after ``seconds``."""
+        if self._latency is not None:
+            self._latency.observe(seconds)
+
+    def _count(self, result):
+        counter = self._results.get(result)
+        if counter is not None:
+            counter.inc()
 
 
 class ControlService(service.MultiService):
@@ -102,35 +147,40 @@ class ControlService(service.MultiService):
             from mesh.control.kube.ca_secret import install_ca_secret
             install_ca_secret(self.kube_client, settings.namespace, settings.ca_secret, settings.state_dir,
                               settings.trust_domain)
+        # the built-in CA; with another --ca it signs only the webhook's certificate (mesh.control.injector)
         self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
-                                                      settings.ca_key, settings.ca_chain)
+                                                      settings.ca_key, settings.ca_chain, write_bundle=False)
         self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
-        uri, ttl = self.identity.uri, settings.workload_cert_ttl
-
-        def sign(key):
-            return self.ca.sign(x509.load_pem_x509_csr(make_csr(key, uri)), uri, ttl)
-
-        own = ServingCertificate(self.reactor, sign, self.ca.bundle, ttl, f"control plane certificate for {uri}")
-        own.setServiceParent(self)
-        self.credentials = own.credentials
-        self.stats = CSRStats()
         self.config_errors = []  # ConfigError objects of the last load_config
         self.metrics = ControlPlaneMetrics(self)
+        self.stats = CSRStats(self.metrics, settings.ca)
+        #: called with no argument after the trust bundle changed (e.g. the Kubernetes ConfigMap writer)
+        self.trust_bundle_listeners = []
+        self.ca_monitor = CAMonitor(reactor, settings.ca, self._ca_statuses, settings.ca_status_interval,
+                                    self._trust_bundle_changed, self.metrics.ca_ready.labels(settings.ca))
+        self.ca_monitor.setServiceParent(self)
+        # issued by the selected CA when the service starts (mesh_sign_csr: plugins are configured by then)
+        self.own_certificate = ServingCertificate(self.reactor, self._sign_own, (), settings.workload_cert_ttl,
+                                                  f"control plane certificate for {self.identity.uri}",
+                                                  issue_now=False)
+        self.own_certificate.setServiceParent(self)
+        self.credentials = self.own_certificate.credentials
         verifier = self._credential_verifier()
         root = resource.Resource()
         v1 = resource.Resource()
         root.putChild(b"v1", v1)
-        v1.putChild(b"csr", CSRResource(verifier, self._sign, self.ca.bundle_pem, settings.workload_cert_ttl,
+        v1.putChild(b"csr", CSRResource(verifier, self._sign, self.trust_bundle_pem, settings.workload_cert_ttl,
                                         settings.workload_cert_ttl, self.stats,
-                                        trust_domain=settings.trust_domain))
-        site = server.Site(root, timeout=30)
-        site.displayTracebacks = False
+                                        trust_domain=settings.trust_domain, ca_issuer=self._ca_issuer))
+        # no access log (the CSR endpoint logs what it signs and refuses), no form parsing of the JSON body
+        site = QuietSite(root, timeout=30, parsePOSTFormSubmission=False)
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
-        self.distributor = Distributor(reactor, self.ca.bundle_pem, self.metrics,
+        self.distributor = Distributor(reactor, self.trust_bundle_pem, self.metrics,
                                        debounce=settings.push_debounce, grace=settings.registry_grace,
                                        state_dir=settings.state_dir, trust_domain=settings.trust_domain)
-        internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
-                           ServerTLS(self.credentials), interface=settings.address).setServiceParent(self)
+        # opened once the control plane's own certificate is issued (startService)
+        self._tls_port = internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
+                                            ServerTLS(self.credentials), interface=settings.address)
         admin_root = resource.Resource()
         admin_root.putChild(b"ready", JSONPage(self.readiness))
         admin_root.putChild(b"proxies", JSONPage(lambda: (200, proxy_rows(self.distributor))))
@@ -138,7 +188,7 @@ class ControlService(service.MultiService):
         admin_root.putChild(b"metrics", metrics_page(self.metrics.registry))
         ca_pages = resource.Resource()
         admin_root.putChild(b"ca", ca_pages)
-        ca_pages.putChild(b"root-cert.pem", BytesPage(self.ca.bundle_pem, b"application/x-pem-file"))
+        ca_pages.putChild(b"root-cert.pem", BytesPage(self.trust_bundle_pem, b"application/x-pem-file"))
         # loopback unless --admin-address says otherwise (Prometheus in a cluster): limits as for any such port
         admin = LimitedSite(admin_root, SiteLimits(), reactor)
         internet.TCPServer(settings.admin_port, admin, interface=settings.admin_address).setServiceParent(self)
@@ -154,8 +204,40 @@ class ControlService(service.MultiService):
         return DispatchingVerifier(join_tokens, TokenReviewVerifier(self.kube_client, self.settings.trust_domain,
                                                                     self.reactor))
 
+    # -- the CA --ca selected ------------------------------------------------------------------
+    def select_ca(self) -> None:
+        """Check that a plugin reports the CA ``--ca`` names and take its roots; once, after ``mesh_configure``.
+
+        :raises mesh.control.ca_select.CASelectionError: naming the CAs available and what to install.
+        """
+        self.ca_monitor.select()
+
+    def _ca_statuses(self) -> tuple:
+        """``(statuses, errors)``: ``mesh_ca_status`` of every plugin, each asked alone."""
+        return ask_plugins(self.plugins.hook.mesh_ca_status)
+
+    def trust_bundle_pem(self) -> bytes:
+        """The trust bundle sidecars get: the selected CA's roots (PEM)."""
+        return self.ca_monitor.bundle_pem
+
+    def _ca_issuer(self) -> str:
+        return self.ca_monitor.issuer
+
+    def _trust_bundle_changed(self, bundle_pem: bytes, roots: list) -> None:
+        """The selected CA reported other roots: write STATE/root-cert.pem, trust them, push them to the sidecars."""
+        write_public(os.path.join(self.settings.state_dir, TRUST_BUNDLE), bundle_pem)
+        self.own_certificate.set_bundle(roots)
+        self.distributor.changed()
+        for listener in self.trust_bundle_listeners:
+            listener()
+
     def _sign(self, csr, identity, ttl):
         return self.plugins.hook.mesh_sign_csr(csr=csr, identity=identity, ttl=ttl)
+
+    def _sign_own(self, key):
+        """The control plane's own certificate, from the selected CA like a workload's."""
+        uri = self.identity.uri
+        return self._sign(x509.load_pem_x509_csr(make_csr(key, uri)), uri, self.settings.workload_cert_ttl)
 
     def set_resources(self, resources) -> list:
         """The config resources to distribute (Resource objects, validated objects or documents).
@@ -182,6 +264,15 @@ class ControlService(service.MultiService):
         watching = self.config_sources + [child for child in self if child not in self.config_sources]
         self.metrics.registry.register(WatchCollector(watching))
 
+    def startService(self):
+        """Start the child services; the CSR/config port opens once the control plane's certificate is issued."""
+        super().startService()
+        self.own_certificate.issued.addCallback(self._open_tls_port)
+
+    def _open_tls_port(self, _credentials):
+        if self.running and self._tls_port.parent is None:
+            self._tls_port.setServiceParent(self)
+
     def stopService(self):
         """Stop the distributor and the child services, then ``mesh_unconfigure`` the plugins."""
         self.distributor.stop()
@@ -189,10 +280,27 @@ class ControlService(service.MultiService):
         stopped.addCallback(lambda _: self.plugins.unconfigure())
         return stopped
 
+    def not_ready_reason(self) -> str | None:
+        """Why the control plane cannot serve sidecars now (the selected CA, its own certificate), or None."""
+        monitor = self.ca_monitor
+        if not monitor.ready:
+            return f"CA {monitor.name!r} not ready: {monitor.reason}"
+        if self.credentials.current is None:
+            return f"the control plane's own certificate is not issued yet by CA {monitor.name!r}"
+        if not self.running:
+            return "starting"
+        return None
+
     def readiness(self):
-        return 200, {"ready": bool(self.running), "control_plane_version": __version__,
-                     "trust_domain": self.settings.trust_domain,
-                     "identity": self.identity.uri, "ca_expires_in_s": round(self.ca.expires_in()),
-                     "csr_signed": self.stats.signed_total, "csr_rejected": self.stats.rejected_total,
-                     "config_errors": [str(error) for error in self.config_errors],
-                     "config": self.config_store.summary() if getattr(self, "config_store", None) else None}
+        """``/ready``: 200 when ready, else 503 with ``reason``; the CA, CSR counts and config state either way."""
+        reason = self.not_ready_reason()
+        monitor = self.ca_monitor
+        return (200 if reason is None else 503), {
+            "ready": reason is None, "reason": reason, "control_plane_version": __version__,
+            "trust_domain": self.settings.trust_domain,
+            "identity": self.identity.uri, "ca_expires_in_s": round(self.ca.expires_in()),
+            "ca": {"name": monitor.name, "ready": monitor.ready, "reason": monitor.reason or None,
+                   "issuer": monitor.issuer, "roots": monitor.bundle_pem.count(b"-----BEGIN CERTIFICATE-----")},
+            "csr_signed": self.stats.signed_total, "csr_rejected": self.stats.rejected_total,
+            "config_errors": [str(error) for error in self.config_errors],
+            "config": self.config_store.summary() if getattr(self, "config_store", None) else None}

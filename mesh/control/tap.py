@@ -9,6 +9,7 @@ from twisted.python import usage
 
 from mesh import logging as mesh_logging
 from mesh.api import Config
+from mesh.control.ca_select import CASelectionError
 from mesh.control.inject.sidecar import DEFAULT_IMAGE
 from mesh.control.kube.client import KubeConfigError
 from mesh.control.kube.webhook_ca import DEFAULT_NAME as DEFAULT_WEBHOOK_CONFIG
@@ -41,6 +42,10 @@ class ControlOptions(usage.Options):
          "from other hosts (nothing secret is served there)."],
         ["workload-cert-ttl", None, "24h", "Lifetime of workload certificates (and the cap on requests).",
          duration_option],
+        ["ca", None, "builtin", "The CA that signs workload certificates: builtin (the CA of --state-dir), or "
+         "one an installed plugin provides (vault: pip install txmesh-vault; awspca: pip install txmesh-awspca)."],
+        ["ca-status-interval", None, "5s", "How often the selected CA's status (ready, roots) is read; a change of "
+         "roots is pushed to every sidecar.", duration_option],
         ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
         ["ca-key", None, None, "Private key of --ca-cert (PEM, unencrypted, mode 0600)."],
         ["ca-chain", None, None, "Chain from --ca-cert's issuer up to the root (PEM), for an intermediate."],
@@ -78,8 +83,11 @@ class ControlOptions(usage.Options):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required (where the CA key and trust bundle live)")
         # usage.Options coerces only the values given on the command line, not the defaults
-        if isinstance(self["workload-cert-ttl"], str):
-            self["workload-cert-ttl"] = duration_option(self["workload-cert-ttl"])
+        for duration in ("workload-cert-ttl", "ca-status-interval"):
+            if isinstance(self[duration], str):
+                self[duration] = duration_option(self[duration])
+        if not self["ca-status-interval"] > 0:
+            raise usage.UsageError("--ca-status-interval must be more than 0 (e.g. 5s)")
         names = [name.strip() for name in (self["webhook-dns-names"] or "").split(",") if name.strip()]
         if self["webhook-dns-names"] is not None and not names:
             raise usage.UsageError("--webhook-dns-names wants names such as mesh-control.mesh-system.svc")
@@ -105,7 +113,8 @@ def _listen_ports(options) -> list:
 
 
 def makeService(options):
-    """Build the :class:`ControlService`; exit with one line if a port is taken or the CA cannot load.
+    """Build the :class:`ControlService`; exit with one line if a port is taken, the CA cannot load or no
+    plugin provides the CA ``--ca`` names.
 
     twistd calls this before it daemonizes and binds the ports, so the
     line reaches the terminal that started it.
@@ -118,6 +127,7 @@ def makeService(options):
         trust_domain=options["trust-domain"], namespace=options["namespace"], address=options["address"],
         port=options["port"], admin_port=options["admin-port"], admin_address=options["admin-address"],
         workload_cert_ttl=options["workload-cert-ttl"],
+        ca=options["ca"], ca_status_interval=options["ca-status-interval"],
         ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"],
         push_debounce=options["push-debounce"], registry_grace=options["registry-grace"],
         kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],
@@ -132,5 +142,10 @@ def makeService(options):
         sys.stderr.write(f"mesh-control: {error}\n")
         raise SystemExit(1) from None
     configure_or_exit("mesh-control", Config("control", options, control.reactor, control, plugins))
+    try:
+        control.select_ca()
+    except CASelectionError as error:
+        sys.stderr.write(f"mesh-control: {error}\n")
+        raise SystemExit(1) from None
     control.load_config()
     return control

@@ -16,6 +16,9 @@ from mesh.telemetry.exposition import new_registry
 
 #: Push latency buckets (seconds), as Istio's ``pilot_proxy_convergence_time``.
 PUSH_BUCKETS = (0.1, 0.5, 1, 3, 5, 10, 20, 30)
+#: CSR signing latency buckets (seconds): the built-in CA signs in about a millisecond, an external CA
+#: (Vault, AWS PCA) takes a round trip or several.
+CSR_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
 class ControlPlaneMetrics:
@@ -25,6 +28,12 @@ class ControlPlaneMetrics:
     - ``pushes``: ``inc()`` per snapshot pushed to a proxy
     - ``push_duration``: ``observe()`` seconds from a config change to the proxy's ACK
     - ``nacks``: ``inc()`` per NACK received
+
+    and the CA's, by CA name (``--ca``), updated by the control service:
+
+    - ``ca_ready{ca}``: 1 while the selected CA can sign, else 0
+    - ``ca_csr{ca,result}``: CSRs by result (``signed``, ``unavailable``, ``rejected``, ``error``)
+    - ``ca_csr_duration{ca}``: seconds the CA took to sign a CSR, or to fail
     """
 
     def __init__(self, control):
@@ -38,6 +47,13 @@ class ControlPlaneMetrics:
                                        registry=self.registry)
         self.nacks = Counter("mesh_control_nacks_total", "Config snapshots proxies rejected (NACK).",
                              registry=self.registry)
+        self.ca_ready = Gauge("mesh_ca_ready", "1 while the CA --ca selected can sign, else 0.", ("ca",),
+                              registry=self.registry)
+        self.ca_csr = Counter("mesh_ca_csr", "Workload CSRs by CA and result: signed, unavailable (503: the CA or "
+                              "the credential check cannot answer now), rejected (4xx), error (500).",
+                              ("ca", "result"), registry=self.registry)
+        self.ca_csr_duration = Histogram("mesh_ca_csr_duration_seconds", "Seconds the CA took to sign a workload "
+                                         "CSR (or to fail).", ("ca",), buckets=CSR_BUCKETS, registry=self.registry)
         self.registry.register(ControlState(control))
 
 

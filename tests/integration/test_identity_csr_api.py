@@ -101,7 +101,8 @@ def test_valid_request_is_signed(control):
     assert answer.status == 200, answer
     assert answer.headers["content-type"] == "application/json"
     doc = answer.json()
-    assert set(doc) == {"certificate", "chain", "trust_bundle", "not_after"}
+    assert set(doc) == {"certificate", "chain", "trust_bundle", "not_after", "issuer"}
+    assert doc["issuer"] == "builtin CA CN=txmesh root CA cluster.local,O=cluster.local"
     cert = x509.load_pem_x509_certificate(doc["certificate"].encode())
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
     uris = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value \

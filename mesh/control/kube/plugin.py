@@ -84,7 +84,11 @@ class RootCertPlugin(KubernetesPlugin):
 
     def start(self, config, control) -> None:
         from mesh.control.kube.root_cert import RootCertPublisher
-        RootCertPublisher(control.reactor, control.kube_client, control.ca.bundle_pem).setServiceParent(control)
+        # the trust bundle of the CA --ca selected, rewritten when it changes (the webhook's caBundle, below,
+        # stays the built-in CA's: it signs the webhook's certificate)
+        publisher = RootCertPublisher(control.reactor, control.kube_client, control.trust_bundle_pem)
+        publisher.setServiceParent(control)
+        control.trust_bundle_listeners.append(publisher.settled)
 
 
 class WebhookCAPlugin(KubernetesPlugin):
