@@ -121,12 +121,18 @@ def _authz(data) -> str:
     return "\n".join(out)
 
 
+#: The rows of ``proxy-config cert``: (shown, key of the ``certificate`` of ``/config_dump``).  ``issuer`` is
+#: the certificate's issuer name, ``ca`` the CA that signed it as the control plane describes it (``--ca``).
+_CERT_ROWS = (("identity", "identity"), ("serial", "serial"), ("issuer", "issuer"), ("ca", "ca_issuer"),
+              ("not_before", "not_before"), ("not_after", "not_after"), ("expires_in_s", "expires_in_s"),
+              ("trust_bundle_roots", "trust_bundle_roots"), ("source", "source"), ("renewals", "renewals"),
+              ("last_renewal_error", "last_renewal_error"))
+
+
 def _cert(cert) -> str:
     if not cert:
         return "no workload certificate (the sidecar runs plaintext only)"
-    keys = ("identity", "serial", "issuer", "not_before", "not_after", "expires_in_s", "trust_bundle_roots",
-            "source", "renewals", "last_renewal_error")
-    return table(("FIELD", "VALUE"), [[key, cert.get(key)] for key in keys])
+    return table(("FIELD", "VALUE"), [[shown, cert.get(key)] for shown, key in _CERT_ROWS])
 
 
 RENDER = {"routes": _routes, "clusters": _clusters, "endpoints": _endpoints, "authz": _authz, "cert": _cert}

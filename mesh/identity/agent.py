@@ -7,7 +7,9 @@ certificate.  Renewals prove the identity with the current certificate (as the
 TLS client certificate), so they keep working after the token expires.  It renews
 at about half the certificate's lifetime (with jitter), each time with a new
 key; while the CA is unreachable it retries with capped exponential backoff and
-keeps serving with the certificate it has.
+keeps serving with the certificate it has.  A 503 (the CA, or the check of the
+credential, cannot answer now) is retried the same way, never sooner than its
+``Retry-After``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,20 @@ class _QuietClientFactory(_HTTP11ClientFactory):
 
 
 class RenewError(Exception):
-    """The control plane refused or could not be reached."""
+    """The control plane refused or could not be reached.
+
+    ``retry_after``: the seconds the control plane asked to wait (a 503's ``Retry-After``), or None.
+    """
+
+    def __init__(self, message, retry_after=None):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def _retry_after(response):
+    """The ``Retry-After`` of a response, in seconds (the delay-seconds form), or None."""
+    value = response.headers.getRawHeaders(b"retry-after", [b""])[0]
+    return float(value) if value.isdigit() else None
 
 
 def make_csr(key, spiffe_uri: str) -> bytes:
@@ -118,6 +133,8 @@ class WorkloadAgent(service.Service):
         self.renewals = 0
         self.failures = 0
         self.last_error = None
+        #: the control plane's description of the CA that signed the certificate in use (``issuer``)
+        self.ca_issuer = None
         self.first_certificate = defer.Deferred()
         self._timer = None
         self._backoff = Backoff(RETRY_MIN, RETRY_MAX, jitter=(0.8, 1.2))
@@ -139,8 +156,9 @@ class WorkloadAgent(service.Service):
         self._timer = None
         defer.ensureDeferred(self.renew()).addCallbacks(self._renewed, self._failed)
 
-    async def renew(self) -> WorkloadCredentials:
-        """One CSR round trip; returns the new credentials (not yet installed).
+    async def renew(self) -> tuple:
+        """One CSR round trip; returns the new credentials (not yet installed) and the control plane's
+        description of the CA that signed them (``issuer``, None from a control plane that sends none).
 
         While the current certificate is comfortably valid it is the proof of
         identity (TLS client certificate); otherwise the join token is.
@@ -171,10 +189,11 @@ class WorkloadAgent(service.Service):
         except ValueError:
             raise RenewError(f"control plane answered {response.code} with a non-JSON body") from None
         if response.code != 200:
-            raise RenewError(f"control plane refused the CSR ({response.code}): {answer.get('error')}")
+            raise RenewError(f"control plane refused the CSR ({response.code}): {answer.get('error')}",
+                             _retry_after(response) if response.code == 503 else None)
         chain = x509.load_pem_x509_certificates((answer["certificate"] + answer["chain"]).encode())
         bundle = x509.load_pem_x509_certificates(answer["trust_bundle"].encode())
-        return WorkloadCredentials.build(key, chain, bundle)
+        return WorkloadCredentials.build(key, chain, bundle), answer.get("issuer") or None
 
     def _read_token(self) -> str:
         try:
@@ -183,7 +202,8 @@ class WorkloadAgent(service.Service):
         except OSError as error:
             raise RenewError(f"cannot read the token file {self.token_path}: {error.strerror}") from None
 
-    def _renewed(self, credentials):
+    def _renewed(self, renewed):
+        credentials, self.ca_issuer = renewed
         self.store.swap(credentials)
         self.renewals += 1
         self.last_error = None
@@ -201,6 +221,8 @@ class WorkloadAgent(service.Service):
         self.failures += 1
         self.last_error = failure.getErrorMessage()
         delay = self._backoff.next()
+        if failure.check(RenewError) and failure.value.retry_after is not None:
+            delay = max(delay, failure.value.retry_after)
         current = self.store.current
         if current is not None and current.expires_in() > 2 * RETRY_MIN:
             delay = min(delay, current.expires_in() / 2)

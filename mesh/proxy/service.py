@@ -360,6 +360,7 @@ class ProxyService(service.MultiService):
                 "expires_in_s": round(current.expires_in(), 1),
                 "issuer": leaf.issuer.rfc4514_string(), "trust_bundle_roots": len(current.bundle),
                 "source": "control plane" if self.agent is not None else "files",
+                "ca_issuer": self.agent.ca_issuer if self.agent is not None else None,
                 "renewals": self.agent.renewals if self.agent is not None else 0,
                 "last_renewal_error": self.agent.last_error if self.agent is not None else None}
 
