@@ -120,7 +120,7 @@ def test_endpoint_churn_reaches_the_sidecar_within_two_seconds(cluster):
 
 def test_a_broken_watch_resumes_without_missing_a_change(cluster):
     broken = cluster["kube"].break_watches()
-    assert broken == 3 + 6 + 2, ("every watch of the control plane (3 registry kinds, 6 txmesh CR kinds, the "
+    assert broken == 3 + 7 + 2, ("every watch of the control plane (3 registry kinds, 7 txmesh CR kinds, the "
                                  "trust-bundle publisher's namespaces and configmaps) was open")
     set_endpoints(cluster, [("127.0.0.2", "reviews-1", True), ("127.0.0.3", "reviews-2", True),
                             ("127.0.0.4", "reviews-3", True)])
@@ -272,10 +272,10 @@ def test_istio_crds_not_installed_hold_nothing_back_and_are_named_in_the_log(kub
     log = control.log_path.read_text()
     assert ("virtualservices.networking.istio.io list/watch failed: 404 Not Found" in log
             and "install its CustomResourceDefinition" in log), log[-3000:]
-    # SIGTERM: the watch threads end with the reactor, at once, once all 11 watches are open (3 registry
-    # kinds, 6 txmesh CR kinds, namespaces and configmaps of the trust-bundle publisher; Istio's are not served).
+    # SIGTERM: the watch threads end with the reactor, at once, once all 12 watches are open (3 registry
+    # kinds, 7 txmesh CR kinds, namespaces and configmaps of the trust-bundle publisher; Istio's are not served).
     wait_for(lambda: sum(1 for seen in kube_api.requests() if seen["query"].get("watch") in ("true", "1", "True"))
-             >= 11, 5, what="the 11 watches to be open")
+             >= 12, 5, what="the 12 watches to be open")
     started = time.monotonic()
     control.stop()
     assert time.monotonic() - started < 3.0
