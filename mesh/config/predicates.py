@@ -84,7 +84,7 @@ def _describe(what: str, string_match) -> str:
     return f"{what} {string_match.kind} {string_match.value!r}"
 
 
-def _value_test(string_match) -> Callable[[str | None], bool]:
+def value_test(string_match) -> Callable[[str | None], bool]:
     """``value -> bool`` for a StringMatch; None (absent) never matches."""
     kind, expected = string_match.kind, string_match.value
     if kind == "present":
@@ -115,7 +115,7 @@ def _uri(string_match, ignore_case: bool) -> tuple:
 
 
 def _attribute(what: str, string_match, read: Callable) -> tuple:
-    test = _value_test(string_match)
+    test = value_test(string_match)
     return (lambda ctx: test(read(ctx))), _describe(what, string_match)
 
 
@@ -126,12 +126,12 @@ def _header(name: str, string_match) -> tuple:
     if string_match.kind == "exact":
         expected = string_match.value
         return (lambda ctx: ctx.headers.get(name) == expected), text
-    test = _value_test(string_match)
+    test = value_test(string_match)
     return (lambda ctx: test(ctx.headers.get(name))), text
 
 
 def _query(name: str, string_match) -> tuple:
-    test = _value_test(string_match)
+    test = value_test(string_match)
     prefix = name + "="
 
     def query_test(ctx) -> bool:
