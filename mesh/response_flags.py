@@ -86,10 +86,14 @@ FLAGS = {flag.code: flag for flag in (
          "look at the proxy's log", emitted=False),
     Flag("UR", "UpstreamRemoteReset", "the upstream reset the connection",
          "look at the upstream app's logs", emitted=False),
-    Flag("DI", "DelayInjected", "a fault-injection delay was applied (VirtualService fault.delay)",
-         "expected if a fault is configured; remove the fault to stop it", emitted=False),
-    Flag("FI", "FaultInjected", "a fault-injection abort answered the request (VirtualService fault.abort)",
-         "expected if a fault is configured; remove the fault to stop it", emitted=False),
+    Flag("DI", "DelayInjected", "a fault-injection delay held the request before it was forwarded "
+         "(VirtualService http[].fault.delay)",
+         "expected while the fault is configured (meshctl proxy-config routes NAME shows it); remove the "
+         "route's fault.delay, or lower its percentage, to stop it"),
+    Flag("FI", "FaultInjected", "a fault-injection abort answered the request; it never reached the upstream "
+         "(VirtualService http[].fault.abort)",
+         "expected while the fault is configured (meshctl proxy-config routes NAME shows it); remove the "
+         "route's fault.abort, or lower its percentage, to stop it"),
     Flag("RL", "RateLimited", "a rate limit refused the request",
          "lower the request rate or raise the limit", emitted=False),
     Flag("UAEX", "UnauthorizedExternalService", "the external authorization service denied the request",

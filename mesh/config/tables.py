@@ -77,6 +77,10 @@ class RouteAction:
     Istio).  ``rewrite_prefix`` replaces the first ``rewrite_strip`` bytes of
     the path (the matched URI prefix, or the whole path for exact/regex
     matches); ``rewrite_authority`` replaces the Host header.
+    ``extras`` (a :class:`mesh.config.route_extras.RouteExtras`) holds what the
+    route does besides forwarding (fault injection, CORS, a redirect or direct
+    response, a regex rewrite, per-destination headers); None for a plain
+    route.  A redirect or direct response has no ``clusters``.
     """
 
     name: str
@@ -89,12 +93,15 @@ class RouteAction:
     rewrite_authority: bytes | None = None
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
+    extras: object = None
 
-    def pick_cluster(self, _random=random.random, _bisect=bisect.bisect_right) -> str:
-        """Choose one cluster name according to the weights."""
+    def pick_cluster(self, _random=random.random, _bisect=bisect.bisect_right) -> str | None:
+        """Choose one cluster name according to the weights (None: the route has no cluster)."""
         clusters = self.clusters
         if len(clusters) == 1:
             return clusters[0]
+        if not clusters:
+            return None
         weights = self.cumulative_weights
         return clusters[_bisect(weights, _random() * weights[-1])]
 

@@ -14,7 +14,7 @@ it ends with ``mesh_request_complete``, exactly once.
 
 The exchange is a state machine (``Exchange.state``)::
 
-    QUEUED --start--> FORWARDING --final head--> RESPONDING --end, 101, abort--> DONE
+    QUEUED --start, forward--> FORWARDING --final head--> RESPONDING --end, 101, abort--> DONE
                         |      ^
             retry later |      | next try
                         v      |
@@ -23,7 +23,8 @@ The exchange is a state machine (``Exchange.state``)::
     QUEUED, FORWARDING, BACKOFF --local reply (refused, failed, deadline), client gone--> DONE
 
 - ``QUEUED``: parsed, waiting for the requests before it on its connection.
-- ``FORWARDING``: routed; a try is connecting or waiting for its response head.
+- ``FORWARDING``: routed; a try is connecting or waiting for its response head (or, before the
+  first try, a fault delay runs: :meth:`Exchange.wait`).
 - ``BACKOFF``: a try failed and the retry stage asked for a delay.
 - ``RESPONDING``: a response head went downstream; the body streams.
 - ``DONE``: finished; nothing reaches it any more.
@@ -40,6 +41,11 @@ Failure rules (see docs/configuration.md and ARCHITECTURE.md):
   bounds the deadline, a Trailers-Only ``grpc-status`` may be retried, and
   local replies are gRPC statuses.
 
+A route with more to do than forwarding (fault injection, CORS, a redirect or
+direct response, a regex rewrite, per-destination headers: ``RouteAction.extras``)
+goes through the route-actions stage (:mod:`mesh.proxy.route_actions`) between
+routing and :meth:`Exchange.forward`; a plain route pays one test for it.
+
 The caller gets the status, the flags and a message; the access log also gets
 Envoy's response code details (``RequestOutcome.detail``), such as the policy
 that denied a request.
@@ -48,7 +54,7 @@ that denied a request.
 from __future__ import annotations
 
 from mesh.plugins import PluginError
-from mesh.proxy import grpc, outlier, retry
+from mesh.proxy import grpc, outlier, retry, route_actions
 from mesh.proxy.outcome import LocalReply, Pending, RequestOutcome, TryOutcome
 
 #: The states of an :class:`Exchange` (see the module docstring).
@@ -153,6 +159,23 @@ class Try:
             self.exchange.try_failed(self, TryOutcome("reset", None, reason_text))
 
 
+class _Wait:
+    """Stands for the current try while the exchange waits before forwarding (a fault delay): it has no
+    connection, and finishing it (the client went away, a local reply) cancels the wait."""
+
+    __slots__ = ("call", "done")
+    connection = None
+
+    def __init__(self):
+        self.call = None
+        self.done = False
+
+    def finish(self, reusable: bool) -> None:
+        if not self.done:
+            self.done = True
+            self.call.cancel()
+
+
 class Exchange:
     """A request and its response, across every try.
 
@@ -207,26 +230,32 @@ class Exchange:
 
     # -- start ---------------------------------------------------------------
     def start(self):
-        """Route the request and make the first try (the exchange is active)."""
+        """Route the request, then forward it (the exchange is active)."""
+        try:
+            action, cluster = self.listener.router.route(self.ctx)
+        except (LocalReply, Pending, PluginError) as error:
+            self._not_forwarded(error)
+            return
+        if action.extras is None:
+            self.forward(action, cluster)
+        else:  # fault, CORS, a redirect...: the route-actions stage (rare) forwards or answers
+            route_actions.start(self, action, cluster)
+
+    def forward(self, action, cluster):
+        """Forward the request along ``action`` to ``cluster``: ask ``mesh_request_headers``, arm the
+        route's deadline and make the first try."""
         ctx = self.ctx
         listener = self.listener
+        self.action = action
+        self.cluster = cluster
+        ctx.route = action
+        ctx.cluster = cluster.name
         try:
-            action, cluster = listener.router.route(ctx)
-            self.action = action
-            self.cluster = cluster
-            ctx.route = action
-            ctx.cluster = cluster.name
             # mesh_request_headers (tracing and other header rewrites): asked once, here; the head is
             # built once per exchange, so retries resend the same rewritten headers.
             rewrites = listener.request_headers(ctx=ctx)
-        except LocalReply as reply:
-            self.local_reply(reply.status, reply.flag, reply.message, reply.details, reply.headers)
-            return
-        except Pending as pending:  # a bounded wait (mesh.proxy.authn: a JWT issuer's keys being fetched)
-            pending.deferred.addCallback(self._resume)
-            return
-        except PluginError as error:
-            self.plugin_failed(error)
+        except (LocalReply, Pending, PluginError) as error:
+            self._not_forwarded(error)
             return
         down = self.down
         self.extra_headers = _set_headers(ctx, rewrites, down.forward_headers)
@@ -240,10 +269,36 @@ class Exchange:
             down.send_continue()
         self._new_try()
 
+    def _not_forwarded(self, error):
+        """Routing or ``mesh_request_headers`` refused the request (a :class:`~mesh.proxy.outcome.LocalReply`),
+        asked it to wait (:class:`~mesh.proxy.outcome.Pending`: a JWT issuer's keys being fetched), or a
+        plugin failed."""
+        if isinstance(error, LocalReply):
+            self.local_reply(error.status, error.flag, error.message, error.details, error.headers)
+        elif isinstance(error, Pending):
+            error.deferred.addCallback(self._resume)
+        else:
+            self.plugin_failed(error)
+
     def _resume(self, _):
         """A :class:`~mesh.proxy.outcome.Pending` wait is over: route again, unless the exchange ended."""
         if self.state is QUEUED:
             self.start()
+
+    def wait(self, seconds, then, *args):
+        """Hold the request ``seconds`` before ``then(*args)`` (a fault delay, before the first try).
+
+        The wait ends with the exchange: a client that goes away or a local reply cancels it.
+        """
+        self.state = FORWARDING
+        wait = self.current = _Wait()
+        wait.call = self.listener.reactor.callLater(seconds, self._waited, wait, then, args)
+
+    def _waited(self, wait, then, args):
+        wait.done = True
+        if self.current is wait:
+            self.current = None
+            then(*args)
 
     def _new_try(self):
         if self.state is DONE:
@@ -519,14 +574,15 @@ class Exchange:
                              "upstream_response_timeout")
 
     # -- ending ----------------------------------------------------------------
-    def local_reply(self, status, flag, message, details="", headers=()):
+    def local_reply(self, status, flag, message, details="", headers=(), grpc_status=None):
         """Answer with a proxy-generated response and finish.
 
         The caller gets ``status``, the flags, ``message`` and ``headers``
         (``(name, value)`` bytes pairs); ``details`` (Envoy's response code
         details) go to ``mesh_request_complete`` only.
         A gRPC request gets them as a gRPC status instead: HTTP 200 with
-        ``grpc-status`` and ``grpc-message`` (:func:`mesh.proxy.grpc.local_reply_headers`).
+        ``grpc-status`` and ``grpc-message`` (:func:`mesh.proxy.grpc.local_reply_headers`);
+        ``grpc_status`` chooses that status instead of the one mapped from ``status``.
         """
         if self.state is DONE:
             return
@@ -541,18 +597,34 @@ class Exchange:
             self._complete(local=True, detail=details)
             return
         if ctx.grpc is not None:
-            self._grpc_local_reply(status, flag, message, details)
+            self._grpc_local_reply(status, flag, message, details, grpc_status)
             return
+        self._send_local(status, message.encode("utf-8", "replace") + b"\n", headers, details)
+
+    def respond(self, status, body, headers, details):
+        """Answer with a complete response the proxy makes that is no error (a redirect, a direct
+        response, a CORS preflight: :mod:`mesh.proxy.route_actions`) and finish.
+
+        ``headers`` (``(name, value)`` bytes pairs) replace the generated headers of their names; a
+        None value only removes them.
+        """
+        if self.state is DONE:
+            return
+        if self.current is not None:
+            self.current.finish(reusable=False)
+        self._send_local(status, body, headers, details)
+
+    def _send_local(self, status, body, headers, details):
+        ctx = self.ctx
         ctx.response_code = status
-        body = message.encode("utf-8", "replace") + b"\n"
         self.down.send_local(self, status, body, (*headers, *self._local_headers(status)))
         ctx.bytes_sent += len(body)
         self._complete(local=True, detail=details)
 
-    def _grpc_local_reply(self, status, flag, message, details):
+    def _grpc_local_reply(self, status, flag, message, details, grpc_status=None):
         """:meth:`local_reply` to a gRPC request: a Trailers-Only response, HTTP 200."""
         ctx = self.ctx
-        headers = grpc.local_reply_headers(status, flag == "UT", message)
+        headers = grpc.local_reply_headers(status, flag == "UT", message, grpc_status)
         ctx.grpc.head_status(headers)
         ctx.response_code = 200
         self.down.send_local(self, 200, b"", (*headers, *self._local_headers(200)))

@@ -80,16 +80,19 @@ def format_timeout(seconds: float) -> bytes:
     return b"%d%s" % (min(value, _MAX_VALUE), unit)
 
 
-def local_reply_headers(http_status: int, timeout: bool, message: str) -> tuple:
+def local_reply_headers(http_status: int, timeout: bool, message: str, grpc_status: int | None = None) -> tuple:
     """The headers of a local reply to a gRPC request, in place of the ``http_status`` reply.
 
     The reply is HTTP 200 with ``content-type: application/grpc``, ``grpc-status`` and
     ``grpc-message`` (percent-encoded), and no body: a Trailers-Only response.  The status is
     Envoy's mapping of the HTTP status (:data:`_FROM_HTTP`), except that a timeout is
-    DEADLINE_EXCEEDED, as Envoy's router answers since envoyproxy/envoy#44479.
+    DEADLINE_EXCEEDED, as Envoy's router answers since envoyproxy/envoy#44479; ``grpc_status``, if
+    given, is the status instead (a fault's ``abort.grpcStatus``).
     """
+    if grpc_status is None:
+        grpc_status = local_status(http_status, timeout)
     return ((b"content-type", b"application/grpc"),
-            (b"grpc-status", b"%d" % local_status(http_status, timeout)),
+            (b"grpc-status", b"%d" % grpc_status),
             (b"grpc-message", encode_message(message)))
 
 

@@ -86,6 +86,8 @@ class OutboundRouter:
         name = action.pick_cluster()
         cluster = snapshot.clusters.get(name)
         if cluster is None:
+            if name is None:  # a redirect or direct response: mesh.proxy.route_actions answers it
+                return action, None
             raise LocalReply(503, "NC", f"cluster {name} not found: {action.name} routes to a host "
                              "or subset that no ServiceEntry/DestinationRule defines", "cluster_not_found")
         return action, cluster
