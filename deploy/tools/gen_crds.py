@@ -106,10 +106,14 @@ DESTINATION_RULE = obj({
 }, required=("host",))
 
 HEADER_OPS = obj({"set": strmap(), "add": strmap(), "remove": STRINGS})
-ROUTE_DESTINATIONS = array(obj({
+HEADERS = obj({"request": HEADER_OPS, "response": HEADER_OPS})
+DESTINATION = {
     "destination": obj({"host": STR, "subset": STR, "port": obj({"number": PORT})}, required=("host",)),
     "weight": {"type": "integer", "minimum": 0, "maximum": 100},
-}, required=("destination",)), minItems=1)
+}
+ROUTE_DESTINATIONS = array(obj(DESTINATION, required=("destination",)), minItems=1)
+HTTP_STATUS = {"type": "integer", "minimum": 200, "maximum": 599}
+PERCENT = obj({"value": {"type": "number", "minimum": 0, "maximum": 100}})
 HTTP_ROUTE = obj({
     "name": STR,
     "match": array(obj({
@@ -117,12 +121,28 @@ HTTP_ROUTE = obj({
         "authority": STRING_MATCH, "headers": strmap(STRING_MATCH), "withoutHeaders": strmap(STRING_MATCH),
         "queryParams": strmap(obj({"exact": STR, "regex": STR}, maxProperties=1)), "gateways": STRINGS,
     })),
-    "route": ROUTE_DESTINATIONS,
-    "rewrite": obj({"uri": STR, "authority": STR}),
+    "route": array(obj({**DESTINATION, "headers": HEADERS}, required=("destination",)), minItems=1),
+    "redirect": obj({"uri": STR, "authority": STR, "port": PORT,
+                     "derivePort": enum("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"),
+                     "scheme": enum("http", "https"), "redirectCode": INT}),
+    "directResponse": obj({"status": HTTP_STATUS, "body": obj({"string": STR, "bytes": STR}, maxProperties=1)},
+                          required=("status",)),
+    "rewrite": obj({"uri": STR, "authority": STR,
+                    "uriRegexRewrite": obj({"match": STR, "rewrite": STR}, required=("match", "rewrite"))}),
     "timeout": DURATION,
     "retries": obj({"attempts": {"type": "integer", "minimum": 0}, "perTryTimeout": DURATION, "retryOn": STR}),
-    "headers": obj({"request": HEADER_OPS, "response": HEADER_OPS}),
-}, required=("route",))
+    "fault": obj({
+        "delay": obj({"fixedDelay": DURATION, "percentage": PERCENT,
+                      "percent": {"type": "integer", "minimum": 0, "maximum": 100}}, required=("fixedDelay",)),
+        "abort": obj({"httpStatus": HTTP_STATUS, "grpcStatus": STR, "percentage": PERCENT}),
+    }),
+    "corsPolicy": obj({
+        "allowOrigins": array(STRING_MATCH), "allowOrigin": STRINGS, "allowMethods": STRINGS,
+        "allowHeaders": STRINGS, "exposeHeaders": STRINGS, "maxAge": DURATION, "allowCredentials": BOOL,
+        "unmatchedPreflights": enum("UNSPECIFIED", "FORWARD", "IGNORE"),
+    }),
+    "headers": HEADERS,
+}, description="One of route, redirect and directResponse.")
 
 L4_MATCH = {"destinationSubnets": STRINGS, "port": PORT, "sourceLabels": strmap(), "sourceNamespace": STR,
             "gateways": STRINGS}

@@ -47,6 +47,7 @@ from mesh.config.resources import (
     VirtualService,
     WorkloadEntry,
 )
+from mesh.config.route_extras import RouteExtras, sequence_ops
 from mesh.config.security_compile import (
     DEFAULT_ROOT_NAMESPACE,
     applicable,
@@ -406,30 +407,85 @@ class _Compiler:
         name = f"VirtualService/{vs.namespace}/{vs.name}"
         routes, dumps = [], []
         for http in vs.http:
-            action = self._action(vs, http)
+            action, destinations = self._action(vs, http)
             for predicate, text, strip in _match_groups(http):
-                if action.rewrite_prefix is not None:
+                if action.rewrite_prefix is not None and strip is not None:
                     action = dataclasses.replace(action, rewrite_strip=strip)
-                routes.append(CompiledRoute(predicate, action))
-                dumps.append({"match": text, "action": describe_action(action)})
+                routed = self._with_extras(vs, http, action, destinations,
+                                           whole_path=strip is None and http.rewrite_uri is not None)
+                routes.append(CompiledRoute(predicate, routed))
+                dumps.append({"match": text, "action": describe_action(routed)})
         self.route_dumps[name] = dumps
         return VirtualHost(name=name, routes=tuple(routes))
 
-    def _action(self, vs: VirtualService, http) -> RouteAction:
-        clusters, cumulative, total = [], [], 0
+    def _action(self, vs: VirtualService, http) -> tuple:
+        """``(RouteAction, [(cluster name, destination), ...])`` of an http route, without its extras.
+
+        As Istio does, a lone destination's ``headers`` join the route's (one header parser, the
+        route's operations first); the weighted destinations' go to :meth:`_variants`.
+        """
+        clusters, cumulative, total, destinations = [], [], 0, []
         for index, destination in enumerate(http.route):
             name = self._destination_cluster(vs, http.index, index, destination)
             if destination.weight:
                 total += destination.weight
                 clusters.append(name)
                 cumulative.append(total)
-        return RouteAction(
+                destinations.append((name, destination))
+        request, response, authority = http.request_headers, http.response_headers, http.rewrite_authority
+        if len(http.route) == 1 and _has_headers(http.route[0]):
+            [only] = http.route
+            request = sequence_ops((request, only.request_headers))
+            response = sequence_ops((response, only.response_headers))
+            authority = authority or only.authority
+        for part in http.fault.without_percentage if http.fault else ():
+            self._warn(vs, ("spec", "http", http.index, "fault", part),
+                       f"fault.{part} has no percentage, so it applies to no request (as in Istio and Envoy); "
+                       f"set percentage: {{value: 100}} to {part} every request")
+        action = RouteAction(
             name=f"VirtualService/{vs.namespace}/{vs.name}/{http.name or f'http[{http.index}]'}",
             clusters=tuple(clusters), cumulative_weights=tuple(cumulative), timeout=http.timeout,
             retry=http.retry,
             rewrite_prefix=http.rewrite_uri.encode() if http.rewrite_uri is not None else None,
-            rewrite_authority=http.rewrite_authority.encode() if http.rewrite_authority else None,
-            request_headers=http.request_headers, response_headers=http.response_headers)
+            rewrite_authority=authority.encode() if authority else None,
+            request_headers=request, response_headers=response)
+        return action, destinations
+
+    def _with_extras(self, vs, http, action, destinations, whole_path) -> RouteAction:
+        """``action`` with the :class:`RouteExtras` the route needs, if any.
+
+        ``whole_path``: ``rewrite.uri`` replaces the whole path, decided per request (a ``regex``
+        uri match).
+        """
+        if whole_path:
+            action = dataclasses.replace(action, rewrite_prefix=None)
+        extras = RouteExtras(
+            fault=http.fault, cors=http.cors, redirect=http.redirect, direct_response=http.direct_response,
+            uri_regex=http.rewrite_regex, whole_path=http.rewrite_uri.encode() if whole_path else None,
+            by_cluster=self._variants(vs, http, action, destinations) if len(http.route) > 1 else {})
+        return dataclasses.replace(action, extras=extras) if extras else action
+
+    def _variants(self, vs, http, action, destinations) -> dict:
+        """Cluster name -> the action of the weighted destination with ``headers`` that leads there.
+
+        Envoy evaluates a weighted destination's header operations first, then the route's; the
+        route's authority wins over the destination's.
+        """
+        variants = {}
+        for name, destination in destinations:
+            if not _has_headers(destination):
+                continue
+            authority = action.rewrite_authority or (destination.authority.encode() if destination.authority
+                                                     else None)
+            variant = dataclasses.replace(
+                action, rewrite_authority=authority,
+                request_headers=sequence_ops(destination.request_headers, action.request_headers),
+                response_headers=sequence_ops(destination.response_headers, action.response_headers))
+            if variants.setdefault(name, variant) != variant:
+                self._warn(vs, ("spec", "http", http.index, "route"),
+                           f"several destinations lead to cluster {name} with different headers; the first "
+                           "one's apply to all of them")
+        return variants
 
     def _destination_cluster(self, vs, route_index, index, destination, section="http", listener_port=None) -> str:
         """The cluster name of a route destination; warns when it does not resolve.
@@ -530,9 +586,16 @@ def _match_groups(http) -> list:
     return [(*compile_match(match), strip) for match, strip in zip(http.match, strips)]
 
 
-def _rewrite_strip(match) -> int:
-    """How much of the path ``rewrite.uri`` replaces: the matched prefix or exact path.
+def _rewrite_strip(match) -> int | None:
+    """How much of the path ``rewrite.uri`` replaces: the matched prefix or exact path, or None for the
+    whole path of a ``regex`` match (its length is known per request).
 
     Without a uri match, Envoy's implicit match is the prefix ``/``.
     """
-    return len(match.uri.value) if match.uri is not None else 1
+    if match.uri is None:
+        return 1
+    return None if match.uri.kind == "regex" else len(match.uri.value)
+
+
+def _has_headers(destination) -> bool:
+    return bool(destination.request_headers or destination.response_headers or destination.authority)

@@ -36,7 +36,44 @@ def describe_action(action) -> dict:
             "authority": _text(action.rewrite_authority)},
         "request_headers": _header_ops(action.request_headers),
         "response_headers": _header_ops(action.response_headers),
+        **(_describe_extras(action.extras) if action.extras is not None else {}),
     }
+
+
+def _describe_extras(extras) -> dict:
+    """The parts of a :class:`~mesh.config.route_extras.RouteExtras` that are set."""
+    out = {}
+    fault = extras.fault
+    if fault is not None:
+        out["fault"] = {"delay": fault.delay, "delay_percent": fault.delay_fraction * 100,
+                        "abort_http_status": fault.abort_status, "abort_grpc_status": fault.abort_grpc,
+                        "abort_percent": fault.abort_fraction * 100}
+    redirect = extras.redirect
+    if redirect is not None:
+        out["redirect"] = {"status": redirect.status, "scheme": _text(redirect.scheme),
+                           "authority": _text(redirect.authority), "port": redirect.port,
+                           "port_from_request": redirect.port_from_request, "path": _text(redirect.path)}
+    if extras.direct_response is not None:
+        out["direct_response"] = {"status": extras.direct_response.status,
+                                  "body_bytes": len(extras.direct_response.body)}
+    cors = extras.cors
+    if cors is not None:
+        out["cors"] = {"allow_origins": list(cors.origins), "allow_methods": _text(cors.allow_methods),
+                       "allow_headers": _text(cors.allow_headers), "expose_headers": _text(cors.expose_headers),
+                       "max_age": _text(cors.max_age), "allow_credentials": cors.allow_credentials,
+                       "forward_unmatched_preflights": cors.forward_unmatched_preflights}
+    if extras.uri_regex is not None:
+        match, rewrite = extras.uri_regex.text
+        out["uri_regex_rewrite"] = {"match": match, "rewrite": rewrite}
+    if extras.whole_path is not None:
+        out["whole_path_rewrite"] = _text(extras.whole_path)
+    if extras.by_cluster:
+        out["destination_headers"] = {
+            name: {"request_headers": _header_ops(variant.request_headers),
+                   "response_headers": _header_ops(variant.response_headers),
+                   "authority": _text(variant.rewrite_authority)}
+            for name, variant in sorted(extras.by_cluster.items())}
+    return out
 
 
 def describe_cluster(spec) -> dict:

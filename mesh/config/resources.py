@@ -19,6 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from mesh.config.loader import Resource
+from mesh.config.route_extras import CorsPolicy, DirectResponse, FaultInjection, Redirect, RegexRewrite
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
 
 #: Istio's retry policy for routes without ``retries``: 2 retries on
@@ -215,12 +216,19 @@ class HTTPMatch:
 
 @dataclass(frozen=True)
 class RouteDestination:
-    """A weighted destination; ``weight`` is already resolved (100 for a lone destination)."""
+    """A weighted destination; ``weight`` is already resolved (100 for a lone destination).
+
+    An ``http`` destination may have its own ``headers``: ``request_headers``/``response_headers``,
+    and ``authority`` from a request ``host``/``:authority`` header.
+    """
 
     host: str
     subset: str | None
     port: int | None
     weight: int
+    request_headers: HeaderOps | None = None
+    response_headers: HeaderOps | None = None
+    authority: str | None = None
 
 
 @dataclass(frozen=True)
@@ -230,7 +238,10 @@ class HTTPRoute:
     ``retry`` is None when retries are disabled (``attempts: 0``) and
     :data:`DEFAULT_RETRY` when the route has no ``retries``.  A request
     ``host``/``:authority`` header set through ``headers`` is folded into
-    ``rewrite_authority``.
+    ``rewrite_authority``.  A route with a ``redirect`` or ``direct_response``
+    has no ``route``.  ``fault``, ``redirect``, ``direct_response``, ``cors``
+    and ``rewrite_regex`` (``rewrite.uriRegexRewrite``) are the types of
+    :mod:`mesh.config.route_extras`.
     """
 
     index: int
@@ -243,6 +254,11 @@ class HTTPRoute:
     retry: RetryPolicy | None = DEFAULT_RETRY
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
+    fault: FaultInjection | None = None
+    redirect: Redirect | None = None
+    direct_response: DirectResponse | None = None
+    cors: CorsPolicy | None = None
+    rewrite_regex: RegexRewrite | None = None
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ here: they are warnings of :mod:`mesh.config.compile`.
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import ipaddress
 import re
 
@@ -37,6 +39,18 @@ from mesh.config.resources import (
     VirtualService,
     WorkloadEndpoint,
     WorkloadEntry,
+)
+from mesh.config.route_extras import (
+    GRPC_STATUS,
+    REQUEST_SCHEME,
+    CorsPolicy,
+    DirectResponse,
+    FaultInjection,
+    Redirect,
+    RegexRewrite,
+    default_port,
+    origin_test,
+    substitution_parts,
 )
 from mesh.config.security import authorization_policy, peer_authentication
 from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy
@@ -152,19 +166,32 @@ _L4_MATCH = {"destinationSubnets", "port", "sourceLabels", "sourceNamespace", "g
 _TLS_MATCH = _L4_MATCH | {"sniHosts"}
 _L4_MATCH_UNSUPPORTED = {"sourceSubnet": "it is deprecated in Istio, which ignores it; remove it (restrict callers "
                                          "with an AuthorizationPolicy's ipBlocks)"}
-_HTTP_ROUTE = {"name", "match", "route", "rewrite", "timeout", "retries", "headers"}
+_HTTP_ROUTE = {"name", "match", "route", "rewrite", "timeout", "retries", "headers", "redirect", "directResponse",
+               "fault", "corsPolicy"}
 _HTTP_ROUTE_UNSUPPORTED = {
-    "redirect": "redirects are not implemented yet; let a service answer with the redirect",
-    "directResponse": "direct responses are not implemented yet; let a service answer instead",
     "delegate": "VirtualService delegation is not supported; put the routes in this VirtualService",
-    "fault": "fault injection is not implemented yet; remove it",
     "mirror": _MIRRORING, "mirrors": _MIRRORING, "mirrorPercent": _MIRRORING,
     "mirrorPercentage": _MIRRORING, "mirror_percent": _MIRRORING,
-    "corsPolicy": "CORS handling is not implemented yet; let the app answer CORS requests",
     "appendHeaders": _LEGACY_HEADERS, "appendRequestHeaders": _LEGACY_HEADERS,
     "appendResponseHeaders": _LEGACY_HEADERS, "removeRequestHeaders": _LEGACY_HEADERS,
     "removeResponseHeaders": _LEGACY_HEADERS,
 }
+#: Fields of a route that answers locally (Istio's ``validateHTTPRouteConflict``).
+_LOCAL_ANSWERS = ("redirect", "directResponse")
+_REDIRECT = {"uri", "authority", "port", "derivePort", "scheme", "redirectCode"}
+#: The redirect statuses Envoy can send (Istio accepts any 3xx but cannot program the others).
+_REDIRECT_CODES = (301, 302, 303, 307, 308)
+_DIRECT_BODY_LIMIT = 1024 * 1024  # Istio's limit on a directResponse body
+_FAULT_DELAY_UNSUPPORTED = {"exponentialDelay": "Istio does not support it either; use fixedDelay"}
+_FAULT_ABORT_UNSUPPORTED = {
+    "http2Error": "Istio does not support it either; use httpStatus or grpcStatus",
+    "percent": "it was removed from Istio's abort; use percentage: {value: N}",
+}
+_CORS = {"allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeHeaders", "maxAge",
+         "allowCredentials", "unmatchedPreflights"}
+#: Istio's ``supportedCORSMethods``.
+_CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE", "*")
+_CORS_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+\Z")
 _MATCH = {"name", "uri", "method", "authority", "headers", "withoutHeaders", "queryParams",
           "ignoreUriCase", "gateways"}
 _MATCH_UNSUPPORTED = {
@@ -525,39 +552,224 @@ def _l4_match(f: Fields, vs_hosts=None) -> L4Match:
 def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
     matches = tuple(_match(Fields(f.report, path, item, _MATCH, _MATCH_UNSUPPORTED))
                     for path, item in f.items("match"))
-    rewrite_uri = rewrite_authority = None
+    rewrite_uri = rewrite_authority = rewrite_regex = None
     if "rewrite" in f:
-        rf = f.sub("rewrite", {"uri", "authority"}, {
-            "uriRegexRewrite": "regex rewrites are not implemented yet; use a prefix match and rewrite.uri"})
-        rewrite_uri, rewrite_authority = rf.string("uri") or None, rf.string("authority")
-        if rewrite_authority:
-            rewrite_authority = _header_value(f.report, rf.path + ("authority",), rewrite_authority)
-        if not rewrite_uri and not rewrite_authority:
-            rf.error(None, "rewrite must set uri, authority or both")
-        if rewrite_uri and any(match.uri is not None and match.uri.kind == "regex" for match in matches):
-            rf.error("uri", "rewrite.uri with a regex uri match is not supported by txmesh (Istio would "
-                            "replace the whole path); use exact or prefix uri matches")
+        rewrite_uri, rewrite_authority, rewrite_regex = _rewrite(f.sub("rewrite", {"uri", "authority",
+                                                                                   "uriRegexRewrite"}))
     request, header_authority = _header_ops(f, "request")
     if header_authority is not None:
         if rewrite_authority:
             f.error("headers", "the authority is set both by rewrite.authority and by a host header; "
                                "keep one of them")
         rewrite_authority = header_authority
+    answers = [key for key in _LOCAL_ANSWERS if key in f]
+    for other in ("route", "fault", "rewrite") if answers else ():
+        if other in f:
+            f.error(other, f"a route with {answers[0]} answers locally, without forwarding: remove {other} (Istio "
+                           "rejects them together)")
+    if len(answers) > 1:
+        f.error("directResponse", "set only one of redirect or directResponse")
     return HTTPRoute(
-        index=index, name=f.string("name"), match=matches, route=_destinations(f, namespace, domain),
+        index=index, name=f.string("name"), match=matches,
+        route=() if answers or not _route_given(f) else _destinations(f, namespace, domain),
         rewrite_uri=rewrite_uri, rewrite_authority=rewrite_authority, timeout=f.duration("timeout"),
         retry=_retries(f) if "retries" in f else DEFAULT_RETRY, request_headers=request,
-        response_headers=_header_ops(f, "response")[0])
+        response_headers=_header_ops(f, "response")[0],
+        fault=_fault(f.sub("fault", {"delay", "abort"})) if "fault" in f else None,
+        redirect=_redirect(f.sub("redirect", _REDIRECT)) if "redirect" in f else None,
+        direct_response=_direct_response(f.sub("directResponse", {"status", "body"}))
+        if "directResponse" in f else None,
+        cors=_cors(f.sub("corsPolicy", _CORS)) if "corsPolicy" in f else None,
+        rewrite_regex=rewrite_regex)
+
+
+def _route_given(f: Fields) -> bool:
+    """Whether an http route without redirect or directResponse has its ``route`` (else reported)."""
+    if "route" not in f:
+        f.error("route", "'route' is required: the destinations of the requests (or answer them here with "
+                         "redirect or directResponse)")
+        return False
+    return True
+
+
+def _rewrite(f: Fields) -> tuple:
+    """``(uri, authority, RegexRewrite or None)`` of a route's ``rewrite``."""
+    uri, authority = _path_value(f, "uri"), f.string("authority")
+    if authority:
+        authority = _header_value(f.report, f.path + ("authority",), authority)
+    regex = _uri_regex_rewrite(f.sub("uriRegexRewrite", {"match", "rewrite"})) if "uriRegexRewrite" in f else None
+    if uri and "uriRegexRewrite" in f:
+        f.error("uriRegexRewrite", "set only one of uri or uriRegexRewrite")
+    if not uri and not authority and "uriRegexRewrite" not in f:
+        f.error(None, "rewrite must set uri, uriRegexRewrite or authority")
+    return uri, authority, regex
+
+
+def _path_value(f: Fields, key) -> str | None:
+    """A path written into requests or Location headers: ASCII, without spaces or control characters."""
+    value = f.string(key) or None
+    if value is not None and (not value.isascii() or not value.isprintable() or " " in value):
+        f.error(key, f"{value!r} is not a usable path: use ASCII without spaces or control characters "
+                     "(percent-encode the others)")
+        return None
+    return value
+
+
+def _uri_regex_rewrite(f: Fields):
+    """``rewrite.uriRegexRewrite``: a RE2 ``match`` and its ``rewrite`` (groups as ``\\1``)."""
+    text, rewrite = f.string("match", required=True), f.string("rewrite", required=True)
+    if not text or rewrite is None:
+        return None
+    problem = regex_problem(text)
+    if problem:
+        f.error("match", problem)
+        return None
+    pattern = re.compile(text)
+    parts, problem = substitution_parts(rewrite, pattern.groups)
+    if problem:
+        f.error("rewrite", problem)
+        return None
+    return RegexRewrite(pattern, parts, (text, rewrite))
+
+
+def _fault(f: Fields) -> FaultInjection:
+    """Istio's ``fault``: a ``delay``, an ``abort`` or both."""
+    if "delay" not in f and "abort" not in f:
+        f.error(None, "set delay, abort or both")
+    values, without = {}, []
+    if "delay" in f:
+        df = f.sub("delay", {"fixedDelay", "percentage", "percent"}, _FAULT_DELAY_UNSUPPORTED)
+        values["delay"] = df.duration("fixedDelay")
+        if "fixedDelay" not in df:
+            df.error("fixedDelay", "'fixedDelay' is required")
+        if "percentage" in df:
+            values["delay_fraction"] = _fraction(df)
+        elif "percent" in df:  # deprecated, still read by Istio when percentage is absent
+            values["delay_fraction"] = (df.integer("percent", minimum=0, maximum=100) or 0) / 100
+        else:
+            without.append("delay")
+    if "abort" in f:
+        af = f.sub("abort", {"httpStatus", "grpcStatus", "percentage"}, _FAULT_ABORT_UNSUPPORTED)
+        if ("httpStatus" in af) == ("grpcStatus" in af):
+            af.error(None, "set one of httpStatus or grpcStatus")
+        values["abort_status"] = af.integer("httpStatus", minimum=200, maximum=599)
+        grpc_status = af.string("grpcStatus")
+        if grpc_status is not None and grpc_status not in GRPC_STATUS:
+            af.error("grpcStatus", f"unknown gRPC status {grpc_status!r}; use one of {', '.join(GRPC_STATUS)}")
+        values["abort_grpc"] = GRPC_STATUS.get(grpc_status)
+        if "percentage" in af:
+            values["abort_fraction"] = _fraction(af)
+        else:
+            without.append("abort")
+    return FaultInjection(**values, without_percentage=tuple(without))
+
+
+def _fraction(f: Fields) -> float:
+    """``percentage.value`` as a fraction, at the resolution Istio gives Envoy (per million)."""
+    pf = f.sub("percentage", {"value"})
+    value = pf.data.get("value", 0)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        pf.error("value", f"must be a number from 0 to 100, not {value!r}")
+        return 0.0
+    if value < 0 or value > 100 or 0 < value < 0.0001:
+        pf.error("value", f"percentage {value} is neither 0 nor in the range [0.0001, 100]")
+        return 0.0
+    return int(value * 10000) / 1_000_000
+
+
+def _redirect(f: Fields) -> Redirect:
+    """Istio's ``redirect`` (Envoy's RedirectAction)."""
+    if not any(key in f for key in ("uri", "authority", "scheme", "port", "derivePort")):
+        f.error(None, "set at least one of uri, authority, scheme, port or derivePort")
+    if "port" in f and "derivePort" in f:
+        f.error("derivePort", "set only one of port or derivePort")
+    authority = f.string("authority") or None
+    if authority:
+        authority = _header_value(f.report, f.path + ("authority",), authority)
+    scheme = f.enum("scheme", ("http", "https"))
+    scheme = scheme.encode() if scheme else None
+    code = f.integer("redirectCode")
+    if code and code not in _REDIRECT_CODES:
+        f.error("redirectCode", f"redirect code {code} is not one Envoy can send; use 301 (the default), 302, 303, "
+                                "307 or 308")
+    port = f.port("port")
+    if port and default_port(port, scheme or REQUEST_SCHEME):
+        port = None  # as Istio: no explicit :80 for http, nor :443 for https
+    uri = _path_value(f, "uri")
+    return Redirect(status=code or 301, scheme=scheme, authority=authority.encode() if authority else None,
+                    port=port, path=uri.encode() if uri else None,
+                    port_from_request=f.enum("derivePort", ("FROM_PROTOCOL_DEFAULT", "FROM_REQUEST_PORT"))
+                    == "FROM_REQUEST_PORT")
+
+
+def _direct_response(f: Fields) -> DirectResponse:
+    """Istio's ``directResponse``: ``status`` and an optional ``body`` (``string`` or base64 ``bytes``)."""
+    status = f.integer("status", minimum=200, maximum=599, required=True)
+    body = b""
+    if "body" in f:
+        bf = f.sub("body", {"string", "bytes"})
+        kinds = [key for key in ("string", "bytes") if key in bf]
+        if len(kinds) != 1:
+            bf.error(None, "set one of string or bytes")
+        elif kinds[0] == "string":
+            body = (bf.string("string") or "").encode()
+        else:
+            body = _base64(bf, "bytes")
+        if len(body) > _DIRECT_BODY_LIMIT:
+            bf.error(kinds[0], f"the body has {len(body)} bytes; Istio allows at most 1 MiB")
+    return DirectResponse(status or 200, body)
+
+
+def _base64(f: Fields, key) -> bytes:
+    """Bytes written as base64, as protobuf's JSON mapping (and so Istio's YAML) writes a ``bytes`` field."""
+    text = f.string(key) or ""
+    try:
+        return base64.b64decode(text.replace("-", "+").replace("_", "/") + "=" * (-len(text) % 4), validate=True)
+    except ValueError:
+        f.error(key, "must be base64 (how Istio's YAML writes bytes); use string for text")
+        return b""
+
+
+def _cors(f: Fields) -> CorsPolicy:
+    """Istio's ``corsPolicy`` (Envoy's CORS filter)."""
+    origins = []
+    for path, item in f.items("allowOrigins"):
+        match = _string_match(f.report, path, item, present_ok=False)
+        if match is not None and not match.value:
+            f.report.add(path, "an empty match allows no origin; set exact, prefix or regex to a value")
+        elif match is not None:
+            origins.append(match)
+    if "allowOrigin" in f:
+        if "allowOrigins" in f:
+            f.error("allowOrigin", "set only allowOrigins: allowOrigin is deprecated, and Istio ignores it "
+                                   "when allowOrigins is set")
+        origins += [StringMatch("exact", origin) for _, origin in f.strings("allowOrigin")]
+    lists = {key: f.strings(key) for key in ("allowMethods", "allowHeaders", "exposeHeaders")}
+    for path, method in lists["allowMethods"]:
+        if method not in _CORS_METHODS:
+            f.report.add(path, f"{method!r} is not a supported HTTP method; use {', '.join(_CORS_METHODS)}")
+    for path, name in lists["allowHeaders"] + lists["exposeHeaders"]:
+        if name != "*" and not _CORS_HEADER_NAME.match(name):
+            f.report.add(path, f"invalid header name {name!r}: use letters, digits, '-' and '_', or *")
+    joined = {key: ",".join(value for _, value in items).encode() for key, items in lists.items()}
+    max_age = f.duration("maxAge")
+    if max_age is not None and max_age != int(max_age):
+        f.error("maxAge", "maxAge is accurate only to seconds (as in Istio); use whole seconds, like 86400s or 24h")
+    return CorsPolicy(
+        allows=origin_test(origins), origins=tuple(f"{match.kind} {match.value!r}" for match in origins),
+        allow_methods=joined["allowMethods"], allow_headers=joined["allowHeaders"],
+        expose_headers=joined["exposeHeaders"], max_age=b"%d" % max_age if max_age is not None else b"",
+        allow_credentials=f.boolean("allowCredentials"),
+        forward_unmatched_preflights=f.enum("unmatchedPreflights", ("UNSPECIFIED", "FORWARD", "IGNORE"),
+                                            default="FORWARD") != "IGNORE")
 
 
 def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
-    """The weighted ``route`` destinations of an http route, or of a tcp/tls one (no ``headers`` there)."""
+    """The weighted ``route`` destinations of an http route (each may have ``headers``), or of a tcp/tls one."""
     items = f.items("route", required=True)
     out = []
     for path, item in items:
-        rf = Fields(f.report, path, item, {"destination", "weight"}, {
-            "headers": "per-destination header changes are not supported; move them to the route's headers"}
-            if http else None)
+        rf = Fields(f.report, path, item, {"destination", "weight", "headers"} if http else {"destination", "weight"})
         if "destination" not in rf:
             rf.error("destination", "'destination' is required")
         df = rf.sub("destination", {"host", "subset", "port"})
@@ -566,12 +778,14 @@ def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
         if problem:
             df.error("host", problem)
         port = df.sub("port", {"number"}).port("number", required=True) if "port" in df else None
+        request, authority = _header_ops(rf, "request")
         out.append(RouteDestination(
             host=hostnames.fqdn(host, namespace, domain) if host and not problem else "",
             subset=_dns_name(df, "subset", _DNS_LABEL, "subset name") or None, port=port,
-            weight=rf.integer("weight", minimum=0, maximum=100) or 0))
+            weight=rf.integer("weight", minimum=0, maximum=100) or 0, request_headers=request,
+            response_headers=_header_ops(rf, "response")[0], authority=authority))
     if len(out) == 1:
-        out[0] = RouteDestination(out[0].host, out[0].subset, out[0].port, 100)
+        out[0] = dataclasses.replace(out[0], weight=100)
     elif out and sum(destination.weight for destination in out) != 100:
         total = sum(destination.weight for destination in out)
         f.error("route", f"weights must sum to 100 (they sum to {total}); give every destination a weight")
