@@ -20,6 +20,7 @@ VPY := $(VENV)/bin/python
 # Extra pytest arguments, e.g. make test PYTEST_ARGS="-k backend --timeout=600"
 # (the per-test timeout is set in pyproject.toml, [tool.pytest.ini_options]).
 PYTEST_ARGS ?=
+TEST_WORKERS ?= 2
 # Extra meshctl demo arguments, e.g. make demo DEMO_ARGS="--plugin peak_ewma"
 DEMO_ARGS ?=
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
@@ -42,8 +43,12 @@ help:
 
 bootstrap: $(VENV)/.stamp-dropins
 
+# Two pytest-xdist workers (the suite mostly waits on real processes and timers); tests marked
+# `serial` (timing targets) run afterwards, alone.  TEST_WORKERS=0 runs everything in one process.
+# Exit status 5 is pytest's "no tests selected" (a PYTEST_ARGS -k that matches one part only).
 test: bootstrap
-	$(VPY) -m pytest tests -q $(PYTEST_ARGS)
+	$(VPY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup -m "not serial" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(VPY) -m pytest tests -q -m serial $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # The quick loop while editing: pure functions and in-process tests, no real sidecars.
 unit: bootstrap

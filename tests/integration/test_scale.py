@@ -23,6 +23,9 @@ CHANGES = 3
 TARGET_S = 2.0
 RSS_LIMIT_MIB = 300
 
+#: A timing target on the control plane's CPU: `make test` runs it alone, after the parallel part.
+pytestmark = pytest.mark.serial
+
 
 @pytest.mark.timeout(180)
 def test_500_sessions_ack_a_config_change_within_two_seconds(control_factory, tmp_path):
