@@ -182,7 +182,7 @@ def test_services_endpointslices_and_secrets_get_the_real_servers_defaults(api, 
     slices = discovery.list_namespaced_endpoint_slice(NS, label_selector="kubernetes.io/service-name=web")
     assert [s.endpoints[0].addresses for s in slices.items] == [["10.1.0.5"]]
     assert slices.items[0].metadata.generation == 1
-    secret = core.create_namespaced_secret(NS, {"metadata": {"name": "ca"}, "string_data": {"ca.pem": "PEM"}})
+    secret = core.create_namespaced_secret(NS, {"metadata": {"name": "ca"}, "stringData": {"ca.pem": "PEM"}})
     assert secret.data == {"ca.pem": "UEVN"} and secret.string_data is None and secret.type == "Opaque"
 
 
