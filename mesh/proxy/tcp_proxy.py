@@ -82,6 +82,7 @@ class TcpContext:
     headers = _NO_HEADERS
     raw_headers = ()
     response_code = 0
+    request_auth = None  # no end-user token on a TCP connection
 
     def __init__(self, direction, source_address, peer, start, port, server_name=None):
         self.direction = direction

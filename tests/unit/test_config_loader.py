@@ -119,7 +119,7 @@ def test_accepted_api_versions(tmp_path, api_version, kind):
      f"VirtualService; use one of: {NETWORKING}"),
     ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: a}\n",
      "{path}:2: Gateway/a/gw: kind: unknown kind 'Gateway'; txmesh supports: AuthorizationPolicy, "
-     "DestinationRule, PeerAuthentication, ServiceEntry, VirtualService, WorkloadEntry"),
+     "DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, VirtualService, WorkloadEntry"),
     ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  namespace: a\n",
      "{path}:3: ServiceEntry/a/<unnamed>: metadata.name: metadata.name is required"),
     ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: My_Service}\n",

@@ -245,19 +245,20 @@ def authenticate(table, headers=None, path="/orders"):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (token(exp=int(time.time()) - 61), "Jwt is expired"),
-    (token(nbf=int(time.time()) + 120), "Jwt not yet valid"),
-    (token(iss="https://other.example"), "Jwt issuer is not configured"),
-    (token(aud="web"), "Audiences in Jwt are not allowed"),
-    (token(kid="unknown"), "Jwks doesn't have key to match kid or alg from Jwt"),
-    (token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)), "Jwt verification fails"),
-    (token(key=EC_KEY, alg="ES256", kid="k1"), "Jwks doesn't have key to match kid or alg from Jwt"),
-    (jwt.encode({"iss": "https://issuer.example", "aud": "shop"}, "k" * 32, "HS256"),
+    (lambda: token(exp=int(time.time()) - 61), "Jwt is expired"),
+    (lambda: token(nbf=int(time.time()) + 120), "Jwt not yet valid"),
+    (lambda: token(iss="https://other.example"), "Jwt issuer is not configured"),
+    (lambda: token(aud="web"), "Audiences in Jwt are not allowed"),
+    (lambda: token(kid="unknown"), "Jwks doesn't have key to match kid or alg from Jwt"),
+    (lambda: token(key=rsa.generate_private_key(public_exponent=65537, key_size=2048)), "Jwt verification fails"),
+    (lambda: token(key=EC_KEY, alg="ES256", kid="k1"), "Jwks doesn't have key to match kid or alg from Jwt"),
+    (lambda: jwt.encode({"iss": "https://issuer.example", "aud": "shop"}, "k" * 32, "HS256"),
      "Jwks doesn't have key to match kid or alg from Jwt"),
-    ("not-a-jwt", "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
-])
+    (lambda: "not-a-jwt", "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"),
+    (lambda: "bm90.anNvbg.c2ln", "Jwt verification fails"),
+], ids=["expired", "not-yet-valid", "issuer", "audience", "kid", "signature", "alg", "hs256", "format", "json"])
 def test_a_token_that_fails_gets_envoys_401(table, bad, message):
-    ctx, reply = authenticate(table, {"authorization": f"Bearer {bad}"})
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {bad()}"})
     assert (reply.status, reply.message, reply.flag) == (401, message, "")
     assert reply.headers == ((b"www-authenticate", b'Bearer realm="http://api.shop/orders", error="invalid_token"'),)
     assert reply.details == "jwt_authn_access_denied{" + message.replace(" ", "_") + "}"
