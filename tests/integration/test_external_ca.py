@@ -115,8 +115,10 @@ def test_a_ca_no_plugin_provides_refuses_to_start(tmp_path):
     assert proc.returncode == 1, proc
     assert "Traceback" not in proc.stderr + proc.stdout
     line = proc.stderr.strip().splitlines()[-1]
-    assert line.startswith("mesh-control: --ca hsm: no installed plugin provides a CA named 'hsm' (CAs available: "
-                           "builtin"), proc.stderr
+    prefix = "mesh-control: --ca hsm: no installed plugin provides a CA named 'hsm' (CAs available: "
+    assert line.startswith(prefix), proc.stderr
+    available = line[len(prefix):].partition(")")[0].split(", ")
+    assert "builtin" in available and "testca" not in available  # the test CA is this module's mesh-control's
     assert "To use it: install the plugin that provides the CA 'hsm'; or choose one of those available" in line
 
 
