@@ -56,9 +56,9 @@ def instructions_per_request(template: Workspace, case: str, backend_port: int, 
         target = CASES[case](ws, backend_port)
         if not target.proxies:
             raise BenchError(f"case {case} has no proxy to count instructions of")
-        load.fixed_count(target.url, target.host, f"callgrind-{case}-warmup", warmup)
+        load.fixed_count(target.url, target.host, f"callgrind-{case}-warmup", warmup, target.h2_streams)
         instrument(target.proxies, "on", root)
-        load.fixed_count(target.url, target.host, f"callgrind-{case}", requests)
+        load.fixed_count(target.url, target.host, f"callgrind-{case}", requests, target.h2_streams)
         instrument(target.proxies, "off", root)
     per_proxy = [(proxy.role, read_totals(ws.callgrind_file(proxy.name)) / requests) for proxy in target.proxies]
     return sum(value for _, value in per_proxy), {role: value for role, value in per_proxy if role}

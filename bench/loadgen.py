@@ -102,12 +102,14 @@ class LoadGenerator:
         self.prefix = ["taskset", "-c", cpus] if cpus else []
 
     def latency(
-        self, url: str, host: str | None, tag: str, clients: int, rps_per_client: int, seconds: int
+        self, url: str, host: str | None, tag: str, clients: int, rps_per_client: int, seconds: int,
+        h2_streams: int = 0,
     ) -> Latency:
-        """Offer ``clients * rps_per_client`` req/s for ``seconds`` with h2load over HTTP/1.1."""
+        """Offer ``clients * rps_per_client`` req/s for ``seconds`` with h2load over HTTP/1.1
+        (``h2_streams`` N: over HTTP/2, up to N streams per connection)."""
         log_file = self.log_dir / f"{tag}.h2load.tsv"
         log_file.unlink(missing_ok=True)  # h2load appends to it
-        argv = [*self.prefix, "h2load", "--h1", "-c", str(clients), "--rps", str(rps_per_client),
+        argv = [*self.prefix, "h2load", *_protocol(h2_streams), "-c", str(clients), "--rps", str(rps_per_client),
                 "-D", str(seconds), f"--log-file={log_file}"]
         if host:
             # "-H host: x" would add a second Host header; :authority replaces it.
@@ -129,9 +131,11 @@ class LoadGenerator:
             errors=errors,
         )
 
-    def fixed_count(self, url: str, host: str | None, tag: str, requests: int) -> None:
-        """Send exactly ``requests`` requests, one at a time, over one connection; all must get a 2xx."""
-        argv = [*self.prefix, "h2load", "--h1", "-c", "1", "-n", str(requests)]
+    def fixed_count(self, url: str, host: str | None, tag: str, requests: int, h2_streams: int = 0) -> None:
+        """Send exactly ``requests`` requests, one at a time, over one connection; all must get a 2xx.
+
+        ``h2_streams`` N: over HTTP/2 (one stream at a time all the same)."""
+        argv = [*self.prefix, "h2load", *(("--h1",) if not h2_streams else ()), "-c", "1", "-n", str(requests)]
         if host:
             argv += ["-H", f":authority: {host}"]
         out = run_tool([*argv, url], timeout=3600, log_path=self.log_dir / f"{tag}.h2load.out")
@@ -139,10 +143,37 @@ class LoadGenerator:
         if errors:
             raise BenchError(f"{errors} of {requests} requests to {url} got no 2xx response")
 
-    def throughput(self, url: str, host: str | None, tag: str, connections: int, seconds: int) -> Throughput:
-        """Closed-loop maximum throughput with one wrk thread and ``connections`` connections."""
+    def throughput(self, url: str, host: str | None, tag: str, connections: int, seconds: int,
+                   h2_streams: int = 0) -> Throughput:
+        """Closed-loop maximum throughput with one wrk thread and ``connections`` connections.
+
+        wrk speaks HTTP/1.1 only: with ``h2_streams`` N, h2load does it instead, over HTTP/2 with
+        up to N streams per connection (one thread too)."""
+        if h2_streams:
+            return self._h2_throughput(url, host, tag, connections, seconds, h2_streams)
         argv = [*self.prefix, "wrk", "-t1", f"-c{connections}", f"-d{seconds}s"]
         if host:
             argv += ["-H", f"Host: {host}"]  # wrk replaces its own Host header with this one
         out = run_tool([*argv, url], timeout=seconds + 30, log_path=self.log_dir / f"{tag}.wrk.out")
         return parse_wrk(out)
+
+    def _h2_throughput(self, url, host, tag, connections, seconds, streams) -> Throughput:
+        argv = [*self.prefix, "h2load", "-t1", "-c", str(connections), "-m", str(streams), "-D", str(seconds)]
+        if host:
+            argv += ["-H", f":authority: {host}"]
+        out = run_tool([*argv, url], timeout=seconds + 30, log_path=self.log_dir / f"{tag}.h2load.out")
+        rps, _ = parse_h2load_summary(out)
+        counts = _H2LOAD_COUNTS.search(out)
+        if not counts:
+            raise BenchError(f"cannot parse h2load output:\n{out[-2000:]}")
+        done, succeeded = map(int, counts.groups())
+        # in duration mode "total" counts the requests still in flight at the end: compare what finished
+        return Throughput(rps=rps, requests=done, errors=done - succeeded)
+
+
+_H2LOAD_COUNTS = re.compile(r"^requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded,", re.M)
+
+
+def _protocol(h2_streams: int) -> tuple:
+    """h2load's options for HTTP/1.1 (0) or HTTP/2 with up to ``h2_streams`` streams per connection."""
+    return ("-m", str(h2_streams)) if h2_streams else ("--h1",)

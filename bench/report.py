@@ -16,7 +16,7 @@ from pathlib import Path
 from bench.loadgen import Latency, Throughput
 
 #: (numerator, denominator) case pairs whose ratios are reported when both ran.
-RATIO_PAIRS = (("txmesh", "envoy"), ("txmesh-pair", "envoy-pair"))
+RATIO_PAIRS = (("txmesh", "envoy"), ("txmesh-pair", "envoy-pair"), ("txmesh-pair-h2", "envoy-pair-h2"))
 BASELINE = "direct"
 PERCENTILES = ("p50", "p90", "p99")
 
@@ -184,6 +184,13 @@ TARGETS = (
      "peak_rss_mib_per_proxy", "<", 1.0),
     ("pair: max req/s (wrk -c4) >= 50% of envoy-pair's", "txmesh-pair/envoy-pair", "wrk_c4_rps", ">=", 0.5),
     ("pair: max req/s (wrk -c16) >= 50% of envoy-pair's", "txmesh-pair/envoy-pair", "wrk_c16_rps", ">=", 0.5),
+    # HTTP/2 clients (issue #12); their throughput is h2load's, filed under the same wrk_c* keys
+    ("HTTP/2 pair: added p50 <= 1.5x envoy-pair-h2's", "txmesh-pair-h2/envoy-pair-h2", "added_p50_ms", "<=", 1.5),
+    ("HTTP/2 pair: added p90 <= 1.5x envoy-pair-h2's", "txmesh-pair-h2/envoy-pair-h2", "added_p90_ms", "<=", 1.5),
+    ("HTTP/2 pair: max req/s (-c4) >= 50% of envoy-pair-h2's", "txmesh-pair-h2/envoy-pair-h2", "wrk_c4_rps",
+     ">=", 0.5),
+    ("HTTP/2 pair: max req/s (-c16) >= 50% of envoy-pair-h2's", "txmesh-pair-h2/envoy-pair-h2", "wrk_c16_rps",
+     ">=", 0.5),
 )
 _COMPARE = {">=": lambda a, b: a >= b, "<=": lambda a, b: a <= b, "<": lambda a, b: a < b}
 

