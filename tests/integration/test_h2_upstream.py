@@ -17,6 +17,7 @@ The apps count their connections (``/stats``), which is how the tests see multip
 
 from __future__ import annotations
 
+import socket
 import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -32,6 +33,7 @@ from tests.integration.test_proxy_support import destination_rule, virtual_servi
 
 NS = "shop"
 H2_APP = Path(__file__).resolve().parents[1] / "apps" / "h2_app.py"
+TLS_PEER = Path(__file__).resolve().parents[1] / "apps" / "tls_peer.py"
 NETWORKING = "networking.istio.io/v1"
 
 
@@ -47,6 +49,24 @@ class H2App(ManagedProcess):
 
     def is_ready(self) -> bool:
         return "listening" in self.log_path.read_text()
+
+
+class Http1Peer(ManagedProcess):
+    """``python tests/apps/tls_peer.py``: an mTLS server that speaks HTTP/1.1 only (ALPN ``http/1.1``)."""
+
+    kind = "tls-peer"
+
+    def __init__(self, name: str, cert: Path, key: Path, bundle: Path, *, log_dir: Path):
+        self.port = free_port("127.0.0.1")
+        super().__init__(name, [sys.executable, TLS_PEER, "--port", self.port, "--cert", cert, "--key", key,
+                                "--ca", bundle], Path(log_dir) / f"tls-peer-{name}-{self.port}.log")
+
+    def is_ready(self) -> bool:
+        try:
+            socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+        except OSError:
+            return False
+        return True
 
 
 def entry(name: str, protocol: str, endpoint: dict) -> dict:
@@ -71,6 +91,8 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
     bundle = work / "ca.pem"
     bundle.write_bytes(ca[1].public_bytes(Encoding.PEM))
     inbound = {"grpc-server": free_port(), "web-server": free_port()}
+    old_peer = Http1Peer("old-peer", *issue_cert(work / "certs", "old-peer", ca, spiffe(NS, "old-peer")), bundle,
+                         log_dir=process_log_dir).start()
     config = write_config(
         work / "config",
         entry("grpc-app", "HTTP2", plain(apps["grpc-app"].port)),
@@ -79,6 +101,7 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
         entry("grpc-behind", "GRPC", mesh_endpoint(inbound["grpc-server"], "grpc-server", app="grpc-server")),
         entry("web-behind", "HTTP", mesh_endpoint(inbound["web-server"], "web-server", app="web-server")),
         entry("web-plain", "HTTP", mesh_endpoint(inbound["web-server"], "web-server")),
+        entry("old-peer", "GRPC", mesh_endpoint(old_peer.port, "old-peer")),
         destination_rule("web-behind", "web-behind", namespace=NS,
                          traffic_policy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
         virtual_service("goaway-app", ["goaway-app"], [{"route": [{"destination": {"host": "goaway-app"}}],
@@ -217,6 +240,16 @@ def test_h2_upgrade_policy_multiplexes_http1_clients_between_sidecars(mesh):
     assert endpoint["open_connections"] == 1, endpoint
     inbound = mesh["servers"]["web-server"].admin("/config_dump")["connections"]["inbound"]
     assert inbound["open"] == 1, inbound
+
+
+def test_a_peer_that_chooses_http1_by_alpn_gets_http1(mesh):
+    """The client offers ALPN h2 (a GRPC port) to a peer that speaks HTTP/1.1 only: the connection goes on
+    in HTTP/1.1 and is pooled as such."""
+    answers = [call(mesh, "old-peer", "/") for _ in range(3)]
+    assert [answer.status for answer in answers] == [200] * 3, answers
+    assert [answer.json()["request"] for answer in answers] == [1, 2, 3], answers  # one keep-alive connection
+    endpoint, = mesh["client"].admin("/clusters")["outbound|80||old-peer.shop.svc.cluster.local"]["endpoints"]
+    assert endpoint["open_connections"] == 1, endpoint
 
 
 # -- HTTP/2 clients (the server codec, mesh.proxy.codec.h2_server) ------------------------------------
