@@ -3,8 +3,9 @@
 The CA is tests/plugins/txmesh_testca.py (``testca``), found through its ``mesh.plugins`` entry point
 on mesh-control's ``PYTHONPATH`` only; the test switches it between ready, unavailable and broken by
 rewriting its ``state.json``, which it re-reads on every call, and mesh-control asks for its status
-every 200 ms (``--ca-status-interval``).  Two sidecars (frontend -> user-service over mTLS, new
-connections every 10 requests) get 10 s certificates from it.
+every 200 ms (``--ca-status-interval``).  Two sidecars fed by the control plane (certificates and
+config: frontend -> user-service over mTLS, new connections every 10 requests) get 10 s certificates
+from it.
 
 - a ``--ca`` that no plugin provides: mesh-control refuses to start, naming the CAs there are and
   what to install;
@@ -13,7 +14,7 @@ connections every 10 requests) get 10 s certificates from it.
 - testca unavailable: ``/ready`` 503 with its reason, ``mesh_ca_ready`` 0, a CSR is answered 503 with
   the reason and ``Retry-After``; the sidecars' renewals fail, they keep serving on their
   certificates, traffic flows; testca back: they renew;
-- testca's roots change (a rotation: old and new): the new bundle reaches the running sidecars;
+- testca's roots change (a rotation: old and new): the new bundle is pushed to the running sidecars;
 - testca broken: a CSR is answered 500 without the error, which the control plane logs;
 - ``mesh_ca_csr_total{ca,result}`` and ``mesh_ca_csr_duration_seconds`` count all of it.
 """
@@ -31,9 +32,11 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tests.harness import free_port, venv_bin, wait_for
+from tests.integration.test_distribution_support import ControlledProxy, proxies, selector_service
 from tests.integration.test_identity_csr_api import csr_for, post
-from tests.integration.test_identity_support import make_ca, mtls_pair, spiffe
+from tests.integration.test_identity_support import make_ca, spiffe
 from tests.integration.test_meshctl_ops import meshctl
+from tests.integration.test_proxy_support import destination_rule, write_config
 
 PLUGIN_DIR = Path(__file__).parents[1] / "plugins"
 NS = "bank"
@@ -81,13 +84,21 @@ def testca(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def mesh(testca, control_factory, backend_factory, proxy_factory, tmp_path_factory):
-    env = plugin_env(tmp_path_factory, testca.directory)
-    control = control_factory(workload_cert_ttl="1h", env=env,
-                              extra_args=["--ca", "testca", "--ca-status-interval", "200ms"])
-    app, server, client = mtls_pair(control, backend_factory, proxy_factory, tmp_path_factory.mktemp("ca-config"),
-                                     NS, cert_ttl=CERT_TTL)
-    return control, server, client
+def mesh(testca, control_factory, backend_factory, process_log_dir, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("ca-config"), selector_service("user-service", namespace=NS),
+                          destination_rule("user-service", "user-service", namespace=NS, traffic_policy={
+                              "connectionPool": {"http": {"maxRequestsPerConnection": 10}}}))
+    control = control_factory(workload_cert_ttl="1h", env=plugin_env(tmp_path_factory, testca.directory),
+                              extra_args=["--ca", "testca", "--ca-status-interval", "200ms", "--config-dir", config])
+    app = backend_factory("user-service")
+    server = ControlledProxy(control, "user-service", namespace=NS, app_port=app.port, labels={"app": "user-service"},
+                             extra_args=["--cert-ttl", CERT_TTL], log_dir=process_log_dir).start()
+    client = ControlledProxy(control, "frontend", namespace=NS, extra_args=["--cert-ttl", CERT_TTL],
+                             log_dir=process_log_dir).start()
+    wait_for(lambda: client.curl("user-service", "/").status == 200, 10, what="frontend to reach user-service")
+    yield control, server, client
+    client.stop()
+    server.stop()
 
 
 def certificate(proxy) -> dict:
@@ -149,6 +160,8 @@ def test_while_the_ca_is_unavailable_csrs_get_503_and_the_sidecars_keep_serving(
                             5, what="/ready to say the CA is not ready")
     assert json.loads(body)["reason"] == "CA 'testca' not ready: sealed for the test: unseal it"
     assert metric(control, 'mesh_ca_ready{ca="testca"}') == 0.0
+    code, out, err = meshctl("proxy-status", "--control-admin", f"127.0.0.1:{control.admin_port}")
+    assert code == 0 and "frontend" in out and "user-service" in out, err  # /ready's 503 is still read
     answer = post(control, {"credential": control.token(NS, "teller"), "csr": csr_for("teller")})
     assert answer.status == 503 and answer.headers["retry-after"] == "1", answer
     assert answer.json() == {"error": "CA unavailable: sealed for the test: unseal it"}
@@ -169,12 +182,15 @@ def test_while_the_ca_is_unavailable_csrs_get_503_and_the_sidecars_keep_serving(
     assert client.curl("user-service", "/after").status == 200
 
 
-def test_a_change_of_the_ca_roots_reaches_the_running_sidecars(mesh, testca):
+def test_a_change_of_the_ca_roots_is_pushed_to_the_running_sidecars(mesh, testca):
     control, server, client = mesh
+    acked = {workload: row["version_acked"] for workload, row in proxies(control).items()}
     testca.set("ready", roots=("root-1.pem", "root-2.pem"))
-    for proxy in (server, client):
-        wait_for(lambda proxy=proxy: certificate(proxy)["trust_bundle_roots"] == 2, 5,
-                 what=f"{proxy} to get the new trust bundle")
+    for proxy in (server, client):  # a new snapshot (its version covers the bundle), applied: not a renewal's
+        wait_for(lambda proxy=proxy: (lambda row: row["version_acked"] != acked[proxy.workload]
+                                      and not row["stale"])(proxies(control)[proxy.workload]), 5,
+                 what=f"{proxy} to ACK a snapshot with the new trust bundle")
+        assert certificate(proxy)["trust_bundle_roots"] == 2
     assert x509.load_pem_x509_certificates(control.root_cert.read_bytes()) == [testca.root, testca.next_root]
     assert control.admin()["ca"]["roots"] == 2
     status, body = control.admin_request("/ca/root-cert.pem")
