@@ -34,18 +34,20 @@ from tests.integration.test_proxy_support import destination_rule, virtual_servi
 NS = "shop"
 H2_APP = Path(__file__).resolve().parents[1] / "apps" / "h2_app.py"
 TLS_PEER = Path(__file__).resolve().parents[1] / "apps" / "tls_peer.py"
+HTTP1_TRAILERS = Path(__file__).resolve().parents[1] / "apps" / "http1_trailers.py"
 NETWORKING = "networking.istio.io/v1"
 
 
 class H2App(ManagedProcess):
-    """``python tests/apps/h2_app.py``: an h2c app that counts its connections."""
+    """``python tests/apps/h2_app.py``: an h2c app that counts its connections (or another app of
+    tests/apps that takes ``--port`` and says "listening" when ready: ``script``)."""
 
     kind = "h2-app"
 
-    def __init__(self, name: str, *args, log_dir: Path):
+    def __init__(self, name: str, *args, log_dir: Path, script: Path = H2_APP):
         self.port = free_port("127.0.0.1")
-        super().__init__(name, [sys.executable, H2_APP, "--port", self.port, *args],
-                         Path(log_dir) / f"h2-app-{name}-{self.port}.log")
+        super().__init__(name, [sys.executable, script, "--port", self.port, *args],
+                         Path(log_dir) / f"app-{name}-{self.port}.log")
 
     def is_ready(self) -> bool:
         return "listening" in self.log_path.read_text()
@@ -87,6 +89,7 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
         "grpc-app": (), "goaway-app": ("--goaway-after", 25, "--goaway-refuse", 4),
         "narrow-app": ("--max-streams", 3), "grpc-server-app": ()}.items()}
     web_app = backend_factory("web-server")
+    trailers_app = H2App("trailers-app", log_dir=process_log_dir, script=HTTP1_TRAILERS).start()
     ca = make_ca("h2-upstream test CA")
     bundle = work / "ca.pem"
     bundle.write_bytes(ca[1].public_bytes(Encoding.PEM))
@@ -102,6 +105,7 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
         entry("web-behind", "HTTP", mesh_endpoint(inbound["web-server"], "web-server", app="web-server")),
         entry("web-plain", "HTTP", mesh_endpoint(inbound["web-server"], "web-server")),
         entry("old-peer", "GRPC", mesh_endpoint(old_peer.port, "old-peer")),
+        entry("trailers-app", "HTTP", plain(trailers_app.port)),
         destination_rule("web-behind", "web-behind", namespace=NS,
                          traffic_policy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
         virtual_service("goaway-app", ["goaway-app"], [{"route": [{"destination": {"host": "goaway-app"}}],
@@ -180,6 +184,15 @@ def test_response_trailers_reach_an_http1_client_in_the_last_chunk(mesh):
     result = call(mesh, "grpc-app", "/trailers", headers={"TE": "trailers"}, extra_args=["--raw"])
     assert result.status == 200, result
     assert result.body.endswith(b"\r\n0\r\ngrpc-status: 0\r\nx-body-bytes: 0\r\n\r\n"), result.body[-200:]
+
+
+def test_trailers_of_an_http1_upstream_never_reach_the_next_response(mesh):
+    """llhttp reports a chunked body's trailer fields as headers after the head: they are dropped (as
+    Envoy's HTTP/1 codec drops them), and never prepended to the next response on the connection."""
+    for count in (1, 2, 3):
+        answer = call(mesh, "trailers-app", "/")
+        assert answer.status == 200 and answer.body == b"request %d" % count, answer  # one pooled connection
+        assert "x-trailer" not in answer.headers, answer
 
 
 # -- failures -----------------------------------------------------------------------------------------

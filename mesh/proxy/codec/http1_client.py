@@ -205,6 +205,8 @@ class UpstreamConnection(Protocol):
         self._message_done()
 
     def _message_done(self):
+        if self._headers:  # a chunked body's trailer fields, which llhttp reports as headers after the head:
+            self._headers = []  # dropped, as Envoy's HTTP/1 codec drops them (never the next response's)
         listener = self.listener
         if listener is None:
             return
