@@ -38,8 +38,8 @@ Failure rules (see docs/configuration.md and ARCHITECTURE.md):
 - a plugin that raises in a hook -> 500 ``PE`` for this request only (the
   connection's other requests go on); :mod:`mesh.plugins` logs it once.
 - a gRPC request (``ctx.grpc``, :mod:`mesh.proxy.grpc`): its ``grpc-timeout``
-  bounds the deadline, a Trailers-Only ``grpc-status`` may be retried, and
-  local replies are gRPC statuses.
+  bounds the deadline, a Trailers-Only ``grpc-status`` may be retried and is
+  what outlier detection counts, and local replies are gRPC statuses.
 
 A route with more to do than forwarding (fault injection, CORS, a redirect or
 direct response, a regex rewrite, per-destination headers: ``RouteAction.extras``)
@@ -436,8 +436,10 @@ class Exchange:
         if attempt.timer is not None:
             attempt.timer.cancel()
             attempt.timer = None
-        outlier.response(attempt.endpoint, self.cluster, now, status)
         grpc_status = None if ctx.grpc is None else ctx.grpc.head_status(headers)
+        # a Trailers-Only gRPC error counts as the HTTP status it stands for, as in Envoy's router
+        outlier.response(attempt.endpoint, self.cluster, now,
+                         status if grpc_status is None else grpc.outlier_status(grpc_status))
         if (status >= 400 or grpc_status) and self._retry(attempt, TryOutcome("status", status,
                                                                                grpc_status=grpc_status)):
             return

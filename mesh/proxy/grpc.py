@@ -15,6 +15,9 @@ What changes for a gRPC request (docs/protocols.md, "gRPC"):
   Istio configures Envoy (``max_grpc_timeout`` set to the route's timeout).
   Each try sends the time *remaining* upstream, in ``grpc-timeout``, bounded by
   the per-try timeout (:meth:`GrpcCall.forwarded_headers`).
+- **Outlier detection** counts the gRPC status of a Trailers-Only response as
+  the HTTP status it stands for (:func:`outlier_status`), as Envoy's router
+  reports it: an endpoint that keeps answering UNAVAILABLE is ejected.
 - **Retries** on the gRPC status of a Trailers-Only response (``grpc-status``
   in the response headers, :meth:`GrpcCall.head_status`): the ``retryOn``
   conditions ``cancelled``, ``deadline-exceeded``, ``internal``,
@@ -36,6 +39,10 @@ UNKNOWN, DEADLINE_EXCEEDED, PERMISSION_DENIED, UNIMPLEMENTED, INTERNAL, UNAVAILA
 #: HTTP status is UNKNOWN.
 _FROM_HTTP = {400: INTERNAL, 401: UNAUTHENTICATED, 403: PERMISSION_DENIED, 404: UNIMPLEMENTED,
               429: UNAVAILABLE, 502: UNAVAILABLE, 503: UNAVAILABLE, 504: UNAVAILABLE}
+
+#: Envoy's ``Grpc::Utility::grpcToHttpStatus``: the HTTP status each gRPC status stands for (OK 200,
+#: CANCELLED 499, UNKNOWN 500, ... UNAUTHENTICATED 401), by status code; any other status is 500.
+_TO_HTTP = (200, 499, 500, 400, 504, 404, 409, 403, 429, 400, 409, 400, 501, 500, 503, 500, 401)
 
 #: Seconds per unit of a ``grpc-timeout`` value (gRPC over HTTP/2: ``TimeoutUnit``).
 _UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
@@ -99,6 +106,16 @@ def local_reply_headers(http_status: int, timeout: bool, message: str, grpc_stat
 def local_status(http_status: int, timeout: bool) -> int:
     """The gRPC status of a local reply that HTTP would answer with ``http_status``."""
     return DEADLINE_EXCEEDED if timeout else _FROM_HTTP.get(http_status, UNKNOWN)
+
+
+def outlier_status(grpc_status: int) -> int:
+    """The HTTP status outlier detection counts for a response head carrying ``grpc_status``.
+
+    Envoy's router reports a Trailers-Only response to outlier detection as
+    ``grpcToHttpStatus`` of its ``grpc-status`` (UNAVAILABLE as 503, INTERNAL as
+    500, DEADLINE_EXCEEDED as 504, ...); a status in the trailers is not reported.
+    """
+    return _TO_HTTP[grpc_status] if grpc_status < len(_TO_HTTP) else 500
 
 
 def encode_message(message: str) -> bytes:

@@ -16,7 +16,8 @@ Service ``echo.Echo`` (plaintext HTTP/2, as an app behind its sidecar), methods:
 
 Metadata changes any call: ``x-delay-ms: MS``: the answer comes after MS milliseconds (or when
 the call is cancelled); ``x-fail: N`` with ``x-key: KEY``: the first N calls with that key then
-fail with ``UNAVAILABLE``.  Any other method gets ``UNIMPLEMENTED`` from grpcio.
+fail with ``UNAVAILABLE``; ``x-unavailable: NAME``: the app named NAME fails every call with
+``UNAVAILABLE``.  Any other method gets ``UNIMPLEMENTED`` from grpcio.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class Echo:
     """The methods, and what the calls with an ``x-key`` left behind."""
 
     def __init__(self, name: str):
+        self.name = name
         self.prefix = name.encode() + b":"
         self.lock = threading.Lock()
         self.calls = {}  # key -> number of calls
@@ -43,6 +45,8 @@ class Echo:
     def _arrived(self, context) -> None:
         """Record the call, then fail it or delay it as its metadata asks."""
         metadata = dict(context.invocation_metadata())
+        if metadata.get("x-unavailable") == self.name:
+            context.abort(grpc.StatusCode.UNAVAILABLE, f"{self.name} answers every call UNAVAILABLE on purpose")
         key = metadata.get("x-key")
         calls = 0
         if key is not None:

@@ -13,6 +13,9 @@ server sidecars speak h2c to their apps.  The VirtualService routes by method an
 - no route for any other service: its calls get UNIMPLEMENTED from the client sidecar.
 
 An AuthorizationPolicy on the servers denies ``/echo.Echo/Forbidden``: PERMISSION_DENIED.
+
+A second service, ``flaky``, has the two apps themselves as plaintext endpoints (h2c from the client
+sidecar), round robin, no retries, and outlier detection: 2 consecutive gateway errors eject.
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from tests.integration.test_identity_support import (
     mesh_endpoint,
     spiffe,
 )
-from tests.integration.test_proxy_support import destination_rule, virtual_service, write_config
+from tests.integration.test_proxy_support import destination_rule, lb, route_to, virtual_service, write_config
 from tests.integration.test_telemetry_support import scrape
 
 NS = "shop"
@@ -69,6 +72,19 @@ def echo_entry(inbound: dict) -> dict:
                      "ports": [{"number": 80, "name": "grpc", "protocol": "GRPC"}],
                      "endpoints": [{**mesh_endpoint(port, "echo", app="echo", version=version), "ports": {"grpc": port}}
                                    for version, port in inbound.items()]}}
+
+
+def flaky_entry(apps: dict) -> dict:
+    """Service ``flaky``: the grpcio apps themselves, plaintext, as its endpoints."""
+    return {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": {"name": "flaky", "namespace": NS},
+            "spec": {"hosts": ["flaky"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                     "ports": [{"number": 80, "name": "grpc", "protocol": "GRPC"}],
+                     "endpoints": [{"address": "127.0.0.1", "ports": {"grpc": app.port}} for app in apps.values()]}}
+
+
+#: Istio's outlierDetection for ``flaky``: UNAVAILABLE is 503, a gateway error; one of the two may be ejected.
+FLAKY_OUTLIER = {"consecutiveGatewayErrors": 2, "consecutive5xxErrors": 0, "interval": "1s",
+                 "baseEjectionTime": "60s", "maxEjectionPercent": 50}
 
 
 def header_route(value: str, *destinations, **extra) -> dict:
@@ -105,6 +121,10 @@ def mesh(proxy_factory, process_log_dir, tmp_path_factory):
             {"match": [{"uri": {"exact": "/echo.Echo/Count"}}], "route": [subset("v2")]},
             {"match": [{"uri": {"prefix": "/echo.Echo/"}}], "route": [subset("v1")]},
         ], namespace=NS),
+        flaky_entry(apps),
+        destination_rule("flaky", "flaky", namespace=NS,
+                         traffic_policy={**lb("ROUND_ROBIN"), "outlierDetection": FLAKY_OUTLIER}),
+        virtual_service("flaky", ["flaky"], [route_to("flaky", retries={"attempts": 0})], namespace=NS),
         authorization_policy("deny-forbidden", NS, selector={"app": "echo"}, action="DENY",
                              rules=[{"to": [{"operation": {"paths": ["/echo.Echo/Forbidden"]}}]}]),
     )
@@ -119,8 +139,10 @@ def mesh(proxy_factory, process_log_dir, tmp_path_factory):
                for version in ("v1", "v2")}
     client = sidecar("client", labels={"app": "client"})
     channel = grpc.insecure_channel(f"127.0.0.1:{client.outbound_port}", options=[("grpc.default_authority", "echo")])
-    yield {"client": client, "servers": servers, "channel": channel}
+    flaky = grpc.insecure_channel(f"127.0.0.1:{client.outbound_port}", options=[("grpc.default_authority", "flaky")])
+    yield {"client": client, "servers": servers, "channel": channel, "flaky": flaky}
     channel.close()
+    flaky.close()
 
 
 def unary(mesh, method="Unary", request=b"hi", route=None, key=None, fail=0, delay_ms=0, timeout=10.0):
@@ -226,6 +248,21 @@ def test_a_route_timeout_shorter_than_the_deadline_wins_and_is_deadline_exceeded
     assert "upstream request timeout after 0.4s" in expired.details() or expired.details() == "Deadline Exceeded"
     [left] = seen(mesh, key)["time_remaining"]
     assert 0.1 < left < 0.41, left  # the route's 0.4 s, not the client's 30 s
+
+
+def test_an_endpoint_that_keeps_answering_unavailable_is_ejected(mesh):
+    """v2 answers every call UNAVAILABLE in a Trailers-Only response (HTTP 200): outlier detection counts it
+    as a 503, as Envoy does, so after 2 in a row v2 is ejected and every later call reaches v1."""
+    call = mesh["flaky"].unary_unary("/echo.Echo/Unary")
+    answers = []
+    for _ in range(16):  # round robin: v2 gets every other call until it is ejected
+        try:
+            answers.append(call(b"hi", metadata=[("x-unavailable", "v2")], timeout=10))
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE, error
+            answers.append(error.code())
+    assert answers.count(grpc.StatusCode.UNAVAILABLE) == 2, answers
+    assert answers[-10:] == [b"v1:hi"] * 10, answers
 
 
 # -- errors made by the mesh ---------------------------------------------------------------------------

@@ -53,6 +53,14 @@ def test_local_replies_map_http_statuses_as_envoy(http, timeout, status):
     assert headers[b"content-type"] == b"application/grpc" and headers[b"grpc-status"] == b"%d" % status
 
 
+@pytest.mark.parametrize("status,http", [
+    (0, 200), (1, 499), (2, 500), (3, 400), (4, 504), (5, 404), (6, 409), (7, 403), (8, 429), (9, 400),
+    (10, 409), (11, 400), (12, 501), (13, 500), (14, 503), (15, 500), (16, 401), (17, 500), (99, 500),
+])
+def test_outlier_detection_counts_a_grpc_status_as_envoy_maps_it(status, http):
+    assert grpc.outlier_status(status) == http
+
+
 def test_grpc_messages_are_percent_encoded():
     assert grpc.encode_message("no route: 100% sure ü") == b"no route: 100%25 sure %C3%BC"
 
