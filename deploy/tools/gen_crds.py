@@ -120,6 +120,7 @@ HTTP_ROUTE = obj({
         "name": STR, "uri": STRING_MATCH, "ignoreUriCase": BOOL, "method": STRING_MATCH,
         "authority": STRING_MATCH, "headers": strmap(STRING_MATCH), "withoutHeaders": strmap(STRING_MATCH),
         "queryParams": strmap(obj({"exact": STR, "regex": STR}, maxProperties=1)), "gateways": STRINGS,
+        "port": PORT, "sourceLabels": strmap(), "sourceNamespace": STR,
     })),
     "route": array(obj({**DESTINATION, "headers": HEADERS}, required=("destination",)), minItems=1),
     "redirect": obj({"uri": STR, "authority": STR, "port": PORT,

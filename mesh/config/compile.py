@@ -407,6 +407,9 @@ class _Compiler:
         name = f"VirtualService/{vs.namespace}/{vs.name}"
         routes, dumps = [], []
         for http in vs.http:
+            http = self._for_this_workload(http)
+            if http is None:
+                continue
             action, destinations = self._action(vs, http)
             for predicate, text, strip in _match_groups(http):
                 if action.rewrite_prefix is not None and strip is not None:
@@ -417,6 +420,21 @@ class _Compiler:
                 dumps.append({"match": text, "action": describe_action(routed)})
         self.route_dumps[name] = dumps
         return VirtualHost(name=name, routes=tuple(routes))
+
+    def _for_this_workload(self, http):
+        """``http`` with only the matches whose ``sourceLabels`` and ``sourceNamespace`` hold for this
+        workload (Istio's ``sourceMatchHTTP``); None when it had matches and none is left, so the route
+        is not in this proxy's table."""
+        if not any(match.source_labels or match.source_namespace for match in http.match):
+            return http
+        matches = tuple(match for match in http.match if self.from_this_workload(match))
+        return dataclasses.replace(http, match=matches) if matches else None
+
+    def from_this_workload(self, match) -> bool:
+        """Whether a match's ``sourceLabels`` and ``sourceNamespace`` hold for this proxy's workload."""
+        workload = self.workload
+        return (all(workload.labels.get(name) == value for name, value in match.source_labels)
+                and (match.source_namespace is None or match.source_namespace == workload.namespace))
 
     def _action(self, vs: VirtualService, http) -> tuple:
         """``(RouteAction, [(cluster name, destination), ...])`` of an http route, without its extras.

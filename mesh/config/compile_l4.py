@@ -136,10 +136,7 @@ class _L4Compiler:
 
     def _static_match(self, match, port) -> bool:
         """The part of a match Istio decides for the proxy and the listener port (gateways: only ``mesh``)."""
-        workload = self.workload
-        return ((match.port is None or match.port == port)
-                and all(workload.labels.get(name) == value for name, value in match.source_labels)
-                and (match.source_namespace is None or match.source_namespace == workload.namespace))
+        return (match.port is None or match.port == port) and self.compiler.from_this_workload(match)
 
     def _action(self, vs, section, route, port) -> RouteAction:
         key = (vs.namespace, vs.name, section, route.index, port)

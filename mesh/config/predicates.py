@@ -16,6 +16,11 @@ Semantics follow Istio (and Envoy under it):
   header condition does not hold (an absent header never holds).
 - ``queryParams`` test the first value of a parameter, not URL-decoded;
   ``?key`` has the value ``""``.
+- ``port`` is the port the request was sent to
+  (:meth:`~mesh.proxy.context.RequestContext.request_port`: the captured
+  original destination's, else the Host header's, else 80).  ``sourceLabels``
+  and ``sourceNamespace`` are not here: the compiler keeps or drops a match
+  for the proxy's own workload.
 """
 
 from __future__ import annotations
@@ -44,6 +49,8 @@ def compile_match(match) -> tuple:
         tests.append((_negate(test), f"without {text}"))
     for name, string_match in match.query_params:
         tests.append(_query(name, string_match))
+    if match.port is not None:
+        tests.append(_port(match.port))
     if not tests:
         return None, "*"
     return _combine([test for test, _ in tests], stop_on=False), " && ".join(text for _, text in tests)
@@ -128,6 +135,10 @@ def _header(name: str, string_match) -> tuple:
         return (lambda ctx: ctx.headers.get(name) == expected), text
     test = value_test(string_match)
     return (lambda ctx: test(ctx.headers.get(name))), text
+
+
+def _port(port: int) -> tuple:
+    return (lambda ctx: ctx.request_port() == port), f"port {port}"
 
 
 def _query(name: str, string_match) -> tuple:

@@ -201,7 +201,10 @@ class HTTPMatch:
     """One entry of ``match``: all its conditions must hold.
 
     ``headers``, ``without_headers`` and ``query_params`` are sorted
-    ``(name, StringMatch)`` pairs; header names are lower-case.
+    ``(name, StringMatch)`` pairs; header names are lower-case.  ``port``
+    (None: any) is tested per request; ``source_labels`` (sorted ``(key,
+    value)`` pairs) and ``source_namespace`` (None: any) are decided when the
+    config is compiled for one proxy, as Istio does.
     """
 
     name: str | None = None
@@ -212,6 +215,9 @@ class HTTPMatch:
     headers: tuple = ()
     without_headers: tuple = ()
     query_params: tuple = ()
+    port: int | None = None
+    source_labels: tuple = ()
+    source_namespace: str | None = None
 
 
 @dataclass(frozen=True)

@@ -193,12 +193,9 @@ _CORS = {"allowOrigins", "allowOrigin", "allowMethods", "allowHeaders", "exposeH
 _CORS_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "CONNECT", "OPTIONS", "TRACE", "*")
 _CORS_HEADER_NAME = re.compile(r"[-_A-Za-z0-9]+\Z")
 _MATCH = {"name", "uri", "method", "authority", "headers", "withoutHeaders", "queryParams",
-          "ignoreUriCase", "gateways"}
+          "ignoreUriCase", "gateways", "port", "sourceLabels", "sourceNamespace"}
 _MATCH_UNSUPPORTED = {
     "scheme": "the scheme is always http between an app and its sidecar; remove it",
-    "port": "matching on the destination port is not supported (txmesh routes by Host header); remove it",
-    "sourceLabels": "matching on the caller's labels is not supported yet; remove it",
-    "sourceNamespace": "matching on the caller's namespace is not supported yet; remove it",
     "statPrefix": _REMOVE_IT,
 }
 _MATCH_KEYS_IN_HEADERS = {"uri": "match.uri", "method": "match.method", "authority": "match.authority",
@@ -816,7 +813,9 @@ def _match(f: Fields) -> HTTPMatch:
 
     return HTTPMatch(name=f.string("name"), uri=one("uri"), ignore_uri_case=f.boolean("ignoreUriCase"),
                      method=one("method"), authority=one("authority"), headers=named("headers"),
-                     without_headers=named("withoutHeaders"), query_params=named("queryParams", query=True))
+                     without_headers=named("withoutHeaders"), query_params=named("queryParams", query=True),
+                     port=f.port("port"), source_labels=f.labels("sourceLabels"),
+                     source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None)
 
 
 def _string_match(report, path, value, present_ok, prefix_ok=True):

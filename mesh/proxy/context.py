@@ -138,6 +138,16 @@ class RequestContext:
         extra = self._extra
         return default if extra is None else extra.get(key, default)
 
+    def request_port(self) -> int:
+        """The port the request was sent to, Istio's listener port: the captured original
+        destination's (transparent capture), else the Host header's, else 80."""
+        destination = self.get_extra("original_dst")
+        if destination is not None:
+            return destination[1]
+        authority = self.authority
+        _, colon, port = authority.rpartition(b":")
+        return int(port) if colon and port.isdigit() and not authority.endswith(b"]") else 80
+
     def add_flag(self, flag: str) -> None:
         """Record an Envoy-style response flag (UF, UH, UT, URX, NR, ...)."""
         if not self.response_flags:

@@ -115,7 +115,7 @@ def _redirect(exchange, action, redirect, cors_ops) -> None:
     if ctx.grpc is not None:
         exchange.local_reply(redirect.status, "", "", "direct_response")
         return
-    location = redirect.location(ctx.authority, ctx.path.encode("latin-1"), _request_port(ctx))
+    location = redirect.location(ctx.authority, ctx.path.encode("latin-1"), ctx.request_port())
     _answer(exchange, action, redirect.status, b"", [_NO_CONTENT_TYPE, (b"location", location)], cors_ops)
 
 
@@ -137,17 +137,6 @@ def _answer(exchange, action, status, body, pairs, cors_ops) -> None:
                                  remove=tuple(name for name, value in pairs if value is None)),
                        action.response_headers, cors_ops)
     exchange.respond(status, body, replacement_pairs(ops), "direct_response")
-
-
-def _request_port(ctx) -> int:
-    """The port the request came to: Istio's listener port (the captured destination's, else the Host
-    header's, else 80)."""
-    destination = ctx.get_extra("original_dst")
-    if destination is not None:
-        return destination[1]
-    authority = ctx.authority
-    _, colon, port = authority.rpartition(b":")
-    return int(port) if colon and port.isdigit() and not authority.endswith(b"]") else 80
 
 
 def _forwarded(ctx, action, cluster, cors_ops):

@@ -284,6 +284,58 @@ def test_exact_and_match_all_rewrites(tmp_path):
     assert other.rewrite_prefix + b"/page"[other.rewrite_strip:] == b"/v2page"
 
 
+_SOURCE_ROUTES = """
+    apiVersion: networking.istio.io/v1
+    kind: VirtualService
+    metadata: {name: web, namespace: bookinfo}
+    spec:
+      hosts: [web.example.com]
+      http:
+      - name: from-productpage-v1
+        match: [{sourceLabels: {app: productpage, version: v1}}]
+        route: [{destination: {host: web.example.com}}]
+      - name: from-other-namespace
+        match: [{sourceNamespace: other, uri: {prefix: /a}}, {sourceNamespace: bookinfo, uri: {prefix: /b}}]
+        route: [{destination: {host: web.example.com}}]
+      - name: on-8080
+        match: [{port: 8080}]
+        route: [{destination: {host: web.example.com}}]
+      - name: rest
+        route: [{destination: {host: web.example.com}}]
+    """
+
+
+def test_source_labels_and_namespace_keep_or_drop_matches_per_workload(tmp_path):
+    v1 = Workload("productpage", "bookinfo", {"app": "productpage", "version": "v1"}, "bookinfo-productpage")
+    routes = _compile(tmp_path, _SOURCE_ROUTES, workload=v1).routes.lookup("web.example.com").routes
+    assert [route.action.name.rsplit("/", 1)[1] for route in routes] == [
+        "from-productpage-v1", "from-other-namespace", "on-8080", "rest"]
+    assert routes[0].match is None  # its only condition held at compile time
+    # productpage without version: the first route is not in its table; of the second, only /b is left
+    config = _compile(tmp_path, _SOURCE_ROUTES)
+    assert [route.action.name.rsplit("/", 1)[1] for route in config.routes.lookup("web.example.com").routes] == [
+        "from-other-namespace", "on-8080", "rest"]
+    assert _route(config, "web.example.com", "/a").name.endswith("/rest")
+    assert _route(config, "web.example.com", "/b").name.endswith("/from-other-namespace")
+    assert config.dump["routes"][0]["routes"][0]["match"] == "uri prefix '/b'"
+
+
+@pytest.mark.parametrize("authority,original_dst,route", [
+    ("web.example.com:8080", None, "on-8080"),
+    ("web.example.com", None, "rest"),  # no port: 80
+    ("web.example.com:80", ("10.0.0.1", 8080), "on-8080"),  # a captured request: the port it was sent to
+    ("[::1]:8080", None, "on-8080"),
+    ("[::1]", None, "rest"),
+])
+def test_port_is_the_port_the_request_was_sent_to(tmp_path, authority, original_dst, route):
+    config = _compile(tmp_path, _SOURCE_ROUTES)
+    ctx = RequestContext.for_test(path="/", host="web.example.com", authority=authority.encode())
+    if original_dst is not None:
+        ctx.extra["original_dst"] = original_dst
+    action = next(r.action for r in config.routes.lookup("web.example.com").routes if r.match is None or r.match(ctx))
+    assert action.name.endswith("/" + route)
+
+
 # -- visibility, conflicts and warnings ----------------------------------------------------------
 
 def test_export_to_hides_resources_from_other_namespaces(tmp_path):

@@ -443,7 +443,7 @@ def test_unknown_and_unsupported_fields(tmp_path):
           http:
           - match:
             - uri: /exact-path
-              sourceLabels: {app: a}
+              scheme: {exact: http}
             route:
             - destination: {host: web}
             mirror: {host: web}
@@ -462,11 +462,43 @@ def test_unknown_and_unsupported_fields(tmp_path):
              "yet; remove it"),
         (15, "spec.http[0].delegate: 'delegate' is not supported by txmesh; VirtualService delegation is not "
              "supported; put the routes in this VirtualService"),
-        (11, "spec.http[0].match[0].sourceLabels: 'sourceLabels' is not supported by txmesh; matching on the "
-             "caller's labels is not supported yet; remove it"),
+        (11, "spec.http[0].match[0].scheme: 'scheme' is not supported by txmesh; the scheme is always http "
+             "between an app and its sidecar; remove it"),
         (10, "spec.http[0].match[0].uri: must be a mapping with one of exact, prefix or regex (like "
              "{prefix: '/exact-path'})"),
         (16, "spec.http[0].rewrite: rewrite must set uri, uriRegexRewrite or authority"),
+    ])
+
+
+def test_http_match_port_and_source_fields(tmp_path):
+    [vs] = _valid(tmp_path, _vs("""
+        - match:
+          - {port: 8080, sourceLabels: {version: v1, app: web}, sourceNamespace: shop}
+          - {uri: {prefix: /a}}
+          route: [{destination: {host: web}}]
+        """))
+    first, second = vs.http[0].match
+    assert (first.port, first.source_labels, first.source_namespace) == (
+        8080, (("app", "web"), ("version", "v1")), "shop")
+    assert (second.port, second.source_labels, second.source_namespace) == (None, (), None)
+
+
+def test_http_match_port_and_source_fields_bad_values(tmp_path):
+    _, errors, path = _validate(tmp_path, _vs("""
+        - match:
+          - port: 70000
+            sourceLabels: {app: [a]}
+            sourceNamespace: Shop_1
+          - {port: http, sourceLabels: web}
+          route: [{destination: {host: web}}]
+        """))
+    prefix = f"{path}:{{}}: VirtualService/shop/vs: spec.http[0].match"
+    assert errors == _expected(prefix, [
+        (8, "[0].port: must be >= 1 and <= 65535, not 70000"),
+        (9, "[0].sourceLabels.app: label values must be strings; quote ['a']"),
+        (10, "[0].sourceNamespace: invalid namespace 'Shop_1': use lower-case letters, digits and '-'"),
+        (11, "[1].port: must be an integer, not a string"),
+        (11, "[1].sourceLabels: must be a mapping, not a string"),
     ])
 
 
