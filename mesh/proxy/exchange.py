@@ -583,7 +583,8 @@ class Exchange:
         (``(name, value)`` bytes pairs); ``details`` (Envoy's response code
         details) go to ``mesh_request_complete`` only.
         A gRPC request gets them as a gRPC status instead: HTTP 200 with
-        ``grpc-status`` and ``grpc-message`` (:func:`mesh.proxy.grpc.local_reply_headers`);
+        ``grpc-status`` and ``grpc-message`` (:func:`mesh.proxy.grpc.local_reply_headers`)
+        and ``headers``, as Envoy's gRPC local replies keep the headers a filter adds;
         ``grpc_status`` chooses that status instead of the one mapped from ``status``.
         """
         if self.state is DONE:
@@ -599,7 +600,7 @@ class Exchange:
             self._complete(local=True, detail=details)
             return
         if ctx.grpc is not None:
-            self._grpc_local_reply(status, flag, message, details, grpc_status)
+            self._grpc_local_reply(status, flag, message, details, headers, grpc_status)
             return
         self._send_local(status, message.encode("utf-8", "replace") + b"\n", headers, details)
 
@@ -623,13 +624,14 @@ class Exchange:
         ctx.bytes_sent += len(body)
         self._complete(local=True, detail=details)
 
-    def _grpc_local_reply(self, status, flag, message, details, grpc_status=None):
-        """:meth:`local_reply` to a gRPC request: a Trailers-Only response, HTTP 200."""
+    def _grpc_local_reply(self, status, flag, message, details, extra, grpc_status=None):
+        """:meth:`local_reply` to a gRPC request: a Trailers-Only response, HTTP 200, with the ``extra``
+        headers of the reply it stands for."""
         ctx = self.ctx
         headers = grpc.local_reply_headers(status, flag == "UT", message, grpc_status)
         ctx.grpc.head_status(headers)
         ctx.response_code = 200
-        self.down.send_local(self, 200, b"", (*headers, *self._local_headers(200)))
+        self.down.send_local(self, 200, b"", (*headers, *extra, *self._local_headers(200)))
         self._complete(local=True, detail=details)
 
     def _local_headers(self, status):

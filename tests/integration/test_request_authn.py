@@ -117,6 +117,19 @@ def test_an_invalid_token_gets_401_with_www_authenticate(mesh, case, token, body
     assert "x-demo-service" not in result.headers  # the app never saw it
 
 
+def test_a_grpc_call_with_an_invalid_token_gets_unauthenticated_with_www_authenticate(mesh):
+    """As with Envoy's jwt_authn, a gRPC call gets the 401 as UNAUTHENTICATED (HTTP 200, Trailers-Only)
+    that keeps its ``www-authenticate``."""
+    token = sign(KEY, exp=int(time.time()) - 120)
+    result = curl(f"{mesh['proxy'].inbound_url}/public/x", method="POST", data=b"\0\0\0\0\0",
+                  headers={"authorization": f"Bearer {token}", "content-type": "application/grpc", "te": "trailers"},
+                  extra_args=["--http2-prior-knowledge"])
+    assert result.status == 200, result
+    assert (result.headers["grpc-status"], result.headers["grpc-message"]) == ("16", "Jwt is expired"), result
+    realm = f'Bearer realm="http://127.0.0.1:{mesh["proxy"].inbound_port}/public/x", error="invalid_token"'
+    assert result.headers["www-authenticate"] == realm
+
+
 def test_key_sets_are_cached_and_an_unknown_kid_refetches_at_most_once_per_interval(mesh):
     keys = mesh["keys"]
     before = keys.fetches("main")
