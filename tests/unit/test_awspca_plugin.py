@@ -314,7 +314,9 @@ def test_a_certificate_still_in_progress_at_the_deadline_is_ca_unavailable(scrip
                             "GetCertificate": ["RequestInProgressException"]}, "--awspca-timeout", "1")
     with pytest.raises(CAUnavailable, match=rf"^AWS Private CA {ARN} had not issued {ARN}/certificate/1 after 1s "):
         client.issue(build_csr(sans=(URI,)), URI, 600, "SHA256WITHECDSA", time.monotonic() + 0.5)
-    assert 3 <= aws.calls.count("GetCertificate") <= 6
+    # polled with backoff until the deadline: never a busy loop; how many polls fit in 0.5 s depends on
+    # how loaded the machine is (a loaded CI worker may get only one in), so only the bound is exact
+    assert 1 <= aws.calls.count("GetCertificate") <= 6
 
 
 @pytest.mark.parametrize(("code", "reason", "retry_after"), [
