@@ -3,13 +3,19 @@
 - :class:`UpstreamTLS` wraps upstream connections to mesh endpoints in TLS with
   the workload certificate (the upstream codecs check the peer's identity with
   :func:`peer_problem` after the handshake), offers ALPN ``h2`` first for
-  connections that would rather speak HTTP/2, and resumes sessions kept per
-  peer (:class:`mesh.identity.tls.SessionCache`).
+  connections that would rather speak HTTP/2, always adds the mesh's marker
+  :data:`MESH_ALPN` (never chosen by a server: it tells the peer sidecar that
+  this ClientHello is mesh mTLS, as Istio's ``istio`` ALPN does), and resumes
+  sessions kept per peer (:class:`mesh.identity.tls.SessionCache`).
 - :func:`inbound_peer` reads who the caller of a verified inbound mTLS
   connection is, and refuses a resumed session whose certificate has expired.
 - :class:`InboundFactory` accepts the inbound port according to
   PeerAuthentication: STRICT (TLS only), PERMISSIVE (TLS or plaintext, told
-  apart by the first byte: 0x16 starts a TLS handshake) or DISABLE.
+  apart by the first byte: 0x16 starts a TLS handshake) or DISABLE.  When the
+  app port is a TCP, TLS or HTTPS port and the mode is not STRICT, a TLS
+  ClientHello is read whole first (:mod:`mesh.proxy.tcp_sni`): only one that
+  offers :data:`MESH_ALPN` is mesh mTLS; any other is the client's own TLS,
+  passed to the app as TCP (Istio's "plain TLS" filter chain of a TCP port).
 """
 
 from __future__ import annotations
@@ -23,13 +29,19 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mesh.identity.tls import ALPN_HTTP1, ClientTLS, ServerTLS, keep_session, peer_certificate_facts, peer_identity
+from mesh.proxy.tcp_sni import read_client_hello
 
 log = Logger()
 
 TLS_HANDSHAKE_RECORD = 0x16
 STRICT, PERMISSIVE, DISABLE = "STRICT", "PERMISSIVE", "DISABLE"
+#: The mesh's ALPN marker, offered last by every sidecar-to-sidecar connection and never selected
+#: (no server lists it): the peer's inbound listener knows mesh mTLS from a client's own TLS by it.
+MESH_ALPN = b"txmesh"
 #: ALPN offered by an upstream connection that would rather speak HTTP/2: the peer chooses.
-ALPN_H2_FIRST = [b"h2", ALPN_HTTP1]
+ALPN_H2_FIRST = [b"h2", ALPN_HTTP1, MESH_ALPN]
+#: ALPN offered by the other upstream connections (HTTP/1.1, TCP tunnels).
+ALPN_HTTP1_MESH = [ALPN_HTTP1, MESH_ALPN]
 
 
 class UpstreamTLS:
@@ -55,7 +67,7 @@ class UpstreamTLS:
         ``offer_h2``: offer ALPN ``h2`` before ``http/1.1`` (the connection reads the
         peer's choice, ``negotiatedProtocol``, after the handshake).
         """
-        creator = _OfferH2(self.store, peer) if offer_h2 else ClientTLS(self.store, peer)
+        creator = _MeshClientTLS(self.store, peer, ALPN_H2_FIRST if offer_h2 else ALPN_HTTP1_MESH)
         return TLSMemoryBIOFactory(creator, True, factory)
 
     def keep_session(self, peer, transport):
@@ -63,12 +75,16 @@ class UpstreamTLS:
         keep_session(self.store, peer, transport.getHandle())
 
 
-class _OfferH2(ClientTLS):
-    """:class:`ClientTLS` whose connections offer ALPN ``h2`` first."""
+class _MeshClientTLS(ClientTLS):
+    """:class:`ClientTLS` whose connections offer the ALPN list ``alpn`` (with :data:`MESH_ALPN`)."""
+
+    def __init__(self, store, peer, alpn):
+        super().__init__(store, peer)
+        self.alpn = alpn
 
     def clientConnectionForTLS(self, tlsProtocol):
         connection = super().clientConnectionForTLS(tlsProtocol)
-        connection.set_alpn_protos(ALPN_H2_FIRST)
+        connection.set_alpn_protos(self.alpn)
         return connection
 
 
@@ -116,7 +132,8 @@ def inbound_peer(own_identity, transport):
 
 @implementer(IHalfCloseableProtocol)
 class _Sniffer(Protocol):
-    """Waits for the first byte, then hands the connection to TLS or plaintext.
+    """Waits for the first byte (for a ClientHello that must be read, all of it), then hands the
+    connection to TLS or plaintext.
 
     Until then it is one of the listener's connections (:mod:`mesh.proxy.listener`):
     it counts against ``--max-connections``, is idle (closed first under
@@ -127,6 +144,7 @@ class _Sniffer(Protocol):
         self.factory = factory
         self.addr = addr
         self.inner = None
+        self.buffer = b""
         self.listener = factory.plain.listener
         self.last_activity = 0.0
         self.closing = False
@@ -139,12 +157,17 @@ class _Sniffer(Protocol):
         if self.inner is None:
             if self.closing:
                 return
+            self.buffer += data
+            inner = self.factory.choose(self.buffer, self.addr)
+            if inner is _WAIT:
+                return  # the rest of a ClientHello (bounded by tcp_sni, and by --header-timeout)
             self.listener.connection_closed(self)  # from now on the chosen protocol is the connection
-            self.inner = self.factory.choose(data[0], self.addr)
-            if self.inner is None:
+            if inner is None:
                 self.transport.abortConnection()
                 return
-            self.inner.makeConnection(self.transport)
+            self.inner = inner
+            data, self.buffer = self.buffer, b""
+            inner.makeConnection(self.transport)
         self.inner.dataReceived(data)
 
     def connectionLost(self, reason=None):
@@ -184,6 +207,9 @@ class _Sniffer(Protocol):
             self.transport.loseConnection()
 
 
+#: What :meth:`InboundFactory.choose` answers while a ClientHello is still coming.
+_WAIT = object()
+
 #: ALPN of the inbound port, preferred first: the server codec speaks what the client chose
 #: (:mod:`mesh.proxy.codec.h2_server` takes a connection that negotiated ``h2`` over).
 INBOUND_ALPN = (b"h2", b"http/1.1")
@@ -196,14 +222,17 @@ class InboundFactory(ServerFactory):
     :param store: the workload's :class:`mesh.identity.tls.CredentialStore`.
     :param mode_of: ``() -> "STRICT" | "PERMISSIVE" | "DISABLE"``, read per
         connection so that a config change applies to new connections.
+    :param tcp_port: ``() -> bool``, per connection: whether the app port is a TCP, TLS or HTTPS
+        port (then a TLS ClientHello without :data:`MESH_ALPN` goes to the app, unless STRICT).
     """
 
     noisy = False
 
-    def __init__(self, plain_factory, store, mode_of):
+    def __init__(self, plain_factory, store, mode_of, tcp_port):
         self.plain = plain_factory
         self.store = store
         self.mode_of = mode_of
+        self.tcp_port = tcp_port
         self.tls = TLSMemoryBIOFactory(ServerTLS(store, INBOUND_ALPN), False, plain_factory)
         self.refused = 0
 
@@ -212,10 +241,23 @@ class InboundFactory(ServerFactory):
             return None
         return _Sniffer(self, addr)
 
-    def choose(self, first_byte, addr):
-        """The protocol for a connection whose first byte is ``first_byte``, or None to refuse."""
+    def choose(self, data, addr):
+        """The protocol for a connection whose first bytes are ``data``, None to refuse, or
+        :data:`_WAIT` until the whole ClientHello has come.
+
+        A TLS ClientHello is mesh mTLS, except on a TCP, TLS or HTTPS app port when the mode is
+        not STRICT: there only one offering :data:`MESH_ALPN` is, and any other is passed to the
+        app as TCP (the app terminates its own TLS).  On an HTTP port every ClientHello is mesh mTLS,
+        so that sidecars that offer no marker keep working (Istio closes them under PERMISSIVE).
+        """
         mode = self.mode_of()
-        is_tls = first_byte == TLS_HANDSHAKE_RECORD
+        is_tls = data[0] == TLS_HANDSHAKE_RECORD
+        if is_tls and mode != STRICT and self.tcp_port():
+            done, hello = read_client_hello(data)
+            if not done:
+                return _WAIT
+            if hello is None or MESH_ALPN not in hello.alpn:
+                return self.plain.buildProtocol(addr)
         if is_tls and mode != DISABLE and self.store.current is not None:
             return self.tls.buildProtocol(addr)
         if not is_tls and mode != STRICT:

@@ -133,7 +133,7 @@ class ProxyService(service.MultiService):
                                                                inbound_tcp.authorize),
                                normalize_path=normalize_path)
             protocols = InboundProtocols(DownstreamFactory(inbound), TcpFactory(inbound, inbound_tcp), self.runtime)
-            factory = InboundFactory(protocols, self.credentials, self.inbound_mode)
+            factory = InboundFactory(protocols, self.credentials, self.inbound_mode, protocols.carries_tcp)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         self.admin_site = AdminSite(self)
         internet.TCPServer(settings.admin_port, self.admin_site, interface="127.0.0.1").setServiceParent(self)

@@ -176,8 +176,12 @@ class InboundProtocols(ServerFactory):
         self.runtime = runtime
         self.listener = http_factory.listener
 
+    def carries_tcp(self) -> bool:
+        """Whether the app port is a TCP, TLS or HTTPS port now (the latest config says)."""
+        return self.runtime.snapshot.config.app_protocol in TCP_PROTOCOLS
+
     def buildProtocol(self, addr):
-        if self.runtime.snapshot.config.app_protocol in TCP_PROTOCOLS:
+        if self.carries_tcp():
             return self.tcp.buildProtocol(addr)
         return self.http.buildProtocol(addr)
 

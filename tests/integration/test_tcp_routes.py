@@ -37,6 +37,7 @@ from tests.integration.test_identity_support import (
     authorization_policy,
     issue_cert,
     make_ca,
+    peer_authentication,
     spiffe,
 )
 from tests.integration.test_proxy_support import write_config
@@ -168,7 +169,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
         "tls-a": sidecar("tls-a", "tls-a", apps["tls-a"], inbound["tls-a"], app="tls-a"),
         "vault": sidecar("vault", "vault", apps["vault"], inbound["vault"], app="vault"),
     }
-    return {"proxies": proxies, "config": config, "ca": bundle, "work": work}
+    return {"proxies": proxies, "config": config, "ca": bundle, "work": work, "inbound": inbound}
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -187,10 +188,13 @@ def exchange(port: int, send: bytes = b"", until: bytes = b"\n", timeout: float 
     return received
 
 
-def tls_get(port: int, server_name: str, ca: Path, check_hostname: bool = True):
-    """An HTTPS request with SNI ``server_name`` through the client sidecar: ``(certificate DNS names, response)``."""
+def tls_get(port: int, server_name: str, ca: Path, check_hostname: bool = True, alpn=None):
+    """An HTTPS request with SNI ``server_name`` (and ALPN ``alpn``, a list) to ``port`` (a client sidecar's
+    listener, or a server sidecar's inbound port): ``(certificate DNS names, response)``."""
     context = ssl.create_default_context(cafile=str(ca))
     context.check_hostname = check_hostname
+    if alpn:
+        context.set_alpn_protocols(alpn)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
         with context.wrap_socket(raw, server_hostname=server_name) as sock:
             names = [value for kind, value in sock.getpeercert()["subjectAltName"] if kind == "DNS"]
@@ -276,6 +280,39 @@ def test_unknown_server_name_is_closed_with_nr(mesh):
         tls_get(TLS, "c.example.com", mesh["ca"], check_hostname=False)
     wait_for(lambda: total(client, "istio_tcp_connections_closed_total", response_flags="NR") == before + 1,
              timeout=5, what="a connection closed with NR")
+
+
+# -- a client without a sidecar, to a TLS app port (PeerAuthentication) ----------------------------------------
+
+@pytest.mark.parametrize("alpn", [None, ["h2", "http/1.1"]])
+def test_a_client_without_a_sidecar_reaches_a_tls_app_under_permissive(mesh, alpn):
+    """Its ClientHello has no mesh ALPN marker: the inbound sidecar passes it to the app, whose own
+    certificate the client verifies (before, the sidecar took it for mesh mTLS and the handshake failed)."""
+    names, response = tls_get(mesh["inbound"]["tls-a"], "a.example.com", mesh["ca"], alpn=alpn)
+    assert names == ["a.example.com"]
+    assert response.endswith(b"tls ok\n"), response
+
+
+def test_under_strict_a_client_without_a_sidecar_is_refused_and_mesh_clients_are_not(mesh):
+    proxy = mesh["proxies"]["tls-a"]
+    strict = mesh["config"] / "strict.yaml"
+
+    def reload():
+        before = proxy.admin("/ready")["version"]
+        proxy.reload()
+        wait_for(lambda: proxy.admin("/ready")["version"] != before, timeout=10, what="the tls-a sidecar's new config")
+
+    write_config(mesh["config"], peer_authentication("tls-a", NS, "STRICT", selector={"app": "tls-a"}),
+                 name=strict.name)
+    reload()
+    try:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            tls_get(mesh["inbound"]["tls-a"], "a.example.com", mesh["ca"])
+        names, response = tls_get(TLS, "a.example.com", mesh["ca"])  # through the client sidecar: mesh mTLS
+        assert names == ["a.example.com"] and response.endswith(b"tls ok\n")
+    finally:
+        strict.unlink()
+        reload()
 
 
 # -- authorization ---------------------------------------------------------------------------------------------
