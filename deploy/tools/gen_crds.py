@@ -85,7 +85,9 @@ SETTINGS = {
     }),
     "connectionPool": obj({
         "tcp": obj({"connectTimeout": DURATION}),
-        "http": obj({"maxRequestsPerConnection": {"type": "integer", "minimum": 0}, "idleTimeout": DURATION}),
+        "http": obj({"maxRequestsPerConnection": {"type": "integer", "minimum": 0}, "idleTimeout": DURATION,
+                     "h2UpgradePolicy": {"type": "string", "enum": ["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"]},
+                     "useClientProtocol": BOOL, "maxConcurrentStreams": {"type": "integer", "minimum": 0}}),
     }),
     "outlierDetection": obj({
         "consecutive5xxErrors": {"type": "integer", "minimum": 0},
