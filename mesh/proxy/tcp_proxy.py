@@ -83,6 +83,7 @@ class TcpContext:
     raw_headers = ()
     response_code = 0
     request_auth = None  # no end-user token on a TCP connection
+    grpc = None  # never a gRPC call
 
     def __init__(self, direction, source_address, peer, start, port, server_name=None):
         self.direction = direction
