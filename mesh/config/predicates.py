@@ -13,7 +13,8 @@ Semantics follow Istio (and Envoy under it):
 - Regexes are full matches (anchored at both ends).
 - ``headers`` see repeated headers joined with ``", "``; a ``{}`` value only
   requires the header to be present.  ``withoutHeaders`` matches when the
-  header condition does not hold (an absent header never holds).
+  header condition does not hold; an absent header is tested as ``""`` (Istio
+  sets Envoy's ``treat_missing_header_as_empty``), except for ``{}``.
 - ``queryParams`` test the first value of a parameter, not URL-decoded;
   ``?key`` has the value ``""``.
 - ``port`` is the port the request was sent to
@@ -45,8 +46,7 @@ def compile_match(match) -> tuple:
     for name, string_match in match.headers:
         tests.append(_header(name, string_match))
     for name, string_match in match.without_headers:
-        test, text = _header(name, string_match)
-        tests.append((_negate(test), f"without {text}"))
+        tests.append(_without_header(name, string_match))
     for name, string_match in match.query_params:
         tests.append(_query(name, string_match))
     if match.port is not None:
@@ -139,6 +139,16 @@ def _header(name: str, string_match) -> tuple:
 
 def _port(port: int) -> tuple:
     return (lambda ctx: ctx.request_port() == port), f"port {port}"
+
+
+def _without_header(name: str, string_match) -> tuple:
+    """Istio's ``withoutHeaders``: Envoy's inverted header match with ``treat_missing_header_as_empty``
+    (a ``{}`` condition: plain inverted presence)."""
+    if string_match.kind == "present":
+        test, text = _header(name, string_match)
+        return _negate(test), f"without {text}"
+    test = value_test(string_match)
+    return (lambda ctx: not test(ctx.headers.get(name, ""))), "without " + _describe(f"header {name}", string_match)
 
 
 def _query(name: str, string_match) -> tuple:

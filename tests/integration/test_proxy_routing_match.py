@@ -30,6 +30,7 @@ def _routes():
         to_v2("query-regex", {"uri": {"prefix": "/q"}, "queryParams": {"id": {"regex": "[0-9]+"}}}),
         to_v2("query-flag", {"uri": {"prefix": "/q"}, "queryParams": {"debug": {"exact": ""}}}),
         to_v2("without-headers", {"uri": {"prefix": "/wh"}, "withoutHeaders": {"x-beta": {"exact": "no"}}}),
+        to_v2("without-empty", {"uri": {"prefix": "/we"}, "withoutHeaders": {"x-beta": {"exact": ""}}}),
         to_v2("ignore-case", {"uri": {"prefix": "/Case/"}, "ignoreUriCase": True},
               {"uri": {"exact": "/ExactCase"}, "ignoreUriCase": True}),
         to_v2("port", {"uri": {"prefix": "/port"}, "port": 8080}),
@@ -75,6 +76,8 @@ def served(proxy, path, host=REVIEWS, **kwargs) -> str:
     ("/wh", {}, V2),                  # withoutHeaders: the header is absent
     ("/wh", {"x-beta": "yes"}, V2),   # ... or does not match
     ("/wh", {"x-beta": "no"}, V1),
+    ("/we", {}, V1),                  # an absent header is tested as "" (treat_missing_header_as_empty)
+    ("/we", {"x-beta": "1"}, V2),
     ("/case/a", {}, V2),
     ("/CASE/a", {}, V2),
     ("/exactcase", {}, V2),

@@ -73,7 +73,11 @@ def test_headers(condition, headers, expected):
     (StringMatch("present"), {"x-debug": "1"}, False),
     (StringMatch("exact", "1"), {"x-debug": "1"}, False),
     (StringMatch("exact", "1"), {"x-debug": "2"}, True),
-    (StringMatch("exact", "1"), {}, True),  # an absent header never matches, so withoutHeaders holds
+    (StringMatch("exact", "1"), {}, True),  # an absent header is "" (Istio's treat_missing_header_as_empty)
+    (StringMatch("exact", ""), {}, False),
+    (StringMatch("regex", "a*"), {}, False),
+    (StringMatch("regex", "a+"), {}, True),
+    (StringMatch("exact", ""), {"x-debug": "1"}, True),
 ])
 def test_without_headers(condition, headers, expected):
     assert _check(HTTPMatch(without_headers=(("x-debug", condition),)), _ctx(headers=headers)) is expected
