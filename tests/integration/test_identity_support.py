@@ -235,10 +235,11 @@ def h2load(url: str, *, args=(), timeout: float = 120.0) -> H2LoadResult:
     return parse_h2load(proc.stdout + proc.stderr)
 
 
-def mtls_pair(control, backend_factory, proxy_factory, config_root: Path, namespace: str, *, token_ttl="1h"):
+def mtls_pair(control, backend_factory, proxy_factory, config_root: Path, namespace: str, *, token_ttl="1h",
+              cert_ttl=None):
     """An app behind a server sidecar (user-service) and a client sidecar (frontend), both getting their
-    certificates from ``control``; upstream connections carry at most 10 requests, so new mTLS handshakes
-    keep happening.  Returns ``(app, server, client)``."""
+    certificates (of ``cert_ttl``, else the control plane's default) from ``control``; upstream connections
+    carry at most 10 requests, so new mTLS handshakes keep happening.  Returns ``(app, server, client)``."""
     from tests.harness import free_port
     from tests.integration.test_proxy_support import destination_rule, service_entry, write_config
 
@@ -251,8 +252,10 @@ def mtls_pair(control, backend_factory, proxy_factory, config_root: Path, namesp
                          traffic_policy={"connectionPool": {"http": {"maxRequestsPerConnection": 10}}}),
     )
     server = proxy_factory(config, "user-service", namespace=namespace, app_port=app.port, inbound_port=inbound,
-                           extra_args=control.proxy_args(namespace, "user-service", token_ttl=token_ttl))
+                           extra_args=control.proxy_args(namespace, "user-service", token_ttl=token_ttl,
+                                                         cert_ttl=cert_ttl))
     client = proxy_factory(config, "frontend", namespace=namespace,
-                           extra_args=control.proxy_args(namespace, "frontend", token_ttl=token_ttl))
+                           extra_args=control.proxy_args(namespace, "frontend", token_ttl=token_ttl,
+                                                         cert_ttl=cert_ttl))
     return app, server, client
 
