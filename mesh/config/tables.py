@@ -324,6 +324,29 @@ def cluster_name(port: int, subset: str, host: str) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class CircuitLimits:
+    """A cluster's circuit-breaking limits, as Istio programs Envoy's (0: unlimited).
+
+    ``max_connections`` (``tcp.maxConnections``) caps the cluster's upstream connections;
+    ``max_pending`` (``http.http1MaxPendingRequests``) the tries waiting for one of them;
+    ``max_requests`` (``http.http2MaxRequests``) the tries in flight; ``max_retries``
+    (``http.maxRetries``) the retries in flight.  Enforced by :mod:`mesh.proxy.circuit`.
+    """
+
+    max_connections: int = 0
+    max_pending: int = 0
+    max_requests: int = 0
+    max_retries: int = 0
+
+
+def circuit_limits(max_connections=0, max_pending=0, max_requests=0, max_retries=0) -> CircuitLimits | None:
+    """The :class:`CircuitLimits` of a connection pool, or None when it sets none."""
+    if not (max_connections or max_pending or max_requests or max_retries):
+        return None
+    return CircuitLimits(max_connections, max_pending, max_requests, max_retries)
+
+
+@dataclass(frozen=True, slots=True)
 class ClusterSpec:
     """An upstream cluster: a service port, optionally narrowed to a subset.
 
@@ -334,6 +357,7 @@ class ClusterSpec:
     ``protocol`` is the port's (HTTP, HTTP2, GRPC; None: unknown), ``upstream_protocol``
     how tries choose theirs (see :func:`upstream_protocol`), ``max_concurrent_streams``
     the cap on streams per HTTP/2 connection (0: the peer's SETTINGS_MAX_CONCURRENT_STREAMS).
+    ``limits`` are the circuit-breaking limits (:class:`CircuitLimits`; None: unlimited).
     """
 
     name: str
@@ -350,6 +374,7 @@ class ClusterSpec:
     protocol: str | None = "HTTP"
     upstream_protocol: str = UPSTREAM_HTTP1
     max_concurrent_streams: int = 0
+    limits: CircuitLimits | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,6 +11,7 @@ endpoint is down.
 from __future__ import annotations
 
 from mesh.config.tables import UPSTREAM_CLIENT, UPSTREAM_H2
+from mesh.proxy.circuit import CircuitBreaker
 from mesh.proxy.pool import ConnectionPool
 
 
@@ -97,13 +98,15 @@ class Cluster:
     speaks HTTP/2: the endpoint's ``pool.h2``) and ``h2_follows_client`` (an
     HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
     endpoints, the sidecars, which may still choose HTTP/1.1 by ALPN).
+    ``breaker`` is its :class:`mesh.proxy.circuit.CircuitBreaker` (None: no limits).
     """
 
-    __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client",
+    __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client", "breaker",
                  "_healthy", "_healthy_until", "_epoch")
 
-    def __init__(self, spec, endpoints):
+    def __init__(self, spec, endpoints, breaker=None):
         self.spec = spec
+        self.breaker = breaker
         self.name = spec.name
         self.h2_always = spec.upstream_protocol == UPSTREAM_H2
         self.h2_follows_client = spec.upstream_protocol == UPSTREAM_CLIENT
@@ -140,7 +143,8 @@ class ClusterManager:
     """Builds live clusters from a config, reusing endpoint state by address.
 
     ``pool_factory(spec, cluster_spec)`` makes the :class:`ConnectionPool` for a
-    new endpoint.
+    new endpoint.  A cluster with circuit-breaking limits keeps its
+    :class:`~mesh.proxy.circuit.CircuitBreaker` (its counts) across updates.
     """
 
     def __init__(self, pool_factory):
@@ -181,13 +185,24 @@ class ClusterManager:
                         endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
                 endpoints[endpoint_spec] = endpoint
                 live.append(endpoint)
-            clusters[name] = Cluster(spec, live)
+            clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits))
         for candidates in changed.values():
             for endpoint in candidates:
                 endpoint.pool.close_idle()
         self._endpoints = endpoints
         self.clusters = clusters
         return clusters
+
+    def _breaker(self, name, limits):
+        """The cluster's breaker with ``limits`` (its previous one, counts kept), or None without limits."""
+        if limits is None:
+            return None
+        previous = self.clusters.get(name)
+        breaker = previous.breaker if previous is not None else None
+        if breaker is None:
+            return CircuitBreaker(name, limits)
+        breaker.limits = limits
+        return breaker
 
     def all_endpoints(self):
         return self._endpoints.values()

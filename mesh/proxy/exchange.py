@@ -98,6 +98,10 @@ class Try:
         self.connection = connection
         self.exchange.send_request(self)
 
+    def connect(self, pool):
+        """Get a new connection (or HTTP/2 stream) from ``pool`` for this try."""
+        pool.connect().addCallbacks(self.connected, self.connect_failed)
+
     def connect_failed(self, failure):
         if not self.done:
             self.exchange.try_failed(self, TryOutcome("connect-failure", None, failure.getErrorMessage()))
@@ -313,6 +317,10 @@ class Exchange:
                              "check the ServiceEntry endpoints and DestinationRule subset labels",
                              "no_healthy_upstream")
             return
+        breaker = cluster.breaker  # circuit breaking (mesh.proxy.circuit): None for a cluster without limits
+        make_try = Try if breaker is None else breaker.admit(self)
+        if make_try is None:
+            return
         ctx = self.ctx
         try:
             endpoint = listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
@@ -324,7 +332,7 @@ class Exchange:
         if ctx.upstream_start is None:
             ctx.upstream_start = now
         endpoint.try_started()
-        attempt = Try(self, endpoint, now)
+        attempt = make_try(self, endpoint, now)
         self.current = attempt
         policy = self.action.retry
         if policy is not None and policy.per_try_timeout:
@@ -341,7 +349,7 @@ class Exchange:
             attempt.reused = True
             attempt.connected(connection)
         else:
-            pool.connect().addCallbacks(attempt.connected, attempt.connect_failed)
+            attempt.connect(pool)
 
     def send_request(self, attempt):
         """The try has a connection: send the head and whatever body we have."""
@@ -546,6 +554,9 @@ class Exchange:
         if delay is None:
             return False
         attempt.finish(reusable=False)
+        breaker = self.cluster.breaker
+        if breaker is not None and not breaker.retry_allowed():
+            return False  # maxRetries retries are in flight: the client gets this failure
         if delay > 0:
             self.current = None
             self.state = BACKOFF

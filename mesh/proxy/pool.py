@@ -69,6 +69,8 @@ class ConnectionPool:
     response, so that the next new connection resumes it (``tls.keep_session``).
     ``max_concurrent_streams`` (``connectionPool.http.maxConcurrentStreams``; 0:
     as the peer allows) caps the streams of each HTTP/2 connection of ``h2``.
+    ``counted_by`` maps the connections a cluster's circuit breaker counts to it
+    (:mod:`mesh.proxy.circuit`), told when they close.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
@@ -88,6 +90,7 @@ class ConnectionPool:
         self.max_concurrent_streams = max_concurrent_streams
         self._idle = []
         self._open = set()  # HTTP/1.1 and HTTP/2 connections
+        self.counted_by = {}  # connection -> the CircuitBreaker that counts it until it closes
         self.opened_total = 0  # connections made, ever (mesh_upstream_cx_opened_total)
         self.h2 = H2Pool(self)
 
@@ -187,6 +190,10 @@ class ConnectionPool:
         self._open.discard(connection)
         if connection in self._idle:
             self._idle.remove(connection)
+        if self.counted_by:
+            breaker = self.counted_by.pop(connection, None)
+            if breaker is not None:
+                breaker.connection_closed()
 
 
 class _H2Factory(ClientFactory):

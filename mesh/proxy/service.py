@@ -369,6 +369,7 @@ class ProxyService(service.MultiService):
         now = self.reactor.seconds()
         clusters = snapshot.clusters if snapshot else {}
         return {name: {"lb_policy": cluster.spec.lb_policy,
+                       "circuit_breaker": cluster.breaker.describe() if cluster.breaker is not None else None,
                        "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints]}
                 for name, cluster in sorted(clusters.items())}
 

@@ -66,7 +66,8 @@ def _listener_families(listeners):
 
 
 def _cluster_families(clusters, now):
-    """Per-cluster connection, load and outlier-detection families."""
+    """Per-cluster connection, load, outlier-detection and circuit-breaking families (the overflow
+    counters list only the clusters with limits)."""
     active = GaugeMetricFamily("mesh_upstream_cx_active", "Open upstream connections.", labels=("cluster",))
     opened = CounterMetricFamily("mesh_upstream_cx_opened", "Upstream connections opened.", labels=("cluster",))
     in_flight = GaugeMetricFamily("mesh_upstream_rq_active", "Tries in flight to the cluster's endpoints.",
@@ -74,6 +75,11 @@ def _cluster_families(clusters, now):
     ejections = CounterMetricFamily("mesh_outlier_ejections", "Outlier-detection ejections of the cluster's endpoints.",
                                     labels=("cluster",))
     ejected = GaugeMetricFamily("mesh_outlier_ejected_endpoints", "Endpoints ejected now.", labels=("cluster",))
+    overflows = [CounterMetricFamily(f"mesh_upstream_{name}", help_text, labels=("cluster",)) for name, help_text in (
+        ("cx_overflow", "Times the cluster's maxConnections circuit breaker made a request wait."),
+        ("rq_pending_overflow", "Requests refused 503 UO by the cluster's http1MaxPendingRequests or "
+                                "http2MaxRequests circuit breaker."),
+        ("rq_retry_overflow", "Retries not made because of the cluster's maxRetries circuit breaker."))]
     for name in sorted(clusters):
         endpoints = clusters[name].endpoints
         label = (name,)
@@ -82,4 +88,9 @@ def _cluster_families(clusters, now):
         in_flight.add_metric(label, sum(endpoint.active_requests for endpoint in endpoints))
         ejections.add_metric(label, sum(endpoint.ejections for endpoint in endpoints))
         ejected.add_metric(label, sum(1 for endpoint in endpoints if endpoint.ejected_until > now))
-    return active, opened, in_flight, ejections, ejected
+        breaker = clusters[name].breaker
+        if breaker is not None:
+            for family, count in zip(overflows, (breaker.cx_overflow, breaker.pending_overflow,
+                                                 breaker.retry_overflow)):
+                family.add_metric(label, count)
+    return active, opened, in_flight, ejections, ejected, *overflows
