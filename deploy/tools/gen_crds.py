@@ -84,8 +84,11 @@ SETTINGS = {
                                "useSourceIp": BOOL, "httpQueryParameterName": STR}, maxProperties=1),
     }),
     "connectionPool": obj({
-        "tcp": obj({"connectTimeout": DURATION}),
+        "tcp": obj({"connectTimeout": DURATION, "maxConnections": {"type": "integer", "minimum": 0}}),
         "http": obj({"maxRequestsPerConnection": {"type": "integer", "minimum": 0}, "idleTimeout": DURATION,
+                     "http1MaxPendingRequests": {"type": "integer", "minimum": 0},
+                     "http2MaxRequests": {"type": "integer", "minimum": 0},
+                     "maxRetries": {"type": "integer", "minimum": 0},
                      "h2UpgradePolicy": {"type": "string", "enum": ["DEFAULT", "DO_NOT_UPGRADE", "UPGRADE"]},
                      "useClientProtocol": BOOL, "maxConcurrentStreams": {"type": "integer", "minimum": 0}}),
     }),

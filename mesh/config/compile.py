@@ -66,6 +66,7 @@ from mesh.config.tables import (
     RouteAction,
     RouteTable,
     VirtualHost,
+    circuit_limits,
     cluster_name,
     upstream_protocol,
 )
@@ -262,7 +263,9 @@ class _Compiler:
             max_requests_per_connection=pool.max_requests_per_connection, idle_timeout=pool.idle_timeout,
             outlier=settings["outlier_detection"] or OutlierPolicy(), protocol=port.protocol,
             upstream_protocol=upstream_protocol(port.protocol, pool.use_client_protocol, pool.h2_upgrade_policy),
-            max_concurrent_streams=pool.max_concurrent_streams)
+            max_concurrent_streams=pool.max_concurrent_streams,
+            limits=circuit_limits(pool.max_connections, pool.max_pending_requests, pool.max_requests,
+                                  pool.max_retries))
 
     def _identity(self, member, entry: ServiceEntry, tls_mode) -> str | None:
         """The SPIFFE id an endpoint must present, or None for plaintext.

@@ -137,10 +137,17 @@ class ConnectionPool:
     ``h2_upgrade_policy`` is Istio's ``http.h2UpgradePolicy`` (DEFAULT, DO_NOT_UPGRADE or
     UPGRADE; DEFAULT is the mesh default, DO_NOT_UPGRADE as in Istio), ``use_client_protocol``
     its ``http.useClientProtocol`` and ``max_concurrent_streams`` its
-    ``http.maxConcurrentStreams`` (0: as many as the peer allows).
+    ``http.maxConcurrentStreams`` (0: as many as the peer allows).  The circuit-breaking limits
+    (0: unlimited, Istio's 2^32-1) are ``tcp.maxConnections`` (``max_connections``),
+    ``http.http1MaxPendingRequests`` (``max_pending_requests``), ``http.http2MaxRequests``
+    (``max_requests``) and ``http.maxRetries`` (``max_retries``).
     """
 
     connect_timeout: float = 10.0
+    max_connections: int = 0
+    max_pending_requests: int = 0
+    max_requests: int = 0
+    max_retries: int = 0
     max_requests_per_connection: int = 0
     idle_timeout: float = 3600.0
     h2_upgrade_policy: str = "DEFAULT"

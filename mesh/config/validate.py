@@ -63,7 +63,6 @@ _BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 _NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\(\?\(|\(\?P=|\\[1-9]")
 
 _REMOVE_IT = "remove it"
-_CIRCUIT_BREAKING = "circuit-breaking limits are not implemented yet; remove it"
 _MIRRORING = "traffic mirroring is not implemented yet; remove it"
 _LEGACY_HEADERS = "it is deprecated in Istio; use headers.request / headers.response"
 
@@ -125,17 +124,12 @@ _HASH_UNSUPPORTED = {
 _COOKIE_GENERATION = ("txmesh hashes on an existing cookie and never generates one; remove it "
                       "(keep httpCookie.name)")
 _TCP_POOL_UNSUPPORTED = {
-    "maxConnections": _CIRCUIT_BREAKING,
     "tcpKeepalive": "TCP keepalive settings are not supported; remove it",
     "maxConnectionDuration": "a maximum connection duration is not supported; remove it",
     "idleTimeout": "use connectionPool.http.idleTimeout, the idle timeout of pooled connections",
 }
-_HTTP_POOL_UNSUPPORTED = {
-    "http1MaxPendingRequests": _CIRCUIT_BREAKING, "http2MaxRequests": _CIRCUIT_BREAKING,
-    "maxRetries": _CIRCUIT_BREAKING,
-}
 _HTTP_POOL = {"maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
-              "maxConcurrentStreams"}
+              "maxConcurrentStreams", "http1MaxPendingRequests", "http2MaxRequests", "maxRetries"}
 _H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
 _OUTLIER = {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval", "baseEjectionTime",
             "maxEjectionPercent"}
@@ -459,9 +453,13 @@ def _load_balancer(parent: Fields) -> LoadBalancer:
 
 def _connection_pool(parent: Fields) -> ConnectionPool:
     f = parent.sub("connectionPool", {"tcp", "http"})
-    tcp = f.sub("tcp", {"connectTimeout"}, _TCP_POOL_UNSUPPORTED)
-    http = f.sub("http", _HTTP_POOL, _HTTP_POOL_UNSUPPORTED)
+    tcp = f.sub("tcp", {"connectTimeout", "maxConnections"}, _TCP_POOL_UNSUPPORTED)
+    http = f.sub("http", _HTTP_POOL)
     values = {"connect_timeout": tcp.duration("connectTimeout"),
+              "max_connections": tcp.integer("maxConnections", minimum=0),
+              "max_pending_requests": http.integer("http1MaxPendingRequests", minimum=0),
+              "max_requests": http.integer("http2MaxRequests", minimum=0),
+              "max_retries": http.integer("maxRetries", minimum=0),
               "max_requests_per_connection": http.integer("maxRequestsPerConnection", minimum=0),
               "idle_timeout": http.duration("idleTimeout"),
               "h2_upgrade_policy": http.enum("h2UpgradePolicy", _H2_UPGRADE_POLICIES),

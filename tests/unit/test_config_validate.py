@@ -250,8 +250,8 @@ def test_destination_rule_rejections(tmp_path):
             loadBalancer:
               simple: PASSTHROUGH
             connectionPool:
-              tcp: {maxConnections: 10, connectTimeout: 1.5}
-              http: {http1MaxPendingRequests: 1}
+              tcp: {maxConnections: -1, connectTimeout: 1.5}
+              http: {http1MaxPendingRequests: many}
             outlierDetection: {consecutiveErrors: 5, maxEjectionPercent: 101}
             tls: {mode: MUTUAL, clientCertificate: /c.pem}
           subsets:
@@ -271,12 +271,10 @@ def test_destination_rule_rejections(tmp_path):
         (9, "spec.trafficPolicy.loadBalancer.simple: simple PASSTHROUGH is not supported by txmesh; it "
             "forwards to the caller's original destination address, which the txmesh proxy cannot do; use "
             "LEAST_REQUEST, ROUND_ROBIN or RANDOM"),
-        (11, "spec.trafficPolicy.connectionPool.tcp.maxConnections: 'maxConnections' is not supported by "
-             "txmesh; circuit-breaking limits are not implemented yet; remove it"),
-        (12, "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: 'http1MaxPendingRequests' is "
-             "not supported by txmesh; circuit-breaking limits are not implemented yet; remove it"),
         (11, "spec.trafficPolicy.connectionPool.tcp.connectTimeout: invalid duration 1.5 (a number without a "
              'unit); use a number and a unit, like "1s", "0.5s", "100ms", "1m" or "1h"'),
+        (11, "spec.trafficPolicy.connectionPool.tcp.maxConnections: must be >= 0, not -1"),
+        (12, "spec.trafficPolicy.connectionPool.http.http1MaxPendingRequests: must be an integer, not a string"),
         (13, "spec.trafficPolicy.outlierDetection.consecutiveErrors: 'consecutiveErrors' is not supported by "
              "txmesh; it is deprecated in Istio; use consecutive5xxErrors"),
         (13, "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be >= 0 and <= 100, not 101"),

@@ -105,8 +105,6 @@ def test_bad_http2_settings_are_rejected_with_what_to_do(tmp_path):
         "spec.trafficPolicy.connectionPool.http.maxConcurrentStreams: must be >= 0, not -1",
         "spec.trafficPolicy.connectionPool.http.h2UpgradePolicy: useClientProtocol: true keeps the client's "
         "protocol, so Istio ignores h2UpgradePolicy UPGRADE; remove one of the two",
-        "spec.trafficPolicy.connectionPool.http.http2MaxRequests: 'http2MaxRequests' is not supported by txmesh; "
-        "circuit-breaking limits are not implemented yet; remove it",
         "spec.trafficPolicy.connectionPool.http.useClientProtocol: must be true or false, not a string",
     ]
 
