@@ -47,7 +47,7 @@ bootstrap: $(VENV)/.stamp-dropins
 # `serial` (timing targets) run afterwards, alone.  TEST_WORKERS=0 runs everything in one process.
 # Exit status 5 is pytest's "no tests selected" (a PYTEST_ARGS -k that matches one part only).
 test: bootstrap
-	$(VPY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadgroup -m "not serial" $(PYTEST_ARGS) || [ $$? = 5 ]
+	$(VPY) -m pytest tests -q -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS) || [ $$? = 5 ]
 	$(VPY) -m pytest tests -q -m serial $(PYTEST_ARGS) || [ $$? = 5 ]
 
 # The quick loop while editing: pure functions and in-process tests, no real sidecars.

@@ -19,6 +19,10 @@ Checks, for every test:
 
 from __future__ import annotations
 
+import fcntl
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from .backend import Backend
@@ -81,6 +85,20 @@ def no_traceback_at_module_teardown():
     """
     yield
     check_process_logs("while stopping at the end of the module")
+
+
+@pytest.fixture
+def fixed_ports_lock():
+    """Hold, for one test, the machine-wide lock of the fixed loopback addresses the demo and the
+    quickstart bind.  ``make test`` runs two pytest-xdist workers: a test that needs those addresses
+    takes this lock (``flock`` on a file in the temp directory) first, so such tests run one at a time
+    across workers, and its "ports are free" check then means what it says."""
+    with open(Path(tempfile.gettempdir()) / "txmesh-tests-fixed-ports.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 @pytest.fixture(scope="module")

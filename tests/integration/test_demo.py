@@ -20,10 +20,6 @@ import pytest
 from mesh.demo.runner import APP_PORT, CONFIG_DIR, CONTROL_ADDRESS, CONTROL_PORT, WORKLOADS, demo_ports
 from tests.harness import venv_bin
 
-#: The demo binds fixed loopback addresses: under pytest-xdist (``--dist loadgroup``) every demo test
-#: runs on the same worker, one at a time.
-pytestmark = pytest.mark.xdist_group("demo-loopback-addresses")
-
 #: Seconds one demo run may take: start-up, a 500-request tour, shutdown.
 DEMO_TIMEOUT = 90.0
 DEMO_PORTS = [(address, port) for address, port, _what in demo_ports()]
@@ -67,7 +63,7 @@ def assert_nothing_left(output: str) -> None:
 
 
 @pytest.fixture(autouse=True)
-def demo_ports_free():
+def demo_ports_free(fixed_ports_lock):
     """Fail up front, and clearly, if something already serves the demo's ports."""
     taken = listening(DEMO_PORTS)
     if taken:

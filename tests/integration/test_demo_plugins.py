@@ -17,15 +17,11 @@ import pytest
 from mesh.demo.runner import WORKLOADS, DemoError, DemoMesh, demo_ports, installed_plugins
 from tests.harness import venv_bin
 
-#: The demo binds fixed loopback addresses: under pytest-xdist (``--dist loadgroup``) every demo test
-#: runs on the same worker, one at a time.
-pytestmark = pytest.mark.xdist_group("demo-loopback-addresses")
-
 FRONTEND = WORKLOADS[:1]
 
 
 @pytest.fixture(autouse=True)
-def demo_ports_free():
+def demo_ports_free(fixed_ports_lock):
     taken = []
     for address, port, what in demo_ports(FRONTEND):
         try:

@@ -25,10 +25,6 @@ import pytest
 from mesh.demo.runner import bind_problem
 from tests.harness import REPO_ROOT, venv_dir
 
-#: The quickstart binds the demo's fixed ports: under pytest-xdist (``--dist loadgroup``) it runs on the
-#: demo tests' worker, one at a time with them.
-pytestmark = pytest.mark.xdist_group("demo-loopback-addresses")
-
 PAGE = REPO_ROOT / "docs" / "quickstart.md"
 #: The ports the page names: the control plane's, the apps', and the sidecar ports it fixes.
 PAGE_PORTS = (15012, 15014, 8081, 8082, 8083, 8084, 15001, 15002, 15090)
@@ -87,7 +83,7 @@ def stop_everything(home: Path) -> None:
 
 
 @pytest.fixture()
-def page_ports_free():
+def page_ports_free(fixed_ports_lock):
     taken = [port for port in PAGE_PORTS if bind_problem("127.0.0.1", port)]
     if taken:
         pytest.fail(f"the quickstart's ports are in use: {taken}; stop what holds them (`ss -ltnp`) -- "
