@@ -141,6 +141,8 @@ class CircuitBreaker:
         if attempt.waiting:
             self.stop_waiting(attempt)
         attempt.connected(connection)
+        if self.queue:  # the try had ended: its connection went idle, for a queued try
+            self.serve()
 
     def _connect_failed(self, failure, attempt) -> None:
         if attempt.waiting:
