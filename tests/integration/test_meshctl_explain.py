@@ -112,7 +112,9 @@ def test_why_a_connect_failure(mesh):
     out = why("productpage", "--control-admin", mesh["control_admin"], "--log-line", json.dumps(entry))
     assert f"request:  GET ghost/why-uf (outbound, x-request-id {entry['request_id']})" in out
     assert "verdict:  the proxy ended it" in out
-    assert "route:    ServiceEntry/default/ghost (match *; no timeout; retries 2x on connect-failure" in out
+    # Istio's default retry policy: connect-failure,refused-stream,unavailable,cancelled,retriable-status-codes
+    assert ("route:    ServiceEntry/default/ghost (match *; no timeout; retries 2x on "
+            "cancelled,connect-failure,refused-stream,retriable-status-codes,unavailable)") in out
     assert "cluster:  outbound|80||ghost.default.svc.cluster.local (127.0.0.1:" in out
     assert f"endpoint: {entry['upstream_host']}" in out
     for flag in entry["response_flags"].split(","):
