@@ -148,6 +148,10 @@ HTTP_ROUTE = obj({
         "unmatchedPreflights": enum("UNSPECIFIED", "FORWARD", "IGNORE"),
     }),
     "headers": HEADERS,
+    "mirror": DESTINATION["destination"],
+    "mirrors": array(obj({"destination": DESTINATION["destination"], "percentage": PERCENT},
+                         required=("destination",))),
+    "mirrorPercentage": PERCENT,
 }, description="One of route, redirect and directResponse.")
 
 L4_MATCH = {"destinationSubnets": STRINGS, "port": PORT, "sourceLabels": strmap(), "sourceNamespace": STR,

@@ -483,7 +483,10 @@ class _Compiler:
         extras = RouteExtras(
             fault=http.fault, cors=http.cors, redirect=http.redirect, direct_response=http.direct_response,
             uri_regex=http.rewrite_regex, whole_path=http.rewrite_uri.encode() if whole_path else None,
-            by_cluster=self._variants(vs, http, action, destinations) if len(http.route) > 1 else {})
+            by_cluster=self._variants(vs, http, action, destinations) if len(http.route) > 1 else {},
+            mirrors=tuple((self._destination_cluster(vs, http.index, index, destination, path=(
+                "spec", "http", http.index, "mirrors", index, "destination")), fraction)
+                for index, (destination, fraction) in enumerate(http.mirrors)))
         return dataclasses.replace(action, extras=extras) if extras else action
 
     def _variants(self, vs, http, action, destinations) -> dict:
@@ -508,14 +511,15 @@ class _Compiler:
                            "one's apply to all of them")
         return variants
 
-    def _destination_cluster(self, vs, route_index, index, destination, section="http", listener_port=None) -> str:
+    def _destination_cluster(self, vs, route_index, index, destination, section="http", listener_port=None,
+                             path=None) -> str:
         """The cluster name of a route destination; warns when it does not resolve.
 
         ``section`` is the route's list (``http``, ``tcp`` or ``tls``); a ``tcp``/``tls`` destination
         without a port goes to ``listener_port`` (the port the connection came to) when the service
-        has it, as in Istio.
+        has it, as in Istio.  ``path`` names the destination in warnings (default: the route's).
         """
-        path = ("spec", section, route_index, "route", index, "destination")
+        path = path or ("spec", section, route_index, "route", index, "destination")
         what = "requests" if section == "http" else "connections"
         subset = destination.subset or ""
         service = self._service_for(destination.host)

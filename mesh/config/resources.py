@@ -254,7 +254,8 @@ class HTTPRoute:
     ``rewrite_authority``.  A route with a ``redirect`` or ``direct_response``
     has no ``route``.  ``fault``, ``redirect``, ``direct_response``, ``cors``
     and ``rewrite_regex`` (``rewrite.uriRegexRewrite``) are the types of
-    :mod:`mesh.config.route_extras`.
+    :mod:`mesh.config.route_extras`.  ``mirrors`` are ``(RouteDestination, fraction)`` pairs, from
+    ``mirror`` (with ``mirrorPercentage``) or ``mirrors``.
     """
 
     index: int
@@ -272,6 +273,7 @@ class HTTPRoute:
     direct_response: DirectResponse | None = None
     cors: CorsPolicy | None = None
     rewrite_regex: RegexRewrite | None = None
+    mirrors: tuple = ()
 
 
 @dataclass(frozen=True)

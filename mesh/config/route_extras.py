@@ -244,7 +244,8 @@ class RouteExtras:
 
     ``whole_path`` is ``rewrite.uri`` when it replaces the whole path (a ``regex`` uri match, as Envoy
     rewrites the path of a regex route); ``by_cluster`` maps a cluster name to the action of the
-    weighted destination that leads to it, its ``headers`` merged with the route's.
+    weighted destination that leads to it, its ``headers`` merged with the route's.  ``mirrors`` are
+    ``(cluster name, fraction)`` pairs: a copy of the request goes there (:mod:`mesh.proxy.mirror`).
     """
 
     fault: FaultInjection | None = None
@@ -254,10 +255,11 @@ class RouteExtras:
     uri_regex: RegexRewrite | None = None
     whole_path: bytes | None = None
     by_cluster: dict = field(default_factory=dict)
+    mirrors: tuple = ()
 
     def __bool__(self) -> bool:
         return any((self.fault, self.cors, self.redirect, self.direct_response, self.uri_regex,
-                    self.whole_path is not None, self.by_cluster))
+                    self.whole_path is not None, self.by_cluster, self.mirrors))
 
 
 # -- header operations -------------------------------------------------------------------

@@ -63,7 +63,7 @@ _BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
 _NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\(\?\(|\(\?P=|\\[1-9]")
 
 _REMOVE_IT = "remove it"
-_MIRRORING = "traffic mirroring is not implemented yet; remove it"
+_MIRROR_PERCENT = "it is deprecated in Istio; use mirrorPercentage: {value: N}"
 _LEGACY_HEADERS = "it is deprecated in Istio; use headers.request / headers.response"
 
 # -- ServiceEntry / WorkloadEntry ------------------------------------------------------
@@ -161,11 +161,10 @@ _TLS_MATCH = _L4_MATCH | {"sniHosts"}
 _L4_MATCH_UNSUPPORTED = {"sourceSubnet": "it is deprecated in Istio, which ignores it; remove it (restrict callers "
                                          "with an AuthorizationPolicy's ipBlocks)"}
 _HTTP_ROUTE = {"name", "match", "route", "rewrite", "timeout", "retries", "headers", "redirect", "directResponse",
-               "fault", "corsPolicy"}
+               "fault", "corsPolicy", "mirror", "mirrors", "mirrorPercentage"}
 _HTTP_ROUTE_UNSUPPORTED = {
     "delegate": "VirtualService delegation is not supported; put the routes in this VirtualService",
-    "mirror": _MIRRORING, "mirrors": _MIRRORING, "mirrorPercent": _MIRRORING,
-    "mirrorPercentage": _MIRRORING, "mirror_percent": _MIRRORING,
+    "mirrorPercent": _MIRROR_PERCENT, "mirror_percent": _MIRROR_PERCENT,
     "appendHeaders": _LEGACY_HEADERS, "appendRequestHeaders": _LEGACY_HEADERS,
     "appendResponseHeaders": _LEGACY_HEADERS, "removeRequestHeaders": _LEGACY_HEADERS,
     "removeResponseHeaders": _LEGACY_HEADERS,
@@ -558,7 +557,7 @@ def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
                                "keep one of them")
         rewrite_authority = header_authority
     answers = [key for key in _LOCAL_ANSWERS if key in f]
-    for other in ("route", "fault", "rewrite") if answers else ():
+    for other in ("route", "fault", "rewrite", "mirror", "mirrors") if answers else ():
         if other in f:
             f.error(other, f"a route with {answers[0]} answers locally, without forwarding: remove {other} (Istio "
                            "rejects them together)")
@@ -575,7 +574,30 @@ def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
         direct_response=_direct_response(f.sub("directResponse", {"status", "body"}))
         if "directResponse" in f else None,
         cors=_cors(f.sub("corsPolicy", _CORS)) if "corsPolicy" in f else None,
-        rewrite_regex=rewrite_regex)
+        rewrite_regex=rewrite_regex, mirrors=_mirrors(f, namespace, domain))
+
+
+def _mirrors(f: Fields, namespace, domain) -> tuple:
+    """``((RouteDestination, fraction), ...)`` of a route's ``mirror`` (with ``mirrorPercentage``) or
+    ``mirrors``; a mirror without a percentage gets every request, as in Istio."""
+    if "mirror" in f and "mirrors" in f:
+        f.error("mirrors", "set only one of mirror or mirrors (Istio rejects them together)")
+        return ()
+    if "mirrorPercentage" in f and "mirror" not in f:
+        f.error("mirrorPercentage", "mirrorPercentage applies to mirror only; set mirror, or give each "
+                                    "mirrors entry its own percentage")
+        _fraction(f, "mirrorPercentage")
+    if "mirror" in f:
+        fraction = _fraction(f, "mirrorPercentage") if "mirrorPercentage" in f else 1.0
+        return ((_destination(f.sub("mirror", {"host", "subset", "port"}), namespace, domain), fraction),)
+    out = []
+    for path, item in f.items("mirrors"):
+        mf = Fields(f.report, path, item, {"destination", "percentage"})
+        if "destination" not in mf:
+            mf.error("destination", "'destination' is required")
+        fraction = _fraction(mf) if "percentage" in mf else 1.0
+        out.append((_destination(mf.sub("destination", {"host", "subset", "port"}), namespace, domain), fraction))
+    return tuple(out)
 
 
 def _route_given(f: Fields) -> bool:
@@ -659,9 +681,9 @@ def _fault(f: Fields) -> FaultInjection:
     return FaultInjection(**values, without_percentage=tuple(without))
 
 
-def _fraction(f: Fields) -> float:
-    """``percentage.value`` as a fraction, at the resolution Istio gives Envoy (per million)."""
-    pf = f.sub("percentage", {"value"})
+def _fraction(f: Fields, key="percentage") -> float:
+    """``percentage.value`` (or ``key``'s) as a fraction, at the resolution Istio gives Envoy (per million)."""
+    pf = f.sub(key, {"value"})
     value = pf.data.get("value", 0)
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         pf.error("value", f"must be a number from 0 to 100, not {value!r}")
@@ -767,17 +789,10 @@ def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
         rf = Fields(f.report, path, item, {"destination", "weight", "headers"} if http else {"destination", "weight"})
         if "destination" not in rf:
             rf.error("destination", "'destination' is required")
-        df = rf.sub("destination", {"host", "subset", "port"})
-        host = df.string("host", required=True)
-        problem = hostnames.check(host, allow_wildcard=False) if host else None
-        if problem:
-            df.error("host", problem)
-        port = df.sub("port", {"number"}).port("number", required=True) if "port" in df else None
+        destination = _destination(rf.sub("destination", {"host", "subset", "port"}), namespace, domain)
         request, authority = _header_ops(rf, "request")
-        out.append(RouteDestination(
-            host=hostnames.fqdn(host, namespace, domain) if host and not problem else "",
-            subset=_dns_name(df, "subset", _DNS_LABEL, "subset name") or None, port=port,
-            weight=rf.integer("weight", minimum=0, maximum=100) or 0, request_headers=request,
+        out.append(dataclasses.replace(
+            destination, weight=rf.integer("weight", minimum=0, maximum=100) or 0, request_headers=request,
             response_headers=_header_ops(rf, "response")[0], authority=authority))
     if len(out) == 1:
         out[0] = dataclasses.replace(out[0], weight=100)
@@ -785,6 +800,18 @@ def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
         total = sum(destination.weight for destination in out)
         f.error("route", f"weights must sum to 100 (they sum to {total}); give every destination a weight")
     return tuple(out)
+
+
+def _destination(df: Fields, namespace, domain) -> RouteDestination:
+    """A ``destination`` (host, subset, port), without weight or headers."""
+    host = df.string("host", required=True)
+    problem = hostnames.check(host, allow_wildcard=False) if host else None
+    if problem:
+        df.error("host", problem)
+    port = df.sub("port", {"number"}).port("number", required=True) if "port" in df else None
+    return RouteDestination(host=hostnames.fqdn(host, namespace, domain) if host and not problem else "",
+                            subset=_dns_name(df, "subset", _DNS_LABEL, "subset name") or None, port=port,
+                            weight=0)
 
 
 def _match(f: Fields) -> HTTPMatch:

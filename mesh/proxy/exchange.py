@@ -54,7 +54,7 @@ that denied a request.
 from __future__ import annotations
 
 from mesh.plugins import PluginError
-from mesh.proxy import grpc, outlier, retry, route_actions
+from mesh.proxy import grpc, mirror, outlier, retry, route_actions
 from mesh.proxy.outcome import LocalReply, Pending, RequestOutcome, TryOutcome
 
 #: The states of an :class:`Exchange` (see the module docstring).
@@ -198,7 +198,7 @@ class Exchange:
     __slots__ = ("down", "ctx", "listener", "framing", "content_length", "expect_continue",
                  "upgrade", "head_only", "action", "cluster", "extra_headers", "prepared",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
-                 "deadline", "state", "response_linked", "free_retry_used", "trailers")
+                 "deadline", "state", "response_linked", "free_retry_used", "trailers", "mirror")
 
     def __init__(self, down, listener, ctx, framing, content_length, expect_continue, upgrade):
         self.down = down
@@ -223,6 +223,7 @@ class Exchange:
         self.response_linked = False
         self.free_retry_used = False
         self.trailers = None
+        self.mirror = None  # mirror copies waiting for the whole body (mesh.proxy.mirror)
         content_type = ctx.headers.get("content-type")
         if content_type is not None and content_type.startswith("application/grpc"):
             ctx.grpc = grpc.call_for(content_type)
@@ -415,6 +416,9 @@ class Exchange:
     def request_end(self):
         """The request body is complete."""
         self.body_done = True
+        if self.mirror is not None:
+            pending, self.mirror = self.mirror, None
+            mirror.send(self, pending)
         attempt = self.current
         if self.state is DONE or attempt is None or attempt.connection is None or attempt.done:
             return

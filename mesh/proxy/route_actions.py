@@ -18,7 +18,8 @@ them in the order Istio's sidecar runs Envoy's HTTP filters (fault, then CORS, t
 3. **Router**: a ``redirect`` or ``directResponse`` is answered locally (with the route's response
    ``headers``); else the request is forwarded with the action of its destination (per-destination
    ``headers``) and its path rewritten per request (``uriRegexRewrite``, or ``rewrite.uri`` replacing
-   the whole path of a regex match).
+   the whole path of a regex match).  Once forwarded, a route's ``mirror``/``mirrors`` send their
+   copies (:mod:`mesh.proxy.mirror`).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import random
 
 from mesh.config.route_extras import replacement_pairs, request_url, sequence_ops
 from mesh.config.tables import HeaderOps
+from mesh.proxy import mirror
 
 _NO_CONTENT_TYPE = (b"content-type", None)
 _TEXT = (b"content-type", b"text/plain")
@@ -66,7 +68,10 @@ def _after_delay(exchange, action, cluster) -> None:
     elif extras.direct_response is not None:
         _direct_response(exchange, action, extras.direct_response, cors_ops)
     else:
-        exchange.forward(_forwarded(exchange.ctx, action, cluster, cors_ops), cluster)
+        forwarded = _forwarded(exchange.ctx, action, cluster, cors_ops)
+        exchange.forward(forwarded, cluster)
+        if extras.mirrors and not exchange.response_started:  # unless forward answered it locally
+            mirror.start(exchange, forwarded, extras.mirrors)
 
 
 def _abort(exchange, action, fault) -> None:

@@ -444,7 +444,7 @@ def test_unknown_and_unsupported_fields(tmp_path):
               scheme: {exact: http}
             route:
             - destination: {host: web}
-            mirror: {host: web}
+            mirrorPercent: 50
             delegate: {name: other}
             rewrite: {}
         """)
@@ -456,8 +456,8 @@ def test_unknown_and_unsupported_fields(tmp_path):
         (4, "spec.hosts: 'hosts' is required (delegate VirtualServices without hosts are not supported)"),
         (6, "spec.gateways[0]: gateway 'istio-system/ingress' is not supported by txmesh: only the sidecars' "
             "'mesh' gateway exists; remove it (ingress/egress gateways are not implemented)"),
-        (14, "spec.http[0].mirror: 'mirror' is not supported by txmesh; traffic mirroring is not implemented "
-             "yet; remove it"),
+        (14, "spec.http[0].mirrorPercent: 'mirrorPercent' is not supported by txmesh; it is deprecated in "
+             "Istio; use mirrorPercentage: {value: N}"),
         (15, "spec.http[0].delegate: 'delegate' is not supported by txmesh; VirtualService delegation is not "
              "supported; put the routes in this VirtualService"),
         (11, "spec.http[0].match[0].scheme: 'scheme' is not supported by txmesh; the scheme is always http "

@@ -126,10 +126,10 @@ def test_crd_schemas_reject_what_they_should():
             "spec": {"hosts": ["a"], "http": [{"route": [{"destination": {"host": "a"}}], "timeout": "1.5s"}]}}
     assert schema_problems(good, vs) == []
     bad = yaml.safe_load(yaml.safe_dump(good))
-    bad["spec"]["http"][0].update({"timeout": 5, "mirror": {}})
+    bad["spec"]["http"][0].update({"timeout": 5, "delegate": {}})
     bad["spec"]["http"][0]["route"][0]["weight"] = 101
     problems = "\n".join(schema_problems(bad, vs))
-    assert "timeout: 5 is not a string" in problems and "mirror: unknown field" in problems
+    assert "timeout: 5 is not a string" in problems and "delegate: unknown field" in problems
     assert "weight: 101 out of range" in problems
     pa = schemas[("security.txmesh.io", "PeerAuthentication")]
     assert schema_problems({"spec": {"mtls": {"mode": "STRICTER"}}}, pa)

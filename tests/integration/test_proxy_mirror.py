@@ -1,0 +1,189 @@
+"""Istio's ``mirror``/``mirrors``/``mirrorPercentage`` through a real sidecar: Istio's mirroring task shape
+(v1 answers, v2 gets the copies with a ``-shadow`` Host), a percentage, a dead or stalled mirror that never
+touches the primary, a body over the mirror cap, and bad config rejected.
+
+The mirror targets are small recording HTTP servers on loopback (real sockets, in this process) so the
+test can see the Host each copy carried; the primaries are demo apps.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from mesh.proxy.mirror import MIRROR_BODY_LIMIT
+from tests.harness import wait_for
+from tests.harness.net import free_port
+from tests.integration.test_proxy_support import (
+    curl_many,
+    destination_rule,
+    endpoint,
+    route_to,
+    service_entry,
+    virtual_service,
+    write_config,
+)
+
+
+class _Recorder(ThreadingHTTPServer):
+    """Records ``(host, path, body length)`` of every request; answers 200 after ``stall`` seconds."""
+
+    daemon_threads = True
+
+    def __init__(self, stall: float = 0.0):
+        self.seen, self.stall, self.stalled = [], stall, threading.Event()
+        super().__init__(("127.0.0.1", 0), _Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    def paths(self, prefix: str) -> list:
+        return [entry for entry in list(self.seen) if entry[1].startswith(prefix)]
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self):  # http.server calls it by this name
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        self.server.seen.append((self.headers.get("host"), self.path, len(body)))
+        if self.server.stall:
+            self.server.stalled.wait(self.server.stall)
+        self.send_response(200)
+        self.send_header("content-length", "2")
+        self.end_headers()
+        self.wfile.write(b"ok")
+
+    do_POST = do_GET
+
+    def log_message(self, *args):
+        """Quiet."""
+
+
+@dataclass
+class Mesh:
+    proxy: object
+    config: Path
+    mirror: _Recorder
+    stalled: _Recorder
+    v1: object
+
+
+def _routes() -> list:
+    def at(prefix, **extra):
+        return route_to("reviews", "v1", match=[{"uri": {"prefix": prefix}}], **extra)
+
+    return [
+        at("/half", mirror={"host": "reviews", "subset": "v2"}, mirrorPercentage={"value": 50.0}),
+        at("/dead", mirrors=[{"destination": {"host": "dead"}}]),
+        at("/stalled", mirror={"host": "stalled"}),
+        route_to("reviews", "v1", mirror={"host": "reviews", "subset": "v2"}),
+    ]
+
+
+def _config(directory, v1, mirror, stalled, routes=None):
+    return write_config(
+        directory,
+        service_entry("reviews", [endpoint(v1, version="v1"), endpoint(mirror.server_address, version="v2")]),
+        service_entry("dead", [endpoint(("127.0.0.1", free_port("127.0.0.1")))]),
+        service_entry("stalled", [endpoint(stalled.server_address)]),
+        destination_rule("reviews", "reviews", subsets=[{"name": "v1", "labels": {"version": "v1"}},
+                                                        {"name": "v2", "labels": {"version": "v2"}}]),
+        virtual_service("reviews", ["reviews"], routes or _routes()))
+
+
+@pytest.fixture(scope="module")
+def mesh(backend_factory, proxy_factory, tmp_path_factory) -> Mesh:
+    v1 = backend_factory("reviews-v1")
+    mirror, stalled = _Recorder(), _Recorder(stall=30.0)
+    config = _config(tmp_path_factory.mktemp("mirror-config"), v1, mirror, stalled)
+    yield Mesh(proxy_factory(config, "client"), config, mirror, stalled, v1)
+    stalled.stalled.set()
+    for server in (mirror, stalled):
+        server.shutdown()
+        server.server_close()
+
+
+def test_v2_gets_shadow_copies_and_the_client_gets_v1(mesh):
+    """Istio's mirroring task: the response is v1's; v2 sees the copy, its Host suffixed ``-shadow``."""
+    path = f"/task-{uuid.uuid4().hex}"
+    result = mesh.proxy.curl("reviews:9080", path)
+    assert result.status == 200 and result.headers["x-demo-service"] == "reviews-v1", result
+    [(host, _, _)] = wait_for(lambda: mesh.mirror.paths(path), 10, what="the mirrored copy")
+    assert host == "reviews-shadow:9080"
+    posted = mesh.proxy.curl("reviews", path + "-post", data=b"x" * 1000)
+    assert posted.status == 200, posted
+    assert wait_for(lambda: mesh.mirror.paths(path + "-post"), 10, what="the POST copy")[0] == \
+        ("reviews-shadow", path + "-post", 1000)
+
+
+def test_mirror_percentage(mesh):
+    """``mirrorPercentage: 50`` copies about half of 400 requests (within five binomial standard deviations)."""
+    requests, run = 400, uuid.uuid4().hex
+    lines = curl_many(f"{mesh.proxy.outbound_url}/half-{run}", requests, host="reviews")
+    assert lines.count("200 reviews-v1") == requests, set(lines)
+    # a last request mirrored every time, sent after all the others were forwarded: once v2 saw it,
+    # every earlier copy was long sent on loopback
+    marker = f"/marker-{run}"
+    assert mesh.proxy.curl("reviews", marker).status == 200
+    wait_for(lambda: mesh.mirror.paths(marker), 10, what="the marker's copy")
+    copied = len(mesh.mirror.paths(f"/half-{run}"))
+    assert abs(copied - requests / 2) <= 5 * math.sqrt(requests * 0.25), copied
+
+
+@pytest.mark.parametrize("prefix", ["/dead", "/stalled"])
+def test_a_dead_or_stalled_mirror_never_touches_the_primary(mesh, prefix):
+    """Copies to a closed port, or to a server that never answers, leave every primary response 200 and
+    fast: 50 sequential requests finish well inside a deadline a stalled copy alone would break."""
+    started = time.monotonic()
+    lines = curl_many(f"{mesh.proxy.outbound_url}{prefix}/{uuid.uuid4().hex}", 50, host="reviews",
+                      write_out="%{http_code} %header{x-demo-service} %{time_total}")
+    elapsed = time.monotonic() - started
+    assert all(line.startswith("200 reviews-v1 ") for line in lines), set(lines)
+    assert max(float(line.split()[-1]) for line in lines) < 1.0, lines
+    assert elapsed < 10.0, elapsed
+    if prefix == "/stalled":
+        assert wait_for(lambda: mesh.stalled.paths(prefix), 10, what="a stalled copy"), "no copy was sent"
+
+
+def test_a_body_over_the_cap_reaches_the_primary_whole_and_no_mirror(mesh):
+    path = f"/big-{uuid.uuid4().hex}"
+    size = MIRROR_BODY_LIMIT + 1
+    result = mesh.proxy.curl("reviews", path, data=b"y" * size)
+    assert result.status == 200 and result.json()["body_bytes"] == size, result
+    small = f"{path}-small"  # a later copy arrives, so the big one would have too
+    assert mesh.proxy.curl("reviews", small, data=b"y" * 10).status == 200
+    wait_for(lambda: mesh.mirror.paths(small), 10, what="the small copy")
+    assert mesh.mirror.paths(path) == [(mesh.mirror.paths(small)[0][0], small, 10)]
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("mirrorPercentage", {"value": 150}, r"spec\.http\[3\]\.mirrorPercentage\.value: percentage 150 is neither"),
+    ("mirrors", [{"destination": {"host": "reviews"}}], r"spec\.http\[3\]\.mirrors: set only one of mirror or "
+                                                        r"mirrors"),
+    ("mirrorPercent", 50, r"spec\.http\[3\]\.mirrorPercent: .*use mirrorPercentage"),
+])
+def test_bad_mirror_config_is_rejected_and_the_old_config_stays(mesh, field, value, message):
+    proxy = mesh.proxy
+    routes = _routes()
+    routes[3][field] = value
+    version = proxy.admin("/config_dump")["version"]
+    rejected = proxy.log_path.read_text(errors="replace").count("config rejected")
+    _config(mesh.config, mesh.v1, mesh.mirror, mesh.stalled, routes)
+    proxy.reload()
+    try:
+        wait_for(lambda: proxy.log_path.read_text(errors="replace").count("config rejected") > rejected, 10,
+                 what="the rejection in the proxy's log")
+        assert re.search(r"config rejected.*mesh\.yaml:\d+: VirtualService/default/reviews: " + message,
+                         proxy.log_path.read_text(errors="replace")), proxy.log_tail()
+        assert proxy.admin("/config_dump")["version"] == version
+    finally:
+        _config(mesh.config, mesh.v1, mesh.mirror, mesh.stalled)
+        proxy.reload()
