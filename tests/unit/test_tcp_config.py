@@ -334,6 +334,20 @@ def test_unresolved_tcp_destinations_are_warnings(tmp_path):
         "here get (NC) until one does"]
 
 
+def test_max_connections_on_a_tcp_port_is_a_warning_not_a_silent_ignore(tmp_path):
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: db, namespace: shop}
+        spec:
+          host: db.example.com
+          trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}}
+        """)
+    assert [w.reason for w in config.warnings] == [
+        "connectionPool.tcp.maxConnections is not enforced on TCP port 5432 of 'db.example.com' yet (only HTTP "
+        "clusters are limited); TCP connections to it are not capped"]
+
+
 # -- AuthorizationPolicy for TCP ------------------------------------------------------------------------------
 
 APP = """
