@@ -23,6 +23,7 @@ The *lifecycle types* (:class:`OptionParser`, :class:`Config`) are what
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -37,7 +38,7 @@ __all__ = [
     "TryOutcome", "RequestOutcome", "AuthzDecision", "SignedCertificate", "GIVE_UP",
     "CAUnavailable", "CAStatus",
     "ResponseFlag", "RESPONSE_FLAGS", "ConfigSource",
-    "OptionParser", "PluginOption", "Config", "ROLES",
+    "OptionParser", "PluginOption", "Config", "ROLES", "ExternalCAPlugin", "PluginConfigError",
 ]
 
 #: The processes a plugin runs in: ``twistd mesh-proxy`` and ``twistd mesh-control``.
@@ -491,3 +492,69 @@ class Config:
         if name is None:
             raise ValueError(f"set_idle: {plugin!r} is not a registered plugin")
         self.idle[name] = reason
+
+
+# -- external certificate authorities ---------------------------------------------------------
+class PluginConfigError(Exception):
+    """A mistake in a plugin's own options, found in ``mesh_configure``: the message names the option and
+    says what to give.  :class:`ExternalCAPlugin` exits the process with it, without a traceback."""
+
+
+class ExternalCAPlugin:
+    """The plugin side every external CA shares (``txmesh-vault``, ``txmesh-awspca``).
+
+    A subclass sets ``ca_name`` (what ``mesh-control --ca NAME`` selects) and ``options`` (its
+    control-plane options: objects with ``name``, ``default``, ``help`` and ``coerce``), and implements
+    :meth:`start_ca`.  In a sidecar the plugin is idle.  In the control plane it adds its options; when
+    ``--ca`` names it, it starts its CA as a child service of mesh-control, reports the CA's ``status``
+    through ``mesh_ca_status`` and signs through its ``sign``; while another CA is selected it reports
+    itself not selected and signs nothing.
+    """
+
+    ca_name: str = ""
+    options: Sequence[Any] = ()
+
+    def __init__(self) -> None:
+        self.ca: Any = None
+
+    def start_ca(self, config: Config) -> Any:
+        """Build the CA for ``config`` (raise :class:`PluginConfigError` for a bad option): a Twisted
+        service with a ``status`` attribute (a :class:`CAStatus`) and ``sign(csr, identity, ttl)``, which
+        answers as ``mesh_sign_csr`` does."""
+        raise NotImplementedError
+
+    @hookimpl
+    def mesh_addoption(self, parser: OptionParser) -> None:
+        for option in self.options:
+            parser.addoption(option.name, default=option.default, help=option.help, coerce=option.coerce,
+                             role="control")
+
+    @hookimpl
+    def mesh_configure(self, config: Config) -> None:
+        if config.role != "control":
+            config.set_idle(self, "control plane only")
+            return
+        if config.option("ca") != self.ca_name:
+            return
+        try:
+            ca = self.start_ca(config)
+        except PluginConfigError as error:
+            sys.stderr.write(f"mesh-control: {error}\n")
+            raise SystemExit(1) from None
+        ca.setServiceParent(config.service)
+        self.ca = ca
+
+    @hookimpl
+    def mesh_unconfigure(self, config: Config) -> None:
+        self.ca = None
+
+    @hookimpl
+    def mesh_ca_status(self) -> CAStatus:
+        if self.ca is None:
+            return CAStatus(self.ca_name, False, False, f"not selected: run mesh-control with --ca {self.ca_name}",
+                            b"", "")
+        return self.ca.status
+
+    @hookimpl
+    def mesh_sign_csr(self, csr: Any, identity: str, ttl: float) -> Any:
+        return None if self.ca is None else self.ca.sign(csr, identity, ttl)

@@ -28,10 +28,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from twisted.internet.task import Clock
 from twisted.python import usage
-from txmesh_awspca import NOT_SELECTED, AwsPcaPlugin, certs, pca
+from txmesh_awspca import AwsPcaPlugin, certs, pca
 from txmesh_awspca.settings import PcaSettings, SettingsError, choose_signing_algorithm
 
-from mesh.api import CAUnavailable, Config
+from mesh.api import CAStatus, CAUnavailable, Config
 from mesh.control.tap import Options
 from mesh.plugins import DEFAULT_PLUGINS, make_plugin_manager
 from tests.unit.test_identity_csr import build_csr
@@ -372,7 +372,8 @@ def test_with_another_ca_it_reports_itself_unselected_and_signs_nothing():
     plugin = AwsPcaPlugin()
     pm = manager(plugin)
     pm.configure(Config("control", {"ca": "builtin", "awspca-arn": ARN}, Clock(), None, pm))
-    assert plugin.mesh_ca_status() == NOT_SELECTED
+    assert plugin.mesh_ca_status() == CAStatus("awspca", False, False,
+                                                "not selected: run mesh-control with --ca awspca", b"", "")
     assert plugin.mesh_sign_csr(csr=None, identity=URI, ttl=60) is None
 
 

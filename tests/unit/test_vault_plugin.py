@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.internet.task import Clock
-from txmesh_vault import NOT_SELECTED, VaultPlugin, pki
+from txmesh_vault import VaultPlugin, pki
 from txmesh_vault.settings import SettingsError, VaultSettings
 from txmesh_vault.vault import PermissionDenied, unavailable
 
-from mesh.api import CAUnavailable, Config
+from mesh.api import CAStatus, CAUnavailable, Config
 from mesh.control.tap import Options
 from mesh.plugins import DEFAULT_PLUGINS, make_plugin_manager
 
@@ -210,7 +210,8 @@ def test_with_another_ca_it_reports_itself_unselected_and_signs_nothing():
     pm = make_plugin_manager([name for name, _ in DEFAULT_PLUGINS], load_entry_points=False)
     pm.register(plugin, name="vault")
     pm.configure(Config("control", {"ca": "builtin", "vault-addr": "http://127.0.0.1:1"}, Clock(), None, pm))
-    assert plugin.mesh_ca_status() == NOT_SELECTED
+    assert plugin.mesh_ca_status() == CAStatus("vault", False, False, "not selected: run mesh-control with --ca vault",
+                                                b"", "")
     assert plugin.mesh_sign_csr(csr=None, identity=URI, ttl=60) is None
 
 

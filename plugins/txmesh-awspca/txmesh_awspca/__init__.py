@@ -18,11 +18,9 @@ selects this CA: every sidecar loads the plugin, none pays for boto3.
 
 from __future__ import annotations
 
-import sys
+from mesh.api import Config, ExternalCAPlugin
 
-from mesh.api import CAStatus, Config, OptionParser, hookimpl
-
-from .settings import OPTIONS, PcaSettings, SettingsError
+from .settings import OPTIONS, PcaSettings
 
 __version__ = "0.1.0"
 
@@ -30,54 +28,22 @@ __version__ = "0.1.0"
 MESH_API_VERSION = 1
 
 NAME = "awspca"
-#: What ``mesh_ca_status`` says while another CA is selected.
-NOT_SELECTED = CAStatus(NAME, False, False, "not selected: run mesh-control with --ca awspca", b"", "")
 
 
-class AwsPcaPlugin:
+class AwsPcaPlugin(ExternalCAPlugin):
     """The ``awspca`` plugin: one per process; ``ca`` is the running :class:`~.ca.PcaCA`, or None when
     ``--ca`` selected another CA."""
 
     MESH_API_VERSION = MESH_API_VERSION
+    ca_name = NAME
+    options = OPTIONS
 
-    def __init__(self):
-        self.ca = None
-
-    @hookimpl
-    def mesh_addoption(self, parser: OptionParser) -> None:
-        for option in OPTIONS:
-            parser.addoption(option.name, default=option.default, help=option.help, coerce=option.coerce,
-                             role="control")
-
-    @hookimpl
-    def mesh_configure(self, config: Config) -> None:
-        if config.role != "control":
-            config.set_idle(self, "control plane only")
-            return
-        # mesh-control's --ca (read defensively: None from a txmesh without the option)
-        if config.option("ca") != NAME:
-            return
-        try:
-            settings = PcaSettings.from_options(config.option)
-        except SettingsError as error:
-            sys.stderr.write(f"mesh-control: {error}\n")
-            raise SystemExit(1) from None
+    def start_ca(self, config: Config):
+        """Check the options and build the CA (a Twisted service)."""
+        settings = PcaSettings.from_options(config.option)
         from .ca import PcaCA  # boto3: only in the control plane that selected this CA
 
-        self.ca = PcaCA(settings, config.reactor)
-        self.ca.setServiceParent(config.service)
-
-    @hookimpl
-    def mesh_unconfigure(self, config: Config) -> None:
-        self.ca = None
-
-    @hookimpl
-    def mesh_ca_status(self) -> CAStatus:
-        return NOT_SELECTED if self.ca is None else self.ca.status
-
-    @hookimpl
-    def mesh_sign_csr(self, csr, identity: str, ttl: float):
-        return None if self.ca is None else self.ca.sign(csr, identity, ttl)
+        return PcaCA(settings, config.reactor)
 
 
 #: What the entry point registers.

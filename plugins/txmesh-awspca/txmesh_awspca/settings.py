@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from mesh.api import PluginConfigError
+
 #: ``arn:PARTITION:acm-pca:REGION:ACCOUNT:certificate-authority/ID``
 CA_ARN = re.compile(r"arn:(?P<partition>aws[a-z-]*):acm-pca:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
                     r"certificate-authority/(?P<id>[0-9A-Za-z-]+)")
@@ -32,7 +34,7 @@ SIGNING_ALGORITHMS = {
 RETRY_MODES = ("standard", "adaptive")
 
 
-class SettingsError(Exception):
+class SettingsError(PluginConfigError):
     """An option is missing or inconsistent: the message names it and says what to give."""
 
 

@@ -17,64 +17,30 @@ README.md and docs/identity.md say what to create in Vault.
 
 from __future__ import annotations
 
-import sys
-
-from mesh.api import CAStatus, Config, OptionParser, hookimpl
+from mesh.api import Config, ExternalCAPlugin
 
 from .ca import NAME, VaultCA
-from .settings import OPTIONS, SettingsError, VaultSettings
+from .settings import OPTIONS, VaultSettings
 
 __version__ = "0.1.0"
 
 #: The plugin API this plugin is written for (:data:`mesh.hookspecs.API_VERSION`).
 MESH_API_VERSION = 1
 
-#: What ``mesh_ca_status`` says while another CA is selected.
-NOT_SELECTED = CAStatus(NAME, False, False, "not selected: run mesh-control with --ca vault", b"", "")
 
 
-class VaultPlugin:
+class VaultPlugin(ExternalCAPlugin):
     """The ``vault`` plugin: one per process; ``ca`` is the running :class:`VaultCA`, or None when
     ``--ca`` selected another CA."""
 
     MESH_API_VERSION = MESH_API_VERSION
+    ca_name = NAME
+    options = OPTIONS
 
-    def __init__(self):
-        self.ca: VaultCA | None = None
-
-    @hookimpl
-    def mesh_addoption(self, parser: OptionParser) -> None:
-        for option in OPTIONS:
-            parser.addoption(option.name, default=option.default, help=option.help, coerce=option.coerce,
-                             role="control")
-
-    @hookimpl
-    def mesh_configure(self, config: Config) -> None:
-        if config.role != "control":
-            config.set_idle(self, "control plane only")
-            return
-        # mesh-control's --ca option (read defensively: None when the core has no such option)
-        if config.option("ca") != NAME:
-            return
-        try:
-            settings = VaultSettings.from_options(config.option)
-        except SettingsError as error:
-            sys.stderr.write(f"mesh-control: {error}\n")
-            raise SystemExit(1) from None
-        self.ca = VaultCA(settings, config.reactor)
-        self.ca.setServiceParent(config.service)
-
-    @hookimpl
-    def mesh_unconfigure(self, config: Config) -> None:
-        self.ca = None
-
-    @hookimpl
-    def mesh_ca_status(self) -> CAStatus:
-        return NOT_SELECTED if self.ca is None else self.ca.status
-
-    @hookimpl
-    def mesh_sign_csr(self, csr, identity: str, ttl: float):
-        return None if self.ca is None else self.ca.sign(csr, identity, ttl)
+    def start_ca(self, config: Config):
+        """Check the options and build the CA (a Twisted service)."""
+        settings = VaultSettings.from_options(config.option)
+        return VaultCA(settings, config.reactor)
 
 
 #: What the entry point registers.

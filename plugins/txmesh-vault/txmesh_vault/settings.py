@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
+from mesh.api import PluginConfigError
+
 AUTH_METHODS = ("token", "approle", "kubernetes")
 #: Where Kubernetes projects a pod's service-account token.
 KUBERNETES_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 
-class SettingsError(Exception):
+class SettingsError(PluginConfigError):
     """An option is missing or inconsistent: the message names it and says what to give."""
 
 
