@@ -124,6 +124,16 @@ def test_v2_gets_shadow_copies_and_the_client_gets_v1(mesh):
         ("reviews-shadow", path + "-post", 1000)
 
 
+@pytest.mark.parametrize("extra", [["--http2-prior-knowledge"], ["-H", "transfer-encoding: chunked"]],
+                         ids=["h2c", "chunked"])
+def test_a_streamed_body_is_copied_once_complete(mesh, extra):
+    """An HTTP/2 body, or a chunked HTTP/1.1 one (it arrives after the head): the copy carries all of it."""
+    path = f"/stream-{uuid.uuid4().hex}"
+    result = mesh.proxy.curl("reviews", path, data=b"z" * 20000, extra_args=extra)
+    assert result.status == 200 and result.json()["body_bytes"] == 20000, result
+    assert wait_for(lambda: mesh.mirror.paths(path), 10, what="the copy") == [("reviews-shadow", path, 20000)]
+
+
 def test_mirror_percentage(mesh):
     """``mirrorPercentage: 50`` copies about half of 400 requests (within five binomial standard deviations)."""
     requests, run = 400, uuid.uuid4().hex
