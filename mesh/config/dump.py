@@ -73,6 +73,8 @@ def _describe_extras(extras) -> dict:
                    "response_headers": _header_ops(variant.response_headers),
                    "authority": _text(variant.rewrite_authority)}
             for name, variant in sorted(extras.by_cluster.items())}
+    if extras.mirrors:
+        out["mirrors"] = [{"cluster": name, "percent": fraction * 100} for name, fraction in extras.mirrors]
     return out
 
 

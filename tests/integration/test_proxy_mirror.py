@@ -134,6 +134,14 @@ def test_a_streamed_body_is_copied_once_complete(mesh, extra):
     assert wait_for(lambda: mesh.mirror.paths(path), 10, what="the copy") == [("reviews-shadow", path, 20000)]
 
 
+def test_config_dump_shows_the_mirrors(mesh):
+    routes = {route["action"]["name"].rsplit("/", 1)[-1]: route["action"]
+              for entry in mesh.proxy.admin("/config_dump")["config"]["routes"] for route in entry["routes"]
+              if route["action"]["name"].startswith("VirtualService/default/reviews/")}
+    assert routes["http[0]"]["mirrors"] == [{"cluster": "outbound|80|v2|reviews.default.svc.cluster.local",
+                                             "percent": 50.0}], routes
+
+
 def test_mirror_percentage(mesh):
     """``mirrorPercentage: 50`` copies about half of 400 requests (within five binomial standard deviations)."""
     requests, run = 400, uuid.uuid4().hex
