@@ -22,6 +22,8 @@ from __future__ import annotations
 import dataclasses
 import random
 
+from mesh.plugins import PluginError
+
 #: Largest request body a mirror copies (the body is held until complete; bigger: abandoned).
 MIRROR_BODY_LIMIT = 64 * 1024
 #: Most mirror copies outstanding at once, per process.
@@ -118,7 +120,11 @@ class _MirrorRequest:
         if not endpoints or STATS.in_flight >= MAX_IN_FLIGHT:
             STATS.abandoned += 1
             return
-        endpoint = self.listener.pick_endpoint(ctx=self.ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        try:
+            endpoint = self.listener.pick_endpoint(ctx=self.ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        except PluginError:  # mesh.plugins logged it once; the primary request goes on
+            STATS.abandoned += 1
+            return
         self.content_length = len(body)
         self.body = body
         STATS.in_flight += 1
