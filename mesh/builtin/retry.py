@@ -2,8 +2,9 @@
 
 A try is retried while ``attempt <= policy.attempts`` (Istio's ``attempts``
 counts retries, not tries) and the failure is one the policy's ``retryOn``
-names.  Backoff is Envoy's fully jittered exponential: a random delay in
-``[0, base * 2**(attempt-1)]``, capped at ten times the base.
+names.  Backoff is Envoy's fully jittered exponential (:func:`backoff_delay`):
+a random delay in ``[0, min(10 * base, base * 2**(attempt-1)))``, with Envoy's
+base of 25 ms (``RetryPolicy.backoff_base``) and maximum of ten times the base.
 
 The gRPC conditions (``cancelled``, ``deadline-exceeded``, ``internal``,
 ``resource-exhausted``, ``unavailable``) are met by the ``grpc-status`` of a
@@ -44,10 +45,19 @@ def should_retry(outcome, policy) -> bool:
     return status == 409 and "retriable-4xx" in retry_on
 
 
+def backoff_delay(attempt: int, base: float, rng=random.random) -> float:
+    """Seconds to wait before the retry that follows try number ``attempt`` (1 for the first try).
+
+    Envoy's ``JitteredExponentialBackOffStrategy``: full jitter, uniformly in
+    ``[0, min(max, base * 2**(attempt-1)))`` with ``max`` ten times ``base``
+    (25 ms and 250 ms by default).  ``rng`` returns a float in ``[0, 1)``.
+    """
+    return rng() * min(base * 10, base * 2 ** min(attempt - 1, 4))  # 2**4 > 10: past it, the cap
+
+
 @hookimpl
 def mesh_retry_decision(ctx, attempt, outcome, policy):
     """Retry with jittered backoff while the policy allows it."""
     if policy is None or attempt > policy.attempts or not should_retry(outcome, policy):
         return GIVE_UP
-    base = policy.backoff_base
-    return random.uniform(0.0, min(base * (2 ** (attempt - 1)), base * 10))
+    return backoff_delay(attempt, policy.backoff_base)
