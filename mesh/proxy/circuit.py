@@ -8,6 +8,9 @@ and txmesh enforces them the same way (:class:`mesh.config.tables.CircuitLimits`
 - ``tcp.maxConnections`` (``max_connections``): the cluster's HTTP/1.1 tries
   never open more connections; a try that finds no idle connection waits in
   the cluster's pending queue until one closes (or goes idle on its endpoint).
+  A routed TCP connection (:mod:`mesh.proxy.tcp_proxy`) to a cluster at the
+  limit is closed at once, ``UO``, as Envoy's TCP proxy does
+  (:meth:`CircuitBreaker.admit_connection`).
 - ``http1MaxPendingRequests`` (``max_pending``): a try beyond that many tries
   waiting for a connection (queued, or connecting) is answered 503 ``UO``.
 - ``maxRetries`` (``max_retries``): a retry beyond that many retries in flight
@@ -37,9 +40,10 @@ OVERLOADED = ((b"x-envoy-overloaded", b"true"),)
 class CircuitBreaker:
     """The live counts of one limited cluster; kept across config swaps by cluster name.
 
-    ``connections`` counts the HTTP/1.1 connections its tries opened and that
-    are not closed yet; ``waiting`` the tries waiting for a connection (those
-    in ``queue``, waiting for ``connections`` to drop, and those connecting);
+    ``connections`` counts the HTTP/1.1 connections its tries opened and the
+    routed TCP connections to it (connecting or spliced) that are not closed
+    yet; ``waiting`` the tries waiting for a connection (those in ``queue``,
+    waiting for ``connections`` to drop, and those connecting);
     ``requests`` and ``retries`` the tries and retries in flight.
     """
 
@@ -89,6 +93,16 @@ class CircuitBreaker:
             self.queue.append((attempt, pool))
         else:
             self._open(attempt, pool)
+
+    def admit_connection(self) -> bool:
+        """Count one more TCP-proxied connection if ``max_connections`` allows it; else count the
+        overflow and return False.  An admitted connection is released with :meth:`connection_closed`."""
+        limit = self.limits.max_connections
+        if limit and self.connections >= limit:
+            self.cx_overflow += 1
+            return False
+        self.connections += 1
+        return True
 
     def stop_waiting(self, attempt) -> None:
         """``attempt`` no longer waits for a connection (it got one, failed, or ended)."""

@@ -15,7 +15,10 @@ never sniffed (:meth:`mesh.proxy.passthrough.Passthrough.detecting`).  Then, as 
 3. a cluster by the route's weights (``NC`` if it does not exist), an endpoint among its healthy
    ones by ``mesh_pick_endpoint`` (``UH`` if none), with the DestinationRule's load balancer
    (a connection counts as a request: LEAST_REQUEST is least connections; a consistent hash
-   can only use the source IP);
+   can only use the source IP); if the cluster's open connections (connecting or spliced, in
+   this sidecar) are at its ``connectionPool.tcp.maxConnections``, the connection is closed at
+   once (``UO``, counted in ``mesh_upstream_cx_overflow_total``), as Envoy's ``tcp_proxy`` does
+   with the cluster's :class:`mesh.proxy.circuit.CircuitBreaker`;
 4. a connection to it within the cluster's ``connectTimeout``, over mesh mTLS when the endpoint
    has an identity (the peer's SPIFFE id is checked before any client byte is sent); a
    failure closes the client's connection (``UF``) and counts for outlier detection, as a
@@ -229,7 +232,7 @@ class _Tunnel:
 
     The owner of its :class:`~mesh.proxy.passthrough.TcpUpstream` (``connected``, ``closed``);
     reports the connection with ``cluster`` and its flags.  Subclasses add what a success or a
-    failure means to them (``_established``, ``_ended``, ``_connect_failed``).
+    failure means to them (``_established``, ``_ended``, ``_connect_failed``, ``_released``).
     """
 
     def __init__(self, reactor, conn, held, cluster, bind=None):
@@ -264,6 +267,7 @@ class _Tunnel:
     def fail(self, why):
         """Connecting failed (refused, timed out, TLS or identity rejected): ``UF``, or ``DC`` if the client left."""
         self.held.connector = None
+        self._released()
         if self.conn.closing:
             report(self.conn, 1, 1, self.cluster, "DC")
             return
@@ -283,6 +287,7 @@ class _Tunnel:
             return
         if upstream.local is not None:
             self._ended()
+        self._released()
         report(self.conn, 1 if upstream.local is None else 0, 1, self.cluster, flags,
                upstream.sent, upstream.received, upstream.address)
 
@@ -294,6 +299,9 @@ class _Tunnel:
 
     def _connect_failed(self):
         """Connecting failed while the client was still there."""
+
+    def _released(self):
+        """The tunnel is over, whichever way (failed to connect, refused by TLS, closed): called once."""
 
 
 class _UpstreamFactory(ClientFactory):
@@ -343,12 +351,14 @@ class MeshTcpUpstream(TcpUpstream):
 
 
 class _OutboundTunnel(_Tunnel):
-    """A routed outbound connection: the endpoint's load and outlier state follow it."""
+    """A routed outbound connection: the endpoint's load and outlier state follow it, and the
+    cluster's circuit breaker (``breaker``, None without limits) counts it until it ends."""
 
     def __init__(self, reactor, conn, held, cluster, endpoint, live_cluster, bind):
         super().__init__(reactor, conn, held, cluster.name, bind)
         self.endpoint = endpoint
         self.live_cluster = live_cluster
+        self.breaker = live_cluster.breaker
 
     def _established(self, upstream):
         self.endpoint.try_started()
@@ -359,6 +369,12 @@ class _OutboundTunnel(_Tunnel):
 
     def _connect_failed(self):
         outlier.record_failure(self.endpoint, self.live_cluster, self.reactor.seconds(), connect_failure=True)
+
+    def _released(self):
+        breaker = self.breaker
+        if breaker is not None:
+            self.breaker = None
+            breaker.connection_closed()
 
 
 class OutboundTcp:
@@ -446,6 +462,13 @@ class OutboundTcp:
         ctx = TcpContext("outbound", conn.source_address, None, conn.start, dst[1], server_name)
         ctx.route, ctx.cluster = action, name
         endpoint = conn.listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        breaker = cluster.breaker  # None for a cluster without limits: one test per connection
+        if breaker is not None and not breaker.admit_connection():
+            _Tunnel(self.reactor, conn, held, name).refuse(
+                "UO", f"upstream overflow: cluster {name} has {breaker.connections} connections (maxConnections "
+                      f"{breaker.limits.max_connections}); raise the DestinationRule's connectionPool.tcp."
+                      "maxConnections if this load is expected")
+            return
         tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster, self.bind)
         tunnel.connect(endpoint.address, endpoint.port, cluster.spec.connect_timeout, self.tls, endpoint.spec.identity)
 

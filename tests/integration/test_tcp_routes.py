@@ -8,10 +8,11 @@
                             b.example.com -> a TLS server outside the mesh (plaintext TCP to it: TLS end to end)
                             old.example.com -> VirtualService tls route to a.example.com; other names: closed (NR)
       VAULT (TCP)   vault sidecar -> echo server; its AuthorizationPolicies change per test (SIGHUP)
-      DEAD (TCP)    an endpoint nobody listens on (UF)
+      DEAD (TCP)    an endpoint nobody listens on (UF); maxConnections 1
       FLAKY (TCP)   round robin over a dead endpoint and a live one (the v1 banner server, no sidecar):
                     outlier detection ejects the dead one after its connect failure
-      IMPOSTOR (TCP) the vault sidecar, but expected to be sa/echo: the identity check fails (UF)
+      IMPOSTOR (TCP) the vault sidecar, but expected to be sa/echo: the identity check fails (UF); maxConnections 1
+      CAPPED (TCP)  the vault's echo server (no sidecar), with a DestinationRule maxConnections 2 (a third: UO)
 
 The echo-v2 sidecar also has an explicit VAULT listener: a second caller, with identity sa/echo.
 """
@@ -47,7 +48,7 @@ NS = "shop"
 NETWORKING = "networking.istio.io/v1"
 PEERS = Path(__file__).resolve().parents[1] / "apps" / "tcp_peers.py"
 # the service port numbers, which are also the client sidecar's explicit TCP listeners
-ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR = (free_port() for _ in range(6))
+ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR, CAPPED = (free_port() for _ in range(7))
 WEIGHTS = {"v1": 20, "v2": 80}
 SECOND_CALLER = "127.0.0.2"  # the echo-v2 sidecar's outbound address: its explicit VAULT listener
 
@@ -146,6 +147,10 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
         service_entry("dead", ["dead"], DEAD, "TCP", [plain_endpoint(dead, "TCP")]),
         service_entry("flaky", ["flaky"], FLAKY, "TCP", [plain_endpoint(port, "TCP") for port in (dead, apps["v1"])]),
         service_entry("impostor", ["impostor"], IMPOSTOR, "TCP", [sidecar_endpoint(inbound["vault"], "echo", "TCP")]),
+        service_entry("capped", ["capped"], CAPPED, "TCP", [plain_endpoint(apps["vault"], "TCP")]),
+        *(resource("DestinationRule", host, {"host": host, "trafficPolicy": {
+            "connectionPool": {"tcp": {"maxConnections": limit}}}})
+          for host, limit in (("capped", 2), ("dead", 1), ("impostor", 1))),
         resource("DestinationRule", "flaky", {"host": "flaky", "trafficPolicy": {
             "loadBalancer": {"simple": "ROUND_ROBIN"}, "connectionPool": {"tcp": {"connectTimeout": "2s"}},
             "outlierDetection": {"baseEjectionTime": "60s", "maxEjectionPercent": 50}}}),
@@ -162,7 +167,8 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
                              labels=labels, extra_args=args)
 
     proxies = {
-        "client": sidecar("client", "client", tcp_ports=(ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR), app="client"),
+        "client": sidecar("client", "client", tcp_ports=(ECHO, TLS, VAULT, DEAD, FLAKY, IMPOSTOR, CAPPED),
+                          app="client"),
         "echo-v1": sidecar("echo-v1", "echo", apps["v1"], inbound["echo-v1"], app="echo", version="v1"),
         "echo-v2": sidecar("echo-v2", "echo", apps["v2"], inbound["echo-v2"], (VAULT,), SECOND_CALLER, app="echo",
                            version="v2"),
@@ -382,6 +388,51 @@ def test_outlier_detection_ejects_an_endpoint_that_refuses_connections(mesh):
     clusters = mesh["proxies"]["client"].admin("/clusters")
     ejected = [e for e in clusters[f"outbound|{FLAKY}||flaky.{NS}.svc.cluster.local"]["endpoints"] if not e["healthy"]]
     assert len(ejected) == 1 and ejected[0]["total_failures"] == 1
+
+
+def _breaker(client, port: int, host: str) -> dict:
+    """The ``circuit_breaker`` counts of the client sidecar's cluster of ``host:port`` (admin ``/clusters``)."""
+    return client.admin("/clusters")[f"outbound|{port}||{host}.{NS}.svc.cluster.local"]["circuit_breaker"]
+
+
+def test_max_connections_closes_the_connection_beyond_it_with_uo(mesh):
+    """maxConnections 2: two held-open connections work, a third is closed at once (UO), and a place freed by a
+    close is taken again; as Envoy's tcp_proxy with the cluster's max_connections circuit breaker."""
+    client = mesh["proxies"]["client"]
+    held = [socket.create_connection(("127.0.0.1", CAPPED), timeout=5) for _ in range(2)]
+    try:
+        for number, sock in enumerate(held):
+            sock.sendall(b"%d\n" % number)
+            assert sock.recv(100) == b"%d\n" % number
+        started = time.monotonic()
+        assert exchange(CAPPED, b"hello\n") == b""  # closed at once: no echo
+        assert time.monotonic() - started < 2
+        cluster = f"outbound|{CAPPED}||capped.{NS}.svc.cluster.local"
+        assert total(client, "mesh_upstream_cx_overflow_total", cluster=cluster) == 1
+        wait_for(lambda: total(client, "istio_tcp_connections_opened_total", response_flags="UO",
+                               destination_service_name="capped") == 1, timeout=5, what="a connection opened with UO")
+        held[0].sendall(b"still here\n")
+        assert held[0].recv(100) == b"still here\n"
+        held.pop(0).close()
+        wait_for(lambda: _breaker(client, CAPPED, "capped")["connections"] == 1, timeout=5,
+                 what="the closed connection released")
+        assert exchange(CAPPED, b"again\n") == b"again\n"
+    finally:
+        for sock in held:
+            sock.close()
+    wait_for(lambda: _breaker(client, CAPPED, "capped")["connections"] == 0, timeout=5, what="every place released")
+    assert total(client, "mesh_upstream_cx_overflow_total", cluster=cluster) == 1
+
+
+@pytest.mark.parametrize("port, host", [(DEAD, "dead"), (IMPOSTOR, "impostor")])
+def test_a_failed_connection_gives_its_place_back(mesh, port, host):
+    """maxConnections 1: connections that fail one after another (refused; identity rejected) are each UF, never
+    UO: a failure releases the place before the client's connection is closed."""
+    client = mesh["proxies"]["client"]
+    for _ in range(3):
+        assert exchange(port, b"hello\n") == b""
+    assert _breaker(client, port, host)["connections"] == 0
+    assert total(client, "istio_tcp_connections_opened_total", response_flags="UO", destination_service_name=host) == 0
 
 
 def test_tcp_metrics_carry_istios_labels_on_both_sidecars(mesh):
