@@ -238,13 +238,9 @@ class _Compiler:
         rule = service.rule
         subsets = [None] + list(rule.subsets if rule else ())
         for port in service.entry.ports:
-            specs = [self._cluster(service, port, subset) for subset in subsets]
-            for spec in specs:
+            for subset in subsets:
+                spec = self._cluster(service, port, subset)
                 self.clusters[spec.name] = spec
-            if port.is_tcp and any(spec.limits is not None and spec.limits.max_connections for spec in specs):
-                self._warn(rule, ("spec",), f"connectionPool.tcp.maxConnections is not enforced on TCP port "
-                           f"{port.number} of '{service.host}' yet (only HTTP clusters are limited); TCP "
-                           "connections to it are not capped")
 
     def _cluster(self, service: _Service, port, subset) -> ClusterSpec:
         settings = _merged_policy(service.rule, subset, port.number)

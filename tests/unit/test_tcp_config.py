@@ -334,7 +334,8 @@ def test_unresolved_tcp_destinations_are_warnings(tmp_path):
         "here get (NC) until one does"]
 
 
-def test_max_connections_on_a_tcp_port_is_a_warning_not_a_silent_ignore(tmp_path):
+def test_max_connections_on_a_tcp_port_is_compiled_without_a_warning(tmp_path):
+    """The TCP proxy enforces it (mesh.proxy.tcp_proxy): the cluster gets the limit and no warning is given."""
     config = _compile(tmp_path, """
         apiVersion: networking.istio.io/v1
         kind: DestinationRule
@@ -343,9 +344,8 @@ def test_max_connections_on_a_tcp_port_is_a_warning_not_a_silent_ignore(tmp_path
           host: db.example.com
           trafficPolicy: {connectionPool: {tcp: {maxConnections: 3}}}
         """)
-    assert [w.reason for w in config.warnings] == [
-        "connectionPool.tcp.maxConnections is not enforced on TCP port 5432 of 'db.example.com' yet (only HTTP "
-        "clusters are limited); TCP connections to it are not capped"]
+    assert config.warnings == ()
+    assert config.clusters["outbound|5432||db.example.com"].limits.max_connections == 3
 
 
 # -- AuthorizationPolicy for TCP ------------------------------------------------------------------------------
