@@ -13,6 +13,7 @@ from __future__ import annotations
 from mesh.config.tables import UPSTREAM_CLIENT, UPSTREAM_H2
 from mesh.proxy.circuit import CircuitBreaker
 from mesh.proxy.pool import ConnectionPool
+from mesh.proxy.retry import RetryBudget
 
 
 class Endpoint:
@@ -98,15 +99,17 @@ class Cluster:
     speaks HTTP/2: the endpoint's ``pool.h2``) and ``h2_follows_client`` (an
     HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
     endpoints, the sidecars, which may still choose HTTP/1.1 by ALPN).
-    ``breaker`` is its :class:`mesh.proxy.circuit.CircuitBreaker` (None: no limits).
+    ``breaker`` is its :class:`mesh.proxy.circuit.CircuitBreaker` (None: no limits),
+    ``retry_budget`` its :class:`mesh.proxy.retry.RetryBudget`.
     """
 
     __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client", "breaker",
-                 "_healthy", "_healthy_until", "_epoch")
+                 "retry_budget", "_healthy", "_healthy_until", "_epoch")
 
-    def __init__(self, spec, endpoints, breaker=None):
+    def __init__(self, spec, endpoints, breaker=None, retry_budget=None):
         self.spec = spec
         self.breaker = breaker
+        self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.name = spec.name
         self.h2_always = spec.upstream_protocol == UPSTREAM_H2
         self.h2_follows_client = spec.upstream_protocol == UPSTREAM_CLIENT
@@ -144,7 +147,8 @@ class ClusterManager:
 
     ``pool_factory(spec, cluster_spec)`` makes the :class:`ConnectionPool` for a
     new endpoint.  A cluster with circuit-breaking limits keeps its
-    :class:`~mesh.proxy.circuit.CircuitBreaker` (its counts) across updates.
+    :class:`~mesh.proxy.circuit.CircuitBreaker` (its counts) across updates, and
+    every cluster its :class:`~mesh.proxy.retry.RetryBudget`.
     """
 
     def __init__(self, pool_factory):
@@ -185,7 +189,9 @@ class ClusterManager:
                         endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
                 endpoints[endpoint_spec] = endpoint
                 live.append(endpoint)
-            clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits))
+            kept = self.clusters.get(name)
+            clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits),
+                                     kept.retry_budget if kept is not None else None)
         for candidates in changed.values():
             for endpoint in candidates:
                 endpoint.pool.close_idle()

@@ -198,7 +198,8 @@ class Exchange:
     __slots__ = ("down", "ctx", "listener", "framing", "content_length", "expect_continue",
                  "upgrade", "head_only", "action", "cluster", "extra_headers", "prepared",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
-                 "deadline", "state", "response_linked", "free_retry_used", "trailers", "mirror")
+                 "deadline", "state", "response_linked", "free_retry_used", "trailers", "mirror",
+                 "retry_budget")
 
     def __init__(self, down, listener, ctx, framing, content_length, expect_continue, upgrade):
         self.down = down
@@ -224,6 +225,7 @@ class Exchange:
         self.free_retry_used = False
         self.trailers = None
         self.mirror = None  # mirror copies waiting for the whole body (mesh.proxy.mirror)
+        self.retry_budget = None  # the RetryBudget a retry of this exchange holds a place in (mesh.proxy.retry)
         content_type = ctx.headers.get("content-type")
         if content_type is not None and content_type.startswith("application/grpc"):
             ctx.grpc = grpc.call_for(content_type)
@@ -555,11 +557,12 @@ class Exchange:
         except PluginError as error:
             self.plugin_failed(error)
             return True
-        if delay is None:
-            return False
+        if delay is None or not self._take_retry_place():
+            return False  # a refused retry: the client gets this failure (the try still streams it)
         attempt.finish(reusable=False)
         breaker = self.cluster.breaker
         if breaker is not None and not breaker.retry_allowed():
+            self._leave_retry_budget()
             return False  # maxRetries retries are in flight: the client gets this failure
         if delay > 0:
             self.current = None
@@ -568,6 +571,21 @@ class Exchange:
         else:
             self._new_try()
         return True
+
+    def _take_retry_place(self) -> bool:
+        """Hold a place in the cluster's retry budget for the next retry, giving back the place
+        of the retry that just failed; False (counted) when the budget is used up."""
+        self._leave_retry_budget()
+        cluster = self.cluster
+        if not cluster.retry_budget.acquire(cluster.endpoints, self.listener.limits):
+            return False
+        self.retry_budget = cluster.retry_budget
+        return True
+
+    def _leave_retry_budget(self):
+        if self.retry_budget is not None:
+            self.retry_budget.release()
+            self.retry_budget = None
 
     def deadline_passed(self):
         """The route's timeout has passed since :meth:`start` (called by the deadline stage)."""
@@ -681,6 +699,8 @@ class Exchange:
         """Finish exactly once: report, unlink, and hand the connection back."""
         self.state = DONE
         self._cancel_deadline()
+        if self.retry_budget is not None:
+            self._leave_retry_budget()
         self.body_chunks = []
         if self.response_linked:
             self.response_linked = False

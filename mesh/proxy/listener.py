@@ -32,6 +32,8 @@ class Limits:
     fields are the SETTINGS of an HTTP/2 connection (:mod:`mesh.proxy.codec.h2_server`):
     streams in flight at once, and the flow-control windows of a stream and of the
     whole connection (Envoy's recommendations for untrusted clients).
+    ``retry_budget_percent`` and ``retry_budget_min_concurrency`` are every
+    cluster's retry budget (:class:`mesh.proxy.retry.RetryBudget`, Envoy's defaults).
     """
 
     max_header_bytes: int = 60 * 1024
@@ -42,6 +44,8 @@ class Limits:
     header_timeout: float = 10.0
     idle_timeout: float = 300.0
     retry_buffer: int = 1024 * 1024
+    retry_budget_percent: float = 20.0
+    retry_budget_min_concurrency: int = 3
     http2_max_concurrent_streams: int = 100
     http2_initial_stream_window: int = 64 * 1024
     http2_initial_connection_window: int = 1024 * 1024

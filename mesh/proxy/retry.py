@@ -8,6 +8,9 @@ a per-try timeout, a 4xx/5xx head):
   so is an HTTP/2 stream the upstream refused (REFUSED_STREAM, GOAWAY).
 - :func:`retry_delay`: ``mesh_retry_decision`` (the route's retry policy,
   :mod:`mesh.builtin.retry` by default) says whether and after how long.
+- :class:`RetryBudget`: a retry the policy allows is made only while the
+  cluster's retries in flight stay within Envoy's retry budget
+  (:func:`budget_limit`); a refused retry leaves the client its failure.
 - :func:`failure_reply`: the local reply to a last try that failed.
 
 Only a replayable request is retried: no upgrade, and a body that fitted in
@@ -35,6 +38,51 @@ def retry_delay(listener, ctx, policy, outcome):
     if delay is None or delay is False:
         return None
     return delay
+
+
+def budget_limit(active: int, percent: float, min_concurrency: int) -> int:
+    """Retries that may be in flight at once in a cluster with ``active`` tries in flight.
+
+    Envoy's ``retry_budget``: ``percent`` of the active requests (rounded down),
+    but never fewer than ``min_concurrency``, so a lone request is still retried.
+    """
+    return max(min_concurrency, int(active * percent / 100))
+
+
+class RetryBudget:
+    """The retries in flight to one cluster from this sidecar (Envoy's retry budget).
+
+    A retry holds its place from the moment it is granted (its backoff
+    included) until its try fails (and the next retry, if any, asks again) or
+    its exchange ends.  ``retries`` counts the places held; ``exhausted`` the
+    retries refused (``mesh_upstream_rq_retry_budget_exhausted``).  Kept
+    across config swaps by cluster name (:class:`mesh.proxy.clusters.ClusterManager`).
+    """
+
+    __slots__ = ("retries", "exhausted")
+
+    def __init__(self):
+        self.retries = 0
+        self.exhausted = 0
+
+    def acquire(self, endpoints, limits) -> bool:
+        """Take a place for one more retry, or count the refusal: False when the budget
+        (``limits.retry_budget_percent`` of the tries in flight to ``endpoints``, at least
+        ``limits.retry_budget_min_concurrency``) is used up."""
+        active = sum(endpoint.active_requests for endpoint in endpoints)
+        if self.retries >= budget_limit(active, limits.retry_budget_percent, limits.retry_budget_min_concurrency):
+            self.exhausted += 1
+            return False
+        self.retries += 1
+        return True
+
+    def release(self) -> None:
+        """A retry that held a place has ended."""
+        self.retries -= 1
+
+    def describe(self) -> dict:
+        """A JSON-ready view (admin ``/clusters``)."""
+        return {"retries": self.retries, "upstream_rq_retry_budget_exhausted": self.exhausted}
 
 
 def failure_reply(outcome, host_port):

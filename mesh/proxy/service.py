@@ -370,6 +370,7 @@ class ProxyService(service.MultiService):
         clusters = snapshot.clusters if snapshot else {}
         return {name: {"lb_policy": cluster.spec.lb_policy,
                        "circuit_breaker": cluster.breaker.describe() if cluster.breaker is not None else None,
+                       "retry_budget": cluster.retry_budget.describe(),
                        "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints]}
                 for name, cluster in sorted(clusters.items())}
 

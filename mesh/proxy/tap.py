@@ -72,6 +72,9 @@ class ProxyOptions(usage.Options):
         ["header-timeout", None, 10.0, "Seconds a client may take to send a request head.", float],
         ["idle-timeout", None, 300.0, "Seconds a connection may stay idle.", float],
         ["retry-buffer", None, "1M", "Request body bytes held for retries (larger: no retry)."],
+        ["retry-budget-percent", None, 20.0, "Retries in flight to a cluster, as a percentage of its requests in "
+                                             "flight (Envoy's retry budget; beyond, a retry is not made).", float],
+        ["retry-budget-min-concurrency", None, 3, "Retries in flight a cluster's retry budget always allows.", int],
         ["outbound-traffic-policy", None, ALLOW_ANY,
          "Captured traffic to destinations the mesh does not know: ALLOW_ANY passes it through (Istio's default), "
          "REGISTRY_ONLY blocks it (HTTP: 502; other TCP: connection closed)."],
@@ -152,6 +155,9 @@ class ProxyOptions(usage.Options):
             except OSError as error:
                 message = f"--access-log: cannot append to {self['access-log']}: {error.strerror}"
                 raise usage.UsageError(message) from None
+        if self["retry-budget-percent"] < 0 or self["retry-budget-min-concurrency"] < 0:
+            raise usage.UsageError("--retry-budget-percent and --retry-budget-min-concurrency are 0 or more; "
+                                   f"got {self['retry-budget-percent']} and {self['retry-budget-min-concurrency']}")
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
@@ -266,7 +272,8 @@ def makeService(options):
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
         max_request_body=options["max-request-body"], max_connections=_connection_limit(options),
         header_timeout=options["header-timeout"], idle_timeout=options["idle-timeout"],
-        retry_buffer=options["retry-buffer"])
+        retry_buffer=options["retry-buffer"], retry_budget_percent=options["retry-budget-percent"],
+        retry_budget_min_concurrency=options["retry-budget-min-concurrency"])
     settings = ProxySettings(
         config_dir=options["config-dir"], workload=workload,
         outbound_address=options["outbound-address"], outbound_port=options["outbound-port"],

@@ -66,8 +66,8 @@ def _listener_families(listeners):
 
 
 def _cluster_families(clusters, now):
-    """Per-cluster connection, load, outlier-detection and circuit-breaking families (the overflow
-    counters list only the clusters with limits)."""
+    """Per-cluster connection, load, outlier-detection, retry-budget and circuit-breaking families (the
+    overflow counters list only the clusters with limits)."""
     active = GaugeMetricFamily("mesh_upstream_cx_active", "Open upstream connections.", labels=("cluster",))
     opened = CounterMetricFamily("mesh_upstream_cx_opened", "Upstream connections opened.", labels=("cluster",))
     in_flight = GaugeMetricFamily("mesh_upstream_rq_active", "Tries in flight to the cluster's endpoints.",
@@ -81,6 +81,9 @@ def _cluster_families(clusters, now):
         ("rq_pending_overflow", "Requests refused 503 UO by the cluster's http1MaxPendingRequests or "
                                 "http2MaxRequests circuit breaker."),
         ("rq_retry_overflow", "Retries not made because of the cluster's maxRetries circuit breaker."))]
+    budget_exhausted = CounterMetricFamily("mesh_upstream_rq_retry_budget_exhausted",
+                                           "Retries not made because the cluster's retry budget was used up.",
+                                           labels=("cluster",))
     for name in sorted(clusters):
         endpoints = clusters[name].endpoints
         label = (name,)
@@ -89,9 +92,10 @@ def _cluster_families(clusters, now):
         in_flight.add_metric(label, sum(endpoint.active_requests for endpoint in endpoints))
         ejections.add_metric(label, sum(endpoint.ejections for endpoint in endpoints))
         ejected.add_metric(label, sum(1 for endpoint in endpoints if endpoint.ejected_until > now))
+        budget_exhausted.add_metric(label, clusters[name].retry_budget.exhausted)
         breaker = clusters[name].breaker
         if breaker is not None:
             for family, count in zip(overflows, (breaker.cx_overflow, breaker.pending_overflow,
                                                  breaker.retry_overflow)):
                 family.add_metric(label, count)
-    return active, opened, in_flight, ejections, ejected, *overflows
+    return active, opened, in_flight, ejections, ejected, budget_exhausted, *overflows
