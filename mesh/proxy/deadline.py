@@ -43,6 +43,10 @@ class Deadlines:
             self._timer = reactor.callLater(seconds, self._passed)
             self._timer_due = due
 
+    def ends_before(self, exchange, when) -> bool:
+        """Whether ``exchange``'s deadline passes before reactor time ``when`` (False: none is set)."""
+        return self._owner is exchange and self._due <= when
+
     def clear(self, exchange) -> None:
         """``exchange`` has finished: the pending call must not reach it."""
         if self._owner is exchange:

@@ -25,7 +25,8 @@ The exchange is a state machine (``Exchange.state``)::
 - ``QUEUED``: parsed, waiting for the requests before it on its connection.
 - ``FORWARDING``: routed; a try is connecting or waiting for its response head (or, before the
   first try, a fault delay runs: :meth:`Exchange.wait`).
-- ``BACKOFF``: a try failed and the retry stage asked for a delay.
+- ``BACKOFF``: a try failed and the retry stage asked for a delay (one that would end after the
+  request's deadline starts no retry: the deadline's 504 ends the exchange).
 - ``RESPONDING``: a response head went downstream; the body streams.
 - ``DONE``: finished; nothing reaches it any more.
 
@@ -557,7 +558,15 @@ class Exchange:
         except PluginError as error:
             self.plugin_failed(error)
             return True
-        if delay is None or not self._take_retry_place():
+        if delay is None:
+            return False
+        if delay > 0 and self.deadline and self.down.deadlines.ends_before(self, self.listener.reactor.seconds()
+                                                                           + delay):
+            attempt.finish(reusable=False)  # no retry after the deadline: its 504 comes instead
+            self.current = None
+            self.state = BACKOFF
+            return True
+        if not self._take_retry_place():
             return False  # a refused retry: the client gets this failure (the try still streams it)
         attempt.finish(reusable=False)
         breaker = self.cluster.breaker

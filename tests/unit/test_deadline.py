@@ -60,3 +60,17 @@ def test_an_earlier_deadline_replaces_the_pending_call_and_stop_cancels_it():
     deadlines.set(late, 5.0)
     deadlines.stop()
     assert not clock.getDelayedCalls()
+
+
+def test_ends_before_tells_a_retry_whether_its_backoff_outlives_the_deadline():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    exchange, other = Exchange(clock), Exchange(clock)
+    assert not deadlines.ends_before(exchange, 100.0)  # no deadline: a retry may always start
+    deadlines.set(exchange, 1.0)
+    clock.advance(0.5)
+    assert not deadlines.ends_before(exchange, 0.5 + 0.25)  # the backoff ends first: retry
+    assert deadlines.ends_before(exchange, 0.5 + 0.5)       # the deadline comes first: no retry
+    assert not deadlines.ends_before(other, 10.0)           # another exchange's deadline is not ours
+    deadlines.clear(exchange)
+    assert not deadlines.ends_before(exchange, 10.0)
