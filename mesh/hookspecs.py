@@ -165,7 +165,9 @@ def mesh_retry_decision(ctx, attempt, outcome, policy):
         the route has none.
     :return: the delay in seconds before the next try (``0.0`` for at once),
         :data:`mesh.api.GIVE_UP` to give up, or None to defer to the next
-        implementation.
+        implementation.  The proxy still makes no retry beyond the cluster's
+        retry budget (``--retry-budget-percent``) or ``maxRetries``, nor one
+        whose delay would end after the request's deadline.
     """
 
 
