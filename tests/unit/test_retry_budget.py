@@ -5,9 +5,11 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
+from twisted.python import usage
 
 from mesh.proxy.listener import Limits
 from mesh.proxy.retry import RetryBudget, budget_limit
+from mesh.proxy.tap import Options, makeService
 
 
 @pytest.mark.parametrize(("active", "percent", "minimum", "limit"), [
@@ -43,3 +45,17 @@ def test_a_lone_request_keeps_its_retries():
     budget, limits = RetryBudget(), Limits()
     assert all(budget.acquire(_endpoints(1), limits) for _ in range(3))
     assert not budget.acquire(_endpoints(1), limits)
+
+
+def test_the_budget_options_reach_the_limits_and_refuse_negative_values(tmp_path):
+    base = ["--config-dir", str(tmp_path), "--workload", "w"]
+    options = Options()
+    options.parseOptions(base)
+    limits = makeService(options).settings.limits
+    assert (limits.retry_budget_percent, limits.retry_budget_min_concurrency) == (20.0, 3)
+    options = Options()
+    options.parseOptions([*base, "--retry-budget-percent", "50", "--retry-budget-min-concurrency", "0"])
+    limits = makeService(options).settings.limits
+    assert (limits.retry_budget_percent, limits.retry_budget_min_concurrency) == (50.0, 0)
+    with pytest.raises(usage.UsageError, match="0 or more; got -1.0 and 3"):
+        Options().parseOptions([*base, "--retry-budget-percent", "-1"])
