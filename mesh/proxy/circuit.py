@@ -70,10 +70,14 @@ class CircuitBreaker:
             return None
         return LimitedTry
 
-    def retry_allowed(self) -> bool:
-        """Whether another retry may start (``max_retries``); counts the refusal."""
+    def retry_allowed(self, ending_retry: bool = False) -> bool:
+        """Whether another retry may start (``max_retries``); counts the refusal.
+
+        Asked while the failed try is still open (so that a refused retry leaves it to stream its
+        response): ``ending_retry`` says that try is itself a retry, whose place the next one takes.
+        """
         limit = self.limits.max_retries
-        if limit and self.retries >= limit:
+        if limit and self.retries - ending_retry >= limit:
             self.retry_overflow += 1
             return False
         return True

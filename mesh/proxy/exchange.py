@@ -568,11 +568,11 @@ class Exchange:
             return True
         if not self._take_retry_place():
             return False  # a refused retry: the client gets this failure (the try still streams it)
-        attempt.finish(reusable=False)
         breaker = self.cluster.breaker
-        if breaker is not None and not breaker.retry_allowed():
+        if breaker is not None and not breaker.retry_allowed(ending_retry=attempt.retry):
             self._leave_retry_budget()
-            return False  # maxRetries retries are in flight: the client gets this failure
+            return False  # maxRetries retries are in flight: the client gets this failure (streamed, as above)
+        attempt.finish(reusable=False)
         if delay > 0:
             self.current = None
             self.state = BACKOFF

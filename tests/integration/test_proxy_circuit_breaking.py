@@ -16,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from tests.harness import wait_for
 from tests.integration.test_proxy_support import (
     cluster_name,
     destination_rule,
@@ -150,3 +151,20 @@ def test_retries_beyond_max_retries_are_not_made(mesh):
     tries = endpoint_stats(proxy, cluster, app)["total_requests"]
     assert _counter(proxy, "mesh_upstream_rq_retry_overflow", cluster) >= 1
     assert len(results) < tries < 3 * len(results), f"{tries} tries for {len(results)} requests"
+
+
+
+def test_a_503_whose_retry_max_retries_refuses_reaches_the_client_whole(mesh):
+    """While one request's retry is in flight (maxRetries: 1), requests answered 503 get no retry, and
+    each client gets that 503 whole and at once (not its head, then nothing until the route timeout)."""
+    proxy, _, _ = mesh
+    cluster = cluster_name("flaky")
+    refused_before = _counter(proxy, "mesh_upstream_rq_retry_overflow", cluster)
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(_get, proxy, "flaky", "/delay/2000")  # its tries time out after 0.3 s each
+        wait_for(lambda: proxy.admin("/clusters")[cluster]["circuit_breaker"]["retries"] == 1, timeout=5.0,
+                 what="the slow request's retry to be in flight")
+        results = [_get(proxy, "flaky", "/status/503") for _ in range(3)]
+        assert slow.result()[0] == 504
+    assert [status for status, _ in results] == [503] * 3, results
+    assert _counter(proxy, "mesh_upstream_rq_retry_overflow", cluster) > refused_before
