@@ -424,7 +424,7 @@ def test_max_connections_closes_the_connection_beyond_it_with_uo(mesh):
     assert total(client, "mesh_upstream_cx_overflow_total", cluster=cluster) == 1
 
 
-@pytest.mark.parametrize("port, host", [(DEAD, "dead"), (IMPOSTOR, "impostor")])
+@pytest.mark.parametrize("port, host", [(DEAD, "dead"), (IMPOSTOR, "impostor")], ids=["dead", "impostor"])
 def test_a_failed_connection_gives_its_place_back(mesh, port, host):
     """maxConnections 1: connections that fail one after another (refused; identity rejected) are each UF, never
     UO: a failure releases the place before the client's connection is closed."""
