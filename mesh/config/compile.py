@@ -1,7 +1,9 @@
 """Compiling validated resources into one proxy's :class:`~mesh.config.tables.ProxyConfig`.
 
 The compiler takes the point of view of one :class:`Workload`: it sees only
-what ``exportTo`` lets the workload's namespace see, it gives short host
+what ``exportTo`` lets the workload's namespace see and, for its outbound
+traffic, what the ``Sidecar`` that applies to it imports
+(:mod:`mesh.config.sidecar`); it gives short host
 aliases only for its own namespace, and it prefers resources of its own
 namespace when several claim the same host.
 
@@ -56,6 +58,7 @@ from mesh.config.security_compile import (
     compile_tcp_authz,
 )
 from mesh.config.selection import selects, unselected_warning
+from mesh.config.sidecar import sidecar_scope
 from mesh.config.tables import (
     H2_PROTOCOLS,
     ClusterSpec,
@@ -151,12 +154,17 @@ class _Compiler:
         self.route_dumps = {}
 
     def build(self) -> ProxyConfig:
+        scope = sidecar_scope(self.objects, self.workload, self.root_namespace, self._warn)
         entries = self._visible(ServiceEntry)
         rules = self._visible(DestinationRule)
-        self.services = self._services(entries, rules)
+        self.local_services = self._services(entries, rules)
+        self.services = self.local_services if scope is None else {
+            host: service for host, service in self.local_services.items()
+            if scope.imports(service.entry.namespace, host)}
         for service in self.services.values():
             self._add_clusters(service)
-        virtual_services = self._visible(VirtualService)
+        virtual_services = [vs for vs in self._visible(VirtualService)
+                            if scope is None or scope.imports_any(vs.namespace, vs.hosts)]
         routes = self._route_table(virtual_services)
         l4, l4_dump = compile_l4(self, virtual_services)
         authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
@@ -292,7 +300,7 @@ class _Compiler:
         if not workload.app_port:
             return None
         found = {}  # protocol -> the first entry that gave it
-        entries = {id(service.entry): service for service in self.services.values()}  # one per entry
+        entries = {id(service.entry): service for service in self.local_services.values()}  # one per entry
         for service in entries.values():
             if service.entry.namespace == workload.namespace:
                 for port in self._ports_to_workload(service):
@@ -309,7 +317,7 @@ class _Compiler:
     def _app_service(self) -> str | None:
         """The host of the first ServiceEntry of the workload's namespace that leads to it (the
         ``destination_service`` of its inbound TCP connections), or None."""
-        for host, service in self.services.items():
+        for host, service in self.local_services.items():
             if service.entry.namespace == self.workload.namespace and self._ports_to_workload(service):
                 return host
         return None

@@ -53,6 +53,7 @@ from mesh.config.route_extras import (
     substitution_parts,
 )
 from mesh.config.security import authorization_policy, peer_authentication
+from mesh.config.sidecar import sidecar_resource
 from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
@@ -989,4 +990,5 @@ _VALIDATORS = {
     "AuthorizationPolicy": authorization_policy,
     "PeerAuthentication": peer_authentication,
     "RequestAuthentication": request_authentication,
+    "Sidecar": sidecar_resource,
 }

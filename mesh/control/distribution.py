@@ -5,7 +5,9 @@
 never reaches a proxy) and the :class:`~mesh.control.registry.Registry`.
 Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
 
-- ServiceEntry, DestinationRule and VirtualService exported to its namespace;
+- ServiceEntry, DestinationRule and VirtualService exported to its namespace,
+  narrowed to what the ``Sidecar`` that applies to it imports (and that
+  Sidecar; see :meth:`mesh.config.sidecar.EgressScope.needed`);
 - the WorkloadEntries (files and registry) of namespaces whose visible
   ServiceEntries select workloads;
 - the AuthorizationPolicies, PeerAuthentications and RequestAuthentications that apply to it (its
@@ -38,6 +40,7 @@ from mesh.config.loader import Resource, load_documents, resource_document
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
 from mesh.config.selection import POLICY_KINDS, describe_selection, unselected_warning
+from mesh.config.sidecar import sidecar_scope
 from mesh.config.validate import validate
 from mesh.control.registry import Registration, Registry
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
@@ -347,6 +350,11 @@ class Distributor:
         namespace = workload.namespace
         chosen = [item for item in self.items if isinstance(item.obj, _EXPORTED_KINDS)
                   and is_exported(item.obj.export_to, item.obj.namespace, namespace)]
+        scope = sidecar_scope([item.obj for item in self.items], workload, self.root_namespace)
+        if scope is not None:
+            needed = {id(obj) for obj in scope.needed([item.obj for item in chosen], namespace)}
+            chosen = [item for item in chosen if id(item.obj) in needed]
+            chosen += [item for item in self.items if item.obj is scope.sidecar]
         selecting = {item.obj.namespace for item in chosen
                      if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)

@@ -1,0 +1,186 @@
+"""Istio's ``Sidecar`` resource: which services and routes a workload's sidecar can reach.
+
+A Sidecar narrows a workload's outbound view to the hosts its ``egress``
+listener imports, so a proxy in a large mesh holds (and is sent) only what it
+calls.  :func:`sidecar_resource` validates one (the validator
+:mod:`mesh.config.validate` dispatches to); :func:`sidecar_scope` picks the
+Sidecar that applies to a workload, as Istio does:
+
+1. a Sidecar of the workload's namespace whose ``workloadSelector`` selects it;
+2. else the Sidecar of its namespace without a selector (the namespace default);
+3. else the Sidecar without a selector in the root namespace (the mesh default);
+4. else none: the workload sees everything exported to its namespace.
+
+Istio leaves two Sidecars at one of those levels undefined; txmesh takes the
+first by name and warns.  The result is an :class:`EgressScope`, or None when
+no Sidecar applies.
+
+What txmesh implements of the resource: ``workloadSelector`` and one
+``egress`` listener without ``port``, whose ``hosts`` are
+``namespace/dnsName`` patterns.  Listener ports, ``bind``, ``captureMode``,
+``ingress`` listeners, ``inboundConnectionPool`` and ``outboundTrafficPolicy``
+are errors that say what to do instead.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from mesh.config import hosts as hostnames
+from mesh.config.fields import Fields
+from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService
+from mesh.config.selection import format_labels, selects
+
+_SPEC = {"workloadSelector", "egress"}
+_SPEC_UNSUPPORTED = {
+    "ingress": "ingress listeners are not supported; the sidecar's inbound listener forwards to the app port "
+               "given with mesh-proxy --app-port; remove ingress",
+    "inboundConnectionPool": "set connection limits on the sidecar with mesh-proxy --max-connections; remove it",
+    "outboundTrafficPolicy": "the outbound traffic policy is the sidecar's --outbound-traffic-policy option "
+                             "(ALLOW_ANY or REGISTRY_ONLY); remove it and set the option",
+}
+_EGRESS = {"hosts"}
+_EGRESS_UNSUPPORTED = {
+    "port": "egress listeners on one port are not supported; one egress entry without port applies to "
+            "every port; remove port",
+    "bind": "the outbound listener's address is mesh-proxy --outbound-address; remove bind",
+    "captureMode": "traffic capture is set up by meshctl iptables / the injector; remove captureMode",
+}
+#: ``namespace/`` parts with a meaning of their own (any namespace, the Sidecar's own, none).
+_ANY, _OWN, _NONE = "*", ".", "~"
+_NAMESPACE = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+
+
+@dataclass(frozen=True)
+class EgressHost:
+    """One ``egress.hosts`` entry: a namespace (a name, ``*``, or ``~`` for none) and a host pattern.
+
+    ``.`` is stored as the Sidecar's namespace.  ``pattern`` is ``*``, a
+    ``*.suffix`` wildcard or a fully qualified name.
+    """
+
+    namespace: str
+    pattern: str
+
+    def imports(self, namespace: str, host: str) -> bool:
+        """Whether a service or VirtualService of ``namespace`` for ``host`` is imported."""
+        if self.namespace == _NONE or (self.namespace != _ANY and self.namespace != namespace):
+            return False
+        return hostnames.covers(self.pattern, host) or hostnames.covers(host, self.pattern)
+
+
+@dataclass(frozen=True)
+class Sidecar:
+    """A validated ``Sidecar``: its selector (sorted label pairs, None for the namespace) and egress hosts."""
+
+    name: str
+    namespace: str
+    selector: tuple | None
+    egress_hosts: tuple
+    source: object = field(repr=False, compare=False, default=None)
+
+
+@dataclass(frozen=True)
+class EgressScope:
+    """What one workload imports: the :class:`Sidecar` that applies to it, as a test on hosts."""
+
+    sidecar: Sidecar
+
+    def imports(self, namespace: str, host: str) -> bool:
+        """Whether a resource of ``namespace`` naming ``host`` (a fully qualified name) is visible."""
+        return any(entry.imports(namespace, host) for entry in self.sidecar.egress_hosts)
+
+    def imports_any(self, namespace: str, hosts) -> bool:
+        """Whether any of ``hosts`` (of a resource of ``namespace``) is imported."""
+        return any(self.imports(namespace, host) for host in hosts)
+
+    def needed(self, objects, workload_namespace: str) -> list:
+        """The objects a proxy of ``workload_namespace`` needs under this scope (what the control plane sends).
+
+        ServiceEntries whose hosts are imported, and every ServiceEntry of the
+        workload's own namespace (its inbound side reads their ports); the
+        VirtualServices imported; the DestinationRules for the hosts of the
+        ServiceEntries kept.  Other kinds pass.
+        """
+        entries = {id(obj) for obj in objects if isinstance(obj, ServiceEntry)
+                   and (obj.namespace == workload_namespace or self.imports_any(obj.namespace, obj.hosts))}
+        hosts = [host for obj in objects if id(obj) in entries for host in obj.hosts]
+
+        def keep(obj) -> bool:
+            if isinstance(obj, ServiceEntry):
+                return id(obj) in entries
+            if isinstance(obj, VirtualService):
+                return self.imports_any(obj.namespace, obj.hosts)
+            if isinstance(obj, DestinationRule):
+                return any(hostnames.covers(obj.host, host) or hostnames.covers(host, obj.host) for host in hosts)
+            return True
+
+        return [obj for obj in objects if keep(obj)]
+
+
+def sidecar_resource(resource, report, domain) -> Sidecar:
+    """Validate a Sidecar (``domain`` completes short host names in ``egress.hosts``)."""
+    f = Fields(report, ("spec",), resource.spec, _SPEC, _SPEC_UNSUPPORTED)
+    selector = None
+    if "workloadSelector" in f:
+        selector = f.sub("workloadSelector", {"labels"}).labels("labels") or None
+    listeners = f.items("egress", required=True)
+    if len(listeners) > 1:
+        f.error("egress", "txmesh supports one egress listener (without port); merge the hosts into one entry")
+    hosts = []
+    for path, item in listeners[:1]:
+        egress = Fields(report, path, item, _EGRESS, _EGRESS_UNSUPPORTED)
+        for host_path, text in egress.strings("hosts", required=True):
+            entry = _egress_host(text, resource.namespace, domain)
+            if isinstance(entry, str):
+                report.add(host_path, entry)
+            else:
+                hosts.append(entry)
+    return Sidecar(name=resource.name, namespace=resource.namespace, selector=selector,
+                   egress_hosts=tuple(dict.fromkeys(hosts)), source=resource)
+
+
+def _egress_host(text: str, own_namespace: str, domain: str) -> EgressHost | str:
+    """The :class:`EgressHost` of ``namespace/dnsName``, or why ``text`` is not one."""
+    namespace, slash, name = text.partition("/")
+    if not slash or not namespace or not name:
+        return (f"invalid egress host '{text}': write namespace/dnsName, for example './*', "
+                f"'istio-system/*' or '*/httpbin.org'")
+    if namespace == _OWN:
+        namespace = own_namespace
+    elif namespace not in (_ANY, _NONE) and not _NAMESPACE.match(namespace):
+        return f"invalid namespace '{namespace}' in egress host '{text}'; use '*', '.', '~' or a namespace name"
+    name = name.lower()
+    if name != "*":
+        problem = hostnames.check(name)
+        if problem:
+            return f"invalid host '{name}' in egress host '{text}': {problem}"
+        if "." not in name:
+            name = hostnames.fqdn(name, own_namespace if namespace in (_ANY, _NONE) else namespace, domain)
+    return EgressHost(namespace=namespace, pattern=name)
+
+
+def sidecar_scope(objects, workload, root_namespace: str, warn=None) -> EgressScope | None:
+    """The :class:`EgressScope` of the Sidecar that applies to ``workload``, or None (see the module doc).
+
+    ``warn(obj, path, reason)`` hears of Sidecars that tie with the one chosen.
+    """
+    sidecars = sorted((obj for obj in objects if isinstance(obj, Sidecar)), key=lambda obj: obj.name)
+    own = [obj for obj in sidecars if obj.namespace == workload.namespace]
+    levels = ([obj for obj in own if obj.selector is not None and selects(obj.selector, workload.labels)],
+              [obj for obj in own if obj.selector is None],
+              [obj for obj in sidecars if obj.namespace == root_namespace and obj.selector is None])
+    for level in levels:
+        if not level:
+            continue
+        chosen = level[0]
+        if warn is not None:
+            for other in level[1:]:
+                what = (f"also selects workload {workload.namespace}/{workload.name} "
+                        f"({format_labels(workload.labels)})" if other.selector is not None
+                        else f"is another Sidecar without workloadSelector in namespace {other.namespace}")
+                warn(other, ("spec",), f"Sidecar {other.namespace}/{other.name} {what}; only "
+                                       f"{chosen.namespace}/{chosen.name} (first by name) applies. Keep one")
+        return EgressScope(chosen)
+    return None

@@ -1,0 +1,202 @@
+"""Istio's Sidecar resource: validation, which Sidecar applies, and what it imports into a proxy's config."""
+
+import textwrap
+
+import pytest
+from twisted.internet.task import Clock
+
+from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.errors import format_path
+from mesh.config.loader import load_files
+from mesh.config.validate import validate
+from mesh.control.distribution import Distributor
+
+FRONTEND = Workload("frontend", "shop", {"app": "frontend"}, "frontend", app_port=8080)
+REVIEWS = "reviews.shop.svc.cluster.local"
+RATINGS = "ratings.shop.svc.cluster.local"
+
+SERVICES = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: frontend, namespace: shop}
+spec:
+  hosts: [frontend]
+  ports: [{number: 8080, name: grpc-web, protocol: GRPC}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.10, labels: {app: frontend}}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: reviews, namespace: shop}
+spec:
+  hosts: [reviews]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.11}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  ports: [{number: 9080, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.12}]
+---
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: httpbin, namespace: egress}
+spec:
+  hosts: [httpbin.org]
+  location: MESH_EXTERNAL
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.13}]
+---
+apiVersion: networking.istio.io/v1
+kind: VirtualService
+metadata: {name: ratings, namespace: shop}
+spec:
+  hosts: [ratings]
+  http: [{route: [{destination: {host: ratings}}], timeout: 2s}]
+"""
+
+
+def _load(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(textwrap.dedent(SERVICES).lstrip("\n") + "---\n" + textwrap.dedent(text).lstrip("\n"))
+    loaded = load_files([path])
+    objects, errors = validate(loaded.resources)
+    assert loaded.errors == []
+    return objects, errors
+
+
+def _compile(tmp_path, text, workload=FRONTEND):
+    objects, errors = _load(tmp_path, text)
+    assert errors == []
+    return compile_proxy_config(objects, workload)
+
+
+def _services(config):
+    return sorted({spec.service for spec in config.clusters.values()})
+
+
+def _sidecar(namespace, hosts, name="default", selector=None):
+    lines = ["apiVersion: networking.istio.io/v1", "kind: Sidecar",
+             f"metadata: {{name: {name}, namespace: {namespace}}}", "spec:"]
+    if selector:
+        lines.append(f"  workloadSelector: {{labels: {selector}}}")
+    lines.append(f"  egress: [{{hosts: {hosts}}}]")
+    return "\n".join(lines) + "\n"
+
+
+def test_without_a_sidecar_every_exported_service_is_visible(tmp_path):
+    config = _compile(tmp_path, "")
+    assert _services(config) == sorted(["frontend.shop.svc.cluster.local", REVIEWS, RATINGS, "httpbin.org"])
+
+
+def test_namespace_sidecar_imports_only_its_hosts(tmp_path):
+    config = _compile(tmp_path, _sidecar("shop", f'["./{REVIEWS}", "egress/httpbin.org"]'))
+    assert _services(config) == sorted([REVIEWS, "httpbin.org"])
+    assert config.routes.lookup("reviews") is not None
+    assert config.routes.lookup("ratings") is None  # its VirtualService is not imported either
+
+
+def test_namespace_part_must_match_the_resource_namespace(tmp_path):
+    config = _compile(tmp_path, _sidecar("shop", '["shop/httpbin.org", "*/ratings.shop.svc.cluster.local"]'))
+    assert _services(config) == [RATINGS]
+
+
+def test_wildcards_and_short_names(tmp_path):
+    config = _compile(tmp_path, _sidecar("shop", '["./*", "~/*"]'))
+    assert _services(config) == sorted(["frontend.shop.svc.cluster.local", REVIEWS, RATINGS])
+    config = _compile(tmp_path, _sidecar("shop", '["./reviews", "*/*.org"]'))
+    assert _services(config) == sorted([REVIEWS, "httpbin.org"])
+
+
+def test_workload_selector_beats_the_namespace_default(tmp_path):
+    text = (_sidecar("shop", '["./ratings.shop.svc.cluster.local"]') + "---\n"
+            + _sidecar("shop", '["./reviews.shop.svc.cluster.local"]', name="frontend", selector="{app: frontend}"))
+    assert _services(_compile(tmp_path, text)) == [REVIEWS]
+    other = Workload("backend", "shop", {"app": "backend"}, "backend")
+    assert _services(_compile(tmp_path, text, other)) == [RATINGS]
+
+
+def test_root_namespace_default_applies_to_namespaces_without_one(tmp_path):
+    text = _sidecar("istio-system", '["egress/*"]')
+    assert _services(_compile(tmp_path, text)) == ["httpbin.org"]
+    own = text + "---\n" + _sidecar("shop", '["./*"]')
+    assert "httpbin.org" not in _services(_compile(tmp_path, own))
+
+
+def test_selector_sidecar_of_another_namespace_does_not_apply(tmp_path):
+    text = _sidecar("other", '["egress/*"]', name="frontend", selector="{app: frontend}")
+    assert len(_services(_compile(tmp_path, text))) == 4
+
+
+def test_inbound_protocol_still_comes_from_the_workloads_own_service(tmp_path):
+    config = _compile(tmp_path, _sidecar("shop", '["egress/*"]'))
+    assert _services(config) == ["httpbin.org"]
+    assert config.app_protocol == "GRPC"
+
+
+def test_two_namespace_defaults_warn_and_the_first_by_name_applies(tmp_path):
+    text = _sidecar("shop", f'["./{REVIEWS}"]', name="a") + "---\n" + _sidecar("shop", f'["./{RATINGS}"]', name="b")
+    config = _compile(tmp_path, text)
+    assert _services(config) == [REVIEWS]
+    assert any("shop/b" in warning.reason and "first by name" in warning.reason for warning in config.warnings)
+
+
+@pytest.mark.parametrize("spec, field, words", [
+    ("egress: [{hosts: [reviews]}]", ("spec", "egress", 0, "hosts", 0), "write namespace/dnsName"),
+    ("egress: [{hosts: ['Bad_NS/*']}]", ("spec", "egress", 0, "hosts", 0), "invalid namespace"),
+    ("egress: [{hosts: ['./a..b']}]", ("spec", "egress", 0, "hosts", 0), "invalid host"),
+    ("egress: [{port: {number: 80}, hosts: ['./*']}]", ("spec", "egress", 0, "port"), "remove port"),
+    ("egress: [{hosts: ['./*'], bind: 0.0.0.0}]", ("spec", "egress", 0, "bind"), "--outbound-address"),
+    ("egress: [{hosts: ['./*']}, {hosts: ['*/*']}]", ("spec", "egress"), "one egress listener"),
+    ("egress: [{}]", ("spec", "egress", 0, "hosts"), "required"),
+    ("{}", ("spec", "egress"), "required"),
+    ("{egress: [{hosts: ['./*']}], ingress: [{port: {number: 80}}]}", ("spec", "ingress"), "--app-port"),
+    ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY}}",
+     ("spec", "outboundTrafficPolicy"), "--outbound-traffic-policy"),
+    ("{egress: [{hosts: ['./*']}], inboundConnectionPool: {}}", ("spec", "inboundConnectionPool"), "remove it"),
+], ids=["no-namespace", "bad-namespace", "bad-host", "port", "bind", "two-listeners", "no-hosts", "no-egress",
+        "ingress", "outbound-policy", "inbound-pool"])
+def test_invalid_sidecars_name_the_field_and_what_to_do(tmp_path, spec, field, words):
+    if not spec.startswith("{"):
+        spec = "{" + spec + "}"
+    _, errors = _load(tmp_path, f"apiVersion: networking.istio.io/v1\nkind: Sidecar\n"
+                                f"metadata: {{name: s, namespace: shop}}\nspec: {spec}\n")
+    assert [(error.field, words in error.reason) for error in errors] == [(format_path(field), True)], errors
+
+
+def _sent(tmp_path, text, workload=FRONTEND):
+    """``kind/namespace/name`` of each resource the control plane sends ``workload``'s sidecar."""
+    objects, errors = _load(tmp_path, text)
+    assert errors == []
+    distributor = Distributor(Clock(), lambda: b"")
+    assert distributor.set_resources(objects) == []
+    _, documents, _ = distributor.snapshot_for(workload)
+    return sorted(f"{doc['kind']}/{doc['metadata']['namespace']}/{doc['metadata']['name']}" for doc in documents)
+
+
+def test_the_control_plane_sends_only_what_the_sidecar_imports(tmp_path):
+    everything = _sent(tmp_path, "")
+    assert "ServiceEntry/egress/httpbin" in everything and "VirtualService/shop/ratings" in everything
+    sent = _sent(tmp_path, _sidecar("shop", '["./reviews", "istio-system/*"]')
+                 + "---\n" + _sidecar("shop", '["*/*"]', name="unused", selector="{app: nobody}"))
+    # the proxy's own namespace's entries stay (its inbound side reads their ports); httpbin and the
+    # ratings VirtualService go; the Sidecar that applies is sent, the other one is not
+    assert sent == ["ServiceEntry/shop/frontend", "ServiceEntry/shop/ratings", "ServiceEntry/shop/reviews",
+                    "Sidecar/shop/default"]
+
+
+def test_destination_rules_follow_the_services_sent(tmp_path):
+    rules = "".join(f"---\napiVersion: networking.istio.io/v1\nkind: DestinationRule\n"
+                    f"metadata: {{name: {name}, namespace: shop}}\nspec: {{host: {host}}}\n"
+                    for name, host in (("reviews", "reviews"), ("external", "httpbin.org"), ("all", "'*.org'")))
+    sent = _sent(tmp_path, _sidecar("shop", '["./reviews"]') + rules)
+    assert [name for name in sent if name.startswith("DestinationRule")] == ["DestinationRule/shop/reviews"]
+    sent = _sent(tmp_path, _sidecar("shop", '["*/httpbin.org"]') + rules)
+    assert [name for name in sent if name.startswith("DestinationRule")] == [
+        "DestinationRule/shop/all", "DestinationRule/shop/external", "DestinationRule/shop/reviews"]
