@@ -209,6 +209,12 @@ REQUEST_AUTHENTICATION = obj({
     }, required=("issuer",), description="jwksUri or jwks (txmesh does not discover keys from the issuer).")),
 })
 
+SIDECAR = obj({
+    "workloadSelector": obj({"labels": strmap()}),
+    "egress": array(obj({"hosts": STRINGS}, required=("hosts",)), maxItems=1,
+                    description="One listener without port; hosts are namespace/dnsName."),
+}, required=("egress",))
+
 #: (group, kind, plural, spec schema, printer columns)
 KINDS = [
     ("networking.txmesh.io", "ServiceEntry", "serviceentries", SERVICE_ENTRY,
@@ -216,6 +222,7 @@ KINDS = [
     ("networking.txmesh.io", "WorkloadEntry", "workloadentries", WORKLOAD_ENTRY, [("Address", ".spec.address")]),
     ("networking.txmesh.io", "DestinationRule", "destinationrules", DESTINATION_RULE, [("Host", ".spec.host")]),
     ("networking.txmesh.io", "VirtualService", "virtualservices", VIRTUAL_SERVICE, [("Hosts", ".spec.hosts")]),
+    ("networking.txmesh.io", "Sidecar", "sidecars", SIDECAR, [("Selector", ".spec.workloadSelector.labels")]),
     ("security.txmesh.io", "AuthorizationPolicy", "authorizationpolicies", AUTHORIZATION_POLICY,
      [("Action", ".spec.action")]),
     ("security.txmesh.io", "PeerAuthentication", "peerauthentications", PEER_AUTHENTICATION,

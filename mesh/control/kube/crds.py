@@ -2,7 +2,7 @@
 
 Watches, in every namespace, the kinds deploy/base/crds defines:
 ``networking.txmesh.io/v1`` VirtualService, DestinationRule, ServiceEntry,
-WorkloadEntry and ``security.txmesh.io/v1`` AuthorizationPolicy,
+WorkloadEntry, Sidecar and ``security.txmesh.io/v1`` AuthorizationPolicy,
 PeerAuthentication, RequestAuthentication -- read with Istio's schemas, by the same loader and
 validator as YAML files.  With ``--istio-crds`` it also watches the same
 kinds of ``networking.istio.io/v1`` and ``security.istio.io/v1``, so a
@@ -37,7 +37,8 @@ TXMESH_GROUPS = (("networking.txmesh.io", "v1"), ("security.txmesh.io", "v1"))
 ISTIO_GROUPS = (("networking.istio.io", "v1"), ("security.istio.io", "v1"))
 #: plural -> kind, per group prefix.
 PLURALS = {"networking": {"virtualservices": "VirtualService", "destinationrules": "DestinationRule",
-                          "serviceentries": "ServiceEntry", "workloadentries": "WorkloadEntry"},
+                          "serviceentries": "ServiceEntry", "workloadentries": "WorkloadEntry",
+                          "sidecars": "Sidecar"},
            "security": {"authorizationpolicies": "AuthorizationPolicy",
                         "peerauthentications": "PeerAuthentication",
                         "requestauthentications": "RequestAuthentication"}}
