@@ -272,10 +272,10 @@ def test_istio_crds_not_installed_hold_nothing_back_and_are_named_in_the_log(kub
     log = control.log_path.read_text()
     assert ("virtualservices.networking.istio.io list/watch failed: 404 Not Found" in log
             and "install its CustomResourceDefinition" in log), log[-3000:]
-    # SIGTERM: the watch threads end with the reactor, at once, once all 12 watches are open (3 registry
-    # kinds, 7 txmesh CR kinds, namespaces and configmaps of the trust-bundle publisher; Istio's are not served).
+    # SIGTERM: the watch threads end with the reactor, at once, once all 13 watches are open (3 registry
+    # kinds, 8 txmesh CR kinds, namespaces and configmaps of the trust-bundle publisher; Istio's are not served).
     wait_for(lambda: sum(1 for seen in kube_api.requests() if seen["query"].get("watch") in ("true", "1", "True"))
-             >= 12, 5, what="the 12 watches to be open")
+             >= 13, 5, what="the 13 watches to be open")
     started = time.monotonic()
     control.stop()
     assert time.monotonic() - started < 3.0
