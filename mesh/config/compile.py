@@ -36,6 +36,7 @@ from mesh.config import hosts as hostnames
 from mesh.config.compile_l4 import compile_l4
 from mesh.config.dump import describe_action, describe_cluster
 from mesh.config.errors import ConfigErrors, ConfigWarning
+from mesh.config.gateway import MESH, bound, compile_gateway
 from mesh.config.loader import load_dir
 from mesh.config.predicates import compile_match, compile_matches
 from mesh.config.request_authn import RequestAuthentication, compile_request_authn
@@ -88,6 +89,8 @@ class Workload:
     unknown, see :mod:`mesh.config.authz_predicates`).  ``inbound`` holds the
     ``(address, port)`` pairs at which peers reach its inbound listener: a
     ServiceEntry endpoint there is this workload (see ``_app_protocol``).
+    ``gateway``: the proxy is a gateway (``mesh-proxy --gateway``); its config gets the
+    routes of the Gateways that select it (:mod:`mesh.config.gateway`).
     """
 
     name: str
@@ -96,6 +99,7 @@ class Workload:
     service_account: str | None = None
     app_port: int | None = None
     inbound: tuple = ()
+    gateway: bool = False
 
 
 def load_and_compile(config_dir, workload: Workload, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple:
@@ -165,8 +169,10 @@ class _Compiler:
             self._add_clusters(service)
         virtual_services = [vs for vs in self._visible(VirtualService)
                             if scope is None or scope.imports_any(vs.namespace, vs.hosts)]
-        routes = self._route_table(virtual_services)
-        l4, l4_dump = compile_l4(self, virtual_services)
+        for_mesh = [vs for vs in virtual_services if bound(vs.gateways, MESH)]
+        routes = self._route_table(for_mesh)
+        l4, l4_dump = compile_l4(self, for_mesh)
+        gateway, gateway_dump = compile_gateway(self, virtual_services) if self.workload.gateway else ({}, None)
         authz, authz_dump = compile_authz(self.objects, self.workload, self.root_namespace, self._warn)
         peer_authn, peer_authn_dump = compile_peer_authn(self.objects, self.workload, self.root_namespace,
                                                          self._warn)
@@ -185,13 +191,16 @@ class _Compiler:
         }
         app_protocol = self._app_protocol()
         dump["app_protocol"] = app_protocol
+        if gateway_dump is not None:
+            dump["gateway"] = gateway_dump
         tcp_authz = compile_tcp_authz(self.objects, self.workload, self.root_namespace,
                                       self._warn if app_protocol in TCP_PROTOCOLS else None)
         app_service = self._app_service()
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
                            authz=authz, peer_authentication=peer_authn, app_protocol=app_protocol,
                            l4=l4, tcp_authz=tcp_authz, app_service=app_service, request_authn=request_authn,
-                           sources=tuple(sorted({obj.source.file for obj in self.objects})), dump=dump,
+                           gateway=gateway, sources=tuple(sorted({obj.source.file for obj in self.objects})),
+                           dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 
     def _warn(self, obj, path: tuple, reason: str) -> None:
@@ -414,11 +423,12 @@ class _Compiler:
         self.route_dumps[service.host] = [{"match": "*", "action": describe_action(action)}]
         return VirtualHost(name=service.host, routes=(CompiledRoute(None, action),))
 
-    def _virtual_host(self, vs: VirtualService) -> VirtualHost:
-        name = f"VirtualService/{vs.namespace}/{vs.name}"
+    def _virtual_host(self, vs: VirtualService, gateway_ref: str = MESH) -> VirtualHost:
+        """The routes of ``vs`` for the sidecars (``mesh``) or for the Gateway ``gateway_ref``."""
+        name = f"VirtualService/{vs.namespace}/{vs.name}" + ("" if gateway_ref == MESH else f"@{gateway_ref}")
         routes, dumps = [], []
         for http in vs.http:
-            http = self._for_this_workload(http)
+            http = self._for_this_workload(http, gateway_ref)
             if http is None:
                 continue
             action, destinations = self._action(vs, http)
@@ -432,13 +442,14 @@ class _Compiler:
         self.route_dumps[name] = dumps
         return VirtualHost(name=name, routes=tuple(routes))
 
-    def _for_this_workload(self, http):
+    def _for_this_workload(self, http, gateway_ref=MESH):
         """``http`` with only the matches whose ``sourceLabels`` and ``sourceNamespace`` hold for this
-        workload (Istio's ``sourceMatchHTTP``); None when it had matches and none is left, so the route
-        is not in this proxy's table."""
-        if not any(match.source_labels or match.source_namespace for match in http.match):
+        workload (Istio's ``sourceMatchHTTP``) and whose ``gateways`` include ``gateway_ref``; None
+        when it had matches and none is left, so the route is not in this proxy's table."""
+        if not any(match.source_labels or match.source_namespace or match.gateways for match in http.match):
             return http
-        matches = tuple(match for match in http.match if self.from_this_workload(match))
+        matches = tuple(match for match in http.match if self.from_this_workload(match)
+                        and (not match.gateways or gateway_ref in match.gateways))
         return dataclasses.replace(http, match=matches) if matches else None
 
     def from_this_workload(self, match) -> bool:

@@ -35,6 +35,7 @@ API_VERSIONS = {
     "WorkloadEntry": _NETWORKING,
     "DestinationRule": _NETWORKING,
     "VirtualService": _NETWORKING,
+    "Gateway": _NETWORKING,
     "Sidecar": _NETWORKING,
     "AuthorizationPolicy": _SECURITY,
     "PeerAuthentication": _SECURITY,

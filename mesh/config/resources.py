@@ -211,7 +211,8 @@ class HTTPMatch:
     ``(name, StringMatch)`` pairs; header names are lower-case.  ``port``
     (None: any) is tested per request; ``source_labels`` (sorted ``(key,
     value)`` pairs) and ``source_namespace`` (None: any) are decided when the
-    config is compiled for one proxy, as Istio does.
+    config is compiled for one proxy, as Istio does; so are ``gateways`` (``namespace/name`` refs or
+    ``mesh``; empty: those of the VirtualService).
     """
 
     name: str | None = None
@@ -225,6 +226,7 @@ class HTTPMatch:
     port: int | None = None
     source_labels: tuple = ()
     source_namespace: str | None = None
+    gateways: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -310,7 +312,8 @@ class VirtualService:
     """Routing rules for ``hosts`` (fully qualified names, wildcards or IP literals).
 
     ``http`` routes HTTP requests; ``tcp`` (:class:`L4Route`) routes connections to TCP ports
-    and ``tls`` connections to TLS and HTTPS ports, by SNI.
+    and ``tls`` connections to TLS and HTTPS ports, by SNI.  ``gateways`` are ``namespace/name`` refs of
+    Gateways and ``mesh`` (the sidecars); empty: the sidecars only (see :func:`mesh.config.gateway.bound`).
     """
 
     name: str
@@ -321,3 +324,4 @@ class VirtualService:
     source: Resource = _source()
     tcp: tuple = ()
     tls: tuple = ()
+    gateways: tuple = ()

@@ -400,6 +400,8 @@ class ProxyConfig:
     ``app_protocol`` is the protocol of the workload's app port (HTTP, HTTP2 or GRPC) from
     the ServiceEntry ports that lead to the workload, or None when none does (see
     :mod:`mesh.config.compile`); the inbound sidecar speaks it to the app.
+    ``gateway`` maps the ports of a gateway proxy to their :class:`mesh.config.gateway.GatewayPort`
+    (empty for a sidecar).
     ``request_authn`` is the workload's merged RequestAuthentications
     (:class:`mesh.config.request_authn.RequestAuthn`, read by :mod:`mesh.proxy.authn`), or None.
     """
@@ -414,6 +416,7 @@ class ProxyConfig:
     tcp_authz: object = None
     app_service: str | None = None
     request_authn: object = None
+    gateway: dict = field(default_factory=dict)
     sources: tuple = ()
     dump: dict = field(default_factory=dict)
     warnings: tuple = ()

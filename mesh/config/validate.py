@@ -19,6 +19,7 @@ import re
 
 from mesh.config import hosts as hostnames
 from mesh.config.fields import Fields, Report
+from mesh.config.gateway import MESH, gateway, gateway_refs
 from mesh.config.request_authn import request_authentication
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
@@ -224,11 +225,11 @@ def validate(resources, domain: str = hostnames.DEFAULT_DOMAIN) -> tuple:
 
 # -- shared pieces ----------------------------------------------------------------------
 
-def _hosts(f: Fields, key, namespace, domain, required, allow_ip=False) -> tuple:
-    """The list of hosts under ``key``, fully qualified, each checked."""
+def _hosts(f: Fields, key, namespace, domain, required, allow_ip=False, allow_star=False) -> tuple:
+    """The list of hosts under ``key``, fully qualified, each checked (``*`` too where ``allow_star``)."""
     out = []
     for path, value in f.strings(key, required):
-        problem = hostnames.check(value, allow_ip=allow_ip)
+        problem = None if allow_star and value == "*" else hostnames.check(value, allow_ip=allow_ip)
         name = None if problem else hostnames.fqdn(value, namespace, domain)
         if name in out:
             problem = f"duplicate host '{value}' ({name})"
@@ -252,10 +253,11 @@ def _export_to(f: Fields) -> tuple:
 
 
 def _gateways(f: Fields) -> None:
+    """The ``gateways`` of a tcp or tls match: the sidecars only (the gateway serves HTTP and HTTPS)."""
     for path, value in f.strings("gateways"):
-        if value != "mesh":
-            f.report.add(path, f"gateway '{value}' is not supported by txmesh: only the sidecars' 'mesh' "
-                               "gateway exists; remove it (ingress/egress gateways are not implemented)")
+        if value != MESH:
+            f.report.add(path, f"gateway '{value}' in a tcp or tls route: the txmesh gateway serves HTTP and HTTPS "
+                               "servers only; remove it")
 
 
 def _dns_name(f: Fields, key, pattern, what, required=False) -> str:
@@ -487,15 +489,16 @@ def _virtual_service(resource, report, domain) -> VirtualService:
     f = Fields(report, ("spec",), resource.spec, _VIRTUAL_SERVICE)
     if "hosts" not in f:
         f.error("hosts", "'hosts' is required (delegate VirtualServices without hosts are not supported)")
-    _gateways(f)
     namespace = resource.namespace
+    gateways = gateway_refs(f, "gateways", namespace)
     routes_given = [key for key in ("http", "tcp", "tls") if key in f]
     if not routes_given:
         f.error(None, "set at least one of http, tcp or tls (the routes of HTTP, TCP and TLS traffic)")
     http = tuple(_http_route(Fields(report, path, item, _HTTP_ROUTE, _HTTP_ROUTE_UNSUPPORTED), index,
                              namespace, domain)
                  for index, (path, item) in enumerate(f.items("http", required="http" in routes_given)))
-    hosts = _hosts(f, "hosts", namespace, domain, required="hosts" in f, allow_ip=True)
+    hosts = _hosts(f, "hosts", namespace, domain, required="hosts" in f, allow_ip=True,
+                   allow_star=bool(gateways) and MESH not in gateways)  # Istio: '*' only on gateways
     written = {value.lower() for value in f.data.get("hosts") or () if isinstance(value, str)} if isinstance(
         f.data.get("hosts"), list) else set()
     tcp = tuple(_l4_route(Fields(report, path, item, _L4_ROUTE), index, namespace, domain)
@@ -503,7 +506,7 @@ def _virtual_service(resource, report, domain) -> VirtualService:
     tls = tuple(_l4_route(Fields(report, path, item, _L4_ROUTE), index, namespace, domain, hosts + tuple(written))
                 for index, (path, item) in enumerate(f.items("tls", required="tls" in routes_given)))
     return VirtualService(name=resource.name, namespace=namespace, hosts=hosts, http=http,
-                          export_to=_export_to(f), tcp=tcp, tls=tls, source=resource)
+                          export_to=_export_to(f), tcp=tcp, tls=tls, source=resource, gateways=gateways)
 
 
 def _l4_route(f: Fields, index, namespace, domain, vs_hosts=None) -> L4Route:
@@ -545,7 +548,7 @@ def _l4_match(f: Fields, vs_hosts=None) -> L4Match:
 
 
 def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:
-    matches = tuple(_match(Fields(f.report, path, item, _MATCH, _MATCH_UNSUPPORTED))
+    matches = tuple(_match(Fields(f.report, path, item, _MATCH, _MATCH_UNSUPPORTED), namespace)
                     for path, item in f.items("match"))
     rewrite_uri = rewrite_authority = rewrite_regex = None
     if "rewrite" in f:
@@ -815,8 +818,7 @@ def _destination(df: Fields, namespace, domain) -> RouteDestination:
                             weight=0)
 
 
-def _match(f: Fields) -> HTTPMatch:
-    _gateways(f)
+def _match(f: Fields, namespace) -> HTTPMatch:
     report = f.report
 
     def one(key, present_ok=False):
@@ -841,7 +843,8 @@ def _match(f: Fields) -> HTTPMatch:
                      method=one("method"), authority=one("authority"), headers=named("headers"),
                      without_headers=named("withoutHeaders"), query_params=named("queryParams", query=True),
                      port=f.port("port"), source_labels=f.labels("sourceLabels"),
-                     source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None)
+                     source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None,
+                     gateways=gateway_refs(f, "gateways", namespace))
 
 
 def _string_match(report, path, value, present_ok, prefix_ok=True):
@@ -987,6 +990,7 @@ _VALIDATORS = {
     "WorkloadEntry": _workload_entry,
     "DestinationRule": _destination_rule,
     "VirtualService": _virtual_service,
+    "Gateway": gateway,
     "AuthorizationPolicy": authorization_policy,
     "PeerAuthentication": peer_authentication,
     "RequestAuthentication": request_authentication,

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from mesh.config.errors import ConfigError, format_path
-from mesh.config.loader import load_dir, load_files
+from mesh.config.loader import API_VERSIONS, load_dir, load_files
 
 DATA = Path(__file__).parent.parent / "data" / "config"
 NETWORKING = ("networking.istio.io/v1, networking.istio.io/v1beta1, networking.istio.io/v1alpha3, "
@@ -117,9 +117,9 @@ def test_accepted_api_versions(tmp_path, api_version, kind):
     ("apiVersion: security.istio.io/v1\nkind: VirtualService\nmetadata: {name: x}\n",
      "{path}:1: VirtualService/default/x: apiVersion: apiVersion 'security.istio.io/v1' is not valid for "
      f"VirtualService; use one of: {NETWORKING}"),
-    ("apiVersion: networking.istio.io/v1\nkind: Gateway\nmetadata: {name: gw, namespace: a}\n",
-     "{path}:2: Gateway/a/gw: kind: unknown kind 'Gateway'; txmesh supports: AuthorizationPolicy, "
-     "DestinationRule, PeerAuthentication, RequestAuthentication, ServiceEntry, VirtualService, WorkloadEntry"),
+    ("apiVersion: networking.istio.io/v1\nkind: EnvoyFilter\nmetadata: {name: ef, namespace: a}\n",
+     "{path}:2: EnvoyFilter/a/ef: kind: unknown kind 'EnvoyFilter'; txmesh supports: "
+     + ", ".join(sorted(API_VERSIONS))),
     ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata:\n  namespace: a\n",
      "{path}:3: ServiceEntry/a/<unnamed>: metadata.name: metadata.name is required"),
     ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\nmetadata: {name: My_Service}\n",

@@ -436,7 +436,7 @@ def test_unknown_and_unsupported_fields(tmp_path):
         metadata: {name: vs, namespace: shop}
         spec:
           hostz: [web]
-          gateways: [istio-system/ingress]
+          gateways: [Istio-System/ingress]
           tcp: [{route: [{destination: {host: db}}], retries: {attempts: 1}}]
           http:
           - match:
@@ -454,8 +454,8 @@ def test_unknown_and_unsupported_fields(tmp_path):
             "http, tcp, tls"),
         (7, "spec.tcp[0].retries: unknown field 'retries'; supported: match, route"),
         (4, "spec.hosts: 'hosts' is required (delegate VirtualServices without hosts are not supported)"),
-        (6, "spec.gateways[0]: gateway 'istio-system/ingress' is not supported by txmesh: only the sidecars' "
-            "'mesh' gateway exists; remove it (ingress/egress gateways are not implemented)"),
+        (6, "spec.gateways[0]: invalid gateway reference 'Istio-System/ingress': use NAME or NAMESPACE/NAME of a "
+            "Gateway, or 'mesh' for the sidecars"),
         (14, "spec.http[0].mirrorPercent: 'mirrorPercent' is not supported by txmesh; it is deprecated in "
              "Istio; use mirrorPercentage: {value: N}"),
         (15, "spec.http[0].delegate: 'delegate' is not supported by txmesh; VirtualService delegation is not "

@@ -1,0 +1,341 @@
+"""Istio's ``Gateway``: validation, the model, and the per-port route tables of a gateway proxy.
+
+A Gateway describes the ports of an ingress gateway (``twistd mesh-proxy --gateway``, see
+docs/gateway.md); the VirtualServices that name it in ``gateways`` route what comes in there.
+
+- :func:`gateway` validates one Gateway resource into a :class:`Gateway`.  The certificate
+  files of HTTPS servers are read and checked here (readable, PEM, the key matches the
+  certificate), so a bad file rejects the config and the previous one stays in force.
+- :func:`compile_gateway` builds, for a gateway workload, one :class:`~mesh.config.tables.RouteTable`
+  per port from the Gateways whose ``selector`` selects it and the VirtualServices bound to
+  them: each VirtualService host is intersected with the server's hosts as Istio does (the
+  narrower name wins; ``*`` matches everything), and a server with ``tls.httpsRedirect``
+  answers every request with a 301 to ``https``.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+
+from mesh.config import hosts as hostnames
+from mesh.config.fields import Fields
+from mesh.config.loader import Resource
+from mesh.config.route_extras import Redirect, RouteExtras
+from mesh.config.selection import selects
+from mesh.config.tables import CompiledRoute, RouteAction, RouteTable, VirtualHost
+
+MESH = "mesh"
+_DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+#: Server protocols the gateway serves: HTTP ones in plaintext, HTTPS terminated with the server's certificate.
+HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
+TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
+_TLS_VERSIONS = {"TLS_AUTO": "TLSV1_2", "TLSV1_2": "TLSV1_2", "TLSV1_3": "TLSV1_3"}
+_OLD_TLS = "txmesh speaks TLS 1.2 and 1.3 only; use TLSV1_2 (or TLS_AUTO)"
+
+_SPEC = {"selector", "servers"}
+_SERVER = {"port", "hosts", "tls", "name"}
+_SERVER_UNSUPPORTED = {
+    "bind": "the gateway listens on all addresses of --gateway-address; remove it",
+    "defaultEndpoint": "it applies to sidecars only; remove it",
+}
+_PORT = {"number", "name", "protocol"}
+_PORT_UNSUPPORTED = {"targetPort": "the gateway listens on the server's port number (mapped with --gateway-port); "
+                                   "remove it"}
+_PROTOCOL_REJECTED = {
+    "TCP": "TCP servers are not implemented on the txmesh gateway; use HTTP or HTTPS",
+    "TLS": "TLS passthrough servers are not implemented on the txmesh gateway; terminate TLS with protocol HTTPS "
+           "and tls.mode SIMPLE",
+    "MONGO": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
+    "HTTP_PROXY": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
+}
+_TLS = {"mode", "serverCertificate", "privateKey", "caCertificates", "httpsRedirect", "minProtocolVersion",
+        "maxProtocolVersion", "credentialName"}
+_TLS_UNSUPPORTED = {key: "it is not implemented on the txmesh gateway; remove it" for key in (
+    "subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "cipherSuites", "caCrl",
+    "credentialNames", "tlsCertificates")}
+_MODE_REJECTED = {
+    "PASSTHROUGH": "TLS passthrough is not implemented on the txmesh gateway; terminate TLS with mode SIMPLE",
+    "AUTO_PASSTHROUGH": "multi-network passthrough is not implemented; terminate TLS with mode SIMPLE",
+    "ISTIO_MUTUAL": "mesh mTLS to the gateway itself is not implemented; use SIMPLE or MUTUAL with certificate files",
+}
+_CREDENTIAL_NAME = ("credentialName reads a Kubernetes Secret, which txmesh does not do yet; mount the Secret's "
+                    "files and set serverCertificate and privateKey (and caCertificates for MUTUAL) to their paths")
+
+
+@dataclass(frozen=True)
+class ServerTLS:
+    """A server's TLS settings: ``mode`` SIMPLE, MUTUAL or OPTIONAL_MUTUAL, the certificate chain
+    (cryptography certificates, leaf first), its private key, the client CAs (MUTUAL and
+    OPTIONAL_MUTUAL) and the protocol versions (``TLSV1_2``/``TLSV1_3``)."""
+
+    mode: str
+    chain: tuple = field(repr=False)
+    key: object = field(repr=False)
+    client_cas: tuple = field(default=(), repr=False)
+    min_version: str = "TLSV1_2"
+    max_version: str | None = None
+    files: tuple = ()  # the paths, for /config_dump
+
+
+@dataclass(frozen=True)
+class Server:
+    """One ``servers`` entry: ``hosts`` are ``(namespace filter, host)`` pairs (``*``: any namespace,
+    ``.``: the Gateway's), ``tls`` is set for HTTPS servers, ``https_redirect`` for HTTP ones."""
+
+    index: int
+    port: int
+    protocol: str
+    hosts: tuple
+    tls: ServerTLS | None = None
+    https_redirect: bool = False
+
+
+@dataclass(frozen=True)
+class Gateway:
+    """A Gateway: the proxies its ``selector`` (sorted label pairs; None: every gateway) picks serve ``servers``."""
+
+    name: str
+    namespace: str
+    selector: tuple | None
+    servers: tuple
+    source: Resource = field(compare=False, repr=False)
+
+    @property
+    def ref(self) -> str:
+        """The name VirtualServices bind to: ``namespace/name``."""
+        return f"{self.namespace}/{self.name}"
+
+
+def gateway_refs(f: Fields, key: str, namespace: str) -> tuple:
+    """The ``gateways`` list of a VirtualService or a match, as ``namespace/name`` refs (or ``mesh``).
+
+    A short name is a Gateway of the VirtualService's namespace, as in Istio.
+    """
+    out = []
+    for path, value in f.strings(key):
+        if value == MESH:
+            out.append(MESH)
+            continue
+        gateway_namespace, slash, name = value.rpartition("/")
+        if not _DNS_LABEL.match(name) or (slash and not _DNS_LABEL.match(gateway_namespace)):
+            f.report.add(path, f"invalid gateway reference '{value}': use NAME or NAMESPACE/NAME of a Gateway, "
+                               "or 'mesh' for the sidecars")
+            continue
+        out.append(f"{gateway_namespace or namespace}/{name}")
+    return tuple(dict.fromkeys(out))
+
+
+def gateway(resource, report, domain) -> Gateway:
+    """Validate a Gateway resource (a validator of :mod:`mesh.config.validate`)."""
+    f = Fields(report, ("spec",), resource.spec, _SPEC)
+    selector = f.labels("selector") if "selector" in f else None
+    servers = tuple(_server(Fields(report, path, item, _SERVER, _SERVER_UNSUPPORTED), index, resource.namespace)
+                    for index, (path, item) in enumerate(f.items("servers", required=True)))
+    seen = {}
+    for server in servers:
+        other = seen.setdefault(server.port, server)
+        if other is not server and (other.protocol == "HTTPS") != (server.protocol == "HTTPS"):
+            f.error("servers", f"port {server.port} has both HTTPS and plaintext servers; give them different ports")
+    return Gateway(name=resource.name, namespace=resource.namespace, selector=selector or None, servers=servers,
+                   source=resource)
+
+
+def _server(f: Fields, index, namespace) -> Server:
+    pf = f.sub("port", _PORT, _PORT_UNSUPPORTED)
+    if "port" not in f:
+        f.error("port", "'port' is required")
+    number = pf.port("number", required="port" in f) or 0
+    protocol = pf.enum("protocol", HTTP_PROTOCOLS + ("HTTPS",), _PROTOCOL_REJECTED)
+    if "protocol" not in pf and "port" in f:
+        pf.error("protocol", "'protocol' is required: HTTP, HTTP2, GRPC or HTTPS")
+    hosts = []
+    for path, value in f.strings("hosts", required=True):
+        host_namespace, slash, host = value.rpartition("/")
+        host_namespace = host_namespace if slash else "*"
+        problem = None if host == "*" else hostnames.check(host)
+        if problem is None and host_namespace not in ("*", ".") and not _DNS_LABEL.match(host_namespace):
+            problem = f"invalid namespace '{host_namespace}' in '{value}': use NAMESPACE/HOST, ./HOST or */HOST"
+        if problem:
+            f.report.add(path, problem)
+        else:
+            hosts.append((namespace if host_namespace == "." else host_namespace, host.lower()))
+    tls, redirect = None, False
+    if "tls" in f and protocol is not None:
+        tf = f.sub("tls", _TLS, _TLS_UNSUPPORTED)
+        redirect = tf.boolean("httpsRedirect")
+        if protocol == "HTTPS":
+            tls = _server_tls(tf)
+        elif set(tf.data) - {"httpsRedirect"}:
+            tf.error(None, f"a server of protocol {protocol} takes only tls.httpsRedirect; use protocol HTTPS to "
+                           "terminate TLS")
+    elif protocol == "HTTPS":
+        f.error("tls", "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey")
+    if redirect and protocol == "HTTPS":
+        f.error("tls", "httpsRedirect redirects plaintext requests to HTTPS; set it on an HTTP server")
+    return Server(index=index, port=number, protocol=protocol or "HTTP", hosts=tuple(hosts), tls=tls,
+                  https_redirect=redirect)
+
+
+def _server_tls(f: Fields) -> ServerTLS | None:
+    mode = f.enum("mode", TLS_MODES, _MODE_REJECTED, default="SIMPLE")
+    if "credentialName" in f:
+        f.error("credentialName", _CREDENTIAL_NAME)
+        return None
+    chain = _pem(f, "serverCertificate", _certificates, required=True)
+    key = _pem(f, "privateKey", _private_key, required=True)
+    cas = _pem(f, "caCertificates", _certificates, required=mode != "SIMPLE")
+    if mode == "SIMPLE" and cas:
+        f.error("caCertificates", "client certificates are verified only with mode MUTUAL (or OPTIONAL_MUTUAL); "
+                                  "set the mode or remove caCertificates")
+    if chain and key is not None and chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+        f.error("privateKey", "this private key does not belong to the serverCertificate; give the key the "
+                              "certificate was issued for")
+    rejected = {old: _OLD_TLS for old in ("TLSV1_0", "TLSV1_1")}
+    low = f.enum("minProtocolVersion", _TLS_VERSIONS, rejected, default="TLSV1_2")
+    high = f.enum("maxProtocolVersion", _TLS_VERSIONS, rejected)
+    if high and low > high:
+        f.error("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
+    if not chain or key is None or (mode != "SIMPLE" and not cas):
+        return None
+    files = tuple(f.data[key] for key in ("serverCertificate", "privateKey", "caCertificates") if key in f)
+    return ServerTLS(mode=mode, chain=chain, key=key, client_cas=cas or (), min_version=low, max_version=high,
+                     files=files)
+
+
+def _pem(f: Fields, key, parse, required):
+    """Read the PEM file at ``f[key]`` and parse it; None (reported) when it is missing or bad."""
+    path = f.string(key, required=required)
+    if not path:
+        return None
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        f.error(key, f"cannot read {path}: {error.strerror}; give the path of a PEM file this proxy can read")
+        return None
+    try:
+        return parse(data)
+    except (ValueError, TypeError):
+        what = "an unencrypted private key" if parse is _private_key else "a certificate"
+        f.error(key, f"{path} does not hold {what} in PEM form; give the path of one")
+        return None
+
+
+def _certificates(data: bytes) -> tuple:
+    return tuple(x509.load_pem_x509_certificates(data))
+
+
+def _private_key(data: bytes):
+    return serialization.load_pem_private_key(data, password=None)
+
+
+# -- compile ---------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class GatewayPort:
+    """One listening port of a gateway proxy: its protocol (HTTPS: ``tls`` terminates it) and its routes."""
+
+    port: int
+    protocol: str
+    tls: ServerTLS | None
+    routes: RouteTable
+
+
+def bound(refs: tuple, gateway_ref: str) -> bool:
+    """Whether a VirtualService (or a match) with ``gateways`` ``refs`` applies to ``gateway_ref``
+    (``mesh``: the sidecars; a VirtualService without gateways applies to the sidecars only)."""
+    return gateway_ref in refs if refs else gateway_ref == MESH
+
+
+def compile_gateway(compiler, virtual_services) -> tuple:
+    """``({port: GatewayPort}, dump)`` for the gateway workload ``compiler.workload``.
+
+    ``compiler`` is the :class:`mesh.config.compile._Compiler` in progress: its
+    ``_virtual_host(vs, gateway_ref)`` compiles a VirtualService's routes for one gateway.
+    """
+    workload = compiler.workload
+    gateways = sorted((obj for obj in compiler.objects if isinstance(obj, Gateway)
+                       and selects(obj.selector, workload.labels)), key=lambda gw: (gw.namespace, gw.name))
+    ports, dump, used = {}, [], set()
+    for gw in gateways:
+        for server in gw.servers:
+            first, hosts = ports.setdefault(server.port, (server, {}))
+            if first.tls != server.tls or first.protocol != server.protocol:
+                compiler._warn(gw, ("spec", "servers", server.index),
+                               f"port {server.port} is already served by another server with other TLS settings or "
+                               "protocol; this server's hosts use that one's")
+            used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
+    for vs in virtual_services:
+        if vs.http and id(vs) not in used and any(bound(vs.gateways, gw.ref) for gw in gateways):
+            compiler._warn(vs, ("spec", "hosts"), "none of these hosts is among the hosts of the servers of the "
+                                                  "Gateways it binds to, so the gateway routes nothing here; "
+                                                  "make a host match a server's hosts")
+    tables = {}
+    for number, (server, found) in sorted(ports.items()):
+        hosts = {host: _merged(vhosts) for host, vhosts in found.items()}
+        catch_all = hosts.pop("*", None)
+        wildcards = sorted(((host[1:], vhost) for host, vhost in hosts.items() if host.startswith("*")),
+                           key=lambda item: -len(item[0]))
+        exact = {host: vhost for host, vhost in hosts.items() if not host.startswith("*")}
+        tables[number] = GatewayPort(number, server.protocol, server.tls,
+                                     RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all))
+        described = {host: vhost.name for host, vhost in sorted(hosts.items())}
+        if catch_all is not None:
+            described["*"] = catch_all.name
+        dump.append({"port": number, "protocol": server.protocol, "hosts": described,
+                     "tls": {"mode": server.tls.mode, "files": list(server.tls.files)} if server.tls else None})
+    return tables, dump
+
+
+def _add_hosts(compiler, gw: Gateway, server: Server, virtual_services, hosts) -> list:
+    """Add to ``hosts`` (domain -> [VirtualHost, ...]) the virtual hosts of the VirtualServices bound to ``gw``
+    whose hosts meet ``server``'s; return those VirtualServices."""
+    used = []
+    for vs in virtual_services:
+        if not vs.http or not bound(vs.gateways, gw.ref):
+            continue
+        vhost = None
+        for host in vs.hosts:
+            for namespace, server_host in server.hosts:
+                name = _intersection(server_host, host) if namespace in ("*", vs.namespace) else None
+                if name is None:
+                    continue
+                if vhost is None:
+                    vhost = _redirect_host(vs) if server.https_redirect else compiler._virtual_host(vs, gw.ref)
+                    used.append(vs)
+                if vhost not in hosts.setdefault(name, []):
+                    hosts[name].append(vhost)
+    return used
+
+
+def _merged(vhosts) -> VirtualHost:
+    """One virtual host for a domain several VirtualServices route on a gateway: their routes in turn, as
+    Istio merges them (here in namespace and name order)."""
+    if len(vhosts) == 1:
+        return vhosts[0]
+    return VirtualHost(name=" + ".join(vhost.name for vhost in vhosts),
+                       routes=tuple(route for vhost in vhosts for route in vhost.routes))
+
+
+def _intersection(server_host: str, vs_host: str) -> str | None:
+    """The narrower of two hosts when one covers the other (Istio's gateway host matching), else None."""
+    if server_host == "*" or hostnames.covers(server_host, vs_host):
+        return vs_host
+    if vs_host == "*" or hostnames.covers(vs_host, server_host):
+        return server_host
+    return None
+
+
+#: Envoy's ``require_tls: ALL``: every request to a host of a server with ``tls.httpsRedirect`` gets a
+#: 301 to the same URL over https.
+_TO_HTTPS = RouteAction(name="httpsRedirect", clusters=(), cumulative_weights=(),
+                        extras=RouteExtras(redirect=Redirect(status=301, scheme=b"https")))
+
+
+def _redirect_host(vs) -> VirtualHost:
+    """The virtual host of ``vs``'s hosts on a server with ``tls.httpsRedirect``: only the redirect."""
+    return VirtualHost(name=f"httpsRedirect/{vs.namespace}/{vs.name}", routes=(CompiledRoute(None, _TO_HTTPS),))

@@ -1,0 +1,212 @@
+"""The Gateway kind: validation (certificate files included), VirtualService ``gateways`` binding and
+the per-port route tables of a gateway proxy, with Istio's host matching."""
+
+import textwrap
+
+import pytest
+
+from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.loader import load_files
+from mesh.config.validate import validate
+from mesh.proxy.context import RequestContext
+from tests.harness.certs import ScratchCA
+
+GATEWAY = Workload("ingress", "istio-system", {"istio": "ingressgateway"}, gateway=True)
+SIDECAR = Workload("web", "shop", {"app": "web"})
+
+SERVICES = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: web, namespace: shop}
+spec:
+  hosts: [web, api]
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  resolution: STATIC
+  endpoints: [{address: 127.0.0.1}]
+"""
+
+
+def _gateway(servers, name="gw", namespace="shop", selector="{istio: ingressgateway}"):
+    body = textwrap.indent(textwrap.dedent(servers).strip("\n"), "  ")
+    return (f"apiVersion: networking.istio.io/v1beta1\nkind: Gateway\n"
+            f"metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  selector: {selector}\n  servers:\n{body}\n")
+
+
+def _vs(name, hosts, gateways=None, route_to="web", match=""):
+    gateways = f"  gateways: {gateways}\n" if gateways is not None else ""
+    match = f"    match: {match}\n" if match else ""
+    return (f"apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {{name: {name}, namespace: shop}}\n"
+            f"spec:\n  hosts: {hosts}\n{gateways}  http:\n  - name: {name}\n{match}"
+            f"    route: [{{destination: {{host: {route_to}}}}}]\n")
+
+
+def _validate(tmp_path, *documents):
+    path = tmp_path / "config.yaml"
+    path.write_text("---\n".join(documents))
+    loaded = load_files([path])
+    assert loaded.errors == []
+    objects, errors = validate(loaded.resources)
+    return objects, [error.reason for error in errors]
+
+
+def _compile(tmp_path, *documents, workload=GATEWAY):
+    objects, errors = _validate(tmp_path, SERVICES, *documents)
+    assert errors == []
+    return compile_proxy_config(objects, workload)
+
+
+def _routed(table, host, path="/"):
+    """The name of the route the table picks for ``host`` and ``path``, or None."""
+    vhost = table.lookup(host)
+    if vhost is None:
+        return None
+    ctx = RequestContext.for_test(method="GET", path=path, host=host)
+    return next((route.action.name for route in vhost.routes if route.match is None or route.match(ctx)), None)
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("pki")
+    ca = ScratchCA.create(directory)
+    cert, key = ca.issue(directory, "server", ["bookinfo.com"])
+    other_cert, _ = ca.issue(directory, "other", ["other.com"])
+    return {"ca": ca.cert_path, "cert": cert, "key": key, "other_cert": other_cert, "dir": directory}
+
+
+# -- validation ---------------------------------------------------------------------------------------
+
+def test_https_server_with_files_is_valid(tmp_path, pki):
+    [gw] = _validate(tmp_path, _gateway(f"""
+        - port: {{number: 443, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: MUTUAL, serverCertificate: {pki['cert']}, privateKey: {pki['key']},
+                 caCertificates: {pki['ca']}, minProtocolVersion: TLSV1_3}}
+        """))[0]
+    [server] = gw.servers
+    assert (server.port, server.protocol, server.hosts) == (443, "HTTPS", (("*", "bookinfo.com"),))
+    assert server.tls.mode == "MUTUAL" and server.tls.min_version == "TLSV1_3" and len(server.tls.client_cas) == 1
+
+
+def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
+    _, errors = _validate(tmp_path, _gateway(f"""
+        - port: {{number: 443, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['dir']}/missing.pem, privateKey: {pki['key']}}}
+        - port: {{number: 444, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['other_cert']}, privateKey: {pki['key']}}}
+        - port: {{number: 445, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['key']}, privateKey: {pki['cert']}}}
+        - port: {{number: 446, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, credentialName: bookinfo-secret}}
+        - port: {{number: 447, name: tls, protocol: TLS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: PASSTHROUGH}}
+        - port: {{number: 448, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: ISTIO_MUTUAL}}
+        - port: {{number: 450, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: MUTUAL, serverCertificate: {pki['cert']}, privateKey: {pki['key']}}}
+        - port: {{number: 449, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com, "Bad_NS/x.com"]
+        - port: {{number: 80, name: http, protocol: HTTP}}
+          hosts: ["*"]
+          tls: {{mode: SIMPLE}}
+        """))
+    assert errors[0].startswith(f"cannot read {pki['dir']}/missing.pem: No such file or directory")
+    assert errors[1:] == [
+        "this private key does not belong to the serverCertificate; give the key the certificate was issued for",
+        f"{pki['key']} does not hold a certificate in PEM form; give the path of one",
+        f"{pki['cert']} does not hold an unencrypted private key in PEM form; give the path of one",
+        "credentialName reads a Kubernetes Secret, which txmesh does not do yet; mount the Secret's files and set "
+        "serverCertificate and privateKey (and caCertificates for MUTUAL) to their paths",
+        "protocol TLS is not supported by txmesh; TLS passthrough servers are not implemented on the txmesh "
+        "gateway; terminate TLS with protocol HTTPS and tls.mode SIMPLE",
+        "mode ISTIO_MUTUAL is not supported by txmesh; mesh mTLS to the gateway itself is not implemented; use "
+        "SIMPLE or MUTUAL with certificate files",
+        "'serverCertificate' is required",
+        "'privateKey' is required",
+        "'caCertificates' is required",
+        "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey",
+        "invalid namespace 'Bad_NS' in 'Bad_NS/x.com': use NAMESPACE/HOST, ./HOST or */HOST",
+        "a server of protocol HTTP takes only tls.httpsRedirect; use protocol HTTPS to terminate TLS",
+    ]
+
+
+def test_star_host_only_on_gateway_bound_virtual_services(tmp_path):
+    _, errors = _validate(tmp_path, _vs("a", '["*"]'), _vs("b", '["*"]', "[gw, mesh]"), _vs("c", '["*"]', "[gw]"),
+                          _vs("d", "[web]", "[Bad/gw]"))
+    star = "the catch-all host '*' is not allowed here; name the hosts (wildcards like '*.example.com' are)"
+    assert errors == [star, star, "invalid gateway reference 'Bad/gw': use NAME or NAMESPACE/NAME of a Gateway, "
+                                  "or 'mesh' for the sidecars"]
+
+
+# -- binding and host matching ---------------------------------------------------------------------------
+
+def test_bookinfo_binding(tmp_path):
+    gateway = _gateway("""
+        - port: {number: 8080, name: http, protocol: HTTP}
+          hosts: ["*"]
+        """)
+    config = _compile(tmp_path, gateway, _vs("gw-only", '["*"]', "[gw]", match="[{uri: {prefix: /static}}]"),
+                      _vs("both", "[api]", "[shop/gw, mesh]"), _vs("mesh-only", "[web]"))
+    table = config.gateway[8080].routes
+    assert _routed(table, "anything.example", "/static/x") == "VirtualService/shop/gw-only/gw-only"
+    assert _routed(table, "anything.example", "/other") is None
+    assert _routed(table, "api.shop.svc.cluster.local") == "VirtualService/shop/both/both"
+    # a VirtualService without gateways is for the sidecars only: not on the gateway...
+    assert table.lookup("web.shop.svc.cluster.local").name == "VirtualService/shop/gw-only@shop/gw"
+    # ...and one bound only to the gateway is not in a sidecar's table
+    sidecar = _compile(tmp_path, gateway, _vs("gw-only", '["*"]', "[gw]"), _vs("both", "[api]", "[gw, mesh]"),
+                       workload=SIDECAR)
+    assert sidecar.gateway == {}
+    assert _routed(sidecar.routes, "api") == "VirtualService/shop/both/both"
+    assert _routed(sidecar.routes, "web") == "ServiceEntry/shop/web"
+
+
+def test_match_level_gateways(tmp_path):
+    config = _compile(tmp_path, _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: ["*"]
+        """), _vs("vs", "[api]", "[gw, mesh]", match="[{uri: {prefix: /edge}, gateways: [gw]}]"))
+    assert _routed(config.gateway[80].routes, "api.shop.svc.cluster.local", "/edge") == "VirtualService/shop/vs/vs"
+    sidecar = _compile(tmp_path, _vs("vs", "[api]", "[gw, mesh]", match="[{uri: {prefix: /edge}, gateways: [gw]}]"),
+                       workload=SIDECAR)
+    assert _routed(sidecar.routes, "api", "/edge") is None
+
+
+def test_host_intersection_and_namespaces(tmp_path):
+    config = _compile(tmp_path, _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: ["*.example.com", "./a.bookinfo.com", "other-ns/b.bookinfo.com"]
+        """), _vs("wild", '["*"]', "[gw]"), _vs("narrow", '["*.bookinfo.com"]', "[gw]"),
+        _vs("miss", "[c.other.org]", "[gw]"))
+    table = config.gateway[80].routes
+    assert _routed(table, "x.example.com") == "VirtualService/shop/wild/wild"
+    # both VirtualServices route a.bookinfo.com: their routes are merged, in namespace and name order
+    assert table.lookup("a.bookinfo.com").name == ("VirtualService/shop/narrow@shop/gw + "
+                                                   "VirtualService/shop/wild@shop/gw")
+    assert _routed(table, "a.bookinfo.com") == "VirtualService/shop/narrow/narrow"
+    assert table.lookup("b.bookinfo.com") is None  # only VirtualServices of other-ns may bind it
+    assert table.lookup("example.com") is None and table.lookup("c.other.org") is None
+    [warning] = config.warnings
+    assert "none of these hosts is among the hosts of the servers of the Gateways it binds to" in str(warning)
+
+
+def test_https_redirect_and_selector(tmp_path):
+    config = _compile(tmp_path, _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: [bookinfo.com]
+          tls: {httpsRedirect: true}
+        """), _gateway("""
+        - port: {number: 81, name: http, protocol: HTTP}
+          hosts: ["*"]
+        """, name="other", selector="{istio: egressgateway}"), _vs("vs", "[bookinfo.com]", "[gw, other]"))
+    assert list(config.gateway) == [80]
+    [route] = config.gateway[80].routes.lookup("bookinfo.com").routes
+    redirect = route.action.extras.redirect
+    assert route.action.clusters == () and redirect.status == 301
+    assert redirect.location(b"bookinfo.com", b"/productpage?u=1", 80) == b"https://bookinfo.com/productpage?u=1"
