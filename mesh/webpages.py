@@ -8,6 +8,8 @@ loopback admin ports, :class:`LimitedSite` for ports other hosts reach) and
 from __future__ import annotations
 
 import json
+import os
+import socket
 from dataclasses import dataclass
 
 from twisted.application import service
@@ -143,6 +145,15 @@ class LimitedSite(QuietSite):
         return super().buildProtocol(addr)
 
 
+def socket_family(fd: int) -> int:
+    """The address family of the socket ``fd`` (for ``reactor.adoptStreamPort``)."""
+    probe = socket.socket(fileno=os.dup(fd))
+    try:
+        return probe.family
+    finally:
+        probe.close()
+
+
 class OptionalServer(service.Service):
     """Serves ``site`` on ``interface:port`` if it can: a port that is taken is logged, and the process goes on.
 
@@ -159,10 +170,14 @@ class OptionalServer(service.Service):
         self._what = what
         self._option = option
         self._listening = None
+        self.adopted_fd = None  # a listening socket inherited from a parent process (mesh.proxy.workers)
 
     def startService(self):
         super().startService()
         port, interface = self._address
+        if self.adopted_fd is not None:
+            self._listening = self._reactor.adoptStreamPort(self.adopted_fd, socket_family(self.adopted_fd), self._site)
+            return
         try:
             self._listening = self._reactor.listenTCP(port, self._site, interface=interface)
         except CannotListenError as error:

@@ -127,7 +127,7 @@ class ControlClient(service.Service):
         self.heartbeat = heartbeat
         settings = proxy.settings
         self.node = node or (f"{settings.workload.name}.{settings.workload.namespace}~{socket.gethostname()}"
-                             f"~{settings.admin_port}")
+                             f"~{settings.admin_port}" + (f"~w{settings.worker.id}" if settings.worker else ""))
         self.stream = None
         self.connected = False
         self.synced = False  # a snapshot of the current stream was applied

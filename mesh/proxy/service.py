@@ -34,6 +34,7 @@ from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
+from mesh.proxy.workers import AdoptedPort, WorkerSettings
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
 
@@ -84,6 +85,7 @@ class ProxySettings:
     passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)  # captured unknown traffic
     path_normalization: str = BASE  # --path-normalization, Istio's meshConfig.pathNormalization (mesh.proxy.paths)
     outbound_tcp_ports: tuple = ()  # --outbound-tcp-port: explicit TCP listeners (mesh.proxy.tcp_proxy)
+    worker: WorkerSettings = None  # one of --workers N: listen on the parent's sockets (mesh.proxy.workers)
 
 
 
@@ -136,11 +138,16 @@ class ProxyService(service.MultiService):
             factory = InboundFactory(protocols, self.credentials, self.inbound_mode, protocols.carries_tcp)
             self._listen(inbound, factory, settings.inbound_port, settings.inbound_address)
         self.admin_site = AdminSite(self)
-        internet.TCPServer(settings.admin_port, self.admin_site, interface="127.0.0.1").setServiceParent(self)
+        if settings.worker is not None:
+            AdoptedPort(reactor, settings.worker.admin_fd, self.admin_site).setServiceParent(self)
+        else:
+            internet.TCPServer(settings.admin_port, self.admin_site, interface="127.0.0.1").setServiceParent(self)
         if settings.health_port:
-            HealthServer(reactor, self, settings.health_port, settings.inbound_address,
-                         settings.limits.header_timeout, settings.app_probes,
-                         settings.app_address).setServiceParent(self)
+            health = HealthServer(reactor, self, settings.health_port, settings.inbound_address,
+                                  settings.limits.header_timeout, settings.app_probes, settings.app_address)
+            if settings.worker is not None:
+                health.adopted_fd = settings.worker.listen_fds.get(settings.health_port)
+            health.setServiceParent(self)
         if self.control_client is not None:
             self.control_client.setServiceParent(self)
         # /stats/prometheus; builtin.metrics adds to this registry (mesh.builtin.telemetry)
@@ -178,7 +185,11 @@ class ProxyService(service.MultiService):
 
     def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)
-        listener.server = internet.TCPServer(port, factory, interface=address, backlog=1024)
+        worker = self.settings.worker
+        if worker is not None:
+            listener.server = AdoptedPort(self.reactor, worker.listen_fds[port], factory)
+        else:
+            listener.server = internet.TCPServer(port, factory, interface=address, backlog=1024)
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):

@@ -10,7 +10,7 @@ from twisted.python import usage
 
 from mesh import logging as mesh_logging
 from mesh.api import Config
-from mesh.config.compile import Workload
+from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigErrors
 from mesh.durations import duration_option
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
@@ -20,6 +20,7 @@ from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
 from mesh.proxy.paths import BASE, NORMALIZATIONS, normalization_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
+from mesh.proxy.workers import Supervisor, SupervisorSettings, WorkerSettings, become_worker
 from mesh.sidecar_contract import APP_PROBERS_ENV
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 from mesh.telemetry.sidecar import TelemetrySettings
@@ -101,6 +102,8 @@ class ProxyOptions(usage.Options):
          "Percent of requests to trace when the caller did not decide (0-100; Istio's default: 1).", float],
         ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
         ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
+        ["workers", None, 1, "Worker processes serving the listeners (also --concurrency, Envoy's word); 1: this "
+                             "process serves them (docs/operations.md, \"Worker processes\").", int],
         ["access-log", None, "stdout",
          "Access log (a JSON line per request and per TCP passthrough connection): stdout (a daemon has none: "
          "then log), log (twistd's log: its --logfile, --syslog or --logger), off, or a file."],
@@ -126,6 +129,10 @@ class ProxyOptions(usage.Options):
             raise usage.UsageError(f"--outbound-tcp-port wants a port number, got {value!r}")
         self["outbound-tcp-ports"].append(int(value))
 
+    def opt_concurrency(self, value):
+        """N: the same as --workers N (Envoy's option name)."""
+        self["workers"] = value
+
     def opt_disable_plugin(self, name):
         """Do not load the plugin NAME (repeatable); see `meshctl plugins`."""
         self["disabled-plugins"].append(name)
@@ -133,6 +140,10 @@ class ProxyOptions(usage.Options):
     def postOptions(self):
         if not self["workload"]:
             raise usage.UsageError("--workload is required")
+        if not str(self["workers"]).isdigit() or not 1 <= int(self["workers"]) <= 64:
+            raise usage.UsageError(f"--workers (--concurrency) is a number of processes from 1 to 64, "
+                                   f"got {self['workers']!r}")
+        self["workers"] = int(self["workers"])
         if not self["config-dir"] and not self["control"]:
             raise usage.UsageError("--config-dir (the directory of Istio YAML files) or --control (config from "
                                    "the control plane) is required")
@@ -206,8 +217,12 @@ def _seconds(value) -> float:
 
 def _listen_ports(options) -> list:
     """The ports mesh-proxy cannot run without (the health and metrics ports are optional: see OptionalServer)."""
-    ports = [ListenPort("--outbound-port", options["outbound-address"], options["outbound-port"], "--outbound-address"),
-             ListenPort("--admin-port", "127.0.0.1", options["admin-port"])]
+    return [ListenPort("--admin-port", "127.0.0.1", options["admin-port"]), *_traffic_ports(options)]
+
+
+def _traffic_ports(options) -> list:
+    """The listeners of the traffic: outbound, inbound (with an app port) and each --outbound-tcp-port."""
+    ports = [ListenPort("--outbound-port", options["outbound-address"], options["outbound-port"], "--outbound-address")]
     if options["app-port"]:
         ports.append(ListenPort("--inbound-port", options["inbound-address"], options["inbound-port"],
                                 "--inbound-address"))
@@ -257,17 +272,55 @@ def _access_log(options) -> str:
     return options["access-log"]
 
 
+def _workload(options) -> Workload:
+    return Workload(name=options["workload"], namespace=options["namespace"], labels=dict(options["labels"]),
+                    service_account=options["service-account"], app_port=options["app-port"] or None,
+                    inbound=_inbound_addresses(options))
+
+
+def _exit_on_config_errors(errors: ConfigErrors, config_dir: str):
+    for error in errors.errors:
+        sys.stderr.write(f"{error}\n")
+    sys.stderr.write(f"mesh-proxy: {len(errors.errors)} config error(s) in {config_dir}; "
+                     "fix them (see `meshctl validate`) and start again\n")
+    raise SystemExit(1) from None
+
+
+def _supervisor(options) -> Supervisor:
+    """The parent of ``--workers N`` (:mod:`mesh.proxy.workers`): it checks the ports and the config, binds the
+    listeners and runs N copies of this command line as its workers."""
+    exit_on_port_problems("mesh-proxy", _listen_ports(options))
+    mesh_logging.follow_twistd(options.parent)
+    if options["config-dir"]:
+        try:
+            load_and_compile(options["config-dir"], _workload(options))
+        except ConfigErrors as errors:
+            _exit_on_config_errors(errors, options["config-dir"])
+    command = sys.argv[sys.argv.index("mesh-proxy"):]
+    health = ((options["inbound-address"], options["health-port"]),) if options["health-port"] else ()
+    return Supervisor(None, SupervisorSettings(
+        workers=options["workers"], listeners=tuple((port.address, port.port) for port in _traffic_ports(options)),
+        optional_listeners=health, admin_port=options["admin-port"], metrics_port=options["metrics-port"],
+        metrics_address=options["inbound-address"], drain_time=_seconds(options["drain-time"]),
+        argv=("-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=", *command)))
+
+
 def makeService(options):
-    """Build the :class:`ProxyService`; exit with one line per problem if a port is taken or the config is invalid.
+    """Build the :class:`ProxyService` (or, with ``--workers`` above 1, the :class:`~mesh.proxy.workers.Supervisor`
+    of N of them); exit with one line per problem if a port is taken or the config is invalid.
 
     twistd calls this before it daemonizes and binds the ports, so the
     lines reach the terminal that started it.
     """
-    exit_on_port_problems("mesh-proxy", _listen_ports(options))
+    worker = WorkerSettings.from_environ()
+    if worker is None and options["workers"] > 1:
+        return _supervisor(options)
+    if worker is None:
+        exit_on_port_problems("mesh-proxy", _listen_ports(options))
+    else:
+        become_worker(worker)  # the parent bound the ports
     mesh_logging.follow_twistd(options.parent)
-    workload = Workload(name=options["workload"], namespace=options["namespace"],
-                        labels=dict(options["labels"]), service_account=options["service-account"],
-                        app_port=options["app-port"] or None, inbound=_inbound_addresses(options))
+    workload = _workload(options)
     limits = Limits(
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],
         max_request_body=options["max-request-body"], max_connections=_connection_limit(options),
@@ -295,7 +348,8 @@ def makeService(options):
             key_file=options["key"], cert_ttl=options["cert-ttl"]),
         tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
                                 zipkin_max_queue=options["zipkin-max-queue"]),
-        telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=_access_log(options)))
+        telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=_access_log(options)),
+        worker=worker)
     plugins = options.pluginmanager
     disable_after_parse(plugins, options["disabled-plugins"])
     proxy = ProxyService(settings, plugins)
@@ -303,9 +357,5 @@ def makeService(options):
     try:
         proxy.load()
     except ConfigErrors as errors:
-        for error in errors.errors:
-            sys.stderr.write(f"{error}\n")
-        sys.stderr.write(f"mesh-proxy: {len(errors.errors)} config error(s) in {settings.config_dir}; "
-                         "fix them (see `meshctl validate`) and start again\n")
-        raise SystemExit(1) from None
+        _exit_on_config_errors(errors, settings.config_dir)
     return proxy

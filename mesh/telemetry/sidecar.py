@@ -10,14 +10,18 @@ passthrough connections, through ``mesh_connection_open``/``_complete``.
 
 Each sidecar process has its own ``CollectorRegistry`` (not
 prometheus-client's global one), served by :func:`serve_metrics`; one process
-is one sidecar, so prometheus-client's multiprocess mode is not needed.
+is one sidecar, so prometheus-client's multiprocess mode is not needed.  With
+``--workers N`` each worker serves its registry on its private admin port and
+the parent merges them on the metrics port (:mod:`mesh.proxy.workers`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from mesh.telemetry.exposition import MetricsServer, new_registry
+from twisted.web import resource
+
+from mesh.telemetry.exposition import MetricsServer, metrics_page, new_registry
 from mesh.telemetry.health import ProxyHealth
 
 
@@ -43,5 +47,10 @@ def serve_metrics(proxy):
         return None
     registry = new_registry()
     registry.register(ProxyHealth(proxy))
-    MetricsServer(proxy.reactor, registry, port, proxy.settings.inbound_address).setServiceParent(proxy)
+    if proxy.settings.worker is not None:  # one of --workers N: the parent serves the port, merging the workers'
+        stats = resource.Resource()
+        stats.putChild(b"prometheus", metrics_page(registry))
+        proxy.admin_site.add_page(b"stats", stats)
+    else:
+        MetricsServer(proxy.reactor, registry, port, proxy.settings.inbound_address).setServiceParent(proxy)
     return registry
