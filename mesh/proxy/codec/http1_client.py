@@ -15,8 +15,8 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from mesh.proxy.codec.heads import request_head
-from mesh.proxy.mtls import peer_problem, setup_failure
-from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.mtls import setup_failure
+from mesh.proxy.sockets import set_nodelay, write_through
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
 _CHUNK_END = b"0\r\n\r\n"
@@ -26,8 +26,9 @@ _CHUNK_END = b"0\r\n\r\n"
 class UpstreamConnection(Protocol):
     """A pooled HTTP/1.1 connection to one endpoint.
 
-    Over mTLS (``expected_identity`` set) the connection becomes usable only
-    after the handshake, once the peer's SPIFFE id equals the expected one.
+    Over TLS (``verify_peer`` set: the pool's check, see :class:`mesh.proxy.pool.ConnectionPool`)
+    the connection becomes usable only after the handshake, once ``verify_peer(transport)``
+    found no problem (over mTLS: the peer's SPIFFE id equals the expected one).
 
     The listener must implement ``upstream_head(status, reason, headers,
     keep_alive)``, ``upstream_body(data)``, ``upstream_end()``,
@@ -38,9 +39,9 @@ class UpstreamConnection(Protocol):
     send it with the first body bytes) writes it then.
     """
 
-    def __init__(self, pool, expected_identity=None):
+    def __init__(self, pool, verify_peer=None):
         self.pool = pool
-        self.expected_identity = expected_identity
+        self.verify_peer = verify_peer
         self.listener = None
         self.connected_ok = False
         self.requests_sent = 0
@@ -57,13 +58,14 @@ class UpstreamConnection(Protocol):
     # -- Twisted Protocol -------------------------------------------------
     def connectionMade(self):
         set_nodelay(self.transport)
-        if self.expected_identity is None:
+        write_through(self.transport)
+        if self.verify_peer is None:
             self.connected_ok = True
             self.pool.connection_made(self)
 
     def handshakeCompleted(self):
         """TLS is up and the chain verified; now check who the peer is."""
-        problem = peer_problem(self.transport, self.expected_identity)
+        problem = self.verify_peer(self.transport)
         if problem is not None:
             self.pool.connection_failed(self, problem)
             self.transport.abortConnection()
@@ -90,7 +92,7 @@ class UpstreamConnection(Protocol):
 
     def connectionLost(self, reason=None):
         if not self.connected_ok:
-            self.pool.connection_failed(self, setup_failure(reason))
+            self.pool.connection_failed(self, setup_failure(reason, self.transport))
         self.connected_ok = False
         self.pool.connection_lost(self)
         if self.tunnel is not None:

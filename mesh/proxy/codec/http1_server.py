@@ -57,7 +57,7 @@ from mesh.proxy.detect import H2_PREFACE, detect
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.original_dst import original_dst
 from mesh.proxy.outcome import LocalReply
-from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.sockets import set_nodelay, write_through
 from mesh.proxy.streams import Backpressure, IDownstreamStream
 
 log = Logger()
@@ -216,6 +216,7 @@ class DownstreamConnection(Protocol):
     # -- Twisted Protocol ---------------------------------------------------
     def connectionMade(self):
         set_nodelay(self.transport)
+        write_through(self.transport)
         self.source_address = self.transport.getPeer().host
         self.original_dst = original_dst(self.transport)  # transparent capture: once per connection
         listener = self.listener

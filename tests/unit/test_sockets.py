@@ -1,0 +1,101 @@
+"""Write-through TCP transports (:func:`mesh.proxy.sockets.write_through`) on real socket pairs."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+from twisted.internet import tcp
+from twisted.internet.protocol import Protocol
+
+from mesh.proxy.sockets import write_through
+
+
+class Reactor:
+    """The part of a reactor a TCP transport's write uses: the set of descriptors watched for writing."""
+
+    def __init__(self):
+        self.writers = set()
+
+    def addWriter(self, selectable):
+        self.writers.add(selectable)
+
+    def removeWriter(self, selectable):
+        self.writers.discard(selectable)
+
+
+class Wrapper:
+    """A transport wrapping another (as Twisted's TLS protocol wraps the TCP transport)."""
+
+    def __init__(self, transport):
+        self.transport = transport
+
+
+@pytest.fixture
+def pair():
+    """``(write-through transport, its peer socket, reactor)`` over a connected socket pair."""
+    ours, peer = socket.socketpair()
+    peer.settimeout(5)
+    reactor = Reactor()
+    transport = tcp.Connection(ours, Protocol(), reactor)
+    transport.connected = True
+    write_through(Wrapper(transport))
+    yield transport, peer, reactor
+    ours.close()
+    peer.close()
+
+
+def _read(peer, size):
+    data = b""
+    while len(data) < size:
+        data += peer.recv(size - len(data))
+    return data
+
+
+def test_a_write_into_an_empty_buffer_is_sent_at_once(pair):
+    transport, peer, reactor = pair
+    transport.write(b"GET / HTTP/1.1\r\n\r\n")
+    transport.writeSequence([b"one ", b"two"])
+    assert _read(peer, 25) == b"GET / HTTP/1.1\r\n\r\none two"
+    assert not reactor.writers and not transport.dataBuffer and not transport._tempDataLen
+
+
+def test_what_the_socket_does_not_take_is_buffered_in_order(pair):
+    transport, peer, reactor = pair
+    big = bytes(range(256)) * 8192  # 2 MiB: more than the socket pair's buffers hold
+    transport.write(big)
+    transport.write(b"after")  # something is buffered: this one must wait its turn
+    assert reactor.writers == {transport}
+    received = b""
+    while len(received) < len(big) + 5:
+        if transport in reactor.writers:
+            transport.doWrite()  # what the reactor does when the socket is writable
+        received += peer.recv(65536)
+    assert received == big + b"after"
+    assert not reactor.writers
+
+
+def test_writes_after_a_close_or_half_close_are_left_to_twisted(pair):
+    transport, peer, reactor = pair
+    transport._writeDisconnected = True
+    transport.write(b"late")
+    assert not transport._tempDataLen and not reactor.writers
+    peer.setblocking(False)
+    with pytest.raises(BlockingIOError):
+        peer.recv(10)
+
+
+def test_a_transport_is_converted_once():
+    ours, peer = socket.socketpair()
+    try:
+        transport = tcp.Connection(ours, Protocol(), Reactor())
+        write_through(transport)
+        converted = type(transport)
+        write_through(transport)
+        assert type(transport) is converted and converted.__mro__[2] is tcp.Connection
+        other = tcp.Connection(peer, Protocol(), Reactor())
+        write_through(other)
+        assert type(other) is converted  # one subclass per transport class
+    finally:
+        ours.close()
+        peer.close()
