@@ -54,6 +54,7 @@ that denied a request.
 
 from __future__ import annotations
 
+from mesh.config.route_extras import replacement_pairs, sequence_ops
 from mesh.plugins import PluginError
 from mesh.proxy import grpc, mirror, outlier, retry, route_actions
 from mesh.proxy.outcome import LocalReply, Pending, RequestOutcome, TryOutcome
@@ -641,6 +642,11 @@ class Exchange:
             self.down.abort()
             self._complete(local=True, detail=details)
             return
+        action = self.action
+        if action is not None and action.response_headers is not None:
+            # the router's own reply (the request was forwarded): it gets the route's response headers
+            # and CORS, as Envoy's router and CORS filter treat their local replies
+            headers = (*replacement_pairs(sequence_ops(action.response_headers)), *headers)
         if ctx.grpc is not None:
             self._grpc_local_reply(status, flag, message, details, headers, grpc_status)
             return

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import wait_for
+from tests.harness import free_port, wait_for
 from tests.integration.test_proxy_support import (
     curl_many,
     destination_rule,
@@ -129,6 +129,10 @@ def _resources(backends, ratings_routes) -> list:
         virtual_service("ratings", ["ratings"], ratings_routes),
         virtual_service("web", ["web"], _web_routes()),
         virtual_service("reviews", ["reviews"], _reviews_routes()),
+        # nothing listens at the endpoint: the router's 503 still gets the route's response headers and CORS
+        service_entry("gone", [endpoint(("127.0.0.1", backends["gone"]))]),
+        virtual_service("gone", ["gone"], [route_to("gone", corsPolicy={"allowOrigins": [{"exact": "https://a.example"}]},
+                                                    headers={"response": {"set": {"x-route": "yes"}}})]),
     ]
 
 
@@ -143,6 +147,7 @@ class Mesh:
 @pytest.fixture(scope="module")
 def mesh(backend_factory, proxy_factory, tmp_path_factory) -> Mesh:
     backends = {name: backend_factory(name) for name in ("ratings", "web", V1, V2)}
+    backends["gone"] = free_port()  # a port nothing listens on
     config = _config(tmp_path_factory.mktemp("route-actions-config"), backends)
     log = tmp_path_factory.mktemp("route-actions-log") / "access.log"
     return Mesh(proxy_factory(config, "client", extra_args=["--access-log", log]), log, config, backends)
@@ -358,6 +363,20 @@ def test_cors_simple_requests(mesh):
     for headers in ({}, {"origin": "https://evil.example"}):
         other, _ = _request(proxy, "web", "/cors/data", headers=headers)
         assert other.status == 200 and not any(name.startswith("access-control-") for name in other.headers), other
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+def test_the_routers_own_errors_get_cors_and_the_routes_response_headers(mesh, http2):
+    """As Envoy: the router's local replies (here 503 for a dead endpoint) pass the CORS filter and get the
+    route's response headers; a fault abort comes before the CORS filter and gets neither."""
+    result, _ = _request(mesh.proxy, "gone", "/", headers={"origin": "https://a.example"},
+                         extra_args=["--http2-prior-knowledge"] if http2 else [])
+    assert result.status == 503, result
+    assert (result.headers.get("access-control-allow-origin"), result.headers.get("x-route")) == (
+        "https://a.example", "yes"), result
+    other, _ = _request(mesh.proxy, "gone", "/", headers={"origin": "https://evil.example"})
+    assert other.status == 503 and "access-control-allow-origin" not in other.headers, other
+    assert other.headers.get("x-route") == "yes", other
 
 
 # -- HTTP/2 -------------------------------------------------------------------------------------------------
