@@ -88,7 +88,7 @@ def describe_cluster(spec) -> dict:
         "idle_timeout": spec.idle_timeout, "outlier": dataclasses.asdict(spec.outlier),
         "protocol": spec.protocol, "upstream_protocol": spec.upstream_protocol,
         "max_concurrent_streams": spec.max_concurrent_streams,
-        "limits": dataclasses.asdict(spec.limits) if spec.limits else None,
+        "limits": dataclasses.asdict(spec.limits) if spec.limits else None, "resolution": spec.resolution,
         "endpoints": [{"address": endpoint.address, "port": endpoint.port, "weight": endpoint.weight,
                        "labels": dict(endpoint.labels), "identity": endpoint.identity}
                       for endpoint in spec.endpoints],

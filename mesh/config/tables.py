@@ -168,8 +168,6 @@ class EndpointSpec:
     """One upstream address of a cluster, as configured.
 
     ``identity`` is the SPIFFE id the endpoint must present (None: plaintext).
-    ``origination`` is the :class:`mesh.config.resources.ClientTLS` (mode SIMPLE or MUTUAL)
-    with which the sidecar opens TLS to an endpoint outside the mesh (None: it does not).
     """
 
     address: str
@@ -177,12 +175,11 @@ class EndpointSpec:
     labels: tuple = ()  # sorted ((key, value), ...)
     weight: int = 1
     identity: str | None = None
-    origination: object = None
 
     @property
     def key(self) -> tuple:
-        """Live endpoint state is shared by address, port, expected identity and TLS origination."""
-        return (self.address, self.port, self.identity, self.origination)
+        """Live endpoint state is shared by address, port and expected identity."""
+        return (self.address, self.port, self.identity)
 
 
 @dataclass(frozen=True, slots=True)
@@ -361,6 +358,9 @@ class ClusterSpec:
     how tries choose theirs (see :func:`upstream_protocol`), ``max_concurrent_streams``
     the cap on streams per HTTP/2 connection (0: the peer's SETTINGS_MAX_CONCURRENT_STREAMS).
     ``limits`` are the circuit-breaking limits (:class:`CircuitLimits`; None: unlimited).
+    ``resolution`` is the ServiceEntry's: STATIC (IP endpoints), DNS (each endpoint address that is a
+    host name stands for every address it resolves to, Envoy's STRICT_DNS) or DNS_ROUND_ROBIN (for
+    the first one, Envoy's LOGICAL_DNS); the sidecar resolves them (:mod:`mesh.proxy.dns`).
     """
 
     name: str
@@ -378,6 +378,7 @@ class ClusterSpec:
     upstream_protocol: str = UPSTREAM_HTTP1
     max_concurrent_streams: int = 0
     limits: CircuitLimits | None = None
+    resolution: str = "STATIC"
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,7 +24,6 @@ from mesh.config.request_authn import request_authentication
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
-    ClientTLS,
     ConnectionPool,
     DestinationRule,
     HTTPMatch,
@@ -97,10 +96,10 @@ _RESOLUTION_REJECTED = {
     "NONE": ("it forwards to the caller's original destination address, which the txmesh proxy cannot "
              "do yet (NONE is also the default when resolution is omitted); set resolution: STATIC and "
              "list endpoints or a workloadSelector"),
-    "DNS": "DNS resolution of endpoints is not implemented; use resolution: STATIC with IP endpoints",
-    "DNS_ROUND_ROBIN": "DNS resolution of endpoints is not implemented; use resolution: STATIC with IP "
-                       "endpoints",
 }
+#: Resolutions txmesh implements: STATIC (IP endpoints), DNS and DNS_ROUND_ROBIN (the sidecar resolves
+#: host names, :mod:`mesh.proxy.dns`).
+_RESOLUTIONS = ("STATIC", "DNS", "DNS_ROUND_ROBIN")
 
 # -- DestinationRule ------------------------------------------------------------------
 
@@ -144,17 +143,16 @@ _OUTLIER_UNSUPPORTED = {
                                       "failure); remove it",
     "minHealthPercent": "outlier detection is never switched off by low health; remove it",
 }
-_TLS = {"mode", "clientCertificate", "privateKey", "caCertificates", "sni", "subjectAltNames", "insecureSkipVerify"}
-_TLS_UNSUPPORTED = {
-    "credentialName": "txmesh reads origination certificates from files on the sidecar's host, not from a "
-                      "Kubernetes Secret; set clientCertificate, privateKey and caCertificates (paths to PEM "
-                      "files) instead",
-    "caCrl": "certificate revocation lists are not checked; remove it",
+_TLS_ONLY_MODE = "only tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"
+_TLS_UNSUPPORTED = {key: _TLS_ONLY_MODE for key in (
+    "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
+    "insecureSkipVerify", "caCrl")}
+_TLS_MODE_REJECTED = {
+    "SIMPLE": "TLS origination is not implemented; let the app speak TLS itself, or use ISTIO_MUTUAL "
+              "inside the mesh",
+    "MUTUAL": "TLS origination with your own certificates is not implemented; use ISTIO_MUTUAL inside "
+              "the mesh",
 }
-#: Fields of ``tls`` that only TLS origination (SIMPLE, MUTUAL) uses.
-_TLS_ORIGINATION_FIELDS = ("clientCertificate", "privateKey", "caCertificates", "sni", "subjectAltNames",
-                           "insecureSkipVerify")
-_TLS_MODES = ("DISABLE", "ISTIO_MUTUAL", "SIMPLE", "MUTUAL")
 
 # -- VirtualService -------------------------------------------------------------------
 
@@ -275,14 +273,23 @@ def _service_entry(resource, report, domain) -> ServiceEntry:
     f = Fields(report, ("spec",), resource.spec, _SERVICE_ENTRY)
     ports = _service_ports(f)
     port_names = {port.name for port in ports}
-    endpoints = tuple(_endpoint(Fields(report, path, item, _ENDPOINT, _ENDPOINT_UNSUPPORTED), port_names)
+    resolution = f.enum("resolution", _RESOLUTIONS, _RESOLUTION_REJECTED)
+    if "resolution" not in f:
+        f.error("resolution", f"resolution NONE is not supported by txmesh; {_RESOLUTION_REJECTED['NONE']}")
+    dns = resolution in ("DNS", "DNS_ROUND_ROBIN")
+    endpoints = tuple(_endpoint(Fields(report, path, item, _ENDPOINT, _ENDPOINT_UNSUPPORTED), port_names, dns)
                       for path, item in f.items("endpoints"))
     selector = f.sub("workloadSelector", {"labels"}).labels("labels") if "workloadSelector" in f else None
     if endpoints and selector is not None:
         f.error("workloadSelector", "set only one of endpoints or workloadSelector")
-    resolution = f.enum("resolution", ("STATIC",), _RESOLUTION_REJECTED)
-    if "resolution" not in f:
-        f.error("resolution", f"resolution NONE is not supported by txmesh; {_RESOLUTION_REJECTED['NONE']}")
+    if resolution == "DNS_ROUND_ROBIN" and len(endpoints) > 1:
+        f.error("endpoints", "resolution DNS_ROUND_ROBIN takes 0 or 1 endpoint (as Istio); use resolution: DNS "
+                             "to balance over several endpoints")
+    hosts = _hosts(f, "hosts", resource.namespace, domain, required=True)
+    if dns and not endpoints and selector is None and any(host.startswith("*") for host in hosts):
+        f.error("hosts", f"hosts must be fully qualified names, not wildcards, when resolution {resolution} "
+                         "has no endpoints to resolve (the sidecar resolves the hosts themselves); list "
+                         "endpoints, or use resolution: STATIC")
     addresses = []
     for path, address in f.strings("addresses"):
         if hostnames.is_ip(address):
@@ -292,8 +299,7 @@ def _service_entry(resource, report, domain) -> ServiceEntry:
                              "list single IP addresses")
     return ServiceEntry(
         name=resource.name, namespace=resource.namespace,
-        hosts=_hosts(f, "hosts", resource.namespace, domain, required=True),
-        addresses=tuple(addresses), ports=ports,
+        hosts=hosts, addresses=tuple(addresses), ports=ports,
         location=f.enum("location", ("MESH_EXTERNAL", "MESH_INTERNAL"), default="MESH_EXTERNAL"),
         resolution=resolution, endpoints=endpoints, subject_alt_names=_subject_alt_names(f),
         export_to=_export_to(f), workload_selector=selector, source=resource)
@@ -332,12 +338,21 @@ def _port_protocol(f: Fields) -> str:
     return "HTTP"
 
 
-def _endpoint(f: Fields, port_names=None) -> WorkloadEndpoint:
-    """A ServiceEntry endpoint or a WorkloadEntry spec (the same message in Istio)."""
+def _endpoint(f: Fields, port_names=None, dns=False) -> WorkloadEndpoint:
+    """A ServiceEntry endpoint or a WorkloadEntry spec (the same message in Istio).
+
+    With ``dns`` (the entry's resolution is DNS or DNS_ROUND_ROBIN) the address may be a host name,
+    which the sidecar resolves; else it must be an IP address.
+    """
     address = f.string("address", required=True)
     if address and not hostnames.is_ip(address):
-        f.error("address", f"'{address}' is not an IP address; txmesh supports resolution STATIC only, "
-                           "so endpoints need IP addresses")
+        if not dns:
+            f.error("address", f"'{address}' is not an IP address; txmesh resolves host names only in the "
+                               "endpoints of a ServiceEntry with resolution DNS or DNS_ROUND_ROBIN; use an IP "
+                               "address, or set that resolution")
+        elif not _DNS_SUBDOMAIN.match(address.lower().rstrip(".")):
+            f.error("address", f"endpoint address '{address}' is not a valid host name or IP address")
+        address = address.lower().rstrip(".")
     ports = []
     for name, number in f.mapping("ports").items():
         path = f.path + ("ports", name)
@@ -419,41 +434,13 @@ def _policy_settings(f: Fields, port_level=()) -> TrafficPolicy:
         load_balancer=_load_balancer(f) if "loadBalancer" in f else None,
         connection_pool=_connection_pool(f) if "connectionPool" in f else None,
         outlier_detection=_outlier_detection(f) if "outlierDetection" in f else None,
-        tls=_client_tls(f) if "tls" in f else None,
+        tls_mode=_tls_mode(f) if "tls" in f else None,
         port_level=port_level)
 
 
-def _client_tls(parent: Fields) -> ClientTLS:
-    """Istio's ``ClientTLSSettings``, checked as Istio's ``validateTLS`` does.
-
-    A field that the mode does not use is an error rather than ignored.  The files are read by the
-    sidecar that uses them (:mod:`mesh.proxy.tls_origination`), on its own host.
-    """
-    f = parent.sub("tls", _TLS, _TLS_UNSUPPORTED)
-    mode = f.enum("mode", _TLS_MODES, default="DISABLE")
-    if mode not in ("SIMPLE", "MUTUAL"):
-        for key in _TLS_ORIGINATION_FIELDS:
-            if key in f:
-                f.error(key, f"'{key}' is used only to originate TLS (mode SIMPLE or MUTUAL), not with mode "
-                             f"{mode}; remove it, or set mode: SIMPLE")
-        return ClientTLS(mode)
-    for key, what in (("clientCertificate", "client certificate"), ("privateKey", "client certificate's key")):
-        if mode == "MUTUAL" and key not in f:
-            f.error(key, f"'{key}' is required with mode MUTUAL: the path of the PEM file of the {what} that the "
-                         "sidecar presents to the server")
-        elif mode == "SIMPLE" and key in f:
-            f.error(key, f"'{key}' is presented only with mode MUTUAL; set mode: MUTUAL, or remove it")
-    skip = f.boolean("insecureSkipVerify")
-    names = tuple(name for _, name in f.strings("subjectAltNames"))
-    if skip:
-        for key in ("caCertificates", "subjectAltNames"):
-            if key in f:
-                f.error(key, f"'{key}' cannot be set with insecureSkipVerify: true (nothing is verified); remove "
-                             "one of the two")
-    return ClientTLS(mode, client_certificate=f.string("clientCertificate"),
-                     private_key=f.string("privateKey"),
-                     ca_certificates=f.string("caCertificates") or None, sni=f.string("sni") or None,
-                     subject_alt_names=names, insecure_skip_verify=skip)
+def _tls_mode(parent: Fields) -> str:
+    f = parent.sub("tls", {"mode"}, _TLS_UNSUPPORTED)
+    return f.enum("mode", ("DISABLE", "ISTIO_MUTUAL"), _TLS_MODE_REJECTED, default="DISABLE")
 
 
 def _load_balancer(parent: Fields) -> LoadBalancer:

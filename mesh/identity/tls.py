@@ -262,25 +262,6 @@ def make_context(bundle, key=None, chain=(), *, server: bool, require_client_cer
     return ctx
 
 
-def origination_context(ca_pem=None, key_pem=None, chain_pem=None, *, verify=True, verify_callback=None) -> SSL.Context:
-    """A client context for TLS originated to a server outside the mesh (:mod:`mesh.proxy.tls_origination`).
-
-    The mesh's TLS settings (:func:`make_context`), with the server's chain verified against
-    ``ca_pem`` (PEM roots) or, when None, the system's CA bundle; ``verify`` False checks
-    nothing.  ``key_pem`` and ``chain_pem`` (leaf first) are the client certificate presented,
-    if any.  Raises ValueError or ``SSL.Error`` when the PEM data is not usable.
-    """
-    bundle = x509.load_pem_x509_certificates(ca_pem) if ca_pem else ()
-    key = serialization.load_pem_private_key(key_pem, password=None) if key_pem else None
-    chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem else ()
-    ctx = make_context(bundle, key, chain, server=False, verify_callback=verify_callback)
-    if not verify:
-        ctx.set_verify(SSL.VERIFY_NONE)
-    elif not ca_pem:
-        ctx.set_default_verify_paths()
-    return ctx
-
-
 class SessionCache:
     """Client-side TLS sessions for resumption, per peer, made with one :class:`WorkloadCredentials`.
 

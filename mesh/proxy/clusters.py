@@ -100,14 +100,18 @@ class Cluster:
     HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
     endpoints, the sidecars, which may still choose HTTP/1.1 by ALPN).
     ``breaker`` is its :class:`mesh.proxy.circuit.CircuitBreaker` (None: no limits),
-    ``retry_budget`` its :class:`mesh.proxy.retry.RetryBudget`.
+    ``retry_budget`` its :class:`mesh.proxy.retry.RetryBudget`.  When the cluster has no endpoints,
+    ``empty_hint`` says what to check (in the 503 ``UH``'s message) and ``empty_details`` is the
+    access log's response code details (:mod:`mesh.proxy.dns` gives DNS clusters theirs).
     """
 
     __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client", "breaker",
-                 "retry_budget", "_healthy", "_healthy_until", "_epoch")
+                 "retry_budget", "empty_hint", "empty_details", "_healthy", "_healthy_until", "_epoch")
 
-    def __init__(self, spec, endpoints, breaker=None, retry_budget=None):
+    def __init__(self, spec, endpoints, breaker=None, retry_budget=None, empty_reason=None):
         self.spec = spec
+        self.empty_hint, self.empty_details = empty_reason or (
+            "check the ServiceEntry endpoints and DestinationRule subset labels", "no_healthy_upstream")
         self.breaker = breaker
         self.retry_budget = retry_budget if retry_budget is not None else RetryBudget()
         self.name = spec.name
@@ -156,8 +160,11 @@ class ClusterManager:
         self._endpoints = {}
         self.clusters = {}
 
-    def update(self, cluster_specs: dict) -> dict:
+    def update(self, cluster_specs: dict, empty_reasons=None) -> dict:
         """Build clusters for ``cluster_specs`` and return them (name -> Cluster).
+
+        ``empty_reasons`` maps the names of clusters without endpoints to ``(hint, details)``
+        (:attr:`Cluster.empty_hint`, :attr:`Cluster.empty_details`).
 
         Clusters in which an address has the same :class:`EndpointSpec` (a
         service and its subsets) share one :class:`Endpoint`.  The same address
@@ -191,7 +198,8 @@ class ClusterManager:
                 live.append(endpoint)
             kept = self.clusters.get(name)
             clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits),
-                                     kept.retry_budget if kept is not None else None)
+                                     kept.retry_budget if kept is not None else None,
+                                     empty_reasons.get(name) if empty_reasons else None)
         for candidates in changed.values():
             for endpoint in candidates:
                 endpoint.pool.close_idle()

@@ -319,8 +319,7 @@ class Exchange:
         endpoints = cluster.healthy_endpoints(now)
         if not endpoints:
             self.local_reply(503, "UH", f"no healthy upstream: cluster {cluster.name} has no endpoints; "
-                             "check the ServiceEntry endpoints and DestinationRule subset labels",
-                             "no_healthy_upstream")
+                             f"{cluster.empty_hint}", cluster.empty_details)
             return
         breaker = cluster.breaker  # circuit breaking (mesh.proxy.circuit): None for a cluster without limits
         make_try = Try if breaker is None else breaker.admit(self)

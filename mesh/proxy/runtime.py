@@ -33,24 +33,43 @@ class ProxyRuntime:
     protocol (:attr:`mesh.config.tables.ProxyConfig.app_protocol`; unknown:
     the protocol of each request).  ``authenticator`` (a
     :class:`mesh.proxy.authn.Authenticator`, or None) is told of each config,
-    to fetch the key sets its RequestAuthentications name.
+    to fetch the key sets its RequestAuthentications name.  ``dns`` (a
+    :class:`mesh.proxy.dns.DnsEndpoints`, or None) resolves the host-name
+    endpoints of DNS clusters and calls :meth:`refresh_endpoints` when they change.
     """
 
-    def __init__(self, pool_factory, local_clusters=(), authenticator=None):
+    def __init__(self, pool_factory, local_clusters=(), authenticator=None, dns=None):
         self.manager = ClusterManager(pool_factory)
         self.local_clusters = {spec.name: spec for spec in local_clusters}
         self.authenticator = authenticator
+        self.dns = dns
         self.snapshot = None
 
     def apply(self, config) -> Snapshot:
+        snapshot = self._build(config)
+        if self.authenticator is not None:
+            self.authenticator.update(config.request_authn)
+        return snapshot
+
+    def refresh_endpoints(self) -> None:
+        """Rebuild the clusters of the config in force: a DNS name now resolves to other addresses.
+
+        Endpoints that stay keep their state (:class:`ClusterManager`); requests in flight finish.
+        """
+        if self.snapshot is not None:
+            self._build(self.snapshot.config)
+
+    def _build(self, config) -> Snapshot:
         specs = dict(config.clusters)
         protocol = config.app_protocol
         specs.update((name, replace(spec, protocol=protocol, upstream_protocol=upstream_protocol(protocol)))
                      for name, spec in self.local_clusters.items())
-        snapshot = Snapshot(config, self.manager.update(specs))
+        reasons = None
+        if self.dns is not None:
+            specs = self.dns.expand(specs)
+            reasons = self.dns.empty_reasons(specs)
+        snapshot = Snapshot(config, self.manager.update(specs, reasons))
         self.snapshot = snapshot
-        if self.authenticator is not None:
-            self.authenticator.update(config.request_authn)
         return snapshot
 
 

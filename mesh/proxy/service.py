@@ -26,6 +26,7 @@ from mesh.proxy.admin import AdminSite
 from mesh.proxy.authn import Authenticator
 from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.control_client import ControlClient
+from mesh.proxy.dns import DnsEndpoints, make_resolver
 from mesh.proxy.health import HealthServer
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
@@ -34,7 +35,6 @@ from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
-from mesh.proxy.tls_origination import OriginationContexts
 from mesh.proxy.workers import AdoptedPort, WorkerSettings
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
@@ -86,6 +86,7 @@ class ProxySettings:
     passthrough: PassthroughSettings = field(default_factory=PassthroughSettings)  # captured unknown traffic
     path_normalization: str = BASE  # --path-normalization, Istio's meshConfig.pathNormalization (mesh.proxy.paths)
     outbound_tcp_ports: tuple = ()  # --outbound-tcp-port: explicit TCP listeners (mesh.proxy.tcp_proxy)
+    dns_server: tuple = None  # --dns-server (host, port) for DNS ServiceEntries; None: /etc/resolv.conf
     worker: WorkerSettings = None  # one of --workers N: listen on the parent's sockets (mesh.proxy.workers)
 
 
@@ -109,9 +110,10 @@ class ProxyService(service.MultiService):
             self.control_client = ControlClient(reactor, self, settings.identity.control,
                                                 settings.identity.control_identity, settings.state_dir)
         self.upstream_tls = UpstreamTLS(self.credentials)
-        self.origination = OriginationContexts()  # TLS to servers outside the mesh (DestinationRule tls SIMPLE)
         self.authenticator = Authenticator(reactor)  # RequestAuthentication's JWTs (inbound)
-        self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator)
+        self.dns = DnsEndpoints(reactor, lambda: make_resolver(reactor, settings.dns_server),
+                                lambda: self.runtime.refresh_endpoints())
+        self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator, self.dns)
         self.ready = False
         self.warnings = ()
         self.config_applied_at = None
@@ -195,12 +197,8 @@ class ProxyService(service.MultiService):
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
-        if endpoint_spec.origination is not None:
-            tls = self.origination.get(endpoint_spec.origination)
-        else:
-            tls = self.upstream_tls if endpoint_spec.identity is not None else None
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, tls=tls,
+                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
                               identity=endpoint_spec.identity, bind=self._source_address(),
                               max_requests_per_connection=cluster_spec.max_requests_per_connection,
                               idle_timeout=cluster_spec.idle_timeout,
@@ -263,6 +261,7 @@ class ProxyService(service.MultiService):
         self.ready = False
         self.draining = True
         self.authenticator.stop()
+        self.dns.stop()
         client = getattr(self, "control_client", None)
         if client is not None and hasattr(client, "drain"):
             client.drain()
@@ -388,7 +387,8 @@ class ProxyService(service.MultiService):
         return {name: {"lb_policy": cluster.spec.lb_policy,
                        "circuit_breaker": cluster.breaker.describe() if cluster.breaker is not None else None,
                        "retry_budget": cluster.retry_budget.describe(),
-                       "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints]}
+                       "endpoints": [endpoint.describe(now) for endpoint in cluster.endpoints],
+                       "dns": self.dns.describe(name)}
                 for name, cluster in sorted(clusters.items())}
 
 

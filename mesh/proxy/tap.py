@@ -12,6 +12,7 @@ from mesh import logging as mesh_logging
 from mesh.api import Config
 from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigErrors
+from mesh.config.hosts import is_ip
 from mesh.durations import duration_option
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.proxy.app_probes import parse_app_probers
@@ -87,6 +88,8 @@ class ProxyOptions(usage.Options):
         ["max-passthrough-connections", None, 1024, "Open TCP passthrough connections per listener.", int],
         ["path-normalization", None, BASE, "How request paths are normalized before routing, authorization and "
          "forwarding (Istio's meshConfig.pathNormalization): " + ", ".join(NORMALIZATIONS) + "."],
+        ["dns-server", None, None, "IP:PORT of the DNS server that resolves the host names of ServiceEntries "
+                                   "with resolution DNS (default: the servers of /etc/resolv.conf)."],
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain of the mesh."],
         ["control", None, None, "HOST:PORT of mesh-control: get and rotate the workload certificate there."],
         ["control-identity", None, None,
@@ -166,6 +169,8 @@ class ProxyOptions(usage.Options):
             except OSError as error:
                 message = f"--access-log: cannot append to {self['access-log']}: {error.strerror}"
                 raise usage.UsageError(message) from None
+        if self["dns-server"] is not None:
+            self["dns-server"] = _dns_server(self["dns-server"])
         if self["retry-budget-percent"] < 0 or self["retry-budget-min-concurrency"] < 0:
             raise usage.UsageError("--retry-budget-percent and --retry-budget-min-concurrency are 0 or more; "
                                    f"got {self['retry-budget-percent']} and {self['retry-budget-min-concurrency']}")
@@ -208,6 +213,15 @@ def Options() -> ProxyOptions:
     """The options of ``twistd mesh-proxy``: :class:`ProxyOptions` and those the plugins add in
     ``mesh_addoption``; ``options.pluginmanager`` has every plugin not disabled."""
     return plugin_options(ProxyOptions, "proxy")
+
+
+def _dns_server(value) -> tuple:
+    """``--dns-server IP:PORT`` (``[IPV6]:PORT`` for IPv6) as ``(ip, port)``."""
+    host, _, port = value.rpartition(":")
+    host = host.strip("[]")
+    if not is_ip(host) or not port.isdigit() or not 0 < int(port) < 65536:
+        raise usage.UsageError(f"--dns-server wants IP:PORT (e.g. 127.0.0.1:53), got {value!r}")
+    return host, int(port)
 
 
 def _seconds(value) -> float:
@@ -335,7 +349,7 @@ def makeService(options):
         admin_port=options["admin-port"], health_port=options["health-port"],
         app_probes=options["app-probers"], state_dir=options["state-dir"], limits=limits,
         drain_time=_seconds(options["drain-time"]), path_normalization=options["path-normalization"],
-        outbound_tcp_ports=tuple(options["outbound-tcp-ports"]),
+        outbound_tcp_ports=tuple(options["outbound-tcp-ports"]), dns_server=options["dns-server"],
         passthrough=PassthroughSettings(
             outbound_traffic_policy=options["outbound-traffic-policy"],
             detection_timeout=_seconds(options["protocol-detection-timeout"]),

@@ -111,8 +111,9 @@ def test_service_entry_rejections(tmp_path):
         (9, "spec.ports[1].number: duplicate port number 80"),
         (11, "spec.endpoints[0].network: 'network' is not supported by txmesh; multi-network meshes are not "
              "supported; remove it"),
-        (11, "spec.endpoints[0].address: 'db.example.com' is not an IP address; txmesh supports resolution "
-             "STATIC only, so endpoints need IP addresses"),
+        (11, "spec.endpoints[0].address: 'db.example.com' is not an IP address; txmesh resolves host names "
+             "only in the endpoints of a ServiceEntry with resolution DNS or DNS_ROUND_ROBIN; use an IP "
+             "address, or set that resolution"),
         (11, "spec.endpoints[0].ports.https: 'https' is not a port name of this ServiceEntry; use one of: http"),
         (12, "spec.workloadSelector: set only one of endpoints or workloadSelector"),
         (4, "spec.resolution: resolution NONE is not supported by txmesh; it forwards to the caller's original "
@@ -123,20 +124,64 @@ def test_service_entry_rejections(tmp_path):
     ])
 
 
-@pytest.mark.parametrize("resolution", ["DNS", "DNS_ROUND_ROBIN", "NONE"])
-def test_unimplemented_resolutions_are_rejected(tmp_path, resolution):
-    _, errors, _ = _validate(tmp_path, f"""
+def test_resolution_none_is_rejected(tmp_path):
+    _, errors, _ = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: se}
+        spec:
+          hosts: [a.example.com]
+          ports: [{number: 80, name: http}]
+          resolution: NONE
+        """)
+    [error] = errors
+    assert ":7: ServiceEntry/default/se: spec.resolution: resolution NONE is not supported by txmesh" in error
+
+
+@pytest.mark.parametrize("resolution", ["DNS", "DNS_ROUND_ROBIN"])
+def test_dns_resolution_takes_host_names(tmp_path, resolution):
+    [entry] = _valid(tmp_path, f"""
         apiVersion: networking.istio.io/v1
         kind: ServiceEntry
         metadata: {{name: se}}
         spec:
-          hosts: [a.example.com]
+          hosts: [api.example.com]
           ports: [{{number: 80, name: http}}]
           resolution: {resolution}
+          endpoints: [{{address: Backend.Example.COM., ports: {{http: 8080}}}}]
         """)
-    [error] = errors
-    assert f":7: ServiceEntry/default/se: spec.resolution: resolution {resolution} is not supported by txmesh" \
-        in error
+    assert entry.resolution == resolution
+    assert entry.endpoints[0].address == "backend.example.com"
+
+
+def test_dns_resolution_errors(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: wild}
+        spec:
+          hosts: ["*.example.com"]
+          ports: [{number: 80, name: http}]
+          resolution: DNS
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: rr}
+        spec:
+          hosts: [api.example.com]
+          ports: [{number: 80, name: http}]
+          resolution: DNS_ROUND_ROBIN
+          endpoints: [{address: a.example.com}, {address: b_c.example.com}]
+        """)
+    assert errors == [
+        f"{path}:5: ServiceEntry/default/wild: spec.hosts: hosts must be fully qualified names, not wildcards, "
+        "when resolution DNS has no endpoints to resolve (the sidecar resolves the hosts themselves); list "
+        "endpoints, or use resolution: STATIC",
+        f"{path}:16: ServiceEntry/default/rr: spec.endpoints[1].address: endpoint address 'b_c.example.com' is "
+        "not a valid host name or IP address",
+        f"{path}:16: ServiceEntry/default/rr: spec.endpoints: resolution DNS_ROUND_ROBIN takes 0 or 1 endpoint "
+        "(as Istio); use resolution: DNS to balance over several endpoints",
+    ]
 
 
 def test_workload_entry(tmp_path):
@@ -278,8 +323,10 @@ def test_destination_rule_rejections(tmp_path):
         (13, "spec.trafficPolicy.outlierDetection.consecutiveErrors: 'consecutiveErrors' is not supported by "
              "txmesh; it is deprecated in Istio; use consecutive5xxErrors"),
         (13, "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be >= 0 and <= 100, not 101"),
-        (14, "spec.trafficPolicy.tls.privateKey: 'privateKey' is required with mode MUTUAL: the path of the PEM "
-             "file of the client certificate's key that the sidecar presents to the server"),
+        (14, "spec.trafficPolicy.tls.clientCertificate: 'clientCertificate' is not supported by txmesh; only "
+             "tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"),
+        (14, "spec.trafficPolicy.tls.mode: mode MUTUAL is not supported by txmesh; TLS origination with your "
+             "own certificates is not implemented; use ISTIO_MUTUAL inside the mesh"),
     ])
 
 
