@@ -213,6 +213,7 @@ SIDECAR = obj({
     "workloadSelector": obj({"labels": strmap()}),
     "egress": array(obj({"hosts": STRINGS}, required=("hosts",)), maxItems=1,
                     description="One listener without port; hosts are namespace/dnsName."),
+    "outboundTrafficPolicy": obj({"mode": enum("ALLOW_ANY", "REGISTRY_ONLY")}),
 }, required=("egress",))
 
 #: (group, kind, plural, spec schema, printer columns)

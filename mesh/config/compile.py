@@ -205,9 +205,11 @@ class _Compiler:
         tcp_authz = compile_tcp_authz(self.objects, self.workload, self.root_namespace,
                                       self._warn if app_protocol in TCP_PROTOCOLS else None)
         app_service = self._app_service()
+        outbound_policy = scope.sidecar.outbound_traffic_policy if scope is not None else None
         return ProxyConfig(version=config_version(self.objects), routes=routes, clusters=self.clusters,
                            authz=authz, peer_authentication=peer_authn, app_protocol=app_protocol,
                            l4=l4, tcp_authz=tcp_authz, app_service=app_service, request_authn=request_authn,
+                           outbound_traffic_policy=outbound_policy,
                            gateway=gateway, sources=tuple(sorted({obj.source.file for obj in self.objects})),
                            dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))

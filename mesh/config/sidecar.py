@@ -15,11 +15,13 @@ Istio leaves two Sidecars at one of those levels undefined; txmesh takes the
 first by name and warns.  The result is an :class:`EgressScope`, or None when
 no Sidecar applies.
 
-What txmesh implements of the resource: ``workloadSelector`` and one
+What txmesh implements of the resource: ``workloadSelector``, one
 ``egress`` listener without ``port``, whose ``hosts`` are
-``namespace/dnsName`` patterns.  Listener ports, ``bind``, ``captureMode``,
-``ingress`` listeners, ``inboundConnectionPool`` and ``outboundTrafficPolicy``
-are errors that say what to do instead.
+``namespace/dnsName`` patterns, and ``outboundTrafficPolicy.mode``, which
+overrides the sidecar's ``--outbound-traffic-policy`` (as it overrides
+Istio's meshConfig).  Listener ports, ``bind``, ``captureMode``, ``ingress``
+listeners, ``inboundConnectionPool`` and ``egressProxy`` are errors that say
+what to do instead.
 """
 
 from __future__ import annotations
@@ -32,14 +34,15 @@ from mesh.config.fields import Fields
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService
 from mesh.config.selection import format_labels, selects
 
-_SPEC = {"workloadSelector", "egress"}
+_SPEC = {"workloadSelector", "egress", "outboundTrafficPolicy"}
 _SPEC_UNSUPPORTED = {
     "ingress": "ingress listeners are not supported; the sidecar's inbound listener forwards to the app port "
                "given with mesh-proxy --app-port; remove ingress",
     "inboundConnectionPool": "set connection limits on the sidecar with mesh-proxy --max-connections; remove it",
-    "outboundTrafficPolicy": "the outbound traffic policy is the sidecar's --outbound-traffic-policy option "
-                             "(ALLOW_ANY or REGISTRY_ONLY); remove it and set the option",
 }
+_POLICY_UNSUPPORTED = {"egressProxy": "sending unknown destinations to an egress gateway is not supported; "
+                                      "remove egressProxy (mode REGISTRY_ONLY blocks them)"}
+_POLICY_MODES = ("ALLOW_ANY", "REGISTRY_ONLY")
 _EGRESS = {"hosts"}
 _EGRESS_UNSUPPORTED = {
     "port": "egress listeners on one port are not supported; one egress entry without port applies to "
@@ -72,12 +75,14 @@ class EgressHost:
 
 @dataclass(frozen=True)
 class Sidecar:
-    """A validated ``Sidecar``: its selector (sorted label pairs, None for the namespace) and egress hosts."""
+    """A validated ``Sidecar``: its selector (sorted label pairs, None for the namespace), egress hosts,
+    and ``outboundTrafficPolicy.mode`` (None when absent)."""
 
     name: str
     namespace: str
     selector: tuple | None
     egress_hosts: tuple
+    outbound_traffic_policy: str | None = None
     source: object = field(repr=False, compare=False, default=None)
 
 
@@ -137,8 +142,12 @@ def sidecar_resource(resource, report, domain) -> Sidecar:
                 report.add(host_path, entry)
             else:
                 hosts.append(entry)
+    policy = None
+    if "outboundTrafficPolicy" in f:
+        policy = f.sub("outboundTrafficPolicy", {"mode"}, _POLICY_UNSUPPORTED).enum("mode", _POLICY_MODES,
+                                                                                    default="ALLOW_ANY")
     return Sidecar(name=resource.name, namespace=resource.namespace, selector=selector,
-                   egress_hosts=tuple(dict.fromkeys(hosts)), source=resource)
+                   egress_hosts=tuple(dict.fromkeys(hosts)), outbound_traffic_policy=policy, source=resource)
 
 
 def _egress_host(text: str, own_namespace: str, domain: str) -> EgressHost | str:

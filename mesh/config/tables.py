@@ -408,6 +408,8 @@ class ProxyConfig:
     (empty for a sidecar).
     ``request_authn`` is the workload's merged RequestAuthentications
     (:class:`mesh.config.request_authn.RequestAuthn`, read by :mod:`mesh.proxy.authn`), or None.
+    ``outbound_traffic_policy`` is the mode of the workload's Sidecar (``ALLOW_ANY`` or
+    ``REGISTRY_ONLY``), which overrides the sidecar's ``--outbound-traffic-policy``; None: no override.
     """
 
     version: str
@@ -420,6 +422,7 @@ class ProxyConfig:
     tcp_authz: object = None
     app_service: str | None = None
     request_authn: object = None
+    outbound_traffic_policy: str | None = None
     gateway: dict = field(default_factory=dict)
     sources: tuple = ()
     dump: dict = field(default_factory=dict)

@@ -97,9 +97,10 @@ class PassthroughClusters:
         self._size = size
         self._clusters = {}
 
-    def route(self, ctx, dst):
-        """``(RouteAction, Cluster)`` for a request to ``dst``; :class:`LocalReply` 502 under REGISTRY_ONLY."""
-        if self.policy == REGISTRY_ONLY:
+    def route(self, ctx, dst, configured=None):
+        """``(RouteAction, Cluster)`` for a request to ``dst``; :class:`LocalReply` 502 under REGISTRY_ONLY
+        (``configured``: the policy of the workload's Sidecar, which overrides the sidecar's option)."""
+        if (configured or self.policy) == REGISTRY_ONLY:
             ctx.route, ctx.cluster = self.BLOCK, BLACKHOLE_CLUSTER
             raise LocalReply(502, "UH", f"{dst[0]}:{dst[1]} (Host '{ctx.host}') is not in the mesh registry and "
                              "this sidecar's outbound traffic policy is REGISTRY_ONLY; add a ServiceEntry for it, "
@@ -389,7 +390,7 @@ def outbound_passthrough(reactor, settings, router, bind=None, routes=None) -> P
     ``routes`` (a :class:`mesh.proxy.tcp_proxy.OutboundTcp`) took those to TCP service ports."""
 
     def refusal(dst, conn):
-        if settings.outbound_traffic_policy == REGISTRY_ONLY and not router.knows(dst):
+        if router.outbound_traffic_policy() == REGISTRY_ONLY and not router.knows(dst):
             return Refusal(BLACKHOLE_CLUSTER, "the destination is not in the mesh registry and the outbound traffic "
                            "policy is REGISTRY_ONLY; add a ServiceEntry for it, or run the sidecar with "
                            "--outbound-traffic-policy ALLOW_ANY", flag="UH")

@@ -97,7 +97,7 @@ class OutboundRouter:
             if dst is not None:
                 action = self._route_original_dst(ctx, snapshot, dst)
                 if action is None and self.passthrough is not None:
-                    return self.passthrough.route(ctx, dst)
+                    return self.passthrough.route(ctx, dst, snapshot.config.outbound_traffic_policy)
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
@@ -133,6 +133,10 @@ class OutboundRouter:
         finally:
             ctx.host = host
         return action
+
+    def outbound_traffic_policy(self) -> str:
+        """The policy for destinations outside the registry: the Sidecar's, else the sidecar's option."""
+        return self.runtime.snapshot.config.outbound_traffic_policy or self.passthrough.policy
 
     def knows(self, dst) -> bool:
         """Whether the registry has the original destination ``(ip, port)``: a ServiceEntry

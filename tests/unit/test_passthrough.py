@@ -10,7 +10,7 @@ from twisted.python import usage
 from mesh.proxy.outcome import LocalReply
 from mesh.proxy.passthrough import ALLOW_ANY, REGISTRY_ONLY, PassthroughClusters
 from mesh.proxy.tap import Options, makeService
-from tests.unit.routing_support import captured_request, compile_yaml, outbound_router
+from tests.unit.routing_support import SERVER_ENTRY, captured_request, compile_yaml, outbound_router
 
 
 class Pool:
@@ -62,6 +62,26 @@ def test_registry_only_answers_502_naming_the_fix(config):
     assert "93.184.216.34:443" in raised.value.message and "add a ServiceEntry" in raised.value.message
     assert "--outbound-traffic-policy ALLOW_ANY" in raised.value.message
     assert (ctx.cluster, ctx.route.name) == ("BlackHoleCluster", "block_all")
+
+
+@pytest.mark.parametrize("mode, option, blocked", [
+    ("REGISTRY_ONLY", ALLOW_ANY, True), ("ALLOW_ANY", REGISTRY_ONLY, False), (None, REGISTRY_ONLY, True)],
+    ids=["sidecar-blocks", "sidecar-allows", "option-applies"])
+def test_the_sidecar_resources_outbound_traffic_policy_overrides_the_option(tmp_path, mode, option, blocked):
+    """As Istio's Sidecar ``outboundTrafficPolicy`` overrides meshConfig: HTTP and TCP passthrough both follow it."""
+    policy = f"  outboundTrafficPolicy: {{mode: {mode}}}\n" if mode else ""
+    sidecar = ("---\napiVersion: networking.istio.io/v1\nkind: Sidecar\n"
+               "metadata: {name: default, namespace: default}\n"
+               f"spec:\n  egress: [{{hosts: ['./*']}}]\n{policy}")
+    router = _router(compile_yaml(tmp_path, SERVER_ENTRY + sidecar), option)
+    assert router.outbound_traffic_policy() == (REGISTRY_ONLY if blocked else ALLOW_ANY)
+    ctx = captured_request("api.example.com", ("93.184.216.34", 80))
+    if blocked:
+        with pytest.raises(LocalReply) as raised:
+            router.route(ctx)
+        assert (raised.value.status, raised.value.flag) == (502, "UH")
+    else:
+        assert router.route(ctx)[1].name == "PassthroughCluster"
 
 
 def test_the_oldest_passthrough_cluster_goes_with_its_idle_connections():

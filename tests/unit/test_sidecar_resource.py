@@ -157,11 +157,13 @@ def test_two_namespace_defaults_warn_and_the_first_by_name_applies(tmp_path):
     ("egress: [{}]", ("spec", "egress", 0, "hosts"), "required"),
     ("{}", ("spec", "egress"), "required"),
     ("{egress: [{hosts: ['./*']}], ingress: [{port: {number: 80}}]}", ("spec", "ingress"), "--app-port"),
-    ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY}}",
-     ("spec", "outboundTrafficPolicy"), "--outbound-traffic-policy"),
+    ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY, egressProxy: {host: eg}}}",
+     ("spec", "outboundTrafficPolicy", "egressProxy"), "remove egressProxy"),
+    ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: DENY}}", ("spec", "outboundTrafficPolicy", "mode"),
+     "REGISTRY_ONLY"),
     ("{egress: [{hosts: ['./*']}], inboundConnectionPool: {}}", ("spec", "inboundConnectionPool"), "remove it"),
 ], ids=["no-namespace", "bad-namespace", "bad-host", "port", "bind", "two-listeners", "no-hosts", "no-egress",
-        "ingress", "outbound-policy", "inbound-pool"])
+        "ingress", "egress-proxy", "bad-mode", "inbound-pool"])
 def test_invalid_sidecars_name_the_field_and_what_to_do(tmp_path, spec, field, words):
     if not spec.startswith("{"):
         spec = "{" + spec + "}"
