@@ -43,12 +43,15 @@ class ProxyRuntime:
         self.local_clusters = {spec.name: spec for spec in local_clusters}
         self.authenticator = authenticator
         self.dns = dns
+        self.gateway = None  # a gateway proxy's mesh.proxy.gateway.GatewayListeners, told of each config
         self.snapshot = None
 
     def apply(self, config) -> Snapshot:
         snapshot = self._build(config)
         if self.authenticator is not None:
             self.authenticator.update(config.request_authn)
+        if self.gateway is not None:
+            self.gateway.update(config)
         return snapshot
 
     def refresh_endpoints(self) -> None:
@@ -188,12 +191,18 @@ class InboundRouter:
 
     def route(self, ctx):
         snapshot = self.runtime.snapshot
-        authn = snapshot.config.request_authn
-        if authn is not None:
-            self.runtime.authenticator.authenticate(ctx, authn)
-        for verdict in self._authorize(ctx=ctx, peer=ctx.peer, policies=snapshot.config.authz):
-            allowed, policy = verdict
-            if not allowed:
-                ctx.authz_policy = policy
-                raise LocalReply(403, "RBAC", "RBAC: access denied", rbac_details(policy))
+        admit(self.runtime, self._authorize, ctx, snapshot.config)
         return self._action, snapshot.clusters[self._cluster_name]
+
+
+def admit(runtime, authorize, ctx, config) -> None:
+    """Authenticate (RequestAuthentication) and authorize (``authorize``: the bound ``mesh_authorize``) a request
+    to this workload under ``config``; raises :class:`LocalReply` (401, 403 ``RBAC``) to refuse it."""
+    authn = config.request_authn
+    if authn is not None:
+        runtime.authenticator.authenticate(ctx, authn)
+    for verdict in authorize(ctx=ctx, peer=ctx.peer, policies=config.authz):
+        allowed, policy = verdict
+        if not allowed:
+            ctx.authz_policy = policy
+            raise LocalReply(403, "RBAC", "RBAC: access denied", rbac_details(policy))

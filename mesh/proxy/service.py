@@ -27,6 +27,7 @@ from mesh.proxy.authn import Authenticator
 from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.control_client import ControlClient
 from mesh.proxy.dns import DnsEndpoints, make_resolver
+from mesh.proxy.gateway import GatewayListeners, GatewaySettings
 from mesh.proxy.health import HealthServer
 from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
@@ -88,6 +89,7 @@ class ProxySettings:
     outbound_tcp_ports: tuple = ()  # --outbound-tcp-port: explicit TCP listeners (mesh.proxy.tcp_proxy)
     dns_server: tuple = None  # --dns-server (host, port) for DNS ServiceEntries; None: /etc/resolv.conf
     worker: WorkerSettings = None  # one of --workers N: listen on the parent's sockets (mesh.proxy.workers)
+    gateway: GatewaySettings = None  # --gateway: serve the ports of the Gateways that select it (mesh.proxy.gateway)
 
 
 
@@ -116,6 +118,8 @@ class ProxyService(service.MultiService):
         self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator, self.dns)
         self.ready = False
         self.warnings = ()
+        if settings.gateway is not None:
+            self.runtime.gateway = GatewayListeners(self, settings.gateway)
         self.config_applied_at = None
         self.listeners = []
         passthrough = settings.passthrough
@@ -339,6 +343,7 @@ class ProxyService(service.MultiService):
             "workload": {"name": settings.workload.name, "namespace": settings.workload.namespace,
                          "labels": dict(settings.workload.labels)},
             "listeners": {"outbound": f"{settings.outbound_address}:{settings.outbound_port}",
+                          "gateway": self.runtime.gateway.describe() if self.runtime.gateway is not None else None,
                           "inbound": f"{settings.inbound_address}:{settings.inbound_port}"
                           if settings.app_port else None,
                           "app": f"{settings.app_address}:{settings.app_port}" if settings.app_port else None},

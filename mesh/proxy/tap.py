@@ -16,6 +16,7 @@ from mesh.config.hosts import is_ip
 from mesh.durations import duration_option
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.proxy.app_probes import parse_app_probers
+from mesh.proxy.gateway import GatewaySettings
 from mesh.proxy.listener import Limits
 from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
 from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, PassthroughSettings
@@ -107,16 +108,22 @@ class ProxyOptions(usage.Options):
         ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
         ["workers", None, 1, "Worker processes serving the listeners (also --concurrency, Envoy's word); 1: this "
                              "process serves them (docs/operations.md, \"Worker processes\").", int],
+        ["gateway-address", None, "0.0.0.0", "Address of the gateway ports (with --gateway)."],
         ["access-log", None, "stdout",
          "Access log (a JSON line per request and per TCP passthrough connection): stdout (a daemon has none: "
          "then log), log (twistd's log: its --logfile, --syslog or --logger), off, or a file."],
     ]
+
+    optFlags = [["gateway", None, "Run as an ingress gateway (docs/gateway.md): listen on the ports of the Gateways "
+                                  "whose selector matches this proxy's --label, and route with the VirtualServices "
+                                  "bound to them."]]
 
     def __init__(self):
         super().__init__()
         self["labels"] = {}
         self["disabled-plugins"] = []
         self["outbound-tcp-ports"] = []
+        self["gateway-ports"] = {}
 
     def opt_label(self, value):
         """KEY=VALUE label of this workload (repeatable); selectors match them."""
@@ -131,6 +138,14 @@ class ProxyOptions(usage.Options):
         if not value.isdigit() or not 1 <= int(value) <= 65535:
             raise usage.UsageError(f"--outbound-tcp-port wants a port number, got {value!r}")
         self["outbound-tcp-ports"].append(int(value))
+
+    def opt_gateway_port(self, value):
+        """PORT=LOCAL (repeatable, with --gateway): serve the Gateway server port PORT on the local port LOCAL
+        (unmapped ports listen on their own number)."""
+        port, sep, local = value.partition("=")
+        if not sep or not all(text.isdigit() and 1 <= int(text) <= 65535 for text in (port, local)):
+            raise usage.UsageError(f"--gateway-port wants PORT=LOCAL (two port numbers), got {value!r}")
+        self["gateway-ports"][int(port)] = int(local)
 
     def opt_concurrency(self, value):
         """N: the same as --workers N (Envoy's option name)."""
@@ -147,6 +162,7 @@ class ProxyOptions(usage.Options):
             raise usage.UsageError(f"--workers (--concurrency) is a number of processes from 1 to 64, "
                                    f"got {self['workers']!r}")
         self["workers"] = int(self["workers"])
+        self._check_gateway_options()
         if not self["config-dir"] and not self["control"]:
             raise usage.UsageError("--config-dir (the directory of Istio YAML files) or --control (config from "
                                    "the control plane) is required")
@@ -180,6 +196,17 @@ class ProxyOptions(usage.Options):
         except ValueError as error:
             raise usage.UsageError(f"bad size: {error}") from None
 
+
+    def _check_gateway_options(self):
+        if not self["gateway"]:
+            if self["gateway-ports"]:
+                raise usage.UsageError("--gateway-port maps the ports of a gateway: add --gateway")
+            return
+        if self["app-port"]:
+            raise usage.UsageError("a gateway has no app: remove --app-port (or --gateway)")
+        if self["workers"] > 1:
+            raise usage.UsageError("a gateway runs in one process: remove --workers (its ports follow the config, "
+                                   "which the workers' shared sockets cannot)")
 
     def _parse_app_probers(self):
         given = self["app-probers"] is not None
@@ -289,7 +316,7 @@ def _access_log(options) -> str:
 def _workload(options) -> Workload:
     return Workload(name=options["workload"], namespace=options["namespace"], labels=dict(options["labels"]),
                     service_account=options["service-account"], app_port=options["app-port"] or None,
-                    inbound=_inbound_addresses(options))
+                    inbound=_inbound_addresses(options), gateway=bool(options["gateway"]))
 
 
 def _exit_on_config_errors(errors: ConfigErrors, config_dir: str):
@@ -363,7 +390,8 @@ def makeService(options):
         tracing=TracingSettings(zipkin_url=options["zipkin-url"], sampling=options["trace-sampling"],
                                 zipkin_max_queue=options["zipkin-max-queue"]),
         telemetry=TelemetrySettings(metrics_port=options["metrics-port"], access_log=_access_log(options)),
-        worker=worker)
+        worker=worker, gateway=GatewaySettings(options["gateway-address"], dict(options["gateway-ports"]))
+        if options["gateway"] else None)
     plugins = options.pluginmanager
     disable_after_parse(plugins, options["disabled-plugins"])
     proxy = ProxyService(settings, plugins)

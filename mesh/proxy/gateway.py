@@ -1,0 +1,187 @@
+"""The ingress gateway: ``twistd mesh-proxy --gateway`` (docs/gateway.md).
+
+A gateway proxy is a sidecar without an app: its workload identity calls mesh services over
+mTLS like any sidecar, and it listens on the ports of the Gateways that select it
+(:mod:`mesh.config.gateway` compiles one route table per port into ``ProxyConfig.gateway``).
+
+- :class:`GatewayListeners` follows the config: after each apply it opens a listener for every
+  new port (HTTPS ports terminate TLS with the server's certificate, see :func:`server_context`),
+  closes the ports no Gateway has any more, and swaps the TLS context of the HTTPS ports kept.
+  ``--gateway-port PORT=LOCAL`` maps a server port to the local port it listens on.
+- :class:`GatewayRouter` handles each request of one port: authentication and authorization as
+  for any workload (AuthorizationPolicies that select the gateway's labels), then routing with the
+  port's table through ``mesh_route``, exactly as the sidecar's outbound listener routes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from OpenSSL import SSL
+from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from zope.interface import implementer
+
+from mesh.config.tables import RouteTable
+from mesh.identity.tls import make_context
+from mesh.plugins import fast_caller
+from mesh.proxy.codec.http1_server import DownstreamFactory
+from mesh.proxy.listener import Listener
+from mesh.proxy.paths import normalizer
+from mesh.proxy.runtime import OutboundRouter, Snapshot, admit
+
+log = Logger()
+
+_TLS_VERSIONS = {"TLSV1_2": SSL.TLS1_2_VERSION, "TLSV1_3": SSL.TLS1_3_VERSION}
+_NO_ROUTES = RouteTable()
+
+
+@dataclass(frozen=True)
+class GatewaySettings:
+    """``--gateway`` options: the address the ports listen on, and ``ports`` mapping a Gateway server
+    port to the local port that serves it (``--gateway-port``; unmapped ports listen on their number)."""
+
+    address: str = "0.0.0.0"
+    ports: dict = field(default_factory=dict)
+
+    def local_port(self, port: int) -> int:
+        """The local port that serves the Gateway server port ``port``."""
+        return self.ports.get(port, port)
+
+
+def server_context(tls) -> SSL.Context:
+    """An OpenSSL server context for a :class:`mesh.config.gateway.ServerTLS`: its certificate chain and key,
+    client certificates required (MUTUAL), verified if given (OPTIONAL_MUTUAL) or not asked for (SIMPLE)."""
+    context = make_context(tls.client_cas, tls.key, tls.chain, server=True, require_client_cert=tls.mode == "MUTUAL")
+    if tls.mode == "SIMPLE":
+        context.set_verify(SSL.VERIFY_NONE)
+    context.set_min_proto_version(_TLS_VERSIONS[tls.min_version])
+    if tls.max_version is not None:
+        context.set_max_proto_version(_TLS_VERSIONS[tls.max_version])
+    return context
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _ServerTLS:
+    """Server connections with the current context of one HTTPS port (swapped by :class:`GatewayListeners`)."""
+
+    def __init__(self, context):
+        self.context = context
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        return SSL.Connection(self.context, None)
+
+
+class _PortView:
+    """The runtime as one port's router sees it: the snapshot in force, with the port's routes as its
+    route table (rebuilt once per snapshot)."""
+
+    def __init__(self, runtime, port):
+        self.runtime = runtime
+        self.port = port
+        self._source = self._view = None
+
+    @property
+    def snapshot(self):
+        snapshot = self.runtime.snapshot
+        if snapshot is not self._source:
+            entry = snapshot.config.gateway.get(self.port)
+            routes = entry.routes if entry is not None else _NO_ROUTES
+            self._view = Snapshot(replace(snapshot.config, routes=routes), snapshot.clusters)
+            self._source = snapshot
+        return self._view
+
+
+class GatewayRouter(OutboundRouter):
+    """Routes the requests of one gateway port: authenticate and authorize them as the gateway workload's
+    (:func:`mesh.proxy.runtime.admit`), then route them by the port's table (a miss is 404 ``NR``)."""
+
+    def __init__(self, runtime, hooks, port):
+        super().__init__(_PortView(runtime, port), hooks)
+        self.port = port
+        self._authorize = hooks.mesh_authorize
+
+    def bind_hooks(self, hooks):
+        super().bind_hooks(hooks)
+        self._authorize = fast_caller(hooks.mesh_authorize)
+
+    def route(self, ctx):
+        runtime = self.runtime.runtime
+        admit(runtime, self._authorize, ctx, runtime.snapshot.config)
+        return super().route(ctx)
+
+
+class _Bound:
+    """A listening port as :class:`mesh.proxy.service.ProxyService` stops it when it drains."""
+
+    def __init__(self, port):
+        self.port = port
+
+    def stopService(self):
+        return self.port.stopListening()
+
+
+class GatewayListeners:
+    """The gateway's listeners, one per port of the config in force (see the module docstring)."""
+
+    def __init__(self, proxy, settings: GatewaySettings):
+        self.proxy = proxy
+        self.settings = settings
+        self.open = {}  # Gateway server port -> (Listener, _ServerTLS or None)
+
+    def update(self, config) -> None:
+        """Open, keep or close listeners for the ports of ``config.gateway``."""
+        wanted = config.gateway
+        for port in sorted(set(self.open) - set(wanted)):
+            self._close(port, "no Gateway that selects this proxy has it any more")
+        for port, entry in sorted(wanted.items()):
+            current = self.open.get(port)
+            if current is not None and (current[1] is None) == (entry.tls is None):
+                if entry.tls is not None:
+                    current[1].context = server_context(entry.tls)
+                continue
+            if current is not None:
+                self._close(port, "its protocol changed")
+            self._open(port, entry)
+
+    def describe(self) -> dict:
+        """Server port -> the local address it listens on, for /config_dump."""
+        return {str(port): f"{self.settings.address}:{self.settings.local_port(port)}" for port in sorted(self.open)}
+
+    def _open(self, port, entry) -> None:
+        proxy = self.proxy
+        listener = Listener(proxy.reactor, "outbound", GatewayRouter(proxy.runtime, proxy.plugins.hook, port),
+                            proxy.settings.limits, proxy.plugins.hook, own_identity=proxy.own_identity,
+                            normalize_path=normalizer(proxy.settings.path_normalization))
+        listener.label = f"gateway:{port}"
+        factory = DownstreamFactory(listener)
+        tls = None
+        if entry.tls is not None:
+            tls = _ServerTLS(server_context(entry.tls))
+            factory = TLSMemoryBIOFactory(tls, False, factory)
+        local = self.settings.local_port(port)
+        try:
+            bound = proxy.reactor.listenTCP(local, factory, backlog=1024, interface=self.settings.address)
+        except CannotListenError as error:
+            log.error("gateway port {port} ({protocol}) cannot listen on {address}:{local}: {reason}; free the port "
+                      "or map it elsewhere with --gateway-port {port}=LOCAL", port=port, protocol=entry.protocol,
+                      address=self.settings.address, local=local, reason=str(error.socketError))
+            return
+        listener.server = _Bound(bound)
+        proxy.listeners.append(listener)
+        if proxy.running:
+            listener.start()
+        self.open[port] = (listener, tls)
+        log.info("gateway port {port} ({protocol}) listening on {address}:{local}", port=port,
+                 protocol=entry.protocol, address=self.settings.address, local=local)
+
+    def _close(self, port, why) -> None:
+        listener, _ = self.open.pop(port)
+        self.proxy.listeners.remove(listener)
+        listener.server.stopService()
+        listener.stop()
+        for connection in list(listener.connections):
+            connection.drain()
+        log.info("gateway port {port} closed: {why}", port=port, why=why)

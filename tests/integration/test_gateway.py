@@ -1,0 +1,187 @@
+"""The ingress gateway (``twistd mesh-proxy --gateway``) in front of two mesh services, as in Istio's
+bookinfo "Getting Started" and its "Ingress Gateways" and "Secure Gateways" tasks.
+
+One control plane signs the certificates of three proxies in namespace ``shop``: the sidecars of
+``productpage`` and ``details`` (each before a demo app) and the gateway (``--label
+istio=ingressgateway``), which calls them over mesh mTLS.  Its Gateway has, each mapped to a free
+local port with ``--gateway-port``:
+
+- ``http`` (8080, hosts ``*``): the bookinfo VirtualService (``/productpage``, ``/static`` to
+  productpage, ``/api/v1/products`` to details);
+- ``https`` (8443, ``bookinfo.com``, SIMPLE) and ``mutual`` (8444, MUTUAL): the same routes over TLS
+  with a test CA's certificate;
+- ``redirect`` (8081, ``secure.com``, httpsRedirect);
+- ``hosted`` (8082, ``hosted.com`` and the details service's name): a VirtualService bound to the
+  gateway for hosted.com, and details' own VirtualService, which names no gateway.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from tests.harness import curl, free_port, wait_for
+from tests.harness.certs import ScratchCA
+from tests.integration.test_identity_support import authorization_policy, mesh_endpoint, spiffe, xfcc
+from tests.integration.test_proxy_support import service_entry, write_config
+
+NS = "shop"
+PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "redirect": 8081, "hosted": 8082}
+NETWORKING = "networking.istio.io/v1"
+
+
+def gateway_resource(cert, key, ca) -> dict:
+    def server(name, protocol, hosts, tls=None):
+        entry = {"port": {"number": PORTS[name], "name": name, "protocol": protocol}, "hosts": hosts}
+        if tls is not None:
+            entry["tls"] = tls
+        return entry
+
+    files = {"serverCertificate": str(cert), "privateKey": str(key)}
+    return {"apiVersion": "networking.istio.io/v1beta1", "kind": "Gateway",
+            "metadata": {"name": "bookinfo-gateway", "namespace": NS},
+            "spec": {"selector": {"istio": "ingressgateway"}, "servers": [
+                server("http", "HTTP", ["*"]),
+                server("https", "HTTPS", ["bookinfo.com"], {"mode": "SIMPLE", **files}),
+                server("mutual", "HTTPS", ["bookinfo.com"], {"mode": "MUTUAL", **files, "caCertificates": str(ca)}),
+                server("redirect", "HTTP", ["secure.com"], {"httpsRedirect": True}),
+                server("hosted", "HTTP", ["hosted.com", f"details.{NS}.svc.cluster.local"]),
+            ]}}
+
+
+def virtual_service(name, hosts, http, gateways=None) -> dict:
+    spec = {"hosts": hosts, "http": http}
+    if gateways is not None:
+        spec["gateways"] = gateways
+    return {"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": {"name": name, "namespace": NS},
+            "spec": spec}
+
+
+def to(host, *prefixes, exact=()):
+    match = [{"uri": {"exact": path}} for path in exact] + [{"uri": {"prefix": prefix}} for prefix in prefixes]
+    return {"match": match, "route": [{"destination": {"host": host, "port": {"number": 80}}}]}
+
+
+def documents(pki, inbound, cert=None) -> list:
+    bookinfo = [to("productpage", "/static", exact=["/productpage"]), to("details", "/api/v1/products")]
+    return [
+        gateway_resource(cert or pki["cert"], pki["key"], pki["ca"]),
+        *(service_entry(name, [mesh_endpoint(inbound[name], name)], namespace=NS) for name in inbound),
+        virtual_service("bookinfo", ["*"], bookinfo, gateways=["bookinfo-gateway"]),
+        virtual_service("hosted", ["hosted.com"], [to("productpage", "/")], gateways=[f"{NS}/bookinfo-gateway"]),
+        virtual_service("details", ["details"], [to("details", "/")]),  # no gateways: the sidecars only
+        authorization_policy("gateway-deny", NS, selector={"istio": "ingressgateway"}, action="DENY",
+                             rules=[{"to": [{"operation": {"paths": ["/api/v1/products/secret"]}}]}]),
+    ]
+
+
+@pytest.fixture(scope="module")
+def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
+    pki_dir = tmp_path_factory.mktemp("gateway-pki")
+    ca = ScratchCA.create(pki_dir)
+    cert, key = ca.issue(pki_dir, "bookinfo", ["bookinfo.com", "secure.com"])
+    client = ca.issue(pki_dir, "client", client=True)
+    pki = {"ca": ca.cert_path, "cert": cert, "key": key, "client": client, "dir": pki_dir}
+    control = control_factory()
+    apps = {name: backend_factory(name) for name in ("productpage", "details")}
+    inbound = {name: free_port() for name in apps}
+    config = write_config(tmp_path_factory.mktemp("gateway-config"), *documents(pki, inbound))
+    sidecars = {name: proxy_factory(config, name, namespace=NS, app_port=apps[name].port, inbound_port=inbound[name],
+                                    labels={"app": name}, extra_args=control.proxy_args(NS, name))
+                for name in apps}
+    local = {name: free_port() for name in PORTS}
+    mapping = [arg for name, port in PORTS.items() for arg in ("--gateway-port", f"{port}={local[name]}")]
+    gateway = proxy_factory(config, "ingressgateway", namespace=NS, labels={"istio": "ingressgateway"},
+                            extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mapping,
+                                        *control.proxy_args(NS, "ingressgateway")])
+    return {"gateway": gateway, "sidecars": sidecars, "local": local, "pki": pki, "config": config,
+            "inbound": inbound}
+
+
+def via(mesh, port_name, path, host=None, scheme="http", **kwargs):
+    """curl to the gateway's port ``port_name``; HTTPS goes to bookinfo.com, resolved to loopback."""
+    port = mesh["local"][port_name]
+    if scheme == "https":
+        args = ["--resolve", f"bookinfo.com:{port}:127.0.0.1", *kwargs.pop("extra_args", ())]
+        return curl(f"https://bookinfo.com:{port}{path}", extra_args=args, **kwargs)
+    return curl(f"http://127.0.0.1:{port}{path}", host=host, **kwargs)
+
+
+def served_by(result) -> str:
+    assert result.status == 200, result
+    return result.headers["x-demo-service"]
+
+
+# -- HTTP: the bookinfo gateway ---------------------------------------------------------------------
+
+def test_bookinfo_routes_by_path_over_mesh_mtls(mesh):
+    assert served_by(via(mesh, "http", "/productpage")) == "productpage"
+    assert served_by(via(mesh, "http", "/static/style.css", host="bookinfo.example")) == "productpage"
+    result = via(mesh, "http", "/api/v1/products/0")
+    assert served_by(result) == "details"
+    cert = xfcc(result.json()["headers"]["x-forwarded-client-cert"])
+    assert cert["URI"] == spiffe(NS, "ingressgateway")  # the gateway called details with its own identity
+    assert via(mesh, "http", "/login").status == 404  # no route of the VirtualService matches
+
+
+def test_virtual_service_binding_and_host_matching(mesh):
+    assert served_by(via(mesh, "http", "/productpage", host="hosted.com")) == "productpage"  # '*' server
+    assert served_by(via(mesh, "hosted", "/anything", host="hosted.com:8082")) == "productpage"
+    # details' VirtualService names no gateway: the gateway does not expose it, even on a server with its host
+    not_exposed = via(mesh, "hosted", "/", host=f"details.{NS}.svc.cluster.local")
+    assert not_exposed.status == 404 and not_exposed.headers["x-mesh-flags"] == "NR"
+    assert via(mesh, "hosted", "/", host="other.com").status == 404  # not a host of the server
+    # the sidecars route with the VirtualServices that include them (no gateways: mesh), and only those
+    sidecar = mesh["sidecars"]["productpage"]
+    assert served_by(sidecar.curl("details", "/x")) == "details"
+    assert sidecar.curl("hosted.com", "/").status == 404
+
+
+def test_authorization_policy_selecting_the_gateway(mesh):
+    denied = via(mesh, "http", "/api/v1/products/secret")
+    assert denied.status == 403 and denied.body == b"RBAC: access denied\n"
+
+
+# -- HTTPS -----------------------------------------------------------------------------------------
+
+def test_https_simple_with_a_test_ca(mesh):
+    pki = mesh["pki"]
+    assert served_by(via(mesh, "https", "/productpage", scheme="https",
+                         extra_args=["--cacert", str(pki["ca"])])) == "productpage"
+    untrusted = via(mesh, "https", "/productpage", scheme="https")
+    assert untrusted.status == 0 and untrusted.exit_code == 60, untrusted  # the system CAs do not know it
+
+
+def test_mutual_tls_requires_a_client_certificate(mesh):
+    pki = mesh["pki"]
+    cert, key = pki["client"]
+    ok = via(mesh, "mutual", "/api/v1/products", scheme="https",
+             extra_args=["--cacert", str(pki["ca"]), "--cert", str(cert), "--key", str(key)])
+    assert served_by(ok) == "details"
+    refused = via(mesh, "mutual", "/api/v1/products", scheme="https", extra_args=["--cacert", str(pki["ca"])])
+    assert refused.status == 0 and refused.exit_code in (35, 56), refused  # handshake alert: certificate required
+
+
+def test_https_redirect(mesh):
+    result = via(mesh, "redirect", "/productpage?u=1", host="secure.com")
+    assert result.status == 301
+    assert result.headers["location"] == "https://secure.com/productpage?u=1"
+
+
+def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh):
+    gateway, pki = mesh["gateway"], mesh["pki"]
+    rejected = gateway.log_path.read_text().count("config rejected")
+    missing = pki["dir"] / "missing.pem"
+    write_config(mesh["config"], *documents(pki, mesh["inbound"], cert=missing))
+    try:
+        gateway.reload()
+        wait_for(lambda: gateway.log_path.read_text().count("config rejected") > rejected, 10,
+                 what="the rejection in the gateway's log")
+        assert re.search(rf"config rejected.*Gateway/{NS}/bookinfo-gateway: spec\.servers\[1\]\.tls\."
+                         rf"serverCertificate: cannot read {re.escape(str(missing))}: No such file or directory",
+                         gateway.log_path.read_text()), gateway.log_tail()
+        assert served_by(via(mesh, "https", "/productpage", scheme="https",
+                             extra_args=["--cacert", str(pki["ca"])])) == "productpage"
+    finally:
+        write_config(mesh["config"], *documents(pki, mesh["inbound"]))
