@@ -177,6 +177,10 @@ class DnsEndpoints:
         now = self.reactor.seconds()
         return {name: self._names[name].describe(now) for name in names}
 
+    def warming(self) -> list:
+        """The names whose first lookup has not finished yet (Envoy's cluster warming)."""
+        return sorted(name for name, state in self._names.items() if state.addresses is None and state.error is None)
+
     def stop(self) -> None:
         """Stop every pending lookup timer (the proxy is stopping)."""
         self._forget(())

@@ -36,7 +36,6 @@ from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
-from mesh.proxy.tls_origination import OriginationContexts
 from mesh.proxy.workers import AdoptedPort, WorkerSettings
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
@@ -113,11 +112,11 @@ class ProxyService(service.MultiService):
             self.control_client = ControlClient(reactor, self, settings.identity.control,
                                                 settings.identity.control_identity, settings.state_dir)
         self.upstream_tls = UpstreamTLS(self.credentials)
-        self.origination = OriginationContexts()  # TLS to servers outside the mesh (DestinationRule tls SIMPLE)
         self.authenticator = Authenticator(reactor)  # RequestAuthentication's JWTs (inbound)
         self.dns = DnsEndpoints(reactor, lambda: make_resolver(reactor, settings.dns_server),
                                 lambda: self.runtime.refresh_endpoints())
         self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator, self.dns)
+        self._dns_warmed = False  # readiness waited for the first DNS answers (see readiness)
         self.ready = False
         self.warnings = ()
         if settings.gateway is not None:
@@ -128,7 +127,7 @@ class ProxyService(service.MultiService):
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
             passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
-        tcp = OutboundTcp(reactor, self.runtime, self._source_address())
+        tcp = OutboundTcp(reactor, self.runtime, self.upstream_tls, self._source_address())
         outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
             reactor, passthrough, router, self._source_address(), tcp), normalize_path=normalize_path)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
@@ -203,12 +202,8 @@ class ProxyService(service.MultiService):
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
-        if endpoint_spec.origination is not None:
-            tls = self.origination.get(endpoint_spec.origination)
-        else:
-            tls = self.upstream_tls if endpoint_spec.identity is not None else None
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, tls=tls,
+                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
                               identity=endpoint_spec.identity, bind=self._source_address(),
                               max_requests_per_connection=cluster_spec.max_requests_per_connection,
                               idle_timeout=cluster_spec.idle_timeout,
@@ -329,6 +324,13 @@ class ProxyService(service.MultiService):
         if current is not None and current.expires_in() <= 0:
             return 503, {"ready": False, "reason": "the workload certificate has expired",
                          "last_error": self.agent.last_error if self.agent is not None else None}
+        if not self._dns_warmed:  # as Envoy's first cluster warming: wait for the first DNS answers, once
+            warming = self.dns.warming()
+            if warming:
+                return 503, {"ready": False, "waiting_for": "DNS",
+                             "reason": f"resolving {', '.join(warming)} for the first time"}
+            client = self.control_client
+            self._dns_warmed = self.ready and (client is None or client.applied_version is not None)
         if self.control_client is not None:
             stale = self.control_client.stale
             if self.ready and self.control_client.applied_version is not None:

@@ -48,10 +48,8 @@ class DnsServer(ManagedProcess):
         return f"127.0.0.1:{self.port}"
 
     def set_records(self, records: dict) -> None:
-        """Serve ``records`` from now on (the file is replaced atomically)."""
-        temporary = self.zone.with_suffix(".tmp")
-        temporary.write_text(json.dumps({"ttl": self.ttl, "records": records}))
-        os.replace(temporary, self.zone)
+        """Serve ``records`` from now on."""
+        write_zone(self.zone, records, self.ttl)
 
     def restarted(self) -> DnsServer:
         """A new, started server on the same port with the same zone file (after :meth:`stop`)."""
@@ -59,6 +57,13 @@ class DnsServer(ManagedProcess):
 
     def is_ready(self) -> bool:
         return f"listening on 127.0.0.1:{self.port}" in self.log_tail(5)
+
+
+def write_zone(path: Path, records: dict, ttl: int = 1) -> None:
+    """Write the zone file that the server reads (atomically: a query never sees half a file)."""
+    temporary = Path(path).with_suffix(".tmp")
+    temporary.write_text(json.dumps({"ttl": ttl, "records": records}))
+    os.replace(temporary, path)
 
 
 def main(argv) -> None:

@@ -9,12 +9,15 @@ host on port 80, a VirtualService timeout on it, and ``--outbound-traffic-policy
 
 from __future__ import annotations
 
+import json
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from tests.harness.dns_server import DnsServer
+from tests.harness.net import free_port
+from tests.harness.proxy import Proxy
 from tests.harness.waiting import wait_for
 from tests.integration.test_proxy_support import NETWORKING, cluster_endpoints, virtual_service, write_config
 from tests.integration.test_telemetry_support import access_log
@@ -145,3 +148,29 @@ def test_dns_down_keeps_the_last_addresses_then_recovers(mesh):
     wait_for(lambda: served(proxy, "api.example.test") == "ext-a", 15, what="api to follow the new record")
     assert dns_state(mesh, "api.example.test")["failures"] == 0
     assert "DNS lookup of api.example.test succeeds again" in proxy.log_path.read_text()
+
+
+def test_without_an_answer_the_sidecar_warms_then_answers_503_uh(mesh, process_log_dir, tmp_path_factory):
+    """No DNS server answers: /ready waits for the first lookup (Envoy's cluster warming), then the
+    never-resolved name gets 503 UH saying the lookup timed out."""
+    config = write_config(tmp_path_factory.mktemp("egress-dns-dead"), dns_entry("api", "api.example.test"))
+    proxy = Proxy(config, "lonely", log_dir=process_log_dir,
+                  extra_args=["--dns-server", f"127.0.0.1:{free_port('127.0.0.1')}"]).spawn()
+    try:
+        status, body = wait_for(lambda: _ready(proxy), 15, what="the first /ready answer")
+        assert (status, json.loads(body)["waiting_for"]) == (503, "DNS"), body
+        proxy.wait_ready(15)
+        result = proxy.curl("api.example.test")
+        assert (result.status, result.headers.get("x-mesh-flags")) == (503, "UH")
+        assert b"DNS name api.example.test has not resolved yet (lookup failed: timed out" in result.body, \
+            result.body
+    finally:
+        proxy.stop()
+
+
+def _ready(proxy):
+    """``(status, body)`` of the admin /ready, or None while the admin port is not up."""
+    try:
+        return proxy.admin_request("/ready")
+    except OSError:
+        return None
