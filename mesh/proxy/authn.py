@@ -48,6 +48,7 @@ import binascii
 import json
 import math
 import re
+from typing import NamedTuple
 from urllib.parse import parse_qsl
 
 import jwt
@@ -76,6 +77,9 @@ RETRY_AFTER_FAILURE = 1.0
 KID_MISS_INTERVAL = 5.0
 #: A key set larger than this is refused (bytes).
 MAX_JWKS_BYTES = 512 * 1024
+#: Verified tokens remembered, so a client that sends the same token again skips the signature check
+#: (Envoy's ``jwt_cache_config``, 100 by default); the oldest goes first.
+TOKEN_CACHE_SIZE = 100
 
 # Envoy's messages (jwt_verify_lib), the body of the 401.
 BAD_FORMAT = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
@@ -119,6 +123,7 @@ class Authenticator:
         self.reactor = reactor
         self.agent = agent if agent is not None else Agent(reactor)
         self.sources = {}
+        self._verified = {}  # token -> _Verified, oldest first
 
     def update(self, table) -> None:
         """A new config: start fetching the key sets it names, stop those it no longer names."""
@@ -163,7 +168,31 @@ class Authenticator:
         return [source.status() for _, source in sorted(self.sources.items())]
 
     def _verify(self, ctx, token, providers, may_wait) -> tuple:
-        """``(provider, claims)`` of the provider that verifies ``token``; raises LocalReply or Pending."""
+        """``(provider, claims)`` of the provider that verifies ``token``; raises LocalReply or Pending.
+
+        A token verified before by one of ``providers``, with the key set still in force, is taken from
+        the cache: only its time limits are checked again.
+        """
+        hit = self._verified.get(token)
+        if hit is not None and any(provider is hit.provider for provider in providers) \
+                and self._key_set(hit.provider) is hit.keys:
+            _check_times(ctx, hit.claims, self.reactor.seconds())
+            return hit.provider, hit.claims
+        provider, claims = self._verify_signature(ctx, token, providers, may_wait)
+        if len(self._verified) >= TOKEN_CACHE_SIZE:
+            del self._verified[next(iter(self._verified))]
+        self._verified[token] = _Verified(provider, self._key_set(provider), claims)
+        return provider, claims
+
+    def _key_set(self, provider):
+        """The key set in force for ``provider`` (inline, or the last one fetched; None: none yet)."""
+        if provider.keys is not None:
+            return provider.keys
+        source = self.sources.get(provider.jwks_uri)
+        return None if source is None else source.keys
+
+    def _verify_signature(self, ctx, token, providers, may_wait) -> tuple:
+        """:meth:`_verify` without the cache: PyJWT checks the signature and the time limits."""
         header, claims = _peek(ctx, token)
         issuer = claims.get("iss")
         candidates = [provider for provider in providers if provider.issuer == issuer]
@@ -212,6 +241,23 @@ class Authenticator:
         if not keys and may_wait and source.start_for_token(now, KID_MISS_INTERVAL, kid_miss=True):
             raise _pending(ctx, source)
         return keys, NO_MATCHING_KEY
+
+
+class _Verified(NamedTuple):
+    """A verified token in the cache: who verified it, with which key set, and its claims."""
+
+    provider: object
+    keys: object
+    claims: dict
+
+
+def _check_times(ctx, claims, now: float) -> None:
+    """``exp`` and ``nbf`` of a cached token, with PyJWT's rules and Envoy's clock skew."""
+    expires, not_before = claims.get("exp"), claims.get("nbf")
+    if isinstance(expires, (int, float)) and now > expires + CLOCK_SKEW:
+        raise _denied(ctx, EXPIRED)
+    if isinstance(not_before, (int, float)) and now < not_before - CLOCK_SKEW:
+        raise _denied(ctx, NOT_YET_VALID)
 
 
 def _peek(ctx, token: str) -> tuple:

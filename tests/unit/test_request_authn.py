@@ -6,19 +6,21 @@ from __future__ import annotations
 import json
 import textwrap
 import time
+from types import SimpleNamespace
 
 import jwt
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import RSAAlgorithm
+from twisted.internet.task import Clock
 
 from mesh.config.authz_predicates import compile_rule
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_documents, load_files
-from mesh.config.request_authn import JwtRule, RequestAuthentication
+from mesh.config.request_authn import JwtRule, RequestAuthentication, parse_jwks
 from mesh.config.security_compile import compile_tcp_authz
 from mesh.config.validate import validate
-from mesh.proxy.authn import Authenticator, RequestAuth
+from mesh.proxy.authn import TOKEN_CACHE_SIZE, Authenticator, RequestAuth
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import LocalReply
 from tests.harness.jwks import key_set, public_jwk, sign
@@ -296,3 +298,57 @@ def test_tokens_in_cookies_params_and_custom_headers_are_kept_when_forwarded(tab
 def test_every_token_must_be_valid(table):
     ctx, reply = authenticate(table, {"authorization": f"Bearer {token()}"}, f"/?access_token={token(aud='x')}")
     assert reply.message == "Audiences in Jwt are not allowed"
+
+
+# -- the cache of verified tokens ----------------------------------------------------------------------
+
+URI_SPEC = {"jwtRules": [{"issuer": "https://issuer.example", "jwksUri": "https://issuer.example/jwks"}]}
+
+
+def _cached_authenticator(table, keys_json=JWKS):
+    """An Authenticator on a clock at the wall time, its jwksUri's key set already fetched (``keys_json``)."""
+    clock = Clock()
+    clock.advance(time.time())
+    authenticator = Authenticator(reactor=clock, agent=object())
+    [(uri, _, _)] = table.jwks_uris
+    authenticator.sources[uri] = SimpleNamespace(keys=parse_jwks(keys_json)[0], start_for_token=lambda *_, **__: False)
+    return authenticator, clock
+
+
+def _auth(authenticator, table, good):
+    ctx = RequestContext.for_test(path="/", headers={"authorization": f"Bearer {good}"}, host="api.shop")
+    try:
+        authenticator.authenticate(ctx, table)
+    except LocalReply as reply:
+        return reply.message
+    return ctx.request_auth.principal
+
+
+def test_a_cached_token_still_expires_on_time():
+    """The second request takes the cached verification (the clock, not PyJWT's wall time, decides its expiry)."""
+    table = _compiled(_document("RequestAuthentication", "ra", "shop", URI_SPEC)).request_authn
+    authenticator, clock = _cached_authenticator(table)
+    good = token(aud="any", exp=int(clock.seconds()) + 10)
+    assert _auth(authenticator, table, good) == "https://issuer.example/alice"
+    clock.advance(10 + 61)
+    assert _auth(authenticator, table, good) == "Jwt is expired"
+
+
+def test_a_new_key_set_is_not_answered_from_the_cache():
+    table = _compiled(_document("RequestAuthentication", "ra", "shop", URI_SPEC)).request_authn
+    authenticator, _ = _cached_authenticator(table)
+    good = token(aud="any")
+    assert _auth(authenticator, table, good) == "https://issuer.example/alice"
+    [source] = authenticator.sources.values()
+    source.keys = parse_jwks(key_set(public_jwk(EC_KEY, "e1")))[0]  # the issuer rotated k1 out
+    assert _auth(authenticator, table, good) == "Jwks doesn't have key to match kid or alg from Jwt"
+
+
+def test_the_cache_keeps_the_newest_tokens_only():
+    table = _compiled(_document("RequestAuthentication", "ra", "shop", URI_SPEC)).request_authn
+    authenticator, _ = _cached_authenticator(table)
+    tokens = [token(aud="any", jti=str(index)) for index in range(TOKEN_CACHE_SIZE + 5)]
+    for good in tokens:
+        assert _auth(authenticator, table, good) == "https://issuer.example/alice"
+    assert len(authenticator._verified) == TOKEN_CACHE_SIZE
+    assert tokens[0] not in authenticator._verified and tokens[-1] in authenticator._verified
