@@ -290,6 +290,9 @@ def _service_entry(resource, report, domain) -> ServiceEntry:
         f.error("hosts", f"hosts must be fully qualified names, not wildcards, when resolution {resolution} "
                          "has no endpoints to resolve (the sidecar resolves the hosts themselves); list "
                          "endpoints, or use resolution: STATIC")
+    if dns and len(hosts) > 1 and any(port.protocol == "TCP" for port in ports):
+        f.error("hosts", f"resolution {resolution} with several hosts needs HTTP, TLS or HTTPS ports (as Istio): a "
+                         "TCP connection cannot tell which host it is for; write one ServiceEntry per host")
     addresses = []
     for path, address in f.strings("addresses"):
         if hostnames.is_ip(address):

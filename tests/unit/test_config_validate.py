@@ -172,6 +172,14 @@ def test_dns_resolution_errors(tmp_path):
           ports: [{number: 80, name: http}]
           resolution: DNS_ROUND_ROBIN
           endpoints: [{address: a.example.com}, {address: b_c.example.com}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: tcp}
+        spec:
+          hosts: [db1.example.com, db2.example.com]
+          ports: [{number: 5432, name: pg, protocol: TCP}]
+          resolution: DNS
         """)
     assert errors == [
         f"{path}:5: ServiceEntry/default/wild: spec.hosts: hosts must be fully qualified names, not wildcards, "
@@ -181,6 +189,9 @@ def test_dns_resolution_errors(tmp_path):
         "not a valid host name or IP address",
         f"{path}:16: ServiceEntry/default/rr: spec.endpoints: resolution DNS_ROUND_ROBIN takes 0 or 1 endpoint "
         "(as Istio); use resolution: DNS to balance over several endpoints",
+        f"{path}:22: ServiceEntry/default/tcp: spec.hosts: resolution DNS with several hosts needs HTTP, TLS or "
+        "HTTPS ports (as Istio): a TCP connection cannot tell which host it is for; write one ServiceEntry per "
+        "host",
     ]
 
 
