@@ -37,7 +37,10 @@ average: the way to compare an unchanged tree with a changed one, e.g.::
 PYTHONPATH); the default is this checkout.  The client sends the same head
 every time (``Host`` plus a few headers a real client sends;
 ``--extra-headers`` adds more), checks that each answer is a 200 with nginx's
-1 KiB body, and is not counted itself.
+1 KiB body, and is not counted itself.  ``--protocol h2`` makes it an HTTP/2
+client (prior knowledge, the ``h2`` library, one stream at a time on one
+connection), to count the proxy's HTTP/2 server codec; nginx is still spoken
+to in HTTP/1.1.
 
 ``--cprofile FILE`` runs the (first) tree's proxy without valgrind under
 twistd's cProfile instead, sends the requests, and writes the profile to FILE
@@ -119,6 +122,65 @@ class KeepAliveClient:
         self.sock.close()
 
 
+class H2Client:
+    """One HTTP/2 connection (h2c, prior knowledge) sending the same GET on one stream after another.
+
+    The same head as :class:`KeepAliveClient` (``:authority`` for ``Host``), one stream at a time,
+    so that the proxy's HTTP/2 codec is counted per request; the client is the ``h2`` library.
+    """
+
+    def __init__(self, port: int, host: str, extra_headers: int = 0):
+        from h2.config import H2Configuration
+        from h2.connection import H2Connection
+
+        self.headers = [(":method", "GET"), (":scheme", "http"), (":authority", host), (":path", "/hotpath?n=1"),
+                        ("user-agent", "txmesh-hotpath/1"), ("accept", "*/*"), ("accept-encoding", "gzip, deflate")]
+        self.headers += [(f"x-extra-{index}", f"value-{index}") for index in range(extra_headers)]
+        self.h2 = H2Connection(config=H2Configuration(client_side=True, header_encoding="latin-1"))
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.h2.initiate_connection()
+        self.sock.sendall(self.h2.data_to_send())
+
+    def get(self) -> None:
+        """Send the request on a new stream; read the whole response; fail unless it is nginx's 200."""
+        from h2.events import DataReceived, ResponseReceived, StreamEnded, StreamReset
+
+        h2 = self.h2
+        stream_id = h2.get_next_available_stream_id()
+        h2.send_headers(stream_id, self.headers, end_stream=True)
+        self.sock.sendall(h2.data_to_send())
+        status, body, ended = None, b"", False
+        while not ended:
+            data = self.sock.recv(65536)
+            if not data:
+                raise BenchError("the proxy closed the connection")
+            for event in h2.receive_data(data):
+                if isinstance(event, ResponseReceived):
+                    status = dict(event.headers)[":status"]
+                elif isinstance(event, DataReceived):
+                    body += event.data
+                    h2.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, StreamEnded) and event.stream_id == stream_id:
+                    ended = True
+                elif isinstance(event, StreamReset):
+                    raise BenchError(f"the proxy reset stream {event.stream_id} ({event.error_code})")
+            pending = h2.data_to_send()
+            if pending:
+                self.sock.sendall(pending)
+        if status != "200" or body != BODY:
+            raise BenchError(f"unexpected response from the proxy: status {status}, {len(body)} bytes")
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def _client(args, port: int):
+    """The client of ``--protocol``: HTTP/1.1 keep-alive or HTTP/2 (h2c)."""
+    client_class = H2Client if args.protocol == "h2" else KeepAliveClient
+    return client_class(port, MESH_HOST, args.extra_headers)
+
+
 def _proxy_env(tree: Path, hash_seed=None) -> dict:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])))
     if hash_seed is not None:
@@ -154,7 +216,7 @@ def _callgrind(pid: int, log_dir: Path, *command: str) -> None:
 def measure(args, ws: Workspace, tree: Path, backend_port: int, hash_seed: int) -> float:
     """Median instructions per request of a proxy running from ``tree`` with ``PYTHONHASHSEED=hash_seed``."""
     proxy, port = _start_proxy(ws, tree, backend_port, [], hash_seed)
-    client = KeepAliveClient(port, MESH_HOST, args.extra_headers)
+    client = _client(args, port)
     for _ in range(args.warmup):
         client.get()
     out_file = ws.callgrind_file(proxy.name)
@@ -180,7 +242,7 @@ def profile(args, ws: Workspace, backend_port: int) -> None:
     stats_file = Path(args.cprofile).resolve()
     proxy, port = _start_proxy(ws, args.tree[0], backend_port,
                                [f"--profile={stats_file}", "--profiler=cprofile", "--savestats"])
-    client = KeepAliveClient(port, MESH_HOST, args.extra_headers)
+    client = _client(args, port)
     for _ in range(args.warmup + args.requests * args.samples):
         client.get()
     client.close()
@@ -197,6 +259,9 @@ def parse_args(argv=None):
                         help="PYTHONHASHSEED values, one proxy per seed and tree (default: %(default)s)")
     parser.add_argument("--extra-headers", type=int, default=0, metavar="N",
                         help="add N more request headers (default: %(default)s)")
+    parser.add_argument("--protocol", choices=("http1", "h2"), default="http1",
+                        help="what the client speaks to the proxy: HTTP/1.1 keep-alive, or HTTP/2 with prior "
+                             "knowledge, one stream at a time (default: %(default)s); nginx is spoken to in HTTP/1.1")
     parser.add_argument("--tree", type=Path, action="append",
                         help="checkout the proxy imports mesh from (default: this one); repeat to compare")
     parser.add_argument("--venv", help="virtualenv holding twistd (default: as bench.run)")
@@ -229,8 +294,8 @@ def main(argv=None) -> int:
             if args.cprofile:
                 profile(args, Workspace(work, stack, venv_bin), backend_port)
                 return 0
-            print(f"hotpath: {args.samples} x {args.requests} requests after {args.warmup} warm-up per proxy, "
-                  f"hash seeds {args.hash_seeds}; work dir {work}", flush=True)
+            print(f"hotpath: {args.protocol}, {args.samples} x {args.requests} requests after {args.warmup} "
+                  f"warm-up per proxy, hash seeds {args.hash_seeds}; work dir {work}", flush=True)
             for seed in args.hash_seeds:
                 for index, tree in enumerate(args.tree):
                     root = work / f"tree{index}-seed{seed}"
