@@ -98,7 +98,9 @@ SETTINGS = {
         "interval": DURATION, "baseEjectionTime": DURATION,
         "maxEjectionPercent": {"type": "integer", "minimum": 0, "maximum": 100},
     }),
-    "tls": obj({"mode": enum("ISTIO_MUTUAL", "DISABLE")}),
+    "tls": obj({"mode": enum("ISTIO_MUTUAL", "DISABLE", "SIMPLE", "MUTUAL"), "clientCertificate": STR,
+                "privateKey": STR, "caCertificates": STR, "sni": STR, "subjectAltNames": array(STR),
+                "insecureSkipVerify": BOOL}),
 }
 TRAFFIC_POLICY = obj({**SETTINGS, "portLevelSettings": array(obj(
     {"port": obj({"number": PORT}, required=("number",)), **SETTINGS}, required=("port",)))})

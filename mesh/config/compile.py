@@ -78,7 +78,7 @@ from mesh.config.tables import (
 from mesh.config.validate import validate
 
 _TLS_MODE_LABEL = ("security.istio.io/tlsMode", "istio")
-_POLICY_SETTINGS = ("load_balancer", "connection_pool", "outlier_detection", "tls_mode")
+_POLICY_SETTINGS = ("load_balancer", "connection_pool", "outlier_detection", "tls")
 
 
 @dataclass(frozen=True)
@@ -278,11 +278,14 @@ class _Compiler:
         members = service.members
         if subset is not None:
             members = [member for member in members if set(subset.labels) <= set(member.labels)]
+        tls = settings["tls"]
+        origination = _origination(tls, service.host)
         endpoints = tuple(
             EndpointSpec(address=member.address,
                          port=dict(member.ports).get(port.name) or port.target_port or port.number,
                          labels=member.labels, weight=member.weight,
-                         identity=self._identity(member, service.entry, settings["tls_mode"]))
+                         identity=None if origination else self._identity(member, service.entry, tls),
+                         origination=origination)
             for member in members)
         subset_name = subset.name if subset is not None else ""
         return ClusterSpec(
@@ -297,12 +300,13 @@ class _Compiler:
                                   pool.max_retries),
             resolution=service.entry.resolution)
 
-    def _identity(self, member, entry: ServiceEntry, tls_mode) -> str | None:
+    def _identity(self, member, entry: ServiceEntry, tls) -> str | None:
         """The SPIFFE id an endpoint must present, or None for plaintext.
 
         ``tls.mode`` ISTIO_MUTUAL/DISABLE decides; without it (Istio's auto
         mTLS) endpoints labelled ``security.istio.io/tlsMode: istio`` get mTLS.
         """
+        tls_mode = tls.mode if tls is not None else None
         if tls_mode == "DISABLE" or (tls_mode is None and _TLS_MODE_LABEL not in member.labels):
             return None
         if member.service_account is None and entry.subject_alt_names:
@@ -627,6 +631,17 @@ def _merged_policy(rule, subset, port: int) -> dict:
             if number == port:
                 settings = {name: getattr(port_policy, name) for name in _POLICY_SETTINGS}
     return settings
+
+
+def _origination(tls, host: str):
+    """The :class:`~mesh.config.resources.ClientTLS` with which the sidecar originates TLS to a service's
+    endpoints (None: it does not), its SNI defaulting to the service's host as Istio's auto SNI does (the
+    certificate is then checked against it); a wildcard host gives no SNI."""
+    if tls is None or not tls.originates:
+        return None
+    if tls.sni is None and not host.startswith("*"):
+        return dataclasses.replace(tls, sni=host)
+    return tls
 
 
 def _match_groups(http) -> list:

@@ -156,10 +156,42 @@ class ConnectionPool:
 
 
 @dataclass(frozen=True)
+class ClientTLS:
+    """Istio's ``ClientTLSSettings`` (a DestinationRule's ``tls``).
+
+    ``mode`` is DISABLE, ISTIO_MUTUAL (mesh mTLS), SIMPLE or MUTUAL (TLS origination to a server
+    outside the mesh: :mod:`mesh.proxy.tls_origination`).  The other fields serve SIMPLE and MUTUAL
+    only: file paths on the sidecar's host (``ca_certificates`` None: the system's CA bundle),
+    the ``sni`` to send and the ``subject_alt_names`` the server's certificate must carry (see
+    :meth:`names`), or ``insecure_skip_verify`` to check neither chain nor name.
+    """
+
+    mode: str
+    client_certificate: str | None = None
+    private_key: str | None = None
+    ca_certificates: str | None = None
+    sni: str | None = None
+    subject_alt_names: tuple = ()
+    insecure_skip_verify: bool = False
+
+    @property
+    def originates(self) -> bool:
+        """Whether the sidecar opens TLS of its own to the endpoint (SIMPLE or MUTUAL)."""
+        return self.mode in ("SIMPLE", "MUTUAL")
+
+    def names(self) -> tuple:
+        """The names the server's certificate is checked against (any one must match): the
+        ``subjectAltNames``, else the SNI; none with ``insecureSkipVerify``."""
+        if self.insecure_skip_verify:
+            return ()
+        return self.subject_alt_names or ((self.sni,) if self.sni else ())
+
+
+@dataclass(frozen=True)
 class TrafficPolicy:
     """A ``trafficPolicy``.  None fields are not set here (a less specific policy applies).
 
-    ``tls_mode`` is ISTIO_MUTUAL or DISABLE.  ``port_level`` holds
+    ``tls`` is its :class:`ClientTLS` (``tls_mode`` its mode).  ``port_level`` holds
     ``(port_number, TrafficPolicy)`` pairs that replace all four settings for
     that port, as Istio's ``portLevelSettings`` do.
     """
@@ -167,8 +199,13 @@ class TrafficPolicy:
     load_balancer: LoadBalancer | None = None
     connection_pool: ConnectionPool | None = None
     outlier_detection: OutlierPolicy | None = None
-    tls_mode: str | None = None
+    tls: ClientTLS | None = None
     port_level: tuple = ()
+
+    @property
+    def tls_mode(self) -> str | None:
+        """``tls.mode``, or None when the policy sets no ``tls``."""
+        return self.tls.mode if self.tls is not None else None
 
 
 @dataclass(frozen=True)

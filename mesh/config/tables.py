@@ -168,6 +168,8 @@ class EndpointSpec:
     """One upstream address of a cluster, as configured.
 
     ``identity`` is the SPIFFE id the endpoint must present (None: plaintext).
+    ``origination`` is the :class:`mesh.config.resources.ClientTLS` (mode SIMPLE or MUTUAL)
+    with which the sidecar opens TLS to an endpoint outside the mesh (None: it does not).
     """
 
     address: str
@@ -175,11 +177,12 @@ class EndpointSpec:
     labels: tuple = ()  # sorted ((key, value), ...)
     weight: int = 1
     identity: str | None = None
+    origination: object = None
 
     @property
     def key(self) -> tuple:
-        """Live endpoint state is shared by address, port and expected identity."""
-        return (self.address, self.port, self.identity)
+        """Live endpoint state is shared by address, port, expected identity and TLS origination."""
+        return (self.address, self.port, self.identity, self.origination)
 
 
 @dataclass(frozen=True, slots=True)

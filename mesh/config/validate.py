@@ -24,6 +24,7 @@ from mesh.config.request_authn import request_authentication
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
+    ClientTLS,
     ConnectionPool,
     DestinationRule,
     HTTPMatch,
@@ -143,16 +144,17 @@ _OUTLIER_UNSUPPORTED = {
                                       "failure); remove it",
     "minHealthPercent": "outlier detection is never switched off by low health; remove it",
 }
-_TLS_ONLY_MODE = "only tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"
-_TLS_UNSUPPORTED = {key: _TLS_ONLY_MODE for key in (
-    "clientCertificate", "privateKey", "caCertificates", "credentialName", "subjectAltNames", "sni",
-    "insecureSkipVerify", "caCrl")}
-_TLS_MODE_REJECTED = {
-    "SIMPLE": "TLS origination is not implemented; let the app speak TLS itself, or use ISTIO_MUTUAL "
-              "inside the mesh",
-    "MUTUAL": "TLS origination with your own certificates is not implemented; use ISTIO_MUTUAL inside "
-              "the mesh",
+_TLS = {"mode", "clientCertificate", "privateKey", "caCertificates", "sni", "subjectAltNames", "insecureSkipVerify"}
+_TLS_UNSUPPORTED = {
+    "credentialName": "txmesh reads origination certificates from files on the sidecar's host, not from a "
+                      "Kubernetes Secret; set clientCertificate, privateKey and caCertificates (paths to PEM "
+                      "files) instead",
+    "caCrl": "certificate revocation lists are not checked; remove it",
 }
+#: Fields of ``tls`` that only TLS origination (SIMPLE, MUTUAL) uses.
+_TLS_ORIGINATION_FIELDS = ("clientCertificate", "privateKey", "caCertificates", "sni", "subjectAltNames",
+                           "insecureSkipVerify")
+_TLS_MODES = ("DISABLE", "ISTIO_MUTUAL", "SIMPLE", "MUTUAL")
 
 # -- VirtualService -------------------------------------------------------------------
 
@@ -437,13 +439,41 @@ def _policy_settings(f: Fields, port_level=()) -> TrafficPolicy:
         load_balancer=_load_balancer(f) if "loadBalancer" in f else None,
         connection_pool=_connection_pool(f) if "connectionPool" in f else None,
         outlier_detection=_outlier_detection(f) if "outlierDetection" in f else None,
-        tls_mode=_tls_mode(f) if "tls" in f else None,
+        tls=_client_tls(f) if "tls" in f else None,
         port_level=port_level)
 
 
-def _tls_mode(parent: Fields) -> str:
-    f = parent.sub("tls", {"mode"}, _TLS_UNSUPPORTED)
-    return f.enum("mode", ("DISABLE", "ISTIO_MUTUAL"), _TLS_MODE_REJECTED, default="DISABLE")
+def _client_tls(parent: Fields) -> ClientTLS:
+    """Istio's ``ClientTLSSettings``, checked as Istio's ``validateTLS`` does.
+
+    A field that the mode does not use is an error rather than ignored.  The files are read by the
+    sidecar that uses them (:mod:`mesh.proxy.tls_origination`), on its own host.
+    """
+    f = parent.sub("tls", _TLS, _TLS_UNSUPPORTED)
+    mode = f.enum("mode", _TLS_MODES, default="DISABLE")
+    if mode not in ("SIMPLE", "MUTUAL"):
+        for key in _TLS_ORIGINATION_FIELDS:
+            if key in f:
+                f.error(key, f"'{key}' is used only to originate TLS (mode SIMPLE or MUTUAL), not with mode "
+                             f"{mode}; remove it, or set mode: SIMPLE")
+        return ClientTLS(mode)
+    for key, what in (("clientCertificate", "client certificate"), ("privateKey", "client certificate's key")):
+        if mode == "MUTUAL" and key not in f:
+            f.error(key, f"'{key}' is required with mode MUTUAL: the path of the PEM file of the {what} that the "
+                         "sidecar presents to the server")
+        elif mode == "SIMPLE" and key in f:
+            f.error(key, f"'{key}' is presented only with mode MUTUAL; set mode: MUTUAL, or remove it")
+    skip = f.boolean("insecureSkipVerify")
+    names = tuple(name for _, name in f.strings("subjectAltNames"))
+    if skip:
+        for key in ("caCertificates", "subjectAltNames"):
+            if key in f:
+                f.error(key, f"'{key}' cannot be set with insecureSkipVerify: true (nothing is verified); remove "
+                             "one of the two")
+    return ClientTLS(mode, client_certificate=f.string("clientCertificate"),
+                     private_key=f.string("privateKey"),
+                     ca_certificates=f.string("caCertificates") or None, sni=f.string("sni") or None,
+                     subject_alt_names=names, insecure_skip_verify=skip)
 
 
 def _load_balancer(parent: Fields) -> LoadBalancer:

@@ -215,7 +215,7 @@ def _offer_groups(context: SSL.Context) -> None:
 
 
 def make_context(bundle, key=None, chain=(), *, server: bool, require_client_cert: bool = True,
-                 resumption: bool = True, verify_callback=None) -> SSL.Context:
+                 resumption: bool = True, verify_callback=None, alpn=(ALPN_HTTP1,)) -> SSL.Context:
     """An OpenSSL context with the mesh's TLS settings (see the module docstring).
 
     :param bundle: trusted roots (cryptography certificates).
@@ -227,6 +227,7 @@ def make_context(bundle, key=None, chain=(), *, server: bool, require_client_cer
     :param resumption: (server) issue session tickets (stateless: no server-side
         session store); False issues none that can be resumed.
     :param verify_callback: pyOpenSSL verify callback, run after OpenSSL's own checks.
+    :param alpn: (client) the ALPN protocols offered by default (empty: none).
     """
     ctx = SSL.Context(SSL.TLS_METHOD)
     ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
@@ -257,8 +258,28 @@ def make_context(bundle, key=None, chain=(), *, server: bool, require_client_cer
         else:
             ctx.set_options(SSL.OP_NO_TICKET)
             ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
-    else:
-        ctx.set_alpn_protos([ALPN_HTTP1])
+    elif alpn:
+        ctx.set_alpn_protos(list(alpn))
+    return ctx
+
+
+def origination_context(ca_pem=None, key_pem=None, chain_pem=None, *, verify=True, verify_callback=None) -> SSL.Context:
+    """A client context for TLS originated to a server outside the mesh (:mod:`mesh.proxy.tls_origination`).
+
+    The mesh's TLS settings (:func:`make_context`), offering no ALPN by default (as Istio programs
+    Envoy for origination), with the server's chain verified against
+    ``ca_pem`` (PEM roots) or, when None, the system's CA bundle; ``verify`` False checks
+    nothing.  ``key_pem`` and ``chain_pem`` (leaf first) are the client certificate presented,
+    if any.  Raises ValueError or ``SSL.Error`` when the PEM data is not usable.
+    """
+    bundle = x509.load_pem_x509_certificates(ca_pem) if ca_pem else ()
+    key = serialization.load_pem_private_key(key_pem, password=None) if key_pem else None
+    chain = x509.load_pem_x509_certificates(chain_pem) if chain_pem else ()
+    ctx = make_context(bundle, key, chain, server=False, verify_callback=verify_callback, alpn=())
+    if not verify:
+        ctx.set_verify(SSL.VERIFY_NONE)
+    elif not ca_pem:
+        ctx.set_default_verify_paths()
     return ctx
 
 

@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
@@ -29,7 +30,9 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mesh.identity.tls import ALPN_HTTP1, ClientTLS, ServerTLS, keep_session, peer_certificate_facts, peer_identity
+from mesh.proxy.retry import TLS_FAILURE
 from mesh.proxy.tcp_sni import read_client_hello
+from mesh.proxy.tls_origination import verify_failure
 
 log = Logger()
 
@@ -74,6 +77,10 @@ class UpstreamTLS:
         """``transport`` (to ``peer``) passed the identity check and carried a response: keep its session."""
         keep_session(self.store, peer, transport.getHandle())
 
+    def verifier(self, identity):
+        """The check a connection passes after its handshake: the peer presented ``identity``."""
+        return functools.partial(peer_problem, expected=identity)
+
 
 class _MeshClientTLS(ClientTLS):
     """:class:`ClientTLS` whose connections offer the ALPN list ``alpn`` (with :data:`MESH_ALPN`)."""
@@ -96,14 +103,18 @@ def peer_problem(transport, expected):
     return f"peer identity mismatch: expected {expected}, the endpoint presented {actual or 'no SPIFFE id'}"
 
 
-def setup_failure(reason) -> str:
-    """Why an upstream connection died before it was usable (TLS errors spelled out)."""
+def setup_failure(reason, transport=None) -> str:
+    """Why an upstream connection (``transport``) died before it was usable (TLS errors spelled out,
+    with the certificate check that failed when there is one)."""
     if reason is None:
         return "connection closed during set-up"
     from OpenSSL.SSL import Error as TLSError
 
     if reason.check(TLSError):
-        return f"TLS handshake failed: {reason.value}"
+        refused = verify_failure(transport.getHandle()) if transport is not None else None
+        if refused is not None:
+            return f"{TLS_FAILURE}the server's certificate was refused: {refused}"
+        return f"{TLS_FAILURE}{reason.value}"
     return f"connection closed during set-up: {reason.getErrorMessage()}"
 
 

@@ -35,7 +35,7 @@ class _PoolFactory(ClientFactory):
         self.deferred = deferred
 
     def buildProtocol(self, addr):
-        connection = UpstreamConnection(self.pool, self.pool.identity if self.pool.tls else None)
+        connection = UpstreamConnection(self.pool, self.pool.verify)
         connection.factory = self
         return connection
 
@@ -56,9 +56,12 @@ def describe_connect_failure(reason) -> str:
 class ConnectionPool:
     """Idle connections to one endpoint, most recently used first.
 
-    ``identity`` is the SPIFFE id the endpoint must present; when it is set
-    connections are mTLS through ``tls`` (a
-    :class:`mesh.proxy.mtls.UpstreamTLS`), which may refuse with a reason.
+    ``tls`` wraps connections in TLS, or is None for plaintext: a
+    :class:`mesh.proxy.mtls.UpstreamTLS` (mesh mTLS: ``identity`` is the SPIFFE
+    id the endpoint must present) or a
+    :class:`mesh.proxy.tls_origination.OriginationTLS` (TLS to a server outside
+    the mesh); either may refuse with a reason, and gives the check
+    (``verify``) a connection passes after its handshake before it is used.
     ``bind`` is the local source address of new connections (None: any).
     ``max_requests_per_connection`` (DestinationRule
     ``connectionPool.http.maxRequestsPerConnection``; 0: unlimited) closes a
@@ -82,7 +85,8 @@ class ConnectionPool:
         self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.identity = identity
-        self.tls = tls if identity is not None else None
+        self.tls = tls
+        self.verify = tls.verifier(identity) if tls is not None else None
         self.peer = (address, port, identity)  # whom the TLS sessions are kept for
         self.bind = (bind, 0) if bind else None
         self.max_requests_per_connection = max_requests_per_connection
@@ -149,7 +153,7 @@ class ConnectionPool:
     def take_over(self, transport) -> UpstreamConnection:
         """An HTTP/1.1 connection on ``transport``, a TLS connection whose peer is verified
         and declined ALPN ``h2`` (see :meth:`H2Pool.alpn_declined`)."""
-        connection = UpstreamConnection(self, self.identity)
+        connection = UpstreamConnection(self, self.verify)
         transport.wrappedProtocol = connection
         connection.makeConnection(transport)
         connection.connected_ok = True
@@ -264,7 +268,7 @@ class H2Pool:
             refusal = pool.tls.refusal()
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
-        connection = H2UpstreamConnection(self, pool.identity, pool.max_concurrent_streams,
+        connection = H2UpstreamConnection(self, pool.verify, pool.max_concurrent_streams,
                                           pool.max_requests_per_connection)
         connection.waiters.append(deferred)
         self._connecting.append(connection)

@@ -85,10 +85,24 @@ class RetryBudget:
         return {"retries": self.retries, "upstream_rq_retry_budget_exhausted": self.exhausted}
 
 
+#: How a connect failure's detail starts when the TLS handshake or the peer check failed
+#: (:func:`mesh.proxy.mtls.setup_failure`, :mod:`mesh.proxy.tls_origination`).
+TLS_FAILURE = "TLS handshake failed: "
+
+
 def failure_reply(outcome, host_port):
-    """``(status, flag, message, details)`` of the local reply to a failed last try."""
+    """``(status, flag, message, details)`` of the local reply to a failed last try.
+
+    A TLS failure's reason joins the details as Envoy's transport failure reason does
+    (``{connection_failure,TLS_error:...}``, spaces as underscores), so the access log says it.
+    """
     if outcome.kind == "connect-failure":
-        return (503, "UF", f"upstream connect error ({host_port}): {outcome.detail}",
+        detail = outcome.detail
+        if detail.startswith(TLS_FAILURE):
+            reason = detail[len(TLS_FAILURE):].replace(" ", "_")
+            return (503, "UF", f"upstream connect error ({host_port}): {detail}",
+                    f"upstream_reset_before_response_started{{connection_failure,TLS_error:{reason}}}")
+        return (503, "UF", f"upstream connect error ({host_port}): {detail}",
                 "upstream_reset_before_response_started{connection_failure}")
     if outcome.kind == "timeout":
         return (504, "UT", f"upstream per-try timeout ({host_port}); raise perTryTimeout if this is expected",

@@ -36,6 +36,7 @@ from mesh.proxy.paths import BASE, normalizer
 from mesh.proxy.pool import ConnectionPool
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
+from mesh.proxy.tls_origination import OriginationContexts
 from mesh.proxy.workers import AdoptedPort, WorkerSettings
 from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
@@ -112,6 +113,7 @@ class ProxyService(service.MultiService):
             self.control_client = ControlClient(reactor, self, settings.identity.control,
                                                 settings.identity.control_identity, settings.state_dir)
         self.upstream_tls = UpstreamTLS(self.credentials)
+        self.origination = OriginationContexts()  # TLS to servers outside the mesh (DestinationRule tls SIMPLE)
         self.authenticator = Authenticator(reactor)  # RequestAuthentication's JWTs (inbound)
         self.dns = DnsEndpoints(reactor, lambda: make_resolver(reactor, settings.dns_server),
                                 lambda: self.runtime.refresh_endpoints())
@@ -127,7 +129,7 @@ class ProxyService(service.MultiService):
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
             passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
-        tcp = OutboundTcp(reactor, self.runtime, self.upstream_tls, self._source_address())
+        tcp = OutboundTcp(reactor, self.runtime, self._source_address())
         outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
             reactor, passthrough, router, self._source_address(), tcp), normalize_path=normalize_path)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)
@@ -202,8 +204,12 @@ class ProxyService(service.MultiService):
         listener.server.setServiceParent(self)
 
     def _make_pool(self, endpoint_spec, cluster_spec):
+        if endpoint_spec.origination is not None:
+            tls = self.origination.get(endpoint_spec.origination)
+        else:
+            tls = self.upstream_tls if endpoint_spec.identity is not None else None
         return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, tls=self.upstream_tls,
+                              connect_timeout=cluster_spec.connect_timeout, tls=tls,
                               identity=endpoint_spec.identity, bind=self._source_address(),
                               max_requests_per_connection=cluster_spec.max_requests_per_connection,
                               idle_timeout=cluster_spec.idle_timeout,

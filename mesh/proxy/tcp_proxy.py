@@ -20,7 +20,9 @@ never sniffed (:meth:`mesh.proxy.passthrough.Passthrough.detecting`).  Then, as 
    once (``UO``, counted in ``mesh_upstream_cx_overflow_total``), as Envoy's ``tcp_proxy`` does
    with the cluster's :class:`mesh.proxy.circuit.CircuitBreaker`;
 4. a connection to it within the cluster's ``connectTimeout``, over mesh mTLS when the endpoint
-   has an identity (the peer's SPIFFE id is checked before any client byte is sent); a
+   has an identity (the peer's SPIFFE id is checked before any client byte is sent), or over TLS
+   the sidecar originates when the DestinationRule's ``tls`` mode is SIMPLE or MUTUAL
+   (:mod:`mesh.proxy.tls_origination`: the server's chain and name are checked first); a
    failure closes the client's connection (``UF``) and counts for outlier detection, as a
    connect failure does for HTTP; a success ends the endpoint's failure streak;
 5. the two connections are spliced (:class:`mesh.proxy.passthrough.TcpUpstream`).
@@ -52,7 +54,7 @@ from mesh.config.security_tables import NO_ALLOW_MATCHED
 from mesh.plugins import fast_caller
 from mesh.proxy import outlier
 from mesh.proxy.codec.http1_server import DownstreamConnection
-from mesh.proxy.mtls import peer_problem, setup_failure
+from mesh.proxy.mtls import setup_failure
 from mesh.proxy.passthrough import TcpUpstream, report
 from mesh.proxy.pool import describe_connect_failure
 from mesh.proxy.runtime import rbac_details
@@ -242,16 +244,18 @@ class _Tunnel:
         self.cluster = cluster
         self.bind = bind
 
-    def connect(self, host, port, timeout, tls=None, identity=None):
-        """Connect to ``host:port``; over mTLS (``tls``, a :class:`mesh.proxy.mtls.UpstreamTLS`) when
-        ``identity`` (the SPIFFE id the peer must present) is set."""
-        factory = _UpstreamFactory(self, identity)
-        if identity is not None:
+    def connect(self, host, port, timeout, pool=None):
+        """Connect to ``host:port``; over TLS when the endpoint's ``pool`` (a
+        :class:`mesh.proxy.pool.ConnectionPool`) has a TLS wrapper (mesh mTLS, or TLS origination),
+        whose check the peer must pass before any client byte is sent."""
+        tls = pool.tls if pool is not None else None
+        factory = _UpstreamFactory(self, pool.verify if tls is not None else None)
+        if tls is not None:
             refusal = tls.refusal()
             if refusal is not None:
                 self.fail(refusal)
                 return
-            factory = tls.wrap(factory, (host, port, identity))
+            factory = tls.wrap(factory, pool.peer)
         self.held.connector = self.reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=self.bind)
 
     def refuse(self, flag, why):
@@ -307,12 +311,12 @@ class _Tunnel:
 class _UpstreamFactory(ClientFactory):
     noisy = False
 
-    def __init__(self, tunnel, identity):
+    def __init__(self, tunnel, verify_peer):
         self.tunnel = tunnel
-        self.identity = identity
+        self.verify_peer = verify_peer
 
     def buildProtocol(self, addr):
-        return MeshTcpUpstream(self.tunnel, self.tunnel.held, self.identity)
+        return MeshTcpUpstream(self.tunnel, self.tunnel.held, self.verify_peer)
 
     def clientConnectionFailed(self, connector, reason):
         self.tunnel.fail(describe_connect_failure(reason))
@@ -320,22 +324,23 @@ class _UpstreamFactory(ClientFactory):
 
 @implementer(IHandshakeListener)
 class MeshTcpUpstream(TcpUpstream):
-    """A :class:`~mesh.proxy.passthrough.TcpUpstream` that, over mesh mTLS, is spliced only once the
-    handshake is done and the peer presented ``identity``; otherwise it closes with ``failure`` set.
+    """A :class:`~mesh.proxy.passthrough.TcpUpstream` that, over TLS (mesh mTLS or TLS origination), is
+    spliced only once the handshake is done and ``verify_peer(transport)`` found no problem (over mTLS:
+    the peer presented the expected identity); otherwise it closes with ``failure`` set.
     Lost before the splice, it leaves closing the client's connection to its owner (a FIN, not the
     passthrough's reset)."""
 
-    def __init__(self, owner, held, identity=None):
+    def __init__(self, owner, held, verify_peer=None):
         super().__init__(owner, held)
-        self.identity = identity
+        self.verify_peer = verify_peer
         self.failure = None
 
     def connectionMade(self):
-        if self.identity is None:
+        if self.verify_peer is None:
             super().connectionMade()
 
     def handshakeCompleted(self):
-        self.failure = peer_problem(self.transport, self.identity)
+        self.failure = self.verify_peer(self.transport)
         if self.failure is not None:
             self.transport.abortConnection()
             return
@@ -344,7 +349,7 @@ class MeshTcpUpstream(TcpUpstream):
     def connectionLost(self, reason=None):
         if self.local is None and not self.conn.closing:  # never spliced: the owner closes the client (FIN)
             if self.failure is None:
-                self.failure = setup_failure(reason)
+                self.failure = setup_failure(reason, self.transport)
             self.passthrough.closed(self, "UC")
             return
         super().connectionLost(reason)
@@ -381,14 +386,14 @@ class OutboundTcp:
     """Routes the outbound side's TCP connections to TCP service ports (see the module docstring).
 
     :param runtime: the :class:`mesh.proxy.runtime.ProxyRuntime` (config and live clusters).
-    :param tls: the :class:`mesh.proxy.mtls.UpstreamTLS` of mesh connections.
     :param bind: source address of upstream connections (None: any).
+
+    A connection to an endpoint is TLS as the endpoint's pool says (mesh mTLS, TLS origination).
     """
 
-    def __init__(self, reactor, runtime, tls, bind=None):
+    def __init__(self, reactor, runtime, bind=None):
         self.reactor = reactor
         self.runtime = runtime
-        self.tls = tls
         self.bind = (bind, 0) if bind else None
 
     def take(self, conn, dst, take_buffer) -> bool:
@@ -470,7 +475,7 @@ class OutboundTcp:
                       "maxConnections if this load is expected")
             return
         tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster, self.bind)
-        tunnel.connect(endpoint.address, endpoint.port, cluster.spec.connect_timeout, self.tls, endpoint.spec.identity)
+        tunnel.connect(endpoint.address, endpoint.port, cluster.spec.connect_timeout, endpoint.pool)
 
 
 class InboundTcp:

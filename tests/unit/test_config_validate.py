@@ -334,10 +334,8 @@ def test_destination_rule_rejections(tmp_path):
         (13, "spec.trafficPolicy.outlierDetection.consecutiveErrors: 'consecutiveErrors' is not supported by "
              "txmesh; it is deprecated in Istio; use consecutive5xxErrors"),
         (13, "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be >= 0 and <= 100, not 101"),
-        (14, "spec.trafficPolicy.tls.clientCertificate: 'clientCertificate' is not supported by txmesh; only "
-             "tls.mode (ISTIO_MUTUAL or DISABLE) is supported; remove it"),
-        (14, "spec.trafficPolicy.tls.mode: mode MUTUAL is not supported by txmesh; TLS origination with your "
-             "own certificates is not implemented; use ISTIO_MUTUAL inside the mesh"),
+        (14, "spec.trafficPolicy.tls.privateKey: 'privateKey' is required with mode MUTUAL: the path of the PEM "
+             "file of the client certificate's key that the sidecar presents to the server"),
     ])
 
 

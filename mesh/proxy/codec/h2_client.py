@@ -48,7 +48,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from mesh.proxy.codec.heads import HOP_BY_HOP, forwarded
-from mesh.proxy.mtls import peer_problem, setup_failure
+from mesh.proxy.mtls import setup_failure
 from mesh.proxy.sockets import set_nodelay
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
@@ -138,9 +138,9 @@ def _response_fields(headers) -> tuple:
 class H2UpstreamConnection(Protocol):
     """One HTTP/2 connection to an endpoint, shared by the streams of many tries.
 
-    ``pool`` is the endpoint's :class:`mesh.proxy.pool.H2Pool`.  Over mTLS
-    (``expected_identity`` set) the connection is usable only after the
-    handshake, once the peer's SPIFFE id is the expected one and it selected
+    ``pool`` is the endpoint's :class:`mesh.proxy.pool.H2Pool`.  Over TLS
+    (``verify_peer`` set: the pool's check) the connection is usable only after the
+    handshake, once the peer passed that check (over mTLS: its SPIFFE id) and it selected
     ALPN ``h2`` (if it selected HTTP/1.1, the pool turns the connection into
     an HTTP/1.1 one).  ``active`` counts the streams handed out and not done;
     ``capacity`` is how many it may have at once (the peer's
@@ -150,9 +150,9 @@ class H2UpstreamConnection(Protocol):
     *draining*: it takes no new stream and closes when its last one is done.
     """
 
-    def __init__(self, pool, expected_identity=None, max_streams=0, max_requests=0):
+    def __init__(self, pool, verify_peer=None, max_streams=0, max_requests=0):
         self.pool = pool
-        self.expected_identity = expected_identity
+        self.verify_peer = verify_peer
         self.max_streams = max_streams
         self.max_requests = max_requests
         self.h2 = H2Connection(config=_CONFIG)
@@ -183,12 +183,12 @@ class H2UpstreamConnection(Protocol):
     # -- Twisted Protocol -------------------------------------------------
     def connectionMade(self):
         set_nodelay(self.transport)
-        if self.expected_identity is None:
+        if self.verify_peer is None:
             self._start()
 
     def handshakeCompleted(self):
         """TLS is up: check who the peer is and which protocol it chose."""
-        problem = peer_problem(self.transport, self.expected_identity)
+        problem = self.verify_peer(self.transport)
         if problem is not None:
             self.pool.connection_failed(self, problem)
             self.transport.abortConnection()
@@ -228,7 +228,7 @@ class H2UpstreamConnection(Protocol):
 
     def connectionLost(self, reason=None):
         if not self.connected_ok:
-            self.pool.connection_failed(self, setup_failure(reason))
+            self.pool.connection_failed(self, setup_failure(reason, self.transport))
         self.connected_ok = False
         self.draining = True
         self.pool.connection_lost(self)
