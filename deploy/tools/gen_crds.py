@@ -68,7 +68,7 @@ SERVICE_ENTRY = obj({
     "ports": array(obj({"number": PORT, "name": STR, "protocol": STR, "targetPort": PORT},
                        required=("number", "name")), minItems=1),
     "location": enum("MESH_EXTERNAL", "MESH_INTERNAL"),
-    "resolution": enum("STATIC"),
+    "resolution": enum("STATIC", "DNS", "DNS_ROUND_ROBIN"),
     "endpoints": array(obj(dict(WORKLOAD), required=("address",))),
     "workloadSelector": obj({"labels": strmap()}),
     "subjectAltNames": array(STR, maxItems=1),
