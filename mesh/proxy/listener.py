@@ -21,6 +21,7 @@ from mesh.proxy.codec.http1_server import normalise_host
 from mesh.proxy.mtls import inbound_peer
 from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.paths import normalize_base
+from mesh.proxy.sockets import lean_dispatch
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,10 @@ class Listener:
         self._sweeper.clock = reactor
 
     def start(self):
-        """Bind the hooks (every plugin is registered by now) and start the timer sweep."""
+        """Bind the hooks (every plugin is registered by now), make the reactor's event dispatch lean
+        (:func:`mesh.proxy.sockets.lean_dispatch`) and start the timer sweep."""
         self.bind_hooks()
+        lean_dispatch(self.reactor)
         self._sweeper.start(1.0, now=False)
 
     def bind_hooks(self):

@@ -1,6 +1,11 @@
-"""Small socket helpers shared by the listeners and the upstream pools."""
+"""Small socket helpers shared by the listeners and the upstream pools, and the reactor's event dispatch."""
 
 from __future__ import annotations
+
+from types import MethodType
+
+from twisted.internet.epollreactor import EPollReactor
+from twisted.python import log
 
 
 def set_nodelay(transport) -> None:
@@ -71,3 +76,46 @@ def _tcp_transport(transport):
             return transport
         transport = getattr(transport, "transport", None)
     return None
+
+
+def lean_dispatch(reactor) -> None:
+    """Dispatch the epoll reactor's I/O events without a logging context per event.
+
+    Twisted's epoll reactor runs every read or write event through
+    ``log.callWithLogger``: the selectable's ``logPrefix()``, a copy of the
+    current logging context with ``system`` set to it, and a context push and
+    pop, around ``_doReadOrWrite``.  That ``system`` only reaches log events
+    emitted with the legacy ``twisted.python.log.msg`` API while the event is
+    handled; txmesh logs with ``twisted.logger``, whose events never read it.
+    This makes ``reactor`` call ``_doReadOrWrite`` directly instead (which
+    itself logs and disconnects a selectable whose ``doRead``/``doWrite``
+    raises); anything else raised is logged with the selectable's prefix as
+    before, and the other events of the poll are still dispatched.  Any
+    reactor but an unmodified epoll reactor is left alone.  Idempotent.
+    """
+    if getattr(type(reactor), "doIteration", None) is EPollReactor.doPoll and "doIteration" not in vars(reactor):
+        reactor.doIteration = MethodType(_do_poll, reactor)
+
+
+def _do_poll(reactor, timeout) -> None:
+    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event (see :func:`lean_dispatch`)."""
+    try:
+        events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
+    except InterruptedError:
+        return
+    selectables = reactor._selectables
+    dispatch = reactor._doReadOrWrite
+    for fd, event in events:
+        selectable = selectables.get(fd)
+        if selectable is not None:
+            try:
+                dispatch(selectable, fd, event)
+            except BaseException:
+                log.err(system=_log_prefix(selectable))
+
+
+def _log_prefix(selectable) -> str:
+    try:
+        return selectable.logPrefix()
+    except BaseException:
+        return "(buggy logPrefix method)"

@@ -99,3 +99,59 @@ def test_a_transport_is_converted_once():
     finally:
         ours.close()
         peer.close()
+
+
+class Reader:
+    """A readable selectable on a socket: records its reads; ``fail`` makes ``doRead`` raise."""
+
+    def __init__(self, sock, fail=False):
+        self.sock = sock
+        self.fail = fail
+        self.reads = []
+        self.lost = []
+
+    def fileno(self):
+        return self.sock.fileno()
+
+    def logPrefix(self):
+        return "Reader"
+
+    def doRead(self):
+        if self.fail:
+            raise RuntimeError("broken doRead")
+        self.reads.append(self.sock.recv(100))
+
+    def connectionLost(self, reason):
+        self.lost.append(reason)
+
+
+def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
+    from twisted.internet.epollreactor import EPollReactor
+    from twisted.internet.task import Clock
+
+    from mesh.proxy.sockets import lean_dispatch
+
+    reactor = EPollReactor()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        lean_dispatch(reactor)
+        lean_dispatch(reactor)  # idempotent
+        assert "doIteration" in vars(reactor)
+        good, bad = Reader(pairs[0][0]), Reader(pairs[1][0], fail=True)
+        reactor.addReader(bad)
+        reactor.addReader(good)
+        pairs[0][1].send(b"hello")
+        pairs[1][1].send(b"boom")
+        reactor.doIteration(1)
+        assert good.reads == [b"hello"] and not good.lost
+        assert bad.lost and bad.lost[0].check(RuntimeError)  # logged and disconnected by _doReadOrWrite
+        assert bad not in reactor.getReaders() and good in reactor.getReaders()
+    finally:
+        reactor.removeAll()
+        for ours, peer in pairs:
+            ours.close()
+            peer.close()
+        reactor._poller.close()
+    clock = Clock()
+    lean_dispatch(clock)  # not an epoll reactor: left alone
+    assert "doIteration" not in vars(clock)
