@@ -26,12 +26,11 @@ from twisted.python.threadpool import ThreadPool
 
 from mesh.api import CAStatus, CAUnavailable, SignedCertificate
 
-from . import pki
+from . import NAME, pki
 from .vault import RETRY_LATER, PermissionDenied, TokenKeeper, VaultClient
 
 log = Logger(namespace="txmesh_vault")
 
-NAME = "vault"
 #: Seconds a CSR may wait beyond ``--vault-timeout`` (for its turn in the pool) before it is answered 503.
 GRACE = 1.0
 #: The soonest the next refresh runs, in seconds (a token due for renewal asks for "now").
