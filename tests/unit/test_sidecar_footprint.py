@@ -24,7 +24,8 @@ print(json.dumps(sorted({name.partition(".")[0] for name in sys.modules})))
 
 
 def test_a_sidecar_loads_no_ca_client_library():
-    result = subprocess.run([sys.executable, "-c", BUILD_SIDECAR, str(BOOKINFO)], capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", BUILD_SIDECAR, str(BOOKINFO)], capture_output=True, text=True,
+                            timeout=60)
     assert result.returncode == 0, result.stderr
     loaded = set(json.loads(result.stdout.splitlines()[-1]))
     assert {"txmesh_vault", "txmesh_awspca"} <= loaded, "the plugins are installed and loaded"
