@@ -2,17 +2,23 @@
 
 Starts ``twistd mesh-control`` (a fresh state dir and a config dir of ``--services`` services, each a
 ServiceEntry + DestinationRule + VirtualService exported to every namespace), then runs
-:mod:`bench.scale_client` in a separate process: ``--sessions`` real config streams (mutual TLS, each
-with its own workload certificate, HELLO, ACK of every SNAPSHOT).  The client rewrites one file of the
-config dir ``--changes`` times; the directory watcher applies it and every session's snapshot changes.
-For each change it records, per session, the time from the file write to the session's ACK.
+:mod:`bench.scale_client` in ``--processes`` separate processes (so that the load generator is not the
+bottleneck): ``--sessions`` real config streams in all (mutual TLS, each with its own workload
+certificate, HELLO, ACK of every SNAPSHOT).  With ``--endpoints`` every session also announces an
+inbound listener, so it is a registry endpoint of its namespace's ``local-app`` service and each new
+session changes the snapshots of its namespace.  Then ``--changes`` times this process rewrites one
+file of the config dir; the directory watcher applies it and every session's snapshot changes; each
+client records, per session, the time from the file write to the session's ACK.
 
-Reported: the connect phase, per change the convergence time (the last session's ACK), and over all
-changes p50 / p99 / max of the per-session times; the control plane's peak RSS (VmHWM) and its
-/proxies view (every session connected, ``version_acked == version_sent``).
+Reported: the connect phase (``connect``: until every session has its first snapshot; ``quiet``: until
+no snapshot came for 0.5 s, the registry pushes included), per change the convergence time (the last
+session's ACK), and over all changes p50 / p99 / max of the per-session times; the control plane's
+peak RSS (VmHWM), its ``mesh_control_pushes_total`` and its /proxies view (every session connected,
+``version_acked == version_sent``).
 
     .venv/bin/python -m bench.scale                      # 500 sessions, 5 changes
     .venv/bin/python -m bench.scale --sessions 200 --changes 3 --endpoints
+    .venv/bin/python -m bench.scale --targets            # the three cases of issue #15, docs/performance.md
     .venv/bin/python -m bench.scale --profile /tmp/control.prof   # cProfile of mesh-control (twistd --profile)
 """
 
@@ -29,6 +35,8 @@ import urllib.request
 from pathlib import Path
 
 import yaml
+
+from bench.scale_client import node_name, percentile, write_change
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_NAMESPACE = "scale-config"
@@ -99,28 +107,134 @@ def admin_json(port: int, path: str):
         return json.loads(response.read())
 
 
+class ClientProcess:
+    """One :mod:`bench.scale_client` process, driven by a command a line (its module doc)."""
+
+    def __init__(self, argv, log_path):
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=self.log, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+    def send(self, command: str) -> None:
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict:
+        """The next JSON line; RuntimeError (with the log's tail) if the process ended or failed."""
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(10)
+            with open(self.log.name, "rb") as log:
+                tail = log.read()[-3000:].decode(errors="replace")
+            raise RuntimeError(f"scale client exited {self.proc.returncode}: {tail}")
+        document = json.loads(line)
+        if "error" in document:
+            raise RuntimeError(f"scale client: {document['error']}")
+        return document
+
+    def close(self) -> None:
+        try:
+            self.send("exit")
+            self.proc.wait(15)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+def ask(clients, command) -> list:
+    """Send ``command`` to every client (they run it concurrently), then read each one's answer."""
+    for client in clients:
+        client.send(command)
+    return [client.answer() for client in clients]
+
+
 def run_client(control_address: str, state_dir, config_dir, sessions: int, changes: int, *, namespaces: int = 10,
-               endpoints: bool = False, admin_port: int | None = None, timeout: float = 600.0, extra=()) -> dict:
-    """Run :mod:`bench.scale_client` in its own process; its JSON result."""
-    argv = [sys.executable, "-m", "bench.scale_client", "--control", control_address, "--state-dir", str(state_dir),
-            "--config-dir", str(config_dir), "--sessions", str(sessions), "--changes", str(changes),
-            "--namespaces", str(namespaces), *(["--endpoints"] if endpoints else []),
-            *(["--admin-port", str(admin_port)] if admin_port else []), *extra]
-    proc = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "PYTHONPATH": str(REPO)})
-    if proc.returncode != 0 or not proc.stdout.strip():
-        raise RuntimeError(f"scale client exited {proc.returncode}: {proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+               endpoints: bool = False, admin_port: int | None = None, processes: int = 4, settle: float = 0.5,
+               timeout: float = 120.0, log_dir=None) -> dict:
+    """Run ``sessions`` sessions in ``processes`` :mod:`bench.scale_client` processes; the merged result.
+
+    Connect every session (``connect_s``: until each has its first snapshot; ``settled_s``: until no
+    snapshot came for ``settle`` s, the registry pushes of the connect included), then ``changes`` times
+    rewrite the change file and collect, per session, the time from the write to its ACK.
+    """
+    processes = max(1, min(processes, sessions))
+    shares = [sessions // processes + (1 if index < sessions % processes else 0) for index in range(processes)]
+    log_dir = Path(log_dir or state_dir)
+    clients = []
+    try:
+        offset = 0
+        for index, share in enumerate(shares):
+            argv = [sys.executable, "-m", "bench.scale_client", "--control", control_address,
+                    "--state-dir", str(state_dir), "--sessions", str(share), "--offset", str(offset),
+                    "--namespaces", str(namespaces), "--timeout", str(timeout), "--settle", str(settle),
+                    *(["--endpoints"] if endpoints else [])]
+            clients.append(ClientProcess(argv, log_dir / f"scale-client-{index}.log"))
+            offset += share
+        ready = [client.answer() for client in clients]
+        connects = ask(clients, "connect")
+        started = min(answer["started"] for answer in connects)
+        result = {"sessions": sessions, "processes": processes,
+                  "connected": sum(answer["connected"] for answer in connects),
+                  "connect_failures": [failure for answer in connects for failure in answer["failures"]][:10],
+                  "certificates_s": max(answer["certificates_s"] for answer in ready),
+                  "connect_s": round(max(answer["finished"] for answer in connects) - started, 3), "changes": []}
+        if result["connected"] != sessions:
+            return result
+        result["settled_s"] = round(max(answer["quiet"] for answer in ask(clients, f"quiet {settle}")) - started, 3)
+        for step in range(changes):
+            t0 = write_change(str(config_dir), step)
+            result["changes"].append(merge_change(step, ask(clients, f"change {t0}")))
+            if result["changes"][-1]["missing"]:
+                break
+        if admin_port:
+            result["proxies"] = proxies_view(admin_port, {node_name(index, namespaces) for index in range(sessions)})
+        return result
+    finally:
+        for client in clients:
+            client.close()
+
+
+def merge_change(step: int, answers: list) -> dict:
+    """One change's figures over every client process."""
+    latencies = [value for answer in answers for value in answer["latencies"]]
+    missing = sum(answer["missing"] for answer in answers)
+    return {"step": step, "acked": len(latencies), "missing": missing,
+            "extra_pushes": sum(answer["extra_pushes"] for answer in answers),
+            "lost": sum(answer["lost"] for answer in answers),
+            "versions": len({version for answer in answers for version in answer["versions"]}),
+            "snapshot_bytes": max((answer["snapshot_bytes"] or 0 for answer in answers), default=None),
+            "converged_s": round(max(latencies), 4) if latencies and not missing else None,
+            "p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
+            "p99_s": round(percentile(latencies, 0.99), 4) if latencies else None,
+            "latencies": latencies}
+
+
+def proxies_view(admin_port: int, nodes) -> dict:
+    """The control plane's /proxies rows of our sessions, while they are still connected."""
+    rows = [row for row in admin_json(admin_port, "/proxies") if row["node"] in nodes]
+    return {"rows": len(rows), "connected": sum(1 for row in rows if row["connected"]),
+            "synced": sum(1 for row in rows if row["connected"] and not row["stale"]
+                          and row["version_acked"] == row["version_sent"]),
+            "versions_acked": len({row["version_acked"] for row in rows})}
+
+
+def control_metric(admin_port: int, name: str) -> float:
+    """One sample of the control plane's /metrics (0.0 if absent)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=30) as response:
+        for line in response.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def summarize(result: dict) -> dict:
     """p50 / p99 / max over every session of every change, and per-change convergence."""
-    from bench.scale_client import percentile
     changes = result.get("changes", [])
     latencies = [value for change in changes for value in change["latencies"]]
     converged = [change["converged_s"] for change in changes]
     return {"sessions": result.get("sessions"), "connected": result.get("connected"),
-            "connect_s": result.get("connect_s"), "changes": len(changes),
+            "connect_s": result.get("connect_s"), "settled_s": result.get("settled_s"), "changes": len(changes),
             "converged_s": converged,
             "convergence_max_s": max(converged) if converged and None not in converged else None,
             "p50_s": percentile(latencies, 0.5), "p99_s": percentile(latencies, 0.99),
@@ -130,28 +244,27 @@ def summarize(result: dict) -> dict:
             "snapshot_bytes": max((change["snapshot_bytes"] or 0 for change in changes), default=None)}
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sessions", type=int, default=500)
-    parser.add_argument("--changes", type=int, default=5)
-    parser.add_argument("--services", type=int, default=20, help="services (SE+DR+VS each) in the config dir")
-    parser.add_argument("--namespaces", type=int, default=10, help="namespaces the sessions are spread over")
-    parser.add_argument("--endpoints", action="store_true",
-                        help="sessions announce inbound listeners: 500 registry endpoints in the snapshots")
-    parser.add_argument("--profile", metavar="FILE", help="run mesh-control under cProfile, stats to FILE")
-    parser.add_argument("--work", metavar="DIR", help="state/config/log directory (default: a temp dir)")
-    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
-    options = parser.parse_args(argv)
+#: The three targets of issue #15 (control plane): case name -> (sessions, changes, endpoints, check, text).
+TARGETS = {
+    "endpoints": (1000, 3, True, lambda s: s["connect_s"] < 10, "1000 registry-endpoint sessions connect < 10 s"),
+    "converge": (1000, 5, False, lambda s: s["p99_s"] is not None and s["p99_s"] < 1.0,
+                 "1000 sessions: per-session change->ACK p99 < 1 s"),
+    "large": (5000, 3, False, lambda s: s["convergence_max_s"] is not None and s["convergence_max_s"] < 5.0
+              and s["control_vmhwm_mib"] < 500, "5000 sessions converge < 5 s, mesh-control peak RSS < 500 MiB"),
+}
 
-    work = Path(options.work or tempfile.mkdtemp(prefix="txmesh-scale-"))
+
+def run_case(work: Path, sessions: int, changes: int, *, services: int, namespaces: int, endpoints: bool,
+             processes: int, profile=None) -> dict:
+    """Start mesh-control on a fresh state/config dir under ``work``, run the clients; the summary."""
     state, config = work / "state", work / "config"
     config.mkdir(parents=True, exist_ok=True)
-    (config / "base.yaml").write_text(yaml.safe_dump_all(
-        base_config(options.services, options.namespaces, options.endpoints), sort_keys=False))
+    (config / "base.yaml").write_text(yaml.safe_dump_all(base_config(services, namespaces, endpoints),
+                                                         sort_keys=False))
     port, admin_port = free_port(), free_port()
     argv = [venv_bin("twistd"), "-n", "--pidfile="]
-    if options.profile:
-        argv += ["--profile", options.profile, "--profiler", "cprofile", "--savestats"]
+    if profile:
+        argv += ["--profile", profile, "--profiler", "cprofile", "--savestats"]
     argv += ["mesh-control", "--state-dir", str(state), "--config-dir", str(config), "--address", "127.0.0.1",
              "--port", str(port), "--admin-port", str(admin_port)]
     log = open(work / "control.log", "ab")
@@ -168,14 +281,16 @@ def main(argv=None):
                     raise SystemExit(f"mesh-control did not start; see {work / 'control.log'}") from None
                 time.sleep(0.05)
         rss_idle = status_kib(control.pid, "VmRSS")
-        result = run_client(f"127.0.0.1:{port}", state, config, options.sessions, options.changes,
-                            namespaces=options.namespaces, endpoints=options.endpoints, admin_port=admin_port)
+        result = run_client(f"127.0.0.1:{port}", state, config, sessions, changes, namespaces=namespaces,
+                            endpoints=endpoints, admin_port=admin_port, processes=processes, log_dir=work)
         hwm = status_kib(control.pid, "VmHWM")
+        pushes = control_metric(admin_port, "mesh_control_pushes_total")
         view = result.get("proxies") or {}
         summary = summarize(result)
         summary.update(control_rss_idle_mib=round(rss_idle / 1024, 1), control_vmhwm_mib=round(hwm / 1024, 1),
-                       proxies_rows=view.get("rows"), proxies_synced=view.get("synced"),
-                       services=options.services, endpoints=options.endpoints, work=str(work))
+                       proxies_rows=view.get("rows"), proxies_synced=view.get("synced"), pushes=int(pushes),
+                       services=services, endpoints=endpoints, processes=result.get("processes"), work=str(work))
+        return summary
     finally:
         control.terminate()
         try:
@@ -184,9 +299,15 @@ def main(argv=None):
             control.kill()
             control.wait()
         log.close()
-    print(f"{summary['connected']}/{summary['sessions']} sessions connected in {summary['connect_s']:.2f}s; "
-          f"{options.services} services{', sessions are registry endpoints' if options.endpoints else ''}; "
-          f"snapshot {summary['snapshot_bytes']} bytes")
+
+
+def report(summary: dict) -> None:
+    """Print one case's figures."""
+    endpoints = ", sessions are registry endpoints" if summary["endpoints"] else ""
+    print(f"{summary['connected']}/{summary['sessions']} sessions ({summary['processes']} client processes) "
+          f"connected in {summary['connect_s']:.2f}s, quiet after {summary.get('settled_s')}s; "
+          f"{summary['services']} services{endpoints}; snapshot {summary['snapshot_bytes']} bytes; "
+          f"{summary['pushes']} pushes in all")
     for index, converged in enumerate(summary["converged_s"]):
         print(f"  change {index + 1}: every session ACKed in {converged}s")
     if summary["p50_s"] is not None:
@@ -195,13 +316,49 @@ def main(argv=None):
     print(f"mesh-control RSS: {summary['control_rss_idle_mib']} MiB idle, peak (VmHWM) "
           f"{summary['control_vmhwm_mib']} MiB; /proxies: {summary['proxies_synced']}/{summary['proxies_rows']} "
           f"synced; missing ACKs {summary['missing']}, extra pushes {summary['extra_pushes']}")
-    ok = (summary["convergence_max_s"] is not None and summary["convergence_max_s"] < 2.0
-          and summary["control_vmhwm_mib"] < 300 and summary["connected"] == options.sessions
-          and summary["proxies_synced"] == options.sessions)
-    print(f"targets (all converge < 2 s, RSS < 300 MB): {'met' if ok else 'NOT met'}; work dir {work}")
-    if options.json:
-        print(json.dumps({**summary, "raw": result}))
-    return 0 if ok else 1
+
+
+def healthy(summary: dict) -> bool:
+    """Every session connected, ACKed every change and shows as synced in /proxies."""
+    return (summary["connected"] == summary["sessions"] == summary["proxies_synced"]
+            and summary["missing"] == 0 and summary["changes"] > 0)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--changes", type=int, default=5)
+    parser.add_argument("--services", type=int, default=20, help="services (SE+DR+VS each) in the config dir")
+    parser.add_argument("--namespaces", type=int, default=10, help="namespaces the sessions are spread over")
+    parser.add_argument("--endpoints", action="store_true",
+                        help="sessions announce inbound listeners: every session is a registry endpoint")
+    parser.add_argument("--processes", type=int, default=4, help="client processes the sessions are spread over")
+    parser.add_argument("--targets", action="store_true",
+                        help="run the three cases of issue #15 (" + "; ".join(t[4] for t in TARGETS.values()) + ")")
+    parser.add_argument("--profile", metavar="FILE", help="run mesh-control under cProfile, stats to FILE")
+    parser.add_argument("--work", metavar="DIR", help="state/config/log directory (default: a temp dir)")
+    parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    options = parser.parse_args(argv)
+
+    work = Path(options.work or tempfile.mkdtemp(prefix="txmesh-scale-"))
+    common = {"services": options.services, "namespaces": options.namespaces, "processes": options.processes}
+    if not options.targets:
+        summary = run_case(work, options.sessions, options.changes, endpoints=options.endpoints,
+                           profile=options.profile, **common)
+        report(summary)
+        if options.json:
+            print(json.dumps(summary))
+        return 0 if healthy(summary) else 1
+    met = True
+    for name, (sessions, changes, endpoints, check, text) in TARGETS.items():
+        summary = run_case(work / name, sessions, changes, endpoints=endpoints, **common)
+        report(summary)
+        ok = healthy(summary) and check(summary)
+        met = met and ok
+        print(f"target {name} ({text}): {'met' if ok else 'NOT met'}\n")
+        if options.json:
+            print(json.dumps(summary))
+    return 0 if met else 1
 
 
 if __name__ == "__main__":

@@ -1,16 +1,23 @@
-"""Many lightweight config-stream sessions in one Twisted process (the load generator of bench/scale.py).
+"""Many lightweight config-stream sessions in one Twisted process (a load generator of bench/scale.py).
 
 Each session is a real proxy as far as mesh-control can tell: its own ECDSA key and workload
 certificate (signed here with the CA key of the control plane's state directory, as only a bench or
 a test may), mutual TLS to :15012 verifying the control plane's SPIFFE id, the magic ``TXM1``, HELLO,
-and an ACK for every SNAPSHOT (no compile: the bench measures the control plane, not the proxy).
+and an ACK for every SNAPSHOT.  A session reads only the ``version`` of a SNAPSHOT (no JSON parse, no
+compile): a real proxy decodes and compiles its one snapshot in its own process, while this process
+stands in for hundreds, and the bench measures the control plane.
 
-Then, ``--changes`` times: rewrite one file of ``--config-dir`` (atomically, with a rename) so that
-every session's snapshot changes, and record when each session ACKs a snapshot received after the
-write.  The result, on stdout, is one JSON document (see :func:`main`).
+bench/scale.py runs several of these processes (``--offset`` and ``--sessions`` give each its share)
+and drives them with one command per line on stdin; each answers one JSON line on stdout:
 
-    python -m bench.scale_client --control 127.0.0.1:15012 --state-dir STATE --config-dir DIR \
-        --sessions 500 --changes 5
+- ``connect``: open every session (``--concurrency`` handshakes at a time), each until its first
+  SNAPSHOT -> ``{"connected", "failures", "started", "finished"}`` (wall-clock times);
+- ``quiet SECONDS``: wait until no SNAPSHOT came for SECONDS -> ``{"quiet": wall time of the last one}``;
+- ``change T0``: wait until every session ACKed a SNAPSHOT received after wall time T0, then until
+  quiet for ``--settle`` s -> the per-session latencies and counts (:func:`change_result`);
+- ``exit``.
+
+    python -m bench.scale_client --control 127.0.0.1:15012 --state-dir STATE --sessions 250 --offset 250
 """
 
 from __future__ import annotations
@@ -18,14 +25,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import time
 import types
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, protocol, stdio, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
+from twisted.protocols.basic import LineReceiver
 
 from mesh import protocol as proto
 from mesh.identity.agent import VerifyControlPlane, make_csr
@@ -55,15 +62,31 @@ def write_change(config_dir: str, step: int) -> float:
     return started
 
 
+_VERSION = b'"version":"'
+
+
+def snapshot_version(body: bytes) -> str | None:
+    """The version of a SNAPSHOT frame body, read without parsing its JSON; None for another message.
+
+    The encoder sorts keys: ``resources`` opens a SNAPSHOT and the last unescaped ``"version":"`` is
+    the message's own (the ``warnings`` after it are strings, whose quotes are escaped).
+    """
+    if not body.startswith(b'{"resources":'):
+        return None
+    start = body.rfind(_VERSION) + len(_VERSION)
+    return body[start:body.index(b'"', start)].decode()
+
+
 class Session(proto.MessageStream):
     """One fake proxy: HELLO, then ACK every SNAPSHOT and note when."""
 
     receives = (proto.SNAPSHOT, proto.PING, proto.PONG)
     peer_name = "control plane"
 
-    def __init__(self, reactor, spec):
+    def __init__(self, reactor, spec, clock):
         super().__init__(reactor)
         self.spec = spec
+        self.clock = clock  # shared by the sessions of this process: the time of the last SNAPSHOT
         self.acks = []  # (wall time of the ACK, version, snapshot bytes)
         self.lost = None
 
@@ -78,36 +101,45 @@ class Session(proto.MessageStream):
         self.lost = self.closed_reason or reason.getErrorMessage()
 
     def stringReceived(self, body):
-        self._size = len(body)
-        super().stringReceived(body)
-
-    def msg_SNAPSHOT(self, msg):
-        self.send(proto.ACK, version=msg["version"])
-        self.acks.append((time.time(), msg["version"], self._size))
+        version = snapshot_version(body)
+        if version is None:
+            super().stringReceived(body)
+            return
+        self.last_seen = self.reactor.seconds()
+        self.send(proto.ACK, version=version)
+        now = time.time()
+        self.acks.append((now, version, len(body)))
+        self.clock.last_snapshot = now
 
 
 class _Factory(protocol.Factory):
     noisy = False
 
-    def __init__(self, reactor, spec):
+    def __init__(self, reactor, spec, clock):
         self.reactor = reactor
         self.spec = spec
+        self.clock = clock
 
     def buildProtocol(self, addr):
-        return Session(self.reactor, self.spec)
+        return Session(self.reactor, self.spec, self.clock)
 
 
-def make_specs(ca, count: int, namespaces: int, endpoints: bool, trust_domain: str) -> list:
-    """One identity, key and certificate per session (namespace ``scale-<i % namespaces>``)."""
+def node_name(index: int, namespaces: int) -> str:
+    """The node id of session ``index``."""
+    return f"scale-{index}.scale-{index % namespaces}~bench~{index}"
+
+
+def make_specs(ca, indices, namespaces: int, endpoints: bool, trust_domain: str) -> list:
+    """One identity, key and certificate per session index (namespace ``scale-<i % namespaces>``)."""
     specs = []
-    for index in range(count):
+    for index in indices:
         namespace = f"scale-{index % namespaces}"
         service_account = f"sa-{index}"
         uri = f"spiffe://{trust_domain}/ns/{namespace}/sa/{service_account}"
         key = ec.generate_private_key(ec.SECP256R1())
         cert_pem, chain_pem = ca.sign(x509.load_pem_x509_csr(make_csr(key, uri)), uri, 24 * 3600)
         chain = x509.load_pem_x509_certificates(cert_pem + chain_pem)
-        hello = {"node": f"scale-{index}.{namespace}~bench~{index}", "workload": f"w-{index}",
+        hello = {"node": node_name(index, namespaces), "workload": f"w-{index}",
                  "namespace": namespace, "service_account": service_account,
                  "labels": {"app": f"svc-{index % 10}", "bench": "scale"}, "address": "127.0.0.1",
                  "inbound_port": 20000 + index if endpoints else None,
@@ -118,7 +150,7 @@ def make_specs(ca, count: int, namespaces: int, endpoints: bool, trust_domain: s
     return specs
 
 
-async def connect_all(reactor, specs, host, port, bundle, control_identity, concurrency: int):
+async def connect_all(reactor, specs, host, port, bundle, control_identity, concurrency: int, clock):
     """Open every session, ``concurrency`` handshakes at a time; returns the failures."""
     failures = []
     semaphore = defer.DeferredSemaphore(concurrency)
@@ -127,7 +159,7 @@ async def connect_all(reactor, specs, host, port, bundle, control_identity, conc
         creator = VerifyControlPlane(bundle, control_identity, host, client_credentials=spec.credentials)
         endpoint = wrapClientTLS(creator, TCP4ClientEndpoint(reactor, host, port, timeout=30))
         try:
-            await endpoint.connect(_Factory(reactor, spec))
+            await endpoint.connect(_Factory(reactor, spec, clock))
         except Exception as error:
             failures.append(f"session {spec.index}: {error}")
             return
@@ -147,101 +179,138 @@ def percentile(values, fraction):
     return ordered[index]
 
 
-async def run(reactor, options):
-    ca = CertificateAuthority.load_or_create(options.state_dir, options.trust_domain)
-    host, _, port = options.control.rpartition(":")
-    started = time.time()
-    specs = make_specs(ca, options.sessions, options.namespaces, options.endpoints, options.trust_domain)
-    certs_s = time.time() - started
-    control_identity = f"spiffe://{options.trust_domain}/ns/mesh-system/sa/mesh-control"
-    started = time.time()
-    failures = await connect_all(reactor, specs, host, int(port), list(ca.bundle), control_identity,
-                                 options.concurrency)
-    connect_s = time.time() - started
-    sessions = [spec.session for spec in specs if spec.session is not None and spec.session.lost is None]
-    result = {"sessions": options.sessions, "connected": len(sessions), "connect_failures": failures[:10],
-              "certificates_s": round(certs_s, 3), "connect_s": round(connect_s, 3), "changes": []}
-    if len(sessions) != options.sessions:
-        return result
-    await task.deferLater(reactor, options.settle)  # registry pushes after the last HELLO settle
-    for step in range(options.changes):
-        before = [len(session.acks) for session in sessions]
-        t0 = write_change(options.config_dir, step + options.step_offset)
-        deadline = reactor.seconds() + options.timeout
-        while reactor.seconds() < deadline:
-            if all(len(s.acks) > n for s, n in zip(sessions, before)):
-                break
-            await task.deferLater(reactor, 0.005)
-        await task.deferLater(reactor, options.settle)  # catch a second push, if any
-        latencies, versions, sizes, missing, extra = [], set(), [], 0, 0
-        for session, count in zip(sessions, before):
-            new = [ack for ack in session.acks[count:] if ack[0] >= t0]
-            if not new:
-                missing += 1
-                continue
-            extra += len(new) - 1
-            latencies.append(new[-1][0] - t0)  # the last snapshot since the change is the one in force
-            versions.add(new[-1][1])
-            sizes.append(new[-1][2])
-        lost = sum(1 for session in sessions if session.lost is not None)
-        result["changes"].append({
-            "step": step, "acked": len(latencies), "missing": missing, "extra_pushes": extra, "lost": lost,
-            "versions": len(versions), "snapshot_bytes": max(sizes) if sizes else None,
-            "converged_s": round(max(latencies), 4) if latencies and not missing else None,
-            "p50_s": round(percentile(latencies, 0.5), 4) if latencies else None,
-            "p99_s": round(percentile(latencies, 0.99), 4) if latencies else None,
-            "latencies": [round(value, 4) for value in latencies]})
-        if missing:
+async def wait_quiet(reactor, clock, seconds: float, timeout: float) -> float:
+    """Wait until no SNAPSHOT came for ``seconds`` (at most ``timeout``); the wall time of the last one."""
+    deadline = reactor.seconds() + timeout
+    while time.time() - clock.last_snapshot < seconds and reactor.seconds() < deadline:
+        await task.deferLater(reactor, 0.05)
+    return clock.last_snapshot
+
+
+async def change_result(reactor, sessions, t0: float, options, clock) -> dict:
+    """Wait for every session's ACK of a SNAPSHOT received after ``t0``, then for quiet; the figures.
+
+    ``latencies``: per session, from ``t0`` to the ACK of the last snapshot received since (the one in
+    force); ``extra_pushes``: snapshots beyond one per session; ``missing``: sessions without any.
+    """
+    deadline = reactor.seconds() + options.timeout
+    while reactor.seconds() < deadline:
+        if all(session.acks and session.acks[-1][0] >= t0 for session in sessions):
             break
-        await task.deferLater(reactor, options.pause)
-    if options.admin_port:
-        result["proxies"] = await proxies_view(reactor, options.admin_port, {spec.hello["node"] for spec in specs})
-    return result
+        await task.deferLater(reactor, 0.005)
+    await wait_quiet(reactor, clock, options.settle, options.timeout)  # catch a second push, if any
+    latencies, versions, sizes, missing, extra = [], set(), [], 0, 0
+    for session in sessions:
+        new = [ack for ack in session.acks if ack[0] >= t0]
+        if not new:
+            missing += 1
+            continue
+        extra += len(new) - 1
+        latencies.append(round(new[-1][0] - t0, 4))
+        versions.add(new[-1][1])
+        sizes.append(new[-1][2])
+    return {"acked": len(latencies), "missing": missing, "extra_pushes": extra,
+            "lost": sum(1 for session in sessions if session.lost is not None), "versions": sorted(versions),
+            "snapshot_bytes": max(sizes) if sizes else None, "latencies": latencies}
 
 
-async def proxies_view(reactor, admin_port: int, nodes) -> dict:
-    """The control plane's /proxies rows of our sessions, while they are still connected."""
-    from twisted.web.client import Agent, readBody
-    response = await Agent(reactor).request(b"GET", f"http://127.0.0.1:{admin_port}/proxies".encode())
-    rows = [row for row in json.loads(await readBody(response)) if row["node"] in nodes]
-    return {"rows": len(rows), "connected": sum(1 for row in rows if row["connected"]),
-            "synced": sum(1 for row in rows if row["connected"] and not row["stale"]
-                          and row["version_acked"] == row["version_sent"]),
-            "versions_acked": len({row["version_acked"] for row in rows})}
+class Worker:
+    """The command loop of one client process (see the module doc)."""
+
+    def __init__(self, reactor, options):
+        self.reactor = reactor
+        self.options = options
+        self.clock = types.SimpleNamespace(last_snapshot=0.0)
+        self.done = defer.Deferred()
+        self.output = None  # the stdio transport
+        self.ca = CertificateAuthority.load_or_create(options.state_dir, options.trust_domain)
+        self.specs = []
+
+    def start(self, output) -> None:
+        """Make the sessions' certificates, then say ``ready`` on ``output``."""
+        self.output = output
+        started = time.time()
+        indices = range(self.options.offset, self.options.offset + self.options.sessions)
+        self.specs = make_specs(self.ca, indices, self.options.namespaces, self.options.endpoints,
+                                self.options.trust_domain)
+        self.reply({"ready": True, "certificates_s": round(time.time() - started, 3)})
+
+    def reply(self, document: dict) -> None:
+        """One JSON line on stdout (the coordinator waits for it)."""
+        self.output.write(json.dumps(document).encode() + b"\n")
+
+    @property
+    def sessions(self) -> list:
+        return [spec.session for spec in self.specs if spec.session is not None and spec.session.lost is None]
+
+    def command(self, line: str) -> None:
+        """Run one command; its JSON answer goes to stdout when it is done."""
+        word, _, argument = line.strip().partition(" ")
+        if word == "exit":
+            self.done.callback(None)
+            return
+        handler = {"connect": self.connect, "quiet": self.quiet, "change": self.change}.get(word)
+        if handler is None:
+            self.reply({"error": f"unknown command {line.strip()!r}"})
+            return
+        d = defer.ensureDeferred(handler(argument))
+        d.addCallbacks(self.reply, lambda failure: self.reply({"error": failure.getErrorMessage()}))
+
+    async def connect(self, _):
+        host, _, port = self.options.control.rpartition(":")
+        control_identity = f"spiffe://{self.options.trust_domain}/ns/mesh-system/sa/mesh-control"
+        started = time.time()
+        failures = await connect_all(self.reactor, self.specs, host, int(port), list(self.ca.bundle),
+                                     control_identity, self.options.concurrency, self.clock)
+        return {"connected": len(self.sessions), "failures": failures[:10], "started": started,
+                "finished": time.time()}
+
+    async def quiet(self, seconds):
+        return {"quiet": await wait_quiet(self.reactor, self.clock, float(seconds), self.options.timeout)}
+
+    async def change(self, t0):
+        return await change_result(self.reactor, self.sessions, float(t0), self.options, self.clock)
+
+
+class _Commands(LineReceiver):
+    """stdin: one command a line, to the worker."""
+
+    delimiter = b"\n"
+
+    def __init__(self, worker):
+        self.worker = worker
+
+    def lineReceived(self, line):
+        self.worker.command(line.decode())
+
+    def connectionLost(self, reason=protocol.connectionDone):
+        if not self.worker.done.called:  # the coordinator went away
+            self.worker.done.callback(None)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--control", required=True, help="HOST:PORT of mesh-control's :15012")
     parser.add_argument("--state-dir", required=True, help="the control plane's state dir (its CA key)")
-    parser.add_argument("--config-dir", required=True, help="the control plane's --config-dir")
     parser.add_argument("--trust-domain", default="cluster.local")
-    parser.add_argument("--admin-port", type=int, help="read the control plane's /proxies before disconnecting")
-    parser.add_argument("--sessions", type=int, default=500)
+    parser.add_argument("--sessions", type=int, default=500, help="sessions of this process")
+    parser.add_argument("--offset", type=int, default=0, help="index of this process's first session")
     parser.add_argument("--namespaces", type=int, default=10)
     parser.add_argument("--endpoints", action="store_true",
                         help="announce an inbound listener: every session is a registry endpoint")
-    parser.add_argument("--changes", type=int, default=5)
-    parser.add_argument("--step-offset", type=int, default=0)
     parser.add_argument("--concurrency", type=int, default=25, help="TLS handshakes in flight while connecting")
-    parser.add_argument("--timeout", type=float, default=30.0, help="give up on a change after this long")
-    parser.add_argument("--settle", type=float, default=0.5)
-    parser.add_argument("--pause", type=float, default=0.5, help="seconds between changes")
+    parser.add_argument("--timeout", type=float, default=30.0, help="give up waiting after this long")
+    parser.add_argument("--settle", type=float, default=0.5, help="seconds without a SNAPSHOT that mean quiet")
     options = parser.parse_args(argv)
-    outcome = {}
 
     def go(reactor):
-        d = defer.ensureDeferred(run(reactor, options))
-        d.addCallback(outcome.update)
-        return d
+        worker = Worker(reactor, options)
+        commands = _Commands(worker)
+        stdio.StandardIO(commands, reactor=reactor)
+        worker.start(commands.transport)
+        return worker.done
 
-    try:
-        task.react(go)
-    except SystemExit as exit_:
-        if exit_.code not in (0, None):
-            raise
-    json.dump(outcome, sys.stdout)
-    sys.stdout.write("\n")
+    task.react(go)
 
 
 if __name__ == "__main__":

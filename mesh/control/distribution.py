@@ -18,13 +18,31 @@ Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
   (:func:`mesh.config.selection.unselected_warning`).
 
 The version of a snapshot is a hash of exactly that content, so a change that
-does not affect a proxy leaves its version alone and it gets no push.  Changes
-are debounced (``debounce`` seconds, 100 ms by default) and coalesced.
+does not affect a proxy leaves its version alone and it gets no push.
+
+The work is incremental (docs/performance.md, control plane):
+
+- changes are debounced and coalesced: a push round runs ``debounce``
+  seconds (100 ms by default) after the last change, but never later than
+  ``max_delay`` seconds (1 s by default) after the first change it holds, so
+  a steady stream of changes (proxies connecting one after another) still
+  pushes once per ``max_delay``;
+- proxies with the same :func:`view_key` share one
+  :class:`~mesh.control.snapshots.View`, built once and kept until the
+  resources or the registry entries it includes change; the SNAPSHOT frame is
+  encoded once and the same bytes are written to each of them;
+- registry changes are taken in at push rounds: a proxy that connects between
+  two rounds gets its view as the last round built it (or, if nobody had
+  that view yet, as of now), and the next round brings it and everyone else
+  the endpoints that came since, its own included.  So a storm of connecting
+  endpoint proxies costs one view per round, not one per proxy;
+- the registry's WorkloadEntry documents are made once per entry, and a
+  namespace's list is rebuilt only when one of its entries changed;
+- a proxy gets a push only when its snapshot's version changed.
 """
 
 from __future__ import annotations
 
-import hashlib
 import ipaddress
 import json
 import os
@@ -43,6 +61,7 @@ from mesh.config.selection import POLICY_KINDS, describe_selection, unselected_w
 from mesh.config.sidecar import sidecar_scope
 from mesh.config.validate import validate
 from mesh.control.registry import Registration, Registry
+from mesh.control.snapshots import View, digest
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
 from mesh.identity.tls import peer_identity
 
@@ -64,8 +83,28 @@ class _Item:
 
 
 def _digest(document) -> str:
-    canonical = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    return digest(json.dumps(document, sort_keys=True, separators=(",", ":"), default=str))
+
+
+def view_key(workload: Workload) -> tuple:
+    """Everything of ``workload`` that the documents of its snapshot depend on: namespace and labels.
+
+    Proxies with equal keys share one :class:`~mesh.control.snapshots.View`
+    (documents computed and encoded once).  A new input of the scoping in
+    :meth:`Distributor.scope` (a resource selecting workloads by something
+    else than namespace and labels) must be added here.
+    """
+    return workload.namespace, tuple(sorted(workload.labels.items()))
+
+
+@dataclass(frozen=True)
+class _Scope:
+    """The config part of a view: the chosen items, the namespaces whose registry entries it includes,
+    and whether its namespace's policies use selectors none of which selects it (a warning, per workload)."""
+
+    items: tuple
+    selecting: tuple
+    warned: bool
 
 
 def _validated(resources) -> tuple:
@@ -228,17 +267,19 @@ class ProxyStream(proto.MessageStream):
         if self.hello is None:
             raise proto.ProtocolError("the first message must be HELLO")
 
-    def push(self, version, documents, bundle_pem, warnings=()) -> bool:
-        """Send a SNAPSHOT; False (logged) if it exceeds the SNAPSHOT frame limit."""
-        self._sent = version
+    def push(self, snapshot) -> bool:
+        """Send a :class:`~mesh.control.snapshots.Snapshot` (its shared frame); False (logged) if it
+        exceeds the SNAPSHOT frame limit."""
+        self._sent = snapshot.version
         try:
-            self.send(proto.SNAPSHOT, version=version, resources=documents, trust_bundle=bundle_pem,
-                      warnings=list(warnings))
+            frame = snapshot.frame()
         except proto.ProtocolError as error:
             log.error("snapshot {version} for proxy {node} not sent: {error}; export fewer resources to its "
-                      "namespace (exportTo) or split the config", version=version, node=self.hello["node"],
-                      error=str(error))
+                      "namespace (exportTo) or split the config", version=snapshot.version,
+                      node=self.hello["node"], error=str(error))
             return False
+        if self.transport is not None and self.closed_reason is None:
+            self.transport.write(frame)
         return True
 
 
@@ -260,18 +301,21 @@ class Distributor:
     :param bundle_pem: ``() -> bytes``, the trust bundle to distribute.
     :param metrics: an object with ``connected_proxies``, ``pushes``,
         ``push_duration`` and ``nacks`` (prometheus instruments), or None.
+    :param debounce: seconds without a change before a push round.
+    :param max_delay: seconds after the first change of a round at most before it runs.
     """
 
     def __init__(self, reactor, bundle_pem, metrics=None, debounce: float = 0.1, grace: float = 5.0,
                  heartbeat: float = proto.HEARTBEAT, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                  status_ttl: float = 300.0, state_dir=None, trust_domain: str = "cluster.local",
-                 max_pending_bytes: int = proto.MAX_PENDING_TOTAL):
+                 max_pending_bytes: int = proto.MAX_PENDING_TOTAL, max_delay: float = 1.0):
         self.reactor = reactor
         self.trust_domain = trust_domain  # the only one whose certificates may open a stream
         self.pending_bytes = proto.PendingBudget(max_pending_bytes)  # unfinished frames of all streams
         self.bundle_pem = bundle_pem
         self.metrics = metrics
         self.debounce = debounce
+        self.max_delay = max_delay
         self.heartbeat = heartbeat
         self.root_namespace = root_namespace
         self.status_ttl = status_ttl
@@ -284,7 +328,13 @@ class Distributor:
         self.statuses = {}  # node -> ProxyStatus (disconnected ones kept for status_ttl)
         self._pending = None
         self._changed_at = None
-        self._file_entries = []
+        self._generation = 0  # bumped by set_resources: the scopes and endpoint documents are rebuilt
+        self._scopes = {}  # view key -> (generation, _Scope)
+        self._views = {}  # view key -> View
+        self._endpoints = {}  # namespace -> ((generation, registry generation), [(node, document, digest)])
+        self._entry_documents = {}  # node -> (registration, generation, (node, document, digest))
+        self._bundle = (None, None)  # (trust bundle PEM, its digest)
+        self._registry_seen = {}  # the registry's generations as of the last push round
         self.pushes = 0
         self.factory = StreamFactory(self)
 
@@ -306,51 +356,51 @@ class Distributor:
         self.items = sorted(items, key=lambda item: (item.document["kind"], item.document["metadata"]["namespace"],
                                                      item.document["metadata"]["name"]))
         self.rejected = errors
+        self._generation += 1
         self.changed()
         return errors
 
     def changed(self) -> None:
-        """Something changed: push (once) after the debounce delay."""
+        """Something changed: push ``debounce`` seconds after the last change, at most ``max_delay``
+        seconds after the first one not pushed yet."""
+        now = self.reactor.seconds()
         if self._changed_at is None:
-            self._changed_at = self.reactor.seconds()
-        if self._pending is None or not self._pending.active():
-            self._pending = self.reactor.callLater(self.debounce, self.push_all)
+            self._changed_at = now
+        delay = max(0.0, min(now + self.debounce, self._changed_at + self.max_delay) - now)
+        if self._pending is not None and self._pending.active():
+            self._pending.reset(delay)
+        else:
+            self._pending = self.reactor.callLater(delay, self.push_all)
 
     def push_all(self) -> None:
+        """One push round: every proxy whose snapshot changed gets it; unused views are dropped."""
         self._pending = None
-        registry_items = self._registry_items()
+        self._registry_seen = self.registry.generations()
+        keys, before = set(), self.pushes
         for stream in list(self.streams):
             if stream.hello is not None:
-                self._push(stream, registry_items)
+                keys.add(self._push(stream))
+        log.debug("push round: {pushed} of {count} proxies got a new snapshot ({views} distinct views)",
+                  pushed=self.pushes - before, count=len(self.streams), views=len(keys))
         self._changed_at = None
+        self._views = {key: view for key, view in self._views.items() if key in keys}
+        self._scopes = {key: scope for key, scope in self._scopes.items() if key in keys}
         self._prune_statuses()
         self.registry.save()
 
-    def _registry_items(self) -> list:
-        entries = [item for item in self.items if isinstance(item.obj, ServiceEntry)]
+    # -- snapshots -------------------------------------------------------------------------
+    def scope(self, workload: Workload) -> _Scope:
+        """The config resources ``workload``'s snapshot includes; it reads only what :func:`view_key` holds.
 
-        def port_names(registration):
-            labels = set({**registration.labels, "security.istio.io/tlsMode": "istio"}.items())
-            return {port.name for item in entries if item.obj.namespace == registration.namespace
-                    and item.obj.workload_selector is not None and set(item.obj.workload_selector) <= labels
-                    for port in item.obj.ports}
-
-        documents = self.registry.documents(port_names)
-        return [(doc["metadata"]["namespace"], doc, _digest(doc)) for doc in documents]
-
-    def snapshot_for(self, workload: Workload, registry_items=None) -> tuple:
-        """``(version, documents, warnings)`` of the snapshot for ``workload``.
-
-        ``warnings``: texts the proxy logs, about what its scoped documents
-        cannot tell it (:func:`mesh.config.selection.unselected_warning`: its
-        namespace's policies use selectors and none selects it).
+        ServiceEntry, DestinationRule and VirtualService exported to its namespace (narrowed by its
+        Sidecar), the WorkloadEntries of namespaces whose visible ServiceEntries select workloads, and
+        the policies that apply to it.
         """
-        if registry_items is None:
-            registry_items = self._registry_items()
         namespace = workload.namespace
+        objects = [item.obj for item in self.items]
         chosen = [item for item in self.items if isinstance(item.obj, _EXPORTED_KINDS)
                   and is_exported(item.obj.export_to, item.obj.namespace, namespace)]
-        scope = sidecar_scope([item.obj for item in self.items], workload, self.root_namespace)
+        scope = sidecar_scope(objects, workload, self.root_namespace)
         if scope is not None:
             needed = {id(obj) for obj in scope.needed([item.obj for item in chosen], namespace)}
             chosen = [item for item in chosen if id(item.obj) in needed]
@@ -359,36 +409,94 @@ class Distributor:
                      if isinstance(item.obj, ServiceEntry) and item.obj.workload_selector is not None}
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)
                    and item.obj.namespace in selecting]
-        policies = applicable([item.obj for item in self.items], POLICY_KINDS, workload, self.root_namespace)
-        wanted = {id(obj) for obj in policies}
+        wanted = {id(obj) for obj in applicable(objects, POLICY_KINDS, workload, self.root_namespace)}
         chosen += [item for item in self.items if id(item.obj) in wanted]
-        documents = [item.document for item in chosen]
-        digests = [item.digest for item in chosen]
-        for entry_namespace, document, digest in registry_items:
-            if entry_namespace in selecting:
-                documents.append(document)
-                digests.append(digest)
-        unselected = unselected_warning([item.obj for item in self.items], workload)
-        warnings = [] if unselected is None else [str(unselected)]
-        digests += [hashlib.sha256(text.encode()).hexdigest() for text in warnings]
-        bundle = self.bundle_pem()
-        digests.append(hashlib.sha256(bundle).hexdigest())
-        version = hashlib.sha256("\n".join(digests).encode()).hexdigest()[:16]
-        return version, documents, warnings
+        return _Scope(tuple(chosen), tuple(sorted(selecting)), unselected_warning(objects, workload) is not None)
 
-    def _push(self, stream, registry_items=None):
-        version, documents, warnings = self.snapshot_for(stream.workload, registry_items)
-        if version == stream._sent:
-            return
-        if not stream.push(version, documents, self.bundle_pem().decode(), warnings):
-            return
-        stream.status.version_sent = version
+    def _scope_of(self, key, workload) -> _Scope:
+        """The cached :meth:`scope` of ``key``, rebuilt after the resources changed."""
+        cached = self._scopes.get(key)
+        if cached is None or cached[0] != self._generation:
+            cached = self._scopes[key] = (self._generation, self.scope(workload))
+        return cached[1]
+
+    def _view(self, workload: Workload) -> tuple:
+        """``(key, view, scope)`` for ``workload``: the cached view of its key while the resources and the
+        registry entries it includes, as of the last push round, are the same."""
+        key = view_key(workload)
+        scope = self._scope_of(key, workload)
+        seen = self._registry_seen
+        token = (self._generation, *(seen.get(namespace, 0) for namespace in scope.selecting))
+        view = self._views.get(key)
+        if view is None or view.token != token:
+            endpoints = [entry for namespace in scope.selecting for entry in self._endpoints_of(namespace)]
+            if len(scope.selecting) > 1:
+                endpoints.sort(key=lambda entry: entry[0])
+            view = self._views[key] = View(token, [item.document for item in scope.items]
+                                           + [document for _, document, _ in endpoints],
+                                           [item.digest for item in scope.items]
+                                           + [entry_digest for _, _, entry_digest in endpoints])
+        return key, view, scope
+
+    def _endpoints_of(self, namespace: str) -> list:
+        """``(node, document, digest)`` of the registry entries of ``namespace``, by node (cached)."""
+        token = (self._generation, self.registry.generation(namespace))
+        cached = self._endpoints.get(namespace)
+        if cached is None or cached[0] != token:
+            cached = self._endpoints[namespace] = (token, [self._entry_document(registration) for registration
+                                                           in self.registry.in_namespace(namespace)])
+        return cached[1]
+
+    def _entry_document(self, registration: Registration) -> tuple:
+        """``(node, document, digest)``: the WorkloadEntry of one registry entry, made once per entry."""
+        cached = self._entry_documents.get(registration.node)
+        if cached is not None and cached[0] is registration and cached[1] == self._generation:
+            return cached[2]
+        labels = set({**registration.labels, "security.istio.io/tlsMode": "istio"}.items())
+        port_names = {port.name for item in self.items if isinstance(item.obj, ServiceEntry)
+                      and item.obj.namespace == registration.namespace and item.obj.workload_selector is not None
+                      and set(item.obj.workload_selector) <= labels for port in item.obj.ports}
+        document = registration.document(port_names)
+        entry = (registration.node, document, _digest(document))
+        self._entry_documents[registration.node] = (registration, self._generation, entry)
+        return entry
+
+    def _bundle_of(self) -> tuple:
+        """``(PEM, digest)`` of the current trust bundle (hashed once per bundle)."""
+        pem = self.bundle_pem()
+        if pem != self._bundle[0]:
+            self._bundle = (pem, digest(pem))
+        return self._bundle
+
+    def snapshot(self, workload: Workload) -> tuple:
+        """``(view key, Snapshot)`` for ``workload``: shared with every proxy of the same view and warnings."""
+        key, view, scope = self._view(workload)
+        warnings = ()
+        if scope.warned:  # the text names the workload
+            warnings = (str(unselected_warning([item.obj for item in self.items], workload)),)
+        return key, view.snapshot(warnings, *self._bundle_of())
+
+    def snapshot_for(self, workload: Workload) -> tuple:
+        """``(version, documents, warnings)`` of the snapshot for ``workload``.
+
+        ``warnings``: texts the proxy logs, about what its scoped documents
+        cannot tell it (:func:`mesh.config.selection.unselected_warning`: its
+        namespace's policies use selectors and none selects it).
+        """
+        _, snapshot = self.snapshot(workload)
+        return snapshot.version, snapshot.documents, snapshot.warnings
+
+    def _push(self, stream):
+        """Push ``stream`` its snapshot if its version changed; returns its view key."""
+        key, snapshot = self.snapshot(stream.workload)
+        if snapshot.version == stream._sent or not stream.push(snapshot):
+            return key
+        stream.status.version_sent = snapshot.version
         stream.status.sent_at = self._changed_at if self._changed_at is not None else self.reactor.seconds()
         self.pushes += 1
         if self.metrics is not None:
             self.metrics.pushes.inc()
-        log.debug("pushed {version} ({count} resources) to {node}", version=version, count=len(documents),
-                  node=stream.hello["node"])
+        return key
 
     # -- streams ---------------------------------------------------------------------------
     def owner_of(self, node: str):

@@ -17,11 +17,15 @@ proxies had just disconnected, with ``restore_grace`` (60 s by default:
 longer than the proxies' capped reconnect backoff) to come back; otherwise
 the first proxies to reconnect would get snapshots without the endpoints of
 the proxies that have not reconnected yet.
+
+The entries are also indexed by namespace, each namespace with a generation
+that every change of one of its entries bumps: the distributor rebuilds the
+endpoints of a namespace only when its generation moved
+(:meth:`Registry.in_namespace`, :meth:`Registry.generation`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import re
@@ -78,6 +82,8 @@ class Registry:
         self.grace = grace
         self.path = path
         self.entries = {}
+        self._by_namespace = {}  # namespace -> {node: Registration}
+        self._generations = {}  # namespace -> count of changes of its entries
         self._expiry = {}
         self.dirty = False
         if path:
@@ -94,7 +100,7 @@ class Registry:
             log.warn("registry: ignoring {path}: {error}", path=self.path, error=str(error))
             return
         for registration in restored:
-            self.entries[registration.node] = registration
+            self._put(registration)
             self._expiry[registration.node] = self.reactor.callLater(
                 grace, self.remove, registration.node, f"not back within {grace:g}s of a control plane restart")
         if restored:
@@ -108,8 +114,10 @@ class Registry:
         self.dirty = False
         temporary = f"{self.path}.tmp"
         try:
+            # vars(): the fields as they are (dataclasses.asdict deep-copies); json.dumps: the C encoder
+            text = json.dumps([vars(entry) for _, entry in sorted(self.entries.items())])
             with open(temporary, "w", encoding="utf-8") as handle:
-                json.dump([dataclasses.asdict(entry) for _, entry in sorted(self.entries.items())], handle)
+                handle.write(text)
             os.replace(temporary, self.path)
         except OSError as error:
             log.warn("registry: cannot save {path}: {error}", path=self.path, error=str(error))
@@ -119,7 +127,9 @@ class Registry:
         if timer is not None and timer.active():
             timer.cancel()
         previous = self.entries.get(registration.node)
-        self.entries[registration.node] = registration  # the newest stream owns the entry
+        if previous is not None and previous.namespace != registration.namespace:
+            self._pop(registration.node)
+        self._put(registration)  # the newest stream owns the entry
         if previous != registration:
             self.dirty = True
             log.info("registry: {node} ({namespace}/{sa}) at {address}:{port} added",
@@ -154,13 +164,37 @@ class Registry:
         timer = self._expiry.pop(node, None)
         if timer is not None and timer.active():
             timer.cancel()
-        registration = self.entries.pop(node, None)
+        registration = self._pop(node)
         if registration is not None:
             self.dirty = True
             log.info("registry: {node} removed ({why})", node=node, why=why)
             self.on_change()
 
-    def documents(self, port_names_of) -> list:
-        """WorkloadEntry documents of every entry; ``port_names_of(registration)`` gives the port names."""
-        return [registration.document(port_names_of(registration))
-                for _, registration in sorted(self.entries.items())]
+    def _put(self, registration: Registration) -> None:
+        """Add or replace an entry, in both indexes, and bump its namespace's generation."""
+        self.entries[registration.node] = registration
+        self._by_namespace.setdefault(registration.namespace, {})[registration.node] = registration
+        self._generations[registration.namespace] = self._generations.get(registration.namespace, 0) + 1
+
+    def _pop(self, node: str):
+        """Remove ``node``'s entry from both indexes (bumping its namespace's generation); it, or None."""
+        registration = self.entries.pop(node, None)
+        if registration is not None:
+            namespace = registration.namespace
+            del self._by_namespace[namespace][node]
+            if not self._by_namespace[namespace]:
+                del self._by_namespace[namespace]
+            self._generations[namespace] = self._generations.get(namespace, 0) + 1
+        return registration
+
+    def generation(self, namespace: str) -> int:
+        """A number that changes whenever an entry of ``namespace`` is added, replaced or removed."""
+        return self._generations.get(namespace, 0)
+
+    def generations(self) -> dict:
+        """A copy of every namespace's :meth:`generation`."""
+        return dict(self._generations)
+
+    def in_namespace(self, namespace: str) -> list:
+        """The entries of ``namespace``, by node."""
+        return [registration for _, registration in sorted(self._by_namespace.get(namespace, {}).items())]

@@ -206,10 +206,10 @@ class FakeStream:
         self.pushed = []
         self.warnings = []
 
-    def push(self, version, documents, bundle, warnings=()):
-        self._sent = version
-        self.pushed.append((version, documents))
-        self.warnings = list(warnings)
+    def push(self, snapshot):
+        self._sent = snapshot.version
+        self.pushed.append((snapshot.version, snapshot.documents))
+        self.warnings = list(snapshot.warnings)
         return True
 
 
