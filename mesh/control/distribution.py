@@ -54,10 +54,11 @@ from twisted.logger import Logger
 
 from mesh import protocol as proto
 from mesh.config.compile import Workload, is_exported
+from mesh.config.gateway import Gateway
 from mesh.config.loader import Resource, load_documents, resource_document
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
-from mesh.config.selection import POLICY_KINDS, describe_selection, unselected_warning
+from mesh.config.selection import POLICY_KINDS, describe_selection, selects, unselected_warning
 from mesh.config.sidecar import sidecar_scope
 from mesh.config.validate import validate
 from mesh.control.registry import Registration, Registry
@@ -393,8 +394,9 @@ class Distributor:
         """The config resources ``workload``'s snapshot includes; it reads only what :func:`view_key` holds.
 
         ServiceEntry, DestinationRule and VirtualService exported to its namespace (narrowed by its
-        Sidecar), the WorkloadEntries of namespaces whose visible ServiceEntries select workloads, and
-        the policies that apply to it.
+        Sidecar), the WorkloadEntries of namespaces whose visible ServiceEntries select workloads,
+        the policies that apply to it, and the Gateways whose selector matches its labels (a gateway
+        proxy serves them; see :mod:`mesh.proxy.gateway`).
         """
         namespace = workload.namespace
         objects = [item.obj for item in self.items]
@@ -410,7 +412,8 @@ class Distributor:
         chosen += [item for item in self.items if isinstance(item.obj, WorkloadEntry)
                    and item.obj.namespace in selecting]
         wanted = {id(obj) for obj in applicable(objects, POLICY_KINDS, workload, self.root_namespace)}
-        chosen += [item for item in self.items if id(item.obj) in wanted]
+        chosen += [item for item in self.items if id(item.obj) in wanted
+                   or (isinstance(item.obj, Gateway) and selects(item.obj.selector, workload.labels))]
         return _Scope(tuple(chosen), tuple(sorted(selecting)), unselected_warning(objects, workload) is not None)
 
     def _scope_of(self, key, workload) -> _Scope:
