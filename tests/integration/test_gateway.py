@@ -1,10 +1,11 @@
 """The ingress gateway (``twistd mesh-proxy --gateway``) in front of two mesh services, as in Istio's
 bookinfo "Getting Started" and its "Ingress Gateways" and "Secure Gateways" tasks.
 
-One control plane signs the certificates of three proxies in namespace ``shop``: the sidecars of
+One control plane signs the certificates of the proxies in namespace ``shop``: the sidecars of
 ``productpage`` and ``details`` (each before a demo app) and the gateway (``--label
-istio=ingressgateway``), which calls them over mesh mTLS.  Its Gateway has, each mapped to a free
-local port with ``--gateway-port``:
+istio=ingressgateway``), which calls them over mesh mTLS.  They read the config directory the
+control plane serves too; a second gateway gets it from the control plane.  The Gateway has, each
+mapped to a free local port with ``--gateway-port``:
 
 - ``http`` (8080, hosts ``*``): the bookinfo VirtualService (``/productpage``, ``/static`` to
   productpage, ``/api/v1/products`` to details);
@@ -23,6 +24,7 @@ import pytest
 
 from tests.harness import curl, free_port, wait_for
 from tests.harness.certs import ScratchCA
+from tests.integration.test_distribution_support import ControlledProxy
 from tests.integration.test_identity_support import authorization_policy, mesh_endpoint, spiffe, xfcc
 from tests.integration.test_proxy_support import service_entry, write_config
 
@@ -83,10 +85,10 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     cert, key = ca.issue(pki_dir, "bookinfo", ["bookinfo.com", "secure.com"])
     client = ca.issue(pki_dir, "client", client=True)
     pki = {"ca": ca.cert_path, "cert": cert, "key": key, "client": client, "dir": pki_dir}
-    control = control_factory()
-    apps = {name: backend_factory(name) for name in ("productpage", "details")}
-    inbound = {name: free_port() for name in apps}
+    inbound = {name: free_port() for name in ("productpage", "details")}
     config = write_config(tmp_path_factory.mktemp("gateway-config"), *documents(pki, inbound))
+    control = control_factory(extra_args=["--config-dir", str(config)])
+    apps = {name: backend_factory(name) for name in inbound}
     sidecars = {name: proxy_factory(config, name, namespace=NS, app_port=apps[name].port, inbound_port=inbound[name],
                                     labels={"app": name}, extra_args=control.proxy_args(NS, name))
                 for name in apps}
@@ -96,7 +98,7 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
                             extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mapping,
                                         *control.proxy_args(NS, "ingressgateway")])
     return {"gateway": gateway, "sidecars": sidecars, "local": local, "pki": pki, "config": config,
-            "inbound": inbound}
+            "inbound": inbound, "control": control}
 
 
 def via(mesh, port_name, path, host=None, scheme="http", **kwargs):
@@ -167,6 +169,29 @@ def test_https_redirect(mesh):
     result = via(mesh, "redirect", "/productpage?u=1", host="secure.com")
     assert result.status == 301
     assert result.headers["location"] == "https://secure.com/productpage?u=1"
+
+
+@pytest.fixture(scope="module")
+def controlled_gateway(mesh, process_log_dir):
+    """A second gateway, ``ingress-controlled``, with its config from the control plane (no --config-dir)."""
+    ports = {name: free_port() for name in ("http", "https")}
+    gateway = ControlledProxy(mesh["control"], "ingress-controlled", namespace=NS, service_account="ingressgateway",
+                              labels={"istio": "ingressgateway"}, log_dir=process_log_dir,
+                              extra_args=["--gateway", "--gateway-address", "127.0.0.1",
+                                          *(arg for name, port in ports.items()
+                                            for arg in ("--gateway-port", f"{PORTS[name]}={port}"))])
+    gateway.start()
+    yield gateway, ports
+    gateway.stop()
+
+
+def test_gateway_with_its_config_from_the_control_plane(mesh, controlled_gateway):
+    gateway, ports = controlled_gateway
+    assert served_by(curl(f"http://127.0.0.1:{ports['http']}/api/v1/products", timeout=5)) == "details"
+    secure = curl(f"https://bookinfo.com:{ports['https']}/productpage", timeout=5,
+                  extra_args=["--resolve", f"bookinfo.com:{ports['https']}:127.0.0.1",
+                              "--cacert", str(mesh["pki"]["ca"])])
+    assert served_by(secure) == "productpage"
 
 
 def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh):
