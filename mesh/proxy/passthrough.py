@@ -14,7 +14,10 @@ sidecar, not only HTTP to mesh services.  As Istio's ``outboundTrafficPolicy``
 
 A captured connection to a TCP, TLS or HTTPS port of a mesh service is not passed
 through: :mod:`mesh.proxy.tcp_proxy` routes it (VirtualService ``tcp``/``tls``
-routes, mTLS to the peer sidecar).
+routes, mTLS to the peer sidecar).  One that none of the port's routes matches (a TLS
+server name that no ServiceEntry has) comes back here, as to Istio's passthrough filter
+chain: tunnelled to its destination under ``ALLOW_ANY``, closed (``BlackHoleCluster``)
+under ``REGISTRY_ONLY`` whatever its address.
 
 Only connections that iptables redirected meet the detect stage (:mod:`mesh.proxy.detect`);
 an app that calls the sidecar itself never pays for any of this.  The inbound
@@ -127,8 +130,9 @@ class Passthrough:
     :param cluster: the cluster name the tunnels report (``PassthroughCluster``
         or ``InboundPassthroughClusterIpv4``).
     :param target: ``(original ip, port) -> (ip, port)`` to connect to.
-    :param refusal: ``(original ip, port), connection -> Refusal`` when the tunnel
-        must not be opened (REGISTRY_ONLY, authorization), else None.
+    :param refusal: ``(original ip, port), connection, unrouted -> Refusal`` when the tunnel
+        must not be opened (REGISTRY_ONLY, authorization), else None; ``unrouted`` is why
+        ``routes`` passed the connection on (see :meth:`open_tunnel`), or None.
     :param bind: source address of the tunnels' connections (None: any).
     :param routes: a :class:`mesh.proxy.tcp_proxy.OutboundTcp` that takes the
         connections to a TCP service port (routed, not detected nor passed through), or None.
@@ -171,7 +175,7 @@ class Passthrough:
             self._loop(looped, detector.conn)
             return False
         conn = detector.conn
-        if self._routes is not None and self._routes.take(conn, conn.original_dst, detector.take_buffer):
+        if self._routes is not None and self._routes.take(conn, conn.original_dst, detector.take_buffer, self):
             return False
         self._detecting[detector.client] = detector
         return True
@@ -182,12 +186,17 @@ class Passthrough:
                 "refused_total": self.refused_total, "failed_total": self.failed_total}
 
     # -- tunnels ---------------------------------------------------------------------------
-    def open_tunnel(self, detector):
-        """The client does not speak HTTP: connect to its destination (or refuse)."""
+    def open_tunnel(self, detector, unrouted=None):
+        """The client does not speak HTTP: connect to its destination (or refuse).
+
+        ``unrouted`` says why a connection to a TCP, TLS or HTTPS service port matched none of its
+        routes (a TLS server name that no ServiceEntry has): it is passed through as well, unless
+        the policy refuses it (see :func:`outbound_passthrough`).
+        """
         conn = detector.conn
         conn.become_tunnel()
         dst = conn.original_dst
-        refusal = self._refusal(dst, conn)
+        refusal = self._refusal(dst, conn, unrouted)
         if refusal is None and self.open >= self.settings.max_connections:
             refusal = Refusal(self.cluster, f"{self.open} passthrough connections are open (the limit); raise "
                                             "--max-passthrough-connections if this is expected", flag="UO")
@@ -389,11 +398,14 @@ def outbound_passthrough(reactor, settings, router, bind=None, routes=None) -> P
     outbound traffic policy (``router`` is the :class:`mesh.proxy.runtime.OutboundRouter`), after
     ``routes`` (a :class:`mesh.proxy.tcp_proxy.OutboundTcp`) took those to TCP service ports."""
 
-    def refusal(dst, conn):
-        if router.outbound_traffic_policy() == REGISTRY_ONLY and not router.knows(dst):
-            return Refusal(BLACKHOLE_CLUSTER, "the destination is not in the mesh registry and the outbound traffic "
-                           "policy is REGISTRY_ONLY; add a ServiceEntry for it, or run the sidecar with "
-                           "--outbound-traffic-policy ALLOW_ANY", flag="UH")
+    def refusal(dst, conn, unrouted):
+        """REGISTRY_ONLY refuses a destination outside the registry, and a connection none of its
+        port's routes took (an unknown TLS server name), whatever its address, as Istio does."""
+        if router.outbound_traffic_policy() == REGISTRY_ONLY and (unrouted or not router.knows(dst)):
+            why = unrouted or "the destination is not in the mesh registry"
+            return Refusal(BLACKHOLE_CLUSTER, f"{why} and the outbound traffic policy is REGISTRY_ONLY; add a "
+                           "ServiceEntry for it, or run the sidecar with --outbound-traffic-policy ALLOW_ANY",
+                           flag="UH")
         return None
 
     return Passthrough(reactor, settings, "outbound", PASSTHROUGH_CLUSTER, _same, refusal, bind, routes)
@@ -411,7 +423,7 @@ def inbound_passthrough(reactor, settings, app_address, authorize) -> Passthroug
     inbound passthrough chain does: the name of the denying policy, or None.
     """
 
-    def refusal(dst, conn):
+    def refusal(dst, conn, unrouted):  # the inbound side routes nothing: ``unrouted`` is always None
         policy = authorize(conn, dst[1])
         if policy is not None:
             return Refusal(INBOUND_PASSTHROUGH_CLUSTER, f"denied by AuthorizationPolicy ({rbac_details(policy)})",

@@ -11,7 +11,9 @@ never sniffed (:meth:`mesh.proxy.passthrough.Passthrough.detecting`).  Then, as 
 1. the listener of the destination in the compiled :class:`mesh.config.tables.L4Table`; for a
    TLS or HTTPS port the server name is read from the ClientHello first
    (:mod:`mesh.proxy.tcp_sni`), within ``--header-timeout``, without terminating TLS;
-2. the chain that matches (destination subnet, SNI): none closes the connection (``NR``);
+2. the chain that matches (destination subnet, SNI): when none does, an explicit listener closes
+   the connection (``NR``) and a captured one goes to the passthrough (:mod:`mesh.proxy.passthrough`:
+   its destination under ALLOW_ANY, closed under REGISTRY_ONLY), as Istio's passthrough filter chain;
 3. a cluster by the route's weights (``NC`` if it does not exist), an endpoint among its healthy
    ones by ``mesh_pick_endpoint`` (``UH`` if none), with the DestinationRule's load balancer
    (a connection counts as a request: LEAST_REQUEST is least connections; a consistent hash
@@ -202,6 +204,7 @@ class HeldBytes:
     """
 
     __slots__ = ("conn", "buffer", "on_data", "connector")
+    client = None  # as a passthrough's detector: in no detection (see Passthrough.forget)
 
     def __init__(self, conn, data=b""):
         self.conn = conn
@@ -396,16 +399,18 @@ class OutboundTcp:
         self.runtime = runtime
         self.bind = (bind, 0) if bind else None
 
-    def take(self, conn, dst, take_buffer) -> bool:
+    def take(self, conn, dst, take_buffer, passthrough) -> bool:
         """Route a captured connection (its bytes so far from ``take_buffer()``) if ``dst`` is a TCP
-        service port; False when it is not (the caller passes it through)."""
+        service port; False when it is not (the caller passes it through).  If none of the port's
+        routes matches it (a TLS server name no ServiceEntry has), it goes to ``passthrough``
+        (:meth:`mesh.proxy.passthrough.Passthrough.open_tunnel`), as Istio's passthrough filter chain."""
         listener = self.runtime.snapshot.config.l4.lookup(*dst)
         if listener is None:
             return False
         conn.become_tunnel()
         held = HeldBytes(conn, take_buffer())
         conn.divert(held)
-        self._start(conn, held, listener, dst)
+        self._start(conn, held, listener, dst, passthrough)
         return True
 
     def accept(self, conn):
@@ -419,9 +424,9 @@ class OutboundTcp:
             return
         self._start(conn, conn.held, listener, dst)
 
-    def _start(self, conn, held, listener, dst):
+    def _start(self, conn, held, listener, dst, passthrough=None):
         if not listener.tls:
-            self._route(conn, held, listener, dst, None)
+            self._route(conn, held, listener, dst, None, passthrough)
             return
         timer = self.reactor.callLater(conn.limits.header_timeout, lambda: decide(None))
 
@@ -429,7 +434,7 @@ class OutboundTcp:
             held.on_data = None
             if timer.active():
                 timer.cancel()
-            self._route(conn, held, listener, dst, server_name)
+            self._route(conn, held, listener, dst, server_name, passthrough)
 
         def arrived():
             done, server_name = read_server_name(held.buffer)
@@ -442,16 +447,20 @@ class OutboundTcp:
         held.on_data = arrived
         arrived()
 
-    def _route(self, conn, held, listener, dst, server_name):
-        """Steps 2 to 4 of the module docstring for one connection."""
+    def _route(self, conn, held, listener, dst, server_name, passthrough=None):
+        """Steps 2 to 4 of the module docstring for one connection; one no route matches goes to
+        ``passthrough`` (a captured one), or is closed (``NR``)."""
         if conn.closing:
             return
         snapshot = self.runtime.snapshot
         action = listener.route(_address(dst[0]), server_name)
         if action is None:
             sni = f"server name {server_name!r}" if server_name else "no server name (SNI)"
-            _Tunnel(self.reactor, conn, held, None).refuse("NR", f"{listener.name}: no TCP route matches {dst[0]} "
-                                                                 f"with {sni}")
+            why = f"{listener.name}: no TCP route matches {dst[0]} with {sni}"
+            if passthrough is not None:
+                passthrough.open_tunnel(held, unrouted=why)
+            else:
+                _Tunnel(self.reactor, conn, held, None).refuse("NR", why)
             return
         name = action.pick_cluster()
         cluster = snapshot.clusters.get(name)
