@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 
 from OpenSSL import SSL
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
@@ -142,9 +143,11 @@ class GatewayListeners:
                 if entry.tls is not None:
                     current[1].context = server_context(entry.tls)
                 continue
-            if current is not None:
-                self._close(port, "its protocol changed")
-            self._open(port, entry)
+            if current is not None:  # HTTP <-> HTTPS: listen again once the old socket is closed
+                self._close(port, "its protocol changed").addCallback(lambda _, port=port, entry=entry:
+                                                                      self._open(port, entry))
+            else:
+                self._open(port, entry)
 
     def describe(self) -> dict:
         """Server port -> the local address it listens on, for /config_dump."""
@@ -177,11 +180,14 @@ class GatewayListeners:
         log.info("gateway port {port} ({protocol}) listening on {address}:{local}", port=port,
                  protocol=entry.protocol, address=self.settings.address, local=local)
 
-    def _close(self, port, why) -> None:
+    def _close(self, port, why):
+        """Stop listening on ``port`` (its connections finish their requests); a Deferred that fires when the
+        socket is closed."""
         listener, _ = self.open.pop(port)
         self.proxy.listeners.remove(listener)
-        listener.server.stopService()
+        stopped = defer.maybeDeferred(listener.server.stopService)
         listener.stop()
         for connection in list(listener.connections):
             connection.drain()
         log.info("gateway port {port} closed: {why}", port=port, why=why)
+        return stopped

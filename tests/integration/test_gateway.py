@@ -29,11 +29,12 @@ from tests.integration.test_identity_support import authorization_policy, mesh_e
 from tests.integration.test_proxy_support import service_entry, write_config
 
 NS = "shop"
-PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "redirect": 8081, "hosted": 8082}
+PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "redirect": 8081, "hosted": 8082, "extra": 9090}
 NETWORKING = "networking.istio.io/v1"
 
 
-def gateway_resource(cert, key, ca) -> dict:
+def gateway_resource(cert, key, ca, extra=None) -> dict:
+    """The bookinfo Gateway; ``extra`` (None: absent) is the protocol of one more server, on port 9090."""
     def server(name, protocol, hosts, tls=None):
         entry = {"port": {"number": PORTS[name], "name": name, "protocol": protocol}, "hosts": hosts}
         if tls is not None:
@@ -49,7 +50,8 @@ def gateway_resource(cert, key, ca) -> dict:
                 server("mutual", "HTTPS", ["bookinfo.com"], {"mode": "MUTUAL", **files, "caCertificates": str(ca)}),
                 server("redirect", "HTTP", ["secure.com"], {"httpsRedirect": True}),
                 server("hosted", "HTTP", ["hosted.com", f"details.{NS}.svc.cluster.local"]),
-            ]}}
+            ] + ([server("extra", extra, ["*"], {"mode": "SIMPLE", **files} if extra == "HTTPS" else None)]
+                 if extra else [])}}
 
 
 def virtual_service(name, hosts, http, gateways=None) -> dict:
@@ -65,10 +67,10 @@ def to(host, *prefixes, exact=()):
     return {"match": match, "route": [{"destination": {"host": host, "port": {"number": 80}}}]}
 
 
-def documents(pki, inbound, cert=None) -> list:
+def documents(pki, inbound, cert=None, extra=None) -> list:
     bookinfo = [to("productpage", "/static", exact=["/productpage"]), to("details", "/api/v1/products")]
     return [
-        gateway_resource(cert or pki["cert"], pki["key"], pki["ca"]),
+        gateway_resource(cert or pki["cert"], pki["key"], pki["ca"], extra),
         *(service_entry(name, [mesh_endpoint(inbound[name], name)], namespace=NS) for name in inbound),
         virtual_service("bookinfo", ["*"], bookinfo, gateways=["bookinfo-gateway"]),
         virtual_service("hosted", ["hosted.com"], [to("productpage", "/")], gateways=[f"{NS}/bookinfo-gateway"]),
@@ -174,7 +176,7 @@ def test_https_redirect(mesh):
 @pytest.fixture(scope="module")
 def controlled_gateway(mesh, process_log_dir):
     """A second gateway, ``ingress-controlled``, with its config from the control plane (no --config-dir)."""
-    ports = {name: free_port() for name in ("http", "https")}
+    ports = {name: free_port() for name in PORTS}  # every port mapped: none may listen on its own number
     gateway = ControlledProxy(mesh["control"], "ingress-controlled", namespace=NS, service_account="ingressgateway",
                               labels={"istio": "ingressgateway"}, log_dir=process_log_dir,
                               extra_args=["--gateway", "--gateway-address", "127.0.0.1",
@@ -210,3 +212,23 @@ def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh):
                              extra_args=["--cacert", str(pki["ca"])])) == "productpage"
     finally:
         write_config(mesh["config"], *documents(pki, mesh["inbound"]))
+
+
+def test_ports_follow_the_config(mesh):
+    gateway, pki = mesh["gateway"], mesh["pki"]
+    https = ["--cacert", str(pki["ca"])]
+
+    def apply(extra):
+        write_config(mesh["config"], *documents(pki, mesh["inbound"], extra=extra))
+        gateway.reload()
+
+    try:
+        apply("HTTP")  # a new server: its port opens
+        wait_for(lambda: via(mesh, "extra", "/productpage", timeout=2).status == 200, 10, what="port 9090 serving HTTP")
+        apply("HTTPS")  # the same port now terminates TLS
+        wait_for(lambda: via(mesh, "extra", "/productpage", scheme="https", extra_args=https, timeout=2).status == 200,
+                 10, what="port 9090 serving HTTPS")
+    finally:
+        apply(None)  # the server is gone: so is its port
+    wait_for(lambda: via(mesh, "extra", "/productpage", timeout=2).exit_code == 7, 10, what="port 9090 closed")
+    assert "gateway port 9090 closed: no Gateway that selects this proxy has it any more" in gateway.log_tail(50)
