@@ -188,8 +188,10 @@ class DnsEndpoints:
     # -- lookups ----------------------------------------------------------------------
 
     def _watch(self, name) -> _Name:
+        """Start watching ``name``: its first lookup starts from the reactor, never inside
+        :meth:`expand` (an answer can come at once, and its ``on_change`` expands again)."""
         state = self._names[name] = _Name(name)
-        self._lookup(state)
+        state.call = self.reactor.callLater(0, self._lookup, state)
         return state
 
     def _forget(self, keep) -> None:
