@@ -151,12 +151,13 @@ def ask(clients, command) -> list:
 
 def run_client(control_address: str, state_dir, config_dir, sessions: int, changes: int, *, namespaces: int = 10,
                endpoints: bool = False, admin_port: int | None = None, processes: int = 4, settle: float = 0.5,
-               timeout: float = 120.0, log_dir=None) -> dict:
+               timeout: float = 120.0, log_dir=None, pace: float = 0.0) -> dict:
     """Run ``sessions`` sessions in ``processes`` :mod:`bench.scale_client` processes; the merged result.
 
     Connect every session (``connect_s``: until each has its first snapshot; ``settled_s``: until no
     snapshot came for ``settle`` s, the registry pushes of the connect included), then ``changes`` times
-    rewrite the change file and collect, per session, the time from the write to its ACK.
+    rewrite the change file and collect, per session, the time from the write to its ACK.  With
+    ``pace``, each process opens one session every ``pace`` seconds instead of 25 at a time.
     """
     processes = max(1, min(processes, sessions))
     shares = [sessions // processes + (1 if index < sessions % processes else 0) for index in range(processes)]
@@ -168,8 +169,10 @@ def run_client(control_address: str, state_dir, config_dir, sessions: int, chang
             argv = [sys.executable, "-m", "bench.scale_client", "--control", control_address,
                     "--state-dir", str(state_dir), "--sessions", str(share), "--offset", str(offset),
                     "--namespaces", str(namespaces), "--timeout", str(timeout), "--settle", str(settle),
+                    "--pace", str(pace),
                     *(["--endpoints"] if endpoints else [])]
             clients.append(ClientProcess(argv, log_dir / f"scale-client-{index}.log"))
+            clients[-1].answer()  # loaded the CA (which rewrites the bundle file): the next one may start
             offset += share
         ready = [client.answer() for client in clients]
         connects = ask(clients, "connect")

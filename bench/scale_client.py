@@ -10,6 +10,9 @@ stands in for hundreds, and the bench measures the control plane.
 bench/scale.py runs several of these processes (``--offset`` and ``--sessions`` give each its share)
 and drives them with one command per line on stdin; each answers one JSON line on stdout:
 
+It says ``{"loaded": true}`` once it has read the CA, then ``{"ready": true, ...}`` once it has made
+the certificates.  The commands:
+
 - ``connect``: open every session (``--concurrency`` handshakes at a time), each until its first
   SNAPSHOT -> ``{"connected", "failures", "started", "finished"}`` (wall-clock times);
 - ``quiet SECONDS``: wait until no SNAPSHOT came for SECONDS -> ``{"quiet": wall time of the last one}``;
@@ -150,8 +153,10 @@ def make_specs(ca, indices, namespaces: int, endpoints: bool, trust_domain: str)
     return specs
 
 
-async def connect_all(reactor, specs, host, port, bundle, control_identity, concurrency: int, clock):
-    """Open every session, ``concurrency`` handshakes at a time; returns the failures."""
+async def connect_all(reactor, specs, host, port, bundle, control_identity, concurrency: int, clock,
+                      pace: float = 0.0):
+    """Open every session, ``concurrency`` handshakes at a time (with ``pace``: one every ``pace``
+    seconds instead); returns the failures."""
     failures = []
     semaphore = defer.DeferredSemaphore(concurrency)
 
@@ -167,7 +172,14 @@ async def connect_all(reactor, specs, host, port, bundle, control_identity, conc
         while spec.session is not None and not spec.session.acks and spec.session.lost is None:
             await task.deferLater(reactor, 0.01)
 
-    await defer.gatherResults([semaphore.run(lambda s=spec: defer.ensureDeferred(one(s))) for spec in specs])
+    if pace:
+        opening = []
+        for spec in specs:
+            opening.append(defer.ensureDeferred(one(spec)))
+            await task.deferLater(reactor, pace)
+        await defer.gatherResults(opening)
+    else:
+        await defer.gatherResults([semaphore.run(lambda s=spec: defer.ensureDeferred(one(s))) for spec in specs])
     return failures
 
 
@@ -223,12 +235,15 @@ class Worker:
         self.clock = types.SimpleNamespace(last_snapshot=0.0)
         self.done = defer.Deferred()
         self.output = None  # the stdio transport
-        self.ca = CertificateAuthority.load_or_create(options.state_dir, options.trust_domain)
+        self.ca = None
         self.specs = []
 
     def start(self, output) -> None:
-        """Make the sessions' certificates, then say ``ready`` on ``output``."""
+        """Load the CA (say ``loaded``: loading rewrites the trust bundle file, so the coordinator
+        starts the next process only then), make the sessions' certificates, then say ``ready``."""
         self.output = output
+        self.ca = CertificateAuthority.load_or_create(self.options.state_dir, self.options.trust_domain)
+        self.reply({"loaded": True})
         started = time.time()
         indices = range(self.options.offset, self.options.offset + self.options.sessions)
         self.specs = make_specs(self.ca, indices, self.options.namespaces, self.options.endpoints,
@@ -261,7 +276,7 @@ class Worker:
         control_identity = f"spiffe://{self.options.trust_domain}/ns/mesh-system/sa/mesh-control"
         started = time.time()
         failures = await connect_all(self.reactor, self.specs, host, int(port), list(self.ca.bundle),
-                                     control_identity, self.options.concurrency, self.clock)
+                                     control_identity, self.options.concurrency, self.clock, self.options.pace)
         return {"connected": len(self.sessions), "failures": failures[:10], "started": started,
                 "finished": time.time()}
 
@@ -299,6 +314,8 @@ def main(argv=None):
     parser.add_argument("--endpoints", action="store_true",
                         help="announce an inbound listener: every session is a registry endpoint")
     parser.add_argument("--concurrency", type=int, default=25, help="TLS handshakes in flight while connecting")
+    parser.add_argument("--pace", type=float, default=0.0,
+                        help="open one session every PACE seconds (a steady stream) instead of --concurrency")
     parser.add_argument("--timeout", type=float, default=30.0, help="give up waiting after this long")
     parser.add_argument("--settle", type=float, default=0.5, help="seconds without a SNAPSHOT that mean quiet")
     options = parser.parse_args(argv)

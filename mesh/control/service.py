@@ -23,6 +23,7 @@ import sys
 from dataclasses import dataclass
 
 from cryptography import x509
+from OpenSSL import SSL
 from twisted.application import internet, service
 from twisted.logger import Logger
 from twisted.web import resource
@@ -41,7 +42,9 @@ from mesh.control.serving_cert import ServingCertificate
 from mesh.control.sources import attach_config
 from mesh.identity.agent import make_csr
 from mesh.identity.ca import TRUST_BUNDLE, CertificateAuthority
+from mesh.identity.ca_workers import CAWorkers, worker_argv
 from mesh.identity.credentials import DispatchingVerifier, JoinTokenVerifier
+from mesh.identity.csr import check_csr
 from mesh.identity.files import write_public
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import ServerTLS
@@ -71,7 +74,9 @@ class ControlSettings:
     ca_cert: str = None
     ca_key: str = None
     ca_chain: str = None
+    ca_workers: int = 0  # CA worker processes (mesh.identity.ca_workers); 0: CSRs are checked and signed here
     push_debounce: float = 0.1
+    push_max_delay: float = 1.0  # a push at most this long after a change, even while changes keep coming
     registry_grace: float = 5.0
     kubernetes: bool = False  # registry, CRDs and TokenReview from the Kubernetes API (mesh.control.kube)
     kubeconfig: str = None  # None: in-cluster credentials
@@ -81,6 +86,26 @@ class ControlSettings:
     webhook_dns_names: tuple = ()  # its certificate's names; () means mesh-control.<namespace>.svc
     proxy_image: str = DEFAULT_IMAGE  # the image the webhook injects
     webhook_config_name: str = DEFAULT_WEBHOOK_CONFIG  # MutatingWebhookConfiguration whose caBundle is kept
+
+
+class IdleServerTLS(ServerTLS):
+    """:class:`~mesh.identity.tls.ServerTLS` whose connections free OpenSSL's buffers while idle.
+
+    The control plane holds one mostly idle config stream per proxy; ``SSL_MODE_RELEASE_BUFFERS``
+    (nginx sets it too) saves about 30 KiB per connection (docs/performance.md, control plane).
+    """
+
+    _prepared = None  # the last context given the mode
+
+    def serverConnectionForTLS(self, tlsProtocol):
+        context = self.store.current.server_context
+        if context is not self._prepared:  # a new context (first use, or the certificate was renewed)
+            self._prepared = context
+            try:
+                context.set_mode(SSL.MODE_RELEASE_BUFFERS)  # adds to the context's modes
+            except ValueError:  # pyOpenSSL: another port made a connection with it first; it keeps its buffers
+                log.info("control plane TLS context already in use: its connections keep their idle buffers")
+        return super().serverConnectionForTLS(tlsProtocol)
 
 
 #: The results of ``mesh_ca_csr_total{ca,result}``.
@@ -150,6 +175,13 @@ class ControlService(service.MultiService):
         # the built-in CA; with another --ca it signs only the webhook's certificate (mesh.control.injector)
         self.ca = CertificateAuthority.load_or_create(settings.state_dir, settings.trust_domain, settings.ca_cert,
                                                       settings.ca_key, settings.ca_chain, write_bundle=False)
+        #: CSR checks and built-in signing in worker processes (--ca-workers), started before the own certificate
+        self.ca_workers = None
+        if settings.ca_workers:
+            self.ca_workers = CAWorkers(reactor, worker_argv(settings.state_dir, settings.trust_domain,
+                                                             settings.ca_cert, settings.ca_key, settings.ca_chain),
+                                        settings.ca_workers, self.ca.chain_pem())
+            self.ca_workers.setServiceParent(self)
         self.identity = SpiffeId(settings.trust_domain, settings.namespace, "mesh-control")
         self.config_errors = []  # ConfigError objects of the last load_config
         self.metrics = ControlPlaneMetrics(self)
@@ -171,16 +203,18 @@ class ControlService(service.MultiService):
         root.putChild(b"v1", v1)
         v1.putChild(b"csr", CSRResource(verifier, self._sign, self.trust_bundle_pem, settings.workload_cert_ttl,
                                         settings.workload_cert_ttl, self.stats,
-                                        trust_domain=settings.trust_domain, ca_issuer=self._ca_issuer))
+                                        trust_domain=settings.trust_domain, ca_issuer=self._ca_issuer,
+                                        check=self.ca_workers.check if self.ca_workers else check_csr))
         # no access log (the CSR endpoint logs what it signs and refuses), no form parsing of the JSON body
         site = QuietSite(root, timeout=30, parsePOSTFormSubmission=False)
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API
         self.distributor = Distributor(reactor, self.trust_bundle_pem, self.metrics,
-                                       debounce=settings.push_debounce, grace=settings.registry_grace,
+                                       debounce=settings.push_debounce, max_delay=settings.push_max_delay,
+                                       grace=settings.registry_grace,
                                        state_dir=settings.state_dir, trust_domain=settings.trust_domain)
         # opened once the control plane's own certificate is issued (startService)
         self._tls_port = internet.SSLServer(settings.port, PortMux(self.distributor.factory, site, reactor),
-                                            ServerTLS(self.credentials), interface=settings.address)
+                                            IdleServerTLS(self.credentials), interface=settings.address)
         admin_root = resource.Resource()
         admin_root.putChild(b"ready", JSONPage(self.readiness))
         admin_root.putChild(b"proxies", JSONPage(lambda: (200, proxy_rows(self.distributor))))

@@ -49,7 +49,11 @@ class ControlOptions(usage.Options):
         ["ca-cert", None, None, "Use this CA certificate (root or intermediate) instead of generating one."],
         ["ca-key", None, None, "Private key of --ca-cert (PEM, unencrypted, mode 0600)."],
         ["ca-chain", None, None, "Chain from --ca-cert's issuer up to the root (PEM), for an intermediate."],
+        ["ca-workers", None, 0, "Worker processes that check CSRs and sign with the built-in CA, to use more "
+         "than one core (e.g. 2 on 2 CPUs); 0 = in mesh-control's own process.", int],
         ["push-debounce", None, 0.1, "Seconds to wait for more config changes before pushing snapshots.", float],
+        ["push-max-delay", None, 1.0, "Seconds at most from a change to its push while changes keep coming "
+         "(caps --push-debounce).", float],
         ["registry-grace", None, 5.0, "Seconds a disconnected proxy stays an endpoint (DRAIN removes at once).",
          float],
         ["kubeconfig", None, None, "With --kubernetes: kubeconfig file (default: in-cluster credentials)."],
@@ -88,6 +92,12 @@ class ControlOptions(usage.Options):
                 self[duration] = duration_option(self[duration])
         if not self["ca-status-interval"] > 0:
             raise usage.UsageError("--ca-status-interval must be more than 0 (e.g. 5s)")
+        if not 0 <= self["ca-workers"] <= 64:
+            raise usage.UsageError("--ca-workers must be 0 to 64 (0: sign in mesh-control's process; about one "
+                                   "per CPU)")
+        if not (self["push-debounce"] >= 0 and self["push-max-delay"] > 0):
+            raise usage.UsageError("--push-debounce must be 0 or more and --push-max-delay more than 0 (seconds, "
+                                   "e.g. 0.1 and 1)")
         names = [name.strip() for name in (self["webhook-dns-names"] or "").split(",") if name.strip()]
         if self["webhook-dns-names"] is not None and not names:
             raise usage.UsageError("--webhook-dns-names wants names such as mesh-control.mesh-system.svc")
@@ -129,7 +139,9 @@ def makeService(options):
         workload_cert_ttl=options["workload-cert-ttl"],
         ca=options["ca"], ca_status_interval=options["ca-status-interval"],
         ca_cert=options["ca-cert"], ca_key=options["ca-key"], ca_chain=options["ca-chain"],
-        push_debounce=options["push-debounce"], registry_grace=options["registry-grace"],
+        ca_workers=options["ca-workers"],
+        push_debounce=options["push-debounce"], push_max_delay=options["push-max-delay"],
+        registry_grace=options["registry-grace"],
         kubernetes=bool(options["kubernetes"]), kubeconfig=options["kubeconfig"],
         istio_crds=bool(options["istio-crds"]), ca_secret=options["ca-secret"],
         webhook_port=options["webhook-port"], webhook_dns_names=options["webhook-dns-names"],
