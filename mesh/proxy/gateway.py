@@ -64,15 +64,22 @@ def server_context(tls) -> SSL.Context:
     return context
 
 
+#: ALPN of the HTTPS ports, preferred first (the downstream codec speaks HTTP/2 when ``h2`` is chosen).
+_ALPN = (b"h2", b"http/1.1")
+
+
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerTLS:
-    """Server connections with the current context of one HTTPS port (swapped by :class:`GatewayListeners`)."""
+    """Server connections with the current context of one HTTPS port (swapped by :class:`GatewayListeners`);
+    ALPN chooses ``h2`` or ``http/1.1`` (the context's select callback reads the connection's ``alpn``)."""
 
     def __init__(self, context):
         self.context = context
 
     def serverConnectionForTLS(self, tlsProtocol):
-        return SSL.Connection(self.context, None)
+        connection = SSL.Connection(self.context, None)
+        connection.alpn = _ALPN
+        return connection
 
 
 class _PortView:

@@ -151,8 +151,10 @@ def test_authorization_policy_selecting_the_gateway(mesh):
 
 def test_https_simple_with_a_test_ca(mesh):
     pki = mesh["pki"]
-    assert served_by(via(mesh, "https", "/productpage", scheme="https",
-                         extra_args=["--cacert", str(pki["ca"])])) == "productpage"
+    http1 = via(mesh, "https", "/productpage", scheme="https", extra_args=["--cacert", str(pki["ca"]), "--http1.1"])
+    assert served_by(http1) == "productpage" and http1.info["http_version"] == "1.1"
+    h2 = via(mesh, "https", "/productpage", scheme="https", extra_args=["--cacert", str(pki["ca"]), "--http2"])
+    assert served_by(h2) == "productpage" and h2.info["http_version"] == "2"  # ALPN h2
     untrusted = via(mesh, "https", "/productpage", scheme="https")
     assert untrusted.status == 0 and untrusted.exit_code == 60, untrusted  # the system CAs do not know it
 
