@@ -46,6 +46,7 @@ from mesh.config.tables import (
     BLACKHOLE_CLUSTER,
     INBOUND_PASSTHROUGH_CLUSTER,
     PASSTHROUGH_CLUSTER,
+    UPSTREAM_CLIENT,
     ClusterSpec,
     EndpointSpec,
     RouteAction,
@@ -119,8 +120,10 @@ class PassthroughClusters:
             for endpoint in self._clusters.pop(oldest).endpoints:
                 endpoint.pool.close_idle()
         endpoint_spec = EndpointSpec(dst[0], dst[1])
+        # the downstream request's protocol upstream, as Istio's PassthroughCluster: h2c stays HTTP/2
         spec = ClusterSpec(name=PASSTHROUGH_CLUSTER, service=PASSTHROUGH_CLUSTER, port=dst[1],
-                           endpoints=(endpoint_spec,), connect_timeout=self._connect_timeout)
+                           endpoints=(endpoint_spec,), connect_timeout=self._connect_timeout,
+                           upstream_protocol=UPSTREAM_CLIENT)
         return Cluster(spec, [Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))])
 
 

@@ -44,8 +44,9 @@ from tests.harness.waiting import wait_for
 
 CLIENT_IP, EXT_IP = "10.98.0.1", "10.98.0.2"
 FENCED_IP, EXT_IP_2 = "10.98.1.1", "10.98.1.2"
-ECHO, BANNER, TLS, HTTP, POD_ECHO, LOOP = 7000, 2525, 8443, 8080, 9000, 7777
+ECHO, BANNER, TLS, HTTP, POD_ECHO, LOOP, H2C = 7000, 2525, 8443, 8080, 9000, 7777, 8082
 PEERS = Path(__file__).resolve().parents[1] / "apps" / "tcp_peers.py"
+H2_APP = Path(__file__).resolve().parents[1] / "apps" / "h2_app.py"
 DETECTION_TIMEOUT = 0.3
 MAX_TUNNELS = 2
 
@@ -132,6 +133,10 @@ def mesh():
             "ext-http", ext_ns, [venv_bin("python"), "-m", "mesh.demo.app", "--name", "ext", "--port", HTTP,
                                  "--address", "0.0.0.0"],
             ext.dir / "http.log", ready_argv=["curl", "-sf", "-o", "/dev/null", f"http://127.0.0.1:{HTTP}/"]))
+        pods.start(NetnsProcess(
+            "ext-h2c", ext_ns, [venv_bin("python"), H2_APP, "--port", H2C, "--address", "0.0.0.0"],
+            ext.dir / "h2c.log", ready_argv=["curl", "-sf", "--http2-prior-knowledge", "-o", "/dev/null",
+                                             f"http://127.0.0.1:{H2C}/"]))
         client = _start_pod(pods, client_ns, "client", workdir / "client", [],
                             "--max-passthrough-connections", MAX_TUNNELS, hooks=True)
         strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
@@ -244,6 +249,14 @@ def test_plain_http_to_an_unknown_destination_goes_to_the_passthrough_cluster(me
     metrics = client.metrics()
     assert metric_sum(metrics, "istio_requests_total", destination_service_name="PassthroughCluster",
                    destination_service="PassthroughCluster", response_code="200") >= 1, metrics
+
+
+def test_http2_to_an_unknown_destination_stays_http2(mesh):
+    """As Envoy's PassthroughCluster (the downstream protocol upstream): an h2c-only server is reachable."""
+    status, error, body = mesh["client"].curl(f"http://{EXT_IP}:{H2C}/h2", "--http2-prior-knowledge")
+    assert status == 200, (error, body)
+    echo = json.loads(body)
+    assert echo["path"] == "/h2" and "x-request-id" in echo["headers"], echo  # routed by the sidecar
 
 
 def test_the_destination_refusing_closes_the_client_quickly_and_is_logged(mesh):
