@@ -89,7 +89,19 @@ def describe_cluster(spec) -> dict:
         "protocol": spec.protocol, "upstream_protocol": spec.upstream_protocol,
         "max_concurrent_streams": spec.max_concurrent_streams,
         "limits": dataclasses.asdict(spec.limits) if spec.limits else None, "resolution": spec.resolution,
-        "endpoints": [{"address": endpoint.address, "port": endpoint.port, "weight": endpoint.weight,
-                       "labels": dict(endpoint.labels), "identity": endpoint.identity}
-                      for endpoint in spec.endpoints],
+        "endpoints": [_endpoint(endpoint) for endpoint in spec.endpoints],
     }
+
+
+def _endpoint(endpoint) -> dict:
+    """An :class:`~mesh.config.tables.EndpointSpec`; ``tls_origination`` only when the sidecar originates
+    TLS to it (:class:`~mesh.config.resources.ClientTLS`)."""
+    out = {"address": endpoint.address, "port": endpoint.port, "weight": endpoint.weight,
+           "labels": dict(endpoint.labels), "identity": endpoint.identity}
+    tls = endpoint.origination
+    if tls is not None:
+        out["tls_origination"] = {"mode": tls.mode, "sni": tls.sni, "subject_alt_names": list(tls.subject_alt_names),
+                                  "ca_certificates": tls.ca_certificates,
+                                  "client_certificate": tls.client_certificate,
+                                  "insecure_skip_verify": tls.insecure_skip_verify}
+    return out

@@ -175,13 +175,17 @@ class OriginationContexts:
         return origination
 
 
+def _files(settings) -> list:
+    """``[(field, path), ...]`` of the files ``settings`` names."""
+    return [(field, path) for field, path in (
+        ("caCertificates", settings.ca_certificates), ("clientCertificate", settings.client_certificate),
+        ("privateKey", settings.private_key)) if path is not None]
+
+
 def _build(settings) -> OriginationTLS:
     """Read the files of ``settings`` and build its context; a problem is kept as the refusal."""
     files = {}
-    for field, path in (("caCertificates", settings.ca_certificates),
-                        ("clientCertificate", settings.client_certificate), ("privateKey", settings.private_key)):
-        if path is None or settings.mode == "SIMPLE" and field != "caCertificates":
-            continue
+    for field, path in _files(settings):
         try:
             with open(path, "rb") as stream:
                 files[field] = stream.read()
@@ -193,9 +197,9 @@ def _build(settings) -> OriginationTLS:
                                       files.get("clientCertificate"), verify=not settings.insecure_skip_verify,
                                       verify_callback=_record_verify_failure)
     except (ValueError, TypeError, SSL.Error) as error:
-        return _unusable(settings, f"the files of the DestinationRule's tls ({settings.ca_certificates or ''} "
-                                   f"{settings.client_certificate or ''} {settings.private_key or ''}) are not a "
-                                   f"usable PEM CA bundle, certificate and matching key: {error}")
+        given = ", ".join(f"{field} {path}" for field, path in _files(settings))
+        return _unusable(settings, f"the files of the DestinationRule's tls ({given}) are not a usable PEM CA "
+                                   f"bundle, certificate and matching key: {error}")
     return OriginationTLS(settings, context)
 
 

@@ -199,6 +199,16 @@ def test_a_ca_file_that_cannot_be_read_is_named(egress):
     assert "cannot read tls.caCertificates" in result.body.decode() and "no-such-ca.pem" in result.body.decode()
 
 
+def test_config_dump_shows_the_tls_originated_to_each_endpoint(egress):
+    clusters = {cluster["name"]: cluster for cluster in egress[0].admin("/config_dump")["config"]["clusters"]}
+    [endpoint] = clusters["outbound|80||custom-sni.example"]["endpoints"]
+    assert endpoint["tls_origination"] == {
+        "mode": "SIMPLE", "sni": "api.example", "subject_alt_names": [], "ca_certificates": endpoint[
+            "tls_origination"]["ca_certificates"], "client_certificate": None, "insecure_skip_verify": False}
+    assert endpoint["tls_origination"]["ca_certificates"].endswith("external-ca.pem")
+    assert endpoint["identity"] is None
+
+
 def test_mutual_presents_the_client_certificate_of_the_subset(egress):
     result = _get(egress, "mutual.example", "mutual")
     assert result.status == 200, result
