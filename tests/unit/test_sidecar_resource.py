@@ -15,51 +15,21 @@ FRONTEND = Workload("frontend", "shop", {"app": "frontend"}, "frontend", app_por
 REVIEWS = "reviews.shop.svc.cluster.local"
 RATINGS = "ratings.shop.svc.cluster.local"
 
-SERVICES = """
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: frontend, namespace: shop}
-spec:
-  hosts: [frontend]
-  ports: [{number: 8080, name: grpc-web, protocol: GRPC}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.10, labels: {app: frontend}}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: reviews, namespace: shop}
-spec:
-  hosts: [reviews]
-  ports: [{number: 9080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.11}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: ratings, namespace: shop}
-spec:
-  hosts: [ratings]
-  ports: [{number: 9080, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.12}]
----
-apiVersion: networking.istio.io/v1
-kind: ServiceEntry
-metadata: {name: httpbin, namespace: egress}
-spec:
-  hosts: [httpbin.org]
-  location: MESH_EXTERNAL
-  ports: [{number: 80, name: http, protocol: HTTP}]
-  resolution: STATIC
-  endpoints: [{address: 127.0.0.13}]
----
-apiVersion: networking.istio.io/v1
-kind: VirtualService
-metadata: {name: ratings, namespace: shop}
-spec:
-  hosts: [ratings]
-  http: [{route: [{destination: {host: ratings}}], timeout: 2s}]
-"""
+
+def _service(name, namespace, host, port, address, protocol="HTTP", labels="{}"):
+    """A STATIC ServiceEntry of one port and one endpoint, as YAML."""
+    return ("apiVersion: networking.istio.io/v1\nkind: ServiceEntry\n"
+            f"metadata: {{name: {name}, namespace: {namespace}}}\nspec:\n  hosts: [{host}]\n"
+            f"  ports: [{{number: {port}, name: p, protocol: {protocol}}}]\n"
+            f"  resolution: STATIC\n  endpoints: [{{address: {address}, labels: {labels}}}]\n---\n")
+
+
+SERVICES = (_service("frontend", "shop", "frontend", 8080, "127.0.0.10", "GRPC", "{app: frontend}")
+            + _service("reviews", "shop", "reviews", 9080, "127.0.0.11")
+            + _service("ratings", "shop", "ratings", 9080, "127.0.0.12")
+            + _service("httpbin", "egress", "httpbin.org", 80, "127.0.0.13")
+            + "apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: ratings, namespace: shop}\n"
+              "spec:\n  hosts: [ratings]\n  http: [{route: [{destination: {host: ratings}}], timeout: 2s}]\n")
 
 
 def _load(tmp_path, text):
