@@ -218,6 +218,21 @@ SIDECAR = obj({
     "outboundTrafficPolicy": obj({"mode": enum("ALLOW_ANY", "REGISTRY_ONLY")}),
 }, required=("egress",))
 
+TLS_VERSION = enum("TLS_AUTO", "TLSV1_2", "TLSV1_3")
+GATEWAY = obj({
+    "selector": strmap(),
+    "servers": array(obj({
+        "port": obj({"number": PORT, "name": STR, "protocol": enum("HTTP", "HTTP2", "GRPC", "HTTPS")},
+                    required=("number", "protocol")),
+        "hosts": array(STR, minItems=1),
+        "tls": obj({"mode": enum("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"), "serverCertificate": STR,
+                    "privateKey": STR, "caCertificates": STR, "httpsRedirect": BOOL,
+                    "minProtocolVersion": TLS_VERSION, "maxProtocolVersion": TLS_VERSION},
+                   description="Certificate files are paths on the gateway's host (credentialName is not supported)."),
+        "name": STR,
+    }, required=("port", "hosts")), minItems=1),
+}, required=("servers",))
+
 #: (group, kind, plural, spec schema, printer columns)
 KINDS = [
     ("networking.txmesh.io", "ServiceEntry", "serviceentries", SERVICE_ENTRY,
@@ -226,6 +241,7 @@ KINDS = [
     ("networking.txmesh.io", "DestinationRule", "destinationrules", DESTINATION_RULE, [("Host", ".spec.host")]),
     ("networking.txmesh.io", "VirtualService", "virtualservices", VIRTUAL_SERVICE, [("Hosts", ".spec.hosts")]),
     ("networking.txmesh.io", "Sidecar", "sidecars", SIDECAR, [("Selector", ".spec.workloadSelector.labels")]),
+    ("networking.txmesh.io", "Gateway", "gateways", GATEWAY, [("Selector", ".spec.selector")]),
     ("security.txmesh.io", "AuthorizationPolicy", "authorizationpolicies", AUTHORIZATION_POLICY,
      [("Action", ".spec.action")]),
     ("security.txmesh.io", "PeerAuthentication", "peerauthentications", PEER_AUTHENTICATION,

@@ -53,7 +53,7 @@ _PROTOCOL_REJECTED = {
     "HTTP_PROXY": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
 }
 _TLS = {"mode", "serverCertificate", "privateKey", "caCertificates", "httpsRedirect", "minProtocolVersion",
-        "maxProtocolVersion", "credentialName"}
+        "maxProtocolVersion"}
 _TLS_UNSUPPORTED = {key: "it is not implemented on the txmesh gateway; remove it" for key in (
     "subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "cipherSuites", "caCrl",
     "credentialNames", "tlsCertificates")}
@@ -62,8 +62,9 @@ _MODE_REJECTED = {
     "AUTO_PASSTHROUGH": "multi-network passthrough is not implemented; terminate TLS with mode SIMPLE",
     "ISTIO_MUTUAL": "mesh mTLS to the gateway itself is not implemented; use SIMPLE or MUTUAL with certificate files",
 }
-_CREDENTIAL_NAME = ("credentialName reads a Kubernetes Secret, which txmesh does not do yet; mount the Secret's "
-                    "files and set serverCertificate and privateKey (and caCertificates for MUTUAL) to their paths")
+_TLS_UNSUPPORTED["credentialName"] = ("it reads a Kubernetes Secret, which txmesh does not do yet; mount the "
+                                      "Secret's files and set serverCertificate and privateKey (and caCertificates "
+                                      "for MUTUAL) to their paths")
 
 
 @dataclass(frozen=True)
@@ -164,11 +165,14 @@ def _server(f: Fields, index, namespace) -> Server:
         else:
             hosts.append((namespace if host_namespace == "." else host_namespace, host.lower()))
     tls, redirect = None, False
-    if "tls" in f and protocol is not None:
+    if "tls" in f:
         tf = f.sub("tls", _TLS, _TLS_UNSUPPORTED)
         redirect = tf.boolean("httpsRedirect")
         if protocol == "HTTPS":
             tls = _server_tls(tf)
+        elif protocol is None:
+            tf.enum("mode", TLS_MODES, _MODE_REJECTED)  # the field names and values only
+            _tls_versions(tf)
         elif set(tf.data) - {"httpsRedirect"}:
             tf.error(None, f"a server of protocol {protocol} takes only tls.httpsRedirect; use protocol HTTPS to "
                            "terminate TLS")
@@ -182,9 +186,6 @@ def _server(f: Fields, index, namespace) -> Server:
 
 def _server_tls(f: Fields) -> ServerTLS | None:
     mode = f.enum("mode", TLS_MODES, _MODE_REJECTED, default="SIMPLE")
-    if "credentialName" in f:
-        f.error("credentialName", _CREDENTIAL_NAME)
-        return None
     chain = _pem(f, "serverCertificate", _certificates, required=True)
     key = _pem(f, "privateKey", _private_key, required=True)
     cas = _pem(f, "caCertificates", _certificates, required=mode != "SIMPLE")
@@ -194,16 +195,22 @@ def _server_tls(f: Fields) -> ServerTLS | None:
     if chain and key is not None and chain[0].public_key().public_numbers() != key.public_key().public_numbers():
         f.error("privateKey", "this private key does not belong to the serverCertificate; give the key the "
                               "certificate was issued for")
-    rejected = {old: _OLD_TLS for old in ("TLSV1_0", "TLSV1_1")}
-    low = f.enum("minProtocolVersion", _TLS_VERSIONS, rejected, default="TLSV1_2")
-    high = f.enum("maxProtocolVersion", _TLS_VERSIONS, rejected)
-    if high and low > high:
-        f.error("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
+    low, high = _tls_versions(f)
     if not chain or key is None or (mode != "SIMPLE" and not cas):
         return None
     files = tuple(f.data[key] for key in ("serverCertificate", "privateKey", "caCertificates") if key in f)
     return ServerTLS(mode=mode, chain=chain, key=key, client_cas=cas or (), min_version=low, max_version=high,
                      files=files)
+
+
+def _tls_versions(f: Fields) -> tuple:
+    """``(minProtocolVersion, maxProtocolVersion or None)`` of a server's tls."""
+    rejected = {old: _OLD_TLS for old in ("TLSV1_0", "TLSV1_1")}
+    low = f.enum("minProtocolVersion", _TLS_VERSIONS, rejected, default="TLSV1_2")
+    high = f.enum("maxProtocolVersion", _TLS_VERSIONS, rejected)
+    if high and low > high:
+        f.error("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
+    return low, high
 
 
 def _pem(f: Fields, key, parse, required):

@@ -149,7 +149,7 @@ def test_every_crd_is_structural_and_preserves_unknown_fields_only_in_status():
     schemas = crds()
     assert {group for group, _ in schemas} == {"networking.txmesh.io", "security.txmesh.io"}
     assert {kind for _, kind in schemas} == {"VirtualService", "DestinationRule", "ServiceEntry", "WorkloadEntry",
-                                             "Sidecar", "AuthorizationPolicy", "PeerAuthentication",
+                                             "Sidecar", "Gateway", "AuthorizationPolicy", "PeerAuthentication",
                                              "RequestAuthentication"}
     for schema in schemas.values():
         walk(schema, "")

@@ -121,10 +121,15 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
         "this private key does not belong to the serverCertificate; give the key the certificate was issued for",
         f"{pki['key']} does not hold a certificate in PEM form; give the path of one",
         f"{pki['cert']} does not hold an unencrypted private key in PEM form; give the path of one",
-        "credentialName reads a Kubernetes Secret, which txmesh does not do yet; mount the Secret's files and set "
-        "serverCertificate and privateKey (and caCertificates for MUTUAL) to their paths",
+        "'credentialName' is not supported by txmesh; it reads a Kubernetes Secret, which txmesh does not do yet; "
+        "mount the Secret's files and set serverCertificate and privateKey (and caCertificates for MUTUAL) to "
+        "their paths",
+        "'serverCertificate' is required",
+        "'privateKey' is required",
         "protocol TLS is not supported by txmesh; TLS passthrough servers are not implemented on the txmesh "
         "gateway; terminate TLS with protocol HTTPS and tls.mode SIMPLE",
+        "mode PASSTHROUGH is not supported by txmesh; TLS passthrough is not implemented on the txmesh gateway; "
+        "terminate TLS with mode SIMPLE",
         "mode ISTIO_MUTUAL is not supported by txmesh; mesh mTLS to the gateway itself is not implemented; use "
         "SIMPLE or MUTUAL with certificate files",
         "'serverCertificate' is required",

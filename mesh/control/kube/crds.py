@@ -2,7 +2,7 @@
 
 Watches, in every namespace, the kinds deploy/base/crds defines:
 ``networking.txmesh.io/v1`` VirtualService, DestinationRule, ServiceEntry,
-WorkloadEntry, Sidecar and ``security.txmesh.io/v1`` AuthorizationPolicy,
+WorkloadEntry, Sidecar, Gateway and ``security.txmesh.io/v1`` AuthorizationPolicy,
 PeerAuthentication, RequestAuthentication -- read with Istio's schemas, by the same loader and
 validator as YAML files.  With ``--istio-crds`` it also watches the same
 kinds of ``networking.istio.io/v1`` and ``security.istio.io/v1``, so a
@@ -38,7 +38,7 @@ ISTIO_GROUPS = (("networking.istio.io", "v1"), ("security.istio.io", "v1"))
 #: plural -> kind, per group prefix.
 PLURALS = {"networking": {"virtualservices": "VirtualService", "destinationrules": "DestinationRule",
                           "serviceentries": "ServiceEntry", "workloadentries": "WorkloadEntry",
-                          "sidecars": "Sidecar"},
+                          "sidecars": "Sidecar", "gateways": "Gateway"},
            "security": {"authorizationpolicies": "AuthorizationPolicy",
                         "peerauthentications": "PeerAuthentication",
                         "requestauthentications": "RequestAuthentication"}}
