@@ -199,6 +199,13 @@ def test_a_ca_file_that_cannot_be_read_is_named(egress):
     assert "cannot read tls.caCertificates" in result.body.decode() and "no-such-ca.pem" in result.body.decode()
 
 
+def test_an_http2_request_offers_h2_and_gets_the_http1_the_server_chose(egress):
+    proxy, _ = egress
+    result = proxy.curl("api.example", "/h2", extra_args=["--http2-prior-knowledge"])
+    assert result.status == 200, result
+    assert (result.json()["alpn"], result.json()["sni"]) == ("http/1.1", "api.example")
+
+
 def test_config_dump_shows_the_tls_originated_to_each_endpoint(egress):
     clusters = {cluster["name"]: cluster for cluster in egress[0].admin("/config_dump")["config"]["clusters"]}
     [endpoint] = clusters["outbound|80||custom-sni.example"]["endpoints"]
