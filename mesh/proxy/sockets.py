@@ -70,9 +70,13 @@ _WRITE_THROUGH: dict = {}
 
 
 def _tcp_transport(transport):
-    """The TCP transport under ``transport`` (TLS transports wrap one), or None."""
+    """The TCP transport under ``transport`` (TLS transports wrap one), or None.
+
+    The test is on the class: a TLS transport (a ``ProtocolWrapper``) answers
+    every attribute it lacks from the transport it wraps.
+    """
     while transport is not None:
-        if hasattr(transport, "setTcpNoDelay"):
+        if hasattr(type(transport), "setTcpNoDelay"):
             return transport
         transport = getattr(transport, "transport", None)
     return None

@@ -25,10 +25,14 @@ class Reactor:
 
 
 class Wrapper:
-    """A transport wrapping another (as Twisted's TLS protocol wraps the TCP transport)."""
+    """A transport wrapping another, which answers what it lacks from the one it wraps (as Twisted's
+    TLS transport, a ``ProtocolWrapper``, wraps the TCP transport)."""
 
     def __init__(self, transport):
         self.transport = transport
+
+    def __getattr__(self, name):
+        return getattr(self.transport, name)
 
 
 @pytest.fixture
@@ -39,7 +43,9 @@ def pair():
     reactor = Reactor()
     transport = tcp.Connection(ours, Protocol(), reactor)
     transport.connected = True
-    write_through(Wrapper(transport))
+    wrapper = Wrapper(transport)
+    write_through(wrapper)
+    assert type(wrapper) is Wrapper  # the TCP transport under it writes through, not the wrapper
     yield transport, peer, reactor
     ours.close()
     peer.close()
@@ -155,3 +161,4 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
     clock = Clock()
     lean_dispatch(clock)  # not an epoll reactor: left alone
     assert "doIteration" not in vars(clock)
+
