@@ -9,8 +9,8 @@ endpoint's port (the ServiceEntry's ``targetPort``, 443).
 What is checked, as Envoy does for Istio:
 
 - the server's chain, against ``caCertificates`` (a PEM file), or the system's
-  CA bundle when none is given (Istio verifies against the OS's roots since its
-  ``VERIFY_CERTIFICATE_AT_CLIENT`` became the default);
+  CA bundle when none is given (Istio verifies against the OS's roots since 1.21,
+  whose ``VERIFY_CERTIFICATE_AT_CLIENT`` became the default);
 - the server's name: its certificate must carry one of ``subjectAltNames``
   (DNS names, IP addresses or URIs), or else the SNI sent (``sni``, by default
   the service's host: Istio's auto SNI);
