@@ -5,6 +5,7 @@ from __future__ import annotations
 from types import MethodType
 
 from twisted.internet.epollreactor import EPollReactor
+from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python import log
 
 
@@ -42,6 +43,22 @@ def write_through(transport) -> None:
         subclass = _WRITE_THROUGH[base] = type(f"WriteThrough{base.__name__}", (_WriteThrough, base),
                                                {"__module__": __name__})
     transport.__class__ = subclass
+
+
+def unbuffer_tls(transport) -> None:
+    """Make a TLS ``transport`` encrypt and pass on each write at once.
+
+    Twisted's TLS transport (``BufferingTLSTransport``) gathers the writes of
+    one reactor iteration and encrypts them on the next one (a ``callLater(0)``),
+    which pays for itself when a protocol makes many small writes.  The
+    HTTP/1 codecs write a whole head, or a head with the body bytes at hand,
+    at once, so the gathering only costs a timer and a reactor iteration per
+    write.  Its ``write`` is the gathering one, set on the instance; without
+    it, the class's (``TLSMemoryBIOProtocol.write``) writes directly.  Call
+    it before the first write; any other transport is left alone.
+    """
+    if isinstance(transport, BufferingTLSTransport):
+        vars(transport).pop("write", None)
 
 
 class _WriteThrough:

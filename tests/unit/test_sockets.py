@@ -162,3 +162,18 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
     lean_dispatch(clock)  # not an epoll reactor: left alone
     assert "doIteration" not in vars(clock)
 
+
+def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+    from mesh.proxy.sockets import unbuffer_tls
+
+    factory = TLSMemoryBIOFactory(CertificateOptions(), True, None, clock=Clock())
+    tls = BufferingTLSTransport(factory, Protocol())
+    assert "write" in vars(tls)  # gathers writes until the next reactor iteration
+    unbuffer_tls(tls)
+    assert tls.write.__func__ is BufferingTLSTransport.write  # TLSMemoryBIOProtocol.write: at once
+    plain = Wrapper(None)
+    unbuffer_tls(plain)  # not a TLS transport: left alone

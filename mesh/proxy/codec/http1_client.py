@@ -16,7 +16,7 @@ from zope.interface import implementer
 
 from mesh.proxy.codec.heads import request_head
 from mesh.proxy.mtls import setup_failure
-from mesh.proxy.sockets import set_nodelay, write_through
+from mesh.proxy.sockets import set_nodelay, unbuffer_tls, write_through
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
 _CHUNK_END = b"0\r\n\r\n"
@@ -59,6 +59,7 @@ class UpstreamConnection(Protocol):
     def connectionMade(self):
         set_nodelay(self.transport)
         write_through(self.transport)
+        unbuffer_tls(self.transport)
         if self.verify_peer is None:
             self.connected_ok = True
             self.pool.connection_made(self)

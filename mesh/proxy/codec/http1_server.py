@@ -57,7 +57,7 @@ from mesh.proxy.detect import H2_PREFACE, detect
 from mesh.proxy.exchange import Exchange
 from mesh.proxy.original_dst import original_dst
 from mesh.proxy.outcome import LocalReply
-from mesh.proxy.sockets import set_nodelay, write_through
+from mesh.proxy.sockets import set_nodelay, unbuffer_tls, write_through
 from mesh.proxy.streams import Backpressure, IDownstreamStream
 
 log = Logger()
@@ -230,6 +230,8 @@ class DownstreamConnection(Protocol):
         self.peer, self.forward_headers = self.listener.tls_peer(self.transport)
         if self.transport.negotiatedProtocol == b"h2":
             self._speak_h2(b"")
+        else:
+            unbuffer_tls(self.transport)
 
     def dataReceived(self, data):
         self.last_activity = self.listener.reactor.seconds()
