@@ -28,6 +28,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from twisted.application import service
+from twisted.internet import threads
+from twisted.python.threadpool import ThreadPool
+
 from mesh import hookimpl
 from mesh.hookspecs import API_VERSION
 from mesh.response_flags import FLAGS, Flag
@@ -38,7 +42,8 @@ __all__ = [
     "TryOutcome", "RequestOutcome", "AuthzDecision", "SignedCertificate", "GIVE_UP",
     "CAUnavailable", "CAStatus",
     "ResponseFlag", "RESPONSE_FLAGS", "ConfigSource",
-    "OptionParser", "PluginOption", "Config", "ROLES", "ExternalCAPlugin", "PluginConfigError",
+    "OptionParser", "PluginOption", "Config", "ROLES", "ExternalCAPlugin", "ExternalCAService",
+    "PluginConfigError", "seconds_option",
 ]
 
 #: The processes a plugin runs in: ``twistd mesh-proxy`` and ``twistd mesh-control``.
@@ -498,6 +503,86 @@ class Config:
 class PluginConfigError(Exception):
     """A mistake in a plugin's own options, found in ``mesh_configure``: the message names the option and
     says what to give.  :class:`ExternalCAPlugin` exits the process with it, without a traceback."""
+
+
+def seconds_option(value: str) -> float:
+    """An option's positive number of seconds, at most an hour (``5``, ``2.5``, ``5s``)."""
+    try:
+        number = float(value.removesuffix("s"))
+    except ValueError:
+        raise ValueError(f"{value!r} is not a number of seconds (e.g. 5 or 2.5)") from None
+    if not 0 < number <= 3600:
+        raise ValueError(f"{value!r}: give a number of seconds between 0 and 3600")
+    return number
+
+
+class ExternalCAService(service.Service):
+    """The Twisted service shell of an external CA whose client blocks (hvac, boto3).
+
+    Its calls run in a pool of ``concurrency`` worker threads (:meth:`in_thread`), never in the
+    reactor.  While it runs, a status check runs in that pool at start and then again after
+    :meth:`next_check` seconds: a subclass implements :meth:`check` (blocking, in a worker thread)
+    and :meth:`checked` / :meth:`check_failed` (in the reactor, with its result or failure), and
+    may override :meth:`check_ended`.  :meth:`check_soon` moves the next check to now.
+    """
+
+    def __init__(self, reactor: Any, thread_name: str, concurrency: int) -> None:
+        self.reactor = reactor
+        self.pool = ThreadPool(minthreads=0, maxthreads=concurrency, name=thread_name)
+        self._timer: Any = None
+
+    def startService(self) -> None:
+        """Start the threads and the first status check."""
+        super().startService()
+        self.pool.start()
+        self._check_now()
+
+    def stopService(self) -> Any:
+        """Stop checking and wait for the calls in flight (each bounded by the CA's own timeout)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        self.pool.stop()
+        return super().stopService()
+
+    def in_thread(self, function: Callable, *args: Any) -> Any:
+        """A Deferred of ``function(*args)`` called in a worker thread."""
+        return threads.deferToThreadPool(self.reactor, self.pool, function, *args)
+
+    def check_soon(self) -> None:
+        """Check the CA's status now (the next check was due later)."""
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(0)
+
+    def check(self) -> Any:
+        """Find the CA's status (blocking, in a worker thread); the result goes to :meth:`checked`."""
+        raise NotImplementedError
+
+    def checked(self, result: Any) -> None:
+        """The result of :meth:`check` (in the reactor)."""
+        raise NotImplementedError
+
+    def check_failed(self, failure: Any) -> None:
+        """:meth:`check` raised (in the reactor)."""
+        raise NotImplementedError
+
+    def check_ended(self) -> None:
+        """A check ended, well or not (in the reactor, before the next is scheduled)."""
+
+    def next_check(self) -> float:
+        """Seconds until the next status check."""
+        raise NotImplementedError
+
+    def _check_now(self) -> None:
+        self._timer = None
+        d = self.in_thread(self.check)
+        d.addCallbacks(self.checked, self.check_failed)
+        d.addBoth(self._schedule_next)
+
+    def _schedule_next(self, _: Any) -> None:
+        self.check_ended()
+        if self.running:
+            self._timer = self.reactor.callLater(self.next_check(), self._check_now)
 
 
 class ExternalCAPlugin:

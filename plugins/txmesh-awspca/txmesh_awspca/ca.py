@@ -19,12 +19,9 @@ from __future__ import annotations
 import time
 
 from cryptography.hazmat.primitives import serialization
-from twisted.application import service
-from twisted.internet import threads
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
-from mesh.api import CAStatus, CAUnavailable, SignedCertificate
+from mesh.api import CAStatus, CAUnavailable, ExternalCAService, SignedCertificate
 
 from .certs import IssuedCertificateRejected, chain_without_roots, check_issued
 from .pca import RETRY_AFTER_DOWN, RETRY_AFTER_STATE, NotActive, PcaClient
@@ -38,7 +35,7 @@ GRACE = 1.0
 NOT_READY_REFRESH = 2.0
 
 
-class PcaCA(service.Service):
+class PcaCA(ExternalCAService):
     """Signs workload CSRs with AWS Private CA (:meth:`sign`) and reports its :attr:`status`.
 
     :param settings: a :class:`txmesh_awspca.settings.PcaSettings`.
@@ -46,10 +43,9 @@ class PcaCA(service.Service):
     """
 
     def __init__(self, settings, reactor):
+        super().__init__(reactor, "txmesh-awspca", settings.concurrency)
         self.settings = settings
-        self.reactor = reactor
         self.client = PcaClient(settings)
-        self.pool = ThreadPool(minthreads=0, maxthreads=settings.concurrency, name="txmesh-awspca")
         #: The current status (``mesh_ca_status``); read by the control plane every few seconds.
         self.status = CAStatus(NAME, True, False, f"asking AWS Private CA {settings.arn} for its state", b"",
                                settings.issuer)
@@ -58,22 +54,6 @@ class PcaCA(service.Service):
         #: Why the CA cannot sign, as its last check found it (not ACTIVE, a key txmesh cannot use), or None:
         #: CSRs are then answered 503 without asking AWS.
         self.refusal = None
-        self._timer = None
-
-    # -- service ----------------------------------------------------------------------------------------
-    def startService(self):
-        """Start the threads and the first status check."""
-        super().startService()
-        self.pool.start()
-        self._refresh()
-
-    def stopService(self):
-        """Stop refreshing and wait for the calls in flight (each bounded by ``--awspca-timeout``)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.pool.stop()
-        return super().stopService()
 
     # -- signing ------------------------------------------------------------------------------------------
     def sign(self, csr, identity: str, ttl: float):
@@ -82,8 +62,7 @@ class PcaCA(service.Service):
         if self.refusal is not None:
             raise CAUnavailable(self.refusal, RETRY_AFTER_STATE)
         csr_pem = csr.public_bytes(serialization.Encoding.PEM)
-        d = threads.deferToThreadPool(self.reactor, self.pool, self._sign_blocking, csr, csr_pem, identity, ttl,
-                                      self.signing_algorithm)
+        d = self.in_thread(self._sign_blocking, csr, csr_pem, identity, ttl, self.signing_algorithm)
         wait = self.settings.timeout + GRACE
         d.addTimeout(wait, self.reactor, onTimeoutCancel=lambda result, timeout: self._too_slow(wait))
         d.addErrback(self._sign_failed)
@@ -111,34 +90,24 @@ class PcaCA(service.Service):
 
     def _sign_failed(self, failure):
         if failure.check(NotActive):
-            self._refresh_soon()  # the CA changed state since the last check: say so in the status now
+            self.check_soon()  # the CA changed state since the last check: say so in the status now
         return failure
 
     # -- status -------------------------------------------------------------------------------------------
-    def _refresh(self):
-        self._timer = None
-        d = threads.deferToThreadPool(self.reactor, self.pool, self.client.check)
-        d.addCallbacks(self._checked, self._check_failed)
-        d.addBoth(self._schedule_next)
+    def check(self):
+        """DescribeCertificateAuthority and the root (in a worker thread)."""
+        return self.client.check()
 
-    def _refresh_soon(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(0)
-
-    def _schedule_next(self, _):
-        if not self.running:
-            return
+    def next_check(self) -> float:
         delay = self.settings.refresh_interval
-        if not self.status.ready:
-            delay = min(delay, NOT_READY_REFRESH)
-        self._timer = self.reactor.callLater(delay, self._refresh)
+        return delay if self.status.ready else min(delay, NOT_READY_REFRESH)
 
-    def _checked(self, check):
+    def checked(self, check):
         self.signing_algorithm = check.signing_algorithm
         self.refusal = "; ".join(check.problems) or None
         self._set_status(not check.problems, self.refusal or "", check.roots_pem or self.status.roots_pem)
 
-    def _check_failed(self, failure):
+    def check_failed(self, failure):
         if failure.check(CAUnavailable):
             reason = failure.value.reason
         else:

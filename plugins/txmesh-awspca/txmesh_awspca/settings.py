@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from mesh.api import PluginConfigError
+from mesh.api import PluginConfigError, seconds_option
 
 #: ``arn:PARTITION:acm-pca:REGION:ACCOUNT:certificate-authority/ID``
 CA_ARN = re.compile(r"arn:(?P<partition>aws[a-z-]*):acm-pca:(?P<region>[a-z0-9-]+):(?P<account>\d{12}):"
@@ -36,17 +36,6 @@ RETRY_MODES = ("standard", "adaptive")
 
 class SettingsError(PluginConfigError):
     """An option is missing or inconsistent: the message names it and says what to give."""
-
-
-def seconds(value: str) -> float:
-    """A positive number of seconds, at most an hour (``10``, ``2.5``, ``10s``)."""
-    try:
-        number = float(value.removesuffix("s"))
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number of seconds (e.g. 10 or 2.5)") from None
-    if not 0 < number <= 3600:
-        raise ValueError(f"{value!r}: give a number of seconds between 0 and 3600")
-    return number
 
 
 def count(low: int, high: int):
@@ -121,13 +110,13 @@ OPTIONS = (
     Option("awspca-signing-algorithm", None, "IssueCertificate's signing algorithm (default: the CA's own, which "
            "matches its key, read with DescribeCertificateAuthority).", signing_algorithm),
     Option("awspca-timeout", 10.0, "Seconds one CSR may wait for AWS (IssueCertificate, then GetCertificate until "
-           "issued, retries included); longer is answered 503.", seconds),
+           "issued, retries included); longer is answered 503.", seconds_option),
     Option("awspca-retry-mode", "standard", "botocore's retry mode for throttling and transient errors: standard "
            "(exponential backoff with jitter) or adaptive (also rate-limits on the client).", retry_mode),
     Option("awspca-max-attempts", 4, "Attempts per AWS call, the first included (botocore's max_attempts).",
            count(1, 10)),
     Option("awspca-refresh-interval", 30.0, "Seconds between two reads of the CA's state and certificate (the "
-           "trust bundle); 2 s at most while the CA is not ready.", seconds),
+           "trust bundle); 2 s at most while the CA is not ready.", seconds_option),
     Option("awspca-concurrency", 8, "AWS calls in flight at once (threads); more CSRs wait their turn.",
            count(1, 64)),
 )

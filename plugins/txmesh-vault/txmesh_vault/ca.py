@@ -19,12 +19,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from cryptography.hazmat.primitives import serialization
-from twisted.application import service
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.python.threadpool import ThreadPool
 
-from mesh.api import CAStatus, CAUnavailable, SignedCertificate
+from mesh.api import CAStatus, CAUnavailable, ExternalCAService, SignedCertificate
 
 from . import NAME, pki
 from .vault import RETRY_LATER, PermissionDenied, TokenKeeper, VaultClient
@@ -46,7 +44,7 @@ class Check:
     problems: list = field(default_factory=list)
 
 
-class VaultCA(service.Service):
+class VaultCA(ExternalCAService):
     """Signs workload CSRs with Vault's PKI secrets engine (:meth:`sign`) and reports its :attr:`status`.
 
     :param settings: a :class:`txmesh_vault.settings.VaultSettings`.
@@ -54,30 +52,13 @@ class VaultCA(service.Service):
     """
 
     def __init__(self, settings, reactor):
+        super().__init__(reactor, "txmesh-vault", settings.concurrency)
         self.settings = settings
-        self.reactor = reactor
         self.client = VaultClient(settings)
         self.tokens = TokenKeeper(self.client)
-        self.pool = ThreadPool(minthreads=0, maxthreads=settings.concurrency, name="txmesh-vault")
         #: The current status (``mesh_ca_status``); read by the control plane every few seconds.
         self.status = CAStatus(NAME, True, False, f"connecting to vault at {settings.addr}", b"", settings.issuer)
-        self._timer = None
         self._waiting: list | None = []  # CSRs that came before the first status refresh ended (then None)
-
-    # -- service ----------------------------------------------------------------------------------------
-    def startService(self):
-        """Start the threads and the first status refresh."""
-        super().startService()
-        self.pool.start()
-        self._refresh()
-
-    def stopService(self):
-        """Stop refreshing and wait for the calls in flight (each bounded by ``--vault-timeout``)."""
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
-        self.pool.stop()
-        return super().stopService()
 
     # -- signing ------------------------------------------------------------------------------------------
     def sign(self, csr, identity: str, ttl: float):
@@ -113,11 +94,11 @@ class VaultCA(service.Service):
     def _sign_failed(self, failure):
         if failure.check(PermissionDenied):  # revoked or expired token: log in again (or re-read the file) now
             self.tokens.invalidate()
-            self._refresh_soon()
+            self.check_soon()
         return failure
 
     def _in_thread(self, function, *args):
-        return self._bounded(threads.deferToThreadPool(self.reactor, self.pool, function, *args))
+        return self._bounded(self.in_thread(function, *args))
 
     def _bounded(self, d):
         """``d``, failed with :class:`CAUnavailable` unless it fires within ``--vault-timeout`` plus grace."""
@@ -129,30 +110,22 @@ class VaultCA(service.Service):
                             "raise --vault-timeout (or --vault-concurrency, if CSRs queue)")
 
     # -- status -------------------------------------------------------------------------------------------
-    def _refresh(self):
-        self._timer = None
-        d = threads.deferToThreadPool(self.reactor, self.pool, self._check_blocking)
-        d.addCallbacks(self._checked, self._check_failed)
-        d.addBoth(self._schedule_next)
-
-    def _refresh_soon(self):
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(0)
-
-    def _schedule_next(self, _):
+    def check_ended(self):
+        """The first check ended: the CSRs that waited for it go on."""
         waiting, self._waiting = self._waiting or [], None
         for d in waiting:
             d.callback(None)
-        if not self.running:
-            return
+
+    def next_check(self) -> float:
         delay = self.settings.refresh_interval
         due = self.tokens.seconds_until_due()
         if due is not None:
             delay = min(delay, due)
-        self._timer = self.reactor.callLater(max(MIN_REFRESH, delay), self._refresh)
+        return max(MIN_REFRESH, delay)
 
-    def _check_blocking(self) -> Check:
-        """Token, right to sign, issuers, role: what keeps Vault from signing mesh workloads now."""
+    def check(self) -> Check:
+        """Token, right to sign, issuers, role: what keeps Vault from signing mesh workloads now (in a
+        worker thread)."""
         settings = self.settings
         check = Check()
         try:
@@ -175,12 +148,12 @@ class VaultCA(service.Service):
                                for problem in pki.role_problems(role, settings.trust_domain, settings.verbatim)]
         return check
 
-    def _checked(self, check: Check):
+    def checked(self, check: Check):
         for note in check.notes:
             log.info("vault: {note}", note=note)
         self._set_status(not check.problems, "; ".join(check.problems), check.roots_pem)
 
-    def _check_failed(self, failure):
+    def check_failed(self, failure):
         if failure.check(CAUnavailable):
             reason = failure.value.reason
         else:

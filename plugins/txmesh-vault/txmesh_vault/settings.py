@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import urlsplit
 
-from mesh.api import PluginConfigError
+from mesh.api import PluginConfigError, seconds_option
 
 AUTH_METHODS = ("token", "approle", "kubernetes")
 #: Where Kubernetes projects a pod's service-account token.
@@ -22,17 +22,6 @@ KUBERNETES_JWT = "/var/run/secrets/kubernetes.io/serviceaccount/token"
 
 class SettingsError(PluginConfigError):
     """An option is missing or inconsistent: the message names it and says what to give."""
-
-
-def seconds(value: str) -> float:
-    """A positive number of seconds (``5``, ``2.5``, ``5s``)."""
-    try:
-        number = float(value.removesuffix("s"))
-    except ValueError:
-        raise ValueError(f"{value!r} is not a number of seconds (e.g. 5 or 2.5)") from None
-    if not 0 < number <= 3600:
-        raise ValueError(f"{value!r}: give a number of seconds between 0 and 3600")
-    return number
 
 
 def yes_no(value: str) -> bool:
@@ -91,9 +80,10 @@ OPTIONS = (
            "settings."),
     Option("vault-sign-verbatim", False, "yes: sign with pki/sign-verbatim/ROLE (the CSR as it is, already "
            "checked by mesh-control) instead of pki/sign/ROLE.", yes_no),
-    Option("vault-timeout", 5.0, "Seconds one Vault call may take; a CSR waiting longer is answered 503.", seconds),
+    Option("vault-timeout", 5.0, "Seconds one Vault call may take; a CSR waiting longer is answered 503.",
+           seconds_option),
     Option("vault-refresh-interval", 5.0, "Seconds between two reads of the mount's issuers (the trust "
-           "bundle) and of Vault's health.", seconds),
+           "bundle) and of Vault's health.", seconds_option),
     Option("vault-concurrency", 8, "Vault calls in flight at once (threads); more CSRs wait their turn.",
            concurrency),
 )
