@@ -13,8 +13,11 @@ the compiler's warnings do), and returns a
 - **empty subset**: a DestinationRule subset whose labels match no endpoint
   of the host (ServiceEntry endpoints and selected WorkloadEntries);
 - **DestinationRule for an unknown host**;
-- **conflicting VirtualServices**: two VirtualServices for one host (only one
-  applies to a client; which one depends on the client's namespace);
+- **conflicting VirtualServices**: two VirtualServices of the sidecars for one
+  host (only one applies to a client; which one depends on the client's
+  namespace; on a gateway they are merged);
+- **unknown gateway**: a VirtualService (or match) ``gateways`` entry that no
+  Gateway defines;
 - **AuthorizationPolicy selector that matches nothing**: no workload known
   from the files (WorkloadEntries, and ServiceEntry endpoints, which belong to
   the ServiceEntry's namespace) in the policy's namespace -- or, for the root
@@ -57,6 +60,7 @@ from dataclasses import dataclass
 from mesh.config import hosts as hostnames
 from mesh.config.compile import Workload, is_exported
 from mesh.config.errors import ConfigWarning
+from mesh.config.gateway import MESH, Gateway, bound
 from mesh.config.resources import DestinationRule, ServiceEntry, VirtualService, WorkloadEntry
 from mesh.config.security import AuthorizationPolicy, PeerAuthentication
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, compile_peer_authn
@@ -153,6 +157,7 @@ class _Analysis:
     def run(self) -> list:
         self._virtual_service_destinations()
         self._conflicting_virtual_services()
+        self._gateway_references()
         self._destination_rules()
         self._authorization_selectors()
         self._strict_without_sidecar()
@@ -221,12 +226,27 @@ class _Analysis:
     def _conflicting_virtual_services(self):
         owners = {}
         for vs in self.virtual_services:
+            if not bound(vs.gateways, MESH):
+                continue  # a gateway merges the VirtualServices of one host
             for index, host in enumerate(vs.hosts):
                 first = owners.setdefault(host, vs)
                 if first is not vs:
                     self.warn(vs, ("spec", "hosts", index), f"host '{host}' is also routed by {_where(first)}; "
                               "only one VirtualService applies per host (which one depends on the client's "
                               "namespace): merge their http routes into one")
+
+    def _gateway_references(self):
+        known = {gateway.ref for gateway in self._of(Gateway)}
+        for vs in self.virtual_services:
+            places = [(("spec", "gateways"), vs.gateways)]
+            places += [(("spec", "http", http.index, "match", index, "gateways"), match.gateways)
+                       for http in vs.http for index, match in enumerate(http.match)]
+            for path, refs in places:
+                for ref in refs:
+                    if ref != MESH and ref not in known:
+                        self.warn(vs, path, f"binds gateway '{ref}', which no Gateway defines, so no gateway serves "
+                                            "these routes; add the Gateway or fix the name (NAME is a Gateway of the "
+                                            "VirtualService's namespace, NAMESPACE/NAME of another)")
 
     def _destination_rules(self):
         for rule in self.rules:

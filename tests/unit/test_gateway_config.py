@@ -5,6 +5,7 @@ import textwrap
 
 import pytest
 
+from mesh.config.analyze import analyze
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_files
 from mesh.config.validate import validate
@@ -215,3 +216,18 @@ def test_https_redirect_and_selector(tmp_path):
     redirect = route.action.extras.redirect
     assert route.action.clusters == () and redirect.status == 301
     assert redirect.location(b"bookinfo.com", b"/productpage?u=1", 80) == b"https://bookinfo.com/productpage?u=1"
+
+
+def test_analyze_finds_unknown_gateways_and_lets_gateways_merge(tmp_path):
+    objects, errors = _validate(tmp_path, SERVICES, _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: ["*"]
+        """), _vs("a", '["*"]', "[gw]"), _vs("b", '["*"]', "[gw]"), _vs("c", "[web]", "[mesh, other/gw]"),
+        _vs("d", "[web]", "[mesh]", match="[{gateways: [missing]}]"))
+    assert errors == []
+    findings = [f"{finding.field}: {finding.reason}" for finding in analyze(objects)]
+    assert [finding.split(":")[0] for finding in findings] == ["spec.gateways", "spec.hosts[0]",
+                                                              "spec.http[0].match[0].gateways"]
+    assert "binds gateway 'other/gw', which no Gateway defines" in findings[0]
+    assert "host 'web.shop.svc.cluster.local' is also routed by VirtualService shop/c" in findings[1]
+    assert "binds gateway 'shop/missing'" in findings[2]
