@@ -69,6 +69,8 @@ from mesh.identity.tls import peer_identity
 log = Logger()
 
 _EXPORTED_KINDS = (ServiceEntry, DestinationRule, VirtualService)
+#: streams served per reactor turn in a push round (their frames are sent before the next slice's)
+PUSH_SLICE = 100
 #: a node id or version in HELLO: printable ASCII without spaces (they are logged), at most 253 characters
 _TOKEN = re.compile(r"[!-~]{1,253}")
 _WILDCARDS = ("", "0.0.0.0", "::")
@@ -374,16 +376,28 @@ class Distributor:
             self._pending = self.reactor.callLater(delay, self.push_all)
 
     def push_all(self) -> None:
-        """One push round: every proxy whose snapshot changed gets it; unused views are dropped."""
+        """One push round: every proxy whose snapshot changed gets it; unused views are dropped.
+
+        The streams are served :data:`PUSH_SLICE` at a time, one slice per reactor turn, so that the
+        reactor sends each slice's bytes before the next is encoded: the frames of a round do not all
+        wait in memory at once.
+        """
         self._pending = None
         self._registry_seen = self.registry.generations()
-        keys, before = set(), self.pushes
-        for stream in list(self.streams):
-            if stream.hello is not None:
-                keys.add(self._push(stream))
+        changed_at, self._changed_at = self._changed_at, None
+        streams = [stream for stream in self.streams if stream.hello is not None]
+        self._push_slice(streams, 0, changed_at, set(), self.pushes)
+
+    def _push_slice(self, streams, start, changed_at, keys, before) -> None:
+        """Push to ``streams[start:start + PUSH_SLICE]`` (those still open), then schedule the rest."""
+        for stream in streams[start:start + PUSH_SLICE]:
+            if stream in self.streams:
+                keys.add(self._push(stream, changed_at))
+        if start + PUSH_SLICE < len(streams):
+            self.reactor.callLater(0, self._push_slice, streams, start + PUSH_SLICE, changed_at, keys, before)
+            return
         log.debug("push round: {pushed} of {count} proxies got a new snapshot ({views} distinct views)",
-                  pushed=self.pushes - before, count=len(self.streams), views=len(keys))
-        self._changed_at = None
+                  pushed=self.pushes - before, count=len(streams), views=len(keys))
         self._views = {key: view for key, view in self._views.items() if key in keys}
         self._scopes = {key: scope for key, scope in self._scopes.items() if key in keys}
         self._prune_statuses()
@@ -489,13 +503,16 @@ class Distributor:
         _, snapshot = self.snapshot(workload)
         return snapshot.version, snapshot.documents, snapshot.warnings
 
-    def _push(self, stream):
-        """Push ``stream`` its snapshot if its version changed; returns its view key."""
+    def _push(self, stream, changed_at=None):
+        """Push ``stream`` its snapshot if its version changed; returns its view key.
+
+        ``changed_at``: when the change it carries happened (the start of ``push_duration``), None: now.
+        """
         key, snapshot = self.snapshot(stream.workload)
         if snapshot.version == stream._sent or not stream.push(snapshot):
             return key
         stream.status.version_sent = snapshot.version
-        stream.status.sent_at = self._changed_at if self._changed_at is not None else self.reactor.seconds()
+        stream.status.sent_at = changed_at if changed_at is not None else self.reactor.seconds()
         self.pushes += 1
         if self.metrics is not None:
             self.metrics.pushes.inc()
@@ -547,7 +564,7 @@ class Distributor:
                  node=node, identity=stream.identity.uri, address=address, version=last_applied or "none")
         if stream.registration is not None:
             self.registry.register(stream.registration)  # other proxies get the new endpoint after the debounce
-        self._push(stream)
+        self._push(stream, self._changed_at)
 
     def acked(self, stream, version) -> None:
         status = stream.status

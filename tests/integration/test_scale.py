@@ -1,12 +1,13 @@
 """Control plane scale: 500 config streams on one mesh-control converge on a config change in < 2 s.
 
-The full 500 sessions run here (about 15-20 s on 2 cores; bench/scale.py is the same measurement with
-more options and a report). :mod:`bench.scale_client` runs in its own process: 500 real config streams
+The full 500 sessions run here (about 15 s on 2 cores; bench/scale.py is the same measurement with
+more options and a report). :mod:`bench.scale_client` runs in two processes of its own: 500 real config streams
 (mutual TLS, each with its own workload certificate signed with the CA key of the control plane's state
 dir, HELLO, an ACK for every SNAPSHOT). It rewrites one file of the control plane's ``--config-dir`` three
 times; each change touches a VirtualService exported to every namespace, so every session gets a new
 snapshot. Asserted, for each change: every session ACKed a snapshot received after the file write, the last
-one within 2 s of the write (file watcher debounce + push debounce + 500 snapshots); before disconnecting, the
+one within 2 s of the write (file watcher debounce + push debounce + 500 snapshots) and 99 % of them within
+1 s (issue #15's target, there for 1000 sessions: bench/scale.py --targets); before disconnecting, the
 control plane's /proxies shows all 500 connected with ``version_acked == version_sent``; its peak RSS (VmHWM)
 stays under 300 MB.
 """
@@ -21,6 +22,7 @@ from bench.scale import base_config, run_client
 SESSIONS = 500
 CHANGES = 3
 TARGET_S = 2.0
+P99_TARGET_S = 1.0
 RSS_LIMIT_MIB = 300
 
 #: A timing target on the control plane's CPU: `make test` runs it alone, after the parallel part.
@@ -36,7 +38,7 @@ def test_500_sessions_ack_a_config_change_within_two_seconds(control_factory, tm
     control.reset_peak_rss()
 
     result = run_client(control.address, control.state_dir, config, SESSIONS, CHANGES, admin_port=control.admin_port,
-                        timeout=150)
+                        processes=2, timeout=150, log_dir=tmp_path)
 
     peak_mib = control.status_kib("VmHWM") / 1024
     changes = result["changes"]
@@ -49,7 +51,7 @@ def test_500_sessions_ack_a_config_change_within_two_seconds(control_factory, tm
     assert len(changes) == CHANGES, report
     for change in changes:
         assert change["missing"] == 0 and change["lost"] == 0 and change["acked"] == SESSIONS, report
-        assert change["converged_s"] < TARGET_S, report
+        assert change["converged_s"] < TARGET_S and change["p99_s"] < P99_TARGET_S, report
     assert peak_mib < RSS_LIMIT_MIB, report
 
     # the control plane's own view, read by the client before it disconnected

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from mesh.config.compile import Workload
-from mesh.control.distribution import Distributor
+from mesh.control.distribution import PUSH_SLICE, Distributor
 from tests.unit.test_protocol import FakeStream, registration, service_entry
 
 #: a service of each namespace that selects every registered proxy of it (they are its endpoints)
@@ -101,3 +101,16 @@ def test_endpoints_connecting_one_after_another_cause_a_linear_number_of_pushes(
     # 200 first snapshots, then 5 rounds (1, 2, 3, 4 s and the quiet one) to those connected by then
     assert dist.pushes <= count + 5 * count
     assert dist.pushes >= count
+
+
+def test_a_push_round_serves_the_streams_a_slice_per_reactor_turn():
+    clock = Clock()
+    dist = distributor(clock, namespaces=("a",))
+    streams = [FakeStream(f"s{index}", "a") for index in range(250)]
+    for stream in streams:
+        dist.hello(stream, "10.9.9.9")
+    dist.set_resources([service_entry("local-a", namespace="a", selector={"app": "other"}, export_to=["."])])
+    dist.push_all()  # the round's first slice; the others come on the next reactor turns
+    assert sum(len(stream.pushed) == 2 for stream in streams) == PUSH_SLICE
+    clock.advance(0)
+    assert all(len(stream.pushed) == 2 for stream in streams)
