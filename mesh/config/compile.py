@@ -636,10 +636,10 @@ def _merged_policy(rule, subset, port: int) -> dict:
 def _origination(tls, host: str):
     """The :class:`~mesh.config.resources.ClientTLS` with which the sidecar originates TLS to a service's
     endpoints (None: it does not), its SNI defaulting to the service's host as Istio's auto SNI does (the
-    certificate is then checked against it); a wildcard host gives no SNI."""
+    certificate is then checked against it); a wildcard or IP host gives no SNI (RFC 6066)."""
     if tls is None or not tls.originates:
         return None
-    if tls.sni is None and not host.startswith("*"):
+    if tls.sni is None and not host.startswith("*") and not hostnames.is_ip(host):
         return dataclasses.replace(tls, sni=host)
     return tls
 

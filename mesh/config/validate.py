@@ -465,6 +465,11 @@ def _client_tls(parent: Fields) -> ClientTLS:
             f.error(key, f"'{key}' is presented only with mode MUTUAL; set mode: MUTUAL, or remove it")
     skip = f.boolean("insecureSkipVerify")
     names = tuple(name for _, name in f.strings("subjectAltNames"))
+    sni = f.string("sni") or None
+    if sni is not None and (hostnames.is_ip(sni) or not _DNS_SUBDOMAIN.match(sni)):
+        f.error("sni", f"'{sni}' is not a host name (lower-case, no IP address: RFC 6066); set the server name "
+                       "to send, or remove it to send the service's host")
+        sni = None
     if skip:
         for key in ("caCertificates", "subjectAltNames"):
             if key in f:
@@ -472,7 +477,7 @@ def _client_tls(parent: Fields) -> ClientTLS:
                              "one of the two")
     return ClientTLS(mode, client_certificate=f.string("clientCertificate"),
                      private_key=f.string("privateKey"),
-                     ca_certificates=f.string("caCertificates") or None, sni=f.string("sni") or None,
+                     ca_certificates=f.string("caCertificates") or None, sni=sni,
                      subject_alt_names=names, insecure_skip_verify=skip)
 
 

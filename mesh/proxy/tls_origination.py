@@ -74,7 +74,7 @@ class OriginationTLS:
         self.context = context
         self.problem = problem
         self.names = settings.names()
-        self.server_name = settings.sni.encode("idna") if settings.sni else None
+        self.server_name = settings.sni.encode() if settings.sni else None  # a host name (validated), never an IP
 
     def refusal(self):
         """Why TLS cannot be originated (the try fails with it), or None."""

@@ -73,6 +73,9 @@ def _rule(tls: str) -> str:
     ("{mode: SIMPLE, insecureSkipVerify: true, caCertificates: /ca.pem}",
      ["spec.trafficPolicy.tls.caCertificates: 'caCertificates' cannot be set with insecureSkipVerify: true "
       "(nothing is verified); remove one of the two"]),
+    ("{mode: SIMPLE, sni: 10.0.0.1}",
+     ["spec.trafficPolicy.tls.sni: '10.0.0.1' is not a host name (lower-case, no IP address: RFC 6066); set the "
+      "server name to send, or remove it to send the service's host"]),
     ("{mode: SIMPLE, caCrl: /crl.pem}",
      ["spec.trafficPolicy.tls.caCrl: 'caCrl' is not supported by txmesh; certificate revocation lists are not "
       "checked; remove it"]),
