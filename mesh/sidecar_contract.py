@@ -10,6 +10,27 @@ without importing the other (docs/architecture.md, "Packages and layering").
 
 from __future__ import annotations
 
+# -- ports: Istio's, the defaults of mesh-proxy and mesh-control, and what the injector and meshctl assume -----------
+
+#: The sidecar's admin port (/config_dump, /clusters, /ready...), on 127.0.0.1.
+ADMIN_PORT = 15000
+#: The sidecar's outbound listener (app -> mesh): where iptables sends the app's connections.
+OUTBOUND_PORT = 15001
+#: The sidecar's inbound listener (mesh -> app).
+INBOUND_PORT = 15006
+#: mesh-control's CSR and config port (TLS).
+CONTROL_PORT = 15012
+#: mesh-control's admin port (/ready, /metrics, /proxies, /ca/root-cert.pem).
+CONTROL_ADMIN_PORT = 15014
+#: The sidecar's health port (/healthz/ready and the kubelet's rewritten app probes).
+HEALTH_PORT = 15021
+#: The sidecar's /stats/prometheus port.
+METRICS_PORT = 15090
+#: Ports iptables never redirects inbound: the sidecar's and the control plane's own (Istio's list, which
+#: includes its merged-metrics port 15020, plus 15001).
+PROXY_PORTS = (ADMIN_PORT, OUTBOUND_PORT, INBOUND_PORT, CONTROL_PORT, CONTROL_ADMIN_PORT, 15020, HEALTH_PORT,
+               METRICS_PORT)
+
 # -- app probes: the injector rewrites them to the sidecar's health port (Istio's scheme) --------------------------
 
 #: The sidecar's environment variable that carries the app's original probes (JSON, keyed by ``/app-health/`` path).

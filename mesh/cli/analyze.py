@@ -24,6 +24,7 @@ from mesh.cli.validate import PathError, load_and_validate
 from mesh.config.analyze import analyze, selection
 from mesh.config.compile import Workload
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE
+from mesh.sidecar_contract import CONTROL_ADMIN_PORT
 
 
 def add_parser(subparsers):
@@ -67,7 +68,7 @@ def run(args) -> int:
 
 def connected_proxies(address: str) -> list:
     """``(node, Workload)`` of every connected proxy of the control plane's ``/proxies``, by node."""
-    host, port = parse_address(address, 15014)
+    host, port = parse_address(address, CONTROL_ADMIN_PORT)
     hint = (f"is mesh-control running with --admin-port {port}? Its admin port listens on 127.0.0.1 unless "
             f"--admin-address opens it (check with: curl http://{host}:{port}/proxies)")
     rows = fetch_json(host, port, "/proxies", "the control plane's admin port", hint)

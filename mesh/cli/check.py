@@ -34,9 +34,10 @@ from pathlib import Path
 from cryptography import x509
 
 from mesh.cli.admin_client import AdminError, fetch_json, parse_address
-from mesh.cli.local import CONTROL_ADMIN_PORT, CONTROL_PORT, LOOPBACK, LocalMesh, add_state_dir_option, port_problem
+from mesh.cli.local import LOOPBACK, LocalMesh, add_state_dir_option, port_problem
 from mesh.demo.runner import http_get
 from mesh.identity.ca import CA_KEY, CLOCK_SKEW
+from mesh.sidecar_contract import ADMIN_PORT, CONTROL_ADMIN_PORT, CONTROL_PORT
 
 PASS, WARN, FAIL = "PASS", "WARN", "FAIL"
 #: A CA certificate closer than this to its end is a warning.
@@ -96,7 +97,7 @@ class Target:
         self.control = parse_address(args.control, CONTROL_PORT) if args.control \
             else (LOOPBACK, local.get("port", CONTROL_PORT))
         self.ca_bundle = Path(args.ca_bundle) if args.ca_bundle else self.mesh.ca_bundle
-        self.extra_admins = [parse_address(admin, 15000) for admin in args.admin]
+        self.extra_admins = [parse_address(admin, ADMIN_PORT) for admin in args.admin]
 
     def address(self, pair) -> str:
         return f"{pair[0]}:{pair[1]}"

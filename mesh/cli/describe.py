@@ -24,6 +24,7 @@ from mesh.cli.workload_view import DescribeError, Pod, describe_pod, describe_se
 from mesh.config.loader import load_documents
 from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE
 from mesh.config.validate import validate
+from mesh.sidecar_contract import INBOUND_PORT
 
 
 def add_parser(subparsers):
@@ -89,7 +90,7 @@ def _offline_pod(args) -> Pod:
         if not sep or not key:
             raise ValueError(f"--label {item!r}: give KEY=VALUE")
         labels[key] = value
-    return Pod(name=args.name, namespace=args.namespace, labels=labels, inbound_port=15006)
+    return Pod(name=args.name, namespace=args.namespace, labels=labels, inbound_port=INBOUND_PORT)
 
 
 def _registered(args) -> list:

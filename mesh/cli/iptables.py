@@ -34,12 +34,12 @@ import subprocess
 import sys
 from dataclasses import dataclass
 
+from mesh.sidecar_contract import INBOUND_PORT, OUTBOUND_PORT, PROXY_PORTS
+
 OUTPUT, REDIRECT, INBOUND, IN_REDIRECT = "MESH_OUTPUT", "MESH_REDIRECT", "MESH_INBOUND", "MESH_IN_REDIRECT"
 CHAINS = (INBOUND, IN_REDIRECT, OUTPUT, REDIRECT)
 #: (built-in chain, our chain) jumps, installed last and removed first.
 JUMPS = (("PREROUTING", INBOUND), ("OUTPUT", OUTPUT))
-#: The sidecar's and control plane's own ports: never redirected inbound (Istio's list, plus 15001).
-PROXY_PORTS = (15000, 15001, 15006, 15012, 15014, 15020, 15021, 15090)
 DEFAULT_PROXY_UID = 1337  # Istio's
 
 
@@ -49,8 +49,8 @@ class CaptureSpec:
 
     proxy_uid: int = DEFAULT_PROXY_UID
     proxy_gid: int = None
-    outbound_port: int = 15001
-    inbound_port: int = 15006
+    outbound_port: int = OUTBOUND_PORT
+    inbound_port: int = INBOUND_PORT
     exclude_outbound_ports: tuple = ()
     exclude_inbound_ports: tuple = ()
     exclude_outbound_ip_ranges: tuple = ()
@@ -186,8 +186,10 @@ def add_parser(subparsers):
                         help=f"UID (or user name) the sidecar runs as; its traffic is not captured "
                              f"(default {DEFAULT_PROXY_UID})")
     parser.add_argument("--proxy-gid", default=None, help="also exclude traffic of this GID")
-    parser.add_argument("--outbound-port", default="15001", help="outbound listener port (default 15001)")
-    parser.add_argument("--inbound-port", default="15006", help="inbound listener port (default 15006)")
+    parser.add_argument("--outbound-port", default=str(OUTBOUND_PORT),
+                        help=f"outbound listener port (default {OUTBOUND_PORT})")
+    parser.add_argument("--inbound-port", default=str(INBOUND_PORT),
+                        help=f"inbound listener port (default {INBOUND_PORT})")
     parser.add_argument("--exclude-outbound-ports", action="append", metavar="PORTS",
                         help="destination ports not captured, comma-separated or repeated")
     parser.add_argument("--exclude-inbound-ports", action="append", metavar="PORTS",

@@ -35,8 +35,6 @@ from mesh.demo.runner import bind_problem
 #: Where the local mesh lives unless ``--state-dir`` says otherwise.
 DEFAULT_STATE_DIR = Path("~/.txmesh")
 #: The control plane's ports on 127.0.0.1 (Istio's), unless ``meshctl up --port/--admin-port`` say otherwise.
-CONTROL_PORT = 15012
-CONTROL_ADMIN_PORT = 15014
 LOOPBACK = "127.0.0.1"
 #: Sidecar ports of ``meshctl run`` not given on its command line come from here: below Linux's
 #: ephemeral range (32768-60999), so an outgoing connection's source port never takes one meanwhile.

@@ -10,9 +10,10 @@ proxy asked for, not another one on this host.
 from __future__ import annotations
 
 from mesh.cli.admin_client import AdminError, fetch_json, parse_address
+from mesh.sidecar_contract import ADMIN_PORT, CONTROL_ADMIN_PORT
 
-DEFAULT_CONTROL_ADMIN = "127.0.0.1:15014"
-DEFAULT_ADMIN = "127.0.0.1:15000"
+DEFAULT_CONTROL_ADMIN = f"127.0.0.1:{CONTROL_ADMIN_PORT}"
+DEFAULT_ADMIN = f"127.0.0.1:{ADMIN_PORT}"
 SIDECAR = "the sidecar's admin port"
 
 
@@ -117,7 +118,7 @@ def resolve_admin(args) -> tuple:
     if args.name and args.admin:
         raise AdminError("give either a proxy NAME or --admin HOST:PORT, not both")
     if not args.name:
-        host, port = parse_address(args.admin or DEFAULT_ADMIN, 15000)
+        host, port = parse_address(args.admin or DEFAULT_ADMIN, ADMIN_PORT)
         return host, port, fetch_json(host, port, "/config_dump", SIDECAR, sidecar_hint(port))
     row = find_proxy(args.control_admin, args.name)
     host, port = admin_address_of(row)

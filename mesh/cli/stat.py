@@ -18,6 +18,7 @@ from mesh.cli.admin_client import AdminError, parse_address, table
 from mesh.cli.proxies import add_control_option, list_proxies
 from mesh.cli.stat_sources import prometheus_increases, sidecar_increases
 from mesh.durations import duration_argument
+from mesh.sidecar_contract import METRICS_PORT
 
 
 def add_parser(subparsers):
@@ -71,7 +72,7 @@ def run(args) -> int:
 def _targets(args) -> list:
     """``[(host, port)]`` of the sidecar metrics ports to scrape."""
     if args.metrics:
-        return [parse_address(address, 15090) for address in args.metrics]
+        return [parse_address(address, METRICS_PORT) for address in args.metrics]
     rows = [row for row in list_proxies(args.control_admin) if row.get("connected", True)]
     targets = [(row["address"], row["metrics_port"]) for row in rows if row.get("metrics_port") and row.get("address")]
     if not targets:

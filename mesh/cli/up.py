@@ -16,8 +16,6 @@ import time
 from pathlib import Path
 
 from mesh.cli.local import (
-    CONTROL_ADMIN_PORT,
-    CONTROL_PORT,
     LOOPBACK,
     START_TIMEOUT,
     LocalError,
@@ -32,6 +30,7 @@ from mesh.cli.local import (
     wait_until,
 )
 from mesh.demo.runner import http_get
+from mesh.sidecar_contract import CONTROL_ADMIN_PORT, CONTROL_PORT
 
 
 def add_parser(subparsers):

@@ -17,6 +17,7 @@ from mesh.control.service import ControlService, ControlSettings
 from mesh.durations import duration_option
 from mesh.identity.ca import CAError
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
+from mesh.sidecar_contract import CONTROL_ADMIN_PORT, CONTROL_PORT
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 
 log = Logger()
@@ -36,8 +37,8 @@ class ControlOptions(usage.Options):
         ["trust-domain", None, "cluster.local", "SPIFFE trust domain."],
         ["namespace", None, "mesh-system", "Namespace of the control plane's own identity."],
         ["address", None, "0.0.0.0", "Address of the CSR/config port."],
-        ["port", None, 15012, "CSR/config port (TLS).", int],
-        ["admin-port", None, 15014, "Admin port (/ready, /metrics, /proxies, /ca/root-cert.pem).", int],
+        ["port", None, CONTROL_PORT, "CSR/config port (TLS).", int],
+        ["admin-port", None, CONTROL_ADMIN_PORT, "Admin port (/ready, /metrics, /proxies, /ca/root-cert.pem).", int],
         ["admin-address", None, "127.0.0.1", "Address of the admin port; 0.0.0.0 lets Prometheus scrape it "
          "from other hosts (nothing secret is served there)."],
         ["workload-cert-ttl", None, "24h", "Lifetime of workload certificates (and the cap on requests).",

@@ -59,22 +59,24 @@ from pathlib import Path
 
 from mesh.demo import grpc_app
 from mesh.plugins import describe_plugins, make_plugin_manager
+from mesh.sidecar_contract import (
+    CONTROL_ADMIN_PORT,
+    CONTROL_PORT,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+)
 
 CONFIG_DIR = Path(__file__).with_name("mesh-config")
 TRUST_DOMAIN = "cluster.local"
 APP_PORT = 8080
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-#: Each sidecar's ``--metrics-port``: ``/stats/prometheus`` on its inbound address (Istio's 15090).
-METRICS_PORT = 15090
+#: Each sidecar listens on Istio's ports (mesh.sidecar_contract): outbound and inbound listeners,
+#: ``--metrics-port`` (``/stats/prometheus``) and ``--health-port`` (``/healthz/ready``) on its inbound
+#: address; the control plane's CSR endpoint (TLS) and admin port are on loopback.
 METRICS_PATH = "/stats/prometheus"
-#: Each sidecar's ``--health-port``: ``/healthz/ready`` on its inbound address (Istio's 15021).
-HEALTH_PORT = 15021
 ADMIN_ADDRESS = "127.0.0.1"
-#: The control plane: CSR endpoint (TLS) and admin port, both on loopback.
 CONTROL_ADDRESS = "127.0.0.1"
-CONTROL_PORT = 15012
-CONTROL_ADMIN_PORT = 15014
 CONTROL_PORTS = (
     (CONTROL_ADDRESS, CONTROL_PORT, "control plane CA"),
     (ADMIN_ADDRESS, CONTROL_ADMIN_PORT, "control plane admin"),

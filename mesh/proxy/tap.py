@@ -23,7 +23,14 @@ from mesh.proxy.passthrough import ALLOW_ANY, OUTBOUND_TRAFFIC_POLICIES, Passthr
 from mesh.proxy.paths import BASE, NORMALIZATIONS, normalization_option
 from mesh.proxy.service import IdentitySettings, ProxyService, ProxySettings
 from mesh.proxy.workers import Supervisor, SupervisorSettings, WorkerSettings, become_worker
-from mesh.sidecar_contract import APP_PROBERS_ENV
+from mesh.sidecar_contract import (
+    ADMIN_PORT,
+    APP_PROBERS_ENV,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+)
 from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
 from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
@@ -54,13 +61,13 @@ class ProxyOptions(usage.Options):
         ["namespace", None, "default", "Namespace of this workload."],
         ["service-account", None, "default", "Service account of this workload."],
         ["outbound-address", None, "127.0.0.1", "Address of the outbound listener."],
-        ["outbound-port", None, 15001, "Port of the outbound listener (app -> mesh).", int],
+        ["outbound-port", None, OUTBOUND_PORT, "Port of the outbound listener (app -> mesh).", int],
         ["inbound-address", None, "0.0.0.0", "Address of the inbound listener."],
-        ["inbound-port", None, 15006, "Port of the inbound listener (mesh -> app).", int],
+        ["inbound-port", None, INBOUND_PORT, "Port of the inbound listener (mesh -> app).", int],
         ["app-address", None, "127.0.0.1", "Address of the local app."],
         ["app-port", None, 0, "Port of the local app; 0 disables the inbound listener.", int],
-        ["admin-port", None, 15000, "Admin port, bound to 127.0.0.1.", int],
-        ["health-port", None, 15021, "Port of /healthz/ready (the kubelet's probes), on the inbound address; "
+        ["admin-port", None, ADMIN_PORT, "Admin port, bound to 127.0.0.1.", int],
+        ["health-port", None, HEALTH_PORT, "Port of /healthz/ready (the kubelet's probes), on the inbound address; "
                                      "0 turns it off.", int],
         ["app-probers", None, None, "The app's probes the health port runs for the kubelet at /app-health/..., "
                                     f"as JSON (Istio's ISTIO_KUBE_APP_PROBERS format); default: ${APP_PROBERS_ENV}, "
@@ -105,7 +112,8 @@ class ProxyOptions(usage.Options):
         ["trace-sampling", None, DEFAULT_SAMPLING,
          "Percent of requests to trace when the caller did not decide (0-100; Istio's default: 1).", float],
         ["zipkin-max-queue", None, 2048, "Spans held for export; beyond, spans are dropped and counted.", int],
-        ["metrics-port", None, 15090, "Port of /stats/prometheus, on the inbound address; 0 turns metrics off.", int],
+        ["metrics-port", None, METRICS_PORT, "Port of /stats/prometheus, on the inbound address; 0 turns metrics "
+                                             "off.", int],
         ["workers", None, 1, "Worker processes serving the listeners (also --concurrency, Envoy's word); 1: this "
                              "process serves them (docs/operations.md, \"Worker processes\").", int],
         ["gateway-address", None, "0.0.0.0", "Address of the gateway ports (with --gateway)."],

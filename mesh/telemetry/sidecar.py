@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 from twisted.web import resource
 
+from mesh.sidecar_contract import METRICS_PORT
 from mesh.telemetry.exposition import MetricsServer, metrics_page, new_registry
 from mesh.telemetry.health import ProxyHealth
 
@@ -30,7 +31,7 @@ class TelemetrySettings:
     """``--metrics-port`` (0: no metrics at all) and ``--access-log`` (``stdout``, ``log``, ``off`` or a file path;
     see :func:`mesh.telemetry.accesslog.open_destination`)."""
 
-    metrics_port: int = 15090
+    metrics_port: int = METRICS_PORT
     access_log: str = "stdout"
 
 

@@ -43,7 +43,17 @@ from dataclasses import dataclass, field
 from mesh import __version__
 from mesh.control.inject import datadog
 from mesh.control.inject.probes import REWRITE_ANNOTATION, ProbeError, rewrite_app_probes
-from mesh.sidecar_contract import APP_PROBERS_ENV, TLS_MODE_LABEL, TOKEN_AUDIENCE, TOKEN_VOLUME
+from mesh.sidecar_contract import (
+    ADMIN_PORT,
+    APP_PROBERS_ENV,
+    HEALTH_PORT,
+    INBOUND_PORT,
+    METRICS_PORT,
+    OUTBOUND_PORT,
+    TLS_MODE_LABEL,
+    TOKEN_AUDIENCE,
+    TOKEN_VOLUME,
+)
 
 SIDECAR_NAME = "txmesh-proxy"
 INIT_NAME = "txmesh-init"
@@ -60,11 +70,6 @@ STATE_DIR = "/var/lib/txmesh"
 DEFAULT_IMAGE = f"txmesh/txmesh:{__version__}"
 #: The UID the proxy runs as; ``meshctl iptables --proxy-uid`` exempts its traffic (Istio's 1337).
 PROXY_UID = 1337
-OUTBOUND_PORT = 15001
-INBOUND_PORT = 15006
-ADMIN_PORT = 15000
-HEALTH_PORT = 15021
-METRICS_PORT = 15090
 
 INJECT_ANNOTATION = "sidecar.istio.io/inject"
 STATUS_ANNOTATION = "sidecar.istio.io/status"
