@@ -226,9 +226,10 @@ GATEWAY = obj({
                     required=("number", "protocol")),
         "hosts": array(STR, minItems=1),
         "tls": obj({"mode": enum("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"), "serverCertificate": STR,
-                    "privateKey": STR, "caCertificates": STR, "httpsRedirect": BOOL,
+                    "privateKey": STR, "caCertificates": STR, "credentialName": STR, "httpsRedirect": BOOL,
                     "minProtocolVersion": TLS_VERSION, "maxProtocolVersion": TLS_VERSION},
-                   description="Certificate files are paths on the gateway's host (credentialName is not supported)."),
+                   description="Certificate files are paths in the gateway's pod; credentialName is a Secret "
+                               "mounted in its --gateway-credentials-dir."),
         "name": STR,
     }, required=("port", "hosts")), minItems=1),
 }, required=("servers",))

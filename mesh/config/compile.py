@@ -91,7 +91,8 @@ class Workload:
     ``(address, port)`` pairs at which peers reach its inbound listener: a
     ServiceEntry endpoint there is this workload (see ``_app_protocol``).
     ``gateway``: the proxy is a gateway (``mesh-proxy --gateway``); its config gets the
-    routes of the Gateways that select it (:mod:`mesh.config.gateway`).
+    routes of the Gateways that select it (:mod:`mesh.config.gateway`), whose ``credentialName``
+    Secrets are mounted in ``credentials_dir``.
     """
 
     name: str
@@ -101,6 +102,7 @@ class Workload:
     app_port: int | None = None
     inbound: tuple = ()
     gateway: bool = False
+    credentials_dir: str | None = None
 
 
 def load_and_compile(config_dir, workload: Workload, root_namespace: str = DEFAULT_ROOT_NAMESPACE) -> tuple:

@@ -15,14 +15,16 @@ docs/gateway.md); the VirtualServices that name it in ``gateways`` route what co
 
 from __future__ import annotations
 
+import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh.config import hosts as hostnames
-from mesh.config.fields import Fields
+from mesh.config.errors import ConfigErrors
+from mesh.config.fields import Fields, Report
 from mesh.config.loader import Resource
 from mesh.config.route_extras import Redirect, RouteExtras
 from mesh.config.selection import selects
@@ -30,6 +32,7 @@ from mesh.config.tables import CompiledRoute, RouteAction, RouteTable, VirtualHo
 
 MESH = "mesh"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
+_DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 #: Server protocols the gateway serves: HTTP ones in plaintext, HTTPS terminated with the server's certificate.
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
 TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
@@ -53,7 +56,12 @@ _PROTOCOL_REJECTED = {
     "HTTP_PROXY": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
 }
 _TLS = {"mode", "serverCertificate", "privateKey", "caCertificates", "httpsRedirect", "minProtocolVersion",
-        "maxProtocolVersion"}
+        "maxProtocolVersion", "credentialName"}
+_FILES = ("serverCertificate", "privateKey", "caCertificates")
+#: The files of a Secret mounted as a volume, as Istio reads them: a ``kubernetes.io/tls`` Secret's keys, else a
+#: generic Secret's (``cert``, ``key``, ``cacert``); client CAs may also come from the Secret ``NAME-cacert``.
+_SECRET_FILES = {"serverCertificate": ("tls.crt", "cert"), "privateKey": ("tls.key", "key"),
+                 "caCertificates": ("ca.crt", "cacert")}
 _TLS_UNSUPPORTED = {key: "it is not implemented on the txmesh gateway; remove it" for key in (
     "subjectAltNames", "verifyCertificateSpki", "verifyCertificateHash", "cipherSuites", "caCrl",
     "credentialNames", "tlsCertificates")}
@@ -62,24 +70,25 @@ _MODE_REJECTED = {
     "AUTO_PASSTHROUGH": "multi-network passthrough is not implemented; terminate TLS with mode SIMPLE",
     "ISTIO_MUTUAL": "mesh mTLS to the gateway itself is not implemented; use SIMPLE or MUTUAL with certificate files",
 }
-_TLS_UNSUPPORTED["credentialName"] = ("it reads a Kubernetes Secret, which txmesh does not do yet; mount the "
-                                      "Secret's files and set serverCertificate and privateKey (and caCertificates "
-                                      "for MUTUAL) to their paths")
 
 
 @dataclass(frozen=True)
 class ServerTLS:
     """A server's TLS settings: ``mode`` SIMPLE, MUTUAL or OPTIONAL_MUTUAL, the certificate chain
     (cryptography certificates, leaf first), its private key, the client CAs (MUTUAL and
-    OPTIONAL_MUTUAL) and the protocol versions (``TLSV1_2``/``TLSV1_3``)."""
+    OPTIONAL_MUTUAL) and the protocol versions (``TLSV1_2``/``TLSV1_3``).  ``files`` are the paths they
+    were read from; ``credential`` is the ``credentialName``, whose files (in the gateway's
+    ``--gateway-credentials-dir``) are read when the config is compiled for the gateway: until then
+    ``chain`` is empty.  Two settings are equal when their files, names and values are."""
 
     mode: str
-    chain: tuple = field(repr=False)
-    key: object = field(repr=False)
-    client_cas: tuple = field(default=(), repr=False)
+    chain: tuple = field(repr=False, compare=False)
+    key: object = field(repr=False, compare=False)
+    client_cas: tuple = field(default=(), repr=False, compare=False)
     min_version: str = "TLSV1_2"
     max_version: str | None = None
-    files: tuple = ()  # the paths, for /config_dump
+    files: tuple = ()
+    credential: str | None = None
 
 
 @dataclass(frozen=True)
@@ -186,9 +195,16 @@ def _server(f: Fields, index, namespace) -> Server:
 
 def _server_tls(f: Fields) -> ServerTLS | None:
     mode = f.enum("mode", TLS_MODES, _MODE_REJECTED, default="SIMPLE")
+    if "credentialName" in f:
+        return _credential_tls(f, mode)
     chain = _pem(f, "serverCertificate", _certificates, required=True)
     key = _pem(f, "privateKey", _private_key, required=True)
     cas = _pem(f, "caCertificates", _certificates, required=mode != "SIMPLE")
+    return _checked(f, mode, chain, key, cas, tuple(f.data[key] for key in _FILES if key in f))
+
+
+def _checked(f: Fields, mode, chain, key, cas, files) -> ServerTLS | None:
+    """The ServerTLS of certificates read from ``files``; None after reporting what is missing or wrong."""
     if mode == "SIMPLE" and cas:
         f.error("caCertificates", "client certificates are verified only with mode MUTUAL (or OPTIONAL_MUTUAL); "
                                   "set the mode or remove caCertificates")
@@ -198,9 +214,20 @@ def _server_tls(f: Fields) -> ServerTLS | None:
     low, high = _tls_versions(f)
     if not chain or key is None or (mode != "SIMPLE" and not cas):
         return None
-    files = tuple(f.data[key] for key in ("serverCertificate", "privateKey", "caCertificates") if key in f)
     return ServerTLS(mode=mode, chain=chain, key=key, client_cas=cas or (), min_version=low, max_version=high,
                      files=files)
+
+
+def _credential_tls(f: Fields, mode) -> ServerTLS:
+    """A server whose certificate is the Secret ``credentialName``, mounted in the gateway (read at compile)."""
+    name = f.string("credentialName", required=True) or ""
+    if name and not _DNS_SUBDOMAIN.match(name):
+        f.error("credentialName", f"invalid Secret name '{name}': use lower-case letters, digits, '-' and '.'")
+    for key in _FILES:
+        if key in f:
+            f.error(key, "set either credentialName or the certificate files, not both")
+    low, high = _tls_versions(f)
+    return ServerTLS(mode=mode, chain=(), key=None, min_version=low, max_version=high, credential=name)
 
 
 def _tls_versions(f: Fields) -> tuple:
@@ -216,8 +243,11 @@ def _tls_versions(f: Fields) -> tuple:
 def _pem(f: Fields, key, parse, required):
     """Read the PEM file at ``f[key]`` and parse it; None (reported) when it is missing or bad."""
     path = f.string(key, required=required)
-    if not path:
-        return None
+    return _read_pem(f, key, path, parse) if path else None
+
+
+def _read_pem(f: Fields, key, path, parse):
+    """The PEM file at ``path`` parsed; None after reporting at ``key`` why it cannot be used."""
     try:
         with open(path, "rb") as handle:
             data = handle.read()
@@ -270,6 +300,7 @@ def compile_gateway(compiler, virtual_services) -> tuple:
     ports, dump, used = {}, [], set()
     for gw in gateways:
         for server in gw.servers:
+            server = _with_credential(compiler, gw, server)
             first, hosts = ports.setdefault(server.port, (server, {}))
             if first.tls != server.tls or first.protocol != server.protocol:
                 compiler._warn(gw, ("spec", "servers", server.index),
@@ -294,7 +325,8 @@ def compile_gateway(compiler, virtual_services) -> tuple:
         if catch_all is not None:
             described["*"] = catch_all.name
         dump.append({"port": number, "protocol": server.protocol, "hosts": described,
-                     "tls": {"mode": server.tls.mode, "files": list(server.tls.files)} if server.tls else None})
+                     "tls": {"mode": server.tls.mode, "files": list(server.tls.files),
+                             "credentialName": server.tls.credential} if server.tls else None})
     return tables, dump
 
 
@@ -326,6 +358,57 @@ def _merged(vhosts) -> VirtualHost:
         return vhosts[0]
     return VirtualHost(name=" + ".join(vhost.name for vhost in vhosts),
                        routes=tuple(route for vhost in vhosts for route in vhost.routes))
+
+
+def _with_credential(compiler, gw: Gateway, server: Server) -> Server:
+    """``server`` with the certificates of its ``credentialName`` read from the gateway's
+    ``--gateway-credentials-dir`` (``DIR/NAME/tls.crt``...: the Secret mounted as a volume).
+
+    Raises :class:`ConfigErrors` when they cannot be read: the gateway keeps its previous config.
+    """
+    tls = server.tls
+    if tls is None or tls.credential is None:
+        return server
+    path = ("spec", "servers", server.index, "tls")
+    report = Report()
+    f = Fields(report, path, {}, ())
+    directory = compiler.workload.credentials_dir
+    if directory is None:
+        f.error("credentialName", f"credentialName names a Secret mounted in the gateway, but this gateway has no "
+                                  "--gateway-credentials-dir: start it with the directory where Secrets are mounted "
+                                  f"(it reads DIR/{tls.credential}/tls.crt and tls.key), or set serverCertificate and "
+                                  "privateKey")
+        raise ConfigErrors([gw.source.error(where, reason) for where, reason in report.problems])
+    found = {key: _secret_file(directory, tls.credential, names) for key, names in _SECRET_FILES.items()}
+    if found["caCertificates"] is None:
+        found["caCertificates"] = _secret_file(directory, f"{tls.credential}-cacert", _SECRET_FILES["caCertificates"])
+    for key in ("serverCertificate", "privateKey"):
+        if found[key] is None:
+            f.error("credentialName", f"the Secret {tls.credential} mounted in {directory} has no "
+                                      f"{' or '.join(_SECRET_FILES[key])} file; mount the Secret there")
+    if tls.mode != "SIMPLE" and found["caCertificates"] is None:
+        f.error("credentialName", f"mode {tls.mode} needs the client CAs: a ca.crt key in the Secret "
+                                  f"{tls.credential} or a Secret {tls.credential}-cacert")
+    if not report.problems:
+        read = {key: _read_pem(f, key, found[key], _private_key if key == "privateKey" else _certificates)
+                if found[key] else None for key in _FILES}
+        checked = _checked(f, tls.mode, read["serverCertificate"], read["privateKey"],
+                           read["caCertificates"] if tls.mode != "SIMPLE" else None,
+                           tuple(found[key] for key in _FILES
+                                 if found[key] and (key != "caCertificates" or tls.mode != "SIMPLE")))
+        if checked is not None:
+            return replace(server, tls=replace(checked, min_version=tls.min_version, max_version=tls.max_version,
+                                               credential=tls.credential))
+    raise ConfigErrors([gw.source.error(where, reason) for where, reason in report.problems])
+
+
+def _secret_file(directory, name, candidates) -> str | None:
+    """The first of ``candidates`` (file names) in ``directory/name``, or None."""
+    for candidate in candidates:
+        path = os.path.join(directory, name, candidate)
+        if os.path.isfile(path):
+            return path
+    return None
 
 
 def _intersection(server_host: str, vs_host: str) -> str | None:

@@ -117,6 +117,8 @@ class ProxyOptions(usage.Options):
         ["workers", None, 1, "Worker processes serving the listeners (also --concurrency, Envoy's word); 1: this "
                              "process serves them (docs/operations.md, \"Worker processes\").", int],
         ["gateway-address", None, "0.0.0.0", "Address of the gateway ports (with --gateway)."],
+        ["gateway-credentials-dir", None, None, "Where the Secrets that Gateways name in credentialName are mounted "
+                                                "(with --gateway): DIR/NAME/tls.crt, tls.key, ca.crt."],
         ["access-log", None, "stdout",
          "Access log (a JSON line per request and per TCP passthrough connection): stdout (a daemon has none: "
          "then log), log (twistd's log: its --logfile, --syslog or --logger), off, or a file."],
@@ -207,8 +209,8 @@ class ProxyOptions(usage.Options):
 
     def _check_gateway_options(self):
         if not self["gateway"]:
-            if self["gateway-ports"]:
-                raise usage.UsageError("--gateway-port maps the ports of a gateway: add --gateway")
+            if self["gateway-ports"] or self["gateway-credentials-dir"]:
+                raise usage.UsageError("--gateway-port and --gateway-credentials-dir are for a gateway: add --gateway")
             return
         if self["app-port"]:
             raise usage.UsageError("a gateway has no app: remove --app-port (or --gateway)")
@@ -324,7 +326,8 @@ def _access_log(options) -> str:
 def _workload(options) -> Workload:
     return Workload(name=options["workload"], namespace=options["namespace"], labels=dict(options["labels"]),
                     service_account=options["service-account"], app_port=options["app-port"] or None,
-                    inbound=_inbound_addresses(options), gateway=bool(options["gateway"]))
+                    inbound=_inbound_addresses(options), gateway=bool(options["gateway"]),
+                    credentials_dir=options["gateway-credentials-dir"])
 
 
 def _exit_on_config_errors(errors: ConfigErrors, config_dir: str):

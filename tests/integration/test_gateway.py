@@ -29,7 +29,8 @@ from tests.integration.test_identity_support import authorization_policy, mesh_e
 from tests.integration.test_proxy_support import service_entry, write_config
 
 NS = "shop"
-PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "redirect": 8081, "hosted": 8082, "extra": 9090}
+PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "credential": 8445, "redirect": 8081, "hosted": 8082,
+         "extra": 9090}
 NETWORKING = "networking.istio.io/v1"
 
 
@@ -48,6 +49,7 @@ def gateway_resource(cert, key, ca, extra=None) -> dict:
                 server("http", "HTTP", ["*"]),
                 server("https", "HTTPS", ["bookinfo.com"], {"mode": "SIMPLE", **files}),
                 server("mutual", "HTTPS", ["bookinfo.com"], {"mode": "MUTUAL", **files, "caCertificates": str(ca)}),
+                server("credential", "HTTPS", ["bookinfo.com"], {"mode": "SIMPLE", "credentialName": "bookinfo-tls"}),
                 server("redirect", "HTTP", ["secure.com"], {"httpsRedirect": True}),
                 server("hosted", "HTTP", ["hosted.com", f"details.{NS}.svc.cluster.local"]),
             ] + ([server("extra", extra, ["*"], {"mode": "SIMPLE", **files} if extra == "HTTPS" else None)]
@@ -87,6 +89,11 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     cert, key = ca.issue(pki_dir, "bookinfo", ["bookinfo.com", "secure.com"])
     client = ca.issue(pki_dir, "client", client=True)
     pki = {"ca": ca.cert_path, "cert": cert, "key": key, "client": client, "dir": pki_dir}
+    mounted = pki_dir / "credentials" / "bookinfo-tls"  # the Secret bookinfo-tls, as a volume mounts it
+    mounted.mkdir(parents=True)
+    (mounted / "tls.crt").write_bytes(cert.read_bytes())
+    (mounted / "tls.key").write_bytes(key.read_bytes())
+    pki["credentials"] = ["--gateway-credentials-dir", str(pki_dir / "credentials")]
     inbound = {name: free_port() for name in ("productpage", "details")}
     config = write_config(tmp_path_factory.mktemp("gateway-config"), *documents(pki, inbound))
     control = control_factory(extra_args=["--config-dir", str(config)])
@@ -97,7 +104,7 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     local = {name: free_port() for name in PORTS}
     mapping = [arg for name, port in PORTS.items() for arg in ("--gateway-port", f"{port}={local[name]}")]
     gateway = proxy_factory(config, "ingressgateway", namespace=NS, labels={"istio": "ingressgateway"},
-                            extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mapping,
+                            extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mapping, *pki["credentials"],
                                         *control.proxy_args(NS, "ingressgateway")])
     return {"gateway": gateway, "sidecars": sidecars, "local": local, "pki": pki, "config": config,
             "inbound": inbound, "control": control}
@@ -159,6 +166,11 @@ def test_https_simple_with_a_test_ca(mesh):
     assert untrusted.status == 0 and untrusted.exit_code == 60, untrusted  # the system CAs do not know it
 
 
+def test_credential_name_from_a_mounted_secret(mesh):
+    result = via(mesh, "credential", "/productpage", scheme="https", extra_args=["--cacert", str(mesh["pki"]["ca"])])
+    assert served_by(result) == "productpage"
+
+
 def test_mutual_tls_requires_a_client_certificate(mesh):
     pki = mesh["pki"]
     cert, key = pki["client"]
@@ -181,7 +193,7 @@ def controlled_gateway(mesh, process_log_dir):
     ports = {name: free_port() for name in PORTS}  # every port mapped: none may listen on its own number
     gateway = ControlledProxy(mesh["control"], "ingress-controlled", namespace=NS, service_account="ingressgateway",
                               labels={"istio": "ingressgateway"}, log_dir=process_log_dir,
-                              extra_args=["--gateway", "--gateway-address", "127.0.0.1",
+                              extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mesh["pki"]["credentials"],
                                           *(arg for name, port in ports.items()
                                             for arg in ("--gateway-port", f"{PORTS[name]}={port}"))])
     gateway.start()

@@ -6,7 +6,10 @@ import textwrap
 import pytest
 
 from mesh.config.analyze import analyze
+import dataclasses
+
 from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_files
 from mesh.config.validate import validate
 from mesh.proxy.context import RequestContext
@@ -101,7 +104,7 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
           tls: {{mode: SIMPLE, serverCertificate: {pki['key']}, privateKey: {pki['cert']}}}
         - port: {{number: 446, name: https, protocol: HTTPS}}
           hosts: [bookinfo.com]
-          tls: {{mode: SIMPLE, credentialName: bookinfo-secret}}
+          tls: {{mode: SIMPLE, credentialName: bookinfo-secret, privateKey: {pki['key']}}}
         - port: {{number: 447, name: tls, protocol: TLS}}
           hosts: [bookinfo.com]
           tls: {{mode: PASSTHROUGH}}
@@ -122,11 +125,7 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
         "this private key does not belong to the serverCertificate; give the key the certificate was issued for",
         f"{pki['key']} does not hold a certificate in PEM form; give the path of one",
         f"{pki['cert']} does not hold an unencrypted private key in PEM form; give the path of one",
-        "'credentialName' is not supported by txmesh; it reads a Kubernetes Secret, which txmesh does not do yet; "
-        "mount the Secret's files and set serverCertificate and privateKey (and caCertificates for MUTUAL) to "
-        "their paths",
-        "'serverCertificate' is required",
-        "'privateKey' is required",
+        "set either credentialName or the certificate files, not both",
         "protocol TLS is not supported by txmesh; TLS passthrough servers are not implemented on the txmesh "
         "gateway; terminate TLS with protocol HTTPS and tls.mode SIMPLE",
         "mode PASSTHROUGH is not supported by txmesh; TLS passthrough is not implemented on the txmesh gateway; "
@@ -231,3 +230,41 @@ def test_analyze_finds_unknown_gateways_and_lets_gateways_merge(tmp_path):
     assert "binds gateway 'other/gw', which no Gateway defines" in findings[0]
     assert "host 'web.shop.svc.cluster.local' is also routed by VirtualService shop/c" in findings[1]
     assert "binds gateway 'shop/missing'" in findings[2]
+
+
+def test_credential_name_reads_the_secret_mounted_in_the_gateway(tmp_path, pki):
+    """credentialName: the Secret's files in --gateway-credentials-dir, read when the config is compiled."""
+    mounted = tmp_path / "credentials"
+    for secret, files in {"bookinfo": {"tls.crt": pki["cert"], "tls.key": pki["key"]},
+                          "bookinfo-cacert": {"ca.crt": pki["ca"]}}.items():
+        (mounted / secret).mkdir(parents=True)
+        for name, source in files.items():
+            (mounted / secret / name).write_bytes(source.read_bytes())
+    gateway = _gateway("""
+        - port: {number: 443, name: https, protocol: HTTPS}
+          hosts: [bookinfo.com]
+          tls: {mode: MUTUAL, credentialName: bookinfo}
+        """)
+    objects, errors = _validate(tmp_path, SERVICES, gateway)
+    assert errors == []
+    tls = compile_proxy_config(objects, dataclasses.replace(GATEWAY, credentials_dir=str(mounted))).gateway[443].tls
+    assert tls.credential == "bookinfo" and tls.mode == "MUTUAL"
+    assert tls.chain[0].subject.rfc4514_string() == "CN=server" and len(tls.client_cas) == 1
+    assert tls.files == (str(mounted / "bookinfo/tls.crt"), str(mounted / "bookinfo/tls.key"),
+                         str(mounted / "bookinfo-cacert/ca.crt"))
+
+    def refusal(workload):
+        with pytest.raises(ConfigErrors) as raised:
+            compile_proxy_config(objects, workload)
+        [error] = raised.value.errors
+        return f"{error.field}: {error.reason}"
+
+    assert refusal(GATEWAY) == (
+        "spec.servers[0].tls.credentialName: credentialName names a Secret mounted in the gateway, but this "
+        "gateway has no --gateway-credentials-dir: start it with the directory where Secrets are mounted (it reads "
+        "DIR/bookinfo/tls.crt and tls.key), or set serverCertificate and privateKey")
+    (mounted / "bookinfo" / "tls.key").unlink()
+    assert refusal(dataclasses.replace(GATEWAY, credentials_dir=str(mounted))) == (
+        f"spec.servers[0].tls.credentialName: the Secret bookinfo mounted in {mounted} has no tls.key or key file; "
+        "mount the Secret there")
+    assert compile_proxy_config(objects, SIDECAR).gateway == {}  # a sidecar never reads them
