@@ -44,6 +44,7 @@ from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
     DEFAULT_RETRY,
     TCP_PROTOCOLS,
+    TLS_PROTOCOLS,
     ConnectionPool,
     DestinationRule,
     ServiceEntry,
@@ -282,6 +283,8 @@ class _Compiler:
             members = [member for member in members if set(subset.labels) <= set(member.labels)]
         tls = settings["tls"]
         origination = _origination(tls, service.host)
+        if origination is not None and port.protocol in TLS_PROTOCOLS:
+            self._warn_double_tls(service, port, origination.mode)
         endpoints = tuple(
             EndpointSpec(address=member.address,
                          port=dict(member.ports).get(port.name) or port.target_port or port.number,
@@ -301,6 +304,16 @@ class _Compiler:
             limits=circuit_limits(pool.max_connections, pool.max_pending_requests, pool.max_requests,
                                   pool.max_retries),
             resolution=service.entry.resolution)
+
+    def _warn_double_tls(self, service: _Service, port, mode: str) -> None:
+        """Once per rule and port: TLS originated on a TLS or HTTPS port, where the app speaks TLS itself."""
+        warning = service.rule.source.error(
+            ("spec", "trafficPolicy"), f"tls.mode {mode} applies to port {port.number} "
+            f"of '{service.host}', whose protocol {port.protocol} means the app speaks TLS itself: the sidecar would "
+            "wrap it in a second TLS; originate TLS on an HTTP port with targetPort (Istio's Egress TLS "
+            "Origination), or use portLevelSettings so that this port has no tls", cls=ConfigWarning)
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def _identity(self, member, entry: ServiceEntry, tls) -> str | None:
         """The SPIFFE id an endpoint must present, or None for plaintext.

@@ -178,3 +178,24 @@ def test_contexts_are_built_once_per_setting_and_bad_files_become_the_refusal(tm
     assert origination.refusal() is None and origination.context is not None
     assert contexts.get(ClientTLS("MUTUAL", client_certificate=str(cert_path), private_key=str(key_path),
                                   sni="a.example")) is origination
+
+
+def test_origination_on_a_tls_port_is_a_warning_once(tmp_path):
+    entry = _ENTRY.replace("{number: 8080, name: http-alt, protocol: HTTP}", "{number: 8443, name: tls, protocol: TLS}")
+    objects, errors = _validate(tmp_path, entry + textwrap.dedent("""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: ext, namespace: shop}
+        spec:
+          host: api.example.com
+          trafficPolicy:
+            tls: {mode: SIMPLE}
+          subsets:
+          - {name: v1, labels: {version: v1}}
+        """))
+    assert errors == []
+    warnings = compile_proxy_config(objects, Workload("app", "shop")).warnings
+    assert [str(warning).split(": ", 3)[3] for warning in warnings] == [  # for the service and its subset: once
+        "tls.mode SIMPLE applies to port 8443 of 'api.example.com', whose protocol TLS means the app speaks TLS "
+        "itself: the sidecar would wrap it in a second TLS; originate TLS on an HTTP port with targetPort (Istio's "
+        "Egress TLS Origination), or use portLevelSettings so that this port has no tls"]
