@@ -274,12 +274,15 @@ def _private_key(data: bytes):
 
 @dataclass(frozen=True)
 class GatewayPort:
-    """One listening port of a gateway proxy: its protocol (HTTPS: ``tls`` terminates it) and its routes."""
+    """One listening port of a gateway proxy: its protocol and its routes.  An HTTPS port terminates TLS
+    with the settings of one of its servers, chosen by the SNI of the ClientHello: ``certificates`` holds
+    ``(host names, ServerTLS)`` of each, in order; ``tls`` is the first one's, the default."""
 
     port: int
     protocol: str
     tls: ServerTLS | None
     routes: RouteTable
+    certificates: tuple = ()
 
 
 def bound(refs: tuple, gateway_ref: str) -> bool:
@@ -301,11 +304,13 @@ def compile_gateway(compiler, virtual_services) -> tuple:
     for gw in gateways:
         for server in gw.servers:
             server = _with_credential(compiler, gw, server)
-            first, hosts = ports.setdefault(server.port, (server, {}))
-            if first.tls != server.tls or first.protocol != server.protocol:
+            first, hosts, certificates = ports.setdefault(server.port, (server, {}, []))
+            if first.protocol != server.protocol:
                 compiler._warn(gw, ("spec", "servers", server.index),
-                               f"port {server.port} is already served by another server with other TLS settings or "
-                               "protocol; this server's hosts use that one's")
+                               f"port {server.port} is already served with protocol {first.protocol}; this "
+                               f"{server.protocol} server's hosts are served that way; give it another port")
+            if server.tls is not None:
+                certificates.append((tuple(host for _, host in server.hosts), server.tls))
             used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
     for vs in virtual_services:
         if vs.http and id(vs) not in used and any(bound(vs.gateways, gw.ref) for gw in gateways):
@@ -313,20 +318,21 @@ def compile_gateway(compiler, virtual_services) -> tuple:
                                                   "Gateways it binds to, so the gateway routes nothing here; "
                                                   "make a host match a server's hosts")
     tables = {}
-    for number, (server, found) in sorted(ports.items()):
+    for number, (server, found, certificates) in sorted(ports.items()):
         hosts = {host: _merged(vhosts) for host, vhosts in found.items()}
         catch_all = hosts.pop("*", None)
         wildcards = sorted(((host[1:], vhost) for host, vhost in hosts.items() if host.startswith("*")),
                            key=lambda item: -len(item[0]))
         exact = {host: vhost for host, vhost in hosts.items() if not host.startswith("*")}
         tables[number] = GatewayPort(number, server.protocol, server.tls,
-                                     RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all))
+                                     RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all),
+                                     tuple(certificates))
         described = {host: vhost.name for host, vhost in sorted(hosts.items())}
         if catch_all is not None:
             described["*"] = catch_all.name
         dump.append({"port": number, "protocol": server.protocol, "hosts": described,
-                     "tls": {"mode": server.tls.mode, "files": list(server.tls.files),
-                             "credentialName": server.tls.credential} if server.tls else None})
+                     "tls": [{"sni": list(names), "mode": tls.mode, "files": list(tls.files),
+                              "credentialName": tls.credential} for names, tls in certificates] or None})
     return tables, dump
 
 

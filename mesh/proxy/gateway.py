@@ -70,11 +70,42 @@ _ALPN = (b"h2", b"http/1.1")
 
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerTLS:
-    """Server connections with the current context of one HTTPS port (swapped by :class:`GatewayListeners`);
-    ALPN chooses ``h2`` or ``http/1.1`` (the context's select callback reads the connection's ``alpn``)."""
+    """Server connections of one HTTPS port with the certificates of its servers (swapped by
+    :class:`GatewayListeners` with :meth:`update`).  The SNI of the ClientHello picks the server as Envoy's
+    filter chain match does: an exact name, else the longest wildcard, else ``*``; without SNI, or for a
+    name no server has, the first server's.  ALPN chooses ``h2`` or ``http/1.1`` (the context's select
+    callback reads the connection's ``alpn``)."""
 
-    def __init__(self, context):
-        self.context = context
+    def __init__(self, entry):
+        self.update(entry)
+
+    def update(self, entry) -> None:
+        """Build the contexts of a :class:`mesh.config.gateway.GatewayPort`'s certificates."""
+        exact, wildcards, default = {}, [], None
+        for names, tls in entry.certificates:
+            context = server_context(tls)
+            context.set_tlsext_servername_callback(self._choose)
+            default = default or context
+            for name in names:
+                if name.startswith("*"):
+                    wildcards.append((name[1:], context))
+                else:
+                    exact.setdefault(name, context)
+        wildcards.sort(key=lambda item: -len(item[0]))
+        self._exact, self._wildcards, self.context = exact, tuple(wildcards), default
+
+    def _choose(self, connection) -> None:
+        """The servername callback: switch to the context of the server the client named."""
+        name = connection.get_servername()
+        if name is None:
+            return
+        name = name.decode("ascii", "replace").lower()
+        context = self._exact.get(name)
+        if context is None:
+            context = next((context for suffix, context in self._wildcards if name.endswith(suffix)), None)
+        if context is not None and context is not connection.get_context():
+            connection.set_context(context)
+            connection.set_verify(context.get_verify_mode())  # OpenSSL keeps the first context's otherwise
 
     def serverConnectionForTLS(self, tlsProtocol):
         connection = SSL.Connection(self.context, None)
@@ -148,7 +179,7 @@ class GatewayListeners:
             current = self.open.get(port)
             if current is not None and (current[1] is None) == (entry.tls is None):
                 if entry.tls is not None:
-                    current[1].context = server_context(entry.tls)
+                    current[1].update(entry)
                 continue
             if current is not None:  # HTTP <-> HTTPS: listen again once the old socket is closed
                 self._close(port, "its protocol changed").addCallback(lambda _, port=port, entry=entry:
@@ -169,7 +200,7 @@ class GatewayListeners:
         factory = DownstreamFactory(listener)
         tls = None
         if entry.tls is not None:
-            tls = _ServerTLS(server_context(entry.tls))
+            tls = _ServerTLS(entry)
             factory = TLSMemoryBIOFactory(tls, False, factory)
         local = self.settings.local_port(port)
         try:
