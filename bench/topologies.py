@@ -327,7 +327,7 @@ def _identity_options(certs: Path, account: str) -> tuple:
 
 
 def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "txmesh-server",
-                                repo: Path = REPO_DIR) -> tuple[Proxy, int, Path]:
+                                repo: Path = REPO_DIR, workers: int = 1) -> tuple[Proxy, int, Path]:
     """The pair's server-side sidecar: a STRICT mTLS inbound listener (sa ``server``) in front of nginx.
 
     Returns the proxy, its inbound port and the config dir (the client sidecar of
@@ -338,17 +338,28 @@ def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "t
     server, _ = start_txmesh(
         ws, name, config_dir, workload="server", role="server", inbound_port=inbound, repo=repo,
         options=(*_identity_options(ws.certs(), "server"), "--app-port", str(backend_port),
-                 "--inbound-address", "127.0.0.1"))
+                 "--inbound-address", "127.0.0.1", *_workers_options(workers)))
     return server, inbound, config_dir
 
 
-def txmesh_pair(ws: Workspace, backend_port: int) -> Target:
+def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1) -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
     server-side txmesh sidecar (STRICT) -> nginx."""
-    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port)
-    client, port = start_txmesh(ws, "txmesh-client", config_dir, workload="client", role="client",
-                                options=_identity_options(ws.certs(), "client"))
+    suffix = f"-w{workers}" if workers != 1 else ""
+    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port, "txmesh-server" + suffix, workers=workers)
+    client, port = start_txmesh(ws, "txmesh-client" + suffix, config_dir, workload="client", role="client",
+                                options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers)))
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server])
+
+
+def _workers_options(workers: int) -> tuple:
+    """``--workers N`` when N is not the default 1 (a checkout without the option still runs the 1 case)."""
+    return ("--workers", str(workers)) if workers != 1 else ()
+
+
+def txmesh_pair_w2(ws: Workspace, backend_port: int) -> Target:
+    """The txmesh pair with ``--workers 2`` in each sidecar (compare with envoy-pair-c2)."""
+    return txmesh_pair(ws, backend_port, workers=2)
 
 
 def txmesh_pair_h2(ws: Workspace, backend_port: int) -> Target:
@@ -471,8 +482,9 @@ def envoy_bootstrap(
     }
 
 
-def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", **options) -> tuple[Proxy, int]:
-    """Start one Envoy (``--concurrency 1``) in front of ``upstream_port``; return it and its port.
+def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", concurrency: int = 1,
+                **options) -> tuple[Proxy, int]:
+    """Start one Envoy (``--concurrency 1`` unless told) in front of ``upstream_port``; return it and its port.
 
     ``options`` (TLS, HTTP/2) are passed to :func:`envoy_bootstrap`.
     """
@@ -480,7 +492,7 @@ def start_envoy(ws: Workspace, name: str, upstream_port: int, role: str = "", **
     config = ws.root / f"{name}.yaml"
     bootstrap = envoy_bootstrap(name, admin, listen, upstream_port, **options)
     config.write_text(yaml.safe_dump(bootstrap, sort_keys=False))
-    argv = [ws.venv_tool("envoy"), "-c", str(config), "--concurrency", "1", "--disable-hot-restart",
+    argv = [ws.venv_tool("envoy"), "-c", str(config), "--concurrency", str(concurrency), "--disable-hot-restart",
             "--log-level", "warn"]
     # Envoy's /ready answers 200 once its static listeners are initialized.
     return ws.start_proxy(name, argv, admin, "envoy", cwd=ws.root, role=role, ports=(listen,)), listen
@@ -492,7 +504,8 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
     return Target(f"http://127.0.0.1:{port}/", None, [proxy])
 
 
-def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False) -> tuple[Proxy, int]:
+def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False,
+                               concurrency: int = 1) -> tuple[Proxy, int]:
     """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
     listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
     ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``).
@@ -501,19 +514,22 @@ def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = Fals
     """
     context = _common_tls(ws.certs(), "server", "client", alpn=["h2", "http/1.1"] if h2 else ["http/1.1"])
     return start_envoy(
-        ws, "envoy-server", backend_port, role="server", downstream_h2=h2,
+        ws, "envoy-server" + (f"-c{concurrency}" if concurrency != 1 else ""), backend_port, role="server",
+        downstream_h2=h2, concurrency=concurrency,
         downstream_tls=_tls_socket("DownstreamTlsContext", {"require_client_certificate": True,
                                                             "common_tls_context": context}),
     )
 
 
-def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False) -> Target:
+def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: int = 1) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
     certs = ws.certs()
-    server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2)
+    suffix = f"-c{concurrency}" if concurrency != 1 else ""
+    server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2, concurrency=concurrency)
     client_tls = _common_tls(certs, "client", "server", alpn=["h2"] if h2 else ["http/1.1"])
     client, client_port = start_envoy(
-        ws, "envoy-client", server_port, role="client", downstream_h2=h2, upstream_h2=h2,
+        ws, "envoy-client" + suffix, server_port, role="client", downstream_h2=h2, upstream_h2=h2,
+        concurrency=concurrency,
         upstream_tls=_tls_socket("UpstreamTlsContext", {
             "sni": "outbound_.8080_._.server.default.svc.cluster.local", "common_tls_context": client_tls}),
     )
@@ -524,6 +540,11 @@ def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
     """HTTP/2 client (h2c, several streams per connection) -> client-side Envoy -> mTLS with ALPN h2
     (HTTP/2 upstream) -> server-side Envoy -> HTTP/1.1 to nginx."""
     return envoy_pair(ws, backend_port, h2=True)
+
+
+def envoy_pair_c2(ws: Workspace, backend_port: int) -> Target:
+    """The Envoy pair with ``--concurrency 2`` in each sidecar (compare with txmesh-pair-w2)."""
+    return envoy_pair(ws, backend_port, concurrency=2)
 
 
 def direct(ws: Workspace, backend_port: int) -> Target:
@@ -540,4 +561,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy-pair": envoy_pair,
     "txmesh-pair-h2": txmesh_pair_h2,
     "envoy-pair-h2": envoy_pair_h2,
+    "txmesh-pair-w2": txmesh_pair_w2,
+    "envoy-pair-c2": envoy_pair_c2,
 }
