@@ -1,0 +1,312 @@
+"""Istio's traffic-management task pages, their YAML unchanged, on one host (issue #13's acceptance test).
+
+One mesh for the module: ``mesh-control --config-dir`` and Bookinfo (tests/apps/bookinfo.py: productpage,
+details, reviews v1/v2/v3, ratings), each app behind its own sidecar fed by the control plane, registered
+by the labels ``app`` and ``version`` of Bookinfo's Deployments (a ServiceEntry with a workloadSelector per
+service, port 9080, stands in for Bookinfo's Kubernetes Services).  The browser of the pages is curl
+through a ``tester`` sidecar (the pages go through the ingress gateway; test_gateway.py covers that).
+
+Each test follows one task page step by step: it applies the page's files, stored unmodified in
+tests/data/istio-samples/, as ``kubectl apply -f`` does (:class:`ConfigDir`), waits until every sidecar
+ACKed the config that holds them, and checks what the page says the user sees:
+
+- Request routing: all v1; ``end-user: jason`` -> reviews v2 (black stars), anyone else v1
+- Fault injection: a 7 s delay for jason -> the page answers after productpage's 2 x 3 s and says the
+  reviews are unavailable; an HTTP 500 abort for jason -> "Ratings service is currently unavailable"
+- Traffic shifting: 50 % v1 / 50 % v3 (200 pages, each share within 30-70 %), then 100 % v3 (red stars)
+- Request timeouts: ratings delayed 2 s -> pages take 2 s; reviews ``timeout: 0.5s`` -> about 1 s and
+  the reviews are unavailable (productpage tries twice)
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.apps.bookinfo import RATINGS_UNAVAILABLE, REVIEWS_UNAVAILABLE
+from tests.harness import REPO_ROOT, ManagedProcess, free_port, http_request, venv_bin, wait_for
+from tests.integration.test_distribution_support import ControlledProxy, proxies, selector_service
+from tests.integration.test_proxy_support import cluster_name, curl_many, write_config
+
+SAMPLES = REPO_ROOT / "tests" / "data" / "istio-samples"
+WORKLOADS = (("productpage", "v1"), ("details", "v1"), ("reviews", "v1"), ("reviews", "v2"), ("reviews", "v3"),
+             ("ratings", "v1"))
+CALLS = {"tester": ("productpage",), "productpage-v1": ("details", "reviews"), "reviews-v2": ("ratings",),
+         "reviews-v3": ("ratings",)}
+PAGE = "productpage:9080"
+ALL_V1 = "virtual-service-all-v1.yaml"
+
+
+class BookinfoApp(ManagedProcess):
+    """``python tests/apps/bookinfo.py``: one Bookinfo service and version, calling out through ``sidecar_port``."""
+
+    kind = "app"
+
+    def __init__(self, service: str, version: str, sidecar_port: int, *, log_dir: Path):
+        self.port = free_port("127.0.0.1")
+        argv = [venv_bin("python"), REPO_ROOT / "tests" / "apps" / "bookinfo.py", "--service", service,
+                "--version", version, "--port", self.port, "--sidecar", f"127.0.0.1:{sidecar_port}"]
+        super().__init__(f"{service}-{version}", argv, log_dir / f"app-{service}-{version}-{self.port}.log")
+
+    def is_ready(self) -> bool:
+        try:
+            return http_request("127.0.0.1", self.port, "/health", timeout=2.0)[0] == 200
+        except OSError:
+            return False
+
+
+class ConfigDir:
+    """``kubectl apply -f`` and ``kubectl delete -f`` of the samples, on the control plane's config directory.
+
+    A config directory is not a Kubernetes API server: it holds files, and a resource that two files
+    define is a duplicate (an error), where ``kubectl apply`` replaces the resource of the same kind and
+    name.  So :meth:`apply` writes each document of a sample, its text unchanged, to a file of its own
+    named after the resource (replacing that resource's file), and :meth:`delete` removes the files of a
+    sample's resources, as ``kubectl delete -f`` deletes them by kind and name.  Both return once every
+    sidecar ACKed the control plane's new config.
+    """
+
+    def __init__(self, path: Path, control, sidecars: list):
+        self.path = Path(path)
+        self.control = control
+        self.sidecars = sidecars
+
+    def apply(self, *samples: str) -> None:
+        """Apply the sample files, in order (a later one's resource wins); wait for the sidecars unless
+        nothing changed."""
+        before = self._versions()
+        wanted = dict(document for sample in samples for document in documents(SAMPLES / sample))
+        changed = [name for name, text in wanted.items()
+                   if not (self.path / name).exists() or (self.path / name).read_text() != text]
+        for name in changed:
+            _write_atomically(self.path / name, wanted[name])
+        if changed:
+            self._wait_synced(before, f"the sidecars to ACK {', '.join(samples)}")
+
+    def delete(self, *samples: str) -> None:
+        """Delete the resources of the sample files; wait for the sidecars unless none was there."""
+        before = self._versions()
+        targets = [self.path / name for sample in samples for name, _ in documents(SAMPLES / sample)]
+        present = [target for target in targets if target.exists()]
+        for target in present:
+            target.unlink()
+        if present:
+            self._wait_synced(before, f"the sidecars to ACK the deletion of {', '.join(samples)}")
+
+    def _versions(self) -> dict:
+        return {workload: row["version_acked"] for workload, row in proxies(self.control).items()}
+
+    def _wait_synced(self, before: dict, what: str) -> None:
+        """Until the control plane serves exactly the directory's files and every sidecar ACKed a new version."""
+        files = {name for name in os.listdir(self.path) if name.endswith(".yaml")}
+
+        def loaded():
+            served = {row["source"].rpartition(":")[0] for row in self.control.admin("/resources")["resources"]}
+            return {os.path.basename(source) for source in served} == files
+
+        wait_for(loaded, 10, what=f"the control plane to load {sorted(files)}")
+
+        def acked():
+            rows = proxies(self.control)
+            return all(rows[name]["connected"] and not rows[name]["stale"]
+                       and rows[name]["version_acked"] == rows[name]["version_sent"] != before.get(name)
+                       for name in self.sidecars)
+
+        wait_for(acked, 10, what=what)
+
+
+def documents(sample: Path) -> list:
+    """``[(file name, document text)]`` of a multi-document YAML file, each text exactly as in the file."""
+    texts, current = [], []
+    for line in sample.read_text().splitlines(keepends=True):
+        if line.rstrip() == "---":
+            texts.append("".join(current))
+            current = []
+        else:
+            current.append(line)
+    texts.append("".join(current))
+    named = []
+    for text in texts:
+        document = yaml.safe_load(text)
+        if document:
+            named.append((f"{document['kind'].lower()}-{document['metadata']['name']}.yaml", text))
+    return named
+
+
+def _write_atomically(target: Path, text: str) -> None:
+    """Write ``text`` to ``target`` by renaming a complete file into place (the watcher never sees half)."""
+    fd, temporary = tempfile.mkstemp(dir=target.parent.parent, prefix=".sample-")
+    with os.fdopen(fd, "w") as out:
+        out.write(text)
+    os.replace(temporary, target)
+
+
+@pytest.fixture(scope="module")
+def mesh(control_factory, process_log_dir, tmp_path_factory):
+    """Bookinfo with its sidecars and the default destination rules (the pages' "Before you begin")."""
+    config = tmp_path_factory.mktemp("istio-tasks") / "config"
+    write_config(config, *(selector_service(service, port=9080) for service in dict(WORKLOADS)),
+                 name="bookinfo-services.yaml")
+    control = control_factory(extra_args=["--config-dir", str(config)])
+    started = []
+    try:
+        sidecars = {}
+        for service, version in WORKLOADS:
+            outbound = free_port()
+            app = BookinfoApp(service, version, outbound, log_dir=process_log_dir)
+            app.spawn()
+            started.append(app)
+            sidecars[app.name] = ControlledProxy(
+                control, app.name, service_account=f"bookinfo-{service}", app_port=app.port,
+                labels={"app": service, "version": version}, outbound_port=outbound, log_dir=process_log_dir)
+        sidecars["tester"] = ControlledProxy(control, "tester", log_dir=process_log_dir)
+        for sidecar in sidecars.values():
+            sidecar.spawn()
+            started.append(sidecar)
+        for process in started:
+            process.wait_ready(process.ready_timeout)
+        wait_for(lambda: all(has_endpoints(sidecars[name], hosts) for name, hosts in CALLS.items()), 15,
+                 what="every caller's sidecar to see the Bookinfo endpoints")
+        config_dir = ConfigDir(config, control, list(sidecars))
+        config_dir.apply("destination-rule-all.yaml")
+        yield {"config": config_dir, "tester": sidecars["tester"], "control": control}
+    finally:
+        for process in reversed(started):
+            process.stop()
+
+
+def has_endpoints(sidecar, hosts) -> bool:
+    """Whether ``sidecar`` knows every Bookinfo endpoint of ``hosts`` (reviews has three)."""
+    clusters = sidecar.admin("/clusters")
+    return all(len(clusters.get(cluster_name(host, 9080), {}).get("endpoints", [])) == (3 if host == "reviews" else 1)
+               for host in hosts)
+
+
+def page(tester, user: str = "") -> tuple:
+    """``GET /productpage`` through the tester's sidecar, logged in as ``user``: ``(document, seconds)``."""
+    connection = http.client.HTTPConnection("127.0.0.1", tester.outbound_port, timeout=20)
+    headers = {"Host": PAGE, **({"Cookie": f"user={user}"} if user else {})}
+    started = time.monotonic()
+    try:
+        connection.request("GET", "/productpage", headers=headers)
+        response = connection.getresponse()
+        body = response.read()
+    finally:
+        connection.close()
+    elapsed = time.monotonic() - started
+    assert response.status == 200, (response.status, body[:500])
+    return json.loads(body), elapsed
+
+
+def reviews_served(tester, count: int, user: str = "") -> Counter:
+    """How many of ``count`` product pages each reviews pod served (``unavailable`` when none did)."""
+    headers = {"Cookie": f"user={user}"} if user else {}
+    lines = curl_many(tester.outbound_url + "/productpage", count, host=PAGE, headers=headers,
+                      write_out="%{http_code} %header{x-bookinfo-reviews}")
+    statuses = Counter(line.split(" ", 1)[0] for line in lines)
+    assert statuses == {"200": count}, statuses
+    return Counter(line.split(" ", 1)[1] for line in lines)
+
+
+def stars(document: dict) -> list:
+    """The ``rating`` of each review on a product page (``None`` for reviews v1, which shows no stars)."""
+    return [review.get("rating") for review in document["reviews"]["reviews"]]
+
+
+def test_request_routing(mesh):
+    """https://istio.io/latest/docs/tasks/traffic-management/request-routing/"""
+    tester, config = mesh["tester"], mesh["config"]
+    # Bookinfo without routes: the three versions of reviews take turns
+    assert set(reviews_served(tester, 30)) == {"reviews-v1", "reviews-v2", "reviews-v3"}
+    config.apply(ALL_V1)
+    assert reviews_served(tester, 20) == {"reviews-v1": 20}
+    document, _ = page(tester)
+    assert stars(document) == [None, None] and document["details"]["author"] == "William Shakespeare"
+    # route based on user identity: jason sees v2 (black stars), anyone else v1
+    config.apply("virtual-service-reviews-test-v2.yaml")
+    assert reviews_served(tester, 10, user="jason") == {"reviews-v2": 10}
+    assert reviews_served(tester, 10, user="alice") == {"reviews-v1": 10}
+    document, _ = page(tester, "jason")
+    assert document["user"] == "jason"
+    assert stars(document) == [{"stars": 5, "color": "black"}, {"stars": 4, "color": "black"}]
+
+
+def test_fault_injection(mesh):
+    """https://istio.io/latest/docs/tasks/traffic-management/fault-injection/"""
+    tester, config = mesh["tester"], mesh["config"]
+    config.apply(ALL_V1, "virtual-service-reviews-test-v2.yaml")
+    # an HTTP delay of 7 s between reviews v2 and ratings for jason: productpage gives up on reviews after
+    # its own 3 s timeout, twice, and the page says the reviews are unavailable after about 6 s
+    config.apply("virtual-service-ratings-test-delay.yaml")
+    document, elapsed = page(tester, "jason")
+    assert document["reviews"] == {"error": REVIEWS_UNAVAILABLE}, document
+    assert 5.9 <= elapsed < 6.9, elapsed
+    document, elapsed = page(tester, "alice")
+    assert document["reviews"]["podname"] == "reviews-v1" and elapsed < 2.0, (document, elapsed)
+    # an HTTP abort (500) for jason: reviews v2 answers, without ratings
+    config.apply("virtual-service-ratings-test-abort.yaml")
+    document, _ = page(tester, "jason")
+    assert document["reviews"]["podname"] == "reviews-v2"
+    assert stars(document) == [{"error": RATINGS_UNAVAILABLE}] * 2
+    document, _ = page(tester, "alice")
+    assert document["reviews"]["podname"] == "reviews-v1" and stars(document) == [None, None]
+    config.delete(ALL_V1)
+
+
+def test_traffic_shifting(mesh):
+    """https://istio.io/latest/docs/tasks/traffic-management/traffic-shifting/"""
+    tester, config = mesh["tester"], mesh["config"]
+    config.apply(ALL_V1)
+    assert reviews_served(tester, 20) == {"reviews-v1": 20}
+    # 50 % to v3: over 200 pages each version's share is within 30-70 % (a flake has odds below 1e-8)
+    config.apply("virtual-service-reviews-50-v3.yaml")
+    served = reviews_served(tester, 200)
+    assert set(served) == {"reviews-v1", "reviews-v3"} and 60 <= served["reviews-v3"] <= 140, served
+    # 100 % to v3: red stars for everyone
+    config.apply("virtual-service-reviews-v3.yaml")
+    assert reviews_served(tester, 20) == {"reviews-v3": 20}
+    document, _ = page(tester)
+    assert stars(document) == [{"stars": 5, "color": "red"}, {"stars": 4, "color": "red"}]
+    config.delete(ALL_V1)
+
+
+def test_request_timeouts(mesh):
+    """https://istio.io/latest/docs/tasks/traffic-management/request-timeouts/"""
+    tester, config = mesh["tester"], mesh["config"]
+    config.apply(ALL_V1)
+    # reviews v2, ratings delayed 2 s: the page works (black stars), 2 s slower
+    config.apply("request-timeouts-reviews-v2.yaml", "request-timeouts-ratings-delay.yaml")
+    document, elapsed = page(tester)
+    assert stars(document) == [{"stars": 5, "color": "black"}, {"stars": 4, "color": "black"}]
+    assert 2.0 <= elapsed < 3.0, elapsed
+    # a half-second timeout on reviews: the page returns in about 1 s (productpage tries twice), no reviews
+    config.apply("request-timeouts-reviews-timeout.yaml")
+    document, elapsed = page(tester)
+    assert document["reviews"] == {"error": REVIEWS_UNAVAILABLE}, document
+    assert 1.0 <= elapsed < 1.9, elapsed
+    config.delete(ALL_V1)
+
+
+@pytest.mark.parametrize("sample", ["virtual-service-reviews-80-20.yaml", "virtual-service-reviews-90-10.yaml",
+                                    "virtual-service-reviews-jason-v2-v3.yaml"])
+def test_older_task_samples_route_as_istio(mesh, sample):
+    """Samples of earlier versions of these pages: 80/20 and 90/10 shifting, jason to v2 and the rest to v3."""
+    tester, config = mesh["tester"], mesh["config"]
+    config.apply(sample)
+    if "jason" in sample:
+        assert reviews_served(tester, 10, user="jason") == {"reviews-v2": 10}
+        assert reviews_served(tester, 10) == {"reviews-v3": 10}
+    else:
+        served = reviews_served(tester, 100)
+        share = int(sample.split("-")[-2])
+        assert set(served) == {"reviews-v1", "reviews-v2"}
+        assert share - 20 <= served["reviews-v1"] <= min(100, share + 20), served
+    config.delete(sample)
