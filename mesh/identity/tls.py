@@ -284,7 +284,9 @@ def origination_context(ca_pem=None, key_pem=None, chain_pem=None, *, verify=Tru
 
 
 class SessionCache:
-    """Client-side TLS sessions for resumption, per peer, made with one :class:`WorkloadCredentials`.
+    """Client-side TLS sessions for resumption, per peer, made with one client context: a
+    :class:`WorkloadCredentials`' (mesh mTLS), or one TLS origination setting's
+    (:class:`mesh.proxy.tls_origination.OriginationTLS`, whose peers have no SPIFFE id).
 
     A *peer* is ``(host, port, expected SPIFFE id)``.  :meth:`keep` is called
     only for a connection whose peer passed the chain check (OpenSSL) and the

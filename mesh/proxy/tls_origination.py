@@ -26,6 +26,7 @@ body and in the access log's response code details.
 from __future__ import annotations
 
 import ipaddress
+import time
 import weakref
 
 from cryptography import x509
@@ -39,7 +40,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
-from mesh.identity.tls import ALPN_HTTP1, origination_context
+from mesh.identity.tls import ALPN_HTTP1, SessionCache, origination_context
 from mesh.proxy.retry import TLS_FAILURE
 
 log = Logger()
@@ -67,12 +68,17 @@ class OriginationTLS:
     :class:`mesh.config.resources.ClientTLS`), as :class:`mesh.proxy.mtls.UpstreamTLS` does for mesh mTLS.
 
     ``problem`` is why the setting cannot be used (a file missing or invalid), or None.
+    Sessions are resumed per endpoint, as Envoy does upstream (``sessions``, a
+    :class:`mesh.identity.tls.SessionCache`): only one whose server passed the chain
+    and name checks is kept, within its chain's validity, and the name is checked
+    again on every connection.
     """
 
     def __init__(self, settings, context=None, problem=None):
         self.settings = settings
         self.context = context
         self.problem = problem
+        self.sessions = SessionCache(float("inf"))  # a MUTUAL client certificate is a file: no rotation to follow
         self.names = settings.names()
         self.server_name = settings.sni.encode() if settings.sni else None  # a host name (validated), never an IP
 
@@ -86,14 +92,15 @@ class OriginationTLS:
         ``offer_h2``: offer ALPN ``h2`` and ``http/1.1`` (an HTTP/2 try; the server may choose
         HTTP/1.1); else no ALPN, as Istio programs Envoy for HTTP/1.1 and TCP origination.
         """
-        return TLSMemoryBIOFactory(_OriginatingClient(self, offer_h2), True, factory)
+        return TLSMemoryBIOFactory(_OriginatingClient(self, peer, offer_h2), True, factory)
 
     def verifier(self, identity=None):
         """The check run once the handshake is done (the chain is verified by then): the name."""
         return self.name_problem
 
     def keep_session(self, peer, transport):
-        """Sessions to servers outside the mesh are not resumed."""
+        """``transport`` (to ``peer``) passed the checks and carried a response: keep its session."""
+        self.sessions.keep(peer, transport.getHandle(), time.time())
 
     def name_problem(self, transport) -> str | None:
         """Why the server's certificate does not carry one of the names expected, or None."""
@@ -109,10 +116,12 @@ class OriginationTLS:
 
 @implementer(IOpenSSLClientConnectionCreator)
 class _OriginatingClient:
-    """A client connection of :class:`OriginationTLS`: its context, the SNI, and ALPN."""
+    """A client connection of :class:`OriginationTLS` to ``peer``: its context, the SNI, ALPN, and a
+    session kept for the peer if there is one."""
 
-    def __init__(self, origination, offer_h2):
+    def __init__(self, origination, peer, offer_h2):
         self.origination = origination
+        self.peer = peer
         self.alpn = [b"h2", ALPN_HTTP1] if offer_h2 else None
 
     def clientConnectionForTLS(self, tlsProtocol):
@@ -123,6 +132,7 @@ class _OriginatingClient:
             connection.set_tlsext_host_name(origination.server_name)
         if self.alpn is not None:
             connection.set_alpn_protos(self.alpn)
+        origination.sessions.offer(self.peer, connection, time.time())
         return connection
 
 

@@ -6,7 +6,9 @@
                                     [--address 127.0.0.1]
 
 Every request gets ``200`` with a JSON body: ``sni`` (the server name the client sent, or null),
-``client`` (the common name of the client certificate, or null), ``alpn`` and ``path``.  On
+``client`` (the common name of the client certificate, or null), ``alpn``, ``reused`` (whether
+the connection resumed a TLS session) and ``path``; a path ending in ``/close`` closes the
+connection after the response.  On
 ``--mutual-port`` a client certificate signed by ``--client-ca`` is required.  It prints
 ``serving`` once both ports listen, and runs until killed.
 """
@@ -45,15 +47,18 @@ def _common_name(certificate) -> str | None:
 async def _serve_connection(reader, writer):
     tls = writer.get_extra_info("ssl_object")
     facts = {"sni": getattr(tls, "sni", None), "client": _common_name(tls.getpeercert()),
-             "alpn": tls.selected_alpn_protocol()}
+             "alpn": tls.selected_alpn_protocol(), "reused": tls.session_reused}
     try:
         while True:
             head = await reader.readuntil(b"\r\n\r\n")
             path = head.split(b" ", 2)[1].decode()
             body = json.dumps({**facts, "path": path}).encode()
-            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n\r\n%s"
-                         % (len(body), body))
+            close = path.endswith("/close")
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: %d\r\n%s\r\n%s"
+                         % (len(body), b"connection: close\r\n" if close else b"", body))
             await writer.drain()
+            if close:
+                break
     except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
         pass
     finally:

@@ -175,6 +175,14 @@ def test_origination_sends_plain_http_over_verified_tls(egress, host, sni):
     assert (seen["sni"], seen["client"], seen["alpn"], seen["path"]) == (sni, None, None, f"/ok-{host}")
 
 
+def test_a_new_connection_resumes_the_session_of_a_verified_one(egress):
+    first = _get(egress, "alias.example", "first/close")  # the server closes: the next request needs a new one
+    second = _get(egress, "alias.example", "second/close")
+    assert (first.status, second.status) == (200, 200), (first, second)
+    assert (first.json()["reused"], second.json()["reused"]) == (False, True)
+    assert second.json()["sni"] == "alias.example"  # the resumed connection sends the SNI too
+
+
 @pytest.mark.parametrize("host, reason", [
     ("other-ca.example", "the server's certificate was refused: unable to get local issuer certificate"),
     ("system-ca.example", "the server's certificate was refused: unable to get local issuer certificate"),
