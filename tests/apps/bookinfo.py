@@ -22,6 +22,7 @@ Paths and answers (JSON; the shapes of the real services):
   It calls reviews with a 3 s timeout and tries twice, as the real productpage (the "bug" of the
   fault-injection task).  The header ``x-bookinfo-reviews`` names the reviews pod that answered
   (``reviews-v2``) or ``unavailable``.
+- productpage ``GET /api/v1/products``: the list of books (one).
 - details ``GET /details/0``; ratings ``GET /ratings/0``: fixed documents.
 - reviews ``GET /reviews/0``: ``{"id", "podname", "reviews": [...]}``; v2/v3 add a ``rating`` to each
   review: ``{"stars", "color"}`` or ``{"error": "Ratings service is currently unavailable"}`` (timeouts
@@ -55,6 +56,10 @@ STAR_COLOR = {"v2": "black", "v3": "red"}
 DETAILS = {"id": 0, "author": "William Shakespeare", "year": 1595, "type": "paperback", "pages": 200,
            "publisher": "PublisherA", "language": "English", "ISBN-10": "1234567890",
            "ISBN-13": "123-1234567890"}
+PRODUCTS = [{"id": 0, "title": "The Comedy of Errors",
+             "descriptionHtml": "<a href=\"https://en.wikipedia.org/wiki/The_Comedy_of_Errors\">Wikipedia "
+                                "Summary</a>: The Comedy of Errors is one of <b>William Shakespeare's</b> early "
+                                "plays."}]
 RATINGS = {"id": 0, "ratings": {"Reviewer1": 5, "Reviewer2": 4}}
 REVIEWS = (("Reviewer1", "An extremely entertaining play by Shakespeare. The slapstick humour is refreshing!"),
            ("Reviewer2", "Absolutely fun and entertaining. The play lacks thematic depth when compared to "
@@ -77,6 +82,8 @@ class Bookinfo:
             return 200, {"status": f"{self.podname} is healthy"}, {}
         if self.service == "productpage" and path == "/productpage":
             return await self.product_page(headers)
+        if self.service == "productpage" and path == "/api/v1/products":
+            return 200, PRODUCTS, {}
         if self.service == "details" and path.startswith("/details/"):
             return 200, DETAILS, {}
         if self.service == "ratings" and path.startswith("/ratings/"):

@@ -4,12 +4,14 @@ One mesh for the module: ``mesh-control --config-dir`` and Bookinfo (tests/apps/
 details, reviews v1/v2/v3, ratings), each app behind its own sidecar fed by the control plane, registered
 by the labels ``app`` and ``version`` of Bookinfo's Deployments (a ServiceEntry with a workloadSelector per
 service, port 9080, stands in for Bookinfo's Kubernetes Services).  The browser of the pages is curl
-through a ``tester`` sidecar (the pages go through the ingress gateway; test_gateway.py covers that).
+through a ``tester`` sidecar, except on the getting-started step, which goes through an ingress gateway.
 
 Each test follows one task page step by step: it applies the page's files, stored unmodified in
 tests/data/istio-samples/, as ``kubectl apply -f`` does (:class:`ConfigDir`), waits until every sidecar
 ACKed the config that holds them, and checks what the page says the user sees:
 
+- Getting started: the bookinfo Gateway and VirtualService on an ingress gateway (``mesh-proxy --gateway``,
+  its port 8080 mapped to a free one): /productpage and /api/v1/products reach productpage, nothing else
 - Request routing: all v1; ``end-user: jason`` -> reviews v2 (black stars), anyone else v1
 - Fault injection: a 7 s delay for jason -> the page answers after productpage's 2 x 3 s and says the
   reviews are unavailable; an HTTP 500 abort for jason -> "Ratings service is currently unavailable"
@@ -32,7 +34,7 @@ import pytest
 import yaml
 
 from tests.apps.bookinfo import RATINGS_UNAVAILABLE, REVIEWS_UNAVAILABLE
-from tests.harness import REPO_ROOT, ManagedProcess, free_port, http_request, venv_bin, wait_for
+from tests.harness import REPO_ROOT, ManagedProcess, curl, free_port, http_request, venv_bin, wait_for
 from tests.integration.test_distribution_support import ControlledProxy, proxies, selector_service
 from tests.integration.test_proxy_support import cluster_name, curl_many, write_config
 
@@ -168,6 +170,10 @@ def mesh(control_factory, process_log_dir, tmp_path_factory):
                 control, app.name, service_account=f"bookinfo-{service}", app_port=app.port,
                 labels={"app": service, "version": version}, outbound_port=outbound, log_dir=process_log_dir)
         sidecars["tester"] = ControlledProxy(control, "tester", log_dir=process_log_dir)
+        gateway_port = free_port()
+        sidecars["istio-ingressgateway"] = ControlledProxy(
+            control, "istio-ingressgateway", labels={"istio": "ingressgateway"}, log_dir=process_log_dir,
+            extra_args=["--gateway", "--gateway-address", "127.0.0.1", "--gateway-port", f"8080={gateway_port}"])
         for sidecar in sidecars.values():
             sidecar.spawn()
             started.append(sidecar)
@@ -177,7 +183,8 @@ def mesh(control_factory, process_log_dir, tmp_path_factory):
                  what="every caller's sidecar to see the Bookinfo endpoints")
         config_dir = ConfigDir(config, control, list(sidecars))
         config_dir.apply("destination-rule-all.yaml")
-        yield {"config": config_dir, "tester": sidecars["tester"], "control": control}
+        yield {"config": config_dir, "tester": sidecars["tester"], "control": control,
+               "gateway_url": f"http://127.0.0.1:{gateway_port}"}
     finally:
         for process in reversed(started):
             process.stop()
@@ -219,6 +226,18 @@ def reviews_served(tester, count: int, user: str = "") -> Counter:
 def stars(document: dict) -> list:
     """The ``rating`` of each review on a product page (``None`` for reviews v1, which shows no stars)."""
     return [review.get("rating") for review in document["reviews"]["reviews"]]
+
+
+def test_getting_started_bookinfo_gateway(mesh):
+    """https://istio.io/latest/docs/setup/getting-started/ ("Open the application to outside traffic")"""
+    mesh["config"].apply("bookinfo-gateway.yaml")
+    url = mesh["gateway_url"]
+    result = curl(url + "/productpage", timeout=10)
+    assert result.status == 200 and result.json()["details"]["author"] == "William Shakespeare", result
+    assert result.headers["x-bookinfo-reviews"] in {"reviews-v1", "reviews-v2", "reviews-v3"}
+    result = curl(url + "/api/v1/products", timeout=10)
+    assert result.status == 200 and result.json()[0]["title"] == "The Comedy of Errors", result
+    assert curl(url + "/details/0", timeout=10).status == 404  # no route of the gateway's VirtualService
 
 
 def test_request_routing(mesh):
