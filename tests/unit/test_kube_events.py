@@ -35,7 +35,7 @@ def test_long_messages_are_cut_to_what_kubernetes_keeps():
 
 
 def test_watched_custom_resources_and_their_names_in_errors():
-    assert len(resources()) == 8 and len(resources(istio=True)) == 16
+    assert len(resources()) == 9 and len(resources(istio=True)) == 18
     assert ("security.istio.io", "v1", "requestauthentications") in resources(istio=True)
     assert ("security.istio.io", "v1", "peerauthentications") in resources(istio=True)
     assert ("security.istio.io", "v1", "peerauthentications") not in resources()
