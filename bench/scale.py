@@ -94,6 +94,13 @@ def base_config(services: int, namespaces: int, endpoints: bool) -> list:
     return documents
 
 
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def status_kib(pid: int, field: str) -> int:
     with open(f"/proc/{pid}/status") as status:
         for line in status:
@@ -151,13 +158,14 @@ def ask(clients, command) -> list:
 
 def run_client(control_address: str, state_dir, config_dir, sessions: int, changes: int, *, namespaces: int = 10,
                endpoints: bool = False, admin_port: int | None = None, processes: int = 4, settle: float = 0.5,
-               timeout: float = 120.0, log_dir=None, pace: float = 0.0) -> dict:
+               timeout: float = 120.0, log_dir=None, pace: float = 0.0, on_connected=None) -> dict:
     """Run ``sessions`` sessions in ``processes`` :mod:`bench.scale_client` processes; the merged result.
 
     Connect every session (``connect_s``: until each has its first snapshot; ``settled_s``: until no
     snapshot came for ``settle`` s, the registry pushes of the connect included), then ``changes`` times
     rewrite the change file and collect, per session, the time from the write to its ACK.  With
     ``pace``, each process opens one session every ``pace`` seconds instead of 25 at a time.
+    ``on_connected(result)`` runs once every session has its first snapshot.
     """
     processes = max(1, min(processes, sessions))
     shares = [sessions // processes + (1 if index < sessions % processes else 0) for index in range(processes)]
@@ -181,9 +189,12 @@ def run_client(control_address: str, state_dir, config_dir, sessions: int, chang
                   "connected": sum(answer["connected"] for answer in connects),
                   "connect_failures": [failure for answer in connects for failure in answer["failures"]][:10],
                   "certificates_s": max(answer["certificates_s"] for answer in ready),
-                  "connect_s": round(max(answer["finished"] for answer in connects) - started, 3), "changes": []}
+                  "connect_s": round(max(answer["finished"] for answer in connects) - started, 3),
+                  "clients_connect_cpu_s": round(sum(answer["cpu_s"] for answer in connects), 2), "changes": []}
         if result["connected"] != sessions:
             return result
+        if on_connected is not None:
+            on_connected(result)
         result["settled_s"] = round(max(answer["quiet"] for answer in ask(clients, f"quiet {settle}")) - started, 3)
         for step in range(changes):
             t0 = write_change(str(config_dir), step)
@@ -258,7 +269,7 @@ TARGETS = {
 
 
 def run_case(work: Path, sessions: int, changes: int, *, services: int, namespaces: int, endpoints: bool,
-             processes: int, profile=None) -> dict:
+             processes: int, profile=None, control_args=()) -> dict:
     """Start mesh-control on a fresh state/config dir under ``work``, run the clients; the summary."""
     state, config = work / "state", work / "config"
     config.mkdir(parents=True, exist_ok=True)
@@ -269,7 +280,7 @@ def run_case(work: Path, sessions: int, changes: int, *, services: int, namespac
     if profile:
         argv += ["--profile", profile, "--profiler", "cprofile", "--savestats"]
     argv += ["mesh-control", "--state-dir", str(state), "--config-dir", str(config), "--address", "127.0.0.1",
-             "--port", str(port), "--admin-port", str(admin_port)]
+             "--port", str(port), "--admin-port", str(admin_port), *control_args]
     log = open(work / "control.log", "ab")
     control = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                cwd=work, env={**os.environ, "PYTHONPATH": str(REPO)}, start_new_session=True)
@@ -283,15 +294,21 @@ def run_case(work: Path, sessions: int, changes: int, *, services: int, namespac
                 if control.poll() is not None or time.time() > deadline:
                     raise SystemExit(f"mesh-control did not start; see {work / 'control.log'}") from None
                 time.sleep(0.05)
-        rss_idle = status_kib(control.pid, "VmRSS")
+        rss_idle, cpu = status_kib(control.pid, "VmRSS"), cpu_seconds(control.pid)
+        def connected(result):
+            result["control_connect_cpu_s"] = round(cpu_seconds(control.pid) - cpu, 2)
+
         result = run_client(f"127.0.0.1:{port}", state, config, sessions, changes, namespaces=namespaces,
-                            endpoints=endpoints, admin_port=admin_port, processes=processes, log_dir=work)
-        hwm = status_kib(control.pid, "VmHWM")
+                            endpoints=endpoints, admin_port=admin_port, processes=processes, log_dir=work,
+                            on_connected=connected)
+        hwm, cpu = status_kib(control.pid, "VmHWM"), cpu_seconds(control.pid) - cpu
         pushes = control_metric(admin_port, "mesh_control_pushes_total")
         view = result.get("proxies") or {}
         summary = summarize(result)
         summary.update(control_rss_idle_mib=round(rss_idle / 1024, 1), control_vmhwm_mib=round(hwm / 1024, 1),
                        proxies_rows=view.get("rows"), proxies_synced=view.get("synced"), pushes=int(pushes),
+                       control_cpu_s=round(cpu, 2), control_connect_cpu_s=result.get("control_connect_cpu_s"),
+                       clients_connect_cpu_s=result.get("clients_connect_cpu_s"),
                        services=services, endpoints=endpoints, processes=result.get("processes"), work=str(work))
         return summary
     finally:
@@ -311,6 +328,9 @@ def report(summary: dict) -> None:
           f"connected in {summary['connect_s']:.2f}s, quiet after {summary.get('settled_s')}s; "
           f"{summary['services']} services{endpoints}; snapshot {summary['snapshot_bytes']} bytes; "
           f"{summary['pushes']} pushes in all")
+    print(f"CPU while connecting: mesh-control {summary['control_connect_cpu_s']}s, the clients "
+          f"{summary['clients_connect_cpu_s']}s; mesh-control over the whole case {summary['control_cpu_s']}s; "
+          f"host load average {os.getloadavg()[0]:.1f}")
     for index, converged in enumerate(summary["converged_s"]):
         print(f"  change {index + 1}: every session ACKed in {converged}s")
     if summary["p50_s"] is not None:
@@ -339,12 +359,16 @@ def main(argv=None):
     parser.add_argument("--targets", action="store_true",
                         help="run the three cases of issue #15 (" + "; ".join(t[4] for t in TARGETS.values()) + ")")
     parser.add_argument("--profile", metavar="FILE", help="run mesh-control under cProfile, stats to FILE")
+    parser.add_argument("--control-arg", action="append", default=[], metavar="ARG",
+                        help="one more mesh-control argument (repeat it: --control-arg=--push-max-delay "
+                             "--control-arg=2)")
     parser.add_argument("--work", metavar="DIR", help="state/config/log directory (default: a temp dir)")
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
     options = parser.parse_args(argv)
 
     work = Path(options.work or tempfile.mkdtemp(prefix="txmesh-scale-"))
-    common = {"services": options.services, "namespaces": options.namespaces, "processes": options.processes}
+    common = {"services": options.services, "namespaces": options.namespaces, "processes": options.processes,
+              "control_args": options.control_arg}
     if not options.targets:
         summary = run_case(work, options.sessions, options.changes, endpoints=options.endpoints,
                            profile=options.profile, **common)

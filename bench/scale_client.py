@@ -14,7 +14,8 @@ It says ``{"loaded": true}`` once it has read the CA, then ``{"ready": true, ...
 the certificates.  The commands:
 
 - ``connect``: open every session (``--concurrency`` handshakes at a time), each until its first
-  SNAPSHOT -> ``{"connected", "failures", "started", "finished"}`` (wall-clock times);
+  SNAPSHOT -> ``{"connected", "failures", "started", "finished", "cpu_s"}`` (wall-clock times, and the
+  CPU seconds the process spent on it);
 - ``quiet SECONDS``: wait until no SNAPSHOT came for SECONDS -> ``{"quiet": wall time of the last one}``;
 - ``change T0``: wait until every session ACKed a SNAPSHOT received after wall time T0, then until
   quiet for ``--settle`` s -> the per-session latencies and counts (:func:`change_result`);
@@ -183,6 +184,12 @@ async def connect_all(reactor, specs, host, port, bundle, control_identity, conc
     return failures
 
 
+def cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used."""
+    times = os.times()
+    return times.user + times.system
+
+
 def percentile(values, fraction):
     ordered = sorted(values)
     if not ordered:
@@ -274,11 +281,11 @@ class Worker:
     async def connect(self, _):
         host, _, port = self.options.control.rpartition(":")
         control_identity = f"spiffe://{self.options.trust_domain}/ns/mesh-system/sa/mesh-control"
-        started = time.time()
+        started, cpu = time.time(), cpu_seconds()
         failures = await connect_all(self.reactor, self.specs, host, int(port), list(self.ca.bundle),
                                      control_identity, self.options.concurrency, self.clock, self.options.pace)
         return {"connected": len(self.sessions), "failures": failures[:10], "started": started,
-                "finished": time.time()}
+                "finished": time.time(), "cpu_s": cpu_seconds() - cpu}
 
     async def quiet(self, seconds):
         return {"quiet": await wait_quiet(self.reactor, self.clock, float(seconds), self.options.timeout)}

@@ -560,10 +560,15 @@ class Distributor:
         stream.status = status
         self.streams.add(stream)
         self._update_connected()
-        log.info("proxy {node} connected: {identity} at {address}, last applied version {version}",
-                 node=node, identity=stream.identity.uri, address=address, version=last_applied or "none")
-        if stream.registration is not None:
-            self.registry.register(stream.registration)  # other proxies get the new endpoint after the debounce
+        endpoint = ""
+        if stream.registration is not None:  # other proxies get the new endpoint at the next push round
+            registration = stream.registration
+            endpoint = (f"; registry entry {registration.namespace}/{registration.service_account} at "
+                        f"{registration.address}:{registration.inbound_port}"
+                        f" {'added' if self.registry.register(registration) else 'unchanged'}")
+        log.info("proxy {node} connected: {identity} at {address}, last applied version {version}{endpoint}",
+                 node=node, identity=stream.identity.uri, address=address, version=last_applied or "none",
+                 endpoint=endpoint)
         self._push(stream, self._changed_at)
 
     def acked(self, stream, version) -> None:

@@ -122,7 +122,9 @@ class Registry:
         except OSError as error:
             log.warn("registry: cannot save {path}: {error}", path=self.path, error=str(error))
 
-    def register(self, registration: Registration) -> None:
+    def register(self, registration: Registration) -> bool:
+        """Add or replace ``registration``'s entry; whether it changed (the caller logs it: it is part
+        of the proxy's ``connected`` line, one line per proxy in a storm of thousands)."""
         timer = self._expiry.pop(registration.node, None)
         if timer is not None and timer.active():
             timer.cancel()
@@ -130,12 +132,11 @@ class Registry:
         if previous is not None and previous.namespace != registration.namespace:
             self._pop(registration.node)
         self._put(registration)  # the newest stream owns the entry
-        if previous != registration:
-            self.dirty = True
-            log.info("registry: {node} ({namespace}/{sa}) at {address}:{port} added",
-                     node=registration.node, namespace=registration.namespace, sa=registration.service_account,
-                     address=registration.address, port=registration.inbound_port)
-            self.on_change()
+        if previous == registration:
+            return False
+        self.dirty = True
+        self.on_change()
+        return True
 
     def drain(self, node: str) -> None:
         """DRAIN: remove the node now (clients stop picking it before it stops serving)."""
