@@ -98,13 +98,17 @@ class CSRResource(resource.Resource):
         ``unavailable()``, ``error()``, ``signing_took(seconds)``), or None.
     :param trust_domain: the only trust domain a renewing client certificate may prove.
     :param ca_issuer: ``() -> str``, the selected CA's description (``issuer`` of the answer).
+    :param check: ``(csr_pem, identity_uri) -> csr`` or a Deferred of it, raising
+        :class:`mesh.identity.csr.CSRRejected`: :func:`mesh.identity.csr.check_csr`, or its run in a CA
+        worker process (:meth:`mesh.identity.ca_workers.CAWorkers.check`, ``--ca-workers``).
     """
 
     isLeaf = True
 
     def __init__(self, verifier, sign, bundle, default_ttl, max_ttl, stats=None, trust_domain=None,
-                 ca_issuer=lambda: ""):
+                 ca_issuer=lambda: "", check=check_csr):
         super().__init__()
+        self._check = check
         self._ca_issuer = ca_issuer
         self._trust_domain = trust_domain
         self._verifier = verifier
@@ -144,7 +148,7 @@ class CSRResource(resource.Resource):
             except CredentialRejected as error:
                 raise _Reject(401, f"credential rejected: {error}") from None
         try:
-            csr = check_csr(csr_pem, identity.uri)
+            csr = await defer.maybeDeferred(self._check, csr_pem, identity.uri)
         except CSRRejected as error:
             raise _Reject(403 if "credential proves" in str(error) else 400, f"CSR rejected: {error}") from None
         ttl = min(requested, self._max_ttl)

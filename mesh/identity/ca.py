@@ -117,38 +117,50 @@ class CertificateAuthority:
         (mesh-control writes the bundle of the CA ``--ca`` selected itself).
         """
         os.makedirs(state_dir, mode=0o700, exist_ok=True)
+        if not (ca_cert or ca_key) and not os.path.exists(os.path.join(state_dir, CA_KEY)):
+            key, cert = generate_root(trust_domain)
+            write_private(os.path.join(state_dir, CA_KEY), key.private_bytes(serialization.Encoding.PEM,
+                                                                             serialization.PrivateFormat.PKCS8,
+                                                                             serialization.NoEncryption()))
+            write_public(os.path.join(state_dir, CA_CERT), to_pem([cert]))
+        ca = cls.load(state_dir, trust_domain, ca_cert, ca_key, ca_chain)
+        if write_bundle:
+            write_public(os.path.join(state_dir, TRUST_BUNDLE), ca.bundle_pem())
+        if ca.chain:
+            write_public(os.path.join(state_dir, CA_CHAIN), ca.chain_pem())
+        return ca
+
+    @classmethod
+    def load(cls, state_dir: str, trust_domain: str, ca_cert=None, ca_key=None, ca_chain=None):
+        """Open the CA :meth:`load_or_create` made or was given, creating and writing nothing.
+
+        The CA workers (:mod:`mesh.identity.ca_workers`) read it so, from the same files and with the
+        same checks (the key's mode 0600, the key matching the certificate).
+        """
         if ca_cert or ca_key:
             if not (ca_cert and ca_key):
                 raise CAError("--ca-cert and --ca-key go together; give both or neither")
-            key, cert = _read_key(ca_key), _read_cert(ca_cert)
-            _check_private_mode(ca_key)
+            key_path, cert_path = ca_key, ca_cert
             chain = pem_certs(_read(ca_chain)) if ca_chain else []
         else:
-            key_path = os.path.join(state_dir, CA_KEY)
-            cert_path = os.path.join(state_dir, CA_CERT)
-            if not os.path.exists(key_path):
-                key, cert = generate_root(trust_domain)
-                write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                                          serialization.PrivateFormat.PKCS8,
-                                                          serialization.NoEncryption()))
-                write_public(cert_path, to_pem([cert]))
-            _check_private_mode(key_path)
-            key, cert = _read_key(key_path), _read_cert(cert_path)
+            key_path, cert_path = os.path.join(state_dir, CA_KEY), os.path.join(state_dir, CA_CERT)
             chain = []
+        key, cert = _read_key(key_path), _read_cert(cert_path)
+        _check_private_mode(key_path)
         if key.public_key().public_numbers() != cert.public_key().public_numbers():
             raise CAError("the CA key does not belong to the CA certificate")
         root = chain[-1] if chain else cert
         extra = pem_certs(_read(os.path.join(state_dir, EXTRA_ROOTS)))
         bundle = [root] + [c for c in extra if c != root]
-        if write_bundle:
-            write_public(os.path.join(state_dir, TRUST_BUNDLE), to_pem(bundle))
-        if chain:
-            write_public(os.path.join(state_dir, CA_CHAIN), to_pem([cert] + chain))
         return cls(key=key, cert=cert, chain=chain, bundle=bundle, trust_domain=trust_domain)
 
     def bundle_pem(self) -> bytes:
         """The trust bundle, PEM."""
         return self._bundle_pem
+
+    def chain_pem(self) -> bytes:
+        """The signing certificate and the chain above it, PEM: what every issued certificate comes with."""
+        return self._chain_pem
 
     def expires_in(self) -> float:
         """Seconds until the signing certificate expires."""

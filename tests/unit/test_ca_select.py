@@ -198,11 +198,11 @@ def test_the_plugin_of_the_ca_failing_is_the_reason_until_it_reports_again():
 # -- the built-in CA plugin ---------------------------------------------------------------------------
 
 
-def configured_builtin(ca_option):
+def configured_builtin(ca_option, workers=None):
     ca = SimpleNamespace(bundle_pem=lambda: pem(ROOT_1), cert=ROOT_1,
                          sign=lambda csr, identity, ttl: (b"CERT", b"CHAIN"))
-    config = SimpleNamespace(role="control", service=SimpleNamespace(ca=ca), option=lambda name, default=None:
-                             ca_option if name == "ca" else default)
+    config = SimpleNamespace(role="control", service=SimpleNamespace(ca=ca, ca_workers=workers),
+                             option=lambda name, default=None: ca_option if name == "ca" else default)
     signer = BuiltinSigner()
     signer.mesh_configure(config)
     return signer
@@ -219,6 +219,18 @@ def test_the_builtin_ca_signs_only_when_selected():
     other = configured_builtin("vault")
     assert other.mesh_sign_csr(None, "spiffe://td/ns/a/sa/b", 60) is None
     assert other.mesh_ca_status().selected is False
+
+
+def test_with_ca_workers_the_builtin_ca_signs_there_and_is_ready_while_one_runs():
+    running = [True]
+    workers = SimpleNamespace(ready=lambda: running[0], sign=lambda csr, identity, ttl: ("IN A WORKER", identity))
+    signer = configured_builtin("builtin", workers)
+    assert signer.mesh_sign_csr(None, "spiffe://td/ns/a/sa/b", 60) == ("IN A WORKER", "spiffe://td/ns/a/sa/b")
+    assert signer.mesh_ca_status().ready is True
+    running[0] = False
+    status = signer.mesh_ca_status()
+    assert (status.ready, status.roots_pem) == (False, pem(ROOT_1))
+    assert status.reason.startswith("no CA worker process is running (--ca-workers)")
 
 
 # -- Retry-After --------------------------------------------------------------------------------------
