@@ -13,6 +13,8 @@ over HTTP/1.1) asks for a slow response meanwhile and must get its 200.
 - flow-control abuse: window overflows (FLOW_CONTROL_ERROR), and a client that never opens its window
   holds a bounded amount of the proxy's memory and is reset after the idle timeout
 - floods of PING, SETTINGS, PRIORITY, WINDOW_UPDATE and empty frames (Envoy's limits)
+- malformed header fields (CR/LF in a value, an upper-case name, surrounding whitespace, a
+  connection-specific header): never forwarded; the connection ends with PROTOCOL_ERROR
 """
 
 from __future__ import annotations
@@ -143,6 +145,24 @@ def test_header_lists_over_the_limits_get_431(proxy, headers, what):
         assert client.responses[after].status == 200 and client.terminated is None
     finally:
         client.close()
+
+
+@pytest.mark.parametrize("field", [
+    (b"x-smuggle", b"1\r\ntransfer-encoding: chunked"), (b"X-Upper", b"1"), (b"x-padded", b" 1"),
+    (b"connection", b"close"), (b"te", b"gzip"),
+], ids=["crlf-in-value", "upper-case-name", "whitespace", "connection", "te-not-trailers"])
+def test_malformed_header_fields_are_never_forwarded(proxy, field):
+    """RFC 9113 section 8.2: a malformed request (h2's validation, which the codec keeps on) is not
+    forwarded to the HTTP/1.1 app, where a CR/LF would smuggle a header; the connection ends."""
+    with attacker(proxy) as raw:
+        raw.send(raw.headers(1, raw.block("/", extra=[field])))
+        seen = []
+        for frame in raw.frames(timeout=10):
+            seen.append(frame)
+            if frame.__class__.__name__ == "GoAwayFrame":
+                break
+        assert not any(isinstance(frame, HeadersFrame) for frame in seen), f"answered: {seen}"
+        assert seen and seen[-1].error_code == ErrorCodes.PROTOCOL_ERROR, seen
 
 
 def test_window_overflows_are_flow_control_errors(proxy):
