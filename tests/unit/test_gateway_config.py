@@ -1,13 +1,12 @@
 """The Gateway kind: validation (certificate files included), VirtualService ``gateways`` binding and
 the per-port route tables of a gateway proxy, with Istio's host matching."""
 
+import dataclasses
 import textwrap
 
 import pytest
 
 from mesh.config.analyze import analyze
-import dataclasses
-
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.errors import ConfigErrors
 from mesh.config.loader import load_files
