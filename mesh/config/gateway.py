@@ -6,11 +6,12 @@ docs/gateway.md); the VirtualServices that name it in ``gateways`` route what co
 - :func:`gateway` validates one Gateway resource into a :class:`Gateway`.  The certificate
   files of HTTPS servers are read and checked here (readable, PEM, the key matches the
   certificate), so a bad file rejects the config and the previous one stays in force.
-- :func:`compile_gateway` builds, for a gateway workload, one :class:`~mesh.config.tables.RouteTable`
-  per port from the Gateways whose ``selector`` selects it and the VirtualServices bound to
-  them: each VirtualService host is intersected with the server's hosts as Istio does (the
-  narrower name wins; ``*`` matches everything), and a server with ``tls.httpsRedirect``
-  answers every request with a 301 to ``https``.
+- :func:`compile_gateway` builds, for a gateway workload, one :class:`GatewayPort` per port from
+  the Gateways whose ``selector`` selects it and the VirtualServices bound to them: each
+  VirtualService host is intersected with the server's hosts as Istio does (the narrower name
+  wins; ``*`` matches everything), a server with ``tls.httpsRedirect`` answers every request with
+  a 301 to ``https``, and the certificates of a ``credentialName`` are read from the Secret
+  mounted in the gateway (``Workload.credentials_dir``), rejecting the config when they cannot be.
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def _server(f: Fields, index, namespace) -> Server:
             tf.error(None, f"a server of protocol {protocol} takes only tls.httpsRedirect; use protocol HTTPS to "
                            "terminate TLS")
     elif protocol == "HTTPS":
-        f.error("tls", "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey")
+        f.error("tls", "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey, "
+                       "or credentialName")
     if redirect and protocol == "HTTPS":
         f.error("tls", "httpsRedirect redirects plaintext requests to HTTPS; set it on an HTTP server")
     return Server(index=index, port=number, protocol=protocol or "HTTP", hosts=tuple(hosts), tls=tls,

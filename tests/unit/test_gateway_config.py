@@ -134,7 +134,8 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
         "'serverCertificate' is required",
         "'privateKey' is required",
         "'caCertificates' is required",
-        "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey",
+        "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey, or "
+        "credentialName",
         "invalid namespace 'Bad_NS' in 'Bad_NS/x.com': use NAMESPACE/HOST, ./HOST or */HOST",
         "a server of protocol HTTP takes only tls.httpsRedirect; use protocol HTTPS to terminate TLS",
     ]
