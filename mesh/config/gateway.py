@@ -3,15 +3,16 @@
 A Gateway describes the ports of an ingress gateway (``twistd mesh-proxy --gateway``, see
 docs/gateway.md); the VirtualServices that name it in ``gateways`` route what comes in there.
 
-- :func:`gateway` validates one Gateway resource into a :class:`Gateway`.  The certificate
-  files of HTTPS servers are read and checked here (readable, PEM, the key matches the
-  certificate), so a bad file rejects the config and the previous one stays in force.
+- :func:`gateway` validates one Gateway resource into a :class:`Gateway`, without reading
+  certificate files: those are on the gateway's host, and only the gateway reads them.
 - :func:`compile_gateway` builds, for a gateway workload, one :class:`GatewayPort` per port from
   the Gateways whose ``selector`` selects it and the VirtualServices bound to them: each
   VirtualService host is intersected with the server's hosts as Istio does (the narrower name
   wins; ``*`` matches everything), a server with ``tls.httpsRedirect`` answers every request with
-  a 301 to ``https``, and the certificates of a ``credentialName`` are read from the Secret
-  mounted in the gateway (``Workload.credentials_dir``), rejecting the config when they cannot be.
+  a 301 to ``https``, and the HTTPS servers' certificates are read -- their files, or the Secret
+  ``credentialName`` mounted in the gateway (``Workload.credentials_dir``) -- and checked (readable,
+  PEM, the key matches the certificate): one that cannot be used rejects the gateway's config, and
+  its previous one stays in force.
 """
 
 from __future__ import annotations
@@ -75,16 +76,15 @@ _MODE_REJECTED = {
 
 @dataclass(frozen=True)
 class ServerTLS:
-    """A server's TLS settings: ``mode`` SIMPLE, MUTUAL or OPTIONAL_MUTUAL, the certificate chain
-    (cryptography certificates, leaf first), its private key, the client CAs (MUTUAL and
-    OPTIONAL_MUTUAL) and the protocol versions (``TLSV1_2``/``TLSV1_3``).  ``files`` are the paths they
-    were read from; ``credential`` is the ``credentialName``, whose files (in the gateway's
-    ``--gateway-credentials-dir``) are read when the config is compiled for the gateway: until then
-    ``chain`` is empty.  Two settings are equal when their files, names and values are."""
+    """A server's TLS settings: ``mode`` SIMPLE, MUTUAL or OPTIONAL_MUTUAL and the protocol versions
+    (``TLSV1_2``/``TLSV1_3``); ``files`` are the certificate chain, private key and client CAs (``""``: none),
+    or ``credential`` names the Secret that holds them.  Validation leaves ``chain`` (cryptography
+    certificates, leaf first), ``key`` and ``client_cas`` empty: compiling for the gateway reads them (and
+    ``files`` then holds the paths read).  Two settings are equal when their modes, files and names are."""
 
     mode: str
-    chain: tuple = field(repr=False, compare=False)
-    key: object = field(repr=False, compare=False)
+    chain: tuple = field(default=(), repr=False, compare=False)
+    key: object = field(default=None, repr=False, compare=False)
     client_cas: tuple = field(default=(), repr=False, compare=False)
     min_version: str = "TLSV1_2"
     max_version: str | None = None
@@ -195,41 +195,25 @@ def _server(f: Fields, index, namespace) -> Server:
                   https_redirect=redirect)
 
 
-def _server_tls(f: Fields) -> ServerTLS | None:
+def _server_tls(f: Fields) -> ServerTLS:
+    """A server's tls as written.  Its certificate files, or the Secret ``credentialName``, are read when the
+    config is compiled on the gateway (:func:`_with_certificates`): not here, so neither the sidecars nor the
+    control plane ever read a gateway's private key."""
     mode = f.enum("mode", TLS_MODES, _MODE_REJECTED, default="SIMPLE")
+    low, high = _tls_versions(f)
     if "credentialName" in f:
-        return _credential_tls(f, mode)
-    chain = _pem(f, "serverCertificate", _certificates, required=True)
-    key = _pem(f, "privateKey", _private_key, required=True)
-    cas = _pem(f, "caCertificates", _certificates, required=mode != "SIMPLE")
-    return _checked(f, mode, chain, key, cas, tuple(f.data[key] for key in _FILES if key in f))
-
-
-def _checked(f: Fields, mode, chain, key, cas, files) -> ServerTLS | None:
-    """The ServerTLS of certificates read from ``files``; None after reporting what is missing or wrong."""
-    if mode == "SIMPLE" and cas:
+        name = f.string("credentialName", required=True) or ""
+        if name and not _DNS_SUBDOMAIN.match(name):
+            f.error("credentialName", f"invalid Secret name '{name}': use lower-case letters, digits, '-' and '.'")
+        for key in _FILES:
+            if key in f:
+                f.error(key, "set either credentialName or the certificate files, not both")
+        return ServerTLS(mode=mode, min_version=low, max_version=high, credential=name)
+    files = {key: f.string(key, required=key != "caCertificates" or mode != "SIMPLE") or "" for key in _FILES}
+    if mode == "SIMPLE" and files["caCertificates"]:
         f.error("caCertificates", "client certificates are verified only with mode MUTUAL (or OPTIONAL_MUTUAL); "
                                   "set the mode or remove caCertificates")
-    if chain and key is not None and chain[0].public_key().public_numbers() != key.public_key().public_numbers():
-        f.error("privateKey", "this private key does not belong to the serverCertificate; give the key the "
-                              "certificate was issued for")
-    low, high = _tls_versions(f)
-    if not chain or key is None or (mode != "SIMPLE" and not cas):
-        return None
-    return ServerTLS(mode=mode, chain=chain, key=key, client_cas=cas or (), min_version=low, max_version=high,
-                     files=files)
-
-
-def _credential_tls(f: Fields, mode) -> ServerTLS:
-    """A server whose certificate is the Secret ``credentialName``, mounted in the gateway (read at compile)."""
-    name = f.string("credentialName", required=True) or ""
-    if name and not _DNS_SUBDOMAIN.match(name):
-        f.error("credentialName", f"invalid Secret name '{name}': use lower-case letters, digits, '-' and '.'")
-    for key in _FILES:
-        if key in f:
-            f.error(key, "set either credentialName or the certificate files, not both")
-    low, high = _tls_versions(f)
-    return ServerTLS(mode=mode, chain=(), key=None, min_version=low, max_version=high, credential=name)
+    return ServerTLS(mode=mode, min_version=low, max_version=high, files=tuple(files[key] for key in _FILES))
 
 
 def _tls_versions(f: Fields) -> tuple:
@@ -240,12 +224,6 @@ def _tls_versions(f: Fields) -> tuple:
     if high and low > high:
         f.error("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
     return low, high
-
-
-def _pem(f: Fields, key, parse, required):
-    """Read the PEM file at ``f[key]`` and parse it; None (reported) when it is missing or bad."""
-    path = f.string(key, required=required)
-    return _read_pem(f, key, path, parse) if path else None
 
 
 def _read_pem(f: Fields, key, path, parse):
@@ -302,10 +280,13 @@ def compile_gateway(compiler, virtual_services) -> tuple:
     workload = compiler.workload
     gateways = sorted((obj for obj in compiler.objects if isinstance(obj, Gateway)
                        and selects(obj.selector, workload.labels)), key=lambda gw: (gw.namespace, gw.name))
-    ports, dump, used = {}, [], set()
+    ports, dump, used, problems = {}, [], set(), []
     for gw in gateways:
         for server in gw.servers:
-            server = _with_credential(compiler, gw, server)
+            report = Report()
+            server = _with_certificates(compiler, server, Fields(report, ("spec", "servers", server.index, "tls"),
+                                                                 {}, ()))
+            problems += [gw.source.error(path, reason) for path, reason in report.problems]
             first, hosts, certificates = ports.setdefault(server.port, (server, {}, []))
             if first.protocol != server.protocol:
                 compiler._warn(gw, ("spec", "servers", server.index),
@@ -314,6 +295,8 @@ def compile_gateway(compiler, virtual_services) -> tuple:
             if server.tls is not None:
                 certificates.append((tuple(host for _, host in server.hosts), server.tls))
             used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
+    if problems:  # a certificate that cannot be used: the gateway keeps its previous config
+        raise ConfigErrors(problems)
     for vs in virtual_services:
         if vs.http and id(vs) not in used and any(bound(vs.gateways, gw.ref) for gw in gateways):
             compiler._warn(vs, ("spec", "hosts"), "none of these hosts is among the hosts of the servers of the "
@@ -368,46 +351,51 @@ def _merged(vhosts) -> VirtualHost:
                        routes=tuple(route for vhost in vhosts for route in vhost.routes))
 
 
-def _with_credential(compiler, gw: Gateway, server: Server) -> Server:
-    """``server`` with the certificates of its ``credentialName`` read from the gateway's
-    ``--gateway-credentials-dir`` (``DIR/NAME/tls.crt``...: the Secret mounted as a volume).
-
-    Raises :class:`ConfigErrors` when they cannot be read: the gateway keeps its previous config.
-    """
+def _with_certificates(compiler, server: Server, f: Fields) -> Server:
+    """``server`` with its certificates read: from its files, or from the Secret ``credentialName`` mounted in
+    the gateway's ``--gateway-credentials-dir`` (``DIR/NAME/tls.crt``...: the Secret as a volume mounts it).
+    What cannot be read is reported in ``f`` (the server's ``tls``) and the server comes back unchanged."""
     tls = server.tls
-    if tls is None or tls.credential is None:
+    if tls is None:
         return server
-    path = ("spec", "servers", server.index, "tls")
-    report = Report()
-    f = Fields(report, path, {}, ())
-    directory = compiler.workload.credentials_dir
+    paths = dict(zip(_FILES, tls.files)) if tls.credential is None else _secret_files(compiler, tls, f)
+    if f.report.problems:
+        return server
+    parsers = {"serverCertificate": _certificates, "privateKey": _private_key, "caCertificates": _certificates}
+    read = {key: _read_pem(f, key, paths[key], parsers[key]) if paths.get(key) else None for key in _FILES}
+    chain, key, cas = read["serverCertificate"], read["privateKey"], read["caCertificates"]
+    if chain and key is not None and chain[0].public_key().public_numbers() != key.public_key().public_numbers():
+        f.error("privateKey", f"{paths['privateKey']} is not the private key of {paths['serverCertificate']}; give "
+                              "the key the certificate was issued for")
+    if f.report.problems or not chain or key is None:
+        return server
+    return replace(server, tls=replace(tls, chain=chain, key=key, client_cas=cas or (),
+                                       files=tuple(paths[name] for name in _FILES if paths.get(name))))
+
+
+def _secret_files(compiler, tls: ServerTLS, f: Fields) -> dict:
+    """The files of the Secret ``tls.credential`` mounted in the gateway (reported in ``f`` when missing)."""
+    directory, name = compiler.workload.credentials_dir, tls.credential
     if directory is None:
         f.error("credentialName", f"credentialName names a Secret mounted in the gateway, but this gateway has no "
                                   "--gateway-credentials-dir: start it with the directory where Secrets are mounted "
-                                  f"(it reads DIR/{tls.credential}/tls.crt and tls.key), or set serverCertificate and "
+                                  f"(it reads DIR/{name}/tls.crt and tls.key), or set serverCertificate and "
                                   "privateKey")
-        raise ConfigErrors([gw.source.error(where, reason) for where, reason in report.problems])
-    found = {key: _secret_file(directory, tls.credential, names) for key, names in _SECRET_FILES.items()}
-    if found["caCertificates"] is None:
-        found["caCertificates"] = _secret_file(directory, f"{tls.credential}-cacert", _SECRET_FILES["caCertificates"])
+        return {}
+    found = {key: _secret_file(directory, name, names) for key, names in _SECRET_FILES.items()}
     for key in ("serverCertificate", "privateKey"):
         if found[key] is None:
-            f.error("credentialName", f"the Secret {tls.credential} mounted in {directory} has no "
+            f.error("credentialName", f"the Secret {name} mounted in {directory} has no "
                                       f"{' or '.join(_SECRET_FILES[key])} file; mount the Secret there")
-    if tls.mode != "SIMPLE" and found["caCertificates"] is None:
-        f.error("credentialName", f"mode {tls.mode} needs the client CAs: a ca.crt key in the Secret "
-                                  f"{tls.credential} or a Secret {tls.credential}-cacert")
-    if not report.problems:
-        read = {key: _read_pem(f, key, found[key], _private_key if key == "privateKey" else _certificates)
-                if found[key] else None for key in _FILES}
-        checked = _checked(f, tls.mode, read["serverCertificate"], read["privateKey"],
-                           read["caCertificates"] if tls.mode != "SIMPLE" else None,
-                           tuple(found[key] for key in _FILES
-                                 if found[key] and (key != "caCertificates" or tls.mode != "SIMPLE")))
-        if checked is not None:
-            return replace(server, tls=replace(checked, min_version=tls.min_version, max_version=tls.max_version,
-                                               credential=tls.credential))
-    raise ConfigErrors([gw.source.error(where, reason) for where, reason in report.problems])
+    if tls.mode == "SIMPLE":
+        found["caCertificates"] = None  # a ca.crt of the Secret verifies nothing in mode SIMPLE
+    else:
+        found["caCertificates"] = found["caCertificates"] or _secret_file(directory, f"{name}-cacert",
+                                                                          _SECRET_FILES["caCertificates"])
+        if found["caCertificates"] is None:
+            f.error("credentialName", f"mode {tls.mode} needs the client CAs: a ca.crt key in the Secret {name} "
+                                      f"or a Secret {name}-cacert")
+    return found
 
 
 def _secret_file(directory, name, candidates) -> str | None:

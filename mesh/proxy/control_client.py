@@ -60,6 +60,8 @@ def compile_snapshot(snapshot: dict, workload, trust_domain: str = "cluster.loca
         raise SnapshotRejected("; ".join(str(error) for error in problems))
     try:
         config = compile_proxy_config(objects, workload, trust_domain=trust_domain)
+    except ConfigErrors as errors:  # what only this proxy can check (a gateway's certificate files)
+        raise SnapshotRejected("; ".join(str(error) for error in errors.errors)) from None
     except Exception as error:  # a compiler bug must not take the proxy down: NACK it
         raise SnapshotRejected(f"compile failed: {type(error).__name__}: {error}") from None
     config = dataclasses.replace(config, version=snapshot["version"])

@@ -24,7 +24,7 @@ import pytest
 
 from tests.harness import curl, free_port, wait_for
 from tests.harness.certs import ScratchCA
-from tests.integration.test_distribution_support import ControlledProxy
+from tests.integration.test_distribution_support import ControlledProxy, proxies
 from tests.integration.test_identity_support import authorization_policy, mesh_endpoint, spiffe, xfcc
 from tests.integration.test_proxy_support import service_entry, write_config
 
@@ -221,7 +221,7 @@ def test_gateway_with_its_config_from_the_control_plane(mesh, controlled_gateway
     assert served_by(secure) == "productpage"
 
 
-def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh):
+def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh, controlled_gateway):
     gateway, pki = mesh["gateway"], mesh["pki"]
     rejected = gateway.log_path.read_text().count("config rejected")
     missing = pki["dir"] / "missing.pem"
@@ -235,6 +235,10 @@ def test_bad_certificate_file_is_rejected_and_the_old_config_stays(mesh):
                          gateway.log_path.read_text()), gateway.log_tail()
         assert served_by(via(mesh, "https", "/productpage", scheme="https",
                              extra_args=["--cacert", str(pki["ca"])])) == "productpage"
+        # the gateway fed by mesh-control NACKs the snapshot, saying why (mesh-control never reads the file)
+        nack = wait_for(lambda: proxies(mesh["control"])["ingress-controlled"]["last_nack"], 10,
+                        what="the controlled gateway's NACK")
+        assert f"spec.servers[1].tls.serverCertificate: cannot read {missing}" in nack
     finally:
         write_config(mesh["config"], *documents(pki, mesh["inbound"]))
 

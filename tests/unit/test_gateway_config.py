@@ -78,29 +78,23 @@ def pki(tmp_path_factory):
 
 # -- validation ---------------------------------------------------------------------------------------
 
-def test_https_server_with_files_is_valid(tmp_path, pki):
-    [gw] = _validate(tmp_path, _gateway(f"""
+def test_https_server_files_are_read_by_the_gateway_only(tmp_path, pki):
+    gateway = _gateway(f"""
         - port: {{number: 443, name: https, protocol: HTTPS}}
           hosts: [bookinfo.com]
           tls: {{mode: MUTUAL, serverCertificate: {pki['cert']}, privateKey: {pki['key']},
                  caCertificates: {pki['ca']}, minProtocolVersion: TLSV1_3}}
-        """))[0]
-    [server] = gw.servers
+        """)
+    [server] = _validate(tmp_path, gateway)[0][0].servers
     assert (server.port, server.protocol, server.hosts) == (443, "HTTPS", (("*", "bookinfo.com"),))
-    assert server.tls.mode == "MUTUAL" and server.tls.min_version == "TLSV1_3" and len(server.tls.client_cas) == 1
+    assert server.tls.files == (str(pki["cert"]), str(pki["key"]), str(pki["ca"])) and server.tls.chain == ()
+    tls = _compile(tmp_path, gateway).gateway[443].tls
+    assert tls.mode == "MUTUAL" and tls.min_version == "TLSV1_3" and len(tls.client_cas) == 1
+    assert tls.chain[0].subject.rfc4514_string() == "CN=server"
 
 
 def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
     _, errors = _validate(tmp_path, _gateway(f"""
-        - port: {{number: 443, name: https, protocol: HTTPS}}
-          hosts: [bookinfo.com]
-          tls: {{mode: SIMPLE, serverCertificate: {pki['dir']}/missing.pem, privateKey: {pki['key']}}}
-        - port: {{number: 444, name: https, protocol: HTTPS}}
-          hosts: [bookinfo.com]
-          tls: {{mode: SIMPLE, serverCertificate: {pki['other_cert']}, privateKey: {pki['key']}}}
-        - port: {{number: 445, name: https, protocol: HTTPS}}
-          hosts: [bookinfo.com]
-          tls: {{mode: SIMPLE, serverCertificate: {pki['key']}, privateKey: {pki['cert']}}}
         - port: {{number: 446, name: https, protocol: HTTPS}}
           hosts: [bookinfo.com]
           tls: {{mode: SIMPLE, credentialName: bookinfo-secret, privateKey: {pki['key']}}}
@@ -113,17 +107,16 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
         - port: {{number: 450, name: https, protocol: HTTPS}}
           hosts: [bookinfo.com]
           tls: {{mode: MUTUAL, serverCertificate: {pki['cert']}, privateKey: {pki['key']}}}
+        - port: {{number: 451, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['cert']}, privateKey: {pki['key']}, caCertificates: x}}
         - port: {{number: 449, name: https, protocol: HTTPS}}
           hosts: [bookinfo.com, "Bad_NS/x.com"]
         - port: {{number: 80, name: http, protocol: HTTP}}
           hosts: ["*"]
           tls: {{mode: SIMPLE}}
         """))
-    assert errors[0].startswith(f"cannot read {pki['dir']}/missing.pem: No such file or directory")
-    assert errors[1:] == [
-        "this private key does not belong to the serverCertificate; give the key the certificate was issued for",
-        f"{pki['key']} does not hold a certificate in PEM form; give the path of one",
-        f"{pki['cert']} does not hold an unencrypted private key in PEM form; give the path of one",
+    assert errors == [
         "set either credentialName or the certificate files, not both",
         "protocol TLS is not supported by txmesh; TLS passthrough servers are not implemented on the txmesh "
         "gateway; terminate TLS with protocol HTTPS and tls.mode SIMPLE",
@@ -134,10 +127,40 @@ def test_bad_servers_are_errors_that_say_what_to_do(tmp_path, pki):
         "'serverCertificate' is required",
         "'privateKey' is required",
         "'caCertificates' is required",
+        "client certificates are verified only with mode MUTUAL (or OPTIONAL_MUTUAL); set the mode or remove "
+        "caCertificates",
         "an HTTPS server needs tls: mode SIMPLE (or MUTUAL) with serverCertificate and privateKey, or "
         "credentialName",
         "invalid namespace 'Bad_NS' in 'Bad_NS/x.com': use NAMESPACE/HOST, ./HOST or */HOST",
         "a server of protocol HTTP takes only tls.httpsRedirect; use protocol HTTPS to terminate TLS",
+    ]
+
+
+def test_certificate_files_that_cannot_be_used_reject_the_gateway_config(tmp_path, pki):
+    objects, errors = _validate(tmp_path, SERVICES, _gateway(f"""
+        - port: {{number: 443, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['dir']}/missing.pem, privateKey: {pki['key']}}}
+        - port: {{number: 444, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['other_cert']}, privateKey: {pki['key']}}}
+        - port: {{number: 445, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, serverCertificate: {pki['key']}, privateKey: {pki['cert']}}}
+        """))
+    assert errors == []  # validation reads no file: a sidecar never opens the gateway's key
+    assert compile_proxy_config(objects, SIDECAR).gateway == {}
+    with pytest.raises(ConfigErrors) as raised:
+        compile_proxy_config(objects, GATEWAY)
+    assert [f"{error.field}: {error.reason}" for error in raised.value.errors] == [
+        f"spec.servers[0].tls.serverCertificate: cannot read {pki['dir']}/missing.pem: No such file or directory; "
+        "give the path of a PEM file this proxy can read",
+        f"spec.servers[1].tls.privateKey: {pki['key']} is not the private key of {pki['other_cert']}; give the key "
+        "the certificate was issued for",
+        f"spec.servers[2].tls.serverCertificate: {pki['key']} does not hold a certificate in PEM form; give the "
+        "path of one",
+        f"spec.servers[2].tls.privateKey: {pki['cert']} does not hold an unencrypted private key in PEM form; give "
+        "the path of one",
     ]
 
 
