@@ -207,9 +207,10 @@ def run(args) -> int:
     with ExitStack() as stack:
         ws = Workspace(work, stack, venv_bin)
         configs = {name: stack.enter_context(make(ws)) for name, make in backends.items()}
-        # name -> (backend, repo): the baseline checkout gets no --ca (it may predate the option)
-        planes = {"builtin-baseline": (ca_backends.CABackend(args=[]), args.baseline.resolve())} \
-            if args.baseline is not None else {}
+        # name -> (backend, repo): the baseline checkout gets no --ca (it may predate the option), nor the
+        # installed third-party plugins (they follow this checkout's mesh.api, not the baseline's)
+        baseline = ca_backends.CABackend(args=[], env={"MESH_DISABLE_PLUGINS": ",".join(ca_backends.third_party())})
+        planes = {"builtin-baseline": (baseline, args.baseline.resolve())} if args.baseline is not None else {}
         planes.update((name, (config, REPO_DIR)) for name, config in configs.items())
         controls = {name: ControlPlane(ws, name, config, repo=repo) for name, (config, repo) in planes.items()} \
             if args.rounds else {}

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from importlib.metadata import entry_points
 
 from bench.procs import BenchError
 
@@ -41,3 +42,8 @@ def load(name: str):
         raise BenchError(f"no CA backend {name!r}: write bench/ca_backend_{name}.py (see bench/ca_backends.py)") \
             from None
     return module.backend
+
+
+def third_party() -> list[str]:
+    """The names of the installed ``mesh.plugins`` entry points (plugins not built in)."""
+    return sorted({entry.name for entry in entry_points(group="mesh.plugins")})
