@@ -33,6 +33,7 @@ from mesh.identity.tls import ALPN_HTTP1, ClientTLS, ServerTLS, keep_session, pe
 from mesh.proxy.retry import TLS_FAILURE
 from mesh.proxy.tcp_sni import read_client_hello
 from mesh.proxy.tls_origination import verify_failure
+from mesh.proxy.tls_transport import lean_tls
 
 log = Logger()
 
@@ -71,7 +72,7 @@ class UpstreamTLS:
         peer's choice, ``negotiatedProtocol``, after the handshake).
         """
         creator = _MeshClientTLS(self.store, peer, ALPN_H2_FIRST if offer_h2 else ALPN_HTTP1_MESH)
-        return TLSMemoryBIOFactory(creator, True, factory)
+        return lean_tls(TLSMemoryBIOFactory(creator, True, factory))
 
     def keep_session(self, peer, transport):
         """``transport`` (to ``peer``) passed the identity check and carried a response: keep its session."""
@@ -244,7 +245,7 @@ class InboundFactory(ServerFactory):
         self.store = store
         self.mode_of = mode_of
         self.tcp_port = tcp_port
-        self.tls = TLSMemoryBIOFactory(ServerTLS(store, INBOUND_ALPN), False, plain_factory)
+        self.tls = lean_tls(TLSMemoryBIOFactory(ServerTLS(store, INBOUND_ALPN), False, plain_factory))
         self.refused = 0
 
     def buildProtocol(self, addr):

@@ -1,0 +1,100 @@
+"""Twisted's TLS transport, moving bytes through the memory BIOs without an exception per read.
+
+Twisted's ``TLSMemoryBIOProtocol`` reads decrypted data with pyOpenSSL's
+``Connection.recv`` until it raises ``WantReadError``, then reads the bytes to
+send with ``Connection.bio_read`` until that raises ``WantReadError`` too: two
+raised and caught exceptions (plus a fresh 32 KiB buffer per call) on every
+read event, the normal way out of each loop.  :class:`LeanTLSTransport` does
+the same calls on OpenSSL itself (``SSL_read``, ``SSL_get_error``,
+``BIO_read``), through the binding pyOpenSSL uses, and leaves the loop on
+"want read" without raising; every other outcome goes through pyOpenSSL's own
+error translation and Twisted's handling, unchanged.  The handshake, the
+certificate checks and everything else stay Twisted's and pyOpenSSL's.
+
+It relies on pyOpenSSL's binding (``OpenSSL._util``) and on a few private
+attributes of ``OpenSSL.SSL.Connection``; :func:`lean_tls` uses it only when
+they are there, and Twisted's own transport otherwise.
+"""
+
+from __future__ import annotations
+
+from OpenSSL.SSL import TLS_METHOD, Connection, Context, Error, WantReadError, ZeroReturnError
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.protocols.tls import BufferingTLSTransport
+from twisted.python.failure import Failure
+
+try:
+    from OpenSSL._util import ffi as _ffi
+    from OpenSSL._util import lib as _lib
+
+    _WANT_READ = _lib.SSL_ERROR_WANT_READ
+    _probe = Connection(Context(TLS_METHOD), None)
+    _AVAILABLE = all(hasattr(_lib, name) for name in ("SSL_read", "SSL_get_error", "BIO_read", "BIO_should_retry")) \
+        and all(hasattr(_probe, name) for name in ("_ssl", "_from_ssl", "_raise_ssl_error")) \
+        and all(hasattr(_probe._context, name) for name in ("_verify_helper", "_alpn_select_helper", "_ocsp_helper"))
+    del _probe
+except (ImportError, AttributeError):  # another pyOpenSSL: Twisted's transport is used
+    _AVAILABLE = False
+
+#: The most one read takes, as Twisted's loops (2**15).
+_READ_SIZE = 2 ** 15
+#: The C buffer every read goes through: the reactor runs one read at a time, and each read's
+#: bytes are copied out before anything else runs.
+_BUFFER = _ffi.new("char[]", _READ_SIZE) if _AVAILABLE else None
+
+
+class LeanTLSTransport(BufferingTLSTransport):
+    """Twisted's ``BufferingTLSTransport`` whose BIO loops end without raising (see the module docstring)."""
+
+    def _flushSendBIO(self):
+        """Write what the send BIO holds to the TCP transport (``TLSMemoryBIOProtocol._flushSendBIO``)."""
+        connection = self._tlsConnection
+        buffer = _BUFFER
+        size = _lib.BIO_read(connection._from_ssl, buffer, _READ_SIZE)
+        if size > 0:
+            self.transport.write(_ffi.buffer(buffer, size)[:])
+        elif not _lib.BIO_should_retry(connection._from_ssl):  # not just empty: pyOpenSSL says what it is
+            super()._flushSendBIO()
+
+    def _flushReceiveBIO(self):
+        """Deliver the decrypted data, then flush the send BIO (``TLSMemoryBIOProtocol._flushReceiveBIO``)."""
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        buffer = _BUFFER
+        while not self._lostTLSConnection:
+            size = _lib.SSL_read(ssl, buffer, _READ_SIZE)
+            if size > 0:
+                data = _ffi.buffer(buffer, size)[:]
+            elif _lib.SSL_get_error(ssl, size) == _WANT_READ and _no_callback_problem(connection):
+                break
+            else:
+                try:
+                    connection._raise_ssl_error(ssl, size)  # what Connection.recv raises here
+                except WantReadError:
+                    break
+                except ZeroReturnError:
+                    self._shutdownTLS()
+                    self._tlsShutdownFinished(None)
+                    continue
+                except Error:
+                    self._tlsShutdownFinished(Failure())
+                    continue
+                data = b""
+            if not self._aborted:
+                ProtocolWrapper.dataReceived(self, data)
+        self._flushSendBIO()
+
+
+def _no_callback_problem(connection) -> bool:
+    """Whether none of pyOpenSSL's callback helpers holds an exception (which ``recv`` would raise first)."""
+    context = connection._context
+    verify, alpn, ocsp = context._verify_helper, context._alpn_select_helper, context._ocsp_helper
+    return ((verify is None or not verify._problems) and (alpn is None or not alpn._problems)
+            and (ocsp is None or not ocsp._problems))
+
+
+def lean_tls(factory):
+    """Make the ``TLSMemoryBIOFactory`` ``factory`` build :class:`LeanTLSTransport` (if pyOpenSSL allows); return it."""
+    if _AVAILABLE:
+        factory.protocol = LeanTLSTransport
+    return factory
