@@ -100,7 +100,9 @@ class CSRResource(resource.Resource):
     :param ca_issuer: ``() -> str``, the selected CA's description (``issuer`` of the answer).
     :param check: ``(csr_pem, identity_uri) -> csr`` or a Deferred of it, raising
         :class:`mesh.identity.csr.CSRRejected`: :func:`mesh.identity.csr.check_csr`, or its run in a CA
-        worker process (:meth:`mesh.identity.ca_workers.CAWorkers.check`, ``--ca-workers``).
+        worker process (:meth:`mesh.identity.ca_workers.CAWorkers.check`, ``--ca-workers``), or only
+        :func:`mesh.identity.csr.load_csr` when ``sign`` checks the CSR as it signs (the built-in CA's
+        workers); ``sign`` may then fail with CSRRejected too.
     """
 
     isLeaf = True
@@ -147,12 +149,12 @@ class CSRResource(resource.Resource):
                 raise _Reject(503, f"credential not verified: {error}", VERIFIER_RETRY_AFTER) from None
             except CredentialRejected as error:
                 raise _Reject(401, f"credential rejected: {error}") from None
+        ttl = min(requested, self._max_ttl)
         try:
             csr = await defer.maybeDeferred(self._check, csr_pem, identity.uri)
-        except CSRRejected as error:
+            cert_pem, chain_pem = await self._signed(csr, identity.uri, ttl)
+        except CSRRejected as error:  # by the check, or by a CA worker that checks as it signs
             raise _Reject(403 if "credential proves" in str(error) else 400, f"CSR rejected: {error}") from None
-        ttl = min(requested, self._max_ttl)
-        cert_pem, chain_pem = await self._signed(csr, identity.uri, ttl)
         not_after = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
         log.info("signed a {ttl:.0f}s certificate for {identity} ({peer})", ttl=ttl,
                  identity=identity.uri, peer=request.getClientAddress().host)

@@ -204,7 +204,8 @@ class ControlService(service.MultiService):
         v1.putChild(b"csr", CSRResource(verifier, self._sign, self.trust_bundle_pem, settings.workload_cert_ttl,
                                         settings.workload_cert_ttl, self.stats,
                                         trust_domain=settings.trust_domain, ca_issuer=self._ca_issuer,
-                                        check=self.ca_workers.check if self.ca_workers else check_csr))
+                                        check=self.ca_workers.csr_check(settings.ca == "builtin") if self.ca_workers
+                                        else check_csr))
         # no access log (the CSR endpoint logs what it signs and refuses), no form parsing of the JSON body
         site = QuietSite(root, timeout=30, parsePOSTFormSubmission=False)
         # one TLS port: the config stream (magic TXM1, docs/protocol.md) or the CSR API

@@ -7,8 +7,10 @@ processes (``python -m mesh.identity.ca_workers``); the control plane keeps TLS,
 credential check and the answer, and a worker does the two costly steps:
 
 - ``check``: :func:`mesh.identity.csr.check_csr` (signature, key type, the SAN the credential
-  proves), for every CA backend;
-- ``sign``: :meth:`mesh.identity.ca.CertificateAuthority.sign` with the built-in CA.
+  proves), for the CSRs an external CA signs;
+- ``sign``: :func:`~mesh.identity.csr.check_csr`, then
+  :meth:`mesh.identity.ca.CertificateAuthority.sign` with the built-in CA: one trip to a worker per
+  CSR (the control plane then only parses the CSR, :func:`mesh.identity.csr.load_csr`).
 
 Each worker reads the CA from the same files as the control plane (the state directory, or
 ``--ca-cert/--ca-key/--ca-chain``), with the same checks (the key must be mode 0600): the key is
@@ -39,7 +41,7 @@ from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from mesh.api import CAUnavailable, SignedCertificate
-from mesh.identity.csr import CSRRejected, check_csr
+from mesh.identity.csr import CSRRejected, check_csr, load_csr
 
 log = Logger()
 
@@ -75,8 +77,8 @@ def answer(ca, payload: bytes) -> bytes:
             check_csr(fields[0], fields[1].decode())
             return request_id + _DONE
         if op == _SIGN:
-            csr = x509.load_pem_x509_csr(fields[0])
-            cert_pem, _ = ca.sign(csr, fields[1].decode(), float(fields[2]))
+            uri = fields[1].decode()
+            cert_pem, _ = ca.sign(check_csr(fields[0], uri), uri, float(fields[2]))
             return request_id + _DONE + encode_fields(cert_pem)
         raise ValueError(f"unknown request {op!r}")
     except CSRRejected as rejected:
@@ -241,6 +243,11 @@ class CAWorkers(service.Service):
         self._next_id = (self._next_id + 1) & 0xFFFFFFFF
         return worker.send(self._next_id, op, encode_fields(*fields))
 
+    def csr_check(self, builtin_selected: bool):
+        """The ``check`` of :class:`mesh.control.csr_api.CSRResource`: with the built-in CA selected only
+        :func:`~mesh.identity.csr.load_csr` (:meth:`sign` checks in the worker), else :meth:`check`."""
+        return _parse_only if builtin_selected else self.check
+
     def check(self, pem: bytes, expected_uri: str) -> defer.Deferred:
         """:func:`mesh.identity.csr.check_csr` in a worker: a Deferred of the CSR, or failing with CSRRejected."""
         d = self._call(_CHECK, pem, expected_uri.encode())
@@ -248,11 +255,16 @@ class CAWorkers(service.Service):
         return d
 
     def sign(self, csr, spiffe_uri: str, ttl: float) -> defer.Deferred:
-        """The built-in CA's :meth:`~mesh.identity.ca.CertificateAuthority.sign` in a worker: a Deferred of
-        :class:`mesh.api.SignedCertificate`."""
+        """:func:`~mesh.identity.csr.check_csr` of ``csr`` for ``spiffe_uri``, then the built-in CA's
+        :meth:`~mesh.identity.ca.CertificateAuthority.sign`, in a worker: a Deferred of
+        :class:`mesh.api.SignedCertificate`, or failing with CSRRejected."""
         d = self._call(_SIGN, csr.public_bytes(serialization.Encoding.PEM), spiffe_uri.encode(), repr(ttl).encode())
         d.addCallback(lambda fields: SignedCertificate(decode_fields(fields)[0], self.chain_pem))
         return d
+
+
+def _parse_only(pem: bytes, expected_uri: str):
+    return load_csr(pem)
 
 
 def worker_argv(state_dir: str, trust_domain: str, ca_cert=None, ca_key=None, ca_chain=None) -> list:

@@ -14,6 +14,20 @@ class CSRRejected(Exception):
     """The CSR is malformed or asks for something the caller may not have."""
 
 
+def load_csr(pem: bytes) -> x509.CertificateSigningRequest:
+    """Parse a PEM CSR of at most :data:`MAX_CSR_BYTES`, checking nothing else (:func:`check_csr` does).
+
+    With ``--ca-workers`` and the built-in CA, the control plane only parses; the CA worker that signs
+    runs :func:`check_csr` first (:meth:`mesh.identity.ca_workers.CAWorkers.sign`).
+    """
+    if len(pem) > MAX_CSR_BYTES:
+        raise CSRRejected(f"CSR larger than {MAX_CSR_BYTES} bytes")
+    try:
+        return x509.load_pem_x509_csr(pem)
+    except ValueError:
+        raise CSRRejected("malformed CSR: expected one PEM 'CERTIFICATE REQUEST'") from None
+
+
 def check_csr(pem: bytes, expected_uri: str) -> x509.CertificateSigningRequest:
     """Parse a PEM CSR and check it asks for exactly ``expected_uri``.
 
@@ -21,12 +35,7 @@ def check_csr(pem: bytes, expected_uri: str) -> x509.CertificateSigningRequest:
     than ECDSA P-256/P-384 or RSA >= 2048 bits, and any SAN set other than the
     single URI the credential proved.
     """
-    if len(pem) > MAX_CSR_BYTES:
-        raise CSRRejected(f"CSR larger than {MAX_CSR_BYTES} bytes")
-    try:
-        csr = x509.load_pem_x509_csr(pem)
-    except ValueError:
-        raise CSRRejected("malformed CSR: expected one PEM 'CERTIFICATE REQUEST'") from None
+    csr = load_csr(pem)
     if not csr.is_signature_valid:
         raise CSRRejected("CSR signature is invalid")
     key = csr.public_key()

@@ -56,6 +56,15 @@ def test_sign_issues_the_certificate_for_the_csrs_key(ca):
     cert.verify_directly_issued_by(ca.cert)
 
 
+def test_sign_checks_the_csr_first(ca):
+    """With the built-in CA selected the control plane only parses the CSR: the worker's sign checks it."""
+    csr = make_csr(ec.generate_private_key(ec.SECP256R1()), URI)
+    reply = answer(ca, b"s" + ID + encode_fields(csr, b"spiffe://cluster.local/ns/shop/sa/other", b"600.0"))
+    assert reply.startswith(ID + b"-CSR asks for [")
+    tampered = csr.replace(csr.splitlines()[-2], csr.splitlines()[-2][:-4] + b"AAAA")
+    assert answer(ca, b"s" + ID + encode_fields(tampered, URI.encode(), b"600.0"))[:5] in (ID + b"-",)
+
+
 def test_a_bug_is_an_error_answer_not_a_dead_worker(ca, capsys):
     assert answer(ca, b"?" + ID).startswith(ID + b"!ValueError: unknown request")
     assert "Traceback" in capsys.readouterr().err
