@@ -95,6 +95,7 @@ class Bookinfo:
     async def product_page(self, headers: dict) -> tuple:
         """The product page: details and reviews, each replaced by its error text when its call fails."""
         outgoing = forwarded(headers)
+        outgoing.pop("end-user", None)  # the user is the session's, never a header a browser sent
         user = logged_in_user(headers)
         if user:
             outgoing["end-user"] = user
