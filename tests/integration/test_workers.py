@@ -1,5 +1,6 @@
 """``twistd mesh-proxy --workers 2``: two worker processes share the listeners, the parent merges their
-metrics, replaces a worker that dies, drains both on SIGTERM, and leaves no worker behind when it dies."""
+metrics, passes SIGHUP on, replaces a worker that dies, drains both on SIGTERM, and leaves no worker
+behind when it dies; each worker rotates its certificate while traffic flows."""
 
 from __future__ import annotations
 
@@ -16,8 +17,12 @@ from tests.integration.test_proxy_support import curl_many, endpoint, service_en
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, backend_factory):
-    backend = backend_factory("work")
+def backend(backend_factory):
+    return backend_factory("work")
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory, backend):
     return write_config(tmp_path_factory.mktemp("workers"), service_entry("work", [endpoint(backend)]))
 
 
@@ -71,6 +76,22 @@ def test_both_workers_serve_and_the_metrics_port_counts_each_request_once(proxy)
     assert ready["ready"] and set(ready["workers"]) == {"1", "2"}
 
 
+def worker_admin(row, path: str) -> dict:
+    status, body = http_request("127.0.0.1", row["admin_port"], path)
+    assert status == 200, body
+    return json.loads(body)
+
+
+def test_sighup_reloads_every_worker(proxy, config, backend):
+    before = {worker_id: worker_admin(row, "/config_dump")["version"] for worker_id, row in workers(proxy).items()}
+    write_config(config, service_entry("other", [endpoint(backend)]), name="other.yaml")
+    proxy.reload()
+    wait_for(lambda: all(worker_admin(row, "/config_dump")["version"] != before[worker_id]
+                         for worker_id, row in workers(proxy).items()), timeout=10, what="both workers reloaded")
+    assert curl_many(f"{proxy.outbound_url}/", 8, host="other", write_out="%{http_code}", parallel=4,
+                     headers={"Connection": "close"}) == ["200"] * 8
+
+
 def test_a_killed_worker_is_replaced_and_logged(proxy):
     old = workers(proxy)[1]
     os.kill(old["pid"], signal.SIGKILL)
@@ -81,8 +102,14 @@ def test_a_killed_worker_is_replaced_and_logged(proxy):
     assert f"worker 1 (pid {old['pid']}) exited" in proxy.log_path.read_text()
 
 
-def test_sigterm_drains_both_workers(config, proxy_factory):
-    proxy = proxy_factory(config, "drained", extra_args=["--workers", "2", "--drain-time", "5s"])
+def _in_flight(row) -> int:
+    status, body = http_request("127.0.0.1", row["admin_port"], "/clusters")
+    return sum(endpoint["active_requests"] for cluster in json.loads(body).values()
+               for endpoint in cluster["endpoints"])
+
+
+def test_sigterm_drains_both_workers(proxy):
+    """The last test of the module's proxy: it ends it."""
     pids = [row["pid"] for row in workers(proxy).values()]
     results = []
     thread = threading.Thread(target=lambda: results.extend(send(proxy, 16, parallel=16, millis=1000)))
@@ -97,14 +124,31 @@ def test_sigterm_drains_both_workers(config, proxy_factory):
     assert not [pid for pid in pids if alive(pid)]
 
 
-def _in_flight(row) -> int:
-    status, body = http_request("127.0.0.1", row["admin_port"], "/clusters")
-    return sum(endpoint["active_requests"] for cluster in json.loads(body).values()
-               for endpoint in cluster["endpoints"])
+@pytest.fixture(scope="module")
+def rotating(config, control_factory, proxy_factory):
+    """A sidecar with 2 workers that get certificates of 4 s from mesh-control (renewed every 2 s or so)."""
+    control = control_factory(workload_cert_ttl="4s")
+    return proxy_factory(config, "rotating", extra_args=[*control.proxy_args("default", "sa1"), "--workers", "2"])
 
 
-def test_no_worker_outlives_a_killed_parent(config, proxy_factory):
-    proxy = proxy_factory(config, "orphans", extra_args=["--workers", "2"])
+def test_every_worker_rotates_its_certificate_while_traffic_flows(rotating):
+    proxy = rotating
+    rows = workers(proxy).values()
+    first = {row["id"]: worker_admin(row, "/config_dump")["certificate"]["serial"] for row in rows}
+    assert len(set(first.values())) == 2, "each worker has a key and certificate of its own"
+    statuses = []
+
+    def rotated():
+        statuses.extend(send(proxy, 4, parallel=4))
+        return all(worker_admin(row, "/config_dump")["certificate"]["serial"] != first[row["id"]] for row in rows)
+
+    wait_for(rotated, timeout=15, what="both workers' certificates renewed")
+    assert set(statuses) == {"200"}
+
+
+def test_no_worker_outlives_a_killed_parent(rotating):
+    """The last test of ``rotating``: it kills it."""
+    proxy = rotating
     pids = [row["pid"] for row in workers(proxy).values()]
     assert all(alive(pid) for pid in pids)
     proxy.send_signal(signal.SIGKILL)
