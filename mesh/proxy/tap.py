@@ -354,7 +354,15 @@ def _supervisor(options) -> Supervisor:
         workers=options["workers"], listeners=tuple((port.address, port.port) for port in _traffic_ports(options)),
         optional_listeners=health, admin_port=options["admin-port"], metrics_port=options["metrics-port"],
         metrics_address=options["inbound-address"], drain_time=_seconds(options["drain-time"]),
-        argv=("-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=", *command)))
+        argv=("-c", "from twisted.scripts.twistd import run; run()", "--nodaemon", "--pidfile=",
+              *_worker_logger(options.parent), *command)))
+
+
+def _worker_logger(server) -> tuple:
+    """twistd's ``--logger`` of the parent (e.g. ``mesh.logging.json_observer``), for its workers; they log
+    to the parent's standard output, so its ``--logfile`` is not theirs."""
+    logger = server.get("logger") if server is not None else None  # twistd has imported it: name it again
+    return ("--logger", f"{logger.__module__}.{logger.__qualname__}") if logger else ()
 
 
 def makeService(options):
