@@ -362,7 +362,12 @@ class _AsyncPage(resource.Resource):
         self._content_type = content_type
 
     def render_GET(self, request):
+        gone = []
+        request.notifyFinish().addErrback(gone.append)  # the client left: nothing to write to
+
         def write(result):
+            if gone:
+                return
             status, body = result
             request.setResponseCode(status)
             request.setHeader(b"content-type", self._content_type)
@@ -371,8 +376,9 @@ class _AsyncPage(resource.Resource):
 
         def fail(failure):
             log.failure("admin page failed", failure)
-            request.setResponseCode(500)
-            request.finish()
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
 
         self._produce().addCallbacks(write, fail)
         return server.NOT_DONE_YET
