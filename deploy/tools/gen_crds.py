@@ -178,7 +178,7 @@ AUTHORIZATION_POLICY = obj({
     "rules": array(obj({
         "from": array(obj({"source": obj({name: STRINGS for name in (
             "principals", "notPrincipals", "requestPrincipals", "notRequestPrincipals", "namespaces", "notNamespaces",
-            "ipBlocks", "notIpBlocks")})},
+            "ipBlocks", "notIpBlocks", "remoteIpBlocks", "notRemoteIpBlocks")})},
             required=("source",))),
         "to": array(obj({"operation": obj({name: STRINGS for name in (
             "hosts", "notHosts", "methods", "notMethods", "paths", "notPaths", "ports", "notPorts")})},

@@ -45,6 +45,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Callable
 
+#: The attributes whose values are IP addresses or CIDR ranges: the connection's peer (``ipBlocks``) and
+#: the original client (``remoteIpBlocks``, see :func:`remote_ip`).
+IP_ATTRIBUTES = frozenset({"ip", "remote_ip"})
+
 _SPIFFE = "spiffe://"
 #: ``app_port`` of :func:`compile_rule` for TCP connections: port conditions read ``ctx.port``.
 CONNECTION_PORT = "connection"
@@ -121,7 +125,7 @@ def _condition(match, app_port, deny):
         if app_port is None:
             return deny
         return (app_port in match.values) is not match.negated
-    if match.attribute == "ip":
+    if match.attribute in IP_ATTRIBUTES:
         test = _ip_test(match.values)
     elif match.attribute in _LISTS:
         test = _any_of(string_test(match.values))
@@ -176,8 +180,29 @@ def _namespace(ctx, peer) -> str | None:
 
 
 def _source_ip(ctx, peer):
+    return _address(ctx.source_address)
+
+
+def remote_ip(ctx, peer):
+    """Envoy's remote address (``remoteIpBlocks``, ``remote.ip``), with no trusted proxies in front.
+
+    A request a sidecar forwarded (``peer``: it came over mesh mTLS) has the client's address as the
+    last ``X-Forwarded-For`` entry, which that sidecar appended (Envoy's rule without
+    ``use_remote_address``); anything else, such as an ingress gateway's clients, is the connection's
+    own address: an ``X-Forwarded-For`` a client sends itself is not trusted (Envoy's rule with
+    ``use_remote_address`` and ``xff_num_trusted_hops: 0``, Istio's gateway default).
+    """
+    if peer is not None:
+        headers = getattr(ctx, "headers", None)
+        forwarded = headers.get("x-forwarded-for") if headers else None
+        if forwarded:
+            return _address(forwarded.rpartition(",")[2].strip())
+    return _address(ctx.source_address)
+
+
+def _address(text):
     try:
-        address = ipaddress.ip_address(ctx.source_address)
+        address = ipaddress.ip_address(text)
     except ValueError:
         return None
     return (address.ipv4_mapped or address) if address.version == 6 else address
@@ -216,6 +241,7 @@ _READERS = {
     "principal": _principal,
     "namespace": _namespace,
     "ip": _source_ip,
+    "remote_ip": remote_ip,
     "host": lambda ctx, peer: ctx.authority.decode("latin-1").lower(),
     "method": lambda ctx, peer: ctx.method,
     "path": lambda ctx, peer: ctx.uri_path,

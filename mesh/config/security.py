@@ -18,6 +18,7 @@ import ipaddress
 import re
 from dataclasses import dataclass, field
 
+from mesh.config.authz_predicates import IP_ATTRIBUTES
 from mesh.config.fields import Fields
 from mesh.config.loader import Resource
 
@@ -28,8 +29,6 @@ _CLAIM_KEY = re.compile(r"request\.auth\.claims((?:\[[^\[\]]+\])+)\Z")
 _SPIFFE = "spiffe://"
 _PATTERNS = ("Istio matches exact values, prefixes ('abc*'), suffixes ('*abc') and any non-empty value "
              "('*')")
-_REMOTE_IP = ("remote IPs come from X-Forwarded-For, which txmesh does not read; use ipBlocks (the peer "
-              "address of the connection)")
 
 # -- validated resources ---------------------------------------------------------------
 
@@ -123,8 +122,8 @@ _SOURCE_FIELDS = {
     "requestPrincipals": ("request_principal", False), "notRequestPrincipals": ("request_principal", True),
     "namespaces": ("namespace", False), "notNamespaces": ("namespace", True),
     "ipBlocks": ("ip", False), "notIpBlocks": ("ip", True),
+    "remoteIpBlocks": ("remote_ip", False), "notRemoteIpBlocks": ("remote_ip", True),
 }
-_SOURCE_UNSUPPORTED = {"remoteIpBlocks": _REMOTE_IP, "notRemoteIpBlocks": _REMOTE_IP}
 _OPERATION_FIELDS = {
     "hosts": ("host", False), "notHosts": ("host", True),
     "methods": ("method", False), "notMethods": ("method", True),
@@ -132,10 +131,10 @@ _OPERATION_FIELDS = {
     "ports": ("port", False), "notPorts": ("port", True),
 }
 _CONDITION_KEYS = {"source.principal": "principal", "source.namespace": "namespace", "source.ip": "ip",
+                   "remote.ip": "remote_ip",
                    "destination.port": "port", "request.auth.principal": "request_principal",
                    "request.auth.audiences": "audience", "request.auth.presenter": "presenter"}
 _CONDITION_KEYS_UNSUPPORTED = {
-    "remote.ip": _REMOTE_IP,
     "source.serviceAccount": "use source.principal (cluster.local/ns/NS/sa/SA)",
     "destination.ip": "the workload has one address; remove it",
     "connection.sni": "remove it; the SNI of mesh traffic is not meaningful to policies",
@@ -182,7 +181,7 @@ def _rule(f: Fields) -> AuthzRule:
     conditions = []
     for path, item in f.items("when"):
         conditions.extend(_condition(Fields(f.report, path, item, {"key", "values", "notValues"})))
-    return AuthzRule(sources=_clauses(f, "from", "source", _SOURCE_FIELDS, _SOURCE_UNSUPPORTED),
+    return AuthzRule(sources=_clauses(f, "from", "source", _SOURCE_FIELDS, None),
                      operations=_clauses(f, "to", "operation", _OPERATION_FIELDS, None),
                      conditions=tuple(conditions))
 
@@ -224,7 +223,7 @@ def _match(f: Fields, key, attribute, negated, header=None, label=None, claim=No
 
 def _parse(attribute, text) -> tuple:
     """``(value, None)`` or ``(None, problem)`` for one value of ``attribute``."""
-    if attribute == "ip":
+    if attribute in IP_ATTRIBUTES:
         try:
             return ipaddress.ip_network(text, strict=False), None
         except ValueError:

@@ -80,8 +80,12 @@ def documents(pki, inbound, cert=None, extra=None) -> list:
         virtual_service("bookinfo", ["*"], bookinfo, gateways=["bookinfo-gateway"]),
         virtual_service("hosted", ["hosted.com"], [to("productpage", "/")], gateways=[f"{NS}/bookinfo-gateway"]),
         virtual_service("details", ["details"], [to("details", "/")]),  # no gateways: the sidecars only
-        authorization_policy("gateway-deny", NS, selector={"istio": "ingressgateway"}, action="DENY",
-                             rules=[{"to": [{"operation": {"paths": ["/api/v1/products/secret"]}}]}]),
+        authorization_policy("gateway-deny", NS, selector={"istio": "ingressgateway"}, action="DENY", rules=[
+            {"to": [{"operation": {"paths": ["/api/v1/products/secret"]}}]},
+            {"from": [{"source": {"remoteIpBlocks": ["127.0.0.0/8"]}}],
+             "to": [{"operation": {"paths": ["/api/v1/products/not-from-loopback"]}}]},
+            {"from": [{"source": {"notRemoteIpBlocks": ["127.0.0.0/8"]}}],
+             "to": [{"operation": {"paths": ["/api/v1/products/loopback-only"]}}]}]),
     ]
 
 
@@ -156,6 +160,14 @@ def test_virtual_service_binding_and_host_matching(mesh):
 def test_authorization_policy_selecting_the_gateway(mesh):
     denied = via(mesh, "http", "/api/v1/products/secret")
     assert denied.status == 403 and denied.body == b"RBAC: access denied\n"
+
+
+def test_remote_ip_blocks_at_the_gateway_are_the_clients_address_not_its_x_forwarded_for(mesh):
+    """As Envoy at Istio's gateway (no trusted proxies): the client's own X-Forwarded-For is not believed."""
+    assert via(mesh, "http", "/api/v1/products/not-from-loopback").status == 403
+    spoofed = {"x-forwarded-for": "203.0.113.7"}
+    assert via(mesh, "http", "/api/v1/products/not-from-loopback", headers=spoofed).status == 403
+    assert served_by(via(mesh, "http", "/api/v1/products/loopback-only", headers=spoofed)) == "details"
 
 
 # -- HTTPS -----------------------------------------------------------------------------------------

@@ -351,3 +351,21 @@ def test_config_dump_describes_the_policies(tmp_path):
             {"from": [["principals: cluster.local/ns/shop/sa/checkout, cluster.local/ns/ops/*"]], "to": [],
              "when": []}]}],
     }
+
+
+@pytest.mark.parametrize("peer, source, forwarded, allowed", [
+    (FRONTEND, "10.0.0.5", "203.0.113.7", True),  # from a sidecar: the client it saw (its XFF entry)
+    (FRONTEND, "10.0.0.5", "198.51.100.1, 203.0.113.7", True),  # the rightmost entry, the one it appended
+    (FRONTEND, "203.0.113.7", "10.9.9.9", False),
+    (FRONTEND, "203.0.113.7", None, True),  # no XFF: the connection's address
+    (None, "10.0.0.5", "203.0.113.7", False),  # an ingress gateway's client: its own XFF is not trusted
+    (None, "203.0.113.9", "10.9.9.9", True),
+], ids=["peer-xff", "peer-xff-rightmost", "peer-xff-elsewhere", "peer-no-xff", "no-peer-xff-ignored",
+        "no-peer-address"])
+def test_remote_ip_blocks_read_the_original_client(tmp_path, peer, source, forwarded, allowed):
+    """Envoy's remote address: as the sidecar that forwarded the request saw the client, else the connection's."""
+    config = _compile(tmp_path, _policies("[{from: [{source: {remoteIpBlocks: [203.0.113.0/24]}}]}]"))
+    headers = {"x-forwarded-for": forwarded} if forwarded else {}
+    assert _decide(config, peer=peer, source=source, headers=headers)[0] is allowed
+    when = _compile(tmp_path, _policies("[{when: [{key: remote.ip, notValues: [203.0.113.0/24]}]}]", action="DENY"))
+    assert _decide(when, peer=peer, source=source, headers=headers)[0] is allowed

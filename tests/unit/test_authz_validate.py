@@ -116,8 +116,6 @@ def test_defaults_and_empty_forms(tmp_path):
 
 
 def test_unsupported_fields_are_rejected(tmp_path):
-    remote = ("is not supported by txmesh; remote IPs come from X-Forwarded-For, which txmesh does not read; "
-              "use ipBlocks (the peer address of the connection)")
     _errors(tmp_path, """
         spec:
           targetRef: {kind: Gateway, group: gateway.networking.k8s.io, name: gw}
@@ -129,12 +127,9 @@ def test_unsupported_fields_are_rejected(tmp_path):
             - source:
                 requestPrincipals: ["*"]
                 notRequestPrincipals: [a*b]
-                remoteIpBlocks: [1.2.3.4]
-                notRemoteIpBlocks: [1.2.3.5]
                 principals: [cluster.local/ns/a/sa/b]
             when:
             - {key: "request.auth.claims[]", values: [x]}
-            - {key: remote.ip, values: [1.2.3.4]}
             - {key: source.serviceAccount, values: [a]}
             - {key: destination.ip, values: [1.2.3.4]}
             - {key: connection.sni, values: [a]}
@@ -151,25 +146,20 @@ def test_unsupported_fields_are_rejected(tmp_path):
             "use ALLOW or DENY"),
         (13, f"spec.rules[0].from[0].source.notRequestPrincipals[0]: '*' can only start or end a value, not "
              f"'a*b': {_PATTERNS}"),
-        (14, f"spec.rules[0].from[0].source.remoteIpBlocks: 'remoteIpBlocks' {remote}"),
-        (15, f"spec.rules[0].from[0].source.notRemoteIpBlocks: 'notRemoteIpBlocks' {remote}"),
-        (18, "spec.rules[0].when[0].key: invalid claim key 'request.auth.claims[]': write "
+        (16, "spec.rules[0].when[0].key: invalid claim key 'request.auth.claims[]': write "
              "request.auth.claims[NAME], and a nested claim as request.auth.claims[OUTER][INNER]"),
-        (19, "spec.rules[0].when[1].key: condition key 'remote.ip' is not supported by txmesh; remote IPs come "
-             "from X-Forwarded-For, which txmesh does not read; use ipBlocks (the peer address of the "
-             "connection)"),
-        (20, "spec.rules[0].when[2].key: condition key 'source.serviceAccount' is not supported by txmesh; use "
+        (17, "spec.rules[0].when[1].key: condition key 'source.serviceAccount' is not supported by txmesh; use "
              "source.principal (cluster.local/ns/NS/sa/SA)"),
-        (21, "spec.rules[0].when[3].key: condition key 'destination.ip' is not supported by txmesh; the "
+        (18, "spec.rules[0].when[2].key: condition key 'destination.ip' is not supported by txmesh; the "
              "workload has one address; remove it"),
-        (22, "spec.rules[0].when[4].key: condition key 'connection.sni' is not supported by txmesh; remove it; "
+        (19, "spec.rules[0].when[3].key: condition key 'connection.sni' is not supported by txmesh; remove it; "
              "the SNI of mesh traffic is not meaningful to policies"),
-        (23, "spec.rules[0].when[5].key: condition key 'experimental.envoy.filters.a.b[c]' is not supported by "
+        (20, "spec.rules[0].when[4].key: condition key 'experimental.envoy.filters.a.b[c]' is not supported by "
              "txmesh; Envoy filter metadata does not exist in txmesh; remove it"),
-        (24, "spec.rules[0].when[6].key: unknown condition key 'request.method'; supported: "
+        (21, "spec.rules[0].when[5].key: unknown condition key 'request.method'; supported: "
              "request.headers[NAME], request.auth.claims[NAME] (nested: [OUTER][INNER]), source.principal, "
-             "source.namespace, source.ip, destination.port, request.auth.principal, request.auth.audiences, "
-             "request.auth.presenter"),
+             "source.namespace, source.ip, remote.ip, destination.port, request.auth.principal, "
+             "request.auth.audiences, request.auth.presenter"),
     ])
 
 
@@ -185,8 +175,8 @@ def test_audit_action_and_unknown_fields(tmp_path):
         (5, "spec.action: action AUDIT is not supported by txmesh; audit logging policies are not implemented; "
             "remove the policy"),
         (7, "spec.rules[0].from[0].source.principal: unknown field 'principal' (did you mean 'principals'?); "
-            "supported: ipBlocks, namespaces, notIpBlocks, notNamespaces, notPrincipals, notRequestPrincipals, "
-            "principals, requestPrincipals"),
+            "supported: ipBlocks, namespaces, notIpBlocks, notNamespaces, notPrincipals, notRemoteIpBlocks, "
+            "notRequestPrincipals, principals, remoteIpBlocks, requestPrincipals"),
         (8, "spec.rules[0].to[0].operation.method: unknown field 'method' (did you mean 'methods'?); supported: "
             "hosts, methods, notHosts, notMethods, notPaths, notPorts, paths, ports"),
         (9, "spec.rules[0].unless: unknown field 'unless'; supported: from, to, when"),
@@ -216,8 +206,8 @@ def test_structure_problems(tmp_path):
             "operation)"),
         (7, "spec.rules[0].to[1].operation: 'operation' is required"),
         (8, "spec.rules[1].from[0].source: set at least one of: principals, notPrincipals, requestPrincipals, "
-            "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks; Istio rejects an empty source "
-            "(remove the from entry to match any source)"),
+            "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, remoteIpBlocks, "
+            "notRemoteIpBlocks; Istio rejects an empty source (remove the from entry to match any source)"),
         (10, "spec.rules[1].when[0].key: 'key' is required"),
         (11, "spec.rules[1].when[1]: set values, notValues or both for 'request.headers[x-a]'"),
         (12, "spec.rules[1].when[2].key: invalid header name 'bad name' in 'request.headers[bad name]'"),
