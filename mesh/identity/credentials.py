@@ -8,10 +8,15 @@ checked with a TokenReview plugs in behind the same interface.
 
 from __future__ import annotations
 
+import time
+
 from zope.interface import Interface, implementer
 
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tokens import TokenError, is_join_token, verify_token
+
+#: Join tokens whose identity :class:`JoinTokenVerifier` keeps (the whole set is dropped when full).
+VERIFIED_TOKENS = 4096
 
 
 class CredentialRejected(Exception):
@@ -39,18 +44,36 @@ class ICredentialVerifier(Interface):
 
 @implementer(ICredentialVerifier)
 class JoinTokenVerifier:
-    """Verifies join tokens from ``meshctl token create``."""
+    """Verifies join tokens from ``meshctl token create``.
 
-    def __init__(self, key: bytes, trust_domain: str):
+    A token may be presented many times (every sidecar started with it, every restart): the identity
+    of a token whose signature was checked is kept, by the exact token string, until the token
+    expires (at most :data:`VERIFIED_TOKENS` of them), so that it is not checked again per CSR.
+    Expiry is checked at every use, with the same answer as :func:`mesh.identity.tokens.verify_token`.
+    """
+
+    def __init__(self, key: bytes, trust_domain: str, clock=time.time):
         self._key = key
         self._trust_domain = trust_domain
+        self._clock = clock
+        self._verified = {}  # token -> (expires, SpiffeId)
 
     def verify(self, credential):
+        now = self._clock()
+        known = self._verified.get(credential) if isinstance(credential, str) else None  # JSON may give any type
+        if known is not None:
+            if known[0] > now:
+                return known[1]
+            del self._verified[credential]
         try:
-            claims = verify_token(self._key, credential, self._trust_domain)
+            claims = verify_token(self._key, credential, self._trust_domain, now)
         except TokenError as error:
             raise CredentialRejected(str(error)) from None
-        return SpiffeId(self._trust_domain, claims.namespace, claims.service_account)
+        identity = SpiffeId(self._trust_domain, claims.namespace, claims.service_account)
+        if len(self._verified) >= VERIFIED_TOKENS:
+            self._verified.clear()
+        self._verified[credential] = (claims.expires, identity)
+        return identity
 
 
 @implementer(ICredentialVerifier)

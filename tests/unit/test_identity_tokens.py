@@ -11,6 +11,7 @@ import stat
 
 import pytest
 
+from mesh.identity import credentials
 from mesh.identity.credentials import CredentialRejected, JoinTokenVerifier
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tokens import MAX_TOKEN_BYTES, TokenError, create_token, load_or_create_key, verify_token
@@ -170,3 +171,22 @@ def test_join_token_verifier():
         verifier.verify(create_token(KEY, "shop", "frontend", TD, ttl=-1))
     with pytest.raises(CredentialRejected, match="malformed"):
         verifier.verify("garbage")
+
+
+def test_join_token_verifier_keeps_a_checked_token_until_it_expires(monkeypatch):
+    now = [1_000_000.0]
+    verifier = JoinTokenVerifier(KEY, TD, clock=lambda: now[0])
+    token = create_token(KEY, "shop", "frontend", TD, ttl=60, now=now[0])
+    checks = []
+    real = credentials.verify_token
+    monkeypatch.setattr(credentials, "verify_token", lambda *args: checks.append(args) or real(*args))
+    assert verifier.verify(token) == verifier.verify(token) == SpiffeId(TD, "shop", "frontend")
+    assert len(checks) == 1
+    tampered = token[:-2] + ("AA" if not token.endswith("AA") else "BB")
+    with pytest.raises(CredentialRejected, match="signature is invalid"):
+        verifier.verify(tampered)
+    now[0] += 60
+    with pytest.raises(CredentialRejected, match="token expired; create a new one"):
+        verifier.verify(token)
+    with pytest.raises(CredentialRejected, match="token expired"):
+        verifier.verify(token)
