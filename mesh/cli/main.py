@@ -13,6 +13,7 @@ import sys
 from mesh import __version__
 from mesh.cli import (
     analyze,
+    apply,
     bug_report,
     check,
     demo,
@@ -33,8 +34,8 @@ from mesh.cli import (
     why,
 )
 
-COMMANDS = (plugins, validate, analyze, proxy_status, proxy_config, describe, stat, top, tap, why, version, token,
-            demo, up, run, check, bug_report, iptables, inject)
+COMMANDS = (plugins, validate, apply, analyze, proxy_status, proxy_config, describe, stat, top, tap, why, version,
+            token, demo, up, run, check, bug_report, iptables, inject)
 
 
 def build_parser() -> argparse.ArgumentParser:
