@@ -19,13 +19,15 @@ the median over rounds of CSRs signed per second and of mesh-control's CPU milli
 (its own process and its children, from /proc: an external CA server's CPU is not in it).  This host
 steals CPU in long stalls (see bench/callgrind.py), so with ``--callgrind N`` each mesh-control is also
 started under valgrind's callgrind and the instructions it executes per CSR are counted over N CSRs
-sent one at a time, per mode: the figure that does not depend on what else runs.
+sent one at a time, per mode: the figure that does not depend on what else runs (mesh-control's own
+process: CA worker processes, ``--ca-workers``, run outside valgrind and are not counted).
 Results go to stdout and bench/results/<timestamp>-ca.{md,json}; logs to bench/work/<timestamp>/.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import json
 import os
@@ -46,6 +48,7 @@ NAMESPACE = "bench"
 SERVICE_ACCOUNT = "bench-ca"
 IDENTITY = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
 PROFILE_TOP = 25  # functions shown by --profile
+WORKERS_OUTSIDE_VALGRIND = "--trace-children-skip-by-arg=mesh.identity.ca_workers"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -167,6 +170,8 @@ def instructions_per_csr(args, ws: Workspace, name: str, backend: ca_backends.CA
     ``--callgrind`` CSRs after ``--callgrind-warmup``, in a mesh-control started afresh under callgrind."""
     root = ws.root / f"callgrind-{name}-{mode}"
     root.mkdir()
+    # CA workers (--ca-workers) run outside valgrind: they would write over mesh-control's output file
+    backend = dataclasses.replace(backend, env={**backend.env, "VALGRIND_OPTS": WORKERS_OUTSIDE_VALGRIND})
     with ExitStack() as stack:
         counted = Workspace(root, stack, ws.venv_bin, callgrind=True)
         control = ControlPlane(counted, name, backend, repo=repo)
