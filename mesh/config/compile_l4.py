@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from mesh.config import hosts as hostnames
 from mesh.config.dump import describe_action
-from mesh.config.resources import TLS_PROTOCOLS
+from mesh.config.resources import MESH, TLS_PROTOCOLS
 from mesh.config.tables import L4Chain, L4Listener, L4Table, RouteAction, cluster_name
 
 
@@ -76,7 +76,7 @@ class _L4Compiler:
         by_port = {number: L4Listener(f"0.0.0.0_{number}", tls, tuple(chains))
                    for number, (tls, chains, _) in shared.items()}
         table = L4Table(by_destination=by_destination, by_port=by_port)
-        return table, [_describe(listener) for listener in (*by_destination.values(), *by_port.values())]
+        return table, [describe_listener(listener) for listener in (*by_destination.values(), *by_port.values())]
 
     def _add(self, listeners, key, tls, chains, where, taken) -> None:
         """Add a service port's chains to the listener at ``key``.
@@ -135,8 +135,10 @@ class _L4Compiler:
         return (*chains, L4Chain(default, (), names))
 
     def _static_match(self, match, port) -> bool:
-        """The part of a match Istio decides for the proxy and the listener port (gateways: only ``mesh``)."""
-        return (match.port is None or match.port == port) and self.compiler.from_this_workload(match)
+        """The part of a match Istio decides for the proxy and the listener port (gateways: the sidecars'
+        ``mesh``, or none)."""
+        return ((match.port is None or match.port == port) and (not match.gateways or MESH in match.gateways)
+                and self.compiler.from_this_workload(match))
 
     def _action(self, vs, section, route, port) -> RouteAction:
         key = (vs.namespace, vs.name, section, route.index, port)
@@ -155,13 +157,34 @@ class _L4Compiler:
         return action
 
 
+def tcp_listener(compiler, name: str, port: int, routes) -> L4Listener:
+    """The :class:`~mesh.config.tables.L4Listener` of a gateway's TCP server ``port``.
+
+    ``routes`` holds ``(VirtualService, tcp route, its matches for this port)`` in order
+    (:func:`mesh.config.gateway.compile_gateway` chooses them); the first route that matches
+    without ``destinationSubnets`` ends the list.  There is no default chain: a connection no
+    route takes is closed (``NR``), as Envoy's gateway listener without a filter chain does.
+    """
+    l4 = _L4Compiler(compiler, ())
+    chains = []
+    for vs, route, matches in routes:
+        action = l4._action(vs, "tcp", route, port)
+        subnets = tuple(net for match in matches for net in match.destination_subnets)
+        if not matches or any(not match.destination_subnets for match in matches):
+            chains.append(L4Chain(action))
+            break
+        chains.append(L4Chain(action, subnets))
+    return L4Listener(name, False, tuple(chains))
+
+
 def _server_names(names) -> tuple:
     """``(exact names, wildcard suffixes)`` of SNI host patterns (``*.example.com`` -> ``.example.com``)."""
     return (frozenset(name for name in names if not name.startswith("*")),
             tuple(sorted({name[1:] for name in names if name.startswith("*")}, key=len, reverse=True)))
 
 
-def _describe(listener) -> dict:
+def describe_listener(listener) -> dict:
+    """An :class:`~mesh.config.tables.L4Listener` for ``/config_dump``."""
     return {"name": listener.name, "tls": listener.tls, "chains": [
         {"destination_subnets": [str(net) for net in chain.subnets],
          "server_names": None if chain.sni is None else sorted(chain.sni[0]) + ["*" + s for s in chain.sni[1]],

@@ -25,18 +25,21 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from mesh.config import hosts as hostnames
+from mesh.config.compile_l4 import describe_listener, tcp_listener
 from mesh.config.errors import ConfigErrors
 from mesh.config.fields import Fields, Report
 from mesh.config.loader import Resource
+from mesh.config.resources import MESH
 from mesh.config.route_extras import Redirect, RouteExtras
 from mesh.config.selection import selects
-from mesh.config.tables import CompiledRoute, RouteAction, RouteTable, VirtualHost
+from mesh.config.tables import CompiledRoute, L4Listener, RouteAction, RouteTable, VirtualHost
 
-MESH = "mesh"
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
-#: Server protocols the gateway serves: HTTP ones in plaintext, HTTPS terminated with the server's certificate.
+#: Server protocols the gateway serves: HTTP ones in plaintext, HTTPS terminated with the server's certificate,
+#: and TCP (routed by the VirtualServices' ``tcp`` routes).
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
+TCP = "TCP"
 TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
 _TLS_VERSIONS = {"TLS_AUTO": "TLSV1_2", "TLSV1_2": "TLSV1_2", "TLSV1_3": "TLSV1_3"}
 _OLD_TLS = "txmesh speaks TLS 1.2 and 1.3 only; use TLSV1_2 (or TLS_AUTO)"
@@ -51,11 +54,10 @@ _PORT = {"number", "name", "protocol"}
 _PORT_UNSUPPORTED = {"targetPort": "the gateway listens on the server's port number (mapped with --gateway-port); "
                                    "remove it"}
 _PROTOCOL_REJECTED = {
-    "TCP": "TCP servers are not implemented on the txmesh gateway; use HTTP or HTTPS",
     "TLS": "TLS passthrough servers are not implemented on the txmesh gateway; terminate TLS with protocol HTTPS "
            "and tls.mode SIMPLE",
-    "MONGO": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
-    "HTTP_PROXY": "the txmesh gateway serves HTTP and HTTPS only; use HTTP or HTTPS",
+    "MONGO": "the txmesh gateway serves HTTP, HTTPS and TCP only; use TCP",
+    "HTTP_PROXY": "the txmesh gateway serves HTTP, HTTPS and TCP only; use HTTP or HTTPS",
 }
 _TLS = {"mode", "serverCertificate", "privateKey", "caCertificates", "httpsRedirect", "minProtocolVersion",
         "maxProtocolVersion", "credentialName"}
@@ -149,10 +151,16 @@ def gateway(resource, report, domain) -> Gateway:
     seen = {}
     for server in servers:
         other = seen.setdefault(server.port, server)
-        if other is not server and (other.protocol == "HTTPS") != (server.protocol == "HTTPS"):
-            f.error("servers", f"port {server.port} has both HTTPS and plaintext servers; give them different ports")
+        if other is not server and _kind(other) != _kind(server):
+            f.error("servers", f"port {server.port} has servers of protocols {other.protocol} and {server.protocol}; "
+                               "give them different ports")
     return Gateway(name=resource.name, namespace=resource.namespace, selector=selector or None, servers=servers,
                    source=resource)
+
+
+def _kind(server: Server) -> str:
+    """What a port does with a server's connections: terminate TLS, route TCP, or read HTTP."""
+    return server.protocol if server.protocol in ("HTTPS", TCP) else "HTTP"
 
 
 def _server(f: Fields, index, namespace) -> Server:
@@ -160,9 +168,9 @@ def _server(f: Fields, index, namespace) -> Server:
     if "port" not in f:
         f.error("port", "'port' is required")
     number = pf.port("number", required="port" in f) or 0
-    protocol = pf.enum("protocol", HTTP_PROTOCOLS + ("HTTPS",), _PROTOCOL_REJECTED)
+    protocol = pf.enum("protocol", HTTP_PROTOCOLS + ("HTTPS", TCP), _PROTOCOL_REJECTED)
     if "protocol" not in pf and "port" in f:
-        pf.error("protocol", "'protocol' is required: HTTP, HTTP2, GRPC or HTTPS")
+        pf.error("protocol", "'protocol' is required: HTTP, HTTP2, GRPC, HTTPS or TCP")
     hosts = []
     for path, value in f.strings("hosts", required=True):
         host_namespace, slash, host = value.rpartition("/")
@@ -263,6 +271,7 @@ class GatewayPort:
     tls: ServerTLS | None
     routes: RouteTable
     certificates: tuple = ()
+    tcp: L4Listener | None = None  # a TCP server's routes
 
 
 def bound(refs: tuple, gateway_ref: str) -> bool:
@@ -280,7 +289,7 @@ def compile_gateway(compiler, virtual_services) -> tuple:
     workload = compiler.workload
     gateways = sorted((obj for obj in compiler.objects if isinstance(obj, Gateway)
                        and selects(obj.selector, workload.labels)), key=lambda gw: (gw.namespace, gw.name))
-    ports, dump, used, problems = {}, [], set(), []
+    ports, dump, used, problems, tcp_routes = {}, [], set(), [], {}
     for gw in gateways:
         for server in gw.servers:
             report = Report()
@@ -294,7 +303,10 @@ def compile_gateway(compiler, virtual_services) -> tuple:
                                f"{server.protocol} server's hosts are served that way; give it another port")
             if server.tls is not None:
                 certificates.append((tuple(host for _, host in server.hosts), server.tls))
-            used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
+            if server.protocol == TCP:
+                tcp_routes.setdefault(server.port, []).extend(_tcp_routes(gw, server, virtual_services))
+            else:
+                used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
     if problems:  # a certificate that cannot be used: the gateway keeps its previous config
         raise ConfigErrors(problems)
     for vs in virtual_services:
@@ -304,6 +316,11 @@ def compile_gateway(compiler, virtual_services) -> tuple:
                                                   "make a host match a server's hosts")
     tables = {}
     for number, (server, found, certificates) in sorted(ports.items()):
+        if server.protocol == TCP:
+            listener = tcp_listener(compiler, f"gateway_{number}", number, tcp_routes.get(number, ()))
+            tables[number] = GatewayPort(number, TCP, None, RouteTable(), tcp=listener)
+            dump.append({"port": number, "protocol": TCP, "tcp": describe_listener(listener)})
+            continue
         hosts = {host: _merged(vhosts) for host, vhosts in found.items()}
         catch_all = hosts.pop("*", None)
         wildcards = sorted(((host[1:], vhost) for host, vhost in hosts.items() if host.startswith("*")),
@@ -319,6 +336,21 @@ def compile_gateway(compiler, virtual_services) -> tuple:
                      "tls": [{"sni": list(names), "mode": tls.mode, "files": list(tls.files),
                               "credentialName": tls.credential} for names, tls in certificates] or None})
     return tables, dump
+
+
+def _tcp_routes(gw: Gateway, server: Server, virtual_services) -> list:
+    """``(VirtualService, tcp route, matches)`` of the VirtualServices bound to ``gw`` for the TCP ``server``, in
+    order: a route whose matches (their ``port`` and ``gateways``) leave it for this port, with those matches."""
+    routes = []
+    for vs in virtual_services:
+        if not vs.tcp or not bound(vs.gateways, gw.ref):
+            continue
+        for route in vs.tcp:
+            matches = [match for match in route.match if (match.port is None or match.port == server.port)
+                       and (not match.gateways or gw.ref in match.gateways)]
+            if matches or not route.match:
+                routes.append((vs, route, matches))
+    return routes
 
 
 def _add_hosts(compiler, gw: Gateway, server: Server, virtual_services, hosts) -> list:

@@ -22,6 +22,9 @@ from mesh.config.loader import Resource
 from mesh.config.route_extras import CorsPolicy, DirectResponse, FaultInjection, Redirect, RegexRewrite
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
 
+#: The ``gateways`` name of the sidecars (a VirtualService or a match that names it applies to them).
+MESH = "mesh"
+
 #: Istio's retry policy for routes without ``retries``: 2 retries on
 #: connect-failure, refused-stream, unavailable, cancelled and
 #: retriable-status-codes (503).  ``unavailable``/``cancelled`` are gRPC
@@ -332,6 +335,7 @@ class L4Match:
     port: int | None = None
     source_labels: tuple = ()
     source_namespace: str | None = None
+    gateways: tuple = ()  # ``tcp`` matches: the gateways (``namespace/name``, or MESH) it is for; empty: the route's
 
 
 @dataclass(frozen=True)

@@ -255,11 +255,11 @@ def _export_to(f: Fields) -> tuple:
 
 
 def _gateways(f: Fields) -> None:
-    """The ``gateways`` of a tcp or tls match: the sidecars only (the gateway serves HTTP and HTTPS)."""
+    """The ``gateways`` of a tls match: the sidecars only (the gateway has no TLS passthrough servers)."""
     for path, value in f.strings("gateways"):
         if value != MESH:
-            f.report.add(path, f"gateway '{value}' in a tcp or tls route: the txmesh gateway serves HTTP and HTTPS "
-                               "servers only; remove it")
+            f.report.add(path, f"gateway '{value}' in a tls route: the txmesh gateway has no TLS passthrough "
+                               "servers; remove it")
 
 
 def _dns_name(f: Fields, key, pattern, what, required=False) -> str:
@@ -571,14 +571,18 @@ def _l4_route(f: Fields, index, namespace, domain, vs_hosts=None) -> L4Route:
     """
     tls = vs_hosts is not None
     matches = tuple(_l4_match(Fields(f.report, path, item, _TLS_MATCH if tls else _L4_MATCH, _L4_MATCH_UNSUPPORTED),
-                              vs_hosts)
+                              namespace, vs_hosts)
                     for path, item in f.items("match", required=tls))
     return L4Route(index=index, match=matches, route=_destinations(f, namespace, domain, http=False))
 
 
-def _l4_match(f: Fields, vs_hosts=None) -> L4Match:
+def _l4_match(f: Fields, namespace, vs_hosts=None) -> L4Match:
     """Istio's L4MatchAttributes, or its TLSMatchAttributes when ``vs_hosts`` is given (see :func:`_l4_route`)."""
-    _gateways(f)
+    gateways = ()
+    if vs_hosts is None:
+        gateways = gateway_refs(f, "gateways", namespace)
+    else:
+        _gateways(f)
     subnets = []
     for path, text in f.strings("destinationSubnets"):
         try:
@@ -599,7 +603,8 @@ def _l4_match(f: Fields, vs_hosts=None) -> L4Match:
             sni_hosts.append(name)
     return L4Match(sni_hosts=tuple(sni_hosts), destination_subnets=tuple(subnets), port=f.port("port"),
                    source_labels=f.labels("sourceLabels"),
-                   source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None)
+                   source_namespace=_dns_name(f, "sourceNamespace", _DNS_LABEL, "namespace") or None,
+                   gateways=gateways)
 
 
 def _http_route(f: Fields, index, namespace, domain) -> HTTPRoute:

@@ -11,6 +11,9 @@ mTLS like any sidecar, and it listens on the ports of the Gateways that select i
 - :class:`GatewayRouter` handles each request of one port: authentication and authorization as
   for any workload (AuthorizationPolicies that select the gateway's labels), then routing with the
   port's table through ``mesh_route``, exactly as the sidecar's outbound listener routes.
+- A TCP server's port takes each connection through :class:`_TcpServer`: the gateway's
+  AuthorizationPolicies for TCP, then the port's ``tcp`` routes
+  (:meth:`mesh.proxy.tcp_proxy.OutboundTcp.accept_gateway`), spliced to a mesh endpoint over mTLS.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.listener import Listener
 from mesh.proxy.paths import normalizer
 from mesh.proxy.runtime import OutboundRouter, Snapshot, admit
+from mesh.proxy.tcp_proxy import InboundTcp, OutboundTcp, TcpFactory
 
 log = Logger()
 
@@ -152,6 +156,23 @@ class GatewayRouter(OutboundRouter):
         return super().route(ctx)
 
 
+def _serves(entry) -> str:
+    """What a port's listener does with its connections: routes TCP, terminates TLS, or reads HTTP."""
+    return "tcp" if entry.tcp is not None else "https" if entry.tls is not None else "http"
+
+
+class _TcpServer:
+    """The handler of a TCP server port (:class:`~mesh.proxy.tcp_proxy.TcpFactory`)."""
+
+    def __init__(self, proxy, port):
+        self.port = port
+        self.routes = OutboundTcp(proxy.reactor, proxy.runtime, proxy._source_address())
+        self.authorize = InboundTcp(proxy.reactor, proxy.runtime, proxy.plugins.hook, None, port).authorize
+
+    def accept(self, conn):
+        self.routes.accept_gateway(conn, self.port, self.authorize)
+
+
 class _Bound:
     """A listening port as :class:`mesh.proxy.service.ProxyService` stops it when it drains."""
 
@@ -168,7 +189,7 @@ class GatewayListeners:
     def __init__(self, proxy, settings: GatewaySettings):
         self.proxy = proxy
         self.settings = settings
-        self.open = {}  # Gateway server port -> (Listener, _ServerTLS or None)
+        self.open = {}  # Gateway server port -> (Listener, _ServerTLS or None, what it serves: _serves)
 
     def update(self, config) -> None:
         """Open, keep or close listeners for the ports of ``config.gateway``."""
@@ -177,11 +198,11 @@ class GatewayListeners:
             self._close(port, "no Gateway that selects this proxy has it any more")
         for port, entry in sorted(wanted.items()):
             current = self.open.get(port)
-            if current is not None and (current[1] is None) == (entry.tls is None):
+            if current is not None and current[2] == _serves(entry):
                 if entry.tls is not None:
                     current[1].update(entry)
                 continue
-            if current is not None:  # HTTP <-> HTTPS: listen again once the old socket is closed
+            if current is not None:  # HTTP <-> HTTPS <-> TCP: listen again once the old socket is closed
                 self._close(port, "its protocol changed").addCallback(lambda _, port=port, entry=entry:
                                                                       self._open(port, entry))
             else:
@@ -197,7 +218,7 @@ class GatewayListeners:
                             proxy.settings.limits, proxy.plugins.hook, own_identity=proxy.own_identity,
                             normalize_path=normalizer(proxy.settings.path_normalization))
         listener.label = f"gateway:{port}"
-        factory = DownstreamFactory(listener)
+        factory = DownstreamFactory(listener) if entry.tcp is None else TcpFactory(listener, _TcpServer(proxy, port))
         tls = None
         if entry.tls is not None:
             tls = _ServerTLS(entry)
@@ -214,14 +235,14 @@ class GatewayListeners:
         proxy.listeners.append(listener)
         if proxy.running:
             listener.start()
-        self.open[port] = (listener, tls)
+        self.open[port] = (listener, tls, _serves(entry))
         log.info("gateway port {port} ({protocol}) listening on {address}:{local}", port=port,
                  protocol=entry.protocol, address=self.settings.address, local=local)
 
     def _close(self, port, why):
         """Stop listening on ``port`` (its connections finish their requests); a Deferred that fires when the
         socket is closed."""
-        listener, _ = self.open.pop(port)
+        listener = self.open.pop(port)[0]
         self.proxy.listeners.remove(listener)
         stopped = defer.maybeDeferred(listener.server.stopService)
         listener.stop()

@@ -424,6 +424,22 @@ class OutboundTcp:
             return
         self._start(conn, conn.held, listener, dst)
 
+    def accept_gateway(self, conn, port, authorize):
+        """A connection to a gateway's TCP server ``port``: ``authorize(conn, port)`` (the denying policy, or
+        None) decides it, then the server's ``tcp`` routes (``config.gateway[port].tcp``) route it."""
+        host = conn.transport.getHost()
+        conn.original_dst = (host.host, host.port)
+        policy = authorize(conn, port)
+        if policy is not None:
+            _Tunnel(self.reactor, conn, conn.held, None).refuse("RBAC", f"denied by AuthorizationPolicy "
+                                                                        f"({rbac_details(policy)})")
+            return
+        entry = self.runtime.snapshot.config.gateway.get(port)
+        if entry is None or entry.tcp is None:
+            _Tunnel(self.reactor, conn, conn.held, None).refuse("NR", f"gateway port {port} has no TCP server")
+            return
+        self._route(conn, conn.held, entry.tcp, (host.host, port), None)
+
     def _start(self, conn, held, listener, dst, passthrough=None):
         if not listener.tls:
             self._route(conn, held, listener, dst, None, passthrough)

@@ -13,7 +13,9 @@ mapped to a free local port with ``--gateway-port``:
   with a test CA's certificate;
 - ``redirect`` (8081, ``secure.com``, httpsRedirect);
 - ``hosted`` (8082, ``hosted.com`` and the details service's name): a VirtualService bound to the
-  gateway for hosted.com, and details' own VirtualService, which names no gateway.
+  gateway for hosted.com, and details' own VirtualService, which names no gateway;
+- ``tcp`` (31400, TCP, as Istio's TCP traffic shifting task): a ``tcp`` route to ``echo``, a TCP echo
+  server behind its sidecar.
 """
 
 from __future__ import annotations
@@ -27,10 +29,12 @@ from tests.harness.certs import ScratchCA
 from tests.integration.test_distribution_support import ControlledProxy, proxies
 from tests.integration.test_identity_support import authorization_policy, mesh_endpoint, spiffe, xfcc
 from tests.integration.test_proxy_support import service_entry, write_config
+from tests.integration.test_tcp_routes import TcpPeers, exchange
 
 NS = "shop"
 PORTS = {"http": 8080, "https": 8443, "mutual": 8444, "credential": 8445, "redirect": 8081, "hosted": 8082,
-         "extra": 9090}
+         "extra": 9090, "tcp": 31400}
+ECHO_PORT = 9000
 NETWORKING = "networking.istio.io/v1"
 
 
@@ -55,6 +59,7 @@ def gateway_resource(cert, key, ca, extra=None, hello=()) -> dict:
                 server("credential", "HTTPS", ["bookinfo.com"], {"mode": "SIMPLE", "credentialName": "bookinfo-tls"}),
                 server("redirect", "HTTP", ["secure.com"], {"httpsRedirect": True}),
                 server("hosted", "HTTP", ["hosted.com", f"details.{NS}.svc.cluster.local"]),
+                server("tcp", "TCP", ["*"]),
             ] + ([server("extra", extra, ["*"], {"mode": "SIMPLE", **files} if extra == "HTTPS" else None)]
                  if extra else [])}}
 
@@ -76,16 +81,27 @@ def documents(pki, inbound, cert=None, extra=None) -> list:
     bookinfo = [to("productpage", "/static", exact=["/productpage"]), to("details", "/api/v1/products")]
     return [
         gateway_resource(cert or pki["cert"], pki["key"], pki["ca"], extra, pki["hello"]),
-        *(service_entry(name, [mesh_endpoint(inbound[name], name)], namespace=NS) for name in inbound),
+        *(service_entry(name, [mesh_endpoint(inbound[name], name)], namespace=NS) for name in inbound
+          if name != "echo"),
+        {"apiVersion": NETWORKING, "kind": "ServiceEntry", "metadata": {"name": "echo", "namespace": NS},
+         "spec": {"hosts": ["echo"], "location": "MESH_INTERNAL", "resolution": "STATIC",
+                  "ports": [{"number": ECHO_PORT, "name": "tcp", "protocol": "TCP"}],
+                  "endpoints": [{**mesh_endpoint(inbound["echo"], "echo"), "ports": {"tcp": inbound["echo"]}}]}},
+        {"apiVersion": NETWORKING, "kind": "VirtualService", "metadata": {"name": "tcp-echo", "namespace": NS},
+         "spec": {"hosts": ["*"], "gateways": ["bookinfo-gateway"], "tcp": [
+             {"match": [{"port": PORTS["tcp"]}], "route": [{"destination": {"host": "echo",
+                                                                             "port": {"number": ECHO_PORT}}}]}]}},
         virtual_service("bookinfo", ["*"], bookinfo, gateways=["bookinfo-gateway"]),
         virtual_service("hosted", ["hosted.com"], [to("productpage", "/")], gateways=[f"{NS}/bookinfo-gateway"]),
         virtual_service("details", ["details"], [to("details", "/")]),  # no gateways: the sidecars only
+        # notPorts: for a TCP connection the HTTP-only paths drop out and a DENY rule denies more (Istio's rule)
         authorization_policy("gateway-deny", NS, selector={"istio": "ingressgateway"}, action="DENY", rules=[
-            {"to": [{"operation": {"paths": ["/api/v1/products/secret"]}}]},
-            {"from": [{"source": {"remoteIpBlocks": ["127.0.0.0/8"]}}],
-             "to": [{"operation": {"paths": ["/api/v1/products/not-from-loopback"]}}]},
-            {"from": [{"source": {"notRemoteIpBlocks": ["127.0.0.0/8"]}}],
-             "to": [{"operation": {"paths": ["/api/v1/products/loopback-only"]}}]}]),
+            {"to": [{"operation": {"paths": [path], "notPorts": [str(PORTS["tcp"])]}}], **source}
+            for path, source in (("/api/v1/products/secret", {}),
+                                 ("/api/v1/products/not-from-loopback",
+                                  {"from": [{"source": {"remoteIpBlocks": ["127.0.0.0/8"]}}]}),
+                                 ("/api/v1/products/loopback-only",
+                                  {"from": [{"source": {"notRemoteIpBlocks": ["127.0.0.0/8"]}}]}))]),
     ]
 
 
@@ -102,20 +118,23 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
     (mounted / "tls.crt").write_bytes(cert.read_bytes())
     (mounted / "tls.key").write_bytes(key.read_bytes())
     pki["credentials"] = ["--gateway-credentials-dir", str(pki_dir / "credentials")]
-    inbound = {name: free_port() for name in ("productpage", "details")}
+    inbound = {name: free_port() for name in ("productpage", "details", "echo")}
     config = write_config(tmp_path_factory.mktemp("gateway-config"), *documents(pki, inbound))
     control = control_factory(extra_args=["--config-dir", str(config)])
-    apps = {name: backend_factory(name) for name in inbound}
-    sidecars = {name: proxy_factory(config, name, namespace=NS, app_port=apps[name].port, inbound_port=inbound[name],
+    app_ports = {name: backend_factory(name).port for name in ("productpage", "details")}
+    app_ports["echo"] = free_port()
+    echo = TcpPeers("gateway-echo", "--echo", app_ports["echo"], log_dir=pki_dir).start()
+    sidecars = {name: proxy_factory(config, name, namespace=NS, app_port=app_ports[name], inbound_port=inbound[name],
                                     labels={"app": name}, extra_args=control.proxy_args(NS, name))
-                for name in apps}
+                for name in app_ports}
     local = {name: free_port() for name in PORTS}
     mapping = [arg for name, port in PORTS.items() for arg in ("--gateway-port", f"{port}={local[name]}")]
     gateway = proxy_factory(config, "ingressgateway", namespace=NS, labels={"istio": "ingressgateway"},
                             extra_args=["--gateway", "--gateway-address", "127.0.0.1", *mapping, *pki["credentials"],
                                         *control.proxy_args(NS, "ingressgateway")])
-    return {"gateway": gateway, "sidecars": sidecars, "local": local, "pki": pki, "config": config,
+    yield {"gateway": gateway, "sidecars": sidecars, "local": local, "pki": pki, "config": config,
             "inbound": inbound, "control": control}
+    echo.stop()
 
 
 def via(mesh, port_name, path, host=None, scheme="http", **kwargs):
@@ -160,6 +179,15 @@ def test_virtual_service_binding_and_host_matching(mesh):
 def test_authorization_policy_selecting_the_gateway(mesh):
     denied = via(mesh, "http", "/api/v1/products/secret")
     assert denied.status == 403 and denied.body == b"RBAC: access denied\n"
+
+
+def test_a_tcp_server_routes_connections_by_its_tcp_routes(mesh):
+    """Istio's TCP traffic shifting shape: a TCP server on 31400 and a VirtualService tcp route bound to the
+    gateway; the bytes go over mesh mTLS to the echo server's sidecar and back."""
+    assert exchange(mesh["local"]["tcp"], b"hello through the gateway\n") == b"hello through the gateway\n"
+    dump = mesh["gateway"].admin("/config_dump")
+    [tcp] = [port for port in dump["config"]["gateway"] if port["protocol"] == "TCP"]
+    assert tcp["tcp"]["chains"][0]["action"]["clusters"][0]["name"].startswith(f"outbound|{ECHO_PORT}||echo."), tcp
 
 
 def test_remote_ip_blocks_at_the_gateway_are_the_clients_address_not_its_x_forwarded_for(mesh):
