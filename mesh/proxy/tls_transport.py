@@ -1,15 +1,18 @@
-"""Twisted's TLS transport, moving bytes through the memory BIOs without an exception per read.
+"""Twisted's TLS transport, moving bytes through the memory BIOs without pyOpenSSL's wrappers.
 
 Twisted's ``TLSMemoryBIOProtocol`` reads decrypted data with pyOpenSSL's
 ``Connection.recv`` until it raises ``WantReadError``, then reads the bytes to
 send with ``Connection.bio_read`` until that raises ``WantReadError`` too: two
 raised and caught exceptions (plus a fresh 32 KiB buffer per call) on every
-read event, the normal way out of each loop.  :class:`LeanTLSTransport` does
-the same calls on OpenSSL itself (``SSL_read``, ``SSL_get_error``,
-``BIO_read``), through the binding pyOpenSSL uses, and leaves the loop on
-"want read" without raising; every other outcome goes through pyOpenSSL's own
-error translation and Twisted's handling, unchanged.  The handshake, the
-certificate checks and everything else stay Twisted's and pyOpenSSL's.
+read event, the normal way out of each loop.  And each ``send`` and
+``bio_write`` goes through pyOpenSSL's checks (text or bytes, the callback
+helpers, ``SSL_get_error`` even after a success).  :class:`LeanTLSTransport`
+makes the same OpenSSL calls itself (``BIO_write``, ``SSL_read``,
+``SSL_write``, ``BIO_read``, ``SSL_get_error``), through the binding pyOpenSSL
+uses, and leaves the loops on "want read" without raising; every other
+outcome goes through pyOpenSSL's own error translation and Twisted's
+handling, unchanged.  The handshake, the certificate checks and everything
+else stay Twisted's and pyOpenSSL's.
 
 It relies on pyOpenSSL's binding (``OpenSSL._util``) and on a few private
 attributes of ``OpenSSL.SSL.Connection``; :func:`lean_tls` uses it only when
@@ -29,8 +32,10 @@ try:
 
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _probe = Connection(Context(TLS_METHOD), None)
-    _AVAILABLE = all(hasattr(_lib, name) for name in ("SSL_read", "SSL_get_error", "BIO_read", "BIO_should_retry")) \
-        and all(hasattr(_probe, name) for name in ("_ssl", "_from_ssl", "_raise_ssl_error")) \
+    _AVAILABLE = all(hasattr(_lib, name) for name in ("SSL_read", "SSL_write", "SSL_get_error", "BIO_read",
+                                                      "BIO_write", "BIO_should_retry")) \
+        and all(hasattr(_probe, name) for name in ("_ssl", "_from_ssl", "_into_ssl", "_raise_ssl_error",
+                                                   "_handle_bio_errors")) \
         and all(hasattr(_probe._context, name) for name in ("_verify_helper", "_alpn_select_helper", "_ocsp_helper"))
     del _probe
 except (ImportError, AttributeError):  # another pyOpenSSL: Twisted's transport is used
@@ -38,13 +43,53 @@ except (ImportError, AttributeError):  # another pyOpenSSL: Twisted's transport 
 
 #: The most one read takes, as Twisted's loops (2**15).
 _READ_SIZE = 2 ** 15
+#: The most one ``SSL_write`` takes, as Twisted's ``_write`` (a TLS record's payload).
+_RECORD_SIZE = 2 ** 14
 #: The C buffer every read goes through: the reactor runs one read at a time, and each read's
 #: bytes are copied out before anything else runs.
 _BUFFER = _ffi.new("char[]", _READ_SIZE) if _AVAILABLE else None
 
 
 class LeanTLSTransport(BufferingTLSTransport):
-    """Twisted's ``BufferingTLSTransport`` whose BIO loops end without raising (see the module docstring)."""
+    """Twisted's ``BufferingTLSTransport`` calling OpenSSL directly on its hot paths (see the module docstring)."""
+
+    def dataReceived(self, bytes):
+        """Put received bytes into the receive BIO, then as ``TLSMemoryBIOProtocol.dataReceived``."""
+        connection = self._tlsConnection
+        with _ffi.from_buffer(bytes) as data:
+            result = _lib.BIO_write(connection._into_ssl, data, len(data))
+        if result <= 0:  # what Connection.bio_write raises
+            connection._handle_bio_errors(connection._into_ssl, result)
+        if not self._handshakeDone:
+            self._checkHandshakeStatus()
+            if not self._handshakeDone:
+                return
+        if self._appSendBuffer:
+            self._unbufferPendingWrites()
+        self._flushReceiveBIO()
+
+    def _write(self, bytes):
+        """Encrypt application bytes and send the records (``TLSMemoryBIOProtocol._write``)."""
+        if self._lostTLSConnection:
+            return
+        connection = self._tlsConnection
+        ssl = connection._ssl
+        sent_so_far = 0
+        while sent_so_far < len(bytes):
+            chunk = bytes[sent_so_far:sent_so_far + _RECORD_SIZE]
+            with _ffi.from_buffer(chunk) as data:
+                sent = _lib.SSL_write(ssl, data, len(data))
+            if sent <= 0 or not _no_callback_problem(connection):
+                try:
+                    connection._raise_ssl_error(ssl, sent)  # what Connection.send raises here
+                except WantReadError:
+                    self._bufferedWrite(bytes[sent_so_far:])
+                    break
+                except Error:
+                    self._tlsShutdownFinished(Failure())
+                    break
+            sent_so_far += sent
+            self._flushSendBIO()
 
     def _flushSendBIO(self):
         """Write what the send BIO holds to the TCP transport (``TLSMemoryBIOProtocol._flushSendBIO``)."""
