@@ -5,7 +5,8 @@ from __future__ import annotations
 import socket
 
 import pytest
-from twisted.internet import tcp
+from twisted.internet import main, tcp
+from twisted.internet.error import ConnectionDone
 from twisted.internet.protocol import Protocol
 
 from mesh.proxy.sockets import write_through
@@ -125,7 +126,9 @@ class Reader:
     def doRead(self):
         if self.fail:
             raise RuntimeError("broken doRead")
-        self.reads.append(self.sock.recv(100))
+        data = self.sock.recv(100)
+        self.reads.append(data)
+        return None if data else main.CONNECTION_DONE  # as a TCP transport's doRead
 
     def connectionLost(self, reason):
         self.lost.append(reason)
@@ -152,6 +155,10 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
         assert good.reads == [b"hello"] and not good.lost
         assert bad.lost and bad.lost[0].check(RuntimeError)  # logged and disconnected by _doReadOrWrite
         assert bad not in reactor.getReaders() and good in reactor.getReaders()
+        pairs[0][1].close()  # the peer goes: doRead reads nothing and says so
+        reactor.doIteration(1)
+        assert good.reads[-1] == b"" and good.lost and good.lost[0].check(ConnectionDone)
+        assert good not in reactor.getReaders()
     finally:
         reactor.removeAll()
         for ours, peer in pairs:
