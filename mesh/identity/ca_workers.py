@@ -47,6 +47,8 @@ log = Logger()
 
 #: Seconds before a worker that exited is started again (and the Retry-After of the CSRs it held).
 RESTART_DELAY = 1.0
+#: Seconds a worker has to exit once the control plane stops, before it is killed.
+STOP_GRACE = 5.0
 _LENGTH = struct.Struct(">I")
 _CHECK, _SIGN = b"c", b"s"
 _DONE, _REJECTED, _FAILED = b"+", b"-", b"!"
@@ -206,12 +208,22 @@ class CAWorkers(service.Service):
         for call in self._restarts.values():
             call.cancel()
         self._restarts.clear()
-        ended = []
-        for worker in self.workers:
+        alive = [worker for worker in self.workers if worker.alive]
+        for worker in alive:
+            worker.transport.closeStdin()  # the worker's read ends: it exits
+        # one that does not (stopped, wedged) is killed, so that mesh-control's shutdown never hangs on it
+        kill = self.reactor.callLater(STOP_GRACE, self._kill, alive)
+        done = defer.DeferredList([worker.ended for worker in alive])
+        done.addBoth(lambda result: kill.cancel() if kill.active() else None)
+        return done
+
+    @staticmethod
+    def _kill(workers) -> None:
+        for worker in workers:
             if worker.alive:
-                worker.transport.closeStdin()  # the worker's read ends: it exits
-                ended.append(worker.ended)
-        return defer.DeferredList(ended)
+                log.warn("CA worker {number} did not exit within {grace:g} s of the control plane's stop; "
+                         "killing it", number=worker.number, grace=STOP_GRACE)
+                worker.transport.signalProcess("KILL")
 
     def _spawn(self, number: int) -> _Worker:
         worker = _Worker(self, number)

@@ -121,9 +121,12 @@ def _in_pipe(pid: int) -> bool:
 
 
 def test_the_workers_end_with_the_control_plane(control):
-    """Last: it stops the module's control plane."""
+    """Last: it stops the module's control plane. A wedged worker (stopped here) is killed, not waited for."""
     workers = worker_pids(control)
     assert len(workers) == WORKERS
-    control.stop()
+    os.kill(workers[0], signal.SIGSTOP)
+    code = control.stop(timeout=20)  # SIGTERM; the harness kills it (-9) only if it does not end in 20 s
+    assert code != -signal.SIGKILL, control.describe("mesh-control did not stop by itself")
+    assert "CA worker 0 did not exit within 5 s of the control plane's stop; killing it" in control.log_tail(20)
     wait_for(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in workers), timeout=10,
              what="the CA worker ending with the control plane")
