@@ -51,6 +51,40 @@ class BytesPage(resource.Resource):
         return self._produce()
 
 
+class DeferredPage(resource.Resource):
+    """A GET page whose body comes later: ``produce() -> Deferred((status, bytes))``, served with a content type
+    (a failure is logged and answered 500; a client that left gets nothing)."""
+
+    isLeaf = True
+
+    def __init__(self, produce, content_type: bytes):
+        super().__init__()
+        self._produce = produce
+        self._content_type = content_type
+
+    def render_GET(self, request):
+        gone = []
+        request.notifyFinish().addErrback(gone.append)  # the client left: nothing to write to
+
+        def write(result):
+            if gone:
+                return
+            status, body = result
+            request.setResponseCode(status)
+            request.setHeader(b"content-type", self._content_type)
+            request.write(body)
+            request.finish()
+
+        def fail(failure):
+            log.failure("admin page failed", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.finish()
+
+        self._produce().addCallbacks(write, fail)
+        return server.NOT_DONE_YET
+
+
 class QuietSite(server.Site):
     """A Site for admin ports: no access log, no tracebacks to clients."""
 

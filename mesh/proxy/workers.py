@@ -43,10 +43,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.application import internet, service
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
-from twisted.web import resource, server
+from twisted.web import resource
 from twisted.web.client import Agent, readBody
 
-from mesh.webpages import LimitedSite, QuietSite, SiteLimits, socket_family
+from mesh.webpages import DeferredPage, LimitedSite, QuietSite, SiteLimits, socket_family
 
 log = Logger()
 
@@ -301,17 +301,17 @@ class Supervisor(service.MultiService):
     # -- the sidecar's admin and metrics ports -----------------------------------------------------
     def _admin_root(self):
         root = self._stats_root()
-        root.putChild(b"ready", _AsyncPage(self.readiness, b"application/json"))
-        root.putChild(b"workers", _AsyncPage(self.describe, b"application/json"))
+        root.putChild(b"ready", DeferredPage(self.readiness, b"application/json"))
+        root.putChild(b"workers", DeferredPage(self.describe, b"application/json"))
         for name in (b"config_dump", b"clusters"):
-            root.putChild(name, _AsyncPage(lambda path=b"/" + name: self._worker_get(1, path), b"application/json"))
+            root.putChild(name, DeferredPage(lambda path=b"/" + name: self._worker_get(1, path), b"application/json"))
         return root
 
     def _stats_root(self):
         root = resource.Resource()
         stats = resource.Resource()
         root.putChild(b"stats", stats)
-        stats.putChild(b"prometheus", _AsyncPage(self.metrics, CONTENT_TYPE_LATEST.encode()))
+        stats.putChild(b"prometheus", DeferredPage(self.metrics, CONTENT_TYPE_LATEST.encode()))
         return root
 
     def _worker_get(self, worker_id: int, path: bytes):
@@ -349,36 +349,3 @@ class Supervisor(service.MultiService):
             log.warn("metrics: {missing} worker(s) did not answer; their counts are missing from this scrape",
                      missing=len(answers) - len(texts))
         return 200, merge_metrics(texts)
-
-
-class _AsyncPage(resource.Resource):
-    """A GET page whose body comes from ``produce() -> Deferred((status, bytes))``."""
-
-    isLeaf = True
-
-    def __init__(self, produce, content_type: bytes):
-        super().__init__()
-        self._produce = produce
-        self._content_type = content_type
-
-    def render_GET(self, request):
-        gone = []
-        request.notifyFinish().addErrback(gone.append)  # the client left: nothing to write to
-
-        def write(result):
-            if gone:
-                return
-            status, body = result
-            request.setResponseCode(status)
-            request.setHeader(b"content-type", self._content_type)
-            request.write(body)
-            request.finish()
-
-        def fail(failure):
-            log.failure("admin page failed", failure)
-            if not gone:
-                request.setResponseCode(500)
-                request.finish()
-
-        self._produce().addCallbacks(write, fail)
-        return server.NOT_DONE_YET
