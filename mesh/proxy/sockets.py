@@ -56,11 +56,19 @@ def unbuffer_tls(transport) -> None:
     HTTP/1 codecs write a whole head, or a head with the body bytes at hand,
     at once, so the gathering only costs a timer and a reactor iteration per
     write.  Its ``write`` is the gathering one, set on the instance; without
-    it, the class's (``TLSMemoryBIOProtocol.write``) writes directly.  Call
-    it before the first write; any other transport is left alone.
+    it, the class's (``TLSMemoryBIOProtocol.write``) writes directly, and so
+    does ``writeSequence`` from now on (it would gather, and could then send
+    its bytes after later ones).  Call it before the first write; any other
+    transport is left alone.
     """
     if isinstance(transport, BufferingTLSTransport):
         vars(transport).pop("write", None)
+        transport.writeSequence = MethodType(_write_joined, transport)
+
+
+def _write_joined(transport, iovec) -> None:
+    """``writeSequence`` as one ``write`` of the pieces joined."""
+    transport.write(b"".join(iovec))
 
 
 class _WriteThrough:
@@ -79,9 +87,7 @@ class _WriteThrough:
             super().write(data[sent:])
         return None
 
-    def writeSequence(self, iovec) -> None:
-        """As :meth:`write` with the pieces joined."""
-        self.write(b"".join(iovec))
+    writeSequence = _write_joined
 
 
 #: Transport class -> its write-through subclass.

@@ -182,5 +182,9 @@ def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
     assert "write" in vars(tls)  # gathers writes until the next reactor iteration
     unbuffer_tls(tls)
     assert tls.write.__func__ is BufferingTLSTransport.write  # TLSMemoryBIOProtocol.write: at once
+    written = []
+    tls.write = written.append  # stands for the direct write, to see what writeSequence does
+    tls.writeSequence([b"a", b"b"])
+    assert written == [b"ab"] and not tls._aggregator._buffer  # not gathered for later
     plain = Wrapper(None)
     unbuffer_tls(plain)  # not a TLS transport: left alone
