@@ -222,7 +222,7 @@ TLS_VERSION = enum("TLS_AUTO", "TLSV1_2", "TLSV1_3")
 GATEWAY = obj({
     "selector": strmap(),
     "servers": array(obj({
-        "port": obj({"number": PORT, "name": STR, "protocol": enum("HTTP", "HTTP2", "GRPC", "HTTPS")},
+        "port": obj({"number": PORT, "name": STR, "protocol": enum("HTTP", "HTTP2", "GRPC", "HTTPS", "TCP")},
                     required=("number", "protocol")),
         "hosts": array(STR, minItems=1),
         "tls": obj({"mode": enum("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL"), "serverCertificate": STR,
