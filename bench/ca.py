@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import os
 import pstats
@@ -40,8 +39,9 @@ from pathlib import Path
 
 from bench import ca_backends, callgrind
 from bench.procs import BenchError, free_port, run_main, run_tool, tree_cpu_seconds
-from bench.run import git_revision
-from bench.topologies import BENCH_DIR, REPO_DIR, Workspace, find_venv_bin
+from bench.report import by_name, write_table_results
+from bench.run import start_run
+from bench.topologies import BENCH_DIR, REPO_DIR, Workspace
 
 MODES = ("keepalive", "newconn")
 NAMESPACE = "bench"
@@ -202,10 +202,7 @@ def markdown(summary: dict) -> str:
 
 
 def run(args) -> int:
-    started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    work = BENCH_DIR / "work" / started
-    work.mkdir(parents=True)
-    venv_bin = find_venv_bin(args.venv)
+    started, revision, work, venv_bin = start_run(args.venv)
     backends = {name: ca_backends.load(name) for name in args.backends}
     rounds, profiles, instructions = {}, {}, {}
     print(f"bench.ca: {args.rounds} rounds of {args.seconds:g} s per CA and mode; work dir {work}", flush=True)
@@ -242,19 +239,13 @@ def run(args) -> int:
                      "failed": sum(r["failed"] for r in rounds.get(key, ())), "instructions": instructions.get(key)}
                for key in dict.fromkeys([*rounds, *instructions])}
     table = markdown(summary)
-    meta = {"started": started, "command": shlex.join(sys.orig_argv), "revision": git_revision(),
+    meta = {"started": started, "command": shlex.join(sys.orig_argv), "revision": revision,
             "baseline": str(args.baseline) if args.baseline else None, "rounds": args.rounds,
             "load": f"bench.ca_client --seconds {args.seconds:g} --processes {args.processes} "
                     f"--threads {args.threads}",
             "callgrind": f"{args.callgrind} CSRs after {args.callgrind_warmup}" if args.callgrind else "off"}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    base = args.results_dir / f"{started}-ca"
-    settings = "\n".join(f"- {key}: {value}" for key, value in meta.items())
-    base.with_suffix(".md").write_text(f"# CA throughput, {started}\n\n{settings}\n\n{table}\n")
-    base.with_suffix(".json").write_text(json.dumps({
-        "meta": meta, "summary": {f"{name}/{mode}": figures for (name, mode), figures in summary.items()},
-        "rounds": {f"{name}/{mode}": runs for (name, mode), runs in rounds.items()}}, indent=2))
-    print("\n" + table)
+    base = write_table_results(args.results_dir, "ca", "CA throughput", meta, table,
+                               {"summary": by_name(summary), "rounds": by_name(rounds)})
     print(f"results: {base}.md, {base}.json; raw logs: {work}; txmesh from {REPO_DIR}")
     return 0
 

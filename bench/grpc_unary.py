@@ -25,7 +25,6 @@ logs to bench/work/<timestamp>/.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shlex
 import statistics
@@ -34,7 +33,8 @@ from contextlib import ExitStack
 from pathlib import Path
 
 from bench.procs import BenchError, free_port, run_main, run_tool, tree_cpu_seconds
-from bench.run import git_revision, tool_versions
+from bench.report import write_table_results
+from bench.run import start_run, tool_versions
 from bench.topologies import (
     BENCH_DIR,
     MESH_HOST,
@@ -42,7 +42,6 @@ from bench.topologies import (
     _common_tls,
     _identity_options,
     _tls_socket,
-    find_venv_bin,
     start_envoy,
     start_txmesh,
     txmesh_pair_resources,
@@ -174,11 +173,7 @@ def markdown(summary: dict) -> str:
 
 
 def run(args) -> int:
-    started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    revision = git_revision()
-    work = BENCH_DIR / "work" / started
-    work.mkdir(parents=True)
-    venv_bin = find_venv_bin(args.venv)
+    started, revision, work, venv_bin = start_run(args.venv)
     rounds = {case: [] for case in CASES}
     print(f"bench.grpc_unary: {args.rounds} rounds; {args.rate:g} calls/s for {args.latency_seconds:g} s, then "
           f"unpaced for {args.throughput_seconds:g} s, per case; work dir {work}", flush=True)
@@ -205,12 +200,8 @@ def run(args) -> int:
                     f"process) for {args.latency_seconds:g} s, then --threads {args.threads} unpaced for "
                     f"{args.throughput_seconds:g} s",
             **tool_versions(venv_bin)}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    base = args.results_dir / f"{started}-grpc"
-    settings = "\n".join(f"- {key}: {value}" for key, value in meta.items())
-    base.with_suffix(".md").write_text(f"# gRPC unary calls, {started}\n\n{settings}\n\n{table}\n")
-    base.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "rounds": rounds}, indent=2))
-    print("\n" + table)
+    base = write_table_results(args.results_dir, "grpc", "gRPC unary calls", meta, table,
+                               {"summary": summary, "rounds": rounds})
     print(f"results: {base}.md, {base}.json; raw logs: {work}")
     return 0
 

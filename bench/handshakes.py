@@ -26,7 +26,6 @@ Results go to stdout and bench/results/<timestamp>-handshakes.{md,json}; logs to
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import shlex
 import statistics
@@ -37,13 +36,13 @@ from pathlib import Path
 from bench import callgrind
 from bench.handshake_client import client_context, one_request
 from bench.procs import BenchError, run_main, run_tool, tree_cpu_seconds
-from bench.run import git_revision, tool_versions
+from bench.report import by_name, write_table_results
+from bench.run import start_run, tool_versions
 from bench.topologies import (
     BENCH_DIR,
     REPO_DIR,
     Proxy,
     Workspace,
-    find_venv_bin,
     start_backend,
     start_envoy_server_sidecar,
     start_txmesh_server_sidecar,
@@ -187,11 +186,7 @@ def markdown(summary: dict) -> str:
 
 
 def run(args) -> int:
-    started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    revision = git_revision()
-    work = BENCH_DIR / "work" / started
-    work.mkdir(parents=True)
-    venv_bin = find_venv_bin(args.venv)
+    started, revision, work, venv_bin = start_run(args.venv)
     rounds, instructions = {}, {}
     print(f"bench.handshakes: {args.rounds} rounds of {args.seconds:g} s per case and mode; work dir {work}",
           flush=True)
@@ -224,14 +219,8 @@ def run(args) -> int:
                     f"--threads {args.threads}",
             "callgrind": f"{args.callgrind} handshakes after {args.callgrind_warmup}" if args.callgrind else "off",
             **tool_versions(venv_bin)}
-    args.results_dir.mkdir(parents=True, exist_ok=True)
-    base = args.results_dir / f"{started}-handshakes"
-    settings = "\n".join(f"- {key}: {value}" for key, value in meta.items())
-    base.with_suffix(".md").write_text(f"# Inbound mTLS handshakes, {started}\n\n{settings}\n\n{table}\n")
-    base.with_suffix(".json").write_text(json.dumps({
-        "meta": meta, "summary": {f"{case}/{mode}": figures for (case, mode), figures in summary.items()},
-        "rounds": {f"{case}/{mode}": runs for (case, mode), runs in rounds.items()}}, indent=2))
-    print("\n" + table)
+    base = write_table_results(args.results_dir, "handshakes", "Inbound mTLS handshakes", meta, table,
+                               {"summary": by_name(summary), "rounds": by_name(rounds)})
     print(f"results: {base}.md, {base}.json; raw logs: {work}; txmesh from {REPO_DIR}")
     return 0
 

@@ -294,6 +294,24 @@ def round_table(runs: dict[str, CaseRun]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def write_table_results(results_dir: Path, kind: str, title: str, meta: dict, table: str, data: dict) -> Path:
+    """The results of a side benchmark (bench.ca, bench.handshakes, bench.grpc_unary): ``STARTED-KIND.md``
+    (``title``, the settings in ``meta``, the markdown ``table``) and ``STARTED-KIND.json`` (``meta`` and
+    ``data``) in ``results_dir``; prints the table and returns the path without suffix."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    base = results_dir / f"{meta['started']}-{kind}"
+    settings = "\n".join(f"- {key}: {value}" for key, value in meta.items())
+    base.with_suffix(".md").write_text(f"# {title}, {meta['started']}\n\n{settings}\n\n{table}\n")
+    base.with_suffix(".json").write_text(json.dumps({"meta": meta, **data}, indent=2))
+    print("\n" + table)
+    return base
+
+
+def by_name(figures: dict) -> dict:
+    """``{(case, mode): value}`` as JSON keys ``"case/mode"``."""
+    return {"/".join(key): value for key, value in figures.items()}
+
+
 def write_results(path_stem: Path, meta: dict, runs: dict[str, CaseRun], summary: dict,
                   ratio_table: dict) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (everything) and ``<stem>.md`` (summary); return both paths."""

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from contextlib import ExitStack
 from pathlib import Path
+from typing import NamedTuple
 
 from bench import callgrind, diagnostics, report
 from bench.loadgen import LoadGenerator
@@ -116,6 +117,24 @@ def git_revision() -> str:
     return out.stdout.strip() or "unknown"
 
 
+class RunStart(NamedTuple):
+    """The start of one benchmark run (bench.run and the side benchmarks)."""
+
+    started: str  # the timestamp that names its results
+    revision: str  # the code its processes run (read before they start)
+    work: Path  # its work directory, created: configs, logs
+    venv_bin: Path
+
+
+def start_run(venv) -> RunStart:
+    """Timestamp the run, read the revision and create its work directory under bench/work."""
+    started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    revision = git_revision()
+    work = BENCH_DIR / "work" / started
+    work.mkdir(parents=True)
+    return RunStart(started, revision, work, find_venv_bin(venv))
+
+
 def proxy_cpu(target: Target) -> list[float]:
     """CPU seconds used so far by each of the case's proxies (and any processes they forked)."""
     return [tree_cpu_seconds(proxy.pid) for proxy in target.proxies]
@@ -179,11 +198,7 @@ def measure_round(load: LoadGenerator, args, name: str, target: Target, tag: str
 
 
 def run(args) -> int:
-    started = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    revision = git_revision()  # read before the processes start: that is the code they run
-    work = BENCH_DIR / "work" / started
-    work.mkdir(parents=True)
-    venv_bin = find_venv_bin(args.venv)
+    started, revision, work, venv_bin = start_run(args.venv)
     runs = {name: report.CaseRun(name, " ".join(CASES[name].__doc__.split())) for name in args.cases}
     load = LoadGenerator(work, args.client_cpus)
     print(f"bench: cases {', '.join(args.cases)}; {args.rounds} rounds; work dir {work}", flush=True)
