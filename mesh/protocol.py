@@ -77,6 +77,42 @@ REASON_LIMIT = 1 * KIB
 MAX_PENDING_TOTAL = 16 * MIB
 
 
+#: the version of a SNAPSHOT's optional ``credentials`` field (a gateway's Secrets); a proxy NACKs another
+CREDENTIALS_VERSION = 1
+#: the file names a credential may hold (a mounted ``kubernetes.io/tls`` Secret's)
+CREDENTIAL_FILES = ("tls.crt", "tls.key", "ca.crt")
+#: a credential's name: a Kubernetes Secret name (it becomes a directory name on the gateway)
+_SECRET_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+
+
+def credentials_field(secrets: dict) -> dict:
+    """The SNAPSHOT ``credentials`` field of ``secrets`` (``{name: {file name: PEM}}``)."""
+    return {"v": CREDENTIALS_VERSION, "secrets": secrets}
+
+
+def credentials_of(snapshot: dict) -> dict:
+    """The Secrets of a SNAPSHOT's ``credentials`` field, ``{name: {file name: PEM}}`` (none when absent).
+
+    Raises :class:`ValueError` saying what is wrong when the field is malformed or of another version.
+    """
+    field = snapshot.get("credentials")
+    if field is None:
+        return {}
+    if not isinstance(field, dict) or field.get("v") != CREDENTIALS_VERSION:
+        raise ValueError(f"credentials field of version {field.get('v') if isinstance(field, dict) else None!r}; "
+                         f"this proxy reads version {CREDENTIALS_VERSION}: run a proxy as new as the control plane")
+    secrets = field.get("secrets")
+    if not isinstance(secrets, dict):
+        raise ValueError("credentials: secrets is not an object")
+    for name, files in secrets.items():
+        if not _SECRET_NAME.fullmatch(name) or ".." in name:
+            raise ValueError(f"credentials: {name[:64]!r} is not a Secret name")
+        if not isinstance(files, dict) or not all(key in CREDENTIAL_FILES and isinstance(text, str)
+                                                  for key, text in files.items()):
+            raise ValueError(f"credentials: {name} must map {', '.join(CREDENTIAL_FILES)} to PEM text")
+    return secrets
+
+
 class ProtocolError(Exception):
     """The peer broke the protocol; the stream is closed with this reason.
 

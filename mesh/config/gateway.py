@@ -411,14 +411,16 @@ def _secret_files(compiler, tls: ServerTLS, f: Fields) -> dict:
     if directory is None:
         f.error("credentialName", f"credentialName names a Secret mounted in the gateway, but this gateway has no "
                                   "--gateway-credentials-dir: start it with the directory where Secrets are mounted "
-                                  f"(it reads DIR/{name}/tls.crt and tls.key), or set serverCertificate and "
+                                  f"(it reads DIR/{name}/tls.crt and tls.key), or with --control and --state-dir "
+                                  "to get the Secret from mesh-control --kubernetes, or set serverCertificate and "
                                   "privateKey")
         return {}
     found = {key: _secret_file(directory, name, names) for key, names in _SECRET_FILES.items()}
     for key in ("serverCertificate", "privateKey"):
         if found[key] is None:
             f.error("credentialName", f"the Secret {name} mounted in {directory} has no "
-                                      f"{' or '.join(_SECRET_FILES[key])} file; mount the Secret there")
+                                      f"{' or '.join(_SECRET_FILES[key])} file; mount the Secret there (from "
+                                      "mesh-control --kubernetes: create it in the gateway's namespace)")
     if tls.mode == "SIMPLE":
         found["caCertificates"] = None  # a ca.crt of the Secret verifies nothing in mode SIMPLE
     else:

@@ -13,6 +13,9 @@ Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
 - the AuthorizationPolicies, PeerAuthentications and RequestAuthentications that apply to it (its
   namespace or the root namespace, selector matching its labels);
 - the trust bundle;
+- for a gateway proxy (HELLO ``gateway``), the TLS material of the Kubernetes Secrets its Gateways
+  name in ``credentialName``, of its own namespace only (:meth:`Distributor.set_credentials`,
+  fed by :mod:`mesh.control.kube.secrets`);
 - warnings for the proxy's log about what those scoped resources cannot show
   it: that its namespace's policies use selectors and none selects it
   (:func:`mesh.config.selection.unselected_warning`).
@@ -90,24 +93,35 @@ def _digest(document) -> str:
 
 
 def view_key(workload: Workload) -> tuple:
-    """Everything of ``workload`` that the documents of its snapshot depend on: namespace and labels.
+    """Everything of ``workload`` that the documents of its snapshot depend on: namespace, labels and
+    whether it is a gateway (only a gateway gets credentials).
 
     Proxies with equal keys share one :class:`~mesh.control.snapshots.View`
     (documents computed and encoded once).  A new input of the scoping in
     :meth:`Distributor.scope` (a resource selecting workloads by something
     else than namespace and labels) must be added here.
     """
-    return workload.namespace, tuple(sorted(workload.labels.items()))
+    return workload.namespace, tuple(sorted(workload.labels.items())), workload.gateway
 
 
 @dataclass(frozen=True)
 class _Scope:
     """The config part of a view: the chosen items, the namespaces whose registry entries it includes,
-    and whether its namespace's policies use selectors none of which selects it (a warning, per workload)."""
+    whether its namespace's policies use selectors none of which selects it (a warning, per workload),
+    and the names of the Secrets of its namespace a gateway proxy gets (its Gateways' credentialName)."""
 
     items: tuple
     selecting: tuple
     warned: bool
+    credentials: tuple = ()
+
+
+def _credential_names(items) -> tuple:
+    """The Secrets the Gateways among ``items`` name in ``credentialName``, each with its ``NAME-cacert``
+    (Istio's Secret of client CAs), sorted; a gateway gets those of its own namespace only."""
+    names = {server.tls.credential for item in items if isinstance(item.obj, Gateway)
+             for server in item.obj.servers if server.tls is not None and server.tls.credential}
+    return tuple(sorted(names | {f"{name}-cacert" for name in names}))
 
 
 def _validated(resources) -> tuple:
@@ -221,7 +235,7 @@ class ProxyStream(proto.MessageStream):
         self.hello = msg
         self.workload = Workload(name=msg["workload"], namespace=self.identity.namespace, labels=labels,
                                  service_account=self.identity.service_account,
-                                 app_port=msg.get("app_port") or None)
+                                 app_port=msg.get("app_port") or None, gateway=msg.get("gateway") is True)
         self.distributor.hello(self, address)
 
     def _check_claims(self, msg) -> None:
@@ -337,6 +351,8 @@ class Distributor:
         self._endpoints = {}  # namespace -> ((generation, registry generation), [(node, document, digest)])
         self._entry_documents = {}  # node -> (registration, generation, (node, document, digest))
         self._bundle = (None, None)  # (trust bundle PEM, its digest)
+        self.credentials = {}  # (namespace, Secret name) -> {file name: PEM}: see set_credentials
+        self._credentials_generation = 0  # bumped when they change: the views of gateways are rebuilt
         self._registry_seen = {}  # the registry's generations as of the last push round
         self.pushes = 0
         self.factory = StreamFactory(self)
@@ -362,6 +378,15 @@ class Distributor:
         self._generation += 1
         self.changed()
         return errors
+
+    def set_credentials(self, secrets: dict) -> None:
+        """Replace the Secrets gateways may get: ``{(namespace, name): {file name: PEM}}`` (``tls.crt``,
+        ``tls.key``, ``ca.crt``).  The gateway proxies whose Gateways name a changed one get a push."""
+        if secrets == self.credentials:
+            return
+        self.credentials = secrets
+        self._credentials_generation += 1
+        self.changed()
 
     def changed(self) -> None:
         """Something changed: push ``debounce`` seconds after the last change, at most ``max_delay``
@@ -428,7 +453,8 @@ class Distributor:
         wanted = {id(obj) for obj in applicable(objects, POLICY_KINDS, workload, self.root_namespace)}
         chosen += [item for item in self.items if id(item.obj) in wanted
                    or (isinstance(item.obj, Gateway) and selects(item.obj.selector, workload.labels))]
-        return _Scope(tuple(chosen), tuple(sorted(selecting)), unselected_warning(objects, workload) is not None)
+        return _Scope(tuple(chosen), tuple(sorted(selecting)), unselected_warning(objects, workload) is not None,
+                      _credential_names(chosen) if workload.gateway else ())
 
     def _scope_of(self, key, workload) -> _Scope:
         """The cached :meth:`scope` of ``key``, rebuilt after the resources changed."""
@@ -443,16 +469,20 @@ class Distributor:
         key = view_key(workload)
         scope = self._scope_of(key, workload)
         seen = self._registry_seen
-        token = (self._generation, *(seen.get(namespace, 0) for namespace in scope.selecting))
+        token = (self._generation, self._credentials_generation if scope.credentials else 0,
+                 *(seen.get(namespace, 0) for namespace in scope.selecting))
         view = self._views.get(key)
         if view is None or view.token != token:
             endpoints = [entry for namespace in scope.selecting for entry in self._endpoints_of(namespace)]
             if len(scope.selecting) > 1:
                 endpoints.sort(key=lambda entry: entry[0])
+            credentials = {name: self.credentials[workload.namespace, name] for name in scope.credentials
+                           if (workload.namespace, name) in self.credentials}
             view = self._views[key] = View(token, [item.document for item in scope.items]
                                            + [document for _, document, _ in endpoints],
                                            [item.digest for item in scope.items]
-                                           + [entry_digest for _, _, entry_digest in endpoints])
+                                           + [entry_digest for _, _, entry_digest in endpoints]
+                                           + ([_digest(credentials)] if credentials else []), credentials)
         return key, view, scope
 
     def _endpoints_of(self, namespace: str) -> list:

@@ -30,13 +30,14 @@ class Snapshot:
     Several proxies may hold the same object: it is never changed after it is made.
     """
 
-    __slots__ = ("version", "documents", "warnings", "trust_bundle", "_frame", "_error")
+    __slots__ = ("version", "documents", "warnings", "trust_bundle", "credentials", "_frame", "_error")
 
-    def __init__(self, version: str, documents: list, warnings: list, trust_bundle: str):
+    def __init__(self, version: str, documents: list, warnings: list, trust_bundle: str, credentials=None):
         self.version = version
         self.documents = documents
         self.warnings = warnings
         self.trust_bundle = trust_bundle
+        self.credentials = credentials or {}  # a gateway's Secrets: {name: {file name: PEM}}
         self._frame = None
         self._error = None
 
@@ -45,10 +46,11 @@ class Snapshot:
         if self._frame is None:
             if self._error is not None:
                 raise self._error
+            extra = {"credentials": proto.credentials_field(self.credentials)} if self.credentials else {}
             try:
                 self._frame = proto.encode(proto.message(
                     proto.SNAPSHOT, version=self.version, resources=self.documents,
-                    trust_bundle=self.trust_bundle, warnings=list(self.warnings)))
+                    trust_bundle=self.trust_bundle, warnings=list(self.warnings), **extra))
             except proto.ProtocolError as error:
                 self._error = error
                 raise
@@ -58,16 +60,19 @@ class Snapshot:
 class View:
     """The documents proxies of one view key get, built from inputs identified by ``token``.
 
-    ``digests`` are the documents' content hashes, in order: the snapshot
-    version hashes them, so equal content gives equal versions whatever
-    proxy, view or control plane restart it comes from.
+    ``digests`` are the documents' content hashes, in order (and the
+    credentials' hash, if any): the snapshot version hashes them, so equal
+    content gives equal versions whatever proxy, view or control plane
+    restart it comes from, and a rotated Secret gives a new version.
+    ``credentials``: the Secrets a gateway proxy gets, ``{name: {file name: PEM}}``.
     """
 
-    __slots__ = ("token", "documents", "_digest", "_snapshots")
+    __slots__ = ("token", "documents", "credentials", "_digest", "_snapshots")
 
-    def __init__(self, token, documents: list, digests: list):
+    def __init__(self, token, documents: list, digests: list, credentials=None):
         self.token = token
         self.documents = documents
+        self.credentials = credentials or {}
         self._digest = digest("\n".join(digests))
         self._snapshots = {}  # (warnings, bundle digest) -> Snapshot
 
@@ -77,6 +82,7 @@ class View:
         snapshot = self._snapshots.get(key)
         if snapshot is None:
             parts = [self._digest, *(digest(text) for text in warnings), bundle_digest]
-            snapshot = Snapshot(digest("\n".join(parts))[:16], self.documents, list(warnings), bundle_pem.decode())
+            snapshot = Snapshot(digest("\n".join(parts))[:16], self.documents, list(warnings), bundle_pem.decode(),
+                                self.credentials)
             self._snapshots[key] = snapshot
         return snapshot

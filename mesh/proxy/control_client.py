@@ -33,6 +33,7 @@ from mesh.config.validate import validate
 from mesh.identity.agent import VerifyControlPlane
 from mesh.identity.tls import WorkloadCredentials
 from mesh.proxy import lkg
+from mesh.proxy.gateway_credentials import private_dir, write_credentials
 
 log = Logger()
 
@@ -141,6 +142,10 @@ class ControlClient(service.Service):
         self._backoff = Backoff(BACKOFF_MIN, BACKOFF_MAX, jitter=(0.5, 1.5))
         self._timer = None
         self._connecting = None
+        #: where the Secrets a gateway gets are written: its credentials dir when that is the private one
+        workload = settings.workload
+        self.credentials_dir = (workload.credentials_dir if workload.gateway and state_dir
+                                and workload.credentials_dir == private_dir(state_dir) else None)
 
     # -- lifecycle -----------------------------------------------------------------------
     def startService(self):
@@ -223,6 +228,7 @@ class ControlClient(service.Service):
         return {"node": self.node, "workload": workload.name, "namespace": workload.namespace,
                 "service_account": settings.identity.service_account, "labels": dict(workload.labels),
                 "address": address, "inbound_port": settings.inbound_port if settings.app_port else None,
+                "gateway": workload.gateway,  # a gateway gets its Gateways' credentialName Secrets
                 "app_port": settings.app_port or None, "version": self.applied_version or "",
                 # informational, for meshctl (version, proxy-config/tap/stat by name)
                 "proxy_version": __version__, "admin_port": settings.admin_port,
@@ -252,6 +258,8 @@ class ControlClient(service.Service):
 
     def _apply(self, snapshot):
         proxy = self.proxy
+        if self.credentials_dir is not None:
+            self._write_credentials(snapshot)
         config, warnings = compile_snapshot(snapshot, proxy.settings.workload, proxy.settings.identity.trust_domain)
         credentials = self._with_bundle(snapshot.get("trust_bundle"))
         if credentials is not None:
@@ -265,6 +273,16 @@ class ControlClient(service.Service):
             log.warn("config warning: {warning}", warning=str(warning))
         log.info("config {version} applied from the control plane ({count} resources)",
                  version=snapshot["version"], count=len(snapshot.get("resources") or ()))
+
+    def _write_credentials(self, snapshot) -> None:
+        """Write the snapshot's Secrets to the private credentials dir, where compiling reads them."""
+        try:
+            write_credentials(self.credentials_dir, proto.credentials_of(snapshot))
+        except ValueError as error:
+            raise SnapshotRejected(str(error)) from None
+        except OSError as error:
+            raise SnapshotRejected(f"cannot write the gateway's Secrets in {self.credentials_dir}: {error}; "
+                                   "give the proxy a writable --state-dir") from None
 
     def _with_bundle(self, bundle_pem):
         """New credentials when the distributed trust bundle differs from the one in use, else None."""

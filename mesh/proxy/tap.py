@@ -118,7 +118,9 @@ class ProxyOptions(usage.Options):
                              "process serves them (docs/operations.md, \"Worker processes\").", int],
         ["gateway-address", None, "0.0.0.0", "Address of the gateway ports (with --gateway)."],
         ["gateway-credentials-dir", None, None, "Where the Secrets that Gateways name in credentialName are mounted "
-                                                "(with --gateway): DIR/NAME/tls.crt, tls.key, ca.crt."],
+                                                "(with --gateway): DIR/NAME/tls.crt, tls.key, ca.crt.  Default with "
+                                                "--control and --state-dir: the Secrets mesh-control --kubernetes "
+                                                "sends, written to STATE_DIR/gateway-credentials."],
         ["access-log", None, "stdout",
          "Access log (a JSON line per request and per TCP passthrough connection): stdout (a daemon has none: "
          "then log), log (twistd's log: its --logfile, --syslog or --logger), off, or a file."],
@@ -327,7 +329,16 @@ def _workload(options) -> Workload:
     return Workload(name=options["workload"], namespace=options["namespace"], labels=dict(options["labels"]),
                     service_account=options["service-account"], app_port=options["app-port"] or None,
                     inbound=_inbound_addresses(options), gateway=bool(options["gateway"]),
-                    credentials_dir=options["gateway-credentials-dir"])
+                    credentials_dir=_credentials_dir(options))
+
+
+def _credentials_dir(options):
+    """``--gateway-credentials-dir``; for a gateway fed by the control plane without it, the private
+    directory of its state dir where the Secrets the control plane sends are written."""
+    if options["gateway-credentials-dir"] or options["config-dir"] or not (options["gateway"] and options["state-dir"]):
+        return options["gateway-credentials-dir"]
+    from mesh.proxy.gateway_credentials import private_dir
+    return private_dir(options["state-dir"])
 
 
 def _exit_on_config_errors(errors: ConfigErrors, config_dir: str):

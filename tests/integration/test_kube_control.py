@@ -121,9 +121,9 @@ def test_endpoint_churn_reaches_the_sidecar_within_two_seconds(cluster):
 
 def test_a_broken_watch_resumes_without_missing_a_change(cluster):
     broken = cluster["kube"].break_watches()
-    assert broken == 3 + len(crd_resources()) + 2, ("every watch of the control plane (3 registry kinds, the txmesh "
-                                                    "CR kinds, the trust-bundle publisher's namespaces and "
-                                                    "configmaps) was open")
+    assert broken == 3 + len(crd_resources()) + 1 + 2, ("every watch of the control plane (3 registry kinds, the "
+                                                        "txmesh CR kinds, the gateways' secrets, the trust-bundle "
+                                                        "publisher's namespaces and configmaps) was open")
     set_endpoints(cluster, [("127.0.0.2", "reviews-1", True), ("127.0.0.3", "reviews-2", True),
                             ("127.0.0.4", "reviews-3", True)])
     elapsed = reflected(cluster, ["127.0.0.2", "127.0.0.3", "127.0.0.4"], 5.0, "the change made as the watch broke")

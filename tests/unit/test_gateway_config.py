@@ -285,9 +285,10 @@ def test_credential_name_reads_the_secret_mounted_in_the_gateway(tmp_path, pki):
     assert refusal(GATEWAY) == (
         "spec.servers[0].tls.credentialName: credentialName names a Secret mounted in the gateway, but this "
         "gateway has no --gateway-credentials-dir: start it with the directory where Secrets are mounted (it reads "
-        "DIR/bookinfo/tls.crt and tls.key), or set serverCertificate and privateKey")
+        "DIR/bookinfo/tls.crt and tls.key), or with --control and --state-dir to get the Secret from mesh-control "
+        "--kubernetes, or set serverCertificate and privateKey")
     (mounted / "bookinfo" / "tls.key").unlink()
     assert refusal(dataclasses.replace(GATEWAY, credentials_dir=str(mounted))) == (
         f"spec.servers[0].tls.credentialName: the Secret bookinfo mounted in {mounted} has no tls.key or key file; "
-        "mount the Secret there")
+        "mount the Secret there (from mesh-control --kubernetes: create it in the gateway's namespace)")
     assert compile_proxy_config(objects, SIDECAR).gateway == {}  # a sidecar never reads them

@@ -10,7 +10,8 @@ Two are config sources (``mesh_config_sources``):
 - ``builtin.kubernetes_registry``: :class:`mesh.control.kube.registry.RegistrySource`
   (Services, EndpointSlices, Pods -> ServiceEntries);
 - ``builtin.kubernetes_crds``: :class:`mesh.control.kube.crds.CRDSource` (txmesh's
-  CRDs, and Istio's with ``--istio-crds``).
+  CRDs, and Istio's with ``--istio-crds``); it also adds the Secrets watch
+  :class:`mesh.control.kube.secrets.GatewaySecrets` (the Gateways' ``credentialName``).
 
 Two write to the API instead: in ``mesh_configure`` they add a child service
 to the control plane (it starts and stops with it):
@@ -71,12 +72,18 @@ class RegistryPlugin(KubernetesPlugin):
 
 
 class CRDsPlugin(KubernetesPlugin):
-    """``builtin.kubernetes_crds``: txmesh's CRDs (and Istio's with ``--istio-crds``)."""
+    """``builtin.kubernetes_crds``: txmesh's CRDs (and Istio's with ``--istio-crds``), and the Gateways' Secrets."""
 
     @mesh.hookimpl
     def mesh_config_sources(self, options):
         from mesh.control.kube.crds import CRDSource
         return CRDSource(self.control.reactor, self.control.kube_client, istio=bool(options.get("istio_crds")))
+
+    def start(self, config, control) -> None:
+        """Also watch Secrets: the gateways' ``credentialName`` certificates (:mod:`mesh.control.kube.secrets`)."""
+        from mesh.control.kube.secrets import GatewaySecrets
+        GatewaySecrets(control.reactor, control.kube_client, control.distributor.set_credentials).setServiceParent(
+            control)
 
 
 class RootCertPlugin(KubernetesPlugin):

@@ -328,6 +328,7 @@ class WatchingService(service.Service):
     """
 
     name = "kubernetes"
+    cache_class = ObjectCache  #: the cache of each kind (a subclass may keep less of each object)
 
     def __init__(self, reactor, listers: dict, *, coalesce: float = 0.05):
         self.reactor = reactor
@@ -336,7 +337,7 @@ class WatchingService(service.Service):
         self.reflectors = []
         self._timer = None
         for kind, lister in listers.items():
-            cache = ObjectCache(kind, self.cache_changed)
+            cache = self.cache_class(kind, self.cache_changed)
             self.caches[kind] = cache
             self.reflectors.append(Reflector(reactor, kind, lister, cache))
 
