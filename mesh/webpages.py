@@ -51,16 +51,9 @@ class BytesPage(resource.Resource):
         return self._produce()
 
 
-class DeferredPage(resource.Resource):
+class DeferredPage(BytesPage):
     """A GET page whose body comes later: ``produce() -> Deferred((status, bytes))``, served with a content type
     (a failure is logged and answered 500; a client that left gets nothing)."""
-
-    isLeaf = True
-
-    def __init__(self, produce, content_type: bytes):
-        super().__init__()
-        self._produce = produce
-        self._content_type = content_type
 
     def render_GET(self, request):
         gone = []
