@@ -42,16 +42,14 @@ def _validate(tmp_path, text):
     return objects, [str(error).split(": ", 2)[2] for error in errors]
 
 
+def _destination_rule(spec: str, entry: str = _ENTRY) -> str:
+    """``entry`` and the DestinationRule ext for api.example.com whose spec, after ``host``, is ``spec``."""
+    head = "apiVersion: networking.istio.io/v1\nkind: DestinationRule\nmetadata: {name: ext, namespace: shop}\n"
+    return entry + head + "spec:\n  host: api.example.com\n" + textwrap.indent(textwrap.dedent(spec).strip(), "  ")
+
+
 def _rule(tls: str) -> str:
-    return _ENTRY + textwrap.dedent(f"""
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {{name: ext, namespace: shop}}
-        spec:
-          host: api.example.com
-          trafficPolicy:
-            tls: {tls}
-        """)
+    return _destination_rule(f"trafficPolicy:\n  tls: {tls}")
 
 
 @pytest.mark.parametrize("tls, errors", [
@@ -101,21 +99,16 @@ def _endpoint(config, name):
 
 
 def test_the_sni_defaults_to_the_host_and_port_level_settings_apply_to_their_port(tmp_path):
-    objects, errors = _validate(tmp_path, _ENTRY + textwrap.dedent("""
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {name: ext, namespace: shop}
-        spec:
-          host: api.example.com
+    objects, errors = _validate(tmp_path, _destination_rule("""
+        trafficPolicy:
+          portLevelSettings:
+          - port: {number: 80}
+            tls: {mode: SIMPLE, caCertificates: /ca.pem}
+        subsets:
+        - name: v1
+          labels: {version: v1}
           trafficPolicy:
-            portLevelSettings:
-            - port: {number: 80}
-              tls: {mode: SIMPLE, caCertificates: /ca.pem}
-          subsets:
-          - name: v1
-            labels: {version: v1}
-            trafficPolicy:
-              tls: {mode: SIMPLE, sni: other.example, insecureSkipVerify: true}
+            tls: {mode: SIMPLE, sni: other.example, insecureSkipVerify: true}
         """))
     assert errors == []
     config = compile_proxy_config(objects, Workload("app", "shop"))
@@ -182,17 +175,12 @@ def test_contexts_are_built_once_per_setting_and_bad_files_become_the_refusal(tm
 
 def test_origination_on_a_tls_port_is_a_warning_once(tmp_path):
     entry = _ENTRY.replace("{number: 8080, name: http-alt, protocol: HTTP}", "{number: 8443, name: tls, protocol: TLS}")
-    objects, errors = _validate(tmp_path, entry + textwrap.dedent("""
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {name: ext, namespace: shop}
-        spec:
-          host: api.example.com
-          trafficPolicy:
-            tls: {mode: SIMPLE}
-          subsets:
-          - {name: v1, labels: {version: v1}}
-        """))
+    objects, errors = _validate(tmp_path, _destination_rule("""
+        trafficPolicy:
+          tls: {mode: SIMPLE}
+        subsets:
+        - {name: v1, labels: {version: v1}}
+        """, entry))
     assert errors == []
     warnings = compile_proxy_config(objects, Workload("app", "shop")).warnings
     assert [str(warning).split(": ", 3)[3] for warning in warnings] == [  # for the service and its subset: once
