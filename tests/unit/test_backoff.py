@@ -66,7 +66,8 @@ def test_nonsense_parameters_are_refused_with_what_was_given(kwargs):
 
 
 def test_config_stream_reconnects_after_half_a_second_doubling_to_30s_jittered_50_percent():
-    client = ControlClient(Clock(), SimpleNamespace(settings=None), ("127.0.0.1", 15012), "x", node="n")
+    settings = SimpleNamespace(workload=SimpleNamespace(gateway=False, credentials_dir=None))
+    client = ControlClient(Clock(), SimpleNamespace(settings=settings), ("127.0.0.1", 15012), "x", node="n")
     assert schedule(client._backoff, LOW) == [0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0, 15.0]
     assert schedule(client._backoff, HIGH)[-1] == 45.0
 
