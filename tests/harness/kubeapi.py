@@ -16,6 +16,11 @@ port written to F once it listens. Tests drive it with the real ``kubernetes`` c
 - ``POST /_test/fail`` ``{"verbs": [...], "resource": PLURAL, "times": N}``: answer the next N such requests
   503 ServiceUnavailable, as an overloaded API server (or an etcd timeout) does.
 
+TokenReview is answered from the tokens added under ``/_test/tokens``; SubjectAccessReview
+(``authorization.k8s.io/v1``) by evaluating the stored Roles, ClusterRoles, RoleBindings and
+ClusterRoleBindings, a faithful subset of RBAC (:mod:`tests.harness.kuberbac`).  Requests themselves
+are not authorized by RBAC (only ``/_test/forbid``).
+
 Watches follow the real server: ``resourceVersion`` absent or ``"0"`` starts with synthetic ADDED events
 for the current state; a version streams the changes after it; a version older than the compacted
 history gets one ERROR event (410 Expired) and the stream ends; a change that moves an object out of a
@@ -35,6 +40,7 @@ from twisted.internet import reactor, task
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from twisted.web import resource, server
 
+from . import kuberbac
 from .kubeauth import Tokens
 from .kuberesources import ApiError, Resources, ResourceType
 from .kubeselectors import SelectorError, selector
@@ -205,6 +211,10 @@ class KubeApiServer(resource.Resource):
             if method != "POST":
                 raise _not_allowed()
             return self._respond(request, 201, self.tokens.review(self._body(request) or {}))
+        if (group, version, rest) == ("authorization.k8s.io", "v1", ["subjectaccessreviews"]):
+            if method != "POST":
+                raise _not_allowed()
+            return self._respond(request, 201, kuberbac.review(self.resources, self._body(request) or {}))
         namespace = None
         if len(rest) >= 3 and rest[0] == "namespaces" and not (group == "" and len(rest) == 3
                                                                 and rest[2] in ("status", "finalize")):

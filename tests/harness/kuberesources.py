@@ -262,6 +262,11 @@ BUILTIN_TYPES = (
     ResourceType("apiextensions.k8s.io", ("v1",), "customresourcedefinitions", "CustomResourceDefinition",
                  namespaced=False, status_subresource=True, generation=True, returns_deleted=True,
                  defaults=_crd_defaults),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "roles", "Role"),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterroles", "ClusterRole", namespaced=False),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "rolebindings", "RoleBinding"),
+    ResourceType("rbac.authorization.k8s.io", ("v1",), "clusterrolebindings", "ClusterRoleBinding",
+                 namespaced=False),
 )
 
 
