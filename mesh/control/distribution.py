@@ -15,7 +15,8 @@ Each connected proxy (:class:`ProxyStream`) gets a snapshot scoped to it:
 - the trust bundle;
 - for a gateway proxy (HELLO ``gateway``), the TLS material of the Kubernetes Secrets its Gateways
   name in ``credentialName``, of its own namespace only (:meth:`Distributor.set_credentials`,
-  fed by :mod:`mesh.control.kube.secrets`);
+  fed by :mod:`mesh.control.kube.secrets`), and only once its service account may read Secrets
+  there (:attr:`Distributor.secret_access`, a SubjectAccessReview: :mod:`mesh.control.kube.secretaccess`);
 - warnings for the proxy's log about what those scoped resources cannot show
   it: that its namespace's policies use selectors and none selects it
   (:func:`mesh.config.selection.unselected_warning`).
@@ -64,6 +65,7 @@ from mesh.config.security_compile import DEFAULT_ROOT_NAMESPACE, applicable
 from mesh.config.selection import POLICY_KINDS, describe_selection, selects, unselected_warning
 from mesh.config.sidecar import sidecar_scope
 from mesh.config.validate import validate
+from mesh.control.kube.secretaccess import denied_reason
 from mesh.control.registry import Registration, Registry
 from mesh.control.snapshots import View, digest
 from mesh.identity.spiffe import InvalidSpiffeId, SpiffeId
@@ -92,16 +94,21 @@ def _digest(document) -> str:
     return digest(json.dumps(document, sort_keys=True, separators=(",", ":"), default=str))
 
 
+_ACCESS = 2  # where a view's token holds the gateway's secret_access verdict (see Distributor._view)
+
+
 def view_key(workload: Workload) -> tuple:
-    """Everything of ``workload`` that the documents of its snapshot depend on: namespace, labels and
-    whether it is a gateway (only a gateway gets credentials).
+    """Everything of ``workload`` that the documents of its snapshot depend on: namespace, labels,
+    whether it is a gateway (only a gateway gets credentials) and a gateway's service account (whether
+    it may read its namespace's Secrets is asked per service account).
 
     Proxies with equal keys share one :class:`~mesh.control.snapshots.View`
     (documents computed and encoded once).  A new input of the scoping in
     :meth:`Distributor.scope` (a resource selecting workloads by something
     else than namespace and labels) must be added here.
     """
-    return workload.namespace, tuple(sorted(workload.labels.items())), workload.gateway
+    return (workload.namespace, tuple(sorted(workload.labels.items())), workload.gateway,
+            workload.service_account if workload.gateway else None)
 
 
 @dataclass(frozen=True)
@@ -353,6 +360,9 @@ class Distributor:
         self._bundle = (None, None)  # (trust bundle PEM, its digest)
         self.credentials = {}  # (namespace, Secret name) -> {file name: PEM}: see set_credentials
         self._credentials_generation = 0  # bumped when they change: the views of gateways are rebuilt
+        #: ``(namespace, service account) -> True / False / None`` (unknown): may a gateway of that service
+        #: account get its namespace's Secrets (mesh.control.kube.secretaccess); by default none may
+        self.secret_access = lambda namespace, service_account: False
         self._registry_seen = {}  # the registry's generations as of the last push round
         self.pushes = 0
         self.factory = StreamFactory(self)
@@ -464,12 +474,14 @@ class Distributor:
         return cached[1]
 
     def _view(self, workload: Workload) -> tuple:
-        """``(key, view, scope)`` for ``workload``: the cached view of its key while the resources and the
-        registry entries it includes, as of the last push round, are the same."""
+        """``(key, view, scope)`` for ``workload``: the cached view of its key while the resources, the
+        registry entries it includes, as of the last push round, and a gateway's Secrets and access verdict
+        are the same."""
         key = view_key(workload)
         scope = self._scope_of(key, workload)
         seen = self._registry_seen
-        token = (self._generation, self._credentials_generation if scope.credentials else 0,
+        access = self.secret_access(workload.namespace, workload.service_account) if scope.credentials else None
+        token = (self._generation, self._credentials_generation if scope.credentials else 0, access,
                  *(seen.get(namespace, 0) for namespace in scope.selecting))
         view = self._views.get(key)
         if view is None or view.token != token:
@@ -477,7 +489,7 @@ class Distributor:
             if len(scope.selecting) > 1:
                 endpoints.sort(key=lambda entry: entry[0])
             credentials = {name: self.credentials[workload.namespace, name] for name in scope.credentials
-                           if (workload.namespace, name) in self.credentials}
+                           if access and (workload.namespace, name) in self.credentials}
             view = self._views[key] = View(token, [item.document for item in scope.items]
                                            + [document for _, document, _ in endpoints],
                                            [item.digest for item in scope.items]
@@ -521,6 +533,9 @@ class Distributor:
         warnings = ()
         if scope.warned:  # the text names the workload
             warnings = (str(unselected_warning([item.obj for item in self.items], workload)),)
+        access = view.token[_ACCESS]
+        if scope.credentials and access is not True:  # its Secrets withheld: say why and what to grant
+            warnings += (denied_reason(workload.namespace, workload.service_account, access),)
         return key, view.snapshot(warnings, *self._bundle_of())
 
     def snapshot_for(self, workload: Workload) -> tuple:

@@ -60,6 +60,9 @@ class ControlOptions(usage.Options):
         ["kubeconfig", None, None, "With --kubernetes: kubeconfig file (default: in-cluster credentials)."],
         ["ca-secret", None, None, "With --kubernetes: Secret in --namespace holding the CA root and key "
          "(created on first start; shared by all replicas)."],
+        ["secret-review-ttl", None, "60s", "With --kubernetes: how long the verdict of a SubjectAccessReview (may a "
+         "gateway's service account get Secrets in its namespace?) is used before it is asked again.",
+         duration_option],
         ["webhook-port", None, 0, "Sidecar-injection webhook port (TLS, mesh-CA certificate; Istio's is 15017); "
          "0 = off.", int],
         ["webhook-dns-names", None, None, "Comma-separated DNS names of the webhook's certificate, the first "
@@ -88,9 +91,11 @@ class ControlOptions(usage.Options):
         if not self["state-dir"]:
             raise usage.UsageError("--state-dir is required (where the CA key and trust bundle live)")
         # usage.Options coerces only the values given on the command line, not the defaults
-        for duration in ("workload-cert-ttl", "ca-status-interval"):
+        for duration in ("workload-cert-ttl", "ca-status-interval", "secret-review-ttl"):
             if isinstance(self[duration], str):
                 self[duration] = duration_option(self[duration])
+        if not self["secret-review-ttl"] > 0:
+            raise usage.UsageError("--secret-review-ttl must be more than 0 (e.g. 60s)")
         if not self["ca-status-interval"] > 0:
             raise usage.UsageError("--ca-status-interval must be more than 0 (e.g. 5s)")
         if not 0 <= self["ca-workers"] <= 64:

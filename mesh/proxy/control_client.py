@@ -59,15 +59,16 @@ def compile_snapshot(snapshot: dict, workload, trust_domain: str = "cluster.loca
     if loaded.errors or errors:
         problems = ConfigErrors(loaded.errors + errors).errors
         raise SnapshotRejected("; ".join(str(error) for error in problems))
+    sent = snapshot.get("warnings")
+    sent = [text for text in sent if isinstance(text, str)] if isinstance(sent, list) else []
     try:
         config = compile_proxy_config(objects, workload, trust_domain=trust_domain)
     except ConfigErrors as errors:  # what only this proxy can check (a gateway's certificate files)
-        raise SnapshotRejected("; ".join(str(error) for error in errors.errors)) from None
+        # the control plane's warnings may say why (a gateway's Secrets withheld, and the RBAC to grant)
+        raise SnapshotRejected("; ".join([str(error) for error in errors.errors] + sent)) from None
     except Exception as error:  # a compiler bug must not take the proxy down: NACK it
         raise SnapshotRejected(f"compile failed: {type(error).__name__}: {error}") from None
     config = dataclasses.replace(config, version=snapshot["version"])
-    sent = snapshot.get("warnings")
-    sent = [text for text in sent if isinstance(text, str)] if isinstance(sent, list) else []
     return config, list(config.warnings) + sent
 
 

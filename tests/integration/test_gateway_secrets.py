@@ -1,11 +1,15 @@
 """``credentialName`` from a Kubernetes Secret: mesh-control --kubernetes sends it to the gateway, as istiod by SDS.
 
 The test API server holds a ``kubernetes.io/tls`` Secret ``bookinfo-tls`` in namespace ``shop`` and a
-Gateway CR (Istio's group) whose HTTPS server names it, selecting ``istio=ingressgateway``.  Three proxies
-are fed by the control plane, none with ``--gateway-credentials-dir``:
+Gateway CR (Istio's group) whose HTTPS server names it, selecting ``istio=ingressgateway``, and a Role
+allowing ``get`` on Secrets there, bound (RoleBinding) to the service account ``ingressgateway``.  Four
+proxies are fed by the control plane, none with ``--gateway-credentials-dir``:
 
 - the gateway of ``shop`` serves HTTPS with the Secret's certificate (curl ``--cacert`` of the CA that
   issued it), and, after the Secret is updated with a certificate of another CA, with the new one;
+- a second gateway of ``shop``, of service account ``ingress-unbound`` that no RoleBinding names, gets
+  no Secret (mesh-control's SubjectAccessReview says no) and NACKs naming the permission to grant;
+  once a RoleBinding grants it, it gets the Secret within the verdict cache's TTL (1 s here);
 - a gateway of namespace ``other`` that the Gateway selects too never gets the Secret (Istio's rule: a
   gateway reads Secrets of its own namespace), so it refuses the config saying which Secret it lacks;
 - a sidecar of ``shop`` with the gateway's labels never gets it either (only gateways do).
@@ -59,11 +63,15 @@ def cluster(control_factory, process_log_dir, tmp_path_factory):
         "spec": {"selector": LABELS, "servers": [{
             "port": {"number": 443, "name": "https", "protocol": "HTTPS"}, "hosts": ["bookinfo.com"],
             "tls": {"mode": "SIMPLE", "credentialName": SECRET}}]}})
+    rbac = client.RbacAuthorizationV1Api(api)
+    rbac.create_namespaced_role(NS, {"metadata": {"name": "secret-reader"}, "rules": [
+        {"apiGroups": [""], "resources": ["secrets"], "verbs": ["get", "list", "watch"]}]})
+    bind_secret_reader(rbac, "ingressgateway")
     custom.create_namespaced_custom_object(*ISTIO, NS, "virtualservices", {
         "apiVersion": "networking.istio.io/v1", "kind": "VirtualService", "metadata": {"name": "bookinfo"},
         "spec": {"hosts": ["bookinfo.com"], "gateways": ["bookinfo-gateway"],
                  "http": [{"directResponse": {"status": 200, "body": {"string": "secure bookinfo"}}}]}})
-    control = control_factory(extra_args=["--kubernetes", "--istio-crds",
+    control = control_factory(extra_args=["--kubernetes", "--istio-crds", "--secret-review-ttl", "1s",
                                           "--kubeconfig", str(kube.write_kubeconfig(pki / "kubeconfig"))])
     port = free_port()
     gateway = ControlledProxy(control, "ingressgateway", namespace=NS, labels=LABELS, log_dir=process_log_dir,
@@ -74,11 +82,23 @@ def cluster(control_factory, process_log_dir, tmp_path_factory):
                             extra_args=["--gateway", "--gateway-address", "127.0.0.1",
                                         "--gateway-port", f"443={free_port()}"])
     other.spawn()
-    yield {"core": core, "control": control, "gateway": gateway, "sidecar": sidecar, "other": other, "port": port,
-           "first": first, "second": second, "pki": pki}
-    for proxy in (other, sidecar, gateway):
+    unbound = ControlledProxy(control, "ingress-unbound", namespace=NS, labels=LABELS, log_dir=process_log_dir,
+                              extra_args=["--gateway", "--gateway-address", "127.0.0.1",
+                                          "--gateway-port", f"443={free_port()}"])
+    unbound.spawn()
+    yield {"core": core, "rbac": rbac, "control": control, "gateway": gateway, "sidecar": sidecar, "other": other,
+           "unbound": unbound, "port": port, "first": first, "second": second, "pki": pki}
+    for proxy in (unbound, other, sidecar, gateway):
         proxy.stop()
     kube.stop()
+
+
+def bind_secret_reader(rbac, service_account: str) -> None:
+    """A RoleBinding of the Role secret-reader (get Secrets in shop) to ``service_account`` of shop."""
+    rbac.create_namespaced_role_binding(NS, {
+        "metadata": {"name": f"{service_account}-secrets"},
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "secret-reader"},
+        "subjects": [{"kind": "ServiceAccount", "name": service_account, "namespace": NS}]})
 
 
 def https(cluster, ca):
@@ -104,6 +124,19 @@ def test_no_other_namespace_and_no_sidecar_gets_the_secret(cluster):
     assert secret_files(other) in (None, [])
     assert secret_files(sidecar) is None
     assert "BEGIN" not in str(sidecar.admin("/config_dump"))
+
+
+def test_a_gateway_whose_service_account_may_not_read_secrets_gets_them_once_granted(cluster):
+    unbound = cluster["unbound"]
+    nack = wait_for(lambda: (lambda reason: reason if reason and "may not get Secrets" in reason else None)(
+        proxies(cluster["control"]).get("ingress-unbound", {}).get("last_nack")), 10,
+        what="the unbound gateway to refuse the config, saying which permission it lacks")
+    assert SECRET in nack and f"service account {NS}/ingress-unbound" in nack and "RoleBinding" in nack
+    assert secret_files(unbound) in (None, [])
+    bind_secret_reader(cluster["rbac"], "ingress-unbound")
+    wait_for(lambda: secret_files(unbound) == [SECRET, f"{SECRET}/tls.crt", f"{SECRET}/tls.key"], 10,
+             what="the Secret once the RoleBinding grants it (the verdict cache's TTL is 1 s)")
+    wait_for(lambda: not proxies(cluster["control"])["ingress-unbound"]["stale"], 10, what="its ACK")
 
 
 def test_the_gateway_serves_the_secret_and_follows_its_rotation(cluster):

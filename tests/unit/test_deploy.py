@@ -4,6 +4,7 @@ the pieces agree with each other (ports, names, the proxy UID)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import subprocess
@@ -219,7 +220,7 @@ def test_control_plane_service_webhook_and_rbac_agree():
             (resource,) = rule["resources"]
             assert rule["resourceNames"] == [named[resource]] and writes == {"update"}, rule
         elif writes:
-            assert rule["resources"] in (["tokenreviews"], ["events"]), rule
+            assert rule["resources"] in (["tokenreviews"], ["subjectaccessreviews"], ["events"]), rule
         assert "secrets" not in rule["resources"] or (rule["resources"] == ["secrets"]
                                                       and rule["verbs"] == ["get", "list", "watch"]), rule
     crd_groups = {group for group, _ in crds()}
@@ -263,10 +264,16 @@ def test_the_names_rbac_allows_are_the_ones_mesh_control_watches_and_writes():
                for verb in rule["verbs"]}
     assert {("namespaces", "list"), ("namespaces", "watch"), ("configmaps", "create")} <= granted
     # the Gateways' credentialName: every Secret is listed and watched, unfiltered, so read access to all
+    from mesh.control.kube.secretaccess import SecretAccess
     from mesh.control.kube.secrets import GatewaySecrets
     (reflector,) = GatewaySecrets(None, api_client, dict).reflectors
     assert reflector.kind == "secrets" and not getattr(reflector.lister, "keywords", {}).get("field_selector")
     assert {("secrets", "list"), ("secrets", "watch")} <= granted
+    # a gateway gets them only once a SubjectAccessReview allows its service account
+    review = inspect.getsource(SecretAccess._review)
+    assert "AuthorizationV1Api" in review and "create_subject_access_review" in review
+    assert {"apiGroups": ["authorization.k8s.io"], "resources": ["subjectaccessreviews"],
+            "verbs": ["create"]} in cluster_role["rules"]
 
 
 def test_mesh_control_serves_the_webhook_the_configuration_calls():

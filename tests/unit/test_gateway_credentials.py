@@ -38,6 +38,7 @@ def credentials(dist, fake) -> dict:
 
 def test_only_a_gateway_of_the_secrets_namespace_gets_exactly_the_named_secrets():
     dist = distributor(Clock())
+    dist.secret_access = lambda namespace, service_account: True
     dist.set_resources([gateway_resource()])
     dist.set_credentials({("shop", "web-tls"): PEM, ("shop", "web-tls-cacert"): {"ca.crt": PEM["tls.crt"]},
                           ("shop", "unnamed"): PEM, ("other", "web-tls"): PEM})
@@ -52,6 +53,7 @@ def test_only_a_gateway_of_the_secrets_namespace_gets_exactly_the_named_secrets(
 
 def test_a_rotated_secret_changes_the_gateways_version_only():
     dist = distributor(Clock())
+    dist.secret_access = lambda namespace, service_account: True
     dist.set_resources([gateway_resource()])
     dist.set_credentials({("shop", "web-tls"): PEM})
     gateway, sidecar = stream("g", "shop", True), stream("s", "shop", False)
@@ -59,6 +61,26 @@ def test_a_rotated_secret_changes_the_gateways_version_only():
     dist.set_credentials({("shop", "web-tls"): {**PEM, "tls.crt": "-----BEGIN CERTIFICATE-----\nC\n"}})
     after = dist.snapshot(gateway.workload)[1].version, dist.snapshot(sidecar.workload)[1].version
     assert after[0] != before[0] and after[1] == before[1]
+
+
+def test_a_gateway_whose_service_account_may_not_read_secrets_gets_none_and_is_told_why():
+    dist = distributor(Clock())
+    dist.set_resources([gateway_resource()])
+    dist.set_credentials({("shop", "web-tls"): PEM})
+    verdicts = {"ingress": True}  # service account -> what the SubjectAccessReview said (absent: not yet)
+    dist.secret_access = lambda namespace, service_account: verdicts.get(service_account)
+    allowed, denied = stream("g", "shop", True), stream("h", "shop", True)
+    allowed.workload = dataclasses.replace(allowed.workload, service_account="ingress")
+    denied.workload = dataclasses.replace(denied.workload, service_account="other")
+    assert credentials(dist, allowed) == {"web-tls": PEM}
+    assert credentials(dist, denied) == {}  # same namespace and labels, its own view
+    (unknown,) = dist.snapshot(denied.workload)[1].warnings
+    assert "no SubjectAccessReview verdict yet for service account shop/other" in unknown
+    verdicts["other"] = False
+    (warning,) = dist.snapshot(denied.workload)[1].warnings
+    assert "shop/other may not get Secrets in namespace shop" in warning and "RoleBinding" in warning
+    verdicts["other"] = True
+    assert credentials(dist, denied) == {"web-tls": PEM} and not dist.snapshot(denied.workload)[1].warnings
 
 
 @pytest.mark.parametrize("field, reason", [

@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from mesh.config.compile import Workload
-from mesh.control.distribution import PUSH_SLICE, Distributor
+from mesh.control.distribution import PUSH_SLICE, Distributor, view_key
 from tests.unit.test_protocol import FakeStream, registration, service_entry
 
 #: a service of each namespace that selects every registered proxy of it (they are its endpoints)
@@ -82,11 +82,11 @@ def test_an_endpoint_changes_only_the_views_that_include_it():
     in_a, in_b = FakeStream("x", "a"), FakeStream("y", "b")
     dist.hello(in_a, "10.9.9.9")
     dist.hello(in_b, "10.9.9.8")
-    view_b = dist._views[("b", (), False)]
+    view_b = dist._views[view_key(in_b.workload)]
     connect(dist, endpoint(1, "a"))
     clock.advance(0.1)
     assert (len(in_a.pushed), len(in_b.pushed)) == (2, 1)
-    assert dist._views[("b", (), False)] is view_b  # not rebuilt: namespace b's entries did not change
+    assert dist._views[view_key(in_b.workload)] is view_b  # not rebuilt: namespace b's entries did not change
 
 
 def test_endpoints_connecting_one_after_another_cause_a_linear_number_of_pushes():

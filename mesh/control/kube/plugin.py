@@ -74,16 +74,29 @@ class RegistryPlugin(KubernetesPlugin):
 class CRDsPlugin(KubernetesPlugin):
     """``builtin.kubernetes_crds``: txmesh's CRDs (and Istio's with ``--istio-crds``), and the Gateways' Secrets."""
 
+    secret_access = None  # the SubjectAccessReview cache, once started
+
     @mesh.hookimpl
     def mesh_config_sources(self, options):
         from mesh.control.kube.crds import CRDSource
         return CRDSource(self.control.reactor, self.control.kube_client, istio=bool(options.get("istio_crds")))
 
     def start(self, config, control) -> None:
-        """Also watch Secrets: the gateways' ``credentialName`` certificates (:mod:`mesh.control.kube.secrets`)."""
+        """Also watch Secrets: the gateways' ``credentialName`` certificates (:mod:`mesh.control.kube.secrets`),
+        sent to a gateway once a SubjectAccessReview allows its service account (:mod:`.secretaccess`)."""
+        from mesh.control.kube.secretaccess import DEFAULT_TTL, SecretAccess
         from mesh.control.kube.secrets import GatewaySecrets
-        GatewaySecrets(control.reactor, control.kube_client, control.distributor.set_credentials).setServiceParent(
-            control)
+        distributor = control.distributor
+        self.secret_access = SecretAccess(control.reactor, control.kube_client, distributor.changed,
+                                          ttl=config.option("secret-review-ttl", DEFAULT_TTL))
+        distributor.secret_access = self.secret_access
+        GatewaySecrets(control.reactor, control.kube_client, distributor.set_credentials).setServiceParent(control)
+
+    @mesh.hookimpl
+    def mesh_unconfigure(self, config):
+        """Cancel the SubjectAccessReview cache's expiry timers."""
+        self.secret_access.stop()
+        super().mesh_unconfigure(config)
 
 
 class RootCertPlugin(KubernetesPlugin):
