@@ -166,11 +166,12 @@ def test_a_root_rotation_in_vault_reaches_every_sidecar_and_fails_no_request(mes
         root2 = vault.client().write_data(f"{MOUNT}/root/rotate/internal", data={
             "common_name": "txmesh test root 2", "issuer_name": "root-2", "key_type": "ec", "ttl": "87600h"})
         for proxy in (server, client):  # first every sidecar trusts both roots ...
-            wait_for(lambda proxy=proxy: certificate(proxy)["trust_bundle_roots"] == 2, 5,
+            # Vault's status refresh, then a push round (--push-max-delay): seconds on a loaded machine
+            wait_for(lambda proxy=proxy: certificate(proxy)["trust_bundle_roots"] == 2, 15,
                      what=f"{proxy} to trust the new root too")
         vault.client().write_data(f"{MOUNT}/root/replace", data={"default": "root-2"})
         for proxy in (server, client):  # ... then the new root signs
-            wait_for(lambda proxy=proxy: certificate(proxy)["issuer"] == "CN=txmesh test root 2", 8,
+            wait_for(lambda proxy=proxy: certificate(proxy)["issuer"] == "CN=txmesh test root 2", 15,
                      what=f"{proxy} to get a certificate from the new root")
         output = load.communicate(timeout=30)[0]
     finally:
