@@ -101,10 +101,11 @@ class PassthroughClusters:
         self._size = size
         self._clusters = {}
 
-    def route(self, ctx, dst, configured=None):
-        """``(RouteAction, Cluster)`` for a request to ``dst``; :class:`LocalReply` 502 under REGISTRY_ONLY
-        (``configured``: the policy of the workload's Sidecar, which overrides the sidecar's option)."""
-        if (configured or self.policy) == REGISTRY_ONLY:
+    def route(self, ctx, dst, policy):
+        """``(RouteAction, Cluster)`` for a request to ``dst``; :class:`LocalReply` 502 when ``policy`` (the
+        outbound traffic policy in force, :meth:`mesh.proxy.runtime.OutboundRouter.outbound_traffic_policy`)
+        is REGISTRY_ONLY."""
+        if policy == REGISTRY_ONLY:
             ctx.route, ctx.cluster = self.BLOCK, BLACKHOLE_CLUSTER
             raise LocalReply(502, "UH", f"{dst[0]}:{dst[1]} (Host '{ctx.host}') is not in the mesh registry and "
                              "this sidecar's outbound traffic policy is REGISTRY_ONLY; add a ServiceEntry for it, "

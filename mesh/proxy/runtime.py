@@ -100,7 +100,7 @@ class OutboundRouter:
             if dst is not None:
                 action = self._route_original_dst(ctx, snapshot, dst)
                 if action is None and self.passthrough is not None:
-                    return self.passthrough.route(ctx, dst, snapshot.config.outbound_traffic_policy)
+                    return self.passthrough.route(ctx, dst, self.outbound_traffic_policy())
         if action is None:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "

@@ -86,11 +86,11 @@ def test_the_sidecar_resources_outbound_traffic_policy_overrides_the_option(tmp_
 
 def test_the_oldest_passthrough_cluster_goes_with_its_idle_connections():
     clusters = PassthroughClusters(ALLOW_ANY, _pool, size=2)
-    first = clusters.route(captured_request("a"), ("10.0.0.1", 80))[1]
-    clusters.route(captured_request("b"), ("10.0.0.2", 80))
-    clusters.route(captured_request("c"), ("10.0.0.3", 80))
+    first = clusters.route(captured_request("a"), ("10.0.0.1", 80), ALLOW_ANY)[1]
+    clusters.route(captured_request("b"), ("10.0.0.2", 80), ALLOW_ANY)
+    clusters.route(captured_request("c"), ("10.0.0.3", 80), ALLOW_ANY)
     assert first.endpoints[0].pool.closed
-    assert clusters.route(captured_request("a"), ("10.0.0.1", 80))[1] is not first
+    assert clusters.route(captured_request("a"), ("10.0.0.1", 80), ALLOW_ANY)[1] is not first
 
 
 def test_the_registry_knows_service_addresses_and_endpoints(config):
