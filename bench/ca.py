@@ -7,6 +7,7 @@ Usage (from the repository root)::
     .venv/bin/python -m bench.ca --baseline /tmp/wt            # also mesh-control of another checkout
     .venv/bin/python -m bench.ca --profile 4                   # then 4 s under cProfile, top functions
     .venv/bin/python -m bench.ca --rounds 0 --callgrind 200    # instructions per CSR only
+    .venv/bin/python -m bench.ca --client wrk                  # the load from wrk (bench/ca_wrk.py)
     .venv/bin/python -m bench.ca --help
 
 One mesh-control per backend (and per ``--baseline`` checkout) is started with the backend's
@@ -14,9 +15,11 @@ arguments (bench/ca_backends.py: how a backend plugs in) and a join token is mad
 identity.  Each round then measures every control plane in turn, each mode in turn:
 ``keepalive`` (each client thread sends its CSRs over one HTTP/1.1 connection) and ``newconn``
 (a new TLS connection per CSR, as sidecars renewing at once do), with :mod:`bench.ca_client` in
-several processes, so that the client is not the bottleneck.  Reported per control plane and mode:
-the median over rounds of CSRs signed per second and of mesh-control's CPU milliseconds per CSR
-(its own process and its children, from /proc: an external CA server's CPU is not in it).  This host
+several processes, so that the client is not the bottleneck, or with ``--client wrk``
+(:mod:`bench.ca_wrk`: pre-made CSRs replayed by wrk, which leaves more of the CPUs to the CA).
+Reported per control plane and mode: the median over rounds of CSRs signed per second and of
+mesh-control's CPU milliseconds per CSR (its own process and its children, from /proc: an external
+CA server's CPU is not in it).  This host
 steals CPU in long stalls (see bench/callgrind.py), so with ``--callgrind N`` each mesh-control is also
 started under valgrind's callgrind and the instructions it executes per CSR are counted over N CSRs
 sent one at a time, per mode: the figure that does not depend on what else runs (mesh-control's own
@@ -37,13 +40,14 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from bench import ca_backends, callgrind
+from bench import ca_backends, ca_wrk, callgrind
 from bench.procs import BenchError, free_port, run_main, run_tool, tree_cpu_seconds
 from bench.report import by_name, write_table_results
 from bench.run import start_run
 from bench.topologies import BENCH_DIR, REPO_DIR, Workspace
 
 MODES = ("keepalive", "newconn")
+CLIENTS = ("python", "wrk")
 NAMESPACE = "bench"
 SERVICE_ACCOUNT = "bench-ca"
 IDENTITY = f"spiffe://cluster.local/ns/{NAMESPACE}/sa/{SERVICE_ACCOUNT}"
@@ -60,12 +64,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (default: %(default)s)")
     parser.add_argument("--seconds", type=float, default=8.0,
                         help="load per control plane per mode per round (default: %(default)s)")
+    parser.add_argument("--client", choices=CLIENTS, default="python",
+                        help="the load of the rounds and of --profile: bench.ca_client (python), or wrk replaying "
+                             "pre-made CSRs (bench/ca_wrk.py); --callgrind always sends with bench.ca_client "
+                             "(default: %(default)s)")
     parser.add_argument("--processes", type=int, default=3, help="client processes (default: %(default)s)")
     parser.add_argument("--threads", type=int, default=2,
-                        help="threads (concurrent connections) per client process (default: %(default)s)")
+                        help="threads (concurrent connections) per client process; with --client wrk, "
+                             "PROCESSES x THREADS connections from one wrk thread (default: %(default)s)")
     parser.add_argument("--baseline", type=Path, default=None, metavar="DIR",
                         help="also measure the built-in CA of mesh-control running the mesh package of the "
                              "checkout DIR")
+    parser.add_argument("--baseline-args", default="", metavar="ARGS",
+                        help="mesh-control arguments of the --baseline checkout, e.g. '--ca-workers 2' "
+                             "(default: none, the built-in CA in its process)")
     parser.add_argument("--profile", type=float, default=0.0, metavar="SECONDS",
                         help="after the rounds, run each backend's mesh-control again under cProfile for "
                              "SECONDS of keep-alive load and print its top functions (default: off)")
@@ -139,14 +151,28 @@ def client(ws: Workspace, control: ControlPlane, mode: str, tag: str, *options: 
     return result
 
 
+def wrk_client(ws: Workspace, control: ControlPlane, mode: str, tag: str, seconds: float, connections: int) -> dict:
+    """Run wrk (bench/ca_wrk.py) against ``control`` in ``mode``; its result, as :func:`client`'s."""
+    bodies = ws.root / f"bodies-{control.name}"
+    if not bodies.exists():
+        ca_wrk.write_bodies(bodies, IDENTITY, control.token_file.read_text().strip())
+    result = ca_wrk.run(control.port, bodies, seconds, connections, mode == "newconn", ws.root / f"{tag}.log")
+    if result["failed"]:
+        raise BenchError(f"{tag}: {result['failed']} CSRs failed: {result['statuses']} {result['errors']}")
+    return result
+
+
 def measure(args, ws: Workspace, control: ControlPlane, mode: str, tag: str, seconds: float) -> dict:
     """One load run; CSRs signed per second and mesh-control's CPU milliseconds per CSR."""
     before = tree_cpu_seconds(control.pid)
-    result = client(ws, control, mode, tag, "--seconds", str(seconds), "--processes", str(args.processes),
-                    "--threads", str(args.threads))
+    if args.client == "wrk":
+        result = wrk_client(ws, control, mode, tag, seconds, args.processes * args.threads)
+    else:
+        result = client(ws, control, mode, tag, "--seconds", str(seconds), "--processes", str(args.processes),
+                        "--threads", str(args.threads))
     cpu = tree_cpu_seconds(control.pid) - before
     completed = result["completed"]
-    return {"rate": completed / seconds, "cpu_ms": 1000 * cpu / completed if completed else None,
+    return {"rate": completed / result["seconds"], "cpu_ms": 1000 * cpu / completed if completed else None,
             "completed": completed, "failed": result["failed"], "statuses": result["statuses"],
             "errors": result["errors"]}
 
@@ -209,9 +235,10 @@ def run(args) -> int:
     with ExitStack() as stack:
         ws = Workspace(work, stack, venv_bin)
         configs = {name: stack.enter_context(make(ws)) for name, make in backends.items()}
-        # name -> (backend, repo): the baseline checkout gets no --ca (it may predate the option), nor the
-        # installed third-party plugins (they follow this checkout's mesh.api, not the baseline's)
-        baseline = ca_backends.CABackend(args=[], env={"MESH_DISABLE_PLUGINS": ",".join(ca_backends.third_party())})
+        # name -> (backend, repo): the baseline checkout gets no --ca (it may predate the option) but
+        # --baseline-args, nor the installed third-party plugins (they follow this checkout's mesh.api)
+        baseline = ca_backends.CABackend(args=shlex.split(args.baseline_args),
+                                         env={"MESH_DISABLE_PLUGINS": ",".join(ca_backends.third_party())})
         planes = {"builtin-baseline": (baseline, args.baseline.resolve())} if args.baseline is not None else {}
         planes.update((name, (config, REPO_DIR)) for name, config in configs.items())
         controls = {name: ControlPlane(ws, name, config, repo=repo) for name, (config, repo) in planes.items()} \
@@ -242,7 +269,9 @@ def run(args) -> int:
     meta = {"started": started, "command": shlex.join(sys.orig_argv), "revision": revision,
             "baseline": str(args.baseline) if args.baseline else None, "rounds": args.rounds,
             "load": f"bench.ca_client --seconds {args.seconds:g} --processes {args.processes} "
-                    f"--threads {args.threads}",
+                    f"--threads {args.threads}" if args.client == "python" else
+                    f"wrk (bench/ca_wrk.py) --duration {max(1, round(args.seconds))}s "
+                    f"--connections {args.processes * args.threads}",
             "callgrind": f"{args.callgrind} CSRs after {args.callgrind_warmup}" if args.callgrind else "off"}
     base = write_table_results(args.results_dir, "ca", "CA throughput", meta, table,
                                {"summary": by_name(summary), "rounds": by_name(rounds)})
