@@ -8,9 +8,10 @@ credential check and the answer, and a worker does the two costly steps:
 
 - ``check``: :func:`mesh.identity.csr.check_csr` (signature, key type, the SAN the credential
   proves), for the CSRs an external CA signs;
-- ``sign``: :func:`~mesh.identity.csr.check_csr`, then
-  :meth:`mesh.identity.ca.CertificateAuthority.sign` with the built-in CA: one trip to a worker per
-  CSR (the control plane then only parses the CSR, :func:`mesh.identity.csr.load_csr`).
+- ``sign``: the checks of :func:`~mesh.identity.csr.check_csr` on the CSR's DER
+  (:func:`~mesh.identity.csr.check_loaded_csr`), then :meth:`mesh.identity.ca.CertificateAuthority.sign`
+  with the built-in CA: one trip to a worker per CSR (the control plane then only parses the CSR,
+  :func:`mesh.identity.csr.load_csr`, and sends its DER: no second PEM parse).
 
 Each worker reads the CA from the same files as the control plane (the state directory, or
 ``--ca-cert/--ca-key/--ca-chain``), with the same checks (the key must be mode 0600): the key is
@@ -34,14 +35,13 @@ import struct
 import sys
 import traceback
 
-from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from twisted.application import service
 from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
 
 from mesh.api import CAUnavailable, SignedCertificate
-from mesh.identity.csr import CSRRejected, check_csr, load_csr
+from mesh.identity.csr import CSRRejected, check_csr, check_loaded_csr, load_csr
 
 log = Logger()
 
@@ -80,7 +80,7 @@ def answer(ca, payload: bytes) -> bytes:
             return request_id + _DONE
         if op == _SIGN:
             uri = fields[1].decode()
-            cert_pem, _ = ca.sign(check_csr(fields[0], uri), uri, float(fields[2]))
+            cert_pem, _ = ca.sign(check_loaded_csr(load_csr(fields[0], der=True), uri), uri, float(fields[2]))
             return request_id + _DONE + encode_fields(cert_pem)
         raise ValueError(f"unknown request {op!r}")
     except CSRRejected as rejected:
@@ -263,14 +263,14 @@ class CAWorkers(service.Service):
     def check(self, pem: bytes, expected_uri: str) -> defer.Deferred:
         """:func:`mesh.identity.csr.check_csr` in a worker: a Deferred of the CSR, or failing with CSRRejected."""
         d = self._call(_CHECK, pem, expected_uri.encode())
-        d.addCallback(lambda _: x509.load_pem_x509_csr(pem))
+        d.addCallback(lambda _: load_csr(pem))
         return d
 
     def sign(self, csr, spiffe_uri: str, ttl: float) -> defer.Deferred:
-        """:func:`~mesh.identity.csr.check_csr` of ``csr`` for ``spiffe_uri``, then the built-in CA's
+        """The checks of :func:`~mesh.identity.csr.check_csr` on ``csr`` for ``spiffe_uri``, then the built-in CA's
         :meth:`~mesh.identity.ca.CertificateAuthority.sign`, in a worker: a Deferred of
         :class:`mesh.api.SignedCertificate`, or failing with CSRRejected."""
-        d = self._call(_SIGN, csr.public_bytes(serialization.Encoding.PEM), spiffe_uri.encode(), repr(ttl).encode())
+        d = self._call(_SIGN, csr.public_bytes(serialization.Encoding.DER), spiffe_uri.encode(), repr(ttl).encode())
         d.addCallback(lambda fields: SignedCertificate(decode_fields(fields)[0], self.chain_pem))
         return d
 

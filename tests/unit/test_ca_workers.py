@@ -26,6 +26,11 @@ URI = "spiffe://cluster.local/ns/shop/sa/frontend"
 ID = struct.pack(">I", 7)
 
 
+def _der(csr_pem: bytes) -> bytes:
+    """What the control plane sends a worker to sign: the CSR's DER."""
+    return x509.load_pem_x509_csr(csr_pem).public_bytes(serialization.Encoding.DER)
+
+
 @pytest.fixture(scope="module")
 def ca(tmp_path_factory):
     state = tmp_path_factory.mktemp("state")
@@ -48,7 +53,7 @@ def test_check_passes_a_good_csr_and_rejects_with_check_csrs_words(ca):
 
 def test_sign_issues_the_certificate_for_the_csrs_key(ca):
     key = ec.generate_private_key(ec.SECP256R1())
-    reply = answer(ca, b"s" + ID + encode_fields(make_csr(key, URI), URI.encode(), b"600.0"))
+    reply = answer(ca, b"s" + ID + encode_fields(_der(make_csr(key, URI)), URI.encode(), b"600.0"))
     assert reply[:5] == ID + b"+"
     cert = x509.load_pem_x509_certificate(decode_fields(reply[5:])[0])
     assert cert.public_key().public_numbers() == key.public_key().public_numbers()
@@ -57,12 +62,15 @@ def test_sign_issues_the_certificate_for_the_csrs_key(ca):
 
 
 def test_sign_checks_the_csr_first(ca):
-    """With the built-in CA selected the control plane only parses the CSR: the worker's sign checks it."""
-    csr = make_csr(ec.generate_private_key(ec.SECP256R1()), URI)
+    """With the built-in CA selected the control plane only parses the CSR and sends its DER: the worker's
+    sign checks it (its signature too)."""
+    csr = _der(make_csr(ec.generate_private_key(ec.SECP256R1()), URI))
     reply = answer(ca, b"s" + ID + encode_fields(csr, b"spiffe://cluster.local/ns/shop/sa/other", b"600.0"))
     assert reply.startswith(ID + b"-CSR asks for [")
-    tampered = csr.replace(csr.splitlines()[-2], csr.splitlines()[-2][:-4] + b"AAAA")
-    assert answer(ca, b"s" + ID + encode_fields(tampered, URI.encode(), b"600.0"))[:5] in (ID + b"-",)
+    tampered = csr[:-2] + bytes([csr[-2] ^ 1, csr[-1] ^ 1])  # the end of the signature's S
+    assert answer(ca, b"s" + ID + encode_fields(tampered, URI.encode(), b"600.0"))[:5] == ID + b"-"
+    junk = answer(ca, b"s" + ID + encode_fields(b"junk", URI.encode(), b"600.0"))
+    assert junk == ID + b"-malformed CSR: expected one DER CSR"
 
 
 def test_a_bug_is_an_error_answer_not_a_dead_worker(ca, capsys):
@@ -96,7 +104,7 @@ def test_a_worker_loads_an_existing_rsa_root_and_writes_nothing(tmp_path):
     _write(tmp_path / "ca-cert.pem", cert.public_bytes(serialization.Encoding.PEM))
     before = sorted(path.name for path in tmp_path.iterdir())
     ca = CertificateAuthority.load(str(tmp_path), TD)
-    reply = answer(ca, b"s" + ID + encode_fields(make_csr(ec.generate_private_key(ec.SECP256R1()), URI),
+    reply = answer(ca, b"s" + ID + encode_fields(_der(make_csr(ec.generate_private_key(ec.SECP256R1()), URI)),
                                                  URI.encode(), b"60"))
     x509.load_pem_x509_certificate(decode_fields(reply[5:])[0]).verify_directly_issued_by(cert)
     assert sorted(path.name for path in tmp_path.iterdir()) == before

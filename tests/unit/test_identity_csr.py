@@ -76,6 +76,29 @@ def test_malformed_pem(pem):
     _rejected(pem, "malformed CSR: expected one PEM 'CERTIFICATE REQUEST'")
 
 
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda pem: pem.replace(b"\n", b"\r\n"), id="crlf"),
+    pytest.param(lambda pem: b"text before\n" + pem + b"text after\n", id="around"),
+    pytest.param(lambda pem: pem.replace(b"CERTIFICATE REQUEST", b"NEW CERTIFICATE REQUEST"), id="new-label"),
+])
+def test_pem_armor_read_as_cryptography_reads_it(change):
+    """mesh.identity.pem reads the armor (cheaper than cryptography's parser) and takes what it takes."""
+    pem = change(build_csr())
+    assert check_csr(pem, URI).public_bytes(serialization.Encoding.DER) == \
+        x509.load_pem_x509_csr(pem).public_bytes(serialization.Encoding.DER)
+
+
+@pytest.mark.parametrize("change", [
+    pytest.param(lambda pem: pem.replace(b"-----END CERTIFICATE REQUEST-----", b""), id="no-end"),
+    pytest.param(lambda pem: pem.replace(b"\n", b"\n*", 2), id="junk-in-base64"),
+])
+def test_pem_armor_refused_as_cryptography_refuses_it(change):
+    pem = change(build_csr())
+    with pytest.raises(ValueError):
+        x509.load_pem_x509_csr(pem)
+    _rejected(pem, "malformed CSR: expected one PEM 'CERTIFICATE REQUEST'")
+
+
 def test_a_certificate_is_not_a_csr():
     from mesh.identity.ca import generate_root
     _, cert = generate_root("cluster.local")
