@@ -10,7 +10,27 @@ from __future__ import annotations
 from mesh.proxy.paths import normalize_base
 
 
-class RequestContext:
+class PluginExtra:
+    """The ``extra`` dict of a :class:`mesh.api.RequestView` (an HTTP request's or a TCP connection's):
+    where plugins share their per-request data.  Made on first use, so a request no plugin writes to
+    costs no dict."""
+
+    __slots__ = ("_extra",)
+
+    @property
+    def extra(self) -> dict:
+        """Per-request scratch space for plugins."""
+        if self._extra is None:
+            self._extra = {}
+        return self._extra
+
+    def get_extra(self, key, default=None):
+        """``extra[key]`` if set, else ``default``; reading does not create :attr:`extra`."""
+        extra = self._extra
+        return default if extra is None else extra.get(key, default)
+
+
+class RequestContext(PluginExtra):
     """State of one HTTP request passing through a sidecar.
 
     Request fields (set by the codec before any hook runs):
@@ -89,7 +109,6 @@ class RequestContext:
         "authz_dry_run",
         "request_auth",
         "grpc",
-        "_extra",
     )
 
     def __init__(self, direction, method, path, host, authority, headers, raw_headers,
@@ -125,18 +144,6 @@ class RequestContext:
         self.request_auth = None
         self.grpc = None
         self._extra = None
-
-    @property
-    def extra(self) -> dict:
-        """Per-request scratch space for plugins."""
-        if self._extra is None:
-            self._extra = {}
-        return self._extra
-
-    def get_extra(self, key, default=None):
-        """``extra[key]`` if set, else ``default``; reading does not create :attr:`extra`."""
-        extra = self._extra
-        return default if extra is None else extra.get(key, default)
 
     def request_port(self) -> int:
         """The port the request was sent to, Istio's listener port: the captured original

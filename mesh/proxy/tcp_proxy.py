@@ -56,6 +56,7 @@ from mesh.config.security_tables import NO_ALLOW_MATCHED
 from mesh.plugins import fast_caller
 from mesh.proxy import outlier
 from mesh.proxy.codec.http1_server import DownstreamConnection
+from mesh.proxy.context import PluginExtra
 from mesh.proxy.mtls import setup_failure
 from mesh.proxy.passthrough import TcpUpstream, report
 from mesh.proxy.pool import describe_connect_failure
@@ -70,7 +71,7 @@ _HOLD_LIMIT = 64 * 1024
 _NO_HEADERS = MappingProxyType({})
 
 
-class TcpContext:
+class TcpContext(PluginExtra):
     """One TCP connection as the request hooks see it (a :class:`mesh.api.RequestView`).
 
     Its HTTP fields are empty (``method``, ``path``, ``uri_path``, ``host`` are ``""``,
@@ -81,7 +82,7 @@ class TcpContext:
 
     __slots__ = ("direction", "source_address", "peer", "start", "port", "server_name", "route", "cluster",
                  "upstream_host", "attempts", "response_flags", "error", "bytes_received", "bytes_sent",
-                 "upstream_start", "upstream_time", "authz_policy", "authz_dry_run", "_extra")
+                 "upstream_start", "upstream_time", "authz_policy", "authz_dry_run")
 
     protocol = "tcp"
     method = path = uri_path = host = http_version = request_id = ""
@@ -106,18 +107,6 @@ class TcpContext:
         self.upstream_start = self.upstream_time = None
         self.authz_policy = self.authz_dry_run = None
         self._extra = None
-
-    @property
-    def extra(self) -> dict:
-        """Per-connection scratch space for plugins."""
-        if self._extra is None:
-            self._extra = {}
-        return self._extra
-
-    def get_extra(self, key, default=None):
-        """``extra[key]`` if set, else ``default``; reading does not create :attr:`extra`."""
-        extra = self._extra
-        return default if extra is None else extra.get(key, default)
 
 
 class TcpDownstreamConnection(DownstreamConnection):
