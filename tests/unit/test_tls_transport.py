@@ -9,7 +9,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.ssl import CertificateOptions
 from twisted.internet.task import Clock
@@ -41,8 +40,7 @@ def server_options():
     cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
             .serial_number(1).not_valid_before(now - datetime.timedelta(hours=1))
             .not_valid_after(now + datetime.timedelta(hours=1)).sign(key, hashes.SHA256()))
-    return CertificateOptions(privateKey=crypto.PKey.from_cryptography_key(key),
-                              certificate=crypto.X509.from_cryptography(cert))
+    return CertificateOptions(privateKey=key, certificate=cert)  # pyOpenSSL takes cryptography's objects
 
 
 def _session(server_options, lean, early=b""):
