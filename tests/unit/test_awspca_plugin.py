@@ -18,6 +18,7 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import NamedTuple
 
 import botocore.session
 import pytest
@@ -195,12 +196,19 @@ def test_an_issued_certificate_must_name_only_the_spiffe_id_for_the_csr_s_key():
 
 # -- boto3 against a scripted AWS endpoint on loopback ----------------------------------------------------------------
 
+class Cut(NamedTuple):
+    """A 200 answer of ``body`` whose connection drops after its headers and ``keep`` bytes of the body."""
+
+    body: dict
+    keep: int
+
+
 class ScriptedAws:
     """An HTTP server on loopback that speaks ACM PCA's wire protocol (JSON 1.1) from a script.
 
     ``script[operation]`` is a list of answers used in turn (the last one repeats): a dict is a 200 JSON
-    body, a string the code of an AWS error (HTTP 400, ``{"__type": code}``).  ``calls`` lists the
-    operations received, in order.
+    body, a string the code of an AWS error (HTTP 400, ``{"__type": code}``), a :class:`Cut` a 200 whose
+    connection drops partway.  ``calls`` lists the operations received, in order.
     """
 
     def __init__(self, script: dict):
@@ -215,12 +223,18 @@ class ScriptedAws:
                 aws.calls.append(operation)
                 answers = aws.script[operation]
                 answer = answers.pop(0) if len(answers) > 1 else answers[0]
+                cut = answer if isinstance(answer, Cut) else None
+                if cut is not None:
+                    answer = cut.body
                 status, body = (200, answer) if isinstance(answer, dict) else (400, {"__type": answer, "message": "no"})
                 data = json.dumps(body).encode()
                 self.send_response(status)
                 self.send_header("Content-Type", "application/x-amz-json-1.1")
                 self.send_header("Content-Length", str(len(data)))
                 self.end_headers()
+                if cut is not None:
+                    data = data[:cut.keep]
+                    self.close_connection = True
                 self.wfile.write(data)
 
             def log_message(self, *args):
@@ -343,6 +357,33 @@ def test_a_ca_that_is_not_active_is_a_problem_and_its_certificate_is_not_asked_f
         "--awspca-signing-algorithm SHA256WITHRSA cannot sign with the CA's EC_prime256v1 key: give one of "
         "SHA256WITHECDSA, SHA384WITHECDSA, SHA512WITHECDSA, or leave it out (the CA's own algorithm)"]
     assert aws.calls == ["DescribeCertificateAuthority"]
+
+
+@pytest.mark.parametrize("keep", [0, 20])  # no body at all; its first bytes
+@pytest.mark.parametrize(("operation", "field"), [
+    ("DescribeCertificateAuthority", "CertificateAuthority"), ("GetCertificateAuthorityCertificate", "Certificate"),
+    ("IssueCertificate", "CertificateArn"), ("GetCertificate", "Certificate")])
+def test_an_answer_cut_short_is_ca_unavailable(scripted, operation, field, keep):
+    """The connection drops after AWS's headers (a partition, a proxy or AWS going away mid-answer): botocore
+    parses what came, since it does not hold a body to its Content-Length, and the answer lacks its fields."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    root = certificate("root")
+    leaf = certificate("leaf", root, key=key, sans=[x509.UniformResourceIdentifier(URI)])[1]
+    answers = {"DescribeCertificateAuthority": ACTIVE_CA,
+               "GetCertificateAuthorityCertificate": {"Certificate": text(root[1])},
+               "IssueCertificate": {"CertificateArn": f"{ARN}/certificate/1"},
+               "GetCertificate": {"Certificate": text(leaf), "CertificateChain": ""}}
+    answers[operation] = Cut(answers[operation], keep)
+    aws, client = scripted({name: [answer] for name, answer in answers.items()})
+    with pytest.raises(CAUnavailable) as error:
+        if operation in ("IssueCertificate", "GetCertificate"):
+            client.issue(build_csr(key, sans=(URI,)), URI, 600, "SHA256WITHECDSA", time.monotonic() + 5)
+        else:
+            client.check()
+    assert (error.value.reason, error.value.retry_after) == (
+        f"AWS Private CA {ARN} at {aws.url} answered {operation} without its {field} (an answer cut short on the "
+        "way, or not from AWS): check the network path to AWS (or the VPC endpoint)", 5.0)
+    assert aws.calls[-1] == operation
 
 
 def test_an_unreachable_endpoint_and_missing_credentials_are_named(aws_env):

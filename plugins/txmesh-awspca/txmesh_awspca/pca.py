@@ -171,27 +171,40 @@ class PcaClient:
                 self.endpoint = self._client.meta.endpoint_url
             return self._client
 
-    def call(self, operation: str, pending: tuple = (), **params) -> dict | None:
-        """One API call (botocore retries it): its answer, None for an error code in ``pending``.
+    def call(self, operation: str, needs: str, pending: tuple = (), **params) -> dict | None:
+        """One API call (botocore retries it): its answer, which holds ``needs``; None for an error code in
+        ``pending``.
 
-        :raises CAUnavailable: for any other failure (see :func:`unavailable`).
+        botocore parses whatever arrived when a connection drops after the headers of a 200 (it does not hold
+        the body to its Content-Length): an answer cut short by a partition, or by AWS or a proxy going away,
+        is an answer without ``needs``.
+
+        :raises CAUnavailable: for any other failure (see :func:`unavailable`), and for an answer without
+            ``needs``.
         """
         try:
-            return getattr(self._aws(), xform_name(operation))(**params)
+            answer = getattr(self._aws(), xform_name(operation))(**params)
         except aws.ClientError as error:
             if error_code(error) in pending:
                 return None
             raise unavailable(error, operation, self.settings, self.endpoint) from error
         except aws.BotoCoreError as error:
             raise unavailable(error, operation, self.settings, self.endpoint) from error
+        if needs not in answer:
+            raise CAUnavailable(f"AWS Private CA {self.settings.arn} at {self.endpoint} answered {operation} without "
+                                f"its {needs} (an answer cut short on the way, or not from AWS): check the network "
+                                "path to AWS (or the VPC endpoint)", RETRY_AFTER_DOWN)
+        return answer
 
     def check(self) -> Check:
         """The CA's state, the algorithm IssueCertificate uses, and (while ACTIVE) its root.
 
-        :raises CAUnavailable: when AWS cannot be asked (unreachable, no credentials, denied, throttled).
+        :raises CAUnavailable: when AWS cannot be asked (unreachable, no credentials, denied, throttled, an
+            answer cut short).
         """
         arn = self.settings.arn
-        ca = self.call("DescribeCertificateAuthority", CertificateAuthorityArn=arn)["CertificateAuthority"]
+        ca = self.call("DescribeCertificateAuthority", "CertificateAuthority",
+                       CertificateAuthorityArn=arn)["CertificateAuthority"]
         config = ca.get("CertificateAuthorityConfiguration", {})
         check = Check(state=ca.get("Status", ""))
         if check.state != ACTIVE:
@@ -204,7 +217,7 @@ class PcaClient:
         except SettingsError as error:
             check.problems.append(str(error))
         if check.state == ACTIVE:
-            certificate = self.call("GetCertificateAuthorityCertificate", CertificateAuthorityArn=arn)
+            certificate = self.call("GetCertificateAuthorityCertificate", "Certificate", CertificateAuthorityArn=arn)
             try:
                 check.roots_pem = roots_of(certificate["Certificate"], certificate.get("CertificateChain"))
             except ValueError as error:
@@ -215,15 +228,15 @@ class PcaClient:
         """``(certificate, chain)`` PEM texts of a new certificate for ``csr_pem``: IssueCertificate, then
         GetCertificate until AWS has signed it or ``deadline`` (``time.monotonic()``) passes.
 
-        :raises CAUnavailable: when AWS refuses, cannot be reached, throttles beyond the retries, or has
-            not signed by the deadline.
+        :raises CAUnavailable: when AWS refuses, cannot be reached, throttles beyond the retries, answers
+            short, or has not signed by the deadline.
         """
         params = issue_request(self.settings, csr_pem, identity, ttl, signing_algorithm, time.time(),
                                str(uuid.uuid4()))
-        certificate_arn = self.call("IssueCertificate", **params)["CertificateArn"]
+        certificate_arn = self.call("IssueCertificate", "CertificateArn", **params)["CertificateArn"]
         delays = poll_delays()
         while True:
-            issued = self.call("GetCertificate", pending=("RequestInProgressException",),
+            issued = self.call("GetCertificate", "Certificate", pending=("RequestInProgressException",),
                                CertificateAuthorityArn=self.settings.arn, CertificateArn=certificate_arn)
             if issued is not None:
                 return issued["Certificate"], issued.get("CertificateChain")
