@@ -42,7 +42,13 @@ The work is incremental (docs/performance.md, control plane):
   endpoint proxies costs one view per round, not one per proxy;
 - the registry's WorkloadEntry documents are made once per entry, and a
   namespace's list is rebuilt only when one of its entries changed;
-- a proxy gets a push only when its snapshot's version changed.
+- a proxy gets a push only when its snapshot's version changed;
+- per-stream flow control (as istiod's): no new SNAPSHOT goes to a stream
+  before it answered (ACK or NACK) the last one sent; a push held back that
+  way is sent on the answer, once, as the newest snapshot of the stream's view
+  (none if that is the version it has).  A stream that does not answer within
+  ``ack_timeout`` seconds is not waited for any longer: it gets the newest
+  snapshot then, so a stuck proxy holds back nothing but its own pushes.
 """
 
 from __future__ import annotations
@@ -76,6 +82,8 @@ log = Logger()
 _EXPORTED_KINDS = (ServiceEntry, DestinationRule, VirtualService)
 #: streams served per reactor turn in a push round (their frames are sent before the next slice's)
 PUSH_SLICE = 100
+#: seconds a push waits at most for the stream's answer to the previous SNAPSHOT (one heartbeat period)
+ACK_TIMEOUT = 10.0
 #: a node id or version in HELLO: printable ASCII without spaces (they are logged), at most 253 characters
 _TOKEN = re.compile(r"[!-~]{1,253}")
 _WILDCARDS = ("", "0.0.0.0", "::")
@@ -190,6 +198,8 @@ class ProxyStream(proto.MessageStream):
         self.status = None
         self.registration = None
         self._sent = None  # version of the last snapshot sent
+        self.awaiting = None  # version of the last snapshot sent that the proxy has not answered yet
+        self.awaiting_since = None  # when that snapshot was sent (reactor seconds)
 
     def describe_peer(self):
         node = self.hello["node"] if self.hello else "?"
@@ -292,8 +302,8 @@ class ProxyStream(proto.MessageStream):
             raise proto.ProtocolError("the first message must be HELLO")
 
     def push(self, snapshot) -> bool:
-        """Send a :class:`~mesh.control.snapshots.Snapshot` (its shared frame); False (logged) if it
-        exceeds the SNAPSHOT frame limit."""
+        """Send a :class:`~mesh.control.snapshots.Snapshot` (its shared frame) and await its answer;
+        False (logged) if it exceeds the SNAPSHOT frame limit."""
         self._sent = snapshot.version
         try:
             frame = snapshot.frame()
@@ -304,6 +314,7 @@ class ProxyStream(proto.MessageStream):
             return False
         if self.transport is not None and self.closed_reason is None:
             self.transport.write(frame)
+            self.awaiting, self.awaiting_since = snapshot.version, self.reactor.seconds()
         return True
 
 
@@ -327,12 +338,14 @@ class Distributor:
         ``push_duration`` and ``nacks`` (prometheus instruments), or None.
     :param debounce: seconds without a change before a push round.
     :param max_delay: seconds after the first change of a round at most before it runs.
+    :param ack_timeout: seconds a stream's next push waits at most for its answer to the last SNAPSHOT.
     """
 
     def __init__(self, reactor, bundle_pem, metrics=None, debounce: float = 0.1, grace: float = 5.0,
                  heartbeat: float = proto.HEARTBEAT, root_namespace: str = DEFAULT_ROOT_NAMESPACE,
                  status_ttl: float = 300.0, state_dir=None, trust_domain: str = "cluster.local",
-                 max_pending_bytes: int = proto.MAX_PENDING_TOTAL, max_delay: float = 1.0):
+                 max_pending_bytes: int = proto.MAX_PENDING_TOTAL, max_delay: float = 1.0,
+                 ack_timeout: float = ACK_TIMEOUT):
         self.reactor = reactor
         self.trust_domain = trust_domain  # the only one whose certificates may open a stream
         self.pending_bytes = proto.PendingBudget(max_pending_bytes)  # unfinished frames of all streams
@@ -340,6 +353,7 @@ class Distributor:
         self.metrics = metrics
         self.debounce = debounce
         self.max_delay = max_delay
+        self.ack_timeout = ack_timeout
         self.heartbeat = heartbeat
         self.root_namespace = root_namespace
         self.status_ttl = status_ttl
@@ -364,6 +378,7 @@ class Distributor:
         #: account get its namespace's Secrets (mesh.control.kube.secretaccess); by default none may
         self.secret_access = lambda namespace, service_account: False
         self._registry_seen = {}  # the registry's generations as of the last push round
+        self._held = {}  # stream -> (changed_at, DelayedCall of ack_timeout): its push awaits its answer
         self.pushes = 0
         self.factory = StreamFactory(self)
 
@@ -554,7 +569,14 @@ class Distributor:
         ``changed_at``: when the change it carries happened (the start of ``push_duration``), None: now.
         """
         key, snapshot = self.snapshot(stream.workload)
-        if snapshot.version == stream._sent or not stream.push(snapshot):
+        if snapshot.version == stream._sent:
+            return key
+        if stream.awaiting is not None:  # flow control: the newest goes out when it answers the last one
+            if stream not in self._held:
+                delay = max(0.0, stream.awaiting_since + self.ack_timeout - self.reactor.seconds())
+                self._held[stream] = (changed_at, self.reactor.callLater(delay, self._overdue, stream))
+            return key
+        if not stream.push(snapshot):
             return key
         stream.status.version_sent = snapshot.version
         stream.status.sent_at = changed_at if changed_at is not None else self.reactor.seconds()
@@ -562,6 +584,30 @@ class Distributor:
         if self.metrics is not None:
             self.metrics.pushes.inc()
         return key
+
+    def _answered(self, stream, version) -> None:
+        """An ACK or NACK: if it answers the SNAPSHOT in flight, the push held back (if any) goes out."""
+        if version == stream.awaiting:
+            stream.awaiting = None
+            self._release(stream)
+
+    def _overdue(self, stream) -> None:
+        """``ack_timeout`` passed without an answer: stop waiting for it, send the newest snapshot."""
+        log.warn("proxy {node} has not answered snapshot {version} in {timeout:g} s: sending it the newest one",
+                 node=stream.hello["node"], version=stream.awaiting, timeout=self.ack_timeout)
+        stream.awaiting = None
+        self._release(stream)
+
+    def _release(self, stream) -> None:
+        """Send ``stream`` the push held back for it, if any (the newest snapshot of its view)."""
+        held = self._held.pop(stream, None)
+        if held is None:
+            return
+        changed_at, timeout = held
+        if timeout.active():
+            timeout.cancel()
+        if stream in self.streams:
+            self._push(stream, changed_at)
 
     # -- streams ---------------------------------------------------------------------------
     def owner_of(self, node: str):
@@ -625,6 +671,7 @@ class Distributor:
         if version == status.version_sent:
             status.last_nack = None
             status.last_nack_version = None
+        self._answered(stream, version)
 
     def nacked(self, stream, version, reason) -> None:
         """Record a NACK; the reason is kept (and logged) truncated to REASON_LIMIT bytes."""
@@ -635,6 +682,7 @@ class Distributor:
             self.metrics.nacks.inc()
         log.error("proxy {node} rejected config {version!r}: {reason!r}", node=stream.hello["node"],
                   version=version, reason=reason)
+        self._answered(stream, version)
 
     def drained(self, stream) -> None:
         """DRAIN: remove the stream's own node (bound to its identity at HELLO) from the registry now."""
@@ -643,6 +691,7 @@ class Distributor:
 
     def stream_closed(self, stream) -> None:
         self.streams.discard(stream)
+        self._release(stream)  # not pushed: it is no longer in self.streams
         self._update_connected()
         if stream.hello is None:
             return

@@ -10,6 +10,9 @@ first snapshot at HELLO, then at most one push per push round, and while endpoin
 rounds are paced by ``--push-max-delay`` (1 s).  So the pushes are at most
 ``sessions * (2 + seconds of connecting / 1 s)``.  Before the cap, a round every 100 ms pushed to every
 session connected so far: quadratic (about ten times the bound here).
+
+Flow control, with hand-written streams (:class:`RawStream`): a stream that has not ACKed its last
+SNAPSHOT gets no new one; its ACK brings the newest snapshot, once, whatever changed meanwhile.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import pytest
 import yaml
 
 from bench.scale import base_config, control_metric, run_client
+from tests.integration.test_control_stream_support import RawStream, mesh_certificate
+from tests.integration.test_distribution_support import selector_service
+from tests.integration.test_proxy_support import write_config
 
 SESSIONS = 60
 NAMESPACES = 3
@@ -41,3 +47,40 @@ def test_endpoint_proxies_connecting_cause_a_linear_number_of_pushes(control_fac
     assert result["connected"] == SESSIONS, report
     assert result["proxies"]["synced"] == SESSIONS, report  # every session has the final snapshot
     assert SESSIONS <= pushes <= SESSIONS * (2 + result["settled_s"] / MAX_DELAY), report
+
+
+def frames_until(stream, *kinds) -> list:
+    """The frames ``stream`` reads up to and including the next one of ``kinds`` (the control plane's PINGs
+    left out)."""
+    frames = []
+    while not frames or frames[-1]["type"] not in kinds:
+        frame = stream.read_frame()
+        assert frame is not None, f"the control plane closed the stream after {frames}"
+        if frame["type"] != "PING":
+            frames.append(frame)
+    return frames
+
+
+@pytest.mark.timeout(60)
+def test_a_stream_gets_no_snapshot_before_its_ack_and_then_only_the_newest(control_factory, tmp_path):
+    config = write_config(tmp_path / "config", selector_service("base", namespace="shop"))
+    control = control_factory(extra_args=["--config-dir", str(config)])
+    watcher, slow = (RawStream(control, mesh_certificate(control, "shop", name, tmp_path / "certs"))
+                     for name in ("watcher", "slow"))
+    first = {}
+    for name, stream in (("watcher", watcher), ("slow", slow)):
+        stream.send("HELLO", node=f"{name}-1", workload=name, namespace="shop", labels={}, version="")
+        first[name] = frames_until(stream, "SNAPSHOT")[-1]["version"]
+    watcher.send("ACK", version=first["watcher"])
+    seen = [first["watcher"]]
+    for marker in ("one", "two"):  # two changes, a push round each; the watcher ACKs each snapshot, slow none
+        write_config(config, selector_service(marker, namespace="shop"), name=f"{marker}.yaml")
+        seen.append(frames_until(watcher, "SNAPSHOT")[-1]["version"])
+        watcher.send("ACK", version=seen[-1])
+    assert len(set(seen)) == 3 and first["slow"] == seen[0], seen
+    slow.send("ACK", version=first["slow"])
+    slow.send("PING")  # its PONG follows whatever the ACK made the control plane send
+    frames = frames_until(slow, "PONG")
+    watcher.close()
+    slow.close()
+    assert [frame.get("version") for frame in frames] == [seen[-1], None], frames

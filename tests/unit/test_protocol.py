@@ -194,20 +194,29 @@ def service_entry(name, namespace="shop", selector=None, export_to=None):
 
 
 class FakeStream:
-    """Stands in for a ProxyStream: what the distributor reads and calls."""
+    """Stands in for a ProxyStream: what the distributor reads and calls.
 
-    def __init__(self, node, namespace, labels=None, reg=None):
+    Without ``clock`` it is a proxy that has answered each SNAPSHOT by the time the next push comes
+    (it never awaits an answer); with it, one that answers only when the test calls ``dist.acked`` or
+    ``dist.nacked`` (each push awaits that, as :meth:`ProxyStream.push` does).
+    """
+
+    def __init__(self, node, namespace, labels=None, reg=None, clock=None):
         self.hello = {"node": node}
         self.workload = Workload(name=node, namespace=namespace, labels=labels or {})
         self.registration = reg
         self.identity = type("Id", (), {"uri": f"spiffe://cluster.local/ns/{namespace}/sa/{node}"})()
         self.status = None
         self._sent = None
+        self.clock = clock
+        self.awaiting = self.awaiting_since = None
         self.pushed = []
         self.warnings = []
 
     def push(self, snapshot):
         self._sent = snapshot.version
+        if self.clock is not None:
+            self.awaiting, self.awaiting_since = snapshot.version, self.clock.seconds()
         self.pushed.append((snapshot.version, snapshot.documents))
         self.warnings = list(snapshot.warnings)
         return True

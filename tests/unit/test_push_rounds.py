@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from twisted.internet.task import Clock
 
+from mesh import protocol as proto
 from mesh.config.compile import Workload
 from mesh.control.distribution import PUSH_SLICE, Distributor, view_key
-from tests.unit.test_protocol import FakeStream, registration, service_entry
+from tests.unit import test_control_stream as control_stream
+from tests.unit.test_protocol import FakeStream, frames, registration, service_entry
 
 #: a service of each namespace that selects every registered proxy of it (they are its endpoints)
 LOCAL = {"app": "local"}
@@ -114,3 +116,102 @@ def test_a_push_round_serves_the_streams_a_slice_per_reactor_turn():
     assert sum(len(stream.pushed) == 2 for stream in streams) == PUSH_SLICE
     clock.advance(0)
     assert all(len(stream.pushed) == 2 for stream in streams)
+
+
+# -- flow control: no new SNAPSHOT to a stream before it answered the last one ----------------------
+
+def change(dist, namespace, host) -> None:
+    """A config change every proxy of ``namespace`` sees: a new service exported to it alone."""
+    dist.set_resources([service_entry("local-a", namespace="a", selector=LOCAL, export_to=["."]),
+                        service_entry(host, namespace=namespace, export_to=["."])])
+
+
+def held_back() -> tuple:
+    """``(clock, distributor, stream)``: a stream that has not answered its first snapshot, and a push
+    round since that changed its snapshot (held back)."""
+    clock = Clock()
+    dist = distributor(clock, namespaces=("a",))
+    slow = FakeStream("slow", "a", clock=clock)
+    dist.hello(slow, "10.9.9.9")
+    change(dist, "a", "svc-1")
+    clock.advance(0.1)
+    return clock, dist, slow
+
+
+def test_a_stream_gets_no_new_snapshot_before_it_answered_and_then_the_newest_once():
+    clock = Clock()
+    dist = distributor(clock, namespaces=("a",))
+    slow = FakeStream("slow", "a", clock=clock)
+    dist.hello(slow, "10.9.9.9")
+    for index in range(3):  # three rounds, each changing its snapshot, while its first is unanswered
+        change(dist, "a", f"svc-{index}")
+        clock.advance(0.1)
+    assert len(slow.pushed) == 1
+    dist.acked(slow, slow.pushed[0][0])
+    assert len(slow.pushed) == 2  # at the ACK, not at a round
+    assert "svc-2" in {doc["metadata"]["name"] for doc in slow.pushed[1][1]}  # the newest, not each in turn
+    assert slow.awaiting == slow.pushed[1][0]
+    dist.acked(slow, slow.pushed[1][0])
+    clock.advance(20)
+    assert len(slow.pushed) == 2 and not clock.getDelayedCalls()  # nothing more held, no timer left
+
+
+def test_a_nack_answers_too_and_an_old_answer_does_not():
+    clock, dist, slow = held_back()
+    dist.acked(slow, "0123456789abcdef")  # not the version in flight
+    assert len(slow.pushed) == 1
+    dist.nacked(slow, slow.pushed[0][0], "cannot compile")
+    assert len(slow.pushed) == 2
+
+
+def test_a_push_held_back_is_dropped_when_the_view_came_back_to_the_version_sent():
+    clock, dist, slow = held_back()
+    dist.set_resources([service_entry("local-a", namespace="a", selector=LOCAL, export_to=["."])])
+    clock.advance(0.1)
+    dist.acked(slow, slow.pushed[0][0])
+    assert len(slow.pushed) == 1 and slow.awaiting is None
+
+
+def test_a_stream_that_never_answers_holds_back_only_its_own_pushes_until_the_ack_timeout():
+    clock = Clock()
+    dist = distributor(clock, namespaces=("a",))
+    stuck, others = FakeStream("stuck", "a", clock=clock), [FakeStream(f"ok{index}", "a") for index in range(3)]
+    for stream in (stuck, *others):
+        dist.hello(stream, "10.9.9.9")
+    change(dist, "a", "svc-1")
+    clock.advance(0.1)
+    assert [len(stream.pushed) for stream in (stuck, *others)] == [1, 2, 2, 2]
+    clock.advance(dist.ack_timeout - 0.2)
+    assert len(stuck.pushed) == 1
+    clock.advance(0.1)  # ack_timeout after its first snapshot: it gets the newest anyway
+    assert len(stuck.pushed) == 2 and stuck.pushed[1][0] == others[0].pushed[1][0]
+    dist.acked(stuck, stuck.pushed[0][0])  # a late answer to the snapshot given up on: nothing to release
+    change(dist, "a", "svc-2")
+    clock.advance(0.1)
+    assert len(stuck.pushed) == 2 and all(len(stream.pushed) == 3 for stream in others)
+
+
+def test_a_stream_closed_while_a_push_is_held_back_leaves_no_timer():
+    clock, dist, slow = held_back()
+    assert dist._held
+    dist.stream_closed(slow)
+    clock.advance(0)
+    assert len(slow.pushed) == 1 and not clock.getDelayedCalls() and not dist._held
+
+
+def test_the_control_plane_stream_sends_the_next_snapshot_on_the_ack_frame():
+    """The real ProxyStream, fed real frames: SNAPSHOT, a change (held back), then ACK -> SNAPSHOT."""
+    clock = Clock()
+    dist = distributor(clock, namespaces=("shop",))
+    stream, transport = control_stream.connect(dist)
+    stream.dataReceived(control_stream.hello("web-1.shop"))
+    sent = [frame for frame in frames(transport.value()) if frame["type"] == proto.SNAPSHOT]
+    assert len(sent) == 1
+    transport.clear()
+    change(dist, "shop", "svc-1")
+    clock.advance(0.2)  # the push round
+    assert not [frame for frame in frames(transport.value()) if frame["type"] == proto.SNAPSHOT]
+    stream.dataReceived(proto.encode(proto.message(proto.ACK, version=sent[0]["version"])))
+    again = [frame for frame in frames(transport.value()) if frame["type"] == proto.SNAPSHOT]
+    assert len(again) == 1 and again[0]["version"] != sent[0]["version"]
+    assert "svc-1" in {doc["metadata"]["name"] for doc in again[0]["resources"]}
