@@ -72,9 +72,13 @@ class CAState:
         write_pem(directory / "root-2.pem", self.next_root)
         self.set("ready")
 
-    def set(self, mode: str, reason: str = "", roots=("root-1.pem",)) -> None:
+    def set(self, mode: str, reason: str = "", roots=("root-1.pem",), identity: str | None = None) -> None:
+        """``identity``: the only SPIFFE id whose CSRs the ``error`` mode fails (None: every CSR)."""
+        state = {"mode": mode, "reason": reason, "roots": list(roots)}
+        if identity is not None:
+            state["identity"] = identity
         tmp = self.directory / "state.json.tmp"
-        tmp.write_text(json.dumps({"mode": mode, "reason": reason, "roots": list(roots)}))
+        tmp.write_text(json.dumps(state))
         tmp.replace(self.directory / "state.json")  # never half-written for the plugin
 
 
@@ -157,7 +161,7 @@ def test_while_the_ca_is_unavailable_csrs_get_503_and_the_sidecars_keep_serving(
     before = {proxy: certificate(proxy)["serial"] for proxy in (server, client)}
     testca.set("unavailable", reason="sealed for the test: unseal it")
     status, body = wait_for(lambda: (lambda answer: answer[0] == 503 and answer)(control.admin_request("/ready")),
-                            5, what="/ready to say the CA is not ready")
+                            10, what="/ready to say the CA is not ready")
     assert json.loads(body)["reason"] == "CA 'testca' not ready: sealed for the test: unseal it"
     assert metric(control, 'mesh_ca_ready{ca="testca"}') == 0.0
     code, out, err = meshctl("proxy-status", "--control-admin", f"127.0.0.1:{control.admin_port}")
@@ -176,7 +180,7 @@ def test_while_the_ca_is_unavailable_csrs_get_503_and_the_sidecars_keep_serving(
     testca.set("ready")
     for proxy in (server, client):
         renewed = wait_for(lambda proxy=proxy: certificate(proxy)["serial"] != before[proxy] and certificate(proxy),
-                           8, what=f"{proxy} to renew once the CA is back")
+                           15, what=f"{proxy} to renew once the CA is back")
         assert renewed["last_renewal_error"] is None
     assert control.admin_request("/ready")[0] == 200
     assert client.curl("user-service", "/after").status == 200
@@ -188,7 +192,7 @@ def test_a_change_of_the_ca_roots_is_pushed_to_the_running_sidecars(mesh, testca
     testca.set("ready", roots=("root-1.pem", "root-2.pem"))
     for proxy in (server, client):  # a new snapshot (its version covers the bundle), applied: not a renewal's
         wait_for(lambda proxy=proxy: (lambda row: row["version_acked"] != acked[proxy.workload]
-                                      and not row["stale"])(proxies(control)[proxy.workload]), 5,
+                                      and not row["stale"])(proxies(control)[proxy.workload]), 10,
                  what=f"{proxy} to ACK a snapshot with the new trust bundle")
         assert certificate(proxy)["trust_bundle_roots"] == 2
     assert x509.load_pem_x509_certificates(control.root_cert.read_bytes()) == [testca.root, testca.next_root]
@@ -202,7 +206,8 @@ def test_a_change_of_the_ca_roots_is_pushed_to_the_running_sidecars(mesh, testca
 def test_a_failing_ca_is_a_500_that_tells_the_caller_nothing_but_to_read_the_log(mesh, testca):
     control, _, _ = mesh
     errors = csr_result(control, "error")
-    testca.set("error", roots=("root-1.pem", "root-2.pem"))
+    # only the teller's CSR: a sidecar renewing meanwhile (every ~5 s) would add its own 500 and traceback
+    testca.set("error", roots=("root-1.pem", "root-2.pem"), identity=spiffe(NS, "teller"))
     try:
         answer = post(control, {"credential": control.token(NS, "teller"), "csr": csr_for("teller")})
     finally:
@@ -210,7 +215,7 @@ def test_a_failing_ca_is_a_500_that_tells_the_caller_nothing_but_to_read_the_log
     assert answer.status == 500 and answer.json() == {"error": "signing failed; see the control plane log"}
     assert b"fails on purpose" not in answer.body and "retry-after" not in answer.headers
     assert csr_result(control, "error") == errors + 1
-    alarms = wait_for(lambda: control.new_log_alarms(), 5, what="the traceback in the control plane's log")
+    alarms = wait_for(lambda: control.new_log_alarms(), 10, what="the traceback in the control plane's log")
     assert len(alarms) == 1 and "Traceback" in alarms[0], alarms  # expected: taken off the suite's check
     assert "RuntimeError: txmesh_testca fails on purpose" in control.log_path.read_text()
 
@@ -221,7 +226,7 @@ def test_csr_results_and_latency_are_counted_by_ca(mesh):
     answer = post(control, {"credential": control.token(NS, "teller"),
                             "csr": csr_for("teller", ec.generate_private_key(ec.SECP256R1()))})
     assert answer.status == 200 and answer.json()["issuer"].startswith("testca ")
-    assert csr_result(control, "signed") == signed + 1
+    assert csr_result(control, "signed") >= signed + 1  # and the sidecars' renewals (every ~5 s) meanwhile
     answer = post(control, {"credential": "not-a-token", "csr": csr_for("teller")})
     assert answer.status == 401 and csr_result(control, "rejected") >= 1
     observed = metric(control, 'mesh_ca_csr_duration_seconds_count{ca="testca"}')

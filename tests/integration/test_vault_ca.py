@@ -32,6 +32,7 @@ from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.harness import Control, wait_for
+from tests.integration.test_external_ca import metric
 from tests.integration.test_identity_csr_api import csr_for, post
 from tests.integration.test_identity_support import assert_no_secrets_in_logs, mtls_pair, parse_h2load, spiffe
 from tests.integration.test_vault_support import (
@@ -76,6 +77,26 @@ def issuer(vault) -> str:
     return f"vault {vault.addr} {MOUNT}/sign/{ROLE}"
 
 
+def settle_on(control, reason: str) -> None:
+    """Wait until ``/ready`` answers 503 with ``reason``.  A status refresh that the change under test catches
+    midway (Vault sealed or stopped during its second call) may first give that call's error ("context
+    canceled"); the next refresh gives the settled reason."""
+    seen = []
+    try:
+        wait_for(lambda: seen.append(not_ready_reason(control)) or seen[-1] == reason, 10,
+                 what=f"/ready to say {reason!r}")
+    except TimeoutError as error:
+        raise AssertionError(f"{error}; reasons seen: {sorted(set(map(str, seen)))}") from None
+
+
+def signed_within(control, seconds: int) -> tuple[float, float]:
+    """``(CSRs, of which within seconds)``: how many CSRs mesh-control's signing histogram counts, all and
+    those the CA answered within ``seconds`` (one of its buckets' bounds)."""
+    series = "mesh_ca_csr_duration_seconds_{}{{ca=\"vault\"{}}}"
+    return (metric(control, series.format("count", "")),
+            metric(control, series.format("bucket", f',le="{seconds:.1f}"')))
+
+
 def signed_by_vault(control, account: str) -> dict:
     """A CSR for NS/account with a join token: the control plane's 200 answer."""
     answer = post(control, {"credential": control.token(NS, account), "csr": csr_for(account)})
@@ -113,8 +134,7 @@ def test_a_sealed_vault_answers_csrs_503_and_the_mesh_keeps_serving(mesh, vault)
     sealed = f"vault at {vault.addr} is sealed: unseal it (vault operator unseal)"
     vault.seal()
     try:
-        reason = wait_for(lambda: not_ready_reason(control), 5, what="/ready to say Vault is sealed")
-        assert reason == f"CA 'vault' not ready: {sealed}"
+        settle_on(control, f"CA 'vault' not ready: {sealed}")
         answer = post(control, {"credential": control.token(NS, "teller"), "csr": csr_for("teller")})
         assert answer.status == 503 and answer.headers["retry-after"] == "5", answer
         assert answer.json() == {"error": f"CA unavailable: {sealed}"}
@@ -128,7 +148,7 @@ def test_a_sealed_vault_answers_csrs_503_and_the_mesh_keeps_serving(mesh, vault)
         vault.unseal()
     for proxy in (server, client):
         renewed = wait_for(lambda proxy=proxy: certificate(proxy)["serial"] != before[proxy] and certificate(proxy),
-                           8, what=f"{proxy} to renew once Vault is unsealed")
+                           15, what=f"{proxy} to renew once Vault is unsealed")
         assert renewed["last_renewal_error"] is None
     assert control.admin_request("/ready")[0] == 200
     assert "vault CA not ready: " + sealed in control.log_path.read_text()
@@ -138,14 +158,20 @@ def test_a_stalled_vault_times_csrs_out_and_blocks_nothing_else(mesh, vault):
     """Vault stopped (SIGSTOP: connections are accepted, nothing is answered): a CSR is answered 503 after
     --vault-timeout (3 s), while mesh-control's other ports and the mesh's traffic go on."""
     control, server, client = mesh
+    token, csr = control.token(NS, "teller"), csr_for("teller")
+    answered, within = signed_within(control, 5)
     vault.send_signal(signal.SIGSTOP)
     try:
         started = time.monotonic()
-        answer = post(control, {"credential": control.token(NS, "teller"), "csr": csr_for("teller")})
+        answer = post(control, {"credential": token, "csr": csr})
         waited = time.monotonic() - started
         assert answer.status == 503 and answer.json()["error"].startswith(
             f"CA unavailable: vault at {vault.addr} did not answer"), answer
-        assert 2.5 <= waited <= 6, waited
+        assert waited >= 2.5, waited  # this client's time: at least mesh-control's, which waited for Vault
+        # mesh-control's own time (its histogram, not this client's clock, which a loaded machine stretches):
+        # every CSR it answered meanwhile (this one, and the sidecars' renewals) within the timeout and 2 s
+        now = signed_within(control, 5)
+        assert now[0] > answered and now[0] - answered == now[1] - within, (answered, within, now)
         started = time.monotonic()
         assert control.admin_request("/ready")[0] in (200, 503) and time.monotonic() - started < 1
         assert client.curl("user-service", "/stalled").status == 200
@@ -200,7 +226,7 @@ def test_in_a_namespace_the_token_file_is_renewed_and_reread_when_replaced(vault
     wait_for(lambda: "vault: token renewed (valid 6s, renewable)" in control.log_path.read_text(), 8,
              what="mesh-control to renew its 6 s Vault token")
     path.write_text(token_file(team, tmp_path).read_text())
-    wait_for(lambda: control.log_path.read_text().count(f"vault: using the token in {path}") == 2, 5,
+    wait_for(lambda: control.log_path.read_text().count(f"vault: using the token in {path}") == 2, 10,
              what="mesh-control to take the new token up")
     assert re.search(rf"vault: using the token in {re.escape(str(path))} \(valid 3\d{{3}}s, renewable\)",
                      control.log_path.read_text())  # the remaining TTL: 3600 s, or a second less
@@ -265,16 +291,15 @@ def test_a_vault_restart_under_load_fails_no_request(mesh, vault):
     down = f"vault at {vault.addr} is unreachable ([Errno 111] Connection refused): start it, or check --vault-addr"
     try:
         vault.stop()
-        assert wait_for(lambda: not_ready_reason(control), 5, what="/ready to say Vault is down") == \
-            f"CA 'vault' not ready: {down}"
+        settle_on(control, f"CA 'vault' not ready: {down}")
         answer = post(control, {"credential": control.token(NS, "teller"), "csr": csr_for("teller")})
         assert answer.status == 503 and answer.json() == {"error": f"CA unavailable: {down}"}, answer
         vault.start()
         vault.unseal()
         before = {proxy: certificate(proxy)["serial"] for proxy in (server, client)}
-        wait_for(lambda: control.admin_request("/ready")[0] == 200, 5, what="mesh-control to be ready again")
+        wait_for(lambda: control.admin_request("/ready")[0] == 200, 10, what="mesh-control to be ready again")
         for proxy in (server, client):  # the sidecars renew from the restarted Vault
-            wait_for(lambda proxy=proxy: certificate(proxy)["serial"] != before[proxy], 8,
+            wait_for(lambda proxy=proxy: certificate(proxy)["serial"] != before[proxy], 15,
                      what=f"{proxy} to renew after the restart")
         output = load.communicate(timeout=30)[0]
     finally:

@@ -11,8 +11,9 @@ Its directory (``$TXMESH_TESTCA_DIR``) holds what the test controls:
 - ``state.json``: ``{"mode": "ready" | "unavailable" | "error", "reason": "...", "roots": ["a.pem", ...]}``,
   re-read on every call: ``unavailable`` makes ``mesh_ca_status`` say not ready (with ``reason``) and
   ``mesh_sign_csr`` fail with :class:`mesh.api.CAUnavailable` (Retry-After 1 s); ``error`` makes
-  ``mesh_sign_csr`` raise a RuntimeError (a bug: a 500); ``roots`` are the files whose certificates
-  are the CA's roots (during a rotation, old and new).
+  ``mesh_sign_csr`` raise a RuntimeError (a bug: a 500) -- for every CSR, or with ``"identity"`` only for
+  that SPIFFE id's (the others are signed); ``roots`` are the files whose certificates are the CA's roots
+  (during a rotation, old and new).
 
 Signatures answer through a Deferred fired on the next reactor turn, as a CA behind a network
 call would.
@@ -76,7 +77,7 @@ class SwitchableCA:
         if not self.selected:
             return None
         state = self._state()
-        if state["mode"] == "error":
+        if state["mode"] == "error" and state.get("identity", identity) == identity:
             raise RuntimeError("txmesh_testca fails on purpose")
         answer = defer.Deferred()
         if state["mode"] == "unavailable":
