@@ -13,6 +13,7 @@ Run it (valgrind's callgrind counts the instructions, twice: warm-up only, then 
 ``--requests`` more; the difference divided by ``--requests`` is the figure)::
 
     .venv/bin/python -m bench.h2floor --requests 1000
+    .venv/bin/python -m bench.h2floor --requests 1000 --codec nghttp2   # the same hop on libnghttp2
 """
 
 from __future__ import annotations
@@ -71,9 +72,9 @@ def exchange(client, server, count: int) -> None:
         server.receive_data(client.data_to_send())
 
 
-def _count(requests: int, warmup: int) -> int:
+def _count(requests: int, warmup: int, codec: str) -> int:
     out = subprocess.run(["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, "-m",
-                          "bench.h2floor", "--run", str(requests), "--warmup", str(warmup)],
+                          "bench.h2floor", "--run", str(requests), "--warmup", str(warmup), "--codec", codec],
                          capture_output=True, text=True, check=True)
     return int(_REFS.search(out.stderr).group(1).replace(",", ""))
 
@@ -82,14 +83,21 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.h2floor", description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="requests counted (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=200, help="requests before (default: %(default)s)")
+    parser.add_argument("--codec", choices=("h2", "nghttp2"), default="h2",
+                        help="h2: the proxy's codecs (default); nghttp2: the same hop on libnghttp2 through cffi, "
+                             "a measurement of the way forward (bench/h2floor_nghttp2.py)")
     parser.add_argument("--run", type=int, metavar="N", help=argparse.SUPPRESS)  # the process valgrind runs
     args = parser.parse_args(argv)
     if args.run is not None:
-        client, server = connections()
-        exchange(client, server, args.warmup + args.run)
+        if args.codec == "nghttp2":
+            from bench import h2floor_nghttp2 as codec
+        else:
+            codec = sys.modules[__name__]
+        client, server = codec.connections()
+        codec.exchange(client, server, args.warmup + args.run)
         return 0
-    base, total = _count(0, args.warmup), _count(args.requests, args.warmup)
-    print(f"h2 floor: {(total - base) / args.requests:,.0f} instructions per request "
+    base, total = _count(0, args.warmup, args.codec), _count(args.requests, args.warmup, args.codec)
+    print(f"{args.codec} floor: {(total - base) / args.requests:,.0f} instructions per request "
           f"(client and server side of one HTTP/2 hop, {args.requests} requests after {args.warmup})")
     return 0
 
