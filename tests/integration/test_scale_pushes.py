@@ -7,9 +7,12 @@ service and changes the snapshot of every session of its namespace.  They connec
 
 Counted through the control plane's ``mesh_control_pushes_total``, not timed: each session gets its
 first snapshot at HELLO, then at most one push per push round, and while endpoints keep coming the
-rounds are paced by ``--push-max-delay`` (1 s).  So the pushes are at most
-``sessions * (2 + seconds of connecting / 1 s)``.  Before the cap, a round every 100 ms pushed to every
-session connected so far: quadratic (about ten times the bound here).
+rounds are paced by ``--push-max-delay`` (1 s), plus the final round after the last change.  That
+predicts ``sessions * (2 + seconds of connecting / 1 s)``; the bound allows one push per session more
+(``3 +``), because on a loaded host a round pushed in slices, and the pushes held back by flow control
+until an ACK, can straddle the round boundaries (seen once: 325 pushes against 323).  Before the cap,
+a round every 100 ms pushed to every session connected so far: quadratic (about eight times the bound
+here).
 
 Flow control, with hand-written streams (:class:`RawStream`): a stream that has not ACKed its last
 SNAPSHOT gets no new one; its ACK brings the newest snapshot, once, whatever changed meanwhile.
@@ -46,7 +49,7 @@ def test_endpoint_proxies_connecting_cause_a_linear_number_of_pushes(control_fac
     print(report)
     assert result["connected"] == SESSIONS, report
     assert result["proxies"]["synced"] == SESSIONS, report  # every session has the final snapshot
-    assert SESSIONS <= pushes <= SESSIONS * (2 + result["settled_s"] / MAX_DELAY), report
+    assert SESSIONS <= pushes <= SESSIONS * (3 + result["settled_s"] / MAX_DELAY), report
 
 
 def frames_until(stream, *kinds) -> list:
