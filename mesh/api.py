@@ -19,6 +19,12 @@ the plain forms of earlier releases still work.
 
 The *lifecycle types* (:class:`OptionParser`, :class:`Config`) are what
 ``mesh_addoption`` and ``mesh_configure``/``mesh_unconfigure`` receive.
+
+The *service shells* are base classes a plugin's Twisted service may build on:
+:class:`ExternalCAService` (an external CA whose client blocks) and
+``SpanExporter`` (finished spans batched to an HTTP collector), re-exported from
+mesh/span_export.py when first asked for (so not in ``__all__``): what imports
+:mod:`mesh.api` alone does not load Twisted's HTTP client.
 """
 
 from __future__ import annotations
@@ -643,3 +649,12 @@ class ExternalCAPlugin:
     @hookimpl
     def mesh_sign_csr(self, csr: Any, identity: str, ttl: float) -> Any:
         return None if self.ca is None else self.ca.sign(csr, identity, ttl)
+
+
+def __getattr__(name: str) -> Any:
+    """``SpanExporter``, imported on first use (see the module docstring)."""
+    if name == "SpanExporter":
+        from mesh.span_export import SpanExporter
+
+        return SpanExporter
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

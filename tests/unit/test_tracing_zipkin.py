@@ -1,4 +1,8 @@
-"""The Zipkin exporter: bounded queue with a drop counter, batches, in-flight limit, failures (no network)."""
+"""The Zipkin exporter: bounded queue with a drop counter, batches, in-flight limit, failures (no network).
+
+The shared part (mesh.span_export) through Zipkin; test_span_export.py runs its failure paths
+against the Datadog trace writer too.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +10,7 @@ import json
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.task import Clock
-from twisted.logger import globalLogPublisher
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mesh.telemetry.zipkin import ZipkinExporter
 
@@ -48,7 +52,7 @@ def _exporter(agent, **kw):
 
 
 def _read_body_ok(monkeypatch):
-    monkeypatch.setattr("mesh.telemetry.zipkin.readBody", lambda response: succeed(b""))
+    monkeypatch.setattr("mesh.span_export.readBody", lambda response: succeed(b""))
 
 
 def test_queue_is_bounded_and_counts_drops():
@@ -113,13 +117,13 @@ def test_failures_are_counted_and_logged_at_most_once_per_interval(monkeypatch):
         for _ in range(5):
             exporter.add(_FakeSpan(0))
             clock.advance(1.0)
-        assert exporter.failed == 5 and exporter.post_failures == 5 and exporter.sent == 0
-        warnings = [m for m in messages if "Zipkin export" in m.get("log_format", "")]
+        assert exporter.failed == 5 and exporter.describe()["post_failures"] == 5 and exporter.sent == 0
+        warnings = [m for m in messages if formatEvent(m).startswith("Zipkin export to")]
         assert len(warnings) == 1
         clock.advance(10.0)
         exporter.add(_FakeSpan(0))
         clock.advance(1.0)
-        warnings = [m for m in messages if "Zipkin export" in m.get("log_format", "")]
+        warnings = [m for m in messages if formatEvent(m).startswith("Zipkin export to")]
         assert len(warnings) == 2 and warnings[1]["failures"] == 5  # 4 unlogged + this one
         assert exporter.describe()["last_error"]
     finally:
