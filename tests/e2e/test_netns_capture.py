@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
-import tempfile
 import time
 from pathlib import Path
 
@@ -32,11 +30,10 @@ from tests.harness.netns import (
     PROXY_UID,
     NetnsProcess,
     Pod,
-    Pods,
     TestCA,
     metric_sum,
+    pod_network,
     pod_workdir,
-    require_netns,
     start_sidecar,
 )
 
@@ -111,26 +108,18 @@ def _start_pod(pods, netns, name, ca, workdir: Path, config, extra_args=()):
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_netns()
     started = time.monotonic()
-    pods = Pods()
-    workdir = Path(tempfile.mkdtemp(prefix="txm-netns-"))
-    workdir.chmod(0o755)  # the proxies run as UID 1337 and read their files from here
-    try:
+    with pod_network("txm-netns-") as (pods, workdir):
         client_ns, server_ns = pods.add("client"), pods.add("server")
         pods.link(client_ns, f"{CLIENT_IP}/24", server_ns, f"{SERVER_IP}/24")
         ca = TestCA(TD)
         client = _start_pod(pods, client_ns, "client", ca, workdir / "client", _client_config())
         server = _start_pod(pods, server_ns, "server", ca, workdir / "server", _server_config(),
                             extra_args=["--app-probers", json.dumps(SERVER_PROBERS)])
-        meshctl = str(venv_bin("meshctl"))
         for pod in (client, server):
-            result = pod.exec(meshctl, "iptables", "--proxy-uid", str(PROXY_UID))
-            assert result.returncode == 0, result.stderr
-        yield {"client": client, "server": server, "ca": ca, "meshctl": meshctl, "setup_s": time.monotonic() - started}
-    finally:
-        pods.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
+            pod.capture()
+        yield {"client": client, "server": server, "ca": ca, "meshctl": str(venv_bin("meshctl")),
+               "setup_s": time.monotonic() - started}
 
 
 def test_rules_are_in_their_own_chains(mesh):

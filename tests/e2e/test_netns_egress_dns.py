@@ -16,15 +16,13 @@ VirtualService timeout of ``api.example.test`` applies.
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
 
 from tests.harness import venv_bin
 from tests.harness.dns_server import write_zone
-from tests.harness.netns import PROXY_UID, NetnsProcess, Pod, Pods, pod_workdir, require_netns, start_sidecar
+from tests.harness.netns import NetnsProcess, Pod, pod_network, pod_workdir, start_sidecar
 
 APP_IP, EXT_IP = "10.97.0.1", "10.97.0.2"
 DNS_PORT = 5353
@@ -42,11 +40,7 @@ CONFIG = [
 
 @pytest.fixture(scope="module")
 def pod():
-    require_netns()
-    pods = Pods()
-    workdir = Path(tempfile.mkdtemp(prefix="txm-egress-dns-"))
-    workdir.chmod(0o755)
-    try:
+    with pod_network("txm-egress-dns-") as (pods, workdir):
         app_ns, ext_ns = pods.add("egress-app"), pods.add("egress-ext")
         pods.link(app_ns, f"{APP_IP}/24", ext_ns, f"{EXT_IP}/24")
         pods.start(NetnsProcess(
@@ -62,12 +56,8 @@ def pod():
             ready_argv=["grep", "-q", "listening on", log]))
         pod.proxy = start_sidecar(pods, app_ns, "app", pod.dir, "--dns-server", f"127.0.0.1:{DNS_PORT}",
                                   "--outbound-traffic-policy", "REGISTRY_ONLY")
-        result = pod.exec(venv_bin("meshctl"), "iptables", "--proxy-uid", str(PROXY_UID), "--no-inbound")
-        assert result.returncode == 0, result.stderr
+        pod.capture("--no-inbound")
         yield pod
-    finally:
-        pods.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def app_curl(pod, host, path="/"):

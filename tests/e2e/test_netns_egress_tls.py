@@ -22,8 +22,6 @@ Both pods have the MESH_EXTERNAL ServiceEntry ``api.example`` as in Istio's task
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 
 import pytest
@@ -31,13 +29,11 @@ from cryptography.hazmat.primitives import serialization
 
 from tests.harness import venv_bin
 from tests.harness.netns import (
-    PROXY_UID,
     NetnsProcess,
     Pod,
-    Pods,
     metric_sum,
+    pod_network,
     pod_workdir,
-    require_netns,
     start_sidecar,
 )
 from tests.harness.waiting import wait_for
@@ -64,11 +60,7 @@ def _config(ca_path: Path, ext_ip: str) -> list:
 
 @pytest.fixture(scope="module")
 def pods():
-    require_netns()
-    pods = Pods()
-    workdir = Path(tempfile.mkdtemp(prefix="txm-egress-tls-"))
-    workdir.chmod(0o755)
-    try:
+    with pod_network("txm-egress-tls-") as (pods, workdir):
         open_ns, fenced_ns, ext_ns = pods.add("tls-open"), pods.add("tls-fenced"), pods.add("tls-ext")
         pods.link(open_ns, f"{OPEN_IP}/24", ext_ns, f"{EXT_IP}/24")
         pods.link(fenced_ns, f"{FENCED_IP}/24", ext_ns, f"{EXT_IP_2}/24", ifname="eth1")
@@ -85,15 +77,11 @@ def pods():
                                             ("fenced", fenced_ns, "REGISTRY_ONLY", EXT_IP_2)):
             pod = Pod(pods, netns, name, pod_workdir(workdir / name, _config(ca_path, ext_ip)))
             pod.proxy = start_sidecar(pods, netns, name, pod.dir, "--outbound-traffic-policy", policy)
-            result = pod.exec(venv_bin("meshctl"), "iptables", "--proxy-uid", str(PROXY_UID), "--no-inbound")
-            assert result.returncode == 0, result.stderr
+            pod.capture("--no-inbound")
             pod.ext_ip = ext_ip
             started[name] = pod
         started["ca"] = ca_path
         yield started
-    finally:
-        pods.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _curl(pod, url: str, host: str, port: int, *args):

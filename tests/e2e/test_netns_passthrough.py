@@ -21,7 +21,6 @@ import json
 import shutil
 import signal
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
@@ -33,11 +32,10 @@ from tests.harness.netns import (
     PROXY_UID,
     NetnsProcess,
     Pod,
-    Pods,
     TestCA,
     metric_sum,
+    pod_network,
     pod_workdir,
-    require_netns,
     start_sidecar,
 )
 from tests.harness.waiting import wait_for
@@ -110,13 +108,9 @@ def _hooks_plugin_env(workdir: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def mesh():
-    require_netns()
     if shutil.which("openssl") is None:
         pytest.skip("openssl is not installed")
-    pods = Pods()
-    workdir = Path(tempfile.mkdtemp(prefix="txm-passthrough-"))
-    workdir.chmod(0o755)
-    try:
+    with pod_network("txm-passthrough-") as (pods, workdir):
         client_ns, fenced_ns, ext_ns = pods.add("client"), pods.add("fenced"), pods.add("ext")
         pods.link(client_ns, f"{CLIENT_IP}/24", ext_ns, f"{EXT_IP}/24")
         pods.link(fenced_ns, f"{FENCED_IP}/24", ext_ns, f"{EXT_IP_2}/24", ifname="eth1")
@@ -143,14 +137,9 @@ def mesh():
                   "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
         fenced = _start_pod(pods, fenced_ns, "fenced", workdir / "fenced", [strict],
                             "--outbound-traffic-policy", "REGISTRY_ONLY")
-        meshctl = str(venv_bin("meshctl"))
         for pod in (client, fenced):
-            result = pod.exec(meshctl, "iptables", "--proxy-uid", str(PROXY_UID))
-            assert result.returncode == 0, result.stderr
+            pod.capture()
         yield {"client": client, "fenced": fenced, "ext": ext}
-    finally:
-        pods.destroy()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def test_tcp_to_an_unknown_destination_passes_through_with_half_close(mesh):

@@ -1,12 +1,15 @@
 """Helpers of the end-to-end tests (tests/e2e/) in network namespaces ("pods"), as root.
 
 - :func:`require_netns`: skip unless root with working ``ip netns`` and iptables nat
+- :func:`pod_network`: a module fixture's frame: :func:`require_netns`, a :class:`Pods` and a work
+  directory, both removed at the end
 - :class:`Pods`: network namespaces joined by veth pairs, created directly inside
   the namespaces (nothing is added to the host's own namespace); removed on
   :meth:`Pods.destroy`, which also stops every process started in them
 - :class:`NetnsProcess`: a :class:`tests.harness.ManagedProcess` run with
   ``ip netns exec`` (and optionally as another UID, via ``setpriv``)
-- :class:`Pod`: one namespace as a pod (run commands in it, read its sidecar's admin and metrics ports);
+- :class:`Pod`: one namespace as a pod (run commands in it, capture its traffic with ``meshctl iptables``,
+  read its sidecar's admin and metrics ports);
   :func:`metric_sum` reads a metric from a Prometheus page
 - :func:`pod_workdir` and :func:`start_sidecar`: a pod's directory and its ``twistd mesh-proxy``,
   run as the proxy UID :data:`PROXY_UID`, ready once its health port says so
@@ -20,6 +23,9 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -61,6 +67,22 @@ def require_netns() -> None:
             pytest.skip(f"iptables nat does not work in a network namespace here: {nat.stderr.strip()}")
     finally:
         run("ip", "netns", "del", probe, check=False)
+
+
+@contextmanager
+def pod_network(prefix: str) -> Iterator[tuple[Pods, Path]]:
+    """``(pods, workdir)`` for a module's pods, after :func:`require_netns`: an empty :class:`Pods` and a
+    new directory named ``prefix...`` under the temporary directory, readable by the proxy UID; on exit
+    the pods are destroyed (processes, namespaces) and the directory removed."""
+    require_netns()
+    pods = Pods()
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    workdir.chmod(0o755)  # the proxies run as PROXY_UID and read their files from here
+    try:
+        yield pods, workdir
+    finally:
+        pods.destroy()
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class NetnsProcess(ManagedProcess):
@@ -157,7 +179,7 @@ class TestCA:
         return key_pem, cert_pem + chain_pem, uri
 
 
-__all__ = ["NetnsProcess", "Pods", "TestCA", "require_netns", "run", "to_pem"]
+__all__ = ["NetnsProcess", "Pods", "TestCA", "pod_network", "require_netns", "run", "to_pem"]
 
 
 class Pod:
@@ -169,6 +191,12 @@ class Pod:
 
     def exec(self, *argv, uid=None, check=False, timeout=15.0):
         return self.pods.exec(self.netns, *argv, uid=uid, check=check, timeout=timeout)
+
+    def capture(self, *options) -> None:
+        """``meshctl iptables --proxy-uid PROXY_UID [options]`` here: the pod's traffic goes through its
+        sidecar (``--no-inbound``: outbound only)."""
+        result = self.exec(venv_bin("meshctl"), "iptables", "--proxy-uid", str(PROXY_UID), *options)
+        assert result.returncode == 0, result.stderr
 
     def admin(self, path):
         result = self.exec("curl", "-sS", "-m", "5", f"http://127.0.0.1:15000{path}", check=True)
