@@ -9,7 +9,8 @@
 
 The pytest plugin :mod:`tests.harness.plugin` (loaded by tests/conftest.py for every test) builds its
 fixtures (``backend_factory``, ``proxy_factory``, ``control_factory``, ``kube_api``) and its checks on these;
-:mod:`tests.harness.netns` holds the helpers of the end-to-end tests in network namespaces.
+:mod:`tests.harness.netns` holds the helpers of the end-to-end tests in network namespaces;
+:mod:`tests.harness.config_yaml` loads, validates and compiles config written as YAML in a unit test.
 """
 
 from .backend import Backend, pattern_sha256

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import textwrap
 from types import SimpleNamespace
 
 from mesh.builtin.routing import mesh_route
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
+from mesh.config.compile import Workload
 from mesh.proxy.context import RequestContext
 from mesh.proxy.runtime import OutboundRouter
+from tests.harness import config_yaml
 
 #: A ServiceEntry ``server``: VIP 10.96.0.10 port 80, endpoints 10.99.0.2 and 10.99.0.3 on 8080.
 SERVER_ENTRY = """
@@ -30,12 +28,7 @@ spec:
 
 def compile_yaml(directory, text: str = SERVER_ENTRY):
     """Load, validate and compile the YAML ``text`` (written to ``directory``) for workload default/client."""
-    path = directory / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == [] and errors == []
-    return compile_proxy_config(objects, Workload("client", "default", {}, "client"))
+    return config_yaml.compile_yaml(directory, text, workload=Workload("client", "default", {}, "client"))
 
 
 def outbound_router(config, passthrough=None) -> OutboundRouter:

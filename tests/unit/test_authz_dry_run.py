@@ -10,11 +10,11 @@ import json
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.compile import Workload
 from mesh.config.loader import load_files
 from mesh.config.security_tables import NO_ALLOW_MATCHED
-from mesh.config.validate import validate
 from mesh.proxy.context import RequestContext
+from tests.harness.config_yaml import compile_yaml, validate_yaml
 
 API = Workload("api", "shop", {"app": "api"}, "api", app_port=8080)
 
@@ -31,18 +31,12 @@ def policy(name, action, paths, dry_run=None, annotations=None):
 
 
 def load(tmp_path, *documents):
-    path = tmp_path / "policies.yaml"
-    path.write_text("---\n".join(documents))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error) for error in errors], str(path)
+    objects, errors, path = validate_yaml(tmp_path, *documents, name="policies.yaml")
+    return objects, [str(error) for error in errors], path
 
 
 def compiled(tmp_path, *documents):
-    objects, errors, _ = load(tmp_path, *documents)
-    assert errors == []
-    return compile_proxy_config(objects, API)
+    return compile_yaml(tmp_path, *documents, workload=API, name="policies.yaml")
 
 
 def decide(config, path, peer=None):

@@ -1,18 +1,16 @@
 """AuthorizationPolicies compiled for one workload and evaluated by the built-in ``mesh_authorize``."""
 
 import json
-import textwrap
 
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
+from mesh.config.compile import Workload
 from mesh.config.security_tables import NO_ALLOW_MATCHED
-from mesh.config.validate import validate
 from mesh.plugins import make_plugin_manager
 from mesh.proxy.context import RequestContext
 from mesh.proxy.paths import normalize_base
+from tests.harness.config_yaml import compile_yaml
 
 USER_SERVICE = Workload("user-service", "demo", {"app": "user-service", "version": "v1"}, "user-service",
                         app_port=8080)
@@ -57,12 +55,7 @@ spec:
 
 
 def _compile(tmp_path, text, workload=USER_SERVICE, **kwargs):
-    path = tmp_path / "policies.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == [] and errors == []
-    return compile_proxy_config(objects, workload, **kwargs)
+    return compile_yaml(tmp_path, text, workload=workload, name="policies.yaml", **kwargs)
 
 
 def _decide(config, peer=None, source="10.0.0.5", **request):

@@ -3,9 +3,8 @@
 import ipaddress
 import textwrap
 
-from mesh.config.loader import load_files
 from mesh.config.security import AuthorizationPolicy, AuthzMatch, AuthzRule
-from mesh.config.validate import validate
+from tests.harness.config_yaml import validate_yaml
 
 _HEAD = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ap, namespace: shop}\n"
 _PATTERNS = ("Istio matches exact values, prefixes ('abc*'), suffixes ('*abc') and any non-empty value "
@@ -14,12 +13,8 @@ _PATTERNS = ("Istio matches exact values, prefixes ('abc*'), suffixes ('*abc') a
 
 def _validate(tmp_path, spec):
     """Validate a policy ``ap`` in namespace shop with ``spec`` (YAML, from line 4 on)."""
-    path = tmp_path / "policy.yaml"
-    path.write_text(_HEAD + textwrap.dedent(spec).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error) for error in errors], str(path)
+    objects, errors, path = validate_yaml(tmp_path, _HEAD + textwrap.dedent(spec).lstrip("\n"), name="policy.yaml")
+    return objects, [str(error) for error in errors], path
 
 
 def _policy(tmp_path, spec) -> AuthorizationPolicy:

@@ -1,9 +1,7 @@
 """DestinationRule connectionPool circuit-breaking limits: validated and compiled into ClusterSpec.limits."""
 
-import textwrap
-
 from mesh.config.tables import CircuitLimits
-from tests.unit.test_h2_upstream_config import _compile, _entry, _load
+from tests.unit.test_h2_upstream_config import _compile, _entry, _errors
 
 _RULE = """
     apiVersion: networking.istio.io/v1
@@ -38,8 +36,7 @@ def test_a_pool_without_limits_compiles_to_none(tmp_path):
 
 def test_bad_limits_are_rejected_with_what_to_do(tmp_path):
     rule = _RULE.replace("maxConnections: 1", "maxConnections: -1").replace("maxRetries: 4", "maxRetries: '4'")
-    _, errors = _load(tmp_path, "---\n".join(textwrap.dedent(doc) for doc in (_entry("svc", "HTTP"), rule)))
-    assert errors == [
+    assert _errors(tmp_path, _entry("svc", "HTTP"), rule) == [
         "spec.trafficPolicy.connectionPool.tcp.maxConnections: must be >= 0, not -1",
         "spec.trafficPolicy.connectionPool.http.maxRetries: must be an integer, not a string",
     ]

@@ -3,17 +3,15 @@
 import json
 import random
 import shutil
-import textwrap
 from collections import Counter
 from pathlib import Path
 
 import pytest
 
-from mesh.config.compile import Workload, compile_proxy_config, load_and_compile
+from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigErrors, ConfigWarning
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
 from mesh.proxy.context import RequestContext
+from tests.harness.config_yaml import compile_yaml
 
 BOOKINFO = Path(__file__).parent.parent / "data" / "config" / "bookinfo"
 PRODUCTPAGE = Workload("productpage", "bookinfo", {"app": "productpage"}, "bookinfo-productpage")
@@ -29,12 +27,7 @@ def bookinfo():
 
 
 def _compile(tmp_path, text, workload=PRODUCTPAGE):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == [] and errors == []
-    return compile_proxy_config(objects, workload)
+    return compile_yaml(tmp_path, text, workload=workload)
 
 
 def _route(config, host, path="/", method="GET", headers=None):

@@ -5,7 +5,6 @@ import textwrap
 import pytest
 
 from mesh.config.fields import parse_duration
-from mesh.config.loader import load_files
 from mesh.config.resources import (
     DEFAULT_RETRY,
     ConnectionPool,
@@ -17,17 +16,13 @@ from mesh.config.resources import (
     WorkloadEndpoint,
 )
 from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
-from mesh.config.validate import validate
+from tests.harness.config_yaml import validate_yaml
 
 
 def _validate(tmp_path, text):
     """Validate the YAML ``text``; ``(objects, error strings, file path)``."""
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error) for error in errors], str(path)
+    objects, errors, path = validate_yaml(tmp_path, text)
+    return objects, [str(error) for error in errors], path
 
 
 def _valid(tmp_path, text):

@@ -9,10 +9,9 @@ import pytest
 from mesh.config.analyze import analyze
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.errors import ConfigErrors
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
 from mesh.proxy.context import RequestContext
 from tests.harness.certs import ScratchCA
+from tests.harness.config_yaml import compile_yaml, validate_yaml
 
 GATEWAY = Workload("ingress", "istio-system", {"istio": "ingressgateway"}, gateway=True)
 SIDECAR = Workload("web", "shop", {"app": "web"})
@@ -44,18 +43,12 @@ def _vs(name, hosts, gateways=None, route_to="web", match=""):
 
 
 def _validate(tmp_path, *documents):
-    path = tmp_path / "config.yaml"
-    path.write_text("---\n".join(documents))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
+    objects, errors, _ = validate_yaml(tmp_path, *documents)
     return objects, [error.reason for error in errors]
 
 
 def _compile(tmp_path, *documents, workload=GATEWAY):
-    objects, errors = _validate(tmp_path, SERVICES, *documents)
-    assert errors == []
-    return compile_proxy_config(objects, workload)
+    return compile_yaml(tmp_path, SERVICES, *documents, workload=workload)
 
 
 def _routed(table, host, path="/"):

@@ -1,27 +1,20 @@
 """When the sidecar speaks HTTP/2 upstream: DestinationRule h2UpgradePolicy, useClientProtocol and
 maxConcurrentStreams, port protocols, the app port's protocol, and the HTTP/2 request headers."""
 
-import textwrap
-
 import pytest
 
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
+from mesh.config.compile import Workload
 from mesh.config.tables import UPSTREAM_CLIENT, UPSTREAM_H2, UPSTREAM_HTTP1, RouteAction, upstream_protocol
-from mesh.config.validate import validate
 from mesh.proxy.codec.h2_client import request_headers
 from mesh.proxy.context import RequestContext
+from tests.harness.config_yaml import compile_yaml, validate_yaml
 
 CLIENT = Workload("client", "shop", {"app": "client"})
 
 
-def _load(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error).split(": ", 2)[-1] for error in errors]
+def _errors(tmp_path, *documents):
+    _, errors, _ = validate_yaml(tmp_path, *documents)
+    return [str(error).split(": ", 2)[-1] for error in errors]
 
 
 def _entry(name, protocol, labels="{}", port_name="http"):
@@ -52,9 +45,7 @@ def _rule(host, http):
 
 
 def _compile(tmp_path, *documents, workload=CLIENT):
-    objects, errors = _load(tmp_path, "---\n".join(textwrap.dedent(doc) for doc in documents))
-    assert errors == []
-    return compile_proxy_config(objects, workload)
+    return compile_yaml(tmp_path, *documents, workload=workload)
 
 
 @pytest.mark.parametrize(("protocol", "http", "expected"), [
@@ -95,7 +86,7 @@ def test_subset_and_port_level_policies_upgrade_their_own_clusters(tmp_path):
 
 
 def test_bad_http2_settings_are_rejected_with_what_to_do(tmp_path):
-    _, errors = _load(tmp_path, "---\n".join(textwrap.dedent(_rule(host, http)) for host, http in (
+    errors = _errors(tmp_path, *(_rule(host, http) for host, http in (
         ("a", "{h2UpgradePolicy: ALWAYS, maxConcurrentStreams: -1}"),
         ("b", "{h2UpgradePolicy: UPGRADE, useClientProtocol: true}"),
         ("c", "{http2MaxRequests: 10, useClientProtocol: yes please}"))))

@@ -1,23 +1,16 @@
 """PeerAuthentication: validation, and the effective mTLS mode of a workload (Istio's precedence)."""
 
-import textwrap
-
 from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
 from mesh.config.security import PeerAuthentication
 from mesh.config.security_tables import PeerAuthn
-from mesh.config.validate import validate
+from tests.harness.config_yaml import validate_yaml
 
 WEB = Workload("web", "shop", {"app": "web"}, app_port=8080)
 
 
 def _load(tmp_path, text):
-    path = tmp_path / "peer.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error) for error in errors], str(path)
+    objects, errors, path = validate_yaml(tmp_path, text, name="peer.yaml")
+    return objects, [str(error) for error in errors], path
 
 
 def _policy(name, namespace, spec="{}"):

@@ -16,13 +16,14 @@ from twisted.internet.task import Clock
 
 from mesh.config.authz_predicates import compile_rule
 from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_documents, load_files
+from mesh.config.loader import load_documents
 from mesh.config.request_authn import JwtRule, RequestAuthentication, parse_jwks
 from mesh.config.security_compile import compile_tcp_authz
 from mesh.config.validate import validate
 from mesh.proxy.authn import TOKEN_CACHE_SIZE, Authenticator, RequestAuth
 from mesh.proxy.context import RequestContext
 from mesh.proxy.outcome import LocalReply
+from tests.harness.config_yaml import validate_yaml
 from tests.harness.jwks import key_set, public_jwk, sign
 
 _HEAD = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: ra, namespace: shop}\n"
@@ -38,12 +39,8 @@ def token(key=RSA_KEY, **claims) -> str:
 
 
 def _validate(tmp_path, spec):
-    path = tmp_path / "ra.yaml"
-    path.write_text(_HEAD + textwrap.dedent(spec).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
-    return objects, [str(error) for error in errors], str(path)
+    objects, errors, path = validate_yaml(tmp_path, _HEAD + textwrap.dedent(spec).lstrip("\n"), name="ra.yaml")
+    return objects, [str(error) for error in errors], path
 
 
 def _errors(tmp_path, spec, expected):

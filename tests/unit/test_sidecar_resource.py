@@ -1,15 +1,12 @@
 """Istio's Sidecar resource: validation, which Sidecar applies, and what it imports into a proxy's config."""
 
-import textwrap
-
 import pytest
 from twisted.internet.task import Clock
 
-from mesh.config.compile import Workload, compile_proxy_config
+from mesh.config.compile import Workload
 from mesh.config.errors import format_path
-from mesh.config.loader import load_files
-from mesh.config.validate import validate
 from mesh.control.distribution import Distributor
+from tests.harness.config_yaml import compile_yaml, validate_yaml
 
 FRONTEND = Workload("frontend", "shop", {"app": "frontend"}, "frontend", app_port=8080)
 REVIEWS = "reviews.shop.svc.cluster.local"
@@ -33,18 +30,12 @@ SERVICES = (_service("frontend", "shop", "frontend", 8080, "127.0.0.10", "GRPC",
 
 
 def _load(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(SERVICES).lstrip("\n") + "---\n" + textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    objects, errors = validate(loaded.resources)
-    assert loaded.errors == []
+    objects, errors, _ = validate_yaml(tmp_path, SERVICES, text)
     return objects, errors
 
 
 def _compile(tmp_path, text, workload=FRONTEND):
-    objects, errors = _load(tmp_path, text)
-    assert errors == []
-    return compile_proxy_config(objects, workload)
+    return compile_yaml(tmp_path, SERVICES, text, workload=workload)
 
 
 def _services(config):

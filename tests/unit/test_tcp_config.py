@@ -9,10 +9,9 @@ from types import SimpleNamespace
 import pytest
 
 from mesh.builtin.authz import mesh_authorize
-from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
+from mesh.config.compile import Workload
 from mesh.config.security_tables import NO_ALLOW_MATCHED
-from mesh.config.validate import validate
+from tests.harness.config_yaml import compile_yaml, validate_yaml
 
 CLIENT = Workload("client", "shop", {"app": "client"}, "client")
 ECHO = "echo.shop.svc.cluster.local"
@@ -70,25 +69,13 @@ spec:
 """
 
 
-def _write(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    return path, loaded
-
-
 def _errors(tmp_path, text) -> list[str]:
-    path, loaded = _write(tmp_path, text)
-    _, errors = validate(loaded.resources)
+    _, errors, path = validate_yaml(tmp_path, text)
     return [str(error).replace(f"{path}:", "") for error in errors]
 
 
 def _compile(tmp_path, text, workload=CLIENT):
-    _, loaded = _write(tmp_path, SERVICES + "---\n" + textwrap.dedent(text).lstrip("\n"))
-    objects, errors = validate(loaded.resources)
-    assert errors == []
-    return compile_proxy_config(objects, workload)
+    return compile_yaml(tmp_path, SERVICES, text, workload=workload)
 
 
 def _route(config, dst, server_name=None):
@@ -131,7 +118,7 @@ def test_port_protocols(tmp_path):
 
 
 def test_tcp_and_tls_routes_are_read(tmp_path):
-    _, loaded = _write(tmp_path, """
+    [vs], errors, _ = validate_yaml(tmp_path, """
         apiVersion: networking.istio.io/v1
         kind: VirtualService
         metadata: {name: vs, namespace: shop}
@@ -147,7 +134,6 @@ def test_tcp_and_tls_routes_are_read(tmp_path):
             - {destination: {host: a.example.com}, weight: 90}
             - {destination: {host: b.example.com}, weight: 10}
         """)
-    [vs], errors = validate(loaded.resources)
     assert errors == [] and vs.http == ()
     [tcp] = vs.tcp
     [match] = tcp.match
@@ -390,10 +376,7 @@ def _decision(config, port=7000, peer=CLIENT_ID):
     ("DENY", "{to: [{operation: {paths: [/admin]}}], when: [{key: 'request.headers[x]', values: [y]}]}", 7000, False),
 ])
 def test_tcp_authorization(tmp_path, action, rule, port, allowed):
-    _, loaded = _write(tmp_path, APP + "---\n" + _policy(action, rule))
-    objects, errors = validate(loaded.resources)
-    assert errors == []
-    config = compile_proxy_config(objects, VAULT)
+    config = compile_yaml(tmp_path, APP, _policy(action, rule), workload=VAULT)
     assert config.app_protocol == "TCP"
     decision = _decision(config, port)
     assert decision.allowed is allowed
@@ -405,8 +388,7 @@ def test_tcp_authorization(tmp_path, action, rule, port, allowed):
 
 def test_http_only_fields_warn_only_when_the_app_port_is_tcp(tmp_path):
     http_app = APP.replace("protocol: TCP", "protocol: HTTP")
-    _, loaded = _write(tmp_path, http_app + "---\n" + _policy("ALLOW", "{to: [{operation: {methods: [GET]}}]}"))
-    objects, _ = validate(loaded.resources)
-    config = compile_proxy_config(objects, VAULT)
+    config = compile_yaml(tmp_path, http_app, _policy("ALLOW", "{to: [{operation: {methods: [GET]}}]}"),
+                          workload=VAULT)
     assert config.warnings == ()
     assert _decision(config).allowed is False  # the same rules still decide captured TCP (inbound passthrough)

@@ -11,10 +11,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from mesh.config.compile import Workload, compile_proxy_config
-from mesh.config.loader import load_files
 from mesh.config.resources import ClientTLS
-from mesh.config.validate import validate
 from mesh.proxy.tls_origination import OriginationContexts, _carries
+from tests.harness.config_yaml import validate_yaml
 
 _ENTRY = """
 apiVersion: networking.istio.io/v1
@@ -34,11 +33,7 @@ spec:
 
 
 def _validate(tmp_path, text):
-    path = tmp_path / "config.yaml"
-    path.write_text(textwrap.dedent(text).lstrip("\n"))
-    loaded = load_files([path])
-    assert loaded.errors == []
-    objects, errors = validate(loaded.resources)
+    objects, errors, _ = validate_yaml(tmp_path, text)
     return objects, [str(error).split(": ", 2)[2] for error in errors]
 
 
