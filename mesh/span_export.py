@@ -56,7 +56,8 @@ class SpanExporter(service.Service):
     """Batches finished spans to an HTTP collector (see the module docstring).
 
     A subclass sets ``what`` (how its failure messages begin: ``"Zipkin export"``)
-    and ``method`` (``b"POST"``), and implements :meth:`encode`.  ``url`` is
+    and ``method`` (``b"POST"``), and implements :meth:`encode`; it may set
+    ``log_namespace`` (default: the subclass's module).  ``url`` is
     where the batches go; with ``unix_path``, they go over that Unix socket
     (the URL then gives only the path and the Host header).  ``target`` is how
     the messages name the collector (default: ``url``).
@@ -68,12 +69,13 @@ class SpanExporter(service.Service):
 
     what = "span export"
     method = b"POST"
-    log = Logger()
+    log_namespace: str | None = None
 
     def __init__(self, reactor, url: str, *, unix_path: str | None = None, target: str | None = None,
                  max_queue: int = 2048, batch_size: int = 100, interval: float = 1.0, timeout: float = 5.0,
                  max_in_flight: int = 2, log_interval: float = 10.0, stop_timeout: float = 2.0):
         self.reactor = reactor
+        self.log = Logger(namespace=self.log_namespace or type(self).__module__)
         self.url = url
         self.target = target or url
         self._url = url.encode("ascii")

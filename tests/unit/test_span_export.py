@@ -22,6 +22,8 @@ EXPORTERS = {
     "zipkin": lambda clock, **kw: ZipkinExporter(clock, "http://127.0.0.1:9/api/v2/spans", **kw),
     "datadog": lambda clock, **kw: TraceWriter(clock, TraceTarget(url="http://127.0.0.1:9"), **kw),
 }
+#: The namespace of each exporter's messages (the sidecar's log shows it), as before they shared a base.
+NAMESPACES = {"zipkin": "mesh.telemetry.zipkin", "datadog": "txmesh_datadog"}
 
 
 def _span(number):
@@ -78,6 +80,7 @@ def test_a_collector_that_is_down_costs_spans_counted_in_one_warning_per_interva
     text = formatEvent(warning)
     assert "to http://127.0.0.1:9" in text and "Connection was refused" in text
     assert warning["failures"] == 1 and warning["dropped"] == 5  # the first failure is told at once
+    assert warning["log_namespace"] == NAMESPACES[kind]
     for number in range(3):
         exporter.add(_span(number))
         clock.advance(1.0)  # each interval's flush fails too: counted, not told

@@ -86,6 +86,7 @@ class TraceWriter(SpanExporter):
     name = "datadog-traces"
     what = "datadog: sending spans"
     method = b"PUT"
+    log_namespace = "txmesh_datadog"
 
     def __init__(self, reactor, target: TraceTarget, *, batch_size: int = 256, **options):
         url = ("http://localhost" if target.path else target.url) + PATH  # over a Unix socket: the path only
