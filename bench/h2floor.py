@@ -1,7 +1,7 @@
 """The floor of the HTTP/2 codecs: instructions the ``h2`` library alone needs per request.
 
 No proxy, no socket, no reactor: one h2 connection configured as the proxy's HTTP/2 client codec
-(:mod:`mesh.proxy.codec.h2_client`: its configuration, HPACK without Huffman) sends a request
+(:mod:`mesh.proxy.codec.h2_client`: its configuration and HPACK, :mod:`mesh.proxy.codec.hpack_c`) sends a request
 (the headers :func:`~mesh.proxy.codec.h2_client.request_headers` sends: a fresh x-request-id each
 time) to one configured as its server codec (:mod:`mesh.proxy.codec.h2_server`), which answers with
 nginx's response headers (as :func:`~mesh.proxy.codec.h2_server._response_headers` forwards them)
@@ -42,11 +42,12 @@ BODY = b"x" * 1024
 
 def connections():
     """A (client, server) pair of h2 connections configured as the proxy's codecs, past their prefaces."""
-    from mesh.proxy.codec import h2_client, h2_server
+    from mesh.proxy.codec import h2_client, h2_server, hpack_c
 
     client = H2Connection(config=h2_client._CONFIG)
-    client.encoder = h2_client._PlainEncoder()
+    hpack_c.install(client, huffman=False)
     server = H2Connection(config=h2_server._CONFIG)
+    hpack_c.install(server)
     client.initiate_connection()
     server.initiate_connection()
     server.receive_data(client.data_to_send())

@@ -65,6 +65,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mesh.proxy.codec import hpack_c
 from mesh.proxy.codec.heads import HOP_BY_HOP, _apply_ops, connection_tokens
 from mesh.proxy.codec.http1_server import _CONSUMED, _Reject, _RootDot, new_request_id
 from mesh.proxy.context import RequestContext
@@ -243,6 +244,7 @@ class _H2(H2Connection):
 def _new_h2(limits) -> H2Connection:
     """A server connection with the listener's SETTINGS (sent by ``initiate_connection``)."""
     h2 = _H2(config=_CONFIG)
+    hpack_c.install(h2)
     h2.local_settings = Settings(client=False, initial_values={
         SettingCodes.MAX_CONCURRENT_STREAMS: limits.http2_max_concurrent_streams,
         SettingCodes.INITIAL_WINDOW_SIZE: limits.http2_initial_stream_window,
