@@ -32,7 +32,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.harness import free_port
+from tests.harness import free_port, wait_for
 from tests.harness.processes import ManagedProcess
 from tests.integration.test_identity_support import (
     authorization_policy,
@@ -286,16 +286,45 @@ def test_no_route_is_unimplemented(mesh):
 
 # -- telemetry -----------------------------------------------------------------------------------------
 
-def test_metrics_carry_the_grpc_status_and_the_message_counts(mesh):
+def grpc_counts(mesh) -> tuple[dict, float, float]:
+    """The client sidecar's gRPC requests by ``grpc_response_status``, and the messages sent and received
+    by the calls that ended OK."""
     text = scrape(mesh["client"].metrics_port, "/stats/prometheus").decode()
     families = {family.name: family for family in text_string_to_metric_families(text)}
-    statuses = {sample.labels["grpc_response_status"]: sample.value
-                for sample in families["istio_requests"].samples
-                if sample.name == "istio_requests_total" and sample.labels["request_protocol"] == "grpc"}
-    for status in ("0", "4", "7", "12", "14"):
-        assert statuses.get(status, 0) >= 1, (status, statuses)
-    sent = sum(sample.value for sample in families["istio_request_messages"].samples
-               if sample.labels["grpc_response_status"] == "0")
-    received = sum(sample.value for sample in families["istio_response_messages"].samples
-                   if sample.labels["grpc_response_status"] == "0")
-    assert sent >= 4 + 5 and received >= 5 + 5, (sent, received)  # Sum's 4 and Chat's 5 in; Count's 5 and Chat's 5 out
+    statuses = {}
+    for sample in families["istio_requests"].samples:
+        if sample.name == "istio_requests_total" and sample.labels["request_protocol"] == "grpc":
+            status = sample.labels["grpc_response_status"]
+            statuses[status] = statuses.get(status, 0) + sample.value
+    sent, received = (sum(sample.value for sample in families[name].samples
+                          if sample.name == f"{name}_total" and sample.labels["grpc_response_status"] == "0")
+                      for name in ("istio_request_messages", "istio_response_messages"))
+    return statuses, sent, received
+
+
+def test_metrics_carry_the_grpc_status_and_the_message_counts(mesh):
+    """The calls made here (whatever the module's other tests did before) show in the client sidecar's metrics."""
+    statuses, sent, received = grpc_counts(mesh)
+    assert unary(mesh) == b"v1:hi"                                                       # 0, 1 message each way
+    assert mesh["channel"].stream_unary("/echo.Echo/Sum")(iter([b"a"] * 4), timeout=10) == b"v1:4:4"  # 4 in, 1 out
+    assert len(list(mesh["channel"].unary_stream("/echo.Echo/Count")(b"5", timeout=10))) == 5        # 1 in, 5 out
+    assert status_of(lambda: unary(mesh, route="bounded", delay_ms=5000)).code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert status_of(lambda: unary(mesh, "Forbidden")).code() == grpc.StatusCode.PERMISSION_DENIED
+    assert status_of(lambda: mesh["channel"].unary_unary("/other.Service/Method")(b"", timeout=10)).code() \
+        == grpc.StatusCode.UNIMPLEMENTED
+    unavailable = status_of(lambda: unary(mesh, route="no-retry", key=uuid.uuid4().hex, fail=1))
+    assert unavailable.code() == grpc.StatusCode.UNAVAILABLE
+    expected = {"0": 3, "4": 1, "7": 1, "12": 1, "14": 1}
+    grown = {}
+
+    def counted() -> bool:
+        now, now_sent, now_received = grpc_counts(mesh)
+        grown.update({status: now.get(status, 0) - statuses.get(status, 0) for status in expected},
+                     sent=now_sent - sent, received=now_received - received)
+        return (all(grown[status] >= count for status, count in expected.items())
+                and grown["sent"] >= 1 + 4 + 1 and grown["received"] >= 1 + 1 + 5)
+
+    try:
+        wait_for(counted, timeout=10, what="the calls counted by status and messages")
+    except TimeoutError:
+        pytest.fail(f"the metrics grew by {grown}, expected {expected}, 6 messages sent and 7 received")
