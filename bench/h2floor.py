@@ -24,7 +24,6 @@ import subprocess
 import sys
 import uuid
 
-from h2.connection import H2Connection
 from h2.events import DataReceived
 
 _REFS = re.compile(r"I\s+refs:\s+([\d,]+)")
@@ -43,10 +42,11 @@ BODY = b"x" * 1024
 def connections():
     """A (client, server) pair of h2 connections configured as the proxy's codecs, past their prefaces."""
     from mesh.proxy.codec import h2_client, h2_server, hpack_c
+    from mesh.proxy.codec.h2_connection import MeshH2Connection
 
-    client = H2Connection(config=h2_client._CONFIG)
+    client = MeshH2Connection(config=h2_client._CONFIG)
     hpack_c.install(client, huffman=False)
-    server = H2Connection(config=h2_server._CONFIG)
+    server = MeshH2Connection(config=h2_server._CONFIG)
     hpack_c.install(server)
     client.initiate_connection()
     server.initiate_connection()

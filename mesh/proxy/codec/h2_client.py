@@ -47,6 +47,7 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from mesh.proxy.codec import hpack_c
+from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, forwarded
 from mesh.proxy.mtls import setup_failure
 from mesh.proxy.sockets import set_nodelay
@@ -147,7 +148,7 @@ class H2UpstreamConnection(Protocol):
         self.verify_peer = verify_peer
         self.max_streams = max_streams
         self.max_requests = max_requests
-        self.h2 = H2Connection(config=_CONFIG)
+        self.h2 = MeshH2Connection(config=_CONFIG)
         self.h2.state_machine = _GracefulGoaway()
         hpack_c.install(self.h2, huffman=False)  # HPACK in C; in Python without Huffman (too costly)
         # No MAX_CONCURRENT_STREAMS of 0 (ENABLE_PUSH 0 already forbids server streams): h2 checks it

@@ -66,6 +66,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mesh.proxy.codec import hpack_c
+from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, _apply_ops, connection_tokens
 from mesh.proxy.codec.http1_server import _CONSUMED, _Reject, _RootDot, new_request_id
 from mesh.proxy.context import RequestContext
@@ -226,7 +227,7 @@ class FrameGuard:
                 raise Abuse(ErrorCodes.ENHANCE_YOUR_CALM, "a flood of WINDOW_UPDATE frames")
 
 
-class _H2(H2Connection):
+class _H2(MeshH2Connection):
     """h2's connection, leaving the concurrent-stream limit to the codec.
 
     h2 ends the whole connection (GOAWAY PROTOCOL_ERROR) when a client opens more streams than
