@@ -710,8 +710,13 @@ class Exchange:
             self.down.deadlines.clear(self)
 
     def _complete(self, local, detail="via_upstream", tunnel=False):
-        """Finish exactly once: report, unlink, and hand the connection back."""
+        """Finish exactly once: report, unlink, and hand the connection back.
+
+        The last try (finished by now) is dropped: it points back at this exchange, and that
+        cycle would leave every request's objects to the cyclic garbage collector.
+        """
         self.state = DONE
+        self.current = None
         self._cancel_deadline()
         if self.retry_budget is not None:
             self._leave_retry_budget()
