@@ -309,8 +309,9 @@ class TcpUpstream(Protocol):
     Once spliced it is the codec's ``tunnel``: ``write`` carries the client's
     bytes, ``loseConnection`` means the client half-closed (a FIN, passed on)
     or went away (the tunnel closes).  The destination's FIN is passed on to
-    the client the same way.  Over TLS, which Twisted cannot half-close, a FIN
-    becomes a TLS close (after the pending bytes).
+    the client the same way.  Over mesh mTLS (TLS 1.3) a FIN is a close_notify,
+    which closes only that direction (:mod:`mesh.proxy.tls_transport`); over
+    other TLS it ends the TLS connection (after the pending bytes).
 
     :param owner: told ``connected(upstream) -> bool`` (False: do not splice)
         and ``closed(upstream, flags)``: a :class:`Passthrough`, or a routed

@@ -63,6 +63,7 @@ from mesh.proxy.pool import describe_connect_failure
 from mesh.proxy.runtime import rbac_details
 from mesh.proxy.sockets import set_nodelay
 from mesh.proxy.tcp_sni import read_server_name
+from mesh.proxy.tls_transport import IHalfCloseOverTLS
 
 log = Logger()
 
@@ -109,13 +110,15 @@ class TcpContext(PluginExtra):
         self._extra = None
 
 
+@implementer(IHalfCloseOverTLS)
 class TcpDownstreamConnection(DownstreamConnection):
     """A downstream connection that carries TCP from its first byte (an explicit TCP listener, or the
     inbound listener of a TCP app port): the HTTP codec's connection, diverted and made a tunnel at once.
 
     Its bytes wait in a :class:`HeldBytes` until ``handler.accept(conn)`` (an :class:`OutboundTcp` or
     :class:`InboundTcp`) has routed it: at once in plaintext, after the handshake over mTLS (which
-    tells who the peer is).
+    tells who the peer is).  Over mesh mTLS (TLS 1.3) it half-closes both ways as over TCP
+    (:class:`~mesh.proxy.tls_transport.IHalfCloseOverTLS`).
     """
 
     def __init__(self, listener, handler):
@@ -141,7 +144,7 @@ class TcpDownstreamConnection(DownstreamConnection):
             self.handler.accept(self)
 
     def close_write(self):
-        """Half-close towards the client; over TLS, which Twisted cannot half-close, a TLS close."""
+        """Half-close towards the client: a FIN, over mesh mTLS a close_notify (:mod:`mesh.proxy.tls_transport`)."""
         half_close = getattr(self.transport, "loseWriteConnection", None)
         (half_close or self.transport.loseConnection)()
 
@@ -314,11 +317,12 @@ class _UpstreamFactory(ClientFactory):
         self.tunnel.fail(describe_connect_failure(reason))
 
 
-@implementer(IHandshakeListener)
+@implementer(IHandshakeListener, IHalfCloseOverTLS)
 class MeshTcpUpstream(TcpUpstream):
     """A :class:`~mesh.proxy.passthrough.TcpUpstream` that, over TLS (mesh mTLS or TLS origination), is
     spliced only once the handshake is done and ``verify_peer(transport)`` found no problem (over mTLS:
-    the peer presented the expected identity); otherwise it closes with ``failure`` set.
+    the peer presented the expected identity); otherwise it closes with ``failure`` set.  Over mesh
+    mTLS (TLS 1.3) half-closes go both ways (:class:`~mesh.proxy.tls_transport.IHalfCloseOverTLS`).
     Lost before the splice, it leaves closing the client's connection to its owner (a FIN, not the
     passthrough's reset)."""
 

@@ -17,11 +17,23 @@ else stay Twisted's and pyOpenSSL's.
 It relies on pyOpenSSL's binding (``OpenSSL._util``) and on a few private
 attributes of ``OpenSSL.SSL.Connection``; :func:`lean_tls` uses it only when
 they are there, and Twisted's own transport otherwise.
+
+It also carries a half-close, which Twisted's transport cannot, for a protocol
+that asks for it (:class:`IHalfCloseOverTLS`: the mesh's TCP tunnels) over TLS
+1.3 (RFC 8446, section 6.1: a close_notify closes only its sender's write side).
+``loseWriteConnection`` sends close_notify and goes on reading; the peer's
+close_notify is the protocol's ``readConnectionLost``, and the connection
+closes (TCP included) once both sides have sent theirs.  The TCP connection
+under it stays open both ways until then.  Any other protocol, TLS 1.2, and
+Twisted's transport keep Twisted's behaviour: a close_notify received ends
+the connection, and ``loseWriteConnection`` half-closes the TCP connection
+under TLS (which the peer takes for the end of the connection).
 """
 
 from __future__ import annotations
 
-from OpenSSL.SSL import TLS_METHOD, Connection, Context, Error, WantReadError, ZeroReturnError
+from OpenSSL.SSL import TLS1_3_VERSION, TLS_METHOD, Connection, Context, Error, WantReadError, ZeroReturnError
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
@@ -29,6 +41,7 @@ from twisted.python.failure import Failure
 try:
     from OpenSSL._util import ffi as _ffi
     from OpenSSL._util import lib as _lib
+    from twisted.protocols.tls import _NullAggregator
 
     _WANT_READ = _lib.SSL_ERROR_WANT_READ
     _probe = Connection(Context(TLS_METHOD), None)
@@ -50,8 +63,64 @@ _RECORD_SIZE = 2 ** 14
 _BUFFER = _ffi.new("char[]", _READ_SIZE) if _AVAILABLE else None
 
 
+class IHalfCloseOverTLS(IHalfCloseableProtocol):
+    """A protocol that takes the peer's TLS 1.3 close_notify as a half-close (``readConnectionLost``), and whose
+    ``transport.loseWriteConnection()`` is one (a close_notify), over :class:`LeanTLSTransport`."""
+
+
 class LeanTLSTransport(BufferingTLSTransport):
-    """Twisted's ``BufferingTLSTransport`` calling OpenSSL directly on its hot paths (see the module docstring)."""
+    """Twisted's ``BufferingTLSTransport`` calling OpenSSL directly on its hot paths, and carrying a
+    half-close for an :class:`IHalfCloseOverTLS` protocol over TLS 1.3 (see the module docstring)."""
+
+    _writeClosed = False  # loseWriteConnection sent close_notify (or will, once buffered writes are out)
+    _readClosed = False  # the peer's close_notify was passed on as readConnectionLost
+
+    def loseWriteConnection(self):
+        """Half-close: close_notify after the pending writes, then only read; the connection closes once the
+        peer's close_notify has come too.  Without a half-close (see the module docstring), the TCP
+        connection's ``loseWriteConnection``, as Twisted's transport does."""
+        if not self._halfCloses():
+            self.transport.loseWriteConnection()
+            return
+        if self._writeClosed or self.disconnecting:
+            return
+        self._writeClosed = True
+        self._aggregator.close()  # the gathered writes go first
+        self._aggregator = _NullAggregator()  # writes after the close_notify are dropped (OpenSSL refuses them)
+        self.write = self._aggregator.write
+        if not self._appSendBuffer:
+            self._shutdownTLS()  # close_notify; if the peer's came already, the TCP connection closes too
+
+    def loseConnection(self):
+        """Close (Twisted's ``loseConnection``).  Carrying half-closes, close_notify and the TCP connection closes
+        at once: the peer takes a close_notify for a half-close, and may send its own only when its side is done."""
+        if not self.disconnecting and self._halfCloses():
+            self.loseWriteConnection()
+            if not self._appSendBuffer:
+                self.transport.loseConnection()
+        super().loseConnection()
+
+    def _unbufferPendingWrites(self):
+        super()._unbufferPendingWrites()
+        if self._writeClosed and not self._appSendBuffer and not self.disconnecting:
+            self._shutdownTLS()  # the close_notify loseWriteConnection held back
+
+    def _halfCloses(self) -> bool:
+        """Whether this connection carries half-closes: a TLS 1.3 session of an :class:`IHalfCloseOverTLS`."""
+        return (self._handshakeDone and not self._lostTLSConnection
+                and IHalfCloseOverTLS.providedBy(self.wrappedProtocol)
+                and self._tlsConnection.get_protocol_version() == TLS1_3_VERSION)
+
+    def _peerClosedWrite(self) -> bool:
+        """The peer sent close_notify: pass it on as a half-close (True) or let Twisted end the connection (False:
+        this connection carries no half-close, or its own close_notify went already)."""
+        if self._readClosed:
+            return True  # bytes after the close_notify: nothing more is read
+        if self._writeClosed or not self._halfCloses():
+            return False
+        self._readClosed = True
+        self.wrappedProtocol.readConnectionLost()
+        return True
 
     def dataReceived(self, bytes):
         """Put received bytes into the receive BIO, then as ``TLSMemoryBIOProtocol.dataReceived``."""
@@ -118,6 +187,8 @@ class LeanTLSTransport(BufferingTLSTransport):
                 except WantReadError:
                     break
                 except ZeroReturnError:
+                    if self._peerClosedWrite():
+                        break
                     self._shutdownTLS()
                     self._tlsShutdownFinished(None)
                     continue

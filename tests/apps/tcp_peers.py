@@ -9,7 +9,9 @@
 ``serve`` runs until killed:
 
 - ``--echo``: echoes what it reads; when the client half-closes, answers ``[eof]`` and closes
-  (so a client that sees ``[eof]`` knows its FIN went through);
+  (so a client that sees ``[eof]`` knows its FIN went through); a read that holds ``[shut]``
+  makes it half-close first instead (after echoing what came before), read to the end and print
+  ``{"after_shut": TEXT}`` (what came after its FIN);
 - ``--banner``: a server-first protocol (as SMTP, MySQL): sends ``220 ready\\r\\n`` at once
   (``220 NAME ready`` with ``--name``, to tell servers apart), then echoes as ``--echo``;
 - ``--tls``: TLS with the given certificate, answering any HTTP request with ``200 tls ok``.
@@ -30,6 +32,9 @@ import ssl
 import sys
 import time
 
+#: What makes the echo server half-close first (see ``--echo``).
+SHUT = b"[shut]"
+
 
 async def _echo(reader, writer, banner=b""):
     if banner:
@@ -39,6 +44,14 @@ async def _echo(reader, writer, banner=b""):
             data = await reader.read(65536)
             if not data:
                 writer.write(b"[eof]")
+                break
+            if SHUT in data:
+                writer.write(data[:data.index(SHUT)])
+                writer.write_eof()
+                rest = data[data.index(SHUT) + len(SHUT):]
+                while chunk := await reader.read(65536):
+                    rest += chunk
+                print(json.dumps({"after_shut": rest.decode("latin-1")}), flush=True)
                 break
             writer.write(data)
             await writer.drain()

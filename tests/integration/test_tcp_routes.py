@@ -20,6 +20,7 @@ The echo-v2 sidecar also has an explicit VAULT listener: a second caller, with i
 from __future__ import annotations
 
 import datetime
+import json
 import socket
 import ssl
 import time
@@ -175,7 +176,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
         "tls-a": sidecar("tls-a", "tls-a", apps["tls-a"], inbound["tls-a"], app="tls-a"),
         "vault": sidecar("vault", "vault", apps["vault"], inbound["vault"], app="vault"),
     }
-    return {"proxies": proxies, "config": config, "ca": bundle, "work": work, "inbound": inbound}
+    return {"proxies": proxies, "config": config, "ca": bundle, "work": work, "inbound": inbound, "peers": peers}
 
 
 # -- helpers --------------------------------------------------------------------------------------------------
@@ -262,6 +263,51 @@ def test_server_first_protocol_needs_no_client_byte(mesh):
     started = time.monotonic()
     assert exchange(ECHO).startswith(b"220 ")
     assert time.monotonic() - started < 2
+
+
+# -- half-close over the mesh mTLS hop (TLS 1.3 close_notify) -----------------------------------------------
+
+def _read_to_end(sock) -> bytes:
+    received = b""
+    while data := sock.recv(65536):
+        received += data
+    return received
+
+
+def test_a_client_that_half_closes_still_reads_the_whole_answer(mesh):
+    """send, shutdown(SHUT_WR), read: the FIN goes app -> sidecar -> mTLS -> sidecar -> echo server, whose
+    answer to it (``[eof]``, after the echo) comes back whole; then the connection ends."""
+    payload = b"y" * 200_000 + b"\n"
+    with socket.create_connection(("127.0.0.1", VAULT), timeout=5) as sock:
+        sock.sendall(payload)
+        sock.shutdown(socket.SHUT_WR)
+        assert _read_to_end(sock) == payload + b"[eof]"
+
+
+def test_the_server_half_closes_first_and_the_client_still_sends(mesh):
+    """The echo server half-closes on ``[shut]``: the client reads to its FIN, then still sends, then closes."""
+    late = "sent after the server's FIN\n"
+    with socket.create_connection(("127.0.0.1", VAULT), timeout=5) as sock:
+        sock.sendall(b"first\n[shut]")
+        assert _read_to_end(sock) == b"first\n"
+        sock.sendall(late.encode())
+    wait_for(lambda: json.dumps({"after_shut": late}) in mesh["peers"][0].log_path.read_text(), timeout=5,
+             what="the bytes sent after the server's FIN, read by the server")
+
+
+def test_a_full_close_still_closes_both_sidecars_connections(mesh):
+    client, vault = mesh["proxies"]["client"], mesh["proxies"]["vault"]
+
+    def closed():  # the vault sidecar's inbound side names either service of its endpoint (vault, impostor)
+        return [total(client, "istio_tcp_connections_closed_total", destination_service_name="vault"),
+                total(vault, "istio_tcp_connections_closed_total", reporter="destination")]
+
+    before = closed()
+    with socket.create_connection(("127.0.0.1", VAULT), timeout=5) as sock:
+        sock.sendall(b"ping\n")
+        assert sock.recv(100) == b"ping\n"
+    wait_for(lambda: closed() == [count + 1 for count in before], timeout=5,
+             what="the connection closed on both sidecars")
 
 
 # -- TLS routes by SNI ----------------------------------------------------------------------------------------
@@ -452,8 +498,12 @@ def test_tcp_metrics_carry_istios_labels_on_both_sidecars(mesh):
                 "istio_tcp_connections_opened_total", "istio_tcp_connections_closed_total",
                 "istio_tcp_sent_bytes_total"))
         wait_for(counted, timeout=5, what=f"the TCP metrics of {proxy.workload} with {labels}")
-    # the banner (sent to the client) is 14 bytes a connection: both sides count the same bytes
-    assert total(client, "istio_tcp_sent_bytes_total", **source) % 14 == 0
+    # both sides count the same bytes sent to the client: the banners, and the echo servers' ``[eof]`` answers to
+    # the clients' FINs that came back before the client's connection was gone
+    servers = [mesh["proxies"][name] for name in ("echo-v1", "echo-v2")]
+    wait_for(lambda: total(client, "istio_tcp_sent_bytes_total", **source) == sum(
+        total(proxy, "istio_tcp_sent_bytes_total", reporter="destination") for proxy in servers), timeout=5,
+        what="the same bytes sent counted on both sides")
 
 
 def test_an_invalid_tcp_route_is_rejected_naming_its_field_and_the_config_stays(mesh):

@@ -9,13 +9,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
-from twisted.internet.ssl import CertificateOptions
+from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import Clock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
+from zope.interface import implementer, implementer_only
 
-from mesh.proxy.tls_transport import LeanTLSTransport, lean_tls
+from mesh.proxy.tls_transport import IHalfCloseOverTLS, LeanTLSTransport, lean_tls
 
 
 class Recorder(Protocol):
@@ -94,3 +97,112 @@ def test_a_broken_record_fails_the_connection_as_twisted_does(server_options):
         pump.flush()
         outcomes.append((type(server_app.lost.value), server_app.data))
     assert outcomes[0] == outcomes[1] and outcomes[0][1] == b""
+
+
+# -- half-close over TLS 1.3 (IHalfCloseOverTLS) --------------------------------------------------------------
+
+@implementer(IHalfCloseOverTLS)
+class HalfCloser(Recorder):
+    """A :class:`Recorder` that takes half-closes (as the mesh's TCP tunnels)."""
+
+    read_closed = False
+
+    def readConnectionLost(self):
+        self.read_closed = True
+
+    def writeConnectionLost(self):
+        raise AssertionError("the TLS transport never reports its own half-close")
+
+
+def _half_close_session(server_options, protocol=HalfCloser, lean=True, tls12=False):
+    clock = Clock()
+    wrap = lean_tls if lean else (lambda factory: factory)
+    options = CertificateOptions(raiseMinimumTo=TLSVersion.TLSv1_2, lowerMaximumSecurityTo=TLSVersion.TLSv1_2) \
+        if tls12 else CertificateOptions()
+    server_factory = wrap(TLSMemoryBIOFactory(server_options, False, ServerFactory.forProtocol(protocol), clock=clock))
+    client_factory = wrap(TLSMemoryBIOFactory(options, True, ClientFactory.forProtocol(protocol), clock=clock))
+    client, server, pump = connectedServerAndClient(lambda: server_factory.buildProtocol(None),
+                                                    lambda: client_factory.buildProtocol(None), clock=clock)
+    pump.flush()
+    client.app, server.app = client.wrappedProtocol, server.wrappedProtocol  # Twisted drops it when the connection ends
+    return client, server, pump
+
+
+@pytest.mark.parametrize("first", ["client", "server"])
+def test_a_half_close_goes_over_tls_13_and_the_other_side_still_sends(server_options, first):
+    client, server, pump = _half_close_session(server_options)
+    closer, other = (client, server) if first == "client" else (server, client)
+    closer.write(b"request")
+    closer.loseWriteConnection()
+    pump.flush()
+    assert other.app.data == b"request" and other.app.read_closed
+    assert closer.app.lost is None and other.app.lost is None
+    other.write(b"the whole answer")
+    other.write(b" after the half-close")
+    pump.flush()
+    assert closer.app.data == b"the whole answer after the half-close"
+    assert closer.app.lost is None  # both still up until the other side closes its write side too
+    other.loseWriteConnection()
+    pump.flush()
+    for side in (client, server):
+        assert side.app.lost is not None and side.app.lost.check(ConnectionDone)
+        assert side.transport.disconnected  # the TCP connection under TLS is closed on both sides
+    assert not closer.app.read_closed  # its read side ended with the connection
+
+
+def test_writes_after_a_half_close_are_dropped_not_fatal(server_options):
+    client, server, pump = _half_close_session(server_options)
+    client.loseWriteConnection()
+    client.write(b"too late")
+    client.loseWriteConnection()  # twice: once
+    pump.flush()
+    assert server.app.data == b"" and server.app.read_closed
+    server.write(b"answer")
+    pump.flush()
+    assert client.app.data == b"answer" and client.app.lost is None
+
+
+def test_a_full_close_after_a_half_close_still_closes_everything(server_options):
+    client, server, pump = _half_close_session(server_options)
+    client.loseWriteConnection()
+    pump.flush()
+    client.loseConnection()
+    pump.flush()
+    assert client.app.lost is not None and server.app.lost is not None
+    assert client.transport.disconnected and server.transport.disconnected
+
+
+def test_a_full_close_closes_everything(server_options):
+    client, server, pump = _half_close_session(server_options)
+    client.write(b"bye")
+    client.loseConnection()
+    pump.flush()
+    assert server.app.data == b"bye"
+    assert client.app.lost is not None and server.app.lost is not None
+    assert client.transport.disconnected and server.transport.disconnected
+
+
+@pytest.mark.parametrize("case", ["not IHalfCloseOverTLS", "TLS 1.2", "Twisted's transport"])
+def test_without_a_half_close_a_close_notify_ends_the_connection_as_before(server_options, case):
+    """HTTP over mTLS (its protocols are not IHalfCloseOverTLS), TLS 1.2 and Twisted's own transport: the
+    peer's close_notify ends the connection, as Twisted does; loseWriteConnection is the TCP one's."""
+    protocol = _PlainHalfCloser if case == "not IHalfCloseOverTLS" else HalfCloser
+    lean, tls12 = case != "Twisted's transport", case == "TLS 1.2"
+    client, server, pump = _half_close_session(server_options, protocol, lean, tls12)
+    server.write(b"data")
+    pump.flush()
+    assert client.app.data == b"data"
+    client.loseConnection()
+    pump.flush()
+    assert server.app.lost is not None and not server.app.read_closed
+    assert client.app.lost is not None and server.transport.disconnected
+    client, server, pump = _half_close_session(server_options, protocol, lean, tls12)
+    shut = []
+    client.transport.loseWriteConnection = lambda: shut.append("TCP")
+    client.loseWriteConnection()
+    assert shut == ["TCP"]
+
+
+@implementer_only(IHalfCloseableProtocol)
+class _PlainHalfCloser(HalfCloser):
+    """Half-closeable over TCP only (as the HTTP/1.1 codec)."""
