@@ -25,6 +25,9 @@ expanded clusters; resolution never runs per request.
   (:meth:`DnsEndpoints.empty_reasons`).
 
 Only IPv4 (A records) are looked up, as Istio's default ``V4_ONLY`` lookup family.
+
+Twisted names is imported with the resolver (:mod:`mesh.proxy.dns_client`), at the first lookup:
+a sidecar without a DNS ServiceEntry never loads it (about 0.6 MiB of RSS).
 """
 
 from __future__ import annotations
@@ -33,8 +36,6 @@ from dataclasses import replace
 
 from twisted.internet import defer
 from twisted.logger import Logger
-from twisted.names import client, dns, error, resolve
-from twisted.names import hosts as hosts_file
 
 from mesh.config import hosts as hostnames
 
@@ -47,31 +48,6 @@ MAX_BACKOFF = 30.0
 QUERY_TIMEOUT = (1, 2)
 
 log = Logger()
-
-
-def make_resolver(reactor, server=None, resolv_conf=b"/etc/resolv.conf", hosts=b"/etc/hosts"):
-    """The resolver of DNS ServiceEntries: ``hosts`` first, then ``server`` (an ``(ip, port)``
-    pair: ``mesh-proxy --dns-server``) or, without it, the name servers of ``resolv_conf``.
-
-    No cache: each name is looked up once per TTL anyway (:class:`DnsEndpoints`).
-    """
-    servers = [server] if server else None
-    upstream = _OneSocketResolver(resolv=None if server else resolv_conf, servers=servers, reactor=reactor)
-    return resolve.ResolverChain([hosts_file.Resolver(hosts), upstream])
-
-
-class _OneSocketResolver(client.Resolver):
-    """Twisted's DNS client sending its UDP queries from one socket (on a random port), as
-    c-ares, Envoy's resolver, does, rather than from a new socket per query, each of which Twisted
-    logs three lines for; queries are told apart by their random ids."""
-
-    _udp = None
-
-    def _query(self, *args):
-        if self._udp is None or self._udp.transport is None:
-            self._udp = self._connectedProtocol(interface="::" if ":" in args[0][0] else "")
-            self._udp.noisy = False
-        return self._udp.query(*args)
 
 
 class _Name:
@@ -208,6 +184,8 @@ class DnsEndpoints:
         deferred.addCallbacks(self._answered, self._failed, callbackArgs=(state,), errbackArgs=(state,))
 
     def _answered(self, result, state: _Name) -> None:
+        from twisted.names import dns  # loaded with the resolver
+
         answers = result[0]
         records = [record for record in answers if record.type == dns.A]
         addresses = tuple(dict.fromkeys(record.payload.dottedQuad() for record in records))
@@ -215,6 +193,8 @@ class DnsEndpoints:
         self._settled(state, addresses, ttl)
 
     def _failed(self, failure, state: _Name) -> None:
+        from twisted.names import error  # loaded with the resolver
+
         if failure.check(error.DNSNameError):  # NXDOMAIN: an answer, "no such name"
             self._settled(state, (), MIN_REFRESH)
             return
@@ -248,6 +228,8 @@ class DnsEndpoints:
 
 def _describe(failure) -> str:
     """A short reason for a failed lookup."""
+    from twisted.names import error  # loaded with the resolver
+
     if failure.check(defer.TimeoutError):  # DNSQueryTimeoutError is one too
         return "timed out (no answer from the DNS server)"
     if failure.check(error.DNSServerError):

@@ -26,7 +26,7 @@ from mesh.proxy.admin import AdminSite
 from mesh.proxy.authn import Authenticator
 from mesh.proxy.codec.http1_server import DownstreamFactory
 from mesh.proxy.control_client import ControlClient
-from mesh.proxy.dns import DnsEndpoints, make_resolver
+from mesh.proxy.dns import DnsEndpoints
 from mesh.proxy.gateway import GatewayListeners, GatewaySettings
 from mesh.proxy.health import HealthServer
 from mesh.proxy.listener import Limits, Listener
@@ -42,6 +42,13 @@ from mesh.telemetry import sidecar as telemetry
 from mesh.telemetry import tracing
 
 log = Logger()
+
+
+def _dns_resolver(reactor, server):
+    """The resolver of DNS ServiceEntries, made at the first lookup: only then is ``twisted.names`` imported."""
+    from mesh.proxy.dns_client import make_resolver
+
+    return make_resolver(reactor, server)
 
 
 @dataclass
@@ -115,7 +122,7 @@ class ProxyService(service.MultiService):
         self.upstream_tls = UpstreamTLS(self.credentials)
         self.origination = OriginationContexts()  # TLS to servers outside the mesh (DestinationRule tls SIMPLE)
         self.authenticator = Authenticator(reactor)  # RequestAuthentication's JWTs (inbound)
-        self.dns = DnsEndpoints(reactor, lambda: make_resolver(reactor, settings.dns_server),
+        self.dns = DnsEndpoints(reactor, lambda: _dns_resolver(reactor, settings.dns_server),
                                 lambda: self.runtime.refresh_endpoints())
         self.runtime = ProxyRuntime(self._make_pool, local, self.authenticator, self.dns)
         self._dns_warmed = False  # readiness waited for the first DNS answers (see readiness)

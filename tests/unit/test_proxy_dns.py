@@ -8,7 +8,8 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 
 from mesh.config.tables import ClusterSpec, EndpointSpec
-from mesh.proxy.dns import DnsEndpoints, make_resolver
+from mesh.proxy.dns import DnsEndpoints
+from mesh.proxy.dns_client import make_resolver
 
 
 def spec(name, *addresses, resolution="DNS"):
