@@ -123,7 +123,13 @@ class LeanTLSTransport(BufferingTLSTransport):
         return True
 
     def dataReceived(self, bytes):
-        """Put received bytes into the receive BIO, then as ``TLSMemoryBIOProtocol.dataReceived``."""
+        """Put received bytes into the receive BIO, then as ``TLSMemoryBIOProtocol.dataReceived``.
+
+        After the peer's close_notify was passed on as a half-close, received bytes are dropped (RFC 8446
+        section 6.1: data after a closure alert is ignored); kept, they would pile up in the BIO unread.
+        """
+        if self._readClosed:
+            return
         connection = self._tlsConnection
         with _ffi.from_buffer(bytes) as data:
             result = _lib.BIO_write(connection._into_ssl, data, len(data))

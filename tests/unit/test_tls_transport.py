@@ -9,6 +9,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL._util import ffi as _ffi
+from OpenSSL._util import lib as _lib
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
@@ -160,6 +162,21 @@ def test_writes_after_a_half_close_are_dropped_not_fatal(server_options):
     server.write(b"answer")
     pump.flush()
     assert client.app.data == b"answer" and client.app.lost is None
+
+
+def test_bytes_after_the_peers_close_notify_are_dropped_not_kept(server_options):
+    """A peer that half-closed and keeps sending cannot make the receiving side buffer without limit."""
+    client, server, pump = _half_close_session(server_options)
+    client.loseWriteConnection()
+    pump.flush()
+    assert server.app.read_closed
+    for _ in range(64):
+        server.dataReceived(b"\x17\x03\x03\x40\x00" + b"\x00" * 0x4000)  # 1 MiB of records after close_notify
+    assert _lib.BIO_get_mem_data(server._tlsConnection._into_ssl, _ffi.new("char **")) == 0  # nothing kept
+    assert server.app.data == b"" and server.app.lost is None
+    server.write(b"answer")  # the server's write side is still open
+    pump.flush()
+    assert client.app.data == b"answer"
 
 
 def test_a_full_close_after_a_half_close_still_closes_everything(server_options):
