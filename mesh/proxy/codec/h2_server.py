@@ -25,7 +25,8 @@ Flow control, both ways:
 Limits, as Envoy's (defaults in docs/protocols.md): SETTINGS_MAX_CONCURRENT_STREAMS (a stream
 over it is refused, REFUSED_STREAM), the initial windows, SETTINGS_MAX_HEADER_LIST_SIZE
 (``--max-header-bytes``: 431 beyond it, the connection ends beyond twice it, where an HPACK bomb
-is stopped while it is decoded), ``--max-headers`` (431), SETTINGS_MAX_FRAME_SIZE.  What h2 does
+is stopped while it is decoded; with HPACK in libnghttp2 it ends too for one field over 64 KiB,
+which its decoder refuses), ``--max-headers`` (431), SETTINGS_MAX_FRAME_SIZE.  What h2 does
 not bound, :class:`FrameGuard` does from the frame headers before h2 parses a byte: the header
 block across CONTINUATION frames, the frame size before the frame is buffered, floods of PING and
 SETTINGS (more than 1000 a second), of empty frames, of PRIORITY and of WINDOW_UPDATE frames.  Rapid reset is
