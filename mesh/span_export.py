@@ -91,6 +91,7 @@ class SpanExporter(service.Service):
         self.sent = self.dropped = self.failed = 0
         self.requests = self.request_failures = 0
         self._unlogged_failures = 0
+        self._encoding_failed = False
         self._last_failure_log = None
         self._last_error = None
         self._flush_soon = None
@@ -138,7 +139,10 @@ class SpanExporter(service.Service):
         try:
             body, headers = self.encode(batch)
         except Exception:
-            self.log.failure("{what}: could not encode {count} spans", what=self.what, count=len(batch))
+            if not self._encoding_failed:  # a bug, the same for every batch: its traceback once, then counts
+                self._encoding_failed = True
+                self.log.failure("{what}: could not encode {count} spans (later encoding errors are only "
+                                 "counted)", what=self.what, count=len(batch))
             self._failed(len(batch), "encoding error")
             return
         self.in_flight += 1

@@ -96,11 +96,16 @@ def test_a_collector_that_is_down_costs_spans_counted_in_one_warning_per_interva
 @pytest.mark.parametrize("kind", EXPORTERS)
 def test_a_batch_that_cannot_be_encoded_is_counted_and_the_flushing_goes_on(kind, monkeypatch):
     monkeypatch.setattr("mesh.span_export.readBody", lambda response: succeed(b""))
+    events = []
+    globalLogPublisher.addObserver(events.append)
     agent = _Agent(down=False)
     clock, exporter = _exporter(kind, agent, batch_size=10)
-    exporter.add(object())  # not a span
-    clock.advance(1.0)
-    assert exporter.failed == 1 and agent.requests == 0 and exporter.describe()["last_error"] == "encoding error"
+    for _ in range(3):
+        exporter.add(object())  # not a span
+        clock.advance(1.0)
+    globalLogPublisher.removeObserver(events.append)
+    assert exporter.failed == 3 and agent.requests == 0 and exporter.describe()["last_error"] == "encoding error"
+    assert len([event for event in events if "log_failure" in event]) == 1  # one traceback, not one per batch
     exporter.add(_span(0))
     clock.advance(1.0)
     assert agent.requests == 1 and exporter.sent == 1
