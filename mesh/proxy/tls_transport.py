@@ -34,6 +34,7 @@ from __future__ import annotations
 
 from OpenSSL.SSL import TLS1_3_VERSION, TLS_METHOD, Connection, Context, Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
@@ -54,6 +55,9 @@ try:
 except (ImportError, AttributeError):  # another pyOpenSSL: Twisted's transport is used
     _AVAILABLE = False
 
+log = Logger()
+#: Whether :func:`lean_tls` has logged that Twisted's transport is used instead (once per process).
+_fallback_told = False
 #: The most one read takes, as Twisted's loops (2**15).
 _READ_SIZE = 2 ** 15
 #: The most one ``SSL_write`` takes, as Twisted's ``_write`` (a TLS record's payload).
@@ -216,7 +220,17 @@ def _no_callback_problem(connection) -> bool:
 
 
 def lean_tls(factory):
-    """Make the ``TLSMemoryBIOFactory`` ``factory`` build :class:`LeanTLSTransport` (if pyOpenSSL allows); return it."""
+    """Make the ``TLSMemoryBIOFactory`` ``factory`` build :class:`LeanTLSTransport` (if pyOpenSSL allows); return it.
+
+    When pyOpenSSL lacks what it needs, the factory keeps Twisted's transport, and the first call says so.
+    """
+    global _fallback_told
     if _AVAILABLE:
         factory.protocol = LeanTLSTransport
+    elif not _fallback_told:
+        _fallback_told = True
+        log.warn("TLS through Twisted's own transport: this pyOpenSSL lacks the internals the lean one uses "
+                 "(install the pinned version, deploy/constraints.txt). TLS costs more CPU per request, and a "
+                 "TCP half-close over the mesh mTLS hop ends the whole connection.")
     return factory
+

@@ -16,10 +16,12 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import ClientFactory, Protocol, ServerFactory
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import Clock
+from twisted.logger import globalLogPublisher
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test.iosim import connectedServerAndClient
 from zope.interface import implementer, implementer_only
 
+from mesh.proxy import tls_transport
 from mesh.proxy.tls_transport import IHalfCloseOverTLS, LeanTLSTransport, lean_tls
 
 
@@ -223,3 +225,16 @@ def test_without_a_half_close_a_close_notify_ends_the_connection_as_before(serve
 @implementer_only(IHalfCloseableProtocol)
 class _PlainHalfCloser(HalfCloser):
     """Half-closeable over TCP only (as the HTTP/1.1 codec)."""
+
+
+def test_the_fallback_to_twisteds_transport_is_told_once(monkeypatch):
+    events = []
+    globalLogPublisher.addObserver(events.append)
+    monkeypatch.setattr(tls_transport, "_AVAILABLE", False)
+    monkeypatch.setattr(tls_transport, "_fallback_told", False)
+    factories = [lean_tls(TLSMemoryBIOFactory(CertificateOptions(), True, ClientFactory.forProtocol(Recorder)))
+                 for _ in range(2)]
+    globalLogPublisher.removeObserver(events.append)
+    assert all(factory.protocol is not LeanTLSTransport for factory in factories)
+    told = [event for event in events if "Twisted's own transport" in event.get("log_format", "")]
+    assert len(told) == 1 and told[0]["log_level"].name == "warn"
