@@ -10,6 +10,9 @@ from twisted.internet.epollreactor import EPollReactor
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python import log
 
+#: Twisted's longest poll timeout, in seconds (``ReactorBase.timeout``): epoll_wait's int milliseconds.
+_LONGEST_TIMEOUT = 2147483
+
 
 def set_nodelay(transport) -> None:
     """Disable Nagle's algorithm: a proxy must not sit on small writes.
@@ -122,11 +125,40 @@ def lean_dispatch(reactor) -> None:
     ``_doReadOrWrite`` does for it inline: ``doRead``, then disconnect with
     the reason it returns or raises (logged).  Anything else raised is logged
     with the selectable's prefix as before, and the other events of the poll
-    are still dispatched.  Any reactor but an unmodified epoll reactor is left
-    alone.  Idempotent.
+    are still dispatched.
+
+    The reactor's two calls around each poll get a fast path too:
+    ``runUntilCurrent`` returns at once when no timed call is due and there is
+    nothing new (no new timed call, no call from a thread, no stop), and
+    ``timeout`` computes the poll's timeout from the next timed call without
+    calling ``_insertNewDelayedCalls`` when no timed call is new; otherwise
+    each is Twisted's own.  (Twisted's only other work there, dropping
+    cancelled calls from the heap, then waits for the next due call: the
+    listeners' one-second sweep.)  Any reactor but an unmodified epoll
+    reactor is left alone.  Idempotent.
     """
     if getattr(type(reactor), "doIteration", None) is EPollReactor.doPoll and "doIteration" not in vars(reactor):
         reactor.doIteration = MethodType(_do_poll, reactor)
+        reactor.runUntilCurrent = MethodType(_run_until_current, reactor)
+        reactor.timeout = MethodType(_timeout, reactor)
+
+
+def _run_until_current(reactor) -> None:
+    """``runUntilCurrent``, returning at once when there is nothing to run (see :func:`lean_dispatch`)."""
+    pending = reactor._pendingTimedCalls
+    if (reactor.threadCallQueue or reactor._newTimedCalls or reactor._justStopped
+            or (pending and pending[0].time <= reactor.seconds())):
+        EPollReactor.runUntilCurrent(reactor)
+
+
+def _timeout(reactor) -> float | None:
+    """``timeout`` without ``_insertNewDelayedCalls`` when no timed call is new (see :func:`lean_dispatch`)."""
+    if reactor._newTimedCalls:
+        return EPollReactor.timeout(reactor)
+    pending = reactor._pendingTimedCalls
+    if not pending:
+        return None
+    return max(0, min(_LONGEST_TIMEOUT, pending[0].time - reactor.seconds()))
 
 
 def _do_poll(reactor, timeout) -> None:

@@ -188,3 +188,48 @@ def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
     assert written == [b"ab"] and not tls._aggregator._buffer  # not gathered for later
     plain = Wrapper(None)
     unbuffer_tls(plain)  # not a TLS transport: left alone
+
+
+def _timed_calls(reactor) -> list:
+    """What ``runUntilCurrent`` runs and ``timeout`` answers: timed calls, a reset, a cancel, a thread call."""
+    now = [1000.0]
+    reactor.seconds = lambda: now[0]
+    seen = [reactor.timeout()]
+
+    def step(advance):
+        now[0] += advance
+        reactor.runUntilCurrent()
+        seen.append(reactor.timeout())
+
+    later = reactor.callLater(5, seen.append, "later")
+    seen.append(reactor.timeout())
+    step(0)
+    step(2)
+    reactor.callFromThread(seen.append, "thread")
+    step(0)
+    reactor.callLater(1, seen.append, "soon")
+    later.reset(10)  # later than planned: Twisted wakes at the old time and moves it on
+    step(1)
+    step(1)
+    step(8)
+    reactor.callLater(1, seen.append, "cancelled").cancel()
+    step(1)
+    return seen
+
+
+def test_lean_dispatch_runs_timed_and_thread_calls_as_the_reactor_does():
+    from twisted.internet.epollreactor import EPollReactor
+
+    from mesh.proxy.sockets import lean_dispatch
+
+    plain, lean = EPollReactor(), EPollReactor()
+    try:
+        lean_dispatch(lean)
+        assert "runUntilCurrent" in vars(lean) and "timeout" in vars(lean)
+        expected = _timed_calls(plain)
+        assert expected == [None, 5, 5, 3, "thread", 3, "soon", 2, 1, "later", None, None]
+        assert _timed_calls(lean) == expected
+    finally:
+        for reactor in (plain, lean):
+            reactor.removeAll()
+            reactor._poller.close()
