@@ -117,9 +117,8 @@ class LeanTLSTransport(BufferingTLSTransport):
 
     def _peerClosedWrite(self) -> bool:
         """The peer sent close_notify: pass it on as a half-close (True) or let Twisted end the connection (False:
-        this connection carries no half-close, or its own close_notify went already)."""
-        if self._readClosed:
-            return True  # bytes after the close_notify: nothing more is read
+        this connection carries no half-close, or its own close_notify went already).  Once passed on, nothing
+        more is read (:meth:`dataReceived`), so this runs at most once with True."""
         if self._writeClosed or not self._halfCloses():
             return False
         self._readClosed = True
