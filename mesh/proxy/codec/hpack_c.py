@@ -99,9 +99,9 @@ def install(conn, huffman: bool = True) -> None:
     as on h2's own decoder.
     """
     library = _library()
-    if library is None:
-        conn.encoder = hpack.Encoder() if huffman else _PlainEncoder()
-        conn.decoder = hpack.Decoder(conn.DEFAULT_MAX_HEADER_LIST_SIZE)
+    if library is None:  # h2's own pure-Python encoder and decoder stay
+        if not huffman:
+            conn.encoder = _PlainEncoder()
     else:
         conn.encoder = Encoder(*library)
         conn.decoder = Decoder(*library, max_header_list_size=conn.DEFAULT_MAX_HEADER_LIST_SIZE)
