@@ -27,14 +27,14 @@ expanded clusters; resolution never runs per request.
 Only IPv4 (A records) are looked up, as Istio's default ``V4_ONLY`` lookup family.
 
 Twisted names is imported with the resolver (:mod:`mesh.proxy.dns_client`), at the first lookup:
-a sidecar without a DNS ServiceEntry never loads it (about 0.6 MiB of RSS).
+a sidecar without a DNS ServiceEntry never loads it (about 0.6 MiB of RSS).  This module sees only
+the resolver's ``lookup(name)``: ``(addresses, ttl)``, or :class:`LookupFailed`.
 """
 
 from __future__ import annotations
 
 from dataclasses import replace
 
-from twisted.internet import defer
 from twisted.logger import Logger
 
 from mesh.config import hosts as hostnames
@@ -44,10 +44,12 @@ MIN_REFRESH = 1.0
 MAX_REFRESH = 300.0
 #: Longest time between two lookups of a name that keeps failing (seconds).
 MAX_BACKOFF = 30.0
-#: Twisted names' per-query retransmission timeouts: give up on a lookup after 3 s.
-QUERY_TIMEOUT = (1, 2)
 
 log = Logger()
+
+
+class LookupFailed(Exception):
+    """A lookup got no answer (timeout, server failure, refusal); the argument says why."""
 
 
 class _Name:
@@ -88,8 +90,8 @@ class _Name:
 class DnsEndpoints:
     """Keeps the host-name endpoints of DNS clusters resolved.
 
-    ``resolver_factory()`` makes the Twisted names resolver (an
-    :class:`twisted.internet.interfaces.IResolver`); it is called on the first
+    ``resolver_factory()`` makes the resolver (a
+    :class:`mesh.proxy.dns_client.AddressResolver`); it is called on the first
     name, so a proxy without DNS ServiceEntries never reads resolv.conf.
     ``on_change()`` is called when what a name resolves to changes.
     """
@@ -180,28 +182,18 @@ class DnsEndpoints:
         state.call = None
         if self._resolver is None:
             self._resolver = self._resolver_factory()
-        deferred = self._resolver.lookupAddress(state.name, timeout=QUERY_TIMEOUT)
+        deferred = self._resolver.lookup(state.name)
         deferred.addCallbacks(self._answered, self._failed, callbackArgs=(state,), errbackArgs=(state,))
 
-    def _answered(self, result, state: _Name) -> None:
-        from twisted.names import dns  # loaded with the resolver
-
-        answers = result[0]
-        records = [record for record in answers if record.type == dns.A]
-        addresses = tuple(dict.fromkeys(record.payload.dottedQuad() for record in records))
-        ttl = min((record.ttl for record in answers), default=MIN_REFRESH)
-        self._settled(state, addresses, ttl)
+    def _answered(self, answer, state: _Name) -> None:
+        addresses, ttl = answer
+        self._settled(state, addresses, MIN_REFRESH if ttl is None else ttl)
 
     def _failed(self, failure, state: _Name) -> None:
-        from twisted.names import error  # loaded with the resolver
-
-        if failure.check(error.DNSNameError):  # NXDOMAIN: an answer, "no such name"
-            self._settled(state, (), MIN_REFRESH)
-            return
         if self._names.get(state.name) is not state:
             return
         state.failures += 1
-        state.error = _describe(failure)
+        state.error = failure.getErrorMessage() or failure.type.__name__
         delay = min(MAX_BACKOFF, MIN_REFRESH * 2 ** (state.failures - 1))
         if state.failures == 1:
             log.warn("DNS lookup of {name} failed: {error}; keeping its last known addresses {addresses}, "
@@ -225,15 +217,3 @@ class DnsEndpoints:
         if changed:
             self._on_change()
 
-
-def _describe(failure) -> str:
-    """A short reason for a failed lookup."""
-    from twisted.names import error  # loaded with the resolver
-
-    if failure.check(defer.TimeoutError):  # DNSQueryTimeoutError is one too
-        return "timed out (no answer from the DNS server)"
-    if failure.check(error.DNSServerError):
-        return "server failure (SERVFAIL)"
-    if failure.check(error.DNSQueryRefusedError):
-        return "query refused"
-    return failure.getErrorMessage() or failure.type.__name__

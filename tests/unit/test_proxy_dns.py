@@ -5,11 +5,17 @@ The DNS-server cases (TTL refresh, failures, recovery) are in tests/integration/
 
 from __future__ import annotations
 
+import re
+
+import pytest
+from twisted.internet import defer
 from twisted.internet.task import Clock
+from twisted.names import error
+from twisted.python.failure import Failure
 
 from mesh.config.tables import ClusterSpec, EndpointSpec
-from mesh.proxy.dns import DnsEndpoints
-from mesh.proxy.dns_client import make_resolver
+from mesh.proxy.dns import DnsEndpoints, LookupFailed
+from mesh.proxy.dns_client import _failure, make_resolver
 
 
 def spec(name, *addresses, resolution="DNS"):
@@ -67,3 +73,15 @@ def test_a_name_added_by_a_new_config_stays_watched(tmp_path):
     assert (state["addresses"], state["next_lookup_in_s"]) == (["10.0.0.2"], 300.0)
     assert addresses(dns.expand(new), "b") == ["10.0.0.2"]
 
+
+
+def test_failed_lookups_are_named_and_nxdomain_is_an_answer():
+    """What the 503's message and /clusters say for each way a lookup can fail."""
+    assert _failure(Failure(error.DNSNameError("x"))) == ((), None)
+    for exc, reason in [(error.DNSQueryTimeoutError(0), "timed out (no answer from the DNS server)"),
+                        (defer.TimeoutError(), "timed out (no answer from the DNS server)"),
+                        (error.DNSServerError("x"), "server failure (SERVFAIL)"),
+                        (error.DNSQueryRefusedError("x"), "query refused"),
+                        (OSError("network is unreachable"), "network is unreachable")]:
+        with pytest.raises(LookupFailed, match=re.escape(reason)):
+            _failure(Failure(exc))
