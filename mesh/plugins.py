@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
-import operator
 import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -420,7 +419,8 @@ def fast_caller(caller: pluggy.HookCaller) -> Callable[..., Any]:
     *firstresult* hooks (first non-None) and for collecting hooks (the list of
     non-None results).  A hook with wrappers keeps pluggy's own caller,
     wrapped, and so does every hook when ``MESH_TRACE_HOOKS`` asks for
-    pluggy's tracing.
+    pluggy's tracing.  It takes exactly the hook's arguments, by keyword
+    (pluggy's warns about a missing one; this one raises TypeError).
 
     Unlike pluggy's, the callable raises :class:`PluginError` (naming the
     plugin and the hook) when an implementation raises, after
@@ -431,43 +431,10 @@ def fast_caller(caller: pluggy.HookCaller) -> Callable[..., Any]:
     hook = caller.name
     if hook_tracing_requested() or any(impl.hookwrapper or impl.wrapper for impl in impls):
         return _guarded(caller, hook, impls)
-    calls = tuple((impl.function, _positional(impl.argnames), impl.plugin_name) for impl in reversed(impls))
-    if caller.spec is not None and caller.spec.opts.get("firstresult"):  # every mesh hook has a spec
-        if len(calls) == 1:
-            (function, arguments, plugin), = calls
-
-            def only_one(**kwargs: Any) -> Any:
-                try:
-                    return function(*arguments(kwargs))
-                except Exception as error:
-                    raise _failed(plugin, hook, error) from error
-
-            return only_one
-
-        def first_result(**kwargs: Any) -> Any:
-            for function, arguments, plugin in calls:
-                try:
-                    result = function(*arguments(kwargs))
-                except Exception as error:
-                    raise _failed(plugin, hook, error) from error
-                if result is not None:
-                    return result
-            return None
-
-        return first_result
-
-    def all_results(**kwargs: Any) -> list:
-        results = []
-        for function, arguments, plugin in calls:
-            try:
-                result = function(*arguments(kwargs))
-            except Exception as error:
-                raise _failed(plugin, hook, error) from error
-            if result is not None:
-                results.append(result)
-        return results
-
-    return all_results
+    spec = caller.spec
+    if spec is None:  # every mesh hook has a spec; a hook without one keeps pluggy's caller
+        return _guarded(caller, hook, impls)
+    return _compiled(hook, spec.argnames, bool(spec.opts.get("firstresult")), tuple(reversed(impls)))
 
 
 def _guarded(caller: pluggy.HookCaller, hook: str, impls: Sequence[pluggy.HookImpl]) -> Callable[..., Any]:
@@ -494,9 +461,32 @@ def _plugin_of(error: BaseException, impls: Sequence[pluggy.HookImpl]) -> str:
     return found or " or ".join(impl.plugin_name for impl in impls)
 
 
-def _positional(names: Sequence[str]) -> Callable[[dict], tuple]:
-    """``kwargs -> tuple`` of the values of ``names``, in order (itemgetter is C)."""
-    if len(names) == 1:
-        name, = names
-        return lambda kwargs: (kwargs[name],)
-    return operator.itemgetter(*names)
+def _compiled(hook: str, argnames: Sequence[str], firstresult: bool,
+              impls: Sequence[pluggy.HookImpl]) -> Callable[..., Any]:
+    """The caller of :func:`fast_caller`: a function compiled for this hook's implementations.
+
+    It takes the hook's arguments as keyword-only parameters and calls each
+    implementation in turn with the ones it names, positionally, in a
+    ``try`` of its own: no keyword dict, argument tuple or loop per call
+    (5 % of a small request's instructions, with five hooks per
+    request).  The source is made from the argument names alone (Python
+    identifiers, checked by pluggy); the functions and plugin names are
+    bound as the generated function's globals.
+    """
+    namespace: dict[str, Any] = {"_failed": _failed, "_hook": hook}
+    name = "first_result" if firstresult else "all_results"
+    lines = [f"def {name}({'*, ' if argnames else ''}{', '.join(argnames)}):"]
+    if not firstresult:
+        lines.append("    _results = []")
+    for index, impl in enumerate(impls):
+        namespace[f"_function{index}"] = impl.function
+        namespace[f"_plugin{index}"] = impl.plugin_name
+        lines += ["    try:",
+                  f"        _result = _function{index}({', '.join(impl.argnames)})",
+                  "    except Exception as _error:",
+                  f"        raise _failed(_plugin{index}, _hook, _error) from _error",
+                  "    if _result is not None:",
+                  "        return _result" if firstresult else "        _results.append(_result)"]
+    lines.append("    return None" if firstresult else "    return _results")
+    exec(compile("\n".join(lines), f"<mesh hook {hook}>", "exec"), namespace)
+    return namespace[name]
