@@ -11,8 +11,10 @@ makes the same OpenSSL calls itself (``BIO_write``, ``SSL_read``,
 ``SSL_write``, ``BIO_read``, ``SSL_get_error``), through the binding pyOpenSSL
 uses, and leaves the loops on "want read" without raising; every other
 outcome goes through pyOpenSSL's own error translation and Twisted's
-handling, unchanged.  The handshake, the certificate checks and everything
-else stay Twisted's and pyOpenSSL's.
+handling, unchanged.  The ``SSL`` and BIO pointers are looked up once per
+connection, and ``bytes`` go to OpenSSL as they are (no ``ffi.from_buffer``).
+The handshake, the certificate checks and everything else stay Twisted's and
+pyOpenSSL's.
 
 It relies on pyOpenSSL's binding (``OpenSSL._util``) and on a few private
 attributes of ``OpenSSL.SSL.Connection``; :func:`lean_tls` uses it only when
@@ -35,7 +37,6 @@ from __future__ import annotations
 from OpenSSL.SSL import TLS1_3_VERSION, TLS_METHOD, Connection, Context, Error, WantReadError, ZeroReturnError
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.protocols.tls import BufferingTLSTransport
 from twisted.python.failure import Failure
 
@@ -78,6 +79,7 @@ class LeanTLSTransport(BufferingTLSTransport):
 
     _writeClosed = False  # loseWriteConnection sent close_notify (or will, once buffered writes are out)
     _readClosed = False  # the peer's close_notify was passed on as readConnectionLost
+    _lean = None  # (Connection, its SSL, receive BIO, send BIO): see _bind
 
     def loseWriteConnection(self):
         """Half-close: close_notify after the pending writes, then only read; the connection closes once the
@@ -133,11 +135,11 @@ class LeanTLSTransport(BufferingTLSTransport):
         """
         if self._readClosed:
             return
-        connection = self._tlsConnection
-        with _ffi.from_buffer(bytes) as data:
-            result = _lib.BIO_write(connection._into_ssl, data, len(data))
+        connection, ssl, into_ssl, from_ssl = self._lean or self._bind()
+        data = _c_bytes(bytes)
+        result = _lib.BIO_write(into_ssl, data, len(data))
         if result <= 0:  # what Connection.bio_write raises
-            connection._handle_bio_errors(connection._into_ssl, result)
+            connection._handle_bio_errors(into_ssl, result)
         if not self._handshakeDone:
             self._checkHandshakeStatus()
             if not self._handshakeDone:
@@ -146,17 +148,23 @@ class LeanTLSTransport(BufferingTLSTransport):
             self._unbufferPendingWrites()
         self._flushReceiveBIO()
 
+    def _bind(self) -> tuple:
+        """The TLS connection and its ``SSL`` and BIO pointers, looked up once per connection (an attribute of this
+        transport or of a pyOpenSSL ``Connection`` goes through their ``__getattr__`` hooks: dear on every read)."""
+        connection = self._tlsConnection
+        self._lean = lean = (connection, connection._ssl, connection._into_ssl, connection._from_ssl)
+        return lean
+
     def _write(self, bytes):
         """Encrypt application bytes and send the records (``TLSMemoryBIOProtocol._write``)."""
         if self._lostTLSConnection:
             return
-        connection = self._tlsConnection
-        ssl = connection._ssl
+        connection, ssl, into_ssl, from_ssl = self._lean or self._bind()
         sent_so_far = 0
         while sent_so_far < len(bytes):
             chunk = bytes[sent_so_far:sent_so_far + _RECORD_SIZE]
-            with _ffi.from_buffer(chunk) as data:
-                sent = _lib.SSL_write(ssl, data, len(data))
+            data = _c_bytes(chunk)
+            sent = _lib.SSL_write(ssl, data, len(data))
             if sent <= 0 or not _no_callback_problem(connection):
                 try:
                     connection._raise_ssl_error(ssl, sent)  # what Connection.send raises here
@@ -171,23 +179,21 @@ class LeanTLSTransport(BufferingTLSTransport):
 
     def _flushSendBIO(self):
         """Write what the send BIO holds to the TCP transport (``TLSMemoryBIOProtocol._flushSendBIO``)."""
-        connection = self._tlsConnection
-        buffer = _BUFFER
-        size = _lib.BIO_read(connection._from_ssl, buffer, _READ_SIZE)
+        from_ssl = (self._lean or self._bind())[3]
+        size = _lib.BIO_read(from_ssl, _BUFFER, _READ_SIZE)
         if size > 0:
-            self.transport.write(_ffi.buffer(buffer, size)[:])
-        elif not _lib.BIO_should_retry(connection._from_ssl):  # not just empty: pyOpenSSL says what it is
+            self.transport.write(_ffi.unpack(_BUFFER, size))
+        elif not _lib.BIO_should_retry(from_ssl):  # not just empty: pyOpenSSL says what it is
             super()._flushSendBIO()
 
     def _flushReceiveBIO(self):
         """Deliver the decrypted data, then flush the send BIO (``TLSMemoryBIOProtocol._flushReceiveBIO``)."""
-        connection = self._tlsConnection
-        ssl = connection._ssl
+        connection, ssl, into_ssl, from_ssl = self._lean or self._bind()
         buffer = _BUFFER
         while not self._lostTLSConnection:
             size = _lib.SSL_read(ssl, buffer, _READ_SIZE)
             if size > 0:
-                data = _ffi.buffer(buffer, size)[:]
+                data = _ffi.unpack(buffer, size)
             elif _lib.SSL_get_error(ssl, size) == _WANT_READ and _no_callback_problem(connection):
                 break
             else:
@@ -206,8 +212,14 @@ class LeanTLSTransport(BufferingTLSTransport):
                     continue
                 data = b""
             if not self._aborted:
-                ProtocolWrapper.dataReceived(self, data)
+                self.wrappedProtocol.dataReceived(data)  # ProtocolWrapper.dataReceived
         self._flushSendBIO()
+
+
+def _c_bytes(data):
+    """``data`` for a ``void *`` argument: cffi passes a ``bytes`` object's own buffer; anything else (a
+    ``bytearray``, a ``memoryview``) through ``ffi.from_buffer``."""
+    return data if type(data) is bytes else _ffi.from_buffer(data)
 
 
 def _no_callback_problem(connection) -> bool:

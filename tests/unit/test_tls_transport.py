@@ -69,7 +69,8 @@ def _session(server_options, lean, early=b""):
 
 
 def _exchange(server_options, lean):
-    """Records of one scenario: small writes both ways, several records in one read, a large answer, a close."""
+    """Records of one scenario: small writes both ways, several records in one read, a large answer (and writes
+    that are not ``bytes``), a close."""
     client, server, pump = _session(server_options, lean, early=b"early ")
     assert (type(server) is LeanTLSTransport) == lean and (type(client) is LeanTLSTransport) == lean
     server_app, client_app = server.wrappedProtocol, client.wrappedProtocol
@@ -79,6 +80,8 @@ def _exchange(server_options, lean):
     pump.flush()
     big = bytes(range(256)) * 400  # 100 KiB: several records, more than one read of the loop
     server.write(big)
+    server._write(memoryview(b"a view"))  # not bytes (as an unbuffered transport's write passes them on)
+    server._write(bytearray(b", an array"))
     pump.flush()
     client.loseConnection()  # close_notify: the server sees a clean end
     pump.flush()
@@ -89,7 +92,7 @@ def test_the_lean_transport_delivers_and_ends_as_twisted_does(server_options):
     lean = _exchange(server_options, lean=True)
     assert lean == _exchange(server_options, lean=False)
     assert lean[0] == b"early GET / HTTP/1.1\r\n\r\nGET /second HTTP/1.1\r\n\r\n"
-    assert lean[1] == bytes(range(256)) * 400
+    assert lean[1] == bytes(range(256)) * 400 + b"a view, an array"
 
 
 def test_a_broken_record_fails_the_connection_as_twisted_does(server_options):
