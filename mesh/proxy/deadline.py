@@ -31,10 +31,13 @@ class Deadlines:
         self._owner = None
         self._due = 0.0
 
-    def set(self, exchange, seconds) -> None:
-        """Call ``exchange.deadline_passed()`` in ``seconds`` unless :meth:`clear` comes first."""
+    def set(self, exchange, seconds, now=None) -> None:
+        """Call ``exchange.deadline_passed()`` in ``seconds`` unless :meth:`clear` comes first.
+
+        ``now``: the reactor time the caller has just read, if any (one reading fewer).
+        """
         reactor = self._reactor
-        due = reactor.seconds() + seconds
+        due = (reactor.seconds() if now is None else now) + seconds
         self._owner = exchange
         self._due = due
         if self._timer is None or self._timer_due > due:

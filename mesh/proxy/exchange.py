@@ -71,6 +71,8 @@ QUEUED, FORWARDING, BACKOFF, RESPONDING, DONE = "queued", "forwarding", "backoff
 #: downstream buffer holds before backpressure starts.
 _LINK_RESPONSE_AFTER = 64 * 1024
 
+_new_tuple = tuple.__new__
+
 
 class Try:
     """One attempt at an upstream endpoint; the owner of its connection (an
@@ -201,7 +203,7 @@ class Exchange:
                  "upgrade", "head_only", "action", "cluster", "extra_headers", "prepared",
                  "body_chunks", "body_size", "replayable", "body_done", "current",
                  "deadline", "state", "response_linked", "free_retry_used", "trailers", "mirror",
-                 "retry_budget")
+                 "retry_budget", "ended")
 
     def __init__(self, down, listener, ctx, framing, content_length, expect_continue, upgrade):
         self.down = down
@@ -228,6 +230,7 @@ class Exchange:
         self.trailers = None
         self.mirror = None  # mirror copies waiting for the whole body (mesh.proxy.mirror)
         self.retry_budget = None  # the RetryBudget a retry of this exchange holds a place in (mesh.proxy.retry)
+        self.ended = None  # reactor time when the exchange finished (DONE), for the codec's finished()
         content_type = ctx.headers.get("content-type")
         if content_type is not None and content_type.startswith("application/grpc"):
             ctx.grpc = grpc.call_for(content_type)
@@ -269,14 +272,15 @@ class Exchange:
         down = self.down
         self.extra_headers = _set_headers(ctx, rewrites, down.forward_headers)
         timeout = action.timeout
+        now = listener.reactor.seconds()  # one reading for the deadline and the first try: both start now
         if ctx.grpc is not None:
-            timeout = ctx.grpc.deadline(ctx, timeout, listener.reactor.seconds(), self.extra_headers)
+            timeout = ctx.grpc.deadline(ctx, timeout, now, self.extra_headers)
         if timeout:
             self.deadline = True
-            down.deadlines.set(self, timeout)
+            down.deadlines.set(self, timeout, now)
         if self.expect_continue and not self.body_done:
             down.send_continue()
-        self._new_try()
+        self._new_try(now)
 
     def _not_forwarded(self, error):
         """Routing or ``mesh_request_headers`` refused the request (a :class:`~mesh.proxy.outcome.LocalReply`),
@@ -309,13 +313,15 @@ class Exchange:
             self.current = None
             then(*args)
 
-    def _new_try(self):
+    def _new_try(self, now=None):
+        """Make the next try (``now``: the reactor time, if the caller has just read it)."""
         if self.state is DONE:
             return
         self.state = FORWARDING
         cluster = self.cluster
         listener = self.listener
-        now = listener.reactor.seconds()
+        if now is None:
+            now = listener.reactor.seconds()
         endpoints = cluster.healthy_endpoints(now)
         if not endpoints:
             self.local_reply(503, "UH", f"no healthy upstream: cluster {cluster.name} has no endpoints; "
@@ -717,7 +723,9 @@ class Exchange:
         """
         self.state = DONE
         self.current = None
-        self._cancel_deadline()
+        if self.deadline:  # _cancel_deadline(), inlined: once per request
+            self.deadline = False
+            self.down.deadlines.clear(self)
         if self.retry_budget is not None:
             self._leave_retry_budget()
         self.body_chunks = []
@@ -727,8 +735,9 @@ class Exchange:
         ctx = self.ctx
         if ctx.grpc is not None:
             ctx.grpc.complete(ctx.response_code)
-        outcome = RequestOutcome(ctx.response_code, ctx.response_flags, local,
-                                 self.listener.reactor.seconds() - ctx.start, detail)
+        self.ended = now = self.listener.reactor.seconds()
+        # RequestOutcome's fields made as its generated __new__ would, without that Python call
+        outcome = _new_tuple(RequestOutcome, (ctx.response_code, ctx.response_flags, local, now - ctx.start, detail))
         self.listener.request_complete(ctx, outcome)
         if not tunnel:
             self.down.finished(self)

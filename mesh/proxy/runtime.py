@@ -105,7 +105,8 @@ class OutboundRouter:
             raise LocalReply(404, "NR", f"no route to host '{ctx.host}': no ServiceEntry or "
                              "VirtualService matches this Host header and request; "
                              "check the Host header and run `meshctl validate` on the config", "route_not_found")
-        name = action.pick_cluster()
+        clusters = action.clusters
+        name = clusters[0] if len(clusters) == 1 else action.pick_cluster()  # one cluster: no call
         cluster = snapshot.clusters.get(name)
         if cluster is None:
             if name is None:  # a redirect or direct response: mesh.proxy.route_actions answers it

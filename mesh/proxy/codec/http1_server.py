@@ -616,7 +616,7 @@ class DownstreamConnection(Protocol):
                 self.transport.write(self._final_words)
             self.transport.loseConnection()
             return
-        self.last_activity = self.listener.reactor.seconds()
+        self.last_activity = exchange.ended  # the reactor time the exchange read as it finished
         if len(queue) <= self.limits.max_pipeline:
             self._resume("pipeline")
         if queue:
