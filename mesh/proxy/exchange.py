@@ -355,9 +355,10 @@ class Exchange:
                 and not self.upgrade:
             pool = pool.h2  # this try speaks HTTP/2 (see Cluster; an upgrade stays HTTP/1.1)
         connection = pool.acquire()
-        if connection is not None:
+        if connection is not None:  # attempt.connected(connection), inlined: the try is new, so not done
             attempt.reused = True
-            attempt.connected(connection)
+            attempt.connection = connection
+            self.send_request(attempt)
         else:
             attempt.connect(pool)
 
@@ -751,10 +752,15 @@ def _set_headers(ctx, results, extra):
     """
     if not results:
         return extra
-    pairs = [pair for result in results for pair in result]
-    names = {name for name, _ in pairs}
+    names = set()
+    added = list(extra)
+    for result in results:  # one pass, no comprehension frames: once per request
+        for pair in result:
+            names.add(pair[0])
+            if pair[1] is not None:
+                added.append(pair)
     ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() not in names]
-    return (*extra, *(pair for pair in pairs if pair[1] is not None))
+    return tuple(added)
 
 
 def _rewritten(headers, results):

@@ -98,6 +98,10 @@ class _Reject(Exception):
         self.message = message
 
 
+#: The variant digit of :func:`new_request_id` for each random hex digit (its two low bits).
+_VARIANT = {digit: "89ab"[int(digit, 16) & 3] for digit in "0123456789abcdef"}
+
+
 def new_request_id(_urandom=os.urandom) -> str:
     """A random RFC 4122 version 4 UUID string, as ``str(uuid.uuid4())`` gives.
 
@@ -107,7 +111,7 @@ def new_request_id(_urandom=os.urandom) -> str:
     using two of the random bits it replaces.
     """
     h = _urandom(16).hex()
-    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{'89ab'[int(h[16], 16) & 3]}{h[17:20]}-{h[20:]}"
+    return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:]}"
 
 
 def _header_name(name: bytes) -> tuple:
