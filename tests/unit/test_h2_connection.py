@@ -107,3 +107,117 @@ def test_h2s_stages_are_the_ones_received_headers_follows():
                       "_reject_connection_header", "_reject_pseudo_header_fields", "_check_host_authority_header",
                       "_check_path_header"]
     assert [n for n in normalize_inbound_headers.__code__.co_names if n.startswith("_")] == ["_combine_cookie_fields"]
+
+
+class _AsSentByMesh(ast.NodeTransformer):
+    """h2's ``H2Stream.send_headers`` as MeshH2Stream's fast path must read: no debug line, no copy into
+    bytes (``bytes_headers`` is ``headers``), no validation flags (None), ``events`` not kept."""
+
+    def visit_Expr(self, node):
+        return None if "logger.debug" in ast.unparse(node) else self.generic_visit(node)
+
+    def visit_Assign(self, node):
+        target = ast.unparse(node.targets[0])
+        if target == "bytes_headers":
+            assert ast.unparse(node.value) == "utf8_encode_headers(headers)"
+            return None
+        if target == "hdr_validation_flags":
+            return None
+        if target == "events":
+            return ast.Expr(self.visit(node.value))
+        return self.generic_visit(node)
+
+    def visit_Name(self, node):
+        if node.id == "bytes_headers":
+            return ast.Name("headers", node.ctx)
+        if node.id == "hdr_validation_flags":
+            return ast.Constant(None)
+        return node
+
+
+def test_send_headers_is_h2s_minus_the_bytes_copy():
+    """If h2 changes H2Stream.send_headers, this fails: MeshH2Stream's fast path must follow it."""
+    from h2.stream import H2Stream
+
+    from mesh.proxy.codec.h2_connection import MeshH2Stream
+
+    theirs = [s for s in (_AsSentByMesh().visit(s) for s in _body(H2Stream.send_headers)) if s is not None]
+    guard, *ours = _body(MeshH2Stream.send_headers)
+    assert "_sendable_as_is" in ast.unparse(guard)
+    assert [ast.dump(s) for s in ours] == [ast.dump(ast.fix_missing_locations(s)) for s in theirs]
+
+
+def _sent(connection_class, steps):
+    """What a client and a server of ``connection_class`` send for each ``(block, end_stream)`` in turn
+    (request, then response blocks), with pure-Python HPACK, and the stream's authority and request method."""
+    from h2.config import H2Configuration
+
+    client, server = (connection_class(config=H2Configuration(client_side=side, header_encoding=None,
+                                                              normalize_outbound_headers=False,
+                                                              validate_outbound_headers=False))
+                      for side in (True, False))
+    client.initiate_connection()
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    out = []
+    for index, (block, end_stream) in enumerate(steps):
+        side, peer = (client, server) if index == 0 else (server, client)
+        try:
+            side.send_headers(1, block() if callable(block) else block, end_stream=end_stream)
+            data = side.data_to_send()
+            out.append(data)
+            stream = side.streams[1]
+            out.append((stream._authority, stream.request_method))
+            out.append([type(e) for e in peer.receive_data(data)])
+        except Exception as exc:  # the type and message are compared
+            out.append((type(exc), str(exc)))
+            break
+    return out
+
+
+def test_send_headers_sends_what_h2_sends():
+    """Blocks of bytes pairs (the fast path) and everything else (h2's path: str, triples, generators),
+    informational responses and trailers: the same bytes on the wire, and the same errors, as h2's."""
+    from hpack import HeaderTuple, NeverIndexedHeaderTuple
+
+    from mesh.proxy.codec.h2_connection import MeshH2Connection
+
+    response = [(b":status", b"200"), (b"content-type", b"text/plain")]
+    trailers = [(b"grpc-status", b"0")]
+    cases = [
+        [(_REQUEST, False), (response, False), (trailers, True)],
+        [(_REQUEST, True), ([(b":status", b"100")], False), (response, True)],
+        [(_REQUEST, True), ([(b":status", b"103"), (b"link", b"</a>")], False), (response, False), (trailers, True)],
+        [([HeaderTuple(*h) for h in _REQUEST] + [NeverIndexedHeaderTuple(b"authorization", b"x")], True),
+         ([*response, NeverIndexedHeaderTuple(b"set-cookie", b"a=1")], False), ([HeaderTuple(*trailers[0])], True)],
+        [([(n.decode(), v.decode()) for n, v in _REQUEST], True), ([(":status", "200"), (b"x", "y")], False),
+         ([("grpc-status", b"0")], True)],
+        [([*_REQUEST, (b"authorization", b"x", True)], True), ([*response, (b"x", b"y", True)], True)],
+        [(lambda: iter(_REQUEST), True), (lambda: (h for h in response), False), (lambda: iter(trailers), True)],
+        [(_REQUEST, True), (response, False), (trailers, False)],  # trailers without END_STREAM: h2's error
+        [(_REQUEST, True), ([(b":status", b"100")], True)],  # END_STREAM on 1xx: h2's error
+        [(_REQUEST, True), (response, True), (trailers, True)],  # headers on a closed stream: h2's error
+        [([(b":method", b"GET")], True)],  # a request the peer refuses
+    ]
+    for steps in cases:
+        theirs = _sent(H2Connection, steps)
+        assert _sent(MeshH2Connection, steps) == theirs, steps
+
+
+def test_the_fast_path_is_taken_only_for_blocks_h2_would_send_unchanged():
+    from h2.config import H2Configuration
+
+    from mesh.proxy.codec.h2_connection import _sendable_as_is
+
+    config = H2Configuration(normalize_outbound_headers=False, validate_outbound_headers=False)
+    assert _sendable_as_is(list(_REQUEST), config)
+    assert not _sendable_as_is(tuple(_REQUEST), config)
+    assert not _sendable_as_is([*_REQUEST, (b"x", "y")], config)
+    assert not _sendable_as_is([*_REQUEST, (b"x", b"y", True)], config)
+    assert not _sendable_as_is([*_REQUEST, (bytearray(b"x"), b"y")], config)
+    assert not _sendable_as_is(list(_REQUEST), H2Configuration(validate_outbound_headers=False))
+    assert not _sendable_as_is(list(_REQUEST), H2Configuration(normalize_outbound_headers=False))
+    assert not _sendable_as_is(list(_REQUEST), H2Configuration(normalize_outbound_headers=False,
+                                                               validate_outbound_headers=False,
+                                                               logger=OutputLogger(io.StringIO())))

@@ -5,7 +5,8 @@ h2's ``H2Connection._receive_frame`` starts with
 logger does with it, and h2's default logger (``DummyLogger``, the codecs' one) does nothing.
 That ``repr`` was about 72 k instructions per request in ``bench.h2floor``.  And h2 normalizes and
 validates a received header block through a chain of eight generators, one per rule; its streams here
-do the same in one loop (:func:`received_headers`).
+do the same in one loop (:func:`received_headers`).  A header block the codecs send, already bytes,
+is not copied into bytes again (:meth:`MeshH2Stream.send_headers`).
 """
 
 from __future__ import annotations
@@ -16,10 +17,17 @@ from h2.config import DummyLogger
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.exceptions import ProtocolError, StreamClosedError, StreamIDTooLowError
-from h2.stream import H2Stream
-from h2.utilities import _ALLOWED_PSEUDO_HEADER_FIELDS, CONNECTION_HEADERS, _check_pseudo_header_field_acceptability
+from h2.stream import H2Stream, StreamInputs
+from h2.utilities import (
+    _ALLOWED_PSEUDO_HEADER_FIELDS,
+    CONNECTION_HEADERS,
+    _check_pseudo_header_field_acceptability,
+    authority_from_headers,
+    extract_method_header,
+    is_informational_response,
+)
 from hpack import NeverIndexedHeaderTuple
-from hyperframe.frame import RstStreamFrame
+from hyperframe.frame import HeadersFrame, RstStreamFrame
 
 
 class MeshH2Connection(H2Connection):
@@ -72,13 +80,53 @@ class MeshH2Stream(H2Stream):
 
     With the codecs' configuration (inbound normalization and validation on, no header
     decoding) :meth:`_process_received_headers` is :func:`received_headers`; otherwise h2's own.
+    A header block sent as a list of bytes pairs goes to HPACK as it is (:meth:`send_headers`).
     """
+
+    def send_headers(self, headers, encoder, end_stream=False):
+        """h2's ``H2Stream.send_headers``, statement for statement, for a block h2 would send unchanged
+        (:func:`_sendable_as_is`), minus its copy into bytes (``utf8_encode_headers``), the validation
+        flags that only outbound normalization and validation use (both off) and its debug line."""
+        if not _sendable_as_is(headers, self.config):
+            return super().send_headers(headers, encoder, end_stream)
+        input_ = StreamInputs.SEND_HEADERS
+        if (not self.state_machine.client) and is_informational_response(headers):
+            if end_stream:
+                msg = "Cannot set END_STREAM on informational responses."
+                raise ProtocolError(msg)
+            input_ = StreamInputs.SEND_INFORMATIONAL_HEADERS
+        self.state_machine.process_input(input_)
+        hf = HeadersFrame(self.stream_id)
+        frames = self._build_headers_frames(headers, encoder, hf, None)
+        if end_stream:
+            self.state_machine.process_input(StreamInputs.SEND_END_STREAM)
+            frames[0].flags.add("END_STREAM")
+        if self.state_machine.trailers_sent and not end_stream:
+            msg = "Trailers must have END_STREAM set."
+            raise ProtocolError(msg)
+        if self.state_machine.client and self._authority is None:
+            self._authority = authority_from_headers(headers)
+        self.request_method = extract_method_header(headers)
+        return frames
 
     def _process_received_headers(self, headers, header_validation_flags, header_encoding):
         config = self.config
         if config.validate_inbound_headers and config.normalize_inbound_headers and not header_encoding:
             return received_headers(headers, header_validation_flags)
         return super()._process_received_headers(headers, header_validation_flags, header_encoding)
+
+
+def _sendable_as_is(headers, config) -> bool:
+    """Whether h2's ``send_headers`` would hand ``headers`` to HPACK unchanged: a list of ``(name, value)``
+    pairs (tuples or :class:`hpack.HeaderTuple`) of bytes, outbound normalization and validation off
+    (the codecs' configuration), and h2's ``DummyLogger`` (its debug line prints nothing)."""
+    if (headers.__class__ is not list or config.normalize_outbound_headers or config.validate_outbound_headers
+            or type(config.logger) is not DummyLogger):
+        return False
+    for header in headers:
+        if header[0].__class__ is not bytes or header[1].__class__ is not bytes or len(header) != 2:
+            return False
+    return True
 
 
 #: Bytes that are not allowed in a field name: 0x00-0x20, upper case (0x41-0x5a), 0x7f-0xff.
