@@ -171,3 +171,12 @@ def test_without_the_library_hpack_stays_in_python_and_says_why_once(no_library)
     assert [event["library"] for event in no_library] == ["libnghttp2-missing.so.0"]
     # the plain encoder skips Huffman coding (a literal's length byte has its top bit clear)
     assert conns[1].encoder.encode([(b"x-a", b"aaaaaaaa")]) == b"\x40\x03x-a\x08aaaaaaaa"
+
+
+def test_the_decoders_struct_is_laid_out_as_c_lays_it_out():
+    """The lengths, nv flags and inflater flags the decoder reads in one call are where C puts them."""
+    ffi, _ = hpack_c._library()
+    assert hpack_c._INFLATE_OUT.size == ffi.offsetof("inflate_out", "flags") + ffi.sizeof("int")
+    out = ffi.new("inflate_out *")
+    out.nv.namelen, out.nv.valuelen, out.nv.flags, out.flags = 11, 22, 1, 3
+    assert hpack_c._INFLATE_OUT.unpack_from(ffi.buffer(out)) == (11, 22, 1, 3)

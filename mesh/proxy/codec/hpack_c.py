@@ -64,13 +64,15 @@ int nghttp2_hd_inflate_change_table_size(nghttp2_hd_inflater *, size_t);
 size_t nghttp2_hd_inflate_get_max_dynamic_table_size(nghttp2_hd_inflater *);
 ssize_t nghttp2_hd_inflate_hd2(nghttp2_hd_inflater *, nghttp2_nv *, int *, const char *, size_t, int);
 int nghttp2_hd_inflate_end_headers(nghttp2_hd_inflater *);
+typedef struct { nghttp2_nv nv; int flags; } inflate_out;
 """
 _NV_FLAG_NO_INDEX = 0x1
 _INFLATE_FINAL, _INFLATE_EMIT = 0x1, 0x2
 #: One nghttp2_nv, packed natively: two pointers, two sizes, the flags byte (padded by the stride).
 _NV = struct.Struct("@PPNNB")
-#: The lengths and flags of an nghttp2_nv, after its two pointers.
-_NV_SIZES = struct.Struct(f"@{2 * struct.calcsize('P')}xNNB")
+#: The lengths and flags of an nghttp2_nv, after its two pointers, then the int of the inflater's flags
+#: (``inflate_out``: the nv and the flags that ``nghttp2_hd_inflate_hd2`` writes, read in one call).
+_INFLATE_OUT = struct.Struct(f"@{2 * struct.calcsize('P')}xNNB0Pi")  # 0P: the nv padded as C pads it
 _tuple = tuple.__new__  # a HeaderTuple without its Python-level __new__
 
 
@@ -211,9 +213,10 @@ class Decoder:
         if lib.nghttp2_hd_inflate_new(inflater):
             raise MemoryError("nghttp2_hd_inflate_new")
         self._inflater = ffi.gc(inflater[0], lib.nghttp2_hd_inflate_del)
-        self._nv = ffi.new("nghttp2_nv *")
-        self._nv_bytes = ffi.buffer(self._nv)
-        self._flags = ffi.new("int *")
+        out = ffi.new("inflate_out *")
+        self._out, self._out_bytes = out, ffi.buffer(out)
+        self._nv, self._flags = ffi.addressof(out, "nv"), ffi.addressof(out, "flags")
+        self._unpack = ffi._backend.unpack  # ffi.unpack without its Python-level wrapper
         #: The most a decoded header list may hold (name + value + 32 per field): decoding stops beyond it.
         self.max_header_list_size = max_header_list_size
         self._max_allowed_table_size = TABLE_SIZE
@@ -242,8 +245,8 @@ class Decoder:
             self._check_size_updates(data)
         elif self._shrunk:
             raise InvalidTableSizeError("Encoder did not shrink table size to within the max")
-        ffi, inflater, nv, nv_bytes, flags = self._ffi, self._inflater, self._nv, self._nv_bytes, self._flags
-        inflate, unpack, sizes = self._lib.nghttp2_hd_inflate_hd2, ffi.unpack, _NV_SIZES.unpack_from
+        ffi, inflater, nv, flags, out = self._ffi, self._inflater, self._nv, self._flags, self._out_bytes
+        inflate, unpack, read = self._lib.nghttp2_hd_inflate_hd2, self._unpack, _INFLATE_OUT.unpack_from
         limit = self.max_header_list_size
         size = 0
         headers = []
@@ -255,15 +258,16 @@ class Decoder:
                 raise HPACKDecodingError(f"nghttp2_hd_inflate_hd2: invalid header block ({used})")
             source += used
             left -= used
-            emitted = flags[0]
+            name_length, value_length, nv_flags, emitted = read(out)
             if emitted & _INFLATE_EMIT:
-                name_length, value_length, nv_flags = sizes(nv_bytes)
                 size += name_length + value_length + 32
                 if size > limit:
                     self._lib.nghttp2_hd_inflate_end_headers(inflater)
                     raise OversizedHeaderListError(f"A header list larger than {limit} has been received")
                 headers.append(_tuple(NeverIndexedHeaderTuple if nv_flags & _NV_FLAG_NO_INDEX else HeaderTuple,
                                       (unpack(nv.name, name_length), unpack(nv.value, value_length))))
+                if not left:  # the block ends with this field: the next call would only say FINAL
+                    emitted = _INFLATE_FINAL
             if emitted & _INFLATE_FINAL:
                 self._lib.nghttp2_hd_inflate_end_headers(inflater)
                 break
