@@ -216,7 +216,8 @@ class Decoder:
         out = ffi.new("inflate_out *")
         self._out, self._out_bytes = out, ffi.buffer(out)
         self._nv, self._flags = ffi.addressof(out, "nv"), ffi.addressof(out, "flags")
-        self._unpack = ffi._backend.unpack  # ffi.unpack without its Python-level wrapper
+        # ffi.unpack without its Python-level wrapper (a private name of cffi: the public one otherwise)
+        self._unpack = getattr(getattr(ffi, "_backend", None), "unpack", ffi.unpack)
         #: The most a decoded header list may hold (name + value + 32 per field): decoding stops beyond it.
         self.max_header_list_size = max_header_list_size
         self._max_allowed_table_size = TABLE_SIZE
