@@ -768,6 +768,13 @@ def _rewritten(headers, results):
     of its name; a None value only removes them."""
     if not results:
         return headers
+    if len(results) == 1 and len(results[0]) == 1:  # the usual case (metadata exchange): one pair, no set
+        name, value = results[0][0]
+        length = len(name)
+        out = [pair for pair in headers if len(pair[0]) != length or pair[0].lower() != name]
+        if value is not None:
+            out.append((name, value))
+        return out
     pairs = [pair for result in results for pair in result]
     names = {name for name, _ in pairs}
     return [pair for pair in headers if pair[0].lower() not in names] + [pair for pair in pairs
