@@ -1,12 +1,13 @@
 """``twistd mesh-proxy --workers N``: N worker processes serving the same listeners.
 
 The parent process (:class:`Supervisor`) serves no traffic.  It binds every
-listening socket of the sidecar once (outbound, inbound, each
-``--outbound-tcp-port``, the health port) and hands the same sockets to each
-worker, which adopts them (``reactor.adoptStreamPort``): the workers share
-one accept queue per listener, so a worker that dies or restarts loses no
-queued connection, and an idle worker takes the next one (docs/operations.md,
-"Worker processes", says why this was chosen over ``SO_REUSEPORT``).
+listening socket of the sidecar (outbound, inbound, each
+``--outbound-tcp-port``, the health port) once per worker, with
+``SO_REUSEPORT``, and hands worker *i* its own sockets, which it adopts
+(``reactor.adoptStreamPort``): the kernel spreads new connections over the
+workers, and since the parent keeps its copies, a worker that dies or
+restarts loses no queued connection (docs/operations.md, "Worker processes",
+says why this was chosen over one socket shared by all workers).
 
 Each worker is a whole sidecar (:class:`mesh.proxy.service.ProxyService`) run
 by ``twistd -n mesh-proxy`` with the parent's options; :data:`WORKER_ENV`
