@@ -155,6 +155,12 @@ class LeanTLSTransport(BufferingTLSTransport):
         self._lean = lean = (connection, connection._ssl, connection._into_ssl, connection._from_ssl)
         return lean
 
+    def connectionLost(self, reason):
+        """Twisted's, then the pointers of :meth:`_bind` dropped too: they hold the ``Connection``, whose app data
+        is this transport, so keeping them would leave the pair to the cyclic collector (Twisted breaks it)."""
+        super().connectionLost(reason)
+        self._lean = None
+
     def _write(self, bytes):
         """Encrypt application bytes and send the records (``TLSMemoryBIOProtocol._write``)."""
         if self._lostTLSConnection:

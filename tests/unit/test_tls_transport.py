@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import datetime
+import gc
+import weakref
 
 import pytest
 from cryptography import x509
@@ -93,6 +95,24 @@ def test_the_lean_transport_delivers_and_ends_as_twisted_does(server_options):
     assert lean == _exchange(server_options, lean=False)
     assert lean[0] == b"early GET / HTTP/1.1\r\n\r\nGET /second HTTP/1.1\r\n\r\n"
     assert lean[1] == bytes(range(256)) * 400 + b"a view, an array"
+
+
+@pytest.mark.parametrize("lean", [True, False])
+def test_a_closed_connection_frees_its_tls_state_without_the_cyclic_collector(server_options, lean):
+    """Twisted drops the pyOpenSSL Connection when the connection is lost: it points back at the transport
+    (its app data), so keeping it would leave every closed TLS connection to the cyclic collector."""
+    gc.collect()
+    gc.disable()
+    try:
+        client, server, pump = _session(server_options, lean)
+        server.write(b"data")
+        pump.flush()
+        connections = weakref.ref(server._tlsConnection), weakref.ref(client._tlsConnection)
+        client.loseConnection()
+        pump.flush()
+        assert [connection() for connection in connections] == [None, None]
+    finally:
+        gc.enable()
 
 
 def test_a_broken_record_fails_the_connection_as_twisted_does(server_options):
