@@ -768,7 +768,8 @@ def _rewritten(headers, results):
     of its name; a None value only removes them."""
     if not results:
         return headers
-    if len(results) == 1 and len(results[0]) == 1:  # the usual case (metadata exchange): one pair, no set
+    if len(results) == 1 and type(results[0]) is list and len(results[0]) == 1:
+        # the usual case (the metadata exchange's): one pair, no set
         name, value = results[0][0]
         length = len(name)
         out = [pair for pair in headers if len(pair[0]) != length or pair[0].lower() != name]

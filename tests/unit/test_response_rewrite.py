@@ -33,3 +33,10 @@ HEADERS = [(b"Server", b"nginx"), (b"X-Envoy-Peer-Metadata", b"theirs"), (b"Cont
 ])
 def test_each_pair_replaces_every_header_of_its_name(results, expected):
     assert list(_rewritten(HEADERS, results)) == expected
+
+
+def test_a_result_that_is_not_a_list_still_applies():
+    """The hook's contract says a list; a tuple or a generator from a plugin works as it always did."""
+    expected = [(b"Server", b"nginx"), (b"Content-Length", b"5"), (b"X-Other", b"1")]
+    assert _rewritten(HEADERS, [((b"x-envoy-peer-metadata", None),)]) == expected
+    assert _rewritten(HEADERS, [(pair for pair in [(b"x-envoy-peer-metadata", None)])]) == expected
