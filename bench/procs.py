@@ -151,9 +151,10 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def http_get(url: str, host: str | None = None) -> tuple[int, bytes]:
-    """GET ``url`` (with an optional Host header); return (status, body), or (0, b"") if unreachable."""
-    request = urllib.request.Request(url, headers={"Host": host} if host else {})
+def http_get(url: str, host: str | None = None, headers: dict | None = None) -> tuple[int, bytes]:
+    """GET ``url`` (with an optional Host header and other ``headers``); return (status, body),
+    or (0, b"") if unreachable."""
+    request = urllib.request.Request(url, headers={**(headers or {}), **({"Host": host} if host else {})})
     try:
         with urllib.request.urlopen(request, timeout=2.0) as response:
             return response.status, response.read()

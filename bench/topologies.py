@@ -13,19 +13,23 @@ and adding it to :data:`CASES`.
 from __future__ import annotations
 
 import functools
+import json
 import os
+import secrets
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import yaml
 
 from bench.loadgen import LoadGenerator
-from bench.procs import BenchError, ManagedProcess, find_process, free_port, http_get, run_tool
+from bench.procs import POLL_INTERVAL, BenchError, ManagedProcess, find_process, free_port, http_get, run_tool
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
@@ -38,6 +42,11 @@ RETRY_ATTEMPTS = 2
 READY_TIMEOUT = 30.0  # seconds a proxy may take to become ready
 #: What nginx serves for every path: 1 KiB.
 BODY = b"x" * 1023 + b"\n"
+#: Percent of requests traced in the ``*-traced`` cases: Istio's default
+#: (meshConfig.defaultConfig.tracing.sampling), txmesh's ``--trace-sampling`` default.
+TRACE_SAMPLING = 1.0
+#: Seconds the traced cases' check waits for a forced-sampled request's spans (Envoy flushes every 5 s).
+TRACE_CHECK_TIMEOUT = 30.0
 
 
 def find_venv_bin(explicit: str | None) -> Path:
@@ -75,13 +84,15 @@ class Target:
     """Where the load generators send requests, and what the case costs.
 
     ``h2_streams``: 0 for HTTP/1.1 clients; N for HTTP/2 clients (h2c, prior knowledge)
-    that keep up to N streams open per connection.
+    that keep up to N streams open per connection.  ``zipkin_port``: the Zipkin sink
+    (bench.zipkin_sink) a traced case's proxies export to, None for an untraced case.
     """
 
     url: str
     host: str | None = None
     proxies: list[Proxy] = field(default_factory=list)
     h2_streams: int = 0
+    zipkin_port: int | None = None
 
 
 #: Streams per connection of the HTTP/2 clients of the ``*-h2`` cases (h2load ``-m``).
@@ -98,6 +109,42 @@ def check_target(name: str, target: Target, log_dir: Path | None = None) -> None
     if target.h2_streams:
         LoadGenerator(log_dir or Path("/tmp")).fixed_count(target.url, target.host, f"check-{name}", 4,
                                                           h2_streams=target.h2_streams)
+    if target.zipkin_port:
+        check_tracing(name, target)
+
+
+def sink_trace(zipkin_port: int, trace_id: str) -> list[dict]:
+    """The spans of ``trace_id`` that the Zipkin sink on ``zipkin_port`` has received."""
+    status, body = http_get(f"http://127.0.0.1:{zipkin_port}/api/v2/trace/{trace_id}")
+    return json.loads(body) if status == 200 else []
+
+
+def check_tracing(name: str, target: Target) -> None:
+    """Fail unless a request sent with a sampled W3C ``traceparent`` is traced by both sidecars.
+
+    Within :data:`TRACE_CHECK_TIMEOUT` the sink must hold a CLIENT span that is the
+    child of the request's parent id and a SERVER span that is the child of that
+    CLIENT span, all in the request's trace: the client sidecar read the
+    ``traceparent``, forwarded its own context over the mTLS hop, the server
+    sidecar read it, and both exported.
+    """
+    trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
+    status, body = http_get(target.url, target.host, {"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    if status != 200 or body != BODY:
+        raise BenchError(f"case {name}: the traced GET answered {status} with {len(body)} bytes")
+    deadline = time.monotonic() + TRACE_CHECK_TIMEOUT
+    while True:
+        spans = sink_trace(target.zipkin_port, trace_id)
+        client = [span for span in spans if span.get("kind") == "CLIENT" and span.get("parentId") == parent_id]
+        if client and any(span.get("kind") == "SERVER" and span.get("parentId") == client[0].get("id")
+                          for span in spans):
+            return
+        if time.monotonic() > deadline:
+            raise BenchError(
+                f"case {name}: after {TRACE_CHECK_TIMEOUT:.0f}s the Zipkin sink (port {target.zipkin_port}) has "
+                f"{len(spans)} span(s) of trace {trace_id}, expected a CLIENT span with parent {parent_id} and a "
+                f"SERVER span with that CLIENT span as parent: {json.dumps(spans)[:1500]}")
+        time.sleep(POLL_INTERVAL)
 
 
 @dataclass
@@ -115,6 +162,7 @@ class Workspace:
     venv_bin: Path
     server_cpus: str | None = None
     callgrind: bool = False
+    _zipkin_port: int | None = field(default=None, init=False, repr=False)
 
     def venv_tool(self, name: str) -> str:
         path = self.venv_bin / name
@@ -152,6 +200,16 @@ class Workspace:
 
     def callgrind_file(self, name: str) -> Path:
         return self.root / f"{name}.callgrind.out"
+
+    def zipkin_sink(self) -> int:
+        """The port of the run's Zipkin sink (bench.zipkin_sink), started on first use."""
+        if self._zipkin_port is None:
+            port = free_port()
+            proc = self.start("zipkin-sink", [sys.executable, "-m", "bench.zipkin_sink", str(port)],
+                              cwd=REPO_DIR)
+            proc.wait_for_http(f"http://127.0.0.1:{port}/ready")
+            self._zipkin_port = port
+        return self._zipkin_port
 
     def certs(self) -> Path:
         """The test PKI of the sidecar-pair cases, generated on first use."""
@@ -327,29 +385,46 @@ def _identity_options(certs: Path, account: str) -> tuple:
 
 
 def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "txmesh-server",
-                                repo: Path = REPO_DIR, workers: int = 1) -> tuple[Proxy, int, Path]:
+                                repo: Path = REPO_DIR, workers: int = 1,
+                                options: tuple = ()) -> tuple[Proxy, int, Path]:
     """The pair's server-side sidecar: a STRICT mTLS inbound listener (sa ``server``) in front of nginx.
 
     Returns the proxy, its inbound port and the config dir (the client sidecar of
-    the pair reads the same one).  ``repo``: see :func:`start_txmesh`.
+    the pair reads the same one).  ``repo``: see :func:`start_txmesh`; ``options``:
+    more command-line options.
     """
     inbound = free_port()
     config_dir = write_config_dir(ws, f"{name}-config", txmesh_pair_resources(MESH_HOST, inbound))
     server, _ = start_txmesh(
         ws, name, config_dir, workload="server", role="server", inbound_port=inbound, repo=repo,
         options=(*_identity_options(ws.certs(), "server"), "--app-port", str(backend_port),
-                 "--inbound-address", "127.0.0.1", *_workers_options(workers)))
+                 "--inbound-address", "127.0.0.1", *_workers_options(workers), *options))
     return server, inbound, config_dir
 
 
-def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1) -> Target:
+def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, traced: bool = False) -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
     server-side txmesh sidecar (STRICT) -> nginx."""
-    suffix = f"-w{workers}" if workers != 1 else ""
-    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port, "txmesh-server" + suffix, workers=workers)
+    suffix = (f"-w{workers}" if workers != 1 else "") + ("-traced" if traced else "")
+    zipkin_port = ws.zipkin_sink() if traced else None
+    options = _tracing_options(zipkin_port) if traced else ()
+    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port, "txmesh-server" + suffix,
+                                                        workers=workers, options=options)
     client, port = start_txmesh(ws, "txmesh-client" + suffix, config_dir, workload="client", role="client",
-                                options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers)))
-    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server])
+                                options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers),
+                                         *options))
+    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server], zipkin_port=zipkin_port)
+
+
+def _tracing_options(zipkin_port: int) -> tuple:
+    """Export the sampled spans to the Zipkin sink; sample :data:`TRACE_SAMPLING` percent (the default)."""
+    return ("--zipkin-url", f"http://127.0.0.1:{zipkin_port}/api/v2/spans", "--trace-sampling", str(TRACE_SAMPLING))
+
+
+def txmesh_pair_traced(ws: Workspace, backend_port: int) -> Target:
+    """The txmesh pair exporting its sampled spans (1 %, W3C traceparent) to a local Zipkin sink
+    (compare with envoy-pair-traced)."""
+    return txmesh_pair(ws, backend_port, traced=True)
 
 
 def _workers_options(workers: int) -> tuple:
@@ -399,6 +474,74 @@ def _tls_socket(kind: str, context: dict) -> dict:
     }
 
 
+class EnvoyTracing(NamedTuple):
+    """Distributed tracing of one Envoy sidecar, as Istio configures it by default.
+
+    ``direction`` is the listener's ``traffic_direction``: ``OUTBOUND`` for the
+    client sidecar (Envoy's egress operation: CLIENT spans), ``INBOUND`` for the
+    server sidecar (ingress: SERVER spans).  ``zipkin_port``: the Zipkin sink on
+    127.0.0.1 the spans go to.
+    """
+
+    direction: str
+    zipkin_port: int
+
+
+#: Tags Istio adds to every span of a sidecar (txmesh's tracer adds the same ones).
+_ISTIO_SPAN_TAGS = {"istio.canonical_service": "bench", "istio.canonical_revision": "latest",
+                    "istio.namespace": "default"}
+
+
+def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING) -> dict:
+    """The HTTP connection manager's ``tracing``: Istio's defaults with the Zipkin provider.
+
+    Random sampling ``sampling`` percent (client-forced and overall 100 %), one
+    span per sidecar (``spawn_upstream_span: false``, as Istio sets it for
+    sidecars), 128-bit trace ids and a span of its own for each side
+    (``shared_span_context: false``), Zipkin v2 JSON to ``/api/v2/spans``.
+    ``trace_context_option: USE_B3_WITH_W3C_PROPAGATION`` (Envoy >= 1.36): a
+    W3C ``traceparent`` is read when no B3 header came, and both B3 and
+    ``traceparent`` are written upstream, so Envoy takes part in the W3C
+    traces txmesh propagates (plain ``USE_B3`` would ignore ``traceparent``).
+    """
+    return {
+        "random_sampling": {"value": sampling},
+        "client_sampling": {"value": 100.0},
+        "overall_sampling": {"value": 100.0},
+        "spawn_upstream_span": False,
+        "max_path_tag_length": 256,
+        "custom_tags": [{"tag": tag, "literal": {"value": value}} for tag, value in _ISTIO_SPAN_TAGS.items()],
+        "provider": {
+            "name": "envoy.tracers.zipkin",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.ZipkinConfig",
+                "collector_cluster": "zipkin",
+                "collector_endpoint": "/api/v2/spans",
+                "collector_endpoint_version": "HTTP_JSON",
+                "trace_id_128bit": True,
+                "shared_span_context": False,
+                "trace_context_option": "USE_B3_WITH_W3C_PROPAGATION",
+            },
+        },
+    }
+
+
+def _static_cluster(name: str, port: int) -> dict:
+    """A STATIC cluster of the one endpoint 127.0.0.1:``port``, round robin."""
+    return {
+        "name": name,
+        "type": "STATIC",
+        "connect_timeout": "1s",
+        "lb_policy": "ROUND_ROBIN",
+        "load_assignment": {
+            "cluster_name": name,
+            "endpoints": [{"lb_endpoints": [
+                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": port}}}}
+            ]}],
+        },
+    }
+
+
 def envoy_bootstrap(
     node: str,
     admin_port: int,
@@ -408,6 +551,7 @@ def envoy_bootstrap(
     upstream_tls: dict | None = None,
     downstream_h2: bool = False,
     upstream_h2: bool = False,
+    tracing: EnvoyTracing | None = None,
 ) -> dict:
     """A static Envoy bootstrap: one HTTP/1.1 listener, one route, one STATIC cluster.
 
@@ -417,6 +561,8 @@ def envoy_bootstrap(
     sockets (see :func:`_tls_socket`) for the mTLS hops of the sidecar pair.
     ``downstream_h2``: the listener's codec is AUTO (HTTP/1.1 or HTTP/2, by
     preface or ALPN); ``upstream_h2``: the cluster speaks HTTP/2.
+    ``tracing``: turn on Istio's default tracing (:func:`envoy_hcm_tracing`),
+    with the listener's traffic direction and a ``zipkin`` cluster to the sink.
     """
     router = {
         "name": "envoy.filters.http.router",
@@ -450,35 +596,27 @@ def envoy_bootstrap(
     filter_chain = {"filters": [hcm]}
     if downstream_tls:
         filter_chain["transport_socket"] = downstream_tls
-    cluster = {
-        "name": "upstream",
-        "type": "STATIC",
-        "connect_timeout": "1s",
-        "lb_policy": "ROUND_ROBIN",
-        "load_assignment": {
-            "cluster_name": "upstream",
-            "endpoints": [{"lb_endpoints": [
-                {"endpoint": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": upstream_port}}}}
-            ]}],
-        },
-    }
+    cluster = _static_cluster("upstream", upstream_port)
     if upstream_tls:
         cluster["transport_socket"] = upstream_tls
     if upstream_h2:
         cluster["typed_extension_protocol_options"] = {"envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
             "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
             "explicit_http_config": {"http2_protocol_options": {}}}}
+    listener = {
+        "name": f"{node}_listener",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+        "filter_chains": [filter_chain],
+    }
+    clusters = [cluster]
+    if tracing:
+        hcm["typed_config"]["tracing"] = envoy_hcm_tracing()
+        listener["traffic_direction"] = tracing.direction
+        clusters.append(_static_cluster("zipkin", tracing.zipkin_port))
     return {
         "node": {"id": node, "cluster": node},
         "admin": {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}},
-        "static_resources": {
-            "listeners": [{
-                "name": f"{node}_listener",
-                "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-                "filter_chains": [filter_chain],
-            }],
-            "clusters": [cluster],
-        },
+        "static_resources": {"listeners": [listener], "clusters": clusters},
     }
 
 
@@ -505,35 +643,48 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
 
 
 def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False,
-                               concurrency: int = 1) -> tuple[Proxy, int]:
+                               concurrency: int = 1, zipkin_port: int | None = None) -> tuple[Proxy, int]:
     """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
     listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
-    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``).
+    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``); ``zipkin_port``: trace (INBOUND) to that sink.
 
     Returns the proxy and its listener's port.
     """
     context = _common_tls(ws.certs(), "server", "client", alpn=["h2", "http/1.1"] if h2 else ["http/1.1"])
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + ("-traced" if zipkin_port else "")
     return start_envoy(
-        ws, "envoy-server" + (f"-c{concurrency}" if concurrency != 1 else ""), backend_port, role="server",
+        ws, "envoy-server" + suffix, backend_port, role="server",
         downstream_h2=h2, concurrency=concurrency,
         downstream_tls=_tls_socket("DownstreamTlsContext", {"require_client_certificate": True,
                                                             "common_tls_context": context}),
+        tracing=EnvoyTracing("INBOUND", zipkin_port) if zipkin_port else None,
     )
 
 
-def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: int = 1) -> Target:
+def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: int = 1,
+               traced: bool = False) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
     certs = ws.certs()
-    suffix = f"-c{concurrency}" if concurrency != 1 else ""
-    server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2, concurrency=concurrency)
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + ("-traced" if traced else "")
+    zipkin_port = ws.zipkin_sink() if traced else None
+    server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2, concurrency=concurrency,
+                                                     zipkin_port=zipkin_port)
     client_tls = _common_tls(certs, "client", "server", alpn=["h2"] if h2 else ["http/1.1"])
     client, client_port = start_envoy(
         ws, "envoy-client" + suffix, server_port, role="client", downstream_h2=h2, upstream_h2=h2,
         concurrency=concurrency,
         upstream_tls=_tls_socket("UpstreamTlsContext", {
             "sni": "outbound_.8080_._.server.default.svc.cluster.local", "common_tls_context": client_tls}),
+        tracing=EnvoyTracing("OUTBOUND", zipkin_port) if traced else None,
     )
-    return Target(f"http://127.0.0.1:{client_port}/", None, [client, server], H2_STREAMS if h2 else 0)
+    return Target(f"http://127.0.0.1:{client_port}/", None, [client, server], H2_STREAMS if h2 else 0,
+                  zipkin_port=zipkin_port)
+
+
+def envoy_pair_traced(ws: Workspace, backend_port: int) -> Target:
+    """The Envoy pair with Istio's default tracing: Zipkin, 1 % random sampling, B3 and W3C
+    traceparent propagation, spans to a local Zipkin sink (compare with txmesh-pair-traced)."""
+    return envoy_pair(ws, backend_port, traced=True)
 
 
 def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
@@ -563,4 +714,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy-pair-h2": envoy_pair_h2,
     "txmesh-pair-w2": txmesh_pair_w2,
     "envoy-pair-c2": envoy_pair_c2,
+    "txmesh-pair-traced": txmesh_pair_traced,
+    "envoy-pair-traced": envoy_pair_traced,
 }
