@@ -12,7 +12,6 @@ from __future__ import annotations
 from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
 
-from mesh.proxy.codec.h2_client import H2UpstreamConnection
 from mesh.proxy.codec.http1_client import UpstreamConnection
 
 #: Seconds an endpoint that declined ALPN ``h2`` (an HTTP/1.1-only peer) is spoken to in
@@ -268,6 +267,10 @@ class H2Pool:
             refusal = pool.tls.refusal()
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
+        # Imported at the first HTTP/2 connection: h2, hpack and hyperframe are about 1.3 MiB of RSS that a
+        # sidecar speaking only HTTP/1.1 never needs (mesh.proxy.web_http1 keeps Twisted Web from loading them).
+        from mesh.proxy.codec.h2_client import H2UpstreamConnection
+
         connection = H2UpstreamConnection(self, pool.verify, pool.max_concurrent_streams,
                                           pool.max_requests_per_connection)
         connection.waiters.append(deferred)

@@ -8,6 +8,7 @@ import sys
 from twisted.logger import Logger
 from twisted.python import usage
 
+import mesh.proxy.web_http1  # noqa: F401  (first of the mesh imports: before anything imports twisted.web)
 from mesh import logging as mesh_logging
 from mesh.api import Config
 from mesh.config.compile import Workload, load_and_compile
