@@ -12,6 +12,7 @@ and adding it to :data:`CASES`.
 
 from __future__ import annotations
 
+import base64
 import functools
 import json
 import os
@@ -86,6 +87,7 @@ class Target:
     ``h2_streams``: 0 for HTTP/1.1 clients; N for HTTP/2 clients (h2c, prior knowledge)
     that keep up to N streams open per connection.  ``zipkin_port``: the Zipkin sink
     (bench.zipkin_sink) a traced case's proxies export to, None for an untraced case.
+    ``metrics_urls``: the Prometheus endpoints of a case whose proxies keep metrics.
     """
 
     url: str
@@ -93,6 +95,7 @@ class Target:
     proxies: list[Proxy] = field(default_factory=list)
     h2_streams: int = 0
     zipkin_port: int | None = None
+    metrics_urls: list[str] = field(default_factory=list)
 
 
 #: Streams per connection of the HTTP/2 clients of the ``*-h2`` cases (h2load ``-m``).
@@ -111,6 +114,10 @@ def check_target(name: str, target: Target, log_dir: Path | None = None) -> None
                                                           h2_streams=target.h2_streams)
     if target.zipkin_port:
         check_tracing(name, target)
+    for url in target.metrics_urls:
+        status, body = http_get(url)
+        if status != 200 or b"istio_requests_total{" not in body:
+            raise BenchError(f"case {name}: {url} answered {status} without an istio_requests_total series")
 
 
 def sink_trace(zipkin_port: int, trace_id: str) -> list[dict]:
@@ -120,7 +127,7 @@ def sink_trace(zipkin_port: int, trace_id: str) -> list[dict]:
 
 
 def check_tracing(name: str, target: Target) -> None:
-    """Fail unless a request sent with a sampled W3C ``traceparent`` is traced by both sidecars.
+    """Fail unless a request sent sampled (W3C ``traceparent`` and B3, the same ids) is traced by both sidecars.
 
     Within :data:`TRACE_CHECK_TIMEOUT` the sink must hold a CLIENT span that is the
     child of the request's parent id and a SERVER span that is the child of that
@@ -129,7 +136,9 @@ def check_tracing(name: str, target: Target) -> None:
     sidecar read it, and both exported.
     """
     trace_id, parent_id = secrets.token_hex(16), secrets.token_hex(8)
-    status, body = http_get(target.url, target.host, {"traceparent": f"00-{trace_id}-{parent_id}-01"})
+    status, body = http_get(target.url, target.host, {
+        "traceparent": f"00-{trace_id}-{parent_id}-01",
+        "x-b3-traceid": trace_id, "x-b3-spanid": parent_id, "x-b3-sampled": "1"})
     if status != 200 or body != BODY:
         raise BenchError(f"case {name}: the traced GET answered {status} with {len(body)} bytes")
     deadline = time.monotonic() + TRACE_CHECK_TIMEOUT
@@ -342,6 +351,23 @@ def _telemetry_off_options(twistd: str) -> tuple:
     return tuple(part for option, value in _TELEMETRY_OFF if option in out.stdout for part in (option, value))
 
 
+@functools.cache
+def _third_party_plugin_options(python: str) -> tuple:
+    """``--disable-plugin NAME`` for every ``mesh.plugins`` entry point installed in the venv of ``python``.
+
+    The bench measures the sidecar as txmesh ships it, with its built-in plugins
+    only, as ``meshctl demo`` runs it: the example plugins of ``plugins/`` that the
+    project's venv installs for their tests are not part of it.
+    """
+    code = ("from importlib.metadata import entry_points\n"
+            "print(' '.join(sorted(ep.name for ep in entry_points(group='mesh.plugins'))))")
+    try:
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise BenchError(f"cannot list the mesh.plugins entry points of {python}: {exc}") from None
+    return tuple(part for name in out.stdout.split() for part in ("--disable-plugin", name))
+
+
 def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = "bench",
                  options: tuple = (), role: str = "", inbound_port: int | None = None,
                  repo: Path = REPO_DIR) -> tuple[Proxy, int]:
@@ -357,7 +383,8 @@ def start_txmesh(ws: Workspace, name: str, config_dir: Path, *, workload: str = 
     twistd = ws.venv_tool("twistd")
     argv = [twistd, "-n", "--pidfile=", "mesh-proxy", "--config-dir", str(config_dir),
             "--workload", workload, "--outbound-port", str(outbound), "--inbound-port", str(inbound),
-            "--admin-port", str(admin), *_telemetry_off_options(twistd), *options]
+            "--admin-port", str(admin), *_telemetry_off_options(twistd),
+            *_third_party_plugin_options(ws.venv_tool("python")), *options]
     try:
         proxy = ws.start_proxy(name, argv, admin, "python", cwd=ws.root, env=_txmesh_env(repo), role=role,
                                ports=(outbound, inbound))
@@ -402,23 +429,45 @@ def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "t
     return server, inbound, config_dir
 
 
-def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, traced: bool = False) -> Target:
+def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, traced: bool = False,
+                telemetry: bool = False) -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
-    server-side txmesh sidecar (STRICT) -> nginx."""
-    suffix = (f"-w{workers}" if workers != 1 else "") + ("-traced" if traced else "")
+    server-side txmesh sidecar (STRICT) -> nginx.
+
+    ``traced``: export the sampled spans to a local Zipkin sink.  ``telemetry``:
+    Istio's default telemetry, i.e. traced and with the Prometheus metrics on (each
+    sidecar gets a ``--metrics-port``); the metadata exchange always runs.
+    """
+    traced = traced or telemetry
+    suffix = (f"-w{workers}" if workers != 1 else "") + _telemetry_suffix(traced, telemetry)
     zipkin_port = ws.zipkin_sink() if traced else None
     options = _tracing_options(zipkin_port) if traced else ()
-    server, _, config_dir = start_txmesh_server_sidecar(ws, backend_port, "txmesh-server" + suffix,
-                                                        workers=workers, options=options)
+    metrics_ports = (free_port(), free_port()) if telemetry else ()
+    server, _, config_dir = start_txmesh_server_sidecar(
+        ws, backend_port, "txmesh-server" + suffix, workers=workers,
+        options=(*options, *_metrics_options(metrics_ports[:1])))
     client, port = start_txmesh(ws, "txmesh-client" + suffix, config_dir, workload="client", role="client",
                                 options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers),
-                                         *options))
-    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server], zipkin_port=zipkin_port)
+                                         *options, *_metrics_options(metrics_ports[1:])))
+    return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server], zipkin_port=zipkin_port,
+                  metrics_urls=[f"http://127.0.0.1:{metrics}/stats/prometheus" for metrics in metrics_ports])
+
+
+def _metrics_options(ports: tuple) -> tuple:
+    """``--metrics-port P`` for the one port in ``ports`` (after the bench's ``--metrics-port 0``: the
+    last one given wins), or nothing."""
+    return ("--metrics-port", str(ports[0])) if ports else ()
 
 
 def _tracing_options(zipkin_port: int) -> tuple:
     """Export the sampled spans to the Zipkin sink; sample :data:`TRACE_SAMPLING` percent (the default)."""
     return ("--zipkin-url", f"http://127.0.0.1:{zipkin_port}/api/v2/spans", "--trace-sampling", str(TRACE_SAMPLING))
+
+
+def txmesh_pair_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """The txmesh pair with Istio's default telemetry: metrics, tracing at 1 % exported to a local
+    Zipkin sink, the metadata exchange (compare with envoy-pair-telemetry)."""
+    return txmesh_pair(ws, backend_port, telemetry=True)
 
 
 def txmesh_pair_traced(ws: Workspace, backend_port: int) -> Target:
@@ -485,6 +534,24 @@ class EnvoyTracing(NamedTuple):
 
     direction: str
     zipkin_port: int
+    context_option: str = "USE_B3_WITH_W3C_PROPAGATION"
+
+
+class EnvoyPeerMetadata(NamedTuple):
+    """The headers of Istio's HTTP metadata exchange, emulated on a vanilla Envoy sidecar.
+
+    Istio's sidecars send ``x-envoy-peer-metadata-id`` and
+    ``x-envoy-peer-metadata`` (a base64 protobuf Struct) on every request and
+    response between sidecars, and take the peer's off; that filter is not in the
+    Envoy wheel.  The route adds this sidecar's pair to what it forwards
+    (``add_to``: ``"request"`` on the client sidecar, ``"response"`` on the server
+    sidecar) and removes the peer's from the other direction.  The values have
+    the size of txmesh's one header (:func:`_peer_metadata`), smaller than
+    Istio's Struct, so the emulation undercounts Envoy's share.
+    """
+
+    add_to: str
+    workload: str
 
 
 #: Tags Istio adds to every span of a sidecar (txmesh's tracer adds the same ones).
@@ -492,7 +559,8 @@ _ISTIO_SPAN_TAGS = {"istio.canonical_service": "bench", "istio.canonical_revisio
                     "istio.namespace": "default"}
 
 
-def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING) -> dict:
+def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING,
+                      context_option: str = "USE_B3_WITH_W3C_PROPAGATION") -> dict:
     """The HTTP connection manager's ``tracing``: Istio's defaults with the Zipkin provider.
 
     Random sampling ``sampling`` percent (client-forced and overall 100 %), one
@@ -503,6 +571,7 @@ def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING) -> dict:
     W3C ``traceparent`` is read when no B3 header came, and both B3 and
     ``traceparent`` are written upstream, so Envoy takes part in the W3C
     traces txmesh propagates (plain ``USE_B3`` would ignore ``traceparent``).
+    ``context_option`` ``USE_B3``: B3 headers only, Istio's default.
     """
     return {
         "random_sampling": {"value": sampling},
@@ -520,10 +589,19 @@ def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING) -> dict:
                 "collector_endpoint_version": "HTTP_JSON",
                 "trace_id_128bit": True,
                 "shared_span_context": False,
-                "trace_context_option": "USE_B3_WITH_W3C_PROPAGATION",
+                "trace_context_option": context_option,
             },
         },
     }
+
+
+def _peer_metadata(workload: str) -> list[tuple[str, str]]:
+    """Istio's two metadata exchange headers for ``workload`` (namespace ``default``), the metadata as
+    txmesh's ``x-txmesh-peer-metadata`` value encodes it (URL-safe base64 of compact JSON)."""
+    document = json.dumps({"cr": "latest", "cs": workload, "n": "default", "w": workload},
+                          separators=(",", ":"), sort_keys=True)
+    return [("x-envoy-peer-metadata-id", f"sidecar~127.0.0.1~{workload}.default~default.svc.cluster.local"),
+            ("x-envoy-peer-metadata", base64.urlsafe_b64encode(document.encode()).rstrip(b"=").decode())]
 
 
 def _static_cluster(name: str, port: int) -> dict:
@@ -552,6 +630,7 @@ def envoy_bootstrap(
     downstream_h2: bool = False,
     upstream_h2: bool = False,
     tracing: EnvoyTracing | None = None,
+    peer_metadata: EnvoyPeerMetadata | None = None,
 ) -> dict:
     """A static Envoy bootstrap: one HTTP/1.1 listener, one route, one STATIC cluster.
 
@@ -563,6 +642,8 @@ def envoy_bootstrap(
     preface or ALPN); ``upstream_h2``: the cluster speaks HTTP/2.
     ``tracing``: turn on Istio's default tracing (:func:`envoy_hcm_tracing`),
     with the listener's traffic direction and a ``zipkin`` cluster to the sink.
+    ``peer_metadata``: the route emulates Istio's metadata exchange headers
+    (:class:`EnvoyPeerMetadata`).
     """
     router = {
         "name": "envoy.filters.http.router",
@@ -593,6 +674,13 @@ def envoy_bootstrap(
             "http_filters": [router],
         },
     }
+    if peer_metadata:
+        route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
+        other = "response" if peer_metadata.add_to == "request" else "request"
+        route[f"{peer_metadata.add_to}_headers_to_add"] = [
+            {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
+            for key, value in _peer_metadata(peer_metadata.workload)]
+        route[f"{other}_headers_to_remove"] = [key for key, _ in _peer_metadata(peer_metadata.workload)]
     filter_chain = {"filters": [hcm]}
     if downstream_tls:
         filter_chain["transport_socket"] = downstream_tls
@@ -610,7 +698,7 @@ def envoy_bootstrap(
     }
     clusters = [cluster]
     if tracing:
-        hcm["typed_config"]["tracing"] = envoy_hcm_tracing()
+        hcm["typed_config"]["tracing"] = envoy_hcm_tracing(context_option=tracing.context_option)
         listener["traffic_direction"] = tracing.direction
         clusters.append(_static_cluster("zipkin", tracing.zipkin_port))
     return {
@@ -643,39 +731,62 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
 
 
 def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False,
-                               concurrency: int = 1, zipkin_port: int | None = None) -> tuple[Proxy, int]:
+                               concurrency: int = 1, zipkin_port: int | None = None,
+                               telemetry: bool = False) -> tuple[Proxy, int]:
     """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
     listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
-    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``); ``zipkin_port``: trace (INBOUND) to that sink.
+    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``); ``zipkin_port``: trace (INBOUND) to that sink;
+    ``telemetry``: Istio's default telemetry as far as this Envoy has it (see :func:`envoy_pair`).
 
     Returns the proxy and its listener's port.
     """
     context = _common_tls(ws.certs(), "server", "client", alpn=["h2", "http/1.1"] if h2 else ["http/1.1"])
-    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + ("-traced" if zipkin_port else "")
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _telemetry_suffix(zipkin_port, telemetry)
     return start_envoy(
         ws, "envoy-server" + suffix, backend_port, role="server",
         downstream_h2=h2, concurrency=concurrency,
         downstream_tls=_tls_socket("DownstreamTlsContext", {"require_client_certificate": True,
                                                             "common_tls_context": context}),
-        tracing=EnvoyTracing("INBOUND", zipkin_port) if zipkin_port else None,
+        tracing=_envoy_tracing("INBOUND", zipkin_port, telemetry),
+        peer_metadata=EnvoyPeerMetadata("response", "server") if telemetry else None,
     )
 
 
+def _telemetry_suffix(traced: bool, telemetry: bool) -> str:
+    """The process-name suffix of a traced (``-traced``) or telemetry (``-telemetry``) case."""
+    return "-telemetry" if telemetry else "-traced" if traced else ""
+
+
+def _envoy_tracing(direction: str, zipkin_port: int | None, telemetry: bool) -> EnvoyTracing | None:
+    """Tracing to the sink on ``zipkin_port``, if any: B3 only (Istio's default) in a telemetry case."""
+    if not zipkin_port:
+        return None
+    return EnvoyTracing(direction, zipkin_port, "USE_B3") if telemetry else EnvoyTracing(direction, zipkin_port)
+
+
 def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: int = 1,
-               traced: bool = False) -> Target:
-    """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx."""
+               traced: bool = False, telemetry: bool = False) -> Target:
+    """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx.
+
+    ``traced``: Zipkin tracing (:func:`envoy_hcm_tracing`, B3 and W3C) to a local sink.
+    ``telemetry``: Istio's default telemetry as far as the Envoy wheel has it: its
+    own stats (always on), Zipkin tracing with B3 headers at 1 %, and the metadata
+    exchange's headers (:class:`EnvoyPeerMetadata`).
+    """
     certs = ws.certs()
-    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + ("-traced" if traced else "")
+    traced = traced or telemetry
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _telemetry_suffix(traced, telemetry)
     zipkin_port = ws.zipkin_sink() if traced else None
     server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2, concurrency=concurrency,
-                                                     zipkin_port=zipkin_port)
+                                                     zipkin_port=zipkin_port, telemetry=telemetry)
     client_tls = _common_tls(certs, "client", "server", alpn=["h2"] if h2 else ["http/1.1"])
     client, client_port = start_envoy(
         ws, "envoy-client" + suffix, server_port, role="client", downstream_h2=h2, upstream_h2=h2,
         concurrency=concurrency,
         upstream_tls=_tls_socket("UpstreamTlsContext", {
             "sni": "outbound_.8080_._.server.default.svc.cluster.local", "common_tls_context": client_tls}),
-        tracing=EnvoyTracing("OUTBOUND", zipkin_port) if traced else None,
+        tracing=_envoy_tracing("OUTBOUND", zipkin_port, telemetry),
+        peer_metadata=EnvoyPeerMetadata("request", "client") if telemetry else None,
     )
     return Target(f"http://127.0.0.1:{client_port}/", None, [client, server], H2_STREAMS if h2 else 0,
                   zipkin_port=zipkin_port)
@@ -685,6 +796,12 @@ def envoy_pair_traced(ws: Workspace, backend_port: int) -> Target:
     """The Envoy pair with Istio's default tracing: Zipkin, 1 % random sampling, B3 and W3C
     traceparent propagation, spans to a local Zipkin sink (compare with txmesh-pair-traced)."""
     return envoy_pair(ws, backend_port, traced=True)
+
+
+def envoy_pair_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """The Envoy pair with Istio's default telemetry, as far as the Envoy wheel has it: stats, Zipkin
+    tracing with B3 at 1 %, the metadata exchange's headers (compare with txmesh-pair-telemetry)."""
+    return envoy_pair(ws, backend_port, telemetry=True)
 
 
 def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
@@ -716,4 +833,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy-pair-c2": envoy_pair_c2,
     "txmesh-pair-traced": txmesh_pair_traced,
     "envoy-pair-traced": envoy_pair_traced,
+    "txmesh-pair-telemetry": txmesh_pair_telemetry,
+    "envoy-pair-telemetry": envoy_pair_telemetry,
 }
