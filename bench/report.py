@@ -17,7 +17,7 @@ from bench.loadgen import Latency, Throughput
 
 #: (numerator, denominator) case pairs whose ratios are reported when both ran.
 RATIO_PAIRS = (("txmesh", "envoy"), ("txmesh-pair", "envoy-pair"), ("txmesh-pair-h2", "envoy-pair-h2"),
-               ("txmesh-pair-traced", "envoy-pair-traced"))
+               ("txmesh-pair-traced", "envoy-pair-traced"), ("txmesh-pair-telemetry", "envoy-pair-telemetry"))
 BASELINE = "direct"
 PERCENTILES = ("p50", "p90", "p99")
 
