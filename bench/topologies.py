@@ -486,6 +486,11 @@ def txmesh_pair_w2(ws: Workspace, backend_port: int) -> Target:
     return txmesh_pair(ws, backend_port, workers=2)
 
 
+def txmesh_pair_w2_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """txmesh-pair-telemetry with ``--workers 2`` in each sidecar (compare with envoy-pair-c2-telemetry)."""
+    return txmesh_pair(ws, backend_port, workers=2, telemetry=True)
+
+
 def txmesh_pair_h2(ws: Workspace, backend_port: int) -> Target:
     """HTTP/2 client (h2c, several streams per connection) -> client-side txmesh sidecar ->
     mTLS with ALPN h2 (streams of all clients multiplexed) -> server-side txmesh sidecar -> HTTP/1.1 to nginx."""
@@ -804,6 +809,11 @@ def envoy_pair_telemetry(ws: Workspace, backend_port: int) -> Target:
     return envoy_pair(ws, backend_port, telemetry=True)
 
 
+def envoy_pair_c2_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """envoy-pair-telemetry with ``--concurrency 2`` in each sidecar (compare with txmesh-pair-w2-telemetry)."""
+    return envoy_pair(ws, backend_port, concurrency=2, telemetry=True)
+
+
 def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
     """HTTP/2 client (h2c, several streams per connection) -> client-side Envoy -> mTLS with ALPN h2
     (HTTP/2 upstream) -> server-side Envoy -> HTTP/1.1 to nginx."""
@@ -835,4 +845,6 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy-pair-traced": envoy_pair_traced,
     "txmesh-pair-telemetry": txmesh_pair_telemetry,
     "envoy-pair-telemetry": envoy_pair_telemetry,
+    "txmesh-pair-w2-telemetry": txmesh_pair_w2_telemetry,
+    "envoy-pair-c2-telemetry": envoy_pair_c2_telemetry,
 }

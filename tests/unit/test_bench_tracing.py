@@ -123,6 +123,19 @@ def test_txmesh_telemetry_pair_keeps_metrics_and_exports_spans(tmp_path, monkeyp
     assert sorted(target.metrics_urls) == sorted(f"http://127.0.0.1:{port}/stats/prometheus" for port in ports)
 
 
+def test_worker_telemetry_pairs_run_two_workers_with_telemetry(tmp_path, monkeypatch):
+    _no_extra_options(monkeypatch)
+    ws = _RecordingWorkspace(tmp_path)
+
+    target = topologies.CASES["txmesh-pair-w2-telemetry"](ws, 8080)
+
+    assert set(ws.argvs) == {"txmesh-client-w2-telemetry", "txmesh-server-w2-telemetry"}
+    for argv in ws.argvs.values():
+        assert _option(argv, "--workers") == "2"
+        assert _option(argv, "--zipkin-url") == "http://127.0.0.1:9411/api/v2/spans"
+    assert len(target.metrics_urls) == 2
+
+
 @pytest.mark.parametrize("role, adds, removes", [("client", "request", "response"),
                                                  ("server", "response", "request")])
 def test_telemetry_envoy_bootstrap_emulates_the_metadata_exchange(role, adds, removes):
