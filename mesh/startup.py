@@ -10,6 +10,8 @@ with the launching terminal still on stderr:
 - :func:`raise_fd_limit` raises the soft ``RLIMIT_NOFILE`` to the hard limit,
   as Istio's pilot-agent does for Envoy, so that connection limits are not cut
   short by ``accept()`` failing with EMFILE.
+- :func:`stop_once_on_signals` makes a second SIGTERM (or SIGINT) during the
+  shutdown a no-op instead of Twisted's ``ReactorNotRunning`` traceback.
 """
 
 from __future__ import annotations
@@ -21,6 +23,9 @@ import sys
 from dataclasses import dataclass
 
 from twisted.internet.abstract import isIPv6Address
+from twisted.logger import Logger
+
+log = Logger()
 
 #: The ceiling when the hard limit is "unlimited" (Linux's default fs.nr_open).
 _NR_OPEN_DEFAULT = 1048576
@@ -132,3 +137,32 @@ def _nr_open() -> int:
 
 def _finite(limit: int) -> int:
     return _nr_open() if limit == resource.RLIM_INFINITY else limit
+
+
+def stop_once_on_signals(reactor) -> None:
+    """Let only the first SIGTERM, SIGINT or SIGBREAK stop ``reactor``; later ones are logged and ignored.
+
+    Twisted's handlers call ``reactor.stop()`` for every signal, and a second
+    call while the shutdown (a sidecar's drain) is under way raises
+    ``ReactorNotRunning``, logged as a critical error with a traceback.  Two
+    signals are ordinary: an operator or an orchestrator repeating SIGTERM, or
+    a worker process that gets its parent's SIGTERM and then, when the parent
+    exits, the one it asked for with ``PR_SET_PDEATHSIG``.  Call before
+    ``reactor.run()``, which installs the handlers it finds on the reactor.
+    """
+    if getattr(reactor.sigTerm, "stops_once", False):
+        return  # done already (makeService ran twice in one process, as tests do)
+    stopping = []
+    for name in ("sigInt", "sigBreak", "sigTerm"):
+        setattr(reactor, name, _first_only(getattr(reactor, name), stopping))
+
+
+def _first_only(handler, stopping: list):
+    def on_signal(number, frame=None):
+        if stopping:
+            log.info("signal {number} while already shutting down: ignored", number=number)
+            return
+        stopping.append(number)
+        handler(number, frame)
+    on_signal.stops_once = True
+    return on_signal

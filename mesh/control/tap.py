@@ -18,7 +18,7 @@ from mesh.durations import duration_option
 from mesh.identity.ca import CAError
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.sidecar_contract import CONTROL_ADMIN_PORT, CONTROL_PORT
-from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
+from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit, stop_once_on_signals
 
 log = Logger()
 
@@ -135,6 +135,9 @@ def makeService(options):
     twistd calls this before it daemonizes and binds the ports, so the
     line reaches the terminal that started it.
     """
+    from twisted.internet import reactor  # here, not at import: twistd installs its --reactor first
+
+    stop_once_on_signals(reactor)
     exit_on_port_problems("mesh-control", _listen_ports(options))
     mesh_logging.follow_twistd(options.parent)
     log.info("file descriptors: {fds} (one per connected sidecar)", fds=raise_fd_limit().describe())

@@ -32,7 +32,7 @@ from mesh.sidecar_contract import (
     METRICS_PORT,
     OUTBOUND_PORT,
 )
-from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit
+from mesh.startup import ListenPort, exit_on_port_problems, raise_fd_limit, stop_once_on_signals
 from mesh.telemetry.sidecar import TelemetrySettings
 from mesh.telemetry.tracing import DEFAULT_SAMPLING, TracingSettings
 
@@ -384,6 +384,9 @@ def makeService(options):
     twistd calls this before it daemonizes and binds the ports, so the
     lines reach the terminal that started it.
     """
+    from twisted.internet import reactor  # here, not at import: twistd installs its --reactor first
+
+    stop_once_on_signals(reactor)
     worker = WorkerSettings.from_environ()
     if worker is None and options["workers"] > 1:
         return _supervisor(options)

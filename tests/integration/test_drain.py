@@ -71,6 +71,27 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_connections(config,
     proxy.stop()
 
 
+def test_a_second_sigterm_during_the_drain_is_ignored(config, proxy_factory):
+    """Orchestrators repeat SIGTERM, and a worker gets its parent's and then PR_SET_PDEATHSIG's: the second one
+    must neither cut the drain short nor log Twisted's ReactorNotRunning traceback (the harness fails a test
+    whose process logged one)."""
+    proxy = proxy_factory(config, "twice", extra_args=["--drain-time", "5s"])
+    results = []
+    thread = start_in_flight(proxy, 2, 1000, results)
+    wait_for(lambda: active_requests(proxy) == 2, timeout=5, what="2 requests in flight")
+    proxy.send_signal(15)
+    wait_for(lambda: "draining: no new connections" in proxy.log_path.read_text(), timeout=2, what="the drain")
+    proxy.send_signal(15)
+    wait_for(lambda: "while already shutting down: ignored" in proxy.log_path.read_text(), timeout=2,
+             what="the second SIGTERM to be ignored")
+    thread.join(20)
+    assert results == ["200"] * 2
+    wait_for(lambda: not proxy.running, timeout=6, what="the proxy to exit")
+    assert proxy.returncode in (0, -15), proxy.describe(f"exit code {proxy.returncode}")
+    assert "Traceback" not in proxy.log_path.read_text()
+    proxy.stop()
+
+
 def test_busy_keep_alive_connection_is_told_to_close(config, proxy_factory):
     """The response in flight when the drain starts says ``connection: close``, and the connection then closes."""
     proxy = proxy_factory(config, "busy", extra_args=["--drain-time", "5s"])
