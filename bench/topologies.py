@@ -12,7 +12,6 @@ and adding it to :data:`CASES`.
 
 from __future__ import annotations
 
-import base64
 import functools
 import json
 import os
@@ -25,6 +24,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import NamedTuple
 
 import yaml
@@ -48,6 +48,9 @@ BODY = b"x" * 1023 + b"\n"
 TRACE_SAMPLING = 1.0
 #: Seconds the traced cases' check waits for a forced-sampled request's spans (Envoy flushes every 5 s).
 TRACE_CHECK_TIMEOUT = 30.0
+#: The ``telemetry`` of a pair case (also its name's suffix): tracing only, exported to a Zipkin sink
+#: (``*-traced``), or Istio's default telemetry (``*-telemetry``: tracing, metrics, metadata exchange).
+TRACED, TELEMETRY = "traced", "telemetry"
 
 
 def find_venv_bin(explicit: str | None) -> Path:
@@ -429,34 +432,37 @@ def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "t
     return server, inbound, config_dir
 
 
-def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, traced: bool = False,
-                telemetry: bool = False) -> Target:
+def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, telemetry: str | None = None) -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
     server-side txmesh sidecar (STRICT) -> nginx.
 
-    ``traced``: export the sampled spans to a local Zipkin sink.  ``telemetry``:
-    Istio's default telemetry, i.e. traced and with the Prometheus metrics on (each
-    sidecar gets a ``--metrics-port``); the metadata exchange always runs.
+    ``telemetry``: :data:`TRACED` exports the sampled spans to a local Zipkin sink;
+    :data:`TELEMETRY` (Istio's default telemetry) does too and keeps the Prometheus
+    metrics (each sidecar gets a ``--metrics-port``); the metadata exchange always runs.
     """
-    traced = traced or telemetry
-    suffix = (f"-w{workers}" if workers != 1 else "") + _telemetry_suffix(traced, telemetry)
-    zipkin_port = ws.zipkin_sink() if traced else None
-    options = _tracing_options(zipkin_port) if traced else ()
-    metrics_ports = (free_port(), free_port()) if telemetry else ()
+    suffix = (f"-w{workers}" if workers != 1 else "") + _suffix(telemetry)
+    zipkin_port = ws.zipkin_sink() if telemetry else None
+    options = _tracing_options(zipkin_port) if telemetry else ()
+    server_metrics, client_metrics = (free_port(), free_port()) if telemetry == TELEMETRY else (None, None)
     server, _, config_dir = start_txmesh_server_sidecar(
         ws, backend_port, "txmesh-server" + suffix, workers=workers,
-        options=(*options, *_metrics_options(metrics_ports[:1])))
+        options=(*options, *_metrics_options(server_metrics)))
     client, port = start_txmesh(ws, "txmesh-client" + suffix, config_dir, workload="client", role="client",
                                 options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers),
-                                         *options, *_metrics_options(metrics_ports[1:])))
+                                         *options, *_metrics_options(client_metrics)))
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server], zipkin_port=zipkin_port,
-                  metrics_urls=[f"http://127.0.0.1:{metrics}/stats/prometheus" for metrics in metrics_ports])
+                  metrics_urls=[f"http://127.0.0.1:{metrics}/stats/prometheus"
+                                for metrics in (server_metrics, client_metrics) if metrics])
 
 
-def _metrics_options(ports: tuple) -> tuple:
-    """``--metrics-port P`` for the one port in ``ports`` (after the bench's ``--metrics-port 0``: the
-    last one given wins), or nothing."""
-    return ("--metrics-port", str(ports[0])) if ports else ()
+def _suffix(telemetry: str | None) -> str:
+    """The process-name suffix of a pair case's ``telemetry`` (:data:`TRACED`, :data:`TELEMETRY` or None)."""
+    return f"-{telemetry}" if telemetry else ""
+
+
+def _metrics_options(port: int | None) -> tuple:
+    """``--metrics-port P`` (after the bench's ``--metrics-port 0``: the last one given wins), or nothing."""
+    return ("--metrics-port", str(port)) if port else ()
 
 
 def _tracing_options(zipkin_port: int) -> tuple:
@@ -467,13 +473,13 @@ def _tracing_options(zipkin_port: int) -> tuple:
 def txmesh_pair_telemetry(ws: Workspace, backend_port: int) -> Target:
     """The txmesh pair with Istio's default telemetry: metrics, tracing at 1 % exported to a local
     Zipkin sink, the metadata exchange (compare with envoy-pair-telemetry)."""
-    return txmesh_pair(ws, backend_port, telemetry=True)
+    return txmesh_pair(ws, backend_port, telemetry=TELEMETRY)
 
 
 def txmesh_pair_traced(ws: Workspace, backend_port: int) -> Target:
     """The txmesh pair exporting its sampled spans (1 %, W3C traceparent) to a local Zipkin sink
     (compare with envoy-pair-traced)."""
-    return txmesh_pair(ws, backend_port, traced=True)
+    return txmesh_pair(ws, backend_port, telemetry=TRACED)
 
 
 def _workers_options(workers: int) -> tuple:
@@ -488,7 +494,7 @@ def txmesh_pair_w2(ws: Workspace, backend_port: int) -> Target:
 
 def txmesh_pair_w2_telemetry(ws: Workspace, backend_port: int) -> Target:
     """txmesh-pair-telemetry with ``--workers 2`` in each sidecar (compare with envoy-pair-c2-telemetry)."""
-    return txmesh_pair(ws, backend_port, workers=2, telemetry=True)
+    return txmesh_pair(ws, backend_port, workers=2, telemetry=TELEMETRY)
 
 
 def txmesh_pair_h2(ws: Workspace, backend_port: int) -> Target:
@@ -601,12 +607,14 @@ def envoy_hcm_tracing(sampling: float = TRACE_SAMPLING,
 
 
 def _peer_metadata(workload: str) -> list[tuple[str, str]]:
-    """Istio's two metadata exchange headers for ``workload`` (namespace ``default``), the metadata as
-    txmesh's ``x-txmesh-peer-metadata`` value encodes it (URL-safe base64 of compact JSON)."""
-    document = json.dumps({"cr": "latest", "cs": workload, "n": "default", "w": workload},
-                          separators=(",", ":"), sort_keys=True)
+    """Istio's two metadata exchange headers for ``workload`` (namespace ``default``, no labels), the
+    metadata as a txmesh sidecar with that workload encodes it in ``x-txmesh-peer-metadata``."""
+    from mesh.telemetry.metadata_exchange import encode
+    from mesh.telemetry.peers import workload_metadata
+
+    metadata = encode(workload_metadata(SimpleNamespace(name=workload, namespace="default", labels={})))
     return [("x-envoy-peer-metadata-id", f"sidecar~127.0.0.1~{workload}.default~default.svc.cluster.local"),
-            ("x-envoy-peer-metadata", base64.urlsafe_b64encode(document.encode()).rstrip(b"=").decode())]
+            ("x-envoy-peer-metadata", metadata.decode())]
 
 
 def _static_cluster(name: str, port: int) -> dict:
@@ -682,10 +690,11 @@ def envoy_bootstrap(
     if peer_metadata:
         route = hcm["typed_config"]["route_config"]["virtual_hosts"][0]["routes"][0]
         other = "response" if peer_metadata.add_to == "request" else "request"
+        headers = _peer_metadata(peer_metadata.workload)
         route[f"{peer_metadata.add_to}_headers_to_add"] = [
             {"header": {"key": key, "value": value}, "append_action": "OVERWRITE_IF_EXISTS_OR_ADD"}
-            for key, value in _peer_metadata(peer_metadata.workload)]
-        route[f"{other}_headers_to_remove"] = [key for key, _ in _peer_metadata(peer_metadata.workload)]
+            for key, value in headers]
+        route[f"{other}_headers_to_remove"] = [key for key, _ in headers]
     filter_chain = {"filters": [hcm]}
     if downstream_tls:
         filter_chain["transport_socket"] = downstream_tls
@@ -737,51 +746,48 @@ def envoy(ws: Workspace, backend_port: int) -> Target:
 
 def start_envoy_server_sidecar(ws: Workspace, backend_port: int, h2: bool = False,
                                concurrency: int = 1, zipkin_port: int | None = None,
-                               telemetry: bool = False) -> tuple[Proxy, int]:
+                               telemetry: str | None = None) -> tuple[Proxy, int]:
     """The pair's server-side Envoy (shared/bench-reference/envoy-server-sidecar.yaml): an mTLS
     listener requiring a client certificate with the ``client`` SPIFFE id, in front of nginx.
-    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``); ``zipkin_port``: trace (INBOUND) to that sink;
-    ``telemetry``: Istio's default telemetry as far as this Envoy has it (see :func:`envoy_pair`).
+    ``h2``: the listener also accepts HTTP/2 (ALPN ``h2``); ``telemetry`` (see :func:`envoy_pair`): trace
+    (INBOUND) to the sink on ``zipkin_port``, and with :data:`TELEMETRY` the rest of Istio's default telemetry.
 
     Returns the proxy and its listener's port.
     """
     context = _common_tls(ws.certs(), "server", "client", alpn=["h2", "http/1.1"] if h2 else ["http/1.1"])
-    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _telemetry_suffix(zipkin_port, telemetry)
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _suffix(telemetry)
     return start_envoy(
         ws, "envoy-server" + suffix, backend_port, role="server",
         downstream_h2=h2, concurrency=concurrency,
         downstream_tls=_tls_socket("DownstreamTlsContext", {"require_client_certificate": True,
                                                             "common_tls_context": context}),
         tracing=_envoy_tracing("INBOUND", zipkin_port, telemetry),
-        peer_metadata=EnvoyPeerMetadata("response", "server") if telemetry else None,
+        peer_metadata=EnvoyPeerMetadata("response", "server") if telemetry == TELEMETRY else None,
     )
 
 
-def _telemetry_suffix(traced: bool, telemetry: bool) -> str:
-    """The process-name suffix of a traced (``-traced``) or telemetry (``-telemetry``) case."""
-    return "-telemetry" if telemetry else "-traced" if traced else ""
-
-
-def _envoy_tracing(direction: str, zipkin_port: int | None, telemetry: bool) -> EnvoyTracing | None:
-    """Tracing to the sink on ``zipkin_port``, if any: B3 only (Istio's default) in a telemetry case."""
-    if not zipkin_port:
+def _envoy_tracing(direction: str, zipkin_port: int | None, telemetry: str | None) -> EnvoyTracing | None:
+    """Tracing to the sink on ``zipkin_port`` in a traced or telemetry case: B3 only (Istio's default) with
+    :data:`TELEMETRY`, B3 and W3C with :data:`TRACED`."""
+    if not telemetry:
         return None
-    return EnvoyTracing(direction, zipkin_port, "USE_B3") if telemetry else EnvoyTracing(direction, zipkin_port)
+    if telemetry == TELEMETRY:
+        return EnvoyTracing(direction, zipkin_port, "USE_B3")
+    return EnvoyTracing(direction, zipkin_port)
 
 
 def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: int = 1,
-               traced: bool = False, telemetry: bool = False) -> Target:
+               telemetry: str | None = None) -> Target:
     """Client -> client-side Envoy -> mTLS (TLS 1.3, SPIFFE SAN check) -> server-side Envoy -> nginx.
 
-    ``traced``: Zipkin tracing (:func:`envoy_hcm_tracing`, B3 and W3C) to a local sink.
-    ``telemetry``: Istio's default telemetry as far as the Envoy wheel has it: its
+    ``telemetry``: :data:`TRACED`, Zipkin tracing (:func:`envoy_hcm_tracing`, B3 and
+    W3C) to a local sink; :data:`TELEMETRY`, Istio's default telemetry as far as the Envoy wheel has it: its
     own stats (always on), Zipkin tracing with B3 headers at 1 %, and the metadata
     exchange's headers (:class:`EnvoyPeerMetadata`).
     """
     certs = ws.certs()
-    traced = traced or telemetry
-    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _telemetry_suffix(traced, telemetry)
-    zipkin_port = ws.zipkin_sink() if traced else None
+    suffix = (f"-c{concurrency}" if concurrency != 1 else "") + _suffix(telemetry)
+    zipkin_port = ws.zipkin_sink() if telemetry else None
     server, server_port = start_envoy_server_sidecar(ws, backend_port, h2=h2, concurrency=concurrency,
                                                      zipkin_port=zipkin_port, telemetry=telemetry)
     client_tls = _common_tls(certs, "client", "server", alpn=["h2"] if h2 else ["http/1.1"])
@@ -791,7 +797,7 @@ def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: 
         upstream_tls=_tls_socket("UpstreamTlsContext", {
             "sni": "outbound_.8080_._.server.default.svc.cluster.local", "common_tls_context": client_tls}),
         tracing=_envoy_tracing("OUTBOUND", zipkin_port, telemetry),
-        peer_metadata=EnvoyPeerMetadata("request", "client") if telemetry else None,
+        peer_metadata=EnvoyPeerMetadata("request", "client") if telemetry == TELEMETRY else None,
     )
     return Target(f"http://127.0.0.1:{client_port}/", None, [client, server], H2_STREAMS if h2 else 0,
                   zipkin_port=zipkin_port)
@@ -800,18 +806,18 @@ def envoy_pair(ws: Workspace, backend_port: int, h2: bool = False, concurrency: 
 def envoy_pair_traced(ws: Workspace, backend_port: int) -> Target:
     """The Envoy pair with Istio's default tracing: Zipkin, 1 % random sampling, B3 and W3C
     traceparent propagation, spans to a local Zipkin sink (compare with txmesh-pair-traced)."""
-    return envoy_pair(ws, backend_port, traced=True)
+    return envoy_pair(ws, backend_port, telemetry=TRACED)
 
 
 def envoy_pair_telemetry(ws: Workspace, backend_port: int) -> Target:
     """The Envoy pair with Istio's default telemetry, as far as the Envoy wheel has it: stats, Zipkin
     tracing with B3 at 1 %, the metadata exchange's headers (compare with txmesh-pair-telemetry)."""
-    return envoy_pair(ws, backend_port, telemetry=True)
+    return envoy_pair(ws, backend_port, telemetry=TELEMETRY)
 
 
 def envoy_pair_c2_telemetry(ws: Workspace, backend_port: int) -> Target:
     """envoy-pair-telemetry with ``--concurrency 2`` in each sidecar (compare with txmesh-pair-w2-telemetry)."""
-    return envoy_pair(ws, backend_port, concurrency=2, telemetry=True)
+    return envoy_pair(ws, backend_port, concurrency=2, telemetry=TELEMETRY)
 
 
 def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
