@@ -16,7 +16,7 @@ from hpack import (
 )
 from twisted.logger import Logger
 
-from mesh.proxy.codec import h2_client, h2_server, hpack_c
+from mesh.proxy.codec import h2_client, h2_server, hpack_c, http2_engine
 from mesh.proxy.listener import Limits
 
 REQUEST = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"api.default.svc"), (b":path", b"/v1/x"),
@@ -141,8 +141,9 @@ def test_the_peers_table_size_goes_out_as_an_update(codec, other):
     assert other_decoder.decode(block, raw=True) == REQUEST and other_decoder.header_table_size == 0
 
 
-def test_the_codecs_use_hpack_in_c_with_their_limits():
-    server = h2_server._new_h2(Limits())
+def test_the_codecs_use_hpack_in_c_with_their_limits(monkeypatch):
+    monkeypatch.setattr(http2_engine, "_engine", "h2")  # HPACK in C is for the h2 engine (nghttp2 has its own)
+    server = h2_server._new_connection(Limits())
     client = h2_client.H2UpstreamConnection(pool=None)
     assert type(server.encoder) is hpack_c.Encoder and type(client.h2.encoder) is hpack_c.Encoder
     assert type(server.decoder) is hpack_c.Decoder

@@ -1,7 +1,8 @@
 """The HTTP/2 client codec: one connection to an upstream, many exchanges at once.
 
-An :class:`H2UpstreamConnection` is one HTTP/2 connection (the ``h2`` library,
-client side) to one endpoint.  Each try that uses it gets an :class:`H2Stream`,
+An :class:`H2UpstreamConnection` is one HTTP/2 connection (libnghttp2's session,
+:mod:`mesh.proxy.codec.nghttp2_session`, or the ``h2`` library, as ``--http2-engine``
+says; client side) to one endpoint.  Each try that uses it gets an :class:`H2Stream`,
 the :class:`mesh.proxy.streams.IUpstreamStream` of one HTTP/2 stream: the
 request goes out as HEADERS (built from the exchange as the HTTP/1 client
 builds its head, :func:`mesh.proxy.codec.heads.forwarded`) and DATA, the
@@ -46,7 +47,7 @@ from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
-from mesh.proxy.codec import hpack_c
+from mesh.proxy.codec import hpack_c, nghttp2_session
 from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, forwarded
 from mesh.proxy.mtls import setup_failure
@@ -85,6 +86,24 @@ class _GracefulGoaway(H2ConnectionStateMachine):
         if input_ is ConnectionInputs.RECV_GOAWAY and self.state is ConnectionState.CLIENT_OPEN:
             return []
         return super().process_input(input_)
+
+
+def _new_connection():
+    """A client connection on the HTTP/2 engine (:mod:`mesh.proxy.codec.nghttp2_session`, or h2's)."""
+    # No MAX_CONCURRENT_STREAMS of 0 (ENABLE_PUSH 0 already forbids server streams): h2 checks it
+    # before it sees that a HEADERS frame is for a stream this side reset (a late response), and
+    # would end the whole connection for it.
+    settings = Settings(client=True, initial_values={
+        SettingCodes.ENABLE_PUSH: 0,
+        SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
+        SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE})
+    if nghttp2_session.enabled():  # a GOAWAY received leaves its streams able to finish, as _GracefulGoaway
+        return nghttp2_session.Connection(True, settings, H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE)
+    h2 = MeshH2Connection(config=_CONFIG)
+    h2.state_machine = _GracefulGoaway()
+    hpack_c.install(h2, huffman=False)  # HPACK in C; in Python without Huffman (too costly)
+    h2.local_settings = settings
+    return h2
 
 
 def request_headers(exchange) -> list:
@@ -148,16 +167,7 @@ class H2UpstreamConnection(Protocol):
         self.verify_peer = verify_peer
         self.max_streams = max_streams
         self.max_requests = max_requests
-        self.h2 = MeshH2Connection(config=_CONFIG)
-        self.h2.state_machine = _GracefulGoaway()
-        hpack_c.install(self.h2, huffman=False)  # HPACK in C; in Python without Huffman (too costly)
-        # No MAX_CONCURRENT_STREAMS of 0 (ENABLE_PUSH 0 already forbids server streams): h2 checks it
-        # before it sees that a HEADERS frame is for a stream this side reset (a late response), and
-        # would end the whole connection for it.
-        self.h2.local_settings = Settings(client=True, initial_values={
-            SettingCodes.ENABLE_PUSH: 0,
-            SettingCodes.INITIAL_WINDOW_SIZE: STREAM_WINDOW,
-            SettingCodes.MAX_HEADER_LIST_SIZE: H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE})
+        self.h2 = _new_connection()
         self.streams = {}  # stream id -> H2Stream
         self.active = 0
         self.capacity = min(FIRST_STREAMS, max_streams or FIRST_STREAMS)

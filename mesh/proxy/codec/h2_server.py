@@ -5,8 +5,9 @@ hands it to :func:`take_over` when the client speaks HTTP/2 (docs/protocols.md):
 HTTP/2 preface first (h2c with prior knowledge, detected for free: llhttp stops on it), or it
 negotiated ALPN ``h2`` in the mTLS handshake of the inbound port.
 
-An :class:`H2ServerConnection` wraps h2's server connection.  Each request stream is an
-:class:`H2Stream`, the :class:`mesh.proxy.streams.IDownstreamStream` of one
+An :class:`H2ServerConnection` wraps an HTTP/2 server connection: libnghttp2's session
+(:mod:`mesh.proxy.codec.nghttp2_session`) or h2's, as ``--http2-engine`` says, behind h2's
+interface.  Each request stream is an :class:`H2Stream`, the :class:`mesh.proxy.streams.IDownstreamStream` of one
 :class:`mesh.proxy.exchange.Exchange`, with the same :class:`mesh.proxy.context.RequestContext`
 fields as HTTP/1 (``http_version`` ``"2"``, which the access log shows as ``HTTP/2``).
 A stream that fails is reset (RST_STREAM); the connection and its other streams go on.
@@ -66,7 +67,7 @@ from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mesh.proxy.codec import hpack_c
+from mesh.proxy.codec import hpack_c, nghttp2_session
 from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, _apply_ops, connection_tokens
 from mesh.proxy.codec.http1_server import _CONSUMED, _Reject, _RootDot, new_request_id
@@ -243,19 +244,33 @@ class _H2(MeshH2Connection):
         return 0
 
 
-def _new_h2(limits) -> H2Connection:
-    """A server connection with the listener's SETTINGS (sent by ``initiate_connection``)."""
-    h2 = _H2(config=_CONFIG)
-    hpack_c.install(h2)
-    h2.local_settings = Settings(client=False, initial_values={
+def _settings(limits) -> Settings:
+    """The listener's SETTINGS (sent by ``initiate_connection``)."""
+    return Settings(client=False, initial_values={
         SettingCodes.MAX_CONCURRENT_STREAMS: limits.http2_max_concurrent_streams,
         SettingCodes.INITIAL_WINDOW_SIZE: limits.http2_initial_stream_window,
         SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_header_bytes,
         SettingCodes.MAX_FRAME_SIZE: MAX_FRAME_SIZE,
     })
+
+
+def _new_connection(limits):
+    """A server connection on the HTTP/2 engine (:mod:`mesh.proxy.codec.nghttp2_session`, or h2's).
+
+    A header list over SETTINGS_MAX_HEADER_LIST_SIZE gets a 431; decoding stops (and the connection
+    ends: the HPACK state is lost) at twice it, which defuses an HPACK bomb as it expands.
+    """
+    if nghttp2_session.enabled():
+        return nghttp2_session.Connection(False, _settings(limits), 2 * limits.max_header_bytes)
+    return _new_h2(limits)
+
+
+def _new_h2(limits) -> H2Connection:
+    """A server connection on h2 with the listener's SETTINGS."""
+    h2 = _H2(config=_CONFIG)
+    hpack_c.install(h2)
+    h2.local_settings = _settings(limits)
     h2.max_inbound_frame_size = MAX_FRAME_SIZE
-    # A header list over SETTINGS_MAX_HEADER_LIST_SIZE gets a 431; decoding stops (and the connection
-    # ends: the HPACK state is lost) at twice it, which defuses an HPACK bomb as it expands.
     h2.decoder.max_header_list_size = 2 * limits.max_header_bytes
     return h2
 
@@ -325,7 +340,7 @@ class H2ServerConnection(Protocol):
     def __init__(self, listener):
         self.listener = listener
         self.limits = limits = listener.limits
-        self.h2 = _new_h2(limits)
+        self.h2 = _new_connection(limits)
         self.guard = FrameGuard(MAX_FRAME_SIZE, 2 * limits.max_header_bytes)
         self.streams = {}
         self.waiting = {}  # H2Stream -> None: an ordered set

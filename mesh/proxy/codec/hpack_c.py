@@ -124,12 +124,71 @@ def _to_bytes(value) -> bytes:
     return (value if type(value) is str else str(value)).encode()
 
 
-class Encoder:
-    """hpack's ``Encoder`` on an nghttp2 deflater: one per connection, for the header blocks it sends.
-
-    The header array nghttp2 reads is packed into buffers kept from block to block (grown as
+class HeaderArray:
+    """The ``nghttp2_nv`` array of a header block, packed into buffers kept from block to block (grown as
     needed): the names and values one after the other, and the ``nghttp2_nv`` pointing into them.
+
+    ``ffi`` declares ``nghttp2_nv`` (with ``char *`` or ``uint8_t *`` strings: the same layout).  Used
+    by :class:`Encoder` and by :mod:`mesh.proxy.codec.nghttp2_session`, whose connections share one
+    (nghttp2 copies the array when a block is submitted).
     """
+
+    def __init__(self, ffi):
+        self._ffi = ffi
+        self._stride = ffi.sizeof("nghttp2_nv")
+        self._reserve(1024, 32)
+
+    def _reserve(self, size: int, count: int) -> None:
+        """Buffers for ``count`` headers of ``size`` bytes in all."""
+        ffi = self._ffi
+        self.size, self.count = size, count
+        self._strings = ffi.new("char[]", size)
+        self._strings_bytes = ffi.buffer(self._strings)
+        self._strings_at = int(ffi.cast("uintptr_t", self._strings))
+        self.nva = ffi.new("nghttp2_nv[]", count)
+        self._nva_bytes = ffi.buffer(self.nva)
+
+    def build(self, headers) -> int:
+        """Pack ``headers`` into :attr:`nva` and return their count: ``(name, value)`` pairs, of
+        :class:`hpack.HeaderTuple` or of ``(name, value, never_indexed)`` triples, names and values
+        ``bytes`` or anything else as its UTF-8 text; never-indexed ones flagged so."""
+        parts = []
+        fields = []  # (name length, value length, nghttp2 flags) per header
+        for header in headers:
+            name, value = header[0], header[1]
+            if name.__class__ is not bytes:
+                name = _to_bytes(name)
+            if value.__class__ is not bytes:
+                value = _to_bytes(value)
+            kind = header.__class__
+            if kind is tuple or kind is HeaderTuple:
+                flags = 0
+            elif kind is NeverIndexedHeaderTuple:
+                flags = _NV_FLAG_NO_INDEX
+            elif isinstance(header, HeaderTuple):
+                flags = 0 if header.indexable else _NV_FLAG_NO_INDEX
+            else:
+                flags = _NV_FLAG_NO_INDEX if len(header) > 2 and header[2] else 0
+            parts.append(name)
+            parts.append(value)
+            fields.append((len(name), len(value), flags))
+        blob = b"".join(parts)
+        count = len(fields)
+        if count > self.count or len(blob) > self.size:
+            self._reserve(max(2 * len(blob), self.size), max(2 * count, self.count))
+        self._strings_bytes[:len(blob)] = blob
+        nva, stride, pack = self._nva_bytes, self._stride, _NV.pack_into
+        at = self._strings_at
+        offset = 0
+        for name_length, value_length, flags in fields:
+            pack(nva, offset, at, at + name_length, name_length, value_length, flags)
+            at += name_length + value_length
+            offset += stride
+        return count
+
+
+class Encoder:
+    """hpack's ``Encoder`` on an nghttp2 deflater: one per connection, for the header blocks it sends."""
 
     def __init__(self, ffi, lib):
         self._ffi = ffi
@@ -139,23 +198,17 @@ class Encoder:
         if lib.nghttp2_hd_deflate_new(deflater, TABLE_SIZE):
             raise MemoryError("nghttp2_hd_deflate_new")
         self._deflater = ffi.gc(deflater[0], lib.nghttp2_hd_deflate_del)
-        self._stride = ffi.sizeof("nghttp2_nv")
-        self._reserve(1024, 32)
+        self._headers = HeaderArray(ffi)
+        self._out_for = None  # (size, count) of the header array that _out is sized for
 
-    def _reserve(self, size: int, count: int) -> None:
-        """Buffers for ``count`` headers of ``size`` bytes in all, and for their header block."""
-        ffi = self._ffi
-        self._size, self._count = size, count
-        self._strings = ffi.new("char[]", size)
-        self._strings_bytes = ffi.buffer(self._strings)
-        self._strings_at = int(ffi.cast("uintptr_t", self._strings))
-        self._nva = ffi.new("nghttp2_nv[]", count)
-        self._nva_bytes = ffi.buffer(self._nva)
-        # nghttp2_hd_deflate_bound: two table size updates, then each field at its longest (a
-        # literal with both lengths in at most 6 bytes each).
-        self._out_size = 12 + 13 * count + size
-        self._out = ffi.new("uint8_t[]", self._out_size)
-        self._out_bytes = ffi.buffer(self._out)
+    def _output(self) -> None:
+        """The buffer of a header block: nghttp2_hd_deflate_bound, two table size updates, then each field
+        at its longest (a literal with both lengths in at most 6 bytes each)."""
+        headers = self._headers
+        self._out_for = (headers.size, headers.count)
+        self._out_size = 12 + 13 * headers.count + headers.size
+        self._out = self._ffi.new("uint8_t[]", self._out_size)
+        self._out_bytes = self._ffi.buffer(self._out)
 
     @property
     def header_table_size(self) -> int:
@@ -170,34 +223,11 @@ class Encoder:
     def encode(self, headers, huffman: bool = True) -> bytes:
         """The header block of ``headers``: an iterable of ``(name, value)`` pairs, of
         :class:`hpack.HeaderTuple` or of ``(name, value, never_indexed)`` triples, pseudo-headers first."""
-        parts = []
-        fields = []  # (name length, value length, nghttp2 flags) per header
-        for header in headers:
-            name, value = header[0], header[1]
-            if name.__class__ is not bytes:
-                name = _to_bytes(name)
-            if value.__class__ is not bytes:
-                value = _to_bytes(value)
-            if isinstance(header, HeaderTuple):
-                never = not header.indexable
-            else:
-                never = len(header) > 2 and header[2]
-            parts.append(name)
-            parts.append(value)
-            fields.append((len(name), len(value), _NV_FLAG_NO_INDEX if never else 0))
-        blob = b"".join(parts)
-        count = len(fields)
-        if count > self._count or len(blob) > self._size:
-            self._reserve(max(2 * len(blob), self._size), max(2 * count, self._count))
-        self._strings_bytes[:len(blob)] = blob
-        nva, stride, pack = self._nva_bytes, self._stride, _NV.pack_into
-        at = self._strings_at
-        offset = 0
-        for name_length, value_length, flags in fields:
-            pack(nva, offset, at, at + name_length, name_length, value_length, flags)
-            at += name_length + value_length
-            offset += stride
-        written = self._deflate(self._deflater, self._out, self._out_size, self._nva, count)
+        array = self._headers
+        count = array.build(headers)
+        if self._out_for != (array.size, array.count):
+            self._output()
+        written = self._deflate(self._deflater, self._out, self._out_size, array.nva, count)
         if written < 0:
             raise MemoryError(f"nghttp2_hd_deflate_hd: {written}")
         return self._out_bytes[:written]

@@ -1,0 +1,751 @@
+"""An HTTP/2 connection on libnghttp2's session, behind the part of h2's ``H2Connection`` the codecs use.
+
+The pure-Python ``h2`` library is most of what an HTTP/2 request costs the proxy (docs/performance.md,
+"The same hop on libnghttp2": 1.28 M instructions per hop against 435 k on two nghttp2 sessions).
+:class:`Connection` drives an ``nghttp2_session`` (Debian's ``libnghttp2.so.14``, through cffi in ABI
+mode: no headers, no compiler) and offers the codecs exactly what they call on h2's connection:
+``initiate_connection``, ``receive_data`` (h2's event classes, with the attributes the codecs read),
+``data_to_send``, ``send_headers``, ``send_data``, ``end_stream``, ``reset_stream``,
+``acknowledge_received_data``, ``increment_flow_control_window``, ``local_flow_control_window``,
+``ping``, ``close_connection``, ``get_next_available_stream_id``, ``max_outbound_frame_size``,
+``highest_inbound_stream_id``, ``local_settings`` and ``decoder.max_header_list_size``; and h2's
+exceptions where the codecs catch them (:class:`h2.exceptions.StreamClosedError` for a stream that is
+gone, :class:`h2.exceptions.ProtocolError` for a connection error, after its GOAWAY is queued).
+
+How h2's behaviour is kept:
+
+- receive flow control is the codecs' (``nghttp2_option_set_no_auto_window_update``): received DATA is
+  given back only by ``acknowledge_received_data`` (``nghttp2_session_consume``), so the codecs'
+  backpressure works as with h2;
+- ``send_data`` queues the bytes on the stream; nghttp2 takes them through the stream's data provider
+  as its windows allow (deferred while the queue is empty, resumed by more bytes, the end or trailers),
+  and ``local_flow_control_window`` subtracts what is queued, so the codecs never send more than h2
+  would have let them;
+- a received GOAWAY leaves the streams up to its last stream id able to finish (h2 needs the client
+  codec's ``_GracefulGoaway`` for that); nghttp2 closes the streams above it (REFUSED_STREAM);
+- received header blocks are normalized and validated by h2's rules, with h2's messages
+  (:func:`mesh.proxy.codec.h2_connection.received_headers`; nghttp2's own HTTP checks are off, they
+  would drop a bad field or reset only its stream), and a body must match its content-length, as h2
+  checks it: a malformed request or response ends the connection with PROTOCOL_ERROR, as with h2;
+- a header list over ``decoder.max_header_list_size`` (name + value + 32 per field) ends the
+  connection with ENHANCE_YOUR_CALM while it is decoded (an HPACK bomb is stopped as it expands).
+
+What differs: nghttp2 refuses a stream itself (REFUSED_STREAM) when as many as its
+SETTINGS_MAX_CONCURRENT_STREAMS are open in its own count, which closes a stream once END_STREAM
+went both ways (the server codec refuses by the same rule on its own count first, so nghttp2's
+rule only applies to a client that opens streams faster than the codec's count forgets them); it
+answers PING and SETTINGS itself; HPACK is nghttp2's (as :mod:`mesh.proxy.codec.hpack_c` gives h2).
+"""
+
+from __future__ import annotations
+
+from functools import cache
+
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    InformationalResponseReceived,
+    PingAckReceived,
+    RemoteSettingsChanged,
+    RequestReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+    WindowUpdated,
+)
+from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.settings import ChangedSetting, _setting_code_from_int
+from h2.utilities import HeaderValidationFlags
+from hpack import NeverIndexedHeaderTuple
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from mesh.proxy.codec import http2_engine
+from mesh.proxy.codec.h2_connection import received_headers
+from mesh.proxy.codec.hpack_c import HeaderArray
+
+log = Logger()
+
+#: The library, by its Debian soname (the one :mod:`mesh.proxy.codec.hpack_c` loads).
+LIBRARY = "libnghttp2.so.14"
+
+# The part of nghttp2.h (1.52) used here.  Received names, values and DATA are declared ``char *``
+# (``uint8_t *`` in nghttp2.h: the same layout), so that cffi's ``unpack`` gives bytes.  A received
+# frame is read through the members of the nghttp2_frame union this module needs (never allocated here).
+_CDEF = """
+typedef struct nghttp2_session nghttp2_session;
+typedef struct nghttp2_session_callbacks nghttp2_session_callbacks;
+typedef struct nghttp2_option nghttp2_option;
+typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags; uint8_t reserved; } nghttp2_frame_hd;
+typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
+typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen; uint8_t flags; } nghttp2_nv;
+typedef struct { nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec; nghttp2_nv *nva; size_t nvlen;
+                 int cat; } nghttp2_headers;
+typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
+typedef struct { nghttp2_frame_hd hd; size_t niv; nghttp2_settings_entry *iv; } nghttp2_settings;
+typedef struct { nghttp2_frame_hd hd; uint8_t opaque_data[8]; } nghttp2_ping;
+typedef struct { nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code; uint8_t *opaque_data;
+                 size_t opaque_data_len; uint8_t reserved; } nghttp2_goaway;
+typedef struct { nghttp2_frame_hd hd; int32_t window_size_increment; uint8_t reserved; } nghttp2_window_update;
+typedef union { nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream;
+                nghttp2_settings settings; nghttp2_ping ping; nghttp2_goaway goaway;
+                nghttp2_window_update window_update; } nghttp2_frame;
+typedef union { int fd; void *ptr; } nghttp2_data_source;
+typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,
+                                                     nghttp2_data_source *, void *);
+typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; } nghttp2_data_provider;
+typedef int (*frame_cb)(nghttp2_session *, const nghttp2_frame *, void *);
+typedef int (*header_cb)(nghttp2_session *, const nghttp2_frame *, const char *, size_t, const char *, size_t,
+                         uint8_t, void *);
+typedef int (*data_chunk_cb)(nghttp2_session *, uint8_t, int32_t, const char *, size_t, void *);
+typedef int (*stream_close_cb)(nghttp2_session *, int32_t, uint32_t, void *);
+typedef int (*invalid_frame_cb)(nghttp2_session *, const nghttp2_frame *, int, void *);
+
+int nghttp2_session_callbacks_new(nghttp2_session_callbacks **);
+void nghttp2_session_callbacks_del(nghttp2_session_callbacks *);
+void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *, frame_cb);
+void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, header_cb);
+void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, frame_cb);
+void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, frame_cb);
+void nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(nghttp2_session_callbacks *, invalid_frame_cb);
+void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, data_chunk_cb);
+void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, stream_close_cb);
+
+int nghttp2_option_new(nghttp2_option **);
+void nghttp2_option_del(nghttp2_option *);
+void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
+void nghttp2_option_set_no_closed_streams(nghttp2_option *, int);
+void nghttp2_option_set_no_http_messaging(nghttp2_option *, int);
+void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+
+int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *, const nghttp2_option *);
+int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *, const nghttp2_option *);
+void nghttp2_session_del(nghttp2_session *);
+ssize_t nghttp2_session_mem_recv(nghttp2_session *, const uint8_t *, size_t);
+ssize_t nghttp2_session_mem_send(nghttp2_session *, const uint8_t **);
+int nghttp2_session_consume(nghttp2_session *, int32_t, size_t);
+int nghttp2_session_resume_data(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
+int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
+uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
+uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
+int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
+
+int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
+int32_t nghttp2_submit_request(nghttp2_session *, const nghttp2_priority_spec *, const nghttp2_nv *, size_t,
+                               const nghttp2_data_provider *, void *);
+int nghttp2_submit_response(nghttp2_session *, int32_t, const nghttp2_nv *, size_t, const nghttp2_data_provider *);
+int32_t nghttp2_submit_headers(nghttp2_session *, uint8_t, int32_t, const nghttp2_priority_spec *, const nghttp2_nv *,
+                               size_t, void *);
+int nghttp2_submit_trailer(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
+int nghttp2_submit_rst_stream(nghttp2_session *, uint8_t, int32_t, uint32_t);
+int nghttp2_submit_ping(nghttp2_session *, uint8_t, const uint8_t *);
+int nghttp2_submit_goaway(nghttp2_session *, uint8_t, int32_t, uint32_t, const uint8_t *, size_t);
+int nghttp2_submit_window_update(nghttp2_session *, uint8_t, int32_t, int32_t);
+"""
+
+_DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE = 0x0, 0x1, 0x3, 0x4, 0x6, 0x7, 0x8
+_END_STREAM = _ACK = 0x1
+_END_HEADERS = 0x4
+_HCAT_REQUEST = 0
+_DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 0x1, 0x2
+_NV_FLAG_NO_INDEX = 0x1
+_ERR_DEFERRED = -508
+_ERR_TEMPORAL_CALLBACK_FAILURE = -521
+_ERR_CALLBACK_FAILURE = -902
+#: nghttp2's error codes for a stream it resets, as the RST_STREAM error codes it sends.
+_STREAM_ERRORS = {-524: ErrorCodes.FLOW_CONTROL_ERROR, -533: ErrorCodes.REFUSED_STREAM,
+                  -510: ErrorCodes.STREAM_CLOSED, -511: ErrorCodes.STREAM_CLOSED}
+_SETTINGS_INITIAL_WINDOW_SIZE, _SETTINGS_MAX_FRAME_SIZE = 0x4, 0x5
+_tuple = tuple.__new__  # a NeverIndexedHeaderTuple without its Python-level __new__
+
+
+def enabled() -> bool:
+    """Whether the codecs' connections are :class:`Connection` objects: the engine is nghttp2 and the library
+    loads (if it does not, h2's connections, and one warning says why)."""
+    return http2_engine.chosen() == "nghttp2" and library() is not None
+
+
+@cache
+def library():
+    """``(ffi, lib)`` of :data:`LIBRARY` with this module's declarations, or None when it cannot be
+    loaded (logged once, with the reason)."""
+    try:
+        from cffi import FFI
+
+        ffi = FFI()
+        ffi.cdef(_CDEF)
+        lib = ffi.dlopen(LIBRARY)
+        lib.nghttp2_option_set_no_http_messaging  # noqa: B018 -- a missing symbol fails here, not on a request
+    except (ImportError, OSError, AttributeError) as e:
+        log.warn("HTTP/2 on the h2 library: {library} cannot be loaded ({error})", library=LIBRARY, error=e)
+        return None
+    return ffi, lib
+
+
+class _Limits:
+    """The ``decoder`` of a :class:`Connection`: only ``max_header_list_size``, as the codecs set it on h2's."""
+
+    __slots__ = ("max_header_list_size",)
+
+    def __init__(self, max_header_list_size):
+        self.max_header_list_size = max_header_list_size
+
+
+class _Stream:
+    """What a :class:`Connection` keeps per stream: the header block being received, and what waits to be sent."""
+
+    __slots__ = ("headers", "size", "final", "head", "expected", "received", "out", "eof", "trailers", "deferred",
+                 "submitted", "ended")
+
+    def __init__(self, head=False):
+        self.headers = []
+        self.size = 0  # of the header list being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
+        self.final = False  # a final response head was received (client side)
+        self.head = head  # a HEAD request (client side): its response has no body
+        self.expected = None  # the content-length received
+        self.received = 0  # DATA bytes received
+        self.out = bytearray()  # DATA bytes queued, not yet taken by nghttp2
+        self.eof = False  # the end of our side is queued behind ``out``
+        self.trailers = None  # the trailers queued behind ``out``
+        self.deferred = False  # the data provider said "nothing yet": resume it on more
+        self.submitted = False  # our headers went to nghttp2 with the data provider
+        self.ended = False  # our side is over (END_STREAM or RST_STREAM queued)
+
+
+class Connection:
+    """One HTTP/2 connection on an nghttp2 session, for a codec written against h2's ``H2Connection``.
+
+    ``client``: the client side (the upstream codec) or the server side; ``local_settings``: h2's
+    :class:`h2.settings.Settings` of the SETTINGS to send (``initiate_connection`` sends them);
+    ``max_header_list_size``: the largest received header list decoded (the codecs' ``decoder`` limit).
+    """
+
+    def __init__(self, client: bool, local_settings, max_header_list_size: int):
+        ffi, lib = library()
+        self._ffi, self._lib = ffi, lib
+        self.client = client
+        self.local_settings = local_settings
+        self.decoder = _Limits(max_header_list_size)
+        self.max_inbound_frame_size = local_settings.max_frame_size
+        self.highest_inbound_stream_id = 0
+        self._streams = {}
+        self._buffered = 0  # DATA bytes queued on all streams
+        self._events = []
+        self._out = []  # bytes nghttp2 gave while receive_data looked for its GOAWAY
+        self._error = None  # (code, message): a connection error found by a callback
+        self._receiving = None  # the _Stream whose header block is being received
+        self._header_limit = max_header_list_size
+        self._goaway_ours = False  # the GOAWAY nghttp2 sends was submitted here
+        self._handle = ffi.new_handle(self)  # the user_data of every callback, alive as long as the session
+        session = ffi.new("nghttp2_session **")
+        new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
+        if new(session, _callbacks(ffi, lib), self._handle, _options(ffi, lib)):
+            raise MemoryError("nghttp2_session_new")
+        self._session = ffi.gc(session[0], lib.nghttp2_session_del)
+        self._sent = ffi.new("const uint8_t **")
+        self._provider = _provider(ffi)
+        self._headers = _header_array(ffi)
+
+    # -- the connection --------------------------------------------------------------------
+    def initiate_connection(self) -> None:
+        """Queue the preface's SETTINGS (``local_settings``)."""
+        items = list(self.local_settings.items())
+        entries = self._ffi.new("nghttp2_settings_entry[]", len(items))
+        for index, (code, value) in enumerate(items):
+            entries[index].settings_id = code
+            entries[index].value = value
+        self._check(self._lib.nghttp2_submit_settings(self._session, 0, entries, len(items)), "submit_settings")
+
+    def receive_data(self, data: bytes) -> list:
+        """Feed the peer's bytes in; the h2 events they make.  Raises :class:`h2.exceptions.ProtocolError`
+        on a connection error, its GOAWAY queued."""
+        events = self._events = []
+        lib, session = self._lib, self._session
+        used = lib.nghttp2_session_mem_recv(session, data, len(data))
+        if used < 0 and self._error is None:  # a callback raised (logged), or nghttp2 failed
+            self._error = (ErrorCodes.INTERNAL_ERROR if used == _ERR_CALLBACK_FAILURE else ErrorCodes.PROTOCOL_ERROR,
+                           f"nghttp2_session_mem_recv: {used}")
+        if self._error is not None:
+            code, message = self._error
+            self._goaway(code, b"")
+            self._take_output()
+            raise (DenialOfServiceError if code == ErrorCodes.ENHANCE_YOUR_CALM else ProtocolError)(message)
+        self._take_output()
+        if self._error is not None:  # nghttp2 found a connection error and sent GOAWAY
+            raise ProtocolError(self._error[1])
+        return events
+
+    def data_to_send(self) -> bytes:
+        """Every byte queued to be sent."""
+        self._events = []  # a stream closed meanwhile is not an event the caller waits for
+        self._take_output()
+        out = self._out
+        if not out:
+            return b""
+        self._out = []
+        return out[0] if len(out) == 1 else b"".join(out)
+
+    def _take_output(self) -> None:
+        ffi, send, session, sent, out = self._ffi, self._lib.nghttp2_session_mem_send, self._session, self._sent, \
+            self._out
+        while (size := send(session, sent)) > 0:
+            out.append(ffi.buffer(sent[0], size)[:])
+        if size < 0:
+            raise ProtocolError(f"nghttp2_session_mem_send: {size}")
+
+    def close_connection(self, error_code=ErrorCodes.NO_ERROR, additional_data=None, last_stream_id=None) -> None:
+        """Queue GOAWAY ``error_code`` naming the last stream processed."""
+        self._goaway(error_code, additional_data or b"", last_stream_id)
+
+    def _goaway(self, code, data: bytes, last_stream_id=None) -> None:
+        self._goaway_ours = True
+        if last_stream_id is None:
+            last_stream_id = self._lib.nghttp2_session_get_last_proc_stream_id(self._session)
+        self._lib.nghttp2_submit_goaway(self._session, 0, last_stream_id, int(code), data, len(data))
+
+    def ping(self, opaque_data: bytes) -> None:
+        """Queue a PING with these 8 bytes."""
+        self._check(self._lib.nghttp2_submit_ping(self._session, 0, opaque_data), "submit_ping")
+
+    def increment_flow_control_window(self, increment: int, stream_id=None) -> None:
+        """Open the receive window of the connection (``stream_id`` None) or of a stream by ``increment``."""
+        self._check(self._lib.nghttp2_submit_window_update(self._session, 0, stream_id or 0, increment),
+                    "submit_window_update")
+
+    def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
+        """Give ``acknowledged_size`` received bytes of ``stream_id`` back to the peer's windows."""
+        self._lib.nghttp2_session_consume(self._session, stream_id, acknowledged_size)
+
+    @property
+    def max_outbound_frame_size(self) -> int:
+        """The peer's SETTINGS_MAX_FRAME_SIZE."""
+        return self._lib.nghttp2_session_get_remote_settings(self._session, _SETTINGS_MAX_FRAME_SIZE)
+
+    def get_next_available_stream_id(self) -> int:
+        """The id the next request gets (client side)."""
+        return self._lib.nghttp2_session_get_next_stream_id(self._session)
+
+    # -- streams -----------------------------------------------------------------------------
+    def _open(self, stream_id) -> _Stream:
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.ended:
+            raise StreamClosedError(stream_id)
+        return stream
+
+    def local_flow_control_window(self, stream_id: int) -> int:
+        """How many DATA bytes ``stream_id`` may still be given (the peer's windows less what is queued)."""
+        stream = self._open(stream_id)
+        lib, session = self._lib, self._session
+        window = lib.nghttp2_session_get_stream_remote_window_size(session, stream_id)
+        if window < 0:  # a request whose HEADERS are not sent yet: nghttp2 opens the stream then
+            window = lib.nghttp2_session_get_remote_settings(session, _SETTINGS_INITIAL_WINDOW_SIZE)
+        window -= len(stream.out)
+        shared = lib.nghttp2_session_get_remote_window_size(session) - self._buffered
+        return window if window < shared else shared
+
+    def send_headers(self, stream_id: int, headers, end_stream: bool = False) -> None:
+        """A request (client side, on the next stream id), a response head (1xx ones included), or trailers
+        (``end_stream`` required)."""
+        lib, session = self._lib, self._session
+        stream = self._streams.get(stream_id)
+        if stream is None and self.client:
+            stream = _Stream(head=any(header[0] == b":method" and header[1] == b"HEAD" for header in headers))
+            count = self._headers.build(headers)
+            provider = self._ffi.NULL if end_stream else self._provider
+            got = lib.nghttp2_submit_request(session, self._ffi.NULL, self._headers.nva, count, provider,
+                                             self._ffi.NULL)
+            if got != stream_id:
+                raise ProtocolError(f"nghttp2_submit_request: {got} (stream {stream_id} expected)")
+            self._streams[stream_id] = stream
+            stream.submitted = not end_stream
+            stream.ended = end_stream
+            return
+        if stream is None or stream.ended:
+            raise StreamClosedError(stream_id)
+        if stream.submitted:  # trailers, behind the queued DATA
+            if not end_stream:
+                raise ProtocolError("Trailers must have END_STREAM set")
+            stream.trailers = headers
+            self._end(stream_id, stream)
+            return
+        count = self._headers.build(headers)
+        nva = self._headers.nva
+        first = headers[0]
+        if first[0] == b":status" and first[1][:1] == b"1":  # informational: more heads follow
+            self._check(lib.nghttp2_submit_headers(session, 0, stream_id, self._ffi.NULL, nva, count, self._ffi.NULL),
+                        "submit_headers")
+            return
+        provider = self._ffi.NULL if end_stream else self._provider
+        self._check(lib.nghttp2_submit_response(session, stream_id, nva, count, provider), "submit_response")
+        stream.submitted = not end_stream
+        stream.ended = end_stream
+
+    def send_data(self, stream_id: int, data) -> None:
+        """Queue DATA bytes on ``stream_id`` (within :meth:`local_flow_control_window`, as with h2)."""
+        stream = self._open(stream_id)
+        stream.out += data
+        self._buffered += len(data)
+        if stream.deferred:
+            stream.deferred = False
+            self._lib.nghttp2_session_resume_data(self._session, stream_id)
+
+    def end_stream(self, stream_id: int) -> None:
+        """END_STREAM on ``stream_id``, after its queued DATA."""
+        self._end(stream_id, self._open(stream_id))
+
+    def _end(self, stream_id, stream) -> None:
+        stream.ended = stream.eof = True
+        if stream.deferred:
+            stream.deferred = False
+            self._lib.nghttp2_session_resume_data(self._session, stream_id)
+
+    def reset_stream(self, stream_id: int, error_code=ErrorCodes.NO_ERROR) -> None:
+        """RST_STREAM ``error_code``; :class:`h2.exceptions.StreamClosedError` if the stream is gone."""
+        stream = self._streams.pop(stream_id, None)
+        if stream is None:
+            raise StreamClosedError(stream_id)
+        self._buffered -= len(stream.out)
+        stream.ended = True
+        self._lib.nghttp2_submit_rst_stream(self._session, 0, stream_id, int(error_code))
+
+    # -- helpers ----------------------------------------------------------------------------
+    @staticmethod
+    def _check(result: int, what: str) -> None:
+        if result < 0:
+            raise ProtocolError(f"nghttp2_{what}: {result}")
+
+    def _fail(self, code, message) -> int:
+        """A connection error found in a callback: nghttp2 stops, :meth:`receive_data` raises."""
+        if self._error is None:
+            self._error = (code, message)
+        return _ERR_CALLBACK_FAILURE
+
+    # -- what the callbacks call -----------------------------------------------------------------
+    def _on_begin_headers(self, frame) -> None:
+        stream_id = frame.hd.stream_id
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            if self.client:  # a stream this side has reset: its headers are not kept
+                self._receiving = None
+                return
+            stream = self._streams[stream_id] = _Stream()
+            if stream_id > self.highest_inbound_stream_id:
+                self.highest_inbound_stream_id = stream_id
+        stream.headers = []
+        stream.size = 0
+        self._receiving = stream  # the header block being received (blocks never interleave)
+        self._header_limit = self.decoder.max_header_list_size
+
+    def _over_limit(self, frame) -> int:
+        """The header list being received passed ``decoder.max_header_list_size``.
+
+        In the last frame of the block (nghttp2 sets END_HEADERS on the HEADERS frame it gives for a
+        CONTINUATION): stop decoding now.  Before it, as with h2 (which decodes a whole block), the error
+        waits for the block's end, and the fields are dropped (FrameGuard bounds the block meanwhile).
+        """
+        self._receiving.headers.clear()
+        if frame.hd.flags & _END_HEADERS:
+            return self._oversized()
+        return 0
+
+    def _oversized(self) -> int:
+        return self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
+                          f"A header list larger than {self.decoder.max_header_list_size} has been received")
+
+    def _on_headers(self, stream_id: int, frame) -> None:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            return
+        if stream.size > self.decoder.max_header_list_size:
+            self._oversized()
+            return
+        headers, stream.headers = stream.headers, None
+        ended = frame.hd.flags & _END_STREAM
+        client = self.client
+        if not client:
+            kind = RequestReceived if frame.headers.cat == _HCAT_REQUEST else TrailersReceived
+        elif stream.final:
+            kind = TrailersReceived
+        elif headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
+            kind = InformationalResponseReceived
+        else:
+            stream.final = True
+            kind = ResponseReceived
+        try:
+            if kind is TrailersReceived:
+                if not ended:
+                    raise ProtocolError("Trailers must have END_STREAM set")
+                flags = _TRAILER_FLAGS[client]
+            else:
+                flags = _HEAD_FLAGS[client]
+                if kind is not InformationalResponseReceived:
+                    stream.expected = 0 if stream.head else _content_length(headers)
+            headers = received_headers(headers, flags)  # h2's normalization and validation
+        except ProtocolError as error:
+            self._fail(ErrorCodes.PROTOCOL_ERROR, str(error))
+            return
+        event = kind(stream_id=stream_id, headers=headers)
+        events = self._events
+        events.append(event)
+        if ended:
+            end = StreamEnded(stream_id=stream_id)
+            event.stream_ended = end
+            events.append(end)
+
+    def _on_frame(self, frame) -> None:
+        kind = frame.hd.type
+        if kind == _DATA:
+            if frame.hd.flags & _END_STREAM:
+                stream_id = frame.hd.stream_id
+                stream = self._streams.get(stream_id)
+                if stream is not None and stream.expected is not None and stream.expected != stream.received:
+                    self._fail(ErrorCodes.PROTOCOL_ERROR, f"InvalidBodyLengthError: Expected {stream.expected} bytes, "
+                                                          f"received {stream.received}")
+                    return
+                self._events.append(StreamEnded(stream_id=stream_id))
+        elif kind == _HEADERS:
+            self._on_headers(frame.hd.stream_id, frame)
+        elif kind == _WINDOW_UPDATE:
+            self._events.append(WindowUpdated(stream_id=frame.hd.stream_id,
+                                              delta=frame.window_update.window_size_increment))
+        elif kind == _SETTINGS:
+            if not frame.hd.flags & _ACK:
+                self._events.append(self._settings_changed(frame.settings))
+        elif kind == _RST_STREAM:
+            stream_id = frame.hd.stream_id
+            stream = self._streams.pop(stream_id, None)
+            if stream is not None:
+                self._buffered -= len(stream.out)
+            self._events.append(StreamReset(stream_id=stream_id, error_code=_error_code(frame.rst_stream.error_code)))
+        elif kind == _PING:
+            if frame.hd.flags & _ACK:
+                self._events.append(PingAckReceived(ping_data=bytes(frame.ping.opaque_data)))
+        elif kind == _GOAWAY:
+            goaway = frame.goaway
+            if self.client:  # the streams above last_stream_id were never processed: nghttp2 closes them
+                # next, and the codec learns it from this event (as with h2), not from a reset each
+                for stream_id in [stream_id for stream_id in self._streams if stream_id > goaway.last_stream_id]:
+                    self._buffered -= len(self._streams.pop(stream_id).out)
+            event = ConnectionTerminated()
+            event.error_code = _error_code(goaway.error_code)
+            event.last_stream_id = goaway.last_stream_id
+            event.additional_data = (self._ffi.buffer(goaway.opaque_data, goaway.opaque_data_len)[:]
+                                     if goaway.opaque_data_len else None)
+            self._events.append(event)
+
+    def _settings_changed(self, settings) -> RemoteSettingsChanged:
+        event = RemoteSettingsChanged()
+        changed = event.changed_settings
+        for index in range(settings.niv):
+            entry = settings.iv[index]
+            code = _setting_code_from_int(entry.settings_id)
+            changed[code] = ChangedSetting(code, None, entry.value)
+        return event
+
+    def _on_invalid_frame(self, frame, lib_error: int) -> None:
+        stream_id = frame.hd.stream_id
+        if stream_id and stream_id in self._streams:  # nghttp2 resets this stream (its RST_STREAM is queued)
+            stream = self._streams.pop(stream_id)
+            self._buffered -= len(stream.out)
+            self._events.append(StreamReset(stream_id=stream_id,
+                                            error_code=_STREAM_ERRORS.get(lib_error, ErrorCodes.PROTOCOL_ERROR),
+                                            remote_reset=False))
+
+    def _on_data(self, stream_id: int, data: bytes) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.expected is not None:
+            stream.received += len(data)
+            if stream.received > stream.expected:
+                return self._fail(ErrorCodes.PROTOCOL_ERROR, f"InvalidBodyLengthError: Expected {stream.expected} "
+                                                             f"bytes, received {stream.received}")
+        self._events.append(DataReceived(stream_id=stream_id, data=data, flow_controlled_length=len(data)))
+        return 0
+
+    def _on_close(self, stream_id: int, error_code: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._buffered -= len(stream.out)
+            if error_code:  # reset by nghttp2 itself (a body longer than its content-length, ...)
+                self._events.append(StreamReset(stream_id=stream_id, error_code=_error_code(error_code),
+                                                remote_reset=False))
+
+    def _on_goaway_sent(self, frame) -> None:
+        if not self._goaway_ours and self._error is None:
+            code = frame.goaway.error_code
+            self._error = (_error_code(code), f"nghttp2 ended the connection ({_error_code(code)!r})")
+
+    def _read(self, stream_id: int, buffer, length: int, data_flags) -> int:
+        stream = self._streams.get(stream_id)
+        if stream is None:
+            data_flags[0] |= _DATA_FLAG_EOF
+            return 0
+        out = stream.out
+        size = len(out)
+        if size > length:
+            size = length
+        if size:
+            self._ffi.memmove(buffer, out, size)
+            del out[:size]
+            self._buffered -= size
+        if not out and stream.eof:
+            if stream.trailers is not None:
+                data_flags[0] |= _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
+                count = self._headers.build(stream.trailers)
+                stream.trailers = None
+                self._lib.nghttp2_submit_trailer(self._session, stream_id, self._headers.nva, count)
+            else:
+                data_flags[0] |= _DATA_FLAG_EOF
+        elif not size:
+            stream.deferred = True
+            return _ERR_DEFERRED
+        return size
+
+
+#: h2's header validation flags, by side (client or server): a request or response head, and trailers.
+_HEAD_FLAGS = {side: HeaderValidationFlags(is_client=side, is_trailer=False, is_response_header=side,
+                                           is_push_promise=False) for side in (False, True)}
+_TRAILER_FLAGS = {side: HeaderValidationFlags(is_client=side, is_trailer=True, is_response_header=False,
+                                              is_push_promise=False) for side in (False, True)}
+
+
+def _content_length(headers):
+    """The content-length of a received head (None without one), as h2 checks it."""
+    length = None
+    for name, value in headers:
+        if name == b"content-length":
+            if not value.isdigit():
+                raise ProtocolError(f"Invalid content-length header: {value!r}")
+            if length is None:
+                length = int(value, 10)
+            elif int(value, 10) != length:
+                raise ProtocolError(f"Conflicting content-length headers: {length} and {int(value, 10)}")
+    return length
+
+
+@cache
+def _header_array(ffi) -> HeaderArray:
+    """The header array every connection shares."""
+    return HeaderArray(ffi)
+
+
+def _error_code(code: int):
+    """``code`` as h2 gives it: an :class:`h2.errors.ErrorCodes` when known, else the int."""
+    try:
+        return ErrorCodes(code)
+    except ValueError:
+        return code
+
+
+@cache
+def _callbacks(ffi, lib):
+    """The session callbacks every :class:`Connection` shares (module-level: none per session); each
+    finds its connection from the handle of the session's user_data."""
+    backend = getattr(ffi, "_backend", None)  # cffi's functions without their Python-level wrappers
+    from_handle = getattr(backend, "from_handle", ffi.from_handle)
+    unpack = getattr(backend, "unpack", ffi.unpack)
+
+    def onerror(exception, value, traceback):
+        """A callback raised: logged (never printed), and nghttp2 is told to stop (the connection ends)."""
+        log.failure("HTTP/2 (nghttp2) callback failed; the connection is ended", Failure(value, exception, traceback))
+        return _ERR_CALLBACK_FAILURE
+
+    kept = {}
+
+    def callback(kind):
+        def wrap(function):
+            kept[function] = c = ffi.callback(kind, function, error=_ERR_CALLBACK_FAILURE, onerror=onerror)
+            return c
+        return wrap
+
+    @callback("frame_cb")
+    def on_begin_headers(session, frame, user_data):
+        from_handle(user_data)._on_begin_headers(frame)
+        return 0
+
+    @callback("header_cb")
+    def on_header(session, frame, name, namelen, value, valuelen, flags, user_data):
+        conn = from_handle(user_data)
+        stream = conn._receiving
+        if stream is None:
+            return 0
+        size = stream.size = stream.size + namelen + valuelen + 32
+        if size > conn._header_limit:
+            return conn._over_limit(frame)
+        if flags & _NV_FLAG_NO_INDEX:
+            stream.headers.append(_tuple(NeverIndexedHeaderTuple, (unpack(name, namelen), unpack(value, valuelen))))
+        else:
+            stream.headers.append((unpack(name, namelen), unpack(value, valuelen)))
+        return 0
+
+    @callback("frame_cb")
+    def on_frame_recv(session, frame, user_data):
+        from_handle(user_data)._on_frame(frame)
+        return 0
+
+    @callback("invalid_frame_cb")
+    def on_invalid_frame_recv(session, frame, lib_error, user_data):
+        from_handle(user_data)._on_invalid_frame(frame, lib_error)
+        return 0
+
+    @callback("data_chunk_cb")
+    def on_data_chunk(session, flags, stream_id, chunk, length, user_data):
+        return from_handle(user_data)._on_data(stream_id, unpack(chunk, length))
+
+    @callback("stream_close_cb")
+    def on_stream_close(session, stream_id, error_code, user_data):
+        from_handle(user_data)._on_close(stream_id, error_code)
+        return 0
+
+    @callback("frame_cb")
+    def on_frame_send(session, frame, user_data):
+        if frame.hd.type == _GOAWAY:
+            from_handle(user_data)._on_goaway_sent(frame)
+        return 0
+
+    @callback("nghttp2_data_source_read_callback")
+    def on_read(session, stream_id, buffer, length, data_flags, source, user_data):
+        return from_handle(user_data)._read(stream_id, buffer, length, data_flags)
+
+    pointer = ffi.new("nghttp2_session_callbacks **")
+    if lib.nghttp2_session_callbacks_new(pointer):
+        raise MemoryError("nghttp2_session_callbacks_new")
+    callbacks = ffi.gc(pointer[0], lib.nghttp2_session_callbacks_del)
+    lib.nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers)
+    lib.nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
+    lib.nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv)
+    lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks, on_invalid_frame_recv)
+    lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk)
+    lib.nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
+    lib.nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, on_frame_send)
+    _KEPT[callbacks] = (kept, on_read)
+    return callbacks
+
+
+_KEPT = {}  # the callbacks' cffi objects, alive as long as the module
+
+
+@cache
+def _provider(ffi):
+    """The data provider of every stream: its read callback takes the stream's queued bytes."""
+    provider = ffi.new("nghttp2_data_provider *")
+    callbacks = _callbacks(ffi, library()[1])
+    provider.read_callback = _KEPT[callbacks][1]
+    return provider
+
+
+@cache
+def _options(ffi, lib):
+    """The session options every :class:`Connection` shares."""
+    pointer = ffi.new("nghttp2_option **")
+    if lib.nghttp2_option_new(pointer):
+        raise MemoryError("nghttp2_option_new")
+    options = ffi.gc(pointer[0], lib.nghttp2_option_del)
+    lib.nghttp2_option_set_no_auto_window_update(options, 1)  # the codecs acknowledge what they took
+    lib.nghttp2_option_set_no_http_messaging(options, 1)  # h2's validation instead (received_headers)
+    lib.nghttp2_option_set_no_closed_streams(options, 1)  # no priority tree: closed streams are forgotten
+    lib.nghttp2_option_set_max_send_header_block_length(options, 1 << 20)  # h2 has no limit; the peer's applies
+    return options
