@@ -17,6 +17,7 @@ from mesh.config.hosts import is_ip
 from mesh.durations import duration_option
 from mesh.plugins import configure_or_exit, disable_after_parse, plugin_options
 from mesh.proxy.app_probes import parse_app_probers
+from mesh.proxy.codec import http2_engine
 from mesh.proxy.gateway import GatewaySettings
 from mesh.proxy.listener import Limits
 from mesh.proxy.overload import FDS_PER_CONNECTION, MIN_CONNECTIONS, connection_limit
@@ -74,6 +75,9 @@ class ProxyOptions(usage.Options):
                                     f"as JSON (Istio's ISTIO_KUBE_APP_PROBERS format); default: ${APP_PROBERS_ENV}, "
                                     "which the injector sets."],
         ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
+        ["http2-engine", None, http2_engine.DEFAULT, "The HTTP/2 codecs' protocol engine: nghttp2 (libnghttp2's "
+                                                     "session; h2 when the library cannot be loaded) or h2 (the "
+                                                     "pure-Python h2 library)."],
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
         ["max-connections", None, 4096, "Connections per listener (lowered at start if the file-descriptor "
@@ -203,6 +207,9 @@ class ProxyOptions(usage.Options):
         if self["retry-budget-percent"] < 0 or self["retry-budget-min-concurrency"] < 0:
             raise usage.UsageError("--retry-budget-percent and --retry-budget-min-concurrency are 0 or more; "
                                    f"got {self['retry-budget-percent']} and {self['retry-budget-min-concurrency']}")
+        if self["http2-engine"] not in http2_engine.ENGINES:
+            raise usage.UsageError(f"--http2-engine: one of {', '.join(http2_engine.ENGINES)}; "
+                                   f"got {self['http2-engine']!r}")
         try:
             for name in ("max-header-bytes", "max-request-body", "retry-buffer"):
                 self[name] = _size(self[name])
@@ -395,6 +402,7 @@ def makeService(options):
     else:
         become_worker(worker)  # the parent bound the ports
     mesh_logging.follow_twistd(options.parent)
+    http2_engine.use(options["http2-engine"])
     workload = _workload(options)
     limits = Limits(
         max_header_bytes=options["max-header-bytes"], max_headers=options["max-headers"],

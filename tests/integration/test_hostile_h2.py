@@ -1,5 +1,7 @@
 """Hostile HTTP/2 clients: the attacks Envoy and other proxies fixed, each while other clients are served.
 
+Every attack runs against a sidecar on each HTTP/2 engine (``--http2-engine nghttp2`` and ``h2``).
+
 The attacker is :class:`~tests.integration.test_h2_support.RawH2` (frames written with hyperframe and
 hpack, exactly as given) on a real socket to one sidecar; for each attack a victim (curl, over HTTP/2 and
 over HTTP/1.1) asks for a slow response meanwhile and must get its 200.
@@ -44,12 +46,18 @@ HEADER_TIMEOUT, IDLE_TIMEOUT = 2, 3
 
 
 @pytest.fixture(scope="module")
-def proxy(tmp_path_factory, backend_factory, proxy_factory):
-    """One sidecar in front of the demo app (host ``victim``), with short header and idle timeouts."""
+def config(tmp_path_factory, backend_factory):
+    """The config of a sidecar in front of the demo app (host ``victim``)."""
     app = backend_factory("victim")
-    config = write_config(tmp_path_factory.mktemp("hostile-h2"), service_entry("victim", [endpoint(app)]))
-    return proxy_factory(config, "guard", extra_args=["--header-timeout", str(HEADER_TIMEOUT),
-                                                      "--idle-timeout", str(IDLE_TIMEOUT)])
+    return write_config(tmp_path_factory.mktemp("hostile-h2"), service_entry("victim", [endpoint(app)]))
+
+
+@pytest.fixture(scope="module", params=["nghttp2", "h2"])
+def proxy(request, config, proxy_factory):
+    """One sidecar with short header and idle timeouts, on each HTTP/2 engine (``--http2-engine``)."""
+    return proxy_factory(config, f"guard-{request.param}", extra_args=[
+        "--header-timeout", str(HEADER_TIMEOUT), "--idle-timeout", str(IDLE_TIMEOUT),
+        "--http2-engine", request.param])
 
 
 @contextmanager

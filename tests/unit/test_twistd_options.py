@@ -47,3 +47,14 @@ def test_the_connection_limit_fits_the_fd_limit():
     assert fitted == (4096 - FD_RESERVE) // (2 * FDS_PER_CONNECTION)
     assert 2 * FDS_PER_CONNECTION * fitted + FD_RESERVE <= 4096
     assert connection_limit(200, listeners=1, fd_limit=4096) == 200
+
+
+def test_the_http2_engine_is_nghttp2_unless_told_h2():
+    options = ProxyOptions()
+    options.parseOptions(["--workload", "web", "--config-dir", "."])
+    assert options["http2-engine"] == "nghttp2"
+    options = ProxyOptions()
+    options.parseOptions(["--workload", "web", "--config-dir", ".", "--http2-engine", "h2"])
+    assert options["http2-engine"] == "h2"
+    with pytest.raises(usage.UsageError, match="--http2-engine: one of nghttp2, h2"):
+        ProxyOptions().parseOptions(["--workload", "web", "--config-dir", ".", "--http2-engine", "hyper"])

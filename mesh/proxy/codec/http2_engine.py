@@ -11,7 +11,7 @@ from __future__ import annotations
 #: The engines.
 ENGINES = ("nghttp2", "h2")
 #: The engine of a sidecar started without ``--http2-engine``.
-DEFAULT = "h2"
+DEFAULT = "nghttp2"
 _engine = DEFAULT
 
 
