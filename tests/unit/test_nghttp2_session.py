@@ -7,6 +7,9 @@ the codecs read must be the same.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 from h2.config import H2Configuration
 from h2.connection import H2Connection
@@ -386,3 +389,18 @@ def test_the_engine_is_chosen_by_name(monkeypatch):
         http2_engine.use(name)
         assert http2_engine.chosen() == name
         assert isinstance(h2_client._new_connection(), nghttp2_session.Connection) == (name == "nghttp2")
+
+
+def test_a_connection_makes_no_reference_cycle(monkeypatch):
+    """Its callbacks find it through a handle to a weak reference: dropped, it goes at once, session and all."""
+    monkeypatch.setattr(http2_engine, "_engine", "nghttp2")
+    gc.disable()
+    try:
+        hop = _server_hop("nghttp2")
+        hop.peer.send_headers(1, REQUEST)
+        hop.run()
+        gone = weakref.ref(hop.ours)
+        del hop
+        assert gone() is None
+    finally:
+        gc.enable()

@@ -39,6 +39,7 @@ answers PING and SETTINGS itself; HPACK is nghttp2's (as :mod:`mesh.proxy.codec.
 
 from __future__ import annotations
 
+import weakref
 from functools import cache
 
 from h2.errors import ErrorCodes
@@ -240,7 +241,9 @@ class Connection:
         self._receiving = None  # the _Stream whose header block is being received
         self._header_limit = max_header_list_size
         self._goaway_ours = False  # the GOAWAY nghttp2 sends was submitted here
-        self._handle = ffi.new_handle(self)  # the user_data of every callback, alive as long as the session
+        # The user_data of every callback, alive as long as the session: a handle to a weak reference,
+        # so that the connection and its handle make no reference cycle (both go with the codec).
+        self._handle = ffi.new_handle(weakref.ref(self))
         session = ffi.new("nghttp2_session **")
         new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
         if new(session, _callbacks(ffi, lib), self._handle, _options(ffi, lib)):
@@ -643,7 +646,7 @@ def _error_code(code: int):
 @cache
 def _callbacks(ffi, lib):
     """The session callbacks every :class:`Connection` shares (module-level: none per session); each
-    finds its connection from the handle of the session's user_data."""
+    finds its connection from the handle of the session's user_data (a weak reference to it)."""
     backend = getattr(ffi, "_backend", None)  # cffi's functions without their Python-level wrappers
     from_handle = getattr(backend, "from_handle", ffi.from_handle)
     unpack = getattr(backend, "unpack", ffi.unpack)
@@ -663,12 +666,12 @@ def _callbacks(ffi, lib):
 
     @callback("frame_cb")
     def on_begin_headers(session, frame, user_data):
-        from_handle(user_data)._on_begin_headers(frame)
+        from_handle(user_data)()._on_begin_headers(frame)
         return 0
 
     @callback("header_cb")
     def on_header(session, frame, name, namelen, value, valuelen, flags, user_data):
-        conn = from_handle(user_data)
+        conn = from_handle(user_data)()
         stream = conn._receiving
         if stream is None:
             return 0
@@ -683,32 +686,32 @@ def _callbacks(ffi, lib):
 
     @callback("frame_cb")
     def on_frame_recv(session, frame, user_data):
-        from_handle(user_data)._on_frame(frame)
+        from_handle(user_data)()._on_frame(frame)
         return 0
 
     @callback("invalid_frame_cb")
     def on_invalid_frame_recv(session, frame, lib_error, user_data):
-        from_handle(user_data)._on_invalid_frame(frame, lib_error)
+        from_handle(user_data)()._on_invalid_frame(frame, lib_error)
         return 0
 
     @callback("data_chunk_cb")
     def on_data_chunk(session, flags, stream_id, chunk, length, user_data):
-        return from_handle(user_data)._on_data(stream_id, unpack(chunk, length))
+        return from_handle(user_data)()._on_data(stream_id, unpack(chunk, length))
 
     @callback("stream_close_cb")
     def on_stream_close(session, stream_id, error_code, user_data):
-        from_handle(user_data)._on_close(stream_id, error_code)
+        from_handle(user_data)()._on_close(stream_id, error_code)
         return 0
 
     @callback("frame_cb")
     def on_frame_send(session, frame, user_data):
         if frame.hd.type == _GOAWAY:
-            from_handle(user_data)._on_goaway_sent(frame)
+            from_handle(user_data)()._on_goaway_sent(frame)
         return 0
 
     @callback("nghttp2_data_source_read_callback")
     def on_read(session, stream_id, buffer, length, data_flags, source, user_data):
-        return from_handle(user_data)._read(stream_id, buffer, length, data_flags)
+        return from_handle(user_data)()._read(stream_id, buffer, length, data_flags)
 
     pointer = ffi.new("nghttp2_session_callbacks **")
     if lib.nghttp2_session_callbacks_new(pointer):
