@@ -22,13 +22,19 @@ How h2's behaviour is kept:
   and ``local_flow_control_window`` subtracts what is queued, so the codecs never send more than h2
   would have let them;
 - a received GOAWAY leaves the streams up to its last stream id able to finish (h2 needs the client
-  codec's ``_GracefulGoaway`` for that); nghttp2 closes the streams above it (REFUSED_STREAM);
+  codec's ``_GracefulGoaway`` for that); the codec fails those above it on the ConnectionTerminated
+  event, as with h2 (nghttp2 closes them without a StreamReset event each);
 - received header blocks are normalized and validated by h2's rules, with h2's messages
   (:func:`mesh.proxy.codec.h2_connection.received_headers`; nghttp2's own HTTP checks are off, they
   would drop a bad field or reset only its stream), and a body must match its content-length, as h2
   checks it: a malformed request or response ends the connection with PROTOCOL_ERROR, as with h2;
 - a header list over ``decoder.max_header_list_size`` (name + value + 32 per field) ends the
-  connection with ENHANCE_YOUR_CALM while it is decoded (an HPACK bomb is stopped as it expands).
+  connection with ENHANCE_YOUR_CALM: in the block's last frame as soon as it passes the limit (an
+  HPACK bomb is stopped as it expands), at the block's end when it passes it in an earlier frame
+  (as h2, which decodes whole blocks; the fields are dropped meanwhile, and the server codec's
+  FrameGuard bounds the block);
+- a callback that raises is logged (cffi's ``onerror``, never printed) and ends the connection
+  (GOAWAY INTERNAL_ERROR, :class:`h2.exceptions.ProtocolError`).
 
 What differs: nghttp2 refuses a stream itself (REFUSED_STREAM) when as many as its
 SETTINGS_MAX_CONCURRENT_STREAMS are open in its own count, which closes a stream once END_STREAM
@@ -155,7 +161,6 @@ _HCAT_REQUEST = 0
 _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 0x1, 0x2
 _NV_FLAG_NO_INDEX = 0x1
 _ERR_DEFERRED = -508
-_ERR_TEMPORAL_CALLBACK_FAILURE = -521
 _ERR_CALLBACK_FAILURE = -902
 #: nghttp2's error codes for a stream it resets, as the RST_STREAM error codes it sends.
 _STREAM_ERRORS = {-524: ErrorCodes.FLOW_CONTROL_ERROR, -533: ErrorCodes.REFUSED_STREAM,
@@ -231,12 +236,11 @@ class Connection:
         self.client = client
         self.local_settings = local_settings
         self.decoder = _Limits(max_header_list_size)
-        self.max_inbound_frame_size = local_settings.max_frame_size
         self.highest_inbound_stream_id = 0
         self._streams = {}
         self._buffered = 0  # DATA bytes queued on all streams
         self._events = []
-        self._out = []  # bytes nghttp2 gave while receive_data looked for its GOAWAY
+        self._out = []  # bytes taken from nghttp2 (receive_data looks for its GOAWAY), not yet handed out
         self._error = None  # (code, message): a connection error found by a callback
         self._receiving = None  # the _Stream whose header block is being received
         self._header_limit = max_header_list_size
