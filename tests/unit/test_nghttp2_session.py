@@ -27,6 +27,7 @@ from h2.events import (
     WindowUpdated,
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
+from h2.settings import SettingCodes
 from hpack import Encoder
 from hyperframe.frame import ContinuationFrame, HeadersFrame
 from twisted.logger import Logger
@@ -404,3 +405,17 @@ def test_a_connection_makes_no_reference_cycle(monkeypatch):
         assert gone() is None
     finally:
         gc.enable()
+
+
+def test_a_stream_s_window_counts_what_is_queued_on_it(engine):
+    """With a stream window smaller than the connection's, the stream's own queue is what limits it."""
+    hop = Hop(_server(engine), _peer(client_side=True))
+    peer, ours = hop.peer, hop.ours
+    peer.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1000})
+    peer.send_headers(1, REQUEST)
+    peer.send_headers(3, REQUEST)
+    hop.run()
+    ours.send_headers(1, RESPONSE)
+    ours.send_data(1, b"x" * 600)
+    assert ours.local_flow_control_window(1) == 400
+    assert ours.local_flow_control_window(3) == 1000
