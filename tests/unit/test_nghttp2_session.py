@@ -419,3 +419,30 @@ def test_a_stream_s_window_counts_what_is_queued_on_it(engine):
     ours.send_data(1, b"x" * 600)
     assert ours.local_flow_control_window(1) == 400
     assert ours.local_flow_control_window(3) == 1000
+
+
+def test_resets_by_the_client_are_left_to_the_codec_s_rule(engine):
+    """nghttp2's own rapid-reset limit (1000, then 33 a second) is off: the server codec's premature-reset
+    rule decides, as with h2 (a client that cancels many long streams keeps its connection)."""
+    hop = _server_hop(engine)
+    peer, ours = hop.peer, hop.ours
+    for stream_id in range(1, 2 * 1200, 2):
+        peer.send_headers(stream_id, GET)
+        peer.reset_stream(stream_id, ErrorCodes.CANCEL)
+        events = ours.receive_data(peer.data_to_send())
+        assert [type(e) for e in events] == [RequestReceived, StreamReset]
+    assert not [e for e in peer.receive_data(ours.data_to_send()) if isinstance(e, ConnectionTerminated)]
+
+
+def test_a_header_block_in_many_continuation_frames(engine):
+    """h2 takes up to 64 CONTINUATION frames per block; so does the engine (nghttp2's default is 8)."""
+    hop = _server_hop(engine)
+    block = Encoder().encode([*GET, *((b"x-%d" % n, b"v" * 50) for n in range(40))])
+    step = len(block) // 40 + 1
+    pieces = [block[at:at + step] for at in range(0, len(block), step)]
+    frames = HeadersFrame(1, data=pieces[0], flags=["END_STREAM"]).serialize()
+    frames += b"".join(ContinuationFrame(1, data=piece).serialize() for piece in pieces[1:-1])
+    frames += ContinuationFrame(1, data=pieces[-1], flags=["END_HEADERS"]).serialize()
+    assert len(pieces) > 30
+    events = hop.ours.receive_data(frames)
+    assert [type(e) for e in events] == [RequestReceived, StreamEnded] and len(events[0].headers) == 44

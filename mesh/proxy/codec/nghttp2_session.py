@@ -127,6 +127,8 @@ void nghttp2_option_set_no_auto_window_update(nghttp2_option *, int);
 void nghttp2_option_set_no_closed_streams(nghttp2_option *, int);
 void nghttp2_option_set_no_http_messaging(nghttp2_option *, int);
 void nghttp2_option_set_max_send_header_block_length(nghttp2_option *, size_t);
+void nghttp2_option_set_stream_reset_rate_limit(nghttp2_option *, uint64_t, uint64_t);
+void nghttp2_option_set_max_continuations(nghttp2_option *, size_t);
 
 int nghttp2_session_server_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *, const nghttp2_option *);
 int nghttp2_session_client_new2(nghttp2_session **, const nghttp2_session_callbacks *, void *, const nghttp2_option *);
@@ -755,4 +757,15 @@ def _options(ffi, lib):
     lib.nghttp2_option_set_no_http_messaging(options, 1)  # h2's validation instead (received_headers)
     lib.nghttp2_option_set_no_closed_streams(options, 1)  # no priority tree: closed streams are forgotten
     lib.nghttp2_option_set_max_send_header_block_length(options, 1 << 20)  # h2 has no limit; the peer's applies
+    # The limits of Debian's backports (CVE-2023-44487, CVE-2024-28182), absent from older builds: the
+    # server codec has its own rapid-reset rule (Envoy's, on premature resets), which nghttp2's (any 1000
+    # resets, then 33 a second) must not overrule; CONTINUATION frames per block as h2 allows them (64;
+    # nghttp2's default is 8), the server codec's FrameGuard bounding the block's bytes.
+    for name, args in (("nghttp2_option_set_stream_reset_rate_limit", (1 << 62, 33)),
+                       ("nghttp2_option_set_max_continuations", (64,))):
+        try:
+            setter = getattr(lib, name)
+        except AttributeError:
+            continue
+        setter(options, *args)
     return options
