@@ -98,6 +98,40 @@ def test_received_headers_is_h2s_normalization_and_validation():
     assert errors > len(_BLOCKS)  # the corpus does reach h2's errors
 
 
+def test_names_seen_valid_skip_only_the_rules_they_would_pass_again(monkeypatch):
+    """The corpus twice on one cache of names seen valid (the second pass starts with every name the
+    first saw valid): h2's result or h2's error each time; ``te``, ``host`` and pseudo-header fields are
+    never cached, a cached name with a bad value still fails, and the cache stops at its bound."""
+    from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
+
+    from mesh.proxy.codec import h2_connection
+
+    names = set()
+    monkeypatch.setattr(h2_connection, "_PLAIN_NAMES", names)
+
+    def h2s(block, flags):
+        return list(validate_headers(normalize_inbound_headers(block, flags), flags))
+
+    for _ in range(2):
+        for block in _BLOCKS:
+            for is_client in (False, True):
+                for is_trailer, is_response in ((False, False), (False, True), (True, False)):
+                    flags = HeaderValidationFlags(is_client, is_trailer, is_response, False)
+                    assert _outcome(h2_connection.received_headers, block, flags) == _outcome(h2s, block, flags)
+    assert names == {b"accept", b"cookie", b"x", b"content-type", b"grpc-status"}
+    flags = HeaderValidationFlags(False, False, False, False)
+    for bad in ((b"x", b"a\r\nb"), (b"x", b" a"), (b"te", b"gzip"), (b"host", b"b.example")):
+        assert _outcome(h2_connection.received_headers, [*_REQUEST, bad], flags) == \
+            _outcome(h2s, [*_REQUEST, bad], flags)
+        assert isinstance(_outcome(h2_connection.received_headers, [*_REQUEST, bad], flags), tuple)
+    monkeypatch.setattr(h2_connection, "_PLAIN_NAMES_BOUND", 7)
+    block = [*_REQUEST, *((b"n%d" % i, b"v") for i in range(5))]
+    assert _outcome(h2_connection.received_headers, block, flags) == _outcome(h2s, block, flags)
+    assert len(names) == 7
+    assert _outcome(h2_connection.received_headers, [*_REQUEST, (b"N4", b"v")], flags) == \
+        _outcome(h2s, [*_REQUEST, (b"N4", b"v")], flags)
+
+
 def test_h2s_stages_are_the_ones_received_headers_follows():
     """h2 4.x validates in these stages; a new one must be added to received_headers too."""
     from h2.utilities import normalize_inbound_headers, validate_headers

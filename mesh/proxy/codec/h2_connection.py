@@ -135,6 +135,14 @@ _NAME_BAD = re.compile(rb"[^\x21-\x40\x5b-\x7e]")
 _VALUE_BAD = re.compile(rb"[\x00\n\r]")
 
 
+#: Regular field names seen valid (the name rules of :func:`received_headers`), other than ``te`` and
+#: ``host`` (whose checks depend on the value or on the block): later fields with one of these names
+#: skip the name rules; their values are checked every time.  At most :data:`_PLAIN_NAMES_BOUND`
+#: names (a peer sending ever new names fills it once; later names are checked every time).
+_PLAIN_NAMES: set[bytes] = set()
+_PLAIN_NAMES_BOUND = 512
+
+
 def received_headers(headers, flags) -> list:
     """A received header block as h2's ``normalize_inbound_headers`` and ``validate_headers`` leave it.
 
@@ -145,7 +153,8 @@ def received_headers(headers, flags) -> list:
     tab), ``te`` only ``trailers``, no connection-specific fields, pseudo-header fields (known,
     once each, first, the right ones for a request, a response or trailers: h2's own check), and
     for a request ``:authority`` or ``host`` (matching, one ``host``) and a non-empty ``:path``.
-    Raises h2's ``ProtocolError`` with h2's messages.
+    Raises h2's ``ProtocolError`` with h2's messages.  A regular name seen valid before
+    (:data:`_PLAIN_NAMES`) skips the name rules, which it would pass again.
     """
     out = []
     cookies = None
@@ -162,18 +171,24 @@ def received_headers(headers, flags) -> list:
     pseudo = set()
     regular = False
     method = authority = host = None
+    plain_names = _PLAIN_NAMES
     for header in out:
         name, value = header[0], header[1]
-        if _NAME_BAD.search(name) is not None:
-            _reject_name(name)
-        if name.find(b":", 1) != -1:
-            raise ProtocolError(f"Illegal character ':' in header name: {name!r}")
+        plain = name in plain_names
+        if not plain:
+            if _NAME_BAD.search(name) is not None:
+                _reject_name(name)
+            if name.find(b":", 1) != -1:
+                raise ProtocolError(f"Illegal character ':' in header name: {name!r}")
         if value:
             bad = _VALUE_BAD.search(value)
             if bad is not None:
                 raise ProtocolError(f"Illegal character '{chr(value[bad.start()])}' in header value: {value!r}")
             if value[0] == 0x20 or value[0] == 0x09 or value[-1] == 0x20 or value[-1] == 0x09:
                 raise ProtocolError(f"Received header value surrounded by whitespace {value!r}")
+        if plain:  # its name passed every rule below before, and none of them looks at its value
+            regular = True
+            continue
         if not name:
             raise ProtocolError("Received header name with zero length.")
         if name == b"te" and value.lower() != b"trailers":
@@ -201,6 +216,8 @@ def received_headers(headers, flags) -> list:
                 host = value
             if name == b":path" and not value:
                 raise ProtocolError("An empty :path header is forbidden")
+        if name[0] != 58 and name != b"te" and name != b"host" and len(plain_names) < _PLAIN_NAMES_BOUND:
+            plain_names.add(name)
     _check_pseudo_header_field_acceptability(pseudo, method, flags)
     if request:
         if authority is None and host is None:
