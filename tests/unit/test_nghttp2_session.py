@@ -29,7 +29,7 @@ from h2.events import (
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
 from hpack import Encoder
-from hyperframe.frame import ContinuationFrame, HeadersFrame
+from hyperframe.frame import ContinuationFrame, HeadersFrame, WindowUpdateFrame
 from twisted.logger import Logger
 
 from mesh.proxy.codec import h2_client, h2_server, http2_engine, nghttp2_session
@@ -446,3 +446,31 @@ def test_a_header_block_in_many_continuation_frames(engine):
     assert len(pieces) > 30
     events = hop.ours.receive_data(frames)
     assert [type(e) for e in events] == [RequestReceived, StreamEnded] and len(events[0].headers) == 44
+
+
+def _frame_size_and_stream_ids(engine):
+    hop = _client_hop(engine)
+    peer, ours = hop.peer, hop.ours
+    seen = [ours.max_outbound_frame_size, ours.get_next_available_stream_id()]
+    peer.update_settings({SettingCodes.MAX_FRAME_SIZE: 32768})
+    hop.run()
+    seen.append(ours.max_outbound_frame_size)
+    for _ in range(2):
+        ours.send_headers(ours.get_next_available_stream_id(), GET, end_stream=True)
+        seen.append(ours.get_next_available_stream_id())
+    return seen
+
+
+def test_the_peer_s_frame_size_and_the_next_stream_id_as_h2_gives_them():
+    theirs, ours = _both(_frame_size_and_stream_ids)
+    assert ours == theirs == [16384, 1, 32768, 3, 5]
+
+
+def test_a_connection_error_nghttp2_finds_itself_raises_and_its_goaway_goes(engine):
+    hop = _server_hop(engine)
+    with pytest.raises(ProtocolError) as raised:
+        hop.ours.receive_data(WindowUpdateFrame(0, window_increment=0).serialize())
+    if engine == "nghttp2":
+        assert str(raised.value) == "nghttp2 ended the connection (<ErrorCodes.PROTOCOL_ERROR: 1>)"
+    [ended] = [e for e in hop.peer.receive_data(hop.ours.data_to_send()) if type(e) is ConnectionTerminated]
+    assert ended.error_code == ErrorCodes.PROTOCOL_ERROR

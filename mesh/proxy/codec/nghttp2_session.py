@@ -116,7 +116,6 @@ void nghttp2_session_callbacks_del(nghttp2_session_callbacks *);
 void nghttp2_session_callbacks_set_on_begin_headers_callback(nghttp2_session_callbacks *, frame_cb);
 void nghttp2_session_callbacks_set_on_header_callback(nghttp2_session_callbacks *, header_cb);
 void nghttp2_session_callbacks_set_on_frame_recv_callback(nghttp2_session_callbacks *, frame_cb);
-void nghttp2_session_callbacks_set_on_frame_send_callback(nghttp2_session_callbacks *, frame_cb);
 void nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(nghttp2_session_callbacks *, invalid_frame_cb);
 void nghttp2_session_callbacks_set_on_data_chunk_recv_callback(nghttp2_session_callbacks *, data_chunk_cb);
 void nghttp2_session_callbacks_set_on_stream_close_callback(nghttp2_session_callbacks *, stream_close_cb);
@@ -140,7 +139,6 @@ int nghttp2_session_resume_data(nghttp2_session *, int32_t);
 int32_t nghttp2_session_get_stream_remote_window_size(nghttp2_session *, int32_t);
 int32_t nghttp2_session_get_remote_window_size(nghttp2_session *);
 uint32_t nghttp2_session_get_remote_settings(nghttp2_session *, int);
-uint32_t nghttp2_session_get_next_stream_id(nghttp2_session *);
 int32_t nghttp2_session_get_last_proc_stream_id(nghttp2_session *);
 
 int nghttp2_submit_settings(nghttp2_session *, uint8_t, const nghttp2_settings_entry *, size_t);
@@ -239,6 +237,9 @@ class Connection:
         self.local_settings = local_settings
         self.decoder = _Limits(max_header_list_size)
         self.highest_inbound_stream_id = 0
+        #: The peer's SETTINGS_MAX_FRAME_SIZE (RFC 9113's initial value until its SETTINGS say otherwise).
+        self.max_outbound_frame_size = 16384
+        self._next_stream_id = 1 if client else 2
         self._streams = {}
         self._buffered = 0  # DATA bytes queued on all streams
         self._events = []
@@ -302,7 +303,10 @@ class Connection:
         ffi, send, session, sent, out = self._ffi, self._lib.nghttp2_session_mem_send, self._session, self._sent, \
             self._out
         while (size := send(session, sent)) > 0:
-            out.append(ffi.buffer(sent[0], size)[:])
+            frame = ffi.buffer(sent[0], size)[:]  # one frame (or the client preface) per call
+            out.append(frame)
+            if frame[3] == _GOAWAY and not self._goaway_ours and self._error is None:
+                self._on_goaway_sent(frame)
         if size < 0:
             raise ProtocolError(f"nghttp2_session_mem_send: {size}")
 
@@ -329,14 +333,10 @@ class Connection:
         """Give ``acknowledged_size`` received bytes of ``stream_id`` back to the peer's windows."""
         self._lib.nghttp2_session_consume(self._session, stream_id, acknowledged_size)
 
-    @property
-    def max_outbound_frame_size(self) -> int:
-        """The peer's SETTINGS_MAX_FRAME_SIZE."""
-        return self._lib.nghttp2_session_get_remote_settings(self._session, _SETTINGS_MAX_FRAME_SIZE)
-
     def get_next_available_stream_id(self) -> int:
-        """The id the next request gets (client side)."""
-        return self._lib.nghttp2_session_get_next_stream_id(self._session)
+        """The id the next request gets (client side): nghttp2 numbers requests 1, 3, 5, ... as they are
+        submitted, and :meth:`send_headers` counts them the same."""
+        return self._next_stream_id
 
     # -- streams -----------------------------------------------------------------------------
     def _open(self, stream_id) -> _Stream:
@@ -369,6 +369,7 @@ class Connection:
                                              self._ffi.NULL)
             if got != stream_id:
                 raise ProtocolError(f"nghttp2_submit_request: {got} (stream {stream_id} expected)")
+            self._next_stream_id = got + 2
             self._streams[stream_id] = stream
             stream.submitted = not end_stream
             stream.ended = end_stream
@@ -553,6 +554,8 @@ class Connection:
             entry = settings.iv[index]
             code = _setting_code_from_int(entry.settings_id)
             changed[code] = ChangedSetting(code, None, entry.value)
+            if entry.settings_id == _SETTINGS_MAX_FRAME_SIZE:  # nghttp2 applied it before this callback
+                self.max_outbound_frame_size = entry.value
         return event
 
     def _on_invalid_frame(self, frame, lib_error: int) -> None:
@@ -582,10 +585,10 @@ class Connection:
                 self._events.append(StreamReset(stream_id=stream_id, error_code=_error_code(error_code),
                                                 remote_reset=False))
 
-    def _on_goaway_sent(self, frame) -> None:
-        if not self._goaway_ours and self._error is None:
-            code = frame.goaway.error_code
-            self._error = (_error_code(code), f"nghttp2 ended the connection ({_error_code(code)!r})")
+    def _on_goaway_sent(self, frame: bytes) -> None:
+        """nghttp2 sent a GOAWAY of its own (``frame``: its bytes): the connection error it found."""
+        code = _error_code(int.from_bytes(frame[13:17], "big"))  # after the frame header and last stream id
+        self._error = (code, f"nghttp2 ended the connection ({code!r})")
 
     def _read(self, stream_id: int, buffer, length: int, data_flags) -> int:
         stream = self._streams.get(stream_id)
@@ -709,12 +712,6 @@ def _callbacks(ffi, lib):
         from_handle(user_data)()._on_close(stream_id, error_code)
         return 0
 
-    @callback("frame_cb")
-    def on_frame_send(session, frame, user_data):
-        if frame.hd.type == _GOAWAY:
-            from_handle(user_data)()._on_goaway_sent(frame)
-        return 0
-
     @callback("nghttp2_data_source_read_callback")
     def on_read(session, stream_id, buffer, length, data_flags, source, user_data):
         return from_handle(user_data)()._read(stream_id, buffer, length, data_flags)
@@ -729,7 +726,6 @@ def _callbacks(ffi, lib):
     lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks, on_invalid_frame_recv)
     lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk)
     lib.nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
-    lib.nghttp2_session_callbacks_set_on_frame_send_callback(callbacks, on_frame_send)
     _KEPT[callbacks] = (kept, on_read)
     return callbacks
 
