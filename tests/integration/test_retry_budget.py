@@ -132,10 +132,15 @@ def test_a_failing_upstream_under_load_gets_far_fewer_than_six_tries_per_request
 
 
 def test_without_the_floor_the_upstream_sees_at_most_the_budgets_share_of_retries(sidecars, upstream):
-    """20 % of the tries in flight, and a retry that holds its place longer than a first try (its backoff):
-    the retries are at most 20 % of the requests."""
+    """20 % of the tries in flight, and no floor: the retries stay a small share of the requests.
+
+    By Little's law the retries per request are at most 20 % times a request's time in the sidecar over
+    a retry's (its backoff and its try): about 9 % on a quiet host.  A loaded host (the whole suite on 2
+    CPUs) queues requests in the sidecar before their first try, which lengthens the first and not the
+    second: 23.5 % was seen once there.  The floor of 3 retries in flight gives 35 to 55 %, no budget 500 %.
+    """
     requests, seen = _load(sidecars["no-floor"], upstream)
-    assert seen <= 1.2 * requests, (seen, requests)
+    assert seen <= 1.3 * requests, (seen, requests)
     assert _budget_exhausted(sidecars["no-floor"], "loaded") > 0
 
 
