@@ -76,20 +76,28 @@ _INFLATE_OUT = struct.Struct(f"@{2 * struct.calcsize('P')}xNNB0Pi")  # 0P: the n
 _tuple = tuple.__new__  # a HeaderTuple without its Python-level __new__
 
 
-@cache
-def _library():
-    """``(ffi, lib)`` of :data:`LIBRARY`, or None when it cannot be loaded (logged, once)."""
+def open_library(name: str, cdef: str, probe: str, instead: str, logger: Logger):
+    """``(ffi, lib)`` of the shared library ``name`` with the declarations ``cdef`` (cffi, ABI mode), or
+    None when cffi, the library or its symbol ``probe`` is missing: then ``logger`` warns that the
+    proxy runs on ``instead``, and why.  Looking ``probe`` up here makes a library too old for ``cdef``
+    fail at load, not on the first request."""
     try:
         from cffi import FFI
 
         ffi = FFI()
-        ffi.cdef(_CDEF)
-        lib = ffi.dlopen(LIBRARY)
-        lib.nghttp2_hd_inflate_hd2  # noqa: B018 -- a missing symbol fails here, not on the first request
+        ffi.cdef(cdef)
+        lib = ffi.dlopen(name)
+        getattr(lib, probe)
     except (ImportError, OSError, AttributeError) as e:
-        log.warn("HPACK in pure Python: {library} cannot be loaded ({error})", library=LIBRARY, error=e)
+        logger.warn("{instead}: {library} cannot be loaded ({error})", instead=instead, library=name, error=e)
         return None
     return ffi, lib
+
+
+@cache
+def _library():
+    """``(ffi, lib)`` of :data:`LIBRARY`, or None when it cannot be loaded (logged, once)."""
+    return open_library(LIBRARY, _CDEF, "nghttp2_hd_inflate_hd2", "HPACK in pure Python", log)
 
 
 def install(conn, huffman: bool = True) -> None:

@@ -71,12 +71,10 @@ from twisted.python.failure import Failure
 
 from mesh.proxy.codec import http2_engine
 from mesh.proxy.codec.h2_connection import received_headers
-from mesh.proxy.codec.hpack_c import HeaderArray
+from mesh.proxy.codec.hpack_c import LIBRARY, HeaderArray, open_library
 
 log = Logger()
 
-#: The library, by its Debian soname (the one :mod:`mesh.proxy.codec.hpack_c` loads).
-LIBRARY = "libnghttp2.so.14"
 
 # The part of nghttp2.h (1.52) used here.  Received names, values and DATA are declared ``char *``
 # (``uint8_t *`` in nghttp2.h: the same layout), so that cffi's ``unpack`` gives bytes.  A received
@@ -179,17 +177,7 @@ def enabled() -> bool:
 def library():
     """``(ffi, lib)`` of :data:`LIBRARY` with this module's declarations, or None when it cannot be
     loaded (logged once, with the reason)."""
-    try:
-        from cffi import FFI
-
-        ffi = FFI()
-        ffi.cdef(_CDEF)
-        lib = ffi.dlopen(LIBRARY)
-        lib.nghttp2_option_set_no_http_messaging  # noqa: B018 -- a missing symbol fails here, not on a request
-    except (ImportError, OSError, AttributeError) as e:
-        log.warn("HTTP/2 on the h2 library: {library} cannot be loaded ({error})", library=LIBRARY, error=e)
-        return None
-    return ffi, lib
+    return open_library(LIBRARY, _CDEF, "nghttp2_option_set_no_http_messaging", "HTTP/2 on the h2 library", log)
 
 
 class _Limits:
