@@ -161,30 +161,71 @@ def _timeout(reactor) -> float | None:
     return max(0, min(_LONGEST_TIMEOUT, pending[0].time - reactor.seconds()))
 
 
+#: The calls :func:`after_event` queued during the I/O event being dispatched; None outside one.
+_after_event: list | None = None
+
+
+def after_event(call) -> bool:
+    """Queue ``call()`` to run once the reactor's current read or write event has been handled.
+
+    A codec that answers many streams in one event (an upstream read with many
+    responses) writes their frames once at the end of it, not once per stream:
+    one ``send`` instead of many, and an END_STREAM that rides on the last DATA
+    frame.  Returns False, queuing nothing, outside a dispatched event (a timed
+    call, or a reactor without :func:`lean_dispatch`): the caller then does it
+    at once.
+    """
+    pending = _after_event
+    if pending is None:
+        return False
+    pending.append(call)
+    return True
+
+
+def _run_after_event(pending: list) -> None:
+    """Run (and empty) ``pending``, calls queued meanwhile included; each failure is logged."""
+    while pending:
+        calls = pending[:]
+        pending.clear()
+        for call in calls:
+            try:
+                call()
+            except BaseException:
+                log.err()
+
+
 def _do_poll(reactor, timeout) -> None:
-    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event (see :func:`lean_dispatch`)."""
+    """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event (see :func:`lean_dispatch`),
+    and with the calls :func:`after_event` queued run after each event."""
+    global _after_event
     try:
         events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
     except InterruptedError:
         return
     selectables = reactor._selectables
     dispatch = reactor._doReadOrWrite
-    for fd, event in events:
-        selectable = selectables.get(fd)
-        if selectable is not None:
-            try:
-                if event == _EPOLLIN and selectable.fileno() != -1:
-                    try:
-                        why = selectable.doRead()
-                    except BaseException:
-                        why = sys.exc_info()[1]
-                        log.err()
-                    if why:
-                        reactor._disconnectSelectable(selectable, why, True)
-                else:
-                    dispatch(selectable, fd, event)
-            except BaseException:
-                log.err(system=_log_prefix(selectable))
+    pending = _after_event = []
+    try:
+        for fd, event in events:
+            selectable = selectables.get(fd)
+            if selectable is not None:
+                try:
+                    if event == _EPOLLIN and selectable.fileno() != -1:
+                        try:
+                            why = selectable.doRead()
+                        except BaseException:
+                            why = sys.exc_info()[1]
+                            log.err()
+                        if why:
+                            reactor._disconnectSelectable(selectable, why, True)
+                    else:
+                        dispatch(selectable, fd, event)
+                except BaseException:
+                    log.err(system=_log_prefix(selectable))
+                if pending:
+                    _run_after_event(pending)
+    finally:
+        _after_event = None
 
 
 def _log_prefix(selectable) -> str:

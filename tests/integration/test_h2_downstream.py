@@ -113,6 +113,20 @@ def test_plaintext_prior_knowledge_on_the_permissive_inbound_port(mesh):
     assert result.json()["path"] == "/from-outside"
 
 
+@pytest.mark.parametrize("host", ["plain", "echo"])
+def test_a_response_read_at_once_ends_on_its_last_data_frame(mesh, host):
+    """The app's response (head and body in one read) leaves the sidecar as HEADERS and one DATA frame
+    that carries END_STREAM, written together at the end of that read, not an empty DATA frame after
+    (mesh.proxy.sockets.after_event); through two sidecars the upstream HTTP/2 hop does the same."""
+    result = subprocess.run(["nghttp", "-v", "-n", "-H", f":authority: {host}", f"{mesh.client.outbound_url}/hello"],
+                            capture_output=True, text=True, timeout=10)
+    frames = re.findall(r"recv (HEADERS|DATA) frame <length=(\d+), flags=0x(\w+), stream_id=13>", result.stdout)
+    assert [kind for kind, _length, _flags in frames] == ["HEADERS", "DATA"], result.stdout
+    length, flags = int(frames[1][1]), int(frames[1][2], 16)
+    assert length > 0 and flags & 0x1, result.stdout  # the body's bytes and END_STREAM together
+    assert re.search(r"recv \(stream_id=13\) :status: 200", result.stdout), result.stdout
+
+
 def test_request_trailers_reach_the_app(mesh):
     client = H2Client(mesh.client.outbound_port)
     try:

@@ -170,6 +170,53 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
     assert "doIteration" not in vars(clock)
 
 
+def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
+    from twisted.internet.epollreactor import EPollReactor
+
+    from mesh.proxy.sockets import after_event, lean_dispatch
+
+    order = []
+
+    class Queuer(Reader):
+        """Queues a call per read (and one more from that call), and records when each runs."""
+
+        def doRead(self):
+            why = super().doRead()
+            name = self.reads[-1].decode()
+            assert after_event(lambda: order.append(f"{name} after") or after_event(lambda: order.append(
+                f"{name} after, queued by the call")))
+            order.append(f"{name} read")
+            if name == "first":
+                raise RuntimeError("a broken doRead still gets its queued calls run")
+            return why
+
+    reactor = EPollReactor()
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        lean_dispatch(reactor)
+        assert not after_event(order.append)  # outside an event: nothing queued, the caller acts now
+        first, second = Queuer(pairs[0][0]), Queuer(pairs[1][0])
+        reactor.addReader(first)
+        reactor.addReader(second)
+        assert after_event(order.append) is False
+        pairs[0][1].send(b"first")
+        pairs[1][1].send(b"second")
+        reactor.doIteration(1)
+        by_reader = [[step for step in order if step.startswith(name)] for name in ("first", "second")]
+        assert by_reader == [[f"{name} read", f"{name} after", f"{name} after, queued by the call"]
+                             for name in ("first", "second")]
+        assert order.index("first after, queued by the call") < order.index("second read") or \
+            order.index("second after, queued by the call") < order.index("first read")  # each event's own
+        assert first.lost and first.lost[0].check(RuntimeError)
+        assert not after_event(order.append)  # the poll is over
+    finally:
+        reactor.removeAll()
+        for ours, peer in pairs:
+            ours.close()
+            peer.close()
+        reactor._poller.close()
+
+
 def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
     from twisted.internet.ssl import CertificateOptions
     from twisted.internet.task import Clock

@@ -51,7 +51,7 @@ from mesh.proxy.codec import hpack_c, nghttp2_session
 from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, forwarded
 from mesh.proxy.mtls import setup_failure
-from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.sockets import after_event, set_nodelay
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
 #: The receive window of each stream: what the peer may send ahead of the client (at most
@@ -176,6 +176,7 @@ class H2UpstreamConnection(Protocol):
         self.requests_sent = 0
         self.last_used = 0.0
         self.session_kept = False  # over mTLS: the TLS session is kept for resumption (by the pool)
+        self.flush_queued = False  # a flush_soon waits for the end of the event
         self.waiters = []  # Deferreds of tries waiting for this connection to come up (the pool's)
         self._handlers = {
             ResponseReceived: self._response, DataReceived: self._data, TrailersReceived: self._trailers,
@@ -290,6 +291,19 @@ class H2UpstreamConnection(Protocol):
         data = self.h2.data_to_send()
         if data:
             self.transport.write(data)
+
+    def flush_soon(self) -> None:
+        """:meth:`flush` once the I/O event being handled is over (at once outside one): the requests
+        of one downstream read leave in one write (:func:`mesh.proxy.sockets.after_event`)."""
+        if not self.flush_queued:
+            if after_event(self._flush_queued):
+                self.flush_queued = True
+            else:
+                self.flush()
+
+    def _flush_queued(self) -> None:
+        self.flush_queued = False
+        self.flush()
 
     def _fail(self, message):
         """The connection is broken: close it, every stream fails with ``message``."""
@@ -409,7 +423,7 @@ class H2Stream:
         connection.streams[stream_id] = self
         connection.requests_sent += 1
         h2.send_headers(stream_id, request_headers(exchange), end_stream=exchange.framing is None)
-        connection.flush()
+        connection.flush_soon()
         limit = connection.max_requests
         if stream_id > _RETIRE_AFTER_ID or (limit and connection.requests_sent >= limit):
             connection.retire()
@@ -436,7 +450,7 @@ class H2Stream:
             connection.h2.end_stream(self.stream_id)
         except StreamClosedError:
             return  # the peer reset it: its StreamReset event is on its way
-        connection.flush()
+        connection.flush_soon()
 
     def send_trailers(self, headers) -> None:
         """Request trailers: a HEADERS frame that ends the stream, after the body bytes still kept."""
@@ -452,7 +466,7 @@ class H2Stream:
             connection.h2.send_headers(self.stream_id, headers, end_stream=True)
         except StreamClosedError:
             return
-        connection.flush()
+        connection.flush_soon()
 
     def send_pending(self) -> None:
         """Send the kept body bytes the windows allow; pause or resume the downstream accordingly."""
@@ -473,7 +487,7 @@ class H2Stream:
             return
         if sent:
             del pending[:sent]
-            connection.flush()
+            connection.flush_soon()
         link = self.body_link
         if pending:
             if link is not None:
@@ -512,7 +526,7 @@ class H2Stream:
         if self.unacknowledged and connection is not None:
             connection.h2.acknowledge_received_data(self.unacknowledged, self.stream_id)
             self.unacknowledged = 0
-            connection.flush()
+            connection.flush_soon()
 
     def detach(self) -> None:
         """The owner is gone (failed, timed out): RST_STREAM(CANCEL) this stream only."""
@@ -526,7 +540,7 @@ class H2Stream:
             except StreamClosedError:
                 pass  # both sides have ended it already
             else:
-                connection.flush()
+                connection.flush_soon()
         connection.stream_done(self)
 
     def hand_over(self) -> None:

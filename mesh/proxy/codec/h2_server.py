@@ -76,6 +76,7 @@ from mesh.proxy.deadline import Deadlines
 from mesh.proxy.detect import H2_PREFACE
 from mesh.proxy.exchange import DONE, Exchange
 from mesh.proxy.outcome import LocalReply
+from mesh.proxy.sockets import after_event
 from mesh.proxy.streams import IDownstreamStream
 
 log = Logger()
@@ -345,6 +346,7 @@ class H2ServerConnection(Protocol):
         self.streams = {}
         self.waiting = {}  # H2Stream -> None: an ordered set
         self.paused = False  # the transport's buffer is full
+        self.send_queued = False  # a send_soon waits for the end of the event
         self.closing = False
         self.draining = False
         self.shutdown = None  # None, then "notice" (first GOAWAY of a drain sent), then "final"
@@ -605,6 +607,20 @@ class H2ServerConnection(Protocol):
             self.bytes_sent += len(data)
             self.transport.write(data)
 
+    def send_soon(self):
+        """:meth:`send` once the I/O event being handled is over (at once outside one): the frames of the
+        streams answered in one event leave in one write (:func:`mesh.proxy.sockets.after_event`)."""
+        if not self.send_queued:
+            if after_event(self._send_queued):
+                self.send_queued = True
+            else:
+                self.send()
+
+    def _send_queued(self):
+        self.send_queued = False
+        if not self.closing:  # close() sends what is queued first
+            self.send()
+
     def acknowledge(self, stream_id, size):
         """Give ``size`` received bytes of ``stream_id`` back to the client's windows."""
         if size:
@@ -621,6 +637,8 @@ class H2ServerConnection(Protocol):
         if stream.unacked:
             self.acknowledge(stream.stream_id, stream.unacked)  # the connection's window needs them back
         if not stream.request_done and not stream.closed:
+            if self.send_queued:
+                self.send()  # the response first: a reset stream's queued frames are dropped
             try:  # answered: the rest of the request body is not needed
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
             except NoSuchStreamError:
@@ -720,6 +738,8 @@ class H2ServerConnection(Protocol):
 
     def close(self):
         """Close after the pending bytes (a TLS transport would wait for its producer to leave first)."""
+        if self.send_queued and not self.closing:
+            self.send()
         self.closing = True
         self.transport.unregisterProducer()
         self.transport.loseConnection()
@@ -796,7 +816,7 @@ class H2Stream:
     def send_continue(self):
         """``100 Continue`` (an informational HEADERS frame)."""
         self._headers([(b":status", b"100")], False)
-        self.conn.send()
+        self.conn.send_soon()
 
     def send_head(self, exchange, status, reason, headers):
         """Keep the response head (``reason`` has no place in HTTP/2) until the body or the end."""
@@ -806,7 +826,7 @@ class H2Stream:
         """Send a head held back by :meth:`send_head`."""
         if self.head is not None:
             self._send_head(False)
-            self.conn.send()
+            self.conn.send_soon()
 
     def send_body(self, data):
         """Response body bytes: sent within the client's windows, the rest held."""
@@ -817,7 +837,7 @@ class H2Stream:
                 self._hold(data)
             else:
                 self._send_data(data)
-        self.conn.send()
+        self.conn.send_soon()
 
     def send_trailers(self, headers):
         """Response trailers: a HEADERS frame that ends the stream, after any held bytes."""
@@ -829,7 +849,7 @@ class H2Stream:
         else:
             self._headers(trailers, True)
             self._ended()
-        self.conn.send()
+        self.conn.send_soon()
 
     def send_end(self):
         """The response is complete: END_STREAM, with the head if nothing else was sent."""
@@ -843,7 +863,7 @@ class H2Stream:
             self._ended()
         else:
             self._end_stream()
-        self.conn.send()
+        self.conn.send_soon()
 
     def send_local(self, exchange, status, body, headers):
         """A proxy-generated response."""
@@ -864,7 +884,7 @@ class H2Stream:
         if self.unacked and not self.closed and not self.conn.closing:
             self.conn.acknowledge(self.stream_id, self.unacked)
             self.unacked = 0
-            self.conn.send()
+            self.conn.send_soon()
 
     def link_response(self, upstream):
         """From now on holding more than :data:`STREAM_BUFFER` bytes pauses ``upstream``."""
