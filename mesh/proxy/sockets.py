@@ -57,8 +57,10 @@ def unbuffer_tls(transport) -> None:
     one reactor iteration and encrypts them on the next one (a ``callLater(0)``),
     which pays for itself when a protocol makes many small writes.  The
     HTTP/1 codecs write a whole head, or a head with the body bytes at hand,
-    at once, so the gathering only costs a timer and a reactor iteration per
-    write.  Its ``write`` is the gathering one, set on the instance; without
+    at once, and the HTTP/2 codecs write the frames of one event once at its
+    end (:func:`after_event`), so the gathering only costs a timer and a
+    reactor iteration per write, and holds back bytes another process could
+    already be working on.  Its ``write`` is the gathering one, set on the instance; without
     it, the class's (``TLSMemoryBIOProtocol.write``) writes directly, and so
     does ``writeSequence`` from now on (it would gather, and could then send
     its bytes after later ones).  Call it before the first write; any other

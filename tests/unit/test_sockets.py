@@ -237,6 +237,24 @@ def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
     unbuffer_tls(plain)  # not a TLS transport: left alone
 
 
+def test_an_upstream_http2_connection_over_tls_encrypts_at_once():
+    """Its frames are written once per event already (after_event): gathering them again until the next
+    reactor iteration would only hold them back from the peer sidecar."""
+    from twisted.internet.ssl import CertificateOptions
+    from twisted.internet.task import Clock
+    from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOFactory
+
+    from mesh.proxy.codec.h2_client import H2UpstreamConnection
+
+    factory = TLSMemoryBIOFactory(CertificateOptions(), True, None, clock=Clock())
+    connection = H2UpstreamConnection(pool=None, verify_peer=lambda transport: None)
+    tls = BufferingTLSTransport(factory, connection)
+    assert "write" in vars(tls)
+    connection.transport = tls
+    connection.connectionMade()
+    assert "write" not in vars(tls)
+
+
 def _timed_calls(reactor) -> list:
     """What ``runUntilCurrent`` runs and ``timeout`` answers: timed calls, a reset, a cancel, a thread call."""
     now = [1000.0]

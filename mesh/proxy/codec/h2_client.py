@@ -51,7 +51,7 @@ from mesh.proxy.codec import hpack_c, nghttp2_session
 from mesh.proxy.codec.h2_connection import MeshH2Connection
 from mesh.proxy.codec.heads import HOP_BY_HOP, forwarded
 from mesh.proxy.mtls import setup_failure
-from mesh.proxy.sockets import after_event, set_nodelay
+from mesh.proxy.sockets import after_event, set_nodelay, unbuffer_tls, write_through
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
 #: The receive window of each stream: what the peer may send ahead of the client (at most
@@ -187,6 +187,8 @@ class H2UpstreamConnection(Protocol):
     # -- Twisted Protocol -------------------------------------------------
     def connectionMade(self):
         set_nodelay(self.transport)
+        write_through(self.transport)
+        unbuffer_tls(self.transport)
         if self.verify_peer is None:
             self._start()
 

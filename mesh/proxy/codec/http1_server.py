@@ -232,10 +232,9 @@ class DownstreamConnection(Protocol):
     def handshakeCompleted(self):
         """mTLS is up (chain verified by OpenSSL): learn who the caller is, and speak what ALPN chose."""
         self.peer, self.forward_headers = self.listener.tls_peer(self.transport)
+        unbuffer_tls(self.transport)
         if self.transport.negotiatedProtocol == b"h2":
             self._speak_h2(b"")
-        else:
-            unbuffer_tls(self.transport)
 
     def dataReceived(self, data):
         self.last_activity = self.listener.reactor.seconds()
