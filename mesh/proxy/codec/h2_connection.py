@@ -154,7 +154,8 @@ def received_headers(headers, flags) -> list:
     once each, first, the right ones for a request, a response or trailers: h2's own check), and
     for a request ``:authority`` or ``host`` (matching, one ``host``) and a non-empty ``:path``.
     Raises h2's ``ProtocolError`` with h2's messages.  A regular name seen valid before
-    (:data:`_PLAIN_NAMES`) skips the name rules, which it would pass again.
+    (:data:`_PLAIN_NAMES`) skips the name rules, which it would pass again, and so does a
+    pseudo-header field h2 knows (``:method``, ``:path``, ...), which passes them by its spelling.
     """
     out = []
     cookies = None
@@ -175,7 +176,7 @@ def received_headers(headers, flags) -> list:
     for header in out:
         name, value = header[0], header[1]
         plain = name in plain_names
-        if not plain:
+        if not plain and name not in _ALLOWED_PSEUDO_HEADER_FIELDS:
             if _NAME_BAD.search(name) is not None:
                 _reject_name(name)
             if name.find(b":", 1) != -1:
@@ -189,34 +190,40 @@ def received_headers(headers, flags) -> list:
         if plain:  # its name passed every rule below before, and none of them looks at its value
             regular = True
             continue
+        if name in _ALLOWED_PSEUDO_HEADER_FIELDS:  # passes the name rules, and is no te or connection field
+            if name in pseudo:
+                raise ProtocolError(f"Received duplicate pseudo-header field {name!r}")
+            pseudo.add(name)
+            if regular:
+                raise ProtocolError(f"Received pseudo-header field out of sequence: {name!r}")
+            if name == b":method":
+                method = value
+            elif request:
+                if name == b":authority":
+                    authority = value
+                elif name == b":path" and not value:
+                    raise ProtocolError("An empty :path header is forbidden")
+            continue
         if not name:
             raise ProtocolError("Received header name with zero length.")
         if name == b"te" and value.lower() != b"trailers":
             raise ProtocolError(f"Invalid value for TE header: {value!r}")
         if name in CONNECTION_HEADERS:
             raise ProtocolError(f"Connection-specific header field present: {name!r}.")
-        if name[0] == 58:  # b":"
+        if name[0] == 58:  # b":": not one h2 knows
             if name in pseudo:
                 raise ProtocolError(f"Received duplicate pseudo-header field {name!r}")
             pseudo.add(name)
             if regular:
                 raise ProtocolError(f"Received pseudo-header field out of sequence: {name!r}")
-            if name not in _ALLOWED_PSEUDO_HEADER_FIELDS:
-                raise ProtocolError(f"Received custom pseudo-header field {name!r}")
-            if name == b":method":
-                method = value
-        else:
-            regular = True
-        if request:
-            if name == b":authority":
-                authority = value
-            elif name == b"host":
+            raise ProtocolError(f"Received custom pseudo-header field {name!r}")
+        regular = True
+        if name == b"host":
+            if request:
                 if host is not None:
                     raise ProtocolError("Request header block has multiple Host headers.")
                 host = value
-            if name == b":path" and not value:
-                raise ProtocolError("An empty :path header is forbidden")
-        if name[0] != 58 and name != b"te" and name != b"host" and len(plain_names) < _PLAIN_NAMES_BOUND:
+        elif name != b"te" and len(plain_names) < _PLAIN_NAMES_BOUND:
             plain_names.add(name)
     _check_pseudo_header_field_acceptability(pseudo, method, flags)
     if request:
