@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+from contextlib import contextmanager
 
 import pytest
 from twisted.internet import main, tcp
@@ -134,16 +135,32 @@ class Reader:
         self.lost.append(reason)
 
 
-def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
+@contextmanager
+def _epoll_reactor_with_socket_pairs(count):
+    """A fresh epoll reactor made lean (:func:`lean_dispatch`) and ``count`` socket pairs; all closed after."""
     from twisted.internet.epollreactor import EPollReactor
-    from twisted.internet.task import Clock
 
     from mesh.proxy.sockets import lean_dispatch
 
     reactor = EPollReactor()
-    pairs = [socket.socketpair() for _ in range(2)]
+    pairs = [socket.socketpair() for _ in range(count)]
     try:
         lean_dispatch(reactor)
+        yield reactor, pairs
+    finally:
+        reactor.removeAll()
+        for ours, peer in pairs:
+            ours.close()
+            peer.close()
+        reactor._poller.close()
+
+
+def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
+    from twisted.internet.task import Clock
+
+    from mesh.proxy.sockets import lean_dispatch
+
+    with _epoll_reactor_with_socket_pairs(2) as (reactor, pairs):
         lean_dispatch(reactor)  # idempotent
         assert "doIteration" in vars(reactor)
         good, bad = Reader(pairs[0][0]), Reader(pairs[1][0], fail=True)
@@ -159,21 +176,13 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
         reactor.doIteration(1)
         assert good.reads[-1] == b"" and good.lost and good.lost[0].check(ConnectionDone)
         assert good not in reactor.getReaders()
-    finally:
-        reactor.removeAll()
-        for ours, peer in pairs:
-            ours.close()
-            peer.close()
-        reactor._poller.close()
     clock = Clock()
     lean_dispatch(clock)  # not an epoll reactor: left alone
     assert "doIteration" not in vars(clock)
 
 
 def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
-    from twisted.internet.epollreactor import EPollReactor
-
-    from mesh.proxy.sockets import after_event, lean_dispatch
+    from mesh.proxy.sockets import after_event
 
     order = []
 
@@ -190,15 +199,11 @@ def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
                 raise RuntimeError("a broken doRead still gets its queued calls run")
             return why
 
-    reactor = EPollReactor()
-    pairs = [socket.socketpair() for _ in range(2)]
-    try:
-        lean_dispatch(reactor)
+    with _epoll_reactor_with_socket_pairs(2) as (reactor, pairs):
         assert not after_event(order.append)  # outside an event: nothing queued, the caller acts now
         first, second = Queuer(pairs[0][0]), Queuer(pairs[1][0])
         reactor.addReader(first)
         reactor.addReader(second)
-        assert after_event(order.append) is False
         pairs[0][1].send(b"first")
         pairs[1][1].send(b"second")
         reactor.doIteration(1)
@@ -209,12 +214,6 @@ def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
             order.index("second after, queued by the call") < order.index("first read")  # each event's own
         assert first.lost and first.lost[0].check(RuntimeError)
         assert not after_event(order.append)  # the poll is over
-    finally:
-        reactor.removeAll()
-        for ours, peer in pairs:
-            ours.close()
-            peer.close()
-        reactor._poller.close()
 
 
 def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
