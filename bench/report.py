@@ -17,6 +17,7 @@ from bench.loadgen import Latency, Throughput
 
 #: (numerator, denominator) case pairs whose ratios are reported when both ran.
 RATIO_PAIRS = (("txmesh", "envoy"), ("txmesh-pair", "envoy-pair"), ("txmesh-pair-h2", "envoy-pair-h2"),
+               ("txmesh-pair-h2-telemetry", "envoy-pair-h2-telemetry"),
                ("txmesh-pair-traced", "envoy-pair-traced"), ("txmesh-pair-telemetry", "envoy-pair-telemetry"),
                ("txmesh-pair-w2", "envoy-pair-c2"), ("txmesh-pair-w2-telemetry", "envoy-pair-c2-telemetry"))
 BASELINE = "direct"

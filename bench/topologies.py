@@ -497,12 +497,18 @@ def txmesh_pair_w2_telemetry(ws: Workspace, backend_port: int) -> Target:
     return txmesh_pair(ws, backend_port, workers=2, telemetry=TELEMETRY)
 
 
-def txmesh_pair_h2(ws: Workspace, backend_port: int) -> Target:
+def txmesh_pair_h2(ws: Workspace, backend_port: int, telemetry: str | None = None) -> Target:
     """HTTP/2 client (h2c, several streams per connection) -> client-side txmesh sidecar ->
     mTLS with ALPN h2 (streams of all clients multiplexed) -> server-side txmesh sidecar -> HTTP/1.1 to nginx."""
-    target = txmesh_pair(ws, backend_port)
+    target = txmesh_pair(ws, backend_port, telemetry=telemetry)
     target.h2_streams = H2_STREAMS
     return target
+
+
+def txmesh_pair_h2_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """txmesh-pair-h2 with Istio's default telemetry, as txmesh-pair-telemetry (compare with
+    envoy-pair-h2-telemetry)."""
+    return txmesh_pair_h2(ws, backend_port, telemetry=TELEMETRY)
 
 
 # --- Envoy --------------------------------------------------------------------
@@ -826,6 +832,12 @@ def envoy_pair_h2(ws: Workspace, backend_port: int) -> Target:
     return envoy_pair(ws, backend_port, h2=True)
 
 
+def envoy_pair_h2_telemetry(ws: Workspace, backend_port: int) -> Target:
+    """envoy-pair-h2 with Istio's default telemetry, as envoy-pair-telemetry (compare with
+    txmesh-pair-h2-telemetry)."""
+    return envoy_pair(ws, backend_port, h2=True, telemetry=TELEMETRY)
+
+
 def envoy_pair_c2(ws: Workspace, backend_port: int) -> Target:
     """The Envoy pair with ``--concurrency 2`` in each sidecar (compare with txmesh-pair-w2)."""
     return envoy_pair(ws, backend_port, concurrency=2)
@@ -845,6 +857,8 @@ CASES: dict[str, Callable[[Workspace, int], Target]] = {
     "envoy-pair": envoy_pair,
     "txmesh-pair-h2": txmesh_pair_h2,
     "envoy-pair-h2": envoy_pair_h2,
+    "txmesh-pair-h2-telemetry": txmesh_pair_h2_telemetry,
+    "envoy-pair-h2-telemetry": envoy_pair_h2_telemetry,
     "txmesh-pair-w2": txmesh_pair_w2,
     "envoy-pair-c2": envoy_pair_c2,
     "txmesh-pair-traced": txmesh_pair_traced,
