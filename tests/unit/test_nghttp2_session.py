@@ -202,6 +202,40 @@ def test_resets_both_ways_and_a_stream_that_is_gone():
     assert ("peer", "StreamReset", 3, ErrorCodes.REFUSED_STREAM, True) in ours
 
 
+def _reset_after_answering(engine):
+    hop = _server_hop(engine)
+    peer, ours = hop.peer, hop.ours
+    peer.send_headers(1, [(b":method", b"POST"), *GET[1:]])  # its body is still to come
+    peer.send_headers(3, [(b":method", b"POST"), *GET[1:]])
+    peer.send_headers(5, GET, end_stream=True)
+    hop.run()
+    ours.send_headers(1, RESPONSE)
+    ours.send_data(1, b"answered")
+    ours.end_stream(1)
+    ours.reset_stream(1, ErrorCodes.NO_ERROR)  # the rest of the request is not needed
+    ours.send_headers(3, RESPONSE)
+    ours.send_data(3, b"cut")
+    ours.reset_stream(3, ErrorCodes.INTERNAL_ERROR)  # the response cannot be completed
+    ours.send_headers(5, RESPONSE, end_stream=True)
+    try:
+        ours.reset_stream(5)  # over both ways once its answer is sent: nothing to reset
+    except StreamClosedError as error:
+        gone = error.stream_id
+    return hop.run(), gone
+
+
+def test_what_was_sent_before_a_reset_leaves_before_it_as_with_h2():
+    """h2 frames at once, so a reset never takes back what was sent before it; nghttp2 would drop the
+    frames of the stream it has not written yet."""
+    (theirs, their_gone), (ours, our_gone) = _both(_reset_after_answering)
+    assert ours == theirs and our_gone == their_gone == 5
+    seen_by_peer = {stream: [kind for who, kind, stream_id, *_ in ours if who == "peer" and stream_id == stream]
+                    for stream in (1, 3, 5)}
+    assert seen_by_peer == {1: ["ResponseReceived", "DataReceived", "StreamEnded", "StreamReset"],
+                            3: ["ResponseReceived", "DataReceived", "StreamReset"],
+                            5: ["ResponseReceived", "StreamEnded"]}
+
+
 def _goaway(engine):
     hop = _client_hop(engine)
     peer, ours = hop.peer, hop.ours

@@ -637,8 +637,6 @@ class H2ServerConnection(Protocol):
         if stream.unacked:
             self.acknowledge(stream.stream_id, stream.unacked)  # the connection's window needs them back
         if not stream.request_done and not stream.closed:
-            if self.send_queued:
-                self.send()  # the response first: a reset stream's queued frames are dropped
             try:  # answered: the rest of the request body is not needed
                 self.h2.reset_stream(stream.stream_id, ErrorCodes.NO_ERROR)
             except NoSuchStreamError:

@@ -402,7 +402,11 @@ class Connection:
             self._lib.nghttp2_session_resume_data(self._session, stream_id)
 
     def reset_stream(self, stream_id: int, error_code=ErrorCodes.NO_ERROR) -> None:
-        """RST_STREAM ``error_code``; :class:`h2.exceptions.StreamClosedError` if the stream is gone."""
+        """RST_STREAM ``error_code``, after what was sent on the stream before it (h2 frames at once, so a
+        reset never takes that back; nghttp2 drops the frames of a stream it has not written yet);
+        :class:`h2.exceptions.StreamClosedError` if the stream is gone."""
+        if stream_id in self._streams:
+            self._take_output()  # which may close the stream: its END_STREAM went, the peer's had come
         stream = self._streams.pop(stream_id, None)
         if stream is None:
             raise StreamClosedError(stream_id)
