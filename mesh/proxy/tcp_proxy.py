@@ -143,11 +143,6 @@ class TcpDownstreamConnection(DownstreamConnection):
         if not (self.closing or self.transport.disconnecting):  # inbound_peer aborts an expired chain
             self.handler.accept(self)
 
-    def close_write(self):
-        """Half-close towards the client: a FIN, over mesh mTLS a close_notify (:mod:`mesh.proxy.tls_transport`)."""
-        half_close = getattr(self.transport, "loseWriteConnection", None)
-        (half_close or self.transport.loseConnection)()
-
 
 class TcpFactory(ServerFactory):
     """Builds a :class:`TcpDownstreamConnection` per accepted socket that ``listener`` admits."""

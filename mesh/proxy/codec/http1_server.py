@@ -182,6 +182,7 @@ class DownstreamConnection(Protocol):
         self._final_words = None  # an error response owed after the queued requests (see reject)
         self._close_after = None  # the exchange after whose response the connection closes (see finished)
         self.tunnel = None  # where client bytes go instead of the parser: see divert() and splice()
+        self._tunnel_consumer = None  # the spliced upstream's transport while the client feeds it (see splice)
         self.upgrade_buffer = None
         self.source_address = ""
         self.original_dst = None  # (ip, port) before an iptables REDIRECT (mesh.proxy.original_dst)
@@ -280,6 +281,7 @@ class DownstreamConnection(Protocol):
         listener.connection_closed(self)
         self.deadlines.stop()
         if self.tunnel is not None:
+            self._client_bytes_ended()
             self.tunnel.loseConnection()
             self.tunnel = None
         self._drop_queue()
@@ -290,6 +292,7 @@ class DownstreamConnection(Protocol):
         """The client half-closed: answer what it sent, then close."""
         self.read_closed = True
         if self.tunnel is not None:
+            self._client_bytes_ended()
             self.tunnel.loseConnection()
             return
         if self.reading is not None:
@@ -652,12 +655,33 @@ class DownstreamConnection(Protocol):
         return not (self.closing or self.queue or self.tunnel is not None or self.head_started is not None)
 
     def close(self):
-        """Close after the pending bytes (FIN)."""
+        """Close after the pending bytes (FIN): the tunnel's upstream has gone, or it was never made."""
+        self._upstream_bytes_ended()
         self.transport.loseConnection()
 
     def close_write(self):
-        """Half-close: no more bytes to the client (a FIN); it may still send."""
-        self.transport.loseWriteConnection()
+        """Half-close: no more bytes to the client (a FIN; over mesh mTLS a close_notify, see
+        :mod:`mesh.proxy.tls_transport`); it may still send."""
+        self._upstream_bytes_ended()
+        half_close = getattr(self.transport, "loseWriteConnection", None)
+        (half_close or self.transport.loseConnection)()
+
+    def _client_bytes_ended(self):
+        """The client sends no more (its FIN, or it went): it stops being the producer of the spliced upstream.
+
+        Twisted closes or half-closes a transport once its write buffer has drained, but not while
+        a producer it paused is still registered: it resumes that producer instead, and the FIN
+        waits for a write that never comes.  Over TLS a FIN (close_notify) is read in the same
+        event as the bytes before it, which may just have filled the upstream's buffer.
+        """
+        consumer, self._tunnel_consumer = self._tunnel_consumer, None
+        if consumer is not None:
+            consumer.unregisterProducer()
+
+    def _upstream_bytes_ended(self):
+        """The tunnel's upstream sends no more: it stops being this transport's producer, before this
+        transport closes or half-closes (see :meth:`_client_bytes_ended`)."""
+        self.transport.unregisterProducer()
 
     def divert(self, receiver):
         """Until :meth:`resume_http` or :meth:`splice`, client bytes go to ``receiver`` instead of the parser.
@@ -719,7 +743,9 @@ class DownstreamConnection(Protocol):
                 upstream.transport.write(data)
         self.upgrade_buffer = None
         self.transport.registerProducer(upstream.transport, True)
-        upstream.transport.registerProducer(self.transport, True)
+        if not self.read_closed:  # the client may still send: the upstream's full buffer pauses it
+            upstream.transport.registerProducer(self.transport, True)
+            self._tunnel_consumer = upstream.transport
         self._pauses.clear()
         self.transport.resumeProducing()
 
@@ -805,7 +831,7 @@ class _TunnelWriter:
         conn.transport.write(data)
 
     def loseConnection(self):
-        self._conn.transport.loseConnection()
+        self._conn.close()
 
 
 def _origin_form(target: bytes):
