@@ -27,6 +27,7 @@ HTTP port 80 with ``targetPort`` the server's TLS port, and whose DestinationRul
 from __future__ import annotations
 
 import datetime
+import errno
 import json
 import socket
 from pathlib import Path
@@ -233,17 +234,21 @@ def test_mutual_presents_the_client_certificate_of_the_subset(egress):
 def _tcp_exchange(egress, host: str, data: bytes) -> bytes:
     """Send ``data`` on a TCP connection to the sidecar's explicit listener of ``host``; all it answered
     before it closed the connection.  A close that finds ``data`` still unread in the sidecar's socket
-    is a reset (the kernel's choice, not the sidecar's): it ends the answer as a FIN does."""
+    is a reset (the kernel's choice, not the sidecar's): it ends the answer as a FIN does, whenever it
+    comes (on a busy host, before ``sendall`` or ``shutdown`` too: then they find the connection gone)."""
     proxy, _ = egress
+    chunks = []
     with socket.create_connection(("127.0.0.1", proxy.tcp_ports[host]), timeout=10) as conn:
-        conn.sendall(data)
-        conn.shutdown(socket.SHUT_WR)
-        chunks = []
         try:
+            conn.sendall(data)
+            conn.shutdown(socket.SHUT_WR)
             while chunk := conn.recv(65536):
                 chunks.append(chunk)
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             pass
+        except OSError as error:
+            if error.errno != errno.ENOTCONN:
+                raise
     return b"".join(chunks)
 
 
