@@ -36,7 +36,8 @@ MIRROR_TIMEOUT = 15.0
 class MirrorStats:
     """Counters of the mirror stage: copies ``sent`` (connected and written), ``completed`` (a whole
     response came back), ``failed`` (connect failure, reset or timeout) and ``abandoned`` (not sent:
-    body too big, no endpoint, too many in flight, or the request ended first)."""
+    body too big, no endpoint, too many in flight, or the request ended first).  The metrics port
+    exports them (``mesh_mirror_requests_*``, :mod:`mesh.telemetry.health`)."""
 
     sent: int = 0
     completed: int = 0

@@ -22,6 +22,7 @@ from mesh.identity.agent import WorkloadAgent
 from mesh.identity.spiffe import SpiffeId
 from mesh.identity.tls import CredentialStore, WorkloadCredentials
 from mesh.plugins import failures as plugin_failures
+from mesh.proxy import mirror
 from mesh.proxy.admin import AdminSite
 from mesh.proxy.authn import Authenticator
 from mesh.proxy.codec.http1_server import DownstreamFactory
@@ -132,6 +133,7 @@ class ProxyService(service.MultiService):
             self.runtime.gateway = GatewayListeners(self, settings.gateway)
         self.config_applied_at = None
         self.listeners = []
+        self.mirror_stats = mirror.STATS  # the process's mirror counters, for telemetry (mesh.telemetry.health)
         passthrough = settings.passthrough
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(

@@ -19,7 +19,8 @@ class ProxyHealth(Collector):
     loads and ejections; each endpoint's ``pool`` is read through ``open_count()`` and
     ``opened_total``, so any pool with those works), ``proxy.listeners``, ``proxy.config_applied_at``
     (``reactor.seconds()`` when a config was last applied, from the config
-    dir or a control-plane push) and ``proxy.credentials``.  Per-cluster figures sum the cluster's endpoints; an
+    dir or a control-plane push), ``proxy.credentials`` and ``proxy.mirror_stats`` (the mirror stage's
+    counters).  Per-cluster figures sum the cluster's endpoints; an
     endpoint shared by a service's cluster and a subset's cluster counts in both.
     """
 
@@ -32,6 +33,7 @@ class ProxyHealth(Collector):
         snapshot = proxy.runtime.snapshot
         yield from _cluster_families(snapshot.clusters if snapshot is not None else {}, now)
         yield from _listener_families(proxy.listeners)
+        yield from _mirror_families(proxy.mirror_stats)
         if snapshot is not None:
             yield InfoMetricFamily("mesh_config", "The config in force.", value={"version": snapshot.config.version})
         if proxy.config_applied_at is not None:  # None: waiting for the control plane's first push
@@ -63,6 +65,22 @@ def _listener_families(listeners):
         closed.add_metric(name, overload.closed_idle)
         overflow.add_metric(name, overload.refused)
     return active, limit, overloaded, closed, overflow
+
+
+def _mirror_families(stats):
+    """The request copies of the mirror stage: ``stats`` has the counters of
+    :class:`mesh.proxy.mirror.MirrorStats` (``sent``, ``completed``, ``failed``, ``abandoned``,
+    ``in_flight``), process-wide."""
+    ended = CounterMetricFamily("mesh_mirror_requests", "Request copies to mirrors that ended, by result: completed "
+                                "(a whole response came back), failed (connect failure, reset or timeout), abandoned "
+                                "(never sent: body over 64 KiB, no endpoint, or 256 copies already in flight).",
+                                labels=("result",))
+    for result in ("completed", "failed", "abandoned"):
+        ended.add_metric((result,), getattr(stats, result))
+    sent = CounterMetricFamily("mesh_mirror_requests_sent", "Request copies written to a mirror.", value=stats.sent)
+    active = GaugeMetricFamily("mesh_mirror_requests_active", "Request copies in flight (connecting, sent or "
+                               "awaiting their response).", value=stats.in_flight)
+    return ended, sent, active
 
 
 def _cluster_families(clusters, now):

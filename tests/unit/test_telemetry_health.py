@@ -11,6 +11,7 @@ from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 
 from mesh.identity.tls import CredentialStore
+from mesh.proxy.mirror import MirrorStats
 from mesh.telemetry.control import ControlPlaneMetrics
 from mesh.telemetry.exposition import MetricsServer, new_registry
 from mesh.telemetry.health import ProxyHealth
@@ -91,6 +92,22 @@ def test_no_certificate_and_no_config_yet_are_absent_not_zero():
     proxy.config_applied_at = None
     samples = health(proxy)
     assert "mesh_workload_cert_expiry_seconds" not in samples and "mesh_config_age_seconds" not in samples
+
+
+def test_mirror_copies_by_result_sent_and_in_flight():
+    proxy = proxy_like()
+    stats = proxy.mirror_stats = MirrorStats(sent=7, completed=5, failed=1, abandoned=3, in_flight=2)
+    samples = health(proxy)
+    assert samples["mesh_mirror_requests_total"] == {frozenset({("result", "completed")}): 5,
+                                                      frozenset({("result", "failed")}): 1,
+                                                      frozenset({("result", "abandoned")}): 3}
+    assert samples["mesh_mirror_requests_sent_total"] == {frozenset(): 7}
+    assert samples["mesh_mirror_requests_active"] == {frozenset(): 2}
+    stats.in_flight -= 1
+    stats.completed += 1  # read live at each scrape
+    samples = health(proxy)
+    assert samples["mesh_mirror_requests_active"] == {frozenset(): 1}
+    assert samples["mesh_mirror_requests_total"][frozenset({("result", "completed")})] == 6
 
 
 def test_control_plane_metrics():

@@ -16,6 +16,7 @@ from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigError
 from mesh.identity.tls import CredentialStore
 from mesh.proxy.context import RequestContext
+from mesh.proxy.mirror import MirrorStats
 from mesh.proxy.outcome import RequestOutcome
 from mesh.proxy.overload import ConnectionOverload
 from mesh.proxy.pool import ConnectionPool
@@ -57,14 +58,16 @@ def bookinfo_runtime(clock=None) -> ProxyRuntime:
 
 def proxy_like():
     """What telemetry reads of a ProxyService: productpage's runtime at t=1000 s, config applied at
-    t=990 s, two client connections on the outbound listener, a certificate valid for two hours."""
+    t=990 s, two client connections on the outbound listener, a certificate valid for two hours, no
+    mirror copy yet."""
     clock = Clock()
     clock.advance(1000.0)
     listeners = [SimpleNamespace(direction=direction, connections=connections,
                                  overload=ConnectionOverload(direction, 4096))
                  for direction, connections in (("outbound", {1, 2}), ("inbound", set()))]
     return SimpleNamespace(reactor=clock, runtime=bookinfo_runtime(clock), listeners=listeners,
-                           config_applied_at=990.0, credentials=CredentialStore(Certificate(expires_in=7200.0)))
+                           config_applied_at=990.0, credentials=CredentialStore(Certificate(expires_in=7200.0)),
+                           mirror_stats=MirrorStats())
 
 
 def control_like():
