@@ -31,7 +31,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ManagedProcess, free_port, venv_bin, wait_for
 from tests.integration.test_identity_support import (
@@ -43,7 +42,7 @@ from tests.integration.test_identity_support import (
     spiffe,
 )
 from tests.integration.test_proxy_support import write_config
-from tests.integration.test_telemetry_support import scrape
+from tests.integration.test_telemetry_support import total
 
 NS = "shop"
 NETWORKING = "networking.istio.io/v1"
@@ -210,17 +209,6 @@ def tls_get(port: int, server_name: str, ca: Path, check_hostname: bool = True, 
             while data := sock.recv(65536):
                 response += data
     return names, response
-
-
-def series(proxy, name: str) -> list[tuple[dict, float]]:
-    """``[(labels, value)]`` of one sample name of a sidecar's ``/stats/prometheus``."""
-    text = scrape(proxy.metrics_port, "/stats/prometheus").decode()
-    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
-            for sample in family.samples if sample.name == name]
-
-
-def total(proxy, name: str, **labels) -> float:
-    return sum(value for found, value in series(proxy, name) if labels.items() <= found.items())
 
 
 def apply_policies(mesh, *policies):

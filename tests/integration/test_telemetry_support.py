@@ -16,6 +16,7 @@ import urllib.parse
 from pathlib import Path
 
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import ManagedProcess, free_port, http_request
 
@@ -79,6 +80,18 @@ def scrape(port: int, path: str) -> bytes:
     status, body = http_request("127.0.0.1", port, path)
     assert status == 200, f"GET 127.0.0.1:{port}{path} answered {status}: {body[:300]!r}"
     return body
+
+
+def series(proxy, name: str) -> list[tuple[dict, float]]:
+    """``[(labels, value)]`` of one sample name of a sidecar's ``/stats/prometheus``."""
+    text = scrape(proxy.metrics_port, "/stats/prometheus").decode()
+    return [(sample.labels, sample.value) for family in text_string_to_metric_families(text)
+            for sample in family.samples if sample.name == name]
+
+
+def total(proxy, name: str, **labels) -> float:
+    """The sum of the samples of ``name`` on a sidecar's ``/stats/prometheus`` whose labels include ``labels``."""
+    return sum(value for found, value in series(proxy, name) if labels.items() <= found.items())
 
 
 def promtool_check(text: bytes) -> list[str]:
