@@ -442,6 +442,9 @@ class Exchange:
         """The client went away before the exchange finished."""
         if self.state is DONE:
             return
+        if self.mirror is not None:  # copies waiting for a body that will not come
+            pending, self.mirror = self.mirror, None
+            mirror.abandon(pending)
         self.ctx.add_flag("DC")
         if self.current is not None:
             self.current.finish(reusable=False)

@@ -82,6 +82,12 @@ def send(exchange, pending) -> None:
         request.send(body)
 
 
+def abandon(pending) -> None:
+    """The ``pending`` copies waited for a request body that will not be complete (the client went): counted
+    as abandoned, never sent."""
+    STATS.abandoned += len(pending)
+
+
 def shadow_host(authority: bytes) -> bytes:
     """Envoy's shadow Host: ``-shadow`` after the host name, before any port."""
     colon = authority.rfind(b":")

@@ -73,7 +73,8 @@ def _mirror_families(stats):
     ``in_flight``), process-wide."""
     ended = CounterMetricFamily("mesh_mirror_requests", "Request copies to mirrors that ended, by result: completed "
                                 "(a whole response came back), failed (connect failure, reset or timeout), abandoned "
-                                "(never sent: body over 64 KiB, no endpoint, or 256 copies already in flight).",
+                                "(never sent: body over 64 KiB, no endpoint, 256 copies already in flight, or the "
+                                "client went before its body was complete).",
                                 labels=("result",))
     for result in ("completed", "failed", "abandoned"):
         ended.add_metric((result,), getattr(stats, result))

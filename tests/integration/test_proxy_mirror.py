@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 import threading
 import time
 import uuid
@@ -166,6 +167,20 @@ def test_mirror_percentage(mesh):
     assert abs(chosen - requests / 2) <= 5 * math.sqrt(requests * 0.25), ended
     copied = len(mesh.mirror.paths(f"/half-{run}"))
     assert ended["completed"] <= copied <= ended["completed"] + ended["failed"], (copied, ended)
+
+
+def test_a_copy_whose_request_body_never_completes_is_counted_abandoned(mesh):
+    """The copy waits for the whole body; the client leaves mid-body: nothing reaches the mirror, and the
+    sidecar counts the copy as abandoned (``mesh_mirror_requests_total{result="abandoned"}``)."""
+    before = _mirror_copies_ended(mesh.proxy)
+    path = f"/cut-{uuid.uuid4().hex}"
+    with socket.create_connection(("127.0.0.1", mesh.proxy.outbound_port), timeout=5) as client:
+        client.sendall(f"POST {path} HTTP/1.1\r\nHost: reviews\r\nTransfer-Encoding: chunked\r\n\r\n"
+                       "5\r\nhello\r\n".encode())  # then gone, before the last chunk
+    wait_for(lambda: _mirror_copies_ended(mesh.proxy)["abandoned"] == before["abandoned"] + 1, 10,
+             what="the copy counted abandoned")
+    assert _mirror_copies_ended(mesh.proxy) == {**before, "abandoned": before["abandoned"] + 1}
+    assert mesh.mirror.paths(path) == []
 
 
 @pytest.mark.parametrize("prefix", ["/dead", "/stalled"])
