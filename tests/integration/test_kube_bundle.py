@@ -132,8 +132,9 @@ def test_every_namespace_but_the_system_ones_gets_the_bundle_from_exactly_one_re
     assert not SKIPPED & set(found), "kube-system, kube-public and kube-node-lease get none"
     assert found["shop"]["metadata"]["labels"] == {"app.kubernetes.io/part-of": "txmesh", **MANAGED}
     assert found["shop"]["data"] == {KEY: bundle}
-    created = [line for replica in replicas for line in replica.log_path.read_text().splitlines()
-               if f"created ConfigMap shop/{NAME}" in line]
+    # the API server has the object before the replica that wrote it has its answer (and logs it)
+    created = wait_for(lambda: [line for replica in replicas for line in replica.log_path.read_text().splitlines()
+                                if f"created ConfigMap shop/{NAME}" in line], 10, what="the creator's log line")
     assert len(created) == 1, "one replica creates it; the other's create gets 409 and reads it"
     assert writes(kube, "POST", "shop") <= 2 and writes(kube, "PUT") == 0, "no replace of a right ConfigMap"
     assert_no_write_failures(*replicas)
