@@ -60,7 +60,7 @@ def start(exchange, action, mirrors) -> None:
         return
     ctx = exchange.ctx
     if exchange.framing == "length" and exchange.content_length > MIRROR_BODY_LIMIT:
-        STATS.abandoned += len(copies)
+        abandon(copies)
         return
     clusters = exchange.listener.router.runtime.snapshot.clusters
     shadow = dataclasses.replace(action, rewrite_authority=shadow_host(action.rewrite_authority or ctx.authority))
@@ -75,7 +75,7 @@ def send(exchange, pending) -> None:
     """The request body of ``exchange`` is complete: send the ``pending`` copies, or abandon them."""
     body_size = exchange.ctx.bytes_received
     if body_size > MIRROR_BODY_LIMIT or (body_size and exchange.body_size != body_size):
-        STATS.abandoned += len(pending)  # too big, or the exchange no longer holds all of it
+        abandon(pending)  # too big, or the exchange no longer holds all of it
         return
     body = b"".join(exchange.body_chunks)
     for request in pending:
@@ -83,8 +83,8 @@ def send(exchange, pending) -> None:
 
 
 def abandon(pending) -> None:
-    """The ``pending`` copies waited for a request body that will not be complete (the client went): counted
-    as abandoned, never sent."""
+    """Count the ``pending`` copies as abandoned: they will never be sent (their body is too big or not
+    held whole, or the client went before it was complete)."""
     STATS.abandoned += len(pending)
 
 
