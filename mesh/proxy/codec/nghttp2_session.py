@@ -3,7 +3,10 @@
 The pure-Python ``h2`` library is most of what an HTTP/2 request costs the proxy (docs/performance.md,
 "The same hop on libnghttp2": 1.28 M instructions per hop against 435 k on two nghttp2 sessions).
 :class:`Connection` drives an ``nghttp2_session`` (Debian's ``libnghttp2.so.14``, through cffi in ABI
-mode: no headers, no compiler) and offers the codecs exactly what they call on h2's connection:
+mode: no headers, no compiler), with the session's callbacks in C when the optional module
+``_nghttp2_pump`` is built (``_nghttp2_pump.c``: one Python call per header block, frame or DATA chunk,
+not per field, and no cffi callback; else the same methods are called from cffi callbacks), and
+offers the codecs exactly what they call on h2's connection:
 ``initiate_connection``, ``receive_data`` (h2's event classes, with the attributes the codecs read),
 ``data_to_send``, ``send_headers``, ``send_data``, ``end_stream``, ``reset_stream``,
 ``acknowledge_received_data``, ``increment_flow_control_window``, ``local_flow_control_window``,
@@ -33,8 +36,8 @@ How h2's behaviour is kept:
   HPACK bomb is stopped as it expands), at the block's end when it passes it in an earlier frame
   (as h2, which decodes whole blocks; the fields are dropped meanwhile, and the server codec's
   FrameGuard bounds the block);
-- a callback that raises is logged (cffi's ``onerror``, never printed) and ends the connection
-  (GOAWAY INTERNAL_ERROR, :class:`h2.exceptions.ProtocolError`).
+- a callback that raises is logged (never printed) and ends the connection (GOAWAY INTERNAL_ERROR,
+  :class:`h2.exceptions.ProtocolError`).
 
 What differs: nghttp2 refuses a stream itself (REFUSED_STREAM) when as many as its
 SETTINGS_MAX_CONCURRENT_STREAMS are open in its own count, which closes a stream once END_STREAM
@@ -192,12 +195,13 @@ class _Limits:
 class _Stream:
     """What a :class:`Connection` keeps per stream: the header block being received, and what waits to be sent."""
 
-    __slots__ = ("headers", "size", "final", "head", "expected", "received", "out", "eof", "trailers", "deferred",
-                 "submitted", "ended")
+    __slots__ = ("headers", "size", "oversized", "final", "head", "expected", "received", "out", "eof", "trailers",
+                 "deferred", "submitted", "ended")
 
     def __init__(self, head=False):
         self.headers = []
-        self.size = 0  # of the header list being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts
+        self.size = 0  # of the header list being received, as SETTINGS_MAX_HEADER_LIST_SIZE counts (cffi callbacks)
+        self.oversized = False  # that header list passed the limit
         self.final = False  # a final response head was received (client side)
         self.head = head  # a HEAD request (client side): its response has no body
         self.expected = None  # the content-length received
@@ -236,16 +240,24 @@ class Connection:
         self._receiving = None  # the _Stream whose header block is being received
         self._header_limit = max_header_list_size
         self._goaway_ours = False  # the GOAWAY nghttp2 sends was submitted here
-        # The user_data of every callback, alive as long as the session: a handle to a weak reference,
-        # so that the connection and its handle make no reference cycle (both go with the codec).
-        self._handle = ffi.new_handle(weakref.ref(self))
+        # The pump drives the session and is (or holds) the user_data of its callbacks, which call this
+        # connection's _on_* methods: the C module's when it is built, else cffi's.
+        callbacks = _native(ffi, lib) if native_enabled else None
+        if callbacks is not None:
+            pump = callbacks.module.Pump(self)
+            user_data = ffi.cast("void *", id(pump))  # a Pump is the C struct its callbacks are given
+        else:
+            callbacks = _callbacks(ffi, lib)
+            pump = _CffiPump(self, ffi, lib)
+            user_data = pump.handle
+        self._provider = callbacks.provider
         session = ffi.new("nghttp2_session **")
         new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
-        if new(session, _callbacks(ffi, lib), self._handle, _options(ffi, lib)):
+        if new(session, callbacks.callbacks, user_data, _options(ffi, lib)):
             raise MemoryError("nghttp2_session_new")
         self._session = ffi.gc(session[0], lib.nghttp2_session_del)
-        self._sent = ffi.new("const uint8_t **")
-        self._provider = _provider(ffi)
+        pump.attach(int(ffi.cast("uintptr_t", self._session)))
+        self._pump = pump
         self._headers = _header_array(ffi)
 
     # -- the connection --------------------------------------------------------------------
@@ -262,8 +274,7 @@ class Connection:
         """Feed the peer's bytes in; the h2 events they make.  Raises :class:`h2.exceptions.ProtocolError`
         on a connection error, its GOAWAY queued."""
         events = self._events = []
-        lib, session = self._lib, self._session
-        used = lib.nghttp2_session_mem_recv(session, data, len(data))
+        used = self._pump.recv(data)
         if used < 0 and self._error is None:  # a callback raised (logged), or nghttp2 failed
             self._error = (ErrorCodes.INTERNAL_ERROR if used == _ERR_CALLBACK_FAILURE else ErrorCodes.PROTOCOL_ERROR,
                            f"nghttp2_session_mem_recv: {used}")
@@ -288,15 +299,12 @@ class Connection:
         return out[0] if len(out) == 1 else b"".join(out)
 
     def _take_output(self) -> None:
-        ffi, send, session, sent, out = self._ffi, self._lib.nghttp2_session_mem_send, self._session, self._sent, \
-            self._out
-        while (size := send(session, sent)) > 0:
-            frame = ffi.buffer(sent[0], size)[:]  # one frame (or the client preface) per call
-            out.append(frame)
-            if frame[3] == _GOAWAY and not self._goaway_ours and self._error is None:
-                self._on_goaway_sent(frame)
-        if size < 0:
-            raise ProtocolError(f"nghttp2_session_mem_send: {size}")
+        goaway = self._pump.send(self._out)
+        if goaway is not None:
+            if goaway.__class__ is int:
+                raise ProtocolError(f"nghttp2_session_mem_send: {goaway}")
+            if not self._goaway_ours and self._error is None:
+                self._on_goaway_sent(goaway)
 
     def close_connection(self, error_code=ErrorCodes.NO_ERROR, additional_data=None, last_stream_id=None) -> None:
         """Queue GOAWAY ``error_code`` naming the last stream processed."""
@@ -426,31 +434,36 @@ class Connection:
             self._error = (code, message)
         return _ERR_CALLBACK_FAILURE
 
-    # -- what the callbacks call -----------------------------------------------------------------
-    def _on_begin_headers(self, frame) -> None:
-        stream_id = frame.hd.stream_id
+    # -- what the callbacks call (the C module's, or cffi's in _callbacks) ------------------------
+    def _on_begin_headers(self, stream_id: int):
+        """A header block begins on ``stream_id``: the list its fields go into, or None to drop them."""
         stream = self._streams.get(stream_id)
         if stream is None:
             if self.client:  # a stream this side has reset: its headers are not kept
                 self._receiving = None
-                return
+                return None
             stream = self._streams[stream_id] = _Stream()
             if stream_id > self.highest_inbound_stream_id:
                 self.highest_inbound_stream_id = stream_id
         stream.headers = []
         stream.size = 0
+        stream.oversized = False
         self._receiving = stream  # the header block being received (blocks never interleave)
         self._header_limit = self.decoder.max_header_list_size
+        return stream.headers
 
-    def _over_limit(self, frame) -> int:
+    def _over_limit(self, end_headers: bool) -> int:
         """The header list being received passed ``decoder.max_header_list_size``.
 
-        In the last frame of the block (nghttp2 sets END_HEADERS on the HEADERS frame it gives for a
-        CONTINUATION): stop decoding now.  Before it, as with h2 (which decodes a whole block), the error
-        waits for the block's end, and the fields are dropped (FrameGuard bounds the block meanwhile).
+        In the last frame of the block (``end_headers``: nghttp2 sets END_HEADERS on the HEADERS frame it
+        gives for a CONTINUATION): stop decoding now.  Before it, as with h2 (which decodes a whole block),
+        the error waits for the block's end, and the fields are dropped (FrameGuard bounds the block
+        meanwhile).
         """
-        self._receiving.headers.clear()
-        if frame.hd.flags & _END_HEADERS:
+        stream = self._receiving
+        stream.headers.clear()
+        stream.oversized = True
+        if end_headers:
             return self._oversized()
         return 0
 
@@ -458,18 +471,19 @@ class Connection:
         return self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
                           f"A header list larger than {self.decoder.max_header_list_size} has been received")
 
-    def _on_headers(self, stream_id: int, frame) -> None:
+    def _on_headers(self, stream_id: int, flags: int, category: int) -> None:
+        """A header block ended (``flags`` of its HEADERS frame; ``category``: nghttp2's, request or not)."""
         stream = self._streams.get(stream_id)
         if stream is None:
             return
-        if stream.size > self.decoder.max_header_list_size:
+        if stream.oversized:
             self._oversized()
             return
         headers, stream.headers = stream.headers, None
-        ended = frame.hd.flags & _END_STREAM
+        ended = flags & _END_STREAM
         client = self.client
         if not client:
-            kind = RequestReceived if frame.headers.cat == _HCAT_REQUEST else TrailersReceived
+            kind = RequestReceived if category == _HCAT_REQUEST else TrailersReceived
         elif stream.final:
             kind = TrailersReceived
         elif headers and headers[0][0] == b":status" and headers[0][1][:1] == b"1":
@@ -498,60 +512,51 @@ class Connection:
             event.stream_ended = end
             events.append(end)
 
-    def _on_frame(self, frame) -> None:
-        kind = frame.hd.type
-        if kind == _DATA:
-            if frame.hd.flags & _END_STREAM:
-                stream_id = frame.hd.stream_id
-                stream = self._streams.get(stream_id)
-                if stream is not None and stream.expected is not None and stream.expected != stream.received:
-                    self._fail(ErrorCodes.PROTOCOL_ERROR, f"InvalidBodyLengthError: Expected {stream.expected} bytes, "
-                                                          f"received {stream.received}")
-                    return
-                self._events.append(StreamEnded(stream_id=stream_id))
-        elif kind == _HEADERS:
-            self._on_headers(frame.hd.stream_id, frame)
-        elif kind == _WINDOW_UPDATE:
-            self._events.append(WindowUpdated(stream_id=frame.hd.stream_id,
-                                              delta=frame.window_update.window_size_increment))
-        elif kind == _SETTINGS:
-            if not frame.hd.flags & _ACK:
-                self._events.append(self._settings_changed(frame.settings))
-        elif kind == _RST_STREAM:
-            stream_id = frame.hd.stream_id
-            stream = self._streams.pop(stream_id, None)
-            if stream is not None:
-                self._buffered -= len(stream.out)
-            self._events.append(StreamReset(stream_id=stream_id, error_code=_error_code(frame.rst_stream.error_code)))
-        elif kind == _PING:
-            if frame.hd.flags & _ACK:
-                self._events.append(PingAckReceived(ping_data=bytes(frame.ping.opaque_data)))
-        elif kind == _GOAWAY:
-            goaway = frame.goaway
-            if self.client:  # the streams above last_stream_id were never processed: nghttp2 closes them
-                # next, and the codec learns it from this event (as with h2), not from a reset each
-                for stream_id in [stream_id for stream_id in self._streams if stream_id > goaway.last_stream_id]:
-                    self._buffered -= len(self._streams.pop(stream_id).out)
-            event = ConnectionTerminated()
-            event.error_code = _error_code(goaway.error_code)
-            event.last_stream_id = goaway.last_stream_id
-            event.additional_data = (self._ffi.buffer(goaway.opaque_data, goaway.opaque_data_len)[:]
-                                     if goaway.opaque_data_len else None)
-            self._events.append(event)
+    def _on_end_stream(self, stream_id: int) -> None:
+        """A DATA frame with END_STREAM: the body must have its content-length."""
+        stream = self._streams.get(stream_id)
+        if stream is not None and stream.expected is not None and stream.expected != stream.received:
+            self._fail(ErrorCodes.PROTOCOL_ERROR, f"InvalidBodyLengthError: Expected {stream.expected} bytes, "
+                                                  f"received {stream.received}")
+            return
+        self._events.append(StreamEnded(stream_id=stream_id))
 
-    def _settings_changed(self, settings) -> RemoteSettingsChanged:
+    def _on_window_update(self, stream_id: int, delta: int) -> None:
+        self._events.append(WindowUpdated(stream_id=stream_id, delta=delta))
+
+    def _on_settings(self, entries) -> None:
+        """The peer's SETTINGS (not an ACK): ``entries``, (id, value) pairs, which nghttp2 has applied."""
         event = RemoteSettingsChanged()
         changed = event.changed_settings
-        for index in range(settings.niv):
-            entry = settings.iv[index]
-            code = _setting_code_from_int(entry.settings_id)
-            changed[code] = ChangedSetting(code, None, entry.value)
-            if entry.settings_id == _SETTINGS_MAX_FRAME_SIZE:  # nghttp2 applied it before this callback
-                self.max_outbound_frame_size = entry.value
-        return event
+        for setting, value in entries:
+            code = _setting_code_from_int(setting)
+            changed[code] = ChangedSetting(code, None, value)
+            if setting == _SETTINGS_MAX_FRAME_SIZE:
+                self.max_outbound_frame_size = value
+        self._events.append(event)
 
-    def _on_invalid_frame(self, frame, lib_error: int) -> None:
-        stream_id = frame.hd.stream_id
+    def _on_rst_stream(self, stream_id: int, error_code: int) -> None:
+        stream = self._streams.pop(stream_id, None)
+        if stream is not None:
+            self._buffered -= len(stream.out)
+        self._events.append(StreamReset(stream_id=stream_id, error_code=_error_code(error_code)))
+
+    def _on_ping_ack(self, data: bytes) -> None:
+        self._events.append(PingAckReceived(ping_data=data))
+
+    def _on_goaway(self, last_stream_id: int, error_code: int, data) -> None:
+        """The peer's GOAWAY (``data``: its debug data, None without)."""
+        if self.client:  # the streams above last_stream_id were never processed: nghttp2 closes them
+            # next, and the codec learns it from this event (as with h2), not from a reset each
+            for stream_id in [stream_id for stream_id in self._streams if stream_id > last_stream_id]:
+                self._buffered -= len(self._streams.pop(stream_id).out)
+        event = ConnectionTerminated()
+        event.error_code = _error_code(error_code)
+        event.last_stream_id = last_stream_id
+        event.additional_data = data
+        self._events.append(event)
+
+    def _on_invalid_frame(self, stream_id: int, lib_error: int) -> None:
         if stream_id and stream_id in self._streams:  # nghttp2 resets this stream (its RST_STREAM is queued)
             stream = self._streams.pop(stream_id)
             self._buffered -= len(stream.out)
@@ -582,31 +587,28 @@ class Connection:
         code = _error_code(int.from_bytes(frame[13:17], "big"))  # after the frame header and last stream id
         self._error = (code, f"nghttp2 ended the connection ({code!r})")
 
-    def _read(self, stream_id: int, buffer, length: int, data_flags) -> int:
+    def _take(self, stream_id: int, length: int):
+        """The data provider's read: (at most ``length`` queued DATA bytes, nghttp2's data flags), or
+        nghttp2's DEFERRED while nothing is queued and the stream goes on."""
         stream = self._streams.get(stream_id)
         if stream is None:
-            data_flags[0] |= _DATA_FLAG_EOF
-            return 0
+            return b"", _DATA_FLAG_EOF
         out = stream.out
-        size = len(out)
-        if size > length:
-            size = length
-        if size:
-            self._ffi.memmove(buffer, out, size)
-            del out[:size]
-            self._buffered -= size
+        data = out[:length]
+        if data:
+            del out[:length]
+            self._buffered -= len(data)
         if not out and stream.eof:
             if stream.trailers is not None:
-                data_flags[0] |= _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
                 count = self._headers.build(stream.trailers)
                 stream.trailers = None
                 self._lib.nghttp2_submit_trailer(self._session, stream_id, self._headers.nva, count)
-            else:
-                data_flags[0] |= _DATA_FLAG_EOF
-        elif not size:
+                return data, _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
+            return data, _DATA_FLAG_EOF
+        if not data:
             stream.deferred = True
             return _ERR_DEFERRED
-        return size
+        return data, 0
 
 
 #: h2's header validation flags, by side (client or server): a request or response head, and trailers.
@@ -644,30 +646,95 @@ def _error_code(code: int):
         return code
 
 
+def _callback_failed(exception, value, traceback) -> int:
+    """A callback raised: logged (never printed), and nghttp2 is told to stop (the connection ends)."""
+    log.failure("HTTP/2 (nghttp2) callback failed; the connection is ended", Failure(value, exception, traceback))
+    return _ERR_CALLBACK_FAILURE
+
+
+class _Callbacks:
+    """An ``nghttp2_session_callbacks`` every :class:`Connection` of one kind shares, and the data provider
+    of every stream (its read callback); ``module``: the C module when the callbacks are its own."""
+
+    def __init__(self, ffi, lib, functions: dict, module=None):
+        pointer = ffi.new("nghttp2_session_callbacks **")
+        if lib.nghttp2_session_callbacks_new(pointer):
+            raise MemoryError("nghttp2_session_callbacks_new")
+        self.callbacks = ffi.gc(pointer[0], lib.nghttp2_session_callbacks_del)
+        for name in ("on_begin_headers", "on_header", "on_frame_recv", "on_invalid_frame_recv",
+                     "on_data_chunk_recv", "on_stream_close"):
+            getattr(lib, f"nghttp2_session_callbacks_set_{name}_callback")(self.callbacks, functions[name])
+        self.provider = ffi.new("nghttp2_data_provider *")
+        self.provider.read_callback = functions["on_read"]
+        self.module = module
+        self._functions = functions  # cffi's callback objects must stay alive
+
+
 @cache
-def _callbacks(ffi, lib):
-    """The session callbacks every :class:`Connection` shares (module-level: none per session); each
-    finds its connection from the handle of the session's user_data (a weak reference to it)."""
+def _native(ffi, lib) -> _Callbacks | None:
+    """The callbacks of the C module ``_nghttp2_pump`` (built from ``_nghttp2_pump.c`` when the package is
+    installed, if a compiler is there), or None without it: then the cffi callbacks of :func:`_callbacks`.
+    Both call the same ``_on_*`` methods of the connection."""
+    try:
+        from mesh.proxy.codec import _nghttp2_pump
+    except ImportError as e:
+        log.warn("HTTP/2 (nghttp2) callbacks in Python: the C module is not built ({error}); "
+                 "reinstall txmesh with a C compiler and Python's headers to build it", error=e)
+        return None
+    address = ffi.cast("uintptr_t", ffi.addressof(lib, "nghttp2_session_mem_recv"))
+    _nghttp2_pump.bind(int(address), int(ffi.cast("uintptr_t", ffi.addressof(lib, "nghttp2_session_mem_send"))),
+                       NeverIndexedHeaderTuple, _callback_failed)
+    kinds = {"on_begin_headers": "frame_cb", "on_header": "header_cb", "on_frame_recv": "frame_cb",
+             "on_invalid_frame_recv": "invalid_frame_cb", "on_data_chunk_recv": "data_chunk_cb",
+             "on_stream_close": "stream_close_cb", "on_read": "nghttp2_data_source_read_callback"}
+    functions = {name: ffi.cast(kinds[name], address) for name, address in _nghttp2_pump.callback_addresses().items()}
+    return _Callbacks(ffi, lib, functions, _nghttp2_pump)
+
+
+#: Whether connections use the C module's callbacks when it is built (the tests turn it off to test cffi's).
+native_enabled = True
+
+
+class _CffiPump:
+    """What the C module's ``Pump`` does, through cffi: the session's user_data is a handle to a weak
+    reference to the connection (so that the connection and its handle make no reference cycle)."""
+
+    def __init__(self, conn, ffi, lib):
+        self.handle = ffi.new_handle(weakref.ref(conn))
+        self._ffi, self._lib = ffi, lib
+        self._sent = ffi.new("const uint8_t **")
+
+    def attach(self, address: int) -> None:
+        self._session = self._ffi.cast("nghttp2_session *", address)
+
+    def recv(self, data: bytes) -> int:
+        return self._lib.nghttp2_session_mem_recv(self._session, data, len(data))
+
+    def send(self, out: list):
+        """Append every frame nghttp2 gives to ``out``: the first GOAWAY among them, or mem_send's error."""
+        ffi, send, session, sent = self._ffi, self._lib.nghttp2_session_mem_send, self._session, self._sent
+        goaway = None
+        while (size := send(session, sent)) > 0:
+            frame = ffi.buffer(sent[0], size)[:]  # one frame (or the client preface) per call
+            out.append(frame)
+            if frame[3] == _GOAWAY and goaway is None:
+                goaway = frame
+        return size if size < 0 else goaway
+
+
+@cache
+def _callbacks(ffi, lib) -> _Callbacks:
+    """The cffi callbacks; each finds its connection from the handle of the session's user_data."""
     backend = getattr(ffi, "_backend", None)  # cffi's functions without their Python-level wrappers
     from_handle = getattr(backend, "from_handle", ffi.from_handle)
     unpack = getattr(backend, "unpack", ffi.unpack)
 
-    def onerror(exception, value, traceback):
-        """A callback raised: logged (never printed), and nghttp2 is told to stop (the connection ends)."""
-        log.failure("HTTP/2 (nghttp2) callback failed; the connection is ended", Failure(value, exception, traceback))
-        return _ERR_CALLBACK_FAILURE
-
-    kept = {}
-
     def callback(kind):
-        def wrap(function):
-            kept[function] = c = ffi.callback(kind, function, error=_ERR_CALLBACK_FAILURE, onerror=onerror)
-            return c
-        return wrap
+        return lambda function: ffi.callback(kind, function, error=_ERR_CALLBACK_FAILURE, onerror=_callback_failed)
 
     @callback("frame_cb")
     def on_begin_headers(session, frame, user_data):
-        from_handle(user_data)()._on_begin_headers(frame)
+        from_handle(user_data)()._on_begin_headers(frame.hd.stream_id)
         return 0
 
     @callback("header_cb")
@@ -678,7 +745,7 @@ def _callbacks(ffi, lib):
             return 0
         size = stream.size = stream.size + namelen + valuelen + 32
         if size > conn._header_limit:
-            return conn._over_limit(frame)
+            return conn._over_limit(frame.hd.flags & _END_HEADERS)
         if flags & _NV_FLAG_NO_INDEX:
             stream.headers.append(_tuple(NeverIndexedHeaderTuple, (unpack(name, namelen), unpack(value, valuelen))))
         else:
@@ -687,16 +754,40 @@ def _callbacks(ffi, lib):
 
     @callback("frame_cb")
     def on_frame_recv(session, frame, user_data):
-        from_handle(user_data)()._on_frame(frame)
+        conn = from_handle(user_data)()
+        hd = frame.hd
+        kind = hd.type
+        if kind == _DATA:
+            if hd.flags & _END_STREAM:
+                conn._on_end_stream(hd.stream_id)
+        elif kind == _HEADERS:
+            conn._on_headers(hd.stream_id, hd.flags, frame.headers.cat)
+        elif kind == _WINDOW_UPDATE:
+            conn._on_window_update(hd.stream_id, frame.window_update.window_size_increment)
+        elif kind == _SETTINGS:
+            if not hd.flags & _ACK:
+                settings = frame.settings
+                conn._on_settings([(settings.iv[index].settings_id, settings.iv[index].value)
+                                   for index in range(settings.niv)])
+        elif kind == _RST_STREAM:
+            conn._on_rst_stream(hd.stream_id, frame.rst_stream.error_code)
+        elif kind == _PING:
+            if hd.flags & _ACK:
+                conn._on_ping_ack(bytes(frame.ping.opaque_data))
+        elif kind == _GOAWAY:
+            goaway = frame.goaway
+            conn._on_goaway(goaway.last_stream_id, goaway.error_code,
+                            ffi.buffer(goaway.opaque_data, goaway.opaque_data_len)[:]
+                            if goaway.opaque_data_len else None)
         return 0
 
     @callback("invalid_frame_cb")
     def on_invalid_frame_recv(session, frame, lib_error, user_data):
-        from_handle(user_data)()._on_invalid_frame(frame, lib_error)
+        from_handle(user_data)()._on_invalid_frame(frame.hd.stream_id, lib_error)
         return 0
 
     @callback("data_chunk_cb")
-    def on_data_chunk(session, flags, stream_id, chunk, length, user_data):
+    def on_data_chunk_recv(session, flags, stream_id, chunk, length, user_data):
         return from_handle(user_data)()._on_data(stream_id, unpack(chunk, length))
 
     @callback("stream_close_cb")
@@ -706,32 +797,18 @@ def _callbacks(ffi, lib):
 
     @callback("nghttp2_data_source_read_callback")
     def on_read(session, stream_id, buffer, length, data_flags, source, user_data):
-        return from_handle(user_data)()._read(stream_id, buffer, length, data_flags)
+        taken = from_handle(user_data)()._take(stream_id, length)
+        if taken.__class__ is int:
+            return taken
+        data, flags = taken
+        ffi.memmove(buffer, data, len(data))
+        data_flags[0] |= flags
+        return len(data)
 
-    pointer = ffi.new("nghttp2_session_callbacks **")
-    if lib.nghttp2_session_callbacks_new(pointer):
-        raise MemoryError("nghttp2_session_callbacks_new")
-    callbacks = ffi.gc(pointer[0], lib.nghttp2_session_callbacks_del)
-    lib.nghttp2_session_callbacks_set_on_begin_headers_callback(callbacks, on_begin_headers)
-    lib.nghttp2_session_callbacks_set_on_header_callback(callbacks, on_header)
-    lib.nghttp2_session_callbacks_set_on_frame_recv_callback(callbacks, on_frame_recv)
-    lib.nghttp2_session_callbacks_set_on_invalid_frame_recv_callback(callbacks, on_invalid_frame_recv)
-    lib.nghttp2_session_callbacks_set_on_data_chunk_recv_callback(callbacks, on_data_chunk)
-    lib.nghttp2_session_callbacks_set_on_stream_close_callback(callbacks, on_stream_close)
-    _KEPT[callbacks] = (kept, on_read)
-    return callbacks
-
-
-_KEPT = {}  # the callbacks' cffi objects, alive as long as the module
-
-
-@cache
-def _provider(ffi):
-    """The data provider of every stream: its read callback takes the stream's queued bytes."""
-    provider = ffi.new("nghttp2_data_provider *")
-    callbacks = _callbacks(ffi, library()[1])
-    provider.read_callback = _KEPT[callbacks][1]
-    return provider
+    return _Callbacks(ffi, lib, dict(on_begin_headers=on_begin_headers, on_header=on_header,
+                                     on_frame_recv=on_frame_recv, on_invalid_frame_recv=on_invalid_frame_recv,
+                                     on_data_chunk_recv=on_data_chunk_recv, on_stream_close=on_stream_close,
+                                     on_read=on_read))
 
 
 @cache

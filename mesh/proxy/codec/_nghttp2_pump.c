@@ -1,0 +1,494 @@
+/* The HTTP/2 engine's session callbacks in C (optional; mesh/proxy/codec/nghttp2_session.py).
+ *
+ * A Pump feeds an nghttp2 session the peer's bytes (``recv``) and takes the frames it queued
+ * (``send``), with the GIL held throughout.  The session's callbacks are the C functions of this
+ * module: they collect each received header block into a list of (name, value) tuples and call the
+ * Connection's methods with plain ints and bytes, once per frame or DATA chunk, never once per
+ * field.  Without this module the same methods are called from cffi callbacks (``_CffiPump`` in
+ * nghttp2_session.py): one Python call per received field, per frame and per chunk, and the GIL
+ * dropped and taken around each.
+ *
+ * libnghttp2 is not linked: ``bind`` is given the addresses of nghttp2_session_mem_recv and
+ * nghttp2_session_mem_send from the library cffi loaded, so there is one copy of it, and the module
+ * builds without libnghttp2-dev.  Only the frame layout of nghttp2.h (1.52) is declared below.
+ *
+ * A Pump holds its Connection as a borrowed reference: the Connection owns the Pump and the
+ * session, and only drives the session through its own methods, so the Connection is alive
+ * whenever a callback runs (and no reference cycle is made).
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/types.h>
+
+typedef struct nghttp2_session nghttp2_session;
+typedef struct { size_t length; int32_t stream_id; uint8_t type; uint8_t flags; uint8_t reserved; } nghttp2_frame_hd;
+typedef struct { int32_t stream_id; int32_t weight; uint8_t exclusive; } nghttp2_priority_spec;
+typedef struct { uint8_t *name; uint8_t *value; size_t namelen; size_t valuelen; uint8_t flags; } nghttp2_nv;
+typedef struct {
+    nghttp2_frame_hd hd; size_t padlen; nghttp2_priority_spec pri_spec; nghttp2_nv *nva; size_t nvlen; int cat;
+} nghttp2_headers;
+typedef struct { nghttp2_frame_hd hd; uint32_t error_code; } nghttp2_rst_stream;
+typedef struct { int32_t settings_id; uint32_t value; } nghttp2_settings_entry;
+typedef struct { nghttp2_frame_hd hd; size_t niv; nghttp2_settings_entry *iv; } nghttp2_settings;
+typedef struct { nghttp2_frame_hd hd; uint8_t opaque_data[8]; } nghttp2_ping;
+typedef struct {
+    nghttp2_frame_hd hd; int32_t last_stream_id; uint32_t error_code; uint8_t *opaque_data; size_t opaque_data_len;
+    uint8_t reserved;
+} nghttp2_goaway;
+typedef struct { nghttp2_frame_hd hd; int32_t window_size_increment; uint8_t reserved; } nghttp2_window_update;
+typedef union {
+    nghttp2_frame_hd hd; nghttp2_headers headers; nghttp2_rst_stream rst_stream; nghttp2_settings settings;
+    nghttp2_ping ping; nghttp2_goaway goaway; nghttp2_window_update window_update;
+} nghttp2_frame;
+typedef union { int fd; void *ptr; } nghttp2_data_source;
+
+typedef ssize_t (*mem_recv_fn)(nghttp2_session *, const uint8_t *, size_t);
+typedef ssize_t (*mem_send_fn)(nghttp2_session *, const uint8_t **);
+
+enum { DATA = 0x0, HEADERS = 0x1, RST_STREAM = 0x3, SETTINGS = 0x4, PUSH_PROMISE = 0x5, PING = 0x6, GOAWAY = 0x7,
+       WINDOW_UPDATE = 0x8 };
+enum { FLAG_END_STREAM = 0x1, FLAG_ACK = 0x1, FLAG_END_HEADERS = 0x4, NV_FLAG_NO_INDEX = 0x1 };
+enum { DATA_FLAG_EOF = 0x1 };
+#define ERR_CALLBACK_FAILURE (-902)
+
+static mem_recv_fn mem_recv;
+static mem_send_fn mem_send;
+static PyObject *never_indexed;  /* hpack.NeverIndexedHeaderTuple */
+static PyObject *on_error;       /* called with (type, value, traceback) when a method raised */
+
+/* The Connection's methods the callbacks call (interned names). */
+static PyObject *s_begin_headers, *s_over_limit, *s_headers, *s_end_stream, *s_window_update, *s_settings,
+    *s_rst_stream, *s_ping_ack, *s_goaway, *s_invalid_frame, *s_data, *s_close, *s_take, *s_header_limit;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *conn;            /* borrowed: see the top of this file */
+    nghttp2_session *session;
+    PyObject *block;           /* the list the header block being received goes into; NULL: dropped */
+    Py_ssize_t size;           /* of that header list, as SETTINGS_MAX_HEADER_LIST_SIZE counts it */
+    Py_ssize_t limit;          /* the Connection's _header_limit when the block began */
+} Pump;
+
+/* A method raised: hand the exception to on_error (which logs it), and tell nghttp2 to stop. */
+static int failed(void) {
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *result = PyObject_CallFunctionObjArgs(on_error, type, value ? value : Py_None,
+                                                    traceback ? traceback : Py_None, NULL);
+    if (result == NULL) {
+        PyErr_WriteUnraisable(on_error);
+    }
+    Py_XDECREF(result);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return ERR_CALLBACK_FAILURE;
+}
+
+/* conn.<name>(*args) with ``count`` arguments, which this function releases (any may be NULL: then
+ * it fails as the method would, with the error set by what made the NULL). */
+static PyObject *call(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *stack[5] = {NULL, pump->conn, a, b, c};
+    PyObject *result = NULL;
+    if ((count < 1 || a) && (count < 2 || b) && (count < 3 || c)) {
+        result = PyObject_VectorcallMethod(name, stack + 1, (count + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
+    }
+    Py_XDECREF(a);
+    Py_XDECREF(b);
+    Py_XDECREF(c);
+    return result;
+}
+
+/* A call whose result is ignored (as the cffi callbacks ignore it): 0, or the failure. */
+static int notify(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *result = call(pump, name, count, a, b, c);
+    if (result == NULL) {
+        return failed();
+    }
+    Py_DECREF(result);
+    return 0;
+}
+
+/* A call whose result is the int the callback returns to nghttp2. */
+static int answer(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
+    PyObject *result = call(pump, name, count, a, b, c);
+    if (result == NULL) {
+        return failed();
+    }
+    long value = PyLong_AsLong(result);
+    Py_DECREF(result);
+    if (value == -1 && PyErr_Occurred()) {
+        return failed();
+    }
+    return (int)value;
+}
+
+static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) {
+    Pump *pump = user_data;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rv = 0;
+    Py_CLEAR(pump->block);
+    PyObject *block = call(pump, s_begin_headers, 1, PyLong_FromLong(frame->hd.stream_id), NULL, NULL);
+    if (block == NULL) {
+        rv = failed();
+    } else if (block == Py_None) {
+        Py_DECREF(block);
+    } else {
+        PyObject *limit = PyObject_GetAttr(pump->conn, s_header_limit);
+        pump->limit = limit ? PyLong_AsSsize_t(limit) : -1;
+        Py_XDECREF(limit);
+        if (pump->limit == -1 && PyErr_Occurred()) {
+            Py_DECREF(block);
+            rv = failed();
+        } else {
+            pump->block = block;
+            pump->size = 0;
+        }
+    }
+    PyGILState_Release(gil);
+    return rv;
+}
+
+static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
+                     const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) {
+    Pump *pump = user_data;
+    if (pump->block == NULL) {
+        return 0;
+    }
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rv = 0;
+    pump->size += (Py_ssize_t)(namelen + valuelen + 32);
+    if (pump->size > pump->limit) {
+        rv = answer(pump, s_over_limit, 1, PyBool_FromLong(frame->hd.flags & FLAG_END_HEADERS), NULL, NULL);
+    } else {
+        PyObject *pair = PyTuple_New(2);
+        PyObject *n = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)namelen);
+        PyObject *v = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)valuelen);
+        PyObject *field = NULL;
+        if (pair && n && v) {
+            PyTuple_SET_ITEM(pair, 0, n);
+            PyTuple_SET_ITEM(pair, 1, v);
+            n = v = NULL;
+            if (flags & NV_FLAG_NO_INDEX) {  /* tuple.__new__(NeverIndexedHeaderTuple, pair) */
+                PyObject *args = PyTuple_Pack(1, pair);
+                field = args ? PyTuple_Type.tp_new((PyTypeObject *)never_indexed, args, NULL) : NULL;
+                Py_XDECREF(args);
+                Py_DECREF(pair);
+            } else {
+                field = pair;
+            }
+            pair = NULL;
+        }
+        Py_XDECREF(pair);
+        Py_XDECREF(n);
+        Py_XDECREF(v);
+        if (field == NULL || PyList_Append(pump->block, field) < 0) {
+            rv = failed();
+        }
+        Py_XDECREF(field);
+    }
+    PyGILState_Release(gil);
+    return rv;
+}
+
+static PyObject *settings_list(const nghttp2_settings *settings) {
+    PyObject *entries = PyList_New((Py_ssize_t)settings->niv);
+    for (size_t index = 0; entries && index < settings->niv; index++) {
+        PyObject *entry = Py_BuildValue("(iI)", settings->iv[index].settings_id,
+                                        (unsigned int)settings->iv[index].value);
+        if (entry == NULL) {
+            Py_CLEAR(entries);
+        } else {
+            PyList_SET_ITEM(entries, (Py_ssize_t)index, entry);
+        }
+    }
+    return entries;
+}
+
+static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) {
+    Pump *pump = user_data;
+    int32_t stream_id = frame->hd.stream_id;
+    uint8_t flags = frame->hd.flags;
+    int rv = 0;
+    PyGILState_STATE gil = PyGILState_Ensure();
+    switch (frame->hd.type) {
+    case DATA:
+        if (flags & FLAG_END_STREAM) {
+            rv = notify(pump, s_end_stream, 1, PyLong_FromLong(stream_id), NULL, NULL);
+        }
+        break;
+    case HEADERS:
+        rv = notify(pump, s_headers, 3, PyLong_FromLong(stream_id), PyLong_FromLong(flags),
+                    PyLong_FromLong(frame->headers.cat));
+        Py_CLEAR(pump->block);
+        break;
+    case PUSH_PROMISE:
+        Py_CLEAR(pump->block);
+        break;
+    case WINDOW_UPDATE:
+        rv = notify(pump, s_window_update, 2, PyLong_FromLong(stream_id),
+                    PyLong_FromLong(frame->window_update.window_size_increment), NULL);
+        break;
+    case SETTINGS:
+        if (!(flags & FLAG_ACK)) {
+            rv = notify(pump, s_settings, 1, settings_list(&frame->settings), NULL, NULL);
+        }
+        break;
+    case RST_STREAM:
+        rv = notify(pump, s_rst_stream, 2, PyLong_FromLong(stream_id),
+                    PyLong_FromUnsignedLong(frame->rst_stream.error_code), NULL);
+        break;
+    case PING:
+        if (flags & FLAG_ACK) {
+            rv = notify(pump, s_ping_ack, 1, PyBytes_FromStringAndSize((const char *)frame->ping.opaque_data, 8),
+                        NULL, NULL);
+        }
+        break;
+    case GOAWAY: {
+        const nghttp2_goaway *goaway = &frame->goaway;
+        PyObject *data = goaway->opaque_data_len
+            ? PyBytes_FromStringAndSize((const char *)goaway->opaque_data, (Py_ssize_t)goaway->opaque_data_len)
+            : Py_NewRef(Py_None);
+        rv = notify(pump, s_goaway, 3, PyLong_FromLong(goaway->last_stream_id),
+                    PyLong_FromUnsignedLong(goaway->error_code), data);
+        break;
+    }
+    default:
+        break;
+    }
+    PyGILState_Release(gil);
+    return rv;
+}
+
+static int on_invalid_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, int lib_error,
+                                 void *user_data) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rv = notify(user_data, s_invalid_frame, 2, PyLong_FromLong(frame->hd.stream_id), PyLong_FromLong(lib_error),
+                    NULL);
+    PyGILState_Release(gil);
+    return rv;
+}
+
+static int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t stream_id, const uint8_t *data,
+                              size_t length, void *user_data) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rv = answer(user_data, s_data, 2, PyLong_FromLong(stream_id),
+                    PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)length), NULL);
+    PyGILState_Release(gil);
+    return rv;
+}
+
+static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code, void *user_data) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    int rv = notify(user_data, s_close, 2, PyLong_FromLong(stream_id), PyLong_FromUnsignedLong(error_code), NULL);
+    PyGILState_Release(gil);
+    return rv;
+}
+
+/* The data provider: conn._take(stream_id, length) gives an int for nghttp2 (deferred, an error) or
+ * (bytes-like of at most ``length``, the data flags to set). */
+static ssize_t on_read(nghttp2_session *session, int32_t stream_id, uint8_t *buffer, size_t length,
+                       uint32_t *data_flags, nghttp2_data_source *source, void *user_data) {
+    PyGILState_STATE gil = PyGILState_Ensure();
+    ssize_t rv;
+    PyObject *taken = call(user_data, s_take, 2, PyLong_FromLong(stream_id), PyLong_FromSize_t(length), NULL);
+    if (taken == NULL) {
+        rv = failed();
+    } else if (PyLong_Check(taken)) {
+        rv = PyLong_AsSsize_t(taken);
+        if (rv == -1 && PyErr_Occurred()) {
+            rv = failed();
+        }
+    } else {
+        Py_buffer view;
+        long flags;
+        if (!PyTuple_Check(taken) || PyTuple_GET_SIZE(taken) != 2) {
+            PyErr_SetString(PyExc_TypeError, "_take must give an int or (data, flags)");
+            rv = failed();
+        } else if ((flags = PyLong_AsLong(PyTuple_GET_ITEM(taken, 1))) == -1 && PyErr_Occurred()) {
+            rv = failed();
+        } else if (PyObject_GetBuffer(PyTuple_GET_ITEM(taken, 0), &view, PyBUF_SIMPLE) < 0) {
+            rv = failed();
+        } else {
+            if ((size_t)view.len > length) {
+                PyErr_SetString(PyExc_ValueError, "_take gave more than it was asked for");
+                rv = failed();
+            } else {
+                memcpy(buffer, view.buf, (size_t)view.len);
+                *data_flags |= (uint32_t)flags;
+                rv = view.len;
+            }
+            PyBuffer_Release(&view);
+        }
+    }
+    Py_XDECREF(taken);
+    PyGILState_Release(gil);
+    return rv;
+}
+
+/* -- the Pump type ---------------------------------------------------------------------------- */
+
+static int pump_init(Pump *self, PyObject *args, PyObject *kwargs) {
+    PyObject *conn;
+    if (!PyArg_ParseTuple(args, "O:Pump", &conn)) {
+        return -1;
+    }
+    self->conn = conn;
+    return 0;
+}
+
+static void pump_dealloc(Pump *self) {
+    Py_CLEAR(self->block);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *pump_recv(Pump *self, PyObject *data) {
+    Py_buffer view;
+    if (self->session == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.recv before Pump.attach");
+        return NULL;
+    }
+    if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    ssize_t used = mem_recv(self->session, view.buf, (size_t)view.len);
+    PyBuffer_Release(&view);
+    return PyLong_FromSsize_t(used);
+}
+
+static PyObject *pump_send(Pump *self, PyObject *out) {
+    const uint8_t *sent;
+    ssize_t size;
+    PyObject *goaway = NULL;
+    if (self->session == NULL || !PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "Pump.send wants a list, after Pump.attach");
+        return NULL;
+    }
+    while ((size = mem_send(self->session, &sent)) > 0) {
+        PyObject *frame = PyBytes_FromStringAndSize((const char *)sent, size);
+        if (frame == NULL || PyList_Append(out, frame) < 0) {
+            Py_XDECREF(frame);
+            Py_XDECREF(goaway);
+            return NULL;
+        }
+        if (goaway == NULL && size > 3 && sent[3] == GOAWAY) {
+            goaway = Py_NewRef(frame);
+        }
+        Py_DECREF(frame);
+    }
+    if (size < 0) {
+        Py_XDECREF(goaway);
+        return PyLong_FromSsize_t(size);
+    }
+    return goaway ? goaway : Py_NewRef(Py_None);
+}
+
+static PyObject *pump_attach(Pump *self, PyObject *address) {
+    void *session = PyLong_AsVoidPtr(address);
+    if (session == NULL && PyErr_Occurred()) {
+        return NULL;
+    }
+    self->session = session;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef pump_methods[] = {
+    {"attach", (PyCFunction)pump_attach, METH_O,
+     "attach(address): the nghttp2_session (its address) this pump drives; its user_data is the pump"},
+    {"recv", (PyCFunction)pump_recv, METH_O,
+     "recv(data) -> int: nghttp2_session_mem_recv of ``data``, the callbacks calling the connection's methods"},
+    {"send", (PyCFunction)pump_send, METH_O,
+     "send(out) -> None | bytes | int: append every frame nghttp2_session_mem_send gives to the list ``out``; "
+     "the first GOAWAY frame among them, or mem_send's error"},
+    {NULL},
+};
+
+static PyTypeObject PumpType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "mesh.proxy.codec._nghttp2_pump.Pump",
+    .tp_doc = "Pump(connection): drives an nghttp2 session for a Connection, with this module's callbacks.",
+    .tp_basicsize = sizeof(Pump),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)pump_init,
+    .tp_dealloc = (destructor)pump_dealloc,
+    .tp_methods = pump_methods,
+};
+
+/* -- the module ----------------------------------------------------------------------------- */
+
+static PyObject *bind(PyObject *module, PyObject *args) {
+    PyObject *recv_address, *send_address, *tuple_type, *error_handler;
+    if (!PyArg_ParseTuple(args, "OOOO:bind", &recv_address, &send_address, &tuple_type, &error_handler)) {
+        return NULL;
+    }
+    mem_recv = (mem_recv_fn)PyLong_AsVoidPtr(recv_address);
+    mem_send = (mem_send_fn)PyLong_AsVoidPtr(send_address);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (!PyType_Check(tuple_type) || !PyType_IsSubtype((PyTypeObject *)tuple_type, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "bind wants a tuple subclass for never-indexed fields");
+        return NULL;
+    }
+    Py_XSETREF(never_indexed, Py_NewRef(tuple_type));
+    Py_XSETREF(on_error, Py_NewRef(error_handler));
+    Py_RETURN_NONE;
+}
+
+static PyObject *callback_addresses(PyObject *module, PyObject *unused) {
+    return Py_BuildValue("{sNsNsNsNsNsNsN}",
+                         "on_begin_headers", PyLong_FromVoidPtr((void *)on_begin_headers),
+                         "on_header", PyLong_FromVoidPtr((void *)on_header),
+                         "on_frame_recv", PyLong_FromVoidPtr((void *)on_frame_recv),
+                         "on_invalid_frame_recv", PyLong_FromVoidPtr((void *)on_invalid_frame_recv),
+                         "on_data_chunk_recv", PyLong_FromVoidPtr((void *)on_data_chunk_recv),
+                         "on_stream_close", PyLong_FromVoidPtr((void *)on_stream_close),
+                         "on_read", PyLong_FromVoidPtr((void *)on_read));
+}
+
+static PyMethodDef module_methods[] = {
+    {"bind", bind, METH_VARARGS,
+     "bind(mem_recv, mem_send, never_indexed, on_error): the addresses of nghttp2_session_mem_recv and "
+     "nghttp2_session_mem_send, hpack.NeverIndexedHeaderTuple, and the function given (type, value, traceback) "
+     "of an exception a connection's method raised in a callback"},
+    {"callback_addresses", callback_addresses, METH_NOARGS,
+     "callback_addresses() -> {name: address}: the session callbacks and the data provider's read callback"},
+    {NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "_nghttp2_pump", "The HTTP/2 engine's session callbacks in C (see the C source).", -1,
+    module_methods,
+};
+
+PyMODINIT_FUNC PyInit__nghttp2_pump(void) {
+    struct { PyObject **name; const char *text; } names[] = {
+        {&s_begin_headers, "_on_begin_headers"}, {&s_over_limit, "_over_limit"}, {&s_headers, "_on_headers"},
+        {&s_end_stream, "_on_end_stream"}, {&s_window_update, "_on_window_update"}, {&s_settings, "_on_settings"},
+        {&s_rst_stream, "_on_rst_stream"}, {&s_ping_ack, "_on_ping_ack"}, {&s_goaway, "_on_goaway"},
+        {&s_invalid_frame, "_on_invalid_frame"}, {&s_data, "_on_data"}, {&s_close, "_on_close"},
+        {&s_take, "_take"}, {&s_header_limit, "_header_limit"},
+    };
+    for (size_t index = 0; index < sizeof(names) / sizeof(names[0]); index++) {
+        if ((*names[index].name = PyUnicode_InternFromString(names[index].text)) == NULL) {
+            return NULL;
+        }
+    }
+    if (PyType_Ready(&PumpType) < 0) {
+        return NULL;
+    }
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddObject(module, "Pump", Py_NewRef((PyObject *)&PumpType)) < 0) {
+        Py_DECREF((PyObject *)&PumpType);
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}
