@@ -28,7 +28,7 @@ from h2.events import (
 )
 from h2.exceptions import DenialOfServiceError, ProtocolError, StreamClosedError
 from h2.settings import SettingCodes
-from hpack import Encoder
+from hpack import Encoder, HeaderTuple, NeverIndexedHeaderTuple
 from hyperframe.frame import ContinuationFrame, HeadersFrame, WindowUpdateFrame
 from twisted.logger import Logger
 
@@ -183,6 +183,37 @@ def _send_request(engine):
 def test_a_request_from_the_client_side():
     theirs, ours = _both(_send_request)
     assert ours == theirs and ("ours", "TrailersReceived", 1, [(b"x-trailer", b"1")]) in ours
+
+
+def _fields_of_every_kind(engine):
+    """A response whose fields come in every form the codecs and hpack accept, and trailers after DATA."""
+    hop = _server_hop(engine)
+    peer, ours = hop.peer, hop.ours
+    peer.send_headers(1, GET, end_stream=True)
+    hop.run()
+    ours.send_headers(1, [HeaderTuple(b":status", b"200"), NeverIndexedHeaderTuple(b"set-cookie", b"a=1"),
+                          ("x-text", "caf\u00e9"), (b"content-length", "2"), (b"x-triple", b"s", True),
+                          [b"x-list", b"l"]])
+    ours.send_data(1, b"ok")
+    ours.send_headers(1, [(b"x-trailer", b"1"), NeverIndexedHeaderTuple(b"x-sig", b"2")], end_stream=True)
+    received = peer.receive_data(ours.data_to_send())  # h2's own: never-indexed fields stay so
+    return [(type(event).__name__, [(type(header).__name__, *header) for header in event.headers])
+            if hasattr(event, "headers") else _event(event) for event in received if type(event) in _SEEN]
+
+
+def test_sent_fields_of_every_form_arrive_as_with_h2():
+    """Names and values as bytes or str, fields as tuples, hpack's tuples or lists; never indexed as
+    hpack's tuple says (a plain tuple's third item is dropped, as h2 drops it)."""
+    theirs, ours = _both(_fields_of_every_kind)
+    assert ours == theirs
+    response, data, trailers, _ = ours
+    assert response == ("ResponseReceived", [
+        ("HeaderTuple", b":status", b"200"), ("NeverIndexedHeaderTuple", b"set-cookie", b"a=1"),
+        ("HeaderTuple", b"x-text", "caf\u00e9".encode()), ("HeaderTuple", b"content-length", b"2"),
+        ("HeaderTuple", b"x-triple", b"s"), ("HeaderTuple", b"x-list", b"l")])
+    assert data[:3] == ("DataReceived", 1, b"ok")
+    assert trailers == ("TrailersReceived", [("HeaderTuple", b"x-trailer", b"1"),
+                                             ("NeverIndexedHeaderTuple", b"x-sig", b"2")])
 
 
 def _resets(engine):

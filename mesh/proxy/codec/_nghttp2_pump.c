@@ -8,9 +8,10 @@
  * nghttp2_session.py): one Python call per received field, per frame and per chunk, and the GIL
  * dropped and taken around each.
  *
- * libnghttp2 is not linked: ``bind`` is given the addresses of nghttp2_session_mem_recv and
- * nghttp2_session_mem_send from the library cffi loaded, so there is one copy of it, and the module
- * builds without libnghttp2-dev.  Only the frame layout of nghttp2.h (1.52) is declared below.
+ * ``submit`` sends a header block, its nghttp2_nv array packed in C from the list of fields.
+ *
+ * libnghttp2 is not linked: ``bind`` is given the addresses of the functions named in FUNCTIONS from
+ * the library cffi loaded, so there is one copy of it, and the module builds without libnghttp2-dev.  Only the frame layout of nghttp2.h (1.52) is declared below.
  *
  * A Pump holds its Connection as a borrowed reference: the Connection owns the Pump and the
  * session, and only drives the session through its own methods, so the Connection is alive
@@ -44,8 +45,19 @@ typedef union {
 } nghttp2_frame;
 typedef union { int fd; void *ptr; } nghttp2_data_source;
 
+typedef ssize_t (*nghttp2_data_source_read_callback)(nghttp2_session *, int32_t, uint8_t *, size_t, uint32_t *,
+                                                     nghttp2_data_source *, void *);
+typedef struct { nghttp2_data_source source; nghttp2_data_source_read_callback read_callback; } nghttp2_data_provider;
+
 typedef ssize_t (*mem_recv_fn)(nghttp2_session *, const uint8_t *, size_t);
 typedef ssize_t (*mem_send_fn)(nghttp2_session *, const uint8_t **);
+typedef int32_t (*submit_request_fn)(nghttp2_session *, const nghttp2_priority_spec *, const nghttp2_nv *, size_t,
+                                     const nghttp2_data_provider *, void *);
+typedef int (*submit_response_fn)(nghttp2_session *, int32_t, const nghttp2_nv *, size_t,
+                                  const nghttp2_data_provider *);
+typedef int32_t (*submit_headers_fn)(nghttp2_session *, uint8_t, int32_t, const nghttp2_priority_spec *,
+                                     const nghttp2_nv *, size_t, void *);
+typedef int (*submit_trailer_fn)(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
 
 enum { DATA = 0x0, HEADERS = 0x1, RST_STREAM = 0x3, SETTINGS = 0x4, PUSH_PROMISE = 0x5, PING = 0x6, GOAWAY = 0x7,
        WINDOW_UPDATE = 0x8 };
@@ -55,6 +67,10 @@ enum { DATA_FLAG_EOF = 0x1 };
 
 static mem_recv_fn mem_recv;
 static mem_send_fn mem_send;
+static submit_request_fn submit_request;
+static submit_response_fn submit_response;
+static submit_headers_fn submit_headers;
+static submit_trailer_fn submit_trailer;
 static PyObject *never_indexed;  /* hpack.NeverIndexedHeaderTuple */
 static PyObject *on_error;       /* called with (type, value, traceback) when a method raised */
 
@@ -329,6 +345,96 @@ static ssize_t on_read(nghttp2_session *session, int32_t stream_id, uint8_t *buf
     return rv;
 }
 
+/* What every stream's DATA comes from: on_read, which asks the connection's _take. */
+static const nghttp2_data_provider provider = {{0}, on_read};
+
+/* -- header blocks sent ------------------------------------------------------------------------ */
+
+enum { SUBMIT_REQUEST = 0, SUBMIT_RESPONSE = 1, SUBMIT_HEADERS = 2, SUBMIT_TRAILER = 3 };
+
+/* ``text`` as the bytes to send: bytes as they are, str as UTF-8, anything else as str()'s UTF-8 (as
+ * hpack_c.HeaderArray takes them).  A new object is appended to ``keep``, which holds it while used. */
+static int field_bytes(PyObject *text, PyObject *keep, uint8_t **data, size_t *length) {
+    if (PyBytes_Check(text)) {
+        *data = (uint8_t *)PyBytes_AS_STRING(text);
+        *length = (size_t)PyBytes_GET_SIZE(text);
+        return 0;
+    }
+    PyObject *string = PyUnicode_Check(text) ? Py_NewRef(text) : PyObject_Str(text);
+    if (string == NULL) {
+        return -1;
+    }
+    PyObject *encoded = PyUnicode_AsUTF8String(string);
+    Py_DECREF(string);
+    if (encoded == NULL || PyList_Append(keep, encoded) < 0) {
+        Py_XDECREF(encoded);
+        return -1;
+    }
+    Py_DECREF(encoded);
+    *data = (uint8_t *)PyBytes_AS_STRING(encoded);
+    *length = (size_t)PyBytes_GET_SIZE(encoded);
+    return 0;
+}
+
+/* Whether ``header`` is to be sent never indexed, as hpack_c.HeaderArray decides it: never for a plain
+ * tuple (h2 drops a third item), when hpack's ``indexable`` is false (NeverIndexedHeaderTuple), and
+ * for any other sequence when it has a true third item; -1 on error. */
+static int never_indexed_field(PyObject *header) {
+    if (PyTuple_CheckExact(header)) {
+        return 0;
+    }
+    PyObject *indexable = PyObject_GetAttrString(header, "indexable");
+    if (indexable != NULL) {
+        int truth = PyObject_IsTrue(indexable);
+        Py_DECREF(indexable);
+        return truth < 0 ? -1 : !truth;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_AttributeError)) {
+        return -1;
+    }
+    PyErr_Clear();
+    if (PySequence_Size(header) > 2) {
+        PyObject *flag = PySequence_GetItem(header, 2);
+        int truth = flag ? PyObject_IsTrue(flag) : -1;
+        Py_XDECREF(flag);
+        return truth;
+    }
+    return 0;
+}
+
+/* Pack ``headers`` (a list or tuple of (name, value) pairs, HeaderTuples or triples) into ``nva``
+ * (``count`` of them); -1 on error. */
+static int pack_fields(PyObject *headers, nghttp2_nv *nva, Py_ssize_t count, PyObject *keep) {
+    PyObject **items = PySequence_Fast_ITEMS(headers);
+    for (Py_ssize_t index = 0; index < count; index++) {
+        PyObject *header = items[index];
+        nghttp2_nv *nv = &nva[index];
+        int flag;
+        if (PyTuple_Check(header) && PyTuple_GET_SIZE(header) >= 2) {
+            if (field_bytes(PyTuple_GET_ITEM(header, 0), keep, &nv->name, &nv->namelen) < 0 ||
+                field_bytes(PyTuple_GET_ITEM(header, 1), keep, &nv->value, &nv->valuelen) < 0) {
+                return -1;
+            }
+        } else {
+            PyObject *name = PySequence_GetItem(header, 0);
+            PyObject *value = name ? PySequence_GetItem(header, 1) : NULL;
+            int failed = value == NULL || PyList_Append(keep, name) < 0 || PyList_Append(keep, value) < 0 ||
+                field_bytes(name, keep, &nv->name, &nv->namelen) < 0 ||
+                field_bytes(value, keep, &nv->value, &nv->valuelen) < 0;
+            Py_XDECREF(name);
+            Py_XDECREF(value);
+            if (failed) {
+                return -1;
+            }
+        }
+        if ((flag = never_indexed_field(header)) < 0) {
+            return -1;
+        }
+        nv->flags = flag ? NV_FLAG_NO_INDEX : 0;
+    }
+    return 0;
+}
+
 /* -- the Pump type ---------------------------------------------------------------------------- */
 
 static int pump_init(Pump *self, PyObject *args, PyObject *kwargs) {
@@ -386,6 +492,59 @@ static PyObject *pump_send(Pump *self, PyObject *out) {
     return goaway ? goaway : Py_NewRef(Py_None);
 }
 
+static PyObject *pump_submit(Pump *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4) {
+        PyErr_SetString(PyExc_TypeError, "submit(kind, stream_id, headers, with_data)");
+        return NULL;
+    }
+    if (self->session == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Pump.submit before Pump.attach");
+        return NULL;
+    }
+    int kind = PyLong_AsLong(args[0]);
+    int32_t stream_id = PyLong_AsLong(args[1]);
+    int with_data = PyObject_IsTrue(args[3]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    PyObject *headers = PySequence_Fast(args[2], "headers must be a sequence");
+    if (headers == NULL) {
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(headers);
+    nghttp2_nv fixed[32];
+    nghttp2_nv *nva = count <= 32 ? fixed : PyMem_New(nghttp2_nv, count);
+    PyObject *keep = PyList_New(0);  /* what field_bytes made, alive until nghttp2 copied the block */
+    PyObject *result = NULL;
+    if (nva == NULL) {
+        PyErr_NoMemory();
+    } else if (keep != NULL && pack_fields(headers, nva, count, keep) == 0) {
+        const nghttp2_data_provider *data = with_data ? &provider : NULL;
+        long got;
+        switch (kind) {
+        case SUBMIT_REQUEST:
+            got = submit_request(self->session, NULL, nva, (size_t)count, data, NULL);
+            break;
+        case SUBMIT_RESPONSE:
+            got = submit_response(self->session, stream_id, nva, (size_t)count, data);
+            break;
+        case SUBMIT_HEADERS:
+            got = submit_headers(self->session, 0, stream_id, NULL, nva, (size_t)count, NULL);
+            break;
+        default:
+            got = submit_trailer(self->session, stream_id, nva, (size_t)count);
+            break;
+        }
+        result = PyLong_FromLong(got);
+    }
+    if (nva != fixed) {
+        PyMem_Free(nva);
+    }
+    Py_XDECREF(keep);
+    Py_DECREF(headers);
+    return result;
+}
+
 static PyObject *pump_attach(Pump *self, PyObject *address) {
     void *session = PyLong_AsVoidPtr(address);
     if (session == NULL && PyErr_Occurred()) {
@@ -400,6 +559,9 @@ static PyMethodDef pump_methods[] = {
      "attach(address): the nghttp2_session (its address) this pump drives; its user_data is the pump"},
     {"recv", (PyCFunction)pump_recv, METH_O,
      "recv(data) -> int: nghttp2_session_mem_recv of ``data``, the callbacks calling the connection's methods"},
+    {"submit", (PyCFunction)(void (*)(void))pump_submit, METH_FASTCALL,
+     "submit(kind, stream_id, headers, with_data) -> int: a header block (0 request, 1 response, 2 headers, "
+     "3 trailers), with the data provider when ``with_data``; what the nghttp2_submit_* function returned"},
     {"send", (PyCFunction)pump_send, METH_O,
      "send(out) -> None | bytes | int: append every frame nghttp2_session_mem_send gives to the list ``out``; "
      "the first GOAWAY frame among them, or mem_send's error"},
@@ -420,14 +582,27 @@ static PyTypeObject PumpType = {
 
 /* -- the module ----------------------------------------------------------------------------- */
 
-static PyObject *bind(PyObject *module, PyObject *args) {
-    PyObject *recv_address, *send_address, *tuple_type, *error_handler;
-    if (!PyArg_ParseTuple(args, "OOOO:bind", &recv_address, &send_address, &tuple_type, &error_handler)) {
+/* The address of libnghttp2's function ``name`` in the dict ``functions``; NULL with an error set. */
+static void *function(PyObject *functions, const char *name) {
+    PyObject *address = PyDict_GetItemString(functions, name);
+    if (address == NULL) {
+        PyErr_Format(PyExc_KeyError, "bind: no address for %s", name);
         return NULL;
     }
-    mem_recv = (mem_recv_fn)PyLong_AsVoidPtr(recv_address);
-    mem_send = (mem_send_fn)PyLong_AsVoidPtr(send_address);
-    if (PyErr_Occurred()) {
+    return PyLong_AsVoidPtr(address);
+}
+
+static PyObject *bind(PyObject *module, PyObject *args) {
+    PyObject *functions, *tuple_type, *error_handler;
+    if (!PyArg_ParseTuple(args, "O!OO:bind", &PyDict_Type, &functions, &tuple_type, &error_handler)) {
+        return NULL;
+    }
+    if (!(mem_recv = (mem_recv_fn)function(functions, "nghttp2_session_mem_recv")) ||
+        !(mem_send = (mem_send_fn)function(functions, "nghttp2_session_mem_send")) ||
+        !(submit_request = (submit_request_fn)function(functions, "nghttp2_submit_request")) ||
+        !(submit_response = (submit_response_fn)function(functions, "nghttp2_submit_response")) ||
+        !(submit_headers = (submit_headers_fn)function(functions, "nghttp2_submit_headers")) ||
+        !(submit_trailer = (submit_trailer_fn)function(functions, "nghttp2_submit_trailer"))) {
         return NULL;
     }
     if (!PyType_Check(tuple_type) || !PyType_IsSubtype((PyTypeObject *)tuple_type, &PyTuple_Type)) {
@@ -440,23 +615,22 @@ static PyObject *bind(PyObject *module, PyObject *args) {
 }
 
 static PyObject *callback_addresses(PyObject *module, PyObject *unused) {
-    return Py_BuildValue("{sNsNsNsNsNsNsN}",
+    return Py_BuildValue("{sNsNsNsNsNsN}",
                          "on_begin_headers", PyLong_FromVoidPtr((void *)on_begin_headers),
                          "on_header", PyLong_FromVoidPtr((void *)on_header),
                          "on_frame_recv", PyLong_FromVoidPtr((void *)on_frame_recv),
                          "on_invalid_frame_recv", PyLong_FromVoidPtr((void *)on_invalid_frame_recv),
                          "on_data_chunk_recv", PyLong_FromVoidPtr((void *)on_data_chunk_recv),
-                         "on_stream_close", PyLong_FromVoidPtr((void *)on_stream_close),
-                         "on_read", PyLong_FromVoidPtr((void *)on_read));
+                         "on_stream_close", PyLong_FromVoidPtr((void *)on_stream_close));
 }
 
 static PyMethodDef module_methods[] = {
     {"bind", bind, METH_VARARGS,
-     "bind(mem_recv, mem_send, never_indexed, on_error): the addresses of nghttp2_session_mem_recv and "
-     "nghttp2_session_mem_send, hpack.NeverIndexedHeaderTuple, and the function given (type, value, traceback) "
-     "of an exception a connection's method raised in a callback"},
+     "bind(functions, never_indexed, on_error): {name: address} of libnghttp2's functions called here "
+     "(FUNCTIONS), hpack.NeverIndexedHeaderTuple, and the function given (type, value, traceback) of an "
+     "exception a connection's method raised in a callback"},
     {"callback_addresses", callback_addresses, METH_NOARGS,
-     "callback_addresses() -> {name: address}: the session callbacks and the data provider's read callback"},
+     "callback_addresses() -> {name: address}: the session callbacks (the data provider is submit's)"},
     {NULL},
 };
 
@@ -485,7 +659,10 @@ PyMODINIT_FUNC PyInit__nghttp2_pump(void) {
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObject(module, "Pump", Py_NewRef((PyObject *)&PumpType)) < 0) {
+    if (PyModule_AddObject(module, "FUNCTIONS", Py_BuildValue("(ssssss)", "nghttp2_session_mem_recv",
+            "nghttp2_session_mem_send", "nghttp2_submit_request", "nghttp2_submit_response",
+            "nghttp2_submit_headers", "nghttp2_submit_trailer")) < 0 ||
+        PyModule_AddObject(module, "Pump", Py_NewRef((PyObject *)&PumpType)) < 0) {
         Py_DECREF((PyObject *)&PumpType);
         Py_DECREF(module);
         return NULL;

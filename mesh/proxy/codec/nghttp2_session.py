@@ -248,9 +248,8 @@ class Connection:
             user_data = ffi.cast("void *", id(pump))  # a Pump is the C struct its callbacks are given
         else:
             callbacks = _callbacks(ffi, lib)
-            pump = _CffiPump(self, ffi, lib)
+            pump = _CffiPump(self, ffi, lib, callbacks.provider)
             user_data = pump.handle
-        self._provider = callbacks.provider
         session = ffi.new("nghttp2_session **")
         new = lib.nghttp2_session_client_new2 if client else lib.nghttp2_session_server_new2
         if new(session, callbacks.callbacks, user_data, _options(ffi, lib)):
@@ -258,7 +257,6 @@ class Connection:
         self._session = ffi.gc(session[0], lib.nghttp2_session_del)
         pump.attach(int(ffi.cast("uintptr_t", self._session)))
         self._pump = pump
-        self._headers = _header_array(ffi)
 
     # -- the connection --------------------------------------------------------------------
     def initiate_connection(self) -> None:
@@ -355,14 +353,10 @@ class Connection:
     def send_headers(self, stream_id: int, headers, end_stream: bool = False) -> None:
         """A request (client side, on the next stream id), a response head (1xx ones included), or trailers
         (``end_stream`` required)."""
-        lib, session = self._lib, self._session
         stream = self._streams.get(stream_id)
         if stream is None and self.client:
             stream = _Stream(head=any(header[0] == b":method" and header[1] == b"HEAD" for header in headers))
-            count = self._headers.build(headers)
-            provider = self._ffi.NULL if end_stream else self._provider
-            got = lib.nghttp2_submit_request(session, self._ffi.NULL, self._headers.nva, count, provider,
-                                             self._ffi.NULL)
+            got = self._pump.submit(SUBMIT_REQUEST, stream_id, headers, not end_stream)
             if got != stream_id:
                 raise ProtocolError(f"nghttp2_submit_request: {got} (stream {stream_id} expected)")
             self._next_stream_id = got + 2
@@ -378,15 +372,11 @@ class Connection:
             stream.trailers = headers
             self._end(stream_id, stream)
             return
-        count = self._headers.build(headers)
-        nva = self._headers.nva
         first = headers[0]
         if first[0] == b":status" and first[1][:1] == b"1":  # informational: more heads follow
-            self._check(lib.nghttp2_submit_headers(session, 0, stream_id, self._ffi.NULL, nva, count, self._ffi.NULL),
-                        "submit_headers")
+            self._check(self._pump.submit(SUBMIT_HEADERS, stream_id, headers, False), "submit_headers")
             return
-        provider = self._ffi.NULL if end_stream else self._provider
-        self._check(lib.nghttp2_submit_response(session, stream_id, nva, count, provider), "submit_response")
+        self._check(self._pump.submit(SUBMIT_RESPONSE, stream_id, headers, not end_stream), "submit_response")
         stream.submitted = not end_stream
         stream.ended = end_stream
 
@@ -600,9 +590,8 @@ class Connection:
             self._buffered -= len(data)
         if not out and stream.eof:
             if stream.trailers is not None:
-                count = self._headers.build(stream.trailers)
-                stream.trailers = None
-                self._lib.nghttp2_submit_trailer(self._session, stream_id, self._headers.nva, count)
+                trailers, stream.trailers = stream.trailers, None
+                self._pump.submit(SUBMIT_TRAILER, stream_id, trailers, False)
                 return data, _DATA_FLAG_EOF | _DATA_FLAG_NO_END_STREAM
             return data, _DATA_FLAG_EOF
         if not data:
@@ -653,8 +642,9 @@ def _callback_failed(exception, value, traceback) -> int:
 
 
 class _Callbacks:
-    """An ``nghttp2_session_callbacks`` every :class:`Connection` of one kind shares, and the data provider
-    of every stream (its read callback); ``module``: the C module when the callbacks are its own."""
+    """An ``nghttp2_session_callbacks`` every :class:`Connection` of one kind shares; ``module``: the C
+    module when the callbacks are its own; ``provider``: the data provider of every stream (cffi's:
+    the C module's ``submit`` has its own)."""
 
     def __init__(self, ffi, lib, functions: dict, module=None):
         pointer = ffi.new("nghttp2_session_callbacks **")
@@ -664,9 +654,11 @@ class _Callbacks:
         for name in ("on_begin_headers", "on_header", "on_frame_recv", "on_invalid_frame_recv",
                      "on_data_chunk_recv", "on_stream_close"):
             getattr(lib, f"nghttp2_session_callbacks_set_{name}_callback")(self.callbacks, functions[name])
-        self.provider = ffi.new("nghttp2_data_provider *")
-        self.provider.read_callback = functions["on_read"]
         self.module = module
+        self.provider = None
+        if "on_read" in functions:
+            self.provider = ffi.new("nghttp2_data_provider *")
+            self.provider.read_callback = functions["on_read"]
         self._functions = functions  # cffi's callback objects must stay alive
 
 
@@ -681,12 +673,11 @@ def _native(ffi, lib) -> _Callbacks | None:
         log.warn("HTTP/2 (nghttp2) callbacks in Python: the C module is not built ({error}); "
                  "reinstall txmesh with a C compiler and Python's headers to build it", error=e)
         return None
-    address = ffi.cast("uintptr_t", ffi.addressof(lib, "nghttp2_session_mem_recv"))
-    _nghttp2_pump.bind(int(address), int(ffi.cast("uintptr_t", ffi.addressof(lib, "nghttp2_session_mem_send"))),
+    _nghttp2_pump.bind({name: int(ffi.cast("uintptr_t", ffi.addressof(lib, name))) for name in _nghttp2_pump.FUNCTIONS},
                        NeverIndexedHeaderTuple, _callback_failed)
     kinds = {"on_begin_headers": "frame_cb", "on_header": "header_cb", "on_frame_recv": "frame_cb",
              "on_invalid_frame_recv": "invalid_frame_cb", "on_data_chunk_recv": "data_chunk_cb",
-             "on_stream_close": "stream_close_cb", "on_read": "nghttp2_data_source_read_callback"}
+             "on_stream_close": "stream_close_cb"}
     functions = {name: ffi.cast(kinds[name], address) for name, address in _nghttp2_pump.callback_addresses().items()}
     return _Callbacks(ffi, lib, functions, _nghttp2_pump)
 
@@ -695,14 +686,34 @@ def _native(ffi, lib) -> _Callbacks | None:
 native_enabled = True
 
 
+#: What :meth:`_CffiPump.submit` (and the C module's) sends, by ``kind``.
+SUBMIT_REQUEST, SUBMIT_RESPONSE, SUBMIT_HEADERS, SUBMIT_TRAILER = range(4)
+
+
 class _CffiPump:
     """What the C module's ``Pump`` does, through cffi: the session's user_data is a handle to a weak
     reference to the connection (so that the connection and its handle make no reference cycle)."""
 
-    def __init__(self, conn, ffi, lib):
+    def __init__(self, conn, ffi, lib, provider):
         self.handle = ffi.new_handle(weakref.ref(conn))
-        self._ffi, self._lib = ffi, lib
+        self._ffi, self._lib, self._provider = ffi, lib, provider
         self._sent = ffi.new("const uint8_t **")
+        self._headers = _header_array(ffi)
+
+    def submit(self, kind: int, stream_id: int, headers, with_data: bool) -> int:
+        """Send a header block (``kind``: SUBMIT_*), with the data provider when ``with_data``; what
+        the nghttp2_submit_* function returned."""
+        lib, session, null = self._lib, self._session, self._ffi.NULL
+        count = self._headers.build(headers)
+        nva = self._headers.nva
+        provider = self._provider if with_data else null
+        if kind == SUBMIT_REQUEST:
+            return lib.nghttp2_submit_request(session, null, nva, count, provider, null)
+        if kind == SUBMIT_RESPONSE:
+            return lib.nghttp2_submit_response(session, stream_id, nva, count, provider)
+        if kind == SUBMIT_HEADERS:
+            return lib.nghttp2_submit_headers(session, 0, stream_id, null, nva, count, null)
+        return lib.nghttp2_submit_trailer(session, stream_id, nva, count)
 
     def attach(self, address: int) -> None:
         self._session = self._ffi.cast("nghttp2_session *", address)
