@@ -1,4 +1,4 @@
-"""The deadline stage (mesh.proxy.deadline): one timer per connection serves its exchanges in turn."""
+"""The deadline stage (mesh.proxy.deadline): one timer per connection serves all its exchanges."""
 
 from twisted.internet.task import Clock
 
@@ -74,3 +74,40 @@ def test_ends_before_tells_a_retry_whether_its_backoff_outlives_the_deadline():
     assert not deadlines.ends_before(other, 10.0)           # another exchange's deadline is not ours
     deadlines.clear(exchange)
     assert not deadlines.ends_before(exchange, 10.0)
+
+
+def test_the_exchanges_of_many_streams_share_one_pending_call():
+    """HTTP/2: each exchange's deadline passes at its own time, with one pending call at a time."""
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    first, second, third, fourth = (Exchange(clock) for _ in range(4))
+    deadlines.set(first, 2.0)
+    deadlines.set(second, 5.0)
+    deadlines.set(third, 3.0)
+    deadlines.set(fourth, 3.0)
+    assert len(clock.getDelayedCalls()) == 1
+    deadlines.clear(first)
+    clock.advance(2.0)  # the call for first finds nothing due, and re-arms for the earliest left
+    assert [call.getTime() for call in clock.getDelayedCalls()] == [3.0]
+    clock.advance(1.0)
+    assert (third.passed_at, fourth.passed_at, second.passed_at) == (3.0, 3.0, None)
+    clock.advance(2.0)
+    assert (first.passed_at, second.passed_at) == (None, 5.0) and not clock.getDelayedCalls()
+
+
+def test_an_exchange_may_set_a_deadline_when_its_own_passes():
+    clock = Clock()
+    deadlines = Deadlines(clock)
+    later = Exchange(clock)
+
+    class Chaining(Exchange):
+        def deadline_passed(self):
+            super().deadline_passed()
+            deadlines.set(later, 1.0)
+
+    chaining = Chaining(clock)
+    deadlines.set(chaining, 1.0)
+    clock.advance(1.0)
+    assert chaining.passed_at == 1.0 and len(clock.getDelayedCalls()) == 1
+    clock.advance(1.0)
+    assert later.passed_at == 2.0

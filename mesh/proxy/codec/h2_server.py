@@ -345,6 +345,7 @@ class H2ServerConnection(Protocol):
         self.guard = FrameGuard(MAX_FRAME_SIZE, 2 * limits.max_header_bytes)
         self.streams = {}
         self.waiting = {}  # H2Stream -> None: an ordered set
+        self.deadlines = Deadlines(listener.reactor)  # the route deadlines of every stream's exchange
         self.paused = False  # the transport's buffer is full
         self.send_queued = False  # a send_soon waits for the end of the event
         self.closing = False
@@ -631,7 +632,7 @@ class H2ServerConnection(Protocol):
         if self.streams.pop(stream.stream_id, None) is None:
             return
         self.waiting.pop(stream, None)
-        stream.deadlines.stop()
+        self.deadlines.clear(stream.exchange)
         if self.closing:
             return
         if stream.unacked:
@@ -687,6 +688,7 @@ class H2ServerConnection(Protocol):
         self.waiting.clear()
         for stream in streams:
             stream.lost()
+        self.deadlines.stop()
 
     def _write_goaway(self, last_stream_id, code=ErrorCodes.NO_ERROR):
         self.send()  # h2's frames first
@@ -793,7 +795,7 @@ class H2Stream:
         self.stream_id = stream_id
         self.exchange = None
         self.opened = self.progress_at = conn.listener.reactor.seconds()
-        self.deadlines = Deadlines(conn.listener.reactor)
+        self.deadlines = conn.deadlines
         self.forward_headers = conn.forward_headers
         self.head = None
         self.held = deque()
@@ -979,7 +981,7 @@ class H2Stream:
         """The stream or the connection is gone: the exchange learns that the client left."""
         self.closed = True
         self._drop_held()
-        self.deadlines.stop()
+        self.deadlines.clear(self.exchange)
         exchange = self.exchange
         if exchange is not None and exchange.state is not DONE:
             exchange.downstream_lost()
