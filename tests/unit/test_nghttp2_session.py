@@ -351,7 +351,9 @@ def test_a_ping_s_answer():
 
 @pytest.mark.parametrize("field", [(b"x-smuggle", b"1\r\ntransfer-encoding: chunked"), (b"X-Upper", b"1"),
                                    (b"x-padded", b" 1"), (b"connection", b"close"), (b"te", b"gzip"),
-                                   (b":custom", b"1")])
+                                   (b":custom", b"1"), (b"x-tail", b"1\t"), (b"x-lead", b"\t1"), (b"x-end", b"1 "),
+                                   (b"x-nul", b"a\x00b"), (b"x-lf", b"a\nb"), (b"x-cr", b"a\rb"),
+                                   (b"cookie", b" a=1")])
 def test_a_malformed_request_ends_the_connection_as_with_h2(engine, field):
     hop = _server_hop(engine)
     block = Encoder().encode([*GET, field])

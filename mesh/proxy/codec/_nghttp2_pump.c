@@ -11,7 +11,8 @@
  * ``submit`` sends a header block, its nghttp2_nv array packed in C from the list of fields.
  *
  * libnghttp2 is not linked: ``bind`` is given the addresses of the functions named in FUNCTIONS from
- * the library cffi loaded, so there is one copy of it, and the module builds without libnghttp2-dev.  Only the frame layout of nghttp2.h (1.52) is declared below.
+ * the library cffi loaded, so there is one copy of it, and the module builds without libnghttp2-dev.
+ * Only the frame layout of nghttp2.h (1.52) is declared below.
  *
  * A Pump holds its Connection as a borrowed reference: the Connection owns the Pump and the
  * session, and only drives the session through its own methods, so the Connection is alive
@@ -85,6 +86,7 @@ typedef struct {
     PyObject *block;           /* the list the header block being received goes into; NULL: dropped */
     Py_ssize_t size;           /* of that header list, as SETTINGS_MAX_HEADER_LIST_SIZE counts it */
     Py_ssize_t limit;          /* the Connection's _header_limit when the block began */
+    int clean;                 /* every value of that block passes h2's value rules, and none is a cookie */
 } Pump;
 
 /* A method raised: hand the exception to on_error (which logs it), and tell nghttp2 to stop. */
@@ -104,23 +106,25 @@ static int failed(void) {
     return ERR_CALLBACK_FAILURE;
 }
 
-/* conn.<name>(*args) with ``count`` arguments, which this function releases (any may be NULL: then
- * it fails as the method would, with the error set by what made the NULL). */
-static PyObject *call(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
-    PyObject *stack[5] = {NULL, pump->conn, a, b, c};
+/* conn.<name>(*args) with ``count`` arguments (up to four; NULL after them), which this function
+ * releases (any of the ``count`` may be NULL: then it fails, with the error set by what made the NULL). */
+static PyObject *call(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c,
+                      PyObject *d) {
+    PyObject *stack[6] = {NULL, pump->conn, a, b, c, d};
     PyObject *result = NULL;
-    if ((count < 1 || a) && (count < 2 || b) && (count < 3 || c)) {
+    if ((count < 1 || a) && (count < 2 || b) && (count < 3 || c) && (count < 4 || d)) {
         result = PyObject_VectorcallMethod(name, stack + 1, (count + 1) | PY_VECTORCALL_ARGUMENTS_OFFSET, NULL);
     }
     Py_XDECREF(a);
     Py_XDECREF(b);
     Py_XDECREF(c);
+    Py_XDECREF(d);
     return result;
 }
 
 /* A call whose result is ignored (as the cffi callbacks ignore it): 0, or the failure. */
-static int notify(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
-    PyObject *result = call(pump, name, count, a, b, c);
+static int notify(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c, PyObject *d) {
+    PyObject *result = call(pump, name, count, a, b, c, d);
     if (result == NULL) {
         return failed();
     }
@@ -129,8 +133,8 @@ static int notify(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObjec
 }
 
 /* A call whose result is the int the callback returns to nghttp2. */
-static int answer(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c) {
-    PyObject *result = call(pump, name, count, a, b, c);
+static int answer(Pump *pump, PyObject *name, size_t count, PyObject *a, PyObject *b, PyObject *c, PyObject *d) {
+    PyObject *result = call(pump, name, count, a, b, c, d);
     if (result == NULL) {
         return failed();
     }
@@ -147,7 +151,7 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
     PyGILState_STATE gil = PyGILState_Ensure();
     int rv = 0;
     Py_CLEAR(pump->block);
-    PyObject *block = call(pump, s_begin_headers, 1, PyLong_FromLong(frame->hd.stream_id), NULL, NULL);
+    PyObject *block = call(pump, s_begin_headers, 1, PyLong_FromLong(frame->hd.stream_id), NULL, NULL, NULL);
     if (block == NULL) {
         rv = failed();
     } else if (block == Py_None) {
@@ -162,10 +166,27 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
         } else {
             pump->block = block;
             pump->size = 0;
+            pump->clean = 1;
         }
     }
     PyGILState_Release(gil);
     return rv;
+}
+
+/* Whether a received field passes h2's rules for a value (no NUL, LF or CR; no space or tab at either
+ * end) and is no cookie (cookies are joined before the checks): then received_headers need not scan
+ * the values of its block again (``clean``). */
+static int clean_field(const uint8_t *name, size_t namelen, const uint8_t *value, size_t valuelen) {
+    if (namelen == 6 && memcmp(name, "cookie", 6) == 0) {
+        return 0;
+    }
+    if (valuelen == 0) {
+        return 1;
+    }
+    if (value[0] == ' ' || value[0] == '\t' || value[valuelen - 1] == ' ' || value[valuelen - 1] == '\t') {
+        return 0;
+    }
+    return !memchr(value, 0, valuelen) && !memchr(value, '\n', valuelen) && !memchr(value, '\r', valuelen);
 }
 
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
@@ -178,8 +199,11 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     int rv = 0;
     pump->size += (Py_ssize_t)(namelen + valuelen + 32);
     if (pump->size > pump->limit) {
-        rv = answer(pump, s_over_limit, 1, PyBool_FromLong(frame->hd.flags & FLAG_END_HEADERS), NULL, NULL);
+        rv = answer(pump, s_over_limit, 1, PyBool_FromLong(frame->hd.flags & FLAG_END_HEADERS), NULL, NULL, NULL);
     } else {
+        if (pump->clean && !clean_field(name, namelen, value, valuelen)) {
+            pump->clean = 0;
+        }
         PyObject *pair = PyTuple_New(2);
         PyObject *n = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)namelen);
         PyObject *v = PyBytes_FromStringAndSize((const char *)value, (Py_ssize_t)valuelen);
@@ -233,12 +257,12 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
     switch (frame->hd.type) {
     case DATA:
         if (flags & FLAG_END_STREAM) {
-            rv = notify(pump, s_end_stream, 1, PyLong_FromLong(stream_id), NULL, NULL);
+            rv = notify(pump, s_end_stream, 1, PyLong_FromLong(stream_id), NULL, NULL, NULL);
         }
         break;
     case HEADERS:
-        rv = notify(pump, s_headers, 3, PyLong_FromLong(stream_id), PyLong_FromLong(flags),
-                    PyLong_FromLong(frame->headers.cat));
+        rv = notify(pump, s_headers, 4, PyLong_FromLong(stream_id), PyLong_FromLong(flags),
+                    PyLong_FromLong(frame->headers.cat), PyBool_FromLong(pump->block != NULL && pump->clean));
         Py_CLEAR(pump->block);
         break;
     case PUSH_PROMISE:
@@ -246,21 +270,21 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         break;
     case WINDOW_UPDATE:
         rv = notify(pump, s_window_update, 2, PyLong_FromLong(stream_id),
-                    PyLong_FromLong(frame->window_update.window_size_increment), NULL);
+                    PyLong_FromLong(frame->window_update.window_size_increment), NULL, NULL);
         break;
     case SETTINGS:
         if (!(flags & FLAG_ACK)) {
-            rv = notify(pump, s_settings, 1, settings_list(&frame->settings), NULL, NULL);
+            rv = notify(pump, s_settings, 1, settings_list(&frame->settings), NULL, NULL, NULL);
         }
         break;
     case RST_STREAM:
         rv = notify(pump, s_rst_stream, 2, PyLong_FromLong(stream_id),
-                    PyLong_FromUnsignedLong(frame->rst_stream.error_code), NULL);
+                    PyLong_FromUnsignedLong(frame->rst_stream.error_code), NULL, NULL);
         break;
     case PING:
         if (flags & FLAG_ACK) {
             rv = notify(pump, s_ping_ack, 1, PyBytes_FromStringAndSize((const char *)frame->ping.opaque_data, 8),
-                        NULL, NULL);
+                        NULL, NULL, NULL);
         }
         break;
     case GOAWAY: {
@@ -269,7 +293,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
             ? PyBytes_FromStringAndSize((const char *)goaway->opaque_data, (Py_ssize_t)goaway->opaque_data_len)
             : Py_NewRef(Py_None);
         rv = notify(pump, s_goaway, 3, PyLong_FromLong(goaway->last_stream_id),
-                    PyLong_FromUnsignedLong(goaway->error_code), data);
+                    PyLong_FromUnsignedLong(goaway->error_code), data, NULL);
         break;
     }
     default:
@@ -283,7 +307,7 @@ static int on_invalid_frame_recv(nghttp2_session *session, const nghttp2_frame *
                                  void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
     int rv = notify(user_data, s_invalid_frame, 2, PyLong_FromLong(frame->hd.stream_id), PyLong_FromLong(lib_error),
-                    NULL);
+                    NULL, NULL);
     PyGILState_Release(gil);
     return rv;
 }
@@ -292,14 +316,14 @@ static int on_data_chunk_recv(nghttp2_session *session, uint8_t flags, int32_t s
                               size_t length, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
     int rv = answer(user_data, s_data, 2, PyLong_FromLong(stream_id),
-                    PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)length), NULL);
+                    PyBytes_FromStringAndSize((const char *)data, (Py_ssize_t)length), NULL, NULL);
     PyGILState_Release(gil);
     return rv;
 }
 
 static int on_stream_close(nghttp2_session *session, int32_t stream_id, uint32_t error_code, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
-    int rv = notify(user_data, s_close, 2, PyLong_FromLong(stream_id), PyLong_FromUnsignedLong(error_code), NULL);
+    int rv = notify(user_data, s_close, 2, PyLong_FromLong(stream_id), PyLong_FromUnsignedLong(error_code), NULL, NULL);
     PyGILState_Release(gil);
     return rv;
 }
@@ -310,7 +334,7 @@ static ssize_t on_read(nghttp2_session *session, int32_t stream_id, uint8_t *buf
                        uint32_t *data_flags, nghttp2_data_source *source, void *user_data) {
     PyGILState_STATE gil = PyGILState_Ensure();
     ssize_t rv;
-    PyObject *taken = call(user_data, s_take, 2, PyLong_FromLong(stream_id), PyLong_FromSize_t(length), NULL);
+    PyObject *taken = call(user_data, s_take, 2, PyLong_FromLong(stream_id), PyLong_FromSize_t(length), NULL, NULL);
     if (taken == NULL) {
         rv = failed();
     } else if (PyLong_Check(taken)) {

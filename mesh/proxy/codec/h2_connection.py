@@ -149,7 +149,7 @@ _RESPONSE_PSEUDO = frozenset((b":status",))
 _SPACE_OR_TAB = (b" ", b"\t")
 
 
-def received_headers(headers, flags) -> list:
+def received_headers(headers, flags, clean: bool = False) -> list:
     """A received header block as h2's ``normalize_inbound_headers`` and ``validate_headers`` leave it.
 
     Cookie fields are joined into one never-indexed ``cookie``, last; then every rule of h2's
@@ -167,7 +167,14 @@ def received_headers(headers, flags) -> list:
     as does a pseudo-header field h2 knows (``:method``, ``:path``, ...), which passes them by its
     spelling.  Any other block is checked field by field (:func:`_checked` with ``fast`` false), so
     errors come in h2's order.  A list without cookies is returned as it is.
+
+    ``clean``: the caller has checked every value by these rules and found no cookie (the HTTP/2
+    engine's C callbacks do, as the fields arrive), so the values are not scanned again.
     """
+    if clean:
+        checked = _checked(headers, flags, True)
+        if checked is not None:
+            return checked
     if headers.__class__ is not list:  # an iterable, read twice below
         headers = list(headers)
     values = b"\x01".join([header[1] for header in headers])  # 0x01: neither space, tab, NUL, CR nor LF

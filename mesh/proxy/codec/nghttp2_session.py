@@ -461,8 +461,9 @@ class Connection:
         return self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
                           f"A header list larger than {self.decoder.max_header_list_size} has been received")
 
-    def _on_headers(self, stream_id: int, flags: int, category: int) -> None:
-        """A header block ended (``flags`` of its HEADERS frame; ``category``: nghttp2's, request or not)."""
+    def _on_headers(self, stream_id: int, flags: int, category: int, clean: bool) -> None:
+        """A header block ended (``flags`` of its HEADERS frame; ``category``: nghttp2's, request or not;
+        ``clean``: its values are known to pass h2's value rules, and none is a cookie)."""
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -490,7 +491,7 @@ class Connection:
                 flags = _HEAD_FLAGS[client]
                 if kind is not InformationalResponseReceived:
                     stream.expected = 0 if stream.head else _content_length(headers)
-            headers = received_headers(headers, flags)  # h2's normalization and validation
+            headers = received_headers(headers, flags, clean)  # h2's normalization and validation
         except ProtocolError as error:
             self._fail(ErrorCodes.PROTOCOL_ERROR, str(error))
             return
@@ -772,7 +773,7 @@ def _callbacks(ffi, lib) -> _Callbacks:
             if hd.flags & _END_STREAM:
                 conn._on_end_stream(hd.stream_id)
         elif kind == _HEADERS:
-            conn._on_headers(hd.stream_id, hd.flags, frame.headers.cat)
+            conn._on_headers(hd.stream_id, hd.flags, frame.headers.cat, False)
         elif kind == _WINDOW_UPDATE:
             conn._on_window_update(hd.stream_id, frame.window_update.window_size_increment)
         elif kind == _SETTINGS:
