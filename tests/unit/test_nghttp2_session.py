@@ -429,10 +429,10 @@ def test_a_failing_callback_ends_the_connection_and_is_logged_not_printed(monkey
     use_engine(monkeypatch, callbacks)
     hop = _server_hop("nghttp2")
 
-    def broken(**kwargs):
+    def broken(*args):
         raise RuntimeError("broken")
 
-    monkeypatch.setattr(nghttp2_session, "DataReceived", broken)
+    monkeypatch.setattr(nghttp2_session.Connection, "_on_data", broken)
     hop.peer.send_headers(1, REQUEST)
     hop.peer.send_data(1, b"x")
     with pytest.raises(ProtocolError):
