@@ -76,8 +76,9 @@ class ProxyOptions(usage.Options):
                                     "which the injector sets."],
         ["max-header-bytes", None, "60k", "Limit on a request head (431 beyond)."],
         ["http2-engine", None, http2_engine.DEFAULT, "The HTTP/2 codecs' protocol engine: nghttp2 (libnghttp2's "
-                                                     "session; h2 when the library cannot be loaded) or h2 (the "
-                                                     "pure-Python h2 library)."],
+                                                     "session, its callbacks in C when built; h2 when the library "
+                                                     "cannot be loaded), nghttp2-cffi (the same, its callbacks in "
+                                                     "Python) or h2 (the pure-Python h2 library)."],
         ["max-headers", None, 100, "Limit on the number of request headers (431 beyond).", int],
         ["max-request-body", None, "0", "Limit on a request body, 0 for none (413 beyond)."],
         ["max-connections", None, 4096, "Connections per listener (lowered at start if the file-descriptor "

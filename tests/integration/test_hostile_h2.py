@@ -1,6 +1,7 @@
 """Hostile HTTP/2 clients: the attacks Envoy and other proxies fixed, each while other clients are served.
 
-Every attack runs against a sidecar on each HTTP/2 engine (``--http2-engine nghttp2`` and ``h2``).
+Every attack runs against a sidecar on each HTTP/2 engine (``--http2-engine nghttp2``, ``nghttp2-cffi``
+and ``h2``).
 
 The attacker is :class:`~tests.integration.test_h2_support.RawH2` (frames written with hyperframe and
 hpack, exactly as given) on a real socket to one sidecar; for each attack a victim (curl, over HTTP/2 and
@@ -52,7 +53,7 @@ def config(tmp_path_factory, backend_factory):
     return write_config(tmp_path_factory.mktemp("hostile-h2"), service_entry("victim", [endpoint(app)]))
 
 
-@pytest.fixture(scope="module", params=["nghttp2", "h2"])
+@pytest.fixture(scope="module", params=["nghttp2", "nghttp2-cffi", "h2"])
 def proxy(request, config, proxy_factory):
     """One sidecar with short header and idle timeouts, on each HTTP/2 engine (``--http2-engine``)."""
     return proxy_factory(config, f"guard-{request.param}", extra_args=[

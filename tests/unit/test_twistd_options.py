@@ -56,5 +56,5 @@ def test_the_http2_engine_is_nghttp2_unless_told_h2():
     options = ProxyOptions()
     options.parseOptions(["--workload", "web", "--config-dir", ".", "--http2-engine", "h2"])
     assert options["http2-engine"] == "h2"
-    with pytest.raises(usage.UsageError, match="--http2-engine: one of nghttp2, h2"):
+    with pytest.raises(usage.UsageError, match="--http2-engine: one of nghttp2, nghttp2-cffi, h2"):
         ProxyOptions().parseOptions(["--workload", "web", "--config-dir", ".", "--http2-engine", "hyper"])

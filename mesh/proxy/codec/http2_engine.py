@@ -1,7 +1,9 @@
 """Which HTTP/2 engine the codecs' connections use (``mesh-proxy --http2-engine``).
 
-``nghttp2``: libnghttp2's session (:mod:`mesh.proxy.codec.nghttp2_session`), or the ``h2``
-library's connection when libnghttp2 cannot be loaded; ``h2``: the ``h2`` library's.  Kept
+``nghttp2``: libnghttp2's session (:mod:`mesh.proxy.codec.nghttp2_session`) with its callbacks in C
+(the optional module ``_nghttp2_pump``; in Python through cffi when it is not built), or the ``h2``
+library's connection when libnghttp2 cannot be loaded; ``nghttp2-cffi``: the same session with its
+callbacks in Python always (to rule the C module out); ``h2``: the ``h2`` library's.  Kept
 apart from the engines so that choosing one imports neither (a sidecar that never sees HTTP/2
 never loads h2).
 """
@@ -9,7 +11,7 @@ never loads h2).
 from __future__ import annotations
 
 #: The engines.
-ENGINES = ("nghttp2", "h2")
+ENGINES = ("nghttp2", "nghttp2-cffi", "h2")
 #: The engine of a sidecar started without ``--http2-engine``.
 DEFAULT = "nghttp2"
 _engine = DEFAULT

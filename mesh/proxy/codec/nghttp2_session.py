@@ -173,10 +173,14 @@ _tuple = tuple.__new__  # a NeverIndexedHeaderTuple without its Python-level __n
 _new = object.__new__
 
 
+#: The engines (``--http2-engine``) that are this module's: with the C module's callbacks (when built), or cffi's.
+_ENGINES = ("nghttp2", "nghttp2-cffi")
+
+
 def enabled() -> bool:
     """Whether the codecs' connections are :class:`Connection` objects: the engine is nghttp2 and the library
     loads (if it does not, h2's connections, and one warning says why)."""
-    return http2_engine.chosen() == "nghttp2" and library() is not None
+    return http2_engine.chosen() in _ENGINES and library() is not None
 
 
 @cache
@@ -245,7 +249,7 @@ class Connection:
         self._goaway_ours = False  # the GOAWAY nghttp2 sends was submitted here
         # The pump drives the session and is (or holds) the user_data of its callbacks, which call this
         # connection's _on_* methods: the C module's when it is built, else cffi's.
-        callbacks = _native(ffi, lib) if native_enabled else None
+        callbacks = _native(ffi, lib) if http2_engine.chosen() == "nghttp2" else None
         if callbacks is not None:
             pump = callbacks.module.Pump(self)
             user_data = ffi.cast("void *", id(pump))  # a Pump is the C struct its callbacks are given
@@ -696,10 +700,6 @@ def _native(ffi, lib) -> _Callbacks | None:
              "on_stream_close": "stream_close_cb"}
     functions = {name: ffi.cast(kinds[name], address) for name, address in _nghttp2_pump.callback_addresses().items()}
     return _Callbacks(ffi, lib, functions, _nghttp2_pump)
-
-
-#: Whether connections use the C module's callbacks when it is built (the tests turn it off to test cffi's).
-native_enabled = True
 
 
 #: What :meth:`_CffiPump.submit` (and the C module's) sends, by ``kind``.
