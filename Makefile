@@ -107,5 +107,5 @@ $(VENV)/.stamp-dropins: $(VENV)/.stamp-deps $(wildcard twisted/plugins/*.py)
 
 clean:
 	rm -rf $(VENV) .stamp-apt build dist *.egg-info plugins/*/*.egg-info .pytest_cache .ruff_cache \
-		twisted/plugins/dropin.cache
+		twisted/plugins/dropin.cache mesh/proxy/codec/_nghttp2_pump*.so
 	find . -name __pycache__ -type d -prune -exec rm -rf {} +
