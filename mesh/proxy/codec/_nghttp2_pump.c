@@ -8,7 +8,8 @@
  * nghttp2_session.py): one Python call per received field, per frame and per chunk, and the GIL
  * dropped and taken around each.
  *
- * ``submit`` sends a header block, its nghttp2_nv array packed in C from the list of fields.
+ * ``submit`` sends a header block, its nghttp2_nv array packed in C from the list of fields;
+ * ``windows``, ``consume`` and ``resume`` are the flow-control calls made per DATA frame.
  *
  * libnghttp2 is not linked: ``bind`` is given the addresses of the functions named in FUNCTIONS from
  * the library cffi loaded, so there is one copy of it, and the module builds without libnghttp2-dev.
@@ -59,11 +60,17 @@ typedef int (*submit_response_fn)(nghttp2_session *, int32_t, const nghttp2_nv *
 typedef int32_t (*submit_headers_fn)(nghttp2_session *, uint8_t, int32_t, const nghttp2_priority_spec *,
                                      const nghttp2_nv *, size_t, void *);
 typedef int (*submit_trailer_fn)(nghttp2_session *, int32_t, const nghttp2_nv *, size_t);
+typedef int (*consume_fn)(nghttp2_session *, int32_t, size_t);
+typedef int (*resume_data_fn)(nghttp2_session *, int32_t);
+typedef int32_t (*stream_window_fn)(nghttp2_session *, int32_t);
+typedef int32_t (*session_window_fn)(nghttp2_session *);
+typedef uint32_t (*remote_settings_fn)(nghttp2_session *, int);
 
 enum { DATA = 0x0, HEADERS = 0x1, RST_STREAM = 0x3, SETTINGS = 0x4, PUSH_PROMISE = 0x5, PING = 0x6, GOAWAY = 0x7,
        WINDOW_UPDATE = 0x8 };
 enum { FLAG_END_STREAM = 0x1, FLAG_ACK = 0x1, FLAG_END_HEADERS = 0x4, NV_FLAG_NO_INDEX = 0x1 };
 enum { DATA_FLAG_EOF = 0x1 };
+enum { SETTINGS_INITIAL_WINDOW_SIZE = 0x4 };
 #define ERR_CALLBACK_FAILURE (-902)
 
 static mem_recv_fn mem_recv;
@@ -72,6 +79,11 @@ static submit_request_fn submit_request;
 static submit_response_fn submit_response;
 static submit_headers_fn submit_headers;
 static submit_trailer_fn submit_trailer;
+static consume_fn consume;
+static resume_data_fn resume_data;
+static stream_window_fn stream_remote_window;
+static session_window_fn remote_window;
+static remote_settings_fn remote_settings;
 static PyObject *never_indexed;  /* hpack.NeverIndexedHeaderTuple */
 static PyObject *on_error;       /* called with (type, value, traceback) when a method raised */
 
@@ -475,10 +487,18 @@ static void pump_dealloc(Pump *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
+/* Whether the pump has its session (else a RuntimeError is set). */
+static int attached(Pump *self) {
+    if (self->session == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "a Pump is used before Pump.attach");
+        return 0;
+    }
+    return 1;
+}
+
 static PyObject *pump_recv(Pump *self, PyObject *data) {
     Py_buffer view;
-    if (self->session == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Pump.recv before Pump.attach");
+    if (!attached(self)) {
         return NULL;
     }
     if (PyObject_GetBuffer(data, &view, PyBUF_SIMPLE) < 0) {
@@ -493,8 +513,11 @@ static PyObject *pump_send(Pump *self, PyObject *out) {
     const uint8_t *sent;
     ssize_t size;
     PyObject *goaway = NULL;
-    if (self->session == NULL || !PyList_Check(out)) {
-        PyErr_SetString(PyExc_TypeError, "Pump.send wants a list, after Pump.attach");
+    if (!attached(self)) {
+        return NULL;
+    }
+    if (!PyList_Check(out)) {
+        PyErr_SetString(PyExc_TypeError, "Pump.send wants a list");
         return NULL;
     }
     while ((size = mem_send(self->session, &sent)) > 0) {
@@ -521,8 +544,7 @@ static PyObject *pump_submit(Pump *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "submit(kind, stream_id, headers, with_data)");
         return NULL;
     }
-    if (self->session == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "Pump.submit before Pump.attach");
+    if (!attached(self)) {
         return NULL;
     }
     int kind = PyLong_AsLong(args[0]);
@@ -569,6 +591,39 @@ static PyObject *pump_submit(Pump *self, PyObject *const *args, Py_ssize_t nargs
     return result;
 }
 
+static PyObject *pump_windows(Pump *self, PyObject *arg) {
+    int32_t stream_id = PyLong_AsLong(arg);
+    if (!attached(self) || (stream_id == -1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    long window = stream_remote_window(self->session, stream_id);
+    if (window < 0) {  /* a request whose HEADERS are not sent yet: nghttp2 opens the stream then */
+        window = (long)remote_settings(self->session, SETTINGS_INITIAL_WINDOW_SIZE);
+    }
+    return Py_BuildValue("(li)", window, remote_window(self->session));
+}
+
+static PyObject *pump_consume(Pump *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "consume(stream_id, size)");
+        return NULL;
+    }
+    int32_t stream_id = PyLong_AsLong(args[0]);
+    size_t size = PyLong_AsSize_t(args[1]);
+    if (!attached(self) || PyErr_Occurred()) {
+        return NULL;
+    }
+    return PyLong_FromLong(consume(self->session, stream_id, size));
+}
+
+static PyObject *pump_resume(Pump *self, PyObject *arg) {
+    int32_t stream_id = PyLong_AsLong(arg);
+    if (!attached(self) || (stream_id == -1 && PyErr_Occurred())) {
+        return NULL;
+    }
+    return PyLong_FromLong(resume_data(self->session, stream_id));
+}
+
 static PyObject *pump_attach(Pump *self, PyObject *address) {
     void *session = PyLong_AsVoidPtr(address);
     if (session == NULL && PyErr_Occurred()) {
@@ -586,6 +641,12 @@ static PyMethodDef pump_methods[] = {
     {"submit", (PyCFunction)(void (*)(void))pump_submit, METH_FASTCALL,
      "submit(kind, stream_id, headers, with_data) -> int: a header block (0 request, 1 response, 2 headers, "
      "3 trailers), with the data provider when ``with_data``; what the nghttp2_submit_* function returned"},
+    {"windows", (PyCFunction)pump_windows, METH_O,
+     "windows(stream_id) -> (stream, connection): the peer's send windows (the stream's initial one before "
+     "its HEADERS go)"},
+    {"consume", (PyCFunction)(void (*)(void))pump_consume, METH_FASTCALL,
+     "consume(stream_id, size) -> int: nghttp2_session_consume"},
+    {"resume", (PyCFunction)pump_resume, METH_O, "resume(stream_id) -> int: nghttp2_session_resume_data"},
     {"send", (PyCFunction)pump_send, METH_O,
      "send(out) -> None | bytes | int: append every frame nghttp2_session_mem_send gives to the list ``out``; "
      "the first GOAWAY frame among them, or mem_send's error"},
@@ -626,7 +687,13 @@ static PyObject *bind(PyObject *module, PyObject *args) {
         !(submit_request = (submit_request_fn)function(functions, "nghttp2_submit_request")) ||
         !(submit_response = (submit_response_fn)function(functions, "nghttp2_submit_response")) ||
         !(submit_headers = (submit_headers_fn)function(functions, "nghttp2_submit_headers")) ||
-        !(submit_trailer = (submit_trailer_fn)function(functions, "nghttp2_submit_trailer"))) {
+        !(submit_trailer = (submit_trailer_fn)function(functions, "nghttp2_submit_trailer")) ||
+        !(consume = (consume_fn)function(functions, "nghttp2_session_consume")) ||
+        !(resume_data = (resume_data_fn)function(functions, "nghttp2_session_resume_data")) ||
+        !(stream_remote_window = (stream_window_fn)function(functions,
+                                                            "nghttp2_session_get_stream_remote_window_size")) ||
+        !(remote_window = (session_window_fn)function(functions, "nghttp2_session_get_remote_window_size")) ||
+        !(remote_settings = (remote_settings_fn)function(functions, "nghttp2_session_get_remote_settings"))) {
         return NULL;
     }
     if (!PyType_Check(tuple_type) || !PyType_IsSubtype((PyTypeObject *)tuple_type, &PyTuple_Type)) {
@@ -683,9 +750,11 @@ PyMODINIT_FUNC PyInit__nghttp2_pump(void) {
     if (module == NULL) {
         return NULL;
     }
-    if (PyModule_AddObject(module, "FUNCTIONS", Py_BuildValue("(ssssss)", "nghttp2_session_mem_recv",
+    if (PyModule_AddObject(module, "FUNCTIONS", Py_BuildValue("(sssssssssss)", "nghttp2_session_mem_recv",
             "nghttp2_session_mem_send", "nghttp2_submit_request", "nghttp2_submit_response",
-            "nghttp2_submit_headers", "nghttp2_submit_trailer")) < 0 ||
+            "nghttp2_submit_headers", "nghttp2_submit_trailer", "nghttp2_session_consume",
+            "nghttp2_session_resume_data", "nghttp2_session_get_stream_remote_window_size",
+            "nghttp2_session_get_remote_window_size", "nghttp2_session_get_remote_settings")) < 0 ||
         PyModule_AddObject(module, "Pump", Py_NewRef((PyObject *)&PumpType)) < 0) {
         Py_DECREF((PyObject *)&PumpType);
         Py_DECREF(module);

@@ -332,7 +332,7 @@ class Connection:
 
     def acknowledge_received_data(self, acknowledged_size: int, stream_id: int) -> None:
         """Give ``acknowledged_size`` received bytes of ``stream_id`` back to the peer's windows."""
-        self._lib.nghttp2_session_consume(self._session, stream_id, acknowledged_size)
+        self._pump.consume(stream_id, acknowledged_size)
 
     def get_next_available_stream_id(self) -> int:
         """The id the next request gets (client side): nghttp2 numbers requests 1, 3, 5, ... as they are
@@ -349,12 +349,9 @@ class Connection:
     def local_flow_control_window(self, stream_id: int) -> int:
         """How many DATA bytes ``stream_id`` may still be given (the peer's windows less what is queued)."""
         stream = self._open(stream_id)
-        lib, session = self._lib, self._session
-        window = lib.nghttp2_session_get_stream_remote_window_size(session, stream_id)
-        if window < 0:  # a request whose HEADERS are not sent yet: nghttp2 opens the stream then
-            window = lib.nghttp2_session_get_remote_settings(session, _SETTINGS_INITIAL_WINDOW_SIZE)
+        window, shared = self._pump.windows(stream_id)
         window -= len(stream.out)
-        shared = lib.nghttp2_session_get_remote_window_size(session) - self._buffered
+        shared -= self._buffered
         return window if window < shared else shared
 
     def send_headers(self, stream_id: int, headers, end_stream: bool = False) -> None:
@@ -362,7 +359,7 @@ class Connection:
         (``end_stream`` required)."""
         stream = self._streams.get(stream_id)
         if stream is None and self.client:
-            stream = _Stream(head=any(header[0] == b":method" and header[1] == b"HEAD" for header in headers))
+            stream = _Stream(head=_is_head(headers))
             got = self._pump.submit(SUBMIT_REQUEST, stream_id, headers, not end_stream)
             if got != stream_id:
                 raise ProtocolError(f"nghttp2_submit_request: {got} (stream {stream_id} expected)")
@@ -394,7 +391,7 @@ class Connection:
         self._buffered += len(data)
         if stream.deferred:
             stream.deferred = False
-            self._lib.nghttp2_session_resume_data(self._session, stream_id)
+            self._pump.resume(stream_id)
 
     def end_stream(self, stream_id: int) -> None:
         """END_STREAM on ``stream_id``, after its queued DATA."""
@@ -404,7 +401,7 @@ class Connection:
         stream.ended = stream.eof = True
         if stream.deferred:
             stream.deferred = False
-            self._lib.nghttp2_session_resume_data(self._session, stream_id)
+            self._pump.resume(stream_id)
 
     def reset_stream(self, stream_id: int, error_code=ErrorCodes.NO_ERROR) -> None:
         """RST_STREAM ``error_code``, after what was sent on the stream before it (h2 frames at once, so a
@@ -627,6 +624,14 @@ _TRAILER_FLAGS = {side: HeaderValidationFlags(is_client=side, is_trailer=True, i
                                               is_push_promise=False) for side in (False, True)}
 
 
+def _is_head(headers) -> bool:
+    """Whether a request's headers (pseudo-header fields first) are a HEAD request's."""
+    for header in headers:
+        if header[0] == b":method":
+            return header[1] == b"HEAD"
+    return False
+
+
 def _content_length(headers):
     """The content-length of a received head (None without one), as h2 checks it."""
     length = None
@@ -733,6 +738,20 @@ class _CffiPump:
 
     def attach(self, address: int) -> None:
         self._session = self._ffi.cast("nghttp2_session *", address)
+
+    def windows(self, stream_id: int) -> tuple:
+        """The peer's send windows: the stream's (its initial one before its HEADERS go), the connection's."""
+        lib, session = self._lib, self._session
+        window = lib.nghttp2_session_get_stream_remote_window_size(session, stream_id)
+        if window < 0:  # a request whose HEADERS are not sent yet: nghttp2 opens the stream then
+            window = lib.nghttp2_session_get_remote_settings(session, _SETTINGS_INITIAL_WINDOW_SIZE)
+        return window, lib.nghttp2_session_get_remote_window_size(session)
+
+    def consume(self, stream_id: int, size: int) -> int:
+        return self._lib.nghttp2_session_consume(self._session, stream_id, size)
+
+    def resume(self, stream_id: int) -> int:
+        return self._lib.nghttp2_session_resume_data(self._session, stream_id)
 
     def recv(self, data: bytes) -> int:
         return self._lib.nghttp2_session_mem_recv(self._session, data, len(data))
