@@ -534,7 +534,7 @@ class Connection:
         for setting, value in entries:
             code = _setting_code_from_int(setting)
             changed[code] = ChangedSetting(code, None, value)
-            if setting == _SETTINGS_MAX_FRAME_SIZE:
+            if setting == _SETTINGS_MAX_FRAME_SIZE:  # nghttp2 applied it before this callback
                 self.max_outbound_frame_size = value
         self._events.append(event)
 
