@@ -171,16 +171,9 @@ def received_headers(headers, flags, clean: bool = False) -> list:
     ``clean``: the caller has checked every value by these rules and found no cookie (the HTTP/2
     engine's C callbacks do, as the fields arrive), so the values are not scanned again.
     """
-    if clean:
-        checked = _checked(headers, flags, True)
-        if checked is not None:
-            return checked
     if headers.__class__ is not list:  # an iterable, read twice below
         headers = list(headers)
-    values = b"\x01".join([header[1] for header in headers])  # 0x01: neither space, tab, NUL, CR nor LF
-    if not (0 in values or 10 in values or 13 in values or values.find(b"\x01 ") != -1
-            or values.find(b" \x01") != -1 or values.find(b"\x01\t") != -1 or values.find(b"\t\x01") != -1
-            or values[:1] in _SPACE_OR_TAB or values[-1:] in _SPACE_OR_TAB):
+    if clean or _values_pass(headers):
         checked = _checked(headers, flags, True)
         if checked is not None:
             return checked
@@ -196,6 +189,14 @@ def received_headers(headers, flags, clean: bool = False) -> list:
     if cookies is not None:
         out.append(NeverIndexedHeaderTuple(b"cookie", b"; ".join(cookies)))
     return _checked(out, flags, False)
+
+
+def _values_pass(headers) -> bool:
+    """Whether every value of ``headers`` passes h2's value rules, checked at once on the values joined."""
+    values = b"\x01".join([header[1] for header in headers])  # 0x01: neither space, tab, NUL, CR nor LF
+    return not (0 in values or 10 in values or 13 in values or values.find(b"\x01 ") != -1
+                or values.find(b" \x01") != -1 or values.find(b"\x01\t") != -1 or values.find(b"\t\x01") != -1
+                or values[:1] in _SPACE_OR_TAB or values[-1:] in _SPACE_OR_TAB)
 
 
 def _checked(headers, flags, fast: bool):
