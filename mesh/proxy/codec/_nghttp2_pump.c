@@ -69,7 +69,6 @@ typedef uint32_t (*remote_settings_fn)(nghttp2_session *, int);
 enum { DATA = 0x0, HEADERS = 0x1, RST_STREAM = 0x3, SETTINGS = 0x4, PUSH_PROMISE = 0x5, PING = 0x6, GOAWAY = 0x7,
        WINDOW_UPDATE = 0x8 };
 enum { FLAG_END_STREAM = 0x1, FLAG_ACK = 0x1, FLAG_END_HEADERS = 0x4, NV_FLAG_NO_INDEX = 0x1 };
-enum { DATA_FLAG_EOF = 0x1 };
 enum { SETTINGS_INITIAL_WINDOW_SIZE = 0x4 };
 #define ERR_CALLBACK_FAILURE (-902)
 
