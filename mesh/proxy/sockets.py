@@ -57,8 +57,9 @@ def unbuffer_tls(transport) -> None:
     one reactor iteration and encrypts them on the next one (a ``callLater(0)``),
     which pays for itself when a protocol makes many small writes.  The
     HTTP/1 codecs write a whole head, or a head with the body bytes at hand,
-    at once, and the HTTP/2 codecs write the frames of one event once at its
-    end (:func:`after_event`), so the gathering only costs a timer and a
+    at once, and the HTTP/2 codecs write the frames of one event (inbound: of
+    one poll) once at its end (:func:`after_event`, :func:`after_poll`), so the
+    gathering only costs a timer and a
     reactor iteration per write, and holds back bytes another process could
     already be working on.  Its ``write`` is the gathering one, set on the instance; without
     it, the class's (``TLSMemoryBIOProtocol.write``) writes directly, and so
@@ -165,6 +166,8 @@ def _timeout(reactor) -> float | None:
 
 #: The calls :func:`after_event` queued during the I/O event being dispatched; None outside one.
 _after_event: list | None = None
+#: The calls :func:`after_poll` queued during the I/O events of the poll being dispatched; None outside them.
+_after_poll: list | None = None
 
 
 def after_event(call) -> bool:
@@ -177,14 +180,32 @@ def after_event(call) -> bool:
     call, or a reactor without :func:`lean_dispatch`): the caller then does it
     at once.
     """
-    pending = _after_event
+    return _queue(_after_event, call)
+
+
+def after_poll(call) -> bool:
+    """Queue ``call()`` to run once every event of the reactor's current poll has been handled.
+
+    Like :func:`after_event`, for a connection that events on other connections
+    write to: an inbound HTTP/2 connection whose streams are answered by
+    upstream connections that were readable together sends their frames in one
+    TLS record and one ``send`` (Envoy's event loop does the same: a write
+    activates the connection's write event, which runs after the events already
+    ready).  The calls run after those of :func:`after_event`, in the order
+    queued.  Returns False, queuing nothing, outside a dispatched event: the
+    caller then does it at once.
+    """
+    return _queue(_after_poll, call)
+
+
+def _queue(pending: list | None, call) -> bool:
     if pending is None:
         return False
     pending.append(call)
     return True
 
 
-def _run_after_event(pending: list) -> None:
+def _run_queued(pending: list) -> None:
     """Run (and empty) ``pending``, calls queued meanwhile included; each failure is logged."""
     while pending:
         calls = pending[:]
@@ -198,8 +219,9 @@ def _run_after_event(pending: list) -> None:
 
 def _do_poll(reactor, timeout) -> None:
     """``EPollReactor.doPoll`` without ``log.callWithLogger`` around each event (see :func:`lean_dispatch`),
-    and with the calls :func:`after_event` queued run after each event."""
-    global _after_event
+    with the calls :func:`after_event` queued run after each event, and those :func:`after_poll` queued
+    once all the poll's events are handled."""
+    global _after_event, _after_poll
     try:
         events = reactor._poller.poll(-1 if timeout is None else timeout, len(reactor._selectables))
     except InterruptedError:
@@ -207,6 +229,7 @@ def _do_poll(reactor, timeout) -> None:
     selectables = reactor._selectables
     dispatch = reactor._doReadOrWrite
     pending = _after_event = []
+    pending_poll = _after_poll = []
     try:
         for fd, event in events:
             selectable = selectables.get(fd)
@@ -225,9 +248,12 @@ def _do_poll(reactor, timeout) -> None:
                 except BaseException:
                     log.err(system=_log_prefix(selectable))
                 if pending:
-                    _run_after_event(pending)
+                    _run_queued(pending)
+        while pending_poll:  # a queued call may queue more of either kind
+            _run_queued(pending_poll)
+            _run_queued(pending)
     finally:
-        _after_event = None
+        _after_event = _after_poll = None
 
 
 def _log_prefix(selectable) -> str:

@@ -216,6 +216,47 @@ def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
         assert not after_event(order.append)  # the poll is over
 
 
+def test_calls_queued_for_the_poll_run_once_all_its_events_are_handled():
+    from mesh.proxy.sockets import after_event, after_poll
+
+    order = []
+
+    class Queuer(Reader):
+        """Queues a call for the poll and one for the event per read; the poll's call queues one of each more."""
+
+        def doRead(self):
+            why = super().doRead()
+            name = self.reads[-1].decode()
+
+            def at_poll_end():
+                order.append(f"{name} poll")
+                assert after_event(lambda: order.append(f"{name} event, queued at the poll's end"))
+                assert after_poll(lambda: order.append(f"{name} poll, queued at the poll's end"))
+
+            assert after_poll(at_poll_end)
+            assert after_event(lambda: order.append(f"{name} event"))
+            order.append(f"{name} read")
+            if name == "first":
+                raise RuntimeError("a broken doRead still gets its queued calls run")
+            return why
+
+    with _epoll_reactor_with_socket_pairs(2) as (reactor, pairs):
+        assert not after_poll(order.append)  # outside a poll: nothing queued, the caller acts now
+        first, second = Queuer(pairs[0][0]), Queuer(pairs[1][0])
+        reactor.addReader(first)
+        reactor.addReader(second)
+        pairs[0][1].send(b"first")
+        pairs[1][1].send(b"second")
+        reactor.doIteration(1)
+        names = [step.split()[0] for step in order[:4:2]]  # the order the events were dispatched in
+        assert order[:4] == [f"{name} {step}" for name in names for step in ("read", "event")]
+        assert order[4:6] == [f"{name} poll" for name in names]  # after both events, in the order queued
+        assert sorted(order[6:]) == sorted(f"{name} {kind}, queued at the poll's end"
+                                           for name in names for kind in ("event", "poll"))
+        assert first.lost and first.lost[0].check(RuntimeError)
+        assert not after_poll(order.append) and not after_event(order.append)  # the poll is over
+
+
 def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
     from twisted.internet.ssl import CertificateOptions
     from twisted.internet.task import Clock

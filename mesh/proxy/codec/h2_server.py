@@ -76,7 +76,7 @@ from mesh.proxy.deadline import Deadlines
 from mesh.proxy.detect import H2_PREFACE
 from mesh.proxy.exchange import DONE, Exchange
 from mesh.proxy.outcome import LocalReply
-from mesh.proxy.sockets import after_event
+from mesh.proxy.sockets import after_poll
 from mesh.proxy.streams import IDownstreamStream
 
 log = Logger()
@@ -347,7 +347,7 @@ class H2ServerConnection(Protocol):
         self.waiting = {}  # H2Stream -> None: an ordered set
         self.deadlines = Deadlines(listener.reactor)  # the route deadlines of every stream's exchange
         self.paused = False  # the transport's buffer is full
-        self.send_queued = False  # a send_soon waits for the end of the event
+        self.send_queued = False  # a send_soon waits for the end of the poll
         self.closing = False
         self.draining = False
         self.shutdown = None  # None, then "notice" (first GOAWAY of a drain sent), then "final"
@@ -609,10 +609,11 @@ class H2ServerConnection(Protocol):
             self.transport.write(data)
 
     def send_soon(self):
-        """:meth:`send` once the I/O event being handled is over (at once outside one): the frames of the
-        streams answered in one event leave in one write (:func:`mesh.proxy.sockets.after_event`)."""
+        """:meth:`send` once the reactor's poll is handled (at once outside one): the frames of the streams
+        answered in one poll, by one upstream read or by several upstream connections that were readable
+        together, leave in one write (:func:`mesh.proxy.sockets.after_poll`)."""
         if not self.send_queued:
-            if after_event(self._send_queued):
+            if after_poll(self._send_queued):
                 self.send_queued = True
             else:
                 self.send()
