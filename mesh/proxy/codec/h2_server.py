@@ -634,6 +634,7 @@ class H2ServerConnection(Protocol):
             return
         self.waiting.pop(stream, None)
         self.deadlines.clear(stream.exchange)
+        stream.exchange = None  # the exchange keeps the stream (its ``down``): no cycle left to the collector
         if self.closing:
             return
         if stream.unacked:
@@ -984,6 +985,7 @@ class H2Stream:
         self._drop_held()
         self.deadlines.clear(self.exchange)
         exchange = self.exchange
+        self.exchange = None  # as retire does: no cycle with the exchange
         if exchange is not None and exchange.state is not DONE:
             exchange.downstream_lost()
 
