@@ -181,39 +181,48 @@ def test_lean_dispatch_reads_and_disconnects_as_the_epoll_reactor_does():
     assert "doIteration" not in vars(clock)
 
 
-def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
-    from mesh.proxy.sockets import after_event
-
-    order = []
+def _read_first_and_second_in_one_poll(queue):
+    """Dispatch one read on each of two readers, "first" and "second", in one poll of an epoll reactor
+    with lean dispatch; each read calls ``queue(name)``, then "first"'s raises.  Returns "first"."""
 
     class Queuer(Reader):
-        """Queues a call per read (and one more from that call), and records when each runs."""
-
         def doRead(self):
             why = super().doRead()
             name = self.reads[-1].decode()
-            assert after_event(lambda: order.append(f"{name} after") or after_event(lambda: order.append(
-                f"{name} after, queued by the call")))
-            order.append(f"{name} read")
+            queue(name)
             if name == "first":
                 raise RuntimeError("a broken doRead still gets its queued calls run")
             return why
 
     with _epoll_reactor_with_socket_pairs(2) as (reactor, pairs):
-        assert not after_event(order.append)  # outside an event: nothing queued, the caller acts now
         first, second = Queuer(pairs[0][0]), Queuer(pairs[1][0])
         reactor.addReader(first)
         reactor.addReader(second)
         pairs[0][1].send(b"first")
         pairs[1][1].send(b"second")
         reactor.doIteration(1)
-        by_reader = [[step for step in order if step.startswith(name)] for name in ("first", "second")]
-        assert by_reader == [[f"{name} read", f"{name} after", f"{name} after, queued by the call"]
-                             for name in ("first", "second")]
-        assert order.index("first after, queued by the call") < order.index("second read") or \
-            order.index("second after, queued by the call") < order.index("first read")  # each event's own
-        assert first.lost and first.lost[0].check(RuntimeError)
-        assert not after_event(order.append)  # the poll is over
+    return first
+
+
+def test_calls_queued_during_an_event_run_when_it_is_handled_and_only_then():
+    from mesh.proxy.sockets import after_event
+
+    order = []
+
+    def queue(name):  # a call per read, and one more from that call
+        assert after_event(lambda: order.append(f"{name} after") or after_event(lambda: order.append(
+            f"{name} after, queued by the call")))
+        order.append(f"{name} read")
+
+    assert not after_event(order.append)  # outside an event: nothing queued, the caller acts now
+    first = _read_first_and_second_in_one_poll(queue)
+    by_reader = [[step for step in order if step.startswith(name)] for name in ("first", "second")]
+    assert by_reader == [[f"{name} read", f"{name} after", f"{name} after, queued by the call"]
+                         for name in ("first", "second")]
+    assert order.index("first after, queued by the call") < order.index("second read") or \
+        order.index("second after, queued by the call") < order.index("first read")  # each event's own
+    assert first.lost and first.lost[0].check(RuntimeError)
+    assert not after_event(order.append)  # the poll is over
 
 
 def test_calls_queued_for_the_poll_run_once_all_its_events_are_handled():
@@ -221,40 +230,25 @@ def test_calls_queued_for_the_poll_run_once_all_its_events_are_handled():
 
     order = []
 
-    class Queuer(Reader):
-        """Queues a call for the poll and one for the event per read; the poll's call queues one of each more."""
+    def queue(name):  # a call for the poll and one for the event; the poll's call queues one of each more
+        def at_poll_end():
+            order.append(f"{name} poll")
+            assert after_event(lambda: order.append(f"{name} event, queued at the poll's end"))
+            assert after_poll(lambda: order.append(f"{name} poll, queued at the poll's end"))
 
-        def doRead(self):
-            why = super().doRead()
-            name = self.reads[-1].decode()
+        assert after_poll(at_poll_end)
+        assert after_event(lambda: order.append(f"{name} event"))
+        order.append(f"{name} read")
 
-            def at_poll_end():
-                order.append(f"{name} poll")
-                assert after_event(lambda: order.append(f"{name} event, queued at the poll's end"))
-                assert after_poll(lambda: order.append(f"{name} poll, queued at the poll's end"))
-
-            assert after_poll(at_poll_end)
-            assert after_event(lambda: order.append(f"{name} event"))
-            order.append(f"{name} read")
-            if name == "first":
-                raise RuntimeError("a broken doRead still gets its queued calls run")
-            return why
-
-    with _epoll_reactor_with_socket_pairs(2) as (reactor, pairs):
-        assert not after_poll(order.append)  # outside a poll: nothing queued, the caller acts now
-        first, second = Queuer(pairs[0][0]), Queuer(pairs[1][0])
-        reactor.addReader(first)
-        reactor.addReader(second)
-        pairs[0][1].send(b"first")
-        pairs[1][1].send(b"second")
-        reactor.doIteration(1)
-        names = [step.split()[0] for step in order[:4:2]]  # the order the events were dispatched in
-        assert order[:4] == [f"{name} {step}" for name in names for step in ("read", "event")]
-        assert order[4:6] == [f"{name} poll" for name in names]  # after both events, in the order queued
-        assert sorted(order[6:]) == sorted(f"{name} {kind}, queued at the poll's end"
-                                           for name in names for kind in ("event", "poll"))
-        assert first.lost and first.lost[0].check(RuntimeError)
-        assert not after_poll(order.append) and not after_event(order.append)  # the poll is over
+    assert not after_poll(order.append)  # outside a poll: nothing queued, the caller acts now
+    first = _read_first_and_second_in_one_poll(queue)
+    names = [step.split()[0] for step in order[:4:2]]  # the order the events were dispatched in
+    assert order[:4] == [f"{name} {step}" for name in names for step in ("read", "event")]
+    assert order[4:6] == [f"{name} poll" for name in names]  # after both events, in the order queued
+    assert sorted(order[6:]) == sorted(f"{name} {kind}, queued at the poll's end"
+                                       for name in names for kind in ("event", "poll"))
+    assert first.lost and first.lost[0].check(RuntimeError)
+    assert not after_poll(order.append) and not after_event(order.append)  # the poll is over
 
 
 def test_a_tls_transport_encrypts_each_write_at_once_once_unbuffered():
