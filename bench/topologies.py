@@ -432,22 +432,26 @@ def start_txmesh_server_sidecar(ws: Workspace, backend_port: int, name: str = "t
     return server, inbound, config_dir
 
 
-def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, telemetry: str | None = None) -> Target:
+def txmesh_pair(ws: Workspace, backend_port: int, workers: int = 1, telemetry: str | None = None,
+                repo: Path = REPO_DIR, tag: str = "") -> Target:
     """Client -> client-side txmesh sidecar -> mTLS (TLS 1.3, exact SPIFFE id check) ->
     server-side txmesh sidecar (STRICT) -> nginx.
 
     ``telemetry``: :data:`TRACED` exports the sampled spans to a local Zipkin sink;
     :data:`TELEMETRY` (Istio's default telemetry) does too and keeps the Prometheus
     metrics (each sidecar gets a ``--metrics-port``); the metadata exchange always runs.
+    ``repo``: see :func:`start_txmesh`; ``tag`` ends the processes' names (several pairs
+    in one workspace: bench.pair_ab).
     """
-    suffix = (f"-w{workers}" if workers != 1 else "") + _suffix(telemetry)
+    suffix = (f"-w{workers}" if workers != 1 else "") + _suffix(telemetry) + tag
     zipkin_port = ws.zipkin_sink() if telemetry else None
     options = _tracing_options(zipkin_port) if telemetry else ()
     server_metrics, client_metrics = (free_port(), free_port()) if telemetry == TELEMETRY else (None, None)
     server, _, config_dir = start_txmesh_server_sidecar(
-        ws, backend_port, "txmesh-server" + suffix, workers=workers,
+        ws, backend_port, "txmesh-server" + suffix, repo=repo, workers=workers,
         options=(*options, *_metrics_options(server_metrics)))
     client, port = start_txmesh(ws, "txmesh-client" + suffix, config_dir, workload="client", role="client",
+                                repo=repo,
                                 options=(*_identity_options(ws.certs(), "client"), *_workers_options(workers),
                                          *options, *_metrics_options(client_metrics)))
     return Target(f"http://127.0.0.1:{port}/", MESH_HOST, [client, server], zipkin_port=zipkin_port,
@@ -497,10 +501,12 @@ def txmesh_pair_w2_telemetry(ws: Workspace, backend_port: int) -> Target:
     return txmesh_pair(ws, backend_port, workers=2, telemetry=TELEMETRY)
 
 
-def txmesh_pair_h2(ws: Workspace, backend_port: int, telemetry: str | None = None) -> Target:
+def txmesh_pair_h2(ws: Workspace, backend_port: int, telemetry: str | None = None, repo: Path = REPO_DIR,
+                   tag: str = "") -> Target:
     """HTTP/2 client (h2c, several streams per connection) -> client-side txmesh sidecar ->
-    mTLS with ALPN h2 (streams of all clients multiplexed) -> server-side txmesh sidecar -> HTTP/1.1 to nginx."""
-    target = txmesh_pair(ws, backend_port, telemetry=telemetry)
+    mTLS with ALPN h2 (streams of all clients multiplexed) -> server-side txmesh sidecar -> HTTP/1.1 to nginx.
+    ``repo``, ``tag``: see :func:`txmesh_pair`."""
+    target = txmesh_pair(ws, backend_port, telemetry=telemetry, repo=repo, tag=tag)
     target.h2_streams = H2_STREAMS
     return target
 
