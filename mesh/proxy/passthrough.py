@@ -373,7 +373,8 @@ class TcpUpstream(Protocol):
 
     def readConnectionLost(self):
         self._read_closed = True
-        self.conn.close_write()
+        if not self.conn.closing:  # a client connection already closing (or gone) has no write side left
+            self.conn.close_write()
         if self._write_closed:
             self.transport.loseConnection()
 

@@ -126,3 +126,18 @@ def test_the_upstream_gone_right_behind_bytes_that_filled_the_clients_buffer_sti
         upstream.transport.abortConnection()
         assert _read_until_eof(reactor, client_app) == BIG
         assert upstream.passthrough.closed_with == ""
+
+
+def test_the_upstreams_fin_after_the_client_went_leaves_the_closed_client_alone():
+    """The destination's FIN read once the client's connection is gone (an e2e egress test hit this
+    order): the gone connection is not half-closed (its socket is closed: epoll refuses it), and the
+    upstream connection still closes."""
+    with _spliced_tunnel() as (reactor, conn, upstream, client_app, upstream_app):
+        conn.transport.abortConnection()
+        end = time.monotonic() + 10
+        while not conn.closing and time.monotonic() < end:
+            reactor.runUntilCurrent()  # the aborted transport's connectionLost is a timed call
+            reactor.doIteration(0.01)
+        assert conn.closing and conn.transport.fileno() == -1
+        upstream.readConnectionLost()
+        assert _read_until_eof(reactor, upstream_app) == 0
