@@ -22,13 +22,10 @@ from pathlib import Path
 from twisted.internet import protocol, reactor
 import twisted.plugins.mesh_services  # the twistd plugin, as `twistd mesh-proxy` loads it
 from mesh.proxy import tap
+from tests.harness.net import free_port  # never the same port twice (ports from port 0 may repeat)
 
 REQUESTS = 20
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 class Backend(protocol.Protocol):
     buffered = b""

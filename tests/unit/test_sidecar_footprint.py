@@ -29,16 +29,13 @@ print(json.dumps(sorted(sys.modules)))
 
 
 READY_SIDECAR = """
-import json, socket, sys, threading, urllib.request
+import json, sys, threading, urllib.request
 from twisted.internet import reactor
 import twisted.plugins.mesh_services  # the twistd plugin, as `twistd mesh-proxy` loads it
 from mesh.proxy import tap
+from tests.harness.net import free_port  # never the same port twice (ports from port 0 may repeat)
 from tests.harness.waiting import wait_for
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 admin = free_port()
 options = tap.Options()
