@@ -22,18 +22,21 @@ so export the revisions first, each with the C module copied in::
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
 
 from bench import topologies
-from bench.loadgen import parse_h2load_log, parse_h2load_summary, percentile
-from bench.procs import run_tool
+from bench.loadgen import LoadGenerator
+from bench.procs import cpu_seconds
 
 #: What each round measures, in the order printed.
 COLUMNS = ("cpu_us", "p50", "p90", "p99", "c4", "c16")
+#: The paced run, as bench.run's defaults: 4 connections x 250 req/s.
+CLIENTS, RPS_PER_CLIENT = 4, 250
+#: h2load -D of each throughput run.
+THROUGHPUT_SECONDS = 5
 
 
 def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int) -> topologies.Target:
@@ -43,28 +46,15 @@ def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int) ->
     return topologies.txmesh_pair_h2(ws, backend_port, repo=Path(tree).resolve(), tag=f"-{index}")
 
 
-def cpu_ticks(pid: int) -> int:
-    """utime + stime of ``pid`` (all its threads), in clock ticks."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return int(fields[11]) + int(fields[12])
-
-
-def measure(target: topologies.Target, work: Path, seconds: int) -> dict:
+def measure(load: LoadGenerator, target: topologies.Target, seconds: int) -> dict:
     """One round of ``target``: latency and CPU per request at 1000 req/s, then throughput."""
-    h2load = ["h2load", "-m", str(target.h2_streams), "-H", f":authority: {target.host}"]
-    log = work / "latency.tsv"
-    log.unlink(missing_ok=True)  # h2load appends
-    before = [cpu_ticks(proxy.pid) for proxy in target.proxies]
-    run_tool([*h2load, "-c4", "--rps", "250", "-D", str(seconds), f"--log-file={log}", target.url],
-             timeout=seconds + 30, log_path=work / "latency.out")
-    ticks = sum(cpu_ticks(proxy.pid) for proxy in target.proxies) - sum(before)
-    durations = parse_h2load_log(log.read_text())
-    row = {"cpu_us": ticks * 1e6 / os.sysconf("SC_CLK_TCK") / len(durations),
-           **{f"p{q}": percentile(durations, q) for q in (50, 90, 99)}}
+    before = sum(cpu_seconds(proxy.pid) for proxy in target.proxies)
+    latency = load.latency(target.url, target.host, "latency", CLIENTS, RPS_PER_CLIENT, seconds, target.h2_streams)
+    cpu = sum(cpu_seconds(proxy.pid) for proxy in target.proxies) - before
+    row = {"cpu_us": cpu * 1e6 / latency.ok, "p50": latency.p50, "p90": latency.p90, "p99": latency.p99}
     for clients in (4, 16):
-        out = run_tool([*h2load, "-t1", f"-c{clients}", "-D", "5", target.url], timeout=40,
-                       log_path=work / "throughput.out")
-        row[f"c{clients}"] = parse_h2load_summary(out)[0]
+        row[f"c{clients}"] = load.throughput(target.url, target.host, "throughput", clients, THROUGHPUT_SECONDS,
+                                             target.h2_streams).rps
     return row
 
 
@@ -85,16 +75,16 @@ def main(argv=None) -> int:
     work = Path(tempfile.mkdtemp(prefix="pair-ab-"))
     work.chmod(0o755)  # nginx's workers read their files from it
     rounds: dict[str, list[dict]] = {tree: [] for tree in args.tree}
+    load = LoadGenerator(work)
     with ExitStack() as stack:
         ws = topologies.Workspace(work, stack, topologies.find_venv_bin(args.venv))
         backend = topologies.start_backend(ws)
         targets = {tree: start(ws, backend, tree, index) for index, tree in enumerate(args.tree)}
         for target in targets.values():  # warm-up: pools, caches, the specialising interpreter
-            run_tool(["h2load", "-c4", "-m8", "-n", "3000", "-H", f":authority: {target.host}", target.url],
-                     timeout=120, log_path=work / "warmup.out")
+            load.throughput(target.url, target.host, "warmup", CLIENTS, 2, target.h2_streams)
         for number in range(args.rounds):
             for tree, target in targets.items():
-                rounds[tree].append(measure(target, work, args.latency_seconds))
+                rounds[tree].append(measure(load, target, args.latency_seconds))
                 print(show(f"round {number + 1}", tree, rounds[tree][-1]), flush=True)
     for tree, rows in rounds.items():
         print(show("median ", tree, {column: statistics.median(row[column] for row in rows) for column in COLUMNS}))
