@@ -59,12 +59,12 @@ def unbuffer_tls(transport) -> None:
     HTTP/1 codecs write a whole head, or a head with the body bytes at hand,
     at once, and the HTTP/2 codecs write the frames of one event (inbound: of
     one poll) once at its end (:func:`after_event`, :func:`after_poll`), so the
-    gathering only costs a timer and a
-    reactor iteration per write, and holds back bytes another process could
-    already be working on.  Its ``write`` is the gathering one, set on the instance; without
-    it, the class's (``TLSMemoryBIOProtocol.write``) writes directly, and so
-    does ``writeSequence`` from now on (it would gather, and could then send
-    its bytes after later ones).  Call it before the first write; any other
+    gathering only costs a timer and a reactor iteration per write, and holds
+    back bytes another process could already be working on.  Its ``write`` is
+    the gathering one, set on the instance; without it, the class's
+    (``TLSMemoryBIOProtocol.write``) writes directly, and so does
+    ``writeSequence`` from now on (it would gather, and could then send its
+    bytes after later ones).  Call it before the first write; any other
     transport is left alone.
     """
     if isinstance(transport, BufferingTLSTransport):
