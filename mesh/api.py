@@ -222,7 +222,8 @@ class ClusterSpecView(Protocol):
 class ClusterView(Protocol):
     """An upstream cluster, as ``mesh_pick_endpoint`` sees it: ``name``, ``spec`` (a
     :class:`ClusterSpecView`), ``endpoints`` (all of them, healthy or not) and ``state``, a dict
-    balancers may keep per-cluster state in (it lives as long as the cluster's config does not change)."""
+    balancers may keep per-cluster state in (it lives as long as a cluster of that name is in the config,
+    across config swaps: check what is cached in it against the ``endpoints`` of each call)."""
 
     @property
     def name(self) -> str: ...

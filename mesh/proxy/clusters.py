@@ -94,7 +94,9 @@ class Cluster:
 
     ``spec`` is the :class:`mesh.config.tables.ClusterSpec`; ``endpoints`` the
     live :class:`Endpoint` objects.  ``state`` is free for balancer plugins
-    (the round-robin cursor lives there).  The spec's ``upstream_protocol``
+    (the round-robin cursor lives there); it is carried over when a config
+    swap rebuilds the cluster of the same name, so a plugin must check what it
+    cached against the endpoints it is given, as the built-in ones do.  The spec's ``upstream_protocol``
     becomes two flags the exchange tests per try: ``h2_always`` (every try
     speaks HTTP/2: the endpoint's ``pool.h2``) and ``h2_follows_client`` (an
     HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
@@ -108,7 +110,7 @@ class Cluster:
     __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client", "breaker",
                  "retry_budget", "empty_hint", "empty_details", "_healthy", "_healthy_until", "_epoch")
 
-    def __init__(self, spec, endpoints, breaker=None, retry_budget=None, empty_reason=None):
+    def __init__(self, spec, endpoints, breaker=None, retry_budget=None, empty_reason=None, state=None):
         self.spec = spec
         self.empty_hint, self.empty_details = empty_reason or (
             "check the ServiceEntry endpoints and DestinationRule subset labels", "no_healthy_upstream")
@@ -118,7 +120,7 @@ class Cluster:
         self.h2_always = spec.upstream_protocol == UPSTREAM_H2
         self.h2_follows_client = spec.upstream_protocol == UPSTREAM_CLIENT
         self.endpoints = tuple(endpoints)
-        self.state = {}
+        self.state = {} if state is None else state
         self._healthy = self.endpoints
         self._healthy_until = 0.0
         self._epoch = -1
@@ -152,7 +154,9 @@ class ClusterManager:
     ``pool_factory(spec, cluster_spec)`` makes the :class:`ConnectionPool` for a
     new endpoint.  A cluster with circuit-breaking limits keeps its
     :class:`~mesh.proxy.circuit.CircuitBreaker` (its counts) across updates, and
-    every cluster its :class:`~mesh.proxy.retry.RetryBudget`.
+    every cluster its :class:`~mesh.proxy.retry.RetryBudget` and its balancer
+    ``state``: a round-robin cursor that restarted at the first endpoint on
+    every push sent most requests there while pushes came often.
     """
 
     def __init__(self, pool_factory):
@@ -199,7 +203,8 @@ class ClusterManager:
             kept = self.clusters.get(name)
             clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits),
                                      kept.retry_budget if kept is not None else None,
-                                     empty_reasons.get(name) if empty_reasons else None)
+                                     empty_reasons.get(name) if empty_reasons else None,
+                                     kept.state if kept is not None else None)
         for candidates in changed.values():
             for endpoint in candidates:
                 endpoint.pool.close_idle()

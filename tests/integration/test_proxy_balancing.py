@@ -68,6 +68,26 @@ def test_round_robin_alternates_strictly(mesh):
     assert Counter(order) == {A: 20, B: 20}
 
 
+def test_round_robin_keeps_its_place_across_config_swaps(mesh):
+    """Every swap rebuilds the clusters; the cursor must survive it.  It once restarted at the first
+    endpoint on every push, so while pushes came often (sidecars announcing themselves) most requests
+    went to one endpoint.  Here one request goes between every two swaps: it must still alternate."""
+    proxy, _, _ = mesh
+    extra = proxy.config_dir / "zz-swap.yaml"
+    order = []
+    try:
+        for swap in range(6):
+            order += names(curl_many(proxy.outbound_url + "/", 1, host="rr"))
+            version = proxy.admin("/config_dump")["version"]
+            write_config(proxy.config_dir, service_entry(f"swap-{swap}", [endpoint(("127.0.0.1", 9))]),
+                         name=extra.name)
+            proxy.reload()
+            wait_for(lambda old=version: proxy.admin("/config_dump")["version"] != old, 10, what="the swap to apply")
+    finally:
+        extra.unlink(missing_ok=True)
+    assert all(first != second for first, second in zip(order, order[1:])), order
+
+
 def test_round_robin_honours_endpoint_weights(mesh):
     proxy, _, _ = mesh
     order = names(curl_many(proxy.outbound_url + "/", 40, host="wrr"))
