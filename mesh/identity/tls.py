@@ -166,9 +166,16 @@ def _seconds(asn1_time: bytes) -> float:
 
 
 def validity(chain) -> tuple:
-    """``(from, until)`` in POSIX seconds: when every certificate of ``chain`` (pyOpenSSL) is valid."""
+    """``(from, until)`` in POSIX seconds: every certificate of ``chain`` (pyOpenSSL) is valid at
+    ``from <= now < until``.
+
+    As OpenSSL verifies it: a notAfter is inclusive (RFC 5280) and has one-second resolution, so a
+    certificate is still valid during the second its notAfter names, and ``until`` is one second
+    later.  A window that closed at the notAfter itself refused, for that last second, connections
+    whose chain OpenSSL had just verified in a full handshake.
+    """
     return (max(_seconds(cert.get_notBefore()) for cert in chain),
-            min(_seconds(cert.get_notAfter()) for cert in chain))
+            min(_seconds(cert.get_notAfter()) for cert in chain) + 1)
 
 
 class ClientChains:

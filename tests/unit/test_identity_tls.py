@@ -1,4 +1,5 @@
-"""Pure parts of mesh.identity.tls: which certificates of a chain a peer is sent."""
+"""Pure parts of mesh.identity.tls: which certificates of a chain a peer is sent, and when a verified chain
+is valid."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 
-from mesh.identity.tls import presented_chain
+from mesh.identity.tls import presented_chain, validity
 
 NOW = datetime.datetime.now(datetime.timezone.utc)
 
@@ -60,3 +62,27 @@ def test_a_self_issued_certificate_of_another_key_is_kept(pki):
             .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
             .sign(root_key, hashes.SHA256()))
     assert presented_chain([pki["leaf"][1], link]) == [pki["leaf"][1], link]
+
+
+@pytest.mark.parametrize("after_not_after", [-1.0, -0.2, 0.0, 0.5, 0.99, 1.0, 1.7])
+def test_a_chain_is_valid_as_long_as_openssl_verifies_it(pki, after_not_after):
+    """The window :class:`~mesh.identity.tls.ClientChains` checks every inbound connection against must end
+    when OpenSSL stops verifying the chain: notAfter is inclusive, to the second.  It once ended at the
+    notAfter itself, so for a certificate's last second the server sidecar aborted connections whose
+    chain OpenSSL had just verified, and the client got 503s (seen while a root rotation's restarts of
+    the control plane held back a renewal)."""
+    _, root = pki["root"]
+    _, leaf = pki["direct-leaf"]
+    chain = [crypto.X509.from_cryptography(cert) for cert in (leaf, root)]
+    when = leaf.not_valid_after_utc.timestamp() + after_not_after
+    store = crypto.X509Store()
+    store.add_cert(chain[1])
+    store.set_time(datetime.datetime.fromtimestamp(when, datetime.timezone.utc))
+    try:
+        crypto.X509StoreContext(store, chain[0]).verify_certificate()
+        verified = True
+    except crypto.X509StoreContextError:
+        verified = False
+    start, until = validity(chain)
+    assert (start <= when < until) == verified
+    assert verified == (after_not_after < 1.0)  # the case is the one meant: OpenSSL's own verdict
