@@ -9,7 +9,8 @@ at about half the certificate's lifetime (with jitter), each time with a new
 key; while the CA is unreachable it retries with capped exponential backoff and
 keeps serving with the certificate it has.  A 503 (the CA, or the check of the
 credential, cannot answer now) is retried the same way, never sooner than its
-``Retry-After``.
+``Retry-After``.  Neither may carry the next try past the certificate's expiry:
+while it is valid, a try comes within half its remaining life.
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ RETRY_MIN = 1.0
 RETRY_MAX = 60.0
 #: renew with the current certificate as proof while it has this long to live
 RENEW_WITH_CERT_MARGIN = 2.0
+#: while the certificate is valid, a failed renewal is tried again within half its remaining life,
+#: but never sooner than this
+RETRY_BEFORE_EXPIRY_MIN = 0.25
 
 
 class _QuietClientFactory(_HTTP11ClientFactory):
@@ -224,8 +228,9 @@ class WorkloadAgent(service.Service):
         if failure.check(RenewError) and failure.value.retry_after is not None:
             delay = max(delay, failure.value.retry_after)
         current = self.store.current
-        if current is not None and current.expires_in() > 2 * RETRY_MIN:
-            delay = min(delay, current.expires_in() / 2)
+        remaining = current.expires_in() if current is not None else 0.0
+        if remaining > 0:  # try again before the certificate expires, however far the backoff has grown
+            delay = min(delay, max(remaining / 2, RETRY_BEFORE_EXPIRY_MIN))
         log.warn("certificate renewal failed ({error}); retrying in {delay:.1f}s, serving with the current "
                  "certificate meanwhile", error=self.last_error, delay=delay)
         if not failure.check(RenewError):

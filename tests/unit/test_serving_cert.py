@@ -1,18 +1,20 @@
 """The control plane's serving certificate from a CA that may answer later or not at all, and the workload
-agent's respect of Retry-After (mesh.control.serving_cert, mesh.identity.agent)."""
+agent's retry schedule: Retry-After respected, the certificate's expiry never passed
+(mesh.control.serving_cert, mesh.identity.agent)."""
 
 from __future__ import annotations
 
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from twisted.python.failure import Failure
 
 from mesh.api import CAUnavailable
 from mesh.control.serving_cert import ServingCertificate
-from mesh.identity.agent import RenewError, WorkloadAgent, make_csr
+from mesh.identity.agent import RETRY_BEFORE_EXPIRY_MIN, RenewError, WorkloadAgent, make_csr
 from mesh.identity.ca import CertificateAuthority, generate_root, to_pem
-from mesh.identity.tls import CredentialStore
+from mesh.identity.tls import CredentialStore, WorkloadCredentials
 
 URI = "spiffe://cluster.local/ns/mesh-system/sa/mesh-control"
 TTL = 3600.0
@@ -103,3 +105,22 @@ def test_the_agent_waits_at_least_the_retry_after_of_a_503():
     agent._failed(Failure(RenewError("control plane refused the CSR (503): CA unavailable", retry_after=30.0)))
     assert [call.getTime() for call in clock.getDelayedCalls()] == [30.0]
     assert agent.last_error == "control plane refused the CSR (503): CA unavailable"
+
+
+def test_the_agent_tries_again_before_its_certificate_expires():
+    """However far the backoff has grown (and whatever Retry-After says), the next try comes within half the
+    certificate's remaining life.  With 1.5 s left it once waited out the backoff: a control plane restarted
+    twice in a row let a sidecar's short-lived certificate expire under traffic."""
+    ca = new_ca()
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem, _ = ca.sign(csr_of(key), URI, 1.5)  # notAfter in whole seconds: 0.5 to 1.5 s from now
+    leaf = x509.load_pem_x509_certificate(cert_pem if isinstance(cert_pem, bytes) else cert_pem.encode())
+    clock = Clock()
+    agent = WorkloadAgent(clock, ("127.0.0.1", 15012), to_pem([ca.cert]), None, None, "x",
+                          CredentialStore(WorkloadCredentials.build(key, [leaf], [ca.cert])))
+    agent.running = True
+    for _ in range(3):  # the backoff is now 8 s or so
+        agent._backoff.next()
+    agent._failed(Failure(RenewError("control plane unreachable", retry_after=30.0)))
+    [retry] = clock.getDelayedCalls()
+    assert RETRY_BEFORE_EXPIRY_MIN <= retry.getTime() <= 0.75
