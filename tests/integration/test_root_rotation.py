@@ -20,6 +20,7 @@ the new root is accepted.
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import time
 
@@ -76,6 +77,27 @@ def mesh(control_factory, backend_factory, process_log_dir, tmp_path_factory):
            "factory": control_factory}
     client.stop()
     server.stop()
+
+
+#: what the report shows of each access-log entry that did not answer 2xx
+FAILURE_FIELDS = ("start_time", "direction", "response_code", "response_flags", "response_code_details",
+                  "upstream_transport_failure_reason", "upstream_host")
+
+
+def failures_logged(*proxies) -> str:
+    """The sidecars' access-log entries that did not answer 2xx, then their warnings and the refusals and
+    failures they logged: what a failed run needs."""
+    failed, warnings = [], []
+    for proxy in proxies:
+        for line in proxy.log_path.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                entry = json.loads(line)
+                if not 200 <= entry["response_code"] < 300:
+                    fields = " ".join(str(entry[name]) for name in FAILURE_FIELDS)
+                    failed.append(f"{proxy.workload}: {fields}")
+            elif any(word in line for word in ("#warn]", "#error]", "#critical]", "refused", "failed")):
+                warnings.append(f"{proxy.workload}: {line}")
+    return "\n".join(failed[:40] + warnings[:30])
 
 
 def certificate(proxy) -> dict:
@@ -156,7 +178,7 @@ def test_root_rotation_under_load_fails_no_request(mesh, tmp_path):
     result = parse_h2load(output)
     report = (f"h2load: {result.done} done, {result.succeeded} succeeded, {result.failed} failed, "
               f"{result.errored} errored, {result.timeout} timeout, {result.status}\n" + "\n".join(timeline)
-              + "\n" + output[-1200:])
+              + "\n" + output[-1200:] + "\n" + failures_logged(client, server))
     print(report)
     assert result.done >= 0.9 * 100 * LOAD_SECONDS, report
     assert (result.failed, result.errored, result.timeout) == (0, 0, 0), report
