@@ -23,8 +23,9 @@ session to its peer: a resumed handshake carries no certificate, so OpenSSL
 verifies nothing; the session carries the certificate verified when it was
 made.  The verdict of a chain verification against a fixed trust bundle only
 changes with time, so each side keeps the window in which the chain it
-verified is valid (latest notBefore to earliest notAfter) and checks it again
-for every connection, resumed or not:
+verified is valid (from the latest notBefore through the second of the earliest
+notAfter, as OpenSSL has it: :func:`validity`) and checks it again for every
+connection, resumed or not:
 
 - Server side: tickets are encrypted with keys of the SSL context of the
   current credentials (certificate and bundle), and every rotation builds new
