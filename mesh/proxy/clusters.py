@@ -96,11 +96,12 @@ class Cluster:
     live :class:`Endpoint` objects.  ``state`` is free for balancer plugins
     (the round-robin cursor lives there); it is carried over when a config
     swap rebuilds the cluster of the same name, so a plugin must check what it
-    cached against the endpoints it is given, as the built-in ones do.  The spec's ``upstream_protocol``
-    becomes two flags the exchange tests per try: ``h2_always`` (every try
-    speaks HTTP/2: the endpoint's ``pool.h2``) and ``h2_follows_client`` (an
-    HTTP/2 request goes HTTP/2 to every endpoint; without it only to mTLS
-    endpoints, the sidecars, which may still choose HTTP/1.1 by ALPN).
+    cached against the endpoints it is given, as the built-in ones do.  The
+    spec's ``upstream_protocol`` becomes two flags the exchange tests per
+    try: ``h2_always`` (every try speaks HTTP/2: the endpoint's ``pool.h2``)
+    and ``h2_follows_client`` (an HTTP/2 request goes HTTP/2 to every
+    endpoint; without it only to mTLS endpoints, the sidecars, which may
+    still choose HTTP/1.1 by ALPN).
     ``breaker`` is its :class:`mesh.proxy.circuit.CircuitBreaker` (None: no limits),
     ``retry_budget`` its :class:`mesh.proxy.retry.RetryBudget`.  When the cluster has no endpoints,
     ``empty_hint`` says what to check (in the 503 ``UH``'s message) and ``empty_details`` is the
@@ -155,8 +156,7 @@ class ClusterManager:
     new endpoint.  A cluster with circuit-breaking limits keeps its
     :class:`~mesh.proxy.circuit.CircuitBreaker` (its counts) across updates, and
     every cluster its :class:`~mesh.proxy.retry.RetryBudget` and its balancer
-    ``state``: a round-robin cursor that restarted at the first endpoint on
-    every push sent most requests there while pushes came often.
+    ``state`` (so round robin goes on where it was, not at the first endpoint).
     """
 
     def __init__(self, pool_factory):
