@@ -362,6 +362,18 @@ def test_a_malformed_request_ends_the_connection_as_with_h2(engine, field):
     assert b"\x07" in hop.ours.data_to_send()[3:4]  # a GOAWAY frame is queued
 
 
+def test_a_1xx_response_with_end_stream_ends_the_connection_as_with_h2(engine):
+    """RFC 9113 8.1: a HEADERS frame with END_STREAM that carries an informational status is malformed.
+    The nghttp2 engine once took it as an informational response, and the stream as ended."""
+    hop = _client_hop(engine)
+    hop.ours.send_headers(1, GET, end_stream=True)
+    hop.run()
+    with pytest.raises(ProtocolError, match="Cannot set END_STREAM on informational responses"):
+        hop.ours.receive_data(HeadersFrame(1, data=Encoder().encode([(b":status", b"100")]),
+                                           flags=["END_HEADERS", "END_STREAM"]).serialize())
+    assert b"\x07" in hop.ours.data_to_send()[3:4]  # a GOAWAY frame is queued
+
+
 def _h2_error(headers):
     conn = h2_server._new_h2(Limits())
     conn.initiate_connection()

@@ -495,6 +495,8 @@ class Connection:
                 flags = _HEAD_FLAGS[client]
                 if kind is not InformationalResponseReceived:
                     stream.expected = 0 if stream.head else _content_length(headers)
+                elif ended:  # RFC 9113 8.1: malformed (h2's stream state machine says so, in its words)
+                    raise ProtocolError("Cannot set END_STREAM on informational responses")
             headers = received_headers(headers, flags, clean)  # h2's normalization and validation
         except ProtocolError as error:
             self._fail(ErrorCodes.PROTOCOL_ERROR, str(error))
