@@ -92,7 +92,7 @@ def test_received_headers_is_h2s_normalization_and_validation():
     """Every block, as a request, a response and trailers, on both sides: h2's result or h2's error."""
     from h2.utilities import HeaderValidationFlags, normalize_inbound_headers, validate_headers
 
-    from mesh.proxy.codec.h2_connection import _values_pass, received_headers
+    from mesh.proxy.codec.h2_connection import VALUES_CHECKED, _values_pass, received_headers
 
     def h2s(block, flags):
         return validate_headers(normalize_inbound_headers(block, flags), flags)
@@ -107,7 +107,7 @@ def test_received_headers_is_h2s_normalization_and_validation():
                 errors += isinstance(theirs, tuple)
                 if _values_pass(block) and not any(name == b"cookie" for name, _ in block):
                     # what the HTTP/2 engine's C callbacks say of such a block: clean
-                    clean = _outcome(lambda b, f: received_headers(b, f, clean=True), block, flags)
+                    clean = _outcome(lambda b, f: received_headers(b, f, VALUES_CHECKED), block, flags)
                     assert clean == theirs, (block, flags)
     assert errors > len(_BLOCKS)  # the corpus does reach h2's errors
 

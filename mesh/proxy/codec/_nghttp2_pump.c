@@ -4,7 +4,9 @@
  * (``send``), with the GIL held throughout.  The session's callbacks are the C functions of this
  * module: they collect each received header block into a list of (name, value) tuples and call the
  * Connection's methods with plain ints and bytes, once per frame or DATA chunk, never once per
- * field.  Without this module the same methods are called from cffi callbacks (``_CffiPump`` in
+ * field.  As the fields arrive they also check h2's rules on each block, conservatively: the values
+ * of every block, and for the usual request and response heads the names and pseudo-header fields
+ * too, so that Python skips the checks they have made (received_headers in h2_connection.py).  Without this module the same methods are called from cffi callbacks (``_CffiPump`` in
  * nghttp2_session.py): one Python call per received field, per frame and per chunk, and the GIL
  * dropped and taken around each.
  *
@@ -70,6 +72,12 @@ enum { DATA = 0x0, HEADERS = 0x1, RST_STREAM = 0x3, SETTINGS = 0x4, PUSH_PROMISE
        WINDOW_UPDATE = 0x8 };
 enum { FLAG_END_STREAM = 0x1, FLAG_ACK = 0x1, FLAG_END_HEADERS = 0x4, NV_FLAG_NO_INDEX = 0x1 };
 enum { SETTINGS_INITIAL_WINDOW_SIZE = 0x4 };
+enum { HCAT_REQUEST = 0, HCAT_RESPONSE = 1 };  /* nghttp2_headers_category */
+/* The pseudo-header fields a plain block may hold (see plain_field), one bit each. */
+enum { PSEUDO_METHOD = 1, PSEUDO_SCHEME = 2, PSEUDO_AUTHORITY = 4, PSEUDO_PATH = 8, PSEUDO_STATUS = 16 };
+enum { REQUEST_PSEUDO = PSEUDO_METHOD | PSEUDO_SCHEME | PSEUDO_AUTHORITY | PSEUDO_PATH };
+/* What the Connection's _on_headers is told of a block (nghttp2_session.py has the same names). */
+enum { UNCHECKED = 0, VALUES_CHECKED = 1, BLOCK_CHECKED = 2 };
 #define ERR_CALLBACK_FAILURE (-902)
 
 static mem_recv_fn mem_recv;
@@ -98,6 +106,9 @@ typedef struct {
     Py_ssize_t size;           /* of that header list, as SETTINGS_MAX_HEADER_LIST_SIZE counts it */
     Py_ssize_t limit;          /* the Connection's _header_limit when the block began */
     int clean;                 /* every value of that block passes h2's value rules, and none is a cookie */
+    int plain;                 /* every field of it so far is plain (plain_field) */
+    unsigned pseudo;           /* the PSEUDO_ bits of the pseudo-header fields it holds so far */
+    int regular_seen;          /* it holds a regular field */
 } Pump;
 
 /* A method raised: hand the exception to on_error (which logs it), and tell nghttp2 to stop. */
@@ -178,6 +189,9 @@ static int on_begin_headers(nghttp2_session *session, const nghttp2_frame *frame
             pump->block = block;
             pump->size = 0;
             pump->clean = 1;
+            pump->plain = 1;
+            pump->pseudo = 0;
+            pump->regular_seen = 0;
         }
     }
     PyGILState_Release(gil);
@@ -200,6 +214,76 @@ static int clean_field(const uint8_t *name, size_t namelen, const uint8_t *value
     return !memchr(value, 0, valuelen) && !memchr(value, '\n', valuelen) && !memchr(value, '\r', valuelen);
 }
 
+/* A byte a plain field name may hold: lower-case letters, digits and RFC 9110's other token
+ * characters.  Fewer than h2 accepts (it also takes most other printable ASCII), never upper case,
+ * a colon, a space, a control byte or one above 0x7e. */
+static int plain_name_byte(uint8_t c) {
+    return (c >= 'a' && c <= 'z') || (c >= '0' && c <= '9') || c == '-' || c == '_' || c == '.' || c == '!' ||
+           c == '#' || c == '$' || c == '%' || c == '&' || c == '\'' || c == '*' || c == '+' || c == '^' ||
+           c == '`' || c == '|' || c == '~';
+}
+
+/* Whether a name is one whose rule depends on its value or on the rest of the block (te, host), or
+ * one h2 refuses (the connection-specific fields). */
+static int special_name(const uint8_t *name, size_t len) {
+    switch (len) {
+    case 2: return memcmp(name, "te", 2) == 0;
+    case 4: return memcmp(name, "host", 4) == 0;
+    case 7: return memcmp(name, "upgrade", 7) == 0;
+    case 10: return memcmp(name, "connection", 10) == 0 || memcmp(name, "keep-alive", 10) == 0;
+    case 16: return memcmp(name, "proxy-connection", 16) == 0;
+    case 17: return memcmp(name, "transfer-encoding", 17) == 0;
+    default: return 0;
+    }
+}
+
+static unsigned pseudo_bit(const uint8_t *name, size_t len) {
+    if (len == 7) {
+        if (memcmp(name, ":method", 7) == 0) return PSEUDO_METHOD;
+        if (memcmp(name, ":scheme", 7) == 0) return PSEUDO_SCHEME;
+        if (memcmp(name, ":status", 7) == 0) return PSEUDO_STATUS;
+    } else if (len == 10 && memcmp(name, ":authority", 10) == 0) {
+        return PSEUDO_AUTHORITY;
+    } else if (len == 5 && memcmp(name, ":path", 5) == 0) {
+        return PSEUDO_PATH;
+    }
+    return 0;
+}
+
+/* Whether a received field keeps its block plain: a block of plain fields, all of them clean
+ * (clean_field), whose pseudo-header fields are those of a request (not CONNECT) or of a response
+ * (see on_frame_recv), passes every rule received_headers checks, which can then return it as it is
+ * (BLOCK_CHECKED).  Judged conservatively: a field this does not know to pass, such as an unusual name
+ * character, ``te`` or ``host``, only sends its block the whole way in Python, which finds the errors
+ * and words them. */
+static int plain_field(Pump *pump, const uint8_t *name, size_t namelen, const uint8_t *value, size_t valuelen) {
+    if (namelen == 0) {
+        return 0;
+    }
+    if (name[0] == ':') {
+        unsigned bit = pseudo_bit(name, namelen);
+        if (bit == 0 || pump->regular_seen || (pump->pseudo & bit)) {
+            return 0;  /* unknown, after a regular field, or repeated */
+        }
+        if ((bit == PSEUDO_PATH && valuelen == 0) ||
+            (bit == PSEUDO_METHOD && valuelen == 7 && memcmp(value, "CONNECT", 7) == 0)) {
+            return 0;
+        }
+        pump->pseudo |= bit;
+        return 1;
+    }
+    for (size_t i = 0; i < namelen; i++) {
+        if (!plain_name_byte(name[i])) {
+            return 0;
+        }
+    }
+    if (special_name(name, namelen)) {
+        return 0;
+    }
+    pump->regular_seen = 1;
+    return 1;
+}
+
 static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const uint8_t *name, size_t namelen,
                      const uint8_t *value, size_t valuelen, uint8_t flags, void *user_data) {
     Pump *pump = user_data;
@@ -214,6 +298,9 @@ static int on_header(nghttp2_session *session, const nghttp2_frame *frame, const
     } else {
         if (pump->clean && !clean_field(name, namelen, value, valuelen)) {
             pump->clean = 0;
+        }
+        if (pump->plain && !plain_field(pump, name, namelen, value, valuelen)) {
+            pump->plain = 0;
         }
         PyObject *pair = PyTuple_New(2);
         PyObject *n = PyBytes_FromStringAndSize((const char *)name, (Py_ssize_t)namelen);
@@ -259,6 +346,20 @@ static PyObject *settings_list(const nghttp2_settings *settings) {
     return entries;
 }
 
+/* What is known of the header block that has just ended (category ``cat``): UNCHECKED,
+ * VALUES_CHECKED (clean) or BLOCK_CHECKED (clean and plain, with a request's four pseudo-header fields
+ * in a request or a response's :status alone in a response; trailers and other blocks never). */
+static long checked_level(const Pump *pump, int cat) {
+    if (pump->block == NULL || !pump->clean) {
+        return UNCHECKED;
+    }
+    if (pump->plain && ((cat == HCAT_REQUEST && pump->pseudo == REQUEST_PSEUDO) ||
+                        (cat == HCAT_RESPONSE && pump->pseudo == PSEUDO_STATUS))) {
+        return BLOCK_CHECKED;
+    }
+    return VALUES_CHECKED;
+}
+
 static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, void *user_data) {
     Pump *pump = user_data;
     int32_t stream_id = frame->hd.stream_id;
@@ -273,7 +374,7 @@ static int on_frame_recv(nghttp2_session *session, const nghttp2_frame *frame, v
         break;
     case HEADERS:
         rv = notify(pump, s_headers, 4, PyLong_FromLong(stream_id), PyLong_FromLong(flags),
-                    PyLong_FromLong(frame->headers.cat), PyBool_FromLong(pump->block != NULL && pump->clean));
+                    PyLong_FromLong(frame->headers.cat), PyLong_FromLong(checked_level(pump, frame->headers.cat)));
         Py_CLEAR(pump->block);
         break;
     case PUSH_PROMISE:

@@ -149,7 +149,13 @@ _RESPONSE_PSEUDO = frozenset((b":status",))
 _SPACE_OR_TAB = (b" ", b"\t")
 
 
-def received_headers(headers, flags, clean: bool = False) -> list:
+#: What the caller of :func:`received_headers` knows of a block (the HTTP/2 engine's C callbacks tell):
+#: nothing; every value passes h2's value rules and none is a cookie; or every rule passes (BLOCK_CHECKED:
+#: the C callbacks' conservative subset of the rules, for the usual request and response heads).
+UNCHECKED, VALUES_CHECKED, BLOCK_CHECKED = 0, 1, 2
+
+
+def received_headers(headers, flags, checked: int = UNCHECKED) -> list:
     """A received header block as h2's ``normalize_inbound_headers`` and ``validate_headers`` leave it.
 
     Cookie fields are joined into one never-indexed ``cookie``, last; then every rule of h2's
@@ -168,12 +174,19 @@ def received_headers(headers, flags, clean: bool = False) -> list:
     spelling.  Any other block is checked field by field (:func:`_checked` with ``fast`` false), so
     errors come in h2's order.  A list without cookies is returned as it is.
 
-    ``clean``: the caller has checked every value by these rules and found no cookie (the HTTP/2
-    engine's C callbacks do, as the fields arrive), so the values are not scanned again.
+    ``checked``: :data:`VALUES_CHECKED`, the caller has checked every value by these rules and found
+    no cookie (the HTTP/2 engine's C callbacks do, as the fields arrive), so the values are not
+    scanned again; :data:`BLOCK_CHECKED`, the caller has checked every rule (the C callbacks do for
+    a block whose names are all lower-case token characters, none ``te``, ``host``, ``cookie`` or
+    connection-specific, and whose pseudo-header fields come first, once each, and are exactly those
+    of a request other than CONNECT with a non-empty ``:path``, or a response's ``:status``), so the
+    block is returned as it is.
     """
+    if checked == BLOCK_CHECKED:
+        return headers
     if headers.__class__ is not list:  # an iterable, read twice below
         headers = list(headers)
-    if clean or _values_pass(headers):
+    if checked == VALUES_CHECKED or _values_pass(headers):
         checked = _checked(headers, flags, True)
         if checked is not None:
             return checked

@@ -73,7 +73,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mesh.proxy.codec import http2_engine
-from mesh.proxy.codec.h2_connection import received_headers
+from mesh.proxy.codec.h2_connection import BLOCK_CHECKED, UNCHECKED, VALUES_CHECKED, received_headers
 from mesh.proxy.codec.hpack_c import LIBRARY, HeaderArray, open_library
 
 log = Logger()
@@ -159,6 +159,9 @@ _DATA, _HEADERS, _RST_STREAM, _SETTINGS, _PING, _GOAWAY, _WINDOW_UPDATE = 0x0, 0
 _END_STREAM = _ACK = 0x1
 _END_HEADERS = 0x4
 _HCAT_REQUEST = 0
+_HCAT_RESPONSE = 1
+#: The category of the heads a side receives: requests (server) or responses (client), by ``client``.
+_HEAD_CATEGORY = {False: _HCAT_REQUEST, True: _HCAT_RESPONSE}
 _DATA_FLAG_EOF, _DATA_FLAG_NO_END_STREAM = 0x1, 0x2
 _NV_FLAG_NO_INDEX = 0x1
 _ERR_DEFERRED = -508
@@ -465,9 +468,10 @@ class Connection:
         return self._fail(ErrorCodes.ENHANCE_YOUR_CALM,
                           f"A header list larger than {self.decoder.max_header_list_size} has been received")
 
-    def _on_headers(self, stream_id: int, flags: int, category: int, clean: bool) -> None:
+    def _on_headers(self, stream_id: int, flags: int, category: int, checked: int) -> None:
         """A header block ended (``flags`` of its HEADERS frame; ``category``: nghttp2's, request or not;
-        ``clean``: its values are known to pass h2's value rules, and none is a cookie)."""
+        ``checked``: what the callbacks know of it, :data:`~mesh.proxy.codec.h2_connection.UNCHECKED`,
+        ``VALUES_CHECKED`` or ``BLOCK_CHECKED``, see :func:`~mesh.proxy.codec.h2_connection.received_headers`)."""
         stream = self._streams.get(stream_id)
         if stream is None:
             return
@@ -497,7 +501,11 @@ class Connection:
                     stream.expected = 0 if stream.head else _content_length(headers)
                 elif ended:  # RFC 9113 8.1: malformed (h2's stream state machine says so, in its words)
                     raise ProtocolError("Cannot set END_STREAM on informational responses")
-            headers = received_headers(headers, flags, clean)  # h2's normalization and validation
+            # the callbacks check a request's head as a request and a response's as a response: only
+            # such a head, on the side that receives it, is taken as checked whole
+            if checked == BLOCK_CHECKED and (kind is TrailersReceived or category != _HEAD_CATEGORY[client]):
+                checked = VALUES_CHECKED
+            headers = received_headers(headers, flags, checked)  # h2's normalization and validation
         except ProtocolError as error:
             self._fail(ErrorCodes.PROTOCOL_ERROR, str(error))
             return
@@ -809,7 +817,7 @@ def _callbacks(ffi, lib) -> _Callbacks:
             if hd.flags & _END_STREAM:
                 conn._on_end_stream(hd.stream_id)
         elif kind == _HEADERS:
-            conn._on_headers(hd.stream_id, hd.flags, frame.headers.cat, False)
+            conn._on_headers(hd.stream_id, hd.flags, frame.headers.cat, UNCHECKED)
         elif kind == _WINDOW_UPDATE:
             conn._on_window_update(hd.stream_id, frame.window_update.window_size_increment)
         elif kind == _SETTINGS:
