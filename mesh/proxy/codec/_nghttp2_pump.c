@@ -6,7 +6,8 @@
  * Connection's methods with plain ints and bytes, once per frame or DATA chunk, never once per
  * field.  As the fields arrive they also check h2's rules on each block, conservatively: the values
  * of every block, and for the usual request and response heads the names and pseudo-header fields
- * too, so that Python skips the checks they have made (received_headers in h2_connection.py).  Without this module the same methods are called from cffi callbacks (``_CffiPump`` in
+ * too, so that Python skips the checks they have made (received_headers in h2_connection.py).
+ * Without this module the same methods are called from cffi callbacks (``_CffiPump`` in
  * nghttp2_session.py): one Python call per received field, per frame and per chunk, and the GIL
  * dropped and taken around each.
  *

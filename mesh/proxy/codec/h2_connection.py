@@ -187,9 +187,9 @@ def received_headers(headers, flags, checked: int = UNCHECKED) -> list:
     if headers.__class__ is not list:  # an iterable, read twice below
         headers = list(headers)
     if checked == VALUES_CHECKED or _values_pass(headers):
-        checked = _checked(headers, flags, True)
-        if checked is not None:
-            return checked
+        passed = _checked(headers, flags, True)
+        if passed is not None:
+            return passed
     out = []
     cookies = None
     for header in headers:
