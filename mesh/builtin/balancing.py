@@ -1,7 +1,7 @@
 """Built-in load balancing: Istio's ``loadBalancer`` policies.
 
 - ROUND_ROBIN: in turn, honouring endpoint weights (smooth weighted
-  round robin when weights differ).
+  round robin when weights differ), from a random first place.
 - LEAST_REQUEST: the power of two choices on active requests, so a slow
   endpoint, which accumulates requests, is picked less.
 - RANDOM: uniformly at random.
@@ -23,13 +23,16 @@ from mesh import hookimpl
 _RING_POINTS_PER_ENDPOINT = 160
 
 
-def round_robin(ctx, cluster, endpoints):
+def round_robin(ctx, cluster, endpoints, _start=random.randrange):
     state = cluster.state
     schedule = state.get("rr_schedule")
     if schedule is None or state.get("rr_for") is not endpoints:
         schedule = state["rr_schedule"] = _weighted_schedule(endpoints)
         state["rr_for"] = endpoints
-    cursor = state.get("rr", -1) + 1
+    cursor = state.get("rr")
+    # A new cluster starts at a random place in the schedule, as Envoy's does, so that
+    # sidecars started together do not all send their first requests to the same endpoint.
+    cursor = _start(len(schedule)) if cursor is None else cursor + 1
     if cursor >= len(schedule):
         cursor = 0
     state["rr"] = cursor
