@@ -1,22 +1,31 @@
-"""Two or more txmesh trees side by side on the HTTP/2 pair, round by round: for comparing one change.
+"""Two or more txmesh trees side by side on a pair, round by round: for comparing one change.
 
 ``bench.run`` measures one tree against Envoy; on this host its rounds move by a fifth from one
 minute to the next, which is more than most changes to the request path.  This tool starts one
-``txmesh-pair-h2`` topology per ``--tree`` (and ``envoy-pair-h2`` for ``--tree envoy``), all behind
-the same nginx, then in each round measures every tree in turn, so that each tree sees the host as
-the others did a few seconds apart:
+pair per ``--tree`` (``envoy`` for Envoy's pair, ``direct`` for nginx alone), all behind the same
+nginx, then in each round measures every tree in turn, so that each tree sees the host as the
+others did a few seconds apart.  ``--protocol h2`` (the default) runs ``txmesh-pair-h2`` and
+``envoy-pair-h2``; ``--protocol http1`` runs ``txmesh-pair`` and ``envoy-pair``; ``--telemetry``
+their ``-telemetry`` variants (Istio's default telemetry in both).  Each round measures:
 
-- latency: ``h2load -c4 -m8 --rps 250 -D SECONDS`` (1000 req/s offered, as ``bench.run``), p50,
-  p90 and p99 of the requests (total, not added: the trees share the baseline);
+- latency: ``h2load -c4 --rps 250 -D SECONDS`` (1000 req/s offered, as ``bench.run``; ``-m8`` for
+  HTTP/2, ``--h1`` for HTTP/1.1), p50, p90 and p99 of the requests;
 - the proxies' CPU per request over that run (utime + stime of both sidecars, from /proc), which
   moves much less than the latency;
-- throughput: ``h2load -t1 -c4 -m8 -D 5`` and ``-c16``, as ``bench.run``.
+- throughput: ``h2load -t1 -c4 -m8 -D 5`` and ``-c16`` (HTTP/2), ``wrk -t1 -c4 -d5s`` and ``-c16``
+  (HTTP/1.1), as ``bench.run``.
 
-It prints each round and the medians.  Every tree runs ``mesh`` from its own directory (PYTHONPATH),
+It prints each round and the medians.  With ``--tree direct`` it also prints each tree's added
+latency (its p50 and p90 less direct's of the same round), and with ``--tree envoy`` too, each
+tree's ratio to Envoy's added latency per round: the median of those ratios and how many rounds
+were at most 1.0 (issue #15's latency target).  Every tree runs ``mesh`` from its own directory (PYTHONPATH),
 so export the revisions first, each with the C module copied in::
 
     git archive HEAD~1 | tar -x -C /tmp/before; cp mesh/proxy/codec/*.so /tmp/before/mesh/proxy/codec/
     .venv/bin/python -m bench.pair_ab --tree /tmp/before --tree . --tree envoy --rounds 5
+    .venv/bin/python -m bench.pair_ab --protocol http1 --telemetry --tree . --tree envoy --tree direct
+
+(``direct`` is spoken to in HTTP/1.1 whatever ``--protocol`` says: nginx has no HTTP/2 here.)
 """
 
 from __future__ import annotations
@@ -39,11 +48,18 @@ CLIENTS, RPS_PER_CLIENT = 4, 250
 THROUGHPUT_SECONDS = 5
 
 
-def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int) -> topologies.Target:
-    """The pair of ``tree`` (a directory with ``mesh/``, or ``envoy``), ready."""
+def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int, h2: bool,
+          telemetry: str | None) -> topologies.Target:
+    """The pair of ``tree`` (a directory with ``mesh/``, ``envoy`` or ``direct``), ready."""
+    if tree == "direct":
+        return topologies.direct(ws, backend_port)
     if tree == "envoy":
-        return topologies.envoy_pair_h2(ws, backend_port)
-    return topologies.txmesh_pair_h2(ws, backend_port, repo=Path(tree).resolve(), tag=f"-{index}")
+        return topologies.envoy_pair(ws, backend_port, h2=h2, telemetry=telemetry)
+    target = topologies.txmesh_pair(ws, backend_port, telemetry=telemetry, repo=Path(tree).resolve(),
+                                    tag=f"-{index}")
+    if h2:
+        target.h2_streams = topologies.H2_STREAMS
+    return target
 
 
 def measure(load: LoadGenerator, target: topologies.Target, seconds: int) -> dict:
@@ -63,10 +79,39 @@ def show(label: str, tree: str, row: dict) -> str:
             f"p99 {row['p99']:.2f} ms  -c4 {row['c4']:6.0f}  -c16 {row['c16']:6.0f} req/s")
 
 
+def added_latency(rounds: dict[str, list[dict]]) -> list[str]:
+    """Lines for each tree's added p50 and p90 (less ``direct``'s of the same round), and with
+    ``envoy`` among the trees each tree's ratio to Envoy's: the median over the rounds and how many
+    rounds were at most 1.0.  Empty without ``direct``."""
+    if "direct" not in rounds:
+        return []
+    base = rounds["direct"]
+    added = {tree: [{q: row[q] - base[number][q] for q in ("p50", "p90")} for number, row in enumerate(rows)]
+             for tree, rows in rounds.items() if tree != "direct"}
+    lines = []
+    for tree, rows in added.items():
+        line = f"added   {tree[-24:]:>24}: " + "  ".join(
+            f"{q} +{statistics.median(row[q] for row in rows):.3f} ms" for q in ("p50", "p90"))
+        if "envoy" in added and tree != "envoy":
+            for q in ("p50", "p90"):
+                ratios = [row[q] / envoy[q] for row, envoy in zip(rows, added["envoy"]) if envoy[q] > 0]
+                if ratios:
+                    met = sum(ratio <= 1.0 for ratio in ratios)
+                    line += (f"  {q} vs Envoy {statistics.median(ratios):.2f}x"
+                             f" ({min(ratios):.2f}-{max(ratios):.2f}, <= 1.0 in {met}/{len(ratios)})")
+        lines.append(line)
+    return lines
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.pair_ab", description=__doc__.split("\n\n")[0])
     parser.add_argument("--tree", action="append", required=True,
-                        help="a directory holding mesh/ (an export of a revision), or 'envoy'; repeat")
+                        help="a directory holding mesh/ (an export of a revision), 'envoy' or 'direct'; repeat")
+    parser.add_argument("--protocol", choices=("h2", "http1"), default="h2",
+                        help="the pairs' protocol: txmesh-pair-h2 and envoy-pair-h2, or txmesh-pair and envoy-pair "
+                             "(default: %(default)s)")
+    parser.add_argument("--telemetry", action="store_true",
+                        help="Istio's default telemetry in both (the *-telemetry cases)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
     parser.add_argument("--latency-seconds", type=int, default=10,
                         help="h2load -D of the paced run (default: %(default)s)")
@@ -79,7 +124,9 @@ def main(argv=None) -> int:
     with ExitStack() as stack:
         ws = topologies.Workspace(work, stack, topologies.find_venv_bin(args.venv))
         backend = topologies.start_backend(ws)
-        targets = {tree: start(ws, backend, tree, index) for index, tree in enumerate(args.tree)}
+        telemetry = topologies.TELEMETRY if args.telemetry else None
+        targets = {tree: start(ws, backend, tree, index, args.protocol == "h2", telemetry)
+                   for index, tree in enumerate(args.tree)}
         for target in targets.values():  # warm-up: pools, caches, the specialising interpreter
             load.throughput(target.url, target.host, "warmup", CLIENTS, 2, target.h2_streams)
         for number in range(args.rounds):
@@ -88,6 +135,8 @@ def main(argv=None) -> int:
                 print(show(f"round {number + 1}", tree, rounds[tree][-1]), flush=True)
     for tree, rows in rounds.items():
         print(show("median ", tree, {column: statistics.median(row[column] for row in rows) for column in COLUMNS}))
+    for line in added_latency(rounds):
+        print(line)
     return 0
 
 
