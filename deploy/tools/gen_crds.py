@@ -84,7 +84,9 @@ SETTINGS = {
                                "useSourceIp": BOOL, "httpQueryParameterName": STR}, maxProperties=1),
     }),
     "connectionPool": obj({
-        "tcp": obj({"connectTimeout": DURATION, "maxConnections": {"type": "integer", "minimum": 0}}),
+        "tcp": obj({"connectTimeout": DURATION, "maxConnections": {"type": "integer", "minimum": 0},
+                    "tcpKeepalive": obj({"time": DURATION, "interval": DURATION,
+                                         "probes": {"type": "integer", "minimum": 1, "maximum": 127}})}),
         "http": obj({"maxRequestsPerConnection": {"type": "integer", "minimum": 0}, "idleTimeout": DURATION,
                      "http1MaxPendingRequests": {"type": "integer", "minimum": 0},
                      "http2MaxRequests": {"type": "integer", "minimum": 0},

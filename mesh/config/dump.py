@@ -89,6 +89,7 @@ def describe_cluster(spec) -> dict:
         "protocol": spec.protocol, "upstream_protocol": spec.upstream_protocol,
         "max_concurrent_streams": spec.max_concurrent_streams,
         "limits": dataclasses.asdict(spec.limits) if spec.limits else None, "resolution": spec.resolution,
+        "tcp_keepalive": dataclasses.asdict(spec.tcp_keepalive) if spec.tcp_keepalive else None,
         "endpoints": [_endpoint(endpoint) for endpoint in spec.endpoints],
     }
 

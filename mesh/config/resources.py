@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from mesh.config.loader import Resource
 from mesh.config.route_extras import CorsPolicy, DirectResponse, FaultInjection, Redirect, RegexRewrite
-from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
+from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy, TcpKeepalive
 
 #: The ``gateways`` name of the sidecars (a VirtualService or a match that names it applies to them).
 MESH = "mesh"
@@ -143,7 +143,8 @@ class ConnectionPool:
     ``http.maxConcurrentStreams`` (0: as many as the peer allows).  The circuit-breaking limits
     (0: unlimited, Istio's 2^32-1) are ``tcp.maxConnections`` (``max_connections``),
     ``http.http1MaxPendingRequests`` (``max_pending_requests``), ``http.http2MaxRequests``
-    (``max_requests``) and ``http.maxRetries`` (``max_retries``).
+    (``max_requests``) and ``http.maxRetries`` (``max_retries``).  ``tcp_keepalive`` is
+    ``tcp.tcpKeepalive`` (None: keepalive off, as in Istio when it is absent).
     """
 
     connect_timeout: float = 10.0
@@ -156,6 +157,7 @@ class ConnectionPool:
     h2_upgrade_policy: str = "DEFAULT"
     use_client_protocol: bool = False
     max_concurrent_streams: int = 0
+    tcp_keepalive: TcpKeepalive | None = None
 
 
 @dataclass(frozen=True)

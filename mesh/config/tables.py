@@ -164,6 +164,20 @@ class OutlierPolicy:
 
 
 @dataclass(frozen=True, slots=True)
+class TcpKeepalive:
+    """TCP keepalive on a cluster's upstream connections (Istio ``connectionPool.tcp.tcpKeepalive``).
+
+    Whole seconds, as the kernel counts them; None leaves the system's setting (Linux: ``time``
+    7200 s, ``interval`` 75 s, ``probes`` 9).  ``time``: idle time before the first probe;
+    ``interval``: time between probes; ``probes``: unanswered probes before the connection is dead.
+    """
+
+    time: int | None = None
+    interval: int | None = None
+    probes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class EndpointSpec:
     """One upstream address of a cluster, as configured.
 
@@ -361,6 +375,7 @@ class ClusterSpec:
     how tries choose theirs (see :func:`upstream_protocol`), ``max_concurrent_streams``
     the cap on streams per HTTP/2 connection (0: the peer's SETTINGS_MAX_CONCURRENT_STREAMS).
     ``limits`` are the circuit-breaking limits (:class:`CircuitLimits`; None: unlimited).
+    ``tcp_keepalive`` turns TCP keepalive on for its upstream connections (:class:`TcpKeepalive`; None: off).
     ``resolution`` is the ServiceEntry's: STATIC (IP endpoints), DNS (each endpoint address that is a
     host name stands for every address it resolves to, Envoy's STRICT_DNS) or DNS_ROUND_ROBIN (for
     the first one, Envoy's LOGICAL_DNS); the sidecar resolves them (:mod:`mesh.proxy.dns`).
@@ -382,6 +397,7 @@ class ClusterSpec:
     max_concurrent_streams: int = 0
     limits: CircuitLimits | None = None
     resolution: str = "STATIC"
+    tcp_keepalive: TcpKeepalive | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -56,7 +56,7 @@ from mesh.config.route_extras import (
 )
 from mesh.config.security import authorization_policy, peer_authentication
 from mesh.config.sidecar import sidecar_resource
-from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy
+from mesh.config.tables import RETRY_ON_NAMES, HeaderOps, OutlierPolicy, RetryPolicy, TcpKeepalive
 
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
@@ -127,7 +127,6 @@ _HASH_UNSUPPORTED = {
 _COOKIE_GENERATION = ("txmesh hashes on an existing cookie and never generates one; remove it "
                       "(keep httpCookie.name)")
 _TCP_POOL_UNSUPPORTED = {
-    "tcpKeepalive": "TCP keepalive settings are not supported; remove it",
     "maxConnectionDuration": "a maximum connection duration is not supported; remove it",
     "idleTimeout": "use connectionPool.http.idleTimeout, the idle timeout of pooled connections",
 }
@@ -510,9 +509,10 @@ def _load_balancer(parent: Fields) -> LoadBalancer:
 
 def _connection_pool(parent: Fields) -> ConnectionPool:
     f = parent.sub("connectionPool", {"tcp", "http"})
-    tcp = f.sub("tcp", {"connectTimeout", "maxConnections"}, _TCP_POOL_UNSUPPORTED)
+    tcp = f.sub("tcp", {"connectTimeout", "maxConnections", "tcpKeepalive"}, _TCP_POOL_UNSUPPORTED)
     http = f.sub("http", _HTTP_POOL)
     values = {"connect_timeout": tcp.duration("connectTimeout"),
+              "tcp_keepalive": _tcp_keepalive(tcp) if "tcpKeepalive" in tcp else None,
               "max_connections": tcp.integer("maxConnections", minimum=0),
               "max_pending_requests": http.integer("http1MaxPendingRequests", minimum=0),
               "max_requests": http.integer("http2MaxRequests", minimum=0),
@@ -526,6 +526,30 @@ def _connection_pool(parent: Fields) -> ConnectionPool:
         http.error("h2UpgradePolicy", "useClientProtocol: true keeps the client's protocol, so Istio ignores "
                                       "h2UpgradePolicy UPGRADE; remove one of the two")
     return ConnectionPool(**{name: value for name, value in values.items() if value is not None})
+
+
+#: The kernel's limits on the keepalive settings (``MAX_TCP_KEEPIDLE``, ``MAX_TCP_KEEPINTVL``, ``MAX_TCP_KEEPCNT``).
+_KEEPALIVE_MAX_SECONDS, _KEEPALIVE_MAX_PROBES = 32767, 127
+
+
+def _tcp_keepalive(tcp: Fields) -> TcpKeepalive:
+    """``tcp.tcpKeepalive``: keepalive on (even when empty, as in Istio), each setting in whole seconds."""
+    f = tcp.sub("tcpKeepalive", {"time", "interval", "probes"})
+    return TcpKeepalive(time=_keepalive_seconds(f, "time"), interval=_keepalive_seconds(f, "interval"),
+                        probes=f.integer("probes", minimum=1, maximum=_KEEPALIVE_MAX_PROBES))
+
+
+def _keepalive_seconds(f: Fields, key: str) -> int | None:
+    """A keepalive duration: whole seconds from 1 s to the kernel's maximum (Istio passes Envoy whole
+    seconds too, dropping a fraction; txmesh says so instead)."""
+    seconds = f.duration(key)
+    if seconds is None:
+        return None
+    if seconds != int(seconds) or not 1 <= seconds <= _KEEPALIVE_MAX_SECONDS:
+        f.error(key, f"must be whole seconds from 1s to {_KEEPALIVE_MAX_SECONDS}s (the kernel counts TCP keepalive "
+                     f"times in seconds), not {f.data[key]}")
+        return None
+    return int(seconds)
 
 
 def _outlier_detection(parent: Fields) -> OutlierPolicy:

@@ -13,6 +13,7 @@ from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
 
 from mesh.proxy.codec.http1_client import UpstreamConnection
+from mesh.proxy.sockets import keep_alive
 
 #: Seconds an endpoint that declined ALPN ``h2`` (an HTTP/1.1-only peer) is spoken to in
 #: HTTP/1.1 before HTTP/2 is offered again.
@@ -72,12 +73,15 @@ class ConnectionPool:
     ``max_concurrent_streams`` (``connectionPool.http.maxConcurrentStreams``; 0:
     as the peer allows) caps the streams of each HTTP/2 connection of ``h2``.
     ``counted_by`` maps the connections a cluster's circuit breaker counts to it
-    (:mod:`mesh.proxy.circuit`), told when they close.
+    (:mod:`mesh.proxy.circuit`), told when they close.  ``keepalive``
+    (``connectionPool.tcp.tcpKeepalive``, a :class:`mesh.config.tables.TcpKeepalive`; None: off)
+    turns TCP keepalive on for every connection to the endpoint (:func:`mesh.proxy.sockets.keep_alive`), the TCP
+    proxy's too.
     """
 
     def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
                  tls=None, identity=None, bind=None, max_requests_per_connection=0, idle_timeout=3600.0,
-                 max_concurrent_streams=0):
+                 max_concurrent_streams=0, keepalive=None):
         self.reactor = reactor
         self.address = address
         self.port = port
@@ -91,6 +95,7 @@ class ConnectionPool:
         self.max_requests_per_connection = max_requests_per_connection
         self.idle_timeout = idle_timeout
         self.max_concurrent_streams = max_concurrent_streams
+        self.keepalive = keepalive
         self._idle = []
         self._open = set()  # HTTP/1.1 and HTTP/2 connections
         self.counted_by = {}  # connection -> the CircuitBreaker that counts it until it closes
@@ -130,8 +135,10 @@ class ConnectionPool:
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
             factory = self.tls.wrap(factory, self.peer)
-        self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout,
-                                bindAddress=self.bind)
+        connector = self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout,
+                                            bindAddress=self.bind)
+        if self.keepalive is not None:
+            keep_alive(connector, self.keepalive)
         return deferred
 
     def release(self, connection) -> None:
@@ -278,8 +285,10 @@ class H2Pool:
         factory = _H2Factory(connection)
         if pool.tls is not None:
             factory = pool.tls.wrap(factory, pool.peer, offer_h2=True)
-        self.reactor.connectTCP(pool.address, pool.port, factory, timeout=pool.connect_timeout,
-                                bindAddress=pool.bind)
+        connector = self.reactor.connectTCP(pool.address, pool.port, factory, timeout=pool.connect_timeout,
+                                            bindAddress=pool.bind)
+        if pool.keepalive is not None:
+            keep_alive(connector, pool.keepalive)
         return deferred
 
     def release(self, stream) -> None:

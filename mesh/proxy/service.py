@@ -222,7 +222,8 @@ class ProxyService(service.MultiService):
                               identity=endpoint_spec.identity, bind=self._source_address(),
                               max_requests_per_connection=cluster_spec.max_requests_per_connection,
                               idle_timeout=cluster_spec.idle_timeout,
-                              max_concurrent_streams=cluster_spec.max_concurrent_streams)
+                              max_concurrent_streams=cluster_spec.max_concurrent_streams,
+                              keepalive=cluster_spec.tcp_keepalive)
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import sys
 from select import EPOLLIN as _EPOLLIN
 from types import MethodType
@@ -23,6 +24,20 @@ def set_nodelay(transport) -> None:
     transport = _tcp_transport(transport)
     if transport is not None:
         transport.setTcpNoDelay(True)
+
+
+def keep_alive(connector, keepalive) -> None:
+    """Turn TCP keepalive on for the connection ``connector`` is making, with the settings of
+    ``keepalive`` (a :class:`mesh.config.tables.TcpKeepalive`; those it leaves None stay the system's).
+    The socket exists as soon as ``connectTCP`` returns; it connects at the reactor's next turn."""
+    sock = getattr(connector.transport, "socket", None)
+    if sock is None:  # making the socket failed: the connector reports that to its factory
+        return
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in ((socket.TCP_KEEPIDLE, keepalive.time), (socket.TCP_KEEPINTVL, keepalive.interval),
+                          (socket.TCP_KEEPCNT, keepalive.probes)):
+        if value is not None:
+            sock.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def write_through(transport) -> None:

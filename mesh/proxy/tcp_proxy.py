@@ -61,7 +61,7 @@ from mesh.proxy.mtls import setup_failure
 from mesh.proxy.passthrough import TcpUpstream, report
 from mesh.proxy.pool import describe_connect_failure
 from mesh.proxy.runtime import rbac_details
-from mesh.proxy.sockets import set_nodelay
+from mesh.proxy.sockets import keep_alive, set_nodelay
 from mesh.proxy.tcp_sni import read_server_name
 from mesh.proxy.tls_transport import IHalfCloseOverTLS
 
@@ -247,6 +247,8 @@ class _Tunnel:
                 return
             factory = tls.wrap(factory, pool.peer)
         self.held.connector = self.reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=self.bind)
+        if pool is not None and pool.keepalive is not None:
+            keep_alive(self.held.connector, pool.keepalive)
 
     def refuse(self, flag, why):
         """Close the client's connection without an upstream (never spliced), reporting ``flag``.

@@ -1,4 +1,5 @@
-"""Loopback networking helpers: free ports and one-shot HTTP requests."""
+"""Loopback networking helpers: free ports, one-shot HTTP requests, and the keepalive settings of another
+process's connections."""
 
 from __future__ import annotations
 
@@ -55,3 +56,47 @@ def http_request(host: str, port: int, path: str, method: str = "GET", body: byt
         return response.status, response.read()
     finally:
         conn.close()
+
+
+#: ``pidfd_getfd(2)`` (Linux 5.6): a copy of another process's file descriptor (root, or ptrace rights).
+_SYS_PIDFD_GETFD = 438
+
+
+def keepalive_of_connections(pid: int, peer_port: int) -> list[dict]:
+    """The TCP keepalive settings of each connection process ``pid`` has to ``peer_port`` (on any address),
+    read from the sockets themselves: each is copied into this process with ``pidfd_getfd(2)`` and asked with
+    ``getsockopt``. Each entry: ``keepalive`` (SO_KEEPALIVE on), ``time``, ``interval`` and ``probes``
+    (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: the kernel's values, the system's where none was set)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    found = []
+    pidfd = os.pidfd_open(pid)
+    try:
+        for name in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"):
+                    continue
+            except FileNotFoundError:  # closed meanwhile
+                continue
+            copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, int(name), 0)
+            if copy < 0:
+                continue  # closed meanwhile
+            sock = socket.socket(fileno=copy)
+            try:
+                if sock.type != socket.SOCK_STREAM or sock.family not in (socket.AF_INET, socket.AF_INET6):
+                    continue
+                try:
+                    peer = sock.getpeername()
+                except OSError:  # a listener, or not connected (yet)
+                    continue
+                if peer[1] == peer_port:
+                    found.append({"keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                                  "time": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+                                  "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+                                  "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)})
+            finally:
+                sock.close()  # our copy only: the process's descriptor stays open
+    finally:
+        os.close(pidfd)
+    return found

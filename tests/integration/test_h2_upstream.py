@@ -4,8 +4,8 @@ One module-scoped set of processes:
 
 - ``client``: a sidecar whose outbound listener the tests call (with HTTP/1.1 clients: curl, h2load
   ``--h1``); its ServiceEntries send ``grpc-app``, ``goaway-app`` and ``narrow-app`` straight to
-  three h2c apps (ports of protocol HTTP2/GRPC: prior knowledge), and ``grpc-behind`` and
-  ``web-behind`` over mTLS to two server sidecars;
+  three h2c apps (ports of protocol HTTP2/GRPC: prior knowledge; TCP keepalive on the connections to
+  ``grpc-app``), and ``grpc-behind`` and ``web-behind`` over mTLS to two server sidecars;
 - ``grpc-server``: a sidecar in front of an h2c app, whose own ServiceEntry port is GRPC, so it
   speaks h2c to its app;
 - ``web-server``: a sidecar in front of the HTTP/1.1 demo app; the client reaches it with
@@ -25,7 +25,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.harness import free_port
+from tests.harness import free_port, keepalive_of_connections
 from tests.harness.processes import ManagedProcess
 from tests.harness.waiting import wait_for
 from tests.integration.test_identity_support import h2load, issue_cert, make_ca, mesh_endpoint, spiffe
@@ -108,6 +108,8 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
         entry("trailers-app", "HTTP", plain(trailers_app.port)),
         destination_rule("web-behind", "web-behind", namespace=NS,
                          traffic_policy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
+        destination_rule("grpc-app", "grpc-app", namespace=NS, traffic_policy={"connectionPool": {"tcp": {
+            "tcpKeepalive": {"time": "13s", "interval": "4s", "probes": 6}}}}),
         virtual_service("goaway-app", ["goaway-app"], [{"route": [{"destination": {"host": "goaway-app"}}],
                                                          "retries": {"attempts": 0}}], namespace=NS),
         virtual_service("grpc-app", ["grpc-app"], [
@@ -156,6 +158,14 @@ def test_request_reaches_the_app_as_http2_with_the_forwarded_headers(mesh):
     assert seen["x-custom"] == "yes" and seen["te"] == "trailers"
     assert "x-request-id" in seen and seen["x-forwarded-for"] == "127.0.0.1"
     assert "connection" not in seen and "keep-alive" not in seen  # RFC 9113 section 8.2.2
+
+
+def test_tcp_keepalive_reaches_the_http2_connections(mesh):
+    assert call(mesh, "grpc-app", "/echo").status == 200
+    connections = wait_for(lambda: keepalive_of_connections(mesh["client"].pid, mesh["apps"]["grpc-app"].port), 5,
+                           what="the client sidecar's HTTP/2 connection to grpc-app")
+    assert all(connection == {"keepalive": 1, "time": 13, "interval": 4, "probes": 6}
+               for connection in connections), connections
 
 
 def test_a_peer_that_allows_few_streams_gets_more_connections(mesh):

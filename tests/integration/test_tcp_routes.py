@@ -7,7 +7,8 @@
       TLS  (TLS)    by SNI: a.example.com -> tls-a sidecar (mTLS) -> TLS server (certificate for a.example.com)
                             b.example.com -> a TLS server outside the mesh (plaintext TCP to it: TLS end to end)
                             old.example.com -> VirtualService tls route to a.example.com; other names: closed (NR)
-      VAULT (TCP)   vault sidecar -> echo server; its AuthorizationPolicies change per test (SIGHUP)
+      VAULT (TCP)   vault sidecar -> echo server; its AuthorizationPolicies change per test (SIGHUP);
+                    TCP keepalive on the client sidecar's connections to it (DestinationRule tcpKeepalive)
       DEAD (TCP)    an endpoint nobody listens on (UF); maxConnections 1
       FLAKY (TCP)   round robin over a dead endpoint and a live one (the v1 banner server, no sidecar):
                     outlier detection ejects the dead one after its connect failure
@@ -32,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness import ManagedProcess, free_port, venv_bin, wait_for
+from tests.harness import ManagedProcess, free_port, keepalive_of_connections, venv_bin, wait_for
 from tests.integration.test_identity_support import (
     TLS_MODE_ISTIO,
     authorization_policy,
@@ -151,6 +152,8 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
         *(resource("DestinationRule", host, {"host": host, "trafficPolicy": {
             "connectionPool": {"tcp": {"maxConnections": limit}}}})
           for host, limit in (("capped", 2), ("dead", 1), ("impostor", 1))),
+        resource("DestinationRule", "vault", {"host": "vault", "trafficPolicy": {"connectionPool": {"tcp": {
+            "tcpKeepalive": {"time": "11s", "interval": "2s", "probes": 5}}}}}),
         resource("DestinationRule", "flaky", {"host": "flaky", "trafficPolicy": {
             "loadBalancer": {"simple": "ROUND_ROBIN"}, "connectionPool": {"tcp": {"connectTimeout": "2s"}},
             "outlierDetection": {"baseEjectionTime": "60s", "maxEjectionPercent": 50}}}),
@@ -244,6 +247,17 @@ def test_tcp_bytes_go_both_ways_through_mtls(mesh):
     server = mesh["proxies"]["vault"]
     wait_for(lambda: total(server, "istio_tcp_received_bytes_total", reporter="destination") >= len(payload),
              timeout=5, what="the vault sidecar's received bytes")
+
+
+def test_tcp_keepalive_reaches_the_tcp_proxys_upstream_socket(mesh):
+    """The vault DestinationRule's tcpKeepalive is set on the client sidecar's mTLS connection to the vault
+    sidecar, read from that socket while a client connection holds it open."""
+    with socket.create_connection(("127.0.0.1", VAULT), timeout=5) as sock:
+        sock.sendall(b"held\n")
+        assert sock.recv(100) == b"held\n"
+        connections = keepalive_of_connections(mesh["proxies"]["client"].pid, mesh["inbound"]["vault"])
+    assert connections and all(connection == {"keepalive": 1, "time": 11, "interval": 2, "probes": 5}
+                               for connection in connections), connections
 
 
 def test_server_first_protocol_needs_no_client_byte(mesh):

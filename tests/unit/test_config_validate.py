@@ -15,7 +15,7 @@ from mesh.config.resources import (
     StringMatch,
     WorkloadEndpoint,
 )
-from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy
+from mesh.config.tables import HeaderOps, OutlierPolicy, RetryPolicy, TcpKeepalive
 from tests.harness.config_yaml import validate_yaml
 
 
@@ -331,6 +331,73 @@ def test_destination_rule_rejections(tmp_path):
         (13, "spec.trafficPolicy.outlierDetection.maxEjectionPercent: must be >= 0 and <= 100, not 101"),
         (14, "spec.trafficPolicy.tls.privateKey: 'privateKey' is required with mode MUTUAL: the path of the PEM "
              "file of the client certificate's key that the sidecar presents to the server"),
+    ])
+
+
+@pytest.mark.parametrize("yaml_text,expected", [
+    ("{}", TcpKeepalive()),  # on, every setting the system's (as Istio with an empty tcpKeepalive)
+    ("{time: 7s, interval: 3s, probes: 4}", TcpKeepalive(time=7, interval=3, probes=4)),
+    ("{time: 2m}", TcpKeepalive(time=120)),
+])
+def test_tcp_keepalive(tmp_path, yaml_text, expected):
+    [rule] = _valid(tmp_path, f"""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: r}}
+        spec:
+          host: a.example.com
+          trafficPolicy:
+            connectionPool:
+              tcp: {{tcpKeepalive: {yaml_text}}}
+        """)
+    assert rule.traffic_policy.connection_pool.tcp_keepalive == expected
+
+
+def test_tcp_keepalive_is_off_unless_given(tmp_path):
+    [rule] = _valid(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r}
+        spec:
+          host: a.example.com
+          trafficPolicy:
+            connectionPool:
+              tcp: {connectTimeout: 2s}
+        """)
+    assert rule.traffic_policy.connection_pool.tcp_keepalive is None
+
+
+def test_tcp_keepalive_rejections(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r, namespace: shop}
+        spec:
+          host: web
+          trafficPolicy:
+            connectionPool:
+              tcp:
+                tcpKeepalive: {time: 500ms, interval: 1.5s, probes: 0, count: 3}
+          subsets:
+          - name: v1
+            trafficPolicy:
+              connectionPool:
+                tcp:
+                  tcpKeepalive: {time: 10h, probes: 128}
+        """)
+    prefix = f"{path}:{{}}: DestinationRule/shop/r: "
+    keepalive = "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"
+    subset_keepalive = "spec.subsets[0].trafficPolicy.connectionPool.tcp.tcpKeepalive"
+    assert errors == _expected(prefix, [
+        (9, f"{keepalive}.count: unknown field 'count'; supported: interval, probes, time"),
+        (9, f"{keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+             "times in seconds), not 500ms"),
+        (9, f"{keepalive}.interval: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+             "times in seconds), not 1.5s"),
+        (9, f"{keepalive}.probes: must be >= 1 and <= 127, not 0"),
+        (15, f"{subset_keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+             "times in seconds), not 10h"),
+        (15, f"{subset_keepalive}.probes: must be >= 1 and <= 127, not 128"),
     ])
 
 
