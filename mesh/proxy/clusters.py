@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from mesh.config.tables import UPSTREAM_CLIENT, UPSTREAM_H2
 from mesh.proxy.circuit import CircuitBreaker
-from mesh.proxy.pool import ConnectionPool
+from mesh.proxy.pool import ConnectionPool, PoolSettings
 from mesh.proxy.retry import RetryBudget
 
 
 class Endpoint:
-    """One upstream address, shared by every cluster that contains it with the same spec.
+    """One upstream address, shared by every cluster that contains it with the same spec and connection settings.
 
     ``active_requests`` counts tries in flight; ``ejected_until`` is the
     monotonic time until which outlier detection keeps the endpoint out of
@@ -170,35 +170,44 @@ class ClusterManager:
         ``empty_reasons`` maps the names of clusters without endpoints to ``(hint, details)``
         (:attr:`Cluster.empty_hint`, :attr:`Cluster.empty_details`).
 
-        Clusters in which an address has the same :class:`EndpointSpec` (a
-        service and its subsets) share one :class:`Endpoint`.  The same address
-        with another weight or labels in another cluster gets an Endpoint of
-        its own: a weight belongs to one spec, and sharing the object gave
-        every cluster the weight of the last one built.  Across updates an
-        endpoint is kept by spec or, if its weight or labels changed, by
-        :attr:`EndpointSpec.key`, so its pool and health survive.  Endpoints
+        Clusters in which an address has the same :class:`EndpointSpec` and the
+        same connection settings (:class:`~mesh.proxy.pool.PoolSettings`: a
+        service and its subsets, unless a subset sets its own ``connectionPool``)
+        share one :class:`Endpoint`.  The same address with another weight or
+        labels in another cluster gets an Endpoint of its own: a weight belongs
+        to one spec, and sharing the object gave every cluster the weight of the
+        last one built; so does one with other connection settings, whose pool
+        must follow them.  Across updates an endpoint is kept by spec and
+        settings or, if its weight, labels or settings changed, by
+        :attr:`EndpointSpec.key`, so its pool and health survive (the pool
+        takes the new settings: :meth:`~mesh.proxy.pool.ConnectionPool.configure`).  Endpoints
         that no cluster uses any more have their idle connections closed.
         """
         previous = self._endpoints
-        wanted = {endpoint_spec for spec in cluster_specs.values() for endpoint_spec in spec.endpoints}
-        changed = {}  # key -> previous endpoints whose spec is gone, to adopt a changed spec
-        for endpoint in previous.values():
-            if endpoint.spec not in wanted:
+        settings = {name: PoolSettings.of(spec) for name, spec in cluster_specs.items()}
+        wanted = {(endpoint_spec, settings[name])
+                  for name, spec in cluster_specs.items() for endpoint_spec in spec.endpoints}
+        changed = {}  # EndpointSpec.key -> previous endpoints no longer wanted as they were, to adopt
+        for kept_as, endpoint in previous.items():
+            if kept_as not in wanted:
                 changed.setdefault(endpoint.spec.key, []).append(endpoint)
         endpoints = {}
         clusters = {}
         for name, spec in cluster_specs.items():
             live = []
+            pool_settings = settings[name]
             for endpoint_spec in spec.endpoints:
-                endpoint = endpoints.get(endpoint_spec) or previous.get(endpoint_spec)
+                wanted_as = (endpoint_spec, pool_settings)
+                endpoint = endpoints.get(wanted_as) or previous.get(wanted_as)
                 if endpoint is None:
                     candidates = changed.get(endpoint_spec.key)
                     if candidates:
                         endpoint = candidates.pop()
                         endpoint.update_spec(endpoint_spec)
+                        endpoint.pool.configure(pool_settings)
                     else:
                         endpoint = Endpoint(endpoint_spec, self._pool_factory(endpoint_spec, spec))
-                endpoints[endpoint_spec] = endpoint
+                endpoints[wanted_as] = endpoint
                 live.append(endpoint)
             kept = self.clusters.get(name)
             clusters[name] = Cluster(spec, live, self._breaker(name, spec.limits),

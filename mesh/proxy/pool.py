@@ -9,9 +9,12 @@ and gives it back with ``connection.pool.release(connection)``.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from twisted.internet import defer, error
 from twisted.internet.protocol import ClientFactory
 
+from mesh.config.tables import TcpKeepalive
 from mesh.proxy.codec.http1_client import UpstreamConnection
 from mesh.proxy.sockets import keep_alive
 
@@ -53,6 +56,25 @@ def describe_connect_failure(reason) -> str:
     return reason.getErrorMessage()
 
 
+@dataclass(frozen=True, slots=True)
+class PoolSettings:
+    """What a cluster's DestinationRule ``connectionPool`` sets for the connections to each of its
+    endpoints (see :class:`ConnectionPool`); :meth:`of` takes them from a
+    :class:`mesh.config.tables.ClusterSpec`.  Clusters share an endpoint's pool only when their
+    settings are equal (:class:`mesh.proxy.clusters.ClusterManager`)."""
+
+    connect_timeout: float = 10.0
+    max_requests_per_connection: int = 0
+    idle_timeout: float = 3600.0
+    max_concurrent_streams: int = 0
+    keepalive: TcpKeepalive | None = None
+
+    @classmethod
+    def of(cls, cluster_spec) -> PoolSettings:
+        return cls(cluster_spec.connect_timeout, cluster_spec.max_requests_per_connection, cluster_spec.idle_timeout,
+                   cluster_spec.max_concurrent_streams, cluster_spec.tcp_keepalive)
+
+
 class ConnectionPool:
     """Idle connections to one endpoint, most recently used first.
 
@@ -63,6 +85,9 @@ class ConnectionPool:
     the mesh); either may refuse with a reason, and gives the check
     (``verify``) a connection passes after its handshake before it is used.
     ``bind`` is the local source address of new connections (None: any).
+    ``settings`` (:class:`PoolSettings`, from the cluster; :meth:`configure` when a config push
+    changes them) give the attributes below.  ``connect_timeout``
+    (``connectionPool.tcp.connectTimeout``) bounds each connect.
     ``max_requests_per_connection`` (DestinationRule
     ``connectionPool.http.maxRequestsPerConnection``; 0: unlimited) closes a
     connection instead of pooling it once it has carried that many requests.
@@ -79,28 +104,38 @@ class ConnectionPool:
     proxy's too.
     """
 
-    def __init__(self, reactor, address, port, connect_timeout=10.0, max_idle=64,
-                 tls=None, identity=None, bind=None, max_requests_per_connection=0, idle_timeout=3600.0,
-                 max_concurrent_streams=0, keepalive=None):
+    def __init__(self, reactor, address, port, settings=PoolSettings(), max_idle=64, tls=None, identity=None,
+                 bind=None):
         self.reactor = reactor
         self.address = address
         self.port = port
-        self.connect_timeout = connect_timeout
         self.max_idle = max_idle
         self.identity = identity
         self.tls = tls
         self.verify = tls.verifier(identity) if tls is not None else None
         self.peer = (address, port, identity)  # whom the TLS sessions are kept for
         self.bind = (bind, 0) if bind else None
-        self.max_requests_per_connection = max_requests_per_connection
-        self.idle_timeout = idle_timeout
-        self.max_concurrent_streams = max_concurrent_streams
-        self.keepalive = keepalive
         self._idle = []
         self._open = set()  # HTTP/1.1 and HTTP/2 connections
         self.counted_by = {}  # connection -> the CircuitBreaker that counts it until it closes
         self.opened_total = 0  # connections made, ever (mesh_upstream_cx_opened_total)
         self.h2 = H2Pool(self)
+        self.settings = None
+        self.configure(settings)
+
+    def configure(self, settings: PoolSettings) -> None:
+        """Follow ``settings`` (at the start, and when a config push changes the cluster's): new connections
+        and the next uses of pooled ones follow them; idle connections made under other settings are closed."""
+        if settings == self.settings:
+            return
+        if self.settings is not None:
+            self.close_idle()
+        self.settings = settings
+        self.connect_timeout = settings.connect_timeout
+        self.max_requests_per_connection = settings.max_requests_per_connection
+        self.idle_timeout = settings.idle_timeout
+        self.max_concurrent_streams = settings.max_concurrent_streams
+        self.keepalive = settings.keepalive
 
     def idle_count(self) -> int:
         return len(self._idle) + self.h2.idle_count()

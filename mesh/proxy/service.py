@@ -34,7 +34,7 @@ from mesh.proxy.listener import Limits, Listener
 from mesh.proxy.mtls import PERMISSIVE, InboundFactory, UpstreamTLS
 from mesh.proxy.passthrough import PassthroughClusters, PassthroughSettings, inbound_passthrough, outbound_passthrough
 from mesh.proxy.paths import BASE, normalizer
-from mesh.proxy.pool import ConnectionPool
+from mesh.proxy.pool import ConnectionPool, PoolSettings
 from mesh.proxy.runtime import InboundRouter, OutboundRouter, ProxyRuntime, inbound_cluster
 from mesh.proxy.tcp_proxy import InboundProtocols, InboundTcp, OutboundTcp, TcpFactory
 from mesh.proxy.tls_origination import OriginationContexts
@@ -217,13 +217,8 @@ class ProxyService(service.MultiService):
             tls = self.origination.get(endpoint_spec.origination)
         else:
             tls = self.upstream_tls if endpoint_spec.identity is not None else None
-        return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port,
-                              connect_timeout=cluster_spec.connect_timeout, tls=tls,
-                              identity=endpoint_spec.identity, bind=self._source_address(),
-                              max_requests_per_connection=cluster_spec.max_requests_per_connection,
-                              idle_timeout=cluster_spec.idle_timeout,
-                              max_concurrent_streams=cluster_spec.max_concurrent_streams,
-                              keepalive=cluster_spec.tcp_keepalive)
+        return ConnectionPool(self.reactor, endpoint_spec.address, endpoint_spec.port, PoolSettings.of(cluster_spec),
+                              tls=tls, identity=endpoint_spec.identity, bind=self._source_address())
 
     def _source_address(self):
         """Upstream connections leave from the workload's own address when it has one."""
