@@ -6,12 +6,13 @@ pair per ``--tree`` (``envoy`` for Envoy's pair, ``direct`` for nginx alone), al
 nginx, then in each round measures every tree in turn, so that each tree sees the host as the
 others did a few seconds apart.  ``--protocol h2`` (the default) runs ``txmesh-pair-h2`` and
 ``envoy-pair-h2``; ``--protocol http1`` runs ``txmesh-pair`` and ``envoy-pair``; ``--telemetry``
-their ``-telemetry`` variants (Istio's default telemetry in both).  Each round measures:
+their ``-telemetry`` variants (Istio's default telemetry in both); ``--workers N`` gives each txmesh
+sidecar ``--workers N`` and each Envoy ``--concurrency N``.  Each round measures:
 
 - latency: ``h2load -c4 --rps 250 -D SECONDS`` (1000 req/s offered, as ``bench.run``; ``-m8`` for
   HTTP/2, ``--h1`` for HTTP/1.1), p50, p90 and p99 of the requests;
-- the proxies' CPU per request over that run (utime + stime of both sidecars, from /proc), which
-  moves much less than the latency;
+- the proxies' CPU per request over that run (utime + stime of both sidecars, their workers
+  included, from /proc), which moves much less than the latency;
 - throughput: ``h2load -t1 -c4 -m8 -D 5`` and ``-c16`` (HTTP/2), ``wrk -t1 -c4 -d5s`` and ``-c16``
   (HTTP/1.1), as ``bench.run``.
 
@@ -38,7 +39,7 @@ from pathlib import Path
 
 from bench import topologies
 from bench.loadgen import LoadGenerator
-from bench.procs import cpu_seconds
+from bench.procs import tree_cpu_seconds
 
 #: What each round measures, in the order printed.
 COLUMNS = ("cpu_us", "p50", "p90", "p99", "c4", "c16")
@@ -49,14 +50,14 @@ THROUGHPUT_SECONDS = 5
 
 
 def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int, h2: bool,
-          telemetry: str | None) -> topologies.Target:
+          telemetry: str | None, workers: int = 1) -> topologies.Target:
     """The pair of ``tree`` (a directory with ``mesh/``, ``envoy`` or ``direct``), ready."""
     if tree == "direct":
         return topologies.direct(ws, backend_port)
     if tree == "envoy":
-        return topologies.envoy_pair(ws, backend_port, h2=h2, telemetry=telemetry)
-    target = topologies.txmesh_pair(ws, backend_port, telemetry=telemetry, repo=Path(tree).resolve(),
-                                    tag=f"-{index}")
+        return topologies.envoy_pair(ws, backend_port, h2=h2, concurrency=workers, telemetry=telemetry)
+    target = topologies.txmesh_pair(ws, backend_port, workers=workers, telemetry=telemetry,
+                                    repo=Path(tree).resolve(), tag=f"-{index}")
     if h2:
         target.h2_streams = topologies.H2_STREAMS
     return target
@@ -64,9 +65,9 @@ def start(ws: topologies.Workspace, backend_port: int, tree: str, index: int, h2
 
 def measure(load: LoadGenerator, target: topologies.Target, seconds: int) -> dict:
     """One round of ``target``: latency and CPU per request at 1000 req/s, then throughput."""
-    before = sum(cpu_seconds(proxy.pid) for proxy in target.proxies)
+    before = sum(tree_cpu_seconds(proxy.pid) for proxy in target.proxies)
     latency = load.latency(target.url, target.host, "latency", CLIENTS, RPS_PER_CLIENT, seconds, target.h2_streams)
-    cpu = sum(cpu_seconds(proxy.pid) for proxy in target.proxies) - before
+    cpu = sum(tree_cpu_seconds(proxy.pid) for proxy in target.proxies) - before
     row = {"cpu_us": cpu * 1e6 / latency.ok, "p50": latency.p50, "p90": latency.p90, "p99": latency.p99}
     for clients in (4, 16):
         row[f"c{clients}"] = load.throughput(target.url, target.host, "throughput", clients, THROUGHPUT_SECONDS,
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
                              "(default: %(default)s)")
     parser.add_argument("--telemetry", action="store_true",
                         help="Istio's default telemetry in both (the *-telemetry cases)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="txmesh --workers N, Envoy --concurrency N, in each sidecar (default: %(default)s)")
     parser.add_argument("--rounds", type=int, default=5, help="rounds (default: %(default)s)")
     parser.add_argument("--latency-seconds", type=int, default=10,
                         help="h2load -D of the paced run (default: %(default)s)")
@@ -125,7 +128,7 @@ def main(argv=None) -> int:
         ws = topologies.Workspace(work, stack, topologies.find_venv_bin(args.venv))
         backend = topologies.start_backend(ws)
         telemetry = topologies.TELEMETRY if args.telemetry else None
-        targets = {tree: start(ws, backend, tree, index, args.protocol == "h2", telemetry)
+        targets = {tree: start(ws, backend, tree, index, args.protocol == "h2", telemetry, args.workers)
                    for index, tree in enumerate(args.tree)}
         for target in targets.values():  # warm-up: pools, caches, the specialising interpreter
             load.throughput(target.url, target.host, "warmup", CLIENTS, 2, target.h2_streams)
