@@ -303,7 +303,8 @@ class _Compiler:
             max_concurrent_streams=pool.max_concurrent_streams,
             limits=circuit_limits(pool.max_connections, pool.max_pending_requests, pool.max_requests,
                                   pool.max_retries),
-            resolution=service.entry.resolution, tcp_keepalive=pool.tcp_keepalive)
+            resolution=service.entry.resolution, tcp_keepalive=pool.tcp_keepalive,
+            max_connection_duration=pool.max_connection_duration)
 
     def _warn_double_tls(self, service: _Service, port, mode: str) -> None:
         """Once per rule and port: TLS originated on a TLS or HTTPS port, where the app speaks TLS itself."""

@@ -90,6 +90,7 @@ def describe_cluster(spec) -> dict:
         "max_concurrent_streams": spec.max_concurrent_streams,
         "limits": dataclasses.asdict(spec.limits) if spec.limits else None, "resolution": spec.resolution,
         "tcp_keepalive": dataclasses.asdict(spec.tcp_keepalive) if spec.tcp_keepalive else None,
+        "max_connection_duration": spec.max_connection_duration,
         "endpoints": [_endpoint(endpoint) for endpoint in spec.endpoints],
     }
 

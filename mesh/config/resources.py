@@ -144,7 +144,8 @@ class ConnectionPool:
     (0: unlimited, Istio's 2^32-1) are ``tcp.maxConnections`` (``max_connections``),
     ``http.http1MaxPendingRequests`` (``max_pending_requests``), ``http.http2MaxRequests``
     (``max_requests``) and ``http.maxRetries`` (``max_retries``).  ``tcp_keepalive`` is
-    ``tcp.tcpKeepalive`` (None: keepalive off, as in Istio when it is absent).
+    ``tcp.tcpKeepalive`` (None: keepalive off, as in Istio when it is absent), ``max_connection_duration``
+    ``tcp.maxConnectionDuration`` (seconds; 0: no maximum).
     """
 
     connect_timeout: float = 10.0
@@ -158,6 +159,7 @@ class ConnectionPool:
     use_client_protocol: bool = False
     max_concurrent_streams: int = 0
     tcp_keepalive: TcpKeepalive | None = None
+    max_connection_duration: float = 0.0
 
 
 @dataclass(frozen=True)

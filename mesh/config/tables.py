@@ -375,7 +375,8 @@ class ClusterSpec:
     how tries choose theirs (see :func:`upstream_protocol`), ``max_concurrent_streams``
     the cap on streams per HTTP/2 connection (0: the peer's SETTINGS_MAX_CONCURRENT_STREAMS).
     ``limits`` are the circuit-breaking limits (:class:`CircuitLimits`; None: unlimited).
-    ``tcp_keepalive`` turns TCP keepalive on for its upstream connections (:class:`TcpKeepalive`; None: off).
+    ``tcp_keepalive`` turns TCP keepalive on for its upstream connections (:class:`TcpKeepalive`; None: off);
+    ``max_connection_duration`` (seconds; 0: none) is how long one of its HTTP connections is used.
     ``resolution`` is the ServiceEntry's: STATIC (IP endpoints), DNS (each endpoint address that is a
     host name stands for every address it resolves to, Envoy's STRICT_DNS) or DNS_ROUND_ROBIN (for
     the first one, Envoy's LOGICAL_DNS); the sidecar resolves them (:mod:`mesh.proxy.dns`).
@@ -398,6 +399,7 @@ class ClusterSpec:
     limits: CircuitLimits | None = None
     resolution: str = "STATIC"
     tcp_keepalive: TcpKeepalive | None = None
+    max_connection_duration: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

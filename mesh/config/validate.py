@@ -127,7 +127,6 @@ _HASH_UNSUPPORTED = {
 _COOKIE_GENERATION = ("txmesh hashes on an existing cookie and never generates one; remove it "
                       "(keep httpCookie.name)")
 _TCP_POOL_UNSUPPORTED = {
-    "maxConnectionDuration": "a maximum connection duration is not supported; remove it",
     "idleTimeout": "use connectionPool.http.idleTimeout, the idle timeout of pooled connections",
 }
 _HTTP_POOL = {"maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
@@ -509,10 +508,12 @@ def _load_balancer(parent: Fields) -> LoadBalancer:
 
 def _connection_pool(parent: Fields) -> ConnectionPool:
     f = parent.sub("connectionPool", {"tcp", "http"})
-    tcp = f.sub("tcp", {"connectTimeout", "maxConnections", "tcpKeepalive"}, _TCP_POOL_UNSUPPORTED)
+    tcp = f.sub("tcp", {"connectTimeout", "maxConnections", "tcpKeepalive", "maxConnectionDuration"},
+                _TCP_POOL_UNSUPPORTED)
     http = f.sub("http", _HTTP_POOL)
     values = {"connect_timeout": tcp.duration("connectTimeout"),
               "tcp_keepalive": _tcp_keepalive(tcp) if "tcpKeepalive" in tcp else None,
+              "max_connection_duration": tcp.duration("maxConnectionDuration"),  # at least 1ms, as in Istio
               "max_connections": tcp.integer("maxConnections", minimum=0),
               "max_pending_requests": http.integer("http1MaxPendingRequests", minimum=0),
               "max_requests": http.integer("http2MaxRequests", minimum=0),

@@ -68,11 +68,13 @@ class PoolSettings:
     idle_timeout: float = 3600.0
     max_concurrent_streams: int = 0
     keepalive: TcpKeepalive | None = None
+    max_connection_duration: float = 0.0
 
     @classmethod
     def of(cls, cluster_spec) -> PoolSettings:
         return cls(cluster_spec.connect_timeout, cluster_spec.max_requests_per_connection, cluster_spec.idle_timeout,
-                   cluster_spec.max_concurrent_streams, cluster_spec.tcp_keepalive)
+                   cluster_spec.max_concurrent_streams, cluster_spec.tcp_keepalive,
+                   cluster_spec.max_connection_duration)
 
 
 class ConnectionPool:
@@ -101,7 +103,10 @@ class ConnectionPool:
     (:mod:`mesh.proxy.circuit`), told when they close.  ``keepalive``
     (``connectionPool.tcp.tcpKeepalive``, a :class:`mesh.config.tables.TcpKeepalive`; None: off)
     turns TCP keepalive on for every connection to the endpoint (:func:`mesh.proxy.sockets.keep_alive`), the TCP
-    proxy's too.
+    proxy's too.  ``max_connection_duration`` (``connectionPool.tcp.maxConnectionDuration``;
+    seconds, 0: none) ends each HTTP connection that long after it was established, as Envoy's
+    ``max_connection_duration``: an idle one is closed then, a busy one takes no new request and
+    is closed once its requests are done (HTTP/2: GOAWAY).
     """
 
     def __init__(self, reactor, address, port, settings=PoolSettings(), max_idle=64, tls=None, identity=None,
@@ -120,6 +125,7 @@ class ConnectionPool:
         self.counted_by = {}  # connection -> the CircuitBreaker that counts it until it closes
         self.opened_total = 0  # connections made, ever (mesh_upstream_cx_opened_total)
         self.h2 = H2Pool(self)
+        self._lifetimes = {}  # connection -> the DelayedCall of its max_connection_duration
         self.settings = None
         self.configure(settings)
 
@@ -136,6 +142,7 @@ class ConnectionPool:
         self.idle_timeout = settings.idle_timeout
         self.max_concurrent_streams = settings.max_concurrent_streams
         self.keepalive = settings.keepalive
+        self.max_connection_duration = settings.max_connection_duration
 
     def idle_count(self) -> int:
         return len(self._idle) + self.h2.idle_count()
@@ -182,7 +189,7 @@ class ConnectionPool:
             self.tls.keep_session(self.peer, connection.transport)
         limit = self.max_requests_per_connection
         if connection.connected_ok and len(self._idle) < self.max_idle and not (
-                limit and connection.requests_sent >= limit):
+                limit and connection.requests_sent >= limit) and not connection.expired:
             now = connection.last_used = self.reactor.seconds()
             idle = self._idle
             if idle and idle[0].last_used < now - self.idle_timeout:
@@ -202,9 +209,24 @@ class ConnectionPool:
         return connection
 
     def counted(self, connection) -> None:
-        """A new connection (either protocol) is up: count it as open."""
+        """A new connection (either protocol) is up: count it as open (and start its maximum duration)."""
         self.opened_total += 1
         self._open.add(connection)
+        if self.max_connection_duration:
+            self._lifetimes[connection] = self.reactor.callLater(self.max_connection_duration, self._expire,
+                                                                 connection)
+
+    def _expire(self, connection) -> None:
+        """``connection`` reached ``max_connection_duration``: closed now if idle, else once its requests
+        are done (an HTTP/1.1 one when it is released, an HTTP/2 one after its last stream)."""
+        del self._lifetimes[connection]
+        if isinstance(connection, UpstreamConnection):
+            connection.expired = True
+            if connection in self._idle:
+                self._idle.remove(connection)
+                connection.transport.loseConnection()
+        else:
+            connection.retire()
 
     def close_idle(self, older_than=None) -> None:
         """Close idle connections (all, or those idle since before ``older_than``)."""
@@ -233,6 +255,10 @@ class ConnectionPool:
 
     def connection_lost(self, connection) -> None:
         self._open.discard(connection)
+        if self._lifetimes:
+            lifetime = self._lifetimes.pop(connection, None)
+            if lifetime is not None:
+                lifetime.cancel()
         if connection in self._idle:
             self._idle.remove(connection)
         if self.counted_by:

@@ -1,6 +1,6 @@
 """Integration-test harness: real processes on loopback, real clients, deadlines instead of sleeps.
 
-- :func:`free_port`, :func:`wait_for`, :func:`http_request`, :func:`keepalive_of_connections`
+- :func:`free_port`, :func:`wait_for`, :func:`http_request`, :func:`connections_to`
 - :class:`ManagedProcess` and its kinds :class:`Backend` (the demo app) and :class:`Proxy` (``twistd mesh-proxy``)
 - :func:`curl` and :class:`CurlResult`, the real curl binary
 - :class:`KubeAPI`: the faithful test Kubernetes API server (:mod:`tests.harness.kubeapi`) as a process
@@ -17,7 +17,7 @@ from .backend import Backend, pattern_sha256
 from .control import Control
 from .curl import CurlResult, curl
 from .kube import KubeAPI
-from .net import free_port, http_request, keepalive_of_connections
+from .net import connections_to, free_port, http_request
 from .processes import (
     REPO_ROOT,
     ManagedProcess,
@@ -33,7 +33,7 @@ from .waiting import wait_for
 
 __all__ = [
     "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy",
-    "RawConnection", "RawResponse", "curl", "free_port", "http_request", "keepalive_of_connections",
+    "RawConnection", "RawResponse", "connections_to", "curl", "free_port", "http_request",
     "log_alarms_since_last_check",
     "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]

@@ -1,5 +1,5 @@
-"""Loopback networking helpers: free ports, one-shot HTTP requests, and the keepalive settings of another
-process's connections."""
+"""Loopback networking helpers: free ports, one-shot HTTP requests, and another process's connections
+(their keepalive settings)."""
 
 from __future__ import annotations
 
@@ -62,11 +62,20 @@ def http_request(host: str, port: int, path: str, method: str = "GET", body: byt
 _SYS_PIDFD_GETFD = 438
 
 
-def keepalive_of_connections(pid: int, peer_port: int) -> list[dict]:
-    """The TCP keepalive settings of each connection process ``pid`` has to ``peer_port`` (on any address),
-    read from the sockets themselves: each is copied into this process with ``pidfd_getfd(2)`` and asked with
-    ``getsockopt``. Each entry: ``keepalive`` (SO_KEEPALIVE on), ``time``, ``interval`` and ``probes``
-    (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: the kernel's values, the system's where none was set)."""
+def _keepalive(sock) -> dict | None:
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE):
+        return None
+    return {"time": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
+            "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
+            "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)}
+
+
+def connections_to(pid: int, peer_port: int) -> list[dict]:
+    """The TCP connections process ``pid`` has to ``peer_port`` (on any address), read from the sockets
+    themselves: each is copied into this process with ``pidfd_getfd(2)`` and asked with ``getsockname`` and
+    ``getsockopt``. Each entry: ``local_port``, and ``keepalive``: None when SO_KEEPALIVE is off, else
+    ``{"time", "interval", "probes"}`` (TCP_KEEPIDLE, TCP_KEEPINTVL, TCP_KEEPCNT: the kernel's values, the
+    system's where none was set)."""
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -91,10 +100,7 @@ def keepalive_of_connections(pid: int, peer_port: int) -> list[dict]:
                 except OSError:  # a listener, or not connected (yet)
                     continue
                 if peer[1] == peer_port:
-                    found.append({"keepalive": sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
-                                  "time": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE),
-                                  "interval": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL),
-                                  "probes": sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT)})
+                    found.append({"local_port": sock.getsockname()[1], "keepalive": _keepalive(sock)})
             finally:
                 sock.close()  # our copy only: the process's descriptor stays open
     finally:

@@ -5,7 +5,8 @@ One module-scoped set of processes:
 - ``client``: a sidecar whose outbound listener the tests call (with HTTP/1.1 clients: curl, h2load
   ``--h1``); its ServiceEntries send ``grpc-app``, ``goaway-app`` and ``narrow-app`` straight to
   three h2c apps (ports of protocol HTTP2/GRPC: prior knowledge; TCP keepalive on the connections to
-  ``grpc-app``), and ``grpc-behind`` and ``web-behind`` over mTLS to two server sidecars;
+  ``grpc-app``; ``brief-app`` is ``grpc-app`` again, its connections allowed 1 s each), and
+  ``grpc-behind`` and ``web-behind`` over mTLS to two server sidecars;
 - ``grpc-server``: a sidecar in front of an h2c app, whose own ServiceEntry port is GRPC, so it
   speaks h2c to its app;
 - ``web-server``: a sidecar in front of the HTTP/1.1 demo app; the client reaches it with
@@ -25,7 +26,7 @@ from pathlib import Path
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from tests.harness import free_port, keepalive_of_connections
+from tests.harness import connections_to, free_port
 from tests.harness.processes import ManagedProcess
 from tests.harness.waiting import wait_for
 from tests.integration.test_identity_support import h2load, issue_cert, make_ca, mesh_endpoint, spiffe
@@ -101,6 +102,7 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
         entry("grpc-app", "HTTP2", plain(apps["grpc-app"].port)),
         entry("goaway-app", "GRPC", plain(apps["goaway-app"].port)),
         entry("narrow-app", "HTTP2", plain(apps["narrow-app"].port)),
+        entry("brief-app", "HTTP2", plain(apps["grpc-app"].port)),
         entry("grpc-behind", "GRPC", mesh_endpoint(inbound["grpc-server"], "grpc-server", app="grpc-server")),
         entry("web-behind", "HTTP", mesh_endpoint(inbound["web-server"], "web-server", app="web-server")),
         entry("web-plain", "HTTP", mesh_endpoint(inbound["web-server"], "web-server")),
@@ -110,6 +112,8 @@ def mesh(proxy_factory, backend_factory, process_log_dir, tmp_path_factory):
                          traffic_policy={"connectionPool": {"http": {"h2UpgradePolicy": "UPGRADE"}}}),
         destination_rule("grpc-app", "grpc-app", namespace=NS, traffic_policy={"connectionPool": {"tcp": {
             "tcpKeepalive": {"time": "13s", "interval": "4s", "probes": 6}}}}),
+        destination_rule("brief-app", "brief-app", namespace=NS, traffic_policy={"connectionPool": {"tcp": {
+            "maxConnectionDuration": "1s"}}}),
         virtual_service("goaway-app", ["goaway-app"], [{"route": [{"destination": {"host": "goaway-app"}}],
                                                          "retries": {"attempts": 0}}], namespace=NS),
         virtual_service("grpc-app", ["grpc-app"], [
@@ -162,10 +166,21 @@ def test_request_reaches_the_app_as_http2_with_the_forwarded_headers(mesh):
 
 def test_tcp_keepalive_reaches_the_http2_connections(mesh):
     assert call(mesh, "grpc-app", "/echo").status == 200
-    connections = wait_for(lambda: keepalive_of_connections(mesh["client"].pid, mesh["apps"]["grpc-app"].port), 5,
+    connections = wait_for(lambda: connections_to(mesh["client"].pid, mesh["apps"]["grpc-app"].port), 5,
                            what="the client sidecar's HTTP/2 connection to grpc-app")
-    assert all(connection == {"keepalive": 1, "time": 13, "interval": 4, "probes": 6}
+    assert all(connection["keepalive"] == {"time": 13, "interval": 4, "probes": 6}
                for connection in connections), connections
+
+
+def test_an_http2_connection_goes_away_at_its_maximum_duration(mesh):
+    """brief-app allows a connection 1 s: the one its request opened is closed (GOAWAY) when that is up."""
+    client, port = mesh["client"], mesh["apps"]["grpc-app"].port
+    before = {connection["local_port"] for connection in connections_to(client.pid, port)}
+    assert call(mesh, "brief-app", "/echo").status == 200
+    opened = wait_for(lambda: {connection["local_port"] for connection in connections_to(client.pid, port)} - before,
+                      5, what="brief-app's connection")
+    wait_for(lambda: not opened & {connection["local_port"] for connection in connections_to(client.pid, port)}, 5,
+             what="brief-app's connection to go away after 1 s")
 
 
 def test_a_peer_that_allows_few_streams_gets_more_connections(mesh):

@@ -1,7 +1,7 @@
 """DestinationRule ``connectionPool.tcp.tcpKeepalive`` on a real sidecar's upstream connections.
 
 The settings are read from the sidecar's sockets themselves (``getsockopt`` on a copy of each descriptor,
-:func:`tests.harness.keepalive_of_connections`), after a request has left a pooled connection open.
+:func:`tests.harness.connections_to`), after a request has left a pooled connection open.
 ``kept`` sets all three settings, ``defaults`` an empty ``tcpKeepalive`` (on, the system's settings), and
 ``plain`` none (off, as in Istio without the field); ``split`` sets one for the service and another for
 its subset ``v1`` (routed by ``/v1``), over the same endpoint.  The last test edits ``kept``'s rule on the
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.harness import keepalive_of_connections, wait_for
+from tests.harness import connections_to, wait_for
 from tests.integration.test_proxy_support import (
     cluster_name,
     destination_rule,
@@ -47,12 +47,13 @@ def mesh(backend_factory, proxy_factory, tmp_path_factory):
     return proxy_factory(config, "client"), backends
 
 
-def pooled_connections(proxy, backend, path="/") -> list[dict]:
+def pooled_connections(proxy, backend, path="/") -> list[dict | None]:
     """After one request to ``backend``'s service, the keepalive settings of the sidecar's connections to it
-    (the request's connection stays pooled)."""
+    (the request's connection stays pooled; None: keepalive off)."""
     assert proxy.curl(backend.name, path).status == 200
-    return wait_for(lambda: keepalive_of_connections(proxy.pid, backend.port), 5,
-                    what=f"the sidecar's pooled connection to {backend.name}")
+    connections = wait_for(lambda: connections_to(proxy.pid, backend.port), 5,
+                           what=f"the sidecar's pooled connection to {backend.name}")
+    return [connection["keepalive"] for connection in connections]
 
 
 def system_setting(name: str) -> int:
@@ -62,12 +63,12 @@ def system_setting(name: str) -> int:
 def test_tcp_keepalive_settings_reach_the_upstream_sockets(mesh):
     proxy, backends = mesh
     connections = pooled_connections(proxy, backends["kept"])
-    assert connections == [{"keepalive": 1, "time": 7, "interval": 3, "probes": 4}] * len(connections), connections
+    assert connections == [{"time": 7, "interval": 3, "probes": 4}] * len(connections), connections
 
 
 def test_an_empty_tcp_keepalive_turns_it_on_with_the_system_settings(mesh):
     proxy, backends = mesh
-    expected = {"keepalive": 1, "time": system_setting("time"), "interval": system_setting("intvl"),
+    expected = {"time": system_setting("time"), "interval": system_setting("intvl"),
                 "probes": system_setting("probes")}
     connections = pooled_connections(proxy, backends["defaults"])
     assert connections == [expected] * len(connections), connections
@@ -76,7 +77,7 @@ def test_an_empty_tcp_keepalive_turns_it_on_with_the_system_settings(mesh):
 def test_without_tcp_keepalive_it_is_off(mesh):
     proxy, backends = mesh
     connections = pooled_connections(proxy, backends["plain"])
-    assert [connection["keepalive"] for connection in connections] == [0] * len(connections), connections
+    assert connections == [None] * len(connections), connections
 
 
 def test_config_dump_shows_the_settings(mesh):

@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from tests.harness import ManagedProcess, free_port, keepalive_of_connections, venv_bin, wait_for
+from tests.harness import ManagedProcess, connections_to, free_port, venv_bin, wait_for
 from tests.integration.test_identity_support import (
     TLS_MODE_ISTIO,
     authorization_policy,
@@ -255,8 +255,8 @@ def test_tcp_keepalive_reaches_the_tcp_proxys_upstream_socket(mesh):
     with socket.create_connection(("127.0.0.1", VAULT), timeout=5) as sock:
         sock.sendall(b"held\n")
         assert sock.recv(100) == b"held\n"
-        connections = keepalive_of_connections(mesh["proxies"]["client"].pid, mesh["inbound"]["vault"])
-    assert connections and all(connection == {"keepalive": 1, "time": 11, "interval": 2, "probes": 5}
+        connections = connections_to(mesh["proxies"]["client"].pid, mesh["inbound"]["vault"])
+    assert connections and all(connection["keepalive"] == {"time": 11, "interval": 2, "probes": 5}
                                for connection in connections), connections
 
 

@@ -353,6 +353,39 @@ def test_tcp_keepalive(tmp_path, yaml_text, expected):
     assert rule.traffic_policy.connection_pool.tcp_keepalive == expected
 
 
+@pytest.mark.parametrize("yaml_text,expected", [("", 0.0), ("maxConnectionDuration: 30m", 1800.0),
+                                                ("maxConnectionDuration: 1ms", 0.001)])
+def test_max_connection_duration(tmp_path, yaml_text, expected):
+    [rule] = _valid(tmp_path, f"""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: r}}
+        spec:
+          host: a.example.com
+          trafficPolicy:
+            connectionPool:
+              tcp: {{connectTimeout: 2s, {yaml_text}}}
+        """)
+    assert rule.traffic_policy.connection_pool.max_connection_duration == expected
+
+
+def test_max_connection_duration_below_a_millisecond_is_rejected(tmp_path):
+    _, errors, path = _validate(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: r, namespace: shop}
+        spec:
+          host: web
+          trafficPolicy:
+            connectionPool:
+              tcp: {maxConnectionDuration: 0s}
+        """)
+    assert errors == _expected(f"{path}:{{}}: DestinationRule/shop/r: ", [
+        (8, "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: duration '0s' is too short; it must be "
+            "at least 1ms"),
+    ])
+
+
 def test_tcp_keepalive_is_off_unless_given(tmp_path):
     [rule] = _valid(tmp_path, """
         apiVersion: networking.istio.io/v1

@@ -46,6 +46,7 @@ class UpstreamConnection(Protocol):
         self.connected_ok = False
         self.requests_sent = 0
         self.last_used = 0.0
+        self.expired = False  # past the pool's max_connection_duration: closed, not pooled, when released
         self.peer_identity = None
         self.head_only = False
         self.chunked = False  # the request body being sent is chunk-framed
