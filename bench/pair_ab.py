@@ -19,7 +19,9 @@ sidecar ``--workers N`` and each Envoy ``--concurrency N``.  Each round measures
 It prints each round and the medians.  With ``--tree direct`` it also prints each tree's added
 latency (its p50 and p90 less direct's of the same round), and with ``--tree envoy`` too, each
 tree's ratio to Envoy's added latency per round: the median of those ratios and how many rounds
-were at most 1.0 (issue #15's latency target).  Every tree runs ``mesh`` from its own directory (PYTHONPATH),
+were at most 1.0 (issue #15's latency target).  With ``envoy``, it prints each tree's max req/s
+as a ratio to Envoy's per round too: the median, and how many rounds were at least 1.0 (the workers
+target).  Every tree runs ``mesh`` from its own directory (PYTHONPATH),
 so export the revisions first, each with the C module copied in::
 
     git archive HEAD~1 | tar -x -C /tmp/before; cp mesh/proxy/codec/*.so /tmp/before/mesh/proxy/codec/
@@ -95,13 +97,30 @@ def added_latency(rounds: dict[str, list[dict]]) -> list[str]:
             f"{q} +{statistics.median(row[q] for row in rows):.3f} ms" for q in ("p50", "p90"))
         if "envoy" in added and tree != "envoy":
             for q in ("p50", "p90"):
-                ratios = [row[q] / envoy[q] for row, envoy in zip(rows, added["envoy"]) if envoy[q] > 0]
-                if ratios:
-                    met = sum(ratio <= 1.0 for ratio in ratios)
-                    line += (f"  {q} vs Envoy {statistics.median(ratios):.2f}x"
-                             f" ({min(ratios):.2f}-{max(ratios):.2f}, <= 1.0 in {met}/{len(ratios)})")
+                line += _versus_envoy(q, [row[q] / envoy[q] for row, envoy in zip(rows, added["envoy"])
+                                          if envoy[q] > 0], at_most=True)
         lines.append(line)
     return lines
+
+
+def throughput_versus_envoy(rounds: dict[str, list[dict]]) -> list[str]:
+    """Lines for each tree's max req/s (-c4, -c16) as a ratio to Envoy's in the same round: the median
+    over the rounds and how many rounds were at least 1.0.  Empty without ``envoy``."""
+    if "envoy" not in rounds:
+        return []
+    return [f"req/s   {tree[-24:]:>24}:" + "".join(
+                _versus_envoy(column, [row[column] / envoy[column] for row, envoy in zip(rows, rounds["envoy"])
+                                       if envoy[column] > 0], at_most=False) for column in ("c4", "c16"))
+            for tree, rows in rounds.items() if tree not in ("envoy", "direct")]
+
+
+def _versus_envoy(label: str, ratios: list[float], at_most: bool) -> str:
+    """`` LABEL vs Envoy MEDIANx (MIN-MAX, <= 1.0 in K/N)`` (``>=`` unless ``at_most``); empty without ratios."""
+    if not ratios:
+        return ""
+    met = sum((ratio <= 1.0) if at_most else (ratio >= 1.0) for ratio in ratios)
+    return (f"  {label} vs Envoy {statistics.median(ratios):.2f}x ({min(ratios):.2f}-{max(ratios):.2f}, "
+            f"{'<=' if at_most else '>='} 1.0 in {met}/{len(ratios)})")
 
 
 def main(argv=None) -> int:
@@ -138,7 +157,7 @@ def main(argv=None) -> int:
                 print(show(f"round {number + 1}", tree, rounds[tree][-1]), flush=True)
     for tree, rows in rounds.items():
         print(show("median ", tree, {column: statistics.median(row[column] for row in rows) for column in COLUMNS}))
-    for line in added_latency(rounds):
+    for line in added_latency(rounds) + throughput_versus_envoy(rounds):
         print(line)
     return 0
 
