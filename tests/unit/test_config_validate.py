@@ -277,16 +277,21 @@ def test_destination_rule_fields_and_defaults(tmp_path):
     ("consistentHash: {httpQueryParameterName: user}", LoadBalancer("CONSISTENT_HASH", ("query", "user"))),
 ])
 def test_load_balancers(tmp_path, yaml_text, expected):
+    assert _traffic_policy(tmp_path, f"{{loadBalancer: {{{yaml_text}}}}}").load_balancer == expected
+
+
+def _traffic_policy(tmp_path, policy: str):
+    """The trafficPolicy of a DestinationRule for a.example.com whose ``trafficPolicy`` is ``policy`` (YAML
+    flow mapping)."""
     [rule] = _valid(tmp_path, f"""
         apiVersion: networking.istio.io/v1
         kind: DestinationRule
         metadata: {{name: r}}
         spec:
           host: a.example.com
-          trafficPolicy:
-            loadBalancer: {{{yaml_text}}}
+          trafficPolicy: {policy}
         """)
-    assert rule.traffic_policy.load_balancer == expected
+    return rule.traffic_policy
 
 
 def test_destination_rule_rejections(tmp_path):
@@ -334,73 +339,32 @@ def test_destination_rule_rejections(tmp_path):
     ])
 
 
+def _tcp_pool(tmp_path, tcp: str):
+    """The ConnectionPool of a DestinationRule whose ``connectionPool.tcp`` is ``tcp`` (YAML flow mapping)."""
+    return _traffic_policy(tmp_path, f"{{connectionPool: {{tcp: {tcp}}}}}").connection_pool
+
+
 @pytest.mark.parametrize("yaml_text,expected", [
     ("{}", TcpKeepalive()),  # on, every setting the system's (as Istio with an empty tcpKeepalive)
     ("{time: 7s, interval: 3s, probes: 4}", TcpKeepalive(time=7, interval=3, probes=4)),
     ("{time: 2m}", TcpKeepalive(time=120)),
 ])
 def test_tcp_keepalive(tmp_path, yaml_text, expected):
-    [rule] = _valid(tmp_path, f"""
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {{name: r}}
-        spec:
-          host: a.example.com
-          trafficPolicy:
-            connectionPool:
-              tcp: {{tcpKeepalive: {yaml_text}}}
-        """)
-    assert rule.traffic_policy.connection_pool.tcp_keepalive == expected
+    assert _tcp_pool(tmp_path, f"{{tcpKeepalive: {yaml_text}}}").tcp_keepalive == expected
 
 
-@pytest.mark.parametrize("yaml_text,expected", [("", 0.0), ("maxConnectionDuration: 30m", 1800.0),
-                                                ("maxConnectionDuration: 1ms", 0.001)])
+@pytest.mark.parametrize("yaml_text,expected", [("{connectTimeout: 2s}", 0.0),
+                                                ("{maxConnectionDuration: 30m}", 1800.0),
+                                                ("{maxConnectionDuration: 1ms}", 0.001)])
 def test_max_connection_duration(tmp_path, yaml_text, expected):
-    [rule] = _valid(tmp_path, f"""
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {{name: r}}
-        spec:
-          host: a.example.com
-          trafficPolicy:
-            connectionPool:
-              tcp: {{connectTimeout: 2s, {yaml_text}}}
-        """)
-    assert rule.traffic_policy.connection_pool.max_connection_duration == expected
-
-
-def test_max_connection_duration_below_a_millisecond_is_rejected(tmp_path):
-    _, errors, path = _validate(tmp_path, """
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {name: r, namespace: shop}
-        spec:
-          host: web
-          trafficPolicy:
-            connectionPool:
-              tcp: {maxConnectionDuration: 0s}
-        """)
-    assert errors == _expected(f"{path}:{{}}: DestinationRule/shop/r: ", [
-        (8, "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: duration '0s' is too short; it must be "
-            "at least 1ms"),
-    ])
+    assert _tcp_pool(tmp_path, yaml_text).max_connection_duration == expected
 
 
 def test_tcp_keepalive_is_off_unless_given(tmp_path):
-    [rule] = _valid(tmp_path, """
-        apiVersion: networking.istio.io/v1
-        kind: DestinationRule
-        metadata: {name: r}
-        spec:
-          host: a.example.com
-          trafficPolicy:
-            connectionPool:
-              tcp: {connectTimeout: 2s}
-        """)
-    assert rule.traffic_policy.connection_pool.tcp_keepalive is None
+    assert _tcp_pool(tmp_path, "{connectTimeout: 2s}").tcp_keepalive is None
 
 
-def test_tcp_keepalive_rejections(tmp_path):
+def test_tcp_pool_rejections(tmp_path):
     _, errors, path = _validate(tmp_path, """
         apiVersion: networking.istio.io/v1
         kind: DestinationRule
@@ -410,6 +374,7 @@ def test_tcp_keepalive_rejections(tmp_path):
           trafficPolicy:
             connectionPool:
               tcp:
+                maxConnectionDuration: 0s
                 tcpKeepalive: {time: 500ms, interval: 1.5s, probes: 0, count: 3}
           subsets:
           - name: v1
@@ -422,15 +387,17 @@ def test_tcp_keepalive_rejections(tmp_path):
     keepalive = "spec.trafficPolicy.connectionPool.tcp.tcpKeepalive"
     subset_keepalive = "spec.subsets[0].trafficPolicy.connectionPool.tcp.tcpKeepalive"
     assert errors == _expected(prefix, [
-        (9, f"{keepalive}.count: unknown field 'count'; supported: interval, probes, time"),
-        (9, f"{keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+        (10, f"{keepalive}.count: unknown field 'count'; supported: interval, probes, time"),
+        (10, f"{keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
              "times in seconds), not 500ms"),
-        (9, f"{keepalive}.interval: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+        (10, f"{keepalive}.interval: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
              "times in seconds), not 1.5s"),
-        (9, f"{keepalive}.probes: must be >= 1 and <= 127, not 0"),
-        (15, f"{subset_keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
+        (10, f"{keepalive}.probes: must be >= 1 and <= 127, not 0"),
+        (9, "spec.trafficPolicy.connectionPool.tcp.maxConnectionDuration: duration '0s' is too short; it must be "
+            "at least 1ms"),
+        (16, f"{subset_keepalive}.time: must be whole seconds from 1s to 32767s (the kernel counts TCP keepalive "
              "times in seconds), not 10h"),
-        (15, f"{subset_keepalive}.probes: must be >= 1 and <= 127, not 128"),
+        (16, f"{subset_keepalive}.probes: must be >= 1 and <= 127, not 128"),
     ])
 
 
