@@ -166,7 +166,7 @@ class _TcpServer:
 
     def __init__(self, proxy, port):
         self.port = port
-        self.routes = OutboundTcp(proxy.reactor, proxy.runtime, proxy._source_address())
+        self.routes = OutboundTcp(proxy.reactor, proxy.runtime)
         self.authorize = InboundTcp(proxy.reactor, proxy.runtime, proxy.plugins.hook, None, port).authorize
 
     def accept(self, conn):

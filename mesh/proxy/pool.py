@@ -176,12 +176,21 @@ class ConnectionPool:
             refusal = self.tls.refusal()
             if refusal is not None:
                 return defer.fail(ConnectError(refusal))
-            factory = self.tls.wrap(factory, self.peer)
+        self.connect_tcp(factory)
+        return deferred
+
+    def connect_tcp(self, factory, offer_h2=False):
+        """Start a TCP connection to the endpoint for ``factory``, as every connection to it is made (the
+        HTTP/1.1 and HTTP/2 pools', the TCP proxy's): behind the pool's TLS if it has one (the caller
+        checked its ``refusal()``; ``offer_h2`` offers ALPN ``h2``), with the cluster's connect timeout
+        and TCP keepalive, from the workload's address.  Returns the connector."""
+        if self.tls is not None:
+            factory = self.tls.wrap(factory, self.peer, offer_h2=offer_h2)
         connector = self.reactor.connectTCP(self.address, self.port, factory, timeout=self.connect_timeout,
                                             bindAddress=self.bind)
         if self.keepalive is not None:
             keep_alive(connector, self.keepalive)
-        return deferred
+        return connector
 
     def release(self, connection) -> None:
         """Return a connection whose response is complete and reusable."""
@@ -343,13 +352,7 @@ class H2Pool:
                                           pool.max_requests_per_connection)
         connection.waiters.append(deferred)
         self._connecting.append(connection)
-        factory = _H2Factory(connection)
-        if pool.tls is not None:
-            factory = pool.tls.wrap(factory, pool.peer, offer_h2=True)
-        connector = self.reactor.connectTCP(pool.address, pool.port, factory, timeout=pool.connect_timeout,
-                                            bindAddress=pool.bind)
-        if pool.keepalive is not None:
-            keep_alive(connector, pool.keepalive)
+        pool.connect_tcp(_H2Factory(connection), offer_h2=True)
         return deferred
 
     def release(self, stream) -> None:

@@ -138,7 +138,7 @@ class ProxyService(service.MultiService):
         normalize_path = normalizer(settings.path_normalization)
         router = OutboundRouter(self.runtime, hooks, PassthroughClusters(
             passthrough.outbound_traffic_policy, self._make_pool, passthrough.connect_timeout))
-        tcp = OutboundTcp(reactor, self.runtime, self._source_address())
+        tcp = OutboundTcp(reactor, self.runtime)
         outbound = Listener(reactor, "outbound", router, settings.limits, hooks, passthrough=outbound_passthrough(
             reactor, passthrough, router, self._source_address(), tcp), normalize_path=normalize_path)
         self._listen(outbound, DownstreamFactory(outbound), settings.outbound_port, settings.outbound_address)

@@ -61,7 +61,7 @@ from mesh.proxy.mtls import setup_failure
 from mesh.proxy.passthrough import TcpUpstream, report
 from mesh.proxy.pool import describe_connect_failure
 from mesh.proxy.runtime import rbac_details
-from mesh.proxy.sockets import keep_alive, set_nodelay
+from mesh.proxy.sockets import set_nodelay
 from mesh.proxy.tcp_sni import read_server_name
 from mesh.proxy.tls_transport import IHalfCloseOverTLS
 
@@ -227,28 +227,26 @@ class _Tunnel:
     failure means to them (``_established``, ``_ended``, ``_connect_failed``, ``_released``).
     """
 
-    def __init__(self, reactor, conn, held, cluster, bind=None):
+    def __init__(self, reactor, conn, held, cluster):
         self.reactor = reactor
         self.conn = conn
         self.held = held
         self.cluster = cluster
-        self.bind = bind
 
-    def connect(self, host, port, timeout, pool=None):
-        """Connect to ``host:port``; over TLS when the endpoint's ``pool`` (a
-        :class:`mesh.proxy.pool.ConnectionPool`) has a TLS wrapper (mesh mTLS, or TLS origination),
-        whose check the peer must pass before any client byte is sent."""
-        tls = pool.tls if pool is not None else None
-        factory = _UpstreamFactory(self, pool.verify if tls is not None else None)
-        if tls is not None:
-            refusal = tls.refusal()
+    def connect(self, host, port, timeout):
+        """Connect to ``host:port`` in plaintext (the app behind an inbound TCP port)."""
+        self.held.connector = self.reactor.connectTCP(host, port, _UpstreamFactory(self, None), timeout=timeout)
+
+    def connect_endpoint(self, pool):
+        """Connect to the endpoint of ``pool`` (its :class:`mesh.proxy.pool.ConnectionPool`) as the pool
+        connects: over TLS when it has a TLS wrapper (mesh mTLS, or TLS origination), whose check the
+        peer must pass before any client byte is sent; with the cluster's timeout and TCP keepalive."""
+        if pool.tls is not None:
+            refusal = pool.tls.refusal()
             if refusal is not None:
                 self.fail(refusal)
                 return
-            factory = tls.wrap(factory, pool.peer)
-        self.held.connector = self.reactor.connectTCP(host, port, factory, timeout=timeout, bindAddress=self.bind)
-        if pool is not None and pool.keepalive is not None:
-            keep_alive(self.held.connector, pool.keepalive)
+        self.held.connector = pool.connect_tcp(_UpstreamFactory(self, pool.verify))
 
     def refuse(self, flag, why):
         """Close the client's connection without an upstream (never spliced), reporting ``flag``.
@@ -352,8 +350,8 @@ class _OutboundTunnel(_Tunnel):
     """A routed outbound connection: the endpoint's load and outlier state follow it, and the
     cluster's circuit breaker (``breaker``, None without limits) counts it until it ends."""
 
-    def __init__(self, reactor, conn, held, cluster, endpoint, live_cluster, bind):
-        super().__init__(reactor, conn, held, cluster.name, bind)
+    def __init__(self, reactor, conn, held, cluster, endpoint, live_cluster):
+        super().__init__(reactor, conn, held, cluster.name)
         self.endpoint = endpoint
         self.live_cluster = live_cluster
         self.breaker = live_cluster.breaker
@@ -379,15 +377,15 @@ class OutboundTcp:
     """Routes the outbound side's TCP connections to TCP service ports (see the module docstring).
 
     :param runtime: the :class:`mesh.proxy.runtime.ProxyRuntime` (config and live clusters).
-    :param bind: source address of upstream connections (None: any).
 
-    A connection to an endpoint is TLS as the endpoint's pool says (mesh mTLS, TLS origination).
+    A connection to an endpoint is made as the endpoint's pool makes its own (TLS as the pool says:
+    mesh mTLS, TLS origination; the cluster's connect timeout and keepalive; the workload's source
+    address).
     """
 
-    def __init__(self, reactor, runtime, bind=None):
+    def __init__(self, reactor, runtime):
         self.reactor = reactor
         self.runtime = runtime
-        self.bind = (bind, 0) if bind else None
 
     def take(self, conn, dst, take_buffer, passthrough) -> bool:
         """Route a captured connection (its bytes so far from ``take_buffer()``) if ``dst`` is a TCP
@@ -489,8 +487,8 @@ class OutboundTcp:
                       f"{breaker.limits.max_connections}); raise the DestinationRule's connectionPool.tcp."
                       "maxConnections if this load is expected")
             return
-        tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster, self.bind)
-        tunnel.connect(endpoint.address, endpoint.port, cluster.spec.connect_timeout, endpoint.pool)
+        tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster)
+        tunnel.connect_endpoint(endpoint.pool)
 
 
 class InboundTcp:
