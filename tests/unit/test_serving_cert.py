@@ -114,7 +114,7 @@ def test_the_agent_tries_again_before_its_certificate_expires():
     ca = new_ca()
     key = ec.generate_private_key(ec.SECP256R1())
     cert_pem, _ = ca.sign(csr_of(key), URI, 1.5)  # notAfter in whole seconds: 0.5 to 1.5 s from now
-    leaf = x509.load_pem_x509_certificate(cert_pem if isinstance(cert_pem, bytes) else cert_pem.encode())
+    leaf = x509.load_pem_x509_certificate(cert_pem)
     clock = Clock()
     agent = WorkloadAgent(clock, ("127.0.0.1", 15012), to_pem([ca.cert]), None, None, "x",
                           CredentialStore(WorkloadCredentials.build(key, [leaf], [ca.cert])))
