@@ -7,7 +7,7 @@ The schemas follow docs/configuration.md: every field txmesh reads, with its
 type and, where the set is closed, its allowed values.  Fields Istio defines
 but txmesh rejects are left out, so the API server refuses them at apply time
 (kubectl's strict field validation) instead of storing a resource that the
-control plane would then reject.  Finer rules (weights summing to 100, RE2
+control plane would then reject.  Finer rules (weights that do not sum to 0, RE2
 regexes, host names) are txmesh's own validation, which names the field.
 ``x-kubernetes-preserve-unknown-fields`` appears only on ``status``.
 """
@@ -119,7 +119,7 @@ HEADER_OPS = obj({"set": strmap(), "add": strmap(), "remove": STRINGS})
 HEADERS = obj({"request": HEADER_OPS, "response": HEADER_OPS})
 DESTINATION = {
     "destination": obj({"host": STR, "subset": STR, "port": obj({"number": PORT})}, required=("host",)),
-    "weight": {"type": "integer", "minimum": 0, "maximum": 100},
+    "weight": {"type": "integer", "minimum": 0, "maximum": 2 ** 31 - 1},
 }
 ROUTE_DESTINATIONS = array(obj(DESTINATION, required=("destination",)), minItems=1)
 HTTP_STATUS = {"type": "integer", "minimum": 200, "maximum": 599}

@@ -881,13 +881,14 @@ def _destinations(f: Fields, namespace, domain, http=True) -> tuple:
         destination = _destination(rf.sub("destination", {"host", "subset", "port"}), namespace, domain)
         request, authority = _header_ops(rf, "request")
         out.append(dataclasses.replace(
-            destination, weight=rf.integer("weight", minimum=0, maximum=100) or 0, request_headers=request,
+            destination, weight=rf.integer("weight", minimum=0, maximum=2 ** 31 - 1) or 0, request_headers=request,
             response_headers=_header_ops(rf, "response")[0], authority=authority))
+    # Weights are relative, as in Istio: a destination gets weight / (sum of the weights) of the traffic.
     if len(out) == 1:
         out[0] = dataclasses.replace(out[0], weight=100)
-    elif out and sum(destination.weight for destination in out) != 100:
-        total = sum(destination.weight for destination in out)
-        f.error("route", f"weights must sum to 100 (they sum to {total}); give every destination a weight")
+    elif out and not any(destination.weight for destination in out):
+        f.error("route", "the destinations' weights sum to 0, so no destination would get traffic; give at "
+                         "least one destination a weight (weights are relative: 1 and 3 send 25% and 75%)")
     return tuple(out)
 
 

@@ -64,17 +64,17 @@ def test_edits_apply_within_2s_and_invalid_resources_are_rejected_alone(control_
         assert found["rejected"] == []
         version = found["version"]
 
-    # an invalid VirtualService (weights sum to 90) in the same moment as a valid new ServiceEntry
+    # an invalid VirtualService (weights sum to 0) in the same moment as a valid new ServiceEntry
     write(config_dir, "reviews-vs.yaml", virtual_service("reviews", ["reviews"], [{"route": [
-        {"destination": {"host": "reviews", "subset": "v1"}, "weight": 40},
-        {"destination": {"host": "reviews", "subset": "v2"}, "weight": 50}]}]))
+        {"destination": {"host": "reviews", "subset": "v1"}, "weight": 0},
+        {"destination": {"host": "reviews", "subset": "v2"}, "weight": 0}]}]))
     write(config_dir, "details.yaml",
           service_entry("details", [{"address": "127.0.0.1", "ports": {"http": 9082}}]))
     found, _ = wait_config(control, lambda c: c["rejected"] and c["resources"] == 4, "rejection and details")
     [rejected] = found["rejected"]
     assert rejected["error"].startswith(f"{config_dir / 'reviews-vs.yaml'}:")
     assert "VirtualService/default/reviews: spec.http[0].route" in rejected["error"]
-    assert "weights must sum to 100" in rejected["error"]
+    assert "weights sum to 0" in rejected["error"]
     assert rejected["kept"] == f"{config_dir / 'reviews-vs.yaml'}:1"  # the 100% version stays in force
     ready = control.admin("/ready")
     assert ready["config_errors"] == [rejected["error"]]

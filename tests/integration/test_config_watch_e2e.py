@@ -72,12 +72,12 @@ def test_canary_shift_by_editing_files(tmp_path, backend_factory, control_factor
 
     # an invalid edit: rejected alone, the 100% canary stays in force, proxy-status shows it
     before = version()
-    (config / "reviews-vs.yaml").write_text(yaml.safe_dump(canary(100)).replace("weight: 0", "weight: 5"))
+    (config / "reviews-vs.yaml").write_text(yaml.safe_dump(canary(100)).replace("weight: 100", "weight: 0"))
     wait_for(lambda: control.admin("/ready")["config_errors"], timeout=2.0, what="the rejection")
     proc = subprocess.run([venv_bin("meshctl"), "proxy-status", "--control-admin", f"127.0.0.1:{control.admin_port}"],
                           capture_output=True, text=True, timeout=30)
     assert proc.returncode == 0, proc.stderr
     assert "productpage" in proc.stdout and "SYNCED" in proc.stdout
-    assert "weights must sum to 100" in proc.stdout and "[last good version in force:" in proc.stdout
+    assert "weights sum to 0" in proc.stdout and "[last good version in force:" in proc.stdout
     assert version() == before
     assert served_by(curl_many(f"{proxy.outbound_url}/", 50, host="reviews")) == {"reviews-v2": 50}

@@ -34,9 +34,9 @@ spec:
   http:
   - route:
     - destination: {host: reviews}
-      weight: 60
+      weight: 0
     - destination: {host: reviews}
-      weight: 30
+      weight: 0
 """
 INVALID_DR = """\
 apiVersion: networking.istio.io/v1
@@ -72,7 +72,7 @@ def test_invalid_config_dir_at_start_exits_non_zero_naming_file_line_resource_fi
     assert len(errors) == 2, output   # every problem of every file, not just the first
     vs_error = re.fullmatch(r"(\S+):(\d+): VirtualService/default/reviews: spec\.http\[0\]\.route: (.+)", errors[0])
     assert vs_error, errors[0]
-    assert vs_error[1] == str(tmp_path / "10-reviews.yaml") and "sum to 100" in vs_error[3]
+    assert vs_error[1] == str(tmp_path / "10-reviews.yaml") and "weights sum to 0" in vs_error[3]
     assert 8 <= int(vs_error[2]) <= 12, "the line of the route list"
     assert errors[1] == (f"{tmp_path / '20-rule.yaml'}:10: DestinationRule/shop/reviews: "
                          "spec.trafficPolicy.loadBalancer.simple: invalid simple 'FASTEST'; use one of: "
@@ -125,13 +125,13 @@ def test_sighup_with_an_invalid_edit_keeps_the_old_routing(mesh):
     version = proxy.admin("/config_dump")["version"]
     assert _served(proxy) == {"v1"}
     rejected_before = _log_count(proxy, "config rejected")
-    _write(directory, "10-route.yaml", INVALID_VS.replace("{host: reviews}\n      weight: 60",
-                                                          "{host: reviews, subset: v2}\n      weight: 60"))
+    _write(directory, "10-route.yaml", INVALID_VS.replace("{host: reviews}\n      weight: 0",
+                                                          "{host: reviews, subset: v2}\n      weight: 0"))
     proxy.reload()
     wait_for(lambda: _log_count(proxy, "config rejected") > rejected_before, 10, what="the rejection in the log")
     log = proxy.log_path.read_text(errors="replace")
     assert re.search(r"config rejected.*10-route\.yaml:\d+: VirtualService/default/reviews: spec\.http\[0\]\.route: "
-                     r"weights must sum to 100", log), proxy.log_tail()
+                     r"the destinations' weights sum to 0", log), proxy.log_tail()
     assert _served(proxy) == {"v1"}
     assert proxy.admin("/config_dump")["version"] == version
     assert proxy.admin("/ready")["ready"] is True

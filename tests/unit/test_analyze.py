@@ -248,8 +248,8 @@ def test_cli_exit_codes_and_output(config, capsys):
 
 
 def test_cli_reports_invalid_resources_too(tmp_path, capsys):
-    write(tmp_path, "bad.yaml", ROUTES.replace("weight: 50", "weight: 51"))
+    write(tmp_path, "bad.yaml", ROUTES.replace("weight: 50", "weight: 0").replace("weight: 25", "weight: 0"))
     assert main(["analyze", str(tmp_path)]) == 1
     captured = capsys.readouterr()
-    assert "weights must sum to 100" in captured.out
+    assert "weights sum to 0" in captured.out
     assert "validation error(s)" in captured.err

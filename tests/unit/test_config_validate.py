@@ -523,15 +523,29 @@ def test_retries_disabled_and_host_header_as_authority_rewrite(tmp_path):
     assert route.rewrite_authority == "web.internal" and route.request_headers is None
 
 
-def test_weights_must_sum_to_100(tmp_path):
+def test_weights_must_not_all_be_zero(tmp_path):
     _, errors, path = _validate(tmp_path, _vs("""
         - route:
           - destination: {host: web, subset: v1}
-            weight: 60
           - destination: {host: web, subset: v2}
+            weight: 0
         """))
-    assert errors == [f"{path}:7: VirtualService/shop/vs: spec.http[0].route: weights must sum to 100 "
-                      "(they sum to 60); give every destination a weight"]
+    assert errors == [f"{path}:7: VirtualService/shop/vs: spec.http[0].route: the destinations' weights sum to 0, "
+                      "so no destination would get traffic; give at least one destination a weight (weights are "
+                      "relative: 1 and 3 send 25% and 75%)"]
+
+
+def test_weights_are_relative(tmp_path):
+    [vs] = _valid(tmp_path, _vs("""
+        - route:
+          - destination: {host: web, subset: v1}
+            weight: 1
+          - destination: {host: web, subset: v2}
+            weight: 3
+          - destination: {host: web, subset: v3}
+            weight: 1000
+        """))
+    assert [destination.weight for destination in vs.http[0].route] == [1, 3, 1000]
 
 
 def test_zero_weights_are_allowed(tmp_path):

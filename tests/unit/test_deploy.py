@@ -128,10 +128,10 @@ def test_crd_schemas_reject_what_they_should():
     assert schema_problems(good, vs) == []
     bad = yaml.safe_load(yaml.safe_dump(good))
     bad["spec"]["http"][0].update({"timeout": 5, "delegate": {}})
-    bad["spec"]["http"][0]["route"][0]["weight"] = 101
+    bad["spec"]["http"][0]["route"][0]["weight"] = -1
     problems = "\n".join(schema_problems(bad, vs))
     assert "timeout: 5 is not a string" in problems and "delegate: unknown field" in problems
-    assert "weight: 101 out of range" in problems
+    assert "weight: -1 out of range" in problems
     pa = schemas[("security.txmesh.io", "PeerAuthentication")]
     assert schema_problems({"spec": {"mtls": {"mode": "STRICTER"}}}, pa)
 

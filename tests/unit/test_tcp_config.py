@@ -154,7 +154,7 @@ def test_tcp_and_tls_route_problems_name_their_field(tmp_path):
           hosts: [echo]
           tcp:
           - match: [{sourceSubnet: 10.0.0.0/8, destinationSubnets: [10.0.0.300/8], port: 0, headers: {}}]
-            route: [{destination: {host: echo}, weight: 60, headers: {}}, {destination: {host: echo}, weight: 30}]
+            route: [{destination: {host: echo}, weight: 0, headers: {}}, {destination: {host: echo}, weight: 0}]
           - match: [{gateways: [istio-system/egress], sourceNamespace: Bad_NS}]
           tls:
           - route: [{destination: {host: echo}}]
@@ -172,8 +172,9 @@ def test_tcp_and_tls_route_problems_name_their_field(tmp_path):
         "7: VirtualService/shop/vs: spec.tcp[0].match[0].port: must be >= 1 and <= 65535, not 0",
         "8: VirtualService/shop/vs: spec.tcp[0].route[0].headers: unknown field 'headers'; supported: destination, "
         "weight",
-        "8: VirtualService/shop/vs: spec.tcp[0].route: weights must sum to 100 (they sum to 90); give every "
-        "destination a weight",
+        "8: VirtualService/shop/vs: spec.tcp[0].route: the destinations' weights sum to 0, so no destination "
+        "would get traffic; give at least one destination a weight (weights are relative: 1 and 3 send 25% and "
+        "75%)",
         "9: VirtualService/shop/vs: spec.tcp[1].match[0].sourceNamespace: invalid namespace 'Bad_NS': use "
         "lower-case letters, digits and '-'",
         "9: VirtualService/shop/vs: spec.tcp[1].route: 'route' is required",
