@@ -85,7 +85,7 @@ SETTINGS = {
     }),
     "connectionPool": obj({
         "tcp": obj({"connectTimeout": DURATION, "maxConnections": {"type": "integer", "minimum": 0},
-                    "maxConnectionDuration": DURATION,
+                    "maxConnectionDuration": DURATION, "idleTimeout": DURATION,
                     "tcpKeepalive": obj({"time": DURATION, "interval": DURATION,
                                          "probes": {"type": "integer", "minimum": 1, "maximum": 127}})}),
         "http": obj({"maxRequestsPerConnection": {"type": "integer", "minimum": 0}, "idleTimeout": DURATION,

@@ -115,30 +115,40 @@ class _L4Compiler:
             if route.match and not matches:
                 continue
             action = self._action(vs, "tls" if tls else "tcp", route, port.number)
+            settings = self._tcp_proxy_settings(route)
             if tls:
                 for match in matches:
                     key = (match.sni_hosts, match.destination_subnets)
                     if key not in seen:
                         seen.add(key)
-                        chains.append(L4Chain(action, match.destination_subnets, _server_names(match.sni_hosts)))
+                        chains.append(L4Chain(action, match.destination_subnets, _server_names(match.sni_hosts),
+                                              **settings))
             elif not matches or any(not match.destination_subnets for match in matches):
-                chains.append(L4Chain(action))
+                chains.append(L4Chain(action, **settings))
                 return tuple(chains)  # a catch-all route: the ones after it are never reached
             else:
-                chains.append(L4Chain(action, tuple(net for match in matches for net in match.destination_subnets)))
+                chains.append(L4Chain(action, tuple(net for match in matches for net in match.destination_subnets),
+                                      **settings))
         if chains and tls:
             return tuple(chains)
         default = RouteAction(name=f"{service.host}:{port.number}",
                               clusters=(cluster_name(port.number, "", service.host),), cumulative_weights=(100,))
         names = _server_names(hostnames.aliases(service.host, self.workload.namespace, self.compiler.domain)) \
             if tls and shared else None
-        return (*chains, L4Chain(default, (), names))
+        return (*chains, L4Chain(default, (), names, **_pool_settings(service)))
 
     def _static_match(self, match, port) -> bool:
         """The part of a match Istio decides for the proxy and the listener port (gateways: the sidecars'
         ``mesh``, or none)."""
         return ((match.port is None or match.port == port) and (not match.gateways or MESH in match.gateways)
                 and self.compiler.from_this_workload(match))
+
+    def _tcp_proxy_settings(self, route) -> dict:
+        """The :class:`~mesh.config.tables.L4Chain` settings of a ``tcp``/``tls`` route: those of its
+        first destination's service (Istio's ``buildOutboundNetworkFilters``), whatever the weights."""
+        first = route.route[0].host if route.route else None
+        service = self.compiler._service_for(first) if first else None
+        return _pool_settings(service) if service is not None else {}
 
     def _action(self, vs, section, route, port) -> RouteAction:
         key = (vs.namespace, vs.name, section, route.index, port)
@@ -169,12 +179,24 @@ def tcp_listener(compiler, name: str, port: int, routes) -> L4Listener:
     chains = []
     for vs, route, matches in routes:
         action = l4._action(vs, "tcp", route, port)
+        settings = l4._tcp_proxy_settings(route)
         subnets = tuple(net for match in matches for net in match.destination_subnets)
         if not matches or any(not match.destination_subnets for match in matches):
-            chains.append(L4Chain(action))
+            chains.append(L4Chain(action, **settings))
             break
-        chains.append(L4Chain(action, subnets))
+        chains.append(L4Chain(action, subnets, **settings))
     return L4Listener(name, False, tuple(chains))
+
+
+def _pool_settings(service) -> dict:
+    """``idle_timeout`` and ``max_duration`` of the TCP proxy to ``service`` (a compiler's ``_Service``):
+    ``connectionPool.tcp.idleTimeout`` and ``maxConnectionDuration`` of the top-level ``trafficPolicy`` of
+    its DestinationRule, as Istio's ``tcp_proxy`` takes them (a subset's or port's policy does not count)."""
+    policy = service.rule.traffic_policy if service.rule is not None else None
+    pool = policy.connection_pool if policy is not None else None
+    if pool is None:
+        return {}
+    return {"idle_timeout": pool.tcp_idle_timeout, "max_duration": pool.max_connection_duration}
 
 
 def _server_names(names) -> tuple:
@@ -188,4 +210,5 @@ def describe_listener(listener) -> dict:
     return {"name": listener.name, "tls": listener.tls, "chains": [
         {"destination_subnets": [str(net) for net in chain.subnets],
          "server_names": None if chain.sni is None else sorted(chain.sni[0]) + ["*" + s for s in chain.sni[1]],
+         "idle_timeout": chain.idle_timeout, "max_duration": chain.max_duration,
          "action": describe_action(chain.action)} for chain in listener.chains]}

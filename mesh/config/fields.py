@@ -24,18 +24,19 @@ _LABEL_VALUE = re.compile(r"([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?\Z")
 _DURATION_HINT = 'use a number and a unit, like "1s", "0.5s", "100ms", "1m" or "1h"'
 
 
-def parse_duration(value) -> float:
+def parse_duration(value, zero: bool = False) -> float:
     """Parse an Istio (protobuf/Go) duration string into seconds.
 
     Accepts ``"1s"``, ``"0.5s"``, ``"100ms"``, ``"1m"``, ``"1h30m"``...; like
-    Istio, requires at least 1ms and millisecond precision.  Raises
+    Istio, requires at least 1ms (or exactly 0 where ``zero`` allows it, for
+    fields where 0 turns a timeout off) and millisecond precision.  Raises
     :class:`ValueError` with the reason.
     """
     if not isinstance(value, str) or not _DURATION.match(value):
         shown = f"'{value}'" if isinstance(value, str) else f"{value!r} (a number without a unit)"
         raise ValueError(f"invalid duration {shown}; {_DURATION_HINT}")
     nanos = sum(Decimal(number) * _NANOS[unit] for number, unit in _DURATION_PART.findall(value))
-    if nanos < 10 ** 6:
+    if nanos < 10 ** 6 and not (zero and nanos == 0):
         raise ValueError(f"duration '{value}' is too short; it must be at least 1ms")
     if nanos % 10 ** 6:
         raise ValueError(f"duration '{value}' is finer than a millisecond; only millisecond precision "
@@ -146,13 +147,13 @@ class Fields:
     def port(self, key, required=False) -> int | None:
         return self.integer(key, minimum=1, maximum=65535, required=required)
 
-    def duration(self, key) -> float | None:
-        """A duration in seconds (see :func:`parse_duration`)."""
+    def duration(self, key, zero: bool = False) -> float | None:
+        """A duration in seconds (see :func:`parse_duration`; ``zero``: "0s" is allowed too)."""
         value = self.data.get(key)
         if value is None:
             return None
         try:
-            return parse_duration(value)
+            return parse_duration(value, zero)
         except ValueError as error:
             self.error(key, str(error))
             return None

@@ -145,7 +145,10 @@ class ConnectionPool:
     ``http.http1MaxPendingRequests`` (``max_pending_requests``), ``http.http2MaxRequests``
     (``max_requests``) and ``http.maxRetries`` (``max_retries``).  ``tcp_keepalive`` is
     ``tcp.tcpKeepalive`` (None: keepalive off, as in Istio when it is absent), ``max_connection_duration``
-    ``tcp.maxConnectionDuration`` (seconds; 0: no maximum).
+    ``tcp.maxConnectionDuration`` (seconds; 0: no maximum).  ``idle_timeout`` is how long a pooled
+    connection may stay idle: ``http.idleTimeout``, else ``tcp.idleTimeout``, else 1 h, as Istio
+    sets it (0: no limit).  ``tcp_idle_timeout`` is ``tcp.idleTimeout`` itself (None: not set), which
+    the TCP proxy also uses (:class:`mesh.config.tables.L4Chain`).
     """
 
     connect_timeout: float = 10.0
@@ -160,6 +163,7 @@ class ConnectionPool:
     max_concurrent_streams: int = 0
     tcp_keepalive: TcpKeepalive | None = None
     max_connection_duration: float = 0.0
+    tcp_idle_timeout: float | None = None
 
 
 @dataclass(frozen=True)

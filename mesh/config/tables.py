@@ -206,11 +206,19 @@ class L4Chain:
     ``subnets`` are the :mod:`ipaddress` networks the destination address must be in (empty:
     any); ``sni`` is None when the chain does not look at the TLS server name, else
     ``(exact names, wildcard suffixes)`` (a suffix keeps its dot: ``.example.com``).
+
+    ``idle_timeout`` and ``max_duration`` are Envoy's ``tcp_proxy`` ``idle_timeout`` and
+    ``max_downstream_connection_duration``, which Istio takes from the top-level ``trafficPolicy``
+    of the DestinationRule of the route's first destination: ``connectionPool.tcp.idleTimeout``
+    (seconds; None: not set, the listener's ``--idle-timeout`` applies; 0: none) and
+    ``tcp.maxConnectionDuration`` (seconds; 0: none).
     """
 
     action: RouteAction
     subnets: tuple = ()
     sni: tuple | None = None
+    idle_timeout: float | None = None
+    max_duration: float = 0.0
 
     def prefix_rank(self, address) -> int:
         """How specifically the destination ``address`` matches: the longest matching prefix length,
@@ -255,8 +263,8 @@ class L4Listener:
     tls: bool
     chains: tuple
 
-    def route(self, address, server_name) -> RouteAction | None:
-        """The action of the chain that matches a connection, as Envoy picks a filter chain: the most
+    def chain(self, address, server_name) -> L4Chain | None:
+        """The chain that matches a connection, as Envoy picks a filter chain: the most
         specific destination prefix first, then, among those chains only, the most specific server
         name.  None when no chain matches (Envoy closes such a connection, flag ``NR``).
 
@@ -268,7 +276,7 @@ class L4Listener:
             chain = chains[0]
             if chain.prefix_rank(address) is None or chain.sni_rank(server_name) is None:
                 return None
-            return chain.action
+            return chain
         ranked = [(rank, chain) for chain in chains if (rank := chain.prefix_rank(address)) is not None]
         if not ranked:
             return None
@@ -279,7 +287,7 @@ class L4Listener:
                 sni = chain.sni_rank(server_name)
                 if sni is not None and (best_rank is None or sni > best_rank):
                     best, best_rank = chain, sni
-        return best.action if best is not None else None
+        return best
 
 
 @dataclass(frozen=True, slots=True)
@@ -391,7 +399,7 @@ class ClusterSpec:
     endpoints: tuple = ()
     connect_timeout: float = 10.0
     max_requests_per_connection: int = 0  # 0: unlimited
-    idle_timeout: float = 3600.0
+    idle_timeout: float = 3600.0  # of a pooled connection; 0: none
     outlier: OutlierPolicy = OutlierPolicy()
     protocol: str | None = "HTTP"
     upstream_protocol: str = UPSTREAM_HTTP1

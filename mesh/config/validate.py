@@ -126,9 +126,6 @@ _HASH_UNSUPPORTED = {
 }
 _COOKIE_GENERATION = ("txmesh hashes on an existing cookie and never generates one; remove it "
                       "(keep httpCookie.name)")
-_TCP_POOL_UNSUPPORTED = {
-    "idleTimeout": "use connectionPool.http.idleTimeout, the idle timeout of pooled connections",
-}
 _HTTP_POOL = {"maxRequestsPerConnection", "idleTimeout", "h2UpgradePolicy", "useClientProtocol",
               "maxConcurrentStreams", "http1MaxPendingRequests", "http2MaxRequests", "maxRetries"}
 _H2_UPGRADE_POLICIES = ("DEFAULT", "DO_NOT_UPGRADE", "UPGRADE")
@@ -508,10 +505,12 @@ def _load_balancer(parent: Fields) -> LoadBalancer:
 
 def _connection_pool(parent: Fields) -> ConnectionPool:
     f = parent.sub("connectionPool", {"tcp", "http"})
-    tcp = f.sub("tcp", {"connectTimeout", "maxConnections", "tcpKeepalive", "maxConnectionDuration"},
-                _TCP_POOL_UNSUPPORTED)
+    tcp = f.sub("tcp", {"connectTimeout", "maxConnections", "tcpKeepalive", "maxConnectionDuration", "idleTimeout"})
     http = f.sub("http", _HTTP_POOL)
+    tcp_idle_timeout = tcp.duration("idleTimeout", zero=True)  # 0s: none (Istio allows it since 1.26)
+    http_idle_timeout = http.duration("idleTimeout")
     values = {"connect_timeout": tcp.duration("connectTimeout"),
+              "tcp_idle_timeout": tcp_idle_timeout,
               "tcp_keepalive": _tcp_keepalive(tcp) if "tcpKeepalive" in tcp else None,
               "max_connection_duration": tcp.duration("maxConnectionDuration"),  # at least 1ms, as in Istio
               "max_connections": tcp.integer("maxConnections", minimum=0),
@@ -519,7 +518,8 @@ def _connection_pool(parent: Fields) -> ConnectionPool:
               "max_requests": http.integer("http2MaxRequests", minimum=0),
               "max_retries": http.integer("maxRetries", minimum=0),
               "max_requests_per_connection": http.integer("maxRequestsPerConnection", minimum=0),
-              "idle_timeout": http.duration("idleTimeout"),
+              # Istio's pools fall back on tcp.idleTimeout when http.idleTimeout is not set
+              "idle_timeout": http_idle_timeout if http_idle_timeout is not None else tcp_idle_timeout,
               "h2_upgrade_policy": http.enum("h2UpgradePolicy", _H2_UPGRADE_POLICIES),
               "use_client_protocol": http.boolean("useClientProtocol"),
               "max_concurrent_streams": http.integer("maxConcurrentStreams", minimum=0)}

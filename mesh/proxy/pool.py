@@ -9,6 +9,7 @@ and gives it back with ``connection.pool.release(connection)``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from twisted.internet import defer, error
@@ -72,7 +73,8 @@ class PoolSettings:
 
     @classmethod
     def of(cls, cluster_spec) -> PoolSettings:
-        return cls(cluster_spec.connect_timeout, cluster_spec.max_requests_per_connection, cluster_spec.idle_timeout,
+        return cls(cluster_spec.connect_timeout, cluster_spec.max_requests_per_connection,
+                   cluster_spec.idle_timeout or math.inf,
                    cluster_spec.max_concurrent_streams, cluster_spec.tcp_keepalive,
                    cluster_spec.max_connection_duration)
 

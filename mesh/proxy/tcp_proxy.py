@@ -348,13 +348,32 @@ class MeshTcpUpstream(TcpUpstream):
 
 class _OutboundTunnel(_Tunnel):
     """A routed outbound connection: the endpoint's load and outlier state follow it, and the
-    cluster's circuit breaker (``breaker``, None without limits) counts it until it ends."""
+    cluster's circuit breaker (``breaker``, None without limits) counts it until it ends.
+    :meth:`end_after` limits how long it may last."""
 
     def __init__(self, reactor, conn, held, cluster, endpoint, live_cluster):
         super().__init__(reactor, conn, held, cluster.name)
         self.endpoint = endpoint
         self.live_cluster = live_cluster
         self.breaker = live_cluster.breaker
+        self._deadline = None  # the max duration's timer, see end_after
+        self._expired = False
+
+    def end_after(self, seconds):
+        """Close the client's connection (and so the upstream's) in ``seconds``, as Envoy's ``tcp_proxy``
+        does at ``max_downstream_connection_duration``: reported with the flag ``DT``."""
+        self._deadline = self.reactor.callLater(max(seconds, 0.0), self._expire)
+
+    def _expire(self):
+        self._deadline = None
+        self._expired = True
+        log.info("{direction} TCP connection from {client} to {cluster} closed (DT): it reached the "
+                 "DestinationRule's connectionPool.tcp.maxConnectionDuration", direction=self.conn.direction,
+                 client=self.conn.source_address, cluster=self.cluster)
+        self.conn.abort()
+
+    def closed(self, upstream, flags):
+        super().closed(upstream, flags or ("DT" if self._expired else ""))
 
     def _established(self, upstream):
         self.endpoint.try_started()
@@ -371,6 +390,9 @@ class _OutboundTunnel(_Tunnel):
         if breaker is not None:
             self.breaker = None
             breaker.connection_closed()
+        if self._deadline is not None:
+            self._deadline.cancel()
+            self._deadline = None
 
 
 class OutboundTcp:
@@ -457,8 +479,8 @@ class OutboundTcp:
         if conn.closing:
             return
         snapshot = self.runtime.snapshot
-        action = listener.route(_address(dst[0]), server_name)
-        if action is None:
+        chain = listener.chain(_address(dst[0]), server_name)
+        if chain is None:
             sni = f"server name {server_name!r}" if server_name else "no server name (SNI)"
             why = f"{listener.name}: no TCP route matches {dst[0]} with {sni}"
             if passthrough is not None:
@@ -466,6 +488,7 @@ class OutboundTcp:
             else:
                 _Tunnel(self.reactor, conn, held, None).refuse("NR", why)
             return
+        action = chain.action
         name = action.pick_cluster()
         cluster = snapshot.clusters.get(name)
         if cluster is None:
@@ -487,7 +510,11 @@ class OutboundTcp:
                       f"{breaker.limits.max_connections}); raise the DestinationRule's connectionPool.tcp."
                       "maxConnections if this load is expected")
             return
+        if chain.idle_timeout is not None:
+            conn.set_idle_timeout(chain.idle_timeout)
         tunnel = _OutboundTunnel(self.reactor, conn, held, cluster.spec, endpoint, cluster)
+        if chain.max_duration:
+            tunnel.end_after(conn.start + chain.max_duration - self.reactor.seconds())
         tunnel.connect_endpoint(endpoint.pool)
 
 

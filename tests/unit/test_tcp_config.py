@@ -84,8 +84,8 @@ def _route(config, dst, server_name=None):
     listener = config.l4.lookup(ip, int(port))
     if listener is None:
         return "no listener"
-    action = listener.route(ipaddress.ip_address(ip), server_name)
-    return None if action is None else (action.name, action.clusters, action.cumulative_weights)
+    chain = listener.chain(ipaddress.ip_address(ip), server_name)
+    return None if chain is None else (chain.action.name, chain.action.clusters, chain.action.cumulative_weights)
 
 
 # -- validation ------------------------------------------------------------------------------------------------
@@ -393,3 +393,75 @@ def test_http_only_fields_warn_only_when_the_app_port_is_tcp(tmp_path):
                           workload=VAULT)
     assert config.warnings == ()
     assert _decision(config).allowed is False  # the same rules still decide captured TCP (inbound passthrough)
+
+
+# -- connectionPool.tcp.idleTimeout and maxConnectionDuration of the TCP proxy -----------------------------------
+
+def _echo_rule(top: str, subset: str = "") -> str:
+    return f"""
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {{name: echo, namespace: shop}}
+        spec:
+          host: echo
+          trafficPolicy: {top}
+          subsets:
+          - {{name: v1, labels: {{version: v1}}{subset}}}
+          - {{name: v2, labels: {{version: v2}}}}
+        """
+
+
+def _echo_config(directory, *texts):
+    """The compiled config of the echo service alone and ``texts``, written under ``directory``."""
+    directory.mkdir()
+    return compile_yaml(directory, SERVICES.split("---")[0], *texts, workload=CLIENT)
+
+
+def _chain(config, dst):
+    ip, port = dst.rsplit(":", 1)
+    return config.l4.lookup(ip, int(port)).chain(ipaddress.ip_address(ip), None)
+
+
+def test_tcp_idle_timeout_and_max_duration_come_from_the_top_level_policy_of_the_first_destination(tmp_path):
+    rules = _echo_rule("{connectionPool: {tcp: {idleTimeout: 20s, maxConnectionDuration: 1h}}}",
+                       ", trafficPolicy: {connectionPool: {tcp: {idleTimeout: 5s, maxConnectionDuration: 1m}}}")
+    config = _echo_config(tmp_path / "a", rules)
+    chain = _chain(config, "10.0.0.1:9000")  # the service's own route
+    assert (chain.idle_timeout, chain.max_duration) == (20.0, 3600.0)
+    # a weighted route takes the first destination's rule (as Istio's listener does), never a subset's own policy
+    config = _echo_config(tmp_path / "b", rules, """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: vs, namespace: shop}
+        spec:
+          hosts: [echo]
+          tcp:
+          - route:
+            - {destination: {host: echo, subset: v1}, weight: 1}
+            - {destination: {host: echo, subset: v2}, weight: 3}
+        """)
+    chain = _chain(config, "10.0.0.1:9000")
+    assert (chain.idle_timeout, chain.max_duration) == (20.0, 3600.0)
+    assert chain.action.cumulative_weights == (1, 4)  # weights are relative
+    # the subset's connectionPool is its cluster's, for the pools (HTTP idle timeout falls back on tcp's)
+    assert config.clusters[f"outbound|9000|v1|{ECHO}"].idle_timeout == 5.0
+    assert config.clusters[f"outbound|9000|v2|{ECHO}"].idle_timeout == 20.0
+
+
+def test_tcp_idle_timeout_zero_means_none_and_http_idle_timeout_comes_first(tmp_path):
+    config = _echo_config(tmp_path / "a", _echo_rule("{connectionPool: {tcp: {idleTimeout: 0s}, http: "
+                                                     "{idleTimeout: 30s}}}"))
+    chain = _chain(config, "10.0.0.1:9000")
+    assert (chain.idle_timeout, chain.max_duration) == (0.0, 0.0)
+    assert config.clusters[f"outbound|9000||{ECHO}"].idle_timeout == 30.0
+    config = _echo_config(tmp_path / "b")
+    chain = _chain(config, "10.0.0.1:9000")  # no DestinationRule: the listener's --idle-timeout, no maximum
+    assert (chain.idle_timeout, chain.max_duration) == (None, 0.0)
+    assert config.clusters[f"outbound|9000||{ECHO}"].idle_timeout == 3600.0
+
+
+def test_tcp_idle_timeout_is_a_duration(tmp_path):
+    errors = _errors(tmp_path, _echo_rule("{connectionPool: {tcp: {idleTimeout: 10}}}"))
+    assert errors == ["6: DestinationRule/shop/echo: spec.trafficPolicy.connectionPool.tcp.idleTimeout: invalid "
+                      'duration 10 (a number without a unit); use a number and a unit, like "1s", "0.5s", "100ms", '
+                      '"1m" or "1h"']

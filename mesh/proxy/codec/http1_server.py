@@ -31,6 +31,8 @@ connection over (:meth:`DownstreamConnection.splice`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from collections import deque
@@ -776,6 +778,11 @@ class DownstreamConnection(Protocol):
         else:
             self._drop_queue()
         self.transport.loseConnection()
+
+    def set_idle_timeout(self, seconds):
+        """Give this connection its own idle timeout instead of the listener's (a routed TCP tunnel's,
+        :mod:`mesh.proxy.tcp_proxy`); 0: none."""
+        self.limits = dataclasses.replace(self.limits, idle_timeout=seconds or math.inf)
 
     def check_timers(self, now):
         """Called about once a second: enforce the head and idle timeouts."""
