@@ -134,6 +134,15 @@ _CONDITION_KEYS = {"source.principal": "principal", "source.namespace": "namespa
                    "remote.ip": "remote_ip",
                    "destination.port": "port", "request.auth.principal": "request_principal",
                    "request.auth.audiences": "audience", "request.auth.presenter": "presenter"}
+#: list -> why a null item of it is rejected (Istio rejects nil rules, from, to and conditions too)
+_NULL_ITEM = {
+    "rules": "a rule must not be null; write {} for a rule that matches every request, or remove the item",
+    "from": "a from entry must not be null; write {source: {...}}, or remove the item (a rule without from "
+            "matches any source)",
+    "to": "a to entry must not be null; write {operation: {...}}, or remove the item (a rule without to "
+          "matches any operation)",
+    "when": "a when condition must not be null; write {key: ..., values: [...]}, or remove the item",
+}
 _CONDITION_KEYS_UNSUPPORTED = {
     "source.serviceAccount": "use source.principal (cluster.local/ns/NS/sa/SA)",
     "destination.ip": "the workload has one address; remove it",
@@ -146,8 +155,10 @@ def authorization_policy(resource, report, domain) -> AuthorizationPolicy:
     """Validate an AuthorizationPolicy (``domain`` is unused: policies name no services)."""
     f = Fields(report, ("spec",), resource.spec, _POLICY, _POLICY_UNSUPPORTED)
     action = f.enum("action", ("ALLOW", "DENY"), _ACTION_REJECTED, default="ALLOW")
-    rules = tuple(_rule(Fields(report, path, item, {"from", "to", "when"})) for path, item in f.items("rules"))
-    if action == "DENY" and not rules:
+    items = f.items("rules")
+    rules = tuple(_rule(Fields(report, path, item, {"from", "to", "when"}))
+                  for path, item in _not_null(report, items, _NULL_ITEM["rules"]))
+    if action == "DENY" and not items:
         f.error("rules", "a DENY policy without rules denies nothing (Istio rejects it too); add rules, or "
                          "delete the policy")
     return AuthorizationPolicy(name=resource.name, namespace=resource.namespace, selector=_selector(f),
@@ -177,9 +188,22 @@ def _selector(f: Fields) -> tuple | None:
     return f.sub("selector", {"matchLabels"}).labels("matchLabels") or None
 
 
+def _not_null(report, items, reason) -> list:
+    """``items`` (``(path, item)`` pairs of a list) without its null items, each reported with ``reason``.
+
+    :class:`Fields` reads a null mapping as ``{}``, which for a rule means "every
+    request"; a null item (``[null]``, or a ``-`` with nothing after it) is almost
+    certainly a mistake, and Istio rejects it.
+    """
+    for path, item in items:
+        if item is None:
+            report.add(path, reason)
+    return [(path, item) for path, item in items if item is not None]
+
+
 def _rule(f: Fields) -> AuthzRule:
     conditions = []
-    for path, item in f.items("when"):
+    for path, item in _not_null(f.report, f.items("when"), _NULL_ITEM["when"]):
         conditions.extend(_condition(Fields(f.report, path, item, {"key", "values", "notValues"})))
     return AuthzRule(sources=_clauses(f, "from", "source", _SOURCE_FIELDS, None),
                      operations=_clauses(f, "to", "operation", _OPERATION_FIELDS, None),
@@ -191,7 +215,7 @@ def _clauses(f: Fields, key, inner, fields, unsupported) -> tuple:
     if key not in f:
         return ()
     clauses = []
-    for path, item in f.items(key, required=True):
+    for path, item in _not_null(f.report, f.items(key, required=True), _NULL_ITEM[key]):
         entry = Fields(f.report, path, item, {inner})
         if inner not in entry:
             entry.error(inner, f"'{inner}' is required")
@@ -257,8 +281,9 @@ def _condition(f: Fields) -> tuple:
     header, claim = (detail, None) if attribute == "header" else (None, detail)
     matches = (_match(f, "values", attribute, False, header, f"{label}.values", claim),
                _match(f, "notValues", attribute, True, header, f"{label}.notValues", claim))
-    if "values" not in f and "notValues" not in f:
-        f.error(None, f"set values, notValues or both for '{key}'")
+    if all(f.data.get(name) in (None, []) for name in ("values", "notValues")):
+        f.error(None, f"at least one of values or notValues must list a value for '{key}' (an empty or null "
+                      "list counts as unset, as in Istio); list the values to match, or remove the when entry")
     return tuple(match for match in matches if match is not None)
 
 

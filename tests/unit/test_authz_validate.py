@@ -204,7 +204,7 @@ def test_structure_problems(tmp_path):
             "notRequestPrincipals, namespaces, notNamespaces, ipBlocks, notIpBlocks, remoteIpBlocks, "
             "notRemoteIpBlocks; Istio rejects an empty source (remove the from entry to match any source)"),
         (10, "spec.rules[1].when[0].key: 'key' is required"),
-        (11, "spec.rules[1].when[1]: set values, notValues or both for 'request.headers[x-a]'"),
+        (11, f"spec.rules[1].when[1]: {_no_values('request.headers[x-a]')}"),
         (12, "spec.rules[1].when[2].key: invalid header name 'bad name' in 'request.headers[bad name]'"),
     ])
 
@@ -265,4 +265,79 @@ def test_selector_labels_are_checked(tmp_path):
         (6, 'spec.selector.matchLabels.app: invalid label value \'we b\': at most 63 letters, digits, \'-\', \'_\' '
             "and '.'"),
         (7, "spec.selector.labels: unknown field 'labels'; supported: matchLabels"),
+    ])
+
+
+def _no_values(key):
+    return (f"at least one of values or notValues must list a value for '{key}' (an empty or null list counts "
+            "as unset, as in Istio); list the values to match, or remove the when entry")
+
+
+def test_when_condition_with_empty_values_is_rejected(tmp_path):
+    """An empty or null values/notValues list is unset (as in Istio): a condition with neither is an error,
+    not a condition dropped from the rule, which would then match every request."""
+    _errors(tmp_path, """
+        spec:
+          rules:
+          - when:
+            - {key: source.ip, values: []}
+            - {key: source.ip, values: null}
+            - {key: source.namespace, notValues: []}
+            - {key: source.principal, values: [], notValues: null}
+        """, [
+        (7, f"spec.rules[0].when[0]: {_no_values('source.ip')}"),
+        (8, f"spec.rules[0].when[1]: {_no_values('source.ip')}"),
+        (9, f"spec.rules[0].when[2]: {_no_values('source.namespace')}"),
+        (10, f"spec.rules[0].when[3]: {_no_values('source.principal')}"),
+    ])
+    _errors(tmp_path, """
+        spec:
+          action: DENY
+          rules:
+          - when:
+            - key: request.headers[x-debug]
+              values: []
+        """, [(8, f"spec.rules[0].when[0]: {_no_values('request.headers[x-debug]')}")])
+    # one list with a value is enough; the other may be empty or null
+    [rule] = _policy(tmp_path, """
+        spec:
+          rules:
+          - when:
+            - {key: source.ip, values: [], notValues: [10.0.0.0/8]}
+            - {key: source.namespace, values: [a], notValues: null}
+        """).rules
+    assert rule.conditions == (
+        AuthzMatch("ip", (ipaddress.ip_network("10.0.0.0/8"),), True, None, "when[source.ip].notValues"),
+        AuthzMatch("namespace", ("a",), False, None, "when[source.namespace].values"),
+    )
+
+
+def test_null_list_items_are_rejected(tmp_path):
+    """A null rule would read as {} (every request); null from/to/when items are rejected the same way."""
+    null_rule = "spec.rules[0]: a rule must not be null; write {} for a rule that matches every request, or " \
+                "remove the item"
+    _errors(tmp_path, "spec:\n  rules: [null]\n", [(5, null_rule)])
+    _errors(tmp_path, """
+        spec:
+          action: DENY
+          rules:
+          -
+        """, [(7, null_rule)])
+    _errors(tmp_path, """
+        spec:
+          rules:
+          - {}
+          - from: [null]
+            to:
+            -
+            when:
+            - {key: source.ip, values: [10.0.0.1]}
+            -
+        """, [
+        (7, "spec.rules[1].from[0]: a from entry must not be null; write {source: {...}}, or remove the item (a "
+            "rule without from matches any source)"),
+        (9, "spec.rules[1].to[0]: a to entry must not be null; write {operation: {...}}, or remove the item (a "
+            "rule without to matches any operation)"),
+        (12, "spec.rules[1].when[1]: a when condition must not be null; write {key: ..., values: [...]}, or "
+             "remove the item"),
     ])
