@@ -17,10 +17,12 @@ import random
 from mesh import hookimpl
 from mesh.api import GIVE_UP
 
-#: retryOn names that cover each kind of non-status failure.
+#: retryOn names that cover each kind of non-status failure, as Envoy's ``wouldRetryFromReset``: ``reset``,
+#: ``5xx`` and ``gateway-error`` cover any reset (a connect failure, a reset or closed connection, a per-try
+#: timeout, since each ends in a 5xx); ``connect-failure`` covers a connect failure only.
 _COVERS = {
-    "connect-failure": frozenset({"connect-failure", "5xx", "gateway-error"}),
-    "reset": frozenset({"reset", "5xx"}),
+    "connect-failure": frozenset({"connect-failure", "reset", "5xx", "gateway-error"}),
+    "reset": frozenset({"reset", "5xx", "gateway-error"}),
     "timeout": frozenset({"reset", "5xx", "gateway-error"}),
 }
 
