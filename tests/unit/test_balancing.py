@@ -50,3 +50,72 @@ def test_weighted_round_robin_keeps_its_proportions_from_any_start():
     for _ in range(8):
         order = picks(new_cluster(weights=(3, 1, 1, 1)), 6 * 5)
         assert Counter(order) == {8001: 15, 8002: 5, 8003: 5, 8004: 5}, order
+
+
+# LEAST_REQUEST with endpoint weights (ServiceEntry/WorkloadEntry ``weight``): Envoy's weighted least request,
+# an earliest-deadline-first schedule on weight / (active requests + 1).  The bounds below are seven standard
+# deviations of the binomial count a weighted random draw would give (a chance under 3e-12 of failing by bad
+# luck); the schedule itself keeps every endpoint within about one pick of its share.
+
+
+def new_least_request_cluster(weights, state=None) -> Cluster:
+    """A LEAST_REQUEST cluster with one endpoint per weight (``state``: carried over, as by a config swap)."""
+    specs = tuple(EndpointSpec("127.0.0.1", port, weight=weight) for port, weight in zip(PORTS, weights))
+    clock = Clock()
+    endpoints = [Endpoint(spec, ConnectionPool(clock, spec.address, spec.port)) for spec in specs]
+    spec = ClusterSpec("outbound|80||lr", "lr", 80, lb_policy="LEAST_REQUEST", endpoints=specs)
+    return Cluster(spec, endpoints, state=state)
+
+
+def load(cluster: Cluster, port: int, active: int) -> None:
+    """Put ``active`` requests in flight on the endpoint at ``port``."""
+    endpoint = next(endpoint for endpoint in cluster.endpoints if endpoint.port == port)
+    for _ in range(active):
+        endpoint.try_started()
+
+
+def assert_share(count: int, total: int, share: float) -> None:
+    """``count`` of ``total`` picks is ``share`` of them, within 7 binomial standard deviations."""
+    bound = 7 * (total * share * (1 - share)) ** 0.5
+    assert abs(count - total * share) <= bound, f"{count} of {total}, expected {total * share:.0f} +- {bound:.0f}"
+
+
+def test_least_request_honours_endpoint_weights():
+    """Istio: "Endpoints with higher weights will receive proportionally higher traffic" (the power of two
+    choices on active requests alone gave weights 9 and 1 an even split)."""
+    cluster = new_least_request_cluster((9, 1))
+    counts = Counter(picks(cluster, 4000))
+    assert_share(counts[8001], 4000, 0.9)
+    assert_share(counts[8002], 4000, 0.1)
+
+
+def test_least_request_weights_hold_when_every_endpoint_is_equally_loaded():
+    """Effective weights 9/6 and 1/6: still nine to one (equal loads tied under the power of two choices)."""
+    cluster = new_least_request_cluster((9, 1))
+    load(cluster, 8001, 5)
+    load(cluster, 8002, 5)
+    counts = Counter(picks(cluster, 4000))
+    assert_share(counts[8001], 4000, 0.9)
+
+
+def test_weighted_least_request_moves_load_away_from_a_busy_endpoint_without_starving_it():
+    """Envoy's effective weight is weight / (active requests + 1): the weight-9 endpoint with 99 requests in
+    flight has 9/100 against 1/1, so it gets 9/109 of the picks.  Less than its weight gives it, but not
+    nothing, as it would get from the power of two choices on two endpoints."""
+    cluster = new_least_request_cluster((9, 1))
+    load(cluster, 8001, 99)
+    counts = Counter(picks(cluster, 4000))
+    assert_share(counts[8001], 4000, 9 / 109)
+
+
+def test_least_request_follows_weights_that_change_across_config_swaps():
+    """A swap rebuilds the cluster with the old ``state``: what it cached must follow the new weights,
+    weighted and back to equal (then the power of two choices: the least loaded of two always wins)."""
+    state = {}
+    equal = new_least_request_cluster((1, 1), state)
+    assert_share(Counter(picks(equal, 2000))[8001], 2000, 0.5)
+    weighted = new_least_request_cluster((1, 9), state)
+    assert_share(Counter(picks(weighted, 4000))[8002], 4000, 0.9)
+    again = new_least_request_cluster((2, 2), state)
+    load(again, 8002, 1)
+    assert picks(again, 100) == [8001] * 100
