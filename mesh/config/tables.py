@@ -153,14 +153,25 @@ class RouteTable:
 
 @dataclass(frozen=True, slots=True)
 class OutlierPolicy:
-    """Passive health checking (Istio ``outlierDetection``)."""
+    """Passive health checking (Istio ``outlierDetection``; how it counts: :mod:`mesh.proxy.outlier`).
 
-    consecutive_5xx: int = 5
+    ``consecutive_connect_failures`` is txmesh's own (1: eject after one connect failure); an explicit
+    ``consecutive5xxErrors: 0`` sets it to 0 too, as Envoy counts a connect failure as a 5xx.
+    ``interval`` is how long an endpoint must stay un-ejected for its ejection multiplier to go down by one.
+    """
+
+    consecutive_5xx: int = 5  # 0: disabled
     consecutive_gateway_errors: int = 0  # 0: disabled
-    consecutive_connect_failures: int = 1
+    consecutive_connect_failures: int = 1  # 0: disabled
     interval: float = 10.0
     base_ejection_time: float = 30.0
     max_ejection_percent: int = 10
+
+    @property
+    def max_ejection_time(self) -> float:
+        """The longest ejection: Envoy's ``max_ejection_time`` default (Istio does not set it), 300 s, or
+        ``base_ejection_time`` if that is longer."""
+        return max(300.0, self.base_ejection_time)
 
 
 @dataclass(frozen=True, slots=True)

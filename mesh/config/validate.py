@@ -133,10 +133,12 @@ _OUTLIER = {"consecutive5xxErrors", "consecutiveGatewayErrors", "interval", "bas
             "maxEjectionPercent"}
 _OUTLIER_UNSUPPORTED = {
     "consecutiveErrors": "it is deprecated in Istio; use consecutive5xxErrors",
-    "splitExternalLocalOriginErrors": "local-origin failures always count (and eject after one connect "
-                                      "failure); remove it",
-    "consecutiveLocalOriginFailures": "local-origin failures always count (and eject after one connect "
-                                      "failure); remove it",
+    "splitExternalLocalOriginErrors": "local-origin failures always count as 5xx and gateway errors (and, "
+                                      "unless consecutive5xxErrors is 0, eject after one connect failure); "
+                                      "remove it",
+    "consecutiveLocalOriginFailures": "local-origin failures always count as 5xx and gateway errors (and, "
+                                      "unless consecutive5xxErrors is 0, eject after one connect failure); "
+                                      "remove it",
     "minHealthPercent": "outlier detection is never switched off by low health; remove it",
 }
 _TLS = {"mode", "clientCertificate", "privateKey", "caCertificates", "sni", "subjectAltNames", "insecureSkipVerify"}
@@ -560,6 +562,10 @@ def _outlier_detection(parent: Fields) -> OutlierPolicy:
               "interval": f.duration("interval"),
               "base_ejection_time": f.duration("baseEjectionTime"),
               "max_ejection_percent": f.integer("maxEjectionPercent", minimum=0, maximum=100)}
+    if values["consecutive_5xx"] == 0:
+        # Istio does not split local-origin errors from 5xx, so Envoy counts a connect failure as a 503:
+        # switching 5xx ejection off switches off txmesh's ejection after one connect failure too
+        values["consecutive_connect_failures"] = 0
     return OutlierPolicy(**{name: value for name, value in values.items() if value is not None})
 
 

@@ -21,11 +21,15 @@ class Endpoint:
 
     ``active_requests`` counts tries in flight; ``ejected_until`` is the
     monotonic time until which outlier detection keeps the endpoint out of
-    rotation; ``pool`` holds its idle keep-alive connections.
+    rotation (after it, the time the last ejection ended); ``ejections`` counts
+    them all, and ``ejection_multiplier`` is what :mod:`mesh.proxy.outlier`
+    multiplies the base ejection time by (Envoy's ejection time backoff: it
+    grows with each ejection and decays while the endpoint stays healthy);
+    ``pool`` holds its idle keep-alive connections.
     """
 
     __slots__ = ("spec", "address", "port", "host_port", "pool", "active_requests",
-                 "ejected_until", "ejections", "consecutive_5xx", "consecutive_gateway",
+                 "ejected_until", "ejections", "ejection_multiplier", "consecutive_5xx", "consecutive_gateway",
                  "consecutive_connect_failures", "total_requests", "total_failures", "state")
 
     #: bumped whenever any endpoint is ejected, so clusters refresh their
@@ -41,6 +45,7 @@ class Endpoint:
         self.active_requests = 0
         self.ejected_until = 0.0
         self.ejections = 0
+        self.ejection_multiplier = 0
         self.consecutive_5xx = 0
         self.consecutive_gateway = 0
         self.consecutive_connect_failures = 0
