@@ -36,6 +36,7 @@ def _routes():
         to_v2("port", {"uri": {"prefix": "/port"}, "port": 8080}),
         to_v2("source-labels", {"uri": {"prefix": "/src"}, "sourceLabels": {"version": "canary"}}),
         to_v2("source-namespace", {"uri": {"prefix": "/ns"}, "sourceNamespace": "shop"}),
+        to_v2("repeated-header", {"uri": {"prefix": "/rep"}, "headers": {"x-tag": {"exact": "a,b"}}}),
         route_to("reviews", "v1", name="default"),
     ]
 
@@ -89,6 +90,19 @@ def served(proxy, path, host=REVIEWS, **kwargs) -> str:
 def test_matches_on_the_canary_sidecar(proxies, path, headers, expected):
     canary, _ = proxies
     assert served(canary, path, headers=headers) == expected
+
+
+@pytest.mark.parametrize("http2", [False, True], ids=["http1", "http2"])
+@pytest.mark.parametrize("tags, expected", [
+    (["a", "b"], V2),                 # repeated headers are matched joined with "," (Envoy's, not ", ")
+    (["a,b"], V2),
+    (["a, b"], V1),
+    (["b", "a"], V1),
+])
+def test_repeated_headers_are_matched_joined_with_a_comma(proxies, tags, expected, http2):
+    canary, _ = proxies
+    extra = ["--http2-prior-knowledge"] if http2 else []
+    assert served(canary, "/rep", headers=[("x-tag", tag) for tag in tags], extra_args=extra) == expected
 
 
 @pytest.mark.parametrize("host, expected", [

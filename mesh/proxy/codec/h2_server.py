@@ -545,7 +545,7 @@ class H2ServerConnection(Protocol):
             key = name.decode("latin-1")
             text = value.decode("latin-1")
             if key in headers:
-                headers[key] += ", " + text
+                headers[key] += "," + text
             else:
                 headers[key] = text
             if name in _CONSUMED:

@@ -480,7 +480,7 @@ class DownstreamConnection(Protocol):
             lname, key = names.get(name) or _header_name(name)
             text = value.decode("latin-1")
             if key in headers:
-                headers[key] += ", " + text
+                headers[key] += "," + text
             else:
                 headers[key] = text
             if lname in consumed:
