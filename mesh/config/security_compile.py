@@ -11,9 +11,13 @@ are the exception: Istio ignores them, and so does txmesh (with a warning).
 selector) over its namespace's policy over the mesh-wide policy over the
 default, PERMISSIVE.  UNSET (or no ``mtls``) inherits from the next level;
 ``portLevelMtls`` of the workload policy overrides the result for its ports
-(UNSET there inherits the workload's mode).  Where Istio picks the oldest of
-several policies of one level, txmesh, which may not know creation times,
-picks the first by name and warns about the others.
+(UNSET there inherits the workload's mode): the sidecar applies each to the
+connections sent to that workload port, the app port and, with transparent
+capture, every other captured port (Istio's inbound passthrough, since 1.9).
+A port of the sidecar's own (15000-15090: iptables never captures them) gets
+a warning: no connection can ever have its mode.  Where Istio picks the
+oldest of several policies of one level, txmesh, which may not know creation
+times, picks the first by name and warns about the others.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from mesh.config.authz_predicates import CONNECTION_PORT, compile_rule
 from mesh.config.security import AuthorizationPolicy, AuthzRule, PeerAuthentication
 from mesh.config.security_tables import AuthzPolicies, AuthzPolicy, PeerAuthn, ShadowEngine
 from mesh.config.selection import selects
+from mesh.sidecar_contract import INBOUND_PORT, PROXY_PORTS
 
 DEFAULT_ROOT_NAMESPACE = "istio-system"
 #: The request attributes a TCP connection does not have (Istio's HTTP-only fields: hosts, methods,
@@ -164,6 +169,12 @@ def compile_peer_authn(objects, workload, root_namespace, warn) -> tuple:
             mode = policy.mode
         port_modes = tuple((port, mode if port_mode == "UNSET" else port_mode)
                            for port, port_mode in policy.port_modes)
+        for port, _ in policy.port_modes:
+            if port in PROXY_PORTS:
+                warn(policy, ("spec", "portLevelMtls", str(port)), f"port {port} is one of the sidecar's own ports, "
+                     "which iptables never redirects to its inbound listener, so this mode applies to no "
+                     f"connection (one sent straight to the inbound port {INBOUND_PORT} gets the app port's mode); "
+                     "use the workload port the clients dial")
     result = PeerAuthn(mode=mode, port_modes=port_modes)
     return result, {"mode": mode, "port_modes": {str(port): value for port, value in port_modes},
                     "policies": chosen}

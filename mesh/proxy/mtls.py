@@ -11,7 +11,10 @@
   connection is, and refuses a resumed session whose certificate has expired.
 - :class:`InboundFactory` accepts the inbound port according to
   PeerAuthentication: STRICT (TLS only), PERMISSIVE (TLS or plaintext, told
-  apart by the first byte: 0x16 starts a TLS handshake) or DISABLE.  When the
+  apart by the first byte: 0x16 starts a TLS handshake) or DISABLE, the mode
+  of the port the connection was sent to: its original destination when
+  iptables captured it (``portLevelMtls`` applies to every captured port, as in
+  Istio since 1.9), else the app port.  When the
   app port is a TCP, TLS or HTTPS port and the mode is not STRICT, a TLS
   ClientHello is read whole first (:mod:`mesh.proxy.tcp_sni`): only one that
   offers :data:`MESH_ALPN` is mesh mTLS; any other is the client's own TLS,
@@ -30,6 +33,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from mesh.identity.tls import ALPN_HTTP1, ClientTLS, ServerTLS, keep_session, peer_certificate_facts, peer_identity
+from mesh.proxy.original_dst import original_dst
 from mesh.proxy.retry import TLS_FAILURE
 from mesh.proxy.tcp_sni import read_client_hello
 from mesh.proxy.tls_origination import verify_failure
@@ -160,6 +164,15 @@ class _Sniffer(Protocol):
         self.listener = factory.plain.listener
         self.last_activity = 0.0
         self.closing = False
+        self.dst_port = _UNREAD
+
+    def original_port(self):
+        """The port the client dialled when iptables captured the connection, else None; read once, and
+        only when asked (when some port has a PeerAuthentication mode of its own)."""
+        if self.dst_port is _UNREAD:
+            dst = original_dst(self.transport)
+            self.dst_port = None if dst is None else dst[1]
+        return self.dst_port
 
     def connectionMade(self):
         self.last_activity = self.listener.reactor.seconds()
@@ -170,7 +183,7 @@ class _Sniffer(Protocol):
             if self.closing:
                 return
             self.buffer += data
-            inner = self.factory.choose(self.buffer, self.addr)
+            inner = self.factory.choose(self.buffer, self.addr, self.original_port)
             if inner is _WAIT:
                 return  # the rest of a ClientHello (bounded by tcp_sni, and by --header-timeout)
             self.listener.connection_closed(self)  # from now on the chosen protocol is the connection
@@ -221,6 +234,14 @@ class _Sniffer(Protocol):
 
 #: What :meth:`InboundFactory.choose` answers while a ClientHello is still coming.
 _WAIT = object()
+#: :attr:`_Sniffer.dst_port` before the original destination is read.
+_UNREAD = object()
+
+
+def _no_port():
+    """``port_of`` of a connection that was not captured."""
+    return None
+
 
 #: ALPN of the inbound port, preferred first: the server codec speaks what the client chose
 #: (:mod:`mesh.proxy.codec.h2_server` takes a connection that negotiated ``h2`` over).
@@ -232,8 +253,11 @@ class InboundFactory(ServerFactory):
 
     :param plain_factory: builds the HTTP protocol (a DownstreamFactory).
     :param store: the workload's :class:`mesh.identity.tls.CredentialStore`.
-    :param mode_of: ``() -> "STRICT" | "PERMISSIVE" | "DISABLE"``, read per
-        connection so that a config change applies to new connections.
+    :param mode_of: ``(port_of) -> "STRICT" | "PERMISSIVE" | "DISABLE"``, read per
+        connection so that a config change applies to new connections.  ``port_of()`` is the
+        connection's original destination port (None when it was not captured: it goes to the
+        app port); ``mode_of`` calls it only when some port has a mode of its own (``portLevelMtls``),
+        so that other connections never read ``SO_ORIGINAL_DST`` here.
     :param tcp_port: ``() -> bool``, per connection: whether the app port is a TCP, TLS or HTTPS
         port (then a TLS ClientHello without :data:`MESH_ALPN` goes to the app, unless STRICT).
     """
@@ -253,16 +277,18 @@ class InboundFactory(ServerFactory):
             return None
         return _Sniffer(self, addr)
 
-    def choose(self, data, addr):
+    def choose(self, data, addr, port_of=_no_port):
         """The protocol for a connection whose first bytes are ``data``, None to refuse, or
         :data:`_WAIT` until the whole ClientHello has come.
+
+        The mode is that of the port the connection was sent to (``port_of()``, see ``mode_of``).
 
         A TLS ClientHello is mesh mTLS, except on a TCP, TLS or HTTPS app port when the mode is
         not STRICT: there only one offering :data:`MESH_ALPN` is, and any other is passed to the
         app as TCP (the app terminates its own TLS).  On an HTTP port every ClientHello is mesh mTLS,
         so that sidecars that offer no marker keep working (Istio closes them under PERMISSIVE).
         """
-        mode = self.mode_of()
+        mode = self.mode_of(port_of)
         is_tls = data[0] == TLS_HANDSHAKE_RECORD
         if is_tls and mode != STRICT and self.tcp_port():
             done, hello = read_client_hello(data)
@@ -275,6 +301,8 @@ class InboundFactory(ServerFactory):
         if not is_tls and mode != STRICT:
             return self.plain.buildProtocol(addr)
         self.refused += 1
-        log.info("inbound connection from {peer} refused: {why}", peer=getattr(addr, "host", addr),
+        port = port_of()
+        log.info("inbound connection from {peer}{to} refused: {why}", peer=getattr(addr, "host", addr),
+                 to="" if port is None else f" to port {port}",
                  why="plaintext on a STRICT mTLS port" if not is_tls else "TLS but mTLS is disabled here")
         return None

@@ -196,12 +196,20 @@ class ProxyService(service.MultiService):
         current = self.credentials.current
         return current.identity if current is not None else None
 
-    def inbound_mode(self) -> str:
-        """PeerAuthentication mode of the app port (PERMISSIVE when unset, as in Istio)."""
+    def inbound_mode(self, port_of=None) -> str:
+        """PeerAuthentication mode of an inbound connection (PERMISSIVE when unset, as in Istio).
+
+        ``port_of()`` is the connection's original destination port when iptables captured it (None
+        otherwise): a captured connection gets the mode of the port it was sent to, a passthrough port
+        included (Istio since 1.9), and one sent to the inbound port itself that of the app port.  It is
+        called only when the policy has ``portLevelMtls`` (one lookup in a few ports), so the others
+        never read the original destination here.
+        """
         policy = self.runtime.snapshot.config.peer_authentication
         if policy is None:
             return PERMISSIVE
-        return policy.mode_for_port(self.settings.app_port)
+        port = port_of() if policy.port_modes and port_of is not None else None
+        return policy.mode_for_port(self.settings.app_port if port is None else port)
 
     def _listen(self, listener, factory, port, address):
         self.listeners.append(listener)

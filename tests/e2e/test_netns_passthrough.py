@@ -132,11 +132,11 @@ def mesh():
             ext.dir / "h2c.log", ready_argv=["curl", "-sf", "--http2-prior-knowledge", "-o", "/dev/null",
                                              f"http://127.0.0.1:{H2C}/"]))
         client = _start_pod(pods, client_ns, "client", workdir / "client", [],
-                            "--max-passthrough-connections", MAX_TUNNELS, hooks=True)
+                            "--max-passthrough-connections", MAX_TUNNELS, "--label", "app=client", hooks=True)
         strict = {"apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
                   "metadata": {"name": "strict", "namespace": "default"}, "spec": {"mtls": {"mode": "STRICT"}}}
         fenced = _start_pod(pods, fenced_ns, "fenced", workdir / "fenced", [strict],
-                            "--outbound-traffic-policy", "REGISTRY_ONLY")
+                            "--outbound-traffic-policy", "REGISTRY_ONLY", "--label", "app=fenced")
         for pod in (client, fenced):
             pod.capture()
         yield {"client": client, "fenced": fenced, "ext": ext}
@@ -356,6 +356,48 @@ def test_inbound_tcp_is_authorized_by_the_policies_for_tcp(mesh):
     finally:
         apply()
     assert ext.call(CLIENT_IP, POD_ECHO, send="again\n", shut=True)["received"] == "again\n[eof]"
+
+
+def test_port_level_mtls_applies_to_the_captured_port_not_the_app_port(mesh):
+    """portLevelMtls for the echo port (not the app port, 8080) decides the plaintext captured to it, both ways,
+    as Istio's passthrough chains do since 1.9: PERMISSIVE with {9000: STRICT} refuses it (HTTP to the app port
+    still gets in), STRICT with {9000: DISABLE} passes it to the app (and still refuses the app port)."""
+    client, fenced, ext = mesh["client"], mesh["fenced"], mesh["ext"]
+
+    def apply(pod, mode=None, port_mode=None):
+        path = pod.dir / "config" / "port-mtls.yaml"
+        version = pod.admin("/config_dump")["version"]
+        if mode is None:
+            if not path.exists():
+                return
+            path.unlink()
+        else:
+            path.write_text(yaml.safe_dump({
+                "apiVersion": "security.istio.io/v1", "kind": "PeerAuthentication",
+                "metadata": {"name": f"{pod.name}-ports", "namespace": "default"},
+                "spec": {"selector": {"matchLabels": {"app": pod.name}}, "mtls": {"mode": mode},
+                         "portLevelMtls": {POD_ECHO: {"mode": port_mode}}}}))
+        pod.proxy.send_signal(signal.SIGHUP)
+        wait_for(lambda: pod.admin("/config_dump")["version"] != version, timeout=5, what="the config reload")
+
+    try:
+        apply(client, "PERMISSIVE", "STRICT")
+        refused = ext.call(CLIENT_IP, POD_ECHO, send="inbound\n", shut=True)
+        assert refused["received"] == "", refused
+        wait_for(lambda: f"to port {POD_ECHO} refused: plaintext on a STRICT mTLS port" in client.log(), timeout=5,
+                 what="the refusal in the proxy log")
+        status, error, _ = ext.curl(f"http://{CLIENT_IP}:{HTTP}/")  # PERMISSIVE: in, to an app that is not there
+        assert status == 503, error
+        apply(fenced, "UNSET", "DISABLE")  # inherits the namespace's STRICT, but not on 9000
+        assert ext.call(FENCED_IP, POD_ECHO, send="let me in\n", shut=True)["received"] == "let me in\n[eof]"
+        assert ext.call(FENCED_IP, HTTP, send="inbound\n", shut=True)["received"] == ""
+        wait_for(lambda: f"to port {HTTP} refused: plaintext on a STRICT mTLS port" in fenced.log(), timeout=5,
+                 what="the refusal in the proxy log")
+    finally:
+        apply(client)
+        apply(fenced)
+    assert ext.call(CLIENT_IP, POD_ECHO, send="again\n", shut=True)["received"] == "again\n[eof]"
+    assert ext.call(FENCED_IP, POD_ECHO, send="again\n", shut=True)["received"] == ""
 
 
 def test_a_sidecar_whose_own_traffic_is_captured_stops_the_loop(mesh):
