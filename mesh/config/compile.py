@@ -172,7 +172,7 @@ class _Compiler:
     def build(self) -> ProxyConfig:
         scope = sidecar_scope(self.objects, self.workload, self.root_namespace, self._warn)
         entries = self._visible(ServiceEntry)
-        rules = self._visible(DestinationRule)
+        rules = _RuleIndex([obj for obj in self.objects if isinstance(obj, DestinationRule)], self.root_namespace)
         self.local_services = self._services(entries, rules)
         self.services = self.local_services if scope is None else {
             host: service for host, service in self.local_services.items()
@@ -249,22 +249,50 @@ class _Compiler:
                                           self._rule_for(host, entry.namespace, rules))
         return services
 
-    def _rule_for(self, host, service_namespace, rules) -> DestinationRule | None:
-        """The DestinationRule for ``host``: client namespace, then service namespace, then others;
-        within one namespace the most specific host wins."""
-        namespace = self.workload.namespace
+    def _rule_for(self, host, service_namespace, rules: _RuleIndex) -> DestinationRule | None:
+        """The DestinationRule for ``host``, as Istio's ``PushContext.destinationRule`` finds it.
 
-        def rank(rule):
-            scope = 0 if rule.namespace == namespace else 1 if rule.namespace == service_namespace else 2
-            return (scope, rule.host != host, -len(rule.host), rule.namespace, rule.name)
+        1. the rules of the client's namespace that it can see (a client in the root namespace:
+           the root namespace's rules exported only to itself);
+        2. else the rules of the service's namespace exported to the client's namespace;
+        3. else those of the root namespace exported to it.
 
-        candidates = sorted((rule for rule in rules if hostnames.covers(rule.host, host)), key=rank)
-        for other in candidates[1:]:
-            if rank(other)[:3] == rank(candidates[0])[:3]:
-                self._warn(other, ("spec", "host"), f"DestinationRule {candidates[0].namespace}/"
-                                                    f"{candidates[0].name} also applies to '{host}' and "
-                                                    "takes precedence; this rule is ignored for it")
-        return candidates[0] if candidates else None
+        Rules of any other namespace never apply.  In each namespace the most specific host wins
+        (exact, else the longest wildcard), among all the rules of that step: when that host's rules
+        are not exported to the client, the step gives none (as Istio).  The rules of one namespace
+        for one host are merged (:class:`_RuleIndex`); what the merge leaves out is a warning.
+        """
+        client = self.workload.namespace
+        steps = [(rules.local.get(client, {}), False) if client != rules.root else (rules.root_local, False),
+                 (rules.exported.get(service_namespace, {}), True), (rules.exported.get(rules.root, {}), True)]
+        for pool, exported in steps:
+            rule_host = _most_specific_host(pool, host)
+            if rule_host is None:
+                continue
+            entries = rules.consolidated(pool, rule_host)
+            if exported:
+                entries = [entry for entry in entries
+                           if not entry.export_to or entry.export_to & {"*", client}]  # "." does not count here
+            if not entries:
+                continue
+            chosen = entries[-1]  # Istio's SidecarScope.DestinationRule: the last rule without workloadSelector
+            for ignored in entries[:-1]:
+                for rule in (rule for rule in ignored.merged if rule not in chosen.merged):
+                    self._warn_once(rule, ("spec", "exportTo"), (
+                        f"DestinationRule {chosen.rule.namespace}/{chosen.merged[0].name} also applies to "
+                        f"'{rule_host}' in namespace {client} and takes precedence: Istio merges the "
+                        "DestinationRules of one host and namespace only when their exportTo are the same; "
+                        f"this rule is ignored for namespace {client}; give them the same exportTo, or "
+                        "write one rule"))
+            for rule, path, reason in chosen.dropped:
+                self._warn_once(rule, path, reason)
+            return chosen.rule
+        return None
+
+    def _warn_once(self, obj, path: tuple, reason: str) -> None:
+        warning = obj.source.error(path, reason, cls=ConfigWarning)
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def _add_clusters(self, service: _Service) -> None:
         rule = service.rule
@@ -285,6 +313,20 @@ class _Compiler:
         origination = _origination(tls, service.host)
         if origination is not None and port.protocol in TLS_PROTOCOLS:
             self._warn_double_tls(service, port, origination.mode)
+        if origination is not None and not origination.names() and not origination.insecure_skip_verify:
+            self._warn_once(service.rule, ("spec", "trafficPolicy"), (
+                f"tls.mode {origination.mode} to host '{service.host}' (a wildcard or an IP address, so no server "
+                "name comes from it) needs sni or subjectAltNames, since txmesh does not take them from each "
+                "request's Host; set sni (and subjectAltNames), or "
+                "insecureSkipVerify: true to skip the name check; until then the sidecar refuses these "
+                "connections (503 UF)"))
+        if tls is None and service.entry.location == "MESH_EXTERNAL" and any(
+                _TLS_MODE_LABEL in member.labels for member in members):
+            self._warn_once(service.entry, ("spec", "location"), (
+                f"'{service.host}' is MESH_EXTERNAL (the default location), so, as in Istio, clients do not use "
+                f"auto mTLS to its endpoints labelled {_TLS_MODE_LABEL[0]}: {_TLS_MODE_LABEL[1]}: they get "
+                "plaintext; set location: MESH_INTERNAL for a service of the mesh (or tls.mode: ISTIO_MUTUAL in "
+                "a DestinationRule)"))
         endpoints = tuple(
             EndpointSpec(address=member.address,
                          port=dict(member.ports).get(port.name) or port.target_port or port.number,
@@ -320,10 +362,13 @@ class _Compiler:
         """The SPIFFE id an endpoint must present, or None for plaintext.
 
         ``tls.mode`` ISTIO_MUTUAL/DISABLE decides; without it (Istio's auto
-        mTLS) endpoints labelled ``security.istio.io/tlsMode: istio`` get mTLS.
+        mTLS) endpoints labelled ``security.istio.io/tlsMode: istio`` get mTLS,
+        unless the entry is ``MESH_EXTERNAL``: Istio's ``buildUpstreamTLSSettings``
+        never turns auto mTLS on for a mesh-external service.
         """
         tls_mode = tls.mode if tls is not None else None
-        if tls_mode == "DISABLE" or (tls_mode is None and _TLS_MODE_LABEL not in member.labels):
+        if tls_mode == "DISABLE" or (tls_mode is None and (
+                entry.location == "MESH_EXTERNAL" or _TLS_MODE_LABEL not in member.labels)):
             return None
         if member.service_account is None and entry.subject_alt_names:
             return entry.subject_alt_names[0]
@@ -621,6 +666,99 @@ def is_exported(export_to, owner_namespace, client_namespace) -> bool:
                for entry in export_to)
 
 
+@dataclass
+class _MergedRule:
+    """Istio's ``ConsolidatedDestRule``: the DestinationRules of one namespace and host merged into
+    ``rule``, with the ``exportTo`` (a set) of the first; ``merged`` are those rules, in order, and
+    ``dropped`` ``(rule, path, reason)`` the warnings about what the merge left out."""
+
+    rule: DestinationRule
+    export_to: frozenset
+    merged: list
+    dropped: list = field(default_factory=list)
+
+    def add(self, rule: DestinationRule) -> None:
+        """Merge ``rule`` in, as Istio's ``mergeDestinationRule``: its subsets whose name is new are
+        appended; its ``trafficPolicy`` is taken only when the merged rule has none yet."""
+        first = self.merged[0]
+        merged, names, subsets = self.rule, {subset.name for subset in self.rule.subsets}, list(self.rule.subsets)
+        for index, subset in enumerate(rule.subsets):
+            if subset.name in names:
+                self.dropped.append((rule, ("spec", "subsets", index, "name"), (
+                    f"subset '{subset.name}' of '{rule.host}' is already defined by DestinationRule "
+                    f"{first.namespace}/{first.name} (several DestinationRules of one host in one namespace are "
+                    "merged, as in Istio: the first definition of a subset is kept); this subset is ignored")))
+                continue
+            names.add(subset.name)
+            subsets.append(subset)
+        merged = dataclasses.replace(merged, subsets=tuple(subsets))
+        if merged.traffic_policy is None and rule.traffic_policy is not None:
+            # the rule whose policy applies is the one warnings about that policy name
+            merged = dataclasses.replace(merged, traffic_policy=rule.traffic_policy, source=rule.source)
+        elif rule.traffic_policy is not None:
+            owner = next(other for other in self.merged if other.traffic_policy is not None)
+            self.dropped.append((rule, ("spec", "trafficPolicy"), (
+                f"DestinationRule {owner.namespace}/{owner.name} also sets a trafficPolicy for '{rule.host}' and "
+                "takes precedence (several DestinationRules of one host in one namespace are merged, as in "
+                "Istio: the subsets of all of them, the trafficPolicy of the first that has one); this "
+                "trafficPolicy is ignored; move it to that rule")))
+        self.rule = merged
+        self.merged.append(rule)
+
+
+class _RuleIndex:
+    """The DestinationRules as Istio's ``PushContext.setDestinationRules`` indexes them.
+
+    In Istio's order (oldest first, then by name; txmesh, which does not know creation times, goes by
+    name): ``local[namespace][host]``, the rules of a namespace that it sees itself (no ``exportTo``,
+    or one with ``*``, ``.`` or its name); ``exported[namespace][host]``, those it exports (all but
+    the rules exported only to their own namespace); ``root_local[host]``, the root namespace's rules
+    exported only to itself.  :meth:`consolidated` merges one host's rules of one of these pools.
+    """
+
+    def __init__(self, rules, root_namespace: str):
+        self.root = root_namespace
+        self.local, self.exported, self.root_local = {}, {}, {}
+        self._consolidated = {}
+        for rule in sorted(rules, key=lambda rule: (rule.name, rule.namespace)):
+            namespace, export_to = rule.namespace, set(rule.export_to)
+            if not export_to or export_to & {"*", ".", namespace}:
+                self.local.setdefault(namespace, {}).setdefault(rule.host, []).append(rule)
+            if len(export_to) == 1 and export_to <= {".", namespace}:
+                if namespace == root_namespace:
+                    self.root_local.setdefault(rule.host, []).append(rule)
+            else:
+                self.exported.setdefault(namespace, {}).setdefault(rule.host, []).append(rule)
+
+    def consolidated(self, pool: dict, host: str) -> list:
+        """The :class:`_MergedRule` list of ``pool[host]``, as Istio's ``mergeDestinationRule`` builds it
+        (with ``ENABLE_ENHANCED_DESTINATIONRULE_MERGE``, its default): a rule is merged into each earlier
+        entry whose ``exportTo`` is the same set (or, non-empty, a subset of the rule's); it makes an
+        entry of its own when the last entry it met was not merged with."""
+        key = (id(pool), host)
+        found = self._consolidated.get(key)
+        if found is None:
+            found = self._consolidated[key] = []
+            for rule in pool[host]:
+                export_to, separate = frozenset(rule.export_to), True
+                for entry in found:
+                    separate = not (export_to == entry.export_to or (entry.export_to and export_to > entry.export_to))
+                    if not separate:
+                        entry.add(rule)
+                if separate:
+                    found.append(_MergedRule(rule, export_to, [rule]))
+        return found
+
+
+def _most_specific_host(pool: dict, host: str) -> str | None:
+    """The key of ``pool`` (rule hosts) that applies to the service ``host``: ``host`` itself, else the
+    longest wildcard that covers it (Istio's ``MostSpecificHostMatch``), or None."""
+    if host in pool:
+        return host
+    covering = [name for name in pool if name.startswith("*") and hostnames.covers(name, host)]
+    return max(covering, key=len, default=None)
+
+
 def _most_specific(patterns, host) -> VirtualHost | None:
     matching = [(pattern, vhost) for pattern, vhost in patterns if hostnames.covers(pattern, host)]
     return max(matching, key=lambda item: len(item[0]))[1] if matching else None
@@ -652,7 +790,10 @@ def _merged_policy(rule, subset, port: int) -> dict:
 def _origination(tls, host: str):
     """The :class:`~mesh.config.resources.ClientTLS` with which the sidecar originates TLS to a service's
     endpoints (None: it does not), its SNI defaulting to the service's host as Istio's auto SNI does (the
-    certificate is then checked against it); a wildcard or IP host gives no SNI (RFC 6066)."""
+    certificate is then checked against it); a wildcard or IP host gives no SNI (RFC 6066).  Without an SNI
+    or ``subjectAltNames`` there is no name to check the certificate against: unless ``insecureSkipVerify``
+    says to check none, the sidecar refuses such connections (:mod:`mesh.proxy.tls_origination`) and the
+    compiler warns (Istio takes the name from each request's Host; txmesh does not)."""
     if tls is None or not tls.originates:
         return None
     if tls.sni is None and not host.startswith("*") and not hostnames.is_ip(host):

@@ -13,7 +13,9 @@ What is checked, as Envoy does for Istio:
   whose ``VERIFY_CERTIFICATE_AT_CLIENT`` became the default);
 - the server's name: its certificate must carry one of ``subjectAltNames``
   (DNS names, IP addresses or URIs), or else the SNI sent (``sni``, by default
-  the service's host: Istio's auto SNI);
+  the service's host: Istio's auto SNI); settings that give no name at all (a
+  wildcard host without ``sni`` or ``subjectAltNames``) are refused, as Envoy
+  would take the name from each request's Host and txmesh does not;
 - nothing at all with ``insecureSkipVerify: true``.
 
 The OpenSSL context is built once per distinct ``tls`` settings
@@ -67,7 +69,8 @@ class OriginationTLS:
     """Wraps an endpoint pool's connections in TLS originated with one ``tls`` setting (a
     :class:`mesh.config.resources.ClientTLS`), as :class:`mesh.proxy.mtls.UpstreamTLS` does for mesh mTLS.
 
-    ``problem`` is why the setting cannot be used (a file missing or invalid), or None.
+    ``problem`` is why the setting cannot be used (a file missing or invalid, no name
+    to check the certificate against), or None.
     Sessions are resumed per endpoint, as Envoy does upstream (``sessions``, a
     :class:`mesh.identity.tls.SessionCache`): only one whose server passed the chain
     and name checks is kept, within its chain's validity, and the name is checked
@@ -77,7 +80,7 @@ class OriginationTLS:
     def __init__(self, settings, context=None, problem=None):
         self.settings = settings
         self.context = context
-        self.problem = problem
+        self.problem = problem or _no_name(settings)  # never a connection without a name check, unless skipped
         self.sessions = SessionCache(float("inf"))  # a MUTUAL client certificate is a file: no rotation to follow
         self.names = settings.names()
         self.server_name = settings.sni.encode() if settings.sni else None  # a host name (validated), never an IP
@@ -193,7 +196,13 @@ def _files(settings) -> list:
 
 
 def _build(settings) -> OriginationTLS:
-    """Read the files of ``settings`` and build its context; a problem is kept as the refusal."""
+    """Read the files of ``settings`` and build its context; a problem is kept as the refusal.
+
+    Settings with no name to check the server's certificate against (no ``sni``, no
+    ``subjectAltNames``: TLS to a wildcard host), unless ``insecureSkipVerify`` says to check none,
+    are refused: any trusted certificate would do.  Envoy takes the name from each request's Host
+    (Istio's auto SNI and auto SAN validation); txmesh does not.
+    """
     files = {}
     for field, path in _files(settings):
         try:
@@ -210,7 +219,19 @@ def _build(settings) -> OriginationTLS:
         given = ", ".join(f"{field} {path}" for field, path in _files(settings))
         return _unusable(settings, f"the files of the DestinationRule's tls ({given}) are not a usable PEM CA "
                                    f"bundle, certificate and matching key: {error}")
+    nameless = _no_name(settings)
+    if nameless is not None:
+        return _unusable(settings, nameless)
     return OriginationTLS(settings, context)
+
+
+def _no_name(settings) -> str | None:
+    """Why ``settings`` cannot be used for want of a name to check the server's certificate against, or None."""
+    if settings.names() or settings.insecure_skip_verify:
+        return None
+    return (f"tls.mode {settings.mode} without sni or subjectAltNames has no name to check the server's "
+            "certificate against (a wildcard host gives none: txmesh does not take it from each request's Host); "
+            "set sni (and subjectAltNames), or insecureSkipVerify: true to skip the name check")
 
 
 def _unusable(settings, problem: str) -> OriginationTLS:

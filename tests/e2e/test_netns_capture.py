@@ -52,7 +52,7 @@ def _client_config():
     return [{
         "apiVersion": "networking.istio.io/v1", "kind": "ServiceEntry",
         "metadata": {"name": "server", "namespace": "default"},
-        "spec": {"hosts": ["server.default.svc.cluster.local"],
+        "spec": {"hosts": ["server.default.svc.cluster.local"], "location": "MESH_INTERNAL",
                  "ports": [{"number": APP_PORT, "name": "http", "protocol": "HTTP"}],
                  "resolution": "STATIC",
                  "endpoints": [{"address": SERVER_IP, "serviceAccount": "server",

@@ -20,6 +20,8 @@ HTTP port 80 with ``targetPort`` the server's TLS port, and whose DestinationRul
 - skip.example        SIMPLE, insecureSkipVerify: 200 despite an unknown CA and another name
 - missing.example     SIMPLE, caCertificates a file that does not exist: 503 UF saying so
 - mutual.example      subset v1 (VirtualService) MUTUAL with a client certificate: the server saw it
+- *.wild.example      SIMPLE, no sni: no name to check, so 503 UF (Envoy would take it from each Host);
+                      *.wild-sni.example with sni api.example: 200
 - db.example          a TCP port (an explicit --outbound-tcp-port): the app's bytes go over the TLS the
                       sidecar originates; with another CA (db-other-ca.example) the connection is closed
 """
@@ -138,6 +140,11 @@ def egress(proxy_factory, tmp_path_factory, process_log_dir):
         _resource("VirtualService", "mutual", {"hosts": ["mutual.example"], "http": [
             {"route": [{"destination": {"host": "mutual.example", "subset": "v1"}}]}]}),
     ]
+    for name, host, extra in (("wild", "*.wild.example", {}),
+                              ("wild-sni", "*.wild-sni.example", {"sni": "api.example"})):
+        entry = _service_entry(host, port)
+        documents += [{**entry, "metadata": {**entry["metadata"], "name": name}},
+                      _resource("DestinationRule", name, {"host": host, "trafficPolicy": {"tls": {**simple, **extra}}})]
     tcp_ports = {"db.example": free_port(), "db-other-ca.example": free_port()}
     documents += [_service_entry(host, port, number=number, protocol="TCP") for host, number in tcp_ports.items()]
     documents += [_rule("db.example", **simple),
@@ -206,6 +213,18 @@ def test_a_ca_file_that_cannot_be_read_is_named(egress):
     result = _get(egress, "missing.example", "missing-ca")
     assert (result.status, result.headers.get("x-mesh-flags")) == (503, "URX,UF"), result
     assert "cannot read tls.caCertificates" in result.body.decode() and "no-such-ca.pem" in result.body.decode()
+
+
+def test_a_wildcard_host_without_sni_or_subject_alt_names_is_refused(egress):
+    """Envoy (Istio's auto SNI and SAN validation) would take the name from the request's Host; txmesh does not,
+    so it refuses rather than accept any certificate its CAs trust (the server's is for api.example, not
+    a.wild.example). With sni the name is checked (and sent)."""
+    refused = _get(egress, "a.wild.example", "wild-no-name")
+    assert (refused.status, refused.headers.get("x-mesh-flags")) == (503, "URX,UF"), refused
+    assert ("tls.mode SIMPLE without sni or subjectAltNames has no name to check the server's certificate against"
+            in refused.body.decode()), refused.body
+    named = _get(egress, "a.wild-sni.example", "wild-sni")
+    assert named.status == 200 and named.json()["sni"] == "api.example", named
 
 
 def test_an_http2_request_offers_h2_and_gets_the_http1_the_server_chose(egress):

@@ -34,7 +34,7 @@ from tests.integration.test_identity_support import (
     spiffe,
     xfcc,
 )
-from tests.integration.test_proxy_support import service_entry, write_config
+from tests.integration.test_proxy_support import destination_rule, service_entry, write_config
 
 NS = "shop"
 WORKLOADS = ("frontend", "user-service", "payment-service", "ledger", "archive")
@@ -59,6 +59,12 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
         service_entry("impostor", [mesh_endpoint(inbound["payment-service"], "user-service")], namespace=NS),
         # expects mTLS, but the endpoint is an app that speaks plaintext HTTP
         service_entry("bare-app", [mesh_endpoint(apps["user-service"].port, "user-service")], namespace=NS),
+        # user-service's sidecar, tlsMode label and all, as MESH_EXTERNAL services: no auto mTLS (as Istio),
+        # unless a DestinationRule says ISTIO_MUTUAL
+        *(mesh_external(service_entry(name, [mesh_endpoint(inbound["user-service"], "user-service")], namespace=NS))
+          for name in ("user-external", "user-external-mtls")),
+        destination_rule("user-external-mtls", "user-external-mtls", namespace=NS,
+                         traffic_policy={"tls": {"mode": "ISTIO_MUTUAL"}}),
         peer_authentication("ledger-strict", NS, "STRICT", selector={"app": "ledger"}),
         peer_authentication("archive-off", NS, "DISABLE", selector={"app": "archive"}),
         authorization_policy("payment-callers", NS, selector={"app": "payment-service"}, rules=[
@@ -73,6 +79,11 @@ def mesh(control_factory, backend_factory, proxy_factory, tmp_path_factory):
                                    labels={"app": name}, extra_args=control.proxy_args(NS, name))
                for name in WORKLOADS}
     return control, apps, proxies
+
+
+def mesh_external(entry: dict) -> dict:
+    """``entry`` without its ``location``: MESH_EXTERNAL, the default."""
+    return {**entry, "spec": {key: value for key, value in entry["spec"].items() if key != "location"}}
 
 
 def call(mesh, source: str, host: str, path: str = "/", **kwargs):
@@ -159,6 +170,16 @@ def test_tls_to_a_disabled_port_is_refused(mesh):
     assert refused.status == 503 and "UF" in refused.headers.get("x-mesh-flags", ""), refused
     plain = call(mesh, "frontend", "archive-plain")
     assert plain.status == 200 and echoed_xfcc(plain) is None, plain
+
+
+def test_no_auto_mtls_to_a_mesh_external_service(mesh):
+    """Istio's buildUpstreamTLSSettings: a MESH_EXTERNAL service gets no auto mTLS, even to an endpoint
+    labelled security.istio.io/tlsMode: istio; tls.mode ISTIO_MUTUAL in a DestinationRule still gives it."""
+    plain = call(mesh, "frontend", "user-external")
+    assert plain.status == 200 and plain.headers["x-demo-service"] == "user-service", plain
+    assert echoed_xfcc(plain) is None, "the hop to a MESH_EXTERNAL service without tls must be plaintext"
+    mutual = echoed_xfcc(call(mesh, "frontend", "user-external-mtls"))
+    assert mutual is not None and (mutual["URI"], mutual["By"]) == (FRONTEND_ID, spiffe(NS, "user-service"))
 
 
 # -- AuthorizationPolicy on the caller's SPIFFE id ----------------------------------------------------------

@@ -1,6 +1,7 @@
 """Outbound routing through a real sidecar: VirtualService matches, host forms, weights, subsets, admin pages.
 
-One proxy (workload ``client`` in namespace ``default``) and five demo backends serve the whole module.
+One proxy (workload ``client`` in namespace ``default``) and five demo backends serve most of the module;
+another (``rules-client``, three backends) shows which DestinationRules apply (merged, never another namespace's).
 Every backend answers with its own name in ``x-demo-service``, which tells where a request went.
 """
 
@@ -165,6 +166,43 @@ def test_subset_selects_endpoints_by_label(mesh):
     assert list(subset_v2) == [f"127.0.0.1:{backends[V2].port}"]
     assert subset_v2[f"127.0.0.1:{backends[V2].port}"]["labels"] == {"version": "v2"}
     assert len(cluster_endpoints(proxy, cluster_name("reviews"))) == 2
+
+
+# -- which DestinationRules apply ----------------------------------------------------------------------------
+
+CATALOG = "catalog.shop.svc.cluster.local"
+
+
+@pytest.fixture(scope="module")
+def rules_mesh(backend_factory, proxy_factory, tmp_path_factory):
+    """A client in ``default``, services in ``shop``: catalog's subsets come from two DestinationRules of
+    shop (Istio merges them); the only rule for ratings is in ``ops``, neither namespace (nor the root):
+    its tls SIMPLE to a plaintext app would fail every request if it applied."""
+    backends = {name: backend_factory(name) for name in ("catalog-v1", "catalog-v2", "ratings-plain")}
+    config = write_config(
+        tmp_path_factory.mktemp("rules-config"),
+        service_entry("catalog", [endpoint(backends["catalog-v1"], version="v1"),
+                                  endpoint(backends["catalog-v2"], version="v2")], namespace="shop"),
+        destination_rule("catalog-a", "catalog", namespace="shop",
+                         subsets=[{"name": "v1", "labels": {"version": "v1"}}]),
+        destination_rule("catalog-b", "catalog", namespace="shop",
+                         subsets=[{"name": "v2", "labels": {"version": "v2"}}]),
+        virtual_service("catalog", [CATALOG], [route_to(CATALOG, "v2", match=[{"uri": {"prefix": "/v2"}}]),
+                                               route_to(CATALOG, "v1")]),
+        service_entry("ratings", [endpoint(backends["ratings-plain"])], namespace="shop"),
+        destination_rule("ratings-tls", "ratings.shop.svc.cluster.local", namespace="ops",
+                         traffic_policy={"tls": {"mode": "SIMPLE"}}),
+    )
+    return proxy_factory(config, "rules-client")
+
+
+def test_destination_rules_of_one_host_and_namespace_are_merged(rules_mesh):
+    assert served_by(curl_many(rules_mesh.outbound_url + "/v2/x", 5, host=CATALOG)) == {"catalog-v2": 5}
+    assert served_by(curl_many(rules_mesh.outbound_url + "/x", 5, host=CATALOG)) == {"catalog-v1": 5}
+
+
+def test_a_destination_rule_of_an_unrelated_namespace_does_not_apply(rules_mesh):
+    assert served(rules_mesh, "ratings.shop", "/") == "ratings-plain"  # plaintext, as without any rule
 
 
 # -- admin ---------------------------------------------------------------------------------------------
