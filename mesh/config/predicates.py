@@ -3,14 +3,15 @@
 A predicate is a closure ``ctx -> bool`` over a
 :class:`mesh.proxy.context.RequestContext`, built once per config: values are
 bound as closure variables and regexes are compiled ahead, so a request costs
-a few attribute reads, ``==``/``startswith`` and precompiled ``fullmatch``.
+a few attribute reads, ``==``/``startswith`` and precompiled RE2 full matches.
 
 Semantics follow Istio (and Envoy under it):
 
 - ``uri`` exact and regex test the path without the query string; prefix tests
   the request target as received (Envoy's ``prefix``).  ``ignoreUriCase``
   applies to exact and prefix only.
-- Regexes are full matches (anchored at both ends).
+- Regexes are RE2's, compiled and run by RE2 as Envoy does
+  (:mod:`mesh.config.regex`), and are full matches (anchored at both ends).
 - ``headers`` see repeated headers joined with ``", "``; a ``{}`` value only
   requires the header to be present.  ``withoutHeaders`` matches when the
   header condition does not hold; an absent header is tested as ``""`` (Istio
@@ -26,8 +27,9 @@ Semantics follow Istio (and Envoy under it):
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
+
+from mesh.config.regex import full_matcher
 
 
 def compile_match(match) -> tuple:
@@ -100,16 +102,15 @@ def value_test(string_match) -> Callable[[str | None], bool]:
         return lambda value: value == expected
     if kind == "prefix":
         return lambda value: value is not None and value.startswith(expected)
-    fullmatch = re.compile(expected).fullmatch
-    return lambda value: value is not None and fullmatch(value) is not None
+    return full_matcher(expected)
 
 
 def _uri(string_match, ignore_case: bool) -> tuple:
     kind, expected = string_match.kind, string_match.value
     text = _describe("uri", string_match) + (" (ignore case)" if ignore_case else "")
     if kind == "regex":
-        fullmatch = re.compile(expected).fullmatch
-        return (lambda ctx: fullmatch(ctx.uri_path) is not None), text
+        matches = full_matcher(expected)
+        return (lambda ctx: matches(ctx.uri_path)), text
     if not ignore_case:
         if kind == "exact":
             return (lambda ctx: ctx.uri_path == expected), text

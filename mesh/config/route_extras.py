@@ -15,11 +15,11 @@ into one (:func:`sequence_ops`), in the order Envoy evaluates them.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from mesh.config.predicates import value_test
+from mesh.config.regex import global_replace
 from mesh.config.tables import HeaderOps
 
 #: gRPC status names Istio accepts in ``fault.abort.grpcStatus`` (its ``grpc.SupportedGRPCStatus``).
@@ -174,41 +174,26 @@ class RegexRewrite:
     """Istio's ``rewrite.uriRegexRewrite``: every match of ``pattern`` in the path (without the query)
     is replaced by the substitution, RE2's ``GlobalReplace`` as Envoy runs it.
 
-    ``parts`` is the substitution parsed: literal strings and group numbers (``\\0`` is the whole
-    match).  ``text`` is ``(match, rewrite)`` as written, for ``/config_dump``.
+    ``pattern`` is compiled by RE2 (:func:`mesh.config.regex.compile_re2`); ``parts`` is the
+    substitution parsed: literal bytes and group numbers (``\\0`` is the whole match).  ``text`` is
+    ``(match, rewrite)`` as written, for ``/config_dump``; two rewrites are equal when their texts are
+    (RE2's compiled objects compare by identity).
     """
 
-    pattern: re.Pattern
+    pattern: object = field(compare=False)
     parts: tuple
     text: tuple
 
     def apply(self, path: str) -> str:
-        """``path`` with every non-overlapping match replaced; like RE2, an empty match right after the
-        previous match is skipped."""
-        search = self.pattern.search
-        out, position, last_end, count = [], 0, -1, 0
-        while position <= len(path):
-            match = search(path, position)
-            if match is None:
-                break
-            start, end = match.span()
-            out.append(path[position:start])
-            if start == end == last_end:  # no empty match where the previous one ended: step on
-                out.append(path[start:start + 1])
-                position = start + 1
-                continue
-            out.extend(part if isinstance(part, str) else (match.group(part) or "") for part in self.parts)
-            position = last_end = end
-            count += 1
-        if count == 0:
-            return path
-        out.append(path[position:])
-        return "".join(out)
+        """``path`` (as received: Latin-1) with every non-overlapping match replaced; like RE2, an empty
+        match right after the previous match is skipped."""
+        return global_replace(self.pattern, self.parts, path)
 
 
 def substitution_parts(rewrite: str, groups: int) -> tuple:
-    """``(parts, problem)`` of an RE2 substitution: ``\\0``-``\\9`` are groups, ``\\\\`` a backslash;
-    ``problem`` (else None) says what is wrong, as RE2's ``CheckRewriteString`` (which Envoy runs) would."""
+    """``(parts, problem)`` of an RE2 substitution: ``\\0``-``\\9`` are groups, ``\\\\`` a backslash, the
+    rest literal (as UTF-8 bytes); ``problem`` (else None) says what is wrong, as RE2's
+    ``CheckRewriteString`` (which Envoy runs) would."""
     parts, literal, index = [], [], 0
     while index < len(rewrite):
         char = rewrite[index]
@@ -222,19 +207,19 @@ def substitution_parts(rewrite: str, groups: int) -> tuple:
         index += 1
         if char == "\\":
             literal.append("\\")
-        elif char.isdigit():
+        elif "0" <= char <= "9":  # RE2's ASCII digits: str.isdigit() also takes other scripts' digits
             if int(char) > groups:
                 return (), (f"the rewrite uses group \\{char}, but the match regex has only {groups} "
                             "parenthesized group(s)")
             if literal:
-                parts.append("".join(literal))
+                parts.append("".join(literal).encode("utf-8", "surrogatepass"))
                 literal = []
             parts.append(int(char))
         else:
             return (), (f"invalid escape '\\{char}' in the rewrite: use \\0 to \\9 for the match's groups and "
                         "'\\\\' for a backslash")
     if literal:
-        parts.append("".join(literal))
+        parts.append("".join(literal).encode("utf-8", "surrogatepass"))
     return tuple(parts), None
 
 

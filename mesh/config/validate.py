@@ -20,6 +20,7 @@ import re
 from mesh.config import hosts as hostnames
 from mesh.config.fields import Fields, Report
 from mesh.config.gateway import MESH, gateway, gateway_refs
+from mesh.config.regex import RegexError, compile_re2, group_count, group_names
 from mesh.config.request_authn import request_authentication
 from mesh.config.resources import (
     DEFAULT_LOAD_BALANCER,
@@ -62,8 +63,8 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?\Z")
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*\Z")
 _HEADER_NAME = re.compile(r"[-!#$%&'*+.^_`|~0-9a-z]+\Z")
 _BAD_HEADER_VALUE = re.compile(r"[\r\n\0]")
-#: constructs that Python's ``re`` accepts but RE2 (Istio's regex syntax) does not
-_NOT_RE2 = re.compile(r"\(\?<?[=!]|\(\?>|\(\?\(|\(\?P=|\\[1-9]")
+#: a group name Istio's validation (Go's regexp) accepts: C++ RE2 also takes non-ASCII letters
+_GO_GROUP_NAME = re.compile(r"[A-Za-z0-9_]+\Z")
 
 _REMOVE_IT = "remove it"
 _MIRROR_PERCENT = "it is deprecated in Istio; use mirrorPercentage: {value: N}"
@@ -736,8 +737,8 @@ def _uri_regex_rewrite(f: Fields):
     if problem:
         f.error("match", problem)
         return None
-    pattern = re.compile(text)
-    parts, problem = substitution_parts(rewrite, pattern.groups)
+    pattern = compile_re2(text)
+    parts, problem = substitution_parts(rewrite, group_count(pattern))
     if problem:
         f.error("rewrite", problem)
         return None
@@ -970,18 +971,40 @@ def _string_match(report, path, value, present_ok, prefix_ok=True):
 
 
 def regex_problem(pattern: str):
-    """Why ``pattern`` is not a usable RE2 regex, or None."""
+    """Why ``pattern`` is not a regex Istio accepts, or None: RE2 (the library Envoy runs) must compile
+    it, and Istio's own checks must pass (at most 1024 bytes; Go's regexp, which Istio validates with,
+    has no ``\\C`` and takes only ASCII group names)."""
     if not pattern:
         return "regex must not be empty"
-    if len(pattern) > 1024:
-        return "regex is too large (at most 1024 characters)"
-    if _NOT_RE2.search(pattern):
-        return ("RE2, Istio's regex syntax, has no lookaround, backreferences, atomic groups or "
-                "conditionals; rewrite the regex without them")
+    if len(pattern.encode("utf-8", "surrogatepass")) > 1024:  # Istio: len() of the Go string, in bytes
+        return "regex is too large (at most 1024 bytes)"
     try:
-        re.compile(pattern)
-    except re.error as error:
-        return f"invalid regex: {error}; Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"
+        compiled = compile_re2(pattern)
+    except RegexError as error:
+        problem = str(error)
+    else:
+        problem = _go_regexp_problem(pattern, compiled)
+    if problem:
+        return f"invalid regex: {problem}; Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"
+    return None
+
+
+def _go_regexp_problem(pattern: str, compiled):
+    """What Istio's validation (Go's regexp) rejects in a regex that RE2 compiled, or None."""
+    index = 0
+    while index < len(pattern):  # every escape is two characters here, once RE2 has accepted the regex
+        if pattern.startswith("\\Q", index):  # literal up to \E
+            end = pattern.find("\\E", index + 2)
+            index = len(pattern) if end < 0 else end + 2
+        elif pattern[index] == "\\":
+            if pattern.startswith("\\C", index):
+                return "invalid escape sequence: \\C (RE2's any-byte escape, which Istio does not accept)"
+            index += 2
+        else:
+            index += 1
+    for name in group_names(compiled):
+        if not _GO_GROUP_NAME.match(name):
+            return f"invalid named capture group: {name!r} (Istio accepts ASCII letters, digits and _)"
     return None
 
 

@@ -124,3 +124,37 @@ def test_empty_matches_accept_everything():
     assert compile_match(HTTPMatch()) == (None, "*")
     # one catch-all entry makes the whole OR accept everything
     assert compile_matches([HTTPMatch(uri=StringMatch("exact", "/a")), HTTPMatch()]) == (None, "*")
+
+
+# -- regexes are RE2's (Istio's syntax, Envoy's engine), not Python's ------------------------------
+
+@pytest.mark.parametrize("regex,path,expected", [
+    ("/id/[[:digit:]]+", "/id/123", True),      # a POSIX class: RE2's [0-9] (Python: a set, and a warning)
+    ("/a{,2}", "/a{,2}", True),                 # '{,2}' is a literal in RE2 (Python: {0,2})
+    ("/a{,2}", "/aa", False),
+    ("/a{,2}", "/", False),
+    (r"/\pN+", "/42", True),                    # RE2's one-letter Unicode class
+    (r"/(?U)a+", "/aaa", True),                 # (?U) is RE2's ungreedy flag (Python: Unicode), same match
+])
+def test_uri_regex_is_re2(regex, path, expected):
+    assert _check(HTTPMatch(uri=StringMatch("regex", regex)), _ctx(path)) is expected
+
+
+@pytest.mark.parametrize("regex,value,expected", [
+    (r"\d+", "\u0663\u0664", False),            # RE2's \d is ASCII only (Python's is any Unicode digit)
+    (r"\w+", "caf\u00e9", False),               # so is \w
+    (r"\s", "\u00a0", False),                   # and \s (U+00A0, no-break space)
+    ("caf\u00e9", "caf\u00c3\u00a9", True),     # the bytes as received ('é' in UTF-8) are read as UTF-8
+    ("caf.", "caf\u00c3\u00a9", True),          # ... so '.' is one character, as in Envoy
+    ("caf..", "caf\u00c3\u00a9", False),
+])
+def test_header_regex_is_re2_on_the_bytes_received(regex, value, expected):
+    match = HTTPMatch(headers=(("x-n", StringMatch("regex", regex)),))
+    assert _check(match, _ctx(headers={"x-n": value})) is expected
+
+
+def test_query_and_authority_regexes_are_re2():
+    assert _check(HTTPMatch(query_params=(("id", StringMatch("regex", "[[:digit:]]+")),)), _ctx("/p?id=7")) is True
+    match = HTTPMatch(authority=StringMatch("regex", r"web(:[[:digit:]]{,5})?"))
+    assert _check(match, _ctx(host="web:8{,5}")) is True
+    assert _check(match, _ctx(host="web:8080")) is False

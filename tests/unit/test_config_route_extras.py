@@ -159,16 +159,16 @@ def test_rewrite_cors_and_destination_header_rejections(tmp_path):
             weight: 50
         """))
     assert errors == _expected(f"{path}:{{}}: VirtualService/shop/vs: spec.http", [
-        (7, "[0].rewrite.uriRegexRewrite.match: invalid regex: missing ), unterminated subpattern at position 0; "
-            "Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"),
+        (7, "[0].rewrite.uriRegexRewrite.match: invalid regex: missing ): (a; Istio uses RE2 syntax "
+            "(https://github.com/google/re2/wiki/Syntax)"),
         (7, "[0].rewrite.uriRegexRewrite: set only one of uri or uriRegexRewrite"),
         (9, "[1].rewrite.uriRegexRewrite.rewrite: the rewrite uses group \\2, but the match regex has only 1 "
             "parenthesized group(s)"),
         (12, "[2].corsPolicy.allowOrigins[0]: set exactly one of exact, prefix or regex"),
         (12, "[2].corsPolicy.allowOrigins[1]: an empty match allows no origin; set exact, prefix or regex to a "
              "value"),
-        (12, "[2].corsPolicy.allowOrigins[2].regex: RE2, Istio's regex syntax, has no lookaround, "
-             "backreferences, atomic groups or conditionals; rewrite the regex without them"),
+        (12, "[2].corsPolicy.allowOrigins[2].regex: invalid regex: invalid perl operator: (?=; Istio uses RE2 "
+             "syntax (https://github.com/google/re2/wiki/Syntax)"),
         (13, "[2].corsPolicy.allowOrigin: set only allowOrigins: allowOrigin is deprecated, and Istio ignores it "
              "when allowOrigins is set"),
         (14, "[2].corsPolicy.allowMethods[0]: 'FETCH' is not a supported HTTP method; use GET, HEAD, POST, PUT, "

@@ -631,10 +631,10 @@ def test_http_match_port_and_source_fields_bad_values(tmp_path):
 
 
 @pytest.mark.parametrize("regex,reason", [
-    ("(?=/api)/.*", "RE2, Istio's regex syntax, has no lookaround, backreferences, atomic groups or "
-                    "conditionals; rewrite the regex without them"),
-    (r"(a)\1", "RE2, Istio's regex syntax, has no lookaround"),
-    ("/api/[", "invalid regex: unterminated character set at position 5; Istio uses RE2 syntax"),
+    ("(?=/api)/.*", "invalid regex: invalid perl operator: (?=; Istio uses RE2 syntax "
+                    "(https://github.com/google/re2/wiki/Syntax)"),
+    (r"(a)\1", "invalid regex: invalid escape sequence: \\1; Istio uses RE2 syntax"),
+    ("/api/[", "invalid regex: missing ]: [; Istio uses RE2 syntax"),
     ("", "regex must not be empty"),
 ])
 def test_bad_regex(tmp_path, regex, reason):
@@ -761,3 +761,55 @@ def test_export_to_values(tmp_path):
         f"{path}:6: DestinationRule/default/r: spec.exportTo[1]: invalid exportTo entry 'Bad_NS'; use '*', "
         "'.', '~' or a namespace name",
     ]
+
+
+# -- regexes: RE2 compiles them, as Envoy; Istio's own checks on top ------------------------------
+
+def test_regexes_are_checked_by_re2_in_every_field(tmp_path):
+    _, errors, path = _validate(tmp_path, _vs(r"""
+        - match:
+          - uri: {regex: '(a)\1'}
+            method: {regex: '(?P<méthode>GET)'}
+            authority: {regex: 'web\C'}
+            headers: {x-a: {regex: '(?=x)y'}}
+            queryParams: {q: {regex: '[[:nope:]]'}}
+          rewrite: {uriRegexRewrite: {match: '(?<=/)a', rewrite: b}}
+          corsPolicy: {allowOrigins: [{regex: 'https://a(?!b)'}]}
+          route: [{destination: {host: web}}]
+        """))
+    syntax = "; Istio uses RE2 syntax (https://github.com/google/re2/wiki/Syntax)"
+    assert errors == _expected(f"{path}:{{}}: VirtualService/shop/vs: spec.http[0].", [
+        (8, r"match[0].uri.regex: invalid regex: invalid escape sequence: \1" + syntax),
+        (9, "match[0].method.regex: invalid regex: invalid named capture group: 'méthode' (Istio accepts ASCII "
+            "letters, digits and _)" + syntax),
+        (10, r"match[0].authority.regex: invalid regex: invalid escape sequence: \C (RE2's any-byte escape, "
+             "which Istio does not accept)" + syntax),
+        (11, "match[0].headers.x-a.regex: invalid regex: invalid perl operator: (?=" + syntax),
+        (12, "match[0].queryParams.q.regex: invalid regex: invalid character class range: [:nope:]" + syntax),
+        (13, "rewrite.uriRegexRewrite.match: invalid regex: invalid perl operator: (?<=" + syntax),
+        (14, "corsPolicy.allowOrigins[0].regex: invalid regex: invalid perl operator: (?!" + syntax),
+    ])
+
+
+@pytest.mark.parametrize("regex", [
+    r"/\pN+", r"/\p{Greek}", "(?U)/a+", r"/\Q.*\E", r"/(?<id>\d+)", r"/x\z",
+    r"/\\C\Q\C\E",  # a backslash and C, then a quoted \C: no \C escape
+])
+def test_re2_regexes_that_python_rejects_are_valid(tmp_path, regex):
+    [vs] = _valid(tmp_path, _vs(f"""
+        - match: [{{uri: {{regex: '{regex}'}}}}]
+          route: [{{destination: {{host: web}}}}]
+        """))
+    assert vs.http[0].match[0].uri == StringMatch("regex", regex)
+
+
+def test_the_regex_limit_is_1024_bytes_as_in_istio(tmp_path):
+    _, errors, _ = _validate(tmp_path, _vs(f"""
+        - match: [{{uri: {{regex: '/{"é" * 512}'}}}}]
+          route: [{{destination: {{host: web}}}}]
+        """))
+    assert [error.split(": ", 3)[-1] for error in errors] == ["regex is too large (at most 1024 bytes)"]
+    _valid(tmp_path, _vs(f"""
+        - match: [{{uri: {{regex: '{"é" * 512}'}}}}]
+          route: [{{destination: {{host: web}}}}]
+        """))

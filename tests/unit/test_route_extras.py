@@ -3,10 +3,9 @@ construction, RE2's global replace, header parsers evaluated in turn, and CORS o
 
 from __future__ import annotations
 
-import re
-
 import pytest
 
+from mesh.config.regex import compile_re2, group_count
 from mesh.config.resources import StringMatch
 from mesh.config.route_extras import (
     Redirect,
@@ -49,8 +48,8 @@ def test_the_url_of_the_request_itself():
 
 
 def _rewrite(match: str, rewrite: str) -> RegexRewrite:
-    pattern = re.compile(match)
-    parts, problem = substitution_parts(rewrite, pattern.groups)
+    pattern = compile_re2(match)
+    parts, problem = substitution_parts(rewrite, group_count(pattern))
     assert problem is None
     return RegexRewrite(pattern, parts, (match, rewrite))
 
@@ -121,4 +120,35 @@ def test_nothing_to_do_is_none():
     ([], "https://a.example", False),
 ])
 def test_allowed_origins(matches, origin, allowed):
+    assert origin_test(matches)(origin) is allowed
+
+
+# -- RE2's syntax and GlobalReplace, on the path's bytes, as Envoy runs them -----------------------
+
+@pytest.mark.parametrize("match, rewrite, path, expected", [
+    (r"/v([[:digit:]]+)/([^/]+)", r"/api/\2/version/\1", "/v12/items", "/api/items/version/12"),
+    (r"/(\w+)/(\d+)", r"/\2/\1", "/caf\u00e9/12", "/caf\u00e9/12"),  # \w is ASCII (a byte E9 is no UTF-8)
+    (r"/a{,2}", "/b", "/a{,2}/aa", "/b/aa"),                       # '{,2}' is a literal
+    ("(?U)(a+)", r"<\1>", "aaa", "<a><a><a>"),                     # (?U): ungreedy
+    ("x*", "-", "a\u00c3\u00a9b", "-a-\u00c3\u00a9-b-"),           # an empty match steps over 'é' (UTF-8)
+    ("\u00e9", "e", "caf\u00c3\u00a9", "cafe"),                    # the path's bytes are read as UTF-8
+    ("/old", "/n\u00e9w", "/old", "/n\u00c3\u00a9w"),              # a literal is written as UTF-8
+])
+def test_regex_rewrite_is_re2(match, rewrite, path, expected):
+    assert _rewrite(match, rewrite).apply(path) == expected
+
+
+def test_rewrite_groups_are_ascii_digits():
+    parts, found = substitution_parts("\\\u0663", 3)  # ARABIC-INDIC DIGIT THREE is no group for RE2
+    assert parts == () and found.startswith("invalid escape '\\\u0663' in the rewrite")
+
+
+@pytest.mark.parametrize("matches, origin, allowed", [
+    ([StringMatch("regex", r"https://[[:alnum:]]+\.example")], "https://app1.example", True),
+    ([StringMatch("regex", r"https://[[:alnum:]]+\.example")], "https://a].example", False),
+    ([StringMatch("regex", r"https://\w+\.example")], "https://b\u00c3\u00bccher.example", False),  # ASCII \w
+    ([StringMatch("regex", r"https://(?i)APP\.example(:\d{,4})?")], "https://app.example:\u0668\u0660", False),
+    ([StringMatch("regex", r"https://(?i)APP\.example(:\d{,4})?")], "https://app.example:8{,4}", True),
+])
+def test_allowed_origins_by_re2(matches, origin, allowed):
     assert origin_test(matches)(origin) is allowed
