@@ -1,4 +1,5 @@
-"""Built-in routing: first matching route of the host's VirtualService."""
+"""Built-in routing: first matching route of the host's VirtualService (for the request's port, when
+the routes differ by port: :class:`mesh.config.tables.VirtualHost`)."""
 
 from mesh import hookimpl
 
@@ -11,7 +12,10 @@ def mesh_route(ctx, table):
         vhost = table.lookup(ctx.host)
         if vhost is None:
             return None
-    for route in vhost.routes:
+    routes = vhost.routes
+    if vhost.ports is not None:
+        routes = vhost.ports.get(ctx.request_port(), routes)
+    for route in routes:
         match = route.match
         if match is None or match(ctx):
             return route.action

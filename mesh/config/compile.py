@@ -168,6 +168,7 @@ class _Compiler:
         self.warnings = []
         self.clusters = {}
         self.route_dumps = {}
+        self.port_route_dumps = {}  # virtual host name -> {port: route dumps} (see VirtualHost.ports)
 
     def build(self) -> ProxyConfig:
         scope = sidecar_scope(self.objects, self.workload, self.root_namespace, self._warn)
@@ -218,7 +219,10 @@ class _Compiler:
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
 
     def _warn(self, obj, path: tuple, reason: str) -> None:
-        self.warnings.append(obj.source.error(path, reason, cls=ConfigWarning))
+        """Report a warning about ``obj``'s field ``path``, once (several compile passes may find it)."""
+        warning = obj.source.error(path, reason, cls=ConfigWarning)
+        if warning not in self.warnings:
+            self.warnings.append(warning)
 
     def _visible(self, cls) -> list:
         """Objects of ``cls`` exported to the workload's namespace, own namespace first."""
@@ -278,21 +282,16 @@ class _Compiler:
             chosen = entries[-1]  # Istio's SidecarScope.DestinationRule: the last rule without workloadSelector
             for ignored in entries[:-1]:
                 for rule in (rule for rule in ignored.merged if rule not in chosen.merged):
-                    self._warn_once(rule, ("spec", "exportTo"), (
+                    self._warn(rule, ("spec", "exportTo"), (
                         f"DestinationRule {chosen.rule.namespace}/{chosen.merged[0].name} also applies to "
                         f"'{rule_host}' in namespace {client} and takes precedence: Istio merges the "
                         "DestinationRules of one host and namespace only when their exportTo are the same; "
                         f"this rule is ignored for namespace {client}; give them the same exportTo, or "
                         "write one rule"))
             for rule, path, reason in chosen.dropped:
-                self._warn_once(rule, path, reason)
+                self._warn(rule, path, reason)
             return chosen.rule
         return None
-
-    def _warn_once(self, obj, path: tuple, reason: str) -> None:
-        warning = obj.source.error(path, reason, cls=ConfigWarning)
-        if warning not in self.warnings:
-            self.warnings.append(warning)
 
     def _add_clusters(self, service: _Service) -> None:
         rule = service.rule
@@ -314,7 +313,7 @@ class _Compiler:
         if origination is not None and port.protocol in TLS_PROTOCOLS:
             self._warn_double_tls(service, port, origination.mode)
         if origination is not None and not origination.names() and not origination.insecure_skip_verify:
-            self._warn_once(service.rule, ("spec", "trafficPolicy"), (
+            self._warn(service.rule, ("spec", "trafficPolicy"), (
                 f"tls.mode {origination.mode} to host '{service.host}' (a wildcard or an IP address, so no server "
                 "name comes from it) needs sni or subjectAltNames, since txmesh does not take them from each "
                 "request's Host; set sni (and subjectAltNames), or "
@@ -322,7 +321,7 @@ class _Compiler:
                 "connections (503 UF)"))
         if tls is None and service.entry.location == "MESH_EXTERNAL" and any(
                 _TLS_MODE_LABEL in member.labels for member in members):
-            self._warn_once(service.entry, ("spec", "location"), (
+            self._warn(service.entry, ("spec", "location"), (
                 f"'{service.host}' is MESH_EXTERNAL (the default location), so, as in Istio, clients do not use "
                 f"auto mTLS to its endpoints labelled {_TLS_MODE_LABEL[0]}: {_TLS_MODE_LABEL[1]}: they get "
                 "plaintext; set location: MESH_INTERNAL for a service of the mesh (or tls.mode: ISTIO_MUTUAL in "
@@ -494,31 +493,65 @@ class _Compiler:
                                                  f"{self.workload.namespace} defines host '{host}'{close}")
 
     def _default_host(self, service: _Service) -> VirtualHost:
+        """The route of a host no VirtualService routes: to its service's cluster of the port the request
+        was sent to (the first port for any other), as Istio's default route of each port."""
         entry = service.entry
-        action = RouteAction(name=f"ServiceEntry/{entry.namespace}/{entry.name}",
-                             clusters=(cluster_name(entry.ports[0].number, "", service.host),),
-                             cumulative_weights=(100,), retry=DEFAULT_RETRY)
-        self.route_dumps[service.host] = [{"match": "*", "action": describe_action(action)}]
-        return VirtualHost(name=service.host, routes=(CompiledRoute(None, action),))
+
+        def routes(port: int) -> tuple:
+            action = RouteAction(name=f"ServiceEntry/{entry.namespace}/{entry.name}",
+                                 clusters=(cluster_name(port, "", service.host),),
+                                 cumulative_weights=(100,), retry=DEFAULT_RETRY)
+            return (CompiledRoute(None, action),), [{"match": "*", "action": describe_action(action)}]
+
+        first, self.route_dumps[service.host] = routes(entry.ports[0].number)
+        ports = _http_ports(service)
+        if len(ports) < 2:
+            return VirtualHost(name=service.host, routes=first)
+        by_port = {port: routes(port) for port in ports}
+        self.port_route_dumps[service.host] = {port: dumps for port, (_, dumps) in by_port.items()}
+        return VirtualHost(name=service.host, routes=first, ports={port: built for port, (built, _) in by_port.items()})
 
     def _virtual_host(self, vs: VirtualService, gateway_ref: str = MESH) -> VirtualHost:
-        """The routes of ``vs`` for the sidecars (``mesh``) or for the Gateway ``gateway_ref``."""
+        """The routes of ``vs`` for the sidecars (``mesh``) or for the Gateway ``gateway_ref``; for the
+        sidecars, per port too when a destination without a port leads to a service with several
+        (:class:`~mesh.config.tables.VirtualHost`)."""
         name = f"VirtualService/{vs.namespace}/{vs.name}" + ("" if gateway_ref == MESH else f"@{gateway_ref}")
+        routes, self.route_dumps[name] = self._routes(vs, gateway_ref)
+        ports = self._route_ports(vs) if gateway_ref == MESH else ()
+        if not ports:
+            return VirtualHost(name=name, routes=routes)
+        by_port = {port: self._routes(vs, gateway_ref, port) for port in ports}
+        self.port_route_dumps[name] = {port: dumps for port, (_, dumps) in by_port.items()}
+        return VirtualHost(name=name, routes=routes, ports={port: built for port, (built, _) in by_port.items()})
+
+    def _routes(self, vs: VirtualService, gateway_ref: str, listener_port: int | None = None) -> tuple:
+        """``(compiled routes, their dumps)`` of ``vs`` for a request sent to ``listener_port`` (None: a port
+        of none of the services its destinations without a port lead to)."""
         routes, dumps = [], []
         for http in vs.http:
             http = self._for_this_workload(http, gateway_ref)
             if http is None:
                 continue
-            action, destinations = self._action(vs, http)
+            action, destinations = self._action(vs, http, listener_port)
             for predicate, text, strip in _match_groups(http):
                 if action.rewrite_prefix is not None and strip is not None:
                     action = dataclasses.replace(action, rewrite_strip=strip)
-                routed = self._with_extras(vs, http, action, destinations,
+                routed = self._with_extras(vs, http, action, destinations, listener_port,
                                            whole_path=strip is None and http.rewrite_uri is not None)
                 routes.append(CompiledRoute(predicate, routed))
                 dumps.append({"match": text, "action": describe_action(routed)})
-        self.route_dumps[name] = dumps
-        return VirtualHost(name=name, routes=tuple(routes))
+        return tuple(routes), dumps
+
+    def _route_ports(self, vs: VirtualService) -> list:
+        """The ports whose routes differ from the others': the HTTP ports of each service with several
+        that a destination without a port (a route's or a mirror's) leads to."""
+        ports = set()
+        for http in vs.http:
+            for destination in (*http.route, *(mirror for mirror, _ in http.mirrors)):
+                service = self._service_for(destination.host) if destination.port is None else None
+                if service is not None and len(_http_ports(service)) > 1:
+                    ports.update(_http_ports(service))
+        return sorted(ports)
 
     def _for_this_workload(self, http, gateway_ref=MESH):
         """``http`` with only the matches whose ``sourceLabels`` and ``sourceNamespace`` hold for this
@@ -536,15 +569,16 @@ class _Compiler:
         return (all(workload.labels.get(name) == value for name, value in match.source_labels)
                 and (match.source_namespace is None or match.source_namespace == workload.namespace))
 
-    def _action(self, vs: VirtualService, http) -> tuple:
-        """``(RouteAction, [(cluster name, destination), ...])`` of an http route, without its extras.
+    def _action(self, vs: VirtualService, http, listener_port: int | None = None) -> tuple:
+        """``(RouteAction, [(cluster name, destination), ...])`` of an http route, without its extras, for a
+        request sent to ``listener_port`` (see :meth:`_destination_cluster`).
 
         As Istio does, a lone destination's ``headers`` join the route's (one header parser, the
         route's operations first); the weighted destinations' go to :meth:`_variants`.
         """
         clusters, cumulative, total, destinations = [], [], 0, []
         for index, destination in enumerate(http.route):
-            name = self._destination_cluster(vs, http.index, index, destination)
+            name = self._destination_cluster(vs, http.index, index, destination, listener_port=listener_port)
             if destination.weight:
                 total += destination.weight
                 clusters.append(name)
@@ -569,7 +603,7 @@ class _Compiler:
             request_headers=request, response_headers=response)
         return action, destinations
 
-    def _with_extras(self, vs, http, action, destinations, whole_path) -> RouteAction:
+    def _with_extras(self, vs, http, action, destinations, listener_port, whole_path) -> RouteAction:
         """``action`` with the :class:`RouteExtras` the route needs, if any.
 
         ``whole_path``: ``rewrite.uri`` replaces the whole path, decided per request (a ``regex``
@@ -581,8 +615,9 @@ class _Compiler:
             fault=http.fault, cors=http.cors, redirect=http.redirect, direct_response=http.direct_response,
             uri_regex=http.rewrite_regex, whole_path=http.rewrite_uri.encode() if whole_path else None,
             by_cluster=self._variants(vs, http, action, destinations) if len(http.route) > 1 else {},
-            mirrors=tuple((self._destination_cluster(vs, http.index, index, destination, path=(
-                "spec", "http", http.index, "mirrors", index, "destination")), fraction)
+            mirrors=tuple((self._destination_cluster(vs, http.index, index, destination, listener_port=listener_port,
+                                                     path=("spec", "http", http.index, "mirrors", index,
+                                                           "destination")), fraction)
                 for index, (destination, fraction) in enumerate(http.mirrors)))
         return dataclasses.replace(action, extras=extras) if extras else action
 
@@ -612,9 +647,11 @@ class _Compiler:
                              path=None) -> str:
         """The cluster name of a route destination; warns when it does not resolve.
 
-        ``section`` is the route's list (``http``, ``tcp`` or ``tls``); a ``tcp``/``tls`` destination
-        without a port goes to ``listener_port`` (the port the connection came to) when the service
-        has it, as in Istio.  ``path`` names the destination in warnings (default: the route's).
+        ``section`` is the route's list (``http``, ``tcp`` or ``tls``); a destination without a port goes
+        to ``listener_port`` (the port the request or connection came to) when the service has it, as in
+        Istio, else to the service's first port (warned about for a gateway's or a TCP route, whose
+        listener port is one the service does not have; an http route of the sidecars has routes per
+        port, :meth:`_virtual_host`).  ``path`` names the destination in warnings (default: the route's).
         """
         path = path or ("spec", section, route_index, "route", index, "destination")
         what = "requests" if section == "http" else "connections"
@@ -630,7 +667,7 @@ class _Compiler:
             port = listener_port
         elif destination.port is None:
             port = ports[0].number
-            if len(ports) > 1:
+            if len(ports) > 1 and (section != "http" or vs.gateways and MESH not in vs.gateways):
                 self._warn(vs, path, f"no destination port, and '{service.host}' has several ports; using "
                                      f"the first ({port}); set destination.port.number")
         else:
@@ -651,7 +688,9 @@ class _Compiler:
             domains.setdefault(vhost.name, []).append(name)
         for suffix, vhost in table.wildcards:
             domains.setdefault(vhost.name, []).append("*" + suffix)
-        return [{"name": name, "domains": sorted(domains.get(name, ())), "routes": routes}
+        return [{"name": name, "domains": sorted(domains.get(name, ())), "routes": routes,
+                 **({"ports": {str(port): dumps for port, dumps in self.port_route_dumps[name].items()}}
+                    if name in self.port_route_dumps else {})}
                 for name, routes in sorted(self.route_dumps.items())]
 
 
@@ -748,6 +787,11 @@ class _RuleIndex:
                 if separate:
                     found.append(_MergedRule(rule, export_to, [rule]))
         return found
+
+
+def _http_ports(service: _Service) -> list:
+    """The numbers of the service's ports that carry HTTP (not TCP, TLS or HTTPS), in order."""
+    return [port.number for port in service.entry.ports if not port.is_tcp]
 
 
 def _most_specific_host(pool: dict, host: str) -> str | None:

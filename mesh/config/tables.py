@@ -120,10 +120,18 @@ class CompiledRoute:
 
 @dataclass(frozen=True, slots=True)
 class VirtualHost:
-    """All routes for one set of host names, in first-match order."""
+    """All routes for one set of host names, in first-match order.
+
+    ``ports`` maps a port to the routes of a request sent to it, when they differ by port: a
+    destination without a port goes to the port the request was sent to when its service has that
+    port, as in Istio's per-port route configurations.  ``routes`` serve every other port (a
+    destination without a port goes to its service's first port then).  None: the same routes for
+    every port.
+    """
 
     name: str
     routes: tuple
+    ports: dict | None = None
 
 
 @dataclass(frozen=True, slots=True)

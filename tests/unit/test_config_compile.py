@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from mesh.builtin.routing import mesh_route
 from mesh.config.compile import Workload, load_and_compile
 from mesh.config.errors import ConfigErrors, ConfigWarning
 from mesh.proxy.context import RequestContext
@@ -30,13 +31,12 @@ def _compile(tmp_path, text, workload=PRODUCTPAGE):
     return compile_yaml(tmp_path, text, workload=workload)
 
 
-def _route(config, host, path="/", method="GET", headers=None):
-    """The RouteAction the proxy would choose (first matching route of the host's virtual host)."""
-    ctx = RequestContext.for_test(method=method, path=path, host=host, headers=headers)
-    vhost = config.routes.lookup(host)
-    if vhost is None:
-        return None
-    return next((route.action for route in vhost.routes if route.match is None or route.match(ctx)), None)
+def _route(config, host, path="/", method="GET", headers=None, port=None):
+    """The RouteAction the proxy would choose for a request sent to ``port`` (None: no port in the Host
+    header), by the built-in routing plugin."""
+    authority = host.encode() if port is None else f"{host}:{port}".encode()
+    ctx = RequestContext.for_test(method=method, path=path, host=host, headers=headers, authority=authority)
+    return mesh_route(ctx=ctx, table=config.routes)
 
 
 def _endpoints(config, name):
@@ -381,8 +381,6 @@ def test_broken_references_compile_with_warnings(tmp_path):
     assert [str(warning) for warning in config.warnings] == [
         f"{path}:14: VirtualService/bookinfo/web: spec.hosts[1]: no ServiceEntry visible to namespace bookinfo "
         "defines host 'web.bookinfo'; did you mean 'web.bookinfo.svc.cluster.local'?",
-        f"{path}:17: VirtualService/bookinfo/web: spec.http[0].route[0].destination: no destination port, and "
-        "'web.bookinfo.svc.cluster.local' has several ports; using the first (80); set destination.port.number",
         f"{path}:17: VirtualService/bookinfo/web: spec.http[0].route[0].destination.subset: no DestinationRule "
         "visible to namespace bookinfo defines subset 'canary' of 'web.bookinfo.svc.cluster.local'; requests "
         "routed here get 503 (NC)",
@@ -391,8 +389,6 @@ def test_broken_references_compile_with_warnings(tmp_path):
         "get 503 (NC) until one does",
         f"{path}:22: VirtualService/bookinfo/web: spec.http[1].route[0].destination.port.number: "
         "'web.bookinfo.svc.cluster.local' has no port 90; its ports are 80, 81",
-        f"{path}:24: VirtualService/bookinfo/web: spec.http[2].route[0].destination: no destination port, and "
-        "'web.bookinfo.svc.cluster.local' has several ports; using the first (80); set destination.port.number",
     ]
     # the routes still exist; their clusters do not, so the proxy answers 503 NC for them
     action = _route(config, "web", "/")
@@ -464,3 +460,61 @@ def test_load_and_compile_reports_all_errors_of_all_files(tmp_path):
         f"{tmp_path}/a.yaml:6: VirtualService/default/a: spec.http[0].route: 'route' must not be empty",
         f"{tmp_path}/b.yaml:2: yaml: while parsing a flow node did not find expected node content",
     ]
+
+
+def test_a_destination_without_a_port_goes_to_the_port_the_request_was_sent_to(tmp_path):
+    """Istio builds the routes of each port: a destination without a port goes to the request's port when the
+    service has it (the first port for any other), with or without a VirtualService; mirrors too."""
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: api, namespace: bookinfo}
+        spec:
+          hosts: [api]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{number: 9080, name: http}, {number: 9090, name: http-admin}, {number: 5432, name: db, protocol: TCP}]
+          endpoints: [{address: 10.0.0.1, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: plain, namespace: bookinfo}
+        spec:
+          hosts: [plain]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{number: 8080, name: http}, {number: 8081, name: http-alt}]
+          endpoints: [{address: 10.0.0.2}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: api, namespace: bookinfo}
+        spec:
+          host: api
+          subsets: [{name: v1, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: api, namespace: bookinfo}
+        spec:
+          hosts: [api]
+          http:
+          - match: [{uri: {prefix: /pinned}}]
+            route: [{destination: {host: api, subset: v1, port: {number: 9080}}}]
+          - route: [{destination: {host: api, subset: v1}}]
+            mirror: {host: plain}
+        """)
+    api, plain = "api.bookinfo.svc.cluster.local", "plain.bookinfo.svc.cluster.local"
+    assert config.warnings == ()
+    assert _route(config, "api", port=9090).clusters == (f"outbound|9090|v1|{api}",)
+    assert _route(config, "api", port=9080).clusters == (f"outbound|9080|v1|{api}",)
+    assert _route(config, "api").clusters == (f"outbound|9080|v1|{api}",)  # port 80: none of its ports
+    assert _route(config, "api", "/pinned", port=9090).clusters == (f"outbound|9080|v1|{api}",)
+    assert _route(config, "api", port=8081).extras.mirrors == ((f"outbound|8081||{plain}", 1.0),)
+    assert _route(config, "plain", port=8081).clusters == (f"outbound|8081||{plain}",)
+    assert _route(config, "plain", port=8080).clusters == (f"outbound|8080||{plain}",)
+    assert _route(config, "plain").clusters == (f"outbound|8080||{plain}",)
+    routes = {vhost["name"]: vhost for vhost in config.dump["routes"]}
+    assert sorted(routes["VirtualService/bookinfo/api"]["ports"]) == ["8080", "8081", "9080", "9090"]
+    assert [cluster["name"] for cluster in routes[plain]["ports"]["8081"][0]["action"]["clusters"]] == [
+        f"outbound|8081||{plain}"]
