@@ -253,3 +253,191 @@ def test_cli_reports_invalid_resources_too(tmp_path, capsys):
     captured = capsys.readouterr()
     assert "weights sum to 0" in captured.out
     assert "validation error(s)" in captured.err
+
+
+STRICT = """
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec:
+  mtls: {mode: STRICT}
+"""
+
+EXTERNAL = """
+apiVersion: networking.istio.io/v1
+kind: ServiceEntry
+metadata: {name: payments, namespace: shop}
+spec:
+  hosts: [payments]
+  resolution: STATIC
+  ports: [{number: 80, name: http, protocol: HTTP}]
+  endpoints:
+  - address: 10.0.0.5
+    labels: {app: payments, security.istio.io/tlsMode: istio}
+"""
+
+
+def test_strict_workload_reached_through_a_mesh_external_entry_gets_plaintext(tmp_path):
+    # a sidecar-labelled endpoint of a MESH_EXTERNAL entry (the default location): no auto mTLS, as in Istio
+    write(tmp_path, "00-services.yaml", SERVICES)
+    write(tmp_path, "01-payments.yaml", EXTERNAL)
+    write(tmp_path, "02-strict.yaml", STRICT)
+    found = [finding for finding in findings_of(tmp_path) if "payments" in finding]
+    assert found == [
+        f"{tmp_path}/02-strict.yaml:5: PeerAuthentication/shop/strict: spec.mtls.mode: STRICT mTLS applies to "
+        "endpoint 10.0.0.5 of ServiceEntry shop/payments, but its clients reach it through ServiceEntry "
+        f"shop/payments ({tmp_path}/01-payments.yaml:1), which is MESH_EXTERNAL (the default location): as in "
+        "Istio, clients use no auto mTLS to a mesh-external service, so they send it plaintext, which STRICT "
+        "refuses. Set location: MESH_INTERNAL on that ServiceEntry (or tls.mode: ISTIO_MUTUAL in a "
+        "DestinationRule for it), or use PERMISSIVE for it"]
+    write(tmp_path, "01-payments.yaml", EXTERNAL.replace("  resolution:", "  location: MESH_INTERNAL\n  resolution:"))
+    assert not any("payments" in finding for finding in findings_of(tmp_path))
+    write(tmp_path, "01-payments.yaml", EXTERNAL + """---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: payments, namespace: shop}
+spec:
+  host: payments
+  trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+""")
+    assert not any("payments" in finding for finding in findings_of(tmp_path))
+
+
+def test_destination_rule_of_an_unrelated_namespace_does_not_apply(tmp_path):
+    # rules in namespace ops apply to the clients of ops only: not to those of shop (the service's namespace)
+    write(tmp_path, "00-services.yaml", SERVICES)
+    write(tmp_path, "01-rules.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews, namespace: ops}
+        spec:
+          host: reviews.shop.svc.cluster.local
+          subsets: [{name: v1, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: legacy, namespace: ops}
+        spec:
+          host: legacy.shop.svc.cluster.local
+          trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+    """)
+    write(tmp_path, "02-routes.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: reviews, namespace: shop}
+        spec:
+          hosts: [reviews]
+          http:
+          - route:
+            - destination: {host: reviews, subset: v1}
+    """)
+    write(tmp_path, "03-strict.yaml", STRICT)
+    found = findings_of(tmp_path)
+    assert found == [
+        f"{tmp_path}/02-routes.yaml:8: VirtualService/shop/reviews: spec.http[0].route[0].destination.subset: "
+        "routes to subset 'v1' of 'reviews.shop.svc.cluster.local', which clients in namespace shop do not get; "
+        "no DestinationRule that applies to them defines subsets for it; "
+        f"DestinationRule ops/reviews ({tmp_path}/01-rules.yaml:1) defines it but does not apply to them: a "
+        "DestinationRule applies only from the client's namespace, else the service's namespace, else the root "
+        "namespace (istio-system), as exportTo allows, and rules of one host and namespace with different "
+        "exportTo are not merged; their requests routed here get 503 (NC)",
+        f"{tmp_path}/03-strict.yaml:5: PeerAuthentication/shop/strict: spec.mtls.mode: STRICT mTLS applies to "
+        "endpoint 10.0.0.9 of ServiceEntry shop/legacy, which has no sidecar (no label "
+        "security.istio.io/tlsMode: istio): clients in namespace shop send it plaintext, which STRICT refuses, "
+        "and it cannot call STRICT workloads itself. Label it if it runs a sidecar, or use PERMISSIVE for it",
+    ]
+
+
+def test_destination_rules_of_one_host_and_namespace_are_merged(tmp_path):
+    # merged as Istio does: the subsets of both rules, the trafficPolicy of the first (by name) only
+    write(tmp_path, "00-services.yaml", SERVICES)
+    write(tmp_path, "01-rules.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: legacy-a, namespace: shop}
+        spec:
+          host: legacy
+          trafficPolicy: {loadBalancer: {simple: RANDOM}}
+          subsets: [{name: old, labels: {app: legacy}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: legacy-b, namespace: shop}
+        spec:
+          host: legacy
+          trafficPolicy: {tls: {mode: ISTIO_MUTUAL}}
+          subsets: [{name: new, labels: {app: legacy}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews-a, namespace: shop}
+        spec:
+          host: reviews
+          trafficPolicy: {loadBalancer: {simple: RANDOM}}
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews-b, namespace: shop}
+        spec:
+          host: reviews
+          trafficPolicy: {tls: {mode: DISABLE}}
+    """)
+    write(tmp_path, "02-routes.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: legacy, namespace: shop}
+        spec:
+          hosts: [legacy]
+          http:
+          - route:
+            - destination: {host: legacy, subset: new}
+    """)
+    write(tmp_path, "03-strict.yaml", STRICT)
+    found = findings_of(tmp_path)
+    # legacy-b's ISTIO_MUTUAL is not used: clients send plaintext; its subset "new" is;
+    # reviews-b's DISABLE is not used either: the STRICT endpoints of reviews get mTLS
+    assert found == [
+        f"{tmp_path}/03-strict.yaml:5: PeerAuthentication/shop/strict: spec.mtls.mode: STRICT mTLS applies to "
+        "endpoint 10.0.0.9 of ServiceEntry shop/legacy, which has no sidecar (no label "
+        "security.istio.io/tlsMode: istio): clients send it plaintext, which STRICT refuses, and it cannot "
+        "call STRICT workloads itself. Label it if it runs a sidecar, or use PERMISSIVE for it",
+    ]
+
+
+def test_destination_rules_with_different_export_to_are_not_merged(tmp_path):
+    # Istio merges the rules of one host and namespace only when their exportTo are the same: a client of
+    # shop gets the last one (by name), without the other's subset
+    write(tmp_path, "00-services.yaml", SERVICES)
+    write(tmp_path, "01-rules.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews, namespace: shop}
+        spec:
+          host: reviews
+          subsets: [{name: v1, labels: {version: v1}}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: DestinationRule
+        metadata: {name: reviews-v2, namespace: shop}
+        spec:
+          host: reviews
+          exportTo: ["*"]
+          subsets: [{name: v2, labels: {version: v2}}]
+    """)
+    write(tmp_path, "02-routes.yaml", """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: reviews, namespace: shop}
+        spec:
+          hosts: [reviews]
+          http:
+          - route:
+            - destination: {host: reviews, subset: v1}
+              weight: 50
+            - destination: {host: reviews, subset: v2}
+              weight: 50
+    """)
+    found = findings_of(tmp_path)
+    assert len(found) == 1
+    assert ("VirtualService/shop/reviews: spec.http[0].route[0].destination.subset: routes to unknown subset 'v1' "
+            "of 'reviews.shop.svc.cluster.local'; defined subsets: v2; DestinationRule shop/reviews") in found[0]
