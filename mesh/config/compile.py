@@ -175,13 +175,11 @@ class _Compiler:
         entries = self._visible(ServiceEntry)
         rules = _RuleIndex([obj for obj in self.objects if isinstance(obj, DestinationRule)], self.root_namespace)
         self.local_services = self._services(entries, rules)
-        self.services = self.local_services if scope is None else {
-            host: service for host, service in self.local_services.items()
-            if scope.imports(service.entry.namespace, host)}
-        for service in self.services.values():
-            self._add_clusters(service)
         virtual_services = [vs for vs in self._visible(VirtualService)
                             if scope is None or scope.imports_any(vs.namespace, vs.hosts)]
+        self.services = self.local_services if scope is None else self._scoped_services(scope, virtual_services)
+        for service in self.services.values():
+            self._add_clusters(service)
         for_mesh = [vs for vs in virtual_services if bound(vs.gateways, MESH)]
         routes = self._route_table(for_mesh)
         l4, l4_dump = compile_l4(self, for_mesh)
@@ -217,6 +215,17 @@ class _Compiler:
                            gateway=gateway, sources=tuple(sorted({obj.source.file for obj in self.objects})),
                            dump=dump,
                            warnings=tuple(sorted(self.warnings, key=lambda w: (w.file, w.line))))
+
+    def _scoped_services(self, scope, virtual_services) -> dict:
+        """The services of :attr:`local_services` a Sidecar's ``scope`` imports: those of its egress hosts,
+        then those its VirtualServices route to (:meth:`mesh.config.sidecar.EgressScope.inferred`)."""
+        services = {host: service for host, service in self.local_services.items()
+                    if scope.imports(service.entry.namespace, host)}
+        local = self.local_services
+        for host in scope.inferred(virtual_services, lambda host: [port.number for port in local[host].entry.ports]
+                                   if host in local else None):
+            services.setdefault(host, local[host])
+        return services
 
     def _warn(self, obj, path: tuple, reason: str) -> None:
         """Report a warning about ``obj``'s field ``path``, once (several compile passes may find it)."""

@@ -116,15 +116,16 @@ def test_two_namespace_defaults_warn_and_the_first_by_name_applies(tmp_path):
     ("egress: [{hosts: ['./*'], bind: 0.0.0.0}]", ("spec", "egress", 0, "bind"), "--outbound-address"),
     ("egress: [{hosts: ['./*']}, {hosts: ['*/*']}]", ("spec", "egress"), "one egress listener"),
     ("egress: [{}]", ("spec", "egress", 0, "hosts"), "required"),
-    ("{}", ("spec", "egress"), "required"),
+    ("{}", ("spec",), "empty Sidecar"),
+    ("{workloadSelector: {labels: {app: a}}}", ("spec",), "set egress hosts, or outboundTrafficPolicy"),
     ("{egress: [{hosts: ['./*']}], ingress: [{port: {number: 80}}]}", ("spec", "ingress"), "--app-port"),
     ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: REGISTRY_ONLY, egressProxy: {host: eg}}}",
      ("spec", "outboundTrafficPolicy", "egressProxy"), "remove egressProxy"),
     ("{egress: [{hosts: ['./*']}], outboundTrafficPolicy: {mode: DENY}}", ("spec", "outboundTrafficPolicy", "mode"),
      "REGISTRY_ONLY"),
     ("{egress: [{hosts: ['./*']}], inboundConnectionPool: {}}", ("spec", "inboundConnectionPool"), "remove it"),
-], ids=["no-namespace", "bad-namespace", "bad-host", "port", "bind", "two-listeners", "no-hosts", "no-egress",
-        "ingress", "egress-proxy", "bad-mode", "inbound-pool"])
+], ids=["no-namespace", "bad-namespace", "bad-host", "port", "bind", "two-listeners", "no-hosts", "empty",
+        "only-selector", "ingress", "egress-proxy", "bad-mode", "inbound-pool"])
 def test_invalid_sidecars_name_the_field_and_what_to_do(tmp_path, spec, field, words):
     if not spec.startswith("{"):
         spec = "{" + spec + "}"
@@ -163,3 +164,111 @@ def test_destination_rules_follow_the_services_sent(tmp_path):
     sent = _sent(tmp_path, _sidecar("shop", '["*/httpbin.org"]') + rules)
     assert [name for name in sent if name.startswith("DestinationRule")] == [
         "DestinationRule/shop/all", "DestinationRule/shop/external", "DestinationRule/shop/reviews"]
+
+
+# -- '.' is the workload's namespace (Istio's ConvertToSidecarScope builds the scope for it) ---------------
+
+ROOT_DOT = _sidecar("istio-system", '["./*"]')
+
+
+def test_dot_in_the_root_default_is_each_workloads_own_namespace(tmp_path):
+    config = _compile(tmp_path, ROOT_DOT)
+    assert _services(config) == sorted(["frontend.shop.svc.cluster.local", REVIEWS, RATINGS])
+    assert config.routes.lookup("ratings") is not None  # shop's VirtualService is imported too
+    client = Workload("client", "egress", {"app": "client"}, "client")
+    assert _services(_compile(tmp_path, ROOT_DOT, client)) == ["httpbin.org"]
+
+
+def test_a_short_name_under_dot_is_completed_in_the_workloads_namespace(tmp_path):
+    assert _services(_compile(tmp_path, _sidecar("istio-system", '["./reviews"]'))) == [REVIEWS]
+
+
+def test_the_control_plane_resolves_dot_for_each_proxy(tmp_path):
+    assert _sent(tmp_path, ROOT_DOT) == ["ServiceEntry/shop/frontend", "ServiceEntry/shop/ratings",
+                                         "ServiceEntry/shop/reviews", "Sidecar/istio-system/default",
+                                         "VirtualService/shop/ratings"]
+
+
+# -- gateways: no Sidecar applies (Istio: "Gateways should just have a default scope with egress: */*") ----
+
+def test_sidecars_do_not_apply_to_gateways(tmp_path):
+    text = _sidecar("istio-system", '["egress/*"]') + "---\n" + _sidecar("shop", '["./reviews"]')
+    gateway = Workload("ingress", "shop", {"istio": "ingressgateway"}, "ingress", gateway=True)
+    assert _services(_compile(tmp_path, text, gateway)) == sorted(
+        ["frontend.shop.svc.cluster.local", REVIEWS, RATINGS, "httpbin.org"])
+    sent = _sent(tmp_path, text, gateway)
+    assert "ServiceEntry/egress/httpbin" in sent and "VirtualService/shop/ratings" in sent
+    assert not [name for name in sent if name.startswith("Sidecar/")]
+
+
+# -- the destinations of the VirtualServices a Sidecar imports are imported (Istio: virtualServiceDestinations) -
+
+def _reviews_vs(pay_route, extra=""):
+    """shop's VirtualService for reviews: ``pay_route`` (an http entry, flow YAML) first, then reviews."""
+    return ("apiVersion: networking.istio.io/v1\nkind: VirtualService\nmetadata: {name: reviews, namespace: shop}\n"
+            f"spec:\n  hosts: [reviews]\n{extra}  http:\n  - {pay_route}\n"
+            "  - route: [{destination: {host: reviews}}]\n")
+
+
+PAY = "{match: [{uri: {prefix: /pay}}], route: [{destination: {host: httpbin.org}}]}"
+
+
+@pytest.mark.parametrize("pay_route, extra", [
+    (PAY, ""),
+    ("{match: [{uri: {prefix: /pay}}], route: [{destination: {host: httpbin.org, port: {number: 80}}}]}", ""),
+    ("{match: [{sourceNamespace: shop}], route: [{destination: {host: httpbin.org}}]}", ""),
+    ("{match: [{sourceNamespace: other}, {uri: {prefix: /pay}}], route: [{destination: {host: httpbin.org}}]}", ""),
+    ("{route: [{destination: {host: reviews}}], mirror: {host: httpbin.org}}", ""),
+    (PAY, "  gateways: [mesh, shop/gw]\n"),
+], ids=["route", "route-port", "source-namespace", "one-match-applies", "mirror", "mesh-and-gateway"])
+def test_the_destinations_of_an_imported_virtual_service_are_imported(tmp_path, pay_route, extra):
+    text = _sidecar("shop", '["./*"]') + "---\n" + _reviews_vs(pay_route, extra)
+    config = _compile(tmp_path, text)
+    assert _services(config) == sorted(["frontend.shop.svc.cluster.local", REVIEWS, RATINGS, "httpbin.org"])
+    assert config.clusters["outbound|80||httpbin.org"].endpoints[0].address == "127.0.0.13"
+    assert "ServiceEntry/egress/httpbin" in _sent(tmp_path, text)
+
+
+@pytest.mark.parametrize("sidecar_hosts, pay_route, extra", [
+    ('["./ratings"]', PAY, ""),
+    ('["./*"]', "{match: [{uri: {prefix: /pay}}], route: [{destination: {host: httpbin.org, "
+                "port: {number: 8443}}}]}", ""),
+    ('["./*"]', "{match: [{sourceNamespace: other}], route: [{destination: {host: httpbin.org}}]}", ""),
+    ('["./*"]', PAY, "  gateways: [shop/gw]\n"),
+], ids=["virtual-service-not-imported", "port-it-lacks", "other-source-namespace", "gateway-only"])
+def test_destinations_istio_does_not_infer_stay_out(tmp_path, sidecar_hosts, pay_route, extra):
+    text = _sidecar("shop", sidecar_hosts) + "---\n" + _reviews_vs(pay_route, extra)
+    assert "httpbin.org" not in _services(_compile(tmp_path, text))
+    assert "ServiceEntry/egress/httpbin" not in _sent(tmp_path, text)
+
+
+def test_an_inferred_host_is_the_service_the_workload_sees(tmp_path):
+    # httpbin.org also in 'aaa' (exported to aaa only) and 'zzz': Istio takes the first namespace by name
+    # that exports it to the workload's namespace, as the compiler's registry does
+    hidden = _service("httpbin", "aaa", "httpbin.org", 80, "127.0.0.21").replace(
+        "  resolution: STATIC", "  exportTo: ['.']\n  resolution: STATIC")
+    text = (hidden + _service("httpbin", "zzz", "httpbin.org", 80, "127.0.0.22")
+            + _sidecar("shop", '["./*"]') + "---\n" + _reviews_vs(PAY))
+    config = _compile(tmp_path, text)
+    assert config.clusters["outbound|80||httpbin.org"].endpoints[0].address == "127.0.0.13"
+    sent = _sent(tmp_path, text)
+    assert "ServiceEntry/egress/httpbin" in sent
+    assert "ServiceEntry/zzz/httpbin" not in sent and "ServiceEntry/aaa/httpbin" not in sent
+
+
+# -- egress and outboundTrafficPolicy defaults ------------------------------------------------------------
+
+def test_a_sidecar_without_egress_imports_everything(tmp_path):
+    text = ("apiVersion: networking.istio.io/v1\nkind: Sidecar\nmetadata: {name: default, namespace: shop}\n"
+            "spec:\n  outboundTrafficPolicy: {mode: REGISTRY_ONLY}\n")
+    config = _compile(tmp_path, text)
+    assert _services(config) == sorted(["frontend.shop.svc.cluster.local", REVIEWS, RATINGS, "httpbin.org"])
+    assert config.outbound_traffic_policy == "REGISTRY_ONLY"
+
+
+@pytest.mark.parametrize("policy, mode", [("{}", "REGISTRY_ONLY"), ("{mode: ALLOW_ANY}", "ALLOW_ANY"),
+                                          ("null", None)], ids=["no-mode", "allow-any", "null"])
+def test_outbound_traffic_policy_without_mode_is_registry_only(tmp_path, policy, mode):
+    """Istio's OutboundTrafficPolicy.Mode enum: REGISTRY_ONLY = 0, its value when mode is not set."""
+    text = _sidecar("shop", '["*/*"]') + f"  outboundTrafficPolicy: {policy}\n"
+    assert _compile(tmp_path, text).outbound_traffic_policy == mode
