@@ -80,7 +80,7 @@ class RequestView(Protocol):
     Filled in as the request proceeds: ``route`` (the route action chosen),
     ``cluster`` (its name) and ``upstream_host`` (``"ip:port"``), ``attempts``,
     ``response_code`` (0 until a response starts), ``response_flags``
-    (``"UF,URX"``, see :data:`RESPONSE_FLAGS`), ``error``, ``bytes_received``
+    (``"URX,UF"``: in the order set, as Envoy 1.30+; see :data:`RESPONSE_FLAGS`), ``error``, ``bytes_received``
     / ``bytes_sent`` (body bytes from / to the downstream), ``upstream_start``,
     ``upstream_time``, ``authz_policy`` (the AuthorizationPolicy that decided),
     ``authz_dry_run``, ``request_auth`` (inbound, set before ``mesh_authorize``: None, or

@@ -61,7 +61,8 @@ class RequestContext(PluginExtra):
     - ``cluster``: name of the cluster chosen; ``upstream_host``: ``"ip:port"``
     - ``attempts``: tries made so far
     - ``response_code``: status sent downstream (0 until a response starts)
-    - ``response_flags``: Envoy-style flags, e.g. ``"UF,URX"`` (``""`` if none)
+    - ``response_flags``: Envoy-style flags in the order they were set, e.g. ``"URX,UF"``
+      (``""`` if none; see :meth:`add_flag`)
     - ``error``: a short human-readable reason when the proxy generated the
       response
     - ``bytes_received`` / ``bytes_sent``: body bytes from / to the downstream
@@ -156,7 +157,13 @@ class RequestContext(PluginExtra):
         return int(port) if colon and port.isdigit() and not authority.endswith(b"]") else 80
 
     def add_flag(self, flag: str) -> None:
-        """Record an Envoy-style response flag (UF, UH, UT, URX, NR, ...)."""
+        """Record an Envoy-style response flag (UF, UH, UT, URX, NR, ...), once, after those already set.
+
+        Set order is Envoy's since 1.30 (Istio 1.22): ``StreamInfoImpl::setResponseFlag`` appends to a
+        vector and ``ResponseFlagUtils::toShortString`` joins it as it is, so the router's ``URX``
+        (retries spent) comes before the last try's ``UF``/``UT``/``UC``: ``URX,UF``.  Envoy 1.29 and
+        older sorted by flag bit (``UF,URX``); do not sort here.
+        """
         if not self.response_flags:
             self.response_flags = flag
         elif flag not in self.response_flags.split(","):

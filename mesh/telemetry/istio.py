@@ -34,6 +34,7 @@ from mesh import hookimpl
 from mesh.telemetry.guard import FailureLog
 from mesh.telemetry.peers import (
     PEER_METADATA,
+    PSEUDO_CLUSTERS,
     UNKNOWN,
     ConfigCache,
     namespace_of,
@@ -138,6 +139,7 @@ class IstioMetrics(Collector):
         self._retries = {}  # cluster -> retries
         self._dry_run = {}  # (authz_dry_run_action, authz_dry_run_result) -> requests
         self._tcp = {}  # (direction, cluster, flags, upstream, peer) -> [opened, closed, sent bytes, received bytes]
+        self._inbound_index = self._inbound_labels = None  # the SnapshotIndex the inbound service labels are of
         self._failed = FailureLog("builtin.metrics")
 
     @hookimpl
@@ -146,9 +148,8 @@ class IstioMetrics(Collector):
             grpc = ctx.grpc
             # the grpc_response_status of the key: None for HTTP, "" for gRPC without a status, else the status
             grpc_status = None if grpc is None else ("" if grpc.status is None else grpc.status)
-            series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.host,
-                                       ctx.response_code, ctx.response_flags, ctx.get_extra(PEER_METADATA),
-                                       grpc_status))
+            series = self._by_key.get((ctx.direction, ctx.cluster, ctx.upstream_host, ctx.peer, ctx.response_code,
+                                       ctx.response_flags, ctx.get_extra(PEER_METADATA), grpc_status))
             series.observe(outcome.duration * 1000.0, ctx.bytes_received, ctx.bytes_sent)
             if grpc is not None:
                 series.request_messages += grpc.request_messages
@@ -235,22 +236,22 @@ class IstioMetrics(Collector):
 
     def _tcp_labels(self, index, direction, cluster, flags, upstream_host, peer) -> tuple:
         """Labels of TCP connections: as a request's on the outbound side (the endpoint connected to tells
-        the destination principal); inbound, the caller's identity and the service the app serves.  A
-        passthrough pseudo-cluster is the destination service (as in Istio).  The peer's workload labels
-        stay ``unknown``: no metadata is exchanged on TCP connections."""
+        the destination principal); inbound, the caller's identity and the service the app serves
+        (:meth:`_inbound_service`).  A passthrough pseudo-cluster is the destination service (as in Istio).
+        The peer's workload labels stay ``unknown``: no metadata is exchanged on TCP connections."""
         if direction == "outbound":
             values = self._source_labels(index, cluster, upstream_host, None)
         else:
-            values = self._destination_labels(index, peer, index.inbound_service(cluster), None)
+            values = self._destination_labels(index, peer, self._inbound_service(index, cluster), None)
         return values + ("tcp", flags or "-")
 
     def _bind(self, key, index) -> Series:
         """Work out the labels of a new key and find (or start) its series."""
-        direction, cluster, upstream_host, peer, host, code, flags, metadata, grpc_status = key
+        direction, cluster, upstream_host, peer, code, flags, metadata, grpc_status = key
         if direction == "outbound":
             values = self._source_labels(index, cluster, upstream_host, metadata)
         else:
-            values = self._destination_labels(index, peer, host, metadata)
+            values = self._destination_labels(index, peer, self._inbound_service(index, cluster), metadata)
         values += ("http" if grpc_status is None else "grpc", str(code), flags or "-",
                    "" if grpc_status is None else str(grpc_status))
         series = self._series.get(values)
@@ -282,12 +283,30 @@ class IstioMetrics(Collector):
                 app, version, canonical_service, canonical_revision,
                 UNKNOWN)
 
-    def _destination_labels(self, index, peer, host, metadata) -> tuple:
+    def _inbound_service(self, index, cluster) -> tuple:
+        """``(destination_service, destination_service_name, destination_service_namespace)`` on the inbound
+        side, never from the Host header (Istio turns its Host fallback off for inbound listeners): the
+        service the app serves (``index.app_service``, as Istio reads ``istio.services[0]`` of the inbound
+        cluster), else the workload's canonical service, in the workload's namespace either way.  A
+        passthrough pseudo-cluster is its own.  Worked out once per config."""
+        if cluster in PSEUDO_CLUSTERS:
+            return service_labels(cluster)
+        if index is not self._inbound_index:
+            own, host = self._own, index.app_service
+            if host:
+                service, service_name, _ = service_labels(host)
+            else:
+                service = service_name = own.canonical_service
+            self._inbound_index, self._inbound_labels = index, (service, service_name, own.namespace)
+        return self._inbound_labels
+
+    def _destination_labels(self, index, peer, service, metadata) -> tuple:
         """Peer labels on the inbound side: ``peer`` (a SPIFFE id, or None for plaintext) calls this
-        workload, and announced ``metadata`` (a :class:`mesh.telemetry.peers.PeerMetadata`, or None)."""
+        workload, and announced ``metadata`` (a :class:`mesh.telemetry.peers.PeerMetadata`, or None);
+        ``service`` is :meth:`_inbound_service`."""
         own = self._own
         own_identity = self._peers.own_identity() if peer else None
-        service, service_name, service_namespace = service_labels(index.resolve_host(host, own.namespace))
+        service, service_name, service_namespace = service
         source = metadata or (UNKNOWN, namespace_of(peer) or UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN, UNKNOWN)
         workload, namespace, app, version, canonical_service, canonical_revision = source
         return ("destination",

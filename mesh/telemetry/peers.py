@@ -70,7 +70,7 @@ class PeerDirectory:
 
 
 class SnapshotIndex:
-    """Lookups over one config snapshot: endpoints by address, services by cluster and by Host."""
+    """Lookups over one config snapshot: endpoints by address, services by cluster."""
 
     def __init__(self, snapshot):
         clusters = snapshot.clusters if snapshot is not None else {}
@@ -79,7 +79,6 @@ class SnapshotIndex:
         self.services = {name: cluster.spec.service for name, cluster in clusters.items()
                          if name.startswith("outbound|")}
         self.services.update(PSEUDO_CLUSTERS)
-        self._hosts = frozenset(self.services.values())
         #: the host of the service the workload serves (``ProxyConfig.app_service``), or None
         self.app_service = getattr(getattr(snapshot, "config", None), "app_service", None)
         #: Clusters whose every endpoint is a sidecar reached over mTLS (each has an expected identity).
@@ -90,27 +89,6 @@ class SnapshotIndex:
     def endpoint(self, cluster, host_port):
         """The :class:`mesh.config.tables.EndpointSpec` a request went to, or None."""
         return self.endpoints.get((cluster, host_port))
-
-    def inbound_service(self, cluster):
-        """The destination service of an inbound TCP connection to ``cluster``: a passthrough pseudo-cluster
-        is its own, a connection to the app port the service the app serves (None: unknown)."""
-        return PSEUDO_CLUSTERS.get(cluster, self.app_service)
-
-    def resolve_host(self, host, namespace):
-        """The mesh service a Host header names, or None.
-
-        Exact service hosts match, and so do Kubernetes short forms (``reviews``,
-        ``reviews.ns``) when they name one service, preferring ``namespace``.
-        """
-        if not host:
-            return None
-        if host in self._hosts:
-            return host
-        prefix = host + "."
-        candidates = [service for service in self._hosts if service.startswith(prefix)]
-        if len(candidates) > 1:
-            candidates = [service for service in candidates if service_labels(service)[2] == namespace]
-        return candidates[0] if len(candidates) == 1 else None
 
 
 def service_labels(host) -> tuple:

@@ -47,3 +47,20 @@ def test_none_and_unknown_flags():
 def test_every_entry_says_what_to_do():
     for code, flag in response_flags.FLAGS.items():
         assert flag.code == code and flag.name and flag.meaning and flag.what_to_do
+
+
+def test_flags_are_written_in_the_order_set_as_envoy_does():
+    """Envoy 1.30+ (Istio 1.22+) joins its flags in the order they were set (StreamInfoImpl keeps them in a
+    vector; toShortString does not sort): retries spent on a dead endpoint are ``URX,UF``, as the router
+    sets URX before the last try's UF.  Envoy 1.29 and older sorted them by bit (``UF,URX``)."""
+    from mesh.proxy.context import RequestContext
+
+    ctx = RequestContext.for_test()
+    ctx.add_flag("UF")
+    assert ctx.response_flags == "UF"  # one flag: as it is
+    ctx.add_flag("UF")
+    assert ctx.response_flags == "UF"  # once
+    ctx = RequestContext.for_test()
+    for flag in ("DI", "URX", "UF", "URX"):
+        ctx.add_flag(flag)
+    assert ctx.response_flags == "DI,URX,UF"

@@ -113,23 +113,46 @@ def test_destination_labels_of_an_mtls_caller(metrics):
     assert (labels["destination_workload"], labels["destination_app"], labels["destination_version"]) == \
         ("productpage", "productpage", "v1")
     assert labels["destination_principal"] == OWN_ID
-    assert (labels["destination_service"], labels["destination_service_name"]) == (REVIEWS, "reviews")
+    # no ServiceEntry leads to productpage: its canonical service, as Istio's inbound fallback
+    assert (labels["destination_service"], labels["destination_service_name"],
+            labels["destination_service_namespace"]) == ("productpage", "productpage", "bookinfo")
     assert labels["connection_security_policy"] == "mutual_tls"
 
 
-@pytest.mark.parametrize("host, service", [
-    (REVIEWS, REVIEWS),
-    ("reviews", REVIEWS),
-    ("api.example.com", "api.example.com"),
-    ("evil.example", "unknown"),
-])
-def test_destination_service_is_a_known_service_or_unknown(metrics, host, service):
-    ctx = inbound(200, peer=None, host=host)
-    metrics.mesh_request_complete(ctx, done(ctx))
-    [(labels, _)] = requests_total(metrics)
-    assert labels["destination_service"] == service
+INBOUND_SERVICE = ("productpage.bookinfo.svc.cluster.local", "productpage", "bookinfo")
+INBOUND_HOSTS = (REVIEWS, "reviews", "api.example.com", "evil.example", "127.0.0.1:9080", "shop.example.com", "")
+
+
+def _inbound_services(metrics) -> set:
+    return {(labels["destination_service"], labels["destination_service_name"], labels["destination_service_namespace"])
+            for labels, _ in requests_total(metrics) if labels["reporter"] == "destination"}
+
+
+def test_the_inbound_service_is_the_one_the_app_serves_whatever_the_host_header():
+    """Istio reads it from the inbound cluster (istio.services[0]), with no Host fallback on inbound: an IP
+    Host, or a public name behind an ingress gateway, still counts for the app's service."""
+    runtime = bookinfo_runtime()
+    config = load_and_compile(BOOKINFO, PRODUCTPAGE)[0]
+    runtime.apply(dataclasses.replace(config, app_service=INBOUND_SERVICE[0]))
+    metrics = IstioMetrics(PRODUCTPAGE, peers(runtime))
+    for host in INBOUND_HOSTS:
+        ctx = inbound(200, peer=None, host=host)
+        metrics.mesh_request_complete(ctx, done(ctx))
+    assert _inbound_services(metrics) == {INBOUND_SERVICE}
+    [(labels, value)] = requests_total(metrics)
+    assert value == len(INBOUND_HOSTS)  # one series: the Host header is no part of the labels
     assert (labels["connection_security_policy"], labels["source_principal"], labels["destination_principal"]) == \
         ("none", "unknown", "unknown")
+    runtime.apply(config)  # a new config without the app's service: the labels are worked out again
+    metrics.mesh_request_complete(inbound(200, peer=None, host=REVIEWS), done(inbound(200)))
+    assert _inbound_services(metrics) == {INBOUND_SERVICE, ("productpage", "productpage", "bookinfo")}
+
+
+def test_without_a_service_the_inbound_service_is_the_canonical_one(metrics):
+    for host in INBOUND_HOSTS:
+        ctx = inbound(200, peer=None, host=host)
+        metrics.mesh_request_complete(ctx, done(ctx))
+    assert _inbound_services(metrics) == {("productpage", "productpage", "bookinfo")}
 
 
 def test_histograms_use_istio_buckets_and_milliseconds(metrics):

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
-from mesh.telemetry.peers import ConfigCache, SnapshotIndex, namespace_of, service_labels
+from mesh.telemetry.peers import ConfigCache, namespace_of, service_labels
 from tests.unit.test_telemetry_support import REVIEWS, bookinfo_runtime, peers
 
 
@@ -27,15 +25,6 @@ def test_service_labels(host, labels):
 ])
 def test_namespace_of(principal, namespace):
     assert namespace_of(principal) == namespace
-
-
-def test_resolve_host_prefers_the_own_namespace_when_a_short_name_is_ambiguous():
-    services = ("cart.a.svc.cluster.local", "cart.b.svc.cluster.local")
-    index = SnapshotIndex(SimpleNamespace(clusters={f"outbound|80||{host}": SimpleNamespace(
-        spec=SimpleNamespace(service=host), endpoints=()) for host in services}))
-    assert index.resolve_host("cart", "b") == "cart.b.svc.cluster.local"
-    assert index.resolve_host("cart", "c") is None
-    assert index.resolve_host("cart.a", "b") == "cart.a.svc.cluster.local"
 
 
 def test_config_cache_builds_once_per_key_and_config_and_stays_bounded():
