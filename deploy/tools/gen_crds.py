@@ -219,7 +219,7 @@ SIDECAR = obj({
     "egress": array(obj({"hosts": STRINGS}, required=("hosts",)), maxItems=1,
                     description="One listener without port; hosts are namespace/dnsName."),
     "outboundTrafficPolicy": obj({"mode": enum("ALLOW_ANY", "REGISTRY_ONLY")}),
-}, required=("egress",))
+}, minProperties=1)
 
 TLS_VERSION = enum("TLS_AUTO", "TLSV1_2", "TLSV1_3")
 GATEWAY = obj({
