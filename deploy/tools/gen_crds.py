@@ -211,6 +211,7 @@ REQUEST_AUTHENTICATION = obj({
         "outputClaimToHeaders": array(obj({"header": STR, "claim": STR}, required=("header", "claim"))),
         "forwardOriginalToken": BOOL,
         "timeout": DURATION,
+        "spaceDelimitedClaims": STRINGS,
     }, required=("issuer",), description="jwksUri or jwks (txmesh does not discover keys from the issuer).")),
 })
 

@@ -29,7 +29,11 @@ Request attributes, as Istio reads them:
   request's verified JWT (None without one, so they never match and their
   not-forms always do).  The principal is ``iss/sub``; audiences (``aud``)
   and a claim may be lists, which match when any string in them does; a claim
-  that is neither a string nor a list of strings never matches.
+  that is neither a string nor a list of strings never matches.  Claims are
+  read as Envoy's payload metadata has them: ``scope``, ``permission`` and the
+  rule's ``spaceDelimitedClaims`` are already split on spaces into lists
+  (:class:`mesh.proxy.authn.RequestAuth`), so ``scope: "read write"`` matches
+  ``read``.
 - **port**: the workload's app port.  When it is unknown, a port condition
   fails closed as Istio does with attributes it cannot evaluate: it matches in
   a DENY rule and does not in an ALLOW rule.  Rules compiled for TCP
@@ -213,7 +217,8 @@ def _header_reader(name: str) -> Callable:
 
 
 def _claim_reader(path: tuple) -> Callable:
-    """The value of claim ``path`` (nested names) of the request's verified JWT, or None."""
+    """The value of claim ``path`` (nested names) of the request's verified JWT, or None (its space-delimited
+    claims are lists already: :class:`mesh.proxy.authn.RequestAuth`)."""
     def read(ctx, peer):
         auth = ctx.request_auth
         value = None if auth is None else auth.claims

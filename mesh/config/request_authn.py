@@ -10,9 +10,9 @@ key set from the issuer by OpenID Connect discovery).
 :func:`compile_request_authn` merges the ``jwtRules`` of every
 RequestAuthentication that applies to a workload, as Istio does (the
 workload's namespace and the root namespace, by selector), into one
-:class:`RequestAuthn`: where tokens are looked for (headers, query
-parameters, cookies) and, for each place, the :class:`JwtProvider` (one per
-rule) that may have put a token there.  :func:`parse_jwks` turns a JSON Web
+:class:`RequestAuthn`: one :class:`JwtProvider` per rule, in the order Istio
+gives Envoy's providers (by issuer), each with the places it reads tokens from
+(headers, query parameters, cookies).  :func:`parse_jwks` turns a JSON Web
 Key Set into :class:`JwtKey` objects; the sidecar uses it for inline ``jwks``
 and for the sets it fetches from ``jwksUri`` (:mod:`mesh.proxy.authn`).
 
@@ -35,12 +35,15 @@ DEFAULT_JWKS_TIMEOUT = 5.0
 #: Where tokens are looked for when a rule names no location (Envoy's and Istio's defaults).
 DEFAULT_HEADER = ("authorization", "Bearer ")
 DEFAULT_PARAM = "access_token"
+#: Claims Istio always has Envoy split on spaces for authorization (``buildSpaceDelimitedClaims``), besides a
+#: rule's ``spaceDelimitedClaims``.
+SPACE_DELIMITED_CLAIMS = frozenset({"permission", "scope"})
 #: JWS algorithms by key type; ``crv`` narrows EC keys to one algorithm each.
 ALGORITHMS = {"RSA": frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512"}),
               "EC": frozenset({"ES256", "ES384", "ES512"}), "OKP": frozenset({"EdDSA"})}
 _EC_CURVES = {"P-256": "ES256", "P-384": "ES384", "P-521": "ES512"}
 _RULE = {"issuer", "audiences", "jwksUri", "jwks", "fromHeaders", "fromParams", "fromCookies",
-         "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout"}
+         "outputPayloadToHeader", "outputClaimToHeaders", "forwardOriginalToken", "timeout", "spaceDelimitedClaims"}
 _POLICY_UNSUPPORTED = {
     "targetRef": "policies attached to Gateway API resources are not supported; use selector",
     "targetRefs": "policies attached to Gateway API resources are not supported; use selector",
@@ -60,6 +63,8 @@ class JwtRule:
     the inline key set's JSON text; ``output_claim_to_headers`` holds
     ``(lower-case header, claim path)`` pairs, the path a tuple of names
     (``nested.key`` is ``("nested", "key")``).  ``timeout`` is in seconds.
+    ``space_delimited_claims`` are the rule's ``spaceDelimitedClaims`` (``scope`` and
+    ``permission`` are split whatever it says).
     """
 
     issuer: str
@@ -73,6 +78,7 @@ class JwtRule:
     output_claim_to_headers: tuple = ()
     forward_original_token: bool = False
     timeout: float = DEFAULT_JWKS_TIMEOUT
+    space_delimited_claims: tuple = ()
 
 
 @dataclass(frozen=True)
@@ -117,7 +123,8 @@ def _rule(f: Fields) -> JwtRule | None:
                    from_cookies=tuple(dict.fromkeys(text for _, text in f.strings("fromCookies"))),
                    output_payload_to_header=output or None, output_claim_to_headers=claims,
                    forward_original_token=f.boolean("forwardOriginalToken"),
-                   timeout=DEFAULT_JWKS_TIMEOUT if timeout is None else timeout)
+                   timeout=DEFAULT_JWKS_TIMEOUT if timeout is None else timeout,
+                   space_delimited_claims=tuple(dict.fromkeys(text for _, text in f.strings("spaceDelimitedClaims"))))
     return rule if issuer else None
 
 
@@ -259,11 +266,16 @@ def _key(entry: dict) -> tuple:
 
 @dataclass(frozen=True, slots=True)
 class JwtProvider:
-    """One ``jwtRules`` entry as the sidecar reads it.
+    """One ``jwtRules`` entry as the sidecar reads it (an Envoy ``JwtProvider`` as Istio writes it).
 
-    ``name`` is ``NS/NAME[i]``; ``audiences`` a frozenset (empty: not
-    checked, as in Envoy); ``keys`` the inline key set's :class:`JwtKey`
-    tuple, or None when they come from ``jwks_uri``.
+    ``name`` is ``NS/NAME[i]``; ``audiences`` a frozenset of audiences as
+    Envoy compares them (:func:`sanitize_audience`; empty: not checked);
+    ``keys`` the inline key set's :class:`JwtKey` tuple, or None when they
+    come from ``jwks_uri``.  Where the rule reads tokens, in the order Envoy's
+    extractor reads them: ``headers`` ``(lower-case name, prefix)`` sorted by
+    name + prefix, then ``params``, then ``cookies``, each sorted.
+    ``space_delimited`` are the claims split on spaces for authorization;
+    ``outputs`` the headers the rule writes.
     """
 
     name: str
@@ -275,58 +287,54 @@ class JwtProvider:
     forward: bool
     payload_header: str | None
     claim_headers: tuple
+    headers: tuple = ()
+    params: tuple = ()
+    cookies: tuple = ()
+    space_delimited: frozenset = SPACE_DELIMITED_CLAIMS
+    outputs: tuple = ()
 
 
 @dataclass(frozen=True, slots=True)
 class RequestAuthn:
     """The merged RequestAuthentications of one workload (None in ProxyConfig when none applies).
 
-    ``headers`` holds ``(name, prefix, providers)``, ``params`` and
-    ``cookies`` ``(name, providers)``: each place a token may be, with the
-    providers (rules) that named it.  ``output_headers`` are the headers the
+    ``providers`` are the :class:`JwtProvider` of every rule, sorted by issuer
+    as Istio sorts them (``convertToEnvoyJwtConfig``: the order of the
+    requirement, which decides which error a refused request gets and which
+    token gives the principal).  ``output_headers`` are the headers the
     providers write (removed from every request before verification, so the
     app never sees one the sidecar did not write).  ``jwks_uris`` maps each
     ``jwksUri`` to ``(timeout, issuers)``, for the fetcher.
     """
 
-    headers: tuple
-    params: tuple
-    cookies: tuple
+    providers: tuple
     output_headers: tuple
     jwks_uris: tuple
 
 
+def sanitize_audience(audience: str) -> str:
+    """An audience as Envoy compares them (jwt_verify_lib's ``CheckAudience``): without a leading ``http://``
+    or ``https://`` and one trailing ``/``, so ``https://api.example.com/`` is ``api.example.com``."""
+    if audience.startswith("http://"):
+        audience = audience[7:]
+    elif audience.startswith("https://"):
+        audience = audience[8:]
+    return audience[:-1] if audience.endswith("/") else audience
+
+
 def compile_request_authn(policies) -> tuple:
     """``(RequestAuthn or None, dump)`` of the RequestAuthentications ``policies`` that apply to a workload."""
-    providers, dump = [], []
-    headers, params, cookies = {}, {}, {}
-    for policy in policies:
-        for index, rule in enumerate(policy.rules):
-            provider = _provider(f"{policy.namespace}/{policy.name}[{index}]", rule)
-            providers.append(provider)
-            dump.append(_describe(provider.name, rule))
-            default = not (rule.from_headers or rule.from_params or rule.from_cookies)
-            for name, prefix in (DEFAULT_HEADER,) if default else rule.from_headers:
-                headers.setdefault((name, prefix), []).append(provider)
-            for name in (DEFAULT_PARAM,) if default else rule.from_params:
-                params.setdefault(name, []).append(provider)
-            for name in rule.from_cookies:
-                cookies.setdefault(name, []).append(provider)
-    if not providers:
+    rules = [(f"{policy.namespace}/{policy.name}[{index}]", rule)
+             for policy in policies for index, rule in enumerate(policy.rules)]
+    if not rules:
         return None, None
-    table = RequestAuthn(headers=tuple((name, prefix, tuple(found)) for (name, prefix), found in headers.items()),
-                         params=tuple((name, tuple(found)) for name, found in params.items()),
-                         cookies=tuple((name, tuple(found)) for name, found in cookies.items()),
+    rules.sort(key=lambda named: named[1].issuer)  # stable: rules of one issuer keep their policy order
+    providers = tuple(_provider(name, rule) for name, rule in rules)
+    table = RequestAuthn(providers=providers,
                          output_headers=tuple(sorted({header for provider in providers
-                                                      for header in _outputs(provider)})),
+                                                      for header in provider.outputs})),
                          jwks_uris=_key_sets(providers))
-    return table, dump
-
-
-def _outputs(provider: JwtProvider) -> tuple:
-    """The headers a provider writes for a verified token."""
-    payload = (provider.payload_header,) if provider.payload_header else ()
-    return payload + tuple(header for header, _ in provider.claim_headers)
+    return table, [_describe(name, rule) for name, rule in rules]
 
 
 def _key_sets(providers) -> tuple:
@@ -340,11 +348,28 @@ def _key_sets(providers) -> tuple:
     return tuple((uri, timeout, issuers) for uri, (timeout, issuers) in sorted(uris.items()))
 
 
+def _locations(rule: JwtRule) -> tuple:
+    """``(headers, params, cookies)`` a rule reads, each in Envoy's extraction order (its maps are sorted:
+    headers by name + prefix, a later pair with the same concatenation folded into the first)."""
+    if not (rule.from_headers or rule.from_params or rule.from_cookies):
+        return (DEFAULT_HEADER,), (DEFAULT_PARAM,), ()
+    headers = {}
+    for name, prefix in rule.from_headers:
+        headers.setdefault(name + prefix, (name, prefix))
+    return (tuple(pair for _, pair in sorted(headers.items())), tuple(sorted(set(rule.from_params))),
+            tuple(sorted(set(rule.from_cookies))))
+
+
 def _provider(name: str, rule: JwtRule) -> JwtProvider:
-    return JwtProvider(name=name, issuer=rule.issuer, audiences=frozenset(rule.audiences), jwks_uri=rule.jwks_uri,
-                       keys=parse_jwks(rule.jwks)[0] if rule.jwks else None, timeout=rule.timeout,
-                       forward=rule.forward_original_token, payload_header=rule.output_payload_to_header,
-                       claim_headers=rule.output_claim_to_headers)
+    headers, params, cookies = _locations(rule)
+    payload = (rule.output_payload_to_header,) if rule.output_payload_to_header else ()
+    return JwtProvider(name=name, issuer=rule.issuer, audiences=frozenset(map(sanitize_audience, rule.audiences)),
+                       jwks_uri=rule.jwks_uri, keys=parse_jwks(rule.jwks)[0] if rule.jwks else None,
+                       timeout=rule.timeout, forward=rule.forward_original_token,
+                       payload_header=rule.output_payload_to_header, claim_headers=rule.output_claim_to_headers,
+                       headers=headers, params=params, cookies=cookies,
+                       space_delimited=SPACE_DELIMITED_CLAIMS.union(rule.space_delimited_claims),
+                       outputs=payload + tuple(header for header, _ in rule.output_claim_to_headers))
 
 
 def _describe(name: str, rule: JwtRule) -> dict:
@@ -358,4 +383,5 @@ def _describe(name: str, rule: JwtRule) -> dict:
             "from_params": list((DEFAULT_PARAM,) if default else rule.from_params),
             "from_cookies": list(rule.from_cookies), "forward_original_token": rule.forward_original_token,
             "output_payload_to_header": rule.output_payload_to_header,
-            "output_claim_to_headers": {header: ".".join(path) for header, path in rule.output_claim_to_headers}}
+            "output_claim_to_headers": {header: ".".join(path) for header, path in rule.output_claim_to_headers},
+            "space_delimited_claims": sorted(SPACE_DELIMITED_CLAIMS.union(rule.space_delimited_claims))}

@@ -1,25 +1,46 @@
 """The end-user authentication stage: RequestAuthentication's JWTs, verified before authorization.
 
-Istio's semantics (Envoy's ``jwt_authn`` filter, which Istio puts before RBAC on the inbound side):
+Istio's semantics (Envoy's ``jwt_authn`` filter as Istio's ``convertToEnvoyJwtConfig`` configures it,
+before RBAC on the inbound side):
 
 - A request **without a token** passes, with no request principal; refusing it
-  is an AuthorizationPolicy's job (``requestPrincipals: ["*"]``).
-- A request with a token that **fails** (bad format, issuer not configured for
-  that location, expired or not yet valid with 60 s of clock skew, audience not
-  allowed, no key matching its ``kid``/``alg``, bad signature, key set not
-  fetched) gets ``401`` with Envoy's body (``Jwt is expired``, ...) and
+  is an AuthorizationPolicy's job (``requestPrincipals: ["*"]``).  So does a
+  **CORS preflight** (``OPTIONS`` with ``Origin`` and
+  ``Access-Control-Request-Method``), whatever tokens it carries (Istio's
+  ``bypass_cors_preflight``).
+- Each rule is one Envoy provider, and the providers are sorted by issuer.  A
+  provider finds the tokens in the places its rule names (Envoy's extractor:
+  headers, then query parameters, then cookies) and verifies them from the
+  last found to the first; it fails with the first token that fails (bad
+  format, issuer not the rule's, expired or not yet valid with 60 s of clock
+  skew, audience not allowed, no key matching its ``kid``/``alg``, bad
+  signature, key set not fetched), else succeeds if it found any.
+- Istio's requirement: one rule is ``requires_any[P, allow_missing]``; several
+  are ``requires_any[P0, P1, ..., requires_all[requires_any[Pi, allow_missing]
+  ...]]``.  So the first provider (in issuer order) whose tokens all verify lets
+  the request through, whatever other places hold (a valid token in
+  ``Authorization`` passes beside a garbage ``x-other`` of another rule); when
+  none does, every provider is tried again with its tokens optional, and the
+  first failure refuses the request.
+- A refused request gets Envoy's reply: ``401`` (``403`` for an audience not
+  allowed), the error as body (``Jwt is expired``, ...) and
   ``www-authenticate: Bearer realm="http://HOST/PATH", error="invalid_token"``;
   the access log's details are ``jwt_authn_access_denied{Jwt_is_expired}``.
-  Every token found must verify (Envoy's rule); the first gives the principal.
+  The error is Envoy's aggregate over the requirement: the last one that is
+  neither "missing" nor "issuer not configured", else "issuer not configured".
 - A verified token sets ``ctx.request_auth`` (:class:`RequestAuth`: principal
-  ``iss/sub``, audiences, presenter ``azp``, the claims), which
-  AuthorizationPolicy predicates read (:mod:`mesh.config.authz_predicates`).
-  Its header is removed before forwarding unless ``forwardOriginalToken``
-  (a token in a query parameter or cookie stays, as in Envoy);
+  ``iss/sub``, audiences, presenter ``azp``, the claims as Envoy's payload
+  metadata has them: ``scope``, ``permission`` and a rule's
+  ``spaceDelimitedClaims`` split on spaces into lists), which
+  AuthorizationPolicy predicates read (:mod:`mesh.config.authz_predicates`);
+  the last token verified gives it.  Unless ``forwardOriginalToken``, the token
+  is removed before forwarding: its header, or its query parameter (the rest
+  of the query is kept as sent); a cookie stays, as in Envoy.
   ``outputPayloadToHeader`` gets the payload as the token carries it
-  (base64url), ``outputClaimToHeaders`` the string, number or boolean claims.
-  Those output headers are removed from every request first, so the app
-  never sees one the sidecar did not write.
+  (base64url), ``outputClaimToHeaders`` the string, number (Envoy's format:
+  ``3``, ``1.500000``) or boolean claims as the token has them.  Those output
+  headers are removed from every request first, so the app never sees one the
+  sidecar did not write.
 
 Signatures are checked by PyJWT (with ``cryptography``) against the keys of
 the rule: inline ``jwks``, or the key set of ``jwksUri``, which a
@@ -36,7 +57,8 @@ A request never waits for a fetch beyond that fetch's own timeout (the rule's
 ``timeout``, Istio's default 5 s): while the first fetch, or one started by an
 unknown ``kid``, is in flight, the request raises
 :class:`~mesh.proxy.outcome.Pending` and the exchange routes it again when the
-fetch ends, once.  A key set that cannot be fetched makes its tokens fail with
+fetch ends, once (the request is changed only once its verification is done).
+A key set that cannot be fetched makes its tokens fail with
 401 (``Jwks remote fetch is failed``), as Istio rejects them when istiod
 cannot fetch it; the sidecar's log says why, and recovers on the next good fetch.
 """
@@ -49,7 +71,7 @@ import json
 import math
 import re
 from typing import NamedTuple
-from urllib.parse import parse_qsl
+from urllib.parse import unquote
 
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
@@ -58,7 +80,7 @@ from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 from mesh.backoff import Backoff
-from mesh.config.request_authn import parse_jwks
+from mesh.config.request_authn import parse_jwks, sanitize_audience
 from mesh.proxy.outcome import LocalReply, Pending
 
 log = Logger()
@@ -81,6 +103,7 @@ MAX_JWKS_BYTES = 512 * 1024
 TOKEN_CACHE_SIZE = 100
 
 # Envoy's messages (jwt_verify_lib), the body of the 401.
+MISSING = "Jwt is missing"
 BAD_FORMAT = "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections"
 ISSUER_NOT_CONFIGURED = "Jwt issuer is not configured"
 AUDIENCE_NOT_ALLOWED = "Audiences in Jwt are not allowed"
@@ -90,16 +113,21 @@ NO_MATCHING_KEY = "Jwks doesn't have key to match kid or alg from Jwt"
 VERIFICATION_FAILED = "Jwt verification fails"
 FETCH_FAILED = "Jwks remote fetch is failed"
 
-_CHECKED = {"verify_aud": False, "verify_iss": False, "verify_iat": False, "verify_sub": False, "verify_jti": False}
-#: The characters a JWT is made of (Envoy takes the first run of them after a header's prefix).
-_TOKEN = re.compile(r"[A-Za-z0-9_.\-]+")
+# exp and nbf are checked by _check_times, with Envoy's rules, before the signature (as Envoy orders them).
+_CHECKED = {"verify_aud": False, "verify_iss": False, "verify_iat": False, "verify_sub": False, "verify_jti": False,
+            "verify_exp": False, "verify_nbf": False}
+#: A character a JWT is made of: after a header's prefix, Envoy skips to the first one.
+_JWT_CHAR = re.compile(r"[A-Za-z0-9_.\-]")
 #: ``ctx.request_auth`` while the request waits for a key set: the second pass does not wait again.
 _WAITED = object()
+#: Where a token was found (the third item of a location is the header, parameter or cookie name).
+_HEADER, _PARAM, _COOKIE = "header", "param", "cookie"
 
 
 class RequestAuth:
     """What a verified JWT tells about the request: ``principal`` (``iss/sub``, None without ``sub``),
-    ``audiences`` (the ``aud`` claim as a list), ``presenter`` (``azp``) and ``claims`` (the payload)."""
+    ``audiences`` (the ``aud`` claim as a list), ``presenter`` (``azp``) and ``claims`` (the payload, with
+    the space-delimited claims as lists, as Envoy's metadata has it)."""
 
     __slots__ = ("principal", "audiences", "presenter", "claims")
 
@@ -143,45 +171,50 @@ class Authenticator:
             source.stop()
 
     def authenticate(self, ctx, table) -> None:
-        """Verify the request's tokens; set ``ctx.request_auth`` and the forwarded headers.
+        """Verify the request's tokens as Istio's requirement says; set ``ctx.request_auth`` and what is
+        forwarded (token removed, output headers).
 
-        Raises :class:`~mesh.proxy.outcome.LocalReply` (401) for a token that
-        fails, :class:`~mesh.proxy.outcome.Pending` to wait for a key set.
+        Raises :class:`~mesh.proxy.outcome.LocalReply` (401, 403) for a request the requirement refuses,
+        :class:`~mesh.proxy.outcome.Pending` to wait for a key set (``ctx`` unchanged but for the output
+        headers removed).
         """
         may_wait = ctx.request_auth is not _WAITED
         ctx.request_auth = None
         if table.output_headers:
             _remove_headers(ctx, table.output_headers)
-        found = _tokens(ctx, table)
-        if not found:
-            return
-        verified = []
-        for token, providers, header in found:
-            provider, claims = self._verify(ctx, token, providers, may_wait)
-            verified.append((token, provider, header, claims))
-        ctx.request_auth = RequestAuth(verified[0][3])
-        _output(ctx, verified)
+        if ctx.method == "OPTIONS" and ctx.headers.get("origin") and ctx.headers.get("access-control-request-method"):
+            return  # a CORS preflight carries no credentials: Envoy bypasses it (Istio's bypass_cors_preflight)
+        run = _Run(self, ctx, may_wait)
+        providers = table.providers
+        if len(providers) == 1:  # requires_any[P, allow_missing]
+            status = run.provider(providers[0])
+            if status is not None and status != MISSING:
+                raise _denied(ctx, status)
+        else:
+            status = _requires_any(run, providers)
+            if status is not None:
+                raise _denied(ctx, status)
+        run.commit()
 
     def status(self) -> list:
         """The key sets and how their fetches went, for ``/config_dump``."""
         return [source.status() for _, source in sorted(self.sources.items())]
 
-    def _verify(self, ctx, token, providers, may_wait) -> tuple:
-        """``(provider, claims)`` of the provider that verifies ``token``; raises LocalReply or Pending.
+    def verify(self, ctx, token, provider, may_wait) -> dict:
+        """The claims of ``token`` verified by ``provider``; raises :class:`_Invalid` or Pending.
 
-        A token verified before by one of ``providers``, with the key set still in force, is taken from
-        the cache: only its time limits are checked again.
+        A token this provider verified before, with the key set still in force, is taken from the cache:
+        only its time limits are checked again.
         """
         hit = self._verified.get(token)
-        if hit is not None and any(provider is hit.provider for provider in providers) \
-                and self._key_set(hit.provider) is hit.keys:
-            _check_times(ctx, hit.claims, self.reactor.seconds())
-            return hit.provider, hit.claims
-        provider, claims = self._verify_signature(ctx, token, providers, may_wait)
+        if hit is not None and hit.provider is provider and self._key_set(provider) is hit.keys:
+            _check_times(hit.claims, self.reactor.seconds())
+            return hit.claims
+        claims = self._verify_signature(ctx, token, provider, may_wait)
         if len(self._verified) >= TOKEN_CACHE_SIZE:
             del self._verified[next(iter(self._verified))]
         self._verified[token] = _Verified(provider, self._key_set(provider), claims)
-        return provider, claims
+        return claims
 
     def _key_set(self, provider):
         """The key set in force for ``provider`` (inline, or the last one fetched; None: none yet)."""
@@ -190,44 +223,37 @@ class Authenticator:
         source = self.sources.get(provider.jwks_uri)
         return None if source is None else source.keys
 
-    def _verify_signature(self, ctx, token, providers, may_wait) -> tuple:
-        """:meth:`_verify` without the cache: PyJWT checks the signature and the time limits.
+    def _verify_signature(self, ctx, token, provider, may_wait) -> dict:
+        """:meth:`verify` without the cache, in Envoy's order: format, issuer, time limits, audience, key,
+        signature (PyJWT checks the signature).
 
         PyJWT is imported here: only a port with a RequestAuthentication gets this far, and
         importing it at load costs every sidecar about 0.4 MiB (issue #15).
         """
         import jwt
 
-        header, claims = _peek(ctx, token)
-        issuer = claims.get("iss")
-        candidates = [provider for provider in providers if provider.issuer == issuer]
-        if not candidates:
-            raise _denied(ctx, ISSUER_NOT_CONFIGURED)
-        audiences = claims.get("aud")
-        audiences = {audiences} if isinstance(audiences, str) else set(audiences) if isinstance(audiences, list) \
-            else set()
-        candidates = [provider for provider in candidates
-                      if not provider.audiences or not provider.audiences.isdisjoint(audiences)]
-        if not candidates:
-            raise _denied(ctx, AUDIENCE_NOT_ALLOWED)
+        header, claims = _peek(token)
+        if claims.get("iss") != provider.issuer:
+            raise _Invalid(ISSUER_NOT_CONFIGURED)
+        _check_times(claims, self.reactor.seconds())
+        if provider.audiences:
+            audiences = claims.get("aud")
+            audiences = [audiences] if isinstance(audiences, str) else audiences if isinstance(audiences, list) \
+                else ()
+            if not any(isinstance(audience, str) and sanitize_audience(audience) in provider.audiences
+                       for audience in audiences):
+                raise _Invalid(AUDIENCE_NOT_ALLOWED)
         kid, alg = header.get("kid"), header.get("alg")
         kid = kid if isinstance(kid, str) else None
-        problem = NO_MATCHING_KEY
-        for provider in candidates:
-            keys, problem = self._keys(ctx, provider, kid, alg, may_wait)
-            for key in keys:
-                try:
-                    return provider, jwt.decode(token, key.key, algorithms=[alg], options=_CHECKED,
-                                                leeway=CLOCK_SKEW)
-                except jwt.ExpiredSignatureError:
-                    raise _denied(ctx, EXPIRED) from None
-                except jwt.ImmatureSignatureError:
-                    raise _denied(ctx, NOT_YET_VALID) from None
-                except jwt.InvalidSignatureError:
-                    problem = VERIFICATION_FAILED
-                except jwt.InvalidTokenError:
-                    raise _denied(ctx, VERIFICATION_FAILED) from None
-        raise _denied(ctx, problem)
+        keys, problem = self._keys(ctx, provider, kid, alg, may_wait)
+        for key in keys:
+            try:
+                return jwt.decode(token, key.key, algorithms=[alg], options=_CHECKED)
+            except jwt.InvalidSignatureError:
+                problem = VERIFICATION_FAILED
+            except jwt.InvalidTokenError:
+                raise _Invalid(VERIFICATION_FAILED) from None
+        raise _Invalid(problem)
 
     def _keys(self, ctx, provider, kid, alg, may_wait) -> tuple:
         """``(keys matching kid and alg, the problem if there are none)``; may raise Pending."""
@@ -256,27 +282,70 @@ class _Verified(NamedTuple):
     claims: dict
 
 
-def _check_times(ctx, claims, now: float) -> None:
-    """``exp`` and ``nbf`` of a cached token, with PyJWT's rules and Envoy's clock skew."""
-    expires, not_before = claims.get("exp"), claims.get("nbf")
-    if isinstance(expires, (int, float)) and now > expires + CLOCK_SKEW:
-        raise _denied(ctx, EXPIRED)
-    if isinstance(not_before, (int, float)) and now < not_before - CLOCK_SKEW:
-        raise _denied(ctx, NOT_YET_VALID)
+class _Invalid(Exception):
+    """A token a provider refuses; ``status`` is Envoy's message."""
+
+    def __init__(self, status: str):
+        super().__init__(status)
+        self.status = status
 
 
-def _peek(ctx, token: str) -> tuple:
-    """``(header, claims)`` of a token, unverified: they choose the rule and the key that PyJWT then
-    verifies the token with (signature, ``exp``, ``nbf``); raises the 401 of a token that is no JWT."""
+def _requires_any(run, providers) -> str | None:
+    """Istio's requirement for several rules, ``requires_any[P0, ..., requires_all[requires_any[Pi,
+    allow_missing], ...]]``, evaluated as Envoy does: None when it is met, else the error to reply with."""
+    statuses = []
+    for provider in providers:
+        status = run.provider(provider)
+        if status is None:
+            return None
+        statuses.append(status)
+    if all(status == MISSING for status in statuses):
+        return None  # no token anywhere: every requires_any[Pi, allow_missing] holds
+    for provider in providers:
+        status = run.provider(provider)
+        if status is not None and status != MISSING:
+            statuses.append(status)
+            break
+    else:
+        return None
+    final = MISSING  # Envoy's aggregate: prefer a real error, then "issuer not configured"
+    for status in statuses:
+        if status not in (MISSING, ISSUER_NOT_CONFIGURED) or final == MISSING:
+            final = status
+    return final
+
+
+def _check_times(claims, now: float) -> None:
+    """``nbf`` then ``exp``, as jwt_verify_lib checks them: whole seconds, 60 s of clock skew; raises _Invalid."""
+    now = int(now)
+    if now + CLOCK_SKEW < _seconds(claims.get("nbf")):
+        raise _Invalid(NOT_YET_VALID)
+    expires = _seconds(claims.get("exp"))
+    if expires and now > expires + CLOCK_SKEW:
+        raise _Invalid(EXPIRED)
+
+
+def _seconds(value) -> int:
+    """A NumericDate claim as jwt_verify_lib reads it (absent: 0); raises _Invalid for one that is no number."""
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 2.0 ** 64:
+        raise _Invalid(VERIFICATION_FAILED)
+    return int(value)
+
+
+def _peek(token: str) -> tuple:
+    """``(header, claims)`` of a token, unverified: they choose the key that PyJWT then verifies the token
+    with; raises _Invalid for a token that is no JWT."""
     parts = token.split(".")
     if len(parts) != 3:
-        raise _denied(ctx, BAD_FORMAT)
+        raise _Invalid(BAD_FORMAT)
     try:
         header, claims = (json.loads(base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))) for part in parts[:2])
     except (ValueError, binascii.Error):
-        raise _denied(ctx, VERIFICATION_FAILED) from None
+        raise _Invalid(VERIFICATION_FAILED) from None
     if not isinstance(header, dict) or not isinstance(claims, dict):
-        raise _denied(ctx, VERIFICATION_FAILED)
+        raise _Invalid(VERIFICATION_FAILED)
     return header, claims
 
 
@@ -286,54 +355,174 @@ def _pending(ctx, source) -> Pending:
 
 
 def _denied(ctx, error: str) -> LocalReply:
-    """Envoy's 401 for a token that fails: its message, ``www-authenticate`` and response code details."""
+    """Envoy's reply to a refused request (403 for an audience not allowed, else 401): its message,
+    ``www-authenticate`` and response code details."""
     realm = f'Bearer realm="http://{ctx.authority.decode("latin-1")}{ctx.uri_path}", error="invalid_token"'
     ctx.request_auth = None
-    return LocalReply(401, "", error, "jwt_authn_access_denied{" + error.replace(" ", "_") + "}",
+    return LocalReply(403 if error == AUDIENCE_NOT_ALLOWED else 401, "", error,
+                      "jwt_authn_access_denied{" + error.replace(" ", "_") + "}",
                       ((b"www-authenticate", realm.encode("latin-1")),))
 
 
-# -- tokens in the request, and the headers of verified ones ----------------------------------------------
+# -- one request's verification: the tokens it carries, and what verified ones change --------------------------
 
-def _tokens(ctx, table) -> list:
-    """``[(token, providers, header name or None)]``: every token the request carries where rules look."""
-    found = []
-    headers = ctx.headers
-    for name, prefix, providers in table.headers:
-        value = headers.get(name)
-        if value is not None and value.startswith(prefix):
-            found.append((_token_in(value[len(prefix):]), providers, name))
-    if table.params and "?" in ctx.path:
-        query = dict(parse_qsl(ctx.path.partition("?")[2]))
-        found += [(query[name], providers, None) for name, providers in table.params if query.get(name)]
-    if table.cookies and "cookie" in headers:
-        cookies = dict(part.strip().partition("=")[::2] for part in headers["cookie"].split(";"))
-        found += [(cookies[name], providers, None) for name, providers in table.cookies if cookies.get(name)]
-    return found
+class _Run:
+    """The request as Envoy's filter sees it while it verifies: the providers read and change it in turn
+    (a verified token is removed, output headers are added), on copies that :meth:`commit` puts in ``ctx``
+    once the request passes."""
 
+    __slots__ = ("authenticator", "ctx", "may_wait", "headers", "raw", "path", "copied", "added", "payload",
+                 "_query")
 
-def _token_in(text: str) -> str:
-    """The token after a header's prefix: the first run of JWT characters (Envoy skips what is not one)."""
-    found = _TOKEN.search(text)
-    return text if found is None else found.group()
+    def __init__(self, authenticator, ctx, may_wait):
+        self.authenticator = authenticator
+        self.ctx = ctx
+        self.may_wait = may_wait
+        self.headers = ctx.headers
+        self.raw = ctx.raw_headers
+        self.path = ctx.path
+        self.copied = False
+        self.added = False
+        self.payload = None
+        self._query = None
 
+    def provider(self, provider) -> str | None:
+        """Run one provider (Envoy's ``ProviderVerifierImpl``): None when it finds tokens and all verify,
+        :data:`MISSING` when it finds none, else the error of the first that fails (the last found first)."""
+        if self.added and provider.outputs:
+            self.remove_headers(provider.outputs)  # Envoy's sanitizeHeaders
+        found = self.tokens(provider)
+        if not found:
+            return MISSING
+        for location in reversed(found):
+            try:
+                claims = self.authenticator.verify(self.ctx, location[0], provider, self.may_wait)
+            except _Invalid as invalid:
+                return invalid.status
+            self.verified(provider, location, claims)
+        return None
 
-def _output(ctx, verified) -> None:
-    """Remove forwarded token headers and write the output headers of the verified tokens."""
-    removed = {header for _, provider, header, _ in verified if header is not None and not provider.forward}
-    if removed:
-        _remove_headers(ctx, removed)
-    for token, provider, _, claims in verified:
-        if provider.payload_header:
-            _set_header(ctx, provider.payload_header, token.split(".")[1])
-        for header, path in provider.claim_headers:
-            value = _claim_text(claims, path)
+    def tokens(self, provider) -> list:
+        """``[(token, kind, name)]``: the tokens in the places ``provider`` reads, in Envoy's order."""
+        found = []
+        headers = self.headers
+        for name, prefix in provider.headers:
+            value = headers.get(name)
             if value is not None:
-                _set_header(ctx, header, value)
+                if prefix:
+                    at = value.find(prefix)  # anywhere in the value, as Envoy's extractor
+                    if at < 0:
+                        continue
+                    start = _JWT_CHAR.search(value, at + len(prefix))
+                    value = value if start is None else value[start.start():]
+                found.append((value, _HEADER, name))
+        if provider.params and "?" in self.path:
+            query = self.query()
+            found += [(query[name], _PARAM, name) for name in provider.params if name in query]
+        if provider.cookies and "cookie" in headers:
+            cookies = self.cookies()
+            found += [(cookies[name], _COOKIE, name) for name in provider.cookies if name in cookies]
+        return found
+
+    def query(self) -> dict:
+        """The query parameters as Envoy's extractor reads them: names and values percent-decoded, the first
+        of a repeated name."""
+        if self._query is None:
+            query = {}
+            for part in self.path.partition("?")[2].split("&"):
+                name, _, value = part.partition("=")
+                query.setdefault(unquote(name, encoding="latin-1"), unquote(value, encoding="latin-1"))
+            self._query = query
+        return self._query
+
+    def cookies(self) -> dict:
+        """The cookies as Envoy parses them: the first of a repeated name, a quoted value unquoted."""
+        cookies = {}
+        for name, value in self.raw:
+            if name.lower() == b"cookie":
+                for part in value.decode("latin-1").split(";"):
+                    key, equals, text = part.lstrip(" ").partition("=")
+                    if equals:
+                        if len(text) >= 2 and text[0] == text[-1] == '"':
+                            text = text[1:-1]
+                        cookies.setdefault(key, text)
+        return cookies
+
+    def verified(self, provider, location, claims) -> None:
+        """A token ``provider`` verified: what Envoy's ``handleGoodJwt`` does."""
+        token, kind, name = location
+        if provider.payload_header:
+            self.add_header(provider.payload_header, token.split(".")[1])
+        for header, path in provider.claim_headers:
+            text = _claim_text(claims, path)
+            if text:
+                self.add_header(header, text)
+        if not provider.forward:
+            if kind is _HEADER:
+                self.remove_headers((name,))
+            elif kind is _PARAM:
+                self.remove_param(name)
+        self.payload = _normalized(claims, provider.space_delimited)
+
+    def own(self) -> None:
+        if not self.copied:
+            self.headers, self.raw, self.copied = dict(self.headers), list(self.raw), True
+
+    def remove_headers(self, names) -> None:
+        if any(name in self.headers for name in names):
+            self.own()
+            for name in names:
+                self.headers.pop(name, None)
+            encoded = {name.encode() for name in names}
+            self.raw = [pair for pair in self.raw if pair[0].lower() not in encoded]
+
+    def add_header(self, name: str, value: str) -> None:
+        """Envoy's ``addCopy``: one more line of that header."""
+        self.own()
+        self.added = True
+        known = self.headers.get(name)
+        self.headers[name] = value if known is None else known + ", " + value
+        self.raw.append((name.encode(), value.encode("latin-1", "replace")))
+
+    def remove_param(self, name: str) -> None:
+        """Remove every ``name`` parameter (its name percent-decoded, as Envoy finds it) from the path; the
+        rest of the query stays as sent, in its order."""
+        path, _, query = self.path.partition("?")
+        kept = [part for part in query.split("&") if unquote(part.partition("=")[0], encoding="latin-1") != name]
+        self.path = path + "?" + "&".join(kept) if any(kept) else path
+        self._query = None
+
+    def commit(self) -> None:
+        """The request passed: ``ctx`` gets the principal and what the verified tokens changed."""
+        ctx = self.ctx
+        if self.copied:
+            ctx.headers.clear()
+            ctx.headers.update(self.headers)
+            ctx.raw_headers = self.raw
+        ctx.path = self.path
+        if self.payload is not None:
+            ctx.request_auth = RequestAuth(self.payload)
+
+
+def _normalized(claims: dict, names) -> dict:
+    """The payload as Envoy writes it to metadata (``normalize_payload_in_metadata``): each claim of ``names``
+    that is a string becomes the list of its space-separated words."""
+    out = None
+    for name in names:
+        value = claims.get(name)
+        if isinstance(value, str):
+            words = [word for word in value.split(" ") if word]
+            if words:
+                if out is None:
+                    out = dict(claims)
+                out[name] = words
+    return claims if out is None else out
 
 
 def _claim_text(claims, path) -> str | None:
-    """A string, number or boolean claim as header text (Istio's outputClaimToHeaders); None otherwise."""
+    """A claim as Envoy writes it to a header (``outputClaimToHeaders``): a string as is, a boolean as
+    ``true``/``false``, a number as Envoy's ``convertClaimDoubleToString`` does (a whole number from 0 to
+    2^64 as an integer, any other as C's ``%f``: ``1.500000``); None for any other claim."""
     value = claims
     for name in path:
         if not isinstance(value, dict):
@@ -341,8 +530,13 @@ def _claim_text(claims, path) -> str | None:
         value = value.get(name)
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, (str, int)):
-        return str(value)
+    if isinstance(value, str):
+        return value
+    if isinstance(value, (int, float)):
+        number = float(value)  # Envoy reads every JSON number as a double
+        if number < 0 or number >= 2.0 ** 64 or math.modf(number)[0] != 0:
+            return "%f" % number
+        return str(int(number))
     return None
 
 
@@ -353,12 +547,6 @@ def _remove_headers(ctx, names) -> None:
             headers.pop(name, None)
         encoded = {name.encode() for name in names}
         ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() not in encoded]
-
-
-def _set_header(ctx, name: str, value: str) -> None:
-    _remove_headers(ctx, (name,))
-    ctx.headers[name] = value
-    ctx.raw_headers = [*ctx.raw_headers, (name.encode(), value.encode("latin-1", "replace"))]
 
 
 # -- key sets fetched from jwksUri -----------------------------------------------------------------------

@@ -6,8 +6,9 @@ Its RequestAuthentication has four rules: the main issuer (keys fetched from ``m
 ``shop``; payload and ``org.team`` written to headers), a rotating issuer (``rotate.json``), an issuer
 whose key-set server is down when the sidecar starts (``late.json``, on a port nothing listens on yet),
 and inline keys read from ``x-inline-token`` (forwarded).  Its ALLOW AuthorizationPolicy lets anyone
-reach ``/public``, callers with a request principal ``/private``, alice ``/alice``, and the ``admins``
-group ``/admin``: Istio's split of the job, where a missing token is authorization's business.
+reach ``/public``, callers with a request principal ``/private``, alice ``/alice``, the ``admins``
+group ``/admin``, and tokens with the ``read`` scope ``/scope``: Istio's split of the job, where a missing
+token is authorization's business.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ def mesh(tmp_path_factory, backend_factory, proxy_factory, process_log_dir):
          "to": [{"operation": {"paths": ["/alice*"]}}]},
         {"to": [{"operation": {"paths": ["/admin*"]}}],
          "when": [{"key": "request.auth.claims[groups]", "values": ["admins"]}]},
+        {"to": [{"operation": {"paths": ["/scope*"]}}],
+         "when": [{"key": "request.auth.claims[scope]", "values": ["read"]}]},
     ])
     app = backend_factory("api")
     proxy = proxy_factory(write_config(work / "config", authn, allow), "api", namespace=NS, app_port=app.port,
@@ -102,19 +105,47 @@ def test_a_forged_payload_header_never_reaches_the_app(mesh):
     assert result.status == 200 and "x-jwt-payload" not in result.json()["headers"]
 
 
-@pytest.mark.parametrize("case, token, body", [
-    ("expired", lambda: sign(KEY, exp=int(time.time()) - 120), "Jwt is expired"),
-    ("wrong issuer", lambda: sign(KEY, iss="https://evil.example"), "Jwt issuer is not configured"),
-    ("wrong audience", lambda: sign(KEY, aud="other"), "Audiences in Jwt are not allowed"),
-    ("bad signature", lambda: sign(ROTATED), "Jwt verification fails"),
+@pytest.mark.parametrize("case, token, status, body", [
+    ("expired", lambda: sign(KEY, exp=int(time.time()) - 120), 401, "Jwt is expired"),
+    ("wrong issuer", lambda: sign(KEY, iss="https://evil.example"), 401, "Jwt issuer is not configured"),
+    ("wrong audience", lambda: sign(KEY, aud="other"), 403, "Audiences in Jwt are not allowed"),  # Envoy's 403
+    ("bad signature", lambda: sign(ROTATED), 401, "Jwt verification fails"),
 ])
-def test_an_invalid_token_gets_401_with_www_authenticate(mesh, case, token, body):
-    result = call(mesh, "/public/x", token())  # a public path: the 401 comes before authorization
-    assert result.status == 401, result
+def test_an_invalid_token_gets_envoys_reply_with_www_authenticate(mesh, case, token, status, body):
+    result = call(mesh, "/public/x", token())  # a public path: the refusal comes before authorization
+    assert result.status == status, result
     assert result.body.strip() == body.encode()
     realm = f'Bearer realm="http://127.0.0.1:{mesh["proxy"].inbound_port}/public/x", error="invalid_token"'
     assert result.headers["www-authenticate"] == realm
     assert "x-demo-service" not in result.headers  # the app never saw it
+
+
+def test_scope_is_a_space_delimited_list_for_authorization(mesh):
+    """Istio has Envoy split ``scope`` on spaces: ``when: claims[scope] in [read]`` matches "read write"."""
+    granted = call(mesh, "/scope", sign(KEY, scope="read write"))
+    assert granted.status == 200, granted
+    assert call(mesh, "/scope", sign(KEY, scope="write admin")).status == 403
+    assert call(mesh, "/scope", sign(KEY, scope="readwrite")).status == 403
+
+
+def test_a_verified_token_in_the_query_is_removed_before_the_app(mesh):
+    token = sign(KEY)
+    result = call(mesh, f"/private/q?a=1&access_token={token}&b=%2Fx&c")
+    assert result.status == 200, result
+    assert result.json()["path"] == "/private/q?a=1&b=%2Fx&c"  # forwardOriginalToken: false; the rest as sent
+    alone = call(mesh, f"/private/q?access_token={token}")
+    assert alone.status == 200 and alone.json()["path"] == "/private/q"
+
+
+def test_a_cors_preflight_passes_the_jwt_stage_whatever_its_token(mesh):
+    preflight = {"authorization": "Bearer bad.token.here", "origin": "http://app.example",
+                 "access-control-request-method": "GET"}
+    result = curl(f"{mesh['proxy'].inbound_url}/public/x", method="OPTIONS", headers=preflight)
+    assert result.status == 200, result  # authorization still decides: /public is open
+    assert result.json()["method"] == "OPTIONS"
+    assert curl(f"{mesh['proxy'].inbound_url}/private", method="OPTIONS", headers=preflight).status == 403
+    not_preflight = {name: value for name, value in preflight.items() if name != "origin"}
+    assert curl(f"{mesh['proxy'].inbound_url}/public/x", method="OPTIONS", headers=not_preflight).status == 401
 
 
 def test_a_grpc_call_with_an_invalid_token_gets_unauthenticated_with_www_authenticate(mesh):

@@ -66,6 +66,7 @@ def test_every_field(tmp_path):
             outputClaimToHeaders: [{{header: x-group, claim: org.group}}]
             forwardOriginalToken: true
             timeout: 2s
+            spaceDelimitedClaims: [roles, roles]
           - issuer: other
             jwks: '{JWKS}'
         """)
@@ -76,7 +77,7 @@ def test_every_field(tmp_path):
                 jwks_uri="https://issuer.example/.well-known/jwks.json",
                 from_headers=(("x-jwt", "Token "), ("x-other", "")), from_params=("jwt",), from_cookies=("session",),
                 output_payload_to_header="x-jwt-payload", output_claim_to_headers=(("x-group", ("org", "group")),),
-                forward_original_token=True, timeout=2.0),
+                forward_original_token=True, timeout=2.0, space_delimited_claims=("roles",)),
         JwtRule(issuer="other", jwks=JWKS)), source=None)
 
 
@@ -134,7 +135,7 @@ def test_rejections_name_their_line_and_field(tmp_path):
              'like "1s", "0.5s", "100ms", "1m" or "1h"'),
         (26, "spec.jwtRules[7].forward: unknown field 'forward'; supported: audiences, forwardOriginalToken, "
              "fromCookies, fromHeaders, fromParams, issuer, jwks, jwksUri, outputClaimToHeaders, "
-             "outputPayloadToHeader, timeout"),
+             "outputPayloadToHeader, spaceDelimitedClaims, timeout"),
     ])
 
 
@@ -163,9 +164,9 @@ def test_the_rules_of_every_applicable_policy_are_merged():
                                                             "jwtRules": [{"issuer": "w", "jwks": JWKS}]}),
         _document("RequestAuthentication", "other", "other-ns", {"jwtRules": [{"issuer": "o", "jwks": JWKS}]}))
     table = config.request_authn
-    assert [(name, prefix, [p.issuer for p in providers]) for name, prefix, providers in table.headers] == [
-        ("x-jwt", "", ["a"]), ("authorization", "Bearer ", ["root"])]
-    assert [(name, [p.issuer for p in providers]) for name, providers in table.params] == [("access_token", ["root"])]
+    assert [(p.name, p.issuer, p.headers, p.params, p.cookies) for p in table.providers] == [  # sorted by issuer
+        ("shop/api[0]", "a", (("x-jwt", ""),), (), ()),
+        ("istio-system/mesh[0]", "root", (("authorization", "Bearer "),), ("access_token",), ())]
     assert table.jwks_uris == (("http://k/a", 5.0, ("a",)),)
     assert [rule["name"] for rule in config.dump["request_authn"]] == ["shop/api[0]", "istio-system/mesh[0]"]
     assert _compiled().request_authn is None
@@ -233,11 +234,15 @@ def table():
     return _compiled(_document("RequestAuthentication", "ra", "shop", TABLE_SPEC)).request_authn
 
 
-def authenticate(table, headers=None, path="/orders"):
+#: A reactor whose clock is the wall clock, as Twisted's (the tokens are signed at the wall time).
+WALL_CLOCK = SimpleNamespace(seconds=time.time)
+
+
+def authenticate(table, headers=None, path="/orders", method="GET"):
     """``(ctx, None)`` after authentication, or ``(ctx, LocalReply)``."""
-    ctx = RequestContext.for_test(path=path, headers=headers, host="api.shop")
+    ctx = RequestContext.for_test(method=method, path=path, headers=headers, host="api.shop")
     try:
-        Authenticator(reactor=None, agent=object()).authenticate(ctx, table)
+        Authenticator(reactor=WALL_CLOCK, agent=object()).authenticate(ctx, table)
     except LocalReply as reply:
         return ctx, reply
     return ctx, None
@@ -258,7 +263,8 @@ def authenticate(table, headers=None, path="/orders"):
 ], ids=["expired", "not-yet-valid", "issuer", "audience", "kid", "signature", "alg", "hs256", "format", "json"])
 def test_a_token_that_fails_gets_envoys_401(table, bad, message):
     ctx, reply = authenticate(table, {"authorization": f"Bearer {bad()}"})
-    assert (reply.status, reply.message, reply.flag) == (401, message, "")
+    status = 403 if message == "Audiences in Jwt are not allowed" else 401  # Envoy's only 403
+    assert (reply.status, reply.message, reply.flag) == (status, message, "")
     assert reply.headers == ((b"www-authenticate", b'Bearer realm="http://api.shop/orders", error="invalid_token"'),)
     assert reply.details == "jwt_authn_access_denied{" + message.replace(" ", "_") + "}"
     assert ctx.request_auth is None
@@ -281,8 +287,10 @@ def test_no_token_passes_without_a_principal_and_forged_outputs_are_removed(tabl
 
 @pytest.mark.parametrize("headers, path", [
     ({"cookie": "a=1; session=TOKEN"}, "/"),
+    ({"cookie": 'session="TOKEN"; session=other'}, "/"),  # Envoy unquotes a cookie and takes the first
     ({}, "/x?t=TOKEN&b=2"),
-    ({"x-token": 'Token "TOKEN"'}, "/"),
+    ({"x-token": "Token TOKEN"}, "/"),
+    ({"x-token": "v=1; Token  TOKEN"}, "/"),  # the prefix anywhere, then from the first JWT character
 ])
 def test_tokens_in_cookies_params_and_custom_headers_are_kept_when_forwarded(table, headers, path):
     good = token(iss="cookie-issuer", aud="anything")
@@ -295,6 +303,181 @@ def test_tokens_in_cookies_params_and_custom_headers_are_kept_when_forwarded(tab
 def test_every_token_must_be_valid(table):
     ctx, reply = authenticate(table, {"authorization": f"Bearer {token()}"}, f"/?access_token={token(aud='x')}")
     assert reply.message == "Audiences in Jwt are not allowed"
+
+
+# -- scope, permission and spaceDelimitedClaims ---------------------------------------------------------
+
+SCOPES_SPEC = {"jwtRules": [
+    {"issuer": "https://issuer.example", "jwks": JWKS, "spaceDelimitedClaims": ["roles"],
+     "outputClaimToHeaders": [{"header": "x-scope", "claim": "scope"}]},
+]}
+
+
+@pytest.fixture(scope="module")
+def scopes_table():
+    return _compiled(_document("RequestAuthentication", "ra", "shop", SCOPES_SPEC)).request_authn
+
+
+def _claim_rule(claim, values):
+    return _rule([{"key": f"request.auth.claims[{claim}]", "values": values}])
+
+
+def test_scope_permission_and_space_delimited_claims_are_lists_of_words(scopes_table):
+    """Istio has Envoy split scope, permission and the rule's spaceDelimitedClaims on spaces in the payload
+    that authorization reads; the output headers and the principal keep the token's claims."""
+    good = token(scope="read  write", permission="orders:get", roles="a b", groups="x y", tab="p\tq", empty=" ")
+    ctx, reply = authenticate(scopes_table, {"authorization": f"Bearer {good}"})
+    assert reply is None
+    claims = ctx.request_auth.claims
+    assert (claims["scope"], claims["permission"], claims["roles"]) == (["read", "write"], ["orders:get"], ["a", "b"])
+    assert (claims["groups"], claims["tab"], claims["empty"]) == ("x y", "p\tq", " ")  # not listed; spaces only
+    assert ctx.headers["x-scope"] == "read  write" and ctx.request_auth.principal == "https://issuer.example/alice"
+    assert _claim_rule("scope", ["read"])(ctx, None) is True
+    assert _claim_rule("scope", ["wri*"])(ctx, None) is True
+    assert _claim_rule("scope", ["read  write"])(ctx, None) is False  # a list now, as in Istio
+    assert _claim_rule("roles", ["b"])(ctx, None) is True
+    assert _claim_rule("groups", ["x"])(ctx, None) is False
+
+
+def test_the_default_split_needs_no_space_delimited_claims(table):
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {token(scope='read write')}"})
+    assert reply is None and ctx.request_auth.claims["scope"] == ["read", "write"]
+    assert _claim_rule("scope", ["read"])(ctx, None) is True
+
+
+# -- audiences as Envoy compares them -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("configured, sent, allowed", [
+    ("shop", "https://shop", True),
+    ("shop", "http://shop/", True),
+    ("shop", "shop/", True),
+    ("https://shop.example.com/", "shop.example.com", True),
+    ("http://shop.example.com", ["other", "https://shop.example.com/"], True),
+    ("shop", "https://shop//", False),  # one slash only
+    ("shop", "ftp://shop", False),
+    ("shop", "HTTPS://shop", False),  # the scheme as written
+    ("shop", "shops", False),
+])
+def test_audiences_are_compared_without_scheme_and_trailing_slash(configured, sent, allowed):
+    spec = {"jwtRules": [{"issuer": "https://issuer.example", "jwks": JWKS, "audiences": [configured]}]}
+    table = _compiled(_document("RequestAuthentication", "ra", "shop", spec)).request_authn
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {token(aud=sent)}"})
+    assert (reply is None) is allowed
+    if not allowed:
+        assert (reply.status, reply.message) == (403, "Audiences in Jwt are not allowed")
+
+
+def test_time_limits_are_checked_before_the_audience_and_the_signature(table):
+    """Envoy's order: an expired token is "expired" (401) whatever its audience or signature."""
+    expired = int(time.time()) - 120
+    other_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    for bad in (token(aud="web", exp=expired), token(key=other_key, exp=expired)):
+        _, reply = authenticate(table, {"authorization": f"Bearer {bad}"})
+        assert (reply.status, reply.message) == (401, "Jwt is expired")
+
+
+# -- a token in the query string ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path, forwarded", [
+    ("/x?a=1&access_token=TOKEN&b=%2F&c", "/x?a=1&b=%2F&c"),
+    ("/x?access_token=TOKEN", "/x"),
+    ("/x?z=1&access%5Ftoken=TOKEN&a=2&access_token=TOKEN", "/x?z=1&a=2"),  # every one, its name decoded
+])
+def test_a_verified_token_in_the_query_is_removed_unless_forwarded(table, path, forwarded):
+    good = token()
+    ctx, reply = authenticate(table, {"x-keep": "1"}, path.replace("TOKEN", good))
+    assert reply is None and ctx.request_auth.principal == "https://issuer.example/alice"
+    assert (ctx.path, ctx.uri_path) == (forwarded, "/x")
+
+
+def test_an_empty_token_parameter_is_a_bad_token(table):
+    _, reply = authenticate(table, {}, "/x?access_token=&a=1")
+    assert (reply.status, reply.message) == (401, "Jwt is not in the form of Header.Payload.Signature with two dots "
+                                                  "and 3 sections")
+
+
+# -- several rules: Istio's requirement -------------------------------------------------------------------------
+
+MULTI_SPEC = {"jwtRules": [
+    {"issuer": "b-other", "jwks": JWKS, "fromHeaders": [{"name": "x-other"}], "outputPayloadToHeader": "x-b"},
+    {"issuer": "a-main", "jwks": JWKS, "audiences": ["shop"], "outputPayloadToHeader": "x-a"},
+    {"issuer": "c-shared", "jwks": JWKS},
+]}
+
+
+@pytest.fixture(scope="module")
+def multi():
+    return _compiled(_document("RequestAuthentication", "ra", "shop", MULTI_SPEC)).request_authn
+
+
+def test_several_rules_are_sorted_by_issuer(multi):
+    assert [provider.issuer for provider in multi.providers] == ["a-main", "b-other", "c-shared"]
+
+
+@pytest.mark.parametrize("case, headers, path, outcome", [
+    ("valid A beside garbage in B's header", {"authorization": "Bearer {A}", "x-other": "garbage.not.jwt"}, "/",
+     "a-main/alice"),
+    ("valid B beside a garbage A token", {"authorization": "Bearer not-a-jwt", "x-other": "{B}"}, "/", "b-other/bob"),
+    ("a token of the second rule in a shared place", {"authorization": "Bearer {C}"}, "/", "c-shared/carol"),
+    ("garbage in B's header alone", {"x-other": "garbage"}, "/",
+     (401, "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections")),
+    ("an issuer no rule names", {"authorization": "Bearer {NOPE}"}, "/", (401, "Jwt issuer is not configured")),
+    ("a real error wins over an unknown issuer", {"authorization": "Bearer {EXPIRED_A}"}, "/",
+     (401, "Jwt is expired")),
+    ("A's audience", {"authorization": "Bearer {WRONG_AUD_A}"}, "/", (403, "Audiences in Jwt are not allowed")),
+    ("two valid tokens of one rule: the first place gives the principal",
+     {"authorization": "Bearer {A}"}, "/?access_token={A2}", "a-main/alice"),
+    ("two tokens of one rule, one bad", {"authorization": "Bearer {A}"}, "/?access_token={WRONG_AUD_A}",
+     (403, "Audiences in Jwt are not allowed")),
+    ("no token", {}, "/", None),
+])
+def test_several_rules_follow_istios_requirement(multi, case, headers, path, outcome):
+    tokens = {"A": token(iss="a-main", aud="shop"), "A2": token(iss="a-main", aud="shop", sub="alice2"),
+              "B": token(iss="b-other", sub="bob"), "C": token(iss="c-shared", sub="carol"),
+              "NOPE": token(iss="nope"), "EXPIRED_A": token(iss="a-main", aud="shop", exp=int(time.time()) - 120),
+              "WRONG_AUD_A": token(iss="a-main", aud="web")}
+
+    headers = {name: value.format_map(tokens) for name, value in headers.items()}
+    ctx, reply = authenticate(multi, headers, path.format_map(tokens))
+    if isinstance(outcome, tuple):
+        assert (reply.status, reply.message) == outcome, case
+    else:
+        assert reply is None, (case, reply)
+        assert (ctx.request_auth.principal if ctx.request_auth else None) == outcome, case
+
+
+def test_the_rule_that_passes_a_request_is_the_only_one_that_changes_it(multi):
+    a, b = token(iss="a-main", aud="shop"), token(iss="b-other", sub="bob")
+    ctx, reply = authenticate(multi, {"authorization": f"Bearer {a}", "x-other": b})
+    assert reply is None and ctx.request_auth.principal == "a-main/alice"
+    assert ctx.headers == {"x-a": a.split(".")[1], "x-other": b}  # B was never verified, so never removed
+
+
+# -- CORS preflight -------------------------------------------------------------------------------------------
+
+def test_a_cors_preflight_passes_whatever_its_token(table):
+    preflight = {"authorization": "Bearer bad.token.here", "origin": "http://a.example",
+                 "access-control-request-method": "GET", "x-jwt-payload": "forged"}
+    ctx, reply = authenticate(table, preflight, method="OPTIONS")
+    assert (reply, ctx.request_auth) == (None, None)
+    assert "x-jwt-payload" not in ctx.headers and ctx.headers["authorization"] == "Bearer bad.token.here"
+    for missing in ("origin", "access-control-request-method"):
+        headers = {name: value for name, value in preflight.items() if name != missing}
+        assert authenticate(table, headers, method="OPTIONS")[1].status == 401
+    assert authenticate(table, preflight, method="GET")[1].status == 401
+    assert authenticate(table, {**preflight, "origin": ""}, method="OPTIONS")[1].status == 401
+
+
+# -- output claim headers ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("value, header", [
+    (1.5, "1.500000"), (3, "3"), (3.0, "3"), (0, "0"), (-2, "-2.000000"), (0.1, "0.100000"),
+    (12345678901234567891, "12345678901234567168"), (2 ** 64, "18446744073709551616.000000"),
+    (True, "true"), (False, "false"), ("payments", "payments"), ("", None), (["a"], None), ({"a": 1}, None),
+])
+def test_claims_are_written_to_headers_as_envoy_formats_them(table, value, header):
+    ctx, reply = authenticate(table, {"authorization": f"Bearer {token(org={'team': value})}"})
+    assert reply is None and ctx.headers.get("x-team") == header
 
 
 # -- the cache of verified tokens ----------------------------------------------------------------------
