@@ -520,12 +520,15 @@ class _Compiler:
         self.port_route_dumps[service.host] = {port: dumps for port, (_, dumps) in by_port.items()}
         return VirtualHost(name=service.host, routes=first, ports={port: built for port, (built, _) in by_port.items()})
 
-    def _virtual_host(self, vs: VirtualService, gateway_ref: str = MESH) -> VirtualHost:
-        """The routes of ``vs`` for the sidecars (``mesh``) or for the Gateway ``gateway_ref``; for the
-        sidecars, per port too when a destination without a port leads to a service with several
-        (:class:`~mesh.config.tables.VirtualHost`)."""
+    def _virtual_host(self, vs: VirtualService, gateway_ref: str = MESH, server_port: int | None = None) -> VirtualHost:
+        """The routes of ``vs`` for the sidecars (``mesh``) or for the server port ``server_port`` of the Gateway
+        ``gateway_ref``; for the sidecars, per port too when a destination without a port leads to a service with
+        several (:class:`~mesh.config.tables.VirtualHost`)."""
         name = f"VirtualService/{vs.namespace}/{vs.name}" + ("" if gateway_ref == MESH else f"@{gateway_ref}")
-        routes, self.route_dumps[name] = self._routes(vs, gateway_ref)
+        routes, self.route_dumps[name] = self._routes(vs, gateway_ref, server_port)
+        if gateway_ref != MESH and server_port is not None:  # a gateway's routes for one server port
+            self.port_route_dumps.setdefault(name, {})[server_port] = self.route_dumps[name]
+            return VirtualHost(name=name, routes=routes)
         ports = self._route_ports(vs) if gateway_ref == MESH else ()
         if not ports:
             return VirtualHost(name=name, routes=routes)
@@ -535,10 +538,11 @@ class _Compiler:
 
     def _routes(self, vs: VirtualService, gateway_ref: str, listener_port: int | None = None) -> tuple:
         """``(compiled routes, their dumps)`` of ``vs`` for a request sent to ``listener_port`` (None: a port
-        of none of the services its destinations without a port lead to)."""
+        of none of the services its destinations without a port lead to).  For a gateway, ``listener_port`` is
+        the server's port, which decides the matches' ``port`` here (Istio's translateRoute)."""
         routes, dumps = [], []
         for http in vs.http:
-            http = self._for_this_workload(http, gateway_ref)
+            http = self._for_this_workload(http, gateway_ref, listener_port if gateway_ref != MESH else None)
             if http is None:
                 continue
             action, destinations = self._action(vs, http, listener_port)
@@ -562,14 +566,20 @@ class _Compiler:
                     ports.update(_http_ports(service))
         return sorted(ports)
 
-    def _for_this_workload(self, http, gateway_ref=MESH):
+    def _for_this_workload(self, http, gateway_ref=MESH, server_port=None):
         """``http`` with only the matches whose ``sourceLabels`` and ``sourceNamespace`` hold for this
-        workload (Istio's ``sourceMatchHTTP``) and whose ``gateways`` include ``gateway_ref``; None
-        when it had matches and none is left, so the route is not in this proxy's table."""
-        if not any(match.source_labels or match.source_namespace or match.gateways for match in http.match):
+        workload (Istio's ``sourceMatchHTTP``), whose ``gateways`` include ``gateway_ref`` and, on a gateway
+        server's port ``server_port``, whose ``port`` is that port or absent (the port is then decided: it is
+        not tested per request); None when it had matches and none is left, so the route is not in this
+        proxy's table."""
+        on_port = server_port is not None
+        if not any(match.source_labels or match.source_namespace or match.gateways or (on_port and match.port)
+                   for match in http.match):
             return http
-        matches = tuple(match for match in http.match if self.from_this_workload(match)
-                        and (not match.gateways or gateway_ref in match.gateways))
+        matches = tuple(dataclasses.replace(match, port=None) if on_port and match.port else match
+                        for match in http.match
+                        if self.from_this_workload(match) and (not match.gateways or gateway_ref in match.gateways)
+                        and (not on_port or match.port in (None, server_port)))
         return dataclasses.replace(http, match=matches) if matches else None
 
     def from_this_workload(self, match) -> bool:

@@ -6,10 +6,13 @@ docs/gateway.md); the VirtualServices that name it in ``gateways`` route what co
 - :func:`gateway` validates one Gateway resource into a :class:`Gateway`, without reading
   certificate files: those are on the gateway's host, and only the gateway reads them.
 - :func:`compile_gateway` builds, for a gateway workload, one :class:`GatewayPort` per port from
-  the Gateways whose ``selector`` selects it and the VirtualServices bound to them: each
-  VirtualService host is intersected with the server's hosts as Istio does (the narrower name
-  wins; ``*`` matches everything), a server with ``tls.httpsRedirect`` answers every request with
-  a 301 to ``https``, and the HTTPS servers' certificates are read -- their files, or the Secret
+  the Gateways whose ``selector`` selects it and the VirtualServices bound to them, with route
+  tables as Istio's route configurations: one for all the servers of a plaintext port, one per
+  server of an HTTPS port (:class:`GatewayServer`).  Each VirtualService host is intersected with
+  the server's hosts as Istio does (the narrower name wins; ``*`` matches everything) and its routes
+  are compiled for the server's port (a match's ``port`` is decided there); a server with
+  ``tls.httpsRedirect`` answers every request to its hosts with a 301 to ``https``, with or without
+  a VirtualService; and the HTTPS servers' certificates are read -- their files, or the Secret
   ``credentialName`` mounted in the gateway (``Workload.credentials_dir``) -- and checked (readable,
   PEM, the key matches the certificate): one that cannot be used rejects the gateway's config, and
   its previous one stays in force.
@@ -41,7 +44,10 @@ _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]
 HTTP_PROTOCOLS = ("HTTP", "HTTP2", "GRPC")
 TCP = "TCP"
 TLS_MODES = ("SIMPLE", "MUTUAL", "OPTIONAL_MUTUAL")
-_TLS_VERSIONS = {"TLS_AUTO": "TLSV1_2", "TLSV1_2": "TLSV1_2", "TLSV1_3": "TLSV1_3"}
+#: ``minProtocolVersion`` and ``maxProtocolVersion``: ``TLS_AUTO`` is Envoy's default for a server, TLS 1.2 as the
+#: minimum and TLS 1.3 as the maximum (no cap: None).
+_MIN_VERSIONS = {"TLS_AUTO": "TLSV1_2", "TLSV1_2": "TLSV1_2", "TLSV1_3": "TLSV1_3"}
+_MAX_VERSIONS = {"TLS_AUTO": None, "TLSV1_2": "TLSV1_2", "TLSV1_3": "TLSV1_3"}
 _OLD_TLS = "txmesh speaks TLS 1.2 and 1.3 only; use TLSV1_2 (or TLS_AUTO)"
 
 _SPEC = {"selector", "servers"}
@@ -207,6 +213,9 @@ def _server_tls(f: Fields) -> ServerTLS:
     """A server's tls as written.  Its certificate files, or the Secret ``credentialName``, are read when the
     config is compiled on the gateway (:func:`_with_certificates`): not here, so neither the sidecars nor the
     control plane ever read a gateway's private key."""
+    if "mode" not in f:  # Istio's TLSmode zero value is PASSTHROUGH
+        f.error("mode", "tls.mode is required: Istio's default, PASSTHROUGH, is not supported by txmesh; set mode: "
+                        "SIMPLE or MUTUAL")
     mode = f.enum("mode", TLS_MODES, _MODE_REJECTED, default="SIMPLE")
     low, high = _tls_versions(f)
     if "credentialName" in f:
@@ -225,10 +234,10 @@ def _server_tls(f: Fields) -> ServerTLS:
 
 
 def _tls_versions(f: Fields) -> tuple:
-    """``(minProtocolVersion, maxProtocolVersion or None)`` of a server's tls."""
+    """``(minProtocolVersion, maxProtocolVersion or None: no cap)`` of a server's tls."""
     rejected = {old: _OLD_TLS for old in ("TLSV1_0", "TLSV1_1")}
-    low = f.enum("minProtocolVersion", _TLS_VERSIONS, rejected, default="TLSV1_2")
-    high = f.enum("maxProtocolVersion", _TLS_VERSIONS, rejected)
+    low = f.enum("minProtocolVersion", _MIN_VERSIONS, rejected, default="TLSV1_2")
+    high = f.enum("maxProtocolVersion", _MAX_VERSIONS, rejected)
     if high and low > high:
         f.error("maxProtocolVersion", "maxProtocolVersion is below minProtocolVersion")
     return low, high
@@ -261,16 +270,39 @@ def _private_key(data: bytes):
 # -- compile ---------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
+class GatewayServer:
+    """A server of an HTTPS port, which terminates TLS with its own settings and routes with its own table, as
+    Istio gives each such server its own filter chain and route configuration (``https.PORT.NAME.GW.NS``): a
+    connection is routed with the table of the server whose settings its handshake used, so a client that
+    chose one server (by SNI) cannot reach another server's hosts, whatever its Host header.
+
+    ``name`` (``NAMESPACE/GATEWAY servers[INDEX]``), ``hosts`` (``(namespace filter, host)`` pairs) and ``tls``
+    identify it: two compilations of the same server are equal (``routes`` is not compared)."""
+
+    name: str
+    hosts: tuple
+    tls: ServerTLS
+    routes: RouteTable = field(default_factory=RouteTable, compare=False, repr=False)
+
+    @property
+    def sni(self) -> tuple:
+        """The server names (SNI) that select this server."""
+        return tuple(host for _, host in self.hosts)
+
+
+@dataclass(frozen=True)
 class GatewayPort:
-    """One listening port of a gateway proxy: its protocol and its routes.  An HTTPS port terminates TLS
-    with the settings of one of its servers, chosen by the SNI of the ClientHello: ``certificates`` holds
-    ``(host names, ServerTLS)`` of each, in order; ``tls`` is the first one's, the default."""
+    """One listening port of a gateway proxy: its protocol and its routes.  A plaintext HTTP port has one
+    route table, ``routes``, for all its servers (Istio's ``http.PORT``).  An HTTPS port terminates TLS with
+    the settings of one of its ``servers`` (:class:`GatewayServer`, in order), chosen by the SNI of the
+    ClientHello, and routes with that server's table; ``tls`` is the first server's, the default; its
+    ``routes`` is empty."""
 
     port: int
     protocol: str
     tls: ServerTLS | None
     routes: RouteTable
-    certificates: tuple = ()
+    servers: tuple = ()
     tcp: L4Listener | None = None  # a TCP server's routes
 
 
@@ -284,7 +316,7 @@ def compile_gateway(compiler, virtual_services) -> tuple:
     """``({port: GatewayPort}, dump)`` for the gateway workload ``compiler.workload``.
 
     ``compiler`` is the :class:`mesh.config.compile._Compiler` in progress: its
-    ``_virtual_host(vs, gateway_ref)`` compiles a VirtualService's routes for one gateway.
+    ``_virtual_host(vs, gateway_ref, port)`` compiles a VirtualService's routes for one gateway and server port.
     """
     workload = compiler.workload
     gateways = sorted((obj for obj in compiler.objects if isinstance(obj, Gateway)
@@ -296,17 +328,23 @@ def compile_gateway(compiler, virtual_services) -> tuple:
             server = _with_certificates(compiler, server, Fields(report, ("spec", "servers", server.index, "tls"),
                                                                  {}, ()))
             problems += [gw.source.error(path, reason) for path, reason in report.problems]
-            first, hosts, certificates = ports.setdefault(server.port, (server, {}, []))
+            first, found, servers = ports.setdefault(server.port, (server, {}, []))
             if first.protocol != server.protocol:
                 compiler._warn(gw, ("spec", "servers", server.index),
                                f"port {server.port} is already served with protocol {first.protocol}; this "
                                f"{server.protocol} server's hosts are served that way; give it another port")
-            if server.tls is not None:
-                certificates.append((tuple(host for _, host in server.hosts), server.tls))
             if server.protocol == TCP:
                 tcp_routes.setdefault(server.port, []).extend(_tcp_routes(gw, server, virtual_services))
-            else:
-                used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts))
+                continue
+            key = None  # a plaintext port: one table for all its servers
+            if first.tls is not None:  # HTTPS: each server its own table
+                if server.tls is not None:
+                    key = f"{gw.ref} servers[{server.index}]"
+                    servers.append((key, server))
+                else:  # a plaintext server's hosts are served with the first server's TLS, and its table
+                    key = servers[0][0]
+            hosts, redirects = found.setdefault(key, ({}, set()))
+            used.update(id(vs) for vs in _add_hosts(compiler, gw, server, virtual_services, hosts, redirects))
     if problems:  # a certificate that cannot be used: the gateway keeps its previous config
         raise ConfigErrors(problems)
     for vs in virtual_services:
@@ -315,27 +353,46 @@ def compile_gateway(compiler, virtual_services) -> tuple:
                                                   "Gateways it binds to, so the gateway routes nothing here; "
                                                   "make a host match a server's hosts")
     tables = {}
-    for number, (server, found, certificates) in sorted(ports.items()):
-        if server.protocol == TCP:
+    for number, (first, found, servers) in sorted(ports.items()):
+        if first.protocol == TCP:
             listener = tcp_listener(compiler, f"gateway_{number}", number, tcp_routes.get(number, ()))
             tables[number] = GatewayPort(number, TCP, None, RouteTable(), tcp=listener)
             dump.append({"port": number, "protocol": TCP, "tcp": describe_listener(listener)})
             continue
-        hosts = {host: _merged(vhosts) for host, vhosts in found.items()}
-        catch_all = hosts.pop("*", None)
-        wildcards = sorted(((host[1:], vhost) for host, vhost in hosts.items() if host.startswith("*")),
-                           key=lambda item: -len(item[0]))
-        exact = {host: vhost for host, vhost in hosts.items() if not host.startswith("*")}
-        tables[number] = GatewayPort(number, server.protocol, server.tls,
-                                     RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all),
-                                     tuple(certificates))
-        described = {host: vhost.name for host, vhost in sorted(hosts.items())}
-        if catch_all is not None:
-            described["*"] = catch_all.name
-        dump.append({"port": number, "protocol": server.protocol, "hosts": described,
-                     "tls": [{"sni": list(names), "mode": tls.mode, "files": list(tls.files),
-                              "credentialName": tls.credential} for names, tls in certificates] or None})
+        if first.tls is None:
+            routes = _route_table(*found.get(None, ({}, set())))
+            tables[number] = GatewayPort(number, first.protocol, None, routes)
+            dump.append({"port": number, "protocol": first.protocol, "hosts": _describe(routes)})
+            continue
+        compiled = tuple(GatewayServer(name, server.hosts, server.tls, _route_table(*found[name]))
+                         for name, server in servers)
+        tables[number] = GatewayPort(number, first.protocol, first.tls, RouteTable(), compiled)
+        dump.append({"port": number, "protocol": first.protocol, "servers": [
+            {"name": server.name, "sni": list(server.sni), "mode": server.tls.mode, "files": list(server.tls.files),
+             "credentialName": server.tls.credential, "hosts": _describe(server.routes)} for server in compiled]})
     return tables, dump
+
+
+def _route_table(found: dict, redirects: set) -> RouteTable:
+    """The route table of a port (HTTP) or server (HTTPS): ``found`` maps a domain to the virtual hosts of the
+    VirtualServices that route it; a domain of ``redirects`` (a host of a server with ``tls.httpsRedirect``)
+    gets only the redirect to https, as Envoy's ``require_tls: ALL`` on its virtual host."""
+    hosts = {host: _merged(vhosts) for host, vhosts in found.items()}
+    hosts.update(dict.fromkeys(redirects, _REDIRECT_HOST))
+    catch_all = hosts.pop("*", None)
+    wildcards = sorted(((host[1:], vhost) for host, vhost in hosts.items() if host.startswith("*")),
+                       key=lambda item: -len(item[0]))
+    exact = {host: vhost for host, vhost in hosts.items() if not host.startswith("*")}
+    return RouteTable(exact=exact, wildcards=tuple(wildcards), catch_all=catch_all)
+
+
+def _describe(table: RouteTable) -> dict:
+    """A route table's domains and the names of their virtual hosts, for ``/config_dump``."""
+    described = {host: vhost.name for host, vhost in sorted(table.exact.items())}
+    described.update(sorted((f"*{suffix}", vhost.name) for suffix, vhost in table.wildcards))
+    if table.catch_all is not None:
+        described["*"] = table.catch_all.name
+    return described
 
 
 def _tcp_routes(gw: Gateway, server: Server, virtual_services) -> list:
@@ -353,10 +410,14 @@ def _tcp_routes(gw: Gateway, server: Server, virtual_services) -> list:
     return routes
 
 
-def _add_hosts(compiler, gw: Gateway, server: Server, virtual_services, hosts) -> list:
+def _add_hosts(compiler, gw: Gateway, server: Server, virtual_services, hosts, redirects) -> list:
     """Add to ``hosts`` (domain -> [VirtualHost, ...]) the virtual hosts of the VirtualServices bound to ``gw``
-    whose hosts meet ``server``'s; return those VirtualServices."""
+    whose hosts meet ``server``'s, compiled for the server's port; return those VirtualServices.  For a server
+    with ``tls.httpsRedirect``, add its hosts and those domains to ``redirects`` instead: as Istio, every
+    request to them is redirected, whether a VirtualService routes them or not."""
     used = []
+    if server.https_redirect:
+        redirects.update(host for _, host in server.hosts)
     for vs in virtual_services:
         if not vs.http or not bound(vs.gateways, gw.ref):
             continue
@@ -366,8 +427,12 @@ def _add_hosts(compiler, gw: Gateway, server: Server, virtual_services, hosts) -
                 name = _intersection(server_host, host) if namespace in ("*", vs.namespace) else None
                 if name is None:
                     continue
+                if server.https_redirect:
+                    redirects.add(name)
+                    used.append(vs)
+                    continue
                 if vhost is None:
-                    vhost = _redirect_host(vs) if server.https_redirect else compiler._virtual_host(vs, gw.ref)
+                    vhost = compiler._virtual_host(vs, gw.ref, server.port)
                     used.append(vs)
                 if vhost not in hosts.setdefault(name, []):
                     hosts[name].append(vhost)
@@ -456,6 +521,4 @@ _TO_HTTPS = RouteAction(name="httpsRedirect", clusters=(), cumulative_weights=()
                         extras=RouteExtras(redirect=Redirect(status=301, scheme=b"https")))
 
 
-def _redirect_host(vs) -> VirtualHost:
-    """The virtual host of ``vs``'s hosts on a server with ``tls.httpsRedirect``: only the redirect."""
-    return VirtualHost(name=f"httpsRedirect/{vs.namespace}/{vs.name}", routes=(CompiledRoute(None, _TO_HTTPS),))
+_REDIRECT_HOST = VirtualHost(name="httpsRedirect", routes=(CompiledRoute(None, _TO_HTTPS),))

@@ -2,7 +2,8 @@
 
 A gateway proxy is a sidecar without an app: its workload identity calls mesh services over
 mTLS like any sidecar, and it listens on the ports of the Gateways that select it
-(:mod:`mesh.config.gateway` compiles one route table per port into ``ProxyConfig.gateway``).
+(:mod:`mesh.config.gateway` compiles them into ``ProxyConfig.gateway``: one route table per
+plaintext port, one per server of an HTTPS port).
 
 - :class:`GatewayListeners` follows the config: after each apply it opens a listener for every
   new port (HTTPS ports terminate TLS with the server's certificate, see :func:`server_context`),
@@ -10,7 +11,11 @@ mTLS like any sidecar, and it listens on the ports of the Gateways that select i
   ``--gateway-port PORT=LOCAL`` maps a server port to the local port it listens on.
 - :class:`GatewayRouter` handles each request of one port: authentication and authorization as
   for any workload (AuthorizationPolicies that select the gateway's labels), then routing with the
-  port's table through ``mesh_route``, exactly as the sidecar's outbound listener routes.
+  port's table through ``mesh_route``, exactly as the sidecar's outbound listener routes.  On an
+  HTTPS port the table is that of the server whose TLS settings the connection's handshake used
+  (the SNI chose them): at the end of the handshake, once per connection, the connection moves to
+  that server's listener (:class:`_HttpsListener`), whose router has the server's table, so a
+  client that reached one server cannot reach another's hosts by its Host header.
 - A TCP server's port takes each connection through :class:`_TcpServer`: the gateway's
   AuthorizationPolicies for TCP, then the port's ``tcp`` routes
   (:meth:`mesh.proxy.tcp_proxy.OutboundTcp.accept_gateway`), spliced to a mesh endpoint over mTLS.
@@ -31,7 +36,7 @@ from zope.interface import implementer
 from mesh.config.tables import RouteTable
 from mesh.identity.tls import make_context
 from mesh.plugins import fast_caller
-from mesh.proxy.codec.http1_server import DownstreamFactory
+from mesh.proxy.codec.http1_server import DownstreamConnection, DownstreamFactory
 from mesh.proxy.listener import Listener
 from mesh.proxy.paths import normalizer
 from mesh.proxy.runtime import OutboundRouter, Snapshot, admit
@@ -74,29 +79,33 @@ _ALPN = (b"h2", b"http/1.1")
 
 @implementer(IOpenSSLServerConnectionCreator)
 class _ServerTLS:
-    """Server connections of one HTTPS port with the certificates of its servers (swapped by
+    """Server connections of one HTTPS port with the TLS settings of its servers (swapped by
     :class:`GatewayListeners` with :meth:`update`).  The SNI of the ClientHello picks the server as Envoy's
     filter chain match does: an exact name, else the longest wildcard, else ``*``; without SNI, or for a
-    name no server has, the first server's.  ALPN chooses ``h2`` or ``http/1.1`` (the context's select
+    name no server has, the first server's.  The connection's ``gateway_server`` is the
+    :class:`mesh.config.gateway.GatewayServer` whose settings it uses (read when the handshake is done:
+    :meth:`_HttpsListener.server_listener`).  ALPN chooses ``h2`` or ``http/1.1`` (the context's select
     callback reads the connection's ``alpn``)."""
 
     def __init__(self, entry):
         self.update(entry)
 
     def update(self, entry) -> None:
-        """Build the contexts of a :class:`mesh.config.gateway.GatewayPort`'s certificates."""
+        """Build the contexts of a :class:`mesh.config.gateway.GatewayPort`'s servers."""
         exact, wildcards, default = {}, [], None
-        for names, tls in entry.certificates:
-            context = server_context(tls)
+        for server in entry.servers:
+            context = server_context(server.tls)
             context.set_tlsext_servername_callback(self._choose)
-            default = default or context
-            for name in names:
+            chosen = (context, server)
+            default = default or chosen
+            for name in server.sni:
                 if name.startswith("*"):
-                    wildcards.append((name[1:], context))
+                    wildcards.append((name[1:], chosen))
                 else:
-                    exact.setdefault(name, context)
+                    exact.setdefault(name, chosen)
         wildcards.sort(key=lambda item: -len(item[0]))
-        self._exact, self._wildcards, self.context = exact, tuple(wildcards), default
+        self._exact, self._wildcards, self._default = exact, tuple(wildcards), default
+        self.context = default[0]
 
     def _choose(self, connection) -> None:
         """The servername callback: switch to the context of the server the client named."""
@@ -104,45 +113,58 @@ class _ServerTLS:
         if name is None:
             return
         name = name.decode("ascii", "replace").lower()
-        context = self._exact.get(name)
-        if context is None:
-            context = next((context for suffix, context in self._wildcards if name.endswith(suffix)), None)
-        if context is not None and context is not connection.get_context():
+        chosen = self._exact.get(name)
+        if chosen is None:
+            chosen = next((chosen for suffix, chosen in self._wildcards if name.endswith(suffix)), None)
+        if chosen is not None and chosen[0] is not connection.get_context():
+            context, connection.gateway_server = chosen
             connection.set_context(context)
             connection.set_verify(context.get_verify_mode())  # OpenSSL keeps the first context's otherwise
 
     def serverConnectionForTLS(self, tlsProtocol):
-        connection = SSL.Connection(self.context, None)
+        context, server = self._default
+        connection = SSL.Connection(context, None)
         connection.alpn = _ALPN
+        connection.gateway_server = server
         return connection
 
 
 class _PortView:
     """The runtime as one port's router sees it: the snapshot in force, with the port's routes as its
-    route table (rebuilt once per snapshot)."""
+    route table, or those of the port's HTTPS server ``server`` (a :class:`mesh.config.gateway.GatewayServer`:
+    the server of the config in force equal to it, with the same name, hosts and TLS settings; none: no
+    routes); rebuilt once per snapshot."""
 
-    def __init__(self, runtime, port):
+    def __init__(self, runtime, port, server=None):
         self.runtime = runtime
         self.port = port
+        self.server = server
         self._source = self._view = None
 
     @property
     def snapshot(self):
         snapshot = self.runtime.snapshot
         if snapshot is not self._source:
-            entry = snapshot.config.gateway.get(self.port)
-            routes = entry.routes if entry is not None else _NO_ROUTES
-            self._view = Snapshot(replace(snapshot.config, routes=routes), snapshot.clusters)
+            self._view = Snapshot(replace(snapshot.config, routes=self._routes(snapshot.config)), snapshot.clusters)
             self._source = snapshot
         return self._view
 
+    def _routes(self, config) -> RouteTable:
+        entry = config.gateway.get(self.port)
+        if entry is None:
+            return _NO_ROUTES
+        if self.server is None:
+            return entry.routes
+        return next((server.routes for server in entry.servers if server == self.server), _NO_ROUTES)
+
 
 class GatewayRouter(OutboundRouter):
-    """Routes the requests of one gateway port: authenticate and authorize them as the gateway workload's
-    (:func:`mesh.proxy.runtime.admit`), then route them by the port's table (a miss is 404 ``NR``)."""
+    """Routes the requests of one gateway port (or of one server of an HTTPS port: ``server``): authenticate
+    and authorize them as the gateway workload's (:func:`mesh.proxy.runtime.admit`), then route them by the
+    port's (the server's) table (a miss is 404 ``NR``)."""
 
-    def __init__(self, runtime, hooks, port):
-        super().__init__(_PortView(runtime, port), hooks)
+    def __init__(self, runtime, hooks, port, server=None):
+        super().__init__(_PortView(runtime, port, server), hooks)
         self.port = port
         self._authorize = hooks.mesh_authorize
 
@@ -159,6 +181,88 @@ class GatewayRouter(OutboundRouter):
 def _serves(entry) -> str:
     """What a port's listener does with its connections: routes TCP, terminates TLS, or reads HTTP."""
     return "tcp" if entry.tcp is not None else "https" if entry.tls is not None else "http"
+
+
+class _HttpsListener(Listener):
+    """The listener of an HTTPS port.  Each of its connections, once its handshake is done, moves to the
+    listener of the server whose TLS settings the handshake used (:meth:`server_listener`, once per
+    connection), whose router routes with that server's table: Istio's route configuration per server
+    (``https.PORT.NAME.GATEWAY.NAMESPACE``).  A server's listener shares this one's connections and overload
+    state, so the port's timer sweep, connection limit, metrics and draining see them all."""
+
+    def __init__(self, runtime, port, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._runtime = runtime
+        self._port = port
+        self._current = frozenset()  # the GatewayServers of the port in force
+        self._servers = {}  # GatewayServer -> its Listener
+        self._bound = False
+
+    def bind_hooks(self):
+        super().bind_hooks()
+        self._bound = True
+        for listener in self._servers.values():
+            listener.bind_hooks()
+
+    def update(self, entry) -> None:
+        """Follow the port's servers (a :class:`mesh.config.gateway.GatewayPort`): the connections of a server
+        that is gone, or whose hosts or TLS settings changed, are drained (they finish their requests and
+        close; new requests on them get 404 ``NR``), as Envoy drains the connections of a filter chain it
+        removes."""
+        self._current = frozenset(entry.servers)
+        for server in [server for server in self._servers if server not in self._current]:
+            gone = self._servers.pop(server)
+            for connection in list(self.connections):
+                if connection.listener is gone:
+                    connection.drain()
+
+    def server_listener(self, connection) -> Listener | None:
+        """The listener of the server whose TLS settings ``connection`` (an ``SSL.Connection`` whose handshake
+        is done) used; None refuses it: a connection to a ``MUTUAL`` server without a client certificate
+        (OpenSSL resumes the TLS 1.3 session a client made with another server of the port without asking
+        for one; Envoy's filter chains would not share it), or one whose handshake began with settings the
+        config no longer has."""
+        server = connection.gateway_server
+        if server not in self._current or (server.tls.mode == "MUTUAL" and connection.get_peer_certificate() is None):
+            log.debug("gateway port {port}: connection refused after its TLS handshake: no client certificate for "
+                      "{server} (a session resumed from another server), or its settings changed",
+                      port=self._port, server=server.name)
+            return None
+        listener = self._servers.get(server)
+        if listener is None:
+            router = GatewayRouter(self._runtime, self._hooks, self._port, server)
+            listener = Listener(self.reactor, self.direction, router, self.limits, self._hooks,
+                                own_identity=self._own_identity, normalize_path=self.normalize_path)
+            listener.label = f"gateway:{self._port} {server.name}"
+            listener.connections, listener.overload = self.connections, self.overload
+            if self._bound:
+                listener.bind_hooks()
+            self._servers[server] = listener
+        return listener
+
+
+class _HttpsConnection(DownstreamConnection):
+    """A connection of an HTTPS port: when its handshake is done it becomes a connection of its server's
+    listener (:meth:`_HttpsListener.server_listener`), so its requests, HTTP/1.1 or HTTP/2 (which takes the
+    connection over with its listener), are routed with that server's table; or it is closed."""
+
+    def handshakeCompleted(self):
+        listener = self.listener.server_listener(self.transport.getHandle())
+        if listener is None:
+            self.closing = True
+            self.transport.abortConnection()
+            return
+        self.listener = listener
+        super().handshakeCompleted()
+
+
+class _HttpsFactory(DownstreamFactory):
+    """Builds an :class:`_HttpsConnection` per accepted socket the port's listener admits."""
+
+    def buildProtocol(self, addr):
+        if not self.listener.admit():
+            return None  # Twisted closes the socket
+        return _HttpsConnection(self.listener)
 
 
 class _TcpServer:
@@ -201,6 +305,7 @@ class GatewayListeners:
             if current is not None and current[2] == _serves(entry):
                 if entry.tls is not None:
                     current[1].update(entry)
+                    current[0].update(entry)
                 continue
             if current is not None:  # HTTP <-> HTTPS <-> TCP: listen again once the old socket is closed
                 self._close(port, "its protocol changed").addCallback(lambda _, port=port, entry=entry:
@@ -214,15 +319,22 @@ class GatewayListeners:
 
     def _open(self, port, entry) -> None:
         proxy = self.proxy
-        listener = Listener(proxy.reactor, "outbound", GatewayRouter(proxy.runtime, proxy.plugins.hook, port),
-                            proxy.settings.limits, proxy.plugins.hook, own_identity=proxy.own_identity,
-                            normalize_path=normalizer(proxy.settings.path_normalization))
-        listener.label = f"gateway:{port}"
-        factory = DownstreamFactory(listener) if entry.tcp is None else TcpFactory(listener, _TcpServer(proxy, port))
+        args = (proxy.reactor, "outbound", GatewayRouter(proxy.runtime, proxy.plugins.hook, port),
+                proxy.settings.limits, proxy.plugins.hook)
+        options = {"own_identity": proxy.own_identity, "normalize_path": normalizer(proxy.settings.path_normalization)}
         tls = None
         if entry.tls is not None:
+            listener = _HttpsListener(proxy.runtime, port, *args, **options)
+            listener.update(entry)
             tls = _ServerTLS(entry)
-            factory = TLSMemoryBIOFactory(tls, False, factory)
+            factory = TLSMemoryBIOFactory(tls, False, _HttpsFactory(listener))
+        elif entry.tcp is not None:
+            listener = Listener(*args, **options)
+            factory = TcpFactory(listener, _TcpServer(proxy, port))
+        else:
+            listener = Listener(*args, **options)
+            factory = DownstreamFactory(listener)
+        listener.label = f"gateway:{port}"
         local = self.settings.local_port(port)
         try:
             bound = proxy.reactor.listenTCP(local, factory, backlog=1024, interface=self.settings.address)

@@ -5,11 +5,14 @@ import dataclasses
 import textwrap
 
 import pytest
+from OpenSSL import SSL
 
 from mesh.config.analyze import analyze
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.errors import ConfigErrors
+from mesh.config.tables import RouteTable
 from mesh.proxy.context import RequestContext
+from mesh.proxy.gateway import server_context
 from tests.harness.certs import ScratchCA
 from tests.harness.config_yaml import compile_yaml, validate_yaml
 
@@ -285,3 +288,155 @@ def test_credential_name_reads_the_secret_mounted_in_the_gateway(tmp_path, pki):
         f"spec.servers[0].tls.credentialName: the Secret bookinfo mounted in {mounted} has no tls.key or key file; "
         "mount the Secret there (from mesh-control --kubernetes: create it in the gateway's namespace)")
     assert compile_proxy_config(objects, SIDECAR).gateway == {}  # a sidecar never reads them
+
+
+# -- one route table per HTTPS server, httpsRedirect, match ports, tls modes and versions ---------------------
+
+def test_each_https_server_of_a_port_has_its_own_route_table(tmp_path, pki):
+    """As Istio's route configuration per HTTPS server: a connection that chose one server by SNI routes only
+    that server's hosts; a client without SNI gets the first server.  A plaintext server of another Gateway
+    on the port joins the first server's table (it is served with its TLS)."""
+    files = f"serverCertificate: {pki['cert']}, privateKey: {pki['key']}"
+    config = _compile(tmp_path, _gateway(f"""
+        - port: {{number: 443, name: https-mutual, protocol: HTTPS}}
+          hosts: [mutual.com]
+          tls: {{mode: MUTUAL, {files}, caCertificates: {pki['ca']}}}
+        - port: {{number: 443, name: https-open, protocol: HTTPS}}
+          hosts: ["*.open.com"]
+          tls: {{mode: SIMPLE, {files}}}
+        """), _gateway("""
+        - port: {number: 443, name: http, protocol: HTTP}
+          hosts: [plain.com]
+        """, name="other"), _vs("mutual", "[mutual.com]", "[gw]"), _vs("open", '["*"]', "[gw]"),
+        _vs("plain", "[plain.com]", "[other]"))
+    port = config.gateway[443]
+    assert port.routes == RouteTable() and port.tls.mode == "MUTUAL"
+    mutual, opened = port.servers
+    assert (mutual.name, mutual.sni, mutual.tls.mode) == ("shop/gw servers[0]", ("mutual.com",), "MUTUAL")
+    assert (opened.name, opened.sni, opened.tls.mode) == ("shop/gw servers[1]", ("*.open.com",), "SIMPLE")
+    assert _routed(mutual.routes, "mutual.com") == "VirtualService/shop/mutual/mutual"  # '*' meets it too, after
+    assert _routed(mutual.routes, "plain.com") == "VirtualService/shop/plain/plain"
+    assert _routed(opened.routes, "www.open.com") == "VirtualService/shop/open/open"
+    assert opened.routes.lookup("mutual.com") is None and opened.routes.lookup("plain.com") is None
+    assert mutual.routes.lookup("www.open.com") is None
+    [https] = [entry for entry in config.dump["gateway"] if entry["port"] == 443]
+    assert [(server["name"], server["hosts"]) for server in https["servers"]] == [
+        ("shop/gw servers[0]", {"mutual.com": "VirtualService/shop/mutual@shop/gw + VirtualService/shop/open@shop/gw",
+                                "plain.com": "VirtualService/shop/plain@shop/other"}),
+        ("shop/gw servers[1]", {"*.open.com": "VirtualService/shop/open@shop/gw"})]
+
+
+def test_https_redirect_without_a_virtual_service(tmp_path):
+    """Istio adds a redirect virtual host for each host of an httpsRedirect server, routed or not; a host
+    it shares with another server of the port redirects too (``require_tls: ALL`` on its virtual host)."""
+    config = _compile(tmp_path, _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: [bookinfo.com, "*.example.com"]
+          tls: {httpsRedirect: true}
+        """), _gateway("""
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: ["*"]
+        """, name="plain"), _vs("everything", '["*"]', "[plain]"))
+    table = config.gateway[80].routes
+    for host in ("bookinfo.com", "www.example.com"):
+        [route] = table.lookup(host).routes
+        assert route.action.extras.redirect.status == 301 and route.action.clusters == ()
+    assert _routed(table, "other.org") == "VirtualService/shop/everything/everything"
+    assert config.warnings == ()
+
+
+def test_match_port_is_decided_by_the_gateway_server_port(tmp_path):
+    """Istio's translateRoute drops a match whose port is not the server's: each server port gets its own
+    routes, whatever port the Host header names; a destination without a port goes to the server port when
+    the service has it."""
+    two_ports = """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: shop-api, namespace: shop}
+        spec:
+          hosts: [shop-api.shop.svc.cluster.local]
+          ports: [{number: 80, name: http, protocol: HTTP}, {number: 8080, name: http-alt, protocol: HTTP}]
+          resolution: STATIC
+          endpoints: [{address: 127.0.0.1}]
+        """
+    routes = """
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: vs, namespace: shop}
+        spec:
+          hosts: [shop.example.com]
+          gateways: [gw]
+          http:
+          - name: on8080
+            match: [{port: 8080, uri: {prefix: /a}}, {port: 9999}]
+            route: [{destination: {host: shop-api.shop.svc.cluster.local}}]
+          - name: on80
+            match: [{port: 80}]
+            route: [{destination: {host: shop-api.shop.svc.cluster.local}}]
+        """
+    config = _compile(tmp_path, two_ports, _gateway("""
+        - port: {number: 8080, name: http-alt, protocol: HTTP}
+          hosts: [shop.example.com]
+        - port: {number: 80, name: http, protocol: HTTP}
+          hosts: [shop.example.com]
+        """), routes)
+
+    def routed(port, host, path="/a"):
+        vhost = config.gateway[port].routes.lookup("shop.example.com")
+        ctx = RequestContext.for_test(path=path, host=host)
+        return next((route.action for route in vhost.routes if route.match is None or route.match(ctx)), None)
+
+    for host in ("shop.example.com", "shop.example.com:80", "shop.example.com:9999"):
+        assert routed(8080, host).name == "VirtualService/shop/vs/on8080"
+        assert routed(8080, host).clusters == ("outbound|8080||shop-api.shop.svc.cluster.local",)
+        assert routed(8080, host, "/b") is None  # the port is decided, the uri still tested
+        assert routed(80, host).name == "VirtualService/shop/vs/on80"
+        assert routed(80, host).clusters == ("outbound|80||shop-api.shop.svc.cluster.local",)
+    assert config.warnings == ()
+
+
+def test_tls_mode_is_required_and_tls_auto_is_envoys_default(tmp_path, pki):
+    """Istio's TLSmode zero value is PASSTHROUGH, which txmesh does not serve; TLS_AUTO as the maximum caps
+    nothing (Envoy's server default, TLS 1.3) and as the minimum is TLS 1.2."""
+    files = f"serverCertificate: {pki['cert']}, privateKey: {pki['key']}"
+    _, errors = _validate(tmp_path, _gateway(f"""
+        - port: {{number: 443, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{{files}}}
+        """))
+    assert errors == ["tls.mode is required: Istio's default, PASSTHROUGH, is not supported by txmesh; set mode: "
+                      "SIMPLE or MUTUAL"]
+    tls = _compile(tmp_path, _gateway(f"""
+        - port: {{number: 443, name: https, protocol: HTTPS}}
+          hosts: [bookinfo.com]
+          tls: {{mode: SIMPLE, {files}, minProtocolVersion: TLS_AUTO, maxProtocolVersion: TLS_AUTO}}
+        """)).gateway[443].tls
+    assert (tls.min_version, tls.max_version) == ("TLSV1_2", None)
+    assert _handshake(server_context(tls), SSL.TLS1_3_VERSION) == "TLSv1.3"
+
+
+def _handshake(server: SSL.Context, version) -> str:
+    """The protocol version of an in-memory handshake between ``server`` and a client of ``version`` only."""
+    client_context = SSL.Context(SSL.TLS_METHOD)
+    client_context.set_min_proto_version(version)
+    client_context.set_max_proto_version(version)
+    client_context.set_verify(SSL.VERIFY_NONE)
+    client, accepting = SSL.Connection(client_context), SSL.Connection(server)
+    client.set_connect_state()
+    accepting.set_accept_state()
+    for _ in range(10):
+        for side in (client, accepting):
+            try:
+                side.do_handshake()
+            except SSL.WantReadError:
+                pass
+        moved = False
+        for source, sink in ((client, accepting), (accepting, client)):
+            try:
+                sink.bio_write(source.bio_read(65536))
+                moved = True
+            except SSL.WantReadError:
+                pass
+        if not moved:
+            break
+    return client.get_protocol_version_name()
