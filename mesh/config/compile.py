@@ -567,18 +567,19 @@ class _Compiler:
         return sorted(ports)
 
     def _for_this_workload(self, http, gateway_ref=MESH, server_port=None):
-        """``http`` with only the matches whose ``sourceLabels`` and ``sourceNamespace`` hold for this
-        workload (Istio's ``sourceMatchHTTP``), whose ``gateways`` include ``gateway_ref`` and, on a gateway
-        server's port ``server_port``, whose ``port`` is that port or absent (the port is then decided: it is
-        not tested per request); None when it had matches and none is left, so the route is not in this
-        proxy's table."""
+        """``http`` with only the matches that hold for this proxy, as Istio's ``sourceMatchHTTP``: a match
+        with ``gateways`` when they include ``gateway_ref`` (its ``sourceLabels`` and ``sourceNamespace`` are
+        then not looked at, as in Istio), any other when its ``sourceLabels`` and ``sourceNamespace`` hold for
+        this workload; and, on a gateway server's port ``server_port``, whose ``port`` is that port or absent
+        (the port is then decided: it is not tested per request).  None when it had matches and none is
+        left, so the route is not in this proxy's table."""
         on_port = server_port is not None
         if not any(match.source_labels or match.source_namespace or match.gateways or (on_port and match.port)
                    for match in http.match):
             return http
         matches = tuple(dataclasses.replace(match, port=None) if on_port and match.port else match
                         for match in http.match
-                        if self.from_this_workload(match) and (not match.gateways or gateway_ref in match.gateways)
+                        if (gateway_ref in match.gateways if match.gateways else self.from_this_workload(match))
                         and (not on_port or match.port in (None, server_port)))
         return dataclasses.replace(http, match=matches) if matches else None
 

@@ -518,3 +518,39 @@ def test_a_destination_without_a_port_goes_to_the_port_the_request_was_sent_to(t
     assert sorted(routes["VirtualService/bookinfo/api"]["ports"]) == ["8080", "8081", "9080", "9090"]
     assert [cluster["name"] for cluster in routes[plain]["ports"]["8081"][0]["action"]["clusters"]] == [
         f"outbound|8081||{plain}"]
+
+
+def test_a_match_with_gateways_ignores_its_source_labels_and_namespace_as_istio(tmp_path):
+    """Istio's sourceMatchHTTP: when a match names gateways, only they decide whether it applies."""
+    config = _compile(tmp_path, """
+        apiVersion: networking.istio.io/v1
+        kind: ServiceEntry
+        metadata: {name: web, namespace: bookinfo}
+        spec:
+          hosts: [web]
+          location: MESH_INTERNAL
+          resolution: STATIC
+          ports: [{number: 80, name: http}]
+          endpoints: [{address: 10.0.0.1}]
+        ---
+        apiVersion: networking.istio.io/v1
+        kind: VirtualService
+        metadata: {name: web, namespace: bookinfo}
+        spec:
+          hosts: [web]
+          http:
+          - name: mesh-tester
+            match: [{uri: {prefix: /a}, sourceLabels: {app: tester}, sourceNamespace: other, gateways: [mesh]}]
+            route: [{destination: {host: web}}]
+          - name: tester-only
+            match: [{uri: {prefix: /b}, sourceLabels: {app: tester}}]
+            route: [{destination: {host: web}}]
+          - name: other-gateway
+            match: [{uri: {prefix: /c}, gateways: [bookinfo/ingress]}]
+            route: [{destination: {host: web}}]
+          - name: rest
+            route: [{destination: {host: web}}]
+        """)
+    assert _route(config, "web", "/a").name.endswith("/mesh-tester")
+    assert _route(config, "web", "/b").name.endswith("/rest")
+    assert _route(config, "web", "/c").name.endswith("/rest")
