@@ -19,11 +19,20 @@ service's host (the same one as for HTTP: exact host first, else the most specif
   SNI, since the address cannot tell the services apart.  A ``tls`` route never falls back to the
   service: a server name no chain matches is closed (``NR``).
 
+A headless Kubernetes Service (:attr:`~mesh.config.resources.ServiceEntry.headless`) gets, instead of the
+shared listener, one listener per endpoint address on each of its TCP-class ports (``10.0.2.1_9092``), as
+Istio does for a Passthrough service ("a listener for each instance"), except at this proxy's own
+addresses; other destinations on that port are not captured by it.  Its chains are built as above, and a
+connection they route to one of that host's clusters goes to the endpoint it was dialled at
+(:attr:`~mesh.config.tables.L4Chain.original_dst`, Envoy's ``ORIGINAL_DST``), not a load-balanced one.
+
 A destination without a port uses the listener's port if the service has it.  Unresolved
 destinations are warnings (the connection is closed with ``NC``), as for HTTP routes.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from mesh.config import hosts as hostnames
 from mesh.config.dump import describe_action
@@ -54,12 +63,19 @@ class _L4Compiler:
                 continue  # a wildcard host has no address to listen on, and no name to match
             entry = service.entry
             vs = self._virtual_service(host)
+            headless = entry.headless
             for index, port in enumerate(entry.ports):
                 if not port.is_tcp:
                     continue
                 tls = port.protocol in TLS_PROTOCOLS
-                chains = self._chains(service, port, vs, tls, shared=not entry.addresses)
+                chains = self._chains(service, port, vs, tls, shared=not entry.addresses and not headless)
                 where = (entry, ("spec", "ports", index))
+                if headless:
+                    for address in self._instance_addresses(service):
+                        pinned = tuple(replace(chain, original_dst=(host, address)) for chain in chains)
+                        self._add(by_destination, (address, port.number), tls, pinned, where,
+                                  f"{address}:{port.number} is already a TCP port of")
+                    continue
                 for address in entry.addresses:
                     self._add(by_destination, (address, port.number), tls, chains, where,
                               f"{address}:{port.number} is already a TCP port of")
@@ -77,6 +93,13 @@ class _L4Compiler:
                    for number, (tls, chains, _) in shared.items()}
         table = L4Table(by_destination=by_destination, by_port=by_port)
         return table, [describe_listener(listener) for listener in (*by_destination.values(), *by_port.values())]
+
+    def _instance_addresses(self, service) -> list:
+        """The endpoint addresses of a headless service that get a listener: IP addresses, without this
+        proxy's own (Istio skips the node's address: the app reaches itself directly)."""
+        own = {address for address, _ in self.workload.inbound}
+        return sorted({member.address for member in service.members
+                       if hostnames.is_ip(member.address) and member.address not in own})
 
     def _add(self, listeners, key, tls, chains, where, taken) -> None:
         """Add a service port's chains to the listener at ``key``.
@@ -211,4 +234,5 @@ def describe_listener(listener) -> dict:
         {"destination_subnets": [str(net) for net in chain.subnets],
          "server_names": None if chain.sni is None else sorted(chain.sni[0]) + ["*" + s for s in chain.sni[1]],
          "idle_timeout": chain.idle_timeout, "max_duration": chain.max_duration,
-         "action": describe_action(chain.action)} for chain in listener.chains]}
+         "action": describe_action(chain.action),
+         **({"original_dst": chain.original_dst[1]} if chain.original_dst else {})} for chain in listener.chains]}

@@ -46,6 +46,9 @@ def _source():
 TCP_PROTOCOLS = frozenset({"TCP", "TLS", "HTTPS"})
 #: Of those, the ones routed by the SNI of the client's TLS ClientHello (Istio's ``IsTLS``).
 TLS_PROTOCOLS = frozenset({"TLS", "HTTPS"})
+#: The annotation with which the Kubernetes registry (:mod:`mesh.control.kube.translate`) marks the
+#: ServiceEntry of a headless Service (``clusterIP: None``): internal, not an Istio field.
+HEADLESS_ANNOTATION = "mesh.txmesh.io/headless"
 
 
 @dataclass(frozen=True)
@@ -103,6 +106,13 @@ class ServiceEntry:
     export_to: tuple
     workload_selector: tuple | None
     source: Resource = _source()
+
+    @property
+    def headless(self) -> bool:
+        """A headless Service's entry (:data:`HEADLESS_ANNOTATION` ``"true"``, no addresses): its TCP ports
+        get one listener per endpoint address, which goes to that endpoint, as Istio's Passthrough services."""
+        metadata = getattr(self.source, "metadata", None) or {}
+        return not self.addresses and (metadata.get("annotations") or {}).get(HEADLESS_ANNOTATION) == "true"
 
 
 @dataclass(frozen=True)

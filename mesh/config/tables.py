@@ -231,6 +231,11 @@ class L4Chain:
     of the DestinationRule of the route's first destination: ``connectionPool.tcp.idleTimeout``
     (seconds; None: not set, the listener's ``--idle-timeout`` applies; 0: none) and
     ``tcp.maxConnectionDuration`` (seconds; 0: none).
+
+    ``original_dst`` is ``(service host, endpoint address)`` on the chains of a headless Service's
+    per-instance listener (``10.0.2.1_9092``): a connection routed to a cluster of that host goes to
+    that endpoint, the one the client dialled, instead of a load-balanced one (Envoy's
+    ``ORIGINAL_DST``, as Istio routes a headless Service).  None: load balanced.
     """
 
     action: RouteAction
@@ -238,6 +243,7 @@ class L4Chain:
     sni: tuple | None = None
     idle_timeout: float | None = None
     max_duration: float = 0.0
+    original_dst: tuple | None = None
 
     def prefix_rank(self, address) -> int:
         """How specifically the destination ``address`` matches: the longest matching prefix length,

@@ -114,7 +114,8 @@ class Cluster:
     """
 
     __slots__ = ("spec", "name", "endpoints", "state", "h2_always", "h2_follows_client", "breaker",
-                 "retry_budget", "empty_hint", "empty_details", "_healthy", "_healthy_until", "_epoch")
+                 "retry_budget", "empty_hint", "empty_details", "_healthy", "_healthy_until", "_epoch",
+                 "_by_address")
 
     def __init__(self, spec, endpoints, breaker=None, retry_budget=None, empty_reason=None, state=None):
         self.spec = spec
@@ -130,6 +131,18 @@ class Cluster:
         self._healthy = self.endpoints
         self._healthy_until = 0.0
         self._epoch = -1
+        self._by_address = None
+
+    def endpoint_at(self, address: str):
+        """The endpoint at ``address`` (the first, if several ports), or None: how a connection dialled at
+        a headless Service's pod reaches that pod (Envoy's ``ORIGINAL_DST``).  One dict lookup; the
+        index is built on first use (a config swap builds a new cluster)."""
+        index = self._by_address
+        if index is None:
+            index = self._by_address = {}
+            for endpoint in self.endpoints:
+                index.setdefault(endpoint.address, endpoint)
+        return index.get(address)
 
     def healthy_endpoints(self, now: float):
         """Endpoints not ejected at ``now``; all of them if every one is ejected.

@@ -496,13 +496,22 @@ class OutboundTcp:
                 "NC", f"cluster {name} not found: {action.name} routes to a host or subset that no "
                       "ServiceEntry/DestinationRule defines")
             return
-        endpoints = cluster.healthy_endpoints(self.reactor.seconds())
-        if not endpoints:
-            _Tunnel(self.reactor, conn, held, name).refuse("UH", f"cluster {name} has no endpoints")
-            return
-        ctx = TcpContext("outbound", conn.source_address, None, conn.start, dst[1], server_name)
-        ctx.route, ctx.cluster = action, name
-        endpoint = conn.listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
+        pinned = chain.original_dst
+        if pinned is not None and cluster.spec.service == pinned[0]:
+            # a headless Service's pod, dialled by its address: that pod, whatever its health (ORIGINAL_DST)
+            endpoint = cluster.endpoint_at(pinned[1])
+            if endpoint is None:
+                _Tunnel(self.reactor, conn, held, name).refuse(
+                    "UH", f"cluster {name} has no endpoint at {pinned[1]}, the headless Service's address dialled")
+                return
+        else:
+            endpoints = cluster.healthy_endpoints(self.reactor.seconds())
+            if not endpoints:
+                _Tunnel(self.reactor, conn, held, name).refuse("UH", f"cluster {name} has no endpoints")
+                return
+            ctx = TcpContext("outbound", conn.source_address, None, conn.start, dst[1], server_name)
+            ctx.route, ctx.cluster = action, name
+            endpoint = conn.listener.pick_endpoint(ctx=ctx, cluster=cluster, endpoints=endpoints) or endpoints[0]
         breaker = cluster.breaker  # None for a cluster without limits: one test per connection
         if breaker is not None and not breaker.admit_connection():
             _Tunnel(self.reactor, conn, held, name).refuse(

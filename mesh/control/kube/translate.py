@@ -6,7 +6,9 @@ ServiceEntry, as Istio's Kubernetes registry sees it:
 - ``hosts``: ``<svc>.<ns>.svc.<domain>`` (the short forms ``svc.ns.svc``,
   ``svc.ns`` and, in the same namespace, ``svc`` are the aliases the
   compiler gives every such host);
-- ``addresses``: the ClusterIP(s); none for a headless Service;
+- ``addresses``: the ClusterIP(s); none for a headless Service, whose entry
+  has the internal annotation ``mesh.txmesh.io/headless: "true"`` (its TCP
+  ports get a listener per endpoint address, as Istio's Passthrough);
 - ``ports``: the Service ports with Istio's protocol selection --
   ``appProtocol`` if set, else the port name's prefix before ``-``
   (``http``, ``http2``, ``grpc``, ``grpc-web``, ``tcp``, ``tls``, ...).
@@ -34,6 +36,7 @@ ServiceEntry, as Istio's Kubernetes registry sees it:
 from __future__ import annotations
 
 from mesh.config import hosts as hostnames
+from mesh.config.resources import HEADLESS_ANNOTATION
 
 SERVICE_NAME_LABEL = "kubernetes.io/service-name"
 REGISTRY_LABEL = "mesh.txmesh.io/registry"
@@ -145,9 +148,13 @@ def service_entry(service: dict, slices: list, pods: dict, domain: str = hostnam
     if export_to:
         entry["exportTo"] = [part.strip() for part in export_to.split(",") if part.strip()]
     entry["endpoints"] = _endpoints(service, slices, pods, [port for port, _ in kept])
-    return {"apiVersion": NETWORKING, "kind": "ServiceEntry",
-            "metadata": {"name": entry_name(name), "namespace": namespace, "labels": {REGISTRY_LABEL: "kubernetes"}},
-            "spec": entry}
+    document = {"apiVersion": NETWORKING, "kind": "ServiceEntry",
+                "metadata": {"name": entry_name(name), "namespace": namespace,
+                             "labels": {REGISTRY_LABEL: "kubernetes"}},
+                "spec": entry}
+    if not addresses and "None" in cluster_ips:
+        document["metadata"]["annotations"] = {HEADLESS_ANNOTATION: "true"}  # per-pod TCP listeners
+    return document
 
 
 def service_entries(services, endpoint_slices, pods, domain: str = hostnames.DEFAULT_DOMAIN) -> list:
