@@ -118,13 +118,15 @@ def _service_defaults(new: dict, old: dict | None, resources: Resources) -> None
     for port in spec.get("ports", []):
         port.setdefault("protocol", "TCP")
         port.setdefault("targetPort", port.get("port"))
+    if old is None:
+        new["status"] = {"loadBalancer": {}}
+    if spec["type"] == "ExternalName":  # a real server allocates it no clusterIP
+        return
     if old is not None and "clusterIP" not in spec:
         spec["clusterIP"] = old["spec"].get("clusterIP")
     if "clusterIP" not in spec or spec["clusterIP"] == "":
         spec["clusterIP"] = resources.allocate_cluster_ip()
     spec.setdefault("clusterIPs", [spec["clusterIP"]])
-    if old is None:
-        new["status"] = {"loadBalancer": {}}
 
 
 def _secret_defaults(new: dict, old: dict | None, resources: Resources) -> None:

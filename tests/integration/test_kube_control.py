@@ -9,6 +9,7 @@
 - an invalid CR: a Warning Event (reason InvalidConfig) on the object, once per resourceVersion, and a
   log line; the previous version stays in force; a valid edit applies
 - Istio's API groups are read only with --istio-crds
+- an ExternalName Service routes to what its external name resolves to (a test DNS server)
 - a kubeconfig that cannot be loaded: mesh-control exits saying what to pass
 """
 
@@ -23,6 +24,7 @@ import pytest
 from mesh.control.kube.crds import resources as crd_resources
 from tests.harness import KubeAPI, free_port, venv_bin, wait_for
 from tests.harness.cable import Cable
+from tests.harness.dns_server import DnsServer
 from tests.integration.test_distribution_support import ControlledProxy
 from tests.integration.test_kube_support import (
     answering,
@@ -258,6 +260,38 @@ def test_istio_groups_are_read_only_with_istio_crds(cluster, control_factory):
     finally:
         other.stop()
         control.stop()
+
+
+def test_an_external_name_service_routes_to_what_its_external_name_resolves_to(cluster, backend_factory):
+    """As Istio: the Service host is a MESH_EXTERNAL DNS service whose endpoint is ``externalName`` (here
+    resolved by a test DNS server); one without ports gets no ServiceEntry, said once in the log."""
+    core, log_dir, namespace = cluster["core"], cluster["log_dir"], "legacy"
+    backend = backend_factory("external-db", address="127.0.0.5")
+    dns = DnsServer({"db.example.test": ["127.0.0.5"]}, log_dir=log_dir).start()
+    core.create_namespace({"metadata": {"name": namespace}})
+    exported = {"networking.istio.io/exportTo": "."}  # the shop sidecars do not resolve it
+    core.create_namespaced_service(namespace, {
+        "metadata": {"name": "bare", "annotations": exported},
+        "spec": {"type": "ExternalName", "externalName": "db.example.test"}})
+    core.create_namespaced_service(namespace, {
+        "metadata": {"name": "db", "annotations": exported},
+        "spec": {"type": "ExternalName", "externalName": "db.example.test",
+                 "ports": [{"name": "http", "port": backend.port, "targetPort": 9}]}})  # targetPort: ignored
+    proxy = ControlledProxy(cluster["control"], "legacy-app", namespace=namespace, log_dir=log_dir,
+                            extra_args=["--dns-server", dns.address]).start()
+    try:
+        wait_for(lambda: cluster_endpoints(proxy, "db.legacy.svc.cluster.local", backend.port) == ["127.0.0.5"], 10,
+                 what="the external name resolved at the sidecar")
+        assert answering(proxy, "db", 2) == {"external-db"}
+        assert answering(proxy, "db.legacy.svc.cluster.local", 2) == {"external-db"}
+        assert cluster_endpoints(cluster["client"], "db.legacy.svc.cluster.local", backend.port) == []
+        line = "kubernetes:services/legacy/bare: ExternalName Service without a TCP port: no ServiceEntry"
+        assert control_log(cluster).count(line) == 1, control_log(cluster)[-3000:]
+    finally:
+        proxy.stop()
+        dns.stop()
+        core.delete_namespaced_service("db", namespace)
+        core.delete_namespaced_service("bare", namespace)
 
 
 def test_a_kubeconfig_that_cannot_be_loaded_stops_mesh_control_with_what_to_do(tmp_path):

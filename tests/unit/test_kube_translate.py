@@ -6,7 +6,7 @@ import pytest
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.config.loader import load_documents
 from mesh.config.validate import validate
-from mesh.control.kube.translate import port_protocol, service_entries
+from mesh.control.kube.translate import port_protocol, portless_external_names, service_entries
 from mesh.control.kube.watch import ObjectCache
 
 
@@ -80,17 +80,83 @@ def test_a_service_becomes_a_mesh_internal_static_service_entry_that_validates_a
     ({"name": "http", "appProtocol": "grpc"}, "GRPC"), ({"name": "http", "appProtocol": "tcp"}, "TCP"),
     ({"appProtocol": "kubernetes.io/h2c"}, "HTTP2"), ({"name": "http", "appProtocol": "custom.io/x"}, "HTTP"),
     ({"name": "http", "protocol": "UDP"}, None), ({"name": "dns", "protocol": "SCTP"}, None),
+    # Istio's wellKnownPorts: TCP, not sniffed, when neither appProtocol nor the name tells the protocol
+    ({"port": 3306}, "TCP"), ({"port": 27017, "name": "db"}, "TCP"), ({"port": 25, "appProtocol": "smtp"}, "TCP"),
+    ({"port": 53, "name": "dns-tcp"}, "TCP"), ({"port": 53, "name": "dns", "protocol": "UDP"}, None),
+    ({"port": 3306, "name": "http-admin"}, "HTTP"), ({"port": 25, "name": "x", "appProtocol": "http"}, "HTTP"),
+    ({"port": 5432}, "HTTP"), ({"port": 8080, "name": "mysql"}, "TCP"),
 ])
 def test_protocol_selection_follows_istio(port, protocol):
     assert port_protocol({"port": 80, **port}) == protocol
 
 
-def test_udp_ports_are_left_out_and_a_service_without_tcp_ports_or_external_name_has_no_entry():
+def test_an_unnamed_well_known_port_is_tcp_with_a_listener_at_the_cluster_ip():
+    pods = [pod("mysql-0", {"app": "mysql", "security.istio.io/tlsMode": "istio"}, account="mysql")]
+    slices = [eps("mysql", [endpoint("10.0.1.5", "mysql-0")], [{"name": "", "port": 3306, "protocol": "TCP"}])]
+    service = svc("mysql", [{"port": 3306, "protocol": "TCP", "targetPort": 3306}], cluster_ip="10.96.0.33",
+                  clusterIPs=["10.96.0.33"], type="ClusterIP")
+    document = entries([service], slices, pods)["kubernetes:services/shop/mysql"]
+    assert document["spec"]["ports"] == [{"number": 3306, "name": "port-3306", "protocol": "TCP", "targetPort": 3306}]
+    loaded = load_documents([document], "test")
+    objects, errors = validate(loaded.resources)
+    assert loaded.errors == [] and errors == []
+    config = compile_proxy_config(objects, Workload("frontend", "shop"))
+    listener = config.l4.lookup("10.96.0.33", 3306)
+    assert listener is not None and listener.name == "10.96.0.33_3306"  # routed as TCP, never sniffed
+    assert listener.chains[-1].action.clusters == ("outbound|3306||mysql.shop.svc.cluster.local",)
+    cluster = config.clusters["outbound|3306||mysql.shop.svc.cluster.local"]
+    assert [(spec.address, spec.port, spec.identity) for spec in cluster.endpoints] == [
+        ("10.0.1.5", 3306, "spiffe://cluster.local/ns/shop/sa/mysql")]  # mTLS to the peer sidecar
+
+
+def external_name(name, external, ports=None, **metadata):
+    spec = {"type": "ExternalName", "externalName": external, "sessionAffinity": "None"}
+    if ports is not None:
+        spec["ports"] = ports
+    return {"apiVersion": "v1", "kind": "Service", "metadata": {"name": name, "namespace": "shop", **metadata},
+            "spec": spec}
+
+
+def test_an_external_name_service_is_a_mesh_external_dns_entry_for_its_external_host():
+    ports = [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080},
+             {"name": "tcp-pg", "port": 5432, "protocol": "TCP", "targetPort": 5432},
+             {"name": "udp-x", "port": 53, "protocol": "UDP", "targetPort": 53}]
+    service = external_name("db", "mydb.abc.eu-west-1.rds.amazonaws.com", ports,
+                            annotations={"networking.istio.io/exportTo": "."})
+    document = entries([service])["kubernetes:services/shop/db"]
+    assert document["metadata"]["name"] == "kubernetes-db"
+    assert document["spec"] == {
+        "hosts": ["db.shop.svc.cluster.local"], "location": "MESH_EXTERNAL", "resolution": "DNS",
+        "ports": [{"number": 80, "name": "http", "protocol": "HTTP"},  # targetPort means nothing here
+                  {"number": 5432, "name": "tcp-pg", "protocol": "TCP"}],
+        "endpoints": [{"address": "mydb.abc.eu-west-1.rds.amazonaws.com"}], "exportTo": ["."]}
+    loaded = load_documents([document], "test")
+    objects, errors = validate(loaded.resources)
+    assert loaded.errors == [] and errors == []
+    config = compile_proxy_config(objects, Workload("frontend", "shop"))
+    for port in (80, 5432):
+        cluster = config.clusters[f"outbound|{port}||db.shop.svc.cluster.local"]
+        assert cluster.resolution == "DNS"
+        assert [(spec.address, spec.port, spec.identity) for spec in cluster.endpoints] == [
+            ("mydb.abc.eu-west-1.rds.amazonaws.com", port, None)]  # resolved by the sidecar; no mTLS
+    assert {"db", "db.shop", "db.shop.svc", "db.shop.svc.cluster.local"} <= set(config.routes.exact)
+    # no ClusterIP: its TCP port takes the port's connections whatever their address, as in Istio
+    assert config.l4.lookup("203.0.113.7", 5432).chains[-1].action.clusters == (
+        "outbound|5432||db.shop.svc.cluster.local",)
+
+
+def test_an_external_name_service_without_a_tcp_port_has_no_entry_and_is_reported():
+    services = [external_name("bare", "example.com"), external_name("dns", "example.com", [
+        {"name": "dns", "port": 53, "protocol": "UDP"}]), external_name("web", "example.com", HTTP)]
+    assert list(entries(services)) == ["kubernetes:services/shop/web"]
+    assert portless_external_names(services) == [("kubernetes:services/shop/bare", "example.com"),
+                                                 ("kubernetes:services/shop/dns", "example.com")]
+
+
+def test_udp_ports_are_left_out_and_a_service_without_tcp_ports_has_no_entry():
     ports = [{"name": "tcp-db", "port": 5432}, {"name": "udp-dns", "port": 53},
              {"name": "http-api", "port": 80, "targetPort": "web"}]
-    found = entries([svc("mixed", ports), svc("dns", [{"name": "dns", "port": 53, "protocol": "UDP"}]),
-                     {"metadata": {"name": "ext", "namespace": "shop"},
-                      "spec": {"type": "ExternalName", "externalName": "example.com", "ports": HTTP}}])
+    found = entries([svc("mixed", ports), svc("dns", [{"name": "dns", "port": 53, "protocol": "UDP"}])])
     assert list(found) == ["kubernetes:services/shop/mixed"]
     assert found["kubernetes:services/shop/mixed"]["spec"]["ports"] == [
         {"number": 5432, "name": "tcp-db", "protocol": "TCP"},

@@ -9,9 +9,13 @@ them.  Each document's "file" in errors is the Service it came from
 
 from __future__ import annotations
 
+from twisted.logger import Logger
+
 from mesh.config.loader import LoadResult, load_documents
 from mesh.control.kube.source import WatchedSource
-from mesh.control.kube.translate import service_entries
+from mesh.control.kube.translate import portless_external_names, service_entries
+
+log = Logger()
 
 
 class RegistrySource(WatchedSource):
@@ -26,9 +30,17 @@ class RegistrySource(WatchedSource):
         super().__init__(reactor, {"services": core.list_service_for_all_namespaces,
                                    "endpointslices": discovery.list_endpoint_slice_for_all_namespaces,
                                    "pods": core.list_pod_for_all_namespaces}, **kwargs)
+        self._portless = set()  # the ExternalName Services without a TCP port already logged
 
     def translate(self) -> LoadResult:
         pairs = service_entries(self.caches["services"].values(), self.caches["endpointslices"].values(),
                                 self.caches["pods"].values())
+        portless = set(portless_external_names(self.caches["services"].values()))
+        for origin, external in sorted(portless - self._portless):
+            log.info("{origin}: ExternalName Service without a TCP port: no ServiceEntry, so the sidecars "
+                     "treat its traffic as to an unknown destination (passthrough to what {external} resolves to "
+                     "under ALLOW_ANY), as Istio does; give it ports to route it through the mesh",
+                     origin=origin, external=external)
+        self._portless = portless
         return load_documents([document for _, document in pairs], self.name,
                               names=[origin for origin, _ in pairs])

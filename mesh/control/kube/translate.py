@@ -18,7 +18,9 @@ ServiceEntry, as Istio's Kubernetes registry sees it:
   UDP and SCTP ports (and ``udp-`` names) are left out, and a Service with
   no port left gets no ServiceEntry.  A port whose protocol cannot be told
   (no appProtocol, no known prefix) is one Istio would sniff: txmesh takes
-  it as HTTP.  An unnamed port is named ``port-<number>``; an integer
+  it as HTTP, except on Istio's well-known ports 25, 53, 3306 and 27017
+  (SMTP, DNS, MySQL, MongoDB), which are TCP as in Istio.  An unnamed port
+  is named ``port-<number>``; an integer
   ``targetPort`` is kept;
 - ``location: MESH_INTERNAL``, ``resolution: STATIC``; the annotation
   ``networking.istio.io/exportTo`` becomes ``exportTo``;
@@ -31,6 +33,12 @@ ServiceEntry, as Istio's Kubernetes registry sees it:
   injection, turns on mTLS to it), the Pod's service account and the port
   name -> endpoint port map of its slice.  An endpoint whose Pod is not
   known yet is left out until the Pod is (its labels decide mTLS).
+
+An ExternalName Service becomes a ``MESH_EXTERNAL`` ServiceEntry with
+``resolution: DNS`` for the same host, on its TCP ports (without
+``targetPort``), whose one endpoint is the ``externalName`` (resolved by
+the sidecars), as Istio's registry made it before its ``Alias`` resolution;
+without a TCP port it gets none (:func:`portless_external_names`).
 """
 
 from __future__ import annotations
@@ -48,6 +56,10 @@ _PROTOCOLS = {"http": "HTTP", "http_proxy": "HTTP", "http2": "HTTP2", "grpc": "G
               "kubernetes.io/h2c": "HTTP2", "kubernetes.io/ws": "HTTP", "kubernetes.io/wss": "HTTPS",
               "tcp": "TCP", "tls": "TLS", "https": "HTTPS", "mongo": "TCP", "redis": "TCP", "mysql": "TCP"}
 
+#: Service port numbers Istio never sniffs (``wellKnownPorts`` of its pkg/config/kube/conversion.go:
+#: SMTP, DNS, MySQL, MongoDB, all server-first or binary): TCP when neither appProtocol nor name tells.
+WELL_KNOWN_TCP_PORTS = frozenset({25, 53, 3306, 27017})
+
 
 def port_protocol(port: dict):
     """The ServiceEntry protocol of a Service port, or None when txmesh does not proxy it (UDP).
@@ -55,7 +67,8 @@ def port_protocol(port: dict):
     As Istio's ``ConvertProtocol``: ``appProtocol`` if set, else the port
     name; ``grpc-web...`` is gRPC-Web, otherwise the part before the first
     ``-`` names the protocol (``http-web`` -> HTTP, ``tcp-db`` -> TCP).
-    What Istio does not recognise it sniffs: HTTP here.
+    What Istio does not recognise it sniffs: HTTP here, except on the
+    :data:`WELL_KNOWN_TCP_PORTS` (``port`` 25, 53, 3306, 27017), TCP as in Istio.
     """
     if (port.get("protocol") or "TCP").upper() != "TCP":
         return None
@@ -66,6 +79,8 @@ def port_protocol(port: dict):
         name = name.partition("-")[0]
     if name == "udp":
         return None
+    if name not in _PROTOCOLS and port.get("port") in WELL_KNOWN_TCP_PORTS:
+        return "TCP"
     return _PROTOCOLS.get(name, "HTTP")
 
 
@@ -118,16 +133,58 @@ def _endpoints(service: dict, slices: list, pods: dict, ports: list) -> list:
     return [found[address] for address in sorted(found)]
 
 
+def _external_name_ports(spec: dict) -> list:
+    """The ServiceEntry ports of an ExternalName Service: its TCP ports, without ``targetPort``
+    (Kubernetes ignores it there: clients reach the external name on the Service port)."""
+    found = [(port, port_protocol(port)) for port in spec.get("ports") or [] if port.get("port")]
+    return [{"number": port["port"], "name": port_name(port), "protocol": protocol}
+            for port, protocol in found if protocol is not None]
+
+
+def _external_name_entry(name: str, namespace: str, metadata: dict, spec: dict, domain: str):
+    """The ServiceEntry of an ExternalName Service, or None without ``externalName`` or a TCP port.
+
+    As Istio's Kubernetes registry (before its ``Alias`` resolution): a ``MESH_EXTERNAL`` entry with
+    resolution DNS whose one endpoint is ``externalName``, which the sidecars resolve, on the
+    Service ports.  Kubernetes gives such a Service no ClusterIP, so it has no ``addresses``.
+    """
+    external, ports = spec.get("externalName"), _external_name_ports(spec)
+    if not external or not ports:
+        return None
+    entry = {"hosts": [f"{name}.{namespace}.svc.{domain}"], "ports": ports, "location": "MESH_EXTERNAL",
+             "resolution": "DNS", "endpoints": [{"address": external}]}
+    export_to = (metadata.get("annotations") or {}).get(EXPORT_TO_ANNOTATION)
+    if export_to:
+        entry["exportTo"] = [part.strip() for part in export_to.split(",") if part.strip()]
+    return {"apiVersion": NETWORKING, "kind": "ServiceEntry",
+            "metadata": {"name": entry_name(name), "namespace": namespace, "labels": {REGISTRY_LABEL: "kubernetes"}},
+            "spec": entry}
+
+
+def portless_external_names(services) -> list:
+    """``[(origin, externalName)]`` of the ExternalName Services that get no ServiceEntry for want of a TCP
+    port (Istio has no listener or cluster for them either: their traffic is to an unknown destination)."""
+    out = []
+    for service in services:
+        metadata, spec = service.get("metadata") or {}, service.get("spec") or {}
+        if spec.get("type") == "ExternalName" and spec.get("externalName") and not _external_name_ports(spec):
+            out.append((f"kubernetes:services/{metadata.get('namespace')}/{metadata.get('name')}",
+                        spec["externalName"]))
+    return out
+
+
 def service_entry(service: dict, slices: list, pods: dict, domain: str = hostnames.DEFAULT_DOMAIN):
-    """The ServiceEntry document of one Service, or None when it has none (ExternalName, no TCP port).
+    """The ServiceEntry document of one Service, or None when it has none (no TCP port).
 
     ``slices`` are the EndpointSlices of that Service; ``pods`` maps
     ``(namespace, name)`` to Pod objects.
     """
     metadata, spec = service.get("metadata") or {}, service.get("spec") or {}
     name, namespace = metadata.get("name"), metadata.get("namespace") or "default"
-    if spec.get("type") == "ExternalName" or not name:
+    if not name:
         return None
+    if spec.get("type") == "ExternalName":
+        return _external_name_entry(name, namespace, metadata, spec, domain)
     kept = [(port, port_protocol(port)) for port in spec.get("ports") or [] if port.get("port")]
     kept = [(port, protocol) for port, protocol in kept if protocol is not None]
     ports = []
