@@ -10,6 +10,7 @@ connection sits idle in its :class:`mesh.proxy.pool.ConnectionPool`.
 from __future__ import annotations
 
 import httptools
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHandshakeListener
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
@@ -20,6 +21,19 @@ from mesh.proxy.sockets import set_nodelay, unbuffer_tls, write_through
 from mesh.proxy.streams import Backpressure, IUpstreamStream
 
 _CHUNK_END = b"0\r\n\r\n"
+
+
+def _ends_at_close(headers) -> bool:
+    """Whether a response with these head ``headers`` has a body that ends when the server closes the
+    connection (RFC 9112 section 6.3: neither a Content-Length nor a chunked Transfer-Encoding), as an
+    HTTP/1.0 server or one that says ``Connection: close`` may send it.  Looked at only when the
+    connection closes cleanly during a body, so the usual response costs nothing here; a reset still
+    fails the try (``UC``), since the body may be cut short."""
+    for name, value in headers:
+        lower = name.lower()
+        if lower == b"content-length" or (lower == b"transfer-encoding" and b"chunked" in value.lower()):
+            return False
+    return True
 
 
 @implementer(IHandshakeListener, IUpstreamStream)
@@ -52,6 +66,7 @@ class UpstreamConnection(Protocol):
         self.chunked = False  # the request body being sent is chunk-framed
         self.tunnel = None
         self._body_link = None
+        self._head_headers = None  # the headers of the response being read, once its head was delivered
         self._headers = []
         self._reason = b""
         self._parser = httptools.HttpResponseParser(self)
@@ -103,7 +118,11 @@ class UpstreamConnection(Protocol):
         listener = self.listener
         if listener is not None:
             self.listener = None
-            listener.upstream_lost("upstream connection closed")
+            if (self._head_headers is not None and reason is not None and reason.check(ConnectionDone)
+                    and _ends_at_close(self._head_headers)):
+                listener.upstream_end()  # a body without length or chunks ends when the server closes
+            else:
+                listener.upstream_lost("upstream connection closed")
 
     # -- the upstream stream of the try that owns the connection (IUpstreamStream) ------------
     def send_request(self, listener, exchange) -> None:
@@ -113,6 +132,7 @@ class UpstreamConnection(Protocol):
         every try sends the same bytes.
         """
         self.listener = listener
+        self._head_headers = None
         self.head_only = exchange.head_only
         self.chunked = exchange.framing == "chunked"
         self.requests_sent += 1
@@ -191,6 +211,7 @@ class UpstreamConnection(Protocol):
             return  # interim response (100 Continue, 103): swallowed
         listener = self.listener
         if listener is not None:
+            self._head_headers = headers if status not in (204, 304) and not self.head_only else None
             listener.upstream_head(status, self._reason, headers, self._parser.should_keep_alive())
             if self.head_only and self.listener is listener:
                 # A response to HEAD has no body whatever its headers say;
