@@ -17,7 +17,7 @@ from .backend import Backend, pattern_sha256
 from .control import Control
 from .curl import CurlResult, curl
 from .kube import KubeAPI
-from .net import connections_to, free_port, http_request
+from .net import ThreadedSocketServer, closed_by_peer, connections_to, free_port, http_request
 from .processes import (
     REPO_ROOT,
     ManagedProcess,
@@ -33,7 +33,8 @@ from .waiting import wait_for
 
 __all__ = [
     "REPO_ROOT", "Backend", "Control", "CurlResult", "KubeAPI", "ManagedProcess", "ProcessExitedError", "Proxy",
-    "RawConnection", "RawResponse", "connections_to", "curl", "free_port", "http_request",
+    "RawConnection", "RawResponse", "ThreadedSocketServer", "closed_by_peer", "connections_to", "curl", "free_port",
+    "http_request",
     "log_alarms_since_last_check",
     "pattern_sha256", "stop_all", "venv_bin", "venv_dir", "wait_for",
 ]

@@ -1,5 +1,5 @@
-"""Loopback networking helpers: free ports, one-shot HTTP requests, and another process's connections
-(their keepalive settings)."""
+"""Loopback networking helpers: free ports, one-shot HTTP requests, another process's connections
+(their keepalive settings), whether a peer closed a socket, and a threaded raw-socket server."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import http.client
 import os
 import random
 import socket
+import threading
 
 #: Ports are picked below Linux's default ephemeral range (32768-60999), so they
 #: cannot collide with the source ports of outgoing connections (curl, proxies).
@@ -106,3 +107,44 @@ def connections_to(pid: int, peer_port: int) -> list[dict]:
     finally:
         os.close(pidfd)
     return found
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """Whether the peer has closed ``sock`` (a FIN or a reset); never blocks."""
+    sock.setblocking(False)
+    try:
+        return sock.recv(1) == b""
+    except BlockingIOError:
+        return False
+    except ConnectionResetError:
+        return True
+    finally:
+        sock.setblocking(True)
+
+
+class ThreadedSocketServer:
+    """A loopback TCP server that hands each accepted connection to :meth:`answer` in a thread of its own:
+    for upstreams that must misbehave in ways no real server does on purpose.  ``address`` is its
+    ``(host, port)``; :meth:`close` stops accepting."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.address = self.sock.getsockname()
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self):
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.answer, args=(connection,), daemon=True).start()
+
+    def answer(self, connection: socket.socket) -> None:
+        """Serve one connection (and close it when done)."""
+        raise NotImplementedError
+
+    def close(self) -> None:
+        self.sock.close()

@@ -9,38 +9,23 @@ server that resets the connection in the middle of such a body cut it short: tha
 from __future__ import annotations
 
 import socket
-import threading
 
 import pytest
 
+from tests.harness import ThreadedSocketServer
 from tests.integration.test_proxy_support import endpoint, service_entry, write_config
 
 BODY = b"0123456789abcdef" * 20_000  # 320,000 bytes: many reads and writes on the way
 
 
-class _UntilCloseServer:
+class _UntilCloseServer(ThreadedSocketServer):
     """Answers every request with ``BODY`` and no length, then closes (or resets, for ``/reset``)."""
 
     HEADS = {b"/http10": b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n",
              b"/close": b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Type: text/plain\r\n\r\n",
              b"/reset": b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n"}
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address = self.sock.getsockname()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection):
+    def answer(self, connection):
         buffer = b""
         while b"\r\n\r\n" not in buffer:
             data = connection.recv(65536)
@@ -63,7 +48,7 @@ def proxy(proxy_factory, tmp_path_factory):
     server = _UntilCloseServer()
     config = write_config(tmp_path_factory.mktemp("until-close"), service_entry("legacy", [endpoint(server.address)]))
     yield proxy_factory(config, "client")
-    server.sock.close()
+    server.close()
 
 
 @pytest.mark.parametrize("http2", [False, True], ids=["http1-client", "http2-client"])

@@ -15,7 +15,7 @@ import time
 import pytest
 
 from mesh.proxy.overload import HIGH_WATER, LOW_WATER
-from tests.harness import Proxy, wait_for
+from tests.harness import Proxy, closed_by_peer, wait_for
 from tests.harness.net import http_request
 from tests.integration.test_proxy_support import endpoint, service_entry, write_config
 
@@ -53,17 +53,6 @@ def _open_idle(proxy, count: int) -> list[socket.socket]:
     return sockets
 
 
-def _closed(sock: socket.socket) -> bool:
-    """Whether the sidecar closed this connection (it never sends anything on an idle one)."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
-
-
 def _soft_and_hard_fd_limits(pid: int) -> tuple[int, int]:
     with open(f"/proc/{pid}/limits") as limits:
         for line in limits:
@@ -95,12 +84,12 @@ def test_idle_connections_are_closed_first_busy_ones_finish_and_a_new_client_is_
         assert status == 200, body
         assert took < 5.0, f"the new client waited {took:.1f}s"
 
-        closed = wait_for(lambda: [i for i, sock in enumerate(oldest) if _closed(sock)], 10.0,
+        closed = wait_for(lambda: [i for i, sock in enumerate(oldest) if closed_by_peer(sock)], 10.0,
                           what="idle connections to be closed")
         assert closed == list(range(len(closed))), f"not the longest idle first: {closed}"
         one_round = int(LIMIT * HIGH_WATER) + 1 - int(LIMIT * LOW_WATER)
         assert len(closed) > one_round, "the listener was expected to make room twice"
-        assert not any(_closed(sock) for sock in newest), "a connection idle for less time was closed"
+        assert not any(closed_by_peer(sock) for sock in newest), "a connection idle for less time was closed"
         assert _metric(proxy, "mesh_downstream_cx_overload_closed_total") >= len(closed)
         assert _metric(proxy, "mesh_downstream_cx_overflow_total") == 0
         assert _metric(proxy, "mesh_downstream_cx_limit") == LIMIT

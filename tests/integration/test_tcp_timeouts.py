@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from tests.harness import free_port, wait_for
+from tests.harness import closed_by_peer, free_port, wait_for
 from tests.integration.test_proxy_support import write_config
 from tests.integration.test_tcp_routes import NETWORKING, NS, TcpPeers, plain_endpoint, resource
 from tests.integration.test_telemetry_support import total
@@ -59,19 +59,6 @@ def echoed(sock: socket.socket, data: bytes) -> bool:
         return received == data
     except (ConnectionResetError, BrokenPipeError):
         return False
-
-
-def closed_by_peer(sock: socket.socket) -> bool:
-    """Whether the sidecar has closed ``sock`` (a FIN or a reset); never blocks."""
-    sock.setblocking(False)
-    try:
-        return sock.recv(1) == b""
-    except BlockingIOError:
-        return False
-    except ConnectionResetError:
-        return True
-    finally:
-        sock.setblocking(True)
 
 
 def test_an_idle_connection_is_closed_at_the_rules_idle_timeout_and_a_busy_one_is_not(client):
