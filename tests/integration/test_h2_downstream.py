@@ -178,6 +178,31 @@ def test_a_failed_stream_is_reset_and_the_connection_goes_on(mesh):
         client.close()
 
 
+def test_a_stream_in_flight_has_no_idle_timeout(mesh, proxy_factory):
+    """--idle-timeout 1, no route timeout: a stream whose app answers after 3 s gets its 200, and one whose
+    request body pauses for as long is not cut, as in Istio (``stream_idle_timeout: 0s``).  The connection,
+    with no stream left, is then closed at the idle timeout.  (The proxy once answered 504 UT instead.)"""
+    proxy = proxy_factory(mesh.config, "patient", extra_args=["--idle-timeout", "1"])
+    client = H2Client(proxy.outbound_port)
+    try:
+        paused = client.request("/upload", "plain", method="POST", body=b"he", end=False)
+        started = time.monotonic()
+        slow = client.request("/delay/3000", "plain")
+        client.wait(lambda: client.done(slow), what="the slow response")
+        assert (client.responses[slow].status, client.responses[slow].reset) == (200, None), client.responses
+        assert time.monotonic() - started >= 3.0 and client.terminated is None
+        client.conn.send_data(paused, b"llo", end_stream=True)   # 3 s after the first bytes of the body
+        client.flush()
+        client.wait(lambda: client.done(paused), what="the paused upload's response")
+        assert client.responses[paused].status == 200, client.responses
+        assert json.loads(client.responses[paused].body)["body_bytes"] == 5
+        idle_since = time.monotonic()
+        client.wait(lambda: client.closed, timeout=5, what="the idle connection to close")
+        assert client.terminated is not None and 0.9 <= time.monotonic() - idle_since < 3.0
+    finally:
+        client.close()
+
+
 def test_drain_sends_goaway_and_finishes_streams_in_flight(mesh, proxy_factory):
     """nghttp (a real HTTP/2 client) has a request in flight when the sidecar is told to stop: it gets the
     GOAWAY announcing the shutdown, then the one naming its stream as the last, then its response."""

@@ -17,7 +17,7 @@ import uuid
 
 import pytest
 
-from tests.harness import RawConnection
+from tests.harness import RawConnection, wait_for
 from tests.integration.test_proxy_support import (
     cluster_name,
     curl_many,
@@ -294,17 +294,46 @@ def test_a_response_streaming_longer_than_the_idle_timeout_is_not_cut(strict):
 
 
 
-def test_an_upstream_silent_past_the_idle_timeout_gets_504(strict):
-    """No route timeout, an upstream that answers after 3 s, --idle-timeout 1: the client gets a 504 UT
-    saying what to change, not a reset."""
-    with raw(strict) as conn:
+def test_a_request_in_flight_has_no_idle_timeout(strict):
+    """--idle-timeout 1, no route timeout: an upstream that answers after 3 s is waited for, and a request body
+    paused for as long is not cut either, as in Istio (``stream_idle_timeout: 0s``).  Once the response is
+    sent, the connection, idle, is closed at the idle timeout.  (The proxy once answered 504 UT instead.)"""
+    with raw(strict) as slow, raw(strict) as paused:
+        paused.send(b"POST /upload HTTP/1.1\r\nHost: echo\r\nContent-Length: 5\r\n\r\nhe")
         started = time.monotonic()
-        conn.send(b"GET /delay/3000 HTTP/1.1\r\nHost: echo\r\n\r\n")
-        response = conn.read_response()
-        assert response.status == 504
-        assert response.headers.get("x-mesh-flags") == "UT"
-        assert b"idle timeout" in response.body
-        assert 1.0 <= time.monotonic() - started < 3.0
+        slow.send(b"GET /delay/3000 HTTP/1.1\r\nHost: echo\r\n\r\n")
+        response = slow.read_response()
+        assert response.status == 200, (response.status, response.headers, response.body)
+        assert time.monotonic() - started >= 3.0
+        idle_since = time.monotonic()
+        paused.send(b"llo")   # 3 s after the first bytes of the body
+        posted = paused.read_response()
+        assert posted.status == 200 and json.loads(posted.body)["body_bytes"] == 5, posted.body
+        assert slow.at_eof()   # blocks until the proxy closes (socket timeout 10 s)
+        assert 0.9 <= time.monotonic() - idle_since < 3.0
+
+
+def test_a_client_that_reads_nothing_is_cut_at_the_idle_timeout(strict):
+    """A response held for a client that takes none of it (its buffers full, the upstream paused) is not a request
+    waiting for its upstream: after --idle-timeout 1 without a byte taken, the connection is cut, the request ends."""
+    def in_flight():
+        return sum(row["active_requests"] for row in strict.admin("/clusters")[cluster_name("echo")]["endpoints"])
+
+    size = 64 * 1024 * 1024
+    with raw(strict) as conn:
+        conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16 * 1024)
+        conn.send(b"GET /bytes/%d HTTP/1.1\r\nHost: echo\r\n\r\n" % size)
+        wait_for(lambda: in_flight() == 1, timeout=5, what="the request in flight")
+        started = time.monotonic()
+        wait_for(lambda: in_flight() == 0, timeout=6, what="the stuck request to be cut")
+        assert time.monotonic() - started >= 0.9
+        received = 0
+        try:
+            while data := conn.sock.recv(1 << 20):
+                received += len(data)
+        except ConnectionResetError:
+            pass
+        assert received < size, "the whole response came: the connection was not cut"
 
 # -- keep-alive and pipelining -------------------------------------------------------------------------------
 

@@ -747,7 +747,9 @@ class H2ServerConnection(Protocol):
         self.transport.loseConnection()
 
     def check_timers(self, now):
-        """Called about once a second: the header timeout, each stream's idle timeout, the connection's."""
+        """Called about once a second: the header timeout, a stream whose client takes none of its response
+        (:meth:`H2Stream.check_timers`; none for a request in flight), the idle timeout of a connection without
+        streams."""
         if self.closing:
             return
         self.guard.new_second()
@@ -990,19 +992,18 @@ class H2Stream:
             exchange.downstream_lost()
 
     def check_timers(self, now, idle_timeout):
-        """A stream that has moved no byte for ``idle_timeout``: its request gets a 504 (no response
-        yet), or it is reset (a response that cannot go on)."""
-        exchange = self.exchange
-        progress = (self.sent, exchange.ctx.bytes_sent + exchange.ctx.bytes_received) if exchange else self.sent
-        if progress != self.progress_seen:
-            self.progress_seen = progress
+        """No idle timeout for a stream, as Istio's sidecars (``stream_idle_timeout: 0s``): its upstream may
+        answer or pause as long as it likes (a route timeout bounds that), its request body may trickle in.
+        Only a stream holding response bytes its client takes none of (a window never opened, a transport
+        not read) for ``idle_timeout`` is reset."""
+        if not self.held_size:
+            self.progress_seen = None
+            return
+        if self.sent != self.progress_seen:
+            self.progress_seen = self.sent
             self.progress_at = now
             return
         if now - self.progress_at <= idle_timeout:
-            return
-        if exchange is not None and exchange.state is not DONE and not exchange.response_started:
-            exchange.local_reply(504, "UT", f"no response from upstream within the idle timeout ({idle_timeout:g}s); "
-                                 "set a route timeout or raise --idle-timeout")
             return
         self.reset(ErrorCodes.CANCEL)
         self.lost()

@@ -785,23 +785,27 @@ class DownstreamConnection(Protocol):
         self.limits = dataclasses.replace(self.limits, idle_timeout=seconds or math.inf)
 
     def check_timers(self, now):
-        """Called about once a second: enforce the head and idle timeouts."""
+        """Called about once a second: enforce the head timeout, and the idle timeout of a connection with no
+        request in flight (kept alive, or a tunnel).
+
+        A request in flight has no idle timeout, as Istio's sidecars (``stream_idle_timeout: 0s``): its
+        upstream may answer or pause as long as it likes (a route timeout bounds that), its body may
+        trickle in.  Only a client that takes none of a response held for it (the link to the upstream
+        paused on its full buffer, :meth:`link_response`) for the idle timeout is cut.
+        """
         limits = self.limits
         if self.head_started is not None and now - self.head_started > limits.header_timeout:
             self.reject(408, f"request head not received within {limits.header_timeout:g}s")
         elif now - self.last_activity > limits.idle_timeout:
             if self.queue:
-                # Only bytes from the client refresh last_activity; a response that
-                # streams for longer than the idle timeout is progress, not idleness.
+                link = self._response_link
+                if link is None or not link.paused:
+                    return
                 exchange = self.queue[0]
-                moved = exchange.ctx.bytes_sent + exchange.ctx.bytes_received
-                if moved and (exchange, moved) != self._progress_seen:
+                moved = exchange.ctx.bytes_sent
+                if (exchange, moved) != self._progress_seen:
                     self._progress_seen = (exchange, moved)
                     self.last_activity = now
-                    return
-                if not exchange.response_started:
-                    exchange.local_reply(504, "UT", f"no response from upstream within the idle timeout "
-                                         f"({limits.idle_timeout:g}s); set a route timeout or raise --idle-timeout")
                     return
                 self.abort()
             elif self.tunnel is not None:
