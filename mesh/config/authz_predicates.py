@@ -190,11 +190,13 @@ def _source_ip(ctx, peer):
 def remote_ip(ctx, peer):
     """Envoy's remote address (``remoteIpBlocks``, ``remote.ip``), with no trusted proxies in front.
 
-    A request a sidecar forwarded (``peer``: it came over mesh mTLS) has the client's address as the
-    last ``X-Forwarded-For`` entry, which that sidecar appended (Envoy's rule without
-    ``use_remote_address``); anything else, such as an ingress gateway's clients, is the connection's
-    own address: an ``X-Forwarded-For`` a client sends itself is not trusted (Envoy's rule with
-    ``use_remote_address`` and ``xff_num_trusted_hops: 0``, Istio's gateway default).
+    A request that came over mesh mTLS (``peer``) is from the last ``X-Forwarded-For`` entry, which the
+    gateway in front appended (the client's address) or the calling workload sent, else from the
+    connection's address (the calling sidecar's): Envoy's rule on Istio's sidecars
+    (``use_remote_address: false``; sidecars append nothing).  Anything else, such as an ingress
+    gateway's clients, is the connection's own address: an ``X-Forwarded-For`` a client sends itself is
+    not trusted (Envoy's rule with ``use_remote_address`` and ``xff_num_trusted_hops: 0``, Istio's
+    gateway default; stricter than Istio for plaintext requests to a sidecar).
     """
     if peer is not None:
         headers = getattr(ctx, "headers", None)

@@ -270,7 +270,8 @@ class Exchange:
             self._not_forwarded(error)
             return
         down = self.down
-        self.extra_headers = _set_headers(ctx, rewrites, down.forward_headers)
+        self.extra_headers = _set_headers(ctx, rewrites, _forwarded_headers(ctx, listener, action,
+                                                                             down.forward_headers))
         timeout = action.timeout
         now = listener.reactor.seconds()  # one reading for the deadline and the first try: both start now
         if ctx.grpc is not None:
@@ -745,6 +746,41 @@ class Exchange:
         self.listener.request_complete(ctx, outcome)
         if not tunnel:
             self.down.finished(self)
+
+
+#: ``x-forwarded-proto`` added by a sidecar to a request without one, by whether it came over (m)TLS.
+_PROTO = (((b"x-forwarded-proto", b"http"),), ((b"x-forwarded-proto", b"https"),))
+
+
+def _forwarded_headers(ctx, listener, action, extra):
+    """``extra`` with the x-forwarded-for and x-forwarded-proto of Envoy's ``mutateRequestHeaders``.
+
+    On a gateway (``listener.forwarded_proto`` set; Istio's ``use_remote_address: true``, no trusted
+    hops) the client's address is appended to the x-forwarded-for it sent, and x-forwarded-proto is the
+    connection's scheme, replacing the client's value.  On a sidecar (``use_remote_address: false``)
+    x-forwarded-for goes on as received (none if none), the client's x-forwarded-proto is kept, and a
+    request without one gets the scheme of its connection (``https`` only over mTLS).  A route that sets
+    or removes x-forwarded-proto (``headers.request``) has the last word, as Envoy's route headers come
+    after.  (The codecs take x-forwarded-for out of ``ctx.raw_headers``.)"""
+    received = ctx.headers.get("x-forwarded-for")
+    proto = listener.forwarded_proto
+    if proto is None:
+        if received is not None:
+            extra += ((b"x-forwarded-for", received.encode("latin-1")),)
+        if "x-forwarded-proto" in ctx.headers:
+            return extra
+        proto = _PROTO[ctx.peer is not None]
+    else:
+        client = ctx.source_address.encode()
+        extra += ((b"x-forwarded-for", received.encode("latin-1") + b", " + client if received else client),)
+        if "x-forwarded-proto" in ctx.headers:
+            ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() != b"x-forwarded-proto"]
+        proto = ((b"x-forwarded-proto", proto),)
+    ops = action.request_headers
+    if ops is not None and (b"x-forwarded-proto" in ops.remove
+                            or any(name == b"x-forwarded-proto" for name, _ in ops.set)):
+        return extra
+    return extra + proto
 
 
 def _set_headers(ctx, results, extra):

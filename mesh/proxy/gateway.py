@@ -233,6 +233,7 @@ class _HttpsListener(Listener):
             router = GatewayRouter(self._runtime, self._hooks, self._port, server)
             listener = Listener(self.reactor, self.direction, router, self.limits, self._hooks,
                                 own_identity=self._own_identity, normalize_path=self.normalize_path)
+            listener.forwarded_proto = self.forwarded_proto
             listener.label = f"gateway:{self._port} {server.name}"
             listener.connections, listener.overload = self.connections, self.overload
             if self._bound:
@@ -335,6 +336,7 @@ class GatewayListeners:
             listener = Listener(*args, **options)
             factory = DownstreamFactory(listener)
         listener.label = f"gateway:{port}"
+        listener.forwarded_proto = b"http" if tls is None else b"https"  # an edge, as Istio's gateways
         local = self.settings.local_port(port)
         try:
             bound = proxy.reactor.listenTCP(local, factory, backlog=1024, interface=self.settings.address)

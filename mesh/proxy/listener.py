@@ -67,6 +67,13 @@ class Listener:
         (a function of :mod:`mesh.proxy.paths`), applied to every request.
     """
 
+    #: The ``x-forwarded-proto`` every forwarded request gets, replacing the client's, on a gateway's
+    #: listener (``b"https"`` where it terminates TLS), which also appends the client's address to
+    #: x-forwarded-for: Envoy's rule with ``use_remote_address`` and no trusted hops, Istio's gateways.
+    #: None on a sidecar, which forwards x-forwarded-for as received and adds an x-forwarded-proto only
+    #: to a request without one (:func:`mesh.proxy.exchange._forwarded_headers`).
+    forwarded_proto = None
+
     def __init__(self, reactor, direction, router, limits, hooks, own_identity=None, passthrough=None,
                  normalize_path=normalize_base):
         self.reactor = reactor

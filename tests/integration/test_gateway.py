@@ -198,6 +198,29 @@ def test_remote_ip_blocks_at_the_gateway_are_the_clients_address_not_its_x_forwa
     assert served_by(via(mesh, "http", "/api/v1/products/loopback-only", headers=spoofed)) == "details"
 
 
+def test_x_forwarded_proto_is_the_scheme_of_the_clients_connection_whatever_it_sent(mesh):
+    """As Envoy at Istio's gateways (``use_remote_address``, no trusted hops): the app (behind its own sidecar,
+    which keeps the value) gets the scheme the client used, never the client's own x-forwarded-proto."""
+    for headers in ({}, {"x-forwarded-proto": "https"}):
+        seen = via(mesh, "http", "/api/v1/products/0", headers=headers).json()["headers"]
+        assert seen["x-forwarded-proto"] == "http", seen
+    ca = ["--cacert", str(mesh["pki"]["ca"])]
+    for version in ("--http1.1", "--http2"):
+        for headers in ({}, {"X-Forwarded-Proto": "http"}):
+            result = via(mesh, "https", "/productpage", scheme="https", headers=headers, extra_args=[*ca, version])
+            assert served_by(result) == "productpage"
+            assert result.json()["headers"]["x-forwarded-proto"] == "https", (version, result.json())
+
+
+def test_x_forwarded_for_gets_the_clients_address_from_the_gateway_only(mesh):
+    """As Istio: the gateway (``use_remote_address``) appends its client's address to the x-forwarded-for the client
+    sent; the app's sidecar (``use_remote_address: false``) appends nothing, so the app and its sidecar's
+    ``remoteIpBlocks`` see the client's address last."""
+    assert via(mesh, "http", "/api/v1/products/0").json()["headers"]["x-forwarded-for"] == "127.0.0.1"
+    sent = via(mesh, "http", "/api/v1/products/0", headers={"x-forwarded-for": "9.9.9.9"}).json()["headers"]
+    assert sent["x-forwarded-for"] == "9.9.9.9, 127.0.0.1", sent
+
+
 # -- HTTPS -----------------------------------------------------------------------------------------
 
 def test_https_simple_with_a_test_ca(mesh):

@@ -112,6 +112,16 @@ def test_frontend_reaches_services_over_mtls(mesh, target):
     assert cert["By"] == spiffe(NS, target)
     assert cert["Subject"] == '""'
     assert len(cert["Hash"]) == 64 and int(cert["Hash"], 16) >= 0
+    # the frontend's sidecar added http (its app's connection); the callee's, over mTLS, kept it (Istio's too)
+    assert result.json()["headers"]["x-forwarded-proto"] == "http"
+
+
+def test_sidecars_append_nothing_to_x_forwarded_for(mesh):
+    """Istio's sidecars (Envoy without ``use_remote_address``): what the calling app sent, or nothing, reaches the
+    callee's app over two sidecars."""
+    assert "x-forwarded-for" not in call(mesh, "frontend", "user-service").json()["headers"]
+    sent = call(mesh, "frontend", "user-service", headers={"X-Forwarded-For": "10.1.2.3"}).json()["headers"]
+    assert sent["x-forwarded-for"] == "10.1.2.3", sent
 
 
 def test_every_sidecar_got_its_own_certificate(mesh):

@@ -124,17 +124,26 @@ def test_hop_by_hop_response_headers_are_not_forwarded(proxy):
     assert result.headers["x-resp-end"] == "kept"
 
 
-def test_x_forwarded_for_and_x_request_id_are_added(proxy):
+def test_x_request_id_is_added_and_no_x_forwarded_for(proxy):
+    """A sidecar appends nothing to x-forwarded-for (Istio's sidecars: Envoy without ``use_remote_address``)."""
     seen = proxy.curl("echo", "/").json()["headers"]
-    assert seen["x-forwarded-for"] == "127.0.0.1"
+    assert "x-forwarded-for" not in seen, seen
     assert uuid.UUID(seen["x-request-id"]), seen
     assert proxy.curl("echo", "/").json()["headers"]["x-request-id"] != seen["x-request-id"]
 
 
-def test_x_forwarded_for_is_appended_and_x_request_id_kept(proxy):
+def test_x_forwarded_for_and_x_request_id_are_kept(proxy):
     seen = proxy.curl("echo", "/", headers={"X-Forwarded-For": "10.1.2.3", "X-Request-Id": "abc-123"}).json()["headers"]
-    assert seen["x-forwarded-for"] == "10.1.2.3, 127.0.0.1"
+    assert seen["x-forwarded-for"] == "10.1.2.3"
     assert seen["x-request-id"] == "abc-123"
+
+
+def test_x_forwarded_proto_is_added_when_absent_and_the_clients_kept(proxy):
+    """As Envoy on Istio's sidecars (no ``use_remote_address``): the scheme of the app's connection, ``http``, when
+    the request has none; an x-forwarded-proto the app sent (it is behind a proxy of its own) goes on unchanged."""
+    assert proxy.curl("echo", "/").json()["headers"]["x-forwarded-proto"] == "http"
+    kept = proxy.curl("echo", "/", headers={"X-Forwarded-Proto": "https"}).json()["headers"]
+    assert kept["x-forwarded-proto"] == "https", kept
 
 
 def test_http_1_0_client_gets_a_response_and_a_close(proxy):

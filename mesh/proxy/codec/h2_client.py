@@ -113,7 +113,7 @@ def request_headers(exchange) -> list:
     asking for trailers (gRPC) goes on as ``te: trailers``.
     """
     ctx = exchange.ctx
-    path, authority, headers, xff = forwarded(ctx, exchange.action)
+    path, authority, headers = forwarded(ctx, exchange.action)
     out = [(b":method", ctx.method.encode()), (b":scheme", b"http"), (b":authority", authority), (b":path", path)]
     for name, value in headers:
         name = name.lower()
@@ -124,7 +124,6 @@ def request_headers(exchange) -> list:
     te = ctx.headers.get("te")
     if te is not None and "trailers" in te.lower():
         out.append((b"te", b"trailers"))
-    out.append((b"x-forwarded-for", xff))
     if "x-request-id" not in ctx.headers:
         out.append((b"x-request-id", ctx.request_id.encode()))
     if exchange.framing == "length":

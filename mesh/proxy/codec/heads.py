@@ -44,35 +44,31 @@ def _apply_ops(lines: list, ops) -> list:
 
 
 def forwarded(ctx, action) -> tuple:
-    """``(path, authority, headers, x-forwarded-for)`` of a forwarded request, whatever its
-    protocol: the route's rewrites and header operations applied to what the client sent,
-    and the client's address added to the x-forwarded-for it sent."""
+    """``(path, authority, headers)`` of a forwarded request, whatever its protocol: the route's
+    rewrites and header operations applied to what the client sent.  (x-forwarded-for and
+    x-forwarded-proto come with the exchange's added headers: :func:`mesh.proxy.exchange._forwarded_headers`.)"""
     path = ctx.path.encode("latin-1")
     if action.rewrite_prefix is not None:
         path = action.rewrite_prefix + path[action.rewrite_strip:]
     headers = ctx.raw_headers
     if action.request_headers is not None:
         headers = _apply_ops(headers, action.request_headers)
-    xff = ctx.headers.get("x-forwarded-for")
-    client = ctx.source_address.encode()
-    return (path, action.rewrite_authority or ctx.authority, headers,
-            xff.encode("latin-1") + b", " + client if xff else client)
+    return path, action.rewrite_authority or ctx.authority, headers
 
 
 def request_head(ctx, action, framing, content_length, upgrade, extra=()) -> bytes:
     """The head sent upstream for one request (built once, reused by retries).
 
     ``ctx.raw_headers`` arrive without hop-by-hop headers, Host, Expect and
-    x-forwarded-for (the codec strips them); ``extra`` are listener-specific
-    ``(name, value)`` pairs such as x-forwarded-client-cert.
+    x-forwarded-for (the codec strips them); ``extra`` are the exchange's added
+    ``(name, value)`` pairs: x-forwarded-client-cert, x-forwarded-for, x-forwarded-proto.
     """
-    path, authority, headers, xff = forwarded(ctx, action)
+    path, authority, headers = forwarded(ctx, action)
     out = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (ctx.method.encode(), path, authority)]
     for name, value in headers:
         out.append(b"%s: %s\r\n" % (name, value))
     for name, value in extra:
         out.append(b"%s: %s\r\n" % (name, value))
-    out.append(b"x-forwarded-for: %s\r\n" % xff)
     if "x-request-id" not in ctx.headers:
         out.append(b"x-request-id: %s\r\n" % ctx.request_id.encode())
     if framing == "length":
