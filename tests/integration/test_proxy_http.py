@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import select
 import socket
-import threading
 import time
 import uuid
 
 import pytest
 
-from tests.harness import RawConnection, wait_for
+from tests.harness import RawConnection, ThreadedSocketServer, wait_for
 from tests.integration.test_proxy_support import (
     cluster_name,
     curl_many,
@@ -30,29 +29,14 @@ from tests.integration.test_proxy_support import (
 MAX_HEADER_BYTES = 60 * 1024
 
 
-class _HopByHopServer:
+class _HopByHopServer(ThreadedSocketServer):
     """An upstream whose every response carries hop-by-hop headers, to see what the proxy forwards."""
 
     RESPONSE = (b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Hop\r\nX-Resp-Hop: secret\r\nKeep-Alive: timeout=5\r\n"
                 b"Proxy-Authenticate: Basic\r\nTrailer: X-Checksum\r\nX-Resp-End: kept\r\n"
                 b"Content-Length: 3\r\n\r\nok\n")
 
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.address = self.sock.getsockname()
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self):
-        while True:
-            try:
-                connection, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
-
-    def _answer(self, connection):
+    def answer(self, connection):
         with connection:
             buffer = b""
             while True:
@@ -69,7 +53,7 @@ class _HopByHopServer:
 def hop_server():
     server = _HopByHopServer()
     yield server
-    server.sock.close()
+    server.close()
 
 
 @pytest.fixture(scope="module")
