@@ -115,6 +115,17 @@ def issue_cert(directory: Path, name: str, issuer, uri: str, *, not_before=None,
     return cert_path, key_path
 
 
+def static_identity_args(cert: Path, key: Path, bundle: Path, account: str, outbound: str = "127.0.0.1",
+                         tcp_ports=()) -> list:
+    """The ``mesh-proxy`` options of a sidecar with a static workload certificate of service account ``account``
+    (``--cert``/``--key``/``--ca-bundle``), its outbound address and explicit TCP listeners (``tcp_ports``)."""
+    args = ["--cert", cert, "--key", key, "--ca-bundle", bundle, "--service-account", account,
+            "--outbound-address", outbound]
+    for port in tcp_ports:
+        args += ["--outbound-tcp-port", port]
+    return args
+
+
 def cert_sha256(cert_path: Path) -> str:
     cert = x509.load_pem_x509_certificate(Path(cert_path).read_bytes())
     return hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest()

@@ -23,7 +23,13 @@ from cryptography.hazmat.primitives import serialization
 
 from mesh.control.kube.translate import service_entries
 from tests.harness import free_port, wait_for
-from tests.integration.test_identity_support import TLS_MODE_ISTIO, issue_cert, make_ca, spiffe
+from tests.integration.test_identity_support import (
+    TLS_MODE_ISTIO,
+    issue_cert,
+    make_ca,
+    spiffe,
+    static_identity_args,
+)
 from tests.integration.test_proxy_support import write_config
 from tests.integration.test_tcp_routes import TcpPeers
 from tests.integration.test_telemetry_support import total
@@ -66,11 +72,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
              for namespace, account in (("shop", "client"), (NS, "kafka"))}
 
     def sidecar(workload, namespace, account, outbound, app_port=None, inbound_port=None, tcp_ports=(), **labels):
-        cert, key = certs[account]
-        args = ["--cert", cert, "--key", key, "--ca-bundle", bundle, "--service-account", account,
-                "--outbound-address", outbound]
-        for port in tcp_ports:
-            args += ["--outbound-tcp-port", port]
+        args = static_identity_args(*certs[account], bundle, account, outbound, tcp_ports)
         return proxy_factory(config, workload, namespace=namespace, app_port=app_port, inbound_port=inbound_port,
                              labels=labels, extra_args=args)
 

@@ -41,6 +41,7 @@ from tests.integration.test_identity_support import (
     make_ca,
     peer_authentication,
     spiffe,
+    static_identity_args,
 )
 from tests.integration.test_proxy_support import write_config
 from tests.integration.test_telemetry_support import total
@@ -161,11 +162,7 @@ def mesh(proxy_factory, tmp_path_factory, process_log_dir):
     certs = {name: issue_cert(work, name, ca, spiffe(NS, name)) for name in ("client", "echo", "tls-a", "vault")}
 
     def sidecar(workload, account, app_port=None, inbound_port=None, tcp_ports=(), outbound="127.0.0.1", **labels):
-        cert, key = certs[account]
-        args = ["--cert", cert, "--key", key, "--ca-bundle", bundle, "--service-account", account,
-                "--outbound-address", outbound]
-        for port in tcp_ports:
-            args += ["--outbound-tcp-port", port]
+        args = static_identity_args(*certs[account], bundle, account, outbound, tcp_ports)
         return proxy_factory(config, workload, namespace=NS, app_port=app_port, inbound_port=inbound_port,
                              labels=labels, extra_args=args)
 
