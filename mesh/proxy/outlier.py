@@ -90,12 +90,16 @@ def record_failure(endpoint, cluster, now: float, status: int = 0, connect_failu
         tripped = tripped or (limit > 0 and endpoint.consecutive_gateway >= limit)
     elif status >= 500:
         endpoint.consecutive_gateway = 0  # a 5xx that is no gateway error ends that streak (Envoy)
-    if tripped and _may_eject(cluster, now):
+    if not tripped:
+        return False
+    ejected = _may_eject(cluster, now)
+    if ejected:
         _eject(endpoint, policy, now)
-        endpoint.consecutive_5xx = endpoint.consecutive_gateway = 0
-        endpoint.consecutive_connect_failures = 0
-        return True
-    return False
+    # The streaks start again whether or not maxEjectionPercent let the ejection happen: Envoy's
+    # onConsecutiveErrorWorker resets the counter after ejectHost either way.
+    endpoint.consecutive_5xx = endpoint.consecutive_gateway = 0
+    endpoint.consecutive_connect_failures = 0
+    return ejected
 
 
 def _eject(endpoint, policy, now: float) -> None:

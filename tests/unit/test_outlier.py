@@ -266,3 +266,16 @@ def test_with_consecutive_5xx_errors_0_gateway_errors_still_count_connect_failur
     outlier.try_failed(endpoint, cluster, 2.0, "connect-failure")
     assert ejected(endpoint, 2.0)
 
+
+
+def test_a_streak_whose_ejection_max_ejection_percent_refuses_starts_again():
+    """Envoy resets the streak after ejectHost whether or not maxEjectionPercent let it eject: the next
+    failure alone does not try again, a whole new streak does."""
+    cluster = cluster_of(replace(ANY, consecutive_5xx=3, max_ejection_percent=50), size=2)
+    first, second = cluster.endpoints
+    eject_now(cluster, first, 1.0)
+    for now in (2.0, 3.0, 4.0):
+        assert not outlier.record_failure(second, cluster, now, status=500)
+    assert (second.consecutive_5xx, ejected(second, 4.0)) == (0, False)  # refused: 50% are out already
+    assert not outlier.record_failure(second, cluster, 5.0, status=500)
+    assert second.consecutive_5xx == 1
