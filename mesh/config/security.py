@@ -211,8 +211,9 @@ def _rule(f: Fields) -> AuthzRule:
 
 
 def _clauses(f: Fields, key, inner, fields, unsupported) -> tuple:
-    """The ``from``/``to`` list: one tuple of matches per ``source``/``operation``."""
-    if key not in f:
+    """The ``from``/``to`` list: one tuple of matches per ``source``/``operation``.  Absent or null (``from:``
+    with nothing after it): no such condition, as Istio reads a null list."""
+    if f.data.get(key) is None:
         return ()
     clauses = []
     for path, item in _not_null(f.report, f.items(key, required=True), _NULL_ITEM[key]):

@@ -341,3 +341,15 @@ def test_null_list_items_are_rejected(tmp_path):
         (12, "spec.rules[1].when[1]: a when condition must not be null; write {key: ..., values: [...]}, or "
              "remove the item"),
     ])
+
+
+def test_a_null_from_or_to_list_is_no_condition_as_istio_reads_it(tmp_path):
+    """``from:`` or ``to:`` with nothing after it is a null list, which Istio reads as absent."""
+    policy = _policy(tmp_path, """
+        spec:
+          rules:
+          - from:
+            to: [{operation: {methods: [GET]}}]
+          - to:
+        """)
+    assert [(rule.sources, len(rule.operations)) for rule in policy.rules] == [((), 1), ((), 0)]
