@@ -249,7 +249,3 @@ class ClusterManager:
             return CircuitBreaker(name, limits)
         breaker.limits = limits
         return breaker
-
-    def all_endpoints(self):
-        return self._endpoints.values()
-
