@@ -471,10 +471,7 @@ class _Run:
     def remove_headers(self, names) -> None:
         if any(name in self.headers for name in names):
             self.own()
-            for name in names:
-                self.headers.pop(name, None)
-            encoded = {name.encode() for name in names}
-            self.raw = [pair for pair in self.raw if pair[0].lower() not in encoded]
+            self.raw = _without_headers(self.headers, self.raw, names)
 
     def add_header(self, name: str, value: str) -> None:
         """Envoy's ``addCopy``: one more line of that header."""
@@ -541,12 +538,16 @@ def _claim_text(claims, path) -> str | None:
 
 
 def _remove_headers(ctx, names) -> None:
-    headers = ctx.headers
-    if any(name in headers for name in names):
-        for name in names:
-            headers.pop(name, None)
-        encoded = {name.encode() for name in names}
-        ctx.raw_headers = [pair for pair in ctx.raw_headers if pair[0].lower() not in encoded]
+    if any(name in ctx.headers for name in names):
+        ctx.raw_headers = _without_headers(ctx.headers, ctx.raw_headers, names)
+
+
+def _without_headers(headers: dict, raw: list, names) -> list:
+    """Remove the headers ``names`` (lower-case) from ``headers``, in place; ``raw`` without them."""
+    for name in names:
+        headers.pop(name, None)
+    encoded = {name.encode() for name in names}
+    return [pair for pair in raw if pair[0].lower() not in encoded]
 
 
 # -- key sets fetched from jwksUri -----------------------------------------------------------------------
