@@ -184,10 +184,7 @@ class _ClientView:
 
     def service_for(self, host: str) -> str | None:
         """The service host that serves ``host`` (itself, else the longest wildcard covering it), or None."""
-        if host in self.subsets:
-            return host
-        covering = [name for name in self.subsets if name.startswith("*") and hostnames.covers(name, host)]
-        return max(covering, key=len, default=None)
+        return hostnames.most_specific(self.subsets, host)
 
 
 class _Analysis:

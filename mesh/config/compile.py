@@ -279,7 +279,7 @@ class _Compiler:
         steps = [(rules.local.get(client, {}), False) if client != rules.root else (rules.root_local, False),
                  (rules.exported.get(service_namespace, {}), True), (rules.exported.get(rules.root, {}), True)]
         for pool, exported in steps:
-            rule_host = _most_specific_host(pool, host)
+            rule_host = hostnames.most_specific(pool, host)
             if rule_host is None:
                 continue
             entries = rules.consolidated(pool, rule_host)
@@ -445,12 +445,8 @@ class _Compiler:
         return at_app_port or list(entry.ports)
 
     def _service_for(self, host) -> _Service | None:
-        service = self.services.get(host)
-        if service is not None:
-            return service
-        covering = [candidate for name, candidate in self.services.items()
-                    if name.startswith("*") and hostnames.covers(name, host)]
-        return max(covering, key=lambda candidate: len(candidate.host), default=None)
+        name = hostnames.most_specific(self.services, host)
+        return None if name is None else self.services[name]
 
     # -- routes ----------------------------------------------------------------------------
 
@@ -812,15 +808,6 @@ class _RuleIndex:
 def _http_ports(service: _Service) -> list:
     """The numbers of the service's ports that carry HTTP (not TCP, TLS or HTTPS), in order."""
     return [port.number for port in service.entry.ports if not port.is_tcp]
-
-
-def _most_specific_host(pool: dict, host: str) -> str | None:
-    """The key of ``pool`` (rule hosts) that applies to the service ``host``: ``host`` itself, else the
-    longest wildcard that covers it (Istio's ``MostSpecificHostMatch``), or None."""
-    if host in pool:
-        return host
-    covering = [name for name in pool if name.startswith("*") and hostnames.covers(name, host)]
-    return max(covering, key=len, default=None)
 
 
 def _most_specific(patterns, host) -> VirtualHost | None:

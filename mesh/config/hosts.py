@@ -67,6 +67,15 @@ def aliases(name: str, client_namespace: str | None = None, domain: str = DEFAUL
     return names
 
 
+def most_specific(names, host: str) -> str | None:
+    """Of ``names`` (host names and ``*.`` wildcards, e.g. a dict's keys), the one that applies to ``host``:
+    ``host`` itself, else the longest wildcard that covers it (Istio's ``MostSpecificHostMatch``), or None."""
+    if host in names:
+        return host
+    covering = [name for name in names if name.startswith("*") and covers(name, host)]
+    return max(covering, key=len, default=None)
+
+
 def covers(pattern: str, host: str) -> bool:
     """Does ``pattern`` (a name or ``*.suffix`` wildcard) match ``host``?
 
