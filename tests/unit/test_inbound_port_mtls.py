@@ -3,7 +3,6 @@ sent to (its SO_ORIGINAL_DST port when iptables captured it, as Istio applies po
 ports since 1.9), else that of the app port."""
 
 import socket
-import struct
 from types import MethodType, SimpleNamespace
 
 import pytest
@@ -12,10 +11,10 @@ from twisted.internet.testing import StringTransport
 
 from mesh.config.compile import Workload, compile_proxy_config
 from mesh.identity.tls import CredentialStore
-from mesh.proxy import original_dst as od
 from mesh.proxy.mtls import InboundFactory
 from mesh.proxy.service import ProxyService
 from tests.harness.config_yaml import validate_yaml
+from tests.unit.original_dst_support import RedirectedSocket
 
 API = Workload("api", "shop", {"app": "api"}, app_port=8080)
 PLAINTEXT = b"\x00\x01binary protocol"  # not TLS (0x16), not HTTP: what an inbound passthrough carries
@@ -30,25 +29,6 @@ def _config(tmp_path, spec):
         """, name="peer.yaml")
     assert errors == []
     return compile_proxy_config(objects, API)
-
-
-class _Sock(socket.socket):
-    """A real socket whose SO_ORIGINAL_DST the test chooses (None: not redirected); counts the reads."""
-
-    answer = None
-    reads = 0
-
-    def getsockopt(self, level, name, size=0):
-        if name == od.SO_ORIGINAL_DST and size:
-            self.reads += 1
-            if self.answer is None:
-                raise OSError(2, "No such file or directory")
-            ip, port = self.answer
-            return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(ip))
-        return super().getsockopt(level, name, size)
-
-    def getsockname(self):
-        return ("10.0.0.5", 15006)
 
 
 class _App(Protocol):
@@ -86,7 +66,8 @@ def inbound(tmp_path):
         # wired as ProxyService wires it: the sidecar's bound inbound_mode, an HTTP app port
         mode_of = MethodType(ProxyService.inbound_mode, sidecar)
         factory = InboundFactory(plain, CredentialStore(), mode_of, lambda: False)
-        sock = _Sock(socket.AF_INET, socket.SOCK_STREAM)
+        sock = RedirectedSocket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.local = ("10.0.0.5", 15006)
         sockets.append(sock)
         sock.answer = None if port is None else ("10.0.0.5", port)
         transport = StringTransport()

@@ -1,31 +1,13 @@
 """Transparent capture in the proxy: SO_ORIGINAL_DST reading and routing by original destination."""
 
 import socket
-import struct
 
 import pytest
 
 from mesh.proxy import original_dst as od
 from mesh.proxy.outcome import LocalReply
+from tests.unit.original_dst_support import RedirectedSocket
 from tests.unit.routing_support import captured_request, compile_yaml, outbound_router
-
-
-class _Sock(socket.socket):
-    """A real socket whose SO_ORIGINAL_DST answer the test chooses."""
-
-    answer = None
-    local = ("127.0.0.1", 15001)
-
-    def getsockopt(self, level, name, size=0):
-        if name == od.SO_ORIGINAL_DST and size:
-            if self.answer is None:
-                raise OSError(2, "No such file or directory")
-            ip, port = self.answer
-            return struct.pack("!HH4s8x", socket.AF_INET, port, socket.inet_aton(ip))
-        return super().getsockopt(level, name, size)
-
-    def getsockname(self):
-        return self.local
 
 
 class _Transport:
@@ -37,7 +19,7 @@ class _Transport:
 
 @pytest.fixture
 def sock():
-    s = _Sock(socket.AF_INET, socket.SOCK_STREAM)
+    s = RedirectedSocket(socket.AF_INET, socket.SOCK_STREAM)
     yield s
     s.close()
 
