@@ -260,10 +260,7 @@ class _HttpsConnection(DownstreamConnection):
 class _HttpsFactory(DownstreamFactory):
     """Builds an :class:`_HttpsConnection` per accepted socket the port's listener admits."""
 
-    def buildProtocol(self, addr):
-        if not self.listener.admit():
-            return None  # Twisted closes the socket
-        return _HttpsConnection(self.listener)
+    protocol = _HttpsConnection
 
 
 class _TcpServer:

@@ -880,9 +880,11 @@ class _RootDot(Exception):
 
 
 class DownstreamFactory(ServerFactory):
-    """Builds a :class:`DownstreamConnection` per accepted socket the listener admits (:meth:`Listener.admit`)."""
+    """Builds a :class:`DownstreamConnection` (or the subclass ``protocol``) per accepted socket the listener
+    admits (:meth:`Listener.admit`)."""
 
     noisy = False
+    protocol = DownstreamConnection
 
     def __init__(self, listener):
         self.listener = listener
@@ -890,4 +892,4 @@ class DownstreamFactory(ServerFactory):
     def buildProtocol(self, addr):
         if not self.listener.admit():
             return None  # Twisted closes the socket
-        return DownstreamConnection(self.listener)
+        return self.protocol(self.listener)
