@@ -558,8 +558,9 @@ class _Compiler:
         for http in vs.http:
             for destination in (*http.route, *(mirror for mirror, _ in http.mirrors)):
                 service = self._service_for(destination.host) if destination.port is None else None
-                if service is not None and len(_http_ports(service)) > 1:
-                    ports.update(_http_ports(service))
+                service_ports = _http_ports(service) if service is not None else ()
+                if len(service_ports) > 1:
+                    ports.update(service_ports)
         return sorted(ports)
 
     def _for_this_workload(self, http, gateway_ref=MESH, server_port=None):
